@@ -1,0 +1,120 @@
+"""Atomic, durable replacement of one file: the disk edge of a commit.
+
+Content is staged before the commit lock is taken (write + fsync), and only given a name
+inside the lock, so a writer killed while staging leaves nothing behind. Install follows the
+classic order: fsync'd temp in the same directory, rename over the target, fsync the directory.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import stat as stat_mod
+from dataclasses import dataclass
+
+from .fingerprint import content_hash
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@dataclass
+class Staged:
+    """New content for `target`, durable on disk but not yet named (or named `tmp` on fallback)."""
+
+    target: str
+    hash: str
+    fd: int | None
+    tmp: str | None = None
+
+    def name(self) -> str:
+        """Give the staged content a temp name beside the target; returns it."""
+        if self.tmp is None:
+            assert self.fd is not None
+            tmp = _temp_name(self.target)
+            if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{self.fd}".encode(), _AT_FDCWD, os.fsencode(tmp),
+                            _AT_SYMLINK_FOLLOW) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), tmp)
+            self.tmp = tmp
+        return self.tmp
+
+    def install(self) -> None:
+        """Rename over the target (keeping the target's mode), then fsync the directory."""
+        tmp = self.name()
+        try:
+            st = os.stat(self.target, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
+            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, self.target)
+        self.tmp = None
+        fsync_dir(os.path.dirname(self.target))
+
+    def discard(self) -> None:
+        """Drop whatever is left of the staged content (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+def _temp_name(target: str) -> str:
+    directory, base = os.path.split(target)
+    return os.path.join(directory, f".{base}.cv-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def stage(target: str, data: bytes) -> Staged:
+    """Write `data` durably beside `target` (creating missing parent directories)."""
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    mode = 0o666  # the process umask applies, as for any new file
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
+        tmp = None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        tmp = _temp_name(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    staged = Staged(target, content_hash(data), fd, tmp)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+        if tmp is not None:
+            os.close(fd)
+            staged.fd = None
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def remove(target: str) -> None:
+    """Unlink `target` durably."""
+    os.unlink(target)
+    fsync_dir(os.path.dirname(target))

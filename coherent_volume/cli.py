@@ -1,0 +1,169 @@
+"""The `coherent-volume` command: a thin presentation layer over core and report.
+
+Human output is a table (rich); `--json` output is for tools and keeps every field.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import click
+
+from . import report
+from .errors import CoherenceError
+from .registry import Event
+from .volume import open_core
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _console() -> Any:
+    from rich.console import Console  # imported lazily: hooks and scripts must start fast
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _guard(fn: Callable[..., None]) -> Callable[..., None]:
+    """Turn our typed errors into a clear message and exit status 1 (never a traceback)."""
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (CoherenceError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Shared workspace where a stale write fails closed instead of silently losing work."""
+
+
+@main.command()
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--managed", "-m", "globs", multiple=True, required=True, metavar="GLOB",
+              help="Glob of paths the protocol protects (repeatable), e.g. 'plans/**'.")
+@_guard
+def init(root: str, globs: tuple[str, ...]) -> None:
+    """Create a volume at ROOT managing GLOB paths (idempotent with the same globs)."""
+    os.makedirs(root, exist_ok=True)
+    core = open_core(root, globs)
+    click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def status(root: str, as_json: bool) -> None:
+    """Each managed file (version, last writer, when, grant holder) and each agent's stale views."""
+    st = report.status(open_core(root))
+    if as_json:
+        _json(st.as_json())
+        return
+    console = _console()
+    console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
+    console.print(_table("files", ["path", "version", "last writer", "when", "grant holder"], [
+        [f.path + ("" if f.present else " (deleted)"), str(f.version), f.writer, _when(f.committed_at),
+         f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-"] for f in st.files]))
+    console.print(_table("agents", ["agent", "views", "stale", "last read"], [
+        [a.agent, str(a.views), str(a.stale), _when(a.last_read)] for a in st.agents]))
+
+
+def _event_row(e: Event) -> list[str]:
+    if e.kind == "refusal":
+        what = f"{e.reason}: read v{e.seen_version if e.seen_version is not None else '-'}, current v{e.version}"
+    elif e.version is not None:
+        what = f"v{e.version}" + (f" (from v{e.seen_version})" if e.seen_version is not None else "")
+    else:
+        what = ""
+    if e.detail:
+        what = f"{what} {e.detail}".strip()
+    return [str(e.seq), _when(e.at), e.kind, e.path or "-", e.agent or "-", what]
+
+
+_LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until interrupted.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True,
+              help="How many of the latest events to show first.")
+@_guard
+def log(root: str, follow: bool, as_json: bool, limit: int) -> None:
+    """Commits, refusals (with reason), foreign writes, grants and reclaims, oldest first."""
+    core = open_core(root)
+    batch = report.events(core, limit=limit)
+    after = batch[-1].seq if batch else 0
+
+    def emit(items: list[Event]) -> None:
+        if as_json:
+            for e in items:
+                click.echo(json.dumps(asdict(e), sort_keys=True))
+        elif follow:
+            for e in items:
+                click.echo("  ".join(_event_row(e)))
+        else:
+            _console().print(_table("log", _LOG_COLUMNS, [_event_row(e) for e in items]))
+        sys.stdout.flush()
+
+    emit(batch)
+    while follow:
+        time.sleep(0.2)
+        batch = report.events(core, after=after)
+        if batch:
+            after = batch[-1].seq
+            emit(batch)
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def why(root: str, path: str, as_json: bool) -> None:
+    """Why a write to PATH was refused: the refusal, who changed the file since, and what to do."""
+    core = open_core(root)
+    answer = report.why(core, core.resolve(path))
+    if as_json:
+        _json(answer.as_json())
+        return
+    console = _console()
+    state = f"v{answer.version}" + ("" if answer.present else " (deleted)")
+    console.print(f"{answer.path}: {'managed' if answer.managed else 'not managed'}, current {state}"
+                  + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
+                  + (f", write grant held by {answer.holder}" if answer.holder else ""))
+    r = answer.refusal
+    if r is not None:
+        seen = f"v{r.seen_version}" if r.seen_version is not None else "nothing (never read)"
+        console.print(f"last refusal: {_when(r.at)} agent {r.agent} ({r.reason}); it had read {seen}, "
+                      f"current was v{r.version}")
+        if answer.changes:
+            console.print(_table("changed since that agent's view", _LOG_COLUMNS,
+                                 [_event_row(e) for e in answer.changes]))
+    console.print(f"what to do: {answer.advice}")

@@ -1,0 +1,329 @@
+"""VolumeCore: the protocol applied to one volume — files under the root plus the registry.
+
+This is the I/O edge around `protocol` (pure rules) and `registry` (shared state). Every
+face calls it with an explicit agent; the Python API serves one agent, a mount many.
+
+Invariants:
+- every registry change that a write decision depends on happens under `commit_lock()`;
+- a commit is recorded as an Intent before its rename and completed after it, so a crash
+  at any instant is either completed or abandoned by `_recover`, never left disagreeing;
+- a view is registered only at the version whose content hash equals the bytes returned.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from . import atomic
+from .errors import CasConflict, NotManaged, StaleWriteError
+from .fingerprint import Fingerprint, content_hash, fingerprint_path, read_file
+from .liveness import ProcessId
+from .paths import REGISTRY_DIR, Target, VolumePaths
+from .protocol import (EXTERNAL, Disk, FileRecord, Grant, Intent, WriteCheck, changed_paths, classify,
+                       current_version, decide_write, grant_over, needs_hash)
+from .registry import Registry, Transaction
+
+Isolation = Literal["file", "read-set"]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a read saw: the bytes and the version they are."""
+
+    data: bytes
+    version: int
+
+
+def _disk(target: Target, record: FileRecord | None) -> tuple[Fingerprint | None, str | None]:
+    """Fingerprint of the disk, plus its content hash when the fingerprint alone cannot decide."""
+    fp = fingerprint_path(target.abs)
+    if fp is None:
+        return None, None
+    if record is not None and record.present and not needs_hash(record, fp):
+        return fp, None
+    try:
+        data, fp = read_file(target.abs)
+    except FileNotFoundError:
+        return None, None
+    return fp, content_hash(data)
+
+
+class VolumeCore:
+    """The protocol over one root and its registry; thread-safe; one per process per volume."""
+
+    def __init__(self, root: str, registry: Registry) -> None:
+        self.registry = registry
+        self.paths = VolumePaths(root, registry.globs)
+
+    def resolve(self, path: str) -> Target:
+        return self.paths.resolve(path)
+
+    # ---- keeping the registry in step with the disk (commit lock + write transaction held) ----
+
+    def _sync(self, tx: Transaction, target: Target, record: FileRecord | None,
+              disk: tuple[Fingerprint | None, str | None] | None = None) -> FileRecord | None:
+        """Record any foreign change of `target` as a new version by EXTERNAL; return the current record."""
+        fp, disk_hash = disk if disk is not None else _disk(target, record)
+        state = classify(record, fp, disk_hash)
+        now, now_ns = time.time(), time.time_ns()
+        if state is Disk.SAME:
+            if record is not None and record.present and fp is not None and (
+                    fp != record.fingerprint or disk_hash is not None):
+                record = FileRecord(record.path, record.version, True, record.hash, fp, record.writer,
+                                    record.committed_at, now_ns)
+                tx.touch_file(target.rel, record)
+            return record
+        version = current_version(record) + 1
+        present = state is Disk.CHANGED
+        new = FileRecord(target.rel, version, present, disk_hash if present else None, fp, EXTERNAL, now, now_ns)
+        tx.put_file(new)
+        tx.log("foreign", target.rel, EXTERNAL, now, version=version,
+               detail="changed outside the volume" if present else "deleted outside the volume")
+        return new
+
+    def _recover(self, tx: Transaction) -> None:
+        """Complete or abandon the intents of writers that died between decision and install."""
+        for intent in tx.intents():
+            target = self.paths.of_rel(intent.path)
+            record = tx.file(intent.path)
+            fp, disk_hash = _disk(target, None)
+            installed = (fp is not None and disk_hash == intent.hash) if intent.present else fp is None
+            now = time.time()
+            if installed:
+                tx.put_file(FileRecord(intent.path, intent.version, intent.present, intent.hash, fp,
+                                       intent.agent, now, time.time_ns()))
+                tx.put_view(intent.agent, intent.path, intent.version, now)
+            tx.log("recover", intent.path, intent.agent, now, version=intent.version if installed else current_version(record),
+                   detail="completed an interrupted commit" if installed else "abandoned an interrupted commit")
+            if intent.tmp is not None:
+                atomic.Staged(target.abs, "", None, intent.tmp).discard()
+            tx.drop_intent(intent.path)
+
+    def _holder(self, tx: Transaction, rel: str, now: float) -> Grant | None:
+        """The live grant on `rel`, reclaiming (and fencing) one that ended."""
+        grant = tx.grant(rel)
+        if grant is None or not grant_over(grant, now, grant.owner.alive()):
+            return grant
+        tx.drop_grant(rel)
+        tx.put_fence(grant.agent, rel, now)
+        why = "expired" if now >= grant.expires_at else "its process died"
+        tx.log("reclaim", rel, grant.agent, now, detail=f"write grant reclaimed: {why}")
+        return None
+
+    def _changed_read_set(self, tx: Transaction, agent: str, rel: str) -> tuple[str, ...]:
+        read_set = tx.read_set(agent)
+        for path in read_set:
+            if path != rel:
+                self._sync(tx, self.paths.of_rel(path), tx.file(path))
+        return changed_paths(read_set, tx.versions(list(read_set)), rel)
+
+    # ---- reads ----------------------------------------------------------------------
+
+    def read(self, agent: str, target: Target) -> Observed:
+        """Read a file; for a managed one, register `agent`'s view at the version of these bytes.
+
+        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion)."""
+        if not target.managed:
+            return Observed(read_file(target.abs)[0], 0)
+        try:
+            data, _ = read_file(target.abs)
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            digest = content_hash(data)
+            with self.registry.read() as tx:
+                record, seen = tx.file_and_view(target.rel, agent)
+            if record is not None and record.present and record.hash == digest:
+                if seen == record.version:
+                    return Observed(data, record.version)
+                with self.registry.write() as tx:
+                    record = tx.file(target.rel)
+                    if record is not None and record.present and record.hash == digest:
+                        tx.put_view(agent, target.rel, record.version, time.time())
+                        return Observed(data, record.version)
+        return self._read_locked(agent, target)
+
+    def _read_locked(self, agent: str, target: Target) -> Observed:
+        """Slow path: no cooperating writer can move the file while we read, sync and register."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            try:
+                data, fp = read_file(target.abs)
+                disk: tuple[Fingerprint | None, str | None] = (fp, content_hash(data))
+            except FileNotFoundError:
+                data, disk = None, (None, None)
+            record = self._sync(tx, target, tx.file(target.rel), disk)
+            if record is not None:
+                tx.put_view(agent, target.rel, record.version, time.time())
+        if data is None:
+            raise FileNotFoundError(2, "No such file or directory", target.rel)
+        assert record is not None
+        return Observed(data, record.version)
+
+    def version(self, target: Target) -> int:
+        """Current committed version of a managed path (0 if it never existed), foreign changes included."""
+        self._require_managed(target, "version")
+        with self.registry.read() as tx:
+            record = tx.file(target.rel)
+        fp = fingerprint_path(target.abs)
+        if (fp is None and (record is None or not record.present)) or (
+                record is not None and record.present and fp is not None and not needs_hash(record, fp)):
+            return current_version(record)
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            return current_version(self._sync(tx, target, tx.file(target.rel)))
+
+    def stale(self, agent: str) -> list[str]:
+        """Managed paths `agent` has read whose current version is not the one it read."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            for path in tx.read_set(agent):
+                self._sync(tx, self.paths.of_rel(path), tx.file(path))
+            return [path for path, _, _ in tx.stale_views(agent)]
+
+    def scan(self) -> None:
+        """Bring the registry in step with the whole tree: every recorded path and every managed file."""
+        with self.registry.read() as tx:
+            recorded = {record.path for record in tx.files()}
+        on_disk = set()
+        for directory, dirs, files in os.walk(self.paths.root):
+            if directory == self.paths.root and REGISTRY_DIR in dirs:
+                dirs.remove(REGISTRY_DIR)
+            for name in files:
+                rel = os.path.relpath(os.path.join(directory, name), self.paths.root).replace(os.sep, "/")
+                if self.paths.globs.matches(rel):
+                    on_disk.add(rel)
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            for rel in sorted(recorded | on_disk):
+                self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
+
+    def forget(self, agent: str, target: Target) -> None:
+        with self.registry.write() as tx:
+            tx.drop_view(agent, target.rel)
+
+    def clear_fence(self, agent: str, target: Target) -> None:
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            tx.drop_fence(agent, target.rel)
+
+    # ---- writes ---------------------------------------------------------------------
+
+    def commit(self, agent: str, target: Target, data: bytes | None, *, isolation: Isolation = "file",
+               expected: int | None = None) -> int:
+        """Install `data` (or delete, for None) if the protocol accepts it; return the new version.
+
+        Unmanaged paths are written atomically with no checks and report version 0. A refusal
+        raises StaleWriteError (CasConflict when `expected` is given) and changes no file."""
+        if not target.managed:
+            if data is None:
+                atomic.remove(target.abs)
+            else:
+                staged = atomic.stage(target.abs, data)
+                try:
+                    staged.install()
+                finally:
+                    staged.discard()
+            return 0
+        staged = atomic.stage(target.abs, data) if data is not None else None
+        try:
+            with self.registry.commit_lock():
+                return self._commit_locked(agent, target, staged, isolation, expected)
+        finally:
+            if staged is not None:
+                staged.discard()
+
+    def _commit_locked(self, agent: str, target: Target, staged: atomic.Staged | None,
+                       isolation: Isolation, expected: int | None) -> int:
+        rel = target.rel
+        refusal: StaleWriteError | None = None
+        missing = False
+        with self.registry.write() as tx:
+            self._recover(tx)
+            now = time.time()
+            record = self._sync(tx, target, tx.file(rel))
+            grant = self._holder(tx, rel, now)
+            check = WriteCheck(
+                agent=agent, current=record, seen=tx.view(agent, rel),
+                holder=grant.agent if grant else None, fenced=tx.fenced(agent, rel),
+                changed_read_set=self._changed_read_set(tx, agent, rel) if isolation == "read-set" else (),
+                expected=expected)
+            version = current_version(record)
+            exists = record is not None and record.present
+            reason = decide_write(check)
+            if reason is not None:
+                tx.log("refusal", rel, agent, now, reason=reason, seen_version=check.seen, version=version,
+                       detail=f"holder={check.holder}" if reason == "held" else ",".join(check.changed_read_set) or None)
+                kind = CasConflict if expected is not None else StaleWriteError
+                extra = {"expected_version": expected} if expected is not None else {}
+                refusal = kind(rel, agent, reason, check.seen, version, record.writer if record else None,
+                               holder=check.holder if reason == "held" else None,
+                               changed=check.changed_read_set, **extra)
+            elif staged is None and not exists:
+                missing = True
+            elif staged is not None and exists and record is not None and staged.hash == record.hash:
+                tx.put_view(agent, rel, version, now)  # identical content: no new version, nobody invalidated
+                return version
+            else:
+                tx.put_intent(Intent(rel, agent, version + 1, staged is not None,
+                                     staged.hash if staged else None, staged.name() if staged else None))
+        if refusal is not None:
+            raise refusal
+        if missing:
+            raise FileNotFoundError(2, "No such file or directory", rel)
+        try:
+            if staged is not None:
+                staged.install()
+            else:
+                atomic.remove(target.abs)
+        except BaseException:
+            with self.registry.write() as tx:
+                self._recover(tx)
+            raise
+        fp = fingerprint_path(target.abs)
+        now = time.time()
+        with self.registry.write() as tx:
+            tx.put_file(FileRecord(rel, version + 1, staged is not None, staged.hash if staged else None, fp,
+                                   agent, now, time.time_ns()))
+            tx.put_view(agent, rel, version + 1, now)
+            tx.drop_intent(rel)
+            tx.log("commit" if staged else "delete", rel, agent, now, seen_version=check.seen, version=version + 1)
+        return version + 1
+
+    # ---- grants ---------------------------------------------------------------------
+
+    def acquire(self, agent: str, target: Target, ttl: float, owner: ProcessId) -> Grant:
+        """Take the write grant on `target` for `agent`; StaleWriteError('held') while another grant is live."""
+        self._require_managed(target, "lock")
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            now = time.time()
+            held = self._holder(tx, target.rel, now)
+            if held is not None:
+                record, seen = tx.file_and_view(target.rel, agent)
+                refusal = StaleWriteError(target.rel, agent, "held", seen, current_version(record),
+                                          record.writer if record else None, holder=held.agent)
+            else:
+                refusal = None
+                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl)
+                tx.put_grant(grant)
+                tx.drop_fence(agent, target.rel)
+                tx.log("grant", target.rel, agent, now, detail=f"ttl={ttl:g}s pid={owner.pid}")
+                return grant
+        raise refusal
+
+    def release(self, grant: Grant) -> bool:
+        """Release `grant` if it is still the one in force; False if it was reclaimed meanwhile."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            current = tx.grant(grant.path)
+            if current is None or current.token != grant.token:
+                return False
+            tx.drop_grant(grant.path)
+            tx.log("release", grant.path, grant.agent, time.time())
+            return True
+
+    @staticmethod
+    def _require_managed(target: Target, what: str) -> None:
+        if not target.managed:
+            raise NotManaged(f"{target.rel!r} is not managed by this volume; {what} applies to managed paths only")

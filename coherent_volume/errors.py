@@ -1,0 +1,100 @@
+"""Typed errors. Every refusal a user can meet is one of these; none loses data."""
+from __future__ import annotations
+
+import errno
+from typing import Literal
+
+Reason = Literal["stale", "unread", "held", "fenced", "read-set"]
+
+REMEDY: dict[str, str] = {
+    "stale": "re-read the file, then redo the change from its current content",
+    "unread": "read the file first, then make the change from its current content",
+    "held": "wait until the holder releases its write grant (or it expires), re-read, then redo the change",
+    "fenced": "the write grant was reclaimed; call reacquire() on the file (re-read it), then redo the change from its current content",
+    "read-set": "re-read the files listed as changed (or forget() them), then redo the change",
+}
+
+
+class CoherenceError(Exception):
+    """Base class of every error raised by coherent_volume."""
+
+
+class StaleWriteError(CoherenceError, PermissionError):
+    """A write refused because the writer's view is not current. Nothing was changed.
+
+    errno is EACCES, so code that handles PermissionError handles this too.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        agent: str,
+        reason: Reason,
+        seen_version: int | None,
+        current_version: int,
+        last_writer: str | None,
+        *,
+        holder: str | None = None,
+        changed: tuple[str, ...] = (),
+    ) -> None:
+        self.path = path
+        self.agent = agent
+        self.reason = reason
+        self.seen_version = seen_version
+        self.current_version = current_version
+        self.last_writer = last_writer
+        self.holder = holder
+        self.changed = changed
+        PermissionError.__init__(self, errno.EACCES, self._message(), path)
+
+    def _message(self) -> str:
+        seen = "never read it" if self.seen_version is None else f"read version {self.seen_version}"
+        detail = f"you {seen}; current version is {self.current_version}"
+        if self.last_writer:
+            detail += f", last written by {self.last_writer!r}"
+        if self.holder:
+            detail += f"; write grant held by {self.holder!r}"
+        if self.changed:
+            detail += f"; changed since you read them: {', '.join(self.changed)}"
+        return (
+            f"write to {self.path!r} refused for agent {self.agent!r} ({self.reason}): "
+            f"{detail}. To fix: {REMEDY[self.reason]}."
+        )
+
+    def __str__(self) -> str:
+        return self._message()
+
+
+class CasConflict(StaleWriteError):
+    """write_cas refused: the expected version is not current (or another rule refused)."""
+
+    def __init__(self, *args: object, expected_version: int, **kwargs: object) -> None:
+        self.expected_version = expected_version
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _message(self) -> str:
+        return f"expected version {self.expected_version}; " + super()._message()
+
+
+class RetriesExhausted(CasConflict):
+    """update() gave up after its retries; the last conflict is described."""
+
+
+class OutsideVolume(CoherenceError, ValueError):
+    """A path that leaves the volume root, or names the registry's own directory."""
+
+
+class GlobError(CoherenceError, ValueError):
+    """A malformed managed glob, or a glob set that protects nothing."""
+
+
+class VolumeConfigError(CoherenceError, ValueError):
+    """The volume was opened with settings that contradict what it stores, or bad arguments."""
+
+
+class NotManaged(CoherenceError, ValueError):
+    """An operation that only makes sense on a managed path was given an unmanaged one."""
+
+
+class RegistryError(CoherenceError):
+    """The registry is missing, corrupt, of another schema version, or busy past its timeout."""

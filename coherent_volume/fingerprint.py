@@ -1,0 +1,76 @@
+"""What a file on disk is: a cheap stat fingerprint and an xxhash of its content."""
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from dataclasses import dataclass
+
+import xxhash
+
+
+def content_hash(data: bytes) -> str:
+    """The content identity stored in the registry (xxh3, 128 bits, hex)."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of one inode state. Every commit installs a new inode, so `ino` moves with it;
+    foreign in-place writes move `ctime_ns`, which no user call can set back."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Fingerprint":
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def fingerprint_path(path: str) -> Fingerprint | None:
+    """Fingerprint of the regular file at `path` (not following a final symlink), None if absent.
+
+    A non-regular file (directory, fifo) raises IsADirectoryError/OSError: it is never a version."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat_mod.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path!r} is a directory")
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise OSError(f"{path!r} is not a regular file")
+    return Fingerprint.of(st)
+
+
+def read_file(path: str) -> tuple[bytes, Fingerprint]:
+    """Read a whole regular file; the fingerprint is of the inode the bytes came from.
+
+    Raises FileNotFoundError if absent. The bytes are those of one inode, but a foreign
+    in-place writer may still tear them; the caller pairs them with a version by hash."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat_mod.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"{path!r} is a directory")
+        chunks = []
+        remaining = st.st_size
+        while True:
+            chunk = os.read(fd, max(remaining, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return data, Fingerprint.of(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def hash_path(path: str) -> str | None:
+    """Content hash of the file at `path`, None if absent."""
+    try:
+        data, _ = read_file(path)
+    except FileNotFoundError:
+        return None
+    return content_hash(data)

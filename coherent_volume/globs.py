@@ -1,0 +1,96 @@
+"""Managed globs: which paths of a volume the protocol protects.
+
+Patterns are relative to the volume root, with `/` separators:
+`**` as a whole segment matches any number of segments (zero included),
+`*` and `?` match inside one segment, `[...]` is a character class (`[!...]` negates).
+A file is managed when any pattern matches its whole relative path.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import GlobError
+
+
+def _segment_regex(segment: str, pattern: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(segment):
+        c = segment[i]
+        if c == "*":
+            if segment.startswith("**", i):
+                raise GlobError(f"malformed glob {pattern!r}: '**' must be a whole path segment")
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = segment.find("]", i + 2 if segment.startswith("[!", i) or segment.startswith("[]", i) else i + 1)
+            if end < 0:
+                raise GlobError(f"malformed glob {pattern!r}: unclosed '['")
+            body = segment[i + 1 : end]
+            negate = body.startswith("!")
+            if negate:
+                body = body[1:]
+            if not body:
+                raise GlobError(f"malformed glob {pattern!r}: empty character class")
+            body = body.replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[")
+            out.append(f"[^/{body}]" if negate else f"[{body}]")
+            i = end
+        elif c == "]":
+            raise GlobError(f"malformed glob {pattern!r}: unmatched ']'")
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def compile_glob(pattern: str) -> str:
+    """Return a regex (without anchors) for one glob; raise GlobError if it is malformed."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise GlobError(f"malformed glob {pattern!r}: empty pattern")
+    if "\0" in pattern or "\\" in pattern:
+        raise GlobError(f"malformed glob {pattern!r}: NUL and backslash are not allowed")
+    if pattern.startswith("/"):
+        raise GlobError(f"malformed glob {pattern!r}: patterns are relative to the volume root")
+    segments = pattern.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise GlobError(f"malformed glob {pattern!r}: empty, '.' or '..' path segment")
+    parts: list[str] = []
+    for index, seg in enumerate(segments):
+        last = index == len(segments) - 1
+        if seg == "**":
+            # '**' at the end matches one or more segments; elsewhere zero or more.
+            parts.append(".+" if last else "(?:[^/]+/)*")
+        else:
+            parts.append(_segment_regex(seg, pattern) + ("" if last else "/"))
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class ManagedGlobs:
+    """An immutable, validated set of managed globs (order and duplicates do not matter)."""
+
+    patterns: tuple[str, ...]
+
+    @classmethod
+    def of(cls, patterns: object) -> "ManagedGlobs":
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        try:
+            items = tuple(patterns)  # type: ignore[arg-type]
+        except TypeError:
+            raise GlobError(f"managed globs must be a list of strings, not {patterns!r}") from None
+        if not items:
+            raise GlobError("a volume needs at least one managed glob: with none it would protect nothing")
+        for p in items:
+            compile_glob(p)
+        return cls(tuple(sorted(set(items))))
+
+    def __post_init__(self) -> None:
+        regex = "|".join(f"(?:{compile_glob(p)})" for p in self.patterns)
+        object.__setattr__(self, "_regex", re.compile(f"(?:{regex})\\Z", re.DOTALL))
+
+    def matches(self, rel: str) -> bool:
+        """True if the root-relative POSIX path `rel` is managed."""
+        return self._regex.match(rel) is not None  # type: ignore[attr-defined]

@@ -1,0 +1,181 @@
+"""CoherentVolume: the Python face — tracked reads and fail-closed writes for one agent."""
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from .core import Isolation, VolumeCore
+from .errors import CasConflict, CoherenceError, RetriesExhausted, VolumeConfigError
+from .globs import ManagedGlobs
+from .liveness import current_process
+from .paths import REGISTRY_DIR, Target
+from .protocol import EXTERNAL, Grant
+from .registry.sqlite import SQLiteRegistry
+
+ENV_AGENT = "COHERENT_AGENT"
+
+
+def validate_agent(agent: str) -> str:
+    """Agent names are printable, at most 200 characters, and never the reserved 'external'."""
+    if not isinstance(agent, str) or not agent or len(agent) > 200 or not agent.isprintable():
+        raise VolumeConfigError(f"agent name {agent!r} must be 1 to 200 printable characters")
+    if agent == EXTERNAL:
+        raise VolumeConfigError(f"agent name {EXTERNAL!r} is reserved for changes made outside the volume")
+    return agent
+
+
+def open_core(root: str | os.PathLike[str], managed: object = None) -> VolumeCore:
+    """Open (or, given managed globs, create) the volume at `root`; shared by every face."""
+    real = os.path.realpath(root)
+    if not os.path.isdir(real):
+        raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
+    globs = None if managed is None else ManagedGlobs.of(managed)
+    return VolumeCore(real, SQLiteRegistry(os.path.join(real, REGISTRY_DIR), globs))
+
+
+class CoherentVolume:
+    """One agent's handle on a volume. Thread-safe; any number may be open in any number of processes.
+
+    `managed` creates the volume on first use and must equal the stored globs afterwards
+    (None opens an existing volume with its stored globs)."""
+
+    def __init__(self, root: str | os.PathLike[str], managed: object = None, agent: str | None = None,
+                 isolation: Isolation = "file") -> None:
+        if isolation not in ("file", "read-set"):
+            raise VolumeConfigError(f"isolation must be 'file' or 'read-set', not {isolation!r}")
+        self.agent = validate_agent(agent or os.environ.get(ENV_AGENT) or f"agent-{os.getpid()}-{secrets.token_hex(3)}")
+        self.isolation: Isolation = isolation
+        self._core = open_core(root, managed)
+        self._closed = False
+
+    @property
+    def root(self) -> str:
+        return self._core.paths.root
+
+    @property
+    def managed(self) -> tuple[str, ...]:
+        return self._core.paths.globs.patterns
+
+    def _target(self, path: str | os.PathLike[str]) -> Target:
+        if self._closed:
+            raise CoherenceError("this CoherentVolume is closed")
+        return self._core.resolve(path)
+
+    # ---- reads ----
+
+    def read(self, path: str | os.PathLike[str]) -> bytes:
+        """Tracked read: returns the bytes and registers this agent's view at their version."""
+        return self._core.read(self.agent, self._target(path)).data
+
+    def read_text(self, path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+        return self.read(path).decode(encoding)
+
+    def reacquire(self, path: str | os.PathLike[str]) -> bytes:
+        """Explicit re-read after a refusal: also lifts a fence left by a reclaimed grant."""
+        target = self._target(path)
+        self._core.clear_fence(self.agent, target)
+        return self._core.read(self.agent, target).data
+
+    def version(self, path: str | os.PathLike[str]) -> int:
+        """Current committed version of a managed path, 0 if it never existed."""
+        return self._core.version(self._target(path))
+
+    def stale(self) -> list[str]:
+        """Managed paths this agent has read that changed since."""
+        if self._closed:
+            raise CoherenceError("this CoherentVolume is closed")
+        return self._core.stale(self.agent)
+
+    def forget(self, path: str | os.PathLike[str]) -> None:
+        """Drop a path from this agent's read set (it no longer counts for read-set isolation)."""
+        self._core.forget(self.agent, self._target(path))
+
+    # ---- writes ----
+
+    @staticmethod
+    def _bytes(data: bytes | str) -> bytes:
+        if isinstance(data, str):
+            return data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes or str, not {type(data).__name__}")
+        return bytes(data)
+
+    def write(self, path: str | os.PathLike[str], data: bytes | str) -> int:
+        """Fail-closed write (str is written as UTF-8); returns the new version (0 for unmanaged paths)."""
+        return self._core.commit(self.agent, self._target(path), self._bytes(data), isolation=self.isolation)
+
+    def write_cas(self, path: str | os.PathLike[str], expected_version: int, data: bytes | str) -> int:
+        """Write only if the current version is `expected_version`; CasConflict otherwise."""
+        return self._core.commit(self.agent, self._target(path), self._bytes(data), isolation=self.isolation,
+                                 expected=expected_version)
+
+    def delete(self, path: str | os.PathLike[str]) -> int:
+        """Delete with the same checks as write; returns the deletion's version."""
+        return self._core.commit(self.agent, self._target(path), None, isolation=self.isolation)
+
+    def update(self, path: str | os.PathLike[str], fn: Callable[[bytes], bytes | str], retries: int = 8) -> int:
+        """Read, compute `fn(old)` (b"" for a missing file), write_cas; retry on a conflict that a
+        re-read can cure (stale, held) up to `retries` more times, then RetriesExhausted."""
+        target = self._target(path)
+        last: CasConflict | None = None
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            try:
+                observed = self._core.read(self.agent, target)
+                old, version = observed.data, observed.version
+            except FileNotFoundError:
+                old, version = b"", self._core.version(target) if target.managed else 0
+            try:
+                return self._core.commit(self.agent, target, self._bytes(fn(old)), isolation=self.isolation,
+                                         expected=version)
+            except CasConflict as conflict:
+                if conflict.reason not in ("stale", "held"):
+                    raise
+                last = conflict
+        assert last is not None
+        raise RetriesExhausted(last.path, last.agent, last.reason, last.seen_version, last.current_version,
+                               last.last_writer, holder=last.holder, expected_version=last.expected_version)
+
+    @contextmanager
+    def lock(self, path: str | os.PathLike[str], ttl: float = 30.0, timeout: float = 30.0) -> Iterator[Grant]:
+        """Exclusive write grant for this agent (pessimistic mode), waiting up to `timeout` seconds.
+
+        While held, every other agent's write is refused with 'held'. The grant ends at exit,
+        at `ttl`, or when this process dies; a write after it was reclaimed is refused 'fenced'."""
+        target = self._target(path)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                grant = self._core.acquire(self.agent, target, ttl, current_process())
+                break
+            except CoherenceError as refusal:
+                if getattr(refusal, "reason", None) != "held" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 0.1)
+        try:
+            yield grant
+        finally:
+            self._core.release(grant)
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._core.registry.close()
+
+    def __enter__(self) -> "CoherentVolume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CoherentVolume({self.root!r}, agent={self.agent!r}, isolation={self.isolation!r})"

@@ -1,0 +1,26 @@
+# Sourced by scripts/demo and scripts/test: install what is missing, idempotently.
+# Debian packages: fuse3 (fusermount3) and libfuse3-dev (to build pyfuse3); a .venv with the package.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+_need_apt=()
+command -v fusermount3 >/dev/null 2>&1 || _need_apt+=(fuse3)
+pkg-config --exists fuse3 2>/dev/null || _need_apt+=(libfuse3-dev pkg-config)
+command -v python3 >/dev/null 2>&1 || _need_apt+=(python3 python3-venv)
+if [ ${#_need_apt[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${_need_apt[*]}" >&2
+  _sudo=""; [ "$(id -u)" -eq 0 ] || _sudo="sudo"
+  $_sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $_sudo apt-get install -y -qq "${_need_apt[@]}" >&2
+fi
+
+_stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$_stamp" ]; then
+  echo "bootstrap: installing the package into .venv" >&2
+  [ -x .venv/bin/python ] || python3 -m venv .venv >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+  rm -f .venv/.installed-*
+  touch "$_stamp"
+fi
+export PATH="$REPO/.venv/bin:$PATH"

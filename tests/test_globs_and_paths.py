@@ -1,0 +1,111 @@
+"""Managed globs and path confinement: what is protected, and what can never be reached."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coherent_volume import CoherentVolume, GlobError, OutsideVolume, VolumeConfigError
+from coherent_volume.globs import ManagedGlobs
+
+
+@pytest.mark.parametrize("path,managed", [
+    ("plans/a.md", True), ("plans/deep/er/x.txt", True), ("plans", False), ("README.md", True),
+    ("docs/x.md", False), ("notes.txt", False), ("planss/a.md", False),
+])
+def test_glob_matching(path: str, managed: bool) -> None:
+    assert ManagedGlobs.of(["plans/**", "*.md"]).matches(path) is managed
+
+
+def test_double_star_in_the_middle_matches_zero_or_more_segments() -> None:
+    g = ManagedGlobs.of(["src/**/*.py"])
+    assert g.matches("src/a.py") and g.matches("src/x/y/a.py")
+    assert not g.matches("src/a.pyc") and not g.matches("lib/a.py")
+
+
+def test_character_classes() -> None:
+    g = ManagedGlobs.of(["v[0-9].txt", "w[!a].txt", "x?.txt"])
+    assert g.matches("v3.txt") and not g.matches("va.txt")
+    assert g.matches("wb.txt") and not g.matches("wa.txt")
+    assert g.matches("x1.txt") and not g.matches("x/.txt")
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "/abs/**", "a/../b", "a//b", "a**", "**b/c", "x[", "x[]", "y]", "a\\b", "nul\0"])
+def test_malformed_globs_raise_glob_error(bad: str) -> None:
+    with pytest.raises(GlobError):
+        ManagedGlobs.of([bad])
+
+
+def test_no_globs_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(GlobError, match="protect nothing"):
+        CoherentVolume(tmp_path, managed=[])
+
+
+def test_globs_are_a_set(tmp_path: Path) -> None:
+    assert ManagedGlobs.of(["b/**", "a/**", "a/**"]) == ManagedGlobs.of(["a/**", "b/**"])
+
+
+@given(st.text(alphabet="ab/.", min_size=1, max_size=12))
+def test_single_star_never_crosses_a_slash(name: str) -> None:
+    g = ManagedGlobs.of(["*"])
+    assert g.matches(name) == ("/" not in name)
+
+
+def test_opening_with_other_globs_is_refused(root: Path) -> None:
+    with pytest.raises(VolumeConfigError, match="a second policy is never applied"):
+        CoherentVolume(root, managed=["other/**"])
+    with CoherentVolume(root, managed=["*.md", "plans/**"]) as same_globs_other_order:
+        assert same_globs_other_order.managed == ("*.md", "plans/**")
+
+
+def test_missing_root_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(VolumeConfigError, match="not an existing directory"):
+        CoherentVolume(tmp_path / "nope", managed=["*"])
+
+
+@pytest.mark.parametrize("path", ["../outside.md", "plans/../../x", "/etc/passwd", "plans/\0x"])
+def test_paths_leaving_root_raise(vols, path: str) -> None:
+    with pytest.raises(OutsideVolume):
+        vols("alice").read(path)
+    with pytest.raises(OutsideVolume):
+        vols("alice").write(path, b"x")
+
+
+def test_symlink_escaping_root_raises_and_writes_nothing(vols, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.md"
+    outside.write_text("keep")
+    (root / "plans" / "link.md").symlink_to(outside)
+    alice = vols("alice")
+    with pytest.raises(OutsideVolume):
+        alice.read("plans/link.md")
+    with pytest.raises(OutsideVolume):
+        alice.write("plans/link.md", b"gotcha")
+    assert outside.read_text() == "keep"
+
+
+def test_symlink_inside_root_is_the_target(vols, root: Path) -> None:
+    alice = vols("alice")
+    alice.write("plans/real.md", b"one")
+    (root / "plans" / "alias.md").symlink_to("real.md")
+    assert alice.read("plans/alias.md") == b"one"
+    assert alice.write("plans/alias.md", b"two") == 2
+    assert (root / "plans" / "alias.md").is_symlink() and (root / "plans" / "real.md").read_bytes() == b"two"
+
+
+@pytest.mark.parametrize("path", [".coherent/registry.db", ".coherent", "plans/../.coherent/commit.lock"])
+def test_registry_directory_is_unreachable(vols, path: str) -> None:
+    alice = vols("alice")
+    with pytest.raises(OutsideVolume, match="registry"):
+        alice.read(path)
+    with pytest.raises(OutsideVolume, match="registry"):
+        alice.write(path, b"x")
+    with pytest.raises(OutsideVolume, match="registry"):
+        alice.delete(path)
+
+
+def test_registry_is_private(root: Path) -> None:
+    assert os.stat(root / ".coherent").st_mode & 0o777 == 0o700
+    assert os.stat(root / ".coherent" / "registry.db").st_mode & 0o777 == 0o600

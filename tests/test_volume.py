@@ -1,0 +1,321 @@
+"""The Python API's guarantees (issue: core), one process, several agents."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import (CasConflict, CoherenceError, CoherentVolume, NotManaged, RetriesExhausted,
+                             StaleWriteError, VolumeConfigError)
+
+P = "plans/plan.md"
+
+
+def test_read_registers_view_at_version_of_the_bytes(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    assert alice.write(P, b"v1") == 1
+    assert bob.read(P) == b"v1"
+    assert bob.read_text(P) == "v1"
+    assert bob.write(P, b"v2") == 2
+    assert alice.stale() == [P]
+    assert alice.read(P) == b"v2" and alice.stale() == []
+
+
+def test_stale_write_is_refused_with_full_detail_and_changes_nothing(vols, root: Path) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"base")
+    bob.read(P)
+    alice.write(P, b"alice's work")
+    with pytest.raises(StaleWriteError) as info:
+        bob.write(P, b"bob clobbers")
+    e = info.value
+    assert isinstance(e, PermissionError) and e.errno == errno.EACCES
+    assert (e.path, e.agent, e.reason, e.seen_version, e.current_version, e.last_writer) == (P, "bob", "stale", 1, 2, "alice")
+    assert "re-read" in str(e) and "redo the change" in str(e)
+    assert (root / P).read_bytes() == b"alice's work"
+    assert bob.version(P) == 2
+
+
+def test_overwrite_of_a_never_read_file_is_refused_as_unread(vols, root: Path) -> None:
+    vols("alice").write(P, b"mine")
+    with pytest.raises(StaleWriteError) as info:
+        vols("bob").write(P, b"theirs")
+    assert info.value.reason == "unread" and info.value.seen_version is None
+    assert (root / P).read_bytes() == b"mine"
+
+
+def test_racing_creators_exactly_one_wins(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    assert alice.write("plans/new.md", b"a") == 1
+    with pytest.raises(StaleWriteError, match="unread"):
+        bob.write("plans/new.md", b"b")
+
+
+def test_write_is_atomic_keeps_mode_and_leaves_no_temp_files(vols, root: Path) -> None:
+    alice = vols("alice")
+    alice.write(P, b"x" * 10_000)
+    os.chmod(root / P, 0o640)
+    alice.write(P, b"y" * 20_000)
+    assert os.stat(root / P).st_mode & 0o777 == 0o640
+    assert (root / P).read_bytes() == b"y" * 20_000
+    assert sorted(os.listdir(root / "plans")) == ["plan.md"]
+
+
+def test_new_file_mode_follows_umask_and_parents_are_created(vols, root: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        vols("alice").write("plans/a/b/c.md", b"deep")
+    finally:
+        os.umask(old)
+    assert os.stat(root / "plans/a/b/c.md").st_mode & 0o777 == 0o640
+
+
+def test_identical_bytes_are_a_no_op(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"same")
+    bob.read(P)
+    assert alice.write(P, b"same") == 1
+    assert bob.stale() == [] and bob.write(P, b"bob") == 2
+
+
+def test_foreign_write_is_detected_at_read_and_recorded_as_external(vols, root: Path) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"one")
+    bob.read(P)
+    (root / P).write_bytes(b"edited by hand")
+    assert alice.read(P) == b"edited by hand"
+    assert alice.version(P) == 2
+    assert bob.stale() == [P]
+    with pytest.raises(StaleWriteError) as info:
+        bob.write(P, b"built on one")
+    assert info.value.last_writer == "external" and info.value.current_version == 2
+
+
+def test_foreign_write_is_detected_at_write(vols, root: Path) -> None:
+    alice = vols("alice")
+    alice.write(P, b"one")
+    (root / P).write_bytes(b"two!")  # same size would also do: the content hash decides
+    with pytest.raises(StaleWriteError) as info:
+        alice.write(P, b"built on one")
+    assert info.value.reason == "stale" and info.value.last_writer == "external"
+    assert (root / P).read_bytes() == b"two!"
+
+
+def test_same_size_same_second_foreign_write_is_detected(vols, root: Path) -> None:
+    alice = vols("alice")
+    alice.write(P, b"aaaa")
+    st = os.stat(root / P)
+    (root / P).write_bytes(b"bbbb")
+    os.utime(root / P, ns=(st.st_atime_ns, st.st_mtime_ns))  # hide behind the old mtime
+    with pytest.raises(StaleWriteError):
+        alice.write(P, b"cccc")
+
+
+def test_foreign_create_and_delete(vols, root: Path) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    (root / "plans/handmade.md").write_text("from an editor")
+    with pytest.raises(StaleWriteError, match="unread"):
+        alice.write("plans/handmade.md", b"overwrite")
+    assert alice.read("plans/handmade.md") == b"from an editor"
+    bob.read("plans/handmade.md")
+    (root / "plans/handmade.md").unlink()
+    with pytest.raises(StaleWriteError) as info:
+        bob.write("plans/handmade.md", b"resurrect old content")
+    assert info.value.reason == "stale"
+    with pytest.raises(FileNotFoundError):
+        bob.read("plans/handmade.md")
+    assert bob.write("plans/handmade.md", b"fresh start") == 3
+
+
+def test_delete_has_the_same_checks_as_write(vols, root: Path) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"x")
+    with pytest.raises(StaleWriteError, match="unread"):
+        bob.delete(P)
+    bob.read(P)
+    alice.read(P)
+    assert bob.delete(P) == 2
+    assert not (root / P).exists()
+    with pytest.raises(StaleWriteError, match="stale"):
+        alice.write(P, b"built on the deleted file")
+    with pytest.raises(FileNotFoundError):
+        vols("carol").delete("plans/never.md")
+
+
+def test_write_cas(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    assert alice.write_cas(P, 0, b"created") == 1
+    assert bob.write_cas(P, 1, b"second") == 2
+    with pytest.raises(CasConflict) as info:
+        alice.write_cas(P, 1, b"late")
+    assert isinstance(info.value, StaleWriteError)
+    assert (info.value.expected_version, info.value.current_version, info.value.reason) == (1, 2, "stale")
+    with pytest.raises(CasConflict):
+        bob.write_cas("plans/other.md", 3, b"no such version")
+
+
+def test_update_retries_and_exhausts(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    assert alice.update(P, lambda old: old + b"a") == 1
+    assert bob.update(P, lambda old: old + b"b") == 2
+    assert alice.read(P) == b"ab"
+    with alice.lock(P, ttl=30):
+        with pytest.raises(RetriesExhausted) as info:
+            bob.update(P, lambda old: old + b"!", retries=2)
+    assert info.value.reason == "held" and isinstance(info.value, CasConflict)
+    assert bob.update(P, lambda old: old + b"c") == 3
+
+
+def test_update_from_many_threads_on_one_instance_is_exact(vols) -> None:
+    alice = vols("alice")
+    alice.write("plans/counter", b"0")
+
+    def work() -> None:
+        for _ in range(25):
+            alice.update("plans/counter", lambda old: str(int(old) + 1).encode(), retries=1000)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert alice.read("plans/counter") == b"200"
+    assert alice.version("plans/counter") == 201
+
+
+def test_read_set_isolation_prevents_write_skew(vols) -> None:
+    setup = vols("setup2")
+    setup.write("plans/a", b"1")
+    setup.write("plans/b", b"1")
+    alice, bob = vols("alice", isolation="read-set"), vols("bob", isolation="read-set")
+    for v in (alice, bob):
+        v.read("plans/a")
+        v.read("plans/b")
+    assert alice.write("plans/a", b"2") == 2
+    with pytest.raises(StaleWriteError) as info:
+        bob.write("plans/b", b"2")
+    assert info.value.reason == "read-set" and info.value.changed == ("plans/a",)
+    bob.forget("plans/a")
+    assert bob.write("plans/b", b"2") == 2
+
+
+def test_read_set_isolation_sees_foreign_changes_of_other_files(vols, root: Path) -> None:
+    alice = vols("alice", isolation="read-set")
+    alice.write("plans/a", b"1")
+    alice.write("plans/b", b"1")
+    (root / "plans/b").write_bytes(b"hand edit")
+    with pytest.raises(StaleWriteError, match="read-set"):
+        alice.write("plans/a", b"2")
+
+
+def test_file_isolation_ignores_other_files(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/a", b"1")
+    bob.read("plans/a")
+    alice.write("plans/a", b"2")
+    assert bob.write("plans/b", b"independent") == 1
+
+
+def test_lock_refuses_others_and_releases(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"x")
+    bob.read(P)
+    with alice.lock(P, ttl=30):
+        with pytest.raises(StaleWriteError) as info:
+            bob.write(P, b"y")
+        assert info.value.reason == "held" and info.value.holder == "alice"
+        with pytest.raises(StaleWriteError, match="held"):
+            with bob.lock(P, timeout=0.2):
+                pass
+        assert alice.write(P, b"locked write") == 2
+    bob.read(P)
+    assert bob.write(P, b"after release") == 3
+
+
+def test_expired_grant_fences_the_holder_even_if_the_version_never_moved(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"x")
+    with alice.lock(P, ttl=0.3):
+        alice.read(P)
+        time.sleep(0.4)
+        bob.read(P)
+        with bob.lock(P, ttl=30):  # reclaims alice's expired grant
+            pass
+        with pytest.raises(StaleWriteError) as info:
+            alice.write(P, b"thinks it still holds the lock")
+        assert info.value.reason == "fenced" and info.value.current_version == 1
+    with pytest.raises(StaleWriteError, match="fenced"):
+        alice.write(P, b"still fenced until reacquire")
+    assert alice.reacquire(P) == b"x"
+    assert alice.write(P, b"ok") == 2
+
+
+def test_holder_write_after_ttl_is_fenced_without_any_other_agent(vols) -> None:
+    alice = vols("alice")
+    alice.write(P, b"x")
+    with alice.lock(P, ttl=0.2):
+        time.sleep(0.3)
+        with pytest.raises(StaleWriteError, match="fenced"):
+            alice.write(P, b"late")
+
+
+def test_lock_on_unmanaged_path_is_an_error(vols) -> None:
+    with pytest.raises(NotManaged):
+        with vols("alice").lock("notes.txt"):
+            pass
+
+
+def test_unmanaged_paths_pass_through(vols, root: Path) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    assert alice.write("notes.txt", b"a") == 0
+    assert bob.write("notes.txt", b"b") == 0  # never read, still accepted
+    (root / "notes.txt").write_bytes(b"hand")
+    assert alice.read("notes.txt") == b"hand"
+    assert alice.stale() == [] and bob.stale() == []
+    alice.delete("notes.txt")
+    assert not (root / "notes.txt").exists()
+
+
+def test_version_of_unknown_path_is_zero(vols) -> None:
+    assert vols("alice").version("plans/nothing.md") == 0
+
+
+def test_agent_defaults_and_validation(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COHERENT_AGENT", "from-env")
+    with CoherentVolume(root) as v:
+        assert v.agent == "from-env"
+    monkeypatch.delenv("COHERENT_AGENT")
+    with CoherentVolume(root) as a, CoherentVolume(root) as b:
+        assert a.agent != b.agent
+    with pytest.raises(VolumeConfigError, match="reserved"):
+        CoherentVolume(root, agent="external")
+    with pytest.raises(VolumeConfigError):
+        CoherentVolume(root, agent="bad\nname")
+    with pytest.raises(VolumeConfigError):
+        CoherentVolume(root, isolation="snapshot")  # type: ignore[arg-type]
+
+
+def test_closed_volume_refuses_use(root: Path) -> None:
+    v = CoherentVolume(root, agent="alice")
+    v.close()
+    with pytest.raises(CoherenceError, match="closed"):
+        v.read(P)
+
+
+def test_reading_a_directory_or_missing_file(vols) -> None:
+    alice = vols("alice")
+    with pytest.raises(IsADirectoryError):
+        alice.read("plans")
+    with pytest.raises(FileNotFoundError):
+        alice.read("plans/missing.md")
+
+
+def test_str_data_and_type_errors(vols) -> None:
+    alice = vols("alice")
+    assert alice.write(P, "héllo") == 1 and alice.read(P) == "héllo".encode()
+    with pytest.raises(TypeError):
+        alice.write(P, 42)  # type: ignore[arg-type]
