@@ -87,7 +87,7 @@ def status(root: str, as_json: bool) -> None:
     console = _console()
     console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
     console.print(_table("files", ["path", "version", "last writer", "when", "grant holder"], [
-        [f.path + ("" if f.present else " (deleted)"), str(f.version), f.writer, _when(f.committed_at),
+        [f.path + ("" if f.present or not f.version else " (deleted)"), str(f.version), f.writer, _when(f.committed_at),
          f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-"] for f in st.files]))
     console.print(_table("agents", ["agent", "views", "stale", "last read"], [
         [a.agent, str(a.views), str(a.stale), _when(a.last_read)] for a in st.agents]))

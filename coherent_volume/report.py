@@ -17,7 +17,7 @@ class FileStatus:
     version: int
     present: bool
     writer: str
-    committed_at: float
+    committed_at: float | None
     holder: str | None
     holder_expires_at: float | None
 
@@ -40,10 +40,13 @@ def status(core: VolumeCore) -> Status:
     now = time.time()
     with core.registry.read() as tx:
         grants = {g.path: g for g in tx.grants() if not grant_over(g, now, g.owner.alive())}
-        files = [FileStatus(r.path, r.version, r.present, r.writer, r.committed_at,
-                            grants[r.path].agent if r.path in grants else None,
-                            grants[r.path].expires_at if r.path in grants else None) for r in tx.files()]
+        records = {r.path: r for r in tx.files()}
         agents = tx.agents()
+    files = []
+    for path in sorted(records.keys() | grants.keys()):
+        r, g = records.get(path), grants.get(path)
+        files.append(FileStatus(path, r.version if r else 0, bool(r and r.present), r.writer if r else "-",
+                                r.committed_at if r else None, g.agent if g else None, g.expires_at if g else None))
     return Status(core.paths.root, core.paths.globs.patterns, files, agents)
 
 

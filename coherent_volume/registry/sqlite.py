@@ -232,6 +232,8 @@ class SQLiteRegistry:
                 raise RegistryError(f"registry {self._path!r} could not be put in WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise self._error(e) from e
             raise RegistryError(f"registry {self._path!r} is not a usable SQLite database ({e}); "
                                 "it was left untouched: move it aside to start a new registry") from e
         self._conn = conn

@@ -1,0 +1,107 @@
+"""The coherent-volume command, run as a real process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coherent_volume import CoherentVolume, StaleWriteError
+
+CLI = str(Path(sys.executable).parent / "coherent-volume")
+P = "plans/plan.md"
+
+
+def cv(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60)
+
+
+def _refused_scenario(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, b"v1")
+        bob.read(P)
+        alice.read(P)
+        alice.write(P, b"v2")
+        try:
+            bob.write(P, b"stale")
+        except StaleWriteError:
+            pass
+
+
+def test_init_creates_and_is_idempotent(tmp_path: Path) -> None:
+    r = cv("init", str(tmp_path / "ws"), "--managed", "plans/**", "-m", "*.md")
+    assert r.returncode == 0, r.stderr
+    assert "plans/**" in r.stdout
+    assert cv("init", str(tmp_path / "ws"), "-m", "*.md", "-m", "plans/**").returncode == 0
+    clash = cv("init", str(tmp_path / "ws"), "-m", "other/**")
+    assert clash.returncode == 1 and "a second policy is never applied" in clash.stderr
+    bad = cv("init", str(tmp_path / "ws2"), "-m", "a**")
+    assert bad.returncode == 1 and "malformed glob" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_status_table_and_json(root: Path) -> None:
+    _refused_scenario(root)
+    with CoherentVolume(root, agent="carol") as carol, carol.lock("plans/locked.md"):
+        human = cv("status", str(root))
+        data = json.loads(cv("status", str(root), "--json").stdout)
+    assert human.returncode == 0, human.stderr
+    assert "plans/plan.md" in human.stdout and "alice" in human.stdout and "carol" in human.stdout
+    files = {f["path"]: f for f in data["files"]}
+    assert files[P]["version"] == 2 and files[P]["writer"] == "alice"
+    agents = {a["agent"]: a for a in data["agents"]}
+    assert agents["bob"]["stale"] == 1 and agents["alice"]["stale"] == 0
+    assert data["managed"] == ["*.md", "plans/**"]
+
+
+def test_status_reports_foreign_writes(root: Path) -> None:
+    (root / "plans/by-hand.md").write_text("typed in an editor")
+    data = json.loads(cv("status", str(root), "--json").stdout)
+    assert {"path": "plans/by-hand.md", "writer": "external", "version": 1}.items() <= \
+        {k: v for f in data["files"] if f["path"] == "plans/by-hand.md" for k, v in f.items()}.items()
+
+
+def test_log_shows_commits_refusals_and_foreign_writes(root: Path) -> None:
+    _refused_scenario(root)
+    (root / P).write_text("foreign")
+    with CoherentVolume(root, agent="dave") as dave:
+        dave.read(P)
+    events = [json.loads(line) for line in cv("log", str(root), "--json").stdout.splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds == ["commit", "commit", "refusal", "foreign"]
+    refusal = events[2]
+    assert (refusal["agent"], refusal["reason"], refusal["seen_version"], refusal["version"]) == ("bob", "stale", 1, 2)
+    human = cv("log", str(root))
+    assert human.returncode == 0 and "refusal" in human.stdout and "stale" in human.stdout
+
+
+def test_log_follow_prints_new_events(root: Path) -> None:
+    proc = subprocess.Popen([CLI, "log", str(root), "--follow", "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        with CoherentVolume(root, agent="erin") as erin:
+            erin.write("plans/followed.md", b"x")
+        line = proc.stdout.readline()
+        assert json.loads(line)["path"] == "plans/followed.md"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_why_explains_the_last_refusal(root: Path) -> None:
+    _refused_scenario(root)
+    human = cv("why", str(root), P)
+    assert human.returncode == 0, human.stderr
+    assert "bob" in human.stdout and "stale" in human.stdout and "re-read" in human.stdout
+    data = json.loads(cv("why", str(root), P, "--json").stdout)
+    assert data["refusal"]["agent"] == "bob" and data["version"] == 2
+    assert [c["agent"] for c in data["changes"]] == ["alice"]
+    quiet = json.loads(cv("why", str(root), "plans/untouched.md", "--json").stdout)
+    assert quiet["refusal"] is None and "no write" in quiet["advice"]
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> None:
+    r = cv("status", str(tmp_path))
+    assert r.returncode == 1 and "no volume registry" in r.stderr and "Traceback" not in r.stderr
+    r = cv("why", str(root), "../escape")
+    assert r.returncode == 1 and "outside the volume" in r.stderr

@@ -1,0 +1,171 @@
+"""Many processes on one registry: real subprocesses, real SQLite file, real kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, StaleWriteError
+from coherent_volume.fingerprint import content_hash
+
+from .conftest import REPO, run_py
+
+P = "plans/plan.md"
+
+
+def spawn(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+
+
+def test_update_from_four_processes_is_exact(root: Path) -> None:
+    code = """
+import sys
+from coherent_volume import CoherentVolume
+with CoherentVolume(sys.argv[1], agent=sys.argv[2]) as v:
+    for _ in range(40):
+        v.update("plans/counter", lambda old: str(int(old or b"0") + 1).encode(), retries=10_000)
+"""
+    procs = [spawn(code, str(root), f"p{i}") for i in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with CoherentVolume(root, agent="check") as v:
+        assert v.read("plans/counter") == b"160"
+        assert v.version("plans/counter") == 160
+
+
+def test_racing_creators_in_separate_processes_exactly_one_wins(root: Path) -> None:
+    go = root / "go"
+    code = """
+import os, sys, time
+from coherent_volume import CoherentVolume, StaleWriteError
+v = CoherentVolume(sys.argv[1], agent=sys.argv[2])
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.001)
+try:
+    v.write("plans/race.md", sys.argv[2].encode())
+    print("won")
+except StaleWriteError as e:
+    print(e.reason)
+"""
+    procs = [spawn(code, str(root), f"creator{i}", str(go)) for i in range(6)]
+    time.sleep(0.5)
+    go.touch()
+    outcomes = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        outcomes.append(out.strip())
+    assert outcomes.count("won") == 1 and outcomes.count("unread") == 5
+    winner = f"creator{outcomes.index('won')}"
+    assert (root / "plans/race.md").read_text() == winner
+
+
+def test_grant_of_a_killed_holder_is_reclaimed_at_once(root: Path) -> None:
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write(P, b"x")
+        holder = spawn("""
+import sys, time
+from coherent_volume import CoherentVolume
+v = CoherentVolume(sys.argv[1], agent="alice")
+with v.lock("plans/plan.md", ttl=3600):
+    print("locked", flush=True)
+    time.sleep(3600)
+""", str(root))
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StaleWriteError, match="held"):
+            bob.write(P, b"while alice holds it")
+        holder.kill()
+        holder.wait()
+        assert bob.write(P, b"after alice died") == 2
+    log = run_py("import sys; from coherent_volume.cli import main; main()", "log", str(root), "--json")
+    kinds = [json.loads(line)["kind"] for line in log.stdout.splitlines()]
+    assert "reclaim" in kinds
+
+
+def _kill_at(point: str, root: Path) -> subprocess.CompletedProcess[str]:
+    """A writer that SIGKILLs itself at `point` of a commit: just before or just after the rename."""
+    return run_py(f"""
+import os, signal, sys
+from coherent_volume import CoherentVolume, atomic
+real_replace = os.replace
+def dying_replace(src, dst):
+    if "{point}" == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+v = CoherentVolume(sys.argv[1], agent="victim")
+v.read("plans/plan.md")
+atomic.os.replace = dying_replace
+v.write("plans/plan.md", b"the victim's new content")
+""", str(root))
+
+
+def test_kill_after_rename_completes_the_commit_for_its_writer(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"old")
+    assert _kill_at("after", root).returncode == -signal.SIGKILL
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == b"the victim's new content"
+        assert bob.version(P) == 2
+    rows = sqlite3.connect(root / ".coherent/registry.db").execute(
+        "SELECT writer, version FROM files WHERE path = ?", (P,)).fetchall()
+    assert rows == [("victim", 2)]
+    assert os.listdir(root / "plans") == ["plan.md"]
+
+
+def test_kill_before_rename_abandons_the_commit(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"old")
+    assert _kill_at("before", root).returncode == -signal.SIGKILL
+    with CoherentVolume(root, agent="alice") as alice:
+        assert alice.version(P) == 1
+        assert alice.read(P) == b"old"
+        assert alice.write(P, b"alice continues") == 2
+    assert os.listdir(root / "plans") == ["plan.md"], "the abandoned temp file is removed"
+
+
+def test_kill_9_at_random_instants_never_tears_a_file_or_desyncs_the_registry(root: Path) -> None:
+    payloads = [bytes([65 + i]) * (256 * 1024) for i in range(4)]
+    hashes = {content_hash(p) for p in payloads}
+    with CoherentVolume(root, agent="init") as v:
+        v.write(P, payloads[0])
+    writer = """
+import sys
+from coherent_volume import CoherentVolume
+payloads = [bytes([65 + i]) * (256 * 1024) for i in range(4)]
+v = CoherentVolume(sys.argv[1], agent="writer")
+i = 0
+while True:
+    v.update("plans/plan.md", lambda old: payloads[(payloads.index(old) + 1) % 4], retries=1000)
+"""
+    rng = random.Random(7)
+    for _ in range(12):
+        p = spawn(writer, str(root))
+        time.sleep(rng.uniform(0.3, 0.7))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        data = (root / P).read_bytes()
+        assert content_hash(data) in hashes, "a torn managed file"
+        with CoherentVolume(root, agent="checker") as check:
+            assert check.read(P) == data
+            version = check.version(P)
+        conn = sqlite3.connect(root / ".coherent/registry.db")
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT hash, version, writer FROM files WHERE path = ?", (P,)).fetchone()[:2] == (
+            content_hash(data), version)
+        assert conn.execute("SELECT count(*) FROM intents").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM events WHERE kind = 'foreign'").fetchone() == (0,), \
+            "a crashed commit must never look like a foreign write"
+        conn.close()
+    leftovers = [n for n in os.listdir(root / "plans") if n != "plan.md"]
+    assert leftovers == []

@@ -1,0 +1,89 @@
+"""Bad registries get a typed, readable error and nothing already committed is lost."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, RegistryError
+from coherent_volume.registry import sqlite as sqlite_registry
+
+from .conftest import REPO
+
+P = "plans/plan.md"
+
+
+def _committed(root: Path) -> bytes:
+    with CoherentVolume(root, agent="alice") as v:
+        v.write(P, b"precious work")
+    return (root / P).read_bytes()
+
+
+def test_garbage_registry_is_reported_and_left_untouched(root: Path) -> None:
+    before = _committed(root)
+    db = root / ".coherent/registry.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="not a usable SQLite database|corrupt"):
+        CoherentVolume(root, agent="bob")
+    assert db.read_bytes() == b"this is not a database" * 100
+    assert (root / P).read_bytes() == before
+
+
+def test_truncated_registry_is_reported(root: Path) -> None:
+    before = _committed(root)
+    db = root / ".coherent/registry.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 3])
+    with pytest.raises(RegistryError):
+        with CoherentVolume(root, agent="bob") as v:
+            v.read(P)
+            v.write(P, b"x")
+    assert (root / P).read_bytes() == before
+
+
+def test_wrong_schema_version_is_reported(root: Path) -> None:
+    _committed(root)
+    conn = sqlite3.connect(root / ".coherent/registry.db")
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RegistryError, match="schema version '99'"):
+        CoherentVolume(root, agent="bob")
+
+
+def test_opening_without_globs_where_no_volume_exists(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="create the volume with managed globs"):
+        CoherentVolume(tmp_path, agent="bob")
+
+
+def test_registry_locked_past_the_busy_timeout_is_a_bounded_wait(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _committed(root)
+    monkeypatch.setattr(sqlite_registry, "BUSY_TIMEOUT_MS", 300)
+    alice = CoherentVolume(root, agent="alice")
+    alice.read(P)
+    locker = subprocess.Popen([sys.executable, "-c", """
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(60)
+""", str(root / ".coherent/registry.db")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        with pytest.raises(RegistryError, match="stayed locked"):
+            alice.write(P, b"blocked")
+        assert locker.poll() is None, "the error came while the lock was still held: the wait was bounded"
+    finally:
+        locker.kill()
+        locker.wait()
+    assert (root / P).read_bytes() == before
+    assert alice.write(P, b"after the lock") == 2
+    alice.close()
