@@ -114,7 +114,27 @@ def stage(target: str, data: bytes) -> Staged:
     return staged
 
 
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def rename(src: str, dst: str, *, exchange: bool = False, noreplace: bool = False) -> None:
+    """rename(2) with renameat2's flags (not made durable: see `sync_dirs`)."""
+    flags = (_RENAME_EXCHANGE if exchange else 0) | (_RENAME_NOREPLACE if noreplace else 0)
+    if not flags:
+        os.rename(src, dst)
+    elif _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def sync_dirs(*paths: str) -> None:
+    """fsync the directories holding `paths`, once each."""
+    for directory in {os.path.dirname(p) for p in paths}:
+        fsync_dir(directory)
+
+
 def remove(target: str) -> None:
     """Unlink `target` durably."""
     os.unlink(target)
-    fsync_dir(os.path.dirname(target))
+    sync_dirs(target)

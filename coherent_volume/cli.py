@@ -141,13 +141,31 @@ def log(root: str, follow: bool, as_json: bool, limit: int) -> None:
             emit(batch)
 
 
+def _through_mount(path: str) -> tuple[str, str] | None:
+    """(volume root, path inside it) when `path` lies in a mounted volume."""
+    from fusefs.mount import fuse_mounts
+
+    absolute = os.path.abspath(path)
+    for mountpoint, root in fuse_mounts().items():
+        if absolute == mountpoint or absolute.startswith(mountpoint + os.sep):
+            return root, os.path.relpath(absolute, mountpoint)
+    return None
+
+
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
-@click.argument("path")
+@click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
-def why(root: str, path: str, as_json: bool) -> None:
-    """Why a write to PATH was refused: the refusal, who changed the file since, and what to do."""
+def why(paths: tuple[str, ...], as_json: bool) -> None:
+    """Why a write to PATH was refused: the refusal, who changed the file since, and what to do.
+
+    Give the volume ROOT and a PATH in it, or just a PATH inside a mounted volume."""
+    if len(paths) == 2:
+        root, path = paths
+    elif len(paths) == 1 and (found := _through_mount(paths[0])) is not None:
+        root, path = found
+    else:
+        raise click.UsageError("give ROOT PATH, or a PATH inside a mounted volume")
     core = open_core(root)
     answer = report.why(core, core.resolve(path))
     if as_json:
@@ -167,3 +185,53 @@ def why(root: str, path: str, as_json: bool) -> None:
             console.print(_table("changed since that agent's view", _LOG_COLUMNS,
                                  [_event_row(e) for e in answer.changes]))
     console.print(f"what to do: {answer.advice}")
+
+
+@main.command()
+@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--agent", help="Agent for processes that set no COHERENT_AGENT (default: one per login session).")
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
+@click.option("--allow-other", is_flag=True, help="Let other users enter the mount (needs user_allow_other).")
+@_guard
+def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool) -> None:
+    """Mount the volume at ROOT on MOUNTPOINT; returns once the mount works."""
+    from fusefs.mount import mount as do_mount
+
+    if agent is not None:
+        from .volume import validate_agent
+
+        validate_agent(agent)
+    do_mount(root, mountpoint, agent, foreground, allow_other)
+    if not foreground:
+        click.echo(f"mounted {os.path.realpath(root)} on {os.path.abspath(mountpoint)}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+@_guard
+def unmount(mountpoint: str) -> None:
+    """Unmount a mounted volume (an error if it is busy)."""
+    from fusefs.mount import unmount as do_unmount
+
+    do_unmount(mountpoint)
+
+
+@main.command("as", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_as(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND as agent NAME (sets COHERENT_AGENT): coherent-volume as alice -- CMD ARGS..."""
+    from .volume import validate_agent
+
+    try:
+        validate_agent(name)
+    except CoherenceError as e:
+        raise click.ClickException(str(e)) from e
+    argv = list(command[1:] if command and command[0] == "--" else command)
+    if not argv:
+        raise click.UsageError("no command given")
+    try:
+        os.execvpe(argv[0], argv, {**os.environ, "COHERENT_AGENT": name})
+    except OSError as e:
+        raise click.ClickException(f"cannot run {argv[0]!r}: {e.strerror}") from e

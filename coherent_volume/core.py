@@ -15,11 +15,11 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from . import atomic
 from .errors import CasConflict, NotManaged, StaleWriteError
-from .fingerprint import Fingerprint, content_hash, fingerprint_path, read_file
+from .fingerprint import Fingerprint, content_hash, fingerprint_path, hash_path, read_file
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, VolumePaths
 from .protocol import (EXTERNAL, Disk, FileRecord, Grant, Intent, WriteCheck, changed_paths, classify,
@@ -27,6 +27,11 @@ from .protocol import (EXTERNAL, Disk, FileRecord, Grant, Intent, WriteCheck, ch
 from .registry import Registry, Transaction
 
 Isolation = Literal["file", "read-set"]
+
+EMPTY_HASH = content_hash(b"")
+
+HANDLE_GRANT_TTL = 24 * 3600.0
+"""Grants taken for open write handles end at release, or when the process owning them dies."""
 
 
 @dataclass(frozen=True)
@@ -211,24 +216,45 @@ class VolumeCore:
 
     # ---- writes ---------------------------------------------------------------------
 
-    def commit(self, agent: str, target: Target, data: bytes | None, *, isolation: Isolation = "file",
-               expected: int | None = None) -> int:
-        """Install `data` (or delete, for None) if the protocol accepts it; return the new version.
+    def _check(self, tx: Transaction, agent: str, target: Target, now: float, isolation: Isolation,
+               expected: int | None = None, need_view: bool = True) -> tuple[FileRecord | None, WriteCheck, StaleWriteError | None]:
+        """Sync `target` with the disk and decide whether `agent` may write it; log and build any refusal.
+
+        `need_view=False` checks only grants and fences (an append cannot clobber what it did not read)."""
+        record = self._sync(tx, target, tx.file(target.rel))
+        grant = self._holder(tx, target.rel, now)
+        check = WriteCheck(
+            agent=agent, current=record, seen=tx.view(agent, target.rel) if need_view else current_version(record),
+            holder=grant.agent if grant else None, fenced=tx.fenced(agent, target.rel),
+            changed_read_set=self._changed_read_set(tx, agent, target.rel) if isolation == "read-set" else (),
+            expected=expected)
+        reason = decide_write(check)
+        if reason is None:
+            return record, check, None
+        version = current_version(record)
+        tx.log("refusal", target.rel, agent, now, reason=reason, seen_version=check.seen, version=version,
+               detail=f"holder={check.holder}" if reason == "held" else ",".join(check.changed_read_set) or None)
+        kind = CasConflict if expected is not None else StaleWriteError
+        extra = {"expected_version": expected} if expected is not None else {}
+        return record, check, kind(target.rel, agent, reason, check.seen, version, record.writer if record else None,
+                                   holder=check.holder if reason == "held" else None,
+                                   changed=check.changed_read_set, **extra)
+
+    def commit(self, agent: str, target: Target, content: bytes | atomic.Staged | None, *,
+               isolation: Isolation = "file", expected: int | None = None) -> int:
+        """Install `content` (bytes, or content already staged beside the target; None deletes) if the
+        protocol accepts it; return the new version. Staged content is consumed.
 
         Unmanaged paths are written atomically with no checks and report version 0. A refusal
         raises StaleWriteError (CasConflict when `expected` is given) and changes no file."""
-        if not target.managed:
-            if data is None:
-                atomic.remove(target.abs)
-            else:
-                staged = atomic.stage(target.abs, data)
-                try:
-                    staged.install()
-                finally:
-                    staged.discard()
-            return 0
-        staged = atomic.stage(target.abs, data) if data is not None else None
+        staged = atomic.stage(target.abs, content) if isinstance(content, bytes) else content
         try:
+            if not target.managed:
+                if staged is None:
+                    atomic.remove(target.abs)
+                else:
+                    staged.install()
+                return 0
             with self.registry.commit_lock():
                 return self._commit_locked(agent, target, staged, isolation, expected)
         finally:
@@ -238,59 +264,118 @@ class VolumeCore:
     def _commit_locked(self, agent: str, target: Target, staged: atomic.Staged | None,
                        isolation: Isolation, expected: int | None) -> int:
         rel = target.rel
-        refusal: StaleWriteError | None = None
-        missing = False
         with self.registry.write() as tx:
             self._recover(tx)
             now = time.time()
-            record = self._sync(tx, target, tx.file(rel))
-            grant = self._holder(tx, rel, now)
-            check = WriteCheck(
-                agent=agent, current=record, seen=tx.view(agent, rel),
-                holder=grant.agent if grant else None, fenced=tx.fenced(agent, rel),
-                changed_read_set=self._changed_read_set(tx, agent, rel) if isolation == "read-set" else (),
-                expected=expected)
+            record, check, refusal = self._check(tx, agent, target, now, isolation, expected)
             version = current_version(record)
             exists = record is not None and record.present
-            reason = decide_write(check)
-            if reason is not None:
-                tx.log("refusal", rel, agent, now, reason=reason, seen_version=check.seen, version=version,
-                       detail=f"holder={check.holder}" if reason == "held" else ",".join(check.changed_read_set) or None)
-                kind = CasConflict if expected is not None else StaleWriteError
-                extra = {"expected_version": expected} if expected is not None else {}
-                refusal = kind(rel, agent, reason, check.seen, version, record.writer if record else None,
-                               holder=check.holder if reason == "held" else None,
-                               changed=check.changed_read_set, **extra)
-            elif staged is None and not exists:
-                missing = True
-            elif staged is not None and exists and record is not None and staged.hash == record.hash:
+            if refusal is None and staged is not None and exists and record is not None and staged.hash == record.hash:
                 tx.put_view(agent, rel, version, now)  # identical content: no new version, nobody invalidated
                 return version
-            else:
+            if refusal is None and (staged is not None or exists):
                 tx.put_intent(Intent(rel, agent, version + 1, staged is not None,
                                      staged.hash if staged else None, staged.name() if staged else None))
         if refusal is not None:
             raise refusal
-        if missing:
+        if staged is None and not exists:
             raise FileNotFoundError(2, "No such file or directory", rel)
+        self._install(lambda: staged.install() if staged is not None else atomic.remove(target.abs))
+        with self.registry.write() as tx:
+            self._finish(tx, agent, target, version + 1, staged.hash if staged else None, check.seen)
+        return version + 1
+
+    def _install(self, action: Callable[[], None]) -> None:
+        """Run the disk half of a commit whose intents are recorded; on failure let recovery decide."""
         try:
-            if staged is not None:
-                staged.install()
-            else:
-                atomic.remove(target.abs)
+            action()
         except BaseException:
             with self.registry.write() as tx:
                 self._recover(tx)
             raise
-        fp = fingerprint_path(target.abs)
+
+    def _finish(self, tx: Transaction, agent: str, target: Target, version: int, digest: str | None,
+                seen: int | None) -> None:
+        """Record an installed commit: new version, writer's view current, intent done."""
         now = time.time()
-        with self.registry.write() as tx:
-            tx.put_file(FileRecord(rel, version + 1, staged is not None, staged.hash if staged else None, fp,
-                                   agent, now, time.time_ns()))
-            tx.put_view(agent, rel, version + 1, now)
-            tx.drop_intent(rel)
-            tx.log("commit" if staged else "delete", rel, agent, now, seen_version=check.seen, version=version + 1)
-        return version + 1
+        present = digest is not None
+        tx.put_file(FileRecord(target.rel, version, present, digest, fingerprint_path(target.abs) if present else None,
+                               agent, now, time.time_ns()))
+        tx.put_view(agent, target.rel, version, now)
+        tx.drop_intent(target.rel)
+        tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version)
+
+    def create(self, agent: str, target: Target, mode: int) -> int:
+        """Create `target` empty with `mode` (exclusive: FileExistsError if it exists) as a checked commit.
+
+        Creating a new path needs no prior read, but a view that predates the path's deletion is stale."""
+        if not target.managed:
+            os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
+            return 0
+        with self.registry.commit_lock():
+            with self.registry.write() as tx:
+                self._recover(tx)
+                record, check, refusal = self._check(tx, agent, target, time.time(), "file")
+                if refusal is None:
+                    if record is not None and record.present:
+                        raise FileExistsError(17, "File exists", target.rel)
+                    version = current_version(record) + 1
+                    tx.put_intent(Intent(target.rel, agent, version, True, EMPTY_HASH, None))
+            if refusal is not None:
+                raise refusal
+            self._install(lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)))
+            with self.registry.write() as tx:
+                self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
+            return version
+
+    def view_state(self, agent: str, target: Target) -> tuple[int, str]:
+        """(current version, 'fresh' | 'stale' | 'unread') of a managed path for `agent`."""
+        version = self.version(target)
+        with self.registry.read() as tx:
+            seen = tx.view(agent, target.rel)
+        return version, "unread" if seen is None else "fresh" if seen == version else "stale"
+
+    def rename(self, agent: str, src: Target, dst: Target, *, exchange: bool = False, noreplace: bool = False,
+               isolation: Isolation = "file") -> None:
+        """Rename `src` over `dst` as one checked commit of both ends.
+
+        Each end that is a managed path is written (dst gets src's content, src is deleted, or with
+        `exchange` they swap) and so needs the agent's current view. Unmanaged ends are not checked."""
+        if not (src.managed or dst.managed):
+            atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
+            return
+        with self.registry.commit_lock():
+            with self.registry.write() as tx:
+                self._recover(tx)
+                now = time.time()
+                src_hash = hash_path(src.abs)
+                dst_hash = hash_path(dst.abs)
+                if src_hash is None or (exchange and dst_hash is None):
+                    raise FileNotFoundError(2, "No such file or directory", src.rel if src_hash is None else dst.rel)
+                # what each end holds afterwards: (target, new content hash or None for gone)
+                ends = [(dst, src_hash), (src, dst_hash if exchange else None)]
+                plan: list[tuple[Target, int, str | None, int | None]] = []
+                refusal: StaleWriteError | None = None
+                for target, after in ends:
+                    if not target.managed:
+                        continue
+                    record, check, refusal = self._check(tx, agent, target, now, isolation)
+                    if refusal is not None:
+                        break
+                    if (record is not None and record.present) or after is not None:
+                        plan.append((target, current_version(record) + 1, after, check.seen))
+                for target, version, after, _ in plan:
+                    tx.put_intent(Intent(target.rel, agent, version, after is not None, after, None))
+            if refusal is not None:
+                raise refusal
+            def install() -> None:
+                atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
+                atomic.sync_dirs(src.abs, dst.abs)
+
+            self._install(install)
+            with self.registry.write() as tx:
+                for target, version, after, seen in plan:
+                    self._finish(tx, agent, target, version, after, seen)
 
     # ---- grants ---------------------------------------------------------------------
 
@@ -313,14 +398,36 @@ class VolumeCore:
                 return grant
         raise refusal
 
-    def release(self, grant: Grant) -> bool:
+    def begin_write(self, agent: str, target: Target, owner: ProcessId, *, need_view: bool,
+                    isolation: Isolation = "file", ttl: float = HANDLE_GRANT_TTL) -> tuple[Grant, bool, int]:
+        """Check that `agent` may write `target` now and take its write grant for an open handle.
+
+        Returns (grant, owned, version): owned is False when the agent already held the grant (say
+        through `lock()`), and then the caller must not release it; `version` is what the handle
+        starts from, so its commit is a `expected=version` CAS. Refusals raise StaleWriteError."""
+        self._require_managed(target, "begin_write")
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            now = time.time()
+            record, _, refusal = self._check(tx, agent, target, now, isolation, need_view=need_view)
+            if refusal is None:
+                held = tx.grant(target.rel)
+                if held is not None:
+                    return held, False, current_version(record)
+                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl)
+                tx.put_grant(grant)
+                return grant, True, current_version(record)
+        raise refusal
+
+    def release(self, grant: Grant, *, log: bool = True) -> bool:
         """Release `grant` if it is still the one in force; False if it was reclaimed meanwhile."""
         with self.registry.commit_lock(), self.registry.write() as tx:
             current = tx.grant(grant.path)
             if current is None or current.token != grant.token:
                 return False
             tx.drop_grant(grant.path)
-            tx.log("release", grant.path, grant.agent, time.time())
+            if log:
+                tx.log("release", grant.path, grant.agent, time.time())
             return True
 
     @staticmethod

@@ -41,3 +41,12 @@ def run_py(code: str, *args: str, env: dict[str, str] | None = None, timeout: fl
     """Run Python code in a real, separate interpreter."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+@pytest.fixture
+def mounted(root: Path, tmp_path: Path):
+    """The `root` volume mounted at tmp_path/mnt through the real CLI; unmounted in every outcome."""
+    from .mounts import Mount
+
+    with Mount(root, tmp_path / "mnt") as m:
+        yield m

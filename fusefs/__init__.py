@@ -1,0 +1,1 @@
+"""The FUSE face: a volume's root as an ordinary mounted directory, protocol enforced."""

@@ -1,0 +1,68 @@
+"""Open-file state of the mount: one object per FUSE file handle."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from coherent_volume.paths import Target
+from coherent_volume.protocol import Grant
+
+
+@dataclass
+class Passthrough:
+    """An unmanaged file: reads and writes go straight to the backing fd."""
+
+    fd: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class Snapshot:
+    """A managed file opened for reading: serves exactly the bytes of the version it opened."""
+
+    data: bytes
+    version: int
+
+    def close(self) -> None:
+        self.data = b""
+
+
+@dataclass
+class Shadow:
+    """A managed file opened for writing: writes land in an unnamed shadow file beside the target,
+    installed as one commit at flush/close, so readers never see a partial write.
+
+    Invariant: while open, `grant` (this agent's write grant) keeps every other agent out."""
+
+    target: Target
+    agent: str
+    fd: int
+    grant: Grant
+    owns_grant: bool
+    append: bool
+    base_version: int
+    """The version the shadow's content starts from: its commit is a CAS against it."""
+    pending: bool = False
+    """The shadow differs from what was last committed (an O_TRUNC open alone makes it so)."""
+    wrote: bool = False
+    """Data was written or resized since the last commit: flush commits only then, because
+    shells flush a freshly opened descriptor (dup2, then close) before writing anything."""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class Listing:
+    """An open directory: its entry names, taken at opendir."""
+
+    inode: int
+    names: list[bytes]
+
+    def close(self) -> None:
+        self.names = []
+
+
+Handle = Passthrough | Snapshot | Shadow | Listing

@@ -1,0 +1,82 @@
+"""Virtual inode numbers keyed by path, so a managed file keeps its inode across commits.
+
+A commit installs a new backing inode under the same path; the kernel must keep seeing one
+inode for that path, so FUSE inodes are ours, not the backing file system's.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pyfuse3
+
+
+class InodeTable:
+    """Bidirectional map inode <-> root-relative path ("" is the root), with kernel lookup counts."""
+
+    def __init__(self) -> None:
+        self._path: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
+        self._inode: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
+        self._next = itertools.count(pyfuse3.ROOT_INODE + 1)
+
+    def path(self, inode: int) -> str:
+        """The path of `inode`; KeyError if the kernel forgot it (never for a live one)."""
+        return self._path[inode]
+
+    def child(self, parent: int, name: bytes) -> str:
+        base = self._path[parent]
+        text = name.decode("utf-8", "surrogateescape")
+        return f"{base}/{text}" if base else text
+
+    def inode(self, path: str) -> int:
+        """The inode of `path`, allocating one on first sight (no lookup counted)."""
+        inode = self._inode.get(path)
+        if inode is None:
+            inode = next(self._next)
+            self._inode[path] = inode
+            self._path[inode] = path
+        return inode
+
+    def inode_if_known(self, path: str) -> int | None:
+        return self._inode.get(path)
+
+    def remember(self, path: str) -> int:
+        """The inode of `path`, counting one kernel lookup (the kernel will forget it later)."""
+        inode = self.inode(path)
+        self._lookups[inode] = self._lookups.get(inode, 0) + 1
+        return inode
+
+    def forget(self, inode: int, count: int) -> None:
+        """The kernel dropped `count` references; the last one frees the inode number."""
+        if inode == pyfuse3.ROOT_INODE:
+            return
+        left = self._lookups.get(inode, 0) - count
+        if left > 0:
+            self._lookups[inode] = left
+            return
+        self._lookups.pop(inode, None)
+        path = self._path.pop(inode, None)
+        if path is not None and self._inode.get(path) == inode:
+            del self._inode[path]
+
+    def unlinked(self, path: str) -> None:
+        """`path` is gone: a later file at the same path gets a new inode."""
+        inode = self._inode.pop(path, None)
+        if inode is not None:
+            self._path[inode] = path + "\0deleted"
+
+    def moved(self, old: str, new: str) -> None:
+        """`old` (and everything below it) is now `new`; whatever was at `new` is gone."""
+        self.unlinked(new)
+        prefix = old + "/"
+        for path in [p for p in self._inode if p == old or p.startswith(prefix)]:
+            inode = self._inode.pop(path)
+            moved = new + path[len(old):]
+            self._inode[moved] = inode
+            self._path[inode] = moved
+
+    def exchanged(self, a: str, b: str) -> None:
+        tmp = "\0exchange"
+        self.moved(a, tmp)
+        self.moved(b, a)
+        self.moved(tmp, b)

@@ -1,0 +1,181 @@
+"""Mounting and unmounting a volume, with a clear error for each way it can fail.
+
+`mount` returns only once the mount works (or with the reason it does not): the daemon
+forks, mounts, and reports back through a pipe before the parent exits. If the daemon dies,
+the mountpoint stays dead (ENOTCONN) rather than becoming a bare directory that agents could
+write into unprotected; mounting again cleans the dead mount up.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from coherent_volume.errors import CoherenceError
+from coherent_volume.paths import REGISTRY_DIR
+from coherent_volume.volume import open_core
+
+from .identity import AgentResolver
+from .operations import CoherentOperations
+from .watcher import watch
+
+log = logging.getLogger("coherent_volume.fuse")
+
+
+class MountError(CoherenceError):
+    """A mount or unmount that cannot be done; the message says why and what to do."""
+
+
+def fuse_mounts() -> dict[str, str]:
+    """Mountpoint -> source (our fsname is the volume root) of every FUSE mount of ours."""
+    out: dict[str, str] = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, mountpoint, fstype = line.split()[:3]
+            if fstype == "fuse.coherent":
+                out[mountpoint.replace("\\040", " ")] = source.replace("\\040", " ")
+    return out
+
+
+def _is_dead(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fusermount3", *args], capture_output=True, text=True)
+
+
+def check_mountable(root: str, mountpoint: str) -> tuple[str, str]:
+    """Validate everything that can be checked before forking; returns (root, mountpoint) resolved."""
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("no /dev/fuse on this machine: FUSE is unavailable (load the fuse module, or give the "
+                         "container --device /dev/fuse)")
+    root_real = os.path.realpath(root)
+    if not os.path.isdir(root_real):
+        raise MountError(f"volume root {root!r} does not exist")
+    mp = os.path.abspath(mountpoint)
+    if mp in fuse_mounts() and _is_dead(mp):
+        _fusermount("-u", "-z", mp)  # a daemon killed earlier left it dead: clean up and remount
+    if mp in fuse_mounts():
+        raise MountError(f"{mp} is already a mounted volume; unmount it first")
+    if not os.path.isdir(mp):
+        raise MountError(f"mountpoint {mp} does not exist or is not a directory")
+    mp = os.path.realpath(mp)
+    if mp == root_real or mp.startswith(root_real + os.sep):
+        raise MountError(f"mountpoint {mp} is inside the volume root {root_real}: mount it elsewhere")
+    if os.listdir(mp):
+        raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")
+    open_core(root_real).registry.close()  # a clear error now if ROOT is no volume
+    return root_real, mp
+
+
+async def _serve(ops: CoherentOperations) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch, ops.core, ops.inodes)
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled. A crash leaves the mount dead, never bare."""
+    core = open_core(root)
+    resolver = AgentResolver(agent, os.getpid())
+    ops = CoherentOperations(core, resolver)
+    options = set(pyfuse3.default_options) | {f"fsname={core.paths.root}", "subtype=coherent"}
+    if allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, mountpoint, options)
+    on_ready()
+    clean = False
+    try:
+        trio.run(_serve, ops)
+        clean = True
+    finally:
+        pyfuse3.close(unmount=clean)
+        resolver.close()
+        core.registry.close()
+
+
+def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool) -> None:
+    """Mount ROOT at MOUNTPOINT; without `foreground`, return once the mount works (daemon in background)."""
+    root, mountpoint = check_mountable(root, mountpoint)
+    if foreground:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        serve(root, mountpoint, agent, allow_other, lambda: None)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        log_path = os.path.join(root, REGISTRY_DIR, "mount.log")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+        def ready() -> None:
+            os.write(write_end, b"ok")
+            os.close(write_end)
+
+        try:
+            serve(root, mountpoint, agent, allow_other, ready)
+        except BaseException as e:  # report to the waiting parent if it is still waiting
+            log.exception("mount daemon failed")
+            try:
+                os.write(write_end, f"error: {e}".encode())
+            except OSError:
+                pass
+            os._exit(1)
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 4096):
+        chunks.append(chunk)
+    os.close(read_end)
+    answer = b"".join(chunks).decode(errors="replace")
+    if answer != "ok":
+        os.waitpid(pid, 0)
+        raise MountError(answer.removeprefix("error: ") or "the mount daemon exited before the mount was ready")
+
+
+def unmount(mountpoint: str, timeout: float = 10.0) -> None:
+    """Unmount a volume; a busy mount is an error, not a lazy detach."""
+    mp = os.path.realpath(mountpoint) if not _is_dead(mountpoint) else os.path.abspath(mountpoint)
+    if mp not in fuse_mounts():
+        raise MountError(f"{mp} is not a mounted volume")
+    result = _fusermount("-u", mp)
+    if result.returncode != 0:
+        if _is_dead(mp):
+            result = _fusermount("-u", "-z", mp)
+            if result.returncode == 0:
+                return
+        reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
+        if "busy" in reason.lower():
+            raise MountError(f"{mp} is busy (files are open there, or a process has its working directory in it): "
+                             "close them and try again")
+        raise MountError(f"could not unmount {mp}: {reason}")
+    deadline = time.monotonic() + timeout
+    while mp in fuse_mounts() and time.monotonic() < deadline:
+        time.sleep(0.05)

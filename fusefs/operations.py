@@ -1,0 +1,453 @@
+"""The pyfuse3 operations adapter: passthrough of the backing tree, with the protocol on managed files.
+
+Every rule comes from `coherent_volume.core.VolumeCore`; this module only decides *where* a
+check happens (see shared field notes): at open with write access or O_TRUNC, at rename when
+either end is managed, at unlink and at setattr(size) — never at write, flush or release,
+which cannot reach the calling program cleanly. Blocking protocol work runs in worker threads
+so one slow commit never stalls other requests.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as stat_mod
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from coherent_volume import atomic
+from coherent_volume.core import VolumeCore
+from coherent_volume.errors import CoherenceError, StaleWriteError
+from coherent_volume.liveness import current_process
+from coherent_volume.paths import Target, is_registry_path
+
+from .handles import Handle, Listing, Passthrough, Shadow, Snapshot
+from .identity import AgentResolver
+from .inodes import InodeTable
+
+log = logging.getLogger("coherent_volume.fuse")
+
+UNMANAGED_TIMEOUT = 1.0
+"""Kernel entry/attribute cache lifetime for unmanaged paths; foreign changes are invalidated."""
+
+XATTR_VERSION = b"user.coherent.version"
+XATTR_VIEW = b"user.coherent.view"
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def guarded(handler: F) -> F:
+    """Map every exception to a FUSEError: anything else escaping a handler kills the mount."""
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except StaleWriteError as e:
+            log.info("refused: %s", e)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        except CoherenceError as e:
+            log.info("refused: %s", e)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class CoherentOperations(pyfuse3.Operations):
+    """FUSE requests -> backing directory + VolumeCore."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, core: VolumeCore, resolver: AgentResolver) -> None:
+        super().__init__()
+        self.core = core
+        self.root = core.paths.root
+        self.resolver = resolver
+        self.inodes = InodeTable()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._owner = current_process()
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def _target(self, rel: str) -> Target:
+        return self.core.paths.of_rel(rel)
+
+    def _child(self, parent: int, name: bytes) -> str:
+        rel = self.inodes.child(parent, name)
+        if is_registry_path(rel):
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the registry is invisible in the mount
+        return rel
+
+    def _attrs(self, rel: str, inode: int) -> pyfuse3.EntryAttributes:
+        st = os.lstat(self._abs(rel))
+        entry = pyfuse3.EntryAttributes()
+        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
+                     "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(entry, name, getattr(st, name))
+        entry.st_ino = inode
+        entry.generation = 0
+        timeout = 0.0 if stat_mod.S_ISREG(st.st_mode) and self.core.paths.globs.matches(rel) else UNMANAGED_TIMEOUT
+        entry.entry_timeout = UNMANAGED_TIMEOUT
+        entry.attr_timeout = timeout
+        return entry
+
+    def _entry(self, rel: str) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that the kernel will count as one lookup."""
+        attrs = self._attrs(rel, self.inodes.inode(rel))
+        self.inodes.remember(rel)
+        return attrs
+
+    def _own(self, rel: str, ctx: pyfuse3.RequestContext) -> None:
+        """New entries belong to the caller, as on a local file system (the daemon runs as root)."""
+        if os.geteuid() == 0:
+            os.lchown(self._abs(rel), ctx.uid, ctx.gid)
+
+    def _add(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    async def _agent(self, ctx: pyfuse3.RequestContext) -> str:
+        return await trio.to_thread.run_sync(self.resolver.agent, ctx.pid)
+
+    @staticmethod
+    async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+    def _managed_file(self, rel: str) -> bool:
+        if not self.core.paths.globs.matches(rel):
+            return False
+        try:
+            return stat_mod.S_ISREG(os.lstat(self._abs(rel)).st_mode)
+        except FileNotFoundError:
+            return True
+
+    # ---- metadata -----------------------------------------------------------------
+
+    @guarded
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self._child(parent_inode, name))
+
+    @guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.inodes.path(inode), inode)
+
+    @guarded
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self.inodes.path(inode)
+        path = self._abs(rel)
+        handle = self.handles.get(fh) if fh is not None else None
+        if fields.update_size:
+            if isinstance(handle, Shadow):
+                os.ftruncate(handle.fd, attr.st_size)
+                handle.pending = handle.wrote = True
+            elif isinstance(handle, Snapshot):
+                raise pyfuse3.FUSEError(errno.EBADF)
+            elif self._managed_file(rel):
+                agent = await self._agent(ctx)
+                await self._blocking(self._truncate_managed, agent, rel, attr.st_size)
+            elif isinstance(handle, Passthrough):
+                os.ftruncate(handle.fd, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_mode:
+            os.chmod(path, stat_mod.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            os.lchown(path, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.lstat(path)
+            os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns), follow_symlinks=False)
+        return self._attrs(rel, inode)
+
+    def _truncate_managed(self, agent: str, rel: str, size: int) -> None:
+        """truncate(2) by path: a commit of the resized content, with the usual checks."""
+        target = self._target(rel)
+        with open(target.abs, "rb") as f:
+            data = f.read(size)
+        self.core.commit(agent, target, data.ljust(size, b"\0"))
+
+    @guarded
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(os.readlink(self._abs(self.inodes.path(inode))))
+
+    @guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.root)
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+                     "f_namemax"):
+            setattr(data, name, getattr(st, name))
+        return data
+
+    @guarded
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # default_permissions: the kernel already checked the mode bits
+
+    # ---- directories --------------------------------------------------------------
+
+    @guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        rel = self.inodes.path(inode)
+        names = sorted(os.listdir(self._abs(rel)))
+        if rel == "":
+            names = [n for n in names if not is_registry_path(n)]
+        return self._add(Listing(inode, [os.fsencode(n) for n in names]))
+
+    @guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self.handles[fh]
+        assert isinstance(listing, Listing)
+        for index in range(start_id, len(listing.names)):
+            rel = self.inodes.child(listing.inode, listing.names[index])
+            try:
+                attrs = self._attrs(rel, self.inodes.inode(rel))
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, listing.names[index], attrs, index + 1):
+                return
+            self.inodes.remember(rel)
+
+    @guarded
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh).close()
+
+    @guarded
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(parent_inode, name)
+        os.mkdir(self._abs(rel), mode & ~ctx.umask)
+        self._own(rel, ctx)
+        return self._entry(rel)
+
+    @guarded
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        rel = self._child(parent_inode, name)
+        os.rmdir(self._abs(rel))
+        self.inodes.unlinked(rel)
+
+    @guarded
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(parent_inode, name)
+        os.mknod(self._abs(rel), mode & ~ctx.umask, rdev)
+        self._own(rel, ctx)
+        return self._entry(rel)
+
+    @guarded
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(parent_inode, name)
+        os.symlink(target, self._abs(rel))
+        self._own(rel, ctx)
+        return self._entry(rel)
+
+    @guarded
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        rel = self._child(new_parent_inode, new_name)
+        os.link(self._abs(self.inodes.path(inode)), self._abs(rel), follow_symlinks=False)
+        return self._entry(rel)
+
+    # ---- removal and renaming (checked when a managed file is involved) -----------
+
+    @guarded
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        rel = self._child(parent_inode, name)
+        if self._managed_file(rel):
+            agent = await self._agent(ctx)
+            await self._blocking(self.core.commit, agent, self._target(rel), None)
+        else:
+            os.unlink(self._abs(rel))
+        self.inodes.unlinked(rel)
+
+    @guarded
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        src = self._child(parent_inode_old, name_old)
+        dst = self._child(parent_inode_new, name_new)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        if self._managed_file(src) or self._managed_file(dst):
+            if os.path.isdir(self._abs(src)) or os.path.isdir(self._abs(dst)):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            agent = await self._agent(ctx)
+            await self._blocking(functools.partial(self.core.rename, agent, self._target(src), self._target(dst),
+                                                   exchange=exchange, noreplace=noreplace))
+        else:
+            atomic.rename(self._abs(src), self._abs(dst), exchange=exchange, noreplace=noreplace)
+        if exchange:
+            self.inodes.exchanged(src, dst)
+        else:
+            self.inodes.moved(src, dst)
+
+    # ---- files --------------------------------------------------------------------
+
+    @guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        rel = self.inodes.path(inode)
+        if not self._managed_file(rel):
+            fd = os.open(self._abs(rel), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
+            return pyfuse3.FileInfo(fh=self._add(Passthrough(fd)), keep_cache=True)
+        agent = await self._agent(ctx)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if not writing:
+            observed = await self._blocking(self.core.read, agent, self._target(rel))
+            return pyfuse3.FileInfo(fh=self._add(Snapshot(observed.data, observed.version)), direct_io=True)
+        handle = await self._blocking(self._open_shadow, agent, rel, flags)
+        return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True)
+
+    def _open_shadow(self, agent: str, rel: str, flags: int) -> Shadow:
+        """Check and take the write grant, then start a shadow copy of the current content."""
+        target = self._target(rel)
+        truncate = bool(flags & os.O_TRUNC)
+        append = bool(flags & os.O_APPEND)
+        grant, owned, version = self.core.begin_write(agent, target, self._owner, need_view=truncate or not append)
+        try:
+            fd = os.open(os.path.dirname(target.abs), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            if not truncate:
+                with open(target.abs, "rb") as current:
+                    os.write(fd, current.read())
+            return Shadow(target, agent, fd, grant, owned, append, version, pending=truncate)
+        except BaseException:
+            if owned:
+                self.core.release(grant, log=False)
+            raise
+
+    @guarded
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        rel = self._child(parent_inode, name)
+        mode = stat_mod.S_IMODE(mode) & ~ctx.umask
+        if not self._managed_file(rel):
+            fd = os.open(self._abs(rel), flags | os.O_CREAT | os.O_CLOEXEC, mode)
+            self._own(rel, ctx)
+            return pyfuse3.FileInfo(fh=self._add(Passthrough(fd)), keep_cache=True), self._entry(rel)
+        agent = await self._agent(ctx)
+        try:
+            await self._blocking(self.core.create, agent, self._target(rel), mode)
+            self._own(rel, ctx)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+        handle = await self._blocking(self._open_shadow, agent, rel, flags | os.O_TRUNC)
+        handle.pending = False  # the empty file is already committed
+        return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True), self._entry(rel)
+
+    @guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        if isinstance(handle, Snapshot):
+            return handle.data[off:off + size]
+        return os.pread(handle.fd, size, off)
+
+    @guarded
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if isinstance(handle, Snapshot):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if isinstance(handle, Shadow):
+            if handle.append:
+                off = os.fstat(handle.fd).st_size
+            handle.pending = handle.wrote = True
+        return os.pwrite(handle.fd, buf, off)
+
+    @guarded
+    async def flush(self, fh: int) -> None:
+        handle = self.handles.get(fh)
+        if isinstance(handle, Shadow) and handle.wrote:
+            await self._blocking(self._commit_shadow, handle)
+
+    def _commit_shadow(self, handle: Shadow) -> None:
+        """Install the shadow's content as one commit; a refusal is reported to close()."""
+        handle.pending = handle.wrote = False
+        handle.base_version = self.core.commit(handle.agent, handle.target, _read_all(handle.fd),
+                                               expected=handle.base_version)
+
+    @guarded
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles[fh]
+        if isinstance(handle, Snapshot):
+            return
+        await self._blocking(os.fdatasync if datasync else os.fsync, handle.fd)
+
+    @guarded
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        if isinstance(handle, Shadow):
+            await self._blocking(self._release_shadow, handle)
+        else:
+            handle.close()
+
+    def _release_shadow(self, handle: Shadow) -> None:
+        try:
+            if handle.pending:
+                try:
+                    self._commit_shadow(handle)
+                except (CoherenceError, OSError) as e:
+                    log.warning("commit at release of %s failed: %s", handle.target.rel, e)
+        finally:
+            if handle.owns_grant:
+                self.core.release(handle.grant, log=False)
+            handle.close()
+
+    # ---- extended attributes --------------------------------------------------------
+
+    @guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        rel = self.inodes.path(inode)
+        if name in (XATTR_VERSION, XATTR_VIEW):
+            if not self._managed_file(rel):
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            agent = await self._agent(ctx)
+            version, view = await self._blocking(self.core.view_state, agent, self._target(rel))
+            return str(version).encode() if name == XATTR_VERSION else view.encode()
+        return os.getxattr(self._abs(rel), name, follow_symlinks=False)
+
+    @guarded
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        rel = self.inodes.path(inode)
+        names = [os.fsencode(n) for n in os.listxattr(self._abs(rel), follow_symlinks=False)]
+        if self._managed_file(rel) and os.path.exists(self._abs(rel)):
+            names += [XATTR_VERSION, XATTR_VIEW]
+        return names
+
+    @guarded
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name in (XATTR_VERSION, XATTR_VIEW):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        os.setxattr(self._abs(self.inodes.path(inode)), name, value, follow_symlinks=False)
+
+    @guarded
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name in (XATTR_VERSION, XATTR_VIEW):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        os.removexattr(self._abs(self.inodes.path(inode)), name, follow_symlinks=False)
+
+    # ---- inode lifetime -------------------------------------------------------------
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)

@@ -1,0 +1,88 @@
+"""Foreign writes into the backing root while mounted: record them and drop stale kernel caches.
+
+watchdog (inotify) calls from its own thread; events cross into trio through a memory channel.
+Kernel invalidation runs in a worker thread: calling it from inside a handler can deadlock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pyfuse3
+import trio
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from coherent_volume.core import VolumeCore
+from coherent_volume.paths import is_registry_path
+
+from .inodes import InodeTable
+
+log = logging.getLogger("coherent_volume.fuse")
+
+
+class _Forwarder(FileSystemEventHandler):
+    def __init__(self, root: str, send: trio.MemorySendChannel[str], token: trio.lowlevel.TrioToken) -> None:
+        self._root = root
+        self._send = send
+        self._token = token
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            path = os.fsdecode(raw)
+            if not path or event.event_type in ("opened", "closed_no_write"):
+                continue
+            rel = os.path.relpath(path, self._root).replace(os.sep, "/")
+            if rel == "." or rel.startswith("../") or is_registry_path(rel):
+                continue
+            try:
+                trio.from_thread.run_sync(self._send.send_nowait, rel, trio_token=self._token)
+            except (trio.WouldBlock, trio.RunFinishedError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # a full queue drops an event: the next access syncs that file anyway
+
+
+def _settle(core: VolumeCore, inodes: InodeTable, rel: str) -> None:
+    """Record a foreign change of `rel` (if managed) and drop the kernel's cached view of it."""
+    target = core.paths.of_rel(rel)
+    if target.managed and not os.path.isdir(target.abs):
+        try:
+            core.version(target)
+        except Exception as e:  # never let a bad path stop the watcher
+            log.warning("could not sync %s after a foreign change: %s", rel, e)
+    inode = inodes.inode_if_known(rel)
+    if inode is not None:
+        try:
+            pyfuse3.invalidate_inode(inode)
+        except OSError:
+            pass
+    parent, _, name = rel.rpartition("/")
+    parent_inode = inodes.inode_if_known(parent)
+    if parent_inode is not None:
+        try:
+            pyfuse3.invalidate_entry(parent_inode, os.fsencode(name))
+        except OSError:
+            pass
+
+
+async def watch(core: VolumeCore, inodes: InodeTable, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run until cancelled: forward filesystem events under the root and settle each changed path."""
+    send, receive = trio.open_memory_channel[str](10_000)
+    observer = Observer()
+    observer.schedule(_Forwarder(core.paths.root, send, trio.lowlevel.current_trio_token()), core.paths.root,
+                      recursive=True)
+    observer.start()
+    task_status.started()
+    try:
+        async with receive:
+            async for rel in receive:
+                pending = {rel}
+                while True:
+                    try:
+                        pending.add(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                for path in sorted(pending):
+                    await trio.to_thread.run_sync(_settle, core, inodes, path)
+    finally:
+        observer.stop()
+        await trio.to_thread.run_sync(observer.join)

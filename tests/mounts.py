@@ -1,0 +1,64 @@
+"""Real FUSE mounts for tests: mounted with the real CLI, always unmounted, no daemon left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLI = str(Path(sys.executable).parent / "coherent-volume")
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """Processes serving `mountpoint` (the forked `coherent-volume mount` daemon)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and os.fsencode(str(mountpoint)) in argv and int(entry) != os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(mountpoint) for line in f)
+
+
+class Mount:
+    """A mounted volume: `root` is the backing directory, `path` the mountpoint."""
+
+    def __init__(self, root: Path, path: Path, agent: str | None = None) -> None:
+        self.root, self.path, self.agent = root, path, agent
+
+    def __enter__(self) -> "Mount":
+        self.path.mkdir(exist_ok=True)
+        args = [CLI, "mount", str(self.root), str(self.path)] + (["--agent", self.agent] if self.agent else [])
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"mount failed: {result.stderr}")
+        return self
+
+    def unmount(self) -> None:
+        if is_mounted(self.path):
+            if subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True).returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        deadline = time.monotonic() + 10
+        while daemon_pids(self.path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in daemon_pids(self.path):
+            os.kill(pid, signal.SIGKILL)
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmount()
+
+    def run(self, agent: str, script: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """Run a bash script as `agent` with the mount as working directory."""
+        return subprocess.run(["bash", "-c", script], cwd=self.path, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "COHERENT_AGENT": agent}, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,212 @@
+"""The mount: same protocol as the API, for unmodified programs, on a real FUSE mount."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume
+
+from .mounts import CLI, Mount, daemon_pids, is_mounted
+
+P = "plans/plan.md"
+
+
+def version(m: Mount, rel: str, agent: str = "observer") -> int:
+    with CoherentVolume(m.root, agent=agent) as v:
+        return v.version(rel)
+
+
+def test_passthrough_of_unmanaged_files_and_directories(mounted: Mount) -> None:
+    r = mounted.run("alice", """
+set -e
+mkdir -p notes/deep && echo one > notes/deep/a.txt && echo two >> notes/deep/a.txt
+ln -s deep/a.txt notes/link && cat notes/link
+mv notes/deep/a.txt notes/b.txt && ls notes && rm notes/link && chmod 600 notes/b.txt
+stat -c %a notes/b.txt && truncate -s 3 notes/b.txt && cat notes/b.txt; echo
+rmdir notes/deep && ls -A notes
+""")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["one", "two", "b.txt", "deep", "link", "600", "one", "b.txt"]
+    assert (mounted.root / "notes/b.txt").read_text() == "one"
+
+
+def test_registry_is_invisible(mounted: Mount) -> None:
+    assert ".coherent" not in os.listdir(mounted.path)
+    with pytest.raises(FileNotFoundError):
+        os.stat(mounted.path / ".coherent")
+    with pytest.raises(FileNotFoundError):
+        open(mounted.path / ".coherent/registry.db", "rb")
+
+
+def test_stale_shell_write_is_refused_and_the_file_unchanged(mounted: Mount) -> None:
+    assert mounted.run("alice", f"echo v1 > {P}").returncode == 0
+    assert mounted.run("bob", f"cat {P}").returncode == 0
+    before = version(mounted, P)
+    assert mounted.run("alice", f"cat {P} >/dev/null && echo v2 > {P}").returncode == 0
+    assert version(mounted, P) == before + 1
+    refused = mounted.run("bob", f"echo clobber > {P}")
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    assert (mounted.root / P).read_text() == "v2\n"
+    assert version(mounted, P) == before + 1
+
+
+def test_never_read_overwrite_is_refused(mounted: Mount) -> None:
+    mounted.run("alice", f"echo mine > {P}")
+    assert mounted.run("bob", f"echo theirs > {P}").returncode != 0
+    assert (mounted.root / P).read_text() == "mine\n"
+
+
+def test_append_needs_no_read_but_takes_the_grant(mounted: Mount) -> None:
+    mounted.run("alice", f"echo first > {P}")
+    assert mounted.run("bob", f"echo appended >> {P}").returncode == 0
+    assert (mounted.root / P).read_text() == "first\nappended\n"
+    holder = subprocess.Popen(["bash", "-c", f"exec 3>>{P}; echo held; sleep 30"], cwd=mounted.path,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "carol"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = mounted.run("bob", f"echo more >> {P}")
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert mounted.run("bob", f"echo more >> {P}").returncode == 0
+
+
+def test_one_writer_at_a_time(mounted: Mount) -> None:
+    mounted.run("alice", f"echo x > {P}")
+    mounted.run("bob", f"cat {P}")
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+f = open({str(mounted.path / P)!r}, "r+b")
+print("open", flush=True)
+time.sleep(30)
+"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "alice"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        r = mounted.run("bob", f"cat {P} >/dev/null; echo y > {P}")
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert mounted.run("bob", f"cat {P} >/dev/null; echo y > {P}").returncode == 0
+
+
+def test_readers_never_see_a_partial_write_and_keep_their_version(mounted: Mount) -> None:
+    mounted.run("alice", f"printf old > {P}")
+    reader = open(mounted.path / P, "rb")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time
+with open({str(mounted.path / P)!r}, "wb") as f:
+    f.write(b"half")
+    print("written half", flush=True)
+    time.sleep(1.5)
+    f.write(b" and the rest")
+"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "bob"})
+    # bob never read the file: give him a view first
+    writer.kill()
+    writer.wait()
+    mounted.run("bob", f"cat {P}")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time
+with open({str(mounted.path / P)!r}, "wb") as f:
+    f.write(b"half")
+    print("written half", flush=True)
+    time.sleep(1.5)
+    f.write(b" and the rest")
+"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "bob"})
+    try:
+        assert writer.stdout.readline().strip() == "written half"
+        assert (mounted.path / P).read_bytes() == b"old"
+        assert (mounted.root / P).read_bytes() == b"old"
+    finally:
+        writer.wait(timeout=30)
+    assert writer.returncode == 0
+    assert reader.read() == b"old", "an open handle keeps serving the version it opened"
+    reader.close()
+    assert (mounted.path / P).read_bytes() == b"half and the rest"
+
+
+def test_api_and_mount_are_one_volume(mounted: Mount) -> None:
+    with CoherentVolume(mounted.root, agent="api") as api:
+        api.write(P, b"from the api")
+        assert mounted.run("shell", f"cat {P}").stdout == "from the api"
+        assert mounted.run("shell", f"echo from the shell > {P}").returncode == 0
+        with pytest.raises(PermissionError):
+            api.write(P, b"stale api write")
+        assert api.read(P) == b"from the shell\n"
+        api.write(P, b"api again")
+    refused = mounted.run("shell", f"echo stale shell > {P}")
+    assert refused.returncode != 0
+    assert mounted.run("shell", f"cat {P}").stdout == "api again"
+
+
+def test_xattrs_report_version_and_view(mounted: Mount) -> None:
+    mounted.run("alice", f"echo 1 > {P}")
+    mounted.run("bob", f"cat {P}")
+    mounted.run("alice", f"echo 2 > {P}")
+    script = f"""import os
+print(os.getxattr({P!r}, "user.coherent.version").decode(), os.getxattr({P!r}, "user.coherent.view").decode())"""
+    get = lambda agent: subprocess.run([sys.executable, "-c", script], cwd=mounted.path, capture_output=True,
+                                       text=True, env={**os.environ, "COHERENT_AGENT": agent}).stdout.split()
+    current = str(version(mounted, P))
+    assert get("alice") == [current, "fresh"]
+    assert get("bob") == [current, "stale"]
+    assert get("carol") == [current, "unread"]
+
+
+def test_foreign_write_into_root_is_seen_while_mounted(mounted: Mount) -> None:
+    mounted.run("alice", f"echo 1 > {P}")
+    mounted.run("bob", f"cat {P}")
+    (mounted.root / P).write_text("typed into the backing directory\n")
+    assert mounted.run("carol", f"cat {P}").stdout == "typed into the backing directory\n"
+    assert mounted.run("bob", f"echo stale > {P}").returncode != 0
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert v.read(P) == b"typed into the backing directory\n"
+    log = subprocess.run([CLI, "log", str(mounted.root), "--json"], capture_output=True, text=True).stdout
+    assert '"kind": "foreign"' in log
+
+
+def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
+    m = Mount(root, tmp_path / "mnt")
+    with m:
+        m.run("alice", f"echo kept > {P}")
+        for pid in daemon_pids(m.path):
+            os.kill(pid, 9)
+        with pytest.raises(OSError) as info:
+            os.listdir(m.path)
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED), "a dead mount, never a bare directory"
+        assert is_mounted(m.path)
+        again = subprocess.run([CLI, "mount", str(root), str(m.path)], capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr
+        assert m.run("alice", f"cat {P}").stdout == "kept\n"
+        before = version(m, P)
+        assert m.run("alice", f"echo next > {P}").returncode == 0
+    assert version(m, P) == before + 1
+
+
+def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
+    busy = tmp_path / "full"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    r = subprocess.run([CLI, "mount", str(root), str(busy)], capture_output=True, text=True)
+    assert r.returncode == 1 and "not empty" in r.stderr
+    r = subprocess.run([CLI, "mount", str(tmp_path / "nope"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = subprocess.run([CLI, "unmount", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "not a mounted volume" in r.stderr
+    with Mount(root, tmp_path / "mnt") as m:
+        holder = subprocess.Popen(["sleep", "30"], cwd=m.path)
+        try:
+            r = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
+            assert r.returncode == 1 and "busy" in r.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+        r = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m.path)
