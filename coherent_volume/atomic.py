@@ -36,38 +36,42 @@ def _write_all(fd: int, data: bytes) -> None:
 
 @dataclass
 class Staged:
-    """New content for `target`, durable on disk but not yet named (or named `tmp` on fallback)."""
+    """New content for `target`, durable on disk: unnamed (an O_TMPFILE `fd`) until `install`
+    links it to `tmp`, or (on file systems without O_TMPFILE) already named `tmp`."""
 
     target: str
     hash: str
     fd: int | None
     tmp: str | None = None
+    named: bool = False
 
-    def name(self) -> str:
-        """Give the staged content a temp name beside the target; returns it."""
+    def plan_name(self) -> str:
+        """The temp name `install` will use, decided before any disk change (for a commit intent)."""
         if self.tmp is None:
+            self.tmp = _temp_name(self.target)
+        return self.tmp
+
+    def install(self) -> None:
+        """Name the content, rename it over the target (keeping the target's mode), fsync the directory."""
+        tmp = self.plan_name()
+        if not self.named:
             assert self.fd is not None
-            tmp = _temp_name(self.target)
             if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{self.fd}".encode(), _AT_FDCWD, os.fsencode(tmp),
                             _AT_SYMLINK_FOLLOW) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), tmp)
-            self.tmp = tmp
-        return self.tmp
-
-    def install(self) -> None:
-        """Rename over the target (keeping the target's mode), then fsync the directory."""
-        tmp = self.name()
+            self.named = True
         try:
             st = os.stat(self.target, follow_symlinks=False)
         except FileNotFoundError:
             st = None
         if st is not None:
-            os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
+            if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(os.stat(tmp).st_mode):
+                os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
             if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
                 os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, self.target)
-        self.tmp = None
+        self.named = False
         fsync_dir(os.path.dirname(self.target))
 
     def discard(self) -> None:
@@ -75,12 +79,12 @@ class Staged:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        if self.tmp is not None:
+        if self.named and self.tmp is not None:
             try:
                 os.unlink(self.tmp)
             except FileNotFoundError:
                 pass
-            self.tmp = None
+            self.named = False
 
 
 def _temp_name(target: str) -> str:
@@ -101,7 +105,7 @@ def stage(target: str, data: bytes) -> Staged:
             raise
         tmp = _temp_name(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    staged = Staged(target, content_hash(data), fd, tmp)
+    staged = Staged(target, content_hash(data), fd, tmp, named=tmp is not None)
     try:
         _write_all(fd, data)
         os.fsync(fd)

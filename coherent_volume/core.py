@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 from . import atomic
 from .errors import CasConflict, NotManaged, StaleWriteError
-from .fingerprint import Fingerprint, content_hash, fingerprint_path, hash_path, read_file
+from .fingerprint import Fingerprint, content_hash, fingerprint_path, hash_path, read_fd, read_file
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, VolumePaths
 from .protocol import (EXTERNAL, Disk, FileRecord, Grant, Intent, WriteCheck, changed_paths, classify,
@@ -104,7 +104,7 @@ class VolumeCore:
             tx.log("recover", intent.path, intent.agent, now, version=intent.version if installed else current_version(record),
                    detail="completed an interrupted commit" if installed else "abandoned an interrupted commit")
             if intent.tmp is not None:
-                atomic.Staged(target.abs, "", None, intent.tmp).discard()
+                atomic.Staged(target.abs, "", None, intent.tmp, named=True).discard()
             tx.drop_intent(intent.path)
 
     def _holder(self, tx: Transaction, rel: str, now: float) -> Grant | None:
@@ -127,20 +127,20 @@ class VolumeCore:
 
     # ---- reads ----------------------------------------------------------------------
 
-    def read(self, agent: str, target: Target) -> Observed:
-        """Read a file; for a managed one, register `agent`'s view at the version of these bytes.
+    def read(self, agent: str, target: Target, fd: int | None = None) -> Observed:
+        """Read a file (from `fd` if given, which this closes); for a managed one, register `agent`'s
+        view at the version of these bytes.
 
         Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion)."""
         if not target.managed:
-            return Observed(read_file(target.abs)[0], 0)
+            return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
-            data, _ = read_file(target.abs)
+            data, _ = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
         except FileNotFoundError:
             data = None
         if data is not None:
             digest = content_hash(data)
-            with self.registry.read() as tx:
-                record, seen = tx.file_and_view(target.rel, agent)
+            record, seen = self.registry.peek(target.rel, agent)
             if record is not None and record.present and record.hash == digest:
                 if seen == record.version:
                     return Observed(data, record.version)
@@ -275,7 +275,7 @@ class VolumeCore:
                 return version
             if refusal is None and (staged is not None or exists):
                 tx.put_intent(Intent(rel, agent, version + 1, staged is not None,
-                                     staged.hash if staged else None, staged.name() if staged else None))
+                                     staged.hash if staged else None, staged.plan_name() if staged else None))
         if refusal is not None:
             raise refusal
         if staged is None and not exists:

@@ -43,16 +43,17 @@ def fingerprint_path(path: str) -> Fingerprint | None:
     return Fingerprint.of(st)
 
 
-def read_file(path: str) -> tuple[bytes, Fingerprint]:
-    """Read a whole regular file; the fingerprint is of the inode the bytes came from.
+def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
+    """Read a whole regular file from `fd` (which this closes); the fingerprint is of that inode.
 
-    Raises FileNotFoundError if absent. The bytes are those of one inode, but a foreign
-    in-place writer may still tear them; the caller pairs them with a version by hash."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    The bytes are those of one inode, but a foreign in-place writer may still tear them; the
+    caller pairs them with a version by hash."""
     try:
         st = os.fstat(fd)
         if stat_mod.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"{path!r} is a directory")
+            raise IsADirectoryError(21, "Is a directory", name)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OSError(22, "Not a regular file", name)
         chunks = []
         remaining = st.st_size
         while True:
@@ -65,6 +66,11 @@ def read_file(path: str) -> tuple[bytes, Fingerprint]:
         return data, Fingerprint.of(os.fstat(fd))
     finally:
         os.close(fd)
+
+
+def read_file(path: str) -> tuple[bytes, Fingerprint]:
+    """Read a whole regular file, not following a final symlink; FileNotFoundError if absent."""
+    return read_fd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK), path)
 
 
 def hash_path(path: str) -> str | None:

@@ -1,7 +1,9 @@
 """Confinement of user paths to a volume root. Pure path logic plus `realpath` at the edge."""
 from __future__ import annotations
 
+import ctypes
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,40 @@ def _check_text(path: str) -> None:
         raise OutsideVolume("empty path")
 
 
+def _canonical(path: str) -> str:
+    """realpath(path), fast when the path exists and its last component is not a symlink:
+    the kernel resolves it in one open and /proc/self/fd names the result."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return os.path.realpath(path)
+        return os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
+_RESOLVE_NO_SYMLINKS = 0x04
+
+
+def lexical(path: str) -> str | None:
+    """`path` itself when it is plainly relative (no '.', '..' or empty segment), else None."""
+    if not path or path[0] == "/" or "\0" in path:
+        return None
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            return None
+    return path
+
+
 def is_registry_path(rel: str) -> bool:
     """True for the registry directory and anything below it."""
     return rel == REGISTRY_DIR or rel.startswith(REGISTRY_DIR + "/")
@@ -38,6 +74,15 @@ class VolumePaths:
     def __init__(self, root: Path, globs: ManagedGlobs) -> None:
         self.root = os.path.realpath(root)
         self.globs = globs
+        try:
+            self._root_fd: int | None = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self._root_fd = None
+
+    def close(self) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
 
     def rel_of(self, abs_path: str) -> str:
         """Root-relative POSIX path of an absolute, already-resolved path; raises if outside."""
@@ -57,11 +102,19 @@ class VolumePaths:
             raise OutsideVolume(f"path {text!r} must be str, not bytes")
         _check_text(text)
         joined = text if os.path.isabs(text) else os.path.join(self.root, text)
-        resolved = os.path.realpath(joined)
-        rel = self.rel_of(resolved)
+        rel = self.rel_of(_canonical(joined))
         if rel == ".":
             raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
-        return Target(rel=rel, abs=resolved, managed=self.globs.matches(rel))
+        return Target(rel=rel, abs=os.path.join(self.root, rel), managed=self.globs.matches(rel))
+
+    def open_plain(self, rel: str) -> int | None:
+        """Open `rel` for reading if no component of it is a symlink (kernel-checked, so the fd is
+        confined to root and `rel` is canonical); None when the caller must resolve it the slow way."""
+        if self._root_fd is None:
+            return None
+        how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, 0, _RESOLVE_NO_SYMLINKS)
+        fd = _libc.syscall(_SYS_OPENAT2, self._root_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+        return fd if fd >= 0 else None
 
     def of_rel(self, rel: str) -> Target:
         """Target for a root-relative path that is already resolved (as stored in the registry)."""

@@ -12,7 +12,7 @@ from .core import Isolation, VolumeCore
 from .errors import CasConflict, CoherenceError, RetriesExhausted, VolumeConfigError
 from .globs import ManagedGlobs
 from .liveness import current_process
-from .paths import REGISTRY_DIR, Target
+from .paths import REGISTRY_DIR, Target, is_registry_path, lexical
 from .protocol import EXTERNAL, Grant
 from .registry.sqlite import SQLiteRegistry
 
@@ -69,6 +69,12 @@ class CoherentVolume:
 
     def read(self, path: str | os.PathLike[str]) -> bytes:
         """Tracked read: returns the bytes and registers this agent's view at their version."""
+        paths = self._core.paths
+        rel = lexical(path) if isinstance(path, str) and not self._closed else None
+        if rel is not None and not is_registry_path(rel):
+            fd = paths.open_plain(rel)  # fast path: a plain path with no symlink in it
+            if fd is not None:
+                return self._core.read(self.agent, paths.of_rel(rel), fd).data
         return self._core.read(self.agent, self._target(path)).data
 
     def read_text(self, path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
@@ -76,9 +82,8 @@ class CoherentVolume:
 
     def reacquire(self, path: str | os.PathLike[str]) -> bytes:
         """Explicit re-read after a refusal: also lifts a fence left by a reclaimed grant."""
-        target = self._target(path)
-        self._core.clear_fence(self.agent, target)
-        return self._core.read(self.agent, target).data
+        self._core.clear_fence(self.agent, self._target(path))
+        return self.read(path)
 
     def version(self, path: str | os.PathLike[str]) -> int:
         """Current committed version of a managed path, 0 if it never existed."""
@@ -170,6 +175,7 @@ class CoherentVolume:
         if not self._closed:
             self._closed = True
             self._core.registry.close()
+            self._core.paths.close()
 
     def __enter__(self) -> "CoherentVolume":
         return self

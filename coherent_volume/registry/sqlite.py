@@ -296,6 +296,14 @@ class SQLiteRegistry:
                 if self._commit_depth == 0:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
+        """One consistent read of a file record and an agent's view of it (no explicit transaction)."""
+        with self._mutex:
+            try:
+                return SQLiteTransaction(self._connection()).file_and_view(path, agent)
+            except sqlite3.DatabaseError as e:
+                raise self._error(e) from e
+
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[SQLiteTransaction]:
         with self._mutex:
