@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,21 +27,6 @@ def _check_text(path: str) -> None:
         raise OutsideVolume(f"path {path!r} contains a NUL byte")
     if not path:
         raise OutsideVolume("empty path")
-
-
-def _canonical(path: str) -> str:
-    """realpath(path), fast when the path exists and its last component is not a symlink:
-    the kernel resolves it in one open and /proc/self/fd names the result."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return os.path.realpath(path)
-    try:
-        if stat.S_ISLNK(os.fstat(fd).st_mode):
-            return os.path.realpath(path)
-        return os.readlink(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
 
 
 class _OpenHow(ctypes.Structure):
@@ -101,19 +86,44 @@ class VolumePaths:
         if isinstance(text, bytes):
             raise OutsideVolume(f"path {text!r} must be str, not bytes")
         _check_text(text)
-        joined = text if os.path.isabs(text) else os.path.join(self.root, text)
-        rel = self.rel_of(_canonical(joined))
+        if os.path.isabs(text) and text.startswith(self.root + os.sep):
+            text = text[len(self.root) + 1:]
+        plain = lexical(text)
+        if plain is not None and self._free_of_symlinks(plain):
+            rel = plain  # no '.', '..' or symlink in it: the path is its own canonical form
+            if is_registry_path(rel):
+                raise OutsideVolume(f"{rel!r} is the registry's own directory; it is not part of the volume")
+        else:
+            joined = text if os.path.isabs(text) else os.path.join(self.root, text)
+            rel = self.rel_of(os.path.realpath(joined))
         if rel == ".":
             raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
         return Target(rel=rel, abs=os.path.join(self.root, rel), managed=self.globs.matches(rel))
 
+    def _openat2(self, rel: str, flags: int) -> int:
+        """openat2 beneath root refusing any symlink on the way; -errno on failure."""
+        if self._root_fd is None:
+            return -1
+        how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+        fd = _libc.syscall(_SYS_OPENAT2, self._root_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+        return fd if fd >= 0 else -ctypes.get_errno()
+
+    def _free_of_symlinks(self, rel: str) -> bool:
+        """True if no component of `rel` is a symlink (a missing last component counts as free)."""
+        fd = self._openat2(rel, os.O_PATH)
+        if fd == -errno.ENOENT and "/" in rel:
+            fd = self._openat2(rel.rsplit("/", 1)[0], os.O_PATH | os.O_DIRECTORY)
+        elif fd == -errno.ENOENT:
+            return True
+        if fd < 0:
+            return False
+        os.close(fd)
+        return True
+
     def open_plain(self, rel: str) -> int | None:
         """Open `rel` for reading if no component of it is a symlink (kernel-checked, so the fd is
         confined to root and `rel` is canonical); None when the caller must resolve it the slow way."""
-        if self._root_fd is None:
-            return None
-        how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, 0, _RESOLVE_NO_SYMLINKS)
-        fd = _libc.syscall(_SYS_OPENAT2, self._root_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+        fd = self._openat2(rel, os.O_RDONLY | os.O_NONBLOCK)
         return fd if fd >= 0 else None
 
     def of_rel(self, rel: str) -> Target:

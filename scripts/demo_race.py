@@ -1,7 +1,8 @@
-"""Demo: two agents race read-increment-write cycles on one counter file.
+"""Demo: two agents race read-increment-write cycles on plans/counter.txt.
 
-Once on a plain directory (updates get lost), once on a coherent volume through the Python
-API (a stale write is refused; the agent re-reads and retries), side by side.
+The same shell loop runs on a plain directory (updates get lost) and, as `coherent-volume as
+alice` / `as bob`, inside a mounted volume (a stale write gets EACCES; the agent re-reads and
+retries). A third row races two Python agents through the CoherentVolume API.
 """
 from __future__ import annotations
 
@@ -15,21 +16,24 @@ import time
 from pathlib import Path
 
 COUNTER = "plans/counter.txt"
-THINK = 0.0005  # the "work" an agent does between reading and writing
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "coherent-volume")
+
+# One agent: CYCLES times read the counter, add one, write it back; on a refused write, re-read and redo.
+SHELL_AGENT = r"""
+refusals=0
+for ((i = 0; i < CYCLES; i++)); do
+  while true; do
+    read -r value < plans/counter.txt
+    if { echo $((value + 1)) > plans/counter.txt; } 2>/dev/null; then break; fi
+    refusals=$((refusals + 1))
+  done
+done
+echo "$refusals"
+"""
 
 
-def plain_worker(root: str, cycles: int) -> dict[str, int]:
-    path = Path(root, COUNTER)
-    torn = 0
-    for _ in range(cycles):
-        while not (text := path.read_text()):
-            torn += 1  # caught the other agent between truncate and write
-        time.sleep(THINK)
-        path.write_text(str(int(text) + 1))
-    return {"refusals": 0, "torn": torn}
-
-
-def coherent_worker(root: str, cycles: int, agent: str) -> dict[str, int]:
+def api_agent(root: str, cycles: int, agent: str) -> int:
     from coherent_volume import CoherentVolume, StaleWriteError
 
     refusals = 0
@@ -37,42 +41,47 @@ def coherent_worker(root: str, cycles: int, agent: str) -> dict[str, int]:
         for _ in range(cycles):
             while True:
                 value = int(vol.read_text(COUNTER))
-                time.sleep(THINK)
                 try:
                     vol.write(COUNTER, str(value + 1))
                     break
                 except StaleWriteError:
-                    refusals += 1  # re-read and redo the change
-    return {"refusals": refusals, "torn": 0}
+                    refusals += 1
+    return refusals
 
 
-def race(kind: str, root: str, cycles: int) -> dict[str, object]:
-    agents = ["alice", "bob"]
+def race(setup: str, workdir: Path, cycles: int, volume_root: Path | None = None) -> dict[str, object]:
+    (workdir / COUNTER).write_text("0\n") if setup == "plain" else None
+    script = SHELL_AGENT.replace("CYCLES", str(cycles))
     started = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", kind, root, str(cycles), agent],
-                              stdout=subprocess.PIPE, text=True) for agent in agents]
-    results = []
+    procs = []
+    for agent in ("alice", "bob"):
+        if setup == "plain":
+            argv = ["bash", "-c", script]
+        elif setup == "mount":
+            argv = [CLI, "as", agent, "--", "bash", "-c", script]
+        else:
+            argv = [sys.executable, __file__, "--api-agent", str(volume_root), str(cycles), agent]
+        procs.append(subprocess.Popen(argv, cwd=workdir, stdout=subprocess.PIPE, text=True))
+    refusals = 0
     for proc in procs:
-        out, _ = proc.communicate()
+        out, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:
-            raise SystemExit(f"{kind} worker failed with exit status {proc.returncode}")
-        results.append(json.loads(out))
-    final = int(Path(root, COUNTER).read_text())
-    expected = cycles * len(agents)
-    return {"setup": kind, "final": final, "expected": expected, "lost": expected - final,
-            "refusals": sum(r["refusals"] for r in results), "torn": sum(r["torn"] for r in results),
-            "seconds": time.monotonic() - started}
+            raise SystemExit(f"{setup}: an agent failed with exit status {proc.returncode}")
+        refusals += int(out.strip() or 0)
+    final = int((workdir / COUNTER).read_text().strip() or 0)
+    expected = 2 * cycles
+    return {"setup": setup, "final": final, "expected": expected, "lost": expected - final,
+            "refusals": refusals, "seconds": time.monotonic() - started}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cycles", type=int, default=200, help="read-increment-write cycles per agent")
-    parser.add_argument("--worker", nargs=4, metavar=("KIND", "ROOT", "CYCLES", "AGENT"), help=argparse.SUPPRESS)
+    parser.add_argument("--api-agent", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        kind, root, cycles, agent = args.worker
-        result = plain_worker(root, int(cycles)) if kind == "plain" else coherent_worker(root, int(cycles), agent)
-        print(json.dumps(result))
+    if args.api_agent:
+        root, cycles, agent = args.api_agent
+        print(api_agent(root, int(cycles), agent))
         return
 
     from rich.console import Console
@@ -82,25 +91,36 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="cv-demo-") as tmp:
-        plain, coherent = Path(tmp, "plain"), Path(tmp, "coherent")
-        for root in (plain, coherent):
-            (root / "plans").mkdir(parents=True)
-            (root / COUNTER).write_text("0")
-        CoherentVolume(coherent, managed=["plans/**"], agent="setup").close()
-        rows.append(race("plain", str(plain), args.cycles))
-        rows.append(race("coherent", str(coherent), args.cycles))
+        plain, volume, mountpoint = Path(tmp, "plain"), Path(tmp, "volume"), Path(tmp, "mnt")
+        for d in (plain / "plans", volume / "plans", mountpoint):
+            d.mkdir(parents=True)
+        with CoherentVolume(volume, managed=["plans/**"], agent="setup") as setup:
+            setup.write(COUNTER, "0\n")
+        rows.append(race("plain", plain, args.cycles))
+        mounted = subprocess.run([CLI, "mount", str(volume), str(mountpoint)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            raise SystemExit(f"mount failed: {mounted.stderr.strip()}")
+        try:
+            rows.append(race("mount", mountpoint, args.cycles))
+        finally:
+            if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        with CoherentVolume(volume, agent="reset") as reset:
+            reset.read(COUNTER)
+            reset.write(COUNTER, "0\n")
+        rows.append(race("api", volume, args.cycles, volume))
 
+    labels = {"plain": "plain directory (bash)", "mount": "mounted volume (bash, `as alice`/`as bob`)",
+              "api": "volume through the Python API"}
     table = Table(title=f"two agents x {args.cycles} read-increment-write cycles on {COUNTER}",
                   title_justify="left", header_style="bold")
-    for column in ("directory", "final counter", "expected", "lost updates", "refusals (re-read, retried)",
-                   "torn reads", "seconds"):
-        table.add_column(column, justify="right" if column != "directory" else "left")
+    for column in ("where", "final counter", "expected", "lost updates", "refusals (re-read, retried)", "seconds"):
+        table.add_column(column, justify="left" if column == "where" else "right")
     for r in rows:
-        table.add_row(str(r["setup"]), str(r["final"]), str(r["expected"]), str(r["lost"]), str(r["refusals"]),
-                      str(r["torn"]), f"{r['seconds']:.1f}")
-    Console().print(table)
-    coherent_row = rows[1]
-    if coherent_row["lost"] != 0:
+        table.add_row(labels[str(r["setup"])], str(r["final"]), str(r["expected"]), str(r["lost"]),
+                      str(r["refusals"]), f"{r['seconds']:.1f}")
+    Console(width=120).print(table)
+    if any(r["lost"] != 0 for r in rows if r["setup"] != "plain"):
         raise SystemExit("the coherent volume lost updates: this is a bug")
 
 

@@ -109,3 +109,37 @@ def test_registry_directory_is_unreachable(vols, path: str) -> None:
 def test_registry_is_private(root: Path) -> None:
     assert os.stat(root / ".coherent").st_mode & 0o777 == 0o700
     assert os.stat(root / ".coherent" / "registry.db").st_mode & 0o777 == 0o600
+
+
+def test_resolution_is_stable_while_the_file_is_being_replaced(vols, root: Path) -> None:
+    """Regression: a path resolved during a concurrent commit once came back as '<path> (deleted)'."""
+    import threading
+
+    writer = vols("writer")
+    writer.write("plans/hot.md", b"0")
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            writer.write("plans/hot.md", str(i).encode())
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        paths = writer._core.paths
+        seen = {paths.resolve("plans/hot.md").rel for _ in range(3000)}
+        seen |= {paths.resolve(str(root / "plans/hot.md")).rel for _ in range(1000)}
+    finally:
+        stop.set()
+        thread.join()
+    assert seen == {"plans/hot.md"}
+
+
+def test_paths_with_dot_segments_resolve_to_their_canonical_form(vols, root: Path) -> None:
+    alice = vols("alice")
+    alice.write("plans/a.md", b"x")
+    assert alice._core.resolve("plans/./sub/../a.md").rel == "plans/a.md"
+    assert alice._core.resolve(str(root / "plans" / "a.md")).rel == "plans/a.md"
+    assert alice._core.resolve("plans//a.md").rel == "plans/a.md"

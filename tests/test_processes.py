@@ -169,3 +169,28 @@ while True:
         conn.close()
     leftovers = [n for n in os.listdir(root / "plans") if n != "plan.md"]
     assert leftovers == []
+
+
+def test_read_then_write_race_between_processes_loses_nothing(root: Path) -> None:
+    """Two processes doing the demo's plain read / write / re-read-on-refusal loop end exact."""
+    with CoherentVolume(root, agent="setup") as v:
+        v.write("plans/counter.txt", b"0")
+    code = """
+import sys
+from coherent_volume import CoherentVolume, StaleWriteError
+with CoherentVolume(sys.argv[1], agent=sys.argv[2]) as v:
+    for _ in range(150):
+        while True:
+            value = int(v.read("plans/counter.txt"))
+            try:
+                v.write("plans/counter.txt", str(value + 1))
+                break
+            except StaleWriteError:
+                pass
+"""
+    procs = [spawn(code, str(root), agent) for agent in ("alice", "bob")]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert (root / "plans/counter.txt").read_text() == "300"
+    assert sorted(os.listdir(root / "plans")) == ["counter.txt"]
