@@ -5,6 +5,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,64 @@ def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
         r = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert not is_mounted(m.path)
+
+
+def test_agent_comes_from_the_nearest_ancestor_and_threads_map_to_their_process(mounted: Mount, tmp_path: Path) -> None:
+    mounted.run("alice", f"echo 1 > {P}")
+    reader = tmp_path / "thread_reader.py"
+    reader.write_text(f"""
+import threading
+def work():
+    with open({P!r}) as f:
+        f.read()
+t = threading.Thread(target=work)
+t.start()
+t.join()
+""")
+    # bash (COHERENT_AGENT=bob) -> python without the variable, reading from a second thread
+    r = mounted.run("bob", f"env -u COHERENT_AGENT {sys.executable} {reader}; exit $?")
+    assert r.returncode == 0, r.stderr
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert v._core.view_state("bob", v._core.paths.of_rel(P))[1] == "fresh"
+
+
+def test_mount_default_agent(root: Path, tmp_path: Path) -> None:
+    with Mount(root, tmp_path / "mnt", agent="default-agent") as m:
+        env = {k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"}
+        r = subprocess.run(["bash", "-c", f"echo hi > {P}"], cwd=m.path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    log = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True).stdout
+    assert '"agent": "default-agent"' in log
+
+
+def test_why_works_from_inside_the_mount(mounted: Mount) -> None:
+    mounted.run("alice", f"echo 1 > {P}")
+    mounted.run("bob", f"cat {P}")
+    mounted.run("alice", f"echo 2 > {P}")
+    assert mounted.run("bob", f"echo 3 > {P}").returncode != 0
+    r = subprocess.run([CLI, "why", str(mounted.path / P)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "agent bob (stale)" in r.stdout and "re-read" in r.stdout
+
+
+def test_foreign_write_to_an_unmanaged_file_reaches_cached_readers(mounted: Mount) -> None:
+    (mounted.root / "notes.txt").write_text("old")
+    assert (mounted.path / "notes.txt").read_text() == "old"  # now in the kernel's caches
+    (mounted.root / "notes.txt").write_text("new content")
+    deadline = time.monotonic() + 10
+    while (mounted.path / "notes.txt").read_text() != "new content" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (mounted.path / "notes.txt").read_text() == "new content"
+
+
+def test_registry_cannot_be_renamed_or_deleted_through_the_mount(mounted: Mount) -> None:
+    r = mounted.run("alice", "mv .coherent x; rm -rf .coherent; cat .coherent/registry.db; ls -A")
+    assert ".coherent" not in r.stdout
+    assert (mounted.root / ".coherent/registry.db").exists()
+
+
+def test_no_dev_fuse_is_a_clear_error(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    r = subprocess.run(["unshare", "-m", "bash", "-c", f"mount -t tmpfs none /dev && {CLI} mount {root} {tmp_path / 'mnt'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "no /dev/fuse" in r.stderr
