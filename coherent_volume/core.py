@@ -113,7 +113,8 @@ class VolumeCore:
         if grant is None or not grant_over(grant, now, grant.owner.alive()):
             return grant
         tx.drop_grant(rel)
-        tx.put_fence(grant.agent, rel, now)
+        if grant.fences:
+            tx.put_fence(grant.agent, rel, now)
         why = "expired" if now >= grant.expires_at else "its process died"
         tx.log("reclaim", rel, grant.agent, now, detail=f"write grant reclaimed: {why}")
         return None
@@ -414,7 +415,7 @@ class VolumeCore:
                 held = tx.grant(target.rel)
                 if held is not None:
                     return held, False, current_version(record)
-                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl)
+                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl, fences=False)
                 tx.put_grant(grant)
                 return grant, True, current_version(record)
         raise refusal

@@ -43,6 +43,9 @@ class Grant:
     token: str
     owner: ProcessId
     expires_at: float
+    fences: bool = True
+    """A `lock()` grant fences its holder when reclaimed (the holder may still believe it holds
+    it); a grant held by an open write handle does not: its commit is a CAS anyway."""
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ def fuse_mounts() -> dict[str, str]:
 
 
 def _is_dead(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon is gone (statvfs always reaches the daemon; stat may be cached)."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

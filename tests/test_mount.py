@@ -272,3 +272,21 @@ def test_no_dev_fuse_is_a_clear_error(root: Path, tmp_path: Path) -> None:
     r = subprocess.run(["unshare", "-m", "bash", "-c", f"mount -t tmpfs none /dev && {CLI} mount {root} {tmp_path / 'mnt'}"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no /dev/fuse" in r.stderr
+
+
+def test_a_dead_daemons_handle_grants_never_lock_an_agent_out(root: Path, tmp_path: Path) -> None:
+    """A write handle still open when the daemon dies leaves a grant behind; after remounting the
+    same agent (and others) can write again: only lock() grants fence their holder."""
+    m = Mount(root, tmp_path / "mnt")
+    with m:
+        m.run("alice", f"echo 1 > {P}")
+        holder = subprocess.Popen(["bash", "-c", f"exec 3>>{P}; echo open; sleep 60"], cwd=m.path,
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "alice"})
+        assert holder.stdout.readline().strip() == "open"
+        for pid in daemon_pids(m.path):
+            os.kill(pid, 9)
+        holder.kill()
+        holder.wait()
+        assert subprocess.run([CLI, "mount", str(root), str(m.path)], capture_output=True).returncode == 0
+        assert m.run("alice", f"cat {P} >/dev/null && echo 2 > {P}").returncode == 0
+        assert m.run("bob", f"cat {P} >/dev/null && echo 3 > {P}").returncode == 0

@@ -30,6 +30,14 @@ BUSY_TIMEOUT_MS = 10_000
 _FILE_COLS = "path, version, present, hash, ino, size, mtime_ns, ctime_ns, writer, committed_at, checked_ns"
 
 
+_GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
+
+
+def _grant(row: tuple[Any, ...]) -> Grant:
+    path, agent, token, host, pid, start, expires_at, fences = row
+    return Grant(path, agent, token, ProcessId(host, pid, start), expires_at, bool(fences))
+
+
 def _record(row: tuple[Any, ...]) -> FileRecord:
     path, version, present, hsh, ino, size, mtime_ns, ctime_ns, writer, at, checked = row
     fp = None if ino is None else Fingerprint(ino, size, mtime_ns, ctime_ns)
@@ -47,8 +55,9 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     db["views"].create({"agent": str, "path": str, "version": int, "read_at": float},
                        pk=("agent", "path"), not_null={"version", "read_at"}, if_not_exists=True)
     db["grants"].create(
-        {"path": str, "agent": str, "token": str, "host": str, "pid": int, "start": int, "expires_at": float},
-        pk="path", not_null={"agent", "token", "host", "pid", "start", "expires_at"}, if_not_exists=True,
+        {"path": str, "agent": str, "token": str, "host": str, "pid": int, "start": int, "expires_at": float,
+         "fences": int},
+        pk="path", not_null={"agent", "token", "host", "pid", "start", "expires_at", "fences"}, if_not_exists=True,
     )
     db["fences"].create({"agent": str, "path": str, "at": float}, pk=("agent", "path"), if_not_exists=True)
     db["intents"].create(
@@ -127,19 +136,16 @@ class SQLiteTransaction:
             "WHERE v.agent = ? AND f.version != v.version ORDER BY v.path", (agent,)))
 
     def grant(self, path: str) -> Grant | None:
-        row = self._c.execute(
-            "SELECT path, agent, token, host, pid, start, expires_at FROM grants WHERE path = ?", (path,)
-        ).fetchone()
-        return None if row is None else Grant(row[0], row[1], row[2], ProcessId(row[3], row[4], row[5]), row[6])
+        row = self._c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE path = ?", (path,)).fetchone()
+        return None if row is None else _grant(row)
 
     def grants(self) -> list[Grant]:
-        return [Grant(r[0], r[1], r[2], ProcessId(r[3], r[4], r[5]), r[6]) for r in self._c.execute(
-            "SELECT path, agent, token, host, pid, start, expires_at FROM grants ORDER BY path")]
+        return [_grant(r) for r in self._c.execute(f"SELECT {_GRANT_COLS} FROM grants ORDER BY path")]
 
     def put_grant(self, g: Grant) -> None:
         self._c.execute(
-            "INSERT OR REPLACE INTO grants (path, agent, token, host, pid, start, expires_at) VALUES (?,?,?,?,?,?,?)",
-            (g.path, g.agent, g.token, g.owner.host, g.owner.pid, g.owner.start, g.expires_at),
+            f"INSERT OR REPLACE INTO grants ({_GRANT_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+            (g.path, g.agent, g.token, g.owner.host, g.owner.pid, g.owner.start, g.expires_at, int(g.fences)),
         )
 
     def drop_grant(self, path: str) -> None:
