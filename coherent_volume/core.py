@@ -178,6 +178,8 @@ class VolumeCore:
         if (fp is None and (record is None or not record.present)) or (
                 record is not None and record.present and fp is not None and not needs_hash(record, fp)):
             return current_version(record)
+        if record is not None and record.present and fp is not None and hash_path(target.abs) == record.hash:
+            return record.version  # same content, only the fingerprint is unproven: no lock needed
         with self.registry.commit_lock(), self.registry.write() as tx:
             self._recover(tx)
             return current_version(self._sync(tx, target, tx.file(target.rel)))
@@ -248,6 +250,8 @@ class VolumeCore:
 
         Unmanaged paths are written atomically with no checks and report version 0. A refusal
         raises StaleWriteError (CasConflict when `expected` is given) and changes no file."""
+        if target.managed and isinstance(content, bytes) and self._doomed(agent, target, expected):
+            self._refuse_if_still_refused(agent, target, isolation, expected)
         staged = atomic.stage(target.abs, content) if isinstance(content, bytes) else content
         try:
             if not target.managed:
@@ -261,6 +265,23 @@ class VolumeCore:
         finally:
             if staged is not None:
                 staged.discard()
+
+    def _doomed(self, agent: str, target: Target, expected: int | None) -> bool:
+        """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync)."""
+        record, seen = self.registry.peek(target.rel, agent)
+        version = current_version(record)
+        if expected is not None:
+            return expected != version
+        return record is not None and record.present and seen != version
+
+    def _refuse_if_still_refused(self, agent: str, target: Target, isolation: Isolation, expected: int | None) -> None:
+        """Decide under the commit lock; raise (and log) the refusal, or return if the write may go ahead."""
+        with self.registry.commit_lock():
+            with self.registry.write() as tx:
+                self._recover(tx)
+                _, _, refusal = self._check(tx, agent, target, time.time(), isolation, expected)
+            if refusal is not None:
+                raise refusal
 
     def _commit_locked(self, agent: str, target: Target, staged: atomic.Staged | None,
                        isolation: Isolation, expected: int | None) -> int:
