@@ -235,3 +235,61 @@ def run_as(name: str, command: tuple[str, ...]) -> None:
         os.execvpe(argv[0], argv, {**os.environ, "COHERENT_AGENT": name})
     except OSError as e:
         raise click.ClickException(f"cannot run {argv[0]!r}: {e.strerror}") from e
+
+
+@main.group("claude-code")
+def claude_code_group() -> None:
+    """Claude Code integration: hooks that make a session's view what its model read."""
+
+
+def _settings_path(project_dir: str | None, user: bool) -> "Path":
+    from pathlib import Path
+
+    if user:
+        return Path.home() / ".claude" / "settings.json"
+    return Path(project_dir or ".").resolve() / ".claude" / "settings.json"
+
+
+@claude_code_group.command("install")
+@click.argument("project_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--user", is_flag=True, help="Install into ~/.claude/settings.json instead.")
+@_guard
+def claude_code_install(project_dir: str | None, user: bool) -> None:
+    """Merge the hooks into PROJECT_DIR/.claude/settings.json (idempotent)."""
+    from . import claude_code
+
+    path = _settings_path(project_dir, user)
+    claude_code.install(path, claude_code.hook_command())
+    click.echo(f"installed coherent-volume hooks in {path}")
+
+
+@claude_code_group.command("uninstall")
+@click.argument("project_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--user", is_flag=True, help="Uninstall from ~/.claude/settings.json instead.")
+@_guard
+def claude_code_uninstall(project_dir: str | None, user: bool) -> None:
+    """Remove exactly the hooks install added."""
+    from . import claude_code
+
+    path = _settings_path(project_dir, user)
+    claude_code.uninstall(path)
+    click.echo(f"removed coherent-volume hooks from {path}")
+
+
+@main.group("hook")
+def hook_group() -> None:
+    """Entry points that agent tools call."""
+
+
+@hook_group.command("claude-code")
+def hook_claude_code() -> None:
+    """Read one Claude Code hook event (JSON) on stdin and answer it."""
+    from . import claude_code
+
+    answer = claude_code.run_hook(sys.stdin.read(), claude_code.session_process())
+    if answer.stdout:
+        click.echo(answer.stdout)
+    if answer.stderr:
+        click.echo(answer.stderr, err=True)
+    sys.stdout.flush()
+    os._exit(answer.code)  # never wait for a worker thread that overran its budget

@@ -128,9 +128,9 @@ class VolumeCore:
 
     # ---- reads ----------------------------------------------------------------------
 
-    def read(self, agent: str, target: Target, fd: int | None = None) -> Observed:
+    def read(self, agent: str, target: Target, fd: int | None = None, *, register: bool = True) -> Observed:
         """Read a file (from `fd` if given, which this closes); for a managed one, register `agent`'s
-        view at the version of these bytes.
+        view at the version of these bytes (unless `register` is False: a pinned agent's re-read).
 
         Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion)."""
         if not target.managed:
@@ -143,16 +143,16 @@ class VolumeCore:
             digest = content_hash(data)
             record, seen = self.registry.peek(target.rel, agent)
             if record is not None and record.present and record.hash == digest:
-                if seen == record.version:
+                if seen == record.version or not register:
                     return Observed(data, record.version)
                 with self.registry.write() as tx:
                     record = tx.file(target.rel)
                     if record is not None and record.present and record.hash == digest:
                         tx.put_view(agent, target.rel, record.version, time.time())
                         return Observed(data, record.version)
-        return self._read_locked(agent, target)
+        return self._read_locked(agent, target, register)
 
-    def _read_locked(self, agent: str, target: Target) -> Observed:
+    def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
         with self.registry.commit_lock(), self.registry.write() as tx:
             self._recover(tx)
@@ -162,7 +162,7 @@ class VolumeCore:
             except FileNotFoundError:
                 data, disk = None, (None, None)
             record = self._sync(tx, target, tx.file(target.rel), disk)
-            if record is not None:
+            if record is not None and register:
                 tx.put_view(agent, target.rel, record.version, time.time())
         if data is None:
             raise FileNotFoundError(2, "No such file or directory", target.rel)
@@ -451,6 +451,75 @@ class VolumeCore:
             if log:
                 tx.log("release", grant.path, grant.agent, time.time())
             return True
+
+    # ---- agent sessions (integrations such as Claude Code hooks) --------------------
+
+    def bind_session(self, agent: str, process: ProcessId, *, pinned: bool) -> None:
+        """Requests from `process` (and its descendants, on a mount) are `agent`'s. A pinned agent's
+        views move only through `observe` (what its model read) and its own commits."""
+        with self.registry.write() as tx:
+            tx.bind(agent, process, pinned, time.time())
+
+    def session_of(self, process: ProcessId) -> tuple[str, bool] | None:
+        """(agent, pinned) bound to `process`, if any."""
+        with self.registry.read() as tx:
+            return tx.bound_agent(process)
+
+    def end_session(self, agent: str) -> None:
+        """Release every grant `agent` holds and forget its process binding."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            now = time.time()
+            for grant in tx.grants_of(agent):
+                tx.drop_grant(grant.path)
+                tx.log("release", grant.path, agent, now, detail="session ended")
+            tx.unbind(agent)
+
+    def observe(self, agent: str, target: Target, saw: Callable[[bytes], bool]) -> int | None:
+        """Register `agent`'s view at the current version if `saw(current content)` confirms that is
+        what the agent was shown; return that version, or None (views unchanged) if it was not."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            try:
+                data, fp = read_file(target.abs)
+            except FileNotFoundError:
+                return None
+            record = self._sync(tx, target, tx.file(target.rel), (fp, content_hash(data)))
+            if record is None or not saw(data):
+                return None
+            tx.put_view(agent, target.rel, record.version, time.time())
+            return record.version
+
+    def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
+        """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            _, _, refusal = self._check(tx, agent, target, time.time(), isolation)
+        return refusal
+
+    def adopt(self, agent: str, target: Target) -> int:
+        """Record the file's content, written by `agent` itself outside the volume (a hook reporting
+        its own write), as `agent`'s commit. If that write was not based on the current version it
+        overwrote a commit: that is logged as a clobber, never hidden."""
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            record = tx.file(target.rel)
+            fp, digest = _disk(target, None)
+            now = time.time()
+            version = current_version(record)
+            present = fp is not None
+            if (record is not None and record.present == present and record.hash == digest) or (
+                    record is None and not present):
+                if record is not None:
+                    tx.put_view(agent, target.rel, version, now)
+                return version
+            seen = tx.view(agent, target.rel)
+            if record is not None and record.present and seen != version:
+                tx.log("clobber", target.rel, agent, now, seen_version=seen, version=version,
+                       detail=f"{agent} wrote over v{version} by {record.writer} without having read it")
+            tx.put_file(FileRecord(target.rel, version + 1, present, digest, fp, agent, now, time.time_ns()))
+            tx.put_view(agent, target.rel, version + 1, now)
+            tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version + 1)
+            return version + 1
 
     @staticmethod
     def _require_managed(target: Target, what: str) -> None:

@@ -1,9 +1,11 @@
 """Which agent a FUSE request comes from.
 
-The request's pid is a thread id: it is mapped to its process (Tgid). The agent is
-COHERENT_AGENT in the environment of that process or its nearest ancestor, else the mount's
-default agent, else one agent per session (getsid). Results are cached by (pid, start time)
-so a reused pid never inherits another process's agent. /proc/<pid>/environ is read in a
+The request's pid is a thread id: it is mapped to its process (Tgid). The agent is the one an
+integration bound to that process or its nearest ancestor (a Claude Code session, see
+`VolumeCore.bind_session`), else COHERENT_AGENT in the environment of the nearest such
+process, else the mount's default agent, else one agent per session (getsid). Results are cached by (pid, start time)
+so a reused pid never inherits another process's agent, for at most CACHE_SECONDS so a
+binding made after a process started is seen soon. /proc/<pid>/environ is read in a
 worker thread with a timeout: reading it while the process is in execve of a binary on this
 mount can block in the kernel, and the file system must never stall on it.
 """
@@ -11,13 +13,19 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from coherent_volume.liveness import start_time
+from typing import Callable
+
+from coherent_volume.liveness import ProcessId, host_id, start_time
 from coherent_volume.volume import ENV_AGENT
 
 ENVIRON_TIMEOUT = 0.5
+CACHE_SECONDS = 1.0
+
+Binding = Callable[[ProcessId], "tuple[str, bool] | None"]
 
 
 def _status_field(pid: int, field: str) -> str | None:
@@ -57,12 +65,13 @@ def _agent_in_environ(pid: int) -> str | None:
 
 
 class AgentResolver:
-    """Maps a request's thread id to an agent name; thread-safe, never blocks longer than a timeout."""
+    """Maps a request's thread id to (agent, pinned); thread-safe, never blocks longer than a timeout."""
 
-    def __init__(self, default_agent: str | None, daemon_pid: int) -> None:
+    def __init__(self, default_agent: str | None, daemon_pid: int, bound: Binding) -> None:
         self.default_agent = default_agent
         self._daemon_pid = daemon_pid
-        self._cache: dict[tuple[int, int], str] = {}
+        self._bound = bound
+        self._cache: dict[tuple[int, int], tuple[float, str, bool]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cv-environ")
 
@@ -74,39 +83,45 @@ class AgentResolver:
         except OSError:
             return "session-unknown"
 
-    def _lookup(self, pid: int) -> str:
+    def _lookup(self, pid: int) -> tuple[str, bool]:
         walk: int | None = pid
+        env_agent: str | None = None
         for _ in range(64):  # nearest ancestor first, bounded
             if walk is None or walk <= 1 or walk == self._daemon_pid:
                 break
-            future = self._pool.submit(_agent_in_environ, walk)
-            try:
-                agent = future.result(timeout=ENVIRON_TIMEOUT)
-            except FutureTimeout:
-                agent = None
-            if agent:
-                return agent
+            started = start_time(walk)
+            if started is not None:
+                binding = self._bound(ProcessId(host_id(), walk, started))
+                if binding is not None:
+                    return binding
+            if env_agent is None:
+                future = self._pool.submit(_agent_in_environ, walk)
+                try:
+                    env_agent = future.result(timeout=ENVIRON_TIMEOUT)
+                except FutureTimeout:
+                    env_agent = None
             walk = _parent(walk)
-        return self._fallback(pid)
+        return env_agent or self._fallback(pid), False
 
-    def agent(self, tid: int) -> str:
-        """Agent of the process that sent a request with thread id `tid` (0: kernel-originated)."""
+    def agent(self, tid: int) -> tuple[str, bool]:
+        """(agent, pinned) of the process that sent a request with thread id `tid` (0: the kernel)."""
         if tid <= 0:
-            return self._fallback(0) if self.default_agent else "session-kernel"
+            return self._fallback(0) if self.default_agent else "session-kernel", False
         pid = process_of(tid)
         started = start_time(pid)
         key = (pid, started if started is not None else -1)
+        now = time.monotonic()
         with self._lock:
             cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        agent = self._lookup(pid)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        agent, pinned = self._lookup(pid)
         if started is not None:
             with self._lock:
                 if len(self._cache) > 4096:
                     self._cache.clear()
-                self._cache[key] = agent
-        return agent
+                self._cache[key] = (now + CACHE_SECONDS, agent, pinned)
+        return agent, pinned
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

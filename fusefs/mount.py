@@ -99,7 +99,7 @@ async def _serve(ops: CoherentOperations) -> None:
 def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. A crash leaves the mount dead, never bare."""
     core = open_core(root)
-    resolver = AgentResolver(agent, os.getpid())
+    resolver = AgentResolver(agent, os.getpid(), core.session_of)
     ops = CoherentOperations(core, resolver)
     options = set(pyfuse3.default_options) | {f"fsname={core.paths.root}", "subtype=coherent"}
     if allow_other:

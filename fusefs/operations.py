@@ -130,6 +130,10 @@ class CoherentOperations(pyfuse3.Operations):
         return fh
 
     async def _agent(self, ctx: pyfuse3.RequestContext) -> str:
+        return (await self._identity(ctx))[0]
+
+    async def _identity(self, ctx: pyfuse3.RequestContext) -> tuple[str, bool]:
+        """(agent, pinned) of the calling process; resolved off the event loop."""
         return await trio.to_thread.run_sync(self.resolver.agent, ctx.pid)
 
     @staticmethod
@@ -311,10 +315,11 @@ class CoherentOperations(pyfuse3.Operations):
         if not self._managed_file(rel):
             fd = os.open(self._abs(rel), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
             return pyfuse3.FileInfo(fh=self._add(Passthrough(fd)), keep_cache=True)
-        agent = await self._agent(ctx)
+        agent, pinned = await self._identity(ctx)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        if not writing:
-            observed = await self._blocking(self.core.read, agent, self._target(rel))
+        if not writing:  # a pinned agent's views move only with what its model read (see hooks)
+            observed = await self._blocking(functools.partial(self.core.read, agent, self._target(rel),
+                                                              register=not pinned))
             return pyfuse3.FileInfo(fh=self._add(Snapshot(observed.data, observed.version)), direct_io=True)
         handle = await self._blocking(self._open_shadow, agent, rel, flags)
         return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True)

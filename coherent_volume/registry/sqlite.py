@@ -69,6 +69,11 @@ def _create_schema(db: sqlite_utils.Database) -> None:
          "seen_version": int, "version": int, "detail": str},
         pk="seq", not_null={"at", "kind"}, if_not_exists=True,
     )
+    db["sessions"].create(
+        {"agent": str, "host": str, "pid": int, "start": int, "pinned": int, "at": float},
+        pk="agent", not_null={"host", "pid", "start", "pinned", "at"}, if_not_exists=True,
+    )
+    db["sessions"].create_index(["host", "pid", "start"], if_not_exists=True)
     db["events"].create_index(["path", "seq"], if_not_exists=True)
     db["views"].create_index(["path"], if_not_exists=True)
 
@@ -150,6 +155,25 @@ class SQLiteTransaction:
 
     def drop_grant(self, path: str) -> None:
         self._c.execute("DELETE FROM grants WHERE path = ?", (path,))
+
+    def bind(self, agent: str, process: ProcessId, pinned: bool, at: float) -> None:
+        self._c.execute("INSERT OR REPLACE INTO sessions (agent, host, pid, start, pinned, at) VALUES (?,?,?,?,?,?)",
+                        (agent, process.host, process.pid, process.start, int(pinned), at))
+
+    def unbind(self, agent: str) -> None:
+        self._c.execute("DELETE FROM sessions WHERE agent = ?", (agent,))
+
+    def bound_agent(self, process: ProcessId) -> tuple[str, bool] | None:
+        row = self._c.execute("SELECT agent, pinned FROM sessions WHERE host = ? AND pid = ? AND start = ?",
+                              (process.host, process.pid, process.start)).fetchone()
+        return None if row is None else (row[0], bool(row[1]))
+
+    def pinned(self, agent: str) -> bool:
+        row = self._c.execute("SELECT pinned FROM sessions WHERE agent = ?", (agent,)).fetchone()
+        return bool(row and row[0])
+
+    def grants_of(self, agent: str) -> list[Grant]:
+        return [_grant(r) for r in self._c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE agent = ?", (agent,))]
 
     def fenced(self, agent: str, path: str) -> bool:
         return self._c.execute("SELECT 1 FROM fences WHERE agent = ? AND path = ?", (agent, path)).fetchone() is not None
