@@ -34,12 +34,13 @@ class Shadow:
     """A managed file opened for writing: writes land in an unnamed shadow file beside the target,
     installed as one commit at flush/close, so readers never see a partial write.
 
-    Invariant: while open, `grant` (this agent's write grant) keeps every other agent out."""
+    Invariant: from open (or the first write after a commit) until the next commit, `grant` (this
+    agent's write grant) keeps every other agent out; between commits it is None."""
 
     target: Target
     agent: str
     fd: int
-    grant: Grant
+    grant: Grant | None
     owns_grant: bool
     append: bool
     base_version: int

@@ -47,17 +47,13 @@ class InodeTable:
         return inode
 
     def forget(self, inode: int, count: int) -> None:
-        """The kernel dropped `count` references; the last one frees the inode number."""
-        if inode == pyfuse3.ROOT_INODE:
-            return
+        """The kernel dropped `count` references. The number stays bound to its path, so a file keeps
+        its inode number for the life of the mount (programs like vim compare it across a save)."""
         left = self._lookups.get(inode, 0) - count
         if left > 0:
             self._lookups[inode] = left
-            return
-        self._lookups.pop(inode, None)
-        path = self._path.pop(inode, None)
-        if path is not None and self._inode.get(path) == inode:
-            del self._inode[path]
+        else:
+            self._lookups.pop(inode, None)
 
     def unlinked(self, path: str) -> None:
         """`path` is gone: a later file at the same path gets a new inode."""

@@ -21,17 +21,21 @@ import trio
 from coherent_volume import atomic
 from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError, StaleWriteError
-from coherent_volume.liveness import current_process
+from coherent_volume.liveness import current_process, start_time
 from coherent_volume.paths import Target, is_registry_path
 
 from .handles import Handle, Listing, Passthrough, Shadow, Snapshot
-from .identity import AgentResolver
+from .identity import AgentResolver, process_of
 from .inodes import InodeTable
 
 log = logging.getLogger("coherent_volume.fuse")
 
 UNMANAGED_TIMEOUT = 1.0
 """Kernel entry/attribute cache lifetime for unmanaged paths; foreign changes are invalidated."""
+
+EDITORS = frozenset({"vi", "vim", "nvim", "vim.basic", "vim.tiny", "gvim", "emacs", "nano", "micro", "kak", "hx"})
+"""Programs that hold a file in a buffer: their view is the version they loaded, so their later
+re-reads of it (vim's backup copy while saving) must not advance it."""
 
 XATTR_VERSION = b"user.coherent.version"
 XATTR_VIEW = b"user.coherent.view"
@@ -84,6 +88,7 @@ class CoherentOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._owner = current_process()
+        self._editor_reads: set[tuple[int, int | None, str]] = set()
 
     # ---- helpers ------------------------------------------------------------------
 
@@ -318,11 +323,29 @@ class CoherentOperations(pyfuse3.Operations):
         agent, pinned = await self._identity(ctx)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:  # a pinned agent's views move only with what its model read (see hooks)
+            register = not pinned and self._first_read(ctx.pid, rel)
             observed = await self._blocking(functools.partial(self.core.read, agent, self._target(rel),
-                                                              register=not pinned))
+                                                              register=register))
             return pyfuse3.FileInfo(fh=self._add(Snapshot(observed.data, observed.version)), direct_io=True)
         handle = await self._blocking(self._open_shadow, agent, rel, flags)
         return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True)
+
+    def _first_read(self, tid: int, rel: str) -> bool:
+        """False for an editor re-reading a file it already loaded (its buffer is its view)."""
+        pid = process_of(tid)
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() not in EDITORS:
+                    return True
+        except OSError:
+            return True
+        key = (pid, start_time(pid), rel)
+        if key in self._editor_reads:
+            return False
+        if len(self._editor_reads) > 10_000:
+            self._editor_reads.clear()
+        self._editor_reads.add(key)
+        return True
 
     def _open_shadow(self, agent: str, rel: str, flags: int) -> Shadow:
         """Check and take the write grant, then start a shadow copy of the current content."""
@@ -374,6 +397,8 @@ class CoherentOperations(pyfuse3.Operations):
         if isinstance(handle, Snapshot):
             raise pyfuse3.FUSEError(errno.EBADF)
         if isinstance(handle, Shadow):
+            if handle.grant is None:  # writing again after a commit: take the grant back first
+                await self._blocking(self._regrant, handle)
             if handle.append:
                 off = os.fstat(handle.fd).st_size
             handle.pending = handle.wrote = True
@@ -386,10 +411,22 @@ class CoherentOperations(pyfuse3.Operations):
             await self._blocking(self._commit_shadow, handle)
 
     def _commit_shadow(self, handle: Shadow) -> None:
-        """Install the shadow's content as one commit; a refusal is reported to close()."""
+        """Install the shadow's content as one commit, then end the grant so that close() returning
+        means the file is free; a refusal is reported to close()."""
         handle.pending = handle.wrote = False
         handle.base_version = self.core.commit(handle.agent, handle.target, _read_all(handle.fd),
                                                expected=handle.base_version)
+        self._drop_grant(handle)
+
+    def _regrant(self, handle: Shadow) -> None:
+        """The grant for a handle written again after its commit; its next commit is still a CAS."""
+        handle.grant, handle.owns_grant, _ = self.core.begin_write(handle.agent, handle.target, self._owner,
+                                                                   need_view=False)
+
+    def _drop_grant(self, handle: Shadow) -> None:
+        if handle.grant is not None and handle.owns_grant:
+            self.core.release(handle.grant, log=False)
+        handle.grant = None
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -414,8 +451,7 @@ class CoherentOperations(pyfuse3.Operations):
                 except (CoherenceError, OSError) as e:
                     log.warning("commit at release of %s failed: %s", handle.target.rel, e)
         finally:
-            if handle.owns_grant:
-                self.core.release(handle.grant, log=False)
+            self._drop_grant(handle)
             handle.close()
 
     # ---- extended attributes --------------------------------------------------------

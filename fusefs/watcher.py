@@ -22,13 +22,16 @@ log = logging.getLogger("coherent_volume.fuse")
 
 
 class _Forwarder(FileSystemEventHandler):
-    def __init__(self, root: str, send: trio.MemorySendChannel[str], token: trio.lowlevel.TrioToken) -> None:
+    """Forwards (path, gone) for every change under the root; `gone` when a name disappeared."""
+
+    def __init__(self, root: str, send: trio.MemorySendChannel[tuple[str, bool]], token: trio.lowlevel.TrioToken) -> None:
         self._root = root
         self._send = send
         self._token = token
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        for raw in (event.src_path, getattr(event, "dest_path", "")):
+        gone = event.event_type in ("deleted", "moved")
+        for raw, vanished in ((event.src_path, gone), (getattr(event, "dest_path", ""), False)):
             path = os.fsdecode(raw)
             if not path or event.event_type in ("opened", "closed_no_write"):
                 continue
@@ -36,13 +39,15 @@ class _Forwarder(FileSystemEventHandler):
             if rel == "." or rel.startswith("../") or is_registry_path(rel):
                 continue
             try:
-                trio.from_thread.run_sync(self._send.send_nowait, rel, trio_token=self._token)
+                trio.from_thread.run_sync(self._send.send_nowait, (rel, vanished), trio_token=self._token)
             except (trio.WouldBlock, trio.RunFinishedError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # a full queue drops an event: the next access syncs that file anyway
 
 
-def _settle(core: VolumeCore, inodes: InodeTable, rel: str) -> None:
-    """Record a foreign change of `rel` (if managed) and drop the kernel's cached view of it."""
+def _settle(core: VolumeCore, inodes: InodeTable, rel: str, gone: bool) -> None:
+    """Record a foreign change of `rel` (if managed) and drop the kernel's cached view of it: its
+    data and attributes, and its directory entry only when the name disappeared (dropping live
+    entries would make the kernel forget inodes that programs are comparing)."""
     target = core.paths.of_rel(rel)
     if target.managed and not os.path.isdir(target.abs):
         try:
@@ -57,7 +62,7 @@ def _settle(core: VolumeCore, inodes: InodeTable, rel: str) -> None:
             pass
     parent, _, name = rel.rpartition("/")
     parent_inode = inodes.inode_if_known(parent)
-    if parent_inode is not None:
+    if gone and parent_inode is not None:
         try:
             pyfuse3.invalidate_entry(parent_inode, os.fsencode(name))
         except OSError:
@@ -66,7 +71,7 @@ def _settle(core: VolumeCore, inodes: InodeTable, rel: str) -> None:
 
 async def watch(core: VolumeCore, inodes: InodeTable, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run until cancelled: forward filesystem events under the root and settle each changed path."""
-    send, receive = trio.open_memory_channel[str](10_000)
+    send, receive = trio.open_memory_channel[tuple[str, bool]](10_000)
     observer = Observer()
     observer.schedule(_Forwarder(core.paths.root, send, trio.lowlevel.current_trio_token()), core.paths.root,
                       recursive=True)
@@ -74,15 +79,15 @@ async def watch(core: VolumeCore, inodes: InodeTable, task_status: trio.TaskStat
     task_status.started()
     try:
         async with receive:
-            async for rel in receive:
-                pending = {rel}
+            async for change in receive:
+                pending = {change}
                 while True:
                     try:
                         pending.add(receive.receive_nowait())
                     except trio.WouldBlock:
                         break
-                for path in sorted(pending):
-                    await trio.to_thread.run_sync(_settle, core, inodes, path)
+                for rel, gone in sorted(pending):
+                    await trio.to_thread.run_sync(_settle, core, inodes, rel, gone)
     finally:
         observer.stop()
         await trio.to_thread.run_sync(observer.join)
