@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
+from typing import Iterator
 import subprocess
 import sys
 import time
@@ -62,3 +64,15 @@ class Mount:
         """Run a bash script as `agent` with the mount as working directory."""
         return subprocess.run(["bash", "-c", script], cwd=self.path, capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "COHERENT_AGENT": agent}, **kwargs)  # type: ignore[arg-type]
+
+    @contextmanager
+    def holding(self, agent: str, script: str) -> Iterator[subprocess.Popen[str]]:
+        """Run a bash script as `agent` that prints 'ready' once it holds what it opened; kill it after."""
+        proc = subprocess.Popen(["bash", "-c", script], cwd=self.path, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "COHERENT_AGENT": agent})
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait()

@@ -66,56 +66,30 @@ def test_append_needs_no_read_but_takes_the_grant(mounted: Mount) -> None:
     mounted.run("alice", f"echo first > {P}")
     assert mounted.run("bob", f"echo appended >> {P}").returncode == 0
     assert (mounted.root / P).read_text() == "first\nappended\n"
-    holder = subprocess.Popen(["bash", "-c", f"exec 3>>{P}; echo held; sleep 30"], cwd=mounted.path,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "carol"})
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with mounted.holding("carol", f"exec 3>>{P}; echo ready; sleep 30"):
         refused = mounted.run("bob", f"echo more >> {P}")
         assert refused.returncode != 0 and "Permission denied" in refused.stderr
-    finally:
-        holder.kill()
-        holder.wait()
     assert mounted.run("bob", f"echo more >> {P}").returncode == 0
 
 
 def test_one_writer_at_a_time(mounted: Mount) -> None:
     mounted.run("alice", f"echo x > {P}")
     mounted.run("bob", f"cat {P}")
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import time
-f = open({str(mounted.path / P)!r}, "r+b")
-print("open", flush=True)
-time.sleep(30)
-"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "alice"})
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with mounted.holding("alice", f"exec 3<>{P}; echo ready; sleep 30"):
         r = mounted.run("bob", f"cat {P} >/dev/null; echo y > {P}")
         assert r.returncode != 0 and "Permission denied" in r.stderr
-    finally:
-        holder.kill()
-        holder.wait()
     assert mounted.run("bob", f"cat {P} >/dev/null; echo y > {P}").returncode == 0
 
 
 def test_readers_never_see_a_partial_write_and_keep_their_version(mounted: Mount) -> None:
     mounted.run("alice", f"printf old > {P}")
+    mounted.run("bob", f"cat {P}")
     reader = open(mounted.path / P, "rb")
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import time
 with open({str(mounted.path / P)!r}, "wb") as f:
     f.write(b"half")
-    print("written half", flush=True)
-    time.sleep(1.5)
-    f.write(b" and the rest")
-"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "bob"})
-    # bob never read the file: give him a view first
-    writer.kill()
-    writer.wait()
-    mounted.run("bob", f"cat {P}")
-    writer = subprocess.Popen([sys.executable, "-c", f"""
-import time
-with open({str(mounted.path / P)!r}, "wb") as f:
-    f.write(b"half")
+    f.flush()  # reaches the mount as write(2); only close() commits
     print("written half", flush=True)
     time.sleep(1.5)
     f.write(b" and the rest")
