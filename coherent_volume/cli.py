@@ -76,9 +76,10 @@ def init(root: str, globs: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (always lists every path).")
+@click.option("--all", "show_all", is_flag=True, help="Also list deleted paths (temp files of editors and tools).")
 @_guard
-def status(root: str, as_json: bool) -> None:
+def status(root: str, as_json: bool, show_all: bool) -> None:
     """Each managed file (version, last writer, when, grant holder) and each agent's stale views."""
     st = report.status(open_core(root))
     if as_json:
@@ -86,9 +87,12 @@ def status(root: str, as_json: bool) -> None:
         return
     console = _console()
     console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
+    shown = [f for f in st.files if show_all or f.present or f.holder or not f.version]
     console.print(_table("files", ["path", "version", "last writer", "when", "grant holder"], [
         [f.path + ("" if f.present or not f.version else " (deleted)"), str(f.version), f.writer, _when(f.committed_at),
-         f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-"] for f in st.files]))
+         f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-"] for f in shown]))
+    if len(shown) < len(st.files):
+        console.print(f"({len(st.files) - len(shown)} deleted paths not shown; --all lists them)")
     console.print(_table("agents", ["agent", "views", "stale", "last read"], [
         [a.agent, str(a.views), str(a.stale), _when(a.last_read)] for a in st.agents]))
 

@@ -105,3 +105,13 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> N
     assert r.returncode == 1 and "no volume registry" in r.stderr and "Traceback" not in r.stderr
     r = cv("why", str(root), "../escape")
     assert r.returncode == 1 and "outside the volume" in r.stderr
+
+
+def test_status_hides_deleted_paths_unless_asked(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/tmp.md", b"x")
+        alice.delete("plans/tmp.md")
+        alice.write("plans/kept.md", b"y")
+    plain = cv("status", str(root)).stdout
+    assert "plans/kept.md" in plain and "plans/tmp.md" not in plain and "1 deleted paths not shown" in plain
+    assert "plans/tmp.md (deleted)" in cv("status", str(root), "--all").stdout
