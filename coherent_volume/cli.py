@@ -27,7 +27,7 @@ def _when(ts: float | None) -> str:
 def _console() -> Any:
     from rich.console import Console  # imported lazily: hooks and scripts must start fast
 
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
