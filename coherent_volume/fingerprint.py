@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -13,8 +13,7 @@ def content_hash(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(NamedTuple):
     """Identity of one inode state. Every commit installs a new inode, so `ino` moves with it;
     foreign in-place writes move `ctime_ns`, which no user call can set back."""
 
@@ -44,7 +43,8 @@ def fingerprint_path(path: str) -> Fingerprint | None:
 
 
 def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
-    """Read a whole regular file from `fd` (which this closes); the fingerprint is of that inode.
+    """Read a whole regular file from `fd` (which this closes); the fingerprint is of that inode
+    as it was opened.
 
     The bytes are those of one inode, but a foreign in-place writer may still tear them; the
     caller pairs them with a version by hash."""
@@ -55,15 +55,15 @@ def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
         if not stat_mod.S_ISREG(st.st_mode):
             raise OSError(22, "Not a regular file", name)
         chunks = []
-        remaining = st.st_size
+        want = st.st_size + 1  # a short read of a regular file is its end: no extra read to find EOF
         while True:
-            chunk = os.read(fd, max(remaining, 65536))
-            if not chunk:
-                break
+            chunk = os.read(fd, max(want, 65536))
             chunks.append(chunk)
-            remaining -= len(chunk)
+            if len(chunk) < max(want, 65536):
+                break
+            want = 65536
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return data, Fingerprint.of(os.fstat(fd))
+        return data, Fingerprint.of(st)
     finally:
         os.close(fd)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 from pathlib import Path
 
 from .errors import OutsideVolume
@@ -13,8 +14,7 @@ from .globs import ManagedGlobs
 REGISTRY_DIR = ".coherent"
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A path inside the volume: `rel` is root-relative POSIX, symlinks resolved; `abs` is absolute."""
 
     rel: str
@@ -34,8 +34,17 @@ class _OpenHow(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
 _RESOLVE_NO_SYMLINKS = 0x04
+
+
+@lru_cache(maxsize=8)
+def _how(flags: int) -> tuple[_OpenHow, int]:
+    """A reusable open_how for `flags` (kept alive by the cache) and its size."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+    return how, ctypes.sizeof(how)
 
 
 def lexical(path: str) -> str | None:
@@ -59,6 +68,7 @@ class VolumePaths:
     def __init__(self, root: Path, globs: ManagedGlobs) -> None:
         self.root = os.path.realpath(root)
         self.globs = globs
+        self._managed = lru_cache(maxsize=65536)(globs.matches)
         try:
             self._root_fd: int | None = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -98,14 +108,14 @@ class VolumePaths:
             rel = self.rel_of(os.path.realpath(joined))
         if rel == ".":
             raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
-        return Target(rel=rel, abs=os.path.join(self.root, rel), managed=self.globs.matches(rel))
+        return Target(rel, f"{self.root}/{rel}", self._managed(rel))
 
     def _openat2(self, rel: str, flags: int) -> int:
         """openat2 beneath root refusing any symlink on the way; -errno on failure."""
         if self._root_fd is None:
             return -1
-        how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
-        fd = _libc.syscall(_SYS_OPENAT2, self._root_fd, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+        how, size = _how(flags)
+        fd = _syscall(_SYS_OPENAT2, self._root_fd, rel.encode("utf-8", "surrogateescape"), ctypes.byref(how), size)
         return fd if fd >= 0 else -ctypes.get_errno()
 
     def _free_of_symlinks(self, rel: str) -> bool:
@@ -128,4 +138,4 @@ class VolumePaths:
 
     def of_rel(self, rel: str) -> Target:
         """Target for a root-relative path that is already resolved (as stored in the registry)."""
-        return Target(rel=rel, abs=os.path.join(self.root, rel), managed=self.globs.matches(rel))
+        return Target(rel, f"{self.root}/{rel}", self._managed(rel))

@@ -6,6 +6,7 @@ none re-implements them. Inputs are plain records; outputs are decisions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from enum import Enum
 
 from .errors import Reason
@@ -19,8 +20,7 @@ RACY_NS = 100_000_000
 """A fingerprint taken this soon after the file's ctime cannot rule out a later same-tick write."""
 
 
-@dataclass(frozen=True)
-class FileRecord:
+class FileRecord(NamedTuple):
     """The committed state of one managed path. `present=False` is a tombstone (a deletion version)."""
 
     path: str
