@@ -13,6 +13,7 @@ class Passthrough:
     """An unmanaged file: reads and writes go straight to the backing fd."""
 
     fd: int
+    rel: str
 
     def close(self) -> None:
         os.close(self.fd)

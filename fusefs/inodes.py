@@ -61,9 +61,16 @@ class InodeTable:
         if inode is not None:
             self._path[inode] = path + "\0deleted"
 
-    def moved(self, old: str, new: str) -> None:
-        """`old` (and everything below it) is now `new`; whatever was at `new` is gone."""
+    def moved(self, old: str, new: str, tree: bool) -> None:
+        """`old` is now `new` (with everything below it when `tree`, a directory); whatever was at
+        `new` is gone. A file's move is O(1); only a directory's touches the paths below it."""
         self.unlinked(new)
+        if not tree:
+            inode = self._inode.pop(old, None)
+            if inode is not None:
+                self._inode[new] = inode
+                self._path[inode] = new
+            return
         prefix = old + "/"
         for path in [p for p in self._inode if p == old or p.startswith(prefix)]:
             inode = self._inode.pop(path)
@@ -71,8 +78,8 @@ class InodeTable:
             self._inode[moved] = inode
             self._path[inode] = moved
 
-    def exchanged(self, a: str, b: str) -> None:
+    def exchanged(self, a: str, b: str, tree: bool) -> None:
         tmp = "\0exchange"
-        self.moved(a, tmp)
-        self.moved(b, a)
-        self.moved(tmp, b)
+        self.moved(a, tmp, tree)
+        self.moved(b, a, tree)
+        self.moved(tmp, b, tree)

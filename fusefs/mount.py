@@ -83,7 +83,7 @@ def check_mountable(root: str, mountpoint: str) -> tuple[str, str]:
 
 async def _serve(ops: CoherentOperations) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(watch, ops.core, ops.inodes)
+        await nursery.start(watch, ops.core, ops.inodes, ops.own)
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

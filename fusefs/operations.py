@@ -27,6 +27,7 @@ from coherent_volume.paths import Target, is_registry_path
 from .handles import Handle, Listing, Passthrough, Shadow, Snapshot
 from .identity import AgentResolver, process_of
 from .inodes import InodeTable
+from .watcher import OwnChanges
 
 log = logging.getLogger("coherent_volume.fuse")
 
@@ -88,6 +89,7 @@ class CoherentOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._owner = current_process()
+        self.own = OwnChanges()
         self._editor_reads: set[tuple[int, int | None, str]] = set()
 
     # ---- helpers ------------------------------------------------------------------
@@ -169,6 +171,7 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self.inodes.path(inode)
         path = self._abs(rel)
         handle = self.handles.get(fh) if fh is not None else None
+        self.own.note(rel)
         if fields.update_size:
             if isinstance(handle, Shadow):
                 os.ftruncate(handle.fd, attr.st_size)
@@ -247,6 +250,7 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
+        self.own.note(rel)
         os.mkdir(self._abs(rel), mode & ~ctx.umask)
         self._own(rel, ctx)
         return self._entry(rel)
@@ -254,6 +258,7 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
+        self.own.note(rel)
         os.rmdir(self._abs(rel))
         self.inodes.unlinked(rel)
 
@@ -261,6 +266,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
+        self.own.note(rel)
         os.mknod(self._abs(rel), mode & ~ctx.umask, rdev)
         self._own(rel, ctx)
         return self._entry(rel)
@@ -269,6 +275,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
+        self.own.note(rel)
         os.symlink(target, self._abs(rel))
         self._own(rel, ctx)
         return self._entry(rel)
@@ -277,6 +284,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(new_parent_inode, new_name)
+        self.own.note(rel)
         os.link(self._abs(self.inodes.path(inode)), self._abs(rel), follow_symlinks=False)
         return self._entry(rel)
 
@@ -285,6 +293,7 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
+        self.own.note(rel)
         if self._managed_file(rel):
             agent = await self._agent(ctx)
             await self._blocking(self.core.commit, agent, self._target(rel), None)
@@ -297,10 +306,13 @@ class CoherentOperations(pyfuse3.Operations):
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         src = self._child(parent_inode_old, name_old)
         dst = self._child(parent_inode_new, name_new)
+        self.own.note(src, dst)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
-        if self._managed_file(src) or self._managed_file(dst):
-            if os.path.isdir(self._abs(src)) or os.path.isdir(self._abs(dst)):
+        tree = stat_mod.S_ISDIR(os.lstat(self._abs(src)).st_mode) or (
+            exchange and stat_mod.S_ISDIR(os.lstat(self._abs(dst)).st_mode))
+        if not tree and (self._managed_file(src) or self._managed_file(dst)):
+            if os.path.isdir(self._abs(dst)):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             agent = await self._agent(ctx)
             await self._blocking(functools.partial(self.core.rename, agent, self._target(src), self._target(dst),
@@ -308,9 +320,9 @@ class CoherentOperations(pyfuse3.Operations):
         else:
             atomic.rename(self._abs(src), self._abs(dst), exchange=exchange, noreplace=noreplace)
         if exchange:
-            self.inodes.exchanged(src, dst)
+            self.inodes.exchanged(src, dst, tree)
         else:
-            self.inodes.moved(src, dst)
+            self.inodes.moved(src, dst, tree)
 
     # ---- files --------------------------------------------------------------------
 
@@ -318,8 +330,10 @@ class CoherentOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         rel = self.inodes.path(inode)
         if not self._managed_file(rel):
+            if flags & os.O_TRUNC:
+                self.own.note(rel)
             fd = os.open(self._abs(rel), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
-            return pyfuse3.FileInfo(fh=self._add(Passthrough(fd)), keep_cache=True)
+            return pyfuse3.FileInfo(fh=self._add(Passthrough(fd, rel)), keep_cache=True)
         agent, pinned = await self._identity(ctx)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:  # a pinned agent's views move only with what its model read (see hooks)
@@ -369,10 +383,11 @@ class CoherentOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         rel = self._child(parent_inode, name)
         mode = stat_mod.S_IMODE(mode) & ~ctx.umask
+        self.own.note(rel)
         if not self._managed_file(rel):
             fd = os.open(self._abs(rel), flags | os.O_CREAT | os.O_CLOEXEC, mode)
             self._own(rel, ctx)
-            return pyfuse3.FileInfo(fh=self._add(Passthrough(fd)), keep_cache=True), self._entry(rel)
+            return pyfuse3.FileInfo(fh=self._add(Passthrough(fd, rel)), keep_cache=True), self._entry(rel)
         agent = await self._agent(ctx)
         try:
             await self._blocking(self.core.create, agent, self._target(rel), mode)
@@ -396,6 +411,7 @@ class CoherentOperations(pyfuse3.Operations):
         handle = self.handles[fh]
         if isinstance(handle, Snapshot):
             raise pyfuse3.FUSEError(errno.EBADF)
+        self.own.note(handle.rel if isinstance(handle, Passthrough) else handle.target.rel)
         if isinstance(handle, Shadow):
             if handle.grant is None:  # writing again after a commit: take the grant back first
                 await self._blocking(self._regrant, handle)
@@ -414,6 +430,7 @@ class CoherentOperations(pyfuse3.Operations):
         """Install the shadow's content as one commit, then end the grant so that close() returning
         means the file is free; a refusal is reported to close()."""
         handle.pending = handle.wrote = False
+        self.own.note(handle.target.rel)
         handle.base_version = self.core.commit(handle.agent, handle.target, _read_all(handle.fd),
                                                expected=handle.base_version)
         self._drop_grant(handle)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
+import time
 
 import pyfuse3
 import trio
@@ -20,12 +23,43 @@ from .inodes import InodeTable
 
 log = logging.getLogger("coherent_volume.fuse")
 
+OWN_WINDOW = 2.0
+"""Seconds after the mount itself changed a path during which inotify events on it are its own echo."""
+
+_TEMP = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp$")
+
+
+class OwnChanges:
+    """Paths the mount itself just changed (thread-safe): the watcher must not treat the echo of
+    its own writes as foreign changes, which would drop the kernel's caches after every write.
+    A foreign change inside the window is still caught by the core at the next access."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, *rels: str) -> None:
+        until = time.monotonic() + OWN_WINDOW
+        with self._lock:
+            if len(self._until) > 100_000:
+                now = time.monotonic()
+                self._until = {k: v for k, v in self._until.items() if v > now}
+            for rel in rels:
+                self._until[rel] = until
+
+    def recent(self, rel: str) -> bool:
+        with self._lock:
+            until = self._until.get(rel)
+        return until is not None and until > time.monotonic()
+
 
 class _Forwarder(FileSystemEventHandler):
     """Forwards (path, gone) for every change under the root; `gone` when a name disappeared."""
 
-    def __init__(self, root: str, send: trio.MemorySendChannel[tuple[str, bool]], token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, root: str, send: trio.MemorySendChannel[tuple[str, bool]], token: trio.lowlevel.TrioToken,
+                 own: OwnChanges) -> None:
         self._root = root
+        self._own = own
         self._send = send
         self._token = token
 
@@ -36,7 +70,7 @@ class _Forwarder(FileSystemEventHandler):
             if not path or event.event_type in ("opened", "closed_no_write"):
                 continue
             rel = os.path.relpath(path, self._root).replace(os.sep, "/")
-            if rel == "." or rel.startswith("../") or is_registry_path(rel):
+            if rel == "." or rel.startswith("../") or is_registry_path(rel) or _TEMP.search(rel) or self._own.recent(rel):
                 continue
             try:
                 trio.from_thread.run_sync(self._send.send_nowait, (rel, vanished), trio_token=self._token)
@@ -69,11 +103,12 @@ def _settle(core: VolumeCore, inodes: InodeTable, rel: str, gone: bool) -> None:
             pass
 
 
-async def watch(core: VolumeCore, inodes: InodeTable, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run until cancelled: forward filesystem events under the root and settle each changed path."""
     send, receive = trio.open_memory_channel[tuple[str, bool]](10_000)
     observer = Observer()
-    observer.schedule(_Forwarder(core.paths.root, send, trio.lowlevel.current_trio_token()), core.paths.root,
+    observer.schedule(_Forwarder(core.paths.root, send, trio.lowlevel.current_trio_token(), own), core.paths.root,
                       recursive=True)
     observer.start()
     task_status.started()
