@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 from . import atomic
 from .errors import CasConflict, NotManaged, StaleWriteError
-from .fingerprint import Fingerprint, content_hash, fingerprint_path, hash_path, read_fd, read_file
+from .fingerprint import Fingerprint, content_hash, fingerprint_path, hash_fd, hash_path, read_fd, read_file
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, VolumePaths
 from .protocol import (EXTERNAL, Disk, FileRecord, Grant, Intent, WriteCheck, changed_paths, classify,
@@ -140,17 +140,52 @@ class VolumeCore:
         except FileNotFoundError:
             data = None
         if data is not None:
-            digest = content_hash(data)
-            record, seen = self.registry.peek(target.rel, agent)
-            if record is not None and record.present and record.hash == digest:
-                if seen == record.version or not register:
-                    return Observed(data, record.version)
-                with self.registry.write() as tx:
-                    record = tx.file(target.rel)
-                    if record is not None and record.present and record.hash == digest:
-                        tx.put_view(agent, target.rel, record.version, time.time())
-                        return Observed(data, record.version)
+            version = self._pair(agent, target, content_hash(data), register)
+            if version is not None:
+                return Observed(data, version)
         return self._read_locked(agent, target, register)
+
+    def _pair(self, agent: str, target: Target, digest: str, register: bool) -> int | None:
+        """Optimistically pair content with the committed version that has its hash (registering
+        the view unless told not to); None when no committed version matches right now."""
+        record, seen = self.registry.peek(target.rel, agent)
+        if record is None or not record.present or record.hash != digest:
+            return None
+        if seen == record.version or not register:
+            return record.version
+        with self.registry.write() as tx:
+            record = tx.file(target.rel)
+            if record is not None and record.present and record.hash == digest:
+                tx.put_view(agent, target.rel, record.version, time.time())
+                return record.version
+        return None
+
+    def open_version(self, agent: str, target: Target, *, register: bool = True) -> tuple[int, int]:
+        """Open a managed file for reading, paired with the version of its content: (fd, version).
+
+        The fd keeps serving exactly that version (a commit installs a new inode), so a reader never
+        mixes two versions; the agent's view is registered at it unless `register` is False."""
+        fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            version = self._pair(agent, target, hash_fd(fd), register)
+        except BaseException:
+            os.close(fd)
+            raise
+        if version is not None:
+            return fd, version
+        os.close(fd)
+        with self.registry.commit_lock(), self.registry.write() as tx:
+            self._recover(tx)
+            fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                record = self._sync(tx, target, tx.file(target.rel), (Fingerprint.of(os.fstat(fd)), hash_fd(fd)))
+                assert record is not None
+                if register:
+                    tx.put_view(agent, target.rel, record.version, time.time())
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, record.version
 
     def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""

@@ -73,6 +73,16 @@ def read_file(path: str) -> tuple[bytes, Fingerprint]:
     return read_fd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK), path)
 
 
+def hash_fd(fd: int) -> str:
+    """Content hash of everything readable from `fd` (by offset: the fd's position is untouched)."""
+    hasher = xxhash.xxh3_128()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.hexdigest()
+
+
 def hash_path(path: str) -> str | None:
     """Content hash of the file at `path`, None if absent."""
     try:

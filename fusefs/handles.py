@@ -21,19 +21,21 @@ class Passthrough:
 
 @dataclass
 class Snapshot:
-    """A managed file opened for reading: serves exactly the bytes of the version it opened."""
+    """A managed file opened for reading: `fd` is the inode of the version it opened, which no
+    commit modifies (commits install new inodes), so it serves exactly that version's bytes."""
 
-    data: bytes
+    fd: int
     version: int
 
     def close(self) -> None:
-        self.data = b""
+        os.close(self.fd)
 
 
 @dataclass
 class Shadow:
     """A managed file opened for writing: writes land in an unnamed shadow file beside the target,
-    installed as one commit at flush/close, so readers never see a partial write.
+    installed as one commit at flush/close, so readers never see a partial write. The commit
+    installs the shadow itself; `fd` is then -1 until the handle writes again.
 
     Invariant: from open (or the first write after a commit) until the next commit, `grant` (this
     agent's write grant) keeps every other agent out; between commits it is None."""
@@ -51,9 +53,13 @@ class Shadow:
     wrote: bool = False
     """Data was written or resized since the last commit: flush commits only then, because
     shells flush a freshly opened descriptor (dup2, then close) before writing anything."""
+    synced: bool = False
+    """The shadow was fsynced by the program since its last write: the commit need not again."""
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass

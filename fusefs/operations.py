@@ -21,6 +21,7 @@ import trio
 from coherent_volume import atomic
 from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError, StaleWriteError
+from coherent_volume.fingerprint import hash_fd
 from coherent_volume.liveness import current_process, start_time
 from coherent_volume.paths import Target, is_registry_path
 
@@ -64,14 +65,6 @@ def guarded(handler: F) -> F:
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper  # type: ignore[return-value]
-
-
-def _read_all(fd: int) -> bytes:
-    chunks, offset = [], 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 class CoherentOperations(pyfuse3.Operations):
@@ -338,9 +331,9 @@ class CoherentOperations(pyfuse3.Operations):
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:  # a pinned agent's views move only with what its model read (see hooks)
             register = not pinned and self._first_read(ctx.pid, rel)
-            observed = await self._blocking(functools.partial(self.core.read, agent, self._target(rel),
-                                                              register=register))
-            return pyfuse3.FileInfo(fh=self._add(Snapshot(observed.data, observed.version)), direct_io=True)
+            fd, version = await self._blocking(functools.partial(self.core.open_version, agent, self._target(rel),
+                                                                 register=register))
+            return pyfuse3.FileInfo(fh=self._add(Snapshot(fd, version)), direct_io=True)
         handle = await self._blocking(self._open_shadow, agent, rel, flags)
         return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True)
 
@@ -368,15 +361,28 @@ class CoherentOperations(pyfuse3.Operations):
         append = bool(flags & os.O_APPEND)
         grant, owned, version = self.core.begin_write(agent, target, self._owner, need_view=truncate or not append)
         try:
-            fd = os.open(os.path.dirname(target.abs), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            if not truncate:
-                with open(target.abs, "rb") as current:
-                    os.write(fd, current.read())
+            fd = self._new_shadow(target, copy=not truncate)
             return Shadow(target, agent, fd, grant, owned, append, version, pending=truncate)
         except BaseException:
             if owned:
                 self.core.release(grant, log=False)
             raise
+
+    @staticmethod
+    def _new_shadow(target: Target, copy: bool) -> int:
+        """An unnamed file beside the target (same file system, so the commit can link it in place),
+        holding a copy of the target's current content when `copy`."""
+        fd = os.open(os.path.dirname(target.abs), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        if copy:
+            try:
+                with open(target.abs, "rb") as current:
+                    size = os.fstat(current.fileno()).st_size
+                    while size > 0:
+                        size -= os.copy_file_range(current.fileno(), fd, size) or size
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     @guarded
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -402,8 +408,8 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
-        if isinstance(handle, Snapshot):
-            return handle.data[off:off + size]
+        if isinstance(handle, Shadow) and handle.fd < 0:
+            await self._blocking(self._reshadow, handle)
         return os.pread(handle.fd, size, off)
 
     @guarded
@@ -415,9 +421,12 @@ class CoherentOperations(pyfuse3.Operations):
         if isinstance(handle, Shadow):
             if handle.grant is None:  # writing again after a commit: take the grant back first
                 await self._blocking(self._regrant, handle)
+            if handle.fd < 0:
+                await self._blocking(self._reshadow, handle)
             if handle.append:
                 off = os.fstat(handle.fd).st_size
             handle.pending = handle.wrote = True
+            handle.synced = False
         return os.pwrite(handle.fd, buf, off)
 
     @guarded
@@ -431,9 +440,16 @@ class CoherentOperations(pyfuse3.Operations):
         means the file is free; a refusal is reported to close()."""
         handle.pending = handle.wrote = False
         self.own.note(handle.target.rel)
-        handle.base_version = self.core.commit(handle.agent, handle.target, _read_all(handle.fd),
-                                               expected=handle.base_version)
+        if not handle.synced:
+            os.fsync(handle.fd)
+        staged = atomic.Staged(handle.target.abs, hash_fd(handle.fd), handle.fd)
+        handle.fd = -1  # the commit installs (or discards) the shadow itself
+        handle.base_version = self.core.commit(handle.agent, handle.target, staged, expected=handle.base_version)
         self._drop_grant(handle)
+
+    def _reshadow(self, handle: Shadow) -> None:
+        """A new shadow after a commit: a copy of what this handle committed."""
+        handle.fd = self._new_shadow(handle.target, copy=True)
 
     def _regrant(self, handle: Shadow) -> None:
         """The grant for a handle written again after its commit; its next commit is still a CAS."""
@@ -448,9 +464,11 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
-        if isinstance(handle, Snapshot):
+        if isinstance(handle, Snapshot) or handle.fd < 0:
             return
         await self._blocking(os.fdatasync if datasync else os.fsync, handle.fd)
+        if isinstance(handle, Shadow):
+            handle.synced = True
 
     @guarded
     async def release(self, fh: int) -> None:
