@@ -13,7 +13,8 @@ import time
 
 import pyfuse3
 import trio
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 
 from coherent_volume.core import VolumeCore
@@ -27,6 +28,12 @@ OWN_WINDOW = 2.0
 """Seconds after the mount itself changed a path during which inotify events on it are its own echo."""
 
 _TEMP = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp$")
+
+
+CHANGES = [FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileClosedEvent,
+           DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+"""The inotify events that signal a change: a write is seen when its writer closes the file
+(every write(2) and open(2) would otherwise wake this thread and contend for the GIL)."""
 
 
 class OwnChanges:
@@ -109,7 +116,7 @@ async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges,
     send, receive = trio.open_memory_channel[tuple[str, bool]](10_000)
     observer = Observer()
     observer.schedule(_Forwarder(core.paths.root, send, trio.lowlevel.current_trio_token(), own), core.paths.root,
-                      recursive=True)
+                      recursive=True, event_filter=CHANGES)
     observer.start()
     task_status.started()
     try:
