@@ -323,8 +323,8 @@ class CoherentOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         rel = self.inodes.path(inode)
         if not self._managed_file(rel):
-            if flags & os.O_TRUNC:
-                self.own.note(rel)
+            if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+                self.own.note(rel)  # its close-after-write event is our own echo
             fd = os.open(self._abs(rel), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
             return pyfuse3.FileInfo(fh=self._add(Passthrough(fd, rel)), keep_cache=True)
         agent, pinned = await self._identity(ctx)
