@@ -7,7 +7,15 @@ cd "$REPO"
 _need_apt=()
 command -v fusermount3 >/dev/null 2>&1 || _need_apt+=(fuse3)
 pkg-config --exists fuse3 2>/dev/null || _need_apt+=(libfuse3-dev pkg-config)
-command -v python3 >/dev/null 2>&1 || _need_apt+=(python3 python3-venv)
+# pyfuse3 is built from source: a C compiler and the Python headers
+command -v cc >/dev/null 2>&1 || _need_apt+=(gcc)
+if ! command -v python3 >/dev/null 2>&1; then
+  _need_apt+=(python3 python3-venv python3-dev)
+else
+  python3 -c "import venv, ensurepip" 2>/dev/null || _need_apt+=(python3-venv)
+  python3 -c "import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+    || _need_apt+=(python3-dev)
+fi
 if [ ${#_need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${_need_apt[*]}" >&2
   _sudo=""; [ "$(id -u)" -eq 0 ] || _sudo="sudo"
