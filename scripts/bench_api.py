@@ -236,9 +236,12 @@ def main() -> None:
     med = {s: {op: statistics.median(r[op] for r in rs) for op in rs[0]} for s, rs in rounds.items()}
     print("contention", file=sys.stderr)
     upd = {s: statistics.median(contention(py, s) for _ in range(args.rounds)) for s, py in (("ours", ours_py), ("peer", peer_py))}
-    print(f"scaling: 100 and {args.scale} managed files", file=sys.stderr)
-    small = run_child(ours_py, "--scaling", "100")
-    large = run_child(ours_py, "--scaling", str(args.scale))
+    print(f"scaling: 100 and {args.scale} managed files, alternating", file=sys.stderr)
+    sizes: dict[int, list[dict[str, float]]] = {100: [], args.scale: []}
+    for _ in range(args.rounds):
+        for files in sizes:
+            sizes[files].append(run_child(ours_py, "--scaling", str(files)))
+    small, large = ({op: statistics.median(r[op] for r in sizes[n]) for op in sizes[n][0]} for n in sizes)
     report(med, upd, small, large, args.scale)
 
 
