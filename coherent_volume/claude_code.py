@@ -28,7 +28,7 @@ from typing import Any
 from .core import VolumeCore
 from .errors import CoherenceError, StaleWriteError
 from .liveness import ProcessId
-from .paths import REGISTRY_DIR, Target
+from .paths import REGISTRY_DIR
 from .volume import open_core
 
 HOOK_BUDGET = 1.0

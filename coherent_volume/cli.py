@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -246,9 +247,7 @@ def claude_code_group() -> None:
     """Claude Code integration: hooks that make a session's view what its model read."""
 
 
-def _settings_path(project_dir: str | None, user: bool) -> "Path":
-    from pathlib import Path
-
+def _settings_path(project_dir: str | None, user: bool) -> Path:
     if user:
         return Path.home() / ".claude" / "settings.json"
     return Path(project_dir or ".").resolve() / ".claude" / "settings.json"

@@ -7,8 +7,6 @@ retries). A third row races two Python agents through the CoherentVolume API.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
