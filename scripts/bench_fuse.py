@@ -507,10 +507,19 @@ def measure(base: Path, z: Sizes, rounds: int) -> None:
     check_targets(results)
 
 
+def ensure_bindfs() -> None:
+    """bindfs is the comparison subject: install Debian's package when it is missing."""
+    if shutil.which("bindfs") is None:
+        print("installing bindfs (Debian package) for the comparison", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "bindfs"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
 def main() -> int:
     if os.environ.get("COHERENT_AGENT") != AGENT:  # the mount reads the agent from the exec'd environment
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "COHERENT_AGENT": AGENT})
     args = parse_args()
+    ensure_bindfs()
     z = QUICK if args.quick else FULL
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: sys.exit(143))  # unwind through the unmounts

@@ -16,6 +16,10 @@ else
   python3 -c "import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
     || _need_apt+=(python3-dev)
 fi
+# programs a caller needs as "command:package" pairs (scripts/test: the programs the suite drives)
+for _pair in ${BOOTSTRAP_PROGRAMS:-}; do
+  command -v "${_pair%%:*}" >/dev/null 2>&1 || _need_apt+=("${_pair#*:}")
+done
 if [ ${#_need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${_need_apt[*]}" >&2
   _sudo=""; [ "$(id -u)" -eq 0 ] || _sudo="sudo"

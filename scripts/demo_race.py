@@ -7,6 +7,7 @@ retries). A third row races two Python agents through the CoherentVolume API.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,9 @@ BIN = Path(sys.executable).parent
 CLI = str(BIN / "coherent-volume")
 
 # One agent: CYCLES times read the counter, add one, write it back; on a refused write, re-read and redo.
+# Both agents start together (they wait for a go-file), so they really overlap.
 SHELL_AGENT = r"""
+while [ ! -e "$GO" ]; do sleep 0.01; done
 refusals=0
 for ((i = 0; i < CYCLES; i++)); do
   while true; do
@@ -36,6 +39,8 @@ def api_agent(root: str, cycles: int, agent: str) -> int:
 
     refusals = 0
     with CoherentVolume(root, agent=agent) as vol:
+        while not os.path.exists(os.environ["GO"]):
+            time.sleep(0.01)
         for _ in range(cycles):
             while True:
                 value = int(vol.read_text(COUNTER))
@@ -50,7 +55,7 @@ def api_agent(root: str, cycles: int, agent: str) -> int:
 def race(setup: str, workdir: Path, cycles: int, volume_root: Path | None = None) -> dict[str, object]:
     (workdir / COUNTER).write_text("0\n") if setup == "plain" else None
     script = SHELL_AGENT.replace("CYCLES", str(cycles))
-    started = time.monotonic()
+    go = workdir.parent / f"go-{setup}"
     procs = []
     for agent in ("alice", "bob"):
         if setup == "plain":
@@ -59,7 +64,11 @@ def race(setup: str, workdir: Path, cycles: int, volume_root: Path | None = None
             argv = [CLI, "as", agent, "--", "bash", "-c", script]
         else:
             argv = [sys.executable, __file__, "--api-agent", str(volume_root), str(cycles), agent]
-        procs.append(subprocess.Popen(argv, cwd=workdir, stdout=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(argv, cwd=workdir, stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "GO": str(go)}))
+    time.sleep(0.3)
+    started = time.monotonic()
+    go.touch()
     refusals = 0
     for proc in procs:
         out, _ = proc.communicate(timeout=600)

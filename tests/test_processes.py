@@ -163,6 +163,11 @@ while True:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert conn.execute("SELECT hash, version, writer FROM files WHERE path = ?", (P,)).fetchone()[:2] == (
             content_hash(data), version)
+        conn.close()
+        # a writer killed before its rename leaves an abandoned intent until the next locked operation
+        assert subprocess.run([str(Path(sys.executable).parent / "coherent-volume"), "status", str(root)],
+                              capture_output=True).returncode == 0
+        conn = sqlite3.connect(root / ".coherent/registry.db")
         assert conn.execute("SELECT count(*) FROM intents").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM events WHERE kind = 'foreign'").fetchone() == (0,), \
             "a crashed commit must never look like a foreign write"
