@@ -1,0 +1,189 @@
+"""What the harness records, and how workers write it down.
+
+Every commit attempt becomes one `Attempt`: the agent, the target path, every read it made
+(path, the token of the bytes it got), the token it wrote and the token it built on, the
+outcome (`ok`, `refused`, `error`, `read-error`, or `unknown` for a writer killed mid-write)
+with the refusal reason, the version the volume reported (when the face reports one), and
+timestamps. Python workers append JSON lines (a `begin` line before the write call, an `end`
+line after, so a write cut short by kill -9 stays visible); shell workers append plain lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import payload
+
+COMMITTED = "ok"
+
+
+@dataclass
+class Read:
+    """One read: `token` is None when the bytes were not a complete payload; `error` names a failed read."""
+
+    path: str
+    token: str | None = None
+    prev: str | None = None
+    count: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, path: str, data: bytes | str | None, error: str | None = None) -> "Read":
+        p = payload.parse(data) if error is None else None
+        return cls(path, p.token if p else None, p.prev if p else None, p.count if p else None, error)
+
+    @property
+    def torn(self) -> bool:
+        return self.error is None and self.token is None
+
+
+@dataclass
+class Attempt:
+    agent: str
+    target: str
+    token: str
+    prev: str | None
+    count: int
+    reads: list[Read]
+    t_read: float
+    t_write0: float | None = None
+    t_write1: float | None = None
+    outcome: str = "unknown"
+    reason: str | None = None
+    version: int | None = None
+
+    @property
+    def committed(self) -> bool:
+        return self.outcome == COMMITTED
+
+    @property
+    def reached_write(self) -> bool:
+        return self.t_write0 is not None
+
+
+@dataclass
+class Producer:
+    """Content put in place by the harness itself: the seed of a file, or a foreign write."""
+
+    kind: str  # "seed" | "foreign"
+    path: str
+    token: str
+    count: int
+    version: int | None
+    t: float
+    agent: str | None = None
+    """The agent that wrote a seed through the volume (foreign writes have none)."""
+
+
+@dataclass
+class History:
+    """Everything the checker gets: records, the final files, and the volume's own log (as data)."""
+
+    isolation: str  # "file" | "read-set"
+    versioned: bool  # False for a plain directory: no versions exist
+    producers: list[Producer] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    samples: set[tuple[str, str | None]] = field(default_factory=set)
+    final: dict[str, Read] = field(default_factory=dict)
+    final_versions: dict[str, int] = field(default_factory=dict)
+    log: dict[str, dict[int, tuple[str, str]]] = field(default_factory=dict)
+    """path -> version -> (kind, agent) of every version the volume's log says it made."""
+
+
+class Recorder:
+    """Appends one worker's attempts to a JSON-lines file; each line is one write(2), so it survives kill -9."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+    def _line(self, record: dict[str, object]) -> None:
+        os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    def begin(self, attempt: Attempt) -> None:
+        record = asdict(attempt)
+        for key in ("t_write1", "outcome", "reason", "version"):
+            record.pop(key)
+        self._line({"op": "begin", **record})
+
+    def end(self, attempt: Attempt) -> None:
+        self._line({"op": "end", "token": attempt.token, "t_write1": attempt.t_write1, "outcome": attempt.outcome,
+                    "reason": attempt.reason, "version": attempt.version})
+
+    def done(self, attempt: Attempt) -> None:
+        """An attempt that never reached its write (a failed read or lock)."""
+        self._line({"op": "done", **asdict(attempt)})
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _attempt(record: dict) -> Attempt:
+    reads = [Read(**r) for r in record.pop("reads")]
+    record.pop("op", None)
+    return Attempt(reads=reads, **record)
+
+
+def load_json_records(path: str | os.PathLike[str]) -> list[Attempt]:
+    """Attempts from a Recorder file; a `begin` without its `end` stays `unknown`."""
+    attempts: dict[str, Attempt] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a full disk; kill -9 cannot cut a single write(2)
+        if record["op"] in ("begin", "done"):
+            attempt = _attempt(record)
+            attempts[attempt.token] = attempt
+        elif record["op"] == "end" and record["token"] in attempts:
+            a = attempts[record["token"]]
+            a.t_write1, a.outcome, a.reason, a.version = (record["t_write1"], record["outcome"], record["reason"],
+                                                          record["version"])
+    return list(attempts.values())
+
+
+SHELL_ERRORS = {"Permission denied": "EACCES", "Transport endpoint is not connected": "ENOTCONN",
+                "Software caused connection abort": "ECONNABORTED", "No space left on device": "ENOSPC",
+                "No such file or directory": "ENOENT"}
+
+
+def shell_error(message: str) -> str:
+    """errno name for the message a shell or coreutils printed."""
+    for text, name in SHELL_ERRORS.items():
+        if text in message:
+            return name
+    return "EOTHER" if message.strip() else "EUNKNOWN"
+
+
+def load_shell_records(path: str | os.PathLike[str], agent: str) -> list[Attempt]:
+    """Attempts from a shell worker's lines: `R path rc|F line…`, `W target token prev count t_read t_write0`,
+    `E rc t_write1 message…` (see shell_agent.sh)."""
+    attempts: list[Attempt] = []
+    reads: list[Read] = []
+    current: Attempt | None = None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "R":
+            rpath, rc, raw = (rest.split(" ", 2) + ["", ""])[:3]
+            if rc == "F":  # the open failed (dead mount, missing file)
+                reads.append(Read(rpath, error="read-failed"))
+            else:  # read(1) fails on a last line without newline: that content is torn
+                reads.append(Read.of(rpath, raw + "\n" if rc == "0" else raw))
+        elif kind == "W":
+            target, token, prev, count, t_read, t0 = rest.split(" ")[:6]
+            current = Attempt(agent, target, token, prev, int(count), reads, float(t_read), float(t0))
+            attempts.append(current)
+            reads = []
+        elif kind == "X":  # an attempt whose target read failed: no write was made
+            target, t_read = rest.split(" ")[:2]
+            attempts.append(Attempt(agent, target, f"{agent}.x{len(attempts)}", None, 0, reads, float(t_read),
+                                    outcome="read-error", reason="read-failed"))
+            reads = []
+        elif kind == "E" and current is not None:
+            rc, t1, message = (rest.split(" ", 2) + [""])[:3]
+            current.t_write1 = float(t1)
+            current.outcome, current.reason = ("ok", None) if rc == "0" else (
+                ("refused", "EACCES") if shell_error(message) == "EACCES" else ("error", shell_error(message)))
+            current = None
+    return attempts

@@ -1,0 +1,115 @@
+"""Setting up volumes and looking at them only from outside: the public API, the CLI, and SQL on
+the registry file (never coherent_volume's internals)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from coherent_volume import CoherentVolume
+
+from . import payload
+from .history import Producer, Read
+
+CLI = str(Path(sys.executable).parent / "coherent-volume")
+MANAGED = ("plans/**",)
+SEED_AGENT = "harness-seed"
+
+
+def registry_db(root: Path) -> Path:
+    return root / ".coherent" / "registry.db"
+
+
+def create(root: Path, managed: tuple[str, ...] = MANAGED) -> Path:
+    """A new volume at `root` with a plans/ directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    CoherentVolume(root, managed=managed, agent=SEED_AGENT).close()
+    (root / "plans").mkdir(exist_ok=True)
+    return root
+
+
+def seed(root: Path, paths: list[str], count: int = 0) -> list[Producer]:
+    """Put a seed payload in each path through the API; the producers record their versions."""
+    out = []
+    with CoherentVolume(root, agent=SEED_AGENT) as vol:
+        for path in paths:
+            token = payload.seed_token(path)
+            version = vol.write(path, payload.make(token, "-", count))
+            out.append(Producer("seed", path, token, count, version, time.time(), SEED_AGENT))
+    return out
+
+
+def read_log(root: Path) -> list[dict[str, Any]]:
+    """The volume's whole log through the CLI, oldest first."""
+    result = subprocess.run([CLI, "log", str(root), "--json", "--limit", "1000000"], capture_output=True,
+                            text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"coherent-volume log failed: {result.stderr.strip()}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def raw_read(root: Path, path: str) -> Read:
+    """The backing file's bytes, read directly (not through the volume)."""
+    try:
+        return Read.of(path, (root / path).read_bytes())
+    except FileNotFoundError:
+        return Read(path, error="ENOENT")
+
+
+def final_state(root: Path, paths: list[str]) -> tuple[dict[str, Read], dict[str, int]]:
+    """Final file contents (from disk) and versions (from a fresh volume handle)."""
+    final = {p: raw_read(root, p) for p in paths}
+    with CoherentVolume(root, agent="harness-final") as vol:
+        versions = {p: vol.version(p) for p in paths}
+    return final, versions
+
+
+def integrity(root: Path) -> str:
+    """SQLite's own verdict on the registry file ('ok' when sound)."""
+    conn = sqlite3.connect(f"file:{registry_db(root)}?mode=ro", uri=True, timeout=30)
+    try:
+        return "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+    finally:
+        conn.close()
+
+
+def sql(root: Path, query: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    """A read-only query on the registry file."""
+    conn = sqlite3.connect(f"file:{registry_db(root)}?mode=ro", uri=True, timeout=30)
+    try:
+        return list(conn.execute(query, args))
+    finally:
+        conn.close()
+
+
+def dump(root: Path) -> list[str]:
+    """The registry's logical content (every table, every row), to show it did not change."""
+    conn = sqlite3.connect(f"file:{registry_db(root)}?mode=ro", uri=True, timeout=30)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def agreement(root: Path, paths: list[str]) -> list[str]:
+    """Registry and disk agree: a fresh read returns the disk's bytes, and the version the volume
+    reports is the last one its log records (the log is read after, so a disagreement the read
+    had to repair shows up as a version the log has and the caller's history lacks)."""
+    from .resolve import log_versions
+
+    problems, versions = [], {}
+    with CoherentVolume(root, agent="harness-agreement") as vol:
+        for path in paths:
+            if vol.read(path) != (root / path).read_bytes():
+                problems.append(f"{path}: a fresh read does not return the disk's bytes")
+            versions[path] = vol.version(path)
+    logged = log_versions(read_log(root))
+    for path, version in versions.items():
+        last = max(logged.get(path, {0: None}))
+        if version != last:
+            problems.append(f"{path}: the volume reports v{version}, its log ends at v{last}")
+    return problems
