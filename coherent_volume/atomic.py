@@ -87,15 +87,39 @@ class Staged:
             self.named = False
 
 
+NAME_MAX = 255
+
+
 def _temp_name(target: str) -> str:
+    """A temp name beside `target`, within NAME_MAX bytes however long the target's name is."""
     directory, base = os.path.split(target)
-    return os.path.join(directory, f".{base}.cv-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    suffix = f".cv-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    room = NAME_MAX - 1 - len(suffix)
+    stem = os.fsencode(base)[:room].decode("utf-8", "ignore")
+    return os.path.join(directory, f".{stem}{suffix}")
+
+
+def _makedirs(directory: str) -> None:
+    """mkdir -p without recursion (os.makedirs recurses once per missing level)."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
 
 
 def stage(target: str, data: bytes) -> Staged:
     """Write `data` durably beside `target` (creating missing parent directories)."""
     directory = os.path.dirname(target)
-    os.makedirs(directory, exist_ok=True)
+    _makedirs(directory)
     mode = 0o666  # the process umask applies, as for any new file
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)

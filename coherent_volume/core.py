@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from . import atomic
-from .errors import CasConflict, NotManaged, StaleWriteError
+from .errors import CasConflict, NotManaged, RegistryError, StaleWriteError
 from .fingerprint import Fingerprint, content_hash, fingerprint_path, hash_fd, hash_path, read_fd, read_file
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, VolumePaths
@@ -104,7 +104,10 @@ class VolumeCore:
             tx.log("recover", intent.path, intent.agent, now, version=intent.version if installed else current_version(record),
                    detail="completed an interrupted commit" if installed else "abandoned an interrupted commit")
             if intent.tmp is not None:
-                atomic.Staged(target.abs, "", None, intent.tmp, named=True).discard()
+                try:
+                    atomic.Staged(target.abs, "", None, intent.tmp, named=True).discard()
+                except OSError:
+                    pass  # nothing by that name can exist: never let cleanup wedge the volume
             tx.drop_intent(intent.path)
 
     def _holder(self, tx: Transaction, rel: str, now: float) -> Grant | None:
@@ -338,8 +341,12 @@ class VolumeCore:
         if staged is None and not exists:
             raise FileNotFoundError(2, "No such file or directory", rel)
         self._install(lambda: staged.install() if staged is not None else atomic.remove(target.abs))
-        with self.registry.write() as tx:
-            self._finish(tx, agent, target, version + 1, staged.hash if staged else None, check.seen)
+        try:
+            with self.registry.write() as tx:
+                self._finish(tx, agent, target, version + 1, staged.hash if staged else None, check.seen)
+        except RegistryError as e:
+            raise RegistryError(f"{rel}: the change is on disk, but the registry could not record it ({e}); "
+                                "it will be recorded as a change by 'external' at the next access", e.errno) from e
         return version + 1
 
     def _install(self, action: Callable[[], None]) -> None:

@@ -84,6 +84,12 @@ class OutsideVolume(CoherenceError, ValueError):
     """A path that leaves the volume root, or names the registry's own directory."""
 
 
+class InvalidPath(CoherenceError, ValueError):
+    """A path the volume cannot hold: not valid UTF-8, or longer than the system allows."""
+
+    errno = errno.EINVAL
+
+
 class GlobError(CoherenceError, ValueError):
     """A malformed managed glob, or a glob set that protects nothing."""
 
@@ -97,4 +103,10 @@ class NotManaged(CoherenceError, ValueError):
 
 
 class RegistryError(CoherenceError):
-    """The registry is missing, corrupt, of another schema version, or busy past its timeout."""
+    """The registry is missing, corrupt, of another schema version, full, or busy past its timeout.
+
+    `errno` says which for callers that speak errno (the mount): EBUSY, ENOSPC or EIO."""
+
+    def __init__(self, message: str, errno_: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_

@@ -84,7 +84,10 @@ class ManagedGlobs:
         if not items:
             raise GlobError("a volume needs at least one managed glob: with none it would protect nothing")
         for p in items:
-            compile_glob(p)
+            try:
+                re.compile(compile_glob(p))
+            except re.error as e:
+                raise GlobError(f"malformed glob {p!r}: {e}") from None
         return cls(tuple(sorted(set(items))))
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import NamedTuple
 from pathlib import Path
 
-from .errors import OutsideVolume
+from .errors import InvalidPath, OutsideVolume
 from .globs import ManagedGlobs
 
 REGISTRY_DIR = ".coherent"
@@ -22,11 +22,20 @@ class Target(NamedTuple):
     managed: bool
 
 
+PATH_MAX = 4096
+
+
 def _check_text(path: str) -> None:
     if "\0" in path:
         raise OutsideVolume(f"path {path!r} contains a NUL byte")
     if not path:
         raise OutsideVolume("empty path")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPath(f"path {path!r} is not valid UTF-8: a volume records its paths as UTF-8") from None
+    if len(encoded) >= PATH_MAX:
+        raise InvalidPath(f"path of {len(encoded)} bytes is longer than the system allows ({PATH_MAX - 1})")
 
 
 class _OpenHow(ctypes.Structure):
@@ -108,7 +117,10 @@ class VolumePaths:
             rel = self.rel_of(os.path.realpath(joined))
         if rel == ".":
             raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
-        return Target(rel, f"{self.root}/{rel}", self._managed(rel))
+        target = Target(rel, f"{self.root}/{rel}", self._managed(rel))
+        if len(target.abs.encode("utf-8")) >= PATH_MAX:
+            raise InvalidPath(f"{rel[:60]!r}...: inside this root the path is longer than the system allows")
+        return target
 
     def _openat2(self, rel: str, flags: int) -> int:
         """openat2 beneath root refusing any symlink on the way; -errno on failure."""

@@ -20,7 +20,7 @@ import trio
 
 from coherent_volume import atomic
 from coherent_volume.core import VolumeCore
-from coherent_volume.errors import CoherenceError, StaleWriteError
+from coherent_volume.errors import CoherenceError
 from coherent_volume.fingerprint import hash_fd
 from coherent_volume.liveness import current_process, start_time
 from coherent_volume.paths import Target, is_registry_path
@@ -53,12 +53,9 @@ def guarded(handler: F) -> F:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except StaleWriteError as e:
+        except CoherenceError as e:  # refusals are EACCES; a full or busy registry, a bad path say so
             log.info("refused: %s", e)
-            raise pyfuse3.FUSEError(errno.EACCES) from None
-        except CoherenceError as e:
-            log.info("refused: %s", e)
-            raise pyfuse3.FUSEError(errno.EACCES) from None
+            raise pyfuse3.FUSEError(getattr(e, "errno", None) or errno.EACCES) from None
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:

@@ -28,7 +28,7 @@ def test_garbage_registry_is_reported_and_left_untouched(root: Path) -> None:
     for suffix in ("-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
     db.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(RegistryError, match="not a usable SQLite database|corrupt"):
+    with pytest.raises(RegistryError, match="not a coherent-volume registry"):
         CoherentVolume(root, agent="bob")
     assert db.read_bytes() == b"this is not a database" * 100
     assert (root / P).read_bytes() == before
@@ -87,3 +87,22 @@ time.sleep(60)
     assert (root / P).read_bytes() == before
     assert alice.write(P, b"after the lock") == 2
     alice.close()
+
+
+def test_an_empty_or_foreign_registry_file_is_left_untouched(root: Path) -> None:
+    db = root / ".coherent/registry.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"")
+    with pytest.raises(RegistryError, match="not a coherent-volume registry"):
+        CoherentVolume(root, agent="bob")
+    assert db.read_bytes() == b""
+    db.unlink()
+    foreign = sqlite3.connect(db)
+    foreign.execute("CREATE TABLE notes (x)")
+    foreign.commit()
+    foreign.close()
+    before = db.read_bytes()
+    with pytest.raises(RegistryError, match="not a coherent-volume registry"):
+        CoherentVolume(root, agent="bob")
+    assert db.read_bytes() == before

@@ -5,6 +5,7 @@ flock on a sibling file is the commit lock, released by the kernel if its holder
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -26,6 +27,8 @@ SCHEMA_VERSION = 1
 DB_NAME = "registry.db"
 LOCK_NAME = "commit.lock"
 BUSY_TIMEOUT_MS = 10_000
+
+REQUIRED_TABLES = frozenset({"meta", "files", "views", "grants", "fences", "intents", "events", "sessions"})
 
 _FILE_COLS = "path, version, present, hash, ino, size, mtime_ns, ctime_ns, writer, committed_at, checked_ns"
 
@@ -248,8 +251,47 @@ class SQLiteRegistry:
                 raise RegistryError(f"no volume registry at {self._path!r}: create the volume with managed globs first")
             os.makedirs(directory, mode=0o700, exist_ok=True)
             os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
+            stored = None
+        elif globs is None or os.path.getsize(self._path) > 0:
+            stored = self._probe(complete=globs is None)
+        else:
+            stored = None  # an empty file left by a creator that died before writing the schema
         self._connect()
-        self._globs = self._configure(globs)
+        self._globs = self._configure(globs, stored)
+
+    def _probe(self, complete: bool) -> ManagedGlobs | None:
+        """Validate an existing registry read-only, before anything may write to it: integrity,
+        schema version and, when `complete` (opening, not creating), its tables and stored globs."""
+        try:
+            probe = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                check = probe.execute("PRAGMA quick_check(1)").fetchone()[0]
+                tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                meta = dict(probe.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
+            finally:
+                probe.close()
+        except sqlite3.DatabaseError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise self._error(e) from e
+            raise RegistryError(f"{self._path!r} is not a coherent-volume registry ({e}); it was left untouched: "
+                                "move it aside to start a new registry") from e
+        if check != "ok":
+            raise RegistryError(f"registry {self._path!r} is corrupt ({check}); it was left untouched")
+        if "schema_version" in meta and meta["schema_version"] != str(SCHEMA_VERSION):
+            raise RegistryError(f"registry {self._path!r} has schema version {meta['schema_version']!r}; "
+                                f"this coherent-volume reads version {SCHEMA_VERSION}")
+        if not complete:
+            return None
+        missing = sorted(REQUIRED_TABLES - tables)
+        if missing:
+            raise RegistryError(f"{self._path!r} is not a coherent-volume registry, or a damaged one "
+                                f"(missing {', '.join(missing)}); it was left untouched")
+        if "schema_version" not in meta or "globs" not in meta:
+            raise RegistryError(f"registry {self._path!r} stores no schema version or managed globs; it was left untouched")
+        try:
+            return ManagedGlobs.of(json.loads(meta["globs"]))
+        except (ValueError, TypeError) as e:
+            raise RegistryError(f"registry {self._path!r} stores unreadable managed globs ({e})") from e
 
     # -- connection management ------------------------------------------------------
 
@@ -281,28 +323,29 @@ class SQLiteRegistry:
             self._connect()
         return self._conn
 
-    def _configure(self, globs: ManagedGlobs | None) -> ManagedGlobs:
+    def _configure(self, globs: ManagedGlobs | None, stored: ManagedGlobs | None) -> ManagedGlobs:
+        """The volume's globs: the stored ones when opening; when creating (`globs` given), write the
+        schema and the globs idempotently (racing creators converge) and insist they agree."""
+        if globs is None:
+            assert stored is not None
+            return stored
         try:
-            db = sqlite_utils.Database(self._conn)
-            _create_schema(db)
-            wanted = {"schema_version": str(SCHEMA_VERSION)}
-            if globs is not None:
-                wanted["globs"] = json.dumps(list(globs.patterns))
-            for key, value in wanted.items():
+            _create_schema(sqlite_utils.Database(self._conn))
+            for key, value in (("schema_version", str(SCHEMA_VERSION)), ("globs", json.dumps(list(globs.patterns)))):
                 self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
-            stored = dict(self._conn.execute("SELECT key, value FROM meta"))
+            meta = dict(self._conn.execute("SELECT key, value FROM meta"))
         except sqlite3.DatabaseError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise self._error(e) from e
             raise RegistryError(f"registry {self._path!r} is corrupt ({e}); it was left untouched") from e
-        if stored.get("schema_version") != str(SCHEMA_VERSION):
-            raise RegistryError(f"registry {self._path!r} has schema version {stored.get('schema_version')!r}; "
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise RegistryError(f"registry {self._path!r} has schema version {meta.get('schema_version')!r}; "
                                 f"this coherent-volume reads version {SCHEMA_VERSION}")
-        if "globs" not in stored:
-            raise RegistryError(f"registry {self._path!r} stores no managed globs: create the volume with managed globs")
         try:
-            stored_globs = ManagedGlobs.of(json.loads(stored["globs"]))
+            stored_globs = ManagedGlobs.of(json.loads(meta["globs"]))
         except (ValueError, TypeError) as e:
             raise RegistryError(f"registry {self._path!r} stores unreadable managed globs ({e})") from e
-        if globs is not None and globs != stored_globs:
+        if globs != stored_globs:
             raise VolumeConfigError(
                 f"this volume manages {list(stored_globs.patterns)}, not {list(globs.patterns)}: "
                 "open it without managed globs (or with the stored ones); a second policy is never applied")
@@ -361,8 +404,10 @@ class SQLiteRegistry:
     def _error(self, e: sqlite3.DatabaseError) -> RegistryError:
         if "locked" in str(e) or "busy" in str(e):
             return RegistryError(f"registry {self._path!r} stayed locked by another process for more than "
-                                 f"{BUSY_TIMEOUT_MS / 1000:g} s; nothing was changed, try again")
-        return RegistryError(f"registry {self._path!r} failed: {e}; nothing was changed")
+                                 f"{BUSY_TIMEOUT_MS / 1000:g} s; try again", errno.EBUSY)
+        if "full" in str(e):
+            return RegistryError(f"registry {self._path!r}: no space left on the device ({e})", errno.ENOSPC)
+        return RegistryError(f"registry {self._path!r} failed: {e}")
 
     @contextmanager
     def read(self) -> Iterator[SQLiteTransaction]:

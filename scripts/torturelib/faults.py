@@ -174,7 +174,10 @@ def busy_registry(workdir: Path, timeout_ms: int = 300) -> Result:
             limit = timeout_ms / 1000 * 4 + 1
             with locked_registry(root) as locker:
                 _bounded(result, "write", lambda: vol.write(P, payload.make("blocked", "-", 1)), locker, limit)
-                _bounded(result, "open", lambda: CoherentVolume(root, agent="late").close(), locker, limit)
+                # opening an existing volume writes nothing, so it works; a new agent's first read
+                # registers a view (a write), so it waits, boundedly, like the write
+                with CoherentVolume(root, agent="late") as late:
+                    _bounded(result, "first read", lambda: late.read(P), locker, limit)
             if (root / P).read_bytes() != old:
                 result.fail("the old version changed during the failed write")
             if vol.write(P, payload.make("after", "-", 1)) != 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sqlite3
 import time
 from collections import Counter
@@ -163,7 +164,7 @@ def fuzz_paths(workdir: Path, examples: int, seed_: int = 0) -> Result:
     @example(op="write", path="plans/loop/x.md")
     def case(op: str, path: Any) -> None:
         root = workdir / "case"
-        shutil.rmtree(root, ignore_errors=True)
+        _remove(root)
         shutil.copytree(template, root, symlinks=True)
         label = f"case {next(counter)}: {op}({path!r:.80})"
         with CoherentVolume(root, agent="fuzzer") as vol:
@@ -174,7 +175,10 @@ def fuzz_paths(workdir: Path, examples: int, seed_: int = 0) -> Result:
             shutil.rmtree(workdir / "outside")
             _template_outside(workdir)
 
-    _run(case, examples, seed_)
+    try:
+        _run(case, examples, seed_)
+    finally:
+        _remove(workdir / "case")  # the deepest cases nest too deep for shutil.rmtree (pytest's cleanup)
     result.wall = time.monotonic() - started
     return result
 
@@ -211,7 +215,7 @@ def fuzz_globs(workdir: Path, examples: int, seed_: int = 0) -> Result:
     def case(globs: Any) -> None:
         label = f"case {next(counter)}: managed={globs!r:.80}"
         fresh = workdir / "glob-fresh"
-        shutil.rmtree(fresh, ignore_errors=True)
+        _remove(fresh)
         fresh.mkdir()
         if fuzz.outcome(label + " (new volume)", lambda: _use_new_volume(fresh, globs)) is None:
             fuzz.outcome(label + " (reopened)", lambda: CoherentVolume(fresh, managed=globs, agent="again").close())
@@ -272,6 +276,11 @@ def damage(draw: st.DrawFn) -> tuple[str, Any]:
     return kind, None
 
 
+def _remove(tree: Path) -> None:
+    """rm -rf: a fuzzed path may nest deeper than shutil.rmtree can recurse."""
+    subprocess.run(["rm", "-rf", str(tree)], check=False)
+
+
 def _apply(db: Path, kind: str, arg: Any) -> None:
     data = db.read_bytes()
     if kind == "truncate":
@@ -310,7 +319,7 @@ def fuzz_registry(workdir: Path, examples: int, seed_: int = 0) -> Result:
     @example(hurt=("empty", None))
     def case(hurt: tuple[str, Any]) -> None:
         root = workdir / "registry-case"
-        shutil.rmtree(root, ignore_errors=True)
+        _remove(root)
         shutil.copytree(template, root, symlinks=True)
         db = registry_db(root)
         _apply(db, *hurt)
