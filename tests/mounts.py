@@ -13,24 +13,11 @@ from pathlib import Path
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 
 
-def daemon_pids(mountpoint: Path) -> list[int]:
-    """Processes serving `mountpoint` (the forked `coherent-volume mount` daemon)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"mount" in argv and os.fsencode(str(mountpoint)) in argv and int(entry) != os.getpid():
-            pids.append(int(entry))
-    return pids
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from torturelib.mounts import daemon_pids  # noqa: E402  (one copy of the test harness's mount helpers)
+from torturelib.mounts import mounted as is_mounted  # noqa: E402
 
-
-def is_mounted(mountpoint: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(mountpoint) for line in f)
+__all__ = ["CLI", "Mount", "daemon_pids", "is_mounted"]
 
 
 class Mount:
