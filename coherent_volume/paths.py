@@ -127,7 +127,11 @@ class VolumePaths:
         if self._root_fd is None:
             return -1
         how, size = _how(flags)
-        fd = _syscall(_SYS_OPENAT2, self._root_fd, rel.encode("utf-8", "surrogateescape"), ctypes.byref(how), size)
+        try:
+            name = rel.encode("utf-8")
+        except UnicodeEncodeError:
+            return -errno.EINVAL  # the slow path reports it as InvalidPath
+        fd = _syscall(_SYS_OPENAT2, self._root_fd, name, ctypes.byref(how), size)
         return fd if fd >= 0 else -ctypes.get_errno()
 
     def _free_of_symlinks(self, rel: str) -> bool:

@@ -326,9 +326,13 @@ def fuzz_registry(workdir: Path, examples: int, seed_: int = 0) -> Result:
         label = f"case {next(counter)}: {hurt[0]} {hurt[1]!r:.60}"
         damaged = db.read_bytes() if db.is_file() else None
         error = fuzz.outcome(label, lambda: _use_damaged(root))
-        if error is not None and damaged is not None and db.read_bytes() != damaged and "RegistryError" in type(error).__name__:
+        # damage that only the write's own registry update meets (an index page quick_check cannot
+        # see) surfaces after the file was installed: then the error must say so, and did write
+        installed = error is not None and "the change is on disk" in str(error)
+        if error is not None and not installed and damaged is not None and db.read_bytes() != damaged \
+                and "RegistryError" in type(error).__name__:
             fuzz.violation("touched", f"{label}: the registry was modified although it was reported unusable")
-        if (root / SENTINEL).read_bytes() != (KEPT if error is not None else b"rewritten\n"):
+        if (root / SENTINEL).read_bytes() != (KEPT if error is not None and not installed else b"rewritten\n"):
             fuzz.violation("false-failure", f"{label}: the write failed ({str(error)[-60:]!r}) "
                                             "but the file on disk was replaced")
 
