@@ -53,6 +53,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from torturelib.mounts import serving_pids  # one copy of the /proc scan for a mount's daemon
+
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 AGENT = "bench"
 MANAGED_GLOB = "plans/**"
@@ -297,21 +299,6 @@ def fuse_mounts() -> dict[str, str]:
             if "fuse" in fstype:
                 out[mountpoint.replace("\\040", " ")] = fstype
     return out
-
-
-def serving_pids(mountpoint: Path) -> list[int]:
-    """Daemons (bindfs or `coherent-volume mount`) that have `mountpoint` on their command line."""
-    pids, me = [], os.fsencode(str(mountpoint))
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if me in argv:
-            pids.append(int(entry))
-    return pids
 
 
 def unmount(mountpoint: Path) -> None:

@@ -18,8 +18,8 @@ from .volumes import CLI
 _ACTIVE: set["Mount"] = set()
 
 
-def daemon_pids(mountpoint: Path) -> list[int]:
-    """Live processes serving `mountpoint` (the forked `coherent-volume mount` daemon)."""
+def serving_pids(mountpoint: Path, marker: bytes | None = None) -> list[int]:
+    """Live processes with `mountpoint` (and `marker`, when given) among their arguments."""
     pids = []
     needle = os.fsencode(str(mountpoint))
     for entry in os.listdir("/proc"):
@@ -29,9 +29,14 @@ def daemon_pids(mountpoint: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"mount" in argv and needle in argv:
+        if needle in argv and (marker is None or marker in argv):
             pids.append(int(entry))
     return pids
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """Live processes serving `mountpoint` (the forked `coherent-volume mount` daemon)."""
+    return serving_pids(mountpoint, b"mount")
 
 
 def mounted(mountpoint: Path) -> bool:
