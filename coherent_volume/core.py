@@ -240,7 +240,7 @@ class VolumeCore:
                 dirs.remove(REGISTRY_DIR)
             for name in files:
                 rel = os.path.relpath(os.path.join(directory, name), self.paths.root).replace(os.sep, "/")
-                if self.paths.globs.matches(rel):
+                if self.paths.managed(rel):
                     on_disk.add(rel)
         with self.registry.commit_lock(), self.registry.write() as tx:
             self._recover(tx)
@@ -404,10 +404,8 @@ class VolumeCore:
         """Rename `src` over `dst` as one checked commit of both ends.
 
         Each end that is a managed path is written (dst gets src's content, src is deleted, or with
-        `exchange` they swap) and so needs the agent's current view. Unmanaged ends are not checked."""
-        if not (src.managed or dst.managed):
-            atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
-            return
+        `exchange` they swap) and so needs the agent's current view. Unmanaged ends are not checked;
+        a rename with no managed end has nothing to check and is the caller's plain rename."""
         with self.registry.commit_lock():
             with self.registry.write() as tx:
                 self._recover(tx)

@@ -77,7 +77,8 @@ class VolumePaths:
     def __init__(self, root: Path, globs: ManagedGlobs) -> None:
         self.root = os.path.realpath(root)
         self.globs = globs
-        self._managed = lru_cache(maxsize=65536)(globs.matches)
+        self.managed = lru_cache(maxsize=65536)(globs.matches)
+        """Whether a root-relative path is managed (cached: globs never change)."""
         try:
             self._root_fd: int | None = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -117,7 +118,7 @@ class VolumePaths:
             rel = self.rel_of(os.path.realpath(joined))
         if rel == ".":
             raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
-        target = Target(rel, f"{self.root}/{rel}", self._managed(rel))
+        target = Target(rel, f"{self.root}/{rel}", self.managed(rel))
         if len(target.abs.encode("utf-8")) >= PATH_MAX:
             raise InvalidPath(f"{rel[:60]!r}...: inside this root the path is longer than the system allows")
         return target
@@ -154,4 +155,4 @@ class VolumePaths:
 
     def of_rel(self, rel: str) -> Target:
         """Target for a root-relative path that is already resolved (as stored in the registry)."""
-        return Target(rel, f"{self.root}/{rel}", self._managed(rel))
+        return Target(rel, f"{self.root}/{rel}", self.managed(rel))

@@ -104,7 +104,7 @@ class CoherentOperations(pyfuse3.Operations):
             setattr(entry, name, getattr(st, name))
         entry.st_ino = inode
         entry.generation = 0
-        timeout = 0.0 if stat_mod.S_ISREG(st.st_mode) and self.core.paths.globs.matches(rel) else UNMANAGED_TIMEOUT
+        timeout = 0.0 if stat_mod.S_ISREG(st.st_mode) and self.core.paths.managed(rel) else UNMANAGED_TIMEOUT
         entry.entry_timeout = UNMANAGED_TIMEOUT
         entry.attr_timeout = timeout
         return entry
@@ -138,7 +138,7 @@ class CoherentOperations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(functools.partial(fn, *args))
 
     def _managed_file(self, rel: str) -> bool:
-        if not self.core.paths.globs.matches(rel):
+        if not self.core.paths.managed(rel):
             return False
         try:
             return stat_mod.S_ISREG(os.lstat(self._abs(rel)).st_mode)

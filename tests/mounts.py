@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import signal
 from contextlib import contextmanager
 from typing import Iterator
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
@@ -16,6 +14,7 @@ CLI = str(Path(sys.executable).parent / "coherent-volume")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from torturelib.mounts import daemon_pids  # noqa: E402  (one copy of the test harness's mount helpers)
 from torturelib.mounts import mounted as is_mounted  # noqa: E402
+from torturelib.mounts import unmount_and_reap  # noqa: E402
 
 __all__ = ["CLI", "Mount", "daemon_pids", "is_mounted"]
 
@@ -35,14 +34,7 @@ class Mount:
         return self
 
     def unmount(self) -> None:
-        if is_mounted(self.path):
-            if subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True).returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
-        deadline = time.monotonic() + 10
-        while daemon_pids(self.path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in daemon_pids(self.path):
-            os.kill(pid, signal.SIGKILL)
+        unmount_and_reap(self.path)
 
     def __exit__(self, *exc: object) -> None:
         self.unmount()

@@ -39,6 +39,18 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     return serving_pids(mountpoint, b"mount")
 
 
+def unmount_and_reap(mountpoint: Path) -> None:
+    """Unmount (lazily if busy), wait up to 10 s for the daemon to exit, then kill what is left."""
+    if mounted(mountpoint):
+        if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    deadline = time.monotonic() + 10
+    while daemon_pids(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in daemon_pids(mountpoint):
+        os.kill(pid, signal.SIGKILL)
+
+
 def mounted(mountpoint: Path) -> bool:
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == str(mountpoint) for line in f)
@@ -78,13 +90,7 @@ class Mount:
         return pids
 
     def unmount(self) -> None:
-        if mounted(self.path):
-            if subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True).returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
-        deadline = time.monotonic() + 10
-        while daemon_pids(self.path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.kill_daemon()
+        unmount_and_reap(self.path)
         _ACTIVE.discard(self)
 
     def __enter__(self) -> "Mount":
