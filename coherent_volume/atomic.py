@@ -36,14 +36,16 @@ def _write_all(fd: int, data: bytes) -> None:
 
 @dataclass
 class Staged:
-    """New content for `target`, durable on disk: unnamed (an O_TMPFILE `fd`) until `install`
-    links it to `tmp`, or (on file systems without O_TMPFILE) already named `tmp`."""
+    """New content for `target`: unnamed (an O_TMPFILE `fd`) until `install` links it to `tmp`, or
+    (on file systems without O_TMPFILE) already named `tmp`. When `durable`, the content was
+    fsynced and `install` fsyncs the directory, so the new name survives a power loss."""
 
     target: str
     hash: str
     fd: int | None
     tmp: str | None = None
     named: bool = False
+    durable: bool = True
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -52,7 +54,8 @@ class Staged:
         return self.tmp
 
     def install(self) -> None:
-        """Name the content, rename it over the target (keeping the target's mode), fsync the directory."""
+        """Name the content, rename it over the target (keeping the target's mode), fsync the directory
+        when durable."""
         tmp = self.plan_name()
         if not self.named:
             assert self.fd is not None
@@ -72,7 +75,8 @@ class Staged:
                 os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, self.target)
         self.named = False
-        fsync_dir(os.path.dirname(self.target))
+        if self.durable:
+            fsync_dir(os.path.dirname(self.target))
 
     def discard(self) -> None:
         """Drop whatever is left of the staged content (idempotent)."""

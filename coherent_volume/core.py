@@ -400,8 +400,8 @@ class VolumeCore:
         return version, "unread" if seen is None else "fresh" if seen == version else "stale"
 
     def rename(self, agent: str, src: Target, dst: Target, *, exchange: bool = False, noreplace: bool = False,
-               isolation: Isolation = "file") -> None:
-        """Rename `src` over `dst` as one checked commit of both ends.
+               isolation: Isolation = "file", durable: bool = True) -> None:
+        """Rename `src` over `dst` as one checked commit of both ends; `durable` fsyncs the directories.
 
         Each end that is a managed path is written (dst gets src's content, src is deleted, or with
         `exchange` they swap) and so needs the agent's current view. Unmanaged ends are not checked;
@@ -432,7 +432,8 @@ class VolumeCore:
                 raise refusal
             def install() -> None:
                 atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
-                atomic.sync_dirs(src.abs, dst.abs)
+                if durable:
+                    atomic.sync_dirs(src.abs, dst.abs)
 
             self._install(install)
             with self.registry.write() as tx:

@@ -54,7 +54,10 @@ class Shadow:
     """Data was written or resized since the last commit: flush commits only then, because
     shells flush a freshly opened descriptor (dup2, then close) before writing anything."""
     synced: bool = False
-    """The shadow was fsynced by the program since its last write: the commit need not again."""
+    """The program fsynced the shadow since its last write, asking for its content to be durable."""
+    created: bool = False
+    """This handle created the file: as on a local disk, its name is durable only once the
+    program fsyncs the directory, so even a synced commit need not fsync it."""
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -5,7 +5,8 @@ integration bound to that process or its nearest ancestor (a Claude Code session
 `VolumeCore.bind_session`), else COHERENT_AGENT in the environment of the nearest such
 process, else the mount's default agent, else one agent per session (getsid). Results are cached by (pid, start time)
 so a reused pid never inherits another process's agent, for at most CACHE_SECONDS so a
-binding made after a process started is seen soon. /proc/<pid>/environ is read in a
+binding made after a process started is seen soon. A thread seen within that time is answered
+from one read of /proc/<tid>/stat (`cached`, cheap enough for the event loop). /proc/<pid>/environ is read in a
 worker thread with a timeout: reading it while the process is in execve of a binary on this
 mount can block in the kernel, and the file system must never stall on it.
 """
@@ -72,6 +73,7 @@ class AgentResolver:
         self._daemon_pid = daemon_pid
         self._bound = bound
         self._cache: dict[tuple[int, int], tuple[float, str, bool]] = {}
+        self._threads: dict[tuple[int, int], tuple[float, str, bool]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cv-environ")
 
@@ -103,25 +105,38 @@ class AgentResolver:
             walk = _parent(walk)
         return env_agent or self._fallback(pid), False
 
+    def cached(self, tid: int) -> tuple[str, bool] | None:
+        """(agent, pinned) for a thread answered within CACHE_SECONDS; None when `agent` must look it up."""
+        started = start_time(tid) if tid > 0 else None
+        with self._lock:
+            known = self._threads.get((tid, started)) if started is not None else None
+        return (known[1], known[2]) if known is not None and known[0] > time.monotonic() else None
+
     def agent(self, tid: int) -> tuple[str, bool]:
         """(agent, pinned) of the process that sent a request with thread id `tid` (0: the kernel)."""
         if tid <= 0:
             return self._fallback(0) if self.default_agent else "session-kernel", False
+        thread_started = start_time(tid)
         pid = process_of(tid)
         started = start_time(pid)
         key = (pid, started if started is not None else -1)
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
-        agent, pinned = self._lookup(pid)
-        if started is not None:
-            with self._lock:
-                if len(self._cache) > 4096:
-                    self._cache.clear()
-                self._cache[key] = (now + CACHE_SECONDS, agent, pinned)
-        return agent, pinned
+        if cached is None or cached[0] <= now:
+            cached = (now + CACHE_SECONDS, *self._lookup(pid))
+            if started is not None:
+                self._remember(self._cache, key, cached)
+        if started is not None and thread_started is not None:
+            self._remember(self._threads, (tid, thread_started), cached)
+        return cached[1], cached[2]
+
+    def _remember(self, cache: dict[tuple[int, int], tuple[float, str, bool]], key: tuple[int, int],
+                  answer: tuple[float, str, bool]) -> None:
+        with self._lock:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = answer
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

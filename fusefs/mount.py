@@ -81,9 +81,10 @@ def check_mountable(root: str, mountpoint: str) -> tuple[str, str]:
     return root_real, mp
 
 
-async def _serve(ops: CoherentOperations) -> None:
+async def _serve(ops: CoherentOperations, mountpoint: str, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(watch, ops.core, ops.inodes, ops.own)
+        await nursery.start(watch, ops.core, ops.inodes, ops.own, mountpoint)
+        on_ready()
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -105,13 +106,19 @@ def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_r
     if allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, mountpoint, options)
-    on_ready()
+    ready = False
+
+    def serving() -> None:
+        nonlocal ready
+        ready = True
+        on_ready()
+
     clean = False
     try:
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, mountpoint, serving)
         clean = True
     finally:
-        pyfuse3.close(unmount=clean)
+        pyfuse3.close(unmount=clean or not ready)  # a mount that never served leaves nothing behind
         resolver.close()
         core.registry.close()
 

@@ -130,7 +130,10 @@ class CoherentOperations(pyfuse3.Operations):
         return (await self._identity(ctx))[0]
 
     async def _identity(self, ctx: pyfuse3.RequestContext) -> tuple[str, bool]:
-        """(agent, pinned) of the calling process; resolved off the event loop."""
+        """(agent, pinned) of the calling process; looked up off the event loop unless just seen."""
+        known = self.resolver.cached(ctx.pid)
+        if known is not None:
+            return known
         return await trio.to_thread.run_sync(self.resolver.agent, ctx.pid)
 
     @staticmethod
@@ -306,7 +309,7 @@ class CoherentOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             agent = await self._agent(ctx)
             await self._blocking(functools.partial(self.core.rename, agent, self._target(src), self._target(dst),
-                                                   exchange=exchange, noreplace=noreplace))
+                                                   exchange=exchange, noreplace=noreplace, durable=False))
         else:
             atomic.rename(self._abs(src), self._abs(dst), exchange=exchange, noreplace=noreplace)
         if exchange:
@@ -392,15 +395,24 @@ class CoherentOperations(pyfuse3.Operations):
             self._own(rel, ctx)
             return pyfuse3.FileInfo(fh=self._add(Passthrough(fd, rel)), keep_cache=True), self._entry(rel)
         agent = await self._agent(ctx)
+        handle = await self._blocking(self._create_shadow, agent, rel, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True), self._entry(rel)
+
+    def _create_shadow(self, agent: str, rel: str, mode: int, flags: int, uid: int, gid: int) -> Shadow:
+        """Create a managed file (committed empty) owned by the caller, and open its shadow. A file
+        that appeared meanwhile is opened as by open(2) with these flags, unless O_EXCL."""
         try:
-            await self._blocking(self.core.create, agent, self._target(rel), mode)
-            self._own(rel, ctx)
+            self.core.create(agent, self._target(rel), mode)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-        handle = await self._blocking(self._open_shadow, agent, rel, flags | os.O_TRUNC)
-        handle.pending = False  # the empty file is already committed
-        return pyfuse3.FileInfo(fh=self._add(handle), direct_io=True), self._entry(rel)
+            return self._open_shadow(agent, rel, flags)
+        if os.geteuid() == 0:
+            os.lchown(self._abs(rel), uid, gid)
+        handle = self._open_shadow(agent, rel, flags | os.O_TRUNC)
+        handle.pending = False  # already committed empty
+        handle.created = True
+        return handle
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -434,12 +446,13 @@ class CoherentOperations(pyfuse3.Operations):
 
     def _commit_shadow(self, handle: Shadow) -> None:
         """Install the shadow's content as one commit, then end the grant so that close() returning
-        means the file is free; a refusal is reported to close()."""
+        means the file is free; a refusal is reported to close(). The commit is as durable as the
+        program asked: content it fsynced into an existing file survives a power loss, as it
+        would on a local disk; anything else reaches the disk with the next writeback."""
         handle.pending = handle.wrote = False
         self.own.note(handle.target.rel)
-        if not handle.synced:
-            os.fsync(handle.fd)
-        staged = atomic.Staged(handle.target.abs, hash_fd(handle.fd), handle.fd)
+        durable = handle.synced and not handle.created
+        staged = atomic.Staged(handle.target.abs, hash_fd(handle.fd), handle.fd, durable=durable)
         handle.fd = -1  # the commit installs (or discards) the shadow itself
         handle.base_version = self.core.commit(handle.agent, handle.target, staged, expected=handle.base_version)
         self._drop_grant(handle)
@@ -461,16 +474,34 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
-        if isinstance(handle, Snapshot) or handle.fd < 0:
+        if isinstance(handle, Snapshot):
+            return
+        if isinstance(handle, Shadow) and handle.fd < 0:  # its content is committed: make that durable
+            await self._blocking(self._sync_committed, handle.target.abs)
             return
         await self._blocking(os.fdatasync if datasync else os.fsync, handle.fd)
         if isinstance(handle, Shadow):
             handle.synced = True
 
+    @staticmethod
+    def _sync_committed(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        atomic.fsync_dir(os.path.dirname(path))
+
+    @guarded
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        listing = self.handles[fh]
+        assert isinstance(listing, Listing)
+        await self._blocking(atomic.fsync_dir, self._abs(self.inodes.path(listing.inode)))
+
     @guarded
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
-        if isinstance(handle, Shadow):
+        if isinstance(handle, Shadow) and (handle.pending or handle.grant is not None):
             await self._blocking(self._release_shadow, handle)
         else:
             handle.close()

@@ -1,24 +1,23 @@
 """Foreign writes into the backing root while mounted: record them and drop stale kernel caches.
 
-watchdog (inotify) calls from its own thread; events cross into trio through a memory channel.
-Kernel invalidation runs in a worker thread: calling it from inside a handler can deadlock.
+watchdog runs in a process of its own (`watch_process`), so the echo of the mount's own writes
+never competes with FUSE requests for this interpreter; its batches of changed paths arrive on
+a pipe read by a trio task. Kernel invalidation runs in a worker thread: calling it from inside
+a handler can deadlock.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
+import subprocess
+import sys
 import threading
 import time
 
 import pyfuse3
 import trio
-from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
-                             FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
-from watchdog.observers import Observer
 
 from coherent_volume.core import VolumeCore
-from coherent_volume.paths import is_registry_path
 
 from .inodes import InodeTable
 
@@ -27,13 +26,12 @@ log = logging.getLogger("coherent_volume.fuse")
 OWN_WINDOW = 2.0
 """Seconds after the mount itself changed a path during which inotify events on it are its own echo."""
 
-_TEMP = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp$")
+STOP_TIMEOUT = 5.0
+"""Seconds the watcher process gets to exit once its stdin is closed, before it is killed."""
 
 
-CHANGES = [FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileClosedEvent,
-           DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
-"""The inotify events that signal a change: a write is seen when its writer closes the file
-(every write(2) and open(2) would otherwise wake this thread and contend for the GIL)."""
+class WatcherError(RuntimeError):
+    """The watcher process could not start: foreign writes would go unseen, so the mount must not serve."""
 
 
 class OwnChanges:
@@ -58,31 +56,6 @@ class OwnChanges:
         with self._lock:
             until = self._until.get(rel)
         return until is not None and until > time.monotonic()
-
-
-class _Forwarder(FileSystemEventHandler):
-    """Forwards (path, gone) for every change under the root; `gone` when a name disappeared."""
-
-    def __init__(self, root: str, send: trio.MemorySendChannel[tuple[str, bool]], token: trio.lowlevel.TrioToken,
-                 own: OwnChanges) -> None:
-        self._root = root
-        self._own = own
-        self._send = send
-        self._token = token
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        gone = event.event_type in ("deleted", "moved")
-        for raw, vanished in ((event.src_path, gone), (getattr(event, "dest_path", ""), False)):
-            path = os.fsdecode(raw)
-            if not path or event.event_type in ("opened", "closed_no_write"):
-                continue
-            rel = os.path.relpath(path, self._root).replace(os.sep, "/")
-            if rel == "." or rel.startswith("../") or is_registry_path(rel) or _TEMP.search(rel) or self._own.recent(rel):
-                continue
-            try:
-                trio.from_thread.run_sync(self._send.send_nowait, (rel, vanished), trio_token=self._token)
-            except (trio.WouldBlock, trio.RunFinishedError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # a full queue drops an event: the next access syncs that file anyway
 
 
 def _settle(core: VolumeCore, inodes: InodeTable, rel: str, gone: bool) -> None:
@@ -110,26 +83,46 @@ def _settle(core: VolumeCore, inodes: InodeTable, rel: str, gone: bool) -> None:
             pass
 
 
-async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges,
+def parse(buffer: bytearray) -> list[tuple[bytes, str]]:
+    """Take the complete records (kind byte, path, NUL) off the front of `buffer`: (kind, path)."""
+    end = buffer.rfind(b"\0") + 1
+    records = bytes(buffer[:end]).split(b"\0")[:-1]
+    del buffer[:end]
+    return [(r[:1], os.fsdecode(r[1:])) for r in records]
+
+
+async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoint: str,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run until cancelled: forward filesystem events under the root and settle each changed path."""
-    send, receive = trio.open_memory_channel[tuple[str, bool]](10_000)
-    observer = Observer()
-    observer.schedule(_Forwarder(core.paths.root, send, trio.lowlevel.current_trio_token(), own), core.paths.root,
-                      recursive=True, event_filter=CHANGES)
-    observer.start()
-    task_status.started()
+    """Run until cancelled: start the watcher process, report started once it watches, then settle
+    each changed path that is not the echo of the mount's own writes."""
+    argv = [sys.executable, "-m", "fusefs.watch_process", core.paths.root, mountpoint]
+    process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
     try:
-        async with receive:
-            async for change in receive:
-                pending = {change}
-                while True:
-                    try:
-                        pending.add(receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                for rel, gone in sorted(pending):
-                    await trio.to_thread.run_sync(_settle, core, inodes, rel, gone)
+        buffer = bytearray()
+        started = False
+        while chunk := await process.stdout.receive_some(65536):
+            buffer += chunk
+            changes = []
+            for kind, rel in parse(buffer):
+                if kind == b"R" and not started:
+                    started = True
+                    task_status.started()
+                elif not own.recent(rel):
+                    changes.append((rel, kind == b"G"))
+            if changes:
+                await trio.to_thread.run_sync(_settle_all, core, inodes, changes)
+        raise WatcherError(f"the watcher process exited ({await process.wait()}): foreign writes would go unseen")
     finally:
-        observer.stop()
-        await trio.to_thread.run_sync(observer.join)
+        with trio.CancelScope(shield=True):
+            await process.stdin.aclose()
+            with trio.move_on_after(STOP_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def _settle_all(core: VolumeCore, inodes: InodeTable, changes: list[tuple[str, bool]]) -> None:
+    for rel, gone in changes:
+        _settle(core, inodes, rel, gone)

@@ -7,6 +7,8 @@ Subjects, each with its own backing directory under one base directory (BENCH_DI
   bindfs       `bindfs SRC MNT` of a backing directory (default options)
   cv unmanaged this project's mount, files outside the managed globs (passthrough)
   cv managed   this project's mount, files under `plans/` (the coherence protocol)
+  floor        scripts/floorfs.py: a do-nothing passthrough on the same binding (pyfuse3 + trio),
+               so unm/floor is the cost of our handlers and floor/bindfs the cost of the binding
 
 Operations (time per operation; sequential I/O as throughput):
 
@@ -23,7 +25,7 @@ The protocol refuses to overwrite a managed file that the writer has not read at
 version, so managed in-place writes and atomic saves read the target first (once per
 iteration, untimed), and the whole run is one agent: the script re-executes itself with
 COHERENT_AGENT=bench. The git tree lives in unmanaged directories only, so git status and the
-walk have no managed variant. Reads run with a warm page cache: this measures the cost of each
+walk have no managed (or floor) variant. Reads run with a warm page cache: this measures the cost of each
 layer, not the disk.
 
 Every operation is run for every subject in turn, subject order rotated each round, and the
@@ -62,7 +64,8 @@ KiB, MiB = 1024, 1024 * 1024
 GIT = ["git", "-c", "safe.directory=*", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
 GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0"}
 
-console = Console(width=160)
+console = Console(width=176)
+FLOORFS = str(Path(__file__).resolve().parent / "floorfs.py")
 
 
 @dataclass(frozen=True)
@@ -338,15 +341,32 @@ def mount_volume(root: Path, mountpoint: Path, stack: contextlib.ExitStack) -> N
         raise RuntimeError(f"coherent-volume mount failed: {result.stderr.strip()}")
 
 
+def mount_floor(src: Path, mountpoint: Path, stack: contextlib.ExitStack) -> None:
+    """floorfs runs in the foreground: start it, then wait until its mount answers."""
+    src.mkdir()
+    mountpoint.mkdir()
+    stack.callback(unmount, mountpoint)
+    proc = subprocess.Popen([sys.executable, FLOORFS, str(src), str(mountpoint)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while str(mountpoint) not in fuse_mounts():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"floorfs did not mount: {proc.communicate()[1].decode(errors='replace').strip()}")
+        time.sleep(0.05)
+
+
 def make_subjects(base: Path, stack: contextlib.ExitStack) -> list[Subject]:
     mount_bindfs(base / "bindfs-src", base / "bindfs-mnt", stack)
     mount_volume(base / "volume", base / "cv-mnt", stack)
+    mount_floor(base / "floor-src", base / "floor-mnt", stack)
     cv = base / "cv-mnt"
     return [
         Subject("native", "native", base / "native" / "work", base / "native" / "tree"),
         Subject("bindfs", "bindfs", base / "bindfs-mnt" / "work", base / "bindfs-mnt" / "tree"),
         Subject("cv", "cv unmanaged", cv / "work", cv / "tree"),
         Subject("cvm", "cv managed", cv / "plans", None, managed=True),
+        Subject("floor", "pyfuse3 floor", base / "floor-mnt" / "work", None),
     ]
 
 
@@ -404,9 +424,9 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
     return f"[red]{text}[/]" if ratio > 3 else text
 
 
-RATIOS = [("native", "bindfs"), ("bindfs", "native"), ("cv", "bindfs"), ("cv", "native"), ("cvm", "bindfs"),
-          ("cvm", "native")]
-SHORT = {"native": "native", "bindfs": "bindfs", "cv": "unm", "cvm": "man"}
+RATIOS = [("bindfs", "native"), ("cv", "bindfs"), ("cv", "native"), ("cvm", "bindfs"), ("cvm", "native"),
+          ("floor", "bindfs"), ("cv", "floor")]
+SHORT = {"native": "native", "bindfs": "bindfs", "cv": "unm", "cvm": "man", "floor": "floor"}
 """Ratio column headers: unm / man are this mount's unmanaged / managed files."""
 
 
@@ -516,7 +536,7 @@ def main() -> int:
         measure(base, z, args.rounds or z.rounds)
     finally:
         ignore_signals()
-        if check_clean(base, [base / "bindfs-mnt", base / "cv-mnt"]):
+        if check_clean(base, [base / "bindfs-mnt", base / "cv-mnt", base / "floor-mnt"]):
             shutil.rmtree(base, ignore_errors=True)
         else:
             console.print(f"[red]left {base} in place: something is still mounted or running[/]")

@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from torturelib.mounts import daemon_pids  # noqa: E402  (one copy of the test harness's mount helpers)
 from torturelib.mounts import mounted as is_mounted  # noqa: E402
 from torturelib.mounts import unmount_and_reap  # noqa: E402
+from torturelib.mounts import watcher_pids  # noqa: E402
 
-__all__ = ["CLI", "Mount", "daemon_pids", "is_mounted"]
+__all__ = ["CLI", "Mount", "daemon_pids", "is_mounted", "watcher_pids"]
 
 
 class Mount:

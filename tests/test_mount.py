@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from coherent_volume import CoherentVolume
 
-from .mounts import CLI, Mount, daemon_pids, is_mounted
+from .mounts import CLI, Mount, daemon_pids, is_mounted, watcher_pids
 
 P = "plans/plan.md"
 
@@ -81,6 +82,23 @@ def test_one_writer_at_a_time(mounted: Mount) -> None:
     assert mounted.run("bob", f"cat {P} >/dev/null; echo y > {P}").returncode == 0
 
 
+def test_fsync_after_a_commit_makes_that_commit_durable_without_a_second_version(mounted: Mount) -> None:
+    mounted.run("alice", f"echo one > {P}")
+    before = version(mounted, P)
+    script = f"""cat {P} >/dev/null && python3 - <<'EOF'
+import os
+fd = os.open("{P}", os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b"two\\n")
+os.close(os.dup(fd))  # a flush with data written: the commit
+os.fsync(fd)          # reaches the committed file, not the spent shadow
+os.close(fd)
+EOF"""
+    result = mounted.run("alice", script)
+    assert result.returncode == 0, result.stderr
+    assert (mounted.root / P).read_text() == "two\n"
+    assert version(mounted, P) == before + 1
+
+
 def test_readers_never_see_a_partial_write_and_keep_their_version(mounted: Mount) -> None:
     mounted.run("alice", f"printf old > {P}")
     mounted.run("bob", f"cat {P}")
@@ -146,16 +164,34 @@ def test_foreign_write_into_root_is_seen_while_mounted(mounted: Mount) -> None:
     assert '"kind": "foreign"' in log
 
 
+def gone_within(seconds: float, pids: Callable[[], list[int]]) -> bool:
+    deadline = time.monotonic() + seconds
+    while pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not pids()
+
+
+def test_unmount_ends_the_daemon_and_its_watcher(root: Path, tmp_path: Path) -> None:
+    m = Mount(root, tmp_path / "mnt")
+    with m:
+        assert len(daemon_pids(m.path)) == 1 and len(watcher_pids(m.path)) == 1
+        result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert gone_within(10, lambda: daemon_pids(m.path) + watcher_pids(m.path))
+
+
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
     m = Mount(root, tmp_path / "mnt")
     with m:
         m.run("alice", f"echo kept > {P}")
+        assert len(watcher_pids(m.path)) == 1
         for pid in daemon_pids(m.path):
             os.kill(pid, 9)
         with pytest.raises(OSError) as info:
             os.listdir(m.path)
         assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED), "a dead mount, never a bare directory"
         assert is_mounted(m.path)
+        assert gone_within(10, lambda: watcher_pids(m.path)), "the watcher process dies with its daemon"
         again = subprocess.run([CLI, "mount", str(root), str(m.path)], capture_output=True, text=True)
         assert again.returncode == 0, again.stderr
         assert m.run("alice", f"cat {P}").stdout == "kept\n"

@@ -39,15 +39,21 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     return serving_pids(mountpoint, b"mount")
 
 
+def watcher_pids(mountpoint: Path) -> list[int]:
+    """Live watcher processes (`fusefs.watch_process`) of the daemon serving `mountpoint`."""
+    return serving_pids(mountpoint, b"fusefs.watch_process")
+
+
 def unmount_and_reap(mountpoint: Path) -> None:
-    """Unmount (lazily if busy), wait up to 10 s for the daemon to exit, then kill what is left."""
+    """Unmount (lazily if busy), wait up to 10 s for the daemon and its watcher to exit, then kill
+    what is left."""
     if mounted(mountpoint):
         if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
     deadline = time.monotonic() + 10
-    while daemon_pids(mountpoint) and time.monotonic() < deadline:
+    while (daemon_pids(mountpoint) or watcher_pids(mountpoint)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for pid in daemon_pids(mountpoint):
+    for pid in daemon_pids(mountpoint) + watcher_pids(mountpoint):
         os.kill(pid, signal.SIGKILL)
 
 
