@@ -46,6 +46,10 @@ class InodeTable:
         self._lookups[inode] = self._lookups.get(inode, 0) + 1
         return inode
 
+    def cached(self) -> list[int]:
+        """Inodes the kernel currently holds (and may cache attributes and data of)."""
+        return list(self._lookups)
+
     def forget(self, inode: int, count: int) -> None:
         """The kernel dropped `count` references. The number stays bound to its path, so a file keeps
         its inode number for the life of the mount (programs like vim compare it across a save)."""

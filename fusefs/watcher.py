@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import pyfuse3
 import trio
@@ -25,6 +26,10 @@ log = logging.getLogger("coherent_volume.fuse")
 
 OWN_WINDOW = 2.0
 """Seconds after the mount itself changed a path during which inotify events on it are its own echo."""
+
+RESTART_DELAY = 0.1
+MAX_RESTART_DELAY = 5.0
+"""Seconds before restarting a watcher process that died, doubling while it keeps dying."""
 
 STOP_TIMEOUT = 5.0
 """Seconds the watcher process gets to exit once its stdin is closed, before it is killed."""
@@ -93,26 +98,50 @@ def parse(buffer: bytearray) -> list[tuple[bytes, str]]:
 
 async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoint: str,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run until cancelled: start the watcher process, report started once it watches, then settle
-    each changed path that is not the echo of the mount's own writes."""
+    """Run until cancelled: keep a watcher process running and settle each changed path that is not
+    the echo of the mount's own writes. Reports started once the first watcher watches; one that
+    cannot start at all is a WatcherError. A watcher that dies later is restarted (the mount keeps
+    serving): the core catches changes of managed files made in the gap at their next access, and
+    once the new watcher watches, the kernel's caches of every inode it holds are dropped."""
+    started = False
+    delay = RESTART_DELAY
+    while True:
+        code, watched = await _watch_once(core, inodes, own, mountpoint, resync=started,
+                                          on_ready=None if started else task_status.started)
+        if not started and not watched:
+            raise WatcherError(f"the watcher process exited ({code}) before it watched {core.paths.root}: "
+                               f"foreign writes would go unseen (see the daemon's log)")
+        started = True
+        delay = RESTART_DELAY if watched else min(delay * 2, MAX_RESTART_DELAY)
+        log.warning("the watcher process exited (%s); restarting it in %.1f s", code, delay)
+        await trio.sleep(delay)
+
+
+async def _watch_once(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoint: str, *, resync: bool,
+                      on_ready: Callable[[], None] | None) -> tuple[int, bool]:
+    """Run one watcher process until it exits: (exit status, whether it got to watch). It is
+    stopped at cancellation."""
     argv = [sys.executable, "-m", "fusefs.watch_process", core.paths.root, mountpoint]
     process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
+    watched = False
     try:
         buffer = bytearray()
-        started = False
         while chunk := await process.stdout.receive_some(65536):
             buffer += chunk
             changes = []
             for kind, rel in parse(buffer):
-                if kind == b"R" and not started:
-                    started = True
-                    task_status.started()
+                if kind == b"R":
+                    watched = True
+                    if resync:
+                        await trio.to_thread.run_sync(_drop_cached, inodes)
+                    if on_ready is not None:
+                        on_ready()
                 elif not own.recent(rel):
                     changes.append((rel, kind == b"G"))
             if changes:
                 await trio.to_thread.run_sync(_settle_all, core, inodes, changes)
-        raise WatcherError(f"the watcher process exited ({await process.wait()}): foreign writes would go unseen")
+        return await process.wait(), watched
     finally:
         with trio.CancelScope(shield=True):
             await process.stdin.aclose()
@@ -121,6 +150,15 @@ async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoin
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def _drop_cached(inodes: InodeTable) -> None:
+    """Drop the kernel's cached attributes and data of every inode it holds (changes went unseen)."""
+    for inode in inodes.cached():
+        try:
+            pyfuse3.invalidate_inode(inode)
+        except OSError:
+            pass
 
 
 def _settle_all(core: VolumeCore, inodes: InodeTable, changes: list[tuple[str, bool]]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -178,6 +179,44 @@ def test_unmount_ends_the_daemon_and_its_watcher(root: Path, tmp_path: Path) -> 
         result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert gone_within(10, lambda: daemon_pids(m.path) + watcher_pids(m.path))
+
+
+def foreign_versions(root: Path, rel: str) -> list[int]:
+    """Versions the registry recorded for `rel` as foreign changes (reading the log changes nothing)."""
+    out = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
+    events = [json.loads(line) for line in out.splitlines()]
+    return [e["version"] for e in events if e["kind"] == "foreign" and e["path"] == rel]
+
+
+def recorded_within(seconds: float, root: Path, rel: str) -> bool:
+    deadline = time.monotonic() + seconds
+    while not foreign_versions(root, rel) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return bool(foreign_versions(root, rel))
+
+
+def test_the_watcher_records_a_foreign_write_with_no_access_at_all(mounted: Mount) -> None:
+    (mounted.root / "plans").mkdir(exist_ok=True)
+    (mounted.root / P).write_text("typed into the backing directory\n")  # the mount never touched it
+    assert recorded_within(10, mounted.root, P)
+
+
+def test_a_killed_watcher_is_restarted_and_the_mount_keeps_serving(mounted: Mount) -> None:
+    mounted.run("alice", f"echo 1 > {P}")
+    [first] = watcher_pids(mounted.path)
+    os.kill(first, 9)
+    deadline = time.monotonic() + 10
+    while watcher_pids(mounted.path) in ([], [first]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(watcher_pids(mounted.path)) == 1 and watcher_pids(mounted.path) != [first]
+    assert mounted.run("alice", f"cat {P}").stdout == "1\n"
+    other = "plans/other.md"  # a path the mount never touched: no echo of its own to discount
+    deadline = time.monotonic() + 10
+    while not foreign_versions(mounted.root, other) and time.monotonic() < deadline:
+        (mounted.root / other).write_text("after the restart\n")  # until the new watcher has its watches
+        time.sleep(0.2)
+    assert foreign_versions(mounted.root, other)
+    assert mounted.run("bob", f"cat {other}").stdout == "after the restart\n"
 
 
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
