@@ -56,6 +56,15 @@ def _disk(target: Target, record: FileRecord | None) -> tuple[Fingerprint | None
     return fp, content_hash(data)
 
 
+def _end(tx: Transaction, grant: Grant) -> bool:
+    """End `grant` if it is still the one in force; False if it was reclaimed meanwhile."""
+    current = tx.grant(grant.path)
+    if current is None or current.token != grant.token:
+        return False
+    tx.drop_grant(grant.path)
+    return True
+
+
 class VolumeCore:
     """The protocol over one root and its registry; thread-safe; one per process per volume."""
 
@@ -282,12 +291,13 @@ class VolumeCore:
                                    changed=check.changed_read_set, **extra)
 
     def commit(self, agent: str, target: Target, content: bytes | atomic.Staged | None, *,
-               isolation: Isolation = "file", expected: int | None = None) -> int:
+               isolation: Isolation = "file", expected: int | None = None, ending: Grant | None = None) -> int:
         """Install `content` (bytes, or content already staged beside the target; None deletes) if the
         protocol accepts it; return the new version. Staged content is consumed.
 
         Unmanaged paths are written atomically with no checks and report version 0. A refusal
-        raises StaleWriteError (CasConflict when `expected` is given) and changes no file."""
+        raises StaleWriteError (CasConflict when `expected` is given) and changes no file. A
+        successful commit also ends the grant `ending` (if still in force), in its last transaction."""
         if target.managed and isinstance(content, bytes) and self._doomed(agent, target, expected):
             self._refuse_if_still_refused(agent, target, isolation, expected)
         staged = atomic.stage(target.abs, content) if isinstance(content, bytes) else content
@@ -299,7 +309,7 @@ class VolumeCore:
                     staged.install()
                 return 0
             with self.registry.commit_lock():
-                return self._commit_locked(agent, target, staged, isolation, expected)
+                return self._commit_locked(agent, target, staged, isolation, expected, ending)
         finally:
             if staged is not None:
                 staged.discard()
@@ -322,7 +332,7 @@ class VolumeCore:
                 raise refusal
 
     def _commit_locked(self, agent: str, target: Target, staged: atomic.Staged | None,
-                       isolation: Isolation, expected: int | None) -> int:
+                       isolation: Isolation, expected: int | None, ending: Grant | None) -> int:
         rel = target.rel
         with self.registry.write() as tx:
             self._recover(tx)
@@ -332,6 +342,8 @@ class VolumeCore:
             exists = record is not None and record.present
             if refusal is None and staged is not None and exists and record is not None and staged.hash == record.hash:
                 tx.put_view(agent, rel, version, now)  # identical content: no new version, nobody invalidated
+                if ending is not None:
+                    _end(tx, ending)
                 return version
             if refusal is None and (staged is not None or exists):
                 tx.put_intent(Intent(rel, agent, version + 1, staged is not None,
@@ -344,6 +356,8 @@ class VolumeCore:
         try:
             with self.registry.write() as tx:
                 self._finish(tx, agent, target, version + 1, staged.hash if staged else None, check.seen)
+                if ending is not None:
+                    _end(tx, ending)
         except RegistryError as e:
             raise RegistryError(f"{rel}: the change is on disk, but the registry could not record it ({e}); "
                                 "it will be recorded as a change by 'external' at the next access", e.errno) from e
@@ -369,13 +383,14 @@ class VolumeCore:
         tx.drop_intent(target.rel)
         tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version)
 
-    def create(self, agent: str, target: Target, mode: int) -> int:
-        """Create `target` empty with `mode` (exclusive: FileExistsError if it exists) as a checked commit.
+    def create(self, agent: str, target: Target, mode: int, owner: ProcessId,
+               ttl: float = HANDLE_GRANT_TTL) -> tuple[Grant, bool, int]:
+        """Create `target` empty with `mode` (exclusive: FileExistsError if it exists) as a checked commit,
+        and take `agent`'s write grant for the handle that created it, as `begin_write` does:
+        (grant, owned, version), owned False when the agent already held it.
 
         Creating a new path needs no prior read, but a view that predates the path's deletion is stale."""
-        if not target.managed:
-            os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
-            return 0
+        self._require_managed(target, "create")
         with self.registry.commit_lock():
             with self.registry.write() as tx:
                 self._recover(tx)
@@ -390,7 +405,12 @@ class VolumeCore:
             self._install(lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)))
             with self.registry.write() as tx:
                 self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
-            return version
+                held = tx.grant(target.rel)
+                if held is not None:  # the agent's own (another agent's was a refusal)
+                    return held, False, version
+                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, time.time() + ttl, fences=False)
+                tx.put_grant(grant)
+                return grant, True, version
 
     def view_state(self, agent: str, target: Target) -> tuple[int, str]:
         """(current version, 'fresh' | 'stale' | 'unread') of a managed path for `agent`."""
@@ -485,13 +505,10 @@ class VolumeCore:
     def release(self, grant: Grant, *, log: bool = True) -> bool:
         """Release `grant` if it is still the one in force; False if it was reclaimed meanwhile."""
         with self.registry.commit_lock(), self.registry.write() as tx:
-            current = tx.grant(grant.path)
-            if current is None or current.token != grant.token:
-                return False
-            tx.drop_grant(grant.path)
-            if log:
+            ended = _end(tx, grant)
+            if ended and log:
                 tx.log("release", grant.path, grant.agent, time.time())
-            return True
+            return ended
 
     # ---- agent sessions (integrations such as Claude Code hooks) --------------------
 

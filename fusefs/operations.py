@@ -360,12 +360,20 @@ class CoherentOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC)
         append = bool(flags & os.O_APPEND)
         grant, owned, version = self.core.begin_write(agent, target, self._owner, need_view=truncate or not append)
+        return self._start_shadow(Shadow(target, agent, -1, grant, owned, append, version, pending=truncate),
+                                  copy=not truncate)
+
+    def _start_shadow(self, handle: Shadow, copy: bool, owner: tuple[int, int] | None = None) -> Shadow:
+        """Give a handle that holds its grant its shadow file (and a file it created, its `owner`);
+        on failure the grant is released."""
         try:
-            fd = self._new_shadow(target, copy=not truncate)
-            return Shadow(target, agent, fd, grant, owned, append, version, pending=truncate)
+            if owner is not None and os.geteuid() == 0:
+                os.lchown(handle.target.abs, *owner)
+            handle.fd = self._new_shadow(handle.target, copy)
+            return handle
         except BaseException:
-            if owned:
-                self.core.release(grant, log=False)
+            if handle.owns_grant and handle.grant is not None:
+                self.core.release(handle.grant, log=False)
             raise
 
     @staticmethod
@@ -401,18 +409,15 @@ class CoherentOperations(pyfuse3.Operations):
     def _create_shadow(self, agent: str, rel: str, mode: int, flags: int, uid: int, gid: int) -> Shadow:
         """Create a managed file (committed empty) owned by the caller, and open its shadow. A file
         that appeared meanwhile is opened as by open(2) with these flags, unless O_EXCL."""
+        target = self._target(rel)
         try:
-            self.core.create(agent, self._target(rel), mode)
+            grant, owned, version = self.core.create(agent, target, mode, self._owner)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
             return self._open_shadow(agent, rel, flags)
-        if os.geteuid() == 0:
-            os.lchown(self._abs(rel), uid, gid)
-        handle = self._open_shadow(agent, rel, flags | os.O_TRUNC)
-        handle.pending = False  # already committed empty
-        handle.created = True
-        return handle
+        return self._start_shadow(Shadow(target, agent, -1, grant, owned, bool(flags & os.O_APPEND), version,
+                                         created=True), copy=False, owner=(uid, gid))
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -454,8 +459,9 @@ class CoherentOperations(pyfuse3.Operations):
         durable = handle.synced and not handle.created
         staged = atomic.Staged(handle.target.abs, hash_fd(handle.fd), handle.fd, durable=durable)
         handle.fd = -1  # the commit installs (or discards) the shadow itself
-        handle.base_version = self.core.commit(handle.agent, handle.target, staged, expected=handle.base_version)
-        self._drop_grant(handle)
+        handle.base_version = self.core.commit(handle.agent, handle.target, staged, expected=handle.base_version,
+                                               ending=handle.grant if handle.owns_grant else None)
+        handle.grant = None
 
     def _reshadow(self, handle: Shadow) -> None:
         """A new shadow after a commit: a copy of what this handle committed."""
