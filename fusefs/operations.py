@@ -491,6 +491,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @staticmethod
     def _sync_committed(path: str) -> None:
+        """fsync a committed file and its directory: its content and its name survive a power loss."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
