@@ -56,6 +56,19 @@ def _disk(target: Target, record: FileRecord | None) -> tuple[Fingerprint | None
     return fp, content_hash(data)
 
 
+def _handle_grant(tx: Transaction, agent: str, target: Target, owner: ProcessId,
+                  expires: float) -> tuple[Grant, bool]:
+    """The write grant for an open handle of an agent that passed its checks: (grant, owned), the
+    grant it already holds (not owned: the handle must not release it) or a new one. It does not
+    fence: a handle's writes are committed as compare-and-swaps."""
+    held = tx.grant(target.rel)  # the agent's own: another agent's was a refusal
+    if held is not None:
+        return held, False
+    grant = Grant(target.rel, agent, secrets.token_hex(8), owner, expires, fences=False)
+    tx.put_grant(grant)
+    return grant, True
+
+
 def _end(tx: Transaction, grant: Grant) -> bool:
     """End `grant` if it is still the one in force; False if it was reclaimed meanwhile."""
     current = tx.grant(grant.path)
@@ -405,12 +418,7 @@ class VolumeCore:
             self._install(lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)))
             with self.registry.write() as tx:
                 self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
-                held = tx.grant(target.rel)
-                if held is not None:  # the agent's own (another agent's was a refusal)
-                    return held, False, version
-                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, time.time() + ttl, fences=False)
-                tx.put_grant(grant)
-                return grant, True, version
+                return (*_handle_grant(tx, agent, target, owner, time.time() + ttl), version)
 
     def view_state(self, agent: str, target: Target) -> tuple[int, str]:
         """(current version, 'fresh' | 'stale' | 'unread') of a managed path for `agent`."""
@@ -494,12 +502,7 @@ class VolumeCore:
             now = time.time()
             record, _, refusal = self._check(tx, agent, target, now, isolation, need_view=need_view)
             if refusal is None:
-                held = tx.grant(target.rel)
-                if held is not None:
-                    return held, False, current_version(record)
-                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl, fences=False)
-                tx.put_grant(grant)
-                return grant, True, current_version(record)
+                return (*_handle_grant(tx, agent, target, owner, now + ttl), current_version(record))
         raise refusal
 
     def release(self, grant: Grant, *, log: bool = True) -> bool:

@@ -3,12 +3,13 @@
 The request's pid is a thread id: it is mapped to its process (Tgid). The agent is the one an
 integration bound to that process or its nearest ancestor (a Claude Code session, see
 `VolumeCore.bind_session`), else COHERENT_AGENT in the environment of the nearest such
-process, else the mount's default agent, else one agent per session (getsid). Results are cached by (pid, start time)
-so a reused pid never inherits another process's agent, for at most CACHE_SECONDS so a
-binding made after a process started is seen soon. A thread seen within that time is answered
-from one read of /proc/<tid>/stat (`cached`, cheap enough for the event loop). /proc/<pid>/environ is read in a
-worker thread with a timeout: reading it while the process is in execve of a binary on this
-mount can block in the kernel, and the file system must never stall on it.
+process, else the mount's default agent, else one agent per session (getsid). Results are
+cached by (pid, start time) so a reused pid never inherits another process's agent, for at
+most CACHE_SECONDS so a binding made after a process started is seen soon. A thread seen
+within that time is answered from one read of /proc/<tid>/stat (`cached`, cheap enough for
+the event loop). /proc/<pid>/environ is read in a worker thread with a timeout: reading it
+while the process is in execve of a binary on this mount can block in the kernel, and the
+file system must never stall on it.
 """
 from __future__ import annotations
 

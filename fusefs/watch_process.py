@@ -2,7 +2,7 @@
 
 Every write through the mount echoes back as an inotify event. Handled inside the mount daemon,
 each echo woke three watchdog threads that competed with the FUSE loop for the interpreter lock
-(measured: an unmanaged open+write+close took ~1.7x as long). Here the events cost the daemon
+(measured: an unmanaged open+write+close took ~1.6x as long). Here the events cost the daemon
 nothing: they are deduplicated and sent in batches.
 
 Run by the daemon as `python -m fusefs.watch_process ROOT MOUNTPOINT` (the mountpoint only names
