@@ -123,6 +123,13 @@ def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_r
         core.registry.close()
 
 
+def _reason(e: BaseException) -> str:
+    """What went wrong, without trio's wrapping: the first error inside an exception group."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return str(e)
+
+
 def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool) -> None:
     """Mount ROOT at MOUNTPOINT; without `foreground`, return once the mount works (daemon in background)."""
     root, mountpoint = check_mountable(root, mountpoint)
@@ -135,6 +142,7 @@ def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow
     if pid == 0:  # the daemon
         os.close(read_end)
         os.setsid()
+        os.chdir("/")  # never pin the caller's directory, nor import from it
         log_path = os.path.join(root, REGISTRY_DIR, "mount.log")
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -152,7 +160,7 @@ def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow
         except BaseException as e:  # report to the waiting parent if it is still waiting
             log.exception("mount daemon failed")
             try:
-                os.write(write_end, f"error: {e}".encode())
+                os.write(write_end, f"error: {_reason(e)}".encode())
             except OSError:
                 pass
             os._exit(1)

@@ -5,7 +5,7 @@ each echo woke three watchdog threads that competed with the FUSE loop for the i
 (measured: an unmanaged open+write+close took ~1.6x as long). Here the events cost the daemon
 nothing: they are deduplicated and sent in batches.
 
-Run by the daemon as `python -m fusefs.watch_process ROOT MOUNTPOINT` (the mountpoint only names
+Run by the daemon as `python -I -m fusefs.watch_process ROOT MOUNTPOINT` (the mountpoint only names
 the process). Writes to stdout one record per changed path: `C` (changed) or `G` (its name
 disappeared), the path relative to ROOT, NUL; and `R` NUL once the watches are in place. Exits
 when its stdin reaches end of file, which happens however the daemon ends (even kill -9), so it

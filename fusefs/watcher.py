@@ -121,8 +121,10 @@ async def _watch_once(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mou
                       on_ready: Callable[[], None] | None) -> tuple[int, bool]:
     """Run one watcher process until it exits: (exit status, whether it got to watch). It is
     stopped at cancellation."""
-    argv = [sys.executable, "-m", "fusefs.watch_process", core.paths.root, mountpoint]
-    process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    # isolated (-I) and started in /: `-m` would otherwise import modules from the working
+    # directory first, and the daemon runs as root while agents write into the volume
+    argv = [sys.executable, "-I", "-m", "fusefs.watch_process", core.paths.root, mountpoint]
+    process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
     assert process.stdin is not None and process.stdout is not None
     watched = False
     try:

@@ -219,6 +219,29 @@ def test_a_killed_watcher_is_restarted_and_the_mount_keeps_serving(mounted: Moun
     assert mounted.run("bob", f"cat {other}").stdout == "after the restart\n"
 
 
+def test_the_daemon_never_imports_code_from_the_callers_directory(root: Path, tmp_path: Path) -> None:
+    """The daemon runs as root and agents write into volumes: a `watchdog` package planted in the
+    directory `mount` is run from must not be imported by the daemon or its watcher process."""
+    planted = tmp_path / "cwd"
+    (planted / "watchdog").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (planted / "watchdog" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        result = subprocess.run([CLI, "mount", str(root), str(mp)], cwd=planted, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert len(watcher_pids(mp)) == 1
+    finally:
+        Mount(root, mp).unmount()
+    assert not marker.exists()
+
+
+def test_a_failure_inside_the_daemon_is_reported_without_trios_wrapping() -> None:
+    from fusefs.mount import MountError, _reason
+    assert _reason(ExceptionGroup("Exceptions from Trio nursery", [MountError("the reason")])) == "the reason"
+
+
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
     m = Mount(root, tmp_path / "mnt")
     with m:
