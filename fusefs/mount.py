@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -40,8 +41,47 @@ def fuse_mounts() -> dict[str, str]:
         for line in f:
             source, mountpoint, fstype = line.split()[:3]
             if fstype == "fuse.coherent":
-                out[mountpoint.replace("\\040", " ")] = source.replace("\\040", " ")
+                out[_unescape(mountpoint)] = _unescape(source)
     return out
+
+
+READAHEAD_KB = 1024
+"""Kernel readahead for the mount: sequential reads of unmanaged (page-cached) files reach the
+daemon in requests as large as FUSE allows (1 MiB) instead of the default 128 KiB; measured here,
+that doubles their throughput. Managed files are read direct_io and are unaffected."""
+
+
+def _device_of(mountpoint: str) -> str | None:
+    """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
+    from the mount itself, which cannot answer before the daemon serves)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == mountpoint:
+                found = fields[2]
+    return found
+
+
+def _unescape(field: str) -> str:
+    """Undo /proc's octal escapes (space, tab, newline, backslash) in a mount path."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+async def _widen_readahead(mountpoint: str) -> None:
+    """Set the mount's readahead to READAHEAD_KB once the kernel has the daemon's answer to FUSE_INIT
+    (which caps it); without permission to (not root, a read-only /sys) the mount keeps the
+    kernel's default."""
+    await trio.to_thread.run_sync(os.statvfs, mountpoint)  # answered only after FUSE_INIT
+    device = _device_of(mountpoint)
+    if device is None:
+        log.info("kept the default readahead for %s: not in /proc/self/mountinfo", mountpoint)
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.info("kept the default readahead for %s: %s", mountpoint, e)
 
 
 def _is_dead(mountpoint: str) -> bool:
@@ -93,6 +133,7 @@ async def _serve(ops: CoherentOperations, mountpoint: str, on_ready: Callable[[]
                     return
 
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(_widen_readahead, mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 

@@ -242,6 +242,16 @@ def test_a_failure_inside_the_daemon_is_reported_without_trios_wrapping() -> Non
     assert _reason(ExceptionGroup("Exceptions from Trio nursery", [MountError("the reason")])) == "the reason"
 
 
+def test_sequential_reads_get_a_wide_readahead_even_at_an_awkward_mountpoint(root: Path, tmp_path: Path) -> None:
+    m = Mount(root, tmp_path / "mount point\twith space")  # /proc escapes both in mountinfo
+    with m:
+        device = os.stat(m.path).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "1024"
+        assert m.run("alice", "head -c 3000000 /dev/urandom > big.bin").returncode == 0
+        assert (m.path / "big.bin").read_bytes() == (root / "big.bin").read_bytes()
+
+
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
     m = Mount(root, tmp_path / "mnt")
     with m:
