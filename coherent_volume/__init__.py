@@ -1,9 +1,29 @@
 """coherent-volume: a shared workspace where a stale write fails closed instead of losing work."""
-from .errors import (CasConflict, CoherenceError, GlobError, InvalidPath, NotManaged, OutsideVolume, RegistryError,
-                     RetriesExhausted, StaleWriteError, VolumeConfigError)
+
+from .errors import (
+    CasConflict,
+    CoherenceError,
+    GlobError,
+    InvalidPath,
+    NotManaged,
+    OutsideVolume,
+    RegistryError,
+    RetriesExhausted,
+    StaleWriteError,
+    VolumeConfigError,
+)
 from .volume import CoherentVolume
 
 __all__ = [
-    "CoherentVolume", "CoherenceError", "StaleWriteError", "CasConflict", "RetriesExhausted", "OutsideVolume",
-    "GlobError", "InvalidPath", "NotManaged", "RegistryError", "VolumeConfigError",
+    "CoherentVolume",
+    "CoherenceError",
+    "StaleWriteError",
+    "CasConflict",
+    "RetriesExhausted",
+    "OutsideVolume",
+    "GlobError",
+    "InvalidPath",
+    "NotManaged",
+    "RegistryError",
+    "VolumeConfigError",
 ]

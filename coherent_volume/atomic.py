@@ -4,6 +4,7 @@ Content is staged before the commit lock is taken (write + fsync), and only give
 inside the lock, so a writer killed while staging leaves nothing behind. Install follows the
 classic order: fsync'd temp in the same directory, rename over the target, fsync the directory.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +14,7 @@ import secrets
 import stat as stat_mod
 from dataclasses import dataclass
 
-from .fingerprint import content_hash
+from .fingerprint import content_hash, hash_fd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -31,7 +32,7 @@ def fsync_dir(directory: str) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 @dataclass
@@ -59,8 +60,12 @@ class Staged:
         tmp = self.plan_name()
         if not self.named:
             assert self.fd is not None
-            if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{self.fd}".encode(), _AT_FDCWD, os.fsencode(tmp),
-                            _AT_SYMLINK_FOLLOW) != 0:
+            if (
+                _libc.linkat(
+                    _AT_FDCWD, f"/proc/self/fd/{self.fd}".encode(), _AT_FDCWD, os.fsencode(tmp), _AT_SYMLINK_FOLLOW
+                )
+                != 0
+            ):
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), tmp)
             self.named = True
@@ -69,6 +74,7 @@ class Staged:
         except FileNotFoundError:
             st = None
         if st is not None:
+            _copy_xattrs(self.target, tmp)
             if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(os.stat(tmp).st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
             if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
@@ -94,6 +100,23 @@ class Staged:
 NAME_MAX = 255
 
 
+def _copy_xattrs(source: str, dest: str) -> None:
+    """Carry the extended attributes (user.*, ACLs, security labels) of the file a commit replaces
+    over to its new content, as an in-place write would keep them."""
+    try:
+        names = os.listxattr(source, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.ENOENT):
+            return
+        raise
+    for name in names:
+        try:
+            os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False), follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
 def _temp_name(target: str) -> str:
     """A temp name beside `target`, within NAME_MAX bytes however long the target's name is."""
     directory, base = os.path.split(target)
@@ -117,7 +140,7 @@ def _makedirs(directory: str) -> None:
             os.mkdir(path)
         except FileExistsError:
             if not os.path.isdir(path):
-                raise
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
 
 
 def stage(target: str, data: bytes) -> Staged:
@@ -144,6 +167,53 @@ def stage(target: str, data: bytes) -> Staged:
         staged.discard()
         raise
     return staged
+
+
+def _copy_range(src: int, dst: int, start: int, end: int, at: int) -> None:
+    """Copy src[start:end] (what of it exists) to dst at offset `at`, without passing through memory."""
+    while start < end:
+        done = os.copy_file_range(src, dst, end - start, start, at)
+        if done == 0:
+            return
+        start += done
+        at += done
+
+
+def unnamed_copy(target: str, copy: bool) -> int:
+    """An unnamed read-write file beside `target` (same file system, so a commit can link it in
+    place), holding a copy of the target's current content when `copy`."""
+    fd = os.open(os.path.dirname(target), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    if copy:
+        try:
+            with open(target, "rb") as current:
+                _copy_range(current.fileno(), fd, 0, os.fstat(current.fileno()).st_size, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def stage_appended(target: str, shadow: int, start: int) -> Staged:
+    """The target's current content followed by shadow[start:]: a handle's appends, committed onto
+    whatever is current; not fsynced (a handle's commit decides its own durability)."""
+    fd = unnamed_copy(target, copy=True)
+    try:
+        _copy_range(shadow, fd, start, os.fstat(shadow).st_size, os.fstat(fd).st_size)
+        return Staged(target, hash_fd(fd), fd, durable=False)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def stage_resized(target: str, size: int) -> Staged:
+    """The target's current content cut or zero-extended to `size` bytes, without a copy in memory."""
+    fd = unnamed_copy(target, copy=True)
+    try:
+        os.ftruncate(fd, size)
+        return Staged(target, hash_fd(fd), fd, durable=False)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 _RENAME_NOREPLACE = 1

@@ -2,6 +2,7 @@
 
 Human output is a table (rich); `--json` output is for tools and keeps every field.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -9,16 +10,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import report
+from .core import open_core
 from .errors import CoherenceError
 from .registry import Event
-from .volume import open_core
 
 
 def _when(ts: float | None) -> str:
@@ -26,9 +28,11 @@ def _when(ts: float | None) -> str:
 
 
 def _console() -> Any:
-    from rich.console import Console  # imported lazily: hooks and scripts must start fast
+    # imported lazily: hooks and scripts must start fast
+    from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    # markup off: paths and agent names are data, never rich markup ("plans/[bold].md" prints as it is)
+    return Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
@@ -48,11 +52,13 @@ def _json(data: object) -> None:
 
 def _guard(fn: Callable[..., None]) -> Callable[..., None]:
     """Turn our typed errors into a clear message and exit status 1 (never a traceback)."""
+
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
         except (CoherenceError, OSError) as e:
             raise click.ClickException(str(e)) from e
+
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -65,8 +71,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("root", type=click.Path(file_okay=False))
-@click.option("--managed", "-m", "globs", multiple=True, required=True, metavar="GLOB",
-              help="Glob of paths the protocol protects (repeatable), e.g. 'plans/**'.")
+@click.option(
+    "--managed",
+    "-m",
+    "globs",
+    multiple=True,
+    required=True,
+    metavar="GLOB",
+    help="Glob of paths the protocol protects (repeatable), e.g. 'plans/**'.",
+)
 @_guard
 def init(root: str, globs: tuple[str, ...]) -> None:
     """Create a volume at ROOT managing GLOB paths (idempotent with the same globs)."""
@@ -89,13 +102,33 @@ def status(root: str, as_json: bool, show_all: bool) -> None:
     console = _console()
     console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
     shown = [f for f in st.files if show_all or f.present or f.holder or not f.version]
-    console.print(_table("files", ["path", "version", "last writer", "when", "grant holder"], [
-        [f.path + ("" if f.present or not f.version else " (deleted)"), str(f.version), f.writer, _when(f.committed_at),
-         f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-"] for f in shown]))
+    console.print(
+        _table(
+            "files",
+            ["path", "version", "last writer", "when", "grant holder"],
+            [
+                [
+                    f.path + ("" if f.present or not f.version else " (deleted)"),
+                    str(f.version),
+                    f.writer,
+                    _when(f.committed_at),
+                    f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-",
+                ]
+                for f in shown
+            ],
+        )
+    )
     if len(shown) < len(st.files):
         console.print(f"({len(st.files) - len(shown)} deleted paths not shown; --all lists them)")
-    console.print(_table("agents", ["agent", "views", "stale", "last read"], [
-        [a.agent, str(a.views), str(a.stale), _when(a.last_read)] for a in st.agents]))
+    console.print(
+        _table(
+            "agents",
+            ["agent", "views", "stale", "last read"],
+            [[a.agent, str(a.views), str(a.stale), _when(a.last_read)] for a in st.agents],
+        )
+    )
+    for u in st.unchecked:
+        console.print(f"not checked: {u.path}: {u.problem}")
 
 
 def _event_row(e: Event) -> list[str]:
@@ -117,8 +150,14 @@ _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until interrupted.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True,
-              help="How many of the latest events to show first.")
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="How many of the latest events to show first.",
+)
 @_guard
 def log(root: str, follow: bool, as_json: bool, limit: int) -> None:
     """Commits, refusals (with reason), foreign writes, grants and reclaims, oldest first."""
@@ -146,15 +185,11 @@ def log(root: str, follow: bool, as_json: bool, limit: int) -> None:
             emit(batch)
 
 
-def _through_mount(path: str) -> tuple[str, str] | None:
-    """(volume root, path inside it) when `path` lies in a mounted volume."""
-    from fusefs.mount import fuse_mounts
+def _volume_of(path: str) -> tuple[str, str] | None:
+    """(volume root, path inside it) when `path` lies in a mounted volume or under a volume root."""
+    from .claude_code import locate
 
-    absolute = os.path.abspath(path)
-    for mountpoint, root in fuse_mounts().items():
-        if absolute == mountpoint or absolute.startswith(mountpoint + os.sep):
-            return root, os.path.relpath(absolute, mountpoint)
-    return None
+    return locate(path)
 
 
 @main.command()
@@ -164,13 +199,13 @@ def _through_mount(path: str) -> tuple[str, str] | None:
 def why(paths: tuple[str, ...], as_json: bool) -> None:
     """Why a write to PATH was refused: the refusal, who changed the file since, and what to do.
 
-    Give the volume ROOT and a PATH in it, or just a PATH inside a mounted volume."""
+    Give the volume ROOT and a PATH in it, or just a PATH inside a volume (mounted or not)."""
     if len(paths) == 2:
         root, path = paths
-    elif len(paths) == 1 and (found := _through_mount(paths[0])) is not None:
+    elif len(paths) == 1 and (found := _volume_of(paths[0])) is not None:
         root, path = found
     else:
-        raise click.UsageError("give ROOT PATH, or a PATH inside a mounted volume")
+        raise click.UsageError("give ROOT PATH, or a PATH inside a volume (its root or a mount of it)")
     core = open_core(root)
     answer = report.why(core, core.resolve(path))
     if as_json:
@@ -178,17 +213,21 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
         return
     console = _console()
     state = f"v{answer.version}" + ("" if answer.present else " (deleted)")
-    console.print(f"{answer.path}: {'managed' if answer.managed else 'not managed'}, current {state}"
-                  + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
-                  + (f", write grant held by {answer.holder}" if answer.holder else ""))
+    console.print(
+        f"{answer.path}: {'managed' if answer.managed else 'not managed'}, current {state}"
+        + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
+        + (f", write grant held by {answer.holder}" if answer.holder else "")
+    )
     r = answer.refusal
     if r is not None:
         seen = f"v{r.seen_version}" if r.seen_version is not None else "nothing (never read)"
-        console.print(f"last refusal: {_when(r.at)} agent {r.agent} ({r.reason}); it had read {seen}, "
-                      f"current was v{r.version}")
+        console.print(
+            f"last refusal: {_when(r.at)} agent {r.agent} ({r.reason}); it had read {seen}, current was v{r.version}"
+        )
         if answer.changes:
-            console.print(_table("changed since that agent's view", _LOG_COLUMNS,
-                                 [_event_row(e) for e in answer.changes]))
+            console.print(
+                _table("changed since that agent's view", _LOG_COLUMNS, [_event_row(e) for e in answer.changes])
+            )
     console.print(f"what to do: {answer.advice}")
 
 
@@ -204,7 +243,7 @@ def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow
     from fusefs.mount import mount as do_mount
 
     if agent is not None:
-        from .volume import validate_agent
+        from .core import validate_agent
 
         validate_agent(agent)
     do_mount(root, mountpoint, agent, foreground, allow_other)
@@ -227,7 +266,7 @@ def unmount(mountpoint: str) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_as(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND as agent NAME (sets COHERENT_AGENT): coherent-volume as alice -- CMD ARGS..."""
-    from .volume import validate_agent
+    from .core import validate_agent
 
     try:
         validate_agent(name)
@@ -286,13 +325,24 @@ def hook_group() -> None:
 
 @hook_group.command("claude-code")
 def hook_claude_code() -> None:
-    """Read one Claude Code hook event (JSON) on stdin and answer it."""
+    """Read one Claude Code hook event (JSON) on stdin and answer it.
+
+    Answers within `claude_code.HOOK_BUDGET` seconds of the process's start; a write to a path
+    that is (or may be) managed that cannot be decided in time is denied."""
     from . import claude_code
 
-    answer = claude_code.run_hook(sys.stdin.read(), claude_code.session_process())
+    try:
+        stdin = sys.stdin.buffer.read().decode("utf-8", "replace")
+        budget = max(claude_code.HOOK_BUDGET - claude_code.process_age(), 0.2)
+        answer = claude_code.run_hook(stdin, budget=budget)
+    except BaseException as e:  # noqa: BLE001 -- run_hook answers every failure itself; this is the last resort
+        answer = claude_code.Answer(
+            2, "", f"coherent-volume: the hook failed before it could decide ({e}); a write was blocked: retry it"
+        )
     if answer.stdout:
-        click.echo(answer.stdout)
+        sys.stdout.write(answer.stdout + "\n")
     if answer.stderr:
-        click.echo(answer.stderr, err=True)
+        sys.stderr.write(answer.stderr + "\n")
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(answer.code)  # never wait for a worker thread that overran its budget

@@ -1,4 +1,5 @@
 """Typed errors. Every refusal a user can meet is one of these; none loses data."""
+
 from __future__ import annotations
 
 import errno
@@ -10,7 +11,10 @@ REMEDY: dict[str, str] = {
     "stale": "re-read the file, then redo the change from its current content",
     "unread": "read the file first, then make the change from its current content",
     "held": "wait until the holder releases its write grant (or it expires), re-read, then redo the change",
-    "fenced": "the write grant was reclaimed; call reacquire() on the file (re-read it), then redo the change from its current content",
+    "fenced": (
+        "the write grant was reclaimed; call reacquire() on the file (re-read it), then redo the change "
+        "from its current content"
+    ),
     "read-set": "re-read the files listed as changed (or forget() them), then redo the change",
 }
 
@@ -78,6 +82,34 @@ class CasConflict(StaleWriteError):
 
 class RetriesExhausted(CasConflict):
     """update() gave up after its retries; the last conflict is described."""
+
+
+class LinkRefused(CoherenceError, PermissionError):
+    """A hard link or symlink that would let writes reach a managed file past the protocol. Nothing
+    was changed. errno is EPERM (the file system does not support such links)."""
+
+    def __init__(self, message: str) -> None:
+        PermissionError.__init__(self, errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class UnprotectedAlias(CoherenceError, PermissionError):
+    """A write or delete through a managed name that is a symlink (or lies below one) to a path no
+    managed glob covers: the protocol would not guard it, so it is refused. Nothing was changed."""
+
+    def __init__(self, name: str, resolved: str) -> None:
+        self.name, self.resolved = name, resolved
+        PermissionError.__init__(
+            self,
+            errno.EPERM,
+            f"{name!r} is managed but is a symlink (or lies below one) to the unmanaged {resolved!r}: writes "
+            f"through it are refused; write {resolved!r} itself, or replace the link with a regular file",
+        )
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class OutsideVolume(CoherenceError, ValueError):

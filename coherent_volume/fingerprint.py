@@ -1,4 +1,5 @@
 """What a file on disk is: a cheap stat fingerprint and an xxhash of its content."""
+
 from __future__ import annotations
 
 import os
@@ -23,23 +24,19 @@ class Fingerprint(NamedTuple):
     ctime_ns: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "Fingerprint":
+    def of(cls, st: os.stat_result) -> Fingerprint:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def fingerprint_path(path: str) -> Fingerprint | None:
-    """Fingerprint of the regular file at `path` (not following a final symlink), None if absent.
-
-    A non-regular file (directory, fifo) raises IsADirectoryError/OSError: it is never a version."""
+    """Fingerprint of the regular file at `path` (not following a final symlink); None if there is
+    none. Anything else at `path` (a directory, a fifo, a symlink) holds no version: to the
+    protocol the managed file is absent, so a file replaced by a directory reads as deleted."""
     try:
         st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    if stat_mod.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{path!r} is a directory")
-    if not stat_mod.S_ISREG(st.st_mode):
-        raise OSError(f"{path!r} is not a regular file")
-    return Fingerprint.of(st)
+    return Fingerprint.of(st) if stat_mod.S_ISREG(st.st_mode) else None
 
 
 def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
@@ -83,10 +80,22 @@ def hash_fd(fd: int) -> str:
     return hasher.hexdigest()
 
 
-def hash_path(path: str) -> str | None:
-    """Content hash of the file at `path`, None if absent."""
+def hash_file(path: str) -> tuple[Fingerprint, str]:
+    """Fingerprint and content hash of the regular file at `path` (not following a final symlink),
+    read in chunks: memory stays flat whatever the file's size. FileNotFoundError if absent."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        data, _ = read_file(path)
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OSError(22, "Not a regular file", path)
+        return Fingerprint.of(st), hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_path(path: str) -> str | None:
+    """Content hash of the file at `path`, None if absent (streamed, see `hash_file`)."""
+    try:
+        return hash_file(path)[1]
     except FileNotFoundError:
         return None
-    return content_hash(data)

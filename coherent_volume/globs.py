@@ -5,9 +5,11 @@ Patterns are relative to the volume root, with `/` separators:
 `*` and `?` match inside one segment, `[...]` is a character class (`[!...]` negates).
 A file is managed when any pattern matches its whole relative path.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import GlobError
@@ -74,25 +76,52 @@ class ManagedGlobs:
     patterns: tuple[str, ...]
 
     @classmethod
-    def of(cls, patterns: object) -> "ManagedGlobs":
+    def of(cls, patterns: object) -> ManagedGlobs:
         if isinstance(patterns, str):
             patterns = (patterns,)
-        try:
-            items = tuple(patterns)  # type: ignore[arg-type]
-        except TypeError:
-            raise GlobError(f"managed globs must be a list of strings, not {patterns!r}") from None
-        if not items:
-            raise GlobError("a volume needs at least one managed glob: with none it would protect nothing")
-        for p in items:
+        if not isinstance(patterns, Iterable):
+            raise GlobError(f"managed globs must be a list of strings, not {patterns!r}")
+        items: list[str] = []
+        for p in patterns:
+            if not isinstance(p, str):
+                raise GlobError(f"malformed glob {p!r}: a glob is a string")
             try:
                 re.compile(compile_glob(p))
             except re.error as e:
                 raise GlobError(f"malformed glob {p!r}: {e}") from None
+            items.append(p)
+        if not items:
+            raise GlobError("a volume needs at least one managed glob: with none it would protect nothing")
         return cls(tuple(sorted(set(items))))
 
     def __post_init__(self) -> None:
         regex = "|".join(f"(?:{compile_glob(p)})" for p in self.patterns)
         object.__setattr__(self, "_regex", re.compile(f"(?:{regex})\\Z", re.DOTALL))
+        segments = tuple(
+            tuple(
+                None if seg == "**" else re.compile(_segment_regex(seg, p) + "\\Z", re.DOTALL) for seg in p.split("/")
+            )
+            for p in self.patterns
+        )
+        object.__setattr__(self, "_segments", segments)
+
+    def may_match_below(self, directory: str) -> bool:
+        """True if some path below the root-relative `directory` ("" is the root) could be managed:
+        a directory that is renamed or replaced can then move managed files."""
+        parts = directory.split("/") if directory else []
+        for pattern in self._segments:  # type: ignore[attr-defined]
+            for index, part in enumerate(parts):
+                if index >= len(pattern) or pattern[index] is None:
+                    break
+                if not pattern[index].match(part):
+                    break
+            else:
+                if len(pattern) > len(parts):
+                    return True
+                continue
+            if index < len(pattern) and pattern[index] is None:
+                return True
+        return False
 
     def matches(self, rel: str) -> bool:
         """True if the root-relative POSIX path `rel` is managed."""

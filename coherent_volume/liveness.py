@@ -1,21 +1,35 @@
-"""Process identity that survives pid reuse: (host, pid, start time)."""
+"""Process identity that survives pid reuse: (host, pid, start time).
+
+`host` names the PID namespace of one boot of one host: a pid (and the /proc that reads it)
+only means something within it. From anywhere else a process cannot be checked, so its
+grants end only at their TTL.
+"""
+
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace, e.g. 'pid:[4026531836]'; unique to this process if /proc cannot say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return f"pid:[unknown, process {os.getpid()}]"
 
 
 @lru_cache(maxsize=1)
 def host_id() -> str:
-    """This boot of this host: pids are only comparable within it."""
+    """This PID namespace of this boot of this host: pids are only comparable within it."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = "unknown-boot"
-    return f"{socket.gethostname()}/{boot}"
+    return f"{socket.gethostname()}/{boot}/{_pid_namespace()}"
 
 
 def start_time(pid: int) -> int | None:
@@ -31,6 +45,15 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _proc_is_ours() -> bool:
+    """Whether /proc numbers processes as this PID namespace does (it does not in a namespace
+    that did not mount its own /proc): only then does /proc/PID describe our PID."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ProcessId:
     host: str
@@ -38,20 +61,22 @@ class ProcessId:
     start: int
 
     @classmethod
-    def of(cls, pid: int) -> "ProcessId":
+    def of(cls, pid: int) -> ProcessId:
         started = start_time(pid)
         if started is None:
             raise ProcessLookupError(f"process {pid} does not exist")
         return cls(host_id(), pid, started)
 
     def alive(self) -> bool | None:
-        """True/False on this host; None when it runs elsewhere and cannot be checked from here."""
-        if self.host != host_id():
+        """True/False in this PID namespace of this boot of this host; None when it runs
+        elsewhere (another host, boot or PID namespace) or /proc here is another namespace's:
+        then it cannot be checked from here."""
+        if self.host != host_id() or not _proc_is_ours():
             return None
         return start_time(self.pid) == self.start
 
 
-@lru_cache(maxsize=None)
+@cache
 def _self(pid: int) -> ProcessId:
     return ProcessId.of(pid)
 
@@ -59,3 +84,12 @@ def _self(pid: int) -> ProcessId:
 def current_process() -> ProcessId:
     """This process (cached per pid, so it stays right after fork)."""
     return _self(os.getpid())
+
+
+def _forget_after_fork() -> None:
+    """A child may be in a new PID namespace (its parent called unshare(CLONE_NEWPID))."""
+    host_id.cache_clear()
+    _self.cache_clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,4 +1,5 @@
 """Confinement of user paths to a volume root. Pure path logic plus `realpath` at the edge."""
+
 from __future__ import annotations
 
 import ctypes
@@ -6,7 +7,6 @@ import errno
 import os
 from functools import lru_cache
 from typing import NamedTuple
-from pathlib import Path
 
 from .errors import InvalidPath, OutsideVolume
 from .globs import ManagedGlobs
@@ -20,6 +20,9 @@ class Target(NamedTuple):
     rel: str
     abs: str
     managed: bool
+    alias_of: str | None = None
+    """The managed name the caller gave, when it resolved through a symlink to this unmanaged path:
+    every write and delete through it is refused (errors.UnprotectedAlias)."""
 
 
 PATH_MAX = 4096
@@ -36,6 +39,12 @@ def _check_text(path: str) -> None:
         raise InvalidPath(f"path {path!r} is not valid UTF-8: a volume records its paths as UTF-8") from None
     if len(encoded) >= PATH_MAX:
         raise InvalidPath(f"path of {len(encoded)} bytes is longer than the system allows ({PATH_MAX - 1})")
+
+
+def printable(rel: str) -> str:
+    """`rel` as text that can always be printed and encoded: bytes that are not UTF-8 (which
+    os.walk hands over as surrogate escapes) become \\xNN."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
 class _OpenHow(ctypes.Structure):
@@ -74,7 +83,7 @@ def is_registry_path(rel: str) -> bool:
 class VolumePaths:
     """Maps user paths to Targets inside one root. Invariant: every Target.abs is below root."""
 
-    def __init__(self, root: Path, globs: ManagedGlobs) -> None:
+    def __init__(self, root: str, globs: ManagedGlobs) -> None:
         self.root = os.path.realpath(root)
         self.globs = globs
         self.managed = lru_cache(maxsize=65536)(globs.matches)
@@ -107,21 +116,53 @@ class VolumePaths:
             raise OutsideVolume(f"path {text!r} must be str, not bytes")
         _check_text(text)
         if os.path.isabs(text) and text.startswith(self.root + os.sep):
-            text = text[len(self.root) + 1:]
+            text = text[len(self.root) + 1 :]
         plain = lexical(text)
         if plain is not None and self._free_of_symlinks(plain):
             rel = plain  # no '.', '..' or symlink in it: the path is its own canonical form
+            named = None
             if is_registry_path(rel):
                 raise OutsideVolume(f"{rel!r} is the registry's own directory; it is not part of the volume")
         else:
             joined = text if os.path.isabs(text) else os.path.join(self.root, text)
             rel = self.rel_of(os.path.realpath(joined))
+            named = self._named(joined)
         if rel == ".":
             raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
-        target = Target(rel, f"{self.root}/{rel}", self.managed(rel))
+        if text.endswith("/") and not os.path.isdir(f"{self.root}/{rel}"):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (the path ends with '/')", text)
+        managed = self.managed(rel)
+        alias_of = named if named is not None and not managed and self.managed(named) else None
+        target = Target(rel, f"{self.root}/{rel}", managed, alias_of)
         if len(target.abs.encode("utf-8")) >= PATH_MAX:
             raise InvalidPath(f"{rel[:60]!r}...: inside this root the path is longer than the system allows")
         return target
+
+    def _named(self, joined: str) -> str | None:
+        """The root-relative name of `joined` with '.' and '..' folded but no symlink followed (None
+        outside the root): what a caller meant to write."""
+        try:
+            return self.rel_of(os.path.normpath(joined))
+        except OutsideVolume:
+            return None
+
+    def resolve_link(self, path: str | os.PathLike[str]) -> Target | None:
+        """The Target of `path` itself when its last component is a symlink (for unlink(2)
+        semantics: removing the link, never what it points to), else None."""
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            return None
+        _check_text(text)
+        joined = text if os.path.isabs(text) else os.path.join(self.root, text)
+        parent, name = os.path.split(os.path.normpath(joined))
+        if not name or name in (".", ".."):
+            return None
+        directory = os.path.realpath(parent)
+        link = os.path.join(directory, name)
+        if not os.path.islink(link):
+            return None
+        rel = self.rel_of(link)
+        return Target(rel, link, False)
 
     def _openat2(self, rel: str, flags: int) -> int:
         """openat2 beneath root refusing any symlink on the way; -errno on failure."""

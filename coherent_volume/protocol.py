@@ -3,11 +3,12 @@
 Every face (Python API, FUSE mount, hooks) reaches these rules through `core.VolumeCore`;
 none re-implements them. Inputs are plain records; outputs are decisions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 from enum import Enum
+from typing import Literal, NamedTuple
 
 from .errors import Reason
 from .fingerprint import Fingerprint
@@ -15,6 +16,22 @@ from .liveness import ProcessId
 
 EXTERNAL = "external"
 """Writer name recorded for changes made outside the volume (foreign writes)."""
+
+ENV_AGENT = "COHERENT_AGENT"
+"""The environment variable that names a process's agent, for every face."""
+
+AGENT_NAME_MAX = 200
+
+
+def agent_name_problem(name: object) -> str | None:
+    """Why `name` cannot be an agent's name, or None if it can: 1 to 200 printable characters,
+    never the name reserved for foreign writes."""
+    if not isinstance(name, str) or not name or len(name) > AGENT_NAME_MAX or not name.isprintable():
+        return f"agent name {name!r} must be 1 to {AGENT_NAME_MAX} printable characters"
+    if name == EXTERNAL:
+        return f"agent name {EXTERNAL!r} is reserved for changes made outside the volume"
+    return None
+
 
 RACY_NS = 100_000_000
 """A fingerprint taken this soon after the file's ctime cannot rule out a later same-tick write."""
@@ -60,6 +77,16 @@ class Intent:
     tmp: str | None
 
 
+EventKind = Literal[
+    "commit", "delete", "refusal", "foreign", "adopt", "clobber", "reclaim", "grant", "release", "recover"
+]
+"""What a line of the volume's log records."""
+
+ViewState = Literal["fresh", "stale", "unread"]
+Recovery = Literal["completed", "abandoned"]
+"""What crash recovery did with an interrupted commit (logged as a `recover` event's reason)."""
+
+
 # ---- disk versus record ---------------------------------------------------------------
 
 
@@ -89,6 +116,28 @@ def classify(record: FileRecord | None, fp: Fingerprint | None, disk_hash: str |
     return Disk.SAME if disk_hash == record.hash else Disk.CHANGED
 
 
+# ---- reads ----------------------------------------------------------------------------
+
+BUFFERING_PROGRAMS = frozenset(
+    {"vi", "vim", "nvim", "vim.basic", "vim.tiny", "gvim", "emacs", "nano", "micro", "kak", "hx"}
+)
+"""Programs that hold a file in a buffer (editors): their view is the version they loaded."""
+
+
+def read_shows_content(offset: int, returned: int) -> bool:
+    """Whether a read request showed the reader the file's content: it returned bytes, or it read
+    from the start and found the file empty. A read past the end (`tail -f` seeking to it) shows
+    nothing, so it is no view."""
+    return returned > 0 or offset == 0
+
+
+def read_moves_view(pinned: bool, program: str | None, loaded_before: bool) -> bool:
+    """Whether a read moves its agent's view to the version read. Not for a pinned agent (its views
+    move only with what its model read, see the hooks), nor for a buffering program re-reading a
+    file it already loaded (vim's backup copy while saving would otherwise let a stale save through)."""
+    return not pinned and not (program in BUFFERING_PROGRAMS and loaded_before)
+
+
 # ---- grants ---------------------------------------------------------------------------
 
 
@@ -98,6 +147,10 @@ def grant_over(grant: Grant, now: float, owner_alive: bool | None) -> bool:
 
 
 # ---- writes ---------------------------------------------------------------------------
+
+
+HandleKind = Literal["append", "write"]
+"""An open write handle (the mount): one that only appends, or any other."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +167,13 @@ class WriteCheck:
     changed_read_set: tuple[str, ...] = ()
     """Other paths in the agent's read set that moved since it read them (read-set isolation)."""
     expected: int | None = None
-    """write_cas: the version the caller based its write on."""
+    """write_cas, or an open handle's commit: the version the caller based its write on."""
+    kind: HandleKind | None = None
+    """Opening a write handle of this kind (the mount); None for any other write. Opening one that
+    appends needs no view: it adds to whatever is current, so it cannot clobber what it did not read."""
+    open_kinds: list[HandleKind] | None = None
+    """The kinds of the write handles the agent has open on the path in the deciding process,
+    sharing its grant; None when the agent's grant (if any) is no such handle grant."""
 
 
 def current_version(record: FileRecord | None) -> int:
@@ -124,7 +183,9 @@ def current_version(record: FileRecord | None) -> int:
 def decide_write(c: WriteCheck) -> Reason | None:
     """None if the write may be installed, else the reason it is refused.
 
-    Precedence: fenced, held, then the version rule (CAS, or unread/stale), then read-set.
+    Precedence: fenced, held (by another agent, or by the agent's own open write handles where
+    `handles_share` says no), then the version rule (CAS, or unread/stale; none for opening to
+    append), then read-set.
     A path that does not exist may be created without a prior read, unless the agent's view
     predates its deletion (a write built on content that is gone is stale).
     """
@@ -132,9 +193,13 @@ def decide_write(c: WriteCheck) -> Reason | None:
         return "fenced"
     if c.holder is not None and c.holder != c.agent:
         return "held"
+    if c.kind is not None and c.open_kinds is not None and not handles_share(c.open_kinds, c.kind):
+        return "held"  # by the agent's own open write handle: see handles_share
     version = current_version(c.current)
     exists = c.current is not None and c.current.present
-    if c.expected is not None:
+    if c.kind == "append":
+        pass  # opening for append: it adds to whatever is current (its commit is replayed onto it)
+    elif c.expected is not None:
         if c.expected != version:
             return "stale"
     elif exists:
@@ -149,6 +214,48 @@ def decide_write(c: WriteCheck) -> Reason | None:
     return None
 
 
+def handles_share(open_kinds: list[HandleKind], kind: HandleKind) -> bool:
+    """Whether a write handle of `kind` may join the write handles its agent has open on a path:
+    appends share with appends (each adds to whatever is current, so none can lose another's
+    lines); any other write handle is alone, refused at open while another is open, so that its
+    commit, a compare-and-swap, is never refused at close by its own agent's other handle."""
+    return all(k == "append" for k in open_kinds) and (kind == "append" or not open_kinds)
+
+
+def may_replay(c: WriteCheck, reason: Reason | None, appends_only: bool) -> bool:
+    """Whether a handle refused only because its base is no longer current may append its bytes to
+    the current content instead: it only appended, and the file still exists (appends are never
+    replayed onto a deletion)."""
+    if reason != "stale" or c.expected is None or c.current is None or not c.current.present:
+        return False
+    return appends_only
+
+
+def view_moves(c: WriteCheck, based_on_view: bool, replayed: bool) -> bool:
+    """Whether a commit makes its writer's view the new version: only when the writer knew the
+    content it changed: its view was current, or its write was based on the current version,
+    which it had read (a handle opened with a view check) or claims (a compare-and-swap). An
+    append, or appends replayed onto content it never read, leave its view where it was."""
+    return c.seen == current_version(c.current) or (based_on_view and not replayed)
+
+
 def changed_paths(read_set: dict[str, int], versions: dict[str, int], exclude: str) -> tuple[str, ...]:
     """Paths of `read_set` (path -> seen version) whose current version differs, except `exclude`."""
     return tuple(sorted(p for p, seen in read_set.items() if p != exclude and versions.get(p, 0) != seen))
+
+
+def view_state(seen: int | None, version: int) -> ViewState:
+    """How an agent's view of a path stands against its current version."""
+    return "unread" if seen is None else "fresh" if seen == version else "stale"
+
+
+def is_noop(record: FileRecord | None, digest: str | None) -> bool:
+    """A write of exactly the recorded content is no new version: nobody is invalidated by it."""
+    return digest is not None and record is not None and record.present and record.hash == digest
+
+
+def recovery(intent: Intent, on_disk: bool, disk_hash: str | None) -> Recovery:
+    """An interrupted commit is completed when the disk already holds what it intended (its content,
+    or for a deletion no file), else abandoned: the disk still holds the previous version."""
+    installed = (on_disk and disk_hash == intent.hash) if intent.present else not on_disk
+    return "completed" if installed else "abandoned"

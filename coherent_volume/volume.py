@@ -1,40 +1,19 @@
 """CoherentVolume: the Python face — tracked reads and fail-closed writes for one agent."""
+
 from __future__ import annotations
 
 import os
 import random
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
-from .core import Isolation, VolumeCore
+from .core import Isolation, open_core, validate_agent
 from .errors import CasConflict, CoherenceError, RetriesExhausted, VolumeConfigError
-from .globs import ManagedGlobs
 from .liveness import current_process
-from .paths import REGISTRY_DIR, Target, is_registry_path, lexical
-from .protocol import EXTERNAL, Grant
-from .registry.sqlite import SQLiteRegistry
-
-ENV_AGENT = "COHERENT_AGENT"
-
-
-def validate_agent(agent: str) -> str:
-    """Agent names are printable, at most 200 characters, and never the reserved 'external'."""
-    if not isinstance(agent, str) or not agent or len(agent) > 200 or not agent.isprintable():
-        raise VolumeConfigError(f"agent name {agent!r} must be 1 to 200 printable characters")
-    if agent == EXTERNAL:
-        raise VolumeConfigError(f"agent name {EXTERNAL!r} is reserved for changes made outside the volume")
-    return agent
-
-
-def open_core(root: str | os.PathLike[str], managed: object = None) -> VolumeCore:
-    """Open (or, given managed globs, create) the volume at `root`; shared by every face."""
-    real = os.path.realpath(root)
-    if not os.path.isdir(real):
-        raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
-    globs = None if managed is None else ManagedGlobs.of(managed)
-    return VolumeCore(real, SQLiteRegistry(os.path.join(real, REGISTRY_DIR), globs))
+from .paths import Target, is_registry_path, lexical
+from .protocol import ENV_AGENT, Grant
 
 
 class CoherentVolume:
@@ -43,8 +22,13 @@ class CoherentVolume:
     `managed` creates the volume on first use and must equal the stored globs afterwards
     (None opens an existing volume with its stored globs)."""
 
-    def __init__(self, root: str | os.PathLike[str], managed: object = None, agent: str | None = None,
-                 isolation: Isolation = "file") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        managed: object = None,
+        agent: str | None = None,
+        isolation: Isolation = "file",
+    ) -> None:
         if isolation not in ("file", "read-set"):
             raise VolumeConfigError(f"isolation must be 'file' or 'read-set', not {isolation!r}")
         self.agent = validate_agent(agent or os.environ.get(ENV_AGENT) or f"agent-{os.getpid()}-{secrets.token_hex(3)}")
@@ -115,11 +99,18 @@ class CoherentVolume:
 
     def write_cas(self, path: str | os.PathLike[str], expected_version: int, data: bytes | str) -> int:
         """Write only if the current version is `expected_version`; CasConflict otherwise."""
-        return self._core.commit(self.agent, self._target(path), self._bytes(data), isolation=self.isolation,
-                                 expected=expected_version)
+        return self._core.commit(
+            self.agent, self._target(path), self._bytes(data), isolation=self.isolation, expected=expected_version
+        )
 
     def delete(self, path: str | os.PathLike[str]) -> int:
-        """Delete with the same checks as write; returns the deletion's version."""
+        """Delete with the same checks as write; returns the deletion's version. A symlink is removed
+        itself (0: links carry no versions), as unlink(2) does."""
+        if not self._closed:
+            link = self._core.paths.resolve_link(path)
+            if link is not None:  # unlink(2) removes the link, never the file it points to
+                self._core.unlink_symlink(link)
+                return 0
         return self._core.commit(self.agent, self._target(path), None, isolation=self.isolation)
 
     def update(self, path: str | os.PathLike[str], fn: Callable[[bytes], bytes | str], retries: int = 8) -> int:
@@ -136,15 +127,24 @@ class CoherentVolume:
             except FileNotFoundError:
                 old, version = b"", self._core.version(target) if target.managed else 0
             try:
-                return self._core.commit(self.agent, target, self._bytes(fn(old)), isolation=self.isolation,
-                                         expected=version)
+                return self._core.commit(
+                    self.agent, target, self._bytes(fn(old)), isolation=self.isolation, expected=version
+                )
             except CasConflict as conflict:
                 if conflict.reason not in ("stale", "held"):
                     raise
                 last = conflict
         assert last is not None
-        raise RetriesExhausted(last.path, last.agent, last.reason, last.seen_version, last.current_version,
-                               last.last_writer, holder=last.holder, expected_version=last.expected_version)
+        raise RetriesExhausted(
+            last.path,
+            last.agent,
+            last.reason,
+            last.seen_version,
+            last.current_version,
+            last.last_writer,
+            holder=last.holder,
+            expected_version=last.expected_version,
+        )
 
     @contextmanager
     def lock(self, path: str | os.PathLike[str], ttl: float = 30.0, timeout: float = 30.0) -> Iterator[Grant]:
@@ -177,7 +177,7 @@ class CoherentVolume:
             self._core.registry.close()
             self._core.paths.close()
 
-    def __enter__(self) -> "CoherentVolume":
+    def __enter__(self) -> CoherentVolume:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,11 +1,54 @@
-"""Open-file state of the mount: one object per FUSE file handle."""
+"""Open-file state of the mount: one object per FUSE file handle, carrying its own behaviour.
+
+Every file handle answers the same requests (`FileHandle`); the operations adapter only looks
+a handle up and forwards. Blocking protocol work runs in worker threads (`blocking`), so one
+slow commit never stalls other requests. Directory listings are not file handles: they live
+in a table of their own (`Listing`).
+"""
+
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import pyfuse3
+import trio
+
+from coherent_volume import atomic
+from coherent_volume.core import HandleCommit, VolumeCore
+from coherent_volume.edits import Edits
+from coherent_volume.errors import CoherenceError
+from coherent_volume.fingerprint import hash_fd
+from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
-from coherent_volume.protocol import Grant
+from coherent_volume.protocol import Grant, HandleKind, read_shows_content
+
+log = logging.getLogger("coherent_volume.fuse")
+
+
+async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run blocking work in a worker thread."""
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+class FileHandle(Protocol):
+    """What the mount asks of an open file."""
+
+    @property
+    def rel(self) -> str: ...
+    def stat(self) -> os.stat_result | None: ...
+    async def read(self, off: int, size: int) -> bytes: ...
+    async def write(self, off: int, buf: bytes) -> int: ...
+    async def resize(self, size: int) -> None: ...
+    async def flush(self) -> None: ...
+    async def fsync(self, datasync: bool) -> None: ...
+    async def release(self) -> None: ...
 
 
 @dataclass
@@ -14,40 +57,108 @@ class Passthrough:
 
     fd: int
     rel: str
+    writable: bool
 
-    def close(self) -> None:
+    def stat(self) -> os.stat_result | None:
+        return os.fstat(self.fd)
+
+    async def read(self, off: int, size: int) -> bytes:
+        return os.pread(self.fd, size, off)
+
+    async def write(self, off: int, buf: bytes) -> int:
+        return os.pwrite(self.fd, buf, off)
+
+    async def resize(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    async def flush(self) -> None:
+        pass
+
+    async def fsync(self, datasync: bool) -> None:
+        await blocking(os.fdatasync if datasync else os.fsync, self.fd)
+
+    async def release(self) -> None:
         os.close(self.fd)
 
 
 @dataclass
 class Snapshot:
     """A managed file opened for reading: `fd` is the inode of the version it opened, which no
-    commit modifies (commits install new inodes), so it serves exactly that version's bytes."""
+    commit modifies (commits install new inodes), so it serves exactly that version's bytes.
+    At its first read its agent's view may move to that version (`VolumeCore.note_read` decides);
+    `agent` is None once that was asked, or if the reader's agent is unknown (nothing tracked)."""
 
+    core: VolumeCore
     fd: int
     version: int
+    target: Target
+    agent: str | None
+    pinned: bool
+    reader: ProcessId | None
+    program: str | None
 
-    def close(self) -> None:
+    @property
+    def rel(self) -> str:
+        return self.target.rel
+
+    def stat(self) -> os.stat_result | None:
+        return os.fstat(self.fd)
+
+    async def read(self, off: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, off)
+        if self.agent is not None and read_shows_content(off, len(data)):
+            agent, self.agent = self.agent, None  # a view is what was read: the first read moves it
+            await blocking(
+                self.core.note_read,
+                agent,
+                self.target,
+                self.version,
+                pinned=self.pinned,
+                reader=self.reader,
+                program=self.program,
+            )
+        return data
+
+    async def write(self, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    async def resize(self, size: int) -> None:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    async def flush(self) -> None:
+        pass
+
+    async def fsync(self, datasync: bool) -> None:
+        pass
+
+    async def release(self) -> None:
         os.close(self.fd)
 
 
 @dataclass
 class Shadow:
     """A managed file opened for writing: writes land in an unnamed shadow file beside the target,
-    installed as one commit at flush/close, so readers never see a partial write. The commit
-    installs the shadow itself; `fd` is then -1 until the handle writes again.
+    installed as one commit at flush/close, so readers never see a partial write. A handle that
+    only appends (`kind` "append") shares its agent's grant with its other appending handles and
+    its appends are added to whatever is current at commit; any other write handle is alone and
+    commits as a compare-and-swap against `base_version` (see `protocol.handles_share`).
 
-    Invariant: from open (or the first write after a commit) until the next commit, `grant` (this
-    agent's write grant) keeps every other agent out; between commits it is None."""
+    Invariants: from open (or the first write after a commit) until the next commit, `grant` (a
+    share of this agent's write grant) keeps every other agent out; between commits it is None and
+    `fd` is -1 (the committed shadow is the file now). A refused commit keeps the shadow, its edits
+    and `pending`, so the next flush, and at the latest close(), reports the refusal again."""
 
+    core: VolumeCore
+    owner: ProcessId
+    """The daemon: handle grants live as long as it does."""
     target: Target
     agent: str
+    kind: HandleKind
     fd: int
     grant: Grant | None
-    owns_grant: bool
-    append: bool
     base_version: int
-    """The version the shadow's content starts from: its commit is a CAS against it."""
+    """The version the shadow's content starts from."""
+    edits: Edits = field(default_factory=Edits)
     pending: bool = False
     """The shadow differs from what was last committed (an O_TRUNC open alone makes it so)."""
     wrote: bool = False
@@ -58,11 +169,196 @@ class Shadow:
     created: bool = False
     """This handle created the file: as on a local disk, its name is durable only once the
     program fsyncs the directory, so even a synced commit need not fsync it."""
+    unlinked: bool = False
+    """Its file was unlinked through the mount: its commits are dropped, as a local disk keeps
+    nothing written to an unlinked file."""
+    moved: bool = False
+    """Its file was renamed away: writing on is refused (ESTALE), since its grant and version are
+    those of the old name."""
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    @property
+    def rel(self) -> str:
+        return self.target.rel
+
+    @property
+    def unsaved(self) -> bool:
+        """It holds writes not yet committed, at the name it was opened by."""
+        return self.pending and not self.moved and not self.unlinked
+
+    def stat(self) -> os.stat_result | None:
+        """The shadow's stat while there is one. Called on the event loop while a worker thread may
+        be committing (and closing) the shadow: the fd is read and closed under one lock."""
+        with self._fd_lock:
+            return os.fstat(self.fd) if self.fd >= 0 else None
+
+    @staticmethod
+    def kind_of(flags: int) -> HandleKind:
+        return "append" if flags & os.O_APPEND and not flags & os.O_TRUNC else "write"
+
+    @classmethod
+    def open(cls, core: VolumeCore, owner: ProcessId, agent: str, target: Target, flags: int) -> Shadow:
+        """Check and take the write grant, then start a shadow copy of the current content (blocking)."""
+        kind = cls.kind_of(flags)
+        truncate = bool(flags & os.O_TRUNC)
+        grant, version = core.begin_write(agent, target, owner, kind=kind)
+        handle = cls(core, owner, target, agent, kind, -1, grant, version, pending=truncate)
+        if truncate:
+            handle.edits.change()
+        return handle._start(copy=not truncate)
+
+    @classmethod
+    def create(
+        cls, core: VolumeCore, owner: ProcessId, agent: str, target: Target, mode: int, flags: int, uid: int, gid: int
+    ) -> Shadow:
+        """Create a managed file (committed empty) owned by the caller, and open its shadow. A file
+        that appeared meanwhile is opened as by open(2) with these flags, unless O_EXCL (blocking)."""
+        kind = cls.kind_of(flags)
+        try:
+            grant, version = core.create(agent, target, mode, owner, kind)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            return cls.open(core, owner, agent, target, flags)
+        handle = cls(core, owner, target, agent, kind, -1, grant, version, created=True)
+        return handle._start(copy=False, chown=(uid, gid))
+
+    def _start(self, copy: bool, chown: tuple[int, int] | None = None) -> Shadow:
+        """Give a handle that holds its grant its shadow file (and a file it created, its owner);
+        on failure the grant is released."""
+        try:
+            if chown is not None and os.geteuid() == 0:
+                os.lchown(self.target.abs, *chown)
+            self.fd = atomic.unnamed_copy(self.target.abs, copy)
+            return self
+        except BaseException:
+            self._drop_grant()
+            raise
+
+    async def _writable(self) -> None:
+        """A handle written (or resized) again after its commit takes its grant back and a new shadow."""
+        if self.moved:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if self.grant is None:
+            await blocking(self._regrant)
+        if self.fd < 0:
+            try:
+                await blocking(self._reshadow)
+            except BaseException:
+                await blocking(self._drop_grant)  # a failed write leaves nothing that blocks others
+                raise
+
+    def _regrant(self) -> None:
+        """The grant for a handle written again after its commit: it goes on from the version it
+        committed if that is still current (or it only appends), else EACCES."""
+        self.grant, self.base_version = self.core.begin_write(
+            self.agent, self.target, self.owner, kind=self.kind, expected=self.base_version
+        )
+
+    def _reshadow(self) -> None:
+        """A new shadow after a commit: a copy of the current content."""
+        self.fd = atomic.unnamed_copy(self.target.abs, copy=True)
+
+    async def read(self, off: int, size: int) -> bytes:
+        if self.fd < 0:
+            await blocking(self._reshadow)
+        return os.pread(self.fd, size, off)
+
+    async def write(self, off: int, buf: bytes) -> int:
+        await self._writable()
+        if self.kind == "append":
+            off = os.fstat(self.fd).st_size
+            self.edits.append(off)
+        else:
+            self.edits.change()
+        written = os.pwrite(self.fd, buf, off)
+        self.pending = self.wrote = True
+        self.synced = False
+        return written
+
+    async def resize(self, size: int) -> None:
+        """ftruncate. A handle that only appended so far was opened with no view: cutting or
+        extending makes its content depend on the file's, so it turns into a write handle, which
+        needs a current view, an unmoved base and no other open handle of its agent (EACCES
+        otherwise, at the ftruncate that asked)."""
+        if self.kind == "append":
+            await blocking(self._turn_into_writer)
+        await self._writable()
+        os.ftruncate(self.fd, size)
+        self.edits.change()
+        self.pending = self.wrote = True
+        self.synced = False
+
+    def _turn_into_writer(self) -> None:
+        self._drop_grant()  # its append share; another agent taking the grant meanwhile is a refusal below
+        self.grant, _ = self.core.begin_write(
+            self.agent, self.target, self.owner, kind="write", expected=self.base_version, after_appending=True
+        )
+        self.kind = "write"
+
+    async def flush(self) -> None:
+        if self.wrote:
+            await blocking(self._commit)
+
+    def _commit(self) -> None:
+        """Install the shadow's content as one commit, then end the grant's share so that close()
+        returning means the file is free; a refusal is reported to this flush and every later one
+        (close() included), the shadow kept. The commit is as durable as the program asked: content
+        it fsynced into an existing file survives a power loss, as it would on a local disk;
+        anything else reaches the disk with the next writeback."""
+        durable = self.synced and not self.created
+        staged = atomic.Staged(self.target.abs, hash_fd(self.fd), os.dup(self.fd), durable=durable)
+        commit = HandleCommit(self.kind, self.grant, self.edits, self.unlinked)
+        self.base_version = self.core.commit(self.agent, self.target, staged, expected=self.base_version, handle=commit)
+        self._close()  # the shadow is the file now (or its file is gone): writing again starts afresh
+        self.edits = Edits()
+        self.pending = self.wrote = False
+        self.grant = None
+
+    async def fsync(self, datasync: bool) -> None:
+        if self.fd < 0:  # its content is committed: make that durable
+            await blocking(_sync_committed, self.target.abs)
+            return
+        await blocking(os.fdatasync if datasync else os.fsync, self.fd)
+        self.synced = True
+
+    async def release(self) -> None:
+        if self.pending or self.grant is not None:
+            await blocking(self._release)
+        else:
+            self._close()
+
+    def _release(self) -> None:
+        try:
+            if self.pending:
+                try:
+                    self._commit()
+                except (CoherenceError, OSError) as e:
+                    log.warning("commit at release of %s failed (its close was told): %s", self.target.rel, e)
+        finally:
+            self._drop_grant()
+            self._close()
+
+    def _drop_grant(self) -> None:
+        if self.grant is not None:
+            self.core.release(self.grant, self.kind, log=False)
+        self.grant = None
+
+    def _close(self) -> None:
+        with self._fd_lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _sync_committed(path: str) -> None:
+    """fsync a committed file and its directory: its content and its name survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    atomic.fsync_dir(os.path.dirname(path))
 
 
 @dataclass
@@ -71,9 +367,3 @@ class Listing:
 
     inode: int
     names: list[bytes]
-
-    def close(self) -> None:
-        self.names = []
-
-
-Handle = Passthrough | Snapshot | Shadow | Listing

@@ -11,18 +11,18 @@ the event loop). /proc/<pid>/environ is read in a worker thread with a timeout: 
 while the process is in execve of a binary on this mount can block in the kernel, and the
 file system must never stall on it.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from typing import Callable
-
 from coherent_volume.liveness import ProcessId, host_id, start_time
-from coherent_volume.volume import ENV_AGENT
+from coherent_volume.protocol import ENV_AGENT
 
 ENVIRON_TIMEOUT = 0.5
 CACHE_SECONDS = 1.0
@@ -61,7 +61,7 @@ def _agent_in_environ(pid: int) -> str | None:
     prefix = ENV_AGENT.encode() + b"="
     for item in raw.split(b"\0"):
         if item.startswith(prefix):
-            value = item[len(prefix):].decode("utf-8", "replace")
+            value = item[len(prefix) :].decode("utf-8", "replace")
             return value or None
     return None
 
@@ -106,17 +106,19 @@ class AgentResolver:
             walk = _parent(walk)
         return env_agent or self._fallback(pid), False
 
-    def cached(self, tid: int) -> tuple[str, bool] | None:
+    def cached(self, tid: int) -> tuple[str | None, bool] | None:
         """(agent, pinned) for a thread answered within CACHE_SECONDS; None when `agent` must look it up."""
         started = start_time(tid) if tid > 0 else None
         with self._lock:
             known = self._threads.get((tid, started)) if started is not None else None
         return (known[1], known[2]) if known is not None and known[0] > time.monotonic() else None
 
-    def agent(self, tid: int) -> tuple[str, bool]:
-        """(agent, pinned) of the process that sent a request with thread id `tid` (0: the kernel)."""
+    def agent(self, tid: int) -> tuple[str | None, bool]:
+        """(agent, pinned) of the process that sent a request with thread id `tid`. The kernel reports
+        tid 0 for callers outside the daemon's PID namespace (and for its own writeback): their agent
+        is the mount's default agent, or None (unknown: no managed change may be made for it)."""
         if tid <= 0:
-            return self._fallback(0) if self.default_agent else "session-kernel", False
+            return self.default_agent, False
         thread_started = start_time(tid)
         pid = process_of(tid)
         started = start_time(pid)
@@ -132,8 +134,12 @@ class AgentResolver:
             self._remember(self._threads, (tid, thread_started), cached)
         return cached[1], cached[2]
 
-    def _remember(self, cache: dict[tuple[int, int], tuple[float, str, bool]], key: tuple[int, int],
-                  answer: tuple[float, str, bool]) -> None:
+    def _remember(
+        self,
+        cache: dict[tuple[int, int], tuple[float, str, bool]],
+        key: tuple[int, int],
+        answer: tuple[float, str, bool],
+    ) -> None:
         with self._lock:
             if len(cache) > 4096:
                 cache.clear()

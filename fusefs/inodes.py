@@ -3,6 +3,7 @@
 A commit installs a new backing inode under the same path; the kernel must keep seeing one
 inode for that path, so FUSE inodes are ours, not the backing file system's.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -78,7 +79,7 @@ class InodeTable:
         prefix = old + "/"
         for path in [p for p in self._inode if p == old or p.startswith(prefix)]:
             inode = self._inode.pop(path)
-            moved = new + path[len(old):]
+            moved = new + path[len(old) :]
             self._inode[moved] = inode
             self._path[inode] = moved
 

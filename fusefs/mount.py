@@ -5,23 +5,24 @@ forks, mounts, and reports back through a pipe before the parent exits. If the d
 the mountpoint stays dead (ENOTCONN) rather than becoming a bare directory that agents could
 write into unprotected; mounting again cleans the dead mount up.
 """
+
 from __future__ import annotations
 
 import errno
 import logging
 import os
-import re
 import signal
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio
 
+from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
+from coherent_volume.mounts import device_of, fuse_mounts
 from coherent_volume.paths import REGISTRY_DIR
-from coherent_volume.volume import open_core
 
 from .identity import AgentResolver
 from .operations import CoherentOperations
@@ -34,38 +35,10 @@ class MountError(CoherenceError):
     """A mount or unmount that cannot be done; the message says why and what to do."""
 
 
-def fuse_mounts() -> dict[str, str]:
-    """Mountpoint -> source (our fsname is the volume root) of every FUSE mount of ours."""
-    out: dict[str, str] = {}
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            source, mountpoint, fstype = line.split()[:3]
-            if fstype == "fuse.coherent":
-                out[_unescape(mountpoint)] = _unescape(source)
-    return out
-
-
 READAHEAD_KB = 1024
 """Kernel readahead for the mount: sequential reads of unmanaged (page-cached) files reach the
 daemon in requests as large as FUSE allows (1 MiB) instead of the default 128 KiB; measured here,
 that doubles their throughput. Managed files are read direct_io and are unaffected."""
-
-
-def _device_of(mountpoint: str) -> str | None:
-    """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
-    from the mount itself, which cannot answer before the daemon serves)."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == mountpoint:
-                found = fields[2]
-    return found
-
-
-def _unescape(field: str) -> str:
-    """Undo /proc's octal escapes (space, tab, newline, backslash) in a mount path."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 async def _widen_readahead(mountpoint: str) -> None:
@@ -73,7 +46,7 @@ async def _widen_readahead(mountpoint: str) -> None:
     (which caps it); without permission to (not root, a read-only /sys) the mount keeps the
     kernel's default."""
     await trio.to_thread.run_sync(os.statvfs, mountpoint)  # answered only after FUSE_INIT
-    device = _device_of(mountpoint)
+    device = device_of(mountpoint)
     if device is None:
         log.info("kept the default readahead for %s: not in /proc/self/mountinfo", mountpoint)
         return
@@ -100,8 +73,10 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
 def check_mountable(root: str, mountpoint: str) -> tuple[str, str]:
     """Validate everything that can be checked before forking; returns (root, mountpoint) resolved."""
     if not os.path.exists("/dev/fuse"):
-        raise MountError("no /dev/fuse on this machine: FUSE is unavailable (load the fuse module, or give the "
-                         "container --device /dev/fuse)")
+        raise MountError(
+            "no /dev/fuse on this machine: FUSE is unavailable (load the fuse module, or give the "
+            "container --device /dev/fuse)"
+        )
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):
         raise MountError(f"volume root {root!r} does not exist")
@@ -138,12 +113,18 @@ async def _serve(ops: CoherentOperations, mountpoint: str, on_ready: Callable[[]
         nursery.cancel_scope.cancel()
 
 
+def _option_value(text: str) -> str:
+    """`text` escaped for libfuse's comma-separated option list (a root may contain ',' or '\\')."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. A crash leaves the mount dead, never bare."""
+    os.umask(0)  # callers' modes arrive with their own umask applied: never apply the daemon's on top
     core = open_core(root)
     resolver = AgentResolver(agent, os.getpid(), core.session_of)
     ops = CoherentOperations(core, resolver)
-    options = set(pyfuse3.default_options) | {f"fsname={core.paths.root}", "subtype=coherent"}
+    options = set(pyfuse3.default_options) | {f"fsname={_option_value(core.paths.root)}", "subtype=coherent"}
     if allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, mountpoint, options)
@@ -161,6 +142,7 @@ def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_r
     finally:
         pyfuse3.close(unmount=clean or not ready)  # a mount that never served leaves nothing behind
         resolver.close()
+        ops.backing.close()
         core.registry.close()
 
 
@@ -230,8 +212,10 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> None:
                 return
         reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
         if "busy" in reason.lower():
-            raise MountError(f"{mp} is busy (files are open there, or a process has its working directory in it): "
-                             "close them and try again")
+            raise MountError(
+                f"{mp} is busy (files are open there, or a process has its working directory in it): "
+                "close them and try again"
+            )
         raise MountError(f"could not unmount {mp}: {reason}")
     deadline = time.monotonic() + timeout
     while mp in fuse_mounts() and time.monotonic() < deadline:

@@ -11,6 +11,7 @@ disappeared), the path relative to ROOT, NUL; and `R` NUL once the watches are i
 when its stdin reaches end of file, which happens however the daemon ends (even kill -9), so it
 never outlives the mount.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,17 @@ import sys
 import threading
 import time
 
-from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
-                             FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from coherent_volume.paths import is_registry_path
@@ -28,8 +38,15 @@ from coherent_volume.paths import is_registry_path
 BATCH_DELAY = 0.01
 """Seconds to gather events before sending them: a burst of writes costs one record per path."""
 
-CHANGES = [FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileClosedEvent,
-           DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+CHANGES = [
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
 """The inotify events that signal a change: a write is seen when its writer closes the file
 (every write(2) and open(2) would otherwise wake this process too)."""
 
@@ -78,7 +95,7 @@ def _exit_on_eof() -> None:
 def _send(data: bytes) -> None:
     try:
         while data:
-            data = data[os.write(1, data):]
+            data = data[os.write(1, data) :]
     except BrokenPipeError:  # the daemon is gone
         os._exit(0)
 

@@ -5,6 +5,7 @@ never competes with FUSE requests for this interpreter; its batches of changed p
 a pipe read by a trio task. Kernel invalidation runs in a worker thread: calling it from inside
 a handler can deadlock.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -96,8 +97,13 @@ def parse(buffer: bytearray) -> list[tuple[bytes, str]]:
     return [(r[:1], os.fsdecode(r[1:])) for r in records]
 
 
-async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoint: str,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def watch(
+    core: VolumeCore,
+    inodes: InodeTable,
+    own: OwnChanges,
+    mountpoint: str,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run until cancelled: keep a watcher process running and settle each changed path that is not
     the echo of the mount's own writes. Reports started once the first watcher watches; one that
     cannot start at all is a WatcherError. A watcher that dies later is restarted (the mount keeps
@@ -106,19 +112,29 @@ async def watch(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoin
     started = False
     delay = RESTART_DELAY
     while True:
-        code, watched = await _watch_once(core, inodes, own, mountpoint, resync=started,
-                                          on_ready=None if started else task_status.started)
+        code, watched = await _watch_once(
+            core, inodes, own, mountpoint, resync=started, on_ready=None if started else task_status.started
+        )
         if not started and not watched:
-            raise WatcherError(f"the watcher process exited ({code}) before it watched {core.paths.root}: "
-                               f"foreign writes would go unseen (see the daemon's log)")
+            raise WatcherError(
+                f"the watcher process exited ({code}) before it watched {core.paths.root}: "
+                f"foreign writes would go unseen (see the daemon's log)"
+            )
         started = True
         delay = RESTART_DELAY if watched else min(delay * 2, MAX_RESTART_DELAY)
         log.warning("the watcher process exited (%s); restarting it in %.1f s", code, delay)
         await trio.sleep(delay)
 
 
-async def _watch_once(core: VolumeCore, inodes: InodeTable, own: OwnChanges, mountpoint: str, *, resync: bool,
-                      on_ready: Callable[[], None] | None) -> tuple[int, bool]:
+async def _watch_once(
+    core: VolumeCore,
+    inodes: InodeTable,
+    own: OwnChanges,
+    mountpoint: str,
+    *,
+    resync: bool,
+    on_ready: Callable[[], None] | None,
+) -> tuple[int, bool]:
     """Run one watcher process until it exits: (exit status, whether it got to watch). It is
     stopped at cancellation."""
     # isolated (-I) and started in /: `-m` would otherwise import modules from the working

@@ -9,7 +9,7 @@ import pytest
 
 from coherent_volume import CoherentVolume
 
-REPO = Path(__file__).resolve().parent.parent
+from .harness import REPO
 
 
 @pytest.fixture
@@ -37,16 +37,24 @@ def vols(root: Path):
         vol.close()
 
 
-def run_py(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_py(
+    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run Python code in a real, separate interpreter."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 @pytest.fixture
 def mounted(root: Path, tmp_path: Path):
     """The `root` volume mounted at tmp_path/mnt through the real CLI; unmounted in every outcome."""
-    from .mounts import Mount
+    from .harness.mounts import Mount
 
     with Mount(root, tmp_path / "mnt") as m:
         yield m

@@ -1,18 +1,23 @@
 """Claude Code sessions: hook events shaped as Claude Code sends them, with and without a mount."""
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from coherent_volume import CoherentVolume
-from coherent_volume.claude_code import install, our_hooks, uninstall
+from coherent_volume import CoherentVolume, StaleWriteError, claude_code
+from coherent_volume.claude_code import HOOK_REMEDY, handle, install, our_hooks, remedy, uninstall
+from coherent_volume.errors import Reason
+from coherent_volume.liveness import current_process
 
-from .mounts import CLI, Mount
+from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
 
@@ -35,10 +40,15 @@ console.log(fs.readFileSync(target, "utf8"));
 """
 
 
-def event(name: str, session: str, cwd: Path, tool: str | None = None, path: Path | None = None,
-          response: object = None) -> dict[str, object]:
-    e: dict[str, object] = {"session_id": session, "transcript_path": f"/tmp/{session}.jsonl", "cwd": str(cwd),
-                            "hook_event_name": name}
+def event(
+    name: str, session: str, cwd: Path, tool: str | None = None, path: Path | None = None, response: object = None
+) -> dict[str, object]:
+    e: dict[str, object] = {
+        "session_id": session,
+        "transcript_path": f"/tmp/{session}.jsonl",
+        "cwd": str(cwd),
+        "hook_event_name": name,
+    }
     if tool:
         e["tool_name"] = tool
         e["tool_input"] = {"notebook_path" if tool == "NotebookEdit" else "file_path": str(path)}
@@ -49,8 +59,16 @@ def event(name: str, session: str, cwd: Path, tool: str | None = None, path: Pat
 
 def read_response(path: Path, text: str) -> dict[str, object]:
     lines = text.split("\n")
-    return {"type": "text", "file": {"filePath": str(path), "content": text, "numLines": len(lines),
-                                     "startLine": 1, "totalLines": len(lines)}}
+    return {
+        "type": "text",
+        "file": {
+            "filePath": str(path),
+            "content": text,
+            "numLines": len(lines),
+            "startLine": 1,
+            "totalLines": len(lines),
+        },
+    }
 
 
 class Session:
@@ -59,9 +77,14 @@ class Session:
 
     def __init__(self, session_id: str, cwd: Path) -> None:
         self.id, self.cwd = session_id, cwd
-        self.proc = subprocess.Popen([sys.executable, "-u", "-c", SESSION_LOOP], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=cwd,
-                                     env={k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", SESSION_LOOP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env={k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"},
+        )
 
     def _call(self, request: dict[str, object]) -> dict[str, object]:
         assert self.proc.stdin and self.proc.stdout
@@ -98,7 +121,8 @@ class Session:
         self.proc.wait()
 
 
-SESSION_LOOP = """
+SESSION_LOOP = (
+    """
 import json, subprocess, sys
 NODE = %r
 for line in sys.stdin:
@@ -113,7 +137,9 @@ for line in sys.stdin:
         r = subprocess.run(["node", "-e", NODE, *req["args"]], capture_output=True, text=True)
         out = {"code": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
     print(json.dumps(out), flush=True)
-""" % CLAUDE_WRITE
+"""
+    % CLAUDE_WRITE
+)
 
 
 def version(root: Path, rel: str = P) -> int:
@@ -202,13 +228,21 @@ def test_bad_events_fail_open_with_a_warning(root: Path) -> None:
 
 def test_session_end_releases_grants(root: Path, sessions) -> None:
     s = sessions("ender", root)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import time
 from coherent_volume import CoherentVolume
 with CoherentVolume({str(root)!r}, agent="claude:ender").lock({P!r}, ttl=3600):
     print("locked", flush=True)
     time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with CoherentVolume(root, agent="other") as other:
@@ -224,15 +258,24 @@ with CoherentVolume({str(root)!r}, agent="claude:ender").lock({P!r}, ttl=3600):
 def test_install_and_uninstall_round_trip_keep_other_settings(tmp_path: Path) -> None:
     settings = tmp_path / "proj/.claude/settings.json"
     settings.parent.mkdir(parents=True)
-    original = {"model": "opus", "hooks": {"PreToolUse": [
-        {"matcher": "Bash", "hooks": [{"type": "command", "command": "echo mine"}]}]}}
+    original = {
+        "model": "opus",
+        "hooks": {"PreToolUse": [{"matcher": "Bash", "hooks": [{"type": "command", "command": "echo mine"}]}]},
+    }
     settings.write_text(json.dumps(original))
     r = subprocess.run([CLI, "claude-code", "install", str(tmp_path / "proj")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     installed = json.loads(settings.read_text())
     assert installed["model"] == "opus"
     assert installed["hooks"]["PreToolUse"][0]["hooks"][0]["command"] == "echo mine"
-    assert set(installed["hooks"]) == {"PreToolUse", "PostToolUse", "SessionEnd"}
+    assert set(installed["hooks"]) == {"PreToolUse", "PostToolUse", "PostToolUseFailure", "SessionEnd"}
+    assert all(
+        h["timeout"] == claude_code.HOOK_TIMEOUT
+        for entries in installed["hooks"].values()
+        for e in entries
+        for h in e["hooks"]
+        if h["command"] != "echo mine"
+    )
     command = installed["hooks"]["SessionEnd"][0]["hooks"][0]["command"]
     assert command.endswith("coherent-volume hook claude-code") and os.path.isabs(command.split()[0])
     subprocess.run([CLI, "claude-code", "install", str(tmp_path / "proj")], check=True, capture_output=True)
@@ -252,3 +295,178 @@ def test_install_refuses_a_broken_settings_file(tmp_path: Path) -> None:
     install(tmp_path / "new/settings.json", "x hook claude-code")
     uninstall(tmp_path / "new/settings.json")
     assert json.loads((tmp_path / "new/settings.json").read_text()) == {}
+
+
+def decision(answer: dict[str, object]) -> tuple[str, str]:
+    """(permissionDecision, reason) of a PreToolUse answer; ("allow", "") when it printed nothing."""
+    if not answer["stdout"]:
+        return "allow", ""
+    out = json.loads(str(answer["stdout"]))["hookSpecificOutput"]
+    return out["permissionDecision"], out["permissionDecisionReason"]
+
+
+def test_pre_tool_use_holds_the_grant_until_post_tool_use(root: Path, sessions) -> None:
+    """Check and write are one step: between one session's PreToolUse and PostToolUse another
+    session's PreToolUse is refused `held`, with a remedy that says to wait, not to re-read."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one, two = sessions("g1", root), sessions("g2", root)
+    one.read(target)
+    two.read(target)
+    assert decision(one.hook(event("PreToolUse", "g1", root, "Write", target)))[0] == "allow"
+    verdict, reason = decision(two.hook(event("PreToolUse", "g2", root, "Edit", target)))
+    assert verdict == "deny" and "(held)" in reason and "claude:g1 holds its write grant" in reason
+    assert "Wait a few seconds" in reason
+    assert one.tool_write(target, "v2 by one\n")["code"] == 0
+    assert one.hook(event("PostToolUse", "g1", root, "Write", target, {"type": "update"}))["stdout"] == ""
+    assert version(root) == 2
+    verdict, reason = decision(two.hook(event("PreToolUse", "g2", root, "Edit", target)))
+    assert verdict == "deny" and "(stale)" in reason and "Read the file again" in reason, "released, but stale"
+    two.read(target)
+    assert decision(two.hook(event("PreToolUse", "g2", root, "Edit", target)))[0] == "allow"
+
+
+def test_a_failed_tool_releases_the_grant(root: Path, sessions) -> None:
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one, two = sessions("f1", root), sessions("f2", root)
+    one.read(target)
+    two.read(target)
+    assert decision(one.hook(event("PreToolUse", "f1", root, "Write", target)))[0] == "allow"
+    assert decision(two.hook(event("PreToolUse", "f2", root, "Write", target)))[0] == "deny"
+    failed = event("PostToolUseFailure", "f1", root, "Write", target)
+    failed.update(error="EACCES: permission denied", is_interrupt=False, tool_use_id="toolu_1")
+    assert one.hook(failed)["code"] == 0
+    assert decision(two.hook(event("PreToolUse", "f2", root, "Write", target)))[0] == "allow"
+    assert version(root) == 1
+
+
+def test_every_reason_has_its_own_remedy() -> None:
+    assert set(HOOK_REMEDY) == set(get_args(Reason))
+    assert len(set(HOOK_REMEDY.values())) == len(HOOK_REMEDY)
+    for reason in get_args(Reason):
+        text = remedy(
+            StaleWriteError(P, "claude:x", reason, 1, 2, "claude:y", holder="claude:y", changed=("plans/other.md",))
+        )
+        assert "{" not in text and "Read tool" in text
+    assert "plans/other.md" in remedy(StaleWriteError(P, "a", "read-set", 1, 1, "b", changed=("plans/other.md",)))
+    assert "Wait" in HOOK_REMEDY["held"] and "Wait" not in HOOK_REMEDY["stale"]
+
+
+def _in_process(
+    name: str, session: str, root: Path, tool: str, path: Path, response: object = None
+) -> dict[str, object]:
+    answer = handle(event(name, session, root, tool, path, response), current_process())
+    return {"code": answer.code, "stdout": answer.stdout, "stderr": answer.stderr}
+
+
+def test_a_write_after_its_grant_lapsed_is_a_clobber_the_model_is_told(root: Path, monkeypatch) -> None:
+    """A permission prompt that outlasts the grant: the late write is logged as a clobber and
+    PostToolUse puts that in front of the model."""
+    monkeypatch.setattr(claude_code, "HOOK_GRANT_TTL", 0.2)
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    for s in ("slow", "quick"):
+        _in_process("PostToolUse", s, root, "Read", target, read_response(target, "v1\n"))
+    assert decision(_in_process("PreToolUse", "slow", root, "Write", target))[0] == "allow"
+    time.sleep(0.3)
+    assert decision(_in_process("PreToolUse", "quick", root, "Write", target))[0] == "allow"
+    target.write_text("v2 by quick\n")
+    assert _in_process("PostToolUse", "quick", root, "Write", target)["stdout"] == ""
+    target.write_text("v2 by slow, built on v1\n")
+    told = json.loads(str(_in_process("PostToolUse", "slow", root, "Write", target)["stdout"]))
+    assert told["decision"] == "block" and "went over version 2" in told["reason"] and "claude:quick" in told["reason"]
+    log = [
+        json.loads(line)
+        for line in subprocess.run(
+            [CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    ]
+    assert [e["agent"] for e in log if e["kind"] == "clobber"] == ["claude:slow"]
+
+
+def test_a_fenced_session_is_told_to_read_again_and_reading_lifts_the_fence(root: Path) -> None:
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    _in_process("PostToolUse", "fx", root, "Read", target, read_response(target, "v1\n"))
+    with CoherentVolume(root, agent="claude:fx") as same_agent, same_agent.lock(P, ttl=0.1):
+        time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
+        verdict, reason = decision(_in_process("PreToolUse", "fx", root, "Write", target))
+        assert verdict == "deny" and "(fenced)" in reason and "reclaimed" in reason and "Read tool" in reason
+        _in_process("PostToolUse", "fx", root, "Read", target, read_response(target, "v1\n"))
+        assert decision(_in_process("PreToolUse", "fx", root, "Write", target))[0] == "allow"
+
+
+def _cli_hook(e: dict[str, object]) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    r = subprocess.run([CLI, "hook", "claude-code"], input=json.dumps(e), capture_output=True, text=True, timeout=60)
+    return r, time.monotonic() - started
+
+
+def test_a_slow_registry_fails_closed_for_managed_paths_only(root: Path, tmp_path: Path) -> None:
+    """With the commit lock held elsewhere past the budget: a write to a managed path (existing or
+    new) is denied in time with what happened and what to do; a path in no volume, and an
+    unmanaged one, are allowed; a Read is answered with a warning only."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import fcntl, os, time
+fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for managed in (root / P, root / "plans/new.md"):
+            r, took = _cli_hook(event("PreToolUse", "slow", root, "Write", managed))
+            verdict, reason = decision({"stdout": r.stdout.strip()})
+            assert r.returncode == 0 and verdict == "deny", r.stderr
+            assert "could not check this write" in reason and "did not finish in time" in reason
+            assert "Retry" in reason and f"coherent-volume why {managed}" in reason
+            assert took < claude_code.HOOK_TIMEOUT, f"answered after {took:.1f} s: Claude Code would have let it run"
+        for free in (tmp_path / "elsewhere.md", root / "notes.txt"):
+            r, took = _cli_hook(event("PreToolUse", "slow", root, "Write", free))
+            assert r.returncode == 0 and r.stdout == "" and took < claude_code.HOOK_BUDGET, (r.stdout, r.stderr, took)
+        r, _ = _cli_hook(event("PostToolUse", "slow", root, "Read", root / P, read_response(root / P, "v1\n")))
+        assert r.returncode == 0 and r.stdout == "" and "no view was registered" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (
+        decision(
+            {"stdout": _cli_hook(event("PreToolUse", "slow", root, "Write", root / "plans/new.md"))[0].stdout.strip()}
+        )[0]
+        == "allow"
+    ), "once the lock is free the same write is decided"
+
+
+def test_an_internal_error_denies_a_write_that_may_be_managed(root: Path, tmp_path: Path) -> None:
+    (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
+    r, _ = _cli_hook(event("PreToolUse", "broken", root, "Write", root / "anything.txt"))
+    verdict, reason = decision({"stdout": r.stdout.strip()})
+    assert r.returncode == 0 and verdict == "deny" and "RegistryError" in reason and "coherent-volume why" in reason
+    r, _ = _cli_hook(event("PreToolUse", "broken", root, "Write", tmp_path / "elsewhere.md"))
+    assert r.returncode == 0 and r.stdout == ""
+    r, _ = _cli_hook(
+        {
+            "session_id": "",
+            "hook_event_name": "PreToolUse",
+            "tool_name": "Write",
+            "cwd": str(root),
+            "tool_input": {"file_path": str(root / P)},
+        }
+    )
+    assert decision({"stdout": r.stdout.strip()})[0] == "deny", "a write that cannot be attributed is not let through"

@@ -1,4 +1,5 @@
 """The coherent-volume command, run as a real process."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def test_status_table_and_json(root: Path) -> None:
 def test_status_reports_foreign_writes(root: Path) -> None:
     (root / "plans/by-hand.md").write_text("typed in an editor")
     data = json.loads(cv("status", str(root), "--json").stdout)
-    assert {"path": "plans/by-hand.md", "writer": "external", "version": 1}.items() <= \
-        {k: v for f in data["files"] if f["path"] == "plans/by-hand.md" for k, v in f.items()}.items()
+    assert {"path": "plans/by-hand.md", "writer": "external", "version": 1}.items() <= {
+        k: v for f in data["files"] if f["path"] == "plans/by-hand.md" for k, v in f.items()
+    }.items()
 
 
 def test_log_shows_commits_refusals_and_foreign_writes(root: Path) -> None:
@@ -115,3 +117,33 @@ def test_status_hides_deleted_paths_unless_asked(root: Path) -> None:
     plain = cv("status", str(root)).stdout
     assert "plans/kept.md" in plain and "plans/tmp.md" not in plain and "1 deleted paths not shown" in plain
     assert "plans/tmp.md (deleted)" in cv("status", str(root), "--all").stdout
+
+
+def test_status_reports_a_managed_file_whose_name_is_not_utf8(root: Path) -> None:
+    """A file named b'plans/\\xff.md' made on the root directly: the volume cannot record it (paths
+    are UTF-8), so status says so, escaped, instead of failing with a traceback."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"v1")
+    with open(bytes(root) + b"/plans/\xff.md", "wb") as f:
+        f.write(b"typed by hand")
+    human = cv("status", str(root))
+    assert human.returncode == 0 and "Traceback" not in human.stderr, human.stderr
+    assert "plans/\\xff.md" in human.stdout and "not valid UTF-8" in human.stdout and P in human.stdout
+    data = json.loads(cv("status", str(root), "--json").stdout)
+    assert [u["path"] for u in data["unchecked"]] == ["plans/\\xff.md"]
+    assert [f["path"] for f in data["files"]] == [P]
+
+
+def test_status_prints_paths_as_they_are(root: Path) -> None:
+    (root / "plans/[bold]notes.md").write_text("brackets are not markup")
+    human = cv("status", str(root))
+    assert human.returncode == 0 and "plans/[bold]notes.md" in human.stdout, human.stdout + human.stderr
+
+
+def test_why_takes_a_path_inside_a_plain_volume(root: Path) -> None:
+    _refused_scenario(root)
+    answer = cv("why", str(root / P), "--json")
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["refusal"]["agent"] == "bob"
+    lost = cv("why", "/nowhere/plan.md")
+    assert lost.returncode == 2 and "inside a volume" in lost.stderr

@@ -1,4 +1,5 @@
 """Managed globs and path confinement: what is protected, and what can never be reached."""
+
 from __future__ import annotations
 
 import os
@@ -12,10 +13,18 @@ from coherent_volume import CoherentVolume, GlobError, OutsideVolume, VolumeConf
 from coherent_volume.globs import ManagedGlobs
 
 
-@pytest.mark.parametrize("path,managed", [
-    ("plans/a.md", True), ("plans/deep/er/x.txt", True), ("plans", False), ("README.md", True),
-    ("docs/x.md", False), ("notes.txt", False), ("planss/a.md", False),
-])
+@pytest.mark.parametrize(
+    "path,managed",
+    [
+        ("plans/a.md", True),
+        ("plans/deep/er/x.txt", True),
+        ("plans", False),
+        ("README.md", True),
+        ("docs/x.md", False),
+        ("notes.txt", False),
+        ("planss/a.md", False),
+    ],
+)
 def test_glob_matching(path: str, managed: bool) -> None:
     assert ManagedGlobs.of(["plans/**", "*.md"]).matches(path) is managed
 
@@ -33,7 +42,9 @@ def test_character_classes() -> None:
     assert g.matches("x1.txt") and not g.matches("x/.txt")
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "/abs/**", "a/../b", "a//b", "a**", "**b/c", "x[", "x[]", "y]", "a\\b", "nul\0"])
+@pytest.mark.parametrize(
+    "bad", ["", "   ", "/abs/**", "a/../b", "a//b", "a**", "**b/c", "x[", "x[]", "y]", "a\\b", "nul\0"]
+)
 def test_malformed_globs_raise_glob_error(bad: str) -> None:
     with pytest.raises(GlobError):
         ManagedGlobs.of([bad])
@@ -143,3 +154,18 @@ def test_paths_with_dot_segments_resolve_to_their_canonical_form(vols, root: Pat
     assert alice._core.resolve("plans/./sub/../a.md").rel == "plans/a.md"
     assert alice._core.resolve(str(root / "plans" / "a.md")).rel == "plans/a.md"
     assert alice._core.resolve("plans//a.md").rel == "plans/a.md"
+
+
+def test_which_directories_may_hold_managed_paths() -> None:
+    globs = ManagedGlobs.of(["plans/**", "*.md", "docs/*/x.txt"])
+    holds = {d: globs.may_match_below(d) for d in ("", "plans", "plans/a/b", "notes", "docs", "docs/q", "docs/q/r")}
+    assert holds == {
+        "": True,
+        "plans": True,
+        "plans/a/b": True,
+        "notes": False,
+        "docs": True,
+        "docs/q": True,
+        "docs/q/r": False,
+    }
+    assert ManagedGlobs.of(["**/*.md"]).may_match_below("any/depth/at/all")

@@ -1,4 +1,5 @@
 """The mount: same protocol as the API, for unmodified programs, on a real FUSE mount."""
+
 from __future__ import annotations
 
 import errno
@@ -7,14 +8,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from coherent_volume import CoherentVolume
 
-from .mounts import CLI, Mount, daemon_pids, is_mounted, watcher_pids
+from .harness.mounts import CLI, Mount, daemon_pids, is_mounted, watcher_pids
 
 P = "plans/plan.md"
 
@@ -25,14 +26,17 @@ def version(m: Mount, rel: str, agent: str = "observer") -> int:
 
 
 def test_passthrough_of_unmanaged_files_and_directories(mounted: Mount) -> None:
-    r = mounted.run("alice", """
+    r = mounted.run(
+        "alice",
+        """
 set -e
 mkdir -p notes/deep && echo one > notes/deep/a.txt && echo two >> notes/deep/a.txt
 ln -s deep/a.txt notes/link && cat notes/link
 mv notes/deep/a.txt notes/b.txt && ls notes && rm notes/link && chmod 600 notes/b.txt
 stat -c %a notes/b.txt && truncate -s 3 notes/b.txt && cat notes/b.txt; echo
 rmdir notes/deep && ls -A notes
-""")
+""",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["one", "two", "b.txt", "deep", "link", "600", "one", "b.txt"]
     assert (mounted.root / "notes/b.txt").read_text() == "one"
@@ -104,7 +108,11 @@ def test_readers_never_see_a_partial_write_and_keep_their_version(mounted: Mount
     mounted.run("alice", f"printf old > {P}")
     mounted.run("bob", f"cat {P}")
     reader = open(mounted.path / P, "rb")
-    writer = subprocess.Popen([sys.executable, "-c", f"""
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import time
 with open({str(mounted.path / P)!r}, "wb") as f:
     f.write(b"half")
@@ -112,7 +120,12 @@ with open({str(mounted.path / P)!r}, "wb") as f:
     print("written half", flush=True)
     time.sleep(1.5)
     f.write(b" and the rest")
-"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "bob"})
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": "bob"},
+    )
     try:
         assert writer.stdout.readline().strip() == "written half"
         assert (mounted.path / P).read_bytes() == b"old"
@@ -145,8 +158,13 @@ def test_xattrs_report_version_and_view(mounted: Mount) -> None:
     mounted.run("alice", f"echo 2 > {P}")
     script = f"""import os
 print(os.getxattr({P!r}, "user.coherent.version").decode(), os.getxattr({P!r}, "user.coherent.view").decode())"""
-    get = lambda agent: subprocess.run([sys.executable, "-c", script], cwd=mounted.path, capture_output=True,
-                                       text=True, env={**os.environ, "COHERENT_AGENT": agent}).stdout.split()
+    get = lambda agent: subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=mounted.path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": agent},
+    ).stdout.split()
     current = str(version(mounted, P))
     assert get("alice") == [current, "fresh"]
     assert get("bob") == [current, "stale"]
@@ -182,10 +200,11 @@ def test_unmount_ends_the_daemon_and_its_watcher(root: Path, tmp_path: Path) -> 
 
 
 def foreign_versions(root: Path, rel: str) -> list[int]:
-    """Versions the registry recorded for `rel` as foreign changes (reading the log changes nothing)."""
+    """Versions the registry recorded for `rel` as changes by 'external' (a first sighting is an
+    adoption), read from the log (reading it changes nothing)."""
     out = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
     events = [json.loads(line) for line in out.splitlines()]
-    return [e["version"] for e in events if e["kind"] == "foreign" and e["path"] == rel]
+    return [e["version"] for e in events if e["kind"] in ("foreign", "adopt") and e["path"] == rel]
 
 
 def recorded_within(seconds: float, root: Path, rel: str) -> bool:
@@ -239,6 +258,7 @@ def test_the_daemon_never_imports_code_from_the_callers_directory(root: Path, tm
 
 def test_a_failure_inside_the_daemon_is_reported_without_trios_wrapping() -> None:
     from fusefs.mount import MountError, _reason
+
     assert _reason(ExceptionGroup("Exceptions from Trio nursery", [MountError("the reason")])) == "the reason"
 
 
@@ -361,8 +381,11 @@ def test_registry_cannot_be_renamed_or_deleted_through_the_mount(mounted: Mount)
 
 def test_no_dev_fuse_is_a_clear_error(root: Path, tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
-    r = subprocess.run(["unshare", "-m", "bash", "-c", f"mount -t tmpfs none /dev && {CLI} mount {root} {tmp_path / 'mnt'}"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["unshare", "-m", "bash", "-c", f"mount -t tmpfs none /dev && {CLI} mount {root} {tmp_path / 'mnt'}"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "no /dev/fuse" in r.stderr
 
 
@@ -372,8 +395,13 @@ def test_a_dead_daemons_handle_grants_never_lock_an_agent_out(root: Path, tmp_pa
     m = Mount(root, tmp_path / "mnt")
     with m:
         m.run("alice", f"echo 1 > {P}")
-        holder = subprocess.Popen(["bash", "-c", f"exec 3>>{P}; echo open; sleep 60"], cwd=m.path,
-                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "COHERENT_AGENT": "alice"})
+        holder = subprocess.Popen(
+            ["bash", "-c", f"exec 3>>{P}; echo open; sleep 60"],
+            cwd=m.path,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
         assert holder.stdout.readline().strip() == "open"
         for pid in daemon_pids(m.path):
             os.kill(pid, 9)

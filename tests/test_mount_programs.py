@@ -4,9 +4,10 @@ STALE: another agent committed after this agent last read the file. Programs tha
 themselves (sed, perl, vim, a Claude-style Node writer) get that commit between their own read
 and their write, through a ready/go handshake on marker files outside the mount.
 FRESH: nothing happened since the read; the write lands and the version moves on.
-Unmanaged files behave exactly as in a plain directory. How each program reaches FUSE:
-/work/shared/notes/fuse-field-notes.md.
+Unmanaged files behave exactly as in a plain directory. How each program reaches FUSE: the table
+in docs/mount.md, "Where a stale write is refused".
 """
+
 from __future__ import annotations
 
 import os
@@ -14,16 +15,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from coherent_volume import CoherentVolume
 
-from .mounts import Mount
+from .harness.mounts import Mount
 
 P = "plans/plan.md"
 ORIGINAL = "the plan\n"
@@ -82,17 +83,20 @@ class Program:
 # Programs that write without reading the target first.
 BLIND = {
     "bash >": Program("echo new text > {f}", lambda old: NEW),
-    "python open(w)": Program("{python} -c \"open('{f}', 'w').write('new text\\n')\"", lambda old: NEW,
-                              denied="PermissionError"),
+    "python open(w)": Program(
+        "{python} -c \"open('{f}', 'w').write('new text\\n')\"", lambda old: NEW, denied="PermissionError"
+    ),
     "cp": Program("cp {src} {f}", lambda old: NEW),
     "truncate -s": Program("truncate -s 4 {f}", lambda old: old[:4]),
     "rm": Program("rm {f}", lambda old: None),
     "mv over": Program("mv {src} {f}", lambda old: NEW),
 }
 
-VIM = (": > {{vimlog}}; vim -es -V1{{vimlog}} -u NONE -N -i NONE -c 'set backupcopy={mode} backupskip=' "
-       "-c \"call writefile([], '{{ready}}')\" -c \"while !filereadable('{{go}}') | sleep 20m | endwhile\" "
-       "-c '%s/^/edited: /' -c w -c 'qa!' {{f}}; status=$?; cat {{vimlog}} >&2; exit $status")
+VIM = (
+    ": > {{vimlog}}; vim -es -V1{{vimlog}} -u NONE -N -i NONE -c 'set backupcopy={mode} backupskip=' "
+    "-c \"call writefile([], '{{ready}}')\" -c \"while !filereadable('{{go}}') | sleep 20m | endwhile\" "
+    "-c '%s/^/edited: /' -c w -c 'qa!' {{f}}; status=$?; cat {{vimlog}} >&2; exit $status"
+)
 
 # Programs that read the target themselves, then signal {ready} and wait for {go} before writing.
 # vim: -es prints no messages, so they go to {vimlog} and then to stderr; `backupskip=` because the
@@ -100,21 +104,25 @@ VIM = (": > {{vimlog}}; vim -es -V1{{vimlog}} -u NONE -N -i NONE -c 'set backupc
 # "y" answers vim's own "file changed since reading it, really write?" so that any refusal is the mount's.
 READING = {
     "sed -i": Program("sed -i -e '1e sh {hook}' -e 's/^/edited: /' {f}", lambda old: "edited: " + old),
-    "perl -pi": Program("perl -pi -e 'system(\"sh\", \"{hook}\") if $. == 1; s/^/edited: /' {f}",
-                        lambda old: "edited: " + old),
-    "vim backupcopy=yes": Program(VIM.format(mode="yes"), lambda old: "edited: " + old, denied="E212",
-                                  stdin="y\n"),
+    "perl -pi": Program(
+        'perl -pi -e \'system("sh", "{hook}") if $. == 1; s/^/edited: /\' {f}', lambda old: "edited: " + old
+    ),
+    "vim backupcopy=yes": Program(VIM.format(mode="yes"), lambda old: "edited: " + old, denied="E212", stdin="y\n"),
     # rename f -> f~ (f deleted), create f, write: three commits of f
-    "vim backupcopy=no": Program(VIM.format(mode="no"), lambda old: "edited: " + old, commits=3, denied="E212",
-                                 stdin="y\n"),
-    "node Claude-style write": Program("node {writer} {f} {ready} {go}", lambda old: "edited: " + old,
-                                       denied="EACCES: permission denied, rename"),
+    "vim backupcopy=no": Program(
+        VIM.format(mode="no"), lambda old: "edited: " + old, commits=3, denied="E212", stdin="y\n"
+    ),
+    "node Claude-style write": Program(
+        "node {writer} {f} {ready} {go}", lambda old: "edited: " + old, denied="EACCES: permission denied, rename"
+    ),
 }
 
 GIT = "git -c safe.directory=* -c user.name=t -c user.email=t@example.invalid"
 # unlink, create O_EXCL, write: three commits of the plan
-GIT_RESTORES = {name: Program(f"{GIT} {command} {{f}}", lambda old: ORIGINAL, commits=3, denied="unable to unlink")
-                for name, command in (("git checkout --", "checkout --"), ("git restore", "restore"))}
+GIT_RESTORES = {
+    name: Program(f"{GIT} {command} {{f}}", lambda old: ORIGINAL, commits=3, denied="unable to unlink")
+    for name, command in (("git checkout --", "checkout --"), ("git restore", "restore"))
+}
 
 APPEND = Program("echo more >> {f}", lambda old: old + "more\n")
 
@@ -147,8 +155,15 @@ class Handshake:
         self.hook.write_text(f"touch '{self.ready}'\nwhile [ ! -e '{self.go_marker}' ]; do sleep 0.02; done\n")
         writer = directory / "claude_writer.js"
         writer.write_text(CLAUDE_WRITER)
-        self.fields = {"hook": self.hook, "ready": self.ready, "go": self.go_marker, "writer": writer,
-                       "vimlog": directory / "vim.log", "python": sys.executable, "src": DRAFT}
+        self.fields = {
+            "hook": self.hook,
+            "ready": self.ready,
+            "go": self.go_marker,
+            "writer": writer,
+            "vimlog": directory / "vim.log",
+            "python": sys.executable,
+            "src": DRAFT,
+        }
 
     def wait_ready(self, proc: subprocess.Popen[str], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -168,8 +183,16 @@ class Handshake:
 @contextmanager
 def running(cwd: Path, agent: str, script: str) -> Iterator[subprocess.Popen[str]]:
     """A bash script in the background, in its own process group, killed with it in every outcome."""
-    proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=agent_env(agent), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=cwd,
+        env=agent_env(agent),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         yield proc
     finally:
@@ -287,17 +310,29 @@ def test_git_restores_a_tracked_plan(mounted: Mount, name: str, stale: bool) -> 
 # ---- unmanaged files: exactly as in a plain directory ----------------------------------------------
 
 HELD = "bash >> while another agent holds it open"
-UNMANAGED = {**BLIND, HELD: APPEND, **READING,
-             "git checkout --": Program(f"{GIT} init -q . && {GIT} add {{f}} && {GIT} commit -qm x && "
-                                        f"echo local change > {{f}} && {GIT} checkout -- {{f}}", lambda old: old)}
+UNMANAGED = {
+    **BLIND,
+    HELD: APPEND,
+    **READING,
+    "git checkout --": Program(
+        f"{GIT} init -q . && {GIT} add {{f}} && {GIT} commit -qm x && "
+        f"echo local change > {{f}} && {GIT} checkout -- {{f}}",
+        lambda old: old,
+    ),
+}
 
 
-def outcome(cwd: Path, root: Path, run: Callable[[str, str], subprocess.CompletedProcess[str]], script: str,
-            hold: bool) -> tuple[str | None, list[str]]:
+def outcome(
+    cwd: Path, root: Path, run: Callable[[str, str], subprocess.CompletedProcess[str]], script: str, hold: bool
+) -> tuple[str | None, list[str]]:
     """alice creates notes/x.txt; bob, who never read it, runs `script` (while carol holds it open, if `hold`).
     It must succeed; returns (content, names in notes/) as found in the backing directory `root`."""
-    assert run("alice", f"mkdir -p notes && printf 'new text\\n' > {DRAFT} && printf '{ORIGINAL}' > notes/x.txt"
-               ).returncode == 0
+    assert (
+        run(
+            "alice", f"mkdir -p notes && printf 'new text\\n' > {DRAFT} && printf '{ORIGINAL}' > notes/x.txt"
+        ).returncode
+        == 0
+    )
     with held_open(cwd, "carol", "notes/x.txt") if hold else nullcontext():
         r = run("bob", script)
     assert r.returncode == 0, r.stderr + r.stdout
@@ -313,8 +348,15 @@ def test_unmanaged_file_behaves_as_in_a_plain_directory(mounted: Mount, tmp_path
     plain.mkdir()
 
     def run_plain(agent: str, s: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", "-c", s], cwd=plain, env=agent_env(agent), capture_output=True, text=True,
-                              input=program.stdin, timeout=60)
+        return subprocess.run(
+            ["bash", "-c", s],
+            cwd=plain,
+            env=agent_env(agent),
+            capture_output=True,
+            text=True,
+            input=program.stdin,
+            timeout=60,
+        )
 
     def run_mounted(agent: str, s: str) -> subprocess.CompletedProcess[str]:
         return mounted.run(agent, s, input=program.stdin)

@@ -1,4 +1,5 @@
 """Many processes on one registry: real subprocesses, real SQLite file, real kill -9."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ P = "plans/plan.md"
 
 
 def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
 
 
 def test_update_from_four_processes_is_exact(root: Path) -> None:
@@ -73,14 +75,17 @@ except StaleWriteError as e:
 def test_grant_of_a_killed_holder_is_reclaimed_at_once(root: Path) -> None:
     with CoherentVolume(root, agent="bob") as bob:
         bob.write(P, b"x")
-        holder = spawn("""
+        holder = spawn(
+            """
 import sys, time
 from coherent_volume import CoherentVolume
 v = CoherentVolume(sys.argv[1], agent="alice")
 with v.lock("plans/plan.md", ttl=3600):
     print("locked", flush=True)
     time.sleep(3600)
-""", str(root))
+""",
+            str(root),
+        )
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(StaleWriteError, match="held"):
             bob.write(P, b"while alice holds it")
@@ -94,7 +99,8 @@ with v.lock("plans/plan.md", ttl=3600):
 
 def _kill_at(point: str, root: Path) -> subprocess.CompletedProcess[str]:
     """A writer that SIGKILLs itself at `point` of a commit: just before or just after the rename."""
-    return run_py(f"""
+    return run_py(
+        f"""
 import os, signal, sys
 from coherent_volume import CoherentVolume, atomic
 real_replace = os.replace
@@ -107,7 +113,9 @@ v = CoherentVolume(sys.argv[1], agent="victim")
 v.read("plans/plan.md")
 atomic.os.replace = dying_replace
 v.write("plans/plan.md", b"the victim's new content")
-""", str(root))
+""",
+        str(root),
+    )
 
 
 def test_kill_after_rename_completes_the_commit_for_its_writer(root: Path) -> None:
@@ -117,8 +125,11 @@ def test_kill_after_rename_completes_the_commit_for_its_writer(root: Path) -> No
     with CoherentVolume(root, agent="bob") as bob:
         assert bob.read(P) == b"the victim's new content"
         assert bob.version(P) == 2
-    rows = sqlite3.connect(root / ".coherent/registry.db").execute(
-        "SELECT writer, version FROM files WHERE path = ?", (P,)).fetchall()
+    rows = (
+        sqlite3.connect(root / ".coherent/registry.db")
+        .execute("SELECT writer, version FROM files WHERE path = ?", (P,))
+        .fetchall()
+    )
     assert rows == [("victim", 2)]
     assert os.listdir(root / "plans") == ["plan.md"]
 
@@ -162,15 +173,22 @@ while True:
         conn = sqlite3.connect(root / ".coherent/registry.db")
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert conn.execute("SELECT hash, version, writer FROM files WHERE path = ?", (P,)).fetchone()[:2] == (
-            content_hash(data), version)
+            content_hash(data),
+            version,
+        )
         conn.close()
         # a writer killed before its rename leaves an abandoned intent until the next locked operation
-        assert subprocess.run([str(Path(sys.executable).parent / "coherent-volume"), "status", str(root)],
-                              capture_output=True).returncode == 0
+        assert (
+            subprocess.run(
+                [str(Path(sys.executable).parent / "coherent-volume"), "status", str(root)], capture_output=True
+            ).returncode
+            == 0
+        )
         conn = sqlite3.connect(root / ".coherent/registry.db")
         assert conn.execute("SELECT count(*) FROM intents").fetchone() == (0,)
-        assert conn.execute("SELECT count(*) FROM events WHERE kind = 'foreign'").fetchone() == (0,), \
+        assert conn.execute("SELECT count(*) FROM events WHERE kind = 'foreign'").fetchone() == (0,), (
             "a crashed commit must never look like a foreign write"
+        )
         conn.close()
     leftovers = [n for n in os.listdir(root / "plans") if n != "plan.md"]
     assert leftovers == []

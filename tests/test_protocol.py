@@ -1,17 +1,38 @@
 """The pure decision core, checked exhaustively against a restatement of the issue's rules."""
+
 from __future__ import annotations
 
 import itertools
 
 from coherent_volume.fingerprint import Fingerprint
 from coherent_volume.liveness import ProcessId
-from coherent_volume.protocol import (RACY_NS, Disk, FileRecord, Grant, WriteCheck, changed_paths, classify,
-                                      decide_write, grant_over, needs_hash)
+from coherent_volume.protocol import (
+    RACY_NS,
+    Disk,
+    FileRecord,
+    Grant,
+    Intent,
+    WriteCheck,
+    agent_name_problem,
+    changed_paths,
+    classify,
+    decide_write,
+    grant_over,
+    handles_share,
+    is_noop,
+    may_replay,
+    needs_hash,
+    read_moves_view,
+    recovery,
+    view_moves,
+)
 
 FP = Fingerprint(ino=1, size=3, mtime_ns=10, ctime_ns=10)
 
 
-def rec(version: int, present: bool = True, fp: Fingerprint | None = FP, checked_ns: int = 10 + 10 * RACY_NS) -> FileRecord:
+def rec(
+    version: int, present: bool = True, fp: Fingerprint | None = FP, checked_ns: int = 10 + 10 * RACY_NS
+) -> FileRecord:
     return FileRecord("p", version, present, "h" if present else None, fp if present else None, "w", 0.0, checked_ns)
 
 
@@ -23,7 +44,13 @@ def spec(c: WriteCheck) -> str | None:
         return "fenced"
     if c.holder not in (None, c.agent):
         return "held"
-    if c.expected is not None:
+    # the agent's own open handles: appends share with appends, anything else is alone
+    own = c.kind is not None and bool(c.open_kinds)
+    if own and not (c.kind == "append" and set(c.open_kinds or ()) == {"append"}):
+        return "held"
+    if c.kind == "append":
+        ok = True
+    elif c.expected is not None:
         ok = c.expected == version
     elif not exists:
         ok = c.seen in (None, version)  # creating needs no read, unless the read predates a deletion
@@ -41,11 +68,75 @@ def test_decide_write_matches_spec_exhaustively() -> None:
     expecteds = [None, 0, 1, 2, 3]
     cases = 0
     for current, seen, holder, fenced, changed, expected in itertools.product(
-            records, seens, holders, (False, True), ((), ("q",)), expecteds):
+        records, seens, holders, (False, True), ((), ("q",)), expecteds
+    ):
         check = WriteCheck("a", current, seen, holder, fenced, changed, expected)
         assert decide_write(check) == spec(check), check
         cases += 1
     assert cases == 5 * 5 * 3 * 2 * 2 * 5
+
+
+def test_decide_write_for_opening_handles_matches_spec_exhaustively() -> None:
+    records = [None, rec(1), rec(2, present=False)]
+    kinds = [None, "append", "write"]
+    opens = [None, [], ["append"], ["append", "append"], ["write"], ["append", "write"]]
+    for current, seen, holder, kind, open_kinds, expected in itertools.product(
+        records, [None, 1, 2], [None, "a", "b"], kinds, opens, [None, 1]
+    ):
+        check = WriteCheck("a", current, seen, holder, False, (), expected, kind=kind, open_kinds=open_kinds)
+        assert decide_write(check) == spec(check), check
+
+
+def test_only_appending_handles_share() -> None:
+    assert handles_share([], "write") and handles_share([], "append")
+    assert handles_share(["append", "append"], "append")
+    assert not handles_share(["append"], "write")
+    assert not handles_share(["write"], "append") and not handles_share(["write"], "write")
+
+
+def test_only_appends_replay_and_never_onto_a_deletion() -> None:
+    moved = WriteCheck("a", rec(3), 1, None, False, expected=1)
+    assert may_replay(moved, "stale", appends_only=True)
+    assert not may_replay(moved, "stale", appends_only=False)
+    assert not may_replay(moved, "held", appends_only=True)
+    assert not may_replay(WriteCheck("a", rec(3, present=False), 1, None, False, expected=1), "stale", True)
+    assert not may_replay(WriteCheck("a", rec(3), 1, None, False), "stale", True), "not a handle's commit"
+
+
+def test_a_commit_moves_the_view_only_when_the_writer_knew_the_content() -> None:
+    current = rec(2)
+    assert view_moves(WriteCheck("a", current, 2, None, False), based_on_view=False, replayed=True)
+    assert view_moves(WriteCheck("a", current, 1, None, False, expected=2), based_on_view=True, replayed=False)
+    assert not view_moves(WriteCheck("a", current, None, None, False, expected=2), based_on_view=False, replayed=False)
+    assert not view_moves(WriteCheck("a", current, 1, None, False, expected=1), based_on_view=True, replayed=True)
+
+
+def test_recovery_completes_what_reached_the_disk_and_abandons_the_rest() -> None:
+    write = Intent("p", "a", 2, True, "new", "tmp")
+    assert recovery(write, on_disk=True, disk_hash="new") == "completed"
+    assert recovery(write, on_disk=True, disk_hash="old") == "abandoned"
+    assert recovery(write, on_disk=False, disk_hash=None) == "abandoned"
+    delete = Intent("p", "a", 2, False, None, None)
+    assert recovery(delete, on_disk=False, disk_hash=None) == "completed"
+    assert recovery(delete, on_disk=True, disk_hash="old") == "abandoned"
+
+
+def test_identical_bytes_are_no_new_version() -> None:
+    assert is_noop(rec(1), "h") and not is_noop(rec(1), "x")
+    assert not is_noop(rec(1, present=False), "h") and not is_noop(None, "h") and not is_noop(rec(1), None)
+
+
+def test_reads_move_views_except_pinned_agents_and_editors_rereading() -> None:
+    assert read_moves_view(False, "cat", loaded_before=True)
+    assert read_moves_view(False, "vim", loaded_before=False)
+    assert not read_moves_view(False, "vim", loaded_before=True)
+    assert not read_moves_view(True, "cat", loaded_before=False)
+
+
+def test_agent_names() -> None:
+    assert agent_name_problem("alice") is None and agent_name_problem("claude:4c1e") is None
+    for bad in ("", "external", "a\nb", "x" * 201, None, 3):
+        assert agent_name_problem(bad) is not None, bad
 
 
 def test_racing_creators_second_sees_unread() -> None:

@@ -1,4 +1,5 @@
 """Bad registries get a typed, readable error and nothing already committed is lost."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -42,10 +43,9 @@ def test_truncated_registry_is_reported(root: Path) -> None:
     conn.close()
     data = db.read_bytes()
     db.write_bytes(data[: len(data) // 3])
-    with pytest.raises(RegistryError):
-        with CoherentVolume(root, agent="bob") as v:
-            v.read(P)
-            v.write(P, b"x")
+    with pytest.raises(RegistryError), CoherentVolume(root, agent="bob") as v:
+        v.read(P)
+        v.write(P, b"x")
     assert (root / P).read_bytes() == before
 
 
@@ -69,13 +69,23 @@ def test_registry_locked_past_the_busy_timeout_is_a_bounded_wait(root: Path, mon
     monkeypatch.setattr(sqlite_registry, "BUSY_TIMEOUT_MS", 300)
     alice = CoherentVolume(root, agent="alice")
     alice.read(P)
-    locker = subprocess.Popen([sys.executable, "-c", """
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            """
 import sqlite3, sys, time
 c = sqlite3.connect(sys.argv[1], isolation_level=None)
 c.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
 time.sleep(60)
-""", str(root / ".coherent/registry.db")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+""",
+            str(root / ".coherent/registry.db"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert locker.stdout.readline().strip() == "locked"
         with pytest.raises(RegistryError, match="stayed locked"):

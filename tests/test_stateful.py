@@ -1,4 +1,5 @@
 """A stateful property test: the volume against a small reference model of the protocol."""
+
 from __future__ import annotations
 
 import shutil
@@ -64,8 +65,10 @@ class VolumeMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp())
         (self.dir / "plans").mkdir()
-        self.vols = {"a": CoherentVolume(self.dir, managed=["plans/**"], agent="a"),
-                     "b": CoherentVolume(self.dir, agent="b", isolation="read-set")}
+        self.vols = {
+            "a": CoherentVolume(self.dir, managed=["plans/**"], agent="a"),
+            "b": CoherentVolume(self.dir, agent="b", isolation="read-set"),
+        }
         self.model = Model()
 
     def teardown(self) -> None:
@@ -109,8 +112,12 @@ class VolumeMachine(RuleBasedStateMachine):
     def write(self, agent: str, path: str, data: bytes) -> None:
         self._write(agent, path, data, None)
 
-    @rule(agent=st.sampled_from(AGENTS), path=st.sampled_from(PATHS), data=st.sampled_from(DATA),
-          expected=st.integers(0, 4))
+    @rule(
+        agent=st.sampled_from(AGENTS),
+        path=st.sampled_from(PATHS),
+        data=st.sampled_from(DATA),
+        expected=st.integers(0, 4),
+    )
     def write_cas(self, agent: str, path: str, data: bytes, expected: int) -> None:
         self._write(agent, path, data, expected)
 
@@ -137,8 +144,11 @@ class VolumeMachine(RuleBasedStateMachine):
     @invariant()
     def stale_sets_and_versions_agree(self) -> None:
         for agent in AGENTS:
-            expected = sorted(p for (who, p), seen in self.model.views.items()
-                              if who == agent and self.model.version.get(p, 0) != seen)
+            expected = sorted(
+                p
+                for (who, p), seen in self.model.views.items()
+                if who == agent and self.model.version.get(p, 0) != seen
+            )
             assert self.vols[agent].stale() == expected
         for path in PATHS:
             assert self.vols["a"].version(path) == self.model.version.get(path, 0)

@@ -1,4 +1,5 @@
 """The Python API's guarantees (issue: core), one process, several agents."""
+
 from __future__ import annotations
 
 import errno
@@ -9,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import (CasConflict, CoherenceError, CoherentVolume, NotManaged, RetriesExhausted,
-                             StaleWriteError, VolumeConfigError)
+from coherent_volume import (
+    CasConflict,
+    CoherenceError,
+    CoherentVolume,
+    NotManaged,
+    RetriesExhausted,
+    StaleWriteError,
+    VolumeConfigError,
+)
 
 P = "plans/plan.md"
 
@@ -34,7 +42,14 @@ def test_stale_write_is_refused_with_full_detail_and_changes_nothing(vols, root:
         bob.write(P, b"bob clobbers")
     e = info.value
     assert isinstance(e, PermissionError) and e.errno == errno.EACCES
-    assert (e.path, e.agent, e.reason, e.seen_version, e.current_version, e.last_writer) == (P, "bob", "stale", 1, 2, "alice")
+    assert (e.path, e.agent, e.reason, e.seen_version, e.current_version, e.last_writer) == (
+        P,
+        "bob",
+        "stale",
+        1,
+        2,
+        "alice",
+    )
     assert "re-read" in str(e) and "redo the change" in str(e)
     assert (root / P).read_bytes() == b"alice's work"
     assert bob.version(P) == 2
@@ -163,9 +178,8 @@ def test_update_retries_and_exhausts(vols) -> None:
     assert alice.update(P, lambda old: old + b"a") == 1
     assert bob.update(P, lambda old: old + b"b") == 2
     assert alice.read(P) == b"ab"
-    with alice.lock(P, ttl=30):
-        with pytest.raises(RetriesExhausted) as info:
-            bob.update(P, lambda old: old + b"!", retries=2)
+    with alice.lock(P, ttl=30), pytest.raises(RetriesExhausted) as info:
+        bob.update(P, lambda old: old + b"!", retries=2)
     assert info.value.reason == "held" and isinstance(info.value, CasConflict)
     assert bob.update(P, lambda old: old + b"c") == 3
 
@@ -228,9 +242,8 @@ def test_lock_refuses_others_and_releases(vols) -> None:
         with pytest.raises(StaleWriteError) as info:
             bob.write(P, b"y")
         assert info.value.reason == "held" and info.value.holder == "alice"
-        with pytest.raises(StaleWriteError, match="held"):
-            with bob.lock(P, timeout=0.2):
-                pass
+        with pytest.raises(StaleWriteError, match="held"), bob.lock(P, timeout=0.2):
+            pass
         assert alice.write(P, b"locked write") == 2
     bob.read(P)
     assert bob.write(P, b"after release") == 3
@@ -264,9 +277,8 @@ def test_holder_write_after_ttl_is_fenced_without_any_other_agent(vols) -> None:
 
 
 def test_lock_on_unmanaged_path_is_an_error(vols) -> None:
-    with pytest.raises(NotManaged):
-        with vols("alice").lock("notes.txt"):
-            pass
+    with pytest.raises(NotManaged), vols("alice").lock("notes.txt"):
+        pass
 
 
 def test_unmanaged_paths_pass_through(vols, root: Path) -> None:

@@ -4,17 +4,21 @@ This is the one narrow interface the core talks to. `SQLiteRegistry` is the host
 backend; a backend for volumes shared across hosts implements the same two protocols.
 
 Locking rule (deadlock freedom): take `commit_lock()` before opening a write transaction,
-never while one is open.
+never while one is open. Every wait for a lock is bounded: past it, RegistryError(EBUSY) says
+which lock and, when the system tells, who holds it. A forked child never holds (or keeps
+alive) its parent's locks.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId
-from ..protocol import FileRecord, Grant, Intent
+from ..protocol import EventKind, FileRecord, Grant, Intent
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Event:
 
     seq: int
     at: float
-    kind: str  # commit | delete | refusal | foreign | reclaim | grant | release | recover
+    kind: EventKind
     path: str | None
     agent: str | None
     reason: str | None = None
@@ -43,7 +47,10 @@ class AgentSummary:
 class Transaction(Protocol):
     """Reads and writes of one registry transaction; a write transaction is atomic and serial."""
 
-    def file(self, path: str) -> FileRecord | None: ...
+    def file(self, path: str) -> FileRecord | None:
+        """The record as `put_file`/`touch_file` stored it, fingerprint included (inode numbers up to 2**64)."""
+        ...
+
     def file_and_view(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
     def put_file(self, record: FileRecord) -> None: ...
     def touch_file(self, path: str, record: FileRecord) -> None: ...
@@ -74,10 +81,26 @@ class Transaction(Protocol):
     def put_intent(self, intent: Intent) -> None: ...
     def drop_intent(self, path: str) -> None: ...
 
-    def log(self, kind: str, path: str | None, agent: str | None, at: float, *, reason: str | None = None,
-            seen_version: int | None = None, version: int | None = None, detail: str | None = None) -> None: ...
-    def events(self, after: int = 0, path: str | None = None, kind: str | None = None,
-               limit: int | None = None, newest_first: bool = False) -> list[Event]: ...
+    def log(
+        self,
+        kind: EventKind,
+        path: str | None,
+        agent: str | None,
+        at: float,
+        *,
+        reason: str | None = None,
+        seen_version: int | None = None,
+        version: int | None = None,
+        detail: str | None = None,
+    ) -> None: ...
+    def events(
+        self,
+        after: int = 0,
+        path: str | None = None,
+        kind: EventKind | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Event]: ...
     def files(self) -> Iterator[FileRecord]: ...
     def agents(self) -> list[AgentSummary]: ...
 
@@ -87,7 +110,11 @@ class Registry(Protocol):
 
     @property
     def globs(self) -> ManagedGlobs: ...
-    def commit_lock(self) -> AbstractContextManager[None]: ...
+    def commit_lock(self) -> AbstractContextManager[None]:
+        """Exclusive across threads and processes, re-entrant within a thread, freed when its holder
+        dies; waited for a bounded time, then RegistryError(EBUSY)."""
+        ...
+
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
     def read(self) -> AbstractContextManager[Transaction]: ...
     def write(self) -> AbstractContextManager[Transaction]: ...

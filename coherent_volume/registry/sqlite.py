@@ -2,7 +2,21 @@
 
 No coordinator process: SQLite's own locking serialises write transactions, and an
 flock on a sibling file is the commit lock, released by the kernel if its holder dies.
+
+Invariants:
+- every wait for a lock is bounded: the commit lock and the open lock for
+  COMMIT_LOCK_TIMEOUT / OPEN_LOCK_TIMEOUT seconds, SQLite's own locks for BUSY_TIMEOUT_MS;
+  past that, RegistryError(EBUSY) says which lock, for how long and, if /proc/locks tells,
+  held by whom;
+- a forked child never keeps its parent's locks: it closes the inherited lock descriptors
+  (never unlocks them: that would release the parent's lock) and never touches the
+  inherited SQLite connection;
+- a registry is created (file, WAL switch) by one process at a time, under the open lock;
+  the schema is written in one write transaction;
+- inode numbers are unsigned 64-bit, SQLite's INTEGER is signed: they are stored
+  two's-complement (see `_ino_to_sql`).
 """
+
 from __future__ import annotations
 
 import errno
@@ -11,22 +25,32 @@ import json
 import os
 import sqlite3
 import threading
+import time
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
+
 
 from ..errors import RegistryError, VolumeConfigError
 from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
-from ..liveness import ProcessId
+from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent
 from . import AgentSummary, Event
 
 SCHEMA_VERSION = 1
 DB_NAME = "registry.db"
 LOCK_NAME = "commit.lock"
+OPEN_LOCK_NAME = "open.lock"
 BUSY_TIMEOUT_MS = 10_000
+COMMIT_LOCK_TIMEOUT = 30.0
+"""Seconds a commit waits for the commit lock before it gives up with RegistryError(EBUSY)."""
+OPEN_LOCK_TIMEOUT = 30.0
+"""Seconds opening a registry waits for a creator of it to finish."""
 
 REQUIRED_TABLES = frozenset({"meta", "files", "views", "grants", "fences", "intents", "events", "sessions"})
 
@@ -34,6 +58,19 @@ _FILE_COLS = "path, version, present, hash, ino, size, mtime_ns, ctime_ns, write
 
 
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
+
+_INO_RANGE = 2**64
+
+
+def _ino_to_sql(ino: int) -> int:
+    """An inode number (0 <= ino < 2**64) as a signed 64-bit SQLite INTEGER: ino >= 2**63 is
+    stored as ino - 2**64 (file systems such as GlusterFS's FUSE client use the top bit)."""
+    return ino - _INO_RANGE if ino >= _INO_RANGE // 2 else ino
+
+
+def _ino_from_sql(value: int) -> int:
+    """Inverse of `_ino_to_sql`."""
+    return value + _INO_RANGE if value < 0 else value
 
 
 def _grant(row: tuple[Any, ...]) -> Grant:
@@ -43,42 +80,84 @@ def _grant(row: tuple[Any, ...]) -> Grant:
 
 def _record(row: tuple[Any, ...]) -> FileRecord:
     path, version, present, hsh, ino, size, mtime_ns, ctime_ns, writer, at, checked = row
-    fp = None if ino is None else Fingerprint(ino, size, mtime_ns, ctime_ns)
+    fp = None if ino is None else Fingerprint(_ino_from_sql(ino), size, mtime_ns, ctime_ns)
     return FileRecord(path, version, bool(present), hsh, fp, writer, at, checked)
 
 
 def _create_schema(db: sqlite_utils.Database) -> None:
     """Idempotent: racing creators converge on one schema."""
-    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-    db["files"].create(
-        {"path": str, "version": int, "present": int, "hash": str, "ino": int, "size": int,
-         "mtime_ns": int, "ctime_ns": int, "writer": str, "committed_at": float, "checked_ns": int},
-        pk="path", not_null={"version", "present", "writer", "committed_at", "checked_ns"}, if_not_exists=True,
+    db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    db.table("files").create(
+        {
+            "path": str,
+            "version": int,
+            "present": int,
+            "hash": str,
+            "ino": int,
+            "size": int,
+            "mtime_ns": int,
+            "ctime_ns": int,
+            "writer": str,
+            "committed_at": float,
+            "checked_ns": int,
+        },
+        pk="path",
+        not_null={"version", "present", "writer", "committed_at", "checked_ns"},
+        if_not_exists=True,
     )
-    db["views"].create({"agent": str, "path": str, "version": int, "read_at": float},
-                       pk=("agent", "path"), not_null={"version", "read_at"}, if_not_exists=True)
-    db["grants"].create(
-        {"path": str, "agent": str, "token": str, "host": str, "pid": int, "start": int, "expires_at": float,
-         "fences": int},
-        pk="path", not_null={"agent", "token", "host", "pid", "start", "expires_at", "fences"}, if_not_exists=True,
+    db.table("views").create(
+        {"agent": str, "path": str, "version": int, "read_at": float},
+        pk=("agent", "path"),
+        not_null={"version", "read_at"},
+        if_not_exists=True,
     )
-    db["fences"].create({"agent": str, "path": str, "at": float}, pk=("agent", "path"), if_not_exists=True)
-    db["intents"].create(
+    db.table("grants").create(
+        {
+            "path": str,
+            "agent": str,
+            "token": str,
+            "host": str,
+            "pid": int,
+            "start": int,
+            "expires_at": float,
+            "fences": int,
+        },
+        pk="path",
+        not_null={"agent", "token", "host", "pid", "start", "expires_at", "fences"},
+        if_not_exists=True,
+    )
+    db.table("fences").create({"agent": str, "path": str, "at": float}, pk=("agent", "path"), if_not_exists=True)
+    db.table("intents").create(
         {"path": str, "agent": str, "version": int, "present": int, "hash": str, "tmp": str},
-        pk="path", not_null={"agent", "version", "present"}, if_not_exists=True,
+        pk="path",
+        not_null={"agent", "version", "present"},
+        if_not_exists=True,
     )
-    db["events"].create(
-        {"seq": int, "at": float, "kind": str, "path": str, "agent": str, "reason": str,
-         "seen_version": int, "version": int, "detail": str},
-        pk="seq", not_null={"at", "kind"}, if_not_exists=True,
+    db.table("events").create(
+        {
+            "seq": int,
+            "at": float,
+            "kind": str,
+            "path": str,
+            "agent": str,
+            "reason": str,
+            "seen_version": int,
+            "version": int,
+            "detail": str,
+        },
+        pk="seq",
+        not_null={"at", "kind"},
+        if_not_exists=True,
     )
-    db["sessions"].create(
+    db.table("sessions").create(
         {"agent": str, "host": str, "pid": int, "start": int, "pinned": int, "at": float},
-        pk="agent", not_null={"host", "pid", "start", "pinned", "at"}, if_not_exists=True,
+        pk="agent",
+        not_null={"host", "pid", "start", "pinned", "at"},
+        if_not_exists=True,
     )
-    db["sessions"].create_index(["host", "pid", "start"], if_not_exists=True)
-    db["events"].create_index(["path", "seq"], if_not_exists=True)
-    db["views"].create_index(["path"], if_not_exists=True)
+    db.table("sessions").create_index(["host", "pid", "start"], if_not_exists=True)
+    db.table("events").create_index(["path", "seq"], if_not_exists=True)
+    db.table("views").create_index(["path"], if_not_exists=True)
 
 
 class SQLiteTransaction:
@@ -102,10 +181,10 @@ class SQLiteTransaction:
 
     def put_file(self, r: FileRecord) -> None:
         fp = r.fingerprint
+        stat = (None, None, None, None) if fp is None else (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns)
         self._c.execute(
             f"INSERT OR REPLACE INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (r.path, r.version, int(r.present), r.hash, fp and fp.ino, fp and fp.size, fp and fp.mtime_ns,
-             fp and fp.ctime_ns, r.writer, r.committed_at, r.checked_ns),
+            (r.path, r.version, int(r.present), r.hash, *stat, r.writer, r.committed_at, r.checked_ns),
         )
 
     def touch_file(self, path: str, r: FileRecord) -> None:
@@ -113,7 +192,7 @@ class SQLiteTransaction:
         assert fp is not None
         self._c.execute(
             "UPDATE files SET ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, checked_ns = ? WHERE path = ?",
-            (fp.ino, fp.size, fp.mtime_ns, fp.ctime_ns, r.checked_ns, path),
+            (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns, r.checked_ns, path),
         )
 
     def view(self, agent: str, path: str) -> int | None:
@@ -121,8 +200,9 @@ class SQLiteTransaction:
         return None if row is None else row[0]
 
     def put_view(self, agent: str, path: str, version: int, at: float) -> None:
-        self._c.execute("INSERT OR REPLACE INTO views (agent, path, version, read_at) VALUES (?,?,?,?)",
-                        (agent, path, version, at))
+        self._c.execute(
+            "INSERT OR REPLACE INTO views (agent, path, version, read_at) VALUES (?,?,?,?)", (agent, path, version, at)
+        )
 
     def drop_view(self, agent: str, path: str) -> None:
         self._c.execute("DELETE FROM views WHERE agent = ? AND path = ?", (agent, path))
@@ -139,9 +219,13 @@ class SQLiteTransaction:
         return out
 
     def stale_views(self, agent: str) -> list[tuple[str, int, int]]:
-        return list(self._c.execute(
-            "SELECT v.path, v.version, f.version FROM views v JOIN files f ON f.path = v.path "
-            "WHERE v.agent = ? AND f.version != v.version ORDER BY v.path", (agent,)))
+        return list(
+            self._c.execute(
+                "SELECT v.path, v.version, f.version FROM views v JOIN files f ON f.path = v.path "
+                "WHERE v.agent = ? AND f.version != v.version ORDER BY v.path",
+                (agent,),
+            )
+        )
 
     def grant(self, path: str) -> Grant | None:
         row = self._c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE path = ?", (path,)).fetchone()
@@ -160,15 +244,19 @@ class SQLiteTransaction:
         self._c.execute("DELETE FROM grants WHERE path = ?", (path,))
 
     def bind(self, agent: str, process: ProcessId, pinned: bool, at: float) -> None:
-        self._c.execute("INSERT OR REPLACE INTO sessions (agent, host, pid, start, pinned, at) VALUES (?,?,?,?,?,?)",
-                        (agent, process.host, process.pid, process.start, int(pinned), at))
+        self._c.execute(
+            "INSERT OR REPLACE INTO sessions (agent, host, pid, start, pinned, at) VALUES (?,?,?,?,?,?)",
+            (agent, process.host, process.pid, process.start, int(pinned), at),
+        )
 
     def unbind(self, agent: str) -> None:
         self._c.execute("DELETE FROM sessions WHERE agent = ?", (agent,))
 
     def bound_agent(self, process: ProcessId) -> tuple[str, bool] | None:
-        row = self._c.execute("SELECT agent, pinned FROM sessions WHERE host = ? AND pid = ? AND start = ?",
-                              (process.host, process.pid, process.start)).fetchone()
+        row = self._c.execute(
+            "SELECT agent, pinned FROM sessions WHERE host = ? AND pid = ? AND start = ?",
+            (process.host, process.pid, process.start),
+        ).fetchone()
         return None if row is None else (row[0], bool(row[1]))
 
     def pinned(self, agent: str) -> bool:
@@ -179,7 +267,9 @@ class SQLiteTransaction:
         return [_grant(r) for r in self._c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE agent = ?", (agent,))]
 
     def fenced(self, agent: str, path: str) -> bool:
-        return self._c.execute("SELECT 1 FROM fences WHERE agent = ? AND path = ?", (agent, path)).fetchone() is not None
+        return (
+            self._c.execute("SELECT 1 FROM fences WHERE agent = ? AND path = ?", (agent, path)).fetchone() is not None
+        )
 
     def put_fence(self, agent: str, path: str, at: float) -> None:
         self._c.execute("INSERT OR REPLACE INTO fences (agent, path, at) VALUES (?,?,?)", (agent, path, at))
@@ -188,25 +278,46 @@ class SQLiteTransaction:
         self._c.execute("DELETE FROM fences WHERE agent = ? AND path = ?", (agent, path))
 
     def intents(self) -> list[Intent]:
-        return [Intent(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in self._c.execute(
-            "SELECT path, agent, version, present, hash, tmp FROM intents")]
+        return [
+            Intent(r[0], r[1], r[2], bool(r[3]), r[4], r[5])
+            for r in self._c.execute("SELECT path, agent, version, present, hash, tmp FROM intents")
+        ]
 
     def put_intent(self, i: Intent) -> None:
-        self._c.execute("INSERT OR REPLACE INTO intents (path, agent, version, present, hash, tmp) VALUES (?,?,?,?,?,?)",
-                        (i.path, i.agent, i.version, int(i.present), i.hash, i.tmp))
+        self._c.execute(
+            "INSERT OR REPLACE INTO intents (path, agent, version, present, hash, tmp) VALUES (?,?,?,?,?,?)",
+            (i.path, i.agent, i.version, int(i.present), i.hash, i.tmp),
+        )
 
     def drop_intent(self, path: str) -> None:
         self._c.execute("DELETE FROM intents WHERE path = ?", (path,))
 
-    def log(self, kind: str, path: str | None, agent: str | None, at: float, *, reason: str | None = None,
-            seen_version: int | None = None, version: int | None = None, detail: str | None = None) -> None:
+    def log(
+        self,
+        kind: str,
+        path: str | None,
+        agent: str | None,
+        at: float,
+        *,
+        reason: str | None = None,
+        seen_version: int | None = None,
+        version: int | None = None,
+        detail: str | None = None,
+    ) -> None:
         self._c.execute(
-            "INSERT INTO events (at, kind, path, agent, reason, seen_version, version, detail) VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO events (at, kind, path, agent, reason, seen_version, version, detail) "
+            "VALUES (?,?,?,?,?,?,?,?)",
             (at, kind, path, agent, reason, seen_version, version, detail),
         )
 
-    def events(self, after: int = 0, path: str | None = None, kind: str | None = None,
-               limit: int | None = None, newest_first: bool = False) -> list[Event]:
+    def events(
+        self,
+        after: int = 0,
+        path: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Event]:
         sql = "SELECT seq, at, kind, path, agent, reason, seen_version, version, detail FROM events WHERE seq > ?"
         args: list[Any] = [after]
         if path is not None:
@@ -228,8 +339,114 @@ class SQLiteTransaction:
     def agents(self) -> list[AgentSummary]:
         rows = self._c.execute(
             "SELECT v.agent, count(*), sum(f.version IS NOT NULL AND f.version != v.version), max(v.read_at) "
-            "FROM views v LEFT JOIN files f ON f.path = v.path GROUP BY v.agent ORDER BY v.agent")
+            "FROM views v LEFT JOIN files f ON f.path = v.path GROUP BY v.agent ORDER BY v.agent"
+        )
         return [AgentSummary(a, n, int(s or 0), last) for a, n, s, last in rows]
+
+
+# ---- locks: bounded waits, and what to say when one runs out --------------------------------
+
+
+def _flock_holders(fd: int) -> list[int]:
+    """Pids that /proc/locks says hold an flock on the file open at `fd`, as this PID namespace
+    numbers them (0 or less: a process it cannot see). Empty if /proc/locks does not tell."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+                    pids.append(int(fields[4]))
+    except (OSError, ValueError):
+        return []
+    return pids
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _openers(path: str) -> list[int]:
+    """Other processes with `path` open (those whose /proc/PID/fd this process may read)."""
+    target = os.path.realpath(path)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == target:
+                    found.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def _who_holds(fd: int, path: str) -> str:
+    """What /proc says about the holder of the flock on `path` (open at `fd`): facts only."""
+    holders = _flock_holders(fd)
+    if not holders:
+        return "/proc/locks does not say which process holds it"
+    live = [p for p in holders if p > 0 and start_time(p) is not None]
+    if live:
+        return "held by " + ", ".join(f"pid {p} ({_comm(p)})" for p in live) + " according to /proc/locks"
+    if all(p <= 0 for p in holders):
+        return "held by a process in another PID namespace according to /proc/locks"
+    openers = _openers(path)
+    return (
+        f"/proc/locks names pid {', '.join(map(str, holders))}, which has exited: the lock lives on in a copy "
+        "of its open file that another process inherited (a child forked without exec keeps it until it "
+        "exits or closes it); processes that have the lock file open: "
+        + (", ".join(f"pid {p} ({_comm(p)})" for p in openers) or "none this process can see")
+    )
+
+
+def _flock_within(fd: int, operation: int, path: str, what: str, timeout: float, started: float) -> None:
+    """Take flock `operation` (LOCK_EX or LOCK_SH) on `fd`, polling with short growing sleeps, by
+    `started + timeout` (time.monotonic()); past that, RegistryError(EBUSY) saying what happened."""
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        left = started + timeout - time.monotonic()
+        if left <= 0:
+            raise RegistryError(
+                f"{what} {path!r} stayed held by another process for the {time.monotonic() - started:.1f} s this "
+                f"process waited (the limit is {timeout:g} s); {_who_holds(fd, path)}. Nothing was changed. "
+                f"If the holder is stuck, stop it (`fuser -v {path}` lists every process that has the file open); "
+                "then try again",
+                errno.EBUSY,
+            )
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.005)
+
+
+_OPEN: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
+_INHERITED: list[sqlite3.Connection] = []
+"""SQLite connections a forked child inherited: never used, never closed (closing one could
+checkpoint or remove the parent's write-ahead log), gone when the child exits."""
+
+
+def _after_fork_in_child() -> None:
+    for registry in list(_OPEN):
+        registry._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SQLiteRegistry:
@@ -238,30 +455,78 @@ class SQLiteRegistry:
     def __init__(self, directory: str, globs: ManagedGlobs | None) -> None:
         """Open the registry in `directory`, creating it if `globs` is given and none exists.
 
-        Raises VolumeConfigError if `globs` differ from the stored ones, RegistryError if the
-        registry is missing (and no globs were given), corrupt, or of another schema version."""
+        Opening waits (at most OPEN_LOCK_TIMEOUT s) for a process that is creating it. Raises
+        VolumeConfigError if `globs` differ from the stored ones, RegistryError if the registry is
+        missing (and no globs were given), corrupt, of another schema version, or busy too long."""
         self._directory = directory
         self._path = os.path.join(directory, DB_NAME)
         self._mutex = threading.RLock()
         self._commit_mutex = threading.RLock()
         self._commit_depth = 0
         self._pid = -1
-        if not os.path.exists(self._path):
-            if globs is None:
-                raise RegistryError(f"no volume registry at {self._path!r}: create the volume with managed globs first")
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd = -1
+        self._open_fd = -1
+        _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
+        if globs is None and not os.path.exists(self._path):
+            raise RegistryError(f"no volume registry at {self._path!r}: create the volume with managed globs first")
+        if globs is not None:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
-            stored = None
-        elif globs is None or os.path.getsize(self._path) > 0:
-            stored = self._probe(complete=globs is None)
-        else:
-            stored = None  # an empty file left by a creator that died before writing the schema
-        self._connect()
-        self._globs = self._configure(globs, stored)
+        try:
+            with self._open_lock(exclusive=globs is not None and self._needs_creation()):
+                if not os.path.exists(self._path):
+                    if globs is None:
+                        raise RegistryError(
+                            f"no volume registry at {self._path!r}: create the volume with managed globs first"
+                        )
+                    os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
+                    stored = None
+                elif globs is None or os.path.getsize(self._path) > 0:
+                    stored = self._probe(complete=globs is None)
+                else:
+                    stored = None  # an empty file left by a creator that died before writing the schema
+                self._connect()
+                self._globs = self._configure(globs, stored)
+        except BaseException:
+            self.close()
+            raise
+
+    def _needs_creation(self) -> bool:
+        """Whether the file is missing or not yet a WAL database. Making it one (creating it,
+        switching it to WAL) can fail at once under contention, without SQLite's busy wait, so
+        it is done by one process at a time."""
+        try:
+            with open(self._path, "rb") as f:
+                header = f.read(20)
+        except FileNotFoundError:
+            return True
+        return header[18:20] != b"\x02\x02"  # read and write format versions 2: WAL
+
+    @contextmanager
+    def _open_lock(self, exclusive: bool) -> Iterator[None]:
+        """The open lock (an flock on a sibling file) for the duration of opening: exclusive
+        while the registry may have to be created, shared otherwise."""
+        path = os.path.join(self._directory, OPEN_LOCK_NAME)
+        self._open_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _flock_within(
+                self._open_fd,
+                fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
+                path,
+                "the open lock of the registry",
+                OPEN_LOCK_TIMEOUT,
+                time.monotonic(),
+            )
+            yield
+        finally:
+            if self._open_fd >= 0:
+                os.close(self._open_fd)  # releases it: this is the only descriptor of its open file
+                self._open_fd = -1
 
     def _probe(self, complete: bool) -> ManagedGlobs | None:
         """Validate an existing registry read-only, before anything may write to it: integrity,
         schema version and, when `complete` (opening, not creating), its tables and stored globs."""
+        started = time.monotonic()
         try:
             probe = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
             try:
@@ -272,22 +537,30 @@ class SQLiteRegistry:
                 probe.close()
         except sqlite3.DatabaseError as e:
             if "locked" in str(e) or "busy" in str(e):
-                raise self._error(e) from e
-            raise RegistryError(f"{self._path!r} is not a coherent-volume registry ({e}); it was left untouched: "
-                                "move it aside to start a new registry") from e
+                raise self._error(e, started) from e
+            raise RegistryError(
+                f"{self._path!r} is not a coherent-volume registry ({e}); it was left untouched: "
+                "move it aside to start a new registry"
+            ) from e
         if check != "ok":
             raise RegistryError(f"registry {self._path!r} is corrupt ({check}); it was left untouched")
         if "schema_version" in meta and meta["schema_version"] != str(SCHEMA_VERSION):
-            raise RegistryError(f"registry {self._path!r} has schema version {meta['schema_version']!r}; "
-                                f"this coherent-volume reads version {SCHEMA_VERSION}")
+            raise RegistryError(
+                f"registry {self._path!r} has schema version {meta['schema_version']!r}; "
+                f"this coherent-volume reads version {SCHEMA_VERSION}"
+            )
         if not complete:
             return None
         missing = sorted(REQUIRED_TABLES - tables)
         if missing:
-            raise RegistryError(f"{self._path!r} is not a coherent-volume registry, or a damaged one "
-                                f"(missing {', '.join(missing)}); it was left untouched")
+            raise RegistryError(
+                f"{self._path!r} is not a coherent-volume registry, or a damaged one "
+                f"(missing {', '.join(missing)}); it was left untouched"
+            )
         if "schema_version" not in meta or "globs" not in meta:
-            raise RegistryError(f"registry {self._path!r} stores no schema version or managed globs; it was left untouched")
+            raise RegistryError(
+                f"registry {self._path!r} stores no schema version or managed globs; it was left untouched"
+            )
         try:
             return ManagedGlobs.of(json.loads(meta["globs"]))
         except (ValueError, TypeError) as e:
@@ -296,8 +569,11 @@ class SQLiteRegistry:
     # -- connection management ------------------------------------------------------
 
     def _connect(self) -> None:
+        started = time.monotonic()
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+            conn = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
@@ -308,39 +584,84 @@ class SQLiteRegistry:
             conn.execute("PRAGMA mmap_size = 268435456")
         except sqlite3.DatabaseError as e:
             if "locked" in str(e) or "busy" in str(e):
-                raise self._error(e) from e
-            raise RegistryError(f"registry {self._path!r} is not a usable SQLite database ({e}); "
-                                "it was left untouched: move it aside to start a new registry") from e
+                raise self._error(e, started) from e
+            raise RegistryError(
+                f"registry {self._path!r} is not a usable SQLite database ({e}); "
+                "it was left untouched: move it aside to start a new registry"
+            ) from e
         self._conn = conn
         self._lock_fd = os.open(os.path.join(self._directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._pid = os.getpid()
 
+    def _let_go(self) -> None:
+        """Let go of a connection and lock descriptors this process may not use (inherited
+        through fork): the descriptors are closed, never unlocked (the open file is shared with the
+        parent, and LOCK_UN would release the parent's lock); the connection is kept, unused and
+        unclosed, in _INHERITED."""
+        for name in ("_lock_fd", "_open_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
+        self._pid = -1
+
+    def _forked(self) -> None:
+        """In a forked child: nothing of the parent's is used; the next use connects afresh."""
+        self._let_go()
+        self._mutex = threading.RLock()  # another thread of the parent may have held them
+        self._commit_mutex = threading.RLock()
+        self._commit_depth = 0
+
     def _connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():  # after fork: never share a SQLite connection or an flock
-            self._mutex = threading.RLock()
-            self._commit_mutex = threading.RLock()
-            self._commit_depth = 0
+        if self._pid != os.getpid():  # after a fork that ran no at-fork handler, or after close
+            self._forked()
             self._connect()
+        assert self._conn is not None
         return self._conn
 
     def _configure(self, globs: ManagedGlobs | None, stored: ManagedGlobs | None) -> ManagedGlobs:
         """The volume's globs: the stored ones when opening; when creating (`globs` given), write the
-        schema and the globs idempotently (racing creators converge) and insist they agree."""
+        schema and the globs idempotently in one write transaction (racing creators converge) and
+        insist they agree."""
         if globs is None:
             assert stored is not None
             return stored
+        conn = self._connection()
+        started = time.monotonic()
         try:
-            _create_schema(sqlite_utils.Database(self._conn))
-            for key, value in (("schema_version", str(SCHEMA_VERSION)), ("globs", json.dumps(list(globs.patterns)))):
-                self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
-            meta = dict(self._conn.execute("SELECT key, value FROM meta"))
+            # BEGIN IMMEDIATE takes the write lock first, with SQLite's busy wait: a transaction that
+            # reads before it writes (as sqlite_utils' create does) gets SQLITE_BUSY at once instead
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                import sqlite_utils  # only creation needs it: hooks open registries in ~0.1 s without it
+
+                _create_schema(sqlite_utils.Database(conn))
+                for key, value in (
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("globs", json.dumps(list(globs.patterns))),
+                ):
+                    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+                meta = dict(conn.execute("SELECT key, value FROM meta"))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         except sqlite3.DatabaseError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise self._error(e) from e
+            if "locked" in str(e) or "busy" in str(e) or "full" in str(e):
+                raise self._error(e, started) from e
             raise RegistryError(f"registry {self._path!r} is corrupt ({e}); it was left untouched") from e
         if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise RegistryError(f"registry {self._path!r} has schema version {meta.get('schema_version')!r}; "
-                                f"this coherent-volume reads version {SCHEMA_VERSION}")
+            raise RegistryError(
+                f"registry {self._path!r} has schema version {meta.get('schema_version')!r}; "
+                f"this coherent-volume reads version {SCHEMA_VERSION}"
+            )
         try:
             stored_globs = ManagedGlobs.of(json.loads(meta["globs"]))
         except (ValueError, TypeError) as e:
@@ -348,7 +669,8 @@ class SQLiteRegistry:
         if globs != stored_globs:
             raise VolumeConfigError(
                 f"this volume manages {list(stored_globs.patterns)}, not {list(globs.patterns)}: "
-                "open it without managed globs (or with the stored ones); a second policy is never applied")
+                "open it without managed globs (or with the stored ones); a second policy is never applied"
+            )
         return stored_globs
 
     @property
@@ -359,75 +681,113 @@ class SQLiteRegistry:
 
     @contextmanager
     def commit_lock(self) -> Iterator[None]:
-        """Exclusive across threads and processes; re-entrant within a thread; freed if the process dies."""
+        """Exclusive across threads and processes; re-entrant within a thread; freed if the process
+        dies; waited for at most COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY)."""
         self._connection()
-        with self._commit_mutex:
+        started, pid, mutex = time.monotonic(), os.getpid(), self._commit_mutex
+        path = os.path.join(self._directory, LOCK_NAME)
+        if not mutex.acquire(timeout=COMMIT_LOCK_TIMEOUT):
+            raise RegistryError(
+                f"the commit lock {path!r} stayed held by another thread of this process for more "
+                f"than {COMMIT_LOCK_TIMEOUT:g} s; nothing was changed: try again",
+                errno.EBUSY,
+            )
+        try:
             if self._commit_depth == 0:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                _flock_within(self._lock_fd, fcntl.LOCK_EX, path, "the commit lock", COMMIT_LOCK_TIMEOUT, started)
             self._commit_depth += 1
             try:
                 yield
             finally:
-                self._commit_depth -= 1
-                if self._commit_depth == 0:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                if os.getpid() == pid:  # a forked child leaving the block has nothing to release
+                    self._commit_depth -= 1
+                    if self._commit_depth == 0:
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            mutex.release()
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
         """One consistent read of a file record and an agent's view of it (no explicit transaction)."""
         with self._mutex:
+            started = time.monotonic()
             try:
                 return SQLiteTransaction(self._connection()).file_and_view(path, agent)
             except sqlite3.DatabaseError as e:
-                raise self._error(e) from e
+                raise self._error(e, started) from e
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[SQLiteTransaction]:
         with self._mutex:
             conn = self._connection()
+            started = time.monotonic()
             try:
                 conn.execute(begin)
             except sqlite3.OperationalError as e:
-                raise self._error(e) from e
+                raise self._error(e, started) from e
             try:
                 yield SQLiteTransaction(conn)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            started = time.monotonic()
             try:
                 conn.execute("COMMIT")
             except sqlite3.DatabaseError as e:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise self._error(e) from e
+                raise self._error(e, started) from e
 
-    def _error(self, e: sqlite3.DatabaseError) -> RegistryError:
+    def _error(self, e: sqlite3.DatabaseError, started: float) -> RegistryError:
+        """The RegistryError for SQLite error `e` of a step that began at `started` (time.monotonic()).
+        It claims a long wait only when that much time has passed."""
         if "locked" in str(e) or "busy" in str(e):
-            return RegistryError(f"registry {self._path!r} stayed locked by another process for more than "
-                                 f"{BUSY_TIMEOUT_MS / 1000:g} s; try again", errno.EBUSY)
+            waited = time.monotonic() - started
+            limit = BUSY_TIMEOUT_MS / 1000
+            if waited >= limit:
+                return RegistryError(
+                    f"registry {self._path!r} stayed locked by another process for more than "
+                    f"{limit:g} s ({waited:.1f} s); try again",
+                    errno.EBUSY,
+                )
+            name = getattr(e, "sqlite_errorname", None) or "SQLITE_BUSY"
+            return RegistryError(
+                f"registry {self._path!r} was locked by another process and SQLite gave up after {waited:.3f} s, "
+                f"without its {limit:g} s busy wait ({name}: {e}; SQLite does not wait when a transaction that has "
+                "read wants to write, or when waiting could deadlock); try again",
+                errno.EBUSY,
+            )
         if "full" in str(e):
             return RegistryError(f"registry {self._path!r}: no space left on the device ({e})", errno.ENOSPC)
         return RegistryError(f"registry {self._path!r} failed: {e}")
 
     @contextmanager
     def read(self) -> Iterator[SQLiteTransaction]:
+        started = time.monotonic()
         try:
             with self._transaction("BEGIN") as tx:
                 yield tx
         except sqlite3.DatabaseError as e:
-            raise self._error(e) from e
+            raise self._error(e, started) from e
 
     @contextmanager
     def write(self) -> Iterator[SQLiteTransaction]:
+        started = time.monotonic()
         try:
             with self._transaction("BEGIN IMMEDIATE") as tx:
                 yield tx
         except sqlite3.DatabaseError as e:
-            raise self._error(e) from e
+            raise self._error(e, started) from e
 
     def close(self) -> None:
+        """Close the connection and the commit lock's descriptor (in a forked child that never used
+        the registry: only let go of what it inherited)."""
         with self._mutex:
-            if self._pid == os.getpid():
+            if self._pid == os.getpid() and self._conn is not None:
                 self._conn.close()
+                self._conn = None
+            if self._pid == os.getpid() and self._lock_fd >= 0:
                 os.close(self._lock_fd)
-            self._pid = -1
+                self._lock_fd = -1
+            self._let_go()
+        _OPEN.discard(self)

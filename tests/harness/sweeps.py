@@ -1,12 +1,12 @@
 """Contention sweeps: N agents doing read-modify-write increments on one file, or on a set of
 files with random cross-file reads, through API threads, API processes, or shell processes in a
 mount; and the same workload on a plain directory, where the checker must find lost updates."""
+
 from __future__ import annotations
 
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from coherent_volume import CoherentVolume
 
-from . import payload
+from . import REPO, child, payload
 from .history import Attempt, Producer, Recorder, load_json_records, load_shell_records
 from .judge import judge_plain, judge_volume
 from .mounts import Mount
@@ -22,7 +22,6 @@ from .result import Result
 from .volumes import create, raw_read, seed
 from .workers import Agent, Workload, process_config
 
-SCRIPTS = Path(__file__).resolve().parent.parent
 SHELL_AGENT = Path(__file__).resolve().parent / "shell_agent.sh"
 
 
@@ -50,8 +49,14 @@ class Sweep:
         return ["plans/counter.md"] if self.files == 1 else [f"plans/f{i}.md" for i in range(self.files)]
 
     def workload(self) -> Workload:
-        return Workload(self.paths(), max(1, self.attempts // self.agents), self.cross if self.files > 1 else 0,
-                        self.fill, self.think, self.isolation)
+        return Workload(
+            self.paths(),
+            max(1, self.attempts // self.agents),
+            self.cross if self.files > 1 else 0,
+            self.fill,
+            self.think,
+            self.isolation,
+        )
 
 
 class Sampler(threading.Thread):
@@ -77,26 +82,47 @@ class Sampler(threading.Thread):
         return self.samples
 
 
-def agent_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SCRIPTS)}
-
-
 def spawn_agent(face: str, root: Path, agent: str, work: Workload, record: Path, seed_: int) -> subprocess.Popen[str]:
     """An agent in its own Python process (see workers.process_main); prints 'ready' when open."""
-    return subprocess.Popen([sys.executable, "-m", "torturelib.workers",
-                             process_config(face, root, agent, work, record, seed_)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(), cwd=SCRIPTS)
+    return subprocess.Popen(
+        child("workers", process_config(face, root, agent, work, record, seed_)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
-def spawn_shell_agent(mnt: Path, agent: str, work: Workload, records: Path, seed_: int,
-                      stop: Path | None = None) -> subprocess.Popen[str]:
-    """A bash agent in the mount (shell_agent.sh), as COHERENT_AGENT=agent."""
-    env = {**os.environ, "COHERENT_AGENT": agent, "MNT": str(mnt), "FILES": " ".join(work.paths),
-           "CROSS": str(work.cross), "ATTEMPTS": str(work.attempts), "FILL": str(min(work.fill, 300)),
-           "REC": str(records / f"{agent}.log"), "ERRF": str(records / f"{agent}.err"), "SEED": str(seed_ % 32768),
-           "STOP": str(stop or records / "STOP")}
-    return subprocess.Popen(["bash", str(SHELL_AGENT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd="/")
+def spawn_shell_agent(
+    mnt: Path,
+    agent: str,
+    work: Workload,
+    records: Path,
+    seed_: int,
+    stop: Path | None = None,
+    process: str | None = None,
+) -> subprocess.Popen[str]:
+    """A bash agent in the mount (shell_agent.sh), as COHERENT_AGENT=agent. `process` tells one of
+    several processes of one agent apart: its records are AGENT~PROCESS.log, its tokens
+    AGENT~PROCESS.N (see load_records)."""
+    name = f"{agent}~{process}" if process else agent
+    env = {
+        **os.environ,
+        "COHERENT_AGENT": agent,
+        "NAME": name,
+        "MNT": str(mnt),
+        "FILES": " ".join(work.paths),
+        "CROSS": str(work.cross),
+        "ATTEMPTS": str(work.attempts),
+        "FILL": str(min(work.fill, 300)),
+        "REC": str(records / f"{name}.log"),
+        "ERRF": str(records / f"{name}.err"),
+        "SEED": str(seed_ % 32768),
+        "STOP": str(stop or records / "STOP"),
+    }
+    return subprocess.Popen(
+        ["bash", str(SHELL_AGENT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/"
+    )
 
 
 def _threads(root: Path, work: Workload, records: Path, n: int, seed_: int) -> list[str]:
@@ -138,6 +164,25 @@ def wait_all(procs: list[subprocess.Popen[str]], timeout: float = 1800) -> list[
     return errors
 
 
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    """Kill whatever of `procs` still runs, reap every one of them and close their pipes (safe to
+    call on processes already waited for)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass  # SIGKILLed: only an uninterruptible sleep delays it, and nothing here can help that
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
 def load_records(records: Path) -> list[Attempt]:
     """Every attempt recorded in a records directory (Python agents' .jsonl, shell agents' .log)."""
     attempts: list[Attempt] = []
@@ -145,7 +190,7 @@ def load_records(records: Path) -> list[Attempt]:
         if f.suffix == ".jsonl":
             attempts += load_json_records(f)
         elif f.suffix == ".log":
-            attempts += load_shell_records(f, f.stem)
+            attempts += load_shell_records(f, f.stem.split("~")[0])  # AGENT~PROCESS.log: one of its processes
     return attempts
 
 
@@ -184,8 +229,17 @@ def run_sweep(spec: Sweep, workdir: Path, seed_: int = 0) -> Result:
     if spec.face == "plain":
         judge_plain(result, root, paths, attempts, producers, samples)
     else:
-        judge_volume(result, root, paths, attempts, producers, samples, spec.isolation, shell=spec.face == "shell",
-                     judge_as=spec.judge_as)
+        judge_volume(
+            result,
+            root,
+            paths,
+            attempts,
+            producers,
+            samples,
+            spec.isolation,
+            shell=spec.face == "shell",
+            judge_as=spec.judge_as,
+        )
     return result
 
 

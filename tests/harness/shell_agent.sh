@@ -2,7 +2,8 @@
 # One agent in a mounted volume: read-modify-write increments of self-checking payloads
 # (see payload.py), re-reading and retrying after EACCES. Run with COHERENT_AGENT set.
 # Environment: MNT, FILES (paths relative to MNT), CROSS (other files read per attempt),
-# ATTEMPTS (-1: until STOP exists), FILL (max filler), REC (record file), ERRF, SEED, STOP.
+# ATTEMPTS (-1: until STOP exists), FILL (max filler), REC (record file), ERRF, SEED, STOP, and NAME
+# (the prefix of its tokens; default: the agent's name).
 # Records (read by history.load_shell_records): R path rc|F line / W … / E rc t msg / X target t.
 set -u
 export LC_ALL=C
@@ -15,12 +16,13 @@ read_one() {  # read_one PATH: sets $line and $rc, records R
   local fd
   line="" rc=F
   if { exec {fd}<"$MNT/$1"; } 2>/dev/null; then
-    IFS= read -r line <&"$fd"
+    IFS= read -r line <&"$fd" 2>"$ERRF"
     rc=$?
     exec {fd}<&-
-    # read(1) fails alike at a last line without newline (torn content) and on an I/O error:
-    # a mount that no longer answers means the latter
-    [[ $rc == 0 || -e $MNT/$1 ]] || rc=F
+    # read(1) fails alike at a last line without newline (torn content) and on an I/O error, but
+    # only the error has a message (a mount that no longer answers, a directory where the file
+    # was); a file that is gone by now means the mount went away too
+    [[ $rc == 0 || ( -e $MNT/$1 && ! -s $ERRF ) ]] || rc=F
   fi
   echo "R $1 $rc $line" >&"$rec"
 }
@@ -42,7 +44,7 @@ for ((i = 0; ATTEMPTS < 0 || i < ATTEMPTS; i++)); do
     pause
     continue
   fi
-  tok="$COHERENT_AGENT.$i"
+  tok="${NAME:-$COHERENT_AGENT}.$i"
   count=$((fields[3] + 1))
   fill=$((RANDOM % (FILL + 1)))
   printf -v filler '%*s' "$fill" ''

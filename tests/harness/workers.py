@@ -3,8 +3,10 @@
 Each attempt picks a target file, reads `cross` other files and then the target, writes the
 target's payload with its counter plus one, and records everything (history.Recorder). A
 refused write is simply followed by the next attempt, which re-reads. Run as a process with
-`python -m torturelib.workers CONFIG_JSON`; it prints "ready" once its volume is open.
+`python -m tests.harness.workers CONFIG_JSON` from the repo root (sweeps.spawn_agent); it prints
+"ready" once its volume is open.
 """
+
 from __future__ import annotations
 
 import errno
@@ -105,8 +107,17 @@ class Agent:
             with self.face.lock(target, ttl=self.work.lock_ttl, timeout=self.work.lock_ttl):  # type: ignore[attr-defined]
                 return self._attempt(target, cross)
         except PermissionError as e:  # the lock itself was refused (held past the timeout)
-            attempt = Attempt(self.name, target, f"{self.name}.{self.n}", None, 0, [], time.time(),
-                              outcome="read-error", reason=f"lock-{getattr(e, 'reason', 'refused')}")
+            attempt = Attempt(
+                self.name,
+                target,
+                f"{self.name}.{self.n}",
+                None,
+                0,
+                [],
+                time.time(),
+                outcome="read-error",
+                reason=f"lock-{getattr(e, 'reason', 'refused')}",
+            )
             self.n += 1
             self.recorder.done(attempt)
             return attempt
@@ -165,8 +176,9 @@ def process_main(config: dict) -> None:
 
 
 def process_config(face: str, root: Path, agent: str, work: Workload, record: Path, seed: int) -> str:
-    return json.dumps({"face": face, "root": str(root), "agent": agent, "work": asdict(work),
-                       "record": str(record), "seed": seed})
+    return json.dumps(
+        {"face": face, "root": str(root), "agent": agent, "work": asdict(work), "record": str(record), "seed": seed}
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Isolation of the registry: through the mount `.coherent` cannot be listed, read, written,
 renamed or deleted; the registry's files are private to their owner (0600, directory 0700);
 and without --allow-other another user cannot even enter the mount."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,14 @@ def registry_isolation(workdir: Path) -> Result:
     before = registry_db(root).stat().st_ino
     with Mount(root, workdir / "isolation-mnt") as m:
         for name, script in ATTACKS.items():
-            r = subprocess.run(["bash", "-c", script], cwd=m.path, capture_output=True, text=True, timeout=30,
-                               env={**os.environ, "COHERENT_AGENT": "intruder"})
+            r = subprocess.run(
+                ["bash", "-c", script],
+                cwd=m.path,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={**os.environ, "COHERENT_AGENT": "intruder"},
+            )
             result.attempts += 1
             if r.returncode == 0:
                 result.fail(f"through the mount, '{name}' on the registry succeeded")

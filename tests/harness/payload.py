@@ -5,6 +5,7 @@ it (unique across a run), PREV the token it was computed from, COUNT the counter
 token is repeated at the end and the filler length is stated, so a torn, truncated or mixed
 file never parses. Plain text so bash can read and write it too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

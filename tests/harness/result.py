@@ -1,4 +1,5 @@
 """One row of the report per scenario run, and the rich table that prints them."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -33,7 +34,7 @@ class Result:
         if len(self.messages) < 40:
             self.messages.append(message)
 
-    def absorb(self, verdict: "checker.Verdict") -> None:
+    def absorb(self, verdict: checker.Verdict) -> None:
         """Add a checker verdict: its violations, messages, and counts by kind."""
         self.violations += verdict.violations
         self.messages += verdict.messages[: max(0, 40 - len(self.messages))]
@@ -65,14 +66,27 @@ def table(results: list[Result], title: str = "torture report"):  # -> rich.tabl
     from rich.table import Table
 
     t = Table(title=title, title_justify="left", header_style="bold")
-    for column, justify in (("scenario", "left"), ("agents", "right"), ("attempts", "right"),
-                            ("accepted", "right"), ("refusals by reason", "left"), ("violations", "right"),
-                            ("wall s", "right")):
+    for column, justify in (
+        ("scenario", "left"),
+        ("agents", "right"),
+        ("attempts", "right"),
+        ("accepted", "right"),
+        ("refusals by reason", "left"),
+        ("violations", "right"),
+        ("wall s", "right"),
+    ):
         t.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in results:
         violations = f"{r.violations} (expected > 0)" if r.expect_violations else str(r.violations)
         if not r.passed:
             violations = f"[bold red]{violations} FAIL[/]"
-        t.add_row(r.scenario, str(r.agents or "-"), str(r.attempts), str(r.accepted), _reasons(r.refusals),
-                  violations, f"{r.wall:.1f}")
+        t.add_row(
+            r.scenario,
+            str(r.agents or "-"),
+            str(r.attempts),
+            str(r.accepted),
+            _reasons(r.refusals),
+            violations,
+            f"{r.wall:.1f}",
+        )
     return t

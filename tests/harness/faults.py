@@ -1,6 +1,7 @@
 """Resource faults: a full file system, a registry locked by another process past the busy
 timeout, and a backing file deleted under an open handle. Each returns a Result whose
 violations are the properties that did not hold."""
+
 from __future__ import annotations
 
 import errno
@@ -8,9 +9,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from coherent_volume import CoherentVolume, RegistryError
 from coherent_volume.registry import sqlite as sqlite_registry
@@ -74,8 +75,12 @@ def enospc(workdir: Path) -> Result:
             before = dump(root)
             filler = _fill(fs)
             for size in (200_000, 10):
-                _expect_errno(result, f"API write of {size} bytes",
-                              lambda: vol.write(P, payload.make(f"big{size}", "-", 1, size)), errno.ENOSPC)
+                _expect_errno(
+                    result,
+                    f"API write of {size} bytes",
+                    lambda size=size: vol.write(P, payload.make(f"big{size}", "-", 1, size)),
+                    errno.ENOSPC,
+                )
             _check_unchanged(result, root, old, before)
             _enospc_through_mount(result, m, old)
             filler.unlink()
@@ -98,8 +103,14 @@ def _check_unchanged(result: Result, root: Path, old: bytes, before: list[str]) 
 
 def shell(m: Mount, script: str) -> subprocess.CompletedProcess[str]:
     """Run a bash script in the mount as agent shell-writer."""
-    return subprocess.run(["bash", "-c", script], cwd=m.path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "COHERENT_AGENT": "shell-writer"})
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=m.path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COHERENT_AGENT": "shell-writer"},
+    )
 
 
 def _enospc_through_mount(result: Result, m: Mount, old: bytes) -> None:
@@ -126,8 +137,9 @@ time.sleep(float(sys.argv[2]))
 @contextmanager
 def locked_registry(root: Path, seconds: float = 60) -> Iterator[subprocess.Popen[str]]:
     """Another process holding the registry with BEGIN EXCLUSIVE."""
-    proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(registry_db(root)), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(registry_db(root)), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         yield proc
@@ -136,8 +148,9 @@ def locked_registry(root: Path, seconds: float = 60) -> Iterator[subprocess.Pope
         proc.wait()
 
 
-def _bounded(result: Result, what: str, call: Callable[[], object], locker: subprocess.Popen[str],
-             limit: float) -> None:
+def _bounded(
+    result: Result, what: str, call: Callable[[], object], locker: subprocess.Popen[str], limit: float
+) -> None:
     """`call` must fail with a RegistryError that says the registry is locked, within `limit` seconds,
     while the lock is still held."""
     started = time.monotonic()
@@ -218,9 +231,13 @@ def deleted_backing_file(workdir: Path) -> Result:
     with Mount(root, workdir / "deleted-mnt") as m:
         env = {**os.environ, "COHERENT_AGENT": "holder"}
         reader = open(m.path / P, "rb")
-        writer = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(m.path / P),
-                                   payload.make("holder.1", "-", 1).decode()],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", HOLD_WRITER, str(m.path / P), payload.make("holder.1", "-", 1).decode()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
             (root / P).unlink()

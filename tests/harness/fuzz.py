@@ -5,17 +5,19 @@ with an errno), and must lose nothing: the committed sentinel file keeps its byt
 nothing outside the root changes, and the volume still accepts an ordinary write afterwards.
 Unlike a test, a fuzzer here records every failing case instead of stopping at the first.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
 import sqlite3
+import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
@@ -69,15 +71,40 @@ class Fuzz:
 
 def _run(test: Callable[..., None], examples: int, seed_: int) -> None:
     """Generate `examples` cases (no shrinking: every case records its own outcome)."""
-    configured = settings(max_examples=examples, deadline=None, database=None,
-                          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))(test)
+    configured = settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )(test)
     seed(seed_)(configured)()
 
 
 # ---- paths ------------------------------------------------------------------------------
 
-SEGMENTS = ["..", ".", "", "plans", "keep.md", "evil", "escape.md", "loop", ".coherent", "registry.db",
-            "new.md", "sub", "\udcff.md", "caf\udce9", "\ud800", "a\0b", "x" * 255, "y" * 4096, "/", "~"]
+SEGMENTS = [
+    "..",
+    ".",
+    "",
+    "plans",
+    "keep.md",
+    "evil",
+    "escape.md",
+    "loop",
+    ".coherent",
+    "registry.db",
+    "new.md",
+    "sub",
+    "\udcff.md",
+    "caf\udce9",
+    "\ud800",
+    "a\0b",
+    "x" * 255,
+    "y" * 4096,
+    "/",
+    "~",
+]
 
 
 @st.composite
@@ -126,8 +153,9 @@ def _still_sound(fuzz: Fuzz, root: Path, label: str) -> None:
                 fuzz.violation("lost", f"{label}: the committed sentinel changed")
             vol.write("plans/after.md", b"still works\n")
     except BaseException as e:  # noqa: BLE001
-        fuzz.violation("wedged", f"{label}: afterwards the volume refuses an ordinary write: "
-                                 f"{type(e).__name__}: {str(e)[:100]}")
+        fuzz.violation(
+            "wedged", f"{label}: afterwards the volume refuses an ordinary write: {type(e).__name__}: {str(e)[:100]}"
+        )
 
 
 OPS: dict[str, Callable[[CoherentVolume, Any], object]] = {
@@ -190,8 +218,34 @@ def _template_outside(workdir: Path) -> None:
 
 # ---- globs ------------------------------------------------------------------------------
 
-GLOBS = ["plans/**", "*.md", "**", "a/*/b", "[ab]*.md", "x?y", "plans/*.md", "", " ", "/abs", "a//b", "../x",
-         "./x", "**x", "a/**b", "[", "[]", "[!]", "]", "a\\b", "a\0b", ".", "a/./b", "**/**", "[z-a]", "\udcff*"]
+GLOBS = [
+    "plans/**",
+    "*.md",
+    "**",
+    "a/*/b",
+    "[ab]*.md",
+    "x?y",
+    "plans/*.md",
+    "",
+    " ",
+    "/abs",
+    "a//b",
+    "../x",
+    "./x",
+    "**x",
+    "a/**b",
+    "[",
+    "[]",
+    "[!]",
+    "]",
+    "a\\b",
+    "a\0b",
+    ".",
+    "a/./b",
+    "**/**",
+    "[z-a]",
+    "\udcff*",
+]
 
 
 def glob_sets() -> st.SearchStrategy[Any]:
@@ -243,6 +297,7 @@ def _use_new_volume(root: Path, globs: Any) -> None:
 
 # ---- registry files ----------------------------------------------------------------------
 
+
 def _checkpoint(root: Path) -> None:
     conn = sqlite3.connect(registry_db(root))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -287,7 +342,7 @@ def _apply(db: Path, kind: str, arg: Any) -> None:
         db.write_bytes(data[: int(len(data) * arg)])
     elif kind == "garbage":
         at = int(len(data) * arg[0])
-        db.write_bytes(data[:at] + arg[1] + data[at + len(arg[1]):])
+        db.write_bytes(data[:at] + arg[1] + data[at + len(arg[1]) :])
     elif kind == "replace":
         db.write_bytes(arg)
     elif kind == "schema":
@@ -329,12 +384,18 @@ def fuzz_registry(workdir: Path, examples: int, seed_: int = 0) -> Result:
         # damage that only the write's own registry update meets (an index page quick_check cannot
         # see) surfaces after the file was installed: then the error must say so, and did write
         installed = error is not None and "the change is on disk" in str(error)
-        if error is not None and not installed and damaged is not None and db.read_bytes() != damaged \
-                and "RegistryError" in type(error).__name__:
+        if (
+            error is not None
+            and not installed
+            and damaged is not None
+            and db.read_bytes() != damaged
+            and "RegistryError" in type(error).__name__
+        ):
             fuzz.violation("touched", f"{label}: the registry was modified although it was reported unusable")
         if (root / SENTINEL).read_bytes() != (KEPT if error is not None and not installed else b"rewritten\n"):
-            fuzz.violation("false-failure", f"{label}: the write failed ({str(error)[-60:]!r}) "
-                                            "but the file on disk was replaced")
+            fuzz.violation(
+                "false-failure", f"{label}: the write failed ({str(error)[-60:]!r}) but the file on disk was replaced"
+            )
 
     _run(case, examples, seed_)
     result.wall = time.monotonic() - started

@@ -8,6 +8,7 @@ commit before anyone can look at it; it cannot be recorded, so the harness inste
 that such a commit was indeed under way at that instant (an inherent limit of uncoordinated
 writers, counted in the report).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,10 @@ class ForeignEvents:
     def next_version(self, path: str) -> int | None:
         deadline = time.monotonic() + RECORD_TIMEOUT
         while time.monotonic() < deadline:
-            row = self._conn.execute("SELECT seq, version FROM events WHERE kind = 'foreign' AND path = ? AND seq > ? "
-                                     "ORDER BY seq LIMIT 1", (path, self._after.get(path, 0))).fetchone()
+            row = self._conn.execute(
+                "SELECT seq, version FROM events WHERE kind = 'foreign' AND path = ? AND seq > ? ORDER BY seq LIMIT 1",
+                (path, self._after.get(path, 0)),
+            ).fetchone()
             if row is not None:
                 self._after[path] = row[0]
                 return row[1]
@@ -61,8 +64,14 @@ class ForeignEvents:
 
 
 def _replaced_in_flight(attempts: list[Attempt], path: str, at: float) -> bool:
-    return any(a.committed and a.target == path and a.t_write0 is not None and a.t_write1 is not None
-               and a.t_write0 <= at <= a.t_write1 for a in attempts)
+    return any(
+        a.committed
+        and a.target == path
+        and a.t_write0 is not None
+        and a.t_write1 is not None
+        and a.t_write0 <= at <= a.t_write1
+        for a in attempts
+    )
 
 
 def foreign_writes(workdir: Path, writes: int, agents: int = 4, files: int = 3, seed_: int = 0) -> Result:

@@ -6,6 +6,7 @@ logged commit is matched to the attempt of that agent on that path whose write w
 at that time (a commit completed by crash recovery: to that agent's last write cut short).
 Attempts told "success" that no logged commit matches are reported: that would be a silent loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ EPS = 0.05
 
 
 def completed_recovery(event: dict[str, Any]) -> bool:
-    return event["kind"] == "recover" and (event.get("detail") or "").startswith("completed")
+    return event["kind"] == "recover" and event.get("reason") == "completed"
 
 
 def log_versions(events: list[dict[str, Any]]) -> dict[str, dict[int, tuple[str, str | None]]]:
@@ -53,19 +54,28 @@ def _in_flight(a: Attempt, kill_times: list[float]) -> bool:
 def _match(event: dict[str, Any], candidates: list[Attempt], kill_times: list[float]) -> Attempt | None:
     at = event["at"]
     if completed_recovery(event):  # the writer's last write cut short by a kill before the recovery
-        cut = [a for a in candidates if a.outcome in ("error", "unknown") and a.t_write0 <= at + EPS  # type: ignore[operator]
-               and _in_flight(a, kill_times)]
+        cut = [
+            a
+            for a in candidates
+            if a.outcome in ("error", "unknown")
+            and a.t_write0 <= at + EPS  # type: ignore[operator]
+            and _in_flight(a, kill_times)
+        ]
         return max(cut, key=lambda a: a.t_write0 or 0, default=None)
     for slack in (0.0, EPS):  # one agent's writes never overlap: the exact interval is unique
-        during = [a for a in candidates
-                  if a.t_write0 - slack <= at <= (a.t_write1 if a.t_write1 is not None else math.inf) + slack]  # type: ignore[operator]
+        during = [
+            a
+            for a in candidates
+            if a.t_write0 - slack <= at <= (a.t_write1 if a.t_write1 is not None else math.inf) + slack
+        ]  # type: ignore[operator]
         if during:
             return min(during, key=lambda a: abs((a.t_write0 or 0) - at))
     return None
 
 
-def resolve(attempts: list[Attempt], events: list[dict[str, Any]],
-            kill_times: list[float] | None = None) -> list[tuple[str, str]]:
+def resolve(
+    attempts: list[Attempt], events: list[dict[str, Any]], kill_times: list[float] | None = None
+) -> list[tuple[str, str]]:
     """Give versions to unversioned attempts from logged commits; return (kind, message) problems.
     `kill_times`: when the harness killed a process that may have had a write under way."""
     claimed = {(a.target, a.version) for a in attempts if a.committed and a.version is not None}
@@ -80,8 +90,12 @@ def resolve(attempts: list[Attempt], events: list[dict[str, Any]],
     problems = []
     for a in attempts:
         if a.committed and a.version is None:
-            problems.append(("false-success", f"{a.agent} was told its write {a.token} of {a.target} succeeded, "
-                                              "but the log has no such commit"))
+            problems.append(
+                (
+                    "false-success",
+                    f"{a.agent} was told its write {a.token} of {a.target} succeeded, but the log has no such commit",
+                )
+            )
             a.outcome = "unlogged"
         elif a.outcome in ("error", "unknown"):
             a.outcome = "failed"

@@ -5,8 +5,10 @@ no identity), served by the same pyfuse3 main loop as coherent-volume's mount. W
 over bindfs (C, libfuse, many threads) is the price of the binding itself, which no work in our
 own handlers can win back. Only what bench_fuse's small-file and sequential operations need.
 
-    python scripts/floorfs.py ROOT MOUNTPOINT     (foreground; fusermount3 -u MOUNTPOINT ends it)
+    python -m tests.harness.floorfs ROOT MOUNTPOINT   (from the repo root; in the foreground,
+                                                      `fusermount3 -u MOUNTPOINT` ends it)
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,8 +18,18 @@ import sys
 import pyfuse3
 import trio
 
-ATTRS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blksize", "st_blocks", "st_atime_ns",
-         "st_mtime_ns", "st_ctime_ns")
+ATTRS = (
+    "st_mode",
+    "st_nlink",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_blksize",
+    "st_blocks",
+    "st_atime_ns",
+    "st_mtime_ns",
+    "st_ctime_ns",
+)
 
 
 class Floor(pyfuse3.Operations):

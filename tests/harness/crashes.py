@@ -5,6 +5,7 @@ payload: the checker verifies that from the samples), the registry passes SQLite
 check, and a write grant the victim held is reclaimed within its TTL. At the end the registry
 must agree with the disk and the whole history must check out.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ from coherent_volume import CoherentVolume
 from . import payload
 from .history import Producer
 from .judge import judge_volume
-from .mounts import DEAD_ERRNOS, Mount, dead_errno, mounted
+from .mounts import DEAD_ERRNOS, Mount, dead_errno, is_mounted
 from .result import Result
 from .sweeps import Sampler, load_records, spawn_agent, spawn_shell_agent, wait_all
 from .volumes import agreement, create, integrity, raw_read, seed, sql
@@ -48,8 +49,9 @@ class WriterPool:
     """`slots` agent processes (the first `lock_slots` in pessimistic mode), each respawned under a
     new agent name after it is killed."""
 
-    def __init__(self, root: Path, records: Path, paths: list[str], slots: int, lock_slots: int, ttl: float,
-                 seed_: int) -> None:
+    def __init__(
+        self, root: Path, records: Path, paths: list[str], slots: int, lock_slots: int, ttl: float, seed_: int
+    ) -> None:
         self.root, self.records, self.paths, self.ttl, self.seed = root, records, paths, ttl, seed_
         self.lock_slots = lock_slots
         self.procs: list[subprocess.Popen[str] | None] = [None] * slots
@@ -63,8 +65,9 @@ class WriterPool:
         name = f"w{slot}.{self.incarnation}"
         work = Workload(self.paths, attempts=-1, fill=6000, lock_ttl=self.ttl if slot < self.lock_slots else 0.0)
         self.names[slot] = name
-        self.procs[slot] = spawn_agent("api", self.root, name, work, self.records / f"{name}.jsonl",
-                                       self.seed + self.incarnation)
+        self.procs[slot] = spawn_agent(
+            "api", self.root, name, work, self.records / f"{name}.jsonl", self.seed + self.incarnation
+        )
 
     def kill(self, slot: int) -> tuple[str, float]:
         proc = self.procs[slot]
@@ -92,8 +95,9 @@ def _held(root: Path, agent: str) -> list[str]:
     return [row[0] for row in sql(root, "SELECT path FROM grants WHERE agent = ?", (agent,))]
 
 
-def _after_writer_kill(result: Result, root: Path, victim: str, killed_at: float, ttl: float,
-                       latencies: list[float], held: list[str]) -> None:
+def _after_writer_kill(
+    result: Result, root: Path, victim: str, killed_at: float, ttl: float, latencies: list[float], held: list[str]
+) -> None:
     """Each grant the victim held just before it died must pass to another agent within its TTL."""
     for path in sorted(set(held) | set(_held(root, victim))):
         latency = _reclaim_latency(root, path, killed_at, ttl)
@@ -119,8 +123,9 @@ def _kill_holder(result: Result, pool: WriterPool, root: Path, latencies: list[f
     return False
 
 
-def writer_kills(workdir: Path, kills: int, slots: int = 4, lock_slots: int = 1, ttl: float = 3.0,
-                 files: int = 2, seed_: int = 0) -> Result:
+def writer_kills(
+    workdir: Path, kills: int, slots: int = 4, lock_slots: int = 1, ttl: float = 3.0, files: int = 2, seed_: int = 0
+) -> Result:
     """kill -9 agent processes at random points of their read-modify-write loops, `kills` times."""
     rng = random.Random(seed_)
     root, records = create(workdir / "kill-writers"), workdir / "kill-writers-records"
@@ -162,8 +167,16 @@ def writer_kills(workdir: Path, kills: int, slots: int = 4, lock_slots: int = 1,
     return result
 
 
-def _finish(result: Result, root: Path, paths: list[str], records: Path, producers: list[Producer],
-            samples: set[tuple[str, str | None]], kill_times: list[float] | None = None, shell: bool = False) -> None:
+def _finish(
+    result: Result,
+    root: Path,
+    paths: list[str],
+    records: Path,
+    producers: list[Producer],
+    samples: set[tuple[str, str | None]],
+    kill_times: list[float] | None = None,
+    shell: bool = False,
+) -> None:
     """Integrity, registry/disk agreement, then the history check."""
     if (verdict := integrity(root)) != "ok":
         result.fail(f"registry integrity check: {verdict}")
@@ -177,15 +190,27 @@ def _finish(result: Result, root: Path, paths: list[str], records: Path, produce
 
 # ---- the mount daemon ------------------------------------------------------------------------
 
+
 def _probe_read(mnt: Path, agent: str, path: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "-c", f'cat "$MNT/{path}"'], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "COHERENT_AGENT": agent, "MNT": str(mnt)}, cwd="/")
+    return subprocess.run(
+        ["bash", "-c", f'cat "$MNT/{path}"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COHERENT_AGENT": agent, "MNT": str(mnt)},
+        cwd="/",
+    )
 
 
 def _probe_write(mnt: Path, agent: str, path: str, data: bytes) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "-c", f'/usr/bin/printf "%s" "$DATA" > "$MNT/{path}"'], capture_output=True,
-                          text=True, timeout=30, cwd="/",
-                          env={**os.environ, "COHERENT_AGENT": agent, "MNT": str(mnt), "DATA": data.decode()})
+    return subprocess.run(
+        ["bash", "-c", f'/usr/bin/printf "%s" "$DATA" > "$MNT/{path}"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env={**os.environ, "COHERENT_AGENT": agent, "MNT": str(mnt), "DATA": data.decode()},
+    )
 
 
 def _check_dead(result: Result, m: Mount, paths: list[str]) -> None:
@@ -194,8 +219,8 @@ def _check_dead(result: Result, m: Mount, paths: list[str]) -> None:
     while dead_errno(m.path) not in DEAD_ERRNOS and time.monotonic() < deadline:
         time.sleep(0.01)
     code = dead_errno(m.path)
-    if code not in DEAD_ERRNOS or not mounted(m.path):
-        result.fail(f"after the daemon was killed the mountpoint answered errno {code} (mounted: {mounted(m.path)})")
+    if code not in DEAD_ERRNOS or not is_mounted(m.path):
+        result.fail(f"after the daemon was killed the mountpoint answered errno {code} (mounted: {is_mounted(m.path)})")
         return
     for attempt in (lambda: os.listdir(m.path), lambda: os.open(m.path / paths[0], os.O_WRONLY | os.O_TRUNC)):
         try:

@@ -1,21 +1,21 @@
 """Setting up volumes and looking at them only from outside: the public API, the CLI, and SQL on
 the registry file (never coherent_volume's internals)."""
+
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from coherent_volume import CoherentVolume
 
-from . import payload
+from . import CLI, payload
 from .history import Producer, Read
 
-CLI = str(Path(sys.executable).parent / "coherent-volume")
 MANAGED = ("plans/**",)
 SEED_AGENT = "harness-seed"
 
@@ -45,8 +45,9 @@ def seed(root: Path, paths: list[str], count: int = 0) -> list[Producer]:
 
 def read_log(root: Path) -> list[dict[str, Any]]:
     """The volume's whole log through the CLI, oldest first."""
-    result = subprocess.run([CLI, "log", str(root), "--json", "--limit", "1000000"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [CLI, "log", str(root), "--json", "--limit", "1000000"], capture_output=True, text=True, timeout=300
+    )
     if result.returncode != 0:
         raise RuntimeError(f"coherent-volume log failed: {result.stderr.strip()}")
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
@@ -56,8 +57,8 @@ def raw_read(root: Path, path: str) -> Read:
     """The backing file's bytes, read directly (not through the volume)."""
     try:
         return Read.of(path, (root / path).read_bytes())
-    except FileNotFoundError:
-        return Read(path, error="ENOENT")
+    except OSError as e:  # gone (ENOENT), or a directory there now (renames), …
+        return Read(path, error=errno.errorcode.get(e.errno or 0, type(e).__name__))
 
 
 def final_state(root: Path, paths: list[str]) -> tuple[dict[str, Read], dict[str, int]]:

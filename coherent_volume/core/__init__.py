@@ -1,0 +1,43 @@
+"""VolumeCore: the protocol applied to one volume — files under the root plus the registry.
+
+This is the I/O edge around `protocol` (pure rules) and `registry` (shared state). Every
+face calls it with an explicit agent; the Python API serves one agent, a mount many.
+
+Invariants:
+- every registry change that a write decision depends on happens under `commit_lock()`;
+- a commit is recorded as an Intent before its rename and completed after it, so a crash
+  at any instant is either completed or abandoned by `_recover`, never left disagreeing;
+- a view is registered only at the version whose content hash equals the bytes returned.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import VolumeConfigError
+from ..globs import ManagedGlobs
+from ..paths import REGISTRY_DIR
+from ..registry.sqlite import SQLiteRegistry
+from .base import Isolation, validate_agent
+from .reads import Observed
+from .renames import Renames
+from .sessions import Sessions
+from .writes import HandleCommit
+
+# Layering: base <- reads <- writes <- renames, sessions <- VolumeCore; each module one job.
+
+__all__ = ["HandleCommit", "Isolation", "Observed", "VolumeCore", "open_core", "validate_agent"]
+
+
+class VolumeCore(Renames, Sessions):
+    """The protocol over one root and its registry; thread-safe; one per process per volume."""
+
+
+def open_core(root: str | os.PathLike[str], managed: object = None) -> VolumeCore:
+    """Open (or, given managed globs, create) the volume at `root`, choosing its registry backend;
+    shared by every face."""
+    real = os.path.realpath(root)
+    if not os.path.isdir(real):
+        raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
+    globs = None if managed is None else ManagedGlobs.of(managed)
+    return VolumeCore(real, SQLiteRegistry(os.path.join(real, REGISTRY_DIR), globs))

@@ -1,0 +1,203 @@
+"""Tracked reads: a view is registered only at the version whose hash equals the bytes returned."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_fd, hash_path, read_fd, read_file
+from ..liveness import ProcessId
+from ..paths import REGISTRY_DIR, Target
+from ..protocol import (
+    BUFFERING_PROGRAMS,
+    current_version,
+    needs_hash,
+    read_moves_view,
+)
+from .base import CoreBase
+
+NOT_UTF8 = (
+    "its name is not valid UTF-8: the volume records paths as UTF-8, so it cannot record or protect "
+    "this file; rename it to a UTF-8 name"
+)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a read saw: the bytes and the version they are."""
+
+    data: bytes
+    version: int
+
+
+class Reads(CoreBase):
+    # ---- reads ----------------------------------------------------------------------
+
+    def read(self, agent: str, target: Target, fd: int | None = None, *, register: bool = True) -> Observed:
+        """Read a file (from `fd` if given, which this closes); for a managed one, register `agent`'s
+        view at the version of these bytes (unless `register` is False: a pinned agent's re-read).
+
+        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion)."""
+        if not target.managed:
+            return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
+        try:
+            data, _ = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            version = self._pair(agent, target, content_hash(data), register)
+            if version is not None:
+                return Observed(data, version)
+        return self._read_locked(agent, target, register)
+
+    def _pair(self, agent: str, target: Target, digest: str, register: bool) -> int | None:
+        """Optimistically pair content with the committed version that has its hash (registering
+        the view unless told not to); None when no committed version matches right now."""
+        record, seen = self.registry.peek(target.rel, agent)
+        if record is None or not record.present or record.hash != digest:
+            return None
+        if seen == record.version or not register:
+            return record.version
+        with self.registry.write() as tx:
+            record = tx.file(target.rel)
+            if record is not None and record.present and record.hash == digest:
+                tx.put_view(agent, target.rel, record.version, time.time())
+                return record.version
+        return None
+
+    def open_version(self, agent: str, target: Target, *, register: bool = True) -> tuple[int, int]:
+        """Open a managed file for reading, paired with the version of its content: (fd, version).
+
+        The fd keeps serving exactly that version (a commit installs a new inode), so a reader never
+        mixes two versions; the agent's view is registered at it unless `register` is False."""
+        fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            version = self._pair(agent, target, hash_fd(fd), register)
+        except BaseException:
+            os.close(fd)
+            raise
+        if version is not None:
+            return fd, version
+        os.close(fd)
+        with self._decision() as tx:
+            fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                record = self._sync(tx, target, tx.file(target.rel), (Fingerprint.of(os.fstat(fd)), hash_fd(fd)))
+                assert record is not None
+                if register:
+                    tx.put_view(agent, target.rel, record.version, time.time())
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, record.version
+
+    def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
+        """Slow path: no cooperating writer can move the file while we read, sync and register."""
+        with self._decision() as tx:
+            try:
+                data, fp = read_file(target.abs)
+                disk: tuple[Fingerprint | None, str | None] = (fp, content_hash(data))
+            except FileNotFoundError:
+                data, disk = None, (None, None)
+            record = self._sync(tx, target, tx.file(target.rel), disk)
+            if record is not None and register:
+                tx.put_view(agent, target.rel, record.version, time.time())
+        if data is None:
+            raise FileNotFoundError(2, "No such file or directory", target.rel)
+        assert record is not None
+        return Observed(data, record.version)
+
+    def version(self, target: Target) -> int:
+        """Current committed version of a managed path (0 if it never existed), foreign changes included."""
+        self._require_managed(target, "version")
+        with self.registry.read() as tx:
+            record = tx.file(target.rel)
+        fp = fingerprint_path(target.abs)
+        if (fp is None and (record is None or not record.present)) or (
+            record is not None and record.present and fp is not None and not needs_hash(record, fp)
+        ):
+            return current_version(record)
+        if record is not None and record.present and fp is not None and hash_path(target.abs) == record.hash:
+            return record.version  # same content, only the fingerprint is unproven: no lock needed
+        with self._decision() as tx:
+            return current_version(self._sync(tx, target, tx.file(target.rel)))
+
+    def stale(self, agent: str) -> list[str]:
+        """Managed paths `agent` has read whose current version is not the one it read."""
+        with self._decision() as tx:
+            for path in tx.read_set(agent):
+                self._sync(tx, self.paths.of_rel(path), tx.file(path))
+            return [path for path, _, _ in tx.stale_views(agent)]
+
+    def scan(self) -> list[tuple[str, str]]:
+        """Bring the registry in step with the whole tree (every recorded path, every managed regular
+        file) under one commit lock; return the files it could not check, as (path, why). One odd
+        file never stops the scan: a name that is not valid UTF-8 (returned as os.walk hands it
+        over, with surrogate escapes) or a recorded path that is no longer a regular file is
+        reported, never skipped silently. Symlinks carry no versions."""
+        with self.registry.read() as tx:
+            recorded = {record.path for record in tx.files()}
+        on_disk: set[str] = set()
+        unchecked: list[tuple[str, str]] = []
+        for directory, dirs, files in os.walk(self.paths.root):
+            if directory == self.paths.root and REGISTRY_DIR in dirs:
+                dirs.remove(REGISTRY_DIR)
+            for name in files:
+                path = os.path.join(directory, name)
+                rel = os.path.relpath(path, self.paths.root).replace(os.sep, "/")
+                if not self.paths.managed(rel) or os.path.islink(path):
+                    continue
+                try:
+                    rel.encode("utf-8")
+                except UnicodeEncodeError:
+                    unchecked.append((rel, NOT_UTF8))
+                    continue
+                on_disk.add(rel)
+        with self._decision() as tx:
+            for rel in sorted(recorded | on_disk):
+                try:
+                    self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
+                except OSError as e:
+                    unchecked.append((rel, str(e)))
+        return unchecked
+
+    def note_read(
+        self,
+        agent: str,
+        target: Target,
+        version: int,
+        *,
+        pinned: bool = False,
+        reader: ProcessId | None = None,
+        program: str | None = None,
+    ) -> bool:
+        """`agent` read `version` of `target` through a handle opened earlier, by process `reader`
+        running `program`: its view moves to that version where `protocol.read_moves_view` says so
+        (a view is what was read, never what was merely opened). True if it moved."""
+        loaded_before = False
+        if reader is not None and program in BUFFERING_PROGRAMS:
+            with self._shares_lock:
+                key = (reader, target.rel)
+                loaded_before = key in self._loaded
+                if len(self._loaded) > 10_000:
+                    self._loaded.clear()
+                self._loaded.add(key)
+        if not read_moves_view(pinned, program, loaded_before):
+            return False
+        agent = self.agent(agent)
+        with self.registry.write() as tx:
+            tx.put_view(agent, target.rel, version, time.time())
+        return True
+
+    def unlink_symlink(self, target: Target) -> None:
+        """Remove a symlink itself (unlink(2)); links carry no versions, so this is no commit."""
+        os.unlink(target.abs)
+
+    def forget(self, agent: str, target: Target) -> None:
+        with self.registry.write() as tx:
+            tx.drop_view(agent, target.rel)
+
+    def clear_fence(self, agent: str, target: Target) -> None:
+        with self._decision() as tx:
+            tx.drop_fence(agent, target.rel)

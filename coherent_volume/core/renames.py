@@ -1,0 +1,193 @@
+"""Renames and links: a rename is a write of every managed path whose content it changes, all
+decided in one step; links that would let writes reach managed bytes past the protocol are refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+import time
+from dataclasses import dataclass
+
+from .. import atomic
+from ..errors import (
+    InvalidPath,
+    LinkRefused,
+    StaleWriteError,
+)
+from ..fingerprint import hash_path
+from ..paths import Target, printable
+from ..protocol import (
+    Intent,
+    current_version,
+)
+from .writes import Writes
+
+
+def _rename_types_fit(src: Target, dst: Target, exchange: bool) -> None:
+    """rename(2)'s own type errors, raised before any check so that they never reach recovery."""
+    if exchange or not os.path.lexists(dst.abs) or not os.path.lexists(src.abs):
+        return
+    src_dir, dst_dir = (
+        os.path.isdir(src.abs) and not os.path.islink(src.abs),
+        os.path.isdir(dst.abs) and not os.path.islink(dst.abs),
+    )
+    if dst_dir and not src_dir:
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", dst.rel)
+    if src_dir and not dst_dir:
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", dst.rel)
+    if dst_dir and os.listdir(dst.abs):
+        raise OSError(errno.ENOTEMPTY, "Directory not empty", dst.rel)
+
+
+@dataclass
+class _Tree:
+    """What a rename moves from one side: regular files (rel -> abs), symlinks, multiply linked files."""
+
+    files: dict[str, str]
+    symlinks: list[str]
+    linked: list[str]
+
+    def add(self, rel: str, path: str, st: os.stat_result) -> None:
+        if stat_mod.S_ISLNK(st.st_mode):
+            self.symlinks.append(rel)
+        elif stat_mod.S_ISREG(st.st_mode):
+            self.files[rel] = path
+            if st.st_nlink > 1:
+                self.linked.append(rel)
+
+
+class Renames(Writes):
+    # ---- renames --------------------------------------------------------------------
+
+    def _may_hold_managed(self, target: Target) -> bool:
+        """Whether `target` is, or (as a directory) may hold, a managed path."""
+        return target.managed or self.paths.globs.may_match_below(target.rel)
+
+    def rename_is_checked(self, src: Target, dst: Target) -> bool:
+        """Whether renaming `src` over `dst` can change a managed path (then `rename` must check it);
+        a False answer lets a face rename directly."""
+        return self._may_hold_managed(src) or self._may_hold_managed(dst)
+
+    def _tree(self, target: Target) -> _Tree:
+        """What renaming `target` moves: every regular file at or below it, and every symlink."""
+        tree = _Tree({}, [], [])
+        try:
+            st = os.lstat(target.abs)
+        except FileNotFoundError:
+            return tree
+        if not stat_mod.S_ISDIR(st.st_mode):
+            tree.add(target.rel, target.abs, st)
+            return tree
+        for directory, dirs, files in os.walk(target.abs):
+            for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
+                path = os.path.join(directory, name)
+                tree.add(self.paths.rel_of(path), path, os.lstat(path))
+        return tree
+
+    def _refuse_unprotectable(self, moving: _Tree, src: Target, dst: Target) -> None:
+        """Nothing may arrive at a name that is (or may hold) a managed path unless the protocol can
+        guard it there: no symlink (the kernel would follow it past the protocol), no file with
+        another hard link (a write through the other name would reach it), no name the registry
+        cannot record (not UTF-8)."""
+        for rel in moving.symlinks:
+            if self._may_hold_managed(self.paths.of_rel(dst.rel + rel[len(src.rel) :])):
+                raise LinkRefused(
+                    f"{rel!r} is a symlink: it cannot be moved to {dst.rel!r}, inside a managed glob; "
+                    "move the files it points to instead"
+                )
+        for rel in moving.linked:
+            if self.paths.managed(dst.rel + rel[len(src.rel) :]):
+                raise LinkRefused(
+                    f"{rel!r} has another hard link: it cannot be moved into a managed glob; copy it instead"
+                )
+        for rel in moving.files:
+            new = dst.rel + rel[len(src.rel) :]
+            if self.paths.managed(new):
+                try:
+                    new.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidPath(
+                        f"{printable(new)!r} is not valid UTF-8: a volume records its paths as UTF-8, so a file "
+                        "cannot be moved there"
+                    ) from None
+
+    def rename(
+        self,
+        agent: str,
+        src: Target,
+        dst: Target,
+        *,
+        exchange: bool = False,
+        noreplace: bool = False,
+    ) -> None:
+        """Rename `src` (a file or a whole directory) over `dst` as one checked commit of every managed
+        path whose content it changes. Like rename(2), not made durable: a program that needs the
+        new names to survive a power loss fsyncs the directories.
+
+        A rename deletes every file at its old name and creates it at its new one (with `exchange`,
+        in both directions): each managed path that loses or changes content is a write that needs
+        the agent's current view, each that gains content a creation, all decided in one
+        commit-locked step, so a refusal of any of them renames nothing."""
+        if not self.rename_is_checked(src, dst):
+            atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
+            return
+        agent = self.agent(agent)
+        _rename_types_fit(src, dst, exchange)
+        with self.registry.commit_lock():
+            with self._decision() as tx:
+                now = time.time()
+                if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
+                    missing = src if not os.path.lexists(src.abs) else dst
+                    raise FileNotFoundError(2, "No such file or directory", missing.rel)
+                moving, other = self._tree(src), self._tree(dst)
+                self._refuse_unprotectable(moving, src, dst)
+                if exchange:
+                    self._refuse_unprotectable(other, dst, src)
+                before = {**moving.files, **other.files}
+                after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
+                if exchange:
+                    after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
+                plan: list[tuple[Target, int, str | None, int | None]] = []
+                refusal: StaleWriteError | None = None
+                for rel in sorted(set(before) | set(after)):
+                    target = self.paths.of_rel(rel)
+                    if not target.managed or before.get(rel) == after.get(rel):
+                        continue
+                    digest = hash_path(after[rel]) if rel in after else None
+                    record, check, refusal = self._check(tx, agent, target, now, "file")
+                    if refusal is not None:
+                        break
+                    if (record is not None and record.present) or digest is not None:
+                        plan.append((target, current_version(record) + 1, digest, check.seen))
+                if refusal is None:
+                    for target, version, digest, _ in plan:
+                        tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
+            if refusal is not None:
+                raise refusal
+
+            self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace))
+            with self.registry.write() as tx:
+                for target, version, digest, seen in plan:
+                    self._finish(tx, agent, target, version, digest, seen)
+
+    def link(self, src: Target, dst: Target) -> None:
+        """Hard-link `src` as `dst`. Refused (LinkRefused) when either is a managed path: a commit
+        installs a new inode, and a write through another name would reach a managed file's bytes
+        past the protocol."""
+        for end in (src, dst):
+            if end.managed:
+                raise LinkRefused(
+                    f"{end.rel!r} is managed: hard links to or from managed files are not allowed; "
+                    "copy the file instead"
+                )
+        os.link(src.abs, dst.abs, follow_symlinks=False)
+
+    def symlink(self, value: str, at: Target) -> None:
+        """Create a symlink `at` -> `value`. Refused (LinkRefused) where managed paths may be: the
+        kernel would follow it to a file the protocol does not guard under that name."""
+        if self._may_hold_managed(at):
+            raise LinkRefused(
+                f"{at.rel!r} is inside a managed glob: symlinks cannot be created there; write a regular file instead"
+            )
+        os.symlink(value, at.abs)

@@ -1,0 +1,96 @@
+"""Agent sessions for integrations such as the Claude Code hooks: process bindings, views
+registered from what a model was shown, and commits a hook reports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..errors import (
+    StaleWriteError,
+)
+from ..fingerprint import content_hash, read_file
+from ..liveness import ProcessId
+from ..paths import Target
+from ..protocol import (
+    FileRecord,
+    current_version,
+)
+from .base import Isolation, disk_state
+from .writes import Writes
+
+
+class Sessions(Writes):
+    # ---- agent sessions (integrations such as Claude Code hooks) --------------------
+
+    def bind_session(self, agent: str, process: ProcessId, *, pinned: bool) -> None:
+        """Requests from `process` (and its descendants, on a mount) are `agent`'s. A pinned agent's
+        views move only through `observe` (what its model read) and its own commits."""
+        with self.registry.write() as tx:
+            tx.bind(agent, process, pinned, time.time())
+
+    def session_of(self, process: ProcessId) -> tuple[str, bool] | None:
+        """(agent, pinned) bound to `process`, if any."""
+        with self.registry.read() as tx:
+            return tx.bound_agent(process)
+
+    def end_session(self, agent: str) -> None:
+        """Release every grant `agent` holds and forget its process binding."""
+        with self._decision() as tx:
+            now = time.time()
+            for grant in tx.grants_of(agent):
+                tx.drop_grant(grant.path)
+                tx.log("release", grant.path, agent, now, detail="session ended")
+            tx.unbind(agent)
+
+    def observe(self, agent: str, target: Target, saw: Callable[[bytes], bool]) -> int | None:
+        """Register `agent`'s view at the current version if `saw(current content)` confirms that is
+        what the agent was shown; return that version, or None (views unchanged) if it was not."""
+        with self._decision() as tx:
+            try:
+                data, fp = read_file(target.abs)
+            except FileNotFoundError:
+                return None
+            record = self._sync(tx, target, tx.file(target.rel), (fp, content_hash(data)))
+            if record is None or not saw(data):
+                return None
+            tx.put_view(agent, target.rel, record.version, time.time())
+            return record.version
+
+    def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
+        """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
+        with self._decision() as tx:
+            _, _, refusal = self._check(tx, agent, target, time.time(), isolation)
+        return refusal
+
+    def adopt(self, agent: str, target: Target) -> int:
+        """Record the file's content, written by `agent` itself outside the volume (a hook reporting
+        its own write), as `agent`'s commit. If that write was not based on the current version it
+        overwrote a commit: that is logged as a clobber, never hidden."""
+        with self._decision() as tx:
+            record = tx.file(target.rel)
+            fp, digest = disk_state(target, None)
+            now = time.time()
+            version = current_version(record)
+            present = fp is not None
+            if (record is not None and record.present == present and record.hash == digest) or (
+                record is None and not present
+            ):
+                if record is not None:
+                    tx.put_view(agent, target.rel, version, now)
+                return version
+            seen = tx.view(agent, target.rel)
+            if record is not None and record.present and seen != version:
+                tx.log(
+                    "clobber",
+                    target.rel,
+                    agent,
+                    now,
+                    seen_version=seen,
+                    version=version,
+                    detail=f"{agent} wrote over v{version} by {record.writer} without having read it",
+                )
+            tx.put_file(FileRecord(target.rel, version + 1, present, digest, fp, agent, now, time.time_ns()))
+            tx.put_view(agent, target.rel, version + 1, now)
+            tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version + 1)
+            return version + 1

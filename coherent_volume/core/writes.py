@@ -1,0 +1,437 @@
+"""Checked writes: every commit, creation and handle grant is decided under the commit lock,
+recorded as an intent before it touches the disk, and logged when refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import atomic
+from ..edits import Edits
+from ..errors import (
+    CasConflict,
+    Reason,
+    RegistryError,
+    StaleWriteError,
+    UnprotectedAlias,
+)
+from ..fingerprint import fingerprint_path
+from ..liveness import ProcessId
+from ..paths import Target
+from ..protocol import (
+    FileRecord,
+    Grant,
+    HandleKind,
+    Intent,
+    ViewState,
+    WriteCheck,
+    current_version,
+    decide_write,
+    is_noop,
+    may_replay,
+    view_moves,
+    view_state,
+)
+from ..registry import Transaction
+from .base import EMPTY_HASH, Isolation
+from .reads import Reads
+
+HANDLE_GRANT_TTL = 24 * 3600.0
+"""Grants taken for open write handles end at release, or when the process owning them dies."""
+
+
+@dataclass
+class HandleCommit:
+    """What an open handle's commit brings besides its content: its kind, the grant it writes under
+    and its edits since its last commit."""
+
+    kind: HandleKind
+    grant: Grant | None
+    """The grant the handle writes under until this commit ends its use of it (`CoreBase._end`)."""
+    edits: Edits
+    unlinked: bool = False
+    """The handle's file was unlinked since (by its own agent: the grant keeps others out). As on a
+    local disk, what is written to an unlinked file is kept by no name: the commit is dropped."""
+
+
+def _detail(check: WriteCheck, reason: Reason) -> str | None:
+    """What a refusal's log line adds to its reason."""
+    if reason == "held":
+        own = check.holder == check.agent
+        return f"holder={check.holder}" + (" (another open write handle of this agent)" if own else "")
+    return ",".join(check.changed_read_set) or None
+
+
+class Writes(Reads):
+    # ---- writes ---------------------------------------------------------------------
+
+    def _decide(
+        self,
+        tx: Transaction,
+        agent: str,
+        target: Target,
+        now: float,
+        isolation: Isolation,
+        expected: int | None = None,
+        kind: HandleKind | None = None,
+    ) -> tuple[FileRecord | None, WriteCheck, Reason | None]:
+        """Sync `target` with the disk and decide whether `agent` may write it (nothing logged).
+        `kind`: opening a write handle of that kind."""
+        record = self._sync(tx, target, tx.file(target.rel))
+        grant = self._holder(tx, target.rel, now)
+        # handles whose file is gone hold nothing there: a new file at its name is not theirs
+        open_kinds = self._open_kinds(grant, agent) if record is not None and record.present else None
+        check = WriteCheck(
+            agent=agent,
+            current=record,
+            seen=tx.view(agent, target.rel),
+            holder=grant.agent if grant else None,
+            fenced=tx.fenced(agent, target.rel),
+            changed_read_set=self._changed_read_set(tx, agent, target.rel) if isolation == "read-set" else (),
+            expected=expected,
+            kind=kind,
+            open_kinds=open_kinds,
+        )
+        return record, check, decide_write(check)
+
+    @staticmethod
+    def _refusal(tx: Transaction, target: Target, check: WriteCheck, reason: Reason, now: float) -> StaleWriteError:
+        """Log a refusal (every refusal is logged, so `why` can explain it) and build its error."""
+        record = check.current
+        version = current_version(record)
+        tx.log(
+            "refusal",
+            target.rel,
+            check.agent,
+            now,
+            reason=reason,
+            seen_version=check.seen,
+            version=version,
+            detail=_detail(check, reason),
+        )
+        holder = check.holder if reason == "held" else None
+        writer = record.writer if record else None
+        if check.expected is not None:
+            return CasConflict(
+                target.rel,
+                check.agent,
+                reason,
+                check.seen,
+                version,
+                writer,
+                holder=holder,
+                changed=check.changed_read_set,
+                expected_version=check.expected,
+            )
+        return StaleWriteError(
+            target.rel, check.agent, reason, check.seen, version, writer, holder=holder, changed=check.changed_read_set
+        )
+
+    def _check(
+        self,
+        tx: Transaction,
+        agent: str,
+        target: Target,
+        now: float,
+        isolation: Isolation,
+        expected: int | None = None,
+    ) -> tuple[FileRecord | None, WriteCheck, StaleWriteError | None]:
+        """`_decide`, with any refusal logged and built."""
+        record, check, reason = self._decide(tx, agent, target, now, isolation, expected)
+        return record, check, None if reason is None else self._refusal(tx, target, check, reason, now)
+
+    def commit(
+        self,
+        agent: str,
+        target: Target,
+        content: bytes | atomic.Staged | None,
+        *,
+        isolation: Isolation = "file",
+        expected: int | None = None,
+        handle: HandleCommit | None = None,
+    ) -> int:
+        """Install `content` (bytes, or content already staged beside the target; None deletes) if the
+        protocol accepts it; return the new version. Staged content is consumed.
+
+        Unmanaged paths are written atomically with no checks and report version 0. A refusal
+        raises StaleWriteError (CasConflict when `expected` is given) and changes no file. An open
+        handle's commit (`handle`) may append its bytes to a newer version (`protocol.may_replay`),
+        is dropped when its file was unlinked, and ends its share of the handle's grant in its last
+        transaction."""
+        if target.alias_of is not None:
+            raise UnprotectedAlias(target.alias_of, target.rel)
+        if target.managed:
+            agent = self.agent(agent)
+        if os.path.isdir(target.abs) and not os.path.islink(target.abs):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", target.rel)
+        if target.managed and isinstance(content, bytes) and self._doomed(agent, target, expected):
+            self._refuse_if_still_refused(agent, target, isolation, expected)
+        staged = atomic.stage(target.abs, content) if isinstance(content, bytes) else content
+        try:
+            if not target.managed:
+                if staged is None:
+                    atomic.remove(target.abs)
+                else:
+                    staged.install()
+                return 0
+            with self.registry.commit_lock():
+                return self._commit_locked(agent, target, staged, isolation, expected, handle)
+        finally:
+            if staged is not None:
+                staged.discard()
+
+    def _doomed(self, agent: str, target: Target, expected: int | None) -> bool:
+        """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync)."""
+        record, seen = self.registry.peek(target.rel, agent)
+        version = current_version(record)
+        if expected is not None:
+            return expected != version
+        return record is not None and record.present and seen != version
+
+    def _refuse_if_still_refused(self, agent: str, target: Target, isolation: Isolation, expected: int | None) -> None:
+        """Decide under the commit lock; raise (and log) the refusal, or return if the write may go ahead."""
+        with self.registry.commit_lock():
+            with self._decision() as tx:
+                _, _, refusal = self._check(tx, agent, target, time.time(), isolation, expected)
+            if refusal is not None:
+                raise refusal
+
+    def _commit_locked(
+        self,
+        agent: str,
+        target: Target,
+        staged: atomic.Staged | None,
+        isolation: Isolation,
+        expected: int | None,
+        handle: HandleCommit | None,
+        opening: HandleKind | None = None,
+    ) -> int:
+        """`commit` under the commit lock. `opening`: the write acts like opening a handle of that
+        kind (a truncate by name), so the agent's own open write handles are respected."""
+        rel = target.rel
+        replayed: atomic.Staged | None = None
+        try:
+            with self._decision() as tx:
+                now = time.time()
+                record, check, reason = self._decide(tx, agent, target, now, isolation, expected, opening)
+                version = current_version(record)
+                if handle is not None and handle.unlinked:
+                    if handle.grant is not None:
+                        self._end(tx, handle.grant, handle.kind)
+                    return version
+                appended_from = handle.edits.appended_from if handle is not None else None
+                if (
+                    handle is not None
+                    and staged is not None
+                    and staged.fd is not None
+                    and appended_from is not None
+                    and may_replay(check, reason, handle.edits.appends_only)
+                ):
+                    staged = replayed = atomic.stage_appended(target.abs, staged.fd, appended_from)
+                    reason = None
+                refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
+                based_on_view = handle is None or handle.kind == "write"
+                moves_view = view_moves(check, based_on_view, replayed is not None)
+                exists = record is not None and record.present
+                if refusal is None and is_noop(record, staged.hash if staged is not None else None):
+                    if moves_view:
+                        tx.put_view(agent, rel, version, now)  # no new version, nobody invalidated
+                    if handle is not None and handle.grant is not None:
+                        self._end(tx, handle.grant, handle.kind)
+                    return version
+                if refusal is None and (staged is not None or exists):
+                    tx.put_intent(
+                        Intent(
+                            rel,
+                            agent,
+                            version + 1,
+                            staged is not None,
+                            staged.hash if staged else None,
+                            staged.plan_name() if staged else None,
+                        )
+                    )
+            if refusal is not None:
+                raise refusal
+            if staged is None and not exists:
+                raise FileNotFoundError(2, "No such file or directory", rel)
+            self._install(lambda: staged.install() if staged is not None else atomic.remove(target.abs))
+            try:
+                with self.registry.write() as tx:
+                    self._finish(
+                        tx, agent, target, version + 1, staged.hash if staged else None, check.seen, moves_view
+                    )
+                    if handle is not None and handle.grant is not None:
+                        self._end(tx, handle.grant, handle.kind)
+            except RegistryError as e:
+                raise RegistryError(
+                    f"{rel}: the change is on disk, but the registry could not record it ({e}); "
+                    "it will be recorded as a change by 'external' at the next access",
+                    e.errno,
+                ) from e
+            return version + 1
+        finally:
+            if replayed is not None:
+                replayed.discard()
+
+    def _install(self, action: Callable[[], None]) -> None:
+        """Run the disk half of a commit whose intents are recorded; on failure let recovery decide."""
+        try:
+            action()
+        except BaseException:
+            with self._decision():
+                pass  # recovery completes or abandons the intents
+            raise
+
+    def _finish(
+        self,
+        tx: Transaction,
+        agent: str,
+        target: Target,
+        version: int,
+        digest: str | None,
+        seen: int | None,
+        moves_view: bool = True,
+    ) -> None:
+        """Record an installed commit: new version, the writer's view current where it knew the
+        content (`protocol.view_moves`), intent done."""
+        now = time.time()
+        present = digest is not None
+        tx.put_file(
+            FileRecord(
+                target.rel,
+                version,
+                present,
+                digest,
+                fingerprint_path(target.abs) if present else None,
+                agent,
+                now,
+                time.time_ns(),
+            )
+        )
+        if moves_view:
+            tx.put_view(agent, target.rel, version, now)
+        tx.drop_intent(target.rel)
+        tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version)
+
+    def create(self, agent: str, target: Target, mode: int, owner: ProcessId, kind: HandleKind) -> tuple[Grant, int]:
+        """Create `target` empty with `mode` (exclusive: FileExistsError if it exists) as a checked commit,
+        and take `agent`'s write grant for the handle that created it, as `begin_write` does:
+        (grant, version).
+
+        Creating a new path needs no prior read, but a view that predates the path's deletion is stale."""
+        self._require_managed(target, "create")
+        agent = self.agent(agent)
+        with self.registry.commit_lock():
+            with self._decision() as tx:
+                now = time.time()
+                record, check, reason = self._decide(tx, agent, target, now, "file", kind=kind)
+                if record is not None and record.present:
+                    raise FileExistsError(errno.EEXIST, "File exists", target.rel)
+                refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
+                if refusal is None:
+                    version = current_version(record) + 1
+                    tx.put_intent(Intent(target.rel, agent, version, True, EMPTY_HASH, None))
+            if refusal is not None:
+                raise refusal
+            self._install(
+                lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
+            )
+            with self.registry.write() as tx:
+                self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
+                grant = self._share(tx, agent, target, owner, time.time() + HANDLE_GRANT_TTL)
+            self._count_share(grant, kind)
+            return grant, version
+
+    def truncate(self, agent: str, target: Target, size: int) -> int:
+        """truncate(2) of a managed file by name: a checked commit of its content cut or zero-extended
+        to `size`, built from the current content under the commit lock (no copy in memory). Like
+        opening a write handle, it waits for the agent's own open write handles (`held`)."""
+        self._require_managed(target, "truncate")
+        agent = self.agent(agent)
+        with self.registry.commit_lock():
+            staged = atomic.stage_resized(target.abs, size)
+            try:
+                return self._commit_locked(agent, target, staged, "file", None, None, opening="write")
+            finally:
+                staged.discard()
+
+    def view_state(self, agent: str, target: Target) -> tuple[int, ViewState]:
+        """(current version, 'fresh' | 'stale' | 'unread') of a managed path for `agent`."""
+        version = self.version(target)
+        with self.registry.read() as tx:
+            seen = tx.view(agent, target.rel)
+        return version, view_state(seen, version)
+
+    # ---- grants ---------------------------------------------------------------------
+
+    def acquire(self, agent: str, target: Target, ttl: float, owner: ProcessId) -> Grant:
+        """Take the write grant on `target` for `agent`; StaleWriteError('held') (logged) while another
+        grant is live."""
+        self._require_managed(target, "lock")
+        agent = self.agent(agent)
+        with self._decision() as tx:
+            now = time.time()
+            held = self._holder(tx, target.rel, now)
+            if held is None:
+                grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl)
+                tx.put_grant(grant)
+                tx.drop_fence(agent, target.rel)
+                tx.log("grant", target.rel, agent, now, detail=f"ttl={ttl:g}s pid={owner.pid}")
+                return grant
+            record, seen = tx.file_and_view(target.rel, agent)
+            check = WriteCheck(agent=agent, current=record, seen=seen, holder=held.agent, fenced=False)
+            refusal = self._refusal(tx, target, check, "held", now)
+        raise refusal
+
+    def begin_write(
+        self,
+        agent: str,
+        target: Target,
+        owner: ProcessId,
+        *,
+        kind: HandleKind,
+        expected: int | None = None,
+        after_appending: bool = False,
+        ttl: float = HANDLE_GRANT_TTL,
+    ) -> tuple[Grant, int]:
+        """Check that `agent` may open a write handle of `kind` on `target` now, and take a share of
+        its write grant for it (`protocol.decide_write`: opening to append needs no view; appends
+        share, any other write handle is alone).
+
+        A handle that writes again after its commit passes the version it committed (`expected`),
+        which must still be current unless it appends. One that only appended and now does more
+        (an ftruncate) ends its append share first and passes `after_appending` and its base as
+        `expected`: it was opened without a view, so it needs both a current view and that base.
+
+        Returns (grant, version): the grant the handle writes under, which it passes to its commit
+        and to `release` with its kind, and the version it starts from. Refusals raise
+        StaleWriteError."""
+        self._require_managed(target, "begin_write")
+        agent = self.agent(agent)
+        with self.registry.commit_lock():
+            with self._decision() as tx:
+                now = time.time()
+                cas = expected if kind == "write" and not after_appending else None
+                record, check, reason = self._decide(tx, agent, target, now, "file", cas, kind)
+                if reason is None and after_appending and expected != current_version(record):
+                    reason = "stale"  # its content so far is based on a version that is no longer current
+                refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
+                if refusal is None:
+                    grant = self._share(tx, agent, target, owner, now + ttl)
+            if refusal is not None:
+                raise refusal
+            self._count_share(grant, kind)
+            return grant, current_version(record) if expected is None else expected
+
+    def release(self, grant: Grant, kind: HandleKind | None = None, *, log: bool = True) -> bool:
+        """End a handle's use (of `kind`) of `grant`, or with no kind release the grant itself, if it
+        is still in force (`CoreBase._end`); False if it was reclaimed meanwhile."""
+        with self._decision() as tx:
+            ended = self._end(tx, grant, kind)
+            if ended and log:
+                tx.log("release", grant.path, grant.agent, time.time())
+            return ended

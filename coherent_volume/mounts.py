@@ -1,0 +1,37 @@
+"""The kernel's table of mounted volumes, read from /proc (no FUSE import: hooks and the CLI use it)."""
+
+from __future__ import annotations
+
+import re
+
+FSTYPE = "fuse.coherent"
+"""The file system type of a mounted volume (`subtype=coherent`)."""
+
+
+def unescape(field: str) -> str:
+    """Undo /proc's octal escapes (space, tab, newline, backslash) in a mount path."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def fuse_mounts(fstype: str | None = FSTYPE) -> dict[str, str]:
+    """Mountpoint -> source of every mount of type `fstype` (every FUSE mount when None) in this
+    process's mount namespace; for our volumes the source is the volume root."""
+    out: dict[str, str] = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, mountpoint, kind = line.split()[:3]
+            if kind == fstype or (fstype is None and kind.startswith("fuse")):
+                out[unescape(mountpoint)] = unescape(source)
+    return out
+
+
+def device_of(mountpoint: str) -> str | None:
+    """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
+    from the mount itself, which cannot answer before its daemon serves)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if unescape(fields[4]) == mountpoint:
+                found = fields[2]
+    return found

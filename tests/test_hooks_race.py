@@ -1,0 +1,106 @@
+"""Two Claude Code sessions racing on one file through the hooks alone (no mount): no lost update.
+
+Each session is a real process that runs the real `coherent-volume hook claude-code` command as
+its child for every event, in the order Claude Code sends them: the Read tool reads the file,
+PostToolUse Read; PreToolUse Write; if denied, read again and retry; else the tool writes the
+file in the plain directory (temp file + rename, as Claude Code's Write tool does) and
+PostToolUse Write. PreToolUse takes the session's write grant and PostToolUse releases it, so
+check and write are one step between hooked sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coherent_volume import CoherentVolume
+
+CLI = str(Path(sys.executable).parent / "coherent-volume")
+P = "plans/counter.md"
+CYCLES = 12
+"""Per session. Each cycle is at least three hook processes (~0.15 s each on an idle machine)."""
+
+SESSION = r"""
+import json, os, random, subprocess, sys, time
+cli, root, session, cycles, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+denials, slowest = {}, 0.0
+
+def hook(name, tool, response=None):
+    global slowest
+    event = {"session_id": session, "transcript_path": f"/tmp/{session}.jsonl", "cwd": root,
+             "hook_event_name": name, "tool_name": tool, "tool_input": {"file_path": path}}
+    if response is not None:
+        event["tool_response"] = response
+    started = time.monotonic()
+    r = subprocess.run([cli, "hook", "claude-code"], input=json.dumps(event), capture_output=True, text=True,
+                       timeout=60)
+    slowest = max(slowest, time.monotonic() - started)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout) if r.stdout.strip() else {}
+
+def read():
+    # the Read tool, then PostToolUse Read with what it showed the model
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")
+    hook("PostToolUse", "Read", {"type": "text", "file": {"filePath": path, "content": text,
+         "numLines": len(lines), "startLine": 1, "totalLines": len(lines)}})
+    return int(text.split()[0])
+
+for _ in range(cycles):
+    value = read()
+    while True:
+        out = hook("PreToolUse", "Write").get("hookSpecificOutput", {})
+        if out.get("permissionDecision") != "deny":
+            break
+        reason = out["permissionDecisionReason"].split("(", 1)[1].split(")", 1)[0]
+        denials[reason] = denials.get(reason, 0) + 1
+        time.sleep(random.uniform(0, 0.05))
+        value = read()
+    time.sleep(0.03)  # Claude Code between the PreToolUse answer and the tool's write (permission step, tool start)
+    tmp = f"{path}.tmp.{os.getpid()}"  # Claude Code's Write tool: temp file beside the target, rename
+    with open(tmp, "w") as f:
+        f.write(f"{value + 1}\n")
+    os.replace(tmp, path)
+    hook("PostToolUse", "Write", {"type": "update", "filePath": path})
+print(json.dumps({"denials": denials, "slowest_hook": slowest}), flush=True)
+"""
+
+
+def test_two_hooked_sessions_lose_no_update(root: Path) -> None:
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "0\n")
+    started = time.monotonic()
+    sessions = [
+        subprocess.Popen(
+            [sys.executable, "-c", SESSION, CLI, str(root), f"racer{i}", str(CYCLES), str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 2)
+    ]
+    results = []
+    for s in sessions:
+        out, err = s.communicate(timeout=300)
+        assert s.returncode == 0, err
+        results.append(json.loads(out))
+    elapsed = time.monotonic() - started
+    print(f"{2 * CYCLES} cycles in {elapsed:.1f} s; {results}")
+
+    assert int(target.read_text()) == 2 * CYCLES, "every increment survives: no lost update"
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.version(P) == 1 + 2 * CYCLES, "each cycle is exactly one version"
+    log = subprocess.run([CLI, "log", str(root), "--json", "-n", "100000"], capture_output=True, text=True, check=True)
+    events = [json.loads(line) for line in log.stdout.splitlines()]
+    assert not [e for e in events if e["kind"] == "clobber"], "no write went over a version its writer had not read"
+    assert not [e for e in events if e["kind"] == "refusal" and e["reason"] not in ("held", "stale", "unread")]
+    with CoherentVolume(root, agent="observer") as v:
+        status = json.loads(
+            subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True, check=True).stdout
+        )
+    assert all(f["holder"] is None for f in status["files"]), "every grant a PreToolUse took was released"

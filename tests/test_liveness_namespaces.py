@@ -1,0 +1,191 @@
+"""Grants across PID namespaces: a pid means nothing outside its namespace, so only the TTL
+ends a grant held from another one.
+
+Real `unshare --pid --fork --mount-proc` (root only), real kill -9. Every wait is bounded;
+each namespace ends with the process that is its init, which every test kills and reaps.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+import pytest
+
+from coherent_volume import CoherentVolume, StaleWriteError
+from coherent_volume.liveness import ProcessId, current_process, host_id
+
+from .conftest import REPO
+
+P = "plans/plan.md"
+
+
+def _unshare_works() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, check=False, timeout=30
+            ).returncode
+            == 0
+        )
+    except subprocess.TimeoutExpired:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _unshare_works(), reason="needs root and unshare --pid --fork --mount-proc")
+
+
+class Namespaced:
+    """`python -c code args` as pid 1 of a new PID namespace (and mount namespace with its own /proc).
+
+    --kill-child: if `unshare` dies, so does the namespace. `kill()` SIGKILLs the namespace's
+    init from here (which ends every process in the namespace) and reaps `unshare`."""
+
+    def __init__(self, code: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", code, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def line(self, timeout: float = 30) -> str:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line from the namespaced process within {timeout} s") from None
+        if line is None:
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"the namespaced process ended early: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        return line
+
+    def init_pid(self) -> int:
+        """Host pid of the namespace's init (the only child of `unshare`)."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        assert len(children) == 1, children
+        return children[0]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.init_pid(), signal.SIGKILL)
+            except (AssertionError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def test_host_identity_differs_across_pid_namespaces() -> None:
+    with Namespaced(
+        "from coherent_volume.liveness import current_process as c; p = c(); print(p.host, p.pid, p.start)"
+    ) as ns:
+        host, pid, start = ns.line().rsplit(" ", 2)
+        assert ns.proc.wait(timeout=30) == 0
+    assert int(pid) == 1
+    assert host != host_id()
+    assert ProcessId(host, int(pid), int(start)).alive() is None, "a pid of another namespace cannot be checked here"
+    assert current_process().alive() is True
+
+
+NAMESPACED_HOLDER = r"""
+import os, sys, time
+from coherent_volume import CoherentVolume
+root, go, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3])
+v = CoherentVolume(root, agent="inside")
+with v.lock("plans/plan.md", ttl=ttl) as grant:
+    data = v.read("plans/plan.md")
+    print("locked", grant.expires_at, flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("wrote", v.write("plans/plan.md", data + b" + the holder's change"), flush=True)
+"""
+
+
+def test_a_grant_held_inside_a_pid_namespace_holds_against_the_host(root: Path, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write(P, b"base")
+        with Namespaced(NAMESPACED_HOLDER, str(root), str(go), "3600") as holder:
+            assert holder.line().startswith("locked ")
+            with pytest.raises(StaleWriteError) as refused:
+                bob.write(P, b"bob, while the namespaced holder holds it")
+            assert refused.value.reason == "held" and refused.value.holder == "inside"
+            go.touch()
+            assert holder.line() == "wrote 2", "the holder kept its grant: it was not fenced"
+            assert holder.proc.wait(timeout=30) == 0
+        assert (root / P).read_bytes() == b"base + the holder's change"
+
+
+NAMESPACED_WRITER = r"""
+import sys
+from coherent_volume import CoherentVolume, StaleWriteError
+v = CoherentVolume(sys.argv[1], agent="inside")
+v.read("plans/plan.md")
+try:
+    print("written", v.write("plans/plan.md", b"the namespaced intruder"), flush=True)
+except StaleWriteError as e:
+    print(e.reason, e.holder, flush=True)
+"""
+
+
+def test_a_grant_held_on_the_host_holds_against_a_pid_namespace(root: Path) -> None:
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write(P, b"base")
+        with bob.lock(P, ttl=3600):
+            with Namespaced(NAMESPACED_WRITER, str(root)) as intruder:
+                assert intruder.line() == "held bob"
+                assert intruder.proc.wait(timeout=30) == 0
+            assert bob.write(P, b"bob still holds it") == 2
+        assert (root / P).read_bytes() == b"bob still holds it"
+
+
+def test_a_killed_holder_in_another_namespace_is_reclaimed_only_at_its_ttl(root: Path, tmp_path: Path) -> None:
+    ttl = 4.0
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write(P, b"base")
+        with Namespaced(NAMESPACED_HOLDER, str(root), str(tmp_path / "never"), str(ttl)) as holder:
+            expires_at = float(holder.line().split()[1])
+            holder.kill()
+        assert time.time() < expires_at - 0.5, "the holder took too long to die for this test to mean anything"
+        with pytest.raises(StaleWriteError) as refused:
+            bob.write(P, b"bob, right after the holder died")
+        assert refused.value.reason == "held"
+        deadline = time.monotonic() + ttl + 10
+        while True:
+            try:
+                assert bob.write(P, b"bob, once the grant expired") == 2
+                break
+            except StaleWriteError as e:
+                assert e.reason == "held" and time.monotonic() < deadline, e
+                time.sleep(0.05)
+        assert time.time() >= expires_at, "the grant was reclaimed before its TTL"

@@ -1,0 +1,105 @@
+"""The mount as an ordinary directory: POSIX behaviour the conformance findings named, checked
+against what a plain directory does with the same calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .harness.mounts import Mount
+
+
+def both(m: Mount, tmp_path: Path, code: str) -> tuple[str, str]:
+    """Run `code` with a plain directory and with the mount as working directory; both outputs."""
+    plain = tmp_path / "plain"
+    plain.mkdir(exist_ok=True)
+    (plain / "plans").mkdir(exist_ok=True)
+    out = []
+    for where in (plain, m.path):
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
+        assert r.returncode == 0, (where, r.stderr)
+        out.append(r.stdout)
+    return out[0], out[1]
+
+
+def test_an_unlinked_open_file_keeps_working_in_both_areas(mounted: Mount, tmp_path: Path) -> None:
+    code = """
+import os, tempfile
+for d in (".", "plans"):
+    f = tempfile.TemporaryFile(dir=d)
+    f.write(b"x" * 10); f.seek(0)
+    print(d, f.read(), os.fstat(f.fileno()).st_size)
+    os.ftruncate(f.fileno(), 3); os.fchmod(f.fileno(), 0o600)
+    print(os.fstat(f.fileno()).st_size)
+    f.close()
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain
+
+
+def test_modes_are_the_callers_not_masked_twice_and_set_id_bits_survive(mounted: Mount, tmp_path: Path) -> None:
+    code = """
+import os, stat
+os.umask(0)
+os.mkdir("d", 0o777); os.mkdir("plans/d", 0o777)
+print(oct(stat.S_IMODE(os.stat("d").st_mode)), oct(stat.S_IMODE(os.stat("plans/d").st_mode)))
+os.mkdir("g", 0o2775)
+print(oct(stat.S_IMODE(os.stat("g").st_mode)))
+fd = os.open("f", os.O_CREAT | os.O_WRONLY, 0o666); os.close(fd)
+print(oct(stat.S_IMODE(os.stat("f").st_mode)))
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain
+
+
+def test_an_open_handle_cannot_steer_the_daemon_outside_the_volume(mounted: Mount, tmp_path: Path) -> None:
+    """Swap a backing directory for a symlink to outside while a file in it is open through the
+    mount: a chmod by path must not follow it out; one through the handle acts on the open file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "f.txt"
+    victim.write_text("secret\n")
+    os.chmod(victim, 0o644)
+    (mounted.root / "d").mkdir()
+    (mounted.root / "d/f.txt").write_text("mine\n")
+    code = f"""
+import os
+fd = os.open("d/f.txt", os.O_RDWR)
+os.rename({str(mounted.root / "d")!r}, {str(mounted.root / "d.old")!r})
+os.symlink({str(outside)!r}, {str(mounted.root / "d")!r})
+os.fchmod(fd, 0o600)
+try:
+    os.chmod("d/f.txt", 0o600, follow_symlinks=False)
+except OSError as e:
+    print("by path:", e.errno)
+os.close(fd)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=mounted.path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert oct(victim.stat().st_mode & 0o777) == "0o644", "the daemon changed a file outside the volume"
+    assert oct((mounted.root / "d.old/f.txt").stat().st_mode & 0o777) == "0o600"
+
+
+def test_renaming_fifos_and_files_in_a_managed_directory_works_as_in_a_plain_one(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    code = """
+import os
+os.mkfifo("plans/p1"); os.rename("plans/p1", "plans/p2")
+with open("plans/f", "w") as f:
+    f.write("x")
+os.rename("plans/f", "plans/g")
+os.mkdir("plans/d"); open("plans/d/z", "w").write("y"); os.rename("plans/d", "plans/e")
+print(sorted(os.listdir("plans")), open("plans/g").read(), open("plans/e/z").read())
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain
