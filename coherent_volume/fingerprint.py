@@ -39,6 +39,10 @@ def fingerprint_path(path: str) -> Fingerprint | None:
     return Fingerprint.of(st) if stat_mod.S_ISREG(st.st_mode) else None
 
 
+READ_MAX = 0x7FFFF000
+"""The most one read(2) returns on Linux, whatever was asked."""
+
+
 def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
     """Read a whole regular file from `fd` (which this closes); the fingerprint is of that inode
     as it was opened.
@@ -52,13 +56,16 @@ def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
         if not stat_mod.S_ISREG(st.st_mode):
             raise OSError(22, "Not a regular file", name)
         chunks = []
-        want = st.st_size + 1  # a short read of a regular file is its end: no extra read to find EOF
+        total = 0
+        want = st.st_size + 1  # a short read past the stat size is the end: no extra read to find EOF
         while True:
-            chunk = os.read(fd, max(want, 65536))
+            asked = max(min(want, READ_MAX), 65536)
+            chunk = os.read(fd, asked)
             chunks.append(chunk)
-            if len(chunk) < max(want, 65536):
-                break
-            want = 65536
+            total += len(chunk)
+            if not chunk or (len(chunk) < asked and total >= st.st_size):
+                break  # one read returns at most READ_MAX bytes: a short read before the size is no end
+            want = max(st.st_size + 1 - total, 65536)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return data, Fingerprint.of(st)
     finally:

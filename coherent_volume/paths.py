@@ -195,5 +195,15 @@ class VolumePaths:
         return fd if fd >= 0 else None
 
     def of_rel(self, rel: str) -> Target:
-        """Target for a root-relative path that is already resolved (as stored in the registry)."""
-        return Target(rel, f"{self.root}/{rel}", self.managed(rel))
+        """Target for a root-relative path that is already resolved (as stored in the registry, or
+        as a mount names it). A managed path must be valid UTF-8: the registry records it as text."""
+        managed = self.managed(rel)
+        if managed and not rel.isascii():
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidPath(
+                    f"{printable(rel)!r} is not valid UTF-8: a volume records its managed paths as UTF-8, so it "
+                    "cannot protect a file of that name; choose a UTF-8 name"
+                ) from None
+        return Target(rel, f"{self.root}/{rel}", managed)

@@ -19,6 +19,7 @@ from coherent_volume import (
     StaleWriteError,
     VolumeConfigError,
 )
+from coherent_volume.errors import InvalidPath
 
 P = "plans/plan.md"
 
@@ -331,3 +332,21 @@ def test_str_data_and_type_errors(vols) -> None:
     assert alice.write(P, "héllo") == 1 and alice.read(P) == "héllo".encode()
     with pytest.raises(TypeError):
         alice.write(P, 42)  # type: ignore[arg-type]
+
+
+def test_a_file_larger_than_one_read_is_read_whole(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read(2) returns at most ~2 GiB however much is asked: a short read before the file's size is
+    no end of file. The limit is lowered here so that a small file shows it."""
+    from coherent_volume import fingerprint
+
+    monkeypatch.setattr(fingerprint, "READ_MAX", 4096)
+    data = bytes(range(256)) * 1000
+    (root / P).write_bytes(data)
+    with CoherentVolume(root, agent="alice") as vol:
+        assert vol.read(P) == data
+        assert vol.version(P) == 1
+
+
+def test_a_managed_name_that_is_not_utf8_is_a_clear_error(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as vol, pytest.raises(InvalidPath, match="UTF-8"):
+        vol._core.paths.of_rel("plans/\udcff.md")
