@@ -103,3 +103,20 @@ print(sorted(os.listdir("plans")), open("plans/g").read(), open("plans/e/z").rea
 """
     plain, mount = both(mounted, tmp_path, code)
     assert mount == plain
+
+
+def test_a_refused_rename_leaves_nothing_that_wedges_the_volume(mounted: Mount) -> None:
+    """The conformance finding: a refused rename, then a symlink at its target name, made every
+    later managed write fail with EIO, across remounts."""
+    r = mounted.run("a", "cd plans && echo 1 > a")
+    assert r.returncode == 0, r.stderr
+    assert mounted.run("b", "cd plans && mv a b").returncode != 0  # b never read a: refused
+    mounted.run("a", "cd plans && ln -s x b")  # refused inside a managed glob; either way no wedge
+    after = mounted.run("a", "cd plans && echo 2 > c && cat c && cat a >/dev/null && echo 3 > a && mv a d && rm d")
+    assert after.returncode == 0 and after.stdout == "2\n", after.stderr
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "coherent-volume"), "status", str(mounted.root)],
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0, status.stderr
