@@ -29,6 +29,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from coherent_volume import CoherentVolume
+
 from . import REPO, child
 from .checker import check_moves
 from .history import Attempt, History, Journal, Move, Read, load_journal
@@ -242,8 +244,6 @@ def _final(root: Path) -> dict[str, Read]:
 
 
 def _versions(root: Path, paths: set[str]) -> dict[str, int]:
-    from coherent_volume import CoherentVolume
-
     out = {}
     with CoherentVolume(root, agent="harness-final") as vol:
         for p in sorted(paths):

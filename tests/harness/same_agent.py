@@ -29,6 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from coherent_volume import CoherentVolume
+
 from . import REPO, child
 from .checker import check_appends, check_slots
 from .history import Append, Journal, SlotWrite, load_append_records, load_journal
@@ -182,14 +184,10 @@ def same_agent(workdir: Path, appends: int, slot_writes: int, processes: int = 3
         (records / sub).mkdir(parents=True)
     slots = [f"alice.p{i}" for i in range(processes)] + ["bob.p0"]
     with_seeds = seed(root, [COUNTER])
-    from coherent_volume import CoherentVolume
-
     with CoherentVolume(root, agent=SEED_AGENT) as vol:
         vol.write(LOG, b"")
         vol.write(SLOTS, b"".join(slot_line(s, 0) for s in slots))
-    result = Result(
-        f"same agent: {processes} processes appending and writing in place, with 2 other agents", processes + 2
-    )
+    result = Result(f"same agent: {processes} processes appending and writing in place, with 2 other agents", 3)
     sampler = Sampler(root, [COUNTER])
     stop = records / "counter" / "STOP"
     started = time.monotonic()
