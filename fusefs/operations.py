@@ -105,17 +105,9 @@ class CoherentOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)  # the registry is invisible in the mount
         return rel
 
-    def _stat(self, rel: str, inode: int, viewer: str | None = None) -> os.stat_result:
-        """What the file at `rel` looks like: to `viewer`, the agent whose write handle has unsaved
-        changes to it, as that handle sees it (`lseek(SEEK_END)` and `fstat` see its own writes, as
-        on a local disk); to everyone else, the committed file. The backing file is reached
-        through an open handle when its name is gone (unlinked while open, or a directory above
-        it swapped behind the daemon's back)."""
-        writer = self.writers.get(rel)
-        if writer is not None and viewer == writer.agent and writer.unsaved:
-            st = writer.stat()
-            if st is not None:
-                return st
+    def _stat(self, rel: str, inode: int) -> os.stat_result:
+        """The backing file at `rel`, reached through an open handle when its name is gone
+        (unlinked while open, or a directory above it swapped behind the daemon's back)."""
         try:
             if "\0" in rel:  # unlinked while open (InodeTable.unlinked)
                 raise FileNotFoundError(errno.ENOENT, "No such file or directory", rel)
@@ -127,8 +119,15 @@ class CoherentOperations(pyfuse3.Operations):
                     return st
             raise
 
+    def _unsaved(self, rel: str, viewer: str | None) -> os.stat_result | None:
+        """The stat of the shadow holding `viewer`'s unsaved writes to `rel`, if it has any: its own
+        `lseek(SEEK_END)` and `fstat` see them, as on a local disk; every other agent sees the
+        committed file."""
+        writer = self.writers.get(rel)
+        return writer.stat() if writer is not None and viewer == writer.agent and writer.unsaved else None
+
     def _attrs(self, rel: str, inode: int, viewer: str | None = None) -> pyfuse3.EntryAttributes:
-        st = self._stat(rel, inode, viewer)
+        st = self._stat(rel, inode)
         entry = pyfuse3.EntryAttributes()
         for name in (
             "st_mode",
@@ -144,6 +143,10 @@ class CoherentOperations(pyfuse3.Operations):
             "st_ctime_ns",
         ):
             setattr(entry, name, getattr(st, name))
+        unsaved = self._unsaved(rel, viewer)
+        if unsaved is not None:  # the file's identity (mode, links, owner), the shadow's content
+            for name in ("st_size", "st_blocks", "st_mtime_ns", "st_ctime_ns"):
+                setattr(entry, name, getattr(unsaved, name))
         entry.st_ino = inode
         entry.generation = 0
         timeout = 0.0 if stat_mod.S_ISREG(st.st_mode) and self.core.paths.managed(rel) else UNMANAGED_TIMEOUT
