@@ -87,6 +87,8 @@ class CoherentOperations(pyfuse3.Operations):
         self.backing = Backing(self.root)
         self.files: dict[int, FileHandle] = {}
         self.file_inodes: dict[int, int] = {}
+        self._renaming: dict[str, trio.Event] = {}
+        """Paths a checked rename is changing right now (see `_settled`)."""
         self.writers: dict[str, Shadow] = {}
         """The write handle that last changed each managed path (see `_stat`)."""
         self.dirs: dict[int, Listing] = {}
@@ -212,12 +214,25 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(self._child(parent_inode, name))
+        rel = self._child(parent_inode, name)
+        await self._settled(rel)
+        return self._entry(rel)
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._settled(self.inodes.path(inode))
         rel = self.inodes.path(inode)
         return self._attrs(rel, inode, await self._viewer(rel, ctx))
+
+    async def _settled(self, rel: str) -> None:
+        """Wait for a rename in flight at or above `rel`: its disk change is made in a worker thread
+        and the inode table follows only after it, so an answer meanwhile could pair an inode
+        with another object's type, which the kernel answers with EIO."""
+        while self._renaming:
+            moving = [event for top, event in self._renaming.items() if _at_or_below(rel, top)]
+            if not moving:
+                return
+            await moving[0].wait()
 
     async def _viewer(self, rel: str, ctx: pyfuse3.RequestContext) -> str | None:
         """The caller's agent, looked up only where a write handle has unsaved changes (see `_stat`)."""
@@ -411,11 +426,23 @@ class CoherentOperations(pyfuse3.Operations):
                 log.info("refused renaming %s to %s: a write handle on it has unsaved changes", src, dst)
                 raise pyfuse3.FUSEError(errno.EBUSY)
             agent = await self._agent(ctx)
-            await blocking(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
-            for handle in moving:
-                handle.moved = True
+            done = trio.Event()
+            self._renaming.update({src: done, dst: done})
+            try:
+                await blocking(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
+                for handle in moving:
+                    handle.moved = True
+                self._renamed(src, dst, exchange, tree)
+            finally:
+                for path in (src, dst):
+                    if self._renaming.get(path) is done:
+                        del self._renaming[path]
+                done.set()
         else:
             self.backing.rename(src, dst, flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE))
+            self._renamed(src, dst, exchange, tree)
+
+    def _renamed(self, src: str, dst: str, exchange: bool, tree: bool) -> None:
         if exchange:
             self.inodes.exchanged(src, dst, tree)
         else:

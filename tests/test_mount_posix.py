@@ -120,3 +120,39 @@ def test_a_refused_rename_leaves_nothing_that_wedges_the_volume(mounted: Mount) 
         text=True,
     )
     assert status.returncode == 0, status.stderr
+
+
+def test_lookups_racing_an_exchange_of_a_file_with_a_directory_never_fail_eio(root: Path, tmp_path: Path) -> None:
+    """A checked rename changes the disk in a worker thread: a lookup answered meanwhile must not
+    pair an inode with the other object's type (the kernel answers that with EIO)."""
+    (root / "plans/d").mkdir()
+    (root / "plans/x.md").write_text("x\n")
+    (root / "plans/d/inner.md").write_text("inner\n")
+    with Mount(root, tmp_path / "m") as m:
+        swapper = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for i in range(150):
+    for where, _, files in os.walk("plans"):
+        for f in files:
+            try:
+                open(os.path.join(where, f)).read()
+            except OSError:
+                pass
+    libc.renameat2(-100, b"plans/x.md", -100, b"plans/d", 2)
+""",
+            ],
+            cwd=m.path,
+            env={**os.environ, "COHERENT_AGENT": "swapper"},
+        )
+        writer = m.run(
+            "writer",
+            "for i in $(seq 600); do cat plans/x.md >/dev/null 2>>errs; echo $i > plans/x.md 2>>errs; done; cat errs",
+            timeout=300,
+        )
+        swapper.wait(timeout=300)
+    assert "Input/output error" not in writer.stdout, writer.stdout
