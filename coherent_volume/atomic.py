@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import stat as stat_mod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .fingerprint import content_hash, hash_fd
@@ -193,27 +194,29 @@ def unnamed_copy(target: str, copy: bool) -> int:
     return fd
 
 
-def stage_appended(target: str, shadow: int, start: int) -> Staged:
-    """The target's current content followed by shadow[start:]: a handle's appends, committed onto
-    whatever is current; not fsynced (a handle's commit decides its own durability)."""
+def _stage_changed(target: str, change: Callable[[int], None]) -> Staged:
+    """A copy of the target's current content with `change(fd)` applied; not fsynced (its commit
+    decides its own durability)."""
     fd = unnamed_copy(target, copy=True)
     try:
-        _copy_range(shadow, fd, start, os.fstat(shadow).st_size, os.fstat(fd).st_size)
+        change(fd)
         return Staged(target, hash_fd(fd), fd, durable=False)
     except BaseException:
         os.close(fd)
         raise
+
+
+def stage_appended(target: str, shadow: int, start: int) -> Staged:
+    """The target's current content followed by shadow[start:]: a handle's appends, committed onto
+    whatever is current."""
+    return _stage_changed(
+        target, lambda fd: _copy_range(shadow, fd, start, os.fstat(shadow).st_size, os.fstat(fd).st_size)
+    )
 
 
 def stage_resized(target: str, size: int) -> Staged:
     """The target's current content cut or zero-extended to `size` bytes, without a copy in memory."""
-    fd = unnamed_copy(target, copy=True)
-    try:
-        os.ftruncate(fd, size)
-        return Staged(target, hash_fd(fd), fd, durable=False)
-    except BaseException:
-        os.close(fd)
-        raise
+    return _stage_changed(target, lambda fd: os.ftruncate(fd, size))
 
 
 _RENAME_NOREPLACE = 1

@@ -265,7 +265,7 @@ def handle(event: dict[str, Any], process: ProcessId | None = None, progress: Pr
                 return _deny(denial_text(core, refusal))
             return Answer()
         if name == "PostToolUse" and tool == "Read":
-            _observed(core, agent, target, event.get("tool_response"))
+            core.observe(agent, target, _saw(event.get("tool_response")))  # a confirmed read also lifts a fence
         elif name == "PostToolUse" and tool in WRITE_TOOLS:
             return _record_write(core, agent, target, owner)
         elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:
@@ -274,16 +274,6 @@ def handle(event: dict[str, Any], process: ProcessId | None = None, progress: Pr
     finally:
         core.registry.close()
         core.paths.close()
-
-
-def _observed(core: VolumeCore, agent: str, target: Target, response: Any) -> None:
-    """Register the view the Read tool showed; a confirmed re-read also lifts a fence (as `reacquire`)."""
-    if core.observe(agent, target, _saw(response)) is None:
-        return
-    with core.registry.read() as tx:
-        fenced = tx.fenced(agent, target.rel)
-    if fenced:
-        core.clear_fence(agent, target)
 
 
 def _release_hook_grant(core: VolumeCore, agent: str, target: Target, owner: ProcessId) -> bool:

@@ -24,7 +24,7 @@ from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError
 from coherent_volume.liveness import ProcessId, current_process
 from coherent_volume.paths import Target, is_registry_path
-from coherent_volume.protocol import agent_name_problem
+from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
 from .backing import Backing
 from .handles import FileHandle, Listing, Passthrough, Shadow, Snapshot, blocking
@@ -115,11 +115,15 @@ class CoherentOperations(pyfuse3.Operations):
                 raise FileNotFoundError(errno.ENOENT, "No such file or directory", rel)
             return self.backing.lstat(rel)
         except OSError:
-            for fh, handle in self.files.items():
-                st = handle.stat() if self.file_inodes.get(fh) == inode else None
+            for handle in self._handles_on(inode):
+                st = handle.stat()
                 if st is not None:
                     return st
             raise
+
+    def _handles_on(self, inode: int) -> list[FileHandle]:
+        """The open file handles of `inode`."""
+        return [handle for fh, handle in self.files.items() if self.file_inodes.get(fh) == inode]
 
     def _unsaved(self, rel: str, viewer: str | None) -> os.stat_result | None:
         """The stat of the shadow holding `viewer`'s unsaved writes to `rel`, if it has any: its own
@@ -452,9 +456,7 @@ class CoherentOperations(pyfuse3.Operations):
         """A descriptor of the file behind `inode` held by an open handle, so that setattr acts on
         that very file (the kernel sends fchmod and futimens without the handle): an unmanaged
         file's own descriptor, or while its name is unlinked, any open handle's."""
-        for fh, held in self.files.items():
-            if self.file_inodes.get(fh) != inode:
-                continue
+        for held in self._handles_on(inode):
             if isinstance(held, Passthrough):
                 return held.fd
             if unlinked and isinstance(held, (Snapshot, Shadow)) and held.fd >= 0:
@@ -504,12 +506,13 @@ class CoherentOperations(pyfuse3.Operations):
 
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:
-        """The process behind a request's thread id and its program name, as far as /proc tells."""
+        """The program behind a request's thread id and, for a buffering program (whose re-reads
+        `VolumeCore.note_read` tells apart by process), its process, as far as /proc tells."""
         pid = process_of(tid)
         try:
             with open(f"/proc/{pid}/comm") as f:
                 program = f.read().strip()
-            return ProcessId.of(pid), program
+            return (ProcessId.of(pid) if program in BUFFERING_PROGRAMS else None), program
         except (OSError, ProcessLookupError):
             return None, None
 

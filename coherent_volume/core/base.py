@@ -66,9 +66,8 @@ def validate_agent(agent: object) -> str:
 
 
 class CoreBase:
-    """The protocol's shared state over one root and its registry."""
-
-    """The protocol over one root and its registry; thread-safe; one per process per volume."""
+    """The protocol's shared state over one root and its registry; thread-safe; one per process
+    per volume."""
 
     def __init__(self, root: str, registry: Registry) -> None:
         self.registry = registry
@@ -78,7 +77,8 @@ class CoreBase:
         self._owned: set[str] = set()
         """Handle grants this process took: each ends with the last handle under it, so an agent's
         other handles stay protected meanwhile."""
-        self._shares_lock = threading.Lock()
+        self._lock = threading.Lock()
+        """Guards `_shares`, `_owned` and `_loaded` (the worker threads of a mount share one core)."""
         self._agents: set[str] = set()
         self._loaded: set[tuple[ProcessId, str]] = set()
         """(reader, path) of files buffering programs loaded (see `note_read`)."""
@@ -102,13 +102,13 @@ class CoreBase:
             return held
         grant = Grant(target.rel, agent, secrets.token_hex(8), owner, expires, fences=False)
         tx.put_grant(grant)
-        with self._shares_lock:
+        with self._lock:
             self._owned.add(grant.token)
         return grant
 
     def _count_share(self, grant: Grant, kind: HandleKind) -> None:
         """Count one open handle of `kind` writing under `grant` in this process."""
-        with self._shares_lock:
+        with self._lock:
             self._shares.setdefault(grant.token, []).append(kind)
 
     def _open_kinds(self, grant: Grant | None, agent: str) -> list[HandleKind] | None:
@@ -116,7 +116,7 @@ class CoreBase:
         grant or its `lock()`); None when there are none (or the grant is another agent's)."""
         if grant is None or grant.agent != agent:
             return None
-        with self._shares_lock:
+        with self._lock:
             kinds = self._shares.get(grant.token)
             return None if kinds is None else list(kinds)
 
@@ -125,7 +125,7 @@ class CoreBase:
         explicit release). A handle grant this process took ends with its last handle; a grant held
         otherwise (`lock()`, a hook's claim) outlives the handles that wrote under it. False if
         it was reclaimed meanwhile."""
-        with self._shares_lock:
+        with self._lock:
             ends = kind is None
             kinds = self._shares.get(grant.token)
             if kind is not None and kinds is not None:

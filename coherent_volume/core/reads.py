@@ -177,7 +177,7 @@ class Reads(CoreBase):
         (a view is what was read, never what was merely opened). True if it moved."""
         loaded_before = False
         if reader is not None and program in BUFFERING_PROGRAMS:
-            with self._shares_lock:
+            with self._lock:
                 key = (reader, target.rel)
                 loaded_before = key in self._loaded
                 if len(self._loaded) > 10_000:

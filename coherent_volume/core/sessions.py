@@ -45,7 +45,8 @@ class Sessions(Writes):
 
     def observe(self, agent: str, target: Target, saw: Callable[[bytes], bool]) -> int | None:
         """Register `agent`'s view at the current version if `saw(current content)` confirms that is
-        what the agent was shown; return that version, or None (views unchanged) if it was not."""
+        what the agent was shown, and lift a fence it had there (a confirmed re-read, as
+        `reacquire`); return that version, or None (views unchanged) if it was not."""
         with self._decision() as tx:
             try:
                 data, fp = read_file(target.abs)
@@ -55,6 +56,7 @@ class Sessions(Writes):
             if record is None or not saw(data):
                 return None
             tx.put_view(agent, target.rel, record.version, time.time())
+            tx.drop_fence(agent, target.rel)
             return record.version
 
     def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
