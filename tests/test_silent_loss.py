@@ -21,6 +21,18 @@ from .harness.mounts import CLI, Mount, daemon_pids, unmount_and_reap
 A = "plans/a.md"
 
 
+def python_in(m: Mount, agent: str, code: str) -> subprocess.Popen[str]:
+    """Python `code` started as `agent` in the mount, talking on stdin and stdout (the caller kills it)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=m.path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": agent},
+    )
+
+
 def stale(m: Mount) -> None:
     """alice reads plans/a.md, then bob reads it and commits 'bob-v2': alice's view is stale."""
     assert m.run("alice", f"cat {A} >/dev/null").returncode == 0
@@ -550,11 +562,10 @@ def test_the_daemon_hashes_and_copies_large_files_in_streams(seeded: Mount) -> N
 def test_a_write_handles_size_is_not_shown_after_its_commit(seeded: Mount) -> None:
     """After a handle committed (here at an early flush) and another agent replaced the file, everyone
     sees the new file's size: a writer seeking to its end appends after it."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
+    holder = python_in(
+        seeded,
+        "alice",
+        f"""
 import subprocess, sys
 open("{A}").read()
 f = open("{A}", "r+")
@@ -564,12 +575,6 @@ f.seek(0); f.read()
 print("ready", flush=True)
 sys.stdin.readline()
 """,
-        ],
-        cwd=seeded.path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COHERENT_AGENT": "alice"},
     )
     try:
         assert holder.stdout is not None
@@ -594,11 +599,10 @@ with open("{A}", "r+") as f:
 
 
 def test_only_the_writer_sees_its_unsaved_size(seeded: Mount) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
+    holder = python_in(
+        seeded,
+        "alice",
+        f"""
 import os, sys
 open("{A}").read()
 fd = os.open("{A}", os.O_RDWR)
@@ -606,12 +610,6 @@ os.ftruncate(fd, 1)
 print(os.fstat(fd).st_size, flush=True)
 sys.stdin.readline()
 """,
-        ],
-        cwd=seeded.path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COHERENT_AGENT": "alice"},
     )
     try:
         assert holder.stdout is not None
@@ -700,11 +698,10 @@ os.close(fd)
 
 
 def test_a_failed_write_leaves_no_grant_behind(seeded: Mount) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
+    holder = python_in(
+        seeded,
+        "alice",
+        f"""
 import os, sys
 fd = os.open("{A}", os.O_WRONLY | os.O_APPEND)
 os.write(fd, b"a\\n")
@@ -719,12 +716,6 @@ else:
     print("written", flush=True)
 sys.stdin.readline()
 """,
-        ],
-        cwd=seeded.path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COHERENT_AGENT": "alice"},
     )
     try:
         assert holder.stdout is not None and holder.stdin is not None
