@@ -26,6 +26,7 @@ from coherent_volume.fingerprint import Fingerprint
 from coherent_volume.globs import ManagedGlobs
 from coherent_volume.liveness import start_time
 from coherent_volume.protocol import FileRecord
+from coherent_volume.registry import Transaction
 from coherent_volume.registry.sqlite import SQLiteRegistry
 
 from .conftest import REPO
@@ -369,16 +370,18 @@ def test_inode_numbers_up_to_2_64_round_trip_through_the_registry(tmp_path: Path
     reg = SQLiteRegistry(str(tmp_path / "reg"), ManagedGlobs.of(["plans/**"]))
     try:
         records = [_record(f"plans/f{i}", ino) for i, ino in enumerate(HUGE)]
-        with reg.write() as tx:
+
+        def put_all(tx: Transaction) -> None:
             for r in records:
                 tx.put_file(r)
+
+        reg.transact(put_all)
         with reg.read() as tx:
             assert [tx.file(r.path) for r in records] == records
             assert list(tx.files()) == records
         assert reg.peek("plans/f3", "alice") == (records[3], None)
         touched = _record("plans/f0", 2**64 - 5)
-        with reg.write() as tx:
-            tx.touch_file("plans/f0", touched)
+        reg.transact(lambda tx: tx.touch_file("plans/f0", touched))
         with reg.read() as tx:
             assert tx.file("plans/f0") == touched
     finally:

@@ -1,7 +1,8 @@
 """The state every part of the core shares: the registry and paths of one volume, the write
 grants this process's handles share, and keeping the registry in step with the disk
 (foreign changes, crash recovery, reclaiming grants). Every decision is taken in
-`CoreBase._decision`: the commit lock and a write transaction after recovery."""
+`CoreBase._transact`: the commit lock and a write transaction after recovery, which the
+registry may run again after a conflict."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from .. import atomic
 from ..errors import (
@@ -39,6 +39,7 @@ from ..protocol import (
 from ..registry import Registry, Transaction
 
 Isolation = Literal["file", "read-set"]
+R = TypeVar("R")
 
 EMPTY_HASH = content_hash(b"")
 
@@ -92,24 +93,27 @@ class CoreBase:
 
     # ---- handle grants (shared by one agent's open handles in this process) -----------
 
-    def _share(self, tx: Transaction, agent: str, target: Target, owner: ProcessId, expires: float) -> Grant:
+    def _share(
+        self, tx: Transaction, agent: str, target: Target, owner: ProcessId, expires: float
+    ) -> tuple[Grant, bool]:
         """The write grant a handle of `agent` that passed its checks writes under: the grant the
         agent holds (a handle grant of this process, a `lock()`, a hook's claim) or a new handle
-        grant, which does not fence (a handle's commit is a compare-and-swap anyway). Count the
-        handle with `_count_share` once `tx` has committed."""
+        grant, which does not fence (a handle's commit is a compare-and-swap anyway); and whether
+        it is new. Count the handle with `_count_share` once the transaction has committed."""
         held = tx.grant(target.rel)  # the agent's own: another agent's was a refusal
         if held is not None:
-            return held
+            return held, False
         grant = Grant(target.rel, agent, secrets.token_hex(8), owner, expires, fences=False)
         tx.put_grant(grant)
-        with self._lock:
-            self._owned.add(grant.token)
-        return grant
+        return grant, True
 
-    def _count_share(self, grant: Grant, kind: HandleKind) -> None:
-        """Count one open handle of `kind` writing under `grant` in this process."""
+    def _count_share(self, grant: Grant, kind: HandleKind, taken: bool) -> None:
+        """Count one open handle of `kind` writing under `grant` in this process; `taken`: the
+        handle's transaction took the grant, which then ends with this process's last handle."""
         with self._lock:
             self._shares.setdefault(grant.token, []).append(kind)
+            if taken:
+                self._owned.add(grant.token)
 
     def _open_kinds(self, grant: Grant | None, agent: str) -> list[HandleKind] | None:
         """The kinds of this process's open write handles under `agent`'s grant `grant` (a handle
@@ -121,21 +125,15 @@ class CoreBase:
             return None if kinds is None else list(kinds)
 
     def _end(self, tx: Transaction, grant: Grant, kind: HandleKind | None) -> bool:
-        """End one handle's use (of `kind`) of `grant`, or with `kind` None the grant itself (an
-        explicit release). A handle grant this process took ends with its last handle; a grant held
-        otherwise (`lock()`, a hook's claim) outlives the handles that wrote under it. False if
-        it was reclaimed meanwhile."""
+        """End one handle's use (of `kind`) of `grant` in the registry, or with `kind` None the grant
+        itself (an explicit release); `_forget_share` then ends it in memory. A handle grant this
+        process took ends with its last handle; a grant held otherwise (`lock()`, a hook's claim)
+        outlives the handles that wrote under it. False if it was reclaimed meanwhile."""
         with self._lock:
-            ends = kind is None
-            kinds = self._shares.get(grant.token)
-            if kind is not None and kinds is not None:
-                if kind in kinds:
-                    kinds.remove(kind)
-                if not kinds:
-                    del self._shares[grant.token]
-                    ends = grant.token in self._owned
-            if ends:
-                self._owned.discard(grant.token)
+            kinds = list(self._shares.get(grant.token, ()))
+            if kind in kinds:
+                kinds.remove(kind)
+            ends = kind is None or (grant.token in self._shares and not kinds and grant.token in self._owned)
         current = tx.grant(grant.path)
         if current is None or current.token != grant.token:
             return False
@@ -143,13 +141,33 @@ class CoreBase:
             tx.drop_grant(grant.path)
         return True
 
-    @contextmanager
-    def _decision(self) -> Iterator[Transaction]:
-        """The commit lock (re-entrant) and a write transaction in which every interrupted commit is
-        already completed or abandoned: where every decision of the protocol is taken."""
-        with self.registry.commit_lock(), self.registry.write() as tx:
+    def _forget_share(self, grant: Grant, kind: HandleKind | None) -> None:
+        """The in-memory half of `_end`, once its transaction has committed."""
+        with self._lock:
+            kinds = self._shares.get(grant.token)
+            if kind is not None and kinds is not None:
+                if kind in kinds:
+                    kinds.remove(kind)
+                if kinds:
+                    return
+                del self._shares[grant.token]
+            if kind is None or kinds is not None:
+                self._owned.discard(grant.token)
+
+    def _transact(self, fn: Callable[[Transaction], R]) -> R:
+        """Where every decision of the protocol is taken: under the commit lock (re-entrant), one
+        write transaction in which every interrupted commit is first completed or abandoned, then
+        `fn`. The registry may run it more than once (`Registry.transact`), so `fn` reads the disk
+        and changes only the transaction: changes to the disk or to this process's memory come
+        after it returns, under a commit lock the caller holds around both when they must stay in
+        step."""
+
+        def decide(tx: Transaction) -> R:
             self._recover(tx)
-            yield tx
+            return fn(tx)
+
+        with self.registry.commit_lock():
+            return self.registry.transact(decide)
 
     def resolve(self, path: str | os.PathLike[str]) -> Target:
         return self.paths.resolve(path)

@@ -11,10 +11,12 @@ from ..liveness import ProcessId
 from ..paths import REGISTRY_DIR, Target
 from ..protocol import (
     BUFFERING_PROGRAMS,
+    FileRecord,
     current_version,
     needs_hash,
     read_moves_view,
 )
+from ..registry import Transaction
 from .base import CoreBase
 
 NOT_UTF8 = (
@@ -59,12 +61,15 @@ class Reads(CoreBase):
             return None
         if seen == record.version or not register:
             return record.version
-        with self.registry.write() as tx:
+
+        def pair(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
-            if record is not None and record.present and record.hash == digest:
-                tx.put_view(agent, target.rel, record.version, time.time())
-                return record.version
-        return None
+            if record is None or not record.present or record.hash != digest:
+                return None
+            tx.put_view(agent, target.rel, record.version, time.time())
+            return record.version
+
+        return self.registry.transact(pair)
 
     def open_version(self, agent: str, target: Target, *, register: bool = True) -> tuple[int, int]:
         """Open a managed file for reading, paired with the version of its content: (fd, version).
@@ -80,29 +85,39 @@ class Reads(CoreBase):
         if version is not None:
             return fd, version
         os.close(fd)
-        with self._decision() as tx:
+        with self.registry.commit_lock():  # no commit between the open and the sync
             fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
-                record = self._sync(tx, target, tx.file(target.rel), (Fingerprint.of(os.fstat(fd)), hash_fd(fd)))
-                assert record is not None
-                if register:
-                    tx.put_view(agent, target.rel, record.version, time.time())
+                disk = (Fingerprint.of(os.fstat(fd)), hash_fd(fd))
+
+                def pair(tx: Transaction) -> int:
+                    record = self._sync(tx, target, tx.file(target.rel), disk)
+                    assert record is not None
+                    if register:
+                        tx.put_view(agent, target.rel, record.version, time.time())
+                    return record.version
+
+                return fd, self._transact(pair)
             except BaseException:
                 os.close(fd)
                 raise
-            return fd, record.version
 
     def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
-        with self._decision() as tx:
+        with self.registry.commit_lock():  # no commit between the read and the sync
             try:
                 data, fp = read_file(target.abs)
                 disk: tuple[Fingerprint | None, str | None] = (fp, content_hash(data))
             except FileNotFoundError:
                 data, disk = None, (None, None)
-            record = self._sync(tx, target, tx.file(target.rel), disk)
-            if record is not None and register:
-                tx.put_view(agent, target.rel, record.version, time.time())
+
+            def pair(tx: Transaction) -> FileRecord | None:
+                record = self._sync(tx, target, tx.file(target.rel), disk)
+                if record is not None and register:
+                    tx.put_view(agent, target.rel, record.version, time.time())
+                return record
+
+            record = self._transact(pair)
         if data is None:
             raise FileNotFoundError(2, "No such file or directory", target.rel)
         assert record is not None
@@ -120,15 +135,17 @@ class Reads(CoreBase):
             return current_version(record)
         if record is not None and record.present and fp is not None and hash_path(target.abs) == record.hash:
             return record.version  # same content, only the fingerprint is unproven: no lock needed
-        with self._decision() as tx:
-            return current_version(self._sync(tx, target, tx.file(target.rel)))
+        return self._transact(lambda tx: current_version(self._sync(tx, target, tx.file(target.rel))))
 
     def stale(self, agent: str) -> list[str]:
         """Managed paths `agent` has read whose current version is not the one it read."""
-        with self._decision() as tx:
+
+        def stale(tx: Transaction) -> list[str]:
             for path in tx.read_set(agent):
                 self._sync(tx, self.paths.of_rel(path), tx.file(path))
             return [path for path, _, _ in tx.stale_views(agent)]
+
+        return self._transact(stale)
 
     def scan(self) -> list[tuple[str, str]]:
         """Bring the registry in step with the whole tree (every recorded path, every managed regular
@@ -154,13 +171,17 @@ class Reads(CoreBase):
                     unchecked.append((rel, NOT_UTF8))
                     continue
                 on_disk.add(rel)
-        with self._decision() as tx:
+
+        def sync(tx: Transaction) -> list[tuple[str, str]]:
+            failed = []
             for rel in sorted(recorded | on_disk):
                 try:
                     self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
                 except OSError as e:
-                    unchecked.append((rel, str(e)))
-        return unchecked
+                    failed.append((rel, str(e)))
+            return failed
+
+        return unchecked + self._transact(sync)
 
     def note_read(
         self,
@@ -186,8 +207,7 @@ class Reads(CoreBase):
         if not read_moves_view(pinned, program, loaded_before):
             return False
         agent = self.agent(agent)
-        with self.registry.write() as tx:
-            tx.put_view(agent, target.rel, version, time.time())
+        self.registry.transact(lambda tx: tx.put_view(agent, target.rel, version, time.time()))
         return True
 
     def unlink_symlink(self, target: Target) -> None:
@@ -195,9 +215,7 @@ class Reads(CoreBase):
         os.unlink(target.abs)
 
     def forget(self, agent: str, target: Target) -> None:
-        with self.registry.write() as tx:
-            tx.drop_view(agent, target.rel)
+        self.registry.transact(lambda tx: tx.drop_view(agent, target.rel))
 
     def clear_fence(self, agent: str, target: Target) -> None:
-        with self._decision() as tx:
-            tx.drop_fence(agent, target.rel)
+        self._transact(lambda tx: tx.drop_fence(agent, target.rel))

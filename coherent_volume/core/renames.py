@@ -21,6 +21,7 @@ from ..protocol import (
     Intent,
     current_version,
 )
+from ..registry import Transaction
 from .writes import Writes
 
 
@@ -134,42 +135,45 @@ class Renames(Writes):
             return
         agent = self.agent(agent)
         _rename_types_fit(src, dst, exchange)
+
+        def decide(tx: Transaction) -> tuple[list[tuple[Target, int, str | None, int | None]], StaleWriteError | None]:
+            now = time.time()
+            if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
+                missing = src if not os.path.lexists(src.abs) else dst
+                raise FileNotFoundError(2, "No such file or directory", missing.rel)
+            moving, other = self._tree(src), self._tree(dst)
+            self._refuse_unprotectable(moving, src, dst)
+            if exchange:
+                self._refuse_unprotectable(other, dst, src)
+            before = {**moving.files, **other.files}
+            after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
+            if exchange:
+                after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
+            plan: list[tuple[Target, int, str | None, int | None]] = []
+            for rel in sorted(set(before) | set(after)):
+                target = self.paths.of_rel(rel)
+                if not target.managed or before.get(rel) == after.get(rel):
+                    continue
+                digest = hash_path(after[rel]) if rel in after else None
+                record, check, refusal = self._check(tx, agent, target, now, "file")
+                if refusal is not None:
+                    return [], refusal
+                if (record is not None and record.present) or digest is not None:
+                    plan.append((target, current_version(record) + 1, digest, check.seen))
+            for target, version, digest, _ in plan:
+                tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
+            return plan, None
+
+        def finish(tx: Transaction) -> None:
+            for target, version, digest, seen in plan:
+                self._finish(tx, agent, target, version, digest, seen)
+
         with self.registry.commit_lock():
-            with self._decision() as tx:
-                now = time.time()
-                if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
-                    missing = src if not os.path.lexists(src.abs) else dst
-                    raise FileNotFoundError(2, "No such file or directory", missing.rel)
-                moving, other = self._tree(src), self._tree(dst)
-                self._refuse_unprotectable(moving, src, dst)
-                if exchange:
-                    self._refuse_unprotectable(other, dst, src)
-                before = {**moving.files, **other.files}
-                after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
-                if exchange:
-                    after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
-                plan: list[tuple[Target, int, str | None, int | None]] = []
-                refusal: StaleWriteError | None = None
-                for rel in sorted(set(before) | set(after)):
-                    target = self.paths.of_rel(rel)
-                    if not target.managed or before.get(rel) == after.get(rel):
-                        continue
-                    digest = hash_path(after[rel]) if rel in after else None
-                    record, check, refusal = self._check(tx, agent, target, now, "file")
-                    if refusal is not None:
-                        break
-                    if (record is not None and record.present) or digest is not None:
-                        plan.append((target, current_version(record) + 1, digest, check.seen))
-                if refusal is None:
-                    for target, version, digest, _ in plan:
-                        tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
+            plan, refusal = self._transact(decide)
             if refusal is not None:
                 raise refusal
-
             self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace))
-            with self.registry.write() as tx:
-                for target, version, digest, seen in plan:
-                    self._finish(tx, agent, target, version, digest, seen)
+            self.registry.transact(finish)
 
     def link(self, src: Target, dst: Target) -> None:
         """Hard-link `src` as `dst`. Refused (LinkRefused) when either is a managed path: a commit

@@ -16,6 +16,7 @@ from ..protocol import (
     FileRecord,
     current_version,
 )
+from ..registry import Transaction
 from .base import Isolation, disk_state
 from .writes import Writes
 
@@ -26,8 +27,7 @@ class Sessions(Writes):
     def bind_session(self, agent: str, process: ProcessId, *, pinned: bool) -> None:
         """Requests from `process` (and its descendants, on a mount) are `agent`'s. A pinned agent's
         views move only through `observe` (what its model read) and its own commits."""
-        with self.registry.write() as tx:
-            tx.bind(agent, process, pinned, time.time())
+        self.registry.transact(lambda tx: tx.bind(agent, process, pinned, time.time()))
 
     def session_of(self, process: ProcessId) -> tuple[str, bool] | None:
         """(agent, pinned) bound to `process`, if any."""
@@ -36,40 +36,47 @@ class Sessions(Writes):
 
     def end_session(self, agent: str) -> None:
         """Release every grant `agent` holds and forget its process binding."""
-        with self._decision() as tx:
+
+        def end(tx: Transaction) -> None:
             now = time.time()
             for grant in tx.grants_of(agent):
                 tx.drop_grant(grant.path)
                 tx.log("release", grant.path, agent, now, detail="session ended")
             tx.unbind(agent)
 
+        self._transact(end)
+
     def observe(self, agent: str, target: Target, saw: Callable[[bytes], bool]) -> int | None:
         """Register `agent`'s view at the current version if `saw(current content)` confirms that is
         what the agent was shown, and lift a fence it had there (a confirmed re-read, as
         `reacquire`); return that version, or None (views unchanged) if it was not."""
-        with self._decision() as tx:
+        with self.registry.commit_lock():  # no commit between the read and the sync
             try:
                 data, fp = read_file(target.abs)
             except FileNotFoundError:
                 return None
-            record = self._sync(tx, target, tx.file(target.rel), (fp, content_hash(data)))
-            if record is None or not saw(data):
-                return None
-            tx.put_view(agent, target.rel, record.version, time.time())
-            tx.drop_fence(agent, target.rel)
-            return record.version
+            shown = saw(data)
+
+            def confirm(tx: Transaction) -> int | None:
+                record = self._sync(tx, target, tx.file(target.rel), (fp, content_hash(data)))
+                if record is None or not shown:
+                    return None
+                tx.put_view(agent, target.rel, record.version, time.time())
+                tx.drop_fence(agent, target.rel)
+                return record.version
+
+            return self._transact(confirm)
 
     def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
-        with self._decision() as tx:
-            _, _, refusal = self._check(tx, agent, target, time.time(), isolation)
-        return refusal
+        return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2])
 
     def adopt(self, agent: str, target: Target) -> int:
         """Record the file's content, written by `agent` itself outside the volume (a hook reporting
         its own write), as `agent`'s commit. If that write was not based on the current version it
         overwrote a commit: that is logged as a clobber, never hidden."""
-        with self._decision() as tx:
+
+        def record_own(tx: Transaction) -> int:
             record = tx.file(target.rel)
             fp, digest = disk_state(target, None)
             now = time.time()
@@ -96,3 +103,5 @@ class Sessions(Writes):
             tx.put_view(agent, target.rel, version + 1, now)
             tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version + 1)
             return version + 1
+
+        return self._transact(record_own)

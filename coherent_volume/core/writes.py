@@ -58,6 +58,22 @@ class HandleCommit:
     local disk, what is written to an unlinked file is kept by no name: the commit is dropped."""
 
 
+@dataclass(frozen=True)
+class _Decided:
+    """What a commit's decision transaction settled (`Writes._commit_locked`)."""
+
+    version: int
+    """The current version it decided on."""
+    check: WriteCheck
+    done: bool = False
+    """Nothing to install (an identical no-op, or the handle's file was unlinked)."""
+    refusal: StaleWriteError | None = None
+    content: atomic.Staged | None = None
+    """What to install (None: delete); its intent is recorded."""
+    moves_view: bool = False
+    exists: bool = False
+
+
 def _detail(check: WriteCheck, reason: Reason) -> str | None:
     """What a refusal's log line adds to its reason."""
     if reason == "held":
@@ -194,11 +210,9 @@ class Writes(Reads):
 
     def _refuse_if_still_refused(self, agent: str, target: Target, isolation: Isolation, expected: int | None) -> None:
         """Decide under the commit lock; raise (and log) the refusal, or return if the write may go ahead."""
-        with self.registry.commit_lock():
-            with self._decision() as tx:
-                _, _, refusal = self._check(tx, agent, target, time.time(), isolation, expected)
-            if refusal is not None:
-                raise refusal
+        refusal = self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation, expected)[2])
+        if refusal is not None:
+            raise refusal
 
     def _commit_locked(
         self,
@@ -212,78 +226,106 @@ class Writes(Reads):
     ) -> int:
         """`commit` under the commit lock. `opening`: the write acts like opening a handle of that
         kind (a truncate by name), so the agent's own open write handles are respected."""
-        rel = target.rel
-        replayed: atomic.Staged | None = None
+        replayed: list[atomic.Staged] = []  # what a replay staged; a re-run stages anew
+
+        def decide(tx: Transaction) -> _Decided:
+            for earlier in replayed:
+                earlier.discard()
+            replayed.clear()
+            now = time.time()
+            record, check, reason = self._decide(tx, agent, target, now, isolation, expected, opening)
+            version = current_version(record)
+            ends = handle is not None and handle.grant is not None
+            if handle is not None and handle.unlinked:
+                if handle.grant is not None:
+                    self._end(tx, handle.grant, handle.kind)
+                return _Decided(version, check, done=True)
+            content = staged
+            appended_from = handle.edits.appended_from if handle is not None else None
+            if (
+                handle is not None
+                and staged is not None
+                and staged.fd is not None
+                and appended_from is not None
+                and may_replay(check, reason, handle.edits.appends_only)
+            ):
+                content = atomic.stage_appended(target.abs, staged.fd, appended_from)
+                replayed.append(content)
+                reason = None
+            refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
+            based_on_view = handle is None or handle.kind == "write"
+            moves_view = view_moves(check, based_on_view, bool(replayed))
+            if refusal is None and is_noop(record, content.hash if content is not None else None):
+                if moves_view:
+                    tx.put_view(agent, target.rel, version, now)  # no new version, nobody invalidated
+                if ends:
+                    assert handle is not None and handle.grant is not None
+                    self._end(tx, handle.grant, handle.kind)
+                return _Decided(version, check, done=True)
+            exists = record is not None and record.present
+            if refusal is None and (content is not None or exists):
+                tx.put_intent(
+                    Intent(
+                        target.rel,
+                        agent,
+                        version + 1,
+                        content is not None,
+                        content.hash if content is not None else None,
+                        content.plan_name() if content is not None else None,
+                    )
+                )
+            return _Decided(version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists)
+
         try:
-            with self._decision() as tx:
-                now = time.time()
-                record, check, reason = self._decide(tx, agent, target, now, isolation, expected, opening)
-                version = current_version(record)
-                if handle is not None and handle.unlinked:
-                    if handle.grant is not None:
-                        self._end(tx, handle.grant, handle.kind)
-                    return version
-                appended_from = handle.edits.appended_from if handle is not None else None
-                if (
-                    handle is not None
-                    and staged is not None
-                    and staged.fd is not None
-                    and appended_from is not None
-                    and may_replay(check, reason, handle.edits.appends_only)
-                ):
-                    staged = replayed = atomic.stage_appended(target.abs, staged.fd, appended_from)
-                    reason = None
-                refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
-                based_on_view = handle is None or handle.kind == "write"
-                moves_view = view_moves(check, based_on_view, replayed is not None)
-                exists = record is not None and record.present
-                if refusal is None and is_noop(record, staged.hash if staged is not None else None):
-                    if moves_view:
-                        tx.put_view(agent, rel, version, now)  # no new version, nobody invalidated
-                    if handle is not None and handle.grant is not None:
-                        self._end(tx, handle.grant, handle.kind)
-                    return version
-                if refusal is None and (staged is not None or exists):
-                    tx.put_intent(
-                        Intent(
-                            rel,
-                            agent,
-                            version + 1,
-                            staged is not None,
-                            staged.hash if staged else None,
-                            staged.plan_name() if staged else None,
-                        )
-                    )
-            if refusal is not None:
-                raise refusal
-            if staged is None and not exists:
-                raise FileNotFoundError(2, "No such file or directory", rel)
-            self._install(lambda: staged.install() if staged is not None else atomic.remove(target.abs))
+            decided = self._transact(decide)
+            if decided.done:
+                self._handle_ended(handle)
+                return decided.version
+            if decided.refusal is not None:
+                raise decided.refusal
+            content, version = decided.content, decided.version
+            if content is None and not decided.exists:
+                raise FileNotFoundError(2, "No such file or directory", target.rel)
+            self._install(lambda: content.install() if content is not None else atomic.remove(target.abs))
+
+            def finish(tx: Transaction) -> None:
+                self._finish(
+                    tx,
+                    agent,
+                    target,
+                    version + 1,
+                    content.hash if content is not None else None,
+                    decided.check.seen,
+                    decided.moves_view,
+                )
+                if handle is not None and handle.grant is not None:
+                    self._end(tx, handle.grant, handle.kind)
+
             try:
-                with self.registry.write() as tx:
-                    self._finish(
-                        tx, agent, target, version + 1, staged.hash if staged else None, check.seen, moves_view
-                    )
-                    if handle is not None and handle.grant is not None:
-                        self._end(tx, handle.grant, handle.kind)
+                self.registry.transact(finish)
             except RegistryError as e:
                 raise RegistryError(
-                    f"{rel}: the change is on disk, but the registry could not record it ({e}); "
+                    f"{target.rel}: the change is on disk, but the registry could not record it ({e}); "
                     "it will be recorded as a change by 'external' at the next access",
                     e.errno,
                 ) from e
+            self._handle_ended(handle)
             return version + 1
         finally:
-            if replayed is not None:
-                replayed.discard()
+            for earlier in replayed:
+                earlier.discard()
+
+    def _handle_ended(self, handle: HandleCommit | None) -> None:
+        """After the transaction that ended a handle's use of its grant: end it in memory too."""
+        if handle is not None and handle.grant is not None:
+            self._forget_share(handle.grant, handle.kind)
 
     def _install(self, action: Callable[[], None]) -> None:
         """Run the disk half of a commit whose intents are recorded; on failure let recovery decide."""
         try:
             action()
         except BaseException:
-            with self._decision():
-                pass  # recovery completes or abandons the intents
+            self._transact(lambda tx: None)  # recovery completes or abandons the intents
             raise
 
     def _finish(
@@ -325,25 +367,31 @@ class Writes(Reads):
         Creating a new path needs no prior read, but a view that predates the path's deletion is stale."""
         self._require_managed(target, "create")
         agent = self.agent(agent)
+
+        def decide(tx: Transaction) -> tuple[int, WriteCheck, StaleWriteError | None]:
+            now = time.time()
+            record, check, reason = self._decide(tx, agent, target, now, "file", kind=kind)
+            if record is not None and record.present:
+                raise FileExistsError(errno.EEXIST, "File exists", target.rel)
+            refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
+            version = current_version(record) + 1
+            if refusal is None:
+                tx.put_intent(Intent(target.rel, agent, version, True, EMPTY_HASH, None))
+            return version, check, refusal
+
+        def finish(tx: Transaction) -> tuple[Grant, bool]:
+            self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
+            return self._share(tx, agent, target, owner, time.time() + HANDLE_GRANT_TTL)
+
         with self.registry.commit_lock():
-            with self._decision() as tx:
-                now = time.time()
-                record, check, reason = self._decide(tx, agent, target, now, "file", kind=kind)
-                if record is not None and record.present:
-                    raise FileExistsError(errno.EEXIST, "File exists", target.rel)
-                refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
-                if refusal is None:
-                    version = current_version(record) + 1
-                    tx.put_intent(Intent(target.rel, agent, version, True, EMPTY_HASH, None))
+            version, check, refusal = self._transact(decide)
             if refusal is not None:
                 raise refusal
             self._install(
                 lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
             )
-            with self.registry.write() as tx:
-                self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
-                grant = self._share(tx, agent, target, owner, time.time() + HANDLE_GRANT_TTL)
-            self._count_share(grant, kind)
+            grant, taken = self.registry.transact(finish)
+            self._count_share(grant, kind, taken)
             return grant, version
 
     def truncate(self, agent: str, target: Target, size: int) -> int:
@@ -373,7 +421,8 @@ class Writes(Reads):
         grant is live."""
         self._require_managed(target, "lock")
         agent = self.agent(agent)
-        with self._decision() as tx:
+
+        def decide(tx: Transaction) -> Grant | StaleWriteError:
             now = time.time()
             held = self._holder(tx, target.rel, now)
             if held is None:
@@ -384,8 +433,12 @@ class Writes(Reads):
                 return grant
             record, seen = tx.file_and_view(target.rel, agent)
             check = WriteCheck(agent=agent, current=record, seen=seen, holder=held.agent, fenced=False)
-            refusal = self._refusal(tx, target, check, "held", now)
-        raise refusal
+            return self._refusal(tx, target, check, "held", now)
+
+        outcome = self._transact(decide)
+        if isinstance(outcome, StaleWriteError):
+            raise outcome
+        return outcome
 
     def begin_write(
         self,
@@ -412,26 +465,36 @@ class Writes(Reads):
         StaleWriteError."""
         self._require_managed(target, "begin_write")
         agent = self.agent(agent)
+
+        def decide(tx: Transaction) -> tuple[int, tuple[Grant, bool] | StaleWriteError]:
+            now = time.time()
+            cas = expected if kind == "write" and not after_appending else None
+            record, check, reason = self._decide(tx, agent, target, now, "file", cas, kind)
+            if reason is None and after_appending and expected != current_version(record):
+                reason = "stale"  # its content so far is based on a version that is no longer current
+            if reason is not None:
+                return current_version(record), self._refusal(tx, target, check, reason, now)
+            return current_version(record), self._share(tx, agent, target, owner, now + ttl)
+
         with self.registry.commit_lock():
-            with self._decision() as tx:
-                now = time.time()
-                cas = expected if kind == "write" and not after_appending else None
-                record, check, reason = self._decide(tx, agent, target, now, "file", cas, kind)
-                if reason is None and after_appending and expected != current_version(record):
-                    reason = "stale"  # its content so far is based on a version that is no longer current
-                refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
-                if refusal is None:
-                    grant = self._share(tx, agent, target, owner, now + ttl)
-            if refusal is not None:
-                raise refusal
-            self._count_share(grant, kind)
-            return grant, current_version(record) if expected is None else expected
+            version, outcome = self._transact(decide)
+            if isinstance(outcome, StaleWriteError):
+                raise outcome
+            grant, taken = outcome
+            self._count_share(grant, kind, taken)
+            return grant, version if expected is None else expected
 
     def release(self, grant: Grant, kind: HandleKind | None = None, *, log: bool = True) -> bool:
         """End a handle's use (of `kind`) of `grant`, or with no kind release the grant itself, if it
         is still in force (`CoreBase._end`); False if it was reclaimed meanwhile."""
-        with self._decision() as tx:
+
+        def end(tx: Transaction) -> bool:
             ended = self._end(tx, grant, kind)
             if ended and log:
                 tx.log("release", grant.path, grant.agent, time.time())
+            return ended
+
+        with self.registry.commit_lock():
+            ended = self._transact(end)
+            self._forget_share(grant, kind)
             return ended

@@ -7,18 +7,54 @@ Locking rule (deadlock freedom): take `commit_lock()` before opening a write tra
 never while one is open. Every wait for a lock is bounded: past it, RegistryError(EBUSY) says
 which lock and, when the system tells, who holds it. A forked child never holds (or keeps
 alive) its parent's locks.
+
+Retry rule: every write goes through `transact(fn)`, which may run `fn` more than once (a
+backend re-runs it in a new transaction when its engine aborted the last one as a conflict that
+a re-run may resolve, `Retry`), so `fn` changes nothing but its transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import errno
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from ..errors import RegistryError
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId
 from ..protocol import EventKind, FileRecord, Grant, Intent
+
+R = TypeVar("R")
+
+ATTEMPTS = 8
+"""Runs of one write transaction before a backend gives up on conflicts (`retried`)."""
+
+
+class Retry(Exception):
+    """A backend's engine aborted a write transaction as a conflict with another that a re-run may
+    resolve (PostgreSQL: serialization failure, deadlock). Raised inside `transact` only; it never
+    reaches the caller."""
+
+
+def retried(attempt: Callable[[], R], where: str) -> R:
+    """Run `attempt` (one whole transaction) until it does not raise Retry: at most ATTEMPTS times,
+    with short random pauses between; then RegistryError(EBUSY). Nothing of an attempt that raised
+    Retry was committed, so each run starts from the registry as it is."""
+    for n in range(ATTEMPTS):
+        try:
+            return attempt()
+        except Retry as e:
+            last = e
+            time.sleep(random.uniform(0, 0.002 * 2**n))
+    raise RegistryError(
+        f"registry {where}: a write conflicted with other writers {ATTEMPTS} times in a row ({last}); "
+        "nothing was changed: try again",
+        errno.EBUSY,
+    )
 
 
 @dataclass(frozen=True)
@@ -117,5 +153,11 @@ class Registry(Protocol):
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
     def read(self) -> AbstractContextManager[Transaction]: ...
-    def write(self) -> AbstractContextManager[Transaction]: ...
+    def transact(self, fn: Callable[[Transaction], R]) -> R:
+        """Run `fn` in one write transaction and commit it; return what `fn` returned. An exception
+        from `fn` rolls back and propagates. `fn` may run several times (`retried`): it must read
+        and change only the transaction (and read the disk), leaving every other effect to its
+        caller once `transact` has returned."""
+        ...
+
     def close(self) -> None: ...

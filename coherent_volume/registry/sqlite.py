@@ -27,9 +27,9 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -40,7 +40,9 @@ from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent
-from . import AgentSummary, Event
+from . import AgentSummary, Event, retried
+
+R = TypeVar("R")
 
 SCHEMA_VERSION = 1
 DB_NAME = "registry.db"
@@ -770,12 +772,16 @@ class SQLiteRegistry:
         except sqlite3.DatabaseError as e:
             raise self._error(e, started) from e
 
-    @contextmanager
-    def write(self) -> Iterator[SQLiteTransaction]:
+    def transact(self, fn: Callable[[SQLiteTransaction], R]) -> R:
+        """`Registry.transact`. BEGIN IMMEDIATE takes SQLite's write lock first (with its busy wait),
+        so no SQLite error here is a conflict a re-run could resolve: each is a RegistryError."""
+        return retried(lambda: self._write(fn), repr(self._path))
+
+    def _write(self, fn: Callable[[SQLiteTransaction], R]) -> R:
         started = time.monotonic()
         try:
             with self._transaction("BEGIN IMMEDIATE") as tx:
-                yield tx
+                return fn(tx)
         except sqlite3.DatabaseError as e:
             raise self._error(e, started) from e
 
