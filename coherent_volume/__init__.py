@@ -3,6 +3,7 @@
 from .errors import (
     CasConflict,
     CoherenceError,
+    DamagedContent,
     GlobError,
     InvalidPath,
     NotManaged,
@@ -10,6 +11,7 @@ from .errors import (
     RegistryError,
     RetriesExhausted,
     StaleWriteError,
+    VersionGone,
     VolumeConfigError,
 )
 from .volume import CoherentVolume
@@ -26,4 +28,6 @@ __all__ = [
     "NotManaged",
     "RegistryError",
     "VolumeConfigError",
+    "VersionGone",
+    "DamagedContent",
 ]

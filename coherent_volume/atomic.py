@@ -55,6 +55,14 @@ class Staged:
             self.tmp = _temp_name(self.target)
         return self.tmp
 
+    def reader(self) -> int:
+        """A new read-only descriptor of the staged content (the caller closes it)."""
+        if self.named:
+            assert self.tmp is not None
+            return os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)
+        assert self.fd is not None
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
     def install(self) -> None:
         """Name the content, rename it over the target (keeping the target's mode), fsync the directory
         when durable."""

@@ -49,7 +49,16 @@ class StaleWriteError(CoherenceError, PermissionError):
         self.last_writer = last_writer
         self.holder = holder
         self.changed = changed
+        self.diff: str | None = None
+        """The unified diff from the version the agent read to the current one, when a face
+        attached it (`with_diff`): None for binary content, an unread file, or a pruned base."""
         PermissionError.__init__(self, errno.EACCES, self._message(), path)
+
+    def with_diff(self, diff: str | None) -> StaleWriteError:
+        """This refusal, its message showing `diff` (already cut to a readable size)."""
+        self.diff = diff
+        self.strerror = self._message()
+        return self
 
     def _message(self) -> str:
         seen = "never read it" if self.seen_version is None else f"read version {self.seen_version}"
@@ -60,10 +69,13 @@ class StaleWriteError(CoherenceError, PermissionError):
             detail += f"; write grant held by {self.holder!r}"
         if self.changed:
             detail += f"; changed since you read them: {', '.join(self.changed)}"
-        return (
+        message = (
             f"write to {self.path!r} refused for agent {self.agent!r} ({self.reason}): "
             f"{detail}. To fix: {REMEDY[self.reason]}."
         )
+        if self.diff:
+            message += f"\nWhat changed since version {self.seen_version}:\n{self.diff.rstrip()}"
+        return message
 
     def __str__(self) -> str:
         return self._message()
@@ -142,3 +154,15 @@ class RegistryError(CoherenceError):
     def __init__(self, message: str, errno_: int = errno.EIO) -> None:
         super().__init__(message)
         self.errno = errno_
+
+
+class VersionGone(CoherenceError, LookupError):
+    """A version whose bytes are not retained: it never existed, is a deletion, or was pruned."""
+
+
+class DamagedContent(CoherenceError):
+    """Stored bytes of a version that no longer hash to its recorded hash: never served.
+
+    errno is EIO."""
+
+    errno = errno.EIO

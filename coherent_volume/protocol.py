@@ -77,6 +77,27 @@ class Intent:
     tmp: str | None
 
 
+VersionKind = Literal["commit", "foreign", "delete", "restore", "merge"]
+"""How a version came to be: an agent's commit (or deletion), a change made outside the volume
+(`foreign`, by EXTERNAL; a deletion outside is a `delete` by EXTERNAL), an old version's bytes
+committed again (`restore`), or a three-way merge (`merge`)."""
+
+
+class Version(NamedTuple):
+    """One entry of a managed path's history. `hash` None: a deletion (no bytes)."""
+
+    path: str
+    version: int
+    kind: VersionKind
+    writer: str
+    at: float
+    size: int | None
+    hash: str | None
+    parents: tuple[int, ...] = ()
+    """The versions it was made from, when more than its predecessor (a merge: base and theirs; a
+    restore: the version restored)."""
+
+
 EventKind = Literal[
     "commit", "delete", "refusal", "foreign", "adopt", "clobber", "reclaim", "grant", "release", "recover"
 ]

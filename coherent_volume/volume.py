@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .core import Isolation, open_core, validate_agent
-from .errors import CasConflict, CoherenceError, RetriesExhausted, VolumeConfigError
+from .errors import CasConflict, CoherenceError, RetriesExhausted, StaleWriteError, VolumeConfigError
 from .liveness import current_process
 from .paths import Target, is_registry_path, lexical
-from .protocol import ENV_AGENT, Grant
+from .protocol import ENV_AGENT, Grant, Version
 
 
 class CoherentVolume:
@@ -94,14 +94,21 @@ class CoherentVolume:
         return bytes(data)
 
     def write(self, path: str | os.PathLike[str], data: bytes | str) -> int:
-        """Fail-closed write (str is written as UTF-8); returns the new version (0 for unmanaged paths)."""
-        return self._core.commit(self.agent, self._target(path), self._bytes(data), isolation=self.isolation)
+        """Fail-closed write (str is written as UTF-8); returns the new version (0 for unmanaged paths).
+        A refusal carries the diff of what changed since this agent's read (`StaleWriteError.diff`)."""
+        try:
+            return self._core.commit(self.agent, self._target(path), self._bytes(data), isolation=self.isolation)
+        except StaleWriteError as refusal:
+            raise self._core.refusal_diff(refusal) from None
 
     def write_cas(self, path: str | os.PathLike[str], expected_version: int, data: bytes | str) -> int:
         """Write only if the current version is `expected_version`; CasConflict otherwise."""
-        return self._core.commit(
-            self.agent, self._target(path), self._bytes(data), isolation=self.isolation, expected=expected_version
-        )
+        try:
+            return self._core.commit(
+                self.agent, self._target(path), self._bytes(data), isolation=self.isolation, expected=expected_version
+            )
+        except StaleWriteError as refusal:
+            raise self._core.refusal_diff(refusal) from None
 
     def delete(self, path: str | os.PathLike[str]) -> int:
         """Delete with the same checks as write; returns the deletion's version. A symlink is removed
@@ -111,7 +118,10 @@ class CoherentVolume:
             if link is not None:  # unlink(2) removes the link, never the file it points to
                 self._core.unlink_symlink(link)
                 return 0
-        return self._core.commit(self.agent, self._target(path), None, isolation=self.isolation)
+        try:
+            return self._core.commit(self.agent, self._target(path), None, isolation=self.isolation)
+        except StaleWriteError as refusal:
+            raise self._core.refusal_diff(refusal) from None
 
     def update(self, path: str | os.PathLike[str], fn: Callable[[bytes], bytes | str], retries: int = 8) -> int:
         """Read, compute `fn(old)` (b"" for a missing file), write_cas; retry on a conflict that a
@@ -135,16 +145,44 @@ class CoherentVolume:
                     raise
                 last = conflict
         assert last is not None
-        raise RetriesExhausted(
-            last.path,
-            last.agent,
-            last.reason,
-            last.seen_version,
-            last.current_version,
-            last.last_writer,
-            holder=last.holder,
-            expected_version=last.expected_version,
+        raise self._core.refusal_diff(
+            RetriesExhausted(
+                last.path,
+                last.agent,
+                last.reason,
+                last.seen_version,
+                last.current_version,
+                last.last_writer,
+                holder=last.holder,
+                expected_version=last.expected_version,
+            )
         )
+
+    # ---- history ----
+
+    def history(self, path: str | os.PathLike[str]) -> list[Version]:
+        """Every version of a managed path, newest first: version, writer, at, size, hash, kind."""
+        return self._core.history(self._target(path))
+
+    def read_version(self, path: str | os.PathLike[str], version: int) -> bytes:
+        """The bytes of a retained version; untracked (this agent's view does not move).
+        VersionGone if it was pruned (or is a deletion), DamagedContent if its stored bytes are."""
+        return self._core.read_version(self._target(path), version)
+
+    def diff(self, path: str | os.PathLike[str], old: int | None = None, new: int | None = None) -> str | None:
+        """Unified diff between two retained versions; by default from this agent's view (nothing,
+        if it never read the file) to the current version. None for binary content."""
+        target = self._target(path)
+        if new is None:
+            new = self._core.version(target)
+        if old is None:
+            old = self._core.seen(self.agent, target) or 0
+        return self._core.diff(target, old, new)
+
+    def restore(self, path: str | os.PathLike[str], version: int) -> int:
+        """Commit the bytes of an old version as a new version (kind `restore`), with the same checks
+        as `write`; returns the new version."""
+        return self._core.restore(self.agent, self._target(path), version)
 
     @contextmanager
     def lock(self, path: str | os.PathLike[str], ttl: float = 30.0, timeout: float = 30.0) -> Iterator[Grant]:

@@ -6,6 +6,7 @@ registry may run again after a conflict."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import threading
@@ -28,6 +29,8 @@ from ..protocol import (
     FileRecord,
     Grant,
     HandleKind,
+    Version,
+    VersionKind,
     agent_name_problem,
     changed_paths,
     classify,
@@ -200,7 +203,9 @@ class CoreBase:
         version = current_version(record) + 1
         present = state is Disk.CHANGED
         new = FileRecord(target.rel, version, present, disk_hash if present else None, fp, EXTERNAL, now, now_ns)
-        tx.put_file(new)
+        if present:
+            self._retain(target.abs, disk_hash)
+        self._record(tx, new, "foreign" if present else "delete")
         if record is None:  # first sighting of a file that was there before the volume knew it
             tx.log(
                 "adopt",
@@ -230,10 +235,14 @@ class CoreBase:
             outcome = recovery(intent, fp is not None, disk_hash)
             now = time.time()
             if outcome == "completed":
-                tx.put_file(
+                if intent.present:
+                    self._retain(target.abs, intent.hash)  # stored before the install: this only checks
+                self._record(
+                    tx,
                     FileRecord(
                         intent.path, intent.version, intent.present, intent.hash, fp, intent.agent, now, time.time_ns()
-                    )
+                    ),
+                    "commit" if intent.present else "delete",
                 )
                 tx.put_view(intent.agent, intent.path, intent.version, now)
             tx.log(
@@ -251,6 +260,42 @@ class CoreBase:
                 except OSError:
                     pass  # nothing by that name can exist: never let cleanup wedge the volume
             tx.drop_intent(intent.path)
+
+    def _record(self, tx: Transaction, record: FileRecord, kind: VersionKind, parents: tuple[int, ...] = ()) -> None:
+        """Record a new version of a managed path: its current state and its history entry. Its
+        bytes are retained (`_retain`) before it is recorded."""
+        tx.put_file(record)
+        size = record.fingerprint.size if record.fingerprint is not None and record.present else None
+        tx.put_version(
+            Version(
+                record.path,
+                record.version,
+                kind,
+                record.writer,
+                record.committed_at,
+                size,
+                record.hash if record.present else None,
+                parents,
+            )
+        )
+
+    def _retain(self, path: str, digest: str | None) -> None:
+        """Retain the content of the file at `path` as `digest` for the version about to be recorded.
+        A file that changes (or goes) meanwhile is not retained: its version is then listed as not
+        retained, and the sync that sees the next change records that one."""
+        if digest is None:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            self.registry.store(digest, fd)
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+        finally:
+            os.close(fd)
 
     def _holder(self, tx: Transaction, rel: str, now: float) -> Grant | None:
         """The live grant on `rel`, reclaiming (and fencing) one that ended."""

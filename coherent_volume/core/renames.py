@@ -8,6 +8,7 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import atomic
 from ..errors import (
@@ -39,6 +40,17 @@ def _rename_types_fit(src: Target, dst: Target, exchange: bool) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", dst.rel)
     if dst_dir and os.listdir(dst.abs):
         raise OSError(errno.ENOTEMPTY, "Directory not empty", dst.rel)
+
+
+class Planned(NamedTuple):
+    """A managed path a checked rename changes: its new version, content hash (None: it loses its
+    content) and the writer's view, and the file that brings the new content."""
+
+    target: Target
+    version: int
+    digest: str | None
+    seen: int | None
+    source: str | None
 
 
 @dataclass
@@ -136,7 +148,7 @@ class Renames(Writes):
         agent = self.agent(agent)
         _rename_types_fit(src, dst, exchange)
 
-        def decide(tx: Transaction) -> tuple[list[tuple[Target, int, str | None, int | None]], StaleWriteError | None]:
+        def decide(tx: Transaction) -> tuple[list[Planned], StaleWriteError | None]:
             now = time.time()
             if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
                 missing = src if not os.path.lexists(src.abs) else dst
@@ -149,7 +161,7 @@ class Renames(Writes):
             after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
             if exchange:
                 after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
-            plan: list[tuple[Target, int, str | None, int | None]] = []
+            plan: list[Planned] = []
             for rel in sorted(set(before) | set(after)):
                 target = self.paths.of_rel(rel)
                 if not target.managed or before.get(rel) == after.get(rel):
@@ -159,19 +171,22 @@ class Renames(Writes):
                 if refusal is not None:
                     return [], refusal
                 if (record is not None and record.present) or digest is not None:
-                    plan.append((target, current_version(record) + 1, digest, check.seen))
-            for target, version, digest, _ in plan:
+                    plan.append(Planned(target, current_version(record) + 1, digest, check.seen, after.get(rel)))
+            for target, version, digest, _, _ in plan:
                 tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
             return plan, None
 
         def finish(tx: Transaction) -> None:
-            for target, version, digest, seen in plan:
+            for target, version, digest, seen, _ in plan:
                 self._finish(tx, agent, target, version, digest, seen)
 
         with self.registry.commit_lock():
             plan, refusal = self._transact(decide)
             if refusal is not None:
                 raise refusal
+            for planned in plan:
+                if planned.source is not None:
+                    self._retain(planned.source, planned.digest)
             self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace))
             self.registry.transact(finish)
 

@@ -99,7 +99,9 @@ class Sessions(Writes):
                     version=version,
                     detail=f"{agent} wrote over v{version} by {record.writer} without having read it",
                 )
-            tx.put_file(FileRecord(target.rel, version + 1, present, digest, fp, agent, now, time.time_ns()))
+            self._retain(target.abs, digest)
+            record = FileRecord(target.rel, version + 1, present, digest, fp, agent, now, time.time_ns())
+            self._record(tx, record, "commit" if present else "delete")
             tx.put_view(agent, target.rel, version + 1, now)
             tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version + 1)
             return version + 1

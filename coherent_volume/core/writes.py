@@ -27,6 +27,7 @@ from ..protocol import (
     Grant,
     HandleKind,
     Intent,
+    VersionKind,
     ViewState,
     WriteCheck,
     current_version,
@@ -39,6 +40,9 @@ from ..protocol import (
 from ..registry import Transaction
 from .base import EMPTY_HASH, Isolation
 from .reads import Reads
+
+Made = tuple[VersionKind, tuple[int, ...]]
+"""How a commit's version is made: its kind and the versions besides its predecessor it comes from."""
 
 HANDLE_GRANT_TTL = 24 * 3600.0
 """Grants taken for open write handles end at release, or when the process owning them dies."""
@@ -169,6 +173,7 @@ class Writes(Reads):
         isolation: Isolation = "file",
         expected: int | None = None,
         handle: HandleCommit | None = None,
+        made: Made = ("commit", ()),
     ) -> int:
         """Install `content` (bytes, or content already staged beside the target; None deletes) if the
         protocol accepts it; return the new version. Staged content is consumed.
@@ -195,7 +200,7 @@ class Writes(Reads):
                     staged.install()
                 return 0
             with self.registry.commit_lock():
-                return self._commit_locked(agent, target, staged, isolation, expected, handle)
+                return self._commit_locked(agent, target, staged, isolation, expected, handle, made=made)
         finally:
             if staged is not None:
                 staged.discard()
@@ -223,6 +228,7 @@ class Writes(Reads):
         expected: int | None,
         handle: HandleCommit | None,
         opening: HandleKind | None = None,
+        made: Made = ("commit", ()),
     ) -> int:
         """`commit` under the commit lock. `opening`: the write acts like opening a handle of that
         kind (a truncate by name), so the agent's own open write handles are respected."""
@@ -286,6 +292,8 @@ class Writes(Reads):
             content, version = decided.content, decided.version
             if content is None and not decided.exists:
                 raise FileNotFoundError(2, "No such file or directory", target.rel)
+            if content is not None:
+                self._retain_staged(content)
             self._install(lambda: content.install() if content is not None else atomic.remove(target.abs))
 
             def finish(tx: Transaction) -> None:
@@ -297,6 +305,7 @@ class Writes(Reads):
                     content.hash if content is not None else None,
                     decided.check.seen,
                     decided.moves_view,
+                    made,
                 )
                 if handle is not None and handle.grant is not None:
                     self._end(tx, handle.grant, handle.kind)
@@ -314,6 +323,14 @@ class Writes(Reads):
         finally:
             for earlier in replayed:
                 earlier.discard()
+
+    def _retain_staged(self, staged: atomic.Staged) -> None:
+        """Retain a commit's content before it is installed (and so before any version names it)."""
+        fd = staged.reader()
+        try:
+            self.registry.store(staged.hash, fd)
+        finally:
+            os.close(fd)
 
     def _handle_ended(self, handle: HandleCommit | None) -> None:
         """After the transaction that ended a handle's use of its grant: end it in memory too."""
@@ -337,12 +354,15 @@ class Writes(Reads):
         digest: str | None,
         seen: int | None,
         moves_view: bool = True,
+        made: Made = ("commit", ()),
     ) -> None:
-        """Record an installed commit: new version, the writer's view current where it knew the
-        content (`protocol.view_moves`), intent done."""
+        """Record an installed commit (`made`: its kind and parents; a deletion is always a
+        `delete`): new version, the writer's view current where it knew the content
+        (`protocol.view_moves`), intent done."""
         now = time.time()
         present = digest is not None
-        tx.put_file(
+        self._record(
+            tx,
             FileRecord(
                 target.rel,
                 version,
@@ -352,7 +372,9 @@ class Writes(Reads):
                 agent,
                 now,
                 time.time_ns(),
-            )
+            ),
+            made[0] if present else "delete",
+            made[1],
         )
         if moves_view:
             tx.put_view(agent, target.rel, version, now)
@@ -387,6 +409,7 @@ class Writes(Reads):
             version, check, refusal = self._transact(decide)
             if refusal is not None:
                 raise refusal
+            self.registry.store(EMPTY_HASH, b"")
             self._install(
                 lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
             )

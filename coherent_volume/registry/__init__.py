@@ -26,7 +26,7 @@ from typing import Protocol, TypeVar
 from ..errors import RegistryError
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId
-from ..protocol import EventKind, FileRecord, Grant, Intent
+from ..protocol import EventKind, FileRecord, Grant, Intent, Version
 
 R = TypeVar("R")
 
@@ -89,6 +89,12 @@ class Transaction(Protocol):
 
     def file_and_view(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
     def put_file(self, record: FileRecord) -> None: ...
+    def put_version(self, version: Version) -> None: ...
+    def history(self, path: str, limit: int | None = None) -> list[Version]:
+        """A path's versions, newest first."""
+        ...
+
+    def version_entry(self, path: str, version: int) -> Version | None: ...
     def touch_file(self, path: str, record: FileRecord) -> None: ...
 
     def view(self, agent: str, path: str) -> int | None: ...
@@ -152,6 +158,17 @@ class Registry(Protocol):
         ...
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
+    def store(self, digest: str, source: bytes | int) -> None:
+        """Retain content (bytes, or all readable by offset from a descriptor) whose hash is
+        `digest`, stored once however many versions have it; before any version names it.
+        OSError(EAGAIN) if the bytes do not hash to `digest`."""
+        ...
+
+    def load(self, digest: str, what: str) -> bytes:
+        """Retained content by hash, checked against it: VersionGone if not retained,
+        DamagedContent if it no longer hashes to `digest` (`what` names it in errors)."""
+        ...
+
     def read(self) -> AbstractContextManager[Transaction]: ...
     def transact(self, fn: Callable[[Transaction], R]) -> R:
         """Run `fn` in one write transaction and commit it; return what `fn` returned. An exception

@@ -39,13 +39,15 @@ from ..errors import RegistryError, VolumeConfigError
 from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
-from ..protocol import FileRecord, Grant, Intent
+from ..protocol import FileRecord, Grant, Intent, Version
 from . import AgentSummary, Event, retried
+from .objects import ObjectStore
 
 R = TypeVar("R")
 
 SCHEMA_VERSION = 1
 DB_NAME = "registry.db"
+OBJECTS_DIR = "objects"
 LOCK_NAME = "commit.lock"
 OPEN_LOCK_NAME = "open.lock"
 BUSY_TIMEOUT_MS = 10_000
@@ -62,6 +64,20 @@ _FILE_COLS = "path, version, present, hash, ino, size, mtime_ns, ctime_ns, write
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
 
 _INO_RANGE = 2**64
+
+_VERSION_COLS = "path, version, kind, writer, at, size, hash, parents"
+
+VERSIONS_DDL = (
+    "CREATE TABLE IF NOT EXISTS versions (path TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL, "
+    "writer TEXT NOT NULL, at FLOAT NOT NULL, size INTEGER, hash TEXT, parents TEXT, PRIMARY KEY (path, version))",
+    "CREATE INDEX IF NOT EXISTS versions_hash ON versions (hash)",
+)
+"""Every version of every managed path (added to registries made before it existed when opened)."""
+
+
+def _version(row: tuple[Any, ...]) -> Version:
+    parents = tuple(int(p) for p in row[7].split(",")) if row[7] else ()
+    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents)
 
 
 def _ino_to_sql(ino: int) -> int:
@@ -157,6 +173,8 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         not_null={"host", "pid", "start", "pinned", "at"},
         if_not_exists=True,
     )
+    for statement in VERSIONS_DDL:
+        db.execute(statement)
     db.table("sessions").create_index(["host", "pid", "start"], if_not_exists=True)
     db.table("events").create_index(["path", "seq"], if_not_exists=True)
     db.table("views").create_index(["path"], if_not_exists=True)
@@ -180,6 +198,25 @@ class SQLiteTransaction:
         if row is None:
             return None, self.view(agent, path)
         return _record(row[:-1]), row[-1]
+
+    def put_version(self, v: Version) -> None:
+        self._c.execute(
+            f"INSERT OR REPLACE INTO versions ({_VERSION_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+            (*v[:7], ",".join(str(p) for p in v.parents) or None),
+        )
+
+    def history(self, path: str, limit: int | None = None) -> list[Version]:
+        rows = self._c.execute(
+            f"SELECT {_VERSION_COLS} FROM versions WHERE path = ? ORDER BY version DESC LIMIT ?",
+            (path, -1 if limit is None else limit),
+        )
+        return [_version(row) for row in rows]
+
+    def version_entry(self, path: str, version: int) -> Version | None:
+        row = self._c.execute(
+            f"SELECT {_VERSION_COLS} FROM versions WHERE path = ? AND version = ?", (path, version)
+        ).fetchone()
+        return None if row is None else _version(row)
 
     def put_file(self, r: FileRecord) -> None:
         fp = r.fingerprint
@@ -462,6 +499,7 @@ class SQLiteRegistry:
         missing (and no globs were given), corrupt, of another schema version, or busy too long."""
         self._directory = directory
         self._path = os.path.join(directory, DB_NAME)
+        self.objects = ObjectStore(os.path.join(directory, OBJECTS_DIR))
         self._mutex = threading.RLock()
         self._commit_mutex = threading.RLock()
         self._commit_depth = 0
@@ -489,9 +527,30 @@ class SQLiteRegistry:
                     stored = None  # an empty file left by a creator that died before writing the schema
                 self._connect()
                 self._globs = self._configure(globs, stored)
+                self._add_versions_table()
         except BaseException:
             self.close()
             raise
+
+    def _add_versions_table(self) -> None:
+        """Give a registry made before version history its `versions` table (idempotent; written
+        only when it is missing, so opening stays read-only otherwise)."""
+        conn = self._connection()
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'versions'").fetchone():
+            return
+        started = time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in VERSIONS_DDL:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as e:
+            raise self._error(e, started) from e
 
     def _needs_creation(self) -> bool:
         """Whether the file is missing or not yet a WAL database. Making it one (creating it,
@@ -707,6 +766,14 @@ class SQLiteRegistry:
                         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         finally:
             mutex.release()
+
+    # -- content ------------------------------------------------------------------------
+
+    def store(self, digest: str, source: bytes | int) -> None:
+        self.objects.put(digest, source)
+
+    def load(self, digest: str, what: str) -> bytes:
+        return self.objects.get(digest, what)
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
         """One consistent read of a file record and an agent's view of it (no explicit transaction)."""
