@@ -6,6 +6,7 @@ from .errors import (
     DamagedContent,
     GlobError,
     InvalidPath,
+    MergeConflict,
     NotManaged,
     OutsideVolume,
     RegistryError,
@@ -14,6 +15,7 @@ from .errors import (
     VersionGone,
     VolumeConfigError,
 )
+from .policy import Policy, Retention
 from .volume import CoherentVolume
 
 __all__ = [
@@ -29,5 +31,8 @@ __all__ = [
     "RegistryError",
     "VolumeConfigError",
     "VersionGone",
+    "MergeConflict",
+    "Policy",
+    "Retention",
     "DamagedContent",
 ]

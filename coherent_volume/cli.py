@@ -20,6 +20,7 @@ import click
 from . import report
 from .core import open_core
 from .errors import CoherenceError
+from .policy import Policy, Retention
 from .registry import Event
 
 
@@ -64,6 +65,55 @@ def _guard(fn: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options that set a volume's policy (`init`, `policy`)."""
+    options = [
+        click.option(
+            "--merge",
+            "merge",
+            multiple=True,
+            metavar="GLOB",
+            help="Managed paths whose stale writes are merged three-way when the changes do not overlap "
+            "(repeatable; replaces the stored list).",
+        ),
+        click.option("--keep-days", type=click.FloatRange(min=0), help="Keep every version this many days."),
+        click.option("--keep-last", type=click.IntRange(min=1), help="Keep at least this many versions per path."),
+        click.option(
+            "--max-store-bytes",
+            type=click.IntRange(min=0),
+            help="Prune older versions (beyond --keep-last) while their content exceeds this many bytes.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _changed_policy(
+    current: Policy,
+    merge: tuple[str, ...],
+    keep_days: float | None,
+    keep_last: int | None,
+    max_store_bytes: int | None,
+) -> Policy:
+    r = current.retention
+    return Policy(
+        merge or current.merge,
+        Retention(
+            r.keep_days if keep_days is None else keep_days,
+            r.keep_last if keep_last is None else keep_last,
+            r.max_bytes if max_store_bytes is None else max_store_bytes,
+        ),
+    )
+
+
+def _describe(p: Policy) -> str:
+    r = p.retention
+    budget = "no size budget" if r.max_bytes is None else f"within {r.max_bytes} bytes"
+    merge = ", ".join(p.merge) if p.merge else "none"
+    return f"merge: {merge}; keep versions {r.keep_days:g} days, at least the last {r.keep_last} per path, {budget}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Shared workspace where a stale write fails closed instead of silently losing work."""
@@ -80,12 +130,52 @@ def main() -> None:
     metavar="GLOB",
     help="Glob of paths the protocol protects (repeatable), e.g. 'plans/**'.",
 )
+@_policy_options
 @_guard
-def init(root: str, globs: tuple[str, ...]) -> None:
-    """Create a volume at ROOT managing GLOB paths (idempotent with the same globs)."""
+def init(root: str, globs: tuple[str, ...], **policy: Any) -> None:
+    """Create a volume at ROOT managing GLOB paths (idempotent with the same globs), with its merge
+    globs and retention policy (`coherent-volume policy` changes them later)."""
     os.makedirs(root, exist_ok=True)
     core = open_core(root, globs)
+    if any(value not in (None, ()) for value in policy.values()):
+        core.set_policy(_changed_policy(core.policy(), **policy))
     click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")
+    click.echo(_describe(core.policy()))
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@_policy_options
+@click.option("--no-merge", is_flag=True, help="Merge no path any more.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
+    """Show the volume's merge globs and retention policy, or change them (options given)."""
+    core = open_core(root)
+    current = core.policy()
+    if no_merge:
+        current = Policy((), current.retention)
+    if no_merge or any(value not in (None, ()) for value in changes.values()):
+        current = _changed_policy(current, **changes)
+        core.set_policy(current)
+    if as_json:
+        _json(json.loads(current.to_json()))
+    else:
+        click.echo(_describe(current))
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def prune(root: str, as_json: bool) -> None:
+    """Drop the stored bytes of versions the retention policy no longer keeps (commits also do
+    this, at most hourly)."""
+    done = open_core(root).prune()
+    if as_json:
+        _json(asdict(done))
+    else:
+        click.echo(f"pruned {done.versions} versions: {done.objects} stored objects, {done.bytes} bytes freed")
 
 
 @main.command()

@@ -5,6 +5,7 @@ Text is UTF-8 without NUL bytes; anything else is binary and gets no line diff."
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 MAX_LINES = 80
 """Lines of a diff shown in a refusal (`cut`); the rest is counted, not shown."""
@@ -39,3 +40,70 @@ def cut(diff: str, max_lines: int = MAX_LINES) -> str:
     if len(lines) <= max_lines:
         return diff
     return "".join(lines[:max_lines]) + f"... {len(lines) - max_lines} more lines of the diff not shown\n"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Lines both sides changed differently, at `line` (1-based) of the base."""
+
+    line: int
+    base: tuple[str, ...]
+    ours: tuple[str, ...]
+    theirs: tuple[str, ...]
+
+    def __str__(self) -> str:
+        def block(lines: tuple[str, ...]) -> str:
+            return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+        return (
+            f"@@ base line {self.line} @@\n<<<<<<< yours\n{block(self.ours)}||||||| base\n{block(self.base)}"
+            f"=======\n{block(self.theirs)}>>>>>>> current\n"
+        )
+
+
+def _sync_regions(base: list[str], ours: list[str], theirs: list[str]) -> list[tuple[int, int, int, int]]:
+    """Runs of base lines that both sides kept unchanged: (base start, ours start, theirs start,
+    length), in order, ending with an empty run at the three ends."""
+    a = difflib.SequenceMatcher(None, base, ours, autojunk=False).get_matching_blocks()
+    b = difflib.SequenceMatcher(None, base, theirs, autojunk=False).get_matching_blocks()
+    regions = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        a_base, a_ours, a_len = a[i]
+        b_base, b_theirs, b_len = b[j]
+        start, end = max(a_base, b_base), min(a_base + a_len, b_base + b_len)
+        if start < end:
+            regions.append((start, a_ours + start - a_base, b_theirs + start - b_base, end - start))
+        if a_base + a_len < b_base + b_len:
+            i += 1
+        else:
+            j += 1
+    regions.append((len(base), len(ours), len(theirs), 0))
+    return regions
+
+
+def merge3(base: bytes, ours: bytes, theirs: bytes) -> tuple[bytes | None, list[Conflict]]:
+    """Three-way line merge of text: (merged bytes, []) when no line was changed differently by
+    both sides, else (None, the conflicting hunks). Binary input: (None, []). A side that left a
+    region as the base had it takes the other side's change there; identical changes are taken once."""
+    if not (is_text(base) and is_text(ours) and is_text(theirs)):
+        return None, []
+    b = base.decode("utf-8").splitlines(keepends=True)
+    o = ours.decode("utf-8").splitlines(keepends=True)
+    t = theirs.decode("utf-8").splitlines(keepends=True)
+    merged: list[str] = []
+    conflicts: list[Conflict] = []
+    bi = oi = ti = 0
+    for b_start, o_start, t_start, length in _sync_regions(b, o, t):
+        b_chunk, o_chunk, t_chunk = b[bi:b_start], o[oi:o_start], t[ti:t_start]
+        if o_chunk == t_chunk or t_chunk == b_chunk:
+            merged += o_chunk
+        elif o_chunk == b_chunk:
+            merged += t_chunk
+        else:
+            conflicts.append(Conflict(bi + 1, tuple(b_chunk), tuple(o_chunk), tuple(t_chunk)))
+        merged += b[b_start : b_start + length]
+        bi, oi, ti = b_start + length, o_start + length, t_start + length
+    if conflicts:
+        return None, conflicts
+    return "".join(merged).encode("utf-8"), []

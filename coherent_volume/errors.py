@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from typing import Literal
+from typing import Any, Literal
 
 Reason = Literal["stale", "unread", "held", "fenced", "read-set"]
 
@@ -90,6 +90,31 @@ class CasConflict(StaleWriteError):
 
     def _message(self) -> str:
         return f"expected version {self.expected_version}; " + super()._message()
+
+
+class MergeConflict(StaleWriteError):
+    """A stale write asked to merge, refused because it and the current version changed the same
+    lines differently. Nothing was changed. `conflicts` holds the hunks (`diffs.Conflict`)."""
+
+    def __init__(self, refusal: StaleWriteError, conflicts: list[Any]) -> None:
+        self.conflicts = conflicts
+        super().__init__(
+            refusal.path,
+            refusal.agent,
+            refusal.reason,
+            refusal.seen_version,
+            refusal.current_version,
+            refusal.last_writer,
+            holder=refusal.holder,
+            changed=refusal.changed,
+        )
+
+    def _message(self) -> str:
+        hunks = "".join(str(c) for c in self.conflicts)
+        return (
+            f"{super()._message()}\nYour change and version {self.current_version} changed the same lines "
+            f"({len(self.conflicts)} conflicting hunk(s)); nothing was merged:\n{hunks.rstrip()}"
+        )
 
 
 class RetriesExhausted(CasConflict):

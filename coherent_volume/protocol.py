@@ -96,6 +96,8 @@ class Version(NamedTuple):
     parents: tuple[int, ...] = ()
     """The versions it was made from, when more than its predecessor (a merge: base and theirs; a
     restore: the version restored)."""
+    retained: bool = True
+    """Its bytes are kept (False once pruned by the retention policy)."""
 
 
 EventKind = Literal[
@@ -252,12 +254,20 @@ def may_replay(c: WriteCheck, reason: Reason | None, appends_only: bool) -> bool
     return appends_only
 
 
-def view_moves(c: WriteCheck, based_on_view: bool, replayed: bool) -> bool:
+def view_moves(c: WriteCheck, based_on_view: bool, onto_unread: bool) -> bool:
     """Whether a commit makes its writer's view the new version: only when the writer knew the
     content it changed: its view was current, or its write was based on the current version,
     which it had read (a handle opened with a view check) or claims (a compare-and-swap). An
-    append, or appends replayed onto content it never read, leave its view where it was."""
-    return c.seen == current_version(c.current) or (based_on_view and not replayed)
+    append, and appends replayed or a merge made onto content it never read (`onto_unread`),
+    leave its view where it was: its next write must not pass for one based on the result."""
+    return c.seen == current_version(c.current) or (based_on_view and not onto_unread)
+
+
+def may_merge(reason: Reason | None, merging: bool) -> bool:
+    """Whether a refused write may be merged three-way with the current version instead: only when
+    merging was asked for (`merge=True`, or a merge glob of the volume) and only a `stale` one, whose
+    base is the version its writer read. `held`, `fenced`, `unread` and `read-set` never merge."""
+    return merging and reason == "stale"
 
 
 def changed_paths(read_set: dict[str, int], versions: dict[str, int], exclude: str) -> tuple[str, ...]:

@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .core import Isolation, open_core, validate_agent
+from .core.history import Pruned
 from .errors import CasConflict, CoherenceError, RetriesExhausted, StaleWriteError, VolumeConfigError
 from .liveness import current_process
 from .paths import Target, is_registry_path, lexical
+from .policy import Policy
 from .protocol import ENV_AGENT, Grant, Version
 
 
@@ -93,13 +95,17 @@ class CoherentVolume:
             raise TypeError(f"data must be bytes or str, not {type(data).__name__}")
         return bytes(data)
 
-    def write(self, path: str | os.PathLike[str], data: bytes | str) -> int:
+    def write(self, path: str | os.PathLike[str], data: bytes | str, *, merge: bool = False) -> int:
         """Fail-closed write (str is written as UTF-8); returns the new version (0 for unmanaged paths).
-        A refusal carries the diff of what changed since this agent's read (`StaleWriteError.diff`)."""
-        try:
-            return self._core.commit(self.agent, self._target(path), self._bytes(data), isolation=self.isolation)
-        except StaleWriteError as refusal:
-            raise self._core.refusal_diff(refusal) from None
+        A refusal carries the diff of what changed since this agent's read (`StaleWriteError.diff`).
+
+        With `merge` (or on a path the volume's merge globs name), a write refused only because
+        this agent's view is stale is merged three-way, by line, with the current version and
+        committed as a `merge` version; changes to the same lines raise MergeConflict with the
+        hunks, and nothing changes. Never merged: held, fenced, unread, read-set, binary content."""
+        return self._core.write(
+            self.agent, self._target(path), self._bytes(data), isolation=self.isolation, merge=merge
+        )
 
     def write_cas(self, path: str | os.PathLike[str], expected_version: int, data: bytes | str) -> int:
         """Write only if the current version is `expected_version`; CasConflict otherwise."""
@@ -178,6 +184,20 @@ class CoherentVolume:
         if old is None:
             old = self._core.seen(self.agent, target) or 0
         return self._core.diff(target, old, new)
+
+    @property
+    def policy(self) -> Policy:
+        """The volume's merge globs and retention policy."""
+        return self._core.policy()
+
+    def set_policy(self, policy: Policy) -> None:
+        """Change the volume's policy (every process sees it at its next decision)."""
+        self._core.set_policy(policy)
+
+    def prune(self) -> Pruned:
+        """Drop the bytes of versions the retention policy no longer keeps (also done automatically,
+        at most hourly, after a commit)."""
+        return self._core.prune()
 
     def restore(self, path: str | os.PathLike[str], version: int) -> int:
         """Commit the bytes of an old version as a new version (kind `restore`), with the same checks

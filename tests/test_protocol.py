@@ -105,10 +105,10 @@ def test_only_appends_replay_and_never_onto_a_deletion() -> None:
 
 def test_a_commit_moves_the_view_only_when_the_writer_knew_the_content() -> None:
     current = rec(2)
-    assert view_moves(WriteCheck("a", current, 2, None, False), based_on_view=False, replayed=True)
-    assert view_moves(WriteCheck("a", current, 1, None, False, expected=2), based_on_view=True, replayed=False)
-    assert not view_moves(WriteCheck("a", current, None, None, False, expected=2), based_on_view=False, replayed=False)
-    assert not view_moves(WriteCheck("a", current, 1, None, False, expected=1), based_on_view=True, replayed=True)
+    assert view_moves(WriteCheck("a", current, 2, None, False), based_on_view=False, onto_unread=True)
+    assert view_moves(WriteCheck("a", current, 1, None, False, expected=2), based_on_view=True, onto_unread=False)
+    assert not view_moves(WriteCheck("a", current, None, None, False, expected=2), based_on_view=False, onto_unread=False)
+    assert not view_moves(WriteCheck("a", current, 1, None, False, expected=1), based_on_view=True, onto_unread=True)
 
 
 def test_recovery_completes_what_reached_the_disk_and_abandons_the_rest() -> None:

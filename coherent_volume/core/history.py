@@ -3,14 +3,66 @@ restoring an old version as a new commit."""
 
 from __future__ import annotations
 
-from .. import diffs
-from ..errors import CoherenceError, StaleWriteError, VersionGone
+import logging
+import time
+from dataclasses import dataclass
+
+from .. import atomic, diffs
+from ..errors import CoherenceError, MergeConflict, StaleWriteError, VersionGone
 from ..paths import Target
-from ..protocol import Version
-from .writes import Writes
+from ..policy import DAY, Policy, prunable
+from ..protocol import Version, current_version, may_merge
+from ..registry import Transaction
+from .base import Isolation
+from .writes import HandleCommit, Made, Writes
+
+log = logging.getLogger(__name__)
+
+MERGE_ATTEMPTS = 8
+"""Merges of one write tried while other commits keep landing between a merge and its commit."""
+PRUNE_EVERY = 3600.0
+"""Seconds between automatic prunes of a volume (run by a commit that finds one due)."""
+PRUNE_BATCH = 500
+"""Most versions an automatic prune drops at once, so the commit that runs it is not held up long."""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a prune did: versions whose bytes it dropped, objects removed and bytes freed."""
+
+    versions: int
+    objects: int
+    bytes: int
 
 
 class History(Writes):
+    _prune_check_at = 0.0
+    """time.monotonic() after which a commit of this process looks whether a prune is due."""
+
+    def commit(
+        self,
+        agent: str,
+        target: Target,
+        content: bytes | atomic.Staged | None,
+        *,
+        isolation: Isolation = "file",
+        expected: int | None = None,
+        handle: HandleCommit | None = None,
+        made: Made = ("commit", ()),
+    ) -> int:
+        """`Writes.commit`; then, at most once a minute per process, a prune if one is due
+        (`prune_if_due`), outside the commit lock. A failing prune never fails the commit."""
+        version = super().commit(
+            agent, target, content, isolation=isolation, expected=expected, handle=handle, made=made
+        )
+        if time.monotonic() >= self._prune_check_at:
+            self._prune_check_at = time.monotonic() + 60.0
+            try:
+                self.prune_if_due()
+            except (CoherenceError, OSError) as e:
+                log.warning("pruning old versions failed (the commit stands; the next prune retries): %s", e)
+        return version
+
     def history(self, target: Target, limit: int | None = None) -> list[Version]:
         """`target`'s versions, newest first (a foreign change is synced first, so it is listed)."""
         self._require_managed(target, "history")
@@ -30,6 +82,8 @@ class History(Writes):
             raise VersionGone(f"{what} is not in its history (versions are numbered from 1)")
         if entry.hash is None:
             raise VersionGone(f"{what} is a deletion by {entry.writer!r}: it has no content")
+        if not entry.retained:
+            raise VersionGone(f"{what}: its content was pruned by the volume's retention policy")
         return self.registry.load(entry.hash, what)
 
     def seen(self, agent: str, target: Target) -> int | None:
@@ -68,6 +122,62 @@ class History(Writes):
             return refusal
         return refusal.with_diff(None if diff is None else diffs.cut(diff))
 
+    def write(
+        self, agent: str, target: Target, data: bytes, *, isolation: Isolation = "file", merge: bool = False
+    ) -> int:
+        """A face's write of whole content: merged when a refusal allows it and `merge` asks for it
+        or the volume's policy names the path (`write_merging`), else a plain commit; a refusal
+        carries its diff."""
+        if target.managed and (merge or self.policy().merges(target.rel)):
+            return self.write_merging(agent, target, data, isolation)
+        try:
+            return self.commit(agent, target, data, isolation=isolation)
+        except StaleWriteError as refusal:
+            raise self.refusal_diff(refusal) from None
+
+    def write_merging(self, agent: str, target: Target, data: bytes, isolation: Isolation = "file") -> int:
+        """Commit `data`; if that is refused `stale` (only: `protocol.may_merge`) and the version the
+        agent read is retained, commit instead the three-way line merge of it (base), `data` (ours)
+        and the current version (theirs), as a version of kind `merge` whose parents are both. A
+        merge leaves the agent's view where it was (`protocol.view_moves`): it never read the
+        result. Overlapping changes raise MergeConflict (with the hunks), binary content or a pruned
+        base the stale refusal (with its diff); either way nothing changes."""
+        last: StaleWriteError | None = None
+        for _ in range(MERGE_ATTEMPTS):
+            try:
+                return self.commit(agent, target, data, isolation=isolation)
+            except StaleWriteError as refusal:
+                last = refusal
+            merged, parents = self._merged(target, last, data)
+            try:
+                return self.commit(
+                    agent, target, merged, isolation=isolation, expected=parents[1], made=("merge", parents)
+                )
+            except StaleWriteError as refusal:
+                if refusal.reason != "stale":
+                    raise self.refusal_diff(refusal) from None
+                last = refusal  # another commit landed between the merge and its commit: merge onto it
+        assert last is not None
+        raise self.refusal_diff(last)
+
+    def _merged(self, target: Target, refusal: StaleWriteError, ours: bytes) -> tuple[bytes, tuple[int, int]]:
+        """The merge `write_merging` commits for a refused write, and its parents (base, theirs);
+        raises what the writer is told when there is none."""
+        if not may_merge(refusal.reason, True) or refusal.seen_version is None:
+            raise self.refusal_diff(refusal)
+        base_version, theirs_version = refusal.seen_version, refusal.current_version
+        try:
+            base = b"" if base_version == 0 else self.read_version(target, base_version)
+            theirs = self.read_version(target, theirs_version)
+        except CoherenceError:
+            raise self.refusal_diff(refusal) from None
+        merged, conflicts = diffs.merge3(base, ours, theirs)
+        if conflicts:
+            raise MergeConflict(refusal, conflicts)
+        if merged is None:
+            raise self.refusal_diff(refusal)
+        return merged, (base_version, theirs_version)
+
     def restore(self, agent: str, target: Target, version: int) -> int:
         """Commit the bytes of `version` again as a new version (kind `restore`), with the checks
         of any write (StaleWriteError, with its diff, if `agent` is not current)."""
@@ -76,3 +186,98 @@ class History(Writes):
             return self.commit(agent, target, data, made=("restore", (version,)))
         except StaleWriteError as e:
             raise self.refusal_diff(e) from None
+
+    # ---- policy and retention -----------------------------------------------------
+
+    def policy(self) -> Policy:
+        with self.registry.read() as tx:
+            return Policy.from_json(tx.meta("policy"))
+
+    def set_policy(self, policy: Policy) -> None:
+        self._transact(lambda tx: tx.put_meta("policy", policy.to_json()))
+
+    def prune(self, now: float | None = None, limit: int | None = None) -> Pruned:
+        """Drop the bytes of versions the retention policy no longer keeps (`policy.prunable`:
+        never a current or viewed version, nor one of a path's last `keep_last`): older than
+        `keep_days`, then, over `max_bytes`, the oldest others until the content fits. Each path is
+        decided in its own short transaction and objects are removed under the commit lock only
+        once nothing names them, so writers are never held up for long. At most `limit` versions."""
+        now = time.time() if now is None else now
+        retention = self.policy().retention
+        with self.registry.read() as tx:
+            paths = tx.history_paths()
+        budget = limit if limit is not None else -1
+        versions = objects = freed = 0
+        older_than = now - retention.keep_days * DAY
+
+        def candidates(tx: Transaction, path: str) -> list[Version]:
+            current = current_version(tx.file(path))
+            return prunable(tx.history(path), current, tx.viewed(path), retention.keep_last)
+
+        def prune_path(path: str, choose: str) -> list[str]:
+            def decide(tx: Transaction) -> list[str]:
+                chosen = [v for v in candidates(tx, path) if choose == "all" or v.at < older_than]
+                if budget >= 0:
+                    chosen = chosen[: max(budget - versions, 0)]
+                for v in chosen:
+                    tx.prune(path, v.version)
+                return [v.hash for v in chosen if v.hash is not None]
+
+            return self._transact(decide)
+
+        def drop(hashes: list[str]) -> None:
+            nonlocal objects, freed
+            with self.registry.commit_lock():
+                with self.registry.read() as tx:
+                    unused = [h for h in set(hashes) if not tx.in_use(h)]
+                for digest in unused:
+                    size = self.registry.drop(digest)
+                    objects += 1 if size else 0
+                    freed += size
+
+        for path in paths:
+            if budget >= 0 and versions >= budget:
+                break
+            hashes = prune_path(path, "old")
+            versions += len(hashes)
+            drop(hashes)
+        if retention.max_bytes is not None:
+            cap = retention.max_bytes
+            with self.registry.read() as tx:
+                oldest = sorted((v for path in paths for v in candidates(tx, path)), key=lambda v: v.at)
+            for v in oldest:
+                if budget >= 0 and versions >= budget:
+                    break
+
+                def one(tx: Transaction, v: Version = v) -> bool | None:
+                    """None: the content fits; False: `v` may no longer be pruned."""
+                    if tx.retained_bytes() <= cap:
+                        return None
+                    if v not in candidates(tx, v.path):
+                        return False
+                    tx.prune(v.path, v.version)
+                    return True
+
+                outcome = self._transact(one)
+                if outcome is None:
+                    break
+                if outcome and v.hash is not None:
+                    versions += 1
+                    drop([v.hash])
+        return Pruned(versions, objects, freed)
+
+    def prune_if_due(self, now: float | None = None) -> Pruned | None:
+        """Prune (at most PRUNE_BATCH versions) when the volume's last prune was PRUNE_EVERY seconds
+        ago or more; the first process to find it due claims it, so volumes prune once at a time."""
+        now = time.time() if now is None else now
+
+        def claim(tx: Transaction) -> bool:
+            last = tx.meta("pruned_at")
+            if last is not None and now - float(last) < PRUNE_EVERY:
+                return False
+            tx.put_meta("pruned_at", repr(now))
+            return True
+
+        if not self._transact(claim):
+            return None
+        return self.prune(now, PRUNE_BATCH)

@@ -260,7 +260,7 @@ class Writes(Reads):
                 reason = None
             refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
             based_on_view = handle is None or handle.kind == "write"
-            moves_view = view_moves(check, based_on_view, bool(replayed))
+            moves_view = view_moves(check, based_on_view, bool(replayed) or made[0] == "merge")
             if refusal is None and is_noop(record, content.hash if content is not None else None):
                 if moves_view:
                     tx.put_view(agent, target.rel, version, now)  # no new version, nobody invalidated

@@ -65,11 +65,12 @@ _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
 
 _INO_RANGE = 2**64
 
-_VERSION_COLS = "path, version, kind, writer, at, size, hash, parents"
+_VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned"
 
 VERSIONS_DDL = (
     "CREATE TABLE IF NOT EXISTS versions (path TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL, "
-    "writer TEXT NOT NULL, at FLOAT NOT NULL, size INTEGER, hash TEXT, parents TEXT, PRIMARY KEY (path, version))",
+    "writer TEXT NOT NULL, at FLOAT NOT NULL, size INTEGER, hash TEXT, parents TEXT, "
+    "pruned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (path, version))",
     "CREATE INDEX IF NOT EXISTS versions_hash ON versions (hash)",
 )
 """Every version of every managed path (added to registries made before it existed when opened)."""
@@ -77,7 +78,7 @@ VERSIONS_DDL = (
 
 def _version(row: tuple[Any, ...]) -> Version:
     parents = tuple(int(p) for p in row[7].split(",")) if row[7] else ()
-    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents)
+    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, not row[8])
 
 
 def _ino_to_sql(ino: int) -> int:
@@ -201,9 +202,39 @@ class SQLiteTransaction:
 
     def put_version(self, v: Version) -> None:
         self._c.execute(
-            f"INSERT OR REPLACE INTO versions ({_VERSION_COLS}) VALUES (?,?,?,?,?,?,?,?)",
-            (*v[:7], ",".join(str(p) for p in v.parents) or None),
+            f"INSERT OR REPLACE INTO versions ({_VERSION_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            (*v[:7], ",".join(str(p) for p in v.parents) or None, int(not v.retained)),
         )
+
+    def history_paths(self) -> list[str]:
+        return [row[0] for row in self._c.execute("SELECT DISTINCT path FROM versions WHERE pruned = 0")]
+
+    def viewed(self, path: str) -> set[int]:
+        return {row[0] for row in self._c.execute("SELECT version FROM views WHERE path = ?", (path,))}
+
+    def prune(self, path: str, version: int) -> None:
+        self._c.execute("UPDATE versions SET pruned = 1 WHERE path = ? AND version = ?", (path, version))
+
+    def in_use(self, digest: str) -> bool:
+        return (
+            self._c.execute("SELECT 1 FROM versions WHERE hash = ? AND pruned = 0 LIMIT 1", (digest,)).fetchone()
+            is not None
+            or self._c.execute("SELECT 1 FROM intents WHERE hash = ? LIMIT 1", (digest,)).fetchone() is not None
+        )
+
+    def retained_bytes(self) -> int:
+        row = self._c.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size) AS size FROM versions "
+            "WHERE pruned = 0 AND hash IS NOT NULL GROUP BY hash)"
+        ).fetchone()
+        return int(row[0])
+
+    def meta(self, key: str) -> str | None:
+        row = self._c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_meta(self, key: str, value: str) -> None:
+        self._c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def history(self, path: str, limit: int | None = None) -> list[Version]:
         rows = self._c.execute(
@@ -774,6 +805,9 @@ class SQLiteRegistry:
 
     def load(self, digest: str, what: str) -> bytes:
         return self.objects.get(digest, what)
+
+    def drop(self, digest: str) -> int:
+        return self.objects.drop(digest)
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
         """One consistent read of a file record and an agent's view of it (no explicit transaction)."""

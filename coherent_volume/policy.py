@@ -1,0 +1,76 @@
+"""A volume's policy, set at `init` and changeable later: which managed paths merge a stale write
+instead of refusing it, and how long versions' bytes are retained. Pure: no I/O.
+
+Invariants: pruning never selects a current version, a version some agent's view points at (its
+refusal diffs need it as a base), nor one of the last `keep_last` versions of its path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import VolumeConfigError
+from .globs import ManagedGlobs
+from .protocol import Version
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Keep every version for `keep_days`, and at least the last `keep_last` of each path whatever
+    their age; with `max_bytes`, prune older versions (oldest first, within the same floor) until
+    the retained content fits."""
+
+    keep_days: float = 30.0
+    keep_last: int = 10
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.keep_days, (int, float)) and self.keep_days >= 0):
+            raise VolumeConfigError(f"keep_days must be a number of days >= 0, not {self.keep_days!r}")
+        if not (isinstance(self.keep_last, int) and self.keep_last >= 1):
+            raise VolumeConfigError(f"keep_last must be an integer >= 1, not {self.keep_last!r}")
+        if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes >= 0):
+            raise VolumeConfigError(f"max_bytes must be an integer >= 0 or None, not {self.max_bytes!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    merge: tuple[str, ...] = ()
+    """Globs of managed paths whose stale writes are merged (three-way, by line) when they can be."""
+    retention: Retention = field(default_factory=Retention)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_merge", ManagedGlobs.of(self.merge) if self.merge else None)
+
+    def merges(self, rel: str) -> bool:
+        globs: ManagedGlobs | None = self._merge  # type: ignore[attr-defined]
+        return globs is not None and globs.matches(rel)
+
+    def to_json(self) -> str:
+        r = self.retention
+        return json.dumps(
+            {
+                "merge": list(self.merge),
+                "retention": {"keep_days": r.keep_days, "keep_last": r.keep_last, "max_bytes": r.max_bytes},
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Policy:
+        if text is None:
+            return cls()
+        data = json.loads(text)
+        return cls(tuple(data.get("merge", ())), Retention(**data.get("retention", {})))
+
+
+def prunable(history: list[Version], current: int, viewed: set[int], keep_last: int) -> list[Version]:
+    """Versions of one path (its history, newest first) whose bytes may be dropped: retained, not
+    current, not viewed, not among the last `keep_last`; oldest first."""
+    return [
+        v
+        for v in reversed(history[keep_last:])
+        if v.retained and v.hash is not None and v.version != current and v.version not in viewed
+    ]

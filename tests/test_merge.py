@@ -1,0 +1,182 @@
+"""Opt-in three-way merge of stale writes: the line merge itself (checked against git's), and the
+rule that only a stale write asked to merge is merged, with nothing changed on a conflict."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coherent_volume import CoherentVolume, MergeConflict, Policy, StaleWriteError
+from coherent_volume.diffs import merge3
+
+
+def _git_merge(tmp: Path, base: bytes, ours: bytes, theirs: bytes) -> bytes | None:
+    """git merge-file's merge: its bytes when clean, None on conflicts."""
+    paths = [tmp / name for name in ("ours", "base", "theirs")]
+    for path, data in zip(paths, (ours, base, theirs), strict=True):
+        path.write_bytes(data)
+    done = subprocess.run(["git", "merge-file", "-p", *map(str, paths)], capture_output=True, timeout=30)
+    assert done.returncode >= 0, done.stderr
+    return done.stdout if done.returncode == 0 else None
+
+
+_fresh = itertools.count()
+
+
+@st.composite
+def _edited(draw: st.DrawFn, base: list[str], unique: bool) -> list[str]:
+    """`base` after a few line insertions, deletions and replacements."""
+    lines = list(base)
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from("idr"))
+        pos = draw(st.integers(0, len(lines)))
+        new = f"new {next(_fresh)}\n" if unique else draw(st.sampled_from(["a\n", "b\n", "x\n"]))
+        if op == "i":
+            lines.insert(pos, new)
+        elif pos < len(lines):
+            if op == "d":
+                del lines[pos]
+            else:
+                lines[pos] = new
+    return lines
+
+
+@st.composite
+def _three(draw: st.DrawFn, unique: bool) -> tuple[bytes, bytes, bytes]:
+    n = draw(st.integers(0, 10))
+    base = (
+        [f"line {i}\n" for i in range(n)]
+        if unique
+        else [draw(st.sampled_from(["a\n", "b\n", "c\n"])) for _ in range(n)]
+    )
+    ours = draw(_edited(base, unique))
+    theirs = list(ours) if draw(st.integers(0, 9)) == 0 else draw(_edited(base, unique))
+    return tuple("".join(x).encode() for x in (base, ours, theirs))  # type: ignore[return-value]
+
+
+@settings(
+    max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_three(unique=True))
+def test_the_line_merge_agrees_with_git_merge_file(tmp_path: Path, sides: tuple[bytes, bytes, bytes]) -> None:
+    """With distinct lines (one alignment only) the merge is git's: clean exactly when git's is,
+    with the same bytes."""
+    base, ours, theirs = sides
+    merged, conflicts = merge3(base, ours, theirs)
+    assert (merged is None) == bool(conflicts)
+    assert merged == _git_merge(tmp_path, base, ours, theirs)
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(_three(unique=False))
+def test_the_line_merge_keeps_every_one_sided_change(sides: tuple[bytes, bytes, bytes]) -> None:
+    """With repeated lines alignments are ambiguous and merges may differ from git's; what never
+    differs: one side unchanged means the other side's content, identical sides merge to it."""
+    base, ours, theirs = sides
+    merged, _ = merge3(base, ours, theirs)
+    if ours in (base, theirs):
+        assert merged == theirs
+    elif theirs == base:
+        assert merged == ours
+
+
+def test_binary_content_is_never_merged() -> None:
+    assert merge3(b"a\n", b"\0b\n", b"a\nc\n") == (None, [])
+
+
+def test_a_stale_write_asked_to_merge_is_merged_and_recorded_with_both_parents(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/p.md", "# plan\nstep 1\nstep 2\nstep 3\n")
+    bob.read("plans/p.md")
+    alice.write("plans/p.md", "# plan\nstep 1, done\nstep 2\nstep 3\n")
+    with pytest.raises(StaleWriteError):
+        bob.write("plans/p.md", "# plan\nstep 1\nstep 2\nstep 3\nstep 4\n")  # no merge unless asked
+    assert bob.write("plans/p.md", "# plan\nstep 1\nstep 2\nstep 3\nstep 4\n", merge=True) == 3
+    assert alice.read("plans/p.md") == b"# plan\nstep 1, done\nstep 2\nstep 3\nstep 4\n"
+    merge = alice.history("plans/p.md")[0]
+    assert (merge.kind, merge.writer, merge.parents) == ("merge", "bob", (1, 2))
+    # bob never read the merged result: its next plain write is still stale
+    with pytest.raises(StaleWriteError) as refused:
+        bob.write("plans/p.md", "bob rewrites everything\n")
+    assert refused.value.reason == "stale"
+
+
+def test_overlapping_changes_raise_merge_conflict_and_change_nothing(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/p.md", "a\nb\nc\n")
+    bob.read("plans/p.md")
+    alice.write("plans/p.md", "a\nB by alice\nc\n")
+    with pytest.raises(MergeConflict) as conflict:
+        bob.write("plans/p.md", "a\nB by bob\nc\n", merge=True)
+    assert conflict.value.reason == "stale" and len(conflict.value.conflicts) == 1
+    hunk = conflict.value.conflicts[0]
+    assert (hunk.line, hunk.base, hunk.ours, hunk.theirs) == (2, ("b\n",), ("B by bob\n",), ("B by alice\n",))
+    assert "B by bob" in str(conflict.value) and "B by alice" in str(conflict.value)
+    assert alice.read("plans/p.md") == b"a\nB by alice\nc\n" and alice.version("plans/p.md") == 2
+
+
+def test_held_unread_and_binary_writes_are_never_merged(vols) -> None:
+    alice, bob, carol = vols("alice"), vols("bob"), vols("carol")
+    alice.write("plans/p.md", "a\n")
+    with pytest.raises(StaleWriteError) as unread:
+        carol.write("plans/p.md", "a\nc\n", merge=True)
+    assert unread.value.reason == "unread" and not isinstance(unread.value, MergeConflict)
+    bob.read("plans/p.md")
+    with alice.lock("plans/p.md"), pytest.raises(StaleWriteError) as held:
+        bob.write("plans/p.md", "a\nb\n", merge=True)
+    assert held.value.reason == "held"
+    alice.write("plans/p.bin", b"\0one")
+    bob.read("plans/p.bin")
+    alice.write("plans/p.bin", b"\0two")
+    with pytest.raises(StaleWriteError) as binary:
+        bob.write("plans/p.bin", b"\0three", merge=True)
+    assert binary.value.reason == "stale" and alice.read("plans/p.bin") == b"\0two"
+
+
+def test_merge_globs_of_the_volume_merge_without_asking(root: Path, vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(merge=("plans/log.md",)))
+    alice.write("plans/log.md", "one\n")
+    alice.write("plans/other.md", "one\n")
+    bob.read("plans/log.md")
+    bob.read("plans/other.md")
+    alice.write("plans/log.md", "zero\none\n")
+    alice.write("plans/other.md", "zero\none\n")
+    assert bob.write("plans/log.md", "one\ntwo\n") == 3
+    assert alice.read("plans/log.md") == b"zero\none\ntwo\n"
+    with pytest.raises(StaleWriteError):
+        bob.write("plans/other.md", "one\ntwo\n")
+    # another process of the volume sees the policy
+    with CoherentVolume(root, agent="carol") as carol:
+        assert carol.policy.merges("plans/log.md") and not carol.policy.merges("plans/other.md")
+
+
+def test_concurrent_merging_writers_lose_no_line(root: Path) -> None:
+    """Eight processes, each appending its own lines by whole-file rewrites from a stale view with
+    merge=True: every line arrives (each rewrite is merged onto what the others committed)."""
+    CoherentVolume(root, agent="setup").write("plans/log.md", "".join(f"base {i}\n" for i in range(3)))
+    code = """
+import sys
+from coherent_volume import CoherentVolume, MergeConflict
+me = sys.argv[1]
+with CoherentVolume(sys.argv[2], agent=me) as vol:
+    for i in range(10):
+        data = vol.read("plans/log.md")
+        while True:
+            try:
+                vol.write("plans/log.md", data + f"{me} {i}\\n".encode(), merge=True)
+                break
+            except MergeConflict:  # two appends at the same end: re-read and redo
+                data = vol.read("plans/log.md")
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"w{n}", str(root)]) for n in range(8)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 8
+    with CoherentVolume(root, agent="check") as vol:
+        lines = vol.read("plans/log.md").decode().splitlines()
+    assert sorted(lines) == sorted([f"base {i}" for i in range(3)] + [f"w{n} {i}" for n in range(8) for i in range(10)])
