@@ -4,6 +4,7 @@ rule that only a stale write asked to merge is merged, with nothing changed on a
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,35 @@ with CoherentVolume(sys.argv[2], agent=me) as vol:
     with CoherentVolume(root, agent="check") as vol:
         lines = vol.read("plans/log.md").decode().splitlines()
     assert sorted(lines) == sorted([f"base {i}" for i in range(3)] + [f"w{n} {i}" for n in range(8) for i in range(10)])
+
+
+def test_through_the_mount_a_stale_save_over_a_merge_glob_file_merges_or_is_refused(root: Path, tmp_path: Path) -> None:
+    """Saving by rename (a temp file moved over the file, as editors do) from a stale view merges;
+    overlapping changes are refused at the rename (EACCES) and change nothing. An in-place rewrite
+    from a stale view is refused at open, as for any managed file."""
+    from .harness.mounts import Mount
+
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.set_policy(Policy(merge=("plans/log.md",)))
+        setup.write("plans/log.md", "one\ntwo\n")
+    with Mount(root, tmp_path / "mnt") as m:
+        plans = m.path / "plans"
+
+        def run(agent: str, script: str) -> subprocess.CompletedProcess[str]:
+            env = {**os.environ, "COHERENT_AGENT": agent}
+            return subprocess.run(["sh", "-c", script], cwd=plans, env=env, capture_output=True, text=True, timeout=30)
+
+        assert run("a", "cat log.md").stdout == "one\ntwo\n"  # a's view: v1
+        assert run("b", "cat log.md >/dev/null && printf 'zero\\none\\ntwo\\n' > t && mv t log.md").returncode == 0
+        saved = run("a", "printf 'one\\ntwo\\nthree\\n' > t2 && mv t2 log.md")
+        assert saved.returncode == 0, saved.stderr
+        assert (plans / "log.md").read_text() == "zero\none\ntwo\nthree\n"
+        assert sorted(os.listdir(plans)) == ["log.md"]
+        clash = run("a", "printf 'ONE\\ntwo\\nthree\\n' > t3 && mv t3 log.md")
+        assert clash.returncode != 0 and "Permission denied" in clash.stderr
+        assert (plans / "log.md").read_text() == "zero\none\ntwo\nthree\n"
+        in_place = run("a", "printf 'x\\n' > log.md")
+        assert in_place.returncode != 0 and "Permission denied" in in_place.stderr
+    with CoherentVolume(root, agent="check") as vol:
+        newest = vol.history("plans/log.md")[0]
+        assert (newest.kind, newest.writer, newest.parents) == ("merge", "a", (1, 2))

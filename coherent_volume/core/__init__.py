@@ -19,18 +19,18 @@ from ..globs import ManagedGlobs
 from ..paths import REGISTRY_DIR
 from ..registry.sqlite import SQLiteRegistry
 from .base import Isolation, validate_agent
-from .history import History
 from .reads import Observed
 from .renames import Renames
 from .sessions import Sessions
 from .writes import HandleCommit
 
-# Layering: base <- reads <- writes <- renames, sessions, history <- VolumeCore; each module one job.
+# Layering: base <- reads <- writes <- history <- renames; writes <- sessions; renames, sessions <- VolumeCore.
+# Each module has one job.
 
 __all__ = ["HandleCommit", "Isolation", "Observed", "VolumeCore", "open_core", "validate_agent"]
 
 
-class VolumeCore(Renames, Sessions, History):
+class VolumeCore(Renames, Sessions):
     """The protocol over one root and its registry; thread-safe; one per process per volume."""
 
 

@@ -21,9 +21,10 @@ from ..paths import Target, printable
 from ..protocol import (
     Intent,
     current_version,
+    may_merge,
 )
 from ..registry import Transaction
-from .writes import Writes
+from .history import History
 
 
 def _rename_types_fit(src: Target, dst: Target, exchange: bool) -> None:
@@ -70,7 +71,7 @@ class _Tree:
                 self.linked.append(rel)
 
 
-class Renames(Writes):
+class Renames(History):
     # ---- renames --------------------------------------------------------------------
 
     def _may_hold_managed(self, target: Target) -> bool:
@@ -141,12 +142,44 @@ class Renames(Writes):
         A rename deletes every file at its old name and creates it at its new one (with `exchange`,
         in both directions): each managed path that loses or changes content is a write that needs
         the agent's current view, each that gains content a creation, all decided in one
-        commit-locked step, so a refusal of any of them renames nothing."""
+        commit-locked step, so a refusal of any of them renames nothing.
+
+        Saving over a path the volume's merge globs name (a file renamed over it, the way editors
+        save) from a stale view is merged instead (`write_merging`): the merge is committed at
+        `dst` and `src` removed, or the rename is refused (MergeConflict) and nothing changes."""
         if not self.rename_is_checked(src, dst):
             atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
             return
         agent = self.agent(agent)
         _rename_types_fit(src, dst, exchange)
+        try:
+            self._rename_checked(agent, src, dst, exchange, noreplace)
+        except StaleWriteError as refusal:
+            if not self._saves_by_merging(refusal, src, dst, exchange, noreplace):
+                raise
+            with open(src.abs, "rb") as f:  # src is a regular file: checked above
+                ours = f.read()
+            self.write_merging(agent, dst, ours)
+            if src.managed:
+                self.commit(agent, src, None)
+            else:
+                os.unlink(src.abs)
+
+    def _saves_by_merging(
+        self, refusal: StaleWriteError, src: Target, dst: Target, exchange: bool, noreplace: bool
+    ) -> bool:
+        """Whether a refused rename is a save over a merge-glob file from a stale view: one regular
+        file replacing `dst`, refused only because `dst` moved on since the agent read it."""
+        if exchange or noreplace or refusal.path != dst.rel or not may_merge(refusal.reason, True):
+            return False
+        try:
+            is_file = stat_mod.S_ISREG(os.lstat(src.abs).st_mode)
+        except OSError:
+            return False
+        return is_file and self.policy().merges(dst.rel)
+
+    def _rename_checked(self, agent: str, src: Target, dst: Target, exchange: bool, noreplace: bool) -> None:
+        """`rename` of a checked rename: decided for every managed path it changes at once."""
 
         def decide(tx: Transaction) -> tuple[list[Planned], StaleWriteError | None]:
             now = time.time()
