@@ -350,3 +350,24 @@ def test_a_file_larger_than_one_read_is_read_whole(root: Path, monkeypatch: pyte
 def test_a_managed_name_that_is_not_utf8_is_a_clear_error(root: Path) -> None:
     with CoherentVolume(root, agent="alice") as vol, pytest.raises(InvalidPath, match="UTF-8"):
         vol._core.paths.of_rel("plans/\udcff.md")
+
+
+def test_repeated_reads_see_every_change_at_once(root: Path, vols) -> None:
+    """A tracked read that finds its view already current skips the registry for the same inode
+    state: a peer's commit (a new inode) or a same-size foreign write in place (new bytes) must
+    still be seen, and registered, by the very next read."""
+    a, b = vols("a"), vols("b")
+    a.write("plans/p.md", "aaaa")
+    assert a.read("plans/p.md") == b"aaaa" and a.read("plans/p.md") == b"aaaa"
+    b.read("plans/p.md")
+    b.write("plans/p.md", "bbbb")
+    assert a.read("plans/p.md") == b"bbbb" and a.version("plans/p.md") == 2
+    a.write("plans/p.md", "cccc")  # accepted: a's view moved to v2 with that read
+    with open(root / "plans" / "p.md", "r+b") as f:  # foreign, in place, same size
+        f.write(b"dddd")
+    assert a.read("plans/p.md") == b"dddd"
+    assert a.version("plans/p.md") == 4
+    a.write("plans/p.md", "eeee")  # a's view is the foreign version it just read
+    a.forget("plans/p.md")
+    a.read("plans/p.md")
+    assert a.write("plans/p.md", "ffff") == 6

@@ -16,13 +16,19 @@ from ..protocol import (
     needs_hash,
     read_moves_view,
 )
-from ..registry import Transaction
+from ..registry import Registry, Transaction
 from .base import CoreBase
 
 NOT_UTF8 = (
     "its name is not valid UTF-8: the volume records paths as UTF-8, so it cannot record or protect "
     "this file; rename it to a UTF-8 name"
 )
+
+
+CONFIRMED_FOR = 1.0
+"""Seconds a read that found its agent's view already at the bytes' version is trusted to stay so
+while the file keeps its fingerprint and hash (`Reads.read`)."""
+CONFIRMED_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,16 @@ class Observed:
 
 
 class Reads(CoreBase):
+    _confirmed: dict[tuple[str, str], tuple[Fingerprint, str, int, float]]
+    """(agent, path) -> (fingerprint, hash, version, until): a tracked read of these exact bytes of
+    this inode found (or made) the agent's view that version. Another read of the same inode state
+    within CONFIRMED_FOR seconds needs no registry round trip: every commit installs a new inode, a
+    foreign in-place write moves ctime, and the hash must match too. Per process."""
+
+    def __init__(self, root: str, registry: Registry) -> None:
+        super().__init__(root, registry)
+        self._confirmed = {}
+
     # ---- reads ----------------------------------------------------------------------
 
     def read(self, agent: str, target: Target, fd: int | None = None, *, register: bool = True) -> Observed:
@@ -44,12 +60,22 @@ class Reads(CoreBase):
         if not target.managed:
             return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
-            data, _ = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
+            data, fp = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
         except FileNotFoundError:
             data = None
         if data is not None:
-            version = self._pair(agent, target, content_hash(data), register)
+            digest = content_hash(data)
+            key = (agent, target.rel)
+            now = time.monotonic()
+            confirmed = self._confirmed.get(key)
+            if register and confirmed is not None and confirmed[:2] == (fp, digest) and now < confirmed[3]:
+                return Observed(data, confirmed[2])
+            version = self._pair(agent, target, digest, register)
             if version is not None:
+                if register:
+                    if len(self._confirmed) >= CONFIRMED_MAX:
+                        self._confirmed.clear()
+                    self._confirmed[key] = (fp, digest, version, now + CONFIRMED_FOR)
                 return Observed(data, version)
         return self._read_locked(agent, target, register)
 
@@ -215,6 +241,7 @@ class Reads(CoreBase):
         os.unlink(target.abs)
 
     def forget(self, agent: str, target: Target) -> None:
+        self._confirmed.pop((agent, target.rel), None)
         self.registry.transact(lambda tx: tx.drop_view(agent, target.rel))
 
     def clear_fence(self, agent: str, target: Target) -> None:
