@@ -8,7 +8,8 @@ file-system level every write looks fresh. Its hooks show what the model actuall
   tools' own re-reads through a mount never refresh them);
 - PreToolUse Write/Edit/MultiEdit/NotebookEdit checks the view and takes the session's write
   grant on the path in one commit-locked step (`VolumeCore.begin_write`), or denies the write
-  with a reason and a remedy the model can act on;
+  with a reason and a remedy the model can act on (a `stale` denial also shows the diff of what
+  changed since the session's view, bounded);
 - PostToolUse of a write tool records the session's own commit (`adopt`) and releases that
   grant; PostToolUseFailure and PermissionDenied release it;
 - SessionEnd releases everything the session holds.
@@ -16,7 +17,8 @@ file-system level every write looks fresh. Its hooks show what the model actuall
 Invariants: between PreToolUse and PostToolUse of a write no other hooked session can pass
 its PreToolUse on the same path (it is refused `held`), so check and write are one step.
 A write to a path that is (or may be) managed is denied whenever the hook cannot decide in
-time or fails; it is allowed without a decision only for paths in no volume.
+time or fails; it is allowed without a decision only for paths in no volume. A denial, once
+decided, stands: a diff that cannot be made in time is left out of it, never the denial.
 
 Every rule is the core's; this module maps hook events onto it.
 """
@@ -29,8 +31,9 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,15 @@ TTL only bounds how long a session that never reports back (a write rejected in 
 permission dialog, an interrupted tool, a killed hook) blocks other sessions. If a permission
 prompt outlasts it and another session commits meanwhile, the late write is logged as a
 clobber and PostToolUse tells the model, so the overwrite is never silent."""
+
+DIFF_BUDGET = 1.0
+"""Seconds a decided `stale` denial waits for the diff it shows (within HOOK_BUDGET); past it,
+or if the diff fails, the denial is answered without it (difflib can take seconds on a large file
+changed in many places)."""
+
+DIFF_LINE_CHARS = 240
+"""Characters shown of one line of a denial's diff; the diff's lines are already cut to
+`diffs.MAX_LINES`, so a denial stays small whatever the file (a minified one-line file too)."""
 
 WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
 HOOK_COMMAND_MARK = "hook claude-code"
@@ -156,7 +168,8 @@ def remedy(refusal: StaleWriteError) -> str:
 
 
 def denial_text(core: VolumeCore, refusal: StaleWriteError) -> str:
-    """What the model is told: which file, what it read, what is current, who wrote it, what to do."""
+    """What the model is told: which file, what it read, what is current, who wrote it, what
+    changed since (`refusal.diff`, when attached, with long lines shortened) and what to do."""
     with core.registry.read() as tx:
         record = tx.file(refusal.path)
     seen = (
@@ -166,9 +179,25 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError) -> str:
     )
     who = f"written by {refusal.last_writer} at {_when(record.committed_at if record else None)}"
     held = f" {refusal.holder} holds its write grant right now." if refusal.holder else ""
+    changes = (
+        f"\nWhat changed since version {refusal.seen_version} (unified diff to version "
+        f"{refusal.current_version}):\n{_shortened(refusal.diff)}\n"
+        if refusal.diff
+        else " "
+    )
     return (
         f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {seen}; the current "
-        f"version is {refusal.current_version}, {who}.{held} {remedy(refusal)}"
+        f"version is {refusal.current_version}, {who}.{held}{changes}{remedy(refusal)}"
+    )
+
+
+def _shortened(diff: str) -> str:
+    """`diff` (already cut to a number of lines) with each line cut to DIFF_LINE_CHARS characters."""
+    return "\n".join(
+        line
+        if len(line) <= DIFF_LINE_CHARS
+        else f"{line[:DIFF_LINE_CHARS]}... ({len(line) - DIFF_LINE_CHARS} more characters)"
+        for line in diff.rstrip("\n").split("\n")
     )
 
 
@@ -199,6 +228,10 @@ class Progress:
     path: str | None = None
     in_volume: bool | None = None
     managed: bool | None = None
+    denial: Answer | None = None
+    """A denial already decided; answered if what follows it (its diff) does not finish in time."""
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Set once the answer is known: `denial` decided, or the handling ended."""
 
 
 def _is_write_check(event: dict[str, Any]) -> bool:
@@ -262,7 +295,7 @@ def handle(event: dict[str, Any], process: ProcessId | None = None, progress: Pr
             try:  # check and grant in one commit-locked step: nobody else passes until PostToolUse
                 core.begin_write(agent, target, owner, kind="write", ttl=HOOK_GRANT_TTL)
             except StaleWriteError as refusal:
-                return _deny(denial_text(core, refusal))
+                return _denied(core, refusal, progress)
             return Answer()
         if name == "PostToolUse" and tool == "Read":
             core.observe(agent, target, _saw(event.get("tool_response")))  # a confirmed read also lifts a fence
@@ -274,6 +307,17 @@ def handle(event: dict[str, Any], process: ProcessId | None = None, progress: Pr
     finally:
         core.registry.close()
         core.paths.close()
+
+
+def _denied(core: VolumeCore, refusal: StaleWriteError, progress: Progress) -> Answer:
+    """The denial of `refusal`. It is decided first (`progress.denial`); a `stale` one then gets the
+    diff of what changed since the session's view (`VolumeCore.refusal_diff`, cut), which `run_hook`
+    waits for at most DIFF_BUDGET seconds."""
+    progress.denial = _deny(denial_text(core, refusal))
+    progress.settled.set()
+    if refusal.reason != "stale":
+        return progress.denial
+    return _deny(denial_text(core, core.refusal_diff(refusal)))
 
 
 def _release_hook_grant(core: VolumeCore, agent: str, target: Target, owner: ProcessId) -> bool:
@@ -368,12 +412,19 @@ def run_hook(stdin: str, process: ProcessId | None = None, budget: float = HOOK_
             result.append(handle(event, process, progress))
         except BaseException as e:  # noqa: BLE001 -- answered below: a hook must never crash the session
             failure.append(e)
+        finally:
+            progress.settled.set()
 
+    deadline = time.monotonic() + max(budget, 0.0)
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    worker.join(max(budget, 0.0))
+    progress.settled.wait(max(budget, 0.0))
+    if not result and progress.denial is not None:  # decided: only the denial's diff may be missing
+        worker.join(max(min(DIFF_BUDGET, deadline - time.monotonic()), 0.0))
     if result:
         return result[0]
+    if progress.denial is not None:
+        return progress.denial
     if failure:
         error = failure[0]
         return _undecided(event, progress, f"the check failed ({type(error).__name__}: {error})")

@@ -1,6 +1,8 @@
 """The `coherent-volume` command: a thin presentation layer over core and report.
 
-Human output is a table (rich); `--json` output is for tools and keeps every field.
+Human output is a table (rich); `--json` output is for tools and keeps every field. Diffs and a
+version's bytes are printed as they are. Typed errors are messages with an exit status per kind
+(EXIT_*), never tracebacks.
 """
 
 from __future__ import annotations
@@ -13,15 +15,26 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from . import report
-from .core import open_core
-from .errors import CoherenceError
+from .core import VolumeCore, open_core
+from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
+from .paths import Target
 from .policy import Policy, Retention
+from .protocol import Version
 from .registry import Event
+
+EXIT_ERROR = 1
+"""Any other error (click uses 2 for bad usage)."""
+EXIT_REFUSED = 3
+"""A write (`restore`) was refused (StaleWriteError): nothing was changed."""
+EXIT_GONE = 4
+"""The version asked for has no bytes: it never existed, is a deletion, or was pruned (VersionGone)."""
+EXIT_DAMAGED = 5
+"""The version's stored bytes no longer match its hash: they are never served (DamagedContent)."""
 
 
 def _when(ts: float | None) -> str:
@@ -32,8 +45,10 @@ def _console() -> Any:
     # imported lazily: hooks and scripts must start fast
     from rich.console import Console
 
-    # markup off: paths and agent names are data, never rich markup ("plans/[bold].md" prints as it is)
-    return Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    # markup and emoji codes off: paths and agent names are data ("plans/[bold]:x:.md" prints as it is)
+    return Console(
+        highlight=False, markup=False, emoji=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160
+    )
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
@@ -51,14 +66,29 @@ def _json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _fail(error: BaseException, code: int) -> NoReturn:
+    """End the command as click ends one on an error: its message on stderr, exit status `code`."""
+    click.echo(f"Error: {error}", err=True)
+    raise click.exceptions.Exit(code) from error
+
+
 def _guard(fn: Callable[..., None]) -> Callable[..., None]:
-    """Turn our typed errors into a clear message and exit status 1 (never a traceback)."""
+    """Turn our typed errors into a clear message and their exit status (never a traceback)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
+        except StaleWriteError as e:
+            _fail(e, EXIT_REFUSED)
+        except VersionGone as e:
+            _fail(e, EXIT_GONE)
+        except DamagedContent as e:
+            _fail(e, EXIT_DAMAGED)
+        except BrokenPipeError:  # the reader left (`log -p | head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            raise click.exceptions.Exit(EXIT_ERROR) from None
         except (CoherenceError, OSError) as e:
-            raise click.ClickException(str(e)) from e
+            _fail(e, EXIT_ERROR)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -185,12 +215,14 @@ def prune(root: str, as_json: bool) -> None:
 @_guard
 def status(root: str, as_json: bool, show_all: bool) -> None:
     """Each managed file (version, last writer, when, grant holder) and each agent's stale views."""
-    st = report.status(open_core(root))
+    st = report.status(_open(root))
     if as_json:
         _json(st.as_json())
         return
     console = _console()
     console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
+    if st.store is not None:
+        console.print(f"content store: {st.store.objects} objects, {_size(st.store.bytes)}")
     shown = [f for f in st.files if show_all or f.present or f.holder or not f.version]
     console.print(
         _table(
@@ -248,20 +280,31 @@ _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
     show_default=True,
     help="How many of the latest events to show first.",
 )
+@click.option("--patch", "-p", is_flag=True, help="Show each version's diff against the version before it.")
 @_guard
-def log(root: str, follow: bool, as_json: bool, limit: int) -> None:
-    """Commits, refusals (with reason), foreign writes, grants and reclaims, oldest first."""
-    core = open_core(root)
+def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None:
+    """Commits, refusals (with reason), foreign writes, grants and reclaims, oldest first.
+
+    With -p, each event that made a version is followed by its diff against the version before
+    it (none for binary content; a note when either version's bytes are not retained); --json
+    adds them as "diff" and "diff_note"."""
+    core = _open(root)
     batch = report.events(core, limit=limit)
     after = batch[-1].seq if batch else 0
 
     def emit(items: list[Event]) -> None:
         if as_json:
             for e in items:
-                click.echo(json.dumps(asdict(e), sort_keys=True))
-        elif follow:
+                data: dict[str, object] = asdict(e)
+                if patch:
+                    shown = report.commit_diff(core, e)
+                    data["diff"], data["diff_note"] = (shown.diff, shown.note) if shown else (None, None)
+                click.echo(json.dumps(data, sort_keys=True))
+        elif follow or patch:
             for e in items:
                 click.echo("  ".join(_event_row(e)))
+                if patch:
+                    _echo_diff(report.commit_diff(core, e))
         else:
             _console().print(_table("log", _LOG_COLUMNS, [_event_row(e) for e in items]))
         sys.stdout.flush()
@@ -275,11 +318,50 @@ def log(root: str, follow: bool, as_json: bool, limit: int) -> None:
             emit(batch)
 
 
-def _volume_of(path: str) -> tuple[str, str] | None:
-    """(volume root, path inside it) when `path` lies in a mounted volume or under a volume root."""
+def _echo_diff(shown: report.VersionDiff | None) -> None:
+    """A diff as it is, or the note saying why there is none."""
+    if shown is None:
+        return
+    if shown.diff:
+        click.echo(shown.diff, nl=False)
+    elif shown.note:
+        click.echo(f"    ({shown.note})")
+
+
+def _size(n: int) -> str:
+    """`n` bytes for people: 512 bytes, 1.5 KiB, 3.2 MiB, 2.0 GiB."""
+    if n < 1024:
+        return f"{n} bytes"
+    power = min((n.bit_length() - 1) // 10, 3)
+    return f"{n / 1024**power:.1f} {('KiB', 'MiB', 'GiB')[power - 1]}"
+
+
+def _open(root: str) -> VolumeCore:
+    """The volume at ROOT; ROOT may also be where it is mounted (its backing root is opened)."""
+    from .mounts import fuse_mounts
+
+    return open_core(fuse_mounts().get(os.path.abspath(root), root))
+
+
+def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, tuple[str, ...]]:
+    """The volume and file named by `[ROOT] PATH` at the start of `args`, and the (at most `extra`)
+    arguments after them. ROOT is a volume root or a mountpoint of one; without it, PATH is a path
+    inside a volume (mounted or not). With `extra`, a first argument that is a directory is ROOT."""
     from .claude_code import locate
 
-    return locate(path)
+    if len(args) == 2 + extra or (len(args) > 1 and os.path.isdir(args[0])):
+        root, path, rest = args[0], args[1], args[2:]
+        given = os.path.abspath(root)
+        if os.path.isabs(path) and path.startswith(given + os.sep):
+            path = os.path.relpath(path, given)  # a path through the mountpoint given as ROOT
+    elif args and (found := locate(args[0])) is not None:
+        (root, path), rest = found, args[1:]
+    else:
+        raise click.UsageError("give ROOT PATH, or a PATH inside a volume (its root or a mount of it)")
+    if len(rest) > extra:
+        raise click.UsageError(f"unexpected arguments: {' '.join(rest[extra:])}")
+    core = _open(root)
+    return core, core.resolve(path), rest
 
 
 @main.command()
@@ -287,17 +369,12 @@ def _volume_of(path: str) -> tuple[str, str] | None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
 def why(paths: tuple[str, ...], as_json: bool) -> None:
-    """Why a write to PATH was refused: the refusal, who changed the file since, and what to do.
+    """Why a write to PATH was refused: the refusal, who changed the file since (and the diff from
+    the refused agent's view to the current version), and what to do.
 
     Give the volume ROOT and a PATH in it, or just a PATH inside a volume (mounted or not)."""
-    if len(paths) == 2:
-        root, path = paths
-    elif len(paths) == 1 and (found := _volume_of(paths[0])) is not None:
-        root, path = found
-    else:
-        raise click.UsageError("give ROOT PATH, or a PATH inside a volume (its root or a mount of it)")
-    core = open_core(root)
-    answer = report.why(core, core.resolve(path))
+    core, target, _ = _target(paths)
+    answer = report.why(core, target)
     if as_json:
         _json(answer.as_json())
         return
@@ -318,7 +395,147 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
             console.print(
                 _table("changed since that agent's view", _LOG_COLUMNS, [_event_row(e) for e in answer.changes])
             )
+        if answer.diff:
+            console.print(f"what changed from v{r.seen_version} (that agent's view) to the current v{answer.version}:")
+            click.echo(answer.diff, nl=False)
+        elif answer.diff_note:
+            console.print(answer.diff_note)
     console.print(f"what to do: {answer.advice}")
+
+
+def _kind(v: Version) -> str:
+    if v.kind == "restore" and v.parents:
+        return f"restore of v{v.parents[0]}"
+    if v.kind == "merge" and v.parents:
+        return f"merge of v{v.parents[0]} and v{v.parents[-1]}"
+    return v.kind
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
+@click.option("--limit", "-n", type=click.IntRange(min=1), help="Only the newest N versions.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def history(paths: tuple[str, ...], limit: int | None, as_json: bool) -> None:
+    """Every version of a managed file, newest first: version, kind, writer, when, size, content
+    hash, and whether its bytes are still retained."""
+    core, target, _ = _target(paths)
+    versions = core.history(target, limit)
+    if as_json:
+        _json({"path": target.rel, "versions": [v._asdict() for v in versions]})
+        return
+    _console().print(
+        _table(
+            f"history of {target.rel}",
+            ["version", "kind", "writer", "when", "size", "content"],
+            [
+                [
+                    str(v.version),
+                    _kind(v),
+                    v.writer,
+                    _when(v.at),
+                    "-" if v.size is None else str(v.size),
+                    "-" if v.hash is None else v.hash[:16] + ("" if v.retained else " (pruned)"),
+                ]
+                for v in versions
+            ],
+        )
+    )
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
+@click.option("--version", "version", type=click.IntRange(min=1), required=True, help="The version to print.")
+@_guard
+def show(paths: tuple[str, ...], version: int) -> None:
+    """Print the bytes of one version of a managed file, as they are (no view is registered)."""
+    core, target, _ = _target(paths)
+    data = core.read_version(target, version)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _version_number(text: str) -> int:
+    if not text.isdigit():
+        raise click.UsageError(f"{text!r} is not a version number (0 is before the file existed)")
+    return int(text)
+
+
+@main.command("diff")
+@click.argument("args", nargs=-1, required=True, metavar="[ROOT] PATH [A [B]]")
+@click.option("--agent", help="From this agent's view (the version it last read; 0 if none) to the current version.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> None:
+    """Unified diff between two versions of a managed file.
+
+    No A: the latest change (the version before the current one to the current one). A: from A to
+    the current version. A B: from A to B. Version 0 is before the file existed. Binary content
+    has no line diff."""
+    core, target, rest = _target(args, extra=2)
+    numbers = [_version_number(text) for text in rest]
+    current = core.version(target)
+    if agent is not None:
+        if numbers:
+            raise click.UsageError("give versions A [B] or --agent, not both")
+        old = core.seen(agent, target) or 0
+    else:
+        old = numbers[0] if numbers else max(current - 1, 0)
+    new = numbers[1] if len(numbers) > 1 else current
+    text = core.diff(target, old, new)
+    if as_json:
+        _json({"path": target.rel, "from": old, "to": new, "diff": text, "binary": text is None})
+    elif text is None:
+        click.echo(f"{target.rel}: v{old} to v{new}: binary content, no line diff")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
+@click.option("--version", "version", type=click.IntRange(min=1), required=True, help="The version to restore.")
+@click.option(
+    "--agent",
+    required=True,
+    envvar="COHERENT_AGENT",
+    help="Who restores it (default: $COHERENT_AGENT); it must have read the current version.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a refusal too).")
+@_guard
+def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> None:
+    """Commit the bytes of an old version again, as a new version (kind restore), with the checks of
+    any write: AGENT must have read the current version, else the refusal (with the diff of what
+    changed since its view) and exit status 3."""
+    from .core import validate_agent
+
+    core, target, _ = _target(paths)
+    before = core.version(target)
+    try:
+        new = core.restore(validate_agent(agent), target, version)
+    except StaleWriteError as refusal:
+        if as_json:
+            _json({"path": target.rel, "restored": version, "version": None, "refusal": _refusal_json(refusal)})
+        raise
+    if as_json:
+        _json({"path": target.rel, "restored": version, "version": new, "refusal": None})
+    elif new == before:
+        click.echo(f"{target.rel}: v{new} already holds the bytes of v{version}; nothing committed")
+    else:
+        click.echo(f"{target.rel}: restored v{version} as v{new}")
+
+
+def _refusal_json(e: StaleWriteError) -> dict[str, object]:
+    return {
+        "agent": e.agent,
+        "reason": e.reason,
+        "seen_version": e.seen_version,
+        "current_version": e.current_version,
+        "last_writer": e.last_writer,
+        "holder": e.holder,
+        "changed": list(e.changed),
+        "diff": e.diff,
+        "message": str(e),
+    }
 
 
 @main.command()
@@ -369,6 +586,12 @@ def run_as(name: str, command: tuple[str, ...]) -> None:
         os.execvpe(argv[0], argv, {**os.environ, "COHERENT_AGENT": name})
     except OSError as e:
         raise click.ClickException(f"cannot run {argv[0]!r}: {e.strerror}") from e
+
+
+# defined beside the server (mcp_server.py), which imports the MCP SDK only when the command runs
+from .mcp_server import mcp_command  # noqa: E402
+
+main.add_command(mcp_command)
 
 
 @main.group("claude-code")

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 MAX_LINES = 80
 """Lines of a diff shown in a refusal (`cut`); the rest is counted, not shown."""
+MAX_LINE_CHARS = 240
+"""Characters of one diff line shown in a refusal (`cut`): a minified file is one long line."""
+MAX_INPUT_BYTES = 256 * 1024
+"""Largest pair of versions a refusal diffs (`small_enough`): a line diff of big, much-changed
+files can take seconds, which a refusal (or a hook's budget) must not wait for."""
 
 
 def is_text(data: bytes) -> bool:
@@ -34,12 +39,24 @@ def unified(old: bytes | None, new: bytes | None, old_label: str, new_label: str
     return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
 
 
-def cut(diff: str, max_lines: int = MAX_LINES) -> str:
-    """`diff` cut to `max_lines` lines, saying how many were left out."""
+def small_enough(old_size: int, new_size: int) -> bool:
+    """Whether two versions are small enough to diff for a refusal (MAX_INPUT_BYTES together)."""
+    return old_size + new_size <= MAX_INPUT_BYTES
+
+
+def cut(diff: str, max_lines: int = MAX_LINES, max_line_chars: int = MAX_LINE_CHARS) -> str:
+    """`diff` cut to `max_lines` lines of at most `max_line_chars` characters, saying how much was
+    left out."""
     lines = diff.splitlines(keepends=True)
-    if len(lines) <= max_lines:
-        return diff
-    return "".join(lines[:max_lines]) + f"... {len(lines) - max_lines} more lines of the diff not shown\n"
+    shown = [
+        line
+        if len(line) <= max_line_chars
+        else f"{line[:max_line_chars]}... ({len(line) - max_line_chars} more characters)\n"
+        for line in lines[:max_lines]
+    ]
+    if len(lines) > max_lines:
+        shown.append(f"... {len(lines) - max_lines} more lines of the diff not shown\n")
+    return "".join(shown)
 
 
 @dataclass(frozen=True)

@@ -154,10 +154,16 @@ def read_shows_content(offset: int, returned: int) -> bool:
     return returned > 0 or offset == 0
 
 
-def read_moves_view(pinned: bool, program: str | None, loaded_before: bool) -> bool:
-    """Whether a read moves its agent's view to the version read. Not for a pinned agent (its views
-    move only with what its model read, see the hooks), nor for a buffering program re-reading a
-    file it already loaded (vim's backup copy while saving would otherwise let a stale save through)."""
+def read_moves_view(
+    pinned: bool, program: str | None, loaded_before: bool, seen: int | None = None, version: int = 0
+) -> bool:
+    """Whether a read of `version` through a handle opened earlier moves its agent's view (`seen`)
+    there. Not for a pinned agent (its views move only with what its model read, see the hooks),
+    nor for a buffering program re-reading a file it already loaded (vim's backup copy while saving
+    would otherwise let a stale save through), nor backwards: a handle that still serves an older
+    version (its file was replaced or deleted since) shows the agent nothing newer than it saw."""
+    if seen is not None and version < seen:
+        return False
     return not pinned and not (program in BUFFERING_PROGRAMS and loaded_before)
 
 

@@ -1,15 +1,18 @@
-"""What `status`, `log` and `why` show: plain data read from the registry, no presentation."""
+"""What `status`, `log` and `why` show: plain data read from the registry and the content store,
+no presentation."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
 
+from . import diffs
 from .core import VolumeCore
-from .errors import REMEDY
+from .errors import REMEDY, DamagedContent, VersionGone
 from .paths import Target, printable
 from .protocol import grant_over
 from .registry import AgentSummary, Event
+from .registry.sqlite import SQLiteRegistry
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,22 @@ class Unchecked:
 
 
 @dataclass(frozen=True)
+class StoreSize:
+    """The content store on disk: stored objects (each distinct content once) and their bytes."""
+
+    objects: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Status:
     root: str
     managed: tuple[str, ...]
     files: list[FileStatus]
     agents: list[AgentSummary]
     unchecked: list[Unchecked] = field(default_factory=list)
+    store: StoreSize | None = None
+    """None when the registry backend cannot tell."""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -47,6 +60,7 @@ class Status:
             "files": [asdict(f) for f in self.files],
             "agents": [asdict(a) for a in self.agents],
             "unchecked": [asdict(u) for u in self.unchecked],
+            "store": None if self.store is None else asdict(self.store),
         }
 
 
@@ -78,7 +92,14 @@ def status(core: VolumeCore) -> Status:
                 g.expires_at if g else None,
             )
         )
-    return Status(core.paths.root, core.paths.globs.patterns, files, agents, unchecked)
+    return Status(core.paths.root, core.paths.globs.patterns, files, agents, unchecked, store_size(core))
+
+
+def store_size(core: VolumeCore) -> StoreSize | None:
+    """The size of the volume's content store (the SQLite backend's objects directory)."""
+    if isinstance(core.registry, SQLiteRegistry):
+        return StoreSize(*core.registry.objects.size())
+    return None
 
 
 def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[Event]:
@@ -86,6 +107,46 @@ def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[E
         if limit is None:
             return tx.events(after=after)
         return list(reversed(tx.events(after=after, limit=limit, newest_first=True)))
+
+
+def made_version(e: Event) -> bool:
+    """Whether `e` records a new version of its path (`e.version`): a commit, deletion, foreign
+    change, first sighting or crash-completed commit."""
+    if e.path is None or e.version is None:
+        return False
+    return e.kind in ("commit", "delete", "foreign", "adopt") or (e.kind == "recover" and e.reason == "completed")
+
+
+@dataclass(frozen=True)
+class VersionDiff:
+    """The unified diff from version `old` to version `new` of a path, or why there is none."""
+
+    old: int
+    new: int
+    diff: str | None
+    """None when it cannot be shown: `note` says why (binary content, a version not retained)."""
+    note: str | None = None
+
+
+def version_diff(core: VolumeCore, target: Target, old: int, new: int) -> VersionDiff:
+    """`VolumeCore.diff` of two versions; a version that is not retained (or is damaged) and binary
+    content are a note, not an error."""
+    try:
+        diff = core.diff(target, old, new)
+    except (VersionGone, DamagedContent) as e:
+        return VersionDiff(old, new, None, f"no diff: {e}")
+    if diff is None:
+        return VersionDiff(old, new, None, "binary content: no line diff")
+    return VersionDiff(old, new, diff)
+
+
+def commit_diff(core: VolumeCore, e: Event) -> VersionDiff | None:
+    """For a log event that made a version (`made_version`), the diff against the version before
+    it; None for any other event."""
+    if not made_version(e):
+        return None
+    assert e.path is not None and e.version is not None
+    return version_diff(core, core.paths.of_rel(e.path), e.version - 1, e.version)
 
 
 @dataclass(frozen=True)
@@ -101,13 +162,18 @@ class Why:
     changes: list[Event]
     """Commits, deletions and foreign writes after the version the refused agent had read."""
     advice: str
+    diff: str | None = None
+    """From the refused agent's view to the current version, cut like a refusal's (`diffs.cut`);
+    empty when nothing changed since, None when there is none (`diff_note` says why)."""
+    diff_note: str | None = None
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
 
 
 def why(core: VolumeCore, target: Target) -> Why:
-    """The last refusal on `target`, who changed the file since the refused agent's view, and what to do."""
+    """The last refusal on `target`, who changed the file since the refused agent's view (and the
+    diff of what changed), and what to do."""
     if target.managed:
         core.version(target)  # records a foreign change first, so the answer is current
     now = time.time()
@@ -120,20 +186,25 @@ def why(core: VolumeCore, target: Target) -> Why:
         changes = [
             e
             for e in tx.events(path=target.rel)
-            if e.kind in ("commit", "delete", "foreign", "adopt", "recover")
-            and refusal is not None
-            and (e.version or 0) > (refusal.seen_version or 0)
+            if made_version(e) and refusal is not None and (e.version or 0) > (refusal.seen_version or 0)
         ]
+    current = record.version if record else 0
+    diff = note = None
     if not target.managed:
         advice = "this path is not managed: writes to it are never refused"
     elif refusal is None:
         advice = "no write to this file has been refused"
     else:
         advice = f"agent {refusal.agent}: {REMEDY[refusal.reason or 'stale']}"
+        if refusal.seen_version is None:
+            note = f"agent {refusal.agent} had not read the file: there is no view to compare with"
+        else:
+            shown = version_diff(core, target, refusal.seen_version, current)
+            diff, note = (None if shown.diff is None else diffs.cut(shown.diff)), shown.note
     return Why(
         target.rel,
         target.managed,
-        record.version if record else 0,
+        current,
         bool(record and record.present),
         record.writer if record else None,
         record.committed_at if record else None,
@@ -141,4 +212,6 @@ def why(core: VolumeCore, target: Target) -> Why:
         refusal,
         changes,
         advice,
+        diff,
+        note,
     )

@@ -31,7 +31,7 @@ _stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$_stamp" ]; then
   echo "bootstrap: installing the package into .venv" >&2
   [ -x .venv/bin/python ] || python3 -m venv .venv >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mount,test]" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mount,mcp,test]" >&2
   rm -f .venv/.installed-*
   touch "$_stamp"
 fi

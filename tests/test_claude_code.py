@@ -176,6 +176,8 @@ def _scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
     reason = json.loads(str(denied["reason"]))["hookSpecificOutput"]["permissionDecisionReason"]
     for words in ("plans/plan.md", "version 1", "current version is 2", "claude:s2", "Read the file again"):
         assert words in reason
+    assert "What changed since version 1 (unified diff to version 2):\n--- plans/plan.md@v1\n" in reason
+    assert "\n-v1\n+v2 by session two\n" in reason and reason.endswith("redo your change from its current content.")
     if mounted:  # even without the hook for this tool, the file system refuses both of Claude's paths
         for mode in ("rename", "in-place"):
             forced = one.tool_write(target, "forced stale write\n", mode)
@@ -470,3 +472,39 @@ def test_an_internal_error_denies_a_write_that_may_be_managed(root: Path, tmp_pa
         }
     )
     assert decision({"stdout": r.stdout.strip()})[0] == "deny", "a write that cannot be attributed is not let through"
+
+
+def _stale_denial(root: Path, old: str, new: str) -> str:
+    """The reason the real hook gives session `big` for writing P after it read `old` and another
+    agent committed `new`."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, old)
+        _in_process("PostToolUse", "big", root, "Read", root / P, read_response(root / P, old))
+        setup.write(P, new)
+    r, _ = _cli_hook(event("PreToolUse", "big", root, "Write", root / P))
+    verdict, reason = decision({"stdout": r.stdout.strip()})
+    assert r.returncode == 0 and verdict == "deny" and "(stale)" in reason, (r.stdout, r.stderr)
+    assert "Read the file again with the Read tool" in reason
+    return reason
+
+
+def test_a_long_diff_in_a_denial_is_cut(root: Path) -> None:
+    """A large file rewritten everywhere: the denial shows the first lines of the diff and counts the
+    rest; a huge single line is shortened too, so the model gets a small text either way."""
+    reason = _stale_denial(
+        root, "".join(f"step {i}\n" for i in range(5000)), "".join(f"step {i}, done\n" for i in range(5000))
+    )
+    assert "-step 0\n" in reason and "... 9923 more lines of the diff not shown" in reason
+    assert len(reason) < 4000
+    reason = _stale_denial(root, "{" + "1," * 50_000 + "}\n", "{" + "2," * 50_000 + "}\n")
+    assert f"... ({100_003 - claude_code.DIFF_LINE_CHARS} more characters)" in reason and len(reason) < 2000
+
+
+def test_a_diff_too_slow_to_make_leaves_a_decided_denial_standing(root: Path) -> None:
+    """A large file changed on every tenth line: difflib needs many seconds, more than the hook has.
+    The stale denial was decided before the diff was started, so it is answered without the diff
+    (never the "could not check" of an undecided hook)."""
+    lines = [f"line {i} of a long plan, with some words on it\n" for i in range(20_000)]
+    changed = [f"line {i} rewritten\n" if i % 10 == 0 else line for i, line in enumerate(lines)]
+    reason = _stale_denial(root, "".join(lines), "".join(changed))
+    assert "could not check" not in reason and "you last read version 1; the current version is 2" in reason

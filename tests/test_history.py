@@ -4,6 +4,7 @@ Python API, foreign writes, real processes and a real mount."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -178,3 +179,22 @@ def test_a_registry_from_before_history_gets_its_versions_table(root: Path, vols
         bob.read("plans/p.md")
         bob.write("plans/p.md", "two\n")
         assert [(v.version, v.kind) for v in bob.history("plans/p.md")] == [(2, "commit")]
+
+
+def test_a_refusal_never_waits_for_a_large_diff_and_cuts_long_lines(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    big = "".join(f"line {i}\n" for i in range(40_000))  # ~430 KB: beyond what a refusal diffs
+    alice.write("plans/big.md", big)
+    bob.read("plans/big.md")
+    alice.write("plans/big.md", big.replace("0\n", "0 changed\n"))
+    with pytest.raises(StaleWriteError) as refused:
+        bob.write("plans/big.md", "x")
+    assert refused.value.reason == "stale" and refused.value.diff is None
+    assert "-line 10\n+line 10 changed\n" in (alice.diff("plans/big.md", 1, 2) or "")  # on request, it is there
+    alice.write("plans/min.js", "a" * 5000 + "\n")
+    bob.read("plans/min.js")
+    alice.write("plans/min.js", "b" * 5000 + "\n")
+    with pytest.raises(StaleWriteError) as minified:
+        bob.write("plans/min.js", "x")
+    assert minified.value.diff is not None and max(map(len, minified.value.diff.splitlines())) < 300
+    assert re.search(r"\.\.\. \(\d+ more characters\)", minified.value.diff)

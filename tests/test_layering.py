@@ -1,7 +1,9 @@
 """Layering: `coherent_volume` (core, API, CLI, hooks) never depends on the FUSE face.
 
 `fusefs` builds on `coherent_volume`, never the reverse; the FUSE libraries (pyfuse3, trio,
-watchdog) are an optional extra that only the mount commands load, inside the command.
+watchdog) are an optional extra that only the mount commands load, inside the command. The MCP
+SDK (the `mcp` extra) is loaded only inside `coherent_volume/mcp_server.py`'s functions, when
+`coherent-volume mcp` runs: the rest of the CLI and the hooks never import it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 FUSE_SIDE = ("fusefs", "pyfuse3", "trio", "watchdog")
 LAZY_FUSEFS = {("coherent_volume/cli.py", "mount"), ("coherent_volume/cli.py", "unmount")}
 """The only places in coherent_volume that may import fusefs: inside the mount commands."""
+MCP_SIDE = ("mcp", "mcp_types", "pydantic", "anyio")
+"""The MCP SDK and what it brings."""
+MCP_SERVER = "coherent_volume/mcp_server.py"
 
 
 def _imports(path: Path) -> list[tuple[str, str | None, int]]:
@@ -67,6 +72,20 @@ def test_coherent_volume_never_imports_the_fuse_side() -> None:
     assert not violations, "coherent_volume must not depend on the FUSE face:\n" + "\n".join(violations)
 
 
+def test_the_mcp_sdk_is_imported_only_inside_the_mcp_servers_functions() -> None:
+    modules = sorted((REPO / "coherent_volume").rglob("*.py"))
+    violations = []
+    for module in modules:
+        rel = module.relative_to(REPO).as_posix()
+        for name, function, line in _imports(module):
+            if name in MCP_SIDE and (rel != MCP_SERVER or function is None):
+                violations.append(
+                    f"{rel}:{line} imports {name}" + (f" in {function}()" if function else " at module level")
+                )
+    assert not violations, "only the MCP server's functions may import the MCP SDK:\n" + "\n".join(violations)
+    assert any(name == "mcp" for name, _, _ in _imports(REPO / MCP_SERVER)), "the server uses the SDK"
+
+
 def test_fusefs_builds_on_coherent_volume() -> None:
     """The allowed direction: the FUSE face imports the core (and nothing in the core imports it back)."""
     importers = {
@@ -101,7 +120,7 @@ for name, tool in (("PostToolUse", "Read"), ("PreToolUse", "Write"), ("PostToolU
         main(["hook", "claude-code"], standalone_mode=False)
     except Exited as e:
         assert e.args[0] == 0, e.args
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fusefs", "pyfuse3", "trio", "watchdog", "rich"))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fusefs", "pyfuse3", "trio", "watchdog", "rich", "mcp", "mcp_types", "pydantic", "anyio"))
 print("LOADED " + json.dumps(loaded))
 """
 
@@ -115,6 +134,7 @@ def test_the_hook_path_loads_nothing_of_fuse(root: Path) -> None:
     loaded = json.loads(r.stdout.rsplit("LOADED ", 1)[1])
     assert not [m for m in loaded if m.split(".")[0] in FUSE_SIDE], loaded
     assert not [m for m in loaded if m.startswith("rich")], f"the hook needs no rich: {loaded}"
+    assert not [m for m in loaded if m.split(".")[0] in MCP_SIDE], f"the hook needs no MCP SDK: {loaded}"
 
 
 def test_the_mount_commands_load_fusefs_only_when_run() -> None:

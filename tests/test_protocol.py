@@ -107,7 +107,9 @@ def test_a_commit_moves_the_view_only_when_the_writer_knew_the_content() -> None
     current = rec(2)
     assert view_moves(WriteCheck("a", current, 2, None, False), based_on_view=False, onto_unread=True)
     assert view_moves(WriteCheck("a", current, 1, None, False, expected=2), based_on_view=True, onto_unread=False)
-    assert not view_moves(WriteCheck("a", current, None, None, False, expected=2), based_on_view=False, onto_unread=False)
+    assert not view_moves(
+        WriteCheck("a", current, None, None, False, expected=2), based_on_view=False, onto_unread=False
+    )
     assert not view_moves(WriteCheck("a", current, 1, None, False, expected=1), based_on_view=True, onto_unread=True)
 
 
@@ -131,6 +133,9 @@ def test_reads_move_views_except_pinned_agents_and_editors_rereading() -> None:
     assert read_moves_view(False, "vim", loaded_before=False)
     assert not read_moves_view(False, "vim", loaded_before=True)
     assert not read_moves_view(True, "cat", loaded_before=False)
+    # never backwards: an old handle of a replaced or deleted file shows nothing newer than the view
+    assert not read_moves_view(False, "cat", False, seen=5, version=3)
+    assert read_moves_view(False, "cat", False, seen=3, version=5) and read_moves_view(False, "cat", False, None, 1)
 
 
 def test_agent_names() -> None:

@@ -111,11 +111,15 @@ class History(Writes):
 
     def refusal_diff(self, refusal: StaleWriteError) -> StaleWriteError:
         """`refusal` with the diff from the version its agent read to the current one attached (cut
-        to a readable size); none when it never read the file, the content is binary, or the base
-        is no longer retained or damaged."""
+        to a readable size); none when it never read the file, the content is binary or too large
+        to diff quickly (`diffs.small_enough`), or the base is no longer retained or damaged."""
         if refusal.seen_version is None or refusal.seen_version == refusal.current_version:
             return refusal
         target = self.paths.of_rel(refusal.path)
+        with self.registry.read() as tx:
+            sides = [tx.version_entry(target.rel, v) for v in (refusal.seen_version, refusal.current_version)]
+        if not diffs.small_enough(*(entry.size or 0 if entry is not None else 0 for entry in sides)):
+            return refusal  # `coherent-volume diff` shows it, without a refusal waiting for it
         try:
             diff = self.diff(target, refusal.seen_version, refusal.current_version)
         except CoherenceError:

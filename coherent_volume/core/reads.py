@@ -233,8 +233,14 @@ class Reads(CoreBase):
         if not read_moves_view(pinned, program, loaded_before):
             return False
         agent = self.agent(agent)
-        self.registry.transact(lambda tx: tx.put_view(agent, target.rel, version, time.time()))
-        return True
+
+        def move(tx: Transaction) -> bool:
+            if not read_moves_view(pinned, program, loaded_before, tx.view(agent, target.rel), version):
+                return False
+            tx.put_view(agent, target.rel, version, time.time())
+            return True
+
+        return self.registry.transact(move)
 
     def unlink_symlink(self, target: Target) -> None:
         """Remove a symlink itself (unlink(2)); links carry no versions, so this is no commit."""

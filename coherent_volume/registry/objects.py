@@ -43,7 +43,7 @@ class ObjectStore:
         path = self._path(digest)
         if os.path.exists(path):
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # private, as the registry
         tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

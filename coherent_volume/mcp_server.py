@@ -1,0 +1,477 @@
+"""The MCP server: `coherent-volume mcp ROOT` gives any MCP client coherent files with no mount.
+
+One server process serves one client connection over stdio (an MCP client starts a server
+process per connection), so the process is the MCP session and the session is one agent:
+`--agent NAME` if given, else `mcp:<client name>:<random>` named at its first tool call.
+`COHERENT_AGENT` is not read: a client passes its environment to every server it starts, and two
+sessions under one name would be one agent, each passing for the other's reads.
+
+Invariants:
+- `read_file` registers the session's view at the version of exactly the bytes it returns, and
+  lifts a fence of the session's on the file as `reacquire()` does (the model saw the content);
+- `write_file` is the API's fail-closed write (`merge` as in `CoherentVolume.write`);
+- `edit_file` applies old→new to the content this session last read or wrote of the file (never to
+  what is on disk now) and writes that only while the session's view is still that version; a
+  merge leaves the view where it was (`write_merging`), so the next edit needs a read first;
+- a session's tool calls run one at a time, so two edits it sends together never build on the
+  same content;
+- every refusal and bad input is a tool error saying what happened and what to do; nothing is
+  written then. Unmanaged paths pass through unchecked, as in the API.
+
+The `mcp` SDK is an optional extra: it is imported only when the command runs (`serve`), so the
+rest of the CLI and the hooks never load it. This module has no `from __future__ import
+annotations`: the SDK reads the tools' annotations at runtime, and they name classes imported
+inside `serve`."""
+
+import datetime as dt
+import importlib.util
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import click
+
+from . import report
+from .core import VolumeCore, open_core, validate_agent
+from .errors import (
+    CoherenceError,
+    MergeConflict,
+    NotManaged,
+    OutsideVolume,
+    Reason,
+    StaleWriteError,
+)
+from .paths import Target
+
+INSTRUCTIONS = (
+    "The files of this workspace are shared with other agents. Read a file with read_file before you "
+    "change it; write_file and edit_file are refused when the file changed since you last read it, or "
+    "when you never read it, and nothing is written then. The refusal says who changed it and shows "
+    "the diff: read the file again and redo your change from its current content. history, diff, "
+    "status and why show versions, their writers and past refusals. Paths are relative to the "
+    "workspace root."
+)
+
+REMEDY: dict[Reason, str] = {
+    "stale": "Call read_file on {path} again, then redo your change from its current content.",
+    "unread": "Call read_file on {path} first, then make your change from its current content.",
+    "held": (
+        "Another agent is writing {path} right now. Wait a few seconds, call read_file on it again, then "
+        "redo your change from its current content."
+    ),
+    "fenced": (
+        "Your write grant on {path} was reclaimed, so your writes to it are held back until you read it "
+        "again: call read_file on it, then redo your change from its current content."
+    ),
+    "read-set": (
+        "Files this change builds on changed since you read them ({changed}): call read_file on them again, "
+        "then redo your change."
+    ),
+}
+"""What the model is told to do, per refusal reason (`errors.REMEDY` phrased for these tools)."""
+MERGE_HINT = (
+    " Or call the same tool again with merge=true: your change is combined with theirs if you changed different lines."
+)
+
+
+class ToolRefused(Exception):
+    """A tool call that changed nothing; its message tells the model what happened and what to do."""
+
+
+@dataclass(frozen=True)
+class Known:
+    """The content of a managed file this session last read or wrote, and its version."""
+
+    text: str
+    version: int
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
+def agent_for(client: str | None) -> str:
+    """A fresh agent name for a session whose client calls itself `client`: `mcp:<client>:<random>`."""
+    label = "-".join("".join(c if c.isalnum() or c in "-_." else " " for c in client or "").split())[:40]
+    return validate_agent(f"mcp:{label or 'client'}:{secrets.token_hex(4)}")
+
+
+def refusal_text(e: StaleWriteError) -> str:
+    """What a refused write tells the model: what happened, why, what changed, what to do."""
+    if e.reason == "stale":
+        what = f"{e.path} changed since you read it: you read version {e.seen_version}, it is now version "
+        what += f"{e.current_version}" + (f", last written by {e.last_writer}" if e.last_writer else "")
+    elif e.reason == "unread":
+        what = f"you have not read {e.path} in this session; it is at version {e.current_version}"
+        what += f", last written by {e.last_writer}" if e.last_writer else ""
+    elif e.reason == "held":
+        what = f"{e.holder or 'another agent'} holds the write grant on {e.path}"
+    elif e.reason == "fenced":
+        what = f"your write grant on {e.path} was reclaimed"
+    else:
+        what = f"files you read changed since: {', '.join(e.changed)}"
+    text = f"Refused ({e.reason}): nothing was written. {what}."
+    if isinstance(e, MergeConflict):
+        hunks = "".join(str(c) for c in e.conflicts).rstrip()
+        text += (
+            f"\nYour change and version {e.current_version} changed the same lines ({len(e.conflicts)} "
+            f"conflicting hunk(s)), so they were not merged:\n{hunks}"
+        )
+    elif e.diff:
+        text += f"\nWhat changed since version {e.seen_version}:\n{e.diff.rstrip()}"
+    remedy = REMEDY[e.reason].format(path=e.path, changed=", ".join(e.changed))
+    if e.reason == "stale" and not isinstance(e, MergeConflict):
+        remedy += MERGE_HINT
+    return f"{text}\nTo fix: {remedy}"
+
+
+class Session:
+    """One MCP session: one agent's tools over a volume. Methods return the text the model reads,
+    or raise ToolRefused; calls are serialized."""
+
+    def __init__(self, core: VolumeCore, agent: str) -> None:
+        self.core = core
+        self.agent = agent
+        self._known: dict[str, Known] = {}
+        self._lock = threading.Lock()
+
+    # ---- paths and errors ----
+
+    def _target(self, path: str) -> Target:
+        try:
+            return self.core.resolve(path)
+        except OutsideVolume as e:
+            raise ToolRefused(
+                f"{path!r} is not a file of this workspace ({e}). Give a path relative to the workspace root "
+                f"({self.core.paths.root}), or an absolute path inside it."
+            ) from None
+
+    def _call(self, path: str, action: str, fn: Any) -> str:
+        """Run `fn()` under the session's lock, turning every expected failure into ToolRefused."""
+        with self._lock:
+            try:
+                text: str = fn()
+                return text
+            except ToolRefused:
+                raise
+            except StaleWriteError as e:
+                raise ToolRefused(refusal_text(e)) from None
+            except FileNotFoundError:
+                raise ToolRefused(f"{path} does not exist (write_file creates a file).") from None
+            except IsADirectoryError:
+                raise ToolRefused(f"{path} is a directory, not a file.") from None
+            except NotManaged:
+                managed = ", ".join(self.core.paths.globs.patterns)
+                raise ToolRefused(
+                    f"{path} is not managed (managed paths: {managed}): it has no versions and its writes are "
+                    "never checked."
+                ) from None
+            except (CoherenceError, OSError, UnicodeError) as e:
+                raise ToolRefused(f"{action} {path} failed: {e}") from None
+
+    # ---- tools ----
+
+    def read_file(self, path: str) -> tuple[str, str]:
+        """(content, note): the file's text and a line about its version; registers the view."""
+        note: list[str] = []
+
+        def read() -> str:
+            target = self._target(path)
+            if target.managed:
+                self.core.clear_fence(self.agent, target)
+            try:
+                observed = self.core.read(self.agent, target)
+            except FileNotFoundError:
+                self._known.pop(target.rel, None)
+                raise
+            try:
+                text = observed.data.decode("utf-8")
+            except UnicodeDecodeError:
+                if target.managed:  # the model was shown nothing: no view
+                    self.core.forget(self.agent, target)
+                    self._known.pop(target.rel, None)
+                raise ToolRefused(f"{path} is not UTF-8 text; these tools read and write text only.") from None
+            if target.managed:
+                self._known[target.rel] = Known(text, observed.version)
+                note.append(
+                    f"[coherent-volume] {target.rel}: version {observed.version}. Your view is this version: "
+                    "write_file and edit_file are refused if someone changes the file before you do."
+                )
+            else:
+                note.append(f"[coherent-volume] {target.rel} is not managed: writes to it are not checked.")
+            return text
+
+        return self._call(path, "reading", read), note[0]
+
+    def write_file(self, path: str, content: str, merge: bool = False) -> str:
+        return self._call(path, "writing", lambda: self._write(self._target(path), content, merge))
+
+    def edit_file(self, path: str, old_string: str, new_string: str, merge: bool = False) -> str:
+        def edit() -> str:
+            if not old_string:
+                raise ToolRefused(
+                    "old_string is empty: give the exact text to replace (write_file writes a whole file)."
+                )
+            if old_string == new_string:
+                raise ToolRefused("old_string and new_string are the same: there is nothing to change.")
+            target = self._target(path)
+            if target.managed:
+                known = self._known.get(target.rel)
+                if known is None:
+                    raise ToolRefused(
+                        f"Refused (unread): nothing was written. You have not read {target.rel} in this session "
+                        f"(or changed it by a merge since). To fix: {REMEDY['unread'].format(path=target.rel)}"
+                    )
+                if self.core.seen(self.agent, target) != known.version:
+                    self._known.pop(target.rel, None)
+                    raise ToolRefused(
+                        f"Refused: nothing was written. Your view of {target.rel} is no longer version "
+                        f"{known.version}, the content this edit would apply to (another process of agent "
+                        f"{self.agent} read or wrote it). To fix: {REMEDY['unread'].format(path=target.rel)}"
+                    )
+                text, base = known.text, f"the version {known.version} you read"
+            else:
+                text, base = self.core.read(self.agent, target).data.decode("utf-8"), "its current content"
+            count = text.count(old_string)
+            if count != 1:
+                found = "does not occur" if count == 0 else f"occurs {count} times"
+                hint = (
+                    "include more surrounding lines to make it unique"
+                    if count
+                    else "copy it exactly from read_file's output (call read_file again if the file changed)"
+                )
+                raise ToolRefused(f"Nothing was written: old_string {found} in {base} of {target.rel}; {hint}.")
+            return self._write(target, text.replace(old_string, new_string), merge)
+
+        return self._call(path, "editing", edit)
+
+    def _write(self, target: Target, content: str, merge: bool) -> str:
+        version = self.core.write(self.agent, target, content.encode("utf-8"), merge=merge)
+        if not target.managed:
+            return f"Wrote {target.rel} (not managed: not versioned, not checked)."
+        if self.core.seen(self.agent, target) == version:
+            self._known[target.rel] = Known(content, version)
+            return f"Wrote {target.rel}: now version {version}."
+        self._known.pop(target.rel, None)  # a merge: the session never read the result
+        return (
+            f"Wrote {target.rel}: your change was merged with changes others made since you read it, as version "
+            f"{version}. Call read_file to see the result before you change it again."
+        )
+
+    def history(self, path: str, limit: int = 20) -> str:
+        def history() -> str:
+            target = self._target(path)
+            versions = self.core.history(target, limit)
+            seen = self.core.seen(self.agent, target)
+            lines = [f"{target.rel}: {len(versions)} most recent versions, newest first"]
+            for v in versions:
+                size = "deleted" if v.hash is None else f"{v.size} bytes"
+                parents = f" of versions {', '.join(map(str, v.parents))}" if v.parents else ""
+                extra = "" if v.retained or v.hash is None else ", content pruned"
+                mark = "  <- your view" if v.version == seen else ""
+                lines.append(f"v{v.version} {v.kind}{parents} by {v.writer} at {_when(v.at)}, {size}{extra}{mark}")
+            return "\n".join(lines)
+
+        return self._call(path, "listing the history of", history)
+
+    def diff(self, path: str, from_version: int | None = None, to_version: int | None = None) -> str:
+        def diff() -> str:
+            target = self._target(path)
+            new = self.core.version(target) if to_version is None else to_version
+            seen = self.core.seen(self.agent, target)
+            old = (seen or 0) if from_version is None else from_version
+            label = " (your view)" if from_version is None and seen is not None else ""
+            text = self.core.diff(target, old, new)
+            head = f"{target.rel}: version {old}{label} to version {new}"
+            if text is None:
+                return f"{head}: binary content, no line diff."
+            return f"{head}:\n{text.rstrip()}" if text else f"{head}: no differences."
+
+        return self._call(path, "diffing", diff)
+
+    def status(self) -> str:
+        def status() -> str:
+            st = report.status(self.core)
+            stale = self.core.stale(self.agent)
+            lines = [
+                f"workspace {st.root}; managed: {', '.join(st.managed)}; you are agent {self.agent}",
+                f"your stale views (changed since you read them): {', '.join(stale) if stale else 'none'}",
+                "files (path, version, last writer, when, grant holder):",
+            ]
+            for f in st.files:
+                if f.present or f.holder:
+                    held = f", held by {f.holder} until {_when(f.holder_expires_at)}" if f.holder else ""
+                    lines.append(f"  {f.path} v{f.version} by {f.writer} at {_when(f.committed_at)}{held}")
+            lines.append("agents (views, stale views, last read):")
+            lines += [f"  {a.agent}: {a.views} views, {a.stale} stale, {_when(a.last_read)}" for a in st.agents]
+            lines += [f"not checked: {u.path}: {u.problem}" for u in st.unchecked]
+            return "\n".join(lines)
+
+        return self._call("the workspace", "the status of", status)
+
+    def why(self, path: str) -> str:
+        def why() -> str:
+            answer = report.why(self.core, self._target(path))
+            state = f"version {answer.version}" + ("" if answer.present else " (deleted)")
+            lines = [
+                f"{answer.path}: {'managed' if answer.managed else 'not managed'}, current {state}"
+                + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
+                + (f", write grant held by {answer.holder}" if answer.holder else "")
+            ]
+            r = answer.refusal
+            if r is not None:
+                seen = f"version {r.seen_version}" if r.seen_version is not None else "nothing (never read)"
+                lines.append(
+                    f"last refusal: {_when(r.at)}, agent {r.agent} ({r.reason}); it had read {seen}, "
+                    f"current was version {r.version}"
+                )
+                lines += [
+                    f"  then: v{e.version} {e.kind} by {e.agent} at {_when(e.at)}"
+                    + (f" ({e.detail})" if e.detail else "")
+                    for e in answer.changes
+                ]
+                if answer.diff:
+                    lines.append(f"what changed since version {r.seen_version}:\n{answer.diff.rstrip()}")
+                elif answer.diff_note:
+                    lines.append(answer.diff_note)
+            lines.append(f"what to do: {answer.advice}")
+            return "\n".join(lines)
+
+        return self._call(path, "explaining", why)
+
+
+def serve(core: VolumeCore, agent: str | None) -> None:
+    """Serve `core` to one MCP client over stdio until it disconnects (stdin closes)."""
+    import anyio
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.types import CallToolResult, TextContent, ToolAnnotations
+    from pydantic import Field
+
+    server: MCPServer[Any] = MCPServer("coherent-volume", instructions=INSTRUCTIONS, log_level="WARNING")
+    sessions: list[Session] = []
+    naming = threading.Lock()
+
+    def session(ctx: Context) -> Session:
+        """This connection's session, named at its first tool call (when the client's name is known)."""
+        with naming:
+            if not sessions:
+                client = ctx.session.client_params
+                sessions.append(Session(core, agent or agent_for(client.client_info.name if client else None)))
+            return sessions[0]
+
+    def answer(fn: Any) -> Any:
+        try:
+            return fn()
+        except ToolRefused as e:
+            raise ToolError(str(e)) from None
+
+    FilePath = Annotated[str, Field(description="File path, relative to the workspace root.")]
+    Merge = Annotated[
+        bool,
+        Field(
+            description="If the file changed since you read it, merge your change with theirs when they touched "
+            "different lines (refused with the conflicting lines otherwise)."
+        ),
+    ]
+    reading = ToolAnnotations(read_only_hint=True)
+    writing = ToolAnnotations(destructive_hint=True, idempotent_hint=False)
+
+    @server.tool(annotations=reading, structured_output=False)
+    def read_file(path: FilePath, ctx: Context) -> CallToolResult:
+        """Read a text file. Reading registers what you saw: later write_file/edit_file calls on it are
+        refused if anyone changed it since, so always read a file before changing it."""
+        content, note = answer(lambda: session(ctx).read_file(path))
+        return CallToolResult(content=[TextContent(type="text", text=content), TextContent(type="text", text=note)])
+
+    @server.tool(annotations=writing, structured_output=False)
+    def write_file(
+        path: FilePath,
+        content: Annotated[str, Field(description="The whole new content of the file.")],
+        ctx: Context,
+        merge: Merge = False,
+    ) -> str:
+        """Write a whole text file (creating it and its directories if needed). Refused, with what changed,
+        if the file exists and you have not read it, or it changed since you read it."""
+        result: str = answer(lambda: session(ctx).write_file(path, content, merge))
+        return result
+
+    @server.tool(annotations=writing, structured_output=False)
+    def edit_file(
+        path: FilePath,
+        old_string: Annotated[
+            str, Field(description="Exact text to replace; it must occur exactly once in the file as you read it.")
+        ],
+        new_string: Annotated[str, Field(description="The text to put in its place.")],
+        ctx: Context,
+        merge: Merge = False,
+    ) -> str:
+        """Replace old_string with new_string in the content you last read of a file (read_file first).
+        Refused, with the diff of what changed, if the file changed since you read it."""
+        result: str = answer(lambda: session(ctx).edit_file(path, old_string, new_string, merge))
+        return result
+
+    @server.tool(annotations=reading, structured_output=False)
+    def history(
+        path: FilePath,
+        ctx: Context,
+        limit: Annotated[int, Field(ge=1, description="How many of the newest versions to list.")] = 20,
+    ) -> str:
+        """List a managed file's versions, newest first: who wrote each, when, and which one you read."""
+        result: str = answer(lambda: session(ctx).history(path, limit))
+        return result
+
+    @server.tool(annotations=reading, structured_output=False)
+    def diff(
+        path: FilePath,
+        ctx: Context,
+        from_version: Annotated[
+            int | None, Field(ge=0, description="Older version (default: the version you last read).")
+        ] = None,
+        to_version: Annotated[int | None, Field(ge=0, description="Newer version (default: the current one).")] = None,
+    ) -> str:
+        """Unified diff of a managed file between two versions; by default what changed since you read it."""
+        result: str = answer(lambda: session(ctx).diff(path, from_version, to_version))
+        return result
+
+    @server.tool(annotations=reading, structured_output=False)
+    def status(ctx: Context) -> str:
+        """The workspace: managed files with version, last writer and grant holder; agents and their stale
+        views; the files you read that changed since."""
+        result: str = answer(lambda: session(ctx).status())
+        return result
+
+    @server.tool(annotations=reading, structured_output=False)
+    def why(path: FilePath, ctx: Context) -> str:
+        """Why the last write to a file was refused: which agent, what it had read, who changed the file
+        since, and what to do."""
+        result: str = answer(lambda: session(ctx).why(path))
+        return result
+
+    anyio.run(server.run_stdio_async)
+
+
+@click.command("mcp")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--agent",
+    help="Agent name for this session (default: mcp:<client name>:<random>, new for each connection). Give "
+    "each concurrent session its own name.",
+)
+def mcp_command(root: str, agent: str | None) -> None:
+    """Serve the volume at ROOT to one MCP client over stdio: tracked reads, fail-closed writes and edits,
+    history, diff, status and why. Needs the `mcp` extra."""
+    if importlib.util.find_spec("mcp") is None:
+        raise click.ClickException("the MCP server needs the official MCP SDK: pip install 'coherent-volume[mcp]'")
+    try:
+        if agent is not None:
+            validate_agent(agent)
+        core = open_core(root)
+    except (CoherenceError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    try:
+        serve(core, agent)
+    finally:
+        core.registry.close()
+        core.paths.close()

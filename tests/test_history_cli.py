@@ -1,0 +1,276 @@
+"""The history commands of the CLI (`history`, `show`, `diff`, `restore`, `why`'s diff, `log -p`,
+the content store in `status`), run as real processes on real volumes, and inside a real mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, StaleWriteError
+from coherent_volume.fingerprint import content_hash
+
+from .harness.mounts import CLI, Mount
+
+P = "plans/p.md"
+REFUSED, GONE, DAMAGED = 3, 4, 5
+
+
+def cv(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def ok(*args: str | Path, **kwargs: object) -> str:
+    r = cv(*args, **kwargs)  # type: ignore[arg-type]
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _three_versions(root: Path) -> None:
+    """plans/p.md v1 and v2 by alice, v3 by bob, who read v2; carol read v1 and was refused."""
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, "intro\nstep one\nstep two\n")
+        with CoherentVolume(root, agent="carol") as carol:
+            carol.read(P)
+            alice.write(P, "intro\nstep one, done\nstep two\n")
+            bob.read(P)
+            bob.write(P, "intro\nstep one, done\nstep two\nstep three :rocket:\n")
+            with pytest.raises(StaleWriteError):
+                carol.write(P, "carol's plan\n")
+
+
+def test_history_lists_every_version_newest_first(root: Path) -> None:
+    _three_versions(root)
+    (root / P).write_text("typed by hand\n")  # a foreign write is listed too
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.restore(P, 1)
+        bob.delete(P)
+    data = json.loads(ok("history", root, P, "--json"))
+    assert data["path"] == P
+    got = [(v["version"], v["kind"], v["writer"], v["parents"]) for v in data["versions"]]
+    assert got == [
+        (6, "delete", "bob", []),
+        (5, "restore", "bob", [1]),
+        (4, "foreign", "external", []),
+        (3, "commit", "bob", []),
+        (2, "commit", "alice", []),
+        (1, "commit", "alice", []),
+    ]
+    v1 = data["versions"][-1]
+    assert (v1["size"], v1["hash"], v1["retained"]) == (24, content_hash(b"intro\nstep one\nstep two\n"), True)
+    assert data["versions"][0]["hash"] is None and data["versions"][0]["size"] is None
+    human = ok("history", root, P)
+    assert "restore of v1" in human and "external" in human and content_hash(b"typed by hand\n")[:16] in human
+    newest = json.loads(ok("history", root / P, "-n", "2", "--json"))  # a path inside the volume, no ROOT
+    assert [v["version"] for v in newest["versions"]] == [6, 5]
+
+
+def test_show_prints_a_versions_bytes_as_they_are_and_registers_no_view(root: Path) -> None:
+    binary = bytes(range(256)) * 3
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/blob.bin", binary)
+        alice.write("plans/blob.bin", b"second")
+        alice.delete("plans/blob.bin")
+    shown = subprocess.run([CLI, "show", root, "plans/blob.bin", "--version", "1"], capture_output=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout == binary, shown.stderr
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/blob.bin", b"back")
+    with CoherentVolume(root, agent="bob") as bob:
+        with pytest.raises(StaleWriteError) as refused:
+            bob.write("plans/blob.bin", b"mine")  # show is not a read: bob still has no view
+        assert refused.value.reason == "unread"
+    gone = cv("show", root, "plans/blob.bin", "--version", "3")
+    assert gone.returncode == GONE and "is a deletion by 'alice'" in gone.stderr and gone.stdout == ""
+    never = cv("show", root, "plans/blob.bin", "--version", "9")
+    assert never.returncode == GONE and "not in its history" in never.stderr
+
+
+def test_damaged_content_is_reported_never_printed(root: Path) -> None:
+    _three_versions(root)
+    digest = content_hash(b"intro\nstep one\nstep two\n")
+    (root / ".coherent" / "objects" / digest[:2] / digest).write_bytes(b"intro\nstep ONE\nstep two\n")
+    r = cv("show", root, P, "--version", "1")
+    assert r.returncode == DAMAGED and "damaged" in r.stderr and "step ONE" not in r.stdout
+    assert cv("diff", root, P, "1", "2").returncode == DAMAGED
+    assert ok("show", root, P, "--version", "2") == "intro\nstep one, done\nstep two\n"
+
+
+def test_diff_defaults_to_the_latest_change(root: Path) -> None:
+    _three_versions(root)
+    latest = ok("diff", root, P)
+    assert latest.startswith("--- plans/p.md@v2\n+++ plans/p.md@v3\n") and "+step three :rocket:\n" in latest
+    since_one = ok("diff", root, P, "1")
+    assert since_one.startswith("--- plans/p.md@v1\n+++ plans/p.md@v3\n") and "-step one\n" in since_one
+    backwards = json.loads(ok("diff", root / P, "3", "1", "--json"))  # PATH inside the volume, A and B
+    assert (backwards["path"], backwards["from"], backwards["to"], backwards["binary"]) == (P, 3, 1, False)
+    assert backwards["diff"].startswith("--- plans/p.md@v3\n+++ plans/p.md@v1\n")
+    assert ok("diff", root, P, "0", "1").startswith("--- /dev/null\n+++ plans/p.md@v1\n")
+    assert ok("diff", root, P, "2", "2") == ""
+    carol = ok("diff", root, P, "--agent", "carol")  # from carol's view (v1) to the current version
+    assert carol == since_one
+    assert ok("diff", root, P, "--agent", "nobody").startswith("--- /dev/null\n")
+    assert cv("diff", root, P, "1", "9").returncode == GONE
+
+
+def test_diff_of_binary_content_and_bad_arguments(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/b.bin", b"\x00\x01")
+        alice.write("plans/b.bin", b"\x00\x02")
+    assert "binary content, no line diff" in ok("diff", root, "plans/b.bin")
+    data = json.loads(ok("diff", root, "plans/b.bin", "--json"))
+    assert (data["from"], data["to"], data["diff"], data["binary"]) == (1, 2, None, True)
+    for args in (("x",), ("1", "2", "3"), ("1", "--agent", "alice")):
+        bad = cv("diff", root, "plans/b.bin", *args)
+        assert bad.returncode == 2 and bad.stdout == "", bad.stderr
+    assert "not a version number" in cv("diff", root, "plans/b.bin", "x").stderr
+    unmanaged = cv("history", root, "notes.txt")
+    assert unmanaged.returncode == 1 and "not managed" in unmanaged.stderr
+    outside = cv("show", root, "../elsewhere.md", "--version", "1")
+    assert outside.returncode == 1 and "outside the volume" in outside.stderr
+
+
+def test_restore_has_the_checks_of_a_write(root: Path) -> None:
+    _three_versions(root)
+    refused = cv("restore", root, P, "--version", "1", "--agent", "alice")  # alice read v2, current is v3
+    assert refused.returncode == REFUSED and refused.stdout == ""
+    assert "(stale)" in refused.stderr and "+step three :rocket:" in refused.stderr, refused.stderr
+    as_json = cv("restore", root, P, "--version", "1", "--agent", "alice", "--json")
+    assert as_json.returncode == REFUSED
+    refusal = json.loads(as_json.stdout)["refusal"]
+    assert (refusal["reason"], refusal["seen_version"], refusal["current_version"]) == ("stale", 2, 3)
+    assert refusal["diff"].startswith("--- plans/p.md@v2\n+++ plans/p.md@v3\n")
+    unread = cv("restore", root, P, "--version", "1", "--agent", "dave")
+    assert unread.returncode == REFUSED and "(unread)" in unread.stderr
+    assert (root / P).read_text().endswith("step three :rocket:\n")
+
+    done = json.loads(ok("restore", root, P, "--version", "1", "--json", env={"COHERENT_AGENT": "bob"}))
+    assert done == {"path": P, "restored": 1, "version": 4, "refusal": None}
+    assert (root / P).read_text() == "intro\nstep one\nstep two\n"
+    newest = json.loads(ok("history", root, P, "--json"))["versions"][0]
+    assert (newest["kind"], newest["writer"], newest["parents"]) == ("restore", "bob", [1])
+    assert ok("restore", root, P, "--version", "1", "--agent", "bob") == (
+        "plans/p.md: v4 already holds the bytes of v1; nothing committed\n"
+    )
+    assert "restored v2 as v5" in ok("restore", root, P, "--version", "2", "--agent", "bob")
+
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.delete(P)
+    deletion = cv("restore", root, P, "--version", "6", "--agent", "bob")
+    assert deletion.returncode == GONE and "is a deletion" in deletion.stderr
+    nobody = cv("restore", root, P, "--version", "1", env={"COHERENT_AGENT": ""})
+    assert nobody.returncode == 2 and "--agent" in nobody.stderr
+    reserved = cv("restore", root, P, "--version", "1", "--agent", "external")
+    assert reserved.returncode == 1 and "reserved" in reserved.stderr
+
+
+def test_why_shows_what_changed_since_the_refused_agents_view(root: Path) -> None:
+    _three_versions(root)
+    human = ok("why", root, P)
+    assert "agent carol (stale)" in human and "what changed from v1 (that agent's view) to the current v3:" in human
+    assert "--- plans/p.md@v1\n+++ plans/p.md@v3\n" in human and "+step three :rocket:\n" in human
+    data = json.loads(ok("why", root / P, "--json"))
+    assert data["diff"].startswith("--- plans/p.md@v1\n+++ plans/p.md@v3\n") and data["diff_note"] is None
+
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="erin") as erin:
+        alice.write("plans/long.md", "".join(f"line {i}\n" for i in range(300)))
+        erin.read("plans/long.md")
+        alice.read("plans/long.md")
+        alice.write("plans/long.md", "".join(f"line {i} changed\n" for i in range(300)))
+        with pytest.raises(StaleWriteError):
+            erin.write("plans/long.md", "x")
+        alice.write("plans/unread.md", "z")
+    with CoherentVolume(root, agent="frank") as frank, pytest.raises(StaleWriteError):
+        frank.write("plans/unread.md", "y")
+    cut = json.loads(ok("why", root, "plans/long.md", "--json"))["diff"].splitlines()
+    assert len(cut) == 81 and cut[-1] == "... 523 more lines of the diff not shown"
+    unread = json.loads(ok("why", root, "plans/unread.md", "--json"))
+    assert unread["diff"] is None and "frank had not read the file" in unread["diff_note"]
+    assert "frank had not read the file" in ok("why", root, "plans/unread.md")
+
+
+def test_log_p_shows_each_versions_diff(root: Path) -> None:
+    _three_versions(root)
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/b.bin", b"\x00binary")
+    human = ok("log", root, "-p")
+    assert "--- /dev/null\n+++ plans/p.md@v1\n" in human and "--- plans/p.md@v2\n+++ plans/p.md@v3\n" in human
+    assert "(binary content: no line diff)" in human
+    lines = [json.loads(line) for line in ok("log", root, "-p", "--json").splitlines()]
+    commits = [e for e in lines if e["kind"] == "commit" and e["path"] == P]
+    assert [e["diff"].splitlines()[1] for e in commits] == [f"+++ plans/p.md@v{n}" for n in (1, 2, 3)]
+    refusal = next(e for e in lines if e["kind"] == "refusal")
+    assert refusal["diff"] is None and refusal["diff_note"] is None
+    assert "diff" not in json.loads(ok("log", root, "--json").splitlines()[0])
+    with CoherentVolume(root, agent="alice") as alice:  # a diff of 2 MB, far more than a pipe holds
+        alice.write("plans/big.md", "".join(f"line {i}\n" for i in range(200_000)))
+    piped = subprocess.run(
+        ["bash", "-c", f"{CLI} log {root} -p | head -n 1"], capture_output=True, text=True, timeout=60
+    )
+    assert piped.stdout.startswith("1 ") and piped.stderr == "", "a reader that leaves early is no error"
+
+
+def test_versions_whose_bytes_were_pruned_are_said_to_be(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        for text in ("one\n", "two\n", "three\n"):
+            alice.write(P, text)
+    ok("policy", root, "--keep-last", "1", "--keep-days", "0")
+    assert "pruned 2 versions" in ok("prune", root)
+    assert [v["retained"] for v in json.loads(ok("history", root, P, "--json"))["versions"]] == [True, False, False]
+    assert "(pruned)" in ok("history", root, P)
+    gone = cv("show", root, P, "--version", "1")
+    assert gone.returncode == GONE and "pruned" in gone.stderr
+    assert cv("diff", root, P).returncode == GONE
+    human = ok("log", root, "-p")
+    assert "(no diff: 'plans/p.md' version 2: its content was pruned" in human
+    assert "+three\n" not in human, "v3's diff needs v2, which is gone"
+    assert ok("show", root, P, "--version", "3") == "three\n"
+
+
+def test_status_shows_the_content_store_size(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/:rocket:.md", "x" * 1000)
+        alice.write("plans/same.md", "x" * 1000)  # the same content is stored once
+        alice.write("plans/other.md", "y" * 24)
+    data = json.loads(ok("status", root, "--json"))
+    assert data["store"] == {"objects": 2, "bytes": 1024}
+    human = ok("status", root)
+    assert "content store: 2 objects, 1.0 KiB" in human
+    assert "plans/:rocket:.md" in human, "a path prints as it is (no emoji codes)"
+
+
+def test_the_history_commands_inside_a_mount(mounted: Mount) -> None:
+    m = mounted.path
+    assert mounted.run("alice", f"printf 'one\\n' > {P}").returncode == 0  # v1: created empty, v2: one
+    assert mounted.run("bob", f"cat {P} >/dev/null").returncode == 0
+    assert mounted.run("alice", f"cat {P} >/dev/null && printf 'one\\ntwo\\n' > {P}").returncode == 0  # v3
+    assert mounted.run("bob", f"printf 'mine\\n' > {P}").returncode != 0
+
+    why = ok("why", m / P)  # a path inside the mount
+    assert "agent bob (stale)" in why and "--- plans/p.md@v2\n+++ plans/p.md@v3\n" in why and "+two\n" in why
+    assert json.loads(ok("why", m / P, "--json"))["diff"].endswith(" one\n+two\n")
+    assert [v["version"] for v in json.loads(ok("history", m / P, "--json"))["versions"]] == [3, 2, 1]
+    assert [v["version"] for v in json.loads(ok("history", m, P, "--json"))["versions"]] == [3, 2, 1]  # mount as ROOT
+    assert ok("show", m / P, "--version", "2") == "one\n"
+    assert ok("diff", P, "2", cwd=m).startswith("--- plans/p.md@v2\n+++ plans/p.md@v3\n")  # relative, in the mount
+
+    refused = cv("restore", m / P, "--version", "2", env={"COHERENT_AGENT": "bob"})
+    assert refused.returncode == REFUSED and "+two" in refused.stderr
+    assert mounted.run("bob", f"cat {P} >/dev/null").returncode == 0
+    assert "restored v2 as v4" in ok("restore", m / P, "--version", "2", env={"COHERENT_AGENT": "bob"})
+    assert mounted.run("carol", f"cat {P}").stdout == "one\n"
+    assert "+two\n" in ok("log", m, "-p")

@@ -1,0 +1,240 @@
+"""`coherent-volume mcp ROOT` driven by the official MCP SDK's own client over stdio.
+
+Every session is a real `coherent-volume mcp` process started by the SDK's `stdio_client`; the
+SDK ends it when the session's block exits (closing its stdin, then killing it if it lingers).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import anyio
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.types import Implementation, TextContent
+
+from coherent_volume import CoherentVolume
+
+CLI = str(Path(sys.executable).parent / "coherent-volume")
+P = "plans/plan.md"
+
+
+class Tools:
+    """One MCP session: call its tools and get (is_error, text) back."""
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+
+    async def __call__(self, tool: str, **arguments: object) -> tuple[bool, str]:
+        result = await self.session.call_tool(tool, arguments)
+        texts = [c.text for c in result.content if isinstance(c, TextContent)]
+        return bool(result.is_error), "\n".join(texts)
+
+    async def ok(self, tool: str, **arguments: object) -> str:
+        error, text = await self(tool, **arguments)
+        assert not error, f"{tool} {arguments} failed: {text}"
+        return text
+
+    async def refused(self, tool: str, **arguments: object) -> str:
+        error, text = await self(tool, **arguments)
+        assert error, f"{tool} {arguments} was not refused: {text}"
+        return text
+
+    async def agent(self) -> str:
+        line = (await self.ok("status")).splitlines()[0]
+        return line.split("you are agent ", 1)[1]
+
+
+@asynccontextmanager
+async def mcp_session(root: Path, *args: str, client: str = "pytest") -> AsyncIterator[Tools]:
+    params = StdioServerParameters(command=CLI, args=["mcp", str(root), *args])
+    async with (
+        stdio_client(params) as (read, write),
+        ClientSession(read, write, client_info=Implementation(name=client, version="1")) as session,
+    ):
+        await session.initialize()
+        yield Tools(session)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    async def bounded() -> None:
+        with anyio.fail_after(120):
+            await scenario()
+
+    anyio.run(bounded)
+
+
+def test_a_second_sessions_stale_write_is_refused_with_reason_and_diff(root: Path) -> None:
+    async def scenario() -> None:
+        async with mcp_session(root, client="Claude Desktop") as a, mcp_session(root) as b:
+            alice, bob = await a.agent(), await b.agent()
+            assert alice != bob and alice.startswith("mcp:Claude-Desktop:") and bob.startswith("mcp:pytest:")
+            assert await a.ok("write_file", path=P, content="goal\nstep one\n") == f"Wrote {P}: now version 1."
+            for s in (a, b):
+                assert (await s.ok("read_file", path=P)).startswith("goal\nstep one\n")
+            await a.ok("write_file", path=P, content="goal\nstep one, revised\n")
+
+            refusal = await b.refused("write_file", path=P, content="goal\nstep one\nstep two\n")
+            assert "Refused (stale): nothing was written" in refusal
+            assert f"you read version 1, it is now version 2, last written by {alice}" in refusal
+            assert "-step one\n+step one, revised" in refusal, "the diff since bob's view"
+            assert f"Call read_file on {P} again" in refusal
+            assert (root / P).read_text() == "goal\nstep one, revised\n", "nothing was written"
+
+            why = await b.ok("why", path=P)
+            assert f"agent {bob} (stale); it had read version 1, current was version 2" in why
+            assert f"v2 commit by {alice}" in why and "re-read the file" in why
+            assert "what changed since version 1:" in why and "+step one, revised" in why
+            assert f"your stale views (changed since you read them): {P}" in await b.ok("status")
+
+            text = await b.ok("read_file", path=P)
+            assert f"{P}: version 2" in text
+            await b.ok("write_file", path=P, content="goal\nstep one, revised\nstep two\n")
+            history = (await a.ok("history", path=P)).splitlines()
+            assert history[1].startswith(f"v3 commit by {bob}") and not history[1].endswith("your view")
+            assert history[2].startswith(f"v2 commit by {alice}") and history[2].endswith("<- your view")
+            assert history[3].startswith(f"v1 commit by {alice}")
+            assert "+step two" in await a.ok("diff", path=P), "a's view (v2) to the current version"
+            assert (await a.ok("diff", path=P, from_version=1, to_version=2)).startswith(f"{P}: version 1 to version 2")
+            status = await a.ok("status")
+            assert f"{P} v3 by {bob}" in status and f"{alice}: 1 views, 1 stale" in status
+            assert f"{bob}: 1 views, 0 stale" in status
+
+    run(scenario)
+
+
+def test_unread_writes_are_refused_and_unmanaged_paths_pass_through(root: Path) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "by setup\n")
+    (root / "notes.txt").write_text("plain\n")
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            refusal = await s.refused("write_file", path=P, content="blind\n")
+            assert "Refused (unread)" in refusal and "last written by setup" in refusal
+            assert f"Call read_file on {P} first" in refusal
+            refusal = await s.refused("edit_file", path=P, old_string="by", new_string="BY")
+            assert "Refused (unread)" in refusal and "read_file" in refusal
+            assert (root / P).read_text() == "by setup\n"
+
+            assert "not managed" in await s.ok("write_file", path="notes.txt", content="plain\nmore\n")
+            await s.ok("edit_file", path="notes.txt", old_string="more", new_string="most")
+            assert (root / "notes.txt").read_text() == "plain\nmost\n"
+            assert "is not managed" in await s.ok("read_file", path="notes.txt")
+            await s.ok("write_file", path="plans/new/deep.md", content="created\n")
+            assert (root / "plans/new/deep.md").read_text() == "created\n"
+
+    run(scenario)
+
+
+def test_edit_file_applies_to_what_the_session_read(root: Path) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb\nc\nc\n")
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            await s.ok("read_file", path=P)
+            once = await s.refused("edit_file", path=P, old_string="c", new_string="C")
+            assert "occurs 2 times" in once
+            assert "does not occur" in await s.refused("edit_file", path=P, old_string="zzz", new_string="y")
+            assert "empty" in await s.refused("edit_file", path=P, old_string="", new_string="y")
+            assert await s.ok("edit_file", path=P, old_string="a\n", new_string="A\n") == f"Wrote {P}: now version 2."
+            await s.ok("edit_file", path=P, old_string="b\n", new_string="B\n")  # builds on its own write
+            assert (root / P).read_text() == "A\nB\nc\nc\n"
+            async with anyio.create_task_group() as tg:  # a model's parallel edits: one builds on the other
+                tg.start_soon(partial(s.ok, "edit_file", path=P, old_string="A\n", new_string="A1\n"))
+                tg.start_soon(partial(s.ok, "edit_file", path=P, old_string="B\n", new_string="B1\n"))
+            assert (root / P).read_text() == "A1\nB1\nc\nc\n"
+
+            with CoherentVolume(root, agent="bob") as bob:
+                bob.read(P)
+                bob.write(P, "A1\nB1\nc\nc\nbob's line\n")
+            # old_string still occurs in the current content: the edit is refused all the same, as it
+            # would apply to version 5, which the session wrote, not to what is on disk now
+            refusal = await s.refused("edit_file", path=P, old_string="A1\n", new_string="first\n")
+            assert "Refused (stale)" in refusal and "it is now version 6, last written by bob" in refusal
+            assert "+bob's line" in refusal and "merge=true" in refusal
+            assert (root / P).read_text() == "A1\nB1\nc\nc\nbob's line\n"
+
+            merged = await s.ok("edit_file", path=P, old_string="A1\n", new_string="first\n", merge=True)
+            assert "merged" in merged and "version 7" in merged
+            assert (root / P).read_text() == "first\nB1\nc\nc\nbob's line\n"
+            again = await s.refused("edit_file", path=P, old_string="B1", new_string="second")
+            assert "Refused (unread)" in again, "a merge's result was never read"
+
+            await s.ok("read_file", path=P)
+            with CoherentVolume(root, agent="bob") as bob:
+                bob.read(P)
+                bob.write(P, "FIRST\nB1\nc\nc\nbob's line\n")
+            conflict = await s.refused("edit_file", path=P, old_string="first\n", new_string="1st\n", merge=True)
+            assert "changed the same lines" in conflict and "<<<<<<< yours\n1st" in conflict
+            assert "merge=true" not in conflict, "a conflict is resolved by reading, not by merging again"
+            assert (root / P).read_text() == "FIRST\nB1\nc\nc\nbob's line\n"
+
+    run(scenario)
+
+
+def test_bad_input_gets_a_clear_tool_error(root: Path) -> None:
+    (root / "plans/binary.md").write_bytes(b"\xff\xfe\x00")
+    (root / "notes.txt").write_text("plain\n")
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            for outside in ("../outside.md", "/etc/passwd", ".coherent/registry.db"):
+                text = await s.refused("read_file", path=outside)
+                assert "is not a file of this workspace" in text and str(root) in text, text
+                assert "is not a file of this workspace" in await s.refused("write_file", path=outside, content="x")
+            assert not (root.parent / "outside.md").exists()
+            assert "plans/missing.md does not exist" in await s.refused("read_file", path="plans/missing.md")
+            assert "is a directory" in await s.refused("read_file", path="plans")
+            assert "not UTF-8 text" in await s.refused("read_file", path="plans/binary.md")
+            refusal = await s.refused("write_file", path="plans/binary.md", content="text\n")
+            assert "Refused (unread)" in refusal, "a binary read shows the model nothing: no view"
+            assert "is not managed" in await s.refused("history", path="notes.txt")
+            await s.ok("write_file", path=P, content="one\n")
+            assert "not in its history" in await s.refused("diff", path=P, from_version=7)
+            error, text = await s("history", path=P, limit=0)
+            assert error and "limit" in text
+            assert (await s.ok("read_file", path=P)).startswith("one\n"), "the session still serves"
+
+    run(scenario)
+
+
+def test_an_agent_name_can_be_given_and_is_checked(root: Path) -> None:
+    async def scenario() -> None:
+        async with mcp_session(root, "--agent", "planner") as s:
+            assert await s.agent() == "planner"
+            await s.ok("write_file", path=P, content="x\n")
+            assert "v1 commit by planner" in await s.ok("history", path=P)
+
+    run(scenario)
+    r = subprocess.run(
+        [CLI, "mcp", str(root), "--agent", "external"], stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "reserved" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([CLI, "mcp", str(root / "plans")], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert r.returncode == 1 and "no volume registry" in r.stderr
+
+
+def test_the_server_exits_cleanly_when_the_client_goes(root: Path, tmp_path: Path) -> None:
+    """The shell reports the server's exit status only if the server ends by itself: the SDK kills
+    the whole process group when its server outlives the closing of its stdin."""
+    errlog = tmp_path / "stderr"
+    script = '"$0" mcp "$1"; echo "server exited: $?" >&2'
+    params = StdioServerParameters(command="sh", args=["-c", script, CLI, str(root)])
+
+    async def scenario() -> None:
+        with errlog.open("w") as log:
+            async with stdio_client(params, errlog=log) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                result = await session.call_tool("write_file", {"path": P, "content": "kept\n"})
+                assert not result.is_error
+
+    run(scenario)
+    log = errlog.read_text()
+    assert "server exited: 0" in log and "Traceback" not in log, log
+    assert (root / P).read_text() == "kept\n"
