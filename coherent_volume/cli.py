@@ -659,3 +659,16 @@ def hook_claude_code() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(answer.code)  # never wait for a worker thread that overran its budget
+
+
+def _register_agents() -> None:
+    """The Gemini CLI, Cursor and Codex groups (`install`/`uninstall`) and their hook entry
+    points, each defined in its own module."""
+    from . import codex, cursor, gemini
+
+    for face in (gemini, cursor, codex):
+        main.add_command(face.group)
+        hook_group.add_command(face.hook)
+
+
+_register_agents()

@@ -1,0 +1,106 @@
+"""A stand-in for an agent program (Gemini CLI, Cursor, Codex) in the hook tests: one long-lived
+process that runs `coherent-volume hook FACE` as its own child (so the hook finds it as the
+session's process, as it finds the real agent) and reads and writes files itself, the way those
+agents' tools do (in place, through a mount when the file lies in one).
+
+Events come from `tests/fixtures/<agent>/events.json`, shaped as the agent's documentation
+specifies; `fixture(agent)` loads them and `fill` puts a test's paths and ids into their
+`{placeholders}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import CLI, REPO
+
+FIXTURES = REPO / "tests" / "fixtures"
+
+_LOOP = r"""
+import json, subprocess, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        if req["op"] == "hook":
+            r = subprocess.run(req["argv"], input=req["stdin"], capture_output=True, text=True, timeout=60)
+            out = {"code": r.returncode, "stdout": r.stdout.strip(), "stderr": r.stderr.strip()}
+        elif req["op"] == "read":
+            with open(req["path"]) as f:
+                out = {"text": f.read()}
+        else:
+            with open(req["path"], "w") as f:  # the agents' write tools write in place
+                f.write(req["text"])
+            out = {"code": 0}
+    except OSError as e:
+        out = {"code": 1, "errno": e.errno, "stderr": str(e)}
+    print(json.dumps(out), flush=True)
+"""
+
+
+def fixture(agent: str) -> dict[str, Any]:
+    """The events of `tests/fixtures/<agent>/events.json`, by name."""
+    data = json.loads((FIXTURES / agent / "events.json").read_text())
+    assert data["documentation"].startswith("https://"), "each fixture names the documentation it follows"
+    return data["events"]
+
+
+def fill(template: Any, **values: object) -> Any:
+    """`template` (an event) with every `{name}` in its strings replaced by `values[name]`; a string
+    that is only `{name}` becomes the value itself (a list, a number; a path as text)."""
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}
+    if isinstance(template, dict):
+        return {k: fill(v, **values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [fill(v, **values) for v in template]
+    if isinstance(template, str):
+        whole = template[1:-1] if template.startswith("{") and template.endswith("}") else None
+        if whole in values:
+            return values[whole]
+        for name, value in values.items():
+            template = template.replace("{" + name + "}", str(value))
+    return template
+
+
+class AgentProcess:
+    """One agent program's process (a session's or conversation's), stopped by `close`."""
+
+    def __init__(self, face: str, cwd: Path) -> None:
+        self.face = face
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", _LOOP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env={k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"},
+        )
+
+    def _call(self, request: dict[str, object]) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def hook(self, event: dict[str, Any] | str) -> dict[str, Any]:
+        """Run `coherent-volume hook FACE` with the event on stdin: code, stdout (parsed JSON, or
+        None when empty) and stderr."""
+        stdin = event if isinstance(event, str) else json.dumps(event)
+        out = self._call({"op": "hook", "argv": [CLI, "hook", self.face], "stdin": stdin})
+        out["json"] = json.loads(out["stdout"]) if out["stdout"] else None
+        return out
+
+    def read(self, path: Path) -> str:
+        return str(self._call({"op": "read", "path": str(path)})["text"])
+
+    def write(self, path: Path, text: str) -> dict[str, Any]:
+        """Write `text` over `path` in place, as the agent's tool does: code 0, or 1 with errno."""
+        return self._call({"op": "write", "path": str(path), "text": text})
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

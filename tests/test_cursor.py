@@ -1,0 +1,282 @@
+"""Cursor conversations: hook events shaped as Cursor's documentation specifies
+(tests/fixtures/cursor/events.json), run through `coherent-volume hook cursor` by a stand-in
+Cursor process, with and without a mount."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, cursor
+
+from .harness.agent_session import AgentProcess, fill, fixture
+from .harness.mounts import CLI, Mount
+
+P = "plans/plan.md"
+EVENTS = fixture("cursor")
+
+
+class Conversation(AgentProcess):
+    """A stand-in Cursor agent conversation: its tool calls with the hooks around them."""
+
+    def __init__(self, conversation: str, root: Path) -> None:
+        super().__init__("cursor", root)
+        self.id, self.root = conversation, root
+
+    def event(self, name: str, **values: object) -> dict[str, object]:
+        values.setdefault("cwd", self.root)
+        return fill(EVENTS[name], conversation=self.id, root=self.root, **values)
+
+    def read(self, path: Path) -> str:  # type: ignore[override]
+        """The agent reads the file; beforeReadFile gets the content the model is about to receive."""
+        text = super().read(path)
+        answer = self.hook(self.event("before_read_file", path=path, content=text))
+        assert answer["json"] == {"permission": "allow"}, "a read is never held up"
+        return text
+
+    def write_file(self, path: Path, content: str) -> tuple[str, str]:
+        """The Write tool: preToolUse; if allowed, the write, then postToolUse. (permission, agent_message)."""
+        verdict, message = permission(self.hook(self.event("pre_tool_use_write", path=path, content=content)))
+        if verdict == "allow":
+            written = self.write(path, content)
+            assert written["code"] == 0, written
+            assert self.hook(self.event("post_tool_use_write", path=path, content=content))["code"] == 0
+        return verdict, message
+
+
+def permission(answer: dict[str, object]) -> tuple[str, str]:
+    out = answer["json"]
+    assert answer["code"] == 0 and isinstance(out, dict), answer
+    return str(out["permission"]), str(out.get("agent_message", ""))
+
+
+def version(root: Path, rel: str = P) -> int:
+    with CoherentVolume(root, agent="observer") as v:
+        return v.version(rel)
+
+
+@pytest.fixture
+def conversations():
+    opened: list[Conversation] = []
+
+    def make(conversation: str, root: Path) -> Conversation:
+        c = Conversation(conversation, root)
+        opened.append(c)
+        assert c.hook(c.event("session_start"))["code"] == 0
+        return c
+
+    yield make
+    for c in opened:
+        c.hook(c.event("session_end"))
+        c.close()
+
+
+def _stale_scenario(workdir: Path, root: Path, conversations, mounted: bool) -> None:
+    target = workdir / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "goal\nstep A\n")
+    one, two = conversations("c1", workdir), conversations("c2", workdir)
+    assert one.read(target) == two.read(target) == "goal\nstep A\n"
+    assert two.write_file(target, "goal\nstep A, done\n") == ("allow", "")
+    assert version(root) == 2
+
+    verdict, message = permission(one.hook(one.event("pre_tool_use_str_replace", path=target, old="goal", new="goal!")))
+    assert verdict == "deny"
+    for words in (P, "(stale)", "version 1", "current version is 2", "cursor:c2", "Read the file again"):
+        assert words in message, (words, message)
+    assert "-step A\n+step A, done" in message, "the diff since the conversation's view is in the message"
+    if mounted:  # the tool's own write is refused by the file system as well
+        forced = one.write(target, "forced\n")
+        assert forced["code"] == 1 and forced["errno"] == errno.EACCES
+    assert target.read_text() == "goal\nstep A, done\n"
+
+    one.read(target)
+    assert one.write_file(target, "goal!\nstep A, done\n") == ("allow", "")
+    assert version(root) == 3
+
+
+def test_a_stale_edit_is_denied_with_the_diff_and_a_fresh_one_allowed(root: Path, conversations) -> None:
+    _stale_scenario(root, root, conversations, mounted=False)
+
+
+def test_on_a_mount_the_file_system_refuses_the_stale_write_too(mounted: Mount, conversations) -> None:
+    _stale_scenario(mounted.path, mounted.root, conversations, mounted=True)
+
+
+def test_unread_held_and_fenced_edits_are_denied_with_what_to_do(root: Path, conversations) -> None:
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one, two = conversations("u1", root), conversations("u2", root)
+    verdict, message = permission(one.hook(one.event("pre_tool_use_delete", path=target)))
+    assert verdict == "deny" and "(unread)" in message and "Read the file first" in message
+    assert target.exists()
+
+    one.read(target)
+    two.read(target)
+    assert permission(one.hook(one.event("pre_tool_use_write", path=target, content="v2\n")))[0] == "allow"
+    verdict, message = permission(two.hook(two.event("pre_tool_use_write", path=target, content="w\n")))
+    assert verdict == "deny" and "(held)" in message and "cursor:u1 holds its write grant" in message
+    assert "Wait a few seconds" in message
+    one.hook(one.event("post_tool_use_failure_write", path=target, content="v2\n"))
+    assert permission(two.hook(two.event("pre_tool_use_delete", path=target)))[0] == "allow"
+    target.unlink()  # the Delete tool
+    two.hook(two.event("post_tool_use_write", path=target, content=""))
+    with CoherentVolume(root, agent="observer") as v:
+        assert [e.kind for e in v.history(P)][0] == "delete" and v.history(P)[0].writer == "cursor:u2"
+
+    with CoherentVolume(root, agent="recreator") as recreator:
+        recreator.write(P, "again\n")
+    f = conversations("f1", root)
+    f.read(target)
+    with CoherentVolume(root, agent="cursor:f1") as same_agent, same_agent.lock(P, ttl=0.1):
+        time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
+        verdict, message = permission(f.hook(f.event("pre_tool_use_write", path=target, content="x")))
+        assert verdict == "deny" and "(fenced)" in message and "reclaimed" in message
+        f.read(target)  # a confirmed read lifts the fence
+        assert permission(f.hook(f.event("pre_tool_use_write", path=target, content="x")))[0] == "allow"
+
+
+def test_the_view_is_the_content_the_model_receives(root: Path, conversations) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "current\n")
+    c = conversations("r1", root)
+    c.hook(c.event("before_read_file", path=root / P, content="something else\n"))
+    assert permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x")))[0] == "deny"
+    c.hook(c.event("before_read_file", path=root / P, content="current"))
+    assert permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x")))[0] == "allow", (
+        "a missing final newline is the same text"
+    )
+
+
+def test_shell_commands_writing_managed_files_are_checked(root: Path, conversations) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    c = conversations("sh", root)
+    verdict, message = permission(c.hook(c.event("before_shell_execution", command=f"rm -f {P}")))
+    assert verdict == "deny" and "(unread)" in message and P in message
+    for harmless in ("git status", f"grep v1 {P}", "echo x > build.log"):
+        assert permission(c.hook(c.event("before_shell_execution", command=harmless)))[0] == "allow", harmless
+    c.read(root / P)
+    command = f"mv {P} plans/renamed.md"
+    assert permission(c.hook(c.event("before_shell_execution", command=command)))[0] == "allow"
+    (root / P).rename(root / "plans/renamed.md")  # what the command does
+    c.hook(c.event("after_shell_execution", command=command))
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == "cursor:sh" and v.history("plans/renamed.md")[0].writer == "cursor:sh"
+
+
+def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversations) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "one\ntwo\n")
+    c = conversations("w1", root)
+    c.read(root / P)
+    with CoherentVolume(root, agent="rival") as rival:
+        rival.read_text(P)
+        rival.write(P, "one\ntwo, changed\n")
+    verdict, message = permission(c.hook(c.event("pre_tool_use_write", path=root / "plans/new.md", content="x")))
+    assert verdict == "allow"
+    for words in (P, "last saw version 1", "now version 2", "rival", "-two\n+two, changed"):
+        assert words in message, (words, message)
+    verdict, message = permission(c.hook(c.event("before_shell_execution", command="ls")))
+    assert verdict == "allow" and P in message
+
+
+def test_conversation_end_releases_its_grants(root: Path, conversations) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    c = conversations("e1", root)
+    c.read(root / P)
+    assert permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x")))[0] == "allow"
+    with CoherentVolume(root, agent="other") as other:
+        other.read_text(P)
+        with pytest.raises(PermissionError):
+            other.write(P, "blocked")
+        c.hook(c.event("session_end"))
+        assert other.write(P, "free again") == 2
+
+
+def _hook(event: dict[str, object] | str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    stdin = event if isinstance(event, str) else json.dumps(event)
+    r = subprocess.run([CLI, "hook", "cursor"], input=stdin, capture_output=True, text=True, timeout=60)
+    return r, time.monotonic() - started
+
+
+def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_path: Path) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+
+    def ev(name: str, **values: object) -> dict[str, object]:
+        return fill(EVENTS[name], conversation="closed", root=root, cwd=root, **values)
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import fcntl, os, time
+fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        r, took = _hook(ev("pre_tool_use_write", path=root / P, content="x"))
+        out = json.loads(r.stdout)
+        assert out["permission"] == "deny" and "did not finish in time" in out["agent_message"]
+        assert took < cursor.hooks.HOOK_TIMEOUT, f"answered after {took:.1f} s"
+        r, _ = _hook(ev("before_shell_execution", command=f"rm {P}"))
+        assert json.loads(r.stdout)["permission"] == "deny"
+        r, _ = _hook(ev("pre_tool_use_write", path=tmp_path / "elsewhere.md", content="x"))
+        assert json.loads(r.stdout)["permission"] == "allow", "a path in no volume is not held up"
+        r, _ = _hook(ev("before_read_file", path=root / P, content="v1\n"))
+        assert json.loads(r.stdout) == {"permission": "allow"} and "no view was registered" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+    (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
+    out = json.loads(_hook(ev("pre_tool_use_write", path=root / P, content="x"))[0].stdout)
+    assert out["permission"] == "deny" and "RegistryError" in out["agent_message"]
+    anonymous = ev("pre_tool_use_write", path=root / "plans/new.md", content="x")
+    anonymous.pop("conversation_id")
+    anonymous.pop("session_id")
+    assert json.loads(_hook(anonymous)[0].stdout)["permission"] == "deny", "an unattributable write is refused"
+
+
+def test_install_and_uninstall_are_idempotent_and_keep_other_hooks(tmp_path: Path) -> None:
+    settings = tmp_path / "proj/.cursor/hooks.json"
+    settings.parent.mkdir(parents=True)
+    original = {"version": 1, "hooks": {"afterFileEdit": [{"command": "./hooks/format.sh"}]}}
+    settings.write_text(json.dumps(original))
+    r = subprocess.run([CLI, "cursor", "install", str(tmp_path / "proj")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    installed = json.loads(settings.read_text())
+    assert installed["version"] == 1 and installed["hooks"]["afterFileEdit"] == original["hooks"]["afterFileEdit"]
+    pre = installed["hooks"]["preToolUse"][0]
+    assert pre["failClosed"] is True and pre["matcher"] == "Write|Edit|StrReplace|MultiEdit|Delete|EditNotebook"
+    assert pre["command"].endswith("coherent-volume hook cursor") and pre["timeout"] == 5
+    assert installed["hooks"]["beforeShellExecution"][0]["failClosed"] is True
+    assert "failClosed" not in installed["hooks"]["beforeReadFile"][0], "a failing hook never blocks a read"
+    subprocess.run([CLI, "cursor", "install", str(tmp_path / "proj")], check=True, capture_output=True)
+    assert json.loads(settings.read_text()) == installed, "install is idempotent"
+    for _ in range(2):
+        subprocess.run([CLI, "cursor", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
+        assert json.loads(settings.read_text()) == original
+    fresh = tmp_path / "fresh"
+    subprocess.run([CLI, "cursor", "install", str(fresh)], check=True, capture_output=True)
+    assert json.loads((fresh / ".cursor/hooks.json").read_text())["version"] == 1
+    subprocess.run([CLI, "cursor", "uninstall", str(fresh)], check=True, capture_output=True)
+    assert json.loads((fresh / ".cursor/hooks.json").read_text()) == {}

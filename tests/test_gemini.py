@@ -1,0 +1,303 @@
+"""Gemini CLI sessions: hook events shaped as Gemini CLI's documentation specifies
+(tests/fixtures/gemini/events.json), run through `coherent-volume hook gemini` by a stand-in
+Gemini CLI process, with and without a mount."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, gemini
+
+from .harness.agent_session import AgentProcess, fill, fixture
+from .harness.mounts import CLI, Mount
+
+P = "plans/plan.md"
+EVENTS = fixture("gemini")
+
+
+class Session(AgentProcess):
+    """A stand-in Gemini CLI session: its tool calls with the hooks around them."""
+
+    def __init__(self, session: str, cwd: Path) -> None:
+        super().__init__("gemini", cwd)
+        self.id, self.cwd = session, cwd
+
+    def event(self, name: str, **values: object) -> dict[str, object]:
+        return fill(EVENTS[name], session=self.id, cwd=self.cwd, **values)
+
+    def read(self, path: Path) -> str:  # type: ignore[override]
+        """read_file: the tool reads the file, then AfterTool gets what the model was given."""
+        text = super().read(path)
+        assert self.hook(self.event("after_read_file", path=path, text=text))["code"] == 0
+        return text
+
+    def write_file(self, path: Path, content: str) -> tuple[str, str]:
+        """write_file: BeforeTool; if allowed, the write, then AfterTool. (decision, reason)."""
+        verdict, reason = decision(self.hook(self.event("before_write_file", path=path, content=content)))
+        if verdict == "allow":
+            assert self.write(path, content)["code"] == 0
+            assert self.hook(self.event("after_write_file", path=path, content=content))["code"] == 0
+        return verdict, reason
+
+
+def decision(answer: dict[str, object]) -> tuple[str, str]:
+    """(decision, reason) of a BeforeTool answer; ("allow", "") when it printed no decision."""
+    out = answer["json"]
+    assert answer["code"] == 0, answer
+    if not isinstance(out, dict) or "decision" not in out:
+        return "allow", ""
+    return str(out["decision"]), str(out["reason"])
+
+
+def context(answer: dict[str, object]) -> str:
+    out = answer["json"]
+    return str(out["hookSpecificOutput"]["additionalContext"]) if isinstance(out, dict) else ""
+
+
+def version(root: Path, rel: str = P) -> int:
+    with CoherentVolume(root, agent="observer") as v:
+        return v.version(rel)
+
+
+@pytest.fixture
+def sessions():
+    opened: list[Session] = []
+
+    def make(session: str, cwd: Path) -> Session:
+        s = Session(session, cwd)
+        opened.append(s)
+        assert s.hook(s.event("session_start"))["code"] == 0
+        return s
+
+    yield make
+    for s in opened:
+        s.hook(s.event("session_end"))
+        s.close()
+
+
+def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
+    target = workdir / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "step 1\nstep 2\n")
+    one, two = sessions("s1", workdir), sessions("s2", workdir)
+    assert one.read(target) == two.read(target) == "step 1\nstep 2\n"
+    assert two.write_file(target, "step 1\nstep 2 done\n") == ("allow", "")
+    assert version(root) == 2
+
+    verdict, reason = decision(one.hook(one.event("before_replace", path=target, old="step 1", new="step 1 (revised)")))
+    assert verdict == "deny"
+    for words in ("plans/plan.md", "(stale)", "version 1", "current version is 2", "gemini:s2", "read_file"):
+        assert words in reason, (words, reason)
+    assert "-step 2\n+step 2 done" in reason, "the diff since the session's view is in the reason"
+    if mounted:  # the tool's own write is refused by the file system as well: its view is pinned
+        forced = one.write(target, "forced\n")
+        assert forced["code"] == 1 and forced["errno"] == errno.EACCES
+    assert target.read_text() == "step 1\nstep 2 done\n"
+
+    assert one.read(target) == "step 1\nstep 2 done\n"
+    assert one.write_file(target, "step 1 (revised)\nstep 2 done\n") == ("allow", "")
+    assert version(root) == 3 and target.read_text() == "step 1 (revised)\nstep 2 done\n"
+
+
+def test_a_stale_write_is_denied_with_the_diff_and_a_fresh_one_allowed(root: Path, sessions) -> None:
+    _stale_scenario(root, root, sessions, mounted=False)
+
+
+def test_on_a_mount_the_file_system_refuses_the_stale_write_too(mounted: Mount, sessions) -> None:
+    _stale_scenario(mounted.path, mounted.root, sessions, mounted=True)
+
+
+def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, sessions) -> None:
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one, two = sessions("h1", root), sessions("h2", root)
+    verdict, reason = decision(one.hook(one.event("before_write_file", path=target, content="x")))
+    assert verdict == "deny" and "(unread)" in reason and "Read the file with read_file first" in reason
+
+    one.read(target)
+    two.read(target)
+    assert decision(one.hook(one.event("before_write_file", path=target, content="v2\n")))[0] == "allow"
+    verdict, reason = decision(two.hook(two.event("before_write_file", path=target, content="other\n")))
+    assert verdict == "deny" and "(held)" in reason and "gemini:h1 holds its write grant" in reason
+    assert "Wait a few seconds" in reason
+    failed = one.hook(one.event("after_write_file_failed", path=target, content="v2\n"))
+    assert failed["code"] == 0, "a failed write releases the grant and records nothing"
+    assert decision(two.hook(two.event("before_write_file", path=target, content="other\n")))[0] == "allow"
+    two.hook(two.event("after_write_file_failed", path=target, content="other\n"))
+    assert version(root) == 1
+
+    s = sessions("f1", root)
+    s.read(target)
+    with CoherentVolume(root, agent="gemini:f1") as same_agent, same_agent.lock(P, ttl=0.1):
+        time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
+        verdict, reason = decision(s.hook(s.event("before_write_file", path=target, content="x")))
+        assert verdict == "deny" and "(fenced)" in reason and "reclaimed" in reason and "read_file" in reason
+        s.read(target)  # a confirmed read lifts the fence
+        assert decision(s.hook(s.event("before_replace", path=target, old="v1", new="v2")))[0] == "allow"
+
+
+def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
+    lines = [f"line {i}" for i in range(1, 31)]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "\n".join(lines) + "\n")
+        setup.write("plans/other.md", "other\n")
+    s = sessions("v1", root)
+    target = root / P
+    s.hook(s.event("after_read_file", path=target, text="an older text\n"))
+    assert decision(s.hook(s.event("before_write_file", path=target, content="x")))[0] == "deny", (
+        "content the file does not hold registers no view"
+    )
+    shown = "\n".join(lines[9:20])  # lines 10-20, with a line cut as read_file cuts long lines
+    shown = shown.replace("line 15", "line... [truncated]")
+    s.hook(s.event("after_read_file_range", path=target, text=shown, start=10, end=20, total=30, next=21))
+    assert decision(s.hook(s.event("before_write_file", path=target, content="x")))[0] == "allow"
+    s.hook(s.event("after_write_file_failed", path=target, content="x"))
+
+    parts = [f"--- {root / 'plans/other.md'} ---\n\nother\n\n\n", "\n--- End of content ---"]
+    s.hook(s.event("after_read_many_files", parts=parts))
+    other = root / "plans/other.md"
+    assert decision(s.hook(s.event("before_write_file", path=other, content="x")))[0] == "allow"
+
+
+def test_shell_commands_writing_managed_files_are_checked(root: Path, sessions) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        setup.write("plans/log.md", "entry 1\n")
+    s = sessions("sh", root)
+    verdict, reason = decision(s.hook(s.event("before_shell", command=f"sed -i 's/v1/v2/' {P} 2>/dev/null")))
+    assert verdict == "deny" and "(unread)" in reason and P in reason
+    verdict, reason = decision(s.hook(s.event("before_shell", command=f"cat > {P} <<'EOF'\nv2 > v1\nEOF")))
+    assert verdict == "deny" and "(unread)" in reason
+    for harmless in (f"cat {P} | wc -l", "echo entry 2 >> plans/log.md", "echo x > notes.txt"):
+        assert decision(s.hook(s.event("before_shell", command=harmless)))[0] == "allow", harmless
+    s.hook(s.event("after_shell", command="echo entry 2 >> plans/log.md"))
+
+    s.read(root / P)
+    command = f"echo v2 > {P}"
+    assert decision(s.hook(s.event("before_shell", command=command)))[0] == "allow"
+    assert s.write(root / P, "v2\n")["code"] == 0  # what the command does
+    s.hook(s.event("after_shell", command=command))
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.version(P) == 2 and v.history(P)[0].writer == "gemini:sh"
+
+
+def test_stale_views_are_named_before_the_next_turn_and_after_tools(root: Path, sessions) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "alpha\nbeta\n")
+    s = sessions("w1", root)
+    s.read(root / P)
+    assert context(s.hook(s.event("before_agent"))) == "", "nothing is stale yet"
+    with CoherentVolume(root, agent="rival") as rival:
+        rival.read_text(P)
+        rival.write(P, "alpha\nbeta, revised\n")
+    told = context(s.hook(s.event("before_agent")))
+    for words in (P, "last saw version 1", "now version 2", "rival", "-beta\n+beta, revised"):
+        assert words in told, (words, told)
+    told = context(s.hook(s.event("after_shell", command="ls")))
+    assert P in told and "rival" in told
+    s.read(root / P)
+    assert context(s.hook(s.event("before_agent"))) == ""
+
+
+def test_session_end_releases_the_sessions_grants(root: Path, sessions) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("e1", root)
+    s.read(root / P)
+    assert decision(s.hook(s.event("before_write_file", path=root / P, content="x")))[0] == "allow"
+    with CoherentVolume(root, agent="other") as other:
+        other.read_text(P)
+        with pytest.raises(PermissionError):
+            other.write(P, "blocked")
+        s.hook(s.event("session_end"))
+        assert other.write(P, "free again") == 2
+
+
+def _hook(event: dict[str, object] | str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    stdin = event if isinstance(event, str) else json.dumps(event)
+    r = subprocess.run([CLI, "hook", "gemini"], input=stdin, capture_output=True, text=True, timeout=60)
+    return r, time.monotonic() - started
+
+
+def _ev(name: str, cwd: Path, **values: object) -> dict[str, object]:
+    return fill(EVENTS[name], session="closed", cwd=cwd, **values)
+
+
+def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_path: Path) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import fcntl, os, time
+fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        r, took = _hook(_ev("before_write_file", root, path=root / P, content="x"))
+        out = json.loads(r.stdout)
+        assert r.returncode == 0 and out["decision"] == "deny", r.stderr
+        assert "could not check this write" in out["reason"] and "did not finish in time" in out["reason"]
+        assert f"coherent-volume why {root / P}" in out["reason"]
+        assert took < gemini.hooks.HOOK_TIMEOUT, f"answered after {took:.1f} s: Gemini CLI would have run the tool"
+        r, _ = _hook(_ev("before_write_file", root, path=tmp_path / "elsewhere.md", content="x"))
+        assert r.returncode == 0 and r.stdout == "", "a path in no volume is not held up"
+        r, _ = _hook(_ev("after_read_file", root, path=root / P, text="v1\n"))
+        assert r.returncode == 0 and r.stdout == "" and "no view was registered" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+    (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
+    r, _ = _hook(_ev("before_write_file", root, path=root / P, content="x"))
+    out = json.loads(r.stdout)
+    assert out["decision"] == "deny" and "RegistryError" in out["reason"]
+    no_session = _ev("before_write_file", root, path=root / "plans/new.md", content="x")
+    no_session["session_id"] = ""
+    assert json.loads(_hook(no_session)[0].stdout)["decision"] == "deny", "an unattributable write is refused"
+    for payload in ("not json", "[]"):
+        r, _ = _hook(payload)
+        assert r.returncode == 0 and r.stdout == "" and "coherent-volume" in r.stderr
+
+
+def test_install_and_uninstall_are_idempotent_and_keep_other_settings(tmp_path: Path) -> None:
+    settings = tmp_path / "proj/.gemini/settings.json"
+    settings.parent.mkdir(parents=True)
+    mine = {"type": "command", "command": "echo mine"}
+    original = {"model": {"name": "gemini-2.5-pro"}, "hooks": {"BeforeTool": [{"matcher": "glob", "hooks": [mine]}]}}
+    settings.write_text(json.dumps(original))
+    r = subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    installed = json.loads(settings.read_text())
+    assert installed["model"] == original["model"] and installed["hooks"]["BeforeTool"][0]["hooks"] == [mine]
+    assert set(installed["hooks"]) == {"BeforeTool", "AfterTool", "BeforeAgent", "SessionStart", "SessionEnd"}
+    ours = installed["hooks"]["BeforeTool"][1]
+    assert ours["matcher"] == "^(write_file|replace|run_shell_command)$"
+    assert ours["hooks"][0]["timeout"] == 5000 and ours["hooks"][0]["command"].endswith("coherent-volume hook gemini")
+    assert "read_many_files" in installed["hooks"]["AfterTool"][0]["matcher"]
+    subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], check=True, capture_output=True)
+    assert json.loads(settings.read_text()) == installed, "install is idempotent"
+    for _ in range(2):
+        subprocess.run([CLI, "gemini", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
+        assert json.loads(settings.read_text()) == original
+    settings.write_text("{broken")
+    r = subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], capture_output=True, text=True)
+    assert r.returncode == 1 and "not valid JSON" in r.stderr and settings.read_text() == "{broken"
