@@ -48,12 +48,12 @@ def cut(diff: str, max_lines: int = MAX_LINES, max_line_chars: int = MAX_LINE_CH
     """`diff` cut to `max_lines` lines of at most `max_line_chars` characters, saying how much was
     left out."""
     lines = diff.splitlines(keepends=True)
-    shown = [
-        line
-        if len(line) <= max_line_chars
-        else f"{line[:max_line_chars]}... ({len(line) - max_line_chars} more characters)\n"
-        for line in lines[:max_lines]
-    ]
+    shown = []
+    for line in lines[:max_lines]:
+        text = line.rstrip("\n")
+        if len(text) > max_line_chars:
+            line = f"{text[:max_line_chars]}... ({len(text) - max_line_chars} more characters)\n"
+        shown.append(line)
     if len(lines) > max_lines:
         shown.append(f"... {len(lines) - max_lines} more lines of the diff not shown\n")
     return "".join(shown)

@@ -1,4 +1,10 @@
-"""Claude Code sessions: hook events shaped as Claude Code sends them, with and without a mount."""
+"""Claude Code sessions: hook events shaped as Claude Code sends them, with and without a mount.
+
+The events follow Claude Code's hooks reference (https://code.claude.com/docs/en/hooks): every
+event carries session_id, transcript_path, cwd, permission_mode and hook_event_name; tool events
+add tool_name and tool_input (PostToolUse: tool_response); an event fired inside a subagent adds
+agent_id and agent_type; SubagentStop carries agent_id, agent_type, agent_transcript_path,
+stop_hook_active and last_assistant_message; UserPromptSubmit carries prompt."""
 
 from __future__ import annotations
 
@@ -7,12 +13,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError, claude_code
+from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs
 from coherent_volume.claude_code import HOOK_REMEDY, handle, install, our_hooks, remedy, uninstall
 from coherent_volume.errors import Reason
 from coherent_volume.liveness import current_process
@@ -41,19 +48,34 @@ console.log(fs.readFileSync(target, "utf8"));
 
 
 def event(
-    name: str, session: str, cwd: Path, tool: str | None = None, path: Path | None = None, response: object = None
+    name: str,
+    session: str,
+    cwd: Path,
+    tool: str | None = None,
+    path: Path | None = None,
+    response: object = None,
+    *,
+    tool_input: dict[str, object] | None = None,
+    agent_id: str | None = None,
+    **fields: object,
 ) -> dict[str, object]:
+    """An event as Claude Code sends it; `agent_id`: fired inside that subagent (Task tool)."""
     e: dict[str, object] = {
         "session_id": session,
         "transcript_path": f"/tmp/{session}.jsonl",
         "cwd": str(cwd),
+        "permission_mode": "default",
         "hook_event_name": name,
     }
+    if agent_id is not None:
+        e.update(agent_id=agent_id, agent_type="general-purpose")
     if tool:
         e["tool_name"] = tool
-        e["tool_input"] = {"notebook_path" if tool == "NotebookEdit" else "file_path": str(path)}
+        e["tool_input"] = {"notebook_path" if tool == "NotebookEdit" else "file_path": str(path), **(tool_input or {})}
+        e["tool_use_id"] = "toolu_01"
     if response is not None:
         e["tool_response"] = response
+    e.update(fields)
     return e
 
 
@@ -96,23 +118,27 @@ class Session:
         """Run `coherent-volume hook claude-code` with the event; returns exit code, stdout, stderr."""
         return self._call({"op": "hook", "cli": CLI, "event": e})
 
-    def read(self, path: Path) -> str:
-        """The Read tool: read the file, then the PostToolUse hook with what was read."""
+    def read(self, path: Path, agent_id: str | None = None) -> str:
+        """The Read tool (of a subagent, with `agent_id`): read the file, then the PostToolUse hook
+        with what was read."""
         text = self._call({"op": "read", "path": str(path)})["text"]
-        self.hook(event("PostToolUse", self.id, self.cwd, "Read", path, read_response(path, text)))
+        self.hook(event("PostToolUse", self.id, self.cwd, "Read", path, read_response(path, text), agent_id=agent_id))
         return text
 
     def tool_write(self, path: Path, content: str, mode: str = "rename") -> dict[str, object]:
         """Claude's write sequence alone (a node child of this process), with no hook around it."""
         return self._call({"op": "node", "args": [str(path), content, mode]})
 
-    def write(self, path: Path, content: str) -> dict[str, object]:
+    def write(self, path: Path, content: str, agent_id: str | None = None) -> dict[str, object]:
         """The Write tool: PreToolUse hook; if allowed, Claude's write sequence, then PostToolUse."""
-        pre = self.hook(event("PreToolUse", self.id, self.cwd, "Write", path))
-        decision = json.loads(pre["stdout"])["hookSpecificOutput"]["permissionDecision"] if pre["stdout"] else "allow"
+        written = {"content": content}
+        pre = self.hook(event("PreToolUse", self.id, self.cwd, "Write", path, tool_input=written, agent_id=agent_id))
+        verdict = json.loads(pre["stdout"]).get("hookSpecificOutput", {}) if pre["stdout"] else {}
+        decision = verdict.get("permissionDecision", "allow")
         if decision == "allow":
             assert self.tool_write(path, content)["code"] == 0
-            self.hook(event("PostToolUse", self.id, self.cwd, "Write", path, {"type": "update"}))
+            post = event("PostToolUse", self.id, self.cwd, "Write", path, {"type": "update"}, agent_id=agent_id)
+            self.hook(post)
         return {"decision": decision, "reason": pre["stdout"]}
 
     def close(self) -> None:
@@ -270,7 +296,14 @@ def test_install_and_uninstall_round_trip_keep_other_settings(tmp_path: Path) ->
     installed = json.loads(settings.read_text())
     assert installed["model"] == "opus"
     assert installed["hooks"]["PreToolUse"][0]["hooks"][0]["command"] == "echo mine"
-    assert set(installed["hooks"]) == {"PreToolUse", "PostToolUse", "PostToolUseFailure", "SessionEnd"}
+    assert set(installed["hooks"]) == {
+        "PreToolUse",
+        "PostToolUse",
+        "PostToolUseFailure",
+        "UserPromptSubmit",
+        "SubagentStop",
+        "SessionEnd",
+    }
     assert all(
         h["timeout"] == claude_code.HOOK_TIMEOUT
         for entries in installed["hooks"].values()
@@ -497,7 +530,8 @@ def test_a_long_diff_in_a_denial_is_cut(root: Path) -> None:
     assert "-step 0\n" in reason and "... 9923 more lines of the diff not shown" in reason
     assert len(reason) < 4000
     reason = _stale_denial(root, "{" + "1," * 50_000 + "}\n", "{" + "2," * 50_000 + "}\n")
-    assert f"... ({100_003 - claude_code.DIFF_LINE_CHARS} more characters)" in reason and len(reason) < 2000
+    assert "more characters)\n" in reason and len(reason) < 2000
+    assert max(len(line) for line in reason.split("\n")) < diffs.MAX_LINE_CHARS + 40, "each line is cut once"
 
 
 def test_a_diff_too_slow_to_make_leaves_a_decided_denial_standing(root: Path) -> None:
@@ -508,3 +542,249 @@ def test_a_diff_too_slow_to_make_leaves_a_decided_denial_standing(root: Path) ->
     changed = [f"line {i} rewritten\n" if i % 10 == 0 else line for i, line in enumerate(lines)]
     reason = _stale_denial(root, "".join(lines), "".join(changed))
     assert "could not check" not in reason and "you last read version 1; the current version is 2" in reason
+
+
+# ---- merge globs ----------------------------------------------------------------------
+
+LOG = "plans/log.md"
+
+
+def _merge_volume(root: Path, text: str) -> Path:
+    """`root` with LOG a merge glob holding `text` (version 1)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.set_policy(replace(setup.policy, merge=(LOG,)))
+        setup.write(LOG, text)
+    return root / LOG
+
+
+def _history(root: Path, rel: str = LOG) -> list[tuple[int, str, str, tuple[int, ...]]]:
+    with CoherentVolume(root, agent="observer") as v:
+        return [(h.version, h.kind, h.writer, h.parents) for h in v.history(rel)]
+
+
+def _kinds_logged(root: Path) -> list[str]:
+    log = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
+    return [json.loads(line)["kind"] for line in log.splitlines()]
+
+
+def test_a_stale_write_of_a_merge_file_is_merged_and_committed_by_the_hook(root: Path, sessions) -> None:
+    """Two sessions change different lines of a merge-glob file: the stale one's Write is merged
+    three-way with the current version and committed by the hook as a `merge` version with both
+    parents; the tool is denied (its write is done) and told so; its view stays where it was."""
+    target = _merge_volume(root, "alpha\nbeta\ngamma\n")
+    one, two = sessions("m1", root), sessions("m2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write(target, "ALPHA\nbeta\ngamma\n")["decision"] == "allow"
+    answer = one.hook(
+        event(
+            "PreToolUse",
+            "m1",
+            root,
+            "Write",
+            target,
+            tool_input={"content": "alpha\nbeta\nGAMMA\n"},
+            permission_mode="acceptEdits",
+        )
+    )
+    verdict, reason = decision(answer)
+    assert verdict == "deny" and "committed the result as version 3" in reason, reason
+    assert "do not repeat it" in reason and "claude:m2" in reason and "-alpha\n+ALPHA" in reason
+    assert target.read_text() == "ALPHA\nbeta\nGAMMA\n"
+    assert _history(root)[0] == (3, "merge", "claude:m1", (1, 2))
+    assert "clobber" not in _kinds_logged(root)
+    again = decision(one.hook(event("PreToolUse", "m1", root, "Edit", target, permission_mode="acceptEdits")))
+    assert again[0] == "deny" and "you last read version 1" in again[1], "its model never saw version 2's change"
+    one.read(target)
+    assert decision(one.hook(event("PreToolUse", "m1", root, "Write", target)))[0] == "allow"
+
+
+def test_a_merge_is_only_shown_where_claude_code_asks_before_writing(root: Path, sessions) -> None:
+    """In the default permission mode the hook would skip the user's approval by writing: it denies,
+    showing the change applied to the current content, and writes nothing."""
+    target = _merge_volume(root, "alpha\nbeta\ngamma\n")
+    one, two = sessions("d1", root), sessions("d2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write(target, "ALPHA\nbeta\ngamma\n")["decision"] == "allow"
+    verdict, reason = decision(
+        one.hook(event("PreToolUse", "d1", root, "Write", target, tool_input={"content": "alpha\nbeta\nGAMMA\n"}))
+    )
+    assert verdict == "deny" and "merges cleanly with version 2" in reason and "this session's is default" in reason
+    assert "-gamma\n+GAMMA\n" in reason and reason.endswith(
+        "Read the file again with the Read tool, then redo your change from its current content."
+    )
+    assert target.read_text() == "ALPHA\nbeta\ngamma\n" and [h[0] for h in _history(root)] == [2, 1]
+
+
+def test_overlapping_changes_are_denied_with_the_conflicting_hunks(root: Path, sessions) -> None:
+    target = _merge_volume(root, "alpha\nbeta\ngamma\n")
+    one, two = sessions("c1", root), sessions("c2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write(target, "alpha\nBETA by two\ngamma\n")["decision"] == "allow"
+    pre = event(
+        "PreToolUse",
+        "c1",
+        root,
+        "Write",
+        target,
+        tool_input={"content": "alpha\nbeta by one\ngamma\n"},
+        permission_mode="bypassPermissions",
+    )
+    verdict, reason = decision(one.hook(pre))
+    assert verdict == "deny" and "(stale)" in reason and "1 conflicting hunk(s)" in reason
+    assert "<<<<<<< yours\nbeta by one\n||||||| base\nbeta\n=======\nBETA by two\n>>>>>>> current" in reason
+    assert target.read_text() == "alpha\nBETA by two\ngamma\n" and len(_history(root)) == 2
+
+
+def test_an_edit_merges_only_when_applying_it_to_the_current_content_is_the_merge(root: Path, sessions) -> None:
+    """Claude Code applies an Edit to the file's current content: the hook commits that when it is
+    what merging the edit (applied to the version read) with the current version gives; an edit that
+    no longer applies is denied, and so is one that would change the other session's lines too."""
+    target = _merge_volume(root, "one\ntwo\nthree\nfour\nfive\nsix\nseven\n")
+    one, two = sessions("e1", root), sessions("e2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write(target, "two again\none\ntwo\nthree\nfour\nfive\nsix\nSEVEN\n")["decision"] == "allow"
+
+    def edit(tool: str, **tool_input: object) -> tuple[str, str]:
+        pre = event("PreToolUse", "e1", root, tool, target, tool_input=tool_input, permission_mode="acceptEdits")
+        return decision(one.hook(pre))
+
+    verdict, reason = edit("Edit", old_string="six\nseven", new_string="six\nseven!")
+    assert verdict == "deny" and "It was not merged: your edit does not apply to the current content" in reason
+    verdict, reason = edit("Edit", old_string="two", new_string="TWO", replace_all=True)
+    assert verdict == "deny" and "would not give the merge of both changes" in reason, reason
+    assert len(_history(root)) == 2, "nothing committed"
+    verdict, reason = edit(
+        "MultiEdit",
+        edits=[
+            {"old_string": "three", "new_string": "THREE"},
+            {"old_string": "one\n", "new_string": "one\nhalf\n"},
+            {"old_string": "five", "new_string": ""},  # Claude Code deletes the line's newline too
+        ],
+    )
+    assert verdict == "deny" and "committed the result as version 3" in reason, reason
+    assert target.read_text() == "two again\none\nhalf\ntwo\nTHREE\nfour\nsix\nSEVEN\n"
+    assert _history(root)[0] == (3, "merge", "claude:e1", (1, 2))
+
+
+def test_unread_and_held_writes_of_a_merge_file_are_never_merged(root: Path, sessions) -> None:
+    target = _merge_volume(root, "alpha\n")
+    fresh, holder = sessions("u1", root), sessions("u2", root)
+    mode = {"permission_mode": "acceptEdits"}
+    verdict, reason = decision(
+        fresh.hook(event("PreToolUse", "u1", root, "Write", target, tool_input={"content": "x\n"}, **mode))
+    )
+    assert verdict == "deny" and "(unread)" in reason
+    holder.read(target)
+    fresh.read(target)
+    assert decision(holder.hook(event("PreToolUse", "u2", root, "Write", target, **mode)))[0] == "allow"
+    verdict, reason = decision(
+        fresh.hook(event("PreToolUse", "u1", root, "Write", target, tool_input={"content": "alpha\nx\n"}, **mode))
+    )
+    assert verdict == "deny" and "(held)" in reason and target.read_text() == "alpha\n"
+
+
+# ---- subagents ------------------------------------------------------------------------
+
+
+def test_subagents_are_agents_of_their_own(root: Path, sessions) -> None:
+    """Two Task subagents of one session (events with agent_id) read the same file; the first one's
+    write makes the second one's stale, and while the first holds its grant the second is refused
+    `held`. The main thread's view is its own too. SubagentStop releases a subagent's grant."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("parent", root)
+    for who in (None, "agent-a", "agent-b"):
+        s.read(target, agent_id=who)
+    assert s.write(target, "v2 by subagent a\n", agent_id="agent-a")["decision"] == "allow"
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == "claude:parent/agent-a"
+    denied = s.write(target, "v2 by subagent b, built on v1\n", agent_id="agent-b")
+    reason = json.loads(str(denied["reason"]))["hookSpecificOutput"]["permissionDecisionReason"]
+    assert denied["decision"] == "deny" and "(stale)" in reason and "claude:parent/agent-a" in reason
+    assert s.write(target, "v2 by the main thread, built on v1\n")["decision"] == "deny"
+    assert target.read_text() == "v2 by subagent a\n"
+
+    s.read(target, agent_id="agent-b")
+    s.read(target, agent_id="agent-a")
+    assert decision(s.hook(event("PreToolUse", "parent", root, "Edit", target, agent_id="agent-a")))[0] == "allow"
+    verdict, reason = decision(s.hook(event("PreToolUse", "parent", root, "Edit", target, agent_id="agent-b")))
+    assert verdict == "deny" and "(held)" in reason and "claude:parent/agent-a holds its write grant" in reason
+    stop = event(
+        "SubagentStop",
+        "parent",
+        root,
+        agent_id="agent-a",
+        agent_transcript_path="/tmp/parent/subagents/agent-a.jsonl",
+        stop_hook_active=False,
+        last_assistant_message="done",
+    )
+    assert s.hook(stop) == {"code": 0, "stdout": "", "stderr": ""}
+    assert decision(s.hook(event("PreToolUse", "parent", root, "Edit", target, agent_id="agent-b")))[0] == "allow"
+    s.hook(event("SessionEnd", "parent", root, reason="other"))
+    status = json.loads(subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True).stdout)
+    assert all(f["holder"] is None for f in status["files"]), "SessionEnd released its subagents' grants too"
+
+
+def test_on_a_mount_a_subagent_writes_as_its_session(mounted: Mount, sessions) -> None:
+    """The file system sees one agent per process: a subagent's checked write through the mount goes
+    through (its grant is its session's) and is recorded as the session's."""
+    target = mounted.path / P
+    with CoherentVolume(mounted.root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("mounted", mounted.path)
+    s.read(target, agent_id="agent-m")
+    assert s.write(target, "v2 by a subagent\n", agent_id="agent-m")["decision"] == "allow"
+    assert target.read_text() == "v2 by a subagent\n"
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert (v.version(P), v.history(P)[0].writer) == (2, "claude:mounted")
+
+
+# ---- stale warnings -------------------------------------------------------------------
+
+
+def _context(answer: dict[str, object]) -> str | None:
+    out = json.loads(str(answer["stdout"])) if answer["stdout"] else {}
+    return out.get("hookSpecificOutput", {}).get("additionalContext")
+
+
+def test_the_model_is_told_once_of_each_stale_view(root: Path, sessions) -> None:
+    """UserPromptSubmit, an allowed write and a read put the files the session read that changed
+    since in the model's context: file, versions, writer and diff; once per version, and nothing
+    when nothing is stale."""
+    a, b = root / "plans/a.md", root / "plans/b.md"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/a.md", "a1\n")
+        setup.write("plans/b.md", "b1\n")
+    me, other = sessions("w1", root), sessions("w2", root)
+    prompt = event("UserPromptSubmit", "w1", root, prompt="go on")
+    me.read(a)
+    me.read(b)
+    assert me.hook(prompt) == {"code": 0, "stdout": "", "stderr": ""}, "nothing stale, nothing said"
+    other.read(a)
+    assert other.write(a, "a2 by w2\n")["decision"] == "allow"
+
+    told = me.hook(prompt)
+    out = json.loads(str(told["stdout"]))["hookSpecificOutput"]
+    assert out["hookEventName"] == "UserPromptSubmit"
+    text = out["additionalContext"]
+    assert "plans/a.md: you last read version 1; it is now version 2, written by claude:w2" in text
+    assert "-a1\n+a2 by w2" in text and "plans/b.md" not in text
+    assert _context(me.hook(prompt)) is None, "told once"
+
+    assert other.write(a, "a3 by w2\n")["decision"] == "allow"
+    allowed = me.hook(event("PreToolUse", "w1", root, "Write", b, tool_input={"content": "b2\n"}))
+    verdict = json.loads(str(allowed["stdout"]))["hookSpecificOutput"]
+    assert "permissionDecision" not in verdict, "the write's permission is left to Claude Code"
+    assert "it is now version 3" in verdict["additionalContext"] and "+a3 by w2" in verdict["additionalContext"]
+    me.hook(event("PostToolUseFailure", "w1", root, "Write", b, error="interrupted", is_interrupt=True))
+
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/b.md", "b2 by setup\n")
+    read_a = me.hook(event("PostToolUse", "w1", root, "Read", a, read_response(a, "a3 by w2\n")))
+    assert "plans/b.md: you last read version 1; it is now version 2, written by setup" in str(_context(read_a))
+    assert "plans/a.md" not in str(_context(read_a)), "a was just read"

@@ -1,11 +1,14 @@
-"""Two Claude Code sessions racing on one file through the hooks alone (no mount): no lost update.
+"""Two Claude Code sessions, or two subagents of one session, racing on one file through the hooks
+alone (no mount): no lost update.
 
 Each session is a real process that runs the real `coherent-volume hook claude-code` command as
 its child for every event, in the order Claude Code sends them: the Read tool reads the file,
 PostToolUse Read; PreToolUse Write; if denied, read again and retry; else the tool writes the
 file in the plain directory (temp file + rename, as Claude Code's Write tool does) and
 PostToolUse Write. PreToolUse takes the session's write grant and PostToolUse releases it, so
-check and write are one step between hooked sessions.
+check and write are one step between hooked sessions. Subagents' events carry their `agent_id`,
+which makes each an agent of its own: without it, two subagents of one session would be one agent
+and overwrite each other.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from coherent_volume import CoherentVolume
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
@@ -25,13 +30,16 @@ CYCLES = 12
 
 SESSION = r"""
 import json, os, random, subprocess, sys, time
-cli, root, session, cycles, path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+cli, root, session, cycles, path, agent_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 denials, slowest = {}, 0.0
 
 def hook(name, tool, response=None):
     global slowest
     event = {"session_id": session, "transcript_path": f"/tmp/{session}.jsonl", "cwd": root,
-             "hook_event_name": name, "tool_name": tool, "tool_input": {"file_path": path}}
+             "permission_mode": "acceptEdits", "hook_event_name": name, "tool_name": tool,
+             "tool_input": {"file_path": path}}
+    if agent_id:
+        event.update(agent_id=agent_id, agent_type="general-purpose")
     if response is not None:
         event["tool_response"] = response
     started = time.monotonic()
@@ -70,19 +78,24 @@ print(json.dumps({"denials": denials, "slowest_hook": slowest}), flush=True)
 """
 
 
-def test_two_hooked_sessions_lose_no_update(root: Path) -> None:
+@pytest.mark.parametrize(
+    "racers",
+    [[("racer1", ""), ("racer2", "")], [("parent", "agent-1"), ("parent", "agent-2")]],
+    ids=["sessions", "subagents"],
+)
+def test_two_hooked_agents_lose_no_update(root: Path, racers: list[tuple[str, str]]) -> None:
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "0\n")
     started = time.monotonic()
     sessions = [
         subprocess.Popen(
-            [sys.executable, "-c", SESSION, CLI, str(root), f"racer{i}", str(CYCLES), str(target)],
+            [sys.executable, "-c", SESSION, CLI, str(root), session, str(CYCLES), str(target), agent_id],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in (1, 2)
+        for session, agent_id in racers
     ]
     results = []
     for s in sessions:
