@@ -371,3 +371,22 @@ def test_repeated_reads_see_every_change_at_once(root: Path, vols) -> None:
     a.forget("plans/p.md")
     a.read("plans/p.md")
     assert a.write("plans/p.md", "ffff") == 6
+
+
+def test_listing_a_directory_shows_its_deletions(vols) -> None:
+    """Through a mount the only way to see that a file is gone is to list its directory (a lookup
+    precedes every create): the listing moves an outdated view to the deletion, so the file may be
+    created again; files deleted elsewhere, or whose deletion the agent saw, are left alone."""
+    a, b = vols("a"), vols("b")
+    a.write("plans/gone.md", "1")
+    a.write("plans/sub/deep.md", "1")
+    for path in ("plans/gone.md", "plans/sub/deep.md"):
+        b.read(path)
+        b.delete(path)
+    core = a._core
+    with pytest.raises(StaleWriteError):
+        a.write("plans/gone.md", "again")
+    assert core.note_listed("a", "plans") == 1 and core.note_listed("a", "plans") == 0
+    assert a.write("plans/gone.md", "again") == 3
+    with pytest.raises(StaleWriteError):
+        a.write("plans/sub/deep.md", "again")

@@ -139,30 +139,38 @@ class History(Writes):
         except StaleWriteError as refusal:
             raise self.refusal_diff(refusal) from None
 
-    def write_merging(self, agent: str, target: Target, data: bytes, isolation: Isolation = "file") -> int:
+    def write_merging(
+        self,
+        agent: str,
+        target: Target,
+        data: bytes,
+        isolation: Isolation = "file",
+        refused: StaleWriteError | None = None,
+    ) -> int:
         """Commit `data`; if that is refused `stale` (only: `protocol.may_merge`) and the version the
         agent read is retained, commit instead the three-way line merge of it (base), `data` (ours)
         and the current version (theirs), as a version of kind `merge` whose parents are both. A
         merge leaves the agent's view where it was (`protocol.view_moves`): it never read the
         result. Overlapping changes raise MergeConflict (with the hunks), binary content or a pruned
-        base the stale refusal (with its diff); either way nothing changes."""
-        last: StaleWriteError | None = None
-        for _ in range(MERGE_ATTEMPTS):
+        base the stale refusal (with its diff); either way nothing changes. `refused`: the refusal
+        `data` already got (and logged), so it is not tried again."""
+        refusal = refused
+        if refusal is None:
             try:
                 return self.commit(agent, target, data, isolation=isolation)
-            except StaleWriteError as refusal:
-                last = refusal
-            merged, parents = self._merged(target, last, data)
+            except StaleWriteError as e:
+                refusal = e
+        for _ in range(MERGE_ATTEMPTS):
+            merged, parents = self._merged(target, refusal, data)
             try:
                 return self.commit(
                     agent, target, merged, isolation=isolation, expected=parents[1], made=("merge", parents)
                 )
-            except StaleWriteError as refusal:
-                if refusal.reason != "stale":
-                    raise self.refusal_diff(refusal) from None
-                last = refusal  # another commit landed between the merge and its commit: merge onto it
-        assert last is not None
-        raise self.refusal_diff(last)
+            except StaleWriteError as e:
+                if e.reason != "stale":
+                    raise self.refusal_diff(e) from None
+                refusal = e  # another commit landed between the merge and its commit: merge onto it
+        raise self.refusal_diff(refusal)
 
     def _merged(self, target: Target, refusal: StaleWriteError, ours: bytes) -> tuple[bytes, tuple[int, int]]:
         """The merge `write_merging` commits for a refused write, and its parents (base, theirs);

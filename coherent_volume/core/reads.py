@@ -242,6 +242,31 @@ class Reads(CoreBase):
 
         return self.registry.transact(move)
 
+    def note_listed(self, agent: str, directory: str) -> int:
+        """`agent` listed `directory` (readdir through a mount): it has seen which managed files there
+        are gone, so its views of them move to their deletions' versions, as the API's read of a
+        missing file does; creating one again is then no write built on gone content. (A lookup
+        cannot count: the kernel looks a name up before every create.) One registry read unless a
+        view moves; returns how many moved."""
+        with self.registry.read() as tx:
+            gone = tx.deleted_in(directory)
+            views = tx.read_set(agent)
+        behind = [r.path for r in gone if views.get(r.path) not in (None, r.version)]
+        if not behind:
+            return 0
+        agent = self.agent(agent)
+
+        def move(tx: Transaction) -> int:
+            moved = 0
+            for rel in behind:
+                current = self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
+                if current is not None and not current.present and tx.view(agent, rel) != current.version:
+                    tx.put_view(agent, rel, current.version, time.time())
+                    moved += 1
+            return moved
+
+        return self._transact(move)
+
     def unlink_symlink(self, target: Target) -> None:
         """Remove a symlink itself (unlink(2)); links carry no versions, so this is no commit."""
         os.unlink(target.abs)

@@ -159,7 +159,7 @@ class Renames(History):
                 raise
             with open(src.abs, "rb") as f:  # src is a regular file: checked above
                 ours = f.read()
-            self.write_merging(agent, dst, ours)
+            self.write_merging(agent, dst, ours, refused=refusal)
             if src.managed:
                 self.commit(agent, src, None)
             else:

@@ -206,6 +206,15 @@ class SQLiteTransaction:
             (*v[:7], ",".join(str(p) for p in v.parents) or None, int(not v.retained)),
         )
 
+    def deleted_in(self, directory: str) -> list[FileRecord]:
+        prefix = f"{directory}/" if directory else ""
+        rows = self._c.execute(
+            f"SELECT {_FILE_COLS} FROM files WHERE present = 0 AND path >= ? AND path < ? "
+            "AND instr(substr(path, ?), '/') = 0",
+            (prefix, prefix + "\U0010ffff", len(prefix) + 1),
+        )
+        return [_record(row) for row in rows]
+
     def history_paths(self) -> list[str]:
         return [row[0] for row in self._c.execute("SELECT DISTINCT path FROM versions WHERE pruned = 0")]
 
