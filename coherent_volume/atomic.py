@@ -84,10 +84,10 @@ class Staged:
             st = None
         if st is not None:
             _copy_xattrs(self.target, tmp)
+            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.chown(tmp, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
             if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(os.stat(tmp).st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
-            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
-                os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, self.target)
         self.named = False
         if self.durable:

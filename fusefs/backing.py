@@ -23,6 +23,7 @@ _syscall.restype = ctypes.c_long
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
+_PATH_MAX = 4096
 
 
 class _OpenHow(ctypes.Structure):
@@ -40,9 +41,29 @@ class Backing:
         os.close(self._root_fd)
 
     def _openat2(self, rel: str, flags: int) -> int:
-        """An fd for `rel` resolved beneath the root with no symlink on the way (OSError otherwise)."""
+        """An fd for `rel` resolved beneath the root with no symlink on the way (OSError otherwise).
+        A path of PATH_MAX bytes or more (a plain directory holds them: only one system call's
+        argument is limited) is resolved a run of directories at a time, each beneath the last."""
+        name = os.fsencode(rel or ".")
+        at = self._root_fd
+        try:
+            while len(name) >= _PATH_MAX:
+                cut = name.rfind(b"/", 0, _PATH_MAX)
+                if cut <= 0:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), rel)
+                step = self._resolve(at, name[:cut], os.O_PATH | os.O_DIRECTORY, rel)
+                if at != self._root_fd:
+                    os.close(at)
+                at, name = step, name[cut + 1 :]
+            return self._resolve(at, name, flags, rel)
+        finally:
+            if at != self._root_fd:
+                os.close(at)
+
+    @staticmethod
+    def _resolve(at: int, name: bytes, flags: int, rel: str) -> int:
         how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
-        fd = _syscall(_SYS_OPENAT2, self._root_fd, os.fsencode(rel or "."), ctypes.byref(how), ctypes.sizeof(how))
+        fd = _syscall(_SYS_OPENAT2, at, name, ctypes.byref(how), ctypes.sizeof(how))
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), rel)
@@ -71,12 +92,9 @@ class Backing:
         with self._parent(rel) as (fd, name):
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
 
-    def listdir(self, rel: str) -> list[str]:
-        fd = self._openat2(rel, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return os.listdir(fd)
-        finally:
-            os.close(fd)
+    def opendir(self, rel: str) -> int:
+        """A descriptor of the directory `rel` (os.listdir reads it; fstat still works once it is removed)."""
+        return self._openat2(rel, os.O_RDONLY | os.O_DIRECTORY)
 
     def readlink(self, rel: str) -> str:
         with self._parent(rel) as (fd, name):
@@ -155,13 +173,6 @@ class Backing:
             if _libc.renameat2(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name), flags) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), src, None, dst)
-
-    def fsync_dir(self, rel: str) -> None:
-        fd = self._openat2(rel, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root)

@@ -2,20 +2,26 @@
 
 Every file handle answers the same requests (`FileHandle`); the operations adapter only looks
 a handle up and forwards. Blocking protocol work runs in worker threads (`blocking`), so one
-slow commit never stalls other requests. Directory listings are not file handles: they live
-in a table of their own (`Listing`).
+slow commit never stalls other requests. Which read-only handles the kernel may serve from its
+page cache (which a shared mapping needs) is decided in one place, `PageCache`. Directory
+listings are not file handles: they live in a table of their own (`Listing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
+import stat as stat_mod
 import threading
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pyfuse3
 import trio
@@ -86,7 +92,10 @@ class Snapshot:
     """A managed file opened for reading: `fd` is the inode of the version it opened, which no
     commit modifies (commits install new inodes), so it serves exactly that version's bytes.
     At its first read its agent's view may move to that version (`VolumeCore.note_read` decides);
-    `agent` is None once that was asked, or if the reader's agent is unknown (nothing tracked)."""
+    `agent` is None once that was asked, or if the reader's agent is unknown (nothing tracked).
+    A `cached` one is read through the kernel's page cache, so it can be mapped shared; the pages
+    it is shown are its version's, filled through it or through a handle of its own agent (see
+    `PageCache.serving`)."""
 
     core: VolumeCore
     fd: int
@@ -96,6 +105,9 @@ class Snapshot:
     pinned: bool
     reader: ProcessId | None
     program: str | None
+    opener: str | None = None
+    """The agent that opened it (None: unknown), whatever `agent` becomes."""
+    cached: bool = False
 
     @property
     def rel(self) -> str:
@@ -133,6 +145,92 @@ class Snapshot:
 
     async def release(self) -> None:
         os.close(self.fd)
+
+
+Serving = Literal["cached", "direct", "fresh"]
+
+WRITE_RETRY = 1.0
+"""Seconds a path given a new inode for a write waits for the kernel to repeat that write there."""
+
+
+class PageCache:
+    """Which read-only handles of managed files the kernel's page cache serves (a shared mapping
+    needs it). The kernel keeps one page cache (and one size) per FUSE inode and answers every
+    handle of the inode from it, so a handle may be cached only while every page there is its own
+    version's, filled through a handle whose read registered its agent's view. Write handles are
+    direct_io (their bytes are uncommitted), so a shared mapping of one fails ENODEV at mmap.
+
+    Invariant: an inode with cached readers (`used`) serves one version; a change to its file
+    gives the path a new inode first, leaving this one with its version to its readers, as a
+    local disk leaves a file replaced by rename to its readers."""
+
+    def __init__(self) -> None:
+        self._readers: dict[int, list[Snapshot]] = {}
+        """The cached readers open on each inode."""
+        self._writing: Counter[str] = Counter()
+        """Paths a write is being opened at, or made to."""
+        self._due: dict[str, float] = {}
+        """Paths given a new inode for a write the kernel is about to repeat there, until when."""
+
+    def serving(self, rel: str, version: int, size: int, opener: str | None, others: Sequence[FileHandle]) -> Serving:
+        """How to serve a read-only open of `version` (`size` bytes) of the managed file at `rel` by
+        agent `opener`, given the other handles open on its inode:
+
+        - "cached" when every other one is a Snapshot of this version opened by the same agent (a
+          page one of them filled was shown to that agent, and its read registered that view);
+        - "fresh" when cached readers use another version there (only a change the mount has not
+          seen yet does that): the path gets a new inode and this open is repeated there;
+        - "direct" otherwise, so that each read reaches this handle and registers exactly what it
+          returns: a write handle, another version or another agent's reader is open there; the
+          file is empty (a cached read of it reaches no handle at all); or a write to it is under
+          way or due at this new inode, which no reader may take before it."""
+        snapshots = [h for h in others if isinstance(h, Snapshot)]
+        if any(h.version != version for h in snapshots):
+            return "fresh" if any(h.cached for h in snapshots) else "direct"
+        busy = rel in self._writing or self._due.get(rel, 0.0) > time.monotonic()
+        if len(snapshots) < len(others) or busy or size == 0 or any(h.opener != opener for h in snapshots):
+            return "direct"
+        return "cached"
+
+    def opened(self, inode: int, handle: Snapshot) -> None:
+        """`handle` was opened on `inode` (as `serving` said)."""
+        if handle.cached:
+            self._readers.setdefault(inode, []).append(handle)
+
+    def released(self, handle: FileHandle) -> None:
+        """`handle` was released: if it was the last cached reader of its inode, the inode is free."""
+        for inode, readers in list(self._readers.items()):
+            if any(h is handle for h in readers):
+                self._readers[inode] = [h for h in readers if h is not handle]
+                if not self._readers[inode]:
+                    del self._readers[inode]
+
+    def readers(self, inode: int) -> list[Snapshot]:
+        """The cached readers open on `inode`."""
+        return self._readers.get(inode, [])
+
+    def used(self, inode: int) -> bool:
+        """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""
+        return inode in self._readers
+
+    def write_due(self, rel: str) -> None:
+        """A write to `rel` was sent to a new inode: until it comes (`writing`), reads of `rel` are
+        direct, so that none takes that inode's page cache first."""
+        now = time.monotonic()
+        self._due = {k: t for k, t in self._due.items() if t > now}
+        self._due[rel] = now + WRITE_RETRY
+
+    @contextlib.contextmanager
+    def writing(self, rel: str) -> Iterator[None]:
+        """A write to `rel` is being opened or made: meanwhile no reader of `rel` is cached."""
+        self._due.pop(rel, None)
+        self._writing[rel] += 1
+        try:
+            yield
+        finally:
+            self._writing[rel] -= 1
+            if not self._writing[rel]:
+                del self._writing[rel]
 
 
 @dataclass
@@ -175,6 +273,10 @@ class Shadow:
     moved: bool = False
     """Its file was renamed away: writing on is refused (ESTALE), since its grant and version are
     those of the old name."""
+    closed: bool = False
+    """A close(2) of a descriptor of it (FLUSH) left nothing to commit: its program may be done with
+    it while it still holds its grant, which its RELEASE ends (`released`) shortly after."""
+    released: trio.Event = field(default_factory=trio.Event, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -191,6 +293,29 @@ class Shadow:
         be committing (and closing) the shadow: the fd is read and closed under one lock."""
         with self._fd_lock:
             return os.fstat(self.fd) if self.fd >= 0 else None
+
+    def orphan(self, st: os.stat_result, file: int | None) -> None:
+        """Its agent unlinked its file (`st`, open as `file` until then). As on a local disk, the handle
+        goes on with the file, kept by no name: its shadow (given the file's owner) or, between
+        commits, the file itself; what it writes is never committed."""
+        with self._fd_lock:
+            if self.fd < 0 and file is not None:
+                self.fd = os.dup(file)
+            elif self.fd >= 0 and os.geteuid() == 0:
+                mode = os.fstat(self.fd).st_mode
+                os.fchown(self.fd, st.st_uid, st.st_gid)
+                if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                    os.fchmod(self.fd, stat_mod.S_IMODE(mode))  # chown cleared them
+        self.unlinked = True
+
+    def set_times(self, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """utimensat of the file while this handle holds unsaved writes: the times go to the shadow too
+        (what its agent's stat shows, and what its commit installs); None keeps one as it is."""
+        with self._fd_lock:
+            if self.fd >= 0:
+                st = os.fstat(self.fd)
+                atime = st.st_atime_ns if atime_ns is None else atime_ns
+                os.utime(self.fd, ns=(atime, st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
     @staticmethod
     def kind_of(flags: int) -> HandleKind:
@@ -228,8 +353,11 @@ class Shadow:
         on failure the grant is released."""
         try:
             if chown is not None and os.geteuid() == 0:
+                mode = os.lstat(self.target.abs).st_mode
                 os.lchown(self.target.abs, *chown)
-            self.fd = atomic.unnamed_copy(self.target.abs, copy)
+                if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                    os.chmod(self.target.abs, stat_mod.S_IMODE(mode))  # chown cleared the set-id bits it was made with
+            self.fd = _shadow(self.target.abs, copy)
             return self
         except BaseException:
             self._drop_grant()
@@ -239,7 +367,7 @@ class Shadow:
         """A handle written (or resized) again after its commit takes its grant back and a new shadow."""
         if self.moved:
             raise pyfuse3.FUSEError(errno.ESTALE)
-        if self.grant is None:
+        if self.grant is None and not self.unlinked:
             await blocking(self._regrant)
         if self.fd < 0:
             try:
@@ -257,7 +385,7 @@ class Shadow:
 
     def _reshadow(self) -> None:
         """A new shadow after a commit: a copy of the current content."""
-        self.fd = atomic.unnamed_copy(self.target.abs, copy=True)
+        self.fd = _shadow(self.target.abs, copy=True)
 
     async def read(self, off: int, size: int) -> bytes:
         if self.fd < 0:
@@ -265,6 +393,7 @@ class Shadow:
         return os.pread(self.fd, size, off)
 
     async def write(self, off: int, buf: bytes) -> int:
+        self.closed = False
         await self._writable()
         if self.kind == "append":
             off = os.fstat(self.fd).st_size
@@ -281,7 +410,8 @@ class Shadow:
         extending makes its content depend on the file's, so it turns into a write handle, which
         needs a current view, an unmoved base and no other open handle of its agent (EACCES
         otherwise, at the ftruncate that asked)."""
-        if self.kind == "append":
+        self.closed = False
+        if self.kind == "append" and not self.unlinked:
             await blocking(self._turn_into_writer)
         await self._writable()
         os.ftruncate(self.fd, size)
@@ -299,13 +429,20 @@ class Shadow:
     async def flush(self) -> None:
         if self.wrote:
             await blocking(self._commit)
+        self.closed = not self.pending
 
     def _commit(self) -> None:
         """Install the shadow's content as one commit, then end the grant's share so that close()
         returning means the file is free; a refusal is reported to this flush and every later one
         (close() included), the shadow kept. The commit is as durable as the program asked: content
         it fsynced into an existing file survives a power loss, as it would on a local disk;
-        anything else reaches the disk with the next writeback."""
+        anything else reaches the disk with the next writeback. A handle whose file its agent
+        unlinked commits nothing: its writes stay in the file it goes on with (`orphan`)."""
+        if self.unlinked:
+            self._drop_grant()
+            self.edits = Edits()
+            self.pending = self.wrote = False
+            return
         durable = self.synced and not self.created
         staged = atomic.Staged(self.target.abs, hash_fd(self.fd), os.dup(self.fd), durable=durable)
         commit = HandleCommit(self.kind, self.grant, self.edits, self.unlinked)
@@ -323,10 +460,13 @@ class Shadow:
         self.synced = True
 
     async def release(self) -> None:
-        if self.pending or self.grant is not None:
-            await blocking(self._release)
-        else:
-            self._close()
+        try:
+            if self.pending or self.grant is not None:
+                await blocking(self._release)
+            else:
+                self._close()
+        finally:
+            self.released.set()
 
     def _release(self) -> None:
         try:
@@ -351,6 +491,24 @@ class Shadow:
                 self.fd = -1
 
 
+def _shadow(path: str, copy: bool) -> int:
+    """An unnamed shadow of the file at `path` (a copy of its content when `copy`) with the file's
+    mode: once its name is gone (unlinked while open) an fstat through the handle still sees the
+    file's mode, as on a local disk. (Not its owner: a commit gives the new inode the target's owner
+    only when that is not the daemon, so the shadow must stay the daemon's.) The daemon's own reads
+    of it (a commit hashes it) leave its access time alone (O_NOATIME): that is the program's."""
+    fd = atomic.unnamed_copy(path, copy)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NOATIME)
+        os.fchmod(fd, stat_mod.S_IMODE(os.stat(path, follow_symlinks=False).st_mode))
+    except FileNotFoundError:
+        pass  # gone meanwhile: an unlinked file shows what the shadow was made with
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _sync_committed(path: str) -> None:
     """fsync a committed file and its directory: its content and its name survive a power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -363,7 +521,9 @@ def _sync_committed(path: str) -> None:
 
 @dataclass
 class Listing:
-    """An open directory: its entry names, taken at opendir."""
+    """An open directory: its entry names, taken at opendir, and its backing descriptor (for fstat,
+    which works on a local disk after the directory is removed too)."""
 
     inode: int
     names: list[bytes]
+    fd: int

@@ -1,7 +1,9 @@
 """Virtual inode numbers keyed by path, so a managed file keeps its inode across commits.
 
 A commit installs a new backing inode under the same path; the kernel must keep seeing one
-inode for that path, so FUSE inodes are ours, not the backing file system's.
+inode for that path, so FUSE inodes are ours, not the backing file system's. The names of one
+hard-linked (unmanaged) file share one inode, as on disk: each of them maps to it, and the inode
+maps to one of them that still exists.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class InodeTable:
         self._path: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._inode: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
+        self._names: dict[int, set[str]] = {}
+        """Every name of an inode that has more than one (hard links)."""
         self._next = itertools.count(pyfuse3.ROOT_INODE + 1)
 
     def path(self, inode: int) -> str:
@@ -60,11 +64,39 @@ class InodeTable:
         else:
             self._lookups.pop(inode, None)
 
+    def link(self, inode: int, path: str) -> None:
+        """`path` (no name yet) is another name of `inode`, a hard link of its file (one unlinked while
+        open gets its name back)."""
+        current = self._path[inode]
+        if "\0" in current:
+            self._path[inode] = path
+        else:
+            self._names.setdefault(inode, {current}).add(path)
+        self._inode[path] = inode
+
     def unlinked(self, path: str) -> None:
-        """`path` is gone: a later file at the same path gets a new inode."""
+        """`path` is gone: a later file at the same path gets a new inode. An inode with another name
+        goes on by that name."""
         inode = self._inode.pop(path, None)
-        if inode is not None:
-            self._path[inode] = path + "\0deleted"
+        if inode is None:
+            return
+        others = self._names.pop(inode, set()) - {path}
+        if others:
+            if self._path[inode] == path:
+                self._path[inode] = min(others)
+            if len(others) > 1:
+                self._names[inode] = others
+            return
+        self._path[inode] = path + "\0deleted"
+
+    def _renamed(self, inode: int, old: str, new: str) -> None:
+        self._inode[new] = inode
+        if self._path[inode] == old:
+            self._path[inode] = new
+        names = self._names.get(inode)
+        if names is not None:
+            names.discard(old)
+            names.add(new)
 
     def moved(self, old: str, new: str, tree: bool) -> None:
         """`old` is now `new` (with everything below it when `tree`, a directory); whatever was at
@@ -73,15 +105,11 @@ class InodeTable:
         if not tree:
             inode = self._inode.pop(old, None)
             if inode is not None:
-                self._inode[new] = inode
-                self._path[inode] = new
+                self._renamed(inode, old, new)
             return
         prefix = old + "/"
         for path in [p for p in self._inode if p == old or p.startswith(prefix)]:
-            inode = self._inode.pop(path)
-            moved = new + path[len(old) :]
-            self._inode[moved] = inode
-            self._path[inode] = moved
+            self._renamed(self._inode.pop(path), path, new + path[len(old) :])
 
     def exchanged(self, a: str, b: str, tree: bool) -> None:
         tmp = "\0exchange"

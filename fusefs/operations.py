@@ -9,12 +9,13 @@ so one slow commit never stalls other requests.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -27,7 +28,7 @@ from coherent_volume.paths import Target, is_registry_path
 from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
 from .backing import Backing
-from .handles import FileHandle, Listing, Passthrough, Shadow, Snapshot, blocking
+from .handles import FileHandle, Listing, PageCache, Passthrough, Shadow, Snapshot, blocking
 from .identity import AgentResolver, process_of
 from .inodes import InodeTable
 from .watcher import OwnChanges
@@ -36,6 +37,10 @@ log = logging.getLogger("coherent_volume.fuse")
 
 UNMANAGED_TIMEOUT = 1.0
 """Kernel entry/attribute cache lifetime for unmanaged paths; foreign changes are invalidated."""
+
+RELEASE_WAIT = 0.5
+"""Seconds a managed change waits for its agent's write handles that a close(2) left holding their
+grant to be released (see `_writer`)."""
 
 XATTR_VERSION = b"user.coherent.version"
 XATTR_VIEW = b"user.coherent.view"
@@ -64,6 +69,14 @@ def guarded(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+async def _forget_entry(parent_inode: int, name: bytes) -> None:
+    """Drop the kernel's cached entry of `name` in a worker thread (from a handler it can deadlock)."""
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent_inode, name)
+    except OSError:
+        pass  # the kernel holds no such entry (any more)
+
+
 def _at_or_below(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
@@ -89,9 +102,15 @@ class CoherentOperations(pyfuse3.Operations):
         self.file_inodes: dict[int, int] = {}
         self._renaming: dict[str, trio.Event] = {}
         """Paths a checked rename is changing right now (see `_settled`)."""
+        self._files: dict[tuple[int, int], int] = {}
+        """The inode of each unmanaged non-directory seen, by its backing (st_dev, st_ino): a hard link
+        of it is looked up as that inode (see `_inode_of`)."""
         self.writers: dict[str, Shadow] = {}
         """The write handle that last changed each managed path (see `_stat`)."""
+        self.releasing: dict[int, Shadow] = {}
+        """Write handles whose release is under way, by file handle (see `_writer`)."""
         self.dirs: dict[int, Listing] = {}
+        self.pages = PageCache()
         self._next_fh = 1
         self._owner = current_process()
         self.own = OwnChanges()
@@ -111,19 +130,66 @@ class CoherentOperations(pyfuse3.Operations):
         """The backing file at `rel`, reached through an open handle when its name is gone
         (unlinked while open, or a directory above it swapped behind the daemon's back)."""
         try:
-            if "\0" in rel:  # unlinked while open (InodeTable.unlinked)
-                raise FileNotFoundError(errno.ENOENT, "No such file or directory", rel)
+            if "\0" in rel:  # unlinked while open, or its name is another inode's now (InodeTable.unlinked)
+                raise OSError(errno.ESTALE, "Stale file handle", rel)  # the kernel looks the name up again
             return self.backing.lstat(rel)
         except OSError:
             for handle in self._handles_on(inode):
                 st = handle.stat()
                 if st is not None:
                     return st
+            for listing in self.dirs.values():  # a directory removed while open
+                if listing.inode == inode:
+                    return os.fstat(listing.fd)
             raise
 
     def _handles_on(self, inode: int) -> list[FileHandle]:
         """The open file handles of `inode`."""
         return [handle for fh, handle in self.files.items() if self.file_inodes.get(fh) == inode]
+
+    def _fresh_inode(self, rel: str) -> None:
+        """Give the managed file at `rel` a new inode, leaving the old one to the readers of its page
+        cache (`PageCache.used`); other callers' cached entries of the name are dropped. A caller
+        that answers ESTALE makes the kernel look the path up again and repeat the call there."""
+        self.inodes.unlinked(rel)
+        parent, _, name = rel.rpartition("/")
+        parent_inode = self.inodes.inode_if_known(parent)
+        if parent_inode is not None:
+            trio.lowlevel.spawn_system_task(_forget_entry, parent_inode, os.fsencode(name))
+
+    @contextlib.contextmanager
+    def _writing(self, rel: str, inode: int) -> Iterator[None]:
+        """Around a write to the managed file at `rel` through `inode`: if readers use the inode's page
+        cache, the file gets a new inode, where the kernel repeats the write (ESTALE); meanwhile no
+        reader of `rel` starts using the page cache (`PageCache.writing`)."""
+        if self.pages.used(inode):
+            self._fresh_inode(rel)
+            self.pages.write_due(rel)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        with self.pages.writing(rel):
+            yield
+
+    def _unpin(self, rel: str) -> None:
+        """A file just made at `rel` gets a new inode if readers still use the page cache of the one
+        its name had (a file removed behind the volume's back)."""
+        inode = self.inodes.inode_if_known(rel)
+        if inode is not None and self.pages.used(inode):
+            self._fresh_inode(rel)
+
+    def _replaced(self, rel: str, inode: int) -> bool:
+        """Whether readers use the page cache of `inode` while the file at `rel` is no longer theirs:
+        replaced or removed outside this mount (the Python API, another mount, a foreign write), which
+        the mount notices at the next lookup or stat. The path must then get a new inode (`_fresh_inode`),
+        or the kernel would take the new file's size for the readers' version."""
+        readers = self.pages.readers(inode)
+        if not readers or "\0" in rel:
+            return False
+        try:
+            st = self.backing.lstat(rel)
+        except FileNotFoundError:
+            return True
+        theirs = os.fstat(readers[0].fd)
+        return (st.st_dev, st.st_ino) != (theirs.st_dev, theirs.st_ino)
 
     def _unsaved(self, rel: str, viewer: str | None) -> os.stat_result | None:
         """The stat of the shadow holding `viewer`'s unsaved writes to `rel`, if it has any: its own
@@ -160,9 +226,33 @@ class CoherentOperations(pyfuse3.Operations):
         entry.attr_timeout = timeout
         return entry
 
+    def _inode_of(self, rel: str) -> int:
+        """The inode of `rel`. A name seen for the first time that is a hard link of an unmanaged file
+        the mount knows by another name is that file's inode, so that every name of a file shows one
+        inode number, as on disk (managed names never share: links to them are refused)."""
+        inode = self.inodes.inode_if_known(rel)
+        if inode is not None and self._replaced(rel, inode):
+            self._fresh_inode(rel)
+            inode = None
+        if inode is not None:
+            return inode
+        try:
+            st = self.backing.lstat(rel)
+        except OSError:
+            return self.inodes.inode(rel)
+        if stat_mod.S_ISDIR(st.st_mode) or self.core.paths.managed(rel):
+            return self.inodes.inode(rel)
+        key = (st.st_dev, st.st_ino)
+        inode = self._files.get(key)
+        if inode is not None and st.st_nlink > 1 and self._holds(self.inodes.path(inode), st):
+            self.inodes.link(inode, rel)  # (a backing inode number is reused once its file is gone)
+            return inode
+        inode = self._files[key] = self.inodes.inode(rel)
+        return inode
+
     def _entry(self, rel: str) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that the kernel will count as one lookup."""
-        attrs = self._attrs(rel, self.inodes.inode(rel))
+        attrs = self._attrs(rel, self._inode_of(rel))
         self.inodes.remember(rel)
         return attrs
 
@@ -198,6 +288,32 @@ class CoherentOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         return self.core.agent(agent)  # a malformed or reserved name is refused with its reason
 
+    async def _writer(self, ctx: pyfuse3.RequestContext, *rels: str, appending: bool = False) -> str:
+        """The agent a managed change of `rels` is made for (see `_agent`), once its write handles there
+        that a close(2) left holding their grant are released (RELEASE_WAIT at most): close(2) returns
+        at FLUSH, and the kernel sends the RELEASE that ends the grant only after, so the agent's next
+        change would otherwise be refused `held` by a handle its program already closed. An open to
+        append does not wait for appending handles, which share the grant."""
+        agent = await self._agent(ctx)
+        closing = [h for h in self._closing(*rels) if h.agent == agent and not (appending and h.kind == "append")]
+        await self._released(closing)
+        return agent
+
+    def _closing(self, *rels: str) -> list[Shadow]:
+        """The write handles at or below `rels` whose release is under way, or that a close(2) left
+        holding their grant with nothing to commit: close(2) returns at FLUSH, and the kernel sends
+        the RELEASE that ends a handle just after, so for a moment they hold a file their program is
+        done with."""
+        closing = [h for h in self.releasing.values() if any(_at_or_below(h.rel, rel) for rel in rels)]
+        return closing + [h for rel in rels for h in self._writers_of(rel) if h.closed and h.grant is not None]
+
+    @staticmethod
+    async def _released(handles: Sequence[Shadow]) -> None:
+        """Wait until `handles` are released, RELEASE_WAIT at most."""
+        with trio.move_on_after(RELEASE_WAIT):
+            for handle in handles:
+                await handle.released.wait()
+
     async def _identity(self, ctx: pyfuse3.RequestContext) -> tuple[str | None, bool]:
         """(agent, pinned) of the calling process (agent None: unknown, see AgentResolver.agent);
         looked up off the event loop unless just seen."""
@@ -226,6 +342,9 @@ class CoherentOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._settled(self.inodes.path(inode))
         rel = self.inodes.path(inode)
+        if self._replaced(rel, inode):
+            self._fresh_inode(rel)
+            rel = self.inodes.path(inode)  # its readers' version: its open handles answer
         return self._attrs(rel, inode, await self._viewer(rel, ctx))
 
     async def _settled(self, rel: str) -> None:
@@ -262,8 +381,9 @@ class CoherentOperations(pyfuse3.Operations):
                 if isinstance(handle, Shadow):
                     self.writers[handle.rel] = handle
             elif self._managed_file(rel):
-                agent = await self._agent(ctx)
-                await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
+                with self._writing(rel, inode):
+                    agent = await self._writer(ctx, rel)
+                    await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
             else:
                 self.backing.truncate(rel, attr.st_size)
         if fields.update_mode:
@@ -273,6 +393,11 @@ class CoherentOperations(pyfuse3.Operations):
             uid, gid = attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
             os.fchown(fd, uid, gid) if fd is not None else self.backing.chown(rel, uid, gid)
         if fields.update_atime or fields.update_mtime:
+            viewer = await self._viewer(rel, ctx)
+            if viewer is not None and self._unsaved(rel, viewer) is not None:  # first: its commit may land meanwhile
+                self.writers[rel].set_times(
+                    attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
+                )
             st = os.fstat(fd) if fd is not None else self.backing.lstat(rel)
             ns = (
                 attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
@@ -312,11 +437,23 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         rel = self.inodes.path(inode)
-        names = sorted(self.backing.listdir(rel))
+        # a commit a close(2) left to the release shows its temp name here until it lands
+        await self._released([h for h in self.releasing.values() if h.rel.rpartition("/")[0] == rel])
+        fd = self.backing.opendir(rel)
+        try:
+            names = sorted(os.listdir(fd))
+        except BaseException:
+            os.close(fd)
+            raise
         if rel == "":
             names = [n for n in names if not is_registry_path(n)]
         fh = self._fh()
-        self.dirs[fh] = Listing(inode, [os.fsencode(n) for n in names])
+        self.dirs[fh] = Listing(inode, [os.fsencode(n) for n in names], fd)
+        # the caller sees which managed files are gone (its agent is looked up only if some are)
+        if self.core.paths.globs.may_match_below(rel) and await blocking(self.core.deletions_in, rel):
+            agent = (await self._identity(ctx))[0]
+            if agent is not None and agent_name_problem(agent) is None:
+                await blocking(self.core.note_listed, agent, rel)
         return fh
 
     @guarded
@@ -325,7 +462,7 @@ class CoherentOperations(pyfuse3.Operations):
         for index in range(start_id, len(listing.names)):
             rel = self.inodes.child(listing.inode, listing.names[index])
             try:
-                attrs = self._attrs(rel, self.inodes.inode(rel))
+                attrs = self._attrs(rel, self._inode_of(rel))
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, listing.names[index], attrs, index + 1):
@@ -334,7 +471,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def releasedir(self, fh: int) -> None:
-        del self.dirs[fh]
+        os.close(self.dirs.pop(fh).fd)
 
     @guarded
     async def mkdir(
@@ -365,6 +502,7 @@ class CoherentOperations(pyfuse3.Operations):
                 self.core.create, agent, self._target(rel), stat_mod.S_IMODE(mode) & ~ctx.umask, self._owner, "write"
             )
             await blocking(self.core.release, grant, "write", log=False)
+            self._unpin(rel)
         else:
             self.backing.mknod(rel, mode & ~ctx.umask, rdev)
         self._own(rel, ctx)
@@ -387,6 +525,7 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self._child(new_parent_inode, new_name)
         self.own.note(rel)
         self.core.link(self._target(self.inodes.path(inode)), self._target(rel))
+        self.inodes.link(inode, rel)  # one inode for both names, as on disk
         return self._entry(rel)
 
     # ---- removal and renaming (checked when a managed file is involved) -----------
@@ -396,10 +535,17 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self._child(parent_inode, name)
         self.own.note(rel)
         if self._managed_file(rel):
-            agent = await self._agent(ctx)
-            await blocking(self.core.commit, agent, self._target(rel), None)
-            for handle in self._writers_of(rel):
-                handle.unlinked = True
+            agent = await self._writer(ctx, rel)
+            writers = [h for h in self._writers_of(rel) if h.rel == rel]
+            st = self.backing.lstat(rel)
+            file = self.backing.open(rel, os.O_RDWR) if writers else None  # what its handles go on with
+            try:
+                await blocking(self.core.commit, agent, self._target(rel), None)
+                for handle in writers:
+                    handle.orphan(st, file)
+            finally:
+                if file is not None:
+                    os.close(file)
         else:
             self.backing.unlink(rel)
         self.inodes.unlinked(rel)
@@ -419,9 +565,8 @@ class CoherentOperations(pyfuse3.Operations):
         self.own.note(src, dst)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
-        tree = stat_mod.S_ISDIR(self.backing.lstat(src).st_mode) or (
-            exchange and stat_mod.S_ISDIR(self.backing.lstat(dst).st_mode)
-        )
+        st = self.backing.lstat(src)
+        tree = stat_mod.S_ISDIR(st.st_mode) or (exchange and stat_mod.S_ISDIR(self.backing.lstat(dst).st_mode))
         source, destination = self._target(src), self._target(dst)
         if self.core.rename_is_checked(source, destination):
             self._refuse_open_writers(src)
@@ -429,7 +574,7 @@ class CoherentOperations(pyfuse3.Operations):
             if any(handle.pending for handle in moving):
                 log.info("refused renaming %s to %s: a write handle on it has unsaved changes", src, dst)
                 raise pyfuse3.FUSEError(errno.EBUSY)
-            agent = await self._agent(ctx)
+            agent = await self._writer(ctx, src, dst)
             done = trio.Event()
             self._renaming.update({src: done, dst: done})
             try:
@@ -443,8 +588,20 @@ class CoherentOperations(pyfuse3.Operations):
                         del self._renaming[path]
                 done.set()
         else:
+            same = not exchange and self._holds(dst, st)  # two names of one file: rename(2) does nothing
             self.backing.rename(src, dst, flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE))
-            self._renamed(src, dst, exchange, tree)
+            if not same:
+                self._renamed(src, dst, exchange, tree)
+
+    def _holds(self, rel: str, st: os.stat_result) -> bool:
+        """Whether the backing name `rel` is the file `st` describes."""
+        if "\0" in rel:  # unlinked while open (InodeTable.unlinked)
+            return False
+        try:
+            other = self.backing.lstat(rel)
+        except OSError:
+            return False
+        return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
     def _renamed(self, src: str, dst: str, exchange: bool, tree: bool) -> None:
         if exchange:
@@ -486,6 +643,8 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         rel = self.inodes.path(inode)
+        if "\0" in rel:  # its name is gone, or another inode's now: the kernel looks it up again
+            raise pyfuse3.FUSEError(errno.ESTALE)
         if not self._managed_file(rel):
             if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
                 self.own.note(rel)  # its close-after-write event is our own echo
@@ -495,14 +654,31 @@ class CoherentOperations(pyfuse3.Operations):
         if not writing:
             agent, pinned = await self._identity(ctx)
             target = self._target(rel)
+            releasing = [h for h in self.releasing.values() if h.rel == rel]
+            await self._released(releasing)  # a write handle being released: its commit lands first
             fd, version = await blocking(self.core.open_version, agent or "", target, register=False)
             tracked = agent is not None and agent_name_problem(agent) is None
+            opener = agent if tracked else None
+            others = [*self._handles_on(inode), *(h for h in releasing if not h.released.is_set())]
+            how = self.pages.serving(rel, version, os.fstat(fd).st_size, opener, others)
+            if how == "fresh":
+                os.close(fd)
+                self._fresh_inode(rel)
+                raise pyfuse3.FUSEError(errno.ESTALE)
             reader, program = self._reader(ctx.pid) if tracked else (None, None)
-            snapshot = Snapshot(self.core, fd, version, target, agent if tracked else None, pinned, reader, program)
-            return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=True)
-        agent = await self._agent(ctx)
-        handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags)
-        return pyfuse3.FileInfo(fh=self._open_file(handle, inode), direct_io=True)
+            cached = how == "cached"
+            snapshot = Snapshot(
+                self.core, fd, version, target, opener, pinned, reader, program, opener=opener, cached=cached
+            )
+            self.pages.opened(inode, snapshot)
+            # a cached open drops the inode's pages (keep_cache=False), so its first read comes through it
+            return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=not cached, keep_cache=not cached)
+        with self._writing(rel, inode):
+            agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
+            handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags)
+            if handle.pending:  # O_TRUNC: its agent's stat sees the file cut, as on a local disk
+                self.writers[rel] = handle
+            return pyfuse3.FileInfo(fh=self._open_file(handle, inode), direct_io=True)
 
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:
@@ -530,10 +706,11 @@ class CoherentOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(
                 fh=self._open_file(Passthrough(fd, rel, _writable(flags)), entry.st_ino), keep_cache=True
             ), entry
-        agent = await self._agent(ctx)
+        agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
         handle = await blocking(
             Shadow.create, self.core, self._owner, agent, self._target(rel), mode, flags, ctx.uid, ctx.gid
         )
+        self._unpin(rel)
         entry = self._entry(rel)
         return pyfuse3.FileInfo(fh=self._open_file(handle, entry.st_ino), direct_io=True), entry
 
@@ -563,17 +740,24 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await blocking(self.backing.fsync_dir, self.inodes.path(self.dirs[fh].inode))
+        await blocking(os.fsync, self.dirs[fh].fd)
 
     @guarded
     async def release(self, fh: int) -> None:
         handle = self.files.pop(fh)
         self.file_inodes.pop(fh, None)
-        if isinstance(handle, Shadow):
-            self.own.note(handle.rel)  # its commit's echo
+        self.pages.released(handle)
+        if not isinstance(handle, Shadow):
+            await handle.release()
+            return
+        self.own.note(handle.rel)  # its commit's echo
+        self.releasing[fh] = handle
+        try:
+            await handle.release()
+        finally:  # until its commit is in, its agent's stat sees the shadow: close(2) does not wait for it
+            del self.releasing[fh]
             if self.writers.get(handle.rel) is handle:
                 del self.writers[handle.rel]
-        await handle.release()
 
     # ---- extended attributes --------------------------------------------------------
 

@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from coherent_volume.core import VolumeCore
+from coherent_volume.errors import CoherenceError
 
 from .inodes import InodeTable
 
@@ -68,12 +69,14 @@ def _settle(core: VolumeCore, inodes: InodeTable, rel: str, gone: bool) -> None:
     """Record a foreign change of `rel` (if managed) and drop the kernel's cached view of it: its
     data and attributes, and its directory entry only when the name disappeared (dropping live
     entries would make the kernel forget inodes that programs are comparing)."""
-    target = core.paths.of_rel(rel)
-    if target.managed and not os.path.isdir(target.abs):
-        try:
+    try:
+        target = core.paths.of_rel(rel)  # a managed name that is not UTF-8 is refused here
+        if target.managed and not os.path.isdir(target.abs):
             core.version(target)
-        except Exception as e:  # never let a bad path stop the watcher
-            log.warning("could not sync %s after a foreign change: %s", rel, e)
+    except (CoherenceError, OSError) as e:  # a name the volume cannot record (`status` lists it), a busy registry
+        log.warning("could not sync %s after a foreign change: %s", rel, e)
+    except Exception:  # never let a bug stop the watcher (it would take the mount down): log it as one
+        log.exception("internal error in the watcher's sync of %s", rel)
     inode = inodes.inode_if_known(rel)
     if inode is not None:
         try:

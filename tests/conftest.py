@@ -10,6 +10,33 @@ import pytest
 from coherent_volume import CoherentVolume
 
 from .harness import REPO
+from .harness.mounts import DaemonLogError, daemon_log_problems
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "mount_log_allows(*patterns): records of mount.log the test provokes on purpose (regular expressions "
+        "matching their first line); see tests/harness/mounts.py Mount",
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> object:
+    """At the end of each test, every mount still up has its daemon's log checked (mounts are also
+    checked when they are unmounted): an internal error fails the test that was running, naming the
+    log records; a test that failed anyway gets them as a note."""
+    try:
+        outcome = yield
+    except BaseException as failure:
+        problems = daemon_log_problems()
+        if problems:
+            failure.add_note("the mount daemon logged an internal error:\n" + "\n".join(problems))
+        raise
+    problems = daemon_log_problems()
+    if problems:
+        raise DaemonLogError("the mount daemon logged an internal error:\n" + "\n".join(problems))
+    return outcome
 
 
 @pytest.fixture
@@ -52,9 +79,11 @@ def run_py(
 
 
 @pytest.fixture
-def mounted(root: Path, tmp_path: Path):
-    """The `root` volume mounted at tmp_path/mnt through the real CLI; unmounted in every outcome."""
+def mounted(root: Path, tmp_path: Path, request: pytest.FixtureRequest):
+    """The `root` volume mounted at tmp_path/mnt through the real CLI; unmounted in every outcome, its
+    daemon's log checked (records the test provokes on purpose: `@pytest.mark.mount_log_allows`)."""
     from .harness.mounts import Mount
 
-    with Mount(root, tmp_path / "mnt") as m:
+    allows = [pattern for mark in request.node.iter_markers("mount_log_allows") for pattern in mark.args]
+    with Mount(root, tmp_path / "mnt", log_allows=allows) as m:
         yield m

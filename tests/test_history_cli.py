@@ -236,7 +236,7 @@ def test_versions_whose_bytes_were_pruned_are_said_to_be(root: Path) -> None:
     assert gone.returncode == GONE and "pruned" in gone.stderr
     assert cv("diff", root, P).returncode == GONE
     human = ok("log", root, "-p")
-    assert "(no diff: 'plans/p.md' version 2: its content was pruned" in human
+    assert "(no diff: 'plans/p.md' version 2: its content is not kept (pruned" in human
     assert "+three\n" not in human, "v3's diff needs v2, which is gone"
     assert ok("show", root, P, "--version", "3") == "three\n"
 

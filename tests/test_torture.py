@@ -4,8 +4,8 @@
 Each scenario records its history and hands it to the independent checker
 (tests/harness/checker.py); a passing scenario has no violation. The control runs show the
 checker catching lost updates (plain directory) and write skew (file isolation judged as
-read-set), and the doctored histories show each of its rules firing (for counters, appended
-lines, in-place slots, content carried by renames, and grants).
+read-set), and the doctored histories show each of its rules firing (for counters, the content
+store, appended lines, in-place slots, content carried by renames, and grants).
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ from pathlib import Path
 import pytest
 
 from .harness import checker, crashes, faults, foreign, fuzz, isolation, links, lockholders, renames, same_agent
-from .harness.history import Append, Attempt, History, Hold, Move, Producer, Read, SlotWrite
+from .harness.history import (
+    Append,
+    Attempt,
+    History,
+    Hold,
+    Move,
+    Producer,
+    Read,
+    SlotWrite,
+    StoreAudit,
+    StoredVersion,
+)
 from .harness.mounts import fuse_mounts_under
 from .harness.result import Result
 from .harness.suite import QUICK, control_specs, sweep_specs
@@ -130,6 +141,64 @@ def test_checker_flags_write_skew_only_under_read_set_isolation() -> None:
     assert "write-skew" in kinds(_history(*commits, isolation="read-set", **skew))
 
 
+def _audited(history: History) -> History:
+    """`history` with a log and a content store that agree with it: each version stored whole."""
+    made = [(p.path, p.version, p.token, p.agent or "setup") for p in history.producers]
+    made += [(a.target, a.version, a.token, a.agent) for a in history.attempts]
+    store = StoreAudit()
+    for path, version, token, agent in made:
+        assert version is not None
+        history.log.setdefault(path, {})[version] = ("commit", agent)
+        rows = store.versions.setdefault(path, {})
+        rows[version] = StoredVersion(path, version, "commit", agent, f"h-{token}", "ok", Read(path, token))
+    for path, rows in store.versions.items():
+        last = rows[max(rows)]
+        store.current[path] = (last.version, last.hash)
+        store.disk[path] = last.hash
+    history.store = store
+    return history
+
+
+def _store_kinds(
+    *changes: tuple[int, dict[str, object]], disk: str | None = None, current: tuple[int, str] | None = None
+) -> set[str]:
+    """What the checker finds in an audited history (f: seed v1, x v2, y v3) whose stored versions
+    get `changes` (version, {attribute: value}), whose file on disk hashes to `disk` and whose
+    registry records `current` as f's current (version, hash), when given."""
+    h = _audited(_history(("x", "f", "seed-f", 2), ("y", "f", "x", 3)))
+    assert h.store is not None
+    for version, values in changes:
+        for name, value in values.items():
+            setattr(h.store.versions["f"][version], name, value)
+    if disk is not None:
+        h.store.disk["f"] = disk
+    if current is not None:
+        h.store.current["f"] = current
+    return kinds(h)
+
+
+def test_checker_on_the_content_store() -> None:
+    assert _store_kinds() == set()
+    assert _store_kinds((2, {"state": "missing", "read": None})) == {"store-missing"}
+    assert _store_kinds((2, {"state": "damaged"})) == {"store-damaged"}
+    assert "store-torn" in _store_kinds((2, {"read": Read("f", None)}))  # v2's bytes are no whole payload
+    assert _store_kinds((2, {"read": Read("f", "y")})) == {"store-content"}  # v2 keeps v3's bytes
+    assert "store-no-hash" in _store_kinds((3, {"hash": None, "state": "none"}))  # a commit with no hash
+    assert _store_kinds((3, {"writer": "someone-else"})) == {"store-log"}
+    assert _store_kinds(disk="h-x") == {"store-final"}  # the file is not its current version's bytes
+    assert _store_kinds(current=(3, "h-x")) == {"store-current"}
+    h = _audited(_history(("x", "f", "seed-f", 2), ("y", "f", "x", 3)))
+    assert h.store is not None
+    del h.store.versions["f"][2]
+    assert {"store-gap", "store-unrecorded"} <= kinds(h)
+    h = _audited(_history(("x", "f", "seed-f", 2), ("y", "f", "x", 3)))
+    del h.log["f"][3]
+    assert "store-unlogged" in kinds(h)
+    # the retention policy may let an old version's bytes go, never the current version's
+    assert _store_kinds((2, {"state": "pruned", "read": None})) == set()
+    assert _store_kinds((3, {"state": "pruned", "read": None})) == {"store-pruned-current"}
+
+
 # ---- crashes, foreign writes, resource faults ------------------------------------------------
 
 
@@ -138,12 +207,14 @@ def test_kill9_of_writers(tmp_path: Path) -> None:
     assert result.passed, explain(result)
     assert result.stats["kills"] >= QUICK.writer_kills and result.stats["reclaims"] >= 1
     assert result.stats["max_reclaim_s"] < 3.0
+    assert result.stats["versions whose stored bytes hash right"] > QUICK.writer_kills  # the store was audited
 
 
 def test_kill9_of_the_mount_daemon(tmp_path: Path) -> None:
     result = crashes.daemon_kills(tmp_path, QUICK.daemon_kills)
     assert result.passed, explain(result)
     assert result.stats["daemon_kills"] == QUICK.daemon_kills
+    assert result.stats["versions whose stored bytes hash right"] > 0  # the store was audited
 
 
 def test_foreign_writes_under_load(tmp_path: Path) -> None:

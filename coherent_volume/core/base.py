@@ -203,9 +203,10 @@ class CoreBase:
         version = current_version(record) + 1
         present = state is Disk.CHANGED
         new = FileRecord(target.rel, version, present, disk_hash if present else None, fp, EXTERNAL, now, now_ns)
-        if present:
-            self._retain(target.abs, disk_hash)
-        self._record(tx, new, "foreign" if present else "delete")
+        if present:  # the bytes as read now: a file still being written is recorded as it was then
+            stored = self._retain(target.abs, None)
+            new = new if stored is None else new._replace(hash=stored)
+        self._record(tx, new, "foreign" if present else "delete", retained=not present or stored is not None)
         if record is None:  # first sighting of a file that was there before the volume knew it
             tx.log(
                 "adopt",
@@ -235,14 +236,14 @@ class CoreBase:
             outcome = recovery(intent, fp is not None, disk_hash)
             now = time.time()
             if outcome == "completed":
-                if intent.present:
-                    self._retain(target.abs, intent.hash)  # stored before the install: this only checks
+                retained = not intent.present or self._retain(target.abs, intent.hash) is not None  # stored already
                 self._record(
                     tx,
                     FileRecord(
                         intent.path, intent.version, intent.present, intent.hash, fp, intent.agent, now, time.time_ns()
                     ),
                     "commit" if intent.present else "delete",
+                    retained=retained,
                 )
                 tx.put_view(intent.agent, intent.path, intent.version, now)
             tx.log(
@@ -261,9 +262,18 @@ class CoreBase:
                     pass  # nothing by that name can exist: never let cleanup wedge the volume
             tx.drop_intent(intent.path)
 
-    def _record(self, tx: Transaction, record: FileRecord, kind: VersionKind, parents: tuple[int, ...] = ()) -> None:
+    def _record(
+        self,
+        tx: Transaction,
+        record: FileRecord,
+        kind: VersionKind,
+        parents: tuple[int, ...] = (),
+        *,
+        retained: bool = True,
+    ) -> None:
         """Record a new version of a managed path: its current state and its history entry. Its
-        bytes are retained (`_retain`) before it is recorded."""
+        bytes are retained (`_retain`) before it is recorded; `retained` False says they could not
+        be (a file that kept changing while it was read), so its history lists it as not kept."""
         tx.put_file(record)
         size = record.fingerprint.size if record.fingerprint is not None and record.present else None
         tx.put_version(
@@ -276,24 +286,25 @@ class CoreBase:
                 size,
                 record.hash if record.present else None,
                 parents,
+                retained,
             )
         )
 
-    def _retain(self, path: str, digest: str | None) -> None:
-        """Retain the content of the file at `path` as `digest` for the version about to be recorded.
-        A file that changes (or goes) meanwhile is not retained: its version is then listed as not
-        retained, and the sync that sees the next change records that one."""
-        if digest is None:
-            return
+    def _retain(self, path: str, digest: str | None) -> str | None:
+        """Retain the content of the file at `path` for the version about to be recorded: as
+        `digest` (None if the file no longer holds it), or, with `digest` None, as whatever it holds
+        now; the hash it was stored under. None: a file gone meanwhile, or no longer holding
+        `digest` (its version is then listed as not retained)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
-            return
+            return None
         try:
-            self.registry.store(digest, fd)
+            return self.registry.store(digest, fd)
         except OSError as e:
             if e.errno != errno.EAGAIN:
                 raise
+            return None
         finally:
             os.close(fd)
 

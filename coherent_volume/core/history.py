@@ -22,6 +22,8 @@ MERGE_ATTEMPTS = 8
 """Merges of one write tried while other commits keep landing between a merge and its commit."""
 PRUNE_EVERY = 3600.0
 """Seconds between automatic prunes of a volume (run by a commit that finds one due)."""
+SWEEP_AFTER = 3600.0
+"""Age (seconds) after which a prune removes stored content nothing names (left by a killed writer)."""
 PRUNE_BATCH = 500
 """Most versions an automatic prune drops at once, so the commit that runs it is not held up long."""
 
@@ -83,7 +85,10 @@ class History(Writes):
         if entry.hash is None:
             raise VersionGone(f"{what} is a deletion by {entry.writer!r}: it has no content")
         if not entry.retained:
-            raise VersionGone(f"{what}: its content was pruned by the volume's retention policy")
+            raise VersionGone(
+                f"{what}: its content is not kept (pruned by the volume's retention policy, or it changed "
+                "again while it was being recorded)"
+            )
         return self.registry.load(entry.hash, what)
 
     def seen(self, agent: str, target: Target) -> int | None:
@@ -276,6 +281,9 @@ class History(Writes):
                 if outcome and v.hash is not None:
                     versions += 1
                     drop([v.hash])
+        # what killed writers left unnamed, an hour old or more
+        with self.registry.commit_lock(), self.registry.read() as tx:
+            freed += self.registry.sweep(now - SWEEP_AFTER, tx.in_use)
         return Pruned(versions, objects, freed)
 
     def prune_if_due(self, now: float | None = None) -> Pruned | None:

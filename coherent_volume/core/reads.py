@@ -242,6 +242,11 @@ class Reads(CoreBase):
 
         return self.registry.transact(move)
 
+    def deletions_in(self, directory: str) -> bool:
+        """Whether managed files directly in `directory` were deleted (see `note_listed`)."""
+        with self.registry.read() as tx:
+            return bool(tx.deleted_in(directory))
+
     def note_listed(self, agent: str, directory: str) -> int:
         """`agent` listed `directory` (readdir through a mount): it has seen which managed files there
         are gone, so its views of them move to their deletions' versions, as the API's read of a

@@ -184,15 +184,21 @@ class Registry(Protocol):
         ...
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
-    def store(self, digest: str, source: bytes | int) -> None:
+    def store(self, digest: str | None, source: bytes | int) -> str:
         """Retain content (bytes, or all readable by offset from a descriptor) whose hash is
         `digest`, stored once however many versions have it; before any version names it.
-        OSError(EAGAIN) if the bytes do not hash to `digest`."""
+        OSError(EAGAIN) if the bytes do not hash to `digest`; with `digest` None, what was read is
+        stored under its own hash. Returns the hash it is stored under."""
         ...
 
     def drop(self, digest: str) -> int:
         """Remove retained content (only once `Transaction.in_use` says nothing names it, under
         the commit lock); the bytes freed."""
+        ...
+
+    def sweep(self, before: float, keep: Callable[[str], bool]) -> int:
+        """Remove content a killed writer left unnamed (before `before`, time.time(); `keep` says
+        what is named), under the commit lock; the bytes freed."""
         ...
 
     def load(self, digest: str, what: str) -> bytes:

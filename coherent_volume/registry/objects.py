@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import secrets
+from collections.abc import Callable
 
 import xxhash
 
@@ -36,15 +37,15 @@ class ObjectStore:
     def has(self, digest: str) -> bool:
         return os.path.exists(self._path(digest))
 
-    def put(self, digest: str, source: bytes | int) -> None:
+    def put(self, digest: str | None, source: bytes | int) -> str:
         """Retain `source` (bytes, or everything readable by offset from a descriptor) under
-        `digest`, unless content with that hash is stored already. OSError(EAGAIN) if the bytes
-        read do not hash to `digest` (a descriptor written to meanwhile): nothing is stored."""
-        path = self._path(digest)
-        if os.path.exists(path):
-            return
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # private, as the registry
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{secrets.token_hex(8)}")
+        `digest`, unless content with that hash is stored already; return the hash it is stored
+        under. OSError(EAGAIN) if the bytes read do not hash to `digest` (a descriptor written to
+        meanwhile): nothing is stored. With `digest` None, what is read is stored under its hash."""
+        if digest is not None and os.path.exists(self._path(digest)):
+            return digest
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # private, as the registry
+        tmp = os.path.join(self.directory, f".tmp-{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             hasher = xxhash.xxh3_128()
@@ -59,9 +60,13 @@ class ObjectStore:
                     offset += len(chunk)
             os.close(fd)
             fd = -1
-            if hasher.hexdigest() != digest:
+            got = hasher.hexdigest()
+            if digest is not None and got != digest:
                 raise OSError(errno.EAGAIN, f"content changed while it was stored (expected {digest}); try again")
+            path = self._path(got)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             os.rename(tmp, path)
+            return got
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -93,6 +98,24 @@ class ObjectStore:
         except FileNotFoundError:
             return 0
         return size
+
+    def sweep(self, before: float, keep: Callable[[str], bool]) -> int:
+        """Remove what a killed writer can leave: temporary files, and objects no version names
+        (`keep` says which are named), both last changed before `before` (time.time()); the caller
+        holds the commit lock, so no store is in flight. The bytes freed."""
+        freed = 0
+        for directory, _, names in os.walk(self.directory):
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime < before and (name.startswith(".tmp-") or not keep(name)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        freed += st.st_size
+        return freed
 
     def size(self) -> tuple[int, int]:
         """(objects, bytes) stored."""

@@ -809,14 +809,17 @@ class SQLiteRegistry:
 
     # -- content ------------------------------------------------------------------------
 
-    def store(self, digest: str, source: bytes | int) -> None:
-        self.objects.put(digest, source)
+    def store(self, digest: str | None, source: bytes | int) -> str:
+        return self.objects.put(digest, source)
 
     def load(self, digest: str, what: str) -> bytes:
         return self.objects.get(digest, what)
 
     def drop(self, digest: str) -> int:
         return self.objects.drop(digest)
+
+    def sweep(self, before: float, keep: Callable[[str], bool]) -> int:
+        return self.objects.sweep(before, keep)
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
         """One consistent read of a file record and an agent's view of it (no explicit transaction)."""

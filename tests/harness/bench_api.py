@@ -3,6 +3,13 @@
 One run on one machine, 4 KiB managed files. Each subject is measured in alternating rounds
 (ours, peer, ours, peer, ...) and the median round is reported, so drift hits both alike.
 
+The content store's cost (issue 13: every version's bytes retained) has a table of its own, in
+which each of our operations and the plain one it is set against are timed alternately, one
+operation at a time, in one process: our write against the raw durable write (temp file, fsync,
+rename, fsync of the directory), our tracked read of an unchanged file against `read_bytes`.
+`history` and `diff` are timed on a file with 10,000 versions (`--versions`), made through the
+API once per run.
+
 The peer runs from its own venv, .bench/peer-venv in the repo (never the project's). This script
 installs nothing: without that venv it prints the command that makes it (PEER_INSTALL) and leaves
 the peer's column out.
@@ -18,15 +25,19 @@ at the top.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import REPO, child
 
@@ -38,6 +49,11 @@ MANAGED = ("plans/**",)
 P = "plans/f0.md"
 SIZE = 4096
 READS, WRITES, CONTENDERS, UPDATES_EACH = 2000, 200, 4, 50
+LINES = 100
+"""Lines of the text file whose many versions `history` and `diff` are timed on (each version
+changes one line)."""
+CALLS = 20
+"""Calls of `history` and of `diff` timed per round."""
 
 
 def per_op(n: int, op: Callable[[int], object], before: Callable[[int], object] | None = None) -> float:
@@ -52,12 +68,26 @@ def per_op(n: int, op: Callable[[int], object], before: Callable[[int], object] 
     return total / n
 
 
+def median_call(n: int, op: Callable[[], object]) -> tuple[float, float]:
+    """Seconds the median of `n` calls of `op` took: wall clock, and CPU time of this process (what
+    other load on the machine does not add to)."""
+    wall, cpu = [], []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        op()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def payload(i: int) -> bytes:
     return (b"%08d" % i) * (SIZE // 8)
 
 
 def new_root() -> str:
+    """A fresh directory with plans/ in it, removed when this process exits."""
     root = tempfile.mkdtemp(prefix="cv-bench-", dir=os.environ.get("BENCH_DIR"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     os.makedirs(os.path.join(root, "plans"))
     return root
 
@@ -65,27 +95,29 @@ def new_root() -> str:
 # ---- plain file I/O (the floor) -------------------------------------------------------
 
 
+def raw_write(path: Path, data: bytes, dir_fsync: bool = False) -> None:
+    """The raw write: temp file, fsync, rename over `path` (and with `dir_fsync`, fsync of the
+    directory: then it is as durable as ours)."""
+    tmp = str(path) + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.fsync(fd)
+    os.close(fd)
+    os.replace(tmp, path)
+    if dir_fsync:
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+
 def measure_plain() -> dict[str, float]:
     root = new_root()
     path = Path(root, P)
     path.write_bytes(payload(0))
-
-    def raw_write(i: int, dir_fsync: bool = False) -> None:
-        tmp = str(path) + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, payload(i))
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, path)
-        if dir_fsync:
-            dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-
     return {
         "read": per_op(READS, lambda i: path.read_bytes()),
-        "write": per_op(WRITES, raw_write),
-        "write+dirsync": per_op(WRITES, lambda i: raw_write(i, True)),
+        "write": per_op(WRITES, lambda i: raw_write(path, payload(i))),
+        "write+dirsync": per_op(WRITES, lambda i: raw_write(path, payload(i), True)),
     }
 
 
@@ -106,6 +138,89 @@ def measure_ours(root: str | None = None) -> dict[str, float]:
         )
         out["write"] = per_op(WRITES, lambda i: a.write(P, payload(i)), before=lambda i: a.read(P))
         out["write_cas"] = per_op(WRITES, lambda i: a.write_cas(P, a.version(P), payload(i + 7)))
+    return out
+
+
+STORE_COST = {
+    "write (content store on)": "temp+fsync+rename+dir fsync",
+    "tracked read of an unchanged file": "read_bytes",
+}
+"""Our operation -> the plain one it is set against, op by op (`measure_interleaved`)."""
+
+
+def timed(op: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    op()
+    return time.perf_counter() - t0
+
+
+def measure_interleaved() -> dict[str, float]:
+    """Our write (every version's bytes retained) and the raw durable write, and our tracked read of
+    an unchanged file and a plain `read_bytes`, each pair timed alternately one operation at a
+    time (which goes first alternates too), so whatever else the machine does hits both alike.
+    The median operation of each (seconds)."""
+    from coherent_volume import CoherentVolume
+
+    plain = Path(new_root(), P)
+    plain.write_bytes(payload(0))
+    times: dict[str, list[float]] = {name: [] for pair in STORE_COST.items() for name in pair}
+
+    def pair(i: int, ours: tuple[str, Callable[[], object]], theirs: tuple[str, Callable[[], object]]) -> None:
+        for name, op in (ours, theirs) if i % 2 else (theirs, ours):
+            times[name].append(timed(op))
+
+    with CoherentVolume(new_root(), managed=MANAGED, agent="a") as a:
+        a.write(P, payload(0))
+        for i in range(WRITES):
+            data = payload(i + 1)
+            a.read(P)  # the view a write needs; not timed
+            pair(
+                i,
+                ("write (content store on)", partial(a.write, P, data)),
+                ("temp+fsync+rename+dir fsync", partial(raw_write, plain, data, True)),
+            )
+        a.read(P)
+        for i in range(READS):
+            pair(i, ("tracked read of an unchanged file", partial(a.read, P)), ("read_bytes", plain.read_bytes))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def text_version(i: int) -> bytes:
+    """Version `i` of the many-versions file: LINES lines, line `i % LINES` saying it changed at `i`."""
+    lines = [f"line {n}: unchanged since the start\n" for n in range(LINES)]
+    lines[i % LINES] = f"line {i % LINES}: changed by version {i}\n"
+    return "".join(lines).encode()
+
+
+def measure_history(versions: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Make a file with `versions` versions through the API, then time, in `rounds` rounds of CALLS
+    calls each: `history`, `diff` of the last two versions, `diff` from an agent's view at version
+    1 to the current version (its default), and `read_version` of the first version. Per round the
+    median call, [wall, CPU] seconds; also the seconds the commits took."""
+    from coherent_volume import CoherentVolume
+
+    root = new_root()
+    path = "plans/many.md"
+    with CoherentVolume(root, managed=MANAGED, agent="a") as a, CoherentVolume(root, agent="old") as old:
+        t0 = time.perf_counter()
+        a.write(path, text_version(0))
+        old.read(path)  # its view stays at version 1
+        for i in range(1, versions):
+            a.write(path, text_version(i))
+        made = time.perf_counter() - t0
+        assert a.version(path) == versions
+        calls = {
+            "history": lambda: a.history(path),
+            "diff of the last two versions": lambda: a.diff(path, versions - 1, versions),
+            "diff from a view at v1 (default)": lambda: old.diff(path),
+            "read_version of v1": lambda: a.read_version(path, 1),
+        }
+        assert len(calls["history"]()) == versions and calls["diff from a view at v1 (default)"]()
+        out: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                out[name].append(median_call(CALLS, call))
+    out["commits"] = [(made, made)]
     return out
 
 
@@ -171,7 +286,7 @@ def find_peer() -> str | None:
     return None
 
 
-def run_child(python: str, *args: str) -> dict[str, float]:
+def run_child(python: str, *args: str) -> dict[str, Any]:
     out = subprocess.run(
         child("bench_api", *args, python=python), capture_output=True, text=True, check=False, cwd=REPO
     )
@@ -237,16 +352,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=int, default=100_000, help="registry size for the flatness check")
-    parser.add_argument("--measure", choices=("ours", "peer", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--versions", type=int, default=10_000, help="versions of the file that history and diff are timed on"
+    )
+    parser.add_argument("--history", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("ours", "peer", "plain", "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--contend", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--peer-host", help=argparse.SUPPRESS)
     parser.add_argument("--scaling", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps({"plain": measure_plain, "ours": measure_ours, "peer": measure_peer}[args.measure]()))
+        measure = {
+            "plain": measure_plain,
+            "ours": measure_ours,
+            "peer": measure_peer,
+            "interleaved": measure_interleaved,
+        }
+        print(json.dumps(measure[args.measure]()))
         return
     if args.scaling:
         print(json.dumps(scaling(args.scaling)))
+        return
+    if args.history:
+        print(json.dumps(measure_history(args.history, args.rounds)))
         return
     if args.contend:
         subject, root, count = args.contend
@@ -260,10 +388,11 @@ def main() -> None:
 
     ours_py, peer_py = sys.executable, find_peer()
     subjects = [("plain", ours_py), ("ours", ours_py)] + ([("peer", peer_py)] if peer_py else [])
-    rounds: dict[str, list[dict[str, float]]] = {subject: [] for subject, _ in subjects}
+    measured = [*subjects, ("interleaved", ours_py)]
+    rounds: dict[str, list[dict[str, float]]] = {subject: [] for subject, _ in measured}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
-        for subject, python in subjects:
+        for subject, python in measured:
             rounds[subject].append(run_child(python, "--measure", subject))
     med = {s: {op: statistics.median(r[op] for r in rs) for op in rs[0]} for s, rs in rounds.items()}
     print("contention", file=sys.stderr)
@@ -274,7 +403,9 @@ def main() -> None:
         for files in sizes:
             sizes[files].append(run_child(ours_py, "--scaling", str(files)))
     small, large = ({op: statistics.median(r[op] for r in sizes[n]) for op in sizes[n][0]} for n in sizes)
-    report(med, upd, small, large, args.scale)
+    print(f"history and diff: {args.versions:,} versions", file=sys.stderr)
+    many = run_child(ours_py, "--history", str(args.versions), "--rounds", str(args.rounds))
+    report(med, upd, small, large, args.scale, many, args.versions)
 
 
 def report(
@@ -283,6 +414,8 @@ def report(
     small: dict[str, float],
     large: dict[str, float],
     scale: int,
+    many: dict[str, list[tuple[float, float]]],
+    versions: int,
 ) -> None:
     """The tables and the targets; without the peer (`med` and `upd` lack "peer") its columns say n/a."""
     from rich.console import Console
@@ -340,6 +473,34 @@ def report(
         ("write ≥ 7× peer", peer["write"] / ours["write"] >= 7 if peer else None),
         ("write ≥ 75% of temp+fsync+rename", plain["write"] / ours["write"] >= 0.75),
     ]
+    cost = Table(
+        title="the content store's cost: ours and plain timed alternately, op by op (median of rounds of median ops)",
+        title_justify="left",
+        header_style="bold",
+    )
+    for c in ("operation", "µs", "set against", "µs ", "ours / plain (throughput)", "target"):
+        cost.add_column(c, justify="left" if c in ("operation", "set against", "target") else "right")
+    side = med["interleaved"]
+    for (op, against), floor in zip(STORE_COST.items(), (0.8, 0.5), strict=True):
+        ratio = side[against] / side[op]
+        cost.add_row(op, f"{side[op] * 1e6:.1f}", against, f"{side[against] * 1e6:.1f}", f"{ratio:.2f}×", f"≥ {floor}×")
+        checks.append((f"{op} ≥ {floor}× {against} (op by op)", ratio >= floor))
+    h = Table(
+        title=f"on a file with {versions:,} versions (median call of the median round)",
+        title_justify="left",
+        header_style="bold",
+    )
+    for c in ("operation", "ms", "CPU ms", "target"):
+        h.add_column(c, justify="left" if c in ("operation", "target") else "right")
+    for op, rounds in many.items():
+        if op == "commits":
+            continue
+        ms, cpu = (statistics.median(r[i] for r in rounds) * 1e3 for i in (0, 1))
+        target = "< 50 ms" if op.startswith(("history", "diff")) else ""
+        h.add_row(op, f"{ms:.2f}", f"{cpu:.2f}", target)
+        if target:
+            checks.append((f"{op} on {versions:,} versions < 50 ms", ms < 50))
+    h.add_row(f"  making them: {versions:,} commits", f"{many['commits'][0][0] * 1e3 / versions:.2f} each", "", "")
     s = Table(
         title=f"per-operation cost: {scale:,} versus 100 managed files in the registry",
         title_justify="left",
@@ -354,6 +515,8 @@ def report(
     console = Console(width=160)
     console.print(t)
     console.print(s)
+    console.print(cost)
+    console.print(h)
     for name, ok in checks:
         console.print(f"{'n/a    ' if ok is None else 'met    ' if ok else 'MISSED '} {name}", markup=False)
     if not peer:

@@ -13,7 +13,11 @@ place (seeds, foreign writes), the final files, and the volume's log as plain da
 - with read-set isolation, every other file an accepted commit read was still current when
   it committed, and the accepted commits are serializable (no write skew);
 - the final counter equals the counter the file was seeded with (or last written to from
-  outside) plus the accepted increments since.
+  outside) plus the accepted increments since;
+- when the content store was audited (`History.store`): every version with a hash has its bytes
+  stored, hashing to it; the versions of a path run 1..n and are the ones the log lists, by the
+  same writers; each stored version holds the content the history says that version was; the
+  registry's current record is the last version, and the file on disk is its bytes.
 """
 
 from __future__ import annotations
@@ -289,7 +293,97 @@ def check(history: History, isolation: str | None = None) -> Verdict:
     if history.versioned and (isolation or history.isolation) == "read-set":
         _check_read_sets(history, nodes, chains, verdict)
         _check_serializable(history, nodes, chains, verdict)
+    if history.store is not None:
+        check_store(history, {path: {v: n.token for v, n in chain.items()} for path, chain in chains.items()}, verdict)
     return verdict
+
+
+# ---- the content store: every version's bytes kept, whole, and the right ones ---------------
+
+_LOGGED_AS = {
+    "commit": {"commit"},
+    "restore": {"commit"},
+    "merge": {"commit"},
+    "foreign": {"foreign"},
+    "delete": {"delete", "commit", "foreign"},  # a deletion, one completed by recovery, or a foreign one
+}
+"""Which log kinds (`History.log`) may record a version of each kind of the versions table."""
+
+
+def check_store(history: History, tokens: dict[str, dict[int, str]], verdict: Verdict) -> None:
+    """Judge the audited content store (`history.store`). For every path: versions 1..n with no
+    gap; a version that is not a deletion has a hash, its bytes are stored and hash to it (unless
+    the retention policy pruned them; never the current version's); the registry's current record
+    is the last version. For each judged path (`history.final`) also: no stored version is torn;
+    the versions are exactly those the log lists, each by the writer the log names; the version
+    the history made with content `tokens[path][v]` stores that content; the file on disk is the
+    last version's bytes (no file after a deletion)."""
+    store = history.store
+    assert store is not None
+    for path in sorted(set(store.versions) | set(store.current)):
+        rows = store.versions.get(path, {})
+        versions = sorted(rows)
+        if versions != list(range(1, len(versions) + 1)):
+            missing = sorted(set(range(1, (versions or [0])[-1] + 1)) - set(versions))
+            verdict.add("store-gap", f"{path}: the versions table lacks v{missing[:6]}")
+        for v in versions:
+            row = rows[v]
+            what = f"{path}@v{v} ({row.kind} by {row.writer})"
+            if row.kind == "delete":
+                if row.hash is not None:
+                    verdict.add("store-delete", f"{what} is a deletion with a hash {row.hash}")
+            elif row.state == "none":
+                verdict.add("store-no-hash", f"{what} has no hash: its bytes cannot be retained")
+            elif row.state == "missing":
+                verdict.add("store-missing", f"{what}: no stored bytes for its hash {row.hash}")
+            elif row.state == "damaged":
+                verdict.add("store-damaged", f"{what}: the stored bytes do not hash to {row.hash}")
+        last = rows[versions[-1]] if versions else None
+        if last is not None and last.state == "pruned":
+            verdict.add("store-pruned-current", f"{path}@v{last.version}: the current version's bytes were pruned")
+        current = store.current.get(path)
+        if current is not None and (last is None or current != (last.version, last.hash)):
+            verdict.add(
+                "store-current",
+                f"{path}: the registry's current record is v{current[0]} {current[1]}, "
+                f"the last version is {f'v{last.version} {last.hash}' if last else 'none'}",
+            )
+    for path in sorted(history.final):
+        _check_stored_path(path, history, tokens.get(path, {}), verdict)
+
+
+def _check_stored_path(path: str, history: History, tokens: dict[int, str], verdict: Verdict) -> None:
+    store = history.store
+    assert store is not None
+    rows = store.versions.get(path, {})
+    for v, row in sorted(rows.items()):
+        if row.read is not None and row.read.token is None:
+            verdict.add("store-torn", f"{path}@v{v} ({row.kind} by {row.writer}) stores no complete payload")
+    logged = history.log.get(path, {})
+    for v in sorted(set(rows) - set(logged)):
+        verdict.add("store-unlogged", f"{path}@v{v} ({rows[v].kind} by {rows[v].writer}) is not in the log")
+    for v in sorted(set(logged) - set(rows)):
+        verdict.add("store-unrecorded", f"the log lists {path} v{v} {logged[v]}, the versions table does not")
+    for v in sorted(set(rows) & set(logged)):
+        kind, agent = logged[v]
+        row = rows[v]
+        if row.writer != agent or kind not in _LOGGED_AS.get(row.kind, set()):
+            verdict.add(
+                "store-log", f"{path}@v{v} is {row.kind} by {row.writer} in the versions table, {logged[v]} in the log"
+            )
+    for v, token in sorted(tokens.items()):
+        row = rows.get(v)
+        if row is not None and row.read is not None and row.read.token != token:
+            verdict.add("store-content", f"{path}@v{v} stores {row.read.token}, the history made it {token}")
+    if rows or path in store.disk:
+        last = rows[max(rows)] if rows else None
+        expected = last.hash if last is not None else None
+        if store.disk.get(path) != expected:
+            verdict.add(
+                "store-final",
+                f"{path} on disk hashes to {store.disk.get(path)}, its last version "
+                f"{f'v{last.version}' if last else '(none)'} is {expected}",
+            )
 
 
 # ---- appends: every accepted line is there, once, in its writer's order ---------------------

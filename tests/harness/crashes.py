@@ -3,7 +3,9 @@
 After every kill the files are read straight from disk (each must be a complete committed
 payload: the checker verifies that from the samples), the registry passes SQLite's integrity
 check, and a write grant the victim held is reclaimed within its TTL. At the end the registry
-must agree with the disk and the whole history must check out.
+must agree with the disk and the whole history must check out, the content store included: every
+version's bytes stored and hashing to its recorded hash, each the content that version was, and
+each file's bytes those of its current version (`checker.check_store`).
 """
 
 from __future__ import annotations
@@ -183,9 +185,21 @@ def _finish(
     for problem in agreement(root, paths):
         result.fail(f"registry disagrees with disk: {problem}")
     attempts = load_records(records)
-    judge_volume(result, root, paths, attempts, producers, samples, "file", shell=shell, kill_times=kill_times)
+    history = judge_volume(
+        result, root, paths, attempts, producers, samples, "file", shell=shell, kill_times=kill_times
+    )
     recovered = sql(root, "SELECT detail, count(*) FROM events WHERE kind = 'recover' GROUP BY detail")
     result.stats.update({f"recover: {detail}": n for detail, n in recovered})
+    assert history.store is not None
+    rows = [row for by_version in history.store.versions.values() for row in by_version.values()]
+    result.stats.update(
+        {
+            "versions whose stored bytes hash right": sum(row.state == "ok" for row in rows),
+            "deletions": sum(row.kind == "delete" for row in rows),
+            "temporary objects left by kills": history.store.temp_files,
+            "objects no version names": history.store.unnamed_objects,
+        }
+    )
 
 
 # ---- the mount daemon ------------------------------------------------------------------------

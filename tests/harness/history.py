@@ -113,6 +113,38 @@ class Move:
 
 
 @dataclass
+class StoredVersion:
+    """One row of the registry's `versions` table, with what the content store holds for it, as
+    the harness found it reading the object file itself: `state` is "ok" (the bytes are there and
+    hash to the row's hash), "missing", "damaged" (they hash to something else), "none" (the row
+    has no hash: a deletion) or "pruned" (the retention policy let its bytes go; not read). `read`
+    is the stored bytes as a payload (None when there are none)."""
+
+    path: str
+    version: int
+    kind: str
+    writer: str
+    hash: str | None
+    state: str
+    read: Read | None = None
+
+
+@dataclass
+class StoreAudit:
+    """The content store at the end of a run, read straight from the registry file and the object
+    files: every version of every path, the registry's current record of each path (version, hash),
+    the hash of each judged path's bytes on disk (None: no file); and what nothing refers to (no
+    loss, but space nothing reclaims): temporary object files and objects no version names, which
+    writers killed while storing or before their install leave behind."""
+
+    versions: dict[str, dict[int, StoredVersion]] = field(default_factory=dict)
+    current: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    disk: dict[str, str | None] = field(default_factory=dict)
+    temp_files: int = 0
+    unnamed_objects: int = 0
+
+
+@dataclass
 class History:
     """Everything the checker gets: records, the final files, and the volume's own log (as data)."""
 
@@ -131,6 +163,8 @@ class History:
     """Prefixes of the managed paths, for check_moves (moves also pass through unmanaged names)."""
     refusals: list[tuple[str, str, float]] = field(default_factory=list)
     """(agent, path, time) of every refusal the volume's log records."""
+    store: StoreAudit | None = None
+    """The content store as audited at the end (None: not audited, e.g. a plain directory)."""
 
 
 @dataclass

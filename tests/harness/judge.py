@@ -9,7 +9,7 @@ from . import checker
 from .history import Attempt, History, Producer
 from .resolve import log_versions, refusal_reasons, resolve
 from .result import Result
-from .volumes import final_state, raw_read, read_log
+from .volumes import audit_store, final_state, raw_read, read_log
 
 
 def judge_volume(
@@ -24,11 +24,12 @@ def judge_volume(
     judge_as: str | None = None,
     kill_times: list[float] | None = None,
 ) -> History:
-    """Check a run on a volume; fills `result` with counts and violations."""
+    """Check a run on a volume, its content store included; fills `result` with counts and violations."""
     final, versions = final_state(root, paths)
     events = read_log(root)
+    store = audit_store(root, paths)
     problems = resolve(attempts, events, kill_times)
-    history = History(isolation, True, producers, attempts, samples, final, versions, log_versions(events))
+    history = History(isolation, True, producers, attempts, samples, final, versions, log_versions(events), store=store)
     verdict = checker.check(history, judge_as)
     result.tally(attempts, refusal_reasons([e for e in events if e["path"] in paths]) if shell else None)
     for kind, message in problems:

@@ -8,6 +8,11 @@ checker still shares no code with the product; this module only sets up and tear
 
 Every `Mount` is tracked, so `unmount_all` (run at exit, and by the torture run in every outcome)
 cleans up whatever a failing scenario left.
+
+Every `Mount` also checks its daemon's log, `ROOT/.coherent/mount.log`: what the daemon wrote there
+since the `Mount` was made must hold no internal error (see `log_problems`), so no bug hides behind
+the EIO a caller saw. `unmount` raises `DaemonLogError` naming the offending lines; the tests also
+check every mount still up at the end of each test (`daemon_log_problems`, from tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import itertools
 import os
+import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -31,12 +38,15 @@ from . import CLI
 __all__ = [
     "CLI",
     "DEAD_ERRNOS",
+    "DaemonLogError",
     "Mount",
     "Unmounted",
+    "daemon_log_problems",
     "daemon_pids",
     "dead_errno",
     "fuse_mounts_under",
     "is_mounted",
+    "log_problems",
     "serving_pids",
     "unmount_all",
     "unmount_and_reap",
@@ -47,6 +57,51 @@ DEAD_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 """What a mount whose daemon died answers with."""
 
 _ACTIVE: set[Mount] = set()
+
+_RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ", re.M)
+"""The first line of a record of the daemon's logging (`%(asctime)s %(levelname)s %(message)s`)."""
+
+_BUG_MARKS = ("internal error", "Traceback (most recent call last)", "Exception in thread", "Exception ignored in")
+"""Text that only a bug writes: `operations.guarded`'s line for an unexpected exception, and what
+Python prints for an exception nothing caught (in the daemon, a thread or the watcher process,
+whose stderr is the log too)."""
+
+_EXPECTED = (r" ERROR fuse_\w+\(\): fuse_reply_\* failed with No such file or directory$",)
+"""ERROR records that are documented conditions: pyfuse3's note that the kernel no longer awaited a
+reply. The kernel ends every request still being answered when the mount goes away, so a request
+answered while it is unmounted (a RELEASE of a file whose process closed it just before) finds no
+one waiting; the daemon did its work all the same."""
+
+
+class DaemonLogError(AssertionError):
+    """A mount's daemon logged an internal error: a bug the caller saw at most as an EIO."""
+
+
+def log_problems(text: str, allowed: Sequence[str] = ()) -> list[str]:
+    """The records of a stretch of `mount.log` that show a bug: an ERROR or CRITICAL record, or one
+    holding a traceback or `internal error` (a record is its first line and the lines up to the
+    next record, so a traceback belongs to the record that logged it; text before the first record
+    is one record). Refusals (INFO) and documented conditions (WARNING: a caller outside the PID
+    namespace, a commit refused at close, a restarted watcher; `_EXPECTED`) are no problem. A record whose first
+    line matches one of the `allowed` regular expressions is no problem either: for a test that
+    provokes a daemon failure on purpose, each pattern naming the one failure it expects."""
+    starts = [m.start() for m in _RECORD_START.finditer(text)]
+    bounds = ([0] if not starts or starts[0] > 0 else []) + starts + [len(text)]
+    problems = []
+    for begin, end in itertools.pairwise(bounds):
+        record = text[begin:end].rstrip("\n")
+        first = record.split("\n", 1)[0]
+        level = _RECORD_START.match(record)
+        bad = (level is not None and level.group(1) in ("ERROR", "CRITICAL")) or any(m in record for m in _BUG_MARKS)
+        if bad and not any(re.search(pattern, first) for pattern in (*_EXPECTED, *allowed)):
+            problems.append(record)
+    return problems
+
+
+def daemon_log_problems() -> list[str]:
+    """What every tracked mount's daemon logged that shows a bug since it was last checked
+    (`Mount.log_problems`), each naming its mountpoint."""
+    return [problem for m in list(_ACTIVE) for problem in m.log_problems()]
 
 
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
@@ -135,10 +190,35 @@ def dead_errno(mountpoint: Path) -> int | None:
 
 class Mount:
     """`root` mounted at `path` through `coherent-volume mount` (as `agent`, when given); a context
-    manager that unmounts in every outcome."""
+    manager that unmounts in every outcome.
 
-    def __init__(self, root: Path, path: Path, agent: str | None = None) -> None:
+    What its daemon logs from the moment this object is made (remounts included) is checked at
+    `unmount` and by `log_problems`: an internal error, a traceback or an ERROR record fails with
+    `DaemonLogError` naming the records (see `log_problems`). A test that makes the daemon fail on
+    purpose passes `log_allows`, regular expressions each matching the first line of a record it
+    expects (with the `mounted` fixture: `@pytest.mark.mount_log_allows(pattern, ...)`); there is no
+    switch that turns the check off."""
+
+    def __init__(self, root: Path, path: Path, agent: str | None = None, log_allows: Sequence[str] = ()) -> None:
         self.root, self.path, self.agent = root, path, agent
+        self.log_allows = tuple(log_allows)
+        self.log = root / ".coherent" / "mount.log"
+        self._log_checked = self.log.stat().st_size if self.log.exists() else 0
+        """How far `log_problems` has read the daemon's log (whole lines only)."""
+
+    def log_problems(self) -> list[str]:
+        """The records the daemon logged since the last check that show a bug (see `log_problems`),
+        each prefixed with this mount's log path; later calls see only what came after."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._log_checked)
+                new = f.read()
+        except FileNotFoundError:
+            return []
+        complete = new[: new.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._log_checked += len(complete)
+        text = complete.decode("utf-8", "replace")
+        return [f"{self.log}:\n{record}" for record in log_problems(text, self.log_allows)]
 
     def mount(self) -> float:
         """Mount (over a dead mount too, as the CLI does); returns the seconds it took."""
@@ -160,20 +240,35 @@ class Mount:
         return pids
 
     def unmount(self) -> Unmounted:
+        """Unmount and reap (`unmount_and_reap`), then check the daemon's log: DaemonLogError if it
+        shows a bug (the mount is gone either way)."""
         done = unmount_and_reap(self.path)
         _ACTIVE.discard(self)
+        problems = self.log_problems()
+        if problems:
+            raise DaemonLogError("the mount daemon logged an internal error:\n" + "\n".join(problems))
         return done
+
+    def _unmount_after(self, failure: BaseException) -> None:
+        """Unmount while `failure` propagates: what the daemon's log shows is added to it as a note."""
+        try:
+            self.unmount()
+        except DaemonLogError as problems:
+            failure.add_note(str(problems))
 
     def __enter__(self) -> Self:
         try:
             self.mount()
-        except BaseException:
-            self.unmount()
+        except BaseException as failure:
+            self._unmount_after(failure)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.unmount()
+    def __exit__(self, kind: object, failure: BaseException | None, traceback: object) -> None:
+        if failure is None:
+            self.unmount()
+        else:
+            self._unmount_after(failure)
 
     def run(self, agent: str, script: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
         """Run a bash script as `agent` with the mount as working directory."""
@@ -207,9 +302,16 @@ class Mount:
 
 
 def unmount_all() -> None:
-    """Unmount every Mount still tracked (made and not yet unmounted)."""
+    """Unmount every Mount still tracked (made and not yet unmounted), all of them even if a
+    daemon's log shows a bug; then DaemonLogError naming every such log."""
+    problems = []
     for m in list(_ACTIVE):
-        m.unmount()
+        try:
+            m.unmount()
+        except DaemonLogError as e:
+            problems.append(str(e))
+    if problems:
+        raise DaemonLogError("\n".join(problems))
 
 
 atexit.register(unmount_all)

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from coherent_volume import CoherentVolume
 
 from . import CLI, payload
-from .history import Producer, Read
+from .history import Producer, Read, StoreAudit, StoredVersion
 
 MANAGED = ("plans/**",)
 SEED_AGENT = "harness-seed"
@@ -22,6 +24,11 @@ SEED_AGENT = "harness-seed"
 
 def registry_db(root: Path) -> Path:
     return root / ".coherent" / "registry.db"
+
+
+def object_file(root: Path, digest: str) -> Path:
+    """Where the content store keeps the bytes whose xxh3-128 hash is `digest`."""
+    return root / ".coherent" / "objects" / digest[:2] / digest
 
 
 def create(root: Path, managed: tuple[str, ...] = MANAGED) -> Path:
@@ -114,3 +121,39 @@ def agreement(root: Path, paths: list[str]) -> list[str]:
         if version != last:
             problems.append(f"{path}: the volume reports v{version}, its log ends at v{last}")
     return problems
+
+
+def _stored(root: Path, row: tuple[Any, ...]) -> StoredVersion:
+    path, version, kind, writer, digest, pruned = row
+    if digest is None:
+        return StoredVersion(path, version, kind, writer, None, "none")
+    if pruned:
+        return StoredVersion(path, version, kind, writer, digest, "pruned")
+    try:
+        data = object_file(root, digest).read_bytes()
+    except FileNotFoundError:
+        return StoredVersion(path, version, kind, writer, digest, "missing")
+    state = "ok" if xxhash.xxh3_128_hexdigest(data) == digest else "damaged"
+    return StoredVersion(path, version, kind, writer, digest, state, Read.of(path, data))
+
+
+def audit_store(root: Path, paths: list[str]) -> StoreAudit:
+    """The content store as an auditor sees it: every row of the `versions` table with its object
+    file read and hashed here (never through the volume), the `files` table's current record of
+    each path, and the hash of each of `paths`' bytes on disk now."""
+    audit = StoreAudit()
+    for row in sql(root, "SELECT path, version, kind, writer, hash, pruned FROM versions ORDER BY path, version"):
+        audit.versions.setdefault(row[0], {})[row[1]] = _stored(root, row)
+    audit.current = {
+        path: (version, digest) for path, version, digest in sql(root, "SELECT path, version, hash FROM files")
+    }
+    for path in paths:
+        try:
+            audit.disk[path] = xxhash.xxh3_128_hexdigest((root / path).read_bytes())
+        except OSError:  # gone, or a directory there now (renames)
+            audit.disk[path] = None
+    names = [f.name for f in (root / ".coherent" / "objects").glob("*/*")]
+    named = {row.hash for rows in audit.versions.values() for row in rows.values()}
+    audit.temp_files = sum(name.startswith(".tmp-") for name in names)
+    audit.unnamed_objects = sum(not name.startswith(".tmp-") and name not in named for name in names)
+    return audit
