@@ -238,6 +238,8 @@ class CoherentOperations(pyfuse3.Operations):
             return inode
         try:
             st = self.backing.lstat(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            raise  # a missing name gets no inode: every negative lookup would keep one
         except OSError:
             return self.inodes.inode(rel)
         if stat_mod.S_ISDIR(st.st_mode) or self.core.paths.managed(rel):
@@ -256,11 +258,18 @@ class CoherentOperations(pyfuse3.Operations):
         self.inodes.remember(rel)
         return attrs
 
+    def _new_owner(self, rel: str, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """Who a new entry `rel` belongs to, as on a local file system: the caller, and the caller's
+        group unless its directory is set-group-ID (then the kernel gave it the directory's group:
+        -1 keeps that)."""
+        parent = self.backing.lstat(rel.rpartition("/")[0])
+        return ctx.uid, -1 if parent.st_mode & stat_mod.S_ISGID else ctx.gid
+
     def _own(self, rel: str, ctx: pyfuse3.RequestContext) -> None:
         """New entries belong to the caller, as on a local file system (the daemon runs as root)."""
         if os.geteuid() == 0:
             mode = self.backing.lstat(rel).st_mode
-            self.backing.chown(rel, ctx.uid, ctx.gid)
+            self.backing.chown(rel, *self._new_owner(rel, ctx))
             if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) and not stat_mod.S_ISLNK(mode):
                 self.backing.chmod(rel, stat_mod.S_IMODE(mode))  # chown cleared the set-id bits it was made with
 
@@ -708,7 +717,7 @@ class CoherentOperations(pyfuse3.Operations):
             ), entry
         agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
         handle = await blocking(
-            Shadow.create, self.core, self._owner, agent, self._target(rel), mode, flags, ctx.uid, ctx.gid
+            Shadow.create, self.core, self._owner, agent, self._target(rel), mode, flags, *self._new_owner(rel, ctx)
         )
         self._unpin(rel)
         entry = self._entry(rel)

@@ -156,3 +156,49 @@ for i in range(150):
         )
         swapper.wait(timeout=300)
     assert "Input/output error" not in writer.stdout, writer.stdout
+
+
+def test_entries_made_in_a_set_group_id_directory_take_its_group(mounted: Mount) -> None:
+    """As on a local disk: a file or directory made in a setgid directory belongs to that directory's
+    group (and a directory inherits the bit), whoever makes it, in both areas."""
+    for area in ("shared", "plans/shared"):
+        top = mounted.path / area
+        top.mkdir(parents=True)
+        os.chown(top, 0, 1234)
+        os.chmod(top, 0o2775)
+        env = {**os.environ, "COHERENT_AGENT": "alice"}
+        subprocess.run(["sh", "-c", "echo x > f && mkdir sub"], cwd=top, env=env, check=True, timeout=30)
+        assert os.stat(top / "f").st_gid == 1234, area
+        sub = os.stat(top / "sub")
+        assert sub.st_gid == 1234 and sub.st_mode & 0o2000, area
+        assert os.stat(top / "f").st_uid == os.getuid()
+
+
+def test_names_in_a_removed_directory_are_enoent(mounted: Mount) -> None:
+    """Inside a directory removed while a process is in it, names are ENOENT (not ESTALE), as on a
+    local disk (`grep -r` racing `git gc` reported "Stale file handle")."""
+    script = r"""
+import errno, os, sys
+top = sys.argv[1]
+os.mkdir(f"{top}/d")
+with open(f"{top}/d/x", "w") as f:
+    f.write("x")
+fd = os.open(f"{top}/d", os.O_RDONLY | os.O_DIRECTORY)
+os.stat("x", dir_fd=fd)  # the kernel now holds the entry
+os.unlink(f"{top}/d/x"); os.rmdir(f"{top}/d")
+for call in (
+    lambda: os.stat("x", dir_fd=fd),
+    lambda: os.open("x", os.O_RDONLY, dir_fd=fd),
+    lambda: os.open("y", os.O_CREAT | os.O_WRONLY, dir_fd=fd),
+):
+    try:
+        call()
+        print("ok")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"""
+    for area in ("", "plans"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(mounted.path / area)], capture_output=True, text=True, timeout=30
+        )
+        assert done.stdout.split() == ["ENOENT", "ENOENT", "ENOENT"], (area, done.stdout, done.stderr)
