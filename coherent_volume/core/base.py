@@ -172,6 +172,10 @@ class CoreBase:
         with self.registry.commit_lock():
             return self.registry.transact(decide)
 
+    def _committed(self) -> None:
+        """Run after each managed commit of `Writes.commit`, outside the commit lock (retention's
+        prune, in `History`)."""
+
     def resolve(self, path: str | os.PathLike[str]) -> Target:
         return self.paths.resolve(path)
 

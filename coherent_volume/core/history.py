@@ -7,14 +7,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .. import atomic, diffs
+from .. import diffs
 from ..errors import CoherenceError, MergeConflict, StaleWriteError, VersionGone
 from ..paths import Target
 from ..policy import DAY, Policy, prunable
 from ..protocol import Version, current_version, may_merge
 from ..registry import Transaction
 from .base import Isolation
-from .writes import HandleCommit, Made, Writes
+from .writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +41,15 @@ class History(Writes):
     _prune_check_at = 0.0
     """time.monotonic() after which a commit of this process looks whether a prune is due."""
 
-    def commit(
-        self,
-        agent: str,
-        target: Target,
-        content: bytes | atomic.Staged | None,
-        *,
-        isolation: Isolation = "file",
-        expected: int | None = None,
-        handle: HandleCommit | None = None,
-        made: Made = ("commit", ()),
-    ) -> int:
-        """`Writes.commit`; then, at most once a minute per process, a prune if one is due
-        (`prune_if_due`), outside the commit lock. A failing prune never fails the commit."""
-        version = super().commit(
-            agent, target, content, isolation=isolation, expected=expected, handle=handle, made=made
-        )
+    def _committed(self) -> None:
+        """At most once a minute per process, a prune if one is due (`prune_if_due`); a failing
+        prune never fails the commit that ran it."""
         if time.monotonic() >= self._prune_check_at:
             self._prune_check_at = time.monotonic() + 60.0
             try:
                 self.prune_if_due()
             except (CoherenceError, OSError) as e:
                 log.warning("pruning old versions failed (the commit stands; the next prune retries): %s", e)
-        return version
 
     def history(self, target: Target, limit: int | None = None) -> list[Version]:
         """`target`'s versions, newest first (a foreign change is synced first, so it is listed)."""

@@ -200,10 +200,12 @@ class Writes(Reads):
                     staged.install()
                 return 0
             with self.registry.commit_lock():
-                return self._commit_locked(agent, target, staged, isolation, expected, handle, made=made)
+                version = self._commit_locked(agent, target, staged, isolation, expected, handle, made=made)
         finally:
             if staged is not None:
                 staged.discard()
+        self._committed()
+        return version
 
     def _doomed(self, agent: str, target: Target, expected: int | None) -> bool:
         """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync)."""
