@@ -347,7 +347,7 @@ def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, 
     """The volume and file named by `[ROOT] PATH` at the start of `args`, and the (at most `extra`)
     arguments after them. ROOT is a volume root or a mountpoint of one; without it, PATH is a path
     inside a volume (mounted or not). With `extra`, a first argument that is a directory is ROOT."""
-    from .claude_code import locate
+    from .hook_steps import locate
 
     if len(args) == 2 + extra or (len(args) > 1 and os.path.isdir(args[0])):
         root, path, rest = args[0], args[1], args[2:]
@@ -594,41 +594,31 @@ from .mcp_server import mcp_command  # noqa: E402
 main.add_command(mcp_command)
 
 
-@main.group("claude-code")
-def claude_code_group() -> None:
-    """Claude Code integration: hooks that make a session's view what its model read."""
+# ---- agent integrations: a face's module is imported only when its command runs ----------------
 
-
-def _settings_path(project_dir: str | None, user: bool) -> Path:
-    if user:
-        return Path.home() / ".claude" / "settings.json"
-    return Path(project_dir or ".").resolve() / ".claude" / "settings.json"
-
-
-@claude_code_group.command("install")
-@click.argument("project_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--user", is_flag=True, help="Install into ~/.claude/settings.json instead.")
-@_guard
-def claude_code_install(project_dir: str | None, user: bool) -> None:
-    """Merge the hooks into PROJECT_DIR/.claude/settings.json (idempotent)."""
-    from . import claude_code
-
-    path = _settings_path(project_dir, user)
-    claude_code.install(path, claude_code.hook_command())
-    click.echo(f"installed coherent-volume hooks in {path}")
-
-
-@claude_code_group.command("uninstall")
-@click.argument("project_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--user", is_flag=True, help="Uninstall from ~/.claude/settings.json instead.")
-@_guard
-def claude_code_uninstall(project_dir: str | None, user: bool) -> None:
-    """Remove exactly the hooks install added."""
-    from . import claude_code
-
-    path = _settings_path(project_dir, user)
-    claude_code.uninstall(path)
-    click.echo(f"removed coherent-volume hooks from {path}")
+AGENTS = {
+    "claude-code": (
+        "claude_code",
+        ".claude/settings.json",
+        "Claude Code integration: hooks that make a session's view what its model read.",
+    ),
+    "gemini": (
+        "gemini",
+        ".gemini/settings.json",
+        "Gemini CLI integration: hooks that make a session's view what its model read.",
+    ),
+    "cursor": (
+        "cursor",
+        ".cursor/hooks.json",
+        "Cursor integration: hooks that make a conversation's view what its model read.",
+    ),
+    "codex": (
+        "codex",
+        ".codex/hooks.json",
+        "Codex CLI integration: hooks that form a session's view from its patches and check its writes.",
+    ),
+}
+"""Each agent face by its command name: (module, its settings file below DIR or ~, summary)."""
 
 
 @main.group("hook")
@@ -636,39 +626,46 @@ def hook_group() -> None:
     """Entry points that agent tools call."""
 
 
-@hook_group.command("claude-code")
-def hook_claude_code() -> None:
-    """Read one Claude Code hook event (JSON) on stdin and answer it.
+def _face(name: str) -> Any:
+    """The `hooks.Face` of agent `name`, from its module."""
+    from importlib import import_module
 
-    Answers within `claude_code.HOOK_BUDGET` seconds of the process's start; a write to a path
-    that is (or may be) managed that cannot be decided in time is denied."""
-    from . import claude_code
+    return import_module(f"{__package__}.{AGENTS[name][0]}").FACE
 
-    try:
-        stdin = sys.stdin.buffer.read().decode("utf-8", "replace")
-        budget = max(claude_code.HOOK_BUDGET - claude_code.process_age(), 0.2)
-        answer = claude_code.run_hook(stdin, budget=budget)
-    except BaseException as e:  # noqa: BLE001 -- run_hook answers every failure itself; this is the last resort
-        answer = claude_code.Answer(
-            2, "", f"coherent-volume: the hook failed before it could decide ({e}); a write was blocked: retry it"
+
+def _add_agent(name: str) -> None:
+    """`coherent-volume NAME install|uninstall [DIR] [--user]`, and `coherent-volume hook NAME`."""
+    _, settings, summary = AGENTS[name]
+    group = click.Group(name, help=summary)
+    for verb, done, what in (
+        ("install", "installed coherent-volume hooks in", "Merge the hooks into"),
+        ("uninstall", "removed coherent-volume hooks from", "Remove exactly the hooks install added from"),
+    ):
+
+        def change(project_dir: str | None, user: bool, verb: str = verb, done: str = done) -> None:
+            path = (Path.home() if user else Path(project_dir or ".").resolve()) / settings
+            getattr(_face(name), verb)(path)
+            click.echo(f"{done} {path}")
+
+        change.__doc__ = f"{what} DIR/{settings} (idempotent; other settings are kept)."
+        command = click.option("--user", is_flag=True, help=f"Use ~/{settings} instead.")(_guard(change))
+        command = click.argument("project_dir", required=False, metavar="[DIR]", type=click.Path(file_okay=False))(
+            command
         )
-    if answer.stdout:
-        sys.stdout.write(answer.stdout + "\n")
-    if answer.stderr:
-        sys.stderr.write(answer.stderr + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(answer.code)  # never wait for a worker thread that overran its budget
+        group.command(verb)(command)
+    main.add_command(group)
+
+    def hook() -> None:
+        from .hooks import run_cli
+
+        run_cli(_face(name).run)
+
+    hook.__doc__ = (
+        f"Read one {name} hook event (JSON) on stdin and answer it within the hook's budget (from the process's "
+        "start); a write to a path that is (or may be) managed that cannot be decided in time is denied."
+    )
+    hook_group.command(name)(hook)
 
 
-def _register_agents() -> None:
-    """The Gemini CLI, Cursor and Codex groups (`install`/`uninstall`) and their hook entry
-    points, each defined in its own module."""
-    from . import codex, cursor, gemini
-
-    for face in (gemini, cursor, codex):
-        main.add_command(face.group)
-        hook_group.add_command(face.hook)
-
-
-_register_agents()
+for _agent in AGENTS:
+    _add_agent(_agent)

@@ -13,7 +13,7 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
   registered. Then every file the patch touches is checked and the session's write grant taken
   in one step (whole-file additions over an existing file, deletions and move targets need a view
   the session already has), or the patch is denied with `permissionDecision: "deny"`;
-- PreToolUse `Bash` does the same for writes `hooks.shell_writes` recognises (they need a view a
+- PreToolUse `Bash` does the same for writes `shell_writes` recognises (they need a view a
   patch registered: a file never patched is refused `unread`);
 - SessionStart binds the session's process (on a mount, what it does is the session's);
   PostToolUse records the session's commits and releases the grants; Stop (the end of a turn)
@@ -28,24 +28,21 @@ same agent and their reads never refresh a view. Every rule is the core's.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from . import hooks
-from .errors import CoherenceError, Reason
-from .hooks import Answer, Progress
+from . import hook_settings, hook_steps, hooks
+from .errors import Reason
+from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .protocol import HandleKind
+from .shell_writes import shell_writes
+from .stale_warnings import stale_warning
 
 PREFIX = "codex"
 PATCH_TOOL = "apply_patch"
 SHELL_TOOL = "Bash"
-HOOK_COMMAND_MARK = "hook codex"
-SETTINGS = (".codex", "hooks.json")
 EARLIER_VERSIONS = 20
 """Retained versions before the current one searched for the one a patch was written against."""
 
@@ -134,11 +131,17 @@ def fits(data: bytes, chunks: list[list[str]]) -> bool:
     return True
 
 
-def _agent(event: dict[str, Any]) -> str | None:
+def _actor(event: dict[str, Any], process: ProcessId | None) -> hook_steps.Actor | None:
+    """The session (or, with `agent_id`, its subagent) an event acts for; None without a session id."""
     session, sub = event.get("session_id"), event.get("agent_id")
-    if isinstance(session, str) and session and isinstance(sub, str) and sub:
-        session = f"{session}/{sub}"
-    return hooks.agent_name(PREFIX, session)
+    agent = hooks.agent_name(PREFIX, session)
+    if agent is None:
+        return None
+    if isinstance(sub, str) and sub:
+        return hook_steps.Actor(
+            hooks.agent_name(PREFIX, f"{session}/{sub}") or agent, agent, process or hooks.session_process()
+        )
+    return hook_steps.Actor(agent, agent, process or hooks.session_process())
 
 
 def _command(event: dict[str, Any]) -> str | None:
@@ -154,7 +157,7 @@ def _writes(event: dict[str, Any]) -> tuple[list[tuple[str, HandleKind]], list[t
     if command is None:
         return [], []
     if tool == SHELL_TOOL:
-        return hooks.shell_writes(command, cwd if isinstance(cwd, str) else "."), []
+        return shell_writes(command, cwd if isinstance(cwd, str) else "."), []
     if tool != PATCH_TOOL:
         return [], []
     writes: list[tuple[str, HandleKind]] = []
@@ -170,111 +173,55 @@ def _writes(event: dict[str, Any]) -> tuple[list[tuple[str, HandleKind]], list[t
     return writes, updates
 
 
-def _context(event_name: str, texts: Sequence[str | None]) -> Answer:
-    text = "\n\n".join(t for t in texts if t)
-    if not text:
-        return Answer()
-    return Answer(0, json.dumps({"hookSpecificOutput": {"hookEventName": event_name, "additionalContext": text}}))
-
-
-def _deny(reason: str) -> Answer:
-    return Answer(
-        0,
-        json.dumps(
-            {
-                "hookSpecificOutput": {
-                    "hookEventName": "PreToolUse",
-                    "permissionDecision": "deny",
-                    "permissionDecisionReason": reason,
-                }
-            }
-        ),
-    )
-
-
 def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None = None) -> Answer:
-    """Apply one Codex hook event; errors propagate (`run` turns them into a denial for managed
-    writes). `process` is the Codex process, looked up when not given."""
+    """Apply one Codex hook event; errors propagate (`FACE.run` answers them, failing closed for
+    managed writes). `process` is the Codex process, looked up when not given."""
     name, cwd = event.get("hook_event_name"), event.get("cwd")
     places = [cwd if isinstance(cwd, str) else None]
-    agent = _agent(event)
+    actor = _actor(event, process)
     writes, updates = _writes(event)
     progress.path = writes[0][0] if writes else None
-    if name == "PreToolUse" and writes:
-        progress.write_check = True
-        if agent is None:
-            progress.in_volume = any(hooks.locate(p) is not None for p, _ in writes)
-            if progress.in_volume:
-                raise CoherenceError("the hook event has no session_id, so the write cannot be attributed to a session")
-            return Answer()
-        owner = process or hooks.session_process()
+    progress.write_check = name == "PreToolUse" and bool(writes)
+    if actor is None:
+        return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
+    if progress.write_check:
         for path, patch in updates:  # what the patch shows the model saw
-            hooks.observe(agent, path, partial(fits, chunks=patch.chunks), owner, earlier=EARLIER_VERSIONS)
-        denial = hooks.begin_writes(agent, writes, owner, REMEDIES, progress)
+            hook_steps.observe(actor, path, partial(fits, chunks=patch.chunks), earlier=EARLIER_VERSIONS)
+        denial = hook_steps.begin_writes(actor, writes, progress, FACE)
         if denial is not None:
-            return _deny(denial)
-        return _context("PreToolUse", [hooks.stale_notice(agent, places)])
-    if agent is None:
-        return Answer(0, "", "coherent-volume: hook event without session_id; ignored")
-    if name == "PreToolUse":
-        return _context("PreToolUse", [hooks.stale_notice(agent, places)])
+            return denial
+    if name in ("PreToolUse", "UserPromptSubmit"):
+        progress.decide(Answer(), hooks.WARN_BUDGET)
+        warning = stale_warning(actor.agent, hook_steps.volume_roots(places), FACE)
+        return hooks.with_context(Answer(), name, [warning])
     if name == "PostToolUse" and writes:
-        told = hooks.end_writes(agent, writes, process or hooks.session_process(), record=True)
-        return _context("PostToolUse", told)
+        return hooks.with_context(Answer(), name, hook_steps.end_writes(actor, writes, progress, record=True))
     if name == "SessionStart":
-        hooks.start_session(agent, places, process or hooks.session_process())
-    elif name == "UserPromptSubmit":
-        return _context("UserPromptSubmit", [hooks.stale_notice(agent, places)])
+        hook_steps.start_session(actor, places)
     elif name == "Stop":
-        hooks.release_grants(agent, places, process or hooks.session_process())
+        hook_steps.release_grants(actor, places)
     return Answer()
 
 
-def _undecided(event: dict[str, Any], progress: Progress, what: str) -> Answer:
-    """A write check that could not decide is denied unless its path is established to be in no
-    volume or unmanaged; anything else goes ahead with a warning saying what was not done."""
-    if not hooks.passes_undecided(progress):
-        return _deny(hooks.undecided_text(progress.path, what))
-    undone = "write" if event.get("hook_event_name") == "PostToolUse" else "other"
-    return hooks.warning(what, event.get("hook_event_name"), progress, undone)
+def _undone(event: dict[str, Any]) -> str:
+    return "write" if event.get("hook_event_name") == "PostToolUse" else "other"
 
 
-def run(stdin: str, budget: float = hooks.HOOK_BUDGET, process: ProcessId | None = None) -> Answer:
-    """Answer one event (JSON text) within `budget` seconds, failing closed for managed writes."""
-    return hooks.run_hook(stdin, lambda e, p: handle(e, p, process), _undecided, budget)
-
-
-def our_hooks(command: str) -> dict[str, list[dict[str, Any]]]:
-    hook = [{"type": "command", "command": command, "timeout": int(hooks.HOOK_TIMEOUT)}]
+def _our_hooks(command: str) -> dict[str, list[dict[str, Any]]]:
     tools = f"^({PATCH_TOOL}|{SHELL_TOOL})$"
-    return {
-        "PreToolUse": [{"matcher": tools, "hooks": hook}],
-        "PostToolUse": [{"matcher": tools, "hooks": hook}],
-        "SessionStart": [{"hooks": hook}],
-        "UserPromptSubmit": [{"hooks": hook}],
-        "Stop": [{"hooks": hook}],
-    }
+    return hook_settings.nested(
+        {"type": "command", "command": command, "timeout": int(hooks.HOOK_TIMEOUT)},
+        {"PreToolUse": tools, "PostToolUse": tools, "SessionStart": None, "UserPromptSubmit": None, "Stop": None},
+    )
 
 
-def _ours(entry: dict[str, Any]) -> bool:
-    return any(HOOK_COMMAND_MARK in str(h.get("command", "")) for h in entry.get("hooks", []) if isinstance(h, dict))
-
-
-def install(settings: Path, command: str | None = None) -> None:
-    """Merge our hooks into `settings` (idempotent; other hooks are kept)."""
-    hooks.merge_hooks(settings, our_hooks(command or hooks.hook_command(PREFIX)), _ours, {})
-
-
-def uninstall(settings: Path) -> None:
-    """Remove exactly the hooks `install` added."""
-    hooks.remove_hooks(settings, _ours, {})
-
-
-group = hooks.face_group(
+FACE = Face(
     "codex",
-    "Codex CLI integration: hooks that form a session's view from its patches and check its writes.",
-    SETTINGS,
-    install,
-    uninstall,
+    handle,
+    undone=_undone,
+    our_hooks=_our_hooks,
+    remedies=REMEDIES,
+    deny=hooks.deny_tool_use,
+    reread="Print them again (for example `cat` them) and build your next patch on what they hold now",
 )
-hook = hooks.face_hook("codex", run)
+"""The Codex CLI face: `coherent-volume hook codex` runs `FACE.run`; `install` writes .codex/hooks.json."""

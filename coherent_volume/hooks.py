@@ -1,122 +1,61 @@
-"""What every agent's hook integration shares (Gemini CLI, Cursor, Codex): find the volume of a
-path, decide within a time budget and fail closed, take and end a session's write grants,
-register views from what a model was shown, word refusals and stale views for the model, and
-keep the agent's settings file.
+"""Running one agent hook event: parse it, decide within a time budget, fail closed, answer.
 
-The faces (`gemini`, `cursor`, `codex`) only parse their agent's events and answer in its
-format; every rule is the core's.
+Every agent face (`claude_code`, `gemini`, `cursor`, `codex`) is a `Face`: it parses its agent's
+events, names its tools and answers in its agent's format, through the steps every face shares:
+this module runs an event; `hook_steps` acts on the volumes (check and claim writes, record them,
+register views, sessions); `stale_warnings` tells a model which files it saw went stale;
+`shell_writes` finds what a shell command writes; `hook_settings` keeps the agents' settings
+files. Every rule is the core's.
 
 Invariants:
-- a write check that fails or cannot decide within the budget is a denial for every path that
-  is (or may be) managed; it goes ahead undecided only for a path established to be in no
-  volume or unmanaged (`run_hook`, `Progress`);
-- a view is registered only by `core.observe` (or, for an older version a model's edit shows it
-  saw, `core.note_read`), at the version whose content matches what the model was shown;
-- a write grant is taken with its check in one commit-locked step (`core.begin_write`); a hook
-  releases only a grant a hook took for the same session and process (`release_hook_grant`).
+- a write check that fails or cannot decide within the budget is a denial for every path that is
+  (or may be) managed; it goes ahead undecided only for a path established to be in no volume or
+  unmanaged (`run_hook`, `passes_undecided`);
+- an answer once decided (`Progress.decide`) stands: what follows it (a denial's diff, a merge, a
+  warning) is left out if it does not finish in time, never the decision.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
-import re
-import shlex
-import shutil
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
-from .core import VolumeCore, open_core
-from .diffs import cut
-from .errors import CoherenceError, OutsideVolume, Reason, StaleWriteError, UnprotectedAlias
+from . import hook_settings
+from .errors import Reason, StaleWriteError
 from .liveness import ProcessId
-from .paths import REGISTRY_DIR, Target, is_registry_path
-from .protocol import HandleKind, agent_name_problem
+from .protocol import agent_name_problem
 
 HOOK_TIMEOUT = 5.0
-"""Seconds the agent gives a hook (each face installs it in its agent's unit). Gemini CLI, Cursor
-(without `failClosed`) and Codex run the tool when a hook times out or crashes, so the hook must
-answer first."""
+"""Seconds the agent gives a hook (each face installs it in its agent's unit). Claude Code, Gemini
+CLI, Cursor (without `failClosed`) and Codex run the tool when a hook times out or crashes, so the
+hook must answer first."""
 
 HOOK_BUDGET = 3.0
-"""Seconds from the hook process's start within which it decides; what cannot be decided in time
-is denied when it is a write to a path that is (or may be) managed."""
+"""Seconds from the hook process's start within which it decides (start-up and imports included);
+what cannot be decided in time is denied when it is a write to a path that is (or may be) managed.
+The 2 s left before HOOK_TIMEOUT cover printing the answer and a loaded machine."""
 
 HOOK_GRANT_TTL = 60.0
 """Seconds a write grant a hook took before a tool's write lasts at most. It spans the agent's
-permission prompt and the write; the hook after the tool releases it, and it ends earlier when
-the session's process dies or the session ends."""
+permission prompt and the write; the hook after the tool releases it, and it ends earlier when the
+session's process dies or the session ends. A write after it lapsed that went over another commit
+is logged as a clobber and the model is told, so the overwrite is never silent."""
 
-STALE_FILES_SHOWN = 5
-STALE_DIFF_LINES = 40
-"""Bounds of a stale-view warning: files listed, lines of diff per file."""
+DIFF_BUDGET = 1.0
+"""Seconds a decided `stale` denial waits for the diff it shows (within HOOK_BUDGET); past it, or if
+the diff fails, the denial is answered without it (difflib can take seconds on a large file changed
+in many places)."""
 
-Remedies = Mapping[Reason, str]
-"""What a model is told to do per refusal reason, phrased for its agent's tools; may use `{ttl}`
-(the grant TTL) and `{changed}` (the read-set paths that moved)."""
-
-
-def agent_name(prefix: str, session: object) -> str | None:
-    """The agent a session is: `prefix:session`, or `prefix:sha256-…` of the id when that would be
-    no valid agent name (too long, unprintable); stable for one id. None without a session id."""
-    if not isinstance(session, str) or not session:
-        return None
-    name = f"{prefix}:{session}"
-    if agent_name_problem(name) is None:
-        return name
-    return f"{prefix}:sha256-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
-
-
-def _mounts() -> dict[str, str]:
-    from .mounts import fuse_mounts
-
-    return fuse_mounts()
-
-
-def locate(path: str) -> tuple[str, str] | None:
-    """(volume root, path relative to it) for a path inside a mounted or plain volume, else None.
-    Mounts come from /proc (never a stat through a mount); a plain volume is the nearest ancestor
-    directory holding a registry."""
-    absolute = os.path.abspath(path)
-    for mountpoint, root in _mounts().items():
-        if absolute == mountpoint or absolute.startswith(mountpoint + os.sep):
-            return root, os.path.relpath(absolute, mountpoint)
-    directory = os.path.dirname(absolute)
-    while True:
-        if os.path.exists(os.path.join(directory, REGISTRY_DIR, "registry.db")):
-            return directory, os.path.relpath(absolute, directory)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
-
-
-def volume_roots(places: Iterable[str | None]) -> set[str]:
-    """The roots of every mounted volume and of the volumes holding `places` (directories)."""
-    roots = set(_mounts().values())
-    for place in places:
-        found = locate(os.path.join(place, "x")) if place else None
-        if found:
-            roots.add(found[0])
-    return roots
-
-
-def absolute(path: object, base: object) -> str | None:
-    """`path` made absolute against `base` (the agent's working directory), if it is a path."""
-    if not isinstance(path, str) or not path:
-        return None
-    if not os.path.isabs(path) and isinstance(base, str) and base:
-        path = os.path.join(base, path)
-    return os.path.abspath(path)
+WARN_BUDGET = 0.5
+"""Seconds a decided answer waits for the stale-view warning added to it (within HOOK_BUDGET)."""
 
 
 @dataclass
@@ -131,446 +70,151 @@ class Answer:
 @dataclass
 class Progress:
     """How far a hook got with an event: what it answers when it cannot finish. `in_volume` and
-    `managed` stay None until established; only an established False, or a check that already
-    passed, lets a write check go ahead undecided. `write_check` marks events whose answer allows
+    `managed` stay None until established; only an established False, or an answer already
+    decided, lets a write check go ahead undecided. `write_check` marks events whose answer allows
     or denies a write."""
 
     path: str | None = None
     write_check: bool = False
     in_volume: bool | None = None
     managed: bool | None = None
-    allowed: bool = False
-    """The write check passed and its grants are taken: what is left (a warning) cannot deny it."""
+    decided: Answer | None = None
+    """An answer already decided; given if what follows it (a denial's diff, a merge, a warning)
+    does not finish within `patience` seconds (and the budget)."""
+    patience: float = 0.0
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Set once the answer is known: `decided`, or the handling ended."""
+
+    def decide(self, answer: Answer, patience: float) -> None:
+        self.decided, self.patience = answer, patience
+        self.settled.set()
 
 
-@contextmanager
-def opened(root: str) -> Iterator[VolumeCore]:
-    core = open_core(root)
-    try:
-        yield core
-    finally:
-        core.registry.close()
-        core.paths.close()
-
-
-def _resolve(core: VolumeCore, rel: str) -> Target | None:
-    """The target at `rel` if writes to it are the volume's business (managed, or an alias of an
-    unmanaged path); None for an unmanaged path or a symlink out of the volume. The registry's own
-    directory raises OutsideVolume."""
-    try:
-        target = core.resolve(rel)
-    except OutsideVolume:
-        if is_registry_path(rel):
-            raise
+def agent_name(prefix: str, session: object) -> str | None:
+    """The agent a session is: `prefix:session`, or `prefix:sha256-…` of the id when that would be
+    no valid agent name (too long, unprintable); stable for one id. None without a session id."""
+    if not isinstance(session, str) or not session:
         return None
-    return target if target.managed or target.alias_of is not None else None
+    name = f"{prefix}:{session}"
+    if agent_name_problem(name) is None:
+        return name
+    return f"{prefix}:sha256-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
-@contextmanager
-def managed_targets(
-    writes: Iterable[tuple[str, HandleKind]], progress: Progress
-) -> Iterator[list[tuple[VolumeCore, list[tuple[Target, HandleKind]]]]]:
-    """Open the volume of every path in `writes` (absolute) and resolve its managed paths, once
-    each, recording in `progress` what is established; yields (core, targets) per volume holding
-    any (the cores close after)."""
-    by_root: dict[str, list[tuple[str, HandleKind]]] = {}
-    for path, kind in writes:
-        progress.path = progress.path or path
-        found = locate(path)
-        if found is not None:
-            by_root.setdefault(found[0], []).append((found[1], kind))
-    progress.in_volume = bool(by_root)
-    with ExitStack() as stack:
-        volumes: list[tuple[VolumeCore, list[tuple[Target, HandleKind]]]] = []
-        for root, rels in by_root.items():
-            core = stack.enter_context(opened(root))
-            targets: dict[str, tuple[Target, HandleKind]] = {}
-            for rel, kind in rels:
-                target = _resolve(core, rel)
-                if target is not None:
-                    targets.setdefault(target.rel, (target, kind))
-            if targets:
-                volumes.append((core, list(targets.values())))
-        progress.managed = bool(volumes)
-        yield volumes
-
-
-def release_hook_grant(core: VolumeCore, agent: str, target: Target, owner: ProcessId) -> bool:
-    """Release the grant a hook took for this session's write of `target`; never a grant taken
-    through `lock()` (those fence) nor one of another agent or process. False if none was in force."""
-    with core.registry.read() as tx:
-        grant = tx.grant(target.rel)
-    if grant is None or grant.agent != agent or grant.fences or grant.owner != owner:
-        return False
-    return core.release(grant)
-
-
-def _when(ts: float | None) -> str:
-    return "an unknown time" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def denial_text(core: VolumeCore, refusal: StaleWriteError, remedies: Remedies) -> str:
-    """What the model is told of a refusal: which file, what it saw, what is current, who wrote it
-    and when, what to do, and the diff since its view (bounded)."""
-    refusal = core.refusal_diff(refusal)
-    with core.registry.read() as tx:
-        record = tx.file(refusal.path)
-    seen = (
-        "you have not read it in this session"
-        if refusal.seen_version is None
-        else f"you last saw version {refusal.seen_version}"
-    )
-    who = f"written by {refusal.last_writer} at {_when(record.committed_at if record else None)}"
-    held = f" {refusal.holder} holds its write grant right now." if refusal.holder else ""
-    remedy = remedies[refusal.reason].format(ttl=HOOK_GRANT_TTL, changed=", ".join(refusal.changed) or "-")
-    text = (
-        f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {seen}; the current "
-        f"version is {refusal.current_version}, {who}.{held} {remedy}"
-    )
-    if refusal.diff:
-        text += f"\nWhat changed since version {refusal.seen_version}:\n{refusal.diff.rstrip()}"
-    return text
-
-
-def begin_writes(
-    agent: str, writes: Iterable[tuple[str, HandleKind]], owner: ProcessId, remedies: Remedies, progress: Progress
-) -> str | None:
-    """Check and take `agent`'s write grant on every managed path of `writes` (absolute paths), all
-    or none: None when every grant was taken (or nothing is managed), else the denial the model is
-    told (grants taken so far are released). The session's process is bound to the agent, its
-    views pinned to what hooks register."""
-    taken: list[tuple[VolumeCore, Target]] = []
-    with managed_targets(writes, progress) as volumes:
-        for core, targets in volumes:
-            core.bind_session(agent, owner, pinned=True)
-            for target, kind in targets:
-                denial = None
-                if target.alias_of is not None:
-                    denial = f"coherent-volume refused this write: {UnprotectedAlias(target.alias_of, target.rel)}."
-                else:
-                    try:  # check and grant in one commit-locked step: nobody else passes until released
-                        core.begin_write(agent, target, owner, kind=kind, ttl=HOOK_GRANT_TTL)
-                    except StaleWriteError as refusal:
-                        denial = denial_text(core, refusal, remedies)
-                if denial is not None:
-                    for held_core, held in taken:
-                        release_hook_grant(held_core, agent, held, owner)
-                    return denial
-                taken.append((core, target))
-    progress.allowed = True
-    return None
-
-
-def end_writes(agent: str, writes: Iterable[tuple[str, HandleKind]], owner: ProcessId, *, record: bool) -> list[str]:
-    """After a tool ran: with `record`, record each managed path its whole-content writes (kind
-    "write") changed as `agent`'s commit (`adopt`; an append leaves its view alone); then release
-    the grants `begin_writes` took. Returns what the model must be told: writes that went over a
-    version the session had not seen (its grant had lapsed), logged as clobbers."""
-    told: list[str] = []
-    with managed_targets(writes, Progress()) as volumes:
-        for core, targets in volumes:
-            for target, kind in targets:
-                if target.alias_of is not None:
-                    continue
-                if record and kind == "write":
-                    with core.registry.read() as tx:
-                        last = tx.events(path=target.rel, limit=1, newest_first=True)
-                    core.adopt(agent, target)
-                    with core.registry.read() as tx:
-                        after = last[0].seq if last else 0
-                        clobbers = [
-                            e for e in tx.events(after=after, path=target.rel, kind="clobber") if e.agent == agent
-                        ]
-                    if clobbers:
-                        told.append(
-                            f"coherent-volume: your write to {target.rel} went over version {clobbers[-1].version} "
-                            f"({clobbers[-1].detail}); your write grant had lapsed (it lasts {HOOK_GRANT_TTL:g} s), so "
-                            "another session's change may be gone from the file. Read the file, check that the other "
-                            f"change is still there and redo it if it is not, or tell the user. `coherent-volume log "
-                            f"{core.paths.root}` shows the history."
-                        )
-                release_hook_grant(core, agent, target, owner)
-    return told
-
-
-def observe(agent: str, path: str, shown: Callable[[bytes], bool], owner: ProcessId, *, earlier: int = 0) -> int | None:
-    """Register `agent`'s view of the managed file at `path` at the current version if `shown`
-    confirms its content is what the model was shown; else, searching up to `earlier` retained
-    older versions newest first, at the first one `shown` confirms (so a check then refuses the
-    write as stale, with the diff since). The version, or None (nothing registered: not managed,
-    gone, or nothing matched)."""
-    found = locate(path)
-    if found is None:
+def absolute(path: object, base: object) -> str | None:
+    """`path` made absolute against `base` (the agent's working directory), if it is a path."""
+    if not isinstance(path, str) or not path:
         return None
-    with opened(found[0]) as core:
-        target = _resolve(core, found[1])
-        if target is None or target.alias_of is not None:
-            return None
-        core.bind_session(agent, owner, pinned=True)
-        version = core.observe(agent, target, shown)  # a confirmed read also lifts a fence
-        if version is not None or not earlier:
-            return version
-        for old in core.history(target, earlier + 1)[1:]:
-            try:
-                data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
-            except CoherenceError:
-                continue
-            if data is not None and shown(data):
-                core.note_read(agent, target, old.version)
-                return old.version
-        return None
+    if not os.path.isabs(path) and isinstance(base, str) and base:
+        path = os.path.join(base, path)
+    return os.path.abspath(path)
 
 
-def start_session(agent: str, places: Iterable[str | None], owner: ProcessId) -> None:
-    """Bind the session's process to `agent` (views pinned) in every mounted volume and the volumes
-    holding `places`, so whatever it does through a mount is the session's from its first access
-    on (a mount caches whose a process is for a moment: a binding made only between a read and a
-    write could come too late for the write)."""
-    for root in volume_roots(places):
-        with opened(root) as core:
-            core.bind_session(agent, owner, pinned=True)
+Handle = Callable[[dict[str, Any], Progress, ProcessId | None], Answer]
+"""A face's handling of one event: (event, progress, the agent's process if known) -> answer; it
+raises what it cannot handle (`run_hook` answers undecided)."""
 
 
-def release_grants(agent: str, places: Iterable[str | None], owner: ProcessId) -> None:
-    """Release every write grant hooks took for `agent`'s process `owner` in every mounted volume
-    and the volumes holding `places`, keeping its binding (the session goes on)."""
-    for root in volume_roots(places):
-        with opened(root) as core:
-            with core.registry.read() as tx:
-                grants = tx.grants_of(agent)
-            for grant in grants:
-                if not grant.fences and grant.owner == owner:
-                    core.release(grant)
+@dataclass(frozen=True)
+class Face:
+    """One agent's hook integration: how its events are handled, how its hooks speak to its model
+    (its tools' words, its answer format) and which hooks its settings file gets."""
+
+    name: str
+    """Its command name: the agent runs `coherent-volume hook NAME`."""
+    handle: Handle
+    undone: Callable[[dict[str, Any]], str]
+    """What an event leaves undone when it cannot be finished: a key of UNDONE."""
+    our_hooks: Callable[[str], dict[str, list[dict[str, Any]]]]
+    """Its entries of the settings file's `hooks` object, for a hook command."""
+    remedies: Mapping[Reason, str]
+    """What the model is told to do per refusal reason, in the agent's tool names; may use `{ttl}`
+    (the grant TTL) and `{changed}` (the read-set paths that moved)."""
+    deny: Callable[[str, str | None], Answer]
+    """The agent's answer denying a write: (what the model is told, the path it is about)."""
+    reread: str
+    """What the model is told to do about files it saw that changed since, as one clause."""
+    seen: str = "saw"
+    """What the model did with a version, in its tools' terms ("you last read version 3")."""
+    warn_once: bool = False
+    """Tell each stale view once per version (marks kept for the session), rather than in every
+    answer that can carry text to the model."""
+    top: Mapping[str, Any] = field(default_factory=dict)
+    """Top-level keys of the settings file that `install` sets when missing."""
+    goes_ahead: Callable[[dict[str, Any]], Answer] = lambda event: Answer()
+    """The answer that lets an event go ahead undecided (Cursor answers some with a permission)."""
+
+    def remedy(self, refusal: StaleWriteError) -> str:
+        """What the model should do about `refusal`."""
+        return self.remedies[refusal.reason].format(ttl=HOOK_GRANT_TTL, changed=", ".join(refusal.changed) or "-")
+
+    def run(self, stdin: str, budget: float = HOOK_BUDGET, process: ProcessId | None = None) -> Answer:
+        """Answer one event (JSON text) within `budget` seconds, failing closed for managed writes;
+        `process` is the agent's process, looked up when not given."""
+        return run_hook(stdin, lambda event, progress: self.handle(event, progress, process), self.undecided, budget)
+
+    def undecided(self, event: dict[str, Any], progress: Progress, what: str) -> Answer:
+        """The answer to an event that could not be finished (`what` says why): a write check is
+        denied unless `passes_undecided`; anything else goes ahead with a warning on stderr saying
+        what was left undone."""
+        if not passes_undecided(progress):
+            return self.deny(undecided_text(progress.path, what), progress.path)
+        event_name, path = event.get("hook_event_name"), progress.path or "this file"
+        left = f"coherent-volume: {what} ({event_name} for {path}); {UNDONE[self.undone(event)]}"
+        return Answer(0, self.goes_ahead(event).stdout, left)
+
+    def install(self, settings: Path, command: str | None = None) -> None:
+        """Merge our hooks into `settings` (idempotent; other settings and hooks are kept)."""
+        ours = self.our_hooks(command or hook_settings.hook_command(self.name))
+        hook_settings.merge_hooks(settings, self.name, ours, self.top)
+
+    def uninstall(self, settings: Path) -> None:
+        """Remove exactly the hooks `install` added."""
+        hook_settings.remove_hooks(settings, self.name, self.top)
 
 
-def end_session(agent: str, places: Iterable[str | None]) -> None:
-    """Release every grant `agent` holds and its process binding, in every mounted volume and the
-    volumes holding `places`."""
-    for root in volume_roots(places):
-        with opened(root) as core:
-            core.end_session(agent)
+def tool_remedies(read: str, wait: str) -> dict[Reason, str]:
+    """The remedies for an agent whose model reads files with a tool: `read` says with which
+    (" with the Read tool"; "" for no name), `wait` how it can wait (" with the Bash tool")."""
+    return {
+        "stale": f"Read the file again{read}, then redo your change from its current content.",
+        "unread": f"Read the file{read} first, then make your change from its current content.",
+        "held": (
+            "Its holder is writing it right now; the grant ends when that write is done (a hook's grant after "
+            f"{{ttl:g}} s at the latest). Wait a few seconds (for example run `sleep 5`{wait}), then read the file "
+            f"again{read} and redo your change from its current content."
+        ),
+        "fenced": (
+            "Your write grant on this file was reclaimed (it expired or its process ended), so your writes to it "
+            f"are held back until you read it again. Read the file again{read}, then redo your change from its "
+            "current content."
+        ),
+        "read-set": (
+            f"Files this change builds on have changed since you read them ({{changed}}). Read them again{read}, "
+            "then redo your change."
+        ),
+    }
 
 
-def _split_lines(text: str) -> list[str]:
-    lines = re.split(r"\r?\n", text)
-    return lines[:-1] if lines and lines[-1] == "" else lines
+# ---- answers in the shape of Claude Code's hook output (Gemini CLI and Codex follow it) -------
 
 
-def shows(data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str | None = None) -> bool:
-    """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
-    read tool shows them (line ends normalised; a trailing newline is no line). A shown line ending
-    in `shortened` (a tool's marker for a cut line) stands for any line that begins with what
-    precedes it."""
-    shown = _split_lines(text)
-    lines = _split_lines(data.decode("utf-8", "replace"))[max(start, 1) - 1 :]
-    if len(shown) > len(lines) or (whole and len(shown) != len(lines)):
-        return False
-    for have, want in zip(lines, shown, strict=False):
-        if shortened and want.endswith(shortened) and have.startswith(want[: -len(shortened)]):
-            continue
-        if have != want:
-            return False
-    return True
+def with_context(answer: Answer, event_name: str, texts: Iterable[str | None]) -> Answer:
+    """`answer` with `texts` added to what the model gets (`hookSpecificOutput.additionalContext`);
+    unchanged when there are none. An answer without a decision leaves the decision to the agent."""
+    text = "\n\n".join(t for t in texts if t)
+    if not text:
+        return answer
+    out = json.loads(answer.stdout) if answer.stdout else {}
+    out.setdefault("hookSpecificOutput", {"hookEventName": event_name})["additionalContext"] = text
+    return Answer(answer.code, json.dumps(out), answer.stderr)
 
 
-def stale_notice(agent: str, places: Iterable[str | None]) -> str | None:
-    """What to tell a model whose views went stale, in the volumes of `places`: which files, the
-    version it saw and the current one, who wrote it when, and the diff (bounded); None if none."""
-    entries: list[str] = []
-    more = 0
-    for root in sorted(volume_roots(places)):
-        try:
-            found, left = _stale_entries(agent, root, len(entries))
-        except (CoherenceError, OSError):
-            continue  # a warning is a courtesy: a volume that cannot answer now is left out
-        entries += found
-        more += left
-    if not entries:
-        return None
-    tail = f"\n(and {more} more)" if more else ""
-    return (
-        "coherent-volume: files you read have changed since you read them; a write to them will be refused "
-        "until you read them again:\n" + "\n".join(entries) + tail
-    )
-
-
-def _stale_entries(agent: str, root: str, shown: int) -> tuple[list[str], int]:
-    """`stale_notice`'s entries for one volume (while fewer than STALE_FILES_SHOWN are `shown`), and
-    how many more stale files it left out."""
-    entries: list[str] = []
-    more = 0
-    with opened(root) as core:
-        if core.stale(agent):
-            with core.registry.read() as tx:
-                rows = [(path, seen, now, tx.file(path)) for path, seen, now in tx.stale_views(agent)]
-            for path, seen, now, record in rows:
-                if shown + len(entries) >= STALE_FILES_SHOWN:
-                    more += 1
-                    continue
-                what = "deleted" if record is not None and not record.present else f"now version {now}"
-                writer = record.writer if record else "unknown"
-                when = _when(record.committed_at if record else None)
-                entry = f"- {path}: you last saw version {seen}; it is {what}, written by {writer} at {when}"
-                diff = core.refusal_diff(StaleWriteError(path, agent, "stale", seen, now, writer)).diff
-                if diff:  # the core's diff since a view, bounded as in a refusal, then shorter
-                    entry += "\n" + cut(diff, STALE_DIFF_LINES).rstrip()
-                entries.append(entry)
-    return entries, more
-
-
-# ---- shell commands ------------------------------------------------------------------
-
-_REDIRECTS: dict[str, HandleKind] = {">": "write", ">|": "write", "&>": "write", ">>": "append", "&>>": "append"}
-_INPUTS = {"<", "<<", "<<-", "<<<", "<&", ">&", "<>"}
-_WRAPPERS = {"sudo", "command", "exec", "nohup", "env", "time", "nice", "doas"}
-_MOST_EXPANDED = 1000
-"""Files a directory a command removes or moves is expanded to at most."""
-_HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
-
-
-def _without_heredoc_bodies(command: str) -> str:
-    """`command` without the bodies of its here-documents (data, not commands)."""
-    out: list[str] = []
-    lines = command.split("\n")
-    i = 0
-    while i < len(lines):
-        out.append(lines[i])
-        ends = [m.group(2) for m in _HEREDOC.finditer(lines[i])]
-        i += 1
-        for end in ends:
-            while i < len(lines) and lines[i].strip() != end:
-                i += 1
-            i += 1
-    return "\n".join(out)
-
-
-def _operands(args: list[str], valued: set[str]) -> tuple[list[str], dict[str, str]]:
-    """A command's operands (after its options) and the values of the options in `valued`."""
-    operands: list[str] = []
-    values: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            operands.extend(args[i + 1 :])
-            break
-        if arg.startswith("-") and arg != "-":
-            name = arg.split("=", 1)[0]
-            if name in valued:
-                if "=" in arg:
-                    values[name] = arg.split("=", 1)[1]
-                elif i + 1 < len(args):
-                    values[name] = args[i + 1]
-                    i += 1
-        else:
-            operands.append(arg)
-        i += 1
-    return operands, values
-
-
-def _into(dest: str, sources: list[str], cwd: str) -> list[str]:
-    """Where `sources` land when copied or moved to `dest` (an existing directory or a name)."""
-    where = absolute(dest, cwd) or dest
-    if os.path.isdir(where):
-        return [os.path.join(where, os.path.basename(s.rstrip("/"))) for s in sources]
-    return [where]
-
-
-def _command_writes(words: list[str], cwd: str) -> list[tuple[str, HandleKind, bool]]:
-    """The files one simple command (its redirections aside) writes, as far as it can be
-    recognised: (path as given, how, whether a directory there stands for the files below it)."""
-    while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
-        words = words[1:]
-    while words and os.path.basename(words[0]) in _WRAPPERS:
-        words = words[1:]
-        while words and (words[0].startswith("-") or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0])):
-            words = words[1:]
-    if not words:
-        return []
-    name, args = os.path.basename(words[0]), words[1:]
-    files: list[str] = []
-    removed: list[str] = []
-    kind: HandleKind = "write"
-    if name == "tee":
-        files, _ = _operands(args, set())
-        kind = "append" if {"-a", "--append"} & set(args) else "write"
-    elif name in ("sed", "perl") and any(a.startswith(("-i", "--in-place")) or re.match(r"^-\w*i", a) for a in args):
-        script_flags = {"-e", "--expression", "-f", "--file"} if name == "sed" else {"-e", "-E"}
-        files, values = _operands(args, script_flags | {"-l", "-s", "--line-length"})
-        if not set(values) & script_flags and files:
-            files = files[1:]  # the first operand is the script
-    elif name in ("rm", "unlink", "shred"):
-        removed, _ = _operands(args, set())
-    elif name in ("mv", "cp", "install"):
-        operands, values = _operands(args, {"-t", "--target-directory", "-S", "--suffix", "-m", "--mode"})
-        target_dir = values.get("-t") or values.get("--target-directory")
-        sources = operands if target_dir else operands[:-1]
-        if sources:
-            files = _into(target_dir + "/" if target_dir else operands[-1], sources, cwd)
-        if name == "mv":
-            removed = sources  # a move deletes its sources
-    elif name == "truncate":
-        files, _ = _operands(args, {"-s", "--size", "-r", "--reference"})
-    elif name == "dd":
-        files = [a[3:] for a in args if a.startswith("of=")]
-    return [(f, kind, False) for f in files] + [(f, "write", True) for f in removed]
-
-
-def _expand(path: str) -> list[str]:
-    """The regular files at or below `path` (a directory a command removes or moves)."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        return [path]
-    found: list[str] = []
-    for directory, _dirs, names in os.walk(path):
-        found.extend(os.path.join(directory, n) for n in names)
-        if len(found) >= _MOST_EXPANDED:
-            break
-    return found[:_MOST_EXPANDED]
-
-
-def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
-    """The files (absolute) a shell command recognisably writes, each with how: redirections
-    (`>`, `>>`, `&>`), `tee`, `sed -i`/`perl -i`, `rm`, `mv`, `cp`, `install`, `truncate`,
-    `dd of=`; a directory removed or moved stands for the files below it. Anything else (a
-    script, an interpreter's own file writes) is not recognised; unparsable text yields nothing."""
-    lexer = shlex.shlex(_without_heredoc_bodies(command), posix=True, punctuation_chars=";&|<>()\n")
-    lexer.whitespace = " \t\r"
-    lexer.whitespace_split = True
-    try:
-        tokens = list(lexer)
-    except ValueError:
-        return []
-    found: list[tuple[str, HandleKind, bool]] = []
-    words: list[str] = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        punct = all(c in ";&|<>()\n" for c in token)
-        if punct and token in _REDIRECTS:
-            if words and words[-1].isdigit():
-                words.pop()  # a file descriptor number: 2>file
-            if i + 1 < len(tokens):
-                found.append((tokens[i + 1], _REDIRECTS[token], False))
-            i += 2
-            continue
-        if punct and token in _INPUTS:
-            if words and words[-1].isdigit():
-                words.pop()
-            i += 2
-            continue
-        if punct:
-            found.extend(_command_writes(words, cwd))
-            words = []
-        else:
-            words.append(token)
-        i += 1
-    found.extend(_command_writes(words, cwd))
-    out: list[tuple[str, HandleKind]] = []
-    for path, kind, expand in found:
-        where = absolute(path, cwd)
-        if where is not None:
-            out.extend((p, kind) for p in (_expand(where) if expand else [where]))
-    return out
+def deny_tool_use(reason: str, path: str | None = None) -> Answer:
+    """A PreToolUse denial (`permissionDecision: "deny"`) that gives the model `reason` (which names
+    the path; the agent shows the tool call beside it)."""
+    decision = {"hookEventName": "PreToolUse", "permissionDecision": "deny", "permissionDecisionReason": reason}
+    return Answer(0, json.dumps({"hookSpecificOutput": decision}))
 
 
 # ---- running one hook ----------------------------------------------------------------
@@ -582,17 +226,10 @@ UNDONE = {
         "the write was not recorded as this session's (it is recorded as a change by 'external' at the next "
         f"access), and its write grant ends by itself within {HOOK_GRANT_TTL:g} s"
     ),
+    "release": f"the write grants end by themselves within {HOOK_GRANT_TTL:g} s",
     "other": "nothing was recorded for this event",
-    "allowed": "the write was checked and allowed; only the warning about stale files was left out",
 }
 """What an event a hook could not finish leaves undone, by what the event was about."""
-
-
-def warning(what: str, event_name: object, progress: Progress, undone: str) -> Answer:
-    """The answer to an event that could not be finished and needs no denial: a warning on stderr
-    saying what was left `undone` (a key of UNDONE; a write check that passed says so itself)."""
-    left = UNDONE["allowed" if progress.allowed else undone]
-    return Answer(0, "", f"coherent-volume: {what} ({event_name} for {progress.path or 'this file'}); {left}")
 
 
 def undecided_text(path: str | None, what: str) -> str:
@@ -606,16 +243,23 @@ def undecided_text(path: str | None, what: str) -> str:
     )
 
 
+def passes_undecided(progress: Progress) -> bool:
+    """Whether an event that could not be finished may go ahead: anything but a write check, or a
+    write check of a path established to be in no volume or unmanaged."""
+    return not progress.write_check or progress.in_volume is False or progress.managed is False
+
+
 def run_hook(
     stdin: str,
     handle: Callable[[dict[str, Any], Progress], Answer],
     undecided: Callable[[dict[str, Any], Progress, str], Answer],
     budget: float = HOOK_BUDGET,
 ) -> Answer:
-    """Parse one event and `handle` it within `budget` seconds; if it fails or overruns,
-    `undecided(event, progress, why)` answers (a face denies a write check unless `progress`
-    established the path is in no volume or unmanaged). An event that is not a JSON object names
-    no file: it is answered with a warning only."""
+    """Parse one event and `handle` it within `budget` seconds. Once `handle` decided an answer
+    (`Progress.decide`), what follows it gets the decision's patience at most, then the decided
+    answer is given; if the handling fails or overruns undecided, `undecided(event, progress, why)`
+    answers (a face denies a write check unless `passes_undecided`). An event that is not a JSON
+    object names no file: it is answered with a warning only."""
     try:
         event = json.loads(stdin.lstrip("\ufeff"))
         if not isinstance(event, dict):
@@ -631,12 +275,19 @@ def run_hook(
             result.append(handle(event, progress))
         except BaseException as e:  # noqa: BLE001 -- answered below: a hook must never crash the session
             failure.append(e)
+        finally:
+            progress.settled.set()
 
+    deadline = time.monotonic() + max(budget, 0.0)
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    worker.join(max(budget, 0.0))
+    progress.settled.wait(max(budget, 0.0))
+    if not result and progress.decided is not None:  # decided: only what follows the decision may be missing
+        worker.join(max(min(progress.patience, deadline - time.monotonic()), 0.0))
     if result:
         return result[0]
+    if progress.decided is not None:
+        return progress.decided
     if failure:
         return undecided(event, progress, f"the check failed ({type(failure[0]).__name__}: {failure[0]})")
     return undecided(
@@ -645,12 +296,6 @@ def run_hook(
         f"the check did not finish in time (waited {budget:.1f} s; the volume's registry is busy: another process "
         "may hold its commit lock)",
     )
-
-
-def passes_undecided(progress: Progress) -> bool:
-    """Whether an event that could not be finished may go ahead: anything but a write check, a
-    write check of a path established to be in no volume or unmanaged, or one that passed."""
-    return not progress.write_check or progress.in_volume is False or progress.managed is False or progress.allowed
 
 
 def process_age() -> float:
@@ -706,118 +351,3 @@ def run_cli(run: Callable[[str, float], Answer]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(answer.code)
-
-
-# ---- settings files and commands ------------------------------------------------------
-
-
-def hook_command(face: str) -> str:
-    """The command an agent runs for its hook: this installation's CLI, by absolute path."""
-    cli = shutil.which("coherent-volume") or str(Path(sys.executable).parent / "coherent-volume")
-    return f"{os.path.abspath(cli)} hook {face}"
-
-
-def load_settings(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text() or "{}")
-    except ValueError as e:
-        raise CoherenceError(f"{path} is not valid JSON ({e}); fix it first, nothing was changed") from e
-    if not isinstance(data, dict) or not isinstance(data.get("hooks", {}), dict):
-        raise CoherenceError(f"{path} does not hold a JSON object with a `hooks` object; nothing was changed")
-    return data
-
-
-def save_settings(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".coherent-tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def merge_hooks(
-    path: Path, ours: dict[str, list[dict[str, Any]]], is_ours: Callable[[dict[str, Any]], bool], top: dict[str, Any]
-) -> None:
-    """Put `ours` (event -> entries) into the `hooks` object of the settings at `path`, replacing
-    entries `is_ours` recognises and keeping every other setting and hook; `top` are top-level
-    keys set only when missing. Idempotent."""
-    data = load_settings(path)
-    for key, value in top.items():
-        data.setdefault(key, value)
-    hooks = data.setdefault("hooks", {})
-    for event, entries in ours.items():
-        kept = [e for e in hooks.get(event, []) if not (isinstance(e, dict) and is_ours(e))]
-        hooks[event] = kept + entries
-    save_settings(path, data)
-
-
-def remove_hooks(path: Path, is_ours: Callable[[dict[str, Any]], bool], top: dict[str, Any]) -> None:
-    """Remove exactly the entries `is_ours` recognises (and `top` keys `merge_hooks` added, when
-    nothing else is left in `hooks`). A missing file stays missing."""
-    if not path.exists():
-        return
-    data = load_settings(path)
-    hooks = data.get("hooks", {})
-    for event in list(hooks):
-        hooks[event] = [e for e in hooks[event] if not (isinstance(e, dict) and is_ours(e))]
-        if not hooks[event]:
-            del hooks[event]
-    if not hooks:
-        data.pop("hooks", None)
-        for key, value in top.items():
-            if data.get(key) == value:
-                del data[key]
-    save_settings(path, data)
-
-
-def place(project_dir: str | None, user: bool, folder: str, name: str) -> Path:
-    """`~/FOLDER/NAME` with `user`, else `PROJECT_DIR/FOLDER/NAME` (the working directory by default)."""
-    return (Path.home() if user else Path(project_dir or ".").resolve()) / folder / name
-
-
-def face_group(
-    name: str, summary: str, where: tuple[str, str], install: Callable[[Path], None], uninstall: Callable[[Path], None]
-) -> click.Group:
-    """`coherent-volume NAME install [DIR] [--user]` / `uninstall` of one agent's settings file
-    `where` = (folder, file name), in DIR or the home directory."""
-
-    @click.group(name, help=summary)
-    def group() -> None:
-        pass
-
-    shown = "/".join(where)
-    for verb, fn, done, what in (
-        ("install", install, "installed coherent-volume hooks in", "Merge the hooks into"),
-        ("uninstall", uninstall, "removed coherent-volume hooks from", "Remove exactly the hooks install added from"),
-    ):
-
-        def command(project_dir: str | None, user: bool, fn: Callable[[Path], None] = fn, done: str = done) -> None:
-            path = place(project_dir, user, *where)
-            try:
-                fn(path)
-            except (CoherenceError, OSError) as e:
-                raise click.ClickException(str(e)) from e
-            click.echo(f"{done} {path}")
-
-        command.__doc__ = f"{what} DIR/{shown} (idempotent; other settings are kept)."
-        decorated = click.option("--user", is_flag=True, help=f"Use ~/{shown} instead.")(command)
-        decorated = click.argument("project_dir", required=False, metavar="[DIR]", type=click.Path(file_okay=False))(
-            decorated
-        )
-        group.command(verb)(decorated)
-    return group
-
-
-def face_hook(name: str, run: Callable[[str, float], Answer]) -> click.Command:
-    """`coherent-volume hook NAME`: the entry point the agent runs for every hooked event."""
-
-    @click.command(name)
-    def hook() -> None:
-        run_cli(run)
-
-    hook.help = (
-        f"Read one {name} hook event (JSON) on stdin and answer it within {HOOK_BUDGET:g} s of the process's start; "
-        "a write to a path that is (or may be) managed that cannot be decided in time is denied."
-    )
-    return hook

@@ -14,16 +14,19 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import get_args
 
 import pytest
 
 from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs
-from coherent_volume.claude_code import HOOK_REMEDY, handle, install, our_hooks, remedy, uninstall
+from coherent_volume.claude_code import FACE, HOOK_REMEDY, handle, our_hooks
 from coherent_volume.errors import Reason
+from coherent_volume.hooks import Progress
 from coherent_volume.liveness import current_process
 
+from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -93,47 +96,40 @@ def read_response(path: Path, text: str) -> dict[str, object]:
     }
 
 
-class Session:
+class Session(AgentProcess):
     """A stand-in Claude Code process: it runs the hook command as its child (so it is the hook's
-    parent) and performs the file operations, as Claude Code does, itself or through children."""
+    parent) and performs the file operations, as Claude Code does, itself or through children. It
+    runs in `start_in` (default: `cwd`, the directory its events name)."""
 
-    def __init__(self, session_id: str, cwd: Path) -> None:
+    def __init__(self, session_id: str, cwd: Path, start_in: Path | None = None) -> None:
+        super().__init__("claude-code", start_in or cwd)
         self.id, self.cwd = session_id, cwd
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-c", SESSION_LOOP],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=cwd,
-            env={k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"},
-        )
 
-    def _call(self, request: dict[str, object]) -> dict[str, object]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def hook(self, e: dict[str, object]) -> dict[str, object]:
+    def hook(self, e: dict[str, object]) -> dict[str, object]:  # type: ignore[override]
         """Run `coherent-volume hook claude-code` with the event; returns exit code, stdout, stderr."""
-        return self._call({"op": "hook", "cli": CLI, "event": e})
+        out = super().hook(e)
+        return {k: out[k] for k in ("code", "stdout", "stderr")}
 
-    def read(self, path: Path, agent_id: str | None = None) -> str:
+    def read(self, path: Path, agent_id: str | None = None) -> str:  # type: ignore[override]
         """The Read tool (of a subagent, with `agent_id`): read the file, then the PostToolUse hook
         with what was read."""
-        text = self._call({"op": "read", "path": str(path)})["text"]
+        text = super().read(path)
         self.hook(event("PostToolUse", self.id, self.cwd, "Read", path, read_response(path, text), agent_id=agent_id))
         return text
 
     def tool_write(self, path: Path, content: str, mode: str = "rename") -> dict[str, object]:
         """Claude's write sequence alone (a node child of this process), with no hook around it."""
-        return self._call({"op": "node", "args": [str(path), content, mode]})
+        return self.run("node", "-e", CLAUDE_WRITE, str(path), content, mode)
 
-    def write(self, path: Path, content: str, agent_id: str | None = None) -> dict[str, object]:
+    def own_write(self, path: Path, content: str) -> dict[str, object]:
+        """A write from this process itself (as Claude Code's Node process makes it), no hook around it."""
+        return super().write(path, content)
+
+    def write(self, path: Path, content: str, agent_id: str | None = None) -> dict[str, object]:  # type: ignore[override]
         """The Write tool: PreToolUse hook; if allowed, Claude's write sequence, then PostToolUse."""
         written = {"content": content}
         pre = self.hook(event("PreToolUse", self.id, self.cwd, "Write", path, tool_input=written, agent_id=agent_id))
-        verdict = json.loads(pre["stdout"]).get("hookSpecificOutput", {}) if pre["stdout"] else {}
+        verdict = json.loads(str(pre["stdout"])).get("hookSpecificOutput", {}) if pre["stdout"] else {}
         decision = verdict.get("permissionDecision", "allow")
         if decision == "allow":
             assert self.tool_write(path, content)["code"] == 0
@@ -143,29 +139,7 @@ class Session:
 
     def close(self) -> None:
         self.hook(event("SessionEnd", self.id, self.cwd))
-        self.proc.kill()
-        self.proc.wait()
-
-
-SESSION_LOOP = (
-    """
-import json, subprocess, sys
-NODE = %r
-for line in sys.stdin:
-    req = json.loads(line)
-    if req["op"] == "hook":
-        r = subprocess.run([req["cli"], "hook", "claude-code"], input=json.dumps(req["event"]), capture_output=True, text=True)
-        out = {"code": r.returncode, "stdout": r.stdout.strip(), "stderr": r.stderr.strip()}
-    elif req["op"] == "read":
-        with open(req["path"]) as f:
-            out = {"text": f.read()}
-    else:
-        r = subprocess.run(["node", "-e", NODE, *req["args"]], capture_output=True, text=True)
-        out = {"code": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
-    print(json.dumps(out), flush=True)
-"""
-    % CLAUDE_WRITE
-)
+        super().close()
 
 
 def version(root: Path, rel: str = P) -> int:
@@ -175,16 +149,7 @@ def version(root: Path, rel: str = P) -> int:
 
 @pytest.fixture
 def sessions():
-    opened: list[Session] = []
-
-    def make(session_id: str, cwd: Path) -> Session:
-        s = Session(session_id, cwd)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        s.close()
+    yield from started(Session)
 
 
 def _scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
@@ -222,6 +187,29 @@ def test_stale_write_denied_without_a_mount(root: Path, sessions) -> None:
 
 def test_stale_write_denied_by_hook_and_file_system_on_a_mount(mounted: Mount, sessions) -> None:
     _scenario(mounted.path, mounted.root, sessions, mounted=True)
+
+
+def test_on_a_mount_the_session_is_its_process_from_its_start(mounted: Mount, sessions, tmp_path: Path) -> None:
+    """SessionStart binds the Claude Code process, so its first read through the mount is already
+    the session's. (The mount caches whose a process is for a moment: had it seen the process
+    unbound, the write right after the hooks would be refused `held` by the session's own grant.)"""
+    target = mounted.path / P
+    with CoherentVolume(mounted.root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("started", mounted.path, start_in=tmp_path)  # nothing of the mount seen before SessionStart
+    assert s.hook(event("SessionStart", "started", mounted.path, source="startup")) == {
+        "code": 0,
+        "stdout": "",
+        "stderr": "",
+    }
+    assert s.read(target) == "v1\n"  # the Read tool: this process reads through the mount, then PostToolUse
+    pre = event("PreToolUse", "started", mounted.path, "Write", target, tool_input={"content": "v2\n"})
+    assert decision(s.hook(pre))[0] == "allow"
+    written = s.own_write(target, "v2 by the session\n")
+    assert written["code"] == 0, written
+    assert s.hook(event("PostToolUse", "started", mounted.path, "Write", target, {"type": "update"}))["stdout"] == ""
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert (v.read_text(P), v.version(P), v.history(P)[0].writer) == ("v2 by the session\n", 2, "claude:started")
 
 
 def test_edit_of_a_never_read_file_is_denied(root: Path, sessions) -> None:
@@ -302,10 +290,11 @@ def test_install_and_uninstall_round_trip_keep_other_settings(tmp_path: Path) ->
         "PostToolUseFailure",
         "UserPromptSubmit",
         "SubagentStop",
+        "SessionStart",
         "SessionEnd",
     }
     assert all(
-        h["timeout"] == claude_code.HOOK_TIMEOUT
+        h["timeout"] == claude_code.hooks.HOOK_TIMEOUT
         for entries in installed["hooks"].values()
         for e in entries
         for h in e["hooks"]
@@ -327,8 +316,8 @@ def test_install_refuses_a_broken_settings_file(tmp_path: Path) -> None:
     assert r.returncode == 1 and "not valid JSON" in r.stderr
     assert settings.read_text() == "{not json"
     assert our_hooks("x")["PreToolUse"][0]["matcher"] == "Write|Edit|MultiEdit|NotebookEdit"
-    install(tmp_path / "new/settings.json", "x hook claude-code")
-    uninstall(tmp_path / "new/settings.json")
+    FACE.install(tmp_path / "new/settings.json", "x hook claude-code")
+    FACE.uninstall(tmp_path / "new/settings.json")
     assert json.loads((tmp_path / "new/settings.json").read_text()) == {}
 
 
@@ -382,25 +371,25 @@ def test_every_reason_has_its_own_remedy() -> None:
     assert set(HOOK_REMEDY) == set(get_args(Reason))
     assert len(set(HOOK_REMEDY.values())) == len(HOOK_REMEDY)
     for reason in get_args(Reason):
-        text = remedy(
+        text = FACE.remedy(
             StaleWriteError(P, "claude:x", reason, 1, 2, "claude:y", holder="claude:y", changed=("plans/other.md",))
         )
         assert "{" not in text and "Read tool" in text
-    assert "plans/other.md" in remedy(StaleWriteError(P, "a", "read-set", 1, 1, "b", changed=("plans/other.md",)))
+    assert "plans/other.md" in FACE.remedy(StaleWriteError(P, "a", "read-set", 1, 1, "b", changed=("plans/other.md",)))
     assert "Wait" in HOOK_REMEDY["held"] and "Wait" not in HOOK_REMEDY["stale"]
 
 
 def _in_process(
     name: str, session: str, root: Path, tool: str, path: Path, response: object = None
 ) -> dict[str, object]:
-    answer = handle(event(name, session, root, tool, path, response), current_process())
+    answer = handle(event(name, session, root, tool, path, response), Progress(), current_process())
     return {"code": answer.code, "stdout": answer.stdout, "stderr": answer.stderr}
 
 
 def test_a_write_after_its_grant_lapsed_is_a_clobber_the_model_is_told(root: Path, monkeypatch) -> None:
     """A permission prompt that outlasts the grant: the late write is logged as a clobber and
     PostToolUse puts that in front of the model."""
-    monkeypatch.setattr(claude_code, "HOOK_GRANT_TTL", 0.2)
+    monkeypatch.setattr(claude_code.hooks, "HOOK_GRANT_TTL", 0.2)
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
@@ -436,10 +425,7 @@ def test_a_fenced_session_is_told_to_read_again_and_reading_lifts_the_fence(root
         assert decision(_in_process("PreToolUse", "fx", root, "Write", target))[0] == "allow"
 
 
-def _cli_hook(e: dict[str, object]) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    r = subprocess.run([CLI, "hook", "claude-code"], input=json.dumps(e), capture_output=True, text=True, timeout=60)
-    return r, time.monotonic() - started
+_cli_hook = partial(timed_hook, "claude-code")
 
 
 def test_a_slow_registry_fails_closed_for_managed_paths_only(root: Path, tmp_path: Path) -> None:
@@ -448,38 +434,25 @@ def test_a_slow_registry_fails_closed_for_managed_paths_only(root: Path, tmp_pat
     unmanaged one, are allowed; a Read is answered with a warning only."""
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
-import fcntl, os, time
-fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(120)
-""",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with commit_lock_held(root):
         for managed in (root / P, root / "plans/new.md"):
             r, took = _cli_hook(event("PreToolUse", "slow", root, "Write", managed))
             verdict, reason = decision({"stdout": r.stdout.strip()})
             assert r.returncode == 0 and verdict == "deny", r.stderr
             assert "could not check this write" in reason and "did not finish in time" in reason
             assert "Retry" in reason and f"coherent-volume why {managed}" in reason
-            assert took < claude_code.HOOK_TIMEOUT, f"answered after {took:.1f} s: Claude Code would have let it run"
+            assert took < claude_code.hooks.HOOK_TIMEOUT, (
+                f"answered after {took:.1f} s: Claude Code would have let it run"
+            )
         for free in (tmp_path / "elsewhere.md", root / "notes.txt"):
             r, took = _cli_hook(event("PreToolUse", "slow", root, "Write", free))
-            assert r.returncode == 0 and r.stdout == "" and took < claude_code.HOOK_BUDGET, (r.stdout, r.stderr, took)
+            assert r.returncode == 0 and r.stdout == "" and took < claude_code.hooks.HOOK_BUDGET, (
+                r.stdout,
+                r.stderr,
+                took,
+            )
         r, _ = _cli_hook(event("PostToolUse", "slow", root, "Read", root / P, read_response(root / P, "v1\n")))
         assert r.returncode == 0 and r.stdout == "" and "no view was registered" in r.stderr
-    finally:
-        holder.kill()
-        holder.wait()
     assert (
         decision(
             {"stdout": _cli_hook(event("PreToolUse", "slow", root, "Write", root / "plans/new.md"))[0].stdout.strip()}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from coherent_volume import CoherentVolume, codex
 from coherent_volume.codex import parse_patch
 
-from .harness.agent_session import AgentProcess, fill, fixture
+from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -38,6 +38,13 @@ class Session(AgentProcess):
 
     def event(self, name: str, **values: object) -> dict[str, object]:
         return fill(EVENTS[name], session=self.id, cwd=self.cwd, subagent=self.subagent or "", **values)
+
+    def begin(self) -> None:
+        assert self.hook(self.event("session_start"))["code"] == 0
+
+    def close(self) -> None:
+        self.hook(self.event("stop"))
+        super().close()
 
     def apply(self, patch: str, result: dict[str, str]) -> tuple[str, str]:
         """apply_patch: PreToolUse; if allowed, the files as the patch leaves them, then PostToolUse."""
@@ -74,18 +81,7 @@ def writers(root: Path, rel: str = P) -> list[tuple[int, str]]:
 
 @pytest.fixture
 def sessions():
-    opened: list[Session] = []
-
-    def make(session: str, cwd: Path, subagent: str | None = None) -> Session:
-        s = Session(session, cwd, subagent)
-        opened.append(s)
-        assert s.hook(s.event("session_start"))["code"] == 0
-        return s
-
-    yield make
-    for s in opened:
-        s.hook(s.event("stop"))
-        s.close()
+    yield from started(Session)
 
 
 def test_the_patch_names_every_file_it_touches_and_the_lines_it_builds_on() -> None:
@@ -222,10 +218,7 @@ def test_stale_views_are_named_before_the_next_turn(root: Path, sessions) -> Non
     assert P in context(s.hook(s.event("pre_bash", command="ls")))
 
 
-def _hook(event: dict[str, object]) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    r = subprocess.run([CLI, "hook", "codex"], input=json.dumps(event), capture_output=True, text=True, timeout=60)
-    return r, time.monotonic() - started
+_hook = partial(timed_hook, "codex")
 
 
 def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_path: Path) -> None:
@@ -236,32 +229,13 @@ def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_pa
     def ev(name: str, **values: object) -> dict[str, object]:
         return fill(EVENTS[name], session="closed", cwd=root, **values)
 
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
-import fcntl, os, time
-fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(120)
-""",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with commit_lock_held(root):
         r, took = _hook(ev("pre_apply_patch", patch=patch))
         verdict, reason = decision({"code": r.returncode, "json": json.loads(r.stdout)})
         assert verdict == "deny" and "did not finish in time" in reason and f"coherent-volume why {root / P}" in reason
         assert took < codex.hooks.HOOK_TIMEOUT, f"answered after {took:.1f} s: Codex would have applied the patch"
         r, _ = _hook(ev("pre_apply_patch", patch=update(str(tmp_path / "elsewhere.md"), "-a", "+b")))
         assert r.returncode == 0 and r.stdout == "", "a path in no volume is not held up"
-    finally:
-        holder.kill()
-        holder.wait()
 
     (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
     r, _ = _hook(ev("pre_apply_patch", patch=patch))

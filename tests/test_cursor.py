@@ -7,15 +7,15 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from coherent_volume import CoherentVolume, cursor
 
-from .harness.agent_session import AgentProcess, fill, fixture
+from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -40,6 +40,13 @@ class Conversation(AgentProcess):
         assert answer["json"] == {"permission": "allow"}, "a read is never held up"
         return text
 
+    def begin(self) -> None:
+        assert self.hook(self.event("session_start"))["code"] == 0
+
+    def close(self) -> None:
+        self.hook(self.event("session_end"))
+        super().close()
+
     def write_file(self, path: Path, content: str) -> tuple[str, str]:
         """The Write tool: preToolUse; if allowed, the write, then postToolUse. (permission, agent_message)."""
         verdict, message = permission(self.hook(self.event("pre_tool_use_write", path=path, content=content)))
@@ -63,18 +70,7 @@ def version(root: Path, rel: str = P) -> int:
 
 @pytest.fixture
 def conversations():
-    opened: list[Conversation] = []
-
-    def make(conversation: str, root: Path) -> Conversation:
-        c = Conversation(conversation, root)
-        opened.append(c)
-        assert c.hook(c.event("session_start"))["code"] == 0
-        return c
-
-    yield make
-    for c in opened:
-        c.hook(c.event("session_end"))
-        c.close()
+    yield from started(Conversation)
 
 
 def _stale_scenario(workdir: Path, root: Path, conversations, mounted: bool) -> None:
@@ -202,11 +198,7 @@ def test_conversation_end_releases_its_grants(root: Path, conversations) -> None
         assert other.write(P, "free again") == 2
 
 
-def _hook(event: dict[str, object] | str) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    stdin = event if isinstance(event, str) else json.dumps(event)
-    r = subprocess.run([CLI, "hook", "cursor"], input=stdin, capture_output=True, text=True, timeout=60)
-    return r, time.monotonic() - started
+_hook = partial(timed_hook, "cursor")
 
 
 def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_path: Path) -> None:
@@ -216,23 +208,7 @@ def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_pa
     def ev(name: str, **values: object) -> dict[str, object]:
         return fill(EVENTS[name], conversation="closed", root=root, cwd=root, **values)
 
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
-import fcntl, os, time
-fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(120)
-""",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with commit_lock_held(root):
         r, took = _hook(ev("pre_tool_use_write", path=root / P, content="x"))
         out = json.loads(r.stdout)
         assert out["permission"] == "deny" and "did not finish in time" in out["agent_message"]
@@ -243,9 +219,6 @@ time.sleep(120)
         assert json.loads(r.stdout)["permission"] == "allow", "a path in no volume is not held up"
         r, _ = _hook(ev("before_read_file", path=root / P, content="v1\n"))
         assert json.loads(r.stdout) == {"permission": "allow"} and "no view was registered" in r.stderr
-    finally:
-        holder.kill()
-        holder.wait()
 
     (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
     out = json.loads(_hook(ev("pre_tool_use_write", path=root / P, content="x"))[0].stdout)

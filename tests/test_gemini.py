@@ -7,15 +7,15 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from coherent_volume import CoherentVolume, gemini
 
-from .harness.agent_session import AgentProcess, fill, fixture
+from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -37,6 +37,13 @@ class Session(AgentProcess):
         text = super().read(path)
         assert self.hook(self.event("after_read_file", path=path, text=text))["code"] == 0
         return text
+
+    def begin(self) -> None:
+        assert self.hook(self.event("session_start"))["code"] == 0
+
+    def close(self) -> None:
+        self.hook(self.event("session_end"))
+        super().close()
 
     def write_file(self, path: Path, content: str) -> tuple[str, str]:
         """write_file: BeforeTool; if allowed, the write, then AfterTool. (decision, reason)."""
@@ -68,18 +75,7 @@ def version(root: Path, rel: str = P) -> int:
 
 @pytest.fixture
 def sessions():
-    opened: list[Session] = []
-
-    def make(session: str, cwd: Path) -> Session:
-        s = Session(session, cwd)
-        opened.append(s)
-        assert s.hook(s.event("session_start"))["code"] == 0
-        return s
-
-    yield make
-    for s in opened:
-        s.hook(s.event("session_end"))
-        s.close()
+    yield from started(Session)
 
 
 def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
@@ -221,11 +217,7 @@ def test_session_end_releases_the_sessions_grants(root: Path, sessions) -> None:
         assert other.write(P, "free again") == 2
 
 
-def _hook(event: dict[str, object] | str) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    stdin = event if isinstance(event, str) else json.dumps(event)
-    r = subprocess.run([CLI, "hook", "gemini"], input=stdin, capture_output=True, text=True, timeout=60)
-    return r, time.monotonic() - started
+_hook = partial(timed_hook, "gemini")
 
 
 def _ev(name: str, cwd: Path, **values: object) -> dict[str, object]:
@@ -235,23 +227,7 @@ def _ev(name: str, cwd: Path, **values: object) -> dict[str, object]:
 def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_path: Path) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"""
-import fcntl, os, time
-fd = os.open({str(root / ".coherent/commit.lock")!r}, os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(120)
-""",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with commit_lock_held(root):
         r, took = _hook(_ev("before_write_file", root, path=root / P, content="x"))
         out = json.loads(r.stdout)
         assert r.returncode == 0 and out["decision"] == "deny", r.stderr
@@ -262,9 +238,6 @@ time.sleep(120)
         assert r.returncode == 0 and r.stdout == "", "a path in no volume is not held up"
         r, _ = _hook(_ev("after_read_file", root, path=root / P, text="v1\n"))
         assert r.returncode == 0 and r.stdout == "" and "no view was registered" in r.stderr
-    finally:
-        holder.kill()
-        holder.wait()
 
     (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
     r, _ = _hook(_ev("before_write_file", root, path=root / P, content="x"))

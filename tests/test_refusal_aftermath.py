@@ -175,7 +175,7 @@ class Case:
             event["tool_name"] = tool
             event["tool_input"] = {"file_path": str(self.mount.path / path) if path else ""}
         event.update(extra)
-        return claude_code.run_hook(json.dumps(event), process=self.arena.session_process)
+        return claude_code.FACE.run(json.dumps(event), process=self.arena.session_process)
 
     def hook_read(self, path: str) -> None:
         """The Read tool and its PostToolUse hook: the session's view is what it was shown."""
@@ -505,7 +505,7 @@ def hook_write(root: Path, mount: Mount, session: str, process: ProcessId, path:
         if tool is not None:
             event.update(tool_name=tool, tool_input={"file_path": str(mount.path / path)})
         event.update(extra)
-        return claude_code.run_hook(json.dumps(event), process=process)
+        return claude_code.FACE.run(json.dumps(event), process=process)
 
     text = (root / path).read_text()
     lines = text.split("\n")
@@ -1126,7 +1126,7 @@ def _(c: Case) -> Iterator[None]:
         "tool_input": {"file_path": str(c.root / ".coherent/registry.db")},
     }
     assert "could not check this write" in denied(
-        claude_code.run_hook(json.dumps(event), process=c.arena.session_process)
+        claude_code.FACE.run(json.dumps(event), process=c.arena.session_process)
     )
     yield
 
@@ -1136,7 +1136,7 @@ def _(c: Case) -> Iterator[None]:
     yield
     event: dict[str, Any] = {"cwd": str(c.mount.path), "hook_event_name": "PreToolUse", "tool_name": "Write"}
     event["tool_input"] = {"file_path": str(c.mount.path / c.a)}
-    assert "no session_id" in denied(claude_code.run_hook(json.dumps(event), process=c.arena.session_process))
+    assert "no session_id" in denied(claude_code.FACE.run(json.dumps(event), process=c.arena.session_process))
     yield
 
 
@@ -1145,7 +1145,7 @@ def _(c: Case) -> Iterator[None]:
     yield
     event: dict[str, Any] = {"session_id": "bad\x01id", "cwd": str(c.mount.path), "hook_event_name": "PreToolUse"}
     event.update(tool_name="Write", tool_input={"file_path": str(c.mount.path / c.a)})
-    assert "printable characters" in denied(claude_code.run_hook(json.dumps(event), process=c.arena.session_process))
+    assert "printable characters" in denied(claude_code.FACE.run(json.dumps(event), process=c.arena.session_process))
     yield
 
 
@@ -1485,12 +1485,12 @@ def test_a_hooked_session_killed_between_its_hooks_leaves_nothing_that_fails(tmp
         process = ProcessId.of(doomed.pid)
         text = (root / "plans/a.md").read_text()
         shown = {"file": {"content": text, "numLines": 2, "startLine": 1, "totalLines": 2}}
-        claude_code.run_hook(
+        claude_code.FACE.run(
             json.dumps({**event, "hook_event_name": "PostToolUse", "tool_name": "Read", "tool_response": shown}),
             process=process,
         )
         assert (
-            denied(claude_code.run_hook(json.dumps({**event, "hook_event_name": "PreToolUse"}), process=process)) == ""
+            denied(claude_code.FACE.run(json.dumps({**event, "hook_event_name": "PreToolUse"}), process=process)) == ""
         )
         assert sql(root, "SELECT agent FROM grants") == [("claude:doomed",)]
         doomed.kill()

@@ -1,7 +1,8 @@
-"""A stand-in for an agent program (Gemini CLI, Cursor, Codex) in the hook tests: one long-lived
-process that runs `coherent-volume hook FACE` as its own child (so the hook finds it as the
-session's process, as it finds the real agent) and reads and writes files itself, the way those
-agents' tools do (in place, through a mount when the file lies in one).
+"""A stand-in for an agent program (Claude Code, Gemini CLI, Cursor, Codex) in the hook tests:
+one long-lived process that runs `coherent-volume hook FACE` as its own child (so the hook finds it
+as the session's process, as it finds the real agent), reads and writes files itself, the way
+those agents' tools do (in place, through a mount when the file lies in one), and runs programs
+as its children (`run`).
 
 Events come from `tests/fixtures/<agent>/events.json`, shaped as the agent's documentation
 specifies; `fixture(agent)` loads them and `fill` puts a test's paths and ids into their
@@ -14,8 +15,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from . import CLI, REPO
 
@@ -32,6 +36,9 @@ for line in sys.stdin:
         elif req["op"] == "read":
             with open(req["path"]) as f:
                 out = {"text": f.read()}
+        elif req["op"] == "run":  # a child of the agent's process: a tool that runs a program
+            r = subprocess.run(req["argv"], capture_output=True, text=True, timeout=60)
+            out = {"code": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
         else:
             with open(req["path"], "w") as f:  # the agents' write tools write in place
                 f.write(req["text"])
@@ -70,6 +77,7 @@ class AgentProcess:
     """One agent program's process (a session's or conversation's), stopped by `close`."""
 
     def __init__(self, face: str, cwd: Path) -> None:
+        """The program of agent `face`, started in `cwd`."""
         self.face = face
         self.proc = subprocess.Popen(
             [sys.executable, "-u", "-c", _LOOP],
@@ -101,6 +109,66 @@ class AgentProcess:
         """Write `text` over `path` in place, as the agent's tool does: code 0, or 1 with errno."""
         return self._call({"op": "write", "path": str(path), "text": text})
 
+    def run(self, *argv: str) -> dict[str, Any]:
+        """Run a program as a child of the agent's process: code, stdout, stderr."""
+        return self._call({"op": "run", "argv": list(argv)})
+
+    def begin(self) -> None:
+        """The agent's session start, as its hooks see it (`started`); nothing by default."""
+
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+Params = ParamSpec("Params")
+Agent = TypeVar("Agent", bound=AgentProcess)
+
+
+def started(make: Callable[Params, Agent]) -> Iterator[Callable[Params, Agent]]:
+    """The body of a fixture that makes agent processes: each one made has begun its session
+    (`begin`), and is closed (its session ended) at teardown."""
+    made: list[Agent] = []
+
+    def begun(*args: Params.args, **kwargs: Params.kwargs) -> Agent:
+        agent = make(*args, **kwargs)
+        made.append(agent)
+        agent.begin()
+        return agent
+
+    yield begun
+    for agent in made:
+        agent.close()
+
+
+def timed_hook(face: str, event: dict[str, Any] | str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`coherent-volume hook FACE` run once with `event` on stdin (from this process, which no agent
+    runs as), and the seconds it took."""
+    began = time.monotonic()
+    stdin = event if isinstance(event, str) else json.dumps(event)
+    r = subprocess.run([CLI, "hook", face], input=stdin, capture_output=True, text=True, timeout=60)
+    return r, time.monotonic() - began
+
+
+_HOLD = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@contextmanager
+def commit_lock_held(root: Path) -> Iterator[None]:
+    """Another process holds the volume's commit lock (as a writer stuck in a commit would) until
+    the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(root / ".coherent" / "commit.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,0 +1,406 @@
+"""A hook's steps on the volumes, the same for every agent face: find the volume of a path, bind a
+session's process, check and claim writes, record a session's own writes, register views from
+what a model was shown, word refusals, and end a session.
+
+Invariants:
+- a session's process is bound to the session (views pinned) before a hook checks or registers
+  anything for it, so on a mount whatever the process does is the session's, and its own reads
+  through the mount never refresh a view;
+- on a mount the file system tells no thread of a process apart, so there a subagent acts as its
+  session (`Actor.on`); elsewhere each subagent is an agent of its own;
+- a view is registered only by `core.observe` (or, for an older version an edit shows the model
+  saw, `core.note_read`), at the version whose content matches what the model was shown;
+- a write grant is taken with its check in one commit-locked step (`core.begin_write`), for every
+  managed path of an event or for none; a hook releases only a grant a hook took for the same
+  agent and process (`release_hook_grant`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from . import hooks
+from .core import VolumeCore, open_core, validate_agent
+from .errors import CoherenceError, OutsideVolume, StaleWriteError, UnprotectedAlias
+from .hooks import Answer, Face, Progress
+from .liveness import ProcessId
+from .paths import REGISTRY_DIR, Target, is_registry_path
+from .protocol import HandleKind
+
+Writes = Iterable[tuple[str, HandleKind]]
+"""Absolute paths an event writes, each with how (a whole-content write, or an append)."""
+
+Refused = Callable[[VolumeCore, Target, str, StaleWriteError], Answer]
+"""What a face answers to a refused write check: (core, target, the writing agent, the refusal)."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Whom a hook event acts for: `agent` (a session, or one of its subagents), the `session`
+    agent its agent process is bound to, and that process."""
+
+    agent: str
+    session: str
+    process: ProcessId
+
+    def on(self, mounted: bool) -> str:
+        """The agent acting on a path: through a mount, the process's (the session)."""
+        return self.session if mounted else self.agent
+
+
+class Located(NamedTuple):
+    """Where a path lies: its volume's root and the path relative to it."""
+
+    root: str
+    rel: str
+    mounted: bool
+    """Reached through a mount of the volume (else in the plain volume directory)."""
+
+
+def _mounts() -> dict[str, str]:
+    from .mounts import fuse_mounts
+
+    return fuse_mounts()
+
+
+def located(path: str) -> Located | None:
+    """Where a path lies: in a mounted volume or a plain one, else None. Mounts come from /proc
+    (never a stat through a mount); a plain volume is the nearest ancestor directory holding a
+    registry."""
+    absolute = os.path.abspath(path)
+    for mountpoint, root in _mounts().items():
+        if absolute == mountpoint or absolute.startswith(mountpoint + os.sep):
+            return Located(root, os.path.relpath(absolute, mountpoint), True)
+    directory = os.path.dirname(absolute)
+    while True:
+        if os.path.exists(os.path.join(directory, REGISTRY_DIR, "registry.db")):
+            return Located(directory, os.path.relpath(absolute, directory), False)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def locate(path: str) -> tuple[str, str] | None:
+    """(volume root, path relative to it) for a path inside a mounted or plain volume, else None."""
+    found = located(path)
+    return None if found is None else (found.root, found.rel)
+
+
+def volume_roots(places: Iterable[str | None]) -> set[str]:
+    """The roots of every mounted volume and of the volumes holding `places` (directories)."""
+    roots = set(_mounts().values())
+    for place in places:
+        found = located(os.path.join(place, "x")) if place else None
+        if found:
+            roots.add(found.root)
+    return roots
+
+
+def when(ts: float | None) -> str:
+    return "an unknown time" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@contextmanager
+def opened(root: str) -> Iterator[VolumeCore]:
+    core = open_core(root)
+    try:
+        yield core
+    finally:
+        core.registry.close()
+        core.paths.close()
+
+
+def _resolve(core: VolumeCore, rel: str) -> Target | None:
+    """The target at `rel` if writes to it are the volume's business (managed, or an alias of an
+    unmanaged path); None for an unmanaged path or a symlink out of the volume. The registry's own
+    directory raises OutsideVolume."""
+    try:
+        target = core.resolve(rel)
+    except OutsideVolume:
+        if is_registry_path(rel):
+            raise
+        return None
+    return target if target.managed or target.alias_of is not None else None
+
+
+def _bind(core: VolumeCore, actor: Actor) -> None:
+    """Bind the actor's process to its session, views pinned (a no-op when it already is), once
+    both names are valid agent names."""
+    validate_agent(actor.session)
+    validate_agent(actor.agent)
+    if core.session_of(actor.process) != (actor.session, True):
+        core.bind_session(actor.session, actor.process, pinned=True)
+
+
+@dataclass
+class _Volume:
+    core: VolumeCore
+    mounted: bool
+    targets: list[tuple[Target, HandleKind]]
+
+
+@contextmanager
+def _managed(writes: Writes, progress: Progress) -> Iterator[list[_Volume]]:
+    """Open the volume of every path in `writes` and resolve its managed paths, once each, recording
+    in `progress` what is established; yields the volumes holding any (the cores close after)."""
+    by_place: dict[tuple[str, bool], list[tuple[str, HandleKind]]] = {}
+    for path, kind in writes:
+        progress.path = progress.path or path
+        found = located(path)
+        if found is not None:
+            by_place.setdefault((found.root, found.mounted), []).append((found.rel, kind))
+    progress.in_volume = bool(by_place)
+    with ExitStack() as stack:
+        volumes: list[_Volume] = []
+        for (root, mounted), rels in by_place.items():
+            core = stack.enter_context(opened(root))
+            targets: dict[str, tuple[Target, HandleKind]] = {}
+            for rel, kind in rels:
+                target = _resolve(core, rel)
+                if target is not None:
+                    targets.setdefault(target.rel, (target, kind))
+            if targets:
+                volumes.append(_Volume(core, mounted, list(targets.values())))
+        progress.managed = bool(volumes)
+        yield volumes
+
+
+def unattributed(writes: Writes, progress: Progress, field: str) -> str:
+    """The warning for an event that names no session (`field` is missing). A write check of a
+    path in a volume raises instead: it cannot be attributed to a session, so it is denied."""
+    if progress.write_check:
+        progress.in_volume = any(located(path) is not None for path, _ in writes)
+        if progress.in_volume:
+            raise CoherenceError(f"the hook event has no {field}, so the write cannot be attributed to a session")
+    return f"coherent-volume: hook event without {field}; ignored"
+
+
+# ---- refusals ------------------------------------------------------------------------
+
+
+def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: str = "") -> str:
+    """What the model is told of a refusal: which file, what it saw, what is current, who wrote it
+    and when, what changed since (`refusal.diff`, when attached: already bounded by `diffs.cut`),
+    `note`, and what to do."""
+    with core.registry.read() as tx:
+        record = tx.file(refusal.path)
+    seen = (
+        "you have not read it in this session"
+        if refusal.seen_version is None
+        else f"you last {face.seen} version {refusal.seen_version}"
+    )
+    who = f"written by {refusal.last_writer} at {when(record.committed_at if record else None)}"
+    held = f" {refusal.holder} holds its write grant right now." if refusal.holder else ""
+    changes = (
+        f"\nWhat changed since version {refusal.seen_version} (unified diff to version "
+        f"{refusal.current_version}):\n{refusal.diff.rstrip()}\n"
+        if refusal.diff
+        else " "
+    )
+    return (
+        f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {seen}; the current "
+        f"version is {refusal.current_version}, {who}.{held}{changes}{note}{face.remedy(refusal)}"
+    )
+
+
+def denied(core: VolumeCore, refusal: StaleWriteError, progress: Progress, face: Face, note: str = "") -> Answer:
+    """The denial of `refusal` (with `note` before its remedy). It is decided first; a `stale` one
+    then gets the diff of what changed since the agent's view (`VolumeCore.refusal_diff`, cut),
+    which `run_hook` waits for at most DIFF_BUDGET seconds."""
+    decided = face.deny(denial_text(core, refusal, face, note), refusal.path)
+    progress.decide(decided, hooks.DIFF_BUDGET)
+    if refusal.reason != "stale":
+        return decided
+    return face.deny(denial_text(core, core.refusal_diff(refusal), face, note), refusal.path)
+
+
+# ---- writes --------------------------------------------------------------------------
+
+
+def release_hook_grant(core: VolumeCore, agent: str, target: Target, owner: ProcessId) -> bool:
+    """Release the grant a hook took for `agent`'s write of `target`; never a grant taken through
+    `lock()` (those fence) nor one of another agent or process. False if none was in force."""
+    with core.registry.read() as tx:
+        grant = tx.grant(target.rel)
+    if grant is None or grant.agent != agent or grant.fences or grant.owner != owner:
+        return False
+    return core.release(grant)
+
+
+def begin_writes(
+    actor: Actor, writes: Writes, progress: Progress, face: Face, refused: Refused | None = None
+) -> Answer | None:
+    """Check and take the actor's write grant on every managed path of `writes`, all or none: None
+    when every grant was taken (or nothing is managed); else, with the grants taken so far
+    released, the denial (`refused` answers a refusal of the check, `denied` by default)."""
+    taken: list[tuple[VolumeCore, str, Target]] = []
+
+    def release_taken() -> None:
+        for core, agent, target in taken:
+            release_hook_grant(core, agent, target, actor.process)
+
+    with _managed(writes, progress) as volumes:
+        for volume in volumes:
+            core, writer = volume.core, actor.on(volume.mounted)
+            _bind(core, actor)
+            for target, kind in volume.targets:
+                if target.alias_of is not None:
+                    release_taken()
+                    text = f"coherent-volume refused this write: {UnprotectedAlias(target.alias_of, target.rel)}."
+                    return face.deny(text, target.rel)
+                try:  # check and grant in one commit-locked step: nobody else passes until released
+                    core.begin_write(writer, target, actor.process, kind=kind, ttl=hooks.HOOK_GRANT_TTL)
+                except StaleWriteError as refusal:
+                    release_taken()
+                    if refused is not None:
+                        return refused(core, target, writer, refusal)
+                    return denied(core, refusal, progress, face)
+                taken.append((core, writer, target))
+    return None
+
+
+def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool) -> list[str]:
+    """After a tool ran: with `record`, record each managed path its whole-content writes (kind
+    "write") changed as the actor's commit (`adopt`; an append leaves its view alone); then release
+    the grants `begin_writes` took. Returns what the model must be told: writes that went over a
+    version it had not seen (its grant had lapsed), which `adopt` logged as clobbers."""
+    told: list[str] = []
+    with _managed(writes, progress) as volumes:
+        for volume in volumes:
+            core, writer = volume.core, actor.on(volume.mounted)
+            validate_agent(writer)  # nothing is recorded under a name that cannot be an agent's
+            for target, kind in volume.targets:
+                if target.alias_of is not None:
+                    continue
+                if record and kind == "write":
+                    told += _recorded(core, writer, target)
+                release_hook_grant(core, writer, target, actor.process)
+    return told
+
+
+def _recorded(core: VolumeCore, agent: str, target: Target) -> list[str]:
+    """Record `agent`'s own write of `target`; the clobber to tell the model of, if it was one."""
+    with core.registry.read() as tx:
+        last = tx.events(path=target.rel, limit=1, newest_first=True)
+    core.adopt(agent, target)
+    with core.registry.read() as tx:
+        after = last[0].seq if last else 0
+        clobbers = [e for e in tx.events(after=after, path=target.rel, kind="clobber") if e.agent == agent]
+    if not clobbers:
+        return []
+    c = clobbers[-1]
+    return [
+        f"coherent-volume: your write to {target.rel} went over version {c.version} ({c.detail}); your write grant "
+        f"had lapsed (it lasts {hooks.HOOK_GRANT_TTL:g} s), so another session's change may be gone from the file. "
+        "Read the file, check that the other change is still there and redo it if it is not, or tell the user. "
+        f"`coherent-volume log {core.paths.root}` shows the history."
+    ]
+
+
+# ---- views ---------------------------------------------------------------------------
+
+
+def observe(
+    actor: Actor,
+    path: str,
+    shown: Callable[[bytes], bool],
+    progress: Progress | None = None,
+    *,
+    earlier: int = 0,
+) -> int | None:
+    """Register the actor's view of the managed file at `path` at the current version if `shown`
+    confirms its content is what the model was shown (a confirmed read also lifts a fence); else,
+    searching up to `earlier` retained older versions newest first, at the first one `shown`
+    confirms (so a check then refuses the write as stale, with the diff since). The version, or
+    None (nothing registered: not managed, gone, or nothing matched). What is established about the
+    path is recorded in `progress` if given (never the progress of a write check: it is not about
+    that check's paths)."""
+    found = located(path)
+    progress = progress or Progress()
+    progress.in_volume = found is not None
+    if found is None:
+        return None
+    with opened(found.root) as core:
+        target = _resolve(core, found.rel)
+        progress.managed = target is not None and target.alias_of is None
+        if target is None or target.alias_of is not None:
+            return None
+        _bind(core, actor)
+        agent = actor.on(found.mounted)
+        version = core.observe(agent, target, shown)
+        if version is not None or not earlier:
+            return version
+        for old in core.history(target, earlier + 1)[1:]:
+            try:
+                data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
+            except CoherenceError:
+                continue
+            if data is not None and shown(data):
+                core.note_read(agent, target, old.version)
+                return old.version
+        return None
+
+
+def _split_lines(text: str) -> list[str]:
+    lines = re.split(r"\r?\n", text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def shows(data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str | None = None) -> bool:
+    """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
+    read tool shows them (line ends normalised; a trailing newline is no line). A shown line ending
+    in `shortened` (a tool's marker for a cut line) stands for any line that begins with what
+    precedes it."""
+    shown = _split_lines(text)
+    lines = _split_lines(data.decode("utf-8", "replace"))[max(start, 1) - 1 :]
+    if len(shown) > len(lines) or (whole and len(shown) != len(lines)):
+        return False
+    for have, want in zip(lines, shown, strict=False):
+        if shortened and want.endswith(shortened) and have.startswith(want[: -len(shortened)]):
+            continue
+        if have != want:
+            return False
+    return True
+
+
+# ---- sessions ------------------------------------------------------------------------
+
+
+def start_session(actor: Actor, places: Iterable[str | None]) -> None:
+    """Bind the session's process (views pinned) in every mounted volume and the volumes holding
+    `places`, so whatever it does through a mount is the session's from its first access on: a
+    mount caches whose a process is for a moment, so a binding made only between a read and a write
+    could come too late for the write."""
+    for root in volume_roots(places):
+        with opened(root) as core:
+            _bind(core, actor)
+
+
+def release_grants(actor: Actor, places: Iterable[str | None]) -> None:
+    """Release every write grant hooks took for the actor's agent and process in every mounted
+    volume and the volumes holding `places`, keeping its binding (the session goes on)."""
+    for root in volume_roots(places):
+        with opened(root) as core:
+            with core.registry.read() as tx:
+                grants = tx.grants_of(actor.agent)
+            for grant in grants:
+                if not grant.fences and grant.owner == actor.process:
+                    core.release(grant)
+
+
+def end_session(agent: str, places: Iterable[str | None]) -> None:
+    """Release every grant `agent` and its subagents (`agent/…`) hold, and their process bindings,
+    in every mounted volume and the volumes holding `places`."""
+    for root in volume_roots(places):
+        with opened(root) as core:
+            with core.registry.read() as tx:
+                subagents = sorted({g.agent for g in tx.grants() if g.agent.startswith(agent + "/")})
+            for ending in [agent, *subagents]:
+                core.end_session(ending)
