@@ -54,6 +54,19 @@ class StaleWriteError(CoherenceError, PermissionError):
         attached it (`with_diff`): None for binary content, an unread file, or a pruned base."""
         PermissionError.__init__(self, errno.EACCES, self._message(), path)
 
+    def facts(self) -> dict[str, Any]:
+        """What this refusal says, as the keyword arguments that make another refusal say it too."""
+        return {
+            "path": self.path,
+            "agent": self.agent,
+            "reason": self.reason,
+            "seen_version": self.seen_version,
+            "current_version": self.current_version,
+            "last_writer": self.last_writer,
+            "holder": self.holder,
+            "changed": self.changed,
+        }
+
     def with_diff(self, diff: str | None) -> StaleWriteError:
         """This refusal, its message showing `diff` (already cut to a readable size)."""
         self.diff = diff
@@ -98,16 +111,7 @@ class MergeConflict(StaleWriteError):
 
     def __init__(self, refusal: StaleWriteError, conflicts: list[Any]) -> None:
         self.conflicts = conflicts
-        super().__init__(
-            refusal.path,
-            refusal.agent,
-            refusal.reason,
-            refusal.seen_version,
-            refusal.current_version,
-            refusal.last_writer,
-            holder=refusal.holder,
-            changed=refusal.changed,
-        )
+        super().__init__(**refusal.facts())
 
     def _message(self) -> str:
         hunks = "".join(str(c) for c in self.conflicts)

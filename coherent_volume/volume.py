@@ -151,18 +151,7 @@ class CoherentVolume:
                     raise
                 last = conflict
         assert last is not None
-        raise self._core.refusal_diff(
-            RetriesExhausted(
-                last.path,
-                last.agent,
-                last.reason,
-                last.seen_version,
-                last.current_version,
-                last.last_writer,
-                holder=last.holder,
-                expected_version=last.expected_version,
-            )
-        )
+        raise self._core.refusal_diff(RetriesExhausted(**last.facts(), expected_version=last.expected_version))
 
     # ---- history ----
 

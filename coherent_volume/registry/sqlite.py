@@ -580,15 +580,9 @@ class SQLiteRegistry:
             return
         started = time.monotonic()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction("BEGIN IMMEDIATE"):
                 for statement in VERSIONS_DDL:
                     conn.execute(statement)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.DatabaseError as e:
             raise self._error(e, started) from e
 
