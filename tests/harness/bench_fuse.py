@@ -339,13 +339,14 @@ def mount_volume(root: Path, mountpoint: Path, stack: contextlib.ExitStack) -> N
     Mount(root, mountpoint, agent=AGENT).mount()
 
 
-def mount_floor(src: Path, mountpoint: Path, stack: contextlib.ExitStack) -> None:
-    """floorfs runs in the foreground: start it, then wait until its mount answers."""
+def mount_floor(src: Path, mountpoint: Path, stack: contextlib.ExitStack, argv: list[str] | None = None) -> int:
+    """A floor daemon runs in the foreground: start it (`argv`, by default floorfs over `src` at
+    `mountpoint`), then wait until its mount answers; its pid."""
     src.mkdir()
     mountpoint.mkdir()
     stack.callback(unmount, mountpoint)
     proc = subprocess.Popen(
-        child("floorfs", str(src), str(mountpoint)),
+        argv or child("floorfs", str(src), str(mountpoint)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -357,6 +358,7 @@ def mount_floor(src: Path, mountpoint: Path, stack: contextlib.ExitStack) -> Non
             proc.kill()
             raise RuntimeError(f"floorfs did not mount: {proc.communicate()[1].decode(errors='replace').strip()}")
         time.sleep(0.05)
+    return proc.pid
 
 
 def make_subjects(base: Path, stack: contextlib.ExitStack, bindfs: bool) -> list[Subject]:

@@ -74,9 +74,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from coherent_volume.mounts import fuse_mounts
-
-from . import CLI, REPO, child
+from . import CLI, REPO, bench_fuse, child
 from .bench_fuse import BINDFS_MISSING, GIT, GIT_ENV, check_clean, ignore_signals, mount_bindfs, unmount
 from .floorfs import Floor
 from .mounts import Mount, serving_pids, watcher_pids
@@ -547,25 +545,10 @@ def serve_counted_mount(root: str, mountpoint: str, dump: str) -> None:
 
 
 def mount_floor(src: Path, mountpoint: Path, stack: contextlib.ExitStack, dump: Path | None) -> int:
-    """Start a floor daemon (foreground process) and wait until its mount answers; its pid."""
-    src.mkdir()
-    mountpoint.mkdir()
-    stack.callback(unmount, mountpoint)
+    """Start the counting floor daemon (foreground process) and wait until its mount answers; its pid."""
     extra = [str(dump)] if dump is not None else []
-    proc = subprocess.Popen(
-        child("bench_workloads", "serve-floor", str(src), str(mountpoint), *extra),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        cwd=REPO,
-    )
-    deadline = time.monotonic() + 30
-    while str(mountpoint) not in fuse_mounts(None):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"floorfs did not mount: {proc.communicate()[1].decode(errors='replace').strip()}")
-        time.sleep(0.05)
-    return proc.pid
+    argv = child("bench_workloads", "serve-floor", str(src), str(mountpoint), *extra)
+    return bench_fuse.mount_floor(src, mountpoint, stack, argv)
 
 
 def mount_volume(root: Path, mountpoint: Path, stack: contextlib.ExitStack, dump: Path | None) -> None:
