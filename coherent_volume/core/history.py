@@ -62,9 +62,16 @@ class History(Writes):
         """The bytes of a retained version (no view is registered); VersionGone if it never existed,
         is a deletion or was pruned, DamagedContent if its stored bytes no longer match its hash."""
         self._require_managed(target, "read_version")
-        self.version(target)
+        self.version(target)  # a foreign change is recorded first, so that its version can be read
+        return self._stored(target, version, self._entries(target, version)[0])
+
+    def _entries(self, target: Target, *versions: int) -> list[Version | None]:
+        """History entries of `target`, in one registry read (None: no such version)."""
         with self.registry.read() as tx:
-            entry = tx.version_entry(target.rel, version)
+            return [tx.version_entry(target.rel, v) for v in versions]
+
+    def _stored(self, target: Target, version: int, entry: Version | None) -> bytes:
+        """The retained bytes of `version` (whose history entry is `entry`): `read_version`'s errors."""
         what = f"{target.rel!r} version {version}"
         if entry is None:
             raise VersionGone(f"{what} is not in its history (versions are numbered from 1)")
@@ -82,23 +89,20 @@ class History(Writes):
         with self.registry.read() as tx:
             return tx.view(agent, target.rel)
 
-    def _side(self, target: Target, version: int) -> tuple[bytes | None, str]:
-        """A diff's side: the bytes of `version` (None for a deletion or version 0) and its label."""
-        label = f"{target.rel}@v{version}"
-        if version == 0:
-            return None, label
-        with self.registry.read() as tx:
-            entry = tx.version_entry(target.rel, version)
-        if entry is not None and entry.hash is None:
-            return None, label
-        return self.read_version(target, version), label
-
     def diff(self, target: Target, old: int, new: int) -> str | None:
         """The unified diff from version `old` to version `new` (0: before the path existed); None
         for binary content. VersionGone/DamagedContent as `read_version`."""
-        a, a_label = self._side(target, old)
-        b, b_label = self._side(target, new)
-        return diffs.unified(a, b, a_label, b_label)
+        self._require_managed(target, "diff")
+        self.version(target)  # a foreign change is recorded first, so that its version can be diffed
+        return self._diff(target, old, new, self._entries(target, old, new))
+
+    def _diff(self, target: Target, old: int, new: int, entries: list[Version | None]) -> str | None:
+        """`diff`, given both versions' history entries."""
+        sides = []
+        for version, entry in zip((old, new), entries, strict=True):
+            gone = version == 0 or (entry is not None and entry.hash is None)  # nothing there: /dev/null
+            sides.append(None if gone else self._stored(target, version, entry))
+        return diffs.unified(sides[0], sides[1], f"{target.rel}@v{old}", f"{target.rel}@v{new}")
 
     def refusal_diff(self, refusal: StaleWriteError) -> StaleWriteError:
         """`refusal` with the diff from the version its agent read to the current one attached (cut
@@ -107,12 +111,11 @@ class History(Writes):
         if refusal.seen_version is None or refusal.seen_version == refusal.current_version:
             return refusal
         target = self.paths.of_rel(refusal.path)
-        with self.registry.read() as tx:
-            sides = [tx.version_entry(target.rel, v) for v in (refusal.seen_version, refusal.current_version)]
-        if not diffs.small_enough(*(entry.size or 0 if entry is not None else 0 for entry in sides)):
+        entries = self._entries(target, refusal.seen_version, refusal.current_version)
+        if not diffs.small_enough(*(entry.size or 0 if entry is not None else 0 for entry in entries)):
             return refusal  # `coherent-volume diff` shows it, without a refusal waiting for it
         try:
-            diff = self.diff(target, refusal.seen_version, refusal.current_version)
+            diff = self._diff(target, refusal.seen_version, refusal.current_version, entries)
         except CoherenceError:
             return refusal
         return refusal.with_diff(None if diff is None else diffs.cut(diff))
@@ -169,9 +172,10 @@ class History(Writes):
         if not may_merge(refusal.reason, True) or refusal.seen_version is None:
             raise self.refusal_diff(refusal)
         base_version, theirs_version = refusal.seen_version, refusal.current_version
-        try:
-            base = b"" if base_version == 0 else self.read_version(target, base_version)
-            theirs = self.read_version(target, theirs_version)
+        try:  # both versions are recorded already: the refusal named them
+            base_entry, theirs_entry = self._entries(target, base_version, theirs_version)
+            base = b"" if base_version == 0 else self._stored(target, base_version, base_entry)
+            theirs = self._stored(target, theirs_version, theirs_entry)
         except CoherenceError:
             raise self.refusal_diff(refusal) from None
         merged, conflicts = diffs.merge3(base, ours, theirs)
