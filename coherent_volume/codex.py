@@ -12,7 +12,10 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
   older version they fit, so the write is refused as stale with the diff since; else nothing is
   registered. Then every file the patch touches is checked and the session's write grant taken
   in one step (whole-file additions over an existing file, deletions and move targets need a view
-  the session already has), or the patch is denied with `permissionDecision: "deny"`;
+  the session already has), or the patch is denied with `permissionDecision: "deny"`. A `stale`
+  patch that updates one file the volume's merge globs name is merged with the current version
+  (`hook_merge`: its hunks made to the version they fit, merged three-way): committed by the hook
+  where Codex applies patches without asking (MERGE_MODES), else shown; the patch is denied;
 - PreToolUse `Bash` does the same for writes `shell_writes` recognises (they need a view a
   patch registered: a file never patched is refused `unread`);
 - SessionStart binds the session's process (on a mount, what it does is the session's);
@@ -32,10 +35,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from . import hook_settings, hook_steps, hooks
-from .errors import Reason
+from . import hook_merge, hook_settings, hook_steps, hooks
+from .core import VolumeCore
+from .errors import Reason, StaleWriteError
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
+from .paths import Target
 from .protocol import HandleKind
 from .shell_writes import shell_writes
 from .stale_warnings import stale_warning
@@ -71,6 +76,17 @@ REMEDIES: dict[Reason, str] = {
 
 
 @dataclass
+class Hunk:
+    """One hunk of a file's update: its old lines (context and removed) and its new lines (context
+    and added), in order."""
+
+    old: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    at_end: bool = False
+    """Marked `*** End of File`: its old lines end the file."""
+
+
+@dataclass
 class FilePatch:
     """One file's section of an apply_patch patch."""
 
@@ -78,16 +94,21 @@ class FilePatch:
     op: str
     """"add", "delete" or "update"."""
     move_to: str | None = None
-    chunks: list[list[str]] = field(default_factory=list)
-    """Per hunk, its old lines (context and removed), in order."""
+    hunks: list[Hunk] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[list[str]]:
+        """Per hunk with old lines, its old lines, in order."""
+        return [hunk.old for hunk in self.hunks if hunk.old]
 
 
 HEADERS = {"*** Add File: ": "add", "*** Delete File: ": "delete", "*** Update File: ": "update"}
 
 
 def parse_patch(text: str) -> list[FilePatch]:
-    """The files of an apply_patch patch, with each update's old lines per hunk. Headers are read
-    from the line with its surrounding whitespace trimmed, as Codex reads them."""
+    """The files of an apply_patch patch, with each update's hunks. Headers are read from the line
+    with its surrounding whitespace trimmed, as Codex reads them; the text after `@@` is a line to
+    seek before the hunk that follows, so it is a hunk of its own that changes nothing."""
     files: list[FilePatch] = []
     for line in text.splitlines():
         header = line.strip()
@@ -102,33 +123,69 @@ def parse_patch(text: str) -> list[FilePatch]:
             current.move_to = header.split(": ", 1)[1].strip()
         elif header.startswith("@@"):
             context = header[2:].strip()
-            current.chunks.append([context] if context else [])
             if context:
-                current.chunks.append([])  # the line after `@@` is a marker to seek, not part of the hunk
+                current.hunks.append(Hunk([context], [context]))
+            current.hunks.append(Hunk())
         elif header == "*** End Patch":
             break
+        elif header == "*** End of File":
+            if current.hunks:
+                current.hunks[-1].at_end = True
         elif header.startswith("***"):
-            continue  # *** End of File
-        elif line[:1] in (" ", "-", ""):
-            if not current.chunks:
-                current.chunks.append([])
-            current.chunks[-1].append(line[1:])
+            continue
+        elif line[:1] in (" ", "-", "+", ""):
+            if not current.hunks:
+                current.hunks.append(Hunk())
+            if line[:1] != "+":
+                current.hunks[-1].old.append(line[1:])
+            if line[:1] != "-":
+                current.hunks[-1].new.append(line[1:])
     for patch in files:
-        patch.chunks = [c for c in patch.chunks if c]
+        patch.hunks = [h for h in patch.hunks if h.old or h.new]
     return files
+
+
+def _seek(lines: list[str], want: list[str], start: int, at_end: bool = False) -> int | None:
+    """Where `want` first occurs in `lines` from `start` on (at their end if `at_end`); both with
+    each line's surrounding whitespace trimmed, as Codex compares them when it finds a hunk."""
+    first = max(start, len(lines) - len(want)) if at_end else start
+    return next((i for i in range(first, len(lines) - len(want) + 1) if lines[i : i + len(want)] == want), None)
+
+
+def _trimmed(lines: list[str]) -> list[str]:
+    return [line.strip() for line in lines]
 
 
 def fits(data: bytes, chunks: list[list[str]]) -> bool:
     """Whether every hunk's old lines occur in `data`, in order (surrounding whitespace ignored)."""
-    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
+    lines = _trimmed(data.decode("utf-8", "replace").splitlines())
     at = 0
     for chunk in chunks:
-        want = [line.strip() for line in chunk]
-        found = next((i for i in range(at, len(lines) - len(want) + 1) if lines[i : i + len(want)] == want), None)
+        found = _seek(lines, _trimmed(chunk), at)
         if found is None:
             return False
-        at = found + len(want)
+        at = found + len(chunk)
     return True
+
+
+def patched(text: str, hunks: list[Hunk]) -> str | None:
+    """`text` updated by `hunks` as apply_patch updates a file: each hunk's old lines, found in
+    order after the previous hunk's (`_seek`), replaced by its new lines; the result ends with a
+    newline. None if a hunk is not found, or adds lines without old ones (apply_patch puts those
+    at the file's end, which no merge reproduces with certainty)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    trimmed = _trimmed(lines)
+    out: list[str] = []
+    at = 0
+    for hunk in hunks:
+        found = _seek(trimmed, _trimmed(hunk.old), at, hunk.at_end) if hunk.old else None
+        if found is None:
+            return None
+        out += lines[at:found] + hunk.new
+        at = found + len(hunk.old)
+    return "\n".join(out + lines[at:]) + "\n"
 
 
 def _actor(event: dict[str, Any], process: ProcessId | None) -> hook_steps.Actor | None:
@@ -187,7 +244,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if progress.write_check:
         for path, patch in updates:  # what the patch shows the model saw
             hook_steps.observe(actor, path, partial(fits, chunks=patch.chunks), earlier=EARLIER_VERSIONS)
-        denial = hook_steps.begin_writes(actor, writes, progress, FACE)
+        merging = event.get("tool_name") == PATCH_TOOL
+        refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
+        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused)
         if denial is not None:
             return denial
     if name in ("PreToolUse", "UserPromptSubmit"):
@@ -201,6 +260,48 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     elif name == "Stop":
         hook_steps.release_grants(actor, places)
     return Answer()
+
+
+MERGE_MODES = frozenset({"acceptEdits", "bypassPermissions"})
+"""The `permission_mode`s of Codex's hook events in which it applies patches without asking the
+user (Codex reports its approval policy `never` as bypassPermissions, every other as default).
+Only in these does the hook commit a clean merge itself (`hook_merge`)."""
+
+
+def _refused(
+    event: dict[str, Any],
+    progress: Progress,
+    change: hook_merge.Change | str,
+    core: VolumeCore,
+    target: Target,
+    agent: str,
+    refusal: StaleWriteError,
+) -> Answer:
+    """The answer to a refused apply_patch: merged where the volume's merge globs and the refusal
+    allow it (`hook_merge.answer`; committed only in MERGE_MODES), else denied."""
+    mode = event.get("permission_mode")
+    asks = (
+        None
+        if mode in MERGE_MODES
+        else "coherent-volume commits such a merge itself only where Codex applies patches without asking "
+        f"(approval policy never, which its hooks are told as permission mode bypassPermissions; this session's "
+        f"is {mode or 'unknown'}), since writing it here would skip the user's approval."
+    )
+    return hook_merge.answer(core, target, agent, refusal, progress, FACE, change, asks)
+
+
+def _change(writes: list[tuple[str, HandleKind]], updates: list[tuple[str, FilePatch]]) -> hook_merge.Change | str:
+    """The change of a patch that updates one file and writes no other: its hunks, made to the
+    version they were written against (Codex would not apply them to the current content: they
+    do not fit it, or the view would be current); or why it cannot be merged."""
+    if len(writes) != 1 or len(updates) != 1:
+        return "coherent-volume merges a patch only when it updates one file (`*** Update File:`) and nothing else"
+    return hook_merge.Change(
+        partial(patched, hunks=updates[0][1].hunks),
+        rebased=False,
+        name="your patch",
+        misfit="its hunks' old lines are not all there in order, or a hunk only adds lines",
+    )
 
 
 def _undone(event: dict[str, Any]) -> str:
@@ -223,5 +324,6 @@ FACE = Face(
     remedies=REMEDIES,
     deny=hooks.deny_tool_use,
     reread="Print them again (for example `cat` them) and build your next patch on what they hold now",
+    reread_one="Print the file again (for example `cat` it) and build your next patch on what it holds now",
 )
 """The Codex CLI face: `coherent-volume hook codex` runs `FACE.run`; `install` writes .codex/hooks.json."""

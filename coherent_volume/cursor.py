@@ -9,7 +9,10 @@ and what it is about to write:
   `EditNotebook`) and beforeShellExecution (for writes `shell_writes` recognises) check
   the view and take the conversation's write grant in one step, or answer
   `{"permission": "deny", "agent_message": …}`; both are installed with `failClosed`, so a hook
-  that crashes or times out blocks the action;
+  that crashes or times out blocks the action. A `stale` Write, StrReplace or Edit of a path the
+  volume's merge globs name is merged with the current version (`hook_merge`) before the tool
+  runs and denied showing the merge: the events do not say whether the user reviews Cursor's
+  edits, so the hook never commits it;
 - postToolUse / afterShellExecution record the conversation's own commit and release the grant,
   postToolUseFailure releases it; sessionStart binds Cursor's process (on a mount, what it does is
   the conversation's), sessionEnd releases everything;
@@ -25,9 +28,12 @@ import json
 from functools import partial
 from typing import Any
 
-from . import hook_steps, hooks
+from . import hook_merge, hook_steps, hooks
+from .core import VolumeCore
+from .errors import StaleWriteError
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
+from .paths import Target
 from .protocol import HandleKind
 from .shell_writes import shell_writes
 from .stale_warnings import stale_warning
@@ -35,6 +41,8 @@ from .stale_warnings import stale_warning
 PREFIX = "cursor"
 EDIT_TOOLS = ("Write", "Edit", "StrReplace", "MultiEdit", "Delete", "EditNotebook")
 WRITE_CHECKS = ("preToolUse", "beforeShellExecution")
+MERGING_TOOLS = ("Write", "StrReplace", "Edit")
+"""The edit tools whose stale write of a merge-glob file is merged (`hook_merge`)."""
 
 
 def _base(event: dict[str, Any]) -> str | None:
@@ -94,7 +102,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     actor = hook_steps.Actor(agent, agent, process or hooks.session_process())
     places = _places(event)
     if name in WRITE_CHECKS:
-        denial = hook_steps.begin_writes(actor, writes, progress, FACE)
+        merging = name == "preToolUse" and event.get("tool_name") in MERGING_TOOLS
+        refused = partial(_refused, event, progress) if merging else None
+        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused)
         if denial is not None:
             return denial
         progress.decide(_permission("allow"), hooks.WARN_BUDGET)
@@ -115,6 +125,41 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     elif name == "sessionEnd":
         hook_steps.end_session(agent, places)
     return Answer()
+
+
+ASKS = (
+    "coherent-volume commits such a merge itself only where the agent writes without asking the user, and "
+    "Cursor's hook events do not say whether the user reviews this conversation's edits, so it wrote nothing."
+)
+"""Why the hook never commits a merge for Cursor (`hook_merge`)."""
+
+
+def _refused(
+    event: dict[str, Any], progress: Progress, core: VolumeCore, target: Target, agent: str, refusal: StaleWriteError
+) -> Answer:
+    """The answer to a refused Write, StrReplace or Edit: merged and shown where the volume's merge
+    globs and the refusal allow it (`hook_merge.answer`), else denied."""
+    return hook_merge.answer(core, target, agent, refusal, progress, FACE, _change(event), ASKS)
+
+
+def _change(event: dict[str, Any]) -> hook_merge.Change | str:
+    """The change of a Write (its content) or a StrReplace/Edit, which Cursor makes to the current
+    content itself: old_string must occur once (at least once with replace_all, every occurrence
+    replaced)."""
+    tool_input = event.get("tool_input")
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    content, old, new = tool_input.get("content"), tool_input.get("old_string"), tool_input.get("new_string")
+    if event.get("tool_name") == "Write" and isinstance(content, str):
+        return hook_merge.whole(content)
+    if not (isinstance(old, str) and old and isinstance(new, str)):
+        return "the tool's input names no change coherent-volume can merge"
+    count = None if tool_input.get("replace_all") is True else 1
+    return hook_merge.Change(
+        partial(hook_merge.replaced, old=old, new=new, count=count),
+        rebased=True,
+        name="your edit",
+        misfit="its old_string is missing or not unique there",
+    )
 
 
 def _undone(event: dict[str, Any]) -> str:
@@ -157,6 +202,7 @@ FACE = Face(
     remedies=hooks.tool_remedies("", " in the terminal"),
     deny=_deny,
     reread="Read them again before you change them",
+    reread_one="Read the file before you change it again",
     top={"version": 1},
     goes_ahead=_goes_ahead,
 )

@@ -9,7 +9,9 @@ what the model was given:
 - BeforeTool `write_file` / `replace` (and a `run_shell_command` whose writes are recognisable:
   `shell_writes`) checks the view and takes the session's write grant in one step, or
   denies with `{"decision": "deny", "reason": …}`, which Gemini CLI sends the model as the
-  tool's error;
+  tool's error. A `stale` write_file or replace of a path the volume's merge globs name is merged
+  with the current version (`hook_merge`) and denied showing the merge: the events do not say
+  whether Gemini CLI asks the user before it writes, so the hook never commits it;
 - AfterTool of those tools records the session's own commit and releases the grant, and with
   BeforeAgent tells the model (`additionalContext`) which files it read went stale;
 - SessionStart binds the session's process, so on a mount everything it does is the session's;
@@ -26,10 +28,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import hook_settings, hook_steps, hooks
+from . import hook_merge, hook_settings, hook_steps, hooks
+from .core import VolumeCore
+from .errors import StaleWriteError
 from .hook_steps import shows
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
+from .paths import Target
 from .protocol import HandleKind
 from .shell_writes import shell_writes
 from .stale_warnings import stale_warning
@@ -125,7 +130,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     actor = hook_steps.Actor(agent, agent, process or hooks.session_process())
     places = [cwd if isinstance(cwd, str) else None]
     if progress.write_check:
-        return hook_steps.begin_writes(actor, writes, progress, FACE) or Answer()
+        refused = partial(_refused, event, progress) if tool in WRITE_TOOLS else None
+        return hook_steps.begin_writes(actor, writes, progress, FACE, refused) or Answer()
     if name == "SessionStart":
         hook_steps.start_session(actor, places)
     elif name == "SessionEnd":
@@ -144,6 +150,45 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         progress.decide(answer, hooks.WARN_BUDGET)
         return hooks.with_context(answer, name, [stale_warning(agent, hook_steps.volume_roots(places), FACE)])
     return Answer()
+
+
+ASKS = (
+    "coherent-volume commits such a merge itself only where the agent writes without asking the user, and "
+    "Gemini CLI's hook events do not say whether this session asks before it writes (its approval mode), so "
+    "it wrote nothing."
+)
+"""Why the hook never commits a merge for Gemini CLI (`hook_merge`)."""
+
+
+def _refused(
+    event: dict[str, Any], progress: Progress, core: VolumeCore, target: Target, agent: str, refusal: StaleWriteError
+) -> Answer:
+    """The answer to a refused write_file or replace: merged and shown where the volume's merge
+    globs and the refusal allow it (`hook_merge.answer`), else denied."""
+    return hook_merge.answer(core, target, agent, refusal, progress, FACE, _change(event), ASKS)
+
+
+def _change(event: dict[str, Any]) -> hook_merge.Change | str:
+    """The change of a write_file (its content) or a replace, which Gemini CLI makes to the current
+    content itself: every occurrence of old_string, which must occur exactly expected_replacements
+    times (default 1; any number with allow_multiple)."""
+    tool_input = event.get("tool_input")
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    content, old, new = tool_input.get("content"), tool_input.get("old_string"), tool_input.get("new_string")
+    if event.get("tool_name") == "write_file" and isinstance(content, str):
+        return hook_merge.whole(content)
+    expected = tool_input.get("expected_replacements", 1)
+    count = None if tool_input.get("allow_multiple") is True else expected
+    if not (isinstance(old, str) and old and isinstance(new, str)) or not (
+        count is None or (isinstance(count, int) and not isinstance(count, bool) and count > 0)
+    ):
+        return "the tool's input names no change coherent-volume can merge"
+    return hook_merge.Change(
+        partial(hook_merge.replaced, old=old, new=new, count=count),
+        rebased=True,
+        name="your edit",
+        misfit="its old_string does not occur there the number of times the edit expects",
+    )
 
 
 def _undone(event: dict[str, Any]) -> str:
@@ -175,5 +220,6 @@ FACE = Face(
     remedies=hooks.tool_remedies(" with read_file", " with run_shell_command"),
     deny=_deny,
     reread="Read them again with read_file before you change them",
+    reread_one="Read the file with read_file before you change it again",
 )
 """The Gemini CLI face: `coherent-volume hook gemini` runs `FACE.run`; `install` writes .gemini/settings.json."""

@@ -134,6 +134,9 @@ class Face:
     """The agent's answer denying a write: (what the model is told, the path it is about)."""
     reread: str
     """What the model is told to do about files it saw that changed since, as one clause."""
+    reread_one: str
+    """What the model is told to do before it changes a file again whose change the hook merged
+    (`hook_merge`), as one sentence without its full stop."""
     seen: str = "saw"
     """What the model did with a version, in its tools' terms ("you last read version 3")."""
     warn_once: bool = False

@@ -8,6 +8,7 @@ import errno
 import json
 import subprocess
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -216,6 +217,105 @@ def test_stale_views_are_named_before_the_next_turn(root: Path, sessions) -> Non
     for words in (P, "last saw version 2", "now version 3", "rival", "-step B\n+step B, by rival"):
         assert words in told, (words, told)
     assert P in context(s.hook(s.event("pre_bash", command="ls")))
+
+
+# ---- merge globs ----------------------------------------------------------------------
+
+LOG = "plans/log.md"
+LINES = "".join(f"line {i}\n" for i in range(1, 9))
+
+
+def _history(root: Path, rel: str = LOG) -> list[tuple[int, str, str, tuple[int, ...]]]:
+    with CoherentVolume(root, agent="observer") as v:
+        return [(h.version, h.kind, h.writer, h.parents) for h in v.history(rel)]
+
+
+def _unattended(event: dict[str, object]) -> dict[str, object]:
+    """`event` as Codex sends it under approval policy `never`."""
+    return {**event, "permission_mode": "bypassPermissions"}
+
+
+def _merge_scenario(workdir: Path, root: Path, sessions) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.set_policy(replace(setup.policy, merge=(LOG,)))
+        setup.write(LOG, LINES)
+    one, two = sessions("k1", workdir), sessions("k2", workdir)
+    theirs = LINES.replace("line 2\n", "line 2, by two\n")
+    assert two.apply(update(LOG, " line 1", "-line 2", "+line 2, by two", " line 3"), {LOG: theirs})[0] == "allow"
+    patch = update(LOG, " line 2", " line 3", " line 4", "-line 5", "+line 5, by one", " line 6")
+
+    verdict, reason = decision(one.hook(one.event("pre_apply_patch", patch=patch)))
+    assert verdict == "deny" and "(stale)" in reason and "merges cleanly with version 2" in reason, reason
+    assert "this session's is default" in reason and "-line 5\n+line 5, by one\n" in reason
+    assert (workdir / LOG).read_text() == theirs and len(_history(root)) == 2, "in the default mode nothing is written"
+
+    verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=patch))))
+    assert verdict == "deny" and "committed the result as version 3" in reason and "do not repeat it" in reason
+    assert "codex:k2" in reason and "-line 2\n+line 2, by two" in reason and "Print the file again" in reason
+    both = theirs.replace("line 5\n", "line 5, by one\n")
+    assert (workdir / LOG).read_text() == both
+    assert _history(root)[0] == (3, "merge", "codex:k1", (1, 2))
+    after = both.replace("line 6\n", "line 6, by one\n")
+    assert one.apply(update(LOG, " line 5, by one", "-line 6", "+line 6, by one"), {LOG: after}) == ("allow", "")
+    assert _history(root)[0][:3] == (4, "commit", "codex:k1") and (workdir / LOG).read_text() == after
+
+
+def test_a_stale_patch_of_a_merge_file_is_merged_and_committed_where_codex_does_not_ask(root: Path, sessions) -> None:
+    """A patch written against version 1 of a merge-glob file that version 2 changed elsewhere: in
+    the default approval mode the merge is shown and nothing written; under approval policy
+    `never` the hook commits it as a `merge` version with both parents and denies the patch, saying
+    so; the session's next patch, built on the merge, passes."""
+    _merge_scenario(root, root, sessions)
+
+
+def test_on_a_mount_a_merge_committed_by_the_hook_is_what_the_mount_shows(mounted: Mount, sessions) -> None:
+    _merge_scenario(mounted.path, mounted.root, sessions)
+
+
+def test_overlapping_multi_file_and_non_merge_patches_are_denied_as_stale(root: Path, sessions) -> None:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.set_policy(replace(setup.policy, merge=(LOG,)))
+        setup.write(LOG, LINES)
+        setup.write(P, LINES)
+    one, two = sessions("o1", root), sessions("o2", root)
+    theirs = LINES.replace("line 2\n", "line 2, by two\n")
+    for rel in (LOG, P):
+        assert two.apply(update(rel, " line 1", "-line 2", "+line 2, by two", " line 3"), {rel: theirs})[0] == "allow"
+
+    same_lines = update(LOG, " line 1", "-line 2", "+line 2, by one", " line 3")
+    verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=same_lines))))
+    assert verdict == "deny" and "(stale)" in reason and "1 conflicting hunk(s)" in reason
+    assert "<<<<<<< yours\nline 2, by one\n||||||| base\nline 2\n=======\nline 2, by two\n>>>>>>> current" in reason
+    two_files = "\n".join(
+        ["*** Begin Patch", f"*** Update File: {LOG}", "@@", " line 4", "-line 5", "+line 5, by one", " line 6"]
+        + ["*** Add File: plans/new.md", "+new", "*** End Patch"]
+    )
+    two_files = two_files.replace(" line 4", " line 2\n line 3\n line 4")
+    verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=two_files))))
+    assert verdict == "deny" and "It was not merged: coherent-volume merges a patch only when it updates one" in reason
+    elsewhere = update(P, " line 2", " line 3", " line 4", "-line 5", "+line 5, by one", " line 6")
+    verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=elsewhere))))
+    assert verdict == "deny" and "(stale)" in reason and "merge" not in reason
+    assert (root / LOG).read_text() == (root / P).read_text() == theirs and not (root / "plans/new.md").exists()
+    assert len(_history(root)) == len(_history(root, P)) == 2
+
+
+def test_a_patch_is_made_as_apply_patch_makes_it() -> None:
+    """`patched`: hunks found in order (surrounding whitespace ignored, `@@ line` seeks that line,
+    `*** End of File` anchors at the end), their lines replaced; a hunk that only adds lines, or
+    whose lines are missing, gives nothing."""
+    text = "def a():\n    x = 1\n\ndef b():\n    x = 1\nend\n"
+    patch = (
+        "*** Begin Patch\n*** Update File: f.py\n@@ def b():\n-    x = 1\n+    x = 2\n@@\n end\n+tail\n"
+        "*** End of File\n*** End Patch\n"
+    )
+    (file,) = parse_patch(patch)
+    assert codex.patched(text, file.hunks) == "def a():\n    x = 1\n\ndef b():\n    x = 2\nend\ntail\n"
+    assert codex.patched(text.replace("end\n", "end\nmore\n"), file.hunks) is None, "`end` no longer ends the file"
+    (adds,) = parse_patch("*** Begin Patch\n*** Update File: f.py\n@@\n+only added\n*** End Patch\n")
+    assert codex.patched(text, adds.hunks) is None
+    (crlf,) = parse_patch("*** Begin Patch\n*** Update File: f.py\n@@\n a\n-b\n+B\n*** End Patch\n")
+    assert codex.patched("a\r\nb\r\nc\r\n", crlf.hunks) == "a\nB\nc\r\n", "a hunk's lines are the patch's"
 
 
 _hook = partial(timed_hook, "codex")

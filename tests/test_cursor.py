@@ -8,6 +8,7 @@ import errno
 import json
 import subprocess
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -196,6 +197,48 @@ def test_conversation_end_releases_its_grants(root: Path, conversations) -> None
             other.write(P, "blocked")
         c.hook(c.event("session_end"))
         assert other.write(P, "free again") == 2
+
+
+LOG = "plans/log.md"
+NOW = "one\ntwo\nthree\nFOUR\nand one more\n"
+
+
+def test_a_stale_edit_of_a_merge_file_is_merged_and_shown_never_committed(root: Path, conversations) -> None:
+    """Cursor's events do not say whether the user reviews its edits, so a clean merge of a stale
+    StrReplace or Write is shown to the model with the tool denied, and nothing is written; an edit
+    that does not apply or that the merge would not reproduce on the current content, overlapping
+    changes, a Delete and a file no merge glob names are denied as stale."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.set_policy(replace(setup.policy, merge=(LOG,)))
+        for rel in (LOG, P):
+            setup.write(rel, "one\ntwo\nthree\nfour\n")
+    target = root / LOG
+    one, two = conversations("m1", root), conversations("m2", root)
+    for path in (target, root / P):
+        one.read(path)
+        two.read(path)
+        assert two.write_file(path, NOW) == ("allow", "")
+
+    edit = one.event("pre_tool_use_str_replace", path=target, old="two", new="TWO")
+    verdict, message = permission(one.hook(edit))
+    assert verdict == "deny" and "(stale)" in message and "merges cleanly with version 2" in message, message
+    assert "whether the user reviews this conversation's edits" in message and "-two\n+TWO\n" in message
+    edit = one.event("pre_tool_use_str_replace", path=target, old="four", new="4")
+    verdict, message = permission(one.hook(edit))
+    assert verdict == "deny" and "It was not merged: your edit does not apply to the current content" in message
+    every = one.event("pre_tool_use_str_replace", path=target, old="one", new="1")
+    every["tool_input"]["replace_all"] = True
+    verdict, message = permission(one.hook(every))
+    assert verdict == "deny" and "your edit would not give the merge of both changes" in message, message
+    verdict, message = permission(one.hook(one.event("pre_tool_use_write", path=target, content="one\nfour?\n")))
+    assert verdict == "deny" and "1 conflicting hunk(s)" in message and "<<<<<<< yours\nfour?\n|||" in message
+    verdict, message = permission(one.hook(one.event("pre_tool_use_delete", path=target)))
+    assert verdict == "deny" and "(stale)" in message and "merge" not in message
+
+    verdict, message = permission(one.hook(one.event("pre_tool_use_str_replace", path=root / P, old="one", new="1")))
+    assert verdict == "deny" and "(stale)" in message and "merge" not in message
+    assert target.read_text() == (root / P).read_text() == NOW
+    assert version(root, LOG) == version(root, P) == 2
 
 
 _hook = partial(timed_hook, "cursor")

@@ -8,6 +8,7 @@ import errno
 import json
 import subprocess
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -215,6 +216,71 @@ def test_session_end_releases_the_sessions_grants(root: Path, sessions) -> None:
             other.write(P, "blocked")
         s.hook(s.event("session_end"))
         assert other.write(P, "free again") == 2
+
+
+# ---- merge globs ----------------------------------------------------------------------
+
+LOG, BLOB = "plans/log.md", "plans/data.bin"
+
+
+def _merge_volume(root: Path, text: str) -> Path:
+    """`root` with LOG and BLOB merge globs, LOG and P holding `text` (version 1)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.set_policy(replace(setup.policy, merge=(LOG, BLOB)))
+        setup.write(LOG, text)
+        setup.write(P, text)
+    return root / LOG
+
+
+def test_a_stale_write_of_a_merge_file_is_merged_and_shown_never_committed(root: Path, sessions) -> None:
+    """Gemini CLI's events do not say whether it asks the user before a write, so a clean merge of
+    a stale write_file or replace is shown to the model with the tool denied, and nothing is
+    written; overlapping changes and an edit that does not apply are denied saying why."""
+    target = _merge_volume(root, "alpha\nbeta\ngamma\n")
+    one, two = sessions("g1", root), sessions("g2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write_file(target, "ALPHA\nbeta\ngamma\n") == ("allow", "")
+
+    verdict, reason = decision(one.hook(one.event("before_write_file", path=target, content="alpha\nbeta\nGAMMA\n")))
+    assert verdict == "deny" and "(stale)" in reason and "merges cleanly with version 2" in reason, reason
+    assert "approval mode" in reason and "wrote nothing" in reason and "-gamma\n+GAMMA\n" in reason
+    assert reason.endswith("Read the file again with read_file, then redo your change from its current content.")
+    verdict, reason = decision(one.hook(one.event("before_replace", path=target, old="gamma", new="GAMMA")))
+    assert verdict == "deny" and "merges cleanly with version 2" in reason and "-gamma\n+GAMMA\n" in reason
+
+    twice = one.event("before_replace", path=target, old="beta", new="BETA")
+    twice["tool_input"]["expected_replacements"] = 2
+    verdict, reason = decision(one.hook(twice))
+    assert verdict == "deny" and "It was not merged: your edit does not apply to the version you read" in reason
+    verdict, reason = decision(one.hook(one.event("before_write_file", path=target, content="alpha 1\nbeta\ngamma\n")))
+    assert verdict == "deny" and "(stale)" in reason and "1 conflicting hunk(s)" in reason
+    assert "<<<<<<< yours\nalpha 1\n||||||| base\nalpha\n=======\nALPHA\n>>>>>>> current" in reason
+    with CoherentVolume(root, agent="observer") as v:
+        assert [h.version for h in v.history(LOG)] == [2, 1] and target.read_text() == "ALPHA\nbeta\ngamma\n"
+
+
+def test_binary_and_non_merge_files_are_denied_as_before(root: Path, sessions) -> None:
+    """A stale write of a file no merge glob names, or of binary content, is denied as stale with
+    nothing merged or written."""
+    _merge_volume(root, "alpha\nbeta\n")
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(BLOB, b"\0\1 binary\n")
+    one = sessions("b1", root)
+    one.read(root / P)
+    with CoherentVolume(root, agent="gemini:b1") as same_agent:
+        same_agent.read(BLOB)
+    with CoherentVolume(root, agent="rival") as rival:
+        rival.read(P)
+        rival.read(BLOB)
+        rival.write(P, "ALPHA\nbeta\n")
+        rival.write(BLOB, b"\0\2 binary\n")
+    verdict, reason = decision(one.hook(one.event("before_replace", path=root / P, old="beta", new="BETA")))
+    assert verdict == "deny" and "(stale)" in reason and "merge" not in reason, reason
+    verdict, reason = decision(one.hook(one.event("before_write_file", path=root / BLOB, content="text\n")))
+    assert verdict == "deny" and "(stale)" in reason and "It was not merged: binary content is never merged" in reason
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.version(P) == v.version(BLOB) == 2
 
 
 _hook = partial(timed_hook, "gemini")
