@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import secrets
 import stat as stat_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .fingerprint import content_hash, hash_fd
+from .fingerprint import content_hash, data_runs, hash_fd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -48,6 +49,8 @@ class Staged:
     tmp: str | None = None
     named: bool = False
     durable: bool = True
+    data: bytes | None = None
+    """The bytes it was staged from (`stage`): what its commit stores instead of reading it back."""
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -126,6 +129,13 @@ def _copy_xattrs(source: str, dest: str) -> None:
                 raise
 
 
+def beside(target: str, tmp: str) -> str:
+    """The temp file `tmp` (as a commit intent recorded it, maybe in another process) beside `target`
+    as this process names it: a temp is made in its target's directory, and a recorded path may go
+    through a descriptor of the process that made it (see `paths.Target`)."""
+    return os.path.join(os.path.dirname(target), os.path.basename(tmp))
+
+
 def _temp_name(target: str) -> str:
     """A temp name beside `target`, within NAME_MAX bytes however long the target's name is."""
     directory, base = os.path.split(target)
@@ -154,6 +164,16 @@ def _makedirs(directory: str) -> None:
 
 def stage(target: str, data: bytes) -> Staged:
     """Write `data` durably beside `target` (creating missing parent directories)."""
+    return stage_written(target, content_hash(data), lambda write: write(data), data)
+
+
+def stage_written(
+    target: str, digest: str, fill: Callable[[Callable[[bytes], None]], object], data: bytes | None = None
+) -> Staged:
+    """Stage durably beside `target`, as `stage` does, the content that `fill` writes (it is called with
+    a function that appends bytes), a part at a time if it likes, so it need never be whole in memory.
+    `digest` is its hash (the caller's word: `fill` raises rather than write other bytes); whatever
+    `fill` raises leaves nothing staged. `data`: the same content, when the caller holds it anyway."""
     directory = os.path.dirname(target)
     _makedirs(directory)
     mode = 0o666  # the process umask applies, as for any new file
@@ -165,9 +185,9 @@ def stage(target: str, data: bytes) -> Staged:
             raise
         tmp = _temp_name(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    staged = Staged(target, content_hash(data), fd, tmp, named=tmp is not None)
+    staged = Staged(target, digest, fd, tmp, named=tmp is not None, data=data)
     try:
-        _write_all(fd, data)
+        fill(lambda part: _write_all(fd, part))
         os.fsync(fd)
         if tmp is not None:
             os.close(fd)
@@ -179,23 +199,37 @@ def stage(target: str, data: bytes) -> Staged:
 
 
 def _copy_range(src: int, dst: int, start: int, end: int, at: int) -> None:
-    """Copy src[start:end] (what of it exists) to dst at offset `at`, without passing through memory."""
-    while start < end:
-        done = os.copy_file_range(src, dst, end - start, start, at)
-        if done == 0:
-            return
-        start += done
-        at += done
+    """Copy src[start:end] (what of it exists) to dst at offset `at`, without passing through memory
+    and keeping its holes: only runs that may hold data are copied, and dst is extended over a hole
+    at the end. Moves src's position."""
+    end = min(end, os.fstat(src).st_size)
+    for begin, stop in data_runs(src, start, end):
+        offset = begin
+        while offset < stop:
+            done = os.copy_file_range(src, dst, stop - offset, offset, at + offset - start)
+            if done == 0:
+                return  # src was cut meanwhile
+            offset += done
+    if end > start and os.fstat(dst).st_size < at + end - start:
+        os.ftruncate(dst, at + end - start)
+
+
+_FICLONE = 0x40049409
+"""ioctl(dst, FICLONE, src): dst shares src's blocks, copied only when either is written (reflink)."""
 
 
 def unnamed_copy(target: str, copy: bool) -> int:
     """An unnamed read-write file beside `target` (same file system, so a commit can link it in
-    place), holding a copy of the target's current content when `copy`."""
+    place), holding a copy of the target's current content when `copy`: sharing its blocks where
+    the file system can (reflink: instant, whatever the size), else copied with its holes kept."""
     fd = os.open(os.path.dirname(target), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     if copy:
         try:
             with open(target, "rb") as current:
-                _copy_range(current.fileno(), fd, 0, os.fstat(current.fileno()).st_size, 0)
+                try:
+                    fcntl.ioctl(fd, _FICLONE, current.fileno())
+                except OSError:  # no reflink here (EOPNOTSUPP, EXDEV, EINVAL, ENOTTY)
+                    _copy_range(current.fileno(), fd, 0, os.fstat(current.fileno()).st_size, 0)
         except BaseException:
             os.close(fd)
             raise

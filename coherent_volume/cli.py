@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -149,6 +150,17 @@ def main() -> None:
     """Shared workspace where a stale write fails closed instead of silently losing work."""
 
 
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet (None: all of it exists)."""
+    missing = None
+    while not os.path.lexists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
 @main.command()
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option(
@@ -156,21 +168,56 @@ def main() -> None:
     "-m",
     "globs",
     multiple=True,
-    required=True,
     metavar="GLOB",
-    help="Glob of paths the protocol protects (repeatable), e.g. 'plans/**'.",
+    help="Glob of paths the protocol protects (repeatable), e.g. 'plans/**'; required unless ROOT joins an "
+    "existing PostgreSQL volume (--registry, --volume).",
 )
+@click.option(
+    "--registry",
+    metavar="URL",
+    help="Keep the registry and the versions' content in PostgreSQL: postgresql://USER@HOST:PORT/DB "
+    "(no password: libpq's PGPASSFILE, PGSERVICEFILE or environment carry it). Default: SQLite in ROOT.",
+)
+@click.option("--volume", metavar="NAME", help="The volume's name in the PostgreSQL database (with --registry).")
 @_policy_options
 @_guard
-def init(root: str, globs: tuple[str, ...], **policy: Any) -> None:
+def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | None, **policy: Any) -> None:
     """Create a volume at ROOT managing GLOB paths (idempotent with the same globs), with its merge
-    globs and retention policy (`coherent-volume policy` changes them later)."""
+    globs and retention policy (`coherent-volume policy` changes them later). With --registry and
+    --volume naming an existing PostgreSQL volume, ROOT joins it as another working copy (on this
+    or any host): every managed file's current version is installed into ROOT."""
+    if volume is not None and registry is None:
+        raise click.UsageError("--volume names a volume in a PostgreSQL registry: give --registry too")
+    if not globs and registry is None:
+        raise click.UsageError("give the managed paths (--managed GLOB), or join a PostgreSQL volume (--registry)")
+    made = _first_missing(os.path.abspath(root))
     os.makedirs(root, exist_ok=True)
-    core = open_core(root, globs)
+    try:
+        core = open_core(root, globs or None, registry=registry, volume=volume)
+    except BaseException:
+        if made is not None:  # a refused init leaves nothing behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    if registry is not None:  # a working copy: bring every managed file to its current version
+        for rel, why in core.scan():
+            click.echo(f"not checked: {rel}: {why}", err=True)
     if any(value not in (None, ()) for value in policy.values()):
         core.set_policy(_changed_policy(core.policy(), **policy))
     click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")
     click.echo(_describe(core.policy()))
+
+
+@main.command()
+@click.option(
+    "--registry", metavar="URL", required=True, help="The PostgreSQL database: postgresql://USER@HOST:PORT/DB."
+)
+@_guard
+def migrate(registry: str) -> None:
+    """Bring a PostgreSQL registry's schema to the version this coherent-volume needs (in one transaction)."""
+    from .registry.postgresql import migrate as run
+
+    before, after = run(registry)
+    click.echo(f"schema version {after}" + (" (it was already)" if before == after else f" (was {before})"))
 
 
 @main.command()
@@ -223,6 +270,9 @@ def status(root: str, as_json: bool, show_all: bool) -> None:
     console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
     if st.store is not None:
         console.print(f"content store: {st.store.objects} objects, {_size(st.store.bytes)}")
+    for mountpoint, direct in st.mounts.items():
+        served = f" (served directly by the kernel: {', '.join(direct)})" if direct else ""
+        console.print(f"mounted at {mountpoint}{served}")
     shown = [f for f in st.files if show_all or f.present or f.holder or not f.version]
     console.print(
         _table(
@@ -544,8 +594,18 @@ def _refusal_json(e: StaleWriteError) -> dict[str, object]:
 @click.option("--agent", help="Agent for processes that set no COHERENT_AGENT (default: one per login session).")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
 @click.option("--allow-other", is_flag=True, help="Let other users enter the mount (needs user_allow_other).")
+@click.option(
+    "--direct",
+    "direct_dirs",
+    multiple=True,
+    metavar="DIR",
+    help="Serve DIR (relative to ROOT, repeatable; no managed glob may reach into it) by the kernel, "
+    "bypassing the daemon: a bind mount (root only). See docs/mount.md for what that changes.",
+)
 @_guard
-def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool) -> None:
+def mount(
+    root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool, direct_dirs: tuple[str, ...]
+) -> None:
     """Mount the volume at ROOT on MOUNTPOINT; returns once the mount works."""
     from fusefs.mount import mount as do_mount
 
@@ -553,9 +613,11 @@ def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow
         from .core import validate_agent
 
         validate_agent(agent)
-    do_mount(root, mountpoint, agent, foreground, allow_other)
+    do_mount(root, mountpoint, agent, foreground, allow_other, direct_dirs)
     if not foreground:
         click.echo(f"mounted {os.path.realpath(root)} on {os.path.abspath(mountpoint)}")
+        for rel in direct_dirs:
+            click.echo(f"  {os.path.normpath(rel)}: served directly by the kernel (a bind mount)")
 
 
 @main.command()

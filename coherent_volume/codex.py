@@ -84,6 +84,8 @@ class Hunk:
     new: list[str] = field(default_factory=list)
     at_end: bool = False
     """Marked `*** End of File`: its old lines end the file."""
+    seek_only: bool = False
+    """An `@@ line` anchor: its one old line is sought, and kept as the file has it."""
 
 
 @dataclass
@@ -124,7 +126,7 @@ def parse_patch(text: str) -> list[FilePatch]:
         elif header.startswith("@@"):
             context = header[2:].strip()
             if context:
-                current.hunks.append(Hunk([context], [context]))
+                current.hunks.append(Hunk([context], [context], seek_only=True))
             current.hunks.append(Hunk())
         elif header == "*** End Patch":
             break
@@ -170,7 +172,8 @@ def fits(data: bytes, chunks: list[list[str]]) -> bool:
 
 def patched(text: str, hunks: list[Hunk]) -> str | None:
     """`text` updated by `hunks` as apply_patch updates a file: each hunk's old lines, found in
-    order after the previous hunk's (`_seek`), replaced by its new lines; the result ends with a
+    order after the previous hunk's (`_seek`), replaced by its new lines (an anchor is only
+    sought: its line stays as the file has it); the result ends with a
     newline. None if a hunk is not found, or adds lines without old ones (apply_patch puts those
     at the file's end, which no merge reproduces with certainty)."""
     lines = text.split("\n")
@@ -183,7 +186,8 @@ def patched(text: str, hunks: list[Hunk]) -> str | None:
         found = _seek(trimmed, _trimmed(hunk.old), at, hunk.at_end) if hunk.old else None
         if found is None:
             return None
-        out += lines[at:found] + hunk.new
+        kept = lines[found : found + len(hunk.old)] if hunk.seek_only else hunk.new
+        out += lines[at:found] + kept
         at = found + len(hunk.old)
     return "\n".join(out + lines[at:]) + "\n"
 

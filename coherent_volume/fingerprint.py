@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as stat_mod
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import xxhash
@@ -77,13 +79,53 @@ def read_file(path: str) -> tuple[bytes, Fingerprint]:
     return read_fd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK), path)
 
 
+CHUNK = 1 << 20
+_ZEROS = bytes(CHUNK)
+
+
+def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The runs [begin, stop) of `fd`'s file within [start, end) that may hold data: everything else
+    there is a hole, which reads as zeros (SEEK_DATA/SEEK_HOLE; a file system that tells no holes
+    has one run). Moves the fd's position."""
+    at = start
+    while at < end:
+        try:
+            begin = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from `at` on
+                return
+            raise
+        if begin >= end:
+            return
+        stop = min(os.lseek(fd, begin, os.SEEK_HOLE), end)
+        yield begin, stop
+        at = stop
+
+
 def hash_fd(fd: int) -> str:
-    """Content hash of everything readable from `fd` (by offset: the fd's position is untouched)."""
+    """Content hash of the file behind `fd`, as far as it reaches (the fd's position is untouched).
+    Its holes are hashed as the zeros they read as, without reading them."""
     hasher = xxhash.xxh3_128()
+    position = os.lseek(fd, 0, os.SEEK_CUR)
     offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
+
+    def zeros(upto: int) -> None:
+        nonlocal offset
+        while offset < upto:
+            n = min(upto - offset, CHUNK)
+            hasher.update(memoryview(_ZEROS)[:n])
+            offset += n
+
+    try:
+        size = os.fstat(fd).st_size
+        for begin, stop in data_runs(fd, 0, size):
+            zeros(begin)
+            while offset < stop and (chunk := os.pread(fd, min(CHUNK, stop - offset), offset)):
+                hasher.update(chunk)
+                offset += len(chunk)
+        zeros(size)
+    finally:
+        os.lseek(fd, position, os.SEEK_SET)
     return hasher.hexdigest()
 
 

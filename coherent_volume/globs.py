@@ -69,6 +69,19 @@ def compile_glob(pattern: str) -> str:
     return "".join(parts)
 
 
+def _pattern_reaches(pattern: tuple[re.Pattern[str] | None, ...], parts: list[str]) -> bool:
+    """Whether a path strictly under the directory `parts` can match `pattern` (its segments; None is `**`)."""
+    for index, part in enumerate(parts):
+        if index == len(pattern):
+            return False
+        segment = pattern[index]
+        if segment is None:  # '**' absorbs the rest of the directory, and the pattern's tail fits below it
+            return True
+        if not segment.match(part):
+            return False
+    return len(pattern) > len(parts)
+
+
 @dataclass(frozen=True)
 class ManagedGlobs:
     """An immutable, validated set of managed globs (order and duplicates do not matter)."""
@@ -105,23 +118,12 @@ class ManagedGlobs:
         )
         object.__setattr__(self, "_segments", segments)
 
-    def may_match_below(self, directory: str) -> bool:
-        """True if some path below the root-relative `directory` ("" is the root) could be managed:
-        a directory that is renamed or replaced can then move managed files."""
+    def reaches(self, directory: str) -> bool:
+        """True if some path strictly under the root-relative `directory` ("" is the root) could match a
+        managed glob, exactly as `matches` decides (case-sensitive). When False, no file however deep in
+        that directory's tree is managed: renaming, deleting or not watching it cannot touch a managed file."""
         parts = directory.split("/") if directory else []
-        for pattern in self._segments:  # type: ignore[attr-defined]
-            for index, part in enumerate(parts):
-                if index >= len(pattern) or pattern[index] is None:
-                    break
-                if not pattern[index].match(part):
-                    break
-            else:
-                if len(pattern) > len(parts):
-                    return True
-                continue
-            if index < len(pattern) and pattern[index] is None:
-                return True
-        return False
+        return any(_pattern_reaches(pattern, parts) for pattern in self._segments)  # type: ignore[attr-defined]
 
     def matches(self, rel: str) -> bool:
         """True if the root-relative POSIX path `rel` is managed."""

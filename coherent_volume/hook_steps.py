@@ -32,6 +32,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, is_registry_path
 from .protocol import HandleKind
+from .registry import recorded_in
 
 Writes = Iterable[tuple[str, HandleKind]]
 """Absolute paths an event writes, each with how (a whole-content write, or an append)."""
@@ -79,7 +80,7 @@ def located(path: str) -> Located | None:
             return Located(root, os.path.relpath(absolute, mountpoint), True)
     directory = os.path.dirname(absolute)
     while True:
-        if os.path.exists(os.path.join(directory, REGISTRY_DIR, "registry.db")):
+        if recorded_in(os.path.join(directory, REGISTRY_DIR)):
             return Located(directory, os.path.relpath(absolute, directory), False)
         parent = os.path.dirname(directory)
         if parent == directory:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 FSTYPE = "fuse.coherent"
@@ -35,3 +36,36 @@ def device_of(mountpoint: str) -> str | None:
             if unescape(fields[4]) == mountpoint:
                 found = fields[2]
     return found
+
+
+def direct_dirs(mountpoint: str) -> dict[str, int]:
+    """Root-relative path -> mount id of each mount attached directly on the volume mounted at
+    `mountpoint` (its direct dirs, `mount --direct`; deeper mounts are not listed), from
+    /proc/self/mountinfo: the kernel's table is their only record, so a killed daemon leaves none stale."""
+    volume: str | None = None
+    children: list[tuple[str, str, str]] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount_id, parent, where = fields[0], fields[1], unescape(fields[4])
+            fstype = fields[fields.index("-") + 1]
+            if where == mountpoint and fstype == FSTYPE:
+                volume = mount_id  # the newest mount there is the one in use
+            children.append((mount_id, parent, where))
+    if volume is None:
+        return {}
+    return {
+        os.path.relpath(where, mountpoint): int(mount_id)
+        for mount_id, parent, where in children
+        if parent == volume and where.startswith(mountpoint.rstrip("/") + "/")
+    }
+
+
+def mounts_of(root: str) -> dict[str, tuple[str, ...]]:
+    """Mountpoint -> direct dirs of every mount of the volume at `root` (a real path) in this
+    process's mount namespace."""
+    return {
+        mountpoint: tuple(sorted(direct_dirs(mountpoint)))
+        for mountpoint, source in fuse_mounts().items()
+        if os.path.realpath(source) == root
+    }

@@ -15,7 +15,11 @@ REGISTRY_DIR = ".coherent"
 
 
 class Target(NamedTuple):
-    """A path inside the volume: `rel` is root-relative POSIX, symlinks resolved; `abs` is absolute."""
+    """A path inside the volume: `rel` is root-relative POSIX, symlinks resolved; `abs` is the path
+    system calls take: root/rel, or where that reaches PATH_MAX, rel's tail beneath a descriptor of
+    one of its directories (`/proc/self/fd/N/...`, see `VolumePaths.target`), which `anchor` holds
+    open as long as the Target lives. The directory a temp file beside it goes in is always
+    `os.path.dirname(abs)`."""
 
     rel: str
     abs: str
@@ -23,6 +27,19 @@ class Target(NamedTuple):
     alias_of: str | None = None
     """The managed name the caller gave, when it resolved through a symlink to this unmanaged path:
     every write and delete through it is refused (errors.UnprotectedAlias)."""
+    anchor: Anchor | None = None
+
+
+class Anchor:
+    """An open O_PATH descriptor of a directory, closed when nothing holds it any more."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 PATH_MAX = 4096
@@ -56,12 +73,13 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
 _RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
 
 
 @lru_cache(maxsize=8)
-def _how(flags: int) -> tuple[_OpenHow, int]:
-    """A reusable open_how for `flags` (kept alive by the cache) and its size."""
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+def _how(flags: int, resolve: int = _RESOLVE_NO_SYMLINKS) -> tuple[_OpenHow, int]:
+    """A reusable open_how for `flags` and `resolve` (kept alive by the cache) and its size."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
     return how, ctypes.sizeof(how)
 
 
@@ -133,10 +151,54 @@ class VolumePaths:
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory (the path ends with '/')", text)
         managed = self.managed(rel)
         alias_of = named if named is not None and not managed and self.managed(named) else None
-        target = Target(rel, f"{self.root}/{rel}", managed, alias_of)
-        if len(target.abs.encode("utf-8")) >= PATH_MAX:
+        return self.target(rel, managed, alias_of)
+
+    def target(self, rel: str, managed: bool, alias_of: str | None = None) -> Target:
+        """The Target of the canonical root-relative `rel`. Its `abs` is root/rel, unless that reaches
+        PATH_MAX (a plain directory holds such paths: only one system call's argument is limited):
+        then it is the rest of `rel` beneath a descriptor of its deepest existing directory, opened
+        beneath the root a run of directories at a time with no symlink on the way (ELOOP if one is)."""
+        path = f"{self.root}/{rel}"
+        if len(os.fsencode(path)) < PATH_MAX:
+            return Target(rel, path, managed, alias_of)
+        head = rel.rpartition("/")[0]
+        while head:
+            try:
+                anchor = Anchor(self._open_dir(head))
+                break
+            except FileNotFoundError:
+                head = head.rpartition("/")[0]
+        else:
             raise InvalidPath(f"{rel[:60]!r}...: inside this root the path is longer than the system allows")
-        return target
+        path = f"/proc/self/fd/{anchor.fd}/{rel[len(head) + 1 :]}"
+        if len(os.fsencode(path)) >= PATH_MAX:
+            raise InvalidPath(f"{rel[:60]!r}...: more of this path is missing than one system call can create")
+        return Target(rel, path, managed, alias_of, anchor)
+
+    def _open_dir(self, rel: str) -> int:
+        """An O_PATH descriptor of the directory `rel`, resolved beneath the root with no symlink on the
+        way (OSError otherwise), a run of directories at a time: one call takes under PATH_MAX bytes."""
+        if self._root_fd is None:
+            raise OSError(errno.EBADF, "the volume root could not be opened", self.root)
+        how, size = _how(os.O_PATH | os.O_DIRECTORY, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+        at, rest = self._root_fd, os.fsencode(rel)
+        try:
+            while rest:
+                cut = len(rest) if len(rest) < PATH_MAX else rest.rfind(b"/", 0, PATH_MAX)
+                if cut <= 0:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), rel)
+                fd = _syscall(_SYS_OPENAT2, at, rest[:cut], ctypes.byref(how), size)
+                if fd < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err), rel)
+                if at != self._root_fd:
+                    os.close(at)
+                at, rest = fd, rest[cut + 1 :]
+            return at
+        except BaseException:
+            if at != self._root_fd:
+                os.close(at)
+            raise
 
     def _named(self, joined: str) -> str | None:
         """The root-relative name of `joined` with '.' and '..' folded but no symlink followed (None
@@ -206,4 +268,4 @@ class VolumePaths:
                     f"{printable(rel)!r} is not valid UTF-8: a volume records its managed paths as UTF-8, so it "
                     "cannot protect a file of that name; choose a UTF-8 name"
                 ) from None
-        return Target(rel, f"{self.root}/{rel}", managed)
+        return self.target(rel, managed)

@@ -139,6 +139,59 @@ def classify(record: FileRecord | None, fp: Fingerprint | None, disk_hash: str |
     return Disk.SAME if disk_hash == record.hash else Disk.CHANGED
 
 
+# ---- a working copy of a volume whose registry holds the content ------------------------
+
+
+class Installed(NamedTuple):
+    """What one working copy holds of a managed path: the version it installed (or found on its
+    disk) and that version's hash (None: a deletion, no file), with the file's stat fingerprint
+    then. Host-local: a fingerprint means nothing on another host."""
+
+    version: int
+    hash: str | None
+    fingerprint: Fingerprint | None
+    checked_ns: int
+    """When `fingerprint` was last confirmed against the content (time.time_ns)."""
+
+
+class Local(Enum):
+    SAME = "same"  # the disk holds the current version (or neither has a file)
+    BEHIND = "behind"  # the disk holds what this copy installed before, or no file: install the current version
+    FOREIGN = "foreign"  # a program on this host changed the file outside the volume: record it
+
+
+def installed_needs_hash(installed: Installed | None, fp: Fingerprint | None) -> bool:
+    """Whether the stat fingerprint alone cannot tell that the disk holds what this copy installed."""
+    if fp is None:
+        return False
+    if installed is None or installed.hash is None:
+        return True
+    return fp != installed.fingerprint or fp.ctime_ns + RACY_NS > installed.checked_ns
+
+
+def local_state(
+    current: FileRecord | None, installed: Installed | None, fp: Fingerprint | None, disk_hash: str | None
+) -> Local:
+    """How a working copy's file stands against the volume's current record. `disk_hash` None with
+    a file present: the fingerprint showed it holds `installed` (`installed_needs_hash` False).
+
+    A working copy is a cache of the registry: a missing file is one not installed yet (or wiped),
+    never a deletion; bytes this copy installed are the version it installed, current or behind;
+    any other bytes were written on this host outside the volume (foreign), unless they are the
+    current version's own (an install whose record was lost)."""
+    present = current is not None and current.present
+    if fp is None:
+        return Local.BEHIND if present else Local.SAME
+    if present and disk_hash is not None and current is not None and disk_hash == current.hash:
+        return Local.SAME
+    holds_installed = installed is not None and installed.hash is not None and disk_hash in (None, installed.hash)
+    if not holds_installed:
+        return Local.FOREIGN
+    assert installed is not None
+    same = present and current is not None and (installed.version, installed.hash) == (current.version, current.hash)
+    return Local.SAME if same else Local.BEHIND
+
+
 # ---- reads ----------------------------------------------------------------------------
 
 BUFFERING_PROGRAMS = frozenset(
@@ -291,8 +344,12 @@ def is_noop(record: FileRecord | None, digest: str | None) -> bool:
     return digest is not None and record is not None and record.present and record.hash == digest
 
 
-def recovery(intent: Intent, on_disk: bool, disk_hash: str | None) -> Recovery:
+def recovery(intent: Intent, on_disk: bool, disk_hash: str | None, replicated: bool = False) -> Recovery:
     """An interrupted commit is completed when the disk already holds what it intended (its content,
-    or for a deletion no file), else abandoned: the disk still holds the previous version."""
+    or for a deletion no file), else abandoned: the disk still holds the previous version. In a
+    volume whose registry holds the content (`replicated`), always completed: the intent and its
+    content were committed together, and a working copy that lacks it is merely behind."""
+    if replicated:
+        return "completed"
     installed = (on_disk and disk_hash == intent.hash) if intent.present else not on_disk
     return "completed" if installed else "abandoned"

@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 from . import diffs
 from .core import VolumeCore
 from .errors import REMEDY, DamagedContent, VersionGone
+from .mounts import mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
 from .registry import AgentSummary, Event
-from .registry.sqlite import SQLiteRegistry
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Unchecked:
 
 @dataclass(frozen=True)
 class StoreSize:
-    """The content store on disk: stored objects (each distinct content once) and their bytes."""
+    """The content store: stored contents (each distinct content once) and their bytes."""
 
     objects: int
     bytes: int
@@ -52,6 +52,8 @@ class Status:
     unchecked: list[Unchecked] = field(default_factory=list)
     store: StoreSize | None = None
     """None when the registry backend cannot tell."""
+    mounts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Where the volume is mounted in this mount namespace, with each mount's direct dirs."""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -61,6 +63,7 @@ class Status:
             "agents": [asdict(a) for a in self.agents],
             "unchecked": [asdict(u) for u in self.unchecked],
             "store": None if self.store is None else asdict(self.store),
+            "mounts": {mountpoint: list(direct) for mountpoint, direct in self.mounts.items()},
         }
 
 
@@ -92,14 +95,21 @@ def status(core: VolumeCore) -> Status:
                 g.expires_at if g else None,
             )
         )
-    return Status(core.paths.root, core.paths.globs.patterns, files, agents, unchecked, store_size(core))
+    return Status(
+        core.paths.root,
+        core.paths.globs.patterns,
+        files,
+        agents,
+        unchecked,
+        store_size(core),
+        mounts_of(core.paths.root),
+    )
 
 
-def store_size(core: VolumeCore) -> StoreSize | None:
-    """The size of the volume's content store (the SQLite backend's objects directory)."""
-    if isinstance(core.registry, SQLiteRegistry):
-        return StoreSize(*core.registry.objects.size())
-    return None
+def store_size(core: VolumeCore) -> StoreSize:
+    """The size of the volume's content store."""
+    with core.registry.read() as tx:
+        return StoreSize(*tx.stored())
 
 
 def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[Event]:

@@ -1,11 +1,19 @@
-"""The mount's access to the backing tree, anchored at the root's descriptor: the only module of
-the mount that touches backing paths for metadata and directories.
+"""The mount's access to the backing tree, anchored at descriptors: the only module of the mount
+that touches backing paths for metadata and directories.
 
-Every path is resolved beneath the root by the kernel (`openat2` with RESOLVE_BENEATH and
-RESOLVE_NO_SYMLINKS for the directory that holds the entry, then an `*at` call on the entry's
-own name, never following it), as libfuse's passthrough_hp anchors each access at a file
-descriptor: a directory swapped for a symlink behind the daemon's back fails with ELOOP/EXDEV
-instead of steering a root daemon outside the volume.
+Every entry is reached as (descriptor of the directory holding it, its own name), and the name is
+never followed (`*at` calls with AT_SYMLINK_NOFOLLOW / O_NOFOLLOW), as libfuse's passthrough_hp
+anchors each access at a descriptor. The directory's descriptor is its *anchor*: an O_PATH
+descriptor that a directory inode the kernel holds keeps (`anchor`, dropped at `release`), so a
+request costs one system call on its entry and no path walk. Files hold no descriptor: reached by
+their directory's anchor and their name, a managed path stays bound to its name across commits
+(each installs a new inode), and a million files cost no descriptor. A directory without an
+anchor (the kernel forgot it, or the budget, half the descriptor limit, is spent) is resolved
+beneath the root's descriptor (`openat2` with RESOLVE_BENEATH and RESOLVE_NO_SYMLINKS) for each
+access, as every access was before anchors. A directory swapped for a symlink behind the daemon's
+back is never followed, and an anchor is re-resolved beneath the root each time the kernel asks
+for its directory's attributes or name (`anchor`): a directory that a foreign process moves away
+serves the mount until then (its attributes expire after 1 s), never after.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import stat as stat_mod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -24,26 +33,163 @@ _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _PATH_MAX = 4096
+_ANCHOR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+ANCHOR_SHARE = 2
+"""At most 1/ANCHOR_SHARE of the descriptor limit is spent on anchors: the rest stays for open
+files, listings and the registry."""
 
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-class Backing:
-    """The backing directory of one mount. `rel` paths are root-relative ("" is the root)."""
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # kept the soft limit: fewer anchors, every access still works
+    return soft
 
-    def __init__(self, root: str) -> None:
+
+class _Parent:
+    """The directory holding an entry, as (descriptor, the entry's name) while in a `with`; the
+    descriptor is closed at the end when it was opened for this one access."""
+
+    __slots__ = ("fd", "name", "_owned")
+
+    def __init__(self, fd: int, name: str, owned: bool) -> None:
+        self.fd, self.name, self._owned = fd, name, owned
+
+    def __enter__(self) -> tuple[int, str]:
+        return self.fd, self.name
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._owned:
+            os.close(self.fd)
+
+
+class _Entry:
+    """An O_PATH descriptor of an entry itself (a symlink stays a symlink) while in a `with`."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        os.close(self.fd)
+
+
+class _Named:
+    """A path naming an entry through its directory's descriptor, and whether to follow its last
+    component, while in a `with` (the descriptor is closed at the end if opened for it)."""
+
+    __slots__ = ("path", "follow", "_parent")
+
+    def __init__(self, path: str, follow: bool, parent: _Parent | None) -> None:
+        self.path, self.follow, self._parent = path, follow, parent
+
+    def __enter__(self) -> tuple[str, bool]:
+        return self.path, self.follow
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._parent is not None:
+            self._parent.__exit__(kind, e, tb)
+
+
+class Backing:
+    """The backing directory of one mount. `rel` paths are root-relative ("" is the root).
+
+    `inode_of` (the mount's inode table) maps a directory's path to the inode whose anchor it
+    uses; without it every access resolves beneath the root. Invariant: an anchor is the
+    directory that was at its inode's path when the kernel last asked about that inode, reached
+    beneath the root with no symlink; renames made through the mount keep it right, since the
+    descriptor follows its directory and the inode table follows the name."""
+
+    def __init__(self, root: str, inode_of: Callable[[str], int | None] | None = None) -> None:
         self.root = root
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._inode_of = inode_of
+        self._anchors: dict[int, int] = {}
+        self._budget = raise_descriptor_limit() // ANCHOR_SHARE if inode_of is not None else 0
 
     def close(self) -> None:
+        for fd in self._anchors.values():
+            os.close(fd)
+        self._anchors.clear()
         os.close(self._root_fd)
+
+    # ---- anchors --------------------------------------------------------------------
+
+    def anchor(self, inode: int, rel: str) -> os.stat_result | None:
+        """The kernel holds (or is told of) directory `inode` at `rel`: (re)anchor it at what is at
+        `rel` now, resolved beneath the root, and return that directory's stat. None, its anchor
+        dropped, when that is no directory or the budget is spent (its accesses then resolve
+        beneath the root each time). When `rel` is gone, the anchors above it are resolved afresh
+        too: one of them may be a directory moved away behind the mount's back."""
+        self.release(inode)
+        if not rel or self._inode_of is None or len(self._anchors) >= self._budget:
+            return None
+        st = self._reopen(inode, rel)
+        if st is None:
+            parts = rel.split("/")
+            for depth in range(1, len(parts)):
+                above = "/".join(parts[:depth])
+                held = self._inode_of(above)
+                if held is not None and held in self._anchors:
+                    self.release(held)
+                    self._reopen(held, above)
+        return st
+
+    def _reopen(self, inode: int, rel: str) -> os.stat_result | None:
+        """Anchor `inode` (holding none) at the directory at `rel`; its stat, or None if there is none."""
+        try:
+            fd = self._openat2(rel, _ANCHOR)
+        except OSError:
+            return None  # gone, no directory, or out of descriptors
+        self._anchors[inode] = fd
+        return os.stat(fd)
+
+    def anchored(self, inode: int) -> bool:
+        """Whether directory `inode` has an anchor."""
+        return inode in self._anchors
+
+    def release(self, inode: int) -> None:
+        """Close `inode`'s anchor, if any (the kernel forgot the inode)."""
+        fd = self._anchors.pop(inode, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _parent(self, rel: str) -> _Parent:
+        """The directory holding `rel` and its last component: its anchor, or resolved now."""
+        if not rel:
+            raise OSError(errno.EINVAL, "the root has no parent", rel)
+        if "\0" in rel:  # a name the inode table keeps for an unlinked entry: no backing path
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
+        head, _, name = rel.rpartition("/")
+        if not head:
+            return _Parent(self._root_fd, name, False)
+        if self._inode_of is not None:
+            inode = self._inode_of(head)
+            fd = self._anchors.get(inode) if inode is not None else None
+            if fd is not None:
+                return _Parent(fd, name, False)
+        return _Parent(self._openat2(head, os.O_PATH | os.O_DIRECTORY), name, True)
 
     def _openat2(self, rel: str, flags: int) -> int:
         """An fd for `rel` resolved beneath the root with no symlink on the way (OSError otherwise).
         A path of PATH_MAX bytes or more (a plain directory holds them: only one system call's
         argument is limited) is resolved a run of directories at a time, each beneath the last."""
+        if "\0" in rel:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
         name = os.fsencode(rel or ".")
         at = self._root_fd
         try:
@@ -69,17 +215,19 @@ class Backing:
             raise OSError(err, os.strerror(err), rel)
         return int(fd)
 
-    @contextmanager
-    def _parent(self, rel: str) -> Iterator[tuple[int, str]]:
-        """(fd of the directory holding `rel`, its last component)."""
+    def _entry(self, rel: str) -> _Entry:
+        """An O_PATH descriptor of `rel` itself, for the calls that act on it through /proc."""
         if not rel:
-            raise OSError(errno.EINVAL, "the root has no parent", rel)
-        head, _, name = rel.rpartition("/")
-        fd = self._openat2(head, os.O_PATH | os.O_DIRECTORY)
-        try:
-            yield fd, name
-        finally:
-            os.close(fd)
+            return _Entry(os.dup(self._root_fd))
+        with self._parent(rel) as (fd, name):
+            return _Entry(os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd))
+
+    @staticmethod
+    def _proc(fd: int) -> str:
+        """The /proc name of an O_PATH fd: calls following it act on that very inode."""
+        return f"/proc/self/fd/{fd}"
+
+    # ---- entries --------------------------------------------------------------------
 
     def lstat(self, rel: str) -> os.stat_result:
         if not rel:
@@ -94,7 +242,9 @@ class Backing:
 
     def opendir(self, rel: str) -> int:
         """A descriptor of the directory `rel` (os.listdir reads it; fstat still works once it is removed)."""
-        return self._openat2(rel, os.O_RDONLY | os.O_DIRECTORY)
+        if not rel:
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root_fd)
+        return self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
 
     def readlink(self, rel: str) -> str:
         with self._parent(rel) as (fd, name):
@@ -123,15 +273,6 @@ class Backing:
         finally:
             os.close(fd)
 
-    @contextmanager
-    def _entry(self, rel: str) -> Iterator[int]:
-        """An O_PATH fd of `rel` itself (a symlink stays a symlink), for the *at calls that act on it."""
-        fd = self._openat2(rel, os.O_PATH | os.O_NOFOLLOW)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
-
     def chmod(self, rel: str, mode: int) -> None:
         """chmod of the entry itself; a symlink has no mode of its own on Linux (EOPNOTSUPP)."""
         with self._entry(rel) as fd:
@@ -140,32 +281,42 @@ class Backing:
             os.chmod(self._proc(fd), mode)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
+        if not rel:
+            os.chown(self._proc(self._root_fd), uid, gid)
+            return
         with self._parent(rel) as (fd, name):
             os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
 
     def utime(self, rel: str, ns: tuple[int, int]) -> None:
+        if not rel:
+            os.utime(self._proc(self._root_fd), ns=ns)
+            return
         with self._parent(rel) as (fd, name):
             os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
 
-    def _proc(self, fd: int) -> str:
-        """The /proc name of an O_PATH fd: xattr calls following it act on that very inode."""
-        return f"/proc/self/fd/{fd}"
+    def _named(self, rel: str) -> _Named:
+        """A /proc path of `rel` itself, for the xattr calls that take no directory descriptor: its
+        directory's descriptor, then its name (not followed); the root's own descriptor for ""."""
+        if not rel:
+            return _Named(self._proc(self._root_fd), True, None)
+        parent = self._parent(rel)
+        return _Named(f"{self._proc(parent.fd)}/{parent.name}", False, parent)
 
     def getxattr(self, rel: str, name: bytes) -> bytes:
-        with self._entry(rel) as fd:
-            return os.getxattr(self._proc(fd), name)
+        with self._named(rel) as (path, follow):
+            return os.getxattr(path, name, follow_symlinks=follow)
 
     def listxattr(self, rel: str) -> list[str]:
-        with self._entry(rel) as fd:
-            return os.listxattr(self._proc(fd))
+        with self._named(rel) as (path, follow):
+            return os.listxattr(path, follow_symlinks=follow)
 
     def setxattr(self, rel: str, name: bytes, value: bytes) -> None:
-        with self._entry(rel) as fd:
-            os.setxattr(self._proc(fd), name, value)
+        with self._named(rel) as (path, follow):
+            os.setxattr(path, name, value, follow_symlinks=follow)
 
     def removexattr(self, rel: str, name: bytes) -> None:
-        with self._entry(rel) as fd:
-            os.removexattr(self._proc(fd), name)
+        with self._named(rel) as (path, follow):
+            os.removexattr(path, name, follow_symlinks=follow)
 
     def rename(self, src: str, dst: str, flags: int) -> None:
         """renameat2(2) between two anchored directories (flags: RENAME_NOREPLACE, RENAME_EXCHANGE)."""

@@ -149,8 +149,18 @@ class Snapshot:
 
 Serving = Literal["cached", "direct", "fresh"]
 
-WRITE_RETRY = 1.0
-"""Seconds a path given a new inode for a write waits for the kernel to repeat that write there."""
+RETRY_WAIT = 5.0
+"""Seconds the mount expects the kernel's repeat of a call it answered ESTALE (`PageCache.retry`)."""
+
+
+@dataclass
+class Retry:
+    """A call by name answered ESTALE (`writing` to the file at `rel`, or not): the kernel looks the
+    name up again, with no cached entry, and repeats the call once, on the inode that lookup answers."""
+
+    rel: str
+    writing: bool
+    until: float
 
 
 class PageCache:
@@ -160,17 +170,19 @@ class PageCache:
     version's, filled through a handle whose read registered its agent's view. Write handles are
     direct_io (their bytes are uncommitted), so a shared mapping of one fails ENODEV at mmap.
 
-    Invariant: an inode with cached readers (`used`) serves one version; a change to its file
+    Invariants: an inode with cached readers (`used`) serves one version; a change to its file
     gives the path a new inode first, leaving this one with its version to its readers, as a
-    local disk leaves a file replaced by rename to its readers."""
+    local disk leaves a file replaced by rename to its readers. The call that change came through
+    is answered ESTALE and repeated by the kernel once only, so its repeat never meets ESTALE
+    again (`retry`)."""
 
     def __init__(self) -> None:
         self._readers: dict[int, list[Snapshot]] = {}
         """The cached readers open on each inode."""
         self._writing: Counter[str] = Counter()
         """Paths a write is being opened at, or made to."""
-        self._due: dict[str, float] = {}
-        """Paths given a new inode for a write the kernel is about to repeat there, until when."""
+        self._retries: dict[int, Retry] = {}
+        """Calls answered ESTALE that the kernel is about to repeat, by the caller's thread id."""
 
     def serving(self, rel: str, version: int, size: int, opener: str | None, others: Sequence[FileHandle]) -> Serving:
         """How to serve a read-only open of `version` (`size` bytes) of the managed file at `rel` by
@@ -183,14 +195,15 @@ class PageCache:
         - "direct" otherwise, so that each read reaches this handle and registers exactly what it
           returns: a write handle, another version or another agent's reader is open there; the
           file is empty (a cached read of it reaches no handle at all); or a write to it is under
-          way or due at this new inode, which no reader may take before it."""
+          way or about to be repeated (`retry`), which no reader may take the inode's page cache from."""
         snapshots = [h for h in others if isinstance(h, Snapshot)]
         if any(h.version != version for h in snapshots):
             return "fresh" if any(h.cached for h in snapshots) else "direct"
-        busy = rel in self._writing or self._due.get(rel, 0.0) > time.monotonic()
-        if len(snapshots) < len(others) or busy or size == 0 or any(h.opener != opener for h in snapshots):
+        now = time.monotonic()
+        due = any(r.writing and r.rel == rel and r.until > now for r in self._retries.values())
+        if len(snapshots) < len(others) or rel in self._writing or due or size == 0:
             return "direct"
-        return "cached"
+        return "direct" if any(h.opener != opener for h in snapshots) else "cached"
 
     def opened(self, inode: int, handle: Snapshot) -> None:
         """`handle` was opened on `inode` (as `serving` said)."""
@@ -213,17 +226,31 @@ class PageCache:
         """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""
         return inode in self._readers
 
-    def write_due(self, rel: str) -> None:
-        """A write to `rel` was sent to a new inode: until it comes (`writing`), reads of `rel` are
-        direct, so that none takes that inode's page cache first."""
+    def retry(self, tid: int, rel: str, writing: bool) -> None:
+        """A call by thread `tid` by the name `rel` was answered ESTALE: the kernel looks `rel` up
+        again and repeats the call once, on the inode that lookup answers; a second ESTALE would
+        reach the program. So until it lands (`landed`): for a write, its lookup gives it an inode
+        that no reader's page cache holds (see `retrying`), and no reader of `rel` starts using a
+        page cache; and if the inode its lookup answered lost its name meanwhile, the call is
+        served at the name (a call by name may take effect at any moment while it is under way)."""
         now = time.monotonic()
-        self._due = {k: t for k, t in self._due.items() if t > now}
-        self._due[rel] = now + WRITE_RETRY
+        self._retries = {t: r for t, r in self._retries.items() if r.until > now}
+        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT)
+
+    def retrying(self, tid: int, rel: str) -> Retry | None:
+        """The call of thread `tid` that the kernel is repeating by the name `rel`, if any."""
+        retry = self._retries.get(tid)
+        return retry if retry is not None and retry.rel == rel and retry.until > time.monotonic() else None
+
+    def landed(self, tid: int) -> Retry | None:
+        """Thread `tid` makes its next call after its lookup (or its lookup found nothing): the call
+        the kernel was repeating, if any, is over."""
+        retry = self._retries.pop(tid, None)
+        return retry if retry is not None and retry.until > time.monotonic() else None
 
     @contextlib.contextmanager
     def writing(self, rel: str) -> Iterator[None]:
         """A write to `rel` is being opened or made: meanwhile no reader of `rel` is cached."""
-        self._due.pop(rel, None)
         self._writing[rel] += 1
         try:
             yield

@@ -55,14 +55,20 @@ class InodeTable:
         """Inodes the kernel currently holds (and may cache attributes and data of)."""
         return list(self._lookups)
 
-    def forget(self, inode: int, count: int) -> None:
-        """The kernel dropped `count` references. The number stays bound to its path, so a file keeps
-        its inode number for the life of the mount (programs like vim compare it across a save)."""
+    def held(self, inode: int) -> bool:
+        """Whether the kernel holds `inode` (its lookups are not all forgotten)."""
+        return inode in self._lookups
+
+    def forget(self, inode: int, count: int) -> bool:
+        """The kernel dropped `count` references; returns whether it still holds the inode. The number
+        stays bound to its path, so a file keeps its inode number for the life of the mount
+        (programs like vim compare it across a save)."""
         left = self._lookups.get(inode, 0) - count
         if left > 0:
             self._lookups[inode] = left
-        else:
-            self._lookups.pop(inode, None)
+            return True
+        self._lookups.pop(inode, None)
+        return False
 
     def link(self, inode: int, path: str) -> None:
         """`path` (no name yet) is another name of `inode`, a hard link of its file (one unlinked while

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 import trio
@@ -24,6 +24,7 @@ from coherent_volume.errors import CoherenceError
 from coherent_volume.mounts import device_of, fuse_mounts
 from coherent_volume.paths import REGISTRY_DIR
 
+from . import direct
 from .identity import AgentResolver
 from .operations import CoherentOperations
 from .watcher import watch
@@ -70,8 +71,9 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fusermount3", *args], capture_output=True, text=True)
 
 
-def check_mountable(root: str, mountpoint: str) -> tuple[str, str]:
-    """Validate everything that can be checked before forking; returns (root, mountpoint) resolved."""
+def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ()) -> tuple[str, str, tuple[str, ...]]:
+    """Validate everything that can be checked before forking, then create the direct dirs that are
+    missing; returns (root, mountpoint) resolved and the direct dirs relative to the root."""
     if not os.path.exists("/dev/fuse"):
         raise MountError(
             "no /dev/fuse on this machine: FUSE is unavailable (load the fuse module, or give the "
@@ -92,21 +94,46 @@ def check_mountable(root: str, mountpoint: str) -> tuple[str, str]:
         raise MountError(f"mountpoint {mp} is inside the volume root {root_real}: mount it elsewhere")
     if os.listdir(mp):
         raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")
-    open_core(root_real).registry.close()  # a clear error now if ROOT is no volume
-    return root_real, mp
+    core = open_core(root_real)  # a clear error now if ROOT is no volume
+    try:
+        core.refuse_mount()  # a working copy that may not be mounted (yet)
+    finally:
+        core.registry.close()
+    if direct_dirs and os.geteuid() != 0:
+        raise MountError("--direct needs root: a bind mount needs CAP_SYS_ADMIN (mount as root, or without --direct)")
+    rels = direct.check(root_real, core.paths.globs, direct_dirs)
+    direct.make(root_real, rels)
+    return root_real, mp, rels
 
 
-async def _serve(ops: CoherentOperations, mountpoint: str, on_ready: Callable[[], None]) -> None:
+async def _serve(
+    ops: CoherentOperations, mountpoint: str, direct_dirs: Sequence[str], on_ready: Callable[[], None]
+) -> None:
+    root = ops.core.paths.root
     async with trio.open_nursery() as nursery:
         await nursery.start(watch, ops.core, ops.inodes, ops.own, mountpoint)
-        on_ready()
+        bound = trio.Event()
+
+        async def bind_then_ready() -> None:
+            # the binds look their targets up through this mount: made while the loop below serves
+            if direct_dirs:
+                await trio.to_thread.run_sync(direct.bind, root, mountpoint, direct_dirs)
+            bound.set()
+            on_ready()
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
+                    await bound.wait()
+                    if direct_dirs:  # before the mount they sit on, while it still serves their lookups
+                        try:
+                            await trio.to_thread.run_sync(direct.unbind, root, mountpoint, True)
+                        except (direct.DirectError, OSError) as e:
+                            log.warning("left the direct dirs to the unmount of %s: %s", mountpoint, e)
                     pyfuse3.terminate()
                     return
 
+        nursery.start_soon(bind_then_ready)
         nursery.start_soon(stop_on_signal)
         nursery.start_soon(_widen_readahead, mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -118,8 +145,16 @@ def _option_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_ready: Callable[[], None]) -> None:
-    """Mount and serve until unmounted or signalled. A crash leaves the mount dead, never bare."""
+def serve(
+    root: str,
+    mountpoint: str,
+    agent: str | None,
+    allow_other: bool,
+    on_ready: Callable[[], None],
+    direct_dirs: Sequence[str] = (),
+) -> None:
+    """Mount and serve until unmounted or signalled, the direct dirs bound over the mount while it
+    serves. A crash leaves the mount dead, never bare (its binds go with its next unmount)."""
     os.umask(0)  # callers' modes arrive with their own umask applied: never apply the daemon's on top
     core = open_core(root)
     resolver = AgentResolver(agent, os.getpid(), core.session_of)
@@ -137,7 +172,7 @@ def serve(root: str, mountpoint: str, agent: str | None, allow_other: bool, on_r
 
     clean = False
     try:
-        trio.run(_serve, ops, mountpoint, serving)
+        trio.run(_serve, ops, mountpoint, direct_dirs, serving)
         clean = True
     finally:
         pyfuse3.close(unmount=clean or not ready)  # a mount that never served leaves nothing behind
@@ -153,12 +188,16 @@ def _reason(e: BaseException) -> str:
     return str(e)
 
 
-def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool) -> None:
-    """Mount ROOT at MOUNTPOINT; without `foreground`, return once the mount works (daemon in background)."""
-    root, mountpoint = check_mountable(root, mountpoint)
+def mount(
+    root: str, mountpoint: str, agent: str | None, foreground: bool, allow_other: bool, direct_dirs: Sequence[str] = ()
+) -> None:
+    """Mount ROOT at MOUNTPOINT, each of `direct_dirs` (relative to ROOT) served by the kernel (see
+    fusefs/direct.py); without `foreground`, return once the mount and its binds work (daemon in
+    background)."""
+    root, mountpoint, rels = check_mountable(root, mountpoint, direct_dirs)
     if foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        serve(root, mountpoint, agent, allow_other, lambda: None)
+        serve(root, mountpoint, agent, allow_other, lambda: None, rels)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -179,7 +218,7 @@ def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow
             os.close(write_end)
 
         try:
-            serve(root, mountpoint, agent, allow_other, ready)
+            serve(root, mountpoint, agent, allow_other, ready, rels)
         except BaseException as e:  # report to the waiting parent if it is still waiting
             log.exception("mount daemon failed")
             try:
@@ -200,16 +239,21 @@ def mount(root: str, mountpoint: str, agent: str | None, foreground: bool, allow
 
 
 def unmount(mountpoint: str, timeout: float = 10.0) -> None:
-    """Unmount a volume; a busy mount is an error, not a lazy detach."""
-    mp = os.path.realpath(mountpoint) if not _is_dead(mountpoint) else os.path.abspath(mountpoint)
-    if mp not in fuse_mounts():
+    """Unmount a volume, its direct dirs first; a busy mount is an error, not a lazy detach, and
+    leaves the mount as it was. A dead mount (its daemon killed) is detached with its direct dirs."""
+    dead = _is_dead(mountpoint)
+    mp = os.path.abspath(mountpoint) if dead else os.path.realpath(mountpoint)
+    root = fuse_mounts().get(mp)
+    if root is None:
         raise MountError(f"{mp} is not a mounted volume")
+    unbound = [] if dead else direct.unbind(root, mp, lazy=False)
     result = _fusermount("-u", mp)
     if result.returncode != 0:
         if _is_dead(mp):
             result = _fusermount("-u", "-z", mp)
             if result.returncode == 0:
                 return
+        direct.bind(root, mp, unbound)
         reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
         if "busy" in reason.lower():
             raise MountError(

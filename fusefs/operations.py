@@ -97,7 +97,7 @@ class CoherentOperations(pyfuse3.Operations):
         self.root = core.paths.root
         self.resolver = resolver
         self.inodes = InodeTable()
-        self.backing = Backing(self.root)
+        self.backing = Backing(self.root, self.inodes.inode_if_known)
         self.files: dict[int, FileHandle] = {}
         self.file_inodes: dict[int, int] = {}
         self._renaming: dict[str, trio.Event] = {}
@@ -150,22 +150,29 @@ class CoherentOperations(pyfuse3.Operations):
     def _fresh_inode(self, rel: str) -> None:
         """Give the managed file at `rel` a new inode, leaving the old one to the readers of its page
         cache (`PageCache.used`); other callers' cached entries of the name are dropped. A caller
-        that answers ESTALE makes the kernel look the path up again and repeat the call there."""
+        that answers ESTALE (`_stale`) makes the kernel look the path up again and repeat the call there."""
         self.inodes.unlinked(rel)
         parent, _, name = rel.rpartition("/")
         parent_inode = self.inodes.inode_if_known(parent)
         if parent_inode is not None:
             trio.lowlevel.spawn_system_task(_forget_entry, parent_inode, os.fsencode(name))
 
+    def _stale(self, rel: str, ctx: pyfuse3.RequestContext, writing: bool) -> pyfuse3.FUSEError:
+        """ESTALE for a call by name whose inode is no longer (or must no longer be) its name's: the
+        kernel looks the name up again and repeats the call there, once. The mount expects that
+        repeat (`PageCache.retry`), so it never meets ESTALE again: see `lookup`, `open`, `setattr`."""
+        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing)
+        return pyfuse3.FUSEError(errno.ESTALE)
+
     @contextlib.contextmanager
-    def _writing(self, rel: str, inode: int) -> Iterator[None]:
+    def _writing(self, rel: str, inode: int, ctx: pyfuse3.RequestContext) -> Iterator[None]:
         """Around a write to the managed file at `rel` through `inode`: if readers use the inode's page
         cache, the file gets a new inode, where the kernel repeats the write (ESTALE); meanwhile no
         reader of `rel` starts using the page cache (`PageCache.writing`)."""
         if self.pages.used(inode):
-            self._fresh_inode(rel)
-            self.pages.write_due(rel)
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            if self.inodes.inode_if_known(rel) == inode:
+                self._fresh_inode(rel)
+            raise self._stale(rel, ctx, writing=True)
         with self.pages.writing(rel):
             yield
 
@@ -198,8 +205,17 @@ class CoherentOperations(pyfuse3.Operations):
         writer = self.writers.get(rel)
         return writer.stat() if writer is not None and viewer == writer.agent and writer.unsaved else None
 
-    def _attrs(self, rel: str, inode: int, viewer: str | None = None) -> pyfuse3.EntryAttributes:
-        st = self._stat(rel, inode)
+    def _attrs(
+        self, rel: str, inode: int, viewer: str | None = None, st: os.stat_result | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """The reply for `inode` at `rel` (`st`: its stat, when the caller just took it). The kernel
+        asks for a directory's attributes or name before it sends requests through it (permission
+        checks), so this is where a directory is anchored afresh, and an anchored one is looked
+        at through its new anchor (see `Backing.anchor`)."""
+        fresh = self.backing.anchor(inode, rel) if st is None and self.backing.anchored(inode) else None
+        st = fresh or st or self._stat(rel, inode)
+        if fresh is None and stat_mod.S_ISDIR(st.st_mode):
+            st = self.backing.anchor(inode, rel) or st
         entry = pyfuse3.EntryAttributes()
         for name in (
             "st_mode",
@@ -226,35 +242,37 @@ class CoherentOperations(pyfuse3.Operations):
         entry.attr_timeout = timeout
         return entry
 
-    def _inode_of(self, rel: str) -> int:
-        """The inode of `rel`. A name seen for the first time that is a hard link of an unmanaged file
-        the mount knows by another name is that file's inode, so that every name of a file shows one
-        inode number, as on disk (managed names never share: links to them are refused)."""
+    def _inode_of(self, rel: str, st: os.stat_result | None = None) -> tuple[int, os.stat_result | None]:
+        """The inode of `rel` and its stat: `st` (the caller's, just taken), else the one taken to tell
+        when the name is seen for the first time. Such a name that is a hard link of an unmanaged
+        file the mount knows by another name is that file's inode, so that every name of a file
+        shows one inode number, as on disk (managed names never share: links to them are refused)."""
         inode = self.inodes.inode_if_known(rel)
         if inode is not None and self._replaced(rel, inode):
             self._fresh_inode(rel)
             inode = None
         if inode is not None:
-            return inode
+            return inode, st
         try:
-            st = self.backing.lstat(rel)
+            st = st or self.backing.lstat(rel)
         except (FileNotFoundError, NotADirectoryError):
             raise  # a missing name gets no inode: every negative lookup would keep one
         except OSError:
-            return self.inodes.inode(rel)
+            return self.inodes.inode(rel), None
         if stat_mod.S_ISDIR(st.st_mode) or self.core.paths.managed(rel):
-            return self.inodes.inode(rel)
+            return self.inodes.inode(rel), st
         key = (st.st_dev, st.st_ino)
         inode = self._files.get(key)
         if inode is not None and st.st_nlink > 1 and self._holds(self.inodes.path(inode), st):
             self.inodes.link(inode, rel)  # (a backing inode number is reused once its file is gone)
-            return inode
+            return inode, st
         inode = self._files[key] = self.inodes.inode(rel)
-        return inode
+        return inode, st
 
-    def _entry(self, rel: str) -> pyfuse3.EntryAttributes:
-        """Attributes for a reply that the kernel will count as one lookup."""
-        attrs = self._attrs(rel, self._inode_of(rel))
+    def _entry(self, rel: str, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that the kernel will count as one lookup (`st`: its stat, just taken)."""
+        inode, st = self._inode_of(rel, st)
+        attrs = self._attrs(rel, inode, st=st)
         self.inodes.remember(rel)
         return attrs
 
@@ -265,13 +283,16 @@ class CoherentOperations(pyfuse3.Operations):
         parent = self.backing.lstat(rel.rpartition("/")[0])
         return ctx.uid, -1 if parent.st_mode & stat_mod.S_ISGID else ctx.gid
 
-    def _own(self, rel: str, ctx: pyfuse3.RequestContext) -> None:
-        """New entries belong to the caller, as on a local file system (the daemon runs as root)."""
-        if os.geteuid() == 0:
-            mode = self.backing.lstat(rel).st_mode
-            self.backing.chown(rel, *self._new_owner(rel, ctx))
-            if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) and not stat_mod.S_ISLNK(mode):
-                self.backing.chmod(rel, stat_mod.S_IMODE(mode))  # chown cleared the set-id bits it was made with
+    def _own(self, rel: str, ctx: pyfuse3.RequestContext) -> os.stat_result:
+        """New entries belong to the caller, as on a local file system (the daemon runs as root);
+        returns the entry's stat as it is now."""
+        st = self.backing.lstat(rel)
+        if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (ctx.uid, ctx.gid):
+            return st  # the caller's already (as made, or as its set-group-ID directory gave it)
+        self.backing.chown(rel, *self._new_owner(rel, ctx))
+        if st.st_mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) and not stat_mod.S_ISLNK(st.st_mode):
+            self.backing.chmod(rel, stat_mod.S_IMODE(st.st_mode))  # chown cleared the set-id bits it was made with
+        return self.backing.lstat(rel)
 
     def _fh(self) -> int:
         fh = self._next_fh
@@ -345,7 +366,17 @@ class CoherentOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
         await self._settled(rel)
-        return self._entry(rel)
+        retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
+        if retry is not None and retry.writing:  # the write needs an inode no reader's page cache holds
+            inode = self.inodes.inode_if_known(rel)
+            if inode is not None and self.pages.used(inode):
+                self._fresh_inode(rel)
+        try:
+            return self._entry(rel)
+        except FileNotFoundError:
+            if retry is not None:
+                self.pages.landed(ctx.pid)  # nothing to repeat it on
+            raise
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -354,7 +385,21 @@ class CoherentOperations(pyfuse3.Operations):
         if self._replaced(rel, inode):
             self._fresh_inode(rel)
             rel = self.inodes.path(inode)  # its readers' version: its open handles answer
+        elif "\0" in rel and not self._handles_on(inode):
+            rel = self._moved_on(rel)
         return self._attrs(rel, inode, await self._viewer(rel, ctx))
+
+    def _moved_on(self, rel: str) -> str:
+        """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
+        no open handle left: its name, if a regular file is there now, else `rel` (whose stat fails
+        ESTALE). A call by that name made as it moved on (the kernel checks permissions with a
+        getattr before an open) is answered by that file; the open itself is sent on (`_stale`)."""
+        name = rel.partition("\0")[0]
+        try:
+            st = self.backing.lstat(name)
+        except OSError:
+            return rel
+        return name if self.core.paths.managed(name) and stat_mod.S_ISREG(st.st_mode) else rel
 
     async def _settled(self, rel: str) -> None:
         """Wait for a rename in flight at or above `rel`: its disk change is made in a worker thread
@@ -383,6 +428,15 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self.inodes.path(inode)
         handle = self.files.get(fh) if fh is not None else None
         fd = handle.fd if isinstance(handle, Passthrough) else self._open_fd(inode, "\0" in rel)
+        repeat, by_name = self.pages.landed(ctx.pid), inode
+        if "\0" in rel and handle is None and (fields.update_size or fd is None):  # by a name gone or another's
+            if repeat is None or repeat.rel != rel.partition("\0")[0]:
+                raise self._stale(rel, ctx, writing=fields.update_size)
+            # the kernel's repeat, and its inode lost its name since its lookup: made at the name, now
+            rel, known = repeat.rel, self.inodes.inode_if_known(repeat.rel)
+            if known is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            by_name, fd = known, self._open_fd(known, False)
         self.own.note(rel)
         if fields.update_size:
             if handle is not None:
@@ -390,7 +444,7 @@ class CoherentOperations(pyfuse3.Operations):
                 if isinstance(handle, Shadow):
                     self.writers[handle.rel] = handle
             elif self._managed_file(rel):
-                with self._writing(rel, inode):
+                with self._writing(rel, by_name, ctx):
                     agent = await self._writer(ctx, rel)
                     await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
             else:
@@ -459,7 +513,7 @@ class CoherentOperations(pyfuse3.Operations):
         fh = self._fh()
         self.dirs[fh] = Listing(inode, [os.fsencode(n) for n in names], fd)
         # the caller sees which managed files are gone (its agent is looked up only if some are)
-        if self.core.paths.globs.may_match_below(rel) and await blocking(self.core.deletions_in, rel):
+        if self.core.paths.globs.reaches(rel) and await blocking(self.core.deletions_in, rel):
             agent = (await self._identity(ctx))[0]
             if agent is not None and agent_name_problem(agent) is None:
                 await blocking(self.core.note_listed, agent, rel)
@@ -471,10 +525,13 @@ class CoherentOperations(pyfuse3.Operations):
         for index in range(start_id, len(listing.names)):
             rel = self.inodes.child(listing.inode, listing.names[index])
             try:
-                attrs = self._attrs(rel, self._inode_of(rel))
+                inode, st = self._inode_of(rel)
+                attrs = self._attrs(rel, inode, st=st)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, listing.names[index], attrs, index + 1):
+                if not self.inodes.held(inode):  # not sent: the kernel will not forget it
+                    self.backing.release(inode)
                 return
             self.inodes.remember(rel)
 
@@ -489,8 +546,7 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self._child(parent_inode, name)
         self.own.note(rel)
         self.backing.mkdir(rel, mode & ~ctx.umask)
-        self._own(rel, ctx)
-        return self._entry(rel)
+        return self._entry(rel, self._own(rel, ctx))
 
     @guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -514,8 +570,7 @@ class CoherentOperations(pyfuse3.Operations):
             self._unpin(rel)
         else:
             self.backing.mknod(rel, mode & ~ctx.umask, rdev)
-        self._own(rel, ctx)
-        return self._entry(rel)
+        return self._entry(rel, self._own(rel, ctx))
 
     @guarded
     async def symlink(
@@ -652,42 +707,69 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         rel = self.inodes.path(inode)
-        if "\0" in rel:  # its name is gone, or another inode's now: the kernel looks it up again
-            raise pyfuse3.FUSEError(errno.ESTALE)
+        writing = _writable(flags) or bool(flags & os.O_TRUNC)
+        repeat = self.pages.landed(ctx.pid)
+        if "\0" in rel:  # its name is gone, or another inode's now
+            name = rel.partition("\0")[0]
+            if repeat is None or repeat.rel != name or not self._managed_file(name):
+                raise self._stale(rel, ctx, writing)  # the kernel looks it up again and repeats the open
+            rel = name  # the kernel's repeat, and its inode lost its name since its lookup: served at the name
+            if writing:
+                self._unpin(rel)  # the file there is written now: its readers' inode is theirs
         if not self._managed_file(rel):
-            if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            if writing:
                 self.own.note(rel)  # its close-after-write event is our own echo
             fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
             return pyfuse3.FileInfo(fh=self._open_file(Passthrough(fd, rel, _writable(flags)), inode), keep_cache=True)
-        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if not writing:
-            agent, pinned = await self._identity(ctx)
-            target = self._target(rel)
-            releasing = [h for h in self.releasing.values() if h.rel == rel]
-            await self._released(releasing)  # a write handle being released: its commit lands first
-            fd, version = await blocking(self.core.open_version, agent or "", target, register=False)
-            tracked = agent is not None and agent_name_problem(agent) is None
-            opener = agent if tracked else None
-            others = [*self._handles_on(inode), *(h for h in releasing if not h.released.is_set())]
-            how = self.pages.serving(rel, version, os.fstat(fd).st_size, opener, others)
-            if how == "fresh":
-                os.close(fd)
-                self._fresh_inode(rel)
-                raise pyfuse3.FUSEError(errno.ESTALE)
-            reader, program = self._reader(ctx.pid) if tracked else (None, None)
-            cached = how == "cached"
-            snapshot = Snapshot(
-                self.core, fd, version, target, opener, pinned, reader, program, opener=opener, cached=cached
-            )
-            self.pages.opened(inode, snapshot)
-            # a cached open drops the inode's pages (keep_cache=False), so its first read comes through it
-            return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=not cached, keep_cache=not cached)
-        with self._writing(rel, inode):
+            return await self._open_reading(rel, inode, ctx, repeat is not None)
+        with self._writing(rel, inode, ctx):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
             handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags)
             if handle.pending:  # O_TRUNC: its agent's stat sees the file cut, as on a local disk
                 self.writers[rel] = handle
             return pyfuse3.FileInfo(fh=self._open_file(handle, inode), direct_io=True)
+
+    async def _open_reading(self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: bool) -> pyfuse3.FileInfo:
+        """A read-only open of the managed file at `rel` through `inode` (`repeat`: the kernel's repeat
+        of an open answered ESTALE): the version current now, served through the page cache when
+        `PageCache.serving` allows. If the inode lost its name while the open was under way, or
+        the repeat meets a change made since its lookup, the open takes the version of the inode's
+        cached readers (current when it began), or without any, the file's now, uncached: a call
+        may take effect at any moment while it is under way, and a repeat must not fail ESTALE."""
+        agent, pinned = await self._identity(ctx)
+        target = self._target(rel)
+        await self._released([h for h in self.releasing.values() if h.rel == rel])  # their commits land first
+        fd, version = await blocking(self.core.open_version, agent or "", target, register=False)
+        tracked = agent is not None and agent_name_problem(agent) is None
+        opener = agent if tracked else None
+        releasing = (h for h in self.releasing.values() if h.rel == rel and not h.released.is_set())
+        writing = (h for h in self._writers_of(rel) if h.rel == rel and not (h.moved or h.unlinked))  # by any inode
+        others = [*self._handles_on(inode), *releasing, *writing]
+        st = os.fstat(fd)
+        how = self.pages.serving(rel, version, st.st_size, opener, others)
+        if "\0" in self.inodes.path(inode) or (how == "fresh" and repeat):
+            held = self.pages.readers(inode)
+            if held:
+                os.close(fd)
+                fd, version = os.dup(held[0].fd), held[0].version
+                how = self.pages.serving(rel, version, os.fstat(fd).st_size, opener, others)
+            else:
+                how = "direct"
+        elif how == "fresh":
+            os.close(fd)
+            self._fresh_inode(rel)
+            raise self._stale(rel, ctx, writing=False)
+        elif how == "cached" and not self._holds(rel, st):  # a commit landed while it was opened
+            how = "direct"
+        reader, program = self._reader(ctx.pid) if tracked else (None, None)
+        cached = how == "cached"
+        snapshot = Snapshot(
+            self.core, fd, version, target, opener, pinned, reader, program, opener=opener, cached=cached
+        )
+        self.pages.opened(inode, snapshot)
+        # a cached open drops the inode's pages (keep_cache=False), so its first read comes through it
+        return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=not cached, keep_cache=not cached)
 
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:
@@ -710,8 +792,11 @@ class CoherentOperations(pyfuse3.Operations):
         self.own.note(rel)
         if not self._managed_file(rel):
             fd = self.backing.open(rel, flags | os.O_CREAT, mode)
-            self._own(rel, ctx)
-            entry = self._entry(rel)
+            try:
+                entry = self._entry(rel, self._own(rel, ctx))
+            except BaseException:
+                os.close(fd)  # the program gets the error, not a descriptor: none may leak
+                raise
             return pyfuse3.FileInfo(
                 fh=self._open_file(Passthrough(fd, rel, _writable(flags)), entry.st_ino), keep_cache=True
             ), entry
@@ -805,4 +890,5 @@ class CoherentOperations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            self.inodes.forget(inode, count)
+            if not self.inodes.forget(inode, count):
+                self.backing.release(inode)

@@ -1,9 +1,9 @@
 """Foreign writes into the backing root while mounted: record them and drop stale kernel caches.
 
-watchdog runs in a process of its own (`watch_process`), so the echo of the mount's own writes
-never competes with FUSE requests for this interpreter; its batches of changed paths arrive on
-a pipe read by a trio task. Kernel invalidation runs in a worker thread: calling it from inside
-a handler can deadlock.
+inotify runs in a process of its own (`watch_process`), over the directories a managed glob can
+reach, so the echo of the mount's own writes never competes with FUSE requests for this
+interpreter; its batches of changed paths arrive on a pipe read by a trio task. Kernel
+invalidation runs in a worker thread: calling it from inside a handler can deadlock.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ async def _watch_once(
     stopped at cancellation."""
     # isolated (-I) and started in /: `-m` would otherwise import modules from the working
     # directory first, and the daemon runs as root while agents write into the volume
-    argv = [sys.executable, "-I", "-m", "fusefs.watch_process", core.paths.root, mountpoint]
+    argv = [sys.executable, "-I", "-m", "fusefs.watch_process", core.paths.root, mountpoint, *core.paths.globs.patterns]
     process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
     assert process.stdin is not None and process.stdout is not None
     watched = False

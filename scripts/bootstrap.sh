@@ -16,13 +16,24 @@ else
   python3 -c "import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
     || _need_apt+=(python3-dev)
 fi
-# programs a caller needs as "command:package" pairs (scripts/test: the programs the suite drives)
+# programs a caller needs as "command:package" pairs (scripts/test: the programs the suite drives);
+# a command given as a path pattern is looked for there (Debian keeps PostgreSQL's initdb off PATH)
 for _pair in ${BOOTSTRAP_PROGRAMS:-}; do
-  command -v "${_pair%%:*}" >/dev/null 2>&1 || _need_apt+=("${_pair#*:}")
+  _cmd="${_pair%%:*}"
+  if [[ "$_cmd" == */* ]]; then
+    compgen -G "$_cmd" >/dev/null || _need_apt+=("${_pair#*:}")
+  else
+    command -v "$_cmd" >/dev/null 2>&1 || _need_apt+=("${_pair#*:}")
+  fi
 done
 if [ ${#_need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${_need_apt[*]}" >&2
   _sudo=""; [ "$(id -u)" -eq 0 ] || _sudo="sudo"
+  if [[ " ${_need_apt[*]} " == *" postgresql "* ]]; then
+    # only the programs: the tests start throw-away clusters of their own, so Debian makes and starts none
+    $_sudo mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" | $_sudo tee /etc/postgresql-common/createcluster.d/no-main-cluster.conf >/dev/null
+  fi
   $_sudo apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $_sudo apt-get install -y -qq "${_need_apt[@]}" >&2
 fi
@@ -31,7 +42,7 @@ _stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$_stamp" ]; then
   echo "bootstrap: installing the package into .venv" >&2
   [ -x .venv/bin/python ] || python3 -m venv .venv >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mount,mcp,test]" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mount,mcp,test,postgresql]" >&2
   rm -f .venv/.installed-*
   touch "$_stamp"
 fi

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,31 @@ def root(tmp_path: Path) -> Path:
     CoherentVolume(r, managed=("plans/**", "*.md"), agent="setup").close()
     (r / "plans").mkdir()
     return r
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One private PostgreSQL cluster for the test session (tests/harness/pgcluster.py)."""
+    pytest.importorskip("psycopg")
+    from .harness.pgcluster import bindir, cluster
+
+    if bindir() is None:
+        pytest.skip("PostgreSQL's server binaries are not installed (Debian: postgresql)")
+    # in memory, without fsync: no test cuts the power; restarts and kills stay real
+    memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with cluster(settings={"fsync": "off"}, parent=memory) as c:
+        yield c
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A fresh database for this test on the session's cluster, owned by role cv (the cluster, and
+    every database in it, goes at the end of the session)."""
+    name = f"t_{secrets.token_hex(6)}"
+    if not pg_cluster.running():
+        pg_cluster.start()
+    pg_cluster.create_database(name)
+    return pg_cluster.url(name)
 
 
 @pytest.fixture

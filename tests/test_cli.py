@@ -39,6 +39,14 @@ def test_init_creates_and_is_idempotent(tmp_path: Path) -> None:
     assert clash.returncode == 1 and "a second policy is never applied" in clash.stderr
     bad = cv("init", str(tmp_path / "ws2"), "-m", "a**")
     assert bad.returncode == 1 and "malformed glob" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "ws2").exists(), "a refused init leaves no directory behind"
+
+
+def test_a_refused_init_leaves_no_directory_behind(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "ws"
+    r = cv("init", str(root), "-m", "plans/**", "--registry", "postgresql://cv:secret@127.0.0.1:1/cv", "--volume", "v")
+    assert r.returncode == 1 and "password" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_status_table_and_json(root: Path) -> None:

@@ -316,6 +316,13 @@ def test_a_patch_is_made_as_apply_patch_makes_it() -> None:
     assert codex.patched(text, adds.hunks) is None
     (crlf,) = parse_patch("*** Begin Patch\n*** Update File: f.py\n@@\n a\n-b\n+B\n*** End Patch\n")
     assert codex.patched("a\r\nb\r\nc\r\n", crlf.hunks) == "a\nB\nc\r\n", "a hunk's lines are the patch's"
+    indented = "class A:\n    def f(self):\n        x = 1\n"
+    (anchored,) = parse_patch(
+        "*** Begin Patch\n*** Update File: f.py\n@@ def f(self):\n-x = 1\n+x = 2\n*** End Patch\n"
+    )
+    assert codex.patched(indented, anchored.hunks) == "class A:\n    def f(self):\nx = 2\n", (
+        "an `@@` anchor is only sought: its line keeps the file's indentation"
+    )
 
 
 _hook = partial(timed_hook, "codex")

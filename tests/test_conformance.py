@@ -602,13 +602,10 @@ def test_paths_near_path_max_in_the_unmanaged_area(site: Site) -> None:
     site.compare("u", path_max_case(with_links=False))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: VolumeCore addresses files by absolute path (Target.abs = root/rel), so a managed path, or "
-    "a link or symlink anywhere, whose backing path reaches PATH_MAX fails ENAMETOOLONG (reported to the lead)",
-)
 @pytest.mark.parametrize("area", AREAS)
 def test_paths_near_path_max_with_links_and_in_the_managed_area(site: Site, area: str) -> None:
+    """The same in a managed glob, with hard links and symlinks: the core reaches a path whose backing
+    path reaches PATH_MAX beneath a descriptor of its directory (`paths.Target`)."""
     site.compare(area, path_max_case(with_links=True))
 
 

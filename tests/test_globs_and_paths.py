@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -156,10 +157,10 @@ def test_paths_with_dot_segments_resolve_to_their_canonical_form(vols, root: Pat
     assert alice._core.resolve("plans//a.md").rel == "plans/a.md"
 
 
-def test_which_directories_may_hold_managed_paths() -> None:
+def test_which_directories_a_glob_reaches() -> None:
     globs = ManagedGlobs.of(["plans/**", "*.md", "docs/*/x.txt"])
-    holds = {d: globs.may_match_below(d) for d in ("", "plans", "plans/a/b", "notes", "docs", "docs/q", "docs/q/r")}
-    assert holds == {
+    reached = {d: globs.reaches(d) for d in ("", "plans", "plans/a/b", "notes", "docs", "docs/q", "docs/q/r", "x.md")}
+    assert reached == {
         "": True,
         "plans": True,
         "plans/a/b": True,
@@ -167,5 +168,41 @@ def test_which_directories_may_hold_managed_paths() -> None:
         "docs": True,
         "docs/q": True,
         "docs/q/r": False,
+        "x.md": False,  # '*.md' is one segment at the root: nothing under a directory named x.md matches it
     }
-    assert ManagedGlobs.of(["**/*.md"]).may_match_below("any/depth/at/all")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reached", "not_reached"),
+    [
+        ("**/*.md", ["", "any/depth/at/all", ".hidden"], []),
+        ("**", ["", "a", "a/b/c"], []),
+        ("a/**/b.md", ["", "a", "a/x/y"], ["b", "x/a"]),
+        ("a/**", ["", "a", "a/b"], ["b", "ab"]),
+        ("a/b/c.md", ["", "a", "a/b"], ["a/b/c.md", "a/c", "b"]),
+        ("[pq]lans/*.md", ["", "plans", "qlans"], ["rlans", "plans/sub", "[pq]lans"]),
+        ("[!p]*/x", ["", "docs", "q"], ["p", "plans", "docs/x"]),
+        ("[]x]/a", ["", "]", "x"], ["y", "[]x]"]),
+        ("d?/x", ["", "da"], ["d", "dab", "d/"]),
+        ("plans/**", ["plans"], ["Plans", "PLANS", "plan", "plans2"]),  # case-sensitive, as `matches` is
+    ],
+)
+def test_reaches_decides_each_glob_form(pattern: str, reached: list[str], not_reached: list[str]) -> None:
+    globs = ManagedGlobs.of([pattern])
+    assert {d: globs.reaches(d) for d in reached + not_reached} == {
+        **dict.fromkeys(reached, True),
+        **dict.fromkeys(not_reached, False),
+    }
+
+
+@pytest.mark.parametrize("pattern", ["plans/**", "*.md", "**/*.md", "a/**/b/*.txt", "[a-c]?/**/z", "x/[!y]/*"])
+def test_every_ancestor_of_a_managed_path_is_reached_and_no_other_directory(pattern: str) -> None:
+    """`reaches` agrees with `matches`: over every directory of a sample tree, it is True exactly where
+    a sampled path below matches (the sample holds a matching path under each directory that can hold one)."""
+    names = ["plans", "a", "b", "x", "y", "z", "ab", "bq", "n.md", "t.txt", "Plans"]
+    paths = ["/".join(p) for depth in (1, 2, 3, 4) for p in itertools.product(names, repeat=depth)]
+    globs = ManagedGlobs.of([pattern])
+    holders = {"/".join(p.split("/")[:i]) for p in paths if globs.matches(p) for i in range(p.count("/") + 1)}
+    assert holders, "the sample must hold managed paths"
+    for directory in ["", *(p for p in paths if p.count("/") < 2)]:
+        assert globs.reaches(directory) == (directory in holders), directory

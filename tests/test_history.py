@@ -3,17 +3,25 @@ Python API, foreign writes, real processes and a real mount."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import sqlite3
 import subprocess
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from coherent_volume import CoherentVolume, DamagedContent, StaleWriteError, VersionGone
 from coherent_volume.fingerprint import content_hash
+from coherent_volume.registry import Transaction, objects
+from coherent_volume.registry.sqlite import SQLiteRegistry
 
 from .harness.mounts import Mount
+from .harness.volumes import sql, stored, tamper
 
 
 def _kinds(vol: CoherentVolume, path: str) -> list[tuple[int, str, str]]:
@@ -61,8 +69,8 @@ def test_identical_content_is_stored_once(root: Path, vols) -> None:
         alice.write(f"plans/same{i}.md", "the same bytes\n")
     alice.write("plans/same0.md", "other\n")
     alice.write("plans/same0.md", "the same bytes\n")
-    objects = [name for _, _, names in os.walk(root / ".coherent" / "objects") for name in names]
-    assert sorted(objects) == sorted([content_hash(b"the same bytes\n"), content_hash(b"other\n")])
+    stored = [digest for (digest,) in sql(root, "SELECT hash FROM contents")]
+    assert sorted(stored) == sorted([content_hash(b"the same bytes\n"), content_hash(b"other\n")])
 
 
 def test_a_stale_refusal_carries_the_diff_of_what_changed(vols) -> None:
@@ -137,12 +145,11 @@ def test_damaged_stored_content_is_reported_never_served(root: Path, vols) -> No
     alice.write("plans/p.md", "one\n")
     alice.write("plans/p.md", "two\n")
     digest = content_hash(b"one\n")
-    obj = root / ".coherent" / "objects" / digest[:2] / digest
-    obj.write_bytes(b"ONE\n")
+    tamper(root, digest, b"ONE\n")
     with pytest.raises(DamagedContent, match="damaged"):
         alice.read_version("plans/p.md", 1)
-    obj.unlink()
-    with pytest.raises(VersionGone, match="no longer retained"):
+    tamper(root, digest, None)  # removed outside the volume: its history still says retained
+    with pytest.raises(DamagedContent, match="the store is damaged"):
         alice.read_version("plans/p.md", 1)
 
 
@@ -167,18 +174,209 @@ def test_every_commit_through_the_mount_is_retained(root: Path, tmp_path: Path, 
     assert b"draft\n" in contents and b"draft\nmore\n" in contents and b"final\nmore\n" in contents
 
 
-def test_a_registry_from_before_history_gets_its_versions_table(root: Path, vols) -> None:
-    import sqlite3
-
-    vols("alice").write("plans/p.md", "one\n")
+def _as_schema_1(root: Path, *, history: bool) -> None:
+    """Turn a volume's registry into what schema version 1 made: content as files under
+    .coherent/objects (one per hash), no `contents` table; with `history` False, from before
+    history (no `versions` table either)."""
     db = sqlite3.connect(root / ".coherent" / "registry.db")
-    db.execute("DROP TABLE versions")
-    db.commit()
+    with db:
+        for (digest,) in db.execute("SELECT hash FROM contents"):
+            obj = root / ".coherent" / "objects" / digest[:2] / digest
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            obj.write_bytes(stored(root, digest) or b"")
+        db.execute("DROP TABLE contents")
+        db.execute("DROP TABLE content_parts")
+        if not history:
+            db.execute("DROP TABLE versions")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.close()
+
+
+def test_a_registry_from_before_history_gets_its_versions_table(root: Path, vols) -> None:
+    vols("alice").write("plans/p.md", "one\n")
+    _as_schema_1(root, history=False)
     with CoherentVolume(root, agent="bob") as bob:
         bob.read("plans/p.md")
         bob.write("plans/p.md", "two\n")
         assert [(v.version, v.kind) for v in bob.history("plans/p.md")] == [(2, "commit")]
+        assert bob.read_version("plans/p.md", 2) == b"two\n"
+
+
+def test_a_schema_1_store_moves_into_the_registry(root: Path, vols) -> None:
+    alice = vols("alice")
+    for text in ("one\n", "two\n", "three\n"):
+        alice.write("plans/p.md", text)
+    alice.write("plans/q.md", "one\n")  # the same content: stored once
+    alice.close()
+    _as_schema_1(root, history=True)
+    objects = root / ".coherent" / "objects"
+    digest = content_hash(b"two\n")
+    (objects / digest[:2] / digest).write_bytes(b"TWO\n")  # damaged on disk: must stay reported as damaged
+    (objects / "ab").mkdir()
+    (objects / "ab" / ".tmp-0123456789abcdef").write_bytes(b"a killed writer's temporary object")
+    unnamed = content_hash(b"an abandoned commit's object\n")
+    (objects / unnamed[:2]).mkdir(exist_ok=True)
+    (objects / unnamed[:2] / unnamed).write_bytes(b"an abandoned commit's object\n")
+    with CoherentVolume(root, agent="bob") as bob:
+        assert [bob.read_version("plans/p.md", v) for v in (1, 3)] == [b"one\n", b"three\n"]
+        assert bob.read_version("plans/q.md", 1) == b"one\n"
+        with pytest.raises(DamagedContent, match="damaged"):
+            bob.read_version("plans/p.md", 2)
+    assert not objects.exists(), "the old store is gone once its content is in the registry"
+    assert sql(root, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert sorted(d for (d,) in sql(root, "SELECT hash FROM contents")) == sorted(
+        content_hash(t) for t in (b"one\n", b"two\n", b"three\n")
+    ), "garbage (temporary and unnamed objects) is not carried over"
+    with CoherentVolume(root, agent="carol") as carol:  # opening a migrated registry again changes nothing
+        assert carol.read_version("plans/p.md", 3) == b"three\n"
+
+
+def _as_schema_2(root: Path) -> None:
+    """Turn a volume's registry into what schema version 2 made: each content whole in its
+    `contents` row, whatever its size, no `content_parts` table."""
+    db = sqlite3.connect(root / ".coherent" / "registry.db")
+    with db:
+        for (digest,) in db.execute("SELECT hash FROM contents").fetchall():
+            db.execute("UPDATE contents SET data = ? WHERE hash = ?", (stored(root, digest), digest))
+        db.execute("DROP TABLE content_parts")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.close()
+
+
+PART = 1000
+"""The part size the tests of content in parts set (`objects.PART`), so a few KB make several parts."""
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(objects, "PART", PART)
+    return PART
+
+
+def _parts(root: Path, digest: str) -> list[int]:
+    """Sizes of the stored parts of `digest`, in order (the first is in its `contents` row)."""
+    first = sql(root, "SELECT length(data) FROM contents WHERE hash = ?", (digest,))
+    rest = sql(root, "SELECT length(data) FROM content_parts WHERE hash = ? ORDER BY part", (digest,))
+    return [n for (n,) in first + rest]
+
+
+def test_a_schema_2_store_is_cut_into_parts(root: Path, vols, small_parts: int) -> None:
+    alice = vols("alice")
+    big, small = os.urandom(3 * small_parts + 10), b"small\n"
+    alice.write("plans/big.bin", big)
+    alice.write("plans/p.md", small)
+    alice.write("plans/p.md", b"two\n")
+    alice.close()
+    _as_schema_2(root)
+    whole = sql(root, "SELECT length(data) FROM contents WHERE hash = ?", (content_hash(big),))
+    assert whole == [(len(big),)], "schema 2 keeps a content whole in one row"
+    tamper(root, content_hash(small), b"SMALL\n")  # damaged: must stay reported as damaged
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read_version("plans/big.bin", 1) == big
+        assert bob.read_version("plans/p.md", 2) == b"two\n"
+        with pytest.raises(DamagedContent, match="damaged"):
+            bob.read_version("plans/p.md", 1)
+    assert sql(root, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert _parts(root, content_hash(big)) == [small_parts] * 3 + [10]
+    with CoherentVolume(root, agent="carol") as carol:  # opening a migrated registry again changes nothing
+        assert carol.read_version("plans/big.bin", 1) == big
+    assert _parts(root, content_hash(big)) == [small_parts] * 3 + [10]
+
+
+def test_content_larger_than_a_part_is_stored_in_parts(root: Path, vols, small_parts: int) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    committed = os.urandom(2 * small_parts + 1)
+    alice.write("plans/a.bin", committed)
+    foreign = os.urandom(5 * small_parts)
+    (root / "plans" / "b.bin").write_bytes(foreign)  # outside the volume: stored when it is noticed
+    assert bob.read("plans/b.bin") == foreign
+    (root / "plans" / "b2.bin").write_bytes(foreign)  # the same bytes again: stored once
+    assert bob.read("plans/b2.bin") == foreign
+    alice.write("plans/c.md", b"x" * small_parts)  # exactly one part
+    assert _parts(root, content_hash(committed)) == [small_parts, small_parts, 1]
+    assert _parts(root, content_hash(foreign)) == [small_parts] * 5
+    assert sql(root, "SELECT DISTINCT hash FROM content_parts ORDER BY hash") == sorted(
+        [(content_hash(committed),), (content_hash(foreign),)]
+    ), "parts only under stored contents"
+    assert _parts(root, content_hash(b"x" * small_parts)) == [small_parts], "content of one part is one row"
+    assert bob.read_version("plans/a.bin", 1) == committed
+    assert alice.read_version("plans/b.bin", 1) == foreign
+    assert [v.size for v in alice.history("plans/b.bin")] == [len(foreign)]
+    assert sql(root, "SELECT size FROM contents WHERE hash = ?", (content_hash(foreign),)) == [(len(foreign),)]
+
+
+def test_a_damaged_or_missing_part_is_reported_never_served(root: Path, vols, small_parts: int) -> None:
+    alice = vols("alice")
+    data = os.urandom(3 * small_parts)
+    alice.write("plans/a.bin", data)
+    digest = content_hash(data)
+    tamper(root, digest, os.urandom(small_parts), part=2)  # the same size, other bytes
+    with pytest.raises(DamagedContent, match="no longer hashes"):
+        alice.read_version("plans/a.bin", 1)
+    tamper(root, digest, None, part=1)
+    with pytest.raises(DamagedContent, match="2,000 bytes are stored, not its 3,000"):
+        alice.read_version("plans/a.bin", 1)
+    tamper(root, digest, None)  # the whole content, removed outside the volume
+    with pytest.raises(DamagedContent, match="the store is damaged"):
+        alice.read_version("plans/a.bin", 1)
+
+
+def test_a_store_that_finds_other_bytes_stores_no_part(root: Path, small_parts: int) -> None:
+    registry = SQLiteRegistry(str(root / ".coherent"), None)
+    expected = content_hash(os.urandom(3 * small_parts))
+    fd = os.open(root / "plans" / "changed.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, os.urandom(3 * small_parts))  # not the bytes `expected` is the hash of
+
+        def store(tx: Transaction) -> tuple[int, str]:
+            with pytest.raises(OSError) as changed:
+                tx.store(expected, fd)
+            return changed.value.errno or 0, tx.store(None, fd)  # the transaction stays usable
+
+        failed, digest = registry.transact(store)
+    finally:
+        os.close(fd)
+        registry.close()
+    assert failed == errno.EAGAIN
+    assert sql(root, "SELECT DISTINCT hash FROM content_parts") == [(digest,)], "nothing stored under the wrong hash"
+    assert _parts(root, digest) == [small_parts] * 3
+
+
+def _peak_allocated(action: Callable[[], object]) -> int:
+    """The most bytes Python held allocated at once while `action` ran, beyond what it held before."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_file_is_stored_and_restored_a_part_at_a_time(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part, size = 1 << 20, 64 << 20
+    monkeypatch.setattr(objects, "PART", part)
+    alice = vols("alice")
+    big = root / "plans" / "big.bin"
+    with open(big, "wb") as f:  # written outside the volume, sparse: nothing of it in this process's memory
+        f.write(b"head")
+        f.truncate(size)
+        f.seek(size - 4)
+        f.write(b"tail")
+    assert _peak_allocated(lambda: alice.version("plans/big.bin")) < 8 * part  # noticed: stored
+    first = alice.history("plans/big.bin")[0]
+    assert (first.kind, first.size, first.retained) == ("foreign", size, True)
+    assert len(sql(root, "SELECT 1 FROM content_parts WHERE hash = ?", (first.hash,))) == size // part - 1
+    big.write_bytes(b"small\n")
+    assert alice.read("plans/big.bin") == b"small\n"
+    assert _peak_allocated(lambda: alice.restore("plans/big.bin", 1)) < 8 * part
+    assert alice.version("plans/big.bin") == 3 and big.stat().st_size == size
+    hasher = xxhash.xxh3_128()
+    with open(big, "rb") as f:
+        while chunk := f.read(part):
+            hasher.update(chunk)
+    assert hasher.hexdigest() == first.hash
 
 
 def test_a_refusal_never_waits_for_a_large_diff_and_cuts_long_lines(vols) -> None:

@@ -14,6 +14,7 @@ from coherent_volume import CoherentVolume, StaleWriteError
 from coherent_volume.fingerprint import content_hash
 
 from .harness.mounts import CLI, Mount
+from .harness.volumes import tamper
 
 P = "plans/p.md"
 REFUSED, GONE, DAMAGED = 3, 4, 5
@@ -103,7 +104,7 @@ def test_show_prints_a_versions_bytes_as_they_are_and_registers_no_view(root: Pa
 def test_damaged_content_is_reported_never_printed(root: Path) -> None:
     _three_versions(root)
     digest = content_hash(b"intro\nstep one\nstep two\n")
-    (root / ".coherent" / "objects" / digest[:2] / digest).write_bytes(b"intro\nstep ONE\nstep two\n")
+    tamper(root, digest, b"intro\nstep ONE\nstep two\n")
     r = cv("show", root, P, "--version", "1")
     assert r.returncode == DAMAGED and "damaged" in r.stderr and "step ONE" not in r.stdout
     assert cv("diff", root, P, "1", "2").returncode == DAMAGED

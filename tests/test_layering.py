@@ -1,7 +1,7 @@
 """Layering: `coherent_volume` (core, API, CLI, hooks) never depends on the FUSE face.
 
-`fusefs` builds on `coherent_volume`, never the reverse; the FUSE libraries (pyfuse3, trio,
-watchdog) are an optional extra that only the mount commands load, inside the command. The MCP
+`fusefs` builds on `coherent_volume`, never the reverse; the FUSE libraries (pyfuse3,
+trio) are an optional extra that only the mount commands load, inside the command. The MCP
 SDK (the `mcp` extra) is loaded only inside `coherent_volume/mcp_server.py`'s functions, when
 `coherent-volume mcp` runs: the rest of the CLI and the hooks never import it.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FUSE_SIDE = ("fusefs", "pyfuse3", "trio", "watchdog")
+FUSE_SIDE = ("fusefs", "pyfuse3", "trio")
 LAZY_FUSEFS = {("coherent_volume/cli.py", "mount"), ("coherent_volume/cli.py", "unmount")}
 """The only places in coherent_volume that may import fusefs: inside the mount commands."""
 MCP_SIDE = ("mcp", "mcp_types", "pydantic", "anyio")
@@ -86,6 +86,35 @@ def test_the_mcp_sdk_is_imported_only_inside_the_mcp_servers_functions() -> None
     assert any(name == "mcp" for name, _, _ in _imports(REPO / MCP_SERVER)), "the server uses the SDK"
 
 
+PG_SIDE = ("psycopg", "psycopg_pool", "psycopg_binary", "psycopg_c")
+"""The PostgreSQL driver (the `postgresql` extra)."""
+PG_BACKEND = "coherent_volume/registry/postgresql.py"
+
+
+def _type_checking_lines(path: Path) -> set[int]:
+    """Lines inside `if TYPE_CHECKING:` blocks (imports there are for mypy only, never run)."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def test_the_postgresql_driver_is_imported_only_inside_the_postgresql_backends_functions() -> None:
+    violations = []
+    for module in sorted((REPO / "coherent_volume").rglob("*.py")):
+        rel = module.relative_to(REPO).as_posix()
+        for_mypy = _type_checking_lines(module)
+        for name, function, line in _imports(module):
+            if name in PG_SIDE and line not in for_mypy and (rel != PG_BACKEND or function is None):
+                violations.append(
+                    f"{rel}:{line} imports {name}" + (f" in {function}()" if function else " at module level")
+                )
+    assert not violations, "only the PostgreSQL backend's functions may import psycopg:\n" + "\n".join(violations)
+    assert any(name == "psycopg" for name, _, _ in _imports(REPO / PG_BACKEND)), "the backend uses the driver"
+
+
 def test_fusefs_builds_on_coherent_volume() -> None:
     """The allowed direction: the FUSE face imports the core (and nothing in the core imports it back)."""
     importers = {
@@ -120,7 +149,7 @@ for name, tool in (("PostToolUse", "Read"), ("PreToolUse", "Write"), ("PostToolU
         main(["hook", "claude-code"], standalone_mode=False)
     except Exited as e:
         assert e.args[0] == 0, e.args
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fusefs", "pyfuse3", "trio", "watchdog", "rich", "mcp", "mcp_types", "pydantic", "anyio"))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fusefs", "pyfuse3", "trio", "rich", "mcp", "mcp_types", "pydantic", "anyio", "psycopg", "psycopg_pool"))
 print("LOADED " + json.dumps(loaded))
 """
 
@@ -135,6 +164,7 @@ def test_the_hook_path_loads_nothing_of_fuse(root: Path) -> None:
     assert not [m for m in loaded if m.split(".")[0] in FUSE_SIDE], loaded
     assert not [m for m in loaded if m.startswith("rich")], f"the hook needs no rich: {loaded}"
     assert not [m for m in loaded if m.split(".")[0] in MCP_SIDE], f"the hook needs no MCP SDK: {loaded}"
+    assert not [m for m in loaded if m.split(".")[0] in PG_SIDE], f"a SQLite volume needs no psycopg: {loaded}"
 
 
 def test_the_mount_commands_load_fusefs_only_when_run() -> None:

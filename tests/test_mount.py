@@ -239,12 +239,14 @@ def test_a_killed_watcher_is_restarted_and_the_mount_keeps_serving(mounted: Moun
 
 
 def test_the_daemon_never_imports_code_from_the_callers_directory(root: Path, tmp_path: Path) -> None:
-    """The daemon runs as root and agents write into volumes: a `watchdog` package planted in the
-    directory `mount` is run from must not be imported by the daemon or its watcher process."""
+    """The daemon runs as root and agents write into volumes: packages planted in the directory
+    `mount` is run from, named as what the daemon (`trio`) and its watcher process (`ctypes`,
+    `select`) import, must not be imported by either."""
     planted = tmp_path / "cwd"
-    (planted / "watchdog").mkdir(parents=True)
     marker = tmp_path / "imported"
-    (planted / "watchdog" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for name in ("trio", "ctypes", "select"):
+        (planted / name).mkdir(parents=True)
+        (planted / name / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     mp = tmp_path / "mnt"
     mp.mkdir()
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +118,53 @@ def test_an_empty_or_foreign_registry_file_is_left_untouched(root: Path) -> None
     with pytest.raises(RegistryError, match="not a coherent-volume registry"):
         CoherentVolume(root, agent="bob")
     assert db.read_bytes() == before
+
+
+def _failing_finishes(vol: CoherentVolume, monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:
+    """Make the registry unreachable for the next `failures` transactions that record an installed
+    commit (the second transaction of a write), as a database restart would."""
+    registry = vol._core.registry
+    transact = registry.transact
+    seen: list[str] = []
+
+    def flaky(fn: Callable[..., Any]) -> Any:
+        if getattr(fn, "__name__", "") == "finish" and len(seen) < failures:
+            seen.append("failed")
+            raise RegistryError("registry at db:5432 is unreachable; nothing was written", 5)
+        return transact(fn)
+
+    monkeypatch.setattr(registry, "transact", flaky)
+    return seen
+
+
+def test_a_commit_whose_record_fails_a_while_is_recorded_as_the_writers(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change is on disk and its intent recorded when the registry goes away: the write keeps
+    trying (bounded) and reports success once its version is recorded as the writer's, never a
+    failure for a commit that landed (a caller would apply it twice)."""
+    with CoherentVolume(root, agent="alice") as vol:
+        vol.write(P, b"one")
+        failed = _failing_finishes(vol, monkeypatch, 3)
+        assert vol.write(P, b"two") == 2
+        assert failed == ["failed"] * 3
+        assert [(v.version, v.writer, v.kind) for v in vol.history(P)][0] == (2, "alice", "commit")
+        assert vol.version(P) == 2
+
+
+def test_a_commit_that_cannot_be_recorded_in_time_says_it_is_pending_and_lands_later(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coherent_volume.core import writes
+
+    monkeypatch.setattr(writes, "FINISH_WAIT", 0.3)
+    with CoherentVolume(root, agent="alice") as vol:
+        vol.write(P, b"one")
+        _failing_finishes(vol, monkeypatch, 1000)
+        with pytest.raises(RegistryError) as pending:
+            vol.write(P, b"two")
+        assert "is on disk and its commit is pending" in str(pending.value)
+        assert "do not write it again" in str(pending.value)
+    with CoherentVolume(root, agent="bob") as bob:  # any next operation records it as alice's
+        assert bob.read(P) == b"two"
+        assert [(v.version, v.writer) for v in bob.history(P)][:2] == [(2, "alice"), (1, "alice")]

@@ -3,7 +3,6 @@ version some agent's view points at, or a path's last `keep_last`."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,10 +10,14 @@ import pytest
 
 from coherent_volume import CoherentVolume, Policy, Retention, StaleWriteError, VersionGone, VolumeConfigError
 from coherent_volume.fingerprint import content_hash
+from coherent_volume.registry import objects
+
+from .harness.volumes import sql
 
 
 def _objects(root: Path) -> set[str]:
-    return {name for _, _, names in os.walk(root / ".coherent" / "objects") for name in names}
+    """The hashes whose content the store keeps."""
+    return {digest for (digest,) in sql(root, "SELECT hash FROM contents")}
 
 
 def _retained(vol: CoherentVolume, path: str) -> list[int]:
@@ -69,6 +72,22 @@ def test_content_shared_with_a_kept_version_stays_stored(root: Path, vols) -> No
     assert _retained(alice, "plans/p.md") == [2]
     assert content_hash(b"same\n") in _objects(root)
     assert alice.read_version("plans/q.md", 1) == b"same\n"
+
+
+def test_pruning_content_stored_in_parts_frees_every_part(root: Path, vols, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(objects, "PART", 1000)
+    alice = vols("alice")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    versions = [bytes([i]) * 3500 for i in range(3)]  # 4 parts each
+    for data in versions:
+        alice.write("plans/p.bin", data)
+    assert len(sql(root, "SELECT 1 FROM content_parts")) == 3 * 3
+    pruned = alice.prune()
+    assert (pruned.versions, pruned.objects, pruned.bytes) == (2, 2, 2 * 3500)
+    assert _objects(root) == {content_hash(versions[-1])}
+    assert {h for (h,) in sql(root, "SELECT hash FROM content_parts")} == {content_hash(versions[-1])}
+    assert len(sql(root, "SELECT 1 FROM content_parts")) == 3, "the kept version keeps all of its parts"
+    assert alice.read_version("plans/p.bin", 3) == versions[-1]
 
 
 def test_a_size_budget_prunes_the_oldest_first_down_to_the_floor(vols) -> None:

@@ -28,7 +28,8 @@ from coherent_volume import CoherentVolume, VersionGone
 from .harness import CLI, REPO, checker
 from .harness.history import History
 from .harness.mounts import Mount
-from .harness.volumes import audit_store, create, object_file, read_log
+from .harness.volumes import audit_store, create, read_log, tamper
+from .harness.volumes import sql as audit_sql
 
 FILES = ("plans/a.md", "plans/b.md", "plans/c.md")
 SIZES = (0, 1, 100, 4096, 70_000, 300_000)
@@ -328,8 +329,8 @@ def test_the_auditor_finds_a_missing_and_a_damaged_object_in_a_real_store(tmp_pa
         vol.write("plans/a.md", "two\n")
         first, second = (v.hash for v in reversed(vol.history("plans/a.md")))
     assert first is not None and second is not None
-    object_file(root, first).unlink()
-    object_file(root, second).write_bytes(b"tw0\n")
+    tamper(root, first, None)
+    tamper(root, second, b"tw0\n")
     verdict = checker.Verdict()
     checker.check_store(History("file", True, store=audit_store(root, [])), {}, verdict)
     assert set(verdict.kinds) == {"store-missing", "store-damaged"}
@@ -383,3 +384,57 @@ def test_the_content_store_is_as_private_as_the_registry(tmp_path: Path) -> None
         if p.stat().st_mode & 0o077
     ]
     assert not reachable, reachable
+
+
+# ---- a commit's content is stored with its intent, and goes with an abandoned one ----
+
+STOPPED_AT_RENAME = """
+import os, sys, time
+from coherent_volume import CoherentVolume, atomic
+root, when = sys.argv[1:]
+replace = os.replace
+
+def stop_here(src, dst):
+    if when == "after":
+        replace(src, dst)
+    print("ready", flush=True)
+    time.sleep(600)
+
+vol = CoherentVolume(root, agent="victim")
+vol.read("plans/a.md")
+atomic.os.replace = stop_here
+vol.write("plans/a.md", "the victim's content\\n")
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_writer_killed_at_its_rename_leaves_its_content_stored_exactly_when_its_version_is(
+    tmp_path: Path, when: str
+) -> None:
+    root = create(tmp_path / "vol")
+    with CoherentVolume(root, agent="seed") as seed:
+        seed.write("plans/a.md", "v1\n")
+    victim = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_AT_RENAME, str(root), when], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+        digest = xxhash.xxh3_128_hexdigest(b"the victim's content\n")
+        stored = {d for (d,) in audit_sql(root, "SELECT hash FROM contents")}
+        assert digest in stored, "the content is stored in the transaction that records the intent"
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write("plans/b.md", "b\n")  # any commit-locked operation completes or abandons the intent
+        history = [(v.version, v.writer) for v in bob.history("plans/a.md")]
+        if when == "after":  # completed: the victim's version, its bytes kept
+            assert history == [(2, "victim"), (1, "seed")]
+            assert bob.read_version("plans/a.md", 2) == b"the victim's content\n"
+        else:  # abandoned: no version, and its content went with its intent
+            assert history == [(1, "seed")]
+            assert bob.read("plans/a.md") == b"v1\n"
+            assert digest not in {d for (d,) in audit_sql(root, "SELECT hash FROM contents")}
+    audit = audit_store(root, ["plans/a.md"])
+    assert (audit.unnamed_objects, audit.temp_files) == (0, 0)
+    assert audit_sql(root, "SELECT count(*) FROM intents") == [(0,)]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 
 from ..errors import VolumeConfigError
+from ..filesystems import refuse_network_root
 from ..globs import ManagedGlobs
 from ..paths import REGISTRY_DIR
+from ..registry import LOCATION_FILE, postgresql
 from ..registry.sqlite import SQLiteRegistry
 from .base import Isolation, validate_agent
 from .reads import Observed
@@ -34,11 +36,19 @@ class VolumeCore(Renames, Sessions):
     """The protocol over one root and its registry; thread-safe; one per process per volume."""
 
 
-def open_core(root: str | os.PathLike[str], managed: object = None) -> VolumeCore:
-    """Open (or, given managed globs, create) the volume at `root`, choosing its registry backend;
-    shared by every face."""
+def open_core(
+    root: str | os.PathLike[str], managed: object = None, *, registry: str | None = None, volume: str | None = None
+) -> VolumeCore:
+    """Open (or, given managed globs, create) the volume at `root`, choosing its registry backend:
+    the PostgreSQL volume the root records (or, given `registry`, a postgresql:// URL, and `volume`,
+    its name there: creates or opens it and records it), else the root's SQLite registry; shared by
+    every face."""
     real = os.path.realpath(root)
     if not os.path.isdir(real):
         raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
     globs = None if managed is None else ManagedGlobs.of(managed)
-    return VolumeCore(real, SQLiteRegistry(os.path.join(real, REGISTRY_DIR), globs))
+    refuse_network_root(real)  # whatever the registry, a root serves one kernel
+    directory = os.path.join(real, REGISTRY_DIR)
+    if registry is not None or os.path.exists(os.path.join(directory, LOCATION_FILE)):
+        return VolumeCore(real, postgresql.open_postgres(directory, real, globs, registry, volume))
+    return VolumeCore(real, SQLiteRegistry(directory, globs))

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
-from .. import diffs
-from ..errors import CoherenceError, MergeConflict, StaleWriteError, VersionGone
+from .. import atomic, diffs
+from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone
 from ..paths import Target
 from ..policy import DAY, Policy, prunable
 from ..protocol import Version, current_version, may_merge
@@ -22,15 +25,27 @@ MERGE_ATTEMPTS = 8
 """Merges of one write tried while other commits keep landing between a merge and its commit."""
 PRUNE_EVERY = 3600.0
 """Seconds between automatic prunes of a volume (run by a commit that finds one due)."""
-SWEEP_AFTER = 3600.0
-"""Age (seconds) after which a prune removes stored content nothing names (left by a killed writer)."""
 PRUNE_BATCH = 500
 """Most versions an automatic prune drops at once, so the commit that runs it is not held up long."""
 
 
+@contextmanager
+def _kept_content(what: str) -> Iterator[None]:
+    """Around a load of content whose history entry says it is retained: none stored under its
+    hash is damage (DamagedContent), never a prune (VersionGone)."""
+    try:
+        yield
+    except VersionGone as e:
+        raise DamagedContent(
+            f"{what}: its history says its content is retained, but the content store holds none under its "
+            "hash: the store is damaged (content removed outside the volume, or restored from an older "
+            "backup); it is not served"
+        ) from e
+
+
 @dataclass(frozen=True)
 class Pruned:
-    """What a prune did: versions whose bytes it dropped, objects removed and bytes freed."""
+    """What a prune did: versions whose bytes it dropped, stored contents removed and bytes freed."""
 
     versions: int
     objects: int
@@ -72,6 +87,14 @@ class History(Writes):
 
     def _stored(self, target: Target, version: int, entry: Version | None) -> bytes:
         """The retained bytes of `version` (whose history entry is `entry`): `read_version`'s errors."""
+        digest, what = self._kept(target, version, entry)
+        with self.registry.read() as tx, _kept_content(what):
+            return tx.load(digest, what)
+
+    @staticmethod
+    def _kept(target: Target, version: int, entry: Version | None) -> tuple[str, str]:
+        """The hash of `version`'s retained content (history entry `entry`) and how errors name it;
+        VersionGone if it has none that is kept."""
         what = f"{target.rel!r} version {version}"
         if entry is None:
             raise VersionGone(f"{what} is not in its history (versions are numbered from 1)")
@@ -82,7 +105,7 @@ class History(Writes):
                 f"{what}: its content is not kept (pruned by the volume's retention policy, or it changed "
                 "again while it was being recorded)"
             )
-        return self.registry.load(entry.hash, what)
+        return entry.hash, what
 
     def seen(self, agent: str, target: Target) -> int | None:
         """The version `agent` last read (its view) of `target`, if any."""
@@ -125,13 +148,17 @@ class History(Writes):
     ) -> int:
         """A face's write of whole content: merged when a refusal allows it and `merge` asks for it
         or the volume's policy names the path (`write_merging`), else a plain commit; a refusal
-        carries its diff."""
-        if target.managed and (merge or self.policy().merges(target.rel)):
+        carries its diff. The policy is read only once a write is refused (a write that goes
+        through is the same commit either way)."""
+        if target.managed and merge:
             return self.write_merging(agent, target, data, isolation)
         try:
             return self.commit(agent, target, data, isolation=isolation)
-        except StaleWriteError as refusal:
-            raise self.refusal_diff(refusal) from None
+        except StaleWriteError as e:
+            refusal = e
+        if target.managed and self.policy().merges(target.rel):
+            return self.write_merging(agent, target, data, isolation, refused=refusal)
+        raise self.refusal_diff(refusal)
 
     def write_merging(
         self,
@@ -187,12 +214,24 @@ class History(Writes):
 
     def restore(self, agent: str, target: Target, version: int) -> int:
         """Commit the bytes of `version` again as a new version (kind `restore`), with the checks
-        of any write (StaleWriteError, with its diff, if `agent` is not current)."""
-        data = self.read_version(target, version)
+        of any write (StaleWriteError, with its diff, if `agent` is not current); `read_version`'s
+        errors. The bytes go from the store to the staged file a part at a time, never whole in
+        memory (damaged ones are never staged: the check after the last part discards them)."""
+        self._require_managed(target, "restore")
+        self.version(target)  # a foreign change is recorded first, so that its version can be restored
+        digest, what = self._kept(target, version, self._entries(target, version)[0])
+
+        def fill(write: Callable[[bytes], None]) -> None:
+            with self.registry.read() as tx, _kept_content(what):
+                tx.load_into(digest, what, write)
+
+        staged = atomic.stage_written(target.abs, digest, fill)
         try:
-            return self.commit(agent, target, data, made=("restore", (version,)))
+            return self.commit(agent, target, staged, made=("restore", (version,)))
         except StaleWriteError as e:
             raise self.refusal_diff(e) from None
+        finally:
+            staged.discard()  # consumed by the commit, unless it refused before taking it
 
     # ---- policy and retention -----------------------------------------------------
 
@@ -207,8 +246,8 @@ class History(Writes):
         """Drop the bytes of versions the retention policy no longer keeps (`policy.prunable`:
         never a current or viewed version, nor one of a path's last `keep_last`): older than
         `keep_days`, then, over `max_bytes`, the oldest others until the content fits. Each path is
-        decided in its own short transaction and objects are removed under the commit lock only
-        once nothing names them, so writers are never held up for long. At most `limit` versions."""
+        decided in its own short transaction, which also removes the content nothing names any
+        more, so writers are never held up for long. At most `limit` versions."""
         now = time.time() if now is None else now
         retention = self.policy().retention
         with self.registry.read() as tx:
@@ -221,33 +260,28 @@ class History(Writes):
             current = current_version(tx.file(path))
             return prunable(tx.history(path), current, tx.viewed(path), retention.keep_last)
 
-        def prune_path(path: str, choose: str) -> list[str]:
-            def decide(tx: Transaction) -> list[str]:
-                chosen = [v for v in candidates(tx, path) if choose == "all" or v.at < older_than]
-                if budget >= 0:
-                    chosen = chosen[: max(budget - versions, 0)]
-                for v in chosen:
-                    tx.prune(path, v.version)
-                return [v.hash for v in chosen if v.hash is not None]
+        def drop(tx: Transaction, chosen: list[Version]) -> tuple[int, int, int]:
+            """Prune `chosen` and remove the contents nothing names any more: (versions, contents,
+            bytes freed)."""
+            for v in chosen:
+                tx.prune(v.path, v.version)
+            sizes = [tx.drop(h) for h in {v.hash for v in chosen if v.hash is not None} if not tx.in_use(h)]
+            return len(chosen), sum(1 for size in sizes if size), sum(sizes)
 
-            return self._transact(decide)
+        def add(done: tuple[int, int, int]) -> None:
+            nonlocal versions, objects, freed
+            versions, objects, freed = versions + done[0], objects + done[1], freed + done[2]
 
-        def drop(hashes: list[str]) -> None:
-            nonlocal objects, freed
-            with self.registry.commit_lock():
-                with self.registry.read() as tx:
-                    unused = [h for h in set(hashes) if not tx.in_use(h)]
-                for digest in unused:
-                    size = self.registry.drop(digest)
-                    objects += 1 if size else 0
-                    freed += size
+        def prune_old(tx: Transaction, path: str) -> tuple[int, int, int]:
+            chosen = [v for v in candidates(tx, path) if v.at < older_than]
+            if budget >= 0:
+                chosen = chosen[: max(budget - versions, 0)]
+            return drop(tx, chosen)
 
         for path in paths:
             if budget >= 0 and versions >= budget:
                 break
-            hashes = prune_path(path, "old")
-            versions += len(hashes)
-            drop(hashes)
+            add(self._transact(partial(prune_old, path=path)))
         if retention.max_bytes is not None:
             cap = retention.max_bytes
             with self.registry.read() as tx:
@@ -256,24 +290,16 @@ class History(Writes):
                 if budget >= 0 and versions >= budget:
                     break
 
-                def one(tx: Transaction, v: Version = v) -> bool | None:
-                    """None: the content fits; False: `v` may no longer be pruned."""
+                def one(tx: Transaction, v: Version = v) -> tuple[int, int, int] | None:
+                    """None: the content fits; no versions: `v` may no longer be pruned."""
                     if tx.retained_bytes() <= cap:
                         return None
-                    if v not in candidates(tx, v.path):
-                        return False
-                    tx.prune(v.path, v.version)
-                    return True
+                    return drop(tx, [v] if v in candidates(tx, v.path) else [])
 
                 outcome = self._transact(one)
                 if outcome is None:
                     break
-                if outcome and v.hash is not None:
-                    versions += 1
-                    drop([v.hash])
-        # what killed writers left unnamed, an hour old or more
-        with self.registry.commit_lock(), self.registry.read() as tx:
-            freed += self.registry.sweep(now - SWEEP_AFTER, tx.in_use)
+                add(outcome)
         return Pruned(versions, objects, freed)
 
     def prune_if_due(self, now: float | None = None) -> Pruned | None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
 from dataclasses import dataclass
 
+from ..errors import RegistryError
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_fd, hash_path, read_fd, read_file
 from ..liveness import ProcessId
 from ..paths import REGISTRY_DIR, Target
@@ -18,6 +21,8 @@ from ..protocol import (
 )
 from ..registry import Registry, Transaction
 from .base import CoreBase
+
+log = logging.getLogger(__name__)
 
 NOT_UTF8 = (
     "its name is not valid UTF-8: the volume records paths as UTF-8, so it cannot record or protect "
@@ -68,7 +73,13 @@ class Reads(CoreBase):
             key = (agent, target.rel)
             now = time.monotonic()
             confirmed = self._confirmed.get(key)
-            if register and confirmed is not None and confirmed[:2] == (fp, digest) and now < confirmed[3]:
+            if (
+                register
+                and self.replica is None  # a working copy's inode does not move when another host commits
+                and confirmed is not None
+                and confirmed[:2] == (fp, digest)
+                and now < confirmed[3]
+            ):
                 return Observed(data, confirmed[2])
             version = self._pair(agent, target, digest, register)
             if version is not None:
@@ -112,6 +123,7 @@ class Reads(CoreBase):
             return fd, version
         os.close(fd)
         with self.registry.commit_lock():  # no commit between the open and the sync
+            self._catch_up(target)
             fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 disk = (Fingerprint.of(os.fstat(fd)), hash_fd(fd))
@@ -131,6 +143,7 @@ class Reads(CoreBase):
     def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
         with self.registry.commit_lock():  # no commit between the read and the sync
+            self._catch_up(target)
             try:
                 data, fp = read_file(target.abs)
                 disk: tuple[Fingerprint | None, str | None] = (fp, content_hash(data))
@@ -149,6 +162,13 @@ class Reads(CoreBase):
         assert record is not None
         return Observed(data, record.version)
 
+    def _catch_up(self, target: Target) -> None:
+        """In a working copy (`CoreBase.replica`), under the commit lock: install the current version
+        of `target` if this copy is behind (a foreign change is recorded instead), so that what is
+        read next is the current version's bytes, served and registered as such."""
+        if self.replica is not None:
+            self._transact(lambda tx: self._sync(tx, target, tx.file(target.rel)))
+
     def version(self, target: Target) -> int:
         """Current committed version of a managed path (0 if it never existed), foreign changes included."""
         self._require_managed(target, "version")
@@ -161,7 +181,19 @@ class Reads(CoreBase):
             return current_version(record)
         if record is not None and record.present and fp is not None and hash_path(target.abs) == record.hash:
             return record.version  # same content, only the fingerprint is unproven: no lock needed
-        return self._transact(lambda tx: current_version(self._sync(tx, target, tx.file(target.rel))))
+        try:
+            return self._transact(lambda tx: current_version(self._sync(tx, target, tx.file(target.rel))))
+        except RegistryError as e:
+            if e.errno != errno.EROFS:
+                raise
+            log.warning(
+                "%s: the file differs from its record in the registry, which is read-only: the change is not "
+                "recorded, and the registry's version %d is reported (%s)",
+                target.rel,
+                current_version(record),
+                e,
+            )
+            return current_version(record)
 
     def stale(self, agent: str) -> list[str]:
         """Managed paths `agent` has read whose current version is not the one it read."""
@@ -207,7 +239,15 @@ class Reads(CoreBase):
                     failed.append((rel, str(e)))
             return failed
 
-        return unchecked + self._transact(sync)
+        try:
+            return unchecked + self._transact(sync)
+        except RegistryError as e:
+            if e.errno != errno.EROFS:
+                raise
+            with self.registry.read() as tx:  # what can be read: which files are out of step
+                differ = [rel for rel in sorted(recorded | on_disk) if not self._in_step(tx, self.paths.of_rel(rel))]
+            why = f"it differs from its record, and the registry could not record the change ({e})"
+            return unchecked + [(rel, why) for rel in differ]
 
     def note_read(
         self,

@@ -14,9 +14,10 @@ from .. import atomic
 from ..errors import (
     InvalidPath,
     LinkRefused,
+    RegistryError,
     StaleWriteError,
 )
-from ..fingerprint import hash_path
+from ..fingerprint import fingerprint_path
 from ..paths import Target, printable
 from ..protocol import (
     Intent,
@@ -76,7 +77,7 @@ class Renames(History):
 
     def _may_hold_managed(self, target: Target) -> bool:
         """Whether `target` is, or (as a directory) may hold, a managed path."""
-        return target.managed or self.paths.globs.may_match_below(target.rel)
+        return target.managed or self.paths.globs.reaches(target.rel)
 
     def rename_is_checked(self, src: Target, dst: Target) -> bool:
         """Whether renaming `src` over `dst` can change a managed path (then `rename` must check it);
@@ -96,7 +97,7 @@ class Renames(History):
         for directory, dirs, files in os.walk(target.abs):
             for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
                 path = os.path.join(directory, name)
-                tree.add(self.paths.rel_of(path), path, os.lstat(path))
+                tree.add(target.rel + path[len(target.abs) :], path, os.lstat(path))
         return tree
 
     def _refuse_unprotectable(self, moving: _Tree, src: Target, dst: Target) -> None:
@@ -199,29 +200,43 @@ class Renames(History):
                 target = self.paths.of_rel(rel)
                 if not target.managed or before.get(rel) == after.get(rel):
                     continue
-                digest = hash_path(after[rel]) if rel in after else None
+                digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
                 record, check, refusal = self._check(tx, agent, target, now, "file")
                 if refusal is not None:
                     return [], refusal
                 if (record is not None and record.present) or digest is not None:
                     plan.append(Planned(target, current_version(record) + 1, digest, check.seen, after.get(rel)))
-            for target, version, digest, _, _ in plan:
+            for target, version, digest, _, source in plan:
                 tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
+                if source is not None:
+                    self._retain(tx, source, digest)
             return plan, None
 
-        def finish(tx: Transaction) -> None:
+        def finish(tx: Transaction) -> bool:
+            """Record the installed rename's versions that crash recovery did not settle already (as
+            `Writes._commit_locked`'s finish does); whether every one is the writer's."""
+            pending = {(i.path, i.version) for i in tx.intents()}
             for target, version, digest, seen, _ in plan:
-                self._finish(tx, agent, target, version, digest, seen)
+                if (target.rel, version) in pending:
+                    self._finish(tx, agent, target, version, digest, seen)
+            entries = [tx.version_entry(target.rel, version) for target, version, *_ in plan]
+            return all(entry is not None and entry.writer == agent for entry in entries)
 
         with self.registry.commit_lock():
             plan, refusal = self._transact(decide)
             if refusal is not None:
                 raise refusal
-            for planned in plan:
-                if planned.source is not None:
-                    self._retain(planned.source, planned.digest)
             self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace))
-            self.registry.transact(finish)
+            for target, version, digest, _, _ in plan:
+                self._installed(target, version, digest)
+            what = ", ".join(f"{target.rel} (version {version})" for target, version, *_ in plan)
+            if plan and not self._settle(what, finish):
+                raise RegistryError(
+                    f"{what}: the rename was done, but before it was recorded the files changed again, so "
+                    "crash recovery did not record it as yours (see `coherent-volume log` of these paths): "
+                    "check the files and redo the rename if it is missing",
+                    errno.EAGAIN,
+                )
 
     def link(self, src: Target, dst: Target) -> None:
         """Hard-link `src` as `dst`. Refused (LinkRefused) when either is a managed path: a commit

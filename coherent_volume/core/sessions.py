@@ -99,7 +99,7 @@ class Sessions(Writes):
                     version=version,
                     detail=f"{agent} wrote over v{version} by {record.writer} without having read it",
                 )
-            stored = self._retain(target.abs, None) if present else None  # the bytes as they are now
+            stored = self._retain(tx, target.abs, None) if present else None  # the bytes as they are now
             record = FileRecord(target.rel, version + 1, present, stored or digest, fp, agent, now, time.time_ns())
             self._record(tx, record, "commit" if present else "delete", retained=not present or stored is not None)
             tx.put_view(agent, target.rel, version + 1, now)

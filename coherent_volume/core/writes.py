@@ -86,6 +86,11 @@ def _detail(check: WriteCheck, reason: Reason) -> str | None:
     return ",".join(check.changed_read_set) or None
 
 
+FINISH_WAIT = 15.0
+"""Seconds a commit that is on disk keeps trying to record its version while the registry is
+unreachable (a database restart), before it reports the commit as pending."""
+
+
 class Writes(Reads):
     # ---- writes ---------------------------------------------------------------------
 
@@ -282,6 +287,8 @@ class Writes(Reads):
                         content.plan_name() if content is not None else None,
                     )
                 )
+                if content is not None:
+                    self._retain_staged(tx, content)
             return _Decided(version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists)
 
         try:
@@ -294,43 +301,77 @@ class Writes(Reads):
             content, version = decided.content, decided.version
             if content is None and not decided.exists:
                 raise FileNotFoundError(2, "No such file or directory", target.rel)
-            if content is not None:
-                self._retain_staged(content)
             self._install(lambda: content.install() if content is not None else atomic.remove(target.abs))
+            self._installed(target, version + 1, content.hash if content is not None else None)
 
-            def finish(tx: Transaction) -> None:
-                self._finish(
-                    tx,
-                    agent,
-                    target,
-                    version + 1,
-                    content.hash if content is not None else None,
-                    decided.check.seen,
-                    decided.moves_view,
-                    made,
-                )
+            def finish(tx: Transaction) -> bool:
+                """Record the installed commit, unless crash recovery already settled its intent (a
+                finish whose reply was lost, or another process's recovery while the registry was
+                unreachable); whether the version is the writer's."""
+                pending = any(i.path == target.rel and i.version == version + 1 for i in tx.intents())
+                if pending:
+                    self._finish(
+                        tx,
+                        agent,
+                        target,
+                        version + 1,
+                        content.hash if content is not None else None,
+                        decided.check.seen,
+                        decided.moves_view,
+                        made,
+                    )
                 if handle is not None and handle.grant is not None:
                     self._end(tx, handle.grant, handle.kind)
+                entry = tx.version_entry(target.rel, version + 1)
+                return entry is not None and entry.writer == agent
 
-            try:
-                self.registry.transact(finish)
-            except RegistryError as e:
+            if not self._settle(f"{target.rel} (version {version + 1})", finish):
                 raise RegistryError(
-                    f"{target.rel}: the change is on disk, but the registry could not record it ({e}); "
-                    "it will be recorded as a change by 'external' at the next access",
-                    e.errno,
-                ) from e
+                    f"{target.rel}: your change was installed, but before it was recorded as version "
+                    f"{version + 1} the file changed again, so crash recovery did not record it as "
+                    f"yours (see `coherent-volume log` of this path): read the file again and redo "
+                    "your change if it is missing",
+                    errno.EAGAIN,
+                )
             self._handle_ended(handle)
             return version + 1
         finally:
             for earlier in replayed:
                 earlier.discard()
 
-    def _retain_staged(self, staged: atomic.Staged) -> None:
-        """Retain a commit's content before it is installed (and so before any version names it)."""
+    def _settle(self, what: str, finish: Callable[[Transaction], bool]) -> bool:
+        """Run `finish` (idempotent: it records an installed commit, of `what`, unless recovery did)
+        until the registry takes it, retrying for at most FINISH_WAIT seconds while it cannot be
+        reached; its answer. Past that, RegistryError saying the change is on disk and will be
+        recorded as the writer's version by the next operation's recovery."""
+        deadline = time.monotonic() + FINISH_WAIT
+        pause = 0.05
+        while True:
+            try:
+                return self.registry.transact(finish)
+            except RegistryError as e:
+                if time.monotonic() + pause > deadline:
+                    raise RegistryError(
+                        f"{what}: your change is on disk and its commit is pending, but the registry could "
+                        f"not record it within {FINISH_WAIT:.0f} s ({e}); the next operation on this volume "
+                        "records it as yours (crash recovery) unless the file changes before that: do not "
+                        "write it again, check `coherent-volume log` of this path",
+                        e.errno,
+                    ) from e
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    @staticmethod
+    def _retain_staged(tx: Transaction, staged: atomic.Staged) -> None:
+        """Retain a commit's content in the transaction that records its intent, before it is
+        installed (an abandoned commit's content goes with its intent: `CoreBase._recover`): from
+        the bytes it was staged from when they are at hand, else read back from the staged file."""
+        if staged.data is not None:
+            tx.store(staged.hash, staged.data)
+            return
         fd = staged.reader()
         try:
-            self.registry.store(staged.hash, fd)
+            tx.store(staged.hash, fd)
         finally:
             os.close(fd)
 
@@ -401,6 +442,7 @@ class Writes(Reads):
             version = current_version(record) + 1
             if refusal is None:
                 tx.put_intent(Intent(target.rel, agent, version, True, EMPTY_HASH, None))
+                tx.store(EMPTY_HASH, b"")
             return version, check, refusal
 
         def finish(tx: Transaction) -> tuple[Grant, bool]:
@@ -411,10 +453,10 @@ class Writes(Reads):
             version, check, refusal = self._transact(decide)
             if refusal is not None:
                 raise refusal
-            self.registry.store(EMPTY_HASH, b"")
             self._install(
                 lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
             )
+            self._installed(target, version, EMPTY_HASH)
             grant, taken = self.registry.transact(finish)
             self._count_share(grant, kind, taken)
             return grant, version

@@ -11,11 +11,16 @@ alive) its parent's locks.
 Retry rule: every write goes through `transact(fn)`, which may run `fn` more than once (a
 backend re-runs it in a new transaction when its engine aborted the last one as a conflict that
 a re-run may resolve, `Retry`), so `fn` changes nothing but its transaction.
+
+Content rule: a version's bytes are stored (`Transaction.store`) in the transaction that names
+them (its version, or the intent of the commit that will make it), so no content is ever named
+without being stored, and none is left stored that nothing names.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +34,19 @@ from ..liveness import ProcessId
 from ..protocol import EventKind, FileRecord, Grant, Intent, Version
 
 R = TypeVar("R")
+
+DB_FILE = "registry.db"
+"""The SQLite backend's registry, in a root's `.coherent` directory."""
+LOCATION_FILE = "registry.json"
+"""What a root's `.coherent` directory holds instead of DB_FILE when its registry is elsewhere
+(a PostgreSQL database: its URL without a password, and the volume's name there)."""
+
+
+def recorded_in(directory: str) -> bool:
+    """Whether `directory` (a root's `.coherent`) holds or names a registry, of either backend:
+    the one test of "is this a volume root" that every face uses."""
+    return any(os.path.exists(os.path.join(directory, name)) for name in (DB_FILE, LOCATION_FILE))
+
 
 ATTEMPTS = 8
 """Runs of one write transaction before a backend gives up on conflicts (`retried`)."""
@@ -112,11 +130,42 @@ class Transaction(Protocol):
         ...
 
     def in_use(self, digest: str) -> bool:
-        """Whether a retained version or a pending commit names this content."""
+        """Whether a retained version or a pending commit (intent) names this content."""
         ...
 
     def retained_bytes(self) -> int:
         """Bytes of distinct retained content."""
+        ...
+
+    def store(self, digest: str | None, source: bytes | int) -> str:
+        """Retain content (bytes, or everything readable by offset from a descriptor) in this
+        transaction, stored once however many versions name it: it exists exactly when the
+        transaction commits, so the version or intent naming it goes in the same transaction.
+        `digest` None stores what was read under its own hash. Returns the hash stored under.
+        Any size is kept (no cap but the disk); a descriptor is read and stored a bounded part at a
+        time, never whole in memory. OSError(EAGAIN) if the bytes do not hash to `digest` (a file
+        written meanwhile): nothing was stored and the transaction stays usable."""
+        ...
+
+    def load(self, digest: str, what: str) -> bytes:
+        """Retained content, checked against its hash: VersionGone if it is not retained,
+        DamagedContent if it is not all there or no longer hashes to `digest` (never served).
+        `what` names it in errors."""
+        ...
+
+    def load_into(self, digest: str, what: str, write: Callable[[bytes], object]) -> int:
+        """`load` a bounded part at a time: each part is passed to `write`, in order; the bytes
+        passed. The check comes after the last part: on DamagedContent, what `write` got is not the
+        content and the caller discards it (VersionGone comes before any part)."""
+        ...
+
+    def drop(self, digest: str) -> int:
+        """Remove retained content that nothing names any more (`in_use` False: the caller checks,
+        in this transaction); the bytes freed (0 if it was not stored)."""
+        ...
+
+    def stored(self) -> tuple[int, int]:
+        """(contents, bytes) the store holds."""
         ...
 
     def meta(self, key: str) -> str | None: ...
@@ -184,28 +233,6 @@ class Registry(Protocol):
         ...
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
-    def store(self, digest: str | None, source: bytes | int) -> str:
-        """Retain content (bytes, or all readable by offset from a descriptor) whose hash is
-        `digest`, stored once however many versions have it; before any version names it.
-        OSError(EAGAIN) if the bytes do not hash to `digest`; with `digest` None, what was read is
-        stored under its own hash. Returns the hash it is stored under."""
-        ...
-
-    def drop(self, digest: str) -> int:
-        """Remove retained content (only once `Transaction.in_use` says nothing names it, under
-        the commit lock); the bytes freed."""
-        ...
-
-    def sweep(self, before: float, keep: Callable[[str], bool]) -> int:
-        """Remove content a killed writer left unnamed (before `before`, time.time(); `keep` says
-        what is named), under the commit lock; the bytes freed."""
-        ...
-
-    def load(self, digest: str, what: str) -> bytes:
-        """Retained content by hash, checked against it: VersionGone if not retained,
-        DamagedContent if it no longer hashes to `digest` (`what` names it in errors)."""
-        ...
-
     def read(self) -> AbstractContextManager[Transaction]: ...
     def transact(self, fn: Callable[[Transaction], R]) -> R:
         """Run `fn` in one write transaction and commit it; return what `fn` returned. An exception

@@ -1,135 +1,221 @@
-"""The content store of the SQLite backend: every retained version's bytes, one file per content,
-named by its xxh3-128 hash under `.coherent/objects/`, so identical content is stored once.
+"""The content store of the SQLite backend: every retained version's bytes in the registry, keyed by
+their xxh3-128 hash, so identical content is stored once and is written in the same transaction as
+the version (or commit intent) that names it.
+
+Layout (schema version 3): a content is cut into parts of at most PART bytes; its first part is in
+its `contents` row (hash, size, data), the others, in order, in `content_parts` (hash, part 1, 2, …).
+Content that fits in one part (nearly every managed file) is one row; there is no cap but the disk,
+and a content is read and written one part at a time, so memory stays bounded whatever its size.
 
 Invariants:
-- an object's name is the hash of the bytes it was written with: it is written under a temporary
-  name while hashed, and renamed to its hash only when that hash is the one expected;
-- a read returns bytes only after checking them against their name; anything else is
-  `DamagedContent` (typed, never served);
-- objects are not fsynced: a process killed at any instant leaves every renamed object whole
-  (the page cache survives it); a power loss may leave one damaged, which a read then reports.
+- a `contents` row's key is the hash of the bytes it was written with: bytes are hashed while
+  they are inserted (in one read of the source), and the `contents` row goes in last, only when
+  the hash is the one expected (otherwise the parts already inserted are deleted again: nothing is
+  stored); parts of content whose hash is not known yet wait under PENDING until it is;
+- once a store has returned, parts exist only under a `contents` row (`drop` removes both);
+- a read serves bytes only after checking all of them against their key; a part changed or
+  missing is `DamagedContent` (typed, never served), never `VersionGone` (which means not retained);
+- content is exactly as durable as the registry (WAL, synchronous=NORMAL): a process killed at any
+  instant leaves every committed row whole, and no row that its transaction did not commit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import secrets
-from collections.abc import Callable
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 
 import xxhash
 
 from ..errors import DamagedContent, VersionGone
 
-CHUNK = 1 << 20
+CONTENTS_DDL = (
+    "CREATE TABLE IF NOT EXISTS contents (hash TEXT PRIMARY KEY, size INTEGER NOT NULL, data BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS content_parts (hash TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL, "
+    "PRIMARY KEY (hash, part))",
+)
+PART = 1 << 20
+"""Most bytes of one stored part (and of what a store or a read holds in memory at once, twice)."""
+READ = 64 << 10
+"""Bytes asked for by a read of a descriptor whose size says less is left (a file may grow while read)."""
 
 
-class ObjectStore:
-    """Content-addressed files under one directory; safe for many processes at once."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    def _path(self, digest: str) -> str:
-        return os.path.join(self.directory, digest[:2], digest)
-
-    def has(self, digest: str) -> bool:
-        return os.path.exists(self._path(digest))
-
-    def put(self, digest: str | None, source: bytes | int) -> str:
-        """Retain `source` (bytes, or everything readable by offset from a descriptor) under
-        `digest`, unless content with that hash is stored already; return the hash it is stored
-        under. OSError(EAGAIN) if the bytes read do not hash to `digest` (a descriptor written to
-        meanwhile): nothing is stored. With `digest` None, what is read is stored under its hash."""
-        if digest is not None and os.path.exists(self._path(digest)):
-            return digest
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # private, as the registry
-        tmp = os.path.join(self.directory, f".tmp-{secrets.token_hex(8)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            hasher = xxhash.xxh3_128()
-            if isinstance(source, bytes):
-                hasher.update(source)
-                _write_all(fd, source)
-            else:
-                offset = 0
-                while chunk := os.pread(source, CHUNK, offset):
-                    hasher.update(chunk)
-                    _write_all(fd, chunk)
-                    offset += len(chunk)
-            os.close(fd)
-            fd = -1
-            got = hasher.hexdigest()
-            if digest is not None and got != digest:
-                raise OSError(errno.EAGAIN, f"content changed while it was stored (expected {digest}); try again")
-            path = self._path(got)
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            os.rename(tmp, path)
-            return got
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def get(self, digest: str, what: str) -> bytes:
-        """The bytes stored under `digest`; VersionGone if none are, DamagedContent if they do not
-        hash to it. `what` names the version in errors."""
-        try:
-            with open(self._path(digest), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise VersionGone(f"{what}: its content is no longer retained (pruned)") from None
-        if xxhash.xxh3_128_hexdigest(data) != digest:
-            raise DamagedContent(
-                f"{what}: the stored content is damaged (it no longer hashes to {digest}); it is not served. "
-                f"The object is {self._path(digest)!r}"
-            )
-        return data
-
-    def drop(self, digest: str) -> int:
-        """Remove an object; the bytes it freed (0 if it was gone)."""
-        path = self._path(digest)
-        try:
-            size = os.stat(path).st_size
-            os.unlink(path)
-        except FileNotFoundError:
-            return 0
-        return size
-
-    def sweep(self, before: float, keep: Callable[[str], bool]) -> int:
-        """Remove what a killed writer can leave: temporary files, and objects no version names
-        (`keep` says which are named), both last changed before `before` (time.time()); the caller
-        holds the commit lock, so no store is in flight. The bytes freed."""
-        freed = 0
-        for directory, _, names in os.walk(self.directory):
-            for name in names:
-                path = os.path.join(directory, name)
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                if st.st_mtime < before and (name.startswith(".tmp-") or not keep(name)):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                        freed += st.st_size
-        return freed
-
-    def size(self) -> tuple[int, int]:
-        """(objects, bytes) stored."""
-        count = total = 0
-        for directory, _, names in os.walk(self.directory):
-            for name in names:
-                if not name.startswith(".tmp-"):
-                    count += 1
-                    with contextlib.suppress(FileNotFoundError):
-                        total += os.stat(os.path.join(directory, name)).st_size
-        return count, total
+def _read_parts(fd: int) -> Iterator[bytes]:
+    """Everything readable from `fd` by offset, to its end as it is while read, in parts of at most
+    PART bytes (each read asks for what fstat says is left, so a small file costs no large buffer)."""
+    offset, size = 0, os.fstat(fd).st_size
+    while chunk := os.pread(fd, min(PART, max(size - offset, READ)), offset):
+        yield chunk
+        offset += len(chunk)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _slices(data: bytes) -> Iterator[memoryview]:
+    """`data` in parts of at most PART bytes (no copies)."""
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    for start in range(0, len(data), PART):
+        yield view[start : start + PART]
+
+
+def _exists(conn: sqlite3.Connection, digest: str) -> bool:
+    return conn.execute("SELECT 1 FROM contents WHERE hash = ?", (digest,)).fetchone() is not None
+
+
+PENDING = "~" * 32
+"""The key under which the parts of content whose hash is not known yet are inserted: no hash is
+spelled so, and it is as long as one, so re-keying them to their hash rewrites none of their bytes."""
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    parts: Iterable[bytes | memoryview],
+    *,
+    expected: str | None = None,
+    key: str | None = None,
+) -> str:
+    """Store `parts` (one read of a content, in order), hashing them as they go: under their hash,
+    which must be `expected` when that is given (the caller knows it is not stored yet), or under
+    `key` as they are (schema 1's objects); the hash of the bytes read. One read: a file changing
+    meanwhile is stored as read. Bytes that do not hash to `expected`, content already stored under
+    its hash, and anything this raises leave nothing more stored."""
+    pending = key or expected or PENDING
+    hasher, size, inserted = xxhash.xxh3_128(), 0, False
+    first: bytes | memoryview = b""
+    try:
+        for n, part in enumerate(parts):
+            hasher.update(part)
+            size += len(part)
+            if n == 0:
+                first = part
+            else:
+                conn.execute("INSERT INTO content_parts (hash, part, data) VALUES (?, ?, ?)", (pending, n, part))
+                inserted = True
+        got = hasher.hexdigest()
+        final = key or got
+        if (expected is not None and got != expected) or (pending == PENDING and _exists(conn, got)):
+            return got
+        if inserted and pending != final:
+            conn.execute("UPDATE content_parts SET hash = ? WHERE hash = ?", (final, pending))
+        conn.execute("INSERT INTO contents (hash, size, data) VALUES (?, ?, ?)", (final, size, first))
+        inserted = False
+        return got
+    finally:
+        if inserted:
+            conn.execute("DELETE FROM content_parts WHERE hash = ?", (pending,))
+
+
+def _changed(digest: str) -> OSError:
+    return OSError(errno.EAGAIN, f"content changed while it was stored (expected {digest}); try again")
+
+
+def put(conn: sqlite3.Connection, digest: str | None, source: bytes | int) -> str:
+    """`Transaction.store` on `conn`'s open write transaction: a descriptor is read once, a part at
+    a time (with `digest` None, what that read finds is stored under its hash)."""
+    if isinstance(source, bytes):
+        got = xxhash.xxh3_128_hexdigest(source)
+        if digest is not None and got != digest:
+            raise _changed(digest)
+        if len(source) <= PART:  # one row, one statement
+            conn.execute(
+                "INSERT OR IGNORE INTO contents (hash, size, data) VALUES (?, ?, ?)", (got, len(source), source)
+            )
+        elif not _exists(conn, got):
+            _insert(conn, _slices(source), expected=got)
+        return got
+    if digest is not None and _exists(conn, digest):
+        return digest
+    got = _insert(conn, _read_parts(source), expected=digest)
+    if digest is not None and got != digest:
+        raise _changed(digest)
+    return got
+
+
+def _parts(conn: sqlite3.Connection, digest: str, what: str) -> Iterator[bytes]:
+    """The stored parts of `digest`, in order, unchecked; then DamagedContent if they are not all
+    there or do not hash to it. VersionGone (before any part) if it is not stored."""
+    row = conn.execute("SELECT size, data FROM contents WHERE hash = ?", (digest,)).fetchone()
+    if row is None:
+        raise VersionGone(f"{what}: its content is no longer retained (pruned)")
+    size, first = row
+    hasher, seen = xxhash.xxh3_128(first), len(first)
+    yield bytes(first)
+    for (part,) in conn.execute("SELECT data FROM content_parts WHERE hash = ? ORDER BY part", (digest,)):
+        hasher.update(part)
+        seen += len(part)
+        yield bytes(part)
+    if seen != size:
+        raise DamagedContent(
+            f"{what}: the stored content is damaged ({seen:,} bytes are stored, not its {size:,}); it is not served"
+        )
+    if hasher.hexdigest() != digest:
+        raise DamagedContent(
+            f"{what}: the stored content is damaged (it no longer hashes to {digest}); it is not served"
+        )
+
+
+def get(conn: sqlite3.Connection, digest: str, what: str) -> bytes:
+    """The bytes stored under `digest`; VersionGone if none are, DamagedContent if they are not
+    all there or do not hash to it. `what` names the version in errors."""
+    return b"".join(_parts(conn, digest, what))
+
+
+def copy(conn: sqlite3.Connection, digest: str, what: str, write: Callable[[bytes], object]) -> int:
+    """Pass the bytes stored under `digest` to `write`, part by part; the bytes passed. Errors as
+    `get`; DamagedContent may come after some parts were passed: the caller discards them."""
+    total = 0
+    for part in _parts(conn, digest, what):
+        write(part)
+        total += len(part)
+    return total
+
+
+def drop(conn: sqlite3.Connection, digest: str) -> int:
+    """Remove the content stored under `digest`, every part of it; the bytes it freed (0 if none was stored)."""
+    row = conn.execute("DELETE FROM contents WHERE hash = ? RETURNING size, length(data)", (digest,)).fetchone()
+    if row is None:
+        return 0
+    if row[0] != row[1]:  # more than its first part
+        conn.execute("DELETE FROM content_parts WHERE hash = ?", (digest,))
+    return int(row[0])
+
+
+def size(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(contents, bytes) stored."""
+    count, total = conn.execute("SELECT count(*), COALESCE(SUM(size), 0) FROM contents").fetchone()
+    return int(count), int(total)
+
+
+def import_files(conn: sqlite3.Connection, directory: str, named: set[str]) -> None:
+    """Move schema version 1's store (one file per content, `directory`/<2 hex>/<hash>) into the
+    content tables, in `conn`'s open write transaction: every object that `named` lists (a retained
+    version or an intent names it), as it is, so a damaged one still reads as damaged; temporary
+    files and objects nothing names were garbage and are left out. The caller removes `directory`
+    (`remove_files`) once the transaction has committed."""
+    for sub, _, names in os.walk(directory):
+        for name in names:
+            if name in named and not _exists(conn, name):
+                fd = os.open(os.path.join(sub, name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _insert(conn, _read_parts(fd), key=name)
+                finally:
+                    os.close(fd)
+
+
+def split_rows(conn: sqlite3.Connection) -> None:
+    """Bring schema version 2's store (each content whole in its `contents` row, of any size) to
+    parts of at most PART bytes, in `conn`'s open write transaction, one part in memory at a time."""
+    large = conn.execute("SELECT rowid, hash FROM contents WHERE length(data) > ?", (PART,)).fetchall()
+    for rowid, digest in large:
+        with conn.blobopen("contents", "data", rowid, readonly=True) as blob:
+            first = blob.read(PART)
+            n = 1
+            while part := blob.read(PART):
+                conn.execute("INSERT INTO content_parts (hash, part, data) VALUES (?, ?, ?)", (digest, n, part))
+                n += 1
+        conn.execute("UPDATE contents SET data = ? WHERE rowid = ?", (first, rowid))
+
+
+def remove_files(directory: str) -> None:
+    """Remove schema version 1's store directory, once `import_files` committed (idempotent)."""
+    shutil.rmtree(directory, ignore_errors=True)

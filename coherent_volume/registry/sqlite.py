@@ -40,14 +40,16 @@ from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent, Version
-from . import AgentSummary, Event, retried
-from .objects import ObjectStore
+from . import DB_FILE, AgentSummary, Event, objects, retried
 
 R = TypeVar("R")
 
-SCHEMA_VERSION = 1
-DB_NAME = "registry.db"
-OBJECTS_DIR = "objects"
+SCHEMA_VERSION = 3
+"""3: content in parts of at most `objects.PART` bytes (`contents` and `content_parts`); 2: each
+content whole in its `contents` row; 1: one file per content under LEGACY_OBJECTS_DIR."""
+MIGRATES_FROM = frozenset({"1", "2"})
+"""Schema versions that opening a registry migrates to SCHEMA_VERSION (`_migrate`)."""
+LEGACY_OBJECTS_DIR = "objects"
 LOCK_NAME = "commit.lock"
 OPEN_LOCK_NAME = "open.lock"
 BUSY_TIMEOUT_MS = 10_000
@@ -59,6 +61,12 @@ OPEN_LOCK_TIMEOUT = 30.0
 REQUIRED_TABLES = frozenset({"meta", "files", "views", "grants", "fences", "intents", "events", "sessions"})
 
 _FILE_COLS = "path, version, present, hash, ino, size, mtime_ns, ctime_ns, writer, committed_at, checked_ns"
+_PUT_FILE = (
+    f"INSERT INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (path) DO UPDATE SET "
+    + ", ".join(f"{col} = excluded.{col}" for col in _FILE_COLS.split(", ")[1:])
+)
+"""An upsert, not INSERT OR REPLACE: a path's row is changed in place (same rowid), so its index
+entry is not rewritten (a page fewer in each commit's write-ahead log)."""
 
 
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
@@ -176,6 +184,8 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     )
     for statement in VERSIONS_DDL:
         db.execute(statement)
+    for statement in objects.CONTENTS_DDL:
+        db.execute(statement)
     db.table("sessions").create_index(["host", "pid", "start"], if_not_exists=True)
     db.table("events").create_index(["path", "seq"], if_not_exists=True)
     db.table("views").create_index(["path"], if_not_exists=True)
@@ -232,11 +242,22 @@ class SQLiteTransaction:
         )
 
     def retained_bytes(self) -> int:
-        row = self._c.execute(
-            "SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size) AS size FROM versions "
-            "WHERE pruned = 0 AND hash IS NOT NULL GROUP BY hash)"
-        ).fetchone()
-        return int(row[0])
+        return self.stored()[1]
+
+    def store(self, digest: str | None, source: bytes | int) -> str:
+        return objects.put(self._c, digest, source)
+
+    def load(self, digest: str, what: str) -> bytes:
+        return objects.get(self._c, digest, what)
+
+    def load_into(self, digest: str, what: str, write: Callable[[bytes], object]) -> int:
+        return objects.copy(self._c, digest, what, write)
+
+    def drop(self, digest: str) -> int:
+        return objects.drop(self._c, digest)
+
+    def stored(self) -> tuple[int, int]:
+        return objects.size(self._c)
 
     def meta(self, key: str) -> str | None:
         row = self._c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -262,8 +283,7 @@ class SQLiteTransaction:
         fp = r.fingerprint
         stat = (None, None, None, None) if fp is None else (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns)
         self._c.execute(
-            f"INSERT OR REPLACE INTO files ({_FILE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (r.path, r.version, int(r.present), r.hash, *stat, r.writer, r.committed_at, r.checked_ns),
+            _PUT_FILE, (r.path, r.version, int(r.present), r.hash, *stat, r.writer, r.committed_at, r.checked_ns)
         )
 
     def touch_file(self, path: str, r: FileRecord) -> None:
@@ -280,7 +300,9 @@ class SQLiteTransaction:
 
     def put_view(self, agent: str, path: str, version: int, at: float) -> None:
         self._c.execute(
-            "INSERT OR REPLACE INTO views (agent, path, version, read_at) VALUES (?,?,?,?)", (agent, path, version, at)
+            "INSERT INTO views (agent, path, version, read_at) VALUES (?,?,?,?) "
+            "ON CONFLICT (agent, path) DO UPDATE SET version = excluded.version, read_at = excluded.read_at",
+            (agent, path, version, at),
         )
 
     def drop_view(self, agent: str, path: str) -> None:
@@ -538,8 +560,7 @@ class SQLiteRegistry:
         VolumeConfigError if `globs` differ from the stored ones, RegistryError if the registry is
         missing (and no globs were given), corrupt, of another schema version, or busy too long."""
         self._directory = directory
-        self._path = os.path.join(directory, DB_NAME)
-        self.objects = ObjectStore(os.path.join(directory, OBJECTS_DIR))
+        self._path = os.path.join(directory, DB_FILE)
         self._mutex = threading.RLock()
         self._commit_mutex = threading.RLock()
         self._commit_depth = 0
@@ -567,24 +588,46 @@ class SQLiteRegistry:
                     stored = None  # an empty file left by a creator that died before writing the schema
                 self._connect()
                 self._globs = self._configure(globs, stored)
-                self._add_versions_table()
+                self._migrate()
         except BaseException:
             self.close()
             raise
 
-    def _add_versions_table(self) -> None:
-        """Give a registry made before version history its `versions` table (idempotent; written
-        only when it is missing, so opening stays read-only otherwise)."""
+    def _migrate(self) -> None:
+        """Bring a registry of an older schema version to SCHEMA_VERSION in one write transaction
+        (racing openers: the first migrates, the others find it done). From 1: the `versions` table
+        if it predates history, the content tables with the objects that versions and intents name
+        moved into them (`objects.import_files`), then the old objects directory goes. From 2: its
+        larger contents cut into parts (`objects.split_rows`). Opening a current registry only
+        reads (and looks for an objects directory a migration killed after its commit left behind)."""
         conn = self._connection()
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'versions'").fetchone():
+        legacy = os.path.join(self._directory, LEGACY_OBJECTS_DIR)
+        if self._schema_version(conn) == str(SCHEMA_VERSION):
+            if os.path.isdir(legacy):
+                objects.remove_files(legacy)
             return
         started = time.monotonic()
         try:
-            with self._transaction("BEGIN IMMEDIATE"):
-                for statement in VERSIONS_DDL:
-                    conn.execute(statement)
+            with self._transaction("BEGIN IMMEDIATE") as tx:
+                version = self._schema_version(conn)
+                if version in MIGRATES_FROM:
+                    for statement in (*VERSIONS_DDL, *objects.CONTENTS_DDL):
+                        conn.execute(statement)
+                    if version == "1":
+                        named = {row[0] for row in conn.execute("SELECT hash FROM versions WHERE pruned = 0")}
+                        named |= {i.hash for i in tx.intents() if i.hash is not None}
+                        objects.import_files(conn, legacy, named)
+                    else:
+                        objects.split_rows(conn)
+                    tx.put_meta("schema_version", str(SCHEMA_VERSION))
         except sqlite3.DatabaseError as e:
             raise self._error(e, started) from e
+        objects.remove_files(legacy)
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else str(row[0])
 
     def _needs_creation(self) -> bool:
         """Whether the file is missing or not yet a WAL database. Making it one (creating it,
@@ -639,7 +682,7 @@ class SQLiteRegistry:
             ) from e
         if check != "ok":
             raise RegistryError(f"registry {self._path!r} is corrupt ({check}); it was left untouched")
-        if "schema_version" in meta and meta["schema_version"] != str(SCHEMA_VERSION):
+        if "schema_version" in meta and meta["schema_version"] not in {str(SCHEMA_VERSION), *MIGRATES_FROM}:
             raise RegistryError(
                 f"registry {self._path!r} has schema version {meta['schema_version']!r}; "
                 f"this coherent-volume reads version {SCHEMA_VERSION}"
@@ -677,6 +720,8 @@ class SQLiteRegistry:
             # a large registry stays in memory: lookups cost the same at 100 or 100,000 files
             conn.execute("PRAGMA cache_size = -32768")
             conn.execute("PRAGMA mmap_size = 268435456")
+            # versions' bytes pass through the WAL: after a checkpoint, a WAL a large one grew is cut back
+            conn.execute("PRAGMA journal_size_limit = 67108864")
         except sqlite3.DatabaseError as e:
             if "locked" in str(e) or "busy" in str(e):
                 raise self._error(e, started) from e
@@ -752,7 +797,7 @@ class SQLiteRegistry:
             if "locked" in str(e) or "busy" in str(e) or "full" in str(e):
                 raise self._error(e, started) from e
             raise RegistryError(f"registry {self._path!r} is corrupt ({e}); it was left untouched") from e
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
+        if meta.get("schema_version") not in {str(SCHEMA_VERSION), *MIGRATES_FROM}:
             raise RegistryError(
                 f"registry {self._path!r} has schema version {meta.get('schema_version')!r}; "
                 f"this coherent-volume reads version {SCHEMA_VERSION}"
@@ -800,20 +845,6 @@ class SQLiteRegistry:
                         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         finally:
             mutex.release()
-
-    # -- content ------------------------------------------------------------------------
-
-    def store(self, digest: str | None, source: bytes | int) -> str:
-        return self.objects.put(digest, source)
-
-    def load(self, digest: str, what: str) -> bytes:
-        return self.objects.get(digest, what)
-
-    def drop(self, digest: str) -> int:
-        return self.objects.drop(digest)
-
-    def sweep(self, before: float, keep: Callable[[str], bool]) -> int:
-        return self.objects.sweep(before, keep)
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
         """One consistent read of a file record and an agent's view of it (no explicit transaction)."""

@@ -8,6 +8,9 @@ Subjects, each with its own directory on one backing file system (tmpfs, or the 
   floorfs   `WorkloadFloor`: floorfs.py's do-nothing pyfuse3 + trio passthrough with what real
             work needs on top (directories, links, metadata); mount/floorfs is our handlers' cost
   mount     coherent-volume's mount through the real CLI, managing `plans/**` and `*.md`
+  mount+direct  the same, mounted with `--direct direct`: the unmanaged workloads run in that
+            directory, which the kernel serves through a bind mount; the managed ones (sed, save)
+            run in the mount's `plans/` as for `mount`
 
 Workloads (each timed as a whole, child processes included):
 
@@ -84,10 +87,12 @@ MANAGED = ("plans/**", "*.md")
 NEEDLE = "coherent_needle"
 DUMP_NAME = b".bench-requests-dump"
 """A lookup of this name in the root makes a counting daemon write its counts and reset them."""
-SUBJECTS = ("native", "bindfs", "floorfs", "mount")
+SUBJECTS = ("native", "bindfs", "floorfs", "mount", "mount+direct")
+DIRECT = "direct"
+"""The --direct dir of the `mount+direct` subject, where its unmanaged workloads run."""
 BACKINGS = ("tmpfs", "disk")
 
-console = Console(width=176)
+console = Console(width=236)
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,15 @@ class Subject:
     """One of SUBJECTS."""
     backing: str
     work: Path
-    """Where the workloads run (the mount's root, for the FUSE subjects)."""
+    """Where the unmanaged workloads run (the mount's root, for the FUSE subjects but mount+direct)."""
     pid: int | None = None
     """floorfs: its daemon's pid."""
+    home: Path | None = None
+    """Where the managed workloads run (`plans/`), when not in `work`: mount+direct's mount root."""
+
+    @property
+    def managed_work(self) -> Path:
+        return self.home or self.work
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -269,11 +280,11 @@ EDITED = 10
 
 def sed(s: Subject, z: Sizes, a: Assets) -> float:
     script = f'for i in $(seq 0 {z.edits - 1}); do sed -i "s/^edit: .*/edit: $i/" plans/f$((i % {EDITED})).md || exit 1; done'
-    return run(["bash", "-c", script], s.work)
+    return run(["bash", "-c", script], s.managed_work)
 
 
 def save(s: Subject, z: Sizes, a: Assets) -> float:
-    path = s.work / "plans" / "save.md"
+    path = s.managed_work / "plans" / "save.md"
     tmp = path.with_name(".save.md.tmp")
     data = bytes(range(256)) * 16
     total = 0.0
@@ -339,10 +350,11 @@ def sizes_label(w: Workload, z: Sizes) -> str:
 
 def prepare(s: Subject) -> None:
     """The managed files the editor workloads change (new files: no prior read needed)."""
-    (s.work / "plans").mkdir()
+    plans = s.managed_work / "plans"
+    plans.mkdir()
     for i in range(EDITED):
-        (s.work / "plans" / f"f{i}.md").write_text(f"# plan {i}\nedit: -\n" + "- a step of the plan\n" * 40)
-    (s.work / "plans" / "save.md").write_bytes(bytes(4096))
+        (plans / f"f{i}.md").write_text(f"# plan {i}\nedit: -\n" + "- a step of the plan\n" * 40)
+    (plans / "save.md").write_bytes(bytes(4096))
 
 
 # ---- the floor: floorfs plus what real work needs ----------------------------------------------
@@ -551,14 +563,16 @@ def mount_floor(src: Path, mountpoint: Path, stack: contextlib.ExitStack, dump: 
     return bench_fuse.mount_floor(src, mountpoint, stack, argv)
 
 
-def mount_volume(root: Path, mountpoint: Path, stack: contextlib.ExitStack, dump: Path | None) -> None:
+def mount_volume(
+    root: Path, mountpoint: Path, stack: contextlib.ExitStack, dump: Path | None, direct: tuple[str, ...] = ()
+) -> None:
     root.mkdir()
     mountpoint.mkdir()
     init = [CLI, "init", str(root)] + [arg for glob in MANAGED for arg in ("--managed", glob)]
     subprocess.run(init, check=True, capture_output=True)
     stack.callback(unmount, mountpoint)
     if dump is None:
-        Mount(root, mountpoint, agent=AGENT).mount()
+        Mount(root, mountpoint, agent=AGENT, direct=direct).mount()
         return
     argv = child("bench_workloads", "serve-mount", str(root), str(mountpoint), str(dump))
     subprocess.run(argv, check=True, capture_output=True, cwd=REPO, timeout=60)
@@ -566,8 +580,8 @@ def mount_volume(root: Path, mountpoint: Path, stack: contextlib.ExitStack, dump
 
 def daemon_of(s: Subject) -> int | None:
     """The pid of the FUSE daemon serving the subject (None for native and bindfs)."""
-    if s.key == "mount":  # started by the CLI or by serve-mount: whatever serves it but its watcher
-        pids = set(serving_pids(s.work)) - set(watcher_pids(s.work))
+    if s.key.startswith("mount"):  # started by the CLI or by serve-mount: whatever serves it but its watcher
+        pids = set(serving_pids(s.managed_work)) - set(watcher_pids(s.managed_work))
         return pids.pop() if len(pids) == 1 else None
     return s.pid
 
@@ -592,6 +606,10 @@ def make_subjects(
             mountpoint = base / "cv-mnt"
             mount_volume(base / "volume", mountpoint, stack, dumps / f"{backing}-mount.json" if dumps else None)
             subjects.append(Subject(key, backing, mountpoint))
+        elif key == "mount+direct":
+            mountpoint = base / "cvd-mnt"
+            mount_volume(base / "volume-direct", mountpoint, stack, None, (DIRECT,))
+            subjects.append(Subject(key, backing, mountpoint / DIRECT, home=mountpoint))
     for s in subjects:
         prepare(s)
     return subjects
@@ -674,7 +692,15 @@ def fmt_ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}×"
 
 
-RATIOS = (("mount", "floorfs"), ("mount", "bindfs"), ("floorfs", "bindfs"), ("bindfs", "native"), ("mount", "native"))
+RATIOS = (
+    ("mount", "floorfs"),
+    ("mount", "bindfs"),
+    ("floorfs", "bindfs"),
+    ("bindfs", "native"),
+    ("mount", "native"),
+    ("mount+direct", "floorfs"),
+    ("mount+direct", "bindfs"),
+)
 
 
 def report(
@@ -957,7 +983,7 @@ def main() -> int:
     finally:
         ignore_signals()
         for directory in base.values():
-            mountpoints = [directory / name for name in ("bindfs-mnt", "floor-mnt", "cv-mnt")]
+            mountpoints = [directory / name for name in ("bindfs-mnt", "floor-mnt", "cv-mnt", "cvd-mnt")]
             if check_clean(directory, mountpoints):
                 shutil.rmtree(directory, ignore_errors=True)
             else:

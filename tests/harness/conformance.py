@@ -132,6 +132,24 @@ def _copy(fd: int) -> int:
     return copy
 
 
+def _name(path: str) -> str:
+    """`path` in the one form the rules compare names in: relative to the working directory (the
+    run's base), normalized. (Not absolute: a name near PATH_MAX beneath the base would be too long
+    for any system call.)"""
+    return os.path.normpath(path)
+
+
+def _path_of(fd: int, name: str) -> str:
+    """The path (see `_name`) of the file `fd` is open on now, or `name` (the one it was opened by)
+    when the kernel cannot tell a path that long (readlink of /proc/self/fd fails at PATH_MAX)."""
+    try:
+        return os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        return name
+
+
 def _at_or_below(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
@@ -175,7 +193,7 @@ class Handle:
 
     def where(self) -> str:
         """The file's path now (" (deleted)" appended once it has no name)."""
-        return os.readlink(f"/proc/self/fd/{self.fd}")
+        return _path_of(self.fd, self.name)
 
 
 @dataclass
@@ -307,7 +325,7 @@ class Interpreter:
                 os.close(before)
             raise
         handle = Handle([fd], writes, bool(value & os.O_APPEND) and not value & os.O_TRUNC, before)
-        handle.name, handle.holds = os.path.abspath(path), writes
+        handle.name, handle.holds = _name(path), writes
         try:
             self._refuse_open(handle, value)
         except OSError:
@@ -382,7 +400,7 @@ class Interpreter:
 
     def _held_at(self, path: str) -> list[Handle]:
         """Rule `managed`: write handles whose file was renamed away from `path` keep their grant there."""
-        return [h for h in self._handles() if h.moved and h.holds and h.name == os.path.abspath(path)]
+        return [h for h in self._handles() if h.moved and h.holds and h.name == _name(path)]
 
     def _refuse_open(self, handle: Handle, flags: int) -> None:
         """What the mount refuses of an open the kernel let through."""
@@ -399,7 +417,7 @@ class Interpreter:
         handle.fds.remove(fd)
         commits = handle.wrote or (handle.pending and not handle.fds)
         if commits and self.managed:  # the agent knows the version it made
-            self.stale.discard(os.readlink(f"/proc/self/fd/{fd}"))
+            self.stale.discard(_path_of(fd, handle.name))
         if handle.fds and handle.wrote and handle.committed is not None:
             os.close(handle.committed)
             handle.committed = _copy(handle.fd)
@@ -497,7 +515,7 @@ class Interpreter:
             return f.read()
 
     def _is_stale(self, path: str) -> bool:
-        top = os.path.abspath(path)
+        top = _name(path)
         return self.managed and any(_at_or_below(stale, top) for stale in self.stale)
 
     def _refuse_stale_open(self, path: str, flags: int) -> None:
@@ -510,7 +528,7 @@ class Interpreter:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            if flags & os.O_CREAT and os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            if flags & os.O_CREAT and os.path.isdir(os.path.dirname(_name(path)) or "."):
                 raise OSError(errno.EACCES, "stale: created anew after a deletion it did not read") from None
             return
         if stat_mod.S_ISREG(st.st_mode) and not (flags & os.O_CREAT and flags & os.O_EXCL):
@@ -735,7 +753,7 @@ class Interpreter:
         the kernel's own checks: both ends exist as the flags need, of types that fit)."""
         if not self.managed:
             return []
-        tops = [os.path.abspath(src), os.path.abspath(dst)]
+        tops = [_name(src), _name(dst)]
         moving = [h for h in self._handles() if h.writes and any(_at_or_below(h.where(), top) for top in tops)]
         if not any(h.pending for h in moving):
             return moving
@@ -752,9 +770,9 @@ class Interpreter:
             raise OSError(errno.EEXIST, "exists")
         if target is not None and (source.st_dev, source.st_ino) == (target.st_dev, target.st_ino):
             return True  # two names of one file: rename(2) does nothing
-        if stat_mod.S_ISDIR(source.st_mode) and _at_or_below(os.path.abspath(dst), os.path.abspath(src)):
+        if stat_mod.S_ISDIR(source.st_mode) and _at_or_below(_name(dst), _name(src)):
             raise OSError(errno.EINVAL, "into itself")
-        if target is not None and src != dst and _at_or_below(os.path.abspath(src), os.path.abspath(dst)):
+        if target is not None and src != dst and _at_or_below(_name(src), _name(dst)):
             raise OSError(errno.EINVAL if flags == "EXCHANGE" else errno.ENOTEMPTY, "onto a directory above it")
         if (
             target is not None

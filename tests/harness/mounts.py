@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from coherent_volume.errors import CoherenceError
 from coherent_volume.mounts import fuse_mounts
+from fusefs import direct
 
 from . import CLI
 
@@ -153,13 +155,16 @@ class Unmounted:
 
 
 def unmount_and_reap(mountpoint: str | os.PathLike[str], wait: float = 10.0) -> Unmounted:
-    """Unmount `mountpoint` if it is mounted (`fusermount3 -u`, retried for a second while busy,
-    then `-u -z`), then make sure nothing serves it any more: wait up to `wait` seconds for every
+    """Unmount `mountpoint` if it is mounted (its --direct binds first, detached lazily; then
+    `fusermount3 -u`, retried for a second while busy, then `-u -z`), then make sure nothing
+    serves it any more: wait up to `wait` seconds for every
     process with the mountpoint among its arguments (our daemon and its watcher process, bindfs,
     floorfs) to exit, and SIGKILL what is left. Safe to call on anything: mounted, dead, or gone."""
     mp = os.fspath(mountpoint)
     done = Unmounted()
     if is_mounted(mp):
+        with contextlib.suppress(CoherenceError, OSError):  # a dead mount's binds go with its `-u -z`
+            direct.unbind(fuse_mounts(None)[mp], mp, lazy=True)
         for _ in range(5):
             if subprocess.run(
                 ["fusermount3", "-u", mp], capture_output=True, check=False
@@ -189,8 +194,8 @@ def dead_errno(mountpoint: Path) -> int | None:
 
 
 class Mount:
-    """`root` mounted at `path` through `coherent-volume mount` (as `agent`, when given); a context
-    manager that unmounts in every outcome.
+    """`root` mounted at `path` through `coherent-volume mount` (as `agent`, and with `--direct` for
+    each of `direct`, when given); a context manager that unmounts in every outcome.
 
     What its daemon logs from the moment this object is made (remounts included) is checked at
     `unmount` and by `log_problems`: an internal error, a traceback or an ERROR record fails with
@@ -199,8 +204,15 @@ class Mount:
     expects (with the `mounted` fixture: `@pytest.mark.mount_log_allows(pattern, ...)`); there is no
     switch that turns the check off."""
 
-    def __init__(self, root: Path, path: Path, agent: str | None = None, log_allows: Sequence[str] = ()) -> None:
-        self.root, self.path, self.agent = root, path, agent
+    def __init__(
+        self,
+        root: Path,
+        path: Path,
+        agent: str | None = None,
+        log_allows: Sequence[str] = (),
+        direct: Sequence[str] = (),
+    ) -> None:
+        self.root, self.path, self.agent, self.direct = root, path, agent, tuple(direct)
         self.log_allows = tuple(log_allows)
         self.log = root / ".coherent" / "mount.log"
         self._log_checked = self.log.stat().st_size if self.log.exists() else 0
@@ -225,6 +237,7 @@ class Mount:
         if not is_mounted(self.path):  # a dead mount cannot even be stat'ed
             self.path.mkdir(parents=True, exist_ok=True)
         args = [CLI, "mount", str(self.root), str(self.path)] + (["--agent", self.agent] if self.agent else [])
+        args += [arg for rel in self.direct for arg in ("--direct", rel)]
         started = time.monotonic()
         result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
         _ACTIVE.add(self)

@@ -26,9 +26,34 @@ def registry_db(root: Path) -> Path:
     return root / ".coherent" / "registry.db"
 
 
-def object_file(root: Path, digest: str) -> Path:
-    """Where the content store keeps the bytes whose xxh3-128 hash is `digest`."""
-    return root / ".coherent" / "objects" / digest[:2] / digest
+def stored(root: Path, digest: str) -> bytes | None:
+    """The bytes the content store keeps under the xxh3-128 hash `digest` (the registry's
+    `contents` row, its first part, then its `content_parts` in order), None if it keeps none."""
+    first = sql(root, "SELECT data FROM contents WHERE hash = ?", (digest,))
+    if not first:
+        return None
+    rest = sql(root, "SELECT data FROM content_parts WHERE hash = ? ORDER BY part", (digest,))
+    return b"".join(bytes(data) for (data,) in first + rest)
+
+
+def tamper(root: Path, digest: str, data: bytes | None, part: int = 0) -> None:
+    """Damage the content stored under `digest`: replace the bytes of its part `part` (0: the first,
+    in its `contents` row) with `data` or, with `data` None, remove that part (part 0: the whole
+    content, every part of it): what a failing disk or a careless hand could do to the registry file."""
+    conn = sqlite3.connect(registry_db(root), timeout=30)
+    try:
+        with conn:
+            if part == 0 and data is None:
+                conn.execute("DELETE FROM contents WHERE hash = ?", (digest,))
+                conn.execute("DELETE FROM content_parts WHERE hash = ?", (digest,))
+            elif part == 0:
+                conn.execute("UPDATE contents SET data = ? WHERE hash = ?", (data, digest))
+            elif data is None:
+                conn.execute("DELETE FROM content_parts WHERE hash = ? AND part = ?", (digest, part))
+            else:
+                conn.execute("UPDATE content_parts SET data = ? WHERE hash = ? AND part = ?", (data, digest, part))
+    finally:
+        conn.close()
 
 
 def create(root: Path, managed: tuple[str, ...] = MANAGED) -> Path:
@@ -129,18 +154,18 @@ def _stored(root: Path, row: tuple[Any, ...]) -> StoredVersion:
         return StoredVersion(path, version, kind, writer, None, "none")
     if pruned:
         return StoredVersion(path, version, kind, writer, digest, "pruned")
-    try:
-        data = object_file(root, digest).read_bytes()
-    except FileNotFoundError:
+    data = stored(root, digest)
+    if data is None:
         return StoredVersion(path, version, kind, writer, digest, "missing")
     state = "ok" if xxhash.xxh3_128_hexdigest(data) == digest else "damaged"
     return StoredVersion(path, version, kind, writer, digest, state, Read.of(path, data))
 
 
 def audit_store(root: Path, paths: list[str]) -> StoreAudit:
-    """The content store as an auditor sees it: every row of the `versions` table with its object
-    file read and hashed here (never through the volume), the `files` table's current record of
-    each path, and the hash of each of `paths`' bytes on disk now."""
+    """The content store as an auditor sees it: every row of the `versions` table with its stored
+    bytes (the `contents` and `content_parts` tables) read and hashed here (never through the
+    volume), the `files` table's current record of each path, the hash of each of `paths`' bytes on
+    disk now, and what nothing names (contents no version or intent names, parts of no content)."""
     audit = StoreAudit()
     for row in sql(root, "SELECT path, version, kind, writer, hash, pruned FROM versions ORDER BY path, version"):
         audit.versions.setdefault(row[0], {})[row[1]] = _stored(root, row)
@@ -152,8 +177,10 @@ def audit_store(root: Path, paths: list[str]) -> StoreAudit:
             audit.disk[path] = xxhash.xxh3_128_hexdigest((root / path).read_bytes())
         except OSError:  # gone, or a directory there now (renames)
             audit.disk[path] = None
-    names = [f.name for f in (root / ".coherent" / "objects").glob("*/*")]
     named = {row.hash for rows in audit.versions.values() for row in rows.values()}
-    audit.temp_files = sum(name.startswith(".tmp-") for name in names)
-    audit.unnamed_objects = sum(not name.startswith(".tmp-") and name not in named for name in names)
+    named |= {digest for (digest,) in sql(root, "SELECT hash FROM intents")}
+    audit.temp_files = sum(1 for f in (root / ".coherent").rglob("*") if f.name.startswith(".tmp-"))
+    audit.unnamed_objects = sum(digest not in named for (digest,) in sql(root, "SELECT hash FROM contents")) + len(
+        sql(root, "SELECT DISTINCT hash FROM content_parts WHERE hash NOT IN (SELECT hash FROM contents)")
+    )
     return audit

@@ -1,0 +1,202 @@
+"""One working copy's own state, for a volume whose registry holds the content (PostgreSQL): which
+version of each managed path this copy holds on its disk, with the file's stat fingerprint then.
+
+Kept in ROOT/.coherent/replica.db (SQLite, on the working copy's own disk) and never in the shared
+registry: a stat fingerprint means nothing on another host.
+
+Invariants:
+- a row (path, version, hash, fingerprint) says this copy's disk held exactly that version's bytes
+  (hash None: no file) when it was written; rows change only after the disk did (an install) or
+  after the registry transaction recording what the disk holds committed (`PostgresTransaction`);
+- every change of this copy's managed files by the volume (a commit's install, a catch-up) happens
+  under `locked()`, an flock on ROOT/.coherent/replica.lock that the registry's commit lock takes
+  first and holds throughout: serial across the host's processes (and containers sharing the root
+  on one kernel: flock works across PID namespaces), and held by the live process even when its
+  database session is lost;
+- the replica's id (`cv_replicas` in the registry) is recorded here once with the identity
+  (st_dev, st_ino) of the directory it was made in: a copy of the directory (`cp -a`, a restored
+  backup) carries the id along but not the identity, and is refused (`identity_problem`);
+- a forked child opens its own connection; inode numbers >= 2**63 are stored wrapped to signed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .. import atomic
+from ..fingerprint import Fingerprint, fingerprint_path
+from ..protocol import Installed
+from .sqlite import _flock_within
+
+DB_FILE = "replica.db"
+LOCK_FILE = "replica.lock"
+_INO_RANGE = 2**64
+_DDL = (
+    "CREATE TABLE IF NOT EXISTS replica_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS replica_files (path TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT, "
+    "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, checked_ns INTEGER NOT NULL)",
+)
+
+
+_INHERITED: list[sqlite3.Connection] = []
+"""Connections a forked child inherited: kept, never closed (closing one could end its parent's locks)."""
+
+
+def _ino_to_sql(ino: int) -> int:
+    return ino - _INO_RANGE if ino >= _INO_RANGE // 2 else ino
+
+
+class Replica:
+    """The state of the working copy whose registry directory (ROOT/.coherent) is `directory`;
+    thread-safe."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._mutex = threading.Lock()
+        self._pid = -1
+        self._conn: sqlite3.Connection | None = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:  # a forked child never uses, nor closes, its parent's connection
+                _INHERITED.append(self._conn)
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            conn = sqlite3.connect(
+                os.path.join(self.directory, DB_FILE), timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            for statement in _DDL:
+                conn.execute(statement)
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def recorded_id(self) -> uuid.UUID | None:
+        """The id this copy is registered under (`cv_replicas`), None if none is recorded (nothing is
+        created to find out)."""
+        if not os.path.exists(os.path.join(self.directory, DB_FILE)):
+            return None
+        value = self.meta("replica")
+        return None if value is None else uuid.UUID(value)
+
+    def joined(self) -> bool:
+        """Whether this copy joined a volume that another root created."""
+        return self.meta("joined") == "1"
+
+    def registered(self, replica_id: uuid.UUID, joined: bool) -> None:
+        """Record the id this copy was registered under, whether it joined an existing volume, and
+        the identity of the directory it was registered in."""
+        self.put_meta("joined", "1" if joined else "0")
+        self.put_meta("directory", self.identity())
+        self.put_meta("replica", str(replica_id))
+
+    def identity(self) -> str:
+        """The identity of the registry directory itself, "st_dev:st_ino": the same through every
+        bind mount of it, different in any copy of it."""
+        st = os.stat(self.directory)
+        return f"{st.st_dev}:{st.st_ino}"
+
+    def identity_problem(self) -> str | None:
+        """Why this state may not be used for the directory it is in (None: it may): it was
+        registered in another directory, of which this one is a copy. A state recorded before
+        identities were (none recorded) is taken to be this directory's."""
+        recorded = self.meta("directory")
+        here = self.identity()
+        if recorded is None or recorded == here:
+            return None
+        return (
+            f"its {DB_FILE} was registered in another directory (st_dev:st_ino {recorded}; this one is {here}): "
+            "it is a copy of a working copy (`cp -a`, a restored backup, or another directory put at its path), "
+            "and a copy cannot share a working copy's registration"
+        )
+
+    def meta(self, key: str) -> str | None:
+        with self._mutex:
+            row = self._db().execute("SELECT value FROM replica_meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_meta(self, key: str, value: str) -> None:
+        with self._mutex:
+            self._db().execute("INSERT OR REPLACE INTO replica_meta (key, value) VALUES (?, ?)", (key, value))
+
+    def installed(self, path: str) -> Installed | None:
+        """What this copy holds of `path`, as last recorded; None if it never recorded it."""
+        with self._mutex:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT version, hash, ino, size, mtime_ns, ctime_ns, checked_ns FROM replica_files WHERE path = ?",
+                    (path,),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        version, digest, ino, size, mtime_ns, ctime_ns, checked_ns = row
+        fp = None if ino is None else Fingerprint(ino + _INO_RANGE if ino < 0 else ino, size, mtime_ns, ctime_ns)
+        return Installed(version, digest, fp, checked_ns)
+
+    def record(self, path: str, held: Installed) -> None:
+        """Record that this copy's disk holds `held` at `path`."""
+        fp = held.fingerprint
+        stat = (None, None, None, None) if fp is None else (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns)
+        with self._mutex:
+            self._db().execute(
+                "INSERT OR REPLACE INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (path, held.version, held.hash, *stat, held.checked_ns),
+            )
+
+    @contextmanager
+    def locked(self, timeout: float, started: float) -> Iterator[None]:
+        """Exclusive over changes to this working copy's managed files, across the host's processes;
+        waited for until `started + timeout` (time.monotonic()), then RegistryError(EBUSY) naming
+        the holder. Not re-entrant: its one taker is the registry's commit lock."""
+        path = os.path.join(self.directory, LOCK_FILE)
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _flock_within(fd, fcntl.LOCK_EX, path, "the lock of the working copy", timeout, started)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # also for a copy of `fd` a forked child inherited
+        finally:
+            os.close(fd)
+
+    def install(self, target: str, path: str, version: int, digest: str | None, data: bytes | None) -> None:
+        """Make this copy hold `version` of `path` (at `target` on disk): its bytes `data` (temp,
+        fsync, rename over the file) or, `data` None, no file; then record it. Called under the
+        registry's commit lock (which holds `locked()`)."""
+        if data is None:
+            try:
+                atomic.remove(target)
+            except FileNotFoundError:
+                pass
+        else:
+            staged = atomic.stage(target, data)
+            try:
+                staged.install()
+            finally:
+                staged.discard()
+        self.holds(target, path, version, digest if data is not None else None)
+
+    def holds(self, target: str, path: str, version: int, digest: str | None) -> None:
+        """Record that this copy's disk now holds `version` of `path` (at `target`): bytes hashing to
+        `digest`, or with `digest` None no file. Called right after the disk changed, under the
+        registry's commit lock."""
+        fp = None if digest is None else fingerprint_path(target)
+        self.record(path, Installed(version, digest, fp, time.time_ns()))
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None

@@ -1,0 +1,157 @@
+"""Registry benchmark: commits/s and tracked reads/s, SQLite against PostgreSQL, side by side.
+
+Subjects, each a volume of its own made through `coherent-volume init`: SQLite (the default),
+PostgreSQL on loopback, and PostgreSQL through the delay proxy at 1 ms and 5 ms of added round
+trip (a private cluster from tests/harness/pgcluster.py, stopped in every outcome). For each
+number of concurrent writers (1, 4, 16: one process and one agent each, each on a file of its
+own, so nothing is refused) every subject runs a commit phase (whole-file writes of 4 KiB) and a
+tracked-read phase (reads of the unchanged file), all processes starting together; the figure is
+the total over the processes. Rounds alternate the subjects and the median round is reported, so
+drift of this shared machine hits every subject alike; the ratio column is against SQLite with
+the same writers, in the same round.
+
+    .venv/bin/python scripts/bench_registry.py [--rounds 3] [--seconds 3]
+    .venv/bin/python scripts/bench_registry.py --quick      (1 round, 0.5 s, 1 and 4 writers, 1 ms only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import CLI, REPO, child
+
+SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    root: str
+
+
+def _init(root: str, registry: str | None, volume: str) -> None:
+    extra = [] if registry is None else ["--registry", registry, "--volume", volume]
+    subprocess.run([CLI, "init", root, "--managed", "plans/**", *extra], check=True, capture_output=True, text=True)
+
+
+def measure(subject: Subject, writers: int, seconds: float) -> tuple[float, float]:
+    """(commits/s, tracked reads/s) of `writers` processes together on `subject`."""
+    procs = [
+        subprocess.Popen(
+            child("bench_registry", "worker", subject.root, str(i), str(seconds)),
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        for i in range(writers)
+    ]
+    try:
+        totals = []
+        for _phase in ("commits", "reads"):
+            for p in procs:  # every process is set up (volume open, file written) before any starts
+                assert p.stdout is not None and p.stdout.readline() == "ready\n", f"a worker on {subject.name} failed"
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+            counts = [int(p.stdout.readline()) for p in procs if p.stdout is not None]
+            totals.append(sum(counts) / seconds)
+        return totals[0], totals[1]
+    finally:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.communicate(timeout=60)
+            if p.returncode is None:
+                p.kill()
+
+
+def worker(root: str, index: int, seconds: float) -> None:
+    """One agent: commits its own file for `seconds`, then reads it for `seconds`, each on "go"."""
+    from coherent_volume import CoherentVolume
+
+    path = f"plans/w{index}.md"
+    with CoherentVolume(root, agent=f"writer-{index}") as vol:
+        vol.write(path, b"\0" * SIZE)
+        for op in (lambda n: vol.write(path, n.to_bytes(8, "big") * (SIZE // 8)), lambda n: vol.read(path)):
+            print("ready", flush=True)
+            sys.stdin.readline()
+            n = 0
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                op(n)
+                n += 1
+            print(n, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rounds, seconds = (1, 0.5) if args.quick else (args.rounds, args.seconds)
+    writer_counts = (1, 4) if args.quick else (1, 4, 16)
+    rtts_ms = (1.0,) if args.quick else (1.0, 5.0)
+
+    from .delayproxy import delay_proxy
+    from .pgcluster import cluster
+
+    base = Path(tempfile.mkdtemp(prefix="cv-bench-registry-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            pg = stack.enter_context(cluster())
+            subjects = [Subject("SQLite", str(base / "sqlite")), Subject("PostgreSQL loopback", str(base / "pg"))]
+            _init(subjects[0].root, None, "")
+            _init(subjects[1].root, pg.url(), "loopback")
+            for rtt in rtts_ms:
+                proxy = stack.enter_context(delay_proxy(("127.0.0.1", pg.port), rtt / 2))
+                s = Subject(f"PostgreSQL +{rtt:g} ms RTT", str(base / f"pg-{rtt:g}ms"))
+                _init(s.root, f"postgresql://cv@{proxy.host}:{proxy.port}/cv", f"rtt{rtt:g}")
+                subjects.append(s)
+            results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for r in range(rounds):
+                for n in writer_counts:
+                    order = subjects if r % 2 == 0 else subjects[::-1]
+                    for s in order:
+                        results.setdefault((s.name, n), []).append(measure(s, n, seconds))
+                print(f"round {r + 1} of {rounds} done", file=sys.stderr)
+        report(subjects, writer_counts, results, rounds, seconds)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def report(
+    subjects: list[Subject],
+    writer_counts: tuple[int, ...],
+    results: dict[tuple[str, int], list[tuple[float, float]]],
+    rounds: int,
+    seconds: float,
+) -> None:
+    print(f"commits/s and tracked reads/s, all writers together; median of {rounds} round(s) of {seconds:g} s")
+    print(f"{'subject':<26}{'writers':>8}{'commits/s':>12}{'× SQLite':>10}{'reads/s':>12}{'× SQLite':>10}")
+    for n in writer_counts:
+        base = results[("SQLite", n)]
+        for s in subjects:
+            runs = results[(s.name, n)]
+            commits = statistics.median(c for c, _ in runs)
+            reads = statistics.median(r for _, r in runs)
+            ratio_c = statistics.median(c / b[0] for (c, _), b in zip(runs, base, strict=True) if b[0])
+            ratio_r = statistics.median(r / b[1] for (_, r), b in zip(runs, base, strict=True) if b[1])
+            print(f"{s.name:<26}{n:>8}{commits:>12,.0f}{ratio_c:>10.3f}{reads:>12,.0f}{ratio_r:>10.3f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        worker(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        main()

@@ -1,0 +1,152 @@
+"""A volume on a network file system is refused at open; local disks, tmpfs and bind mounts are not.
+
+The network file system is a real FUSE mount of type `fuse.sshfs` (the floor passthrough mounted
+with `subtype=sshfs`: what the kernel reports is what the check reads), unmounted in every outcome.
+tmpfs and bind mounts are made in a private mount namespace that vanishes with the test's shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume
+from coherent_volume.errors import VolumeConfigError
+from coherent_volume.filesystems import Mount, is_network, mount_of, parse_mountinfo
+from tests.harness import CLI
+from tests.harness.bench_fuse import mount_floor
+
+MOUNTINFO = r"""22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+23 22 0:21 / /proc rw,nosuid shared:2 - proc proc rw
+40 22 0:40 / /mnt/my\040share rw,relatime shared:30 - nfs4 files:/export\040dir rw,vers=4.2
+41 22 0:41 / /mnt/ab rw - tmpfs none rw
+42 40 0:42 / /mnt/my\040share/local rw master:7 - tmpfs none rw
+43 22 254:0 /srv/data /bind rw - ext4 /dev/vda rw
+44 22 0:44 / /over rw - tmpfs none rw
+45 44 0:45 / /over/deep rw - fuse.sshfs me@h:/x rw
+46 22 0:46 / /over rw - ext4 /dev/vdb rw
+"""
+
+
+def test_mountinfo_fields_are_unescaped_and_optional_fields_skipped() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert mounts[2] == Mount("/mnt/my share", "0:40", "nfs4", "files:/export dir")
+    assert mounts[5] == Mount("/bind", "254:0", "ext4", "/dev/vda")
+
+
+def test_the_longest_mount_point_above_a_path_holds_it() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert mount_of("/mnt/my share/vol", mounts, "0:40").fstype == "nfs4"
+    assert mount_of("/mnt/my share/local/vol", mounts, "0:42").fstype == "tmpfs"
+    assert mount_of("/mnt/abc/vol", mounts, "254:0").fstype == "ext4"  # /mnt/ab is not above /mnt/abc
+    assert mount_of("/bind/vol", mounts, "254:0").point == "/bind"
+
+
+def test_an_overmount_hides_the_mounts_under_it() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    # /over/deep (sshfs) lies under the first /over; the second /over covers both: its device wins
+    assert mount_of("/over/deep/vol", mounts, "0:46").fstype == "ext4"
+    # when no device matches (btrfs subvolumes report their own), the last mounted of the longest
+    assert mount_of("/over/x", mounts, "0:99").source == "/dev/vdb"
+
+
+@pytest.mark.parametrize("fstype", ["nfs", "nfs4", "cifs", "smb3", "ceph", "9p", "glusterfs", "fuse.sshfs"])
+def test_network_types(fstype: str) -> None:
+    assert is_network(fstype)
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "fuse.coherent", "fuse", "fuseblk"])
+def test_local_types(fstype: str) -> None:
+    assert not is_network(fstype)
+
+
+SSHFS_LOOKALIKE = """
+import os, sys, pyfuse3, trio
+from tests.harness.floorfs import Floor
+src, mountpoint = sys.argv[1:3]
+pyfuse3.init(Floor(os.path.realpath(src)), mountpoint,
+             set(pyfuse3.default_options) | {"fsname=files.example:/export", "subtype=sshfs"})
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close()
+"""
+
+
+@pytest.fixture
+def sshfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(backing directory, mountpoint of a `fuse.sshfs` passthrough of it)."""
+    src, mnt = tmp_path / "export", tmp_path / "ssh"
+    with contextlib.ExitStack() as stack:
+        mount_floor(src, mnt, stack, [sys.executable, "-c", SSHFS_LOOKALIKE, str(src), str(mnt)])
+        yield src, mnt
+
+
+def _init(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, "init", str(root), "--managed", "plans/**"], capture_output=True, text=True)
+
+
+def test_init_on_a_network_file_system_is_refused_and_changes_nothing(sshfs: tuple[Path, Path]) -> None:
+    src, mnt = sshfs
+    (src / "vol").mkdir()
+    done = _init(mnt / "vol")
+    assert done.returncode != 0
+    assert "network file system (fuse.sshfs 'files.example:/export'" in done.stderr
+    assert "local disk" in done.stderr and "PostgreSQL" in done.stderr
+    assert os.listdir(src / "vol") == []
+
+
+def test_a_volume_reached_through_a_network_file_system_is_refused(sshfs: tuple[Path, Path]) -> None:
+    src, mnt = sshfs
+    (src / "vol").mkdir()
+    CoherentVolume(src / "vol", managed=["plans/**"]).close()  # made on the local disk beneath
+    with pytest.raises(VolumeConfigError, match="network file system"):
+        CoherentVolume(mnt / "vol")
+    CoherentVolume(src / "vol").close()  # the same files on the local path: allowed
+
+
+def test_a_local_disk_is_allowed(tmp_path: Path) -> None:
+    assert _init(tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param("mount -t tmpfs none $ROOT", id="tmpfs"),
+        pytest.param("mkdir $BASE/local && mount --bind $BASE/local $ROOT", id="bind-mount-of-a-local-dir"),
+    ],
+)
+def test_tmpfs_and_bind_mounts_are_allowed(tmp_path: Path, setup: str) -> None:
+    (tmp_path / "root").mkdir()
+    script = f'{setup} && findmnt -no FSTYPE "$ROOT" && "{CLI}" init "$ROOT" --managed "plans/**"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env={**os.environ, "BASE": str(tmp_path), "ROOT": str(tmp_path / "root")},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] in ("tmpfs", "ext4", "xfs", "btrfs")
+    assert f"volume {tmp_path / 'root'} manages: plans/**" in done.stdout
+
+
+def test_a_bind_mount_of_a_network_file_system_is_refused(tmp_path: Path, sshfs: tuple[Path, Path]) -> None:
+    src, mnt = sshfs
+    (src / "vol").mkdir()
+    (tmp_path / "root").mkdir()
+    script = f'mount --bind "{mnt / "vol"}" "$ROOT" && exec "{CLI}" init "$ROOT" --managed "plans/**"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env={**os.environ, "ROOT": str(tmp_path / "root")},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "network file system (fuse.sshfs" in done.stderr
+    assert os.listdir(src / "vol") == []
