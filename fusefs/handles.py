@@ -380,10 +380,12 @@ class Shadow:
         on failure the grant is released."""
         try:
             if chown is not None and os.geteuid() == 0:
-                mode = os.lstat(self.target.abs).st_mode
-                os.lchown(self.target.abs, *chown)
-                if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
-                    os.chmod(self.target.abs, stat_mod.S_IMODE(mode))  # chown cleared the set-id bits it was made with
+                st = os.lstat(self.target.abs)
+                uid, gid = chown
+                if st.st_uid != uid or gid not in (-1, st.st_gid):  # not the caller's already
+                    os.lchown(self.target.abs, uid, gid)
+                    if st.st_mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                        os.chmod(self.target.abs, stat_mod.S_IMODE(st.st_mode))  # chown cleared the set-id bits
             self.fd = _shadow(self.target.abs, copy)
             return self
         except BaseException:
