@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -168,3 +169,20 @@ def test_a_commit_that_cannot_be_recorded_in_time_says_it_is_pending_and_lands_l
     with CoherentVolume(root, agent="bob") as bob:  # any next operation records it as alice's
         assert bob.read(P) == b"two"
         assert [(v.version, v.writer) for v in bob.history(P)][:2] == [(2, "alice"), (1, "alice")]
+
+
+def test_a_create_whose_record_fails_a_while_is_recorded_and_its_grant_taken(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a file created through a handle (the mount's create): the empty version is the
+    creator's and so is the handle's grant, once the registry takes the record."""
+    from coherent_volume.liveness import ProcessId
+
+    with CoherentVolume(root, agent="alice") as vol:
+        failed = _failing_finishes(vol, monkeypatch, 2)
+        core = vol._core
+        grant, version = core.create("alice", core.resolve("plans/new.md"), 0o644, ProcessId.of(os.getpid()), "write")
+        assert (version, grant.agent, failed) == (1, "alice", ["failed"] * 2)
+        assert [(v.version, v.writer) for v in vol.history("plans/new.md")] == [(1, "alice")]
+        with core.registry.read() as tx:
+            assert tx.grant("plans/new.md") == grant

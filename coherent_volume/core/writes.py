@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .. import atomic
 from ..edits import Edits
@@ -85,6 +86,8 @@ def _detail(check: WriteCheck, reason: Reason) -> str | None:
         return f"holder={check.holder}" + (" (another open write handle of this agent)" if own else "")
     return ",".join(check.changed_read_set) or None
 
+
+R = TypeVar("R")
 
 FINISH_WAIT = 15.0
 """Seconds a commit that is on disk keeps trying to record its version while the registry is
@@ -339,7 +342,7 @@ class Writes(Reads):
             for earlier in replayed:
                 earlier.discard()
 
-    def _settle(self, what: str, finish: Callable[[Transaction], bool]) -> bool:
+    def _settle(self, what: str, finish: Callable[[Transaction], R]) -> R:
         """Run `finish` (idempotent: it records an installed commit, of `what`, unless recovery did)
         until the registry takes it, retrying for at most FINISH_WAIT seconds while it cannot be
         reached; its answer. Past that, RegistryError saying the change is on disk and will be
@@ -445,8 +448,14 @@ class Writes(Reads):
                 tx.store(EMPTY_HASH, b"")
             return version, check, refusal
 
-        def finish(tx: Transaction) -> tuple[Grant, bool]:
-            self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
+        def finish(tx: Transaction) -> tuple[Grant, bool] | None:
+            """Record the created file and take the handle's grant, unless recovery recorded it
+            already (idempotent, as `_commit_locked`'s); None if it is not this agent's version."""
+            if any(i.path == target.rel and i.version == version for i in tx.intents()):
+                self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
+            entry = tx.version_entry(target.rel, version)
+            if entry is None or entry.writer != agent:
+                return None
             return self._share(tx, agent, target, owner, time.time() + HANDLE_GRANT_TTL)
 
         with self.registry.commit_lock():
@@ -457,7 +466,15 @@ class Writes(Reads):
                 lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
             )
             self._installed(target, version, EMPTY_HASH)
-            grant, taken = self.registry.transact(finish)
+            settled = self._settle(f"{target.rel} (version {version})", finish)
+            if settled is None:
+                raise RegistryError(
+                    f"{target.rel}: the file was created, but before it was recorded as version {version} it "
+                    "changed again, so crash recovery did not record it as yours (see `coherent-volume log` of "
+                    "this path): open it again",
+                    errno.EAGAIN,
+                )
+            grant, taken = settled
             self._count_share(grant, kind, taken)
             return grant, version
 
