@@ -88,7 +88,7 @@ def test_the_mcp_sdk_is_imported_only_inside_the_mcp_servers_functions() -> None
 
 PG_SIDE = ("psycopg", "psycopg_pool", "psycopg_binary", "psycopg_c")
 """The PostgreSQL driver (the `postgresql` extra)."""
-PG_BACKEND = "coherent_volume/registry/postgresql.py"
+PG_BACKEND = "coherent_volume/registry/pg_connections.py"
 
 
 def _type_checking_lines(path: Path) -> set[int]:

@@ -29,7 +29,7 @@ from coherent_volume import CoherentVolume, DamagedContent, RegistryError, Stale
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
-from coherent_volume.registry import DB_FILE, LOCATION_FILE, postgresql
+from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
 
 from . import test_volume
 from .conftest import run_py
@@ -295,7 +295,7 @@ def test_an_unreachable_or_read_only_registry_is_a_typed_error(
             v.write("plans/a.md", "two\n")
         assert read_only.value.errno == errno.EROFS and "read-only" in str(read_only.value)
         assert (root / "plans/a.md").read_bytes() == b"one\n"
-    monkeypatch.setattr(postgresql, "CONNECT_WAIT", 0.5)
+    monkeypatch.setattr(pg_connections, "CONNECT_WAIT", 0.5)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -336,7 +336,7 @@ def test_the_commit_lock_names_its_holder_and_is_freed_when_it_is_killed(
     other = _join(tmp_path / "other", pg_url)
     holder = _holder(other if where == "another working copy" else root)
     try:
-        monkeypatch.setattr(postgresql, "COMMIT_LOCK_TIMEOUT", 0.5)
+        monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
         with CoherentVolume(root, agent="alice") as v:
             with pytest.raises(RegistryError) as busy:
                 v.write("plans/a.md", "one\n")
@@ -350,7 +350,7 @@ def test_the_commit_lock_names_its_holder_and_is_freed_when_it_is_killed(
             assert not (root / "plans/a.md").exists()
             holder.send_signal(signal.SIGKILL)
             holder.wait()
-            monkeypatch.setattr(postgresql, "COMMIT_LOCK_TIMEOUT", 30.0)
+            monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 30.0)
             assert v.write("plans/a.md", "one\n") == 1  # its session ended with it: the lock is free
     finally:
         holder.kill()
@@ -552,7 +552,7 @@ def test_a_lost_reply_with_the_registry_gone_says_the_outcome_is_unknown(
     proxied: tuple[Path, CommitProxy], pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, proxy = proxied
-    monkeypatch.setattr(postgresql, "CONNECT_WAIT", 0.5)
+    monkeypatch.setattr(pg_connections, "CONNECT_WAIT", 0.5)
     core = open_core(root)
     registry = core.registry
     assert isinstance(registry, postgresql.PostgresRegistry)
@@ -643,7 +643,7 @@ def test_a_forked_child_never_uses_or_ends_its_parents_sessions(root: Path) -> N
 def test_content_is_stored_in_parts_and_served_only_whole_and_intact(
     root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(postgresql, "PART", 1000)
+    monkeypatch.setattr(pg_transaction, "PART", 1000)
     data = bytes(range(256)) * 10  # 2,560 bytes: three parts
     with CoherentVolume(root, agent="alice") as v:
         v.write("plans/big.md", data)
@@ -797,7 +797,7 @@ def test_a_large_file_changed_outside_the_volume_is_hashed_with_no_transaction_o
 ) -> None:
     from coherent_volume.core import base
 
-    monkeypatch.setitem(postgresql.SESSION_SETTINGS, "idle_in_transaction_session_timeout", "500ms")
+    monkeypatch.setitem(pg_connections.SESSION_SETTINGS, "idle_in_transaction_session_timeout", "500ms")
     monkeypatch.setattr(base, "HASHED_IN_TRANSACTION", 1 << 20)
     _slow_hashing(monkeypatch, 1.5)
     data = os.urandom(1 << 20) * 3  # 3 MiB: above the limit, hashed outside the transaction
@@ -811,7 +811,7 @@ def test_a_large_file_changed_outside_the_volume_is_hashed_with_no_transaction_o
 def test_a_transaction_ended_for_idling_is_not_run_again_nor_called_a_conflict(
     root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(postgresql.SESSION_SETTINGS, "idle_in_transaction_session_timeout", "300ms")
+    monkeypatch.setitem(pg_connections.SESSION_SETTINGS, "idle_in_transaction_session_timeout", "300ms")
     (root / "plans/p.md").write_text("outside\n")  # small: hashed inside the transaction
     _slow_hashing(monkeypatch, 1.0)
     started = time.monotonic()
@@ -838,7 +838,7 @@ def test_the_urls_libpq_options_are_kept_and_ours_added_where_it_sets_none(tmp_p
     assert _q(pg_url, "SELECT table_schema FROM information_schema.tables WHERE table_name = 'cv_volumes'") == [
         ("team",)
     ]
-    with postgresql._connect(postgresql.Location(url, "v"), time.monotonic() + 10) as conn:
+    with pg_connections._connect(postgresql.Location(url, "v"), time.monotonic() + 10) as conn:
         shown = [
             conn.execute(f"SHOW {name}").fetchone()
             for name in ("search_path", "lock_timeout", "idle_in_transaction_session_timeout", "application_name")

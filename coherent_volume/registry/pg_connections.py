@@ -1,0 +1,210 @@
+"""Connections to a PostgreSQL registry: the session and libpq settings, the small pool of a
+process, and what a PostgreSQL error means (a RegistryError, a re-run, a lost connection).
+
+Invariants:
+- psycopg is imported inside functions only: the core and the SQLite path never load it;
+- every wait is bounded: connecting (CONNECT_WAIT), the commit lock (COMMIT_LOCK_TIMEOUT), row
+  locks (lock_timeout), statements (statement_timeout), a dead peer (keepalives, tcp_user_timeout).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RegistryError
+from .pg_location import Location
+
+if TYPE_CHECKING:
+    import psycopg
+
+CONNECT_WAIT = 10.0
+"""Seconds a lost or missing connection is re-established for before RegistryError(EIO)."""
+POOL_SIZE = 4
+"""Connections a process keeps open to the database at most (a thread waits for one, bounded)."""
+LOCK_CLASS = 0x6376
+"""First key of the advisory locks of coherent-volume ('cv'); the second is the volume's (0: migrations)."""
+SESSION_SETTINGS = {
+    "idle_in_transaction_session_timeout": "5s",  # a vanished client's row locks go within 5 s
+    "lock_timeout": "5s",  # a row-lock waiter fails typed (EBUSY) instead of hanging
+    "statement_timeout": "30s",
+    "tcp_keepalives_idle": "5",  # the server notices a dead client within 5 + 3 x 2 s
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+LIBPQ_SETTINGS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms: a client never hangs on a dead server
+    "connect_timeout": 5,
+}
+IDLE_ENDED = "25P03"
+"""The server ended the session: its transaction stayed idle past idle_in_transaction_session_timeout."""
+RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+"""Serialization failure, deadlock: the transaction is re-run."""
+GONE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "25P03"})
+"""Server shut down or restarting, session ended by the server: the connection is gone, nothing of
+the open transaction was committed."""
+
+
+def _psycopg() -> Any:
+    import psycopg
+
+    return psycopg
+
+
+def _connect(location: Location, deadline: float) -> psycopg.Connection[Any]:
+    """A new autocommit connection with the session settings, named `coherent-volume HOST PID`
+    (pg_stat_activity.application_name), retried until `deadline` (time.monotonic()); then
+    RegistryError(EIO): unreachable, nothing written."""
+    psycopg = _psycopg()
+    settings = _settings(location.url)
+    while True:
+        try:
+            return psycopg.connect(location.url, autocommit=True, **settings)
+        except psycopg.OperationalError as e:
+            if time.monotonic() + 0.2 >= deadline:
+                raise RegistryError(
+                    f"the registry at {location.server} is unreachable ({_first_line(e)}); nothing was written. "
+                    "Check that PostgreSQL runs and accepts this host, then try again"
+                ) from e
+            time.sleep(0.2)
+
+
+def _settings(url: str) -> dict[str, Any]:
+    """The libpq parameters a connection adds to `url`'s: LIBPQ_SETTINGS, the application name and
+    SESSION_SETTINGS (in `options`), each only where the URL (for `options`, else PGOPTIONS) does not
+    set it: what the user set wins, and the user's `options` are kept whole."""
+    given = _psycopg().conninfo.conninfo_to_dict(url)
+    settings: dict[str, Any] = {k: v for k, v in LIBPQ_SETTINGS.items() if k not in given}
+    if "application_name" not in given:
+        settings["application_name"] = f"coherent-volume {socket.gethostname()} {os.getpid()}"[:63]
+    user = str(given.get("options") or os.environ.get("PGOPTIONS") or "")
+    ours = [f"-c {k}={v}" for k, v in SESSION_SETTINGS.items() if k not in _options_set(user)]
+    settings["options"] = " ".join([user, *ours]) if user else " ".join(ours)
+    return settings
+
+
+def _options_set(options: str) -> set[str]:
+    """The server settings a libpq `options` string sets (`-c name=value`, `-cname=value`,
+    `--name=value`), by their names."""
+    names, words = set(), options.split()
+    for n, word in enumerate(words):
+        if word == "-c" and n + 1 < len(words):
+            word = words[n + 1]
+        elif word.startswith(("-c", "--")):
+            word = word[2:]
+        else:
+            continue
+        if "=" in word:
+            names.add(word.split("=", 1)[0].strip().lower().replace("-", "_"))
+    return names
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _sqlstate(e: BaseException) -> str | None:
+    return getattr(e, "sqlstate", None)
+
+
+def _gone(conn: psycopg.Connection[Any], e: BaseException) -> bool:
+    """Whether `e` means the connection is lost (nothing of its open transaction committed)."""
+    return conn.broken or _sqlstate(e) in GONE_SQLSTATES or (_sqlstate(e) or "").startswith("08")
+
+
+def _registry_error(e: BaseException, location: Location) -> RegistryError:
+    """The RegistryError for a PostgreSQL error that no re-run resolves."""
+    state = _sqlstate(e)
+    where = location.describe()
+    if state == "25006":
+        return RegistryError(f"{where}: the database is read-only ({_first_line(e)}); nothing was written", errno.EROFS)
+    if state == "53100":
+        return RegistryError(
+            f"{where}: the database's disk is full ({_first_line(e)}); nothing was written", errno.ENOSPC
+        )
+    if state == "55P03":
+        return RegistryError(
+            f"{where}: a row stayed locked by another transaction past lock_timeout ({_first_line(e)}); "
+            "nothing was written: try again",
+            errno.EBUSY,
+        )
+    if state == "57014":
+        return RegistryError(
+            f"{where}: a statement ran past statement_timeout ({_first_line(e)}); nothing was written: try again",
+            errno.ETIMEDOUT,
+        )
+    if isinstance(e, _psycopg().OperationalError):
+        return RegistryError(
+            f"the registry at {location.server} is unreachable ({_first_line(e)}); nothing was written. "
+            "Check that PostgreSQL runs and accepts this host, then try again"
+        )
+    return RegistryError(f"{where} failed: {_first_line(e)}")
+
+
+def _idle_ended(e: BaseException, location: Location) -> RegistryError:
+    return RegistryError(
+        f"{location.describe()}: the database ended this process's session because its write transaction "
+        f"stayed idle longer than idle_in_transaction_session_timeout ({_first_line(e)}): this process was "
+        "paused, or worked that long between two statements (reading a large file), while it held the "
+        "volume's row lock. Nothing was written; it was not run again, as the same work would end the same "
+        "way: try again, and if it recurs, say which command and file it was",
+        errno.ETIMEDOUT,
+    )
+
+
+class _Pool:
+    """Up to POOL_SIZE idle connections of this process, made on demand; a broken one is dropped."""
+
+    def __init__(self, location: Location) -> None:
+        self._location = location
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._slots = threading.BoundedSemaphore(POOL_SIZE)
+        self._mutex = threading.Lock()
+
+    def take(self) -> psycopg.Connection[Any]:
+        """An idle connection, or a new one; waits at most CONNECT_WAIT s for a free slot and to connect."""
+        deadline = time.monotonic() + CONNECT_WAIT
+        if not self._slots.acquire(timeout=CONNECT_WAIT):
+            raise RegistryError(
+                f"{self._location.describe()}: all {POOL_SIZE} connections of this process stayed in use for "
+                f"{CONNECT_WAIT:g} s; nothing was written: try again",
+                errno.EBUSY,
+            )
+        try:
+            with self._mutex:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.broken or conn.closed:
+                conn = _connect(self._location, deadline)
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def give(self, conn: psycopg.Connection[Any]) -> None:
+        """Return a taken connection (a broken one, or one left in a transaction, is closed)."""
+        try:
+            if conn.broken or conn.closed or conn.info.transaction_status != _psycopg().pq.TransactionStatus.IDLE:
+                conn.close()
+            else:
+                with self._mutex:
+                    self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections (`flush` after a lost one: the others were probably lost too)."""
+        with self._mutex:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    flush = close

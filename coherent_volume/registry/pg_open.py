@@ -1,0 +1,194 @@
+"""Opening a PostgreSQL volume: the one a root records, or (at `init`) the volume of a name,
+created if new (and the schema with it, in an empty database), with the root registered as a
+working copy of it on this host and boot."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RegistryError, VolumeConfigError
+from ..globs import ManagedGlobs
+from ..paths import REGISTRY_DIR
+from . import DB_FILE, pg_connections
+from .pg_connections import _connect, _psycopg, _registry_error
+from .pg_location import Location, _record_location, recorded
+from .pg_registry import PostgresRegistry
+from .pg_schema import _check_schema, _migrate, _schema_version
+from .replica import DB_FILE as REPLICA_FILE
+from .replica import Replica
+
+if TYPE_CHECKING:
+    import psycopg
+
+
+def open_postgres(
+    directory: str, root: str, globs: ManagedGlobs | None, url: str | None, volume: str | None
+) -> PostgresRegistry:
+    """The PostgreSQL registry of the root whose registry directory is `directory`: the one it
+    records, or (given `url` and `volume`: `init`) the volume of that name, created if new (and the
+    schema with it, in an empty database), with the root registered as a working copy of it (one
+    that joined, when the volume existed already). Refuses (VolumeConfigError) a root whose working
+    copy is registered to another boot, unless `init` takes it over, and a copy of a working copy's
+    directory (it carries the working copy's registration along), which `init` registers as a
+    working copy of its own; a refusal changes nothing."""
+    found = recorded(directory)
+    if url is not None:
+        location = Location.of(url, volume)
+        if found is not None and found[0] != location:
+            raise VolumeConfigError(
+                f"{root!r} already uses {found[0].describe()} ({found[0].url}); a root has one registry"
+            )
+        if os.path.exists(os.path.join(directory, DB_FILE)):
+            raise VolumeConfigError(f"{root!r} already has a SQLite registry; a root has one registry")
+    elif found is not None:
+        location = found[0]
+    else:
+        raise RegistryError(f"no PostgreSQL registry is recorded in {directory!r}")
+    replica = Replica(directory)
+    replica_id = replica.recorded_id()
+    copied = None if replica_id is None else replica.identity_problem()
+    if copied is not None:
+        if url is None:
+            raise VolumeConfigError(
+                f"{root!r} records {location.describe()}, but {copied}. Run `coherent-volume init {root} "
+                f"--registry {location.url} --volume {location.volume}` to make it a working copy of its own. "
+                "Nothing was changed"
+            )
+        replica_id = None  # `init` registers the copy as a working copy of its own
+    psycopg = _psycopg()
+    with _connect(location, time.monotonic() + pg_connections.CONNECT_WAIT) as conn:
+        try:
+            if url is not None and _schema_version(conn) == 0:
+                _migrate(conn, location.server)
+            _check_schema(conn, location)
+            if url is not None:
+                with conn.transaction():  # a refusal leaves no volume and no working copy behind
+                    volume_id, stored = _create_volume(conn, location, globs)
+                    if found is not None and found[1] != volume_id:
+                        raise _not_created_with(location, found[1], volume_id)
+                    _check_globs(globs, stored)
+                    registered, joined = _register(conn, volume_id, replica_id, root)
+            else:
+                assert found is not None
+                volume_id, stored = _recorded_volume(conn, location, found[1])
+                _check_globs(globs, stored)
+                _check_replica(conn, location, volume_id, replica_id, root)
+                registered, joined = None, False
+        except psycopg.Error as e:
+            raise _registry_error(e, location) from e
+    if found is None:
+        _record_location(directory, location, volume_id)
+    if registered is not None and registered != replica_id:
+        replica.registered(registered, joined)
+    return PostgresRegistry(location, volume_id, stored, replica)
+
+
+def _check_globs(globs: ManagedGlobs | None, stored: ManagedGlobs) -> None:
+    if globs is not None and globs != stored:
+        raise VolumeConfigError(
+            f"this volume manages {list(stored.patterns)}, not {list(globs.patterns)}: "
+            "open it without managed globs (or with the stored ones); a second policy is never applied"
+        )
+
+
+def _register(
+    conn: psycopg.Connection[Any], volume_id: uuid.UUID, replica_id: uuid.UUID | None, root: str
+) -> tuple[uuid.UUID, bool]:
+    """Register the root as a working copy on this host and boot (taking over its registration
+    when it has one: `init` again after a reboot or a move): its replica id, and whether it joined
+    (another working copy was registered before it)."""
+    if replica_id is not None:
+        row = conn.execute(
+            "UPDATE cv_replicas SET hostname = %s, boot_id = %s, root = %s, last_seen = now() "
+            "WHERE id = %s AND volume = %s RETURNING id",
+            (socket.gethostname(), _boot_id(), root, replica_id, volume_id),
+        ).fetchone()
+        if row is not None:
+            return replica_id, False
+    new = uuid.uuid4()
+    row = conn.execute(
+        "WITH earlier AS (SELECT EXISTS (SELECT 1 FROM cv_replicas WHERE volume = %s) AS joined) "
+        "INSERT INTO cv_replicas (id, volume, hostname, boot_id, root) VALUES (%s, %s, %s, %s, %s) "
+        "RETURNING (SELECT joined FROM earlier)",
+        (volume_id, new, volume_id, socket.gethostname(), _boot_id(), root),
+    ).fetchone()
+    return new, bool(row and row[0])
+
+
+def _check_replica(
+    conn: psycopg.Connection[Any], location: Location, volume_id: uuid.UUID, replica_id: uuid.UUID | None, root: str
+) -> None:
+    """VolumeConfigError unless the root is a working copy registered to this boot of this kernel."""
+    again = f"`coherent-volume init {root} --registry {location.url} --volume {location.volume}`"
+    if replica_id is None:
+        raise VolumeConfigError(
+            f"{root!r} records {location.describe()} but not which versions its files are (its "
+            f"{REGISTRY_DIR}/{REPLICA_FILE} is missing): run {again} to make it a working copy again. "
+            "Nothing was changed"
+        )
+    row = conn.execute(
+        "SELECT root, hostname, boot_id FROM cv_replicas WHERE id = %s AND volume = %s", (replica_id, volume_id)
+    ).fetchone()
+    if row is None:
+        raise VolumeConfigError(
+            f"{root!r} is no longer registered as a working copy of {location.describe()}: run {again} to "
+            "join it again. Nothing was changed"
+        )
+    stored_root, hostname, boot = row
+    if boot == _boot_id():
+        try:
+            conn.execute("UPDATE cv_replicas SET last_seen = now() WHERE id = %s", (replica_id,))
+        except _psycopg().errors.ReadOnlySqlTransaction:
+            pass  # a read-only database: what can be read is still served
+        return
+    raise VolumeConfigError(
+        f"the working copy {root!r} of {location.describe()} is registered to {stored_root!r} on host "
+        f"{hostname!r} (boot {boot}); this is host {socket.gethostname()!r} (boot {_boot_id()}). A working copy "
+        "serves one kernel: a root shared across hosts (a network file system) is refused. If this host "
+        f"rebooted or the disk moved here, run {again} to take the working copy over. Nothing was changed"
+    )
+
+
+def _create_volume(
+    conn: psycopg.Connection[Any], location: Location, globs: ManagedGlobs | None = None
+) -> tuple[uuid.UUID, ManagedGlobs]:
+    """The volume named by `location` (created with `globs` if new): (id, globs)."""
+    if globs is not None:
+        conn.execute(
+            "INSERT INTO cv_volumes (id, name, globs) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+            (uuid.uuid4(), location.volume, json.dumps(list(globs.patterns))),
+        )
+    row = conn.execute("SELECT id, globs FROM cv_volumes WHERE name = %s", (location.volume,)).fetchone()
+    if row is None:
+        raise VolumeConfigError(f"{location.describe()} does not exist: create it with managed globs")
+    return row[0], ManagedGlobs.of(row[1])
+
+
+def _recorded_volume(
+    conn: psycopg.Connection[Any], location: Location, volume_id: uuid.UUID
+) -> tuple[uuid.UUID, ManagedGlobs]:
+    row = conn.execute("SELECT id, globs FROM cv_volumes WHERE name = %s", (location.volume,)).fetchone()
+    if row is None or row[0] != volume_id:
+        raise _not_created_with(location, volume_id, None if row is None else row[0])
+    return row[0], ManagedGlobs.of(row[1])
+
+
+def _not_created_with(location: Location, recorded_id: uuid.UUID, found: uuid.UUID | None) -> RegistryError:
+    return RegistryError(
+        f"{location.describe()} is not the volume this root was created with (id {recorded_id}): "
+        + ("it no longer exists" if found is None else f"that name now names volume {found}")
+        + "; nothing was changed"
+    )
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown-boot"

@@ -1,0 +1,519 @@
+"""A transaction of a PostgreSQL registry: the SQL of each registry.Transaction method, and the
+content of versions stored in parts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from ..errors import DamagedContent, VersionGone
+from ..liveness import ProcessId
+from ..protocol import FileRecord, Grant, Installed, Intent, Version
+from . import AgentSummary, Event
+from .pg_connections import _psycopg
+
+if TYPE_CHECKING:
+    import psycopg
+
+PART = 8 << 20
+"""Most bytes of one stored part of a content (and of what a store or a read holds at once, twice)."""
+
+_FILE_COLS = "path, version, present, hash, writer, committed_at"
+_GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
+_VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned"
+
+
+def _read_parts(fd: int) -> Iterator[bytes]:
+    """Everything readable from `fd` by offset, to its end as it is while read, in parts of at most
+    PART bytes (each read asks for what fstat says is left, so a small file costs no large buffer)."""
+    offset, size = 0, os.fstat(fd).st_size
+    while chunk := os.pread(fd, min(PART, max(size - offset, 64 << 10)), offset):
+        yield chunk
+        offset += len(chunk)
+
+
+def _slices(data: bytes) -> Iterator[bytes | memoryview]:
+    """`data` in parts of at most PART bytes (no copies)."""
+    view = memoryview(data)
+    for start in range(0, max(len(data), 1), PART):
+        yield view[start : start + PART]
+
+
+def _changed(digest: str) -> OSError:
+    return OSError(errno.EAGAIN, f"content changed while it was stored (expected {digest}); try again")
+
+
+def _record(row: tuple[Any, ...]) -> FileRecord:
+    """A file's record; never a fingerprint (the working copy's own are in its Replica)."""
+    path, version, present, hsh, writer, at = row
+    return FileRecord(path, version, bool(present), hsh, None, writer, at, 0)
+
+
+def _grant(row: tuple[Any, ...]) -> Grant:
+    path, agent, token, host, pid, start, expires_at, fences = row
+    return Grant(path, agent, token, ProcessId(host, pid, start), expires_at, bool(fences))
+
+
+def _version(row: tuple[Any, ...]) -> Version:
+    parents = tuple(int(p) for p in row[7].split(",")) if row[7] else ()
+    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, not row[8])
+
+
+class PostgresTransaction:
+    """A Transaction over one connection with a transaction open (see registry.Transaction). The
+    fingerprints `put_file` and `touch_file` are given describe this working copy's disk: they go to
+    `installs`, which its registry records in the working copy's Replica once the transaction has
+    committed, never to the shared database."""
+
+    def __init__(
+        self, conn: psycopg.Connection[Any], volume: uuid.UUID, installs: list[tuple[str, Installed]] | None = None
+    ) -> None:
+        self._c = conn
+        self._v = volume
+        self.installs: list[tuple[str, Installed]] = [] if installs is None else installs
+
+    def _one(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
+        return self._c.execute(sql, (self._v, *args)).fetchone()
+
+    def _all(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        return self._c.execute(sql, (self._v, *args)).fetchall()
+
+    def _do(self, sql: str, *args: Any) -> None:
+        self._c.execute(sql, (self._v, *args))
+
+    def file(self, path: str) -> FileRecord | None:
+        row = self._one(f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND path = %s", path)
+        return None if row is None else _record(row)
+
+    def file_and_view(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
+        return _file_and_view(self._c, self._v, path, agent)
+
+    def put_file(self, r: FileRecord) -> None:
+        """The record in the database; its fingerprint, if any (this copy's disk holds it), to `installs`."""
+        self._do(
+            f"INSERT INTO cv_files (volume, {_FILE_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (volume, path) DO UPDATE SET version = EXCLUDED.version, present = EXCLUDED.present, "
+            "hash = EXCLUDED.hash, writer = EXCLUDED.writer, committed_at = EXCLUDED.committed_at",
+            r.path,
+            r.version,
+            r.present,
+            r.hash,
+            r.writer,
+            r.committed_at,
+        )
+        if r.present and r.fingerprint is not None:
+            self.installs.append((r.path, Installed(r.version, r.hash, r.fingerprint, r.checked_ns)))
+
+    def touch_file(self, path: str, r: FileRecord) -> None:
+        """This copy's disk holds `r` (no file for a deletion), as its fingerprint says: to `installs`."""
+        held = (
+            Installed(r.version, r.hash, r.fingerprint, r.checked_ns)
+            if r.present
+            else Installed(r.version, None, None, r.checked_ns)
+        )
+        self.installs.append((path, held))
+
+    def put_version(self, v: Version) -> None:
+        self._do(
+            f"INSERT INTO cv_versions (volume, {_VERSION_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (volume, path, version) DO UPDATE SET kind = EXCLUDED.kind, writer = EXCLUDED.writer, "
+            "at = EXCLUDED.at, size = EXCLUDED.size, hash = EXCLUDED.hash, parents = EXCLUDED.parents, "
+            "pruned = EXCLUDED.pruned",
+            *v[:7],
+            ",".join(str(p) for p in v.parents) or None,
+            not v.retained,
+        )
+
+    def history(self, path: str, limit: int | None = None) -> list[Version]:
+        rows = self._all(
+            f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s ORDER BY version DESC LIMIT %s",
+            path,
+            limit,
+        )
+        return [_version(row) for row in rows]
+
+    def version_entry(self, path: str, version: int) -> Version | None:
+        row = self._one(
+            f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s AND version = %s", path, version
+        )
+        return None if row is None else _version(row)
+
+    def deleted_in(self, directory: str) -> list[FileRecord]:
+        prefix = f"{directory}/" if directory else ""
+        rows = self._all(
+            f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND NOT present AND starts_with(path, %s) "
+            "AND strpos(substr(path, %s), '/') = 0 ORDER BY path",
+            prefix,
+            len(prefix) + 1,
+        )
+        return [_record(row) for row in rows]
+
+    def history_paths(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT DISTINCT path FROM cv_versions WHERE volume = %s AND NOT pruned")]
+
+    def viewed(self, path: str) -> set[int]:
+        return {r[0] for r in self._all("SELECT version FROM cv_views WHERE volume = %s AND path = %s", path)}
+
+    def prune(self, path: str, version: int) -> None:
+        self._do("UPDATE cv_versions SET pruned = true WHERE volume = %s AND path = %s AND version = %s", path, version)
+
+    def in_use(self, digest: str) -> bool:
+        row = self._one(
+            "SELECT EXISTS (SELECT 1 FROM cv_versions WHERE volume = %s AND hash = %s AND NOT pruned) "
+            "OR EXISTS (SELECT 1 FROM cv_intents WHERE volume = %s AND hash = %s)",
+            digest,
+            self._v,
+            digest,
+        )
+        return bool(row and row[0])
+
+    def retained_bytes(self) -> int:
+        return self.stored()[1]
+
+    def store(self, digest: str | None, source: bytes | int) -> str:
+        if isinstance(source, bytes):
+            got = xxhash.xxh3_128_hexdigest(source)
+            if digest is not None and got != digest:
+                raise _changed(digest)
+            if not self._stored(got):
+                self._insert(got, _slices(source), None)
+            return got
+        if digest is None:  # read once, stored while hashed (statements keep flowing), then named by its hash
+            provisional = f"provisional {uuid.uuid4()}"
+            got = self._insert(provisional, _read_parts(source), None)
+            if self._stored(got):
+                self.drop(provisional)
+            else:
+                for table in ("cv_content_parts", "cv_contents"):
+                    self._c.execute(
+                        f"UPDATE {table} SET hash = %s WHERE volume = %s AND hash = %s", (got, self._v, provisional)
+                    )
+            return got
+        if self._stored(digest):
+            return digest
+        if self._insert(digest, _read_parts(source), digest) != digest:
+            raise _changed(digest)
+        return digest
+
+    def _stored(self, digest: str) -> bool:
+        return self._one("SELECT 1 FROM cv_contents WHERE volume = %s AND hash = %s", digest) is not None
+
+    def _insert(self, key: str, parts: Iterable[bytes | memoryview], expected: str | None) -> str:
+        """Store `parts` under `key`, hashing them as they go: the first in its cv_contents row,
+        inserted last and only if they hash to `expected` (when given), the others in
+        cv_content_parts; otherwise nothing stays stored. The hash of all of them."""
+        hasher, size, first, later = xxhash.xxh3_128(), 0, b"", False
+        try:
+            for n, part in enumerate(parts):
+                hasher.update(part)
+                size += len(part)
+                if n == 0:
+                    first = bytes(part)
+                else:
+                    later = True
+                    self._do(
+                        "INSERT INTO cv_content_parts (volume, hash, part, data) VALUES (%s, %s, %s, %s)",
+                        key,
+                        n,
+                        bytes(part),
+                    )
+        except BaseException as e:
+            if later and not isinstance(e, _psycopg().Error):  # after a PostgreSQL error nothing commits anyway
+                self._do("DELETE FROM cv_content_parts WHERE volume = %s AND hash = %s", key)
+            raise
+        got = hasher.hexdigest()
+        if expected is None or got == expected:
+            self._do("INSERT INTO cv_contents (volume, hash, size, data) VALUES (%s, %s, %s, %s)", key, size, first)
+        elif later:
+            self._do("DELETE FROM cv_content_parts WHERE volume = %s AND hash = %s", key)
+        return got
+
+    def _parts(self, digest: str, what: str) -> Iterator[bytes]:
+        """The stored parts of `digest` in order, one in memory at a time, unchecked; then
+        DamagedContent if they are not all there or do not hash to it. VersionGone (before any
+        part) if it is not stored."""
+        row = self._one("SELECT size, data FROM cv_contents WHERE volume = %s AND hash = %s", digest)
+        if row is None:
+            raise VersionGone(f"{what}: its content is no longer retained (pruned)")
+        size, first = int(row[0]), bytes(row[1])
+        hasher, seen, n = xxhash.xxh3_128(first), len(first), 0
+        yield first
+        while seen < size:
+            n += 1
+            part = self._one(
+                "SELECT data FROM cv_content_parts WHERE volume = %s AND hash = %s AND part = %s", digest, n
+            )
+            if part is None:
+                break
+            data = bytes(part[0])
+            hasher.update(data)
+            seen += len(data)
+            yield data
+        where = f"the row of volume {self._v}, hash {digest} in table cv_contents"
+        if seen != size:
+            raise DamagedContent(
+                f"{what}: the stored content is damaged ({seen:,} of its {size:,} bytes are stored, {where}); "
+                "it is not served"
+            )
+        if hasher.hexdigest() != digest:
+            raise DamagedContent(
+                f"{what}: the stored content is damaged (it no longer hashes to {digest}; {where}); it is not served"
+            )
+
+    def load(self, digest: str, what: str) -> bytes:
+        return b"".join(self._parts(digest, what))
+
+    def load_into(self, digest: str, what: str, write: Callable[[bytes], object]) -> int:
+        done = 0
+        for part in self._parts(digest, what):
+            write(part)
+            done += len(part)
+        return done
+
+    def drop(self, digest: str) -> int:
+        self._do("DELETE FROM cv_content_parts WHERE volume = %s AND hash = %s", digest)
+        row = self._one("DELETE FROM cv_contents WHERE volume = %s AND hash = %s RETURNING size", digest)
+        return 0 if row is None else int(row[0])
+
+    def stored(self) -> tuple[int, int]:
+        row = self._one("SELECT count(*), coalesce(sum(size), 0) FROM cv_contents WHERE volume = %s")
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM cv_meta WHERE volume = %s AND key = %s", key)
+        return None if row is None else str(row[0])
+
+    def put_meta(self, key: str, value: str) -> None:
+        self._do(
+            "INSERT INTO cv_meta (volume, key, value) VALUES (%s, %s, %s) "
+            "ON CONFLICT (volume, key) DO UPDATE SET value = EXCLUDED.value",
+            key,
+            value,
+        )
+
+    def view(self, agent: str, path: str) -> int | None:
+        row = self._one("SELECT version FROM cv_views WHERE volume = %s AND agent = %s AND path = %s", agent, path)
+        return None if row is None else int(row[0])
+
+    def put_view(self, agent: str, path: str, version: int, at: float) -> None:
+        self._do(
+            "INSERT INTO cv_views (volume, agent, path, version, read_at) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (volume, agent, path) DO UPDATE SET version = EXCLUDED.version, read_at = EXCLUDED.read_at",
+            agent,
+            path,
+            version,
+            at,
+        )
+
+    def drop_view(self, agent: str, path: str) -> None:
+        self._do("DELETE FROM cv_views WHERE volume = %s AND agent = %s AND path = %s", agent, path)
+
+    def read_set(self, agent: str) -> dict[str, int]:
+        return {
+            p: v for p, v in self._all("SELECT path, version FROM cv_views WHERE volume = %s AND agent = %s", agent)
+        }
+
+    def versions(self, paths: list[str]) -> dict[str, int]:
+        rows = self._all("SELECT path, version FROM cv_files WHERE volume = %s AND path = ANY(%s)", list(paths))
+        return {p: v for p, v in rows}
+
+    def stale_views(self, agent: str) -> list[tuple[str, int, int]]:
+        rows = self._all(
+            "SELECT v.path, v.version, f.version FROM cv_views v JOIN cv_files f ON f.volume = v.volume "
+            "AND f.path = v.path WHERE v.volume = %s AND v.agent = %s AND f.version != v.version ORDER BY v.path",
+            agent,
+        )
+        return [(p, int(seen), int(current)) for p, seen, current in rows]
+
+    def grant(self, path: str) -> Grant | None:
+        row = self._one(f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s AND path = %s", path)
+        return None if row is None else _grant(row)
+
+    def grants(self) -> list[Grant]:
+        return [_grant(r) for r in self._all(f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s ORDER BY path")]
+
+    def put_grant(self, g: Grant) -> None:
+        self._do(
+            f"INSERT INTO cv_grants (volume, {_GRANT_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (volume, path) DO UPDATE SET agent = EXCLUDED.agent, token = EXCLUDED.token, "
+            "host = EXCLUDED.host, pid = EXCLUDED.pid, start = EXCLUDED.start, expires_at = EXCLUDED.expires_at, "
+            "fences = EXCLUDED.fences",
+            g.path,
+            g.agent,
+            g.token,
+            g.owner.host,
+            g.owner.pid,
+            g.owner.start,
+            g.expires_at,
+            g.fences,
+        )
+
+    def drop_grant(self, path: str) -> None:
+        self._do("DELETE FROM cv_grants WHERE volume = %s AND path = %s", path)
+
+    def bind(self, agent: str, process: ProcessId, pinned: bool, at: float) -> None:
+        self._do(
+            "INSERT INTO cv_sessions (volume, agent, host, pid, start, pinned, at) VALUES (%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (volume, agent) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
+            "start = EXCLUDED.start, pinned = EXCLUDED.pinned, at = EXCLUDED.at",
+            agent,
+            process.host,
+            process.pid,
+            process.start,
+            pinned,
+            at,
+        )
+
+    def unbind(self, agent: str) -> None:
+        self._do("DELETE FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
+
+    def bound_agent(self, process: ProcessId) -> tuple[str, bool] | None:
+        row = self._one(
+            "SELECT agent, pinned FROM cv_sessions WHERE volume = %s AND host = %s AND pid = %s AND start = %s",
+            process.host,
+            process.pid,
+            process.start,
+        )
+        return None if row is None else (row[0], bool(row[1]))
+
+    def pinned(self, agent: str) -> bool:
+        row = self._one("SELECT pinned FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
+        return bool(row and row[0])
+
+    def grants_of(self, agent: str) -> list[Grant]:
+        return [
+            _grant(r) for r in self._all(f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s AND agent = %s", agent)
+        ]
+
+    def fenced(self, agent: str, path: str) -> bool:
+        return (
+            self._one("SELECT 1 FROM cv_fences WHERE volume = %s AND agent = %s AND path = %s", agent, path) is not None
+        )
+
+    def put_fence(self, agent: str, path: str, at: float) -> None:
+        self._do(
+            "INSERT INTO cv_fences (volume, agent, path, at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (volume, agent, path) DO UPDATE SET at = EXCLUDED.at",
+            agent,
+            path,
+            at,
+        )
+
+    def drop_fence(self, agent: str, path: str) -> None:
+        self._do("DELETE FROM cv_fences WHERE volume = %s AND agent = %s AND path = %s", agent, path)
+
+    def intents(self) -> list[Intent]:
+        rows = self._all(
+            "SELECT path, agent, version, present, hash, tmp FROM cv_intents WHERE volume = %s ORDER BY path"
+        )
+        return [Intent(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+
+    def put_intent(self, i: Intent) -> None:
+        self._do(
+            "INSERT INTO cv_intents (volume, path, agent, version, present, hash, tmp) VALUES (%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (volume, path) DO UPDATE SET agent = EXCLUDED.agent, version = EXCLUDED.version, "
+            "present = EXCLUDED.present, hash = EXCLUDED.hash, tmp = EXCLUDED.tmp",
+            i.path,
+            i.agent,
+            i.version,
+            i.present,
+            i.hash,
+            i.tmp,
+        )
+
+    def drop_intent(self, path: str) -> None:
+        self._do("DELETE FROM cv_intents WHERE volume = %s AND path = %s", path)
+
+    def log(
+        self,
+        kind: str,
+        path: str | None,
+        agent: str | None,
+        at: float,
+        *,
+        reason: str | None = None,
+        seen_version: int | None = None,
+        version: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self._do(
+            "INSERT INTO cv_events (volume, at, kind, path, agent, reason, seen_version, version, detail) "
+            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            at,
+            kind,
+            path,
+            agent,
+            reason,
+            seen_version,
+            version,
+            detail,
+        )
+
+    def events(
+        self,
+        after: int = 0,
+        path: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Event]:
+        sql = (
+            "SELECT seq, at, kind, path, agent, reason, seen_version, version, detail FROM cv_events "
+            "WHERE volume = %s AND seq > %s"
+        )
+        args: list[Any] = [after]
+        if path is not None:
+            sql += " AND path = %s"
+            args.append(path)
+        if kind is not None:
+            sql += " AND kind = %s"
+            args.append(kind)
+        sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
+        sql += " LIMIT %s"
+        args.append(limit)
+        return [Event(*row) for row in self._all(sql, *args)]
+
+    def files(self) -> Iterator[FileRecord]:
+        for row in self._all(f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s ORDER BY path"):
+            yield _record(row)
+
+    def agents(self) -> list[AgentSummary]:
+        rows = self._all(
+            "SELECT v.agent, count(*), "
+            "sum(CASE WHEN f.version IS NOT NULL AND f.version != v.version THEN 1 ELSE 0 END), "
+            "max(v.read_at) FROM cv_views v LEFT JOIN cv_files f ON f.volume = v.volume AND f.path = v.path "
+            "WHERE v.volume = %s GROUP BY v.agent ORDER BY v.agent"
+        )
+        return [AgentSummary(a, int(n), int(s or 0), last) for a, n, s, last in rows]
+
+
+def _file_and_view(
+    conn: psycopg.Connection[Any], volume: uuid.UUID, path: str, agent: str, pending: bool = False
+) -> tuple[FileRecord | None, int | None]:
+    """One statement: a file's record and an agent's view of it. With `pending`, a path whose
+    commit is decided but not finished (an intent: its writer is installing it, or died first)
+    has a record without hash, so no content is paired with it: a tracked read takes the locked
+    path, which waits for that commit or recovers it, and so never returns the version before."""
+    row = conn.execute(
+        f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}, v.version, "
+        + (
+            "EXISTS (SELECT 1 FROM cv_intents i WHERE i.volume = k.volume AND i.path = k.path) "
+            if pending
+            else "false "
+        )
+        + 'FROM (SELECT %s::uuid AS volume, %s::text COLLATE "C" AS path) k '
+        "LEFT JOIN cv_files f ON f.volume = k.volume AND f.path = k.path "
+        "LEFT JOIN cv_views v ON v.volume = k.volume AND v.path = k.path AND v.agent = %s",
+        (volume, path, agent),
+    ).fetchone()
+    assert row is not None
+    record = None if row[0] is None else _record(row[:-2])
+    if record is not None and row[-1]:
+        record = record._replace(hash=None)
+    return record, row[-2]
