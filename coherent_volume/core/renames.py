@@ -8,13 +8,13 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from .. import atomic
 from ..errors import (
     InvalidPath,
     LinkRefused,
-    RegistryError,
     StaleWriteError,
 )
 from ..fingerprint import fingerprint_path
@@ -213,14 +213,15 @@ class Renames(History):
             return plan, None
 
         def finish(tx: Transaction) -> bool:
-            """Record the installed rename's versions that crash recovery did not settle already (as
-            `Writes._commit_locked`'s finish does); whether every one is the writer's."""
-            pending = {(i.path, i.version) for i in tx.intents()}
-            for target, version, digest, seen, _ in plan:
-                if (target.rel, version) in pending:
-                    self._finish(tx, agent, target, version, digest, seen)
-            entries = [tx.version_entry(target.rel, version) for target, version, *_ in plan]
-            return all(entry is not None and entry.writer == agent for entry in entries)
+            """Record the installed rename's versions (`Writes._recorded`); whether every one is the
+            writer's."""
+            ours = [
+                self._recorded(
+                    tx, agent, target, version, partial(self._finish, tx, agent, target, version, digest, seen)
+                )
+                for target, version, digest, seen, _ in plan
+            ]
+            return all(ours)
 
         with self.registry.commit_lock():
             plan, refusal = self._transact(decide)
@@ -231,12 +232,7 @@ class Renames(History):
                 self._installed(target, version, digest)
             what = ", ".join(f"{target.rel} (version {version})" for target, version, *_ in plan)
             if plan and not self._settle(what, finish):
-                raise RegistryError(
-                    f"{what}: the rename was done, but before it was recorded the files changed again, so "
-                    "crash recovery did not record it as yours (see `coherent-volume log` of these paths): "
-                    "check the files and redo the rename if it is missing",
-                    errno.EAGAIN,
-                )
+                raise self._not_recorded(what, "the rename", "check the files and redo the rename if it is missing")
 
     def link(self, src: Target, dst: Target) -> None:
         """Hard-link `src` as `dst`. Refused (LinkRefused) when either is a managed path: a commit

@@ -311,9 +311,12 @@ class Writes(Reads):
                 """Record the installed commit, unless crash recovery already settled its intent (a
                 finish whose reply was lost, or another process's recovery while the registry was
                 unreachable); whether the version is the writer's."""
-                pending = any(i.path == target.rel and i.version == version + 1 for i in tx.intents())
-                if pending:
-                    self._finish(
+                ours = self._recorded(
+                    tx,
+                    agent,
+                    target,
+                    version + 1,
+                    lambda: self._finish(
                         tx,
                         agent,
                         target,
@@ -322,25 +325,42 @@ class Writes(Reads):
                         decided.check.seen,
                         decided.moves_view,
                         made,
-                    )
+                    ),
+                )
                 if handle is not None and handle.grant is not None:
                     self._end(tx, handle.grant, handle.kind)
-                entry = tx.version_entry(target.rel, version + 1)
-                return entry is not None and entry.writer == agent
+                return ours
 
-            if not self._settle(f"{target.rel} (version {version + 1})", finish):
-                raise RegistryError(
-                    f"{target.rel}: your change was installed, but before it was recorded as version "
-                    f"{version + 1} the file changed again, so crash recovery did not record it as "
-                    f"yours (see `coherent-volume log` of this path): read the file again and redo "
-                    "your change if it is missing",
-                    errno.EAGAIN,
+            what = f"{target.rel} (version {version + 1})"
+            if not self._settle(what, finish):
+                raise self._not_recorded(
+                    what, "your change", "read the file again and redo your change if it is missing"
                 )
             self._handle_ended(handle)
             return version + 1
         finally:
             for earlier in replayed:
                 earlier.discard()
+
+    @staticmethod
+    def _recorded(tx: Transaction, agent: str, target: Target, version: int, record: Callable[[], None]) -> bool:
+        """Record an installed commit of `target` as `version` (`record`), unless crash recovery
+        settled its intent already (a finish whose reply was lost, or another process's recovery
+        while the registry was unreachable); whether that version is `agent`'s."""
+        if any(i.path == target.rel and i.version == version for i in tx.intents()):
+            record()
+        entry = tx.version_entry(target.rel, version)
+        return entry is not None and entry.writer == agent
+
+    @staticmethod
+    def _not_recorded(what: str, done: str, remedy: str) -> RegistryError:
+        """The error of an installed commit that is not its writer's: the file changed again before it
+        was recorded, so crash recovery recorded what it found instead."""
+        return RegistryError(
+            f"{what}: {done} was installed, but changed again before it was recorded, so crash recovery "
+            f"did not record it as yours (see `coherent-volume log`): {remedy}",
+            errno.EAGAIN,
+        )
 
     def _settle(self, what: str, finish: Callable[[Transaction], R]) -> R:
         """Run `finish` (idempotent: it records an installed commit, of `what`, unless recovery did)
@@ -449,12 +469,11 @@ class Writes(Reads):
             return version, check, refusal
 
         def finish(tx: Transaction) -> tuple[Grant, bool] | None:
-            """Record the created file and take the handle's grant, unless recovery recorded it
-            already (idempotent, as `_commit_locked`'s); None if it is not this agent's version."""
-            if any(i.path == target.rel and i.version == version for i in tx.intents()):
-                self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
-            entry = tx.version_entry(target.rel, version)
-            if entry is None or entry.writer != agent:
+            """Record the created file and take the handle's grant (`_recorded`); None if its version
+            is not this agent's."""
+            if not self._recorded(
+                tx, agent, target, version, lambda: self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
+            ):
                 return None
             return self._share(tx, agent, target, owner, time.time() + HANDLE_GRANT_TTL)
 
@@ -466,14 +485,10 @@ class Writes(Reads):
                 lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
             )
             self._installed(target, version, EMPTY_HASH)
-            settled = self._settle(f"{target.rel} (version {version})", finish)
+            what = f"{target.rel} (version {version})"
+            settled = self._settle(what, finish)
             if settled is None:
-                raise RegistryError(
-                    f"{target.rel}: the file was created, but before it was recorded as version {version} it "
-                    "changed again, so crash recovery did not record it as yours (see `coherent-volume log` of "
-                    "this path): open it again",
-                    errno.EAGAIN,
-                )
+                raise self._not_recorded(what, "the new file", "open it again")
             grant, taken = settled
             self._count_share(grant, kind, taken)
             return grant, version
