@@ -16,7 +16,7 @@ import stat as stat_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .fingerprint import content_hash, data_runs, hash_fd
+from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -66,20 +66,75 @@ class Staged:
         assert self.fd is not None
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
-    def install(self) -> None:
+    def name_in(self, directory: str) -> str:
+        """Give the content a temp name before its commit is recorded, so that a name still there
+        after the commit means its install did not happen (see `protocol.recovery`): in
+        `directory` (the volume's staging directory), or beside the target when that is another
+        file system. Content named already keeps its name. Returns the name."""
+        if self.named:
+            assert self.tmp is not None
+            return self.tmp
+        assert self.fd is not None
+        tmp = os.path.join(directory, os.path.basename(_temp_name(self.target)))
+        try:
+            try:
+                _link(self.fd, tmp)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(directory, 0o700)  # as private as the registry beside it
+                except FileExistsError:
+                    pass
+                try:
+                    _link(self.fd, tmp)
+                except FileNotFoundError:  # named once and unnamed (an earlier commit that failed): a copy
+                    self._copy_anew()
+                    _link(self.fd, tmp)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            tmp = _temp_name(self.target)
+            _link(self.fd, tmp)
+        self.tmp, self.named = tmp, True
+        return tmp
+
+    def _copy_anew(self) -> None:
+        """Replace the staged descriptor by an unnamed copy of its content (an inode that was named
+        and unnamed again cannot be linked any more)."""
+        assert self.fd is not None
+        source = self.fd
+        fd = os.open(
+            os.path.dirname(self.target), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, os.fstat(source).st_mode & 0o7777
+        )
+        try:
+            try:
+                fcntl.ioctl(fd, _FICLONE, source)
+            except OSError:
+                _copy_range(source, fd, 0, os.fstat(source).st_size, 0)
+            if self.durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(source)
+        self.fd = fd
+
+    def fingerprint(self) -> Fingerprint:
+        """The staged file's fingerprint now: its install keeps its inode, size and mtime (a
+        rename moves only its ctime)."""
+        return Fingerprint.of(os.fstat(self.fd) if self.fd is not None else os.stat(self.plan_name()))
+
+    def leave_name(self) -> None:
+        """After a failed install of recorded content: leave its name to recovery (`discard` no
+        longer removes it), which installs it or finds the file changed since."""
+        self.named = False
+
+    def install(self, noreplace: bool = False) -> None:
         """Name the content, rename it over the target (keeping the target's mode), fsync the directory
-        when durable."""
+        when durable. `noreplace`: only where nothing is (FileExistsError otherwise, nothing changed)."""
         tmp = self.plan_name()
         if not self.named:
             assert self.fd is not None
-            if (
-                _libc.linkat(
-                    _AT_FDCWD, f"/proc/self/fd/{self.fd}".encode(), _AT_FDCWD, os.fsencode(tmp), _AT_SYMLINK_FOLLOW
-                )
-                != 0
-            ):
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), tmp)
+            _link(self.fd, tmp)
             self.named = True
         try:
             st = os.stat(self.target, follow_symlinks=False)
@@ -91,7 +146,10 @@ class Staged:
                 os.chown(tmp, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
             if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(os.stat(tmp).st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
-        os.replace(tmp, self.target)
+        if noreplace:
+            rename(tmp, self.target, noreplace=True)
+        else:
+            os.replace(tmp, self.target)
         self.named = False
         if self.durable:
             fsync_dir(os.path.dirname(self.target))
@@ -112,6 +170,13 @@ class Staged:
 NAME_MAX = 255
 
 
+def _link(fd: int, name: str) -> None:
+    """Give the unnamed file open as `fd` the name `name` (linkat through /proc)."""
+    if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(name), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), name)
+
+
 def _copy_xattrs(source: str, dest: str) -> None:
     """Carry the extended attributes (user.*, ACLs, security labels) of the file a commit replaces
     over to its new content, as an in-place write would keep them."""
@@ -129,13 +194,6 @@ def _copy_xattrs(source: str, dest: str) -> None:
                 raise
 
 
-def beside(target: str, tmp: str) -> str:
-    """The temp file `tmp` (as a commit intent recorded it, maybe in another process) beside `target`
-    as this process names it: a temp is made in its target's directory, and a recorded path may go
-    through a descriptor of the process that made it (see `paths.Target`)."""
-    return os.path.join(os.path.dirname(target), os.path.basename(tmp))
-
-
 def _temp_name(target: str) -> str:
     """A temp name beside `target`, within NAME_MAX bytes however long the target's name is."""
     directory, base = os.path.split(target)
@@ -145,8 +203,9 @@ def _temp_name(target: str) -> str:
     return os.path.join(directory, f".{stem}{suffix}")
 
 
-def _makedirs(directory: str) -> None:
-    """mkdir -p without recursion (os.makedirs recurses once per missing level)."""
+def _makedirs(directory: str, mode: int = 0o777) -> None:
+    """mkdir -p without recursion (os.makedirs recurses once per missing level); new directories
+    get `mode` (less the umask)."""
     missing = []
     while not os.path.isdir(directory):
         missing.append(directory)
@@ -156,27 +215,34 @@ def _makedirs(directory: str) -> None:
         directory = parent
     for path in reversed(missing):
         try:
-            os.mkdir(path)
+            os.mkdir(path, mode)
         except FileExistsError:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
 
 
-def stage(target: str, data: bytes) -> Staged:
+def stage(target: str, data: bytes, mode: int = 0o666) -> Staged:
     """Write `data` durably beside `target` (creating missing parent directories)."""
-    return stage_written(target, content_hash(data), lambda write: write(data), data)
+    return stage_written(target, content_hash(data), lambda write: write(data), data, mode)
 
 
 def stage_written(
-    target: str, digest: str, fill: Callable[[Callable[[bytes], None]], object], data: bytes | None = None
+    target: str,
+    digest: str,
+    fill: Callable[[Callable[[bytes], None]], object],
+    data: bytes | None = None,
+    mode: int = 0o666,
+    durable: bool = True,
 ) -> Staged:
     """Stage durably beside `target`, as `stage` does, the content that `fill` writes (it is called with
     a function that appends bytes), a part at a time if it likes, so it need never be whole in memory.
     `digest` is its hash (the caller's word: `fill` raises rather than write other bytes); whatever
-    `fill` raises leaves nothing staged. `data`: the same content, when the caller holds it anyway."""
+    `fill` raises leaves nothing staged. `data`: the same content, when the caller holds it anyway.
+    `mode`: of the file when its install creates it, less the process umask (as for any new file),
+    and of missing parent directories with search bits added; an existing target keeps its own.
+    Not `durable`: not fsynced, and its install fsyncs no directory."""
     directory = os.path.dirname(target)
-    _makedirs(directory)
-    mode = 0o666  # the process umask applies, as for any new file
+    _makedirs(directory, mode | (mode & 0o444) >> 2)
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
         tmp = None
@@ -185,10 +251,11 @@ def stage_written(
             raise
         tmp = _temp_name(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    staged = Staged(target, digest, fd, tmp, named=tmp is not None, data=data)
+    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data)
     try:
         fill(lambda part: _write_all(fd, part))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         if tmp is not None:
             os.close(fd)
             staged.fd = None

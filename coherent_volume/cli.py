@@ -259,9 +259,20 @@ def prune(root: str, as_json: bool) -> None:
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (always lists every path).")
 @click.option("--all", "show_all", is_flag=True, help="Also list deleted paths (temp files of editors and tools).")
+@click.option(
+    "--hosts",
+    is_flag=True,
+    help="List the volume's working copies instead: host, root, boot, last seen, how far behind each is.",
+)
 @_guard
-def status(root: str, as_json: bool, show_all: bool) -> None:
-    """Each managed file (version, last writer, when, grant holder) and each agent's stale views."""
+def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
+    """Each managed file (version, last writer, when, grant holder) and each agent's stale views;
+    with --hosts, each working copy of the volume (nothing is checked or changed)."""
+    if hosts:
+        if show_all:
+            raise click.UsageError("--all lists deleted paths, --hosts working copies: give one of them")
+        _hosts(report.hosts(_open(root)), as_json)
+        return
     st = report.status(_open(root))
     if as_json:
         _json(st.as_json())
@@ -301,6 +312,32 @@ def status(root: str, as_json: bool, show_all: bool) -> None:
     )
     for u in st.unchecked:
         console.print(f"not checked: {u.path}: {u.problem}")
+
+
+def _ago(seconds: float) -> str:
+    """A duration for people: 12 s, 4 min, 3 h, 2 d."""
+    seconds = max(seconds, 0.0)  # commit times come from the committing host's clock
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _hosts(h: report.Hosts, as_json: bool) -> None:
+    if as_json:
+        _json(h.as_json())
+        return
+    console = _console()
+    console.print(f"volume {h.root}: {h.registry}")
+    rows = []
+    for c in h.copies:
+        behind = "-" if c.behind == 0 else f"{c.behind} path" + ("s" if c.behind > 1 else "")
+        if c.behind_for is not None:
+            behind += f" (oldest missing commit {_ago(c.behind_for)} ago)"
+        rows.append(
+            [c.hostname, c.root + (" (this one)" if c.this else ""), c.boot_id[:8], f"{_ago(c.seen_ago)} ago", behind]
+        )
+    console.print(_table("working copies", ["host", "root", "boot", "last seen", "behind"], rows))
 
 
 def _event_row(e: Event) -> list[str]:

@@ -185,6 +185,27 @@ class RegistryError(CoherenceError):
         self.errno = errno_
 
 
+class InstallPending(CoherenceError, OSError):
+    """A commit was recorded (its version and bytes are in the registry) but could not be put in
+    place on disk: the next operation on the volume does that, or keeps what the file holds then
+    as a version of its own. `version` is the recorded version; errno is the install's."""
+
+    def __init__(self, path: str, version: int, cause: OSError) -> None:
+        self.version = version
+        OSError.__init__(
+            self,
+            cause.errno or errno.EIO,
+            f"{path}: your change was committed as version {version} (its bytes are kept) but could not be put "
+            f"in place ({cause.strerror or cause}); the next operation on this volume puts it in place, or, if the "
+            f"file changes before that, keeps what the file holds then as a version of its own: do not write it "
+            f"again, see `coherent-volume log` of this path",
+            path,
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
 class VersionGone(CoherenceError, LookupError):
     """A version whose bytes are not retained: it never existed, is a deletion, or was pruned."""
 

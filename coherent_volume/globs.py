@@ -3,7 +3,8 @@
 Patterns are relative to the volume root, with `/` separators:
 `**` as a whole segment matches any number of segments (zero included),
 `*` and `?` match inside one segment, `[...]` is a character class (`[!...]` negates).
-A file is managed when any pattern matches its whole relative path.
+A file is managed when any pattern matches its whole relative path, unless its name is one the
+volume gives content it stages for a commit (`STAGED`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import GlobError
+
+STAGED = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp$")
+"""The names of content a commit stages (`atomic._temp_name`): never a managed file, even where a
+glob reaches (one left beside its target by a writer killed before its commit was recorded, where
+the staging directory is on another file system, is no file of the volume)."""
 
 
 def _segment_regex(segment: str, pattern: str) -> str:
@@ -127,4 +133,4 @@ class ManagedGlobs:
 
     def matches(self, rel: str) -> bool:
         """True if the root-relative POSIX path `rel` is managed."""
-        return self._regex.match(rel) is not None  # type: ignore[attr-defined]
+        return self._regex.match(rel) is not None and STAGED.search(rel) is None  # type: ignore[attr-defined]

@@ -114,8 +114,7 @@ def opened(root: str) -> Iterator[VolumeCore]:
     try:
         yield core
     finally:
-        core.registry.close()
-        core.paths.close()
+        core.close()
 
 
 def _resolve(core: VolumeCore, rel: str) -> Target | None:

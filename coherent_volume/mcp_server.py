@@ -473,5 +473,4 @@ def mcp_command(root: str, agent: str | None) -> None:
     try:
         serve(core, agent)
     finally:
-        core.registry.close()
-        core.paths.close()
+        core.close()

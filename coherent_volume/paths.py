@@ -12,6 +12,8 @@ from .errors import InvalidPath, OutsideVolume
 from .globs import ManagedGlobs
 
 REGISTRY_DIR = ".coherent"
+STAGING = "staging"
+"""The directory in REGISTRY_DIR where commits name their staged content (`VolumePaths.staging`)."""
 
 
 class Target(NamedTuple):
@@ -110,6 +112,22 @@ class VolumePaths:
             self._root_fd: int | None = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             self._root_fd = None
+
+    @property
+    def staging(self) -> str:
+        """Where commits name their staged content before recording it (`atomic.Staged.name_in`):
+        in the registry's directory, so a name a killed writer left there is never a file of the
+        volume (`CoreBase._recover` removes it)."""
+        return os.path.join(self.root, REGISTRY_DIR, STAGING)
+
+    def staged(self, target: Target, tmp: str) -> str:
+        """The staged file `tmp` of a commit of `target` (as its intent recorded it, maybe in
+        another process) as this process names it: in the staging directory, or beside the target."""
+        if os.path.basename(os.path.dirname(tmp)) == STAGING and tmp.startswith(os.sep):
+            parent = os.path.dirname(os.path.dirname(tmp))
+            if os.path.basename(parent) == REGISTRY_DIR:
+                return os.path.join(self.staging, os.path.basename(tmp))
+        return os.path.join(os.path.dirname(target.abs), os.path.basename(tmp))
 
     def close(self) -> None:
         if self._root_fd is not None:

@@ -6,7 +6,7 @@ none re-implements them. Inputs are plain records; outputs are decisions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Literal, NamedTuple
 
@@ -67,7 +67,9 @@ class Grant:
 
 @dataclass(frozen=True)
 class Intent:
-    """A commit decided but not yet installed; completed or dropped by recovery after a crash."""
+    """A commit decided but not yet known to be installed; settled by the next write transaction's
+    recovery (`recovery`). A commit of content is recorded with its intent and leaves it behind
+    until then; `tmp` names its staged file, the marker of an install not yet done."""
 
     path: str
     agent: str
@@ -106,8 +108,9 @@ EventKind = Literal[
 """What a line of the volume's log records."""
 
 ViewState = Literal["fresh", "stale", "unread"]
-Recovery = Literal["completed", "abandoned"]
-"""What crash recovery did with an interrupted commit (logged as a `recover` event's reason)."""
+Recovery = Literal["completed", "abandoned", "installed", "superseded", "finished"]
+"""What crash recovery did with an interrupted commit (logged as a `recover` event's reason, except
+`finished`: a commit whose install happened, of which only its intent was left)."""
 
 
 # ---- disk versus record ---------------------------------------------------------------
@@ -119,11 +122,18 @@ class Disk(Enum):
     DELETED = "deleted"  # a foreign process removed the file
 
 
+def proven(fp: Fingerprint, checked_ns: int) -> bool:
+    """Whether a fingerprint checked against the content at `checked_ns` vouches for it later: not
+    when taken within RACY_NS of the file's ctime (a later same-tick write would keep it). Recording
+    one that is not proven saves no later hash."""
+    return fp.ctime_ns + RACY_NS <= checked_ns
+
+
 def needs_hash(record: FileRecord | None, fp: Fingerprint | None) -> bool:
     """Whether the stat fingerprint alone cannot tell that the disk holds the record's content."""
     if record is None or not record.present or fp is None:
         return False
-    return fp != record.fingerprint or fp.ctime_ns + RACY_NS > record.checked_ns
+    return fp != record.fingerprint or not proven(fp, record.checked_ns)
 
 
 def classify(record: FileRecord | None, fp: Fingerprint | None, disk_hash: str | None) -> Disk:
@@ -166,7 +176,7 @@ def installed_needs_hash(installed: Installed | None, fp: Fingerprint | None) ->
         return False
     if installed is None or installed.hash is None:
         return True
-    return fp != installed.fingerprint or fp.ctime_ns + RACY_NS > installed.checked_ns
+    return fp != installed.fingerprint or not proven(fp, installed.checked_ns)
 
 
 def local_state(
@@ -190,6 +200,19 @@ def local_state(
     assert installed is not None
     same = present and current is not None and (installed.version, installed.hash) == (current.version, current.hash)
     return Local.SAME if same else Local.BEHIND
+
+
+def lost_install(installed: Installed | None, since: list[Version], disk_hash: str | None) -> Installed | None:
+    """What a working copy whose file holds other bytes than it recorded really holds, when those
+    bytes are a version committed after the one it recorded (`since`: those versions): an install
+    whose record was lost (its process killed between the rename and the record), so the copy is
+    behind, not written outside the volume. None when they are no such version (a foreign change).
+    Bytes equal to a committed version's lose nothing if taken for it."""
+    base = 0 if installed is None else installed.version
+    for v in sorted(since, key=lambda v: -v.version):
+        if v.version > base and v.hash is not None and v.hash == disk_hash:
+            return Installed(v.version, v.hash, None, 0)
+    return None
 
 
 # ---- reads ----------------------------------------------------------------------------
@@ -224,8 +247,20 @@ def read_moves_view(
 
 
 def grant_over(grant: Grant, now: float, owner_alive: bool | None) -> bool:
-    """A grant ends at its TTL or as soon as its owning process is known to be dead."""
+    """A grant ends at its expiry or as soon as its owning process is known to be dead. `now` is
+    the registry's clock (`Transaction.now`), the one every host judges by; `owner_alive` is None
+    where the owner cannot be checked (another host or PID namespace): only the expiry ends it."""
     return now >= grant.expires_at or owner_alive is False
+
+
+def renewed(lease: Grant, current: Grant | None, now: float, length: float) -> Grant | None:
+    """A lease renewed by its holder's heartbeat at `now` (the registry's clock): the grant in force
+    on its path (`current`), lasting `length` s from now. None when that grant is no longer
+    `lease` (released, or reclaimed and maybe taken by another) or it ran out already
+    (`grant_over`): a lapsed lease stays lapsed, renewed no more, as every other host judges it."""
+    if current is None or current.token != lease.token or grant_over(current, now, True):
+        return None
+    return replace(current, expires_at=now + length)
 
 
 # ---- writes ---------------------------------------------------------------------------
@@ -344,11 +379,36 @@ def is_noop(record: FileRecord | None, digest: str | None) -> bool:
     return digest is not None and record is not None and record.present and record.hash == digest
 
 
-def recovery(intent: Intent, on_disk: bool, disk_hash: str | None, replicated: bool = False) -> Recovery:
-    """An interrupted commit is completed when the disk already holds what it intended (its content,
-    or for a deletion no file), else abandoned: the disk still holds the previous version. In a
-    volume whose registry holds the content (`replicated`), always completed: the intent and its
-    content were committed together, and a working copy that lacks it is merely behind."""
+def recovery(
+    intent: Intent,
+    on_disk: bool,
+    disk_hash: str | None,
+    replicated: bool = False,
+    *,
+    recorded: bool = False,
+    staged: bool = False,
+    previous: str | None = None,
+) -> Recovery:
+    """The fate of a commit whose intent outlived its transaction.
+
+    A commit recorded with its decision (`recorded`: its version was committed with its intent, so
+    the registry's COMMIT was its commit point) is `finished` once its staged file is gone (its
+    install renamed it into place). While the staged file is there the install did not happen: it
+    is `installed` now if the disk still holds the version before it (`previous`: that version's
+    hash, None for no file), else `superseded`: the file was changed outside the volume meanwhile,
+    which the next check records as a version of its own (the commit stays in history, its bytes
+    retained). In a volume whose registry holds the content (`replicated`) it is `finished` either
+    way: a working copy that lacks it is merely behind.
+
+    Any other intent (a creation, deletion or rename, recorded after its install) is `completed`
+    when the disk already holds what it intended (its content, or for a deletion no file), else
+    `abandoned`: the disk still holds the previous version. Where the registry holds the content,
+    always `completed`: its intent and content were committed together."""
+    if recorded:
+        if not staged or replicated:
+            return "finished"
+        holds_previous = (on_disk and disk_hash == previous) if previous is not None else not on_disk
+        return "installed" if holds_previous else "superseded"
     if replicated:
         return "completed"
     installed = (on_disk and disk_hash == intent.hash) if intent.present else not on_disk

@@ -3,6 +3,7 @@ no presentation."""
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -13,6 +14,9 @@ from .mounts import mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
 from .registry import AgentSummary, Event
+from .registry.pg_hosts import WorkingCopy
+from .registry.pg_open import boot_id
+from .registry.postgresql import PostgresRegistry
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,29 @@ def status(core: VolumeCore) -> Status:
         store_size(core),
         mounts_of(core.paths.root),
     )
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """The working copies of a volume (`status --hosts`)."""
+
+    root: str
+    registry: str
+    """Where the registry is."""
+    copies: list[WorkingCopy]
+
+    def as_json(self) -> dict[str, object]:
+        return {"root": self.root, "registry": self.registry, "copies": [asdict(c) for c in self.copies]}
+
+
+def hosts(core: VolumeCore) -> Hosts:
+    """Every working copy of the volume: how far behind it is, when it was last seen. A SQLite
+    volume has one, its root (the registry is in it), never behind; nothing is checked or changed."""
+    registry = core.registry
+    if isinstance(registry, PostgresRegistry):
+        return Hosts(core.paths.root, registry.location.describe(), registry.working_copies())
+    this = WorkingCopy(None, socket.gethostname(), core.paths.root, boot_id(), True, time.time(), 0.0, 0, None, None)
+    return Hosts(core.paths.root, "SQLite, in the root: the volume has this one working copy", [this])
 
 
 def store_size(core: VolumeCore) -> StoreSize:

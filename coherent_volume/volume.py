@@ -221,8 +221,7 @@ class CoherentVolume:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._core.registry.close()
-            self._core.paths.close()
+            self._core.close()
 
     def __enter__(self) -> CoherentVolume:
         return self

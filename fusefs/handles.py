@@ -29,7 +29,7 @@ import trio
 from coherent_volume import atomic
 from coherent_volume.core import HandleCommit, VolumeCore
 from coherent_volume.edits import Edits
-from coherent_volume.errors import CoherenceError
+from coherent_volume.errors import CoherenceError, InstallPending
 from coherent_volume.fingerprint import hash_fd
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
@@ -475,8 +475,20 @@ class Shadow:
         durable = self.synced and not self.created
         staged = atomic.Staged(self.target.abs, hash_fd(self.fd), os.dup(self.fd), durable=durable)
         commit = HandleCommit(self.kind, self.grant, self.edits, self.unlinked)
-        self.base_version = self.core.commit(self.agent, self.target, staged, expected=self.base_version, handle=commit)
-        self._close()  # the shadow is the file now (or its file is gone): writing again starts afresh
+        try:
+            self.base_version = self.core.commit(
+                self.agent, self.target, staged, expected=self.base_version, handle=commit
+            )
+        except InstallPending as e:  # committed, put in place by the next operation: as after a commit
+            self.base_version = e.version
+            self._committed()
+            raise
+        self._committed()
+
+    def _committed(self) -> None:
+        """After a commit: the shadow is the file now (or its file is gone, or it is the committed
+        version's staged file, which the volume puts in place): writing again starts afresh."""
+        self._close()
         self.edits = Edits()
         self.pending = self.wrote = False
         self.grant = None

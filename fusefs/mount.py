@@ -23,9 +23,11 @@ from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
 from coherent_volume.mounts import device_of, fuse_mounts
 from coherent_volume.paths import REGISTRY_DIR
+from coherent_volume.registry.postgresql import PostgresRegistry
 
 from . import direct
 from .identity import AgentResolver
+from .listen import listen
 from .operations import CoherentOperations
 from .watcher import watch
 
@@ -95,10 +97,7 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     if os.listdir(mp):
         raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")
     core = open_core(root_real)  # a clear error now if ROOT is no volume
-    try:
-        core.refuse_mount()  # a working copy that may not be mounted (yet)
-    finally:
-        core.registry.close()
+    core.close()
     if direct_dirs and os.geteuid() != 0:
         raise MountError("--direct needs root: a bind mount needs CAP_SYS_ADMIN (mount as root, or without --direct)")
     rels = direct.check(root_real, core.paths.globs, direct_dirs)
@@ -112,6 +111,9 @@ async def _serve(
     root = ops.core.paths.root
     async with trio.open_nursery() as nursery:
         await nursery.start(watch, ops.core, ops.inodes, ops.own, mountpoint)
+        registry = ops.core.registry
+        if isinstance(registry, PostgresRegistry):  # other hosts commit too: notified, brought in as they land
+            await nursery.start(listen, ops.core, registry, ops.inodes, ops.own)
         bound = trio.Event()
 
         async def bind_then_ready() -> None:
@@ -178,7 +180,7 @@ def serve(
         pyfuse3.close(unmount=clean or not ready)  # a mount that never served leaves nothing behind
         resolver.close()
         ops.backing.close()
-        core.registry.close()
+        core.close()
 
 
 def _reason(e: BaseException) -> str:

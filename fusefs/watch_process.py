@@ -26,14 +26,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import select
 import struct
 import sys
 import time
 
 from coherent_volume.errors import InvalidPath
-from coherent_volume.globs import ManagedGlobs
+from coherent_volume.globs import STAGED, ManagedGlobs
 from coherent_volume.paths import VolumePaths, is_registry_path
 
 BATCH_DELAY = 0.01
@@ -61,8 +60,6 @@ write(2) and open(2) would otherwise wake this process too)."""
 _EVENT = struct.Struct("iIII")
 """struct inotify_event without its name: wd, mask, cookie, length of the NUL-padded name."""
 
-_TEMP = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp$")
-"""The core's own staging names: never a change of their own."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
@@ -131,7 +128,7 @@ class Tree:
         if not name:  # an event of the directory itself (its file system unmounted)
             return
         rel = f"{directory}/{name}" if directory else name
-        if is_registry_path(rel) or _TEMP.search(name):
+        if is_registry_path(rel) or STAGED.search(name):
             return
         if mask & (IN_DELETE | IN_MOVED_FROM):
             self._report(rel, gone=True)
@@ -178,7 +175,7 @@ class Tree:
                 continue
             for entry in entries:
                 rel = f"{directory}/{entry.name}" if directory else entry.name
-                if is_registry_path(rel) or _TEMP.search(entry.name):
+                if is_registry_path(rel) or STAGED.search(entry.name):
                     continue
                 if report:
                     self._report(rel, gone=False)

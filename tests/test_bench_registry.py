@@ -1,8 +1,10 @@
 """scripts/bench_registry.py --quick runs end to end: SQLite and PostgreSQL (loopback and through the
-delay proxy) side by side, a figure for every subject and writer count."""
+delay proxy) side by side, a figure for every subject and writer count, after the round trips of a
+commit and of a tracked read counted on the wire (tests/test_pg_round_trips.py checks their values)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -21,3 +23,7 @@ def test_quick_run_reports_every_subject() -> None:
     for row in rows:
         commits, ratio_c, reads, ratio_r = (float(x.replace(",", "")) for x in row[34:].split())
         assert commits > 0 and reads > 0 and ratio_c > 0 and ratio_r > 0
+    commit = re.search(r"commit of a 4 KiB file: ([\d.]+) round trip\(s\), ([\d.]+) write transaction", done.stdout)
+    read = re.search(r"tracked read of an unchanged file: ([\d.]+) round trip\(s\)", done.stdout)
+    assert commit and read, done.stdout
+    assert float(commit[1]) >= 2 and float(commit[2]) >= 1 and float(read[1]) >= 1

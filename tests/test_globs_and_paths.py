@@ -43,6 +43,22 @@ def test_character_classes() -> None:
     assert g.matches("x1.txt") and not g.matches("x/.txt")
 
 
+def test_a_commits_staged_name_is_never_managed_where_a_glob_reaches(tmp_path: Path) -> None:
+    """A staged file a killed writer left beside its target (staging on another file system) is no
+    file of the volume: a scan does not adopt it."""
+    globs = ManagedGlobs.of(["plans/**"])
+    assert not globs.matches("plans/.plan.md.cv-123-0a1b2c3d.tmp")
+    assert globs.matches("plans/.plan.md.cv-123-0a1b2c3d.tmp.md") and globs.matches("plans/plan.cv-1-x.tmp")
+    root = tmp_path / "vol"
+    (root / "plans").mkdir(parents=True)
+    with CoherentVolume(root, managed=["plans/**"], agent="a") as vol:
+        (root / "plans/.plan.md.cv-123-0a1b2c3d.tmp").write_text("left by a killed writer\n")
+        (root / "plans/plan.md").write_text("adopted\n")
+        assert vol._core.scan() == []
+        with vol._core.registry.read() as tx:
+            assert [r.path for r in tx.files()] == ["plans/plan.md"]
+
+
 @pytest.mark.parametrize(
     "bad", ["", "   ", "/abs/**", "a/../b", "a//b", "a**", "**b/c", "x[", "x[]", "y]", "a\\b", "nul\0"]
 )

@@ -10,190 +10,52 @@ are real (kill -9, a link taken down, `rm -rf`, a shell writing a managed file).
 from __future__ import annotations
 
 import errno
-import json
 import os
-import secrets
-import select
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from coherent_volume.fingerprint import Fingerprint
 from coherent_volume.protocol import FileRecord, Installed, Local, installed_needs_hash, local_state
 
-from .harness import CLI, REPO, child
+from .harness import REPO, child
+from .harness.hostbed import PY, BedVolume, Hosts, init, needs_bed, three_hosts
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nsenter") is None or shutil.which("nft") is None,
-    reason="the multi-host bed needs root, nsenter and nft",
-)
-
-PY = sys.executable
-MANAGED = "plans/**"
-
-AGENT = r"""
-import json, sys, time
-from coherent_volume import CoherentVolume, RegistryError, StaleWriteError
-vol = CoherentVolume(sys.argv[1], agent=sys.argv[2])
-print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:
-    verb, path, *rest = json.loads(line)
-    began = time.monotonic()
-    try:
-        if verb == "read":
-            out = {"data": vol.read(path).decode()}
-        elif verb == "write":
-            out = {"version": vol.write(path, rest[0])}
-        else:
-            out = {"history": [[h.version, h.kind, h.writer] for h in vol.history(path)]}
-    except StaleWriteError as e:
-        out = {"refused": e.reason, "current": e.current_version}
-    except RegistryError as e:
-        out = {"error": type(e).__name__, "message": str(e), "errno": e.errno}
-    except FileNotFoundError:
-        out = {"missing": True}
-    out["seconds"] = time.monotonic() - began
-    print(json.dumps(out), flush=True)
-"""
-"""An agent in a host, driven by JSON lines [verb, path, data?] on its stdin, one JSON answer each."""
+pytestmark = needs_bed
 
 KILLED_AFTER_COMMIT = r"""
 import os, signal, sys
 from coherent_volume import CoherentVolume
-from coherent_volume.core.writes import Writes
+from coherent_volume.atomic import Staged
 vol = CoherentVolume(sys.argv[1], agent="killed")
 vol.read(sys.argv[2])
-def killed(self, action):  # the fault point: the commit's transaction committed, its local install not begun
+def killed(self):  # the fault point: the commit's transaction committed, its local install not begun
     os.kill(os.getpid(), signal.SIGKILL)
-Writes._install = killed
+Staged.install = killed
 vol.write(sys.argv[2], sys.argv[3])
 """
-
-
-class Agent:
-    """An AGENT process in a host."""
-
-    def __init__(self, host: Any, root: Path, name: str) -> None:
-        self.host, self.name = host, name
-        self.proc = host.popen(
-            [PY, "-c", AGENT, str(root), name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self._answer(60) == {"ready": True}
-
-    def _answer(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            raise AssertionError(f"agent {self.name} on {self.host.name} gave no answer in {timeout} s: {err[-2000:]}")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def do(self, verb: str, path: str, *data: str, timeout: float = 60) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps([verb, path, *data]) + "\n")
-        self.proc.stdin.flush()
-        return self._answer(timeout)
-
-    def read(self, path: str) -> str:
-        answer = self.do("read", path)
-        assert "data" in answer, answer
-        return str(answer["data"])
-
-    def write(self, path: str, data: str) -> dict[str, Any]:
-        return self.do("write", path, data)
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 # ---- the bed: three hosts, one PostgreSQL, one volume with a working copy on each host ------------
 
 
 @pytest.fixture(scope="module")
-def hosts() -> Iterator[Any]:
-    pytest.importorskip("psycopg")
-    from .harness.nethosts import bed
-    from .harness.pgcluster import bindir, cluster
-
-    if bindir() is None:
-        pytest.skip("PostgreSQL's server binaries are not installed (Debian: postgresql)")
-    with bed(3) as b:
-        memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with cluster(
-            listen=[b.bridge_address], trust=[f"{b.bridge_address}/24"], settings={"fsync": "off"}, parent=memory
-        ) as pg:
-            yield b, pg
-    assert not b.leftovers()
-
-
-class Volume:
-    """One volume in a fresh database, with the root of host hN at `roots[N-1]`."""
-
-    def __init__(self, bed: Any, url: str, roots: list[Path]) -> None:
-        self.hosts, self.url, self.roots = bed.hosts, url, roots
-        self.agents: list[Agent] = []
-
-    def agent(self, n: int, name: str) -> Agent:
-        a = Agent(self.hosts[n - 1], self.roots[n - 1], name)
-        self.agents.append(a)
-        return a
-
-    def sql(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            cur = conn.execute(statement, args)
-            return cur.fetchall() if cur.description else []
+def hosts() -> Iterator[Hosts]:
+    yield from three_hosts()
 
 
 @pytest.fixture
-def volume(hosts: Any, tmp_path: Path) -> Iterator[Volume]:
-    bed, pg = hosts
-    name = f"t_{secrets.token_hex(6)}"
-    pg.create_database(name)
-    roots = [tmp_path / f"h{n}" for n in (1, 2, 3)]
-    for n, (host, root) in enumerate(zip(bed.hosts, roots, strict=True)):
-        creating = ["-m", MANAGED] if n == 0 else []  # h1 creates the volume, h2 and h3 join it
-        done = host.run(
-            [CLI, "init", str(root), *creating, "--registry", pg.url(name), "--volume", "team"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-    v = Volume(bed, pg.url(name), roots)
-    try:
+def volume(hosts: Hosts, tmp_path: Path) -> Iterator[BedVolume]:
+    with BedVolume(hosts, tmp_path) as v:
         yield v
-    finally:
-        for a in v.agents:
-            a.close()
 
 
 # ---- agents on three hosts ---------------------------------------------------------------------------
 
 
-def test_agents_on_three_hosts_read_the_latest_version_and_stale_writes_are_refused(volume: Volume) -> None:
+def test_agents_on_three_hosts_read_the_latest_version_and_stale_writes_are_refused(volume: BedVolume) -> None:
     alice, bob, carol = volume.agent(1, "alice"), volume.agent(2, "bob"), volume.agent(3, "carol")
     h1, h2, h3 = volume.roots
     assert alice.write("plans/a.md", "one\n")["version"] == 1
@@ -226,34 +88,20 @@ def test_agents_on_three_hosts_read_the_latest_version_and_stale_writes_are_refu
     assert sorted(r[0] for r in volume.sql("SELECT hostname FROM cv_replicas")) == ["h1", "h2", "h3"]
 
 
-def test_the_cli_joins_with_every_file_installed_and_a_joined_copy_may_not_be_mounted_yet(volume: Volume) -> None:
+def test_the_cli_joins_with_every_file_installed(volume: BedVolume) -> None:
     alice = volume.agent(1, "alice")
     alice.write("plans/a.md", "one\n")
     alice.write("plans/deep/b.md", "two\n")
     host = volume.hosts[1]
     late = volume.roots[1].parent / "late"
-    done = host.run(
-        [CLI, "init", str(late), "--registry", volume.url, "--volume", "team"], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    init(host.run, late, volume.url, create=False)
     assert (late / "plans/a.md").read_text() == "one\n" and (late / "plans/deep/b.md").read_text() == "two\n"
-    refused = host.run(
-        [
-            PY,
-            "-c",
-            "import sys; from coherent_volume.core import open_core; open_core(sys.argv[1]).refuse_mount()",
-            str(late),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert refused.returncode != 0 and "not supported yet" in refused.stderr
 
 
 # ---- a contention sweep over three hosts, judged by the history checker -----------------------------------
 
 
-def test_a_contention_sweep_over_three_hosts_passes_the_history_checker(volume: Volume, tmp_path: Path) -> None:
+def test_a_contention_sweep_over_three_hosts_passes_the_history_checker(volume: BedVolume, tmp_path: Path) -> None:
     import xxhash
 
     from .harness import checker
@@ -314,7 +162,7 @@ def test_a_contention_sweep_over_three_hosts_passes_the_history_checker(volume: 
 # ---- faults -----------------------------------------------------------------------------------------------
 
 
-def test_a_wiped_working_copy_converges_on_the_next_read(volume: Volume) -> None:
+def test_a_wiped_working_copy_converges_on_the_next_read(volume: BedVolume) -> None:
     alice, carol = volume.agent(1, "alice"), volume.agent(3, "carol")
     alice.write("plans/a.md", "one\n")
     alice.write("plans/b.md", "bee\n")
@@ -330,7 +178,7 @@ def test_a_wiped_working_copy_converges_on_the_next_read(volume: Volume) -> None
     assert volume.sql("SELECT count(*) FROM cv_versions WHERE kind = 'delete'") == [(0,)]
 
 
-def test_a_foreign_write_on_a_lagging_host_is_recorded_and_nothing_is_lost(volume: Volume) -> None:
+def test_a_foreign_write_on_a_lagging_host_is_recorded_and_nothing_is_lost(volume: BedVolume) -> None:
     alice, bob = volume.agent(1, "alice"), volume.agent(2, "bob")
     alice.write("plans/a.md", "one\n")
     assert bob.read("plans/a.md") == "one\n"
@@ -356,7 +204,7 @@ def test_a_foreign_write_on_a_lagging_host_is_recorded_and_nothing_is_lost(volum
 
 
 def test_a_writer_killed_after_commit_before_its_install_leaves_its_host_behind_healed_at_the_next_read(
-    volume: Volume,
+    volume: BedVolume,
 ) -> None:
     alice = volume.agent(1, "alice")
     alice.write("plans/a.md", "one\n")
@@ -371,11 +219,13 @@ def test_a_writer_killed_after_commit_before_its_install_leaves_its_host_behind_
     assert bob.read("plans/a.md") == "two\n"  # healed at the next read
     assert (h2 / "plans/a.md").read_text() == "two\n"
     assert bob.do("history", "plans/a.md")["history"] == [[2, "commit", "killed"], [1, "commit", "alice"]]
-    assert volume.sql("SELECT reason FROM cv_events WHERE kind = 'recover'") == [("completed",)]
+    # the registry holds the content: its intent is settled silently, a copy that lacks it is behind
+    assert volume.sql("SELECT reason FROM cv_events WHERE kind = 'recover'") == []
     assert volume.sql("SELECT count(*) FROM cv_intents") == [(0,)]
+    assert os.listdir(h2 / ".coherent/staging") == [], "its staged file was removed"
 
 
-def test_a_partitioned_host_fails_closed_with_a_typed_error_and_works_after_the_heal(volume: Volume) -> None:
+def test_a_partitioned_host_fails_closed_with_a_typed_error_and_works_after_the_heal(volume: BedVolume) -> None:
     alice, bob = volume.agent(1, "alice"), volume.agent(2, "bob")
     alice.write("plans/a.md", "one\n")
     assert bob.read("plans/a.md") == "one\n"

@@ -134,15 +134,21 @@ def test_kill_after_rename_completes_the_commit_for_its_writer(root: Path) -> No
     assert os.listdir(root / "plans") == ["plan.md"]
 
 
-def test_kill_before_rename_abandons_the_commit(root: Path) -> None:
+def test_kill_before_rename_has_recovery_install_the_recorded_commit(root: Path) -> None:
+    """A commit is recorded (its bytes stored, its staged file named) before its install: a writer
+    killed just before its rename has its version installed by the next operation, and an agent
+    whose view predates it is refused until it reads it."""
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"old")
     assert _kill_at("before", root).returncode == -signal.SIGKILL
     with CoherentVolume(root, agent="alice") as alice:
-        assert alice.version(P) == 1
-        assert alice.read(P) == b"old"
-        assert alice.write(P, b"alice continues") == 2
-    assert os.listdir(root / "plans") == ["plan.md"], "the abandoned temp file is removed"
+        assert alice.version(P) == 2
+        with pytest.raises(StaleWriteError):
+            alice.write(P, b"alice continues")
+        assert alice.read(P) == b"the victim's new content"
+        assert alice.write(P, b"alice continues") == 3
+    assert os.listdir(root / "plans") == ["plan.md"]
+    assert os.listdir(root / ".coherent/staging") == [], "the staged file was installed, nothing left"
 
 
 def test_kill_9_at_random_instants_never_tears_a_file_or_desyncs_the_registry(root: Path) -> None:
@@ -165,11 +171,11 @@ while True:
         time.sleep(rng.uniform(0.3, 0.7))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        data = (root / P).read_bytes()
-        assert content_hash(data) in hashes, "a torn managed file"
-        with CoherentVolume(root, agent="checker") as check:
-            assert check.read(P) == data
+        assert content_hash((root / P).read_bytes()) in hashes, "a torn managed file"
+        with CoherentVolume(root, agent="checker") as check:  # installs a commit recorded before the kill
+            data = check.read(P)
             version = check.version(P)
+        assert (root / P).read_bytes() == data
         conn = sqlite3.connect(root / ".coherent/registry.db")
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert conn.execute("SELECT hash, version, writer FROM files WHERE path = ?", (P,)).fetchone()[:2] == (
@@ -177,7 +183,7 @@ while True:
             version,
         )
         conn.close()
-        # a writer killed before its rename leaves an abandoned intent until the next locked operation
+        # a writer killed after its COMMIT leaves its intent until the next write transaction
         assert (
             subprocess.run(
                 [str(Path(sys.executable).parent / "coherent-volume"), "status", str(root)], capture_output=True

@@ -11,7 +11,9 @@ from coherent_volume.protocol import (
     Disk,
     FileRecord,
     Grant,
+    Installed,
     Intent,
+    Version,
     WriteCheck,
     agent_name_problem,
     changed_paths,
@@ -20,6 +22,7 @@ from coherent_volume.protocol import (
     grant_over,
     handles_share,
     is_noop,
+    lost_install,
     may_replay,
     needs_hash,
     read_moves_view,
@@ -121,6 +124,29 @@ def test_recovery_completes_what_reached_the_disk_and_abandons_the_rest() -> Non
     delete = Intent("p", "a", 2, False, None, None)
     assert recovery(delete, on_disk=False, disk_hash=None) == "completed"
     assert recovery(delete, on_disk=True, disk_hash="old") == "abandoned"
+
+
+def test_a_recorded_commit_is_finished_by_its_install_else_installed_unless_changed_outside() -> None:
+    commit = Intent("p", "a", 2, True, "new", ".coherent/staging/x")
+    # its install renamed the staged file: whatever the disk holds now is checked as any other time
+    assert recovery(commit, on_disk=True, disk_hash=None, recorded=True, staged=False) == "finished"
+    # the staged file is still there: installed over the version before, never over a change since
+    assert recovery(commit, True, "old", recorded=True, staged=True, previous="old") == "installed"
+    assert recovery(commit, True, "edited", recorded=True, staged=True, previous="old") == "superseded"
+    assert recovery(commit, False, None, recorded=True, staged=True, previous="old") == "superseded"
+    assert recovery(commit, False, None, recorded=True, staged=True, previous=None) == "installed"
+    assert recovery(commit, True, "made", recorded=True, staged=True, previous=None) == "superseded"
+    # a working copy: the registry holds the content, a copy that lacks it is behind
+    assert recovery(commit, True, "old", replicated=True, recorded=True, staged=True, previous="old") == "finished"
+
+
+def test_a_working_copy_holding_a_later_versions_bytes_lost_that_installs_record() -> None:
+    installed = Installed(2, "v2", None, 0)
+    since = [Version("p", v, "commit", "a", 0.0, 2, f"v{v}", (), True) for v in (5, 4, 3)]
+    assert lost_install(installed, since, "v4") == Installed(4, "v4", None, 0)  # behind at v4: nothing foreign
+    assert lost_install(installed, since, "v2") is None  # what it recorded: not this rule's
+    assert lost_install(installed, since, "other") is None  # bytes of no version: written outside
+    assert lost_install(None, since, "v3") == Installed(3, "v3", None, 0)
 
 
 def test_identical_bytes_are_no_new_version() -> None:

@@ -1414,8 +1414,8 @@ def crash_volume(tmp_path: Path) -> Iterator[tuple[Path, Mount, ProcessId]]:
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_an_api_writer_killed_in_the_middle_of_its_commit_leaves_nothing_that_fails(tmp_path: Path, when: str) -> None:
-    """Killed with its intent recorded, before or after its rename: the next operation completes or
-    abandons the commit, and every operation works."""
+    """Killed with its commit recorded, before or after its rename: the next operation installs its
+    staged content (before) or finds it installed (after: nothing to log), and every operation works."""
     with crash_volume(tmp_path) as (root, m, session):
         victim = subprocess.Popen(
             [sys.executable, "-c", STOPPED_COMMIT, str(root), "plans/a.md", when], stdout=subprocess.PIPE, text=True
@@ -1424,8 +1424,11 @@ def test_an_api_writer_killed_in_the_middle_of_its_commit_leaves_nothing_that_fa
         assert sql(root, "SELECT path, agent FROM intents") == [("plans/a.md", "victim")]
         _kill(victim)
         full_set(root, m, "victim", ["plans/a.md", "notes/free.txt"], "crash.after", session)
-        outcome = "completed" if when == "after" else "abandoned"
-        assert sql(root, "SELECT reason FROM events WHERE kind = 'recover'") == [(outcome,)]
+        recovered = [] if when == "after" else [("installed",)]
+        assert sql(root, "SELECT reason FROM events WHERE kind = 'recover'") == recovered
+        assert sql(root, "SELECT version, writer FROM versions WHERE path = 'plans/a.md' AND version = 2") == [
+            (2, "victim")
+        ]
 
 
 def test_a_daemon_killed_in_the_middle_of_a_commit_leaves_nothing_that_fails(tmp_path: Path) -> None:

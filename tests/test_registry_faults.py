@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import subprocess
@@ -12,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from coherent_volume import CoherentVolume, RegistryError
+from coherent_volume import CoherentVolume, InstallPending, RegistryError
 from coherent_volume.registry import sqlite as sqlite_registry
 
 from .conftest import REPO
+from .harness.volumes import sql
 
 P = "plans/plan.md"
 
@@ -138,22 +140,23 @@ def _failing_finishes(vol: CoherentVolume, monkeypatch: pytest.MonkeyPatch, fail
     return seen
 
 
-def test_a_commit_whose_record_fails_a_while_is_recorded_as_the_writers(
+def test_a_deletion_whose_record_fails_a_while_is_recorded_as_the_writers(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The change is on disk and its intent recorded when the registry goes away: the write keeps
-    trying (bounded) and reports success once its version is recorded as the writer's, never a
-    failure for a commit that landed (a caller would apply it twice)."""
+    """A deletion is recorded after its unlink (a commit of content is recorded before its install,
+    in one transaction): when the registry goes away in between, the deletion keeps trying
+    (bounded) and reports success once its version is recorded as the writer's, never a failure
+    for a deletion that landed (a caller would apply it twice)."""
     with CoherentVolume(root, agent="alice") as vol:
         vol.write(P, b"one")
         failed = _failing_finishes(vol, monkeypatch, 3)
-        assert vol.write(P, b"two") == 2
+        assert vol.delete(P) == 2
         assert failed == ["failed"] * 3
-        assert [(v.version, v.writer, v.kind) for v in vol.history(P)][0] == (2, "alice", "commit")
+        assert [(v.version, v.writer, v.kind) for v in vol.history(P)][0] == (2, "alice", "delete")
         assert vol.version(P) == 2
 
 
-def test_a_commit_that_cannot_be_recorded_in_time_says_it_is_pending_and_lands_later(
+def test_a_deletion_that_cannot_be_recorded_in_time_says_it_is_pending_and_lands_later(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from coherent_volume.core import writes
@@ -163,26 +166,202 @@ def test_a_commit_that_cannot_be_recorded_in_time_says_it_is_pending_and_lands_l
         vol.write(P, b"one")
         _failing_finishes(vol, monkeypatch, 1000)
         with pytest.raises(RegistryError) as pending:
-            vol.write(P, b"two")
+            vol.delete(P)
         assert "is on disk and its commit is pending" in str(pending.value)
         assert "do not write it again" in str(pending.value)
     with CoherentVolume(root, agent="bob") as bob:  # any next operation records it as alice's
-        assert bob.read(P) == b"two"
-        assert [(v.version, v.writer) for v in bob.history(P)][:2] == [(2, "alice"), (1, "alice")]
+        with pytest.raises(FileNotFoundError):
+            bob.read(P)
+        assert [(v.version, v.writer, v.kind) for v in bob.history(P)][:2] == [
+            (2, "alice", "delete"),
+            (1, "alice", "commit"),
+        ]
 
 
-def test_a_create_whose_record_fails_a_while_is_recorded_and_its_grant_taken(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same for a file created through a handle (the mount's create): the empty version is the
-    creator's and so is the handle's grant, once the registry takes the record."""
+def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit of content is one transaction, recorded before its install: when the registry is
+    unreachable for it, the write fails, the file keeps its content, no version is recorded and
+    nothing is left staged."""
+    with CoherentVolume(root, agent="alice") as vol:
+        vol.write(P, b"one")
+        registry = vol._core.registry
+        transact = registry.transact
+
+        def unreachable(fn: Callable[..., Any]) -> Any:
+            if getattr(fn, "__name__", "") != "decide":
+                return transact(fn)
+
+            def lost(tx: Any) -> Any:
+                fn(tx)  # its body runs (and names its staged content), then the connection is lost
+                raise RegistryError("registry at db:5432 is unreachable; nothing was written", 5)
+
+            return transact(lost)
+
+        monkeypatch.setattr(registry, "transact", unreachable)
+        with pytest.raises(RegistryError, match="unreachable"):
+            vol.write(P, b"two")
+        monkeypatch.undo()
+        assert (root / P).read_bytes() == b"one"
+        assert [v.version for v in vol.history(P)] == [1]
+        assert [n for n in os.listdir(root / ".coherent" / "staging")] == []
+
+
+def test_a_create_whose_transaction_fails_creates_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A creation through a handle (the mount's create) is one transaction, recorded before the file
+    is put in place: when the registry is unreachable for it, no file, no version, no grant, nothing
+    staged."""
     from coherent_volume.liveness import ProcessId
 
     with CoherentVolume(root, agent="alice") as vol:
-        failed = _failing_finishes(vol, monkeypatch, 2)
         core = vol._core
-        grant, version = core.create("alice", core.resolve("plans/new.md"), 0o644, ProcessId.of(os.getpid()), "write")
-        assert (version, grant.agent, failed) == (1, "alice", ["failed"] * 2)
-        assert [(v.version, v.writer) for v in vol.history("plans/new.md")] == [(1, "alice")]
+        transact = core.registry.transact
+
+        def unreachable(fn: Callable[..., Any]) -> Any:
+            def lost(tx: Any) -> Any:
+                fn(tx)
+                raise RegistryError("registry at db:5432 is unreachable; nothing was written", 5)
+
+            return transact(lost if getattr(fn, "__name__", "") == "decide" else fn)
+
+        monkeypatch.setattr(core.registry, "transact", unreachable)
+        with pytest.raises(RegistryError, match="unreachable"):
+            core.create("alice", core.resolve("plans/new.md"), 0o644, ProcessId.of(os.getpid()), "write")
+        monkeypatch.undo()
+        assert not (root / "plans/new.md").exists()
+        assert vol.history("plans/new.md") == []
         with core.registry.read() as tx:
-            assert tx.grant("plans/new.md") == grant
+            assert tx.grant("plans/new.md") is None
+        assert os.listdir(root / ".coherent/staging") == []
+
+
+def test_a_create_that_meets_a_file_made_outside_meanwhile_keeps_that_file(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new file is put in place only where nothing is (RENAME_NOREPLACE): a file a program made
+    outside the volume after the decision is kept, recorded as a version of its own, and the
+    creation says File exists."""
+    from coherent_volume import atomic
+    from coherent_volume.liveness import ProcessId
+
+    real = atomic.rename
+
+    def raced(src: str, dst: str, **flags: bool) -> None:
+        Path(dst).write_text("made outside\n")
+        real(src, dst, **flags)
+
+    with CoherentVolume(root, agent="alice") as vol:
+        core = vol._core
+        monkeypatch.setattr(atomic, "rename", raced)
+        with pytest.raises(FileExistsError):
+            core.create("alice", core.resolve("plans/new.md"), 0o644, ProcessId.of(os.getpid()), "write")
+        monkeypatch.undo()
+        with core.registry.read() as tx:
+            assert tx.grant("plans/new.md") is None
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read("plans/new.md") == b"made outside\n"
+        assert [(v.version, v.kind, v.writer) for v in bob.history("plans/new.md")] == [
+            (2, "foreign", "external"),
+            (1, "commit", "alice"),
+        ]
+    assert os.listdir(root / ".coherent/staging") == []
+
+
+# ---- a commit recorded, its install failed while its writer lives ------------------------------------------
+
+
+def _failing_renames(monkeypatch: pytest.MonkeyPatch, failures: int, error: int = errno.EIO) -> list[str]:
+    """Make the next `failures` renames of a commit's install fail with `error`."""
+    from coherent_volume import atomic
+
+    real = os.replace
+    failed: list[str] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        if len(failed) < failures:
+            failed.append(str(dst))
+            raise OSError(error, os.strerror(error), src)
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    return failed
+
+
+def test_a_commit_whose_install_fails_says_it_was_committed_and_the_next_operation_puts_it_in_place(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one")
+        _failing_renames(monkeypatch, 1)
+        with pytest.raises(InstallPending) as pending:
+            alice.write(P, b"two")
+        assert pending.value.errno == errno.EIO and pending.value.version == 2
+        assert "committed as version 2" in str(pending.value) and "do not write it again" in str(pending.value)
+        assert (root / P).read_bytes() == b"one"  # not in place yet
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == b"two"  # the next operation put it in place
+        assert [(v.version, v.writer) for v in bob.history(P)] == [(2, "alice"), (1, "alice")]
+    recovered = sql(root, "SELECT reason, version FROM events WHERE kind = 'recover'")
+    assert recovered == [("installed", 2)]
+    assert os.listdir(root / ".coherent/staging") == []
+
+
+def test_a_commit_that_cannot_be_installed_is_superseded_by_what_the_file_holds_saying_why(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one")
+        _failing_renames(monkeypatch, 1000, errno.EPERM)
+        with pytest.raises(InstallPending):
+            alice.write(P, b"two")
+        with CoherentVolume(root, agent="bob") as bob:
+            assert bob.read(P) == b"one"
+            assert [(v.version, v.kind, v.writer) for v in bob.history(P)] == [
+                (3, "foreign", "external"),
+                (2, "commit", "alice"),
+                (1, "commit", "alice"),
+            ]
+            assert bob.read_version(P, 2) == b"two"  # the commit stays in history, its bytes kept
+    why = sql(root, "SELECT detail FROM events WHERE kind = 'foreign'")
+    assert why == [
+        ("the file still holds what it held before v2, which could not be installed (Operation not permitted)",)
+    ]
+    assert [r for (r,) in sql(root, "SELECT reason FROM events WHERE kind = 'recover'")] == ["superseded"]
+
+
+def test_a_mount_handle_whose_commit_was_not_put_in_place_never_writes_into_the_file(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handle's shadow is the commit's staged file: after InstallPending the handle closes it,
+    so its next writes go to a fresh copy and reach the file only through a commit of their own."""
+    import trio
+
+    from coherent_volume.core import open_core
+    from coherent_volume.liveness import current_process
+    from fusefs.handles import Shadow
+
+    with CoherentVolume(root, agent="ed") as ed:
+        ed.write(P, b"one\n")
+        ed.read(P)
+    core = open_core(str(root))
+    target = core.resolve(str(root / P))
+
+    async def edit() -> None:
+        shadow = Shadow.open(core, current_process(), "ed", target, os.O_WRONLY | os.O_TRUNC)
+        await shadow.write(0, b"two\n")
+        failed = _failing_renames(monkeypatch, 1)
+        with pytest.raises(InstallPending):
+            await shadow.flush()
+        assert failed and shadow.fd < 0
+        monkeypatch.undo()
+        await shadow.write(4, b"unflushed\n")
+        assert (root / P).read_bytes() == b"two\n"  # the committed version, put in place; not the write
+        await shadow.flush()
+        await shadow.release()
+
+    try:
+        trio.run(edit)
+    finally:
+        core.close()
+    with CoherentVolume(root, agent="other") as other:
+        assert other.read(P) == b"two\nunflushed\n"
+        assert [v.version for v in other.history(P)] == [3, 2, 1]

@@ -40,6 +40,14 @@ R = TypeVar("R")
 MANAGED = ("plans/**", "*.md")
 
 
+UNSETTLED = (
+    "SELECT count(*) FROM cv_intents i WHERE NOT EXISTS (SELECT 1 FROM cv_versions v "
+    "WHERE v.volume = i.volume AND v.path = i.path AND v.version = i.version)"
+)
+"""Intents of changes not recorded: none once a commit returned (a commit of content leaves the
+intent of its recorded version, which the next write transaction settles)."""
+
+
 def _pg_volume(root: Path, url: str, name: str = "vol", managed: tuple[str, ...] = MANAGED) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     open_core(root, managed, registry=url, volume=name).registry.close()
@@ -168,7 +176,7 @@ def test_the_transaction_scenario_gives_on_postgresql_what_it_gives_on_sqlite(tm
     finally:
         plain.registry.close()
         flaky.registry.close()
-    assert FailsOnce.failed >= 20
+    assert FailsOnce.failed >= 15  # every transaction of the scenario really ran twice
     assert once == twice
     assert once["files"] == {"plans/plan.md": b"two\na\nb\n", "plans/kept.md": b""}
 
@@ -245,9 +253,6 @@ def test_working_copies_join_and_a_root_on_another_boot_is_refused_until_taken_o
     assert r.returncode == 0, r.stderr
     assert (second / "plans/a.md").read_bytes() == b"one\n"
     assert (second / REGISTRY_DIR / postgresql.REPLICA_FILE).exists()
-    with pytest.raises(VolumeConfigError, match="not supported yet"):
-        open_core(second).refuse_mount()
-    open_core(first).refuse_mount()  # the creating root may be mounted
     assert sorted(r[0] for r in _q(pg_url, "SELECT root FROM cv_replicas")) == [str(first), str(second)]
     # the first root opened from another boot of the kernel (its disk moved, or shared across hosts)
     _q(pg_url, "UPDATE cv_replicas SET boot_id = 'another-boot', hostname = 'h2' WHERE root = %s", (str(first),))
@@ -385,7 +390,7 @@ def test_a_committer_killed_at_any_instant_leaves_a_consistent_volume(root: Path
             assert int(v.read("plans/c.md")) == before + 1
             history = v.history("plans/c.md")
         assert [h.version for h in history] == list(range(len(history), 0, -1))
-        assert _q(pg_url, "SELECT count(*) FROM cv_intents") == [(0,)]
+        assert _q(pg_url, UNSETTLED) == [(0,)]
     final = int((root / "plans/c.md").read_bytes())
     assert final == len(history) - 1  # every version is one increment: none lost, none made twice
 
@@ -539,11 +544,11 @@ def test_a_lost_commit_or_reply_is_resolved_by_the_commit_id(
         proxy.armed = lost
         assert v.write("plans/a.md", "two\n") == 2  # landed once (reply lost) or re-run (commit lost)
         assert proxy.dropped == [lost]
-        assert [(h.version, h.writer) for h in v.history("plans/a.md")] == [(2, "alice"), (1, "alice")]
+        assert [(h.version, h.writer, h.size) for h in v.history("plans/a.md")] == [(2, "alice", 4), (1, "alice", 4)]
     log = _q(pg_url, "SELECT kind, version FROM cv_events ORDER BY seq")
     assert log == [("commit", 1), ("commit", 2)]  # never applied twice
     assert (root / "plans/a.md").read_bytes() == b"two\n"
-    assert _q(pg_url, "SELECT count(*) FROM cv_intents") == [(0,)]
+    assert _q(pg_url, UNSETTLED) == [(0,)]
     # the transactions that committed: the lost one counted once whichever way it went
     assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] > commits
 
@@ -867,19 +872,3 @@ def test_a_read_only_registry_still_answers_status_why_and_history(root: Path, p
         assert answer.returncode == 0, answer.stderr
         assert "alice" in answer.stdout and "the change is not recorded" in answer.stderr
     assert _q(pg_url, "SELECT count(*) FROM cv_versions") == [(1,)]
-
-
-# ---- the mount ---------------------------------------------------------------------------------------------------
-
-
-def test_mounting_a_joined_working_copy_is_refused_and_mounts_nothing(tmp_path: Path, root: Path, pg_url: str) -> None:
-    joined = _join(tmp_path / "joined", pg_url)
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    r = subprocess.run([CLI, "mount", str(joined), str(mountpoint)], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0
-    assert (
-        "joined a PostgreSQL volume: mounting it is not supported yet" in r.stderr and "nothing was mounted" in r.stderr
-    )
-    assert str(mountpoint) not in Path("/proc/self/mounts").read_text()
-    assert os.listdir(mountpoint) == []

@@ -386,7 +386,7 @@ def test_the_content_store_is_as_private_as_the_registry(tmp_path: Path) -> None
     assert not reachable, reachable
 
 
-# ---- a commit's content is stored with its intent, and goes with an abandoned one ----
+# ---- a commit is recorded with its content before its install, which recovery finishes ----
 
 STOPPED_AT_RENAME = """
 import os, sys, time
@@ -407,34 +407,42 @@ vol.write("plans/a.md", "the victim's content\\n")
 """
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_a_writer_killed_at_its_rename_leaves_its_content_stored_exactly_when_its_version_is(
+@pytest.mark.parametrize("when", ["before", "after", "before, then changed outside"])
+def test_a_writer_killed_at_its_rename_has_its_recorded_commit_installed_unless_the_file_changed_since(
     tmp_path: Path, when: str
 ) -> None:
     root = create(tmp_path / "vol")
     with CoherentVolume(root, agent="seed") as seed:
         seed.write("plans/a.md", "v1\n")
     victim = subprocess.Popen(
-        [sys.executable, "-c", STOPPED_AT_RENAME, str(root), when], stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", STOPPED_AT_RENAME, str(root), when.split(",")[0]],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
         digest = xxhash.xxh3_128_hexdigest(b"the victim's content\n")
         stored = {d for (d,) in audit_sql(root, "SELECT hash FROM contents")}
-        assert digest in stored, "the content is stored in the transaction that records the intent"
+        assert digest in stored, "the content is stored in the transaction that records the commit"
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+    if when == "before, then changed outside":
+        (root / "plans/a.md").write_text("an editor's save\n")
     with CoherentVolume(root, agent="bob") as bob:
-        bob.write("plans/b.md", "b\n")  # any commit-locked operation completes or abandons the intent
+        bob.write("plans/b.md", "b\n")  # any commit-locked operation settles the intent
+        recovered = audit_sql(root, "SELECT reason, version FROM events WHERE kind = 'recover' AND path = 'plans/a.md'")
         history = [(v.version, v.writer) for v in bob.history("plans/a.md")]
-        if when == "after":  # completed: the victim's version, its bytes kept
+        if when == "before, then changed outside":  # the editor's bytes stay, as a version of their own
+            assert recovered == [("superseded", 2)]
+            assert history == [(3, "external"), (2, "victim"), (1, "seed")]
+            assert bob.read("plans/a.md") == b"an editor's save\n"
+        else:  # its version, its bytes in the file and kept
+            assert recovered == ([("installed", 2)] if when == "before" else [])
             assert history == [(2, "victim"), (1, "seed")]
-            assert bob.read_version("plans/a.md", 2) == b"the victim's content\n"
-        else:  # abandoned: no version, and its content went with its intent
-            assert history == [(1, "seed")]
-            assert bob.read("plans/a.md") == b"v1\n"
-            assert digest not in {d for (d,) in audit_sql(root, "SELECT hash FROM contents")}
+            assert bob.read("plans/a.md") == b"the victim's content\n"
+        assert bob.read_version("plans/a.md", 2) == b"the victim's content\n"
     audit = audit_store(root, ["plans/a.md"])
     assert (audit.unnamed_objects, audit.temp_files) == (0, 0)
     assert audit_sql(root, "SELECT count(*) FROM intents") == [(0,)]

@@ -30,6 +30,7 @@ from ..protocol import (
     FileRecord,
     Grant,
     HandleKind,
+    Intent,
     Local,
     Version,
     VersionKind,
@@ -40,12 +41,15 @@ from ..protocol import (
     grant_over,
     installed_needs_hash,
     local_state,
+    lost_install,
     needs_hash,
+    proven,
     recovery,
 )
 from ..registry import Registry, Transaction
 from ..registry.postgresql import PostgresRegistry
 from ..registry.replica import Replica
+from .leases import Heartbeat
 
 Isolation = Literal["file", "read-set"]
 R = TypeVar("R")
@@ -53,6 +57,12 @@ R = TypeVar("R")
 EMPTY_HASH = content_hash(b"")
 HASHED_IN_TRANSACTION = 16 << 20
 """Bytes of the largest file hashed inside a registry transaction (`CoreBase._hash_of`)."""
+
+
+class _RecoverFirst(Exception):
+    """Raised inside `CoreBase._transact`'s transaction: a recorded commit's install is to be
+    settled (its staged file installed or dropped) in a transaction of its own first, which then
+    commits with what recovery logged, whatever becomes of the caller's."""
 
 
 class _HashFirst(Exception):
@@ -102,11 +112,22 @@ class CoreBase:
         other handles stay protected meanwhile."""
         self._lock = threading.Lock()
         """Guards `_shares`, `_owned` and `_loaded` (the worker threads of a mount share one core)."""
+        self.leases = Heartbeat(registry)
+        """Renews the handle grants this process took as leases (`begin_write`), while they are in use."""
         self._agents: set[str] = set()
         self._loaded: set[tuple[ProcessId, str]] = set()
         """(reader, path) of files buffering programs loaded (see `note_read`)."""
+        self._swept = False
+        """Whether this process removed what killed writers left in the staging directory (`_recover`)."""
         self._hashed: dict[str, tuple[Fingerprint | None, str | None]] = {}
         """Files hashed outside a transaction for `_transact`'s next run (`_hash_of`); under the commit lock."""
+
+    def close(self) -> None:
+        """Let go of everything this core holds: its leases are renewed no more (released by their
+        handles, or lapsing within one lease), its registry connection and root descriptor closed."""
+        self.leases.stop()
+        self.registry.close()
+        self.paths.close()
 
     def agent(self, name: object) -> str:
         """`name`, checked once per process to be a valid agent name (VolumeConfigError if not)."""
@@ -117,27 +138,29 @@ class CoreBase:
 
     # ---- handle grants (shared by one agent's open handles in this process) -----------
 
-    def _share(
-        self, tx: Transaction, agent: str, target: Target, owner: ProcessId, expires: float
-    ) -> tuple[Grant, bool]:
+    def _share(self, tx: Transaction, agent: str, target: Target, owner: ProcessId, ttl: float) -> tuple[Grant, bool]:
         """The write grant a handle of `agent` that passed its checks writes under: the grant the
         agent holds (a handle grant of this process, a `lock()`, a hook's claim) or a new handle
-        grant, which does not fence (a handle's commit is a compare-and-swap anyway); and whether
-        it is new. Count the handle with `_count_share` once the transaction has committed."""
+        grant lasting `ttl` s on the registry's clock, which does not fence (a handle's commit is a
+        compare-and-swap anyway); and whether it is new. Count the handle with `_count_share` once
+        the transaction has committed."""
         held = tx.grant(target.rel)  # the agent's own: another agent's was a refusal
         if held is not None:
             return held, False
-        grant = Grant(target.rel, agent, secrets.token_hex(8), owner, expires, fences=False)
+        grant = Grant(target.rel, agent, secrets.token_hex(8), owner, tx.now() + ttl, fences=False)
         tx.put_grant(grant)
         return grant, True
 
-    def _count_share(self, grant: Grant, kind: HandleKind, taken: bool) -> None:
+    def _count_share(self, grant: Grant, kind: HandleKind, taken: bool, leased: bool) -> None:
         """Count one open handle of `kind` writing under `grant` in this process; `taken`: the
-        handle's transaction took the grant, which then ends with this process's last handle."""
+        handle's transaction took the grant, which then ends with this process's last handle, and
+        with `leased` is renewed meanwhile (`leases.Heartbeat`)."""
         with self._lock:
             self._shares.setdefault(grant.token, []).append(kind)
             if taken:
                 self._owned.add(grant.token)
+        if taken and leased:
+            self.leases.hold(grant)
 
     def _open_kinds(self, grant: Grant | None, agent: str) -> list[HandleKind] | None:
         """The kinds of this process's open write handles under `agent`'s grant `grant` (a handle
@@ -166,7 +189,8 @@ class CoreBase:
         return True
 
     def _forget_share(self, grant: Grant, kind: HandleKind | None) -> None:
-        """The in-memory half of `_end`, once its transaction has committed."""
+        """The in-memory half of `_end`, once its transaction has committed: a grant that ends
+        here is renewed no more."""
         with self._lock:
             kinds = self._shares.get(grant.token)
             if kind is not None and kinds is not None:
@@ -177,6 +201,7 @@ class CoreBase:
                 del self._shares[grant.token]
             if kind is None or kinds is not None:
                 self._owned.discard(grant.token)
+        self.leases.drop(grant.token)
 
     def _transact(self, fn: Callable[[Transaction], R]) -> R:
         """Where every decision of the protocol is taken: under the commit lock (re-entrant), one
@@ -195,6 +220,8 @@ class CoreBase:
                 while True:
                     try:
                         return self.registry.transact(decide)
+                    except _RecoverFirst:  # rolled back: settle the disk alone, then run again
+                        self.registry.transact(lambda tx: self._recover(tx, settle=True))
                     except _HashFirst as first:  # rolled back: hashed with no transaction open, run again
                         try:
                             self._hashed[first.path] = hash_file(first.path)
@@ -217,17 +244,6 @@ class CoreBase:
             return hash_file(path)
         except FileNotFoundError:
             return None, None
-
-    def refuse_mount(self) -> None:
-        """VolumeConfigError if this root may not be mounted yet: a working copy that joined a
-        PostgreSQL volume (its daemon would go on serving what the kernel cached while other hosts
-        commit, until it materialises their commits from notifications)."""
-        if self.replica is not None and self.replica.joined():
-            raise VolumeConfigError(
-                f"{self.paths.root} is a working copy that joined a PostgreSQL volume: mounting it is not "
-                "supported yet (only the root that created the volume can be mounted). Use the Python API or "
-                "the CLI on it; nothing was mounted"
-            )
 
     def _installed(self, target: Target, version: int, digest: str | None) -> None:
         """Right after a decided commit's install (under the commit lock): in a working copy, record
@@ -252,8 +268,11 @@ class CoreBase:
         target: Target,
         record: FileRecord | None,
         disk: tuple[Fingerprint | None, str | None] | None = None,
+        why: str | None = None,
     ) -> FileRecord | None:
-        """Record any foreign change of `target` as a new version by EXTERNAL; return the current record."""
+        """Record any foreign change of `target` as a new version by EXTERNAL (`why`: how the disk
+        came to differ, when the caller knows better than "changed outside the volume"); return the
+        current record."""
         if self.replica is not None:
             return self._sync_copy(tx, self.replica, target, record, disk)
         fp, disk_hash = disk if disk is not None else disk_state(target, record)
@@ -265,6 +284,7 @@ class CoreBase:
                 and record.present
                 and fp is not None
                 and (fp != record.fingerprint or disk_hash is not None)
+                and proven(fp, now_ns)
             ):
                 record = FileRecord(
                     record.path, record.version, True, record.hash, fp, record.writer, record.committed_at, now_ns
@@ -295,7 +315,7 @@ class CoreBase:
                 EXTERNAL,
                 now,
                 version=version,
-                detail="changed outside the volume" if present else "deleted outside the volume",
+                detail=why or ("changed outside the volume" if present else "deleted outside the volume"),
             )
         return new
 
@@ -336,6 +356,11 @@ class CoreBase:
             disk = self._hash_of(target.abs, fp) if installed_needs_hash(installed, fp) else (fp, None)
         fp, disk_hash = disk
         state = local_state(record, installed, fp, disk_hash)
+        if state is Local.FOREIGN and record is not None and disk_hash is not None:
+            since = tx.history(target.rel, limit=record.version - (0 if installed is None else installed.version))
+            lost = lost_install(installed, since, disk_hash)
+            if lost is not None:
+                installed, state = lost, local_state(record, lost, fp, disk_hash)
         if state is Local.BEHIND:
             assert record is not None
             if given and fp is not None and installed is not None:  # the caller holds an older version's bytes
@@ -378,47 +403,146 @@ class CoreBase:
             )
         return new
 
-    def _recover(self, tx: Transaction) -> None:
-        """Complete or abandon the intents of writers that died between decision and install."""
-        for intent in tx.intents():
+    def _recover(self, tx: Transaction, settle: bool = False) -> None:
+        """Settle every intent left by earlier commits (`protocol.recovery`): drop those whose install
+        happened, install or drop the staged content of recorded commits whose writer did not
+        install it (only in a transaction of its own, `settle`: else `_RecoverFirst`), complete or
+        abandon the other interrupted commits. Once per process, first remove what killed writers
+        left in the staging directory."""
+        intents = tx.intents()
+        if not self._swept:
+            self._sweep_staging(intents)
+        for intent in intents:
             target = self.paths.of_rel(intent.path)
+            staged = self.paths.staged(target, intent.tmp) if intent.tmp is not None else None
+            if staged is not None and os.path.dirname(staged) == self.paths.staging and not os.path.lexists(staged):
+                tx.drop_intent(intent.path)  # recorded with its decision, installed: `finished`
+                continue
             record = tx.file(intent.path)
-            # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
-            fp, disk_hash = disk_state(target, None) if self.replica is None else (None, None)
-            outcome = recovery(intent, fp is not None, disk_hash, replicated=self.replica is not None)
-            now = time.time()
-            if outcome == "completed":
-                retained = (
-                    not intent.present
-                    or self.replica is not None  # stored with the intent
-                    or self._retain(tx, target.abs, intent.hash) is not None  # stored already
-                )
-                self._record(
-                    tx,
-                    FileRecord(
-                        intent.path, intent.version, intent.present, intent.hash, fp, intent.agent, now, time.time_ns()
-                    ),
-                    "commit" if intent.present else "delete",
-                    retained=retained,
-                )
-                tx.put_view(intent.agent, intent.path, intent.version, now)
-            tx.log(
-                "recover",
-                intent.path,
-                intent.agent,
-                now,
-                reason=outcome,
-                version=intent.version if outcome == "completed" else current_version(record),
-                detail=f"{outcome} an interrupted commit",
-            )
-            if intent.tmp is not None:
+            recorded = record is not None and record.version >= intent.version
+            if recorded:
+                assert record is not None
+                left = staged is not None and os.path.lexists(staged)
+                if left and self.replica is None and not settle:
+                    raise _RecoverFirst()
+                self._recover_recorded(tx, intent, target, record, staged if left else None)
+            else:
+                self._recover_unrecorded(tx, intent, target, record)
+            if staged is not None:
                 try:
-                    atomic.Staged(target.abs, "", None, atomic.beside(target.abs, intent.tmp), named=True).discard()
+                    os.unlink(staged)
                 except OSError:
-                    pass  # nothing by that name can exist: never let cleanup wedge the volume
+                    pass  # gone already (installed); never let cleanup wedge the volume
             tx.drop_intent(intent.path)
-            if intent.hash is not None and not tx.in_use(intent.hash):
+            if not recorded and intent.hash is not None and not tx.in_use(intent.hash):
                 tx.drop(intent.hash)  # an abandoned commit's content, which nothing else names
+
+    def _recover_recorded(
+        self, tx: Transaction, intent: Intent, target: Target, record: FileRecord, staged: str | None
+    ) -> None:
+        """A commit recorded with its decision, its staged file still there (`staged`) or not:
+        nothing to do if its install happened, else install the staged file now where the disk
+        still holds the version before it and the file still holds the recorded bytes."""
+        on_disk, disk_hash, previous = False, None, None
+        current = record.version == intent.version
+        if staged is not None and self.replica is None and current:
+            before = tx.version_entry(intent.path, intent.version - 1)
+            previous = before.hash if before is not None and before.hash is not None else None
+            fp, disk_hash = disk_state(target, None)
+            on_disk = fp is not None
+        outcome = recovery(
+            intent,
+            on_disk,
+            disk_hash,
+            replicated=self.replica is not None,
+            recorded=True,
+            staged=staged is not None and current,
+            previous=previous,
+        )
+        if outcome == "finished":
+            return
+        v = intent.version
+        detail = f"installed v{v}, recorded by a writer that did not install it"
+        if outcome == "installed":
+            assert staged is not None and intent.hash is not None
+            try:
+                if hash_file(staged)[1] != intent.hash:
+                    raise OSError(errno.EBADMSG, "its staged file no longer holds the recorded bytes", staged)
+                atomic.Staged(target.abs, intent.hash, None, staged, named=True).install(noreplace=previous is None)
+            except OSError as e:
+                outcome, detail = "superseded", f"v{v} was recorded but could not be installed ({e})"
+                why = f"the file still holds what it held before v{v}, which could not be installed ({e.strerror})"
+                self._sync(tx, target, record, why=why)
+        else:
+            detail = f"v{v} was recorded, and the file changed outside the volume before it was installed"
+        if outcome == "superseded":
+            detail += (
+                "; the file keeps what it holds, recorded as a version of its own; "
+                f"v{v} stays in history (`coherent-volume restore PATH --version {v}` brings it back)"
+            )
+        tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=v, detail=detail)
+
+    def _recover_unrecorded(self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None) -> None:
+        """A creation, deletion or rename interrupted before it was recorded: complete it if the
+        disk holds what it intended, else abandon it."""
+        # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
+        fp, disk_hash = disk_state(target, None) if self.replica is None else (None, None)
+        outcome = recovery(intent, fp is not None, disk_hash, replicated=self.replica is not None)
+        now = time.time()
+        if outcome == "completed":
+            retained = (
+                not intent.present
+                or self.replica is not None  # stored with the intent
+                or self._retain(tx, target.abs, intent.hash) is not None  # stored already
+            )
+            self._record(
+                tx,
+                FileRecord(
+                    intent.path, intent.version, intent.present, intent.hash, fp, intent.agent, now, time.time_ns()
+                ),
+                "commit" if intent.present else "delete",
+                retained=retained,
+            )
+            tx.put_view(intent.agent, intent.path, intent.version, now)
+        tx.log(
+            "recover",
+            intent.path,
+            intent.agent,
+            now,
+            reason=outcome,
+            version=intent.version if outcome == "completed" else current_version(record),
+            detail=f"{outcome} an interrupted commit",
+        )
+
+    def _settle_installs(self) -> None:
+        """Under the commit lock, before reading a file for a transaction that is given what was
+        read (`_sync`'s `disk`): install what writers that died had recorded but not installed. Its
+        recovery would otherwise change the file after it was read (a working copy's recovery
+        changes no file)."""
+        if self.replica is not None:
+            return
+        with self.registry.read() as tx:
+            intents = tx.intents()
+        if any(
+            i.tmp is not None and os.path.lexists(self.paths.staged(self.paths.of_rel(i.path), i.tmp)) for i in intents
+        ):
+            self._transact(lambda tx: None)
+
+    def _sweep_staging(self, intents: list[Intent]) -> None:
+        """Remove staged files no intent names: named by writers killed before their commit was
+        recorded (every staged file is named under the commit lock, which the caller holds)."""
+        self._swept = True
+        named = {os.path.basename(i.tmp) for i in intents if i.tmp is not None}
+        try:
+            names = os.listdir(self.paths.staging)
+        except OSError:
+            return
+        for name in names:
+            if name not in named:
+                try:
+                    os.unlink(os.path.join(self.paths.staging, name))
+                except OSError:
+                    pass
 
     def _record(
         self,
@@ -428,12 +552,15 @@ class CoreBase:
         parents: tuple[int, ...] = (),
         *,
         retained: bool = True,
+        size: int | None = None,
     ) -> None:
-        """Record a new version of a managed path: its current state and its history entry. Its
-        bytes are retained (`_retain`) before it is recorded; `retained` False says they could not
-        be (a file that kept changing while it was read), so its history lists it as not kept."""
+        """Record a new version of a managed path: its current state and its history entry (its
+        size: `size`, else its fingerprint's). Its bytes are retained (`_retain`) before it is
+        recorded; `retained` False says they could not be (a file that kept changing while it was
+        read), so its history lists it as not kept."""
         tx.put_file(record)
-        size = record.fingerprint.size if record.fingerprint is not None and record.present else None
+        if size is None and record.fingerprint is not None and record.present:
+            size = record.fingerprint.size
         tx.put_version(
             Version(
                 record.path,
@@ -466,15 +593,27 @@ class CoreBase:
         finally:
             os.close(fd)
 
-    def _holder(self, tx: Transaction, rel: str, now: float) -> Grant | None:
-        """The live grant on `rel`, reclaiming (and fencing) one that ended."""
-        grant = tx.grant(rel)
-        if grant is None or not grant_over(grant, now, grant.owner.alive()):
+    def _holder(self, tx: Transaction, rel: str) -> Grant | None:
+        """The live grant on `rel` (`_live`)."""
+        return self._live(tx, rel, tx.grant(rel))
+
+    def _live(self, tx: Transaction, rel: str, grant: Grant | None) -> Grant | None:
+        """`grant`, the grant on `rel` as this transaction read it, if it is live; one that ended is
+        reclaimed (and, for a `lock()`, its agent fenced) (`protocol.grant_over`, on the registry's
+        clock)."""
+        if grant is None:
+            return None
+        now = tx.now()
+        if not grant_over(grant, now, grant.owner.alive()):
             return grant
         tx.drop_grant(rel)
         if grant.fences:
             tx.put_fence(grant.agent, rel, now)
-        why = "expired" if now >= grant.expires_at else "its process died"
+        owner = f"process {grant.owner.pid} of {grant.owner.host}"
+        if now >= grant.expires_at:
+            why = f"expired {now - grant.expires_at:.1f} s ago on the registry's clock, not renewed by its {owner}"
+        else:
+            why = f"its {owner} died"
         tx.log("reclaim", rel, grant.agent, now, detail=f"write grant reclaimed: {why}")
         return None
 

@@ -123,6 +123,7 @@ class Reads(CoreBase):
             return fd, version
         os.close(fd)
         with self.registry.commit_lock():  # no commit between the open and the sync
+            self._settle_installs()
             self._catch_up(target)
             fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
@@ -143,6 +144,7 @@ class Reads(CoreBase):
     def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
         with self.registry.commit_lock():  # no commit between the read and the sync
+            self._settle_installs()
             self._catch_up(target)
             try:
                 data, fp = read_file(target.abs)

@@ -51,6 +51,7 @@ class Sessions(Writes):
         what the agent was shown, and lift a fence it had there (a confirmed re-read, as
         `reacquire`); return that version, or None (views unchanged) if it was not."""
         with self.registry.commit_lock():  # no commit between the read and the sync
+            self._settle_installs()
             try:
                 data, fp = read_file(target.abs)
             except FileNotFoundError:

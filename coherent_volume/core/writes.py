@@ -15,6 +15,7 @@ from .. import atomic
 from ..edits import Edits
 from ..errors import (
     CasConflict,
+    InstallPending,
     Reason,
     RegistryError,
     StaleWriteError,
@@ -44,9 +45,6 @@ from .reads import Reads
 
 Made = tuple[VersionKind, tuple[int, ...]]
 """How a commit's version is made: its kind and the versions besides its predecessor it comes from."""
-
-HANDLE_GRANT_TTL = 24 * 3600.0
-"""Grants taken for open write handles end at release, or when the process owning them dies."""
 
 
 @dataclass
@@ -102,23 +100,25 @@ class Writes(Reads):
         tx: Transaction,
         agent: str,
         target: Target,
-        now: float,
         isolation: Isolation,
         expected: int | None = None,
         kind: HandleKind | None = None,
     ) -> tuple[FileRecord | None, WriteCheck, Reason | None]:
         """Sync `target` with the disk and decide whether `agent` may write it (nothing logged).
         `kind`: opening a write handle of that kind."""
-        record = self._sync(tx, target, tx.file(target.rel))
-        grant = self._holder(tx, target.rel, now)
+        record, seen, held, fenced = tx.write_state(target.rel, agent)
+        record = self._sync(tx, target, record)
+        grant = self._live(tx, target.rel, held)
+        if held is not None and grant is None:  # reclaimed just now: it may have fenced this agent
+            fenced = tx.fenced(agent, target.rel)
         # handles whose file is gone hold nothing there: a new file at its name is not theirs
         open_kinds = self._open_kinds(grant, agent) if record is not None and record.present else None
         check = WriteCheck(
             agent=agent,
             current=record,
-            seen=tx.view(agent, target.rel),
+            seen=seen,
             holder=grant.agent if grant else None,
-            fenced=tx.fenced(agent, target.rel),
+            fenced=fenced,
             changed_read_set=self._changed_read_set(tx, agent, target.rel) if isolation == "read-set" else (),
             expected=expected,
             kind=kind,
@@ -169,7 +169,7 @@ class Writes(Reads):
         expected: int | None = None,
     ) -> tuple[FileRecord | None, WriteCheck, StaleWriteError | None]:
         """`_decide`, with any refusal logged and built."""
-        record, check, reason = self._decide(tx, agent, target, now, isolation, expected)
+        record, check, reason = self._decide(tx, agent, target, isolation, expected)
         return record, check, None if reason is None else self._refusal(tx, target, check, reason, now)
 
     def commit(
@@ -197,7 +197,12 @@ class Writes(Reads):
             agent = self.agent(agent)
         if os.path.isdir(target.abs) and not os.path.islink(target.abs):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", target.rel)
-        if target.managed and isinstance(content, bytes) and self._doomed(agent, target, expected):
+        if (
+            target.managed
+            and isinstance(content, bytes)
+            and self.replica is None
+            and self._doomed(agent, target, expected)
+        ):
             self._refuse_if_still_refused(agent, target, isolation, expected)
         staged = atomic.stage(target.abs, content) if isinstance(content, bytes) else content
         try:
@@ -216,7 +221,9 @@ class Writes(Reads):
         return version
 
     def _doomed(self, agent: str, target: Target, expected: int | None) -> bool:
-        """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync)."""
+        """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync). Not
+        asked where the registry is a round trip away (a working copy): it would cost every write
+        more than it saves a refused one."""
         record, seen = self.registry.peek(target.rel, agent)
         version = current_version(record)
         if expected is not None:
@@ -249,7 +256,7 @@ class Writes(Reads):
                 earlier.discard()
             replayed.clear()
             now = time.time()
-            record, check, reason = self._decide(tx, agent, target, now, isolation, expected, opening)
+            record, check, reason = self._decide(tx, agent, target, isolation, expected, opening)
             version = current_version(record)
             ends = handle is not None and handle.grant is not None
             if handle is not None and handle.unlinked:
@@ -279,19 +286,13 @@ class Writes(Reads):
                     self._end(tx, handle.grant, handle.kind)
                 return _Decided(version, check, done=True)
             exists = record is not None and record.present
-            if refusal is None and (content is not None or exists):
-                tx.put_intent(
-                    Intent(
-                        target.rel,
-                        agent,
-                        version + 1,
-                        content is not None,
-                        content.hash if content is not None else None,
-                        content.plan_name() if content is not None else None,
-                    )
-                )
-                if content is not None:
-                    self._retain_staged(tx, content)
+            if refusal is None and content is not None:
+                self._record_staged(tx, agent, target, version + 1, content, check.seen, moves_view, made)
+                if ends:
+                    assert handle is not None and handle.grant is not None
+                    self._end(tx, handle.grant, handle.kind)
+            elif refusal is None and exists:
+                tx.put_intent(Intent(target.rel, agent, version + 1, False, None, None))
             return _Decided(version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists)
 
         try:
@@ -304,11 +305,23 @@ class Writes(Reads):
             content, version = decided.content, decided.version
             if content is None and not decided.exists:
                 raise FileNotFoundError(2, "No such file or directory", target.rel)
-            self._install(lambda: content.install() if content is not None else atomic.remove(target.abs))
-            self._installed(target, version + 1, content.hash if content is not None else None)
+            if content is not None:  # recorded: install it (recovery does, if this fails or dies first)
+                try:
+                    content.install()
+                except BaseException as e:
+                    content.leave_name()  # the marker of an install not done, for the next recovery
+                    self._handle_ended(handle)
+                    if isinstance(e, OSError):
+                        raise InstallPending(target.rel, version + 1, e) from e
+                    raise
+                self._installed(target, version + 1, content.hash)
+                self._handle_ended(handle)
+                return version + 1
+            self._install(lambda: atomic.remove(target.abs))
+            self._installed(target, version + 1, None)
 
             def finish(tx: Transaction) -> bool:
-                """Record the installed commit, unless crash recovery already settled its intent (a
+                """Record the installed deletion, unless crash recovery already settled its intent (a
                 finish whose reply was lost, or another process's recovery while the registry was
                 unreachable); whether the version is the writer's."""
                 ours = self._recorded(
@@ -317,14 +330,7 @@ class Writes(Reads):
                     target,
                     version + 1,
                     lambda: self._finish(
-                        tx,
-                        agent,
-                        target,
-                        version + 1,
-                        content.hash if content is not None else None,
-                        decided.check.seen,
-                        decided.moves_view,
-                        made,
+                        tx, agent, target, version + 1, None, decided.check.seen, decided.moves_view, made
                     ),
                 )
                 if handle is not None and handle.grant is not None:
@@ -341,6 +347,54 @@ class Writes(Reads):
         finally:
             for earlier in replayed:
                 earlier.discard()
+
+    def _record_staged(
+        self,
+        tx: Transaction,
+        agent: str,
+        target: Target,
+        version: int,
+        content: atomic.Staged,
+        seen: int | None,
+        moves_view: bool,
+        made: Made,
+    ) -> None:
+        """Record a commit of staged content as `version` in its decision's transaction: its COMMIT
+        is the commit's commit point. The content is named in the staging directory first and its
+        intent names that file: a name still there later means the install did not happen, and
+        recovery installs it (`protocol.recovery`). Its bytes are retained in the same transaction."""
+        try:
+            tmp = content.name_in(self.paths.staging)
+        except OSError as e:
+            raise RegistryError(
+                f"{target.rel}: nothing was written: the commit could not name its content in "
+                f"{self.paths.staging} ({e.strerror or e}); that must be a directory the volume's processes can "
+                "write (remove whatever is there instead: it is made again)",
+                e.errno or errno.EIO,
+            ) from e
+        tx.put_intent(Intent(target.rel, agent, version, True, content.hash, tmp))
+        self._retain_staged(tx, content)
+        now = time.time()
+        fp = content.fingerprint()
+        self._record(
+            tx,
+            FileRecord(
+                target.rel,
+                version,
+                True,
+                content.hash,
+                fp if self.replica is None else None,  # a working copy records its install after it
+                agent,
+                now,
+                time.time_ns(),
+            ),
+            made[0],
+            made[1],
+            size=fp.size,
+        )
+        if moves_view:
+            tx.put_view(agent, target.rel, version, now)
+        tx.log("commit", target.rel, agent, now, seen_version=seen, version=version)
 
     @staticmethod
     def _recorded(tx: Transaction, agent: str, target: Target, version: int, record: Callable[[], None]) -> bool:
@@ -455,43 +509,41 @@ class Writes(Reads):
         Creating a new path needs no prior read, but a view that predates the path's deletion is stale."""
         self._require_managed(target, "create")
         agent = self.agent(agent)
+        staged = atomic.stage_written(target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False)
 
-        def decide(tx: Transaction) -> tuple[int, WriteCheck, StaleWriteError | None]:
+        def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
+            """Decide the creation and, accepted, record it (`_record_staged`) and take the handle's grant."""
             now = time.time()
-            record, check, reason = self._decide(tx, agent, target, now, "file", kind=kind)
+            record, check, reason = self._decide(tx, agent, target, "file", kind=kind)
             if record is not None and record.present:
                 raise FileExistsError(errno.EEXIST, "File exists", target.rel)
-            refusal = None if reason is None else self._refusal(tx, target, check, reason, now)
             version = current_version(record) + 1
-            if refusal is None:
-                tx.put_intent(Intent(target.rel, agent, version, True, EMPTY_HASH, None))
-                tx.store(EMPTY_HASH, b"")
-            return version, check, refusal
+            if reason is not None:
+                return version, self._refusal(tx, target, check, reason, now)
+            self._record_staged(tx, agent, target, version, staged, check.seen, True, ("commit", ()))
+            return version, self._share(tx, agent, target, owner, self.leases.length)
 
-        def finish(tx: Transaction) -> tuple[Grant, bool] | None:
-            """Record the created file and take the handle's grant (`_recorded`); None if its version
-            is not this agent's."""
-            if not self._recorded(
-                tx, agent, target, version, lambda: self._finish(tx, agent, target, version, EMPTY_HASH, check.seen)
-            ):
-                return None
-            return self._share(tx, agent, target, owner, time.time() + HANDLE_GRANT_TTL)
-
-        with self.registry.commit_lock():
-            version, check, refusal = self._transact(decide)
-            if refusal is not None:
-                raise refusal
-            self._install(
-                lambda: os.close(os.open(target.abs, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
-            )
-            self._installed(target, version, EMPTY_HASH)
-            what = f"{target.rel} (version {version})"
-            settled = self._settle(what, finish)
-            if settled is None:
-                raise self._not_recorded(what, "the new file", "open it again")
-            grant, taken = settled
-            self._count_share(grant, kind, taken)
-            return grant, version
+        try:
+            with self.registry.commit_lock():
+                version, outcome = self._transact(decide)
+                if isinstance(outcome, StaleWriteError):
+                    raise outcome
+                grant, taken = outcome
+                self._count_share(grant, kind, taken, leased=True)
+                try:
+                    staged.install(noreplace=True)
+                except BaseException as e:
+                    staged.leave_name()  # recovery installs it, or finds what was made there meanwhile
+                    self.release(grant, kind, log=False)
+                    if isinstance(e, FileExistsError):
+                        raise FileExistsError(errno.EEXIST, "File exists (made outside the volume)", target.rel) from e
+                    if isinstance(e, OSError):
+                        raise InstallPending(target.rel, version, e) from e
+                    raise
+                self._installed(target, version, EMPTY_HASH)
+                return grant, version
+        finally:
+            staged.discard()
 
     def truncate(self, agent: str, target: Target, size: int) -> int:
         """truncate(2) of a managed file by name: a checked commit of its content cut or zero-extended
@@ -500,6 +552,7 @@ class Writes(Reads):
         self._require_managed(target, "truncate")
         agent = self.agent(agent)
         with self.registry.commit_lock():
+            self._settle_installs()
             staged = atomic.stage_resized(target.abs, size)
             try:
                 return self._commit_locked(agent, target, staged, "file", None, None, opening="write")
@@ -516,14 +569,15 @@ class Writes(Reads):
     # ---- grants ---------------------------------------------------------------------
 
     def acquire(self, agent: str, target: Target, ttl: float, owner: ProcessId) -> Grant:
-        """Take the write grant on `target` for `agent`; StaleWriteError('held') (logged) while another
-        grant is live."""
+        """Take the write grant on `target` for `agent`, lasting `ttl` s on the registry's clock (not
+        renewed: it ends at release, at its TTL, or when its process is known dead; reclaimed, it
+        fences its holder); StaleWriteError('held') (logged) while another grant is live."""
         self._require_managed(target, "lock")
         agent = self.agent(agent)
 
         def decide(tx: Transaction) -> Grant | StaleWriteError:
-            now = time.time()
-            held = self._holder(tx, target.rel, now)
+            held = self._holder(tx, target.rel)
+            now = tx.now()
             if held is None:
                 grant = Grant(target.rel, agent, secrets.token_hex(8), owner, now + ttl)
                 tx.put_grant(grant)
@@ -548,7 +602,7 @@ class Writes(Reads):
         kind: HandleKind,
         expected: int | None = None,
         after_appending: bool = False,
-        ttl: float = HANDLE_GRANT_TTL,
+        ttl: float | None = None,
     ) -> tuple[Grant, int]:
         """Check that `agent` may open a write handle of `kind` on `target` now, and take a share of
         its write grant for it (`protocol.decide_write`: opening to append needs no view; appends
@@ -559,6 +613,10 @@ class Writes(Reads):
         (an ftruncate) ends its append share first and passes `after_appending` and its base as
         `expected`: it was opened without a view, so it needs both a current view and that base.
 
+        A grant it takes is a lease (`leases.HANDLE_LEASE` s on the registry's clock), renewed by this
+        process's heartbeat until the handle's last share of it ends (`leases`); with `ttl`, a grant
+        of `ttl` s, never renewed (a hook's, which outlives the process that took it).
+
         Returns (grant, version): the grant the handle writes under, which it passes to its commit
         and to `release` with its kind, and the version it starts from. Refusals raise
         StaleWriteError."""
@@ -568,19 +626,20 @@ class Writes(Reads):
         def decide(tx: Transaction) -> tuple[int, tuple[Grant, bool] | StaleWriteError]:
             now = time.time()
             cas = expected if kind == "write" and not after_appending else None
-            record, check, reason = self._decide(tx, agent, target, now, "file", cas, kind)
+            record, check, reason = self._decide(tx, agent, target, "file", cas, kind)
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
             if reason is not None:
                 return current_version(record), self._refusal(tx, target, check, reason, now)
-            return current_version(record), self._share(tx, agent, target, owner, now + ttl)
+            lasts = self.leases.length if ttl is None else ttl
+            return current_version(record), self._share(tx, agent, target, owner, lasts)
 
         with self.registry.commit_lock():
             version, outcome = self._transact(decide)
             if isinstance(outcome, StaleWriteError):
                 raise outcome
             grant, taken = outcome
-            self._count_share(grant, kind, taken)
+            self._count_share(grant, kind, taken, leased=ttl is None)
             return grant, version if expected is None else expected
 
     def release(self, grant: Grant, kind: HandleKind | None = None, *, log: bool = True) -> bool:

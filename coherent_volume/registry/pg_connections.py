@@ -35,6 +35,8 @@ SESSION_SETTINGS = {
     "tcp_keepalives_idle": "5",  # the server notices a dead client within 5 + 3 x 2 s
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",  # ms: a reply the client never acknowledges (it was cut off as the
+    # commit lock was granted to it: no keepalive runs while data is unacknowledged) ends the session
 }
 LIBPQ_SETTINGS: dict[str, Any] = {
     "keepalives": 1,

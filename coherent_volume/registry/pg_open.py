@@ -106,7 +106,7 @@ def _register(
         row = conn.execute(
             "UPDATE cv_replicas SET hostname = %s, boot_id = %s, root = %s, last_seen = now() "
             "WHERE id = %s AND volume = %s RETURNING id",
-            (socket.gethostname(), _boot_id(), root, replica_id, volume_id),
+            (socket.gethostname(), boot_id(), root, replica_id, volume_id),
         ).fetchone()
         if row is not None:
             return replica_id, False
@@ -115,7 +115,7 @@ def _register(
         "WITH earlier AS (SELECT EXISTS (SELECT 1 FROM cv_replicas WHERE volume = %s) AS joined) "
         "INSERT INTO cv_replicas (id, volume, hostname, boot_id, root) VALUES (%s, %s, %s, %s, %s) "
         "RETURNING (SELECT joined FROM earlier)",
-        (volume_id, new, volume_id, socket.gethostname(), _boot_id(), root),
+        (volume_id, new, volume_id, socket.gethostname(), boot_id(), root),
     ).fetchone()
     return new, bool(row and row[0])
 
@@ -140,7 +140,7 @@ def _check_replica(
             "join it again. Nothing was changed"
         )
     stored_root, hostname, boot = row
-    if boot == _boot_id():
+    if boot == boot_id():
         try:
             conn.execute("UPDATE cv_replicas SET last_seen = now() WHERE id = %s", (replica_id,))
         except _psycopg().errors.ReadOnlySqlTransaction:
@@ -148,7 +148,7 @@ def _check_replica(
         return
     raise VolumeConfigError(
         f"the working copy {root!r} of {location.describe()} is registered to {stored_root!r} on host "
-        f"{hostname!r} (boot {boot}); this is host {socket.gethostname()!r} (boot {_boot_id()}). A working copy "
+        f"{hostname!r} (boot {boot}); this is host {socket.gethostname()!r} (boot {boot_id()}). A working copy "
         "serves one kernel: a root shared across hosts (a network file system) is refused. If this host "
         f"rebooted or the disk moved here, run {again} to take the working copy over. Nothing was changed"
     )
@@ -186,7 +186,8 @@ def _not_created_with(location: Location, recorded_id: uuid.UUID, found: uuid.UU
     )
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
+    """The boot of this host's kernel (what `cv_replicas.boot_id` records)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()

@@ -6,6 +6,10 @@ Invariants:
   are serial (as SQLite's BEGIN IMMEDIATE makes them) and READ COMMITTED statements after that
   row lock see everything committed before; each records a commit id, so a COMMIT whose reply was
   lost is resolved by looking the id up: never applied twice, never reported failed if it landed;
+- round trips: a write transaction's BEGIN and serial bump go with its first read, its writes with
+  the next read or its COMMIT (`PostgresTransaction`); a read transaction's BEGIN goes first, alone
+  (a pooled connection found lost there is replaced before anything is read); the advisory lock is
+  taken, and the serial read, in one round trip;
 - the commit lock is this working copy's flock (`Replica.locked`, held by the live process) and
   then a session advisory lock keyed by the volume, held on the connection that then runs the
   holding thread's transactions: the advisory lock is held exactly as long as that connection
@@ -45,8 +49,9 @@ from .pg_connections import (
     _registry_error,
     _sqlstate,
 )
+from .pg_hosts import Reporter, WorkingCopy, working_copies
 from .pg_location import Location
-from .pg_transaction import PostgresTransaction, _file_and_view
+from .pg_transaction import PostgresTransaction, Queued, _file_and_view_query, _file_and_view_row
 from .replica import Replica
 
 if TYPE_CHECKING:
@@ -102,6 +107,7 @@ class PostgresRegistry:
         self._globs = globs
         self.replica = replica
         """This working copy's own state (host-local)."""
+        self._reporter = Reporter(replica, volume_id)
         self._lock_key = int.from_bytes(volume_id.bytes[:4], "big", signed=True)
         self._forked()
         _OPEN.add(self)
@@ -121,11 +127,15 @@ class PostgresRegistry:
 
     # -- which connection a call uses ------------------------------------------------------
 
+    def _tx(self) -> PostgresTransaction | None:
+        """This thread's open transaction."""
+        return getattr(self._local, "tx", None)
+
     def _own(self) -> psycopg.Connection[Any] | None:
         """The connection this thread must use: its open transaction's, else its commit lock's."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+        tx = self._tx()
+        if tx is not None:
+            return tx.conn
         held = self._held
         if held is not None and held.thread == threading.get_ident():
             if held.lost is not None or held.conn is None:
@@ -152,12 +162,12 @@ class PostgresRegistry:
             self._pool.give(conn)
 
     def _statement(self, fn: Callable[[psycopg.Connection[Any]], R]) -> R:
-        """Run one autocommit statement (or a step of this thread's open transaction); a stale pooled
-        connection is replaced once."""
+        """Run one autocommit statement (not in this thread's open transaction: see `peek`); a stale
+        pooled connection is replaced once."""
         psycopg = _psycopg()
         for attempt in (1, 2):
             with self._use() as conn:
-                in_tx = conn is getattr(self._local, "conn", None)
+                in_tx = self._tx() is not None
                 try:
                     return fn(conn)
                 except psycopg.Error as e:
@@ -219,12 +229,15 @@ class PostgresRegistry:
         wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
         try:
             # one message; each statement its own snapshot: the serial is read once the lock is held
-            conn.execute(
+            cursor = conn.execute(
                 f"SET lock_timeout = {wait_ms}; SET statement_timeout = {wait_ms + 5000}; "
                 f"SELECT pg_advisory_lock({LOCK_CLASS}, {self._lock_key}); "
-                "RESET lock_timeout; RESET statement_timeout"  # to the session's own (options)
+                "RESET lock_timeout; RESET statement_timeout; "  # to the session's own (options)
+                f"SELECT serial FROM cv_volumes WHERE id = '{self.volume_id}'"
             )
-            row = conn.execute("SELECT serial FROM cv_volumes WHERE id = %s", (self.volume_id,)).fetchone()
+            while cursor.nextset():
+                pass
+            row = cursor.fetchone()
         except psycopg.Error as e:
             if _sqlstate(e) in ("55P03", "57014"):  # lock_timeout, or statement_timeout first
                 conn.execute("RESET lock_timeout; RESET statement_timeout")
@@ -297,7 +310,7 @@ class PostgresRegistry:
                         self._held = None
                         if held.conn is not None:
                             if not held.conn.broken:
-                                self._unlock(held.conn)
+                                self._report(unlock=held.conn)
                             self._pool.give(held.conn)
         finally:
             mutex.release()
@@ -305,13 +318,18 @@ class PostgresRegistry:
     # -- reads and writes --------------------------------------------------------------------
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
-        return self._statement(lambda c: _file_and_view(c, self.volume_id, path, agent, pending=True))
+        sql, args = _file_and_view_query(self.volume_id, path, agent, pending=True)
+        tx = self._tx()
+        if tx is not None:  # in this thread's open transaction: after its queued writes
+            return _file_and_view_row(tx.run(sql, args).fetchone())
+        return self._statement(lambda c: _file_and_view_row(c.execute(sql, args).fetchone()))
 
     @contextmanager
     def read(self) -> Iterator[PostgresTransaction]:
         """A REPEATABLE READ READ ONLY transaction: one snapshot."""
-        if getattr(self._local, "conn", None) is not None:  # nested in this thread's open transaction
-            yield PostgresTransaction(self._local.conn, self.volume_id)
+        tx = self._tx()
+        if tx is not None:  # nested in this thread's open transaction: its reads follow its queued writes
+            yield tx
             return
         psycopg = _psycopg()
         with self._use() as conn:
@@ -324,9 +342,9 @@ class PostgresRegistry:
                     yield tx
                 return
             conn = self._own() or conn  # a lost commit-lock connection was replaced
-            self._local.conn = conn
+            tx = self._local.tx = PostgresTransaction(conn, self.volume_id)
             try:
-                yield PostgresTransaction(conn, self.volume_id)
+                yield tx
             except psycopg.Error as e:
                 self._rollback(conn)
                 raise _registry_error(e, self.location) from e
@@ -334,9 +352,9 @@ class PostgresRegistry:
                 self._rollback(conn)
                 raise
             finally:
-                self._local.conn = None
+                self._local.tx = None
             try:
-                conn.execute("COMMIT", prepare=False)
+                tx.commit()
             except psycopg.Error as e:
                 if not _gone(conn, e):
                     raise _registry_error(e, self.location) from e
@@ -370,7 +388,7 @@ class PostgresRegistry:
         LOST_RERUNS runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost is
         resolved by the transaction's commit id. A session the server ended because its transaction
         stayed idle too long is not re-run (RegistryError(ETIMEDOUT)): the same work would end the same way."""
-        if getattr(self._local, "conn", None) is not None:
+        if self._tx() is not None:
             raise RegistryError("a registry write transaction was started inside another; nothing was written")
         for _ in range(LOST_RERUNS):
             try:
@@ -384,83 +402,124 @@ class PostgresRegistry:
         )
 
     def _attempt(self, fn: Callable[[PostgresTransaction], R]) -> R:
+        """One run of a write transaction: its opening (BEGIN, the serial bump with the commit id)
+        goes with `fn`'s first read, its writes with the next read or the COMMIT."""
         psycopg = _psycopg()
         commit_id = uuid.uuid4()
+        bumped: list[int] = []
         with self._use() as conn:
+            held = self._held
+            if held is None or held.conn is not conn or held.thread != threading.get_ident():
+                held = None
+            tx = PostgresTransaction(conn, self.volume_id, opening=self._opening(commit_id, bumped))
+            committing = False
             try:
-                self._begin(conn, "BEGIN ISOLATION LEVEL READ COMMITTED")
-                conn = self._own() or conn
-                row = conn.execute(
-                    "WITH s AS (UPDATE cv_volumes SET serial = serial + 1 WHERE id = %s RETURNING serial) "
-                    "INSERT INTO cv_commits (id, volume, serial) SELECT %s, %s, serial FROM s RETURNING serial",
-                    (self.volume_id, commit_id, self.volume_id),
-                ).fetchone()
-                if row is None:
-                    raise RegistryError(f"{self.location.describe()} no longer exists in the database")
-                serial = int(row[0])
-                self._local.conn = conn
-                tx = PostgresTransaction(conn, self.volume_id)
+                self._local.tx = tx
                 try:
                     result = fn(tx)
                 finally:
-                    self._local.conn = None
+                    self._local.tx = None
+                committing = True
+                tx.commit()
             except psycopg.Error as e:
                 self._rollback(conn)
-                if _sqlstate(e) in RETRY_SQLSTATES:
-                    raise Retry(_first_line(e)) from e
-                if _gone(conn, e):
-                    self._connection_lost(conn)
-                    if _sqlstate(e) == IDLE_ENDED:
-                        raise _idle_ended(e, self.location) from e
-                    raise _Lost(_first_line(e)) from e
-                raise _registry_error(e, self.location) from e
-            except BaseException:
-                self._rollback(conn)
-                raise
-            try:
-                conn.execute("COMMIT", prepare=False)  # its text on the wire: a proxy in the tests finds it
-            except psycopg.Error as e:
                 if _sqlstate(e) in RETRY_SQLSTATES:
                     raise Retry(_first_line(e)) from e
                 if not _gone(conn, e):
                     raise _registry_error(e, self.location) from e
-                if not self._landed(commit_id, e):
+                landed = self._landed(commit_id, e) if committing else None
+                if landed is None:
                     self._connection_lost(conn)
                     if _sqlstate(e) == IDLE_ENDED:
                         raise _idle_ended(e, self.location) from e
-                    raise _Lost(f"the COMMIT did not land ({_first_line(e)})") from e
-                held = self._held
-                if held is not None and held.conn is conn and held.thread == threading.get_ident():
-                    held.serial = serial  # it committed under the lock: re-taking it checks from here
+                    raise _Lost(f"the COMMIT did not land ({_first_line(e)})" if committing else _first_line(e)) from e
+                if held is not None and held.conn is conn:
+                    held.serial = landed  # it committed under the lock: re-taking it checks from here
                     try:
                         self._connection_lost(conn)
                     except RegistryError as moved:
                         held.moved = str(moved)  # the commit landed: report it; refuse the hold's next step
                 self._record_installs(tx)
                 return result
-        held = self._held
+            except BaseException:
+                self._rollback(conn)
+                raise
         if held is not None and held.conn is conn:
-            held.serial = serial
+            held.serial = bumped[0]
         self._record_installs(tx)
         return result
 
+    def _opening(self, commit_id: uuid.UUID, bumped: list[int]) -> list[Queued]:
+        """The statements that open a write transaction: BEGIN, and the serial bump recording
+        `commit_id` (the serial it made into `bumped`)."""
+
+        def bump(cursor: psycopg.Cursor[Any]) -> None:
+            row = cursor.fetchone()
+            if row is None:
+                raise RegistryError(f"{self.location.describe()} no longer exists in the database")
+            bumped.append(int(row[0]))
+
+        return [
+            Queued("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            Queued(
+                "WITH s AS (UPDATE cv_volumes SET serial = serial + 1 WHERE id = %s RETURNING serial) "
+                "INSERT INTO cv_commits (id, volume, serial) SELECT %s, %s, serial FROM s RETURNING serial",
+                (self.volume_id, commit_id, self.volume_id),
+                bump,
+            ),
+        ]
+
     def _record_installs(self, tx: PostgresTransaction) -> None:
-        """What a committed transaction said this working copy's disk holds, into its Replica."""
+        """What a committed transaction said this working copy's disk holds, into its Replica; then,
+        outside the commit lock (whose release reports), this copy's last_seen if due (pg_hosts)."""
         for path, held in tx.installs:
             self.replica.record(path, held)
+        holder = self._held
+        if holder is None or holder.thread != threading.get_ident():
+            self._report(unlock=None)
 
-    def _landed(self, commit_id: uuid.UUID, lost: BaseException) -> bool:
-        """Whether the transaction with `commit_id`, whose COMMIT reply was lost, committed; asked on
-        a new connection for at most CONNECT_WAIT s, then RegistryError(EIO): outcome unknown."""
+    def _report(self, unlock: psycopg.Connection[Any] | None) -> None:
+        """Send this working copy's report (pg_hosts.Reporter), if it has one. Given `unlock` (the
+        commit lock's release, under the working copy's flock): `_unlock` it, and in the same round
+        trip report the versions this copy now holds that the registry was not told. Else: last_seen
+        alone if due, on a pooled connection. A report that fails goes with the next one; it never
+        fails the caller."""
+        report = self._reporter.report(holdings=unlock is not None)
+        if report is None:
+            if unlock is not None:
+                self._unlock(unlock)
+            return
+        try:
+            conn = unlock or self._pool.take()
+        except RegistryError:
+            return
+        try:
+            with conn.pipeline():
+                if unlock is not None:
+                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, self._lock_key))
+                self._reporter.queue(conn, report)
+        except _psycopg().Error:
+            return  # the session is gone (and the lock with it), or the report failed: it stays pending
+        finally:
+            if unlock is None:
+                self._pool.give(conn)
+        self._reporter.sent(report)
+
+    def working_copies(self) -> list[WorkingCopy]:
+        """Every working copy of this volume, how far behind it is and when it was last seen."""
+        return self._statement(lambda c: working_copies(c, self.volume_id, self.replica.recorded_id()))
+
+    def _landed(self, commit_id: uuid.UUID, lost: BaseException) -> int | None:
+        """The serial of the transaction with `commit_id`, whose COMMIT reply was lost, if it
+        committed (None if not); asked on a new connection for at most CONNECT_WAIT s, then
+        RegistryError(EIO): outcome unknown."""
         psycopg = _psycopg()
         deadline = time.monotonic() + pg_connections.CONNECT_WAIT
         while True:
             try:
                 with _connect(self.location, deadline) as conn:
-                    row = conn.execute(
-                        "SELECT EXISTS (SELECT 1 FROM cv_commits WHERE id = %s)", (commit_id,)
-                    ).fetchone()
-                    return bool(row and row[0])
+                    row = conn.execute("SELECT serial FROM cv_commits WHERE id = %s", (commit_id,)).fetchone()
+                    return None if row is None else int(row[0])
             except (RegistryError, psycopg.Error) as e:
                 if time.monotonic() >= deadline:
                     raise RegistryError(

@@ -27,7 +27,7 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = migrations()[-1][0]
 """The schema this release reads and writes (the last migration's number)."""
 
 

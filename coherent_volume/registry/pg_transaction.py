@@ -1,12 +1,29 @@
 """A transaction of a PostgreSQL registry: the SQL of each registry.Transaction method, and the
-content of versions stored in parts."""
+content of versions stored in parts.
+
+Invariants (round trips):
+- a write (a statement whose result nothing reads) is queued, never sent alone: the queue goes to
+  the server in one pipeline ahead of the transaction's next read, or of its COMMIT, so a write
+  costs no round trip of its own, a read sees every write queued before it, and a queued write's
+  error (a constraint violation, a lost connection) is raised by that read or that COMMIT, as the
+  same psycopg error it would have raised alone (its owner maps it: `PostgresRegistry`);
+- the statements that open a transaction (BEGIN, the serial bump) are queued the same way: they
+  go with its first read;
+- the queue holds at most PART bytes of parameters (content in parts) before it is sent;
+- a pipeline is sent only when the server has not spoken unasked: a session it is ending (idling
+  too long in a transaction, a shutdown) gets a plain statement first, which raises the server's
+  error with its SQLSTATE (a pipeline would report only a lost connection).
+"""
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import select
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -25,6 +42,8 @@ PART = 8 << 20
 
 _FILE_COLS = "path, version, present, hash, writer, committed_at"
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
+_CLOCK = "extract(epoch FROM clock_timestamp())::float8"
+"""The server's clock, in seconds since the epoch (`PostgresTransaction.now`)."""
 _VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned"
 
 
@@ -64,34 +83,125 @@ def _version(row: tuple[Any, ...]) -> Version:
     return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, not row[8])
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A statement waiting in a transaction's queue; `then` is given its cursor once it ran (and
+    every statement before it ran without error)."""
+
+    sql: str
+    args: tuple[Any, ...] = ()
+    then: Callable[[psycopg.Cursor[Any]], None] | None = None
+
+
+def _size(args: tuple[Any, ...]) -> int:
+    return sum(len(a) for a in args if isinstance(a, bytes | memoryview))
+
+
 class PostgresTransaction:
-    """A Transaction over one connection with a transaction open (see registry.Transaction). The
-    fingerprints `put_file` and `touch_file` are given describe this working copy's disk: they go to
-    `installs`, which its registry records in the working copy's Replica once the transaction has
-    committed, never to the shared database."""
+    """A Transaction over one connection with a transaction open, or opened by its queued `opening`
+    statements (see registry.Transaction and the module's invariants). The fingerprints `put_file`
+    and `touch_file` are given describe this working copy's disk: they go to `installs`, which its
+    registry records in the working copy's Replica once the transaction has committed, never to the
+    shared database."""
 
     def __init__(
-        self, conn: psycopg.Connection[Any], volume: uuid.UUID, installs: list[tuple[str, Installed]] | None = None
+        self,
+        conn: psycopg.Connection[Any],
+        volume: uuid.UUID,
+        installs: list[tuple[str, Installed]] | None = None,
+        opening: Sequence[Queued] = (),
     ) -> None:
         self._c = conn
         self._v = volume
         self.installs: list[tuple[str, Installed]] = [] if installs is None else installs
+        self._queue: list[Queued] = list(opening)
+        self._queued_bytes = 0
+        self._now: float | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        return self._c
+
+    def run(self, sql: str, args: tuple[Any, ...] = (), prepare: bool | None = None) -> psycopg.Cursor[Any]:
+        """Run `sql` after everything queued, in one round trip; its cursor, with its rows."""
+        queue, self._queue, self._queued_bytes = self._queue, [], 0
+        if queue and select.select([self._c.fileno()], [], [], 0)[0]:
+            # the server spoke unasked: it is ending the session (idle_in_transaction_session_timeout,
+            # a shutdown). A plain statement raises its error with its SQLSTATE; a pipeline loses it
+            first = queue.pop(0)
+            done = self._c.execute(first.sql, first.args)
+            if first.then is not None:
+                first.then(done)
+        if not queue:
+            return self._c.execute(sql, args, prepare=prepare)
+        with self._c.pipeline():
+            ran = [(q.then, self._c.execute(q.sql, q.args)) for q in queue]
+            cursor = self._c.execute(sql, args, prepare=prepare)
+        for then, done in ran:
+            if then is not None:
+                then(done)
+        return cursor
+
+    def commit(self) -> None:
+        """COMMIT, after everything queued (its text on the wire, never a prepared name: a proxy in
+        the tests finds it)."""
+        self.run("COMMIT", prepare=False)
+
+    def _flush(self) -> None:
+        """Send what is queued now, in one round trip."""
+        if self._queue:
+            last = self._queue.pop()
+            done = self.run(last.sql, last.args)
+            if last.then is not None:
+                last.then(done)
 
     def _one(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
-        return self._c.execute(sql, (self._v, *args)).fetchone()
+        return self.run(sql, (self._v, *args)).fetchone()
 
     def _all(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        return self._c.execute(sql, (self._v, *args)).fetchall()
+        return self.run(sql, (self._v, *args)).fetchall()
 
     def _do(self, sql: str, *args: Any) -> None:
-        self._c.execute(sql, (self._v, *args))
+        self.queue(sql, (self._v, *args))
+
+    def queue(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        """Queue a write (sent with the next read or COMMIT; at once past PART bytes queued)."""
+        self._queue.append(Queued(sql, args))
+        self._queued_bytes += _size(args)
+        if self._queued_bytes > PART:
+            self._flush()
 
     def file(self, path: str) -> FileRecord | None:
         row = self._one(f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND path = %s", path)
         return None if row is None else _record(row)
 
     def file_and_view(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
-        return _file_and_view(self._c, self._v, path, agent)
+        sql, args = _file_and_view_query(self._v, path, agent, pending=False)
+        return _file_and_view_row(self.run(sql, args).fetchone())
+
+    def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
+        """`file`, `view`, `grant` and `fenced` of `path` for `agent`, in one statement (the server's
+        clock read with it, as `grant` reads it)."""
+        row = self.run(
+            f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}, "
+            "(SELECT version FROM cv_views v WHERE v.volume = k.volume AND v.agent = %s AND v.path = k.path), "
+            f"{', '.join('g.' + c.strip() for c in _GRANT_COLS.split(','))}, "
+            "EXISTS (SELECT 1 FROM cv_fences x WHERE x.volume = k.volume AND x.agent = %s AND x.path = k.path), "
+            f"{_CLOCK} "
+            'FROM (SELECT %s::uuid AS volume, %s::text COLLATE "C" AS path) k '
+            "LEFT JOIN cv_files f ON f.volume = k.volume AND f.path = k.path "
+            "LEFT JOIN cv_grants g ON g.volume = k.volume AND g.path = k.path",
+            (agent, agent, self._v, path),
+        ).fetchone()
+        assert row is not None
+        files, grants = len(_FILE_COLS.split(",")), len(_GRANT_COLS.split(","))
+        record = None if row[0] is None else _record(row[:files])
+        view = row[files]
+        held = row[files + 1 : files + 1 + grants]
+        if held[0] is not None and self._now is None:
+            self._now = float(row[-1])
+        fenced = bool(row[-2])
+        return record, None if view is None else int(view), None if held[0] is None else _grant(held), fenced
 
     def put_file(self, r: FileRecord) -> None:
         """The record in the database; its fingerprint, if any (this copy's disk holds it), to `installs`."""
@@ -176,29 +286,53 @@ class PostgresTransaction:
         return self.stored()[1]
 
     def store(self, digest: str | None, source: bytes | int) -> str:
+        """Content of one part (nearly every file) is queued as one insert that keeps what is stored
+        under its hash already: no round trip of its own. Larger content is looked up first."""
         if isinstance(source, bytes):
             got = xxhash.xxh3_128_hexdigest(source)
             if digest is not None and got != digest:
                 raise _changed(digest)
-            if not self._stored(got):
+            if len(source) <= PART:
+                self._put_content(got, source)
+            elif not self._stored(got):
                 self._insert(got, _slices(source), None)
             return got
+        if digest is not None and os.fstat(source).st_size > PART and self._stored(digest):
+            return digest
+        parts = _read_parts(source)
+        first = next(parts, b"")
+        second = next(parts, None)
+        if second is None:  # one part, read whole
+            got = xxhash.xxh3_128_hexdigest(first)
+            if digest is not None and got != digest:
+                raise _changed(digest)
+            self._put_content(got, first)
+            return got
+        rest = itertools.chain((first, second), parts)
         if digest is None:  # read once, stored while hashed (statements keep flowing), then named by its hash
             provisional = f"provisional {uuid.uuid4()}"
-            got = self._insert(provisional, _read_parts(source), None)
+            got = self._insert(provisional, rest, None)
             if self._stored(got):
                 self.drop(provisional)
             else:
                 for table in ("cv_content_parts", "cv_contents"):
-                    self._c.execute(
+                    self.queue(
                         f"UPDATE {table} SET hash = %s WHERE volume = %s AND hash = %s", (got, self._v, provisional)
                     )
             return got
-        if self._stored(digest):
-            return digest
-        if self._insert(digest, _read_parts(source), digest) != digest:
+        if self._insert(digest, rest, digest) != digest:
             raise _changed(digest)
         return digest
+
+    def _put_content(self, digest: str, data: bytes) -> None:
+        """Queue the content `data` (one part) under `digest`, unless it is stored already."""
+        self._do(
+            "INSERT INTO cv_contents (volume, hash, size, data) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (volume, hash) DO NOTHING",
+            digest,
+            len(data),
+            data,
+        )
 
     def _stored(self, digest: str) -> bool:
         return self._one("SELECT 1 FROM cv_contents WHERE volume = %s AND hash = %s", digest) is not None
@@ -331,9 +465,22 @@ class PostgresTransaction:
         )
         return [(p, int(seen), int(current)) for p, seen, current in rows]
 
+    def now(self) -> float:
+        """The database server's clock, read once per transaction (with the first `grant` that
+        finds one, else by a statement of its own)."""
+        if self._now is None:
+            row = self.run(f"SELECT {_CLOCK}").fetchone()
+            assert row is not None
+            self._now = float(row[0])
+        return self._now
+
     def grant(self, path: str) -> Grant | None:
-        row = self._one(f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s AND path = %s", path)
-        return None if row is None else _grant(row)
+        row = self._one(f"SELECT {_GRANT_COLS}, {_CLOCK} FROM cv_grants WHERE volume = %s AND path = %s", path)
+        if row is None:
+            return None
+        if self._now is None:  # a grant's decision needs the clock: read with it, no round trip of its own
+            self._now = float(row[-1])
+        return _grant(row[:-1])
 
     def grants(self) -> list[Grant]:
         return [_grant(r) for r in self._all(f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s ORDER BY path")]
@@ -493,25 +640,29 @@ class PostgresTransaction:
         return [AgentSummary(a, int(n), int(s or 0), last) for a, n, s, last in rows]
 
 
-def _file_and_view(
-    conn: psycopg.Connection[Any], volume: uuid.UUID, path: str, agent: str, pending: bool = False
-) -> tuple[FileRecord | None, int | None]:
-    """One statement: a file's record and an agent's view of it. With `pending`, a path whose
-    commit is decided but not finished (an intent: its writer is installing it, or died first)
-    has a record without hash, so no content is paired with it: a tracked read takes the locked
-    path, which waits for that commit or recovers it, and so never returns the version before."""
-    row = conn.execute(
+def _file_and_view_query(volume: uuid.UUID, path: str, agent: str, pending: bool) -> tuple[str, tuple[Any, ...]]:
+    """One statement: a file's record and an agent's view of it (`_file_and_view_row` reads its
+    row). With `pending` (`peek`), a path whose change is decided but not yet recorded (an intent
+    past its record's version: a deletion, creation or rename whose writer is changing the disk,
+    or died first) has a record without hash, so no content is paired with it: a tracked read takes
+    the locked path, which waits for that change or recovers it, and so never returns the version
+    before. (A commit of content is recorded with its intent: its record is the new version.)"""
+    sql = (
         f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}, v.version, "
         + (
-            "EXISTS (SELECT 1 FROM cv_intents i WHERE i.volume = k.volume AND i.path = k.path) "
+            "EXISTS (SELECT 1 FROM cv_intents i WHERE i.volume = k.volume AND i.path = k.path "
+            "AND i.version > coalesce(f.version, 0)) "
             if pending
             else "false "
         )
         + 'FROM (SELECT %s::uuid AS volume, %s::text COLLATE "C" AS path) k '
         "LEFT JOIN cv_files f ON f.volume = k.volume AND f.path = k.path "
-        "LEFT JOIN cv_views v ON v.volume = k.volume AND v.path = k.path AND v.agent = %s",
-        (volume, path, agent),
-    ).fetchone()
+        "LEFT JOIN cv_views v ON v.volume = k.volume AND v.path = k.path AND v.agent = %s"
+    )
+    return sql, (volume, path, agent)
+
+
+def _file_and_view_row(row: tuple[Any, ...] | None) -> tuple[FileRecord | None, int | None]:
     assert row is not None
     record = None if row[0] is None else _record(row[:-2])
     if record is not None and row[-1]:

@@ -16,6 +16,9 @@ Invariants:
 - the replica's id (`cv_replicas` in the registry) is recorded here once with the identity
   (st_dev, st_ino) of the directory it was made in: a copy of the directory (`cp -a`, a restored
   backup) carries the id along but not the identity, and is refused (`identity_problem`);
+- `reported` is the version of the path the registry was last told this copy holds
+  (`cv_replica_holds`, see pg_hosts); a row whose `reported` is not its `version` is a pending
+  report, sent under `locked()` with the next one (`unreported`, `reported`);
 - a forked child opens its own connection; inode numbers >= 2**63 are stored wrapped to signed.
 """
 
@@ -41,12 +44,31 @@ _INO_RANGE = 2**64
 _DDL = (
     "CREATE TABLE IF NOT EXISTS replica_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS replica_files (path TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT, "
-    "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, checked_ns INTEGER NOT NULL)",
+    "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, checked_ns INTEGER NOT NULL, reported INTEGER)",
 )
+_UNREPORTED = "CREATE INDEX IF NOT EXISTS replica_unreported ON replica_files (path) WHERE reported IS NOT version"
+
+
+INSTALLED_MODE = 0o644
+"""The mode of a file new to a working copy (and, with search bits, of directories made for it),
+less the installing process's umask: the registry keeps no modes, and a mount daemon runs with
+umask 0, so nothing installed is ever group- or world-writable."""
 
 
 _INHERITED: list[sqlite3.Connection] = []
 """Connections a forked child inherited: kept, never closed (closing one could end its parent's locks)."""
+
+
+def _add_reported(conn: sqlite3.Connection) -> None:
+    """Give a replica.db made before reports (no `reported` column) the column: every row pending."""
+    if any(row[1] == "reported" for row in conn.execute("PRAGMA table_info(replica_files)")):
+        return
+    try:
+        conn.execute("ALTER TABLE replica_files ADD COLUMN reported INTEGER")
+    except sqlite3.OperationalError as e:
+        # "duplicate column": another process added it meanwhile
+        if "duplicate column" not in str(e):
+            raise
 
 
 def _ino_to_sql(ino: int) -> int:
@@ -75,6 +97,8 @@ class Replica:
             conn.execute("PRAGMA synchronous = NORMAL")
             for statement in _DDL:
                 conn.execute(statement)
+            _add_reported(conn)
+            conn.execute(_UNREPORTED)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -92,9 +116,12 @@ class Replica:
 
     def registered(self, replica_id: uuid.UUID, joined: bool) -> None:
         """Record the id this copy was registered under, whether it joined an existing volume, and
-        the identity of the directory it was registered in."""
+        the identity of the directory it was registered in; nothing it holds is reported under
+        that id yet."""
         self.put_meta("joined", "1" if joined else "0")
         self.put_meta("directory", self.identity())
+        with self._mutex:
+            self._db().execute("UPDATE replica_files SET reported = NULL")
         self.put_meta("replica", str(replica_id))
 
     def identity(self) -> str:
@@ -149,10 +176,31 @@ class Replica:
         stat = (None, None, None, None) if fp is None else (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns)
         with self._mutex:
             self._db().execute(
-                "INSERT OR REPLACE INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET version = excluded.version, "
+                "hash = excluded.hash, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "ctime_ns = excluded.ctime_ns, checked_ns = excluded.checked_ns",
                 (path, held.version, held.hash, *stat, held.checked_ns),
             )
+
+    def unreported(self) -> list[tuple[str, int]]:
+        """(path, version) of every version this copy holds that the registry was not told yet."""
+        with self._mutex:
+            rows = self._db().execute("SELECT path, version FROM replica_files WHERE reported IS NOT version")
+            return [(str(path), int(version)) for path, version in rows]
+
+    def reported(self, holds: list[tuple[str, int]]) -> None:
+        """Record that the registry now knows this copy holds `holds` ((path, version) each); a
+        path whose version changed since stays pending."""
+        with self._mutex:
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                db.executemany("UPDATE replica_files SET reported = version WHERE path = ? AND version = ?", holds)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     @contextmanager
     def locked(self, timeout: float, started: float) -> Iterator[None]:
@@ -181,7 +229,7 @@ class Replica:
             except FileNotFoundError:
                 pass
         else:
-            staged = atomic.stage(target, data)
+            staged = atomic.stage(target, data, INSTALLED_MODE)
             try:
                 staged.install()
             finally:

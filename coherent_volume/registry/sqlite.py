@@ -196,6 +196,13 @@ class SQLiteTransaction:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
+        self._now: float | None = None
+
+    def now(self) -> float:
+        """This host's clock (every process sharing an SQLite registry runs on this host)."""
+        if self._now is None:
+            self._now = time.time()
+        return self._now
 
     def file(self, path: str) -> FileRecord | None:
         row = self._c.execute(f"SELECT {_FILE_COLS} FROM files WHERE path = ?", (path,)).fetchone()
@@ -209,6 +216,24 @@ class SQLiteTransaction:
         if row is None:
             return None, self.view(agent, path)
         return _record(row[:-1]), row[-1]
+
+    def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
+        row = self._c.execute(
+            f"SELECT {', '.join('f.' + c for c in _FILE_COLS.split(', '))}, "
+            "(SELECT version FROM views WHERE agent = ? AND path = k.path), "
+            f"{', '.join('g.' + c for c in _GRANT_COLS.split(', '))}, "
+            "EXISTS (SELECT 1 FROM fences WHERE agent = ? AND path = k.path) "
+            "FROM (SELECT ? AS path) k LEFT JOIN files f ON f.path = k.path LEFT JOIN grants g ON g.path = k.path",
+            (agent, agent, path),
+        ).fetchone()
+        files, grants = len(_FILE_COLS.split(", ")), len(_GRANT_COLS.split(", "))
+        held = row[files + 1 : files + 1 + grants]
+        return (
+            None if row[0] is None else _record(row[:files]),
+            row[files],
+            None if held[0] is None else _grant(held),
+            bool(row[-1]),
+        )
 
     def put_version(self, v: Version) -> None:
         self._c.execute(

@@ -10,6 +10,11 @@ the total over the processes. Rounds alternate the subjects and the median round
 drift of this shared machine hits every subject alike; the ratio column is against SQLite with
 the same writers, in the same round.
 
+Before the table, the round trips of one commit and of one tracked read of an unchanged file on
+PostgreSQL, counted exactly by a proxy (`Turns`: a round trip is the client speaking after the
+server answered, on one connection), and the write transactions one commit makes (each flushes
+the WAL once at its COMMIT), counted in `cv_commits`.
+
     .venv/bin/python scripts/bench_registry.py [--rounds 3] [--seconds 3]
     .venv/bin/python scripts/bench_registry.py --quick      (1 round, 0.5 s, 1 and 4 writers, 1 ms only)
 """
@@ -19,11 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +44,102 @@ SIZE = 4096
 class Subject:
     name: str
     root: str
+
+
+class Turns:
+    """A TCP proxy to `port` on 127.0.0.1 that counts round trips: on each connection, every time
+    the client sends after the server has sent (or first) is one. Bytes pass unchanged; a client
+    that sends several statements before it waits (a pipeline) makes one."""
+
+    def __init__(self, port: int) -> None:
+        self.count = 0
+        self._upstream = port
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            last: list[str] = [""]
+            threading.Thread(target=self._pump, args=(client, upstream, last, "client"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, last, "server"), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, last: list[str], side: str) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            with self._lock:  # the server answers only what reached it: this order is the wire's
+                if side == "client" and last[0] != "client":
+                    self.count += 1
+                last[0] = side
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+
+
+@contextlib.contextmanager
+def turns(port: int) -> Iterator[Turns]:
+    proxy = Turns(port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@dataclass(frozen=True)
+class Counted:
+    """Round trips of one commit and of one tracked read of an unchanged file, and the write
+    transactions of one commit (each flushes the WAL once, at its COMMIT)."""
+
+    commit: float
+    read: float
+    transactions: float
+
+
+def count(turns: Turns, committed: Callable[[], int], root: str, ops: int = 10) -> Counted:
+    """Counted per operation over `ops` whole-file writes (then tracked reads) of one agent on the
+    volume at `root`, whose registry is reached through `turns`; `committed()` counts the
+    database's write transactions. Warmed up first: connections made, statements prepared."""
+    from coherent_volume import CoherentVolume
+
+    path = "plans/counted.md"
+    with CoherentVolume(root, agent="counter") as vol:
+        for n in range(8):  # psycopg prepares a statement at its 5th run, with a round trip of its own
+            vol.write(path, n.to_bytes(8, "big") * (SIZE // 8))
+            vol.read(path)
+            vol.read(path)
+        turns_before, tx_before = turns.count, committed()
+        for n in range(ops):
+            vol.write(path, (n + 100).to_bytes(8, "big") * (SIZE // 8))
+        commit, transactions = (turns.count - turns_before) / ops, (committed() - tx_before) / ops
+        vol.read(path)  # the first read after a commit may complete what the commit left (its intent)
+        turns_before = turns.count
+        for _ in range(ops):
+            vol.read(path)
+        read = (turns.count - turns_before) / ops
+    return Counted(commit, read, transactions)
 
 
 def _init(root: str, registry: str | None, volume: str) -> None:
@@ -113,6 +217,11 @@ def main() -> None:
             subjects = [Subject("SQLite", str(base / "sqlite")), Subject("PostgreSQL loopback", str(base / "pg"))]
             _init(subjects[0].root, None, "")
             _init(subjects[1].root, pg.url(), "loopback")
+            counter = stack.enter_context(turns(pg.port))
+            _init(str(base / "counted"), f"postgresql://cv@127.0.0.1:{counter.port}/cv", "counted")
+            counted = count(
+                counter, lambda: int(pg.sql("SELECT count(*) FROM cv_commits", db="cv")), str(base / "counted")
+            )
             for rtt in rtts_ms:
                 proxy = stack.enter_context(delay_proxy(("127.0.0.1", pg.port), rtt / 2))
                 s = Subject(f"PostgreSQL +{rtt:g} ms RTT", str(base / f"pg-{rtt:g}ms"))
@@ -125,9 +234,16 @@ def main() -> None:
                     for s in order:
                         results.setdefault((s.name, n), []).append(measure(s, n, seconds))
                 print(f"round {r + 1} of {rounds} done", file=sys.stderr)
+        report_counted(counted)
         report(subjects, writer_counts, results, rounds, seconds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def report_counted(counted: Counted) -> None:
+    print("PostgreSQL round trips (counted on the wire), per operation of one agent:")
+    print(f"  commit of a 4 KiB file: {counted.commit:g} round trip(s), {counted.transactions:g} write transaction(s)")
+    print(f"  tracked read of an unchanged file: {counted.read:g} round trip(s)")
 
 
 def report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sqlite3
 import subprocess
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import xxhash
 
 from coherent_volume import CoherentVolume
+from coherent_volume.globs import STAGED
 
 from . import CLI, payload
 from .history import Producer, Read, StoreAudit, StoredVersion
@@ -179,7 +181,10 @@ def audit_store(root: Path, paths: list[str]) -> StoreAudit:
             audit.disk[path] = None
     named = {row.hash for rows in audit.versions.values() for row in rows.values()}
     named |= {digest for (digest,) in sql(root, "SELECT hash FROM intents")}
-    audit.temp_files = sum(1 for f in (root / ".coherent").rglob("*") if f.name.startswith(".tmp-"))
+    pending = {os.path.basename(tmp) for (tmp,) in sql(root, "SELECT tmp FROM intents WHERE tmp IS NOT NULL")}
+    audit.temp_files = sum(
+        1 for f in root.rglob("*") if STAGED.search(f.name) and f.name not in pending and f.is_file()
+    )
     audit.unnamed_objects = sum(digest not in named for (digest,) in sql(root, "SELECT hash FROM contents")) + len(
         sql(root, "SELECT DISTINCT hash FROM content_parts WHERE hash NOT IN (SELECT hash FROM contents)")
     )

@@ -1,0 +1,137 @@
+"""The working copies of a PostgreSQL volume as the registry knows them: what each copy reports
+about itself (the versions it holds, when it was last seen), and how far behind each one is
+(`coherent-volume status ROOT --hosts`).
+
+Invariants:
+- a copy reports that it holds a version only once its disk does (its Replica recorded it), and
+  only under its working copy's lock (`Replica.locked`, at the commit lock's release), so reports
+  reach the registry in the order the copy changed; a report that fails stays pending in the
+  Replica and goes with the next one. A copy never reports for another;
+- reports ride on a round trip the copy makes anyway (the commit lock's unlock, in one pipeline:
+  `PostgresRegistry._report`); only `last_seen` of a process that holds no commit lock (it only
+  registers views) takes one of its own, at most every SEEN_EVERY seconds. A report's commit does
+  not wait for a WAL flush (synchronous_commit off for it): a report lost by a crash of the server
+  makes the copy look behind on those paths (until it next installs them), never current;
+- "behind" is read in one statement: a path is behind in a copy when the copy's reported version
+  is not the current one, except a deleted path the copy never held; `last_seen` and ages are on
+  the database's clock, commit times on the committing host's (`time.time()` there).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .replica import Replica
+
+if TYPE_CHECKING:
+    import psycopg
+
+SEEN_EVERY = 10.0
+"""Seconds between two bumps of a copy's last_seen by one process (opening the volume bumps it too)."""
+
+_ASYNC = "SELECT set_config('synchronous_commit', 'off', true)"
+_SEEN = "UPDATE cv_replicas SET last_seen = now() WHERE id = %s AND volume = %s"
+_HOLDS = (
+    "WITH held AS (INSERT INTO cv_replica_holds (volume, replica, path, version) "
+    "SELECT %s, %s, h.path, h.version FROM unnest(%s::text[], %s::bigint[]) AS h(path, version) "
+    "ON CONFLICT (volume, replica, path) DO UPDATE SET version = EXCLUDED.version) " + _SEEN
+)
+_COPIES = """
+SELECT r.id, r.hostname, r.root, r.boot_id, extract(epoch FROM r.last_seen)::float8,
+       extract(epoch FROM now() - r.last_seen)::float8, count(b.path), min(b.since),
+       extract(epoch FROM now())::float8 - min(b.since)
+FROM cv_replicas r
+LEFT JOIN LATERAL (
+    SELECT f.path, (SELECT min(v.at) FROM cv_versions v WHERE v.volume = f.volume AND v.path = f.path
+                    AND v.version > coalesce(h.version, 0)) AS since
+    FROM cv_files f
+    LEFT JOIN cv_replica_holds h ON h.volume = f.volume AND h.replica = r.id AND h.path = f.path
+    WHERE f.volume = r.volume AND h.version IS DISTINCT FROM f.version AND (f.present OR h.version IS NOT NULL)
+) b ON true
+WHERE r.volume = %s
+GROUP BY r.id
+ORDER BY r.hostname, r.root, r.id
+"""
+
+
+@dataclass(frozen=True)
+class WorkingCopy:
+    """One working copy of a volume, as the registry knows it."""
+
+    replica: str | None
+    """Its id in the registry (`cv_replicas`); None for the one working copy of a SQLite volume."""
+    hostname: str
+    root: str
+    boot_id: str
+    """The boot of the kernel serving it (/proc/sys/kernel/random/boot_id)."""
+    this: bool
+    """Whether it is the root that asked."""
+    last_seen: float
+    """When a process of it last opened the volume or reported (epoch seconds, the database's clock)."""
+    seen_ago: float
+    """Seconds since `last_seen`, on the database's clock."""
+    behind: int
+    """Managed paths whose current version this copy did not report it holds."""
+    behind_since: float | None
+    """The commit time of the oldest version it lacks (epoch seconds, the committing host's
+    clock); None when it lacks none."""
+    behind_for: float | None
+    """Seconds from `behind_since` to the database's now."""
+
+
+def working_copies(conn: psycopg.Connection[Any], volume: uuid.UUID, this: uuid.UUID | None) -> list[WorkingCopy]:
+    """Every working copy of `volume` (one statement); `this`: the asking copy's id."""
+    return [
+        WorkingCopy(str(rid), host, root, boot, rid == this, seen, ago, int(behind), since, age)
+        for rid, host, root, boot, seen, ago, behind, since, age in conn.execute(_COPIES, (volume,)).fetchall()
+    ]
+
+
+class Reporter:
+    """What one process tells the registry about its working copy (see the module's invariants)."""
+
+    def __init__(self, replica: Replica, volume: uuid.UUID) -> None:
+        self._replica = replica
+        self._volume = volume
+        self._id = replica.recorded_id()
+        self._seen = time.monotonic()
+        """When this process last bumped last_seen (or tried to): opening the volume bumped it."""
+
+    def due(self) -> bool:
+        """Whether this process's bump of last_seen is due."""
+        return self._id is not None and time.monotonic() - self._seen >= SEEN_EVERY
+
+    def report(self, holdings: bool) -> Report | None:
+        """This copy's report, if it has one: with `holdings` (under the working copy's lock), the
+        versions it holds that the registry was not told, with last_seen; else last_seen if due."""
+        holds = self._replica.unreported() if holdings and self._id is not None else []
+        if not holds and not self.due():
+            return None
+        self._seen = time.monotonic()
+        return Report(holds)
+
+    def queue(self, conn: psycopg.Connection[Any], report: Report) -> None:
+        """The statements of `report` on `conn`, in the caller's pipeline: one round trip, in one
+        implicit transaction with the caller's statements before them."""
+        conn.execute(_ASYNC)
+        if report.holds:
+            paths, versions = [p for p, _ in report.holds], [v for _, v in report.holds]
+            conn.execute(_HOLDS, (self._volume, self._id, paths, versions, self._id, self._volume))
+        else:
+            conn.execute(_SEEN, (self._id, self._volume))
+
+    def sent(self, report: Report) -> None:
+        """`report`'s pipeline succeeded: the registry knows what it holds."""
+        if report.holds:
+            self._replica.reported(report.holds)
+
+
+@dataclass(frozen=True)
+class Report:
+    """One report of a working copy: the versions it holds that the registry was not told
+    ((path, version) each; none: last_seen alone)."""
+
+    holds: list[tuple[str, int]]

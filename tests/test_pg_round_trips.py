@@ -1,0 +1,211 @@
+"""Round trips of the PostgreSQL registry, counted on the wire (`bench_registry.Turns`): a commit and a
+tracked read of an unchanged file with the core as it is; a write transaction's queued writes, sent
+with its next read or its COMMIT, fail as a write sent alone would (a constraint violation, a
+connection killed in the middle of the pipeline, a lost COMMIT reply); `write_state` answers what the
+four reads it stands for answer, on both backends."""
+
+from __future__ import annotations
+
+import errno
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from coherent_volume.core import open_core
+from coherent_volume.errors import RegistryError
+from coherent_volume.liveness import ProcessId
+from coherent_volume.protocol import FileRecord, Grant
+from coherent_volume.registry import Transaction, pg_registry, postgresql
+
+from .harness.bench_registry import Counted, count, turns
+from .test_registry_postgresql import CommitProxy, _pg_volume, _q
+
+COMMIT_ROUND_TRIPS = 5
+"""A whole-file write following another, with the core as it is (no unlocked guess `_doomed` in a
+working copy): the commit lock (the advisory lock and the serial: 1), the write transaction's BEGIN + serial bump +
+commit id + recovery's read of the intents (1; the previous commit's intent, installed, is dropped
+with a queued write), the decision's read of the file, view, grant and fence (`write_state`: 1), its
+writes (intent, content, file, version, view, log) with COMMIT (1), the lock's release (1). The one
+WAL flush is that COMMIT's."""
+READ_ROUND_TRIPS = 1
+"""A tracked read of an unchanged file whose view is current: `peek`."""
+
+
+def _registry(root: Path) -> postgresql.PostgresRegistry:
+    registry = open_core(root).registry
+    assert isinstance(registry, postgresql.PostgresRegistry)
+    return registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path, pg_url: str) -> Iterator[postgresql.PostgresRegistry]:
+    r = _registry(_pg_volume(tmp_path / "vol", pg_url))
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_commit_and_a_tracked_read_make_the_round_trips_counted_on_the_wire(
+    tmp_path: Path, pg_cluster: Any, pg_url: str
+) -> None:
+    db = pg_url.rsplit("/", 1)[1]
+    with turns(pg_cluster.port) as counter:
+        root = _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}")
+        counted = count(counter, lambda: int(_q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]), str(root))
+    assert counted == Counted(commit=COMMIT_ROUND_TRIPS, read=READ_ROUND_TRIPS, transactions=1)
+
+
+def test_queued_writes_go_with_the_next_read_and_a_read_sees_them(
+    registry: postgresql.PostgresRegistry, pg_cluster: Any, pg_url: str
+) -> None:
+    def fn(tx: Transaction) -> str | None:
+        tx.put_meta("a", "1")
+        tx.put_meta("b", "2")
+        return tx.meta("b")
+
+    assert registry.transact(fn) == "2"
+    assert _q(pg_url, "SELECT key, value FROM cv_meta WHERE key IN ('a', 'b') ORDER BY key") == [("a", "1"), ("b", "2")]
+
+
+@pytest.mark.parametrize("surfaces_at", ["the next read", "the COMMIT"])
+def test_a_queued_write_that_violates_a_constraint_fails_the_transaction_and_writes_nothing(
+    registry: postgresql.PostgresRegistry, pg_url: str, surfaces_at: str
+) -> None:
+    def fn(tx: Any) -> None:
+        tx.put_meta("before", "1")
+        tx.queue("INSERT INTO cv_meta (volume, key, value) VALUES (%s, 'null', NULL)", (registry.volume_id,))
+        tx.put_meta("after", "1")
+        if surfaces_at == "the next read":
+            tx.meta("before")
+            raise AssertionError("the read returned after a failed queued write")
+
+    with pytest.raises(RegistryError, match='null value in column "value"'):
+        registry.transact(fn)
+    assert _q(pg_url, "SELECT count(*) FROM cv_meta WHERE key IN ('before', 'null', 'after')") == [(0,)]
+    registry.transact(lambda tx: tx.put_meta("next", "1"))  # the connection is usable again
+    assert _q(pg_url, "SELECT value FROM cv_meta WHERE key = 'next'") == [("1",)]
+
+
+def test_a_connection_killed_in_the_middle_of_a_pipeline_runs_the_transaction_again_once(
+    registry: postgresql.PostgresRegistry, pg_url: str
+) -> None:
+    runs = []
+    commits = _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]
+
+    def fn(tx: Any) -> None:
+        runs.append(1)
+        tx.put_meta("one", str(len(runs)))
+        if len(runs) == 1:  # the server ends this session between two queued writes, before COMMIT
+            tx.queue("SELECT pg_terminate_backend(pg_backend_pid())")
+        tx.put_meta("two", str(len(runs)))
+
+    registry.transact(fn)
+    assert len(runs) == 2
+    assert _q(pg_url, "SELECT key, value FROM cv_meta WHERE key IN ('one', 'two') ORDER BY key") == [
+        ("one", "2"),
+        ("two", "2"),
+    ]
+    assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] == commits + 1
+
+
+@pytest.fixture
+def proxied(tmp_path: Path, pg_cluster: Any, pg_url: str) -> Iterator[tuple[postgresql.PostgresRegistry, CommitProxy]]:
+    proxy = CommitProxy(pg_cluster.port)
+    db = pg_url.rsplit("/", 1)[1]
+    registry = _registry(_pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{proxy.port}/{db}"))
+    try:
+        yield registry, proxy
+    finally:
+        registry.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("lost", ["reply", "commit"])
+def test_a_lost_commit_or_reply_with_queued_writes_is_resolved_by_the_commit_id(
+    proxied: tuple[postgresql.PostgresRegistry, CommitProxy], pg_url: str, lost: str
+) -> None:
+    registry, proxy = proxied
+    registry.transact(lambda tx: tx.put_meta("warm", "1"))  # a connection is open through the proxy
+    runs = []
+
+    def fn(tx: Transaction) -> int:
+        runs.append(1)
+        for key in ("x", "y", "z"):  # no read: BEGIN, the serial bump, the writes and COMMIT in one pipeline
+            tx.put_meta(key, str(len(runs)))
+        return len(runs)
+
+    commits = _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]
+    proxy.armed = lost
+    assert registry.transact(fn) == len(runs)
+    assert proxy.dropped == [lost]
+    assert len(runs) == (1 if lost == "reply" else 2)  # landed: reported once, never run again
+    run = str(len(runs))
+    assert _q(pg_url, "SELECT key, value FROM cv_meta WHERE key IN ('x', 'y', 'z') ORDER BY key") == [
+        ("x", run),
+        ("y", run),
+        ("z", run),
+    ]
+    assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] == commits + 1
+
+
+def test_the_commit_locks_wait_runs_out_with_the_holder_named_and_nothing_written(
+    registry: postgresql.PostgresRegistry, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.3)
+    key = int.from_bytes(registry.volume_id.bytes[:4], "big", signed=True)
+    with psycopg.connect(pg_url, autocommit=True, application_name="the holder") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (pg_registry.LOCK_CLASS, key))
+        with pytest.raises(RegistryError) as busy, registry.commit_lock():
+            pass
+    assert busy.value.errno == errno.EBUSY and "held by the holder (PostgreSQL backend" in str(busy.value)
+    with registry.commit_lock():  # the holder's session ended: free
+        registry.transact(lambda tx: tx.put_meta("after", "1"))
+    assert _q(pg_url, "SELECT value FROM cv_meta WHERE key = 'after'") == [("1",)]
+
+
+# ---- write_state, on both backends ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    root = tmp_path / "vol"
+    if request.param == "sqlite":
+        root.mkdir()
+        registry = open_core(root, ["plans/**"]).registry
+    else:
+        registry = _registry(_pg_volume(root, request.getfixturevalue("pg_url")))
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def test_write_state_answers_what_file_view_grant_and_fenced_answer(backend: Any) -> None:
+    owner = ProcessId("host", 42, 7)
+
+    def states(tx: Transaction) -> list[tuple[Any, ...]]:
+        asked = [("plans/a.md", "alice"), ("plans/a.md", "bob"), ("plans/none.md", "alice")]
+        return [(tx.write_state(p, a), (tx.file(p), tx.view(a, p), tx.grant(p), tx.fenced(a, p))) for p, a in asked]
+
+    def setup(tx: Transaction) -> None:
+        tx.put_file(FileRecord("plans/a.md", 3, True, "h3", None, "alice", 1.5, 0))
+        tx.put_view("alice", "plans/a.md", 2, 1.0)
+        tx.put_grant(Grant("plans/a.md", "alice", uuid.uuid4().hex, owner, 99.0, True))
+        tx.put_fence("bob", "plans/a.md", 2.0)
+
+    backend.transact(setup)
+    answers = backend.transact(states)  # in a write transaction, after its queued writes too
+    for combined, separate in answers:
+        assert combined == separate
+    alice, bob, none = (combined for combined, _ in answers)
+    assert alice[0] is not None and alice[0].version == 3 and alice[1:3] == (2, alice[2]) and not alice[3]
+    assert alice[2] is not None and alice[2].owner == owner
+    assert bob[1] is None and bob[3] is True
+    assert none == (None, None, None, False)
+    with backend.read() as tx:
+        assert [tx.write_state("plans/a.md", a) for a in ("alice", "bob")] == [alice, bob]

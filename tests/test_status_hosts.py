@@ -1,0 +1,225 @@
+"""`coherent-volume status ROOT --hosts`: every working copy of a volume, how far behind it is and
+when it was last seen.
+
+Real parts: three namespace hosts sharing a PostgreSQL volume (as tests/test_multihost.py), agents
+started in the hosts, the CLI run in a host; a private PostgreSQL for the reporting rules (a report
+refused by the server, a view-only process); the CLI on a SQLite volume.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coherent_volume import CoherentVolume
+
+from .harness import CLI
+from .harness.hostbed import BedVolume, Hosts, init, needs_bed, sql, three_hosts
+
+COPY_FIELDS = {
+    "replica",
+    "hostname",
+    "root",
+    "boot_id",
+    "this",
+    "last_seen",
+    "seen_ago",
+    "behind",
+    "behind_since",
+    "behind_for",
+}
+
+
+# ---- the bed: three hosts, one PostgreSQL, one volume with a working copy on each host ------------
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[Hosts]:
+    yield from three_hosts()
+
+
+class Volume(BedVolume):
+    """A BedVolume, with `coherent-volume status --hosts` run in its hosts."""
+
+    def status(self, n: int, *options: str) -> subprocess.CompletedProcess[str]:
+        """`coherent-volume status ROOT --hosts OPTIONS` run in host hN on its root."""
+        done: subprocess.CompletedProcess[str] = self.hosts[n - 1].run(
+            [CLI, "status", str(self.roots[n - 1]), "--hosts", *options], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def copies(self, n: int) -> dict[str, dict[str, Any]]:
+        """`status --hosts --json` in host hN: its working copies by host name."""
+        data = json.loads(self.status(n, "--json").stdout)
+        assert set(data) == {"root", "registry", "copies"}
+        assert data["root"] == str(self.roots[n - 1]) and "PostgreSQL registry" in data["registry"]
+        for copy in data["copies"]:
+            assert set(copy) == COPY_FIELDS
+        return {c["hostname"]: c for c in data["copies"]}
+
+
+@pytest.fixture
+def volume(hosts: Hosts, tmp_path: Path) -> Iterator[Volume]:
+    with Volume(hosts, tmp_path) as v:
+        yield v
+
+
+def _committed_at(volume: Volume, path: str, version: int) -> float:
+    [(at,)] = volume.sql("SELECT at FROM cv_versions WHERE path = %s AND version = %s", (path, version))
+    return float(at)
+
+
+@needs_bed
+def test_status_hosts_shows_how_far_behind_each_working_copy_is_and_when_it_was_last_seen(volume: Volume) -> None:
+    alice = volume.agent(1, "alice")
+    for name in ("a", "b", "c"):
+        assert alice.do("write", f"plans/{name}.md", f"{name}\n")["version"] == 1
+    carol = volume.agent(3, "carol")
+    assert carol.do("read", "plans/a.md")["data"] == "a\n"
+    carol.close()  # h3 runs no process of the volume any more
+
+    copies = volume.copies(1)
+    assert sorted(copies) == ["h1", "h2", "h3"]
+    h1, h2, h3 = copies["h1"], copies["h2"], copies["h3"]
+    assert [h1["behind"], h2["behind"], h3["behind"]] == [0, 3, 2]
+    assert [h1["this"], h2["this"], h3["this"]] == [True, False, False]
+    assert [c["root"] for c in (h1, h2, h3)] == [str(r) for r in volume.roots]
+    replicas = dict(volume.sql("SELECT hostname, id::text FROM cv_replicas"))
+    assert {c["hostname"]: c["replica"] for c in (h1, h2, h3)} == replicas
+    assert h1["behind_since"] is None and h1["behind_for"] is None
+    # the oldest commit each copy lacks: h2 never had a.md, h3 read a.md and lacks b.md
+    assert h2["behind_since"] == _committed_at(volume, "plans/a.md", 1)
+    assert h3["behind_since"] == _committed_at(volume, "plans/b.md", 1)
+    assert h2["behind_for"] >= 0 and h3["behind_for"] >= 0
+    assert h1["seen_ago"] < h3["seen_ago"]  # status itself opened h1's copy: seen just now
+
+    # the stopped host stays listed, its last_seen unchanged, seen longer ago on the database's clock
+    time.sleep(1.1)
+    later = volume.copies(2)
+    assert later["h3"]["last_seen"] == h3["last_seen"]
+    assert later["h3"]["seen_ago"] >= h3["seen_ago"] + 1
+    assert later["h2"]["this"] and not later["h1"]["this"]
+
+    table = volume.status(1).stdout
+    lines = {line.split()[0]: line for line in table.splitlines() if line.split()[:1] in (["h1"], ["h2"], ["h3"])}
+    assert f"{volume.roots[0]} (this one)" in lines["h1"] and "3 paths" in lines["h2"] and "2 paths" in lines["h3"]
+    assert "oldest missing commit" in lines["h2"] and "s ago" in lines["h3"]
+
+    # a working copy wiped while its host is stopped: still listed, further behind with each commit
+    assert volume.hosts[2].run(["rm", "-rf", str(volume.roots[2])]).returncode == 0
+    assert alice.do("write", "plans/a.md", "a, again\n")["version"] == 2
+    copies = volume.copies(1)
+    assert [copies[h]["behind"] for h in ("h1", "h2", "h3")] == [0, 3, 3]
+    assert copies["h3"]["behind_since"] == _committed_at(volume, "plans/b.md", 1)  # still the oldest it lacks
+
+    # a copy that catches up is current again, and seen now; its commit puts the others behind
+    bob = volume.agent(2, "bob")
+    for name in ("a", "b", "c"):
+        bob.do("read", f"plans/{name}.md")
+    assert bob.do("write", "plans/c.md", "c by bob\n")["version"] == 2
+    copies = volume.copies(1)
+    assert [copies[h]["behind"] for h in ("h1", "h2", "h3")] == [1, 0, 3]
+    assert copies["h2"]["seen_ago"] < 5
+    assert alice.do("read", "plans/c.md")["data"] == "c by bob\n"
+    assert volume.copies(1)["h1"]["behind"] == 0
+
+
+# ---- the reporting rules, on one host -------------------------------------------------------------------
+
+
+def _held(pg_url: str, root: Path) -> dict[str, int]:
+    rows = sql(
+        pg_url,
+        "SELECT h.path, h.version FROM cv_replica_holds h JOIN cv_replicas r ON r.id = h.replica WHERE r.root = %s",
+        (str(root),),
+    )
+    return dict(rows)
+
+
+def test_a_report_the_server_refuses_never_fails_the_commit_and_goes_with_the_next_one(
+    pg_url: str, tmp_path: Path
+) -> None:
+    root = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    vol = CoherentVolume(root, agent="alice")
+    try:
+        assert vol.write("plans/a.md", "one\n") == 1
+        assert _held(pg_url, root) == {"plans/a.md": 1}
+        sql(pg_url, "ALTER TABLE cv_replica_holds ADD CONSTRAINT refused CHECK (version < 0) NOT VALID")
+        assert vol.write("plans/a.md", "two\n") == 2  # its report is refused by the server
+        assert vol.write("plans/b.md", "bee\n") == 1
+        assert _held(pg_url, root) == {"plans/a.md": 1}  # behind as the registry knows it, never ahead
+        sql(pg_url, "ALTER TABLE cv_replica_holds DROP CONSTRAINT refused")
+        assert vol.write("plans/c.md", "sea\n") == 1
+        assert _held(pg_url, root) == {"plans/a.md": 2, "plans/b.md": 1, "plans/c.md": 1}
+    finally:
+        vol.close()
+
+
+def test_a_process_that_only_registers_views_bumps_last_seen_when_due(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coherent_volume.registry import pg_hosts
+
+    first = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    with CoherentVolume(first, agent="alice") as alice:
+        alice.write("plans/a.md", "one\n")
+    second = init(subprocess.run, tmp_path / "second", pg_url, create=False)
+    sql(pg_url, "UPDATE cv_replicas SET last_seen = now() - interval '1 hour' WHERE root = %s", (str(second),))
+    with CoherentVolume(second, agent="bob") as bob:  # opening bumps last_seen
+        [(opened,)] = sql(pg_url, "SELECT last_seen FROM cv_replicas WHERE root = %s", (str(second),))
+        monkeypatch.setattr(pg_hosts, "SEEN_EVERY", 0.0)
+        assert bob.read("plans/a.md") == b"one\n"  # a view registered: a write transaction, no commit lock
+        [(seen,)] = sql(pg_url, "SELECT last_seen FROM cv_replicas WHERE root = %s", (str(second),))
+        assert seen > opened
+        monkeypatch.setattr(pg_hosts, "SEEN_EVERY", 3600.0)
+        with CoherentVolume(first, agent="alice") as alice:
+            alice.write("plans/a.md", "two\n")
+        bob_other = CoherentVolume(second, agent="bob-2")
+        try:
+            assert bob_other.read("plans/a.md") == b"two\n"  # installed under the commit lock: reported
+        finally:
+            bob_other.close()
+        [(reported,)] = sql(pg_url, "SELECT last_seen FROM cv_replicas WHERE root = %s", (str(second),))
+        assert reported > seen
+        [(unchanged,)] = sql(pg_url, "SELECT last_seen FROM cv_replicas WHERE root = %s", (str(second),))
+        assert bob.read("plans/a.md") == b"two\n"  # a view only, and not due: nothing sent
+        assert sql(pg_url, "SELECT last_seen FROM cv_replicas WHERE root = %s", (str(second),)) == [(unchanged,)]
+    assert _held(pg_url, second) == {"plans/a.md": 2}
+
+
+def test_a_working_copy_made_before_reports_reports_everything_it_holds(pg_url: str, tmp_path: Path) -> None:
+    root = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/a.md", "one\n")
+        alice.write("plans/b.md", "bee\n")
+    sql(pg_url, "DELETE FROM cv_replica_holds")
+    db = sqlite3.connect(root / ".coherent" / "replica.db")  # as the release before reports left it
+    db.execute("DROP INDEX replica_unreported")
+    db.execute("ALTER TABLE replica_files DROP COLUMN reported")
+    db.commit()
+    db.close()
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/c.md", "sea\n")
+    assert _held(pg_url, root) == {"plans/a.md": 1, "plans/b.md": 1, "plans/c.md": 1}
+
+
+def test_status_hosts_on_a_sqlite_volume_lists_its_one_working_copy(root: Path) -> None:
+    done = subprocess.run([CLI, "status", str(root), "--hosts", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["root"] == str(root) and "one working copy" in data["registry"]
+    [copy] = data["copies"]
+    assert set(copy) == COPY_FIELDS
+    assert (copy["root"], copy["this"], copy["behind"], copy["replica"]) == (str(root), True, 0, None)
+    table = subprocess.run([CLI, "status", str(root), "--hosts"], capture_output=True, text=True)
+    assert table.returncode == 0 and "SQLite, in the root: the volume has this one working copy" in table.stdout
+    both = subprocess.run([CLI, "status", str(root), "--hosts", "--all"], capture_output=True, text=True)
+    assert both.returncode == 2 and "give one of them" in both.stderr
