@@ -13,8 +13,10 @@ This module is the backend's face; each part and its invariants are in its own m
 - pg_location: the location a root records (registry.json; never a password);
 - pg_connections: settings, the pool, what a PostgreSQL error means (psycopg loaded only there);
 - pg_schema: migrations and the schema check;
-- pg_transaction: the SQL of each Transaction method, content in parts;
+- pg_transaction: the SQL of each Transaction method, content in parts, writes queued and sent
+  in one pipeline with the next read or the COMMIT;
 - pg_registry: the commit lock, write transactions with commit ids, fork safety;
+- pg_hosts: what each working copy reports it holds, and how far behind each one is;
 - pg_open: opening, creating and joining a volume.
 """
 
