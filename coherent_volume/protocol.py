@@ -188,12 +188,16 @@ def local_state(
     A working copy is a cache of the registry: a missing file is one not installed yet (or wiped),
     never a deletion; bytes this copy installed are the version it installed, current or behind;
     any other bytes were written on this host outside the volume (foreign), unless they are the
-    current version's own (an install whose record was lost)."""
+    current version's own (an install whose record was lost). A copy that holds a version newer
+    than the registry's current one (the registry went back: restored from an older backup) keeps
+    its bytes: they are recorded as a new version, never overwritten by an older one."""
     present = current is not None and current.present
     if fp is None:
         return Local.BEHIND if present else Local.SAME
     if present and disk_hash is not None and current is not None and disk_hash == current.hash:
         return Local.SAME
+    if installed is not None and installed.version > current_version(current):
+        return Local.FOREIGN  # a version the registry does not know: kept as a new one, never overwritten
     holds_installed = installed is not None and installed.hash is not None and disk_hash in (None, installed.hash)
     if not holds_installed:
         return Local.FOREIGN
@@ -207,10 +211,11 @@ def lost_install(installed: Installed | None, since: list[Version], disk_hash: s
     bytes are a version committed after the one it recorded (`since`: those versions): an install
     whose record was lost (its process killed between the rename and the record), so the copy is
     behind, not written outside the volume. None when they are no such version (a foreign change).
-    Bytes equal to a committed version's lose nothing if taken for it."""
+    Only a version whose bytes are retained is taken: bytes equal to it lose nothing if overwritten
+    (the caller logs it, as a program on the host may have written them)."""
     base = 0 if installed is None else installed.version
     for v in sorted(since, key=lambda v: -v.version):
-        if v.version > base and v.hash is not None and v.hash == disk_hash:
+        if v.version > base and v.retained and v.hash is not None and v.hash == disk_hash:
             return Installed(v.version, v.hash, None, 0)
     return None
 

@@ -22,7 +22,8 @@ from coherent_volume.protocol import FileRecord, Grant
 from coherent_volume.registry import Transaction, pg_registry, postgresql
 
 from .harness.bench_registry import Counted, count, turns
-from .test_registry_postgresql import CommitProxy, _pg_volume, _q
+from .harness.commitproxy import CommitProxy
+from .test_registry_postgresql import _pg_volume, _q
 
 COMMIT_ROUND_TRIPS = 5
 """A whole-file write following another, with the core as it is (no unlocked guess `_doomed` in a
@@ -115,7 +116,7 @@ def test_a_connection_killed_in_the_middle_of_a_pipeline_runs_the_transaction_ag
 
 @pytest.fixture
 def proxied(tmp_path: Path, pg_cluster: Any, pg_url: str) -> Iterator[tuple[postgresql.PostgresRegistry, CommitProxy]]:
-    proxy = CommitProxy(pg_cluster.port)
+    proxy = CommitProxy(("127.0.0.1", pg_cluster.port))
     db = pg_url.rsplit("/", 1)[1]
     registry = _registry(_pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{proxy.port}/{db}"))
     try:

@@ -13,6 +13,7 @@ from coherent_volume.protocol import (
     Grant,
     Installed,
     Intent,
+    Local,
     Version,
     WriteCheck,
     agent_name_problem,
@@ -22,6 +23,7 @@ from coherent_volume.protocol import (
     grant_over,
     handles_share,
     is_noop,
+    local_state,
     lost_install,
     may_replay,
     needs_hash,
@@ -147,6 +149,21 @@ def test_a_working_copy_holding_a_later_versions_bytes_lost_that_installs_record
     assert lost_install(installed, since, "v2") is None  # what it recorded: not this rule's
     assert lost_install(installed, since, "other") is None  # bytes of no version: written outside
     assert lost_install(None, since, "v3") == Installed(3, "v3", None, 0)
+
+
+def test_lost_install_takes_only_versions_whose_bytes_are_kept() -> None:
+    pruned = Version("p", 4, "commit", "a", 0.0, 2, "v4", (), False)
+    assert lost_install(Installed(2, "v2", None, 0), [pruned], "v4") is None  # its bytes would be gone: foreign
+
+
+def test_a_copy_ahead_of_the_registry_keeps_its_bytes() -> None:
+    """The registry went back (restored from an older backup): what the copy holds is recorded,
+    never overwritten by the older current version."""
+    current = rec(2)
+    ahead = Installed(4, "v4", FP, 10 + 10 * RACY_NS)
+    assert local_state(current, ahead, FP, None) is Local.FOREIGN
+    assert local_state(current, ahead, FP, "v4") is Local.FOREIGN
+    assert local_state(current, Installed(2, "h", FP, 10 + 10 * RACY_NS), FP, None) is Local.SAME
 
 
 def test_identical_bytes_are_no_new_version() -> None:

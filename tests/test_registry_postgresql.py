@@ -30,10 +30,12 @@ from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
+from coherent_volume.registry.pg_location import Location
 
 from . import test_volume
 from .conftest import run_py
 from .harness import CLI
+from .harness.commitproxy import CommitProxy
 from .test_transactions import _scenario
 
 R = TypeVar("R")
@@ -444,87 +446,9 @@ def test_a_database_restart_during_commits_loses_nothing(root: Path, pg_cluster:
 # ---- a lost COMMIT reply ------------------------------------------------------------------------------------
 
 
-class CommitProxy:
-    """A TCP proxy to PostgreSQL that, when armed, loses the next COMMIT's reply (`reply`: the server
-    commits, the client's connection drops before it hears so) or the COMMIT itself (`commit`: the
-    connection drops before the server gets it)."""
-
-    def __init__(self, port: int) -> None:
-        self.upstream = port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.armed: str | None = None
-        self.dropped: list[str] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            state = {"swallow": False}
-            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
-
-    @staticmethod
-    def _close(*socks: socket.socket) -> None:
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
-        while data := _recv(client):
-            if b"COMMIT\x00" in data:
-                with self._lock:
-                    mode, self.armed = self.armed, None
-                if mode == "commit":
-                    self.dropped.append(mode)
-                    self._close(client, upstream)
-                    return
-                if mode == "reply":
-                    self.dropped.append(mode)
-                    state["swallow"] = True
-            try:
-                upstream.sendall(data)
-            except OSError:
-                break
-        self._close(client, upstream)
-
-    def _down(self, upstream: socket.socket, client: socket.socket, state: dict[str, bool]) -> None:
-        while data := _recv(upstream):
-            if state["swallow"]:
-                break  # the server answered COMMIT: the client never hears it
-            try:
-                client.sendall(data)
-            except OSError:
-                break
-        self._close(client, upstream)
-
-    def close(self) -> None:
-        """Accept no connection any more (shutdown wakes the accepting thread; close alone would not)."""
-        try:
-            self.server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.server.close()
-
-
-def _recv(s: socket.socket) -> bytes:
-    try:
-        return s.recv(65536)
-    except OSError:
-        return b""
-
-
 @pytest.fixture
 def proxied(tmp_path: Path, pg_cluster: Any, pg_url: str) -> Iterator[tuple[Path, CommitProxy]]:
-    proxy = CommitProxy(pg_cluster.port)
+    proxy = CommitProxy(("127.0.0.1", pg_cluster.port))
     db = pg_url.rsplit("/", 1)[1]
     try:
         yield _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{proxy.port}/{db}"), proxy
@@ -872,3 +796,19 @@ def test_a_read_only_registry_still_answers_status_why_and_history(root: Path, p
         assert answer.returncode == 0, answer.stderr
         assert "alice" in answer.stdout and "the change is not recorded" in answer.stderr
     assert _q(pg_url, "SELECT count(*) FROM cv_versions") == [(1,)]
+
+
+def test_a_server_out_of_connection_slots_is_named_as_such_not_as_unreachable() -> None:
+    """The server answers, but refuses the connection for want of a slot: the error says so and
+    what to change (EBUSY), never "unreachable"."""
+    psycopg = pytest.importorskip("psycopg")
+    location = Location.of("postgresql://cv@db:5432/cv", "team")
+    full = psycopg.OperationalError(
+        "connection failed: FATAL:  remaining connection slots are reserved for non-replication superuser connections"
+    )
+    refused = pg_connections._unconnected(full, location)
+    assert refused.errno == errno.EBUSY
+    assert "every connection slot is taken" in str(refused) and "max_connections" in str(refused)
+    assert "unreachable" not in str(refused)
+    down = pg_connections._unconnected(psycopg.OperationalError("connection refused"), location)
+    assert down.errno == errno.EIO and "unreachable" in str(down)

@@ -356,10 +356,22 @@ class CoreBase:
             disk = self._hash_of(target.abs, fp) if installed_needs_hash(installed, fp) else (fp, None)
         fp, disk_hash = disk
         state = local_state(record, installed, fp, disk_hash)
-        if state is Local.FOREIGN and record is not None and disk_hash is not None:
-            since = tx.history(target.rel, limit=record.version - (0 if installed is None else installed.version))
-            lost = lost_install(installed, since, disk_hash)
+        base = 0 if installed is None else installed.version
+        if state is Local.FOREIGN and record is not None and disk_hash is not None and base < record.version:
+            lost = lost_install(installed, tx.history(target.rel, limit=record.version - base), disk_hash)
             if lost is not None:
+                tx.log(
+                    "recover",
+                    target.rel,
+                    EXTERNAL,
+                    time.time(),
+                    reason="lost-install",
+                    seen_version=base,
+                    version=lost.version,
+                    detail=f"the working copy on host {socket.gethostname()} held v{lost.version}'s bytes with v{base} "
+                    f"recorded as installed (an install whose record was lost, or a program writing those bytes): "
+                    f"taken as v{lost.version} and brought up to date to v{record.version}",
+                )
                 installed, state = lost, local_state(record, lost, fp, disk_hash)
         if state is Local.BEHIND:
             assert record is not None
@@ -380,6 +392,7 @@ class CoreBase:
         new = FileRecord(target.rel, version, True, stored or disk_hash, fp, EXTERNAL, now, now_ns)
         self._record(tx, new, "foreign", retained=stored is not None)
         host = socket.gethostname()
+        ahead = base > current_version(record)
         tx.log(
             "adopt" if record is None else "foreign",
             target.rel,
@@ -387,9 +400,12 @@ class CoreBase:
             now,
             seen_version=base,
             version=version,
-            detail=f"changed outside the volume on host {host}, in a working copy that held v{base}",
+            detail=f"the working copy on host {host} holds v{base}, newer than the registry's current "
+            f"v{current_version(record)}: its bytes are recorded as v{version}, not overwritten"
+            if ahead
+            else f"changed outside the volume on host {host}, in a working copy that held v{base}",
         )
-        if base != current_version(record):
+        if base != current_version(record) and not ahead:
             assert record is not None
             tx.log(
                 "clobber",

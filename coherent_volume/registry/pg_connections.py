@@ -63,8 +63,8 @@ def _psycopg() -> Any:
 
 def _connect(location: Location, deadline: float) -> psycopg.Connection[Any]:
     """A new autocommit connection with the session settings, named `coherent-volume HOST PID`
-    (pg_stat_activity.application_name), retried until `deadline` (time.monotonic()); then
-    RegistryError(EIO): unreachable, nothing written."""
+    (pg_stat_activity.application_name), retried until `deadline` (time.monotonic()); then the
+    RegistryError of `_unconnected` (unreachable, or out of connection slots), nothing written."""
     psycopg = _psycopg()
     settings = _settings(location.url)
     while True:
@@ -72,11 +72,30 @@ def _connect(location: Location, deadline: float) -> psycopg.Connection[Any]:
             return psycopg.connect(location.url, autocommit=True, **settings)
         except psycopg.OperationalError as e:
             if time.monotonic() + 0.2 >= deadline:
-                raise RegistryError(
-                    f"the registry at {location.server} is unreachable ({_first_line(e)}); nothing was written. "
-                    "Check that PostgreSQL runs and accepts this host, then try again"
-                ) from e
+                raise _unconnected(e, location) from e
             time.sleep(0.2)
+
+
+SLOTS_TAKEN = ("too many clients", "remaining connection slots are reserved")
+"""How the server words a connection it refuses because every slot is taken (SQLSTATE 53300,
+which libpq does not pass on for a refused connection)."""
+
+
+def _unconnected(e: BaseException, location: Location) -> RegistryError:
+    """The error of a connection that could not be made: the server refused it for want of a slot
+    (EBUSY, and what to change), else unreachable (EIO)."""
+    if _sqlstate(e) == "53300" or any(words in str(e) for words in SLOTS_TAKEN):
+        return RegistryError(
+            f"the registry at {location.server} refused a new connection: every connection slot is taken "
+            f"({_first_line(e)}); nothing was written. Raise the server's max_connections (each process of the "
+            "volume opens up to 4, plus one for the commit lock and one for a mount's listener) or run fewer "
+            "processes, then try again",
+            errno.EBUSY,
+        )
+    return RegistryError(
+        f"the registry at {location.server} is unreachable ({_first_line(e)}); nothing was written. "
+        "Check that PostgreSQL runs and accepts this host, then try again"
+    )
 
 
 def _settings(url: str) -> dict[str, Any]:
@@ -145,10 +164,7 @@ def _registry_error(e: BaseException, location: Location) -> RegistryError:
             errno.ETIMEDOUT,
         )
     if isinstance(e, _psycopg().OperationalError):
-        return RegistryError(
-            f"the registry at {location.server} is unreachable ({_first_line(e)}); nothing was written. "
-            "Check that PostgreSQL runs and accepts this host, then try again"
-        )
+        return _unconnected(e, location)
     return RegistryError(f"{where} failed: {_first_line(e)}")
 
 

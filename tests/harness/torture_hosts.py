@@ -12,7 +12,7 @@ agents writing through a mount. Each scenario runs on a fresh database of the be
 - a partition of h3 (its link down) at the instant the volume's commit lock is granted to it, then
   the heal; a long one checks that the other hosts go on (STALL_BOUND);
 - a PostgreSQL restart (`pg_ctl restart -m fast`) during the sweep;
-- lost COMMIT replies: h3 reaches the database through `ReplyDropper`, which at random instants
+- lost COMMIT replies: h3 reaches the database through `CommitProxy`, which at random instants
   forwards a COMMIT and drops the connection before its reply;
 - a mount on h1 (the only host that may mount a PostgreSQL volume yet) with bash agents writing
   through it while API agents on h2 and h3 write too, and kill -9 of the mount daemon, remounted.
@@ -44,11 +44,9 @@ import random
 import secrets
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -59,6 +57,7 @@ from typing import Any
 import xxhash
 
 from . import CLI, REPO, checker, child
+from .commitproxy import CommitProxy
 from .history import Attempt, History, Producer, Read, StoreAudit, StoredVersion
 from .judge import unexpected_errors
 from .mounts import daemon_pids, log_problems, serving_pids
@@ -304,96 +303,6 @@ class Crew:
 
 
 # ---- faults: a proxy that loses COMMIT replies, a mount on a host ---------------------------------
-
-
-class ReplyDropper:
-    """A TCP proxy on `listen` to PostgreSQL at `target`. `drop()` arms it: the next COMMIT that
-    passes is forwarded to the server, and the connection is then closed on both sides before the
-    server's reply reaches the client (the client cannot know whether it committed). `drops` holds
-    the instants of the drops made."""
-
-    def __init__(self, listen: str, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.create_server((listen, 0))
-        self.address = (listen, int(self.server.getsockname()[1]))
-        self.drops: list[float] = []
-        self._armed = False
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def drop(self, timeout: float = 20.0) -> bool:
-        """Lose the reply of the next COMMIT; whether one passed within `timeout` seconds."""
-        before = len(self.drops)
-        with self._lock:
-            self._armed = True
-        deadline = time.monotonic() + timeout
-        while len(self.drops) == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with self._lock:
-            self._armed = False
-        return len(self.drops) > before
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                return
-            with self._lock:
-                self._sockets |= {client, upstream}
-            state = {"lost": False}
-            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
-
-    def _close(self, *socks: socket.socket) -> None:
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-            with self._lock:
-                self._sockets.discard(s)
-
-    def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
-        while data := _recv(client):
-            if b"COMMIT\x00" in data:
-                with self._lock:
-                    lose, self._armed = self._armed, False
-                if lose:
-                    state["lost"] = True
-            try:
-                upstream.sendall(data)
-            except OSError:
-                break
-        self._close(client, upstream)
-
-    def _down(self, upstream: socket.socket, client: socket.socket, state: dict[str, bool]) -> None:
-        while data := _recv(upstream):
-            if state["lost"]:  # the server's answer to the COMMIT: the client never hears it
-                self.drops.append(time.time())
-                break
-            try:
-                client.sendall(data)
-            except OSError:
-                break
-        self._close(client, upstream)
-
-    def close(self) -> None:
-        """Accept nothing more and close every connection through the proxy."""
-        with contextlib.suppress(OSError):
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        with self._lock:
-            open_ = list(self._sockets)
-        self._close(*open_)
-
-
-def _recv(s: socket.socket) -> bytes:
-    try:
-        return s.recv(65536)
-    except OSError:
-        return b""
 
 
 class HostMount:
@@ -822,10 +731,10 @@ def pg_restart(tb: HostBed, profile: Profile, seed_: int) -> Row:
 
 
 def lost_replies(tb: HostBed, profile: Profile, seed_: int) -> Row:
-    """h3 reaches the database through a ReplyDropper that loses a COMMIT's reply at random instants."""
+    """h3 reaches the database through a CommitProxy that loses a COMMIT's reply at random instants."""
     rng = random.Random(seed_)
     row = Row(Result(f"lost COMMIT replies on h3 ({profile.lost_replies}x)", 3 * profile.agents))
-    proxy = ReplyDropper(tb.bed.bridge_address, (tb.bed.bridge_address, tb.pg.port))
+    proxy = CommitProxy((tb.bed.bridge_address, tb.pg.port), listen=tb.bed.bridge_address)
     try:
         vol = HostVolume(tb, "lost-replies", through={3: proxy.address})
         paths = ["plans/l0.md", "plans/l1.md"]
@@ -835,7 +744,7 @@ def lost_replies(tb: HostBed, profile: Profile, seed_: int) -> Row:
         missed = 0
         for _ in range(profile.lost_replies):
             time.sleep(rng.uniform(0.1, 0.6))
-            missed += not proxy.drop()
+            missed += not proxy.drop_reply()
         time.sleep(profile.load)
         crew.stop()
         row.result.wall = time.monotonic() - started
@@ -846,6 +755,7 @@ def lost_replies(tb: HostBed, profile: Profile, seed_: int) -> Row:
         acknowledged = _judge(row, vol, paths, producers)
     finally:
         proxy.close()
+        proxy.cut()
     spans = [
         a.t_write1 - a.t_write0
         for a in acknowledged
