@@ -321,8 +321,7 @@ def test_the_heartbeat_runs_while_a_handle_holds_a_lease_and_ends_after(root: Pa
         assert _until(lambda: _heartbeats() == before, 5)  # ended at the first beat after the last lease
         assert _grant(core, "plans/a.md") is None
     finally:
-        core.leases.stop()
-        core.registry.close()
+        core.close()
 
 
 def test_a_lease_no_longer_renewed_lapses_and_its_handle_commit_is_refused_stale(root: Path) -> None:
@@ -349,7 +348,7 @@ def test_a_lease_no_longer_renewed_lapses_and_its_handle_commit_is_refused_stale
         assert late.value.reason == "stale"
         assert core.read("carol", plan).data == b"bob's\n"
     finally:
-        core.registry.close()
+        core.close()
 
 
 def test_a_hook_grant_keeps_its_ttl_and_is_not_renewed(root: Path) -> None:
@@ -365,7 +364,7 @@ def test_a_hook_grant_keeps_its_ttl_and_is_not_renewed(root: Path) -> None:
         assert now + 59 < grant.expires_at <= now + 60
         core.release(grant, "write")
     finally:
-        core.registry.close()
+        core.close()
 
 
 # ---- the rule (protocol.renewed) ---------------------------------------------------------------------------

@@ -102,13 +102,11 @@ def test_the_cli_joins_with_every_file_installed(volume: BedVolume) -> None:
 
 
 def test_a_contention_sweep_over_three_hosts_passes_the_history_checker(volume: BedVolume, tmp_path: Path) -> None:
-    import xxhash
-
     from .harness import checker
-    from .harness.history import History, Read, StoreAudit, StoredVersion
+    from .harness.history import History
     from .harness.resolve import log_versions, resolve
     from .harness.sweeps import load_records, wait_all
-    from .harness.volumes import final_state, read_log, seed
+    from .harness.volumes import audit_pg_store, final_state, read_log, seed
     from .harness.workers import Workload, process_config
 
     root = volume.roots[0]
@@ -137,16 +135,7 @@ def test_a_contention_sweep_over_three_hosts_passes_the_history_checker(volume: 
     volume.agent(1, "harness-final").read(paths[0])  # the working copy on h1 is brought up to date
     final, versions = final_state(root, paths)
     events = read_log(root)
-    store = StoreAudit()
-    for path, version, kind, writer, digest, pruned in volume.sql(
-        "SELECT path, version, kind, writer, hash, pruned FROM cv_versions ORDER BY path, version"
-    ):
-        data = volume.sql("SELECT data FROM cv_contents WHERE hash = %s", (digest,)) if digest else []
-        state = "none" if digest is None else "pruned" if pruned else "ok" if data else "missing"
-        read = Read.of(path, bytes(data[0][0])) if data else None
-        store.versions.setdefault(path, {})[version] = StoredVersion(path, version, kind, writer, digest, state, read)
-    store.current = {p: (v, h) for p, v, h in volume.sql("SELECT path, version, hash FROM cv_files")}
-    store.disk = {p: xxhash.xxh3_128_hexdigest((root / p).read_bytes()) for p in paths}
+    store = audit_pg_store(volume.sql, root, paths)
     problems = resolve(attempts, events)
     history = History("file", True, producers, attempts, set(), final, versions, log_versions(events), store=store)
     verdict = checker.check(history)

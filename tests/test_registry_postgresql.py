@@ -508,10 +508,10 @@ def test_a_lost_reply_with_the_registry_gone_says_the_outcome_is_unknown(
 
 def test_a_contention_sweep_of_processes_on_one_path_passes_the_history_checker(tmp_path: Path, pg_url: str) -> None:
     from .harness import checker
-    from .harness.history import History, Read, StoreAudit, StoredVersion
+    from .harness.history import History
     from .harness.resolve import log_versions, resolve
     from .harness.sweeps import load_records, spawn_agent, wait_all
-    from .harness.volumes import final_state, read_log, seed
+    from .harness.volumes import audit_pg_store, final_state, read_log, seed
     from .harness.workers import Workload
 
     root = _pg_volume(tmp_path / "vol", pg_url, managed=("plans/**",))
@@ -525,18 +525,7 @@ def test_a_contention_sweep_of_processes_on_one_path_passes_the_history_checker(
     attempts = load_records(records)
     final, versions = final_state(root, paths)
     events = read_log(root)
-    store = StoreAudit()
-    for path, version, kind, writer, digest, pruned in _q(
-        pg_url, "SELECT path, version, kind, writer, hash, pruned FROM cv_versions ORDER BY path, version"
-    ):
-        data = _q(pg_url, "SELECT data FROM cv_contents WHERE hash = %s", (digest,)) if digest else []
-        state = "none" if digest is None else "pruned" if pruned else "ok" if data else "missing"
-        read = Read.of(path, bytes(data[0][0])) if data else None
-        store.versions.setdefault(path, {})[version] = StoredVersion(path, version, kind, writer, digest, state, read)
-    store.current = {p: (v, h) for p, v, h in _q(pg_url, "SELECT path, version, hash FROM cv_files")}
-    import xxhash
-
-    store.disk = {p: xxhash.xxh3_128_hexdigest((root / p).read_bytes()) for p in paths}
+    store = audit_pg_store(lambda query: _q(pg_url, query), root, paths)
     problems = resolve(attempts, events)
     history = History("file", True, producers, attempts, set(), final, versions, log_versions(events), store=store)
     verdict = checker.check(history)

@@ -1,5 +1,7 @@
-"""Checked writes: every commit, creation and handle grant is decided under the commit lock,
-recorded as an intent before it touches the disk, and logged when refused."""
+"""Checked writes: every commit, creation and handle grant is decided under the commit lock and
+logged when refused. A commit of content and a creation are recorded, with an intent naming their
+staged file, in their decision's transaction before they touch the disk; a deletion records an
+intent before and its version after."""
 
 from __future__ import annotations
 

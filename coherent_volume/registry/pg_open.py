@@ -72,19 +72,19 @@ def open_postgres(
                     if found is not None and found[1] != volume_id:
                         raise _not_created_with(location, found[1], volume_id)
                     _check_globs(globs, stored)
-                    registered, joined = _register(conn, volume_id, replica_id, root)
+                    registered = _register(conn, volume_id, replica_id, root)
             else:
                 assert found is not None
                 volume_id, stored = _recorded_volume(conn, location, found[1])
                 _check_globs(globs, stored)
                 _check_replica(conn, location, volume_id, replica_id, root)
-                registered, joined = None, False
+                registered = None
         except psycopg.Error as e:
             raise _registry_error(e, location) from e
     if found is None:
         _record_location(directory, location, volume_id)
     if registered is not None and registered != replica_id:
-        replica.registered(registered, joined)
+        replica.registered(registered)
     return PostgresRegistry(location, volume_id, stored, replica)
 
 
@@ -98,10 +98,9 @@ def _check_globs(globs: ManagedGlobs | None, stored: ManagedGlobs) -> None:
 
 def _register(
     conn: psycopg.Connection[Any], volume_id: uuid.UUID, replica_id: uuid.UUID | None, root: str
-) -> tuple[uuid.UUID, bool]:
+) -> uuid.UUID:
     """Register the root as a working copy on this host and boot (taking over its registration
-    when it has one: `init` again after a reboot or a move): its replica id, and whether it joined
-    (another working copy was registered before it)."""
+    when it has one: `init` again after a reboot or a move); its replica id."""
     if replica_id is not None:
         row = conn.execute(
             "UPDATE cv_replicas SET hostname = %s, boot_id = %s, root = %s, last_seen = now() "
@@ -109,15 +108,13 @@ def _register(
             (socket.gethostname(), boot_id(), root, replica_id, volume_id),
         ).fetchone()
         if row is not None:
-            return replica_id, False
+            return replica_id
     new = uuid.uuid4()
-    row = conn.execute(
-        "WITH earlier AS (SELECT EXISTS (SELECT 1 FROM cv_replicas WHERE volume = %s) AS joined) "
-        "INSERT INTO cv_replicas (id, volume, hostname, boot_id, root) VALUES (%s, %s, %s, %s, %s) "
-        "RETURNING (SELECT joined FROM earlier)",
-        (volume_id, new, volume_id, socket.gethostname(), boot_id(), root),
-    ).fetchone()
-    return new, bool(row and row[0])
+    conn.execute(
+        "INSERT INTO cv_replicas (id, volume, hostname, boot_id, root) VALUES (%s, %s, %s, %s, %s)",
+        (new, volume_id, socket.gethostname(), boot_id(), root),
+    )
+    return new
 
 
 def _check_replica(

@@ -110,15 +110,9 @@ class Replica:
         value = self.meta("replica")
         return None if value is None else uuid.UUID(value)
 
-    def joined(self) -> bool:
-        """Whether this copy joined a volume that another root created."""
-        return self.meta("joined") == "1"
-
-    def registered(self, replica_id: uuid.UUID, joined: bool) -> None:
-        """Record the id this copy was registered under, whether it joined an existing volume, and
-        the identity of the directory it was registered in; nothing it holds is reported under
-        that id yet."""
-        self.put_meta("joined", "1" if joined else "0")
+    def registered(self, replica_id: uuid.UUID) -> None:
+        """Record the id this copy was registered under and the identity of the directory it was
+        registered in; nothing it holds is reported under that id yet."""
         self.put_meta("directory", self.identity())
         with self._mutex:
             self._db().execute("UPDATE replica_files SET reported = NULL")

@@ -58,7 +58,7 @@ import xxhash
 
 from . import CLI, REPO, checker, child
 from .commitproxy import CommitProxy
-from .history import Attempt, History, Producer, Read, StoreAudit, StoredVersion
+from .history import Attempt, History, Producer, StoreAudit
 from .judge import unexpected_errors
 from .mounts import daemon_pids, log_problems, serving_pids
 from .nethosts import Bed, Host, bed
@@ -66,7 +66,7 @@ from .pgcluster import Cluster, cluster
 from .resolve import log_versions, refusal_reasons, resolve
 from .result import Result
 from .sweeps import SHELL_AGENT, load_records
-from .volumes import raw_read, read_log, seed
+from .volumes import audit_pg_store, raw_read, read_log, seed
 from .workers import Workload, process_config
 
 MANAGED = "plans/**"
@@ -429,41 +429,6 @@ def _check_hosts(vol: HostVolume) -> list[str]:
     return problems
 
 
-def _audit(vol: HostVolume, paths: list[str]) -> StoreAudit:
-    """The content store read with SQL (a version's bytes: its content row, then its parts in
-    order) and hashed here, the current records, and the bytes of `paths` in h1's working copy."""
-    stored = {digest: bytes(data) for digest, data in vol.sql("SELECT hash, data FROM cv_contents")}
-    for digest, data in vol.sql("SELECT hash, data FROM cv_content_parts ORDER BY hash, part"):
-        if digest in stored:
-            stored[digest] += bytes(data)
-    audit = StoreAudit()
-    for path, version, kind, writer, digest, pruned in vol.sql(
-        "SELECT path, version, kind, writer, hash, pruned FROM cv_versions ORDER BY path, version"
-    ):
-        data = stored.get(digest) if digest is not None and not pruned else None
-        read = Read.of(path, data) if data is not None else None
-        state = _stored_state(digest, pruned, data)
-        audit.versions.setdefault(path, {})[version] = StoredVersion(path, version, kind, writer, digest, state, read)
-    audit.current = {p: (v, h) for p, v, h in vol.sql("SELECT path, version, hash FROM cv_files")}
-    for path in paths:
-        try:
-            audit.disk[path] = xxhash.xxh3_128_hexdigest((vol.roots[0] / path).read_bytes())
-        except OSError:
-            audit.disk[path] = None
-    return audit
-
-
-def _stored_state(digest: str | None, pruned: bool, data: bytes | None) -> str:
-    """A version's StoredVersion.state from its hash, its pruned flag and the bytes stored for it."""
-    if digest is None:
-        return "none"
-    if pruned:
-        return "pruned"
-    if data is None:
-        return "missing"
-    return "ok" if xxhash.xxh3_128_hexdigest(data) == digest else "damaged"
-
-
 def _judge(
     row: Row,
     vol: HostVolume,
@@ -482,7 +447,7 @@ def _judge(
     attempts = load_records(vol.records)
     acknowledged = [a for a in attempts if a.committed]
     events = read_log(vol.roots[0])
-    store = _audit(vol, paths)
+    store = audit_pg_store(vol.sql, vol.roots[0], paths)
     final = {p: raw_read(vol.roots[0], p) for p in paths}
     versions = {p: v for p, v in vol.sql("SELECT path, version FROM cv_files") if p in paths}
     for kind, message in resolve(attempts, events, kill_times):

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +151,44 @@ def agreement(root: Path, paths: list[str]) -> list[str]:
     return problems
 
 
-def _stored(root: Path, row: tuple[Any, ...]) -> StoredVersion:
+def _stored(row: tuple[Any, ...], lookup: Callable[[str], bytes | None]) -> StoredVersion:
+    """A `versions` row (path, version, kind, writer, hash, pruned) with its bytes as `lookup` finds
+    them by hash, judged: none, pruned, missing, damaged or ok."""
     path, version, kind, writer, digest, pruned = row
     if digest is None:
         return StoredVersion(path, version, kind, writer, None, "none")
     if pruned:
         return StoredVersion(path, version, kind, writer, digest, "pruned")
-    data = stored(root, digest)
+    data = lookup(digest)
     if data is None:
         return StoredVersion(path, version, kind, writer, digest, "missing")
     state = "ok" if xxhash.xxh3_128_hexdigest(data) == digest else "damaged"
     return StoredVersion(path, version, kind, writer, digest, state, Read.of(path, data))
+
+
+def _disk(audit: StoreAudit, root: Path, paths: list[str]) -> None:
+    """The hash of each of `paths`' bytes under `root` now (None: gone, or a directory there)."""
+    for path in paths:
+        try:
+            audit.disk[path] = xxhash.xxh3_128_hexdigest((root / path).read_bytes())
+        except OSError:
+            audit.disk[path] = None
+
+
+def audit_pg_store(query: Callable[[str], list[tuple[Any, ...]]], root: Path, paths: list[str]) -> StoreAudit:
+    """`audit_store` for a PostgreSQL volume, read with `query` (SQL on its database): every
+    `cv_versions` row with its bytes (`cv_contents` and its `cv_content_parts` in order) hashed
+    here, the `cv_files` records, and the hash of `paths`' bytes in the working copy at `root`."""
+    stored = {digest: bytes(data) for digest, data in query("SELECT hash, data FROM cv_contents")}
+    for digest, data in query("SELECT hash, data FROM cv_content_parts ORDER BY hash, part"):
+        if digest in stored:
+            stored[digest] += bytes(data)
+    audit = StoreAudit()
+    for row in query("SELECT path, version, kind, writer, hash, pruned FROM cv_versions ORDER BY path, version"):
+        audit.versions.setdefault(row[0], {})[row[1]] = _stored(row, stored.get)
+    audit.current = {p: (v, h) for p, v, h in query("SELECT path, version, hash FROM cv_files")}
+    _disk(audit, root, paths)
+    return audit
 
 
 def audit_store(root: Path, paths: list[str]) -> StoreAudit:
@@ -170,15 +198,11 @@ def audit_store(root: Path, paths: list[str]) -> StoreAudit:
     disk now, and what nothing names (contents no version or intent names, parts of no content)."""
     audit = StoreAudit()
     for row in sql(root, "SELECT path, version, kind, writer, hash, pruned FROM versions ORDER BY path, version"):
-        audit.versions.setdefault(row[0], {})[row[1]] = _stored(root, row)
+        audit.versions.setdefault(row[0], {})[row[1]] = _stored(row, lambda digest: stored(root, digest))
     audit.current = {
         path: (version, digest) for path, version, digest in sql(root, "SELECT path, version, hash FROM files")
     }
-    for path in paths:
-        try:
-            audit.disk[path] = xxhash.xxh3_128_hexdigest((root / path).read_bytes())
-        except OSError:  # gone, or a directory there now (renames)
-            audit.disk[path] = None
+    _disk(audit, root, paths)
     named = {row.hash for rows in audit.versions.values() for row in rows.values()}
     named |= {digest for (digest,) in sql(root, "SELECT hash FROM intents")}
     pending = {os.path.basename(tmp) for (tmp,) in sql(root, "SELECT tmp FROM intents WHERE tmp IS NOT NULL")}
