@@ -335,9 +335,34 @@ def _hosts(h: report.Hosts, as_json: bool) -> None:
         if c.behind_for is not None:
             behind += f" (oldest missing commit {_ago(c.behind_for)} ago)"
         rows.append(
-            [c.hostname, c.root + (" (this one)" if c.this else ""), c.boot_id[:8], f"{_ago(c.seen_ago)} ago", behind]
+            [
+                (c.replica or "-")[:8],
+                c.hostname,
+                c.root + (" (this one)" if c.this else ""),
+                c.boot_id[:8],
+                f"{_ago(c.seen_ago)} ago",
+                behind,
+            ]
         )
-    console.print(_table("working copies", ["host", "root", "boot", "last seen", "behind"], rows))
+    console.print(_table("working copies", ["copy", "host", "root", "boot", "last seen", "behind"], rows))
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("copy")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def forget(root: str, copy: str, as_json: bool) -> None:
+    """Remove another working copy of a PostgreSQL volume from its registrations (COPY: the start of
+    its id, as `status --hosts` shows it), once it has been unseen for an hour. Its files are not
+    touched; if it is used again, its next open fails until `init` makes it a working copy again."""
+    gone = report.forget(_open(root), copy)
+    if as_json:
+        _json(asdict(gone))
+    else:
+        click.echo(
+            f"forgot the working copy {gone.replica}: {gone.hostname}:{gone.root}, last seen {_ago(gone.seen_ago)} ago"
+        )
 
 
 def _event_row(e: Event) -> list[str]:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import diffs
 from .core import VolumeCore
-from .errors import REMEDY, DamagedContent, VersionGone
+from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
 from .mounts import mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
@@ -131,6 +131,17 @@ def hosts(core: VolumeCore) -> Hosts:
         return Hosts(core.paths.root, registry.location.describe(), registry.working_copies())
     this = WorkingCopy(None, socket.gethostname(), core.paths.root, boot_id(), True, time.time(), 0.0, 0, None, None)
     return Hosts(core.paths.root, "SQLite, in the root: the volume has this one working copy", [this])
+
+
+def forget(core: VolumeCore, copy: str) -> WorkingCopy:
+    """Remove the registration of another working copy of a PostgreSQL volume (the copy whose id
+    starts with `copy`, unseen for long); the copy removed."""
+    registry = core.registry
+    if not isinstance(registry, PostgresRegistry):
+        raise VolumeConfigError(
+            "a SQLite volume has one working copy, its root, and no registrations to forget. Nothing was changed"
+        )
+    return registry.forget_copy(copy)
 
 
 def store_size(core: VolumeCore) -> StoreSize:

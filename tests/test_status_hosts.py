@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from coherent_volume import CoherentVolume
+from coherent_volume import CoherentVolume, VolumeConfigError
 
 from .harness import CLI
 from .harness.hostbed import BedVolume, Hosts, init, needs_bed, sql, three_hosts
@@ -109,7 +109,17 @@ def test_status_hosts_shows_how_far_behind_each_working_copy_is_and_when_it_was_
     assert later["h2"]["this"] and not later["h1"]["this"]
 
     table = volume.status(1).stdout
-    lines = {line.split()[0]: line for line in table.splitlines() if line.split()[:1] in (["h1"], ["h2"], ["h3"])}
+    rows: list[list[str]] = []
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.split("│")]
+        if len(cells) > 1 and cells[0]:
+            rows.append(cells)
+        elif len(cells) > 1 and rows:  # a cell wrapped onto the next line
+            rows[-1] = [" ".join(x for x in (a, b) if x) for a, b in zip(rows[-1], cells, strict=True)]
+    lines = {row[1]: " ".join(row) for row in rows if row[1] in ("h1", "h2", "h3")}
+    for row in rows:  # each row starts with the start of its copy's id, for `forget`
+        if row[1] in lines:
+            assert row[0] == copies[row[1]]["replica"][:8]
     assert f"{volume.roots[0]} (this one)" in lines["h1"] and "3 paths" in lines["h2"] and "2 paths" in lines["h3"]
     assert "oldest missing commit" in lines["h2"] and "s ago" in lines["h3"]
 
@@ -223,3 +233,62 @@ def test_status_hosts_on_a_sqlite_volume_lists_its_one_working_copy(root: Path) 
     assert table.returncode == 0 and "SQLite, in the root: the volume has this one working copy" in table.stdout
     both = subprocess.run([CLI, "status", str(root), "--hosts", "--all"], capture_output=True, text=True)
     assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+def _forget(root: Path, copy: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, "forget", str(root), copy, "--json"], capture_output=True, text=True, timeout=60)
+
+
+def test_forget_removes_a_copy_unseen_for_an_hour_and_the_copy_joins_again_with_nothing_lost(
+    pg_url: str, tmp_path: Path
+) -> None:
+    first = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    second = init(subprocess.run, tmp_path / "second", pg_url, create=False)
+    with CoherentVolume(second, agent="bob") as bob:
+        assert bob.write("plans/a.md", "bob's\n") == 1
+    [(copy,)] = sql(pg_url, "SELECT id::text FROM cv_replicas WHERE root = %s", (str(second),))
+    [(this,)] = sql(pg_url, "SELECT id::text FROM cv_replicas WHERE root = %s", (str(first),))
+
+    # refused, nothing changed: seen just now; its own copy; no id or several ids matching
+    for asked, says in [
+        (copy[:8], "was seen less than 1 h ago"),
+        (this[:8], "is the working copy you asked from"),
+        ("zzzz", "no working copies of this volume have an id starting with 'zzzz'"),
+        ("", "2 working copies of this volume have an id starting with ''"),
+    ]:
+        done = _forget(first, asked)
+        assert done.returncode == 1 and says in done.stderr and "Nothing was changed" in done.stderr, done.stderr
+    assert len(sql(pg_url, "SELECT id FROM cv_replicas")) == 2
+
+    sql(pg_url, "UPDATE cv_replicas SET last_seen = now() - interval '2 hours' WHERE id = %s", (copy,))
+    done = _forget(first, copy[:8])
+    assert done.returncode == 0, done.stderr
+    gone = json.loads(done.stdout)
+    assert set(gone) == COPY_FIELDS and (gone["replica"], gone["root"]) == (copy, str(second))
+    assert sql(pg_url, "SELECT id::text FROM cv_replicas") == [(this,)]
+    assert sql(pg_url, "SELECT count(*) FROM cv_replica_holds WHERE replica = %s", (copy,)) == [(0,)]
+    assert [
+        c["root"]
+        for c in json.loads(
+            subprocess.run([CLI, "status", str(first), "--hosts", "--json"], capture_output=True, text=True).stdout
+        )["copies"]
+    ] == [str(first)]
+
+    # the forgotten copy, changed meanwhile by a program, fails closed until it joins again
+    (second / "plans" / "a.md").write_text("changed while forgotten\n")
+    with pytest.raises(VolumeConfigError, match="no longer registered as a working copy"):
+        CoherentVolume(second, agent="bob")
+    init(subprocess.run, second, pg_url, create=False)
+    with CoherentVolume(second, agent="bob") as bob:
+        assert bob.read("plans/a.md") == b"changed while forgotten\n"  # its bytes kept, as a version of their own
+        history = bob.history("plans/a.md")
+        assert [(v.version, v.kind) for v in history] == [(2, "foreign"), (1, "commit")]
+        assert bob.read_version("plans/a.md", 1) == b"bob's\n"
+    with CoherentVolume(first, agent="alice") as alice:
+        assert alice.read("plans/a.md") == b"changed while forgotten\n"
+    assert _held(pg_url, second) == {"plans/a.md": 2}  # it reports what it holds under its new id
+
+
+def test_forget_on_a_sqlite_volume_says_there_is_nothing_to_forget(root: Path) -> None:
+    done = _forget(root, "abc")
+    assert done.returncode == 1 and "a SQLite volume has one working copy" in done.stderr

@@ -14,7 +14,11 @@ Invariants:
   makes the copy look behind on those paths (until it next installs them), never current;
 - "behind" is read in one statement: a path is behind in a copy when the copy's reported version
   is not the current one, except a deleted path the copy never held; `last_seen` and ages are on
-  the database's clock, commit times on the committing host's (`time.time()` there).
+  the database's clock, commit times on the committing host's (`time.time()` there);
+- a registration is removed only by `forget`, and only once unseen for FORGET_AFTER on the
+  database's clock (the copy's processes bump last_seen while they work): a forgotten copy's next
+  open fails closed until `init` registers it again; nothing of its disk is lost (what changed there
+  meanwhile is a foreign write, recorded as such).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..errors import VolumeConfigError
 from .replica import Replica
 
 if TYPE_CHECKING:
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
 
 SEEN_EVERY = 10.0
 """Seconds between two bumps of a copy's last_seen by one process (opening the volume bumps it too)."""
+
+FORGET_AFTER = 3600.0
+"""Seconds a working copy must have been unseen (on the database's clock) before `forget` removes it."""
 
 _ASYNC = "SELECT set_config('synchronous_commit', 'off', true)"
 _SEEN = "UPDATE cv_replicas SET last_seen = now() WHERE id = %s AND volume = %s"
@@ -88,6 +96,39 @@ def working_copies(conn: psycopg.Connection[Any], volume: uuid.UUID, this: uuid.
         WorkingCopy(str(rid), host, root, boot, rid == this, seen, ago, int(behind), since, age)
         for rid, host, root, boot, seen, ago, behind, since, age in conn.execute(_COPIES, (volume,)).fetchall()
     ]
+
+
+def forget(conn: psycopg.Connection[Any], volume: uuid.UUID, copy: str, this: uuid.UUID | None) -> WorkingCopy:
+    """Remove the registration of the working copy of `volume` whose id starts with `copy` (and what it
+    reported holding); the copy removed. VolumeConfigError, nothing changed, when no copy or more than
+    one matches, when it is `this` one, or when it was seen within FORGET_AFTER seconds."""
+    copies = working_copies(conn, volume, this)
+    matches = [c for c in copies if c.replica is not None and c.replica.startswith(copy.lower())]
+    if len(matches) != 1:
+        listed = ", ".join(f"{c.replica} ({c.hostname}:{c.root})" for c in (matches or copies))
+        raise VolumeConfigError(
+            f"{len(matches) or 'no'} working copies of this volume have an id starting with {copy!r} "
+            f"({'they are' if matches else 'there are'}: {listed}); give more of the id (`status --hosts --json` "
+            "lists them). Nothing was changed"
+        )
+    [found] = matches
+    if found.this:
+        raise VolumeConfigError(
+            f"{found.replica} is the working copy you asked from ({found.root}): forget it from another one, or "
+            "stop using this root. Nothing was changed"
+        )
+    removed = conn.execute(
+        "DELETE FROM cv_replicas WHERE id = %s AND volume = %s AND last_seen < now() - make_interval(secs => %s) "
+        "RETURNING id",
+        (found.replica, volume, FORGET_AFTER),
+    ).fetchone()
+    if removed is None:
+        raise VolumeConfigError(
+            f"the working copy {found.replica} ({found.hostname}:{found.root}) was seen less than "
+            f"{FORGET_AFTER / 3600:g} h ago: it may still be in use (its processes make it seen while they work). "
+            "A copy can be forgotten once unseen that long. Nothing was changed"
+        )
+    return found
 
 
 class Reporter:

@@ -49,7 +49,7 @@ from .pg_connections import (
     _registry_error,
     _sqlstate,
 )
-from .pg_hosts import Reporter, WorkingCopy, working_copies
+from .pg_hosts import Reporter, WorkingCopy, forget, working_copies
 from .pg_location import Location
 from .pg_transaction import PostgresTransaction, Queued, _file_and_view_query, _file_and_view_row
 from .replica import Replica
@@ -508,6 +508,10 @@ class PostgresRegistry:
     def working_copies(self) -> list[WorkingCopy]:
         """Every working copy of this volume, how far behind it is and when it was last seen."""
         return self._statement(lambda c: working_copies(c, self.volume_id, self.replica.recorded_id()))
+
+    def forget_copy(self, copy: str) -> WorkingCopy:
+        """Remove the registration of another working copy, unseen for long (`pg_hosts.forget`)."""
+        return self._statement(lambda c: forget(c, self.volume_id, copy, self.replica.recorded_id()))
 
     def _landed(self, commit_id: uuid.UUID, lost: BaseException) -> int | None:
         """The serial of the transaction with `commit_id`, whose COMMIT reply was lost, if it
