@@ -51,6 +51,8 @@ APPENDER = r"""
 set -u
 export LC_ALL=C
 exec {rec}>>"$REC"
+: > "$READY"
+for ((w = 0; w < 6000; w++)); do [[ -e $GO ]] && break; sleep 0.01; done
 ok=0
 for ((i = 0; ok < N && i < TRIES; i++)); do
   tok="$W.$i"
@@ -63,8 +65,12 @@ for ((i = 0; ok < N && i < TRIES; i++)); do
   echo "A $W $tok $i $rc $t0 $t1 $msg" >&"$rec"
 done
 """
-"""One appending process: `echo TOKEN >> log` until N were accepted (at most TRIES times), each
-outcome recorded (see history.load_append_records); after a refusal it pauses up to 10 ms."""
+"""One appending process: once every worker is ready (`_start_together`), `echo TOKEN >> log` until
+N were accepted (at most TRIES times), each outcome recorded (see history.load_append_records);
+after a refusal it pauses up to 10 ms."""
+
+START_WAIT = 60.0
+"""Seconds the workers wait for each other to start (each then starts anyway)."""
 
 
 def slot_line(name: str, value: int) -> bytes:
@@ -86,6 +92,10 @@ def slotter_main(config: dict) -> None:
     rng = random.Random(config["seed"])
     journal = Journal(config["record"])
     offset = index * LINE
+    Path(config["ready"]).touch()
+    deadline = time.monotonic() + START_WAIT
+    while not os.path.exists(config["go"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
     accepted = 0
     for seq in range(config["n"] * 5):
         if accepted == config["n"]:
@@ -138,6 +148,8 @@ def _spawn_appender(mnt: Path, agent: str, writer: str, n: int, records: Path) -
         "TRIES": str(n * 5),
         "REC": str(records / f"{writer}.appends"),
         "ERRF": str(records / f"{writer}.err"),
+        "READY": str(records.parent / f"{writer}.appends.ready"),
+        "GO": str(records.parent / GO),
     }
     return subprocess.Popen(
         ["bash", "-c", APPENDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/"
@@ -156,6 +168,8 @@ def _spawn_slotter(
         "seed": seed_,
         "think": 0.004,
         "record": str(records / f"{slot}.slots.jsonl"),
+        "ready": str(records.parent / f"{slot}.slots.ready"),
+        "go": str(records.parent / GO),
     }
     return subprocess.Popen(
         child("same_agent", "slotter", json.dumps(config)),
@@ -165,6 +179,19 @@ def _spawn_slotter(
         cwd=REPO,
         env={**os.environ, "COHERENT_AGENT": agent},
     )
+
+
+GO = "GO"
+"""The file whose creation starts the appenders and slotters, in the records' directory."""
+
+
+def _start_together(records: Path, workers: int) -> None:
+    """Let the workers go once each of them is ready (started and waiting), or after START_WAIT s:
+    on a loaded machine a worker started late would otherwise run alone and overlap no other."""
+    deadline = time.monotonic() + START_WAIT
+    while len(list(records.glob("*.ready"))) < workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (records / GO).touch()
 
 
 def _overlapping(intervals: list[tuple[str, float, float]]) -> int:
@@ -215,6 +242,7 @@ def same_agent(workdir: Path, appends: int, slot_writes: int, processes: int = 3
                 )
             )
             procs += workers
+            _start_together(records, len(workers))
             for e in wait_all(workers, timeout=900):
                 result.fail(e)
             stop.touch()
