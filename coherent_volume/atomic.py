@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import stat as stat_mod
@@ -75,7 +76,7 @@ class Staged:
             assert self.tmp is not None
             return self.tmp
         assert self.fd is not None
-        tmp = os.path.join(directory, os.path.basename(_temp_name(self.target)))
+        tmp = os.path.join(directory, _temp_base(self.target))
         try:
             try:
                 _link(self.fd, tmp)
@@ -142,9 +143,11 @@ class Staged:
             st = None
         if st is not None:
             _copy_xattrs(self.target, tmp)
-            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+            own = os.fstat(self.fd) if self.fd is not None else os.stat(tmp)
+            if (st.st_uid, st.st_gid) != (own.st_uid, own.st_gid) and os.geteuid() == 0:
                 os.chown(tmp, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
-            if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(os.stat(tmp).st_mode):
+                own = os.stat(tmp)
+            if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(own.st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
         if noreplace:
             rename(tmp, self.target, noreplace=True)
@@ -194,13 +197,24 @@ def _copy_xattrs(source: str, dest: str) -> None:
                 raise
 
 
+_serials = itertools.count(secrets.randbits(32))
+"""Numbers that tell apart the temp names of one process: from a random start, so a process that
+reuses a dead one's pid does not retrace its names."""
+
+
+def _temp_base(target: str) -> str:
+    """A temp name for content of `target` (no directory), within NAME_MAX bytes however long the
+    target's name is, and never the name of another of this process's temp files."""
+    base = os.path.basename(target)
+    suffix = f".cv-{os.getpid()}-{next(_serials) & 0xFFFFFFFF:08x}.tmp"
+    if len(base) * 4 > NAME_MAX - 1 - len(suffix):  # may not fit: cut its UTF-8 encoding
+        base = os.fsencode(base)[: NAME_MAX - 1 - len(suffix)].decode("utf-8", "ignore")
+    return f".{base}{suffix}"
+
+
 def _temp_name(target: str) -> str:
-    """A temp name beside `target`, within NAME_MAX bytes however long the target's name is."""
-    directory, base = os.path.split(target)
-    suffix = f".cv-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    room = NAME_MAX - 1 - len(suffix)
-    stem = os.fsencode(base)[:room].decode("utf-8", "ignore")
-    return os.path.join(directory, f".{stem}{suffix}")
+    """A temp name beside `target` (`_temp_base`)."""
+    return os.path.join(os.path.dirname(target), _temp_base(target))
 
 
 def _makedirs(directory: str, mode: int = 0o777) -> None:
@@ -226,6 +240,19 @@ def stage(target: str, data: bytes, mode: int = 0o666) -> Staged:
     return stage_written(target, content_hash(data), lambda write: write(data), data, mode)
 
 
+def _open_staged(target: str, mode: int) -> tuple[int, str | None]:
+    """A new file for content of `target`, in its directory, open for writing: unnamed (O_TMPFILE)
+    where the file system can, else under a temp name; (descriptor, that name or None)."""
+    directory = os.path.dirname(target)
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode), None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    tmp = _temp_name(target)
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
+
+
 def stage_written(
     target: str,
     digest: str,
@@ -241,16 +268,11 @@ def stage_written(
     `mode`: of the file when its install creates it, less the process umask (as for any new file),
     and of missing parent directories with search bits added; an existing target keeps its own.
     Not `durable`: not fsynced, and its install fsyncs no directory."""
-    directory = os.path.dirname(target)
-    _makedirs(directory, mode | (mode & 0o444) >> 2)
     try:
-        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
-        tmp = None
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise
-        tmp = _temp_name(target)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        fd, tmp = _open_staged(target, mode)
+    except FileNotFoundError:
+        _makedirs(os.path.dirname(target), mode | (mode & 0o444) >> 2)
+        fd, tmp = _open_staged(target, mode)
     staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data)
     try:
         fill(lambda part: _write_all(fd, part))

@@ -102,9 +102,16 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         at = stop
 
 
-def hash_fd(fd: int) -> str:
-    """Content hash of the file behind `fd`, as far as it reaches (the fd's position is untouched).
-    Its holes are hashed as the zeros they read as, without reading them."""
+def hash_fd(fd: int, size: int | None = None) -> str:
+    """Content hash of the file behind `fd`, as far as it reaches (the fd's position is untouched);
+    `size`: its size, when the caller has just taken it. A file of at most CHUNK bytes is read whole,
+    in one read; a larger one a run of data at a time, its holes hashed as the zeros they read as
+    without reading them."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    if size <= CHUNK:
+        data = os.pread(fd, size, 0)
+        return xxhash.xxh3_128_hexdigest(data if len(data) == size else data + bytes(size - len(data)))
     hasher = xxhash.xxh3_128()
     position = os.lseek(fd, 0, os.SEEK_CUR)
     offset = 0
@@ -117,7 +124,6 @@ def hash_fd(fd: int) -> str:
             offset += n
 
     try:
-        size = os.fstat(fd).st_size
         for begin, stop in data_runs(fd, 0, size):
             zeros(begin)
             while offset < stop and (chunk := os.pread(fd, min(CHUNK, stop - offset), offset)):
@@ -137,7 +143,7 @@ def hash_file(path: str) -> tuple[Fingerprint, str]:
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):
             raise OSError(22, "Not a regular file", path)
-        return Fingerprint.of(st), hash_fd(fd)
+        return Fingerprint.of(st), hash_fd(fd, st.st_size)
     finally:
         os.close(fd)
 

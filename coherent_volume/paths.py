@@ -108,17 +108,14 @@ class VolumePaths:
         self.globs = globs
         self.managed = lru_cache(maxsize=65536)(globs.matches)
         """Whether a root-relative path is managed (cached: globs never change)."""
+        self.staging = os.path.join(self.root, REGISTRY_DIR, STAGING)
+        """Where commits name their staged content before recording it (`atomic.Staged.name_in`):
+        in the registry's directory, so a name a killed writer left there is never a file of the
+        volume (`CoreBase._recover` removes it)."""
         try:
             self._root_fd: int | None = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             self._root_fd = None
-
-    @property
-    def staging(self) -> str:
-        """Where commits name their staged content before recording it (`atomic.Staged.name_in`):
-        in the registry's directory, so a name a killed writer left there is never a file of the
-        volume (`CoreBase._recover` removes it)."""
-        return os.path.join(self.root, REGISTRY_DIR, STAGING)
 
     def staged(self, target: Target, tmp: str) -> str:
         """The staged file `tmp` of a commit of `target` (as its intent recorded it, maybe in

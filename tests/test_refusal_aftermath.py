@@ -351,13 +351,39 @@ def _rows(before: list[Any], after: list[Any]) -> str:
     return f"rows gone: {gone!r}; rows new: {new!r}"
 
 
+def unrenewed(before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The grants `after` (rows of the `grants` table), with each open handle's lease that its
+    holder's heartbeat renewed since `before` (the same grant, token and all, lasting longer:
+    `core/leases.py`, every 10 s on its own clock) as it was `before`: a renewal is the holder's
+    doing, never the refusal's."""
+    leases = {row[:6]: row for row in before if not row[7]}  # path .. start: the grant but its expiry
+    return [
+        leases[row[:6]] if not row[7] and row[:6] in leases and row[6] >= leases[row[:6]][6] else row for row in after
+    ]
+
+
+def status_unrenewed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """`status --json` `after`, with the expiry of each holder's grant that was renewed since `before`
+    (as `unrenewed`) as it was `before`."""
+    held = {(f["path"], f["holder"]): f["holder_expires_at"] for f in before["files"] if f["holder"] is not None}
+    files = []
+    for f in after["files"]:
+        was = held.get((f["path"], f["holder"]))
+        renewed = was is not None and f["holder_expires_at"] is not None and f["holder_expires_at"] >= was
+        files.append({**f, "holder_expires_at": was} if renewed else f)
+    return {**after, "files": files}
+
+
 def differences(case: Case, before: Snapshot, after: Snapshot) -> list[str]:
     """Every way the registry or the disk differs from before the refusal, besides the refusal's own
-    log entry (which must be there, in the registry's log, `log --json` and `why`)."""
+    log entry (which must be there, in the registry's log, `log --json` and `why`) and the renewal
+    of an open handle's lease by its holder's heartbeat (`unrenewed`)."""
     found = []
     expected = [("refusal", r.path, r.agent, r.reason) for r in case.refused]
     for table in sorted(before.tables.keys() | after.tables.keys()):
         old, new = before.tables.get(table, []), after.tables.get(table, [])
+        if table == "grants":
+            new = unrenewed(old, new)
         if table == "events":
             added = [(row[2], row[3], row[4], row[5]) for row in new[len(old) :]]
             if new[: len(old)] != old or added != expected:
@@ -369,7 +395,7 @@ def differences(case: Case, before: Snapshot, after: Snapshot) -> list[str]:
     shown = [(e["kind"], e["path"], e["agent"], e["reason"]) for e in after.log[len(before.log) :]]
     if after.log[: len(before.log)] != before.log or shown != expected:
         found.append(f"`log --json`: expected only {expected} added; {_rows(before.log, after.log)}")
-    if after.status != before.status:
+    if status_unrenewed(before.status, after.status) != before.status:
         found.append(f"`status --json` changed: {before.status!r} -> {after.status!r}")
     if after.api != before.api:
         found.append(f"what the API reports (versions, stale views) changed: {before.api!r} -> {after.api!r}")

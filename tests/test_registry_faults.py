@@ -305,6 +305,25 @@ def test_a_commit_whose_install_fails_says_it_was_committed_and_the_next_operati
     assert os.listdir(root / ".coherent/staging") == []
 
 
+def test_the_writer_whose_install_failed_puts_it_in_place_at_its_own_next_write(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process that installed a commit settles its intent without looking for the staged file;
+    one whose install failed must look, find it and install it, before its next commit."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one")
+        _failing_renames(monkeypatch, 1)
+        with pytest.raises(InstallPending):
+            alice.write(P, b"two")
+        assert alice.write(P, b"three") == 3
+        assert (root / P).read_bytes() == b"three"
+        assert [(v.version, v.writer) for v in alice.history(P)] == [(3, "alice"), (2, "alice"), (1, "alice")]
+        assert alice.read_version(P, 2) == b"two"
+    recovered = sql(root, "SELECT reason, version FROM events WHERE kind = 'recover'")
+    assert recovered == [("installed", 2)]
+    assert os.listdir(root / ".coherent/staging") == []
+
+
 def test_a_commit_that_cannot_be_installed_is_superseded_by_what_the_file_holds_saying_why(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ from coherent_volume import (
     VolumeConfigError,
 )
 from coherent_volume.errors import InvalidPath
+from coherent_volume.fingerprint import content_hash
 
 P = "plans/plan.md"
 
@@ -345,6 +346,25 @@ def test_a_file_larger_than_one_read_is_read_whole(root: Path, monkeypatch: pyte
     with CoherentVolume(root, agent="alice") as vol:
         assert vol.read(P) == data
         assert vol.version(P) == 1
+
+
+@pytest.mark.parametrize("size", [64 << 10, 3 << 20])
+def test_a_foreign_file_with_holes_is_recorded_as_the_bytes_it_reads_as(root: Path, size: int) -> None:
+    """A file written outside the volume with a hole before, between and after its data (one part
+    long, read in one piece; and several, read a run at a time) is recorded with the hash of what
+    it reads as, and served back so from the content store."""
+    path = root / P
+    with open(path, "wb") as f:
+        for offset in (size // 3, size // 2):
+            f.seek(offset)
+            f.write(b"data at %d\n" % offset)
+        f.truncate(size)
+    data = path.read_bytes()
+    with CoherentVolume(root, agent="alice") as vol:
+        assert vol.read(P) == data
+        (entry,) = vol.history(P)
+        assert (entry.hash, entry.size) == (content_hash(data), size)
+        assert vol.read_version(P, 1) == data
 
 
 def test_a_managed_name_that_is_not_utf8_is_a_clear_error(root: Path) -> None:

@@ -119,6 +119,10 @@ class CoreBase:
         """(reader, path) of files buffering programs loaded (see `note_read`)."""
         self._swept = False
         """Whether this process removed what killed writers left in the staging directory (`_recover`)."""
+        self._renamed: set[str] = set()
+        """Staged names (as intents record them) that this process's installs renamed into place, whose
+        intents may still be recorded: recovery drops those without looking for the file. Under the
+        commit lock."""
         self._hashed: dict[str, tuple[Fingerprint | None, str | None]] = {}
         """Files hashed outside a transaction for `_transact`'s next run (`_hash_of`); under the commit lock."""
 
@@ -428,7 +432,12 @@ class CoreBase:
         intents = tx.intents()
         if not self._swept:
             self._sweep_staging(intents)
+        if self._renamed:  # forget names whose intents are gone (no intent ever names one again)
+            self._renamed.intersection_update(i.tmp for i in intents)
         for intent in intents:
+            if intent.tmp in self._renamed:  # installed by this process: `finished`
+                tx.drop_intent(intent.path)
+                continue
             target = self.paths.of_rel(intent.path)
             staged = self.paths.staged(target, intent.tmp) if intent.tmp is not None else None
             if staged is not None and os.path.dirname(staged) == self.paths.staging and not os.path.lexists(staged):

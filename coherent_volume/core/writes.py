@@ -225,7 +225,13 @@ class Writes(Reads):
     def _doomed(self, agent: str, target: Target, expected: int | None) -> bool:
         """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync). Not
         asked where the registry is a round trip away (a working copy): it would cost every write
-        more than it saves a refused one."""
+        more than it saves a refused one. A plain write within CONFIRMED_FOR of a read by this
+        process that found the agent's view current (`Reads.read`) is guessed to go through
+        without asking the registry."""
+        if expected is None:
+            confirmed = self._confirmed.get((agent, target.rel))
+            if confirmed is not None and time.monotonic() < confirmed[3]:
+                return False
         record, seen = self.registry.peek(target.rel, agent)
         version = current_version(record)
         if expected is not None:
@@ -316,6 +322,7 @@ class Writes(Reads):
                     if isinstance(e, OSError):
                         raise InstallPending(target.rel, version + 1, e) from e
                     raise
+                self._consumed(content)
                 self._installed(target, version + 1, content.hash)
                 self._handle_ended(handle)
                 return version + 1
@@ -454,6 +461,12 @@ class Writes(Reads):
         finally:
             os.close(fd)
 
+    def _consumed(self, staged: atomic.Staged) -> None:
+        """After the install of a recorded commit's staged content: its name is gone, so recovery
+        settles its intent as `finished` without looking (`CoreBase._recover`)."""
+        assert staged.tmp is not None
+        self._renamed.add(staged.tmp)
+
     def _handle_ended(self, handle: HandleCommit | None) -> None:
         """After the transaction that ended a handle's use of its grant: end it in memory too."""
         if handle is not None and handle.grant is not None:
@@ -542,6 +555,7 @@ class Writes(Reads):
                     if isinstance(e, OSError):
                         raise InstallPending(target.rel, version, e) from e
                     raise
+                self._consumed(staged)
                 self._installed(target, version, EMPTY_HASH)
                 return grant, version
         finally:

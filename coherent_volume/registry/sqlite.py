@@ -40,7 +40,7 @@ from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent, Version
-from . import DB_FILE, AgentSummary, Event, objects, retried
+from . import DB_FILE, AgentSummary, Event, objects
 
 R = TypeVar("R")
 
@@ -70,6 +70,15 @@ entry is not rewritten (a page fewer in each commit's write-ahead log)."""
 
 
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
+_FILE_N, _GRANT_N = len(_FILE_COLS.split(", ")), len(_GRANT_COLS.split(", "))
+_WRITE_STATE = (
+    f"SELECT {', '.join('f.' + c for c in _FILE_COLS.split(', '))}, "
+    "(SELECT version FROM views WHERE agent = ? AND path = k.path), "
+    f"{', '.join('g.' + c for c in _GRANT_COLS.split(', '))}, "
+    "EXISTS (SELECT 1 FROM fences WHERE agent = ? AND path = k.path) "
+    "FROM (SELECT ? AS path) k LEFT JOIN files f ON f.path = k.path LEFT JOIN grants g ON g.path = k.path"
+)
+"""What `write_state` reads, in one statement: the file, the agent's view, the grant, the fence."""
 
 _INO_RANGE = 2**64
 
@@ -218,19 +227,11 @@ class SQLiteTransaction:
         return _record(row[:-1]), row[-1]
 
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
-        row = self._c.execute(
-            f"SELECT {', '.join('f.' + c for c in _FILE_COLS.split(', '))}, "
-            "(SELECT version FROM views WHERE agent = ? AND path = k.path), "
-            f"{', '.join('g.' + c for c in _GRANT_COLS.split(', '))}, "
-            "EXISTS (SELECT 1 FROM fences WHERE agent = ? AND path = k.path) "
-            "FROM (SELECT ? AS path) k LEFT JOIN files f ON f.path = k.path LEFT JOIN grants g ON g.path = k.path",
-            (agent, agent, path),
-        ).fetchone()
-        files, grants = len(_FILE_COLS.split(", ")), len(_GRANT_COLS.split(", "))
-        held = row[files + 1 : files + 1 + grants]
+        row = self._c.execute(_WRITE_STATE, (agent, agent, path)).fetchone()
+        held = row[_FILE_N + 1 : _FILE_N + 1 + _GRANT_N]
         return (
-            None if row[0] is None else _record(row[:files]),
-            row[files],
+            None if row[0] is None else _record(row[:_FILE_N]),
+            row[_FILE_N],
             None if held[0] is None else _grant(held),
             bool(row[-1]),
         )
@@ -575,6 +576,93 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _CommitLock:
+    """`SQLiteRegistry.commit_lock` (a class rather than a generator: every commit takes it twice)."""
+
+    __slots__ = ("_registry", "_mutex", "_pid")
+
+    def __init__(self, registry: SQLiteRegistry) -> None:
+        self._registry = registry
+
+    def __enter__(self) -> None:
+        registry = self._registry
+        registry._connection()
+        started, self._pid, self._mutex = time.monotonic(), os.getpid(), registry._commit_mutex
+        if not self._mutex.acquire(timeout=COMMIT_LOCK_TIMEOUT):
+            raise RegistryError(
+                f"the commit lock {registry._lock_path!r} stayed held by another thread of this process for more "
+                f"than {COMMIT_LOCK_TIMEOUT:g} s; nothing was changed: try again",
+                errno.EBUSY,
+            )
+        try:
+            if registry._commit_depth == 0:
+                _flock_within(
+                    registry._lock_fd,
+                    fcntl.LOCK_EX,
+                    registry._lock_path,
+                    "the commit lock",
+                    COMMIT_LOCK_TIMEOUT,
+                    started,
+                )
+            registry._commit_depth += 1
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        registry = self._registry
+        try:
+            if os.getpid() == self._pid:  # a forked child leaving the block has nothing to release
+                registry._commit_depth -= 1
+                if registry._commit_depth == 0:
+                    fcntl.flock(registry._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
+
+
+class _Transaction:
+    """One transaction on a registry's connection, begun with `begin` (BEGIN: a read; BEGIN
+    IMMEDIATE: a write), holding the registry's mutex: committed when its block ends, rolled back
+    when the block raises. An SQLite error in it, in the block too, is raised as RegistryError
+    (`SQLiteRegistry._error`). A class rather than a generator: every commit opens one."""
+
+    __slots__ = ("_registry", "_begin", "_conn", "_started")
+
+    def __init__(self, registry: SQLiteRegistry, begin: str) -> None:
+        self._registry, self._begin = registry, begin
+
+    def __enter__(self) -> SQLiteTransaction:
+        registry = self._registry
+        registry._mutex.acquire()
+        self._started = time.monotonic()
+        try:
+            self._conn = registry._connection()
+            self._conn.execute(self._begin)
+        except BaseException as e:
+            registry._mutex.release()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise registry._error(e, self._started) from e
+            raise
+        return SQLiteTransaction(self._conn)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        registry, conn = self._registry, self._conn
+        try:
+            if error is None:
+                started = time.monotonic()
+                try:
+                    conn.execute("COMMIT")
+                    return
+                except sqlite3.DatabaseError as e:
+                    error, self._started = e, started
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(error, sqlite3.DatabaseError):
+                raise registry._error(error, self._started) from error
+        finally:
+            registry._mutex.release()
+
+
 class SQLiteRegistry:
     """The registry of the volume whose registry directory is `directory` (see registry.Registry)."""
 
@@ -586,6 +674,7 @@ class SQLiteRegistry:
         missing (and no globs were given), corrupt, of another schema version, or busy too long."""
         self._directory = directory
         self._path = os.path.join(directory, DB_FILE)
+        self._lock_path = os.path.join(directory, LOCK_NAME)
         self._mutex = threading.RLock()
         self._commit_mutex = threading.RLock()
         self._commit_depth = 0
@@ -631,22 +720,18 @@ class SQLiteRegistry:
             if os.path.isdir(legacy):
                 objects.remove_files(legacy)
             return
-        started = time.monotonic()
-        try:
-            with self._transaction("BEGIN IMMEDIATE") as tx:
-                version = self._schema_version(conn)
-                if version in MIGRATES_FROM:
-                    for statement in (*VERSIONS_DDL, *objects.CONTENTS_DDL):
-                        conn.execute(statement)
-                    if version == "1":
-                        named = {row[0] for row in conn.execute("SELECT hash FROM versions WHERE pruned = 0")}
-                        named |= {i.hash for i in tx.intents() if i.hash is not None}
-                        objects.import_files(conn, legacy, named)
-                    else:
-                        objects.split_rows(conn)
-                    tx.put_meta("schema_version", str(SCHEMA_VERSION))
-        except sqlite3.DatabaseError as e:
-            raise self._error(e, started) from e
+        with _Transaction(self, "BEGIN IMMEDIATE") as tx:
+            version = self._schema_version(conn)
+            if version in MIGRATES_FROM:
+                for statement in (*VERSIONS_DDL, *objects.CONTENTS_DDL):
+                    conn.execute(statement)
+                if version == "1":
+                    named = {row[0] for row in conn.execute("SELECT hash FROM versions WHERE pruned = 0")}
+                    named |= {i.hash for i in tx.intents() if i.hash is not None}
+                    objects.import_files(conn, legacy, named)
+                else:
+                    objects.split_rows(conn)
+                tx.put_meta("schema_version", str(SCHEMA_VERSION))
         objects.remove_files(legacy)
 
     @staticmethod
@@ -755,7 +840,7 @@ class SQLiteRegistry:
                 "it was left untouched: move it aside to start a new registry"
             ) from e
         self._conn = conn
-        self._lock_fd = os.open(os.path.join(self._directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._pid = os.getpid()
 
     def _let_go(self) -> None:
@@ -844,32 +929,10 @@ class SQLiteRegistry:
 
     # -- locking and transactions ---------------------------------------------------
 
-    @contextmanager
-    def commit_lock(self) -> Iterator[None]:
+    def commit_lock(self) -> _CommitLock:
         """Exclusive across threads and processes; re-entrant within a thread; freed if the process
         dies; waited for at most COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY)."""
-        self._connection()
-        started, pid, mutex = time.monotonic(), os.getpid(), self._commit_mutex
-        path = os.path.join(self._directory, LOCK_NAME)
-        if not mutex.acquire(timeout=COMMIT_LOCK_TIMEOUT):
-            raise RegistryError(
-                f"the commit lock {path!r} stayed held by another thread of this process for more "
-                f"than {COMMIT_LOCK_TIMEOUT:g} s; nothing was changed: try again",
-                errno.EBUSY,
-            )
-        try:
-            if self._commit_depth == 0:
-                _flock_within(self._lock_fd, fcntl.LOCK_EX, path, "the commit lock", COMMIT_LOCK_TIMEOUT, started)
-            self._commit_depth += 1
-            try:
-                yield
-            finally:
-                if os.getpid() == pid:  # a forked child leaving the block has nothing to release
-                    self._commit_depth -= 1
-                    if self._commit_depth == 0:
-                        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        finally:
-            mutex.release()
+        return _CommitLock(self)
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
         """One consistent read of a file record and an agent's view of it (no explicit transaction)."""
@@ -878,29 +941,6 @@ class SQLiteRegistry:
             try:
                 return SQLiteTransaction(self._connection()).file_and_view(path, agent)
             except sqlite3.DatabaseError as e:
-                raise self._error(e, started) from e
-
-    @contextmanager
-    def _transaction(self, begin: str) -> Iterator[SQLiteTransaction]:
-        with self._mutex:
-            conn = self._connection()
-            started = time.monotonic()
-            try:
-                conn.execute(begin)
-            except sqlite3.OperationalError as e:
-                raise self._error(e, started) from e
-            try:
-                yield SQLiteTransaction(conn)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            started = time.monotonic()
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.DatabaseError as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
                 raise self._error(e, started) from e
 
     def _error(self, e: sqlite3.DatabaseError, started: float) -> RegistryError:
@@ -926,27 +966,19 @@ class SQLiteRegistry:
             return RegistryError(f"registry {self._path!r}: no space left on the device ({e})", errno.ENOSPC)
         return RegistryError(f"registry {self._path!r} failed: {e}")
 
-    @contextmanager
-    def read(self) -> Iterator[SQLiteTransaction]:
-        started = time.monotonic()
-        try:
-            with self._transaction("BEGIN") as tx:
-                yield tx
-        except sqlite3.DatabaseError as e:
-            raise self._error(e, started) from e
+    def read(self) -> _Transaction:
+        return _Transaction(self, "BEGIN")
 
     def transact(self, fn: Callable[[SQLiteTransaction], R]) -> R:
-        """`Registry.transact`. BEGIN IMMEDIATE takes SQLite's write lock first (with its busy wait),
-        so no SQLite error here is a conflict a re-run could resolve: each is a RegistryError."""
-        return retried(lambda: self._write(fn), repr(self._path))
+        """`Registry.transact`: `fn` runs once. BEGIN IMMEDIATE takes SQLite's write lock first (with
+        its busy wait), so no SQLite error here is a conflict a re-run could resolve (`Retry`): each
+        is a RegistryError."""
+        return self._write(fn)
 
     def _write(self, fn: Callable[[SQLiteTransaction], R]) -> R:
-        started = time.monotonic()
-        try:
-            with self._transaction("BEGIN IMMEDIATE") as tx:
-                return fn(tx)
-        except sqlite3.DatabaseError as e:
-            raise self._error(e, started) from e
+        """`fn` run in one write transaction."""
+        with _Transaction(self, "BEGIN IMMEDIATE") as tx:
+            return fn(tx)
 
     def close(self) -> None:
         """Close the connection and the commit lock's descriptor (in a forked child that never used
