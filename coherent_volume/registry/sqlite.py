@@ -217,6 +217,9 @@ class SQLiteTransaction:
             return None, self.view(agent, path)
         return _record(row[:-1]), row[-1]
 
+    def read_ahead(self, path: str, agent: str) -> None:
+        """Nothing to send ahead: every read is local."""
+
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
         row = self._c.execute(
             f"SELECT {', '.join('f.' + c for c in _FILE_COLS.split(', '))}, "
