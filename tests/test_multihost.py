@@ -9,11 +9,16 @@ are real (kill -9, a link taken down, `rm -rf`, a shell writing a managed file).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +41,54 @@ def killed(self):  # the fault point: the commit's transaction committed, its lo
 Staged.install = killed
 vol.write(sys.argv[2], sys.argv[3])
 """
+
+PAUSED_COMMITTER = r"""
+import json, os, signal, sys, time
+from coherent_volume import CoherentVolume, RegistryError
+from coherent_volume.atomic import Staged
+from coherent_volume.registry.pg_transaction import PostgresTransaction
+root, path, at, gate = sys.argv[1:5]
+vol = CoherentVolume(root, agent="bob")
+vol.read(path)
+paused = []
+def pause():
+    if not paused:
+        paused.append(1)
+        print(json.dumps({"paused": os.getpid()}), flush=True)
+        if gate == "-":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        while gate != "-" and not os.path.exists(gate):
+            time.sleep(0.01)
+if at == "its transaction":  # its first round trip made (the volume's lock taken, its decision read)
+    commit = PostgresTransaction.commit
+    def before_commit(self):
+        pause()
+        commit(self)
+    PostgresTransaction.commit = before_commit
+else:  # its COMMIT made, its local install not begun
+    install = Staged.install
+    def before_install(self, *args, **kwargs):
+        pause()
+        return install(self, *args, **kwargs)
+    Staged.install = before_install
+try:
+    out = {"version": vol.write(path, "bob's\n")}
+except RegistryError as e:
+    out = {"error": type(e).__name__, "message": str(e), "errno": e.errno}
+print(json.dumps(out), flush=True)
+"""
+"""bob's commit of PATH on his working copy, paused once at AT (its transaction, between its first
+round trip and its COMMIT; or its install, after its COMMIT): SIGSTOP of itself when GATE is "-",
+else until the file GATE exists (argv: root, path, at, gate)."""
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (T: stopped), None when the process is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rindex(b")") + 2 :].split()[0].decode()
 
 
 # ---- the bed: three hosts, one PostgreSQL, one volume with a working copy on each host ------------
@@ -233,6 +286,122 @@ def test_a_partitioned_host_fails_closed_with_a_typed_error_and_works_after_the_
     assert bob.read("plans/a.md") == "two\n"
     assert bob.write("plans/a.md", "three\n")["version"] == 3
     assert alice.read("plans/a.md") == "three\n"
+
+
+# ---- the volume's lock in the database: a transaction's, never a session's -------------------------------
+
+
+@contextlib.contextmanager
+def _paused_committer(volume: BedVolume, at: str, gate: str) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """bob's PAUSED_COMMITTER on h2, once paused: (its process, its root-namespace pid, its pid in
+    h2); killed at the end if it is still there (a test that failed)."""
+    h2 = volume.hosts[1]
+    bob = h2.popen(
+        [PY, "-c", PAUSED_COMMITTER, str(volume.roots[1]), "plans/a.md", at, gate],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid = None
+    try:
+        assert bob.stdout is not None
+        line = bob.stdout.readline()
+        assert line, bob.communicate()[1][-3000:]
+        pid = h2.pid_of(bob)
+        if gate == "-":  # it stops itself after saying so
+            deadline = time.monotonic() + 10
+            while _state(pid) != "T":
+                assert time.monotonic() < deadline, f"bob did not stop: {_state(pid)}"
+                time.sleep(0.005)
+        yield bob, pid, json.loads(line)["paused"]
+    finally:
+        if bob.poll() is None:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            bob.kill()
+            bob.communicate()
+
+
+def _answer(bob: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = bob.communicate(timeout=120)
+    assert bob.returncode == 0, err[-3000:]
+    answer: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return answer
+
+
+@pytest.mark.parametrize("at", ["its transaction", "its install"])
+def test_a_committer_paused_holds_no_other_host_up_longer_than_the_server_ends_its_transaction(
+    volume: BedVolume, at: str
+) -> None:
+    """bob (h2) is stopped (SIGSTOP, his kernel and TCP session alive) in the middle of a commit:
+    between his transaction's first round trip and its COMMIT, or after the COMMIT, before his
+    install. alice (h1) commits while he stays stopped: at once when he holds no transaction, once
+    the server ended his (idle_in_transaction_session_timeout) when he does. Resumed, his commit
+    fails closed with nothing recorded (ETIMEDOUT), or, committed before he stopped, is installed
+    and reported as the version it is."""
+    alice = volume.agent(1, "alice")
+    alice.write("plans/a.md", "one\n")
+    h2 = volume.hosts[1]
+    with _paused_committer(volume, at, "-") as (bob, pid, inner):
+        try:
+            if at == "its install":  # between transactions: nothing of his in the database holds anyone
+                assert volume.sql(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                    "WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+                ) == [(0,)]
+            answer = alice.write("plans/b.md", "alice's\n")
+            assert answer.get("version") == 1, answer
+            assert _state(pid) == "T"  # alice committed while bob was still stopped
+            print(f"paused at {at}: alice committed after {answer['seconds']:.1f} s")
+            sessions = volume.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'idle in transaction'",
+                (f"coherent-volume h2 {inner}",),
+            )
+            assert sessions == [(0,)]  # none of his is left in a transaction: the server ended it
+        finally:
+            h2.resume(pid)
+        late = _answer(bob)
+    history = alice.do("history", "plans/a.md")["history"]
+    if at == "its transaction":
+        assert late["error"] == "RegistryError" and late["errno"] == errno.ETIMEDOUT, late
+        assert "idle_in_transaction_session_timeout" in late["message"] and "Nothing was written" in late["message"]
+        assert history == [[1, "commit", "alice"]]  # nothing of his recorded
+        assert (volume.roots[1] / "plans/a.md").read_text() == "one\n"
+        assert os.listdir(volume.roots[1] / ".coherent/staging") == []
+    else:
+        assert late == {"version": 2}, late
+        assert history == [[2, "commit", "bob"], [1, "commit", "alice"]]
+        assert (volume.roots[1] / "plans/a.md").read_text() == "bob's\n"
+    assert alice.read("plans/a.md") == ("one\n" if at == "its transaction" else "bob's\n")
+    assert volume.agent(2, "carol").read("plans/b.md") == "alice's\n"
+
+
+def test_a_committer_cut_off_in_its_transaction_holds_no_other_host_up_and_nothing_of_it_is_recorded(
+    volume: BedVolume, tmp_path: Path
+) -> None:
+    """h2 is cut off (link down) between bob's first round trip and his COMMIT: alice (h1) commits
+    while h2 is still cut off (the server ends bob's transaction, idle, and its lock with it). After
+    the heal, bob's transaction is found not committed and is run again: one version of his, never
+    two, and none from the transaction that was cut off."""
+    alice = volume.agent(1, "alice")
+    alice.write("plans/a.md", "one\n")
+    gate = tmp_path / "go"
+    h2 = volume.hosts[1]
+    with _paused_committer(volume, "its transaction", str(gate)) as (bob, _, _):
+        h2.partition()
+        try:
+            gate.touch()  # bob sends his COMMIT into the cut
+            answer = alice.write("plans/b.md", "alice's\n")
+            assert answer.get("version") == 1, answer
+            assert bob.poll() is None  # alice committed while bob still waited, cut off
+            print(f"cut off in a transaction: alice committed after {answer['seconds']:.1f} s")
+        finally:
+            h2.heal()
+        assert _answer(bob) == {"version": 2}
+    assert alice.do("history", "plans/a.md")["history"] == [[2, "commit", "bob"], [1, "commit", "alice"]]
+    assert volume.sql("SELECT count(*) FROM cv_versions WHERE writer = 'bob'") == [(1,)]
+    assert alice.read("plans/a.md") == "bob's\n"
 
 
 # ---- the rule: behind, foreign or same (protocol.local_state) ---------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,13 @@ from .harness.bench_registry import Counted, count, turns
 from .harness.commitproxy import CommitProxy
 from .test_registry_postgresql import _pg_volume, _q
 
-COMMIT_ROUND_TRIPS = 5
+COMMIT_ROUND_TRIPS = 2
 """A whole-file write following another, with the core as it is (no unlocked guess `_doomed` in a
-working copy): the commit lock (the advisory lock and the serial: 1), the write transaction's BEGIN + serial bump +
-commit id + recovery's read of the intents (1; the previous commit's intent, installed, is dropped
-with a queued write), the decision's read of the file, view, grant and fence (`write_state`: 1), its
-writes (intent, content, file, version, view, log) with COMMIT (1), the lock's release (1). The one
-WAL flush is that COMMIT's."""
+working copy): BEGIN, the volume's lock, the serial bump with the commit id, the decision's
+`write_state` read ahead and recovery's read of the intents (1; the previous commit's intent,
+installed, is dropped with a queued write), then its writes (intent, content, file, version, view,
+log) with COMMIT (1). The one WAL flush is that COMMIT's. What the commit installed is reported
+after it, on a round trip of its own (`pg_hosts.REPORT_AFTER`: none in the count)."""
 READ_ROUND_TRIPS = 1
 """A tracked read of an unchanged file whose view is current: `peek`."""
 
@@ -59,6 +59,39 @@ def test_a_commit_and_a_tracked_read_make_the_round_trips_counted_on_the_wire(
         root = _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}")
         counted = count(counter, lambda: int(_q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]), str(root))
     assert counted == Counted(commit=COMMIT_ROUND_TRIPS, read=READ_ROUND_TRIPS, transactions=1)
+
+
+def test_a_read_ahead_answers_as_the_read_asked_then_and_costs_no_round_trip_of_its_own(
+    tmp_path: Path, pg_cluster: Any, pg_url: str
+) -> None:
+    db = pg_url.rsplit("/", 1)[1]
+    with turns(pg_cluster.port) as counter:
+        registry = _registry(_pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}"))
+        try:
+            registry.transact(lambda tx: tx.put_file(FileRecord("plans/a.md", 1, True, "h1", None, "alice", 1.0, 0)))
+
+            def asked(write: Callable[[Transaction], None]) -> tuple[Any, int]:
+                def fn(tx: Transaction) -> tuple[Any, int]:
+                    tx.read_ahead("plans/a.md", "alice")
+                    tx.intents()  # the transaction's first read: the read ahead goes with it
+                    write(tx)
+                    before = counter.count
+                    return tx.write_state("plans/a.md", "alice"), counter.count - before
+
+                return registry.transact(fn)
+
+            # a write of a table write_state does not read: answered from what was read ahead
+            (record, view, grant, fenced), trips = asked(lambda tx: tx.drop_intent("plans/a.md"))
+            assert (record is not None and record.version, view, grant, fenced, trips) == (1, None, None, False, 0)
+            # a write of one it reads: read again, after that write
+            (record, view, _, _), trips = asked(lambda tx: tx.put_view("alice", "plans/a.md", 1, 2.0))
+            assert (view, trips) == (1, 1)
+            (record, _, _, _), trips = asked(
+                lambda tx: tx.put_file(FileRecord("plans/a.md", 2, True, "h2", None, "bob", 3.0, 0))
+            )
+            assert (record is not None and record.version, trips) == (2, 1)
+        finally:
+            registry.close()
 
 
 def test_queued_writes_go_with_the_next_read_and_a_read_sees_them(
@@ -154,19 +187,22 @@ def test_a_lost_commit_or_reply_with_queued_writes_is_resolved_by_the_commit_id(
     assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] == commits + 1
 
 
-def test_the_commit_locks_wait_runs_out_with_the_holder_named_and_nothing_written(
+def test_the_volumes_lock_is_waited_for_a_bounded_time_with_its_holder_named_and_nothing_written(
     registry: postgresql.PostgresRegistry, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.3)
     key = int.from_bytes(registry.volume_id.bytes[:4], "big", signed=True)
     with psycopg.connect(pg_url, autocommit=True, application_name="the holder") as holder:
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", (pg_registry.LOCK_CLASS, key))
-        with pytest.raises(RegistryError) as busy, registry.commit_lock():
-            pass
-    assert busy.value.errno == errno.EBUSY and "held by the holder (PostgreSQL backend" in str(busy.value)
-    with registry.commit_lock():  # the holder's session ended: free
+        holder.execute("BEGIN")  # a write transaction of the volume in another process, left open
+        holder.execute("SELECT pg_advisory_xact_lock(%s, %s)", (pg_registry.LOCK_CLASS, key))
+        with registry.commit_lock(), pytest.raises(RegistryError) as busy:  # this working copy's own: free
+            registry.transact(lambda tx: tx.put_meta("during", "1"))
+        assert busy.value.errno == errno.EBUSY
+        assert "held by the holder (PostgreSQL backend" in str(busy.value), busy.value
+        assert "idle in transaction)" in str(busy.value), busy.value
+        holder.execute("COMMIT")  # its transaction ends, and the lock with it
         registry.transact(lambda tx: tx.put_meta("after", "1"))
-    assert _q(pg_url, "SELECT value FROM cv_meta WHERE key = 'after'") == [("1",)]
+    assert _q(pg_url, "SELECT key FROM cv_meta WHERE key IN ('during', 'after')") == [("after",)]
 
 
 # ---- write_state, on both backends ---------------------------------------------------------------------

@@ -324,14 +324,22 @@ HOLD = """
 import sys, time
 from coherent_volume.core import open_core
 core = open_core(sys.argv[1])
-with core.registry.commit_lock():
-    print("held", flush=True)
-    time.sleep(120)
+if sys.argv[2] == "transaction":  # the database's part: a write transaction of the volume, left open
+    def hold(tx):
+        tx.file("plans/a.md")  # its first round trip: the volume's lock is taken
+        print("held", flush=True)
+        time.sleep(120)
+    core.registry.transact(hold)
+else:  # this working copy's own
+    with core.registry.commit_lock():
+        print("held", flush=True)
+        time.sleep(120)
 """
 
 
-def _holder(root: Path) -> subprocess.Popen[str]:
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+def _holder(root: Path, what: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}  # held until killed
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(root), what], stdout=subprocess.PIPE, text=True, env=env)
     assert p.stdout is not None and p.stdout.readline().strip() == "held"
     return p
 
@@ -341,7 +349,10 @@ def test_the_commit_lock_names_its_holder_and_is_freed_when_it_is_killed(
     tmp_path: Path, root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     other = _join(tmp_path / "other", pg_url)
-    holder = _holder(other if where == "another working copy" else root)
+    if where == "another working copy":  # its commit lock holds nothing here: its open transaction does
+        holder = _holder(other, "transaction")
+    else:
+        holder = _holder(root, "commit lock")
     try:
         monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
         with CoherentVolume(root, agent="alice") as v:
@@ -558,6 +569,45 @@ def test_a_forked_child_never_uses_or_ends_its_parents_sessions(root: Path) -> N
     assert done.stdout.split() == ["2"]
 
 
+FORK_DURING_A_REPORT = """
+import os, signal, sys, threading, time
+from coherent_volume import CoherentVolume
+from coherent_volume.registry.replica import Replica
+parent = os.getpid()
+inside, go = threading.Event(), threading.Event()
+unreported = Replica.unreported
+def held(self):  # the parent's reporting thread is inside the working copy's state when the fork comes
+    if os.getpid() == parent and threading.current_thread().name == "coherent-volume working copy report":
+        with self._mutex:
+            inside.set()
+            go.wait(60)
+    return unreported(self)
+Replica.unreported = held
+v = CoherentVolume(sys.argv[1], agent="parent")
+v.write("plans/a.md", "one\\n")  # its report is sent half a second later, by the reporting thread
+assert inside.wait(30)
+pid = os.fork()
+if pid == 0:
+    v.write("plans/b.md", "child\\n")  # records what its working copy holds
+    os._exit(0)
+deadline = time.monotonic() + 30
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        go.set()
+        sys.exit("the child hung on the working copy's state its parent's thread held at the fork")
+    time.sleep(0.05)
+go.set()
+print(v.read("plans/b.md").decode().strip())
+"""
+
+
+def test_a_child_forked_while_a_thread_is_inside_the_working_copys_state_goes_on(root: Path) -> None:
+    done = run_py(FORK_DURING_A_REPORT, str(root))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["child"]
+
+
 def test_content_is_stored_in_parts_and_served_only_whole_and_intact(
     root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -606,9 +656,10 @@ with CoherentVolume(root, agent="alice") as v:
 def test_a_commit_whose_database_session_ended_before_its_install_never_replaces_a_newer_version(
     tmp_path: Path, root: Path, pg_url: str, bob_in: str
 ) -> None:
-    """Alice's decision is committed and she is about to install it when her session (holding the
-    database's commit lock) is terminated; bob then reads and commits. Her install must not land over
-    bob's newer version, in either working copy, and her commit is reported as what it is."""
+    """Alice's decision is committed and she is about to install it when her database sessions are
+    terminated (none holds a lock: the database's lock ended with her COMMIT; her working copy's is
+    her process's); bob then reads and commits. Her install must not land over bob's newer version,
+    in either working copy, and her commit is reported as what it is."""
     other = _join(tmp_path / "other", pg_url) if bob_in == "another working copy" else root
     with CoherentVolume(root, agent="seed") as v:
         v.write("plans/p.md", "base\n")
@@ -622,12 +673,16 @@ def test_a_commit_whose_database_session_ended_before_its_install_never_replaces
         while not (gate / "at-install").exists():
             assert alice.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
+        assert _q(
+            pg_url,
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+        ) == [(0,)]
         ended = _q(
             pg_url,
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"coherent-volume {socket.gethostname()} {alice.pid}",),
         )
-        assert ended == [(True,)]
+        assert ended and all(done for (done,) in ended)
 
         def bob_commits() -> int:
             with CoherentVolume(other, agent="bob") as b:

@@ -72,6 +72,22 @@ def volume(hosts: Hosts, tmp_path: Path) -> Iterator[Volume]:
         yield v
 
 
+def _reported(volume: Volume, host: str, holds: dict[str, int], within: float = 15.0) -> None:
+    """Wait (at most `within` s) until the working copy of `host` reported that it holds `holds`:
+    a copy reports what it installed after its commit lock's release, on a round trip of its own."""
+    deadline = time.monotonic() + within
+    while True:
+        rows = volume.sql(
+            "SELECT h.path, h.version FROM cv_replica_holds h JOIN cv_replicas r ON r.id = h.replica "
+            "WHERE r.hostname = %s",
+            (host,),
+        )
+        if all(dict(rows).get(path) == version for path, version in holds.items()):
+            return
+        assert time.monotonic() < deadline, f"{host} reported {rows}, not {holds}, within {within} s"
+        time.sleep(0.05)
+
+
 def _committed_at(volume: Volume, path: str, version: int) -> float:
     [(at,)] = volume.sql("SELECT at FROM cv_versions WHERE path = %s AND version = %s", (path, version))
     return float(at)
@@ -84,7 +100,8 @@ def test_status_hosts_shows_how_far_behind_each_working_copy_is_and_when_it_was_
         assert alice.do("write", f"plans/{name}.md", f"{name}\n")["version"] == 1
     carol = volume.agent(3, "carol")
     assert carol.do("read", "plans/a.md")["data"] == "a\n"
-    carol.close()  # h3 runs no process of the volume any more
+    carol.close()  # h3 runs no process of the volume any more (it reported as it exited)
+    _reported(volume, "h1", {"plans/a.md": 1, "plans/b.md": 1, "plans/c.md": 1})
 
     copies = volume.copies(1)
     assert sorted(copies) == ["h1", "h2", "h3"]
@@ -126,6 +143,7 @@ def test_status_hosts_shows_how_far_behind_each_working_copy_is_and_when_it_was_
     # a working copy wiped while its host is stopped: still listed, further behind with each commit
     assert volume.hosts[2].run(["rm", "-rf", str(volume.roots[2])]).returncode == 0
     assert alice.do("write", "plans/a.md", "a, again\n")["version"] == 2
+    _reported(volume, "h1", {"plans/a.md": 2})
     copies = volume.copies(1)
     assert [copies[h]["behind"] for h in ("h1", "h2", "h3")] == [0, 3, 3]
     assert copies["h3"]["behind_since"] == _committed_at(volume, "plans/b.md", 1)  # still the oldest it lacks
@@ -135,10 +153,12 @@ def test_status_hosts_shows_how_far_behind_each_working_copy_is_and_when_it_was_
     for name in ("a", "b", "c"):
         bob.do("read", f"plans/{name}.md")
     assert bob.do("write", "plans/c.md", "c by bob\n")["version"] == 2
+    _reported(volume, "h2", {"plans/a.md": 2, "plans/b.md": 1, "plans/c.md": 2})
     copies = volume.copies(1)
     assert [copies[h]["behind"] for h in ("h1", "h2", "h3")] == [1, 0, 3]
     assert copies["h2"]["seen_ago"] < 5
     assert alice.do("read", "plans/c.md")["data"] == "c by bob\n"
+    _reported(volume, "h1", {"plans/c.md": 2})
     assert volume.copies(1)["h1"]["behind"] == 0
 
 
@@ -158,19 +178,29 @@ def test_a_report_the_server_refuses_never_fails_the_commit_and_goes_with_the_ne
     pg_url: str, tmp_path: Path
 ) -> None:
     root = init(subprocess.run, tmp_path / "first", pg_url, create=True)
-    vol = CoherentVolume(root, agent="alice")
-    try:
+    with CoherentVolume(root, agent="alice") as vol:
         assert vol.write("plans/a.md", "one\n") == 1
-        assert _held(pg_url, root) == {"plans/a.md": 1}
-        sql(pg_url, "ALTER TABLE cv_replica_holds ADD CONSTRAINT refused CHECK (version < 0) NOT VALID")
+    assert _held(pg_url, root) == {"plans/a.md": 1}  # reported by the time the volume is closed
+    sql(pg_url, "ALTER TABLE cv_replica_holds ADD CONSTRAINT refused CHECK (version < 0) NOT VALID")
+    with CoherentVolume(root, agent="alice") as vol:
         assert vol.write("plans/a.md", "two\n") == 2  # its report is refused by the server
         assert vol.write("plans/b.md", "bee\n") == 1
-        assert _held(pg_url, root) == {"plans/a.md": 1}  # behind as the registry knows it, never ahead
-        sql(pg_url, "ALTER TABLE cv_replica_holds DROP CONSTRAINT refused")
+    assert _held(pg_url, root) == {"plans/a.md": 1}  # behind as the registry knows it, never ahead
+    sql(pg_url, "ALTER TABLE cv_replica_holds DROP CONSTRAINT refused")
+    with CoherentVolume(root, agent="alice") as vol:
         assert vol.write("plans/c.md", "sea\n") == 1
-        assert _held(pg_url, root) == {"plans/a.md": 2, "plans/b.md": 1, "plans/c.md": 1}
-    finally:
-        vol.close()
+    assert _held(pg_url, root) == {"plans/a.md": 2, "plans/b.md": 1, "plans/c.md": 1}
+
+
+def test_what_a_commit_installed_is_reported_soon_after_with_no_other_call(pg_url: str, tmp_path: Path) -> None:
+    root = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    with CoherentVolume(root, agent="alice") as vol:
+        assert vol.write("plans/a.md", "one\n") == 1
+        assert vol.write("plans/b.md", "bee\n") == 1
+        deadline = time.monotonic() + 15
+        while _held(pg_url, root) != {"plans/a.md": 1, "plans/b.md": 1}:  # the volume stays open, unused
+            assert time.monotonic() < deadline, _held(pg_url, root)
+            time.sleep(0.05)
 
 
 def test_a_process_that_only_registers_views_bumps_last_seen_when_due(

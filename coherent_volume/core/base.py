@@ -207,15 +207,18 @@ class CoreBase:
                 self._owned.discard(grant.token)
         self.leases.drop(grant.token)
 
-    def _transact(self, fn: Callable[[Transaction], R]) -> R:
+    def _transact(self, fn: Callable[[Transaction], R], ahead: tuple[str, str] | None = None) -> R:
         """Where every decision of the protocol is taken: under the commit lock (re-entrant), one
         write transaction in which every interrupted commit is first completed or abandoned, then
         `fn`. The registry may run it more than once (`Registry.transact`), so `fn` reads the disk
         and changes only the transaction: changes to the disk or to this process's memory come
         after it returns, under a commit lock the caller holds around both when they must stay in
-        step."""
+        step. `ahead`: (path, agent) of the `write_state` that `fn` reads first
+        (`Transaction.read_ahead`)."""
 
         def decide(tx: Transaction) -> R:
+            if ahead is not None:
+                tx.read_ahead(*ahead)
             self._recover(tx)
             return fn(tx)
 

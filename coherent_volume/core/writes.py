@@ -304,7 +304,7 @@ class Writes(Reads):
             return _Decided(version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists)
 
         try:
-            decided = self._transact(decide)
+            decided = self._transact(decide, ahead=(target.rel, agent))
             if decided.done:
                 self._handle_ended(handle)
                 return decided.version

@@ -8,6 +8,16 @@ never while one is open. Every wait for a lock is bounded: past it, RegistryErro
 which lock and, when the system tells, who holds it. A forked child never holds (or keeps
 alive) its parent's locks.
 
+What the commit lock covers: every process that changes the volume's files on this disk (SQLite:
+the volume's root, one per volume; PostgreSQL: this working copy, one per host) decides, recovers
+and installs under it, so a holder's disk changes nothing but what it does itself, across all the
+transactions it runs under one hold. Every write transaction is serial with every other of the
+volume by itself (SQLite: BEGIN IMMEDIATE, under the commit lock; PostgreSQL: the volume's lock in
+the database, taken by the transaction and released by its COMMIT, so another host's transaction
+may commit between two transactions of one hold). What a hold relies on across several
+transactions is therefore its own disk and its own transactions' outcomes, never that the
+registry stood still (docs/multihost.md lists each such call site and why that is enough).
+
 Retry rule: every write goes through `transact(fn)`, which may run `fn` more than once (a
 backend re-runs it in a new transaction when its engine aborted the last one as a conflict that
 a re-run may resolve, `Retry`), so `fn` changes nothing but its transaction.
@@ -109,6 +119,13 @@ class Transaction(Protocol):
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
         """What a write decision reads of `path`, in one statement: (`file(path)`, `view(agent,
         path)`, `grant(path)`, `fenced(agent, path)`), as those four would answer now."""
+        ...
+
+    def read_ahead(self, path: str, agent: str) -> None:
+        """Say that this transaction will ask `write_state(path, agent)`; its answer is the same
+        either way. A backend whose reads are round trips away sends that read with the
+        transaction's first one (PostgreSQL: with its opening), and reads it again if the
+        transaction wrote what it reads meanwhile."""
         ...
 
     def put_file(self, record: FileRecord) -> None: ...
@@ -239,8 +256,9 @@ class Registry(Protocol):
     @property
     def globs(self) -> ManagedGlobs: ...
     def commit_lock(self) -> AbstractContextManager[None]:
-        """Exclusive across threads and processes, re-entrant within a thread, freed when its holder
-        dies; waited for a bounded time, then RegistryError(EBUSY)."""
+        """Exclusive across the threads and processes that change the volume's files on this disk
+        (see the module's locking rule), re-entrant within a thread, freed when its holder dies;
+        waited for a bounded time, then RegistryError(EBUSY)."""
         ...
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...

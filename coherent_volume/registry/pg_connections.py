@@ -29,14 +29,15 @@ POOL_SIZE = 4
 LOCK_CLASS = 0x6376
 """First key of the advisory locks of coherent-volume ('cv'); the second is the volume's (0: migrations)."""
 SESSION_SETTINGS = {
-    "idle_in_transaction_session_timeout": "5s",  # a vanished client's row locks go within 5 s
+    "idle_in_transaction_session_timeout": "5s",  # a paused or vanished client's transaction, and the
+    # volume's lock with it, ends within 5 s of its last statement (legitimate gaps are milliseconds)
     "lock_timeout": "5s",  # a row-lock waiter fails typed (EBUSY) instead of hanging
     "statement_timeout": "30s",
     "tcp_keepalives_idle": "5",  # the server notices a dead client within 5 + 3 x 2 s
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "10000",  # ms: a reply the client never acknowledges (it was cut off as the
-    # commit lock was granted to it: no keepalive runs while data is unacknowledged) ends the session
+    "tcp_user_timeout": "10000",  # ms: a reply the client never acknowledges (it was cut off: no
+    # keepalive runs while data is unacknowledged) ends the session
 }
 LIBPQ_SETTINGS: dict[str, Any] = {
     "keepalives": 1,
@@ -88,7 +89,7 @@ def _unconnected(e: BaseException, location: Location) -> RegistryError:
         return RegistryError(
             f"the registry at {location.server} refused a new connection: every connection slot is taken "
             f"({_first_line(e)}); nothing was written. Raise the server's max_connections (each process of the "
-            "volume opens up to 4, plus one for the commit lock and one for a mount's listener) or run fewer "
+            "volume opens up to 4, and one more for a mount's listener) or run fewer "
             "processes, then try again",
             errno.EBUSY,
         )

@@ -4,14 +4,16 @@ about itself (the versions it holds, when it was last seen), and how far behind 
 
 Invariants:
 - a copy reports that it holds a version only once its disk does (its Replica recorded it), and
-  only under its working copy's lock (`Replica.locked`, at the commit lock's release), so reports
-  reach the registry in the order the copy changed; a report that fails stays pending in the
-  Replica and goes with the next one. A copy never reports for another;
-- reports ride on a round trip the copy makes anyway (the commit lock's unlock, in one pipeline:
-  `PostgresRegistry._report`); only `last_seen` of a process that holds no commit lock (it only
-  registers views) takes one of its own, at most every SEEN_EVERY seconds. A report's commit does
-  not wait for a WAL flush (synchronous_commit off for it): a report lost by a crash of the server
-  makes the copy look behind on those paths (until it next installs them), never current;
+  only under its working copy's lock (the commit lock, `Replica.locked`), so reports reach the
+  registry in the order the copy changed; a report that fails stays pending in the Replica and goes
+  with the next one. A copy never reports for another;
+- a report is never part of a write transaction (a report the server refuses must fail nothing): it
+  goes on a round trip of its own, at most REPORT_AFTER s after the release of a commit lock that
+  left something to report, one for every such release in that time (`PostgresRegistry._report_now`);
+  `last_seen` of a process that holds no commit lock (it only registers views) goes at most every
+  SEEN_EVERY seconds. A report's commit does not wait for a WAL flush (synchronous_commit off for
+  it): a report lost by a crash of the server makes the copy look behind on those paths (until it
+  next installs them), never current;
 - "behind" is read in one statement: a path is behind in a copy when the copy's reported version
   is not the current one, except a deleted path the copy never held; `last_seen` and ages are on
   the database's clock, commit times on the committing host's (`time.time()` there);
@@ -36,6 +38,10 @@ if TYPE_CHECKING:
 
 SEEN_EVERY = 10.0
 """Seconds between two bumps of a copy's last_seen by one process (opening the volume bumps it too)."""
+REPORT_AFTER = 0.5
+"""Seconds from the release of a commit lock that left something to report (a commit's install) to
+the report: a commit's round trips stay its own, and the commits of a busy copy in that time share
+one report."""
 
 FORGET_AFTER = 3600.0
 """Seconds a working copy must have been unseen (on the database's clock) before `forget` removes it."""
@@ -145,6 +151,10 @@ class Reporter:
         """Whether this process's bump of last_seen is due."""
         return self._id is not None and time.monotonic() - self._seen >= SEEN_EVERY
 
+    def news(self, holdings: bool) -> bool:
+        """Whether `report(holdings)` would have a report (nothing changes)."""
+        return (holdings and self._id is not None and bool(self._replica.unreported())) or self.due()
+
     def report(self, holdings: bool) -> Report | None:
         """This copy's report, if it has one: with `holdings` (under the working copy's lock), the
         versions it holds that the registry was not told, with last_seen; else last_seen if due."""
@@ -155,8 +165,8 @@ class Reporter:
         return Report(holds)
 
     def queue(self, conn: psycopg.Connection[Any], report: Report) -> None:
-        """The statements of `report` on `conn`, in the caller's pipeline: one round trip, in one
-        implicit transaction with the caller's statements before them."""
+        """The statements of `report` on `conn`, in the caller's pipeline: one round trip, one
+        implicit transaction of their own."""
         conn.execute(_ASYNC)
         if report.holds:
             paths, versions = [p for p, _ in report.holds], [v for _, v in report.holds]

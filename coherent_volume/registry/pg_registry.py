@@ -2,26 +2,35 @@
 and which connection each call uses.
 
 Invariants:
-- every write transaction first bumps its volume's `serial` row: write transactions of a volume
-  are serial (as SQLite's BEGIN IMMEDIATE makes them) and READ COMMITTED statements after that
-  row lock see everything committed before; each records a commit id, so a COMMIT whose reply was
-  lost is resolved by looking the id up: never applied twice, never reported failed if it landed;
-- round trips: a write transaction's BEGIN and serial bump go with its first read, its writes with
-  the next read or its COMMIT (`PostgresTransaction`); a read transaction's BEGIN goes first, alone
-  (a pooled connection found lost there is replaced before anything is read); the advisory lock is
-  taken, and the serial read, in one round trip;
-- the commit lock is this working copy's flock (`Replica.locked`, held by the live process) and
-  then a session advisory lock keyed by the volume, held on the connection that then runs the
-  holding thread's transactions: the advisory lock is held exactly as long as that connection
-  lives. A lost connection is replaced and the lock re-taken; when a write transaction of the
-  volume committed meanwhile (its `serial` moved), the step that found it fails (RegistryError);
-- within a thread, every call made while it holds the commit lock or has a transaction open uses
-  that connection (content stored by a transaction's function is part of it);
+- the commit lock (`commit_lock`) is this working copy's own: a thread mutex and the copy's flock
+  (`Replica.locked`, held by the live process whatever becomes of its database sessions). It orders
+  the decisions, recoveries and installs of this host's processes; it holds nothing in the database;
+- the database's part is taken by every write transaction itself, first thing after its BEGIN: a
+  transaction-scoped advisory lock keyed by the volume (`pg_advisory_xact_lock`, waited for at most
+  COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder), then the bump of the volume's
+  `serial` row with the transaction's commit id. So write transactions of a volume are serial
+  across hosts (as SQLite's BEGIN IMMEDIATE makes them on one), READ COMMITTED statements after the
+  lock see everything committed before, and the lock ends with the transaction: at its COMMIT, at
+  its rollback, or when the server ends the session of a holder that stayed idle in it longer than
+  idle_in_transaction_session_timeout (paused, cut off). No lock is held between two transactions;
+- each write transaction records a commit id, so a COMMIT whose reply was lost is resolved by
+  looking the id up: never applied twice, never reported failed if it landed;
+- round trips: a write transaction's BEGIN, lock and serial bump go with its first read (and the
+  decision's `write_state`, when it is read ahead), its writes with the next read or its COMMIT
+  (`PostgresTransaction`); a read transaction's BEGIN goes first, alone (a pooled connection found
+  lost there is replaced before anything is read);
+- what this working copy now holds is reported (pg_hosts) under its commit lock, on a round trip of
+  its own at most REPORT_AFTER s after the release of a commit lock that left something to report
+  (one report for every commit in that time), never inside a write transaction (a refused report
+  fails nothing);
+- within a thread, every call made while it has a transaction open uses that transaction's
+  connection (content stored by a transaction's function is part of it);
 - a forked child never uses or closes its parent's connections (it opens its own).
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import threading
@@ -35,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import RegistryError
 from ..globs import ManagedGlobs
 from ..protocol import FileRecord
-from . import Retry, pg_connections, retried
+from . import Retry, pg_connections, pg_hosts, retried
 from .pg_connections import (
     IDLE_ENDED,
     LOCK_CLASS,
@@ -60,9 +69,12 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 COMMIT_LOCK_TIMEOUT = 30.0
-"""Seconds the commit lock is waited for before RegistryError(EBUSY)."""
+"""Seconds the commit lock is waited for before RegistryError(EBUSY): this working copy's lock,
+and the database's lock each write transaction takes."""
 LOST_RERUNS = 3
 """Runs of one write transaction whose connection is lost before COMMIT (a database restart)."""
+LOCK_TIMED_OUT = "55P03"
+"""lock_timeout ran out (in the first round trip of a write transaction: the volume's lock)."""
 
 
 class _Lost(Exception):
@@ -78,23 +90,13 @@ def _after_fork_in_child() -> None:
         registry._forked()
 
 
+def _at_exit() -> None:
+    for registry in list(_OPEN):
+        registry._last_report()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Held:
-    """The commit lock as one thread holds it: on `conn`; `serial`: the volume's
-    serial when taken or after this holder's last commit."""
-
-    def __init__(self, conn: psycopg.Connection[Any], serial: int) -> None:
-        self.conn: psycopg.Connection[Any] | None = conn
-        """None while it is being replaced, and after that failed (`lost` says why)."""
-        self.serial = serial
-        self.thread = threading.get_ident()
-        self.lost: str | None = None
-        """Why the lock was lost for good, if it was: every later step of this hold is refused."""
-        self.moved: str | None = None
-        """Why the next step of this hold is refused once (the lock was lost and taken again after
-        another process committed, found by a COMMIT that landed and so is reported a success)."""
+atexit.register(_at_exit)  # a process that never closed its volume reports what its copy holds too
 
 
 class PostgresRegistry:
@@ -114,12 +116,21 @@ class PostgresRegistry:
 
     def _forked(self) -> None:
         """Start afresh (also in a forked child: the parent's connections are never used nor closed
-        here; psycopg never ends a session from a process other than the one that opened it)."""
+        here; psycopg never ends a session from a process other than the one that opened it; the
+        parent's reporting thread did not follow)."""
         self._pool = _Pool(self.location)
         self._pid = os.getpid()
         self._commit_mutex = threading.RLock()
-        self._held: _Held | None = None
+        self._holding: int | None = None
+        """The thread holding the commit lock (it owns `_commit_mutex`), None when none does."""
         self._local = threading.local()
+        self._reports = threading.Condition(threading.Lock())
+        self._report_due: float | None = None
+        """When the reporting thread sends this copy's report (time.monotonic()); None: not asked."""
+        self._reporting: threading.Thread | None = None
+        self._closed = False
+        self._installing = False
+        """Whether this process held the commit lock (only then may it have installed something)."""
 
     @property
     def globs(self) -> ManagedGlobs:
@@ -131,29 +142,15 @@ class PostgresRegistry:
         """This thread's open transaction."""
         return getattr(self._local, "tx", None)
 
-    def _own(self) -> psycopg.Connection[Any] | None:
-        """The connection this thread must use: its open transaction's, else its commit lock's."""
-        tx = self._tx()
-        if tx is not None:
-            return tx.conn
-        held = self._held
-        if held is not None and held.thread == threading.get_ident():
-            if held.lost is not None or held.conn is None:
-                raise RegistryError(held.lost or f"{self.location.describe()}: the commit lock was lost")
-            if held.moved is not None:
-                moved, held.moved = held.moved, None
-                raise RegistryError(moved)
-            return held.conn
-        return None
-
     @contextmanager
     def _use(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection for one statement or transaction: this thread's own, else one from the pool."""
+        """A connection for one statement or transaction: this thread's open transaction's, else
+        one from the pool."""
         if self._pid != os.getpid():
             self._forked()
-        own = self._own()
-        if own is not None:
-            yield own
+        tx = self._tx()
+        if tx is not None:
+            yield tx.conn
             return
         conn = self._pool.take()
         try:
@@ -175,89 +172,16 @@ class PostgresRegistry:
                         raise  # the transaction's owner decides (re-run, or which RegistryError)
                     if attempt == 2 or not _gone(conn, e):
                         raise _registry_error(e, self.location) from e
-                    self._connection_lost(conn)
+                    self._pool.flush()  # the others were most likely lost with it (a server restart)
         raise AssertionError("unreachable")
-
-    def _connection_lost(self, conn: psycopg.Connection[Any]) -> None:
-        """`conn` broke: if it held this thread's commit lock, take the lock again on a new connection.
-        When another write transaction committed meanwhile, the step that found the loss fails
-        (RegistryError): what this hold decided before may no longer stand. The hold goes on under
-        the lock taken again (from the serial then), so a step that re-checks what it records (the
-        finish of an installed commit, which looks its intent up) may run again; if the lock cannot
-        be taken again, every later step of the hold is refused."""
-        self._pool.flush()  # the others were most likely lost with it (a server restart)
-        held = self._held
-        if held is None or held.conn is not conn or held.thread != threading.get_ident():
-            return
-        held.conn = None
-        self._pool.give(conn)  # closed: it is broken
-        try:
-            held.conn, serial = self._take_lock(time.monotonic() + COMMIT_LOCK_TIMEOUT)
-        except BaseException as e:
-            held.lost = f"{self.location.describe()}: the connection holding the commit lock was lost ({e})"
-            raise
-        if serial != held.serial:
-            held.serial = serial
-            raise RegistryError(
-                f"{self.location.describe()}: the connection holding the commit lock was lost, and another "
-                "process committed before it was taken again; nothing more of this operation was written "
-                "(an interrupted commit is completed by the next one): try again"
-            )
 
     # -- locking ------------------------------------------------------------------------
 
-    def _take_lock(self, deadline: float) -> tuple[psycopg.Connection[Any], int]:
-        """A pooled connection holding the volume's advisory lock, and the volume's serial then;
-        a connection found lost on the way is replaced until `deadline`."""
-        while True:
-            conn = self._pool.take()
-            try:
-                return conn, self._lock(conn, deadline)
-            except _psycopg().Error as e:
-                self._pool.give(conn)
-                if not _gone(conn, e) or time.monotonic() >= deadline:
-                    raise _registry_error(e, self.location) from e
-                self._pool.flush()
-            except BaseException:
-                self._pool.give(conn)
-                raise
-
-    def _lock(self, conn: psycopg.Connection[Any], deadline: float) -> int:
-        """Take the volume's advisory lock on `conn`, waiting until `deadline`; the volume's serial
-        then. RegistryError(EBUSY) naming the holder when the wait runs out."""
-        psycopg = _psycopg()
-        wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
-        try:
-            # one message; each statement its own snapshot: the serial is read once the lock is held
-            cursor = conn.execute(
-                f"SET lock_timeout = {wait_ms}; SET statement_timeout = {wait_ms + 5000}; "
-                f"SELECT pg_advisory_lock({LOCK_CLASS}, {self._lock_key}); "
-                "RESET lock_timeout; RESET statement_timeout; "  # to the session's own (options)
-                f"SELECT serial FROM cv_volumes WHERE id = '{self.volume_id}'"
-            )
-            while cursor.nextset():
-                pass
-            row = cursor.fetchone()
-        except psycopg.Error as e:
-            if _sqlstate(e) in ("55P03", "57014"):  # lock_timeout, or statement_timeout first
-                conn.execute("RESET lock_timeout; RESET statement_timeout")
-                raise RegistryError(
-                    f"the commit lock of {self.location.describe()} stayed held for the "
-                    f"{COMMIT_LOCK_TIMEOUT:g} s this process waited; {self._holder(conn)}. Nothing was changed: "
-                    "if the holder is stuck, stop it; then try again",
-                    errno.EBUSY,
-                ) from e
-            raise
-        if row is None:
-            self._unlock(conn)
-            raise RegistryError(f"{self.location.describe()} no longer exists in the database")
-        return int(row[0])
-
     def _holder(self, conn: psycopg.Connection[Any]) -> str:
-        """Who holds the volume's commit lock, as PostgreSQL tells."""
+        """Who holds the volume's lock in the database (a write transaction), as PostgreSQL tells."""
         try:
             rows = conn.execute(
-                "SELECT a.pid, a.application_name, a.client_addr FROM pg_locks l "
+                "SELECT a.pid, a.application_name, a.client_addr, a.state FROM pg_locks l "
                 "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
                 "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 "
                 "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -270,50 +194,112 @@ class PostgresRegistry:
         return "held by " + ", ".join(
             f"{app or 'a session with no application_name'} (PostgreSQL backend {pid}"
             + (f", client {addr}" if addr else "")
+            + (f", {state}" if state else "")
             + ")"
-            for pid, app, addr in rows
+            for pid, app, addr, state in rows
         )
-
-    def _unlock(self, conn: psycopg.Connection[Any]) -> None:
-        try:
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, self._lock_key))
-        except _psycopg().Error:
-            pass  # the session is gone, and the lock with it
 
     @contextmanager
     def commit_lock(self) -> Iterator[None]:
-        """Exclusive across threads, processes and hosts; re-entrant within a thread; freed when its
-        holder dies; waited for at most COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY). Two locks,
-        taken in this order: this working copy's own (`Replica.locked`, an flock: held by the live
-        process whatever becomes of its database session, so no other process of this host decides,
-        recovers or installs into this copy while a holder is between its decision and its install),
-        then the volume's advisory lock in the database (across hosts; it ends with its session)."""
+        """Exclusive across the threads and processes of this working copy (its flock: every
+        process of this host, and containers sharing the root on one kernel); re-entrant within a
+        thread; freed when its holder dies; waited for at most COMMIT_LOCK_TIMEOUT s, then
+        RegistryError(EBUSY) naming the holder. Held by the live process whatever becomes of its
+        database sessions, so no other process of this host decides, recovers or installs into
+        this copy while a holder is between its decision and its install. Other hosts never touch
+        this copy's disk; against them each write transaction locks the volume itself, until its
+        COMMIT (see the module's invariants)."""
+        with self._held(COMMIT_LOCK_TIMEOUT, report=True):
+            yield
+
+    @contextmanager
+    def _held(self, wait: float, report: bool) -> Iterator[None]:
+        """The commit lock, waited for at most `wait` s (0: taken only if free now). With
+        `report`, a release that leaves something to report asks the reporting thread to send it."""
         if self._pid != os.getpid():
             self._forked()
-        deadline, pid, mutex = time.monotonic() + COMMIT_LOCK_TIMEOUT, os.getpid(), self._commit_mutex
-        if not mutex.acquire(timeout=COMMIT_LOCK_TIMEOUT):
+        started, pid, mutex = time.monotonic(), os.getpid(), self._commit_mutex
+        if not mutex.acquire(timeout=wait):
             raise RegistryError(
                 f"the commit lock of {self.location.describe()} stayed held by another thread of this process "
-                f"for more than {COMMIT_LOCK_TIMEOUT:g} s; nothing was changed: try again",
+                f"for more than {wait:g} s; nothing was changed: try again",
                 errno.EBUSY,
             )
         try:
-            if self._held is not None:  # this thread's (the mutex is): re-entered
+            if self._holding == threading.get_ident():  # re-entered
                 yield
                 return
-            with self.replica.locked(COMMIT_LOCK_TIMEOUT, deadline - COMMIT_LOCK_TIMEOUT):
-                held = self._held = _Held(*self._take_lock(deadline))
+            with self.replica.locked(wait, started):
+                self._holding, self._installing = threading.get_ident(), True
                 try:
                     yield
                 finally:
-                    if os.getpid() == pid:
-                        self._held = None
-                        if held.conn is not None:
-                            if not held.conn.broken:
-                                self._report(unlock=held.conn)
-                            self._pool.give(held.conn)
+                    if os.getpid() == pid:  # not in a forked child (it starts afresh)
+                        self._holding = None
+            if report and os.getpid() == pid and self._reporter.news(holdings=True):
+                self._report_later()
         finally:
             mutex.release()
+
+    # -- what this working copy holds, reported (pg_hosts) ---------------------------------------
+
+    def _report_later(self) -> None:
+        """Have the reporting thread send this copy's report REPORT_AFTER s from now (or when it was
+        asked to already, if sooner): one report for every release in that time. A write
+        transaction never carries a report (a report the server refuses would fail it)."""
+        with self._reports:
+            if self._closed:
+                return
+            if self._report_due is None:
+                self._report_due = time.monotonic() + pg_hosts.REPORT_AFTER
+            if self._reporting is None:
+                self._reporting = threading.Thread(
+                    target=self._reports_run, name="coherent-volume working copy report", daemon=True
+                )
+                self._reporting.start()
+            self._reports.notify()
+
+    def _reports_run(self) -> None:
+        """The reporting thread: send the report when it is due; end when none is asked for."""
+        while True:
+            with self._reports:
+                while not self._closed and self._report_due is not None and self._report_due > time.monotonic():
+                    self._reports.wait(self._report_due - time.monotonic())
+                if self._closed or self._report_due is None:
+                    self._reporting = None
+                    return
+                self._report_due = None
+            self._report_now()
+
+    def _report_now(self) -> None:
+        """Send what this copy holds and has not reported (with last_seen), under its commit lock if
+        that is free now; if it is not, its holder's release asks for the report again (what is
+        unreported is the working copy's, in its Replica). A report that fails stays pending; it
+        never fails anything."""
+        if not self._reporter.news(holdings=True):
+            return
+        try:
+            conn = self._pool.take()  # before the lock: the lock is held for the report's round trip only
+        except RegistryError:
+            return
+        try:
+            with self._held(0, report=False):
+                self._send(conn, self._reporter.report(holdings=True))
+        except RegistryError:
+            pass  # taken: its holder's release reports
+        finally:
+            self._pool.give(conn)
+
+    def _send(self, conn: psycopg.Connection[Any], report: pg_hosts.Report | None) -> None:
+        """`report` on `conn`, in one round trip; recorded as sent only if it went through."""
+        if report is None:
+            return
+        try:
+            with conn.pipeline():
+                self._reporter.queue(conn, report)
+        except _psycopg().Error:
+            return  # refused, or the session is gone: it stays pending
+        self._reporter.sent(report)
 
     # -- reads and writes --------------------------------------------------------------------
 
@@ -334,14 +320,14 @@ class PostgresRegistry:
         psycopg = _psycopg()
         with self._use() as conn:
             try:
-                self._begin(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             except psycopg.Error as e:
-                if self._own() is not None or not _gone(conn, e):
+                if not _gone(conn, e):
                     raise _registry_error(e, self.location) from e
+                self._pool.flush()
                 with self.read() as tx:  # a pooled connection found lost: once more on a new one
                     yield tx
                 return
-            conn = self._own() or conn  # a lost commit-lock connection was replaced
             tx = self._local.tx = PostgresTransaction(conn, self.volume_id)
             try:
                 yield tx
@@ -358,21 +344,7 @@ class PostgresRegistry:
             except psycopg.Error as e:
                 if not _gone(conn, e):
                     raise _registry_error(e, self.location) from e
-                self._connection_lost(conn)  # what it read stands: it wrote nothing
-
-    def _begin(self, conn: psycopg.Connection[Any], begin: str) -> None:
-        """BEGIN on `conn`; a connection found lost is replaced once (a pooled one by the caller's
-        next attempt, a commit-lock one here, if no one committed meanwhile)."""
-        try:
-            conn.execute(begin)
-        except _psycopg().Error as e:
-            if not _gone(conn, e):
-                raise
-            self._connection_lost(conn)
-            own = self._own()
-            if own is None:
-                raise
-            own.execute(begin)
+                self._pool.flush()  # what it read stands: it wrote nothing
 
     @staticmethod
     def _rollback(conn: psycopg.Connection[Any]) -> None:
@@ -383,11 +355,13 @@ class PostgresRegistry:
                 pass
 
     def transact(self, fn: Callable[[PostgresTransaction], R]) -> R:
-        """`Registry.transact`: READ COMMITTED after the volume's serial row lock. Re-run after a
-        serialization failure or a deadlock (`Retry`), or a connection lost before COMMIT (at most
-        LOST_RERUNS runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost is
-        resolved by the transaction's commit id. A session the server ended because its transaction
-        stayed idle too long is not re-run (RegistryError(ETIMEDOUT)): the same work would end the same way."""
+        """`Registry.transact`: READ COMMITTED under the volume's lock. Re-run after a serialization
+        failure or a deadlock (`Retry`), or a connection lost before COMMIT (at most LOST_RERUNS
+        runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost is resolved by the
+        transaction's commit id. A session the server ended because its transaction stayed idle too
+        long is not re-run (RegistryError(ETIMEDOUT)): the same work would end the same way. The
+        volume's lock held past COMMIT_LOCK_TIMEOUT by another transaction: RegistryError(EBUSY)
+        naming it, not re-run."""
         if self._tx() is not None:
             raise RegistryError("a registry write transaction was started inside another; nothing was written")
         for _ in range(LOST_RERUNS):
@@ -402,16 +376,12 @@ class PostgresRegistry:
         )
 
     def _attempt(self, fn: Callable[[PostgresTransaction], R]) -> R:
-        """One run of a write transaction: its opening (BEGIN, the serial bump with the commit id)
-        goes with `fn`'s first read, its writes with the next read or the COMMIT."""
+        """One run of a write transaction: its opening (BEGIN, the volume's lock, the serial bump with
+        the commit id) goes with `fn`'s first read, its writes with the next read or the COMMIT."""
         psycopg = _psycopg()
         commit_id = uuid.uuid4()
-        bumped: list[int] = []
         with self._use() as conn:
-            held = self._held
-            if held is None or held.conn is not conn or held.thread != threading.get_ident():
-                held = None
-            tx = PostgresTransaction(conn, self.volume_id, opening=self._opening(commit_id, bumped))
+            tx = PostgresTransaction(conn, self.volume_id, opening=self._opening(commit_id))
             committing = False
             try:
                 self._local.tx = tx
@@ -426,84 +396,76 @@ class PostgresRegistry:
                 if _sqlstate(e) in RETRY_SQLSTATES:
                     raise Retry(_first_line(e)) from e
                 if not _gone(conn, e):
+                    if _sqlstate(e) == LOCK_TIMED_OUT and not tx.opened:
+                        raise self._busy(conn) from e
                     raise _registry_error(e, self.location) from e
-                landed = self._landed(commit_id, e) if committing else None
-                if landed is None:
-                    self._connection_lost(conn)
+                if not committing or self._landed(commit_id, e) is None:
+                    self._pool.flush()  # the others were most likely lost with it (a server restart)
                     if _sqlstate(e) == IDLE_ENDED:
                         raise _idle_ended(e, self.location) from e
                     raise _Lost(f"the COMMIT did not land ({_first_line(e)})" if committing else _first_line(e)) from e
-                if held is not None and held.conn is conn:
-                    held.serial = landed  # it committed under the lock: re-taking it checks from here
-                    try:
-                        self._connection_lost(conn)
-                    except RegistryError as moved:
-                        held.moved = str(moved)  # the commit landed: report it; refuse the hold's next step
-                self._record_installs(tx)
-                return result
             except BaseException:
                 self._rollback(conn)
                 raise
-        if held is not None and held.conn is conn:
-            held.serial = bumped[0]
         self._record_installs(tx)
         return result
 
-    def _opening(self, commit_id: uuid.UUID, bumped: list[int]) -> list[Queued]:
-        """The statements that open a write transaction: BEGIN, and the serial bump recording
-        `commit_id` (the serial it made into `bumped`)."""
+    def _busy(self, conn: psycopg.Connection[Any]) -> RegistryError:
+        return RegistryError(
+            f"the commit lock of {self.location.describe()} (the database's lock of its write transactions) stayed "
+            f"held for the {COMMIT_LOCK_TIMEOUT:g} s this process waited; {self._holder(conn)}. Nothing was "
+            "changed: if the holder is stuck, stop it; then try again",
+            errno.EBUSY,
+        )
 
-        def bump(cursor: psycopg.Cursor[Any]) -> None:
-            row = cursor.fetchone()
-            if row is None:
+    def _opening(self, commit_id: uuid.UUID) -> list[Queued]:
+        """The statements that open a write transaction: BEGIN, the volume's lock (waited for at most
+        COMMIT_LOCK_TIMEOUT s: lock_timeout, and statement_timeout past it, raised for that statement
+        only), and the serial bump recording `commit_id`."""
+
+        def bumped(cursor: psycopg.Cursor[Any]) -> None:
+            if cursor.fetchone() is None:
                 raise RegistryError(f"{self.location.describe()} no longer exists in the database")
-            bumped.append(int(row[0]))
 
+        wait_ms = int(COMMIT_LOCK_TIMEOUT * 1000)
         return [
             Queued("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            Queued(f"SET LOCAL lock_timeout = {wait_ms}"),
+            Queued(f"SET LOCAL statement_timeout = {wait_ms + 5000}"),
+            Queued("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, self._lock_key)),
+            Queued("SET LOCAL lock_timeout TO DEFAULT"),  # the session's own (options) for the rest
+            Queued("SET LOCAL statement_timeout TO DEFAULT"),
             Queued(
                 "WITH s AS (UPDATE cv_volumes SET serial = serial + 1 WHERE id = %s RETURNING serial) "
                 "INSERT INTO cv_commits (id, volume, serial) SELECT %s, %s, serial FROM s RETURNING serial",
                 (self.volume_id, commit_id, self.volume_id),
-                bump,
+                bumped,
             ),
         ]
 
     def _record_installs(self, tx: PostgresTransaction) -> None:
         """What a committed transaction said this working copy's disk holds, into its Replica; then,
-        outside the commit lock (whose release reports), this copy's last_seen if due (pg_hosts)."""
+        outside the commit lock (whose release has the report sent), this copy's last_seen if due
+        (pg_hosts)."""
         for path, held in tx.installs:
             self.replica.record(path, held)
-        holder = self._held
-        if holder is None or holder.thread != threading.get_ident():
-            self._report(unlock=None)
+        if self._holding != threading.get_ident():
+            self._report_seen()
 
-    def _report(self, unlock: psycopg.Connection[Any] | None) -> None:
-        """Send this working copy's report (pg_hosts.Reporter), if it has one. Given `unlock` (the
-        commit lock's release, under the working copy's flock): `_unlock` it, and in the same round
-        trip report the versions this copy now holds that the registry was not told. Else: last_seen
-        alone if due, on a pooled connection. A report that fails goes with the next one; it never
-        fails the caller."""
-        report = self._reporter.report(holdings=unlock is not None)
+    def _report_seen(self) -> None:
+        """This copy's last_seen, if due, on a pooled connection (a process that holds no commit lock:
+        it only registers views); what the copy holds is reported only under its commit lock."""
+        report = self._reporter.report(holdings=False)
         if report is None:
-            if unlock is not None:
-                self._unlock(unlock)
             return
         try:
-            conn = unlock or self._pool.take()
+            conn = self._pool.take()
         except RegistryError:
             return
         try:
-            with conn.pipeline():
-                if unlock is not None:
-                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, self._lock_key))
-                self._reporter.queue(conn, report)
-        except _psycopg().Error:
-            return  # the session is gone (and the lock with it), or the report failed: it stays pending
+            self._send(conn, report)
         finally:
-            if unlock is None:
-                self._pool.give(conn)
-        self._reporter.sent(report)
+            self._pool.give(conn)
 
     def working_copies(self) -> list[WorkingCopy]:
         """Every working copy of this volume, how far behind it is and when it was last seen."""
@@ -534,8 +496,24 @@ class PostgresRegistry:
                     ) from e
                 time.sleep(0.2)
 
+    def _last_report(self) -> None:
+        """Stop the reporting thread (after the report it is sending, if any) and send what this copy
+        holds and has not reported, if its commit lock is free now (else its holder's release has it
+        sent). Only in a process that held the commit lock (a forked child that did not sends nothing)."""
+        if self._pid != os.getpid() or not self._installing:
+            return
+        with self._reports:
+            self._closed = True
+            self._reports.notify()
+            thread = self._reporting
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._report_now()
+
     def close(self) -> None:
+        """The last report (`_last_report`), then the connections closed."""
         if self._pid == os.getpid():
+            self._last_report()
             self._pool.close()
         self.replica.close()
         _OPEN.discard(self)

@@ -3,12 +3,19 @@ content of versions stored in parts.
 
 Invariants (round trips):
 - a write (a statement whose result nothing reads) is queued, never sent alone: the queue goes to
-  the server in one pipeline ahead of the transaction's next read, or of its COMMIT, so a write
-  costs no round trip of its own, a read sees every write queued before it, and a queued write's
-  error (a constraint violation, a lost connection) is raised by that read or that COMMIT, as the
-  same psycopg error it would have raised alone (its owner maps it: `PostgresRegistry`);
-- the statements that open a transaction (BEGIN, the serial bump) are queued the same way: they
-  go with its first read;
+  the server in one round trip with the transaction's next read (one message, bound here:
+  `_together`), or with its COMMIT (one pipeline), so a write costs no round trip of its own, a read
+  sees every write queued before it, and a queued write's error (a constraint violation, a lost
+  connection) is raised by that read or that COMMIT, as the same psycopg error it would have raised
+  alone (its owner maps it: `PostgresRegistry`);
+- every round trip after which the transaction stays open ends with the server's ReadyForQuery and
+  nothing after it, so idle_in_transaction_session_timeout ends a transaction whose client stopped
+  (paused, cut off) between two round trips (`_together` says why a pipeline would not);
+- the statements that open a transaction (BEGIN, the volume's lock, the serial bump) are queued
+  the same way: they go with its first read;
+- a read asked for ahead (`read_ahead`: the decision's `write_state`) is queued the same way, and
+  answered from what it read unless a write queued since names a table it reads (then it is read
+  again): a read ahead answers as if it were asked when it is asked;
 - the queue holds at most PART bytes of parameters (content in parts) before it is sent;
 - a pipeline is sent only when the server has not spoken unasked: a session it is ending (idling
   too long in a transaction, a shutdown) gets a plain statement first, which raises the server's
@@ -45,6 +52,8 @@ _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 """The server's clock, in seconds since the epoch (`PostgresTransaction.now`)."""
 _VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned"
+_WRITE_STATE_TABLES = ("cv_files", "cv_views", "cv_grants", "cv_fences")
+"""What `write_state` reads: a queued write naming one of them drops what was read ahead."""
 
 
 def _read_parts(fd: int) -> Iterator[bytes]:
@@ -117,13 +126,22 @@ class PostgresTransaction:
         self._queue: list[Queued] = list(opening)
         self._queued_bytes = 0
         self._now: float | None = None
+        self.opened = not opening
+        """Whether the statements that open it ran (a transaction opened already, or its first round
+        trip came back)."""
+        self._ahead: tuple[str, str] | None = None
+        """The `write_state` asked for ahead (`read_ahead`), while what it reads is unchanged."""
+        self._ahead_row: tuple[Any, ...] | None = None
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
         return self._c
 
-    def run(self, sql: str, args: tuple[Any, ...] = (), prepare: bool | None = None) -> psycopg.Cursor[Any]:
-        """Run `sql` after everything queued, in one round trip; its cursor, with its rows."""
+    def run(
+        self, sql: str, args: tuple[Any, ...] = (), prepare: bool | None = None, ends: bool = False
+    ) -> psycopg.Cursor[Any]:
+        """Run `sql` after everything queued, in one round trip; its cursor, with its rows. `ends`:
+        `sql` ends the transaction (see `_together`)."""
         queue, self._queue, self._queued_bytes = self._queue, [], 0
         if queue and select.select([self._c.fileno()], [], [], 0)[0]:
             # the server spoke unasked: it is ending the session (idle_in_transaction_session_timeout,
@@ -133,19 +151,42 @@ class PostgresTransaction:
             if first.then is not None:
                 first.then(done)
         if not queue:
-            return self._c.execute(sql, args, prepare=prepare)
-        with self._c.pipeline():
-            ran = [(q.then, self._c.execute(q.sql, q.args)) for q in queue]
             cursor = self._c.execute(sql, args, prepare=prepare)
-        for then, done in ran:
-            if then is not None:
-                then(done)
+        elif ends:
+            with self._c.pipeline():
+                ran = [(q.then, self._c.execute(q.sql, q.args)) for q in queue]
+                cursor = self._c.execute(sql, args, prepare=prepare)
+            for then, done in ran:
+                if then is not None:
+                    then(done)
+        else:
+            cursor = self._together([*queue, Queued(sql, args)])
+        self.opened = True
+        return cursor
+
+    def _together(self, statements: list[Queued]) -> psycopg.Cursor[Any]:
+        """`statements` in one message, bound here (one simple query); the cursor, at the last one's
+        rows. A round trip after which the transaction stays open goes this way, never as a
+        pipeline: psycopg ends a pipeline with a Flush after its Sync, which PostgreSQL (15) reads
+        as activity after its ReadyForQuery and so stops the idle_in_transaction_session_timeout it
+        had just started; until the next round trip, a paused or cut-off client would then hold the
+        transaction, and the volume's lock, for ever. One message ends with the server's
+        ReadyForQuery: the timeout runs between round trips. (The round trip with COMMIT leaves no
+        transaction open: it stays a pipeline, its content sent in binary.)"""
+        bind = _psycopg().ClientCursor(self._c)
+        text = "; ".join(bind.mogrify(q.sql, q.args) for q in statements)
+        cursor = self._c.cursor()
+        cursor.execute(text, prepare=False)
+        for q in statements[:-1]:
+            if q.then is not None:
+                q.then(cursor)
+            cursor.nextset()
         return cursor
 
     def commit(self) -> None:
         """COMMIT, after everything queued (its text on the wire, never a prepared name: a proxy in
         the tests finds it)."""
-        self.run("COMMIT", prepare=False)
+        self.run("COMMIT", prepare=False, ends=True)
 
     def _flush(self) -> None:
         """Send what is queued now, in one round trip."""
@@ -166,6 +207,8 @@ class PostgresTransaction:
 
     def queue(self, sql: str, args: tuple[Any, ...] = ()) -> None:
         """Queue a write (sent with the next read or COMMIT; at once past PART bytes queued)."""
+        if self._ahead is not None and any(table in sql for table in _WRITE_STATE_TABLES):
+            self._ahead = None  # what was read ahead may no longer be what `write_state` would read
         self._queue.append(Queued(sql, args))
         self._queued_bytes += _size(args)
         if self._queued_bytes > PART:
@@ -179,20 +222,24 @@ class PostgresTransaction:
         sql, args = _file_and_view_query(self._v, path, agent, pending=False)
         return _file_and_view_row(self.run(sql, args).fetchone())
 
+    def read_ahead(self, path: str, agent: str) -> None:
+        """Queue `write_state(path, agent)`: it goes with this transaction's next read (its first:
+        the one that opens it), and `write_state` answers from it while no write queued since names
+        a table it reads."""
+
+        def keep(cursor: psycopg.Cursor[Any]) -> None:
+            self._ahead_row = cursor.fetchone()
+
+        self._ahead, self._ahead_row = (path, agent), None
+        self._queue.append(Queued(*_write_state_query(self._v, path, agent), keep))
+
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
         """`file`, `view`, `grant` and `fenced` of `path` for `agent`, in one statement (the server's
-        clock read with it, as `grant` reads it)."""
-        row = self.run(
-            f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}, "
-            "(SELECT version FROM cv_views v WHERE v.volume = k.volume AND v.agent = %s AND v.path = k.path), "
-            f"{', '.join('g.' + c.strip() for c in _GRANT_COLS.split(','))}, "
-            "EXISTS (SELECT 1 FROM cv_fences x WHERE x.volume = k.volume AND x.agent = %s AND x.path = k.path), "
-            f"{_CLOCK} "
-            'FROM (SELECT %s::uuid AS volume, %s::text COLLATE "C" AS path) k '
-            "LEFT JOIN cv_files f ON f.volume = k.volume AND f.path = k.path "
-            "LEFT JOIN cv_grants g ON g.volume = k.volume AND g.path = k.path",
-            (agent, agent, self._v, path),
-        ).fetchone()
+        clock read with it, as `grant` reads it); read ahead, if it was (`read_ahead`)."""
+        row = self._ahead_row if self._ahead == (path, agent) else None
+        if row is None:
+            row = self.run(*_write_state_query(self._v, path, agent)).fetchone()
+        self._ahead, self._ahead_row = None, None
         assert row is not None
         files, grants = len(_FILE_COLS.split(",")), len(_GRANT_COLS.split(","))
         record = None if row[0] is None else _record(row[:files])
@@ -638,6 +685,21 @@ class PostgresTransaction:
             "WHERE v.volume = %s GROUP BY v.agent ORDER BY v.agent"
         )
         return [AgentSummary(a, int(n), int(s or 0), last) for a, n, s, last in rows]
+
+
+def _write_state_query(volume: uuid.UUID, path: str, agent: str) -> tuple[str, tuple[Any, ...]]:
+    """One statement: what `PostgresTransaction.write_state` returns, and the server's clock."""
+    sql = (
+        f"SELECT {', '.join('f.' + c.strip() for c in _FILE_COLS.split(','))}, "
+        "(SELECT version FROM cv_views v WHERE v.volume = k.volume AND v.agent = %s AND v.path = k.path), "
+        f"{', '.join('g.' + c.strip() for c in _GRANT_COLS.split(','))}, "
+        "EXISTS (SELECT 1 FROM cv_fences x WHERE x.volume = k.volume AND x.agent = %s AND x.path = k.path), "
+        f"{_CLOCK} "
+        'FROM (SELECT %s::uuid AS volume, %s::text COLLATE "C" AS path) k '
+        "LEFT JOIN cv_files f ON f.volume = k.volume AND f.path = k.path "
+        "LEFT JOIN cv_grants g ON g.volume = k.volume AND g.path = k.path"
+    )
+    return sql, (agent, agent, volume, path)
 
 
 def _file_and_view_query(volume: uuid.UUID, path: str, agent: str, pending: bool) -> tuple[str, tuple[Any, ...]]:

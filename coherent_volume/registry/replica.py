@@ -9,17 +9,18 @@ Invariants:
   (hash None: no file) when it was written; rows change only after the disk did (an install) or
   after the registry transaction recording what the disk holds committed (`PostgresTransaction`);
 - every change of this copy's managed files by the volume (a commit's install, a catch-up) happens
-  under `locked()`, an flock on ROOT/.coherent/replica.lock that the registry's commit lock takes
-  first and holds throughout: serial across the host's processes (and containers sharing the root
-  on one kernel: flock works across PID namespaces), and held by the live process even when its
-  database session is lost;
+  under `locked()`, an flock on ROOT/.coherent/replica.lock that is the registry's commit lock
+  (with a mutex of the process's threads): serial across the host's processes (and containers
+  sharing the root on one kernel: flock works across PID namespaces), and held by the live process
+  whatever becomes of its database sessions;
 - the replica's id (`cv_replicas` in the registry) is recorded here once with the identity
   (st_dev, st_ino) of the directory it was made in: a copy of the directory (`cp -a`, a restored
   backup) carries the id along but not the identity, and is refused (`identity_problem`);
 - `reported` is the version of the path the registry was last told this copy holds
   (`cv_replica_holds`, see pg_hosts); a row whose `reported` is not its `version` is a pending
   report, sent under `locked()` with the next one (`unreported`, `reported`);
-- a forked child opens its own connection; inode numbers >= 2**63 are stored wrapped to signed.
+- a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
+  stored wrapped to signed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -57,6 +59,15 @@ umask 0, so nothing installed is ever group- or world-writable."""
 
 _INHERITED: list[sqlite3.Connection] = []
 """Connections a forked child inherited: kept, never closed (closing one could end its parent's locks)."""
+_OPEN: weakref.WeakSet[Replica] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for replica in list(_OPEN):
+        replica._mutex = threading.Lock()  # a thread of the parent (its report, a heartbeat) may have held it
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _add_reported(conn: sqlite3.Connection) -> None:
@@ -84,6 +95,7 @@ class Replica:
         self._mutex = threading.Lock()
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
+        _OPEN.add(self)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
@@ -200,7 +212,8 @@ class Replica:
     def locked(self, timeout: float, started: float) -> Iterator[None]:
         """Exclusive over changes to this working copy's managed files, across the host's processes;
         waited for until `started + timeout` (time.monotonic()), then RegistryError(EBUSY) naming
-        the holder. Not re-entrant: its one taker is the registry's commit lock."""
+        the holder (with `timeout` 0: at once, unless it is free). Not re-entrant: its one taker is
+        the registry's commit lock."""
         path = os.path.join(self.directory, LOCK_FILE)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

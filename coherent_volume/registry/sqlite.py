@@ -226,6 +226,9 @@ class SQLiteTransaction:
             return None, self.view(agent, path)
         return _record(row[:-1]), row[-1]
 
+    def read_ahead(self, path: str, agent: str) -> None:
+        """Nothing to send ahead: every read is local."""
+
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
         row = self._c.execute(_WRITE_STATE, (agent, agent, path)).fetchone()
         held = row[_FILE_N + 1 : _FILE_N + 1 + _GRANT_N]

@@ -9,8 +9,9 @@ agents writing through a mount. Each scenario runs on a fresh database of the be
 - sweeps: API agents on every host, on one file and on a set of files with cross reads (file and
   read-set isolation);
 - kill -9 of writers on h2 at random instants, each replaced by a new agent;
-- a partition of h3 (its link down) at the instant the volume's commit lock is granted to it, then
-  the heal; a long one checks that the other hosts go on (STALL_BOUND);
+- a partition of h3 (its link down) at the instant the volume's lock in the database is granted to
+  one of its write transactions, then the heal; a long one checks that the other hosts go on
+  (STALL_BOUND);
 - a PostgreSQL restart (`pg_ctl restart -m fast`) during the sweep;
 - lost COMMIT replies: h3 reaches the database through `CommitProxy`, which at random instants
   forwards a COMMIT and drops the connection before its reply;
@@ -571,29 +572,30 @@ def writer_kills(tb: HostBed, profile: Profile, seed_: int) -> Row:
 
 STALL_BOUND = 15.0
 """Seconds within which the other hosts must commit again after a host was cut off while holding
-the volume's commit lock: the server ends a vanished client's session, and its locks, in about
-11 s (docs/multihost.md)."""
+the volume's lock in the database: the server ends the cut-off transaction, and its locks, within
+idle_in_transaction_session_timeout (5 s) of its last answer, or within its tcp_user_timeout (10 s)
+when that answer stays unsent (docs/multihost.md)."""
 
 
 def _commit_lock(vol: HostVolume, host: str, granted: bool) -> bool:
-    """Whether a session of `host` waits for the volume's commit lock (an advisory lock in its
-    database) or, `granted`, holds it outside a transaction (where no idle-in-transaction timeout
-    can end its session)."""
+    """Whether a session of `host` waits for the volume's lock (the advisory lock every write
+    transaction takes first, until its COMMIT) or, `granted`, holds it in a transaction that is idle:
+    its first round trip answered, the server waiting for its next (the state the partition catches)."""
     return bool(
         vol.sql(
             "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
-            "AND l.granted = %s AND (NOT l.granted OR a.state = 'idle') AND a.datname = current_database() "
-            "AND a.application_name LIKE %s",
+            "AND l.granted = %s AND (NOT l.granted OR a.state = 'idle in transaction') "
+            "AND a.datname = current_database() AND a.application_name LIKE %s",
             (granted, f"coherent-volume {host} %"),
         )
     )
 
 
 def _cut_as_granted(vol: HostVolume, host: Host, wait: float = 60.0) -> float | None:
-    """Partition `host` at an instant one of its sessions waits for the commit lock, so that the
+    """Partition `host` at an instant one of its sessions waits for the volume's lock, so that the
     lock is granted to it after the cut and the server's answer never reaches it; tried again (after
-    a heal) until the lock went to that session within 2 s, its statement done (an idle session
-    holding it). The instant of the cut, None if it never did within `wait` seconds."""
+    a heal) until the lock went to that session within 2 s, its first round trip done (its
+    transaction idle, holding it). The instant of the cut, None if it never did within `wait` seconds."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not _commit_lock(vol, host.name, granted=False):
@@ -621,7 +623,7 @@ def _await_commit(vol: HostVolume, host: str, since: float, bound: float) -> Non
 
 
 def partition(tb: HostBed, profile: Profile, seed_: int) -> Row:
-    """h3's link down for `partition_s`, cut as the volume's commit lock is granted to it, then up
+    """h3's link down for `partition_s`, cut as the volume's lock is granted to it, then up
     again, `partitions` times; h3 must commit again within STALL_BOUND after each heal (TCP's
     retransmission backoff alone delays it by seconds after a partition of 4 s), and after a
     partition longer than STALL_BOUND, h1 and h2 within STALL_BOUND of the cut."""
@@ -642,7 +644,7 @@ def partition(tb: HostBed, profile: Profile, seed_: int) -> Row:
         time.sleep(profile.load)
         cut = _cut_as_granted(vol, h3)
         if cut is None:
-            row.result.fail("harness: the commit lock never went to a partitioned h3 in 60 s")
+            row.result.fail("harness: the volume's lock never went to a partitioned h3 in 60 s")
             continue
         try:
             time.sleep(profile.partition_s)
