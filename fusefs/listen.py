@@ -14,6 +14,8 @@ Invariants:
 - notifications are missed only while no LISTEN is in place: after every connection's LISTEN,
   the whole working copy is resynced (`VolumeCore.scan`) and every inode the kernel holds is
   dropped, so no commit stays unseen past the next successful connection;
+- while it listens, the working copy is seen (its last_seen bumped every SEEN_EVERY s), so a mounted
+  copy with no commits of its own is never taken for one that is gone (`coherent-volume forget`);
 - a lost connection (the server ended it, or the keepalives found the server gone) is replaced,
   retried with back-off doubling from RECONNECT_DELAY to MAX_RECONNECT_DELAY; the mount serves
   on meanwhile (an open still reaches the daemon, whose core asks the registry).
@@ -29,7 +31,7 @@ import trio
 
 from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError
-from coherent_volume.registry import pg_connections
+from coherent_volume.registry import pg_connections, pg_hosts
 from coherent_volume.registry.pg_connections import _connect, _first_line, _psycopg, _registry_error
 from coherent_volume.registry.postgresql import PostgresRegistry
 
@@ -76,7 +78,7 @@ async def listen(
             if first:
                 task_status.started()
                 first = False
-            lost = await _serve(conn, core, inodes, own)
+            lost = await _serve(conn, core, registry, inodes, own)
             log.warning("the listener's connection to the registry was lost (%s); connecting again", lost)
         except CoherenceError as e:  # the registry unreachable, busy or failing: tried again
             log.warning("the listener could not connect and resync (%s); trying again in %.1f s", e, delay)
@@ -114,8 +116,11 @@ def _resync(core: VolumeCore, inodes: InodeTable, drop: bool) -> None:
         _drop_cached(inodes)
 
 
-async def _serve(conn: psycopg.Connection[Any], core: VolumeCore, inodes: InodeTable, own: OwnChanges) -> str:
-    """Settle what each notification on `conn` names, until the connection is lost: why it was."""
+async def _serve(
+    conn: psycopg.Connection[Any], core: VolumeCore, registry: PostgresRegistry, inodes: InodeTable, own: OwnChanges
+) -> str:
+    """Settle what each notification on `conn` names, until the connection is lost: why it was.
+    Between notifications, the copy is seen every SEEN_EVERY s (`PostgresRegistry.seen`)."""
     psycopg = _psycopg()
     fd = conn.fileno()
     while True:
@@ -124,7 +129,9 @@ async def _serve(conn: psycopg.Connection[Any], core: VolumeCore, inodes: InodeT
         except psycopg.Error as e:
             return _first_line(e)
         if not payloads:
-            await trio.lowlevel.wait_readable(fd)
+            with trio.move_on_after(pg_hosts.SEEN_EVERY):
+                await trio.lowlevel.wait_readable(fd)
+            await trio.to_thread.run_sync(registry.seen)
             continue
         if RESYNC_ALL in payloads:
             await trio.to_thread.run_sync(_resync, core, inodes, True)

@@ -322,3 +322,25 @@ def test_forget_removes_a_copy_unseen_for_an_hour_and_the_copy_joins_again_with_
 def test_forget_on_a_sqlite_volume_says_there_is_nothing_to_forget(root: Path) -> None:
     done = _forget(root, "abc")
     assert done.returncode == 1 and "a SQLite volume has one working copy" in done.stderr
+
+
+def test_a_mounted_copy_is_seen_while_it_listens_so_it_is_never_forgotten(pg_url: str, tmp_path: Path) -> None:
+    pytest.importorskip("pyfuse3")
+    from coherent_volume.registry.pg_hosts import SEEN_EVERY
+
+    from .harness.mounts import Mount
+
+    first = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    second = init(subprocess.run, tmp_path / "second", pg_url, create=False)
+    [(copy,)] = sql(pg_url, "SELECT id::text FROM cv_replicas WHERE root = %s", (str(second),))
+    age = "SELECT extract(epoch FROM now() - last_seen) FROM cv_replicas WHERE id = %s"
+    with Mount(second, tmp_path / "mnt"):  # no process of it commits or reads: only its listener runs
+        sql(pg_url, "UPDATE cv_replicas SET last_seen = now() - interval '2 hours' WHERE id = %s", (copy,))
+        deadline = time.monotonic() + SEEN_EVERY + 20
+        while sql(pg_url, age, (copy,))[0][0] > 3600 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        [(seen_ago,)] = sql(pg_url, age, (copy,))
+        assert seen_ago < SEEN_EVERY + 20, "the listening daemon never made its copy seen"
+        done = _forget(first, copy[:8])
+        assert done.returncode == 1 and "was seen less than 1 h ago" in done.stderr, done.stderr
+    assert len(sql(pg_url, "SELECT id FROM cv_replicas")) == 2

@@ -452,6 +452,11 @@ class PostgresRegistry:
         if self._holding != threading.get_ident():
             self._report_seen()
 
+    def seen(self) -> None:
+        """Tell the registry this working copy is in use (its last_seen), if due: what a process that
+        serves the copy without transactions of its own (a mount's listener) calls while it runs."""
+        self._report_seen()
+
     def _report_seen(self) -> None:
         """This copy's last_seen, if due, on a pooled connection (a process that holds no commit lock:
         it only registers views); what the copy holds is reported only under its commit lock."""
