@@ -196,9 +196,9 @@ class InstallPending(CoherenceError, OSError):
             self,
             cause.errno or errno.EIO,
             f"{path}: your change was committed as version {version} (its bytes are kept) but could not be put "
-            f"in place ({cause.strerror or cause}); the next operation on this volume puts it in place, or, if the "
-            f"file changes before that, keeps what the file holds then as a version of its own: do not write it "
-            f"again, see `coherent-volume log` of this path",
+            f"in place ({cause.strerror or cause}); the next operation on this volume puts it in place, or, if it "
+            f"still cannot or the file changes before that, keeps what the file holds then as a version of its own "
+            f"and yours in history: do not write it again, see `coherent-volume log` of this path",
             path,
         )
 

@@ -246,3 +246,42 @@ def test_write_state_answers_what_file_view_grant_and_fenced_answer(backend: Any
     assert none == (None, None, None, False)
     with backend.read() as tx:
         assert [tx.write_state("plans/a.md", a) for a in ("alice", "bob")] == [alice, bob]
+
+
+OPEN_ROUND_TRIPS = 2
+"""A mount's open for writing (`begin_write`) and its create: the decision's `write_state` read ahead
+with the transaction's opening and recovery's read (1), then the grant's writes with COMMIT (1)."""
+
+
+def test_a_handle_opened_for_writing_and_a_create_make_two_round_trips(
+    tmp_path: Path, pg_cluster: Any, pg_url: str
+) -> None:
+    from coherent_volume.liveness import current_process
+    from coherent_volume.registry import pg_hosts
+
+    db = pg_url.rsplit("/", 1)[1]
+    report_after, pg_hosts.REPORT_AFTER = pg_hosts.REPORT_AFTER, 3600.0  # no report in the count
+    try:
+        with turns(pg_cluster.port) as counter:
+            root = _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}")
+            core = open_core(root)
+            try:
+                opened, created = [], []
+                for n in range(12):  # warmed up first: statements prepared at their 5th run
+                    target = core.resolve(f"plans/o{n}.md")
+                    before = counter.count
+                    grant, _ = core.create("alice", target, 0o644, current_process(), "write")
+                    created.append(counter.count - before)
+                    core.release(grant, "write", log=False)
+                    before = counter.count
+                    grant, _ = core.begin_write("alice", target, current_process(), kind="write")
+                    opened.append(counter.count - before)
+                    core.release(grant, "write", log=False)
+            finally:
+                core.close()
+    finally:
+        pg_hosts.REPORT_AFTER = report_after
+    # each window is one operation; the proxy's two threads now and then see a boundary of this
+    # connection late (a window then counts one more or one fewer): the usual count is the figure
+    for counts in (created[-6:], opened[-6:]):
+        assert counts.count(OPEN_ROUND_TRIPS) >= 4, f"created {created}, opened {opened}"

@@ -459,3 +459,27 @@ def test_a_volume_whose_files_have_inode_numbers_of_2_63_and_more(tmp_path: Path
         pytest.skip(f"overlayfs with xino=on gives no inode number >= 2**63 here: {run.stderr.strip()}")
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("ok ")
+
+
+def test_a_child_forked_inside_a_transaction_leaves_it_cleanly_and_the_parent_goes_on(root: Path) -> None:
+    from coherent_volume.core import open_core
+
+    core = open_core(root)
+    try:
+        pid = -1
+        try:
+            with core.registry.read() as tx:
+                pid = os.fork()
+                tx.intents()
+        except BaseException:
+            if pid == 0:
+                os._exit(1)  # the child failed to leave the block
+            raise
+        if pid == 0:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        with CoherentVolume(root, agent="alice") as vol:  # the parent's registry still works
+            assert vol.write("plans/a.md", "after the fork\n") == 1
+    finally:
+        core.close()

@@ -344,3 +344,38 @@ def test_a_mounted_copy_is_seen_while_it_listens_so_it_is_never_forgotten(pg_url
         done = _forget(first, copy[:8])
         assert done.returncode == 1 and "was seen less than 1 h ago" in done.stderr, done.stderr
     assert len(sql(pg_url, "SELECT id FROM cv_replicas")) == 2
+
+
+def test_a_running_process_of_a_forgotten_copy_fails_closed_until_the_copy_joins_again(
+    pg_url: str, tmp_path: Path
+) -> None:
+    first = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    second = init(subprocess.run, tmp_path / "second", pg_url, create=False)
+    [(copy,)] = sql(pg_url, "SELECT id::text FROM cv_replicas WHERE root = %s", (str(second),))
+    current = "SELECT version FROM cv_files WHERE path = 'plans/a.md'"
+    with CoherentVolume(second, agent="bob") as bob:
+        assert bob.write("plans/a.md", "1\n") == 1
+        sql(pg_url, "UPDATE cv_replicas SET last_seen = now() - interval '2 hours' WHERE id = %s", (copy,))
+        assert _forget(first, copy[:8]).returncode == 0
+        # the report after its next commit finds the copy forgotten: from then on it fails closed
+        refused: VolumeConfigError | None = None
+        deadline = time.monotonic() + 10
+        while refused is None and time.monotonic() < deadline:
+            try:
+                version = bob.write("plans/a.md", "next\n")
+            except VolumeConfigError as e:
+                refused = e
+            time.sleep(0.2)
+        assert refused is not None and "no longer registered as a working copy" in str(refused)
+        assert "Nothing was changed" in str(refused)
+        [(before,)] = sql(pg_url, current)
+        with pytest.raises(VolumeConfigError, match="no longer registered"):
+            bob.write("plans/a.md", "refused\n")
+        assert sql(pg_url, current) == [(before,)] and (second / "plans" / "a.md").read_text() == "next\n"
+        # `init` joins the copy again: the same process works again, and reports under the new id
+        init(subprocess.run, second, pg_url, create=False)
+        version = bob.write("plans/a.md", "joined again\n")
+        assert version == before + 1
+    [(joined,)] = sql(pg_url, "SELECT id::text FROM cv_replicas WHERE root = %s", (str(second),))
+    assert joined != copy
+    assert _held(pg_url, second) == {"plans/a.md": version}

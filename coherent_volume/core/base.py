@@ -142,13 +142,14 @@ class CoreBase:
 
     # ---- handle grants (shared by one agent's open handles in this process) -----------
 
-    def _share(self, tx: Transaction, agent: str, target: Target, owner: ProcessId, ttl: float) -> tuple[Grant, bool]:
-        """The write grant a handle of `agent` that passed its checks writes under: the grant the
-        agent holds (a handle grant of this process, a `lock()`, a hook's claim) or a new handle
-        grant lasting `ttl` s on the registry's clock, which does not fence (a handle's commit is a
-        compare-and-swap anyway); and whether it is new. Count the handle with `_count_share` once
-        the transaction has committed."""
-        held = tx.grant(target.rel)  # the agent's own: another agent's was a refusal
+    def _share(
+        self, tx: Transaction, agent: str, target: Target, owner: ProcessId, ttl: float, held: Grant | None
+    ) -> tuple[Grant, bool]:
+        """The write grant a handle of `agent` that passed its checks writes under: `held`, the live
+        grant the decision read (the agent's own: another agent's was a refusal; a handle grant of
+        this process, a `lock()`, a hook's claim), or a new handle grant lasting `ttl` s on the
+        registry's clock, which does not fence (a handle's commit is a compare-and-swap anyway); and
+        whether it is new. Count the handle with `_count_share` once the transaction has committed."""
         if held is not None:
             return held, False
         grant = Grant(target.rel, agent, secrets.token_hex(8), owner, tx.now() + ttl, fences=False)

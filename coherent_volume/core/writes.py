@@ -105,9 +105,10 @@ class Writes(Reads):
         isolation: Isolation,
         expected: int | None = None,
         kind: HandleKind | None = None,
-    ) -> tuple[FileRecord | None, WriteCheck, Reason | None]:
+    ) -> tuple[FileRecord | None, WriteCheck, Reason | None, Grant | None]:
         """Sync `target` with the disk and decide whether `agent` may write it (nothing logged).
-        `kind`: opening a write handle of that kind."""
+        `kind`: opening a write handle of that kind. (record, check, refusal reason, the live grant
+        on `target` as this transaction read it)."""
         record, seen, held, fenced = tx.write_state(target.rel, agent)
         record = self._sync(tx, target, record)
         grant = self._live(tx, target.rel, held)
@@ -126,7 +127,7 @@ class Writes(Reads):
             kind=kind,
             open_kinds=open_kinds,
         )
-        return record, check, decide_write(check)
+        return record, check, decide_write(check), grant
 
     @staticmethod
     def _refusal(tx: Transaction, target: Target, check: WriteCheck, reason: Reason, now: float) -> StaleWriteError:
@@ -171,7 +172,7 @@ class Writes(Reads):
         expected: int | None = None,
     ) -> tuple[FileRecord | None, WriteCheck, StaleWriteError | None]:
         """`_decide`, with any refusal logged and built."""
-        record, check, reason = self._decide(tx, agent, target, isolation, expected)
+        record, check, reason, _ = self._decide(tx, agent, target, isolation, expected)
         return record, check, None if reason is None else self._refusal(tx, target, check, reason, now)
 
     def commit(
@@ -264,7 +265,7 @@ class Writes(Reads):
                 earlier.discard()
             replayed.clear()
             now = time.time()
-            record, check, reason = self._decide(tx, agent, target, isolation, expected, opening)
+            record, check, reason, _ = self._decide(tx, agent, target, isolation, expected, opening)
             version = current_version(record)
             ends = handle is not None and handle.grant is not None
             if handle is not None and handle.unlinked:
@@ -529,18 +530,18 @@ class Writes(Reads):
         def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
             """Decide the creation and, accepted, record it (`_record_staged`) and take the handle's grant."""
             now = time.time()
-            record, check, reason = self._decide(tx, agent, target, "file", kind=kind)
+            record, check, reason, held = self._decide(tx, agent, target, "file", kind=kind)
             if record is not None and record.present:
                 raise FileExistsError(errno.EEXIST, "File exists", target.rel)
             version = current_version(record) + 1
             if reason is not None:
                 return version, self._refusal(tx, target, check, reason, now)
             self._record_staged(tx, agent, target, version, staged, check.seen, True, ("commit", ()))
-            return version, self._share(tx, agent, target, owner, self.leases.length)
+            return version, self._share(tx, agent, target, owner, self.leases.length, held)
 
         try:
             with self.registry.commit_lock():
-                version, outcome = self._transact(decide)
+                version, outcome = self._transact(decide, ahead=(target.rel, agent))
                 if isinstance(outcome, StaleWriteError):
                     raise outcome
                 grant, taken = outcome
@@ -642,16 +643,16 @@ class Writes(Reads):
         def decide(tx: Transaction) -> tuple[int, tuple[Grant, bool] | StaleWriteError]:
             now = time.time()
             cas = expected if kind == "write" and not after_appending else None
-            record, check, reason = self._decide(tx, agent, target, "file", cas, kind)
+            record, check, reason, held = self._decide(tx, agent, target, "file", cas, kind)
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
             if reason is not None:
                 return current_version(record), self._refusal(tx, target, check, reason, now)
             lasts = self.leases.length if ttl is None else ttl
-            return current_version(record), self._share(tx, agent, target, owner, lasts)
+            return current_version(record), self._share(tx, agent, target, owner, lasts, held)
 
         with self.registry.commit_lock():
-            version, outcome = self._transact(decide)
+            version, outcome = self._transact(decide, ahead=(target.rel, agent))
             if isinstance(outcome, StaleWriteError):
                 raise outcome
             grant, taken = outcome

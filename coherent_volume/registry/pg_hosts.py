@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VolumeConfigError
+from .pg_location import Location
 from .replica import Replica
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ FORGET_AFTER = 3600.0
 """Seconds a working copy must have been unseen (on the database's clock) before `forget` removes it."""
 
 _ASYNC = "SELECT set_config('synchronous_commit', 'off', true)"
-_SEEN = "UPDATE cv_replicas SET last_seen = now() WHERE id = %s AND volume = %s"
+_SEEN = "UPDATE cv_replicas SET last_seen = now() WHERE id = %s AND volume = %s RETURNING id"
 _HOLDS = (
     "WITH held AS (INSERT INTO cv_replica_holds (volume, replica, path, version) "
     "SELECT %s, %s, h.path, h.version FROM unnest(%s::text[], %s::bigint[]) AS h(path, version) "
@@ -104,6 +105,14 @@ def working_copies(conn: psycopg.Connection[Any], volume: uuid.UUID, this: uuid.
     ]
 
 
+def not_registered(root: str, location: Location) -> VolumeConfigError:
+    """The error of every use of a working copy whose registration was removed (`forget`)."""
+    return VolumeConfigError(
+        f"{root!r} is no longer registered as a working copy of {location.describe()}: run `coherent-volume init "
+        f"{root} --registry {location.url} --volume {location.volume}` to join it again. Nothing was changed"
+    )
+
+
 def forget(conn: psycopg.Connection[Any], volume: uuid.UUID, copy: str, this: uuid.UUID | None) -> WorkingCopy:
     """Remove the registration of the working copy of `volume` whose id starts with `copy` (and what it
     reported holding); the copy removed. VolumeConfigError, nothing changed, when no copy or more than
@@ -146,6 +155,8 @@ class Reporter:
         self._id = replica.recorded_id()
         self._seen = time.monotonic()
         """When this process last bumped last_seen (or tried to): opening the volume bumped it."""
+        self._forgotten = False
+        """Whether a report found this copy's registration removed (`forget`)."""
 
     def due(self) -> bool:
         """Whether this process's bump of last_seen is due."""
@@ -164,15 +175,31 @@ class Reporter:
         self._seen = time.monotonic()
         return Report(holds)
 
-    def queue(self, conn: psycopg.Connection[Any], report: Report) -> None:
+    def queue(self, conn: psycopg.Connection[Any], report: Report) -> psycopg.Cursor[Any]:
         """The statements of `report` on `conn`, in the caller's pipeline: one round trip, one
-        implicit transaction of their own."""
+        implicit transaction of their own; the cursor of the last, which returns a row only if this
+        copy is registered (a report of a copy that is not fails on its foreign key)."""
         conn.execute(_ASYNC)
         if report.holds:
             paths, versions = [p for p, _ in report.holds], [v for _, v in report.holds]
-            conn.execute(_HOLDS, (self._volume, self._id, paths, versions, self._id, self._volume))
-        else:
-            conn.execute(_SEEN, (self._id, self._volume))
+            return conn.execute(_HOLDS, (self._volume, self._id, paths, versions, self._id, self._volume))
+        return conn.execute(_SEEN, (self._id, self._volume))
+
+    def unregistered(self) -> None:
+        """A report found no registration under this process's id: the copy was forgotten, unless
+        `init` registered it anew since (`forgotten`)."""
+        self._forgotten = True
+        self.forgotten()
+
+    def forgotten(self) -> bool:
+        """Whether this copy was found forgotten and not registered anew since. Registered anew
+        (its replica.db records another id: `init` joined it again), this process reports under the
+        new id from then on (`Replica.registered` made every holding pending again)."""
+        if self._forgotten:
+            recorded = self._replica.recorded_id()
+            if recorded is not None and recorded != self._id:
+                self._id, self._forgotten = recorded, False
+        return self._forgotten
 
     def sent(self, report: Report) -> None:
         """`report`'s pipeline succeeded: the registry knows what it holds."""

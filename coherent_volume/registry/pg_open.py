@@ -16,6 +16,7 @@ from ..globs import ManagedGlobs
 from ..paths import REGISTRY_DIR
 from . import DB_FILE, pg_connections
 from .pg_connections import _connect, _psycopg, _registry_error
+from .pg_hosts import not_registered
 from .pg_location import Location, _record_location, recorded
 from .pg_registry import PostgresRegistry
 from .pg_schema import _check_schema, _migrate, _schema_version
@@ -132,16 +133,15 @@ def _check_replica(
         "SELECT root, hostname, boot_id FROM cv_replicas WHERE id = %s AND volume = %s", (replica_id, volume_id)
     ).fetchone()
     if row is None:
-        raise VolumeConfigError(
-            f"{root!r} is no longer registered as a working copy of {location.describe()}: run {again} to "
-            "join it again. Nothing was changed"
-        )
+        raise not_registered(root, location)
     stored_root, hostname, boot = row
     if boot == boot_id():
         try:
-            conn.execute("UPDATE cv_replicas SET last_seen = now() WHERE id = %s", (replica_id,))
+            seen = conn.execute("UPDATE cv_replicas SET last_seen = now() WHERE id = %s RETURNING id", (replica_id,))
         except _psycopg().errors.ReadOnlySqlTransaction:
-            pass  # a read-only database: what can be read is still served
+            return  # a read-only database: what can be read is still served
+        if seen.fetchone() is None:  # forgotten since it was read
+            raise not_registered(root, location)
         return
     raise VolumeConfigError(
         f"the working copy {root!r} of {location.describe()} is registered to {stored_root!r} on host "

@@ -294,12 +294,19 @@ class PostgresRegistry:
         """`report` on `conn`, in one round trip; recorded as sent only if it went through."""
         if report is None:
             return
+        psycopg = _psycopg()
         try:
             with conn.pipeline():
-                self._reporter.queue(conn, report)
-        except _psycopg().Error:
+                cursor = self._reporter.queue(conn, report)
+            registered = cursor.fetchone() is not None
+        except psycopg.errors.ForeignKeyViolation:
+            registered = False
+        except psycopg.Error:
             return  # refused, or the session is gone: it stays pending
-        self._reporter.sent(report)
+        if registered:
+            self._reporter.sent(report)
+        else:
+            self._reporter.unregistered()
 
     # -- reads and writes --------------------------------------------------------------------
 
@@ -355,15 +362,18 @@ class PostgresRegistry:
                 pass
 
     def transact(self, fn: Callable[[PostgresTransaction], R]) -> R:
-        """`Registry.transact`: READ COMMITTED under the volume's lock. Re-run after a serialization
-        failure or a deadlock (`Retry`), or a connection lost before COMMIT (at most LOST_RERUNS
-        runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost is resolved by the
-        transaction's commit id. A session the server ended because its transaction stayed idle too
-        long is not re-run (RegistryError(ETIMEDOUT)): the same work would end the same way. The
-        volume's lock held past COMMIT_LOCK_TIMEOUT by another transaction: RegistryError(EBUSY)
-        naming it, not re-run."""
+        """`Registry.transact`: READ COMMITTED under the volume's lock; VolumeConfigError, nothing run,
+        once a report found this working copy forgotten (`pg_hosts.Reporter.unregistered`). Re-run
+        after a serialization failure or a deadlock (`Retry`), or a connection lost before COMMIT
+        (at most LOST_RERUNS runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost
+        is resolved by the transaction's commit id. A session the server ended because its
+        transaction stayed idle too long is not re-run (RegistryError(ETIMEDOUT)): the same work
+        would end the same way. The volume's lock held past COMMIT_LOCK_TIMEOUT by another
+        transaction: RegistryError(EBUSY) naming it, not re-run."""
         if self._tx() is not None:
             raise RegistryError("a registry write transaction was started inside another; nothing was written")
+        if self._reporter.forgotten():
+            raise pg_hosts.not_registered(os.path.dirname(self.replica.directory), self.location)
         for _ in range(LOST_RERUNS):
             try:
                 return retried(lambda: self._attempt(fn), self.location.describe())

@@ -245,7 +245,7 @@ class PostgresTransaction:
         record = None if row[0] is None else _record(row[:files])
         view = row[files]
         held = row[files + 1 : files + 1 + grants]
-        if held[0] is not None and self._now is None:
+        if self._now is None:  # the clock, read in the same statement: `now` needs no round trip
             self._now = float(row[-1])
         fenced = bool(row[-2])
         return record, None if view is None else int(view), None if held[0] is None else _grant(held), fenced
@@ -513,8 +513,8 @@ class PostgresTransaction:
         return [(p, int(seen), int(current)) for p, seen, current in rows]
 
     def now(self) -> float:
-        """The database server's clock, read once per transaction (with the first `grant` that
-        finds one, else by a statement of its own)."""
+        """The database server's clock, read once per transaction (with its `write_state`, or the
+        first `grant` that finds one, else by a statement of its own)."""
         if self._now is None:
             row = self.run(f"SELECT {_CLOCK}").fetchone()
             assert row is not None

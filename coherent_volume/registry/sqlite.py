@@ -629,20 +629,21 @@ class _Transaction:
     when the block raises. An SQLite error in it, in the block too, is raised as RegistryError
     (`SQLiteRegistry._error`). A class rather than a generator: every commit opens one."""
 
-    __slots__ = ("_registry", "_begin", "_conn", "_started")
+    __slots__ = ("_registry", "_begin", "_conn", "_started", "_mutex")
 
     def __init__(self, registry: SQLiteRegistry, begin: str) -> None:
         self._registry, self._begin = registry, begin
 
     def __enter__(self) -> SQLiteTransaction:
         registry = self._registry
-        registry._mutex.acquire()
+        self._mutex = registry._mutex  # the one released at the end (a forked child gets a new one meanwhile)
+        self._mutex.acquire()
         self._started = time.monotonic()
         try:
             self._conn = registry._connection()
             self._conn.execute(self._begin)
         except BaseException as e:
-            registry._mutex.release()
+            self._mutex.release()
             if isinstance(e, sqlite3.DatabaseError):
                 raise registry._error(e, self._started) from e
             raise
@@ -658,12 +659,15 @@ class _Transaction:
                     return
                 except sqlite3.DatabaseError as e:
                     error, self._started = e, started
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.DatabaseError as e:
+                raise registry._error(e, self._started) from error
             if isinstance(error, sqlite3.DatabaseError):
                 raise registry._error(error, self._started) from error
         finally:
-            registry._mutex.release()
+            self._mutex.release()
 
 
 class SQLiteRegistry:
