@@ -35,12 +35,17 @@ from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
 from coherent_volume.protocol import Grant, HandleKind, read_shows_content
 
+from .workers import Workers
+
 log = logging.getLogger("coherent_volume.fuse")
 
 
+WORKERS = Workers()
+
+
 async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run blocking work in a worker thread."""
-    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    """Run blocking work in a worker thread (`fusefs.workers`)."""
+    return await WORKERS.run(functools.partial(fn, *args, **kwargs))
 
 
 class FileHandle(Protocol):

@@ -30,15 +30,28 @@ CACHE_SECONDS = 1.0
 Binding = Callable[[ProcessId], "tuple[str, bool] | None"]
 
 
-def _status_field(pid: int, field: str) -> str | None:
+def proc_file(pid: int, name: str) -> bytes | None:
+    """The content of /proc/<pid>/<name> (a small file: status, comm), None if unreadable. One
+    os.read, not open(): this is on the request path of managed opens (~15 µs less)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return line.split(":", 1)[1].strip()
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 65536)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    return None
+
+
+def _status_field(pid: int, field: str) -> str | None:
+    status = proc_file(pid, "status")
+    if status is None:
+        return None
+    at = status.find(f"\n{field}:".encode())
+    if at < 0:
+        return None
+    end = status.find(b"\n", at + 1)
+    return status[at + len(field) + 2 : end if end >= 0 else len(status)].strip().decode()
 
 
 def process_of(tid: int) -> int:

@@ -29,7 +29,7 @@ from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
 from .backing import Backing
 from .handles import FileHandle, Listing, PageCache, Passthrough, Shadow, Snapshot, blocking
-from .identity import AgentResolver, process_of
+from .identity import AgentResolver, proc_file, process_of
 from .inodes import InodeTable
 from .watcher import OwnChanges
 
@@ -340,6 +340,8 @@ class CoherentOperations(pyfuse3.Operations):
     @staticmethod
     async def _released(handles: Sequence[Shadow]) -> None:
         """Wait until `handles` are released, RELEASE_WAIT at most."""
+        if not handles:  # the common case: no cancel scope to set up
+            return
         with trio.move_on_after(RELEASE_WAIT):
             for handle in handles:
                 await handle.released.wait()
@@ -350,7 +352,7 @@ class CoherentOperations(pyfuse3.Operations):
         known = self.resolver.cached(ctx.pid)
         if known is not None:
             return known
-        return await trio.to_thread.run_sync(self.resolver.agent, ctx.pid)
+        return await blocking(self.resolver.agent, ctx.pid)
 
     def _managed_file(self, rel: str) -> bool:
         if not self.core.paths.managed(rel):
@@ -776,11 +778,13 @@ class CoherentOperations(pyfuse3.Operations):
         """The program behind a request's thread id and, for a buffering program (whose re-reads
         `VolumeCore.note_read` tells apart by process), its process, as far as /proc tells."""
         pid = process_of(tid)
+        comm = proc_file(pid, "comm")
+        if comm is None:
+            return None, None
+        program = comm.decode(errors="replace").strip()
         try:
-            with open(f"/proc/{pid}/comm") as f:
-                program = f.read().strip()
             return (ProcessId.of(pid) if program in BUFFERING_PROGRAMS else None), program
-        except (OSError, ProcessLookupError):
+        except OSError:  # gone meanwhile (ProcessLookupError)
             return None, None
 
     @guarded

@@ -34,10 +34,11 @@ order rotated each round, both backings in each round), and the median round is 
 machine noise hits all subjects alike. Ratios are time ratios (>1 is slower). Every mount is
 unmounted whatever happens and the kernel's mount table is checked at the end.
 
---diagnose DIR runs each workload once on fresh floorfs and mount daemons that count the FUSE
-requests they serve by kind, with py-spy (when installed: `pip install py-spy`) recording each
-daemon's stacks; it prints the counts side by side and the daemons' top frames, and leaves the
-raw profiles and counts in DIR.
+--diagnose DIR runs each workload once on fresh floorfs and mount daemons that count and time the
+FUSE requests they serve by kind (the mount's also the work each hands to its worker threads, and
+the hops there and back), with py-spy (when installed: `pip install py-spy`) recording each
+daemon's stacks; it prints the counts and times side by side and the daemons' top frames, and
+leaves the raw profiles and counts in DIR.
 
     .venv/bin/python scripts/bench_workloads.py [--quick] [--rounds N] [--only WORKLOAD]
         [--backing tmpfs|disk|both] [--json FILE] [--diagnose DIR]
@@ -49,6 +50,8 @@ import argparse
 import base64
 import collections
 import contextlib
+import contextvars
+import dataclasses
 import errno
 import hashlib
 import inspect
@@ -66,7 +69,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -383,23 +386,85 @@ def fuse_errors(name: str, handler: Callable[..., Awaitable[Any]]) -> Callable[.
     return request
 
 
-def counting(counts: collections.Counter[str], dump: str) -> Around:
-    """Count requests by kind; a lookup of DUMP_NAME in the root writes the counts to `dump` as
-    JSON and starts afresh (it is not counted, and fails ENOENT, which the kernel does not cache)."""
+@dataclass
+class Tally:
+    """What a daemon's requests of one kind took since the last dump (`counting`)."""
+
+    n: int = 0
+    seconds: float = 0.0
+    """Their handlers' wall time in the daemon."""
+    worker: float = 0.0
+    """Of which spent running their blocking work in worker threads (the mount: `fusefs.handles.blocking`)."""
+    handed: float = 0.0
+    """Of which spent from handing that work to a thread to being back with its result (worker + hop)."""
+
+    @classmethod
+    def total(cls, tallies: Iterable[Tally]) -> Tally:
+        out = cls()
+        for t in tallies:
+            out.n, out.seconds, out.worker, out.handed = (
+                out.n + t.n,
+                out.seconds + t.seconds,
+                out.worker + t.worker,
+                out.handed + t.handed,
+            )
+        return out
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="?")
+"""The kind of the request a daemon's task is serving (each pyfuse3 task serves one at a time)."""
+
+
+def counting(tallies: dict[str, Tally], dump: str) -> Around:
+    """Count and time requests by kind; a lookup of DUMP_NAME in the root writes the tallies to
+    `dump` as JSON and starts afresh (it is not counted, and fails ENOENT, which the kernel does not
+    cache)."""
 
     def around(name: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def request(self: pyfuse3.Operations, *args: Any) -> Any:
             if name == "lookup" and args[0] == pyfuse3.ROOT_INODE and args[1] == DUMP_NAME:
                 with open(dump, "w") as f:
-                    json.dump(counts, f)
-                counts.clear()
+                    json.dump({k: dataclasses.asdict(t) for k, t in tallies.items()}, f)
+                tallies.clear()
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            counts[name] += 1
-            return await handler(self, *args)
+            token = REQUEST.set(name)
+            t0 = time.perf_counter()
+            try:
+                return await handler(self, *args)
+            finally:
+                tally = tallies.setdefault(name, Tally())
+                tally.n += 1
+                tally.seconds += time.perf_counter() - t0
+                REQUEST.reset(token)
 
         return request
 
     return around
+
+
+def timed_blocking(tallies: dict[str, Tally], blocking: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`blocking` (the mount's hand-off to a worker thread), adding its times to the tally of the
+    request it serves."""
+
+    async def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        ran = [0.0]
+
+        def run() -> Any:
+            t1 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                ran[0] = time.perf_counter() - t1
+
+        t0 = time.perf_counter()
+        try:
+            return await blocking(run)
+        finally:
+            tally = tallies.setdefault(REQUEST.get(), Tally())
+            tally.worker += ran[0]
+            tally.handed += time.perf_counter() - t0
+
+    return timed
 
 
 class WorkloadFloor(Floor):
@@ -535,7 +600,7 @@ def serve_floor(root: str, mountpoint: str, dump: str | None) -> None:
     """Serve WorkloadFloor in the foreground (counting its requests when `dump` is given)."""
     cls = wrapped(WorkloadFloor, fuse_errors)
     if dump is not None:
-        cls = wrapped(cls, counting(collections.Counter(), dump))
+        cls = wrapped(cls, counting({}, dump))
     pyfuse3.init(cls(os.path.realpath(root)), mountpoint, set(pyfuse3.default_options) | {"fsname=floorfs"})
     try:
         trio.run(pyfuse3.main, 4, 64)  # the mount's own min/max worker tasks
@@ -545,11 +610,17 @@ def serve_floor(root: str, mountpoint: str, dump: str | None) -> None:
 
 def serve_counted_mount(root: str, mountpoint: str, dump: str) -> None:
     """Mount the volume as `coherent-volume mount --agent bench` does (the daemon forks and this
-    returns once it serves), its operations counting their requests."""
+    returns once it serves), its operations counting and timing their requests and the work they
+    hand to worker threads."""
+    import fusefs.handles
     import fusefs.mount
-    from fusefs.operations import CoherentOperations
+    import fusefs.operations
 
-    fusefs.mount.CoherentOperations = wrapped(CoherentOperations, counting(collections.Counter(), dump))  # type: ignore[misc]
+    tallies: dict[str, Tally] = {}
+    timed = timed_blocking(tallies, fusefs.handles.blocking)
+    fusefs.handles.blocking = fusefs.operations.blocking = timed  # type: ignore[assignment]
+    counted = wrapped(fusefs.operations.CoherentOperations, counting(tallies, dump))
+    fusefs.mount.CoherentOperations = counted  # type: ignore[misc]
     fusefs.mount.mount(root, mountpoint, AGENT, foreground=False, allow_other=False)
 
 
@@ -798,13 +869,13 @@ def profiling(pid: int | None, output: Path) -> Iterator[None]:
         proc.communicate(timeout=60)
 
 
-def requests_of(s: Subject, dump: Path) -> dict[str, int]:
+def requests_of(s: Subject, dump: Path) -> dict[str, Tally]:
     """The requests the subject's daemon served since the last call (its counting layer writes them)."""
     with contextlib.suppress(FileNotFoundError):
         os.stat(s.work / os.fsdecode(DUMP_NAME))
-    counts = json.loads(dump.read_text())
+    tallies = json.loads(dump.read_text())
     dump.unlink()
-    return {k: int(v) for k, v in counts.items()}
+    return {k: Tally(**v) for k, v in tallies.items()}
 
 
 IDLE = "EpollIOManager.get_events ("
@@ -888,7 +959,7 @@ def diagnose(
     finally:
         ignore_signals()
         stack.close()
-    (out / "requests.json").write_text(json.dumps(summary, indent=1))
+    (out / "requests.json").write_text(json.dumps(summary, indent=1, default=dataclasses.asdict))
     for backing in backings:
         for w, timed in steps:
             if timed:
@@ -896,22 +967,34 @@ def diagnose(
 
 
 def report_diagnosis(summary: dict[str, Any], out: Path, backing: str, w: Workload) -> None:
-    floor, ours = summary[f"{backing}/{w.key}/floorfs"], summary[f"{backing}/{w.key}/mount"]
-    console.print(f"\n[bold]{w.label} on {backing}[/] (one run, counted and profiled)")
-    for key, m in (("floorfs", floor), ("mount", ours)):
-        n = sum(m["requests"].values())
+    floor: dict[str, Tally] = summary[f"{backing}/{w.key}/floorfs"]["requests"]
+    ours: dict[str, Tally] = summary[f"{backing}/{w.key}/mount"]["requests"]
+    console.print(f"\n[bold]{w.label} on {backing}[/] (one run, counted, timed and profiled)")
+    for key in ("floorfs", "mount"):
+        m = summary[f"{backing}/{w.key}/{key}"]
+        n = sum(t.n for t in m["requests"].values())
         console.print(
             f"  {key:<8} {m['seconds']:6.2f} s wall, daemon CPU {m['daemon_cpu']:6.2f} s "
             f"({m['daemon_cpu'] / max(n, 1) * 1e6:,.0f} µs per request), watcher CPU {m['watcher_cpu']:.2f} s"
         )
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
-    for column in ("request", "floorfs", "mount", "mount/floorfs"):
+    table = Table(
+        caption="µs: the handler's wall time in the daemon per request; the mount's in worker threads "
+        "(running its blocking work) and the hops there and back are part of it",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    columns = ("request", "floorfs", "mount", "mount/floorfs", "floorfs µs", "mount µs", "in worker µs", "hop µs")
+    for column in columns:
         table.add_column(column, justify="left" if column == "request" else "right")
-    kinds = sorted(set(floor["requests"]) | set(ours["requests"]), key=lambda k: -ours["requests"].get(k, 0))
+    kinds = sorted(set(floor) | set(ours), key=lambda k: -(ours[k].seconds if k in ours else 0))
     for kind in [*kinds, "total"]:
-        f = sum(floor["requests"].values()) if kind == "total" else floor["requests"].get(kind, 0)
-        m = sum(ours["requests"].values()) if kind == "total" else ours["requests"].get(kind, 0)
-        table.add_row(kind, f"{f:,}", f"{m:,}", fmt_ratio(ratio(m, f or None)))
+        f = Tally.total(floor.values()) if kind == "total" else floor.get(kind, Tally())
+        m = Tally.total(ours.values()) if kind == "total" else ours.get(kind, Tally())
+        per = [t.seconds / t.n * 1e6 if t.n else None for t in (f, m)]
+        row = [kind, f"{f.n:,}", f"{m.n:,}", fmt_ratio(ratio(m.n, f.n or None))]
+        row += ["" if v is None else f"{v:,.0f}" for v in per]
+        row += [f"{m.worker / m.n * 1e6:,.0f}", f"{(m.handed - m.worker) / m.n * 1e6:,.0f}"] if m.handed else ["", ""]
+        table.add_row(*row)
     console.print(table)
     for key in ("floorfs", "mount"):
         path = out / f"{backing}-{w.key}-{key}.txt"
