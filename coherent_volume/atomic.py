@@ -281,6 +281,16 @@ def stage_written(
         if tmp is not None:
             os.close(fd)
             staged.fd = None
+    except OSError as e:
+        staged.discard()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                e.errno,
+                f"{e.strerror}: the new content of {target} could not be written to a staging file in its file "
+                "system; nothing was changed. Free some space there, then write it again",
+                target,
+            ) from e
+        raise
     except BaseException:
         staged.discard()
         raise

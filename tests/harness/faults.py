@@ -50,13 +50,16 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def _expect_errno(result: Result, what: str, call: Callable[[], object], code: int) -> None:
+def _expect_errno(result: Result, what: str, call: Callable[[], object], code: int, says: tuple[str, ...] = ()) -> None:
+    """`call` must fail with errno `code`, its message saying each of `says`."""
     try:
         call()
         result.fail(f"{what}: accepted on a full file system")
     except OSError as e:
         if e.errno != code:
             result.fail(f"{what}: {type(e).__name__} errno {e.errno}, expected {errno.errorcode[code]}: {e}")
+        elif missing := [s for s in says if s not in str(e)]:
+            result.fail(f"{what}: the error does not say {missing}: {e}")
     result.attempts += 1
     result.refusals[errno.errorcode[code]] += 1
 
@@ -80,6 +83,7 @@ def enospc(workdir: Path) -> Result:
                     f"API write of {size} bytes",
                     lambda size=size: vol.write(P, payload.make(f"big{size}", "-", 1, size)),
                     errno.ENOSPC,
+                    (P, "nothing was changed", "Free some space"),
                 )
             _check_unchanged(result, root, old, before)
             _enospc_through_mount(result, m, old)
