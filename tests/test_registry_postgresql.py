@@ -856,3 +856,54 @@ def test_a_server_out_of_connection_slots_is_named_as_such_not_as_unreachable() 
     assert "unreachable" not in str(refused)
     down = pg_connections._unconnected(psycopg.OperationalError("connection refused"), location)
     assert down.errno == errno.EIO and "unreachable" in str(down)
+
+
+def test_a_rename_on_a_copy_behind_on_its_source_moves_the_current_version(tmp_path: Path, pg_url: str) -> None:
+    """The agent's view of the source is current (it wrote it through another copy); the copy that
+    renames still holds the version before, and the new name sorts before the source: the rename
+    must carry the current version's bytes, never the ones the copy held before its check."""
+    first = _pg_volume(tmp_path / "first", pg_url)
+    second = _join(tmp_path / "second", pg_url)
+    with CoherentVolume(first, agent="ag") as a, CoherentVolume(second, agent="ag") as b:
+        a.write("plans/zsrc.md", "v1\n")
+        assert b.read("plans/zsrc.md") == b"v1\n"
+        a.write("plans/zsrc.md", "v2, the latest\n")  # the second copy holds v1; ag's view is v2
+        assert (second / "plans" / "zsrc.md").read_bytes() == b"v1\n"
+        core = b._core
+        core.rename("ag", core.resolve("plans/zsrc.md"), core.resolve("plans/adst.md"))
+        assert a.read("plans/adst.md") == b"v2, the latest\n"
+        assert [v.kind for v in a.history("plans/adst.md")] == ["commit"]
+        assert a.read_version("plans/adst.md", 1) == b"v2, the latest\n"
+        assert (second / "plans" / "adst.md").read_bytes() == b"v2, the latest\n"
+        assert b.read("plans/adst.md") == b"v2, the latest\n"
+    assert _q(pg_url, "SELECT count(*) FROM cv_events WHERE kind = 'foreign'") == [(0,)]
+
+
+def test_closing_a_volume_whose_server_stopped_answering_returns_within_its_bound(tmp_path: Path) -> None:
+    """The server's processes stopped (SIGSTOP: their kernel still acknowledges, so no TCP timeout
+    fires) while this process has a report to send: close gives up on it after LAST_REPORT_WAIT
+    (the report stays pending in the working copy) instead of hanging the process's exit."""
+    from coherent_volume.registry import pg_hosts
+
+    from .harness.mounts import serving_pids
+    from .harness.pgcluster import cluster
+
+    with cluster(parent="/dev/shm" if os.path.isdir("/dev/shm") else None) as pg:
+        pg.create_database("hang")
+        root = _pg_volume(tmp_path / "vol", pg.url("hang"))
+        vol = CoherentVolume(root, agent="alice")
+        vol.write("plans/a.md", "one\n")  # its report goes REPORT_AFTER s later
+        [postmaster] = serving_pids(pg.data)
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        server = [postmaster, *map(int, children)]  # the backends serving this process's sessions too
+        for pid in server:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            closing = threading.Thread(target=vol.close, daemon=True)  # a hang fails the test, not the suite
+            closing.start()
+            closing.join(pg_hosts.LAST_REPORT_WAIT + 5)
+            hung = closing.is_alive()
+        finally:
+            for pid in server:
+                os.kill(pid, signal.SIGCONT)
+        assert not hung, f"close did not return within {pg_hosts.LAST_REPORT_WAIT + 5:g} s of a server that stopped"

@@ -20,6 +20,7 @@ from ..errors import (
 from ..fingerprint import fingerprint_path
 from ..paths import Target, printable
 from ..protocol import (
+    FileRecord,
     Intent,
     current_version,
     may_merge,
@@ -195,17 +196,22 @@ class Renames(History):
             after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
             if exchange:
                 after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
-            plan: list[Planned] = []
+            checked: list[tuple[str, Target, FileRecord | None, int | None]] = []
             for rel in sorted(set(before) | set(after)):
                 target = self.paths.of_rel(rel)
                 if not target.managed or before.get(rel) == after.get(rel):
                     continue
-                digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
                 record, check, refusal = self._check(tx, agent, target, now, "file")
                 if refusal is not None:
                     return [], refusal
+                checked.append((rel, target, record, check.seen))
+            # hashed once every path was checked: a check brings a working copy that is behind up to
+            # date, so a source hashed before its own check would name the bytes it held before that
+            plan: list[Planned] = []
+            for rel, target, record, seen in checked:
+                digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
                 if (record is not None and record.present) or digest is not None:
-                    plan.append(Planned(target, current_version(record) + 1, digest, check.seen, after.get(rel)))
+                    plan.append(Planned(target, current_version(record) + 1, digest, seen, after.get(rel)))
             for target, version, digest, _, source in plan:
                 tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
                 if source is not None:

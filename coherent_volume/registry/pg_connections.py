@@ -174,7 +174,7 @@ def _idle_ended(e: BaseException, location: Location) -> RegistryError:
         f"{location.describe()}: the database ended this process's session because its write transaction "
         f"stayed idle longer than idle_in_transaction_session_timeout ({_first_line(e)}): this process was "
         "paused, or worked that long between two statements (reading a large file), while it held the "
-        "volume's row lock. Nothing was written; it was not run again, as the same work would end the same "
+        "volume's lock in the database. Nothing was written; it was not run again, as the same work would end the same "
         "way: try again, and if it recurs, say which command and file it was",
         errno.ETIMEDOUT,
     )

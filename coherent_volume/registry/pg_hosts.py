@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 SEEN_EVERY = 10.0
 """Seconds between two bumps of a copy's last_seen by one process (opening the volume bumps it too)."""
+LAST_REPORT_WAIT = 5.0
+"""Seconds a closing process waits for its last report (a server that stopped answering must not
+hold its exit); one not sent stays pending in the working copy, for its next process to send."""
+
 REPORT_AFTER = 0.5
 """Seconds from the release of a commit lock that left something to report (a commit's install) to
 the report: a commit's round trips stay its own, and the commits of a busy copy in that time share

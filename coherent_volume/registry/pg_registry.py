@@ -521,9 +521,15 @@ class PostgresRegistry:
             self._closed = True
             self._reports.notify()
             thread = self._reporting
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        self._report_now()
+
+        def last() -> None:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+            self._report_now()
+
+        sender = threading.Thread(target=last, name="coherent-volume last report", daemon=True)
+        sender.start()
+        sender.join(pg_hosts.LAST_REPORT_WAIT)  # past it, what is unreported stays pending in the copy
 
     def close(self) -> None:
         """The last report (`_last_report`), then the connections closed."""
