@@ -27,6 +27,7 @@ from coherent_volume.protocol import FileRecord, Installed, Local, installed_nee
 
 from .harness import REPO, child
 from .harness.hostbed import PY, BedVolume, Hosts, init, needs_bed, three_hosts
+from .harness.nethosts import process_state
 
 pytestmark = needs_bed
 
@@ -80,15 +81,6 @@ print(json.dumps(out), flush=True)
 """bob's commit of PATH on his working copy, paused once at AT (its transaction, between its first
 round trip and its COMMIT; or its install, after its COMMIT): SIGSTOP of itself when GATE is "-",
 else until the file GATE exists (argv: root, path, at, gate)."""
-
-
-def _state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (T: stopped), None when the process is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()[0].decode()
 
 
 # ---- the bed: three hosts, one PostgreSQL, one volume with a working copy on each host ------------
@@ -310,8 +302,8 @@ def _paused_committer(volume: BedVolume, at: str, gate: str) -> Iterator[tuple[s
         pid = h2.pid_of(bob)
         if gate == "-":  # it stops itself after saying so
             deadline = time.monotonic() + 10
-            while _state(pid) != "T":
-                assert time.monotonic() < deadline, f"bob did not stop: {_state(pid)}"
+            while process_state(pid) != "T":
+                assert time.monotonic() < deadline, f"bob did not stop: {process_state(pid)}"
                 time.sleep(0.005)
         yield bob, pid, json.loads(line)["paused"]
     finally:
@@ -352,7 +344,7 @@ def test_a_committer_paused_holds_no_other_host_up_longer_than_the_server_ends_i
                 ) == [(0,)]
             answer = alice.write("plans/b.md", "alice's\n")
             assert answer.get("version") == 1, answer
-            assert _state(pid) == "T"  # alice committed while bob was still stopped
+            assert process_state(pid) == "T"  # alice committed while bob was still stopped
             print(f"paused at {at}: alice committed after {answer['seconds']:.1f} s")
             sessions = volume.sql(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'idle in transaction'",

@@ -65,7 +65,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _state(pid: int) -> str | None:
+def process_state(pid: int) -> str | None:
     """The state letter of /proc/PID/stat (R, S, T, Z…); None when the process is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
@@ -201,7 +201,7 @@ class Host:
         """SIGSTOP the process `pid` (root-namespace pid, e.g. from `pid_of`); returns once stopped."""
         os.kill(pid, signal.SIGSTOP)
         deadline = time.monotonic() + wait
-        while _state(pid) not in ("T", None):
+        while process_state(pid) not in ("T", None):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"process {pid} did not stop within {wait} s")
             time.sleep(0.005)
@@ -301,7 +301,7 @@ class Bed:
             if f": {name}:" in links or f": {name}@" in links:
                 found.append(f"link {name}")
         for h in self.hosts:
-            if h.init_pid and _state(h.init_pid) not in (None, "Z"):
+            if h.init_pid and process_state(h.init_pid) not in (None, "Z"):
                 found.append(f"init of {h.name} (pid {h.init_pid})")
         return found
 
