@@ -460,16 +460,13 @@ class PostgresRegistry:
         for path, held in tx.installs:
             self.replica.record(path, held)
         if self._holding != threading.get_ident():
-            self._report_seen()
+            self.seen()
 
     def seen(self) -> None:
-        """Tell the registry this working copy is in use (its last_seen), if due: what a process that
-        serves the copy without transactions of its own (a mount's listener) calls while it runs."""
-        self._report_seen()
-
-    def _report_seen(self) -> None:
-        """This copy's last_seen, if due, on a pooled connection (a process that holds no commit lock:
-        it only registers views); what the copy holds is reported only under its commit lock."""
+        """This copy's last_seen, if due, on a pooled connection: after a transaction of a process that
+        holds no commit lock (it only registers views), and while a mount's listener runs (it serves
+        the copy with no transactions of its own); what the copy holds is reported only under its
+        commit lock."""
         report = self._reporter.report(holdings=False)
         if report is None:
             return

@@ -106,7 +106,18 @@ def spawn_shell_agent(
     several processes of one agent apart: its records are AGENT~PROCESS.log, its tokens
     AGENT~PROCESS.N (see load_records)."""
     name = f"{agent}~{process}" if process else agent
-    env = {
+    env = shell_agent_env(mnt, agent, name, work, records, seed_, stop or records / "STOP")
+    return subprocess.Popen(
+        ["bash", str(SHELL_AGENT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/"
+    )
+
+
+def shell_agent_env(
+    mnt: Path, agent: str, name: str, work: Workload, records: Path, seed_: int, stop: Path
+) -> dict[str, str]:
+    """The environment of a bash agent (shell_agent.sh) writing `work` through the mount at `mnt` as
+    COHERENT_AGENT=agent, its records RECORDS/NAME.log, stopping once `stop` exists."""
+    return {
         **os.environ,
         "COHERENT_AGENT": agent,
         "NAME": name,
@@ -118,11 +129,8 @@ def spawn_shell_agent(
         "REC": str(records / f"{name}.log"),
         "ERRF": str(records / f"{name}.err"),
         "SEED": str(seed_ % 32768),
-        "STOP": str(stop or records / "STOP"),
+        "STOP": str(stop),
     }
-    return subprocess.Popen(
-        ["bash", str(SHELL_AGENT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/"
-    )
 
 
 def _threads(root: Path, work: Workload, records: Path, n: int, seed_: int) -> list[str]:

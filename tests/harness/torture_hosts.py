@@ -66,7 +66,7 @@ from .nethosts import Bed, Host, bed
 from .pgcluster import Cluster, cluster
 from .resolve import log_versions, refusal_reasons, resolve
 from .result import Result
-from .sweeps import SHELL_AGENT, load_records
+from .sweeps import SHELL_AGENT, load_records, shell_agent_env
 from .volumes import audit_pg_store, raw_read, read_log, seed
 from .workers import Workload, process_config
 
@@ -222,24 +222,10 @@ class HostVolume:
 
     def shell_agent(self, n: int, mnt: Path, name: str, work: Workload, seed_: int) -> subprocess.Popen[str]:
         """A bash agent (shell_agent.sh) on host hN, writing through the mount at `mnt` as agent `name`."""
-        env = {
-            **os.environ,
-            "COHERENT_AGENT": name,
-            "NAME": name,
-            "MNT": str(mnt),
-            "FILES": " ".join(work.paths),
-            "CROSS": str(work.cross),
-            "ATTEMPTS": str(work.attempts),
-            "FILL": str(min(work.fill, 300)),
-            "REC": str(self.records / f"{name}.log"),
-            "ERRF": str(self.records / f"{name}.err"),
-            "SEED": str(seed_ % 32768),
-            "STOP": str(self.stop_file),
-        }
         return self.hosts[n - 1].popen(
             ["bash", str(SHELL_AGENT)],
             cwd="/",
-            env=env,
+            env=shell_agent_env(mnt, name, name, work, self.records, seed_, self.stop_file),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
