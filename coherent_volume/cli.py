@@ -24,7 +24,7 @@ from . import report
 from .core import VolumeCore, open_core
 from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
 from .paths import Target
-from .policy import Policy, Retention
+from .policy import MAX_KEEP_DAYS, Policy, Retention
 from .protocol import Version
 from .registry import Event
 
@@ -107,7 +107,9 @@ def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
             help="Managed paths whose stale writes are merged three-way when the changes do not overlap "
             "(repeatable; replaces the stored list).",
         ),
-        click.option("--keep-days", type=click.FloatRange(min=0), help="Keep every version this many days."),
+        click.option(
+            "--keep-days", type=click.FloatRange(min=0, max=MAX_KEEP_DAYS), help="Keep every version this many days."
+        ),
         click.option("--keep-last", type=click.IntRange(min=1), help="Keep at least this many versions per path."),
         click.option(
             "--max-store-bytes",

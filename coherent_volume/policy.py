@@ -14,6 +14,8 @@ from .globs import ManagedGlobs
 from .protocol import Version
 
 DAY = 86400.0
+MAX_KEEP_DAYS = 1_000_000
+"""Most days `keep_days` may say (about 2,700 years): a finite span that time arithmetic can hold."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,10 @@ class Retention:
     max_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.keep_days, (int, float)) and self.keep_days >= 0):
-            raise VolumeConfigError(f"keep_days must be a number of days >= 0, not {self.keep_days!r}")
+        if not (isinstance(self.keep_days, (int, float)) and 0 <= self.keep_days <= MAX_KEEP_DAYS):
+            raise VolumeConfigError(
+                f"keep_days must be a number of days from 0 to {MAX_KEEP_DAYS:,}, not {self.keep_days!r}"
+            )
         if not (isinstance(self.keep_last, int) and self.keep_last >= 1):
             raise VolumeConfigError(f"keep_last must be an integer >= 1, not {self.keep_last!r}")
         if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes >= 0):

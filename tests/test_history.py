@@ -17,6 +17,7 @@ import xxhash
 
 from coherent_volume import CoherentVolume, DamagedContent, StaleWriteError, VersionGone
 from coherent_volume.fingerprint import content_hash
+from coherent_volume.policy import Policy, Retention
 from coherent_volume.registry import Transaction, objects
 from coherent_volume.registry.sqlite import SQLiteRegistry
 
@@ -151,6 +152,71 @@ def test_damaged_stored_content_is_reported_never_served(root: Path, vols) -> No
     tamper(root, digest, None)  # removed outside the volume: its history still says retained
     with pytest.raises(DamagedContent, match="the store is damaged"):
         alice.read_version("plans/p.md", 1)
+
+
+@pytest.mark.parametrize("parts", [False, True], ids=["one part", "several parts"])
+def test_a_version_committed_again_over_damaged_content_is_stored_whole(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch, parts: bool
+) -> None:
+    """Content is stored once per hash: committing the same bytes again must replace a damaged copy,
+    never name it (the new version would be born damaged)."""
+    if parts:
+        monkeypatch.setattr(objects, "PART", PART)
+    data = bytes(range(256)) * 10 if parts else b"precious\n"
+    alice = vols("alice")
+    alice.write("plans/p.md", data)
+    alice.write("plans/p.md", "other\n")
+    digest = content_hash(data)
+    tamper(root, digest, b"X" * 100, part=2 if parts else 0)
+    with pytest.raises(DamagedContent):
+        alice.read_version("plans/p.md", 1)
+    again = alice.write("plans/p.md", data)
+    alice.write("plans/p.md", "later\n")
+    assert alice.read_version("plans/p.md", again) == data
+    assert alice.read_version("plans/p.md", 1) == data  # the same content: the old version is whole again
+
+
+@pytest.mark.parametrize("how", ["read_version", "diff", "restore"])
+def test_a_version_pruned_while_it_is_read_is_said_to_be_pruned_not_damaged(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Between the history entry's read and the content's load another process prunes the version:
+    that is VersionGone (pruned), never DamagedContent (which says the store lost bytes)."""
+    alice = vols("alice")
+    for n in range(3):
+        alice.write("plans/p.md", f"v{n + 1}\n")
+    core = alice._core
+    looked_up = type(core)._entries
+
+    pruned: list[int] = []
+
+    def entries_then_prune(self, target, *versions):
+        found = looked_up(self, target, *versions)
+        if not pruned:  # the first lookup only
+            with CoherentVolume(root, agent="pruner") as pruner:
+                pruner.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+                pruned.append(pruner.prune().versions)
+        return found
+
+    monkeypatch.setattr(type(core), "_entries", entries_then_prune)
+    with pytest.raises(VersionGone, match="pruned"):
+        if how == "read_version":
+            alice.read_version("plans/p.md", 1)
+        elif how == "diff":
+            alice.diff("plans/p.md", 1, 3)
+        else:
+            alice.restore("plans/p.md", 1)
+    assert pruned == [2] and (root / "plans" / "p.md").read_bytes() == b"v3\n"
+
+
+def test_version_numbers_no_registry_can_hold_are_not_in_the_history(vols) -> None:
+    alice = vols("alice")
+    alice.write("plans/p.md", "one\n")
+    for version in (2**63, 10**30, -1):
+        with pytest.raises(VersionGone, match="not in its history"):
+            alice.read_version("plans/p.md", version)
+    with pytest.raises(VersionGone, match="not in its history"):
+        alice.diff("plans/p.md", 1, 2**64)
 
 
 def test_every_commit_through_the_mount_is_retained(root: Path, tmp_path: Path, vols) -> None:

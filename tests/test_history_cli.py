@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError
+from coherent_volume import CoherentVolume, StaleWriteError, VolumeConfigError
 from coherent_volume.fingerprint import content_hash
+from coherent_volume.policy import Retention
 
 from .harness.mounts import CLI, Mount
 from .harness.volumes import tamper
@@ -109,6 +110,25 @@ def test_damaged_content_is_reported_never_printed(root: Path) -> None:
     assert r.returncode == DAMAGED and "damaged" in r.stderr and "step ONE" not in r.stdout
     assert cv("diff", root, P, "1", "2").returncode == DAMAGED
     assert ok("show", root, P, "--version", "2") == "intro\nstep one, done\nstep two\n"
+
+
+def test_numbers_past_what_a_registry_holds_are_answered_not_crashed_on(root: Path) -> None:
+    _three_versions(root)
+    huge = str(2**63)
+    for args in (
+        ("show", root, P, "--version", huge),
+        ("diff", root, P, huge, "1"),
+        ("restore", root, P, "--version", huge, "--agent", "alice"),
+    ):
+        r = cv(*args)
+        assert r.returncode == GONE and "not in its history" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    listed = json.loads(ok("history", root, P, "--limit", str(2**70), "--json"))
+    assert [v["version"] for v in listed["versions"]] == [3, 2, 1]
+    for days in ("inf", "1e400", "2000000"):
+        bad = cv("policy", root, "--keep-days", days)
+        assert bad.returncode == 2 and "--keep-days" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    with pytest.raises(VolumeConfigError, match="keep_days"):
+        Retention(keep_days=10**400)
 
 
 def test_diff_defaults_to_the_latest_change(root: Path) -> None:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coherent_volume import CoherentVolume, MergeConflict, Policy, StaleWriteError
-from coherent_volume.diffs import merge3
+from coherent_volume.diffs import merge3, unified
 
 
 def _git_merge(tmp: Path, base: bytes, ours: bytes, theirs: bytes) -> bytes | None:
@@ -85,6 +85,53 @@ def test_the_line_merge_keeps_every_one_sided_change(sides: tuple[bytes, bytes, 
         assert merged == theirs
     elif theirs == base:
         assert merged == ours
+
+
+@settings(
+    max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_three(unique=False), st.booleans(), st.booleans())
+def test_a_unified_diff_applied_by_patch_gives_the_new_version(
+    tmp_path: Path, sides: tuple[bytes, bytes, bytes], old_newline: bool, new_newline: bool
+) -> None:
+    """The diffs shown in refusals, `diff` and `log -p` are real unified diffs: GNU patch turns the
+    old version into the new one with them (repeated lines, no final newline included)."""
+    old, _, new = sides
+    old, new = (old if old_newline else old.rstrip(b"\n")), (new if new_newline else new.rstrip(b"\n"))
+    shown = unified(old, new, "a/f", "b/f")
+    assert shown is not None and (shown == "") == (old == new)
+    (tmp_path / "f").write_bytes(old)
+    if shown:
+        done = subprocess.run(
+            ["patch", "-s", "-p1", "--no-backup-if-mismatch", "-d", str(tmp_path)],
+            input=shown.encode(),
+            capture_output=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr, shown)
+    assert (tmp_path / "f").read_bytes() == new
+
+
+def test_a_file_of_many_repeated_lines_merges_both_sides(tmp_path: Path) -> None:
+    """12,000 lines drawn from a few dozen (a table, blank lines): one side adds a line at the top,
+    the other at the bottom; both are kept, as git keeps them (difflib's matcher took seconds here)."""
+    base = "".join(f"row {i % 50}\n" if i % 2 else "\n" for i in range(12_000)).encode()
+    ours, theirs = b"top\n" + base, base + b"bottom\n"
+    merged, conflicts = merge3(base, ours, theirs)
+    assert conflicts == [] and merged == b"top\n" + base + b"bottom\n"
+    assert merged == _git_merge(tmp_path, base, ours, theirs)
+
+
+def test_a_version_over_the_merge_bound_is_refused_stale_not_merged(vols) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    big = b"".join(b"line %d\n" % i for i in range(200_000))  # ~1.4 MB, over diffs.MAX_MERGE_BYTES
+    alice.write("plans/p.md", big)
+    bob.read("plans/p.md")
+    alice.write("plans/p.md", b"top\n" + big)
+    with pytest.raises(StaleWriteError) as refused:
+        bob.write("plans/p.md", big + b"bottom\n", merge=True)
+    assert refused.value.reason == "stale" and not isinstance(refused.value, MergeConflict)
+    assert alice.read("plans/p.md") == b"top\n" + big and alice.version("plans/p.md") == 2
 
 
 def test_binary_content_is_never_merged() -> None:

@@ -632,6 +632,27 @@ def test_content_is_stored_in_parts_and_served_only_whole_and_intact(
     assert shown.returncode == 5 and "holds none under its hash" in shown.stderr and "pruned" not in shown.stderr
 
 
+@pytest.mark.parametrize("parts", [False, True], ids=["one part", "several parts"])
+def test_a_version_committed_again_over_damaged_content_is_stored_whole(
+    root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, parts: bool
+) -> None:
+    """Content is stored once per hash: committing the same bytes again replaces a damaged copy
+    instead of naming it (the new version would be born damaged)."""
+    monkeypatch.setattr(pg_transaction, "PART", 1000)
+    data = bytes(range(256)) * 10 if parts else b"precious\n"
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/p.md", data)
+        v.write("plans/p.md", "other\n")
+        table = "cv_content_parts WHERE part = 2" if parts else "cv_contents WHERE size = 9"
+        _q(pg_url, f"UPDATE {table.split(' WHERE')[0]} SET data = 'x'::bytea WHERE{table.split('WHERE')[1]}")
+        with pytest.raises(DamagedContent):
+            v.read_version("plans/p.md", 1)
+        again = v.write("plans/p.md", data)
+        v.write("plans/p.md", "later\n")
+        assert v.read_version("plans/p.md", again) == data
+        assert v.read_version("plans/p.md", 1) == data
+
+
 # ---- a commit's install never lands over a newer version ------------------------------------------------
 
 PAUSED_AT_INSTALL = """

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .. import atomic, diffs
-from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone
+from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone, VolumeConfigError
 from ..paths import Target
 from ..policy import DAY, Policy, prunable
 from ..protocol import Version, current_version, may_merge
@@ -25,22 +25,10 @@ MERGE_ATTEMPTS = 8
 """Merges of one write tried while other commits keep landing between a merge and its commit."""
 PRUNE_EVERY = 3600.0
 """Seconds between automatic prunes of a volume (run by a commit that finds one due)."""
+MAX_VERSION = 2**63 - 1
+"""The largest version number a registry can hold (a signed 64-bit integer)."""
 PRUNE_BATCH = 500
 """Most versions an automatic prune drops at once, so the commit that runs it is not held up long."""
-
-
-@contextmanager
-def _kept_content(what: str) -> Iterator[None]:
-    """Around a load of content whose history entry says it is retained: none stored under its
-    hash is damage (DamagedContent), never a prune (VersionGone)."""
-    try:
-        yield
-    except VersionGone as e:
-        raise DamagedContent(
-            f"{what}: its history says its content is retained, but the content store holds none under its "
-            "hash: the store is damaged (content removed outside the volume, or restored from an older "
-            "backup); it is not served"
-        ) from e
 
 
 @dataclass(frozen=True)
@@ -67,8 +55,12 @@ class History(Writes):
                 log.warning("pruning old versions failed (the commit stands; the next prune retries): %s", e)
 
     def history(self, target: Target, limit: int | None = None) -> list[Version]:
-        """`target`'s versions, newest first (a foreign change is synced first, so it is listed)."""
+        """`target`'s versions, newest first (a foreign change is synced first, so it is listed);
+        the newest `limit` (>= 1) only, if given."""
         self._require_managed(target, "history")
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            raise VolumeConfigError(f"a history limit is a number of versions >= 1, not {limit!r}")
+        limit = None if limit is None else min(limit, MAX_VERSION)
         self.version(target)
         with self.registry.read() as tx:
             return tx.history(target.rel, limit)
@@ -81,15 +73,31 @@ class History(Writes):
         return self._stored(target, version, self._entries(target, version)[0])
 
     def _entries(self, target: Target, *versions: int) -> list[Version | None]:
-        """History entries of `target`, in one registry read (None: no such version)."""
+        """History entries of `target`, in one registry read (None: no such version, also for a
+        number no version can have)."""
         with self.registry.read() as tx:
-            return [tx.version_entry(target.rel, v) for v in versions]
+            return [tx.version_entry(target.rel, v) if 0 < v <= MAX_VERSION else None for v in versions]
 
     def _stored(self, target: Target, version: int, entry: Version | None) -> bytes:
         """The retained bytes of `version` (whose history entry is `entry`): `read_version`'s errors."""
         digest, what = self._kept(target, version, entry)
-        with self.registry.read() as tx, _kept_content(what):
+        with self._kept_content(target, version, what), self.registry.read() as tx:
             return tx.load(digest, what)
+
+    @contextmanager
+    def _kept_content(self, target: Target, version: int, what: str) -> Iterator[None]:
+        """Around a load of content whose history entry said it is retained: none stored under its
+        hash is a prune since that entry was read (VersionGone) if the entry now says so, else
+        damage (DamagedContent)."""
+        try:
+            yield
+        except VersionGone as e:
+            self._kept(target, version, self._entries(target, version)[0])  # VersionGone if pruned meanwhile
+            raise DamagedContent(
+                f"{what}: its history says its content is retained, but the content store holds none under its "
+                "hash: the store is damaged (content removed outside the volume, or restored from an older "
+                "backup); it is not served"
+            ) from e
 
     @staticmethod
     def _kept(target: Target, version: int, entry: Version | None) -> tuple[str, str]:
@@ -172,8 +180,9 @@ class History(Writes):
         agent read is retained, commit instead the three-way line merge of it (base), `data` (ours)
         and the current version (theirs), as a version of kind `merge` whose parents are both. A
         merge leaves the agent's view where it was (`protocol.view_moves`): it never read the
-        result. Overlapping changes raise MergeConflict (with the hunks), binary content or a pruned
-        base the stale refusal (with its diff); either way nothing changes. `refused`: the refusal
+        result. Overlapping changes raise MergeConflict (with the hunks), binary content, a side over
+        `diffs.MAX_MERGE_BYTES` or a pruned base the stale refusal (with its diff); either way
+        nothing changes. `refused`: the refusal
         `data` already got (and logged), so it is not tried again."""
         refusal = refused
         if refusal is None:
@@ -199,8 +208,11 @@ class History(Writes):
         if not may_merge(refusal.reason, True) or refusal.seen_version is None:
             raise self.refusal_diff(refusal)
         base_version, theirs_version = refusal.seen_version, refusal.current_version
-        try:  # both versions are recorded already: the refusal named them
-            base_entry, theirs_entry = self._entries(target, base_version, theirs_version)
+        base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
+        sizes = (entry.size or 0 for entry in (base_entry, theirs_entry) if entry is not None)
+        if not diffs.mergeable(len(ours), *sizes):
+            raise self.refusal_diff(refusal)
+        try:
             base = b"" if base_version == 0 else self._stored(target, base_version, base_entry)
             theirs = self._stored(target, theirs_version, theirs_entry)
         except CoherenceError:
@@ -222,7 +234,7 @@ class History(Writes):
         digest, what = self._kept(target, version, self._entries(target, version)[0])
 
         def fill(write: Callable[[bytes], None]) -> None:
-            with self.registry.read() as tx, _kept_content(what):
+            with self._kept_content(target, version, what), self.registry.read() as tx:
                 tx.load_into(digest, what, write)
 
         staged = atomic.stage_written(target.abs, digest, fill)

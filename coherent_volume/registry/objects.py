@@ -15,6 +15,8 @@ Invariants:
 - once a store has returned, parts exist only under a `contents` row (`drop` removes both);
 - a read serves bytes only after checking all of them against their key; a part changed or
   missing is `DamagedContent` (typed, never served), never `VersionGone` (which means not retained);
+- a store of content whose hash is stored already checks what is stored and replaces it if it is
+  damaged, so a new version never names damaged bytes (one statement for content of one part);
 - content is exactly as durable as the registry (WAL, synchronous=NORMAL): a process killed at any
   instant leaves every committed row whole, and no row that its transaction did not commit.
 """
@@ -62,6 +64,22 @@ def _exists(conn: sqlite3.Connection, digest: str) -> bool:
     return conn.execute("SELECT 1 FROM contents WHERE hash = ?", (digest,)).fetchone() is not None
 
 
+def _intact(conn: sqlite3.Connection, digest: str) -> bool:
+    """Whether content is stored under `digest`, whole and hashing to it (read through, a part at a time)."""
+    try:
+        for _ in _parts(conn, digest, digest):
+            pass
+    except (VersionGone, DamagedContent):
+        return False
+    return True
+
+
+def _remove(conn: sqlite3.Connection, digest: str) -> None:
+    """Remove whatever is stored under `digest`, damaged or not, every part."""
+    conn.execute("DELETE FROM contents WHERE hash = ?", (digest,))
+    conn.execute("DELETE FROM content_parts WHERE hash = ?", (digest,))
+
+
 PENDING = "~" * 32
 """The key under which the parts of content whose hash is not known yet are inserted: no hash is
 spelled so, and it is as long as one, so re-keying them to their hash rewrites none of their bytes."""
@@ -75,10 +93,11 @@ def _insert(
     key: str | None = None,
 ) -> str:
     """Store `parts` (one read of a content, in order), hashing them as they go: under their hash,
-    which must be `expected` when that is given (the caller knows it is not stored yet), or under
-    `key` as they are (schema 1's objects); the hash of the bytes read. One read: a file changing
-    meanwhile is stored as read. Bytes that do not hash to `expected`, content already stored under
-    its hash, and anything this raises leave nothing more stored."""
+    which must be `expected` when that is given (the caller knows nothing is stored under it), or
+    under `key` as they are (schema 1's objects); the hash of the bytes read. One read: a file
+    changing meanwhile is stored as read. Bytes that do not hash to `expected`, content already
+    stored intact under its hash, and anything this raises leave nothing more stored; damaged
+    content under its hash is replaced."""
     pending = key or expected or PENDING
     hasher, size, inserted = xxhash.xxh3_128(), 0, False
     first: bytes | memoryview = b""
@@ -93,8 +112,12 @@ def _insert(
                 inserted = True
         got = hasher.hexdigest()
         final = key or got
-        if (expected is not None and got != expected) or (pending == PENDING and _exists(conn, got)):
+        if expected is not None and got != expected:
             return got
+        if pending == PENDING and _exists(conn, got):
+            if _intact(conn, got):
+                return got
+            _remove(conn, got)
         if inserted and pending != final:
             conn.execute("UPDATE content_parts SET hash = ? WHERE hash = ?", (final, pending))
         conn.execute("INSERT INTO contents (hash, size, data) VALUES (?, ?, ?)", (final, size, first))
@@ -111,20 +134,27 @@ def _changed(digest: str) -> OSError:
 
 def put(conn: sqlite3.Connection, digest: str | None, source: bytes | int) -> str:
     """`Transaction.store` on `conn`'s open write transaction: a descriptor is read once, a part at
-    a time (with `digest` None, what that read finds is stored under its hash)."""
+    a time (with `digest` None, what that read finds is stored under its hash). Content stored
+    already under its hash is kept if intact, replaced if damaged."""
     if isinstance(source, bytes):
         got = xxhash.xxh3_128_hexdigest(source)
         if digest is not None and got != digest:
             raise _changed(digest)
-        if len(source) <= PART:  # one row, one statement
+        if len(source) <= PART:  # one row, one statement; a stored row unlike these bytes is damaged
             conn.execute(
-                "INSERT OR IGNORE INTO contents (hash, size, data) VALUES (?, ?, ?)", (got, len(source), source)
+                "INSERT INTO contents (hash, size, data) VALUES (?, ?, ?) ON CONFLICT (hash) DO UPDATE "
+                "SET size = excluded.size, data = excluded.data "
+                "WHERE contents.size != excluded.size OR contents.data != excluded.data",
+                (got, len(source), source),
             )
-        elif not _exists(conn, got):
+        elif not _intact(conn, got):
+            _remove(conn, got)
             _insert(conn, _slices(source), expected=got)
         return got
-    if digest is not None and _exists(conn, digest):
-        return digest
+    if digest is not None:
+        if _intact(conn, digest):
+            return digest
+        _remove(conn, digest)
     got = _insert(conn, _read_parts(source), expected=digest)
     if digest is not None and got != digest:
         raise _changed(digest)

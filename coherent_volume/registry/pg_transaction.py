@@ -334,18 +334,23 @@ class PostgresTransaction:
 
     def store(self, digest: str | None, source: bytes | int) -> str:
         """Content of one part (nearly every file) is queued as one insert that keeps what is stored
-        under its hash already: no round trip of its own. Larger content is looked up first."""
+        under its hash already unless it differs (damaged: replaced): no round trip of its own.
+        Larger content is looked up first, and what is stored under its hash read through: kept if
+        intact, else replaced."""
         if isinstance(source, bytes):
             got = xxhash.xxh3_128_hexdigest(source)
             if digest is not None and got != digest:
                 raise _changed(digest)
             if len(source) <= PART:
                 self._put_content(got, source)
-            elif not self._stored(got):
+            elif not self._intact(got):
+                self.drop(got)
                 self._insert(got, _slices(source), None)
             return got
-        if digest is not None and os.fstat(source).st_size > PART and self._stored(digest):
-            return digest
+        if digest is not None and os.fstat(source).st_size > PART:
+            if self._intact(digest):
+                return digest
+            self.drop(digest)
         parts = _read_parts(source)
         first = next(parts, b"")
         second = next(parts, None)
@@ -359,9 +364,10 @@ class PostgresTransaction:
         if digest is None:  # read once, stored while hashed (statements keep flowing), then named by its hash
             provisional = f"provisional {uuid.uuid4()}"
             got = self._insert(provisional, rest, None)
-            if self._stored(got):
+            if self._intact(got):
                 self.drop(provisional)
             else:
+                self.drop(got)
                 for table in ("cv_content_parts", "cv_contents"):
                     self.queue(
                         f"UPDATE {table} SET hash = %s WHERE volume = %s AND hash = %s", (got, self._v, provisional)
@@ -372,17 +378,25 @@ class PostgresTransaction:
         return digest
 
     def _put_content(self, digest: str, data: bytes) -> None:
-        """Queue the content `data` (one part) under `digest`, unless it is stored already."""
+        """Queue the content `data` (one part) under `digest`, unless it is stored already as these
+        bytes (other bytes under their hash are damage: replaced)."""
         self._do(
             "INSERT INTO cv_contents (volume, hash, size, data) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (volume, hash) DO NOTHING",
+            "ON CONFLICT (volume, hash) DO UPDATE SET size = EXCLUDED.size, data = EXCLUDED.data "
+            "WHERE cv_contents.size <> EXCLUDED.size OR cv_contents.data <> EXCLUDED.data",
             digest,
             len(data),
             data,
         )
 
-    def _stored(self, digest: str) -> bool:
-        return self._one("SELECT 1 FROM cv_contents WHERE volume = %s AND hash = %s", digest) is not None
+    def _intact(self, digest: str) -> bool:
+        """Whether content is stored under `digest`, whole and hashing to it (read through)."""
+        try:
+            for _ in self._parts(digest, digest):
+                pass
+        except (VersionGone, DamagedContent):
+            return False
+        return True
 
     def _insert(self, key: str, parts: Iterable[bytes | memoryview], expected: str | None) -> str:
         """Store `parts` under `key`, hashing them as they go: the first in its cv_contents row,
