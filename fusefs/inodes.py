@@ -45,6 +45,9 @@ class InodeTable:
     def inode_if_known(self, path: str) -> int | None:
         return self._inode.get(path)
 
+    def path_if_known(self, inode: int) -> str | None:
+        return self._path.get(inode)
+
     def remember(self, path: str) -> int:
         """The inode of `path`, counting one kernel lookup (the kernel will forget it later)."""
         inode = self.inode(path)

@@ -160,7 +160,7 @@ def serve(
     os.umask(0)  # callers' modes arrive with their own umask applied: never apply the daemon's on top
     core = open_core(root)
     resolver = AgentResolver(agent, os.getpid(), core.session_of)
-    ops = CoherentOperations(core, resolver)
+    ops = CoherentOperations(core, resolver, direct_dirs)
     options = set(pyfuse3.default_options) | {f"fsname={_option_value(core.paths.root)}", "subtype=coherent"}
     if allow_other:
         options.add("allow_other")

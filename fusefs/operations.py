@@ -91,9 +91,11 @@ class CoherentOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, core: VolumeCore, resolver: AgentResolver) -> None:
+    def __init__(self, core: VolumeCore, resolver: AgentResolver, direct_dirs: Sequence[str] = ()) -> None:
         super().__init__()
         self.core = core
+        self.direct_dirs = tuple(direct_dirs)
+        """Root-relative directories bound over the mount (fusefs/direct.py): served by the kernel."""
         self.root = core.paths.root
         self.resolver = resolver
         self.inodes = InodeTable()
@@ -629,10 +631,14 @@ class CoherentOperations(pyfuse3.Operations):
         src = self._child(parent_inode_old, name_old)
         dst = self._child(parent_inode_new, name_new)
         self.own.note(src, dst)
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_WHITEOUT: the mount makes no whiteouts
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
         st = self.backing.lstat(src)
         tree = stat_mod.S_ISDIR(st.st_mode) or (exchange and stat_mod.S_ISDIR(self.backing.lstat(dst).st_mode))
+        if tree and self.direct_dirs:
+            self._refuse_moving_direct_dirs(src, *((dst,) if exchange else ()))
         source, destination = self._target(src), self._target(dst)
         if self.core.rename_is_checked(source, destination):
             self._refuse_open_writers(src)
@@ -693,15 +699,32 @@ class CoherentOperations(pyfuse3.Operations):
     def _refuse_open_writers(self, rel: str) -> None:
         """A file open for writing under an unmanaged name (at or below `rel`) cannot be renamed where
         it would be checked: its open handle would go on writing its bytes in place, past the
-        protocol (EBUSY). Handles of files still at their name are known by path; one whose name
-        is `rel` itself also by its inode, however it was reached."""
+        protocol (EBUSY). A handle is known by the name it was opened at, by its inode's name now
+        (renames that were not checked moved it), and, when its name is `rel` itself, by the file
+        it holds, however it was reached."""
         st = self.backing.lstat(rel)
-        for handle in self.files.values():
+        for fh, handle in self.files.items():
             if not isinstance(handle, Passthrough) or not handle.writable:
                 continue
             held = os.fstat(handle.fd)
-            if _at_or_below(handle.rel, rel) or (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+            inode = self.file_inodes.get(fh)
+            now = self.inodes.path_if_known(inode) if inode is not None else None
+            if (
+                _at_or_below(handle.rel, rel)
+                or (now is not None and _at_or_below(now, rel))
+                or (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
+            ):
                 log.info("refused renaming %s: a file there is open for writing under an unmanaged name", rel)
+                raise pyfuse3.FUSEError(errno.EBUSY)
+
+    def _refuse_moving_direct_dirs(self, *rels: str) -> None:
+        """A directory holding a direct dir cannot be renamed (EBUSY, as the direct dir itself, which
+        the kernel refuses): its bind would move along, served past the daemon wherever it lands,
+        a managed glob's reach included."""
+        for rel in rels:
+            held = [d for d in self.direct_dirs if _at_or_below(d, rel)]
+            if held:
+                log.info("refused renaming %s: it holds the direct dir %s", rel, held[0])
                 raise pyfuse3.FUSEError(errno.EBUSY)
 
     # ---- files --------------------------------------------------------------------

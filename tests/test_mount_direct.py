@@ -205,6 +205,23 @@ def test_what_a_direct_dir_breaks(with_deps: Mount) -> None:
     assert _errno(os.rename, m.path / "empty", m.path / "u" / "empty") == 0
 
 
+def test_a_directory_holding_a_direct_dir_cannot_be_moved(root: Path, tmp_path: Path) -> None:
+    """Its bind would move along, served past the daemon wherever it lands: into a managed glob's
+    reach too, where stale writes would go through unchecked."""
+    (root / "docs" / "deps").mkdir(parents=True)
+    (root / "docs" / "other").mkdir()
+    with Mount(root, tmp_path / "mnt", direct=["docs/deps"]) as m:
+        (m.path / "docs" / "deps" / "f.md").write_text("served by the kernel\n")
+        for where in (m.path / "plans" / "docs", m.path / "docs2"):
+            assert _errno(os.rename, m.path / "docs", where) == errno.EBUSY
+            assert not where.exists()
+        assert _errno(os.rename, m.path / "docs" / "other", m.path / "plans" / "other") == 0
+        assert os.path.ismount(m.path / "docs" / "deps")
+        assert m.run("alice", "cat docs/deps/f.md").stdout == "served by the kernel\n"
+        assert "refused renaming docs: it holds the direct dir docs/deps" in m.log.read_text()
+    assert mountpoints_under(tmp_path) == []
+
+
 def test_a_direct_dir_answers_as_a_plain_directory(with_deps: Mount, tmp_path: Path) -> None:
     """tests/test_conformance.py's hand-written sequences, run in the direct dir and in a plain
     directory: every step answers the same (no FUSE rules apply: the kernel serves it), but opening

@@ -3,6 +3,7 @@ against what a plain directory does with the same calls."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -103,6 +104,23 @@ print(sorted(os.listdir("plans")), open("plans/g").read(), open("plans/e/z").rea
 """
     plain, mount = both(mounted, tmp_path, code)
     assert mount == plain
+
+
+def test_rename_whiteout_is_refused_einval_and_changes_nothing(mounted: Mount) -> None:
+    """The mount makes no whiteouts (docs/mount.md): RENAME_WHITEOUT, which a plain ext4 directory
+    honours for root, fails EINVAL where it was silently taken as a plain rename."""
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for d in ("plans", "u"):
+    os.makedirs(d, exist_ok=True)
+    open(f"{d}/w.md", "w").write("w")
+    done = libc.renameat2(-100, f"{d}/w.md".encode(), -100, f"{d}/w2.md".encode(), 4)
+    print(d, done, ctypes.get_errno(), sorted(os.listdir(d)))
+"""
+    done = mounted.run("alice", f"python3 -c '{code}'")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{d} -1 {errno.EINVAL} ['w.md']" for d in ("plans", "u")], done.stdout
 
 
 def test_a_refused_rename_leaves_nothing_that_wedges_the_volume(mounted: Mount) -> None:

@@ -1015,6 +1015,19 @@ def _(c: Case) -> Iterator[None]:
     c.release_held()
 
 
+@scenario("mount-move-in-by-its-directory-while-open-for-writing")
+def _(c: Case) -> Iterator[None]:
+    c.holding(c.alice, f"exec 3>>{c.free}; echo ready; exec sleep 600")
+    moved = c.sh(c.alice, f"mkdir {c.notes}/v && mv {c.free} {c.notes}/v/free.txt")  # unmanaged to unmanaged
+    assert moved.returncode == 0, moved.stderr
+    yield
+    refused_in_mount(c.sh(c.alice, f"mv {c.notes}/v {c.dir}/v"), "Device or resource busy")
+    c.daemon(r"refused renaming .* open for writing under an unmanaged name")
+    yield
+    c.release_held()
+    assert c.sh(c.alice, f"mv {c.notes}/v/free.txt {c.free} && rmdir {c.notes}/v").returncode == 0
+
+
 @scenario("mount-write-after-rename-estale")
 def _(c: Case) -> Iterator[None]:
     assert c.sh(c.alice, f"cat {c.a}").returncode == 0
