@@ -37,7 +37,7 @@ from typing import Any
 
 from . import hook_merge, hook_settings, hook_steps, hooks
 from .core import VolumeCore
-from .errors import Reason, StaleWriteError
+from .errors import Reason, StaleWriteError, UnresolvedShellWrite
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
@@ -240,7 +240,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     name, cwd = event.get("hook_event_name"), event.get("cwd")
     places = [cwd if isinstance(cwd, str) else None]
     actor = _actor(event, process)
-    writes, updates = _writes(event)
+    try:
+        writes, updates = _writes(event)
+    except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
+        return FACE.deny(str(unresolved), None) if name == "PreToolUse" else Answer()
     progress.path = writes[0][0] if writes else None
     progress.write_check = name == "PreToolUse" and bool(writes)
     if actor is None:

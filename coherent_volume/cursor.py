@@ -30,7 +30,7 @@ from typing import Any
 
 from . import hook_merge, hook_steps, hooks
 from .core import VolumeCore
-from .errors import StaleWriteError
+from .errors import StaleWriteError, UnresolvedShellWrite
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
@@ -94,7 +94,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     managed writes). `process` is Cursor's process, looked up when not given."""
     name = event.get("hook_event_name")
     agent = hooks.agent_name(PREFIX, event.get("conversation_id") or event.get("session_id"))
-    writes = _writes(event)
+    try:
+        writes = _writes(event)
+    except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
+        return FACE.deny(str(unresolved), None) if name in WRITE_CHECKS else Answer()
     progress.path = writes[0][0] if writes else None
     progress.write_check = name in WRITE_CHECKS and bool(writes)
     if agent is None:

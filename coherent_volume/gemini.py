@@ -30,7 +30,7 @@ from typing import Any
 
 from . import hook_merge, hook_settings, hook_steps, hooks
 from .core import VolumeCore
-from .errors import StaleWriteError
+from .errors import StaleWriteError, UnresolvedShellWrite
 from .hook_steps import shows
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
@@ -122,7 +122,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     for managed writes). `process` is the session's process, looked up when not given."""
     name, tool, cwd = event.get("hook_event_name"), event.get("tool_name"), event.get("cwd")
     agent = hooks.agent_name(PREFIX, event.get("session_id"))
-    writes = _writes(event) if tool in WRITE_TOOLS + (SHELL_TOOL,) else []
+    try:
+        writes = _writes(event) if tool in WRITE_TOOLS + (SHELL_TOOL,) else []
+    except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
+        return FACE.deny(str(unresolved), None) if name == "BeforeTool" else Answer()
     progress.path = writes[0][0] if writes else None
     progress.write_check = name == "BeforeTool" and bool(writes)
     if agent is None:

@@ -1,112 +1,938 @@
 """The files a shell command recognisably writes, for the hooks of agents whose shell tool runs
-commands the hooks check like a write tool: redirections, `tee`, `sed -i`/`perl -i`, `rm`, `mv`,
-`cp`, `install`, `truncate`, `dd of=`. Anything else (a script, an interpreter's own file writes)
-is not recognised; on a mount the file system checks those writes.
+commands the hooks check like a write tool.
+
+The command is parsed with bash's grammar (tree-sitter-bash) and its syntax tree walked as bash
+would run it: every command of every list, pipeline, subshell, compound command (`if`, `for`,
+`while`, `case`, `{ }`, `!`), function (where it is called), command and process substitution,
+with here-documents and here-strings as data (but the command substitutions of an unquoted one).
+Recognised writes:
+- redirections by their operator: `>`, `>|`, `&>`, `>&FILE`, `<>` (and numbered: `2>`, `3<>`)
+  write, `>>` and `&>>` append; `<`, `<<`, `<<<` and descriptor copies (`2>&1`) write nothing;
+  `[ a > b ]` redirects too;
+- `tee [-a]`, `sed -i`, `perl -i`, `awk -i inplace`, `rm`/`unlink`/`shred`, `mv` (its sources are
+  removed), `cp`, `install`, `truncate`, `dd of=`, `find -delete`/`-fprint FILE`, `time -o FILE`;
+  a directory removed or moved stands for the files below it;
+- looked through: the wrappers in `_WRAPPERS` with their own options, `coproc`, and the literal
+  text of `bash -c`/`sh -c`, `eval` and `trap`.
+Words are expanded as bash expands them: brace expansion, `~`, `$HOME` (from this process's
+environment) and `$PWD`, then globs against the command's working directory (no match: the word
+itself). `cd DIR` moves the working directory for what follows in its shell (not out of a subshell
+or a pipeline): a directory that exists is entered; one that does not is entered for what runs
+after the `cd` succeeded (`&&`), and either may hold after `;`.
+
+A write whose file cannot be told before the command runs (a variable, a command substitution,
+arithmetic, a directory `cd` reached through one, the operands of `xargs`, `find -exec` or
+`parallel` running a writer, `find -delete`, more than `_MOST_EXPANDED` words or matches, a command
+tree-sitter cannot parse) is decided by the place its known part names (the directory before the
+first expansion, else the working directory): inside a volume the command is refused
+(`UnresolvedShellWrite`), elsewhere it goes ahead. Anything else (a script, `source`, an
+interpreter's own file writes, `git checkout`, `eval "$VAR"`) is not recognised; on a mount the
+file system checks those writes.
+
+Paths are joined to the working directory as given: `..` is left for the caller to resolve (after
+following symlinks, as the kernel does).
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
 import os
 import re
 import shlex
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
 
-from .hooks import absolute
+import tree_sitter
+import tree_sitter_bash
+
+from .errors import UnresolvedShellWrite
+from .hook_steps import located
 from .protocol import HandleKind
 
-_REDIRECTS: dict[str, HandleKind] = {">": "write", ">|": "write", "&>": "write", ">>": "append", "&>>": "append"}
-_INPUTS = {"<", "<<", "<<-", "<<<", "<&", ">&", "<>"}
-_WRAPPERS = {"sudo", "command", "exec", "nohup", "env", "time", "nice", "doas"}
 _MOST_EXPANDED = 1000
-"""Files a directory a command removes or moves is expanded to at most."""
-_HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
+"""Words of a brace expansion, and matches of a pattern, at most (more: the word is unknown); and
+files a directory a command removes, moves or copies over stands for at most."""
+_DEEPEST = 8
+"""Nesting of `bash -c`, `eval` and function calls followed at most."""
+_MOST_CALLS = 100
+"""Function calls followed at most in one command."""
 
 
-def _without_heredoc_bodies(command: str) -> str:
-    """`command` without the bodies of its here-documents (data, not commands)."""
-    out: list[str] = []
-    lines = command.split("\n")
-    i = 0
-    while i < len(lines):
-        out.append(lines[i])
-        ends = [m.group(2) for m in _HEREDOC.finditer(lines[i])]
-        i += 1
-        for end in ends:
-            while i < len(lines) and lines[i].strip() != end:
-                i += 1
-            i += 1
-    return "\n".join(out)
+@dataclass(frozen=True)
+class Unknown:
+    """A word (or working directory) known only when the command runs: its text, why, and the
+    directory its known part names."""
+
+    word: str
+    why: str
+    place: str
 
 
-def _operands(args: list[str], valued: set[str]) -> tuple[list[str], dict[str, str]]:
-    """A command's operands (after its options) and the values of the options in `valued`."""
-    operands: list[str] = []
-    values: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            operands.extend(args[i + 1 :])
+Cwd = str | Unknown
+Item = str | Unknown
+Chars = list[tuple[str, bool]]
+"""A word's characters, each with whether it is quoted (literal to brace and glob expansion)."""
+State = frozenset[Cwd]
+"""The working directories a command may run in (more than one after a `cd` that may fail)."""
+
+_WRITE_OPS: dict[str, HandleKind] = {">": "write", ">|": "write", "&>": "write", ">&": "write", "<>": "write"}
+_WRITE_OPS |= {">>": "append", "&>>": "append"}
+_GLOB = set("*?[")
+_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh"}
+
+
+@dataclass(frozen=True)
+class _Wrapper:
+    """How a command that runs another (`_WRAPPERS`) reads its own words."""
+
+    valued: frozenset[str]
+    """Its options that take a value (as the next word, or attached)."""
+    leading: int = 0
+    """Operands before the command (timeout's DURATION)."""
+    assignments: bool = False
+    """NAME=VALUE words before the command are its (env, sudo)."""
+    chdir: frozenset[str] = frozenset()
+    """Its options naming the directory the command runs in."""
+    no_command: frozenset[str] = frozenset()
+    """Options with which it runs no command."""
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_WRAPPERS: dict[str, _Wrapper] = {
+    "sudo": _Wrapper(
+        _names(
+            "-u -g -C -D -h -p -r -t -T -U --user --group --close-from --chdir --host --prompt --role --type "
+            "--command-timeout --other-user"
+        ),
+        assignments=True,
+        chdir=_names("-D --chdir"),
+        no_command=_names("-l --list -v --validate -k -K --reset-timestamp"),
+    ),
+    "doas": _Wrapper(_names("-u -C")),
+    "command": _Wrapper(frozenset(), no_command=_names("-v -V")),
+    "builtin": _Wrapper(frozenset()),
+    "exec": _Wrapper(_names("-a")),
+    "nohup": _Wrapper(frozenset()),
+    "env": _Wrapper(_names("-u --unset -C --chdir -S --split-string"), assignments=True, chdir=_names("-C --chdir")),
+    "time": _Wrapper(_names("-f --format -o --output")),
+    "nice": _Wrapper(_names("-n --adjustment")),
+    "timeout": _Wrapper(_names("-s --signal -k --kill-after"), leading=1),
+    "stdbuf": _Wrapper(_names("-i -o -e --input --output --error")),
+    "ionice": _Wrapper(_names("-c --class -n --classdata"), no_command=_names("-p --pid -P --pgid -u --uid")),
+    "chronic": _Wrapper(frozenset()),
+    "setsid": _Wrapper(frozenset()),
+}
+"""Commands that run the command after their options: they are looked through."""
+_XARGS_VALUED = _names(
+    "-a -d -E -I -L -n -P -s --arg-file --delimiter --eof --replace --max-lines --max-args --max-procs --max-chars "
+    "--process-slot-var"
+)
+_PARALLEL_VALUED = _names("-j -P -S -a -d -I -n -N -L --jobs --arg-file --delimiter --sshlogin --max-args")
+_SED_VALUED = _names("-e --expression -f --file -l --line-length")
+_PERL_VALUED = _names("-e -E")
+_AWK_VALUED = _names("-i -v -f -F --include --assign --file")
+
+
+@cache
+def _parser() -> tree_sitter.Parser:
+    return tree_sitter.Parser(tree_sitter.Language(tree_sitter_bash.language()))
+
+
+def _text(node: tree_sitter.Node) -> str:
+    return (node.text or b"").decode("utf-8", "surrogatepass")
+
+
+def _option(arg: str, following: list[Item], valued: frozenset[str]) -> list[tuple[str, Item | None]]:
+    """The options one word `arg` (`-x`, `-xVALUE`, `-abc`, `--name`, `--name=VALUE`) gives, each
+    with its value (None for a flag); a valued option without one in `arg` takes the first of
+    `following` (removed from it)."""
+    if arg.startswith("--"):
+        name, eq, value = arg.partition("=")
+        if eq or name not in valued:
+            return [(name, value if eq else None)]
+        return [(name, following.pop(0) if following else None)]
+    out: list[tuple[str, Item | None]] = []
+    for i, c in enumerate(arg[1:], 1):
+        if f"-{c}" in valued:
+            rest = arg[i + 1 :]
+            out.append((f"-{c}", rest if rest else following.pop(0) if following else None))
             break
-        if arg.startswith("-") and arg != "-":
-            name = arg.split("=", 1)[0]
-            if name in valued:
-                if "=" in arg:
-                    values[name] = arg.split("=", 1)[1]
-                elif i + 1 < len(args):
-                    values[name] = args[i + 1]
-                    i += 1
-        else:
+        out.append((f"-{c}", None))
+    return out
+
+
+def _is_option(item: Item) -> bool:
+    return isinstance(item, str) and item.startswith("-") and item != "-"
+
+
+def _options(items: list[Item], valued: frozenset[str]) -> Iterator[tuple[str, Item | None]]:
+    """The leading options of `items` as (option, its value or None), up to the first operand or
+    `--` (consumed); `items` is shortened to what follows them."""
+    while items and _is_option(items[0]):
+        arg = str(items.pop(0))
+        if arg == "--":
+            return
+        yield from _option(arg, items, valued)
+
+
+def _operands(args: list[Item], valued: frozenset[str]) -> tuple[list[Item], dict[str, Item]]:
+    """A command's operands (options anywhere before `--`) and the values of the options in `valued`."""
+    operands: list[Item] = []
+    values: dict[str, Item] = {}
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            operands.extend(rest)
+            break
+        if not _is_option(arg):
             operands.append(arg)
-        i += 1
+            continue
+        for name, value in _option(str(arg), rest, valued):
+            if value is not None:
+                values[name] = value
     return operands, values
 
 
-def _into(dest: str, sources: list[str], cwd: str) -> list[str]:
-    """Where `sources` land when copied or moved to `dest` (an existing directory or a name)."""
-    where = absolute(dest, cwd) or dest
-    if os.path.isdir(where):
-        return [os.path.join(where, os.path.basename(s.rstrip("/"))) for s in sources]
-    return [where]
+def _chars(text: str, quoted: bool) -> Chars:
+    return [(c, quoted) for c in text]
 
 
-def _command_writes(words: list[str], cwd: str) -> list[tuple[str, HandleKind, bool]]:
-    """The files one simple command (its redirections aside) writes, as far as it can be
-    recognised: (path as given, how, whether a directory there stands for the files below it)."""
-    while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
-        words = words[1:]
-    while words and os.path.basename(words[0]) in _WRAPPERS:
-        words = words[1:]
-        while words and (words[0].startswith("-") or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0])):
-            words = words[1:]
-    if not words:
-        return []
-    name, args = os.path.basename(words[0]), words[1:]
-    files: list[str] = []
-    removed: list[str] = []
+def _unescaped(text: str, specials: str | None = None) -> Chars:
+    """Unquoted text (or, with `specials`, the inside of double quotes) with its backslashes
+    applied: an escaped character is quoted; a backslash-newline is removed."""
+    out: Chars = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and (specials is None or text[i + 1] in specials):
+            if text[i + 1] != "\n":
+                out.append((text[i + 1], True))
+            i += 2
+            continue
+        out.append((c, specials is not None))
+        i += 1
+    return out
+
+
+def _sequence(body: str) -> range | list[str] | None:
+    """The words of a brace sequence `a..b[..step]` (numbers, or single letters), or None."""
+    m = re.fullmatch(r"(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?", body)
+    if m is None:
+        return None
+    first, last, step = m.group(1), m.group(2), abs(int(m.group(3) or 1)) or 1
+    numeric = first.lstrip("-").isdigit()
+    if numeric != last.lstrip("-").isdigit():
+        return None
+    a, b = (int(first), int(last)) if numeric else (ord(first), ord(last))
+    values = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+    if len(values) > _MOST_EXPANDED:
+        return values  # too many to make
+    if not numeric:
+        return [chr(v) for v in values]
+    padded = first.lstrip("-").startswith("0") or last.lstrip("-").startswith("0")
+    return [str(v).zfill(max(len(first), len(last)) if padded else 0) for v in values]
+
+
+def _first_brace(word: Chars) -> list[Chars] | None:
+    """`word` with its first brace expansion made (a list of words), or None if it has none."""
+    for i, (c, quoted) in enumerate(word):
+        if c != "{" or quoted:
+            continue
+        depth, commas, end = 0, [], None
+        for j in range(i, len(word)):
+            d, q = word[j]
+            if q:
+                continue
+            if d == "{":
+                depth += 1
+            elif d == "}":
+                depth -= 1
+                if depth == 0:
+                    end = j
+                    break
+            elif d == "," and depth == 1:
+                commas.append(j)
+        if end is None:
+            continue
+        pre, post = word[:i], word[end + 1 :]
+        if commas:
+            bounds = [i, *commas, end]
+            return [pre + word[a + 1 : b] + post for a, b in zip(bounds, bounds[1:], strict=False)]
+        body = word[i + 1 : end]
+        seq = None if any(q for _, q in body) else _sequence("".join(c for c, _ in body))
+        if isinstance(seq, range):
+            return [word] * (_MOST_EXPANDED + 1)  # too many: only counted
+        if seq is not None:
+            return [pre + _chars(s, True) + post for s in seq]
+    return None
+
+
+def _braces(word: Chars) -> list[Chars] | None:
+    """`word` brace-expanded as bash does (quoted characters are literal); None for more than
+    _MOST_EXPANDED words."""
+    done: list[Chars] = []
+    todo = [word]
+    while todo:
+        current = todo.pop()
+        expanded = _first_brace(current)
+        if expanded is None:
+            done.append(current)
+        else:
+            todo.extend(reversed(expanded))
+        if len(done) + len(todo) > _MOST_EXPANDED:
+            return None
+    return done
+
+
+class _Walk:
+    """One walk of a command's syntax tree: what it writes, and what it writes that cannot be told."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, HandleKind, bool]] = []
+        """(path, how, whether a directory there stands for the files below it)."""
+        self.unknown: list[Unknown] = []
+        self.functions: dict[str, tree_sitter.Node] = {}
+        self.depth = 0
+        self.calls = 0
+        """Function calls followed so far (each walks the function's body)."""
+        self.untrusted = False
+        """The command may set HOME, PWD, CDPATH or how patterns match (`_SETS`)."""
+
+    # ---- words ----------------------------------------------------------------------
+
+    def _variable(self, name: str, cwd: Cwd, word: str) -> Chars | Unknown:
+        if name == "PWD" and not self.untrusted:
+            return _chars(cwd, True) if isinstance(cwd, str) else cwd
+        if name == "HOME" and not self.untrusted and os.environ.get("HOME"):
+            return _chars(os.environ["HOME"], True)
+        return Unknown(word, f"the variable ${name}", "")
+
+    def _pieces(self, node: tree_sitter.Node, cwd: Cwd, out: Chars) -> Unknown | None:
+        """Append the characters `node` stands for to `out` (with whether each is quoted); an
+        Unknown for the first part known only when the command runs."""
+        kind = node.type
+        if kind in ("word", "number", "brace_expression", "$"):
+            out.extend(_unescaped(_text(node)))
+        elif kind == "raw_string":
+            out.extend(_chars(_text(node)[1:-1], True))
+        elif kind in ("string", "translated_string", "concatenation"):
+            for child in node.children:
+                if child.type == '"':
+                    continue
+                if child.type == "string_content":
+                    out.extend(_unescaped(_text(child), '$`"\\\n'))
+                elif kind == "string" and not child.is_named:
+                    out.extend(_chars(_text(child), True))
+                else:
+                    unknown = self._pieces(child, cwd, out)
+                    if unknown is not None:
+                        return unknown
+        elif kind == "ansi_c_string" and "\\" not in _text(node):
+            out.extend(_chars(_text(node)[2:-1], True))
+        elif kind in ("simple_expansion", "expansion"):
+            names = [c for c in node.children if c.is_named]
+            plain = [c.type for c in node.children] in (["$", "variable_name"], ["${", "variable_name", "}"])
+            if not plain:
+                return Unknown(_text(node), "an expansion", "")
+            value = self._variable(_text(names[0]), cwd, _text(node))
+            if isinstance(value, Unknown):
+                return value
+            if (node.parent is None or node.parent.type != "string") and any(c.isspace() for c, _ in value):
+                return Unknown(_text(node), "a variable whose value is split into words", "")
+            out.extend(value)
+        elif kind == "process_substitution":
+            out.extend(_chars("/dev/fd/63", True))  # what bash passes: a pipe (its commands are walked)
+        elif kind == "command_substitution":
+            return Unknown(_text(node), "a command substitution", "")
+        elif kind == "arithmetic_expansion":
+            return Unknown(_text(node), "an arithmetic expansion", "")
+        else:
+            return Unknown(_text(node), "an expansion", "")
+        return None
+
+    def expand(self, node: tree_sitter.Node, cwd: Cwd) -> list[Item]:
+        """The words `node` expands to in `cwd`: brace expansion, tilde, parameters, globs."""
+        chars: Chars = []
+        unknown = self._pieces(node, cwd, chars)
+        if unknown is not None:
+            cut = next((i for i, (c, q) in enumerate(chars) if not q and (c in _GLOB or c == "{")), len(chars))
+            prefix = self._tilde(chars[:cut], cwd)
+            known = "".join(c for c, _ in prefix) if isinstance(prefix, list) else None
+            if known is None or isinstance(cwd, Unknown) and not known.startswith("/"):
+                place = cwd.place if isinstance(cwd, Unknown) else cwd
+            else:
+                where = os.path.join(cwd, known) if isinstance(cwd, str) else known
+                place = os.path.dirname(where) if "/" in known else str(cwd)
+            return [Unknown(_text(node), unknown.why, place)]
+        words: list[Item] = []
+        expanded = _braces(chars)
+        if expanded is None:
+            return [Unknown(_text(node), f"a brace expansion of more than {_MOST_EXPANDED} words", _place(cwd))]
+        for word in expanded:
+            tilded = self._tilde(word, cwd)
+            if isinstance(tilded, Unknown):
+                words.append(Unknown(_text(node), tilded.why, tilded.place))
+                continue
+            words.extend(self._glob(tilded, cwd, _text(node)))
+        return words
+
+    def _tilde(self, word: Chars, cwd: Cwd) -> Chars | Unknown:
+        """`word` with a leading unquoted `~`, `~+` or `~user` expanded."""
+        if not word or word[0] != ("~", False):
+            return word
+        end = next((i for i, (c, _) in enumerate(word) if c == "/"), len(word))
+        if any(q for _, q in word[:end]):
+            return word
+        prefix = "".join(c for c, _ in word[:end])
+        if prefix == "~+":
+            value: str | Unknown = cwd
+        elif prefix == "~-":
+            value = Unknown(prefix, "the previous directory", "")
+        elif prefix == "~" and (self.untrusted or not os.environ.get("HOME")):
+            value = Unknown(prefix, "the home directory: HOME is set in the command, or not at all", "")
+        else:
+            value = os.path.expanduser(prefix)
+        if isinstance(value, Unknown):
+            return Unknown(value.word, value.why, value.place or (cwd if isinstance(cwd, str) else cwd.place))
+        return _chars(value, True) + word[end:]
+
+    def _glob(self, word: Chars, cwd: Cwd, source: str) -> list[Item]:
+        literal = "".join(c for c, _ in word)
+        if not any(c in _GLOB and not q for c, q in word):
+            return [literal]
+        if isinstance(cwd, Unknown) and not literal.startswith("/"):
+            return [Unknown(source, f"a pattern matched in the directory after `{cwd.word}`: {cwd.why}", cwd.place)]
+        pattern = "".join(c if not q else glob.escape(c) for c, q in word).replace("[^", "[!")
+        root = None if pattern.startswith("/") else str(cwd)
+        if self.untrusted:
+            return [Unknown(source, "a pattern, and the command changes how patterns match", _place(cwd))]
+        # `**` as globstar (bash's option, zsh's default) matches: a superset of what it matches without
+        found = glob.iglob(pattern, root_dir=root, recursive=True)
+        matches = sorted(itertools.islice(found, _MOST_EXPANDED + 1))
+        if len(matches) > _MOST_EXPANDED:
+            return [Unknown(source, f"a pattern matching more than {_MOST_EXPANDED} files", _place(cwd))]
+        return list(matches) if matches else [literal]
+
+    # ---- the tree -------------------------------------------------------------------
+
+    def statements(self, nodes: Iterable[tree_sitter.Node], state: State) -> tuple[State, State]:
+        """Run statements one after another: (where the last leaves the shell when it succeeds, when it fails)."""
+        ok, fail = state, state
+        for node in nodes:
+            if node.is_named and node.type not in ("comment", "heredoc_body"):
+                ok, fail = self.run(node, ok | fail)
+        return ok, fail
+
+    def run(self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node] = ()) -> tuple[State, State]:
+        """Run one statement from `state`: (the states after it succeeded, after it failed). `tail`:
+        redirections tree-sitter put after a list or pipeline, which bash gives its last command."""
+        kind = node.type
+        if kind == "list":
+            left, op, right = node.children[0], node.children[1].type, node.children[-1]
+            lok, lfail = self.run(left, state)
+            if op == "&&":
+                rok, rfail = self.run(right, lok, tail)
+                return rok, lfail | rfail
+            rok, rfail = self.run(right, lfail, tail)
+            return lok | rok, rfail
+        if kind == "negated_command":
+            ok, fail = self.run(node.named_children[-1], state, tail) if node.named_children else (state, state)
+            return fail, ok
+        if kind == "pipeline":  # each part runs in a subshell of its own
+            parts = node.named_children
+            for i, child in enumerate(parts):
+                self.run(child, state, tail if i == len(parts) - 1 else ())
+            return state, state
+        if kind == "redirected_statement":
+            return self._redirected(node, state, tail)
+        if kind == "command":
+            return self._command(node, state, tail)
+        for redirect in tail:  # on a compound command: it applies to all of it
+            self.redirect(redirect, state)
+        if kind == "subshell":
+            self.statements(node.children, state)
+            return state, state
+        if kind == "function_definition":
+            body = node.child_by_field_name("body")
+            name = node.child_by_field_name("name")
+            if body is not None and name is not None:
+                self.functions[_text(name)] = body  # run where it is called
+            return state, state
+        if kind == "if_statement":
+            return self._if(node, state)
+        if kind in ("while_statement", "until_statement", "for_statement", "c_style_for_statement"):
+            return self._loop(node, state)
+        if kind == "case_statement":
+            value = node.child_by_field_name("value")
+            if value is not None:
+                self.run(value, state)
+            after = state
+            for item in node.children:
+                if item.type == "case_item":
+                    ok, fail = self.statements([c for c in item.children if c.is_named and c.type != "word"], state)
+                    after = after | ok | fail
+            return after, after
+        if kind in ("compound_statement", "do_group", "program"):
+            return self.statements(node.children, state)
+        if kind == "test_command" and node.children and node.children[0].type == "[":
+            self._bracket_redirects(node, state)
+        self.statements(node.children, state)  # anything else (a word, a test, `local`, an error): what it holds
+        return state, state
+
+    def _bracket_redirects(self, node: tree_sitter.Node, state: State) -> None:
+        """In `[ … ]` (a command, unlike `[[ … ]]`) a `>` is a redirection: tree-sitter reads it as a comparison."""
+        for child in node.named_children:
+            operator = child.child_by_field_name("operator")
+            right = child.child_by_field_name("right")
+            if child.type == "binary_expression" and operator is not None and right is not None:
+                if operator.type in (">", ">>"):
+                    for cwd in state:
+                        for item in self.expand(right, cwd):
+                            self.write(item, cwd, _WRITE_OPS[operator.type])
+                self._bracket_redirects(child, state)
+
+    def _if(self, node: tree_sitter.Node, state: State) -> tuple[State, State]:
+        """Each condition runs where the one before failed; its body where it succeeded."""
+        clauses = [_clause(node.children)] + [_clause(c.children) for c in node.children if c.type == "elif_clause"]
+        otherwise = next(
+            ([c for c in e.children if c.is_named] for e in node.children if e.type == "else_clause"), None
+        )
+        after_ok: State = frozenset()
+        after_fail: State = frozenset()
+        current = state
+        for condition, body in clauses:
+            cok, cfail = self.statements(condition, current)
+            ok, fail = self.statements(body, cok)
+            after_ok, after_fail = after_ok | ok, after_fail | fail
+            current = cfail
+        if otherwise is not None:
+            ok, fail = self.statements(otherwise, current)
+            return after_ok | ok, after_fail | fail
+        return after_ok | current, after_fail
+
+    def _loop(self, node: tree_sitter.Node, state: State) -> tuple[State, State]:
+        """A loop's condition and body run from `state`; if they move the working directory, again
+        from an unknown one (later rounds start where the last ended)."""
+        body = node.child_by_field_name("body")
+        for child in node.named_children:  # the condition, or the words looped over
+            if child != body:
+                self.run(child, state)
+        ok, fail = self.statements([body] if body is not None else [], state)
+        if ok | fail <= state:
+            return state, state
+        moved = frozenset({_unknown_cwd(state, _text(node)[:40], "a loop that changes the directory")})
+        self.statements([body] if body is not None else [], moved)
+        return state | moved, state | moved
+
+    def _redirected(
+        self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node]
+    ) -> tuple[State, State]:
+        body = node.child_by_field_name("body")
+        redirects = [c for c in node.children if c != body] + list(tail)
+        if body is None:
+            for redirect in redirects:
+                self.redirect(redirect, state)
+            return state, state
+        return self.run(body, state, redirects)
+
+    def redirect(self, node: tree_sitter.Node, state: State) -> tuple[list[tree_sitter.Node], list[tree_sitter.Node]]:
+        """Record what a redirection writes (in every working directory of `state`). Returns the
+        words after its target (arguments of the command, which tree-sitter puts with it) and, for
+        a here-document, what follows its start on its line (`&&`, `||` and `|` with what they join)."""
+        if node.type == "heredoc_redirect":
+            follows: list[tree_sitter.Node] = []
+            for child in node.children:
+                if child.type in ("file_redirect", "heredoc_redirect", "herestring_redirect"):
+                    follows += self.redirect(child, state)[1]
+                elif child.type == "heredoc_body":
+                    self.run(child, state)
+                elif (
+                    child.type in ("&&", "||") or child.is_named and child.type not in ("heredoc_start", "heredoc_end")
+                ):
+                    follows.append(child)
+            return [], follows
+        if node.type != "file_redirect":
+            self.run(node, state)
+            return [], []
+        ops = [c for c in node.children if not c.is_named]
+        op = ops[0].type if ops else ""
+        if op == "<" and any(c.type == "ERROR" and _text(c) == ">" for c in node.children):
+            op = "<>"  # tree-sitter-bash has no `<>`: it reads `<` and an error
+        targets = node.children_by_field_name("destination")
+        if not targets:
+            return [], []
+        target, rest = targets[0], targets[1:]
+        self.run(target, state)
+        if op in _WRITE_OPS and target.type != "process_substitution":
+            for cwd in state:
+                for item in self.expand(target, cwd):
+                    fd_copy = op == ">&" and isinstance(item, str) and (item.isdigit() or item == "-")
+                    if not fd_copy:
+                        self.write(item, cwd, _WRITE_OPS[op])
+        return rest, []
+
+    def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
+        if isinstance(item, Unknown):
+            self.unknown.append(item)
+        elif item.startswith("/"):
+            self.found.append((item, kind, expand))
+        elif isinstance(cwd, Unknown):
+            self.unknown.append(
+                Unknown(item, f"a path relative to the directory after `{cwd.word}`: {cwd.why}", cwd.place)
+            )
+        else:
+            self.found.append((os.path.join(cwd, item), kind, expand))
+
+    # ---- commands -------------------------------------------------------------------
+
+    def _command(self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node]) -> tuple[State, State]:
+        words: list[tree_sitter.Node] = []
+        follows: list[tree_sitter.Node] = []
+        name_node = node.child_by_field_name("name")
+        for i, child in enumerate([*node.children, *tail]):
+            if child.type in ("file_redirect", "heredoc_redirect", "herestring_redirect"):
+                rest, more = self.redirect(child, state)
+                words += rest
+                follows += more
+            elif i >= len(node.children) or child.type == "variable_assignment":
+                self.run(child, state)
+            elif child == name_node and child.named_children:
+                words.append(child.named_children[0])
+            elif child.is_named or node.field_name_for_child(i):
+                words.append(child)
+        for word in words:  # their command substitutions
+            self.run(word, state)
+        merged = _merged(words)
+        ok: set[Cwd] = set()
+        fail: set[Cwd] = set()
+        for cwd in state:
+            items: list[Item] = [item for word in merged for item in self._expand_all(word, cwd)]
+            o, f = self.simple(items, cwd)
+            ok |= o
+            fail |= f
+        result = frozenset(ok), frozenset(fail)
+        op = ""
+        for follower in follows:  # `cat <<EOF && next` / `|| next` / `| next`: the rest of the line
+            if follower.type in ("&&", "||"):
+                op = follower.type
+                continue
+            if op == "&&":
+                rok, rfail = self.run(follower, result[0])
+                result = rok, result[1] | rfail
+            elif op == "||":
+                rok, rfail = self.run(follower, result[1])
+                result = result[0] | rok, rfail
+            else:
+                self.statements(follower.children if follower.type == "pipeline" else [follower], state)
+        return result
+
+    def _expand_all(self, word: list[tree_sitter.Node], cwd: Cwd) -> list[Item]:
+        if len(word) == 1:
+            return self.expand(word[0], cwd)
+        nodes = [n for n in word if n.type != "$"] if word[0].type == "$" else word
+        items: list[Item] = [""]
+        for n in nodes:
+            parts = self.expand(n, cwd)
+            if any(isinstance(p, Unknown) for p in parts) or len(parts) != 1:
+                return [Unknown("".join(_text(x) for x in word), "a word tree-sitter splits", _place(cwd))]
+            items = [str(items[0]) + str(parts[0])]
+        return items
+
+    def simple(self, items: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
+        """One simple command, its words expanded: what it writes, and (after success, after
+        failure) the working directories it leaves its shell in."""
+        same = ({cwd}, {cwd})
+        if items and isinstance(items[0], str) and items[0] in self.functions:  # no wrapper calls a function
+            if self.depth >= _DEEPEST or self.calls >= _MOST_CALLS:
+                self.unknown.append(Unknown(items[0], "a function called too often to follow", _place(cwd)))
+                return same
+            self.calls += 1
+            self.depth += 1
+            ok, fail = self.statements([self.functions[items[0]]], frozenset({cwd}))
+            self.depth -= 1
+            return set(ok), set(fail)
+        unwrapped = self.unwrap(items, cwd)
+        if unwrapped is None:
+            return same
+        items, cwd, in_shell = unwrapped
+        while items[:1] in (["{"], ["!"], ["coproc"]):  # `time { …; }`, `coproc NAME { …; }`: read as words
+            items = items[2:] if items[0] == "coproc" and items[2:3] == ["{"] else items[1:]
+        if not items or not isinstance(items[0], str):
+            return same
+        name, args = os.path.basename(items[0]), items[1:]
+        if name in ("cd", "pushd", "popd") and in_shell:
+            return self._cd(name, args, cwd)
+        if name == "eval" and all(isinstance(a, str) for a in args):
+            return self._script(" ".join(str(a) for a in args), cwd, inherit=True)
+        if name == "trap" and args and isinstance(args[0], str) and not _is_option(args[0]):
+            self._script(args[0], cwd, inherit=False)  # run later, by this shell
+            return same
+        if name in _SHELLS:
+            script = _shell_script(args)
+            if isinstance(script, str):
+                self._script(script, cwd, inherit=False)
+            return same
+        if name == "xargs":
+            self._xargs(args, cwd)
+        elif name == "find":
+            self._find(args, cwd)
+        elif name == "parallel":
+            self._parallel(args, cwd)
+        else:
+            for item, kind, expand in _command_writes(name, args, cwd):
+                self.write(item, cwd, kind, expand)
+        return same
+
+    def _script(self, script: str, cwd: Cwd, inherit: bool) -> tuple[set[Cwd], set[Cwd]]:
+        """Walk the text of `bash -c`, `eval` or `trap`: in this shell (`inherit`) or a child."""
+        if self.depth >= _DEEPEST:
+            self.unknown.append(Unknown(script[:80], f"commands nested more than {_DEEPEST} deep", _place(cwd)))
+            return {cwd}, {cwd}
+        self.depth += 1
+        ok, fail = self.walk(script, frozenset({cwd}))
+        self.depth -= 1
+        return (set(ok), set(fail)) if inherit else ({cwd}, {cwd})
+
+    def walk(self, command: str, state: State) -> tuple[State, State]:
+        tree = _parser().parse(command.encode("utf-8", "surrogatepass"))
+        broken = _errors(tree.root_node)
+        if broken is not None:
+            for cwd in state:
+                self.unknown.append(Unknown(broken, "a part tree-sitter cannot parse as bash", _place(cwd)))
+        return self.run(tree.root_node, state)
+
+    def unwrap(self, items: list[Item], cwd: Cwd) -> tuple[list[Item], Cwd, bool] | None:
+        """`items` with the wrappers in front looked through: (the command, its working directory,
+        whether it still runs in this shell: no wrapper but `builtin` or `command`); None when the
+        wrapper runs no command."""
+        items, in_shell = list(items), True
+        while items and isinstance(items[0], str):
+            name = os.path.basename(items[0])
+            spec = _WRAPPERS.get(name)
+            if spec is None:
+                break
+            items.pop(0)
+            in_shell = in_shell and name in ("builtin", "command")
+            for option, value in _options(items, spec.valued):
+                if option in spec.no_command:
+                    return None
+                if option in spec.chdir and value is not None:
+                    cwd = value if isinstance(value, Unknown) else _joined(cwd, value)
+                elif name == "env" and option in ("-S", "--split-string") and isinstance(value, str):
+                    try:
+                        items[:0] = shlex.split(value)
+                    except ValueError:
+                        return None
+                elif name == "time" and option in ("-o", "--output") and value is not None:
+                    self.write(value, cwd, "write")
+            while spec.assignments and items and isinstance(items[0], str) and "=" in items[0]:
+                items.pop(0)
+            del items[: spec.leading]
+        return items, cwd, in_shell
+
+    def _cd(self, name: str, args: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
+        operands = [a for a in args if not (isinstance(a, str) and a.startswith("-") and a not in ("-",))]
+        if name == "popd" or operands[:1] == ["-"] or (name == "pushd" and operands and str(operands[0])[:1] in "+-"):
+            return {Unknown(" ".join([name, *map(str, operands)]), "the directory stack", _place(cwd))}, {cwd}
+        if not operands:
+            home = os.environ.get("HOME")
+            if self.untrusted or not home:
+                return {Unknown(name, "HOME is set in the command, or not at all", _place(cwd))}, {cwd}
+            operands = [home]
+        target = operands[0]
+        if isinstance(target, Unknown):
+            return {Unknown(f"{name} {target.word}", target.why, target.place)}, {cwd}
+        relative = not target.startswith(("/", "./", "../")) and target not in (".", "..")
+        if relative and (self.untrusted or os.environ.get("CDPATH")):
+            return {Unknown(f"{name} {target}", "CDPATH may name another directory", _place(cwd))}, {cwd}
+        new = _joined(cwd, target)
+        if isinstance(new, str) and os.path.isdir(new) and os.access(new, os.X_OK):
+            return {new}, set()
+        return {new}, {cwd}
+
+    def _xargs(self, args: list[Item], cwd: Cwd) -> None:
+        items = list(args)
+        values = dict(_options(items, _XARGS_VALUED))
+        replace = values.get("-I") or values.get("--replace")
+        source = Unknown("xargs", "the operands xargs reads", _place(cwd))
+        self._run_with(items or ["echo"], source, replace if isinstance(replace, str) else None, cwd)
+
+    def _find(self, args: list[Item], cwd: Cwd) -> None:
+        starts: list[Item] = []
+        i = 0
+        while i < len(args) and not (isinstance(args[i], str) and str(args[i])[:1] in "-(!"):
+            starts.append(args[i])
+            i += 1
+        places = [_place(_joined(cwd, s) if isinstance(s, str) else s) for s in starts or ["."]]
+        while i < len(args):
+            arg = args[i]
+            if arg == "-delete":
+                for p in places:
+                    self.unknown.append(Unknown("find -delete", "the files find deletes", p))
+            elif arg in ("-fprint", "-fprint0", "-fls", "-fprintf") and i + 1 < len(args):
+                self.write(args[i + 1], cwd, "write")
+            elif arg in ("-exec", "-execdir", "-ok", "-okdir"):
+                end = next((j for j in range(i + 1, len(args)) if args[j] in (";", "+")), len(args))
+                for p in places:
+                    where = Unknown(f"find {arg}", "the directories find visits", p) if "dir" in str(arg) else cwd
+                    self._run_with(args[i + 1 : end], Unknown(f"find {arg}", "the files find names", p), "{}", where)
+                i = end
+            i += 1
+
+    def _parallel(self, args: list[Item], cwd: Cwd) -> None:
+        items = list(args)
+        for _ in _options(items, _PARALLEL_VALUED):  # its own options: only passed over
+            pass
+        end = next((j for j, a in enumerate(items) if isinstance(a, str) and a.startswith(":::")), len(items))
+        source = Unknown("parallel", "the operands parallel reads", _place(cwd))
+        self._run_with(items[:end], source, "{", cwd)
+
+    def _run_with(self, command: list[Item], source: Unknown, marker: str | None, cwd: Cwd) -> None:
+        """Recognise `command` run with operands from elsewhere (`source`): where a word holds
+        `marker`, or appended."""
+        if marker is not None and any(isinstance(a, str) and marker in a for a in command):
+            command = [source if isinstance(a, str) and marker in a else a for a in command]
+        else:
+            command = [*command, source]
+        self.simple(command, cwd)
+
+
+def _merged(words: list[tree_sitter.Node]) -> list[list[tree_sitter.Node]]:
+    """Words tree-sitter split that bash reads as one (no space between them)."""
+    merged: list[list[tree_sitter.Node]] = []
+    for w in words:
+        if merged and merged[-1][-1].end_byte == w.start_byte:
+            merged[-1].append(w)
+        else:
+            merged.append([w])
+    return merged
+
+
+def _clause(children: list[tree_sitter.Node]) -> tuple[list[tree_sitter.Node], list[tree_sitter.Node]]:
+    """The condition and the body of an `if` or `elif` clause."""
+    condition: list[tree_sitter.Node] = []
+    body: list[tree_sitter.Node] = []
+    part = condition
+    for child in children:
+        if child.type == "then":
+            part = body
+        elif child.is_named and child.type not in ("elif_clause", "else_clause"):
+            part.append(child)
+    return condition, body
+
+
+def _place(cwd: Cwd) -> str:
+    return cwd.place if isinstance(cwd, Unknown) else cwd
+
+
+def _joined(cwd: Cwd, path: str) -> Cwd:
+    if path.startswith("/"):
+        return path
+    if isinstance(cwd, Unknown):
+        return cwd
+    return os.path.join(cwd, path)
+
+
+def _unknown_cwd(state: State, word: str, why: str) -> Unknown:
+    known = [c for c in state if isinstance(c, str)]
+    return Unknown(word, why, sorted(known)[0] if known else _place(next(iter(state))))
+
+
+def _shell_script(args: list[Item]) -> Item | None:
+    """The script of `sh -c SCRIPT` (its options before it), or None for a script file or stdin."""
+    command = False
+    items = list(args)
+    while items and isinstance(items[0], str) and items[0][:1] in "-+" and items[0] not in ("-", "--"):
+        arg = str(items.pop(0))
+        if arg in ("-o", "+o", "-O", "+O") and items:
+            items.pop(0)
+        elif not arg.startswith("--") and "c" in arg[1:]:
+            command = True
+    return items[0] if command and items else None
+
+
+def _errors(root: tree_sitter.Node) -> str | None:
+    """The text of the first part tree-sitter could not parse (but `<>`, which it lacks), or None."""
+    if not root.has_error:
+        return None
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR" or node.is_missing:
+            if node.type == "ERROR" and _text(node) == ">" and node.parent and node.parent.type == "file_redirect":
+                continue
+            return _text(node)[:80] or "(a missing token)"
+        stack.extend(c for c in node.children if c.has_error or c.is_missing or c.type == "ERROR")
+    return None
+
+
+def _into(dest: Item, sources: list[Item], cwd: Cwd, directory: bool) -> list[Item]:
+    """Where `sources` land when copied or moved to `dest`: into it when it is a `directory` (`-t`)
+    or an existing one, else as it."""
+    if isinstance(dest, Unknown):
+        return [dest]
+    where = _joined(cwd, dest)
+    if directory or isinstance(where, str) and os.path.isdir(where):
+        place = where if isinstance(where, str) else where.place
+        return [
+            os.path.join(dest, os.path.basename(s.rstrip("/"))) if isinstance(s, str) else Unknown(s.word, s.why, place)
+            for s in sources
+        ]
+    return [dest]
+
+
+def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, HandleKind, bool]]:
+    """The files one simple command (wrappers and redirections aside) writes: (path as given, how,
+    whether a directory there stands for the files below it)."""
+    files: list[Item] = []
+    landed: list[Item] = []  # where copies, moves and links land: a directory there stands for its files
+    removed: list[Item] = []
     kind: HandleKind = "write"
+    flags = [a for a in args if isinstance(a, str) and a.startswith("-")]
     if name == "tee":
-        files, _ = _operands(args, set())
-        kind = "append" if {"-a", "--append"} & set(args) else "write"
-    elif name in ("sed", "perl") and any(a.startswith(("-i", "--in-place")) or re.match(r"^-\w*i", a) for a in args):
-        script_flags = {"-e", "--expression", "-f", "--file"} if name == "sed" else {"-e", "-E"}
-        files, values = _operands(args, script_flags | {"-l", "-s", "--line-length"})
-        if not set(values) & script_flags and files:
+        files, _ = _operands(args, frozenset())
+        if "--append" in flags or any(a[1] != "-" and "a" in a for a in flags if len(a) > 1):
+            kind = "append"
+    elif name in ("sed", "perl") and any(a.startswith("--in-place") or a[1:2] != "-" and "i" in a for a in flags):
+        valued = _SED_VALUED if name == "sed" else _PERL_VALUED
+        files, values = _operands(args, valued)
+        if not {"-e", "--expression", "-f", "--file", "-E"} & set(values) and files:
             files = files[1:]  # the first operand is the script
+    elif name in ("awk", "gawk") and _awk_in_place(args):
+        files, values = _operands(args, _AWK_VALUED)
+        if not {"-f", "--file"} & set(values) and files:
+            files = files[1:]  # the program
+        files = [f for f in files if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
     elif name in ("rm", "unlink", "shred"):
-        removed, _ = _operands(args, set())
-    elif name in ("mv", "cp", "install"):
-        operands, values = _operands(args, {"-t", "--target-directory", "-S", "--suffix", "-m", "--mode"})
+        removed, _ = _operands(args, frozenset())
+    elif name in ("mv", "cp", "install", "ln"):
+        operands, values = _operands(args, _names("-t --target-directory -S --suffix -m --mode -o --owner -g --group"))
         target_dir = values.get("-t") or values.get("--target-directory")
+        if name == "ln" and target_dir is None and len(operands) == 1:
+            target_dir = "."  # `ln -s TARGET`: a link of its name here
         sources = operands if target_dir else operands[:-1]
         if sources:
-            files = _into(target_dir + "/" if target_dir else operands[-1], sources, cwd)
+            landed = _into(target_dir if target_dir is not None else operands[-1], sources, cwd, target_dir is not None)
         if name == "mv":
             removed = sources  # a move deletes its sources
     elif name == "truncate":
-        files, _ = _operands(args, {"-s", "--size", "-r", "--reference"})
+        files, _ = _operands(args, _names("-s --size -r --reference"))
     elif name == "dd":
-        files = [a[3:] for a in args if a.startswith("of=")]
-    return [(f, kind, False) for f in files] + [(f, "write", True) for f in removed]
+        files = [a[3:] if isinstance(a, str) else a for a in args if (a if isinstance(a, str) else a.word)[:3] == "of="]
+    return [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
+
+
+def _awk_in_place(args: list[Item]) -> bool:
+    """gawk's in-place edit: `-i inplace`, `-iinplace`, `--include=inplace`."""
+    words = [a for a in args if isinstance(a, str)]
+    pairs = zip(words, [*words[1:], ""], strict=True)
+    return any(a in ("-iinplace", "--include=inplace") or a in ("-i", "--include") and b == "inplace" for a, b in pairs)
 
 
 def _expand(path: str) -> list[str]:
@@ -121,46 +947,30 @@ def _expand(path: str) -> list[str]:
     return found[:_MOST_EXPANDED]
 
 
+_SETS = re.compile(r"(?<![\w$.{])(HOME|PWD|CDPATH|GLOBIGNORE)(?!\w)|\bshopt\b")
+"""A command that names HOME, PWD, CDPATH or GLOBIGNORE other than expanding it may set it, and one
+that runs `shopt` may change how patterns match: none of them is taken from the environment, nor
+is a pattern matched."""
+
+
 def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
-    """The files (absolute) a shell command recognisably writes, each with how: redirections
-    (`>`, `>>`, `&>`), `tee`, `sed -i`/`perl -i`, `rm`, `mv`, `cp`, `install`, `truncate`,
-    `dd of=`; a directory removed or moved stands for the files below it. Anything else (a
-    script, an interpreter's own file writes) is not recognised; unparsable text yields nothing."""
-    lexer = shlex.shlex(_without_heredoc_bodies(command), posix=True, punctuation_chars=";&|<>()\n")
-    lexer.whitespace = " \t\r"
-    lexer.whitespace_split = True
+    """The files a shell command run in `cwd` recognisably writes, each with how (see the module's
+    docstring); a directory removed or moved stands for the files below it. Paths are `cwd` joined
+    with the words as bash expands them (`..` kept). Raises UnresolvedShellWrite when a write's
+    file is known only when the command runs and the place its known part names is in a volume."""
+    cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
+    walk = _Walk()
+    walk.untrusted = _SETS.search(command) is not None
     try:
-        tokens = list(lexer)
-    except ValueError:
-        return []
-    found: list[tuple[str, HandleKind, bool]] = []
-    words: list[str] = []
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        punct = all(c in ";&|<>()\n" for c in token)
-        if punct and token in _REDIRECTS:
-            if words and words[-1].isdigit():
-                words.pop()  # a file descriptor number: 2>file
-            if i + 1 < len(tokens):
-                found.append((tokens[i + 1], _REDIRECTS[token], False))
-            i += 2
-            continue
-        if punct and token in _INPUTS:
-            if words and words[-1].isdigit():
-                words.pop()
-            i += 2
-            continue
-        if punct:
-            found.extend(_command_writes(words, cwd))
-            words = []
-        else:
-            words.append(token)
-        i += 1
-    found.extend(_command_writes(words, cwd))
-    out: list[tuple[str, HandleKind]] = []
-    for path, kind, expand in found:
-        where = absolute(path, cwd)
-        if where is not None:
-            out.extend((p, kind) for p in (_expand(where) if expand else [where]))
-    return out
+        walk.walk(command, frozenset({cwd}))
+    except (RecursionError, ValueError, OSError) as e:  # too deep, or a name the system cannot take
+        walk.unknown.append(Unknown(command[:80], f"a command coherent-volume could not follow ({e})", cwd))
+    for unknown in walk.unknown:
+        found = located(os.path.join(unknown.place, "x"))
+        if found is not None:
+            raise UnresolvedShellWrite(unknown.word, unknown.why, found.root)
+    kinds: dict[str, HandleKind] = {}
+    for path, kind, expand in walk.found:
+        for p in _expand(path) if expand else [path]:
+            kinds[p] = "write" if "write" in (kind, kinds.get(p)) else kind  # truncated anywhere: a write
+    return list(kinds.items())

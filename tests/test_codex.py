@@ -373,3 +373,19 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_hooks(tmp_path: Pat
     for _ in range(2):
         subprocess.run([CLI, "codex", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
         assert json.loads(settings.read_text()) == original
+
+
+def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> None:
+    """The stale session's `sed -i plans/*.md` (a glob: the real plan.md is among its files) is
+    denied; a write whose file only a variable names, in the volume, is denied saying so."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    one, two = sessions("g1", root), sessions("g2", root)
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
+    assert two.apply(update(P, "-step B", "+step B, two"), {P: "goal\nstep A, one\nstep B, two\n"})[0] == "allow"
+    verdict, reason = decision(one.hook(one.event("pre_bash", command="sed -i s/goal/aim/ plans/*.md")))
+    assert verdict == "deny" and "(stale)" in reason and P in reason and "codex:g2" in reason, reason
+    verdict, reason = decision(one.hook(one.event("pre_bash", command="cd plans && f=plan.md && sed -i s/a/b/ $f")))
+    assert verdict == "deny" and "`$f`" in reason and "Name the file literally" in reason, reason
+    assert decision(one.hook(one.event("post_bash", command="f=plan.md; echo > $f")))[0] == "allow"
+    assert (root / P).read_text() == "goal\nstep A, one\nstep B, two\n" and writers(root)[0] == (3, "codex:g2")

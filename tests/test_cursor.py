@@ -296,3 +296,20 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_hooks(tmp_path: Pat
     assert json.loads((fresh / ".cursor/hooks.json").read_text())["version"] == 1
     subprocess.run([CLI, "cursor", "uninstall", str(fresh)], check=True, capture_output=True)
     assert json.loads((fresh / ".cursor/hooks.json").read_text()) == {}
+
+
+def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, conversations) -> None:
+    """The stale conversation's `sed -i plans/*.md` (a glob: the real plan.md is among its files)
+    is denied; a write whose file only a variable names, in the volume, is denied saying so."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one, two = conversations("c1", root), conversations("c2", root)
+    one.read(root / P)
+    two.read(root / P)
+    assert two.write_file(root / P, "v2\n")[0] == "allow"
+    verdict, message = permission(one.hook(one.event("before_shell_execution", command="sed -i s/v1/v3/ plans/*.md")))
+    assert verdict == "deny" and "(stale)" in message and P in message and "cursor:c2" in message, message
+    command = "cd plans && ls | xargs sed -i s/v1/v3/"
+    verdict, message = permission(one.hook(one.event("before_shell_execution", command=command)))
+    assert verdict == "deny" and "xargs" in message and "Name the file literally" in message, message
+    assert version(root) == 2

@@ -340,3 +340,19 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_settings(tmp_path: 
     settings.write_text("{broken")
     r = subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], capture_output=True, text=True)
     assert r.returncode == 1 and "not valid JSON" in r.stderr and settings.read_text() == "{broken"
+
+
+def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> None:
+    """The stale session's `sed -i plans/*.md` (a glob: the real plan.md is among its files) is
+    denied; a write whose file only a variable names, in the volume, is denied saying so."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one, two = sessions("g1", root), sessions("g2", root)
+    one.read(root / P)
+    two.read(root / P)
+    assert two.write_file(root / P, "v2\n")[0] == "allow"
+    verdict, reason = decision(one.hook(one.event("before_shell", command="sed -i s/v1/v3/ plans/*.md")))
+    assert verdict == "deny" and "(stale)" in reason and P in reason and "gemini:g2" in reason, reason
+    verdict, reason = decision(one.hook(one.event("before_shell", command="for f in plans/*; do rm $f; done")))
+    assert verdict == "deny" and "`$f`" in reason and "Name the file literally" in reason, reason
+    assert version(root) == 2
