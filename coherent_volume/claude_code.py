@@ -6,7 +6,8 @@ file-system level every write looks fresh. Its hooks show what the model actuall
 - SessionStart binds the session's process (views pinned to what its model read), so on a mount
   whatever it does is the session's from its first access on;
 - PostToolUse Read registers the agent's view at the version whose content is what the tool
-  returned;
+  returned (`_saw`: nothing for a read that showed no line of the file, an error, or a response
+  whose text cannot be checked against the file);
 - PreToolUse Write/Edit/MultiEdit/NotebookEdit checks the view and takes the agent's write grant
   on the path in one commit-locked step, or denies the write with a reason and a remedy the model
   can act on (a `stale` denial also shows the diff since the agent's view, bounded). A `stale`
@@ -22,7 +23,8 @@ file-system level every write looks fresh. Its hooks show what the model actuall
 Each session is the agent `claude:<session_id>`; each of its Task subagents (the events carry
 `agent_id`) is `claude:<session_id>/<agent_id>`, so siblings are checked against each other. On a
 mount the file system sees one agent per process, the session, so there a subagent's events act
-as its session's.
+as its session's. A second live Claude Code process on the same session id (`--resume` in two
+terminals) is `claude:<session_id>~<pid>` (`hook_steps._joined`).
 
 Invariants: between PreToolUse and PostToolUse of a write no other hooked agent can pass its
 PreToolUse on the same path (it is refused `held`), so check and write are one step. A merge is
@@ -72,13 +74,38 @@ def _tell_model(reason: str) -> Answer:
     return Answer(0, json.dumps({"decision": "block", "reason": reason}))
 
 
-def _saw(response: Any) -> Callable[[bytes], bool]:
-    """A predicate: does the file's current content match what the Read tool returned?"""
+def _saw(response: Any) -> Callable[[bytes], bool] | None:
+    """A predicate: does the file's content match what the Read tool returned? None when the
+    response shows nothing that can be checked against the file's bytes (an error, an image, a
+    shape this hook does not know): then no view is registered. A text read gives `file.content`
+    (lines from `file.startLine`); a notebook read gives `file.cells`, each cell's `source`."""
     file = response.get("file") if isinstance(response, dict) else None
-    content = file.get("content") if isinstance(file, dict) else None
-    if not isinstance(file, dict) or not isinstance(content, str):
-        return lambda data: True  # this Claude Code does not report content: trust the read
-    return partial(hook_steps.shows, text=content, start=int(file.get("startLine") or 1), whole=False)
+    if not isinstance(file, dict) or response.get("error"):
+        return None
+    content, cells, start = file.get("content"), file.get("cells"), file.get("startLine")
+    if isinstance(content, str):
+        start = start if isinstance(start, int) and not isinstance(start, bool) and start > 0 else 1
+        return partial(hook_steps.shows, text=content, start=start, whole=False)
+    if response.get("type") == "notebook" and isinstance(cells, list):
+        return partial(_cells_shown, cells=cells)
+    return None
+
+
+def _cells_shown(data: bytes, cells: list[Any]) -> bool:
+    """Whether `cells` (a notebook Read's) are the notebook `data`'s cells, each with its source."""
+    try:
+        notebook = json.loads(data)
+    except ValueError:
+        return False
+    have = notebook.get("cells") if isinstance(notebook, dict) else None
+    if not isinstance(have, list) or len(have) != len(cells):
+        return False
+    for cell, shown in zip(have, cells, strict=True):
+        source = cell.get("source") if isinstance(cell, dict) else None
+        source = "".join(source) if isinstance(source, list) and all(isinstance(s, str) for s in source) else source
+        if not isinstance(source, str) or not isinstance(shown, dict) or shown.get("source") != source:
+            return False
+    return True
 
 
 def _event_path(event: dict[str, Any]) -> str | None:
@@ -107,21 +134,23 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer(0, "", hook_steps.unattributed([(path, "write")] if path else [], progress, "session_id"))
     main = agent_of(session)
     actor = hook_steps.Actor(agent_of(session, _subagent(event)), main, process or hooks.session_process())
+    session_actor = hook_steps.Actor(main, main, actor.process)
     places = [cwd if isinstance(cwd, str) else None]
     if name == "SessionStart":
         hook_steps.start_session(actor, places)
         return Answer()
     if name == "SessionEnd":
-        hook_steps.end_session(main, places)
+        hook_steps.end_session(session_actor, places)
         forget(main)
         return Answer()
     if name == "SubagentStop":
         if actor.agent != main:
-            hook_steps.end_session(actor.agent, places)
+            hook_steps.end_session(actor, places)
         return Answer()
     if name == "UserPromptSubmit":
         progress.decide(Answer(), hooks.WARN_BUDGET)
-        return hooks.with_context(Answer(), name, [stale_warning(main, hook_steps.volume_roots(places), FACE, main)])
+        roots = hook_steps.volume_roots(places)
+        return hooks.with_context(Answer(), name, [stale_warning(session_actor, roots, FACE, main)])
     found = hook_steps.located(path) if path is not None else None
     progress.in_volume = found is not None
     if path is None or found is None:
@@ -133,7 +162,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         if denial is not None:
             return denial
     elif name == "PostToolUse" and tool == "Read":
-        hook_steps.observe(actor, path, _saw(event.get("tool_response")), progress)
+        shown = _saw(event.get("tool_response"))
+        if shown is None:
+            return answer  # the model was shown nothing that can be checked: no view
+        hook_steps.observe(actor, path, shown, progress)
     elif name == "PostToolUse" and tool in WRITE_TOOLS:
         told = hook_steps.end_writes(actor, [(path, "write")], progress, record=True)
         answer = _tell_model("\n\n".join(told)) if told else answer
@@ -145,7 +177,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if not progress.managed:
         return answer
     progress.decide(answer, hooks.WARN_BUDGET)
-    warning = stale_warning(actor.on(found.mounted), [found.root], FACE, main)
+    warning = stale_warning(session_actor if found.mounted else actor, [found.root], FACE, main)
     return hooks.with_context(answer, str(name), [warning])
 
 

@@ -7,15 +7,16 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
 
 - PreToolUse `apply_patch` parses the patch (`*** Update File:`, `*** Add File:`,
   `*** Delete File:`, `*** Move to:`). For each file it updates, the view is registered at the
-  current version when every hunk's old lines are in the current content (the patch then only
-  changes text that is current: applying it loses nobody's change); else at the newest retained
-  older version they fit, so the write is refused as stale with the diff since; else nothing is
-  registered. Then every file the patch touches is checked and the session's write grant taken
-  in one step (whole-file additions over an existing file, deletions and move targets need a view
-  the session already has), or the patch is denied with `permissionDecision: "deny"`. A `stale`
-  patch that updates one file the volume's merge globs name is merged with the current version
-  (`hook_merge`: its hunks made to the version they fit, merged three-way): committed by the hook
-  where Codex applies patches without asking (MERGE_MODES), else shown; the patch is denied;
+  current version when every hunk's old lines are in the current content exactly, whitespace
+  included (`fits`: the patch then only changes text that is current, so applying it loses
+  nobody's change); else at the newest retained older version they are in exactly, so the write
+  is refused as stale with the diff since; else nothing is registered. Then every file the patch
+  touches is checked and the session's write grant taken in one step (whole-file additions over an
+  existing file, deletions and move targets need a view the session already has), or the patch is
+  denied with `permissionDecision: "deny"`. A `stale` patch that updates one file the volume's
+  merge globs name is merged with the current version (`hook_merge`: its hunks made to the
+  version they fit, merged three-way): committed by the hook where Codex applies patches without
+  asking (MERGE_MODES), else shown; the patch is denied;
 - PreToolUse `Bash` does the same for writes `shell_writes` recognises (they need a view a
   patch registered: a file never patched is refused `unread`);
 - SessionStart binds the session's process (on a mount, what it does is the session's);
@@ -98,11 +99,6 @@ class FilePatch:
     move_to: str | None = None
     hunks: list[Hunk] = field(default_factory=list)
 
-    @property
-    def chunks(self) -> list[list[str]]:
-        """Per hunk with old lines, its old lines, in order."""
-        return [hunk.old for hunk in self.hunks if hunk.old]
-
 
 HEADERS = {"*** Add File: ": "add", "*** Delete File: ": "delete", "*** Update File: ": "update"}
 
@@ -148,8 +144,9 @@ def parse_patch(text: str) -> list[FilePatch]:
 
 
 def _seek(lines: list[str], want: list[str], start: int, at_end: bool = False) -> int | None:
-    """Where `want` first occurs in `lines` from `start` on (at their end if `at_end`); both with
-    each line's surrounding whitespace trimmed, as Codex compares them when it finds a hunk."""
+    """Where `want` first occurs in `lines` from `start` on (at their end if `at_end`). `patched`
+    gives both with each line's surrounding whitespace trimmed, as Codex compares them when it
+    finds a hunk; `fits` compares them as they are."""
     first = max(start, len(lines) - len(want)) if at_end else start
     return next((i for i in range(first, len(lines) - len(want) + 1) if lines[i : i + len(want)] == want), None)
 
@@ -158,15 +155,21 @@ def _trimmed(lines: list[str]) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def fits(data: bytes, chunks: list[list[str]]) -> bool:
-    """Whether every hunk's old lines occur in `data`, in order (surrounding whitespace ignored)."""
-    lines = _trimmed(data.decode("utf-8", "replace").splitlines())
+def fits(data: bytes, hunks: list[Hunk]) -> bool:
+    """Whether every hunk's old lines occur in `data`, in order, exactly as the file holds them
+    (line ends aside): then the model saw this text. Whitespace counts: apply_patch finds a hunk
+    whose lines differ from the file's only in whitespace and writes its new lines over the
+    file's, so a patch built on text another writer re-indented since would undo that change. An
+    `@@ line` anchor, which the patch gives trimmed and apply_patch keeps as the file has it, is
+    compared trimmed."""
+    lines = data.decode("utf-8", "replace").splitlines()
     at = 0
-    for chunk in chunks:
-        found = _seek(lines, _trimmed(chunk), at)
+    for hunk in (h for h in hunks if h.old):
+        have = _trimmed(lines) if hunk.seek_only else lines
+        found = _seek(have, hunk.old, at)
         if found is None:
             return False
-        at = found + len(chunk)
+        at = found + len(hunk.old)
     return True
 
 
@@ -229,7 +232,7 @@ def _writes(event: dict[str, Any]) -> tuple[list[tuple[str, HandleKind]], list[t
             if path is not None:
                 writes.append((path, "write"))
         source = hooks.absolute(patch.path, cwd)
-        if source is not None and patch.op == "update" and patch.chunks:
+        if source is not None and patch.op == "update" and any(h.old for h in patch.hunks):
             updates.append((source, patch))
     return writes, updates
 
@@ -250,7 +253,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     if progress.write_check:
         for path, patch in updates:  # what the patch shows the model saw
-            hook_steps.observe(actor, path, partial(fits, chunks=patch.chunks), earlier=EARLIER_VERSIONS)
+            hook_steps.observe(actor, path, partial(fits, hunks=patch.hunks), earlier=EARLIER_VERSIONS)
         merging = event.get("tool_name") == PATCH_TOOL
         refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
         denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused)
@@ -258,7 +261,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return denial
     if name in ("PreToolUse", "UserPromptSubmit"):
         progress.decide(Answer(), hooks.WARN_BUDGET)
-        warning = stale_warning(actor.agent, hook_steps.volume_roots(places), FACE)
+        warning = stale_warning(actor, hook_steps.volume_roots(places), FACE)
         return hooks.with_context(Answer(), name, [warning])
     if name == "PostToolUse" and writes:
         return hooks.with_context(Answer(), name, hook_steps.end_writes(actor, writes, progress, record=True))

@@ -4,7 +4,10 @@ Cursor's hooks (`.cursor/hooks.json`, https://cursor.com/docs/hooks) show what t
 and what it is about to write:
 
 - beforeReadFile carries the file's `content` as the agent will receive it: the conversation's
-  view is registered at the version with exactly that content (the read is always allowed);
+  view is registered at the version with exactly that content (the read is always allowed). It
+  comes before the read, and Cursor has no event after one: if another hook or an ignore rule
+  then denies the read, the view stays for content the model never got (docs/agents.md, "A read
+  denied after the view was registered");
 - preToolUse on the edit tools (`Write`, `Edit`, `StrReplace`, `MultiEdit`, `Delete`,
   `EditNotebook`) and beforeShellExecution (for writes `shell_writes` recognises) check
   the view and take the conversation's write grant in one step, or answer
@@ -111,7 +114,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         if denial is not None:
             return denial
         progress.decide(_permission("allow"), hooks.WARN_BUDGET)
-        return _permission("allow", stale_warning(agent, hook_steps.volume_roots(places), FACE))
+        return _permission("allow", stale_warning(actor, hook_steps.volume_roots(places), FACE))
     if name == "beforeReadFile":
         path, content = hooks.absolute(event.get("file_path"), _base(event)), event.get("content")
         progress.path = path
@@ -126,7 +129,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     elif name == "sessionStart":
         hook_steps.start_session(actor, places)
     elif name == "sessionEnd":
-        hook_steps.end_session(agent, places)
+        hook_steps.end_session(actor, places)
     return Answer()
 
 

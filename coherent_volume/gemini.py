@@ -138,7 +138,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if name == "SessionStart":
         hook_steps.start_session(actor, places)
     elif name == "SessionEnd":
-        hook_steps.end_session(agent, places)
+        hook_steps.end_session(actor, places)
     elif name in ("BeforeAgent", "AfterTool"):
         told: list[str] = []
         if name == "AfterTool" and tool in READ_TOOLS:
@@ -151,7 +151,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             told = hook_steps.end_writes(actor, writes, progress, record=not failed)
         answer = hooks.with_context(Answer(), name, told)
         progress.decide(answer, hooks.WARN_BUDGET)
-        return hooks.with_context(answer, name, [stale_warning(agent, hook_steps.volume_roots(places), FACE)])
+        return hooks.with_context(answer, name, [stale_warning(actor, hook_steps.volume_roots(places), FACE)])
     return Answer()
 
 

@@ -5,7 +5,10 @@ what a model was shown, word refusals, and end a session.
 Invariants:
 - a session's process is bound to the session (views pinned) before a hook checks or registers
   anything for it, so on a mount whatever the process does is the session's, and its own reads
-  through the mount never refresh a view;
+  through the mount never refresh a view; a second live process on the same session id acts as
+  an agent of its own (`_joined`, `core.join_session`), never as the first one;
+- a path is the file the kernel opens for it (`located`: symlinks followed, `..` applied after
+  them), so no spelling of a managed file's path escapes its check;
 - on a mount the file system tells no thread of a process apart, so there a subagent acts as its
   session (`Actor.on`); elsewhere each subagent is an agent of its own;
 - a view is registered only by `core.observe` (or, for an older version an edit shows the model
@@ -18,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +35,7 @@ from .errors import CoherenceError, OutsideVolume, StaleWriteError, UnprotectedA
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, is_registry_path
-from .protocol import HandleKind
+from .protocol import HandleKind, agent_name_problem
 from .registry import recorded_in
 
 Writes = Iterable[tuple[str, HandleKind]]
@@ -71,21 +75,34 @@ def _mounts() -> dict[str, str]:
 
 
 def located(path: str) -> Located | None:
-    """Where a path lies: in a mounted volume or a plain one, else None. Mounts come from /proc
-    (never a stat through a mount); a plain volume is the nearest ancestor directory holding a
-    registry."""
-    absolute = os.path.abspath(path)
+    """Where the file a path names lies: in a mounted volume or a plain one, else None. `path` is
+    resolved as the kernel will open it (`os.path.realpath` of the path as given, joined to the
+    working directory: symlinks followed component by component, each `..` applied to where the
+    components before it lead; a name that does not exist yet through its existing parent), so a
+    path through a symlink that lives outside a volume, or a `..` after one, finds the volume the
+    file is in. Mounts come from /proc; a plain volume is the nearest ancestor directory of the
+    resolved path holding a registry. `rel` is the path as given below the volume's root (or
+    mountpoint) when it was given there, so the core resolves it and sees the name the caller used
+    (`Target.alias_of`); else it is the resolved path's."""
+    given = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    real = os.path.realpath(given)
     for mountpoint, root in _mounts().items():
-        if absolute == mountpoint or absolute.startswith(mountpoint + os.sep):
-            return Located(root, os.path.relpath(absolute, mountpoint), True)
-    directory = os.path.dirname(absolute)
+        if real == mountpoint or real.startswith(mountpoint + os.sep):
+            return Located(root, _below(given, mountpoint) or os.path.relpath(real, mountpoint), True)
+    directory = os.path.dirname(real)
     while True:
         if recorded_in(os.path.join(directory, REGISTRY_DIR)):
-            return Located(directory, os.path.relpath(absolute, directory), False)
+            return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
         parent = os.path.dirname(directory)
         if parent == directory:
             return None
         directory = parent
+
+
+def _below(given: str, top: str) -> str | None:
+    """`given` relative to `top` as text (its `..` and symlinks left for the core to resolve), when
+    it is written below `top`."""
+    return given[len(top) + 1 :] if given.startswith(top + os.sep) and len(given) > len(top) + 1 else None
 
 
 def locate(path: str) -> tuple[str, str] | None:
@@ -130,13 +147,39 @@ def _resolve(core: VolumeCore, rel: str) -> Target | None:
     return target if target.managed or target.alias_of is not None else None
 
 
-def _bind(core: VolumeCore, actor: Actor) -> None:
-    """Bind the actor's process to its session, views pinned (a no-op when it already is), once
-    both names are valid agent names."""
+def _fork(actor: Actor) -> str:
+    """The agent a second live process of the actor's session acts as: `<session>~<pid>`."""
+    suffix = f"~{actor.process.pid}"
+    if agent_name_problem(actor.session + suffix) is None:
+        return actor.session + suffix
+    digest = hashlib.sha256(actor.session.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{actor.session[:100]}~{digest}{suffix}"
+
+
+def _as(actor: Actor, session: str) -> Actor:
+    """The actor acting as `session` (its fork, or itself): a subagent's name follows its session's."""
+    if session == actor.session:
+        return actor
+    agent = session + actor.agent[len(actor.session) :] if actor.agent.startswith(actor.session) else actor.agent
+    return Actor(agent, session, actor.process)
+
+
+def _joined(core: VolumeCore, actor: Actor) -> Actor:
+    """Bind the actor's process to its session, views pinned, once both names are valid agent
+    names; the actor as it acts in this volume: its session's own agent, or, while another live
+    process is bound to the session (one session resumed twice), the agent of its own `_fork`
+    names (`core.join_session` decides)."""
     validate_agent(actor.session)
     validate_agent(actor.agent)
-    if core.session_of(actor.process) != (actor.session, True):
-        core.bind_session(actor.session, actor.process, pinned=True)
+    return _as(actor, core.join_session(actor.session, actor.process, _fork(actor)))
+
+
+def acting(core: VolumeCore, actor: Actor) -> Actor:
+    """The actor as it acts in this volume, binding nothing: its fork if its process is bound to it."""
+    fork = _fork(actor)
+    with core.registry.read() as tx:
+        forked = tx.bound_process(fork) == actor.process
+    return _as(actor, fork) if forked else actor
 
 
 @dataclass
@@ -149,26 +192,31 @@ class _Volume:
 @contextmanager
 def _managed(writes: Writes, progress: Progress) -> Iterator[list[_Volume]]:
     """Open the volume of every path in `writes` and resolve its managed paths, once each, recording
-    in `progress` what is established; yields the volumes holding any (the cores close after)."""
-    by_place: dict[tuple[str, bool], list[tuple[str, HandleKind]]] = {}
+    in `progress` what is established: `progress.path` becomes the first path in a volume, then the
+    first managed one (what a denial that could not be decided names); yields the volumes holding
+    any (the cores close after)."""
+    by_place: dict[tuple[str, bool], list[tuple[str, HandleKind, str]]] = {}
     for path, kind in writes:
-        progress.path = progress.path or path
         found = located(path)
         if found is not None:
-            by_place.setdefault((found.root, found.mounted), []).append((found.rel, kind))
+            by_place.setdefault((found.root, found.mounted), []).append((found.rel, kind, path))
     progress.in_volume = bool(by_place)
+    progress.path = next((path for rels in by_place.values() for _, _, path in rels), progress.path)
     with ExitStack() as stack:
         volumes: list[_Volume] = []
+        managed: list[str] = []
         for (root, mounted), rels in by_place.items():
             core = stack.enter_context(opened(root))
             targets: dict[str, tuple[Target, HandleKind]] = {}
-            for rel, kind in rels:
+            for rel, kind, path in rels:
                 target = _resolve(core, rel)
                 if target is not None:
                     targets.setdefault(target.rel, (target, kind))
+                    managed.append(path)
             if targets:
                 volumes.append(_Volume(core, mounted, list(targets.values())))
         progress.managed = bool(volumes)
+        progress.path = managed[0] if managed else progress.path
         yield volumes
 
 
@@ -248,8 +296,8 @@ def begin_writes(
 
     with _managed(writes, progress) as volumes:
         for volume in volumes:
-            core, writer = volume.core, actor.on(volume.mounted)
-            _bind(core, actor)
+            core = volume.core
+            writer = _joined(core, actor).on(volume.mounted)
             for target, kind in volume.targets:
                 if target.alias_of is not None:
                     release_taken()
@@ -274,7 +322,7 @@ def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool
     told: list[str] = []
     with _managed(writes, progress) as volumes:
         for volume in volumes:
-            core, writer = volume.core, actor.on(volume.mounted)
+            core, writer = volume.core, acting(volume.core, actor).on(volume.mounted)
             validate_agent(writer)  # nothing is recorded under a name that cannot be an agent's
             for target, kind in volume.targets:
                 if target.alias_of is not None:
@@ -332,8 +380,7 @@ def observe(
         progress.managed = target is not None and target.alias_of is None
         if target is None or target.alias_of is not None:
             return None
-        _bind(core, actor)
-        agent = actor.on(found.mounted)
+        agent = _joined(core, actor).on(found.mounted)
         version = core.observe(agent, target, shown)
         if version is not None or not earlier:
             return version
@@ -357,10 +404,11 @@ def shows(data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str
     """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
     read tool shows them (line ends normalised; a trailing newline is no line). A shown line ending
     in `shortened` (a tool's marker for a cut line) stands for any line that begins with what
-    precedes it."""
+    precedes it. A text showing none of a non-empty file's lines (a read past its end) shows
+    nothing of it: False."""
     shown = _split_lines(text)
     lines = _split_lines(data.decode("utf-8", "replace"))[max(start, 1) - 1 :]
-    if len(shown) > len(lines) or (whole and len(shown) != len(lines)):
+    if len(shown) > len(lines) or (whole and len(shown) != len(lines)) or (not shown and data):
         return False
     for have, want in zip(lines, shown, strict=False):
         if shortened and want.endswith(shortened) and have.startswith(want[: -len(shortened)]):
@@ -380,7 +428,7 @@ def start_session(actor: Actor, places: Iterable[str | None]) -> None:
     could come too late for the write."""
     for root in volume_roots(places):
         with opened(root) as core:
-            _bind(core, actor)
+            _joined(core, actor)
 
 
 def release_grants(actor: Actor, places: Iterable[str | None]) -> None:
@@ -388,18 +436,21 @@ def release_grants(actor: Actor, places: Iterable[str | None]) -> None:
     volume and the volumes holding `places`, keeping its binding (the session goes on)."""
     for root in volume_roots(places):
         with opened(root) as core:
+            agent = acting(core, actor).agent
             with core.registry.read() as tx:
-                grants = tx.grants_of(actor.agent)
+                grants = tx.grants_of(agent)
             for grant in grants:
                 if not grant.fences and grant.owner == actor.process:
                     core.release(grant)
 
 
-def end_session(agent: str, places: Iterable[str | None]) -> None:
-    """Release every grant `agent` and its subagents (`agent/…`) hold, and their process bindings,
-    in every mounted volume and the volumes holding `places`."""
+def end_session(actor: Actor, places: Iterable[str | None]) -> None:
+    """Release every grant the actor's agent (its fork where its process acts as one) and that
+    agent's subagents (`agent/…`) hold, and their process bindings, in every mounted volume and the
+    volumes holding `places`."""
     for root in volume_roots(places):
         with opened(root) as core:
+            agent = acting(core, actor).agent
             with core.registry.read() as tx:
                 subagents = sorted({g.agent for g in tx.grants() if g.agent.startswith(agent + "/")})
             for ending in [agent, *subagents]:

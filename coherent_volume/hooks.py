@@ -102,12 +102,14 @@ def agent_name(prefix: str, session: object) -> str | None:
 
 
 def absolute(path: object, base: object) -> str | None:
-    """`path` made absolute against `base` (the agent's working directory), if it is a path."""
+    """`path` joined to `base` (the agent's working directory) when relative, if it is a path. Only
+    joined, never tidied: a `..` after a symlink goes up from where the symlink leads, so which file
+    a path names is `hook_steps.located`'s to find (it resolves it as the kernel will)."""
     if not isinstance(path, str) or not path:
         return None
     if not os.path.isabs(path) and isinstance(base, str) and base:
         path = os.path.join(base, path)
-    return os.path.abspath(path)
+    return path
 
 
 Handle = Callable[[dict[str, Any], Progress, ProcessId | None], Answer]

@@ -7,8 +7,10 @@ process per connection), so the process is the MCP session and the session is on
 sessions under one name would be one agent, each passing for the other's reads.
 
 Invariants:
-- `read_file` registers the session's view at the version of exactly the bytes it returns, and
-  lifts a fence of the session's on the file as `reacquire()` does (the model saw the content);
+- `read_file` registers the session's view at the version of exactly the bytes it returns (all
+  of them, or the lines asked for), and lifts a fence of the session's on the file as
+  `reacquire()` does (the model saw the content); it returns at most READ_LIMIT characters, and
+  a read it refuses leaves the session no view of the file;
 - `write_file` is the API's fail-closed write (`merge` as in `CoherentVolume.write`);
 - `edit_file` applies old→new to the content this session last read or wrote of the file (never to
   what is on disk now) and writes that only while the session's view is still that version; a
@@ -75,6 +77,13 @@ MERGE_HINT = (
 )
 
 
+READ_LIMIT = 40_000
+"""Characters `read_file` returns at most in one call. MCP clients cut or refuse large tool results
+(Claude Code warns above 10,000 tokens and cuts above 25,000 by default), and a cut result would
+leave a view of text the model never got: a larger read is refused, naming the file's size, and the
+model reads it in parts (`offset`, `limit`)."""
+
+
 class ToolRefused(Exception):
     """A tool call that changed nothing; its message tells the model what happened and what to do."""
 
@@ -85,6 +94,33 @@ class Known:
 
     text: str
     version: int
+
+
+def _lines(text: str, offset: int, limit: int | None) -> str:
+    """Lines `offset`.. of `text` (from 1; `limit` of them, else to the end), each with its "\n"."""
+    lines = text.split("\n")
+    last = lines.pop()  # after the last "\n": a last line without one, or nothing
+    lines = [line + "\n" for line in lines] + ([last] if last else [])
+    return "".join(lines[offset - 1 :] if limit is None else lines[offset - 1 : offset - 1 + limit])
+
+
+def _line_count(text: str) -> int:
+    return text.count("\n") + (bool(text) and not text.endswith("\n"))
+
+
+def _returnable(path: str, text: str, part: str, offset: int) -> None:
+    """Raise ToolRefused unless `part` (of the file's `text`) can be returned whole: at most
+    READ_LIMIT characters, and some of a non-empty file's lines."""
+    if len(part) > READ_LIMIT:
+        some = "these lines of " if part != text else ""
+        raise ToolRefused(
+            f"Nothing was read: {some}{path} are {len(part)} characters ({len(text)} characters, "
+            f"{_line_count(text)} lines in all), more than read_file returns at once ({READ_LIMIT}). Read it in "
+            "parts: call read_file with offset (the first line, from 1) and limit (how many lines) for parts under "
+            "that size. Each part you read registers your view of the file's version."
+        )
+    if text and not part:
+        raise ToolRefused(f"Nothing was read: {path} has {_line_count(text)} lines, fewer than offset {offset}.")
 
 
 def _when(ts: float | None) -> str:
@@ -172,11 +208,16 @@ class Session:
 
     # ---- tools ----
 
-    def read_file(self, path: str) -> tuple[str, str]:
-        """(content, note): the file's text and a line about its version; registers the view."""
+    def read_file(self, path: str, offset: int = 1, limit: int | None = None) -> tuple[str, str]:
+        """(content, note): the file's text, or its lines `offset`.. (`limit` of them), and a line
+        about its version; registers the view (of the version: as a read tool's view of part of a
+        file, it stands for the whole version). Refused, with no view left (`_returnable`), when
+        the text would be longer than READ_LIMIT or shows none of the file's lines."""
         note: list[str] = []
 
         def read() -> str:
+            if offset < 1 or (limit is not None and limit < 1):
+                raise ToolRefused(f"offset ({offset}) and limit ({limit}) must be at least 1: lines count from 1.")
             target = self._target(path)
             if target.managed:
                 self.core.clear_fence(self.agent, target)
@@ -187,10 +228,14 @@ class Session:
                 raise
             try:
                 text = observed.data.decode("utf-8")
-            except UnicodeDecodeError:
+                part = _lines(text, offset, limit)
+                _returnable(path, text, part, offset)
+            except (UnicodeDecodeError, ToolRefused) as e:
                 if target.managed:  # the model was shown nothing: no view
                     self.core.forget(self.agent, target)
                     self._known.pop(target.rel, None)
+                if isinstance(e, ToolRefused):
+                    raise
                 raise ToolRefused(f"{path} is not UTF-8 text; these tools read and write text only.") from None
             if target.managed:
                 self._known[target.rel] = Known(text, observed.version)
@@ -200,7 +245,7 @@ class Session:
                 )
             else:
                 note.append(f"[coherent-volume] {target.rel} is not managed: writes to it are not checked.")
-            return text
+            return part
 
         return self._call(path, "reading", read), note[0]
 
@@ -261,6 +306,8 @@ class Session:
 
     def history(self, path: str, limit: int = 20) -> str:
         def history() -> str:
+            if limit < 1:
+                raise ToolRefused(f"limit ({limit}) must be at least 1: it is how many of the newest versions to list.")
             target = self._target(path)
             versions = self.core.history(target, limit)
             seen = self.core.seen(self.agent, target)
@@ -379,10 +426,16 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     writing = ToolAnnotations(destructive_hint=True, idempotent_hint=False)
 
     @server.tool(annotations=reading, structured_output=False)
-    def read_file(path: FilePath, ctx: Context) -> CallToolResult:
-        """Read a text file. Reading registers what you saw: later write_file/edit_file calls on it are
-        refused if anyone changed it since, so always read a file before changing it."""
-        content, note = answer(lambda: session(ctx).read_file(path))
+    def read_file(
+        path: FilePath,
+        ctx: Context,
+        offset: Annotated[int, Field(description="The first line to read (lines count from 1).")] = 1,
+        limit: Annotated[int | None, Field(description="How many lines to read (default: to the end).")] = None,
+    ) -> CallToolResult:
+        """Read a text file, or lines of it (offset, limit: a large file is read in parts).
+        Reading registers what you saw: later write_file/edit_file calls on it are refused if anyone
+        changed it since, so always read a file before changing it."""
+        content, note = answer(lambda: session(ctx).read_file(path, offset, limit))
         return CallToolResult(content=[TextContent(type="text", text=content), TextContent(type="text", text=note)])
 
     @server.tool(annotations=writing, structured_output=False)
@@ -416,7 +469,7 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     def history(
         path: FilePath,
         ctx: Context,
-        limit: Annotated[int, Field(ge=1, description="How many of the newest versions to list.")] = 20,
+        limit: Annotated[int, Field(description="How many of the newest versions to list (at least 1).")] = 20,
     ) -> str:
         """List a managed file's versions, newest first: who wrote each, when, and which one you read."""
         result: str = answer(lambda: session(ctx).history(path, limit))

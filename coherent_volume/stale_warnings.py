@@ -2,11 +2,11 @@
 current one, who wrote it when, and what changed (bounded).
 
 Invariants: a warning never takes the commit lock and never delays a decision (faces add it to an
-answer already decided, `hooks.WARN_BUDGET`); it is cheap when nothing is stale (one registry
-query per volume); changes made outside the volume's faces count once the volume has noticed
-them. A face that warns once (`Face.warn_once`) tells each stale view once per current version:
-the session's marks live in a file only this user may use, removed when the session ends
-(`forget`).
+answer already decided, `hooks.WARN_BUDGET`); it is cheap when nothing is stale (two registry
+reads per volume: the agent the session acts as there, its stale views); changes made outside
+the volume's faces count once the volume has noticed them. A face that warns once
+(`Face.warn_once`) tells each stale view once per current version: the session's marks live in a
+file only this user may use, removed when the session ends (`forget`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from .core import VolumeCore
 from .diffs import cut
 from .errors import CoherenceError, StaleWriteError
-from .hook_steps import opened, when
+from .hook_steps import Actor, acting, opened, when
 from .hooks import Face
 from .protocol import FileRecord
 
@@ -74,26 +74,28 @@ def forget(session: str) -> None:
         marks.unlink(missing_ok=True)
 
 
-def stale_warning(agent: str, roots: Iterable[str], face: Face, session: str | None = None) -> str | None:
-    """What to tell the model of files `agent` saw in the volumes at `roots` that have changed
-    since; None if there is nothing (or, with `face.warn_once`, nothing it was not already told:
-    marks are kept per `session`, by default the agent). A volume that cannot answer is left out."""
+def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str | None = None) -> str | None:
+    """What to tell the model of files `actor.agent` saw in the volumes at `roots` that have changed
+    since (in each volume, the agent it acts as there: `hook_steps.acting`); None if there is
+    nothing (or, with `face.warn_once`, nothing it was not already told: marks are kept per
+    `session`, by default the agent). A volume that cannot answer is left out."""
     with ExitStack() as stack:
-        stale: list[tuple[VolumeCore, str, int, int, FileRecord | None]] = []
+        stale: list[tuple[VolumeCore, str, str, int, int, FileRecord | None]] = []
         for root in sorted(roots):
             try:
                 core = stack.enter_context(opened(root))
+                agent = acting(core, actor).agent
                 with core.registry.read() as tx:
-                    stale += [(core, path, seen, now, tx.file(path)) for path, seen, now in tx.stale_views(agent)]
+                    stale += [(core, agent, p, seen, now, tx.file(p)) for p, seen, now in tx.stale_views(agent)]
             except (CoherenceError, OSError):
                 continue  # a warning is a courtesy
         if not stale:
             return None
-        marks_at = _marks_path(session or agent) if face.warn_once else None
+        marks_at = _marks_path(session or actor.agent) if face.warn_once else None
         marks = _load(marks_at)
         entries: list[str] = []
         diff_chars = more = 0
-        for core, path, seen, now, record in stale:
+        for core, agent, path, seen, now, record in stale:
             mark = f"{agent}\n{core.paths.root}\n{path}"
             if marks.get(mark) == now:
                 continue

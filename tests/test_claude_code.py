@@ -236,6 +236,87 @@ def test_a_read_the_model_did_not_see_registers_no_view(root: Path, sessions) ->
     assert json.loads(str(answer["stdout"]))["hookSpecificOutput"]["permissionDecision"] == "deny"
 
 
+def test_a_read_that_showed_the_model_nothing_checkable_registers_no_view(root: Path, sessions) -> None:
+    """A Read past the end (no line of a non-empty file), an error, a bare string and a response
+    without the file's text show nothing the hook can check against the file: no view, so a write
+    is refused `unread`. An empty file read whole, and a notebook whose cells are the file's, do."""
+    ten = "".join(f"line {i}\n" for i in range(1, 11))
+    notebook = {"cells": [{"cell_type": "code", "source": ["x = 1\n", "y = 2"]}], "metadata": {}, "nbformat": 4}
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, ten)
+        setup.write("plans/empty.md", "")
+        setup.write("plans/nb.ipynb", json.dumps(notebook))
+    past_end = {"type": "text", "file": {"filePath": str(root / P), "content": "", "startLine": 500}}
+    cells = [{"cellType": "code", "source": "x = 1\ny = 2", "cell_id": "0"}]
+    shown = {"type": "notebook", "file": {"filePath": str(root / "plans/nb.ipynb"), "cells": cells}}
+    wrong = {"type": "notebook", "file": {"filePath": str(root / "plans/nb.ipynb"), "cells": [{"source": "x = 9"}]}}
+    cases = [
+        (P, past_end, "deny"),
+        (P, {"error": "File does not exist."}, "deny"),
+        (P, "     1\tline 1\n", "deny"),
+        (P, {"type": "text"}, "deny"),
+        ("plans/nb.ipynb", wrong, "deny"),
+        ("plans/empty.md", read_response(root / "plans/empty.md", ""), "allow"),
+        ("plans/nb.ipynb", shown, "allow"),
+    ]
+    s = sessions("nothing", root)
+    for i, (rel, response, expected) in enumerate(cases):
+        sub = f"reader-{i}"
+        s.hook(event("PostToolUse", "nothing", root, "Read", root / rel, response, agent_id=sub))
+        verdict, reason = decision(s.hook(event("PreToolUse", "nothing", root, "Write", root / rel, agent_id=sub)))
+        assert verdict == expected, (rel, response, reason)
+        assert expected == "allow" or "(unread)" in reason, reason
+        s.hook(event("PostToolUseFailure", "nothing", root, "Write", root / rel, agent_id=sub))
+
+
+def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> None:
+    """`claude --resume ID` in two terminals: two live processes on one session id. The second is
+    an agent of its own (`claude:ID~<pid>`) whose views start as the session's, so neither passes
+    for the other's reads: while one holds its grant the other is refused `held`, and after one's
+    write the other's write built on the old version is refused `stale`. A session resumed after its
+    process died is the session again, with its views."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one = Session("same", root)
+    try:
+        one.hook(event("SessionStart", "same", root, source="startup"))
+        one.read(target)
+        two = sessions("same", root)
+        two.hook(event("SessionStart", "same", root, source="resume"))
+        assert decision(one.hook(event("PreToolUse", "same", root, "Write", target)))[0] == "allow"
+        verdict, reason = decision(two.hook(event("PreToolUse", "same", root, "Write", target)))
+        assert verdict == "deny" and "(held)" in reason and "claude:same holds its write grant" in reason
+        assert one.tool_write(target, "v2 by one\n")["code"] == 0
+        one.hook(event("PostToolUse", "same", root, "Write", target, {"type": "update"}))
+        told = _context(two.hook(event("UserPromptSubmit", "same", root, prompt="go on")))
+        assert "plans/plan.md: you last read version 1; it is now version 2, written by claude:same" in str(told)
+
+        denied = two.write(target, "v2 by two, built on v1 (the read both conversations hold)\n")
+        reason = json.loads(str(denied["reason"]))["hookSpecificOutput"]["permissionDecisionReason"]
+        assert denied["decision"] == "deny" and "(stale)" in reason and "version 1" in reason, reason
+        assert target.read_text() == "v2 by one\n"
+        log = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
+        refusals = [e for e in map(json.loads, log.splitlines()) if e["kind"] == "refusal"]
+        assert [(e["agent"], e["reason"]) for e in refusals] == [
+            (f"claude:same~{two.proc.pid}", r) for r in ("held", "stale")
+        ]
+        assert decision(one.hook(event("PreToolUse", "same", root, "Edit", target)))[0] == "allow"
+        two.hook(event("SessionEnd", "same", root, reason="exit"))
+        status = subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True, check=True)
+        holders = [f["holder"] for f in json.loads(status.stdout)["files"] if f["path"] == P]
+        assert holders == ["claude:same"], "the second process's SessionEnd ends its own agent, not the session"
+        one.hook(event("PostToolUseFailure", "same", root, "Edit", target))
+    finally:
+        one.proc.kill()  # dies without SessionEnd, as a closed terminal does
+        one.proc.wait()
+    three = sessions("same", root)
+    three.hook(event("SessionStart", "same", root, source="resume"))
+    assert three.write(target, "v3, resumed after one died\n")["decision"] == "allow", "its views are the session's"
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)][:2] == [(3, "claude:same"), (2, "claude:same")]
+
+
 def test_bad_events_fail_open_with_a_warning(root: Path) -> None:
     for payload in ("not json", "[]", json.dumps({"hook_event_name": "PreToolUse"})):
         r = subprocess.run([CLI, "hook", "claude-code"], input=payload, capture_output=True, text=True, timeout=30)

@@ -107,7 +107,7 @@ def test_the_patch_names_every_file_it_touches_and_the_lines_it_builds_on() -> N
         ("plans/new.md", "add", None),
         ("plans/old.md", "delete", None),
     ]
-    assert files[0].chunks == [["## Steps"], ["step A", "step B", "", "step C"]]
+    assert [h.old for h in files[0].hunks] == [["## Steps"], ["step A", "step B", "", "step C"]]
 
 
 def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
@@ -158,6 +158,25 @@ def test_a_patch_of_lines_nobody_changed_loses_nothing_and_passes(root: Path, se
         "",
     )
     assert (root / P).read_text() == "\n".join(both) + "\n" and writers(root)[0] == (3, "codex:p1")
+
+
+def test_a_patch_whose_lines_differ_from_the_current_ones_only_in_whitespace_is_stale(root: Path, sessions) -> None:
+    """apply_patch finds a hunk whose lines differ from the file's only in whitespace and writes
+    its own lines over them: a patch built on version 1 would undo version 2's re-indentation. Its
+    lines are version 1's exactly, so it is refused stale with the diff; built on version 2's exact
+    lines it passes."""
+    rel = "plans/c.yaml"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(rel, "if x:\n    do()\ndone()\n")
+        setup.write(rel, "if x:\n    do()\n    done()\n")  # done() moved into the block: indentation only
+    a = sessions("ws", root)
+    verdict, reason = a.apply(update(rel, "     do()", "-done()", "+finish()"), {rel: "lost"})
+    assert verdict == "deny" and "(stale)" in reason and "version 1" in reason, reason
+    assert "-done()\n+    done()" in reason, "the diff shows the re-indentation"
+    assert (root / rel).read_text() == "if x:\n    do()\n    done()\n"
+    patch = update(rel, "     do()", "-    done()", "+    finish()")
+    assert a.apply(patch, {rel: "if x:\n    do()\n    finish()\n"}) == ("allow", "")
+    assert writers(root, rel)[0] == (3, "codex:ws")
 
 
 def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, sessions) -> None:
@@ -343,6 +362,11 @@ def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_pa
         assert took < codex.hooks.HOOK_TIMEOUT, f"answered after {took:.1f} s: Codex would have applied the patch"
         r, _ = _hook(ev("pre_apply_patch", patch=update(str(tmp_path / "elsewhere.md"), "-a", "+b")))
         assert r.returncode == 0 and r.stdout == "", "a path in no volume is not held up"
+        command = f"echo a > {tmp_path}/unmanaged.txt; echo b > notes.txt; echo x > {P}"
+        r, _ = _hook(ev("pre_bash", command=command))
+        verdict, reason = decision({"code": r.returncode, "json": json.loads(r.stdout)})
+        assert verdict == "deny" and f"this write to {root / P}:" in reason, "named: the managed file checked"
+        assert f"coherent-volume why {root / P}" in reason and "unmanaged.txt" not in reason and "notes" not in reason
 
     (root / ".coherent/registry.db").write_bytes(b"not a database" * 100)
     r, _ = _hook(ev("pre_apply_patch", patch=patch))

@@ -18,6 +18,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import Implementation, TextContent
 
 from coherent_volume import CoherentVolume
+from coherent_volume.mcp_server import READ_LIMIT
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 P = "plans/plan.md"
@@ -200,6 +201,36 @@ def test_bad_input_gets_a_clear_tool_error(root: Path) -> None:
             error, text = await s("history", path=P, limit=0)
             assert error and "limit" in text
             assert (await s.ok("read_file", path=P)).startswith("one\n"), "the session still serves"
+
+    run(scenario)
+
+
+def test_a_read_too_large_for_one_tool_result_is_refused_and_read_in_parts(root: Path) -> None:
+    """Clients cut or refuse large tool results, which would leave a view of text the model never
+    got: a read over READ_LIMIT characters is refused with the size and how to read in parts, and
+    registers no view; a part does. A part past the end, and a negative history limit, are refused."""
+    big = "plans/big.md"
+    text = "".join(f"line {i:04} {'x' * 50}\n" for i in range(1, 1001))
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(big, text)
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            refusal = await s.refused("read_file", path=big)
+            assert f"{len(text)} characters" in refusal and "1000 lines" in refusal, refusal
+            assert f"({READ_LIMIT})" in refusal and "offset" in refusal and "limit" in refusal, refusal
+            assert "Refused (unread)" in await s.refused("write_file", path=big, content="x\n"), "no view"
+            assert "fewer than offset 1001" in await s.refused("read_file", path=big, offset=1001)
+            assert "Refused (unread)" in await s.refused("write_file", path=big, content="x\n"), "no view"
+            first = await s.ok("read_file", path=big, offset=1, limit=400)
+            assert first.startswith("line 0001 ") and "line 0400 " in first and "line 0401 " not in first
+            assert "version 1" in first.splitlines()[-1]
+            rest = await s.ok("read_file", path=big, offset=401)
+            assert rest.startswith("line 0401 ") and "line 1000 " in rest
+            assert "now version 2" in await s.ok("edit_file", path=big, old_string="line 0999 ", new_string="999: ")
+            for bad in (0, -1):
+                assert "must be at least 1" in await s.refused("history", path=big, limit=bad)
+            assert "must be at least 1" in await s.refused("read_file", path=big, offset=0)
 
     run(scenario)
 

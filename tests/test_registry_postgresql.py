@@ -928,3 +928,35 @@ def test_closing_a_volume_whose_server_stopped_answering_returns_within_its_boun
             for pid in server:
                 os.kill(pid, signal.SIGCONT)
         assert not hung, f"close did not return within {pg_hosts.LAST_REPORT_WAIT + 5:g} s of a server that stopped"
+
+
+def test_a_second_live_process_of_a_session_joins_it_as_an_agent_of_its_own(root: Path) -> None:
+    """`VolumeCore.join_session` on PostgreSQL, as the hooks call it for two processes of one
+    session id: the second is its fork, views copied; once the first is dead the session is
+    bound to the next process again, views kept."""
+    from coherent_volume.liveness import ProcessId
+
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/a.md", "v1\n")
+    first, second, third = (subprocess.Popen(["sleep", "60"]) for _ in range(3))
+    try:
+        one, two, three = (ProcessId.of(p.pid) for p in (first, second, third))
+        core = open_core(root)
+        try:
+            assert core.join_session("claude:s", one, "claude:s~1") == "claude:s"
+            core.note_read("claude:s", core.resolve("plans/a.md"), 1)
+            assert core.join_session("claude:s", two, "claude:s~2") == "claude:s~2"
+            assert core.join_session("claude:s", two, "claude:s~2") == "claude:s~2", "bound: it stays the fork"
+            with core.registry.read() as tx:
+                assert tx.read_set("claude:s~2") == {"plans/a.md": 1}, "its views start as the session's"
+            first.kill()
+            first.wait()
+            assert core.join_session("claude:s", three, "claude:s~3") == "claude:s", "the first died: resumed"
+            with core.registry.read() as tx:
+                assert tx.bound_process("claude:s") == three and tx.read_set("claude:s") == {"plans/a.md": 1}
+        finally:
+            core.close()
+    finally:
+        for p in (first, second, third):
+            p.kill()
+            p.wait()

@@ -29,6 +29,31 @@ class Sessions(Writes):
         views move only through `observe` (what its model read) and its own commits."""
         self.registry.transact(lambda tx: tx.bind(agent, process, pinned, time.time()))
 
+    def join_session(self, session: str, process: ProcessId, fork: str) -> str:
+        """Bind `process` to the session agent `session`, views pinned, and return the agent it acts
+        as: `session`, unless another process that is (or may be: another host's) alive is bound to
+        it, as when one session is resumed in two terminals: then `fork`, an agent of its own whose
+        views start as copies of the session's (both conversations hold what was read before), so
+        neither passes for the other's reads. A process bound already (pinned) keeps its agent; a
+        session whose process is gone is rebound to `process`, its views kept."""
+
+        def join(tx: Transaction) -> str:
+            bound = tx.bound_agent(process)
+            if bound is not None and bound[1] and bound[0] in (session, fork):
+                return bound[0]
+            holder = tx.bound_process(session)
+            now = time.time()
+            if holder is None or holder == process or holder.alive() is False:
+                tx.bind(session, process, True, now)
+                return session
+            if tx.bound_process(fork) != process:
+                for path, version in tx.read_set(session).items():
+                    tx.put_view(fork, path, version, now)
+            tx.bind(fork, process, True, now)
+            return fork
+
+        return self.registry.transact(join)
+
     def session_of(self, process: ProcessId) -> tuple[str, bool] | None:
         """(agent, pinned) bound to `process`, if any."""
         with self.registry.read() as tx:

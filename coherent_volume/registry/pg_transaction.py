@@ -590,6 +590,10 @@ class PostgresTransaction:
         )
         return None if row is None else (row[0], bool(row[1]))
 
+    def bound_process(self, agent: str) -> ProcessId | None:
+        row = self._one("SELECT host, pid, start FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
+        return None if row is None else ProcessId(row[0], row[1], row[2])
+
     def pinned(self, agent: str) -> bool:
         row = self._one("SELECT pinned FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
         return bool(row and row[0])

@@ -389,6 +389,10 @@ class SQLiteTransaction:
         ).fetchone()
         return None if row is None else (row[0], bool(row[1]))
 
+    def bound_process(self, agent: str) -> ProcessId | None:
+        row = self._c.execute("SELECT host, pid, start FROM sessions WHERE agent = ?", (agent,)).fetchone()
+        return None if row is None else ProcessId(row[0], row[1], row[2])
+
     def pinned(self, agent: str) -> bool:
         row = self._c.execute("SELECT pinned FROM sessions WHERE agent = ?", (agent,)).fetchone()
         return bool(row and row[0])
