@@ -488,6 +488,24 @@ def test_a_lost_commit_or_reply_is_resolved_by_the_commit_id(
     assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] > commits
 
 
+def test_content_larger_than_a_part_goes_to_the_server_once_not_as_a_doubled_literal(
+    proxied: tuple[Path, CommitProxy],
+) -> None:
+    """A content of several parts is sent before the COMMIT (a part at a time): its bytes go as they
+    are, never bound into a text literal (hex: twice the bytes, and their encoding)."""
+    root, proxy = proxied
+    data = os.urandom(20 << 20)  # three parts, incompressible
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/small.md", "warm\n")
+        before = proxy.sent
+        assert v.write("plans/big.bin", data) == 1
+        sent = proxy.sent - before
+        assert sent < 1.05 * len(data), f"{sent / len(data):.2f} times the content was sent"
+    with CoherentVolume(root, agent="bob") as b:
+        assert b.read("plans/big.bin") == data
+        assert b.read_version("plans/big.bin", 1) == data
+
+
 def test_a_lost_reply_with_the_registry_gone_says_the_outcome_is_unknown(
     proxied: tuple[Path, CommitProxy], pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -737,6 +755,65 @@ def test_a_commit_whose_database_session_ended_before_its_install_never_replaces
                 (1, "commit", "seed"),
             ]
     assert _q(pg_url, "SELECT count(*) FROM cv_events WHERE kind IN ('foreign', 'clobber')") == [(0,)]
+
+
+PAUSED_AT_REMOVAL = """
+import sys, time
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root, gate = sys.argv[1], Path(sys.argv[2])
+remove = atomic.remove
+def paused(target):
+    (gate / "at-removal").touch()
+    while not (gate / "go").exists():
+        time.sleep(0.02)
+    remove(target)
+atomic.remove = paused
+with CoherentVolume(root, agent="alice") as v:
+    v.read("plans/p.md")
+    print(v.delete("plans/p.md"))
+"""
+
+
+def test_a_deletion_recorded_by_another_host_while_its_writer_finishes_is_logged_as_such(
+    tmp_path: Path, root: Path, pg_url: str
+) -> None:
+    """Alice's deletion is decided (its commit point) and she is removing the file when a transaction
+    of another working copy records it (recovery: its intent says what was decided). The log says
+    that, never that an interrupted commit was completed: nothing was interrupted, and her delete
+    returns its version as hers."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="seed") as v:
+        v.write("plans/p.md", "base\n")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    alice = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_AT_REMOVAL, str(root), str(gate)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (gate / "at-removal").exists():
+            assert alice.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        with CoherentVolume(other, agent="bob") as b:
+            b.write("plans/q.md", "bob's\n")  # its transaction's recovery records her decided deletion
+        (gate / "go").touch()
+        out, _ = alice.communicate(timeout=60)
+    finally:
+        (gate / "go").touch()
+        alice.kill()
+        alice.wait()
+    assert alice.returncode == 0 and out.split() == ["2"]
+    [(kind, reason, agent, version, detail)] = _q(
+        pg_url, "SELECT kind, reason, agent, version, detail FROM cv_events WHERE path = 'plans/p.md' AND seq > 1"
+    )
+    assert (kind, reason, agent, version) == ("recover", "completed", "alice", 2)
+    assert "interrupted" not in detail and "alice's deletion" in detail and "still finishing it" in detail, detail
+    with CoherentVolume(other, agent="carol") as c:
+        assert [(h.version, h.kind, h.writer) for h in c.history("plans/p.md")] == [
+            (2, "delete", "alice"),
+            (1, "commit", "seed"),
+        ]
 
 
 # ---- a copy of a working copy ------------------------------------------------------------------------------

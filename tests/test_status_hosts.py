@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from coherent_volume import CoherentVolume, VolumeConfigError
+from coherent_volume.registry import pg_open
 
 from .harness import CLI
 from .harness.hostbed import BedVolume, Hosts, init, needs_bed, sql, three_hosts
@@ -319,6 +320,38 @@ def test_forget_removes_a_copy_unseen_for_an_hour_and_the_copy_joins_again_with_
     assert _held(pg_url, second) == {"plans/a.md": 2}  # it reports what it holds under its new id
 
 
+def test_a_forget_landing_while_the_copy_is_opened_makes_that_open_fail_closed(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`forget`, from another copy, removes a copy's registration after an open of that copy read it
+    and before the open marked the copy seen: the open fails closed (not registered: join again),
+    never serves a copy the registry no longer knows; the copy joins again with nothing lost."""
+    first = init(subprocess.run, tmp_path / "first", pg_url, create=True)
+    second = init(subprocess.run, tmp_path / "second", pg_url, create=False)
+    with CoherentVolume(second, agent="bob") as bob:
+        assert bob.write("plans/a.md", "bob's\n") == 1
+    [(copy,)] = sql(pg_url, "SELECT id::text FROM cv_replicas WHERE root = %s", (str(second),))
+    sql(pg_url, "UPDATE cv_replicas SET last_seen = now() - interval '2 hours' WHERE id = %s", (copy,))
+    boot_id = pg_open.boot_id
+    forgot: list[subprocess.CompletedProcess[str]] = []
+
+    def forgotten_meanwhile() -> str:
+        """Called by the open between its read of the registration and its bump of last_seen."""
+        if not forgot:
+            forgot.append(_forget(first, copy[:8]))
+        return boot_id()
+
+    monkeypatch.setattr(pg_open, "boot_id", forgotten_meanwhile)
+    with pytest.raises(VolumeConfigError, match="no longer registered as a working copy"):
+        CoherentVolume(second, agent="bob")
+    assert forgot and forgot[0].returncode == 0, forgot
+    assert sql(pg_url, "SELECT count(*) FROM cv_replicas WHERE id = %s", (copy,)) == [(0,)]
+    monkeypatch.setattr(pg_open, "boot_id", boot_id)
+    init(subprocess.run, second, pg_url, create=False)
+    with CoherentVolume(second, agent="bob") as bob:
+        assert bob.read("plans/a.md") == b"bob's\n"
+
+
 def test_forget_on_a_sqlite_volume_says_there_is_nothing_to_forget(root: Path) -> None:
     done = _forget(root, "abc")
     assert done.returncode == 1 and "a SQLite volume has one working copy" in done.stderr
@@ -355,6 +388,10 @@ def test_a_running_process_of_a_forgotten_copy_fails_closed_until_the_copy_joins
     current = "SELECT version FROM cv_files WHERE path = 'plans/a.md'"
     with CoherentVolume(second, agent="bob") as bob:
         assert bob.write("plans/a.md", "1\n") == 1
+        deadline = time.monotonic() + 10
+        while _held(pg_url, second) != {"plans/a.md": 1}:  # its report (which makes it seen) went first
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         sql(pg_url, "UPDATE cv_replicas SET last_seen = now() - interval '2 hours' WHERE id = %s", (copy,))
         assert _forget(first, copy[:8]).returncode == 0
         # the report after its next commit finds the copy forgotten: from then on it fails closed

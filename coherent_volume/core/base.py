@@ -540,7 +540,11 @@ class CoreBase:
             now,
             reason=outcome,
             version=intent.version if outcome == "completed" else current_version(record),
-            detail=f"{outcome} an interrupted commit",
+            detail=f"{outcome} an interrupted commit"
+            if self.replica is None  # one host: its writer holds the commit lock until it records it
+            else f"recorded {intent.agent}'s {'change' if intent.present else 'deletion'} as v{intent.version}: "
+            "decided in the registry (its commit point) and not yet recorded as done, as its writer on another "
+            "host was still finishing it, or died",
         )
 
     def _settle_installs(self) -> None:

@@ -3,18 +3,26 @@ process, and what a PostgreSQL error means (a RegistryError, a re-run, a lost co
 
 Invariants:
 - psycopg is imported inside functions only: the core and the SQLite path never load it;
-- every wait is bounded: connecting (CONNECT_WAIT), the commit lock (COMMIT_LOCK_TIMEOUT), row
-  locks (lock_timeout), statements (statement_timeout), a dead peer (keepalives, tcp_user_timeout).
+- every wait is bounded: connecting (CONNECT_WAIT, each attempt connect_timeout), the commit lock
+  (COMMIT_LOCK_TIMEOUT), row locks (lock_timeout), statements (statement_timeout), a dead peer
+  (keepalives, tcp_user_timeout), and every round trip on the client's side (ANSWER_WAIT): a server
+  that stops answering but keeps the connection (its process stopped or stuck, a proxy that forwards
+  nothing) still acknowledges at the TCP level, so no TCP timeout fires there;
+- a connection whose round trip ran past ANSWER_WAIT is closed at once (it is never used again: it
+  stopped in the middle of an exchange), and its error is `Unanswered`.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import RegistryError
 from .pg_location import Location
@@ -23,7 +31,15 @@ if TYPE_CHECKING:
     import psycopg
 
 CONNECT_WAIT = 10.0
-"""Seconds a lost or missing connection is re-established for before RegistryError(EIO)."""
+"""Seconds a lost or missing connection is re-established for before RegistryError(EIO) (an attempt
+started within them may take its connect_timeout, 5 s, to fail)."""
+ANSWER_WAIT = 45.0
+"""Seconds a round trip waits while the server sends nothing and takes nothing more of what it is
+sent, before the connection is closed and the round trip fails (`Unanswered`). Longer than every
+wait the server itself ends within one round trip: the volume's lock (waited for at most
+COMMIT_LOCK_TIMEOUT, 30 s; its statement ends by 35 s), any statement (statement_timeout, 30 s), a
+row lock (lock_timeout, 5 s); so it fires only on a server, or a session's process in it, that
+stopped answering (stopped, stuck on its disk, or a network path that holds what it sends)."""
 POOL_SIZE = 4
 """Connections a process keeps open to the database at most (a thread waits for one, bounded)."""
 LOCK_CLASS = 0x6376
@@ -62,15 +78,89 @@ def _psycopg() -> Any:
     return psycopg
 
 
+class Unanswered(Exception):
+    """What a round trip raises when the server sent nothing for ANSWER_WAIT s (its connection is
+    closed by then); always a psycopg.OperationalError too, so a caller takes it for a lost connection
+    (`_gone`), and `_registry_error` says what happened."""
+
+
+Ready = TypeVar("Ready")
+Result = TypeVar("Result")
+
+
+def _answered_within(
+    gen: Generator[Any, Ready, Result], unanswered: type[Exception], seconds: float
+) -> Generator[Any, Ready, Result]:
+    """`gen` (a psycopg generator of one exchange on a connection's socket), failing with
+    `unanswered` once `seconds` pass with the socket never ready. psycopg's wait resumes it with
+    "not ready" every interval (0.1 s) while the socket stays silent, so the deadline is checked in
+    the waiting thread: no other thread, no signal."""
+    try:
+        state = next(gen)
+        since = time.monotonic()
+        while True:
+            ready = yield state
+            if ready:
+                since = time.monotonic()
+            elif time.monotonic() - since > seconds:
+                raise unanswered(f"no answer for {seconds:g} s: this process closed the connection")
+            state = gen.send(ready)
+    except StopIteration as done:
+        return done.value
+
+
+@functools.cache
+def _connection_class() -> type[psycopg.Connection[Any]]:
+    """psycopg's Connection, with every round trip bounded by ANSWER_WAIT (`_answered_within`):
+    psycopg consumes each exchange on the socket through `Connection.wait`. A connection whose round
+    trip ran past it is finished there (closed; `broken` is then true)."""
+    import psycopg
+
+    class Timeout(Unanswered, psycopg.OperationalError):
+        pass
+
+    class BoundedConnection(psycopg.Connection[Any]):
+        def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().wait(_answered_within(gen, Timeout, ANSWER_WAIT), *args, **kwargs)
+            except Timeout:
+                self.pgconn.finish()  # stopped mid-exchange: never to be used again
+                raise
+
+    return BoundedConnection
+
+
+@contextmanager
+def _pipeline(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """`conn.pipeline()`, whose block's error (a lost connection, `Unanswered`) is raised as it is,
+    alone: psycopg would then try to end the pipeline on the lost connection, and log a warning that
+    it ignored that second failure ("error ignored terminating Pipeline [BAD]: the connection is
+    lost"), an alarm about nothing more than what the first error says."""
+    psycopg = _psycopg()
+    failed: BaseException | None = None
+    try:
+        with conn.pipeline():
+            try:
+                yield
+            except psycopg.Error as e:
+                failed = e
+    except psycopg.Error:
+        if failed is None:
+            raise
+    if failed is not None:
+        raise failed
+
+
 def _connect(location: Location, deadline: float) -> psycopg.Connection[Any]:
     """A new autocommit connection with the session settings, named `coherent-volume HOST PID`
-    (pg_stat_activity.application_name), retried until `deadline` (time.monotonic()); then the
-    RegistryError of `_unconnected` (unreachable, or out of connection slots), nothing written."""
+    (pg_stat_activity.application_name), whose round trips are bounded (ANSWER_WAIT), retried until
+    `deadline` (time.monotonic()); then the RegistryError of `_unconnected` (unreachable, or out of
+    connection slots), nothing written."""
     psycopg = _psycopg()
     settings = _settings(location.url)
     while True:
         try:
-            return psycopg.connect(location.url, autocommit=True, **settings)
+            return _connection_class().connect(location.url, autocommit=True, **settings)
         except psycopg.OperationalError as e:
             if time.monotonic() + 0.2 >= deadline:
                 raise _unconnected(e, location) from e
@@ -164,9 +254,22 @@ def _registry_error(e: BaseException, location: Location) -> RegistryError:
             f"{where}: a statement ran past statement_timeout ({_first_line(e)}); nothing was written: try again",
             errno.ETIMEDOUT,
         )
+    if isinstance(e, Unanswered):
+        return _unanswered(location)
     if isinstance(e, _psycopg().OperationalError):
         return _unconnected(e, location)
     return RegistryError(f"{where} failed: {_first_line(e)}")
+
+
+def _unanswered(location: Location, outcome: str = "") -> RegistryError:
+    """The error of a round trip the server did not answer within ANSWER_WAIT (`Unanswered`);
+    `outcome`: what became of the call's changes, when the caller knows."""
+    return RegistryError(
+        f"the registry at {location.server} did not answer within {ANSWER_WAIT:g} s (its server, or this "
+        f"session's process in it, is stopped or stuck, or the network to it holds what it sends); this process "
+        f"closed the connection{outcome}. Check that PostgreSQL runs and answers (pg_stat_activity shows what its "
+        "sessions wait on), then try again"
+    )
 
 
 def _idle_ended(e: BaseException, location: Location) -> RegistryError:

@@ -13,8 +13,11 @@ Invariants:
   lock see everything committed before, and the lock ends with the transaction: at its COMMIT, at
   its rollback, or when the server ends the session of a holder that stayed idle in it longer than
   idle_in_transaction_session_timeout (paused, cut off). No lock is held between two transactions;
-- each write transaction records a commit id, so a COMMIT whose reply was lost is resolved by
-  looking the id up: never applied twice, never reported failed if it landed;
+- each write transaction records a commit id, so a COMMIT whose reply was lost (or never came:
+  `Unanswered`) is resolved by looking the id up, trusting "not committed" only once the lost
+  session has ended: never applied twice, never reported failed if it landed;
+- a round trip the server left unanswered (`Unanswered`) is never run again: its caller gets
+  RegistryError(EIO) saying so, and the process's idle connections (to the same server) are closed;
 - round trips: a write transaction's BEGIN, lock and serial bump go with its first read (and the
   decision's `write_state`, when it is read ahead), its writes with the next read or its COMMIT
   (`PostgresTransaction`); a read transaction's BEGIN goes first, alone (a pooled connection found
@@ -39,6 +42,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import RegistryError
@@ -49,14 +53,17 @@ from .pg_connections import (
     IDLE_ENDED,
     LOCK_CLASS,
     RETRY_SQLSTATES,
+    Unanswered,
     _connect,
     _first_line,
     _gone,
     _idle_ended,
+    _pipeline,
     _Pool,
     _psycopg,
     _registry_error,
     _sqlstate,
+    _unanswered,
 )
 from .pg_hosts import Reporter, WorkingCopy, forget, working_copies
 from .pg_location import Location
@@ -75,6 +82,31 @@ LOST_RERUNS = 3
 """Runs of one write transaction whose connection is lost before COMMIT (a database restart)."""
 LOCK_TIMED_OUT = "55P03"
 """lock_timeout ran out (in the first round trip of a write transaction: the volume's lock)."""
+
+
+@dataclass(frozen=True)
+class _Session:
+    """A database session, as its connection knows it without asking the server."""
+
+    pid: int
+    """Its server process (pg_stat_activity.pid)."""
+    name: str | None
+    """Its application_name."""
+
+    @staticmethod
+    def of(conn: psycopg.Connection[Any]) -> _Session:
+        return _Session(conn.info.backend_pid, conn.info.parameter_status("application_name"))
+
+    def ended(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether this session has ended, asked on `conn` (another session of the same role); if it
+        has not, it is told to (pg_terminate_backend: a server process told to end while it waits for
+        its client's next statement ends before it runs any, also when it was stopped and resumes).
+        Once it has ended, nothing of its transaction can commit any more."""
+        found = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND application_name = %s",
+            (self.pid, self.name),
+        ).fetchone()
+        return found is None
 
 
 class _Lost(Exception):
@@ -160,7 +192,7 @@ class PostgresRegistry:
 
     def _statement(self, fn: Callable[[psycopg.Connection[Any]], R]) -> R:
         """Run one autocommit statement (not in this thread's open transaction: see `peek`); a stale
-        pooled connection is replaced once."""
+        pooled connection is replaced once (not one the server left unanswered: `Unanswered`)."""
         psycopg = _psycopg()
         for attempt in (1, 2):
             with self._use() as conn:
@@ -170,9 +202,10 @@ class PostgresRegistry:
                 except psycopg.Error as e:
                     if in_tx:
                         raise  # the transaction's owner decides (re-run, or which RegistryError)
-                    if attempt == 2 or not _gone(conn, e):
+                    if _gone(conn, e):
+                        self._pool.flush()  # the others were most likely lost with it (a server restart)
+                    if attempt == 2 or not _gone(conn, e) or isinstance(e, Unanswered):
                         raise _registry_error(e, self.location) from e
-                    self._pool.flush()  # the others were most likely lost with it (a server restart)
         raise AssertionError("unreachable")
 
     # -- locking ------------------------------------------------------------------------
@@ -296,7 +329,7 @@ class PostgresRegistry:
             return
         psycopg = _psycopg()
         try:
-            with conn.pipeline():
+            with _pipeline(conn):
                 cursor = self._reporter.queue(conn, report)
             registered = cursor.fetchone() is not None
         except psycopg.errors.ForeignKeyViolation:
@@ -332,6 +365,8 @@ class PostgresRegistry:
                 if not _gone(conn, e):
                     raise _registry_error(e, self.location) from e
                 self._pool.flush()
+                if isinstance(e, Unanswered):
+                    raise _registry_error(e, self.location) from e
                 with self.read() as tx:  # a pooled connection found lost: once more on a new one
                     yield tx
                 return
@@ -340,6 +375,8 @@ class PostgresRegistry:
                 yield tx
             except psycopg.Error as e:
                 self._rollback(conn)
+                if _gone(conn, e):
+                    self._pool.flush()
                 raise _registry_error(e, self.location) from e
             except BaseException:
                 self._rollback(conn)
@@ -387,11 +424,14 @@ class PostgresRegistry:
 
     def _attempt(self, fn: Callable[[PostgresTransaction], R]) -> R:
         """One run of a write transaction: its opening (BEGIN, the volume's lock, the serial bump with
-        the commit id) goes with `fn`'s first read, its writes with the next read or the COMMIT."""
+        the commit id) goes with `fn`'s first read, its writes with the next read or the COMMIT. A
+        round trip the server did not answer (`Unanswered`) is not run again: before its COMMIT,
+        RegistryError(EIO), nothing written; at its COMMIT, the commit id says how it went."""
         psycopg = _psycopg()
         commit_id = uuid.uuid4()
         with self._use() as conn:
             tx = PostgresTransaction(conn, self.volume_id, opening=self._opening(commit_id))
+            session = _Session.of(conn)
             committing = False
             try:
                 self._local.tx = tx
@@ -409,8 +449,11 @@ class PostgresRegistry:
                     if _sqlstate(e) == LOCK_TIMED_OUT and not tx.opened:
                         raise self._busy(conn) from e
                     raise _registry_error(e, self.location) from e
-                if not committing or self._landed(commit_id, e) is None:
+                if not committing or self._landed(commit_id, e, session) is None:
                     self._pool.flush()  # the others were most likely lost with it (a server restart)
+                    if isinstance(e, Unanswered):
+                        outcome = ": its COMMIT did not land (its commit id says so)" if committing else ""
+                        raise _unanswered(self.location, f"{outcome}; nothing was written") from e
                     if _sqlstate(e) == IDLE_ENDED:
                         raise _idle_ended(e, self.location) from e
                     raise _Lost(f"the COMMIT did not land ({_first_line(e)})" if committing else _first_line(e)) from e
@@ -487,26 +530,37 @@ class PostgresRegistry:
         """Remove the registration of another working copy, unseen for long (`pg_hosts.forget`)."""
         return self._statement(lambda c: forget(c, self.volume_id, copy, self.replica.recorded_id()))
 
-    def _landed(self, commit_id: uuid.UUID, lost: BaseException) -> int | None:
+    def _landed(self, commit_id: uuid.UUID, lost: BaseException, session: _Session) -> int | None:
         """The serial of the transaction with `commit_id`, whose COMMIT reply was lost, if it
-        committed (None if not); asked on a new connection for at most CONNECT_WAIT s, then
-        RegistryError(EIO): outcome unknown."""
+        committed (None if not), asked on a new connection. "Not committed" is trusted only once the
+        lost `session` has ended: one still alive (its server process stopped or stuck, the COMMIT
+        unread in its socket) could commit later, so it is told to end (`_Session.ended`) and its end
+        is waited for. All within CONNECT_WAIT s, then RegistryError(EIO): outcome unknown."""
         psycopg = _psycopg()
         deadline = time.monotonic() + pg_connections.CONNECT_WAIT
         while True:
             try:
                 with _connect(self.location, deadline) as conn:
-                    row = conn.execute("SELECT serial FROM cv_commits WHERE id = %s", (commit_id,)).fetchone()
-                    return None if row is None else int(row[0])
+                    while True:
+                        ended = session.ended(conn)  # first: then what the lookup finds is final
+                        row = conn.execute("SELECT serial FROM cv_commits WHERE id = %s", (commit_id,)).fetchone()
+                        if row is not None:
+                            return int(row[0])
+                        if ended:
+                            return None
+                        why = f"its session (PostgreSQL backend {session.pid}) had not ended, though told to"
+                        if time.monotonic() >= deadline:
+                            break
+                        time.sleep(0.1)
             except (RegistryError, psycopg.Error) as e:
-                if time.monotonic() >= deadline:
-                    raise RegistryError(
-                        f"{self.location.describe()}: the reply to a COMMIT was lost ({_first_line(lost)}) and the "
-                        f"registry stayed unreachable for {pg_connections.CONNECT_WAIT:g} s ({_first_line(e)}): "
-                        f"outcome unknown, commit id {commit_id}. `coherent-volume log` shows whether it landed once "
-                        "the registry is reachable"
-                    ) from e
-                time.sleep(0.2)
+                why = f"the registry stayed unreachable ({_first_line(e)})"
+            if time.monotonic() >= deadline:
+                raise RegistryError(
+                    f"{self.location.describe()}: the reply to a COMMIT was lost ({_first_line(lost)}) and {why} "
+                    f"for {pg_connections.CONNECT_WAIT:g} s: outcome unknown, commit id {commit_id}. "
+                    "`coherent-volume log` shows whether it landed once the registry is reachable"
+                )
+            time.sleep(0.2)
 
     def _last_report(self) -> None:
         """Stop the reporting thread (after the report it is sending, if any) and send what this copy

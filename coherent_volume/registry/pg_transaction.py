@@ -4,7 +4,9 @@ content of versions stored in parts.
 Invariants (round trips):
 - a write (a statement whose result nothing reads) is queued, never sent alone: the queue goes to
   the server in one round trip with the transaction's next read (one message, bound here:
-  `_together`), or with its COMMIT (one pipeline), so a write costs no round trip of its own, a read
+  `_together`; a statement carrying ALONE bytes of content or more goes alone before it, its bytes
+  binary, in a round trip of its own: `_sent`), or with its COMMIT (one pipeline, content binary),
+  so a write costs no round trip of its own (save such content, sent before a read), a read
   sees every write queued before it, and a queued write's error (a constraint violation, a lost
   connection) is raised by that read or that COMMIT, as the same psycopg error it would have raised
   alone (its owner maps it: `PostgresRegistry`);
@@ -39,13 +41,18 @@ from ..errors import DamagedContent, VersionGone
 from ..liveness import ProcessId
 from ..protocol import FileRecord, Grant, Installed, Intent, Version
 from . import AgentSummary, Event
-from .pg_connections import _psycopg
+from .pg_connections import _pipeline, _psycopg
 
 if TYPE_CHECKING:
     import psycopg
 
 PART = 8 << 20
 """Most bytes of one stored part of a content (and of what a store or a read holds at once, twice)."""
+ALONE = 256 << 10
+"""Bytes of parameters (content) from which a statement sent before a read goes alone, its bytes
+binary (`PostgresTransaction._sent`): bound into a text literal, content doubles on the wire and
+its encoding and decoding cost about 50 ms a MiB (on the test VM: a commit of 16 MiB took 1.04 s
+that way, 0.27 s binary), far more than the round trip it saves from this size up."""
 
 _FILE_COLS = "path, version, present, hash, writer, committed_at"
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
@@ -153,15 +160,41 @@ class PostgresTransaction:
         if not queue:
             cursor = self._c.execute(sql, args, prepare=prepare)
         elif ends:
-            with self._c.pipeline():
+            with _pipeline(self._c):
                 ran = [(q.then, self._c.execute(q.sql, q.args)) for q in queue]
                 cursor = self._c.execute(sql, args, prepare=prepare)
             for then, done in ran:
                 if then is not None:
                     then(done)
         else:
-            cursor = self._together([*queue, Queued(sql, args)])
+            cursor = self._sent([*queue, Queued(sql, args)])
         self.opened = True
+        return cursor
+
+    def _sent(self, statements: list[Queued]) -> psycopg.Cursor[Any]:
+        """`statements`, in order, for a round trip after which the transaction stays open; the
+        cursor of the last. A statement with ALONE bytes of parameters or more (content) goes alone,
+        bound by the server: its bytes go as they are (binary), where a literal bound here would
+        double them on the wire and cost their encoding. The others go in one message between two
+        such (`_together`). A plain statement is one message too, as far as the server's timeout is
+        concerned: Parse, Bind, Execute and Sync, answered with ReadyForQuery, nothing after."""
+        cursor: psycopg.Cursor[Any] | None = None
+        batch: list[Queued] = []
+        for n, q in enumerate(statements):
+            if _size(q.args) < ALONE:
+                batch.append(q)
+                continue
+            if batch:
+                done = self._together(batch)
+                if batch[-1].then is not None:
+                    batch[-1].then(done)
+                batch = []
+            cursor = self._c.execute(q.sql, q.args, prepare=False)
+            if n < len(statements) - 1 and q.then is not None:
+                q.then(cursor)
+        if batch:
+            cursor = self._together(batch)
+        assert cursor is not None
         return cursor
 
     def _together(self, statements: list[Queued]) -> psycopg.Cursor[Any]:

@@ -32,6 +32,8 @@ class CommitProxy:
         """What each COMMIT it cut lost, in order."""
         self.drops: list[float] = []
         """When each COMMIT or reply was lost (time.time)."""
+        self.sent = 0
+        """Bytes passed on from clients to the server."""
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -84,6 +86,8 @@ class CommitProxy:
                 upstream.sendall(data)
             except OSError:
                 break
+            with self._lock:
+                self.sent += len(data)
         self._close(client, upstream)
 
     def _down(self, upstream: socket.socket, client: socket.socket, state: dict[str, bool]) -> None:
