@@ -557,7 +557,9 @@ def test_the_daemon_hashes_and_copies_large_files_in_streams(seeded: Mount) -> N
     assert r.returncode == 0 and r.stdout == "tail\n", r.stderr
     assert os.path.getsize(seeded.root / big) == size + 5
     grown = peak() - before
-    assert grown < 64 << 20, f"the daemon's memory grew {grown >> 20} MiB for a {size >> 20} MiB file"
+    # a whole-file buffer grows it by the file's size at least; reads in flight at once on a busy
+    # machine (the kernel's readahead, each worker's buffer) reached 76 MiB once, never half of it
+    assert grown < size // 2, f"the daemon's memory grew {grown >> 20} MiB for a {size >> 20} MiB file"
 
 
 def test_a_write_handles_size_is_not_shown_after_its_commit(seeded: Mount) -> None:
