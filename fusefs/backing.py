@@ -24,7 +24,7 @@ import os
 import resource
 import stat as stat_mod
 from collections.abc import Callable
-from types import TracebackType
+from typing import Any, TypeVar
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -35,6 +35,8 @@ _RESOLVE_BENEATH = 0x08
 _PATH_MAX = 4096
 _ANCHOR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+_T = TypeVar("_T")
+
 ANCHOR_SHARE = 2
 """At most 1/ANCHOR_SHARE of the descriptor limit is spent on anchors: the rest stays for open
 files, listings and the registry."""
@@ -42,6 +44,11 @@ files, listings and the registry."""
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_HOW: dict[int, _OpenHow] = {}
+"""The open_how of each set of open flags resolved so far (a few: made once, never changed)."""
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
 
 
 def raise_descriptor_limit() -> int:
@@ -54,55 +61,6 @@ def raise_descriptor_limit() -> int:
         except (OSError, ValueError):
             pass  # kept the soft limit: fewer anchors, every access still works
     return soft
-
-
-class _Parent:
-    """The directory holding an entry, as (descriptor, the entry's name) while in a `with`; the
-    descriptor is closed at the end when it was opened for this one access."""
-
-    __slots__ = ("fd", "name", "_owned")
-
-    def __init__(self, fd: int, name: str, owned: bool) -> None:
-        self.fd, self.name, self._owned = fd, name, owned
-
-    def __enter__(self) -> tuple[int, str]:
-        return self.fd, self.name
-
-    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._owned:
-            os.close(self.fd)
-
-
-class _Entry:
-    """An O_PATH descriptor of an entry itself (a symlink stays a symlink) while in a `with`."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        os.close(self.fd)
-
-
-class _Named:
-    """A path naming an entry through its directory's descriptor, and whether to follow its last
-    component, while in a `with` (the descriptor is closed at the end if opened for it)."""
-
-    __slots__ = ("path", "follow", "_parent")
-
-    def __init__(self, path: str, follow: bool, parent: _Parent | None) -> None:
-        self.path, self.follow, self._parent = path, follow, parent
-
-    def __enter__(self) -> tuple[str, bool]:
-        return self.path, self.follow
-
-    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._parent is not None:
-            self._parent.__exit__(kind, e, tb)
 
 
 class Backing:
@@ -168,21 +126,23 @@ class Backing:
         if fd is not None:
             os.close(fd)
 
-    def _parent(self, rel: str) -> _Parent:
-        """The directory holding `rel` and its last component: its anchor, or resolved now."""
+    def _parent(self, rel: str) -> tuple[int, str, bool]:
+        """The directory holding `rel` and its last component: (its descriptor, the name, whether
+        the descriptor was opened for this one access, which must then close it). The descriptor
+        is the directory's anchor, or resolved now."""
         if not rel:
             raise OSError(errno.EINVAL, "the root has no parent", rel)
         if "\0" in rel:  # a name the inode table keeps for an unlinked entry: no backing path
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
         head, _, name = rel.rpartition("/")
         if not head:
-            return _Parent(self._root_fd, name, False)
+            return self._root_fd, name, False
         if self._inode_of is not None:
             inode = self._inode_of(head)
             fd = self._anchors.get(inode) if inode is not None else None
             if fd is not None:
-                return _Parent(fd, name, False)
-        return _Parent(self._openat2(head, os.O_PATH | os.O_DIRECTORY), name, True)
+                return fd, name, False
+        return self._openat2(head, os.O_PATH | os.O_DIRECTORY), name, True
 
     def _openat2(self, rel: str, flags: int) -> int:
         """An fd for `rel` resolved beneath the root with no symlink on the way (OSError otherwise).
@@ -208,19 +168,26 @@ class Backing:
 
     @staticmethod
     def _resolve(at: int, name: bytes, flags: int, rel: str) -> int:
-        how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
-        fd = _syscall(_SYS_OPENAT2, at, name, ctypes.byref(how), ctypes.sizeof(how))
+        how = _HOW.get(flags)
+        if how is None:
+            how = _HOW[flags] = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+        fd = _syscall(_SYS_OPENAT2, at, name, ctypes.byref(how), _HOW_SIZE)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), rel)
         return int(fd)
 
-    def _entry(self, rel: str) -> _Entry:
-        """An O_PATH descriptor of `rel` itself, for the calls that act on it through /proc."""
+    def _entry(self, rel: str) -> int:
+        """An O_PATH descriptor of `rel` itself, for the calls that act on it through /proc (the
+        caller closes it)."""
         if not rel:
-            return _Entry(os.dup(self._root_fd))
-        with self._parent(rel) as (fd, name):
-            return _Entry(os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd))
+            return os.dup(self._root_fd)
+        fd, name, owned = self._parent(rel)
+        try:
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     @staticmethod
     def _proc(fd: int) -> str:
@@ -232,13 +199,21 @@ class Backing:
     def lstat(self, rel: str) -> os.stat_result:
         if not rel:
             return os.stat(self._root_fd)
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            if owned:
+                os.close(fd)
 
     def open(self, rel: str, flags: int, mode: int = 0o777) -> int:
         """open(2) of a file: the last component is not followed either (O_NOFOLLOW)."""
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     def opendir(self, rel: str) -> int:
         """A descriptor of the directory `rel` (os.listdir reads it; fstat still works once it is removed)."""
@@ -247,24 +222,44 @@ class Backing:
         return self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
 
     def readlink(self, rel: str) -> str:
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             return os.readlink(name, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     def mkdir(self, rel: str, mode: int) -> None:
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             os.mkdir(name, mode, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     def rmdir(self, rel: str) -> None:
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             os.rmdir(name, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     def mknod(self, rel: str, mode: int, device: int) -> None:
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             os.mknod(name, mode, device, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     def unlink(self, rel: str) -> None:
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             os.unlink(name, dir_fd=fd)
+        finally:
+            if owned:
+                os.close(fd)
 
     def truncate(self, rel: str, size: int) -> None:
         fd = self.open(rel, os.O_WRONLY)
@@ -275,55 +270,76 @@ class Backing:
 
     def chmod(self, rel: str, mode: int) -> None:
         """chmod of the entry itself; a symlink has no mode of its own on Linux (EOPNOTSUPP)."""
-        with self._entry(rel) as fd:
+        fd = self._entry(rel)
+        try:
             if stat_mod.S_ISLNK(os.stat(fd).st_mode):
                 raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), rel)
             os.chmod(self._proc(fd), mode)
+        finally:
+            os.close(fd)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         if not rel:
             os.chown(self._proc(self._root_fd), uid, gid)
             return
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+        finally:
+            if owned:
+                os.close(fd)
 
     def utime(self, rel: str, ns: tuple[int, int]) -> None:
         if not rel:
             os.utime(self._proc(self._root_fd), ns=ns)
             return
-        with self._parent(rel) as (fd, name):
+        fd, name, owned = self._parent(rel)
+        try:
             os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+        finally:
+            if owned:
+                os.close(fd)
 
-    def _named(self, rel: str) -> _Named:
-        """A /proc path of `rel` itself, for the xattr calls that take no directory descriptor: its
-        directory's descriptor, then its name (not followed); the root's own descriptor for ""."""
+    def _xattr(self, call: Callable[..., _T], rel: str, *args: Any) -> _T:
+        """`call` (one of os's xattr calls) on `rel` itself through /proc, the calls taking no
+        directory descriptor: its directory's descriptor, then its name (not followed); the
+        root's own descriptor for ""."""
         if not rel:
-            return _Named(self._proc(self._root_fd), True, None)
-        parent = self._parent(rel)
-        return _Named(f"{self._proc(parent.fd)}/{parent.name}", False, parent)
+            return call(self._proc(self._root_fd), *args)
+        fd, name, owned = self._parent(rel)
+        try:
+            return call(f"{self._proc(fd)}/{name}", *args, follow_symlinks=False)
+        finally:
+            if owned:
+                os.close(fd)
 
     def getxattr(self, rel: str, name: bytes) -> bytes:
-        with self._named(rel) as (path, follow):
-            return os.getxattr(path, name, follow_symlinks=follow)
+        return self._xattr(os.getxattr, rel, name)
 
     def listxattr(self, rel: str) -> list[str]:
-        with self._named(rel) as (path, follow):
-            return os.listxattr(path, follow_symlinks=follow)
+        return self._xattr(os.listxattr, rel)
 
     def setxattr(self, rel: str, name: bytes, value: bytes) -> None:
-        with self._named(rel) as (path, follow):
-            os.setxattr(path, name, value, follow_symlinks=follow)
+        self._xattr(os.setxattr, rel, name, value)
 
     def removexattr(self, rel: str, name: bytes) -> None:
-        with self._named(rel) as (path, follow):
-            os.removexattr(path, name, follow_symlinks=follow)
+        self._xattr(os.removexattr, rel, name)
 
     def rename(self, src: str, dst: str, flags: int) -> None:
         """renameat2(2) between two anchored directories (flags: RENAME_NOREPLACE, RENAME_EXCHANGE)."""
-        with self._parent(src) as (src_fd, src_name), self._parent(dst) as (dst_fd, dst_name):
-            if _libc.renameat2(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name), flags) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), src, None, dst)
+        src_fd, src_name, src_owned = self._parent(src)
+        try:
+            dst_fd, dst_name, dst_owned = self._parent(dst)
+            try:
+                if _libc.renameat2(src_fd, os.fsencode(src_name), dst_fd, os.fsencode(dst_name), flags) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err), src, None, dst)
+            finally:
+                if dst_owned:
+                    os.close(dst_fd)
+        finally:
+            if src_owned:
+                os.close(src_fd)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root)

@@ -102,6 +102,8 @@ class CoherentOperations(pyfuse3.Operations):
         self.backing = Backing(self.root, self.inodes.inode_if_known)
         self.files: dict[int, FileHandle] = {}
         self.file_inodes: dict[int, int] = {}
+        self.open_on: dict[int, dict[int, FileHandle]] = {}
+        """The open file handles of each inode, by file handle (`files` indexed by `file_inodes`)."""
         self._renaming: dict[str, trio.Event] = {}
         """Paths a checked rename is changing right now (see `_settled`)."""
         self._files: dict[tuple[int, int], int] = {}
@@ -115,7 +117,9 @@ class CoherentOperations(pyfuse3.Operations):
         self.pages = PageCache()
         self._next_fh = 1
         self._owner = current_process()
-        self.own = OwnChanges()
+        self._reaches = functools.lru_cache(maxsize=65536)(core.paths.globs.reaches)
+        """Whether a managed glob can match below a directory (cached: the globs never change)."""
+        self.own = OwnChanges(self._reaches)
 
     # ---- helpers ------------------------------------------------------------------
 
@@ -147,7 +151,8 @@ class CoherentOperations(pyfuse3.Operations):
 
     def _handles_on(self, inode: int) -> list[FileHandle]:
         """The open file handles of `inode`."""
-        return [handle for fh, handle in self.files.items() if self.file_inodes.get(fh) == inode]
+        held = self.open_on.get(inode)
+        return list(held.values()) if held is not None else []
 
     def _fresh_inode(self, rel: str) -> None:
         """Give the managed file at `rel` a new inode, leaving the old one to the readers of its page
@@ -216,32 +221,27 @@ class CoherentOperations(pyfuse3.Operations):
         at through its new anchor (see `Backing.anchor`)."""
         fresh = self.backing.anchor(inode, rel) if st is None and self.backing.anchored(inode) else None
         st = fresh or st or self._stat(rel, inode)
-        if fresh is None and stat_mod.S_ISDIR(st.st_mode):
+        mode = st.st_mode
+        if fresh is None and stat_mod.S_ISDIR(mode):
             st = self.backing.anchor(inode, rel) or st
         entry = pyfuse3.EntryAttributes()
-        for name in (
-            "st_mode",
-            "st_nlink",
-            "st_uid",
-            "st_gid",
-            "st_rdev",
-            "st_size",
-            "st_blksize",
-            "st_blocks",
-            "st_atime_ns",
-            "st_mtime_ns",
-            "st_ctime_ns",
-        ):
-            setattr(entry, name, getattr(st, name))
-        unsaved = self._unsaved(rel, viewer)
-        if unsaved is not None:  # the file's identity (mode, links, owner), the shadow's content
-            for name in ("st_size", "st_blocks", "st_mtime_ns", "st_ctime_ns"):
-                setattr(entry, name, getattr(unsaved, name))
         entry.st_ino = inode
-        entry.generation = 0
-        timeout = 0.0 if stat_mod.S_ISREG(st.st_mode) and self.core.paths.managed(rel) else UNMANAGED_TIMEOUT
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_blksize = st.st_blksize
+        entry.st_atime_ns = st.st_atime_ns
+        unsaved = self._unsaved(rel, viewer) if viewer is not None else None
+        if unsaved is not None:  # the file's identity (mode, links, owner), the shadow's content
+            st = unsaved
+        entry.st_size = st.st_size
+        entry.st_blocks = st.st_blocks
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
         entry.entry_timeout = UNMANAGED_TIMEOUT
-        entry.attr_timeout = timeout
+        entry.attr_timeout = 0.0 if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel) else UNMANAGED_TIMEOUT
         return entry
 
     def _inode_of(self, rel: str, st: os.stat_result | None = None) -> tuple[int, os.stat_result | None]:
@@ -285,16 +285,19 @@ class CoherentOperations(pyfuse3.Operations):
         parent = self.backing.lstat(rel.rpartition("/")[0])
         return ctx.uid, -1 if parent.st_mode & stat_mod.S_ISGID else ctx.gid
 
-    def _own(self, rel: str, ctx: pyfuse3.RequestContext) -> os.stat_result:
+    def _own(self, rel: str, ctx: pyfuse3.RequestContext, fd: int | None = None) -> os.stat_result:
         """New entries belong to the caller, as on a local file system (the daemon runs as root);
-        returns the entry's stat as it is now."""
-        st = self.backing.lstat(rel)
-        if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (ctx.uid, ctx.gid):
+        returns the entry's stat as it is now. `fd`: the new file's own descriptor, when the caller
+        holds one (then the entry is reached through it)."""
+        st = self.backing.lstat(rel) if fd is None else os.fstat(fd)
+        if (st.st_uid, st.st_gid) == (ctx.uid, ctx.gid) or os.geteuid() != 0:
             return st  # the caller's already (as made, or as its set-group-ID directory gave it)
-        self.backing.chown(rel, *self._new_owner(rel, ctx))
+        uid, gid = self._new_owner(rel, ctx)
+        self.backing.chown(rel, uid, gid) if fd is None else os.fchown(fd, uid, gid)
         if st.st_mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) and not stat_mod.S_ISLNK(st.st_mode):
-            self.backing.chmod(rel, stat_mod.S_IMODE(st.st_mode))  # chown cleared the set-id bits it was made with
-        return self.backing.lstat(rel)
+            mode = stat_mod.S_IMODE(st.st_mode)  # chown cleared the set-id bits it was made with
+            self.backing.chmod(rel, mode) if fd is None else os.fchmod(fd, mode)
+        return self.backing.lstat(rel) if fd is None else os.fstat(fd)
 
     def _fh(self) -> int:
         fh = self._next_fh
@@ -305,6 +308,7 @@ class CoherentOperations(pyfuse3.Operations):
         fh = self._fh()
         self.files[fh] = handle
         self.file_inodes[fh] = inode
+        self.open_on.setdefault(inode, {})[fh] = handle
         return fh
 
     async def _agent(self, ctx: pyfuse3.RequestContext) -> str:
@@ -369,7 +373,8 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
-        await self._settled(rel)
+        if self._renaming:
+            await self._settled(rel)
         retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
         if retry is not None and retry.writing:  # the write needs an inode no reader's page cache holds
             inode = self.inodes.inode_if_known(rel)
@@ -384,14 +389,15 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        await self._settled(self.inodes.path(inode))
+        if self._renaming:
+            await self._settled(self.inodes.path(inode))
         rel = self.inodes.path(inode)
         if self._replaced(rel, inode):
             self._fresh_inode(rel)
             rel = self.inodes.path(inode)  # its readers' version: its open handles answer
         elif "\0" in rel and not self._handles_on(inode):
             rel = self._moved_on(rel)
-        return self._attrs(rel, inode, await self._viewer(rel, ctx))
+        return self._attrs(rel, inode, await self._viewer(rel, ctx) if rel in self.writers else None)
 
     def _moved_on(self, rel: str) -> str:
         """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
@@ -408,7 +414,8 @@ class CoherentOperations(pyfuse3.Operations):
     async def _settled(self, rel: str) -> None:
         """Wait for a rename in flight at or above `rel`: its disk change is made in a worker thread
         and the inode table follows only after it, so an answer meanwhile could pair an inode
-        with another object's type, which the kernel answers with EIO."""
+        with another object's type, which the kernel answers with EIO. (Callers skip it while no
+        rename is in flight: most requests meet none.)"""
         while self._renaming:
             moving = [event for top, event in self._renaming.items() if _at_or_below(rel, top)]
             if not moving:
@@ -431,6 +438,15 @@ class CoherentOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         rel = self.inodes.path(inode)
         handle = self.files.get(fh) if fh is not None else None
+        if "\0" not in rel and (handle is None or isinstance(handle, Passthrough)) and not self.core.paths.managed(rel):
+            # unmanaged, by its name or its own descriptor: no agent, no page cache, no repeat to expect
+            fd = handle.fd if handle is not None else self._open_fd(inode, False)
+            self.own.note(rel)
+            if fields.update_size:
+                await handle.resize(attr.st_size) if handle is not None else self.backing.truncate(rel, attr.st_size)
+            self._set_mode_and_owner(rel, fd, attr, fields)
+            self._set_times(rel, fd, attr, fields)
+            return self._attrs(rel, inode, st=os.fstat(fd) if fd is not None else None)
         fd = handle.fd if isinstance(handle, Passthrough) else self._open_fd(inode, "\0" in rel)
         repeat, by_name = self.pages.landed(ctx.pid), inode
         if "\0" in rel and handle is None and (fields.update_size or fd is None):  # by a name gone or another's
@@ -453,25 +469,41 @@ class CoherentOperations(pyfuse3.Operations):
                     await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
             else:
                 self.backing.truncate(rel, attr.st_size)
-        if fields.update_mode:
-            mode = stat_mod.S_IMODE(attr.st_mode)
-            os.fchmod(fd, mode) if fd is not None else self.backing.chmod(rel, mode)
-        if fields.update_uid or fields.update_gid:
-            uid, gid = attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
-            os.fchown(fd, uid, gid) if fd is not None else self.backing.chown(rel, uid, gid)
+        self._set_mode_and_owner(rel, fd, attr, fields)
         if fields.update_atime or fields.update_mtime:
             viewer = await self._viewer(rel, ctx)
             if viewer is not None and self._unsaved(rel, viewer) is not None:  # first: its commit may land meanwhile
                 self.writers[rel].set_times(
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
-            st = os.fstat(fd) if fd is not None else self.backing.lstat(rel)
-            ns = (
-                attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
-            )
-            os.utime(fd, ns=ns) if fd is not None else self.backing.utime(rel, ns)
+            self._set_times(rel, fd, attr, fields)
         return self._attrs(rel, inode, await self._viewer(rel, ctx))
+
+    def _set_mode_and_owner(
+        self, rel: str, fd: int | None, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> None:
+        """A setattr's mode and owner, through `fd` when the file is open (else by name)."""
+        if fields.update_mode:
+            mode = stat_mod.S_IMODE(attr.st_mode)
+            os.fchmod(fd, mode) if fd is not None else self.backing.chmod(rel, mode)
+        if fields.update_uid or fields.update_gid:
+            uid, gid = attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1
+            os.fchown(fd, uid, gid) if fd is not None else self.backing.chown(rel, uid, gid)
+
+    def _set_times(
+        self, rel: str, fd: int | None, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> None:
+        """A setattr's access and modification times, through `fd` when the file is open (else by name);
+        a time not given stays as it is (the kernel sends both for utimensat, `touch`, `tar`)."""
+        atime, mtime = fields.update_atime, fields.update_mtime
+        if not (atime or mtime):
+            return
+        if atime and mtime:
+            ns = (attr.st_atime_ns, attr.st_mtime_ns)
+        else:
+            st = os.fstat(fd) if fd is not None else self.backing.lstat(rel)
+            ns = (attr.st_atime_ns if atime else st.st_atime_ns, attr.st_mtime_ns if mtime else st.st_mtime_ns)
+        os.utime(fd, ns=ns) if fd is not None else self.backing.utime(rel, ns)
 
     @guarded
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -505,7 +537,8 @@ class CoherentOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         rel = self.inodes.path(inode)
         # a commit a close(2) left to the release shows its temp name here until it lands
-        await self._released([h for h in self.releasing.values() if h.rel.rpartition("/")[0] == rel])
+        if self.releasing:
+            await self._released([h for h in self.releasing.values() if h.rel.rpartition("/")[0] == rel])
         fd = self.backing.opendir(rel)
         try:
             names = sorted(os.listdir(fd))
@@ -517,7 +550,7 @@ class CoherentOperations(pyfuse3.Operations):
         fh = self._fh()
         self.dirs[fh] = Listing(inode, [os.fsencode(n) for n in names], fd)
         # the caller sees which managed files are gone (its agent is looked up only if some are)
-        if self.core.paths.globs.reaches(rel) and await blocking(self.core.deletions_in, rel):
+        if self._reaches(rel) and await blocking(self.core.deletions_in, rel):
             agent = (await self._identity(ctx))[0]
             if agent is not None and agent_name_problem(agent) is None:
                 await blocking(self.core.note_listed, agent, rel)
@@ -820,7 +853,7 @@ class CoherentOperations(pyfuse3.Operations):
         if not self._managed_file(rel):
             fd = self.backing.open(rel, flags | os.O_CREAT, mode)
             try:
-                entry = self._entry(rel, self._own(rel, ctx))
+                entry = self._entry(rel, self._own(rel, ctx, fd))
             except BaseException:
                 os.close(fd)  # the program gets the error, not a descriptor: none may leak
                 raise
@@ -866,7 +899,11 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def release(self, fh: int) -> None:
         handle = self.files.pop(fh)
-        self.file_inodes.pop(fh, None)
+        inode = self.file_inodes.pop(fh)
+        held = self.open_on[inode]
+        del held[fh]
+        if not held:
+            del self.open_on[inode]
         self.pages.released(handle)
         if not isinstance(handle, Shadow):
             await handle.release()
@@ -891,6 +928,12 @@ class CoherentOperations(pyfuse3.Operations):
             agent = await self._agent(ctx)
             version, view = await blocking(self.core.view_state, agent, self._target(rel))
             return str(version).encode() if name == XATTR_VERSION else view.encode()
+        if "\0" not in rel:
+            # an open unmanaged file is asked through its descriptor, no name to resolve: the kernel
+            # asks at each write to a file whether it has security.capability
+            for held in self.open_on.get(inode, {}).values():
+                if isinstance(held, Passthrough):
+                    return os.getxattr(held.fd, name)
         return self.backing.getxattr(rel, name)
 
     @guarded

@@ -44,19 +44,27 @@ class WatcherError(RuntimeError):
 class OwnChanges:
     """Paths the mount itself just changed (thread-safe): the watcher must not treat the echo of
     its own writes as foreign changes, which would drop the kernel's caches after every write.
-    A foreign change inside the window is still caught by the core at the next access."""
+    A foreign change inside the window is still caught by the core at the next access.
 
-    def __init__(self) -> None:
+    `watched` tells whether the watcher watches a directory (`ManagedGlobs.reaches`, as
+    `watch_process` decides): a change in a directory it does not watch has no echo, so it is
+    not noted (most of an unpack or a build happens there)."""
+
+    def __init__(self, watched: Callable[[str], bool]) -> None:
         self._until: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._watched = watched
 
     def note(self, *rels: str) -> None:
+        watched = [rel for rel in rels if self._watched(rel.rpartition("/")[0])]
+        if not watched:
+            return
         until = time.monotonic() + OWN_WINDOW
         with self._lock:
             if len(self._until) > 100_000:
                 now = time.monotonic()
                 self._until = {k: v for k, v in self._until.items() if v > now}
-            for rel in rels:
+            for rel in watched:
                 self._until[rel] = until
 
     def recent(self, rel: str) -> bool:

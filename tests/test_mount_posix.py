@@ -62,6 +62,45 @@ print(oct(stat.S_IMODE(os.stat("f").st_mode)))
     assert mount == plain
 
 
+def test_metadata_of_unmanaged_files_open_or_not_is_set_and_read_as_in_a_plain_directory(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """chmod, chown, the times (both, or one of them: `touch -m`/`-a` leave the other as it is),
+    truncate and xattrs of unmanaged files, through an open descriptor and by name, in the root
+    (which the watcher watches) and in a tree no managed glob reaches."""
+    code = """
+import os, subprocess
+def show(*values):
+    print(*(v if not isinstance(v, OSError) else type(v).__name__ for v in values))
+def xattr(call, *args):
+    try:
+        return call(*args)
+    except OSError as e:
+        return e
+for d in (".", "deep/er"):
+    os.makedirs(d, exist_ok=True)
+    p = os.path.join(d, "f")
+    fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    os.write(fd, b"data")
+    show(xattr(os.setxattr, fd, b"user.k", b"v"), xattr(os.getxattr, p, b"user.k"), xattr(os.getxattr, fd, b"user.k"))
+    os.fchmod(fd, 0o640); os.fchown(fd, os.getuid(), os.getgid()); os.utime(fd, ns=(10**9, 2 * 10**9))
+    subprocess.run(["touch", "-m", "-d", "@5", p], check=True)  # mtime only, through touch's own descriptor
+    st = os.fstat(fd); show(oct(st.st_mode), st.st_atime_ns, st.st_mtime_ns, st.st_size)
+    os.ftruncate(fd, 3); show(os.fstat(fd).st_size)
+    os.close(fd)
+    subprocess.run(["touch", "-a", "-d", "@7", p], check=True)  # atime only
+    os.chmod(p, 0o604); os.utime(p, ns=(3 * 10**9, 4 * 10**9), follow_symlinks=False)
+    os.truncate(p, 1)
+    st = os.stat(p); show(oct(st.st_mode), st.st_atime_ns, st.st_size, xattr(os.getxattr, p, b"user.k"))
+    os.utime(p, ns=(3 * 10**9, 4 * 10**9))
+    subprocess.run(["touch", "-a", "-d", "@9", p], check=True)
+    st = os.stat(p); show(st.st_atime_ns, st.st_mtime_ns)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain
+    assert "0o100640 1000000000 5000000000 4" in plain  # the plain run did what the steps say
+
+
 def test_an_open_handle_cannot_steer_the_daemon_outside_the_volume(mounted: Mount, tmp_path: Path) -> None:
     """Swap a backing directory for a symlink to outside while a file in it is open through the
     mount: a chmod by path must not follow it out; one through the handle acts on the open file."""

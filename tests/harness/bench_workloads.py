@@ -36,7 +36,7 @@ unmounted whatever happens and the kernel's mount table is checked at the end.
 
 --diagnose DIR runs each workload once on fresh floorfs and mount daemons that count and time the
 FUSE requests they serve by kind (the mount's also the work each hands to its worker threads, and
-the hops there and back), with py-spy (when installed: `pip install py-spy`) recording each
+the hops there and back) and their cyclic garbage collections, with py-spy (when installed: `pip install py-spy`) recording each
 daemon's stacks; it prints the counts and times side by side and the daemons' top frames, and
 leaves the raw profiles and counts in DIR.
 
@@ -53,6 +53,7 @@ import contextlib
 import contextvars
 import dataclasses
 import errno
+import gc
 import hashlib
 import inspect
 import io
@@ -411,6 +412,25 @@ class Tally:
         return out
 
 
+GC = "(garbage collection)"
+"""The tally of the daemon's cyclic garbage collections (their time is also in the requests they interrupted)."""
+
+
+def collecting(tallies: dict[str, Tally]) -> None:
+    """Count and time this process's cyclic garbage collections in `tallies[GC]`."""
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        tally = tallies.setdefault(GC, Tally())
+        tally.n += 1
+        tally.seconds += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+
+
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="?")
 """The kind of the request a daemon's task is serving (each pyfuse3 task serves one at a time)."""
 
@@ -600,7 +620,9 @@ def serve_floor(root: str, mountpoint: str, dump: str | None) -> None:
     """Serve WorkloadFloor in the foreground (counting its requests when `dump` is given)."""
     cls = wrapped(WorkloadFloor, fuse_errors)
     if dump is not None:
-        cls = wrapped(cls, counting({}, dump))
+        tallies: dict[str, Tally] = {}
+        collecting(tallies)
+        cls = wrapped(cls, counting(tallies, dump))
     pyfuse3.init(cls(os.path.realpath(root)), mountpoint, set(pyfuse3.default_options) | {"fsname=floorfs"})
     try:
         trio.run(pyfuse3.main, 4, 64)  # the mount's own min/max worker tasks
@@ -617,6 +639,7 @@ def serve_counted_mount(root: str, mountpoint: str, dump: str) -> None:
     import fusefs.operations
 
     tallies: dict[str, Tally] = {}
+    collecting(tallies)
     timed = timed_blocking(tallies, fusefs.handles.blocking)
     fusefs.handles.blocking = fusefs.operations.blocking = timed  # type: ignore[assignment]
     counted = wrapped(fusefs.operations.CoherentOperations, counting(tallies, dump))
@@ -972,7 +995,7 @@ def report_diagnosis(summary: dict[str, Any], out: Path, backing: str, w: Worklo
     console.print(f"\n[bold]{w.label} on {backing}[/] (one run, counted, timed and profiled)")
     for key in ("floorfs", "mount"):
         m = summary[f"{backing}/{w.key}/{key}"]
-        n = sum(t.n for t in m["requests"].values())
+        n = sum(t.n for k, t in m["requests"].items() if k != GC)
         console.print(
             f"  {key:<8} {m['seconds']:6.2f} s wall, daemon CPU {m['daemon_cpu']:6.2f} s "
             f"({m['daemon_cpu'] / max(n, 1) * 1e6:,.0f} µs per request), watcher CPU {m['watcher_cpu']:.2f} s"
@@ -986,10 +1009,10 @@ def report_diagnosis(summary: dict[str, Any], out: Path, backing: str, w: Worklo
     columns = ("request", "floorfs", "mount", "mount/floorfs", "floorfs µs", "mount µs", "in worker µs", "hop µs")
     for column in columns:
         table.add_column(column, justify="left" if column == "request" else "right")
-    kinds = sorted(set(floor) | set(ours), key=lambda k: -(ours[k].seconds if k in ours else 0))
-    for kind in [*kinds, "total"]:
-        f = Tally.total(floor.values()) if kind == "total" else floor.get(kind, Tally())
-        m = Tally.total(ours.values()) if kind == "total" else ours.get(kind, Tally())
+    kinds = sorted((set(floor) | set(ours)) - {GC}, key=lambda k: -(ours[k].seconds if k in ours else 0))
+    for kind in [*kinds, "total", GC]:
+        f = Tally.total(t for k, t in floor.items() if k != GC) if kind == "total" else floor.get(kind, Tally())
+        m = Tally.total(t for k, t in ours.items() if k != GC) if kind == "total" else ours.get(kind, Tally())
         per = [t.seconds / t.n * 1e6 if t.n else None for t in (f, m)]
         row = [kind, f"{f.n:,}", f"{m.n:,}", fmt_ratio(ratio(m.n, f.n or None))]
         row += ["" if v is None else f"{v:,.0f}" for v in per]
