@@ -928,19 +928,24 @@ class CoherentOperations(pyfuse3.Operations):
             agent = await self._agent(ctx)
             version, view = await blocking(self.core.view_state, agent, self._target(rel))
             return str(version).encode() if name == XATTR_VERSION else view.encode()
-        if "\0" not in rel:
-            # an open unmanaged file is asked through its descriptor, no name to resolve: the kernel
-            # asks at each write to a file whether it has security.capability
-            for held in self.open_on.get(inode, {}).values():
-                if isinstance(held, Passthrough):
-                    return os.getxattr(held.fd, name)
-        return self.backing.getxattr(rel, name)
+        held = self._unmanaged_fd(inode)
+        return os.getxattr(held, name) if held is not None else self.backing.getxattr(rel, name)
+
+    def _unmanaged_fd(self, inode: int) -> int | None:
+        """The descriptor of an open unmanaged file's handle on `inode`, if any: its xattrs are asked
+        through it, no name to resolve (the kernel asks at each write whether it has
+        security.capability), and they stay reachable once its name is unlinked, as on a local disk."""
+        for held in self.open_on.get(inode, {}).values():
+            if isinstance(held, Passthrough):
+                return held.fd
+        return None
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         rel = self.inodes.path(inode)
-        names = [os.fsencode(n) for n in self.backing.listxattr(rel)]
-        if self._managed_file(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode):
+        held = self._unmanaged_fd(inode)
+        names = [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
+        if "\0" not in rel and self._managed_file(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode):
             names += [XATTR_VERSION, XATTR_VIEW]
         return names
 
@@ -948,13 +953,21 @@ class CoherentOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name in (XATTR_VERSION, XATTR_VIEW):
             raise pyfuse3.FUSEError(errno.EPERM)
-        self.backing.setxattr(self.inodes.path(inode), name, value)
+        held = self._unmanaged_fd(inode)
+        if held is not None:
+            os.setxattr(held, name, value)
+        else:
+            self.backing.setxattr(self.inodes.path(inode), name, value)
 
     @guarded
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name in (XATTR_VERSION, XATTR_VIEW):
             raise pyfuse3.FUSEError(errno.EPERM)
-        self.backing.removexattr(self.inodes.path(inode), name)
+        held = self._unmanaged_fd(inode)
+        if held is not None:
+            os.removexattr(held, name)
+        else:
+            self.backing.removexattr(self.inodes.path(inode), name)
 
     # ---- inode lifetime -------------------------------------------------------------
 

@@ -145,6 +145,23 @@ print(sorted(os.listdir("plans")), open("plans/g").read(), open("plans/e/z").rea
     assert mount == plain
 
 
+def test_xattrs_of_an_unlinked_open_file_answer_as_in_a_plain_directory(mounted: Mount, tmp_path: Path) -> None:
+    code = """
+import os
+for d in ("u", "."):
+    os.makedirs(d, exist_ok=True)
+    fd = os.open(f"{d}/x", os.O_RDWR | os.O_CREAT, 0o644)
+    os.setxattr(fd, "user.a", b"1")
+    os.unlink(f"{d}/x")
+    os.setxattr(fd, "user.b", b"2")
+    os.removexattr(fd, "user.a")
+    print(d, sorted(os.listxattr(fd)), os.getxattr(fd, "user.b"))
+    os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain and "['user.b'] b'2'" in plain
+
+
 def test_rename_whiteout_is_refused_einval_and_changes_nothing(mounted: Mount) -> None:
     """The mount makes no whiteouts (docs/mount.md): RENAME_WHITEOUT, which a plain ext4 directory
     honours for root, fails EINVAL where it was silently taken as a plain rename."""
