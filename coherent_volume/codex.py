@@ -43,7 +43,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes
+from .shell_writes import shell_writes, volume_named
 from .stale_warnings import stale_warning
 
 PREFIX = "codex"
@@ -243,10 +243,15 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     name, cwd = event.get("hook_event_name"), event.get("cwd")
     places = [cwd if isinstance(cwd, str) else None]
     actor = _actor(event, process)
+    if name == "PreToolUse" and event.get("tool_name") == SHELL_TOOL:
+        command = _command(event)
+        if command is not None:
+            hooks.checking_shell(progress, volume_named(command, cwd if isinstance(cwd, str) else "."))
     try:
         writes, updates = _writes(event)
     except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
         return FACE.deny(str(unresolved), None) if name == "PreToolUse" else Answer()
+    progress.doing = None
     progress.path = writes[0][0] if writes else None
     progress.write_check = name == "PreToolUse" and bool(writes)
     if actor is None:

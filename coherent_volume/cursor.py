@@ -38,7 +38,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes
+from .shell_writes import shell_writes, volume_named
 from .stale_warnings import stale_warning
 
 PREFIX = "cursor"
@@ -97,10 +97,14 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     managed writes). `process` is Cursor's process, looked up when not given."""
     name = event.get("hook_event_name")
     agent = hooks.agent_name(PREFIX, event.get("conversation_id") or event.get("session_id"))
+    command = event.get("command")
+    if name == "beforeShellExecution" and isinstance(command, str):
+        hooks.checking_shell(progress, volume_named(command, _base(event) or "."))
     try:
         writes = _writes(event)
     except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
         return FACE.deny(str(unresolved), None) if name in WRITE_CHECKS else Answer()
+    progress.doing = None
     progress.path = writes[0][0] if writes else None
     progress.write_check = name in WRITE_CHECKS and bool(writes)
     if agent is None:

@@ -36,7 +36,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes
+from .shell_writes import shell_writes, volume_named
 from .stale_warnings import stale_warning
 
 PREFIX = "gemini"
@@ -122,10 +122,16 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     for managed writes). `process` is the session's process, looked up when not given."""
     name, tool, cwd = event.get("hook_event_name"), event.get("tool_name"), event.get("cwd")
     agent = hooks.agent_name(PREFIX, event.get("session_id"))
+    tool_input = event.get("tool_input")
+    command = tool_input.get("command") if isinstance(tool_input, dict) else None
+    if name == "BeforeTool" and tool == SHELL_TOOL and isinstance(tool_input, dict) and isinstance(command, str):
+        base = hooks.absolute(tool_input.get("dir_path"), cwd) or (cwd if isinstance(cwd, str) else ".")
+        hooks.checking_shell(progress, volume_named(command, base))
     try:
         writes = _writes(event) if tool in WRITE_TOOLS + (SHELL_TOOL,) else []
     except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
         return FACE.deny(str(unresolved), None) if name == "BeforeTool" else Answer()
+    progress.doing = None
     progress.path = writes[0][0] if writes else None
     progress.write_check = name == "BeforeTool" and bool(writes)
     if agent is None:

@@ -82,6 +82,8 @@ class Progress:
     """An answer already decided; given if what follows it (a denial's diff, a merge, a warning)
     does not finish within `patience` seconds (and the budget)."""
     patience: float = 0.0
+    doing: str | None = None
+    """What the handling is doing, when it is not waiting for a volume: said if the budget runs out."""
     settled: threading.Event = field(default_factory=threading.Event)
     """Set once the answer is known: `decided`, or the handling ended."""
 
@@ -295,12 +297,23 @@ def run_hook(
         return progress.decided
     if failure:
         return undecided(event, progress, f"the check failed ({type(failure[0]).__name__}: {failure[0]})")
+    if progress.doing is not None:
+        return undecided(event, progress, f"the check did not finish in time (waited {budget:.1f} s {progress.doing})")
     return undecided(
         event,
         progress,
         f"the check did not finish in time (waited {budget:.1f} s; the volume's registry is busy: another process "
         "may hold its commit lock)",
     )
+
+
+def checking_shell(progress: Progress, root: str | None) -> None:
+    """Before a shell command's writes are worked out (which takes time): a command that runs in a
+    volume or names a path in one (that volume's `root`, from `shell_writes.volume_named`) is a
+    write check there, so a budget that runs out denies it."""
+    progress.doing = "working out which files the shell command writes"
+    if root is not None:
+        progress.write_check, progress.path = True, root
 
 
 def process_age() -> float:

@@ -3,31 +3,41 @@ commands the hooks check like a write tool.
 
 The command is parsed with bash's grammar (tree-sitter-bash) and its syntax tree walked as bash
 would run it: every command of every list, pipeline, subshell, compound command (`if`, `for`,
-`while`, `case`, `{ }`, `!`), function (where it is called), command and process substitution,
-with here-documents and here-strings as data (but the command substitutions of an unquoted one).
-Recognised writes:
+`while`, `case`, `{ }`, `!`, `time`, `coproc`), function (where it is called, with the
+redirections of its definition), command and process substitution, with here-documents and
+here-strings as data (but the command substitutions of an unquoted one); a line continuation
+inside a word joins it. Recognised writes:
 - redirections by their operator: `>`, `>|`, `&>`, `>&FILE`, `<>` (and numbered: `2>`, `3<>`)
   write, `>>` and `&>>` append; `<`, `<<`, `<<<` and descriptor copies (`2>&1`) write nothing;
   `[ a > b ]` redirects too;
-- `tee [-a]`, `sed -i`, `perl -i`, `awk -i inplace`, `rm`/`unlink`/`shred`, `mv` (its sources are
-  removed), `cp`, `install`, `truncate`, `dd of=`, `find -delete`/`-fprint FILE`, `time -o FILE`;
-  a directory removed or moved stands for the files below it;
-- looked through: the wrappers in `_WRAPPERS` with their own options, `coproc`, and the literal
-  text of `bash -c`/`sh -c`, `eval` and `trap`.
-Words are expanded as bash expands them: brace expansion, `~`, `$HOME` (from this process's
-environment) and `$PWD`, then globs against the command's working directory (no match: the word
-itself). `cd DIR` moves the working directory for what follows in its shell (not out of a subshell
-or a pipeline): a directory that exists is entered; one that does not is entered for what runs
-after the `cd` succeeded (`&&`), and either may hold after `;`.
+- `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, `awk -i inplace` and awk's
+  `print > FILE`, `rm`/`unlink`/`shred`, `mv` (its sources are removed), `cp`, `install`, `ln`
+  (`-T`: the destination itself), `truncate`, `dd of=`, `sort -o`, `uniq IN OUT`,
+  `find -delete`/`-fprint FILE`, `time -o FILE`, `strace -o FILE`; a directory removed or moved
+  stands for the files below it;
+- looked through: the wrappers in `_WRAPPERS` with their own options, and the text of
+  `bash -c`/`sh -c`, `su -c`, `flock -c`, `script -c`, `eval` and `trap` (a trap's handler also
+  where the shell exits); an expansion in such a script is code known only when it runs.
+Words are expanded as bash expands them: brace expansion, `~` (also after `NAME=`), `$HOME` (from
+this process's environment), `$PWD`, a variable set only to `$(mktemp)` (a new name in $TMPDIR),
+then globs against the command's working directory (no match: the word itself). `cd DIR` moves
+the working directory for what follows in its shell (not out of a subshell or a pipeline): a
+directory that exists is entered; one that does not is entered for what runs after the `cd`
+succeeded (`&&`), and either may hold after `;`; after a loop, any directory a round can leave.
 
 A write whose file cannot be told before the command runs (a variable, a command substitution,
-arithmetic, a directory `cd` reached through one, the operands of `xargs`, `find -exec` or
-`parallel` running a writer, `find -delete`, more than `_MOST_EXPANDED` words or matches, a command
-tree-sitter cannot parse) is decided by the place its known part names (the directory before the
-first expansion, else the working directory): inside a volume the command is refused
-(`UnresolvedShellWrite`), elsewhere it goes ahead. Anything else (a script, `source`, an
-interpreter's own file writes, `git checkout`, `eval "$VAR"`) is not recognised; on a mount the
-file system checks those writes.
+arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
+expansion, the operands of `xargs`, `find -exec` or `parallel` running a writer, `find -delete`,
+a shell reading its script from its input, a pattern with a character class, more than
+`_MOST_EXPANDED` words, matches or files below a directory, a command tree-sitter cannot parse,
+work past the bounds `_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its
+known part names (the directory before the first expansion, else the working directory): the
+command is refused (`UnresolvedShellWrite`) when that place is in a volume, or when a volume
+the command's literal text names a path in lies at or below it (anywhere, for a word that may be
+any path: one that starts with an expansion, or has a `..` after one); elsewhere it goes ahead.
+Anything else (aliases, a script, `source`, an interpreter's own file writes, `git checkout`,
+prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd) is not
+recognised; on a mount the file system checks those writes.
 
 Paths are joined to the working directory as given: `..` is left for the caller to resolve (after
 following symlinks, as the kernel does).
@@ -35,11 +45,12 @@ following symlinks, as the kernel does).
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-import itertools
 import os
 import re
 import shlex
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -58,6 +69,20 @@ _DEEPEST = 8
 """Nesting of `bash -c`, `eval` and function calls followed at most."""
 _MOST_CALLS = 100
 """Function calls followed at most in one command."""
+_LOOP_ROUNDS = 4
+"""Rounds of a loop followed to find the directories it can end in (more: unknown)."""
+_MOST_VISITED = 10_000
+"""Directory entries pattern matching and directories removed or moved read at most, in all, for
+one command (more: the word is unknown)."""
+_MOST_SECONDS = 1.0
+"""Time the recogniser takes at most for one command (more: what is left is unknown), well within
+a hook's budget."""
+_LONGEST = 100_000
+"""Characters of a command parsed at most (longer: a command not followed)."""
+
+
+class _TooMuch(Exception):
+    """The recogniser's bound on entries read or on time ran out."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,9 @@ class Unknown:
     word: str
     why: str
     place: str
+    anywhere: bool = False
+    """It may be any path, not only one below `place`: refused also when the command names a
+    path in a volume."""
 
 
 Cwd = str | Unknown
@@ -97,6 +125,10 @@ class _Wrapper:
     """Its options naming the directory the command runs in."""
     no_command: frozenset[str] = frozenset()
     """Options with which it runs no command."""
+    output: frozenset[str] = frozenset()
+    """Its options naming a file it writes."""
+    script: frozenset[str] = frozenset()
+    """Its options giving a shell script it runs (instead of a command)."""
 
 
 def _names(text: str) -> frozenset[str]:
@@ -119,7 +151,24 @@ _WRAPPERS: dict[str, _Wrapper] = {
     "exec": _Wrapper(_names("-a")),
     "nohup": _Wrapper(frozenset()),
     "env": _Wrapper(_names("-u --unset -C --chdir -S --split-string"), assignments=True, chdir=_names("-C --chdir")),
-    "time": _Wrapper(_names("-f --format -o --output")),
+    "time": _Wrapper(_names("-f --format -o --output"), output=_names("-o --output")),
+    "strace": _Wrapper(
+        _names("-o --output -e -p -s -u -E -a -b -I -O -S -X -P --attach --user --env"),
+        output=_names("-o --output"),
+        no_command=_names("-p --attach"),
+    ),
+    "busybox": _Wrapper(frozenset()),
+    "taskset": _Wrapper(frozenset(), leading=1, no_command=_names("-p --pid")),
+    "fakeroot": _Wrapper(_names("-l --lib --faked -s -i -b")),
+    "unshare": _Wrapper(_names("-S --setuid -G --setgid -R --root -w --wd"), chdir=_names("-w --wd")),
+    "watch": _Wrapper(_names("-n --interval -q --equexit")),
+    "script": _Wrapper(
+        _names("-c --command -E --echo -I --log-in -O --log-out -B --log-io -T --log-timing -m --logging-format"),
+        script=_names("-c --command"),
+    ),
+    "flock": _Wrapper(
+        _names("-w --timeout -E --conflict-exit-code -c --command"), leading=1, script=_names("-c --command")
+    ),
     "nice": _Wrapper(_names("-n --adjustment")),
     "timeout": _Wrapper(_names("-s --signal -k --kill-after"), leading=1),
     "stdbuf": _Wrapper(_names("-i -o -e --input --output --error")),
@@ -133,6 +182,11 @@ _XARGS_VALUED = _names(
     "--process-slot-var"
 )
 _PARALLEL_VALUED = _names("-j -P -S -a -d -I -n -N -L --jobs --arg-file --delimiter --sshlogin --max-args")
+_SU_VALUED = _names("-c --command -s --shell -g --group -G --supp-group -w --whitelist-environment")
+_SORT_VALUED = _names(
+    "-k -t -o -S -T --key --field-separator --output --buffer-size --temporary-directory --parallel --files0-from "
+    "--batch-size --compress-program --random-source"
+)
 _SED_VALUED = _names("-e --expression -f --file -l --line-length")
 _PERL_VALUED = _names("-e -E")
 _AWK_VALUED = _names("-i -v -f -F --include --assign --file")
@@ -297,12 +351,30 @@ class _Walk:
         self.found: list[tuple[str, HandleKind, bool]] = []
         """(path, how, whether a directory there stands for the files below it)."""
         self.unknown: list[Unknown] = []
-        self.functions: dict[str, tree_sitter.Node] = {}
+        self.functions: dict[str, tuple[tree_sitter.Node, list[tree_sitter.Node], bytes]] = {}
+        """Each function's body, the redirections of its definition, and the text it is in."""
         self.depth = 0
         self.calls = 0
         """Function calls followed so far (each walks the function's body)."""
         self.untrusted = False
         """The command may set HOME, PWD, CDPATH or how patterns match (`_SETS`)."""
+        self.visited = 0
+        """Directory entries read so far (`_MOST_VISITED`)."""
+        self.deadline = time.monotonic() + _MOST_SECONDS
+        self.temporary: dict[str, str] = {}
+        """Variables holding a new file or directory of `mktemp`, with the directory it is in (`_temporaries`)."""
+        self.traps: list[str] = []
+        """The handlers `trap` set, run when the shell exits."""
+        self.start = ""
+        """The directory the command starts in."""
+        self.source = b""
+        """The text being walked (of the innermost `bash -c`, `eval` or `trap`)."""
+
+    def tick(self, entries: int = 0) -> None:
+        """Count `entries` directory entries read; _TooMuch past the bound on them or on time."""
+        self.visited += entries
+        if entries and self.visited > _MOST_VISITED or time.monotonic() > self.deadline:
+            raise _TooMuch
 
     # ---- words ----------------------------------------------------------------------
 
@@ -311,6 +383,8 @@ class _Walk:
             return _chars(cwd, True) if isinstance(cwd, str) else cwd
         if name == "HOME" and not self.untrusted and os.environ.get("HOME"):
             return _chars(os.environ["HOME"], True)
+        if name in self.temporary:
+            return _chars(os.path.join(self.temporary[name], "tmp.XXXXXXXXXX"), True)
         return Unknown(word, f"the variable ${name}", "")
 
     def _pieces(self, node: tree_sitter.Node, cwd: Cwd, out: Chars) -> Unknown | None:
@@ -369,7 +443,11 @@ class _Walk:
             else:
                 where = os.path.join(cwd, known) if isinstance(cwd, str) else known
                 place = os.path.dirname(where) if "/" in known else str(cwd)
-            return [Unknown(_text(node), unknown.why, place)]
+            # an expansion first may be any path, and so may one a `..` after it leaves
+            after = re.split(r"[$`*?\[{]", _text(node), maxsplit=1)[-1]
+            anywhere = not known or bool(re.search(r"(?:^|/)\.\.(?:/|$)", after))
+            anywhere = anywhere or isinstance(cwd, Unknown) and cwd.anywhere and not (known or "").startswith("/")
+            return [Unknown(_text(node), unknown.why, place, anywhere)]
         words: list[Item] = []
         expanded = _braces(chars)
         if expanded is None:
@@ -383,7 +461,12 @@ class _Walk:
         return words
 
     def _tilde(self, word: Chars, cwd: Cwd) -> Chars | Unknown:
-        """`word` with a leading unquoted `~`, `~+` or `~user` expanded."""
+        """`word` with a leading unquoted `~`, `~+` or `~user` expanded; also one after the `=` of
+        a word like an assignment (`of=~/x`), as bash does."""
+        assignment = re.match(r"[A-Za-z_][A-Za-z0-9_]*=~", "".join(c for c, _ in word))
+        if assignment is not None and not any(q for _, q in word[: assignment.end()]):
+            rest = self._tilde(word[assignment.end() - 1 :], cwd)
+            return rest if isinstance(rest, Unknown) else word[: assignment.end() - 1] + rest
         if not word or word[0] != ("~", False):
             return word
         end = next((i for i, (c, _) in enumerate(word) if c == "/"), len(word))
@@ -407,17 +490,74 @@ class _Walk:
         if not any(c in _GLOB and not q for c, q in word):
             return [literal]
         if isinstance(cwd, Unknown) and not literal.startswith("/"):
-            return [Unknown(source, f"a pattern matched in the directory after `{cwd.word}`: {cwd.why}", cwd.place)]
-        pattern = "".join(c if not q else glob.escape(c) for c, q in word).replace("[^", "[!")
-        root = None if pattern.startswith("/") else str(cwd)
+            why = f"a pattern matched in the directory after `{cwd.word}`: {cwd.why}"
+            return [Unknown(source, why, cwd.place, cwd.anywhere)]
         if self.untrusted:
             return [Unknown(source, "a pattern, and the command changes how patterns match", _place(cwd))]
-        # `**` as globstar (bash's option, zsh's default) matches: a superset of what it matches without
-        found = glob.iglob(pattern, root_dir=root, recursive=True)
-        matches = sorted(itertools.islice(found, _MOST_EXPANDED + 1))
+        pattern = "".join(c if not q else glob.escape(c) for c, q in word).replace("[^", "[!")
+        if re.search(r"\[[^]/]*\[[:=.]", pattern):  # a class like [[:alpha:]]: fnmatch has none
+            return [Unknown(source, "a pattern with a character class", _place(cwd))]
+        try:
+            matches = sorted(self._matches(pattern, str(cwd)))
+        except _TooMuch:
+            return [Unknown(source, f"a pattern that needs more than {_MOST_VISITED} entries read", _place(cwd), True)]
         if len(matches) > _MOST_EXPANDED:
             return [Unknown(source, f"a pattern matching more than {_MOST_EXPANDED} files", _place(cwd))]
-        return list(matches) if matches else [literal]
+        return list[Item](matches) if matches else [literal]
+
+    def _matches(self, pattern: str, cwd: str) -> list[str]:
+        """The paths `pattern` matches from `cwd` (as bash: hidden names only by a pattern that
+        starts with `.`; `**` as globstar, a superset of what it matches without), reading at most
+        the bounded entries."""
+        parts = pattern.split("/")
+        found = ["/"] if pattern.startswith("/") else [""]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if not part:
+                continue
+            if not glob.has_magic(part):
+                unescaped = re.sub(r"\[(.)\]", r"\1", part)
+                found = [os.path.join(f, unescaped) for f in found]
+                found = [f for f in found if os.path.lexists(os.path.join(cwd, f))] if last else found
+                continue
+            new: list[str] = []
+            for base in found:
+                if part == "**":
+                    new.extend(self._below(base, cwd, files=last))
+                    continue
+                for name, is_dir in self._entries(os.path.join(cwd, base) if base else cwd):
+                    hidden_ok = part.startswith(".")
+                    if (is_dir or last) and (hidden_ok or not name.startswith(".")) and fnmatch.fnmatchcase(name, part):
+                        new.append(os.path.join(base, name))
+            found = new
+            if len(found) > _MOST_EXPANDED:
+                break
+        return [f for f in found if f not in ("", "/")]
+
+    def _entries(self, directory: str) -> list[tuple[str, bool]]:
+        try:
+            with os.scandir(directory) as it:
+                entries = [(e.name, e.is_dir()) for e in it]
+        except OSError:
+            return []
+        self.tick(len(entries) + 1)
+        return entries
+
+    def _below(self, base: str, cwd: str, files: bool) -> list[str]:
+        """`base` and the directories (and, with `files`, files) at any depth below it, hidden ones aside."""
+        out = [base]
+        todo = [base]
+        while todo:
+            current = todo.pop()
+            for name, is_dir in self._entries(os.path.join(cwd, current) if current else cwd):
+                if name.startswith("."):
+                    continue
+                path = os.path.join(current, name)
+                if is_dir:
+                    todo.append(path)
+                if is_dir or files:
+                    out.append(path)
+        return out
 
     # ---- the tree -------------------------------------------------------------------
 
@@ -432,6 +572,7 @@ class _Walk:
     def run(self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node] = ()) -> tuple[State, State]:
         """Run one statement from `state`: (the states after it succeeded, after it failed). `tail`:
         redirections tree-sitter put after a list or pipeline, which bash gives its last command."""
+        self.tick()
         kind = node.type
         if kind == "list":
             left, op, right = node.children[0], node.children[1].type, node.children[-1]
@@ -461,8 +602,9 @@ class _Walk:
         if kind == "function_definition":
             body = node.child_by_field_name("body")
             name = node.child_by_field_name("name")
+            redirects = node.children_by_field_name("redirect")
             if body is not None and name is not None:
-                self.functions[_text(name)] = body  # run where it is called
+                self.functions[_text(name)] = (body, redirects, self.source)  # run where it is called
             return state, state
         if kind == "if_statement":
             return self._if(node, state)
@@ -517,18 +659,24 @@ class _Walk:
         return after_ok | current, after_fail
 
     def _loop(self, node: tree_sitter.Node, state: State) -> tuple[State, State]:
-        """A loop's condition and body run from `state`; if they move the working directory, again
-        from an unknown one (later rounds start where the last ended)."""
-        body = node.child_by_field_name("body")
-        for child in node.named_children:  # the condition, or the words looped over
-            if child != body:
-                self.run(child, state)
-        ok, fail = self.statements([body] if body is not None else [], state)
-        if ok | fail <= state:
-            return state, state
+        """A loop's condition and body run from every directory a round can start in (`state`, or
+        where a round before ended), until no round reaches a new one: the loop ends (after its
+        condition, or a `break` in its body) in any of them. A loop that keeps reaching new ones
+        (`cd sub` in it) is followed from an unknown directory."""
+        body = [node.child_by_field_name("body")]
+        parts = [c for c in node.named_children if c not in body]  # the condition, or the words looped over
+        reach = state
+        for _ in range(_LOOP_ROUNDS):
+            functions = dict(self.functions)
+            cok, cfail = self.statements(parts, reach)
+            ok, fail = self.statements([b for b in body if b is not None], cok | cfail)
+            after = reach | cok | cfail | ok | fail
+            if after == reach and functions == self.functions:  # a function it defines runs in the next round
+                return reach, reach
+            reach = after
         moved = frozenset({_unknown_cwd(state, _text(node)[:40], "a loop that changes the directory")})
-        self.statements([body] if body is not None else [], moved)
-        return state | moved, state | moved
+        self.statements([*parts, *[b for b in body if b is not None]], moved)
+        return reach | moved, reach | moved
 
     def _redirected(
         self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node]
@@ -567,11 +715,13 @@ class _Walk:
         targets = node.children_by_field_name("destination")
         if not targets:
             return [], []
-        target, rest = targets[0], targets[1:]
-        self.run(target, state)
-        if op in _WRITE_OPS and target.type != "process_substitution":
+        first, *others = _merged(targets, self.source)  # a target may go on after a line continuation
+        rest = [n for group in others for n in group]
+        for target in first:
+            self.run(target, state)
+        if op in _WRITE_OPS and first[0].type != "process_substitution":
             for cwd in state:
-                for item in self.expand(target, cwd):
+                for item in self._expand_all(first, cwd):
                     fd_copy = op == ">&" and isinstance(item, str) and (item.isdigit() or item == "-")
                     if not fd_copy:
                         self.write(item, cwd, _WRITE_OPS[op])
@@ -584,7 +734,9 @@ class _Walk:
             self.found.append((item, kind, expand))
         elif isinstance(cwd, Unknown):
             self.unknown.append(
-                Unknown(item, f"a path relative to the directory after `{cwd.word}`: {cwd.why}", cwd.place)
+                Unknown(
+                    item, f"a path relative to the directory after `{cwd.word}`: {cwd.why}", cwd.place, cwd.anywhere
+                )
             )
         else:
             self.found.append((os.path.join(cwd, item), kind, expand))
@@ -608,7 +760,7 @@ class _Walk:
                 words.append(child)
         for word in words:  # their command substitutions
             self.run(word, state)
-        merged = _merged(words)
+        merged = _merged(words, self.source)
         ok: set[Cwd] = set()
         fail: set[Cwd] = set()
         for cwd in state:
@@ -648,35 +800,51 @@ class _Walk:
         """One simple command, its words expanded: what it writes, and (after success, after
         failure) the working directories it leaves its shell in."""
         same = ({cwd}, {cwd})
+        items, in_shell = list(items), True
+        while items[:1] in (["{"], ["!"], ["coproc"], ["time"]):  # keywords tree-sitter reads as words
+            if items[0] == "coproc":  # `coproc f`, `coproc NAME { …; }`: in a subshell
+                in_shell = False
+                items = items[2:] if items[2:3] == ["{"] else items[1:]
+            elif items[0] == "time" and len(items) > 1 and _is_option(items[1]) and items[1] not in ("-p", "--"):
+                break  # /usr/bin/time's options: a wrapper
+            else:  # `time [-p]` runs what follows in this shell
+                del items[: 2 if items[0] == "time" and items[1:2] in (["-p"], ["--"]) else 1]
         if items and isinstance(items[0], str) and items[0] in self.functions:  # no wrapper calls a function
-            if self.depth >= _DEEPEST or self.calls >= _MOST_CALLS:
-                self.unknown.append(Unknown(items[0], "a function called too often to follow", _place(cwd)))
-                return same
-            self.calls += 1
-            self.depth += 1
-            ok, fail = self.statements([self.functions[items[0]]], frozenset({cwd}))
-            self.depth -= 1
-            return set(ok), set(fail)
+            ok, fail = self._call(items[0], cwd)
+            return (set(ok), set(fail)) if in_shell else same
         unwrapped = self.unwrap(items, cwd)
         if unwrapped is None:
             return same
-        items, cwd, in_shell = unwrapped
-        while items[:1] in (["{"], ["!"], ["coproc"]):  # `time { …; }`, `coproc NAME { …; }`: read as words
-            items = items[2:] if items[0] == "coproc" and items[2:3] == ["{"] else items[1:]
+        items, cwd, wrapped_in_shell = unwrapped
+        in_shell = in_shell and wrapped_in_shell
+        if items and isinstance(items[0], Unknown):
+            self.unknown.append(Unknown(items[0].word, "a command whose name is known only when it runs", _place(cwd)))
+            return same
         if not items or not isinstance(items[0], str):
             return same
         name, args = os.path.basename(items[0]), items[1:]
         if name in ("cd", "pushd", "popd") and in_shell:
             return self._cd(name, args, cwd)
-        if name == "eval" and all(isinstance(a, str) for a in args):
-            return self._script(" ".join(str(a) for a in args), cwd, inherit=True)
-        if name == "trap" and args and isinstance(args[0], str) and not _is_option(args[0]):
-            self._script(args[0], cwd, inherit=False)  # run later, by this shell
+        if name == "eval" and args:
+            return self._script(" ".join(self._code(a) for a in args), cwd, inherit=True)
+        if name == "trap":
+            handler = args[1:2] if args[:1] == ["--"] else args[:1]
+            if handler and not _is_option(handler[0]):
+                self.traps.append(self._code(handler[0]))  # run when the shell exits (`trapped`)
+                self._script(self.traps[-1], cwd, inherit=False)
             return same
         if name in _SHELLS:
             script = _shell_script(args)
-            if isinstance(script, str):
-                self._script(script, cwd, inherit=False)
+            if script is not None:
+                self._script(self._code(script), cwd, inherit=False)
+            elif not [a for a in args if not _is_option(a)] or "-s" in args:  # no script file: its input is the script
+                self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+            return same
+        if name == "su":
+            _, values = _operands(args, _SU_VALUED)
+            script = values.get("-c") or values.get("--command")
+            if script is not None:
+                self._script(self._code(script), cwd, inherit=False)
             return same
         if name == "xargs":
             self._xargs(args, cwd)
@@ -689,6 +857,40 @@ class _Walk:
                 self.write(item, cwd, kind, expand)
         return same
 
+    def _code(self, item: Item) -> str:
+        """The text of code to walk (`eval`, `trap`, `sh -c`); one with an expansion is walked as
+        written, and what the expansion brings is unknown anywhere."""
+        if isinstance(item, str):
+            return item
+        self.unknown.append(Unknown(item.word, f"code with {item.why}, known only when it runs", item.place, True))
+        word = item.word
+        return word[1:-1] if len(word) > 1 and word[0] == word[-1] == '"' else word
+
+    def trapped(self, state: State) -> None:
+        """Walk the handlers `trap` set where the shell may exit (`state`)."""
+        done = 0
+        while done < len(self.traps) and done < _MOST_CALLS:
+            for cwd in state:
+                self._script(self.traps[done], cwd, inherit=False)
+            done += 1
+
+    def _call(self, name: str, cwd: Cwd) -> tuple[State, State]:
+        """Run function `name` from `cwd`, with the redirections of its definition."""
+        if self.depth >= _DEEPEST or self.calls >= _MOST_CALLS:
+            self.unknown.append(Unknown(name, "a function called too often to follow", _place(cwd)))
+            return frozenset({cwd}), frozenset({cwd})
+        body, redirects, source = self.functions[name]
+        for redirect in redirects:
+            self.redirect(redirect, frozenset({cwd}))
+        self.calls += 1
+        self.depth += 1
+        outer, self.source = self.source, source
+        try:
+            return self.statements([body], frozenset({cwd}))
+        finally:
+            self.depth -= 1
+            self.source = outer
+
     def _script(self, script: str, cwd: Cwd, inherit: bool) -> tuple[set[Cwd], set[Cwd]]:
         """Walk the text of `bash -c`, `eval` or `trap`: in this shell (`inherit`) or a child."""
         if self.depth >= _DEEPEST:
@@ -700,12 +902,20 @@ class _Walk:
         return (set(ok), set(fail)) if inherit else ({cwd}, {cwd})
 
     def walk(self, command: str, state: State) -> tuple[State, State]:
-        tree = _parser().parse(command.encode("utf-8", "surrogatepass"))
+        if len(command) > _LONGEST or "\0" in command:
+            why = f"a command of more than {_LONGEST} characters, or with a NUL character"
+            self.unknown.append(Unknown(command[:80], why, self.start, True))
+            return state, state
+        outer, self.source = self.source, command.encode("utf-8", "surrogatepass")
+        tree = _parser().parse(self.source)
         broken = _errors(tree.root_node)
         if broken is not None:
             for cwd in state:
                 self.unknown.append(Unknown(broken, "a part tree-sitter cannot parse as bash", _place(cwd)))
-        return self.run(tree.root_node, state)
+        try:
+            return self.run(tree.root_node, state)
+        finally:
+            self.source = outer
 
     def unwrap(self, items: list[Item], cwd: Cwd) -> tuple[list[Item], Cwd, bool] | None:
         """`items` with the wrappers in front looked through: (the command, its working directory,
@@ -719,27 +929,31 @@ class _Walk:
                 break
             items.pop(0)
             in_shell = in_shell and name in ("builtin", "command")
-            for option, value in _options(items, spec.valued):
-                if option in spec.no_command:
-                    return None
-                if option in spec.chdir and value is not None:
-                    cwd = value if isinstance(value, Unknown) else _joined(cwd, value)
-                elif name == "env" and option in ("-S", "--split-string") and isinstance(value, str):
-                    try:
-                        items[:0] = shlex.split(value)
-                    except ValueError:
+            for first in (True, False) if spec.leading else (True,):  # options may follow them too (flock LOCK -c)
+                for option, value in _options(items, spec.valued):
+                    if option in spec.no_command:
                         return None
-                elif name == "time" and option in ("-o", "--output") and value is not None:
-                    self.write(value, cwd, "write")
-            while spec.assignments and items and isinstance(items[0], str) and "=" in items[0]:
-                items.pop(0)
-            del items[: spec.leading]
+                    if option in spec.script and value is not None:
+                        self._script(self._code(value), cwd, inherit=False)
+                        return None
+                    if option in spec.chdir and value is not None:
+                        cwd = value if isinstance(value, Unknown) else _joined(cwd, value)
+                    elif name == "env" and option in ("-S", "--split-string") and isinstance(value, str):
+                        try:
+                            items[:0] = shlex.split(value)
+                        except ValueError:
+                            return None
+                    elif option in spec.output and value is not None:
+                        self.write(value, cwd, "write")
+                while first and spec.assignments and items and isinstance(items[0], str) and "=" in items[0]:
+                    items.pop(0)
+                del items[: spec.leading if first else 0]
         return items, cwd, in_shell
 
     def _cd(self, name: str, args: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
         operands = [a for a in args if not (isinstance(a, str) and a.startswith("-") and a not in ("-",))]
         if name == "popd" or operands[:1] == ["-"] or (name == "pushd" and operands and str(operands[0])[:1] in "+-"):
-            return {Unknown(" ".join([name, *map(str, operands)]), "the directory stack", _place(cwd))}, {cwd}
+            return {Unknown(" ".join([name, *map(str, operands)]), "the directory stack", self.start, True)}, {cwd}
         if not operands:
             home = os.environ.get("HOME")
             if self.untrusted or not home:
@@ -766,6 +980,8 @@ class _Walk:
     def _find(self, args: list[Item], cwd: Cwd) -> None:
         starts: list[Item] = []
         i = 0
+        while i < len(args) and isinstance(args[i], str) and re.fullmatch(r"-[HLP]+|-D|-O\d*", str(args[i])):
+            i += 2 if args[i] == "-D" else 1  # how find treats links, and its debug and optimisation options
         while i < len(args) and not (isinstance(args[i], str) and str(args[i])[:1] in "-(!"):
             starts.append(args[i])
             i += 1
@@ -803,11 +1019,11 @@ class _Walk:
         self.simple(command, cwd)
 
 
-def _merged(words: list[tree_sitter.Node]) -> list[list[tree_sitter.Node]]:
-    """Words tree-sitter split that bash reads as one (no space between them)."""
+def _merged(words: list[tree_sitter.Node], source: bytes) -> list[list[tree_sitter.Node]]:
+    """Words tree-sitter split that bash reads as one (nothing but line continuations between them)."""
     merged: list[list[tree_sitter.Node]] = []
     for w in words:
-        if merged and merged[-1][-1].end_byte == w.start_byte:
+        if merged and source[merged[-1][-1].end_byte : w.start_byte].replace(b"\\\n", b"") == b"":
             merged[-1].append(w)
         else:
             merged.append([w])
@@ -848,12 +1064,16 @@ def _shell_script(args: list[Item]) -> Item | None:
     """The script of `sh -c SCRIPT` (its options before it), or None for a script file or stdin."""
     command = False
     items = list(args)
-    while items and isinstance(items[0], str) and items[0][:1] in "-+" and items[0] not in ("-", "--"):
+    while items and isinstance(items[0], str) and items[0][:1] in "-+" and items[0] != "-":
         arg = str(items.pop(0))
-        if arg in ("-o", "+o", "-O", "+O") and items:
+        if arg == "--":
+            break
+        if arg in ("--rcfile", "--init-file") and items:
             items.pop(0)
-        elif not arg.startswith("--") and "c" in arg[1:]:
-            command = True
+        elif not arg.startswith("--"):
+            command = command or arg[0] == "-" and "c" in arg
+            if ("o" in arg[1:] or "O" in arg[1:]) and items:  # `-eo pipefail`: the option's name
+                items.pop(0)
     return items[0] if command and items else None
 
 
@@ -899,16 +1119,31 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, H
         files, _ = _operands(args, frozenset())
         if "--append" in flags or any(a[1] != "-" and "a" in a for a in flags if len(a) > 1):
             kind = "append"
-    elif name in ("sed", "perl") and any(a.startswith("--in-place") or a[1:2] != "-" and "i" in a for a in flags):
-        valued = _SED_VALUED if name == "sed" else _PERL_VALUED
-        files, values = _operands(args, valued)
-        if not {"-e", "--expression", "-f", "--file", "-E"} & set(values) and files:
-            files = files[1:]  # the first operand is the script
-    elif name in ("awk", "gawk") and _awk_in_place(args):
-        files, values = _operands(args, _AWK_VALUED)
-        if not {"-f", "--file"} & set(values) and files:
-            files = files[1:]  # the program
-        files = [f for f in files if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
+    elif name == "sed":
+        operands, values, programs = _program(args, _SED_VALUED, ("-e", "--expression"), ("-f", "--file"))
+        files = [*operands] if any(re.match(r"-[nrEsuz]*i|--in-place", a) for a in flags) else []
+        for program in programs:  # its `w FILE` commands and `s///w FILE` flags
+            files += [m.group(1) for m in re.finditer(r"(?:^|[;\n{}/!])[\s\d$,gpIiMme]*[wW][ \t]*([^\n]+)", program)]
+    elif name in ("perl", "ruby") and any(re.match(r"-[anpslwWtTcuUX]*i", a) for a in flags):
+        files = _program(args, _PERL_VALUED, ("-e", "-E"), ())[0]
+    elif name in ("awk", "gawk"):
+        operands, values, programs = _program(args, _AWK_VALUED, (), ("-f", "--file"))
+        if _awk_in_place(args):
+            files = [f for f in operands if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
+        for program in programs:  # `print … > FILE`
+            for m in re.finditer(r"\bprintf?\b[^;}\n]*?(>>|>)\s*(\"[^\"\\]*\"|[^\s;}]*)", program):
+                to: Item = (
+                    m.group(2)[1:-1]
+                    if m.group(2)[:1] == '"'
+                    else Unknown(m.group(2), "a file named in an awk program", _place(cwd))
+                )
+                files.append(to)
+    elif name == "sort":
+        _, values = _operands(args, _SORT_VALUED)
+        files = [values[o] for o in ("-o", "--output") if o in values]
+    elif name == "uniq":
+        operands, _ = _operands(args, _names("-f -s -w --skip-fields --skip-chars --check-chars"))
+        files = operands[1:2]
     elif name in ("rm", "unlink", "shred"):
         removed, _ = _operands(args, frozenset())
     elif name in ("mv", "cp", "install", "ln"):
@@ -917,7 +1152,11 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, H
         if name == "ln" and target_dir is None and len(operands) == 1:
             target_dir = "."  # `ln -s TARGET`: a link of its name here
         sources = operands if target_dir else operands[:-1]
-        if sources:
+        if "--no-target-directory" in flags or any(re.match(r"-[^-]*T", a) for a in flags):
+            landed = (
+                operands[-1:] if sources else []
+            )  # `-T`: the destination is the copy itself, never a directory to copy into
+        elif sources:
             landed = _into(target_dir if target_dir is not None else operands[-1], sources, cwd, target_dir is not None)
         if name == "mv":
             removed = sources  # a move deletes its sources
@@ -928,29 +1167,121 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, H
     return [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
 
 
+def _program(
+    args: list[Item], valued: frozenset[str], given: tuple[str, ...], files: tuple[str, ...]
+) -> tuple[list[Item], dict[str, Item], list[str]]:
+    """The operands of sed, perl or awk past its program, its options' values, and its program's
+    text (from the options `given`, else the first operand; none read from the options `files`)."""
+    operands, values = _operands(args, valued)
+    if not {*given, *files} & set(values) and operands:
+        program, operands = operands[0], operands[1:]
+        return operands, values, [program] if isinstance(program, str) else []
+    programs: list[str] = []
+    rest = list(args)
+    while rest and rest[0] != "--":  # every -e, not only the last
+        arg = rest.pop(0)
+        if _is_option(arg):
+            programs += [v for n, v in _option(str(arg), rest, valued) if n in given and isinstance(v, str)]
+    return operands, values, programs
+
+
 def _awk_in_place(args: list[Item]) -> bool:
     """gawk's in-place edit: `-i inplace`, `-iinplace`, `--include=inplace`."""
     words = [a for a in args if isinstance(a, str)]
     pairs = zip(words, [*words[1:], ""], strict=True)
-    return any(a in ("-iinplace", "--include=inplace") or a in ("-i", "--include") and b == "inplace" for a, b in pairs)
+    names = ("inplace", "inplace.awk")
+    return any(a in ("-iinplace", "--include=inplace") or a in ("-i", "--include") and b in names for a, b in pairs)
 
 
-def _expand(path: str) -> list[str]:
-    """The regular files at or below `path` (a directory a command removes or moves)."""
+def _expand(path: str, walk: _Walk) -> list[str] | None:
+    """The regular files at or below `path` (a directory a command removes or moves); None for
+    more than _MOST_EXPANDED, or past the walk's bounds."""
     if not os.path.isdir(path) or os.path.islink(path):
         return [path]
     found: list[str] = []
-    for directory, _dirs, names in os.walk(path):
+    for directory, dirs, names in os.walk(path):
+        walk.tick(len(dirs) + len(names) + 1)
         found.extend(os.path.join(directory, n) for n in names)
-        if len(found) >= _MOST_EXPANDED:
-            break
-    return found[:_MOST_EXPANDED]
+        if len(found) > _MOST_EXPANDED:
+            return None
+    return found
+
+
+_PATHLIKE = re.compile(r"[^\0\s'\"`;&|<>()=$*?\[{},]+")
+"""The literal pieces of a command's text, up to a quote, expansion or pattern character: one
+with a `/` may be a path."""
+
+
+def _named_volumes(command: str, cwd: str) -> set[str]:
+    """The roots of the volumes the literal paths of `command` lie in: joined to `cwd`, and the
+    text after a path's last `..` (which may climb from anywhere) also joined to `/` and to each of
+    `cwd`'s ancestors."""
+    roots: set[str] = set()
+    seen: set[str] = set()
+    ancestors = [cwd]
+    while os.path.dirname(ancestors[-1]) != ancestors[-1]:
+        ancestors.append(os.path.dirname(ancestors[-1]))
+    text = re.sub(r"\$\{?[#!]?\w*", " ", command)  # a variable's name is no part of a path (its default may be)
+    for match in _PATHLIKE.finditer(text):
+        token = match.group().lstrip(":-+=?#%")
+        if "/" not in token:
+            continue
+        paths = [os.path.join(cwd, token)]
+        if re.search(r"(?:^|/)\.\.(?:/|$)", token):
+            tail = re.split(r"(?:^|/)\.\.(?:/|$)", token)[-1]
+            paths += [os.path.join(a, tail) for a in ancestors]
+        for path in paths:
+            if path in seen or len(seen) >= _MOST_EXPANDED:
+                continue
+            seen.add(path)
+            found = located(os.path.join(path, "x"))  # the path itself may be a volume's root
+            if found is not None:
+                roots.add(found.root)
+    return roots
+
+
+def _refused(unknown: Unknown, volumes: set[str]) -> str | None:
+    """The root of the volume an unknown write may land in: the volume its place lies in, or one of
+    `volumes` (those the command names) at or below its place (anywhere, if it may be any path)."""
+    found = located(os.path.join(unknown.place, "x"))
+    if found is not None:
+        return found.root
+    place = os.path.realpath(unknown.place)
+    below = [v for v in sorted(volumes) if unknown.anywhere or v == place or v.startswith(place.rstrip("/") + "/")]
+    return below[0] if below else None
 
 
 _SETS = re.compile(r"(?<![\w$.{])(HOME|PWD|CDPATH|GLOBIGNORE)(?!\w)|\bshopt\b")
 """A command that names HOME, PWD, CDPATH or GLOBIGNORE other than expanding it may set it, and one
 that runs `shopt` may change how patterns match: none of them is taken from the environment, nor
 is a pattern matched."""
+
+
+_MKTEMP = re.compile(
+    r"(?<![\w$])([A-Za-z_]\w*)=(\"?)\$\(\s*mktemp(?:\s+-[dqu]+|\s+--(?:directory|quiet|dry-run))*\s*\)\2(?=[\s;&|)]|$)"
+)
+
+
+def _temporaries(command: str) -> dict[str, str]:
+    """The variables `command` sets only to `$(mktemp)` (with no template, nor -p or --tmpdir), with
+    the directory the name is made in: $TMPDIR, else /tmp. None if the command names TMPDIR."""
+    if "TMPDIR" in command:
+        return {}
+    directory = os.environ.get("TMPDIR", "")
+    directory = directory if directory.startswith("/") else "/tmp"
+    names = {m.group(1) for m in _MKTEMP.finditer(command)}
+    rest = _MKTEMP.sub(" ", command)
+    # a name also set, read into or declared any other way (a word of its own) is not only mktemp's
+    return {n: directory for n in names if re.search(rf"(?<![\w${{\-./]){n}(?![\w./-])", rest) is None}
+
+
+def volume_named(command: str, cwd: str) -> str | None:
+    """The root of a volume a shell command run in `cwd` runs in, or names a literal path in (the
+    first found): a command that may write there, before it is parsed."""
+    here = located(os.path.join(os.getcwd(), cwd, "x"))
+    if here is not None:
+        return here.root
+    return min(_named_volumes(command[:_LONGEST], os.path.join(os.getcwd(), cwd)), default=None)
 
 
 def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
@@ -960,17 +1291,28 @@ def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
     file is known only when the command runs and the place its known part names is in a volume."""
     cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
     walk = _Walk()
+    walk.start = cwd
     walk.untrusted = _SETS.search(command) is not None
+    walk.temporary = {} if walk.untrusted else _temporaries(command[:_LONGEST])
+    kinds: dict[str, HandleKind] = {}
     try:
-        walk.walk(command, frozenset({cwd}))
+        ok, fail = walk.walk(command, frozenset({cwd}))
+        walk.trapped(ok | fail)
+        for path, kind, expand in walk.found:
+            files = _expand(path, walk) if expand else [path]
+            if files is None:
+                walk.unknown.append(Unknown(path, f"a directory of more than {_MOST_EXPANDED} files", path))
+            for p in files or []:
+                kinds[p] = "write" if "write" in (kind, kinds.get(p)) else kind  # truncated anywhere: a write
+    except _TooMuch:
+        why = f"a command that takes more than {_MOST_SECONDS:.0f} s or {_MOST_VISITED} directory entries to follow"
+        walk.unknown.append(Unknown(command[:80], why, cwd, True))
     except (RecursionError, ValueError, OSError) as e:  # too deep, or a name the system cannot take
         walk.unknown.append(Unknown(command[:80], f"a command coherent-volume could not follow ({e})", cwd))
-    for unknown in walk.unknown:
-        found = located(os.path.join(unknown.place, "x"))
-        if found is not None:
-            raise UnresolvedShellWrite(unknown.word, unknown.why, found.root)
-    kinds: dict[str, HandleKind] = {}
-    for path, kind, expand in walk.found:
-        for p in _expand(path) if expand else [path]:
-            kinds[p] = "write" if "write" in (kind, kinds.get(p)) else kind  # truncated anywhere: a write
+    if walk.unknown:
+        volumes = _named_volumes(command[:_LONGEST], cwd)
+        for unknown in walk.unknown:
+            root = _refused(unknown, volumes)
+            if root is not None:
+                raise UnresolvedShellWrite(unknown.word, unknown.why, root)
     return list(kinds.items())

@@ -5,6 +5,9 @@ alone."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,15 +134,109 @@ CASES: list[tuple[str, str, object]] = [
     ("truncate -s0 plans/plan.md; dd if=/dev/null of=plans/plan.md", ".", PLAN),
     ("echo hi | tee -a plans/plan.md", ".", [("plans/plan.md", A)]),
     ("rm -r plans", ".", [("plans/other.md", W), ("plans/plan.md", W)]),
+    # bounded work: a pattern past the entries read, a command too long to follow, is unknown
+    ("rm /**/no-such-file", ".", UNRESOLVED),
+    ("rm /*/*/*/*/*/*/no-such-file", ".", UNRESOLVED),
+    ("echo " + "a " * 60_000 + "> notes.txt", ".", UNRESOLVED),
+    ("echo hi > plans/pl\x00an.md", ".", UNRESOLVED),
+    # shells' bundled options, `--`, and other places a script comes from
+    ("bash -eo pipefail -c 'rm plans/plan.md'", ".", PLAN),
+    ("bash -euo pipefail -c 'rm plans/plan.md'", ".", PLAN),
+    ("bash -xeo pipefail -c 'rm plans/plan.md'", ".", PLAN),
+    ("bash --rcfile /dev/null -c 'rm plans/plan.md'", ".", PLAN),
+    ("bash -c -- 'rm plans/plan.md'", ".", PLAN),
+    ("bash <<'EOF'\nrm plans/plan.md\nEOF", ".", UNRESOLVED),
+    ("echo 'rm plans/plan.md' | sh", ".", UNRESOLVED),
+    ("flock /tmp/lock -c 'rm plans/plan.md'", ".", PLAN),
+    ("flock -w 5 /tmp/lock rm plans/plan.md", ".", PLAN),
+    ("su -c 'rm plans/plan.md' root", ".", PLAN),
+    ("script -qc 'rm plans/plan.md' /dev/null", ".", PLAN),
+    ("busybox rm plans/plan.md", ".", PLAN),
+    ("strace -f -o plans/plan.md true", ".", PLAN),
+    ("taskset -c 0 rm plans/plan.md; fakeroot rm plans/other.md", ".", [*PLAN, ("plans/other.md", W)]),
+    ('bash -c "rm plans/plan.md; echo $X"', ".", UNRESOLVED),
+    ('eval "rm plans/plan.md $X"', ".", UNRESOLVED),
+    ('bash -c "echo $X"', "../outside", []),
+    ("X=rm; $X plans/plan.md", ".", UNRESOLVED),
+    # a line continuation inside a word joins it
+    ("rm pla\\\nns/plan.md", ".", PLAN),
+    ("echo hi > pla\\\nns/plan.md", ".", PLAN),
+    # `time` and `coproc` are keywords: a function runs, and `cd` moves this shell
+    ("f() { rm plans/plan.md; }; time f", ".", PLAN),
+    ("f() { rm plans/plan.md; }; time -p f", ".", PLAN),
+    ("f() { rm plans/plan.md; }; coproc f", ".", PLAN),
+    ("time cd plans; rm plan.md", ".", PLAN),
+    ("time -v rm plans/plan.md", ".", PLAN),
+    # a function definition's redirections apply where it is called
+    ("f() { echo hi; } > plans/plan.md; f", ".", PLAN),
+    ("function f { echo hi; } >> plans/plan.md\nf", ".", [("plans/plan.md", A)]),
+    ("for i in 1 2; do f; f() { rm plans/plan.md; }; done", ".", PLAN),
+    # after a loop the directory is any its condition or body can leave
+    ("while cd {root}/plans; do break; done; rm plan.md", "src", [("src/plan.md", W), *PLAN]),
+    ("for d in x; do cd {root}/plans; done; rm plan.md", "src", [("src/plan.md", W), *PLAN]),
+    ("for d in x; do cd plans; done; rm plan.md", ".", UNRESOLVED),  # deeper each round
+    # a trap's handler runs at exit, where the shell then is
+    ("trap -- 'rm plans/plan.md' EXIT", ".", PLAN),
+    ("trap 'rm plan.md' EXIT; cd plans", ".", [("plan.md", W), *PLAN]),
+    ("pushd plans; pushd /tmp; popd; rm plan.md", ".", UNRESOLVED),
+    # -T: the destination is the target itself
+    ("cp -rT src plans", ".", [*PLAN, ("plans/other.md", W)]),
+    ("mv -T src/plan.md plans/plan.md", ".", [*PLAN, ("src/plan.md", W)]),
+    ("ln -sfT /etc/hostname plans/plan.md", ".", PLAN),
+    ("install --no-target-directory src/plan.md plans/plan.md", ".", PLAN),
+    # patterns fnmatch cannot match as bash does, and `~` after `=`
+    ("rm plans/[[:alpha:]]lan.md", ".", UNRESOLVED),
+    ("dd of=~/plans/plan.md < /dev/null", "src", PLAN),
+    ("cp notes.txt --target-directory=~/plans", ".", [("~/plans/notes.txt", W)]),
+    # a directory of more files than are listed is unknown, never cut short
+    ("rm -r many", ".", UNRESOLVED),
+    # find's options before its start paths
+    ("find -L {root}/plans -name plan.md -delete", "../outside", UNRESOLVED),
+    # an expansion that may be any path: refused where the command names a path in a volume
+    ("echo hi > /tmp/$X/../{root}/plans/plan.md", "../outside", UNRESOLVED),
+    ("rm {parent}/ou*/../{name}/plans/$X", "../outside", UNRESOLVED),
+    ('F={name}/plans/plan.md; echo hi > "$F"', "..", UNRESOLVED),
+    ('for f in {name}/plans/*.md; do sed -i s/a/b/ "$f"; done', "..", UNRESOLVED),
+    ("rm $(echo {name}/plans/plan.md)", "..", UNRESOLVED),
+    ("parallel rm ::: {root}/plans/plan.md", "..", UNRESOLVED),
+    ("X={root}/plans/plan.md; echo hi > $X", "../outside", UNRESOLVED),
+    ("cd /tmp && rm ${X:-{root}/plans/plan.md}", ".", UNRESOLVED),
+    ("echo hi > $X; echo hi > /tmp/y", "../outside", [("/tmp/y", W)]),
+    # more writers
+    ("sed -n 'w plans/plan.md' notes.txt", ".", PLAN),
+    ("sed -e p -e 's/a/b/w plans/plan.md' notes.txt", ".", PLAN),
+    ("sed -i '1w plans/other.md' plans/plan.md", ".", [*PLAN, ("plans/other.md", W)]),
+    ("awk '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("awk '{ print >> $2 }' notes.txt", ".", UNRESOLVED),
+    ("awk '$1 > 5 { print }' plans/plan.md", ".", []),
+    ("ruby -i -pe 'sub(/a/, \"b\")' plans/plan.md", ".", PLAN),
+    ("perl -Mstrict -ne print plans/plan.md", ".", []),
+    ("sort -o plans/plan.md notes.txt; uniq notes.txt plans/other.md", ".", [*PLAN, ("plans/other.md", W)]),
+    ("gawk -i inplace.awk '{print}' plans/plan.md", ".", PLAN),
+    # a variable set only from mktemp is a new file in the temporary directory
+    ('tmp=$(mktemp); echo hi > "$tmp"; rm -f "$tmp"', ".", [("/tmp/tmp.XXXXXXXXXX", W)]),
+    ('d=$(mktemp -d); echo hi > "$d/x"', ".", [("/tmp/tmp.XXXXXXXXXX/x", W)]),
+    ('tmp=$(mktemp); tmp=plans/plan.md; echo hi > "$tmp"', ".", UNRESOLVED),
+    ('tmp=$(mktemp -p plans); echo hi > "$tmp"', ".", UNRESOLVED),
+    ('tmp=$(mktemp); read tmp; echo hi > "$tmp"', ".", UNRESOLVED),
 ]
 
 
 @pytest.mark.parametrize(("command", "cwd", "expected"), CASES, ids=[c[0][:60] for c in CASES])
 def test_what_a_command_writes(root: Path, command: str, cwd: str, expected: object, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(root))
+    monkeypatch.setenv("TMPDIR", "/tmp")
     monkeypatch.delenv("CDPATH", raising=False)
     (root / "plans/plan.md").write_text("a\n")
     (root / "plans/other.md").write_text("o\n")
+    (root / "src").mkdir()
+    (root / "src/plan.md").write_text("s\n")
+    if "many" in command:
+        (root / "many").mkdir()
+        for i in range(1001):
+            (root / f"many/{i}").touch()
+    (root.parent / "outside").mkdir()
+    command = command.replace("{root}", str(root)).replace("{name}", root.name).replace("{parent}", str(root.parent))
     if expected == UNRESOLVED:
         with pytest.raises(UnresolvedShellWrite) as refused:
             shell_writes(command, str(root) if cwd == "." else f"{root}/{cwd}")
@@ -166,3 +263,54 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
         shell_writes("HOME=/tmp; echo hi > ~/plans/plan.md", str(root))
     with pytest.raises(UnresolvedShellWrite, match=r"\$f"):
         shell_writes(f"echo hi > {root}/plans/$f", str(outside))
+
+
+FACES = {
+    "codex": lambda command, cwd: {
+        "hook_event_name": "PreToolUse",
+        "tool_name": "Bash",
+        "session_id": "s1",
+        "cwd": cwd,
+        "tool_input": {"command": command},
+    },
+    "gemini": lambda command, cwd: {
+        "hook_event_name": "BeforeTool",
+        "tool_name": "run_shell_command",
+        "session_id": "s1",
+        "cwd": cwd,
+        "tool_input": {"command": command},
+    },
+    "cursor": lambda command, cwd: {
+        "hook_event_name": "beforeShellExecution",
+        "conversation_id": "c1",
+        "cwd": cwd,
+        "command": command,
+    },
+}
+
+
+@pytest.mark.parametrize("face", sorted(FACES))
+def test_a_command_still_being_worked_out_when_the_budget_ends(
+    root: Path, tmp_path: Path, face: str, monkeypatch
+) -> None:
+    """A shell command that runs in a volume, or names a path in one, is denied when working out
+    what it writes outlasts the hook's budget, saying that was what ran out of time; one that does
+    neither goes ahead."""
+    module = importlib.import_module(f"coherent_volume.{face}")
+    release = threading.Event()
+    monkeypatch.setattr(module, "shell_writes", lambda command, cwd: release.wait(60) and [])  # still working
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    try:
+        for command, cwd, denied in (
+            ("rm plans/plan.md", root, True),
+            (f"rm {root}/plans/plan.md", outside, True),
+            ("rm x", outside, False),
+        ):
+            answer = module.FACE.run(json.dumps(FACES[face](command, str(cwd))), budget=1.0)
+            assert ("deny" in answer.stdout) is denied, (command, answer)
+            if denied:
+                assert "working out which files the shell command writes" in answer.stdout, answer
+                assert "commit lock" not in answer.stdout, answer
+    finally:
+        release.set()
