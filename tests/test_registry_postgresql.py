@@ -691,6 +691,21 @@ with CoherentVolume(root, agent="alice") as v:
 """
 
 
+def _paused(code: str, root: Path, gate: Path, marker: str) -> subprocess.Popen[str]:
+    """A process running `code` (argv: root, gate) once it has paused where it makes `gate`/`marker`
+    (it goes on when the test makes `gate`/go)."""
+    gate.mkdir()
+    paused = subprocess.Popen([sys.executable, "-c", code, str(root), str(gate)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (gate / marker).exists():
+        if paused.poll() is not None or time.monotonic() >= deadline:
+            paused.kill()
+            paused.wait()
+            raise AssertionError(f"the paused process never reached {marker} (exit {paused.returncode})")
+        time.sleep(0.02)
+    return paused
+
+
 @pytest.mark.parametrize("bob_in", ["this working copy", "another working copy"])
 def test_a_commit_whose_database_session_ended_before_its_install_never_replaces_a_newer_version(
     tmp_path: Path, root: Path, pg_url: str, bob_in: str
@@ -703,15 +718,8 @@ def test_a_commit_whose_database_session_ended_before_its_install_never_replaces
     with CoherentVolume(root, agent="seed") as v:
         v.write("plans/p.md", "base\n")
     gate = tmp_path / "gate"
-    gate.mkdir()
-    alice = subprocess.Popen(
-        [sys.executable, "-c", PAUSED_AT_INSTALL, str(root), str(gate)], stdout=subprocess.PIPE, text=True
-    )
+    alice = _paused(PAUSED_AT_INSTALL, root, gate, "at-install")
     try:
-        deadline = time.monotonic() + 60
-        while not (gate / "at-install").exists():
-            assert alice.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
         assert _q(
             pg_url,
             "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory' AND d.datname = current_database()",
@@ -786,15 +794,8 @@ def test_a_deletion_recorded_by_another_host_while_its_writer_finishes_is_logged
     with CoherentVolume(root, agent="seed") as v:
         v.write("plans/p.md", "base\n")
     gate = tmp_path / "gate"
-    gate.mkdir()
-    alice = subprocess.Popen(
-        [sys.executable, "-c", PAUSED_AT_REMOVAL, str(root), str(gate)], stdout=subprocess.PIPE, text=True
-    )
+    alice = _paused(PAUSED_AT_REMOVAL, root, gate, "at-removal")
     try:
-        deadline = time.monotonic() + 60
-        while not (gate / "at-removal").exists():
-            assert alice.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
         with CoherentVolume(other, agent="bob") as b:
             b.write("plans/q.md", "bob's\n")  # its transaction's recovery records her decided deletion
         (gate / "go").touch()
