@@ -29,8 +29,8 @@ from coherent_volume.registry import pg_connections, pg_hosts, pg_transaction
 
 WAIT = 3.0
 """ANSWER_WAIT in this process's tests."""
-DAEMON_WAIT = pg_connections.ANSWER_WAIT
-"""ANSWER_WAIT in a mount's daemon (a process of its own: the value it ships with)."""
+DAEMON_WAIT = 5.0
+"""ANSWER_WAIT in the test mount's daemon (`bounded_mount`), shorter than the 45 s it ships with."""
 
 
 def _pg_volume(root: Path, url: str) -> Path:
@@ -323,15 +323,33 @@ def test_a_commit_whose_whole_server_stopped_lands_once_when_it_resumes_and_was_
             assert [h.version for h in v.history("plans/a.md")] == [2, 1]
 
 
-@pytest.mark.mount_log_allows(r".*did not answer within")
+@pytest.fixture
+def bounded_mount(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """`root` mounted through the real CLI by a daemon whose ANSWER_WAIT is DAEMON_WAIT (set at its
+    interpreter's start by a sitecustomize on its PYTHONPATH: the daemon is another process)."""
+    from .harness.mounts import Mount
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        f"from coherent_volume.registry import pg_connections\npg_connections.ANSWER_WAIT = {DAEMON_WAIT!r}\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
+    with Mount(root, tmp_path / "mnt", log_allows=[r".*did not answer within"]) as m:
+        monkeypatch.delenv("PYTHONPATH")  # the daemon has it; the programs run in the mount need not
+        yield m
+
+
 def test_an_open_through_the_mount_whose_server_stops_answering_fails_eio_and_the_mount_serves_on(
-    mounted: Any, pg_url: str
+    bounded_mount: Any, pg_url: str
 ) -> None:
-    """The mount's daemon (ANSWER_WAIT as shipped: DAEMON_WAIT) opens a managed file for a program
-    while the server processes of all its sessions are stopped: the open fails EIO within the bound,
-    the mount serves meanwhile what needs no registry (an unmanaged file), and once the server
-    resumes it serves that file again."""
+    """The mount's daemon (ANSWER_WAIT: DAEMON_WAIT) opens a managed file for a program while the
+    server processes of all its sessions are stopped: the open fails EIO within the bound, the mount
+    serves meanwhile what needs no registry (an unmanaged file), and once the server resumes it
+    serves that file again."""
     from .harness.mounts import daemon_pids
+
+    mounted = bounded_mount
 
     assert mounted.run("alice", "mkdir -p plans && echo one > plans/a.md && echo mine > notes.txt").returncode == 0
     assert mounted.run("alice", "cat plans/a.md").stdout == "one\n"  # the daemon's sessions are open
