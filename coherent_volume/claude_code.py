@@ -42,7 +42,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import hook_merge, hook_settings, hook_steps, hooks
+from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
 from .errors import StaleWriteError
 from .hooks import Answer, Face, Progress
@@ -149,9 +149,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer()
     if name == "UserPromptSubmit":
         progress.decide(Answer(), hooks.WARN_BUDGET)
-        roots = hook_steps.volume_roots(places)
+        roots = hook_paths.volume_roots(places)
         return hooks.with_context(Answer(), name, [stale_warning(session_actor, roots, FACE, main)])
-    found = hook_steps.located(path) if path is not None else None
+    found = hook_paths.located(path) if path is not None else None
     progress.in_volume = found is not None
     if path is None or found is None:
         return Answer()  # not in a volume: always allowed

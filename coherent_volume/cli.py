@@ -461,7 +461,7 @@ def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, 
     """The volume and file named by `[ROOT] PATH` at the start of `args`, and the (at most `extra`)
     arguments after them. ROOT is a volume root or a mountpoint of one; without it, PATH is a path
     inside a volume (mounted or not). With `extra`, a first argument that is a directory is ROOT."""
-    from .hook_steps import locate
+    from .hook_paths import locate
 
     if len(args) == 2 + extra or (len(args) > 1 and os.path.isdir(args[0])):
         root, path, rest = args[0], args[1], args[2:]

@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from . import hook_merge, hook_settings, hook_steps, hooks
+from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
-from .errors import Reason, StaleWriteError, UnresolvedShellWrite
+from .errors import Reason, StaleWriteError
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes, volume_named
+from .shell_writes import shell_writes
 from .stale_warnings import stale_warning
 
 PREFIX = "codex"
@@ -163,9 +163,10 @@ def fits(data: bytes, hunks: list[Hunk]) -> bool:
     `@@ line` anchor, which the patch gives trimmed and apply_patch keeps as the file has it, is
     compared trimmed."""
     lines = data.decode("utf-8", "replace").splitlines()
+    trimmed = _trimmed(lines) if any(h.seek_only for h in hunks) else lines
     at = 0
     for hunk in (h for h in hunks if h.old):
-        have = _trimmed(lines) if hunk.seek_only else lines
+        have = trimmed if hunk.seek_only else lines
         found = _seek(have, hunk.old, at)
         if found is None:
             return False
@@ -214,27 +215,29 @@ def _command(event: dict[str, Any]) -> str | None:
     return command if isinstance(command, str) else None
 
 
-def _writes(event: dict[str, Any]) -> tuple[list[tuple[str, HandleKind]], list[tuple[str, FilePatch]]]:
-    """The files the event's patch or shell command writes (absolute), with how; and the patch's
-    updates with old lines, by absolute path."""
-    tool, cwd, command = event.get("tool_name"), event.get("cwd"), _command(event)
-    if command is None:
-        return [], []
-    if tool == SHELL_TOOL:
-        return shell_writes(command, cwd if isinstance(cwd, str) else "."), []
-    if tool != PATCH_TOOL:
-        return [], []
-    writes: list[tuple[str, HandleKind]] = []
-    updates: list[tuple[str, FilePatch]] = []
-    for patch in parse_patch(command):
-        for raw in (patch.path, patch.move_to):
-            path = hooks.absolute(raw, cwd)
-            if path is not None:
-                writes.append((path, "write"))
-        source = hooks.absolute(patch.path, cwd)
-        if source is not None and patch.op == "update" and any(h.old for h in patch.hunks):
-            updates.append((source, patch))
-    return writes, updates
+def _patches(event: dict[str, Any]) -> list[FilePatch]:
+    """The files of the event's apply_patch patch (none for another tool)."""
+    command = _command(event)
+    return parse_patch(command) if event.get("tool_name") == PATCH_TOOL and command is not None else []
+
+
+def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, HandleKind]]:
+    """The files the event's patch or shell command writes (absolute), with how."""
+    cwd, command = event.get("cwd"), _command(event)
+    if event.get("tool_name") == SHELL_TOOL and command is not None:
+        return shell_writes(command, cwd if isinstance(cwd, str) else ".")
+    paths = (hooks.absolute(raw, cwd) for patch in patches for raw in (patch.path, patch.move_to))
+    return [(path, "write") for path in paths if path is not None]
+
+
+def _updates(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, FilePatch]]:
+    """The patch's updates with old lines, by absolute path."""
+    sources = ((hooks.absolute(patch.path, event.get("cwd")), patch) for patch in patches)
+    return [
+        (source, patch)
+        for source, patch in sources
+        if source is not None and patch.op == "update" and any(h.old for h in patch.hunks)
+    ]
 
 
 def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None = None) -> Answer:
@@ -243,17 +246,14 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     name, cwd = event.get("hook_event_name"), event.get("cwd")
     places = [cwd if isinstance(cwd, str) else None]
     actor = _actor(event, process)
-    if name == "PreToolUse" and event.get("tool_name") == SHELL_TOOL:
-        command = _command(event)
-        if command is not None:
-            hooks.checking_shell(progress, volume_named(command, cwd if isinstance(cwd, str) else "."))
-    try:
-        writes, updates = _writes(event)
-    except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
-        return FACE.deny(str(unresolved), None) if name == "PreToolUse" else Answer()
-    progress.doing = None
-    progress.path = writes[0][0] if writes else None
-    progress.write_check = name == "PreToolUse" and bool(writes)
+    command, patches = _command(event), _patches(event)
+    shell = None
+    if name == "PreToolUse" and event.get("tool_name") == SHELL_TOOL and command is not None:
+        shell = command, cwd if isinstance(cwd, str) else "."
+    found = hook_steps.planned(progress, FACE, name == "PreToolUse", shell, lambda: _writes(event, patches))
+    if isinstance(found, Answer):
+        return found
+    writes, updates = found, _updates(event, patches)
     if actor is None:
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     if progress.write_check:
@@ -266,7 +266,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return denial
     if name in ("PreToolUse", "UserPromptSubmit"):
         progress.decide(Answer(), hooks.WARN_BUDGET)
-        warning = stale_warning(actor, hook_steps.volume_roots(places), FACE)
+        warning = stale_warning(actor, hook_paths.volume_roots(places), FACE)
         return hooks.with_context(Answer(), name, [warning])
     if name == "PostToolUse" and writes:
         return hooks.with_context(Answer(), name, hook_steps.end_writes(actor, writes, progress, record=True))

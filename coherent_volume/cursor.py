@@ -31,14 +31,14 @@ import json
 from functools import partial
 from typing import Any
 
-from . import hook_merge, hook_steps, hooks
+from . import hook_merge, hook_paths, hook_steps, hooks
 from .core import VolumeCore
-from .errors import StaleWriteError, UnresolvedShellWrite
+from .errors import StaleWriteError
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes, volume_named
+from .shell_writes import shell_writes
 from .stale_warnings import stale_warning
 
 PREFIX = "cursor"
@@ -98,15 +98,11 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     name = event.get("hook_event_name")
     agent = hooks.agent_name(PREFIX, event.get("conversation_id") or event.get("session_id"))
     command = event.get("command")
-    if name == "beforeShellExecution" and isinstance(command, str):
-        hooks.checking_shell(progress, volume_named(command, _base(event) or "."))
-    try:
-        writes = _writes(event)
-    except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
-        return FACE.deny(str(unresolved), None) if name in WRITE_CHECKS else Answer()
-    progress.doing = None
-    progress.path = writes[0][0] if writes else None
-    progress.write_check = name in WRITE_CHECKS and bool(writes)
+    shell = (command, _base(event) or ".") if name == "beforeShellExecution" and isinstance(command, str) else None
+    found = hook_steps.planned(progress, FACE, name in WRITE_CHECKS, shell, lambda: _writes(event))
+    if isinstance(found, Answer):
+        return found
+    writes = found
     if agent is None:
         return Answer(0, _goes_ahead(event).stdout, hook_steps.unattributed(writes, progress, "conversation_id"))
     actor = hook_steps.Actor(agent, agent, process or hooks.session_process())
@@ -118,7 +114,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         if denial is not None:
             return denial
         progress.decide(_permission("allow"), hooks.WARN_BUDGET)
-        return _permission("allow", stale_warning(actor, hook_steps.volume_roots(places), FACE))
+        return _permission("allow", stale_warning(actor, hook_paths.volume_roots(places), FACE))
     if name == "beforeReadFile":
         path, content = hooks.absolute(event.get("file_path"), _base(event)), event.get("content")
         progress.path = path

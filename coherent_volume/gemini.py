@@ -28,15 +28,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import hook_merge, hook_settings, hook_steps, hooks
+from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
-from .errors import StaleWriteError, UnresolvedShellWrite
+from .errors import StaleWriteError
 from .hook_steps import shows
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes, volume_named
+from .shell_writes import shell_writes
 from .stale_warnings import stale_warning
 
 PREFIX = "gemini"
@@ -124,16 +124,19 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     agent = hooks.agent_name(PREFIX, event.get("session_id"))
     tool_input = event.get("tool_input")
     command = tool_input.get("command") if isinstance(tool_input, dict) else None
+    shell = None
     if name == "BeforeTool" and tool == SHELL_TOOL and isinstance(tool_input, dict) and isinstance(command, str):
-        base = hooks.absolute(tool_input.get("dir_path"), cwd) or (cwd if isinstance(cwd, str) else ".")
-        hooks.checking_shell(progress, volume_named(command, base))
-    try:
-        writes = _writes(event) if tool in WRITE_TOOLS + (SHELL_TOOL,) else []
-    except UnresolvedShellWrite as unresolved:  # refused before it runs; after it, nothing to record
-        return FACE.deny(str(unresolved), None) if name == "BeforeTool" else Answer()
-    progress.doing = None
-    progress.path = writes[0][0] if writes else None
-    progress.write_check = name == "BeforeTool" and bool(writes)
+        shell = command, hooks.absolute(tool_input.get("dir_path"), cwd) or (cwd if isinstance(cwd, str) else ".")
+    found = hook_steps.planned(
+        progress,
+        FACE,
+        name == "BeforeTool",
+        shell,
+        lambda: _writes(event) if tool in WRITE_TOOLS + (SHELL_TOOL,) else [],
+    )
+    if isinstance(found, Answer):
+        return found
+    writes = found
     if agent is None:
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     actor = hook_steps.Actor(agent, agent, process or hooks.session_process())
@@ -157,7 +160,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             told = hook_steps.end_writes(actor, writes, progress, record=not failed)
         answer = hooks.with_context(Answer(), name, told)
         progress.decide(answer, hooks.WARN_BUDGET)
-        return hooks.with_context(answer, name, [stale_warning(actor, hook_steps.volume_roots(places), FACE)])
+        return hooks.with_context(answer, name, [stale_warning(actor, hook_paths.volume_roots(places), FACE)])
     return Answer()
 
 

@@ -7,7 +7,7 @@ Invariants:
   anything for it, so on a mount whatever the process does is the session's, and its own reads
   through the mount never refresh a view; a second live process on the same session id acts as
   an agent of its own (`_joined`, `core.join_session`), never as the first one;
-- a path is the file the kernel opens for it (`located`: symlinks followed, `..` applied after
+- a path is the file the kernel opens for it (`hook_paths.located`: symlinks followed, `..` applied after
   them), so no spelling of a managed file's path escapes its check;
 - on a mount the file system tells no thread of a process apart, so there a subagent acts as its
   session (`Actor.on`); elsewhere each subagent is an agent of its own;
@@ -22,21 +22,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
-from .errors import CoherenceError, OutsideVolume, StaleWriteError, UnprotectedAlias
+from .errors import CoherenceError, OutsideVolume, StaleWriteError, UnprotectedAlias, UnresolvedShellWrite
+from .hook_paths import located, volume_roots
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
-from .paths import REGISTRY_DIR, Target, is_registry_path
+from .paths import Target, is_registry_path
 from .protocol import HandleKind, agent_name_problem
-from .registry import recorded_in
+from .shell_writes import volume_named
 
 Writes = Iterable[tuple[str, HandleKind]]
 """Absolute paths an event writes, each with how (a whole-content write, or an append)."""
@@ -57,68 +56,6 @@ class Actor:
     def on(self, mounted: bool) -> str:
         """The agent acting on a path: through a mount, the process's (the session)."""
         return self.session if mounted else self.agent
-
-
-class Located(NamedTuple):
-    """Where a path lies: its volume's root and the path relative to it."""
-
-    root: str
-    rel: str
-    mounted: bool
-    """Reached through a mount of the volume (else in the plain volume directory)."""
-
-
-def _mounts() -> dict[str, str]:
-    from .mounts import fuse_mounts
-
-    return fuse_mounts()
-
-
-def located(path: str) -> Located | None:
-    """Where the file a path names lies: in a mounted volume or a plain one, else None. `path` is
-    resolved as the kernel will open it (`os.path.realpath` of the path as given, joined to the
-    working directory: symlinks followed component by component, each `..` applied to where the
-    components before it lead; a name that does not exist yet through its existing parent), so a
-    path through a symlink that lives outside a volume, or a `..` after one, finds the volume the
-    file is in. Mounts come from /proc; a plain volume is the nearest ancestor directory of the
-    resolved path holding a registry. `rel` is the path as given below the volume's root (or
-    mountpoint) when it was given there, so the core resolves it and sees the name the caller used
-    (`Target.alias_of`); else it is the resolved path's."""
-    given = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
-    real = os.path.realpath(given)
-    for mountpoint, root in _mounts().items():
-        if real == mountpoint or real.startswith(mountpoint + os.sep):
-            return Located(root, _below(given, mountpoint) or os.path.relpath(real, mountpoint), True)
-    directory = os.path.dirname(real)
-    while True:
-        if recorded_in(os.path.join(directory, REGISTRY_DIR)):
-            return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
-
-
-def _below(given: str, top: str) -> str | None:
-    """`given` relative to `top` as text (its `..` and symlinks left for the core to resolve), when
-    it is written below `top`."""
-    return given[len(top) + 1 :] if given.startswith(top + os.sep) and len(given) > len(top) + 1 else None
-
-
-def locate(path: str) -> tuple[str, str] | None:
-    """(volume root, path relative to it) for a path inside a mounted or plain volume, else None."""
-    found = located(path)
-    return None if found is None else (found.root, found.rel)
-
-
-def volume_roots(places: Iterable[str | None]) -> set[str]:
-    """The roots of every mounted volume and of the volumes holding `places` (directories)."""
-    roots = set(_mounts().values())
-    for place in places:
-        found = located(os.path.join(place, "x")) if place else None
-        if found:
-            roots.add(found.root)
-    return roots
 
 
 def when(ts: float | None) -> str:
@@ -218,6 +155,34 @@ def _managed(writes: Writes, progress: Progress) -> Iterator[list[_Volume]]:
         progress.managed = bool(volumes)
         progress.path = managed[0] if managed else progress.path
         yield volumes
+
+
+def planned(
+    progress: Progress,
+    face: Face,
+    checking: bool,
+    shell: tuple[str, str] | None,
+    find: Callable[[], list[tuple[str, HandleKind]]],
+) -> list[tuple[str, HandleKind]] | Answer:
+    """The files an event writes, as `find` works them out, with `progress` saying where the hook
+    is: a write check when `checking` (the event comes before the tool runs) and something is
+    written. `shell` is a shell command and the directory it runs in: one that runs in a volume or
+    names a path in one is a write check there while its writes are worked out (which takes
+    time), so a budget that runs out denies it. A shell write whose file is known only at run
+    time is answered instead: denied before the command runs; after it, nothing to record."""
+    if shell is not None:
+        progress.doing = "working out which files the shell command writes"
+        root = volume_named(*shell)
+        if root is not None:
+            progress.write_check, progress.path = True, root
+    try:
+        writes = find()
+    except UnresolvedShellWrite as unresolved:
+        return face.deny(str(unresolved), None) if checking else Answer()
+    progress.doing = None
+    progress.path = writes[0][0] if writes else None
+    progress.write_check = checking and bool(writes)
+    return writes
 
 
 def unattributed(writes: Writes, progress: Progress, field: str) -> str:

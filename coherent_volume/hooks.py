@@ -106,7 +106,7 @@ def agent_name(prefix: str, session: object) -> str | None:
 def absolute(path: object, base: object) -> str | None:
     """`path` joined to `base` (the agent's working directory) when relative, if it is a path. Only
     joined, never tidied: a `..` after a symlink goes up from where the symlink leads, so which file
-    a path names is `hook_steps.located`'s to find (it resolves it as the kernel will)."""
+    a path names is `hook_paths.located`'s to find (it resolves it as the kernel will)."""
     if not isinstance(path, str) or not path:
         return None
     if not os.path.isabs(path) and isinstance(base, str) and base:
@@ -305,15 +305,6 @@ def run_hook(
         f"the check did not finish in time (waited {budget:.1f} s; the volume's registry is busy: another process "
         "may hold its commit lock)",
     )
-
-
-def checking_shell(progress: Progress, root: str | None) -> None:
-    """Before a shell command's writes are worked out (which takes time): a command that runs in a
-    volume or names a path in one (that volume's `root`, from `shell_writes.volume_named`) is a
-    write check there, so a budget that runs out denies it."""
-    progress.doing = "working out which files the shell command writes"
-    if root is not None:
-        progress.write_check, progress.path = True, root
 
 
 def process_age() -> float:

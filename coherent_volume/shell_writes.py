@@ -59,7 +59,7 @@ import tree_sitter
 import tree_sitter_bash
 
 from .errors import UnresolvedShellWrite
-from .hook_steps import located
+from .hook_paths import located
 from .protocol import HandleKind
 
 _MOST_EXPANDED = 1000
