@@ -67,6 +67,12 @@ class StaleWriteError(CoherenceError, PermissionError):
             "changed": self.changed,
         }
 
+    @property
+    def based_on(self) -> int | None:
+        """The version the refused content was built on (its diff's and a merge's base): the
+        agent's view."""
+        return self.seen_version
+
     def with_diff(self, diff: str | None) -> StaleWriteError:
         """This refusal, its message showing `diff` (already cut to a readable size)."""
         self.diff = diff
@@ -87,7 +93,7 @@ class StaleWriteError(CoherenceError, PermissionError):
             f"{detail}. To fix: {REMEDY[self.reason]}."
         )
         if self.diff:
-            message += f"\nWhat changed since version {self.seen_version}:\n{self.diff.rstrip()}"
+            message += f"\nWhat changed since version {self.based_on}:\n{self.diff.rstrip()}"
         return message
 
     def __str__(self) -> str:
@@ -100,6 +106,11 @@ class CasConflict(StaleWriteError):
     def __init__(self, *args: object, expected_version: int, **kwargs: object) -> None:
         self.expected_version = expected_version
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def based_on(self) -> int | None:
+        """The expected version: the content was built on it, whatever the agent's view."""
+        return self.expected_version
 
     def _message(self) -> str:
         return f"expected version {self.expected_version}; " + super()._message()

@@ -136,7 +136,7 @@ def agent_for(client: str | None) -> str:
 def refusal_text(e: StaleWriteError) -> str:
     """What a refused write tells the model: what happened, why, what changed, what to do."""
     if e.reason == "stale":
-        what = f"{e.path} changed since you read it: you read version {e.seen_version}, it is now version "
+        what = f"{e.path} changed since you read it: you read version {e.based_on}, it is now version "
         what += f"{e.current_version}" + (f", last written by {e.last_writer}" if e.last_writer else "")
     elif e.reason == "unread":
         what = f"you have not read {e.path} in this session; it is at version {e.current_version}"
@@ -155,7 +155,7 @@ def refusal_text(e: StaleWriteError) -> str:
             f"conflicting hunk(s)), so they were not merged:\n{hunks}"
         )
     elif e.diff:
-        text += f"\nWhat changed since version {e.seen_version}:\n{e.diff.rstrip()}"
+        text += f"\nWhat changed since version {e.based_on}:\n{e.diff.rstrip()}"
     remedy = REMEDY[e.reason].format(path=e.path, changed=", ".join(e.changed))
     if e.reason == "stale" and not isinstance(e, MergeConflict):
         remedy += MERGE_HINT
@@ -268,16 +268,10 @@ class Session:
                         f"Refused (unread): nothing was written. You have not read {target.rel} in this session "
                         f"(or changed it by a merge since). To fix: {REMEDY['unread'].format(path=target.rel)}"
                     )
-                if self.core.seen(self.agent, target) != known.version:
-                    self._known.pop(target.rel, None)
-                    raise ToolRefused(
-                        f"Refused: nothing was written. Your view of {target.rel} is no longer version "
-                        f"{known.version}, the content this edit would apply to (another process of agent "
-                        f"{self.agent} read or wrote it). To fix: {REMEDY['unread'].format(path=target.rel)}"
-                    )
-                text, base = known.text, f"the version {known.version} you read"
+                text, base, expected = known.text, f"the version {known.version} you read", known.version
             else:
                 text, base = self.core.read(self.agent, target).data.decode("utf-8"), "its current content"
+                expected = None
             count = text.count(old_string)
             if count != 1:
                 found = "does not occur" if count == 0 else f"occurs {count} times"
@@ -287,12 +281,15 @@ class Session:
                     else "copy it exactly from read_file's output (call read_file again if the file changed)"
                 )
                 raise ToolRefused(f"Nothing was written: old_string {found} in {base} of {target.rel}; {hint}.")
-            return self._write(target, text.replace(old_string, new_string), merge)
+            return self._write(target, text.replace(old_string, new_string), merge, expected)
 
         return self._call(path, "editing", edit)
 
-    def _write(self, target: Target, content: str, merge: bool) -> str:
-        version = self.core.write(self.agent, target, content.encode("utf-8"), merge=merge)
+    def _write(self, target: Target, content: str, merge: bool, expected: int | None = None) -> str:
+        """Write `content`; `expected`: the version it was built on (an edit of what this session
+        read), which must be current whatever the agent's view (another session of the same agent
+        may have moved it), else it is merged onto the current version or refused."""
+        version = self.core.write(self.agent, target, content.encode("utf-8"), merge=merge, expected=expected)
         if not target.managed:
             return f"Wrote {target.rel} (not managed: not versioned, not checked)."
         if self.core.seen(self.agent, target) == version:

@@ -12,13 +12,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
+import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import Implementation, TextContent
 
 from coherent_volume import CoherentVolume
-from coherent_volume.mcp_server import READ_LIMIT
+from coherent_volume.core import open_core
+from coherent_volume.mcp_server import READ_LIMIT, Session, ToolRefused
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 P = "plans/plan.md"
@@ -177,6 +180,39 @@ def test_edit_file_applies_to_what_the_session_read(root: Path) -> None:
             assert (root / P).read_text() == "FIRST\nB1\nc\nc\nbob's line\n"
 
     run(scenario)
+
+
+def test_an_edit_is_committed_only_onto_the_version_its_session_read_whatever_the_shared_view(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions under one agent name: the second's read lands between the first's edit and its
+    commit (made deterministic by running it inside the commit call), moving the shared view to a
+    peer's newer version. The edit, built on the older version, is refused, or merged from that base."""
+    core = open_core(root)
+    first, second = Session(core, "planner"), Session(core, "planner")
+    write = core.write
+    for path, merge in (("plans/refused.md", False), ("plans/merged.md", True)):
+        with CoherentVolume(root, agent="setup") as setup:
+            setup.write(path, "one\nx\ny\ntwo\n")
+        first.read_file(path)
+        with CoherentVolume(root, agent="peer") as peer:
+            peer.read(path)
+            peer.write(path, "one\nx\ny\ntwo, by the peer\n")
+
+        def after_the_other_sessions_read(*args: Any, _path: str = path, **kwargs: Any) -> int:
+            second.read_file(_path)
+            return write(*args, **kwargs)
+
+        monkeypatch.setattr(core, "write", after_the_other_sessions_read)
+        if merge:
+            assert "merged" in first.edit_file(path, "one\n", "ONE\n", merge=True)
+            assert (root / path).read_text() == "ONE\nx\ny\ntwo, by the peer\n"
+        else:
+            with pytest.raises(ToolRefused, match=r"Refused \(stale\).*you read version 1, it is now version 2"):
+                first.edit_file(path, "one\n", "ONE\n")
+            assert (root / path).read_text() == "one\nx\ny\ntwo, by the peer\n", "the peer's commit is kept"
+        monkeypatch.undo()
+    core.close()
 
 
 def test_bad_input_gets_a_clear_tool_error(root: Path) -> None:

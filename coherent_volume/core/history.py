@@ -139,29 +139,38 @@ class History(Writes):
         """`refusal` with the diff from the version its agent read to the current one attached (cut
         to a readable size); none when it never read the file, the content is binary or too large
         to diff quickly (`diffs.small_enough`), or the base is no longer retained or damaged."""
-        if refusal.seen_version is None or refusal.seen_version == refusal.current_version:
+        base = refusal.based_on
+        if base is None or base == refusal.current_version:
             return refusal
         target = self.paths.of_rel(refusal.path)
-        entries = self._entries(target, refusal.seen_version, refusal.current_version)
+        entries = self._entries(target, base, refusal.current_version)
         if not diffs.small_enough(*(entry.size or 0 if entry is not None else 0 for entry in entries)):
             return refusal  # `coherent-volume diff` shows it, without a refusal waiting for it
         try:
-            diff = self._diff(target, refusal.seen_version, refusal.current_version, entries)
+            diff = self._diff(target, base, refusal.current_version, entries)
         except CoherenceError:
             return refusal
         return refusal.with_diff(None if diff is None else diffs.cut(diff))
 
     def write(
-        self, agent: str, target: Target, data: bytes, *, isolation: Isolation = "file", merge: bool = False
+        self,
+        agent: str,
+        target: Target,
+        data: bytes,
+        *,
+        isolation: Isolation = "file",
+        merge: bool = False,
+        expected: int | None = None,
     ) -> int:
         """A face's write of whole content: merged when a refusal allows it and `merge` asks for it
         or the volume's policy names the path (`write_merging`), else a plain commit; a refusal
-        carries its diff. The policy is read only once a write is refused (a write that goes
-        through is the same commit either way)."""
+        carries its diff. `expected`: the version `data` was built on, which must be current (a
+        compare-and-swap, whatever the agent's view; a merge's base). The policy is read only once
+        a write is refused (a write that goes through is the same commit either way)."""
         if target.managed and merge:
-            return self.write_merging(agent, target, data, isolation)
+            return self.write_merging(agent, target, data, isolation, expected=expected)
         try:
-            return self.commit(agent, target, data, isolation=isolation)
+            return self.commit(agent, target, data, isolation=isolation, expected=expected)
         except StaleWriteError as e:
             refusal = e
         if target.managed and self.policy().merges(target.rel):
@@ -175,6 +184,7 @@ class History(Writes):
         data: bytes,
         isolation: Isolation = "file",
         refused: StaleWriteError | None = None,
+        expected: int | None = None,
     ) -> int:
         """Commit `data`; if that is refused `stale` (only: `protocol.may_merge`) and the version the
         agent read is retained, commit instead the three-way line merge of it (base), `data` (ours)
@@ -183,15 +193,17 @@ class History(Writes):
         result. Overlapping changes raise MergeConflict (with the hunks), binary content, a side over
         `diffs.MAX_MERGE_BYTES` or a pruned base the stale refusal (with its diff); either way
         nothing changes. `refused`: the refusal
-        `data` already got (and logged), so it is not tried again."""
+        `data` already got (and logged), so it is not tried again. `expected`: as for `write` (then
+        the merge's base is that version, not the agent's view)."""
         refusal = refused
         if refusal is None:
             try:
-                return self.commit(agent, target, data, isolation=isolation)
+                return self.commit(agent, target, data, isolation=isolation, expected=expected)
             except StaleWriteError as e:
                 refusal = e
+        base = refusal.based_on  # the merge commit's own refusals are based on theirs, not on this
         for _ in range(MERGE_ATTEMPTS):
-            merged, parents = self._merged(target, refusal, data)
+            merged, parents = self._merged(target, refusal, data, base)
             try:
                 return self.commit(
                     agent, target, merged, isolation=isolation, expected=parents[1], made=("merge", parents)
@@ -202,12 +214,15 @@ class History(Writes):
                 refusal = e  # another commit landed between the merge and its commit: merge onto it
         raise self.refusal_diff(refusal)
 
-    def _merged(self, target: Target, refusal: StaleWriteError, ours: bytes) -> tuple[bytes, tuple[int, int]]:
-        """The merge `write_merging` commits for a refused write, and its parents (base, theirs);
-        raises what the writer is told when there is none."""
-        if not may_merge(refusal.reason, True) or refusal.seen_version is None:
+    def _merged(
+        self, target: Target, refusal: StaleWriteError, ours: bytes, base_version: int | None
+    ) -> tuple[bytes, tuple[int, int]]:
+        """The merge `write_merging` commits for a refused write whose content was built on
+        `base_version`, and its parents (base, theirs); raises what the writer is told when there
+        is none."""
+        theirs_version = refusal.current_version
+        if not may_merge(refusal.reason, True) or base_version is None:
             raise self.refusal_diff(refusal)
-        base_version, theirs_version = refusal.seen_version, refusal.current_version
         base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
         sizes = (entry.size or 0 for entry in (base_entry, theirs_entry) if entry is not None)
         if not diffs.mergeable(len(ours), *sizes):
