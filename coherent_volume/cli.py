@@ -23,10 +23,9 @@ import click
 from . import report
 from .core import VolumeCore, open_core
 from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
+from .globs import ManagedGlobs
 from .paths import Target
 from .policy import MAX_KEEP_DAYS, Policy, Retention
-from .protocol import Version
-from .registry import Event
 
 EXIT_ERROR = 1
 """Any other error (click uses 2 for bad usage)."""
@@ -105,7 +104,7 @@ def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
             multiple=True,
             metavar="GLOB",
             help="Managed paths whose stale writes are merged three-way when the changes do not overlap "
-            "(repeatable; replaces the stored list).",
+            "(repeatable; replaces the stored list; a glob no managed path can match is refused).",
         ),
         click.option(
             "--keep-days", type=click.FloatRange(min=0, max=MAX_KEEP_DAYS), help="Keep every version this many days."
@@ -192,6 +191,8 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
         raise click.UsageError("--volume names a volume in a PostgreSQL registry: give --registry too")
     if not globs and registry is None:
         raise click.UsageError("give the managed paths (--managed GLOB), or join a PostgreSQL volume (--registry)")
+    if globs and policy["merge"]:  # refused before anything is written (joining, the globs are the volume's)
+        Policy(policy["merge"]).check_merges(ManagedGlobs.of(globs))
     made = _first_missing(os.path.abspath(root))
     os.makedirs(root, exist_ok=True)
     try:
@@ -367,16 +368,31 @@ def forget(root: str, copy: str, as_json: bool) -> None:
         )
 
 
-def _event_row(e: Event) -> list[str]:
+def _made(kind: str, parents: tuple[int, ...]) -> str:
+    """A version's kind, with what a restore or merge was made from."""
+    if kind == "restore" and parents:
+        return f"restore of v{parents[0]}"
+    if kind == "merge" and parents:
+        return f"merge of v{parents[0]} and v{parents[-1]}"
+    return kind
+
+
+def _event_row(line: report.LogLine) -> list[str]:
+    """A log line as a row: its detail's first line only (a conflict's hunks follow it: `why`)."""
+    e = line.event
     if e.kind == "refusal":
         what = f"{e.reason}: read v{e.seen_version if e.seen_version is not None else '-'}, current v{e.version}"
+    elif e.kind == "conflict":  # its detail names the versions
+        what = ""
+    elif line.parents:
+        what = f"v{e.version} ({_made(line.kind, line.parents)})"
     elif e.version is not None:
         what = f"v{e.version}" + (f" (from v{e.seen_version})" if e.seen_version is not None else "")
     else:
         what = ""
     if e.detail:
-        what = f"{what} {e.detail}".strip()
-    return [str(e.seq), _when(e.at), e.kind, e.path or "-", e.agent or "-", what]
+        what = f"{what} {e.detail.partition(chr(10))[0]}".strip()
+    return [str(e.seq), _when(e.at), line.kind, e.path or "-", e.agent or "-", what]
 
 
 _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
@@ -397,30 +413,32 @@ _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
 @click.option("--patch", "-p", is_flag=True, help="Show each version's diff against the version before it.")
 @_guard
 def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None:
-    """Commits, refusals (with reason), foreign writes, grants and reclaims, oldest first.
+    """Commits, refusals (with reason), merge conflicts, foreign writes, grants and reclaims,
+    oldest first. A commit is named by the kind of version it made, as `history` names it
+    (commit, merge, restore), with the versions a merge or restore was made from ("parents").
 
     With -p, each event that made a version is followed by its diff against the version before
     it (none for binary content; a note when either version's bytes are not retained); --json
     adds them as "diff" and "diff_note"."""
     core = _open(root)
     batch = report.events(core, limit=limit)
-    after = batch[-1].seq if batch else 0
+    after = batch[-1].event.seq if batch else 0
 
-    def emit(items: list[Event]) -> None:
+    def emit(items: list[report.LogLine]) -> None:
         if as_json:
-            for e in items:
-                data: dict[str, object] = asdict(e)
+            for line in items:
+                data = line.as_json()
                 if patch:
-                    shown = report.commit_diff(core, e)
+                    shown = report.commit_diff(core, line)
                     data["diff"], data["diff_note"] = (shown.diff, shown.note) if shown else (None, None)
                 click.echo(json.dumps(data, sort_keys=True))
         elif follow or patch:
-            for e in items:
-                click.echo("  ".join(_event_row(e)))
+            for line in items:
+                click.echo("  ".join(_event_row(line)))
                 if patch:
-                    _echo_diff(report.commit_diff(core, e))
+                    _echo_diff(report.commit_diff(core, line))
         else:
-            _console().print(_table("log", _LOG_COLUMNS, [_event_row(e) for e in items]))
+            _console().print(_table("log", _LOG_COLUMNS, [_event_row(line) for line in items]))
         sys.stdout.flush()
 
     emit(batch)
@@ -428,7 +446,7 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
         time.sleep(0.2)
         batch = report.events(core, after=after)
         if batch:
-            after = batch[-1].seq
+            after = batch[-1].event.seq
             emit(batch)
 
 
@@ -484,7 +502,8 @@ def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, 
 @_guard
 def why(paths: tuple[str, ...], as_json: bool) -> None:
     """Why a write to PATH was refused: the refusal, who changed the file since (and the diff from
-    the refused agent's view to the current version), and what to do.
+    the refused agent's view to the current version; for a write that was to be merged, the hunks
+    that overlapped), and what to do.
 
     Give the volume ROOT and a PATH in it, or just a PATH inside a volume (mounted or not)."""
     core, target, _ = _target(paths)
@@ -514,15 +533,10 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
             click.echo(answer.diff, nl=False)
         elif answer.diff_note:
             console.print(answer.diff_note)
+        if answer.conflict:
+            console.print("the write was to be merged, and its changes overlapped:")
+            click.echo(answer.conflict, nl=False)
     console.print(f"what to do: {answer.advice}")
-
-
-def _kind(v: Version) -> str:
-    if v.kind == "restore" and v.parents:
-        return f"restore of v{v.parents[0]}"
-    if v.kind == "merge" and v.parents:
-        return f"merge of v{v.parents[0]} and v{v.parents[-1]}"
-    return v.kind
 
 
 @main.command()
@@ -545,7 +559,7 @@ def history(paths: tuple[str, ...], limit: int | None, as_json: bool) -> None:
             [
                 [
                     str(v.version),
-                    _kind(v),
+                    _made(v.kind, v.parents),
                     v.writer,
                     _when(v.at),
                     "-" if v.size is None else str(v.size),

@@ -195,7 +195,8 @@ class InvalidPath(CoherenceError, ValueError):
 
 
 class GlobError(CoherenceError, ValueError):
-    """A malformed managed glob, or a glob set that protects nothing."""
+    """A malformed managed glob, a glob set that protects nothing, or a merge glob that no managed
+    path can match."""
 
 
 class VolumeConfigError(CoherenceError, ValueError):

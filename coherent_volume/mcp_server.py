@@ -371,14 +371,16 @@ class Session:
                     f"current was version {r.version}"
                 )
                 lines += [
-                    f"  then: v{e.version} {e.kind} by {e.agent} at {_when(e.at)}"
-                    + (f" ({e.detail})" if e.detail else "")
-                    for e in answer.changes
+                    f"  then: v{c.event.version} {c.kind} by {c.event.agent} at {_when(c.event.at)}"
+                    + (f" ({c.event.detail})" if c.event.detail else "")
+                    for c in answer.changes
                 ]
                 if answer.diff:
                     lines.append(f"what changed since version {r.seen_version}:\n{answer.diff.rstrip()}")
                 elif answer.diff_note:
                     lines.append(answer.diff_note)
+                if answer.conflict:
+                    lines.append(f"the write was to be merged, and its changes overlapped:\n{answer.conflict.rstrip()}")
             lines.append(f"what to do: {answer.advice}")
             return "\n".join(lines)
 

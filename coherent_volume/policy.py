@@ -1,5 +1,6 @@
 """A volume's policy, set at `init` and changeable later: which managed paths merge a stale write
-instead of refusing it, and how long versions' bytes are retained. Pure: no I/O.
+instead of refusing it (merge globs, each one that managed paths may match: `Policy.check_merges`),
+and how long versions' bytes are retained. Pure: no I/O.
 
 Invariants: pruning never selects a current version, a version some agent's view points at (its
 refusal diffs need it as a base), nor one of the last `keep_last` versions of its path."""
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .errors import VolumeConfigError
+from .errors import GlobError, VolumeConfigError
 from .globs import ManagedGlobs
 from .protocol import Version
 
@@ -51,6 +52,18 @@ class Policy:
     def merges(self, rel: str) -> bool:
         globs: ManagedGlobs | None = self._merge  # type: ignore[attr-defined]
         return globs is not None and globs.matches(rel)
+
+    def check_merges(self, managed: ManagedGlobs) -> None:
+        """Refuse (GlobError) merge globs that no path of `managed` can match
+        (`ManagedGlobs.may_share`): they would silently never apply."""
+        never = [glob for glob in self.merge if not managed.may_share(glob)]
+        if never:
+            raise GlobError(
+                f"merge glob{'s' if len(never) > 1 else ''} {', '.join(map(repr, never))} can match no managed "
+                f"path (the volume manages {', '.join(map(repr, managed.patterns))}): a merge glob names managed "
+                "files whose stale writes are merged, so it would never apply. The merge globs were not set: "
+                "give ones that managed paths match, or none"
+            )
 
     def to_json(self) -> str:
         r = self.retention

@@ -99,13 +99,16 @@ class Version(NamedTuple):
     """The versions it was made from, when more than its predecessor (a merge: base and theirs; a
     restore: the version restored)."""
     retained: bool = True
-    """Its bytes are kept (False once pruned by the retention policy)."""
+    """Its bytes are kept (False once pruned by the retention policy). The registry records a
+    deletion as retained (there is nothing to prune); `History.history` lists it as not: it has
+    no bytes to read."""
 
 
 EventKind = Literal[
-    "commit", "delete", "refusal", "foreign", "adopt", "clobber", "reclaim", "grant", "release", "recover"
+    "commit", "delete", "refusal", "conflict", "foreign", "adopt", "clobber", "reclaim", "grant", "release", "recover"
 ]
-"""What a line of the volume's log records."""
+"""What a line of the volume's log records (`conflict`: a refused write asked to merge, whose changes
+overlapped the current version's; logged after its refusal, its hunks in the detail)."""
 
 ViewState = Literal["fresh", "stale", "unread"]
 Recovery = Literal["completed", "abandoned", "installed", "superseded", "finished"]

@@ -13,7 +13,7 @@ from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
 from .mounts import mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
-from .registry import AgentSummary, Event
+from .registry import AgentSummary, Event, Transaction
 from .registry.pg_hosts import WorkingCopy
 from .registry.pg_open import boot_id
 from .registry.postgresql import PostgresRegistry
@@ -150,11 +150,38 @@ def store_size(core: VolumeCore) -> StoreSize:
         return StoreSize(*tx.stored())
 
 
-def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[Event]:
+@dataclass(frozen=True)
+class LogLine:
+    """One line of the log as `log` and `why` show it: `event`, named `kind` (an agent's commit by
+    the kind of the version it made, as `history` names it: commit, merge or restore; any other
+    event by its own kind), with the `parents` that version was made from (a merge's base and
+    theirs, a restore's version; else none)."""
+
+    event: Event
+    kind: str
+    parents: tuple[int, ...] = ()
+
+    def as_json(self) -> dict[str, object]:
+        return {**asdict(self.event), "kind": self.kind, "parents": list(self.parents)}
+
+
+def _lines(tx: Transaction, events: list[Event]) -> list[LogLine]:
+    """`events` as log lines: each commit named by its version's history entry."""
+    lines = []
+    for e in events:
+        entry = None
+        if e.kind == "commit" and e.path is not None and e.version is not None:
+            entry = tx.version_entry(e.path, e.version)
+        lines.append(LogLine(e, e.kind) if entry is None else LogLine(e, entry.kind, entry.parents))
+    return lines
+
+
+def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[LogLine]:
+    """The log after event `after`, oldest first: the newest `limit` lines only, if given."""
     with core.registry.read() as tx:
         if limit is None:
-            return tx.events(after=after)
-        return list(reversed(tx.events(after=after, limit=limit, newest_first=True)))
+            return _lines(tx, tx.events(after=after))
+        return _lines(tx, list(reversed(tx.events(after=after, limit=limit, newest_first=True))))
 
 
 def made_version(e: Event) -> bool:
@@ -188,9 +215,10 @@ def version_diff(core: VolumeCore, target: Target, old: int, new: int) -> Versio
     return VersionDiff(old, new, diff)
 
 
-def commit_diff(core: VolumeCore, e: Event) -> VersionDiff | None:
-    """For a log event that made a version (`made_version`), the diff against the version before
-    it; None for any other event."""
+def commit_diff(core: VolumeCore, line: LogLine) -> VersionDiff | None:
+    """For a log line whose event made a version (`made_version`), the diff against the version
+    before it; None for any other event."""
+    e = line.event
     if not made_version(e):
         return None
     assert e.path is not None and e.version is not None
@@ -207,16 +235,19 @@ class Why:
     committed_at: float | None
     holder: str | None
     refusal: Event | None
-    changes: list[Event]
+    changes: list[LogLine]
     """Commits, deletions and foreign writes after the version the refused agent had read."""
     advice: str
     diff: str | None = None
     """From the refused agent's view to the current version, cut like a refusal's (`diffs.cut`);
     empty when nothing changed since, None when there is none (`diff_note` says why)."""
     diff_note: str | None = None
+    conflict: str | None = None
+    """When the refused write was to be merged and overlapped the current version: what conflicted,
+    then the conflicting hunks, cut like the diff (the `conflict` event logged after the refusal)."""
 
     def as_json(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "changes": [line.as_json() for line in self.changes]}
 
 
 def why(core: VolumeCore, target: Target) -> Why:
@@ -231,11 +262,24 @@ def why(core: VolumeCore, target: Target) -> Why:
         holder = grant.agent if grant and not grant_over(grant, now, grant.owner.alive()) else None
         found = tx.events(path=target.rel, kind="refusal", limit=1, newest_first=True)
         refusal = found[0] if found else None
-        changes = [
-            e
-            for e in tx.events(path=target.rel)
-            if made_version(e) and refusal is not None and (e.version or 0) > (refusal.seen_version or 0)
-        ]
+        changes = _lines(
+            tx,
+            [
+                e
+                for e in tx.events(path=target.rel)
+                if made_version(e) and refusal is not None and (e.version or 0) > (refusal.seen_version or 0)
+            ],
+        )
+        conflict = None
+        if refusal is not None:
+            conflict = next(
+                (
+                    e.detail
+                    for e in tx.events(after=refusal.seq, path=target.rel, kind="conflict")
+                    if (e.agent, e.seen_version, e.version) == (refusal.agent, refusal.seen_version, refusal.version)
+                ),
+                None,
+            )
     current = record.version if record else 0
     diff = note = None
     if not target.managed:
@@ -262,4 +306,5 @@ def why(core: VolumeCore, target: Target) -> Why:
         advice,
         diff,
         note,
+        conflict,
     )

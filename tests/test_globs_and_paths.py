@@ -222,3 +222,57 @@ def test_every_ancestor_of_a_managed_path_is_reached_and_no_other_directory(patt
     assert holders, "the sample must hold managed paths"
     for directory in ["", *(p for p in paths if p.count("/") < 2)]:
         assert globs.reaches(directory) == (directory in holders), directory
+
+
+@pytest.mark.parametrize(
+    ("managed", "merge", "shared"),
+    [
+        (["plans/**"], "notes/*.md", False),
+        (["plans/**"], "plans/log.md", True),
+        (["plans/**"], "plans", False),  # 'plans/**' is what lies below plans/, not plans itself
+        (["plans/**"], "**", True),
+        (["plans/**"], "**/*.md", True),
+        (["plans/**"], "*.md", False),  # one segment, at the root
+        (["plans/**"], "p*/x", True),
+        (["plans/**"], "q*/x", False),
+        (["plans/**"], "pla?s/x", True),
+        (["plans/**", "*.md"], "README.md", True),
+        (["plans/**", "*.md"], "*.txt", False),
+        (["plans/**", "*.md"], "docs/**/x.md", False),
+        (["src/**/*.py"], "src/a.txt", False),
+        (["src/**/*.py"], "**/x.py", True),
+        (["*.md"], "*.m?", True),
+        (["a[bc]/x"], "a[de]/x", True),  # two classes are taken to share a character
+        (["a/b"], "a[%-0]b", True),  # a class holding '/' matches across segments: 'a/b' matches both
+    ],
+)
+def test_may_share_decides_whether_a_glob_can_match_a_managed_path(
+    managed: list[str], merge: str, shared: bool
+) -> None:
+    assert ManagedGlobs.of(managed).may_share(merge) is shared
+
+
+_NAMES = ["a", "b", "aa", "ab", "ba", "bb"]
+_SAMPLE = ["/".join(p) for depth in (1, 2, 3, 4) for p in itertools.product(_NAMES, repeat=depth)]
+
+
+def _glob(tokens: list[str]) -> st.SearchStrategy[str]:
+    segment = st.lists(st.sampled_from(tokens), min_size=1, max_size=2).map("".join).filter(lambda s: "**" not in s)
+    return st.lists(segment | st.just("**"), min_size=1, max_size=3).map("/".join)
+
+
+@given(_glob(["a", "b", "*", "?", "[ab]", "[!a]"]), _glob(["a", "b", "*", "?", "[ab]", "[!a]"]))
+def test_a_glob_said_to_share_no_path_with_the_managed_ones_shares_none(managed: str, other: str) -> None:
+    """Soundness: where `may_share` says no, no sampled path matches both globs."""
+    globs, others = ManagedGlobs.of([managed]), ManagedGlobs.of([other])
+    if not globs.may_share(other):
+        assert not [p for p in _SAMPLE if globs.matches(p) and others.matches(p)]
+
+
+@given(_glob(["a", "b", "*"]), _glob(["a", "b", "*"]))
+def test_without_classes_may_share_is_exact(managed: str, other: str) -> None:
+    """Globs of plain characters, '*' and '**': where `may_share` says yes, a sampled path matches
+    both (the sample holds a witness for globs this small)."""
+    globs, others = ManagedGlobs.of([managed]), ManagedGlobs.of([other])
+    witnesses = [p for p in _SAMPLE if globs.matches(p) and others.matches(p)]
+    assert globs.may_share(other) is bool(witnesses)

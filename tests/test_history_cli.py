@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError, VolumeConfigError
+from coherent_volume import CoherentVolume, GlobError, MergeConflict, Policy, StaleWriteError, VolumeConfigError
 from coherent_volume.fingerprint import content_hash
 from coherent_volume.policy import Retention
 
@@ -295,3 +295,151 @@ def test_the_history_commands_inside_a_mount(mounted: Mount) -> None:
     assert "restored v2 as v4" in ok("restore", m / P, "--version", "2", env={"COHERENT_AGENT": "bob"})
     assert mounted.run("carol", f"cat {P}").stdout == "one\n"
     assert "+two\n" in ok("log", m, "-p")
+
+
+def test_a_deletion_is_listed_as_holding_no_bytes(root: Path) -> None:
+    """A deletion has no bytes: `history` (JSON, text) and the API say it retains none, as `show`
+    finds; a deletion outside the volume too."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, "one\n")
+        alice.delete(P)
+        alice.write("plans/q.md", "q\n")
+    (root / "plans/q.md").unlink()  # deleted outside the volume: recorded by `external` at the next look
+    listed = json.loads(ok("history", root, P, "--json"))["versions"]
+    assert [(v["version"], v["kind"], v["hash"], v["retained"]) for v in listed] == [
+        (2, "delete", None, False),
+        (1, "commit", content_hash(b"one\n"), True),
+    ]
+    outside = json.loads(ok("history", root, "plans/q.md", "--json"))["versions"]
+    assert [(v["kind"], v["writer"], v["retained"]) for v in outside] == [
+        ("delete", "external", False),
+        ("commit", "alice", True),
+    ]
+    with CoherentVolume(root, agent="bob") as bob:
+        assert [(v.kind, v.retained) for v in bob.history(P)] == [("delete", False), ("commit", True)]
+    gone = cv("show", root, P, "--version", "2")
+    assert gone.returncode == GONE and "is a deletion" in gone.stderr
+    human = ok("history", root, P)
+    deletion = next(line for line in human.splitlines() if line.strip().startswith("2 "))
+    assert "delete" in deletion and "pruned" not in deletion
+
+
+def test_log_names_each_version_by_its_kind_as_history_does(root: Path) -> None:
+    """`log` and `why` name a version by the kind `history` gives it (a merge, a restore), with
+    its parents."""
+    with (
+        CoherentVolume(root, agent="alice") as alice,
+        CoherentVolume(root, agent="bob") as bob,
+        CoherentVolume(root, agent="carol") as carol,
+    ):
+        alice.write(P, "a\nb\nc\n")  # v1
+        bob.read(P)
+        carol.read(P)
+        alice.write(P, "a\nb by alice\nc\n")  # v2
+        bob.write(P, "a\nb\nc\nd by bob\n", merge=True)  # v3: a merge of v1 and v2
+        alice.read(P)
+        alice.restore(P, 1)  # v4
+        alice.delete(P)  # v5
+        with pytest.raises(StaleWriteError):
+            carol.write(P, "carol's\n")
+    kinds = {1: ("commit", []), 2: ("commit", []), 3: ("merge", [1, 2]), 4: ("restore", [1]), 5: ("delete", [])}
+    history = json.loads(ok("history", root, P, "--json"))["versions"]
+    assert {v["version"]: (v["kind"], v["parents"]) for v in history} == kinds
+    for args in ((), ("-p",)):
+        lines = [json.loads(line) for line in ok("log", root, "--json", *args).splitlines()]
+        made = {e["version"]: (e["kind"], e["parents"]) for e in lines if e["path"] == P and e["kind"] != "refusal"}
+        assert made == kinds
+        assert all(e["parents"] == [] for e in lines if e["kind"] == "refusal")
+    human = ok("log", root)
+    assert "merge of v1 and v2" in human and "restore of v1" in human
+    merge_row = next(line for line in human.splitlines() if "merge of v1 and v2" in line)
+    assert " merge " in merge_row and " commit " not in merge_row
+    why = json.loads(ok("why", root, P, "--json"))
+    assert [(c["version"], c["kind"], c["parents"]) for c in why["changes"]] == [(v, *kinds[v]) for v in (2, 3, 4, 5)]
+    assert "merge of v1 and v2" in ok("why", root, P)
+
+
+def test_why_shows_the_hunks_of_a_merge_that_conflicted_through_the_mount(tmp_path: Path) -> None:
+    """A stale save over a merge-glob file whose changes overlap is refused (EACCES) through the
+    mount; `why` then shows the conflicting hunks, as MergeConflict carries them in the API."""
+    root = tmp_path / "vol"
+    ok("init", root, "-m", "plans/**", "--merge", "plans/log.md")
+    (root / "plans").mkdir()
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/log.md", "one\ntwo\nthree\n")  # v1
+    with Mount(root, tmp_path / "mnt") as m:
+        log = m.path / "plans/log.md"
+        assert m.run("a", "cat plans/log.md >/dev/null").returncode == 0  # a's view: v1
+        saved = m.run("b", "cat plans/log.md >/dev/null && printf 'one\\nTWO by b\\nthree\\n' > t && mv t plans/log.md")
+        assert saved.returncode == 0, saved.stderr  # v2
+        clash = m.run("a", "printf 'one\\nTWO by a\\nthree\\n' > t2 && mv t2 plans/log.md")
+        assert clash.returncode != 0 and "Permission denied" in clash.stderr
+        assert log.read_text() == "one\nTWO by b\nthree\n"
+        human = ok("why", log)
+        data = json.loads(ok("why", log, "--json"))
+    hunk = "@@ base line 2 @@\n<<<<<<< yours\nTWO by a\n||||||| base\ntwo\n=======\nTWO by b\n>>>>>>> current\n"
+    assert "agent a (stale)" in human and "the write was to be merged, and its changes overlapped:" in human
+    assert "1 conflicting hunk between the change of a (yours) and v2 (current), both made from v1" in human
+    assert hunk in human
+    assert data["refusal"]["agent"] == "a" and data["conflict"].endswith(hunk)
+    [logged] = [json.loads(line) for line in ok("log", root, "--json").splitlines() if '"conflict"' in line]
+    assert (logged["kind"], logged["agent"], logged["seen_version"], logged["version"]) == ("conflict", "a", 1, 2)
+
+
+def test_why_cuts_the_hunks_of_a_conflict_and_shows_none_for_a_later_plain_refusal(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, "".join(f"line {i}\n" for i in range(300)))
+        bob.read(P)
+        alice.write(P, "".join(f"line {i} by alice\n" for i in range(300)))
+        with pytest.raises(MergeConflict):
+            bob.write(P, "".join(f"line {i} by bob\n" for i in range(300)), merge=True)
+        conflict = json.loads(ok("why", root, P, "--json"))["conflict"].splitlines()
+        assert (
+            conflict[0]
+            == "1 conflicting hunk between the change of bob (yours) and v2 (current), both made from v1: nothing was merged"
+        )
+        assert len(conflict) == 82 and conflict[-1] == "... 825 more lines of the diff not shown"
+        assert conflict[1:4] == ["@@ base line 1 @@", "<<<<<<< yours", "line 0 by bob"]
+        with pytest.raises(StaleWriteError):
+            bob.write(P, "bob, without merging\n")  # the last refusal now: no merge was asked for
+    assert json.loads(ok("why", root, P, "--json"))["conflict"] is None
+    assert "overlapped" not in ok("why", root, P)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under `root`: its mode, mtime and (for a file) bytes."""
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        for p in root.rglob("*")
+    }
+
+
+def test_a_merge_glob_that_no_managed_path_can_match_is_refused(tmp_path: Path) -> None:
+    """`init --merge` (and `policy --merge`, and the API) refuse a merge glob that can never apply,
+    naming it: nothing is written."""
+    fresh = tmp_path / "new" / "vol"
+    refused = cv("init", fresh, "-m", "plans/**", "--merge", "notes/*.md")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "merge glob 'notes/*.md' can match no managed path (the volume manages 'plans/**')" in refused.stderr
+    assert not (tmp_path / "new").exists()
+
+    root = tmp_path / "vol"
+    ok("init", root, "-m", "plans/**", "--merge", "plans/log.md")
+    (root / "plans").mkdir()
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/log.md", "one\n")
+    before = _tree(root)
+    again = cv("init", root, "-m", "plans/**", "--merge", "plans/log.md", "--merge", "*.md", "--keep-last", "3")
+    assert again.returncode == 1 and "merge glob '*.md' can match no managed path" in again.stderr
+    assert _tree(root) == before, "a refused init writes nothing, not even into an existing volume"
+
+    policy = cv("policy", root, "--merge", "x/*", "--merge", "plans", "--keep-days", "1")
+    assert policy.returncode == 1 and "merge globs 'x/*', 'plans' can match no managed path" in policy.stderr
+    with CoherentVolume(root, agent="alice") as alice:
+        with pytest.raises(GlobError, match="'notes/\\*\\.md' can match no managed path"):
+            alice.set_policy(Policy(merge=("plans/**", "notes/*.md")))
+        assert alice.policy == Policy(merge=("plans/log.md",)), "nothing stored: neither merge globs nor retention"
+    assert {rel: entry for rel, entry in _tree(root).items() if not rel.startswith(".coherent")} == {
+        rel: entry for rel, entry in before.items() if not rel.startswith(".coherent")
+    }
+    assert "merge: **/*.md;" in ok("policy", root, "--merge", "**/*.md")  # may match managed paths: accepted

@@ -102,11 +102,13 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arena]:
 
 @dataclass(frozen=True)
 class Refused:
-    """A refusal the registry's log must hold afterwards."""
+    """A refusal the registry's log must hold afterwards (or, `kind` "conflict", the conflict of a
+    refused merge, logged after its refusal, that `why` must show)."""
 
     path: str
     agent: str
-    reason: str
+    reason: str | None
+    kind: str = "refusal"
 
 
 class Case:
@@ -187,6 +189,10 @@ class Case:
     def refusal(self, path: str, agent: str, reason: str) -> None:
         """The refusal the registry's log must gain."""
         self.refused.append(Refused(path, agent, reason))
+
+    def conflict(self, path: str, agent: str) -> None:
+        """The merge conflict the registry's log must gain after the refusal."""
+        self.refused.append(Refused(path, agent, None, "conflict"))
 
     def daemon(self, pattern: str) -> None:
         """A line the mount daemon must log for the refusal (a regular expression)."""
@@ -379,7 +385,7 @@ def differences(case: Case, before: Snapshot, after: Snapshot) -> list[str]:
     log entry (which must be there, in the registry's log, `log --json` and `why`) and the renewal
     of an open handle's lease by its holder's heartbeat (`unrenewed`)."""
     found = []
-    expected = [("refusal", r.path, r.agent, r.reason) for r in case.refused]
+    expected = [(r.kind, r.path, r.agent, r.reason) for r in case.refused]
     for table in sorted(before.tables.keys() | after.tables.keys()):
         old, new = before.tables.get(table, []), after.tables.get(table, [])
         if table == "grants":
@@ -403,7 +409,12 @@ def differences(case: Case, before: Snapshot, after: Snapshot) -> list[str]:
         changed = sorted(k for k in before.disk.keys() | after.disk.keys() if before.disk.get(k) != after.disk.get(k))
         found.append(f"the disk under the root changed at {changed}")
     for r in case.refused:
-        why = json.loads(_cli_json("why", str(case.root), r.path))["refusal"]
+        answer = json.loads(_cli_json("why", str(case.root), r.path))
+        if r.kind == "conflict":
+            if f"the change of {r.agent} (yours)" not in (answer["conflict"] or ""):
+                found.append(f"`why {r.path}` does not show the conflict of {r.agent}: {answer['conflict']!r}")
+            continue
+        why = answer["refusal"]
         if why is None or (why["agent"], why["reason"]) != (r.agent, r.reason):
             found.append(f"`why {r.path}` does not name the refusal of {r.agent} ({r.reason}): {why!r}")
     return found
@@ -690,6 +701,7 @@ def _(c: Case) -> Iterator[None]:
     with pytest.raises(MergeConflict):  # bob changed the same line
         c.api(c.alice).write(c.a, "alice's line\n", merge=True)
     c.refusal(c.a, c.alice, "stale")
+    c.conflict(c.a, c.alice)
     yield
     c.api(c.alice).read(c.a)
 
@@ -893,6 +905,7 @@ def _(c: Case) -> Iterator[None]:
     yield
     refused_in_mount(c.sh(c.alice, f"mv {saved} {merged}"))  # a save by rename: merged, here refused
     c.refusal(merged, c.alice, "stale")
+    c.conflict(merged, c.alice)
     yield
     assert c.sh(c.alice, f"cat {merged}").returncode == 0
 

@@ -126,6 +126,14 @@ def test_history_diff_restore_and_merge(root: Path) -> None:
         with pytest.raises(StaleWriteError) as refused:
             b.write("plans/p.md", "late\n")
         assert refused.value.reason == "stale" and refused.value.current_version == 4
+    log = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, timeout=60)
+    made = [(e["version"], e["kind"], e["parents"]) for e in map(json.loads, log.stdout.splitlines())]
+    assert [m for m in made if m[1] != "refusal"] == [
+        (1, "commit", []),
+        (2, "commit", []),
+        (3, "merge", [1, 2]),
+        (4, "restore", [1]),
+    ]
 
 
 def test_the_cli_status_and_log_read_a_postgresql_volume(root: Path) -> None:

@@ -206,7 +206,7 @@ def _logged(root: Path) -> dict[str, dict[int, str]]:
     """path -> version -> writer of every version the volume's log records (through the CLI)."""
     out: dict[str, dict[int, str]] = defaultdict(dict)
     for e in read_log(root):
-        made = e["kind"] in ("commit", "delete", "foreign", "adopt") or (
+        made = e["kind"] in ("commit", "merge", "restore", "delete", "foreign", "adopt") or (
             e["kind"] == "recover" and e["reason"] == "completed"
         )
         if made:

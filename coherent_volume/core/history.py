@@ -56,14 +56,16 @@ class History(Writes):
 
     def history(self, target: Target, limit: int | None = None) -> list[Version]:
         """`target`'s versions, newest first (a foreign change is synced first, so it is listed);
-        the newest `limit` (>= 1) only, if given."""
+        the newest `limit` (>= 1) only, if given. A version is `retained` when its bytes can be
+        read (`read_version`): never a deletion, which has none, nor a pruned version."""
         self._require_managed(target, "history")
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             raise VolumeConfigError(f"a history limit is a number of versions >= 1, not {limit!r}")
         limit = None if limit is None else min(limit, MAX_VERSION)
         self.version(target)
         with self.registry.read() as tx:
-            return tx.history(target.rel, limit)
+            versions = tx.history(target.rel, limit)
+        return [v if v.hash is not None else v._replace(retained=False) for v in versions]
 
     def read_version(self, target: Target, version: int) -> bytes:
         """The bytes of a retained version (no view is registered); VersionGone if it never existed,
@@ -190,7 +192,8 @@ class History(Writes):
         agent read is retained, commit instead the three-way line merge of it (base), `data` (ours)
         and the current version (theirs), as a version of kind `merge` whose parents are both. A
         merge leaves the agent's view where it was (`protocol.view_moves`): it never read the
-        result. Overlapping changes raise MergeConflict (with the hunks), binary content, a side over
+        result. Overlapping changes raise MergeConflict (with the hunks, also logged after the refusal
+        as a `conflict` event), binary content, a side over
         `diffs.MAX_MERGE_BYTES` or a pruned base the stale refusal (with its diff); either way
         nothing changes. `refused`: the refusal
         `data` already got (and logged), so it is not tried again. `expected`: as for `write` (then
@@ -234,10 +237,30 @@ class History(Writes):
             raise self.refusal_diff(refusal) from None
         merged, conflicts = diffs.merge3(base, ours, theirs)
         if conflicts:
-            raise MergeConflict(refusal, conflicts)
+            conflict = MergeConflict(refusal, conflicts)
+            self._transact(partial(self._log_conflict, conflict=conflict))
+            raise conflict
         if merged is None:
             raise self.refusal_diff(refusal)
         return merged, (base_version, theirs_version)
+
+    @staticmethod
+    def _log_conflict(tx: Transaction, conflict: MergeConflict) -> None:
+        """Log a merge conflict (its write's stale refusal is logged already) with its hunks, cut as
+        a refusal's diff is (`diffs.cut`), so `why` can show what overlapped: the detail's first
+        line says what conflicted, the hunks follow."""
+        hunks = len(conflict.conflicts)
+        tx.log(
+            "conflict",
+            conflict.path,
+            conflict.agent,
+            time.time(),
+            seen_version=conflict.seen_version,
+            version=conflict.current_version,
+            detail=f"{hunks} conflicting hunk{'s' if hunks > 1 else ''} between the change of {conflict.agent} "
+            f"(yours) and v{conflict.current_version} (current), both made from v{conflict.seen_version}: "
+            f"nothing was merged\n{diffs.cut(''.join(str(c) for c in conflict.conflicts))}",
+        )
 
     def restore(self, agent: str, target: Target, version: int) -> int:
         """Commit the bytes of `version` again as a new version (kind `restore`), with the checks
@@ -267,6 +290,8 @@ class History(Writes):
             return Policy.from_json(tx.meta("policy"))
 
     def set_policy(self, policy: Policy) -> None:
+        """Store `policy`; GlobError (nothing stored) if a merge glob can match no managed path."""
+        policy.check_merges(self.paths.globs)
         self._transact(lambda tx: tx.put_meta("policy", policy.to_json()))
 
     def prune(self, now: float | None = None, limit: int | None = None) -> Pruned:

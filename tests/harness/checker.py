@@ -302,8 +302,8 @@ def check(history: History, isolation: str | None = None) -> Verdict:
 
 _LOGGED_AS = {
     "commit": {"commit"},
-    "restore": {"commit"},
-    "merge": {"commit"},
+    "restore": {"restore"},
+    "merge": {"merge"},
     "foreign": {"foreign"},
     "delete": {"delete", "commit", "foreign"},  # a deletion, one completed by recovery, or a foreign one
 }
@@ -878,7 +878,7 @@ def check_holds(holds: list[Hold], events: list[dict], attempts: list[Attempt]) 
                         "before it expired",
                     )
     for e in events:
-        if e["kind"] != "commit":
+        if e["kind"] not in ("commit", "merge", "restore"):  # an agent's commit, by its version's kind
             continue
         for a, p, s, t, _ in spans:
             if p == e["path"] and a != e["agent"] and s < e["at"] < t:

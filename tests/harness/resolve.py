@@ -19,6 +19,10 @@ EPS = 0.05
 """Seconds of slack between the harness's and the volume's clocks (same host, same clock)."""
 
 
+COMMITS = ("commit", "merge", "restore")
+"""Log kinds of an agent's commit: the kind of the version it made, as `history` names it."""
+
+
 def completed_recovery(event: dict[str, Any]) -> bool:
     return event["kind"] == "recover" and event.get("reason") == "completed"
 
@@ -27,7 +31,9 @@ def log_versions(events: list[dict[str, Any]]) -> dict[str, dict[int, tuple[str,
     """path -> version -> (kind, agent) of every version the log says was made."""
     out: dict[str, dict[int, tuple[str, str | None]]] = defaultdict(dict)
     for e in events:
-        if e["kind"] == "commit" or completed_recovery(e):
+        if e["kind"] in COMMITS:
+            out[e["path"]][e["version"]] = (e["kind"], e["agent"])
+        elif completed_recovery(e):
             out[e["path"]][e["version"]] = ("commit", e["agent"])
         elif e["kind"] in ("foreign", "delete"):
             out[e["path"]][e["version"]] = (e["kind"], e["agent"])
@@ -81,7 +87,7 @@ def resolve(
     claimed = {(a.target, a.version) for a in attempts if a.committed and a.version is not None}
     index = _candidates(attempts)
     for e in events:
-        if not (e["kind"] == "commit" or completed_recovery(e)) or (e["path"], e["version"]) in claimed:
+        if not (e["kind"] in COMMITS or completed_recovery(e)) or (e["path"], e["version"]) in claimed:
             continue
         attempt = _match(e, index.get((e["agent"], e["path"]), []), kill_times or [])
         if attempt is not None:
