@@ -120,9 +120,15 @@ class MergeConflict(StaleWriteError):
     """A stale write asked to merge, refused because it and the current version changed the same
     lines differently. Nothing was changed. `conflicts` holds the hunks (`diffs.Conflict`)."""
 
-    def __init__(self, refusal: StaleWriteError, conflicts: list[Any]) -> None:
+    def __init__(self, refusal: StaleWriteError, conflicts: list[Any], base: int) -> None:
         self.conflicts = conflicts
+        self.base = base
         super().__init__(**refusal.facts())
+
+    @property
+    def based_on(self) -> int | None:
+        """The merge's base: the version the refused content was built on."""
+        return self.base
 
     def _message(self) -> str:
         hunks = "".join(str(c) for c in self.conflicts)

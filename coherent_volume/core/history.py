@@ -237,7 +237,7 @@ class History(Writes):
             raise self.refusal_diff(refusal) from None
         merged, conflicts = diffs.merge3(base, ours, theirs)
         if conflicts:
-            conflict = MergeConflict(refusal, conflicts)
+            conflict = MergeConflict(refusal, conflicts, base_version)
             self._transact(partial(self._log_conflict, conflict=conflict))
             raise conflict
         if merged is None:
@@ -258,7 +258,7 @@ class History(Writes):
             seen_version=conflict.seen_version,
             version=conflict.current_version,
             detail=f"{hunks} conflicting hunk{'s' if hunks > 1 else ''} between the change of {conflict.agent} "
-            f"(yours) and v{conflict.current_version} (current), both made from v{conflict.seen_version}: "
+            f"(yours) and v{conflict.current_version} (current), both made from v{conflict.based_on}: "
             f"nothing was merged\n{diffs.cut(''.join(str(c) for c in conflict.conflicts))}",
         )
 
