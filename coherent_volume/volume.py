@@ -20,6 +20,8 @@ from .protocol import ENV_AGENT, Grant, Version
 
 class CoherentVolume:
     """One agent's handle on a volume. Thread-safe; any number may be open in any number of processes.
+    All handles under one agent name, in any process, are one agent: they share its views and never
+    refuse each other, so workers that may write the same file at once need names of their own.
 
     `managed` creates the volume on first use and must equal the stored globs afterwards
     (None opens an existing volume with its stored globs)."""
