@@ -52,6 +52,8 @@ class StaleWriteError(CoherenceError, PermissionError):
         self.diff: str | None = None
         """The unified diff from the version the agent read to the current one, when a face
         attached it (`with_diff`): None for binary content, an unread file, or a pruned base."""
+        self.unmerged: str | None = None
+        """Why a merge that was asked for could not be made (`not_merged`), if one was."""
         PermissionError.__init__(self, errno.EACCES, self._message(), path)
 
     def facts(self) -> dict[str, Any]:
@@ -73,6 +75,12 @@ class StaleWriteError(CoherenceError, PermissionError):
         agent's view."""
         return self.seen_version
 
+    def not_merged(self, why: str) -> StaleWriteError:
+        """This refusal, its message saying why the merge asked for could not be made."""
+        self.unmerged = why
+        self.strerror = self._message()
+        return self
+
     def with_diff(self, diff: str | None) -> StaleWriteError:
         """This refusal, its message showing `diff` (already cut to a readable size)."""
         self.diff = diff
@@ -92,6 +100,8 @@ class StaleWriteError(CoherenceError, PermissionError):
             f"write to {self.path!r} refused for agent {self.agent!r} ({self.reason}): "
             f"{detail}. To fix: {REMEDY[self.reason]}."
         )
+        if self.unmerged:
+            message += f"\nIt could not be merged: {self.unmerged}."
         if self.diff:
             message += f"\nWhat changed since version {self.based_on}:\n{self.diff.rstrip()}"
         return message

@@ -156,8 +156,10 @@ def refusal_text(e: StaleWriteError) -> str:
         )
     elif e.diff:
         text += f"\nWhat changed since version {e.based_on}:\n{e.diff.rstrip()}"
+    if e.unmerged:
+        text += f"\nYour change was not merged: {e.unmerged}."
     remedy = REMEDY[e.reason].format(path=e.path, changed=", ".join(e.changed))
-    if e.reason == "stale" and not isinstance(e, MergeConflict):
+    if e.reason == "stale" and not isinstance(e, MergeConflict) and not e.unmerged:
         remedy += MERGE_HINT
     return f"{text}\nTo fix: {remedy}"
 

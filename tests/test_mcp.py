@@ -21,6 +21,7 @@ from mcp.types import Implementation, TextContent
 
 from coherent_volume import CoherentVolume
 from coherent_volume.core import open_core
+from coherent_volume.diffs import MAX_MERGE_BYTES
 from coherent_volume.mcp_server import READ_LIMIT, Session, ToolRefused
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
@@ -212,6 +213,24 @@ def test_an_edit_is_committed_only_onto_the_version_its_session_read_whatever_th
                 first.edit_file(path, "one\n", "ONE\n")
             assert (root / path).read_text() == "one\nx\ny\ntwo, by the peer\n", "the peer's commit is kept"
         monkeypatch.undo()
+    core.close()
+
+
+def test_a_merge_that_cannot_be_made_says_why_and_is_not_suggested_again(root: Path) -> None:
+    big = "x" * 99 + "\n"
+    big *= (MAX_MERGE_BYTES // len(big)) + 1
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.write("plans/big.md", big)
+        core = open_core(root)
+        session = Session(core, "model")
+        session.read_file("plans/big.md", limit=3)
+        peer.write("plans/big.md", "peer line\n" + big)
+    with pytest.raises(ToolRefused) as refused:
+        session.write_file("plans/big.md", big + "mine\n", merge=True)
+    text = str(refused.value)
+    assert "Refused (stale)" in text and "not merged: a side of the merge is larger than 1 MiB" in text, text
+    assert "merge=true" not in text, "the model already asked for a merge: not suggested again"
+    assert (root / "plans/big.md").read_text() == "peer line\n" + big
     core.close()
 
 

@@ -229,19 +229,20 @@ class History(Writes):
         base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
         sizes = (entry.size or 0 for entry in (base_entry, theirs_entry) if entry is not None)
         if not diffs.mergeable(len(ours), *sizes):
-            raise self.refusal_diff(refusal)
+            limit = diffs.MAX_MERGE_BYTES >> 20
+            raise self.refusal_diff(refusal.not_merged(f"a side of the merge is larger than {limit} MiB"))
         try:
             base = b"" if base_version == 0 else self._stored(target, base_version, base_entry)
             theirs = self._stored(target, theirs_version, theirs_entry)
-        except CoherenceError:
-            raise self.refusal_diff(refusal) from None
+        except CoherenceError as e:
+            raise self.refusal_diff(refusal.not_merged(f"a version it needs cannot be read ({e})")) from None
         merged, conflicts = diffs.merge3(base, ours, theirs)
         if conflicts:
             conflict = MergeConflict(refusal, conflicts, base_version)
             self._transact(partial(self._log_conflict, conflict=conflict))
             raise conflict
         if merged is None:
-            raise self.refusal_diff(refusal)
+            raise self.refusal_diff(refusal.not_merged("only text is merged, and a side is not text"))
         return merged, (base_version, theirs_version)
 
     @staticmethod
