@@ -56,7 +56,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
 
     table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a path too long for its cell wraps, never cut
     for row in rows:
         table.add_row(*row)
     return table
