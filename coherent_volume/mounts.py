@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 
 FSTYPE = "fuse.coherent"
 """The file system type of a mounted volume (`subtype=coherent`)."""
@@ -59,6 +60,14 @@ def direct_dirs(mountpoint: str) -> dict[str, int]:
         for mount_id, parent, where in children
         if parent == volume and where.startswith(mountpoint.rstrip("/") + "/")
     }
+
+
+def direct_dir_in(rel: str, dirs: Iterable[str]) -> str | None:
+    """The first of the direct dirs `dirs` at or below the root-relative directory `rel`, if any: then
+    `rel` cannot be renamed, replaced by a rename or removed (EBUSY). The kernel refuses it for a
+    direct dir, a mountpoint; the mount refuses it for a directory holding one, whose bind would
+    move along, served past the daemon wherever it lands, a managed glob's reach included."""
+    return next((d for d in dirs if d == rel or d.startswith(rel + "/")), None)
 
 
 def mounts_of(root: str) -> dict[str, tuple[str, ...]]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from . import diffs
 from .core import VolumeCore
 from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
-from .mounts import mounts_of
+from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
 from .registry import AgentSummary, Event, Transaction
@@ -250,6 +250,29 @@ class Why:
         return {**asdict(self), "changes": [line.as_json() for line in self.changes]}
 
 
+def _direct_dir_advice(root: str, rel: str) -> str | None:
+    """What to do about `rel` when a mount of the volume refuses to rename or remove it (EBUSY): it is
+    a direct dir of that mount, or holds one (`mounts.direct_dir_in`); None otherwise."""
+    for mountpoint, dirs in mounts_of(root).items():
+        held = direct_dir_in(rel, dirs)
+        if held == rel:
+            return (
+                f"{rel} is a direct dir of the mount at {mountpoint} (mount --direct): the kernel serves it, bound "
+                'over the mount, so it cannot be renamed, removed or replaced by a rename (EBUSY, "Device or resource '
+                f'busy"). To empty it, remove what is in it (rm -rf {rel}/*); to rename or remove it, unmount the '
+                f"volume (coherent-volume unmount {mountpoint}), change it in {root}, and mount the volume again"
+            )
+        if held is not None:
+            return (
+                f"{rel} holds {held}, a direct dir of the mount at {mountpoint} (mount --direct): it cannot be renamed "
+                'or replaced by a rename (EBUSY, "Device or resource busy"): the direct dir\'s bind would move along, '
+                f"served past the daemon wherever it lands; nor can it be removed while {held} is in it. To rename it, "
+                f"unmount the volume (coherent-volume unmount {mountpoint}), rename it in {root}, and mount the "
+                f"volume again (its --direct at the new place)"
+            )
+    return None
+
+
 def why(core: VolumeCore, target: Target) -> Why:
     """The last refusal on `target`, who changed the file since the refused agent's view (and the
     diff of what changed), and what to do."""
@@ -283,7 +306,10 @@ def why(core: VolumeCore, target: Target) -> Why:
     current = record.version if record else 0
     diff = note = None
     if not target.managed:
-        advice = "this path is not managed: writes to it are never refused"
+        advice = (
+            _direct_dir_advice(core.paths.root, target.rel)
+            or "this path is not managed: writes to it are never refused"
+        )
     elif refusal is None:
         advice = "no write to this file has been refused"
     else:

@@ -24,6 +24,7 @@ import trio
 from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError
 from coherent_volume.liveness import ProcessId, current_process
+from coherent_volume.mounts import direct_dir_in
 from coherent_volume.paths import Target, is_registry_path
 from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
@@ -440,23 +441,22 @@ class CoherentOperations(pyfuse3.Operations):
         handle = self.files.get(fh) if fh is not None else None
         if "\0" not in rel and (handle is None or isinstance(handle, Passthrough)) and not self.core.paths.managed(rel):
             # unmanaged, by its name or its own descriptor: no agent, no page cache, no repeat to expect
-            fd = handle.fd if handle is not None else self._open_fd(inode, False)
+            fd = handle.fd if handle is not None else self._unmanaged_fd(inode)
             self.own.note(rel)
             if fields.update_size:
                 await handle.resize(attr.st_size) if handle is not None else self.backing.truncate(rel, attr.st_size)
             self._set_mode_and_owner(rel, fd, attr, fields)
             self._set_times(rel, fd, attr, fields)
             return self._attrs(rel, inode, st=os.fstat(fd) if fd is not None else None)
-        fd = handle.fd if isinstance(handle, Passthrough) else self._open_fd(inode, "\0" in rel)
         repeat, by_name = self.pages.landed(ctx.pid), inode
-        if "\0" in rel and handle is None and (fields.update_size or fd is None):  # by a name gone or another's
+        if "\0" in rel and handle is None and (fields.update_size or self._held_fd(inode) is None):  # a name gone
             if repeat is None or repeat.rel != rel.partition("\0")[0]:
                 raise self._stale(rel, ctx, writing=fields.update_size)
             # the kernel's repeat, and its inode lost its name since its lookup: made at the name, now
             rel, known = repeat.rel, self.inodes.inode_if_known(repeat.rel)
             if known is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            by_name, fd = known, self._open_fd(known, False)
+            by_name = known
         self.own.note(rel)
         if fields.update_size:
             if handle is not None:
@@ -469,15 +469,27 @@ class CoherentOperations(pyfuse3.Operations):
                     await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
             else:
                 self.backing.truncate(rel, attr.st_size)
-        self._set_mode_and_owner(rel, fd, attr, fields)
+        self._set_mode_and_owner(rel, self._through(handle, inode, rel), attr, fields)
         if fields.update_atime or fields.update_mtime:
             viewer = await self._viewer(rel, ctx)
             if viewer is not None and self._unsaved(rel, viewer) is not None:  # first: its commit may land meanwhile
                 self.writers[rel].set_times(
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
-            self._set_times(rel, fd, attr, fields)
+            self._set_times(rel, self._through(handle, inode, rel), attr, fields)
         return self._attrs(rel, inode, await self._viewer(rel, ctx))
+
+    def _through(self, handle: FileHandle | None, inode: int, rel: str) -> int | None:
+        """The descriptor a setattr of `inode` at `rel` (through `handle`, when the kernel sent one) acts
+        through, else None: by the name. Its own unmanaged handle's, which the kernel keeps open until
+        the reply; for a file whose name is gone, one that an open handle of it holds (`_held_fd`). A file
+        at its name is changed by that name: a managed file's descriptors may hold a past version, at no
+        name (it was opened under an unmanaged name and moved into a managed glob, then committed to).
+        Asked for where it is used, never kept across an await: the handle that holds it may be released
+        while the request waits, and another open given its number."""
+        if isinstance(handle, Passthrough):
+            return handle.fd
+        return self._held_fd(inode) if "\0" in rel else None
 
     def _set_mode_and_owner(
         self, rel: str, fd: int | None, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
@@ -642,8 +654,10 @@ class CoherentOperations(pyfuse3.Operations):
             file = self.backing.open(rel, os.O_RDWR) if writers else None  # what its handles go on with
             try:
                 await blocking(self.core.commit, agent, self._target(rel), None)
+                still_open = {id(h) for h in self.files.values()}  # one released meanwhile would keep `file` forever
                 for handle in writers:
-                    handle.orphan(st, file)
+                    if id(handle) in still_open:
+                        handle.orphan(st, file)
             finally:
                 if file is not None:
                     os.close(file)
@@ -714,14 +728,11 @@ class CoherentOperations(pyfuse3.Operations):
         else:
             self.inodes.moved(src, dst, tree)
 
-    def _open_fd(self, inode: int, unlinked: bool) -> int | None:
-        """A descriptor of the file behind `inode` held by an open handle, so that setattr acts on
-        that very file (the kernel sends fchmod and futimens without the handle): an unmanaged
-        file's own descriptor, or while its name is unlinked, any open handle's."""
+    def _held_fd(self, inode: int) -> int | None:
+        """A descriptor of the file behind `inode`, whose name is gone, that an open handle holds: a
+        setattr acts on that very file (the kernel sends fchmod and futimens without the handle)."""
         for held in self._handles_on(inode):
-            if isinstance(held, Passthrough):
-                return held.fd
-            if unlinked and isinstance(held, (Snapshot, Shadow)) and held.fd >= 0:
+            if isinstance(held, Passthrough) or (isinstance(held, (Snapshot, Shadow)) and held.fd >= 0):
                 return held.fd
         return None
 
@@ -752,12 +763,13 @@ class CoherentOperations(pyfuse3.Operations):
 
     def _refuse_moving_direct_dirs(self, *rels: str) -> None:
         """A directory holding a direct dir cannot be renamed (EBUSY, as the direct dir itself, which
-        the kernel refuses): its bind would move along, served past the daemon wherever it lands,
-        a managed glob's reach included."""
+        the kernel refuses): its bind would move along, served past the daemon wherever it lands, a
+        managed glob's reach included. `mounts.direct_dir_in` decides; `coherent-volume why` on the
+        directory says what to do instead (a program shows only "Device or resource busy")."""
         for rel in rels:
-            held = [d for d in self.direct_dirs if _at_or_below(d, rel)]
-            if held:
-                log.info("refused renaming %s: it holds the direct dir %s", rel, held[0])
+            held = direct_dir_in(rel, self.direct_dirs)
+            if held is not None:
+                log.info("refused renaming %s: it holds the direct dir %s (`coherent-volume why %s`)", rel, held, rel)
                 raise pyfuse3.FUSEError(errno.EBUSY)
 
     # ---- files --------------------------------------------------------------------
@@ -932,9 +944,10 @@ class CoherentOperations(pyfuse3.Operations):
         return os.getxattr(held, name) if held is not None else self.backing.getxattr(rel, name)
 
     def _unmanaged_fd(self, inode: int) -> int | None:
-        """The descriptor of an open unmanaged file's handle on `inode`, if any: its xattrs are asked
-        through it, no name to resolve (the kernel asks at each write whether it has
-        security.capability), and they stay reachable once its name is unlinked, as on a local disk."""
+        """The descriptor of an open unmanaged file's handle on `inode`, if any: its xattrs (and an
+        unmanaged setattr's mode, owner and times) are asked and set through it, no name to resolve (the
+        kernel asks at each write whether it has security.capability), and they stay reachable once its
+        name is unlinked, as on a local disk. Used before any await (see `_through`)."""
         for held in self.open_on.get(inode, {}).values():
             if isinstance(held, Passthrough):
                 return held.fd

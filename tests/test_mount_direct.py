@@ -222,6 +222,31 @@ def test_a_directory_holding_a_direct_dir_cannot_be_moved(root: Path, tmp_path: 
     assert mountpoints_under(tmp_path) == []
 
 
+def test_why_says_what_to_do_about_a_direct_dir_or_a_directory_holding_one_that_cannot_be_moved(
+    root: Path, tmp_path: Path
+) -> None:
+    """A program sees only "Device or resource busy": `coherent-volume why` on the path (through the
+    mount or in the root, text or JSON) says which direct dir of which mount is in the way, and what to
+    do instead."""
+    (root / "docs" / "deps").mkdir(parents=True)
+    with Mount(root, tmp_path / "mnt", direct=["docs/deps"]) as m:
+        expected = {
+            "docs/deps": ["docs/deps is a direct dir of the mount at", "rm -rf docs/deps/*"],
+            "docs": ["docs holds docs/deps, a direct dir of the mount at", "rename it in"],
+        }
+        for rel, says in expected.items():
+            assert _errno(os.rename, m.path / rel, m.path / "moved") == errno.EBUSY
+            for how in ([str(m.path / rel)], [str(root), rel], ["--json", str(m.path / rel)]):
+                done = subprocess.run([CLI, "why", *how], capture_output=True, text=True, timeout=60, check=False)
+                assert done.returncode == 0, done.stderr
+                advice = json.loads(done.stdout)["advice"] if "--json" in how else done.stdout
+                for text in [*says, f"the mount at {m.path} ", "EBUSY", f"coherent-volume unmount {m.path}"]:
+                    assert text in advice, (how, advice)
+        unrelated = subprocess.run([CLI, "why", str(m.path / "docs" / "deps" / "f")], capture_output=True, text=True)
+        assert "this path is not managed" in unrelated.stdout, unrelated
+    assert mountpoints_under(tmp_path) == []
+
+
 def test_a_direct_dir_answers_as_a_plain_directory(with_deps: Mount, tmp_path: Path) -> None:
     """tests/test_conformance.py's hand-written sequences, run in the direct dir and in a plain
     directory: every step answers the same (no FUSE rules apply: the kernel serves it), but opening

@@ -3,13 +3,18 @@ against what a plain directory does with the same calls."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .harness.mounts import Mount
+import pytest
+
+from .harness.mounts import Mount, daemon_pids
 
 
 def both(m: Mount, tmp_path: Path, code: str) -> tuple[str, str]:
@@ -379,3 +384,202 @@ with open("plans/sparse.bin", "r+b") as f:
     assert (mounted.path / "plans/sparse.bin").read_bytes() == expected
     st = (mounted.root / "plans/sparse.bin").stat()
     assert st.st_size == size and st.st_blocks * 512 < 1 << 20, f"{st.st_blocks} blocks: its holes were filled"
+
+
+HOLD = """
+import os, sys
+f = open(sys.argv[1], sys.argv[2])  # held open until a line comes
+print("ready", flush=True)
+sys.stdin.readline()
+f.close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _holder(m: Mount, path: str, mode: str = "rb") -> subprocess.Popen[str]:
+    """A process of alice that holds `path` open (`mode`, as for `open`), closes it at its first
+    input line and exits at its second."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, path, mode],
+        cwd=m.path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": "alice"},
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def test_chmod_and_touch_of_a_managed_file_change_the_file_at_its_name_not_a_past_version_held_open(
+    mounted: Mount,
+) -> None:
+    """A file opened under an unmanaged name and moved into a managed glob stays open; once a commit
+    has replaced it, its descriptor holds a past version, at no name. chmod and touch by the name change
+    the file at that name."""
+    (mounted.path / "n.txt").write_text("one\n")
+    holder = _holder(mounted, "n.txt")
+    try:
+        assert mounted.run("alice", "mv n.txt plans/n.md && cat plans/n.md && echo two > plans/n.md").returncode == 0
+        code = "import os; os.chmod('plans/n.md', 0o600); os.utime('plans/n.md', ns=(10**9, 2 * 10**9))"
+        r = subprocess.run([sys.executable, "-c", code], cwd=mounted.path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    st = (mounted.root / "plans/n.md").stat()
+    assert (oct(st.st_mode & 0o777), st.st_mtime_ns) == ("0o600", 2 * 10**9)
+    assert (mounted.root / "plans/n.md").read_text() == "two\n"
+
+
+@contextlib.contextmanager
+def _gated(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patch: str) -> Iterator[tuple[Mount, Path]]:
+    """`root` mounted by a daemon whose interpreter runs `patch` at its start (a sitecustomize on its
+    PYTHONPATH: the daemon is another process), and the gate file: `patch` holds the daemon where it
+    calls `wait_at_gate()` (a worker thread) while the gate exists, having made GATE.held."""
+    gate = tmp_path / "gate"
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        f"""
+import os, time
+def wait_at_gate():
+    if os.path.exists({str(gate)!r}):
+        open({str(gate)!r} + ".held", "w").close()
+        while os.path.exists({str(gate)!r}):
+            time.sleep(0.01)
+{patch}"""
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
+    with Mount(root, tmp_path / "mnt") as m:
+        monkeypatch.delenv("PYTHONPATH")  # the daemon has it; the programs run in the mount need not
+        try:
+            yield m, gate
+        finally:
+            gate.unlink(missing_ok=True)
+
+
+def test_a_touch_held_up_while_the_descriptor_it_could_use_is_closed_and_reused_changes_only_its_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon holds a touch of a managed file inside an await it really makes (looking up the
+    caller's agent in a worker thread, as it does while the file has unsaved writes) until the test
+    lets it go. Meanwhile the only other descriptor the daemon had of that file (a reader's, opened
+    under an unmanaged name) is closed, and another file is opened, which may get its number: the
+    touch changes its own file, and no other."""
+    patch = """
+from fusefs.identity import AgentResolver
+_agent = AgentResolver.agent
+def _held(self, tid):
+    wait_at_gate()
+    return _agent(self, tid)
+AgentResolver.agent = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        (m.path / "n.txt").write_text("one\n")
+        (m.path / "other.txt").write_text("someone else's\n")
+        os.utime(m.root / "other.txt", ns=(3 * 10**9, 3 * 10**9))
+        reader = _holder(m, "n.txt")
+        writer = other = touch = None
+        try:
+            assert m.run("alice", "mv n.txt plans/n.md && cat plans/n.md").returncode == 0
+            writer = subprocess.Popen(  # unsaved writes: a setattr of the file looks its caller's agent up
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; f = open('plans/n.md', 'r+b'); f.write(b'x'); f.flush()"
+                    "; print('ready', flush=True); sys.stdin.readline()",
+                ],
+                cwd=m.path,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "COHERENT_AGENT": "alice"},
+            )
+            assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+            gate.touch()
+            touch = subprocess.Popen(
+                [sys.executable, "-c", "import os; os.utime('plans/n.md', ns=(10**9, 2 * 10**9))"],
+                cwd=m.path,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "COHERENT_AGENT": "alice"},
+            )
+            _wait_for(Path(f"{gate}.held").exists, "the touch to reach the gate")
+            assert reader.stdin is not None and reader.stdout is not None
+            reader.stdin.write("close\n")
+            reader.stdin.flush()
+            assert reader.stdout.readline().strip() == "closed"
+            [daemon] = daemon_pids(m.path)
+            backing = str(m.root / "plans/n.md")
+            _wait_for(lambda: backing not in _open_files(daemon), "the daemon to release the reader's descriptor")
+            other = _holder(m, "other.txt")
+            gate.unlink()
+            _, err = touch.communicate(timeout=60)
+            assert touch.returncode == 0, err
+        finally:
+            for p in (reader, writer, other, touch):
+                if p is not None:
+                    p.kill()
+                    p.wait()
+    assert (m.root / "plans/n.md").stat().st_mtime_ns == 2 * 10**9
+    assert (m.root / "other.txt").stat().st_mtime_ns == 3 * 10**9, "the touch changed another file"
+
+
+def test_a_write_handle_released_while_its_file_is_unlinked_leaves_no_descriptor_behind(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon holds an unlink of a managed file in its commit (a worker thread) while the file's
+    only write handle is closed and released: once the unlink is done, the daemon holds no descriptor
+    of the deleted file (it would keep its space until the daemon exits)."""
+    patch = """
+from coherent_volume.core import VolumeCore
+_commit = VolumeCore.commit
+def _held(self, agent, target, content, *args, **kwargs):
+    if content is None:  # a deletion
+        wait_at_gate()
+    return _commit(self, agent, target, content, *args, **kwargs)
+VolumeCore.commit = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("alice", "echo one > plans/g.md && cat plans/g.md").returncode == 0
+        writer = _holder(m, "plans/g.md", "r+b")
+        try:
+            [daemon] = daemon_pids(m.path)
+            shadows = [name for name in _open_files(daemon) if name.startswith(f"{m.root}/plans/#")]
+            assert len(shadows) == 1, _open_files(daemon)  # the write handle's
+            gate.touch()
+            remove = subprocess.Popen(["rm", "plans/g.md"], cwd=m.path, env={**os.environ, "COHERENT_AGENT": "alice"})
+            _wait_for(Path(f"{gate}.held").exists, "the unlink to reach the gate")
+            assert writer.stdin is not None
+            writer.stdin.write("close\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "closed"
+            _wait_for(lambda: shadows[0] not in _open_files(daemon), "the daemon to release the write handle")
+            gate.unlink()
+            assert remove.wait(timeout=60) == 0
+        finally:
+            writer.kill()
+            writer.wait()
+        assert not (m.path / "plans/g.md").exists()
+        left = [name for name in _open_files(daemon) if name.startswith(f"{m.root}/plans/g.md")]
+        assert left == [], f"the daemon still holds the deleted file: {left}"
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        time.sleep(0.01)
+
+
+def _open_files(pid: int) -> list[str]:
+    """What the descriptors of process `pid` name."""
+    names = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            names.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return names
