@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import diffs
 from .core import VolumeCore
+from .core.history import MAX_VERSION
 from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
 from .mounts import mounts_of
 from .paths import Target, printable
@@ -151,8 +152,10 @@ def store_size(core: VolumeCore) -> StoreSize:
 
 
 def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[Event]:
+    """The log's events after `after`, oldest first: the newest `limit` of them, if given (a limit past
+    what a registry can number, `MAX_VERSION`, is none)."""
     with core.registry.read() as tx:
-        if limit is None:
+        if limit is None or limit > MAX_VERSION:
             return tx.events(after=after)
         return list(reversed(tx.events(after=after, limit=limit, newest_first=True)))
 
