@@ -217,11 +217,19 @@ def _temp_name(target: str) -> str:
     return os.path.join(os.path.dirname(target), _temp_base(target))
 
 
-def _makedirs(directory: str, mode: int = 0o777) -> None:
-    """mkdir -p without recursion (os.makedirs recurses once per missing level); new directories
-    get `mode` (less the umask)."""
+def _makedirs(directory: str, root: str, mode: int = 0o777) -> None:
+    """mkdir -p below `root` without recursion (os.makedirs recurses once per missing level); new
+    directories get `mode` (less the umask). `root` is never made: if it is gone (removed or moved
+    while the volume was in use), FileNotFoundError says so and nothing is made."""
     missing = []
     while not os.path.isdir(directory):
+        if directory == root:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "No such file or directory: the volume's root was removed or moved while in use; nothing was "
+                "written (open the volume where it is now)",
+                root,
+            )
         missing.append(directory)
         parent = os.path.dirname(directory)
         if parent == directory:
@@ -235,9 +243,9 @@ def _makedirs(directory: str, mode: int = 0o777) -> None:
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
 
 
-def stage(target: str, data: bytes, mode: int = 0o666) -> Staged:
-    """Write `data` durably beside `target` (creating missing parent directories)."""
-    return stage_written(target, content_hash(data), lambda write: write(data), data, mode)
+def stage(target: str, data: bytes, mode: int = 0o666, *, root: str) -> Staged:
+    """Write `data` durably beside `target` (creating missing parent directories below `root`)."""
+    return stage_written(target, content_hash(data), lambda write: write(data), data, mode, root=root)
 
 
 def _open_staged(target: str, mode: int) -> tuple[int, str | None]:
@@ -260,18 +268,21 @@ def stage_written(
     data: bytes | None = None,
     mode: int = 0o666,
     durable: bool = True,
+    *,
+    root: str,
 ) -> Staged:
     """Stage durably beside `target`, as `stage` does, the content that `fill` writes (it is called with
     a function that appends bytes), a part at a time if it likes, so it need never be whole in memory.
     `digest` is its hash (the caller's word: `fill` raises rather than write other bytes); whatever
     `fill` raises leaves nothing staged. `data`: the same content, when the caller holds it anyway.
     `mode`: of the file when its install creates it, less the process umask (as for any new file),
-    and of missing parent directories with search bits added; an existing target keeps its own.
+    and of missing parent directories (below `root`, the volume's: never made again) with search
+    bits added; an existing target keeps its own.
     Not `durable`: not fsynced, and its install fsyncs no directory."""
     try:
         fd, tmp = _open_staged(target, mode)
     except FileNotFoundError:
-        _makedirs(os.path.dirname(target), mode | (mode & 0o444) >> 2)
+        _makedirs(os.path.dirname(target), root, mode | (mode & 0o444) >> 2)
         fd, tmp = _open_staged(target, mode)
     staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data)
     try:

@@ -224,9 +224,11 @@ class NotManaged(CoherenceError, ValueError):
 
 
 class RegistryError(CoherenceError):
-    """The registry is missing, corrupt, of another schema version, full, or busy past its timeout.
+    """The registry is missing, corrupt, of another schema version, full, busy past its timeout, or
+    refused by the operating system (permission, a read-only file system, no descriptors).
 
-    `errno` says which for callers that speak errno (the mount): EBUSY, ENOSPC or EIO."""
+    `errno` says which for callers that speak errno (the mount): EBUSY, ENOSPC, the operating
+    system's (EPERM, EROFS, EMFILE, ...) or EIO."""
 
     def __init__(self, message: str, errno_: int = errno.EIO) -> None:
         super().__init__(message)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import diffs
 from .core import VolumeCore
+from .core.history import MAX_VERSION
 from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
 from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
@@ -177,9 +178,10 @@ def _lines(tx: Transaction, events: list[Event]) -> list[LogLine]:
 
 
 def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[LogLine]:
-    """The log after event `after`, oldest first: the newest `limit` lines only, if given."""
+    """The log after event `after`, oldest first: the newest `limit` lines only, if given (a limit
+    past what a registry can number, `MAX_VERSION`, is none)."""
     with core.registry.read() as tx:
-        if limit is None:
+        if limit is None or limit > MAX_VERSION:
             return _lines(tx, tx.events(after=after))
         return _lines(tx, list(reversed(tx.events(after=after, limit=limit, newest_first=True))))
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from coherent_volume import CoherentVolume, StaleWriteError
 
@@ -155,3 +161,93 @@ def test_why_takes_a_path_inside_a_plain_volume(root: Path) -> None:
     assert json.loads(answer.stdout)["refusal"]["agent"] == "bob"
     lost = cv("why", "/nowhere/plan.md")
     assert lost.returncode == 2 and "inside a volume" in lost.stderr
+
+
+def test_log_with_a_limit_past_what_a_registry_can_number_shows_the_whole_log(root: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one")
+    for output in ([], ["--json"]):
+        r = cv("log", str(root), "-n", str(2**63), *output)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "commit" in r.stdout and P in r.stdout
+
+
+# ---- a registry this process may not use: what happened, on which path, and what to do -------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def shared_root() -> Iterator[Path]:
+    """A volume (managing plans/**) that user nobody can reach: pytest's tmp_path is private."""
+    parent = Path(tempfile.mkdtemp(prefix="cv-shared-", dir="/tmp"))
+    try:
+        parent.chmod(0o755)
+        root = parent / "vol"
+        made = cv("init", str(root), "-m", "plans/**")
+        assert made.returncode == 0, made.stderr
+        yield root
+    finally:
+        shutil.rmtree(parent)
+
+
+def _as_nobody(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NOBODY, CLI, *args], input=stdin, capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def test_another_user_is_told_permission_denied_on_which_path_and_what_to_do(shared_root: Path) -> None:
+    """Not "no volume registry ... create the volume" (there is one), nor a bare EACCES."""
+    registry = shared_root / ".coherent"
+    for args in (["status", str(shared_root)], ["init", str(shared_root), "-m", "plans/**"]):
+        r = _as_nobody(*args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"permission denied on {str(registry / 'registry.db')!r}" in r.stderr, r.stderr
+        assert f"{str(registry)!r} belongs to uid {os.getuid()}" in r.stderr and "uid 65534" in r.stderr
+        assert "run it as the user the volume belongs to" in r.stderr and "create the volume" not in r.stderr
+    registry.chmod(0o755)
+    (registry / "registry.db").chmod(0o644)
+    r = _as_nobody("history", str(shared_root), "plans/a.md")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"permission denied on {str(registry / 'open.lock')!r}" in r.stderr, r.stderr
+
+
+def test_a_hook_run_by_a_user_who_cannot_look_into_the_registry_denies_the_write(shared_root: Path) -> None:
+    """Its `.coherent` unreadable, the volume was taken for no volume: the write was let through
+    unchecked. It is a volume whose check fails, and says why."""
+    (shared_root / "plans").mkdir(mode=0o777)
+    (shared_root / "plans").chmod(0o777)
+    target = shared_root / "plans/a.md"
+    event = {
+        "session_id": "s1",
+        "transcript_path": "/tmp/s1.jsonl",
+        "cwd": str(shared_root),
+        "permission_mode": "default",
+        "hook_event_name": "PreToolUse",
+        "tool_name": "Write",
+        "tool_input": {"file_path": str(target), "content": "x"},
+        "tool_use_id": "toolu_01",
+    }
+    r = _as_nobody("hook", "claude-code", stdin=json.dumps(event))
+    assert r.returncode == 0 and r.stdout, (r.stdout, r.stderr)
+    answer = json.loads(r.stdout)["hookSpecificOutput"]
+    assert answer["permissionDecision"] == "deny"
+    assert f"permission denied on {str(shared_root / '.coherent/registry.db')!r}" in answer["permissionDecisionReason"]
+
+
+def test_a_volume_on_a_read_only_mount_says_so_and_what_to_do(root: Path, tmp_path: Path) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one")
+    before = {p.name: p.read_bytes() for p in (root / ".coherent").iterdir() if p.is_file()}
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "--bind", str(root), str(read_only)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(read_only)], check=True)
+        for args in (["status", str(read_only)], ["history", str(read_only), P], ["log", str(read_only)]):
+            r = cv(*args)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+            assert f"{str(read_only / '.coherent/open.lock')!r} is on a read-only file system" in r.stderr, r.stderr
+            assert "use the volume where its root is mounted read-write" in r.stderr
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert {p.name: p.read_bytes() for p in (root / ".coherent").iterdir() if p.is_file()} == before

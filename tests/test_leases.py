@@ -65,7 +65,7 @@ print(json.dumps({"token": grant.token, "expires_at": grant.expires_at}), flush=
 for line in sys.stdin:
     try:
         if mode == "handle":
-            staged = atomic.stage(target.abs, b"bob's edit\n")
+            staged = atomic.stage(target.abs, b"bob's edit\n", root=core.paths.root)
             commit = HandleCommit("write", grant, Edits(in_place=True))
             out = {"version": core.commit("bob", target, staged, expected=base, handle=commit)}
         else:

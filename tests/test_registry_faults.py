@@ -7,7 +7,8 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from coherent_volume import CoherentVolume, InstallPending, RegistryError
 from coherent_volume.registry import sqlite as sqlite_registry
 
-from .conftest import REPO
+from .conftest import REPO, run_py
 from .harness.volumes import sql
 
 P = "plans/plan.md"
@@ -60,8 +61,9 @@ def test_wrong_schema_version_is_reported(root: Path) -> None:
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(RegistryError, match="schema version '99'"):
+    with pytest.raises(RegistryError, match="schema version '99'") as newer:
         CoherentVolume(root, agent="bob")
+    assert "made by a newer coherent-volume: upgrade this one" in str(newer.value)
 
 
 def test_opening_without_globs_where_no_volume_exists(tmp_path: Path) -> None:
@@ -121,6 +123,96 @@ def test_an_empty_or_foreign_registry_file_is_left_untouched(root: Path) -> None
     with pytest.raises(RegistryError, match="not a coherent-volume registry"):
         CoherentVolume(root, agent="bob")
     assert db.read_bytes() == before
+
+
+# ---- a registry the operating system refuses: said so, with what to do, never called damaged ---------------
+
+
+@contextmanager
+def _immutable(path: Path) -> Iterator[None]:
+    """`path` immutable (chattr +i) for the block, and mutable again in every outcome."""
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_registry_directory_that_cannot_be_written_is_not_called_damaged(root: Path) -> None:
+    """SQLite cannot make the write-ahead log's files in an immutable `.coherent`: that is said, with
+    what to do, not "not a coherent-volume registry ... move it aside", which would throw away every
+    version. Once it is lifted, the volume opens with its history."""
+    before = _committed(root)
+    directory = root / ".coherent"
+    db = directory / "registry.db"
+    assert not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()  # SQLite must make them
+    data = db.read_bytes()
+    with _immutable(directory), pytest.raises(RegistryError) as refused:
+        CoherentVolume(root, agent="bob")
+    message = str(refused.value)
+    assert refused.value.errno == errno.EPERM, message
+    assert f"{str(directory)!r} may not be changed" in message and "chattr -i" in message, message
+    assert "do not move it aside" in message
+    assert db.read_bytes() == data
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == before and [v.writer for v in bob.history(P)] == ["alice"]
+
+
+def test_an_immutable_registry_file_is_refused_when_the_volume_is_opened(root: Path) -> None:
+    """SQLite opens a file it may not write read-only, without a word, and every read (which records
+    a view) then failed "attempt to write a readonly database": opening says what is wrong."""
+    before = _committed(root)
+    db = root / ".coherent/registry.db"
+    with _immutable(db), pytest.raises(RegistryError) as refused:
+        CoherentVolume(root, agent="bob")
+    message = str(refused.value)
+    assert refused.value.errno == errno.EPERM and f"{str(db)!r} may not be changed" in message, message
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == before
+
+
+OUT_OF_DESCRIPTORS = r"""
+import errno, os, resource, sys
+from coherent_volume import CoherentVolume, RegistryError
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+for fd in held[-int(sys.argv[2]):]:
+    os.close(fd)
+try:
+    CoherentVolume(sys.argv[1], agent="bob").close()
+    print("opened")
+except RegistryError as e:
+    print(errno.errorcode.get(e.errno), e)
+"""
+
+
+def test_a_process_out_of_descriptors_is_told_so_not_that_the_registry_is_damaged(root: Path) -> None:
+    """Opening a volume with one, two or three descriptors to spare (SQLite needs three for the
+    registry, its -wal and its -shm) says the process is out of them."""
+    before = _committed(root)
+    for spare in (1, 2, 3):
+        r = run_py(OUT_OF_DESCRIPTORS, str(root), str(spare))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("EMFILE registry ") and "out of file descriptors" in r.stdout, (spare, r.stdout)
+        assert "ulimit -n" in r.stdout and "do not move it aside" in r.stdout
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == before
+
+
+def test_a_root_whose_name_holds_uri_characters_opens(tmp_path: Path) -> None:
+    """The registry is checked through an SQLite URI: ? # % in the root's path are quoted."""
+    root = tmp_path / "odd?name#with%20"
+    root.mkdir()
+    CoherentVolume(root, managed=["plans/**"], agent="setup").close()
+    with CoherentVolume(root, agent="alice") as alice:
+        assert alice.write(P, b"one") == 1
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == b"one"
 
 
 def _failing_finishes(vol: CoherentVolume, monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:

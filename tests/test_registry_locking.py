@@ -29,7 +29,7 @@ from coherent_volume.protocol import FileRecord
 from coherent_volume.registry import Transaction
 from coherent_volume.registry.sqlite import SQLiteRegistry
 
-from .conftest import REPO
+from .conftest import REPO, run_py
 
 P = "plans/plan.md"
 
@@ -323,6 +323,37 @@ def test_processes_creating_a_brand_new_volume_at_once_all_succeed(tmp_path: Pat
                 _stop(p)
         with CoherentVolume(root, agent="check") as v:
             assert v.managed == ("plans/**",)
+
+
+def test_opening_a_volume_again_in_a_process_that_has_it_open_loses_none_of_its_commits(root: Path) -> None:
+    """Opening with managed globs asks whether the registry is a WAL database yet. Read from the file
+    itself, that closed a descriptor of it, which drops every POSIX lock the process holds on it, its
+    open connection's too: another process closing its last connection then deleted the write-ahead
+    log under that connection, and its next commit reached no other process (which saw the file's
+    new content as a change made outside the volume)."""
+    alice = CoherentVolume(root, agent="alice")
+    bob = CoherentVolume(root, managed=("plans/**", "*.md"), agent="bob")
+    try:
+        alice.write(P, b"one")
+        carol = run_py(
+            "import sys\nfrom coherent_volume import CoherentVolume\n"
+            "with CoherentVolume(sys.argv[1], agent='carol') as v:\n    v.write('plans/other.md', b'x')",
+            str(root),
+        )
+        assert carol.returncode == 0, carol.stderr
+        alice.write(P, b"two")
+        seen = run_py(
+            "import sys\nfrom coherent_volume import CoherentVolume\n"
+            "with CoherentVolume(sys.argv[1], agent='dave') as v:\n"
+            "    print([(h.version, h.writer) for h in v.history(sys.argv[2])])",
+            str(root),
+            P,
+        )
+        assert seen.returncode == 0, seen.stderr
+        assert seen.stdout.strip() == "[(2, 'alice'), (1, 'alice')]"
+    finally:
+        bob.close()
+        alice.close()
 
 
 def test_a_busy_error_that_came_at_once_does_not_claim_a_long_wait(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -410,3 +411,17 @@ def test_listing_a_directory_shows_its_deletions(vols) -> None:
     assert a.write("plans/gone.md", "again") == 3
     with pytest.raises(StaleWriteError):
         a.write("plans/sub/deep.md", "again")
+
+
+def test_a_write_after_the_root_was_removed_makes_nothing_and_says_so(tmp_path: Path) -> None:
+    """The volume's root removed under an open volume: a write neither makes the root again (with
+    an empty plans/ in it) nor blames the staging directory."""
+    root = tmp_path / "vol"
+    root.mkdir()
+    with CoherentVolume(root, managed=["plans/**"], agent="alice") as alice:
+        alice.write("plans/a.md", "one")
+        shutil.rmtree(root)
+        for path in ("plans/a.md", "plans/new/b.md"):
+            with pytest.raises(FileNotFoundError, match="the volume's root was removed or moved while in use"):
+                alice.write(path, "two")
+        assert not root.exists()

@@ -276,7 +276,7 @@ class History(Writes):
             with self._kept_content(target, version, what), self.registry.read() as tx:
                 tx.load_into(digest, what, write)
 
-        staged = atomic.stage_written(target.abs, digest, fill)
+        staged = atomic.stage_written(target.abs, digest, fill, root=self.paths.root)
         try:
             return self.commit(agent, target, staged, made=("restore", (version,)))
         except StaleWriteError as e:

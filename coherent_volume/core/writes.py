@@ -207,7 +207,7 @@ class Writes(Reads):
             and self._doomed(agent, target, expected)
         ):
             self._refuse_if_still_refused(agent, target, isolation, expected)
-        staged = atomic.stage(target.abs, content) if isinstance(content, bytes) else content
+        staged = atomic.stage(target.abs, content, root=self.paths.root) if isinstance(content, bytes) else content
         try:
             if not target.managed:
                 if staged is None:
@@ -525,7 +525,9 @@ class Writes(Reads):
         Creating a new path needs no prior read, but a view that predates the path's deletion is stale."""
         self._require_managed(target, "create")
         agent = self.agent(agent)
-        staged = atomic.stage_written(target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False)
+        staged = atomic.stage_written(
+            target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False, root=self.paths.root
+        )
 
         def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
             """Decide the creation and, accepted, record it (`_record_staged`) and take the handle's grant."""

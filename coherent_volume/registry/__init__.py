@@ -54,8 +54,18 @@ LOCATION_FILE = "registry.json"
 
 def recorded_in(directory: str) -> bool:
     """Whether `directory` (a root's `.coherent`) holds or names a registry, of either backend:
-    the one test of "is this a volume root" that every face uses."""
-    return any(os.path.exists(os.path.join(directory, name)) for name in (DB_FILE, LOCATION_FILE))
+    the one test of "is this a volume root" that every face uses. A `directory` this process may
+    not look into counts: it may hold one, and opening the volume then says permission denied (its
+    files are never taken for files of no volume)."""
+    for name in (DB_FILE, LOCATION_FILE):
+        try:
+            os.stat(os.path.join(directory, name))
+            return True
+        except PermissionError:
+            return os.path.isdir(directory)
+        except OSError:
+            continue
+    return False
 
 
 ATTEMPTS = 8

@@ -236,7 +236,7 @@ class Replica:
             except FileNotFoundError:
                 pass
         else:
-            staged = atomic.stage(target, data, INSTALLED_MODE)
+            staged = atomic.stage(target, data, INSTALLED_MODE, root=os.path.dirname(self.directory))
             try:
                 staged.install()
             finally:

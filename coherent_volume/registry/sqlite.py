@@ -13,6 +13,12 @@ Invariants:
   inherited SQLite connection;
 - a registry is created (file, WAL switch) by one process at a time, under the open lock;
   the schema is written in one write transaction;
+- only SQLite opens the registry's files (the database, its -wal and -shm): closing any
+  descriptor of a file drops every POSIX lock the process holds on it, its SQLite connections'
+  too, and another process could then delete the write-ahead log under them;
+- an SQLite error is told apart by its result code (`_error`): only a registry SQLite finds
+  damaged is called so; what the operating system refuses is said with its path and remedy
+  (`sqlite_access`);
 - inode numbers are unsigned 64-bit, SQLite's INTEGER is signed: they are stored
   two's-complement (see `_ino_to_sql`).
 """
@@ -23,9 +29,11 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +49,7 @@ from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent, Version
 from . import DB_FILE, AgentSummary, Event, objects
+from .sqlite_access import refusal, unusable
 
 R = TypeVar("R")
 
@@ -57,6 +66,9 @@ COMMIT_LOCK_TIMEOUT = 30.0
 """Seconds a commit waits for the commit lock before it gives up with RegistryError(EBUSY)."""
 OPEN_LOCK_TIMEOUT = 30.0
 """Seconds opening a registry waits for a creator of it to finish."""
+
+_OS_LEVEL = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
+"""SQLite's result codes for a failure whose cause may lie with the operating system (`refusal`)."""
 
 REQUIRED_TABLES = frozenset({"meta", "files", "views", "grants", "fences", "intents", "events", "sessions"})
 
@@ -694,29 +706,44 @@ class SQLiteRegistry:
         self._lock_fd = -1
         self._open_fd = -1
         _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
-        if globs is None and not os.path.exists(self._path):
-            raise RegistryError(f"no volume registry at {self._path!r}: create the volume with managed globs first")
-        if globs is not None:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
         try:
-            with self._open_lock(exclusive=globs is not None and self._needs_creation()):
-                if not os.path.exists(self._path):
-                    if globs is None:
-                        raise RegistryError(
-                            f"no volume registry at {self._path!r}: create the volume with managed globs first"
-                        )
-                    os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
-                    stored = None
-                elif globs is None or os.path.getsize(self._path) > 0:
-                    stored = self._probe(complete=globs is None)
-                else:
-                    stored = None  # an empty file left by a creator that died before writing the schema
-                self._connect()
-                self._globs = self._configure(globs, stored)
-                self._migrate()
+            try:
+                self._open(globs)
+            except OSError as e:
+                raise unusable(self._path, e) from e
         except BaseException:
             self.close()
             raise
+
+    def _open(self, globs: ManagedGlobs | None) -> None:
+        """`__init__`'s work: an OSError says what the operating system refused."""
+        if globs is None and not self._exists():
+            raise RegistryError(f"no volume registry at {self._path!r}: create the volume with managed globs first")
+        if globs is not None:
+            os.makedirs(self._directory, mode=0o700, exist_ok=True)
+        with self._open_lock(exclusive=globs is not None and self._needs_creation()):
+            if not self._exists():
+                if globs is None:
+                    raise RegistryError(
+                        f"no volume registry at {self._path!r}: create the volume with managed globs first"
+                    )
+                os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
+                stored = None
+            elif globs is None or os.path.getsize(self._path) > 0:
+                stored = self._probe(complete=globs is None)
+            else:
+                stored = None  # an empty file left by a creator that died before writing the schema
+            self._connect()
+            self._globs = self._configure(globs, stored)
+            self._migrate()
+
+    def _exists(self) -> bool:
+        """Whether the registry file exists (OSError if this process may not look: never taken for "no registry")."""
+        try:
+            os.stat(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def _migrate(self) -> None:
         """Bring a registry of an older schema version to SCHEMA_VERSION in one write transaction
@@ -751,15 +778,26 @@ class SQLiteRegistry:
         return None if row is None else str(row[0])
 
     def _needs_creation(self) -> bool:
-        """Whether the file is missing or not yet a WAL database. Making it one (creating it,
-        switching it to WAL) can fail at once under contention, without SQLite's busy wait, so
-        it is done by one process at a time."""
-        try:
-            with open(self._path, "rb") as f:
-                header = f.read(20)
-        except FileNotFoundError:
+        """Whether the file is missing or not yet a WAL database (or SQLite cannot tell: what is wrong
+        is said under the open lock). Making it one (creating it, switching it to WAL) can fail at
+        once under contention, without SQLite's busy wait, so it is done by one process at a time.
+        Asked through SQLite, never by opening the file here: closing a descriptor of it would drop
+        every POSIX lock this process holds on it, its SQLite connections' too (another process
+        could then delete the write-ahead log under them, and their commits would be lost)."""
+        if not self._exists():
             return True
-        return header[18:20] != b"\x02\x02"  # read and write format versions 2: WAL
+        try:
+            probe = sqlite3.connect(self._uri("ro"), uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                return bool(probe.execute("PRAGMA journal_mode").fetchone()[0] != "wal")
+            finally:
+                probe.close()
+        except sqlite3.DatabaseError:
+            return True
+
+    def _uri(self, mode: str) -> str:
+        """The registry's URI, opened in `mode` (its path quoted: a root's name may hold ? # %)."""
+        return f"file:{urllib.parse.quote(self._path)}?mode={mode}"
 
     @contextmanager
     def _open_lock(self, exclusive: bool) -> Iterator[None]:
@@ -787,7 +825,7 @@ class SQLiteRegistry:
         schema version and, when `complete` (opening, not creating), its tables and stored globs."""
         started = time.monotonic()
         try:
-            probe = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            probe = sqlite3.connect(self._uri("ro"), uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
             try:
                 check = probe.execute("PRAGMA quick_check(1)").fetchone()[0]
                 tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -795,19 +833,11 @@ class SQLiteRegistry:
             finally:
                 probe.close()
         except sqlite3.DatabaseError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise self._error(e, started) from e
-            raise RegistryError(
-                f"{self._path!r} is not a coherent-volume registry ({e}); it was left untouched: "
-                "move it aside to start a new registry"
-            ) from e
+            raise self._error(e, started) from e
         if check != "ok":
-            raise RegistryError(f"registry {self._path!r} is corrupt ({check}); it was left untouched")
-        if "schema_version" in meta and meta["schema_version"] not in {str(SCHEMA_VERSION), *MIGRATES_FROM}:
-            raise RegistryError(
-                f"registry {self._path!r} has schema version {meta['schema_version']!r}; "
-                f"this coherent-volume reads version {SCHEMA_VERSION}"
-            )
+            raise self._damaged(f"quick_check: {check}")
+        if "schema_version" in meta:
+            self._check_schema(meta["schema_version"])
         if not complete:
             return None
         missing = sorted(REQUIRED_TABLES - tables)
@@ -828,31 +858,39 @@ class SQLiteRegistry:
     # -- connection management ------------------------------------------------------
 
     def _connect(self) -> None:
+        """This process's connection and commit lock descriptor. SQLite opens a file it may not
+        write read-only, without a word: that is refused here, saying why (`refusal`)."""
         started = time.monotonic()
         try:
+            lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise unusable(self._path, e) from e
+        try:
+            if not os.access(self._path, os.R_OK | os.W_OK, effective_ids=True):
+                raise unusable(self._path, refusal(self._path) or OSError(errno.EACCES, "not readable and writable"))
             conn = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
             )
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise RegistryError(f"registry {self._path!r} could not be put in WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            # a large registry stays in memory: lookups cost the same at 100 or 100,000 files
-            conn.execute("PRAGMA cache_size = -32768")
-            conn.execute("PRAGMA mmap_size = 268435456")
-            # versions' bytes pass through the WAL: after a checkpoint, a WAL a large one grew is cut back
-            conn.execute("PRAGMA journal_size_limit = 67108864")
-        except sqlite3.DatabaseError as e:
-            if "locked" in str(e) or "busy" in str(e):
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise RegistryError(f"registry {self._path!r} could not be put in WAL mode (got {mode!r})")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                # a large registry stays in memory: lookups cost the same at 100 or 100,000 files
+                conn.execute("PRAGMA cache_size = -32768")
+                conn.execute("PRAGMA mmap_size = 268435456")
+                # versions' bytes pass through the WAL: after a checkpoint, a WAL a large one grew is cut back
+                conn.execute("PRAGMA journal_size_limit = 67108864")
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException as e:
+            os.close(lock_fd)
+            if isinstance(e, sqlite3.DatabaseError):
                 raise self._error(e, started) from e
-            raise RegistryError(
-                f"registry {self._path!r} is not a usable SQLite database ({e}); "
-                "it was left untouched: move it aside to start a new registry"
-            ) from e
-        self._conn = conn
-        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._pid = os.getpid()
+            raise
+        self._conn, self._lock_fd, self._pid = conn, lock_fd, os.getpid()
 
     def _let_go(self) -> None:
         """Let go of a connection and lock descriptors this process may not use (inherited
@@ -915,14 +953,8 @@ class SQLiteRegistry:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.DatabaseError as e:
-            if "locked" in str(e) or "busy" in str(e) or "full" in str(e):
-                raise self._error(e, started) from e
-            raise RegistryError(f"registry {self._path!r} is corrupt ({e}); it was left untouched") from e
-        if meta.get("schema_version") not in {str(SCHEMA_VERSION), *MIGRATES_FROM}:
-            raise RegistryError(
-                f"registry {self._path!r} has schema version {meta.get('schema_version')!r}; "
-                f"this coherent-volume reads version {SCHEMA_VERSION}"
-            )
+            raise self._error(e, started) from e
+        self._check_schema(meta.get("schema_version"))
         try:
             stored_globs = ManagedGlobs.of(json.loads(meta["globs"]))
         except (ValueError, TypeError) as e:
@@ -954,10 +986,37 @@ class SQLiteRegistry:
             except sqlite3.DatabaseError as e:
                 raise self._error(e, started) from e
 
+    def _check_schema(self, version: str | None) -> None:
+        """RegistryError unless `version` is a schema version this coherent-volume reads or migrates."""
+        if version in {str(SCHEMA_VERSION), *MIGRATES_FROM}:
+            return
+        if version is not None and version.isdigit() and int(version) > SCHEMA_VERSION:
+            remedy = "it was made by a newer coherent-volume: upgrade this one (the registry was left untouched)"
+        else:
+            remedy = "no coherent-volume writes that: the registry is damaged; it was left untouched"
+        raise RegistryError(
+            f"registry {self._path!r} has schema version {version!r}; this coherent-volume reads versions up to "
+            f"{SCHEMA_VERSION}: {remedy}"
+        )
+
+    def _damaged(self, what: str) -> RegistryError:
+        """The RegistryError for a registry file SQLite finds damaged, or not a database (`what`)."""
+        return RegistryError(
+            f"registry {self._path!r} is damaged, or is not a coherent-volume registry ({what}); it was left "
+            f"untouched. Keep it: `sqlite3 {shlex.quote(self._path)} .recover | sqlite3 recovered.db` may salvage "
+            "its versions. To go on without them, move it aside with its -wal and -shm files and create the volume "
+            "again"
+        )
+
     def _error(self, e: sqlite3.DatabaseError, started: float) -> RegistryError:
-        """The RegistryError for SQLite error `e` of a step that began at `started` (time.monotonic()).
-        It claims a long wait only when that much time has passed."""
-        if "locked" in str(e) or "busy" in str(e):
+        """The RegistryError for SQLite error `e` of a step that began at `started` (time.monotonic()),
+        told apart by its result code: locked (EBUSY; it claims a long wait only when that much time
+        has passed), full (ENOSPC), damaged (`_damaged`), refused by the operating system (what
+        `refusal` finds, with its errno), else failed."""
+        code = getattr(e, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        name = getattr(e, "sqlite_errorname", None) or "an SQLite error"
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
             waited = time.monotonic() - started
             limit = BUSY_TIMEOUT_MS / 1000
             if waited >= limit:
@@ -966,16 +1025,27 @@ class SQLiteRegistry:
                     f"{limit:g} s ({waited:.1f} s); try again",
                     errno.EBUSY,
                 )
-            name = getattr(e, "sqlite_errorname", None) or "SQLITE_BUSY"
             return RegistryError(
                 f"registry {self._path!r} was locked by another process and SQLite gave up after {waited:.3f} s, "
                 f"without its {limit:g} s busy wait ({name}: {e}; SQLite does not wait when a transaction that has "
                 "read wants to write, or when waiting could deadlock); try again",
                 errno.EBUSY,
             )
-        if "full" in str(e):
+        if primary == sqlite3.SQLITE_FULL:
             return RegistryError(f"registry {self._path!r}: no space left on the device ({e})", errno.ENOSPC)
-        return RegistryError(f"registry {self._path!r} failed: {e}")
+        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return self._damaged(f"{name}: {e}")
+        if primary in _OS_LEVEL:
+            cause = refusal(self._path)
+            if cause is not None:
+                return unusable(self._path, cause)
+            if primary == sqlite3.SQLITE_CANTOPEN:
+                return RegistryError(
+                    f"registry {self._path!r}: SQLite could not open it or a file beside it ({name}: {e}), although "
+                    "this process may read and write them and has descriptors to spare: a passing shortage, most "
+                    "likely. It was left untouched and is not known to be damaged: try again"
+                )
+        return RegistryError(f"registry {self._path!r} failed ({name}: {e})")
 
     def read(self) -> _Transaction:
         return _Transaction(self, "BEGIN")
