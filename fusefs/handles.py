@@ -310,6 +310,12 @@ class Shadow:
     it while it still holds its grant, which its RELEASE ends (`released`) shortly after."""
     released: trio.Event = field(default_factory=trio.Event, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
+    """Held by each of read, write, resize, flush, fsync and release for its whole run: the kernel
+    sends requests of one handle concurrently (a forked child's close(2) is a FLUSH while its parent
+    writes), and a commit in a worker thread hashes the shadow, stages it and closes its descriptor,
+    so nothing may write, read or resize it meanwhile (a write landing after the hash would commit
+    bytes that do not match their recorded hash)."""
 
     @property
     def rel(self) -> str:
@@ -422,36 +428,39 @@ class Shadow:
         self.fd = _shadow(self.target.abs, copy=True)
 
     async def read(self, off: int, size: int) -> bytes:
-        if self.fd < 0:
-            await blocking(self._reshadow)
-        return os.pread(self.fd, size, off)
+        async with self._busy:
+            if self.fd < 0:
+                await blocking(self._reshadow)
+            return os.pread(self.fd, size, off)
 
     async def write(self, off: int, buf: bytes) -> int:
-        self.closed = False
-        await self._writable()
-        if self.kind == "append":
-            off = os.fstat(self.fd).st_size
-            self.edits.append(off)
-        else:
-            self.edits.change()
-        written = os.pwrite(self.fd, buf, off)
-        self.pending = self.wrote = True
-        self.synced = False
-        return written
+        async with self._busy:
+            self.closed = False
+            await self._writable()
+            if self.kind == "append":
+                off = os.fstat(self.fd).st_size
+                self.edits.append(off)
+            else:
+                self.edits.change()
+            written = os.pwrite(self.fd, buf, off)
+            self.pending = self.wrote = True
+            self.synced = False
+            return written
 
     async def resize(self, size: int) -> None:
         """ftruncate. A handle that only appended so far was opened with no view: cutting or
         extending makes its content depend on the file's, so it turns into a write handle, which
         needs a current view, an unmoved base and no other open handle of its agent (EACCES
         otherwise, at the ftruncate that asked)."""
-        self.closed = False
-        if self.kind == "append" and not self.unlinked:
-            await blocking(self._turn_into_writer)
-        await self._writable()
-        os.ftruncate(self.fd, size)
-        self.edits.change()
-        self.pending = self.wrote = True
-        self.synced = False
+        async with self._busy:
+            self.closed = False
+            if self.kind == "append" and not self.unlinked:
+                await blocking(self._turn_into_writer)
+            await self._writable()
+            os.ftruncate(self.fd, size)
+            self.edits.change()
+            self.pending = self.wrote = True
+            self.synced = False
 
     def _turn_into_writer(self) -> None:
         self._drop_grant()  # its append share; another agent taking the grant meanwhile is a refusal below
@@ -461,9 +470,10 @@ class Shadow:
         self.kind = "write"
 
     async def flush(self) -> None:
-        if self.wrote:
-            await blocking(self._commit)
-        self.closed = not self.pending
+        async with self._busy:
+            if self.wrote:
+                await blocking(self._commit)
+            self.closed = not self.pending
 
     def _commit(self) -> None:
         """Install the shadow's content as one commit, then end the grant's share so that close()
@@ -499,18 +509,20 @@ class Shadow:
         self.grant = None
 
     async def fsync(self, datasync: bool) -> None:
-        if self.fd < 0:  # its content is committed: make that durable
-            await blocking(_sync_committed, self.target.abs)
-            return
-        await blocking(os.fdatasync if datasync else os.fsync, self.fd)
-        self.synced = True
+        async with self._busy:
+            if self.fd < 0:  # its content is committed: make that durable
+                await blocking(_sync_committed, self.target.abs)
+                return
+            await blocking(os.fdatasync if datasync else os.fsync, self.fd)
+            self.synced = True
 
     async def release(self) -> None:
         try:
-            if self.pending or self.grant is not None:
-                await blocking(self._release)
-            else:
-                self._close()
+            async with self._busy:
+                if self.pending or self.grant is not None:
+                    await blocking(self._release)
+                else:
+                    self._close()
         finally:
             self.released.set()
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from coherent_volume import CoherentVolume
+from coherent_volume.fingerprint import content_hash
+
 from .harness.mounts import Mount, daemon_pids
 
 
@@ -565,6 +568,76 @@ VolumeCore.commit = _held
         assert not (m.path / "plans/g.md").exists()
         left = [name for name in _open_files(daemon) if name.startswith(f"{m.root}/plans/g.md")]
         assert left == [], f"the daemon still holds the deleted file: {left}"
+
+
+WRITES_WHILE_A_DUP_CLOSES = """
+import os, sys, threading
+failed = []
+def close(fd):
+    try:
+        os.close(fd)
+    except OSError as e:
+        failed.append(e)
+fd = os.open("plans/w.md", os.O_RDWR)
+os.write(fd, b"AAAA")
+closing = threading.Thread(target=close, args=(os.dup(fd),))  # a FLUSH: the commit of AAAA
+closing.start()
+print("closing", flush=True)
+sys.stdin.readline()
+os.write(fd, b"BBBB")  # the same handle, while that commit runs
+closing.join()
+os.close(fd)
+sys.exit(f"the close of the duplicate failed: {failed[0]}" if failed else 0)
+"""
+
+
+def test_a_write_while_a_commit_of_its_handle_runs_waits_for_it_and_every_version_matches_its_hash(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon holds the commit a close(2) of a duplicate descriptor starts (FLUSH, in a worker
+    thread) while the program writes on through the original descriptor (a WRITE of the same
+    handle): the write lands after that commit, as a commit of its own, so every version's bytes
+    are what its hash says and the file is both writes."""
+    patch = """
+from coherent_volume.core import VolumeCore
+_commit = VolumeCore.commit
+def _held(self, agent, target, content, *args, **kwargs):
+    if content is not None:
+        wait_at_gate()
+    return _commit(self, agent, target, content, *args, **kwargs)
+VolumeCore.commit = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("alice", "echo one > plans/w.md && cat plans/w.md").returncode == 0
+        gate.touch()
+        program = subprocess.Popen(
+            [sys.executable, "-c", WRITES_WHILE_A_DUP_CLOSES],
+            cwd=m.path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
+        try:
+            assert program.stdout is not None and program.stdout.readline().strip() == "closing"
+            _wait_for(Path(f"{gate}.held").exists, "the commit of the close to reach the gate")
+            assert program.stdin is not None
+            program.stdin.write("write\n")
+            program.stdin.flush()
+            time.sleep(0.5)  # the write reaches the daemon while the commit is held
+            gate.unlink()
+            assert program.wait(timeout=60) == 0
+        finally:
+            program.kill()
+            program.wait()
+    assert (root / "plans/w.md").read_bytes() == b"AAAABBBB"
+    with CoherentVolume(root, agent="checker") as vol:
+        versions = vol.history("plans/w.md")
+        assert [(v.kind, v.writer) for v in versions] == [("commit", "alice")] * len(versions), versions
+        assert [v.size for v in versions[:2]] == [8, 4], "the close committed AAAA, the write after it AAAABBBB"
+        for v in versions:  # read_version refuses bytes that do not match their recorded hash
+            assert content_hash(vol.read_version("plans/w.md", v.version)) == v.hash
+        assert vol.read_version("plans/w.md", versions[0].version) == b"AAAABBBB"
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
