@@ -396,6 +396,7 @@ def recovery(
     recorded: bool = False,
     staged: bool = False,
     previous: str | None = None,
+    undone: bool = False,
 ) -> Recovery:
     """The fate of a commit whose intent outlived its transaction.
 
@@ -408,15 +409,20 @@ def recovery(
     retained). In a volume whose registry holds the content (`replicated`) it is `finished` either
     way: a working copy that lacks it is merely behind.
 
-    Any other intent (a creation, deletion or rename, recorded after its install) is `completed`
-    when the disk already holds what it intended (its content, or for a deletion no file), else
-    `abandoned`: the disk still holds the previous version. Where the registry holds the content,
-    always `completed`: its intent and content were committed together."""
+    Any other intent (a creation, deletion or rename, recorded after its install) is `abandoned`
+    when its process saw its disk step fail (`undone`: the kernel refused the system call, so
+    nothing changed, whatever the disk holds: a file of the same bytes already there is not its
+    doing). Else, its process interrupted, it is `completed` when the disk already holds what it
+    intended (its content, or for a deletion no file), else `abandoned`: the disk still holds the
+    previous version. Where the registry holds the content, always `completed`: its intent and
+    content were committed together."""
     if recorded:
         if not staged or replicated:
             return "finished"
         holds_previous = (on_disk and disk_hash == previous) if previous is not None else not on_disk
         return "installed" if holds_previous else "superseded"
+    if undone:
+        return "abandoned"
     if replicated:
         return "completed"
     installed = (on_disk and disk_hash == intent.hash) if intent.present else not on_disk

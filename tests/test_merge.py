@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -203,6 +204,91 @@ def test_merge_globs_of_the_volume_merge_without_asking(root: Path, vols) -> Non
     # another process of the volume sees the policy
     with CoherentVolume(root, agent="carol") as carol:
         assert carol.policy.merges("plans/log.md") and not carol.policy.merges("plans/other.md")
+
+
+def _rename(vol: CoherentVolume, src: str, dst: str) -> None:
+    """`src` renamed over `dst` by `vol`'s agent, as the mount does for `mv src dst`."""
+    core = vol._core
+    core.rename(vol.agent, core.resolve(src), core.resolve(dst))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (root / "plans").iterdir()}
+
+
+def test_a_save_by_rename_refused_for_its_source_changes_nothing(root: Path, vols) -> None:
+    """bob's view of the merge-glob file a.md is stale and he never read z.md: renaming z.md over
+    a.md is refused for z.md (unread), and a.md is not merged (no version by bob, nothing on
+    disk): a refusal of any path renames nothing, even where the destination alone would merge."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(merge=("plans/**",)))
+    alice.write("plans/a.md", "line1\nline2\nline3\n")
+    bob.read("plans/a.md")
+    alice.write("plans/a.md", "line1 (alice)\nline2\nline3\n")
+    alice.write("plans/z.md", "line1\nline2\nline3 (z)\n")
+    before = _files(root)
+    with pytest.raises(StaleWriteError) as refused:
+        _rename(bob, "plans/z.md", "plans/a.md")
+    assert (refused.value.path, refused.value.reason) == ("plans/z.md", "unread")
+    assert _files(root) == before
+    assert [(v.version, v.writer) for v in alice.history("plans/a.md")] == [(2, "alice"), (1, "alice")]
+    assert [(v.version, v.writer) for v in alice.history("plans/z.md")] == [(1, "alice")]
+    assert bob.stale() == ["plans/a.md"]
+    bob.read("plans/z.md")  # what the refusal says to do: then the save merges
+    _rename(bob, "plans/z.md", "plans/a.md")
+    assert _files(root) == {"a.md": b"line1 (alice)\nline2\nline3 (z)\n"}
+
+
+def test_a_save_by_rename_commits_the_merge_and_the_sources_deletion_together(root: Path, vols) -> None:
+    """A save over a merge-glob file from a stale view, of a managed source the agent read: the
+    merge is recorded at the destination (kind merge, both parents, the agent's view left at the
+    version it read) and the source's deletion as the agent's, and no refusal but the stale one."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(merge=("plans/a.md",)))
+    alice.write("plans/a.md", "one\ntwo\n")
+    bob.read("plans/a.md")
+    alice.write("plans/a.md", "zero\none\ntwo\n")
+    bob.write("plans/z.md", "one\ntwo\nthree\n")
+    _rename(bob, "plans/z.md", "plans/a.md")
+    assert _files(root) == {"a.md": b"zero\none\ntwo\nthree\n"}
+    merge = alice.history("plans/a.md")[0]
+    assert (merge.version, merge.kind, merge.writer, merge.parents) == (3, "merge", "bob", (1, 2))
+    gone = alice.history("plans/z.md")[0]
+    assert (gone.version, gone.kind, gone.writer) == (2, "delete", "bob")
+    assert bob.stale() == ["plans/a.md"]  # it never read the merge
+    with alice._core.registry.read() as tx:
+        refusals = [(e.path, e.reason) for e in tx.events() if e.kind == "refusal"]
+    assert refusals == [("plans/a.md", "stale")]
+
+
+def test_a_save_by_rename_whose_source_a_peer_changes_meanwhile_changes_nothing(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer commits a new version of the source while the save's merge is being made: the save
+    is refused for the source (bob's view of it is stale now), and neither bob's merge nor the
+    peer's bytes reach a.md."""
+    from coherent_volume.core.history import History
+
+    alice, bob, peer = vols("alice"), vols("bob"), vols("peer")
+    alice.set_policy(Policy(merge=("plans/**",)))
+    alice.write("plans/a.md", "1\n2\n3\n")
+    bob.read("plans/a.md")
+    alice.write("plans/a.md", "1 (alice)\n2\n3\n")
+    bob.write("plans/z.md", "1\n2\n3 (bob)\n")
+    peer.read("plans/z.md")
+    real = History._merged
+
+    def merged_while_the_peer_writes(self: History, *args: Any) -> Any:
+        if peer.version("plans/z.md") == 1:
+            peer.write("plans/z.md", "1\n2\n3 (peer)\n")
+        return real(self, *args)
+
+    monkeypatch.setattr(History, "_merged", merged_while_the_peer_writes)
+    with pytest.raises(StaleWriteError) as refused:
+        _rename(bob, "plans/z.md", "plans/a.md")
+    assert (refused.value.path, refused.value.reason) == ("plans/z.md", "stale")
+    assert _files(root) == {"a.md": b"1 (alice)\n2\n3\n", "z.md": b"1\n2\n3 (peer)\n"}
+    assert [(v.version, v.writer) for v in alice.history("plans/a.md")] == [(2, "alice"), (1, "alice")]
 
 
 def test_concurrent_merging_writers_lose_no_line(root: Path) -> None:

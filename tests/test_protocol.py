@@ -128,6 +128,16 @@ def test_recovery_completes_what_reached_the_disk_and_abandons_the_rest() -> Non
     assert recovery(delete, on_disk=True, disk_hash="old") == "abandoned"
 
 
+def test_an_intent_whose_system_call_failed_is_abandoned_whatever_the_disk_holds() -> None:
+    """A rename(2) the kernel refused changed nothing: a destination that already held the same
+    bytes is not its doing, in a working copy too."""
+    rename = Intent("p", "a", 2, True, "same", None)
+    assert recovery(rename, on_disk=True, disk_hash="same", undone=True) == "abandoned"
+    assert recovery(rename, on_disk=True, disk_hash="same", replicated=True, undone=True) == "abandoned"
+    delete = Intent("p", "a", 2, False, None, None)
+    assert recovery(delete, on_disk=False, disk_hash=None, undone=True) == "abandoned"
+
+
 def test_a_recorded_commit_is_finished_by_its_install_else_installed_unless_changed_outside() -> None:
     commit = Intent("p", "a", 2, True, "new", ".coherent/staging/x")
     # its install renamed the staged file: whatever the disk holds now is checked as any other time

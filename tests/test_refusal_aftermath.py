@@ -910,6 +910,26 @@ def _(c: Case) -> Iterator[None]:
     assert c.sh(c.alice, f"cat {merged}").returncode == 0
 
 
+@scenario("mount-merge-save-rename-unread-source")
+def _(c: Case) -> Iterator[None]:
+    merged, source = f"{c.dir}/merged.md", f"{c.dir}/z.md"
+    seeder = c.api(f"{c.name}.seed")
+    seeder.write(merged, "line1\nline2\nline3\n")
+    seeder.write(source, "line1\nline2\nline3 (z)\n")  # a save that would merge cleanly; alice never read it
+    c.api(c.alice).read(merged)
+    bob = c.api(c.bob)
+    bob.read(merged)
+    bob.write(merged, "line1 (bob)\nline2\nline3\n")
+    c.paths = [merged, source, c.free]
+    yield
+    refused_in_mount(c.sh(c.alice, f"mv {source} {merged}"))  # merging the destination changes nothing either
+    c.refusal(merged, c.alice, "stale")
+    c.refusal(source, c.alice, "unread")
+    c.daemon(rf"refused: write to '{source}' refused for agent '{c.alice}' \(unread\)")
+    yield
+    assert c.sh(c.alice, f"cat {source} {merged}").returncode == 0
+
+
 @scenario("mount-unlink-stale")
 def _(c: Case) -> Iterator[None]:
     _stale(c, c.a)

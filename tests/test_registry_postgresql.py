@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import psycopg  # ./scripts/test installs it (the postgresql extra): missing, these tests fail
 import pytest
 
-from coherent_volume import CoherentVolume, DamagedContent, RegistryError, StaleWriteError, VolumeConfigError
+from coherent_volume import CoherentVolume, DamagedContent, Policy, RegistryError, StaleWriteError, VolumeConfigError
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
@@ -984,6 +984,38 @@ def test_a_rename_on_a_copy_behind_on_its_source_moves_the_current_version(tmp_p
         assert (second / "plans" / "adst.md").read_bytes() == b"v2, the latest\n"
         assert b.read("plans/adst.md") == b"v2, the latest\n"
     assert _q(pg_url, "SELECT count(*) FROM cv_events WHERE kind = 'foreign'") == [(0,)]
+
+
+def test_a_save_by_rename_over_a_merge_glob_file_merges_across_copies_or_changes_nothing(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """bob, in the second copy, is stale on the merge-glob file a.md: renaming z.md over it is
+    refused while he never read z.md, and a.md is not merged anywhere; once he read it, the save
+    is merged (recorded with its decision in the registry) and reaches the first copy, z.md gone."""
+    first = _pg_volume(tmp_path / "first", pg_url)
+    second = _join(tmp_path / "second", pg_url)
+    with CoherentVolume(first, agent="alice") as a, CoherentVolume(second, agent="bob") as b:
+        a.set_policy(Policy(merge=("plans/**",)))
+        a.write("plans/a.md", "1\n2\n3\n")
+        assert b.read("plans/a.md") == b"1\n2\n3\n"
+        a.write("plans/a.md", "1 (alice)\n2\n3\n")
+        a.write("plans/z.md", "1\n2\n3 (z)\n")
+        assert b.version("plans/z.md") == 1  # the second copy installs it (bob never read it)
+        core = b._core
+        src, dst = core.resolve("plans/z.md"), core.resolve("plans/a.md")
+        with pytest.raises(StaleWriteError) as refused:
+            core.rename("bob", src, dst)
+        assert (refused.value.path, refused.value.reason) == ("plans/z.md", "unread")
+        assert [v.writer for v in a.history("plans/a.md")] == ["alice", "alice"]
+        assert (second / "plans/a.md").read_bytes() == b"1 (alice)\n2\n3\n"
+        assert b.read("plans/z.md") == b"1\n2\n3 (z)\n"
+        core.rename("bob", src, dst)
+        assert (second / "plans/a.md").read_bytes() == b"1 (alice)\n2\n3 (z)\n"
+        assert a.read("plans/a.md") == b"1 (alice)\n2\n3 (z)\n"
+        merge = a.history("plans/a.md")[0]
+        assert (merge.version, merge.kind, merge.writer, merge.parents) == (3, "merge", "bob", (1, 2))
+        assert [(v.kind, v.writer) for v in a.history("plans/z.md")][0] == ("delete", "bob")
+        assert not (first / "plans/z.md").exists() and not (second / "plans/z.md").exists()
 
 
 def test_closing_a_volume_whose_server_stopped_answering_returns_within_its_bound(tmp_path: Path) -> None:

@@ -164,6 +164,24 @@ def test_delete_has_the_same_checks_as_write(vols, root: Path) -> None:
         vols("carol").delete("plans/never.md")
 
 
+def test_a_rename_the_kernel_refuses_records_nothing(vols, root: Path) -> None:
+    """A checked rename whose rename(2) fails (RENAME_NOREPLACE onto an existing file) raises the
+    kernel's error and records nothing, even where the destination already held the same bytes:
+    no version by the renamer, no view of another agent made stale."""
+    carol, peer = vols("carol"), vols("peer")
+    carol.write("plans/s1.md", "same")
+    carol.write("plans/s2.md", "same")
+    peer.read("plans/s2.md")
+    core = carol._core
+    with pytest.raises(FileExistsError):
+        core.rename("carol", core.resolve("plans/s1.md"), core.resolve("plans/s2.md"), noreplace=True)
+    assert [(v.version, v.writer) for v in carol.history("plans/s2.md")] == [(1, "carol")]
+    assert [(v.version, v.kind) for v in carol.history("plans/s1.md")] == [(1, "commit")]
+    assert (root / "plans/s1.md").read_bytes() == (root / "plans/s2.md").read_bytes() == b"same"
+    assert peer.stale() == []
+    assert peer.write("plans/s2.md", "peer") == 2
+
+
 def test_write_cas(vols) -> None:
     alice, bob = vols("alice"), vols("bob")
     assert alice.write_cas(P, 0, b"created") == 1

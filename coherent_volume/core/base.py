@@ -123,6 +123,10 @@ class CoreBase:
         """Staged names (as intents record them) that this process's installs renamed into place, whose
         intents may still be recorded: recovery drops those without looking for the file. Under the
         commit lock."""
+        self._undone: set[tuple[str, int]] = set()
+        """Intents (path, version) of renames whose one system call the kernel refused in this process
+        (`Writes._install`): nothing changed, so recovery abandons them without looking at the disk.
+        Under the commit lock."""
         self._hashed: dict[str, tuple[Fingerprint | None, str | None]] = {}
         """Files hashed outside a transaction for `_transact`'s next run (`_hash_of`); under the commit lock."""
 
@@ -438,6 +442,8 @@ class CoreBase:
             self._sweep_staging(intents)
         if self._renamed:  # forget names whose intents are gone (no intent ever names one again)
             self._renamed.intersection_update(i.tmp for i in intents)
+        if self._undone:
+            self._undone.intersection_update((i.path, i.version) for i in intents)
         for intent in intents:
             if intent.tmp in self._renamed:  # installed by this process: `finished`
                 tx.drop_intent(intent.path)
@@ -456,7 +462,7 @@ class CoreBase:
                     raise _RecoverFirst()
                 self._recover_recorded(tx, intent, target, record, staged if left else None)
             else:
-                self._recover_unrecorded(tx, intent, target, record)
+                self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in self._undone)
             if staged is not None:
                 try:
                     os.unlink(staged)
@@ -511,12 +517,14 @@ class CoreBase:
             )
         tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=v, detail=detail)
 
-    def _recover_unrecorded(self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None) -> None:
+    def _recover_unrecorded(
+        self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None, undone: bool
+    ) -> None:
         """A creation, deletion or rename interrupted before it was recorded: complete it if the
-        disk holds what it intended, else abandon it."""
+        disk holds what it intended, else abandon it; abandon it if its disk step failed (`undone`)."""
         # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
-        fp, disk_hash = disk_state(target, None) if self.replica is None else (None, None)
-        outcome = recovery(intent, fp is not None, disk_hash, replicated=self.replica is not None)
+        fp, disk_hash = disk_state(target, None) if self.replica is None and not undone else (None, None)
+        outcome = recovery(intent, fp is not None, disk_hash, replicated=self.replica is not None, undone=undone)
         now = time.time()
         if outcome == "completed":
             retained = (
@@ -540,7 +548,9 @@ class CoreBase:
             now,
             reason=outcome,
             version=intent.version if outcome == "completed" else current_version(record),
-            detail=f"{outcome} an interrupted commit"
+            detail="abandoned: the system call that was to make the change failed, so nothing changed"
+            if undone
+            else f"{outcome} an interrupted commit"
             if self.replica is None  # one host: its writer holds the commit lock until it records it
             else f"recorded {intent.agent}'s {'change' if intent.present else 'deletion'} as v{intent.version}: "
             "decided in the registry (its commit point) and not yet recorded as done, as its writer on another "

@@ -12,21 +12,27 @@ from functools import partial
 from typing import NamedTuple
 
 from .. import atomic
+from ..diffs import MAX_MERGE_BYTES
 from ..errors import (
+    InstallPending,
     InvalidPath,
     LinkRefused,
     StaleWriteError,
 )
-from ..fingerprint import fingerprint_path
+from ..fingerprint import content_hash, fingerprint_path, read_fd
 from ..paths import Target, printable
+from ..policy import Policy
 from ..protocol import (
     FileRecord,
     Intent,
+    WriteCheck,
     current_version,
     may_merge,
+    view_moves,
 )
 from ..registry import Transaction
-from .history import History
+from .history import MERGE_ATTEMPTS, History
+from .writes import Made
 
 
 def _rename_types_fit(src: Target, dst: Target, exchange: bool) -> None:
@@ -54,6 +60,50 @@ class Planned(NamedTuple):
     digest: str | None
     seen: int | None
     source: str | None
+
+
+class _Plan(NamedTuple):
+    """A checked rename's decision: the paths it changes whose versions are recorded once it is
+    installed, and the version of the merge recorded at its destination (a save by merging)."""
+
+    plan: list[Planned]
+    merged: int | None
+
+
+class _Save(NamedTuple):
+    """A checked rename refused only because it saves over a merge-glob file from a stale view:
+    the refusal at the destination, and the source's bytes as the decision read them (None: not
+    a regular file, or too large to merge)."""
+
+    refusal: StaleWriteError
+    ours: bytes | None
+
+
+class _Merge(NamedTuple):
+    """The merge a save by rename commits at its destination: its staged content, its parents
+    (base, theirs), the refusal it answers and the hash of the source's bytes it merged."""
+
+    content: atomic.Staged
+    parents: tuple[int, int]
+    refusal: StaleWriteError
+    ours: str
+
+    @property
+    def made(self) -> Made:
+        return ("merge", self.parents)
+
+
+def _merge_side(src: Target) -> bytes | None:
+    """The bytes of `src` for a merge: None when it is not a regular file or too large to merge."""
+    try:
+        fd = os.open(src.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat_mod.S_ISREG(st.st_mode) or st.st_size > MAX_MERGE_BYTES:
+        os.close(fd)
+        return None
+    return read_fd(fd, src.rel)[0]
 
 
 @dataclass
@@ -146,77 +196,150 @@ class Renames(History):
         the agent's current view, each that gains content a creation, all decided in one
         commit-locked step, so a refusal of any of them renames nothing.
 
-        Saving over a path the volume's merge globs name (a file renamed over it, the way editors
-        save) from a stale view is merged instead (`write_merging`): the merge is committed at
-        `dst` and `src` removed, or the rename is refused (MergeConflict) and nothing changes."""
+        Saving over a path the volume's merge globs name (a regular file renamed over it, the way
+        editors save) from a stale view, every other path it changes being accepted, is merged
+        instead (`protocol.may_merge`): the three-way merge of the version the agent read, the
+        source's bytes and the current version is committed at `dst` and `src` removed, in one
+        decision; or the rename is refused (MergeConflict, or the refusal) and nothing changes."""
         if not self.rename_is_checked(src, dst):
             atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
             return
         agent = self.agent(agent)
         _rename_types_fit(src, dst, exchange)
+        merge: _Merge | None = None
         try:
-            self._rename_checked(agent, src, dst, exchange, noreplace)
-        except StaleWriteError as refusal:
-            if not self._saves_by_merging(refusal, src, dst, exchange, noreplace):
+            for attempt in range(MERGE_ATTEMPTS + 1):
+                with self.registry.commit_lock():
+                    outcome = self._transact(partial(self._decide_rename, agent, src, dst, exchange, noreplace, merge))
+                    if isinstance(outcome, StaleWriteError):
+                        raise outcome
+                    if isinstance(outcome, _Plan):
+                        self._install_rename(agent, src, dst, exchange, noreplace, outcome, merge)
+                        return
+                if merge is not None:
+                    merge.content.discard()
+                    merge = None
+                if attempt == MERGE_ATTEMPTS:  # other commits kept landing between a merge and its decision
+                    raise self.refusal_diff(outcome.refusal)
+                merge = self._merge_save(dst, outcome)  # no lock held: its decision checks what it relied on
+        finally:
+            if merge is not None:
+                merge.content.discard()  # consumed by its install, unless the rename was refused
+
+    def _merge_save(self, dst: Target, save: _Save) -> _Merge:
+        """The merge a save by rename commits at `dst` (`History._merged`), staged; raises what the
+        agent is told when there is none."""
+        if save.ours is None:
+            raise self.refusal_diff(save.refusal)
+        merged, parents = self._merged(dst, save.refusal, save.ours, save.refusal.based_on)
+        return _Merge(
+            atomic.stage(dst.abs, merged, root=self.paths.root), parents, save.refusal, content_hash(save.ours)
+        )
+
+    def _decide_rename(
+        self,
+        agent: str,
+        src: Target,
+        dst: Target,
+        exchange: bool,
+        noreplace: bool,
+        merge: _Merge | None,
+        tx: Transaction,
+    ) -> _Plan | StaleWriteError | _Save:
+        """The decision of a checked rename, for every managed path it changes at once: its plan
+        (intents recorded, and with `merge` the merge at `dst` recorded with its staged content), the
+        first refusal, or a save by merging (`_Save`) when the only refusal is a stale view of `dst`
+        that `protocol.may_merge` lets a merge answer. `merge`: the merge made for this rename's
+        last `_Save`, committed if `dst` is still the version it merged onto and `src` still holds
+        the bytes it merged."""
+        now = time.time()
+        if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
+            missing = src if not os.path.lexists(src.abs) else dst
+            raise FileNotFoundError(2, "No such file or directory", missing.rel)
+        moving, other = self._tree(src), self._tree(dst)
+        self._refuse_unprotectable(moving, src, dst)
+        if exchange:
+            self._refuse_unprotectable(other, dst, src)
+        before = {**moving.files, **other.files}
+        after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
+        if exchange:
+            after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
+        saving = not exchange and not noreplace and list(moving.files) == [src.rel]  # one file over `dst`
+        stale: StaleWriteError | None = None
+        checked: list[tuple[str, Target, FileRecord | None, WriteCheck]] = []
+        for rel in sorted(set(before) | set(after)):
+            target = self.paths.of_rel(rel)
+            if not target.managed or before.get(rel) == after.get(rel):
+                continue
+            expected = merge.parents[1] if merge is not None and rel == dst.rel else None
+            record, check, refusal = self._check(tx, agent, target, now, "file", expected)
+            if refusal is None:
+                checked.append((rel, target, record, check))
+            elif saving and rel == dst.rel and may_merge(refusal.reason, self._merges(tx, dst)):
+                stale = refusal  # answered by a merge if every other path is accepted
+            else:
+                return refusal
+        if stale is not None:
+            return _Save(stale, _merge_side(src))
+        # hashed once every path was checked: a check brings a working copy that is behind up to
+        # date, so a source hashed before its own check would name the bytes it held before that
+        plan: list[Planned] = []
+        merged: int | None = None
+        for rel, target, record, check in checked:
+            digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
+            version = current_version(record) + 1
+            if merge is not None and rel == dst.rel:
+                if digest != merge.ours:  # the source changed since it was merged: merge it again
+                    return _Save(merge.refusal, _merge_side(src))
+                moves_view = view_moves(check, True, True)
+                self._record_staged(tx, agent, target, version, merge.content, check.seen, moves_view, merge.made)
+                merged = version
+            elif (record is not None and record.present) or digest is not None:
+                plan.append(Planned(target, version, digest, check.seen, after.get(rel)))
+        for target, version, digest, _, source in plan:
+            tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
+            if source is not None:
+                self._retain(tx, source, digest)
+        return _Plan(plan, merged)
+
+    @staticmethod
+    def _merges(tx: Transaction, dst: Target) -> bool:
+        """Whether the volume's policy merges stale saves over `dst` (read in the decision's transaction)."""
+        return Policy.from_json(tx.meta("policy")).merges(dst.rel)
+
+    def _install_rename(
+        self,
+        agent: str,
+        src: Target,
+        dst: Target,
+        exchange: bool,
+        noreplace: bool,
+        decided: _Plan,
+        merge: _Merge | None,
+    ) -> None:
+        """The disk half of a decided rename (under the commit lock), and the record of its versions:
+        rename(2), or for a save by merging the merge installed at `dst` and `src` removed."""
+        plan = decided.plan
+        undone = [(target.rel, version) for target, version, *_ in plan]
+        if decided.merged is None:
+            self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace), undone)
+        else:
+            assert merge is not None
+            try:
+                merge.content.install()
+            except BaseException as e:
+                merge.content.leave_name()  # the marker of an install not done, for the next recovery
+                if isinstance(e, OSError):
+                    raise InstallPending(dst.rel, decided.merged, e) from e
                 raise
-            with open(src.abs, "rb") as f:  # src is a regular file: checked above
-                ours = f.read()
-            self.write_merging(agent, dst, ours, refused=refusal)
+            self._consumed(merge.content)
+            self._installed(dst, decided.merged, merge.content.hash)
             if src.managed:
-                self.commit(agent, src, None)
+                self._install(lambda: os.unlink(src.abs), undone)
             else:
                 os.unlink(src.abs)
-
-    def _saves_by_merging(
-        self, refusal: StaleWriteError, src: Target, dst: Target, exchange: bool, noreplace: bool
-    ) -> bool:
-        """Whether a refused rename is a save over a merge-glob file from a stale view: one regular
-        file replacing `dst`, refused only because `dst` moved on since the agent read it."""
-        if exchange or noreplace or refusal.path != dst.rel or not may_merge(refusal.reason, True):
-            return False
-        try:
-            is_file = stat_mod.S_ISREG(os.lstat(src.abs).st_mode)
-        except OSError:
-            return False
-        return is_file and self.policy().merges(dst.rel)
-
-    def _rename_checked(self, agent: str, src: Target, dst: Target, exchange: bool, noreplace: bool) -> None:
-        """`rename` of a checked rename: decided for every managed path it changes at once."""
-
-        def decide(tx: Transaction) -> tuple[list[Planned], StaleWriteError | None]:
-            now = time.time()
-            if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
-                missing = src if not os.path.lexists(src.abs) else dst
-                raise FileNotFoundError(2, "No such file or directory", missing.rel)
-            moving, other = self._tree(src), self._tree(dst)
-            self._refuse_unprotectable(moving, src, dst)
-            if exchange:
-                self._refuse_unprotectable(other, dst, src)
-            before = {**moving.files, **other.files}
-            after = {dst.rel + rel[len(src.rel) :]: path for rel, path in moving.files.items()}
-            if exchange:
-                after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
-            checked: list[tuple[str, Target, FileRecord | None, int | None]] = []
-            for rel in sorted(set(before) | set(after)):
-                target = self.paths.of_rel(rel)
-                if not target.managed or before.get(rel) == after.get(rel):
-                    continue
-                record, check, refusal = self._check(tx, agent, target, now, "file")
-                if refusal is not None:
-                    return [], refusal
-                checked.append((rel, target, record, check.seen))
-            # hashed once every path was checked: a check brings a working copy that is behind up to
-            # date, so a source hashed before its own check would name the bytes it held before that
-            plan: list[Planned] = []
-            for rel, target, record, seen in checked:
-                digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
-                if (record is not None and record.present) or digest is not None:
-                    plan.append(Planned(target, current_version(record) + 1, digest, seen, after.get(rel)))
-            for target, version, digest, _, source in plan:
-                tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
-                if source is not None:
-                    self._retain(tx, source, digest)
-            return plan, None
+        for target, version, digest, _, _ in plan:
+            self._installed(target, version, digest)
 
         def finish(tx: Transaction) -> bool:
             """Record the installed rename's versions (`Writes._recorded`); whether every one is the
@@ -229,16 +352,9 @@ class Renames(History):
             ]
             return all(ours)
 
-        with self.registry.commit_lock():
-            plan, refusal = self._transact(decide)
-            if refusal is not None:
-                raise refusal
-            self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace))
-            for target, version, digest, _, _ in plan:
-                self._installed(target, version, digest)
-            what = ", ".join(f"{target.rel} (version {version})" for target, version, *_ in plan)
-            if plan and not self._settle(what, finish):
-                raise self._not_recorded(what, "the rename", "check the files and redo the rename if it is missing")
+        what = ", ".join(f"{target.rel} (version {version})" for target, version, *_ in plan)
+        if plan and not self._settle(what, finish):
+            raise self._not_recorded(what, "the rename", "check the files and redo the rename if it is missing")
 
     def link(self, src: Target, dst: Target) -> None:
         """Hard-link `src` as `dst`. Refused (LinkRefused) when either is a managed path: a commit

@@ -9,7 +9,7 @@ import errno
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -327,7 +327,8 @@ class Writes(Reads):
                 self._installed(target, version + 1, content.hash)
                 self._handle_ended(handle)
                 return version + 1
-            self._install(lambda: atomic.remove(target.abs))
+            # two steps (unlink, then the directory's fsync): if either fails, the disk says what happened
+            self._install(lambda: atomic.remove(target.abs), ())
             self._installed(target, version + 1, None)
 
             def finish(tx: Transaction) -> bool:
@@ -473,12 +474,19 @@ class Writes(Reads):
         if handle is not None and handle.grant is not None:
             self._forget_share(handle.grant, handle.kind)
 
-    def _install(self, action: Callable[[], None]) -> None:
-        """Run the disk half of a commit whose intents are recorded; on failure let recovery decide."""
+    def _install(self, action: Callable[[], None], undone: Sequence[tuple[str, int]]) -> None:
+        """Run the disk half of a commit whose intents are recorded; if it fails, recovery settles
+        them by what the disk holds, except the intents (path, version) in `undone`: those whose one
+        system call `action` is. When the kernel refuses that (an OSError), nothing changed: they are
+        abandoned without looking at the disk, which may hold the same bytes already
+        (`protocol.recovery`)."""
         try:
             action()
-        except BaseException:
-            self._transact(lambda tx: None)  # recovery completes or abandons the intents
+        except BaseException as e:
+            if isinstance(e, OSError):
+                self._undone.update(undone)
+            self._transact(lambda tx: None)  # recovery settles the intents
+            self._undone.difference_update(undone)  # settled: their (path, version) may be decided anew
             raise
 
     def _finish(
