@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from . import report
-from .core import VolumeCore, open_core
+from .core import VolumeCore, open_core, validate_agent
 from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
 from .globs import ManagedGlobs
 from .paths import Target
@@ -93,6 +93,17 @@ def _guard(fn: Callable[..., None]) -> Callable[..., None]:
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _agent_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """The callback of every option and argument naming an agent: the name as `validate_agent`
+    checks it (a reserved or malformed one is an error, exit status 1)."""
+    if value is None:
+        return None
+    try:
+        return validate_agent(value)
+    except CoherenceError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
@@ -270,7 +281,10 @@ def prune(root: str, as_json: bool) -> None:
 @_guard
 def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
     """Each managed file (version, last writer, when, grant holder) and each agent's stale views;
-    with --hosts, each working copy of the volume (nothing is checked or changed)."""
+    with --hosts, each working copy of the volume (nothing is checked or changed). ROOT may also be
+    a mountpoint of the volume, or a directory inside it (its volume's status is shown, said so on
+    stderr)."""
+    root = _volume_root(root)
     if hosts:
         if show_all:
             raise click.UsageError("--all lists deleted paths, --hosts working copies: give one of them")
@@ -315,6 +329,26 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
     )
     for u in st.unchecked:
         console.print(f"not checked: {u.path}: {u.problem}")
+
+
+def _volume_root(root: str) -> str:
+    """ROOT, or, when it is a directory inside a volume (plain or mounted) and no volume's root or
+    mountpoint itself, that volume's root, said on stderr."""
+    from .hook_paths import located
+    from .mounts import fuse_mounts
+    from .paths import REGISTRY_DIR
+
+    real = os.path.realpath(root)
+    if real in fuse_mounts() or os.path.lexists(os.path.join(real, REGISTRY_DIR)):
+        return root  # a volume's own (opening it says what is wrong with it, if anything)
+    found = located(real)
+    if found is None:
+        return root  # in no volume: opening it says so
+    click.echo(
+        f"{root} is a directory inside the volume at {found.root}, not its root: the status of that volume follows",
+        err=True,
+    )
+    return found.root
 
 
 def _ago(seconds: float) -> str:
@@ -512,11 +546,11 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
         _json(answer.as_json())
         return
     console = _console()
-    state = f"v{answer.version}" + ("" if answer.present else " (deleted)")
     console.print(
-        f"{answer.path}: {'managed' if answer.managed else 'not managed'}, current {state}"
+        f"{answer.path}: {answer.state('v')}"
         + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
         + (f", write grant held by {answer.holder}" if answer.holder else "")
+        + answer.occupied()
     )
     r = answer.refusal
     if r is not None:
@@ -549,6 +583,8 @@ def history(paths: tuple[str, ...], limit: int | None, as_json: bool) -> None:
     hash, and whether its bytes are still retained."""
     core, target, _ = _target(paths)
     versions = core.history(target, limit)
+    if not versions:
+        raise report.never_recorded(target)
     if as_json:
         _json({"path": target.rel, "versions": [v._asdict() for v in versions]})
         return
@@ -591,7 +627,11 @@ def _version_number(text: str) -> int:
 
 @main.command("diff")
 @click.argument("args", nargs=-1, required=True, metavar="[ROOT] PATH [A [B]]")
-@click.option("--agent", help="From this agent's view (the version it last read; 0 if none) to the current version.")
+@click.option(
+    "--agent",
+    callback=_agent_name,
+    help="From this agent's view (the version it last read; 0 if none, said on stderr) to the current version.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
 def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> None:
@@ -599,14 +639,21 @@ def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> Non
 
     No A: the latest change (the version before the current one to the current one). A: from A to
     the current version. A B: from A to B. Version 0 is before the file existed. Binary content
-    has no line diff."""
+    has no line diff. A path with no version at all is an error (exit status 4)."""
     core, target, rest = _target(args, extra=2)
     numbers = [_version_number(text) for text in rest]
+    if agent is not None and numbers:
+        raise click.UsageError("give versions A [B] or --agent, not both")
     current = core.version(target)
+    if current == 0:
+        raise report.never_recorded(target)
     if agent is not None:
-        if numbers:
-            raise click.UsageError("give versions A [B] or --agent, not both")
-        old = core.seen(agent, target) or 0
+        seen = core.seen(agent, target)
+        if seen is None:
+            click.echo(
+                f"agent {agent} has no view of {target.rel} (never read it): from v0, before it existed", err=True
+            )
+        old = seen or 0
     else:
         old = numbers[0] if numbers else max(current - 1, 0)
     new = numbers[1] if len(numbers) > 1 else current
@@ -626,6 +673,7 @@ def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> Non
     "--agent",
     required=True,
     envvar="COHERENT_AGENT",
+    callback=_agent_name,
     help="Who restores it (default: $COHERENT_AGENT); it must have read the current version.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a refusal too).")
@@ -634,12 +682,10 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
     """Commit the bytes of an old version again, as a new version (kind restore), with the checks of
     any write: AGENT must have read the current version, else the refusal (with the diff of what
     changed since its view) and exit status 3."""
-    from .core import validate_agent
-
     core, target, _ = _target(paths)
-    before = core.version(target)
+    before = core.version(target) if target.managed else 0  # else `restore` says why it cannot
     try:
-        new = core.restore(validate_agent(agent), target, version)
+        new = core.restore(agent, target, version)
     except StaleWriteError as refusal:
         if as_json:
             _json({"path": target.rel, "restored": version, "version": None, "refusal": _refusal_json(refusal)})
@@ -669,7 +715,11 @@ def _refusal_json(e: StaleWriteError) -> dict[str, object]:
 @main.command()
 @click.argument("root", type=click.Path(file_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--agent", help="Agent for processes that set no COHERENT_AGENT (default: one per login session).")
+@click.option(
+    "--agent",
+    callback=_agent_name,
+    help="Agent for processes that set no COHERENT_AGENT (default: one per login session).",
+)
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
 @click.option("--allow-other", is_flag=True, help="Let other users enter the mount (needs user_allow_other).")
 @click.option(
@@ -687,10 +737,6 @@ def mount(
     """Mount the volume at ROOT on MOUNTPOINT; returns once the mount works."""
     from fusefs.mount import mount as do_mount
 
-    if agent is not None:
-        from .core import validate_agent
-
-        validate_agent(agent)
     do_mount(root, mountpoint, agent, foreground, allow_other, direct_dirs)
     if not foreground:
         click.echo(f"mounted {os.path.realpath(root)} on {os.path.abspath(mountpoint)}")
@@ -709,16 +755,10 @@ def unmount(mountpoint: str) -> None:
 
 
 @main.command("as", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("name")
+@click.argument("name", callback=_agent_name)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_as(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND as agent NAME (sets COHERENT_AGENT): coherent-volume as alice -- CMD ARGS..."""
-    from .core import validate_agent
-
-    try:
-        validate_agent(name)
-    except CoherenceError as e:
-        raise click.ClickException(str(e)) from e
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
         raise click.UsageError("no command given")

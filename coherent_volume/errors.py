@@ -165,16 +165,21 @@ class LinkRefused(CoherenceError, PermissionError):
 
 class UnprotectedAlias(CoherenceError, PermissionError):
     """A write or delete through a managed name that is a symlink (or lies below one) to a path no
-    managed glob covers: the protocol would not guard it, so it is refused. Nothing was changed."""
+    managed glob covers: the protocol would not guard it, so it is refused. Nothing was changed.
+    Asked of it, an operation that reads versions (`reading`: its name) is told that it has none."""
 
-    def __init__(self, name: str, resolved: str) -> None:
+    def __init__(self, name: str, resolved: str, reading: str | None = None) -> None:
         self.name, self.resolved = name, resolved
-        PermissionError.__init__(
-            self,
-            errno.EPERM,
-            f"{name!r} is managed but is a symlink (or lies below one) to the unmanaged {resolved!r}: writes "
-            f"through it are refused; write {resolved!r} itself, or replace the link with a regular file",
-        )
+        link = f"{name!r} is managed but is a symlink (or lies below one) to the unmanaged {resolved!r}"
+        if reading is None:
+            what = f"writes through it are refused; write {resolved!r} itself, or replace the link with a regular file"
+        else:
+            what = (
+                f"it has no versions ({reading} applies to managed files: the volume keeps versions of regular "
+                f"files only, and {resolved!r} is not managed); replace the link with a regular file to have its "
+                "versions kept"
+            )
+        PermissionError.__init__(self, errno.EPERM, f"{link}: {what}")
 
     def __str__(self) -> str:
         return str(self.strerror)

@@ -41,6 +41,46 @@ def fingerprint_path(path: str) -> Fingerprint | None:
     return Fingerprint.of(st) if stat_mod.S_ISREG(st.st_mode) else None
 
 
+def kind_of(mode: int) -> str:
+    """What a file of `mode` (st_mode) is, for people: "a regular file", "a FIFO (named pipe)", ..."""
+    kinds = (
+        (stat_mod.S_ISREG, "a regular file"),
+        (stat_mod.S_ISDIR, "a directory"),
+        (stat_mod.S_ISLNK, "a symlink"),
+        (stat_mod.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat_mod.S_ISSOCK, "a socket"),
+        (stat_mod.S_ISCHR, "a character device"),
+        (stat_mod.S_ISBLK, "a block device"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), f"a file of type {stat_mod.S_IFMT(mode):#o}")
+
+
+def not_regular(mode: int, name: str) -> OSError:
+    """The error of reading `name` as a file when it is not a regular one (`mode`): EISDIR for a
+    directory, else EINVAL saying what it is."""
+    if stat_mod.S_ISDIR(mode):
+        return IsADirectoryError(errno.EISDIR, "Is a directory", name)
+    return OSError(errno.EINVAL, f"Not a regular file: it is {kind_of(mode)}, which has no content to read", name)
+
+
+def absent(path: str, name: str) -> OSError:
+    """The error of deleting a managed file that is not there (`path`, named `name`):
+    FileNotFoundError, or EINVAL saying what is there instead when that is not a regular file (a
+    FIFO, a socket: no managed content, so no version of it is deleted)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is None or stat_mod.S_ISREG(mode):  # gone, or a file since, which the volume has not seen
+        return FileNotFoundError(errno.ENOENT, "No such file or directory", name)
+    return OSError(
+        errno.EINVAL,
+        f"Not a regular file: it is {kind_of(mode)}, not managed content, so the volume keeps no version of it to "
+        "delete; remove it as you would outside the volume (rm)",
+        name,
+    )
+
+
 READ_MAX = 0x7FFFF000
 """The most one read(2) returns on Linux, whatever was asked."""
 
@@ -53,10 +93,8 @@ def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
     caller pairs them with a version by hash."""
     try:
         st = os.fstat(fd)
-        if stat_mod.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(21, "Is a directory", name)
         if not stat_mod.S_ISREG(st.st_mode):
-            raise OSError(22, "Not a regular file", name)
+            raise not_regular(st.st_mode, name)
         chunks = []
         total = 0
         want = st.st_size + 1  # a short read past the stat size is the end: no extra read to find EOF
@@ -75,8 +113,15 @@ def read_fd(fd: int, name: str) -> tuple[bytes, Fingerprint]:
 
 
 def read_file(path: str) -> tuple[bytes, Fingerprint]:
-    """Read a whole regular file, not following a final symlink; FileNotFoundError if absent."""
-    return read_fd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK), path)
+    """Read a whole regular file, not following a final symlink; FileNotFoundError if absent,
+    `not_regular`'s error if it is something else (a socket cannot even be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        raise not_regular(os.lstat(path).st_mode, path) from e
+    return read_fd(fd, path)
 
 
 CHUNK = 1 << 20
@@ -142,7 +187,7 @@ def hash_file(path: str) -> tuple[Fingerprint, str]:
     try:
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):
-            raise OSError(22, "Not a regular file", path)
+            raise not_regular(st.st_mode, path)
         return Fingerprint.of(st), hash_fd(fd, st.st_size)
     finally:
         os.close(fd)

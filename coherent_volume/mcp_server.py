@@ -9,8 +9,9 @@ sessions under one name would be one agent, each passing for the other's reads.
 Invariants:
 - `read_file` registers the session's view at the version of exactly the bytes it returns (all
   of them, or the lines asked for), and lifts a fence of the session's on the file as
-  `reacquire()` does (the model saw the content); it returns at most READ_LIMIT characters, and
-  a read it refuses leaves the session no view of the file;
+  `reacquire()` does (the model saw the content; with no fence to lift, it takes no commit lock);
+  it returns at most READ_LIMIT characters, and a read it refuses leaves the session no view of
+  the file;
 - `write_file` is the API's fail-closed write (`merge` as in `CoherentVolume.write`);
 - `edit_file` applies old→new to the content this session last read or wrote of the file (never to
   what is on disk now) and writes that only while the session's view is still that version; a
@@ -309,6 +310,8 @@ class Session:
                 raise ToolRefused(f"limit ({limit}) must be at least 1: it is how many of the newest versions to list.")
             target = self._target(path)
             versions = self.core.history(target, limit)
+            if not versions:
+                raise report.never_recorded(target)
             seen = self.core.seen(self.agent, target)
             lines = [f"{target.rel}: {len(versions)} most recent versions, newest first"]
             for v in versions:
@@ -324,7 +327,10 @@ class Session:
     def diff(self, path: str, from_version: int | None = None, to_version: int | None = None) -> str:
         def diff() -> str:
             target = self._target(path)
-            new = self.core.version(target) if to_version is None else to_version
+            current = self.core.version(target)
+            if current == 0:
+                raise report.never_recorded(target)
+            new = current if to_version is None else to_version
             seen = self.core.seen(self.agent, target)
             old = (seen or 0) if from_version is None else from_version
             label = " (your view)" if from_version is None and seen is not None else ""
@@ -359,11 +365,11 @@ class Session:
     def why(self, path: str) -> str:
         def why() -> str:
             answer = report.why(self.core, self._target(path))
-            state = f"version {answer.version}" + ("" if answer.present else " (deleted)")
             lines = [
-                f"{answer.path}: {'managed' if answer.managed else 'not managed'}, current {state}"
+                f"{answer.path}: {answer.state('version ')}"
                 + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
                 + (f", write grant held by {answer.holder}" if answer.holder else "")
+                + answer.occupied()
             ]
             r = answer.refusal
             if r is not None:

@@ -143,8 +143,9 @@ class VolumePaths:
         return rel
 
     def resolve(self, path: str | os.PathLike[str]) -> Target:
-        """Resolve `path` (relative to root, or absolute) following symlinks, and confine it."""
-        text = os.fspath(path)
+        """Resolve `path` (relative to root, or absolute) following symlinks, and confine it. Errors
+        name the path as it was given."""
+        given = text = os.fspath(path)
         if isinstance(text, bytes):
             raise OutsideVolume(f"path {text!r} must be str, not bytes")
         _check_text(text)
@@ -161,9 +162,9 @@ class VolumePaths:
             rel = self.rel_of(os.path.realpath(joined))
             named = self._named(joined)
         if rel == ".":
-            raise OutsideVolume(f"{text!r} is the volume root itself, not a file in it")
+            raise OutsideVolume(f"{given!r} is the volume root itself, not a file in it")
         if text.endswith("/") and not os.path.isdir(f"{self.root}/{rel}"):
-            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (the path ends with '/')", text)
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (the path ends with '/')", given)
         managed = self.managed(rel)
         alias_of = named if named is not None and not managed and self.managed(named) else None
         return self.target(rel, managed, alias_of)

@@ -3,7 +3,9 @@ no presentation."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -11,6 +13,7 @@ from . import diffs
 from .core import VolumeCore
 from .core.history import MAX_VERSION
 from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
+from .fingerprint import kind_of
 from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
@@ -227,6 +230,27 @@ def commit_diff(core: VolumeCore, line: LogLine) -> VersionDiff | None:
     return version_diff(core, core.paths.of_rel(e.path), e.version - 1, e.version)
 
 
+def occupant(target: Target) -> str | None:
+    """What is at a managed path when it is neither a regular file nor a symlink (a FIFO, a socket, a
+    device, a directory), which holds no version; None otherwise."""
+    try:
+        mode = os.lstat(target.abs).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else kind_of(mode)
+
+
+def never_recorded(target: Target) -> VersionGone:
+    """What `history` and `diff` say of a managed path that has no version at all."""
+    there = occupant(target)
+    if there is not None:
+        return VersionGone(f"{target.rel!r} has no versions: it is {there}, and only regular files have versions")
+    return VersionGone(
+        f"{target.rel!r} has no versions: no file of that name was ever recorded in this volume (a deleted "
+        "file keeps its versions); check the path (status lists the managed files)"
+    )
+
+
 @dataclass(frozen=True)
 class Why:
     path: str
@@ -247,6 +271,21 @@ class Why:
     conflict: str | None = None
     """When the refused write was to be merged and overlapped the current version: what conflicted,
     then the conflicting hunks, cut like the diff (the `conflict` event logged after the refusal)."""
+    occupant: str | None = None
+    """What is at the path when it is not a regular file (`occupant`): it holds no version."""
+
+    def state(self, version: str) -> str:
+        """The path's state for people: managed or not, its current version (`version` names it:
+        "v", "version "), deleted, or never recorded."""
+        if not self.managed:
+            return "not managed: it has no versions"
+        if self.version == 0:
+            return "managed, never existed: no version of it was ever recorded"
+        return f"managed, current {version}{self.version}" + ("" if self.present else " (deleted)")
+
+    def occupied(self) -> str:
+        """What ends the line of the path's state when it is not a regular file (`occupant`)."""
+        return f"; it is {self.occupant} now, not a regular file" if self.occupant else ""
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "changes": [line.as_json() for line in self.changes]}
@@ -335,4 +374,5 @@ def why(core: VolumeCore, target: Target) -> Why:
         diff,
         note,
         conflict,
+        occupant(target) if target.managed else None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -251,3 +252,68 @@ def test_a_volume_on_a_read_only_mount_says_so_and_what_to_do(root: Path, tmp_pa
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
     assert {p.name: p.read_bytes() for p in (root / ".coherent").iterdir() if p.is_file()} == before
+
+
+def test_every_option_naming_an_agent_is_checked_alike(root: Path) -> None:
+    _refused_scenario(root)
+    for name in ("", "external", "bad\x01name"):
+        for args in (
+            ("diff", str(root), P, "--agent", name),
+            ("restore", str(root), P, "--version", "1", "--agent", name),
+        ):
+            r = cv(*args)
+            assert r.returncode == 1 and r.stdout == "" and "Error: agent name" in r.stderr, (args, r.stderr)
+    r = cv("diff", str(root), P, "--agent", "nobody")  # a valid name that never read it: from v0, said so
+    assert r.returncode == 0 and r.stdout.startswith(f"--- /dev/null\n+++ {P}@v2\n"), r.stdout
+    assert r.stderr == f"agent nobody has no view of {P} (never read it): from v0, before it existed\n"
+
+
+def test_status_of_a_directory_inside_a_volume_shows_that_volume(root: Path) -> None:
+    _refused_scenario(root)
+    real = os.path.realpath(root)
+    human = cv("status", str(root / "plans"))
+    assert human.returncode == 0 and P in human.stdout and f"volume {real}" in human.stdout, human.stderr
+    said = (
+        f"{root / 'plans'} is a directory inside the volume at {real}, not its root: the status of that volume follows"
+    )
+    assert human.stderr == said + "\n"
+    data = json.loads(cv("status", str(root / "plans"), "--json").stdout)
+    assert data["root"] == real and [f["path"] for f in data["files"]] == [P]
+    assert cv("status", str(root)).stderr == ""
+
+
+def test_status_reports_fifos_and_sockets_at_managed_names(root: Path) -> None:
+    """They cannot hold a version: status says what each is, and that what is written into it is
+    neither checked nor versioned. A file replaced by one is recorded as deleted, and reported too."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"v1")
+        alice.write("plans/was-a-file.md", b"then a FIFO")
+    os.unlink(root / "plans/was-a-file.md")
+    os.mkfifo(root / "plans/was-a-file.md")
+    os.mkfifo(root / "plans/pipe.md")
+    os.mkfifo(root / "notes.txt")  # not managed: not reported
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(root / "plans/sock.md"))
+        human = cv("status", str(root))
+        data = json.loads(cv("status", str(root), "--json").stdout)
+    assert human.returncode == 0, human.stderr
+    expected = {
+        "plans/pipe.md": "a FIFO (named pipe)",
+        "plans/sock.md": "a socket",
+        "plans/was-a-file.md": "a FIFO (named pipe)",
+    }
+    assert [u["path"] for u in data["unchecked"]] == sorted(expected)
+    for u in data["unchecked"]:
+        assert u["problem"].startswith(f"it is {expected[u['path']]}, not a regular file: the volume keeps no versions")
+        assert "neither checked nor versioned" in u["problem"]
+        assert f"not checked: {u['path']}: {u['problem']}" in human.stdout
+    files = {f["path"]: (f["version"], f["present"], f["writer"]) for f in data["files"]}
+    assert files == {P: (1, True, "alice"), "plans/was-a-file.md": (2, False, "external")}
+    why = cv("why", str(root), "plans/was-a-file.md").stdout
+    assert why.startswith("plans/was-a-file.md: managed, current v2 (deleted), last written by external")
+    assert why.splitlines()[0].endswith("; it is a FIFO (named pipe) now, not a regular file")
+    never = cv("history", str(root), "plans/pipe.md")
+    assert (
+        never.returncode == 4
+        and "'plans/pipe.md' has no versions: it is a FIFO (named pipe), and only regular" in never.stderr
+    )

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coherent_volume import CoherentVolume, GlobError, OutsideVolume, VolumeConfigError
+from coherent_volume.errors import UnprotectedAlias
 from coherent_volume.globs import ManagedGlobs
 
 
@@ -121,6 +122,38 @@ def test_symlink_inside_root_is_the_target(vols, root: Path) -> None:
     assert alice.read("plans/alias.md") == b"one"
     assert alice.write("plans/alias.md", b"two") == 2
     assert (root / "plans" / "alias.md").is_symlink() and (root / "plans" / "real.md").read_bytes() == b"two"
+
+
+def test_the_volume_root_is_named_as_it_was_given(vols, root: Path) -> None:
+    alice = vols("alice")
+    for path in (f"{root}/", str(root), ".", "plans/.."):
+        with pytest.raises(OutsideVolume) as refused:
+            alice.write(path, b"x")
+        assert str(refused.value) == f"{path!r} is the volume root itself, not a file in it"
+
+
+def test_a_managed_name_linked_to_an_unmanaged_file_is_said_to_have_no_versions(vols, root: Path) -> None:
+    """What reads versions (version, history, a version's bytes, a diff) asked of a managed name that
+    is a symlink out of the globs is told that it has none, and why; a write through it is refused."""
+    (root / "notes").mkdir()
+    (root / "notes/n.txt").write_text("N\n")
+    (root / "plans/alias.md").symlink_to("../notes/n.txt")
+    alice = vols("alice")
+    asked = {
+        "version": lambda: alice.version("plans/alias.md"),
+        "history": lambda: alice.history("plans/alias.md"),
+        "read_version": lambda: alice.read_version("plans/alias.md", 1),
+        "diff": lambda: alice.diff("plans/alias.md", 0, 1),
+    }
+    for what, ask in asked.items():
+        with pytest.raises(UnprotectedAlias) as said:
+            ask()
+        text = str(said.value)
+        assert text.startswith("'plans/alias.md' is managed but is a symlink (or lies below one) to the unmanaged")
+        assert f"it has no versions ({what} applies to managed files" in text and "writes through it" not in text
+    with pytest.raises(UnprotectedAlias, match="writes through it are refused"):
+        alice.write("plans/alias.md", b"x")
+    assert (root / "notes/n.txt").read_text() == "N\n"
 
 
 @pytest.mark.parametrize("path", [".coherent/registry.db", ".coherent", "plans/../.coherent/commit.lock"])

@@ -274,6 +274,31 @@ def test_status_shows_the_content_store_size(root: Path) -> None:
     assert "plans/:rocket:.md" in human, "a path prints as it is (no emoji codes)"
 
 
+def test_a_path_with_no_version_is_said_to_have_none(root: Path) -> None:
+    """history and diff of a managed path no version was ever recorded for (a typo) say so and exit
+    4, as for a version that never existed; why says it never existed, not that it is deleted."""
+    _three_versions(root)
+    for args in (
+        ("history", root, "plans/typo.md"),
+        ("history", root, "plans/typo.md", "--json"),
+        ("diff", root, "plans/typo.md"),
+        ("diff", root, "plans/typo.md", "0"),
+        ("diff", root, "plans/typo.md", "--agent", "bob"),
+    ):
+        r = cv(*args)
+        assert r.returncode == GONE and r.stdout == "", (args, r.stdout)
+        assert "'plans/typo.md' has no versions: no file of that name was ever recorded" in r.stderr, r.stderr
+    why = ok("why", root, "plans/typo.md")
+    assert why.startswith("plans/typo.md: managed, never existed: no version of it was ever recorded\n"), why
+    assert "deleted" not in why
+    assert ok("why", root, "notes.txt").startswith("notes.txt: not managed: it has no versions\n")
+    with CoherentVolume(root, agent="bob") as bob:  # bob wrote v3: a deletion keeps the versions
+        bob.delete(P)
+    assert ok("why", root, P).startswith(f"{P}: managed, current v4 (deleted), last written by bob")
+    assert [v["version"] for v in json.loads(ok("history", root, P, "--json"))["versions"]] == [4, 3, 2, 1]
+    assert ok("diff", root, P).startswith(f"--- {P}@v3\n+++ /dev/null\n")
+
+
 def test_the_history_commands_inside_a_mount(mounted: Mount) -> None:
     m = mounted.path
     assert mounted.run("alice", f"printf 'one\\n' > {P}").returncode == 0  # v1: created empty, v2: one
@@ -295,6 +320,11 @@ def test_the_history_commands_inside_a_mount(mounted: Mount) -> None:
     assert "restored v2 as v4" in ok("restore", m / P, "--version", "2", env={"COHERENT_AGENT": "bob"})
     assert mounted.run("carol", f"cat {P}").stdout == "one\n"
     assert "+two\n" in ok("log", m, "-p")
+
+    inside = cv("status", m / "plans", "--json")  # a directory inside the mount: its volume's status
+    backing = os.path.realpath(mounted.root)
+    assert inside.returncode == 0 and json.loads(inside.stdout)["root"] == backing
+    assert f"{m / 'plans'} is a directory inside the volume at {backing}, not its root" in inside.stderr
 
 
 def test_a_deletion_is_listed_as_holding_no_bytes(root: Path) -> None:

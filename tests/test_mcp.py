@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -324,3 +325,68 @@ def test_the_server_exits_cleanly_when_the_client_goes(root: Path, tmp_path: Pat
     log = errlog.read_text()
     assert "server exited: 0" in log and "Traceback" not in log, log
     assert (root / P).read_text() == "kept\n"
+
+
+def test_a_path_that_never_existed_is_said_to_have_no_versions(root: Path) -> None:
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            for tool in ("history", "diff"):
+                text = await s.refused(tool, path="plans/typo.md")
+                assert "'plans/typo.md' has no versions: no file of that name was ever recorded" in text, text
+            why = await s.ok("why", path="plans/typo.md")
+            assert why.startswith("plans/typo.md: managed, never existed: no version of it was ever recorded\n")
+
+    run(scenario)
+
+
+HOLD_THE_COMMIT_LOCK = r"""
+import sys, time
+from coherent_volume import CoherentVolume
+vol = CoherentVolume(sys.argv[1], agent="holder")
+with vol._core.registry.commit_lock():
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_read_with_no_fence_to_lift_does_not_wait_for_the_commit_lock(root: Path) -> None:
+    """A process holds the commit lock (stuck): a read of a file in step with its record needs no
+    commit, so it answers (and registers the view) instead of waiting 30 s and failing EBUSY."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "one\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_COMMIT_LOCK, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+
+        async def scenario() -> None:
+            async with mcp_session(root) as s:
+                text = await s.ok("read_file", path=P)
+                assert text.startswith("one\n") and f"{P}: version 1. Your view is this version" in text, text
+                holder.kill()
+                holder.wait()
+                assert await s.ok("write_file", path=P, content="two\n") == f"Wrote {P}: now version 2."
+
+        run(scenario)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_read_lifts_the_sessions_fence(root: Path) -> None:
+    """A session whose agent's lock() was reclaimed is fenced on the file until it reads it again."""
+    with CoherentVolume(root, agent="planner") as planner, CoherentVolume(root, agent="bob") as bob:
+        planner.write(P, "one\n")
+        with planner.lock(P, ttl=0.2):
+            time.sleep(0.3)
+            bob.read(P)
+            bob.write(P, "two\n")  # reclaims planner's lapsed grant: planner is fenced
+
+    async def scenario() -> None:
+        async with mcp_session(root, "--agent", "planner") as s:
+            assert "Refused (fenced)" in await s.refused("write_file", path=P, content="three\n")
+            assert (await s.ok("read_file", path=P)).startswith("two\n")
+            assert await s.ok("write_file", path=P, content="three\n") == f"Wrote {P}: now version 3."
+
+    run(scenario)

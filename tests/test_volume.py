@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -443,3 +444,24 @@ def test_a_write_after_the_root_was_removed_makes_nothing_and_says_so(tmp_path: 
             with pytest.raises(FileNotFoundError, match="the volume's root was removed or moved while in use"):
                 alice.write(path, "two")
         assert not root.exists()
+
+
+def test_a_fifo_or_socket_at_a_managed_name_is_said_to_be_one(vols, root: Path) -> None:
+    """It holds no content: a read or a delete says what it is (EINVAL), never "no such file" or
+    "no such device", and the delete leaves it in place."""
+    alice = vols("alice")
+    os.mkfifo(root / "plans/pipe.md")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(root / "plans/sock.md"))
+        for name, kind in (("plans/pipe.md", "a FIFO (named pipe)"), ("plans/sock.md", "a socket")):
+            with pytest.raises(OSError) as read:
+                alice.read(name)
+            assert read.value.errno == errno.EINVAL
+            assert read.value.strerror == f"Not a regular file: it is {kind}, which has no content to read"
+            with pytest.raises(OSError) as deleted:
+                alice.delete(name)
+            assert deleted.value.errno == errno.EINVAL and not isinstance(deleted.value, FileNotFoundError)
+            assert f"it is {kind}, not managed content, so the volume keeps no version of it" in str(deleted.value)
+            assert os.path.lexists(root / name)
+    with pytest.raises(FileNotFoundError):
+        alice.delete("plans/never.md")

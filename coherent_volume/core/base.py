@@ -668,8 +668,10 @@ class CoreBase:
         return changed_paths(read_set, tx.versions(list(read_set)), rel)
 
     @staticmethod
-    def _require_managed(target: Target, what: str) -> None:
+    def _require_managed(target: Target, what: str, *, reads: bool = False) -> None:
+        """NotManaged unless `target` is managed; UnprotectedAlias for a managed name through a
+        symlink to an unmanaged path (`reads`: `what` only reads versions, which it has none of)."""
         if target.alias_of is not None:
-            raise UnprotectedAlias(target.alias_of, target.rel)
+            raise UnprotectedAlias(target.alias_of, target.rel, what if reads else None)
         if not target.managed:
             raise NotManaged(f"{target.rel!r} is not managed by this volume; {what} applies to managed paths only")

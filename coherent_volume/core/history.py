@@ -58,7 +58,7 @@ class History(Writes):
         """`target`'s versions, newest first (a foreign change is synced first, so it is listed);
         the newest `limit` (>= 1) only, if given. A version is `retained` when its bytes can be
         read (`read_version`): never a deletion, which has none, nor a pruned version."""
-        self._require_managed(target, "history")
+        self._require_managed(target, "history", reads=True)
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             raise VolumeConfigError(f"a history limit is a number of versions >= 1, not {limit!r}")
         limit = None if limit is None else min(limit, MAX_VERSION)
@@ -70,7 +70,7 @@ class History(Writes):
     def read_version(self, target: Target, version: int) -> bytes:
         """The bytes of a retained version (no view is registered); VersionGone if it never existed,
         is a deletion or was pruned, DamagedContent if its stored bytes no longer match its hash."""
-        self._require_managed(target, "read_version")
+        self._require_managed(target, "read_version", reads=True)
         self.version(target)  # a foreign change is recorded first, so that its version can be read
         return self._stored(target, version, self._entries(target, version)[0])
 
@@ -125,7 +125,7 @@ class History(Writes):
     def diff(self, target: Target, old: int, new: int) -> str | None:
         """The unified diff from version `old` to version `new` (0: before the path existed); None
         for binary content. VersionGone/DamagedContent as `read_version`."""
-        self._require_managed(target, "diff")
+        self._require_managed(target, "diff", reads=True)
         self.version(target)  # a foreign change is recorded first, so that its version can be diffed
         return self._diff(target, old, new, self._entries(target, old, new))
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 
 from ..errors import RegistryError
-from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_fd, hash_path, read_fd, read_file
+from ..fingerprint import (
+    Fingerprint,
+    content_hash,
+    fingerprint_path,
+    hash_fd,
+    hash_path,
+    kind_of,
+    read_fd,
+    read_file,
+)
 from ..liveness import ProcessId
 from ..paths import REGISTRY_DIR, Target
 from ..protocol import (
@@ -28,6 +38,12 @@ NOT_UTF8 = (
     "its name is not valid UTF-8: the volume records paths as UTF-8, so it cannot record or protect "
     "this file; rename it to a UTF-8 name"
 )
+NOT_CONTENT = (
+    "it is {kind}, not a regular file: the volume keeps no versions of it, and what programs write into it (through "
+    "a mount too) is neither checked nor versioned; a whole-file write through the API or MCP replaces it with a "
+    "regular file, which is. Remove it, or move it out of the managed paths"
+)
+"""Why `scan` reports a FIFO, socket or device at a managed name (`kind`: what it is)."""
 
 
 CONFIRMED_FOR = 1.0
@@ -173,7 +189,7 @@ class Reads(CoreBase):
 
     def version(self, target: Target) -> int:
         """Current committed version of a managed path (0 if it never existed), foreign changes included."""
-        self._require_managed(target, "version")
+        self._require_managed(target, "version", reads=True)
         with self.registry.read() as tx:
             record = tx.file(target.rel)
         fp = fingerprint_path(target.abs)
@@ -212,7 +228,8 @@ class Reads(CoreBase):
         file) under one commit lock; return the files it could not check, as (path, why). One odd
         file never stops the scan: a name that is not valid UTF-8 (returned as os.walk hands it
         over, with surrogate escapes) or a recorded path that is no longer a regular file is
-        reported, never skipped silently. Symlinks carry no versions."""
+        reported, never skipped silently, and so is a FIFO, socket or device at a managed name,
+        which cannot hold a version (`NOT_CONTENT`). Symlinks carry no versions."""
         with self.registry.read() as tx:
             recorded = {record.path for record in tx.files()}
         on_disk: set[str] = set()
@@ -223,7 +240,18 @@ class Reads(CoreBase):
             for name in files:
                 path = os.path.join(directory, name)
                 rel = os.path.relpath(path, self.paths.root).replace(os.sep, "/")
-                if not self.paths.managed(rel) or os.path.islink(path):
+                if not self.paths.managed(rel):
+                    continue
+                try:
+                    mode: int | None = os.lstat(path).st_mode
+                except FileNotFoundError:
+                    continue  # gone since it was listed: a recorded one is synced all the same
+                except OSError:
+                    mode = None  # synced as any file, which reports the error it meets
+                if mode is not None and stat.S_ISLNK(mode):
+                    continue
+                if mode is not None and not stat.S_ISREG(mode):  # a recorded one is synced all the same
+                    unchecked.append((rel, NOT_CONTENT.format(kind=kind_of(mode))))
                     continue
                 try:
                     rel.encode("utf-8")
@@ -323,4 +351,11 @@ class Reads(CoreBase):
         self.registry.transact(lambda tx: tx.drop_view(agent, target.rel))
 
     def clear_fence(self, agent: str, target: Target) -> None:
+        """Lift `agent`'s fence on `target` (a re-read after its `lock()` was reclaimed). Fences are
+        put only by commit-locked transactions (`CoreBase._live`), so a read that finds none is as
+        current as the commit lock would make it: the lock is taken only to drop one, and a read of
+        a file with none never waits behind a holder of the lock."""
+        with self.registry.read() as tx:
+            if not tx.fenced(agent, target.rel):
+                return
         self._transact(lambda tx: tx.drop_fence(agent, target.rel))

@@ -23,7 +23,7 @@ from ..errors import (
     StaleWriteError,
     UnprotectedAlias,
 )
-from ..fingerprint import fingerprint_path
+from ..fingerprint import absent, fingerprint_path
 from ..liveness import ProcessId
 from ..paths import Target
 from ..protocol import (
@@ -313,7 +313,7 @@ class Writes(Reads):
                 raise decided.refusal
             content, version = decided.content, decided.version
             if content is None and not decided.exists:
-                raise FileNotFoundError(2, "No such file or directory", target.rel)
+                raise absent(target.abs, target.rel)
             if content is not None:  # recorded: install it (recovery does, if this fails or dies first)
                 try:
                     content.install()
