@@ -50,6 +50,19 @@ NETWORK_TYPES = frozenset(
         "fuse.juicefs",
         "fuse.gcsfuse",
         "fuse.ceph-fuse",
+        "fuse.mfs",  # MooseFS
+        "fuse.lizardfs",
+        "fuse.seaweedfs",
+        "fuse.weed",  # SeaweedFS's own name for it
+        "fuse.blobfuse",
+        "fuse.blobfuse2",
+        "fuse.mountpoint-s3",
+        "fuse.goofys",
+        "fuse.geesefs",
+        "fuse.ossfs",
+        "fuse.davfs",
+        "davfs",  # davfs2 (WebDAV)
+        "fuse.cvmfs",
     }
 )
 """File system types whose files other hosts (other kernels) write too."""

@@ -56,7 +56,10 @@ def test_an_overmount_hides_the_mounts_under_it() -> None:
     assert mount_of("/over/x", mounts, "0:99").source == "/dev/vdb"
 
 
-@pytest.mark.parametrize("fstype", ["nfs", "nfs4", "cifs", "smb3", "ceph", "9p", "glusterfs", "fuse.sshfs"])
+@pytest.mark.parametrize(
+    "fstype",
+    ["nfs", "nfs4", "cifs", "smb3", "ceph", "9p", "glusterfs", "fuse.sshfs", "fuse.mfs", "fuse.mountpoint-s3", "davfs"],
+)
 def test_network_types(fstype: str) -> None:
     assert is_network(fstype)
 
