@@ -5,14 +5,19 @@ Patterns are relative to the volume root, with `/` separators:
 `*` and `?` match inside one segment, `[...]` is a character class (`[!...]` negates).
 A file is managed when any pattern matches its whole relative path, unless its name is one the
 volume gives content it stages for a commit (`STAGED`).
+
+`ManagedGlobs.may_match` answers the same question for every path of a *shape* at once (a path
+whose parts are known only as wildcards, such as the file a shell command names through an
+expansion): False only when no path the shape can spell is managed.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from .errors import GlobError
 
@@ -24,6 +29,19 @@ the staging directory is on another file system, is no file of the volume)."""
 
 _ANY_RUN = "[^/]*"
 """The regex of `*` in a segment (`_segment_tokens`)."""
+
+
+class Wild(enum.Enum):
+    """A part of a shape (`ManagedGlobs.may_match`) known only as a wildcard."""
+
+    NAME = "any characters but '/', none included"
+    NUMBER = "one or more digits and '-' (an integer)"
+    DIRS = "a whole segment standing for any number of directories' names, none included"
+    PATH = "any text, '/' and '..' included: any path at all"
+
+
+Piece = str | Wild
+"""A part of a shape: literal text (where `/` separates segments) or a wildcard."""
 
 
 def _segment_tokens(segment: str, pattern: str) -> list[tuple[str, str | None]]:
@@ -175,6 +193,176 @@ def _may_hold_slash(parsed: list[list[Part] | None]) -> bool:
     )
 
 
+class _Char(NamedTuple):
+    """One token of a glob's segment: the one-character regex it matches, whether it repeats (`*`),
+    and its text."""
+
+    one: re.Pattern[str]
+    many: bool
+    text: str
+
+
+_Segment = tuple[_Char, ...] | None
+"""A glob's segment as its tokens, or None for `**` (any number of segments, none included)."""
+_Token = tuple[frozenset[str] | None, bool]
+"""One character of a shape's segment: the characters it may be (None: any but '/'), and whether it
+repeats (any number of times, none included)."""
+_DIGITS = frozenset("0123456789-")
+_DOT = (1, 2, 3, 3)
+"""How a '.' moves the state of a name being spelled: 0 empty, 1 ".", 2 "..", 3 a file's name."""
+
+
+def _glob_segments(pattern: str) -> list[_Segment] | None:
+    """The segments of a valid glob; None when a character class of it may match '/' (a range across
+    it), so that one of its segments may match more than one segment of a path."""
+    parts = pattern.split("/")
+    segments: list[_Segment] = []
+    for index, part in enumerate(parts):
+        if part == "**":
+            # at the end '**' matches one or more segments: a name, then any number
+            segments += [(_Char(re.compile("[^/]"), True, _ANY_RUN),), None] if index == len(parts) - 1 else [None]
+            continue
+        chars = []
+        for text, _ in _segment_tokens(part, pattern):
+            one = re.compile("[^/]" if text == _ANY_RUN else text, re.DOTALL)
+            if one.fullmatch("/"):
+                return None
+            chars.append(_Char(one, text == _ANY_RUN, text))
+        segments.append(tuple(chars))
+    return segments
+
+
+def _shape_segments(shape: Sequence[Piece]) -> list[list[_Token] | None] | None:
+    """The segments of a root-relative shape, each as its tokens (None for a `Wild.DIRS` segment),
+    empty and `.` segments dropped as the kernel skips them; None when the shape may be any path: a
+    `Wild.PATH`, a leading `/`, a `..` segment, a `Wild.DIRS` sharing its segment, or a segment that
+    may spell '', '.' or '..' (it may vanish or climb)."""
+    if "".join(p if isinstance(p, str) else "x" for p in shape).startswith("/") or Wild.PATH in shape:
+        return None
+    raw: list[list[str | Wild]] = [[]]
+    for piece in shape:
+        if isinstance(piece, Wild):
+            raw[-1].append(piece)
+            continue
+        for index, part in enumerate(piece.split("/")):
+            if index:
+                raw.append([])
+            raw[-1].extend(part)
+    segments: list[list[_Token] | None] = []
+    for segment in raw:
+        if segment in ([], ["."]):
+            continue
+        if Wild.DIRS in segment:
+            if segment != [Wild.DIRS]:
+                return None
+            segments.append(None)
+            continue
+        tokens: list[_Token] = []
+        for char in segment:
+            if char is Wild.NAME:
+                tokens.append((None, True))
+            elif char is Wild.NUMBER:
+                tokens += [(_DIGITS, False), (_DIGITS, True)]
+            elif isinstance(char, str):
+                tokens.append((frozenset(char), False))
+        if any(_spells(tokens, name) for name in ("", ".", "..")):
+            return None
+        segments.append(tokens)
+    return segments
+
+
+def _spells(tokens: Sequence[_Token], text: str) -> bool:
+    """Whether a shape's segment can be exactly `text`."""
+    states = {0}
+    for c in [*text, None]:
+        closure, todo = set(), list(states)
+        while todo:  # a repeating token may be passed over
+            i = todo.pop()
+            if i not in closure:
+                closure.add(i)
+                if i < len(tokens) and tokens[i][1]:
+                    todo.append(i + 1)
+        if c is None:
+            return len(tokens) in closure
+        states = {i if tokens[i][1] else i + 1 for i in closure if i < len(tokens) and _holds(tokens[i][0], c)}
+    return False
+
+
+def _holds(chars: frozenset[str] | None, c: str) -> bool:
+    return c != "/" and (chars is None or c in chars)
+
+
+def _common(chars: frozenset[str] | None, glob: _Char, dot: bool) -> bool:
+    """Whether one character of a file's name may be one of `chars` (None: any) and match `glob`,
+    being '.' (`dot`) or another character."""
+    if dot:
+        return _holds(chars, ".") and glob.one.fullmatch(".") is not None
+    if chars is None:
+        # the members of a class are runs of code points between characters of its text (a range's
+        # ends, and the '/' a negated class leaves out): a run with a member that is not '.', '/' or
+        # NUL holds one within 3 code points of its end
+        near = {ord(c) + d for c in glob.text for d in range(-3, 4)}
+        chars = frozenset(chr(n) for n in near if 0 < n <= 0x10FFFF)
+    return any(c not in "./" and glob.one.fullmatch(c) is not None for c in chars)
+
+
+def _meet(tokens: Sequence[_Token], segment: tuple[_Char, ...]) -> bool:
+    """Whether some file name (not '', '.' or '..') is spelled by a shape's segment and matched by a
+    glob's: a walk of the pair of their positions, and of the name's state (`_DOT`)."""
+    todo, seen = [(0, 0, 0)], set()
+    while todo:
+        state = todo.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        i, j, dots = state
+        if i == len(tokens) and j == len(segment) and dots == 3:
+            return True
+        if i < len(tokens) and tokens[i][1]:
+            todo.append((i + 1, j, dots))
+        if j < len(segment) and segment[j].many:
+            todo.append((i, j + 1, dots))
+        if i < len(tokens) and j < len(segment):
+            after = (i if tokens[i][1] else i + 1, j if segment[j].many else j + 1)
+            if _common(tokens[i][0], segment[j], True):
+                todo.append((*after, _DOT[dots]))
+            if _common(tokens[i][0], segment[j], False):
+                todo.append((*after, 3))
+    return False
+
+
+_ANY_NAME: list[_Token] = [(None, True)]
+_ANY_SEGMENT = (_Char(re.compile("[^/]"), True, _ANY_RUN),)
+
+
+def _pattern_meets(shape: list[list[_Token] | None], pattern: list[_Segment]) -> bool:
+    """Whether some path the shape's segments spell matches the glob's segments: a walk of the pair of
+    positions, where a `Wild.DIRS` and a `**` each stand for any number of names."""
+    todo, seen = [(0, 0)], set()
+    while todo:
+        state = todo.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        i, j = state
+        if i == len(shape) and j == len(pattern):
+            return True
+        ours = shape[i] if i < len(shape) else []
+        theirs = pattern[j] if j < len(pattern) else ()
+        if ours is None:
+            todo.append((i + 1, j))  # no more directories
+        if theirs is None:
+            todo.append((i, j + 1))  # '**' matches no more segments
+        if i == len(shape) or j == len(pattern):
+            continue
+        if theirs is None:
+            if ours is not None and _meet(ours, _ANY_SEGMENT):
+                todo.append((i + 1, j))
+        elif _meet(_ANY_NAME if ours is None else ours, theirs):
+            todo.append((i if ours is None else i + 1, j + 1))
+    return False
+
+
 @dataclass(frozen=True)
 class ManagedGlobs:
     """An immutable, validated set of managed globs (order and duplicates do not matter)."""
@@ -210,6 +398,7 @@ class ManagedGlobs:
             for p in self.patterns
         )
         object.__setattr__(self, "_segments", segments)
+        object.__setattr__(self, "_shapes", tuple(_glob_segments(p) for p in self.patterns))
 
     def reaches(self, directory: str) -> bool:
         """True if some path strictly under the root-relative `directory` ("" is the root) could match a
@@ -235,3 +424,18 @@ class ManagedGlobs:
     def matches(self, rel: str) -> bool:
         """True if the root-relative POSIX path `rel` is managed."""
         return self._regex.match(rel) is not None and STAGED.search(rel) is None  # type: ignore[attr-defined]
+
+    def may_match(self, shape: Sequence[Piece]) -> bool:
+        """Whether some path of a root-relative shape may be managed: False only when no path it can
+        spell matches a managed glob as `matches` decides (staged names aside: a shape that reaches
+        only those is still True). The shape is literal text (`/` separates segments; empty and `.`
+        segments are skipped as the kernel skips them) and wildcards (`Wild`). True whenever it may be
+        any path: a `Wild.PATH`, a leading `/`, a `..` segment, a segment that may spell '', '.' or '..'
+        (so may vanish or climb), a `Wild.DIRS` that is not a whole segment; and for any shape when a
+        glob's character class may match '/' (a range across it). Otherwise exact: some name spelled
+        by each segment (never '', '.' or '..') matches its glob's segment."""
+        segments = _shape_segments(shape)
+        if segments is None:
+            return True
+        patterns: tuple[list[_Segment] | None, ...] = self._shapes  # type: ignore[attr-defined]
+        return any(pattern is None or _pattern_meets(segments, pattern) for pattern in patterns)

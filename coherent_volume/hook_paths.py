@@ -58,6 +58,18 @@ def _below(given: str, top: str) -> str | None:
     return given[len(top) + 1 :] if given.startswith(top + os.sep) and len(given) > len(top) + 1 else None
 
 
+def located_directory(path: str) -> Located | None:
+    """Where the directory `path` lies (or would, if it does not exist yet): `located` of a name in
+    it that does not exist (so no symlink of that name leads elsewhere), with `rel` the directory's
+    own real path below the root or mountpoint ("" for the root itself)."""
+    real = os.path.realpath(path)
+    name = "x"
+    while os.path.lexists(os.path.join(real, name)):
+        name += "x"
+    found = located(os.path.join(real, name))
+    return None if found is None else found._replace(rel=found.rel[: -len(name)].rstrip("/"))
+
+
 def locate(path: str) -> tuple[str, str] | None:
     """(volume root, path relative to it) for a path inside a mounted or plain volume, else None."""
     found = located(path)
@@ -68,7 +80,7 @@ def volume_roots(places: Iterable[str | None]) -> set[str]:
     """The roots of every mounted volume and of the volumes holding `places` (directories)."""
     roots = set(_mounts().values())
     for place in places:
-        found = located(os.path.join(place, "x")) if place else None
+        found = located_directory(place) if place else None
         if found:
             roots.add(found.root)
     return roots

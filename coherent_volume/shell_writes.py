@@ -19,8 +19,10 @@ inside a word joins it. Recognised writes:
   `bash -c`/`sh -c`, `su -c`, `flock -c`, `script -c`, `eval` and `trap` (a trap's handler also
   where the shell exits); an expansion in such a script is code known only when it runs.
 Words are expanded as bash expands them: brace expansion, `~` (also after `NAME=`), `$HOME` (from
-this process's environment), `$PWD`, a variable set only to `$(mktemp)` (a new name in $TMPDIR),
-then globs against the command's working directory (no match: the word itself). `cd DIR` moves
+this process's environment), `$PWD`, the variables a second walk takes as known (`_Walk`: one set
+only to one literal value or to `$(mktemp)`, a new name in $TMPDIR, from where that surely ran in
+this shell; a `for` loop's in its body), then globs against the command's working directory (no
+match: the word itself). `cd DIR` moves
 the working directory for what follows in its shell (not out of a subshell or a pipeline): a
 directory that exists is entered; one that does not is entered for what runs after the `cd`
 succeeded (`&&`), and either may hold after `;`; after a loop, any directory a round can leave.
@@ -32,9 +34,14 @@ a shell reading its script from its input, a pattern with a character class, mor
 `_MOST_EXPANDED` words, matches or files below a directory, a command tree-sitter cannot parse,
 work past the bounds `_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its
 known part names (the directory before the first expansion, else the working directory): the
-command is refused (`UnresolvedShellWrite`) when that place is in a volume, or when a volume
-the command's literal text names a path in lies at or below it (anywhere, for a word that may be
-any path: one that starts with an expansion, or has a `..` after one); elsewhere it goes ahead.
+command is refused (`UnresolvedShellWrite`) when that place is in a volume, unless no file the
+write may reach there can be managed (`_Walk._unmanaged`: the rest of the word, its `Unknown.shape`,
+matches no managed glob, `ManagedGlobs.may_match`, and no symlink, mount point or volume root lies
+where it may lead); or when a volume the command's literal text names a path in lies at or below
+it (anywhere, for a word that may be any path: one that starts with an expansion, or has a `..`
+after one); elsewhere it goes ahead. An arithmetic expansion, `$$`-like parameters and
+`$(date +FORMAT)` of numeric conversions stay within one segment of a path; any other expansion
+may be any path.
 Anything else (aliases, a script, `source`, an interpreter's own file writes, `git checkout`,
 prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd) is not
 recognised; on a mount the file system checks those writes.
@@ -45,6 +52,7 @@ following symlinks, as the kernel does).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import os
@@ -52,15 +60,20 @@ import re
 import shlex
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
 import tree_sitter
 import tree_sitter_bash
 
-from .errors import UnresolvedShellWrite
-from .hook_paths import located
+from .core import open_core
+from .errors import CoherenceError, UnresolvedShellWrite
+from .globs import ManagedGlobs, Piece, Wild
+from .hook_paths import Located, located_directory
+from .paths import REGISTRY_DIR
 from .protocol import HandleKind
+from .registry import recorded_in
 
 _MOST_EXPANDED = 1000
 """Words of a brace expansion, and matches of a pattern, at most (more: the word is unknown); and
@@ -96,12 +109,22 @@ class Unknown:
     anywhere: bool = False
     """It may be any path, not only one below `place`: refused also when the command names a
     path in a volume."""
+    shape: tuple[Piece, ...] | None = None
+    """What it may be below `place` (`globs.Wild` for the parts known only when the command runs),
+    when that is known: in a volume, refused only where some path of it may be managed (`_unmanaged`).
+    None: any path below `place`."""
+
+    def below(self, *pieces: Piece) -> Unknown:
+        """This unknown with `pieces` after its shape (`/` separates segments)."""
+        return dataclasses.replace(self, shape=None if self.shape is None else (*self.shape, *pieces))
 
 
 Cwd = str | Unknown
 Item = str | Unknown
 Chars = list[tuple[str, bool]]
 """A word's characters, each with whether it is quoted (literal to brace and glob expansion)."""
+Spelled = list[tuple[str, bool] | Wild]
+"""A word's characters (`Chars`), with the `Wild` each part known only when the command runs may be."""
 State = frozenset[Cwd]
 """The working directories a command may run in (more than one after a `cd` that may fail)."""
 
@@ -190,6 +213,35 @@ _SORT_VALUED = _names(
 _SED_VALUED = _names("-e --expression -f --file -l --line-length")
 _PERL_VALUED = _names("-e -E")
 _AWK_VALUED = _names("-i -v -f -F --include --assign --file")
+_SETTERS = _names("read mapfile readarray getopts let unset declare typeset local export readonly")
+"""Builtins that set the variables their words name (`printf -v` and `wait -p` too)."""
+_SHELL_SET = re.compile(
+    r"_|PWD|OLDPWD|HOME|CDPATH|IFS|TMPDIR|REPLY|MAPFILE|OPT\w*|S?RANDOM|SECONDS|LINENO|HISTCMD|EPOCH\w*|PIPESTATUS"
+    r"|FUNCNAME|DIRSTACK|GROUPS|BASH\w*|COPROC\w*|COMP\w*|READLINE\w*|SHLVL|PPID|UID|EUID|HOST\w*"
+)
+"""Variables the shell itself sets or reads specially: never taken as known."""
+_FOR = "\0for"
+"""What `_Walk.sets` holds for a variable a `for` loop sets (no value can be it: a NUL)."""
+_EXPANDS = frozenset(
+    {"simple_expansion", "expansion", "command_substitution", "arithmetic_expansion", "process_substitution"}
+)
+_MKTEMP = re.compile(r'"?\$\(\s*mktemp(?:\s+-[dqu]+|\s+--(?:directory|quiet|dry-run))*\s*\)"?')
+"""`$(mktemp)` with no template, nor -p or --tmpdir: a new name in $TMPDIR."""
+_DATE = re.compile(
+    r"(?:\$\(|`)\s*date(?:\s+(?:-u|--utc|--universal))*\s+"
+    r"(?:'\+([^'\\]*)'|\"\+([^\"\\$`]*)\"|\+([^\s'\"\\$`;&|<>()]*))\s*(?:\)|`)"
+)
+"""`$(date +FORMAT)`: what it prints is known but for its numbers (`_date`)."""
+_DATE_FIELDS: dict[str, list[Piece]] = {
+    **{c: [Wild.NUMBER] for c in "CdGgHIjmMNsSuUVwWyY"},
+    "F": [Wild.NUMBER, "-", Wild.NUMBER, "-", Wild.NUMBER],
+    "T": [Wild.NUMBER, ":", Wild.NUMBER, ":", Wild.NUMBER],
+    "R": [Wild.NUMBER, ":", Wild.NUMBER],
+    "%": ["%"],
+}
+"""date's conversions that print only digits and '-' (and the separators of %F, %T, %R)."""
+_REDEFINES = re.compile(r"\b(?:date|mktemp)\s*\(\s*\)|\bfunction\s+(?:date|mktemp)\b|\b(?:alias|hash|enable|PATH)\b")
+"""A command that may make `date` or `mktemp` run something else."""
 
 
 @cache
@@ -344,10 +396,59 @@ def _braces(word: Chars) -> list[Chars] | None:
     return done
 
 
-class _Walk:
-    """One walk of a command's syntax tree: what it writes, and what it writes that cannot be told."""
+def _shape(spelled: Spelled) -> list[Piece]:
+    """What the rest of a word may be, as a shape (`globs.Wild`): a pattern's characters match any
+    characters of one segment (a bracket to the end of its segment), a brace may expand to anything.
+    (A segment that is only a pattern, `**` among them, may be any name, '..' too: any path.)"""
+    pieces: list[Piece] = []
+    bracket = False
+    for c in spelled:
+        if isinstance(c, Wild):
+            pieces.append(c)
+            continue
+        char, quoted = c
+        bracket = bracket and char != "/"
+        if not quoted and char == "{":
+            pieces.append(Wild.PATH)
+        elif bracket or not quoted and char in _GLOB:
+            bracket = bracket or char == "["
+            pieces.append(Wild.NAME)
+        else:
+            pieces.append(char)
+    return pieces
 
-    def __init__(self) -> None:
+
+def _date(form: str) -> list[Piece] | None:
+    """What `date +FORM` prints, a character at a time with `Wild.NUMBER` for a number; None for a
+    conversion that may print anything else (a '/', a space, a name), or a character that is not a
+    plain one of a file's name."""
+    printed: list[Piece] = []
+    i = 0
+    while i < len(form):
+        field = re.match(r"%[-0]?(.)", form[i:], re.DOTALL)
+        if field is not None:
+            if field.group(1) not in _DATE_FIELDS:
+                return None
+            printed += _DATE_FIELDS[field.group(1)]
+            i += field.end()
+        elif re.fullmatch(r"[\w.,:+=@-]", form[i], re.ASCII):
+            printed.append(form[i])
+            i += 1
+        else:
+            return None
+    return printed
+
+
+class _Walk:
+    """One walk of a command's syntax tree: what it writes, and what it writes that cannot be told.
+
+    Variables: a first walk takes none as known, and notes how each may be set (`sets`); if what it
+    leaves unknown would be refused, a second walk (`settled`) takes as known a variable set only to
+    one literal value (or `$(mktemp)`), from where an assignment surely ran in this shell on (`values`;
+    not in a child shell, nor past a subshell, a branch or a loop that may have set it), and a `for`
+    loop's variable, the only loop setting it, in its body (each word in turn)."""
+
+    def __init__(self, known: dict[str, str] | None = None, loops: frozenset[str] = frozenset()) -> None:
         self.found: list[tuple[str, HandleKind, bool]] = []
         """(path, how, whether a directory there stands for the files below it)."""
         self.unknown: list[Unknown] = []
@@ -361,8 +462,31 @@ class _Walk:
         self.visited = 0
         """Directory entries read so far (`_MOST_VISITED`)."""
         self.deadline = time.monotonic() + _MOST_SECONDS
-        self.temporary: dict[str, str] = {}
-        """Variables holding a new file or directory of `mktemp`, with the directory it is in (`_temporaries`)."""
+        self.redefined = False
+        """The command may make `date` or `mktemp` run something else (`_REDEFINES`)."""
+        self.ifs = False
+        """The command names IFS: an unquoted expansion may split anywhere."""
+        self.tmp = ""
+        """Where `$(mktemp)` makes its name ("" when the command names TMPDIR: unknown)."""
+        self.sets: dict[str, set[str | None]] = {}
+        """How each name may be set: its literal values, `_FOR`, or None (any other way)."""
+        self.loops_of: dict[str, set[tuple[bytes, int]]] = {}
+        """The `for` loops (text, offset) setting each name."""
+        self.setter_words: list[str] = []
+        """The words of builtins that set variables they name (`_SETTERS`): a name in one may be set."""
+        self.poisoned = False
+        """A variable may be set by a name known only when the command runs (`source`, `read "$v"`, a
+        nameref, a command named by an expansion): none is taken as known."""
+        self.known = known or {}
+        """The variables this walk takes as known where assigned (`settled`), with their value."""
+        self.loops = loops
+        """The `for` variables this walk takes as known in their loop's body."""
+        self.values: dict[str, str] = {}
+        """The variables known at this point of the walk, with their value."""
+        self.succeeded: dict[str, str] | None = None
+        """After an `a && b` list: the variables known where it succeeded (`b` ran to its end)."""
+        self.globs: dict[str, ManagedGlobs | None] = {}
+        """The managed globs of each volume an unknown write lies in (`_unmanaged`)."""
         self.traps: list[str] = []
         """The handlers `trap` set, run when the shell exits."""
         self.start = ""
@@ -383,19 +507,21 @@ class _Walk:
             return _chars(cwd, True) if isinstance(cwd, str) else cwd
         if name == "HOME" and not self.untrusted and os.environ.get("HOME"):
             return _chars(os.environ["HOME"], True)
-        if name in self.temporary:
-            return _chars(os.path.join(self.temporary[name], "tmp.XXXXXXXXXX"), True)
+        if name in self.values:
+            return _chars(self.values[name], True)
         return Unknown(word, f"the variable ${name}", "")
 
-    def _pieces(self, node: tree_sitter.Node, cwd: Cwd, out: Chars) -> Unknown | None:
-        """Append the characters `node` stands for to `out` (with whether each is quoted); an
-        Unknown for the first part known only when the command runs."""
+    def _pieces(self, node: tree_sitter.Node, cwd: Cwd, out: Spelled, quoted: bool = False) -> Unknown | None:
+        """Append the characters `node` stands for to `out` (with whether each is quoted); for a part
+        known only when the command runs, the `Wild` it may be (`_wild`), and on with the rest. Returns
+        the first such part as an Unknown."""
         kind = node.type
         if kind in ("word", "number", "brace_expression", "$"):
             out.extend(_unescaped(_text(node)))
         elif kind == "raw_string":
             out.extend(_chars(_text(node)[1:-1], True))
         elif kind in ("string", "translated_string", "concatenation"):
+            first: Unknown | None = None
             for child in node.children:
                 if child.type == '"':
                     continue
@@ -404,50 +530,65 @@ class _Walk:
                 elif kind == "string" and not child.is_named:
                     out.extend(_chars(_text(child), True))
                 else:
-                    unknown = self._pieces(child, cwd, out)
-                    if unknown is not None:
-                        return unknown
+                    unknown = self._pieces(child, cwd, out, quoted or kind != "concatenation")
+                    first = first or unknown
+            return first
         elif kind == "ansi_c_string" and "\\" not in _text(node):
             out.extend(_chars(_text(node)[2:-1], True))
-        elif kind in ("simple_expansion", "expansion"):
-            names = [c for c in node.children if c.is_named]
-            plain = [c.type for c in node.children] in (["$", "variable_name"], ["${", "variable_name", "}"])
-            if not plain:
-                return Unknown(_text(node), "an expansion", "")
-            value = self._variable(_text(names[0]), cwd, _text(node))
-            if isinstance(value, Unknown):
-                return value
-            if (node.parent is None or node.parent.type != "string") and any(c.isspace() for c, _ in value):
-                return Unknown(_text(node), "a variable whose value is split into words", "")
-            out.extend(value)
         elif kind == "process_substitution":
             out.extend(_chars("/dev/fd/63", True))  # what bash passes: a pipe (its commands are walked)
-        elif kind == "command_substitution":
-            return Unknown(_text(node), "a command substitution", "")
-        elif kind == "arithmetic_expansion":
-            return Unknown(_text(node), "an arithmetic expansion", "")
         else:
-            return Unknown(_text(node), "an expansion", "")
+            return self._expansion(node, cwd, out, quoted)
         return None
+
+    def _expansion(self, node: tree_sitter.Node, cwd: Cwd, out: Spelled, quoted: bool) -> Unknown | None:
+        """`_pieces` of a parameter, command or arithmetic expansion."""
+        kind, text = node.type, _text(node)
+        if kind in ("simple_expansion", "expansion"):
+            names = [c for c in node.children if c.is_named]
+            if [c.type for c in node.children] in (["$", "variable_name"], ["${", "variable_name", "}"]):
+                value = self._variable(_text(names[0]), cwd, text)
+                if isinstance(value, Unknown):
+                    out.append(Wild.PATH)
+                    return value
+                if not quoted and (self.ifs or any(c.isspace() or c in _GLOB for c, _ in value)):
+                    out.append(Wild.PATH)
+                    return Unknown(text, "a variable whose value is split into words or matched as a pattern", "")
+                out.extend(value)
+                return None
+            if "=" in text or "[" in text:  # `${v:=x}` sets v; a subscript is arithmetic, which may
+                self._mark(text, poison=text.startswith("${!"))
+            number = [c.type for c in node.children][:2] in (["$", "special_variable_name"], ["${", "#"])
+            number = number and text[-1] in "$?#}"  # `$$`, `$?`, `$#`, `${#v}`: digits (`$!` may be empty)
+            self._wild(out, Wild.NUMBER if number else Wild.PATH, quoted)
+            return Unknown(text, "an expansion", "")
+        if kind == "arithmetic_expansion":
+            self._mark(text)
+            self._wild(out, Wild.NUMBER, quoted)
+            return Unknown(text, "an arithmetic expansion", "")
+        if kind == "command_substitution":
+            date = None if self.redefined else _DATE.fullmatch(text)
+            printed = _date(next(g for g in date.groups() if g is not None)) if date else None
+            if printed is None or not quoted and self.ifs:
+                out.append(Wild.PATH)
+                return Unknown(text, "a command substitution", "")
+            out.extend(p if isinstance(p, Wild) else (p, True) for p in printed)
+            return Unknown(text, "a command substitution", "") if Wild.NUMBER in printed else None
+        out.append(Wild.PATH)
+        return Unknown(text, "an expansion", "")
+
+    def _wild(self, out: Spelled, wild: Wild, quoted: bool) -> None:
+        """Append what an expansion may be: where it is not quoted and the command names IFS, it may
+        be split anywhere, so any path."""
+        out.append(wild if quoted or not self.ifs else Wild.PATH)
 
     def expand(self, node: tree_sitter.Node, cwd: Cwd) -> list[Item]:
         """The words `node` expands to in `cwd`: brace expansion, tilde, parameters, globs."""
-        chars: Chars = []
-        unknown = self._pieces(node, cwd, chars)
+        spelled: Spelled = []
+        unknown = self._pieces(node, cwd, spelled)
         if unknown is not None:
-            cut = next((i for i, (c, q) in enumerate(chars) if not q and (c in _GLOB or c == "{")), len(chars))
-            prefix = self._tilde(chars[:cut], cwd)
-            known = "".join(c for c, _ in prefix) if isinstance(prefix, list) else None
-            if known is None or isinstance(cwd, Unknown) and not known.startswith("/"):
-                place = cwd.place if isinstance(cwd, Unknown) else cwd
-            else:
-                where = os.path.join(cwd, known) if isinstance(cwd, str) else known
-                place = os.path.dirname(where) if "/" in known else str(cwd)
-            # an expansion first may be any path, and so may one a `..` after it leaves
-            after = re.split(r"[$`*?\[{]", _text(node), maxsplit=1)[-1]
-            anywhere = not known or bool(re.search(r"(?:^|/)\.\.(?:/|$)", after))
-            anywhere = anywhere or isinstance(cwd, Unknown) and cwd.anywhere and not (known or "").startswith("/")
-            return [Unknown(_text(node), unknown.why, place, anywhere)]
+            return [self._unknown_word(node, cwd, spelled, unknown.why)]
+        chars = [c for c in spelled if not isinstance(c, Wild)]
         words: list[Item] = []
         expanded = _braces(chars)
         if expanded is None:
@@ -459,6 +600,31 @@ class _Walk:
                 continue
             words.extend(self._glob(tilded, cwd, _text(node)))
         return words
+
+    def _unknown_word(self, node: tree_sitter.Node, cwd: Cwd, spelled: Spelled, why: str) -> Unknown:
+        """The word `node`, spelled with a part known only when the command runs: the directory its
+        known part names, and what it may be below that (`Unknown.shape`)."""
+        first = next(i for i, c in enumerate(spelled) if isinstance(c, Wild))
+        chars = [c for c in spelled[:first] if not isinstance(c, Wild)]
+        cut = next((i for i, (c, q) in enumerate(chars) if not q and (c in _GLOB or c == "{")), len(chars))
+        prefix = self._tilde(chars[:cut], cwd)
+        known = "".join(c for c, _ in prefix) if isinstance(prefix, list) else None
+        rest = _shape(spelled[cut:])
+        shape: tuple[Piece, ...] | None
+        if known is None or "=" in known or known.startswith("-"):
+            # `of=…`, `--output=…`: what a command takes for a path may begin after the word does
+            place, shape = _place(cwd), None
+        elif isinstance(cwd, Unknown) and not known.startswith("/"):
+            place, shape = cwd.place, cwd.below("/", known, *rest).shape
+        else:
+            where = os.path.join(cwd, known) if isinstance(cwd, str) else known
+            place = os.path.dirname(where) if "/" in known else str(cwd)
+            shape = (known.rpartition("/")[2], *rest)
+        # an expansion first may be any path, and so may one a `..` after it leaves
+        after = re.split(r"[$`*?\[{]", _text(node), maxsplit=1)[-1]
+        anywhere = not known or bool(re.search(r"(?:^|/)\.\.(?:/|$)", after))
+        anywhere = anywhere or isinstance(cwd, Unknown) and cwd.anywhere and not (known or "").startswith("/")
+        return Unknown(_text(node), why, place, anywhere, shape)
 
     def _tilde(self, word: Chars, cwd: Cwd) -> Chars | Unknown:
         """`word` with a leading unquoted `~`, `~+` or `~user` expanded; also one after the `=` of
@@ -566,29 +732,148 @@ class _Walk:
         ok, fail = state, state
         for node in nodes:
             if node.is_named and node.type not in ("comment", "heredoc_body"):
-                ok, fail = self.run(node, ok | fail)
+                if node.next_sibling is not None and node.next_sibling.type == "&":  # in a subshell of its own
+                    with self.apart():
+                        self.run(node, ok | fail)
+                    ok = fail = ok | fail
+                else:
+                    ok, fail = self.run(node, ok | fail)
         return ok, fail
+
+    @contextmanager
+    def apart(self, inherit: bool = True) -> Iterator[None]:
+        """Walk what runs in a subshell, or may not run (to its end): the variables known after it are
+        those known before; in a child shell (not `inherit`), none is known."""
+        before = self.values
+        self.values = dict(before) if inherit else {}
+        try:
+            yield
+        finally:
+            self.values = before
+
+    def _mark(self, text: str, poison: bool = False) -> None:
+        """Every name in `text` may be set (and, with `poison`, any variable at all)."""
+        for name in re.findall(r"[A-Za-z_]\w*", text):
+            self.sets.setdefault(name, set()).add(None)
+        self.poisoned = self.poisoned or poison
+
+    def _assign(self, node: tree_sitter.Node, state: State, persist: bool) -> None:
+        """An assignment `NAME=VALUE`: noted (`sets`); when it `persist`s in this shell (not the
+        prefix of a command) and its name is known, known from here on."""
+        name, value = node.child_by_field_name("name"), node.child_by_field_name("value")
+        if value is not None:
+            self.run(value, state)  # its command substitutions
+        if name is None or name.type != "variable_name":
+            self._mark(_text(name or node))  # an element of an array: its subscript is arithmetic
+            return
+        literal = self._literal(node, value)
+        self.sets.setdefault(_text(name), set()).add(literal)
+        if persist and literal is not None and self.known.get(_text(name)) == literal:
+            self.values[_text(name)] = literal
+
+    def _literal(self, node: tree_sitter.Node, value: tree_sitter.Node | None) -> str | None:
+        """The value an assignment gives, when it is literal text or `$(mktemp)`; else None."""
+        if any(c.type == "+=" for c in node.children):
+            return None
+        if value is None:
+            return ""
+        if _MKTEMP.fullmatch(_text(value)):
+            return os.path.join(self.tmp, "tmp.XXXXXXXXXX") if self.tmp and not self.redefined else None
+        stack = [value]
+        while stack:
+            current = stack.pop()
+            if current.type in _EXPANDS or current.type in ("ansi_c_string", "array"):
+                return None
+            stack.extend(current.children)
+        spelled: Spelled = []
+        if self._pieces(value, self.start, spelled) is not None:
+            return None
+        chars = [c for c in spelled if not isinstance(c, Wild)]
+        text = "".join(c for c, _ in chars)
+        tilde = any(c == ("~", False) and (i == 0 or chars[i - 1] == (":", False)) for i, c in enumerate(chars))
+        return None if tilde else text
+
+    def _declared(self, node: tree_sitter.Node, state: State) -> tuple[State, State]:
+        """`declare`, `local`, `export`, `readonly`, `typeset`, `unset`: the names they take may be
+        set (a nameref, or a name known only when it runs, may set any)."""
+        for child in node.named_children:
+            if child.type == "variable_assignment":
+                name, value = child.child_by_field_name("name"), child.child_by_field_name("value")
+                self._mark(_text(name or child))
+                if value is not None:
+                    self.run(value, state)
+                continue
+            self.run(child, state)
+            if child.type == "variable_name":
+                self._mark(_text(child))
+                continue
+            for cwd in state:
+                for item in self.expand(child, cwd):
+                    nameref = isinstance(item, str) and item[:1] == "-" and "n" in item and _text(node)[:5] != "unset"
+                    self._mark(item if isinstance(item, str) else "", poison=isinstance(item, Unknown) or nameref)
+        return state, state
+
+    def _setters(self, items: list[Item]) -> None:
+        """Note the names a command may set: a word that is an assignment or a name (`read v`,
+        `coproc v`, `{v}>file`), every word of a builtin that sets the variables it names; any
+        variable, for one it names only when it runs, and for `source`."""
+        if not items:
+            return
+        for item in items:
+            name = re.match(r"\{?([A-Za-z_]\w*)(?:\}|\+?=|\[|$)", item) if isinstance(item, str) else None
+            if name is not None:
+                self.sets.setdefault(name.group(1), set()).add(None)
+        command = os.path.basename(items[0]) if items and isinstance(items[0], str) else None
+        args = items[1:]
+        setter = (
+            command in _SETTERS or command in ("printf", "wait") and bool(args) and str(args[0])[:2] in ("-v", "-p")
+        )
+        setter = setter or command in ("printf", "wait") and bool(args) and isinstance(args[0], Unknown)
+        if setter:
+            self.setter_words += [a for a in args if isinstance(a, str)]
+        if command is None or command in ("source", ".") or setter and any(isinstance(a, Unknown) for a in args):
+            self.poisoned = True
+
+    def settled(self) -> tuple[dict[str, str], frozenset[str]] | None:
+        """The variables a second walk may take as known (`_Walk`), after this one noted how each may
+        be set: (literal ones with their value, `for` ones); None if none."""
+        if self.poisoned or self.untrusted:
+            return None
+
+        def plain(name: str) -> bool:
+            return _SHELL_SET.fullmatch(name) is None and not any(name in w for w in self.setter_words)
+
+        known = {n: v for n, (v, *more) in self.sets.items() if v not in (None, _FOR) and not more and plain(n)}
+        loops = {n for n, ways in self.sets.items() if ways == {_FOR} and len(self.loops_of[n]) == 1 and plain(n)}
+        return (known, frozenset(loops)) if known or loops else None
 
     def run(self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node] = ()) -> tuple[State, State]:
         """Run one statement from `state`: (the states after it succeeded, after it failed). `tail`:
         redirections tree-sitter put after a list or pipeline, which bash gives its last command."""
         self.tick()
+        result = self._statement(node, state, tail)
+        if node.type != "list":
+            self.succeeded = None
+        return result
+
+    def _statement(self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node]) -> tuple[State, State]:
         kind = node.type
         if kind == "list":
             left, op, right = node.children[0], node.children[1].type, node.children[-1]
             lok, lfail = self.run(left, state)
-            if op == "&&":
-                rok, rfail = self.run(right, lok, tail)
-                return rok, lfail | rfail
-            rok, rfail = self.run(right, lfail, tail)
-            return lok | rok, rfail
+            known = self.values  # after the list: the right side may not have run
+            self.values = dict(self.succeeded if op == "&&" and self.succeeded is not None else known)
+            rok, rfail = self.run(right, lok if op == "&&" else lfail, tail)
+            self.succeeded, self.values = (self.values if op == "&&" else None), known
+            return (rok, lfail | rfail) if op == "&&" else (lok | rok, rfail)
         if kind == "negated_command":
             ok, fail = self.run(node.named_children[-1], state, tail) if node.named_children else (state, state)
             return fail, ok
         if kind == "pipeline":  # each part runs in a subshell of its own
             parts = node.named_children
             for i, child in enumerate(parts):
-                self.run(child, state, tail if i == len(parts) - 1 else ())
+                with self.apart():
+                    self.run(child, state, tail if i == len(parts) - 1 else ())
             return state, state
         if kind == "redirected_statement":
             return self._redirected(node, state, tail)
@@ -596,9 +881,18 @@ class _Walk:
             return self._command(node, state, tail)
         for redirect in tail:  # on a compound command: it applies to all of it
             self.redirect(redirect, state)
-        if kind == "subshell":
-            self.statements(node.children, state)
+        if kind in ("subshell", "command_substitution", "process_substitution"):
+            with self.apart():
+                self.statements(node.children, state)
             return state, state
+        if kind in ("variable_assignment", "variable_assignments"):
+            for assignment in [node] if kind == "variable_assignment" else node.named_children:
+                self._assign(assignment, state, persist=True)
+            return state, state
+        if kind in ("declaration_command", "unset_command"):
+            return self._declared(node, state)
+        if kind in ("c_style_for_statement", "compound_statement") and node.children[0].type in ("for", "(("):
+            self._mark(_text(node))  # arithmetic may set any name in it
         if kind == "function_definition":
             body = node.child_by_field_name("body")
             name = node.child_by_field_name("name")
@@ -607,9 +901,11 @@ class _Walk:
                 self.functions[_text(name)] = (body, redirects, self.source)  # run where it is called
             return state, state
         if kind == "if_statement":
-            return self._if(node, state)
+            with self.apart():
+                return self._if(node, state)
         if kind in ("while_statement", "until_statement", "for_statement", "c_style_for_statement"):
-            return self._loop(node, state)
+            with self.apart():
+                return self._loop(node, state)
         if kind == "case_statement":
             value = node.child_by_field_name("value")
             if value is not None:
@@ -617,7 +913,8 @@ class _Walk:
             after = state
             for item in node.children:
                 if item.type == "case_item":
-                    ok, fail = self.statements([c for c in item.children if c.is_named and c.type != "word"], state)
+                    with self.apart():  # it may not run
+                        ok, fail = self.statements([c for c in item.children if c.is_named and c.type != "word"], state)
                     after = after | ok | fail
             return after, after
         if kind in ("compound_statement", "do_group", "program"):
@@ -662,21 +959,50 @@ class _Walk:
         """A loop's condition and body run from every directory a round can start in (`state`, or
         where a round before ended), until no round reaches a new one: the loop ends (after its
         condition, or a `break` in its body) in any of them. A loop that keeps reaching new ones
-        (`cd sub` in it) is followed from an unknown directory."""
-        body = [node.child_by_field_name("body")]
+        (`cd sub` in it) is followed from an unknown directory. Each round starts with the variables
+        known before the loop; a `for` loop's variable is each of its words in turn (`_rounds`)."""
+        body = [b for b in [node.child_by_field_name("body")] if b is not None]
         parts = [c for c in node.named_children if c not in body]  # the condition, or the words looped over
+        variable = node.child_by_field_name("variable")
+        name = None if variable is None else _text(variable)
+        if name is not None:
+            listed = node.children[0].type == "for" and any(c.type == "in" for c in node.children)
+            self.sets.setdefault(name, set()).add(_FOR if listed else None)  # else "$@", or `select`'s input
+            self.loops_of.setdefault(name, set()).add((self.source, node.start_byte))
+        words = node.children_by_field_name("value") if name in self.loops else None
+        before = self.values
         reach = state
         for _ in range(_LOOP_ROUNDS):
             functions = dict(self.functions)
+            self.values = dict(before)
             cok, cfail = self.statements(parts, reach)
-            ok, fail = self.statements([b for b in body if b is not None], cok | cfail)
+            ok, fail = self._rounds(body, cok | cfail, name, words)
             after = reach | cok | cfail | ok | fail
             if after == reach and functions == self.functions:  # a function it defines runs in the next round
                 return reach, reach
             reach = after
         moved = frozenset({_unknown_cwd(state, _text(node)[:40], "a loop that changes the directory")})
-        self.statements([*parts, *[b for b in body if b is not None]], moved)
+        self.values = dict(before)
+        self.statements([*parts, *body], moved)
         return reach | moved, reach | moved
+
+    def _rounds(
+        self, body: list[tree_sitter.Node], state: State, name: str | None, words: list[tree_sitter.Node] | None
+    ) -> tuple[State, State]:
+        """A loop's body, once; with `words` (a `for` loop whose variable `name` is known), once for
+        each word they expand to, the variable set to it (unknown for a word known only when it runs)."""
+        if name is None or words is None:
+            return self.statements(body, state)
+        start = self.values
+        ok: State = frozenset()
+        fail: State = frozenset()
+        for cwd in state:
+            for item in [i for word in _merged(words, self.source) for i in self._expand_all(word, cwd)]:
+                self.values = {**start, name: item} if isinstance(item, str) else dict(start)
+                o, f = self.statements(body, frozenset({cwd}))
+                ok, fail = ok | o, fail | f
+        self.values = start
+        return ok, fail
 
     def _redirected(
         self, node: tree_sitter.Node, state: State, tail: Sequence[tree_sitter.Node]
@@ -728,18 +1054,16 @@ class _Walk:
         return rest, []
 
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
+        """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
+        if isinstance(item, str) and isinstance(cwd, Unknown) and not item.startswith("/"):
+            why = f"a path relative to the directory after `{cwd.word}`: {cwd.why}"
+            item = dataclasses.replace(cwd.below("/", item), word=item, why=why)
         if isinstance(item, Unknown):
-            self.unknown.append(item)
+            self.unknown.append(item.below("/", Wild.DIRS) if expand else item)
         elif item.startswith("/"):
             self.found.append((item, kind, expand))
-        elif isinstance(cwd, Unknown):
-            self.unknown.append(
-                Unknown(
-                    item, f"a path relative to the directory after `{cwd.word}`: {cwd.why}", cwd.place, cwd.anywhere
-                )
-            )
         else:
-            self.found.append((os.path.join(cwd, item), kind, expand))
+            self.found.append((os.path.join(str(cwd), item), kind, expand))
 
     # ---- commands -------------------------------------------------------------------
 
@@ -752,7 +1076,9 @@ class _Walk:
                 rest, more = self.redirect(child, state)
                 words += rest
                 follows += more
-            elif i >= len(node.children) or child.type == "variable_assignment":
+            elif child.type == "variable_assignment" and i < len(node.children):
+                self._assign(child, state, persist=False)  # for the command only
+            elif i >= len(node.children):
                 self.run(child, state)
             elif child == name_node and child.named_children:
                 words.append(child.named_children[0])
@@ -801,6 +1127,7 @@ class _Walk:
         failure) the working directories it leaves its shell in."""
         same = ({cwd}, {cwd})
         items, in_shell = list(items), True
+        self._setters(items)
         while items[:1] in (["{"], ["!"], ["coproc"], ["time"]):  # keywords tree-sitter reads as words
             if items[0] == "coproc":  # `coproc f`, `coproc NAME { …; }`: in a subshell
                 in_shell = False
@@ -817,6 +1144,7 @@ class _Walk:
             return same
         items, cwd, wrapped_in_shell = unwrapped
         in_shell = in_shell and wrapped_in_shell
+        self._setters(items)
         if items and isinstance(items[0], Unknown):
             self.unknown.append(Unknown(items[0].word, "a command whose name is known only when it runs", _place(cwd)))
             return same
@@ -862,6 +1190,7 @@ class _Walk:
         written, and what the expansion brings is unknown anywhere."""
         if isinstance(item, str):
             return item
+        self.poisoned = True  # it may set any variable
         self.unknown.append(Unknown(item.word, f"code with {item.why}, known only when it runs", item.place, True))
         word = item.word
         return word[1:-1] if len(word) > 1 and word[0] == word[-1] == '"' else word
@@ -886,10 +1215,12 @@ class _Walk:
         self.depth += 1
         outer, self.source = self.source, source
         try:
-            return self.statements([body], frozenset({cwd}))
+            with self.apart():  # it may return early; a `for` loop in it may be the one it is called from
+                return self.statements([body], frozenset({cwd}))
         finally:
             self.depth -= 1
             self.source = outer
+            self.values = {n: v for n, v in self.values.items() if n not in self.loops}
 
     def _script(self, script: str, cwd: Cwd, inherit: bool) -> tuple[set[Cwd], set[Cwd]]:
         """Walk the text of `bash -c`, `eval` or `trap`: in this shell (`inherit`) or a child."""
@@ -897,8 +1228,10 @@ class _Walk:
             self.unknown.append(Unknown(script[:80], f"commands nested more than {_DEEPEST} deep", _place(cwd)))
             return {cwd}, {cwd}
         self.depth += 1
-        ok, fail = self.walk(script, frozenset({cwd}))
+        with self.apart(inherit):
+            ok, fail = self.walk(script, frozenset({cwd}))
         self.depth -= 1
+        self.values = {n: v for n, v in self.values.items() if n not in self.loops}
         return (set(ok), set(fail)) if inherit else ({cwd}, {cwd})
 
     def walk(self, command: str, state: State) -> tuple[State, State]:
@@ -985,19 +1318,23 @@ class _Walk:
         while i < len(args) and not (isinstance(args[i], str) and str(args[i])[:1] in "-(!"):
             starts.append(args[i])
             i += 1
-        places = [_place(_joined(cwd, s) if isinstance(s, str) else s) for s in starts or ["."]]
+        # each starting point and everything below it (as a shape of what lies below the place)
+        trees = [_tree(cwd, s) for s in starts or ["."]]
+        if "-files0-from" in args:  # more starting points, read from a file
+            trees = [(_place(cwd), None)]
         while i < len(args):
             arg = args[i]
             if arg == "-delete":
-                for p in places:
-                    self.unknown.append(Unknown("find -delete", "the files find deletes", p))
+                for place, shape in trees:
+                    self.unknown.append(Unknown("find -delete", "the files find deletes", place, shape=shape))
             elif arg in ("-fprint", "-fprint0", "-fls", "-fprintf") and i + 1 < len(args):
                 self.write(args[i + 1], cwd, "write")
             elif arg in ("-exec", "-execdir", "-ok", "-okdir"):
                 end = next((j for j in range(i + 1, len(args)) if args[j] in (";", "+")), len(args))
-                for p in places:
-                    where = Unknown(f"find {arg}", "the directories find visits", p) if "dir" in str(arg) else cwd
-                    self._run_with(args[i + 1 : end], Unknown(f"find {arg}", "the files find names", p), "{}", where)
+                for place, shape in trees:
+                    named = Unknown(f"find {arg}", "the files find names", place, shape=shape)
+                    visited = Unknown(f"find {arg}", "the directories find visits", place, shape=shape)
+                    self._run_with(args[i + 1 : end], named, "{}", visited if "dir" in str(arg) else cwd)
                 i = end
             i += 1
 
@@ -1013,10 +1350,102 @@ class _Walk:
         """Recognise `command` run with operands from elsewhere (`source`): where a word holds
         `marker`, or appended."""
         if marker is not None and any(isinstance(a, str) and marker in a for a in command):
-            command = [source if isinstance(a, str) and marker in a else a for a in command]
+            # a word that is more than the marker may be anything
+            shapeless = dataclasses.replace(source, shape=None)
+            command = [
+                (source if a == marker else shapeless) if isinstance(a, str) and marker in a else a for a in command
+            ]
         else:
             command = [*command, source]
         self.simple(command, cwd)
+
+    # ---- unknown writes -------------------------------------------------------------
+
+    def refused(self, unknown: Unknown, volumes: set[str]) -> str | None:
+        """The root of the volume an unknown write may land in: the volume its place lies in, unless
+        no file it may reach there is managed (`_unmanaged`); or one of `volumes` (those the command
+        names) at or below its place (anywhere, if it may be any path)."""
+        found = located_directory(unknown.place)
+        if found is not None:
+            return None if self._unmanaged(unknown, found) else found.root
+        place = os.path.realpath(unknown.place)
+        below = [v for v in sorted(volumes) if unknown.anywhere or v == place or v.startswith(place.rstrip("/") + "/")]
+        return below[0] if below else None
+
+    def _unmanaged(self, unknown: Unknown, found: Located) -> bool:
+        """Whether no file an unknown write in a volume may reach is managed, as far as can be told
+        before the command runs: no path of its shape below its place (resolved as the kernel will,
+        and as written) may match the volume's globs (`ManagedGlobs.may_match`; the registry's own
+        directory counts as managed), and no entry such a path may name or pass through is now a
+        symlink (which may lead to a managed file), a mount point or another volume's root."""
+        if unknown.shape is None:
+            return False
+        real = os.path.realpath(unknown.place)
+        top = real[: len(real) - len(found.rel) - 1] if found.rel else real
+        named = os.path.normpath(unknown.place)
+        rels = {found.rel, *([named[len(top) + 1 :]] if named.startswith(top + "/") else [])}
+        globs = self._globs(found.root)
+        if globs is None or any(globs.may_match((f"{rel}/", *unknown.shape)) for rel in rels):
+            return False
+        try:
+            return self._plain(real, unknown.shape)
+        except _TooMuch:
+            return False
+
+    def _globs(self, root: str) -> ManagedGlobs | None:
+        """The managed globs of the volume at `root`, and its registry's directory; None if they
+        cannot be read."""
+        if root not in self.globs:
+            try:
+                core = open_core(root)
+                try:
+                    managed = core.paths.globs.patterns
+                finally:
+                    core.close()
+                self.globs[root] = ManagedGlobs.of((*managed, REGISTRY_DIR, f"{REGISTRY_DIR}/**"))
+            except (CoherenceError, OSError):
+                self.globs[root] = None
+        return self.globs[root]
+
+    def _plain(self, directory: str, shape: tuple[Piece, ...]) -> bool:
+        """Whether no entry a path of `shape` below `directory` may name or pass through is now a
+        symlink, a mount point or a volume's root (reading entries within the walk's bounds)."""
+        text = "".join(glob.escape(p) if isinstance(p, str) else "\0" if p is Wild.DIRS else "*" for p in shape)
+        levels = [None if part == "\0" else part for part in text.split("/") if part not in ("", ".")]
+        try:
+            device = os.stat(directory).st_dev
+        except OSError:
+            return True  # nothing there yet
+        frontier = [directory]
+        for level in levels:  # a pattern of one segment, or None for any number of directories
+            reached: list[str] = []
+            todo = list(frontier)
+            while todo:
+                current = todo.pop()
+                if level is None:
+                    reached.append(current)
+                for entry in self._scan(current):
+                    if level is not None and not fnmatch.fnmatchcase(entry.name, level):
+                        continue
+                    if entry.is_symlink():
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.stat(follow_symlinks=False).st_dev != device or recorded_in(
+                            os.path.join(entry.path, REGISTRY_DIR)
+                        ):
+                            return False
+                        (todo if level is None else reached).append(entry.path)
+            frontier = reached
+        return True
+
+    def _scan(self, directory: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            return []
+        self.tick(len(entries) + 1)
+        return entries
 
 
 def _merged(words: list[tree_sitter.Node], source: bytes) -> list[list[tree_sitter.Node]]:
@@ -1045,6 +1474,17 @@ def _clause(children: list[tree_sitter.Node]) -> tuple[list[tree_sitter.Node], l
 
 def _place(cwd: Cwd) -> str:
     return cwd.place if isinstance(cwd, Unknown) else cwd
+
+
+def _tree(cwd: Cwd, start: Item) -> tuple[str, tuple[Piece, ...] | None]:
+    """The place and the shape of a find's starting point and everything below it."""
+    if isinstance(start, Unknown):
+        tree = start.below("/", Wild.DIRS)
+    elif isinstance(cwd, Unknown) and not start.startswith("/"):
+        tree = cwd.below("/", start, "/", Wild.DIRS)
+    else:
+        return os.path.join(str(cwd), start), (Wild.DIRS,)
+    return tree.place, tree.shape
 
 
 def _joined(cwd: Cwd, path: str) -> Cwd:
@@ -1234,21 +1674,10 @@ def _named_volumes(command: str, cwd: str) -> set[str]:
             if path in seen or len(seen) >= _MOST_EXPANDED:
                 continue
             seen.add(path)
-            found = located(os.path.join(path, "x"))  # the path itself may be a volume's root
+            found = located_directory(path)  # the path itself may be a volume's root
             if found is not None:
                 roots.add(found.root)
     return roots
-
-
-def _refused(unknown: Unknown, volumes: set[str]) -> str | None:
-    """The root of the volume an unknown write may land in: the volume its place lies in, or one of
-    `volumes` (those the command names) at or below its place (anywhere, if it may be any path)."""
-    found = located(os.path.join(unknown.place, "x"))
-    if found is not None:
-        return found.root
-    place = os.path.realpath(unknown.place)
-    below = [v for v in sorted(volumes) if unknown.anywhere or v == place or v.startswith(place.rstrip("/") + "/")]
-    return below[0] if below else None
 
 
 _SETS = re.compile(r"(?<![\w$.{])(HOME|PWD|CDPATH|GLOBIGNORE)(?!\w)|\bshopt\b")
@@ -1257,43 +1686,30 @@ that runs `shopt` may change how patterns match: none of them is taken from the 
 is a pattern matched."""
 
 
-_MKTEMP = re.compile(
-    r"(?<![\w$])([A-Za-z_]\w*)=(\"?)\$\(\s*mktemp(?:\s+-[dqu]+|\s+--(?:directory|quiet|dry-run))*\s*\)\2(?=[\s;&|)]|$)"
-)
-
-
-def _temporaries(command: str) -> dict[str, str]:
-    """The variables `command` sets only to `$(mktemp)` (with no template, nor -p or --tmpdir), with
-    the directory the name is made in: $TMPDIR, else /tmp. None if the command names TMPDIR."""
-    if "TMPDIR" in command:
-        return {}
-    directory = os.environ.get("TMPDIR", "")
-    directory = directory if directory.startswith("/") else "/tmp"
-    names = {m.group(1) for m in _MKTEMP.finditer(command)}
-    rest = _MKTEMP.sub(" ", command)
-    # a name also set, read into or declared any other way (a word of its own) is not only mktemp's
-    return {n: directory for n in names if re.search(rf"(?<![\w${{\-./]){n}(?![\w./-])", rest) is None}
-
-
 def volume_named(command: str, cwd: str) -> str | None:
     """The root of a volume a shell command run in `cwd` runs in, or names a literal path in (the
     first found): a command that may write there, before it is parsed."""
-    here = located(os.path.join(os.getcwd(), cwd, "x"))
+    here = located_directory(os.path.join(os.getcwd(), cwd))
     if here is not None:
         return here.root
     return min(_named_volumes(command[:_LONGEST], os.path.join(os.getcwd(), cwd)), default=None)
 
 
-def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
-    """The files a shell command run in `cwd` recognisably writes, each with how (see the module's
-    docstring); a directory removed or moved stands for the files below it. Paths are `cwd` joined
-    with the words as bash expands them (`..` kept). Raises UnresolvedShellWrite when a write's
-    file is known only when the command runs and the place its known part names is in a volume."""
-    cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
-    walk = _Walk()
+def _followed(
+    command: str, cwd: str, settled: tuple[dict[str, str], frozenset[str]] | None = None, deadline: float = 0.0
+) -> tuple[_Walk, dict[str, HandleKind]]:
+    """One walk of `command` from `cwd` (taking the variables `settled` as known, within `deadline`
+    if given): the walk, and the files it found written with how."""
+    walk = _Walk(*settled) if settled else _Walk()
+    walk.deadline = deadline or walk.deadline
     walk.start = cwd
     walk.untrusted = _SETS.search(command) is not None
-    walk.temporary = {} if walk.untrusted else _temporaries(command[:_LONGEST])
+    walk.redefined = _REDEFINES.search(command) is not None or any(
+        name.startswith(("BASH_FUNC_date", "BASH_FUNC_mktemp")) for name in os.environ
+    )
+    walk.ifs = "IFS" in command
+    tmp = os.environ.get("TMPDIR", "")
+    walk.tmp = "" if "TMPDIR" in command else tmp if tmp.startswith("/") else "/tmp"
     kinds: dict[str, HandleKind] = {}
     try:
         ok, fail = walk.walk(command, frozenset({cwd}))
@@ -1309,10 +1725,23 @@ def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
         walk.unknown.append(Unknown(command[:80], why, cwd, True))
     except (RecursionError, ValueError, OSError) as e:  # too deep, or a name the system cannot take
         walk.unknown.append(Unknown(command[:80], f"a command coherent-volume could not follow ({e})", cwd))
-    if walk.unknown:
-        volumes = _named_volumes(command[:_LONGEST], cwd)
-        for unknown in walk.unknown:
-            root = _refused(unknown, volumes)
-            if root is not None:
-                raise UnresolvedShellWrite(unknown.word, unknown.why, root)
+    return walk, kinds
+
+
+def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
+    """The files a shell command run in `cwd` recognisably writes, each with how (see the module's
+    docstring); a directory removed or moved stands for the files below it. Paths are `cwd` joined
+    with the words as bash expands them (`..` kept). Raises UnresolvedShellWrite when a write's
+    file is known only when the command runs and may be a managed file (`_Walk.refused`): when the
+    first walk finds one, a second takes the variables it can as known (`_Walk.settled`)."""
+    cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
+    walk, kinds = _followed(command, cwd)
+    volumes = _named_volumes(command[:_LONGEST], cwd) if walk.unknown else set()
+    refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
+    settled = walk.settled() if refusal is not None else None
+    if settled is not None:
+        walk, kinds = _followed(command, cwd, settled, walk.deadline)
+        refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
+    if refusal is not None:
+        raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1])
     return list(kinds.items())

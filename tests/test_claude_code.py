@@ -26,7 +26,7 @@ from coherent_volume.errors import Reason
 from coherent_volume.hooks import Progress
 from coherent_volume.liveness import current_process
 
-from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook
+from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -64,8 +64,8 @@ def event(
 ) -> dict[str, object]:
     """An event as Claude Code sends it; `agent_id`: fired inside that subagent (Task tool)."""
     e: dict[str, object] = {
-        "session_id": session,
-        "transcript_path": f"/tmp/{session}.jsonl",
+        "session_id": unique(session),
+        "transcript_path": f"/tmp/{unique(session)}.jsonl",
         "cwd": str(cwd),
         "permission_mode": "default",
         "hook_event_name": name,
@@ -165,7 +165,13 @@ def _scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
     denied = one.write(target, "v2 by session one, built on v1\n")
     assert denied["decision"] == "deny"
     reason = json.loads(str(denied["reason"]))["hookSpecificOutput"]["permissionDecisionReason"]
-    for words in ("plans/plan.md", "version 1", "current version is 2", "claude:s2", "Read the file again"):
+    for words in (
+        "plans/plan.md",
+        "version 1",
+        "current version is 2",
+        f"claude:{unique('s2')}",
+        "Read the file again",
+    ):
         assert words in reason
     assert "What changed since version 1 (unified diff to version 2):\n--- plans/plan.md@v1\n" in reason
     assert "\n-v1\n+v2 by session two\n" in reason and reason.endswith("redo your change from its current content.")
@@ -209,7 +215,11 @@ def test_on_a_mount_the_session_is_its_process_from_its_start(mounted: Mount, se
     assert written["code"] == 0, written
     assert s.hook(event("PostToolUse", "started", mounted.path, "Write", target, {"type": "update"}))["stdout"] == ""
     with CoherentVolume(mounted.root, agent="observer") as v:
-        assert (v.read_text(P), v.version(P), v.history(P)[0].writer) == ("v2 by the session\n", 2, "claude:started")
+        assert (v.read_text(P), v.version(P), v.history(P)[0].writer) == (
+            "v2 by the session\n",
+            2,
+            f"claude:{unique('started')}",
+        )
 
 
 def test_edit_of_a_never_read_file_is_denied(root: Path, sessions) -> None:
@@ -286,11 +296,14 @@ def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> No
         two.hook(event("SessionStart", "same", root, source="resume"))
         assert decision(one.hook(event("PreToolUse", "same", root, "Write", target)))[0] == "allow"
         verdict, reason = decision(two.hook(event("PreToolUse", "same", root, "Write", target)))
-        assert verdict == "deny" and "(held)" in reason and "claude:same holds its write grant" in reason
+        assert verdict == "deny" and "(held)" in reason and f"claude:{unique('same')} holds its write grant" in reason
         assert one.tool_write(target, "v2 by one\n")["code"] == 0
         one.hook(event("PostToolUse", "same", root, "Write", target, {"type": "update"}))
         told = _context(two.hook(event("UserPromptSubmit", "same", root, prompt="go on")))
-        assert "plans/plan.md: you last read version 1; it is now version 2, written by claude:same" in str(told)
+        assert (
+            f"plans/plan.md: you last read version 1; it is now version 2, written by claude:{unique('same')}"
+            in str(told)
+        )
 
         denied = two.write(target, "v2 by two, built on v1 (the read both conversations hold)\n")
         reason = json.loads(str(denied["reason"]))["hookSpecificOutput"]["permissionDecisionReason"]
@@ -299,13 +312,15 @@ def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> No
         log = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
         refusals = [e for e in map(json.loads, log.splitlines()) if e["kind"] == "refusal"]
         assert [(e["agent"], e["reason"]) for e in refusals] == [
-            (f"claude:same~{two.proc.pid}", r) for r in ("held", "stale")
+            (f"claude:{unique('same')}~{two.proc.pid}", r) for r in ("held", "stale")
         ]
         assert decision(one.hook(event("PreToolUse", "same", root, "Edit", target)))[0] == "allow"
         two.hook(event("SessionEnd", "same", root, reason="exit"))
         status = subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True, check=True)
         holders = [f["holder"] for f in json.loads(status.stdout)["files"] if f["path"] == P]
-        assert holders == ["claude:same"], "the second process's SessionEnd ends its own agent, not the session"
+        assert holders == [f"claude:{unique('same')}"], (
+            "the second process's SessionEnd ends its own agent, not the session"
+        )
         one.hook(event("PostToolUseFailure", "same", root, "Edit", target))
     finally:
         one.proc.kill()  # dies without SessionEnd, as a closed terminal does
@@ -314,7 +329,10 @@ def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> No
     three.hook(event("SessionStart", "same", root, source="resume"))
     assert three.write(target, "v3, resumed after one died\n")["decision"] == "allow", "its views are the session's"
     with CoherentVolume(root, agent="observer") as v:
-        assert [(h.version, h.writer) for h in v.history(P)][:2] == [(3, "claude:same"), (2, "claude:same")]
+        assert [(h.version, h.writer) for h in v.history(P)][:2] == [
+            (3, f"claude:{unique('same')}"),
+            (2, f"claude:{unique('same')}"),
+        ]
 
 
 def test_bad_events_fail_open_with_a_warning(root: Path) -> None:
@@ -332,7 +350,7 @@ def test_session_end_releases_grants(root: Path, sessions) -> None:
             f"""
 import time
 from coherent_volume import CoherentVolume
-with CoherentVolume({str(root)!r}, agent="claude:ender").lock({P!r}, ttl=3600):
+with CoherentVolume({str(root)!r}, agent="claude:{unique("ender")}").lock({P!r}, ttl=3600):
     print("locked", flush=True)
     time.sleep(60)
 """,
@@ -421,7 +439,7 @@ def test_pre_tool_use_holds_the_grant_until_post_tool_use(root: Path, sessions) 
     two.read(target)
     assert decision(one.hook(event("PreToolUse", "g1", root, "Write", target)))[0] == "allow"
     verdict, reason = decision(two.hook(event("PreToolUse", "g2", root, "Edit", target)))
-    assert verdict == "deny" and "(held)" in reason and "claude:g1 holds its write grant" in reason
+    assert verdict == "deny" and "(held)" in reason and f"claude:{unique('g1')} holds its write grant" in reason
     assert "Wait a few seconds" in reason
     assert one.tool_write(target, "v2 by one\n")["code"] == 0
     assert one.hook(event("PostToolUse", "g1", root, "Write", target, {"type": "update"}))["stdout"] == ""
@@ -483,14 +501,18 @@ def test_a_write_after_its_grant_lapsed_is_a_clobber_the_model_is_told(root: Pat
     assert _in_process("PostToolUse", "quick", root, "Write", target)["stdout"] == ""
     target.write_text("v2 by slow, built on v1\n")
     told = json.loads(str(_in_process("PostToolUse", "slow", root, "Write", target)["stdout"]))
-    assert told["decision"] == "block" and "went over version 2" in told["reason"] and "claude:quick" in told["reason"]
+    assert (
+        told["decision"] == "block"
+        and "went over version 2" in told["reason"]
+        and f"claude:{unique('quick')}" in told["reason"]
+    )
     log = [
         json.loads(line)
         for line in subprocess.run(
             [CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True
         ).stdout.splitlines()
     ]
-    assert [e["agent"] for e in log if e["kind"] == "clobber"] == ["claude:slow"]
+    assert [e["agent"] for e in log if e["kind"] == "clobber"] == [f"claude:{unique('slow')}"]
 
 
 def test_a_fenced_session_is_told_to_read_again_and_reading_lifts_the_fence(root: Path) -> None:
@@ -498,7 +520,7 @@ def test_a_fenced_session_is_told_to_read_again_and_reading_lifts_the_fence(root
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
     _in_process("PostToolUse", "fx", root, "Read", target, read_response(target, "v1\n"))
-    with CoherentVolume(root, agent="claude:fx") as same_agent, same_agent.lock(P, ttl=0.1):
+    with CoherentVolume(root, agent=f"claude:{unique('fx')}") as same_agent, same_agent.lock(P, ttl=0.1):
         time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
         verdict, reason = decision(_in_process("PreToolUse", "fx", root, "Write", target))
         assert verdict == "deny" and "(fenced)" in reason and "reclaimed" in reason and "Read tool" in reason
@@ -643,9 +665,9 @@ def test_a_stale_write_of_a_merge_file_is_merged_and_committed_by_the_hook(root:
     )
     verdict, reason = decision(answer)
     assert verdict == "deny" and "committed the result as version 3" in reason, reason
-    assert "do not repeat it" in reason and "claude:m2" in reason and "-alpha\n+ALPHA" in reason
+    assert "do not repeat it" in reason and f"claude:{unique('m2')}" in reason and "-alpha\n+ALPHA" in reason
     assert target.read_text() == "ALPHA\nbeta\nGAMMA\n"
-    assert _history(root)[0] == (3, "merge", "claude:m1", (1, 2))
+    assert _history(root)[0] == (3, "merge", f"claude:{unique('m1')}", (1, 2))
     assert "clobber" not in _kinds_logged(root)
     again = decision(one.hook(event("PreToolUse", "m1", root, "Edit", target, permission_mode="acceptEdits")))
     assert again[0] == "deny" and "you last read version 1" in again[1], "its model never saw version 2's change"
@@ -721,7 +743,7 @@ def test_an_edit_merges_only_when_applying_it_to_the_current_content_is_the_merg
     )
     assert verdict == "deny" and "committed the result as version 3" in reason, reason
     assert target.read_text() == "two again\none\nhalf\ntwo\nTHREE\nfour\nsix\nSEVEN\n"
-    assert _history(root)[0] == (3, "merge", "claude:e1", (1, 2))
+    assert _history(root)[0] == (3, "merge", f"claude:{unique('e1')}", (1, 2))
 
 
 def test_unread_and_held_writes_of_a_merge_file_are_never_merged(root: Path, sessions) -> None:
@@ -756,10 +778,10 @@ def test_subagents_are_agents_of_their_own(root: Path, sessions) -> None:
         s.read(target, agent_id=who)
     assert s.write(target, "v2 by subagent a\n", agent_id="agent-a")["decision"] == "allow"
     with CoherentVolume(root, agent="observer") as v:
-        assert v.history(P)[0].writer == "claude:parent/agent-a"
+        assert v.history(P)[0].writer == f"claude:{unique('parent')}/agent-a"
     denied = s.write(target, "v2 by subagent b, built on v1\n", agent_id="agent-b")
     reason = json.loads(str(denied["reason"]))["hookSpecificOutput"]["permissionDecisionReason"]
-    assert denied["decision"] == "deny" and "(stale)" in reason and "claude:parent/agent-a" in reason
+    assert denied["decision"] == "deny" and "(stale)" in reason and f"claude:{unique('parent')}/agent-a" in reason
     assert s.write(target, "v2 by the main thread, built on v1\n")["decision"] == "deny"
     assert target.read_text() == "v2 by subagent a\n"
 
@@ -767,7 +789,11 @@ def test_subagents_are_agents_of_their_own(root: Path, sessions) -> None:
     s.read(target, agent_id="agent-a")
     assert decision(s.hook(event("PreToolUse", "parent", root, "Edit", target, agent_id="agent-a")))[0] == "allow"
     verdict, reason = decision(s.hook(event("PreToolUse", "parent", root, "Edit", target, agent_id="agent-b")))
-    assert verdict == "deny" and "(held)" in reason and "claude:parent/agent-a holds its write grant" in reason
+    assert (
+        verdict == "deny"
+        and "(held)" in reason
+        and f"claude:{unique('parent')}/agent-a holds its write grant" in reason
+    )
     stop = event(
         "SubagentStop",
         "parent",
@@ -795,7 +821,7 @@ def test_on_a_mount_a_subagent_writes_as_its_session(mounted: Mount, sessions) -
     assert s.write(target, "v2 by a subagent\n", agent_id="agent-m")["decision"] == "allow"
     assert target.read_text() == "v2 by a subagent\n"
     with CoherentVolume(mounted.root, agent="observer") as v:
-        assert (v.version(P), v.history(P)[0].writer) == (2, "claude:mounted")
+        assert (v.version(P), v.history(P)[0].writer) == (2, f"claude:{unique('mounted')}")
 
 
 # ---- stale warnings -------------------------------------------------------------------
@@ -826,7 +852,7 @@ def test_the_model_is_told_once_of_each_stale_view(root: Path, sessions) -> None
     out = json.loads(str(told["stdout"]))["hookSpecificOutput"]
     assert out["hookEventName"] == "UserPromptSubmit"
     text = out["additionalContext"]
-    assert "plans/a.md: you last read version 1; it is now version 2, written by claude:w2" in text
+    assert f"plans/a.md: you last read version 1; it is now version 2, written by claude:{unique('w2')}" in text
     assert "-a1\n+a2 by w2" in text and "plans/b.md" not in text
     assert _context(me.hook(prompt)) is None, "told once"
 

@@ -17,7 +17,7 @@ import pytest
 from coherent_volume import CoherentVolume, codex
 from coherent_volume.codex import parse_patch
 
-from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook
+from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -38,7 +38,7 @@ class Session(AgentProcess):
         self.id, self.cwd, self.subagent = session, cwd, subagent
 
     def event(self, name: str, **values: object) -> dict[str, object]:
-        return fill(EVENTS[name], session=self.id, cwd=self.cwd, subagent=self.subagent or "", **values)
+        return fill(EVENTS[name], session=unique(self.id), cwd=self.cwd, subagent=self.subagent or "", **values)
 
     def begin(self) -> None:
         assert self.hook(self.event("session_start"))["code"] == 0
@@ -120,11 +120,18 @@ def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
         "allow",
         "",
     )
-    assert writers(root)[0] == (2, "codex:k2")
+    assert writers(root)[0] == (2, f"codex:{unique('k2')}")
 
     verdict, reason = one.apply(update(P, " goal", "-step A", "+step A (revised)", " step B"), {P: "lost"})
     assert verdict == "deny"
-    for words in (P, "(stale)", "version 1", "current version is 2", "codex:k2", "written against an earlier version"):
+    for words in (
+        P,
+        "(stale)",
+        "version 1",
+        "current version is 2",
+        f"codex:{unique('k2')}",
+        "written against an earlier version",
+    ):
         assert words in reason, (words, reason)
     assert "-step A\n+step A, done" in reason, "the diff since the version the patch was written against"
     if mounted:  # Codex's own write is refused by the file system as well
@@ -134,7 +141,7 @@ def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
 
     patch = update(P, " goal", "-step A, done", "+step A, done and revised", " step B")
     assert one.apply(patch, {P: "goal\nstep A, done and revised\nstep B\n"}) == ("allow", "")
-    assert writers(root)[0] == (3, "codex:k1")
+    assert writers(root)[0] == (3, f"codex:{unique('k1')}")
 
 
 def test_a_patch_written_against_an_old_version_is_denied_with_the_diff(root: Path, sessions) -> None:
@@ -157,7 +164,7 @@ def test_a_patch_of_lines_nobody_changed_loses_nothing_and_passes(root: Path, se
         "allow",
         "",
     )
-    assert (root / P).read_text() == "\n".join(both) + "\n" and writers(root)[0] == (3, "codex:p1")
+    assert (root / P).read_text() == "\n".join(both) + "\n" and writers(root)[0] == (3, f"codex:{unique('p1')}")
 
 
 def test_a_patch_whose_lines_differ_from_the_current_ones_only_in_whitespace_is_stale(root: Path, sessions) -> None:
@@ -176,7 +183,7 @@ def test_a_patch_whose_lines_differ_from_the_current_ones_only_in_whitespace_is_
     assert (root / rel).read_text() == "if x:\n    do()\n    done()\n"
     patch = update(rel, "     do()", "-    done()", "+    finish()")
     assert a.apply(patch, {rel: "if x:\n    do()\n    finish()\n"}) == ("allow", "")
-    assert writers(root, rel)[0] == (3, "codex:ws")
+    assert writers(root, rel)[0] == (3, f"codex:{unique('ws')}")
 
 
 def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, sessions) -> None:
@@ -195,7 +202,7 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
     patch = update(P, " goal", "-step A", "+step A!", " step B")
     assert decision(one.hook(one.event("pre_apply_patch", patch=patch)))[0] == "allow"
     verdict, reason = decision(two.hook(two.event("pre_apply_patch", patch=patch)))
-    assert verdict == "deny" and "(held)" in reason and "codex:u1 holds its write grant" in reason
+    assert verdict == "deny" and "(held)" in reason and f"codex:{unique('u1')} holds its write grant" in reason
     assert "Wait a few seconds" in reason
     one.hook(one.event("stop"))  # the end of the turn releases what the session still holds
     assert decision(two.hook(two.event("pre_apply_patch", patch=patch)))[0] == "allow"
@@ -204,7 +211,7 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
     f = sessions("f1", root)
     assert decision(f.hook(f.event("pre_apply_patch", patch=patch)))[0] == "allow"  # its view: the current version
     f.hook(f.event("stop"))
-    with CoherentVolume(root, agent="codex:f1") as same_agent, same_agent.lock(P, ttl=0.1):
+    with CoherentVolume(root, agent=f"codex:{unique('f1')}") as same_agent, same_agent.lock(P, ttl=0.1):
         time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
         verdict, reason = decision(f.hook(f.event("pre_bash", command=f"rm {P}")))
         assert verdict == "deny" and "(fenced)" in reason and "reclaimed" in reason
@@ -220,7 +227,7 @@ def test_subagents_are_agents_of_their_own(root: Path, sessions) -> None:
     patch = update(P, " goal", "-step A", "+step A!", " step B")
     assert decision(a.hook(a.event("pre_apply_patch_subagent", patch=patch)))[0] == "allow"
     verdict, reason = decision(b.hook(b.event("pre_apply_patch_subagent", patch=patch)))
-    assert verdict == "deny" and "codex:parent/worker-a holds its write grant" in reason
+    assert verdict == "deny" and f"codex:{unique('parent')}/worker-a holds its write grant" in reason
 
 
 def test_stale_views_are_named_before_the_next_turn(root: Path, sessions) -> None:
@@ -270,13 +277,15 @@ def _merge_scenario(workdir: Path, root: Path, sessions) -> None:
 
     verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=patch))))
     assert verdict == "deny" and "committed the result as version 3" in reason and "do not repeat it" in reason
-    assert "codex:k2" in reason and "-line 2\n+line 2, by two" in reason and "Print the file again" in reason
+    assert (
+        f"codex:{unique('k2')}" in reason and "-line 2\n+line 2, by two" in reason and "Print the file again" in reason
+    )
     both = theirs.replace("line 5\n", "line 5, by one\n")
     assert (workdir / LOG).read_text() == both
-    assert _history(root)[0] == (3, "merge", "codex:k1", (1, 2))
+    assert _history(root)[0] == (3, "merge", f"codex:{unique('k1')}", (1, 2))
     after = both.replace("line 6\n", "line 6, by one\n")
     assert one.apply(update(LOG, " line 5, by one", "-line 6", "+line 6, by one"), {LOG: after}) == ("allow", "")
-    assert _history(root)[0][:3] == (4, "commit", "codex:k1") and (workdir / LOG).read_text() == after
+    assert _history(root)[0][:3] == (4, "commit", f"codex:{unique('k1')}") and (workdir / LOG).read_text() == after
 
 
 def test_a_stale_patch_of_a_merge_file_is_merged_and_committed_where_codex_does_not_ask(root: Path, sessions) -> None:
@@ -353,7 +362,7 @@ def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_pa
     patch = update(P, " goal", "-step A", "+step A!")
 
     def ev(name: str, **values: object) -> dict[str, object]:
-        return fill(EVENTS[name], session="closed", cwd=root, **values)
+        return fill(EVENTS[name], session=unique("closed"), cwd=root, **values)
 
     with commit_lock_held(root):
         r, took = _hook(ev("pre_apply_patch", patch=patch))
@@ -408,8 +417,13 @@ def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> 
     assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
     assert two.apply(update(P, "-step B", "+step B, two"), {P: "goal\nstep A, one\nstep B, two\n"})[0] == "allow"
     verdict, reason = decision(one.hook(one.event("pre_bash", command="sed -i s/goal/aim/ plans/*.md")))
-    assert verdict == "deny" and "(stale)" in reason and P in reason and "codex:g2" in reason, reason
-    verdict, reason = decision(one.hook(one.event("pre_bash", command="cd plans && f=plan.md && sed -i s/a/b/ $f")))
+    assert verdict == "deny" and "(stale)" in reason and P in reason and f"codex:{unique('g2')}" in reason, reason
+    verdict, reason = decision(
+        one.hook(one.event("pre_bash", command="cd plans && f=$(ls | head -1) && sed -i s/a/b/ $f"))
+    )
     assert verdict == "deny" and "`$f`" in reason and "Name the file literally" in reason, reason
-    assert decision(one.hook(one.event("post_bash", command="f=plan.md; echo > $f")))[0] == "allow"
-    assert (root / P).read_text() == "goal\nstep A, one\nstep B, two\n" and writers(root)[0] == (3, "codex:g2")
+    assert decision(one.hook(one.event("post_bash", command="f=$(ls); echo > $f")))[0] == "allow"
+    assert (root / P).read_text() == "goal\nstep A, one\nstep B, two\n" and writers(root)[0] == (
+        3,
+        f"codex:{unique('g2')}",
+    )

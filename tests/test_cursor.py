@@ -16,7 +16,7 @@ import pytest
 
 from coherent_volume import CoherentVolume, cursor
 
-from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook
+from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -32,7 +32,7 @@ class Conversation(AgentProcess):
 
     def event(self, name: str, **values: object) -> dict[str, object]:
         values.setdefault("cwd", self.root)
-        return fill(EVENTS[name], conversation=self.id, root=self.root, **values)
+        return fill(EVENTS[name], conversation=unique(self.id), root=self.root, **values)
 
     def read(self, path: Path) -> str:  # type: ignore[override]
         """The agent reads the file; beforeReadFile gets the content the model is about to receive."""
@@ -85,7 +85,7 @@ def _stale_scenario(workdir: Path, root: Path, conversations, mounted: bool) -> 
 
     verdict, message = permission(one.hook(one.event("pre_tool_use_str_replace", path=target, old="goal", new="goal!")))
     assert verdict == "deny"
-    for words in (P, "(stale)", "version 1", "current version is 2", "cursor:c2", "Read the file again"):
+    for words in (P, "(stale)", "version 1", "current version is 2", f"cursor:{unique('c2')}", "Read the file again"):
         assert words in message, (words, message)
     assert "-step A\n+step A, done" in message, "the diff since the conversation's view is in the message"
     if mounted:  # the tool's own write is refused by the file system as well
@@ -119,20 +119,20 @@ def test_unread_held_and_fenced_edits_are_denied_with_what_to_do(root: Path, con
     two.read(target)
     assert permission(one.hook(one.event("pre_tool_use_write", path=target, content="v2\n")))[0] == "allow"
     verdict, message = permission(two.hook(two.event("pre_tool_use_write", path=target, content="w\n")))
-    assert verdict == "deny" and "(held)" in message and "cursor:u1 holds its write grant" in message
+    assert verdict == "deny" and "(held)" in message and f"cursor:{unique('u1')} holds its write grant" in message
     assert "Wait a few seconds" in message
     one.hook(one.event("post_tool_use_failure_write", path=target, content="v2\n"))
     assert permission(two.hook(two.event("pre_tool_use_delete", path=target)))[0] == "allow"
     target.unlink()  # the Delete tool
     two.hook(two.event("post_tool_use_write", path=target, content=""))
     with CoherentVolume(root, agent="observer") as v:
-        assert [e.kind for e in v.history(P)][0] == "delete" and v.history(P)[0].writer == "cursor:u2"
+        assert [e.kind for e in v.history(P)][0] == "delete" and v.history(P)[0].writer == f"cursor:{unique('u2')}"
 
     with CoherentVolume(root, agent="recreator") as recreator:
         recreator.write(P, "again\n")
     f = conversations("f1", root)
     f.read(target)
-    with CoherentVolume(root, agent="cursor:f1") as same_agent, same_agent.lock(P, ttl=0.1):
+    with CoherentVolume(root, agent=f"cursor:{unique('f1')}") as same_agent, same_agent.lock(P, ttl=0.1):
         time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
         verdict, message = permission(f.hook(f.event("pre_tool_use_write", path=target, content="x")))
         assert verdict == "deny" and "(fenced)" in message and "reclaimed" in message
@@ -166,7 +166,10 @@ def test_shell_commands_writing_managed_files_are_checked(root: Path, conversati
     (root / P).rename(root / "plans/renamed.md")  # what the command does
     c.hook(c.event("after_shell_execution", command=command))
     with CoherentVolume(root, agent="observer") as v:
-        assert v.history(P)[0].writer == "cursor:sh" and v.history("plans/renamed.md")[0].writer == "cursor:sh"
+        assert (
+            v.history(P)[0].writer == f"cursor:{unique('sh')}"
+            and v.history("plans/renamed.md")[0].writer == f"cursor:{unique('sh')}"
+        )
 
 
 def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversations) -> None:
@@ -249,7 +252,7 @@ def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_pa
         setup.write(P, "v1\n")
 
     def ev(name: str, **values: object) -> dict[str, object]:
-        return fill(EVENTS[name], conversation="closed", root=root, cwd=root, **values)
+        return fill(EVENTS[name], conversation=unique("closed"), root=root, cwd=root, **values)
 
     with commit_lock_held(root):
         r, took = _hook(ev("pre_tool_use_write", path=root / P, content="x"))
@@ -308,7 +311,7 @@ def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, conversations
     two.read(root / P)
     assert two.write_file(root / P, "v2\n")[0] == "allow"
     verdict, message = permission(one.hook(one.event("before_shell_execution", command="sed -i s/v1/v3/ plans/*.md")))
-    assert verdict == "deny" and "(stale)" in message and P in message and "cursor:c2" in message, message
+    assert verdict == "deny" and "(stale)" in message and P in message and f"cursor:{unique('c2')}" in message, message
     command = "cd plans && ls | xargs sed -i s/v1/v3/"
     verdict, message = permission(one.hook(one.event("before_shell_execution", command=command)))
     assert verdict == "deny" and "xargs" in message and "Name the file literally" in message, message

@@ -16,7 +16,7 @@ import pytest
 
 from coherent_volume import CoherentVolume, gemini
 
-from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook
+from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
@@ -31,7 +31,7 @@ class Session(AgentProcess):
         self.id, self.cwd = session, cwd
 
     def event(self, name: str, **values: object) -> dict[str, object]:
-        return fill(EVENTS[name], session=self.id, cwd=self.cwd, **values)
+        return fill(EVENTS[name], session=unique(self.id), cwd=self.cwd, **values)
 
     def read(self, path: Path) -> str:  # type: ignore[override]
         """read_file: the tool reads the file, then AfterTool gets what the model was given."""
@@ -90,7 +90,14 @@ def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
 
     verdict, reason = decision(one.hook(one.event("before_replace", path=target, old="step 1", new="step 1 (revised)")))
     assert verdict == "deny"
-    for words in ("plans/plan.md", "(stale)", "version 1", "current version is 2", "gemini:s2", "read_file"):
+    for words in (
+        "plans/plan.md",
+        "(stale)",
+        "version 1",
+        "current version is 2",
+        f"gemini:{unique('s2')}",
+        "read_file",
+    ):
         assert words in reason, (words, reason)
     assert "-step 2\n+step 2 done" in reason, "the diff since the session's view is in the reason"
     if mounted:  # the tool's own write is refused by the file system as well: its view is pinned
@@ -123,7 +130,7 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
     two.read(target)
     assert decision(one.hook(one.event("before_write_file", path=target, content="v2\n")))[0] == "allow"
     verdict, reason = decision(two.hook(two.event("before_write_file", path=target, content="other\n")))
-    assert verdict == "deny" and "(held)" in reason and "gemini:h1 holds its write grant" in reason
+    assert verdict == "deny" and "(held)" in reason and f"gemini:{unique('h1')} holds its write grant" in reason
     assert "Wait a few seconds" in reason
     failed = one.hook(one.event("after_write_file_failed", path=target, content="v2\n"))
     assert failed["code"] == 0, "a failed write releases the grant and records nothing"
@@ -133,7 +140,7 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
 
     s = sessions("f1", root)
     s.read(target)
-    with CoherentVolume(root, agent="gemini:f1") as same_agent, same_agent.lock(P, ttl=0.1):
+    with CoherentVolume(root, agent=f"gemini:{unique('f1')}") as same_agent, same_agent.lock(P, ttl=0.1):
         time.sleep(0.2)  # the lock() grant expires; the next look reclaims it and fences its agent
         verdict, reason = decision(s.hook(s.event("before_write_file", path=target, content="x")))
         assert verdict == "deny" and "(fenced)" in reason and "reclaimed" in reason and "read_file" in reason
@@ -183,7 +190,7 @@ def test_shell_commands_writing_managed_files_are_checked(root: Path, sessions) 
     assert s.write(root / P, "v2\n")["code"] == 0  # what the command does
     s.hook(s.event("after_shell", command=command))
     with CoherentVolume(root, agent="observer") as v:
-        assert v.version(P) == 2 and v.history(P)[0].writer == "gemini:sh"
+        assert v.version(P) == 2 and v.history(P)[0].writer == f"gemini:{unique('sh')}"
 
 
 def test_stale_views_are_named_before_the_next_turn_and_after_tools(root: Path, sessions) -> None:
@@ -268,7 +275,7 @@ def test_binary_and_non_merge_files_are_denied_as_before(root: Path, sessions) -
         setup.write(BLOB, b"\0\1 binary\n")
     one = sessions("b1", root)
     one.read(root / P)
-    with CoherentVolume(root, agent="gemini:b1") as same_agent:
+    with CoherentVolume(root, agent=f"gemini:{unique('b1')}") as same_agent:
         same_agent.read(BLOB)
     with CoherentVolume(root, agent="rival") as rival:
         rival.read(P)
@@ -287,7 +294,7 @@ _hook = partial(timed_hook, "gemini")
 
 
 def _ev(name: str, cwd: Path, **values: object) -> dict[str, object]:
-    return fill(EVENTS[name], session="closed", cwd=cwd, **values)
+    return fill(EVENTS[name], session=unique("closed"), cwd=cwd, **values)
 
 
 def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_path: Path) -> None:
@@ -352,7 +359,7 @@ def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> 
     two.read(root / P)
     assert two.write_file(root / P, "v2\n")[0] == "allow"
     verdict, reason = decision(one.hook(one.event("before_shell", command="sed -i s/v1/v3/ plans/*.md")))
-    assert verdict == "deny" and "(stale)" in reason and P in reason and "gemini:g2" in reason, reason
-    verdict, reason = decision(one.hook(one.event("before_shell", command="for f in plans/*; do rm $f; done")))
+    assert verdict == "deny" and "(stale)" in reason and P in reason and f"gemini:{unique('g2')}" in reason, reason
+    verdict, reason = decision(one.hook(one.event("before_shell", command="for f in $(ls plans/*); do rm $f; done")))
     assert verdict == "deny" and "`$f`" in reason and "Name the file literally" in reason, reason
     assert version(root) == 2

@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from coherent_volume import CoherentVolume, GlobError, OutsideVolume, VolumeConfigError
 from coherent_volume.errors import UnprotectedAlias
-from coherent_volume.globs import ManagedGlobs
+from coherent_volume.globs import ManagedGlobs, Wild
 
 
 @pytest.mark.parametrize(
@@ -309,3 +309,115 @@ def test_without_classes_may_share_is_exact(managed: str, other: str) -> None:
     globs, others = ManagedGlobs.of([managed]), ManagedGlobs.of([other])
     witnesses = [p for p in _SAMPLE if globs.matches(p) and others.matches(p)]
     assert globs.may_share(other) is bool(witnesses)
+
+
+# ---- may_match: every path of a shape at once ----------------------------------------------------
+
+_NAMES = ["".join(p) for n in (1, 2) for p in itertools.product("a.0z", repeat=n) if "".join(p) not in (".", "..")]
+"""Names of up to 2 characters: 'z' is in no glob, so it stands for any other character."""
+_FILLS = {
+    Wild.NAME: ["".join(p) for n in (0, 1, 2) for p in itertools.product("a.0z", repeat=n)],
+    Wild.NUMBER: ["".join(p) for n in (1, 2) for p in itertools.product("0-", repeat=n)],
+    Wild.PATH: ["", "a", "..", "../a", "a/b", "/a"],
+}
+
+
+def _spellings(segment: object) -> list[str]:
+    """Every text a shape's segment spells within the bounds: a `Wild.DIRS` up to 2 names."""
+    if segment == [Wild.DIRS]:
+        return ["/".join(p) for n in (0, 1, 2) for p in itertools.product(_NAMES, repeat=n)]
+    texts = [""]
+    for piece in segment:  # type: ignore[attr-defined]
+        fills = _FILLS[piece] if isinstance(piece, Wild) else [piece]
+        texts = [t + f for t in texts for f in fills]
+    return texts
+
+
+_glob_token = st.sampled_from(["a", ".", "0", "*", "?", "[a.]", "[.]", "[!a]", "[.-0]"])
+_glob_segment = st.one_of(
+    st.just("**"), st.lists(_glob_token, min_size=1, max_size=2).map("".join).filter(lambda s: "**" not in s)
+)
+_shape_segment = st.one_of(
+    st.just([Wild.DIRS]),
+    st.lists(st.sampled_from(["a", ".", "0", "..", Wild.NAME, Wild.NUMBER, Wild.PATH]), min_size=1, max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@example(["a/0"], [["a"], [Wild.NAME], ["0"]])  # the name may be empty: a//0 is a/0
+@example(["[.]/*"], [[Wild.DIRS], ["a"]])  # no file is named '.'
+@given(
+    st.lists(st.lists(_glob_segment, min_size=1, max_size=2).map("/".join), min_size=1, max_size=2),
+    st.lists(_shape_segment, min_size=1, max_size=3),
+)
+def test_may_match_agrees_with_matching_every_path_of_the_shape(patterns: list[str], segments: list) -> None:
+    """Brute force: every path a shape spells (wildcards filled from a small alphabet, up to a bound)
+    is matched against the globs. `may_match` is never False when one matches (a refusal it allows
+    would lose a write); and when the shape holds nothing uncertain (no `Wild.PATH`, no segment that
+    may spell '', '.' or '..', no class that may match '/'), it is never True when none does: the
+    bound is wide enough to hold a witness of every match (globs of 2 segments, each of 2 characters:
+    names of up to 2 characters, 2 directories)."""
+    try:
+        globs = ManagedGlobs.of(patterns)
+    except GlobError:
+        return
+    pieces: list = []
+    for index, segment in enumerate(segments):
+        pieces += (["/"] if index else []) + segment
+    if sum(isinstance(p, Wild) for p in pieces) > 2 or sum(p.count("**") for p in patterns) > 1:
+        return  # keeps the enumeration small
+    spelled = itertools.product(*(_spellings(s) for s in segments))
+    uncertain = Wild.PATH in pieces or "[.-0]" in "".join(patterns)
+    found = False
+    for parts in spelled:
+        names = [n for n in "/".join(parts).split("/") if n not in ("", ".")]
+        if any(part in ("", ".", "..") for part, s in zip(parts, segments, strict=True) if s != [Wild.DIRS]):
+            uncertain = True
+        if ".." in names or "/".join(parts).startswith("/"):
+            uncertain = True
+            continue
+        found = found or bool(names) and globs.matches("/".join(names))  # the root itself is no file
+    answer = globs.may_match(pieces)
+    if found or uncertain:
+        assert answer or not found, (patterns, pieces)
+    else:
+        assert not answer, (patterns, pieces)
+    if found:
+        assert answer, (patterns, pieces)
+
+
+@pytest.mark.parametrize(
+    ("shape", "may"),
+    [
+        (["logs/", Wild.NUMBER, ".log"], False),  # no glob reaches logs/
+        (["plans/", Wild.NUMBER, ".md"], True),
+        (["", Wild.NUMBER, ".md"], True),  # '*.md' at the root
+        (["logs/", Wild.NUMBER, ".md"], False),  # ... and only there
+        (["build/", Wild.DIRS], False),  # nothing under build/ is managed
+        (["build"], False),
+        (["", Wild.DIRS], True),
+        (["plans/", Wild.DIRS], True),
+        (["plans"], False),  # 'plans/**' is what is below plans, not plans itself
+        (["logs/", Wild.NAME], True),  # the name may be '..'
+        (["logs/", Wild.NAME, ".log"], False),
+        (["logs/", Wild.NUMBER, "/../a.md"], True),
+        (["logs/", Wild.PATH, ".log"], True),  # a '/' in it may reach anywhere
+        (["logs//./", Wild.NUMBER, ".log"], False),
+        (["/abs/", Wild.NUMBER], True),
+        (["logs/a", Wild.DIRS], True),  # not a whole segment
+    ],
+)
+def test_may_match_of_each_form(shape: list, may: bool) -> None:
+    assert ManagedGlobs.of(["plans/**", "*.md"]).may_match(shape) is may
+
+
+def test_may_match_with_unanchored_and_deep_globs() -> None:
+    globs = ManagedGlobs.of(["**/*.md", "docs/*/x.txt"])
+    assert globs.may_match(["build/", Wild.DIRS])  # '**/*.md' reaches every directory
+    assert not globs.may_match(["build/", Wild.DIRS, "/", Wild.NAME, ".o"])
+    assert globs.may_match(["docs/", Wild.NUMBER, "/x.txt"]) and not globs.may_match(["docs/", Wild.NUMBER, "/y.txt"])
+    assert globs.may_match(["docs/", Wild.DIRS, "/", Wild.NUMBER, "/x.txt"])  # no directory between
+    assert not globs.may_match(["docs/", Wild.NUMBER, "/", Wild.NUMBER, "/x.txt"])  # two segments between
+    assert ManagedGlobs.of(["a[.-0]b"]).may_match(["elsewhere"])  # the class may match '/': anything may
+    assert ManagedGlobs.of(["[!!-~]"]).may_match([Wild.DIRS])  # a name of one character beyond ASCII's printables
+    assert not ManagedGlobs.of(["[!!-~]"]).may_match(["a", Wild.NUMBER])

@@ -15,7 +15,7 @@ import pytest
 
 from coherent_volume import CoherentVolume
 
-from .harness.agent_session import fill, fixture, timed_hook
+from .harness.agent_session import fill, fixture, timed_hook, unique
 from .harness.mounts import Mount
 
 P = "plans/plan.md"
@@ -26,8 +26,8 @@ Event = Callable[[Path, str, str], dict[str, Any]]
 
 def _claude(root: Path, session: str, path: str) -> dict[str, Any]:
     return {
-        "session_id": session,
-        "transcript_path": f"/tmp/{session}.jsonl",
+        "session_id": unique(session),
+        "transcript_path": f"/tmp/{unique(session)}.jsonl",
         "cwd": str(root),
         "permission_mode": "default",
         "hook_event_name": "PreToolUse",
@@ -37,20 +37,24 @@ def _claude(root: Path, session: str, path: str) -> dict[str, Any]:
 
 
 def _gemini(root: Path, session: str, path: str) -> dict[str, Any]:
-    return dict(fill(fixture("gemini")["before_write_file"], session=session, cwd=root, path=path, content="mine\n"))
+    return dict(
+        fill(fixture("gemini")["before_write_file"], session=unique(session), cwd=root, path=path, content="mine\n")
+    )
 
 
 def _cursor(root: Path, session: str, path: str) -> dict[str, Any]:
-    return dict(fill(fixture("cursor")["pre_tool_use_write"], conversation=session, root=root, path=path, content="x"))
+    return dict(
+        fill(fixture("cursor")["pre_tool_use_write"], conversation=unique(session), root=root, path=path, content="x")
+    )
 
 
 def _codex_patch(root: Path, session: str, path: str) -> dict[str, Any]:
     patch = f"*** Begin Patch\n*** Update File: {path}\n@@\n-text no version holds\n+mine\n*** End Patch\n"
-    return dict(fill(fixture("codex")["pre_apply_patch"], session=session, cwd=root, patch=patch))
+    return dict(fill(fixture("codex")["pre_apply_patch"], session=unique(session), cwd=root, patch=patch))
 
 
 def _codex_bash(root: Path, session: str, path: str) -> dict[str, Any]:
-    return dict(fill(fixture("codex")["pre_bash"], session=session, cwd=root, command=f"echo mine > {path}"))
+    return dict(fill(fixture("codex")["pre_bash"], session=unique(session), cwd=root, command=f"echo mine > {path}"))
 
 
 FACES: dict[str, tuple[str, Event]] = {

@@ -53,6 +53,7 @@ from coherent_volume.liveness import ProcessId
 from coherent_volume.registry import sqlite as sqlite_registry
 
 from .harness import CLI
+from .harness.agent_session import unique
 from .harness.crashes import _kill, writer_kills
 from .harness.faults import locked_registry
 from .harness.mounts import DaemonLogError, Mount, is_mounted
@@ -123,14 +124,14 @@ class Case:
         self.notes = f"notes/{name}"
         self.free = f"{self.notes}/free.txt"
         self.alice, self.bob = f"{name}.alice", f"{name}.bob"
-        self.session = f"{name}.session"
+        self.session = unique(f"{name}.session")
         self.refused: list[Refused] = []
         self.daemon_says: list[str] = []
         self.paths = [self.a, self.free]
         hooked = name.startswith("hook-")
         self.actor = claude_code.agent_of(self.session) if hooked else self.alice
         """Who runs the full set afterwards: the refused agent."""
-        self.hook_session = self.session if hooked else f"{name}.after"
+        self.hook_session = self.session if hooked else unique(f"{name}.after")
         self.held = ExitStack()
         """What the setup holds while the refusal happens (a lock, an open handle); the remedy ends it."""
         self.volumes: dict[tuple[str, str], CoherentVolume] = {}
@@ -1436,7 +1437,9 @@ def test_a_refused_caller_outside_the_pid_namespace_leaves_nothing_behind(tmp_pa
     session = _sleeper()
     try:
         with Mount(root, tmp_path / "mnt") as m:
-            full_set(root, m, "sidecar", ["plans/a.md", "notes/free.txt"], "ns.after", ProcessId.of(session.pid))
+            full_set(
+                root, m, "sidecar", ["plans/a.md", "notes/free.txt"], unique("ns.after"), ProcessId.of(session.pid)
+            )
     finally:
         session.kill()
         session.wait()
@@ -1495,7 +1498,7 @@ def test_an_api_writer_killed_in_the_middle_of_its_commit_leaves_nothing_that_fa
         assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
         assert sql(root, "SELECT path, agent FROM intents") == [("plans/a.md", "victim")]
         _kill(victim)
-        full_set(root, m, "victim", ["plans/a.md", "notes/free.txt"], "crash.after", session)
+        full_set(root, m, "victim", ["plans/a.md", "notes/free.txt"], unique("crash.after"), session)
         recovered = [] if when == "after" else [("installed",)]
         assert sql(root, "SELECT reason FROM events WHERE kind = 'recover'") == recovered
         assert sql(root, "SELECT version, writer FROM versions WHERE path = 'plans/a.md' AND version = 2") == [
@@ -1524,7 +1527,7 @@ def test_a_daemon_killed_in_the_middle_of_a_commit_leaves_nothing_that_fails(tmp
             writer.wait(timeout=30)
         assert (root / "plans/a.md").read_bytes() == b"a v1\n"
         m.mount()
-        full_set(root, m, "alice", ["plans/a.md", "notes/free.txt"], "crash.after", session)
+        full_set(root, m, "alice", ["plans/a.md", "notes/free.txt"], unique("crash.after"), session)
         full_set(root, m, "bob", ["plans/a.md", "notes/free.txt"], "crash.other", session)
 
 
@@ -1549,13 +1552,13 @@ def test_a_killed_lock_holder_fences_only_itself_until_it_reads_again(tmp_path: 
         assert refused.returncode != 0, "a lock holder whose grant was reclaimed must re-acquire first"
         with CoherentVolume(root, agent="holder") as vol:
             vol.reacquire("plans/a.md")
-        full_set(root, m, "holder", ["plans/a.md", "notes/free.txt"], "crash.after", session)
+        full_set(root, m, "holder", ["plans/a.md", "notes/free.txt"], unique("crash.after"), session)
 
 
 def test_a_hooked_session_killed_between_its_hooks_leaves_nothing_that_fails(tmp_path: Path) -> None:
     with crash_volume(tmp_path) as (root, m, session):
         doomed = _sleeper()
-        event: dict[str, Any] = {"session_id": "doomed", "cwd": str(m.path), "tool_name": "Write"}
+        event: dict[str, Any] = {"session_id": unique("doomed"), "cwd": str(m.path), "tool_name": "Write"}
         event["tool_input"] = {"file_path": str(m.path / "plans/a.md")}
         process = ProcessId.of(doomed.pid)
         text = (root / "plans/a.md").read_text()
@@ -1567,10 +1570,10 @@ def test_a_hooked_session_killed_between_its_hooks_leaves_nothing_that_fails(tmp
         assert (
             denied(claude_code.FACE.run(json.dumps({**event, "hook_event_name": "PreToolUse"}), process=process)) == ""
         )
-        assert sql(root, "SELECT agent FROM grants") == [("claude:doomed",)]
+        assert sql(root, "SELECT agent FROM grants") == [(f"claude:{unique('doomed')}",)]
         doomed.kill()
         doomed.wait()
-        full_set(root, m, "alice", ["plans/a.md", "notes/free.txt"], "crash.after", session)
+        full_set(root, m, "alice", ["plans/a.md", "notes/free.txt"], unique("crash.after"), session)
 
 
 def test_writers_killed_at_random_points_leave_nothing_that_fails(tmp_path: Path) -> None:
@@ -1584,7 +1587,9 @@ def test_writers_killed_at_random_points_leave_nothing_that_fails(tmp_path: Path
     session = _sleeper()
     try:
         with Mount(root, tmp_path / "mnt") as m:
-            full_set(root, m, "survivor", ["plans/k0.md", "notes/free.txt"], "kills.after", ProcessId.of(session.pid))
+            full_set(
+                root, m, "survivor", ["plans/k0.md", "notes/free.txt"], unique("kills.after"), ProcessId.of(session.pid)
+            )
     finally:
         session.kill()
         session.wait()

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from coherent_volume import CoherentVolume
 from coherent_volume.errors import UnresolvedShellWrite
 from coherent_volume.shell_writes import shell_writes
+
+from .harness.agent_session import unique
 
 W, A = "write", "append"
 PLAN = [("plans/plan.md", W)]
@@ -98,10 +101,10 @@ CASES: list[tuple[str, str, object]] = [
     ("find plans -name plan.md -delete", ".", UNRESOLVED),
     ("find . -name '*.md' -exec sed -i s/a/b/ {} +", ".", UNRESOLVED),
     ("find . -name '*.md' -exec grep a {} +; ls | xargs grep a", ".", []),
-    ("f=plans/plan.md; echo hi > $f", ".", UNRESOLVED),
+    ("f=$(ls plans); echo hi > $f", ".", UNRESOLVED),
     ("echo hi > plans/$(date).md", ".", UNRESOLVED),
     ("echo hi > plans/$((1+1)).md", ".", UNRESOLVED),
-    ('for f in plans/*.md; do sed -i s/a/b/ "$f"; done', ".", UNRESOLVED),
+    ('for f in $(ls plans/*.md); do sed -i s/a/b/ "$f"; done', ".", UNRESOLVED),
     ("echo hi > /tmp/$X", ".", []),
     ('echo hi > "$PWD/plans/plan.md"', ".", PLAN),
     ("cd plans && echo hi > ${PWD}/plan.md", ".", PLAN),
@@ -195,11 +198,11 @@ CASES: list[tuple[str, str, object]] = [
     # an expansion that may be any path: refused where the command names a path in a volume
     ("echo hi > /tmp/$X/../{root}/plans/plan.md", "../outside", UNRESOLVED),
     ("rm {parent}/ou*/../{name}/plans/$X", "../outside", UNRESOLVED),
-    ('F={name}/plans/plan.md; echo hi > "$F"', "..", UNRESOLVED),
-    ('for f in {name}/plans/*.md; do sed -i s/a/b/ "$f"; done', "..", UNRESOLVED),
+    ('F=$(printf %s {name}/plans/plan.md); echo hi > "$F"', "..", UNRESOLVED),
+    ('for f in $(ls {name}/plans/*.md); do sed -i s/a/b/ "$f"; done', "..", UNRESOLVED),
     ("rm $(echo {name}/plans/plan.md)", "..", UNRESOLVED),
     ("parallel rm ::: {root}/plans/plan.md", "..", UNRESOLVED),
-    ("X={root}/plans/plan.md; echo hi > $X", "../outside", UNRESOLVED),
+    ("X={root}/plans/plan.md; read X; echo hi > $X", "../outside", UNRESOLVED),
     ("cd /tmp && rm ${X:-{root}/plans/plan.md}", ".", UNRESOLVED),
     ("echo hi > $X; echo hi > /tmp/y", "../outside", [("/tmp/y", W)]),
     # more writers
@@ -219,6 +222,63 @@ CASES: list[tuple[str, str, object]] = [
     ('tmp=$(mktemp); tmp=plans/plan.md; echo hi > "$tmp"', ".", UNRESOLVED),
     ('tmp=$(mktemp -p plans); echo hi > "$tmp"', ".", UNRESOLVED),
     ('tmp=$(mktemp); read tmp; echo hi > "$tmp"', ".", UNRESOLVED),
+    ('(tmp=$(mktemp)); echo hi > "$tmp"', ".", UNRESOLVED),  # set in a subshell: here it is the inherited one
+    ('tmp=$(mktemp); read t""mp; echo hi > "$tmp"', ".", UNRESOLVED),
+    # a write known only in part, in a volume: allowed where no path it may be is managed
+    # (the volume manages plans/** and *.md at its root)
+    ('echo x > "logs/$(date +%s).log"', ".", []),
+    ("echo x > logs/run-$(date +%Y%m%d-%H%M%S).md", ".", []),  # '*.md' is at the root only
+    ('echo x > "logs/$((n + 1)).log" 2> "logs/$$.err"', ".", []),
+    ('cp notes.txt "src/$(date +%F)/"', ".", []),
+    ('rm -r "src/$((n))"', ".", []),
+    ("find src -name '*.o' -delete", ".", []),
+    ("find src -type f -exec rm {} +", ".", []),
+    ("find src -name x -execdir rm -f plan.md ';'", ".", []),
+    ('echo x > "plans/$(date +%s).log"', ".", UNRESOLVED),
+    ('echo x > "$(date +%s).md"', ".", UNRESOLVED),
+    ('echo x > "$(date +plan).md"', ".", [("plan.md", W)]),  # a format of no conversion prints itself
+    ('echo x > "logs/$(date).log"', ".", UNRESOLVED),  # what `date` prints by default is not told
+    ('echo x > "logs/$(date +%D).log"', ".", UNRESOLVED),  # %D prints a '/'
+    ('date() { echo ../plan; }; echo x > "logs/$(date +%s).md"', ".", UNRESOLVED),
+    ('echo x > "logs/$((n))/../plan.md"', ".", UNRESOLVED),
+    ("IFS=0; rm logs/$((10)).md", ".", UNRESOLVED),  # split at the 0: 'logs/1' and '.md'
+    ('rm -r "plans/$((n))"', ".", UNRESOLVED),
+    ('rm -r "plans$!"', ".", UNRESOLVED),  # no job in the background: $! is empty, and this is plans
+    ('echo x > "$(pwd)/x"', ".", UNRESOLVED),
+    ('echo x > "$X/y"', ".", UNRESOLVED),
+    ('echo x > "src/$X"', ".", UNRESOLVED),  # $X may be '../plan.md'
+    ("find . -delete", ".", UNRESOLVED),
+    ("find plans -delete", ".", UNRESOLVED),
+    ("find src -exec mv {} {}.md ';'", ".", UNRESOLVED),  # src.md, at the root
+    ("find src -exec sh -c 'echo x > \"$1\"' _ {} ';'", ".", UNRESOLVED),
+    ("find . -name x -execdir rm -f plan.md ';'", ".", UNRESOLVED),
+    ("find src -files0-from list -delete", ".", UNRESOLVED),  # and the starting points the file names
+    ("dd if=/dev/zero of=plans/$((n))", ".", UNRESOLVED),  # the path begins after `of=`
+    ("cp notes.txt --target-directory=plans/$((n))", ".", UNRESOLVED),
+    # a variable set only to one literal value, where that surely ran in this shell; a for loop's
+    # variable in its body
+    ('out=src/a.txt; echo x > "$out"', ".", [("src/a.txt", W)]),
+    ("cd plans && f=plan.md && sed -i s/a/b/ $f", ".", PLAN),
+    ('for f in src/*.md; do rm "$f"; done', ".", [("src/plan.md", W)]),
+    ('for f in plans/*.md; do sed -i s/a/b/ "$f"; done', ".", [*PLAN, ("plans/other.md", W)]),
+    ("X={root}/plans/plan.md; echo hi > $X", "../outside", PLAN),
+    ('out=src/a; out=plans/plan.md; echo x > "$out"', ".", UNRESOLVED),
+    ('if true; then out=src/a; fi; echo x > "$out"', ".", UNRESOLVED),  # it may not have run
+    ('true || out=src/a; echo x > "$out"', ".", UNRESOLVED),
+    ('(out=src/a); echo x > "$out"', ".", UNRESOLVED),
+    ('out=src/a & echo x > "$out"', ".", UNRESOLVED),
+    ('echo x > "$out"; out=src/a', ".", UNRESOLVED),
+    ('out=src/a; read o""ut; echo x > "$out"', ".", UNRESOLVED),
+    ('out=src/a; printf -vout %s plan.md; echo x > "$out"', ".", UNRESOLVED),
+    ('out=src/a; declare -n r=o""ut; r=plan.md; echo x > "$out"', ".", UNRESOLVED),
+    ('out=src/a; source ./set.sh; echo x > "$out"', ".", UNRESOLVED),
+    ('out=src/a; eval "$X"; echo x > "$out"', ".", UNRESOLVED),
+    ('out=src/a; time out=plan.md; echo x > "$out"', ".", UNRESOLVED),
+    ("out=src/a; bash -c 'echo x > \"$out\"'", ".", UNRESOLVED),  # not exported: the child's own
+    ("out=src/*; rm $out", ".", UNRESOLVED),  # unquoted: a pattern again
+    ('arr=(plan.md); rm "$arr"', ".", UNRESOLVED),
+    ('for f in src/*.md; do :; done; rm "$f"', ".", UNRESOLVED),  # after the loop
+    ('f() { for x in src/a; do f; rm "$x"; done; }; f', ".", UNRESOLVED),  # set again by the call
 ]
 
 
@@ -269,20 +329,20 @@ FACES = {
     "codex": lambda command, cwd: {
         "hook_event_name": "PreToolUse",
         "tool_name": "Bash",
-        "session_id": "s1",
+        "session_id": unique("s1"),
         "cwd": cwd,
         "tool_input": {"command": command},
     },
     "gemini": lambda command, cwd: {
         "hook_event_name": "BeforeTool",
         "tool_name": "run_shell_command",
-        "session_id": "s1",
+        "session_id": unique("s1"),
         "cwd": cwd,
         "tool_input": {"command": command},
     },
     "cursor": lambda command, cwd: {
         "hook_event_name": "beforeShellExecution",
-        "conversation_id": "c1",
+        "conversation_id": unique("c1"),
         "cwd": cwd,
         "command": command,
     },
@@ -314,3 +374,74 @@ def test_a_command_still_being_worked_out_when_the_budget_ends(
                 assert "commit lock" not in answer.stdout, answer
     finally:
         release.set()
+
+
+def test_a_write_known_in_part_is_refused_where_what_lies_there_may_lead_to_a_managed_file(
+    root: Path, tmp_path: Path
+) -> None:
+    """No path spelled `src/<number>…` is managed, but what lies in src/ now may lead to one: a
+    symlink among the entries such a path names or passes through, a volume inside it, a directory
+    that is itself a symlink into a managed one. Then the command is refused; otherwise allowed."""
+    (root / "src").mkdir()
+    below = ['echo x > "src/$((n))/a.log"', "find src -delete", 'rm -r "src/$((n))"', "find src -exec rm {} +"]
+    log = 'echo x > "src/$$.log"'
+    for command in [*below, log]:
+        assert shell_writes(command, str(root)) == [], command
+
+    (root / "src/5").symlink_to(root / "plans")
+    for command in below:
+        with pytest.raises(UnresolvedShellWrite):
+            shell_writes(command, str(root))
+    assert shell_writes(log, str(root)) == []  # the link is no `*.log`
+    (root / "src/5").unlink()
+
+    (root / "src/1.log").symlink_to(root / "plans/plan.md")
+    with pytest.raises(UnresolvedShellWrite):
+        shell_writes(log, str(root))
+    (root / "src/1.log").unlink()
+
+    (root / "src/inner").mkdir()
+    CoherentVolume(root / "src/inner", managed=("**",), agent="setup").close()
+    for command in below[1:]:
+        with pytest.raises(UnresolvedShellWrite):
+            shell_writes(command, str(root))
+
+    (root / "logs").symlink_to("plans")  # the directory named is a managed one
+    with pytest.raises(UnresolvedShellWrite):
+        shell_writes('echo x > "logs/$((n)).log"', str(root))
+
+    other = tmp_path / "other"  # a managed name that is a symlink to an unmanaged directory
+    (other / "build").mkdir(parents=True)
+    CoherentVolume(other, managed=("docs/**",), agent="setup").close()
+    (other / "docs").symlink_to("build")
+    assert shell_writes('echo x > "build/$((n)).log"', str(other)) == []
+    with pytest.raises(UnresolvedShellWrite):
+        shell_writes('echo x > "docs/$((n)).log"', str(other))
+
+
+def test_a_pattern_in_a_word_known_in_part_stays_in_its_segment(tmp_path: Path) -> None:
+    """A pattern's `*` matches within one segment of a path; a segment that is only a pattern
+    (`**` too, which globstar lets match any number of segments) may be any path."""
+    root = tmp_path / "deep"
+    root.mkdir()
+    CoherentVolume(root, managed=("a/*/*/*/x.md",), agent="setup").close()
+    assert shell_writes("sed -i s/a/b/ a/$((n))/*.d/x.md", str(root)) == []
+    for command in ("sed -i s/a/b/ a/$((n))/*/x.md", "sed -i s/a/b/ a/$((n))/**/x.md"):
+        with pytest.raises(UnresolvedShellWrite):
+            shell_writes(command, str(root))
+
+
+@pytest.mark.parametrize("face", sorted(FACES))
+def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(root: Path, face: str) -> None:
+    """Through each face's hook: a write named only in part is allowed where no path it may be is
+    managed, and denied (naming the word) where one may be."""
+    module = importlib.import_module(f"coherent_volume.{face}")
+    for command, denied in (
+        ('echo x > "logs/$(date +%s).log"', False),
+        ("find src -type f -delete", False),
+        ('echo x > "plans/$(date +%s).log"', True),
+        ("find plans -type f -delete", True),
+    ):
+        answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
+        assert ("deny" in answer.stdout) is denied, (command, answer)
+        assert not denied or "Name the file literally" in answer.stdout, answer

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -47,6 +48,17 @@ for line in sys.stdin:
         out = {"code": 1, "errno": e.errno, "stderr": str(e)}
     print(json.dumps(out), flush=True)
 """
+
+
+RUN = secrets.token_hex(3)
+"""This test run's mark on the session ids its hooks are given (`unique`)."""
+
+
+def unique(name: str) -> str:
+    """The session id a test's `name` stands for, unique to this test run: a hook's session start
+    and end visit every volume mounted on the machine, so two test runs at once would otherwise
+    bind, and end (releasing its grants), each other's sessions of one name in each other's mounts."""
+    return f"{name}-{RUN}"
 
 
 def fixture(agent: str) -> dict[str, Any]:
