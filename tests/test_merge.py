@@ -291,6 +291,37 @@ def test_a_save_by_rename_whose_source_a_peer_changes_meanwhile_changes_nothing(
     assert [(v.version, v.writer) for v in alice.history("plans/a.md")] == [(2, "alice"), (1, "alice")]
 
 
+def test_a_save_by_rename_merged_again_after_a_peers_commit_keeps_every_change(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer commits the destination while the save's merge is being made, so the merge is made
+    again onto the peer's version: still from the version the saver read (not from the first
+    merge's theirs, which would take the peer's first change for one the saver removed)."""
+    from coherent_volume.core.history import History
+
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(merge=("plans/**",)))
+    alice.write("plans/a.md", "A\n1\n2\n3\nB\n")
+    bob.read("plans/a.md")
+    alice.write("plans/a.md", "A alice-1\n1\n2\n3\nB\n")
+    (root / "bob.tmp").write_text("A\n1\n2\n3\nB bob\n")  # bob's save, built on v1
+    real = History._merged
+    bases: list[int | None] = []
+
+    def merged_while_alice_commits(self: History, *args: Any) -> Any:
+        bases.append(args[3])
+        if len(bases) == 1:
+            alice.write("plans/a.md", "A alice-1\n1\n2 alice-2\n3\nB\n")
+        return real(self, *args)
+
+    monkeypatch.setattr(History, "_merged", merged_while_alice_commits)
+    _rename(bob, "bob.tmp", "plans/a.md")
+    assert bases == [1, 1], "both merges are made from the version bob read"
+    assert (root / "plans/a.md").read_text() == "A alice-1\n1\n2 alice-2\n3\nB bob\n"
+    [merge, *_] = alice.history("plans/a.md")
+    assert (merge.kind, merge.writer, merge.parents) == ("merge", "bob", (1, 3))
+
+
 def test_concurrent_merging_writers_lose_no_line(root: Path) -> None:
     """Eight processes, each appending its own lines by whole-file rewrites from a stale view with
     merge=True: every line arrives (each rewrite is merged onto what the others committed)."""

@@ -207,6 +207,8 @@ class Renames(History):
         agent = self.agent(agent)
         _rename_types_fit(src, dst, exchange)
         merge: _Merge | None = None
+        base: int | None = None  # what the saved content was built on: the first refusal's (a retry's
+        # refusal is the compare-and-swap against the previous merge's theirs)
         try:
             for attempt in range(MERGE_ATTEMPTS + 1):
                 with self.registry.commit_lock():
@@ -221,17 +223,19 @@ class Renames(History):
                     merge = None
                 if attempt == MERGE_ATTEMPTS:  # other commits kept landing between a merge and its decision
                     raise self.refusal_diff(outcome.refusal)
-                merge = self._merge_save(dst, outcome)  # no lock held: its decision checks what it relied on
+                if base is None:
+                    base = outcome.refusal.based_on
+                merge = self._merge_save(dst, outcome, base)  # no lock held: its decision checks what it relied on
         finally:
             if merge is not None:
                 merge.content.discard()  # consumed by its install, unless the rename was refused
 
-    def _merge_save(self, dst: Target, save: _Save) -> _Merge:
-        """The merge a save by rename commits at `dst` (`History._merged`), staged; raises what the
-        agent is told when there is none."""
+    def _merge_save(self, dst: Target, save: _Save, base: int | None) -> _Merge:
+        """The merge a save by rename commits at `dst` (`History._merged`) of the source's bytes,
+        built on `base`, staged; raises what the agent is told when there is none."""
         if save.ours is None:
             raise self.refusal_diff(save.refusal)
-        merged, parents = self._merged(dst, save.refusal, save.ours, save.refusal.based_on)
+        merged, parents = self._merged(dst, save.refusal, save.ours, base)
         return _Merge(
             atomic.stage(dst.abs, merged, root=self.paths.root), parents, save.refusal, content_hash(save.ours)
         )
