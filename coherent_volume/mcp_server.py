@@ -295,8 +295,9 @@ class Session:
         version = self.core.write(self.agent, target, content.encode("utf-8"), merge=merge, expected=expected)
         if not target.managed:
             return f"Wrote {target.rel} (not managed: not versioned, not checked)."
-        if self.core.seen(self.agent, target) == version:
-            self._known[target.rel] = Known(content, version)
+        made = self.core.version_entry(target, version)
+        if made is None or made.kind != "merge":  # asked of the version, not of the agent's view: another
+            self._known[target.rel] = Known(content, version)  # session of the agent may have moved that
             return f"Wrote {target.rel}: now version {version}."
         self._known.pop(target.rel, None)  # a merge: the session never read the result
         return (

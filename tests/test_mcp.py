@@ -217,6 +217,35 @@ def test_an_edit_is_committed_only_onto_the_version_its_session_read_whatever_th
     core.close()
 
 
+def test_a_merged_edit_is_told_as_a_merge_even_if_the_shared_view_moves_to_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second session of the agent reads the merged version right after the first's merged
+    edit: the first session still knows it never read that version, so its next edit is refused
+    unread instead of applying to its own unmerged text (which would revert the peer's line)."""
+    path = "plans/merged.md"
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.write(path, "top\n1\n2\n3\nbottom\n")
+        core = open_core(root)
+        first, second = Session(core, "planner"), Session(core, "planner")
+        first.read_file(path)
+        peer.write(path, "top, by the peer\n1\n2\n3\nbottom\n")
+    write = core.write
+
+    def then_the_other_session_reads(*args: Any, **kwargs: Any) -> int:
+        version = write(*args, **kwargs)
+        second.read_file(path)
+        return version
+
+    monkeypatch.setattr(core, "write", then_the_other_session_reads)
+    assert "merged" in first.edit_file(path, "bottom\n", "bottom, by the first\n", merge=True)
+    monkeypatch.undo()
+    with pytest.raises(ToolRefused, match=r"Refused \(unread\)"):
+        first.edit_file(path, "2\n", "2, by the first\n")
+    assert (root / path).read_text() == "top, by the peer\n1\n2\n3\nbottom, by the first\n"
+    core.close()
+
+
 def test_a_merge_that_cannot_be_made_says_why_and_is_not_suggested_again(root: Path) -> None:
     big = "x" * 99 + "\n"
     big *= (MAX_MERGE_BYTES // len(big)) + 1

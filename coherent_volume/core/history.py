@@ -67,6 +67,11 @@ class History(Writes):
             versions = tx.history(target.rel, limit)
         return [v if v.hash is not None else v._replace(retained=False) for v in versions]
 
+    def version_entry(self, target: Target, version: int) -> Version | None:
+        """The history entry of one version of `target` (None if it has no such version): whether
+        a write's version was a merge, say."""
+        return self._entries(target, version)[0]
+
     def read_version(self, target: Target, version: int) -> bytes:
         """The bytes of a retained version (no view is registered); VersionGone if it never existed,
         is a deletion or was pruned, DamagedContent if its stored bytes no longer match its hash."""
