@@ -322,6 +322,21 @@ def test_a_save_by_rename_merged_again_after_a_peers_commit_keeps_every_change(
     assert (merge.kind, merge.writer, merge.parents) == ("merge", "bob", (1, 3))
 
 
+def test_a_save_by_rename_whose_merge_is_the_current_content_makes_no_version(root: Path, vols) -> None:
+    """bob saves, from a stale view, the same fix alice committed: the merge is alice's version, so
+    a.md keeps its version (identical bytes are no new version) and only the temp file goes."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(merge=("plans/**",)))
+    alice.write("plans/a.md", "1\n2\n3\n")
+    bob.read("plans/a.md")
+    alice.write("plans/a.md", "1\n2 fixed\n3\n")
+    (root / "bob.tmp").write_text("1\n2 fixed\n3\n")
+    _rename(bob, "bob.tmp", "plans/a.md")
+    assert not (root / "bob.tmp").exists()
+    assert [(v.version, v.writer) for v in alice.history("plans/a.md")] == [(2, "alice"), (1, "alice")]
+    assert alice.write_cas("plans/a.md", 2, "1\n2 fixed\n3\nmore\n") == 3, "alice's view is current"
+
+
 def test_concurrent_merging_writers_lose_no_line(root: Path) -> None:
     """Eight processes, each appending its own lines by whole-file rewrites from a stale view with
     merge=True: every line arrives (each rewrite is merged onto what the others committed)."""

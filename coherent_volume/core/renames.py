@@ -27,6 +27,7 @@ from ..protocol import (
     Intent,
     WriteCheck,
     current_version,
+    is_noop,
     may_merge,
     view_moves,
 )
@@ -68,6 +69,9 @@ class _Plan(NamedTuple):
 
     plan: list[Planned]
     merged: int | None
+    unchanged: bool = False
+    """The merge is the destination's current content: no new version, nothing installed there
+    (`protocol.is_noop`), only the source removed."""
 
 
 class _Save(NamedTuple):
@@ -289,12 +293,16 @@ class Renames(History):
         # date, so a source hashed before its own check would name the bytes it held before that
         plan: list[Planned] = []
         merged: int | None = None
+        unchanged = False
         for rel, target, record, check in checked:
             digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
             version = current_version(record) + 1
             if merge is not None and rel == dst.rel:
                 if digest != merge.ours:  # the source changed since it was merged: merge it again
                     return _Save(merge.refusal, _merge_side(src))
+                if is_noop(record, merge.content.hash):
+                    unchanged, merged = True, version - 1
+                    continue
                 moves_view = view_moves(check, True, True)
                 self._record_staged(tx, agent, target, version, merge.content, check.seen, moves_view, merge.made)
                 merged = version
@@ -304,7 +312,7 @@ class Renames(History):
             tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
             if source is not None:
                 self._retain(tx, source, digest)
-        return _Plan(plan, merged)
+        return _Plan(plan, merged, unchanged)
 
     @staticmethod
     def _merges(tx: Transaction, dst: Target) -> bool:
@@ -329,15 +337,16 @@ class Renames(History):
             self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace), undone)
         else:
             assert merge is not None
-            try:
-                merge.content.install()
-            except BaseException as e:
-                merge.content.leave_name()  # the marker of an install not done, for the next recovery
-                if isinstance(e, OSError):
-                    raise InstallPending(dst.rel, decided.merged, e) from e
-                raise
-            self._consumed(merge.content)
-            self._installed(dst, decided.merged, merge.content.hash)
+            if not decided.unchanged:
+                try:
+                    merge.content.install()
+                except BaseException as e:
+                    merge.content.leave_name()  # the marker of an install not done, for the next recovery
+                    if isinstance(e, OSError):
+                        raise InstallPending(dst.rel, decided.merged, e) from e
+                    raise
+                self._consumed(merge.content)
+                self._installed(dst, decided.merged, merge.content.hash)
             if src.managed:
                 self._install(lambda: os.unlink(src.abs), undone)
             else:
