@@ -238,7 +238,9 @@ class Renames(History):
         """The merge a save by rename commits at `dst` (`History._merged`) of the source's bytes,
         built on `base`, staged; raises what the agent is told when there is none."""
         if save.ours is None:
-            raise self.refusal_diff(save.refusal)
+            limit = MAX_MERGE_BYTES >> 20
+            why = f"the file saved is not a regular file or is larger than {limit} MiB"
+            raise self.refusal_diff(save.refusal.not_merged(why))
         merged, parents = self._merged(dst, save.refusal, save.ours, base)
         return _Merge(
             atomic.stage(dst.abs, merged, root=self.paths.root), parents, save.refusal, content_hash(save.ours)
