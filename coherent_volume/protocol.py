@@ -171,6 +171,7 @@ class Local(Enum):
     SAME = "same"  # the disk holds the current version (or neither has a file)
     BEHIND = "behind"  # the disk holds what this copy installed before, or no file: install the current version
     FOREIGN = "foreign"  # a program on this host changed the file outside the volume: record it
+    UNRECORDED = "unrecorded"  # the copy holds what it installed, a version the registry lost: record it
 
 
 def installed_needs_hash(installed: Installed | None, fp: Fingerprint | None) -> bool:
@@ -183,28 +184,35 @@ def installed_needs_hash(installed: Installed | None, fp: Fingerprint | None) ->
 
 
 def local_state(
-    current: FileRecord | None, installed: Installed | None, fp: Fingerprint | None, disk_hash: str | None
+    current: FileRecord | None,
+    installed: Installed | None,
+    fp: Fingerprint | None,
+    disk_hash: str | None,
+    recorded: str | None,
 ) -> Local:
     """How a working copy's file stands against the volume's current record. `disk_hash` None with
     a file present: the fingerprint showed it holds `installed` (`installed_needs_hash` False).
+    `recorded`: the hash the registry records for the version this copy installed
+    (`installed.version` of this path; None where it records no such version, or a deletion).
 
     A working copy is a cache of the registry: a missing file is one not installed yet (or wiped),
     never a deletion; bytes this copy installed are the version it installed, current or behind;
     any other bytes were written on this host outside the volume (foreign), unless they are the
-    current version's own (an install whose record was lost). A copy that holds a version newer
-    than the registry's current one (the registry went back: restored from an older backup) keeps
-    its bytes: they are recorded as a new version, never overwritten by an older one."""
+    current version's own (an install whose record was lost). Bytes this copy installed that the
+    registry does not record as that version (the registry went back: restored from an older
+    backup, then another copy committed that version number, or none did yet) are held by this
+    copy alone (unrecorded): they are recorded as a new version, never overwritten."""
     present = current is not None and current.present
     if fp is None:
         return Local.BEHIND if present else Local.SAME
     if present and disk_hash is not None and current is not None and disk_hash == current.hash:
         return Local.SAME
-    if installed is not None and installed.version > current_version(current):
-        return Local.FOREIGN  # a version the registry does not know: kept as a new one, never overwritten
     holds_installed = installed is not None and installed.hash is not None and disk_hash in (None, installed.hash)
     if not holds_installed:
         return Local.FOREIGN
     assert installed is not None
+    if recorded != installed.hash:
+        return Local.UNRECORDED  # bytes nobody else has: kept as a new version, never overwritten
     same = present and current is not None and (installed.version, installed.hash) == (current.version, current.hash)
     return Local.SAME if same else Local.BEHIND
 

@@ -409,32 +409,45 @@ def _current(version: int, digest: str | None) -> FileRecord:
 
 def test_local_state_same_behind_foreign() -> None:
     held = Installed(1, "h1", FP, 2_000_000_000)
-    # the fingerprint shows the disk holds what this copy installed: same if current, else behind
+    # the fingerprint shows the disk holds what this copy installed (the registry's v1): same if current, else behind
     assert not installed_needs_hash(held, FP)
-    assert local_state(_current(1, "h1"), held, FP, None) is Local.SAME
-    assert local_state(_current(2, "h2"), held, FP, None) is Local.BEHIND
-    assert local_state(_current(2, None), held, FP, None) is Local.BEHIND  # deleted since: remove it
+    assert local_state(_current(1, "h1"), held, FP, None, "h1") is Local.SAME
+    assert local_state(_current(2, "h2"), held, FP, None, "h1") is Local.BEHIND
+    assert local_state(_current(2, None), held, FP, None, "h1") is Local.BEHIND  # deleted since: remove it
     # another fingerprint: hashed; the installed bytes still, the current ones, or foreign bytes
     assert installed_needs_hash(held, LATER)
-    assert local_state(_current(2, "h2"), held, LATER, "h1") is Local.BEHIND
-    assert local_state(_current(2, "h2"), held, LATER, "h2") is Local.SAME  # an install whose record was lost
-    assert local_state(_current(2, "h2"), held, LATER, "hx") is Local.FOREIGN
-    assert local_state(_current(1, "h1"), held, LATER, "hx") is Local.FOREIGN
+    assert local_state(_current(2, "h2"), held, LATER, "h1", "h1") is Local.BEHIND
+    assert local_state(_current(2, "h2"), held, LATER, "h2", "h1") is Local.SAME  # an install whose record was lost
+    assert local_state(_current(2, "h2"), held, LATER, "hx", "h1") is Local.FOREIGN
+    assert local_state(_current(1, "h1"), held, LATER, "hx", "h1") is Local.FOREIGN
     # no file: not installed (or wiped), never a deletion
-    assert local_state(_current(2, "h2"), held, None, None) is Local.BEHIND
-    assert local_state(_current(2, "h2"), None, None, None) is Local.BEHIND
-    assert local_state(_current(2, None), held, None, None) is Local.SAME
-    assert local_state(None, None, None, None) is Local.SAME
+    assert local_state(_current(2, "h2"), held, None, None, "h1") is Local.BEHIND
+    assert local_state(_current(2, "h2"), None, None, None, None) is Local.BEHIND
+    assert local_state(_current(2, None), held, None, None, "h1") is Local.SAME
+    assert local_state(None, None, None, None, None) is Local.SAME
     # never installed here: the current bytes are the current version, any others foreign
     assert installed_needs_hash(None, FP)
-    assert local_state(_current(2, "h2"), None, FP, "h2") is Local.SAME
-    assert local_state(_current(2, "h2"), None, FP, "hx") is Local.FOREIGN
-    assert local_state(None, None, FP, "hx") is Local.FOREIGN
+    assert local_state(_current(2, "h2"), None, FP, "h2", None) is Local.SAME
+    assert local_state(_current(2, "h2"), None, FP, "hx", None) is Local.FOREIGN
+    assert local_state(None, None, FP, "hx", None) is Local.FOREIGN
     # a deletion installed, a file there now: foreign
     gone = Installed(3, None, None, 2_000_000_000)
-    assert local_state(_current(3, None), gone, FP, "hx") is Local.FOREIGN
-    # same version number, other bytes (a registry that forgot commits): compared by hash too
-    assert local_state(_current(1, "h1-other"), held, FP, None) is Local.BEHIND
+    assert local_state(_current(3, None), gone, FP, "hx", None) is Local.FOREIGN
+
+
+def test_a_copy_holding_a_version_the_registry_lost_keeps_it() -> None:
+    """The registry went back (restored from an older backup): the bytes this copy installed as v1
+    are no version the registry records (it records other bytes as v1, or no v1 at all), so nobody
+    else has them: they are recorded, never overwritten, whether the registry is now at v1 or beyond."""
+    held = Installed(1, "h1", FP, 2_000_000_000)
+    assert local_state(_current(1, "h1-other"), held, FP, None, "h1-other") is Local.UNRECORDED
+    assert local_state(_current(2, "h2"), held, FP, None, "h1-other") is Local.UNRECORDED
+    assert local_state(_current(2, "h2"), held, LATER, "h1", None) is Local.UNRECORDED
+    # the bytes the registry's current version holds lose nothing: the copy is in step
+    assert local_state(_current(2, "h1"), held, LATER, "h1", "h1-other") is Local.SAME
+    # no file, or a file changed since: nothing of the lost version is on the disk to keep
+    assert local_state(_current(2, "h2"), held, None, None, None) is Local.BEHIND
+    assert local_state(_current(2, "h2"), held, LATER, "hx", None) is Local.FOREIGN
 
 
 def test_a_fingerprint_taken_too_soon_after_a_write_is_confirmed_by_hash() -> None:

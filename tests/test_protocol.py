@@ -171,9 +171,10 @@ def test_a_copy_ahead_of_the_registry_keeps_its_bytes() -> None:
     never overwritten by the older current version."""
     current = rec(2)
     ahead = Installed(4, "v4", FP, 10 + 10 * RACY_NS)
-    assert local_state(current, ahead, FP, None) is Local.FOREIGN
-    assert local_state(current, ahead, FP, "v4") is Local.FOREIGN
-    assert local_state(current, Installed(2, "h", FP, 10 + 10 * RACY_NS), FP, None) is Local.SAME
+    assert local_state(current, ahead, FP, None, None) is Local.UNRECORDED
+    assert local_state(current, ahead, FP, "v4", None) is Local.UNRECORDED
+    assert local_state(current, ahead, FP, "other", None) is Local.FOREIGN  # and changed since: kept as well
+    assert local_state(current, Installed(2, "h", FP, 10 + 10 * RACY_NS), FP, None, "h") is Local.SAME
 
 
 def test_identical_bytes_are_no_new_version() -> None:

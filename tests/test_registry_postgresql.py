@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 import psycopg  # ./scripts/test installs it (the postgresql extra): missing, these tests fail
 import pytest
 
-from coherent_volume import CoherentVolume, DamagedContent, Policy, RegistryError, StaleWriteError, VolumeConfigError
+from coherent_volume import (
+    CoherentVolume,
+    DamagedContent,
+    Policy,
+    RegistryError,
+    Retention,
+    StaleWriteError,
+    VolumeConfigError,
+)
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
@@ -194,8 +202,9 @@ def test_the_transaction_scenario_gives_on_postgresql_what_it_gives_on_sqlite(tm
 # ---- refusals --------------------------------------------------------------------------------------------
 
 
-def test_a_url_with_a_password_is_refused_and_nothing_is_recorded(tmp_path: Path, pg_cluster: Any) -> None:
-    url = pg_cluster.url().replace("cv@", "cv:secret@")
+@pytest.mark.parametrize("secret", ["cv:secret@", "?password=secret", "?sslpassword=secret&sslmode=disable"])
+def test_a_url_with_a_password_is_refused_and_nothing_is_recorded(tmp_path: Path, pg_cluster: Any, secret: str) -> None:
+    url = pg_cluster.url().replace("cv@", secret) if "@" in secret else pg_cluster.url() + secret
     r = subprocess.run(
         [CLI, "init", str(tmp_path / "v"), "-m", "plans/**", "--registry", url, "--volume", "v"],
         capture_output=True,
@@ -1078,3 +1087,133 @@ def test_a_second_live_process_of_a_session_joins_it_as_an_agent_of_its_own(root
         for p in (first, second, third):
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("bob_commits", [1, 2])
+def test_a_version_the_database_lost_is_kept_when_another_copy_commits_its_number(
+    tmp_path: Path, pg_cluster: Any, pg_url: str, bob_commits: int
+) -> None:
+    """The database goes back (restored from a backup taken before alice's v2): bob's copy commits
+    v2 (and v3) anew. Alice's copy holds the v2 it installed, bytes nobody else has: they become a
+    new version (a clobber over bob's, both in history), never overwritten by bob's v2."""
+    db = urllib.parse.urlsplit(pg_url).path.lstrip("/")
+    r1, r2 = _pg_volume(tmp_path / "r1", pg_url), _join(tmp_path / "r2", pg_url)
+    with CoherentVolume(r1, agent="alice") as a, CoherentVolume(r2, agent="bob") as b:
+        a.write("plans/a.md", "v1 by alice\n")
+        assert b.read("plans/a.md") == b"v1 by alice\n"
+    pg_cluster.sql(f'CREATE DATABASE "{db}_bak" TEMPLATE "{db}"')  # the backup
+    with CoherentVolume(r1, agent="alice") as a:
+        a.read("plans/a.md")
+        assert a.write("plans/a.md", "ALICE v2\n") == 2
+    pg_cluster.sql(f'DROP DATABASE "{db}" WITH (FORCE)')  # the restore
+    pg_cluster.sql(f'CREATE DATABASE "{db}" TEMPLATE "{db}_bak" OWNER cv')
+    pg_cluster.sql(f'DROP DATABASE "{db}_bak"')
+    with CoherentVolume(r2, agent="bob") as b:
+        for n in range(2, 2 + bob_commits):
+            assert b.write("plans/a.md", f"bob v{n}\n") == n
+    with CoherentVolume(r1, agent="alice") as a:
+        assert a.read("plans/a.md") == b"ALICE v2\n"
+        kept = 2 + bob_commits
+        assert [(h.version, h.writer) for h in a.history("plans/a.md")][:2] == [
+            (kept, "external"),
+            (kept - 1, "bob"),
+        ]
+        assert a.read_version("plans/a.md", kept - 1) == f"bob v{kept - 1}\n".encode()
+    assert (r1 / "plans/a.md").read_bytes() == b"ALICE v2\n"
+    with CoherentVolume(r2, agent="bob") as b, pytest.raises(StaleWriteError):
+        b.write("plans/a.md", "bob again\n")  # his view is bob's version: stale, nothing lost
+    log = _q(pg_url, "SELECT kind, version, detail FROM cv_events WHERE kind IN ('foreign', 'clobber') ORDER BY seq")
+    assert [(k, v) for k, v, _ in log] == [("foreign", kept), ("clobber", kept)]
+    assert "which the registry does not record" in log[0][2] and "which the registry lost" in log[1][2]
+
+
+SKEWED_HOST = """
+import sys, time
+real = time.time
+time.time = lambda: real() + 40 * 86400  # this host's clock runs 40 days ahead
+from coherent_volume import CoherentVolume
+with CoherentVolume(sys.argv[1], agent="bob") as bob:
+    bob.write("plans/b.md", "a commit on the skewed host\\n")  # its first commit looks whether a prune is due
+    bob.prune()
+    print([v.version for v in bob.history("plans/a.md") if v.retained])
+"""
+
+
+def test_retention_judges_ages_on_the_databases_clock_not_a_skewed_hosts(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """A host whose clock runs 40 days ahead prunes nothing the policy keeps for 30 days: ages are
+    judged on the server's clock, as grants are."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.set_policy(Policy(retention=Retention(keep_days=30, keep_last=1)))
+        for i in range(1, 4):
+            alice.write("plans/a.md", f"version {i}: keep me 30 days\n")
+    other = _join(tmp_path / "other", pg_url)
+    r = run_py(SKEWED_HOST, str(other))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[3,", "2,", "1]"]
+    with CoherentVolume(root, agent="alice") as alice:
+        assert alice.read_version("plans/a.md", 1) == b"version 1: keep me 30 days\n"
+
+
+def test_init_with_managed_globs_on_a_name_that_exists_is_refused_and_joining_works(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """`init -m` creates a volume: on a name another team's volume has, it never joins it (its own
+    files would become versions of that volume's), changes nothing, and says how to join."""
+    a = _pg_volume(tmp_path / "a", pg_url, name="team", managed=("plans/**",))
+    with CoherentVolume(a, agent="alice") as alice:
+        alice.write("plans/plan.md", "team A plan\n")
+    b = tmp_path / "b"
+    (b / "plans").mkdir(parents=True)
+    (b / "plans/plan.md").write_text("team B plan (unrelated)\n")
+    r = subprocess.run(
+        [CLI, "init", str(b), "-m", "plans/**", "--registry", pg_url, "--volume", "team"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "exists already" in r.stderr and f"coherent-volume init {b} --registry {pg_url} --volume team" in r.stderr
+    assert "without --managed" in r.stderr and "Nothing was changed" in r.stderr
+    assert sorted(p.name for p in b.iterdir()) == ["plans"]  # no .coherent
+    assert (b / "plans/plan.md").read_text() == "team B plan (unrelated)\n"
+    assert _q(pg_url, "SELECT count(*) FROM cv_replicas") == [(1,)]
+    with CoherentVolume(a, agent="alice") as alice:
+        assert alice.read("plans/plan.md") == b"team A plan\n"
+        assert [h.version for h in alice.history("plans/plan.md")] == [1]
+    # joining (no -m) still works; init -m again on the root that created the volume stays harmless
+    (b / "plans/plan.md").unlink()
+    with CoherentVolume(_join(b, pg_url, "team"), agent="bob") as bob:
+        assert bob.read("plans/plan.md") == b"team A plan\n"
+    again = subprocess.run(
+        [CLI, "init", str(a), "-m", "plans/**", "--registry", pg_url, "--volume", "team"],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_url_naming_several_hosts_as_libpq_reads_it_creates_and_opens_the_volume(
+    tmp_path: Path, pg_cluster: Any, pg_url: str
+) -> None:
+    """The documented multi-host URL (`host:port,host:port`, `target_session_attrs`) is parsed by
+    libpq's rules: `init` works, and an unreachable one is a typed error naming every host."""
+    db = urllib.parse.urlsplit(pg_url).path
+    both = (
+        f"postgresql://cv@127.0.0.1:{pg_cluster.port},127.0.0.1:{pg_cluster.port}{db}?target_session_attrs=read-write"
+    )
+    root = tmp_path / "v"
+    r = subprocess.run(
+        [CLI, "init", str(root), "-m", "plans/**", "--registry", both, "--volume", "v"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    with CoherentVolume(root, agent="alice") as alice:
+        assert alice.write("plans/a.md", "one\n") == 1
+    (tmp_path / "w").mkdir()
+    with pytest.raises(RegistryError, match="127.0.0.1:1,127.0.0.1:2 is unreachable"):
+        open_core(tmp_path / "w", ["plans/**"], registry=f"postgresql://cv@127.0.0.1:1,127.0.0.1:2{db}", volume="v")
+    assert not (tmp_path / "w" / REGISTRY_DIR / LOCATION_FILE).exists()

@@ -110,9 +110,10 @@ def test_a_prune_is_claimed_by_one_process_per_interval(vols) -> None:
     for i in range(3):
         alice.write("plans/p.md", f"{i}")
     core = alice._core
-    now = time.time() + 10_000
-    assert core.prune_if_due(now) is not None
-    assert core.prune_if_due(now + 60) is None  # claimed: not due again within the hour
+    two_hours_ago = repr(time.time() - 7200)
+    core.registry.transact(lambda tx: tx.put_meta("pruned_at", two_hours_ago))
+    assert core.prune_if_due() is not None
+    assert core.prune_if_due() is None  # claimed: not due again within the hour
     assert _retained(alice, "plans/p.md") == [3]
 
 
@@ -165,3 +166,16 @@ def test_the_cli_sets_the_policy_at_init_changes_it_and_prunes(tmp_path: Path) -
     }
     bad = subprocess.run([CLI, "policy", str(root), "--keep-last", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--keep-last" in bad.stderr
+
+
+def test_a_last_prune_dated_in_the_future_does_not_stop_pruning(vols) -> None:
+    """A prune claimed on a host clock that ran ahead dated the volume's last prune in the future:
+    pruning is due again, not stopped until the registry's clock catches up."""
+    alice = vols("alice")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    for i in range(3):
+        alice.write("plans/p.md", f"{i}")
+    forty_days_ahead = repr(time.time() + 40 * 86400)
+    alice._core.registry.transact(lambda tx: tx.put_meta("pruned_at", forty_days_ahead))
+    assert alice._core.prune_if_due() is not None
+    assert _retained(alice, "plans/p.md") == [3]

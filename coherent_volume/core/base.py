@@ -30,6 +30,7 @@ from ..protocol import (
     FileRecord,
     Grant,
     HandleKind,
+    Installed,
     Intent,
     Local,
     Version,
@@ -85,6 +86,18 @@ def disk_state(target: Target, record: FileRecord | None) -> tuple[Fingerprint |
         return hash_file(target.abs)
     except FileNotFoundError:
         return None, None
+
+
+def _recorded(tx: Transaction, rel: str, record: FileRecord | None, installed: Installed | None) -> str | None:
+    """The hash the registry records for the version of `rel` a working copy installed (for
+    `protocol.local_state`): the current record's, else that version's history entry's (one more
+    read, only for a copy behind); None for no such version, or a deletion."""
+    if installed is None or installed.hash is None or record is None or installed.version > record.version:
+        return None
+    if installed.version == record.version:
+        return record.hash if record.present else None
+    entry = tx.version_entry(rel, installed.version)
+    return None if entry is None else entry.hash
 
 
 def validate_agent(agent: object) -> str:
@@ -346,7 +359,7 @@ class CoreBase:
                 fp, disk_hash = hash_file(target.abs)
             except FileNotFoundError:
                 fp = None
-        return local_state(record, installed, fp, disk_hash) is Local.SAME
+        return local_state(record, installed, fp, disk_hash, _recorded(tx, target.rel, record, installed)) is Local.SAME
 
     def _sync_copy(
         self,
@@ -367,7 +380,7 @@ class CoreBase:
             fp = fingerprint_path(target.abs)
             disk = self._hash_of(target.abs, fp) if installed_needs_hash(installed, fp) else (fp, None)
         fp, disk_hash = disk
-        state = local_state(record, installed, fp, disk_hash)
+        state = local_state(record, installed, fp, disk_hash, _recorded(tx, target.rel, record, installed))
         base = 0 if installed is None else installed.version
         if state is Local.FOREIGN and record is not None and disk_hash is not None and base < record.version:
             lost = lost_install(installed, tx.history(target.rel, limit=record.version - base), disk_hash)
@@ -384,7 +397,7 @@ class CoreBase:
                     f"recorded as installed (an install whose record was lost, or a program writing those bytes): "
                     f"taken as v{lost.version} and brought up to date to v{record.version}",
                 )
-                installed, state = lost, local_state(record, lost, fp, disk_hash)
+                installed, state = lost, local_state(record, lost, fp, disk_hash, lost.hash)
         if state is Local.BEHIND:
             assert record is not None
             if given and fp is not None and installed is not None:  # the caller holds an older version's bytes
@@ -404,7 +417,7 @@ class CoreBase:
         new = FileRecord(target.rel, version, True, stored or disk_hash, fp, EXTERNAL, now, now_ns)
         self._record(tx, new, "foreign", retained=stored is not None)
         host = socket.gethostname()
-        ahead = base > current_version(record)
+        unrecorded = state is Local.UNRECORDED
         tx.log(
             "adopt" if record is None else "foreign",
             target.rel,
@@ -412,13 +425,13 @@ class CoreBase:
             now,
             seen_version=base,
             version=version,
-            detail=f"the working copy on host {host} holds v{base}, newer than the registry's current "
-            f"v{current_version(record)}: its bytes are recorded as v{version}, not overwritten"
-            if ahead
+            detail=f"the working copy on host {host} holds the v{base} it installed, which the registry does not "
+            f"record (the database went back, restored from an older backup?): its bytes are recorded as "
+            f"v{version}, not overwritten"
+            if unrecorded
             else f"changed outside the volume on host {host}, in a working copy that held v{base}",
         )
-        if base != current_version(record) and not ahead:
-            assert record is not None
+        if record is not None and record.version >= base and (unrecorded or base != record.version):
             tx.log(
                 "clobber",
                 target.rel,
@@ -426,7 +439,10 @@ class CoreBase:
                 now,
                 seen_version=base,
                 version=version,
-                detail=f"a program on host {host} wrote over v{record.version} by {record.writer}, which its "
+                detail=f"the working copy on host {host} kept its v{base}, which the registry lost, over "
+                f"v{record.version} by {record.writer}; both versions stay in history"
+                if unrecorded
+                else f"a program on host {host} wrote over v{record.version} by {record.writer}, which its "
                 f"working copy never had (it held v{base}); both versions stay in history",
             )
         return new

@@ -300,19 +300,19 @@ class History(Writes):
         policy.check_merges(self.paths.globs)
         self._transact(lambda tx: tx.put_meta("policy", policy.to_json()))
 
-    def prune(self, now: float | None = None, limit: int | None = None) -> Pruned:
+    def prune(self, limit: int | None = None) -> Pruned:
         """Drop the bytes of versions the retention policy no longer keeps (`policy.prunable`:
         never a current or viewed version, nor one of a path's last `keep_last`): older than
         `keep_days`, then, over `max_bytes`, the oldest others until the content fits. Each path is
         decided in its own short transaction, which also removes the content nothing names any
-        more, so writers are never held up for long. At most `limit` versions."""
-        now = time.time() if now is None else now
+        more, so writers are never held up for long. At most `limit` versions. Ages are judged on
+        the registry's clock (`Transaction.now`: PostgreSQL's server clock), never this host's: a
+        host whose clock runs ahead prunes nothing younger than `keep_days` on the registry's."""
         retention = self.policy().retention
         with self.registry.read() as tx:
             paths = tx.history_paths()
         budget = limit if limit is not None else -1
         versions = objects = freed = 0
-        older_than = now - retention.keep_days * DAY
 
         def candidates(tx: Transaction, path: str) -> list[Version]:
             current = current_version(tx.file(path))
@@ -331,6 +331,7 @@ class History(Writes):
             versions, objects, freed = versions + done[0], objects + done[1], freed + done[2]
 
         def prune_old(tx: Transaction, path: str) -> tuple[int, int, int]:
+            older_than = tx.now() - retention.keep_days * DAY
             chosen = [v for v in candidates(tx, path) if v.at < older_than]
             if budget >= 0:
                 chosen = chosen[: max(budget - versions, 0)]
@@ -360,18 +361,19 @@ class History(Writes):
                 add(outcome)
         return Pruned(versions, objects, freed)
 
-    def prune_if_due(self, now: float | None = None) -> Pruned | None:
+    def prune_if_due(self) -> Pruned | None:
         """Prune (at most PRUNE_BATCH versions) when the volume's last prune was PRUNE_EVERY seconds
-        ago or more; the first process to find it due claims it, so volumes prune once at a time."""
-        now = time.time() if now is None else now
+        ago or more on the registry's clock; the first process to find it due claims it, so volumes
+        prune once at a time. A last prune dated in the future (claimed on a host clock that ran
+        ahead, before prunes were dated by the registry) is due."""
 
         def claim(tx: Transaction) -> bool:
-            last = tx.meta("pruned_at")
-            if last is not None and now - float(last) < PRUNE_EVERY:
+            now, last = tx.now(), tx.meta("pruned_at")
+            if last is not None and 0 <= now - float(last) < PRUNE_EVERY:
                 return False
             tx.put_meta("pruned_at", repr(now))
             return True
 
         if not self._transact(claim):
             return None
-        return self.prune(now, PRUNE_BATCH)
+        return self.prune(PRUNE_BATCH)

@@ -10,7 +10,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from ..errors import RegistryError, VolumeConfigError
 from . import LOCATION_FILE
@@ -42,23 +42,42 @@ class Location:
         return f"volume {self.volume!r} in the PostgreSQL registry at {self.server}"
 
 
+SECRETS = ("password", "sslpassword")
+"""libpq parameters that are secrets: never in a URL a root records (nor printed)."""
+
+
+def _params(url: str) -> dict[str, str]:
+    """The libpq parameters of `url`, parsed by libpq's rules (several hosts and ports, `?…`):
+    VolumeConfigError saying what is wrong (never the URL, which may carry a secret)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(url).items()}
+    except ProgrammingError as e:
+        raise VolumeConfigError(f"the registry URL is not one libpq can read: {e}") from e
+
+
 def _check_url(url: str) -> None:
-    """VolumeConfigError unless `url` is a postgresql:// URL without a password."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise VolumeConfigError(f"the registry {url!r} is not a postgresql://USER@HOST:PORT/DB URL")
-    if parts.password is not None or "password" in parse_qs(parts.query):
+    """VolumeConfigError unless `url` is a postgresql:// URL libpq can read, without a secret."""
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise VolumeConfigError("the registry URL is not a postgresql://USER@HOST:PORT/DB URL")
+    if any(secret in _params(url) for secret in SECRETS):
         raise VolumeConfigError(
-            "the registry URL carries a password; it would be stored in the volume's files. Give the URL "
-            "without it and let libpq find the password: a password file (PGPASSFILE, ~/.pgpass), a service "
-            "file (PGSERVICEFILE) or the PGPASSWORD environment variable"
+            "the registry URL carries a password (or an sslpassword); it would be stored in the volume's files. "
+            "Give the URL without it and let libpq find it: a password in a password file (PGPASSFILE, ~/.pgpass), "
+            "a service file (PGSERVICEFILE) or the PGPASSWORD environment variable; an sslpassword in a service file"
         )
 
 
 def _server(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or os.environ.get("PGHOST") or "the local socket"
-    return f"{host}:{parts.port or os.environ.get('PGPORT') or 5432}"
+    """HOST:PORT (comma-separated for several hosts) as libpq reads `url`, its defaults where it names none."""
+    params = _params(url)
+    hosts = (params.get("host") or os.environ.get("PGHOST") or "the local socket").split(",")
+    ports = (params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return ",".join(f"{h or 'the local socket'}:{p or 5432}" for h, p in zip(hosts, ports, strict=False))
 
 
 def recorded(directory: str) -> tuple[Location, uuid.UUID] | None:

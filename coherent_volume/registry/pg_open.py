@@ -69,9 +69,11 @@ def open_postgres(
             _check_schema(conn, location)
             if url is not None:
                 with conn.transaction():  # a refusal leaves no volume and no working copy behind
-                    volume_id, stored = _create_volume(conn, location, globs)
+                    volume_id, stored, created = _create_volume(conn, location, globs)
                     if found is not None and found[1] != volume_id:
                         raise _not_created_with(location, found[1], volume_id)
+                    if globs is not None and not created and found is None:
+                        raise _exists(location, stored, root)
                     _check_globs(globs, stored)
                     registered = _register(conn, volume_id, replica_id, root)
             else:
@@ -153,17 +155,30 @@ def _check_replica(
 
 def _create_volume(
     conn: psycopg.Connection[Any], location: Location, globs: ManagedGlobs | None = None
-) -> tuple[uuid.UUID, ManagedGlobs]:
-    """The volume named by `location` (created with `globs` if new): (id, globs)."""
+) -> tuple[uuid.UUID, ManagedGlobs, bool]:
+    """The volume named by `location` (created with `globs` if new): (id, globs, whether created)."""
     if globs is not None:
-        conn.execute(
-            "INSERT INTO cv_volumes (id, name, globs) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+        made = conn.execute(
+            "INSERT INTO cv_volumes (id, name, globs) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
             (uuid.uuid4(), location.volume, json.dumps(list(globs.patterns))),
-        )
+        ).fetchone()
+        if made is not None:
+            return made[0], globs, True
     row = conn.execute("SELECT id, globs FROM cv_volumes WHERE name = %s", (location.volume,)).fetchone()
     if row is None:
         raise VolumeConfigError(f"{location.describe()} does not exist: create it with managed globs")
-    return row[0], ManagedGlobs.of(row[1])
+    return row[0], ManagedGlobs.of(row[1]), False
+
+
+def _exists(location: Location, stored: ManagedGlobs, root: str) -> VolumeConfigError:
+    """`init` with managed globs creates a volume: a name that exists already is someone's volume,
+    never joined by mistake (its files would be clobbered by this root's)."""
+    return VolumeConfigError(
+        f"{location.describe()} exists already (it manages {list(stored.patterns)}): `init` with managed globs "
+        f"creates a volume. To join that volume as a working copy, run `coherent-volume init {root} --registry "
+        f"{location.url} --volume {location.volume}` (without --managed); to create a volume of your own, choose "
+        "another --volume name. Nothing was changed"
+    )
 
 
 def _recorded_volume(
