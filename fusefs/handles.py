@@ -48,6 +48,14 @@ async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await WORKERS.run(functools.partial(fn, *args, **kwargs))
 
 
+def errno_of(e: CoherenceError | OSError) -> int:
+    """The errno a request answers for `e`: a refusal's is EACCES unless it names its own (a full
+    or busy registry, a bad path), an OSError's its own, else EIO."""
+    if isinstance(e, CoherenceError):
+        return getattr(e, "errno", None) or errno.EACCES
+    return e.errno or errno.EIO
+
+
 class FileHandle(Protocol):
     """What the mount asks of an open file."""
 
@@ -275,8 +283,9 @@ class Shadow:
 
     Invariants: from open (or the first write after a commit) until the next commit, `grant` (a
     share of this agent's write grant) keeps every other agent out; between commits it is None and
-    `fd` is -1 (the committed shadow is the file now). A refused commit keeps the shadow, its edits
-    and `pending`, so the next flush, and at the latest close(), reports the refusal again."""
+    `fd` is -1 (the committed shadow is the file now). What a failed commit at a FLUSH (a close(2))
+    told its program is final (`failed`): its writes are dropped then, never committed later, and
+    every later request of the handle (another descriptor's write, fsync, close) fails the same way."""
 
     core: VolumeCore
     owner: ProcessId
@@ -308,6 +317,13 @@ class Shadow:
     closed: bool = False
     """A close(2) of a descriptor of it (FLUSH) left nothing to commit: its program may be done with
     it while it still holds its grant, which its RELEASE ends (`released`) shortly after."""
+    failed: int | None = None
+    """The errno of a commit that failed at a FLUSH: its close(2) was told that nothing was written
+    (or that the outcome is unknown), so the writes it held were dropped then. A release that
+    committed them later would make that answer a lie (a program that appends again would add its
+    line twice); later writes through another descriptor could not land without them. So nothing
+    is ever committed through the handle again: every later request but RELEASE fails with this
+    errno (`_usable`), and RELEASE only ends its grant."""
     released: trio.Event = field(default_factory=trio.Event, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
@@ -427,14 +443,26 @@ class Shadow:
         """A new shadow after a commit: a copy of the current content."""
         self.fd = _shadow(self.target.abs, copy=True)
 
+    def _usable(self) -> None:
+        """FUSEError with its errno once a FLUSH's commit failed (`failed`)."""
+        if self.failed is not None:
+            log.info(
+                "refused: %s: an earlier close(2) of this write handle failed, so the writes it held were "
+                "dropped and nothing written through it is committed any more; open the file again",
+                self.target.rel,
+            )
+            raise pyfuse3.FUSEError(self.failed)
+
     async def read(self, off: int, size: int) -> bytes:
         async with self._busy:
+            self._usable()
             if self.fd < 0:
                 await blocking(self._reshadow)
             return os.pread(self.fd, size, off)
 
     async def write(self, off: int, buf: bytes) -> int:
         async with self._busy:
+            self._usable()
             self.closed = False
             await self._writable()
             if self.kind == "append":
@@ -453,6 +481,7 @@ class Shadow:
         needs a current view, an unmoved base and no other open handle of its agent (EACCES
         otherwise, at the ftruncate that asked)."""
         async with self._busy:
+            self._usable()
             self.closed = False
             if self.kind == "append" and not self.unlinked:
                 await blocking(self._turn_into_writer)
@@ -471,14 +500,37 @@ class Shadow:
 
     async def flush(self) -> None:
         async with self._busy:
+            self._usable()
             if self.wrote:
-                await blocking(self._commit)
+                try:
+                    await blocking(self._commit)
+                except InstallPending:
+                    raise  # committed: the next operation puts it in place
+                except (CoherenceError, OSError) as e:
+                    self._drop_writes(e)
+                    raise
             self.closed = not self.pending
+
+    def _drop_writes(self, e: CoherenceError | OSError) -> None:
+        """The commit of a FLUSH failed with `e`, which its close(2) reports: the writes the shadow
+        held are dropped, never committed later (`failed`). Its grant lasts until RELEASE, which
+        follows the last close at once (ending it here would make this close wait on the registry again)."""
+        self.failed = errno_of(e)
+        self._close()
+        self.edits = Edits()
+        self.pending = self.wrote = False
+        self.closed = True  # nothing left to commit: its agent's next open waits for its RELEASE, not refused `held`
+        log.warning(
+            "close(2) of %s by %s failed, so the writes its handle held were dropped and are never committed: %s",
+            self.target.rel,
+            self.agent,
+            e,
+        )
 
     def _commit(self) -> None:
         """Install the shadow's content as one commit, then end the grant's share so that close()
-        returning means the file is free; a refusal is reported to this flush and every later one
-        (close() included), the shadow kept. The commit is as durable as the program asked: content
+        returning means the file is free; a failure is reported to this flush, and to every later
+        request of the handle (`_drop_writes`). The commit is as durable as the program asked: content
         it fsynced into an existing file survives a power loss, as it would on a local disk;
         anything else reaches the disk with the next writeback. A handle whose file its agent
         unlinked commits nothing: its writes stay in the file it goes on with (`orphan`)."""
@@ -510,6 +562,7 @@ class Shadow:
 
     async def fsync(self, datasync: bool) -> None:
         async with self._busy:
+            self._usable()
             if self.fd < 0:  # its content is committed: make that durable
                 await blocking(_sync_committed, self.target.abs)
                 return
@@ -532,7 +585,12 @@ class Shadow:
                 try:
                     self._commit()
                 except (CoherenceError, OSError) as e:
-                    log.warning("commit at release of %s failed (its close was told): %s", self.target.rel, e)
+                    log.warning(
+                        "the commit at the release of %s failed, and no close(2) reports it (its handle held "
+                        "only an O_TRUNC with nothing written, or writes that came after its last close): %s",
+                        self.target.rel,
+                        e,
+                    )
         finally:
             self._drop_grant()
             self._close()

@@ -18,7 +18,12 @@ Invariants:
   copy with no commits of its own is never taken for one that is gone (`coherent-volume forget`);
 - a lost connection (the server ended it, or the keepalives found the server gone) is replaced,
   retried with back-off doubling from RECONNECT_DELAY to MAX_RECONNECT_DELAY; the mount serves
-  on meanwhile (an open still reaches the daemon, whose core asks the registry).
+  on meanwhile (an open still reaches the daemon, whose core asks the registry);
+- a connection that stops answering is found lost too: one quiet for SEEN_EVERY s is checked with
+  a round trip (`SELECT 1`), which fails after ANSWER_WAIT s with no answer (the connection is then
+  closed), so a stopped or stuck session misses notifications for at most SEEN_EVERY + ANSWER_WAIT
+  s (55 s as shipped) before the reconnect and its resync bring in what it missed. Notifications
+  arriving during the check are kept by psycopg and settled next.
 """
 
 from __future__ import annotations
@@ -120,7 +125,10 @@ async def _serve(
     conn: psycopg.Connection[Any], core: VolumeCore, registry: PostgresRegistry, inodes: InodeTable, own: OwnChanges
 ) -> str:
     """Settle what each notification on `conn` names, until the connection is lost: why it was.
-    Between notifications, the copy is seen every SEEN_EVERY s (`PostgresRegistry.seen`)."""
+    Between notifications, the copy is seen every SEEN_EVERY s (`PostgresRegistry.seen`), and a
+    connection quiet that long is checked with a round trip of its own, bounded as every round
+    trip is (ANSWER_WAIT): its session's server process stopped or stuck, or a path that holds what
+    it sends, sends nothing and keeps the connection, so nothing else would ever find it lost."""
     psycopg = _psycopg()
     fd = conn.fileno()
     while True:
@@ -129,8 +137,14 @@ async def _serve(
         except psycopg.Error as e:
             return _first_line(e)
         if not payloads:
-            with trio.move_on_after(pg_hosts.SEEN_EVERY):
+            with trio.move_on_after(pg_hosts.SEEN_EVERY) as quiet:
                 await trio.lowlevel.wait_readable(fd)
+            if quiet.cancelled_caught:
+                try:  # a session whose server process stopped sends nothing and is never found lost by itself
+                    await trio.to_thread.run_sync(conn.execute, "SELECT 1")
+                except psycopg.Error as e:
+                    why = _registry_error(e, registry.location)
+                    return f"it was quiet for {pg_hosts.SEEN_EVERY:g} s and did not answer a check: {why}"
             await trio.to_thread.run_sync(registry.seen)
             continue
         if RESYNC_ALL in payloads:

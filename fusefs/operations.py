@@ -29,7 +29,7 @@ from coherent_volume.paths import Target, is_registry_path
 from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
 from .backing import Backing
-from .handles import FileHandle, Listing, PageCache, Passthrough, Shadow, Snapshot, blocking
+from .handles import FileHandle, Listing, PageCache, Passthrough, Shadow, Snapshot, blocking, errno_of
 from .identity import AgentResolver, proc_file, process_of
 from .inodes import InodeTable
 from .watcher import OwnChanges
@@ -60,9 +60,9 @@ def guarded(handler: F) -> F:
             raise
         except CoherenceError as e:  # refusals are EACCES; a full or busy registry, a bad path say so
             log.info("refused: %s", e)
-            raise pyfuse3.FUSEError(getattr(e, "errno", None) or errno.EACCES) from None
+            raise pyfuse3.FUSEError(errno_of(e)) from None
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise pyfuse3.FUSEError(errno_of(e)) from None
         except Exception:
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +24,9 @@ from typing import Any
 import psycopg  # ./scripts/test installs it (the postgresql extra): missing, these tests fail
 import pytest
 
-from coherent_volume import CoherentVolume, RegistryError
-from coherent_volume.core import open_core
+from coherent_volume import CoherentVolume, RegistryError, StaleWriteError
+from coherent_volume.core import leases, open_core
+from coherent_volume.liveness import current_process
 from coherent_volume.registry import pg_connections, pg_hosts, pg_transaction
 
 WAIT = 3.0
@@ -386,3 +388,217 @@ def test_an_open_through_the_mount_whose_server_stops_answering_fails_eio_and_th
     assert mounted.run("bob", "cat plans/a.md").stdout == "one\n"
     assert mounted.run("bob", "echo two > plans/a.md").returncode == 0
     assert (mounted.root / "plans/a.md").read_text() == "two\n"
+
+
+APPEND_THEN_RETRY = r"""
+import sys
+path = sys.argv[1]
+f = open(path, "a")
+f.write("two\n")
+f.flush()  # in the shadow now; committed at close
+print("ready", flush=True)
+sys.stdin.readline()  # the test stops the daemon's sessions
+try:
+    f.close()
+    print("closed", flush=True)
+except OSError as e:
+    print(f"close failed {e.errno}", flush=True)
+sys.stdin.readline()  # the test resumes them
+with open(path, "a") as f:  # what a program told its close failed does: it appends again
+    f.write("two\n")
+print("appended again", flush=True)
+"""
+
+
+def _grants(url: str) -> list[tuple[Any, ...]]:
+    return _q(url, "SELECT path, agent FROM cv_grants")
+
+
+def test_an_append_whose_close_failed_eio_never_lands_later_so_its_retry_lands_once(
+    bounded_mount: Any, pg_url: str
+) -> None:
+    """A program appends through the mount and closes while every session of the daemon is stopped:
+    close() fails EIO (nothing was written). That append must never be committed afterwards (by the
+    handle's release, on a new connection, once the server answers again): the program, told
+    nothing was written, appends again, and its line is in the file once."""
+    from .harness.mounts import daemon_pids
+
+    mounted = bounded_mount
+    assert mounted.run("alice", "mkdir -p plans && echo one > plans/a.md").returncode == 0
+    assert mounted.run("bob", "cat plans/a.md").stdout == "one\n"  # the daemon's sessions are open
+    [daemon] = daemon_pids(mounted.path)
+    program = subprocess.Popen(
+        [sys.executable, "-c", APPEND_THEN_RETRY, "plans/a.md"],
+        cwd=mounted.path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": "bob"},
+    )
+    try:
+        assert program.stdin is not None and program.stdout is not None
+        assert program.stdout.readline().strip() == "ready"
+        with _stopped(_backends(pg_url, daemon)):
+            program.stdin.write("close\n")
+            program.stdin.flush()
+            assert program.stdout.readline().strip() == f"close failed {errno.EIO}"
+        deadline = time.monotonic() + 30  # the handle's release: its grant ends (it commits nothing)
+        while _grants(pg_url):
+            assert time.monotonic() < deadline, f"the failed handle's grant was never released: {_grants(pg_url)}"
+            time.sleep(0.1)
+        program.stdin.write("again\n")
+        program.stdin.flush()
+        assert program.stdout.readline().strip() == "appended again"
+        assert program.wait(timeout=30) == 0
+    finally:
+        if program.poll() is None:
+            program.kill()
+        program.communicate()
+    assert (mounted.root / "plans/a.md").read_text() == "one\ntwo\n"
+    assert _events(pg_url)[-1:] == [("commit", 3)]  # alice's creation (v1), her "one" (v2), bob's append once
+    assert _q(pg_url, "SELECT version, writer FROM cv_files WHERE path = 'plans/a.md'") == [(3, "bob")]
+    assert "failed, so the writes its handle held were dropped" in mounted.log.read_text()
+
+
+DUP_THEN_WRITE_ON = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b"rewritten\n")
+copy = os.dup(fd)
+print("ready", flush=True)
+sys.stdin.readline()  # the test stops the daemon's sessions
+try:
+    os.close(copy)  # a close(2) that is not the last: a FLUSH of the handle
+    print("close of the copy ok", flush=True)
+except OSError as e:
+    print(f"close of the copy failed {e.errno}", flush=True)
+sys.stdin.readline()  # the test resumes them
+for call, args in ((os.write, (fd, b"more\n")), (os.fsync, (fd,)), (os.close, (fd,))):
+    try:
+        call(*args)
+        print(f"{call.__name__} ok", flush=True)
+    except OSError as e:
+        print(f"{call.__name__} failed {e.errno}", flush=True)
+"""
+
+
+def test_a_handle_whose_close_of_a_copy_failed_commits_nothing_and_says_so_at_every_later_call(
+    bounded_mount: Any, pg_url: str
+) -> None:
+    """A program closes a dup of its write descriptor while every session of the daemon is stopped
+    (EIO: nothing was written), then, the server answering again, writes on through the other one
+    and closes it. What the failed close dropped cannot land without being a lie, and what follows
+    cannot land without it: the later write, fsync and close fail EIO, the file keeps its committed
+    content, and the handle's grant is released (another agent writes the file at once)."""
+    from .harness.mounts import daemon_pids
+
+    mounted = bounded_mount
+    assert mounted.run("alice", "mkdir -p plans && echo one > plans/a.md").returncode == 0
+    assert mounted.run("bob", "cat plans/a.md").stdout == "one\n"
+    [daemon] = daemon_pids(mounted.path)
+    program = subprocess.Popen(
+        [sys.executable, "-c", DUP_THEN_WRITE_ON, "plans/a.md"],
+        cwd=mounted.path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": "bob"},
+    )
+    try:
+        assert program.stdin is not None and program.stdout is not None
+        assert program.stdout.readline().strip() == "ready"
+        with _stopped(_backends(pg_url, daemon)):
+            program.stdin.write("close the copy\n")
+            program.stdin.flush()
+            assert program.stdout.readline().strip() == f"close of the copy failed {errno.EIO}"
+        program.stdin.write("go on\n")
+        program.stdin.flush()
+        said = [program.stdout.readline().strip() for _ in range(3)]
+        assert said == [f"write failed {errno.EIO}", f"fsync failed {errno.EIO}", f"close failed {errno.EIO}"]
+        assert program.wait(timeout=30) == 0
+    finally:
+        if program.poll() is None:
+            program.kill()
+        program.communicate()
+    assert (mounted.root / "plans/a.md").read_text() == "one\n"
+    deadline = time.monotonic() + 30
+    while _grants(pg_url):
+        assert time.monotonic() < deadline, f"the failed handle's grant was never released: {_grants(pg_url)}"
+        time.sleep(0.1)
+    assert _q(pg_url, "SELECT version, writer FROM cv_files WHERE path = 'plans/a.md'") == [(2, "alice")]
+    written = mounted.run("carol", "cat plans/a.md > /dev/null && echo carol > plans/a.md")
+    assert written.returncode == 0, written.stderr
+    assert (mounted.root / "plans/a.md").read_text() == "carol\n"
+
+
+def test_a_mounts_listener_whose_session_stops_answering_reconnects_and_brings_in_what_it_missed(
+    bounded_mount: Any, pg_url: str, tmp_path: Path
+) -> None:
+    """The server process of the mount's LISTEN session is stopped (SIGSTOP): it sends nothing and
+    keeps its connection, so only a check of a quiet connection finds it lost. A commit made then
+    in another working copy of the volume reaches the mounted copy (its disk and `ls` through the
+    mount, with no read of the file) within SEEN_EVERY + the daemon's ANSWER_WAIT and the reconnect,
+    and the daemon logs why it connected again."""
+    from .harness.mounts import daemon_pids
+
+    mounted = bounded_mount
+    assert mounted.run("alice", "mkdir -p plans && echo one > plans/a.md").returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    open_core(other, registry=pg_url, volume="vol").registry.close()  # joins the volume
+    [daemon] = daemon_pids(mounted.path)
+    name = f"coherent-volume {socket.gethostname()} {daemon}"[:63]
+    listening = "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query LIKE 'LISTEN %%'"
+    [(listener,)] = _q(pg_url, listening, (name,))
+    bound = pg_hosts.SEEN_EVERY + DAEMON_WAIT + 10.0  # quiet that long, no answer, then reconnect and resync
+    with _stopped([listener]):
+        with CoherentVolume(other, agent="carol") as v:
+            v.write("plans/new.md", "new in the other copy\n")
+        started = time.monotonic()
+        while not (mounted.root / "plans/new.md").exists():
+            assert time.monotonic() - started < bound, (
+                "the commit never reached the mounted copy:\n" + mounted.log.read_text()
+            )
+            time.sleep(0.1)
+        took = time.monotonic() - started
+    print(f"reached the mounted copy {took:.1f} s after the commit")
+    assert (mounted.root / "plans/new.md").read_text() == "new in the other copy\n"
+    assert "new.md" in mounted.run("bob", "ls plans").stdout.split()
+    log = mounted.log.read_text()
+    assert f"quiet for {pg_hosts.SEEN_EVERY:g} s and did not answer a check" in log, log
+    assert f"did not answer within {DAEMON_WAIT:g} s" in log, log
+    [(again,)] = _q(pg_url, listening, (name,))
+    assert again != listener  # listening on a session of its own again
+
+
+def test_a_handle_release_the_server_does_not_answer_stops_renewing_its_grant(
+    root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release of an open write handle's grant (as the mount's RELEASE makes it) fails: the
+    server does not answer. The grant stays in the registry, but this process renews it no more, so
+    it lapses within one lease and another agent writes the file; renewed on, it would keep the
+    path from everyone for as long as the process lives."""
+    monkeypatch.setattr(leases, "HANDLE_LEASE", 2.0)
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/a.md", "one\n")
+    core = open_core(root)
+    try:
+        target = core.resolve("plans/a.md")
+        grant, _ = core.begin_write("bob", target, current_process(), kind="append")
+        with _stopped(_backends(pg_url, os.getpid())), pytest.raises(RegistryError) as failed:
+            core.release(grant, "append", log=False)
+        assert f"did not answer within {WAIT:g} s" in str(failed.value), failed.value
+        with CoherentVolume(root, agent="carol") as v:
+            v.read("plans/a.md")
+            deadline = time.monotonic() + 5 * leases.HANDLE_LEASE
+            while True:
+                try:
+                    assert v.write("plans/a.md", "carol\n") == 2
+                    break
+                except StaleWriteError as e:
+                    assert e.reason == "held" and time.monotonic() < deadline, f"still held by bob: {e}"
+                    time.sleep(0.2)
+    finally:
+        core.close()

@@ -671,7 +671,10 @@ class Writes(Reads):
 
     def release(self, grant: Grant, kind: HandleKind | None = None, *, log: bool = True) -> bool:
         """End a handle's use (of `kind`) of `grant`, or with no kind release the grant itself, if it
-        is still in force (`CoreBase._end`); False if it was reclaimed meanwhile."""
+        is still in force (`CoreBase._end`); False if it was reclaimed meanwhile. A release that fails
+        (the registry unreachable) still ends the use in this process: the grant is renewed no more,
+        so what the registry still holds of it lapses by itself (a handle grant within its lease)
+        instead of being renewed for as long as this process lives."""
 
         def end(tx: Transaction) -> bool:
             ended = self._end(tx, grant, kind)
@@ -679,7 +682,9 @@ class Writes(Reads):
                 tx.log("release", grant.path, grant.agent, time.time())
             return ended
 
-        with self.registry.commit_lock():
-            ended = self._transact(end)
+        try:
+            with self.registry.commit_lock():
+                ended = self._transact(end)
+        finally:
             self._forget_share(grant, kind)
-            return ended
+        return ended
