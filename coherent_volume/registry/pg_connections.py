@@ -24,7 +24,7 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import RegistryError
+from ..errors import RegistryError, VolumeConfigError
 from .pg_location import Location
 
 if TYPE_CHECKING:
@@ -189,11 +189,21 @@ def _unconnected(e: BaseException, location: Location) -> RegistryError:
     )
 
 
+def url_params(url: str) -> dict[str, str]:
+    """The libpq parameters of `url`, parsed by libpq's rules (several hosts and ports, `?…`):
+    VolumeConfigError saying what is wrong (never the URL, which may carry a secret)."""
+    psycopg = _psycopg()
+    try:
+        return {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(url).items()}
+    except psycopg.ProgrammingError as e:
+        raise VolumeConfigError(f"the registry URL is not one libpq can read: {e}") from e
+
+
 def _settings(url: str) -> dict[str, Any]:
     """The libpq parameters a connection adds to `url`'s: LIBPQ_SETTINGS, the application name and
     SESSION_SETTINGS (in `options`), each only where the URL (for `options`, else PGOPTIONS) does not
     set it: what the user set wins, and the user's `options` are kept whole."""
-    given = _psycopg().conninfo.conninfo_to_dict(url)
+    given = url_params(url)
     settings: dict[str, Any] = {k: v for k, v in LIBPQ_SETTINGS.items() if k not in given}
     if "application_name" not in given:
         settings["application_name"] = f"coherent-volume {socket.gethostname()} {os.getpid()}"[:63]

@@ -47,15 +47,10 @@ SECRETS = ("password", "sslpassword")
 
 
 def _params(url: str) -> dict[str, str]:
-    """The libpq parameters of `url`, parsed by libpq's rules (several hosts and ports, `?…`):
-    VolumeConfigError saying what is wrong (never the URL, which may carry a secret)."""
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
+    """`url`'s libpq parameters (`pg_connections.url_params`: the driver is imported there only)."""
+    from .pg_connections import url_params
 
-    try:
-        return {k: str(v) for k, v in conninfo_to_dict(url).items()}
-    except ProgrammingError as e:
-        raise VolumeConfigError(f"the registry URL is not one libpq can read: {e}") from e
+    return url_params(url)
 
 
 def _check_url(url: str) -> None:
