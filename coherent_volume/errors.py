@@ -240,6 +240,14 @@ class RegistryError(CoherenceError):
         self.errno = errno_
 
 
+class RegistryLoginRefused(RegistryError):
+    """The PostgreSQL server refused this process's login: its authentication failed (a wrong or
+    missing password), or the role or the database the registry URL names does not exist or may not
+    be used from this host. Never retried (the same login is refused again); nothing was written;
+    the message names the cause and the remedy. errno is EIO, as for an unreachable registry (on a
+    mount EACCES means a refusal of the protocol)."""
+
+
 class InstallPending(CoherenceError, OSError):
     """A commit was recorded (its version and bytes are in the registry) but could not be put in
     place on disk: the next operation on the volume does that, or keeps what the file holds then

@@ -30,6 +30,7 @@ from coherent_volume import (
     DamagedContent,
     Policy,
     RegistryError,
+    RegistryLoginRefused,
     Retention,
     StaleWriteError,
     VolumeConfigError,
@@ -1217,3 +1218,92 @@ def test_a_url_naming_several_hosts_as_libpq_reads_it_creates_and_opens_the_volu
     with pytest.raises(RegistryError, match="127.0.0.1:1,127.0.0.1:2 is unreachable"):
         open_core(tmp_path / "w", ["plans/**"], registry=f"postgresql://cv@127.0.0.1:1,127.0.0.1:2{db}", volume="v")
     assert not (tmp_path / "w" / REGISTRY_DIR / LOCATION_FILE).exists()
+
+
+# ---- a login the server refuses -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "said", "remedy"),
+    [
+        ("a wrong password", 'password authentication failed for user "{role}"', "password file (PGPASSFILE"),
+        ("no password", "no password supplied", "PGPASSWORD"),
+        ("no such database", 'database "{role}_gone" does not exist', "CREATE DATABASE"),
+        ("no such role", 'role "{role}_gone" does not exist', "CREATE ROLE"),
+    ],
+)
+def test_a_refused_login_is_named_at_once_with_its_remedy_not_retried_as_unreachable(
+    tmp_path: Path, pg_cluster: Any, monkeypatch: pytest.MonkeyPatch, case: str, said: str, remedy: str
+) -> None:
+    """A wrong or missing password, a database or a role that does not exist: the server refuses the
+    login, which no retry changes. `init` says so at once, with the server's words and what to do,
+    after one attempt (one FATAL in the server's log, not one every 0.2 s for 10 s), and records
+    nothing."""
+    role = f"pw_{os.urandom(4).hex()}"
+    pg_cluster.password_role(role, "right")
+    user, db = role, role
+    monkeypatch.setenv("PGPASSWORD", "wrong" if case == "a wrong password" else "right")
+    if case == "no password":
+        monkeypatch.delenv("PGPASSWORD")
+        monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-such-file"))
+    elif case == "no such database":
+        db = f"{role}_gone"
+    elif case == "no such role":
+        user = f"{role}_gone"
+    url = f"postgresql://{user}@127.0.0.1:{pg_cluster.port}/{db}"
+    root = tmp_path / "v"
+    r = subprocess.run(
+        [CLI, "init", str(root), "-m", "plans/**", "--registry", url, "--volume", "v"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    message = " ".join(r.stderr.split())
+    assert f"the registry at 127.0.0.1:{pg_cluster.port} refused this login: " in message, message
+    assert said.format(role=role) in message and remedy in message and "Nothing was written" in message
+    assert "unreachable" not in message and "Traceback" not in r.stderr
+    attempts = [line for line in pg_cluster.log.read_text().splitlines() if "FATAL" in line and role in line]
+    if case != "no password":  # libpq gives up before it sends a password it does not have: the server logs nothing
+        assert len(attempts) == 1, attempts
+    assert not (root / REGISTRY_DIR / LOCATION_FILE).exists()
+    root.mkdir(exist_ok=True)
+    with pytest.raises(RegistryLoginRefused) as refused:  # the API's error, of its own type
+        open_core(root, ["plans/**"], registry=url, volume="v")
+    assert refused.value.errno == errno.EIO and said.format(role=role) in str(refused.value)
+
+
+# ---- a damaged working copy's state ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "an empty file"])
+def test_a_damaged_replica_db_is_refused_untouched_and_init_joins_the_copy_again(
+    tmp_path: Path, root: Path, pg_url: str, damage: str
+) -> None:
+    """A working copy whose replica.db is garbage, or an empty file: every open is refused with a
+    typed error saying what to do, and leaves the file byte for byte as it was (no tables written
+    into the empty one); moved aside as it says, `init` joins the copy again."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/a.md", "one\n")
+    copy = _join(tmp_path / "copy", pg_url)
+    state = copy / REGISTRY_DIR / "replica.db"
+    state.write_bytes(os.urandom(24576) if damage == "garbage" else b"")
+    before = state.read_bytes()
+    with pytest.raises(RegistryError) as refused:
+        CoherentVolume(copy, agent="bob")
+    assert "cannot be read" in str(refused.value) and "Nothing was changed" in str(refused.value)
+    assert f"coherent-volume init {copy} --registry {pg_url} --volume vol" in str(refused.value)
+    r = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot be read" in r.stderr, r.stderr
+    r = subprocess.run(
+        [CLI, "init", str(copy), "--registry", pg_url, "--volume", "vol"], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "cannot be read" in r.stderr, r.stderr  # moved aside first, as it says
+    assert state.read_bytes() == before
+    assert sorted(p.name for p in (copy / REGISTRY_DIR).glob("replica.db*")) == ["replica.db"]
+    os.rename(state, f"{state}.damaged")
+    _join(copy, pg_url)
+    with CoherentVolume(copy, agent="bob") as bob:
+        assert bob.read("plans/a.md") == b"one\n"
+        assert bob.write("plans/a.md", "two\n") == 2
+    assert (Path(f"{state}.damaged")).read_bytes() == before

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import getpass
 import os
+import re
 import socket
 import threading
 import time
@@ -24,7 +26,7 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import RegistryError, VolumeConfigError
+from ..errors import RegistryError, RegistryLoginRefused, VolumeConfigError
 from .pg_location import Location
 
 if TYPE_CHECKING:
@@ -155,15 +157,17 @@ def _connect(location: Location, deadline: float) -> psycopg.Connection[Any]:
     """A new autocommit connection with the session settings, named `coherent-volume HOST PID`
     (pg_stat_activity.application_name), whose round trips are bounded (ANSWER_WAIT), retried until
     `deadline` (time.monotonic()); then the RegistryError of `_unconnected` (unreachable, or out of
-    connection slots), nothing written."""
+    connection slots), nothing written. A login the server refused (`RegistryLoginRefused`) is
+    raised at once: the same login would be refused again."""
     psycopg = _psycopg()
     settings = _settings(location.url)
     while True:
         try:
             return _connection_class().connect(location.url, autocommit=True, **settings)
         except psycopg.OperationalError as e:
-            if time.monotonic() + 0.2 >= deadline:
-                raise _unconnected(e, location) from e
+            error = _unconnected(e, location)
+            if isinstance(error, RegistryLoginRefused) or time.monotonic() + 0.2 >= deadline:
+                raise error from e
             time.sleep(0.2)
 
 
@@ -172,9 +176,108 @@ SLOTS_TAKEN = ("too many clients", "remaining connection slots are reserved")
 which libpq does not pass on for a refused connection)."""
 
 
+_PASSWORD_REMEDY = (
+    "give libpq the role's password: a password file (PGPASSFILE, else ~/.pgpass; a line "
+    "HOST:PORT:DATABASE:ROLE:PASSWORD, mode 0600), a service file (PGSERVICEFILE) or the PGPASSWORD "
+    "environment variable (never the URL: it would be recorded in the volume's files)"
+)
+LOGIN_REFUSALS: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "28P01",
+        r'password authentication failed for user "(?P<name>[^"\n]*)"',
+        "authentication failed for role {name}: the password libpq sent is not the role's",
+        _PASSWORD_REMEDY,
+    ),
+    (
+        "28P01",
+        r"no password supplied",
+        "authentication failed for role {name}: libpq found no password to send",
+        _PASSWORD_REMEDY,
+    ),
+    (
+        "28000",
+        r'authentication failed for user "(?P<name>[^"\n]*)"',
+        "authentication failed for role {name}",
+        "give it what the method the server's pg_hba.conf names for this host asks for, or change the method",
+    ),
+    (
+        "28000",
+        r'role "(?P<name>[^"\n]*)" does not exist',
+        "role {name} does not exist",
+        "create it (CREATE ROLE {name} LOGIN) or name an existing role in the URL (postgresql://ROLE@HOST:PORT/DB)",
+    ),
+    (
+        "28000",
+        r'role "(?P<name>[^"\n]*)" is not permitted to log in',
+        "role {name} may not log in",
+        "ALTER ROLE {name} LOGIN",
+    ),
+    (
+        "28000",
+        r"pg_hba\.conf rejects connection|no pg_hba\.conf entry",
+        "the server's pg_hba.conf admits no login of role {name} from this host to this database",
+        "add a line for them to pg_hba.conf and reload the server",
+    ),
+    (
+        "3D000",
+        r'database "(?P<name>[^"\n]*)" does not exist',
+        "database {name} does not exist",
+        "create it (CREATE DATABASE {name} OWNER the URL's role) or name an existing database in the URL "
+        "(postgresql://ROLE@HOST:PORT/DB)",
+    ),
+    (
+        "42501",
+        r'permission denied for database "(?P<name>[^"\n]*)"',
+        "the role may not connect to database {name}",
+        "GRANT CONNECT ON DATABASE {name} TO the URL's role",
+    ),
+)
+"""How the server refuses a login (SQLSTATE, what its message says, the cause, what to do; {name} is
+the role or database the message names, else the role the URL names): retrying cannot help."""
+
+
+def _login_refused(e: BaseException, location: Location) -> RegistryLoginRefused | None:
+    """The error of a connection the server refused for the login itself (`LOGIN_REFUSALS`): its
+    authentication failed, or its role or database does not exist or may not be used from here;
+    None for any other failure. Decided on the SQLSTATE when the error carries one; libpq passes none
+    for a connection it could not open (psycopg 3.3 with libpq 18: `sqlstate` is None for each of
+    these), so else, as a last resort, on the message's text: the server's (in English unless its
+    lc_messages say otherwise; a translated one is taken as unreachable) or libpq's own ("no password
+    supplied"). Several hosts in the URL: one host's refusal decides (the others did not connect)."""
+    text, state = str(e), _sqlstate(e)
+    for code, pattern, cause, remedy in LOGIN_REFUSALS:
+        found = re.search(pattern, text)
+        if found is None or (state is not None and state != code):
+            continue
+        named = found.groupdict().get("name")
+        name = f'"{named}"' if named is not None else _role(location)
+        said = next((line for line in text.splitlines() if found.group(0) in line), _first_line(e))
+        return _refused(location, cause.format(name=name), said, remedy.format(name=name))
+    if state in {refusal[0] for refusal in LOGIN_REFUSALS}:
+        return _refused(location, f"SQLSTATE {state}", _first_line(e), "see the server's log for the cause")
+    return None
+
+
+def _refused(location: Location, cause: str, said: str, remedy: str) -> RegistryLoginRefused:
+    return RegistryLoginRefused(
+        f"the registry at {location.server} refused this login: {cause} ({said.strip()}). Nothing was written, "
+        f"and the login was not tried again (it would be refused again). To fix: {remedy}; then try again"
+    )
+
+
+def _role(location: Location) -> str:
+    """The role the URL logs in as, as libpq picks it: its user, else PGUSER, else this OS user's name."""
+    user = _psycopg().conninfo.conninfo_to_dict(location.url).get("user") or os.environ.get("PGUSER")
+    return f'"{user}"' if user else f'"{getpass.getuser()}" (this OS user\'s name: the URL names no role)'
+
+
 def _unconnected(e: BaseException, location: Location) -> RegistryError:
-    """The error of a connection that could not be made: the server refused it for want of a slot
-    (EBUSY, and what to change), else unreachable (EIO)."""
+    """The error of a connection that could not be made: the server refused the login
+    (`_login_refused`), or refused it for want of a slot (EBUSY, and what to change), else
+    unreachable (EIO)."""
+    refused = _login_refused(e, location)
+    if refused is not None:
+        return refused
     if _sqlstate(e) == "53300" or any(words in str(e) for words in SLOTS_TAKEN):
         return RegistryError(
             f"the registry at {location.server} refused a new connection: every connection slot is taken "

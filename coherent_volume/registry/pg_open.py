@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import time
 import uuid
@@ -36,7 +37,8 @@ def open_postgres(
     that joined, when the volume existed already). Refuses (VolumeConfigError) a root whose working
     copy is registered to another boot, unless `init` takes it over, and a copy of a working copy's
     directory (it carries the working copy's registration along), which `init` registers as a
-    working copy of its own; a refusal changes nothing."""
+    working copy of its own, and a working copy whose replica.db cannot be read (`Replica.damage`);
+    a refusal changes nothing."""
     found = recorded(directory)
     if url is not None:
         location = Location.of(url, volume)
@@ -51,6 +53,9 @@ def open_postgres(
     else:
         raise RegistryError(f"no PostgreSQL registry is recorded in {directory!r}")
     replica = Replica(directory)
+    damage = replica.damage()
+    if damage is not None:
+        raise _damaged_replica(root, directory, location, damage)
     replica_id = replica.recorded_id()
     copied = None if replica_id is None else replica.identity_problem()
     if copied is not None:
@@ -89,6 +94,21 @@ def open_postgres(
     if registered is not None and registered != replica_id:
         replica.registered(registered)
     return PostgresRegistry(location, volume_id, stored, replica)
+
+
+def _damaged_replica(root: str, directory: str, location: Location, damage: str) -> RegistryError:
+    """A working copy whose state file (replica.db) cannot be used: refused, nothing changed; the
+    registry keeps every version, so the copy joins again once the file is moved aside."""
+    state = os.path.join(directory, REPLICA_FILE)
+    return RegistryError(
+        f"the working copy {root!r} of {location.describe()} cannot be used: its state file {state!r} (which "
+        f"version of each file this copy holds) cannot be read: {damage}. Nothing was changed, that file "
+        f"included. The registry keeps every version: move the file aside with its -wal and -shm files, if any "
+        f"(`mv {shlex.quote(state)} {shlex.quote(state + '.damaged')}`), then run `coherent-volume init {root} "
+        f"--registry {location.url} --volume {location.volume}` to join this root as a working copy again (a "
+        "managed file here that differs from the volume's current version is then recorded as a change of this "
+        "host, the current version kept in history)"
+    )
 
 
 def _check_globs(globs: ManagedGlobs | None, stored: ManagedGlobs) -> None:

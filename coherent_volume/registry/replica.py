@@ -19,6 +19,8 @@ Invariants:
 - `reported` is the version of the path the registry was last told this copy holds
   (`cv_replica_holds`, see pg_hosts); a row whose `reported` is not its `version` is a pending
   report, sent under `locked()` with the next one (`unreported`, `reported`);
+- a replica.db SQLite finds no database or damaged, or one that holds none of this state (an empty
+  file), is found so read-only (`damage`) before anything writes to it, and refused at open;
 - a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
   stored wrapped to signed.
 """
@@ -30,6 +32,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -113,6 +116,28 @@ class Replica:
             conn.execute(_UNREPORTED)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def damage(self) -> str | None:
+        """Why this copy's state file cannot be used (None: it can, or there is none yet): SQLite
+        finds it no database, or damaged, or it holds none of this state (an empty file). Looked at
+        read-only, so a file found so is left as it was."""
+        path = os.path.join(self.directory, DB_FILE)
+        if not os.path.exists(path):
+            return None
+        try:
+            probe = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=30)
+            try:
+                tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            finally:
+                probe.close()
+        except sqlite3.DatabaseError as e:
+            code = getattr(e, "sqlite_errorcode", None)
+            if code is None or code & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise
+            return f"SQLite finds it damaged, or no database ({getattr(e, 'sqlite_errorname', 'an SQLite error')}: {e})"
+        if "replica_meta" not in tables:
+            return "it holds no working copy's state (it is empty, or another file)"
+        return None
 
     def recorded_id(self) -> uuid.UUID | None:
         """The id this copy is registered under (`cv_replicas`), None if none is recorded (nothing is

@@ -10,7 +10,8 @@ Invariants:
   Unix socket directory;
 - `stop()` always ends the server: `pg_ctl stop -m fast`, then `-m immediate`, then SIGKILL of the
   postmaster (and of its children, by its process group);
-- trust authentication only, for the addresses given: no password exists anywhere.
+- trust authentication for the addresses given; a password only for a role a test makes with
+  `password_role` (scram-sha-256 from every address, for that role alone).
 
 Needs PostgreSQL's server binaries (Debian: postgresql-15 or later) and psql.
 """
@@ -118,6 +119,21 @@ class Cluster:
             host=str(self.socket_dir), port=self.port, user="postgres", dbname="postgres", autocommit=True
         ) as conn:
             conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+
+    def password_role(self, name: str, password: str) -> None:
+        """A role `name` that logs in with `password` only (scram-sha-256, from every address: its
+        pg_hba.conf line goes first), and owns a database `name`."""
+        self.sql(f"SET password_encryption = 'scram-sha-256'; CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")
+        self.create_database(name, owner=name)
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {name} all scram-sha-256\n" + hba.read_text())
+        loaded = self.sql("SELECT pg_conf_load_time()")
+        self.sql("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 30  # the postmaster reloads on its own time; new sessions see it then
+        while self.sql("SELECT pg_conf_load_time()") == loaded:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not reload pg_hba.conf within 30 s")
+            time.sleep(0.05)
 
     def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", timeout=90)
