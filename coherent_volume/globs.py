@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -136,34 +136,47 @@ def _parsed(pattern: str) -> list[list[Part] | None]:
     return parsed
 
 
-def _may_meet(a: Sequence[T], b: Sequence[T], many: Callable[[T], bool], meet: Callable[[T, T], bool]) -> bool:
-    """Whether the sequences of parts `a` and `b` may match one same sequence of items: a part that
-    is `many` matches any number of items (none included), any other one item, one that `meet` says
-    both may match. Explores every way the two can advance together (at most len(a) x len(b)
-    states)."""
-    seen: set[tuple[int, int]] = set()
-    todo = [(0, 0)]
+S = TypeVar("S", bound=Hashable)
+
+
+def _walk(start: S, end: Callable[[S], bool], moves: Callable[[S], Iterable[S]]) -> bool:
+    """Whether a walk from `start`, taking `moves` from each state (each state visited once),
+    reaches a state `end` accepts: how every pair of patterns below is searched."""
+    seen: set[S] = set()
+    todo = [start]
     while todo:
         state = todo.pop()
         if state in seen:
             continue
         seen.add(state)
-        i, j = state
-        if i == len(a) and j == len(b):
+        if end(state):
             return True
+        todo.extend(moves(state))
+    return False
+
+
+def _may_meet(a: Sequence[T], b: Sequence[T], many: Callable[[T], bool], meet: Callable[[T, T], bool]) -> bool:
+    """Whether the sequences of parts `a` and `b` may match one same sequence of items: a part that
+    is `many` matches any number of items (none included), any other one item, one that `meet` says
+    both may match. Explores every way the two can advance together (at most len(a) x len(b)
+    states)."""
+
+    def moves(state: tuple[int, int]) -> Iterator[tuple[int, int]]:
+        i, j = state
         a_many, b_many = i < len(a) and many(a[i]), j < len(b) and many(b[j])
         if a_many:
-            todo.append((i + 1, j))  # it matches no more items
+            yield i + 1, j  # it matches no more items
         if b_many:
-            todo.append((i, j + 1))
+            yield i, j + 1
         if i < len(a) and j < len(b):  # both match the next item
             if a_many and not b_many:
-                todo.append((i, j + 1))
+                yield i, j + 1
             elif b_many and not a_many:
-                todo.append((i + 1, j))
+                yield i + 1, j
             elif not a_many and meet(a[i], b[j]):
-                todo.append((i + 1, j + 1))
-    return False
+                yield i + 1, j + 1
+
+    return _walk((0, 0), lambda state: state == (len(a), len(b)), moves)
 
 
 def _chars_may_meet(a: Part, b: Part) -> bool:
@@ -309,26 +322,21 @@ def _common(chars: frozenset[str] | None, glob: _Char, dot: bool) -> bool:
 def _meet(tokens: Sequence[_Token], segment: tuple[_Char, ...]) -> bool:
     """Whether some file name (not '', '.' or '..') is spelled by a shape's segment and matched by a
     glob's: a walk of the pair of their positions, and of the name's state (`_DOT`)."""
-    todo, seen = [(0, 0, 0)], set()
-    while todo:
-        state = todo.pop()
-        if state in seen:
-            continue
-        seen.add(state)
+
+    def moves(state: tuple[int, int, int]) -> Iterator[tuple[int, int, int]]:
         i, j, dots = state
-        if i == len(tokens) and j == len(segment) and dots == 3:
-            return True
         if i < len(tokens) and tokens[i][1]:
-            todo.append((i + 1, j, dots))
+            yield i + 1, j, dots
         if j < len(segment) and segment[j].many:
-            todo.append((i, j + 1, dots))
+            yield i, j + 1, dots
         if i < len(tokens) and j < len(segment):
             after = (i if tokens[i][1] else i + 1, j if segment[j].many else j + 1)
             if _common(tokens[i][0], segment[j], True):
-                todo.append((*after, _DOT[dots]))
+                yield *after, _DOT[dots]
             if _common(tokens[i][0], segment[j], False):
-                todo.append((*after, 3))
-    return False
+                yield *after, 3
+
+    return _walk((0, 0, 0), lambda state: state == (len(tokens), len(segment), 3), moves)
 
 
 _ANY_NAME: list[_Token] = [(None, True)]
@@ -338,29 +346,24 @@ _ANY_SEGMENT = (_Char(re.compile("[^/]"), True, _ANY_RUN),)
 def _pattern_meets(shape: list[list[_Token] | None], pattern: list[_Segment]) -> bool:
     """Whether some path the shape's segments spell matches the glob's segments: a walk of the pair of
     positions, where a `Wild.DIRS` and a `**` each stand for any number of names."""
-    todo, seen = [(0, 0)], set()
-    while todo:
-        state = todo.pop()
-        if state in seen:
-            continue
-        seen.add(state)
+
+    def moves(state: tuple[int, int]) -> Iterator[tuple[int, int]]:
         i, j = state
-        if i == len(shape) and j == len(pattern):
-            return True
         ours = shape[i] if i < len(shape) else []
         theirs = pattern[j] if j < len(pattern) else ()
         if ours is None:
-            todo.append((i + 1, j))  # no more directories
+            yield i + 1, j  # no more directories
         if theirs is None:
-            todo.append((i, j + 1))  # '**' matches no more segments
+            yield i, j + 1  # '**' matches no more segments
         if i == len(shape) or j == len(pattern):
-            continue
+            return
         if theirs is None:
             if ours is not None and _meet(ours, _ANY_SEGMENT):
-                todo.append((i + 1, j))
+                yield i + 1, j
         elif _meet(_ANY_NAME if ours is None else ours, theirs):
-            todo.append((i if ours is None else i + 1, j + 1))
-    return False
+            yield (i if ours is None else i + 1), j + 1
+
+    return _walk((0, 0), lambda state: state == (len(shape), len(pattern)), moves)
 
 
 @dataclass(frozen=True)

@@ -414,21 +414,25 @@ def _grants(url: str) -> list[tuple[Any, ...]]:
     return _q(url, "SELECT path, agent FROM cv_grants")
 
 
-def test_an_append_whose_close_failed_eio_never_lands_later_so_its_retry_lands_once(
-    bounded_mount: Any, pg_url: str
-) -> None:
-    """A program appends through the mount and closes while every session of the daemon is stopped:
-    close() fails EIO (nothing was written). That append must never be committed afterwards (by the
-    handle's release, on a new connection, once the server answers again): the program, told
-    nothing was written, appends again, and its line is in the file once."""
+def _released(url: str) -> None:
+    """Wait (30 s at most) until the volume holds no grant: the failed handle's release ended it."""
+    deadline = time.monotonic() + 30
+    while _grants(url):
+        assert time.monotonic() < deadline, f"the failed handle's grant was never released: {_grants(url)}"
+        time.sleep(0.1)
+
+
+@contextmanager
+def _bobs_program(mounted: Any, script: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """alice's plans/a.md ("one"), read by bob, and `script` run by bob in the mount on it, once it
+    said "ready": (the program, the daemon's pid). The program is ended in every outcome."""
     from .harness.mounts import daemon_pids
 
-    mounted = bounded_mount
     assert mounted.run("alice", "mkdir -p plans && echo one > plans/a.md").returncode == 0
     assert mounted.run("bob", "cat plans/a.md").stdout == "one\n"  # the daemon's sessions are open
     [daemon] = daemon_pids(mounted.path)
     program = subprocess.Popen(
-        [sys.executable, "-c", APPEND_THEN_RETRY, "plans/a.md"],
+        [sys.executable, "-c", script, "plans/a.md"],
         cwd=mounted.path,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -439,22 +443,32 @@ def test_an_append_whose_close_failed_eio_never_lands_later_so_its_retry_lands_o
     try:
         assert program.stdin is not None and program.stdout is not None
         assert program.stdout.readline().strip() == "ready"
-        with _stopped(_backends(pg_url, daemon)):
-            program.stdin.write("close\n")
-            program.stdin.flush()
-            assert program.stdout.readline().strip() == f"close failed {errno.EIO}"
-        deadline = time.monotonic() + 30  # the handle's release: its grant ends (it commits nothing)
-        while _grants(pg_url):
-            assert time.monotonic() < deadline, f"the failed handle's grant was never released: {_grants(pg_url)}"
-            time.sleep(0.1)
-        program.stdin.write("again\n")
-        program.stdin.flush()
-        assert program.stdout.readline().strip() == "appended again"
-        assert program.wait(timeout=30) == 0
+        yield program, daemon
     finally:
         if program.poll() is None:
             program.kill()
         program.communicate()
+
+
+def test_an_append_whose_close_failed_eio_never_lands_later_so_its_retry_lands_once(
+    bounded_mount: Any, pg_url: str
+) -> None:
+    """A program appends through the mount and closes while every session of the daemon is stopped:
+    close() fails EIO (nothing was written). That append must never be committed afterwards (by the
+    handle's release, on a new connection, once the server answers again): the program, told
+    nothing was written, appends again, and its line is in the file once."""
+    mounted = bounded_mount
+    with _bobs_program(mounted, APPEND_THEN_RETRY) as (program, daemon):
+        assert program.stdin is not None and program.stdout is not None
+        with _stopped(_backends(pg_url, daemon)):
+            program.stdin.write("close\n")
+            program.stdin.flush()
+            assert program.stdout.readline().strip() == f"close failed {errno.EIO}"
+        _released(pg_url)  # the handle's release: its grant ends (it commits nothing)
+        program.stdin.write("again\n")
+        program.stdin.flush()
+        assert program.stdout.readline().strip() == "appended again"
+        assert program.wait(timeout=30) == 0
     assert (mounted.root / "plans/a.md").read_text() == "one\ntwo\n"
     assert _events(pg_url)[-1:] == [("commit", 3)]  # alice's creation (v1), her "one" (v2), bob's append once
     assert _q(pg_url, "SELECT version, writer FROM cv_files WHERE path = 'plans/a.md'") == [(3, "bob")]
@@ -491,24 +505,9 @@ def test_a_handle_whose_close_of_a_copy_failed_commits_nothing_and_says_so_at_ev
     and closes it. What the failed close dropped cannot land without being a lie, and what follows
     cannot land without it: the later write, fsync and close fail EIO, the file keeps its committed
     content, and the handle's grant is released (another agent writes the file at once)."""
-    from .harness.mounts import daemon_pids
-
     mounted = bounded_mount
-    assert mounted.run("alice", "mkdir -p plans && echo one > plans/a.md").returncode == 0
-    assert mounted.run("bob", "cat plans/a.md").stdout == "one\n"
-    [daemon] = daemon_pids(mounted.path)
-    program = subprocess.Popen(
-        [sys.executable, "-c", DUP_THEN_WRITE_ON, "plans/a.md"],
-        cwd=mounted.path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COHERENT_AGENT": "bob"},
-    )
-    try:
+    with _bobs_program(mounted, DUP_THEN_WRITE_ON) as (program, daemon):
         assert program.stdin is not None and program.stdout is not None
-        assert program.stdout.readline().strip() == "ready"
         with _stopped(_backends(pg_url, daemon)):
             program.stdin.write("close the copy\n")
             program.stdin.flush()
@@ -518,15 +517,8 @@ def test_a_handle_whose_close_of_a_copy_failed_commits_nothing_and_says_so_at_ev
         said = [program.stdout.readline().strip() for _ in range(3)]
         assert said == [f"write failed {errno.EIO}", f"fsync failed {errno.EIO}", f"close failed {errno.EIO}"]
         assert program.wait(timeout=30) == 0
-    finally:
-        if program.poll() is None:
-            program.kill()
-        program.communicate()
     assert (mounted.root / "plans/a.md").read_text() == "one\n"
-    deadline = time.monotonic() + 30
-    while _grants(pg_url):
-        assert time.monotonic() < deadline, f"the failed handle's grant was never released: {_grants(pg_url)}"
-        time.sleep(0.1)
+    _released(pg_url)
     assert _q(pg_url, "SELECT version, writer FROM cv_files WHERE path = 'plans/a.md'") == [(2, "alice")]
     written = mounted.run("carol", "cat plans/a.md > /dev/null && echo carol > plans/a.md")
     assert written.returncode == 0, written.stderr
