@@ -508,13 +508,30 @@ class Shadow:
                     raise  # committed: the next operation puts it in place
                 except (CoherenceError, OSError) as e:
                     self._drop_writes(e)
+                    trio.lowlevel.spawn_system_task(self._let_go)
                     raise
             self.closed = not self.pending
+
+    async def _let_go(self) -> None:
+        """After a failed FLUSH: end the handle's grant now, not at its RELEASE (nothing written through
+        it can commit any more, and other descriptors of it, a forked child's, may stay open for
+        long); in the background, so that the close(2) that failed is answered at once. Where the
+        registry does not take the release, its renewals stop all the same (`Writes.release`) and the
+        grant ends with its lease."""
+        async with self._busy:  # taken from the handle at once: its other requests never wait on the registry
+            grant, self.grant = self.grant, None
+        if grant is None:
+            return
+        try:
+            await blocking(self.core.release, grant, self.kind, log=False)
+        except (CoherenceError, OSError) as e:
+            log.warning("the write grant on %s of a handle whose close(2) failed was not released: %s", self.rel, e)
 
     def _drop_writes(self, e: CoherenceError | OSError) -> None:
         """The commit of a FLUSH failed with `e`, which its close(2) reports: the writes the shadow
         held are dropped, never committed later (`failed`). Its grant lasts until RELEASE, which
-        follows the last close at once (ending it here would make this close wait on the registry again)."""
+        follows the last close at once, unless `_let_go` ended it before (ending it here would make this
+        close wait on the registry again)."""
         self.failed = errno_of(e)
         self._close()
         self.edits = Edits()

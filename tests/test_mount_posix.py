@@ -641,6 +641,60 @@ VolumeCore.commit = _held
         assert vol.read_version("plans/w.md", versions[0].version) == b"AAAABBBB"
 
 
+HOLDS_A_COPY_OPEN = r"""
+import os, sys
+fd = os.open("plans/f.md", os.O_RDWR)
+os.write(fd, b"two")
+try:
+    os.close(os.dup(fd))  # a FLUSH, whose commit the daemon fails
+    print("closed", flush=True)
+except OSError as e:
+    print(f"close failed {e.errno}", flush=True)
+sys.stdin.readline()  # fd stays open meanwhile, as in a forked child that lives on
+"""
+
+
+def test_a_handle_whose_close_failed_holds_the_file_from_no_one_while_its_other_descriptors_live(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit of a close(2) of a duplicate descriptor fails (the daemon is made to fail it): the
+    writes are dropped, so the handle's write grant ends at once, not when its last descriptor
+    closes: another agent writes the file while the program still holds the descriptor."""
+    patch = """
+import errno
+from coherent_volume.core import VolumeCore
+from coherent_volume.errors import RegistryError
+_commit = VolumeCore.commit
+def _failing(self, agent, target, content, *args, **kwargs):
+    if content is not None and os.path.exists(GATE):
+        raise RegistryError("the registry is busy (made to fail by the test)", errno.EBUSY)
+    return _commit(self, agent, target, content, *args, **kwargs)
+VolumeCore.commit = _failing
+""".replace("GATE", repr(str(tmp_path / "gate")))
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("alice", "echo one > plans/f.md && cat plans/f.md").returncode == 0
+        gate.touch()
+        program = subprocess.Popen(
+            [sys.executable, "-c", HOLDS_A_COPY_OPEN],
+            cwd=m.path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
+        try:
+            assert program.stdout is not None and program.stdout.readline().strip() == f"close failed {errno.EBUSY}"
+            gate.unlink()
+            deadline = time.monotonic() + 10
+            while (done := m.run("bob", "cat plans/f.md > /dev/null && echo bob > plans/f.md")).returncode != 0:
+                assert time.monotonic() < deadline, f"still held by the failed handle: {done.stderr}"
+                time.sleep(0.2)
+            assert (m.root / "plans/f.md").read_text() == "bob\n"
+        finally:
+            program.kill()
+            program.wait()
+
+
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
