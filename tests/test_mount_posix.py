@@ -416,6 +416,24 @@ def _holder(m: Mount, path: str, mode: str = "rb") -> subprocess.Popen[str]:
     return holder
 
 
+@contextlib.contextmanager
+def _alice_runs(m: Mount, script: str) -> Iterator[subprocess.Popen[str]]:
+    """`script` run by a Python of alice in the mount, its stdin and stdout piped; killed at the end."""
+    program = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=m.path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": "alice"},
+    )
+    try:
+        yield program
+    finally:
+        program.kill()
+        program.wait()
+
+
 def test_chmod_and_touch_of_a_managed_file_change_the_file_at_its_name_not_a_past_version_held_open(
     mounted: Mount,
 ) -> None:
@@ -611,15 +629,7 @@ VolumeCore.commit = _held
     with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
         assert m.run("alice", "echo one > plans/w.md && cat plans/w.md").returncode == 0
         gate.touch()
-        program = subprocess.Popen(
-            [sys.executable, "-c", WRITES_WHILE_A_DUP_CLOSES],
-            cwd=m.path,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": "alice"},
-        )
-        try:
+        with _alice_runs(m, WRITES_WHILE_A_DUP_CLOSES) as program:
             assert program.stdout is not None and program.stdout.readline().strip() == "closing"
             _wait_for(Path(f"{gate}.held").exists, "the commit of the close to reach the gate")
             assert program.stdin is not None
@@ -628,9 +638,6 @@ VolumeCore.commit = _held
             time.sleep(0.5)  # the write reaches the daemon while the commit is held
             gate.unlink()
             assert program.wait(timeout=60) == 0
-        finally:
-            program.kill()
-            program.wait()
     assert (root / "plans/w.md").read_bytes() == b"AAAABBBB"
     with CoherentVolume(root, agent="checker") as vol:
         versions = vol.history("plans/w.md")
@@ -674,15 +681,7 @@ VolumeCore.commit = _failing
     with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
         assert m.run("alice", "echo one > plans/f.md && cat plans/f.md").returncode == 0
         gate.touch()
-        program = subprocess.Popen(
-            [sys.executable, "-c", HOLDS_A_COPY_OPEN],
-            cwd=m.path,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": "alice"},
-        )
-        try:
+        with _alice_runs(m, HOLDS_A_COPY_OPEN) as program:
             assert program.stdout is not None and program.stdout.readline().strip() == f"close failed {errno.EBUSY}"
             gate.unlink()
             deadline = time.monotonic() + 10
@@ -690,9 +689,6 @@ VolumeCore.commit = _failing
                 assert time.monotonic() < deadline, f"still held by the failed handle: {done.stderr}"
                 time.sleep(0.2)
             assert (m.root / "plans/f.md").read_text() == "bob\n"
-        finally:
-            program.kill()
-            program.wait()
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
