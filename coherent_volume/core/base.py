@@ -569,8 +569,8 @@ class CoreBase:
             else f"{outcome} an interrupted commit"
             if self.replica is None  # one host: its writer holds the commit lock until it records it
             else f"recorded {intent.agent}'s {'change' if intent.present else 'deletion'} as v{intent.version}: "
-            "decided in the registry (its commit point) and not yet recorded as done, as its writer on another "
-            "host was still finishing it, or died",
+            "decided in the registry (its commit point) and not yet recorded as done, as its writer (a process of "
+            "another working copy, on this host or another) was still finishing it, or died",
         )
 
     def _settle_installs(self) -> None:
