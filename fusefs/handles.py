@@ -177,17 +177,21 @@ class Retry:
 
 
 class PageCache:
-    """Which read-only handles of managed files the kernel's page cache serves (a shared mapping
-    needs it). The kernel keeps one page cache (and one size) per FUSE inode and answers every
-    handle of the inode from it, so a handle may be cached only while every page there is its own
-    version's, filled through a handle whose read registered its agent's view. Write handles are
-    direct_io (their bytes are uncommitted), so a shared mapping of one fails ENODEV at mmap.
+    """Which content each inode of a managed file serves, and which of its read-only handles the
+    kernel's page cache serves (a shared mapping needs it). The kernel keeps one page cache and one
+    size per FUSE inode, and reads through them for every handle of the inode whenever it copies
+    (`copy_file_range`, `sendfile`, `splice`) or maps, `direct_io` or not; so an inode serves one
+    content at a time: one version to all its read-only handles, or one write handle's shadow.
+    Another content gets another inode (a new one for its name, where the call is repeated), as a
+    local disk gives a file replaced by rename. A handle may moreover be cached only while every
+    page there was filled through a handle whose read registered its agent's view.
 
-    Invariants: an inode with cached readers (`used`) serves one version; a change to its file
-    gives the path a new inode first, leaving this one with its version to its readers, as a
-    local disk leaves a file replaced by rename to its readers. The call that change came through
-    is answered ESTALE and repeated by the kernel once only, so its repeat never meets ESTALE
-    again (`retry`)."""
+    Invariants: the handles open on an inode serve one content; an inode with cached readers
+    (`used`) serves one version, and a change to its file gives the path a new inode first. The call
+    that change came through is answered ESTALE and repeated by the kernel once only, so its repeat
+    never meets ESTALE again (`retry`): a repeat that meets another content on its inode (another
+    call opened it between the repeat's lookup and its open) is served there, the one case where an
+    inode serves two contents."""
 
     def __init__(self) -> None:
         self._readers: dict[int, list[Snapshot]] = {}
@@ -197,26 +201,46 @@ class PageCache:
         self._retries: dict[int, Retry] = {}
         """Calls answered ESTALE that the kernel is about to repeat, by the caller's thread id."""
 
-    def serving(self, rel: str, version: int, size: int, opener: str | None, others: Sequence[FileHandle]) -> Serving:
-        """How to serve a read-only open of `version` (`size` bytes) of the managed file at `rel` by
-        agent `opener`, given the other handles open on its inode:
+    @staticmethod
+    def version_served(here: Sequence[FileHandle]) -> Snapshot | None:
+        """A read-only handle among `here` (the handles open on one inode) if all of them read one
+        version (then that is the content the inode serves), else None."""
+        snapshots = [h for h in here if isinstance(h, Snapshot)]
+        if not snapshots or len(snapshots) < len(here) or any(h.version != snapshots[0].version for h in snapshots):
+            return None
+        return snapshots[0]
 
-        - "cached" when every other one is a Snapshot of this version opened by the same agent (a
+    def serving(
+        self,
+        rel: str,
+        version: int,
+        size: int,
+        opener: str | None,
+        here: Sequence[FileHandle],
+        elsewhere: Sequence[FileHandle],
+    ) -> Serving:
+        """How to serve a read-only open of `version` (`size` bytes) of the managed file at `rel` by
+        agent `opener`, given the handles open on its inode (`here`) and the write handles of the
+        file open or being released on other inodes (`elsewhere`):
+
+        - "fresh" when the inode serves another content (a write handle, another version, an
+          unmanaged handle of a file moved into a managed glob): the path gets a new inode and this
+          open is repeated there;
+        - "cached" when every handle here is a Snapshot of this version opened by the same agent (a
           page one of them filled was shown to that agent, and its read registered that view);
-        - "fresh" when cached readers use another version there (only a change the mount has not
-          seen yet does that): the path gets a new inode and this open is repeated there;
         - "direct" otherwise, so that each read reaches this handle and registers exactly what it
-          returns: a write handle, another version or another agent's reader is open there; the
-          file is empty (a cached read of it reaches no handle at all); or a write to it is under
-          way or about to be repeated (`retry`), which no reader may take the inode's page cache from."""
-        snapshots = [h for h in others if isinstance(h, Snapshot)]
-        if any(h.version != version for h in snapshots):
-            return "fresh" if any(h.cached for h in snapshots) else "direct"
+          returns: another agent's reader is open here; the file is empty (a cached read of it
+          reaches no handle at all); or a write to it is open elsewhere, under way or about to be
+          repeated (`retry`), which no reader may take the inode's page cache from."""
+        if here:
+            served = self.version_served(here)
+            if served is None or served.version != version:
+                return "fresh"
         now = time.monotonic()
         due = any(r.writing and r.rel == rel and r.until > now for r in self._retries.values())
-        if len(snapshots) < len(others) or rel in self._writing or due or size == 0:
+        if elsewhere or rel in self._writing or due or size == 0:
             return "direct"
-        return "direct" if any(h.opener != opener for h in snapshots) else "cached"
+        return "direct" if any(h.opener != opener for h in here if isinstance(h, Snapshot)) else "cached"
 
     def opened(self, inode: int, handle: Snapshot) -> None:
         """`handle` was opened on `inode` (as `serving` said)."""
@@ -230,10 +254,6 @@ class PageCache:
                 self._readers[inode] = [h for h in readers if h is not handle]
                 if not self._readers[inode]:
                     del self._readers[inode]
-
-    def readers(self, inode: int) -> list[Snapshot]:
-        """The cached readers open on `inode`."""
-        return self._readers.get(inode, [])
 
     def used(self, inode: int) -> bool:
         """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""

@@ -51,8 +51,12 @@ class InodeTable:
     def remember(self, path: str) -> int:
         """The inode of `path`, counting one kernel lookup (the kernel will forget it later)."""
         inode = self.inode(path)
-        self._lookups[inode] = self._lookups.get(inode, 0) + 1
+        self.looked_up(inode)
         return inode
+
+    def looked_up(self, inode: int) -> None:
+        """Count one kernel lookup of `inode` (one answered for a name it lost, see `lost`)."""
+        self._lookups[inode] = self._lookups.get(inode, 0) + 1
 
     def cached(self) -> list[int]:
         """Inodes the kernel currently holds (and may cache attributes and data of)."""
@@ -97,6 +101,17 @@ class InodeTable:
                 self._names[inode] = others
             return
         self._path[inode] = path + "\0deleted"
+
+    def lost(self, inode: int, path: str) -> bool:
+        """Whether `inode` lost the name `path` (`unlinked`) and has no other."""
+        return self._path.get(inode) == path + "\0deleted"
+
+    def rebind(self, inode: int, path: str) -> None:
+        """`inode`, which lost its name `path` (`unlinked`), is `path`'s again; the inode there now
+        loses it."""
+        self.unlinked(path)
+        self._path[inode] = path
+        self._inode[path] = inode
 
     def _renamed(self, inode: int, old: str, new: str) -> None:
         self._inode[new] = inode

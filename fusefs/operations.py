@@ -111,7 +111,10 @@ class CoherentOperations(pyfuse3.Operations):
         """The inode of each unmanaged non-directory seen, by its backing (st_dev, st_ino): a hard link
         of it is looked up as that inode (see `_inode_of`)."""
         self.writers: dict[str, Shadow] = {}
-        """The write handle that last changed each managed path (see `_stat`)."""
+        """The write handle that last changed each managed path (see `setattr`)."""
+        self._aside: dict[int, str] = {}
+        """Inodes of write handles that gave up their name (`_fresh_inode`) while they serve unsaved
+        writes or their file's name moved on, with that name: see `_take_name_back`."""
         self.releasing: dict[int, Shadow] = {}
         """Write handles whose release is under way, by file handle (see `_writer`)."""
         self.dirs: dict[int, Listing] = {}
@@ -135,7 +138,9 @@ class CoherentOperations(pyfuse3.Operations):
 
     def _stat(self, rel: str, inode: int) -> os.stat_result:
         """The backing file at `rel`, reached through an open handle when its name is gone
-        (unlinked while open, or a directory above it swapped behind the daemon's back)."""
+        (unlinked while open, or a directory above it swapped behind the daemon's back). An inode set
+        aside for a write handle (`_unname`) is the file at its name, whose content it serves."""
+        rel = self._aside_name(inode) or rel
         try:
             if "\0" in rel:  # unlinked while open, or its name is another inode's now (InodeTable.unlinked)
                 raise OSError(errno.ESTALE, "Stale file handle", rel)  # the kernel looks the name up again
@@ -158,12 +163,43 @@ class CoherentOperations(pyfuse3.Operations):
     def _fresh_inode(self, rel: str) -> None:
         """Give the managed file at `rel` a new inode, leaving the old one to the readers of its page
         cache (`PageCache.used`); other callers' cached entries of the name are dropped. A caller
-        that answers ESTALE (`_stale`) makes the kernel look the path up again and repeat the call there."""
+        that answers ESTALE (`_stale`) makes the kernel look the path up again and repeat the call there.
+        An inode that a write handle is open on takes the name back once it serves the file again
+        (`_take_name_back`)."""
+        self._unname(rel)
+        entry = self._entry_of(rel)
+        if entry is not None:
+            trio.lowlevel.spawn_system_task(_forget_entry, *entry)
+
+    def _unname(self, rel: str) -> None:
+        """The managed file at `rel` loses its inode (its next lookup gives it a new one), which is left
+        to its handles; one a write handle is open on is set aside to take the name back later."""
+        old = self.inodes.inode_if_known(rel)
+        if old is not None and any(isinstance(h, Shadow) for h in self._handles_on(old)):
+            self._aside[old] = rel
         self.inodes.unlinked(rel)
+
+    def _name_of(self, inode: int) -> str:
+        """The path a call on `inode` changes or asks about by name: its own, or for an inode set aside
+        for a write handle (`_unname`), its name's, whose metadata is the file's (a chmod through the
+        name is the file's, not the shadow's its commit would replace)."""
+        return self._aside_name(inode) or self.inodes.path(inode)
+
+    def _aside_name(self, inode: int) -> str | None:
+        """The name `inode` was set aside from (`_unname`), while a write handle open on it still goes
+        on with the file there (none was renamed away or unlinked since)."""
+        rel = self._aside.get(inode)
+        if rel is None:
+            return None
+        writers = [h for h in self._handles_on(inode) if isinstance(h, Shadow)]
+        return rel if any(not (h.moved or h.unlinked) for h in writers) else None
+
+    def _entry_of(self, rel: str) -> tuple[int, bytes] | None:
+        """The kernel's entry of the name `rel`: its directory's inode and its name (None: the kernel
+        holds no entry there, since it holds no such directory)."""
         parent, _, name = rel.rpartition("/")
         parent_inode = self.inodes.inode_if_known(parent)
-        if parent_inode is not None:
-            trio.lowlevel.spawn_system_task(_forget_entry, parent_inode, os.fsencode(name))
+        return None if parent_inode is None else (parent_inode, os.fsencode(name))
 
     def _stale(self, rel: str, ctx: pyfuse3.RequestContext, writing: bool) -> pyfuse3.FUSEError:
         """ESTALE for a call by name whose inode is no longer (or must no longer be) its name's: the
@@ -173,11 +209,13 @@ class CoherentOperations(pyfuse3.Operations):
         return pyfuse3.FUSEError(errno.ESTALE)
 
     @contextlib.contextmanager
-    def _writing(self, rel: str, inode: int, ctx: pyfuse3.RequestContext) -> Iterator[None]:
-        """Around a write to the managed file at `rel` through `inode`: if readers use the inode's page
-        cache, the file gets a new inode, where the kernel repeats the write (ESTALE); meanwhile no
-        reader of `rel` starts using the page cache (`PageCache.writing`)."""
-        if self.pages.used(inode):
+    def _writing(self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: bool) -> Iterator[None]:
+        """Around a write to the managed file at `rel` through `inode` (`repeat`: the kernel's repeat of
+        a call answered ESTALE): if handles are open on the inode, the file gets a new inode, where
+        the kernel repeats the write (ESTALE), since an inode serves one content (`PageCache`); a
+        repeat meeting handles opened on it meanwhile goes ahead there, unless readers use its page
+        cache. Meanwhile no reader of `rel` starts using the page cache (`PageCache.writing`)."""
+        if self.pages.used(inode) or (self._handles_on(inode) and not repeat):
             if self.inodes.inode_if_known(rel) == inode:
                 self._fresh_inode(rel)
             raise self._stale(rel, ctx, writing=True)
@@ -185,18 +223,83 @@ class CoherentOperations(pyfuse3.Operations):
             yield
 
     def _unpin(self, rel: str) -> None:
-        """A file just made at `rel` gets a new inode if readers still use the page cache of the one
-        its name had (a file removed behind the volume's back)."""
+        """A file just made at `rel` gets a new inode if handles are still open on the one its name
+        had (a file removed behind the volume's back): an inode serves one content."""
         inode = self.inodes.inode_if_known(rel)
-        if inode is not None and self.pages.used(inode):
+        if inode is not None and self._handles_on(inode):
             self._fresh_inode(rel)
 
+    def _step_aside(self, fh: int) -> None:
+        """The write handle `fh` serves unsaved writes now: if its inode is its file's name's, the name
+        gets a new inode (`_fresh_inode`), which serves the committed file to every other call by the
+        name, since an inode serves one content (`PageCache`); the handle's inode takes the name back
+        once its writes are committed or dropped (`_take_name_back`). The kernel's entry of the name is
+        dropped just after the reply (a write or truncate holds its file's lock, which a rename of
+        it that holds the directory's lock waits for, and dropping the entry takes the directory's
+        lock), so for that moment another agent's stat by the name may still show the write."""
+        handle, inode = self.files.get(fh), self.file_inodes.get(fh)
+        if isinstance(handle, Shadow) and handle.unsaved and inode == self.inodes.inode_if_known(handle.rel):
+            self._fresh_inode(handle.rel)
+
+    async def _forget(self, rel: str) -> None:
+        """Drop the kernel's entry of the name `rel` before the reply (only where the request holds no
+        lock of the file: see `_step_aside`)."""
+        entry = self._entry_of(rel)
+        if entry is not None:
+            await _forget_entry(*entry)
+
+    def _written_aside(self, rel: str) -> list[tuple[int, Shadow]]:
+        """The inodes set aside for write handles with unsaved writes at `rel`, and those handles."""
+        return [
+            (inode, handle)
+            for inode, name in self._aside.items()
+            if name == rel
+            for handle in self._handles_on(inode)
+            if isinstance(handle, Shadow) and handle.unsaved
+        ]
+
+    async def _written_by_caller(self, rel: str, ctx: pyfuse3.RequestContext) -> int | None:
+        """The inode set aside for the caller's agent's write handle with unsaved writes at `rel`, if
+        any: the name is that inode for that agent (its stat by the name sees its writes, as on a
+        local disk), and the committed file's for every other agent. Read-only opens and repeated
+        calls are served by the committed file's (`lookup`)."""
+        if not self._written_aside(rel):
+            return None
+        agent = (await self._identity(ctx))[0]
+        return next((inode for inode, handle in self._written_aside(rel) if handle.agent == agent), None)
+
+    async def _take_name_back(self, inode: int) -> None:
+        """`inode`, set aside for a write handle (`_fresh_inode`), takes its name back once no handle
+        open on it serves unsaved writes or another version, if that name still holds a managed regular
+        file and no write handle serves unsaved writes there: a file written in place keeps its inode
+        number, as on a local disk. The inode that served the name meanwhile is left to its handles."""
+        if inode not in self._aside or self._unsaved_on(inode) is not None:
+            return
+        rel = self._aside_name(inode)
+        del self._aside[inode]
+        if rel is None:
+            return  # its write handle went on with a file renamed away or unlinked
+        here = self._handles_on(inode)
+        if not self.inodes.lost(inode, rel) or any(isinstance(h, Snapshot) for h in here):
+            return  # it has a name again (a hard link), or a repeat's reader beside it
+        now = self.inodes.inode_if_known(rel)
+        if now is not None and self._unsaved_on(now) is not None:
+            return  # a write handle of its agent's appends serves the name's inode: the last one takes it
+        try:
+            if not (self.core.paths.managed(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode)):
+                return
+        except OSError:
+            return
+        self.inodes.rebind(inode, rel)
+        await self._forget(rel)
+
     def _replaced(self, rel: str, inode: int) -> bool:
-        """Whether readers use the page cache of `inode` while the file at `rel` is no longer theirs:
-        replaced or removed outside this mount (the Python API, another mount, a foreign write), which
-        the mount notices at the next lookup or stat. The path must then get a new inode (`_fresh_inode`),
-        or the kernel would take the new file's size for the readers' version."""
-        readers = self.pages.readers(inode)
+        """Whether read-only handles are open on `inode` while the file at `rel` is no longer theirs:
+        replaced through another inode, or outside this mount (the Python API, another mount, a
+        foreign write), which the mount notices at the next lookup or stat. The path must then get a
+        new inode (`_fresh_inode`), or the kernel would take the new file's size for the readers'
+        version (and an open by the name would be served beside them)."""
+        readers = [h for h in self._handles_on(inode) if isinstance(h, Snapshot)]
         if not readers or "\0" in rel:
             return False
         try:
@@ -206,16 +309,17 @@ class CoherentOperations(pyfuse3.Operations):
         theirs = os.fstat(readers[0].fd)
         return (st.st_dev, st.st_ino) != (theirs.st_dev, theirs.st_ino)
 
-    def _unsaved(self, rel: str, viewer: str | None) -> os.stat_result | None:
-        """The stat of the shadow holding `viewer`'s unsaved writes to `rel`, if it has any: its own
-        `lseek(SEEK_END)` and `fstat` see them, as on a local disk; every other agent sees the
-        committed file."""
-        writer = self.writers.get(rel)
-        return writer.stat() if writer is not None and viewer == writer.agent and writer.unsaved else None
+    def _unsaved_on(self, inode: int) -> os.stat_result | None:
+        """The stat of the shadow holding the unsaved writes that `inode` serves, if it serves any:
+        every stat of the inode shows them (an inode serves one content, `PageCache`), so its
+        handle's `fstat` and `lseek(SEEK_END)` see them, as on a local disk. Its name meanwhile
+        serves the committed file from another inode (`_step_aside`)."""
+        for handle in self._handles_on(inode):
+            if isinstance(handle, Shadow) and handle.unsaved:
+                return handle.stat()
+        return None
 
-    def _attrs(
-        self, rel: str, inode: int, viewer: str | None = None, st: os.stat_result | None = None
-    ) -> pyfuse3.EntryAttributes:
+    def _attrs(self, rel: str, inode: int, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         """The reply for `inode` at `rel` (`st`: its stat, when the caller just took it). The kernel
         asks for a directory's attributes or name before it sends requests through it (permission
         checks), so this is where a directory is anchored afresh, and an anchored one is looked
@@ -234,14 +338,15 @@ class CoherentOperations(pyfuse3.Operations):
         entry.st_rdev = st.st_rdev
         entry.st_blksize = st.st_blksize
         entry.st_atime_ns = st.st_atime_ns
-        unsaved = self._unsaved(rel, viewer) if viewer is not None else None
+        unsaved = self._unsaved_on(inode)
         if unsaved is not None:  # the file's identity (mode, links, owner), the shadow's content
             st = unsaved
         entry.st_size = st.st_size
         entry.st_blocks = st.st_blocks
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
-        entry.entry_timeout = UNMANAGED_TIMEOUT
+        # a name whose inode depends on the caller's agent is looked up at each use (`_written_by_caller`)
+        entry.entry_timeout = 0.0 if self._aside and self._written_aside(rel.partition("\0")[0]) else UNMANAGED_TIMEOUT
         entry.attr_timeout = 0.0 if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel) else UNMANAGED_TIMEOUT
         return entry
 
@@ -377,10 +482,16 @@ class CoherentOperations(pyfuse3.Operations):
         if self._renaming:
             await self._settled(rel)
         retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
-        if retry is not None and retry.writing:  # the write needs an inode no reader's page cache holds
+        if retry is not None and retry.writing:  # the write needs an inode no other content is served on
             inode = self.inodes.inode_if_known(rel)
-            if inode is not None and self.pages.used(inode):
+            if inode is not None and self._handles_on(inode):
                 self._fresh_inode(rel)
+        elif retry is None and self._aside:
+            written = await self._written_by_caller(rel, ctx)
+            if written is not None:  # the caller's agent's unsaved writes: its inode, as on a local disk
+                attrs = self._attrs(rel, written)
+                self.inodes.looked_up(written)
+                return attrs
         try:
             return self._entry(rel)
         except FileNotFoundError:
@@ -398,7 +509,7 @@ class CoherentOperations(pyfuse3.Operations):
             rel = self.inodes.path(inode)  # its readers' version: its open handles answer
         elif "\0" in rel and not self._handles_on(inode):
             rel = self._moved_on(rel)
-        return self._attrs(rel, inode, await self._viewer(rel, ctx) if rel in self.writers else None)
+        return self._attrs(rel, inode)
 
     def _moved_on(self, rel: str) -> str:
         """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
@@ -424,7 +535,7 @@ class CoherentOperations(pyfuse3.Operations):
             await moving[0].wait()
 
     async def _viewer(self, rel: str, ctx: pyfuse3.RequestContext) -> str | None:
-        """The caller's agent, looked up only where a write handle has unsaved changes (see `_stat`)."""
+        """The caller's agent, looked up only where a write handle has unsaved changes (see `setattr`)."""
         writer = self.writers.get(rel)
         return (await self._identity(ctx))[0] if writer is not None and writer.unsaved else None
 
@@ -437,7 +548,7 @@ class CoherentOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        rel = self.inodes.path(inode)
+        rel = self._name_of(inode)
         handle = self.files.get(fh) if fh is not None else None
         if "\0" not in rel and (handle is None or isinstance(handle, Passthrough)) and not self.core.paths.managed(rel):
             # unmanaged, by its name or its own descriptor: no agent, no page cache, no repeat to expect
@@ -461,10 +572,11 @@ class CoherentOperations(pyfuse3.Operations):
         if fields.update_size:
             if handle is not None:
                 await handle.resize(attr.st_size)
-                if isinstance(handle, Shadow):
+                if isinstance(handle, Shadow) and fh is not None:
                     self.writers[handle.rel] = handle
+                    self._step_aside(fh)
             elif self._managed_file(rel):
-                with self._writing(rel, by_name, ctx):
+                with self._writing(rel, by_name, ctx, repeat is not None):
                     agent = await self._writer(ctx, rel)
                     await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
             else:
@@ -472,12 +584,13 @@ class CoherentOperations(pyfuse3.Operations):
         self._set_mode_and_owner(rel, self._through(handle, inode, rel), attr, fields)
         if fields.update_atime or fields.update_mtime:
             viewer = await self._viewer(rel, ctx)
-            if viewer is not None and self._unsaved(rel, viewer) is not None:  # first: its commit may land meanwhile
-                self.writers[rel].set_times(
+            writer = self.writers.get(rel)
+            if writer is not None and writer.unsaved and viewer == writer.agent:  # first: its commit may land meanwhile
+                writer.set_times(
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
             self._set_times(rel, self._through(handle, inode, rel), attr, fields)
-        return self._attrs(rel, inode, await self._viewer(rel, ctx))
+        return self._attrs(rel, inode)
 
     def _through(self, handle: FileHandle | None, inode: int, rel: str) -> int | None:
         """The descriptor a setattr of `inode` at `rel` (through `handle`, when the kernel sent one) acts
@@ -793,43 +906,47 @@ class CoherentOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._open_file(Passthrough(fd, rel, _writable(flags)), inode), keep_cache=True)
         if not writing:
             return await self._open_reading(rel, inode, ctx, repeat is not None)
-        with self._writing(rel, inode, ctx):
+        with self._writing(rel, inode, ctx, repeat is not None):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
             handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags)
-            if handle.pending:  # O_TRUNC: its agent's stat sees the file cut, as on a local disk
+            fh = self._open_file(handle, inode)
+            if handle.pending:  # O_TRUNC: its descriptors see the file cut, as on a local disk
                 self.writers[rel] = handle
-            return pyfuse3.FileInfo(fh=self._open_file(handle, inode), direct_io=True)
+                self._step_aside(fh)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def _open_reading(self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: bool) -> pyfuse3.FileInfo:
         """A read-only open of the managed file at `rel` through `inode` (`repeat`: the kernel's repeat
-        of an open answered ESTALE): the version current now, served through the page cache when
-        `PageCache.serving` allows. If the inode lost its name while the open was under way, or
-        the repeat meets a change made since its lookup, the open takes the version of the inode's
-        cached readers (current when it began), or without any, the file's now, uncached: a call
-        may take effect at any moment while it is under way, and a repeat must not fail ESTALE."""
+        of an open answered ESTALE): the version current now, on an inode that serves no other content
+        (`PageCache.serving`), through the page cache when it allows. If the inode lost its name while
+        the open was under way, or the repeat meets another content there, the open takes the version
+        the inode's readers have (current when it began), or without any, the file's now: a call may
+        take effect at any moment while it is under way, and a repeat must not fail ESTALE."""
         agent, pinned = await self._identity(ctx)
         target = self._target(rel)
         await self._released([h for h in self.releasing.values() if h.rel == rel])  # their commits land first
         fd, version = await blocking(self.core.open_version, agent or "", target, register=False)
         tracked = agent is not None and agent_name_problem(agent) is None
         opener = agent if tracked else None
-        releasing = (h for h in self.releasing.values() if h.rel == rel and not h.released.is_set())
-        writing = (h for h in self._writers_of(rel) if h.rel == rel and not (h.moved or h.unlinked))  # by any inode
-        others = [*self._handles_on(inode), *releasing, *writing]
+        here = self._handles_on(inode)
+        releasing = [h for h in self.releasing.values() if h.rel == rel and not h.released.is_set()]
+        writing = [h for h in self._writers_of(rel) if h.rel == rel and not (h.moved or h.unlinked)]
+        elsewhere = [h for h in (*releasing, *writing) if all(h is not o for o in here)]
         st = os.fstat(fd)
-        how = self.pages.serving(rel, version, st.st_size, opener, others)
-        if "\0" in self.inodes.path(inode) or (how == "fresh" and repeat):
-            held = self.pages.readers(inode)
-            if held:
+        how = self.pages.serving(rel, version, st.st_size, opener, here, elsewhere)
+        if how == "fresh" and not repeat:
+            os.close(fd)
+            if "\0" not in self.inodes.path(inode):
+                self._fresh_inode(rel)
+            raise self._stale(rel, ctx, writing=False)
+        if "\0" in self.inodes.path(inode) or how == "fresh":
+            held = self.pages.version_served(here)
+            if held is not None:
                 os.close(fd)
-                fd, version = os.dup(held[0].fd), held[0].version
-                how = self.pages.serving(rel, version, os.fstat(fd).st_size, opener, others)
+                fd, version = os.dup(held.fd), held.version
+                how = self.pages.serving(rel, version, os.fstat(fd).st_size, opener, here, elsewhere)
             else:
                 how = "direct"
-        elif how == "fresh":
-            os.close(fd)
-            self._fresh_inode(rel)
-            raise self._stale(rel, ctx, writing=False)
         elif how == "cached" and not self._holds(rel, st):  # a commit landed while it was opened
             how = "direct"
         reader, program = self._reader(ctx.pid) if tracked else (None, None)
@@ -891,6 +1008,7 @@ class CoherentOperations(pyfuse3.Operations):
         written = await handle.write(off, buf)
         if isinstance(handle, Shadow):
             self.writers[handle.rel] = handle
+            self._step_aside(fh)
         return written
 
     @guarded
@@ -898,7 +1016,10 @@ class CoherentOperations(pyfuse3.Operations):
         handle = self.files.get(fh)
         if handle is not None:
             self.own.note(handle.rel)  # a commit's echo
-            await handle.flush()
+            try:
+                await handle.flush()
+            finally:
+                await self._take_name_back(self.file_inodes[fh])
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -912,28 +1033,36 @@ class CoherentOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.files.pop(fh)
         inode = self.file_inodes.pop(fh)
-        held = self.open_on[inode]
-        del held[fh]
-        if not held:
-            del self.open_on[inode]
         self.pages.released(handle)
         if not isinstance(handle, Shadow):
+            self._closed(inode, fh)
             await handle.release()
             return
         self.own.note(handle.rel)  # its commit's echo
         self.releasing[fh] = handle
         try:
             await handle.release()
-        finally:  # until its commit is in, its agent's stat sees the shadow: close(2) does not wait for it
+        finally:  # until its commit is in, its inode serves its writes: close(2) does not wait for it
             del self.releasing[fh]
             if self.writers.get(handle.rel) is handle:
                 del self.writers[handle.rel]
+            try:
+                await self._take_name_back(inode)
+            finally:
+                self._closed(inode, fh)
+
+    def _closed(self, inode: int, fh: int) -> None:
+        """The file handle `fh` of `inode` is no longer open on it."""
+        held = self.open_on[inode]
+        del held[fh]
+        if not held:
+            del self.open_on[inode]
 
     # ---- extended attributes --------------------------------------------------------
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        rel = self.inodes.path(inode)
+        rel = self._name_of(inode)
         if name in (XATTR_VERSION, XATTR_VIEW):
             if not self._managed_file(rel):
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -955,7 +1084,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        rel = self.inodes.path(inode)
+        rel = self._name_of(inode)
         held = self._unmanaged_fd(inode)
         names = [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
         if "\0" not in rel and self._managed_file(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode):
@@ -970,7 +1099,7 @@ class CoherentOperations(pyfuse3.Operations):
         if held is not None:
             os.setxattr(held, name, value)
         else:
-            self.backing.setxattr(self.inodes.path(inode), name, value)
+            self.backing.setxattr(self._name_of(inode), name, value)
 
     @guarded
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -980,7 +1109,7 @@ class CoherentOperations(pyfuse3.Operations):
         if held is not None:
             os.removexattr(held, name)
         else:
-            self.backing.removexattr(self.inodes.path(inode), name)
+            self.backing.removexattr(self._name_of(inode), name)
 
     # ---- inode lifetime -------------------------------------------------------------
 

@@ -1,0 +1,172 @@
+"""Copies the kernel makes through its page cache (`copy_file_range`, `sendfile`, `splice`: what
+`cp`, `cat a > b`, Python's `shutil.copyfile` and Node's `fs.copyFile` use) of managed files
+through the mount copy the bytes of the descriptor they copy from, and as many as it holds,
+whatever other agents hold open or ask meanwhile: the kernel keeps one page cache and one size
+per FUSE inode, so the mount gives each content its own inode (`fusefs/handles.py` `PageCache`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .harness.mounts import Mount
+
+P = "plans/a.md"
+
+AGENT = r"""
+import os, sys
+fds = {}
+for line in sys.stdin:
+    cmd, name, rest = (line.rstrip("\n").split(" ", 2) + [""])[:3]
+    args = rest.split(" ")
+    try:
+        if cmd == "open":  # read-only, read-write, or read-write cut
+            flags = {"r": os.O_RDONLY, "w": os.O_RDWR, "t": os.O_RDWR | os.O_TRUNC}[args[1]]
+            fds[name] = os.open(args[0], flags)
+            out = "opened"
+        elif cmd == "read":
+            out = os.pread(fds[name], 1 << 16, 0).decode()
+        elif cmd == "write":  # the rest of the line, backslash escapes decoded
+            out = str(os.pwrite(fds[name], rest.encode().decode("unicode_escape").encode(), 0))
+        elif cmd == "sendfile":  # no fstat first: what the kernel's own idea of the file gives
+            out_fd = os.open(args[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                copied = os.sendfile(out_fd, fds[name], 0, 1 << 16)
+            finally:
+                os.close(out_fd)
+            out = f"{copied}:{open(args[0], 'rb').read().decode()}"
+        elif cmd == "copy":  # copy_file_range into a file of the mount (the kernel's splice fallback)
+            out_fd = os.open(args[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                copied = os.copy_file_range(fds[name], out_fd, 1 << 16, 0, 0)
+            finally:
+                os.close(out_fd)
+            out = str(copied)
+        elif cmd == "fstat":
+            out = str(os.fstat(fds[name]).st_size)
+        elif cmd == "stat":
+            out = str(os.stat(name).st_size)
+        elif cmd == "ino":  # of a descriptor, or of a name
+            out = str(os.fstat(fds[name]).st_ino if name in fds else os.stat(name).st_ino)
+        elif cmd == "close":
+            os.close(fds.pop(name))
+            out = "closed"
+    except OSError as e:
+        out = f"error {e}"
+    print(out.replace("\n", "|"), flush=True)
+"""
+
+
+class Agent:
+    """A process of `agent` in the mount that runs one command per line (see AGENT) and answers it."""
+
+    def __init__(self, m: Mount, agent: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", AGENT],
+            cwd=m.path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": agent},
+        )
+
+    def __call__(self, *words: str) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(" ".join(words) + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().rstrip("\n")
+
+
+@contextlib.contextmanager
+def agents(m: Mount, *names: str) -> Iterator[list[Agent]]:
+    started = [Agent(m, name) for name in names]
+    try:
+        yield started
+    finally:
+        for agent in started:
+            agent.process.kill()
+            agent.process.wait()
+
+
+def test_a_copy_from_a_reader_of_each_version_copies_that_version(mounted: Mount, tmp_path: Path) -> None:
+    """bob holds version 1 open while alice commits version 2 of the same size in place; carol opens
+    version 2. Each copy by sendfile gives its own descriptor's bytes, whichever went first (the
+    kernel would otherwise answer the second from the pages the first filled), and each
+    descriptor's fstat its version's size."""
+    (mounted.path / P).write_text("version one\n")
+    with agents(mounted, "alice", "bob", "carol") as (alice, bob, carol):
+        assert alice("open", "x", P, "r") == "opened" and alice("read", "x") == "version one|"
+        assert alice("open", "w", P, "w") == "opened"
+        assert bob("open", "r", P, "r") == "opened" and bob("read", "r") == "version one|"
+        assert alice("write", "w", "VERSION TWO\\n") == "12" and alice("close", "w") == "closed"
+        assert carol("open", "r", P, "r") == "opened" and carol("read", "r") == "VERSION TWO|"
+        assert bob("sendfile", "r", str(tmp_path / "bob.copy")) == "12:version one|"
+        assert carol("sendfile", "r", str(tmp_path / "carol.copy")) == "12:VERSION TWO|"
+        assert bob("sendfile", "r", str(tmp_path / "bob.copy")) == "12:version one|"
+        assert (bob("fstat", "r"), carol("fstat", "r")) == ("12", "12")
+        assert carol("open", "w", P, "t") == "opened" and carol("write", "w", "three, a longer version\\n") == "24"
+        assert carol("close", "w") == "closed"
+        assert bob("fstat", "r") == "12", "a reader's descriptor keeps its version's size"
+        assert bob("sendfile", "r", str(tmp_path / "bob.copy")) == "12:version one|"
+
+
+def test_a_copy_from_a_write_handle_copies_its_unsaved_writes_and_a_readers_copy_the_committed_bytes(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """alice has unsaved writes (of the committed file's size) in a write handle; bob copies the
+    committed file, then alice copies from her handle: each gets its own descriptor's bytes."""
+    (mounted.path / P).write_text("committed bytes\n")
+    with agents(mounted, "alice", "bob") as (alice, bob):
+        assert alice("open", "x", P, "r") == "opened" and alice("read", "x") == "committed bytes|"
+        assert alice("open", "w", P, "w") == "opened" and alice("write", "w", "UNSAVED BYTES!!\\n") == "16"
+        assert bob("open", "r", P, "r") == "opened"
+        assert bob("sendfile", "r", str(tmp_path / "bob.copy")) == "16:committed bytes|"
+        assert alice("sendfile", "w", str(tmp_path / "alice.copy")) == "16:UNSAVED BYTES!!|"
+        assert bob("sendfile", "r", str(tmp_path / "bob.copy")) == "16:committed bytes|"
+        assert (bob("read", "r"), bob("stat", P)) == ("committed bytes|", "16")
+        assert alice("close", "w") == "closed"
+    assert (mounted.root / P).read_text() == "UNSAVED BYTES!!\n"
+
+
+def test_another_agents_stat_does_not_cut_a_copy_from_a_write_handle(mounted: Mount) -> None:
+    """alice's write handle holds 34 unsaved bytes where 12 are committed; bob stats the file by its
+    name (he sees the committed file) and alice copies from her handle into another managed file
+    with copy_file_range: all 34 bytes are copied (the kernel clamps a copy at the size it last
+    heard of the inode, which bob's stat set)."""
+    (mounted.path / P).write_text("version one\n")
+    with agents(mounted, "alice", "bob") as (alice, bob):
+        assert alice("open", "x", P, "r") == "opened" and alice("read", "x") == "version one|"
+        assert alice("open", "w", P, "w") == "opened"
+        assert alice("write", "w", "thirty-five bytes of unsaved text\\n") == "34"
+        assert alice("fstat", "w") == "34"
+        assert bob("stat", P) == "12"
+        assert alice("copy", "w", "plans/copy.md") == "34"
+        assert alice("close", "w") == "closed"
+    assert (mounted.root / "plans/copy.md").read_text() == "thirty-five bytes of unsaved text\n"
+    assert (mounted.root / P).read_text() == "thirty-five bytes of unsaved text\n"
+
+
+def test_a_file_written_in_place_keeps_its_inode_number_and_other_agents_see_the_committed_file_meanwhile(
+    mounted: Mount,
+) -> None:
+    """While alice's write handle holds unsaved writes, her stat of the file by its name shows them,
+    on the inode her descriptor has, as on a local disk; bob's shows the committed file, and his
+    read gives its bytes. Once she closes the handle, the file has the inode number it had before."""
+    (mounted.path / P).write_text("version one\n")
+    before = os.stat(mounted.path / P).st_ino
+    with agents(mounted, "alice", "bob") as (alice, bob):
+        assert alice("open", "x", P, "r") == "opened" and alice("read", "x") == "version one|"
+        assert alice("close", "x") == "closed"
+        assert alice("open", "w", P, "w") == "opened" and alice("write", "w", "longer version two\\n") == "19"
+        assert (alice("fstat", "w"), alice("stat", P), bob("stat", P)) == ("19", "19", "12")
+        assert alice("ino", "w") == alice("ino", P) != bob("ino", P)
+        assert bob("open", "r", P, "r") == "opened" and bob("read", "r") == "version one|"
+        assert alice("open", "x", P, "r") == "opened" and alice("read", "x") == "version one|"
+        assert (alice("stat", P), bob("stat", P)) == ("19", "12")
+        assert alice("close", "w") == "closed"
+        assert (alice("stat", P), bob("stat", P), bob("fstat", "r")) == ("19", "19", "12")
+    assert os.stat(mounted.path / P).st_ino == before
