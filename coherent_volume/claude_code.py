@@ -149,7 +149,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer()
     if name == "UserPromptSubmit":
         progress.decide(Answer(), hooks.WARN_BUDGET)
-        roots = hook_paths.volume_roots(places)
+        roots = hook_paths.session_volumes(main, places)
         return hooks.with_context(Answer(), name, [stale_warning(session_actor, roots, FACE, main)])
     found = hook_paths.located(path) if path is not None else None
     progress.in_volume = found is not None

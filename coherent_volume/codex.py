@@ -20,7 +20,8 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
 - PreToolUse `Bash` does the same for writes `shell_writes` recognises (they need a view a
   patch registered: a file never patched is refused `unread`);
 - SessionStart binds the session's process (on a mount, what it does is the session's);
-  PostToolUse records the session's commits and releases the grants; Stop (the end of a turn)
+  PostToolUse records the session's commits and releases the grants (after a `Bash` command,
+  also the deletions of files its words no longer name, `hook_steps.end_deletions`); Stop (the end of a turn)
   releases the grants the session still holds (a patch the user rejected took one);
   UserPromptSubmit and allowed tool calls tell the model (`additionalContext`) which files it
   saw went stale.
@@ -32,7 +33,7 @@ same agent and their reads never refresh a view. Every rule is the core's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -216,28 +217,29 @@ def _command(event: dict[str, Any]) -> str | None:
 
 
 def _patches(event: dict[str, Any]) -> list[FilePatch]:
-    """The files of the event's apply_patch patch (none for another tool)."""
-    command = _command(event)
-    return parse_patch(command) if event.get("tool_name") == PATCH_TOOL and command is not None else []
+    """The files of the event's apply_patch patch (none for another tool), their paths (and move
+    targets) made absolute against the event's `cwd`, once; a file with no path is left out."""
+    command, cwd = _command(event), event.get("cwd")
+    if event.get("tool_name") != PATCH_TOOL or command is None:
+        return []
+    placed = (
+        (patch, hooks.absolute(patch.path, cwd), hooks.absolute(patch.move_to, cwd)) for patch in parse_patch(command)
+    )
+    return [replace(patch, path=path, move_to=move_to) for patch, path, move_to in placed if path is not None]
 
 
 def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, HandleKind]]:
-    """The files the event's patch or shell command writes (absolute), with how."""
+    """The files the event's patch (`_patches`) or shell command writes (absolute), with how."""
     cwd, command = event.get("cwd"), _command(event)
     if event.get("tool_name") == SHELL_TOOL and command is not None:
         return shell_writes(command, cwd if isinstance(cwd, str) else ".")
-    paths = (hooks.absolute(raw, cwd) for patch in patches for raw in (patch.path, patch.move_to))
+    paths = (path for patch in patches for path in (patch.path, patch.move_to))
     return [(path, "write") for path in paths if path is not None]
 
 
-def _updates(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, FilePatch]]:
-    """The patch's updates with old lines, by absolute path."""
-    sources = ((hooks.absolute(patch.path, event.get("cwd")), patch) for patch in patches)
-    return [
-        (source, patch)
-        for source, patch in sources
-        if source is not None and patch.op == "update" and any(h.old for h in patch.hunks)
-    ]
+def _updates(patches: list[FilePatch]) -> list[FilePatch]:
+    """The patch's updates with old lines."""
+    return [patch for patch in patches if patch.op == "update" and any(h.old for h in patch.hunks)]
 
 
 def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None = None) -> Answer:
@@ -253,12 +255,12 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     found = hook_steps.planned(progress, FACE, name == "PreToolUse", shell, lambda: _writes(event, patches))
     if isinstance(found, Answer):
         return found
-    writes, updates = found, _updates(event, patches)
+    writes, updates = found, _updates(patches)
     if actor is None:
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     if progress.write_check:
-        for path, patch in updates:  # what the patch shows the model saw
-            hook_steps.observe(actor, path, partial(fits, hunks=patch.hunks), earlier=EARLIER_VERSIONS)
+        for patch in updates:  # what the patch shows the model saw
+            hook_steps.observe(actor, patch.path, partial(fits, hunks=patch.hunks), earlier=EARLIER_VERSIONS)
         merging = event.get("tool_name") == PATCH_TOOL
         refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
         denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused)
@@ -266,10 +268,13 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return denial
     if name in ("PreToolUse", "UserPromptSubmit"):
         progress.decide(Answer(), hooks.WARN_BUDGET)
-        warning = stale_warning(actor, hook_paths.volume_roots(places), FACE)
+        warning = stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE)
         return hooks.with_context(Answer(), name, [warning])
-    if name == "PostToolUse" and writes:
-        return hooks.with_context(Answer(), name, hook_steps.end_writes(actor, writes, progress, record=True))
+    if name == "PostToolUse":
+        told = hook_steps.end_writes(actor, writes, progress, record=True) if writes else []
+        if event.get("tool_name") == SHELL_TOOL:
+            told += hook_steps.end_deletions(actor, places, record=True)
+        return hooks.with_context(Answer(), name, told)
     if name == "SessionStart":
         hook_steps.start_session(actor, places)
     elif name == "Stop":
@@ -305,14 +310,14 @@ def _refused(
     return hook_merge.answer(core, target, agent, refusal, progress, FACE, change, asks)
 
 
-def _change(writes: list[tuple[str, HandleKind]], updates: list[tuple[str, FilePatch]]) -> hook_merge.Change | str:
+def _change(writes: list[tuple[str, HandleKind]], updates: list[FilePatch]) -> hook_merge.Change | str:
     """The change of a patch that updates one file and writes no other: its hunks, made to the
     version they were written against (Codex would not apply them to the current content: they
     do not fit it, or the view would be current); or why it cannot be merged."""
     if len(writes) != 1 or len(updates) != 1:
         return "coherent-volume merges a patch only when it updates one file (`*** Update File:`) and nothing else"
     return hook_merge.Change(
-        partial(patched, hunks=updates[0][1].hunks),
+        partial(patched, hunks=updates[0].hunks),
         rebased=False,
         name="your patch",
         misfit="its hunks' old lines are not all there in order, or a hunk only adds lines",

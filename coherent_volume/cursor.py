@@ -114,15 +114,17 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         if denial is not None:
             return denial
         progress.decide(_permission("allow"), hooks.WARN_BUDGET)
-        return _permission("allow", stale_warning(actor, hook_paths.volume_roots(places), FACE))
+        return _permission("allow", stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE))
     if name == "beforeReadFile":
         path, content = hooks.absolute(event.get("file_path"), _base(event)), event.get("content")
         progress.path = path
         if path is not None and isinstance(content, str):
             hook_steps.observe(actor, path, partial(hook_steps.shows, text=content, whole=True), progress)
         return _permission("allow")
-    if name in ("postToolUse", "afterShellExecution") and writes:
-        told = hook_steps.end_writes(actor, writes, progress, record=True)
+    if name in ("postToolUse", "afterShellExecution") and (writes or name == "afterShellExecution"):
+        told = hook_steps.end_writes(actor, writes, progress, record=True) if writes else []
+        if name == "afterShellExecution":
+            told += hook_steps.end_deletions(actor, places, record=True)
         return Answer(0, json.dumps({"additional_context": "\n\n".join(told)})) if told else Answer()
     if name == "postToolUseFailure" and writes:
         hook_steps.end_writes(actor, writes, progress, record=False)

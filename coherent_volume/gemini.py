@@ -154,13 +154,17 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             for path, shown in _reads(event):
                 progress.path = path
                 hook_steps.observe(actor, path, shown, progress)
-        elif name == "AfterTool" and writes:
+        elif name == "AfterTool" and (writes or tool == SHELL_TOOL):
             response = event.get("tool_response")
             failed = not isinstance(response, dict) or bool(response.get("error"))
-            told = hook_steps.end_writes(actor, writes, progress, record=not failed)
+            told = hook_steps.end_writes(actor, writes, progress, record=not failed) if writes else []
+            if tool == SHELL_TOOL:
+                told += hook_steps.end_deletions(actor, places, record=not failed)
         answer = hooks.with_context(Answer(), name, told)
         progress.decide(answer, hooks.WARN_BUDGET)
-        return hooks.with_context(answer, name, [stale_warning(actor, hook_paths.volume_roots(places), FACE)])
+        return hooks.with_context(
+            answer, name, [stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE)]
+        )
     return Answer()
 
 

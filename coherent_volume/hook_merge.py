@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import diffs, hooks
 from .core import VolumeCore
-from .core.history import MERGE_ATTEMPTS
+from .core.history import Refused
 from .errors import CoherenceError, StaleWriteError
 from .hook_steps import denial_text, denied
 from .hooks import Answer, Face, Progress
@@ -108,8 +108,12 @@ def _merge(
     the answer is known the decided fallback is the stale denial, and while a commit is under way
     one that says the change may be in the file."""
     progress.decide(face.deny(denial_text(core, refusal, face), refusal.path), hooks.HOOK_BUDGET)
-    for _ in range(MERGE_ATTEMPTS):
-        found = _plan(core, target, refusal, change)
+
+    def merge_onto(save: Refused, base: int | None) -> Answer | Refused:
+        """One round of `VolumeCore.merge_rounds`: merge the change onto the version `save`'s
+        refusal names current, from the version the session saw (`base`), and commit or show it."""
+        refusal = save.refusal
+        found = _plan(core, target, refusal, base or 0, change)
         if found.merged is None:
             return denied(core, refusal, progress, face, _unmerged_note(refusal, found))
         if asks is not None:
@@ -123,24 +127,27 @@ def _merge(
                 target,
                 found.merged,
                 expected=refusal.current_version,
-                made=("merge", (refusal.seen_version or 0, refusal.current_version)),
+                made=("merge", (base or 0, refusal.current_version)),
             )
         except StaleWriteError as again:
-            if again.reason != "stale" or again.seen_version is None:
-                return denied(core, again, progress, face)
-            refusal = again  # another commit landed since: merge onto it
-            continue
+            return Refused(again, None)  # merged again onto what landed since, if it may be
         return face.deny(_merged_text(core, refusal, version, face), refusal.path)
-    return denied(core, refusal, progress, face, "It was not merged: other writes kept landing while it was merged.\n")
+
+    try:
+        return core.merge_rounds(Refused(refusal, None), merge_onto)
+    except StaleWriteError as refused:  # not merged: the last round's refusal
+        return denied(
+            core, refused, progress, face, f"It was not merged: {refused.unmerged}.\n" if refused.unmerged else ""
+        )
 
 
-def _plan(core: VolumeCore, target: Target, refusal: StaleWriteError, change: Change | str) -> _Plan:
+def _plan(core: VolumeCore, target: Target, refusal: StaleWriteError, base_version: int, change: Change | str) -> _Plan:
     """The three-way merge of the change made to the version the agent saw (base) with the
     current version; for a `rebased` change only if that is exactly the change made to the current
     content (else the tool's own way of applying it would give something else)."""
     if isinstance(change, str):
         return _Plan(why=change)
-    base_version, current_version = refusal.seen_version or 0, refusal.current_version
+    current_version = refusal.current_version
     try:
         base = b"" if base_version == 0 else core.read_version(target, base_version)
         current = core.read_version(target, current_version)

@@ -15,13 +15,17 @@ Invariants:
   saw, `core.note_read`), at the version whose content matches what the model was shown;
 - a write grant is taken with its check in one commit-locked step (`core.begin_write`), for every
   managed path of an event or for none; a hook releases only a grant a hook took for the same
-  agent and process (`release_hook_grant`).
+  agent and process (`release_hook_grant`);
+- a session's events (start, end, end of a turn, warnings) touch only the volumes it works in
+  (`hook_paths.session_volumes`): a binding is noted before it is made (`_joined`), so a volume a
+  session holds anything in is one its end reaches, wherever the note can be kept.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
 from .errors import CoherenceError, OutsideVolume, StaleWriteError, UnprotectedAlias, UnresolvedShellWrite
-from .hook_paths import located, volume_roots
+from .hook_paths import forget_volumes, located, record_volume, session_volumes
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target, is_registry_path
@@ -74,11 +78,12 @@ def opened(root: str) -> Iterator[VolumeCore]:
 def _resolve(core: VolumeCore, rel: str) -> Target | None:
     """The target at `rel` if writes to it are the volume's business (managed, or an alias of an
     unmanaged path); None for an unmanaged path or a symlink out of the volume. The registry's own
-    directory raises OutsideVolume."""
+    directory, however spelled (`./.coherent`, through a symlink or a `..`), raises OutsideVolume."""
     try:
         target = core.resolve(rel)
     except OutsideVolume:
-        if is_registry_path(rel):
+        real = os.path.relpath(os.path.realpath(os.path.join(core.paths.root, rel)), core.paths.root)
+        if is_registry_path(rel) or is_registry_path(real):
             raise
         return None
     return target if target.managed or target.alias_of is not None else None
@@ -103,11 +108,13 @@ def _as(actor: Actor, session: str) -> Actor:
 
 def _joined(core: VolumeCore, actor: Actor) -> Actor:
     """Bind the actor's process to its session, views pinned, once both names are valid agent
-    names; the actor as it acts in this volume: its session's own agent, or, while another live
+    names, recording the volume as one the session works in (`hook_paths.record_volume`); the
+    actor as it acts in this volume: its session's own agent, or, while another live
     process is bound to the session (one session resumed twice), the agent of its own `_fork`
     names (`core.join_session` decides)."""
     validate_agent(actor.session)
     validate_agent(actor.agent)
+    record_volume(actor.session, core.paths.root)  # first: the session's events reach whatever it binds here
     return _as(actor, core.join_session(actor.session, actor.process, _fork(actor)))
 
 
@@ -259,23 +266,31 @@ def begin_writes(
         for core, agent, target in taken:
             release_hook_grant(core, agent, target, actor.process)
 
-    with _managed(writes, progress) as volumes:
-        for volume in volumes:
-            core = volume.core
-            writer = _joined(core, actor).on(volume.mounted)
-            for target, kind in volume.targets:
-                if target.alias_of is not None:
-                    release_taken()
-                    text = f"coherent-volume refused this write: {UnprotectedAlias(target.alias_of, target.rel)}."
-                    return face.deny(text, target.rel)
-                try:  # check and grant in one commit-locked step: nobody else passes until released
-                    core.begin_write(writer, target, actor.process, kind=kind, ttl=hooks.HOOK_GRANT_TTL)
-                except StaleWriteError as refusal:
-                    release_taken()
-                    if refused is not None:
-                        return refused(core, target, writer, refusal)
-                    return denied(core, refusal, progress, face)
-                taken.append((core, writer, target))
+    try:
+        with _managed(writes, progress) as volumes:
+            for volume in volumes:
+                core = volume.core
+                writer = _joined(core, actor).on(volume.mounted)
+                for target, kind in volume.targets:
+                    if target.alias_of is not None:
+                        release_taken()
+                        text = f"coherent-volume refused this write: {UnprotectedAlias(target.alias_of, target.rel)}."
+                        return face.deny(text, target.rel)
+                    try:  # check and grant in one commit-locked step: nobody else passes until released
+                        core.begin_write(writer, target, actor.process, kind=kind, ttl=hooks.HOOK_GRANT_TTL)
+                    except StaleWriteError as refusal:
+                        release_taken()
+                        if refused is not None:
+                            return refused(core, target, writer, refusal)
+                        return denied(core, refusal, progress, face)
+                    taken.append((core, writer, target))
+    except OutsideVolume as registry:  # a path in a volume's registry (`_resolve`)
+        release_taken()
+        text = (
+            f"coherent-volume refused this write: {registry}. Only coherent-volume changes a volume's registry "
+            "(its `.coherent` directory): leave it out of the command."
+        )
+        return face.deny(text, progress.path)
     return None
 
 
@@ -295,6 +310,30 @@ def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool
                 if record and kind == "write":
                     told += _recorded(core, writer, target)
                 release_hook_grant(core, writer, target, actor.process)
+    return told
+
+
+def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool) -> list[str]:
+    """After a shell command ran: each managed file on which the actor's process holds a hook's
+    grant (`begin_writes`), in the volumes the session works in (`hook_paths.session_volumes`),
+    that its volume holds and the disk no longer does, the command deleted where its words name it
+    no more once it ran (`find -delete`, `rm -r DIR`, a directory moved away): with `record`, it is
+    recorded as the deletion of the agent that holds the grant (`adopt`), and the grant released.
+    Returns what the model must be told, as `end_writes` does."""
+    told: list[str] = []
+    for root in session_volumes(actor.session, places):
+        with opened(root) as core:
+            acts = acting(core, actor)
+            with core.registry.read() as tx:
+                held = [(g, tx.file(g.path)) for agent in {acts.agent, acts.session} for g in tx.grants_of(agent)]
+            for grant, file in held:
+                target = core.paths.of_rel(grant.path)
+                ours = not grant.fences and grant.owner == actor.process
+                if not ours or file is None or not file.present or os.path.lexists(target.abs):
+                    continue
+                if record:
+                    told += _recorded(core, grant.agent, target)
+                release_hook_grant(core, grant.agent, target, actor.process)
     return told
 
 
@@ -341,7 +380,10 @@ def observe(
     if found is None:
         return None
     with opened(found.root) as core:
-        target = _resolve(core, found.rel)
+        try:
+            target = _resolve(core, found.rel)
+        except OutsideVolume:  # the registry's: no view of it (a write to it is denied, `begin_writes`)
+            target = None
         progress.managed = target is not None and target.alias_of is None
         if target is None or target.alias_of is not None:
             return None
@@ -387,19 +429,20 @@ def shows(data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str
 
 
 def start_session(actor: Actor, places: Iterable[str | None]) -> None:
-    """Bind the session's process (views pinned) in every mounted volume and the volumes holding
-    `places`, so whatever it does through a mount is the session's from its first access on: a
-    mount caches whose a process is for a moment, so a binding made only between a read and a write
-    could come too late for the write."""
-    for root in volume_roots(places):
+    """Bind the session's process (views pinned) in the volumes the session works in
+    (`hook_paths.session_volumes`: those holding `places`, its working directories, and those its
+    hooks bound it in before), so whatever it does through a mount of one is the session's from its
+    first access on: a mount caches whose a process is for a moment, so a binding made only between
+    a read and a write could come too late for the write."""
+    for root in session_volumes(actor.session, places):
         with opened(root) as core:
             _joined(core, actor)
 
 
 def release_grants(actor: Actor, places: Iterable[str | None]) -> None:
-    """Release every write grant hooks took for the actor's agent and process in every mounted
-    volume and the volumes holding `places`, keeping its binding (the session goes on)."""
-    for root in volume_roots(places):
+    """Release every write grant hooks took for the actor's agent and process in the volumes the
+    session works in (`hook_paths.session_volumes`), keeping its binding (the session goes on)."""
+    for root in session_volumes(actor.session, places):
         with opened(root) as core:
             agent = acting(core, actor).agent
             with core.registry.read() as tx:
@@ -411,12 +454,14 @@ def release_grants(actor: Actor, places: Iterable[str | None]) -> None:
 
 def end_session(actor: Actor, places: Iterable[str | None]) -> None:
     """Release every grant the actor's agent (its fork where its process acts as one) and that
-    agent's subagents (`agent/…`) hold, and their process bindings, in every mounted volume and the
-    volumes holding `places`."""
-    for root in volume_roots(places):
+    agent's subagents (`agent/…`) hold, and their process bindings, in the volumes the session
+    works in (`hook_paths.session_volumes`); at the session's own end, then forget those volumes."""
+    for root in session_volumes(actor.session, places):
         with opened(root) as core:
             agent = acting(core, actor).agent
             with core.registry.read() as tx:
                 subagents = sorted({g.agent for g in tx.grants() if g.agent.startswith(agent + "/")})
             for ending in [agent, *subagents]:
                 core.end_session(ending)
+    if actor.agent == actor.session:
+        forget_volumes(actor.session)

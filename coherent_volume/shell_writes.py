@@ -13,8 +13,11 @@ inside a word joins it. Recognised writes:
 - `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, `awk -i inplace` and awk's
   `print > FILE`, `rm`/`unlink`/`shred`, `mv` (its sources are removed), `cp`, `install`, `ln`
   (`-T`: the destination itself), `truncate`, `dd of=`, `sort -o`, `uniq IN OUT`,
-  `find -delete`/`-fprint FILE`, `time -o FILE`, `strace -o FILE`; a directory removed or moved
-  stands for the files below it;
+  `find -fprint FILE`, `time -o FILE`, `strace -o FILE`; a directory removed or moved stands for
+  the files below it; `find START… EXPR -delete` for each file (not a directory, symlinks not
+  followed) below its starting points, as they are now, for which its expression may reach
+  `-delete` (`_find_expression`, `_find_reaches`: a test only the file system can decide may be
+  either);
 - looked through: the wrappers in `_WRAPPERS` with their own options, and the text of
   `bash -c`/`sh -c`, `su -c`, `flock -c`, `script -c`, `eval` and `trap` (a trap's handler also
   where the shell exits); an expansion in such a script is code known only when it runs.
@@ -29,7 +32,8 @@ succeeded (`&&`), and either may hold after `;`; after a loop, any directory a r
 
 A write whose file cannot be told before the command runs (a variable, a command substitution,
 arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
-expansion, the operands of `xargs`, `find -exec` or `parallel` running a writer, `find -delete`,
+expansion, the operands of `xargs`, `find -exec` or `parallel` running a writer, a `find -delete`
+that follows symlinks, reads its starting points from a file or whose expression is not read,
 a shell reading its script from its input, a pattern with a character class, more than
 `_MOST_EXPANDED` words, matches or files below a directory, a command tree-sitter cannot parse,
 work past the bounds `_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its
@@ -58,8 +62,9 @@ import glob
 import os
 import re
 import shlex
+import stat
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -1312,9 +1317,11 @@ class _Walk:
 
     def _find(self, args: list[Item], cwd: Cwd) -> None:
         starts: list[Item] = []
+        follows = "P"  # how find treats symlinks: the last of -H, -L, -P
         i = 0
         while i < len(args) and isinstance(args[i], str) and re.fullmatch(r"-[HLP]+|-D|-O\d*", str(args[i])):
-            i += 2 if args[i] == "-D" else 1  # how find treats links, and its debug and optimisation options
+            follows = next((c for c in reversed(str(args[i])) if c in "HLP"), follows)
+            i += 2 if args[i] == "-D" else 1  # its debug and optimisation options
         while i < len(args) and not (isinstance(args[i], str) and str(args[i])[:1] in "-(!"):
             starts.append(args[i])
             i += 1
@@ -1322,12 +1329,18 @@ class _Walk:
         trees = [_tree(cwd, s) for s in starts or ["."]]
         if "-files0-from" in args:  # more starting points, read from a file
             trees = [(_place(cwd), None)]
+        deleted = self._find_deleted(starts or ["."], args[i:], follows, cwd) if "-delete" in args[i:] else []
+        if isinstance(deleted, str):
+            why = (
+                f"the files find deletes: {deleted}. Run the same find with -print instead of -delete to list them, "
+                "then remove those files with rm, naming each"
+            )
+            self.unknown += [Unknown("find -delete", why, place, shape=shape) for place, shape in trees]
+        for path in deleted if isinstance(deleted, list) else []:
+            self.write(path, cwd, "write")
         while i < len(args):
             arg = args[i]
-            if arg == "-delete":
-                for place, shape in trees:
-                    self.unknown.append(Unknown("find -delete", "the files find deletes", place, shape=shape))
-            elif arg in ("-fprint", "-fprint0", "-fls", "-fprintf") and i + 1 < len(args):
+            if arg in ("-fprint", "-fprint0", "-fls", "-fprintf") and i + 1 < len(args):
                 self.write(args[i + 1], cwd, "write")
             elif arg in ("-exec", "-execdir", "-ok", "-okdir"):
                 end = next((j for j in range(i + 1, len(args)) if args[j] in (";", "+")), len(args))
@@ -1337,6 +1350,52 @@ class _Walk:
                     self._run_with(args[i + 1 : end], named, "{}", visited if "dir" in str(arg) else cwd)
                 i = end
             i += 1
+
+    def _find_deleted(self, starts: list[Item], expression: list[Item], follows: str, cwd: Cwd) -> list[str] | str:
+        """The files `find STARTS EXPRESSION` with `-delete` deletes (`follows`: the last of its
+        -H, -L, -P): each file (not a directory: one find deletes is empty) at or below a starting
+        point for which the expression may reach `-delete` (`_find_reaches`), each a deletion checked
+        like `rm`'s. Or why they cannot be told before it runs: a starting point or working directory
+        known only then, symlinks followed (-L, -follow), more starting points read from a file, an
+        expression this does not read, too many files."""
+        if "L" in follows or "-follow" in expression:
+            return "it follows symlinks (-L, -follow), so which files it reaches is known only when it runs"
+        if "-files0-from" in expression:
+            return "it reads more starting points from a file"
+        if isinstance(cwd, Unknown) or any(isinstance(s, Unknown) for s in starts):
+            return "a starting point is known only when it runs"
+        parsed = _find_expression(expression)
+        if isinstance(parsed, str):
+            return f"its expression has {parsed}, which coherent-volume does not read"
+        deleted: list[str] = []
+        for start in map(str, starts):
+            found = self._find_files(os.path.join(str(cwd), start), start, "H" in follows)
+            if found is None:
+                return f"it may delete more than {_MOST_EXPANDED} files"
+            deleted += [path for path, shown, kind in found if _find_reaches(parsed, shown, kind)[1]]
+        return deleted
+
+    def _find_files(self, path: str, shown: str, follow: bool) -> list[tuple[str, str, str]] | None:
+        """Every entry but a directory at or below find's starting point `path` (given as `shown`),
+        as (path, the path as find names it, its type letter as `-type` tests it); symlinks are not
+        followed, but a starting point's with `follow` (-H). None for more than _MOST_EXPANDED."""
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError:
+            return []  # nothing there (or nothing find may read): nothing it deletes
+        if not stat.S_ISDIR(st.st_mode):
+            return [(path, shown, _type_letter(st.st_mode))]
+        found: list[tuple[str, str, str]] = []
+        for directory, dirs, names in os.walk(path):
+            self.tick(len(dirs) + len(names) + 1)
+            for name in names + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
+                entry = os.path.join(directory, name)
+                found.append(
+                    (entry, shown.rstrip("/") + entry[len(path.rstrip("/")) :], _type_letter(os.lstat(entry).st_mode))
+                )
+            if len(found) > _MOST_EXPANDED:
+                return None
+        return found
 
     def _parallel(self, args: list[Item], cwd: Cwd) -> None:
         items = list(args)
@@ -1485,6 +1544,175 @@ def _tree(cwd: Cwd, start: Item) -> tuple[str, tuple[Piece, ...] | None]:
     else:
         return os.path.join(str(cwd), start), (Wild.DIRS,)
     return tree.place, tree.shape
+
+
+_FIND_ONE = _names(
+    "-name -iname -path -ipath -wholename -iwholename -lname -ilname -regex -iregex -type -xtype -newer -anewer "
+    "-cnewer -perm -size -user -group -uid -gid -links -inum -mtime -atime -ctime -mmin -amin -cmin -used -samefile "
+    "-fstype -context -maxdepth -mindepth -regextype -printf -fprint -fprint0 -fls -files0-from"
+)
+"""find's primaries that take one argument (besides `-newerXY`)."""
+_FIND_NONE = _names(
+    "-delete -print -print0 -ls -prune -quit -true -false -empty -executable -readable -writable -nouser -nogroup "
+    "-depth -d -xdev -mount -noleaf -ignore_readdir_race -noignore_readdir_race -daystart -follow -warn -nowarn "
+    "-help -version"
+)
+"""find's primaries that take none."""
+_FIND_TRUE = _names(
+    "-print -print0 -ls -fprint -fprint0 -fls -printf -fprintf -prune -quit -true -depth -d -xdev -mount -noleaf "
+    "-ignore_readdir_race -noignore_readdir_race -daystart -warn -nowarn -maxdepth -mindepth -regextype -help -version"
+)
+"""find's options and actions that are true for every file (`-quit` and `-help` end it: taken as going on)."""
+
+
+@dataclass(frozen=True)
+class _FindNode:
+    """A find expression: `-a`, `-o`, `,` or `!` of its operands ("and", "or", ",", "not"), or a
+    primary with its arguments."""
+
+    name: str
+    operands: tuple[_FindNode, ...] = ()
+    arguments: tuple[Item, ...] = ()
+
+
+def _find_expression(items: list[Item]) -> _FindNode | str:
+    """find's expression `items` as a tree (`-a` binds closer than `-o`, which binds closer than
+    `,`), or what in it this cannot read, as the model is told (an unknown primary, an expansion
+    where a primary stands, an unbalanced parenthesis)."""
+    at = 0
+
+    def peek() -> Item | None:
+        return items[at] if at < len(items) else None
+
+    def joined(name: str, operators: tuple[str, ...], operand: Callable[[], _FindNode]) -> _FindNode:
+        """Operands joined by one of `operators`, left to right, as `name`."""
+        nonlocal at
+        node = operand()
+        while peek() in operators:
+            at += 1
+            node = _FindNode(name, (node, operand()))
+        return node
+
+    def listed() -> _FindNode:
+        return joined(",", (",",), alternatives)
+
+    def alternatives() -> _FindNode:
+        return joined("or", ("-o", "-or"), conjunction)
+
+    def conjunction() -> _FindNode:
+        nonlocal at
+        node = unary()
+        while peek() is not None and peek() not in ("-o", "-or", ",", ")"):
+            at += 1 if peek() in ("-a", "-and") else 0
+            node = _FindNode("and", (node, unary()))
+        return node
+
+    def unary() -> _FindNode:
+        nonlocal at
+        token = peek()
+        if token in ("!", "-not"):
+            at += 1
+            return _FindNode("not", (unary(),))
+        if token == "(":
+            at += 1
+            node = listed()
+            if peek() != ")":
+                raise _Unreadable("an unbalanced `(`")
+            at += 1
+            return node
+        return primary()
+
+    def primary() -> _FindNode:
+        nonlocal at
+        token = peek()
+        if not isinstance(token, str):
+            raise _Unreadable("an expansion where a test or action stands" if token is not None else "a missing test")
+        at += 1
+        if token in _FIND_NONE:
+            return _FindNode(token)
+        if token in ("-exec", "-execdir", "-ok", "-okdir"):
+            end = next((j for j in range(at, len(items)) if items[j] in (";", "+")), len(items))
+            arguments, at = items[at:end], end + 1
+            return _FindNode(token, arguments=tuple(arguments))
+        count = (
+            1 if token in _FIND_ONE or re.fullmatch(r"-newer[aBcm][aBcmt]", token) else 2 if token == "-fprintf" else 0
+        )
+        if not count or at + count > len(items):
+            raise _Unreadable(f"`{token}`")
+        arguments, at = items[at : at + count], at + count
+        return _FindNode(token, arguments=tuple(arguments))
+
+    try:
+        node = listed()
+        if peek() is not None:
+            raise _Unreadable(f"`{peek()}`" if isinstance(peek(), str) else "an expansion")
+    except _Unreadable as e:
+        return str(e)
+    return node
+
+
+class _Unreadable(Exception):
+    """What in a find expression `_find_expression` cannot read."""
+
+
+def _find_reaches(node: _FindNode, path: str, kind: str) -> tuple[bool | None, bool]:
+    """The value of find's expression `node` for the file find names `path` (a `-type` letter
+    `kind`), None where it is known only when find runs (a time, a size, an owner, a pattern
+    fnmatch may not match as find does), and whether it may evaluate `-delete` for it: an operand
+    of `-a` after a false one, or of `-o` after a true one, is not evaluated."""
+    name, operands = node.name, node.operands
+    if name in ("and", "or"):
+        value, deletes = _find_reaches(operands[0], path, kind)
+        if value is (name == "or"):
+            return value, deletes
+        other, also = _find_reaches(operands[1], path, kind)
+        both = (value, other)
+        if name == "and":
+            return (False if False in both else True if both == (True, True) else None), deletes or also
+        return (True if True in both else False if both == (False, False) else None), deletes or also
+    if name == ",":
+        (_, deletes), (value, also) = (_find_reaches(n, path, kind) for n in operands)
+        return value, deletes or also
+    if name == "not":
+        value, deletes = _find_reaches(operands[0], path, kind)
+        return (None if value is None else not value), deletes
+    if name == "-delete":
+        return None, True  # false where it fails
+    return _find_test(name, node.arguments, path, kind), False
+
+
+def _find_test(name: str, arguments: tuple[Item, ...], path: str, kind: str) -> bool | None:
+    """The value of one of find's primaries (not `-delete`) for a file (`_find_reaches`)."""
+    if name in _FIND_TRUE:
+        return True
+    if name == "-false":
+        return False
+    argument = arguments[0] if arguments else None
+    if not isinstance(argument, str):
+        return None
+    if name == "-type":
+        letters = argument.split(",")
+        return kind in letters if all(len(c) == 1 and c in "bcdpflsD" for c in letters) else None
+    if (
+        name not in ("-name", "-iname", "-path", "-ipath", "-wholename", "-iwholename")
+        or "[" in argument
+        or "\\" in argument
+    ):
+        return None  # a test of what only the file system knows, or a pattern fnmatch may read otherwise
+    subject = os.path.basename(path.rstrip("/")) if name in ("-name", "-iname") else path
+    if not (subject.isascii() and argument.isascii()):
+        return None  # what `?` matches, and which letters fold, is the locale's
+    if name in ("-iname", "-ipath", "-iwholename"):
+        subject, argument = subject.lower(), argument.lower()
+    return fnmatch.fnmatchcase(subject, argument)
+
+
+def _type_letter(mode: int) -> str:
+    """A file's type as find's `-type` names it."""
+    for test, letter in ((stat.S_ISREG, "f"), (stat.S_ISLNK, "l"), (stat.S_ISDIR, "d"), (stat.S_ISFIFO, "p")):
+        if test(mode):
+            return letter
+    return "s" if stat.S_ISSOCK(mode) else "b" if stat.S_ISBLK(mode) else "c"
 
 
 def _joined(cwd: Cwd, path: str) -> Cwd:

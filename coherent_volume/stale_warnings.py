@@ -11,11 +11,8 @@ file only this user may use, removed when the session ends (`forget`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import stat
-import tempfile
 from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 from .core import VolumeCore
 from .diffs import cut
 from .errors import CoherenceError, StaleWriteError
+from .hook_paths import session_file
 from .hook_steps import Actor, acting, opened, when
 from .hooks import Face
 from .protocol import FileRecord
@@ -32,20 +30,6 @@ STALE_DIFF_LINES = 30
 WARNING_CHARS = 6000
 """Bounds of a warning: files listed, lines of diff per file, and characters of diff in all (past
 them files are listed without their diff). Claude Code keeps 10,000 characters of a hook's output."""
-
-
-def _marks_path(session: str) -> Path | None:
-    """The file remembering which stale views a session's agents were told of, in a directory only
-    this user may use (None if there is none: then every warning is repeated)."""
-    directory = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"coherent-volume-{os.getuid()}"
-    try:
-        directory.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(directory)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return None
-    return directory / f"warned-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}.json"
 
 
 def _load(path: Path | None) -> dict[str, int]:
@@ -69,7 +53,7 @@ def _save(path: Path | None, marks: dict[str, int]) -> None:
 
 def forget(session: str) -> None:
     """Drop the marks of what `session`'s agents were told (the session ended)."""
-    marks = _marks_path(session)
+    marks = session_file("warned", session)
     if marks is not None:
         marks.unlink(missing_ok=True)
 
@@ -91,7 +75,7 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
                 continue  # a warning is a courtesy
         if not stale:
             return None
-        marks_at = _marks_path(session or actor.agent) if face.warn_once else None
+        marks_at = session_file("warned", session or actor.agent) if face.warn_once else None
         marks = _load(marks_at)
         entries: list[str] = []
         diff_chars = more = 0

@@ -193,6 +193,34 @@ def test_shell_commands_writing_managed_files_are_checked(root: Path, sessions) 
         assert v.version(P) == 2 and v.history(P)[0].writer == f"gemini:{unique('sh')}"
 
 
+def test_a_find_that_deletes_managed_files_is_checked_like_any_deletion(root: Path, sessions) -> None:
+    """`find . -name '*.md' -delete` deletes every managed file it matches: each is a deletion the
+    protocol checks (refused `unread` until the session read it; a `*.pyc` clean-up is let be),
+    then, once read, it runs and its deletions are the session's versions. A find whose files are
+    known only when it runs (-L follows symlinks) is refused, saying why and what to run instead."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    (root / "src").mkdir()
+    (root / "src/a.pyc").write_text("bytecode")
+    s = sessions("find", root)
+    command = "find . -name '*.md' -delete"
+    verdict, reason = decision(s.hook(s.event("before_shell", command=command)))
+    assert verdict == "deny" and "(unread)" in reason and P in reason, reason
+    assert decision(s.hook(s.event("before_shell", command="find . -name '*.pyc' -delete")))[0] == "allow"
+    verdict, reason = decision(s.hook(s.event("before_shell", command="find -L . -name '*.md' -delete")))
+    assert verdict == "deny" and "it follows symlinks (-L, -follow)" in reason, reason
+    assert "Run the same find with -print instead of -delete to list them" in reason, reason
+
+    s.read(root / P)
+    assert decision(s.hook(s.event("before_shell", command=command)))[0] == "allow"
+    assert s.run("sh", "-c", command)["code"] == 0  # what the command does (from the session's directory)
+    s.hook(s.event("after_shell", command=command))
+    assert not (root / P).exists() and (root / "src/a.pyc").exists()
+    with CoherentVolume(root, agent="observer") as v:
+        [deletion, _] = v.history(P)
+        assert (deletion.version, deletion.writer, deletion.hash) == (2, f"gemini:{unique('find')}", None)
+
+
 def test_stale_views_are_named_before_the_next_turn_and_after_tools(root: Path, sessions) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "alpha\nbeta\n")

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from coherent_volume import CoherentVolume
+from coherent_volume.hook_paths import session_file
 
-from .harness.agent_session import fill, fixture, timed_hook, unique
+from .harness.agent_session import commit_lock_held, fill, fixture, timed_hook, unique
 from .harness.mounts import Mount
 
 P = "plans/plan.md"
@@ -162,3 +165,119 @@ def test_a_write_through_a_symlink_to_a_mount_is_checked_as_the_mounts(mounted: 
     r, _ = timed_hook("claude-code", _claude(mounted.path, "m", f"{tmp_path}/to_mount/plan.md"))
     reason = _denial(r.stdout)
     assert reason is not None and "(unread)" in reason and P in reason, (r.stdout, r.stderr)
+
+
+SESSION_FACES = {
+    "claude-code": "claude-code Write",
+    "codex": "codex Bash",
+    "gemini": "gemini write_file",
+    "cursor": "cursor Write",
+}
+"""Each face, by its command, and the name of a write check of it in FACES."""
+
+
+def _session_events(face: str, cwd: Path, session: str) -> tuple[str, list[dict[str, Any]]]:
+    """The agent a session of `face` working in `cwd` is, and its session events in order (its
+    start, a prompt's, its end or, for Codex, which has none, the end of a turn), shaped as the
+    face's agent sends them."""
+    sid = unique(session)
+    if face == "claude-code":
+        base = {
+            "session_id": sid,
+            "transcript_path": f"/tmp/{sid}.jsonl",
+            "cwd": str(cwd),
+            "permission_mode": "default",
+        }
+        names = ("SessionStart", "UserPromptSubmit", "SessionEnd")
+        return f"claude:{sid}", [{**base, "hook_event_name": name} for name in names]
+    events = fixture(face)
+    if face == "cursor":
+        return f"cursor:{sid}", [fill(events[n], conversation=sid, root=cwd) for n in ("session_start", "session_end")]
+    names = (
+        ("session_start", "user_prompt_submit", "stop")
+        if face == "codex"
+        else ("session_start", "before_agent", "session_end")
+    )
+    return f"{face}:{sid}", [fill(events[n], session=sid, cwd=cwd) for n in names]
+
+
+def _rows(root: Path, table: str) -> list[tuple[Any, ...]]:
+    """The rows of a table of the SQLite registry at `root`, read straight from the file (no lock taken)."""
+    with closing(sqlite3.connect(f"file:{root / '.coherent/registry.db'}?mode=ro", uri=True)) as db:
+        return sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+
+
+def _volume(at: Path) -> Path:
+    at.mkdir()
+    CoherentVolume(at, managed=("plans/**", "*.md"), agent="setup").close()
+    (at / "plans").mkdir()
+    return at
+
+
+@pytest.mark.parametrize("face", SESSION_FACES)
+def test_a_sessions_events_neither_wait_on_nor_change_a_volume_it_never_worked_in(
+    root: Path, tmp_path: Path, face: str
+) -> None:
+    """A session works in volume A (mounted; its working directory). Volume B is mounted too,
+    another process holds its commit lock, and a process of this host holds a lock there under the
+    session's agent name (not through its hooks). The session's start, a prompt and its end are
+    each answered with no warning (none waited for B's lock until its budget ran out), and B is as
+    it was: no binding, the lock still held, nothing logged. A is where the session is bound."""
+    other = _volume(tmp_path / "other")
+    with Mount(root, tmp_path / "mnt_a") as a, Mount(other, tmp_path / "mnt_b"):
+        agent, events = _session_events(face, a.path, "apart")
+        with CoherentVolume(other, agent=agent) as peer, peer.lock(P, ttl=3600):
+            before = {table: _rows(other, table) for table in ("sessions", "grants", "events")}
+            assert [grant[:2] for grant in before["grants"]] == [(P, agent)]
+            with commit_lock_held(other):
+                for number, e in enumerate(events):
+                    r, _ = timed_hook(face, e)
+                    assert (r.returncode, r.stderr) == (0, ""), (e["hook_event_name"], r.stdout, r.stderr)
+                    if number == 0:
+                        assert agent in {row[0] for row in _rows(root, "sessions")}, "the start binds it in A"
+            assert {table: _rows(other, table) for table in before} == before
+
+
+@pytest.mark.parametrize("face", SESSION_FACES)
+def test_a_sessions_end_reaches_a_volume_its_hooks_worked_in_outside_its_working_directory(
+    root: Path, tmp_path: Path, face: str
+) -> None:
+    """A session whose working directory is in volume A writes a new file in volume B (not
+    mounted, not its working directory): the write check takes its grant in B, and the session's
+    end (Codex: the end of its turn) releases it there, as in A. The note of the volumes it works
+    in goes with its end."""
+    other = _volume(tmp_path / "other")
+    agent, (*_, end) = _session_events(face, root, "across")
+    _, check = FACES[SESSION_FACES[face]]
+    r, _ = timed_hook(face, check(root, "across", str(other / "plans/new.md")))
+    assert r.returncode == 0 and _denial(r.stdout) is None, (r.stdout, r.stderr)
+    assert [grant[:2] for grant in _rows(other, "grants")] == [("plans/new.md", agent)]
+    noted = session_file("volumes", agent)
+    assert noted is not None and noted.exists(), "its hooks noted the volumes it works in"
+    r, _ = timed_hook(face, end)
+    assert (r.returncode, r.stderr) == (0, ""), (r.stdout, r.stderr)
+    assert _rows(other, "grants") == [], "its grant in B is released"
+    assert noted.exists() == (face == "codex"), "the note goes with the session's end (Codex: a turn's end)"
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_no_spelling_of_the_registrys_path_lets_a_write_reach_it(root: Path, face: str) -> None:
+    """The registry's own directory is no file of the volume and nothing but coherent-volume may
+    change it: a write to it is denied, saying so, however the path is spelled (`./`, a `..`, a
+    symlink to it), and so is a shell command that would delete it with the rest of the volume."""
+    command, event = FACES[face]
+    (root / "reg").symlink_to(".coherent")
+    registry = (root / ".coherent/registry.db").read_bytes()
+    for path in (
+        f"{root}/./.coherent/registry.db",
+        f"{root}/plans/../.coherent/registry.db",
+        f"{root}/reg/registry.db",
+    ):
+        r, _ = timed_hook(command, event(root, "reg", path))
+        reason = _denial(r.stdout)
+        assert reason is not None and "is the registry's own directory" in reason, (path, r.stdout, r.stderr)
+        assert "leave it out of the command" in reason, reason
+    r, _ = timed_hook("codex", _codex_bash(root, "reg", "/dev/null; find . -delete"))
+    reason = _denial(r.stdout)
+    assert reason is not None and "is the registry's own directory" in reason, (r.stdout, r.stderr)
+    assert (root / ".coherent/registry.db").read_bytes() == registry

@@ -392,3 +392,45 @@ def test_through_the_mount_a_stale_save_over_a_merge_glob_file_merges_or_is_refu
     with CoherentVolume(root, agent="check") as vol:
         newest = vol.history("plans/log.md")[0]
         assert (newest.kind, newest.writer, newest.parents) == ("merge", "a", (1, 2))
+
+
+@pytest.mark.parametrize("how", ["write", "save by rename"])
+def test_a_merge_that_other_commits_keep_overtaking_is_refused_after_its_rounds_saying_why(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """alice commits a.md again between each of bob's merges and its commit: after MERGE_ATTEMPTS
+    merges bob's stale write (a write asked to merge, or a save by rename) is refused `stale`,
+    saying why it was not merged, and nothing of it landed: no version by bob, the file alice's,
+    the saved file still there. A write and a save give up after the same rounds, saying the same."""
+    from coherent_volume.core.history import MERGE_ATTEMPTS, History
+
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(merge=("plans/**",)))
+    alice.write("plans/a.md", "A\n1\n2\n3\nB\n")
+    bob.read("plans/a.md")
+    alice.write("plans/a.md", "A alice\n1\n2\n3\nB\n")
+    real = History._merged
+    merges: list[int | None] = []
+
+    def merged_while_alice_commits(self: History, *args: Any) -> Any:
+        merges.append(args[3])
+        made = real(self, *args)
+        alice.write("plans/a.md", f"A alice\n1\n2\n3\nB\nalice {len(merges)}\n")
+        return made
+
+    monkeypatch.setattr(History, "_merged", merged_while_alice_commits)
+    with pytest.raises(StaleWriteError) as refused:
+        if how == "write":
+            bob.write("plans/a.md", "A\n1\n2 bob\n3\nB\n", merge=True)
+        else:
+            (root / "bob.tmp").write_text("A\n1\n2 bob\n3\nB\n")
+            _rename(bob, "bob.tmp", "plans/a.md")
+    assert merges == [1] * MERGE_ATTEMPTS, "every merge is made from the version bob read"
+    assert refused.value.reason == "stale" and refused.value.current_version == 2 + MERGE_ATTEMPTS
+    assert (
+        f"It could not be merged: other commits landed between each of its {MERGE_ATTEMPTS} merges and that "
+        "merge's commit." in str(refused.value)
+    )
+    assert (root / "plans/a.md").read_text() == f"A alice\n1\n2\n3\nB\nalice {MERGE_ATTEMPTS}\n"
+    assert {v.writer for v in alice.history("plans/a.md")} == {"alice"}
+    assert (root / "bob.tmp").exists() == (how == "save by rename")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import threading
 from pathlib import Path
 
@@ -98,7 +99,7 @@ CASES: list[tuple[str, str, object]] = [
     # operands that come from elsewhere, and expansions: unknown in a volume
     ("xargs rm <<< plans/plan.md", ".", UNRESOLVED),
     ("ls | xargs -I{} cp {} plans/", ".", UNRESOLVED),
-    ("find plans -name plan.md -delete", ".", UNRESOLVED),
+    ("find plans -name plan.md -delete", ".", PLAN),
     ("find . -name '*.md' -exec sed -i s/a/b/ {} +", ".", UNRESOLVED),
     ("find . -name '*.md' -exec grep a {} +; ls | xargs grep a", ".", []),
     ("f=$(ls plans); echo hi > $f", ".", UNRESOLVED),
@@ -247,14 +248,31 @@ CASES: list[tuple[str, str, object]] = [
     ('echo x > "$(pwd)/x"', ".", UNRESOLVED),
     ('echo x > "$X/y"', ".", UNRESOLVED),
     ('echo x > "src/$X"', ".", UNRESOLVED),  # $X may be '../plan.md'
-    ("find . -delete", ".", UNRESOLVED),
-    ("find plans -delete", ".", UNRESOLVED),
+    ("find plans $X -delete", ".", UNRESOLVED),
+    ("find plans -follow -delete", ".", UNRESOLVED),
+    ("find plans -frobnicate -delete", ".", UNRESOLVED),  # a test this does not read
     ("find src -exec mv {} {}.md ';'", ".", UNRESOLVED),  # src.md, at the root
     ("find src -exec sh -c 'echo x > \"$1\"' _ {} ';'", ".", UNRESOLVED),
     ("find . -name x -execdir rm -f plan.md ';'", ".", UNRESOLVED),
     ("find src -files0-from list -delete", ".", UNRESOLVED),  # and the starting points the file names
     ("dd if=/dev/zero of=plans/$((n))", ".", UNRESOLVED),  # the path begins after `of=`
     ("cp notes.txt --target-directory=plans/$((n))", ".", UNRESOLVED),
+    # find -delete: each file below its starting points that its expression may delete (`-a` before
+    # `-o`; a test of what only the file system knows, or a pattern with a class, may match anything)
+    ("find plans -delete", ".", [*PLAN, ("plans/other.md", W)]),
+    ("find . -name '*.md' -delete", ".", [("./plans/plan.md", W), ("./plans/other.md", W), ("./src/plan.md", W)]),
+    ("find . -name '*.md' ! -path './src/*' -delete", ".", [("./plans/plan.md", W), ("./plans/other.md", W)]),
+    ("find plans src -type f -iname PLAN.MD -delete", ".", [*PLAN, ("src/plan.md", W)]),
+    ("find plans -name '*.md' -o -name x -delete", ".", []),
+    ("find plans \\( -name x -o -name other.md \\) -delete", ".", [("plans/other.md", W)]),
+    ("find plans -name x -o -delete", ".", [*PLAN, ("plans/other.md", W)]),
+    ("find plans -type d -delete", ".", []),
+    ("find plans -newer notes.txt -name 'p*' -delete", ".", PLAN),
+    ("find plans -name 'o[t]her.md' -delete", ".", [*PLAN, ("plans/other.md", W)]),
+    ('find plans -name "$X" -delete', ".", [*PLAN, ("plans/other.md", W)]),
+    ("find missing -delete", ".", []),
+    ("find plans -name '?lan.md' -delete", ".", PLAN),
+    ("find plans -name '?\u00e9.md' -delete", ".", [*PLAN, ("plans/other.md", W)]),  # `?` may be a byte of it
     # a variable set only to one literal value, where that surely ran in this shell; a for loop's
     # variable in its body
     ('out=src/a.txt; echo x > "$out"', ".", [("src/a.txt", W)]),
@@ -383,7 +401,7 @@ def test_a_write_known_in_part_is_refused_where_what_lies_there_may_lead_to_a_ma
     symlink among the entries such a path names or passes through, a volume inside it, a directory
     that is itself a symlink into a managed one. Then the command is refused; otherwise allowed."""
     (root / "src").mkdir()
-    below = ['echo x > "src/$((n))/a.log"', "find src -delete", 'rm -r "src/$((n))"', "find src -exec rm {} +"]
+    below = ['echo x > "src/$((n))/a.log"', "find -L src -delete", 'rm -r "src/$((n))"', "find src -exec rm {} +"]
     log = 'echo x > "src/$$.log"'
     for command in [*below, log]:
         assert shell_writes(command, str(root)) == [], command
@@ -392,6 +410,7 @@ def test_a_write_known_in_part_is_refused_where_what_lies_there_may_lead_to_a_ma
     for command in below:
         with pytest.raises(UnresolvedShellWrite):
             shell_writes(command, str(root))
+    assert shell_writes("find src -delete", str(root)) == [(f"{root}/src/5", W)], "the link, not where it leads"
     assert shell_writes(log, str(root)) == []  # the link is no `*.log`
     (root / "src/5").unlink()
 
@@ -440,8 +459,47 @@ def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(roo
         ('echo x > "logs/$(date +%s).log"', False),
         ("find src -type f -delete", False),
         ('echo x > "plans/$(date +%s).log"', True),
-        ("find plans -type f -delete", True),
+        ("find -L plans -type f -delete", True),
     ):
         answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
         assert ("deny" in answer.stdout) is denied, (command, answer)
         assert not denied or "Name the file literally" in answer.stdout, answer
+
+
+AFTER = {
+    "codex": lambda command, cwd: {
+        **FACES["codex"](command, cwd),
+        "hook_event_name": "PostToolUse",
+        "tool_response": "",
+    },
+    "gemini": lambda command, cwd: {
+        **FACES["gemini"](command, cwd),
+        "hook_event_name": "AfterTool",
+        "tool_response": {"llmContent": f"Command: {command}\nExit Code: 0", "returnDisplay": ""},
+    },
+    "cursor": lambda command, cwd: {**FACES["cursor"](command, cwd), "hook_event_name": "afterShellExecution"},
+}
+"""Each face's event after a shell command ran (FACES: before it)."""
+
+
+@pytest.mark.parametrize("face", sorted(FACES))
+def test_the_files_a_find_deleted_are_recorded_as_the_sessions_deletions(root: Path, face: str) -> None:
+    """`find plans -name '*.md' -delete` run by a session that read the file: its check takes the
+    grant, the command deletes the file, and after it (when the command's words no longer name the
+    file) the hook records the deletion as the session's and releases the grant, as after `rm`."""
+    module = importlib.import_module(f"coherent_volume.{face}")
+    agent = f"{face}:{unique('c1' if face == 'cursor' else 's1')}"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/plan.md", "v1\n")
+    with CoherentVolume(root, agent=agent) as session:
+        session.read("plans/plan.md")  # its view, as a tool's read would register it
+    command = "find plans -name '*.md' -delete"
+    answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
+    assert "deny" not in answer.stdout, answer
+    assert subprocess.run(["sh", "-c", command], cwd=root, timeout=30).returncode == 0
+    answer = module.FACE.run(json.dumps(AFTER[face](command, str(root))), budget=3.0)
+    assert answer.code == 0 and not answer.stderr, answer
+    with CoherentVolume(root, agent="observer") as observer:
+        [deletion, _] = observer.history("plans/plan.md")
+        assert (deletion.version, deletion.writer, deletion.hash) == (2, agent, None)
+        observer.write("plans/plan.md", "v3\n")  # no grant is left: the file is free for the next writer

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple, TypeVar
 
 from .. import atomic, diffs
 from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone, VolumeConfigError
@@ -21,6 +22,8 @@ from .writes import Writes
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 MERGE_ATTEMPTS = 8
 """Merges of one write tried while other commits keep landing between a merge and its commit."""
 PRUNE_EVERY = 3600.0
@@ -29,6 +32,16 @@ MAX_VERSION = 2**63 - 1
 """The largest version number a registry can hold (a signed 64-bit integer)."""
 PRUNE_BATCH = 500
 """Most versions an automatic prune drops at once, so the commit that runs it is not held up long."""
+
+
+class Refused(NamedTuple):
+    """A write refused that a merge may answer (`History.merge_rounds`): the refusal, and the bytes
+    written as the decision saw them, which `History._merged` merges (None: a file saved that is
+    not a regular file or larger than a merge takes; or a round that makes the bytes it merges
+    itself, as a hook does from a tool's change)."""
+
+    refusal: StaleWriteError
+    ours: bytes | None
 
 
 @dataclass(frozen=True)
@@ -195,47 +208,69 @@ class History(Writes):
     ) -> int:
         """Commit `data`; if that is refused `stale` (only: `protocol.may_merge`) and the version the
         agent read is retained, commit instead the three-way line merge of it (base), `data` (ours)
-        and the current version (theirs), as a version of kind `merge` whose parents are both. A
-        merge leaves the agent's view where it was (`protocol.view_moves`): it never read the
-        result. Overlapping changes raise MergeConflict (with the hunks, also logged after the refusal
-        as a `conflict` event), binary content, a side over
+        and the current version (theirs), as a version of kind `merge` whose parents are both
+        (`merge_rounds`). A merge leaves the agent's view where it was (`protocol.view_moves`): it
+        never read the result. Overlapping changes raise MergeConflict (with the hunks, also logged
+        after the refusal as a `conflict` event), binary content, a side over
         `diffs.MAX_MERGE_BYTES` or a pruned base the stale refusal (with its diff); either way
-        nothing changes. `refused`: the refusal
-        `data` already got (and logged), so it is not tried again. `expected`: as for `write` (then
-        the merge's base is that version, not the agent's view)."""
+        nothing changes. `refused`: the refusal `data` already got (and logged), so it is not tried
+        again. `expected`: as for `write` (then the merge's base is that version, not the agent's
+        view)."""
         refusal = refused
         if refusal is None:
             try:
                 return self.commit(agent, target, data, isolation=isolation, expected=expected)
             except StaleWriteError as e:
                 refusal = e
-        base = refusal.based_on  # the merge commit's own refusals are based on theirs, not on this
-        for _ in range(MERGE_ATTEMPTS):
-            merged, parents = self._merged(target, refusal, data, base)
+
+        def merge_onto(save: Refused, base: int | None) -> int | Refused:
+            merged, parents = self._merged(target, save.refusal, save.ours, base)
             try:
                 return self.commit(
                     agent, target, merged, isolation=isolation, expected=parents[1], made=("merge", parents)
                 )
             except StaleWriteError as e:
-                if e.reason != "stale":
-                    raise self.refusal_diff(e) from None
-                refusal = e  # another commit landed between the merge and its commit: merge onto it
-        raise self.refusal_diff(refusal)
+                return Refused(e, data)
+
+        return self.merge_rounds(Refused(refusal, data), merge_onto)
+
+    def merge_rounds(self, refused: Refused, merge_onto: Callable[[Refused, int | None], _T | Refused]) -> _T:
+        """The rounds of merging a refused write (`write_merging`, a save by rename, a hook's merge of
+        a tool's change, `hook_merge`): `merge_onto(save, base)` merges `save` (a refusal and the
+        bytes written) onto the version the refusal names current and commits it, returning what the
+        commit returns, or the refusal it got (and the bytes written, as they are then): a `stale`
+        one (another commit landed between the merge and its commit) is merged again, any other
+        raised with its diff. The base is pinned to what the writer read, the first refusal's view:
+        a later refusal is the compare-and-swap against the previous merge's theirs, whose view
+        would take theirs' changes for ones the writer undid. At most MERGE_ATTEMPTS rounds; then
+        the last refusal, with its diff, saying other commits kept landing between each merge and
+        its commit. Nothing is changed by a round that is refused."""
+        base = refused.refusal.based_on
+        for _ in range(MERGE_ATTEMPTS):
+            outcome = merge_onto(refused, base)
+            if not isinstance(outcome, Refused):
+                return outcome
+            if not may_merge(outcome.refusal.reason, True):
+                raise self.refusal_diff(outcome.refusal)
+            refused = outcome
+        why = f"other commits landed between each of its {MERGE_ATTEMPTS} merges and that merge's commit"
+        raise self.refusal_diff(refused.refusal.not_merged(why))
 
     def _merged(
-        self, target: Target, refusal: StaleWriteError, ours: bytes, base_version: int | None
+        self, target: Target, refusal: StaleWriteError, ours: bytes | None, base_version: int | None
     ) -> tuple[bytes, tuple[int, int]]:
-        """The merge `write_merging` commits for a refused write whose content was built on
-        `base_version`, and its parents (base, theirs); raises what the writer is told when there
-        is none."""
+        """The merge of a refused write (`merge_rounds`) of `ours` (None: a file saved that is not a
+        regular file, or larger than a merge takes), built on `base_version`, and its parents (base,
+        theirs); raises what the writer is told when there is none."""
         theirs_version = refusal.current_version
         if not may_merge(refusal.reason, True) or base_version is None:
             raise self.refusal_diff(refusal)
         base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
         sizes = (entry.size or 0 for entry in (base_entry, theirs_entry) if entry is not None)
-        if not diffs.mergeable(len(ours), *sizes):
+        if ours is None or not diffs.mergeable(len(ours), *sizes):
             limit = diffs.MAX_MERGE_BYTES >> 20
-            raise self.refusal_diff(refusal.not_merged(f"a side of the merge is larger than {limit} MiB"))
+            side = "the file saved is not a regular file or is" if ours is None else "a side of the merge is"
+            raise self.refusal_diff(refusal.not_merged(f"{side} larger than {limit} MiB"))
         try:
             base = b"" if base_version == 0 else self._stored(target, base_version, base_entry)
             theirs = self._stored(target, theirs_version, theirs_entry)

@@ -32,7 +32,7 @@ from ..protocol import (
     view_moves,
 )
 from ..registry import Transaction
-from .history import MERGE_ATTEMPTS, History
+from .history import History, Refused
 from .writes import Made
 
 
@@ -65,22 +65,12 @@ class Planned(NamedTuple):
 
 class _Plan(NamedTuple):
     """A checked rename's decision: the paths it changes whose versions are recorded once it is
-    installed, and the version of the merge recorded at its destination (a save by merging)."""
+    installed, and for a save by merging the version of the merge recorded at its destination
+    (None: no merge, or one that is the destination's current content, `protocol.is_noop`: then
+    nothing is installed there, only the source removed)."""
 
     plan: list[Planned]
     merged: int | None
-    unchanged: bool = False
-    """The merge is the destination's current content: no new version, nothing installed there
-    (`protocol.is_noop`), only the source removed."""
-
-
-class _Save(NamedTuple):
-    """A checked rename refused only because it saves over a merge-glob file from a stale view:
-    the refusal at the destination, and the source's bytes as the decision read them (None: not
-    a regular file, or too large to merge)."""
-
-    refusal: StaleWriteError
-    ours: bytes | None
 
 
 class _Merge(NamedTuple):
@@ -210,41 +200,38 @@ class Renames(History):
             return
         agent = self.agent(agent)
         _rename_types_fit(src, dst, exchange)
-        merge: _Merge | None = None
-        base: int | None = None  # what the saved content was built on: the first refusal's (a retry's
-        # refusal is the compare-and-swap against the previous merge's theirs)
-        try:
-            for attempt in range(MERGE_ATTEMPTS + 1):
-                with self.registry.commit_lock():
-                    outcome = self._transact(partial(self._decide_rename, agent, src, dst, exchange, noreplace, merge))
-                    if isinstance(outcome, StaleWriteError):
-                        raise outcome
-                    if isinstance(outcome, _Plan):
-                        self._install_rename(agent, src, dst, exchange, noreplace, outcome, merge)
-                        return
-                if merge is not None:
-                    merge.content.discard()
-                    merge = None
-                if attempt == MERGE_ATTEMPTS:  # other commits kept landing between a merge and its decision
-                    raise self.refusal_diff(outcome.refusal)
-                if base is None:
-                    base = outcome.refusal.based_on
-                merge = self._merge_save(dst, outcome, base)  # no lock held: its decision checks what it relied on
-        finally:
-            if merge is not None:
+        once = partial(self._rename_once, agent, src, dst, exchange, noreplace)
+        save = once(None)
+        if save is None:
+            return
+
+        def merge_onto(save: Refused, base: int | None) -> Refused | None:
+            # no lock held: the decision checks what the merge relied on
+            merged, parents = self._merged(dst, save.refusal, save.ours, base)
+            assert save.ours is not None  # `_merged` refuses a save that is not merged
+            staged = atomic.stage(dst.abs, merged, root=self.paths.root)
+            merge = _Merge(staged, parents, save.refusal, content_hash(save.ours))
+            try:
+                return once(merge)
+            finally:
                 merge.content.discard()  # consumed by its install, unless the rename was refused
 
-    def _merge_save(self, dst: Target, save: _Save, base: int | None) -> _Merge:
-        """The merge a save by rename commits at `dst` (`History._merged`) of the source's bytes,
-        built on `base`, staged; raises what the agent is told when there is none."""
-        if save.ours is None:
-            limit = MAX_MERGE_BYTES >> 20
-            why = f"the file saved is not a regular file or is larger than {limit} MiB"
-            raise self.refusal_diff(save.refusal.not_merged(why))
-        merged, parents = self._merged(dst, save.refusal, save.ours, base)
-        return _Merge(
-            atomic.stage(dst.abs, merged, root=self.paths.root), parents, save.refusal, content_hash(save.ours)
-        )
+        self.merge_rounds(save, merge_onto)
+
+    def _rename_once(
+        self, agent: str, src: Target, dst: Target, exchange: bool, noreplace: bool, merge: _Merge | None
+    ) -> Refused | None:
+        """One decision of a checked rename (`_decide_rename`, with `merge` the merge made for it)
+        and, if it is accepted, its install, under the commit lock: None once done; a save to merge
+        (`merge_rounds`) when that is all that refused it; else the refusal raised."""
+        with self.registry.commit_lock():
+            outcome = self._transact(partial(self._decide_rename, agent, src, dst, exchange, noreplace, merge))
+            if isinstance(outcome, StaleWriteError):
+                raise outcome
+            if isinstance(outcome, _Plan):
+                self._install_rename(agent, src, dst, exchange, noreplace, outcome, merge)
+                return None
+            return outcome
 
     def _decide_rename(
         self,
@@ -255,13 +242,13 @@ class Renames(History):
         noreplace: bool,
         merge: _Merge | None,
         tx: Transaction,
-    ) -> _Plan | StaleWriteError | _Save:
+    ) -> _Plan | StaleWriteError | Refused:
         """The decision of a checked rename, for every managed path it changes at once: its plan
         (intents recorded, and with `merge` the merge at `dst` recorded with its staged content), the
-        first refusal, or a save by merging (`_Save`) when the only refusal is a stale view of `dst`
-        that `protocol.may_merge` lets a merge answer. `merge`: the merge made for this rename's
-        last `_Save`, committed if `dst` is still the version it merged onto and `src` still holds
-        the bytes it merged."""
+        first refusal, or a save to merge (`Refused`: the refusal and the source's bytes as this
+        decision read them) when the only refusal is a stale view of `dst` that `protocol.may_merge`
+        lets a merge answer. `merge`: the merge made for this rename's last save, committed if
+        `dst` is still the version it merged onto and `src` still holds the bytes it merged."""
         now = time.time()
         if not os.path.lexists(src.abs) or (exchange and not os.path.lexists(dst.abs)):
             missing = src if not os.path.lexists(src.abs) else dst
@@ -290,20 +277,18 @@ class Renames(History):
             else:
                 return refusal
         if stale is not None:
-            return _Save(stale, _merge_side(src))
+            return Refused(stale, _merge_side(src))
         # hashed once every path was checked: a check brings a working copy that is behind up to
         # date, so a source hashed before its own check would name the bytes it held before that
         plan: list[Planned] = []
         merged: int | None = None
-        unchanged = False
         for rel, target, record, check in checked:
             digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
             version = current_version(record) + 1
             if merge is not None and rel == dst.rel:
                 if digest != merge.ours:  # the source changed since it was merged: merge it again
-                    return _Save(merge.refusal, _merge_side(src))
+                    return Refused(merge.refusal, _merge_side(src))
                 if is_noop(record, merge.content.hash):
-                    unchanged, merged = True, version - 1
                     continue
                 moves_view = view_moves(check, True, True)
                 self._record_staged(tx, agent, target, version, merge.content, check.seen, moves_view, merge.made)
@@ -314,7 +299,7 @@ class Renames(History):
             tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
             if source is not None:
                 self._retain(tx, source, digest)
-        return _Plan(plan, merged, unchanged)
+        return _Plan(plan, merged)
 
     @staticmethod
     def _merges(tx: Transaction, dst: Target) -> bool:
@@ -332,14 +317,14 @@ class Renames(History):
         merge: _Merge | None,
     ) -> None:
         """The disk half of a decided rename (under the commit lock), and the record of its versions:
-        rename(2), or for a save by merging the merge installed at `dst` and `src` removed."""
+        rename(2), or for a save by merging (`merge`) the merge installed at `dst` (unless it is
+        already its content) and `src` removed."""
         plan = decided.plan
         undone = [(target.rel, version) for target, version, *_ in plan]
-        if decided.merged is None:
+        if merge is None:
             self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace), undone)
         else:
-            assert merge is not None
-            if not decided.unchanged:
+            if decided.merged is not None:
                 try:
                     merge.content.install()
                 except BaseException as e:

@@ -11,6 +11,7 @@ specifies; `fixture(agent)` loads them and `fill` puts a test's paths and ids in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -51,14 +52,17 @@ for line in sys.stdin:
 
 
 RUN = secrets.token_hex(3)
-"""This test run's mark on the session ids its hooks are given (`unique`)."""
+"""This test run's mark on the session ids its hooks are given (`unique`, with the test's)."""
 
 
 def unique(name: str) -> str:
-    """The session id a test's `name` stands for, unique to this test run: a hook's session start
-    and end visit every volume mounted on the machine, so two test runs at once would otherwise
-    bind, and end (releasing its grants), each other's sessions of one name in each other's mounts."""
-    return f"{name}-{RUN}"
+    """The session id a test's `name` stands for, unique to the test and this test run: what a
+    session's hooks keep about it (the volumes it works in, the stale views it was told of) is a
+    file of this user's named by the session, so two tests, or two test runs at once, would
+    otherwise share each other's for sessions of one name (and a session's events would visit
+    another test's volumes)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # its node id, without the phase
+    return f"{name}-{RUN}-{hashlib.sha256(test.encode()).hexdigest()[:6]}"
 
 
 def fixture(agent: str) -> dict[str, Any]:
