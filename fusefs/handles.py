@@ -198,6 +198,8 @@ class PageCache:
         """The cached readers open on each inode."""
         self._writing: Counter[str] = Counter()
         """Paths a write is being opened at, or made to."""
+        self._opening: Counter[int] = Counter()
+        """Inodes a write is being opened or made through (its handle is not open there yet)."""
         self._retries: dict[int, Retry] = {}
         """Calls answered ESTALE that the kernel is about to repeat, by the caller's thread id."""
 
@@ -213,6 +215,7 @@ class PageCache:
     def serving(
         self,
         rel: str,
+        inode: int,
         version: int,
         size: int,
         opener: str | None,
@@ -220,19 +223,19 @@ class PageCache:
         elsewhere: Sequence[FileHandle],
     ) -> Serving:
         """How to serve a read-only open of `version` (`size` bytes) of the managed file at `rel` by
-        agent `opener`, given the handles open on its inode (`here`) and the write handles of the
-        file open or being released on other inodes (`elsewhere`):
+        agent `opener` through `inode`, given the handles open on it (`here`) and the write handles of
+        the file open or being released on other inodes (`elsewhere`):
 
-        - "fresh" when the inode serves another content (a write handle, another version, an
-          unmanaged handle of a file moved into a managed glob): the path gets a new inode and this
-          open is repeated there;
+        - "fresh" when the inode serves another content (a write handle, or one being opened there,
+          another version, an unmanaged handle of a file moved into a managed glob): the path gets a
+          new inode and this open is repeated there;
         - "cached" when every handle here is a Snapshot of this version opened by the same agent (a
           page one of them filled was shown to that agent, and its read registered that view);
         - "direct" otherwise, so that each read reaches this handle and registers exactly what it
           returns: another agent's reader is open here; the file is empty (a cached read of it
           reaches no handle at all); or a write to it is open elsewhere, under way or about to be
           repeated (`retry`), which no reader may take the inode's page cache from."""
-        if here:
+        if here or self.opening(inode):
             served = self.version_served(here)
             if served is None or served.version != version:
                 return "fresh"
@@ -282,15 +285,24 @@ class PageCache:
         return retry if retry is not None and retry.until > time.monotonic() else None
 
     @contextlib.contextmanager
-    def writing(self, rel: str) -> Iterator[None]:
-        """A write to `rel` is being opened or made: meanwhile no reader of `rel` is cached."""
+    def writing(self, rel: str, inode: int) -> Iterator[None]:
+        """A write to `rel` is being opened or made through `inode`: meanwhile no reader of `rel` is
+        cached, and none is opened on `inode` (`opening`)."""
         self._writing[rel] += 1
+        self._opening[inode] += 1
         try:
             yield
         finally:
             self._writing[rel] -= 1
             if not self._writing[rel]:
                 del self._writing[rel]
+            self._opening[inode] -= 1
+            if not self._opening[inode]:
+                del self._opening[inode]
+
+    def opening(self, inode: int) -> bool:
+        """Whether a write is being opened or made through `inode` (see `writing`)."""
+        return inode in self._opening
 
 
 @dataclass

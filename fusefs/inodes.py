@@ -102,6 +102,13 @@ class InodeTable:
             return
         self._path[inode] = path + "\0deleted"
 
+    def apart(self, path: str) -> int:
+        """A new inode for the file at `path` that its name does not map to (a write handle's own: see
+        the mount's `lookup`), nameless as after `unlinked`."""
+        inode = next(self._next)
+        self._path[inode] = path + "\0deleted"
+        return inode
+
     def lost(self, inode: int, path: str) -> bool:
         """Whether `inode` lost the name `path` (`unlinked`) and has no other."""
         return self._path.get(inode) == path + "\0deleted"

@@ -113,8 +113,13 @@ class CoherentOperations(pyfuse3.Operations):
         self.writers: dict[str, Shadow] = {}
         """The write handle that last changed each managed path (see `setattr`)."""
         self._aside: dict[int, str] = {}
-        """Inodes of write handles that gave up their name (`_fresh_inode`) while they serve unsaved
-        writes or their file's name moved on, with that name: see `_take_name_back`."""
+        """Inodes of write handles that their file's name does not map to, with that name: each write
+        opened by name has one of its own (`_apart`), and a write handle whose name moved on
+        (`_fresh_inode`) keeps its own; see `_writers_apart`, `_take_name_back`."""
+        self._sizes: dict[int, int] = {}
+        """The size last told the kernel of each managed file's inode (the kernel copies up to it)."""
+        self._private: set[int] = set()
+        """The inodes of `_aside` made for a write (`_apart`): they never take the name."""
         self.releasing: dict[int, Shadow] = {}
         """Write handles whose release is under way, by file handle (see `_writer`)."""
         self.dirs: dict[int, Listing] = {}
@@ -184,11 +189,17 @@ class CoherentOperations(pyfuse3.Operations):
 
     def _unname(self, rel: str) -> None:
         """The managed file at `rel` loses its inode (its next lookup gives it a new one), which is left
-        to its handles; one a write handle is open on is set aside to take the name back later."""
+        to its handles; one a write handle is open (or being opened) on is set aside to take the name
+        back later."""
         old = self.inodes.inode_if_known(rel)
-        if old is not None and any(isinstance(h, Shadow) for h in self._handles_on(old)):
+        if old is not None and (self.pages.opening(old) or any(isinstance(h, Shadow) for h in self._handles_on(old))):
             self._aside[old] = rel
         self.inodes.unlinked(rel)
+
+    def _other_content(self, inode: int) -> bool:
+        """Whether a read-only open repeated after ESTALE would meet another content on `inode`: a write
+        handle, or a write being made there (readers of the version it will read may share)."""
+        return self.pages.opening(inode) or any(not isinstance(h, Snapshot) for h in self._handles_on(inode))
 
     def _name_of(self, inode: int) -> str:
         """The path a call on `inode` changes or asks about by name: its own, or for an inode set aside
@@ -226,11 +237,11 @@ class CoherentOperations(pyfuse3.Operations):
         the kernel repeats the write (ESTALE), since an inode serves one content (`PageCache`); a
         repeat meeting handles opened on it meanwhile goes ahead there, unless readers use its page
         cache. Meanwhile no reader of `rel` starts using the page cache (`PageCache.writing`)."""
-        if self.pages.used(inode) or (self._handles_on(inode) and not repeat):
+        if self.pages.used(inode) or ((self._handles_on(inode) or self.pages.opening(inode)) and not repeat):
             if self.inodes.inode_if_known(rel) == inode:
                 self._fresh_inode(rel)
             raise self._stale(rel, ctx, writing=True)
-        with self.pages.writing(rel):
+        with self.pages.writing(rel, inode):
             yield
 
     def _unpin(self, rel: str) -> None:
@@ -240,50 +251,77 @@ class CoherentOperations(pyfuse3.Operations):
         if inode is not None and self._handles_on(inode):
             self._fresh_inode(rel)
 
-    def _step_aside(self, fh: int) -> None:
-        """The write handle `fh` serves unsaved writes now: if its inode is its file's name's, the name
-        gets a new inode (`_fresh_inode`), which serves the committed file to every other call by the
-        name, since an inode serves one content (`PageCache`); the handle's inode takes the name back
-        once its writes are committed or dropped (`_take_name_back`). The kernel's entry of the name is
-        dropped just after the reply (a write or truncate holds its file's lock, which a rename of
-        it that holds the directory's lock waits for, and dropping the entry takes the directory's
-        lock), so for that moment another agent's stat by the name may still show the write."""
-        handle, inode = self.files.get(fh), self.file_inodes.get(fh)
-        if isinstance(handle, Shadow) and handle.unsaved and inode == self.inodes.inode_if_known(handle.rel):
-            self._fresh_inode(handle.rel)
-
     async def _forget(self, rel: str) -> None:
-        """Drop the kernel's entry of the name `rel` before the reply (only where the request holds no
-        lock of the file: see `_step_aside`)."""
+        """Drop the kernel's entry of the name `rel` before the reply (only from a request that holds no
+        lock of a file: a write or truncate holds its file's, which a rename of it that holds the
+        directory's waits for, and dropping the entry takes the directory's)."""
         entry = self._entry_of(rel)
         if entry is not None:
             await _forget_entry(*entry)
 
-    def _written_aside(self, rel: str) -> list[tuple[int, Shadow]]:
-        """The inodes set aside for write handles with unsaved writes at `rel`, and those handles."""
+    def _writers_apart(self, rel: str) -> list[tuple[int, Shadow]]:
+        """The inodes of write handles of the file at `rel` that its name does not map to, and those
+        handles (still going on with that file: not renamed away or unlinked)."""
         return [
             (inode, handle)
             for inode, name in self._aside.items()
             if name == rel
             for handle in self._handles_on(inode)
-            if isinstance(handle, Shadow) and handle.unsaved
+            if isinstance(handle, Shadow) and not (handle.moved or handle.unlinked)
         ]
 
     async def _written_by_caller(self, rel: str, ctx: pyfuse3.RequestContext) -> int | None:
-        """The inode set aside for the caller's agent's write handle with unsaved writes at `rel`, if
-        any: the name is that inode for that agent (its stat by the name sees its writes, as on a
-        local disk), and the committed file's for every other agent. Read-only opens and repeated
-        calls are served by the committed file's (`lookup`)."""
-        if not self._written_aside(rel):
+        """The inode of the caller's agent's write handle with unsaved writes to the file at `rel`, if it
+        has one apart from the name's: while it does, the name is that inode for that agent (its stat
+        by the name sees its writes, on the inode its descriptor has, as on a local disk), and the
+        committed file's for every other agent; once they are committed (or before any) the name's
+        inode for all, so a file written in place keeps its inode number. Read-only opens and
+        repeated calls are served by the committed file's (`lookup`)."""
+        if not any(handle.unsaved for _, handle in self._writers_apart(rel)):
             return None
         agent = (await self._identity(ctx))[0]
-        return next((inode for inode, handle in self._written_aside(rel) if handle.agent == agent), None)
+        return next(
+            (inode for inode, handle in self._writers_apart(rel) if handle.agent == agent and handle.unsaved), None
+        )
 
-    async def _take_name_back(self, inode: int) -> None:
-        """`inode`, set aside for a write handle (`_fresh_inode`), takes its name back once no handle
-        open on it serves unsaved writes or another version, if that name still holds a managed regular
-        file and no write handle serves unsaved writes there: a file written in place keeps its inode
-        number, as on a local disk. The inode that served the name meanwhile is left to its handles."""
+    def _answer(self, attrs: pyfuse3.EntryAttributes, inode: int) -> pyfuse3.EntryAttributes:
+        """`attrs` as a getattr or setattr reply for `inode`: a write's own inode (`_apart`) shows the
+        inode number of its file's name (the kernel reports the number a reply gives, and a lookup
+        must give the inode's own), so the program's `fstat` of its descriptor and any `stat` of the
+        name agree, as on a local disk (vim checks that the file it opened is the one it stat'ed)."""
+        name = self._aside.get(inode) if inode in self._private else None
+        if name is not None:
+            attrs.st_ino = self.inodes.inode(name)
+        return attrs
+
+    def _apart(self, rel: str) -> pyfuse3.EntryAttributes:
+        """The lookup of a write by the name `rel` repeated after ESTALE (an open for writing, a truncate
+        of a file descriptors are open on): a managed file's write gets an inode of its own, which
+        no other call is given (other callers' lookups answer the name's inode, which goes on serving
+        the committed file), so no other content is ever served beside its writes (`PageCache`)."""
+        st = self.backing.lstat(rel)
+        if not (stat_mod.S_ISREG(st.st_mode) and self.core.paths.managed(rel)):
+            return self._entry(rel, st)
+        inode = self.inodes.apart(rel)
+        self._aside[inode] = rel
+        self._private.add(inode)
+        attrs = self._attrs(rel, inode, st=st)
+        self.inodes.looked_up(inode)
+        return attrs
+
+    async def _take_name_back(self, inode: int, released: bool) -> None:
+        """A write handle's inode apart from its name's (`_aside`) once its writes are committed or
+        dropped (`released`: its last descriptor closed). One made for the write (`_apart`) is done
+        with at its release: its agent's calls by the name reach the name's inode again, which the
+        file kept all along. One whose name moved on while it was open (`_fresh_inode`) takes the name
+        back if it still holds a managed regular file and nobody looked the name up meanwhile: a file
+        written in place keeps its inode number, as on a local disk; otherwise the name keeps the
+        inode the others know it by, and this one is left to its handles."""
+        if inode in self._private:
+            if released:
+                self._aside.pop(inode, None)
+                self._private.discard(inode)
+            return
         if inode not in self._aside or self._unsaved_on(inode) is not None:
             return
         rel = self._aside_name(inode)
@@ -294,8 +332,8 @@ class CoherentOperations(pyfuse3.Operations):
         if not self.inodes.lost(inode, rel) or any(isinstance(h, Snapshot) for h in here):
             return  # it has a name again (a hard link), or a repeat's reader beside it
         now = self.inodes.inode_if_known(rel)
-        if now is not None and self._unsaved_on(now) is not None:
-            return  # a write handle of its agent's appends serves the name's inode: the last one takes it
+        if now is not None and (self.inodes.held(now) or self._handles_on(now)):
+            return  # another caller looked the name up meanwhile: its inode stays, so the name's does not change again
         try:
             if not (self.core.paths.managed(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode)):
                 return
@@ -324,7 +362,7 @@ class CoherentOperations(pyfuse3.Operations):
         """The stat of the shadow holding the unsaved writes that `inode` serves, if it serves any:
         every stat of the inode shows them (an inode serves one content, `PageCache`), so its
         handle's `fstat` and `lseek(SEEK_END)` see them, as on a local disk. Its name meanwhile
-        serves the committed file from another inode (`_step_aside`)."""
+        serves the committed file from another inode (`_apart`)."""
         for handle in self._handles_on(inode):
             if isinstance(handle, Shadow) and handle.unsaved:
                 return handle.stat()
@@ -357,8 +395,13 @@ class CoherentOperations(pyfuse3.Operations):
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
         # a name whose inode depends on the caller's agent is looked up at each use (`_written_by_caller`)
-        entry.entry_timeout = 0.0 if self._aside and self._written_aside(rel.partition("\0")[0]) else UNMANAGED_TIMEOUT
-        entry.attr_timeout = 0.0 if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel) else UNMANAGED_TIMEOUT
+        entry.entry_timeout = (
+            0.0 if self._aside and rel.partition("\0")[0] in self._aside.values() else UNMANAGED_TIMEOUT
+        )
+        entry.attr_timeout = UNMANAGED_TIMEOUT
+        if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel.partition("\0")[0]):
+            entry.attr_timeout = 0.0
+            self._sizes[inode] = entry.st_size
         return entry
 
     def _inode_of(self, rel: str, st: os.stat_result | None = None) -> tuple[int, os.stat_result | None]:
@@ -493,11 +536,17 @@ class CoherentOperations(pyfuse3.Operations):
         if self._renaming:
             await self._settled(rel)
         retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
-        if retry is not None and retry.writing:  # the write needs an inode no other content is served on
+        if retry is not None:  # the repeated call needs an inode no other content is served on
+            if retry.writing:
+                try:
+                    return self._apart(rel)
+                except FileNotFoundError:
+                    self.pages.landed(ctx.pid)  # nothing to repeat it on
+                    raise
             inode = self.inodes.inode_if_known(rel)
-            if inode is not None and self._handles_on(inode):
+            if inode is not None and self._other_content(inode):
                 self._fresh_inode(rel)
-        elif retry is None and self._aside:
+        elif self._aside:
             written = await self._written_by_caller(rel, ctx)
             if written is not None:  # the caller's agent's unsaved writes: its inode, as on a local disk
                 attrs = self._attrs(rel, written)
@@ -520,7 +569,7 @@ class CoherentOperations(pyfuse3.Operations):
             rel = self.inodes.path(inode)  # its readers' version: its open handles answer
         elif "\0" in rel and self._held_stat(inode) is None:
             rel = self._moved_on(rel)
-        return self._attrs(rel, inode)
+        return self._answer(self._attrs(rel, inode), inode)
 
     def _moved_on(self, rel: str) -> str:
         """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
@@ -578,14 +627,14 @@ class CoherentOperations(pyfuse3.Operations):
             # the kernel's repeat, and its inode lost its name since its lookup: made at the name, now
             rel = repeat.rel
             self.backing.lstat(rel)  # ENOENT if nothing is there now
-            by_name = self.inodes.inode(rel)  # (given a new one meanwhile, and not looked up since: one now)
+            if inode not in self._private:  # (the name's inode: given a new one meanwhile, not looked up since)
+                by_name = self.inodes.inode(rel)
         self.own.note(rel)
         if fields.update_size:
             if handle is not None:
                 await handle.resize(attr.st_size)
                 if isinstance(handle, Shadow) and fh is not None:
                     self.writers[handle.rel] = handle
-                    self._step_aside(fh)
             elif self._managed_file(rel):
                 with self._writing(rel, by_name, ctx, repeat is not None):
                     agent = await self._writer(ctx, rel)
@@ -601,7 +650,7 @@ class CoherentOperations(pyfuse3.Operations):
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
             self._set_times(rel, self._through(handle, inode, rel), attr, fields)
-        return self._attrs(rel, inode)
+        return self._answer(self._attrs(rel, inode), inode)
 
     def _through(self, handle: FileHandle | None, inode: int, rel: str) -> int | None:
         """The descriptor a setattr of `inode` at `rel` (through `handle`, when the kernel sent one) acts
@@ -908,8 +957,6 @@ class CoherentOperations(pyfuse3.Operations):
             if repeat is None or repeat.rel != name or not self._managed_file(name):
                 raise self._stale(rel, ctx, writing)  # the kernel looks it up again and repeats the open
             rel = name  # the kernel's repeat, and its inode lost its name since its lookup: served at the name
-            if writing:
-                self._unpin(rel)  # the file there is written now: its readers' inode is theirs
         if not self._managed_file(rel):
             if writing:
                 self.own.note(rel)  # its close-after-write event is our own echo
@@ -917,13 +964,14 @@ class CoherentOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._open_file(Passthrough(fd, rel, _writable(flags)), inode), keep_cache=True)
         if not writing:
             return await self._open_reading(rel, inode, ctx, repeat is not None)
-        with self._writing(rel, inode, ctx, repeat is not None):
+        if repeat is None:  # a write goes to an inode of its own (`_apart`), where the kernel repeats it
+            raise self._stale(rel, ctx, writing=True)
+        with self._writing(rel, inode, ctx, repeat=True):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
             handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags)
             fh = self._open_file(handle, inode)
             if handle.pending:  # O_TRUNC: its descriptors see the file cut, as on a local disk
                 self.writers[rel] = handle
-                self._step_aside(fh)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def _open_reading(self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: bool) -> pyfuse3.FileInfo:
@@ -944,10 +992,13 @@ class CoherentOperations(pyfuse3.Operations):
         writing = [h for h in self._writers_of(rel) if h.rel == rel and not (h.moved or h.unlinked)]
         elsewhere = [h for h in (*releasing, *writing) if all(h is not o for o in here)]
         st = os.fstat(fd)
-        how = self.pages.serving(rel, version, st.st_size, opener, here, elsewhere)
-        if how == "fresh" and not repeat:
+        how = self.pages.serving(rel, inode, version, st.st_size, opener, here, elsewhere)
+        if not repeat and (how == "fresh" or self._sizes.get(inode, st.st_size) != st.st_size):
+            # another content there; or the kernel was told another size than this version's (a commit
+            # landed since its last lookup or stat, and it stops a copy at the size it was told): the
+            # kernel repeats the open after a lookup, which tells it the size
             os.close(fd)
-            if "\0" not in self.inodes.path(inode):
+            if how == "fresh" and "\0" not in self.inodes.path(inode):
                 self._fresh_inode(rel)
             raise self._stale(rel, ctx, writing=False)
         if "\0" in self.inodes.path(inode) or how == "fresh":
@@ -955,7 +1006,7 @@ class CoherentOperations(pyfuse3.Operations):
             if held is not None:
                 os.close(fd)
                 fd, version = os.dup(held.fd), held.version
-                how = self.pages.serving(rel, version, os.fstat(fd).st_size, opener, here, elsewhere)
+                how = self.pages.serving(rel, inode, version, os.fstat(fd).st_size, opener, here, elsewhere)
             else:
                 how = "direct"
         elif how == "cached" and not self._holds(rel, st):  # a commit landed while it was opened
@@ -966,8 +1017,11 @@ class CoherentOperations(pyfuse3.Operations):
             self.core, fd, version, target, opener, pinned, reader, program, opener=opener, cached=cached
         )
         self.pages.opened(inode, snapshot)
-        # a cached open drops the inode's pages (keep_cache=False), so its first read comes through it
-        return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=not cached, keep_cache=not cached)
+        # a cached open drops the inode's pages, so its first read comes through it; a direct one keeps
+        # those of readers of its version open there, and drops any other (the kernel copies through
+        # them: another version's, left by readers since closed, would be copied for this one's)
+        keep = not cached and any(isinstance(h, Snapshot) for h in here)
+        return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=not cached, keep_cache=keep)
 
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:
@@ -1019,7 +1073,6 @@ class CoherentOperations(pyfuse3.Operations):
         written = await handle.write(off, buf)
         if isinstance(handle, Shadow):
             self.writers[handle.rel] = handle
-            self._step_aside(fh)
         return written
 
     @guarded
@@ -1030,7 +1083,7 @@ class CoherentOperations(pyfuse3.Operations):
             try:
                 await handle.flush()
             finally:
-                await self._take_name_back(self.file_inodes[fh])
+                await self._take_name_back(self.file_inodes[fh], released=False)
 
     @guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1058,7 +1111,7 @@ class CoherentOperations(pyfuse3.Operations):
             if self.writers.get(handle.rel) is handle:
                 del self.writers[handle.rel]
             try:
-                await self._take_name_back(inode)
+                await self._take_name_back(inode, released=True)
             finally:
                 self._closed(inode, fh)
 
@@ -1143,3 +1196,7 @@ class CoherentOperations(pyfuse3.Operations):
         for inode, count in inode_list:
             if not self.inodes.forget(inode, count):
                 self.backing.release(inode)
+                self._sizes.pop(inode, None)
+                if inode in self._private and not self._handles_on(inode):  # a write never repeated there
+                    self._private.discard(inode)
+                    self._aside.pop(inode, None)
