@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .harness.mounts import Mount
+from .test_silent_loss import python_in
 
 P = "plans/a.md"
 
@@ -65,14 +64,7 @@ class Agent:
     """A process of `agent` in the mount that runs one command per line (see AGENT) and answers it."""
 
     def __init__(self, m: Mount, agent: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", AGENT],
-            cwd=m.path,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": agent},
-        )
+        self.process = python_in(m, agent, AGENT)
 
     def __call__(self, *words: str) -> str:
         assert self.process.stdin is not None and self.process.stdout is not None
