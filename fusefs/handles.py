@@ -274,9 +274,13 @@ class PageCache:
         self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT)
 
     def retrying(self, tid: int, rel: str) -> Retry | None:
-        """The call of thread `tid` that the kernel is repeating by the name `rel`, if any."""
+        """The call of thread `tid` that the kernel is repeating by the name `rel`, if any; a write's by
+        any name (the file may have been renamed between the program's lookup and its call, so the
+        name the kernel looks up again is not the one the call came by: see the mount's `lookup`)."""
         retry = self._retries.get(tid)
-        return retry if retry is not None and retry.rel == rel and retry.until > time.monotonic() else None
+        if retry is None or retry.until <= time.monotonic():
+            return None
+        return retry if retry.writing or retry.rel == rel else None
 
     def landed(self, tid: int) -> Retry | None:
         """Thread `tid` makes its next call after its lookup (or its lookup found nothing): the call

@@ -29,7 +29,7 @@ from coherent_volume.paths import Target, is_registry_path
 from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
 from .backing import Backing
-from .handles import FileHandle, Listing, PageCache, Passthrough, Shadow, Snapshot, blocking, errno_of
+from .handles import FileHandle, Listing, PageCache, Passthrough, Retry, Shadow, Snapshot, blocking, errno_of
 from .identity import AgentResolver, proc_file, process_of
 from .inodes import InodeTable
 from .watcher import OwnChanges
@@ -208,12 +208,15 @@ class CoherentOperations(pyfuse3.Operations):
         return self._aside_name(inode) or self.inodes.path(inode)
 
     def _aside_name(self, inode: int) -> str | None:
-        """The name `inode` was set aside from (`_unname`), while a write handle open on it still goes
-        on with the file there (none was renamed away or unlinked since)."""
+        """The name `inode` was set aside from (`_unname`, `_apart`), while a write handle open on it
+        still goes on with the file there (none was renamed away or unlinked since), or the write it
+        was made for is not open yet."""
         rel = self._aside.get(inode)
         if rel is None:
             return None
         writers = [h for h in self._handles_on(inode) if isinstance(h, Shadow)]
+        if not writers and inode in self._private:
+            return rel  # made for a write not opened yet: the kernel checks permissions with a getattr first
         return rel if any(not (h.moved or h.unlinked) for h in writers) else None
 
     def _entry_of(self, rel: str) -> tuple[int, bytes] | None:
@@ -294,14 +297,15 @@ class CoherentOperations(pyfuse3.Operations):
             attrs.st_ino = self.inodes.inode(name)
         return attrs
 
-    def _apart(self, rel: str) -> pyfuse3.EntryAttributes:
+    def _apart(self, rel: str, retry: Retry) -> pyfuse3.EntryAttributes:
         """The lookup of a write by the name `rel` repeated after ESTALE (an open for writing, a truncate
         of a file descriptors are open on): a managed file's write gets an inode of its own, which
         no other call is given (other callers' lookups answer the name's inode, which goes on serving
         the committed file), so no other content is ever served beside its writes (`PageCache`)."""
         st = self.backing.lstat(rel)
         if not (stat_mod.S_ISREG(st.st_mode) and self.core.paths.managed(rel)):
-            return self._entry(rel, st)
+            return self._entry(rel, st)  # (a directory on the way to it)
+        retry.rel = rel  # the name the write is repeated by
         inode = self.inodes.apart(rel)
         self._aside[inode] = rel
         self._private.add(inode)
@@ -539,7 +543,7 @@ class CoherentOperations(pyfuse3.Operations):
         if retry is not None:  # the repeated call needs an inode no other content is served on
             if retry.writing:
                 try:
-                    return self._apart(rel)
+                    return self._apart(rel, retry)
                 except FileNotFoundError:
                     self.pages.landed(ctx.pid)  # nothing to repeat it on
                     raise
@@ -952,9 +956,11 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self.inodes.path(inode)
         writing = _writable(flags) or bool(flags & os.O_TRUNC)
         repeat = self.pages.landed(ctx.pid)
+        if repeat is not None and repeat.rel != rel.partition("\0")[0]:
+            repeat = None  # the repeat of a call by another name (renamed meanwhile): this one is new
         if "\0" in rel:  # its name is gone, or another inode's now
             name = rel.partition("\0")[0]
-            if repeat is None or repeat.rel != name or not self._managed_file(name):
+            if repeat is None or not self._managed_file(name):
                 raise self._stale(rel, ctx, writing)  # the kernel looks it up again and repeats the open
             rel = name  # the kernel's repeat, and its inode lost its name since its lookup: served at the name
         if not self._managed_file(rel):
