@@ -283,8 +283,10 @@ class PageCache:
         return retry if retry.writing or retry.rel == rel else None
 
     def landed(self, tid: int) -> Retry | None:
-        """Thread `tid` makes its next call after its lookup (or its lookup found nothing): the call
-        the kernel was repeating, if any, is over."""
+        """Thread `tid` makes its next call after its lookup: the call the kernel was repeating, if any,
+        is over. (A lookup that found nothing does not end it: the kernel looks a name up once more
+        after a lookup that revalidated its entry found nothing. One that never lands expires after
+        RETRY_WAIT.)"""
         retry = self._retries.pop(tid, None)
         return retry if retry is not None and retry.until > time.monotonic() else None
 

@@ -542,11 +542,9 @@ class CoherentOperations(pyfuse3.Operations):
         retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
         if retry is not None:  # the repeated call needs an inode no other content is served on
             if retry.writing:
-                try:
-                    return self._apart(rel, retry)
-                except FileNotFoundError:
-                    self.pages.landed(ctx.pid)  # nothing to repeat it on
-                    raise
+                # (a name not found leaves the repeat pending: the kernel looks the name up once more
+                # after a lookup that revalidated its entry found nothing, and the file may be there again)
+                return self._apart(rel, retry)
             inode = self.inodes.inode_if_known(rel)
             if inode is not None and self._other_content(inode):
                 self._fresh_inode(rel)
@@ -556,12 +554,7 @@ class CoherentOperations(pyfuse3.Operations):
                 attrs = self._attrs(rel, written)
                 self.inodes.looked_up(written)
                 return attrs
-        try:
-            return self._entry(rel)
-        except FileNotFoundError:
-            if retry is not None:
-                self.pages.landed(ctx.pid)  # nothing to repeat it on
-            raise
+        return self._entry(rel)
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
