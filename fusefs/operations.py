@@ -119,7 +119,8 @@ class CoherentOperations(pyfuse3.Operations):
         self._sizes: dict[int, int] = {}
         """The size last told the kernel of each managed file's inode (the kernel copies up to it)."""
         self._private: set[int] = set()
-        """The inodes of `_aside` made for a write (`_apart`): they never take the name."""
+        """The inodes made for a write (`_apart`), until the kernel forgets them: they never take the
+        name, and are in `_aside` until their write handle's release."""
         self.releasing: dict[int, Shadow] = {}
         """Write handles whose release is under way, by file handle (see `_writer`)."""
         self.dirs: dict[int, Listing] = {}
@@ -292,9 +293,8 @@ class CoherentOperations(pyfuse3.Operations):
         inode number of its file's name (the kernel reports the number a reply gives, and a lookup
         must give the inode's own), so the program's `fstat` of its descriptor and any `stat` of the
         name agree, as on a local disk (vim checks that the file it opened is the one it stat'ed)."""
-        name = self._aside.get(inode) if inode in self._private else None
-        if name is not None:
-            attrs.st_ino = self.inodes.inode(name)
+        if inode in self._private:
+            attrs.st_ino = self.inodes.inode(self.inodes.path(inode).partition("\0")[0])
         return attrs
 
     def _apart(self, rel: str, retry: Retry) -> pyfuse3.EntryAttributes:
@@ -317,14 +317,15 @@ class CoherentOperations(pyfuse3.Operations):
         """A write handle's inode apart from its name's (`_aside`) once its writes are committed or
         dropped (`released`: its last descriptor closed). One made for the write (`_apart`) is done
         with at its release: its agent's calls by the name reach the name's inode again, which the
-        file kept all along. One whose name moved on while it was open (`_fresh_inode`) takes the name
+        file kept all along; until the kernel forgets it, it stays `_private`, so a getattr the
+        kernel sends it still shows the name's inode number (a stat by the name that looked it up
+        just before the release: `_answer`). One whose name moved on while it was open (`_fresh_inode`) takes the name
         back if it still holds a managed regular file and nobody looked the name up meanwhile: a file
         written in place keeps its inode number, as on a local disk; otherwise the name keeps the
         inode the others know it by, and this one is left to its handles."""
         if inode in self._private:
             if released:
                 self._aside.pop(inode, None)
-                self._private.discard(inode)
             return
         if inode not in self._aside or self._unsaved_on(inode) is not None:
             return
@@ -1196,6 +1197,8 @@ class CoherentOperations(pyfuse3.Operations):
             if not self.inodes.forget(inode, count):
                 self.backing.release(inode)
                 self._sizes.pop(inode, None)
-                if inode in self._private and not self._handles_on(inode):  # a write never repeated there
+                if inode in self._private and not self._handles_on(
+                    inode
+                ):  # its write released, or never repeated there
                     self._private.discard(inode)
                     self._aside.pop(inode, None)

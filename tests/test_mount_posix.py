@@ -589,6 +589,63 @@ VolumeCore.commit = _held
         assert left == [], f"the daemon still holds the deleted file: {left}"
 
 
+TRUNCATE_THEN_LOOK = """
+import os, sys
+fd = os.open("plans/t.md", os.O_WRONLY | os.O_TRUNC)
+before = os.fstat(fd).st_ino
+os.close(fd)  # nothing written: its commit comes at the RELEASE, after close(2) returned
+held = os.open("plans/t.md", os.O_PATH)  # looked up meanwhile
+print(before, flush=True)
+sys.stdin.readline()
+print(os.fstat(held).st_ino, os.stat("plans/t.md").st_ino, os.fstat(held).st_size, flush=True)
+"""
+
+
+def test_a_name_looked_up_while_a_truncate_is_committed_at_release_keeps_the_files_inode_number(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open with O_TRUNC and no write is committed at its RELEASE, which comes after close(2)
+    returned; the daemon holds that commit while the program looks the name up again (an O_PATH
+    descriptor) and lets it go before the program stats what it looked up. Every number shown is
+    the file's, as on a local disk (it was the write's own inode's once the commit was in), and
+    the size is the truncated file's."""
+    patch = """
+from fusefs.handles import Shadow
+_release = Shadow._release
+def _held(self):
+    wait_at_gate()
+    return _release(self)
+Shadow._release = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("alice", "printf 'hello world' > plans/t.md").returncode == 0
+        ino = os.stat(m.path / "plans/t.md").st_ino
+        gate.touch()
+        program = subprocess.Popen(
+            [sys.executable, "-c", TRUNCATE_THEN_LOOK],
+            cwd=m.path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
+        try:
+            assert program.stdin is not None and program.stdout is not None
+            assert program.stdout.readline().split() == [str(ino)]
+            assert Path(f"{gate}.held").exists()  # the commit had not landed when the name was looked up
+            [daemon] = daemon_pids(m.path)
+            gate.unlink()
+            _wait_for(lambda: not any(n.startswith(f"{m.root}/plans/#") for n in _open_files(daemon)), "the release")
+            program.stdin.write("go\n")
+            program.stdin.flush()
+            assert program.stdout.readline().split() == [str(ino), str(ino), "0"]
+            assert program.wait(timeout=60) == 0
+        finally:
+            program.kill()
+            program.wait()
+        assert (m.root / "plans/t.md").read_bytes() == b""
+
+
 WRITES_WHILE_A_DUP_CLOSES = """
 import os, sys, threading
 failed = []
