@@ -621,15 +621,7 @@ Shadow._release = _held
         assert m.run("alice", "printf 'hello world' > plans/t.md").returncode == 0
         ino = os.stat(m.path / "plans/t.md").st_ino
         gate.touch()
-        program = subprocess.Popen(
-            [sys.executable, "-c", TRUNCATE_THEN_LOOK],
-            cwd=m.path,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": "alice"},
-        )
-        try:
+        with _alice_runs(m, TRUNCATE_THEN_LOOK) as program:
             assert program.stdin is not None and program.stdout is not None
             assert program.stdout.readline().split() == [str(ino)]
             assert Path(f"{gate}.held").exists()  # the commit had not landed when the name was looked up
@@ -640,9 +632,6 @@ Shadow._release = _held
             program.stdin.flush()
             assert program.stdout.readline().split() == [str(ino), str(ino), "0"]
             assert program.wait(timeout=60) == 0
-        finally:
-            program.kill()
-            program.wait()
         assert (m.root / "plans/t.md").read_bytes() == b""
 
 
