@@ -861,8 +861,16 @@ class CoherentOperations(pyfuse3.Operations):
         if self.core.rename_is_checked(source, destination):
             self._refuse_open_writers(src)
             moving = [*self._writers_of(src), *self._writers_of(dst)]
-            if any(handle.pending for handle in moving):
-                log.info("refused renaming %s to %s: a write handle on it has unsaved changes", src, dst)
+            unsaved = [handle for handle in moving if handle.pending]
+            if unsaved:
+                log.info(
+                    "refused renaming %s to %s (EBUSY): %s holds writes to %s not committed yet, which the rename "
+                    "would leave behind; rename it once that file is closed (a close commits its writes)",
+                    src,
+                    dst,
+                    unsaved[0].agent,
+                    unsaved[0].rel,
+                )
                 raise pyfuse3.FUSEError(errno.EBUSY)
             agent = await self._writer(ctx, src, dst)
             done = trio.Event()

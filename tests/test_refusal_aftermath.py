@@ -1031,7 +1031,7 @@ def _(c: Case) -> Iterator[None]:
     c.held.enter_context(python_in_mount(c.mount, c.alice, code + "sys.stdin.readline()\n", c.a))
     yield
     refused_in_mount(c.sh(c.alice, f"mv {c.a} {c.dir}/moved.md"), "Device or resource busy")
-    c.daemon(r"refused renaming .* a write handle on it has unsaved changes")
+    c.daemon(r"refused renaming .* \(EBUSY\): \S+ holds writes to .* not committed yet, .* once that file is closed")
     yield
     c.release_held()
 
