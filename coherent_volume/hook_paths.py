@@ -61,8 +61,9 @@ def located(path: str) -> Located | None:
 
 def _below(given: str, top: str) -> str | None:
     """`given` relative to `top` as text (its `..` and symlinks left for the core to resolve), when
-    it is written below `top`."""
-    return given[len(top) + 1 :] if given.startswith(top + os.sep) and len(given) > len(top) + 1 else None
+    it is written below `top`: never absolute (`ROOT//plans/a.md` is `plans/a.md`)."""
+    rel = given[len(top) :].lstrip(os.sep) if given.startswith(top + os.sep) else ""
+    return rel or None
 
 
 def located_directory(path: str) -> Located | None:

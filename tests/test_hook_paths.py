@@ -110,6 +110,20 @@ def test_a_write_through_a_symlink_outside_the_volume_is_checked(root: Path, lin
     assert (root / P).read_text() == "v1\n"
 
 
+@pytest.mark.parametrize("face", FACES)
+def test_slashes_doubled_after_the_root_spell_the_same_managed_file(root: Path, face: str) -> None:
+    """`ROOT//plans/plan.md` is the file `ROOT/plans/plan.md`, for the kernel and for the check (a
+    path below the root kept its leading slash and was taken for a file outside the volume)."""
+    command, event = FACES[face]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    for path in (f"{root}//{P}", f"{root}///{P}", f"{root}//plans//plan.md"):
+        r, _ = timed_hook(command, event(root, "slashes", path))
+        reason = _denial(r.stdout)
+        assert reason is not None and "(unread)" in reason and P in reason, (path, r.stdout, r.stderr)
+    assert (root / P).read_text() == "v1\n"
+
+
 def test_a_file_outside_every_volume_stays_free(root: Path, tmp_path: Path) -> None:
     """A symlink out of nowhere into nowhere: no volume, so every face lets it be."""
     elsewhere = tmp_path / "elsewhere"
@@ -272,6 +286,7 @@ def test_no_spelling_of_the_registrys_path_lets_a_write_reach_it(root: Path, fac
         f"{root}/./.coherent/registry.db",
         f"{root}/plans/../.coherent/registry.db",
         f"{root}/reg/registry.db",
+        f"{root}//.coherent//registry.db",
     ):
         r, _ = timed_hook(command, event(root, "reg", path))
         reason = _denial(r.stdout)
