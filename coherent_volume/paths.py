@@ -150,7 +150,7 @@ class VolumePaths:
             raise OutsideVolume(f"path {text!r} must be str, not bytes")
         _check_text(text)
         if os.path.isabs(text) and text.startswith(self.root + os.sep):
-            text = text[len(self.root) + 1 :]
+            text = text[len(self.root) :].lstrip(os.sep) or "."  # (`ROOT//plans/a.md` is `plans/a.md`)
         plain = lexical(text)
         if plain is not None and self._free_of_symlinks(plain):
             rel = plain  # no '.', '..' or symlink in it: the path is its own canonical form

@@ -67,6 +67,18 @@ def test_overwrite_of_a_never_read_file_is_refused_as_unread(vols, root: Path) -
     assert (root / P).read_bytes() == b"mine"
 
 
+def test_an_absolute_path_with_slashes_doubled_after_the_root_is_the_file_it_names(vols, root: Path) -> None:
+    """`ROOT//plans/x.md` is `plans/x.md`, as for the kernel: checked as it (it was refused as a path
+    outside the volume, naming `/plans/x.md`)."""
+    vols("alice").write(P, b"mine")
+    for spelling in (f"{root}//{P}", f"{root}///{P.replace('/', '//')}"):
+        with pytest.raises(StaleWriteError) as info:
+            vols("bob").write(spelling, b"theirs")
+        assert info.value.reason == "unread" and info.value.path == P
+    assert vols("alice").read(f"{root}//{P}") == b"mine"
+    assert (root / P).read_bytes() == b"mine"
+
+
 def test_racing_creators_exactly_one_wins(vols) -> None:
     alice, bob = vols("alice"), vols("bob")
     assert alice.write("plans/new.md", b"a") == 1
