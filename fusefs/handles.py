@@ -461,13 +461,19 @@ class Shadow:
         """A handle written (or resized) again after its commit takes its grant back and a new shadow."""
         if self.moved:
             raise pyfuse3.FUSEError(errno.ESTALE)
+        if (self.grant is None and not self.unlinked) or self.fd < 0:
+            await blocking(self._rewritable)  # one worker-thread job for both
+
+    def _rewritable(self) -> None:
+        """`_writable`'s blocking half, in one job: the grant back where it has none (unless its file
+        was unlinked), and a new shadow where it has none."""
         if self.grant is None and not self.unlinked:
-            await blocking(self._regrant)
+            self._regrant()
         if self.fd < 0:
             try:
-                await blocking(self._reshadow)
+                self._reshadow()
             except BaseException:
-                await blocking(self._drop_grant)  # a failed write leaves nothing that blocks others
+                self._drop_grant()  # a failed write leaves nothing that blocks others
                 raise
 
     def _regrant(self) -> None:

@@ -859,7 +859,7 @@ class CoherentOperations(pyfuse3.Operations):
             self._refuse_moving_direct_dirs(src, *((dst,) if exchange else ()))
         source, destination = self._target(src), self._target(dst)
         if self.core.rename_is_checked(source, destination):
-            self._refuse_open_writers(src)
+            self._refuse_open_writers(src, st)
             moving = [*self._writers_of(src), *self._writers_of(dst)]
             unsaved = [handle for handle in moving if handle.pending]
             if unsaved:
@@ -919,13 +919,12 @@ class CoherentOperations(pyfuse3.Operations):
         """The open write handles of the managed files at or below `rel`."""
         return [h for h in self.files.values() if isinstance(h, Shadow) and _at_or_below(h.rel, rel)]
 
-    def _refuse_open_writers(self, rel: str) -> None:
-        """A file open for writing under an unmanaged name (at or below `rel`) cannot be renamed where
-        it would be checked: its open handle would go on writing its bytes in place, past the
-        protocol (EBUSY). A handle is known by the name it was opened at, by its inode's name now
-        (renames that were not checked moved it), and, when its name is `rel` itself, by the file
-        it holds, however it was reached."""
-        st = self.backing.lstat(rel)
+    def _refuse_open_writers(self, rel: str, st: os.stat_result) -> None:
+        """A file open for writing under an unmanaged name (at or below `rel`, whose stat is `st`)
+        cannot be renamed where it would be checked: its open handle would go on writing its bytes in
+        place, past the protocol (EBUSY). A handle is known by the name it was opened at, by its
+        inode's name now (renames that were not checked moved it), and, when its name is `rel`
+        itself, by the file it holds, however it was reached."""
         for fh, handle in self.files.items():
             if not isinstance(handle, Passthrough) or not handle.writable:
                 continue

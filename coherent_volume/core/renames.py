@@ -279,11 +279,17 @@ class Renames(History):
         if stale is not None:
             return Refused(stale, _merge_side(src))
         # hashed once every path was checked: a check brings a working copy that is behind up to
-        # date, so a source hashed before its own check would name the bytes it held before that
+        # date, so a source hashed before its own check would name the bytes it held before that.
+        # A managed source's own check synced its record with the disk, so (outside a working
+        # copy) that record's hash names the bytes it holds: not hashed again
+        synced = {} if self.replica is not None else {t.abs: r.hash for _, t, r, _ in checked if r and r.present}
         plan: list[Planned] = []
         merged: int | None = None
         for rel, target, record, check in checked:
-            digest = self._hash_of(after[rel], fingerprint_path(after[rel]))[1] if rel in after else None
+            digest = None
+            if rel in after:
+                came = after[rel]
+                digest = synced.get(came) or self._hash_of(came, fingerprint_path(came))[1]
             version = current_version(record) + 1
             if merge is not None and rel == dst.rel:
                 if digest != merge.ours:  # the source changed since it was merged: merge it again
