@@ -347,21 +347,24 @@ class CoherentOperations(pyfuse3.Operations):
         self.inodes.rebind(inode, rel)
         await self._forget(rel)
 
-    def _replaced(self, rel: str, inode: int) -> bool:
+    def _replaced(self, rel: str, inode: int) -> tuple[bool, os.stat_result | None]:
         """Whether read-only handles are open on `inode` while the file at `rel` is no longer theirs:
         replaced through another inode, or outside this mount (the Python API, another mount, a
         foreign write), which the mount notices at the next lookup or stat. The path must then get a
         new inode (`_fresh_inode`), or the kernel would take the new file's size for the readers'
-        version (and an open by the name would be served beside them)."""
+        version (and an open by the name would be served beside them). With it, the stat of the file
+        at `rel` that told (None: none taken), from which alone a reply for `inode` may be made: a
+        commit may land at any moment, and a stat taken after this one could tell the kernel the next
+        version's size for the readers' inode, where a copy through their descriptors stops."""
         readers = [h for h in self._handles_on(inode) if isinstance(h, Snapshot)]
         if not readers or "\0" in rel:
-            return False
+            return False, None
         try:
             st = self.backing.lstat(rel)
         except FileNotFoundError:
-            return True
+            return True, None
         theirs = os.fstat(readers[0].fd)
-        return (st.st_dev, st.st_ino) != (theirs.st_dev, theirs.st_ino)
+        return (st.st_dev, st.st_ino) != (theirs.st_dev, theirs.st_ino), st
 
     def _unsaved_on(self, inode: int) -> os.stat_result | None:
         """The stat of the shadow holding the unsaved writes that `inode` serves, if it serves any:
@@ -410,16 +413,18 @@ class CoherentOperations(pyfuse3.Operations):
         return entry
 
     def _inode_of(self, rel: str, st: os.stat_result | None = None) -> tuple[int, os.stat_result | None]:
-        """The inode of `rel` and its stat: `st` (the caller's, just taken), else the one taken to tell
-        when the name is seen for the first time. Such a name that is a hard link of an unmanaged
-        file the mount knows by another name is that file's inode, so that every name of a file
-        shows one inode number, as on disk (managed names never share: links to them are refused)."""
+        """The inode of `rel` and its stat: the one taken to tell whether its readers' file is still there
+        (`_replaced`), else `st` (the caller's, just taken), else the one taken to tell when the name
+        is seen for the first time. Such a name that is a hard link of an unmanaged file the mount
+        knows by another name is that file's inode, so that every name of a file shows one inode
+        number, as on disk (managed names never share: links to them are refused)."""
         inode = self.inodes.inode_if_known(rel)
-        if inode is not None and self._replaced(rel, inode):
-            self._fresh_inode(rel)
-            inode = None
         if inode is not None:
-            return inode, st
+            replaced, now = self._replaced(rel, inode)
+            st = now or st
+            if not replaced:
+                return inode, st
+            self._fresh_inode(rel)
         try:
             st = st or self.backing.lstat(rel)
         except (FileNotFoundError, NotADirectoryError):
@@ -562,12 +567,21 @@ class CoherentOperations(pyfuse3.Operations):
         if self._renaming:
             await self._settled(self.inodes.path(inode))
         rel = self.inodes.path(inode)
-        if self._replaced(rel, inode):
-            self._fresh_inode(rel)
-            rel = self.inodes.path(inode)  # its readers' version: its open handles answer
-        elif "\0" in rel and self._held_stat(inode) is None:
+        if "\0" in rel and self._held_stat(inode) is None:
             rel = self._moved_on(rel)
-        return self._answer(self._attrs(rel, inode), inode)
+        return self._reply(inode, rel)
+
+    def _reply(self, inode: int, rel: str) -> pyfuse3.EntryAttributes:
+        """The getattr or setattr reply for `inode`, whose call asked about or changed the file at `rel`.
+        For an inode that readers have open, it is made from the one stat that found the file at its
+        name still theirs (`_replaced`); once it is not, the name gets a new inode and their version
+        answers, on the inode they keep (the kernel would stop their copies at another size)."""
+        own = self.inodes.path(inode)
+        replaced, st = self._replaced(own, inode)
+        if replaced:
+            self._fresh_inode(own)
+            rel, st = self.inodes.path(inode), None  # its readers' version: its open handles answer
+        return self._answer(self._attrs(rel, inode, st=st), inode)
 
     def _moved_on(self, rel: str) -> str:
         """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
@@ -648,7 +662,7 @@ class CoherentOperations(pyfuse3.Operations):
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
             self._set_times(rel, self._through(handle, inode, rel), attr, fields)
-        return self._answer(self._attrs(rel, inode), inode)
+        return self._reply(inode, rel)
 
     def _through(self, handle: FileHandle | None, inode: int, rel: str) -> int | None:
         """The descriptor a setattr of `inode` at `rel` (through `handle`, when the kernel sent one) acts

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from coherent_volume import CoherentVolume
+
 from .harness.mounts import Mount
+from .test_mount_posix import _gated, _wait_for
 from .test_silent_loss import python_in
 
 P = "plans/a.md"
@@ -104,6 +110,68 @@ def test_a_copy_from_a_reader_of_each_version_copies_that_version(mounted: Mount
         assert carol("close", "w") == "closed"
         assert bob("fstat", "r") == "12", "a reader's descriptor keeps its version's size"
         assert bob("sendfile", "r", str(tmp_path / "bob.copy")) == "12:version one|"
+
+
+def test_a_stat_answered_as_a_commit_lands_does_not_cut_a_readers_copy(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """carol holds the file open when bob stats it by its name. The daemon takes the file's stat,
+    finds it still carol's version, and is held there while bob commits a shorter version (through
+    the Python API: the daemon is held); then it answers. carol's copy by sendfile gives all of her
+    version: the answer came from the stat that found the file hers (a stat taken again to answer
+    would tell the kernel the new version's size for her inode, and the copy stops at that size: 1
+    copy in some thousands was cut short so, or padded with NUL bytes, while agents rewrote a file
+    as fast as they could)."""
+    patch = """
+from fusefs.backing import Backing
+_lstat = Backing.lstat
+def _held(self, rel):
+    st = _lstat(self, rel)
+    if rel == "plans/a.md":
+        wait_at_gate()
+    return st
+Backing.lstat = _held
+"""
+    hers = "carol's version " * 300
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        (m.path / P).write_text(hers)
+        with agents(m, "carol", "bob") as (carol, bob):
+            assert carol("open", "r", P, "r") == "opened"
+            gate.touch()
+            said: list[str] = []
+            stat = threading.Thread(target=lambda: said.append(bob("stat", P)))
+            stat.start()
+            try:
+                _wait_for(Path(f"{gate}.held").exists, "bob's stat to reach the gate")
+                with CoherentVolume(root, agent="bob") as vol:
+                    vol.read(P)
+                    vol.write(P, "bob's\n")
+            finally:
+                gate.unlink()
+                stat.join(timeout=60)
+            assert len(said) == 1, "bob's stat never returned"
+            assert carol("sendfile", "r", str(tmp_path / "carol.copy")) == f"{len(hers)}:{hers}"
+            assert carol("close", "r") == "closed"
+            assert carol("open", "r", P, "r") == "opened" and carol("read", "r") == "bob's|"
+
+
+def test_a_chmod_by_the_name_after_a_commit_does_not_cut_a_readers_copy(mounted: Mount, tmp_path: Path) -> None:
+    """carol holds the file open; bob commits a shorter version (through the Python API, so nobody
+    looks the name up meanwhile), then the file is chmod'ed by its name, which the kernel still
+    maps to carol's inode. The chmod changes the file at the name, and carol's copy by sendfile
+    gives all of her version (the reply telling the name's new size for her inode would stop it)."""
+    hers = "carol's version " * 300
+    (mounted.path / P).write_text(hers)
+    with agents(mounted, "carol") as (carol,):
+        assert carol("open", "r", P, "r") == "opened"
+        with CoherentVolume(mounted.root, agent="bob") as vol:
+            vol.read(P)
+            vol.write(P, "bob's\n")
+        os.chmod(mounted.path / P, 0o600)
+        assert carol("sendfile", "r", str(tmp_path / "carol.copy")) == f"{len(hers)}:{hers}"
+        assert carol("fstat", "r") == str(len(hers))
+    assert (mounted.root / P).stat().st_mode & 0o777 == 0o600
+    assert (mounted.path / P).read_text() == "bob's\n"
 
 
 def test_a_copy_from_a_write_handle_copies_its_unsaved_writes_and_a_readers_copy_the_committed_bytes(
