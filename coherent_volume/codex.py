@@ -18,7 +18,9 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
   version they fit, merged three-way): committed by the hook where Codex applies patches without
   asking (MERGE_MODES), else shown; the patch is denied;
 - PreToolUse `Bash` does the same for writes `shell_writes` recognises (they need a view a
-  patch registered: a file never patched is refused `unread`);
+  patch registered: a file never patched is refused `unread`). A `Bash` command that runs
+  `apply_patch` is applied by Codex itself with no `apply_patch` event: `shell_writes` refuses it
+  in a volume, so a patch is checked only as the apply_patch tool;
 - SessionStart binds the session's process (on a mount, what it does is the session's);
   PostToolUse records the session's commits and releases the grants (after a `Bash` command,
   also the deletions of files its words no longer name, `hook_steps.end_deletions`); Stop (the end of a turn)

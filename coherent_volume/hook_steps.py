@@ -33,7 +33,14 @@ from dataclasses import dataclass
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
-from .errors import CoherenceError, OutsideVolume, StaleWriteError, UnprotectedAlias, UnresolvedShellWrite
+from .errors import (
+    CoherenceError,
+    LinkRefused,
+    OutsideVolume,
+    StaleWriteError,
+    UnprotectedAlias,
+    UnresolvedShellWrite,
+)
 from .hook_paths import forget_volumes, located, record_volume, session_volumes
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
@@ -176,7 +183,8 @@ def planned(
     written. `shell` is a shell command and the directory it runs in: one that runs in a volume or
     names a path in one is a write check there while its writes are worked out (which takes
     time), so a budget that runs out denies it. A shell write whose file is known only at run
-    time is answered instead: denied before the command runs; after it, nothing to record."""
+    time, or a hard link of a managed file, is answered instead: denied before the command runs;
+    after it, nothing to record."""
     if shell is not None:
         progress.doing = "working out which files the shell command writes"
         root = volume_named(*shell)
@@ -184,8 +192,8 @@ def planned(
             progress.write_check, progress.path = True, root
     try:
         writes = find()
-    except UnresolvedShellWrite as unresolved:
-        return face.deny(str(unresolved), None) if checking else Answer()
+    except (UnresolvedShellWrite, LinkRefused) as refused:
+        return face.deny(str(refused), None) if checking else Answer()
     progress.doing = None
     progress.path = writes[0][0] if writes else None
     progress.write_check = checking and bool(writes)

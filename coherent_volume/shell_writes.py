@@ -13,11 +13,20 @@ inside a word joins it. Recognised writes:
 - `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, `awk -i inplace` and awk's
   `print > FILE`, `rm`/`unlink`/`shred`, `mv` (its sources are removed), `cp`, `install`, `ln`
   (`-T`: the destination itself), `truncate`, `dd of=`, `sort -o`, `uniq IN OUT`,
-  `find -fprint FILE`, `time -o FILE`, `strace -o FILE`; a directory removed or moved stands for
-  the files below it; `find START… EXPR -delete` for each file (not a directory, symlinks not
-  followed) below its starting points, as they are now, for which its expression may reach
-  `-delete` (`_find_expression`, `_find_reaches`: a test only the file system can decide may be
-  either);
+  `find -fprint FILE`, `time -o FILE`, `strace -o FILE` (a long option also by a prefix, as
+  getopt_long takes it); a directory removed or moved stands for the files below it;
+  `find START… EXPR -delete` for each file (not a directory, symlinks not followed) below its
+  starting points, as they are now, for which its expression may reach `-delete`
+  (`_find_expression`, `_find_reaches`: a test only the file system can decide may be either;
+  `-prune` keeps it out of nothing, as `-delete` turns on `-depth`);
+- a hard link (`ln` without `-s`, `cp -l`, `link`) with a managed file, or a file of a volume's
+  registry, at either end: refused (LinkRefused, `refuse_hard_link`, the core's rule);
+- `apply_patch` run as a shell command (Codex applies it itself, with no apply_patch hook
+  event): a write of files known only when it runs, checked only through the apply_patch tool;
+- a word known only when it runs that may be an option of a command whose options change what it
+  writes (`_altering`, `_shell_altering`: `sed "$o"`, `bash "$o" 'script'`), a dd operand that
+  may be `of=` and a sed or awk program with an expansion: a write of any file; for find, a word
+  that may be a test or an action (`_find_altering`: `find plans "$(echo -delete)"`);
 - looked through: the wrappers in `_WRAPPERS` with their own options, and the text of
   `bash -c`/`sh -c`, `su -c`, `flock -c`, `script -c`, `eval` and `trap` (a trap's handler also
   where the shell exits); an expansion in such a script is code known only when it runs.
@@ -47,8 +56,9 @@ after one); elsewhere it goes ahead. An arithmetic expansion, `$$`-like paramete
 `$(date +FORMAT)` of numeric conversions stay within one segment of a path; any other expansion
 may be any path.
 Anything else (aliases, a script, `source`, an interpreter's own file writes, `git checkout`,
-prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd) is not
-recognised; on a mount the file system checks those writes.
+prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd, a write
+through a hard link of a managed file made some other way) is not recognised; on a mount the file
+system checks those writes.
 
 Paths are joined to the working directory as given: `..` is left for the caller to resolve (after
 following symlinks, as the kernel does).
@@ -72,11 +82,12 @@ from functools import cache
 import tree_sitter
 import tree_sitter_bash
 
-from .core import open_core
-from .errors import CoherenceError, UnresolvedShellWrite
+from .core import VolumeCore, open_core
+from .core.renames import refuse_hard_link
+from .errors import CoherenceError, LinkRefused, OutsideVolume, UnresolvedShellWrite
 from .globs import ManagedGlobs, Piece, Wild
-from .hook_paths import Located, located_directory
-from .paths import REGISTRY_DIR
+from .hook_paths import Located, located, located_directory
+from .paths import REGISTRY_DIR, is_registry_path
 from .protocol import HandleKind
 from .registry import recorded_in
 
@@ -118,6 +129,10 @@ class Unknown:
     """What it may be below `place` (`globs.Wild` for the parts known only when the command runs),
     when that is known: in a volume, refused only where some path of it may be managed (`_unmanaged`).
     None: any path below `place`."""
+    lead: str | None = None
+    """The characters the word surely begins with, as a command receives it (its literal text before
+    the first expansion); None when an expansion may split it into several words, or nothing is known
+    of it. Whether it may be an option (`_may_begin`)."""
 
     def below(self, *pieces: Piece) -> Unknown:
         """This unknown with `pieces` after its shape (`/` separates segments)."""
@@ -261,9 +276,12 @@ def _text(node: tree_sitter.Node) -> str:
 def _option(arg: str, following: list[Item], valued: frozenset[str]) -> list[tuple[str, Item | None]]:
     """The options one word `arg` (`-x`, `-xVALUE`, `-abc`, `--name`, `--name=VALUE`) gives, each
     with its value (None for a flag); a valued option without one in `arg` takes the first of
-    `following` (removed from it)."""
+    `following` (removed from it). A long option given by a prefix of one of `valued` is that one,
+    as getopt_long takes it."""
     if arg.startswith("--"):
         name, eq, value = arg.partition("=")
+        whole = [v for v in valued if _abbreviates(name, v)]
+        name = whole[0] if name not in valued and len(whole) == 1 else name
         if eq or name not in valued:
             return [(name, value if eq else None)]
         return [(name, following.pop(0) if following else None)]
@@ -275,6 +293,14 @@ def _option(arg: str, following: list[Item], valued: frozenset[str]) -> list[tup
             break
         out.append((f"-{c}", None))
     return out
+
+
+def _abbreviates(arg: str, name: str) -> bool:
+    """Whether the long option `arg` (`--na`, `--na=VALUE`) names the long option `name`, as
+    getopt_long takes a prefix of it (one that is a prefix of another option too is refused there,
+    so the command does nothing)."""
+    given = arg.partition("=")[0]
+    return len(given) > 2 and given.startswith("--") and name.startswith(given)
 
 
 def _is_option(item: Item) -> bool:
@@ -457,6 +483,8 @@ class _Walk:
         self.found: list[tuple[str, HandleKind, bool]] = []
         """(path, how, whether a directory there stands for the files below it)."""
         self.unknown: list[Unknown] = []
+        self.linked: list[str] = []
+        """The ends of the hard links the command makes (a directory stands for the files below it)."""
         self.functions: dict[str, tuple[tree_sitter.Node, list[tree_sitter.Node], bytes]] = {}
         """Each function's body, the redirections of its definition, and the text it is in."""
         self.depth = 0
@@ -629,7 +657,8 @@ class _Walk:
         after = re.split(r"[$`*?\[{]", _text(node), maxsplit=1)[-1]
         anywhere = not known or bool(re.search(r"(?:^|/)\.\.(?:/|$)", after))
         anywhere = anywhere or isinstance(cwd, Unknown) and cwd.anywhere and not (known or "").startswith("/")
-        return Unknown(_text(node), why, place, anywhere, shape)
+        lead = None if _splits(node, self.ifs) or not isinstance(prefix, list) else "".join(c for c, _ in prefix)
+        return Unknown(_text(node), why, place, anywhere, shape, lead)
 
     def _tilde(self, word: Chars, cwd: Cwd) -> Chars | Unknown:
         """`word` with a leading unquoted `~`, `~+` or `~user` expanded; also one after the `=` of
@@ -1060,15 +1089,21 @@ class _Walk:
 
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
         """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
-        if isinstance(item, str) and isinstance(cwd, Unknown) and not item.startswith("/"):
-            why = f"a path relative to the directory after `{cwd.word}`: {cwd.why}"
-            item = dataclasses.replace(cwd.below("/", item), word=item, why=why)
-        if isinstance(item, Unknown):
-            self.unknown.append(item.below("/", Wild.DIRS) if expand else item)
-        elif item.startswith("/"):
-            self.found.append((item, kind, expand))
+        placed = _placed(item, cwd)
+        if isinstance(placed, Unknown):
+            self.unknown.append(placed.below("/", Wild.DIRS) if expand else placed)
         else:
-            self.found.append((os.path.join(str(cwd), item), kind, expand))
+            self.found.append((placed, kind, expand))
+
+    def link(self, item: Item, cwd: Cwd) -> None:
+        """Record an end of a hard link the command makes (a directory there stands for the files below
+        it): one known only when it runs may be a managed file."""
+        placed = _placed(item, cwd)
+        if isinstance(placed, Unknown):
+            why = f"an end of a hard link, which may be a managed file: {placed.why}"
+            self.unknown.append(dataclasses.replace(placed.below("/", Wild.DIRS), why=why))
+        else:
+            self.linked.append(placed)
 
     # ---- commands -------------------------------------------------------------------
 
@@ -1166,6 +1201,10 @@ class _Walk:
                 self.traps.append(self._code(handler[0]))  # run when the shell exits (`trapped`)
                 self._script(self.traps[-1], cwd, inherit=False)
             return same
+        altering = _shell_altering(args) if name in _SHELLS else _altering(args, _SU_VALUED) if name == "su" else None
+        if altering is not None:
+            why = f"a word of {name} known only when it runs, which may be an option (`-c` makes a word a script)"
+            self.unknown.append(Unknown(altering.word, why, _place(cwd), anywhere=True))
         if name in _SHELLS:
             script = _shell_script(args)
             if script is not None:
@@ -1185,9 +1224,15 @@ class _Walk:
             self._find(args, cwd)
         elif name == "parallel":
             self._parallel(args, cwd)
-        else:
-            for item, kind, expand in _command_writes(name, args, cwd):
+        elif name in ("apply_patch", "applypatch"):
+            why = "a patch run as a shell command; a patch is checked only when it comes through the apply_patch tool"
+            self.unknown.append(Unknown(name, why, _place(cwd), anywhere=True))
+        elif name in _VALUED:
+            effect = _command_writes(name, args, cwd)
+            for item, kind, expand in effect.writes:
                 self.write(item, cwd, kind, expand)
+            for end in effect.linked:
+                self.link(end, cwd)
         return same
 
     def _code(self, item: Item) -> str:
@@ -1326,16 +1371,23 @@ class _Walk:
             starts.append(args[i])
             i += 1
         # each starting point and everything below it (as a shape of what lies below the place)
-        trees = [_tree(cwd, s) for s in starts or ["."]]
+        trees = [(*_tree(cwd, s), s if isinstance(s, str) else None) for s in starts or ["."]]
         if "-files0-from" in args:  # more starting points, read from a file
-            trees = [(_place(cwd), None)]
+            trees = [(_place(cwd), None, None)]
+        altering = _find_altering(starts, args[i:])
+        if altering is not None:
+            why = (
+                "a word of find known only when it runs, which may be a test or an action (`-delete`, `-exec`, "
+                "`-fprint FILE`) that makes it delete or write any file"
+            )
+            self.unknown.append(Unknown(altering.word, why, _place(cwd), anywhere=True))
         deleted = self._find_deleted(starts or ["."], args[i:], follows, cwd) if "-delete" in args[i:] else []
         if isinstance(deleted, str):
             why = (
                 f"the files find deletes: {deleted}. Run the same find with -print instead of -delete to list them, "
                 "then remove those files with rm, naming each"
             )
-            self.unknown += [Unknown("find -delete", why, place, shape=shape) for place, shape in trees]
+            self.unknown += [Unknown("find -delete", why, place, shape=shape) for place, shape, _ in trees]
         for path in deleted if isinstance(deleted, list) else []:
             self.write(path, cwd, "write")
         while i < len(args):
@@ -1344,8 +1396,9 @@ class _Walk:
                 self.write(args[i + 1], cwd, "write")
             elif arg in ("-exec", "-execdir", "-ok", "-okdir"):
                 end = next((j for j in range(i + 1, len(args)) if args[j] in (";", "+")), len(args))
-                for place, shape in trees:
-                    named = Unknown(f"find {arg}", "the files find names", place, shape=shape)
+                for place, shape, start in trees:  # find names a file as its starting point, then below it
+                    lead = "./" if "dir" in str(arg) else start
+                    named = Unknown(f"find {arg}", "the files find names", place, shape=shape, lead=lead)
                     visited = Unknown(f"find {arg}", "the directories find visits", place, shape=shape)
                     self._run_with(args[i + 1 : end], named, "{}", visited if "dir" in str(arg) else cwd)
                 i = end
@@ -1365,7 +1418,7 @@ class _Walk:
         if isinstance(cwd, Unknown) or any(isinstance(s, Unknown) for s in starts):
             return "a starting point is known only when it runs"
         parsed = _find_expression(expression)
-        if isinstance(parsed, str):
+        if isinstance(parsed, _Unreadable):
             return f"its expression has {parsed}, which coherent-volume does not read"
         deleted: list[str] = []
         for start in map(str, starts):
@@ -1373,6 +1426,12 @@ class _Walk:
             if found is None:
                 return f"it may delete more than {_MOST_EXPANDED} files"
             deleted += [path for path, shown, kind in found if _find_reaches(parsed, shown, kind)[1]]
+        if "-prune" in expression and any(_in_registry(path) for path in deleted):
+            return (
+                "-prune leaves no directory out of a find that deletes (-delete turns on -depth, with which -prune "
+                "does nothing; GNU find refuses to run the two together), so it may delete files of a volume's "
+                f"registry ({REGISTRY_DIR})"
+            )
         return deleted
 
     def _find_files(self, path: str, shown: str, follow: bool) -> list[tuple[str, str, str]] | None:
@@ -1531,6 +1590,32 @@ def _clause(children: list[tree_sitter.Node]) -> tuple[list[tree_sitter.Node], l
     return condition, body
 
 
+def _splits(node: tree_sitter.Node, ifs: bool) -> bool:
+    """Whether an expansion in the word `node` may split it into several words: an unquoted one (but
+    one of digits, an arithmetic expansion or `$$`, `$?`, `$#`, `${#v}`, unless the command names
+    `ifs`), or one of all the elements of an array or all the positional parameters (`"${a[@]}"`,
+    `"$@"`)."""
+    stack = [(node, False)]
+    while stack:
+        current, quoted = stack.pop()
+        if current.type in _EXPANDS:
+            text = _text(current)
+            every = current.type in ("simple_expansion", "expansion") and re.search(r"[@*]", text)
+            digits = current.type == "arithmetic_expansion" or re.fullmatch(r"\$[$?#]|\$\{#\w+\}", text)
+            if not quoted and (ifs or not digits) or every:
+                return True
+            continue  # what it holds is its own
+        stack.extend((child, quoted or current.type == "string") for child in current.children)
+    return False
+
+
+def _may_begin(item: Item, text: str) -> bool:
+    """Whether the word `item` may be, or be split into, a word that begins with `text`."""
+    if isinstance(item, str):
+        return item.startswith(text)
+    return item.lead is None or item.lead.startswith(text) or text.startswith(item.lead)
+
+
 def _place(cwd: Cwd) -> str:
     return cwd.place if isinstance(cwd, Unknown) else cwd
 
@@ -1575,10 +1660,10 @@ class _FindNode:
     arguments: tuple[Item, ...] = ()
 
 
-def _find_expression(items: list[Item]) -> _FindNode | str:
+def _find_expression(items: list[Item]) -> _FindNode | _Unreadable:
     """find's expression `items` as a tree (`-a` binds closer than `-o`, which binds closer than
-    `,`), or what in it this cannot read, as the model is told (an unknown primary, an expansion
-    where a primary stands, an unbalanced parenthesis)."""
+    `,`), or what in it this cannot read (an unknown primary, an expansion where a primary stands,
+    an unbalanced parenthesis)."""
     at = 0
 
     def peek() -> Item | None:
@@ -1626,7 +1711,9 @@ def _find_expression(items: list[Item]) -> _FindNode | str:
         nonlocal at
         token = peek()
         if not isinstance(token, str):
-            raise _Unreadable("an expansion where a test or action stands" if token is not None else "a missing test")
+            if token is None:
+                raise _Unreadable("a missing test")
+            raise _Unreadable("an expansion where a test or action stands", token)
         at += 1
         if token in _FIND_NONE:
             return _FindNode(token)
@@ -1645,14 +1732,48 @@ def _find_expression(items: list[Item]) -> _FindNode | str:
     try:
         node = listed()
         if peek() is not None:
-            raise _Unreadable(f"`{peek()}`" if isinstance(peek(), str) else "an expansion")
+            token = peek()
+            raise _Unreadable(f"`{token}`") if isinstance(token, str) else _Unreadable("an expansion", token)
     except _Unreadable as e:
-        return str(e)
+        return e
     return node
 
 
+def _find_altering(starts: list[Item], expression: list[Item]) -> Unknown | None:
+    """The first word of find's command line known only when it runs that may change what find does:
+    a starting point that may begin with `-`, `(` or `!` (find reads it as its expression then), a
+    word of the expression that may be split into several, one that stands where a test, an action
+    or an operator stands, or one in the command of an `-exec` that may end it (`;`, `+`) before
+    words find would then read as its expression."""
+    for start in starts:
+        if isinstance(start, Unknown) and any(_may_begin(start, c) for c in "-(!"):
+            return start
+    for word in expression:
+        if isinstance(word, Unknown) and word.lead is None:
+            return word
+    parsed = _find_expression(expression)
+    if isinstance(parsed, _Unreadable) and parsed.expansion is not None:
+        return parsed.expansion
+    for i, word in enumerate(expression):
+        if word not in ("-exec", "-execdir", "-ok", "-okdir"):
+            continue
+        end = next((j for j in range(i + 1, len(expression)) if expression[j] in (";", "+")), len(expression))
+        command = expression[i + 1 : end]
+        for k, arg in enumerate(command):
+            if not isinstance(arg, Unknown) or not (_may_begin(arg, ";") or _may_begin(arg, "+")):
+                continue
+            if any(_is_option(b) or b in ("(", "!", ",") for b in command[k + 1 :]):
+                return arg
+    return None
+
+
 class _Unreadable(Exception):
-    """What in a find expression `_find_expression` cannot read."""
+    """What in a find expression `_find_expression` cannot read (as the model is told), and the word
+    known only when find runs that stands where a test, an action or an operator does, if that is it."""
+
+    def __init__(self, what: str, expansion: Unknown | None = None) -> None:
+        super().__init__(what)
+        self.expansion = expansion
 
 
 def _find_reaches(node: _FindNode, path: str, kind: str) -> tuple[bool | None, bool]:
@@ -1707,12 +1828,30 @@ def _find_test(name: str, arguments: tuple[Item, ...], path: str, kind: str) -> 
     return fnmatch.fnmatchcase(subject, argument)
 
 
+def _in_registry(path: str) -> bool:
+    """Whether `path` (absolute) lies in a volume's registry directory."""
+    parts = path.split("/")
+    return any(part == REGISTRY_DIR and recorded_in("/".join(parts[: i + 1])) for i, part in enumerate(parts))
+
+
 def _type_letter(mode: int) -> str:
     """A file's type as find's `-type` names it."""
     for test, letter in ((stat.S_ISREG, "f"), (stat.S_ISLNK, "l"), (stat.S_ISDIR, "d"), (stat.S_ISFIFO, "p")):
         if test(mode):
             return letter
     return "s" if stat.S_ISSOCK(mode) else "b" if stat.S_ISBLK(mode) else "c"
+
+
+def _placed(item: Item, cwd: Cwd) -> Item:
+    """The path `item` names from `cwd`: absolute, or known only when the command runs."""
+    if isinstance(item, Unknown):
+        return item
+    if item.startswith("/"):
+        return item
+    if isinstance(cwd, Unknown):
+        why = f"a path relative to the directory after `{cwd.word}`: {cwd.why}"
+        return dataclasses.replace(cwd.below("/", item), word=item, why=why)
+    return os.path.join(cwd, item)
 
 
 def _joined(cwd: Cwd, path: str) -> Cwd:
@@ -1745,6 +1884,25 @@ def _shell_script(args: list[Item]) -> Item | None:
     return items[0] if command and items else None
 
 
+def _shell_altering(args: list[Item]) -> Unknown | None:
+    """A word of a shell's command line known only when it runs, before its script or script file,
+    that may be an option: one that may be split into several words, or that may begin with `-` or
+    `+` and has a word after it (`bash "$o" 'rm f'` is `bash -c 'rm f'` when $o is `-c`)."""
+    items = list(args)
+    while items:
+        arg = items.pop(0)
+        if isinstance(arg, Unknown):
+            option = _may_begin(arg, "-") or _may_begin(arg, "+")
+            return arg if arg.lead is None or option and bool(items) else None
+        if arg == "--" or arg[:1] not in "-+" or arg == "-":
+            return None  # the script file, or what is read as it: what follows are its arguments
+        if arg in ("--rcfile", "--init-file") and items:
+            items.pop(0)
+        elif not arg.startswith("--") and ("o" in arg[1:] or "O" in arg[1:]) and items:
+            items.pop(0)  # `-o pipefail`: the option's name
+    return None
+
+
 def _errors(root: tree_sitter.Node) -> str | None:
     """The text of the first part tree-sitter could not parse (but `<>`, which it lacks), or None."""
     if not root.has_error:
@@ -1775,30 +1933,81 @@ def _into(dest: Item, sources: list[Item], cwd: Cwd, directory: bool) -> list[It
     return [dest]
 
 
-def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, HandleKind, bool]]:
-    """The files one simple command (wrappers and redirections aside) writes: (path as given, how,
-    whether a directory there stands for the files below it)."""
+_COPIERS = _names("-t --target-directory -S --suffix -m --mode -o --owner -g --group")
+_VALUED: dict[str, frozenset[str]] = {
+    "tee": frozenset(),
+    "sed": _SED_VALUED,
+    "perl": _PERL_VALUED,
+    "ruby": _PERL_VALUED,
+    "awk": _AWK_VALUED,
+    "gawk": _AWK_VALUED,
+    "sort": _SORT_VALUED,
+    "uniq": _names("-f -s -w --skip-fields --skip-chars --check-chars"),
+    "rm": frozenset(),
+    "unlink": frozenset(),
+    "shred": _names("-n --iterations -s --size --random-source"),
+    "mv": _COPIERS,
+    "cp": _COPIERS,
+    "install": _COPIERS,
+    "ln": _COPIERS,
+    "link": frozenset(),
+    "truncate": _names("-s --size -r --reference"),
+    "dd": frozenset(),
+}
+"""The commands `_command_writes` knows, each with its options that take a value."""
+
+
+@dataclass
+class _Effect:
+    """What one command `_command_writes` knows does to files."""
+
+    writes: list[tuple[Item, HandleKind, bool]]
+    """(path as given, how, whether a directory there stands for the files below it)."""
+    linked: list[Item]
+    """The two ends of each hard link it makes (a directory stands for the files below it)."""
+
+
+def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
+    """What one simple command (wrappers and redirections aside) writes, and the hard links it makes.
+    A word known only when it runs that may change which files it writes (`_altering`), or a sed or
+    awk program known only then, may make it write any file."""
+    valued = _VALUED[name]
     files: list[Item] = []
     landed: list[Item] = []  # where copies, moves and links land: a directory there stands for its files
     removed: list[Item] = []
+    linked: list[Item] = []
     kind: HandleKind = "write"
     flags = [a for a in args if isinstance(a, str) and a.startswith("-")]
+    given = _given(args, valued)
+    altering = None if name == "dd" else _altering(args, valued)
+    if altering is not None:
+        why = f"a word of {name} known only when it runs, which may be an option that makes it write any file"
+        files.append(Unknown(altering.word, why, _place(cwd), anywhere=True))
     if name == "tee":
-        files, _ = _operands(args, frozenset())
-        if "--append" in flags or any(a[1] != "-" and "a" in a for a in flags if len(a) > 1):
+        files += _operands(args, valued)[0]
+        if any(_abbreviates(a, "--append") or a[1] != "-" and "a" in a for a in flags if len(a) > 1):
             kind = "append"
     elif name == "sed":
-        operands, values, programs = _program(args, _SED_VALUED, ("-e", "--expression"), ("-f", "--file"))
-        files = [*operands] if any(re.match(r"-[nrEsuz]*i|--in-place", a) for a in flags) else []
+        operands, values, programs = _program(args, valued, ("-e", "--expression"), ("-f", "--file"))
+        in_place = any(re.match(r"-[nrEsuz]*i", a) or _abbreviates(a, "--in-place") for a in flags)
+        files += [*operands] if in_place else []
         for program in programs:  # its `w FILE` commands and `s///w FILE` flags
+            if isinstance(program, Unknown):
+                why = "a sed program known only when it runs, whose `w` command may write any file"
+                files.append(Unknown(program.word, why, _place(cwd), anywhere=True))
+                continue
             files += [m.group(1) for m in re.finditer(r"(?:^|[;\n{}/!])[\s\d$,gpIiMme]*[wW][ \t]*([^\n]+)", program)]
     elif name in ("perl", "ruby") and any(re.match(r"-[anpslwWtTcuUX]*i", a) for a in flags):
-        files = _program(args, _PERL_VALUED, ("-e", "-E"), ())[0]
+        files += _program(args, valued, ("-e", "-E"), ())[0]
     elif name in ("awk", "gawk"):
-        operands, values, programs = _program(args, _AWK_VALUED, (), ("-f", "--file"))
+        operands, values, programs = _program(args, valued, (), ("-f", "--file"))
         if _awk_in_place(args):
-            files = [f for f in operands if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
+            files += [f for f in operands if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
         for program in programs:  # `print … > FILE`
+            if isinstance(program, Unknown):
+                why = "an awk program known only when it runs, whose `print >` may write any file"
+                files.append(Unknown(program.word, why, _place(cwd), anywhere=True))
+                continue
             for m in re.finditer(r"\bprintf?\b[^;}\n]*?(>>|>)\s*(\"[^\"\\]*\"|[^\s;}]*)", program):
                 to: Item = (
                     m.group(2)[1:-1]
@@ -1807,20 +2016,20 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, H
                 )
                 files.append(to)
     elif name == "sort":
-        _, values = _operands(args, _SORT_VALUED)
-        files = [values[o] for o in ("-o", "--output") if o in values]
+        _, values = _operands(args, valued)
+        files += [values[o] for o in ("-o", "--output") if o in values]
     elif name == "uniq":
-        operands, _ = _operands(args, _names("-f -s -w --skip-fields --skip-chars --check-chars"))
-        files = operands[1:2]
+        operands, _ = _operands(args, valued)
+        files += operands[1:2]
     elif name in ("rm", "unlink", "shred"):
-        removed, _ = _operands(args, frozenset())
+        removed, _ = _operands(args, valued)
     elif name in ("mv", "cp", "install", "ln"):
-        operands, values = _operands(args, _names("-t --target-directory -S --suffix -m --mode -o --owner -g --group"))
+        operands, values = _operands(args, valued)
         target_dir = values.get("-t") or values.get("--target-directory")
         if name == "ln" and target_dir is None and len(operands) == 1:
             target_dir = "."  # `ln -s TARGET`: a link of its name here
         sources = operands if target_dir else operands[:-1]
-        if "--no-target-directory" in flags or any(re.match(r"-[^-]*T", a) for a in flags):
+        if any(_abbreviates(a, "--no-target-directory") or re.match(r"-[^-]*T", a) for a in flags):
             landed = (
                 operands[-1:] if sources else []
             )  # `-T`: the destination is the copy itself, never a directory to copy into
@@ -1828,37 +2037,89 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> list[tuple[Item, H
             landed = _into(target_dir if target_dir is not None else operands[-1], sources, cwd, target_dir is not None)
         if name == "mv":
             removed = sources  # a move deletes its sources
+        symbolic = "-s" in given or any(_abbreviates(g, "--symbolic") for g in given)
+        hard = (
+            name == "ln" and not symbolic or name == "cp" and any(g == "-l" or _abbreviates(g, "--link") for g in given)
+        )
+        linked = [*sources, *landed] if hard else []
+    elif name == "link":
+        operands, _ = _operands(args, valued)
+        landed = operands[1:2]
+        linked = operands[:2]
     elif name == "truncate":
-        files, _ = _operands(args, _names("-s --size -r --reference"))
-    elif name == "dd":
-        files = [a[3:] if isinstance(a, str) else a for a in args if (a if isinstance(a, str) else a.word)[:3] == "of="]
-    return [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
+        operands, _ = _operands(args, valued)
+        files += operands
+    elif name == "dd":  # its operands are `NAME=VALUE`: one known only when it runs may be `of=FILE`
+        files += [a[3:] for a in args if isinstance(a, str) and a.startswith("of=")]
+        why = "an operand of dd known only when it runs, which may be `of=FILE`"
+        files += [
+            Unknown(a.word, why, _place(cwd), anywhere=True)
+            for a in args
+            if isinstance(a, Unknown) and _may_begin(a, "of=")
+        ]
+    writes = [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
+    return _Effect(writes, linked)
+
+
+def _given(args: list[Item], valued: frozenset[str]) -> set[str]:
+    """The names of the options a command is given (before `--`)."""
+    names: set[str] = set()
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            break
+        if _is_option(arg):
+            names.update(name for name, _ in _option(str(arg), rest, valued))
+    return names
+
+
+def _altering(args: list[Item], valued: frozenset[str]) -> Unknown | None:
+    """The first word of a command `_command_writes` knows that is known only when it runs and may
+    be an option, which may change which files the command writes: before `--`, one that may begin
+    with `-` or be split into several words, but not the value of an option given as the next word."""
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            return None
+        if isinstance(arg, Unknown):
+            if _may_begin(arg, "-"):
+                return arg
+        elif _is_option(arg):
+            _option(str(arg), rest, valued)  # its value, when it takes the next word, is no option
+    return None
 
 
 def _program(
     args: list[Item], valued: frozenset[str], given: tuple[str, ...], files: tuple[str, ...]
-) -> tuple[list[Item], dict[str, Item], list[str]]:
+) -> tuple[list[Item], dict[str, Item], list[Item]]:
     """The operands of sed, perl or awk past its program, its options' values, and its program's
     text (from the options `given`, else the first operand; none read from the options `files`)."""
     operands, values = _operands(args, valued)
     if not {*given, *files} & set(values) and operands:
-        program, operands = operands[0], operands[1:]
-        return operands, values, [program] if isinstance(program, str) else []
-    programs: list[str] = []
+        return operands[1:], values, operands[:1]
+    programs: list[Item] = []
     rest = list(args)
     while rest and rest[0] != "--":  # every -e, not only the last
         arg = rest.pop(0)
         if _is_option(arg):
-            programs += [v for n, v in _option(str(arg), rest, valued) if n in given and isinstance(v, str)]
+            programs += [v for n, v in _option(str(arg), rest, valued) if n in given and v is not None]
     return operands, values, programs
 
 
 def _awk_in_place(args: list[Item]) -> bool:
-    """gawk's in-place edit: `-i inplace`, `-iinplace`, `--include=inplace`."""
-    words = [a for a in args if isinstance(a, str)]
-    pairs = zip(words, [*words[1:], ""], strict=True)
-    names = ("inplace", "inplace.awk")
-    return any(a in ("-iinplace", "--include=inplace") or a in ("-i", "--include") and b in names for a, b in pairs)
+    """gawk's in-place edit: `-i inplace`, `-iinplace`, `--include=inplace` (or a library known only
+    when it runs)."""
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            return False
+        for name, value in _option(str(arg), rest, _AWK_VALUED) if _is_option(arg) else []:
+            if name in ("-i", "--include") and (isinstance(value, Unknown) or value in ("inplace", "inplace.awk")):
+                return True
+    return False
 
 
 def _expand(path: str, walk: _Walk) -> list[str] | None:
@@ -1948,6 +2209,12 @@ def _followed(
                 walk.unknown.append(Unknown(path, f"a directory of more than {_MOST_EXPANDED} files", path))
             for p in files or []:
                 kinds[p] = "write" if "write" in (kind, kinds.get(p)) else kind  # truncated anywhere: a write
+        linked, walk.linked = walk.linked, []
+        for path in linked:
+            files = _expand(path, walk)
+            if files is None:
+                walk.unknown.append(Unknown(path, f"a directory of more than {_MOST_EXPANDED} files", path))
+            walk.linked += files or []
     except _TooMuch:
         why = f"a command that takes more than {_MOST_SECONDS:.0f} s or {_MOST_VISITED} directory entries to follow"
         walk.unknown.append(Unknown(command[:80], why, cwd, True))
@@ -1972,4 +2239,39 @@ def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
         refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
     if refusal is not None:
         raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1])
+    _refuse_links(walk.linked)
     return list(kinds.items())
+
+
+def _refuse_links(ends: list[str]) -> None:
+    """Raise LinkRefused if a hard link the command makes has a managed file at an end (as the core
+    refuses it, `refuse_hard_link`), or a file of a volume's registry."""
+    cores: dict[str, VolumeCore] = {}
+    try:
+        for path in ends:
+            found = located(path)
+            if found is None:
+                continue
+            if found.root not in cores:
+                cores[found.root] = open_core(found.root)
+            core = cores[found.root]
+            try:
+                target = core.resolve(found.rel)
+            except OutsideVolume as outside:
+                real = os.path.relpath(os.path.realpath(path), core.paths.root)
+                if not (is_registry_path(found.rel) or is_registry_path(real)):
+                    continue  # a symlink out of the volume: its own volume, if any, is another path
+                raise LinkRefused(
+                    f"coherent-volume refused this shell command: it makes a hard link of (or at) {path!r}: "
+                    f"{outside}; a hard link would let writes reach the registry past coherent-volume: leave it out "
+                    "of the command"
+                ) from None
+            try:
+                refuse_hard_link(target)
+            except LinkRefused as refused:
+                raise LinkRefused(
+                    f"coherent-volume refused this shell command: it makes a hard link of (or at) {path!r}: {refused}"
+                ) from None
+    finally:
+        for core in cores.values():
+            core.close()

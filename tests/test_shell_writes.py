@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume
-from coherent_volume.errors import UnresolvedShellWrite
+from coherent_volume.errors import LinkRefused, UnresolvedShellWrite
 from coherent_volume.shell_writes import shell_writes
 
 from .harness.agent_session import unique
@@ -297,6 +297,54 @@ CASES: list[tuple[str, str, object]] = [
     ('arr=(plan.md); rm "$arr"', ".", UNRESOLVED),
     ('for f in src/*.md; do :; done; rm "$f"', ".", UNRESOLVED),  # after the loop
     ('f() { for x in src/a; do f; rm "$x"; done; }; f', ".", UNRESOLVED),  # set again by the call
+    # a find action, or a writer's option, that comes from an expansion: the command may write any file
+    ("d=-delete; find plans $d", ".", [*PLAN, ("plans/other.md", W)]),  # a variable set once is known
+    ('find plans "$(echo -delete)"', ".", UNRESOLVED),
+    ("find plans ${X:--delete}", ".", UNRESOLVED),
+    ("find plans $(printf %s -delete)", ".", UNRESOLVED),
+    ('a=(-delete); find plans "${a[@]}"', ".", UNRESOLVED),
+    ("find plans -type f $(echo -exec) rm {} +", ".", UNRESOLVED),
+    ("find plans -type f `echo -delete`", ".", UNRESOLVED),
+    ('find "$D" -name x', ".", UNRESOLVED),  # a starting point that may be `-delete`
+    ('find ./"$D" -name x -print', ".", []),  # one that cannot
+    ("find src -exec echo \"$X\" -delete ';'", ".", UNRESOLVED),  # $X may be the `;` that ends -exec
+    ('find src -exec grep "$X" {} +', ".", []),  # were it `;`, find would refuse `{} +`
+    ("find plans -name $X -print", ".", UNRESOLVED),  # unquoted: it may split into `x -delete`
+    ('sed "$(echo -i)" s/a/b/ plans/plan.md', ".", UNRESOLVED),
+    ("o=-i; sed $o s/a/b/ plans/plan.md", ".", PLAN),
+    ("sed -n$X p plans/plan.md", ".", UNRESOLVED),  # `-ni`
+    ('sed -n "$(printf %s "w plans/plan.md")" notes.txt', ".", UNRESOLVED),  # a program's `w`
+    ('sed -e "$X" notes.txt', ".", UNRESOLVED),
+    ("sort plans/plan.md $(echo -o) plans/plan.md", ".", UNRESOLVED),
+    ('sort -- "$X"; sort -k "$X" notes.txt; sort ./"$X"', ".", []),
+    ("x=-i; perl $x -ne 'print if 0' plans/plan.md", ".", PLAN),
+    ('perl "$X" -ne print plans/plan.md', ".", UNRESOLVED),
+    ("cp /dev/null $(echo -t) plans/ plan.md", ".", UNRESOLVED),
+    ("dd if=/dev/null $(echo of=plans/plan.md)", ".", UNRESOLVED),
+    ('dd if=/dev/null "of=$X"', ".", UNRESOLVED),
+    ('dd "if=$X" of=src/o', ".", [("src/o", W)]),
+    ('awk "$X" notes.txt', ".", UNRESOLVED),  # a program's `print >`
+    ('awk -i "$X" 1 plans/plan.md', ".", PLAN),  # the library may be inplace
+    ("ln $(echo -s) notes.txt src/n", ".", UNRESOLVED),
+    ("bash $(echo -c) 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("f=-c; bash $f 'rm plans/plan.md'", ".", PLAN),
+    ('bash "$X"; bash x.sh "$X" "$X"', ".", []),  # a script file: what follows are its arguments
+    ("su $X", ".", UNRESOLVED),
+    # long options given by a prefix, as getopt_long takes them
+    ("sort --out=plans/plan.md notes.txt", ".", PLAN),
+    ("sed --in-pl s/a/b/ plans/plan.md", ".", PLAN),
+    ("awk --incl=inplace 1 plans/plan.md", ".", PLAN),
+    ("time --o plans/plan.md true", ".", PLAN),
+    ("cp --target=plans notes.txt", ".", [("plans/notes.txt", W)]),
+    # apply_patch run as a shell command (Codex runs it itself): checked only as the apply_patch tool
+    ("apply_patch <<'EOF'\n*** Begin Patch\n*** Delete File: plans/plan.md\n*** End Patch\nEOF", ".", UNRESOLVED),
+    ("apply_patch '*** Begin Patch\n*** Delete File: {root}/plans/plan.md\n*** End Patch'", "../outside", UNRESOLVED),
+    ('cd src && applypatch "$(cat p.diff)"', ".", UNRESOLVED),
+    # -prune with -delete
+    ("find . -path ./.coherent -prune -o -type f ! -name '*.md' -delete", ".", UNRESOLVED),
+    ("find . -path ./.coherent -prune -o -name '*.o' -delete", ".", []),
+    # symlinks are made as before (hard links: `test_hard_links…`)
+    ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),
 ]
 
 
@@ -460,6 +508,9 @@ def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(roo
         ("find src -type f -delete", False),
         ('echo x > "plans/$(date +%s).log"', True),
         ("find -L plans -type f -delete", True),
+        ('find plans "$(echo -delete)"', True),
+        ('sed "$(echo -i)" d plans/plan.md', True),
+        ("apply_patch <<'EOF'\n*** Begin Patch\n*** Delete File: plans/plan.md\n*** End Patch\nEOF", True),
     ):
         answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
         assert ("deny" in answer.stdout) is denied, (command, answer)
@@ -503,3 +554,65 @@ def test_the_files_a_find_deleted_are_recorded_as_the_sessions_deletions(root: P
         [deletion, _] = observer.history("plans/plan.md")
         assert (deletion.version, deletion.writer, deletion.hash) == (2, agent, None)
         observer.write("plans/plan.md", "v3\n")  # no grant is left: the file is free for the next writer
+
+
+def test_a_hard_link_of_a_managed_file_or_of_the_registry_is_refused(root: Path) -> None:
+    """A hard link gives a managed file (or the registry) a second name through which a write
+    reaches its bytes unchecked: `ln`, `cp -l`, `link` with a managed file or a registry file at
+    either end is refused, as the mount refuses link(2) there; an end known only when the command
+    runs is refused where it may be managed. A symlink, or a hard link of unmanaged files, is made."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/plan.md", "v1\n")
+    (root / "notes.txt").write_text("n\n")
+    for command, said in (
+        ("ln plans/plan.md notes2.txt", "'plans/plan.md' is managed: hard links"),
+        ("ln -f plans/plan.md", "'plans/plan.md' is managed"),  # a link of its name, here
+        ("cp -al plans snapshot", "'plans/plan.md' is managed"),  # a directory: each file below it
+        ("cp --li plans/plan.md x", "'plans/plan.md' is managed"),
+        ("link plans/plan.md x", "'plans/plan.md' is managed"),
+        ("ln notes.txt plans/new.md", "'plans/new.md' is managed"),
+        ("ln .coherent/registry.db notes.db", "registry"),
+        ("cd .coherent && ln registry.db ../notes.db", "registry"),
+    ):
+        with pytest.raises(LinkRefused, match=said) as refused:
+            shell_writes(command, str(root))
+        assert "coherent-volume refused this shell command" in str(refused.value), command
+    with pytest.raises(UnresolvedShellWrite, match="an end of a hard link"):
+        shell_writes('ln -- "plans/$(date +%s).md" x', str(root))
+    assert shell_writes("ln notes.txt n.txt", str(root)) == [(f"{root}/n.txt", W)]
+    assert shell_writes("ln -s plans/plan.md alias", str(root)) == [(f"{root}/alias", W)]
+
+
+@pytest.mark.parametrize("face", sorted(FACES))
+def test_each_face_denies_a_hard_link_of_a_managed_file_or_of_the_registry(root: Path, face: str) -> None:
+    """Through each face's hook, `ln plans/plan.md notes.txt` (after which `echo x > notes.txt`
+    would change plans/plan.md unchecked) and `ln .coherent/registry.db notes.db` (after which
+    `: > notes.db` would destroy the registry) are denied, saying why."""
+    module = importlib.import_module(f"coherent_volume.{face}")
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/plan.md", "v1\n")
+    for command, said in (
+        ("ln plans/plan.md notes.txt", "hard links to or from managed files are not allowed"),
+        ("ln .coherent/registry.db notes.db", "the registry"),
+    ):
+        answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
+        assert "deny" in answer.stdout and said in answer.stdout, (command, answer)
+
+
+def test_a_find_that_prunes_the_registry_while_it_deletes_is_refused_saying_prune_keeps_nothing_out(
+    root: Path,
+) -> None:
+    """-delete turns on -depth, with which -prune keeps find out of no directory: `find . -path
+    ./.coherent -prune -o -type f ! -name '*.md' -delete` reaches the registry's files (GNU find
+    refuses to run it; with -depth it deletes them). The refusal says so, not only "leave it out"."""
+    listed = subprocess.run(
+        ["find", ".", "-depth", "-path", "./.coherent", "-prune", "-o", "-type", "f", "!", "-name", "*.md", "-print"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "./.coherent/" in listed.stdout, listed  # what it would delete, registry files among them
+    with pytest.raises(UnresolvedShellWrite, match="-prune leaves no directory out") as refused:
+        shell_writes("find . -path ./.coherent -prune -o -type f ! -name '*.md' -delete", str(root))
+    assert "-print instead of -delete" in str(refused.value)

@@ -36,6 +36,17 @@ from .history import History, Refused
 from .writes import Made
 
 
+def refuse_hard_link(*ends: Target) -> None:
+    """Refuse (LinkRefused) a hard link with a managed path at either of its `ends`: a commit installs
+    a new inode, and a write through another name would reach a managed file's bytes past the
+    protocol. (The mount's `link`, and the hooks' check of a shell command's `ln`, `cp -l`, `link`.)"""
+    for end in ends:
+        if end.managed:
+            raise LinkRefused(
+                f"{end.rel!r} is managed: hard links to or from managed files are not allowed; copy the file instead"
+            )
+
+
 def _rename_types_fit(src: Target, dst: Target, exchange: bool) -> None:
     """rename(2)'s own type errors, raised before any check so that they never reach recovery."""
     if exchange or not os.path.lexists(dst.abs) or not os.path.lexists(src.abs):
@@ -363,15 +374,8 @@ class Renames(History):
             raise self._not_recorded(what, "the rename", "check the files and redo the rename if it is missing")
 
     def link(self, src: Target, dst: Target) -> None:
-        """Hard-link `src` as `dst`. Refused (LinkRefused) when either is a managed path: a commit
-        installs a new inode, and a write through another name would reach a managed file's bytes
-        past the protocol."""
-        for end in (src, dst):
-            if end.managed:
-                raise LinkRefused(
-                    f"{end.rel!r} is managed: hard links to or from managed files are not allowed; "
-                    "copy the file instead"
-                )
+        """Hard-link `src` as `dst`, unless `refuse_hard_link` refuses it."""
+        refuse_hard_link(src, dst)
         os.link(src.abs, dst.abs, follow_symlinks=False)
 
     def symlink(self, value: str, at: Target) -> None:
