@@ -236,7 +236,16 @@ def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, 
     if event.get("tool_name") == SHELL_TOOL and command is not None:
         return shell_writes(command, cwd if isinstance(cwd, str) else ".")
     paths = (path for patch in patches for path in (patch.path, patch.move_to))
-    return [(path, "write") for path in paths if path is not None]
+    return [(path, "write") for path in paths if path is not None and not _unlinked_link(path, patches)]
+
+
+def _unlinked_link(path: str, patches: list[FilePatch]) -> bool:
+    """Whether the patch only removes `path` and it is a symlink: a `*** Delete File:` or the source
+    of a `*** Move to:`, which apply_patch removes (`remove_file`, unlink(2)) without following it, so
+    no file it leads to is written (`hook_paths.unlinks_link`)."""
+    removed = [p for p in patches if p.path == path and (p.op == "delete" or p.move_to not in (None, path))]
+    kept = [p for p in patches if path in (p.move_to, p.path) and p not in removed]
+    return bool(removed) and not kept and hook_paths.unlinks_link(path)
 
 
 def _updates(patches: list[FilePatch]) -> list[FilePatch]:

@@ -224,6 +224,26 @@ class VolumeConfigError(CoherenceError, ValueError):
     """The volume was opened with settings that contradict what it stores, or bad arguments."""
 
 
+class NestedVolume(VolumeConfigError):
+    """A volume root inside another volume, or a new one around one: a file would be in two volumes,
+    and a write checked by one would not be checked by the other (`core.open_core`)."""
+
+    def __init__(self, root: str, other: str, *, around: bool = False) -> None:
+        self.root, self.other = root, other
+        where = f"contains the volume at {other}" if around else f"lies inside the volume at {other}"
+        remedy = (
+            f"Make the volume elsewhere, or move the volume at {other} out of {root} first."
+            if around
+            else f"Work in the volume at {other} (with `--managed` globs covering these files), or move {root} "
+            f"out of it; a volume made here before is not opened: move it out, or remove its `.coherent` "
+            "directory once nothing uses it."
+        )
+        super().__init__(
+            f"{root} {where}: volumes do not nest, since a file in both would be checked by one and not the "
+            f"other, so writes through one could silently overwrite the other's. {remedy}"
+        )
+
+
 class NotManaged(CoherenceError, ValueError):
     """An operation that only makes sense on a managed path was given an unmanaged one."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from . import diffs, hooks
 from .core import VolumeCore
 from .core.history import Refused
-from .errors import CoherenceError, StaleWriteError
+from .errors import CoherenceError, MergeConflict, StaleWriteError
 from .hook_steps import denial_text, denied
 from .hooks import Answer, Face, Progress
 from .paths import Target
@@ -114,6 +114,8 @@ def _merge(
         refusal names current, from the version the session saw (`base`), and commit or show it."""
         refusal = save.refusal
         found = _plan(core, target, refusal, base or 0, change)
+        if found.conflicts:  # logged as the API's merge logs one, so `why` shows its hunks
+            core.log_conflict(MergeConflict(refusal, list(found.conflicts), base or 0))
         if found.merged is None:
             return denied(core, refusal, progress, face, _unmerged_note(refusal, found))
         if asks is not None:

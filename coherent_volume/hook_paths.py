@@ -1,21 +1,27 @@
 """Where a path a hook is given lies: in which volume (mounted or plain) and by which path below
 its root, and which volumes a session works in. A path is the file the kernel opens for it:
 symlinks followed, `..` applied after them, so no spelling of a managed file's path escapes its
-check. A session works in the volume of its working directory and in each volume its hooks bound
-it in (`record_volume`): its session events touch those and no other."""
+check (removing a symlink aside: `unlinks_link`). A session works in the volume of its working
+directory and in each volume its hooks bound it in (`record_volume`): its session events touch
+those and no other. The session's note (a file of the user's) holds those volumes, its live
+processes (so it outlives the end of any one of them, `end_process`) and the writes each process
+claimed before a tool (`note_claims`), which the hook after it records and no others."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from .liveness import ProcessId
 from .paths import REGISTRY_DIR
+from .protocol import HandleKind
 from .registry import recorded_in
 
 
@@ -78,6 +84,14 @@ def located_directory(path: str) -> Located | None:
     return None if found is None else found._replace(rel=found.rel[: -len(name)].rstrip("/"))
 
 
+def unlinks_link(path: str) -> bool:
+    """Whether unlinking or renaming `path` acts on a symlink itself (its last component, reached
+    through its directories as the kernel resolves them, is one: `lstat`; a trailing `/` makes the
+    kernel follow it). Such a removal changes no file a volume versions, as `CoherentVolume.delete`
+    of a symlink removes only the link."""
+    return not path.endswith("/") and os.path.islink(path)
+
+
 def locate(path: str) -> tuple[str, str] | None:
     """(volume root, path relative to it) for a path inside a mounted or plain volume, else None."""
     found = located(path)
@@ -100,48 +114,183 @@ def session_file(kind: str, session: str) -> Path | None:
     return directory / f"{kind}-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
+def _process(process: ProcessId) -> list[object]:
+    return [process.host, process.pid, process.start]
+
+
+def _lines(data: bytes) -> list[object]:
+    """The entries of a session's note (`record_volume`); a line cut short (a full disk) is left out:
+    what it held is missed, as if never noted."""
+    entries: list[object] = []
+    for line in data.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def _noted(session: str) -> list[object]:
+    """The entries of `session`'s note, as they are (none if it cannot be read)."""
+    at = session_file("volumes", session)
+    try:
+        return _lines(at.read_bytes()) if at is not None else []
+    except OSError:
+        return []
+
+
 def _recorded(session: str) -> set[str]:
     """The volume roots `record_volume` kept for `session`."""
+    return {entry for entry in _noted(session) if isinstance(entry, str)}
+
+
+def _change_note(session: str, change: Callable[[list[object]], list[object] | None]) -> bool:
+    """Rewrite `session`'s note as `change` makes its entries, the note locked (flock) meanwhile, so
+    hooks of one session running at once lose none of each other's entries; `change` returning None
+    leaves it as it is, an empty list removes it. False where it cannot be kept (no private
+    directory, a full disk): then it is as it was, or short of what was being added."""
     at = session_file("volumes", session)
+    if at is None:
+        return False
     try:
-        lines = at.read_bytes().splitlines() if at is not None else []
+        fd = os.open(at, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
-        return set()
-    roots: set[str] = set()
-    for line in lines:
-        try:
-            root = json.loads(line)
-        except ValueError:
-            continue  # a line cut short (a full disk): its volume is missed, as if never recorded
-        if isinstance(root, str):
-            roots.add(root)
-    return roots
-
-
-def record_volume(session: str, root: str) -> None:
-    """Remember that `session`'s hooks work in the volume at `root` (a real path), so its session
-    events reach it (`session_volumes`): one line appended in one write (O_APPEND: hooks of one
-    session running at once lose none of theirs), unless it is there already. Where it cannot be
-    kept (no private directory, a full disk), the session's events miss that volume: its grants
-    there end with its process or at their TTL, as after a session event that timed out."""
-    at = session_file("volumes", session)
-    if at is None or root in _recorded(session):
-        return
+        return False
     try:
-        fd = os.open(at, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (json.dumps(root) + "\n").encode())
-        finally:
-            os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for one read and one write of a small file
+        size = os.fstat(fd).st_size
+        entries = change(_lines(os.pread(fd, size, 0)))
+        if entries is None:
+            return True
+        if not entries:
+            at.unlink(missing_ok=True)
+            return True
+        data = b"".join(json.dumps(entry).encode() + b"\n" for entry in entries)
+        os.pwrite(fd, data, 0)  # written before it is cut: a crash leaves no entry of it missing
+        os.ftruncate(fd, len(data))
+        return True
     except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _ours(entry: object, process: list[object]) -> bool:
+    """Whether a note's entry is of `process` (a process of the session, or a claim it took)."""
+    return isinstance(entry, dict) and entry.get("process") == process
+
+
+def _gone(entry: object) -> bool:
+    """Whether a note's entry is of a process known to be dead (its binding and claims went with it)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("process"), list):
+        return False
+    try:
+        host, pid, start = entry["process"]
+        return ProcessId(host, pid, start).alive() is False
+    except (TypeError, ValueError):
+        return True  # not an entry this module writes
+
+
+def record_volume(session: str, root: str, process: ProcessId) -> None:
+    """Note that `session`'s hooks work in the volume at `root` (a real path), so its session events
+    reach it (`session_volumes`), and that `process` is one of its processes, so the note outlives
+    the end of any other while this one lives (`end_process`). Entries of processes known to be
+    dead go meanwhile, so the note of a session that never ends holds its volumes and its live
+    processes, no more. Where it cannot be kept (no private directory, a full disk), the session's
+    events miss that volume: its grants there end with its process or at their TTL, as after a
+    session event that timed out."""
+    ours = {"process": _process(process)}
+    entries = _noted(session)
+    if root in entries and ours in entries:
         return
 
+    def add(entries: list[object]) -> list[object]:
+        kept = [entry for entry in entries if not _gone(entry)]
+        return kept + [new for new in (root, ours) if new not in kept]
 
-def forget_volumes(session: str) -> None:
-    """Drop what `record_volume` kept for `session` (the session ended)."""
-    at = session_file("volumes", session)
-    if at is not None:
-        at.unlink(missing_ok=True)
+    _change_note(session, add)
+
+
+class Claim(NamedTuple):
+    """A hook's write grant a process took before a tool ran, as its check decided it."""
+
+    path: str
+    """The path as the event named it (absolute, as the hook after the tool names it again)."""
+    root: str
+    rel: str
+    """The managed path it resolved to then, below the volume's root."""
+    agent: str
+    """The agent that holds the grant (its writer there)."""
+    kind: HandleKind
+
+
+def _claim(entry: object, process: list[object]) -> Claim | None:
+    """The claim a note's entry is, if it is one of `process`'s."""
+    if not _ours(entry, process) or not isinstance(entry, dict):
+        return None
+    fields = entry.get("claim")
+    if not isinstance(fields, list) or len(fields) != 5 or not all(isinstance(f, str) for f in fields):
+        return None
+    path, root, rel, agent, kind = fields
+    return Claim(path, root, rel, agent, "append" if kind == "append" else "write")
+
+
+def note_claims(session: str, process: ProcessId, claims: Iterable[Claim]) -> None:
+    """Note the claims `process` took for a tool (`Claim`), so the hook after that tool records the
+    writes they name and no others (`take_claims`), even once their grants lapsed. Where the note
+    cannot be kept, the tool's writes are not recorded as the session's (the volume sees them as a
+    change by `external` at its next access) and their grants end at their TTL."""
+    new = [{"claim": list(claim), "process": _process(process)} for claim in claims]
+    if new:
+        _change_note(session, lambda entries: entries + [entry for entry in new if entry not in entries])
+
+
+def take_claims(session: str, process: ProcessId, paths: Iterable[str]) -> list[Claim]:
+    """The claims `process` noted for the paths an event names (as it names them), dropped from
+    the note: the tool they were taken for has run."""
+    mine, named = _process(process), set(paths)
+    taken: list[Claim] = []
+
+    def take(entries: list[object]) -> list[object] | None:
+        kept = []
+        for entry in entries:
+            claim = _claim(entry, mine)
+            if claim is not None and claim.path in named:
+                taken.append(claim)
+            else:
+                kept.append(entry)
+        return kept if taken else None
+
+    if any((c := _claim(entry, mine)) is not None and c.path in named for entry in _noted(session)):
+        _change_note(session, take)
+    return taken
+
+
+def drop_claims(session: str, process: ProcessId, on: tuple[str, str] | None = None) -> None:
+    """Drop the claims `process` noted: those on `on` (volume root, managed path), else all (its
+    grants were released: the end of a turn)."""
+    mine = _process(process)
+
+    def dropped(entry: object) -> bool:
+        claim = _claim(entry, mine)
+        return claim is not None and (on is None or (claim.root, claim.rel) == on)
+
+    if any(dropped(entry) for entry in _noted(session)):
+        _change_note(session, lambda entries: [entry for entry in entries if not dropped(entry)])
+
+
+def end_process(session: str, process: ProcessId) -> None:
+    """`process` of `session` ended the session (its SessionEnd): drop its entries from the note,
+    and the whole note when no other process of the session may still be alive; while one may be,
+    its events still reach every volume the session works in."""
+    mine = _process(process)
+
+    def drop(entries: list[object]) -> list[object]:
+        kept = [entry for entry in entries if not _ours(entry, mine) and not _gone(entry)]
+        others = any(isinstance(entry, dict) and "claim" not in entry for entry in kept)
+        return kept if others else []
+
+    _change_note(session, drop)
 
 
 def session_volumes(session: str, places: Iterable[str | None]) -> set[str]:

@@ -14,8 +14,9 @@ Invariants:
 - a view is registered only by `core.observe` (or, for an older version an edit shows the model
   saw, `core.note_read`), at the version whose content matches what the model was shown;
 - a write grant is taken with its check in one commit-locked step (`core.begin_write`), for every
-  managed path of an event or for none; a hook releases only a grant a hook took for the same
-  agent and process (`release_hook_grant`);
+  managed path of an event or for none, and noted as the process's claim; a hook releases only a
+  grant a hook took for the same agent and process (`release_hook_grant`), and the end of a tool
+  records only what its process claimed (`end_writes`);
 - a session's events (start, end, end of a turn, warnings) touch only the volumes it works in
   (`hook_paths.session_volumes`): a binding is noted before it is made (`_joined`), so a volume a
   session holds anything in is one its end reaches, wherever the note can be kept.
@@ -41,7 +42,16 @@ from .errors import (
     UnprotectedAlias,
     UnresolvedShellWrite,
 )
-from .hook_paths import forget_volumes, located, record_volume, session_volumes
+from .hook_paths import (
+    Claim,
+    drop_claims,
+    end_process,
+    located,
+    note_claims,
+    record_volume,
+    session_volumes,
+    take_claims,
+)
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target, is_registry_path
@@ -121,7 +131,7 @@ def _joined(core: VolumeCore, actor: Actor) -> Actor:
     names (`core.join_session` decides)."""
     validate_agent(actor.session)
     validate_agent(actor.agent)
-    record_volume(actor.session, core.paths.root)  # first: the session's events reach whatever it binds here
+    record_volume(actor.session, core.paths.root, actor.process)  # first: the session's events reach what it binds
     return _as(actor, core.join_session(actor.session, actor.process, _fork(actor)))
 
 
@@ -137,7 +147,8 @@ def acting(core: VolumeCore, actor: Actor) -> Actor:
 class _Volume:
     core: VolumeCore
     mounted: bool
-    targets: list[tuple[Target, HandleKind]]
+    targets: list[tuple[Target, HandleKind, list[str]]]
+    """Each managed target, how it is written, and the paths the event names it by."""
 
 
 @contextmanager
@@ -158,11 +169,11 @@ def _managed(writes: Writes, progress: Progress) -> Iterator[list[_Volume]]:
         managed: list[str] = []
         for (root, mounted), rels in by_place.items():
             core = stack.enter_context(opened(root))
-            targets: dict[str, tuple[Target, HandleKind]] = {}
+            targets: dict[str, tuple[Target, HandleKind, list[str]]] = {}
             for rel, kind, path in rels:
                 target = _resolve(core, rel)
                 if target is not None:
-                    targets.setdefault(target.rel, (target, kind))
+                    targets.setdefault(target.rel, (target, kind, []))[2].append(path)
                     managed.append(path)
             if targets:
                 volumes.append(_Volume(core, mounted, list(targets.values())))
@@ -269,6 +280,7 @@ def begin_writes(
     when every grant was taken (or nothing is managed); else, with the grants taken so far
     released, the denial (`refused` answers a refusal of the check, `denied` by default)."""
     taken: list[tuple[VolumeCore, str, Target]] = []
+    claims: list[Claim] = []
 
     def release_taken() -> None:
         for core, agent, target in taken:
@@ -279,7 +291,7 @@ def begin_writes(
             for volume in volumes:
                 core = volume.core
                 writer = _joined(core, actor).on(volume.mounted)
-                for target, kind in volume.targets:
+                for target, kind, paths in volume.targets:
                     if target.alias_of is not None:
                         release_taken()
                         text = f"coherent-volume refused this write: {UnprotectedAlias(target.alias_of, target.rel)}."
@@ -292,6 +304,7 @@ def begin_writes(
                             return refused(core, target, writer, refusal)
                         return denied(core, refusal, progress, face)
                     taken.append((core, writer, target))
+                    claims += [Claim(path, core.paths.root, target.rel, writer, kind) for path in paths]
     except OutsideVolume as registry:  # a path in a volume's registry (`_resolve`)
         release_taken()
         text = (
@@ -299,25 +312,29 @@ def begin_writes(
             "(its `.coherent` directory): leave it out of the command."
         )
         return face.deny(text, progress.path)
+    note_claims(actor.session, actor.process, claims)
     return None
 
 
 def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool) -> list[str]:
-    """After a tool ran: with `record`, record each managed path its whole-content writes (kind
-    "write") changed as the actor's commit (`adopt`; an append leaves its view alone); then release
-    the grants `begin_writes` took. Returns what the model must be told: writes that went over a
-    version it had not seen (its grant had lapsed), which `adopt` logged as clobbers."""
+    """After a tool ran: the writes its start claimed for the paths of `writes` (`begin_writes`,
+    `hook_paths.take_claims`), each the file it resolved to then, and no others (a path the tool's
+    own symlink leads elsewhere now was never checked there, so what it holds gives the session no
+    view). With `record`, each claimed whole-content write (kind "write") is recorded as the
+    claiming agent's commit (`adopt`; an append leaves its view alone); then its grant is released.
+    Returns what the model must be told: writes that went over a version it had not seen (its grant
+    had lapsed), which `adopt` logged as clobbers."""
     told: list[str] = []
-    with _managed(writes, progress) as volumes:
-        for volume in volumes:
-            core, writer = volume.core, acting(volume.core, actor).on(volume.mounted)
-            validate_agent(writer)  # nothing is recorded under a name that cannot be an agent's
-            for target, kind in volume.targets:
-                if target.alias_of is not None:
-                    continue
-                if record and kind == "write":
-                    told += _recorded(core, writer, target)
-                release_hook_grant(core, writer, target, actor.process)
+    claims = {(c.root, c.rel): c for c in take_claims(actor.session, actor.process, [path for path, _ in writes])}
+    progress.path = next((c.path for c in claims.values()), progress.path)
+    for root in sorted({root for root, _ in claims}):
+        with opened(root) as core:
+            for claim in (c for c in claims.values() if c.root == root):
+                validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
+                target = core.paths.of_rel(claim.rel)
+                if record and claim.kind == "write":
+                    told += _recorded(core, claim.agent, target)
+                release_hook_grant(core, claim.agent, target, actor.process)
     return told
 
 
@@ -342,6 +359,7 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool) -
                 if record:
                     told += _recorded(core, grant.agent, target)
                 release_hook_grant(core, grant.agent, target, actor.process)
+                drop_claims(actor.session, actor.process, (core.paths.root, grant.path))
     return told
 
 
@@ -458,12 +476,14 @@ def release_grants(actor: Actor, places: Iterable[str | None]) -> None:
             for grant in grants:
                 if not grant.fences and grant.owner == actor.process:
                     core.release(grant)
+    drop_claims(actor.session, actor.process)
 
 
 def end_session(actor: Actor, places: Iterable[str | None]) -> None:
     """Release every grant the actor's agent (its fork where its process acts as one) and that
     agent's subagents (`agent/…`) hold, and their process bindings, in the volumes the session
-    works in (`hook_paths.session_volumes`); at the session's own end, then forget those volumes."""
+    works in (`hook_paths.session_volumes`); at the session's own end, then drop its process from
+    the session's note (`hook_paths.end_process`: the note goes with the last of its processes)."""
     for root in session_volumes(actor.session, places):
         with opened(root) as core:
             agent = acting(core, actor).agent
@@ -472,4 +492,4 @@ def end_session(actor: Actor, places: Iterable[str | None]) -> None:
             for ending in [agent, *subagents]:
                 core.end_session(ending)
     if actor.agent == actor.session:
-        forget_volumes(actor.session)
+        end_process(actor.session, actor.process)

@@ -86,7 +86,7 @@ from .core import VolumeCore, open_core
 from .core.renames import refuse_hard_link
 from .errors import CoherenceError, LinkRefused, OutsideVolume, UnresolvedShellWrite
 from .globs import ManagedGlobs, Piece, Wild
-from .hook_paths import Located, located, located_directory
+from .hook_paths import Located, located, located_directory, unlinks_link
 from .paths import REGISTRY_DIR, is_registry_path
 from .protocol import HandleKind
 from .registry import recorded_in
@@ -2021,8 +2021,10 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     elif name == "uniq":
         operands, _ = _operands(args, valued)
         files += operands[1:2]
-    elif name in ("rm", "unlink", "shred"):
+    elif name == "shred":  # it overwrites what a symlink leads to before it removes the name
         removed, _ = _operands(args, valued)
+    elif name in ("rm", "unlink"):
+        removed = [f for f in _operands(args, valued)[0] if not _symlink(f, cwd)]
     elif name in ("mv", "cp", "install", "ln"):
         operands, values = _operands(args, valued)
         target_dir = values.get("-t") or values.get("--target-directory")
@@ -2036,7 +2038,7 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         elif sources:
             landed = _into(target_dir if target_dir is not None else operands[-1], sources, cwd, target_dir is not None)
         if name == "mv":
-            removed = sources  # a move deletes its sources
+            removed = [f for f in sources if not _symlink(f, cwd)]  # a move deletes its sources
         symbolic = "-s" in given or any(_abbreviates(g, "--symbolic") for g in given)
         hard = (
             name == "ln" and not symbolic or name == "cp" and any(g == "-l" or _abbreviates(g, "--link") for g in given)
@@ -2089,6 +2091,13 @@ def _altering(args: list[Item], valued: frozenset[str]) -> Unknown | None:
         elif _is_option(arg):
             _option(str(arg), rest, valued)  # its value, when it takes the next word, is no option
     return None
+
+
+def _symlink(item: Item, cwd: Cwd) -> bool:
+    """Whether `item` is a symlink that removing or moving it acts on itself, as unlink(2) and
+    rename(2) do, never on what it leads to: it writes no file of a volume (links carry no
+    versions; `hook_paths.unlinks_link`)."""
+    return isinstance(item, str) and isinstance(cwd, str) and unlinks_link(os.path.join(cwd, item))
 
 
 def _program(

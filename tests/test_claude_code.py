@@ -23,6 +23,7 @@ import pytest
 from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs
 from coherent_volume.claude_code import FACE, HOOK_REMEDY, handle, our_hooks
 from coherent_volume.errors import Reason
+from coherent_volume.hook_paths import session_file
 from coherent_volume.hooks import Progress
 from coherent_volume.liveness import current_process
 
@@ -333,6 +334,34 @@ def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> No
             (3, f"claude:{unique('same')}"),
             (2, f"claude:{unique('same')}"),
         ]
+
+
+def test_a_sessions_end_reaches_its_volumes_after_a_second_process_of_it_ended(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """One session in two processes, both working outside every volume: the first takes a grant in
+    the volume (its note of the volumes it works in now names it); the second starts and ends. The
+    note outlives the second's end, so the first's own SessionEnd still reaches the volume and
+    releases its grant; the note goes with the last process's end."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    one = Session("twice", elsewhere)
+    try:
+        one.hook(event("SessionStart", "twice", elsewhere, source="startup"))
+        pre = event("PreToolUse", "twice", elsewhere, "Write", root / "plans/new.md", tool_input={"content": "x\n"})
+        assert decision(one.hook(pre))[0] == "allow"
+        two = sessions("twice", elsewhere)
+        two.hook(event("SessionStart", "twice", elsewhere, source="resume"))
+        two.hook(event("SessionEnd", "twice", elsewhere, reason="exit"))
+        note = session_file("volumes", f"claude:{unique('twice')}")
+        assert note is not None and note.exists(), "the note outlives the end of one of the session's processes"
+        one.hook(event("SessionEnd", "twice", elsewhere, reason="exit"))
+        status = subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True, check=True)
+        assert [f["holder"] for f in json.loads(status.stdout)["files"] if f["holder"]] == [], "its grant is released"
+        assert not note.exists(), "the note goes with the end of the session's last process"
+    finally:
+        one.proc.kill()
+        one.proc.wait()
 
 
 def test_bad_events_fail_open_with_a_warning(root: Path) -> None:
@@ -712,6 +741,10 @@ def test_overlapping_changes_are_denied_with_the_conflicting_hunks(root: Path, s
     assert verdict == "deny" and "(stale)" in reason and "1 conflicting hunk(s)" in reason
     assert "<<<<<<< yours\nbeta by one\n||||||| base\nbeta\n=======\nBETA by two\n>>>>>>> current" in reason
     assert target.read_text() == "alpha\nBETA by two\ngamma\n" and len(_history(root)) == 2
+    why = subprocess.run([CLI, "why", str(target)], capture_output=True, text=True, check=True).stdout
+    assert "1 conflicting hunk between the change of claude:" in why and "beta by one" in why, (
+        "the conflict is logged as one through the API is, so `why` shows its hunks"
+    )
 
 
 def test_an_edit_merges_only_when_applying_it_to_the_current_content_is_the_merge(root: Path, sessions) -> None:

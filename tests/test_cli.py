@@ -56,6 +56,23 @@ def test_a_refused_init_leaves_no_directory_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:
+    """Volumes do not nest: a file in both would be checked by one and not the other. `init` of a
+    directory inside a volume, or of one holding a volume below it, is refused, saying which volume
+    and what to do, and leaves nothing behind."""
+    outer, around = tmp_path / "outer", tmp_path / "around"
+    assert cv("init", str(outer), "-m", "**/*.md").returncode == 0
+    inside = cv("init", str(outer / "sub"), "-m", "plans/**")
+    assert inside.returncode == 1 and "Traceback" not in inside.stderr, inside.stderr
+    assert f"{outer}/sub lies inside the volume at {outer}: volumes do not nest" in inside.stderr
+    assert "Work in the volume at" in inside.stderr
+    assert not (outer / "sub").exists()
+    assert cv("init", str(around / "deep/ws"), "-m", "plans/**").returncode == 0
+    contains = cv("init", str(around), "-m", "*.md")
+    assert contains.returncode == 1 and f"{around} contains the volume at {around}/deep/ws" in contains.stderr
+    assert not (around / ".coherent").exists()
+
+
 def test_status_table_and_json(root: Path) -> None:
     _refused_scenario(root)
     with CoherentVolume(root, agent="carol") as carol, carol.lock("plans/locked.md"):

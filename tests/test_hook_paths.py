@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 
 from coherent_volume import CoherentVolume
+from coherent_volume.errors import NestedVolume
 from coherent_volume.hook_paths import session_file
 
 from .harness.agent_session import commit_lock_held, fill, fixture, timed_hook, unique
-from .harness.mounts import Mount
+from .harness.mounts import CLI, Mount
 
 P = "plans/plan.md"
 
@@ -296,3 +298,109 @@ def test_no_spelling_of_the_registrys_path_lets_a_write_reach_it(root: Path, fac
     reason = _denial(r.stdout)
     assert reason is not None and "is the registry's own directory" in reason, (r.stdout, r.stderr)
     assert (root / ".coherent/registry.db").read_bytes() == registry
+
+
+def _codex_shell(root: Path, session: str, command: str, hook: str = "pre_bash") -> dict[str, Any]:
+    """Codex's event before (or with `hook="post_bash"`, after) its shell runs `command` in `root`."""
+    return dict(fill(fixture("codex")[hook], session=unique(session), cwd=root, command=command))
+
+
+def _run_tool(root: Path, session: str, command: str) -> str | None:
+    """A Codex shell tool call: the hook before it, the command (if allowed) in `root`, the hook
+    after it; the denial's reason, or None and what the hook after it told the model ("" if nothing)."""
+    r, _ = timed_hook("codex", _codex_shell(root, session, command))
+    reason = _denial(r.stdout)
+    if reason is not None:
+        return reason
+    subprocess.run(["bash", "-c", command], cwd=root, check=True)
+    r, _ = timed_hook("codex", _codex_shell(root, session, command, "post_bash"))
+    assert r.returncode == 0 and not r.stderr, (r.stdout, r.stderr)
+    return None
+
+
+def _holders(root: Path) -> list[str]:
+    status = subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True, check=True)
+    return [f["holder"] for f in json.loads(status.stdout)["files"] if f["holder"]]
+
+
+def _log(root: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_symlink_a_command_makes_gives_no_view_of_the_file_it_leads_to(root: Path) -> None:
+    """`ln -s plans/plan.md sym.txt` writes only a new unmanaged name, so it goes ahead, and the end
+    of the tool records only what its start checked: nothing. The link leads to a managed file the
+    session never read, yet it gets no view of it: its write of that file is refused `unread`. A
+    command that writes through a link it makes itself is not checked before it runs (the link is
+    not there yet); its end records no commit of the session's and speaks of no grant it never
+    took: the volume takes the change for a foreign one at its next access."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    assert _run_tool(root, "linker", "ln -s plans/plan.md sym.txt") is None
+    reason = _run_tool(root, "linker", "echo evil > plans/plan.md")
+    assert reason is not None and "(unread)" in reason, reason
+    r, _ = timed_hook("codex", _codex_shell(root, "through", "ln -s plans/plan.md out.txt && echo evil > out.txt"))
+    assert _denial(r.stdout) is None, r.stdout
+    subprocess.run(["bash", "-c", "ln -s plans/plan.md out.txt && echo evil > out.txt"], cwd=root, check=True)
+    command = "ln -s plans/plan.md out.txt && echo evil > out.txt"
+    r, _ = timed_hook("codex", _codex_shell(root, "through", command, "post_bash"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), "no lapsed grant is told of: none was taken"
+    assert _holders(root) == []
+    assert [(e["kind"], e["agent"]) for e in _log(root) if e["kind"] != "refusal"] == [
+        ("commit", "setup"),
+        ("foreign", "external"),
+    ]
+
+
+def test_removing_a_symlink_removes_the_link_never_the_file_it_leads_to(root: Path) -> None:
+    """`rm alias.txt` where alias.txt -> plans/plan.md removes the link, as unlink(2) does: no file
+    of the volume is written, so a session that never read plan.md may run it (and apply_patch's
+    Delete File of a link), and one that did takes no grant on plan.md, which another agent may
+    write right after (no grant left held for up to its TTL)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    for link in ("alias.txt", "alias2.txt", "alias3.txt"):
+        (root / link).symlink_to(P)
+    assert _run_tool(root, "never-read", "rm alias.txt") is None
+    patch = "*** Begin Patch\n*** Delete File: alias2.txt\n*** End Patch\n"
+    r, _ = timed_hook(
+        "codex", dict(fill(fixture("codex")["pre_apply_patch"], session=unique("nr"), cwd=root, patch=patch))
+    )
+    assert _denial(r.stdout) is None, r.stdout
+    update = "*** Begin Patch\n*** Update File: plans/plan.md\n@@\n v1\n+more\n*** End Patch\n"
+    events = {
+        h: fill(fixture("codex")[h], session=unique("reader"), cwd=root, patch=update)
+        for h in ("pre_apply_patch", "post_apply_patch")
+    }
+    r, _ = timed_hook("codex", events["pre_apply_patch"])
+    assert _denial(r.stdout) is None, r.stdout
+    (root / P).write_text("v1\nmore\n")
+    timed_hook("codex", events["post_apply_patch"])
+    assert _run_tool(root, "reader", "rm alias3.txt") is None
+    assert _holders(root) == [], "no grant is left on plans/plan.md"
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, "bob\n")
+    assert (root / P).read_text() == "bob\n"
+
+
+def test_a_volume_moved_inside_another_is_refused_by_every_face(root: Path, tmp_path: Path) -> None:
+    """Volumes do not nest. A volume made before inside another one (here: moved into it) is never
+    opened: not by the API, and not by a hook, which denies a write of a file below it, saying why
+    (the outer volume manages `sub/x.md`, which a session that never read it would otherwise write
+    unchecked, since the nearest volume does not manage it)."""
+    (root / "sub").mkdir()
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("sub/x.md", "alice's notes\n")
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    CoherentVolume(inner, managed=("plans/**",), agent="setup").close()
+    (inner / ".coherent").rename(root / "sub/.coherent")
+    with pytest.raises(NestedVolume, match="lies inside the volume at"):
+        CoherentVolume(root / "sub", agent="bob")
+    for name, (command, event) in FACES.items():
+        r, _ = timed_hook(command, event(root, "nested", str(root / "sub/x.md")))
+        reason = _denial(r.stdout)
+        assert reason is not None and "volumes do not nest" in reason, (name, r.stdout, r.stderr)
+    assert (root / "sub/x.md").read_text() == "alice's notes\n"

@@ -467,8 +467,11 @@ def test_a_write_known_in_part_is_refused_where_what_lies_there_may_lead_to_a_ma
         shell_writes(log, str(root))
     (root / "src/1.log").unlink()
 
+    inner = tmp_path / "inner"  # volumes do not nest (`init` refuses it): one moved inside
+    inner.mkdir()
+    CoherentVolume(inner, managed=("**",), agent="setup").close()
     (root / "src/inner").mkdir()
-    CoherentVolume(root / "src/inner", managed=("**",), agent="setup").close()
+    (inner / ".coherent").rename(root / "src/inner/.coherent")
     for command in below[1:]:
         with pytest.raises(UnresolvedShellWrite):
             shell_writes(command, str(root))

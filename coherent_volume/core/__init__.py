@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 
-from ..errors import VolumeConfigError
+from ..errors import NestedVolume, VolumeConfigError
 from ..filesystems import refuse_network_root
 from ..globs import ManagedGlobs
+from ..mounts import fuse_mounts
 from ..paths import REGISTRY_DIR
-from ..registry import LOCATION_FILE, postgresql
+from ..registry import LOCATION_FILE, postgresql, recorded_in
 from ..registry.sqlite import SQLiteRegistry
 from .base import Isolation, validate_agent
 from .reads import Observed
@@ -36,6 +37,36 @@ class VolumeCore(Renames, Sessions):
     """The protocol over one root and its registry; thread-safe; one per process per volume."""
 
 
+MOST_SCANNED = 100_000
+"""Directory entries a new volume's tree is searched for a volume inside it, at most (`refuse_nesting`)."""
+
+
+def refuse_nesting(real: str, *, creating: bool) -> None:
+    """NestedVolume if the directory `real` (a real path) lies inside another volume: below a root
+    holding a registry, or inside a mount of a volume. So a volume made inside another one before is
+    never opened (its files are the outer volume's), by the API, a mount or a hook. When `creating`
+    it, also if a volume lies below it (searched without following symlinks, up to MOST_SCANNED
+    entries: past that a volume inside is refused when it is opened, as above)."""
+    for mountpoint in fuse_mounts():
+        if real.startswith(mountpoint + os.sep):
+            raise NestedVolume(real, mountpoint)
+    below, above = real, os.path.dirname(real)
+    while above != below:
+        if recorded_in(os.path.join(above, REGISTRY_DIR)):
+            raise NestedVolume(real, above)
+        below, above = above, os.path.dirname(above)
+    if not creating:
+        return
+    scanned = 0
+    for directory, dirs, names in os.walk(real):
+        dirs[:] = [d for d in dirs if d != REGISTRY_DIR]
+        if directory != real and recorded_in(os.path.join(directory, REGISTRY_DIR)):
+            raise NestedVolume(real, directory, around=True)
+        scanned += len(dirs) + len(names) + 1
+        if scanned > MOST_SCANNED:
+            return
+
+
 def open_core(
     root: str | os.PathLike[str], managed: object = None, *, registry: str | None = None, volume: str | None = None
 ) -> VolumeCore:
@@ -49,6 +80,9 @@ def open_core(
     globs = None if managed is None else ManagedGlobs.of(managed)
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     directory = os.path.join(real, REGISTRY_DIR)
+    made = recorded_in(directory)
+    if made or managed is not None or registry is not None:  # a volume's root, or one to be
+        refuse_nesting(real, creating=not made)
     if registry is not None or os.path.exists(os.path.join(directory, LOCATION_FILE)):
         return VolumeCore(real, postgresql.open_postgres(directory, real, globs, registry, volume))
     return VolumeCore(real, SQLiteRegistry(directory, globs))

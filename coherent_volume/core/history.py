@@ -279,11 +279,15 @@ class History(Writes):
         merged, conflicts = diffs.merge3(base, ours, theirs)
         if conflicts:
             conflict = MergeConflict(refusal, conflicts, base_version)
-            self._transact(partial(self._log_conflict, conflict=conflict))
+            self.log_conflict(conflict)
             raise conflict
         if merged is None:
             raise self.refusal_diff(refusal.not_merged("only text is merged, and a side is not text"))
         return merged, (base_version, theirs_version)
+
+    def log_conflict(self, conflict: MergeConflict) -> None:
+        """Log a merge conflict, wherever the merge was tried (a write's `merge`, a hook's, `hook_merge`)."""
+        self._transact(partial(self._log_conflict, conflict=conflict))
 
     @staticmethod
     def _log_conflict(tx: Transaction, conflict: MergeConflict) -> None:
