@@ -106,6 +106,10 @@ def _agent_name(ctx: click.Context, param: click.Parameter, value: str | None) -
         raise click.ClickException(str(e)) from e
 
 
+HISTORY_SHOWN = 50
+"""Versions `history` lists by default as a table (the newest); --all lists every one, --json too."""
+
+
 def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
     """The options that set a volume's policy (`init`, `policy`)."""
     options = [
@@ -242,6 +246,8 @@ def migrate(registry: str) -> None:
 @_guard
 def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
     """Show the volume's merge globs and retention policy, or change them (options given)."""
+    if no_merge and changes["merge"]:
+        raise click.UsageError("--merge sets merge globs and --no-merge removes them all: give one of them")
     core = open_core(root)
     current = core.policy()
     if no_merge:
@@ -260,8 +266,8 @@ def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
 def prune(root: str, as_json: bool) -> None:
-    """Drop the stored bytes of versions the retention policy no longer keeps (commits also do
-    this, at most hourly)."""
+    """Drop the stored bytes of versions the retention policy no longer keeps, to the end (commits
+    also do this hourly, a short step per commit)."""
     done = open_core(root).prune()
     if as_json:
         _json(asdict(done))
@@ -575,16 +581,29 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
-@click.option("--limit", "-n", type=click.IntRange(min=1), help="Only the newest N versions.")
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(min=1),
+    help=f"Only the newest N versions (default {HISTORY_SHOWN}, not --json).",
+)
+@click.option("--all", "show_all", is_flag=True, help="Every version (the default with --json).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
-def history(paths: tuple[str, ...], limit: int | None, as_json: bool) -> None:
-    """Every version of a managed file, newest first: version, kind, writer, when, size, content
-    hash, and whether its bytes are still retained."""
+def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: bool) -> None:
+    """The versions of a managed file, newest first: version, kind, writer, when, size, content
+    hash, and whether its bytes are still retained. Shows the newest HISTORY_SHOWN and how many
+    more there are, unless --limit, --all or --json says otherwise."""
+    if show_all and limit is not None:
+        raise click.UsageError("--all shows every version and --limit only the newest N: give one of them")
     core, target, _ = _target(paths)
-    versions = core.history(target, limit)
+    if limit is None and not (show_all or as_json):
+        limit = HISTORY_SHOWN
+    versions = core.history(target)  # whole (a fast read): how many are left out is said
     if not versions:
         raise report.never_recorded(target)
+    left_out = versions[limit:] if limit is not None else []
+    versions = versions[:limit]
     if as_json:
         _json({"path": target.rel, "versions": [v._asdict() for v in versions]})
         return
@@ -605,6 +624,11 @@ def history(paths: tuple[str, ...], limit: int | None, as_json: bool) -> None:
             ],
         )
     )
+    if left_out:
+        click.echo(
+            f"{len(left_out)} older version{'s' if len(left_out) > 1 else ''} not shown (v{left_out[0].version} to "
+            f"v{left_out[-1].version}): --all lists every version, --limit N the newest N"
+        )
 
 
 @main.command()

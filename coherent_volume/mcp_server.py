@@ -2,7 +2,10 @@
 
 One server process serves one client connection over stdio (an MCP client starts a server
 process per connection), so the process is the MCP session and the session is one agent:
-`--agent NAME` if given, else `mcp:<client name>:<random>` named at its first tool call.
+`--agent NAME` if given, else `mcp:<client name>:<random>` named at its first tool call. When
+the client disconnects (or the server stops), the views of a session named so are forgotten: no
+later connection can be that agent, so they would only pin old versions against pruning. A
+session named by `--agent` keeps them (the next connection under the name may still write).
 `COHERENT_AGENT` is not read: a client passes its environment to every server it starts, and two
 sessions under one name would be one agent, each passing for the other's reads.
 
@@ -12,6 +15,8 @@ Invariants:
   `reacquire()` does (the model saw the content; with no fence to lift, it takes no commit lock);
   it returns at most READ_LIMIT characters, and a read it refuses leaves the session no view of
   the file;
+- `diff` returns at most READ_LIMIT characters (`_bounded`): the first lines of a larger diff, then
+  how many were left out and how to see them;
 - `write_file` is the API's fail-closed write (`merge` as in `CoherentVolume.write`);
 - `edit_file` applies old→new to the content this session last read or wrote of the file (never to
   what is on disk now) and writes that only while the session's view is still that version; a
@@ -35,7 +40,7 @@ from typing import Annotated, Any
 
 import click
 
-from . import report
+from . import diffs, report
 from .core import VolumeCore, open_core, validate_agent
 from .errors import (
     CoherenceError,
@@ -122,6 +127,29 @@ def _returnable(path: str, text: str, part: str, offset: int) -> None:
         )
     if text and not part:
         raise ToolRefused(f"Nothing was read: {path} has {_line_count(text)} lines, fewer than offset {offset}.")
+
+
+def _bounded(diff: str, path: str) -> str:
+    """`diff` whole if it fits in one tool result (READ_LIMIT characters), else its first lines that
+    fit (each cut as a refusal's diff cuts a line, `diffs.cut`), then how much was left out and how to
+    see the rest: a client would cut the result where the model could not tell."""
+    if len(diff) <= READ_LIMIT:
+        return diff
+    lines = diff.splitlines(keepends=True)
+    shown: list[str] = []
+    size = 0
+    for line in lines:
+        line = diffs.cut(line)
+        if size + len(line) > READ_LIMIT - 1000:  # room for the note
+            break
+        shown.append(line)
+        size += len(line)
+    return "".join(shown) + (
+        f"... {len(lines) - len(shown)} more lines of the diff not shown ({len(diff)} characters in all, more "
+        f"than one tool result holds, {READ_LIMIT}). To see the rest, diff fewer versions at a time (from_version, "
+        f"to_version), read the current version in parts (read_file with offset and limit), or run "
+        f"`coherent-volume diff ROOT {path} A B` outside this session.\n"
+    )
 
 
 def _when(ts: float | None) -> str:
@@ -339,7 +367,7 @@ class Session:
             head = f"{target.rel}: version {old}{label} to version {new}"
             if text is None:
                 return f"{head}: binary content, no line diff."
-            return f"{head}:\n{text.rstrip()}" if text else f"{head}: no differences."
+            return f"{head}:\n{_bounded(text, target.rel).rstrip()}" if text else f"{head}: no differences."
 
         return self._call(path, "diffing", diff)
 
@@ -510,7 +538,18 @@ def serve(core: VolumeCore, agent: str | None) -> None:
         result: str = answer(lambda: session(ctx).why(path))
         return result
 
-    anyio.run(server.run_stdio_async)
+    try:
+        anyio.run(server.run_stdio_async)
+    finally:
+        if agent is None and sessions:  # its own random name: no later connection can be this agent
+            try:
+                core.forget_views(sessions[0].agent)
+            except (CoherenceError, OSError) as e:
+                click.echo(
+                    f"coherent-volume mcp: the views of {sessions[0].agent} were not forgotten ({e}); they stop "
+                    "keeping old versions from pruning once it has been idle for the policy's keep_days",
+                    err=True,
+                )
 
 
 @click.command("mcp")

@@ -2,8 +2,12 @@
 instead of refusing it (merge globs, each one that managed paths may match: `Policy.check_merges`),
 and how long versions' bytes are retained. Pure: no I/O.
 
-Invariants: pruning never selects a current version, a version some agent's view points at (its
-refusal diffs need it as a base), nor one of the last `keep_last` versions of its path."""
+Invariants: pruning never selects a current version, a version the view of a live agent points at
+(its refusal diffs and merges need it as a base), nor one of the last `keep_last` versions of its
+path. An agent is live while it registered a view (a read that moved one, a commit) within the last
+`keep_days`, and at least within the last day (`Retention.live`): the views of an agent that
+ended without saying so (a session never resumed) stop pinning versions then, so a store used by
+many short sessions stays within its policy."""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from .globs import ManagedGlobs
 from .protocol import Version
 
 DAY = 86400.0
+LIVE_AT_LEAST = DAY
+"""An agent whose last view is younger than this is live, whatever `keep_days` says (with `keep_days`
+0 its views still keep the bases of its refusal diffs while it works)."""
 MAX_KEEP_DAYS = 1_000_000
 """Most days `keep_days` may say (about 2,700 years): a finite span that time arithmetic can hold."""
 
@@ -38,6 +45,12 @@ class Retention:
             raise VolumeConfigError(f"keep_last must be an integer >= 1, not {self.keep_last!r}")
         if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes >= 0):
             raise VolumeConfigError(f"max_bytes must be an integer >= 0 or None, not {self.max_bytes!r}")
+
+    def live(self, last_view: float | None, now: float) -> bool:
+        """Whether an agent that last registered a view at `last_view` (None: it has none) is live
+        at `now` (its views keep their versions from pruning): within `keep_days`, and at least
+        within LIVE_AT_LEAST."""
+        return last_view is not None and last_view >= now - max(self.keep_days * DAY, LIVE_AT_LEAST)
 
 
 @dataclass(frozen=True)
@@ -83,11 +96,17 @@ class Policy:
         return cls(tuple(data.get("merge", ())), Retention(**data.get("retention", {})))
 
 
-def prunable(history: list[Version], current: int, viewed: set[int], keep_last: int) -> list[Version]:
-    """Versions of one path (its history, newest first) whose bytes may be dropped: retained, not
-    current, not viewed, not among the last `keep_last`; oldest first."""
+def prunable(
+    versions: list[Version], newest: list[Version], keep_last: int, current: int, viewed: set[int]
+) -> list[Version]:
+    """Those of `versions` (of one path, in their order) whose bytes may be dropped: retained, not
+    current, not viewed by a live agent (`viewed`), not among the path's last `keep_last` (`newest`:
+    its newest `keep_last` history entries, newest first)."""
+    if len(newest) < keep_last:
+        return []  # the path has no more than its last keep_last versions
+    floor = newest[keep_last - 1].version
     return [
         v
-        for v in reversed(history[keep_last:])
-        if v.retained and v.hash is not None and v.version != current and v.version not in viewed
+        for v in versions
+        if v.retained and v.hash is not None and v.version < floor and v.version != current and v.version not in viewed
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from coherent_volume import CoherentVolume, DamagedContent, StaleWriteError, VersionGone
+from coherent_volume import CoherentVolume, DamagedContent, StaleWriteError, VersionGone, VolumeConfigError
 from coherent_volume.fingerprint import content_hash
 from coherent_volume.policy import Policy, Retention
 from coherent_volume.registry import Transaction, objects
@@ -27,6 +27,19 @@ from .harness.volumes import sql, stored, tamper
 
 def _kinds(vol: CoherentVolume, path: str) -> list[tuple[int, str, str]]:
     return [(v.version, v.kind, v.writer) for v in vol.history(path)]
+
+
+def test_a_version_that_is_not_a_whole_number_is_a_typed_error(vols) -> None:
+    """ "1", 1.0 or True name no version: refused saying so (VolumeConfigError, a ValueError), never
+    a bare TypeError from inside, nor taken as version 1."""
+    alice = vols("alice")
+    alice.write("plans/p.md", "one\n")
+    for bad in ("1", 1.0, True):
+        for call in (alice.read_version, alice.diff, alice.restore):
+            with pytest.raises(VolumeConfigError, match=f"a version is a whole number .*not {re.escape(repr(bad))}"):
+                call("plans/p.md", bad)  # type: ignore[operator]
+    assert alice.read_version("plans/p.md", 1) == b"one\n"
+    assert [v.version for v in alice.history("plans/p.md")] == [1], "nothing was restored"
 
 
 def test_history_lists_every_version_newest_first_with_its_bytes(root: Path, vols) -> None:

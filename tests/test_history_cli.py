@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, GlobError, MergeConflict, Policy, StaleWriteError, VolumeConfigError
+from coherent_volume.cli import HISTORY_SHOWN
 from coherent_volume.fingerprint import content_hash
 from coherent_volume.policy import Retention
 
@@ -473,3 +474,32 @@ def test_a_merge_glob_that_no_managed_path_can_match_is_refused(tmp_path: Path) 
         rel: entry for rel, entry in before.items() if not rel.startswith(".coherent")
     }
     assert "merge: **/*.md;" in ok("policy", root, "--merge", "**/*.md")  # may match managed paths: accepted
+
+
+def test_history_shows_the_newest_versions_and_says_how_to_see_the_others(root: Path) -> None:
+    """A table of thousands of versions takes seconds and is read by nobody: `history` shows the
+    newest HISTORY_SHOWN and says how many more there are; --all shows them, --json lists all."""
+    with CoherentVolume(root, agent="alice") as alice:
+        for i in range(1, HISTORY_SHOWN + 6):
+            alice.write(P, f"v{i}\n")
+
+    def rows(text: str) -> list[int]:
+        return [int(line.split()[0]) for line in text.splitlines() if "│" in line and line.split()[0].isdigit()]
+
+    text = ok("history", root, P)
+    assert rows(text) == list(range(HISTORY_SHOWN + 5, 5, -1)), text
+    assert text.endswith("5 older versions not shown (v5 to v1): --all lists every version, --limit N the newest N\n")
+    every = ok("history", root, P, "--all")
+    assert rows(every) == list(range(HISTORY_SHOWN + 5, 0, -1)) and "not shown" not in every
+    assert len(json.loads(ok("history", root, P, "--json"))["versions"]) == HISTORY_SHOWN + 5
+    assert f"{HISTORY_SHOWN + 2} older versions not shown" in ok("history", root, P, "--limit", "3")
+    both = cv("history", root, P, "--all", "--limit", "3")
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+def test_contradictory_policy_options_are_refused_and_change_nothing(root: Path) -> None:
+    ok("policy", root, "--merge", "plans/log.md")
+    r = cv("policy", root, "--merge", "plans/other.md", "--no-merge", "--keep-last", "3")
+    assert r.returncode == 2 and "--merge" in r.stderr and "--no-merge" in r.stderr
+    assert json.loads(ok("policy", root, "--json"))["merge"] == ["plans/log.md"]
+    assert json.loads(ok("policy", root, "--json"))["retention"]["keep_last"] == 10

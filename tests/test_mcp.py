@@ -20,10 +20,12 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import Implementation, TextContent
 
-from coherent_volume import CoherentVolume
+from coherent_volume import CoherentVolume, Policy, Retention
 from coherent_volume.core import open_core
 from coherent_volume.diffs import MAX_MERGE_BYTES
 from coherent_volume.mcp_server import READ_LIMIT, Session, ToolRefused
+
+from .harness.volumes import sql
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 P = "plans/plan.md"
@@ -366,6 +368,54 @@ def test_a_path_that_never_existed_is_said_to_have_no_versions(root: Path) -> No
             assert why.startswith("plans/typo.md: managed, never existed: no version of it was ever recorded\n")
 
     run(scenario)
+
+
+def test_a_diff_too_large_for_one_tool_result_is_cut_saying_how_to_see_the_rest(root: Path) -> None:
+    """Clients cut large tool results where the model cannot tell: a diff over READ_LIMIT characters
+    is cut to its first lines, saying how many were left out and how to see them."""
+    big = "plans/big.md"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(big, "".join(f"line {i}\n" for i in range(20_000)))
+        setup.write(big, "".join(f"LINE {i}\n" for i in range(20_000)))
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            text = await s.ok("diff", path=big, from_version=1, to_version=2)
+            assert len(text) <= READ_LIMIT, len(text)
+            assert text.startswith(f"{big}: version 1 to version 2:\n--- {big}@v1\n")
+            assert "-line 0\n" in text and "-line 19999\n" not in text
+            shown = text.count("\n-line ") + text.count("\n+LINE ")
+            assert f"... {40_000 - shown} more lines of the diff not shown" in text, text[-600:]
+            assert "read_file with offset and limit" in text and f"coherent-volume diff ROOT {big} A B" in text
+            small = await s.ok("diff", path=big, from_version=2, to_version=2)
+            assert small.endswith("no differences.")
+
+    run(scenario)
+
+
+def test_an_unnamed_sessions_views_are_forgotten_when_its_client_goes(root: Path) -> None:
+    """A session named `mcp:<client>:<random>` can never come back: its views would only keep old
+    versions from being pruned, so they go with it. A session given --agent may connect again, and
+    keeps them."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        setup.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            await s.ok("read_file", path=P)
+            unnamed = await s.agent()
+        async with mcp_session(root, "--agent", "planner") as s:
+            await s.ok("read_file", path=P)
+        assert [agent for (agent,) in sql(root, "SELECT agent FROM views ORDER BY agent")] == ["planner", "setup"]
+        assert unnamed.startswith("mcp:pytest:")
+
+    run(scenario)
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v2\n")
+        setup.write(P, "v3\n")
+        assert setup.prune().versions == 1, "v2; v1 is the view of planner, who may come back"
+        assert [v.version for v in setup.history(P) if v.retained] == [3, 1]
 
 
 HOLD_THE_COMMIT_LOCK = r"""

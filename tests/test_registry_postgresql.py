@@ -41,7 +41,7 @@ from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
 from coherent_volume.registry.pg_location import Location
 
-from . import test_volume
+from . import test_retention, test_volume
 from .conftest import run_py
 from .harness import CLI
 from .harness.commitproxy import CommitProxy
@@ -98,6 +98,16 @@ MOUNT_TESTS = (
 if importlib.util.find_spec("pyfuse3") is not None:
     for _name in MOUNT_TESTS:
         globals()[f"{_name}_on_postgresql"] = getattr(importlib.import_module("tests.test_mount"), _name)
+RETENTION_TESTS = (
+    "test_a_viewed_version_keeps_its_bytes_so_the_refusal_diff_still_works",
+    "test_a_size_budget_prunes_the_oldest_first_down_to_the_floor",
+    "test_a_commit_that_finds_a_prune_due_prunes_one_step_and_its_next_commits_the_rest",
+    "test_views_of_an_agent_inactive_longer_than_keep_days_stop_keeping_versions",
+    "test_forgotten_views_keep_no_version",
+)
+"""Retention's tests that use the API only, on a PostgreSQL volume (its own queries of views and retained versions)."""
+for _name in RETENTION_TESTS:
+    globals()[f"{_name}_on_postgresql"] = getattr(test_retention, _name)
 
 
 @pytest.fixture

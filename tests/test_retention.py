@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, Policy, Retention, StaleWriteError, VersionGone, VolumeConfigError
+from coherent_volume.core.history import PRUNE_STEP
 from coherent_volume.fingerprint import content_hash
+from coherent_volume.policy import DAY
 from coherent_volume.registry import objects
+from coherent_volume.registry.sqlite import SQLiteTransaction
 
 from .harness.volumes import sql
 
@@ -179,3 +182,102 @@ def test_a_last_prune_dated_in_the_future_does_not_stop_pruning(vols) -> None:
     alice._core.registry.transact(lambda tx: tx.put_meta("pruned_at", forty_days_ahead))
     assert alice._core.prune_if_due() is not None
     assert _retained(alice, "plans/p.md") == [3]
+
+
+def test_a_commit_that_finds_a_prune_due_prunes_one_step_and_its_next_commits_the_rest(root: Path, vols) -> None:
+    """The writer whose commit finds a prune due waits for one short step (PRUNE_STEP versions), not
+    for the whole prune; its next commits do a step each, and no other process starts the same
+    prune meanwhile."""
+    alice = vols("alice")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    for i in range(250):
+        alice.write("plans/p.md", f"{i}")  # the first of these claimed the hour's prune
+    two_hours_ago = repr(time.time() - 7200)
+    alice._core.registry.transact(lambda tx: tx.put_meta("pruned_at", two_hours_ago))
+    bob, carol = vols("bob"), vols("carol")
+    bob.write("plans/q.md", "bob 1")
+    assert len(_retained(bob, "plans/p.md")) == 250 - PRUNE_STEP
+    assert carol._core.prune_if_due() is None, "bob's prune is under way: nobody else starts it"
+    bob.write("plans/q.md", "bob 2")
+    assert len(_retained(bob, "plans/p.md")) == 250 - 2 * PRUNE_STEP
+    bob.write("plans/q.md", "bob 3")
+    assert _retained(bob, "plans/p.md") == [250]
+    bob.write("plans/q.md", "bob 4")  # the prune is over: this process looks again only in a minute
+    assert _retained(bob, "plans/q.md") == [4, 3, 2, 1]
+
+
+def test_a_prune_reads_each_history_once_however_many_versions_it_drops(vols, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning costs the versions it reads once, not once per version dropped (which made a byte
+    budget's prune of a 10,000-version file take minutes, inside some writer's commit)."""
+    alice = vols("alice")
+    for i in range(300):
+        alice.write("plans/p.md", f"{i:03}".encode() * 100)
+    alice.set_policy(Policy(retention=Retention(keep_days=365, keep_last=2, max_bytes=600)))
+    rows = 0
+
+    def counted(method):
+        def read(self, *args, **kwargs):
+            nonlocal rows
+            found = method(self, *args, **kwargs)
+            rows += len(found)
+            return found
+
+        return read
+
+    for name in ("history", "retained"):
+        monkeypatch.setattr(SQLiteTransaction, name, counted(getattr(SQLiteTransaction, name)))
+    assert alice.prune().versions == 298
+    assert _retained(alice, "plans/p.md") == [300, 299]
+    assert rows < 3 * 300, f"{rows} history rows read to prune 298 versions of one file"
+
+
+def test_views_of_an_agent_inactive_longer_than_keep_days_stop_keeping_versions(vols) -> None:
+    """A view keeps its version while its agent is live: it registered a view (any file's) within
+    `keep_days`, and at least within the last day. An agent that ended without saying so (a session
+    never resumed) keeps versions no longer."""
+    alice, bob, carol = vols("alice"), vols("bob"), vols("carol")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    alice.write("plans/p.md", "v1\n")
+    alice.write("plans/q.md", "q\n")
+    for reader in (bob, carol):
+        reader.read("plans/p.md")
+    alice.write("plans/p.md", "v2\n")
+    alice.write("plans/p.md", "v3\n")
+    two_days_ago = time.time() - 2 * DAY
+
+    def read_at(agent: str, path: str, version: int, at: float) -> None:
+        alice._core.registry.transact(lambda tx: tx.put_view(agent, path, version, at))
+
+    read_at("bob", "plans/p.md", 1, two_days_ago)  # bob: nothing since, two days ago
+    read_at("carol", "plans/p.md", 1, two_days_ago)
+    carol.read("plans/q.md")  # carol read another file just now: she is live, her view of p v1 too
+    assert alice.prune().versions == 1
+    assert _retained(alice, "plans/p.md") == [3, 1]
+    with pytest.raises(StaleWriteError) as refused:
+        carol.write("plans/p.md", "carol\n")
+    assert refused.value.diff is not None and "+v3" in refused.value.diff
+    read_at("carol", "plans/q.md", 1, two_days_ago)  # now she too has been gone for two days
+    alice.set_policy(Policy(retention=Retention(keep_days=3, keep_last=1, max_bytes=0)))  # prune all it may
+    assert alice.prune().versions == 0, "keep_days 3: an agent gone for two days is still live"
+    alice.set_policy(Policy(retention=Retention(keep_days=1, keep_last=1, max_bytes=0)))
+    assert alice.prune().versions == 1
+    assert _retained(alice, "plans/p.md") == [3]
+    with pytest.raises(StaleWriteError) as refused:
+        carol.write("plans/p.md", "carol\n")  # refused as before: only its diff is gone
+    assert refused.value.diff is None and carol.read("plans/p.md") == b"v3\n"
+
+
+def test_forgotten_views_keep_no_version(vols) -> None:
+    """`forget_views`: an agent that will never act again (an MCP session's own name once its
+    client went) keeps no version; were it to write, it would be refused as one that never read."""
+    alice, gone = vols("alice"), vols("mcp:client:0123abcd")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    alice.write("plans/p.md", "v1\n")
+    gone.read("plans/p.md")
+    alice.write("plans/p.md", "v2\n")
+    assert alice.prune().versions == 0
+    assert alice._core.forget_views("mcp:client:0123abcd") == 1
+    assert alice.prune().versions == 1
+    with pytest.raises(StaleWriteError) as refused:
+        gone.write("plans/p.md", "late\n")
+    assert refused.value.reason == "unread"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import NamedTuple, TypeVar
 from .. import atomic, diffs
 from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone, VolumeConfigError
 from ..paths import Target
-from ..policy import DAY, Policy, prunable
+from ..policy import DAY, Policy, Retention, prunable
 from ..protocol import Version, current_version, may_merge
 from ..registry import Transaction
 from .base import Isolation
@@ -30,8 +31,9 @@ PRUNE_EVERY = 3600.0
 """Seconds between automatic prunes of a volume (run by a commit that finds one due)."""
 MAX_VERSION = 2**63 - 1
 """The largest version number a registry can hold (a signed 64-bit integer)."""
-PRUNE_BATCH = 500
-"""Most versions an automatic prune drops at once, so the commit that runs it is not held up long."""
+PRUNE_STEP = 100
+"""Most versions one transaction of a prune drops (a few milliseconds under the commit lock), and
+the most a commit that finds a prune due (or under way) drops before it returns."""
 
 
 class Refused(NamedTuple):
@@ -52,25 +54,48 @@ class Pruned:
     objects: int
     bytes: int
 
+    def plus(self, other: Pruned) -> Pruned:
+        return Pruned(self.versions + other.versions, self.objects + other.objects, self.bytes + other.bytes)
+
+
+PRUNE_PAUSE = 0.005
+"""Seconds a prune waits between its transactions: as long as a writer waiting for the commit lock
+sleeps between its tries at most (`registry.sqlite._flock_within`), so it gets its turn."""
+
+
+class Step(NamedTuple):
+    """One transaction's share of a prune (`History._prune_plan`): versions planned to be dropped,
+    oldest first, for their age (`aged`) or for the byte budget."""
+
+    aged: bool
+    versions: list[Version]
+
 
 class History(Writes):
     _prune_check_at = 0.0
     """time.monotonic() after which a commit of this process looks whether a prune is due."""
+    _prune_steps: deque[Step] | None = None
+    """The steps left of this process's prune under way (`prune_if_due`), one per commit."""
 
     def _committed(self) -> None:
-        """At most once a minute per process, a prune if one is due (`prune_if_due`); a failing
-        prune never fails the commit that ran it."""
-        if time.monotonic() >= self._prune_check_at:
+        """After each commit while this process has a prune under way, else at most once a minute,
+        a step of the automatic prune (`prune_if_due`): the commit's caller waits for one short
+        transaction at most, never for a whole prune. A failing prune never fails the commit that
+        ran it (the rest of its plan is dropped: the next prune plans again)."""
+        if self._prune_steps or time.monotonic() >= self._prune_check_at:
             self._prune_check_at = time.monotonic() + 60.0
             try:
                 self.prune_if_due()
             except (CoherenceError, OSError) as e:
+                self._prune_steps = None
                 log.warning("pruning old versions failed (the commit stands; the next prune retries): %s", e)
 
     def history(self, target: Target, limit: int | None = None) -> list[Version]:
         """`target`'s versions, newest first (a foreign change is synced first, so it is listed);
-        the newest `limit` (>= 1) only, if given. A version is `retained` when its bytes can be
-        read (`read_version`): never a deletion, which has none, nor a pruned version."""
+        the newest `limit` (>= 1) only, if given. A version is `retained` when the store keeps its
+        bytes (`read_version`): never a deletion, which has none, nor a pruned version. Whether the
+        bytes kept are intact is checked when they are read (DamagedContent), not here: that would
+        read every version's bytes."""
         self._require_managed(target, "history", reads=True)
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             raise VolumeConfigError(f"a history limit is a number of versions >= 1, not {limit!r}")
@@ -94,7 +119,10 @@ class History(Writes):
 
     def _entries(self, target: Target, *versions: int) -> list[Version | None]:
         """History entries of `target`, in one registry read (None: no such version, also for a
-        number no version can have)."""
+        number no version can have); VolumeConfigError for a version that is not an int."""
+        for v in versions:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise VolumeConfigError(f"a version is a whole number (0: before the path existed), not {v!r}")
         with self.registry.read() as tx:
             return [tx.version_entry(target.rel, v) if 0 < v <= MAX_VERSION else None for v in versions]
 
@@ -339,72 +367,126 @@ class History(Writes):
         policy.check_merges(self.paths.globs)
         self._transact(lambda tx: tx.put_meta("policy", policy.to_json()))
 
-    def prune(self, limit: int | None = None) -> Pruned:
+    def forget_views(self, agent: str) -> int:
+        """Forget every view of `agent`, an agent that will never act again (an MCP session's own
+        random name once its client disconnected), so they pin no version against pruning; how
+        many it had. Were it to write again, it would be refused `unread`, as any agent that never
+        read the file."""
+        return self._transact(lambda tx: tx.drop_views(agent))
+
+    def prune(self) -> Pruned:
         """Drop the bytes of versions the retention policy no longer keeps (`policy.prunable`:
-        never a current or viewed version, nor one of a path's last `keep_last`): older than
-        `keep_days`, then, over `max_bytes`, the oldest others until the content fits. Each path is
-        decided in its own short transaction, which also removes the content nothing names any
-        more, so writers are never held up for long. At most `limit` versions. Ages are judged on
-        the registry's clock (`Transaction.now`: PostgreSQL's server clock), never this host's: a
-        host whose clock runs ahead prunes nothing younger than `keep_days` on the registry's."""
+        never a current version, one a live agent's view points at, nor one of a path's last
+        `keep_last`): older than `keep_days`, then, over `max_bytes`, the oldest others until the
+        content fits. Planned from one read of the retained versions (no lock held), then done in
+        transactions of at most PRUNE_STEP versions, each checking again what it drops, PRUNE_PAUSE
+        apart, so writers interleave with a long prune. Ages are judged on the registry's clock
+        (`Transaction.now`: PostgreSQL's server clock), never this host's: a host whose clock runs
+        ahead prunes nothing younger than `keep_days` on the registry's."""
+        total = Pruned(0, 0, 0)
+        steps = self._prune_plan()
+        while steps:
+            total = total.plus(self._prune_step(steps))
+            if steps:
+                time.sleep(PRUNE_PAUSE)  # the commit lock is free long enough for waiting writers to take it
+        return total
+
+    def _prune_plan(self) -> deque[Step]:
+        """A prune's steps, oldest versions first: those older than `keep_days`, then the other
+        candidates for `max_bytes` (none without one), at most PRUNE_STEP versions each, as one
+        read of the retained versions finds them."""
         retention = self.policy().retention
+        old: list[Version] = []
+        others: list[Version] = []
         with self.registry.read() as tx:
-            paths = tx.history_paths()
-        budget = limit if limit is not None else -1
-        versions = objects = freed = 0
-
-        def candidates(tx: Transaction, path: str) -> list[Version]:
-            current = current_version(tx.file(path))
-            return prunable(tx.history(path), current, tx.viewed(path), retention.keep_last)
-
-        def drop(tx: Transaction, chosen: list[Version]) -> tuple[int, int, int]:
-            """Prune `chosen` and remove the contents nothing names any more: (versions, contents,
-            bytes freed)."""
-            for v in chosen:
-                tx.prune(v.path, v.version)
-            sizes = [tx.drop(h) for h in {v.hash for v in chosen if v.hash is not None} if not tx.in_use(h)]
-            return len(chosen), sum(1 for size in sizes if size), sum(sizes)
-
-        def add(done: tuple[int, int, int]) -> None:
-            nonlocal versions, objects, freed
-            versions, objects, freed = versions + done[0], objects + done[1], freed + done[2]
-
-        def prune_old(tx: Transaction, path: str) -> tuple[int, int, int]:
             older_than = tx.now() - retention.keep_days * DAY
-            chosen = [v for v in candidates(tx, path) if v.at < older_than]
-            if budget >= 0:
-                chosen = chosen[: max(budget - versions, 0)]
-            return drop(tx, chosen)
+            live: dict[str, bool] = {}
+            for path in tx.history_paths():
+                newest = tx.history(path, retention.keep_last)
+                current = current_version(tx.file(path))
+                viewed = self._viewed(tx, path, retention, live)
+                for v in prunable(tx.retained(path), newest, retention.keep_last, current, viewed):
+                    (old if v.at < older_than else others).append(v)
+            over_budget = retention.max_bytes is not None and tx.retained_bytes() > retention.max_bytes
+        steps: deque[Step] = deque()
+        for aged, chosen in ((True, sorted(old, key=lambda v: v.at)), (False, sorted(others, key=lambda v: v.at))):
+            if aged or over_budget:
+                steps.extend(Step(aged, chosen[i : i + PRUNE_STEP]) for i in range(0, len(chosen), PRUNE_STEP))
+        return steps
 
-        for path in paths:
-            if budget >= 0 and versions >= budget:
-                break
-            add(self._transact(partial(prune_old, path=path)))
-        if retention.max_bytes is not None:
-            cap = retention.max_bytes
-            with self.registry.read() as tx:
-                oldest = sorted((v for path in paths for v in candidates(tx, path)), key=lambda v: v.at)
-            for v in oldest:
-                if budget >= 0 and versions >= budget:
-                    break
+    def _prune_step(self, steps: deque[Step]) -> Pruned:
+        """Do the first of a prune's `steps` (`_prune_plan`) in one transaction: drop the bytes of
+        each of its versions that the policy, as it is now, still lets go (its history entry
+        unchanged since the plan; for a step of the byte budget only while the retained content
+        exceeds `max_bytes`: once it fits, the steps left, all for the budget, are dropped too).
+        Renews the volume's last prune (`pruned_at`), so a prune under way is not started again
+        elsewhere. Nothing if another thread of this process took the last step meanwhile."""
+        try:
+            step = steps.popleft()
+        except IndexError:
+            return Pruned(0, 0, 0)
 
-                def one(tx: Transaction, v: Version = v) -> tuple[int, int, int] | None:
-                    """None: the content fits; no versions: `v` may no longer be pruned."""
-                    if tx.retained_bytes() <= cap:
-                        return None
-                    return drop(tx, [v] if v in candidates(tx, v.path) else [])
+        def run(tx: Transaction) -> tuple[Pruned, bool]:
+            retention = Policy.from_json(tx.meta("policy")).retention
+            now = tx.now()
+            tx.put_meta("pruned_at", repr(now))
+            cap = None if step.aged else retention.max_bytes
+            if not step.aged and cap is None:
+                return Pruned(0, 0, 0), True  # the budget was lifted since the plan
+            stored = tx.retained_bytes() if cap is not None else 0
+            live: dict[str, bool] = {}
+            facts: dict[str, tuple[list[Version], int, set[int]]] = {}
+            versions = objects = freed = 0
+            for v in step.versions:
+                if cap is not None and stored <= cap:
+                    return Pruned(versions, objects, freed), True
+                if step.aged and v.at >= now - retention.keep_days * DAY:
+                    continue
+                if v.path not in facts:
+                    current = current_version(tx.file(v.path))
+                    facts[v.path] = (
+                        tx.history(v.path, retention.keep_last),
+                        current,
+                        self._viewed(tx, v.path, retention, live),
+                    )
+                newest, current, viewed = facts[v.path]
+                if tx.version_entry(v.path, v.version) != v or not prunable(
+                    [v], newest, retention.keep_last, current, viewed
+                ):
+                    continue
+                tx.prune(v.path, v.version)
+                versions += 1
+                if v.hash is not None and not tx.in_use(v.hash):
+                    size = tx.drop(v.hash)
+                    objects, freed, stored = objects + (1 if size else 0), freed + size, stored - size
+            return Pruned(versions, objects, freed), cap is not None and stored <= cap
 
-                outcome = self._transact(one)
-                if outcome is None:
-                    break
-                add(outcome)
-        return Pruned(versions, objects, freed)
+        done, fits = self._transact(run)
+        if fits:
+            steps.clear()  # the steps for the budget come last: no other is left
+        return done
+
+    @staticmethod
+    def _viewed(tx: Transaction, path: str, retention: Retention, live: dict[str, bool]) -> set[int]:
+        """The versions of `path` that the view of a live agent (`Retention.live`) points at; `live`
+        holds what is known already of agents' liveness in `tx` (each agent's read once)."""
+        viewed = set()
+        for agent, version in tx.viewers(path).items():
+            if agent not in live:
+                live[agent] = retention.live(tx.last_view(agent), tx.now())
+            if live[agent]:
+                viewed.add(version)
+        return viewed
 
     def prune_if_due(self) -> Pruned | None:
-        """Prune (at most PRUNE_BATCH versions) when the volume's last prune was PRUNE_EVERY seconds
-        ago or more on the registry's clock; the first process to find it due claims it, so volumes
-        prune once at a time. A last prune dated in the future (claimed on a host clock that ran
-        ahead, before prunes were dated by the registry) is due."""
+        """One step of a prune (at most PRUNE_STEP versions, one short transaction): the next of
+        this process's prune under way, else, when the volume's last prune was PRUNE_EVERY seconds
+        ago or more on the registry's clock, the first of a new one (planned now: `_prune_plan`),
+        which this process claims, so volumes prune once at a time; its later steps are done by this
+        process's next commits, each renewing the claim (a process that stops before the end leaves
+        the rest to whichever process finds a prune due an hour after its last step). None if no
+        prune was due. A last prune dated in the future (claimed on a host clock that ran ahead,
+        before prunes were dated by the registry) is due."""
 
         def claim(tx: Transaction) -> bool:
             now, last = tx.now(), tx.meta("pruned_at")
@@ -413,6 +495,10 @@ class History(Writes):
             tx.put_meta("pruned_at", repr(now))
             return True
 
-        if not self._transact(claim):
-            return None
-        return self.prune(PRUNE_BATCH)
+        if not self._prune_steps:
+            if not self._transact(claim):
+                return None
+            self._prune_steps = self._prune_plan()
+            if not self._prune_steps:
+                return Pruned(0, 0, 0)
+        return self._prune_step(self._prune_steps)

@@ -346,8 +346,20 @@ class PostgresTransaction:
     def history_paths(self) -> list[str]:
         return [r[0] for r in self._all("SELECT DISTINCT path FROM cv_versions WHERE volume = %s AND NOT pruned")]
 
-    def viewed(self, path: str) -> set[int]:
-        return {r[0] for r in self._all("SELECT version FROM cv_views WHERE volume = %s AND path = %s", path)}
+    def retained(self, path: str) -> list[Version]:
+        rows = self._all(
+            f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s AND NOT pruned "
+            "AND hash IS NOT NULL ORDER BY version",
+            path,
+        )
+        return [_version(row) for row in rows]
+
+    def viewers(self, path: str) -> dict[str, int]:
+        return dict(self._all("SELECT agent, version FROM cv_views WHERE volume = %s AND path = %s", path))
+
+    def last_view(self, agent: str) -> float | None:
+        row = self._one("SELECT max(read_at) FROM cv_views WHERE volume = %s AND agent = %s", agent)
+        return None if row is None or row[0] is None else float(row[0])
 
     def prune(self, path: str, version: int) -> None:
         self._do("UPDATE cv_versions SET pruned = true WHERE volume = %s AND path = %s AND version = %s", path, version)
@@ -541,6 +553,14 @@ class PostgresTransaction:
 
     def drop_view(self, agent: str, path: str) -> None:
         self._do("DELETE FROM cv_views WHERE volume = %s AND agent = %s AND path = %s", agent, path)
+
+    def drop_views(self, agent: str) -> int:
+        row = self._one(
+            "WITH gone AS (DELETE FROM cv_views WHERE volume = %s AND agent = %s RETURNING 1) "
+            "SELECT count(*) FROM gone",
+            agent,
+        )
+        return int(row[0]) if row else 0
 
     def read_set(self, agent: str) -> dict[str, int]:
         return {

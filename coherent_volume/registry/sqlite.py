@@ -269,8 +269,19 @@ class SQLiteTransaction:
     def history_paths(self) -> list[str]:
         return [row[0] for row in self._c.execute("SELECT DISTINCT path FROM versions WHERE pruned = 0")]
 
-    def viewed(self, path: str) -> set[int]:
-        return {row[0] for row in self._c.execute("SELECT version FROM views WHERE path = ?", (path,))}
+    def retained(self, path: str) -> list[Version]:
+        rows = self._c.execute(
+            f"SELECT {_VERSION_COLS} FROM versions WHERE path = ? AND pruned = 0 AND hash IS NOT NULL ORDER BY version",
+            (path,),
+        )
+        return [_version(row) for row in rows]
+
+    def viewers(self, path: str) -> dict[str, int]:
+        return dict(self._c.execute("SELECT agent, version FROM views WHERE path = ?", (path,)).fetchall())
+
+    def last_view(self, agent: str) -> float | None:
+        row = self._c.execute("SELECT max(read_at) FROM views WHERE agent = ?", (agent,)).fetchone()
+        return None if row[0] is None else float(row[0])
 
     def prune(self, path: str, version: int) -> None:
         self._c.execute("UPDATE versions SET pruned = 1 WHERE path = ? AND version = ?", (path, version))
@@ -348,6 +359,9 @@ class SQLiteTransaction:
 
     def drop_view(self, agent: str, path: str) -> None:
         self._c.execute("DELETE FROM views WHERE agent = ? AND path = ?", (agent, path))
+
+    def drop_views(self, agent: str) -> int:
+        return self._c.execute("DELETE FROM views WHERE agent = ?", (agent,)).rowcount
 
     def read_set(self, agent: str) -> dict[str, int]:
         return dict(self._c.execute("SELECT path, version FROM views WHERE agent = ?", (agent,)))
