@@ -14,11 +14,13 @@ the names of its managed files are kept, so a directory renamed away (even to a 
 reaches) reports each managed file it held as gone.
 
 Run by the daemon as `python -I -m fusefs.watch_process ROOT MOUNTPOINT GLOB...` (the mountpoint
-only names the process). Writes to stdout one record per changed path: `C` (changed) or `G` (its
-name disappeared), the path relative to ROOT, NUL; and `R` NUL once the watches are in place. If
-the kernel drops events (its queue overflowed), the watches are rebuilt and every entry in reach is
-reported, each managed file that went away as gone. Exits when its stdin reaches end of file,
-which happens however the daemon ends (even kill -9), so it never outlives the mount.
+names the process, and the mount whose connection `_guard` aborts). Writes to stdout one record
+per changed path: `C` (changed) or `G` (its name disappeared), the path relative to ROOT, NUL;
+and `R` NUL once the watches are in place. If the kernel drops events (its queue overflowed), the
+watches are rebuilt and every entry in reach is reported, each managed file that went away as gone.
+Exits when its stdin reaches end of file, which happens however the daemon ends (even kill -9), so
+it never outlives the mount; and once the daemon's main thread is gone while a thread of it stuck
+in the kernel holds the mount open, it aborts the mount's connection first (`fusefs.abort`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ import time
 
 from coherent_volume.errors import InvalidPath
 from coherent_volume.globs import STAGED, ManagedGlobs
+from coherent_volume.mounts import device_of
 from coherent_volume.paths import VolumePaths, is_registry_path
+
+from .abort import abort, main_thread_gone
 
 BATCH_DELAY = 0.01
 """Seconds to gather events before sending them: a burst of writes costs one record per path."""
+GUARD_EVERY = 1.0
+"""Seconds between looks at whether the daemon's main thread is gone (`_guard`)."""
 
 IN_CLOSE_WRITE = 0x8
 IN_MOVED_FROM = 0x40
@@ -224,7 +231,25 @@ def _send(data: bytes) -> None:
         os._exit(0)
 
 
-def main(root: str, globs: ManagedGlobs) -> None:
+def _guard(daemon: int, device: str | None, mountpoint: str) -> None:
+    """Exit if the daemon's main thread is gone: its stdin stays open only while a thread of it is
+    stuck in the kernel, holding the mount open too, and the mount's callers wait for answers that
+    never come; its connection is aborted first, so they fail ENOTCONN as on any dead mount."""
+    if not main_thread_gone(daemon):
+        return
+    done = abort(device) if device is not None else "found no connection of it"
+    print(
+        f"coherent-volume: the mount daemon (pid {daemon}) of {mountpoint} died while a thread of it was stuck in "
+        f"the kernel, holding the mount open: {done}, so calls on the mount fail ENOTCONN instead of waiting; "
+        f"unmount it with `fusermount3 -u {mountpoint}` (or mount the volume there again)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(0)
+
+
+def main(root: str, mountpoint: str, globs: ManagedGlobs) -> None:
+    daemon, device = os.getppid(), device_of(mountpoint)
     tree = Tree(root, globs)
     _send(b"R\0")
     poller = select.poll()
@@ -232,8 +257,10 @@ def main(root: str, globs: ManagedGlobs) -> None:
     watched = tree.fd
     poller.register(watched, select.POLLIN)
     due: float | None = None
+    guard_at = time.monotonic() + GUARD_EVERY
     while True:
-        timeout = None if due is None else max(0.0, due - time.monotonic()) * 1000
+        until = guard_at if due is None else min(due, guard_at)
+        timeout = max(0.0, until - time.monotonic()) * 1000
         for fd, _ in poller.poll(timeout):
             if fd == 0:
                 if not os.read(0, 4096):  # the daemon is gone
@@ -249,7 +276,10 @@ def main(root: str, globs: ManagedGlobs) -> None:
         if due is not None and time.monotonic() >= due:
             _send(encode(tree.drain()))
             due = None
+        if time.monotonic() >= guard_at:
+            _guard(daemon, device, mountpoint)
+            guard_at = time.monotonic() + GUARD_EVERY
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], ManagedGlobs.of(sys.argv[3:]))
+    main(sys.argv[1], sys.argv[2], ManagedGlobs.of(sys.argv[3:]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from coherent_volume import CoherentVolume
 from coherent_volume.fingerprint import content_hash
 
-from .harness.mounts import Mount, daemon_pids
+from .harness.mounts import Mount, daemon_pids, dead_errno
 
 
 def both(m: Mount, tmp_path: Path, code: str) -> tuple[str, str]:
@@ -587,6 +588,59 @@ VolumeCore.commit = _held
         assert not (m.path / "plans/g.md").exists()
         left = [name for name in _open_files(daemon) if name.startswith(f"{m.root}/plans/g.md")]
         assert left == [], f"the daemon still holds the deleted file: {left}"
+
+
+def test_a_daemon_killed_while_a_thread_of_it_waits_in_the_kernel_leaves_a_dead_mount_not_a_hung_one(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon holds a lookup unanswered (its directory's lock held by the caller) while it drops
+    a cached name in that directory, which waits for that lock in the kernel, where no signal reaches
+    it; then it is killed with SIGKILL. That thread keeps the daemon's connection open, so the
+    lookup would wait forever; the watcher process aborts the connection: the lookup fails
+    (ECONNABORTED), the daemon's last thread ends, and the mount is dead (ENOTCONN) as that of any
+    killed daemon."""
+    patch = f"""
+import trio
+from fusefs import operations
+_lookup = operations.CoherentOperations.lookup
+async def _held(self, parent_inode, name, ctx):
+    if name == b"hold.md":
+        trio.lowlevel.spawn_system_task(operations._forget_entry, parent_inode, b"other.md")
+        open({str(tmp_path / "holding")!r}, "w").close()
+        await trio.sleep(3600)
+    return await _lookup(self, parent_inode, name, ctx)
+operations.CoherentOperations.lookup = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, _):
+        [daemon] = daemon_pids(m.path)
+        looking = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import os\ntry:\n    os.stat('plans/hold.md')\nexcept OSError as e:\n    print(e.errno)",
+            ],
+            cwd=m.path,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for((tmp_path / "holding").exists, "the lookup to reach the daemon")
+            stuck = lambda: any(  # noqa: E731
+                Path(task, "wchan").read_text() == "fuse_reverse_inval_entry"
+                for task in Path(f"/proc/{daemon}/task").iterdir()
+            )
+            _wait_for(stuck, "the daemon's notification to wait for the directory's lock")
+            os.kill(daemon, signal.SIGKILL)
+            out, _ = looking.communicate(timeout=30)
+            assert out.split() == [str(errno.ECONNABORTED)]  # (a call the daemon died during)
+            _wait_for(lambda: not Path(f"/proc/{daemon}").exists(), "the daemon's last thread to end")
+            assert dead_errno(m.path) == errno.ENOTCONN
+        finally:
+            if looking.poll() is None:  # hung: end it as the watcher should have (`umount -f` does too)
+                subprocess.run(["umount", "-f", str(m.path)], capture_output=True, check=False)
+                looking.kill()
+            looking.wait()
+    assert "died while a thread of it was stuck in the kernel" in m.log.read_text()
 
 
 TRUNCATE_THEN_LOOK = """
