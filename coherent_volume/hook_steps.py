@@ -95,7 +95,10 @@ def opened(root: str) -> Iterator[VolumeCore]:
 def _resolve(core: VolumeCore, rel: str) -> Target | None:
     """The target at `rel` if writes to it are the volume's business (managed, or an alias of an
     unmanaged path); None for an unmanaged path or a symlink out of the volume. The registry's own
-    directory, however spelled (`./.coherent`, through a symlink or a `..`), raises OutsideVolume."""
+    directory, however spelled (`./.coherent`, through a symlink or a `..`), raises OutsideVolume.
+    A trailing `/` names the entry without it: a directory the command writes into or makes
+    (`cp -r src build/`), or, on anything else, the very file a system call will refuse ENOTDIR."""
+    rel = rel.rstrip("/") or rel
     try:
         target = core.resolve(rel)
     except OutsideVolume:

@@ -404,3 +404,20 @@ def test_a_volume_moved_inside_another_is_refused_by_every_face(root: Path, tmp_
         reason = _denial(r.stdout)
         assert reason is not None and "volumes do not nest" in reason, (name, r.stdout, r.stderr)
     assert (root / "sub/x.md").read_text() == "alice's notes\n"
+
+
+def test_a_directory_named_with_a_trailing_slash_that_does_not_exist_yet_is_no_failed_check(root: Path) -> None:
+    """`cp -r src build/` and `mv notes.txt newdir/` write into a directory the command makes or
+    finds: the check names it without its `/` (it was denied as a check that failed, saying to retry,
+    which never helped); a managed file named with a trailing `/` is still checked."""
+    (root / "src").mkdir()
+    (root / "src/x.py").write_text("x\n")
+    (root / "notes.txt").write_text("n\n")
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    for command in ("cp -r src build/", "cp src/x.py out/", "mv notes.txt newdir/"):
+        r, _ = timed_hook("codex", _codex_bash(root, "slash-dir", f"/dev/null; {command}"))
+        assert _denial(r.stdout) is None, (command, r.stdout, r.stderr)
+    r, _ = timed_hook("codex", _codex_bash(root, "slash-file", f"{root}/{P}/"))
+    reason = _denial(r.stdout)
+    assert reason is not None and "(unread)" in reason and P in reason, (r.stdout, r.stderr)
