@@ -158,7 +158,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     answer = Answer()
     if progress.write_check:
         refused = partial(_refused, event, progress) if tool in MERGING_TOOLS else None
-        denial = hook_steps.begin_writes(actor, [(path, "write")], progress, FACE, refused)
+        denial = hook_steps.begin_writes(actor, [(path, "write")], progress, FACE, refused, hooks.tool_call(event))
         if denial is not None:
             return denial
     elif name == "PostToolUse" and tool == "Read":
@@ -167,10 +167,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return answer  # the model was shown nothing that can be checked: no view
         hook_steps.observe(actor, path, shown, progress)
     elif name == "PostToolUse" and tool in WRITE_TOOLS:
-        told = hook_steps.end_writes(actor, [(path, "write")], progress, record=True)
+        told = hook_steps.end_writes(actor, [(path, "write")], progress, record=True, tool=hooks.tool_call(event))
         answer = _tell_model("\n\n".join(told)) if told else answer
     elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:
-        hook_steps.end_writes(actor, [(path, "write")], progress, record=False)
+        hook_steps.end_writes(actor, [(path, "write")], progress, record=False, tool=hooks.tool_call(event))
         return answer
     else:
         return answer

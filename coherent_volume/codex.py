@@ -18,11 +18,13 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
   version they fit, merged three-way): committed by the hook where Codex applies patches without
   asking (MERGE_MODES), else shown; the patch is denied;
 - PreToolUse `Bash` does the same for writes `shell_writes` recognises (they need a view a
-  patch registered: a file never patched is refused `unread`). A `Bash` command that runs
+  patch registered: a file never patched is refused `unread`), its refusals worded for a shell
+  command (`SHELL_REMEDIES`). A `Bash` command that runs
   `apply_patch` is applied by Codex itself with no `apply_patch` event: `shell_writes` refuses it
   in a volume, so a patch is checked only as the apply_patch tool;
 - SessionStart binds the session's process (on a mount, what it does is the session's);
-  PostToolUse records the session's commits and releases the grants (after a `Bash` command,
+  PostToolUse records the commits its call (`tool_use_id`) claimed and releases the grants no
+  other running call claims (after a `Bash` command,
   also the deletions of files its words no longer name, `hook_steps.end_deletions`); Stop (the end of a turn)
   releases the grants the session still holds (a patch the user rejected took one);
   UserPromptSubmit and allowed tool calls tell the model (`additionalContext`) which files it
@@ -76,7 +78,34 @@ REMEDIES: dict[Reason, str] = {
     "read-set": "Files this change builds on have changed since you saw them ({changed}). Print them again, "
     "then redo your change.",
 }
-"""What the model is told to do, per refusal reason, for Codex's tools."""
+"""What the model is told to do, per refusal reason, for an apply_patch patch."""
+
+_NO_READS = (
+    "Codex tells coherent-volume of no read, only of patches, so a view of a file is what a patch of yours showed "
+    "of it."
+)
+SHELL_REMEDIES: dict[Reason, str] = {
+    **REMEDIES,
+    "stale": (
+        "This command would change the file over a version you have not seen: it changed since your last patch of "
+        f"it. {_NO_READS} {_SHOW} make your change with apply_patch from it (`*** Update File:` with context lines "
+        "from that content); once a patch of yours fits its current content, shell commands may change it again."
+    ),
+    "unread": (
+        "coherent-volume has no evidence that you saw the file's current content, which this command changes or "
+        f"removes: no patch of yours in this session fits it. {_NO_READS} {_SHOW} make your change with apply_patch "
+        "(`*** Update File:` with context lines from that content); once a patch of yours fits its current content, "
+        "shell commands may change it. To delete or replace a file you have not updated in this session, ask the "
+        "user."
+    ),
+    "fenced": (
+        "Your write grant on this file was reclaimed (it expired or its process ended), so your writes to it are "
+        f"held back until a patch of yours shows you saw it again. {_SHOW} make your change with apply_patch from "
+        "it."
+    ),
+}
+"""What the model is told to do, per refusal reason, for a shell command (`Bash`): no patch is
+involved, and printing a file gives no view (Codex has no read hook), a patch does."""
 
 
 @dataclass
@@ -263,7 +292,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     shell = None
     if name == "PreToolUse" and event.get("tool_name") == SHELL_TOOL and command is not None:
         shell = command, cwd if isinstance(cwd, str) else "."
-    found = hook_steps.planned(progress, FACE, name == "PreToolUse", shell, lambda: _writes(event, patches))
+    face = SHELL_FACE if event.get("tool_name") == SHELL_TOOL else FACE
+    found = hook_steps.planned(progress, face, name == "PreToolUse", shell, lambda: _writes(event, patches))
     if isinstance(found, Answer):
         return found
     writes, updates = found, _updates(patches)
@@ -274,7 +304,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             hook_steps.observe(actor, patch.path, partial(fits, hunks=patch.hunks), earlier=EARLIER_VERSIONS)
         merging = event.get("tool_name") == PATCH_TOOL
         refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
-        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused)
+        denial = hook_steps.begin_writes(actor, writes, progress, face, refused, hooks.tool_call(event))
         if denial is not None:
             return denial
     if name in ("PreToolUse", "UserPromptSubmit"):
@@ -282,9 +312,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         warning = stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE)
         return hooks.with_context(Answer(), name, [warning])
     if name == "PostToolUse":
-        told = hook_steps.end_writes(actor, writes, progress, record=True) if writes else []
+        call = hooks.tool_call(event)
+        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call) if writes else []
         if event.get("tool_name") == SHELL_TOOL:
-            told += hook_steps.end_deletions(actor, places, record=True)
+            told += hook_steps.end_deletions(actor, places, record=True, tool=call)
         return hooks.with_context(Answer(), name, told)
     if name == "SessionStart":
         hook_steps.start_session(actor, places)
@@ -358,3 +389,6 @@ FACE = Face(
     reread_one="Print the file again (for example `cat` it) and build your next patch on what it holds now",
 )
 """The Codex CLI face: `coherent-volume hook codex` runs `FACE.run`; `install` writes .codex/hooks.json."""
+
+SHELL_FACE = replace(FACE, remedies=SHELL_REMEDIES)
+"""The Codex face as it answers a `Bash` command: its refusals say what to do about a shell command."""

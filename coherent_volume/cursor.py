@@ -110,7 +110,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if name in WRITE_CHECKS:
         merging = name == "preToolUse" and event.get("tool_name") in MERGING_TOOLS
         refused = partial(_refused, event, progress) if merging else None
-        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused)
+        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused, hooks.tool_call(event))
         if denial is not None:
             return denial
         progress.decide(_permission("allow"), hooks.WARN_BUDGET)
@@ -122,12 +122,13 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             hook_steps.observe(actor, path, partial(hook_steps.shows, text=content, whole=True), progress)
         return _permission("allow")
     if name in ("postToolUse", "afterShellExecution") and (writes or name == "afterShellExecution"):
-        told = hook_steps.end_writes(actor, writes, progress, record=True) if writes else []
+        call = hooks.tool_call(event)
+        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call) if writes else []
         if name == "afterShellExecution":
-            told += hook_steps.end_deletions(actor, places, record=True)
+            told += hook_steps.end_deletions(actor, places, record=True, tool=call)
         return Answer(0, json.dumps({"additional_context": "\n\n".join(told)})) if told else Answer()
     if name == "postToolUseFailure" and writes:
-        hook_steps.end_writes(actor, writes, progress, record=False)
+        hook_steps.end_writes(actor, writes, progress, record=False, tool=hooks.tool_call(event))
     elif name == "sessionStart":
         hook_steps.start_session(actor, places)
     elif name == "sessionEnd":

@@ -5,7 +5,9 @@ check (removing a symlink aside: `unlinks_link`). A session works in the volume 
 directory and in each volume its hooks bound it in (`record_volume`): its session events touch
 those and no other. The session's note (a file of the user's) holds those volumes, its live
 processes (so it outlives the end of any one of them, `end_process`) and the writes each process
-claimed before a tool (`note_claims`), which the hook after it records and no others."""
+claimed before a tool, each as its tool call's (`note_claims`), which the hook after that call
+records and no others, releasing a grant only once no call that claimed it is still running
+(`taking_claims`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -222,61 +226,117 @@ class Claim(NamedTuple):
     agent: str
     """The agent that holds the grant (its writer there)."""
     kind: HandleKind
+    tool: str | None
+    """The tool call it was taken for, where the agent's events name one (`tool_use_id`); else None."""
 
 
 def _claim(entry: object, process: list[object]) -> Claim | None:
     """The claim a note's entry is, if it is one of `process`'s."""
     if not _ours(entry, process) or not isinstance(entry, dict):
         return None
-    fields = entry.get("claim")
+    fields, tool = entry.get("claim"), entry.get("tool")
     if not isinstance(fields, list) or len(fields) != 5 or not all(isinstance(f, str) for f in fields):
         return None
+    if tool is not None and not isinstance(tool, str):
+        return None
     path, root, rel, agent, kind = fields
-    return Claim(path, root, rel, agent, "append" if kind == "append" else "write")
+    return Claim(path, root, rel, agent, "append" if kind == "append" else "write", tool)
+
+
+def _entry(claim: Claim, process: list[object]) -> dict[str, object]:
+    return {"claim": list(claim[:5]), "tool": claim.tool, "process": process}
 
 
 def note_claims(session: str, process: ProcessId, claims: Iterable[Claim]) -> None:
-    """Note the claims `process` took for a tool (`Claim`), so the hook after that tool records the
-    writes they name and no others (`take_claims`), even once their grants lapsed. Where the note
-    cannot be kept, the tool's writes are not recorded as the session's (the volume sees them as a
-    change by `external` at its next access) and their grants end at their TTL."""
-    new = [{"claim": list(claim), "process": _process(process)} for claim in claims]
+    """Note the claims `process` takes for one tool call (`Claim`, each path once), before their
+    grants are taken, so the hook after that call records the writes they name and no others
+    (`taking_claims`), even once their grants lapsed, and no other call's end releases a grant
+    this one relies on. A claim of a call without an id is noted again for each call that makes
+    it: a path two such calls claim counts twice. Where the note cannot be kept, the tool's
+    writes are not recorded as the session's (the volume sees them as a change by `external` at
+    its next access) and their grants end at the end of the turn or their TTL."""
+    mine, now = _process(process), time.time()
+    new = [_entry(claim, mine) for claim in dict.fromkeys(claims)]
+
+    def add(entries: list[object]) -> list[object]:
+        there = [{k: v for k, v in e.items() if k != "at"} for e in entries if isinstance(e, dict)]
+        return entries + [{**e, "at": now} for e in new if e["tool"] is None or e not in there]
+
     if new:
-        _change_note(session, lambda entries: entries + [entry for entry in new if entry not in entries])
+        _change_note(session, add)
 
 
-def take_claims(session: str, process: ProcessId, paths: Iterable[str]) -> list[Claim]:
-    """The claims `process` noted for the paths an event names (as it names them), dropped from
-    the note: the tool they were taken for has run."""
-    mine, named = _process(process), set(paths)
-    taken: list[Claim] = []
-
-    def take(entries: list[object]) -> list[object] | None:
-        kept = []
-        for entry in entries:
-            claim = _claim(entry, mine)
-            if claim is not None and claim.path in named:
-                taken.append(claim)
-            else:
-                kept.append(entry)
-        return kept if taken else None
-
-    if any((c := _claim(entry, mine)) is not None and c.path in named for entry in _noted(session)):
-        _change_note(session, take)
-    return taken
+def of_call(claims: list[Claim], tool: str | None, key: Callable[[Claim], object]) -> list[Claim]:
+    """The claims among `claims` (a process's) that the tool call `tool` made, for which `key` is
+    not None: every one with that id; for a call without an id, which cannot be told from another
+    such call, one per key."""
+    mine = [claim for claim in claims if claim.tool == tool and key(claim) is not None]
+    if tool is not None:
+        return mine
+    return list({key(claim): claim for claim in mine}.values())
 
 
-def drop_claims(session: str, process: ProcessId, on: tuple[str, str] | None = None) -> None:
-    """Drop the claims `process` noted: those on `on` (volume root, managed path), else all (its
-    grants were released: the end of a turn)."""
+@contextmanager
+def taking_claims(
+    session: str, process: ProcessId, pick: Callable[[list[Claim]], list[Claim]], fresh: float
+) -> Iterator[tuple[list[Claim], set[tuple[str, str]]]]:
+    """Take the claims `pick` chooses among `process`'s out of the session's note (each chosen one
+    once, the newest noted of equal ones), which stays locked (flock) until the block ends, so no
+    other hook of the session notes or takes a claim meanwhile: a grant the block releases is one
+    no claim names (a tool's start notes its claim before it takes its grant, `note_claims`).
+    Yields the claims taken and the (volume root, managed path) pairs that claims of the process
+    left in the note, noted within the last `fresh` seconds (a grant's TTL: an older one's grant
+    lapsed anyway, so a tool that never ended, whose call the user rejected, holds nothing back),
+    still name: their grants stay. The note is rewritten when the block ends without an error.
+    Where the note cannot be read, nothing is taken and nothing is named."""
+    at = session_file("volumes", session)
+    fd: int | None = None
+    entries: list[object] = []
+    try:
+        if at is not None:
+            fd = os.open(at, os.O_RDWR | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while the block releases the grants of what it took
+            entries = _lines(os.pread(fd, os.fstat(fd).st_size, 0))
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    if fd is None:
+        yield [], set()
+        return
+    try:
+        mine, since = _process(process), time.time() - fresh
+        left = [(i, claim) for i, entry in enumerate(entries) if (claim := _claim(entry, mine)) is not None]
+        owned = {i for i, _ in left}
+        taken: list[Claim] = []
+        for chosen in pick([claim for _, claim in left]):
+            found = next((n for n in reversed(range(len(left))) if left[n][1] == chosen), None)
+            if found is not None:
+                taken.append(left.pop(found)[1])
+        yield taken, {(claim.root, claim.rel) for i, claim in left if _noted_at(entries[i]) > since}
+        if taken:
+            gone = owned - {i for i, _ in left}
+            data = b"".join(json.dumps(e).encode() + b"\n" for i, e in enumerate(entries) if i not in gone)
+            try:
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            except OSError:
+                pass  # the taken claims stay noted: their grants stay until the end of the turn or their TTL
+    finally:
+        os.close(fd)
+
+
+def _noted_at(entry: object) -> float:
+    """When a claim's entry was noted (0 if it does not say)."""
+    at = entry.get("at") if isinstance(entry, dict) else None
+    return float(at) if isinstance(at, int | float) else 0.0
+
+
+def drop_claims(session: str, process: ProcessId) -> None:
+    """Drop every claim `process` noted (its grants were released: the end of a turn)."""
     mine = _process(process)
-
-    def dropped(entry: object) -> bool:
-        claim = _claim(entry, mine)
-        return claim is not None and (on is None or (claim.root, claim.rel) == on)
-
-    if any(dropped(entry) for entry in _noted(session)):
-        _change_note(session, lambda entries: [entry for entry in entries if not dropped(entry)])
+    if any(_claim(entry, mine) is not None for entry in _noted(session)):
+        _change_note(session, lambda entries: [entry for entry in entries if _claim(entry, mine) is None])
 
 
 def end_process(session: str, process: ProcessId) -> None:

@@ -14,9 +14,11 @@ Invariants:
 - a view is registered only by `core.observe` (or, for an older version an edit shows the model
   saw, `core.note_read`), at the version whose content matches what the model was shown;
 - a write grant is taken with its check in one commit-locked step (`core.begin_write`), for every
-  managed path of an event or for none, and noted as the process's claim; a hook releases only a
-  grant a hook took for the same agent and process (`release_hook_grant`), and the end of a tool
-  records only what its process claimed (`end_writes`);
+  managed path of an event or for none, after it is noted as the claim of the tool call (its id
+  where the agent gives one; `hook_paths.note_claims`); a hook releases only a grant a hook took
+  for the same agent and process (`release_hook_grant`) and no other call of the process that
+  has not ended claims (two tools at once on one file: the grant stays until the last one's end),
+  and the end of a tool records only what its call claimed (`end_writes`);
 - a session's events (start, end, end of a turn, warnings) touch only the volumes it works in
   (`hook_paths.session_volumes`): a binding is noted before it is made (`_joined`), so a volume a
   session holds anything in is one its end reaches, wherever the note can be kept.
@@ -48,9 +50,10 @@ from .hook_paths import (
     end_process,
     located,
     note_claims,
+    of_call,
     record_volume,
     session_volumes,
-    take_claims,
+    taking_claims,
 )
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
@@ -277,28 +280,45 @@ def release_hook_grant(core: VolumeCore, agent: str, target: Target, owner: Proc
 
 
 def begin_writes(
-    actor: Actor, writes: Writes, progress: Progress, face: Face, refused: Refused | None = None
+    actor: Actor,
+    writes: Writes,
+    progress: Progress,
+    face: Face,
+    refused: Refused | None = None,
+    tool: str | None = None,
 ) -> Answer | None:
-    """Check and take the actor's write grant on every managed path of `writes`, all or none: None
-    when every grant was taken (or nothing is managed); else, with the grants taken so far
-    released, the denial (`refused` answers a refusal of the check, `denied` by default)."""
+    """Check and take the actor's write grant on every managed path of `writes`, all or none, for
+    the tool call `tool` (its id, where the agent's events give one): None when every grant was
+    taken (or nothing is managed); else, with this call's claims dropped and the grants it took
+    released (those no other call of the process claims), the denial (`refused` answers a
+    refusal of the check, `denied` by default). Each claim is noted before its grant is taken
+    (`hook_paths.note_claims`), so no other call's end releases a grant this call relies on."""
     taken: list[tuple[VolumeCore, str, Target]] = []
-    claims: list[Claim] = []
+    noted: list[Claim] = []
 
     def release_taken() -> None:
-        for core, agent, target in taken:
-            release_hook_grant(core, agent, target, actor.process)
+        with taking_claims(actor.session, actor.process, lambda _: noted, hooks.HOOK_GRANT_TTL) as (_, held):
+            for core, agent, target in taken:
+                if (core.paths.root, target.rel) not in held:
+                    release_hook_grant(core, agent, target, actor.process)
 
     try:
         with _managed(writes, progress) as volumes:
             for volume in volumes:
                 core = volume.core
                 writer = _joined(core, actor).on(volume.mounted)
-                for target, kind, paths in volume.targets:
-                    if target.alias_of is not None:
-                        release_taken()
-                        text = f"coherent-volume refused this write: {UnprotectedAlias(target.alias_of, target.rel)}."
-                        return face.deny(text, target.rel)
+                alias = next(((t.alias_of, t.rel) for t, _, _ in volume.targets if t.alias_of is not None), None)
+                if alias is not None:
+                    release_taken()
+                    return face.deny(f"coherent-volume refused this write: {UnprotectedAlias(*alias)}.", alias[1])
+                claims = [
+                    Claim(path, core.paths.root, target.rel, writer, kind, tool)
+                    for target, kind, paths in volume.targets
+                    for path in paths
+                ]
+                note_claims(actor.session, actor.process, claims)
+                noted += dict.fromkeys(claims)
+                for target, kind, _ in volume.targets:
                     try:  # check and grant in one commit-locked step: nobody else passes until released
                         core.begin_write(writer, target, actor.process, kind=kind, ttl=hooks.HOOK_GRANT_TTL)
                     except StaleWriteError as refusal:
@@ -307,7 +327,6 @@ def begin_writes(
                             return refused(core, target, writer, refusal)
                         return denied(core, refusal, progress, face)
                     taken.append((core, writer, target))
-                    claims += [Claim(path, core.paths.root, target.rel, writer, kind) for path in paths]
     except OutsideVolume as registry:  # a path in a volume's registry (`_resolve`)
         release_taken()
         text = (
@@ -315,39 +334,49 @@ def begin_writes(
             "(its `.coherent` directory): leave it out of the command."
         )
         return face.deny(text, progress.path)
-    note_claims(actor.session, actor.process, claims)
     return None
 
 
-def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool) -> list[str]:
-    """After a tool ran: the writes its start claimed for the paths of `writes` (`begin_writes`,
-    `hook_paths.take_claims`), each the file it resolved to then, and no others (a path the tool's
-    own symlink leads elsewhere now was never checked there, so what it holds gives the session no
-    view). With `record`, each claimed whole-content write (kind "write") is recorded as the
-    claiming agent's commit (`adopt`; an append leaves its view alone); then its grant is released.
-    Returns what the model must be told: writes that went over a version it had not seen (its grant
-    had lapsed), which `adopt` logged as clobbers."""
+def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool, tool: str | None = None) -> list[str]:
+    """After the tool call `tool` ran: the writes its start claimed for the paths of `writes`
+    (`begin_writes`, `hook_paths.taking_claims`), each the file it resolved to then, and no others
+    (a path the tool's own symlink leads elsewhere now was never checked there, so what it holds
+    gives the session no view). With `record`, each claimed whole-content write (kind "write") is
+    recorded as the claiming agent's commit (`adopt`; an append leaves its view alone); then its
+    grant is released unless another call of the process that has not ended claims the file too
+    (two tools run at once: the grant stays until the last one's end). Returns what the model must
+    be told: writes that went over a version it had not seen (its grant had lapsed), which
+    `adopt` logged as clobbers."""
     told: list[str] = []
-    claims = {(c.root, c.rel): c for c in take_claims(actor.session, actor.process, [path for path, _ in writes])}
-    progress.path = next((c.path for c in claims.values()), progress.path)
-    for root in sorted({root for root, _ in claims}):
-        with opened(root) as core:
-            for claim in (c for c in claims.values() if c.root == root):
-                validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
-                target = core.paths.of_rel(claim.rel)
-                if record and claim.kind == "write":
-                    told += _recorded(core, claim.agent, target)
-                release_hook_grant(core, claim.agent, target, actor.process)
+    named = {path for path, _ in writes}
+
+    def pick(claims: list[Claim]) -> list[Claim]:
+        return of_call(claims, tool, lambda claim: claim.path if claim.path in named else None)
+
+    with taking_claims(actor.session, actor.process, pick, hooks.HOOK_GRANT_TTL) as (taken, held):
+        claims = {(c.root, c.rel): c for c in taken}
+        progress.path = next((c.path for c in claims.values()), progress.path)
+        for root in sorted({root for root, _ in claims}):
+            with opened(root) as core:
+                for claim in (c for c in claims.values() if c.root == root):
+                    validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
+                    target = core.paths.of_rel(claim.rel)
+                    if record and claim.kind == "write":
+                        told += _recorded(core, claim.agent, target)
+                    if (claim.root, claim.rel) not in held:
+                        release_hook_grant(core, claim.agent, target, actor.process)
     return told
 
 
-def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool) -> list[str]:
-    """After a shell command ran: each managed file on which the actor's process holds a hook's
-    grant (`begin_writes`), in the volumes the session works in (`hook_paths.session_volumes`),
-    that its volume holds and the disk no longer does, the command deleted where its words name it
-    no more once it ran (`find -delete`, `rm -r DIR`, a directory moved away): with `record`, it is
-    recorded as the deletion of the agent that holds the grant (`adopt`), and the grant released.
-    Returns what the model must be told, as `end_writes` does."""
+def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, tool: str | None = None) -> list[str]:
+    """After the shell command of the tool call `tool` ran: each managed file on which the actor's
+    process holds a hook's grant (`begin_writes`), in the volumes the session works in
+    (`hook_paths.session_volumes`), that its volume holds and the disk no longer does, and that no
+    other call of the process that has not ended claims, the command deleted where its words name
+    it no more once it ran (`find -delete`, `rm -r DIR`, a directory moved away): with `record`,
+    it is recorded as the deletion of the agent that holds the grant (`adopt`), the call's claims
+    on it dropped, and the grant released. Returns what the model must be told, as `end_writes`
+    does."""
     told: list[str] = []
     for root in session_volumes(actor.session, places):
         with opened(root) as core:
@@ -359,10 +388,17 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool) -
                 ours = not grant.fences and grant.owner == actor.process
                 if not ours or file is None or not file.present or os.path.lexists(target.abs):
                     continue
-                if record:
-                    told += _recorded(core, grant.agent, target)
-                release_hook_grant(core, grant.agent, target, actor.process)
-                drop_claims(actor.session, actor.process, (core.paths.root, grant.path))
+                on = (core.paths.root, grant.path)
+
+                def pick(claims: list[Claim], on: tuple[str, str] = on) -> list[Claim]:
+                    return of_call(claims, tool, lambda claim: on if (claim.root, claim.rel) == on else None)
+
+                with taking_claims(actor.session, actor.process, pick, hooks.HOOK_GRANT_TTL) as (_, others):
+                    if on in others:
+                        continue
+                    if record:
+                        told += _recorded(core, grant.agent, target)
+                    release_hook_grant(core, grant.agent, target, actor.process)
     return told
 
 

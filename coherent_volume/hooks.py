@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hook_settings
-from .errors import Reason, StaleWriteError
+from .errors import Reason, StaleWriteError, VolumeConfigError
 from .liveness import ProcessId
 from .protocol import agent_name_problem
 
@@ -103,6 +103,14 @@ def agent_name(prefix: str, session: object) -> str | None:
     return f"{prefix}:sha256-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
+def tool_call(event: dict[str, Any]) -> str | None:
+    """The id of the tool call an event is about (`tool_use_id`: Claude Code's, Codex's and Cursor's
+    tool events carry it), if it gives one: the claims a tool's start takes are that call's
+    (`hook_steps.begin_writes`), released at its own end only."""
+    call = event.get("tool_use_id")
+    return call if isinstance(call, str) and call else None
+
+
 def absolute(path: object, base: object) -> str | None:
     """`path` joined to `base` (the agent's working directory) when relative, if it is a path. Only
     joined, never tidied: a `..` after a symlink goes up from where the symlink leads, so which file
@@ -160,12 +168,13 @@ class Face:
         `process` is the agent's process, looked up when not given."""
         return run_hook(stdin, lambda event, progress: self.handle(event, progress, process), self.undecided, budget)
 
-    def undecided(self, event: dict[str, Any], progress: Progress, what: str) -> Answer:
-        """The answer to an event that could not be finished (`what` says why): a write check is
-        denied unless `passes_undecided`; anything else goes ahead with a warning on stderr saying
-        what was left undone."""
+    def undecided(self, event: dict[str, Any], progress: Progress, what: str, lasting: bool = False) -> Answer:
+        """The answer to an event that could not be finished (`what` says why; `lasting` when it is
+        how the volumes are set up, which a retry does not change): a write check is denied unless
+        `passes_undecided`; anything else goes ahead with a warning on stderr saying what was left
+        undone."""
         if not passes_undecided(progress):
-            return self.deny(undecided_text(progress.path, what), progress.path)
+            return self.deny(undecided_text(progress.path, what, lasting), progress.path)
         event_name, path = event.get("hook_event_name"), progress.path or "this file"
         left = f"coherent-volume: {what} ({event_name} for {path}); {UNDONE[self.undone(event)]}"
         return Answer(0, self.goes_ahead(event).stdout, left)
@@ -239,14 +248,23 @@ UNDONE = {
 """What an event a hook could not finish leaves undone, by what the event was about."""
 
 
-def undecided_text(path: str | None, what: str) -> str:
-    """What the model is told when a write could not be checked (`what` says why)."""
+def undecided_text(path: str | None, what: str, lasting: bool = False) -> str:
+    """What the model is told when a write could not be checked (`what` says why): to retry, or,
+    when it is `lasting` (how the volumes are set up: `VolumeConfigError`, such as a volume moved
+    inside another), not to, since only the user can change that."""
     shown = path or "this file"
-    return (
+    refused = (
         f"coherent-volume could not check this write to {shown}: {what}. It refused the write because an unchecked "
-        "write could overwrite another session's work. Retry the write in a few seconds (read the file again first "
-        f"if it may have changed). If it keeps being refused, run `coherent-volume why {shown}` to see what holds "
-        "the volume, and tell the user."
+        "write could overwrite another session's work."
+    )
+    if lasting:
+        return (
+            f"{refused} This is how the volumes are set up, which retrying does not change: do not retry the write; "
+            "tell the user what it says."
+        )
+    return (
+        f"{refused} Retry the write in a few seconds (read the file again first if it may have changed). If it keeps "
+        f"being refused, run `coherent-volume why {shown}` to see what holds the volume, and tell the user."
     )
 
 
@@ -259,13 +277,14 @@ def passes_undecided(progress: Progress) -> bool:
 def run_hook(
     stdin: str,
     handle: Callable[[dict[str, Any], Progress], Answer],
-    undecided: Callable[[dict[str, Any], Progress, str], Answer],
+    undecided: Callable[[dict[str, Any], Progress, str, bool], Answer],
     budget: float = HOOK_BUDGET,
 ) -> Answer:
     """Parse one event and `handle` it within `budget` seconds. Once `handle` decided an answer
     (`Progress.decide`), what follows it gets the decision's patience at most, then the decided
-    answer is given; if the handling fails or overruns undecided, `undecided(event, progress, why)`
-    answers (a face denies a write check unless `passes_undecided`). An event that is not a JSON
+    answer is given; if the handling fails or overruns undecided, `undecided(event, progress, why,
+    lasting)` answers (a face denies a write check unless `passes_undecided`; `lasting` for a
+    failure a retry does not change, a `VolumeConfigError`). An event that is not a JSON
     object names no file: it is answered with a warning only."""
     try:
         event = json.loads(stdin.lstrip("\ufeff"))
@@ -296,14 +315,17 @@ def run_hook(
     if progress.decided is not None:
         return progress.decided
     if failure:
-        return undecided(event, progress, f"the check failed ({type(failure[0]).__name__}: {failure[0]})")
+        what = f"the check failed ({type(failure[0]).__name__}: {failure[0]})"
+        return undecided(event, progress, what, isinstance(failure[0], VolumeConfigError))
     if progress.doing is not None:
-        return undecided(event, progress, f"the check did not finish in time (waited {budget:.1f} s {progress.doing})")
+        what = f"the check did not finish in time (waited {budget:.1f} s {progress.doing})"
+        return undecided(event, progress, what, False)
     return undecided(
         event,
         progress,
         f"the check did not finish in time (waited {budget:.1f} s; the volume's registry is busy: another process "
         "may hold its commit lock)",
+        False,
     )
 
 

@@ -489,7 +489,7 @@ def test_a_failed_tool_releases_the_grant(root: Path, sessions) -> None:
     assert decision(one.hook(event("PreToolUse", "f1", root, "Write", target)))[0] == "allow"
     assert decision(two.hook(event("PreToolUse", "f2", root, "Write", target)))[0] == "deny"
     failed = event("PostToolUseFailure", "f1", root, "Write", target)
-    failed.update(error="EACCES: permission denied", is_interrupt=False, tool_use_id="toolu_1")
+    failed.update(error="EACCES: permission denied", is_interrupt=False)  # the same call: its tool_use_id
     assert one.hook(failed)["code"] == 0
     assert decision(two.hook(event("PreToolUse", "f2", root, "Write", target)))[0] == "allow"
     assert version(root) == 1

@@ -16,6 +16,7 @@ import pytest
 
 from coherent_volume import CoherentVolume, codex
 from coherent_volume.codex import parse_patch
+from coherent_volume.errors import StaleWriteError
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
@@ -427,3 +428,77 @@ def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> 
         3,
         f"codex:{unique('g2')}",
     )
+
+
+def _call(event: dict[str, object], call: str) -> dict[str, object]:
+    """`event` as the tool call `call` sends it (Codex names each call: `tool_use_id`)."""
+    return {**event, "tool_use_id": call}
+
+
+def _foreign_write(root: Path, text: str) -> str:
+    """Another writer with a current view writes the plan: "accepted", or the reason it was refused."""
+    with CoherentVolume(root, agent="other") as other:
+        other.read(P)
+        try:
+            other.write(P, text)
+        except StaleWriteError as refused:
+            return refused.reason
+        return "accepted"
+
+
+def test_two_tools_of_one_session_at_once_keep_the_file_held_until_both_ended(root: Path, sessions) -> None:
+    """Two shell commands of one session run at once on the plan: the first one's end records its
+    write but leaves the session's grant, which the second still relies on, so another writer is
+    refused until the second one ended too; a third call the hook denies (it writes a file the
+    session never saw) releases none of it. Then nothing is held, and no write is `external`."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+        setup.write("plans/other.md", "other\n")
+    one = sessions("two-tools", root)
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
+    first, second = "sed -i s/goal/aim/ plans/plan.md", "cat > plans/plan.md <<'EOF'\nrewritten\nEOF"
+    assert decision(one.hook(_call(one.event("pre_bash", command=first), "call-1")))[0] == "allow"
+    assert decision(one.hook(_call(one.event("pre_bash", command=second), "call-2")))[0] == "allow"
+    third = "sed -i s/x/y/ plans/plan.md plans/other.md"
+    verdict, reason = decision(one.hook(_call(one.event("pre_bash", command=third), "call-3")))
+    assert verdict == "deny" and "plans/other.md (unread)" in reason, reason
+    assert one.run("bash", "-c", first)["code"] == 0
+    assert one.hook(_call(one.event("post_bash", command=first), "call-1"))["code"] == 0
+    assert _foreign_write(root, "the other's change\n") == "held", "the second tool still holds the plan"
+    assert one.run("bash", "-c", second)["code"] == 0
+    post = one.hook(_call(one.event("post_bash", command=second), "call-2"))
+    assert post["code"] == 0 and not post["stdout"], post
+    assert [writer for _, writer in writers(root)[:3]] == [f"codex:{unique('two-tools')}"] * 3
+    assert (root / P).read_text() == "rewritten\n"
+    assert _foreign_write(root, "the other's change\n") == "accepted", "the grant ends with the last tool"
+
+
+def test_a_shell_command_is_told_what_to_do_about_a_shell_command_and_a_patch_about_a_patch(
+    root: Path, sessions
+) -> None:
+    """A `Bash` command refused as unread or stale is told that no patch of the session's fits the
+    file and to make the change with a patch built on what it holds (printing it gives no view: Codex
+    has no read hook), never about a patch it did not write; a patch keeps its own words."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    one = sessions("shell-words", root)
+    patch_words = ("the patch's context lines", "Your patch was written against")
+    for command in (f"rm {P}", f"sed -i s/goal/aim/ {P}"):
+        verdict, reason = decision(one.hook(one.event("pre_bash", command=command)))
+        assert verdict == "deny" and "(unread)" in reason and "this command changes or removes" in reason, reason
+        assert "no patch of yours in this session fits it" in reason and "apply_patch" in reason, reason
+        assert not any(words in reason for words in patch_words), reason
+    verdict, reason = one.apply(update(P, " something", "-the model", "+never saw"), {})
+    assert verdict == "deny" and "the patch's context lines fit no version" in reason, reason
+
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
+    with CoherentVolume(root, agent="other") as other:
+        other.read(P)
+        other.write(P, "goal\nstep A, other\nstep B\n")
+    verdict, reason = decision(one.hook(one.event("pre_bash", command=f"sed -i s/goal/aim/ {P}")))
+    assert verdict == "deny" and "(stale)" in reason and "+step A, other" in reason, reason
+    assert "This command would change the file over a version you have not seen" in reason, reason
+    assert not any(words in reason for words in patch_words), reason
+    verdict, reason = one.apply(update(P, " goal", "-step A, one", "+step A, two"), {})
+    assert verdict == "deny" and "Your patch was written against an earlier version" in reason, reason
+    assert (root / P).read_text() == "goal\nstep A, other\nstep B\n"

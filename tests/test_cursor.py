@@ -124,7 +124,8 @@ def test_unread_held_and_fenced_edits_are_denied_with_what_to_do(root: Path, con
     one.hook(one.event("post_tool_use_failure_write", path=target, content="v2\n"))
     assert permission(two.hook(two.event("pre_tool_use_delete", path=target)))[0] == "allow"
     target.unlink()  # the Delete tool
-    two.hook(two.event("post_tool_use_write", path=target, content=""))
+    deleted = two.event("post_tool_use_write", path=target, content="")
+    two.hook({**deleted, "tool_use_id": EVENTS["pre_tool_use_delete"]["tool_use_id"]})  # the Delete call's end
     with CoherentVolume(root, agent="observer") as v:
         assert [e.kind for e in v.history(P)][0] == "delete" and v.history(P)[0].writer == f"cursor:{unique('u2')}"
 

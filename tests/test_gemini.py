@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, gemini
+from coherent_volume.errors import StaleWriteError
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
@@ -169,6 +170,39 @@ def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
     s.hook(s.event("after_read_many_files", parts=parts))
     other = root / "plans/other.md"
     assert decision(s.hook(s.event("before_write_file", path=other, content="x")))[0] == "allow"
+
+
+def test_two_tools_of_one_session_at_once_keep_the_file_held_until_both_ended(root: Path, sessions) -> None:
+    """Gemini CLI names no tool call in its events: two shell commands of one session at once on the
+    plan each count as a claim of it, so the first one's end leaves the grant the second relies on,
+    and another writer is refused until the second one ended too."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("two-tools", root)
+    s.read(root / P)
+    first, second = f"sed -i s/v1/v2/ {P}", f"cat > {P} <<'EOF'\nrewritten\nEOF"
+    assert decision(s.hook(s.event("before_shell", command=first)))[0] == "allow"
+    assert decision(s.hook(s.event("before_shell", command=second)))[0] == "allow"
+    assert s.run("bash", "-c", first)["code"] == 0
+    assert s.hook(s.event("after_shell", command=first))["code"] == 0
+
+    def foreign_write() -> str:
+        with CoherentVolume(root, agent="other") as other:
+            other.read(P)
+            try:
+                other.write(P, "the other's change\n")
+            except StaleWriteError as refused:
+                return refused.reason
+            return "accepted"
+
+    assert foreign_write() == "held", "the second tool still holds the plan"
+    assert s.run("bash", "-c", second)["code"] == 0
+    after = s.hook(s.event("after_shell", command=second))
+    assert after["code"] == 0 and "went over" not in after["stdout"], after
+    with CoherentVolume(root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)] == [f"gemini:{unique('two-tools')}"] * 2 + ["setup"]
+    assert (root / P).read_text() == "rewritten\n"
+    assert foreign_write() == "accepted", "the grant ends with the last tool"
 
 
 def test_shell_commands_writing_managed_files_are_checked(root: Path, sessions) -> None:

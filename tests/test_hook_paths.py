@@ -389,7 +389,8 @@ def test_a_volume_moved_inside_another_is_refused_by_every_face(root: Path, tmp_
     """Volumes do not nest. A volume made before inside another one (here: moved into it) is never
     opened: not by the API, and not by a hook, which denies a write of a file below it, saying why
     (the outer volume manages `sub/x.md`, which a session that never read it would otherwise write
-    unchecked, since the nearest volume does not manage it)."""
+    unchecked, since the nearest volume does not manage it) and not to retry (only the user can
+    move a volume)."""
     (root / "sub").mkdir()
     with CoherentVolume(root, agent="alice") as alice:
         alice.write("sub/x.md", "alice's notes\n")
@@ -403,6 +404,7 @@ def test_a_volume_moved_inside_another_is_refused_by_every_face(root: Path, tmp_
         r, _ = timed_hook(command, event(root, "nested", str(root / "sub/x.md")))
         reason = _denial(r.stdout)
         assert reason is not None and "volumes do not nest" in reason, (name, r.stdout, r.stderr)
+        assert "Retry" not in reason and "do not retry" in reason, (name, reason)  # a retry changes nothing
     assert (root / "sub/x.md").read_text() == "alice's notes\n"
 
 
