@@ -190,15 +190,18 @@ class UnresolvedShellWrite(CoherenceError, PermissionError):
     a variable, a command substitution, the input of xargs, ...), in a place inside a volume, so
     which file cannot be checked. Nothing was changed."""
 
-    def __init__(self, word: str, why: str, root: str) -> None:
+    def __init__(self, word: str, why: str, root: str, advice: str | None = None) -> None:
         self.word, self.why, self.root = word, why, root
         super().__init__(
             errno.EACCES,
             f"coherent-volume refused this shell command: it writes a file named by `{word}` ({why}), which is "
             f"known only when the command runs, in the volume at {root}, so the hook cannot check that the write "
-            "loses no other session's change. Name the file literally in the command (no variables, command "
-            "substitutions, xargs or find -exec, and `cd` only to a literal directory), or make the change with "
-            "your file-editing tool.",
+            "loses no other session's change. "
+            + (
+                advice
+                or "Name the file literally in the command (no variables, command substitutions, xargs or find "
+                "-exec, and `cd` only to a literal directory), or make the change with your file-editing tool."
+            ),
         )
 
     def __str__(self) -> str:

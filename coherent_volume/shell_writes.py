@@ -20,17 +20,26 @@ inside a word joins it. Recognised writes:
   (`_find_expression`, `_find_reaches`: a test only the file system can decide may be either;
   `-prune` keeps it out of nothing, as `-delete` turns on `-depth`);
 - a hard link (`ln` without `-s`, `cp -l`, `link`) with a managed file, or a file of a volume's
-  registry, at either end: refused (LinkRefused, `refuse_hard_link`, the core's rule);
+  registry, at either end: refused (LinkRefused, `refuse_hard_link`, the core's rule); the files
+  below a directory `cp -l` links are found following symlinks as cp will (`_cp_follows`);
+- `git clean` (but `-n`) and `git stash -u`/`-a`: deletions of files known only when they run
+  (those git does not track or ignores, a registry among them) below the directories they clean
+  (`_git_removes`), refused also where a volume lies below (`Unknown.volumes_below`);
 - `apply_patch` run as a shell command (Codex applies it itself, with no apply_patch hook
   event): a write of files known only when it runs, checked only through the apply_patch tool;
 - a word known only when it runs that may be an option of a command whose options change what it
   writes (`_altering`, `_shell_altering`: `sed "$o"`, `bash "$o" 'script'`), a dd operand that
-  may be `of=` and a sed or awk program with an expansion: a write of any file; for find, a word
-  that may be a test or an action (`_find_altering`: `find plans "$(echo -delete)"`);
-- looked through: the wrappers in `_WRAPPERS` with their own options, and the text of
-  `bash -c`/`sh -c`, `su -c`, `flock -c`, `script -c`, `eval` and `trap` (a trap's handler also
-  where the shell exits); an expansion in such a script is code known only when it runs.
-Words are expanded as bash expands them: brace expansion, `~` (also after `NAME=`), `$HOME` (from
+  may be `of=`, a sed or awk program with an expansion and an awk program that runs commands
+  (`print | CMD`, `system()`): a write of any file; for find, a word that may be a test or an
+  action (`_find_altering`: `find plans "$(echo -delete)"`);
+- looked through: the wrappers in `_WRAPPERS` with their own options (one that runs its command in
+  another file system or directory: `_Wrapper.unsure`, `_Wrapper.here`), `runuser -u USER`, and the
+  text of `bash -c`/`sh -c`, `su -c`, `runuser -c`, `flock -c`, `script -c` (which writes its
+  typescript), `eval` and `trap` (a trap's handler also where the shell exits); an expansion in
+  such a script is code known only when it runs.
+Words are expanded as bash expands them (`$"…"` is its text, `$'…'` its decoded text, `_ansi_c`;
+a leading /proc/self/cwd is the command's working directory, `_proc_word`, `_unproc`): brace
+expansion, `~` (also after `NAME=`), `$HOME` (from
 this process's environment), `$PWD`, the variables a second walk takes as known (`_Walk`: one set
 only to one literal value or to `$(mktemp)`, a new name in $TMPDIR, from where that surely ran in
 this shell; a `for` loop's in its body), then globs against the command's working directory (no
@@ -55,7 +64,8 @@ it (anywhere, for a word that may be any path: one that starts with an expansion
 after one); elsewhere it goes ahead. An arithmetic expansion, `$$`-like parameters and
 `$(date +FORMAT)` of numeric conversions stay within one segment of a path; any other expansion
 may be any path.
-Anything else (aliases, a script, `source`, an interpreter's own file writes, `git checkout`,
+Anything else (aliases, a script, `source`, an interpreter's own file writes, `git checkout` and
+the other git commands,
 prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd, a write
 through a hard link of a managed file made some other way) is not recognised; on a mount the file
 system checks those writes.
@@ -78,6 +88,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal
 
 import tree_sitter
 import tree_sitter_bash
@@ -133,12 +144,20 @@ class Unknown:
     """The characters the word surely begins with, as a command receives it (its literal text before
     the first expansion); None when an expansion may split it into several words, or nothing is known
     of it. Whether it may be an option (`_may_begin`)."""
+    volumes_below: bool = False
+    """It may remove any file below `place`, a volume's registry too (`git clean`): refused also when
+    a volume lies below `place`, or when too many entries lie there to tell (`_volume_below`)."""
+    advice: str | None = None
+    """What to do instead, when naming the file literally is not the way (the refusal's last words)."""
 
     def below(self, *pieces: Piece) -> Unknown:
         """This unknown with `pieces` after its shape (`/` separates segments)."""
         return dataclasses.replace(self, shape=None if self.shape is None else (*self.shape, *pieces))
 
 
+Follow = Literal["all", "top", "none"]
+"""Which symlinks a command follows in a directory it reads: every one, one named on its command
+line, none (but one named with a trailing `/`, which the kernel follows)."""
 Cwd = str | Unknown
 Item = str | Unknown
 Chars = list[tuple[str, bool]]
@@ -151,7 +170,7 @@ State = frozenset[Cwd]
 _WRITE_OPS: dict[str, HandleKind] = {">": "write", ">|": "write", "&>": "write", ">&": "write", "<>": "write"}
 _WRITE_OPS |= {">>": "append", "&>>": "append"}
 _GLOB = set("*?[")
-_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh"}
+_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "hush"}
 
 
 @dataclass(frozen=True)
@@ -172,6 +191,15 @@ class _Wrapper:
     """Its options naming a file it writes."""
     script: frozenset[str] = frozenset()
     """Its options giving a shell script it runs (instead of a command)."""
+    unsure: frozenset[str] = frozenset()
+    """Its options with which the command runs in a file system or directory known only when it runs
+    (another mount namespace, root or process's directory): the command is not followed, refused in
+    a volume."""
+    here: frozenset[str] | None = None
+    """When not None, it runs the command elsewhere than here (systemd-run's unit) unless given one
+    of these options (or one of `chdir`): the command's directory is then known only when it runs."""
+    numeric: bool = False
+    """Its `leading` operand is given only when it is a number (chrt's priority)."""
 
 
 def _names(text: str) -> frozenset[str]:
@@ -201,14 +229,34 @@ _WRAPPERS: dict[str, _Wrapper] = {
         no_command=_names("-p --attach"),
     ),
     "busybox": _Wrapper(frozenset()),
+    "toybox": _Wrapper(frozenset()),
+    "unbuffer": _Wrapper(frozenset()),
+    "nsenter": _Wrapper(
+        _names("-t --target -S --setuid -G --setgid --user-parent"),
+        unsure=_names("-m --mount -r --root -w --wd -a --all"),
+    ),
+    "prlimit": _Wrapper(_names("-p --pid -o --output"), no_command=_names("-p --pid")),
+    "chrt": _Wrapper(
+        _names("-T --sched-runtime -P --sched-period -D --sched-deadline"),
+        leading=1,
+        numeric=True,
+        no_command=_names("-p --pid -m --max"),
+    ),
+    "systemd-run": _Wrapper(
+        _names(
+            "-u --unit -p --property -E --setenv -H --host -M --machine --description --slice --uid --gid --nice "
+            "--working-directory --service-type --on-active --on-boot --on-startup --on-unit-active "
+            "--on-unit-inactive --on-calendar --on-clock-change --on-timezone-change --timer-property "
+            "--path-property --socket-property --slice-inherit"
+        ),
+        chdir=_names("--working-directory"),
+        unsure=_names("-p --property -H --host -M --machine -S --shell"),
+        here=_names("-d --same-dir --scope"),
+    ),
     "taskset": _Wrapper(frozenset(), leading=1, no_command=_names("-p --pid")),
     "fakeroot": _Wrapper(_names("-l --lib --faked -s -i -b")),
     "unshare": _Wrapper(_names("-S --setuid -G --setgid -R --root -w --wd"), chdir=_names("-w --wd")),
     "watch": _Wrapper(_names("-n --interval -q --equexit")),
-    "script": _Wrapper(
-        _names("-c --command -E --echo -I --log-in -O --log-out -B --log-io -T --log-timing -m --logging-format"),
-        script=_names("-c --command"),
-    ),
     "flock": _Wrapper(
         _names("-w --timeout -E --conflict-exit-code -c --command"), leading=1, script=_names("-c --command")
     ),
@@ -221,9 +269,14 @@ _WRAPPERS: dict[str, _Wrapper] = {
 }
 """Commands that run the command after their options: they are looked through."""
 _XARGS_VALUED = _names(
-    "-a -d -E -I -L -n -P -s --arg-file --delimiter --eof --replace --max-lines --max-args --max-procs --max-chars "
-    "--process-slot-var"
+    "-a -d -E -I -L -n -P -s --arg-file --delimiter --max-args --max-procs --max-chars --process-slot-var"
 )
+"""xargs's options that take a value (`--eof`, `--replace`, `--max-lines`: only after `=`)."""
+_SCRIPT_VALUED = _names(
+    "-c --command -E --echo -I --log-in -O --log-out -B --log-io -T --log-timing -m --logging-format"
+)
+_SCRIPT_LOGS = _names("-I --log-in -O --log-out -B --log-io -T --log-timing")
+"""script's options naming a file it writes (besides its typescript)."""
 _PARALLEL_VALUED = _names("-j -P -S -a -d -I -n -N -L --jobs --arg-file --delimiter --sshlogin --max-args")
 _SU_VALUED = _names("-c --command -s --shell -g --group -G --supp-group -w --whitelist-environment")
 _SORT_VALUED = _names(
@@ -334,6 +387,35 @@ def _operands(args: list[Item], valued: frozenset[str]) -> tuple[list[Item], dic
             if value is not None:
                 values[name] = value
     return operands, values
+
+
+_ANSI_C = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_ANSI_C |= {"\\": "\\", "'": "'", '"': '"', "?": "?"}
+
+
+def _ansi_c(body: str) -> str | None:
+    """The text of a `$'…'` string's `body` with its escapes decoded as bash does, or None for one
+    not decoded here (a control character's `c` escape, a NUL, a byte past ASCII)."""
+    out: list[str] = []
+    escape = r"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|u([0-9A-Fa-f]{1,4})|U([0-9A-Fa-f]{1,8})|(.))|([^\\]+)"
+    if re.fullmatch(f"(?:{escape})*", body, re.S) is None:
+        return None
+    for m in re.finditer(escape, body, re.S):
+        octal, hexa, u4, u8, char, plain = m.groups()
+        if plain is not None:
+            out.append(plain)
+        elif char is not None and char in _ANSI_C:
+            out.append(_ANSI_C[char])
+        elif char is not None:
+            if char == "c":
+                return None
+            out.append("\\" + char)  # an unknown escape stays as written
+        else:
+            code = int(octal, 8) if octal else int(hexa or u4 or u8, 16)
+            if code == 0 or 0xD800 <= code < 0xE000 or code > 0x10FFFF or (octal or hexa) and code > 0x7F:
+                return None  # a NUL, or a byte bash passes as it is (not a character of this text)
+            out.append(chr(code))
+    return "".join(out)
 
 
 def _chars(text: str, quoted: bool) -> Chars:
@@ -484,7 +566,10 @@ class _Walk:
         """(path, how, whether a directory there stands for the files below it)."""
         self.unknown: list[Unknown] = []
         self.linked: list[str] = []
-        """The ends of the hard links the command makes (a directory stands for the files below it)."""
+        """The files at the ends of the hard links the command makes (`_followed` fills it from `ends`)."""
+        self.ends: list[tuple[str, Follow]] = []
+        """The ends of the hard links the command makes: a directory stands for the files below it, found
+        following symlinks as the command will (`_expand`)."""
         self.functions: dict[str, tuple[tree_sitter.Node, list[tree_sitter.Node], bytes]] = {}
         """Each function's body, the redirections of its definition, and the text it is in."""
         self.depth = 0
@@ -556,8 +641,8 @@ class _Walk:
         elif kind in ("string", "translated_string", "concatenation"):
             first: Unknown | None = None
             for child in node.children:
-                if child.type == '"':
-                    continue
+                if child.type == '"' or kind == "translated_string" and child.type == "$":
+                    continue  # `$"…"`: a string to translate, its text as written
                 if child.type == "string_content":
                     out.extend(_unescaped(_text(child), '$`"\\\n'))
                 elif kind == "string" and not child.is_named:
@@ -566,8 +651,8 @@ class _Walk:
                     unknown = self._pieces(child, cwd, out, quoted or kind != "concatenation")
                     first = first or unknown
             return first
-        elif kind == "ansi_c_string" and "\\" not in _text(node):
-            out.extend(_chars(_text(node)[2:-1], True))
+        elif kind == "ansi_c_string" and (decoded := _ansi_c(_text(node)[2:-1])) is not None:
+            out.extend(_chars(decoded, True))
         elif kind == "process_substitution":
             out.extend(_chars("/dev/fd/63", True))  # what bash passes: a pipe (its commands are walked)
         else:
@@ -628,8 +713,10 @@ class _Walk:
             return [Unknown(_text(node), f"a brace expansion of more than {_MOST_EXPANDED} words", _place(cwd))]
         for word in expanded:
             tilded = self._tilde(word, cwd)
+            if not isinstance(tilded, Unknown):
+                tilded = _proc_word(tilded, cwd)
             if isinstance(tilded, Unknown):
-                words.append(Unknown(_text(node), tilded.why, tilded.place))
+                words.append(Unknown(_text(node), tilded.why, tilded.place, tilded.anywhere))
                 continue
             words.extend(self._glob(tilded, cwd, _text(node)))
         return words
@@ -1089,21 +1176,21 @@ class _Walk:
 
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
         """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
-        placed = _placed(item, cwd)
+        placed = _unproc(_placed(item, cwd), cwd)
         if isinstance(placed, Unknown):
             self.unknown.append(placed.below("/", Wild.DIRS) if expand else placed)
         else:
             self.found.append((placed, kind, expand))
 
-    def link(self, item: Item, cwd: Cwd) -> None:
+    def link(self, item: Item, cwd: Cwd, follow: Follow) -> None:
         """Record an end of a hard link the command makes (a directory there stands for the files below
-        it): one known only when it runs may be a managed file."""
-        placed = _placed(item, cwd)
+        it, found following symlinks as `follow` says): one known only when it runs may be a managed file."""
+        placed = _unproc(_placed(item, cwd), cwd)
         if isinstance(placed, Unknown):
             why = f"an end of a hard link, which may be a managed file: {placed.why}"
             self.unknown.append(dataclasses.replace(placed.below("/", Wild.DIRS), why=why))
         else:
-            self.linked.append(placed)
+            self.ends.append((placed, follow))
 
     # ---- commands -------------------------------------------------------------------
 
@@ -1201,7 +1288,13 @@ class _Walk:
                 self.traps.append(self._code(handler[0]))  # run when the shell exits (`trapped`)
                 self._script(self.traps[-1], cwd, inherit=False)
             return same
-        altering = _shell_altering(args) if name in _SHELLS else _altering(args, _SU_VALUED) if name == "su" else None
+        altering = (
+            _shell_altering(args)
+            if name in _SHELLS
+            else _altering(args, _SU_VALUED)
+            if name in ("su", "runuser")
+            else None
+        )
         if altering is not None:
             why = f"a word of {name} known only when it runs, which may be an option (`-c` makes a word a script)"
             self.unknown.append(Unknown(altering.word, why, _place(cwd), anywhere=True))
@@ -1212,13 +1305,31 @@ class _Walk:
             elif not [a for a in args if not _is_option(a)] or "-s" in args:  # no script file: its input is the script
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
-        if name == "su":
+        if name in ("su", "runuser"):
             _, values = _operands(args, _SU_VALUED)
             script = values.get("-c") or values.get("--command")
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
+            elif name == "runuser":  # `runuser -u USER [--] COMMAND`
+                rest = list(args)
+                user = dict(_options(rest, _SU_VALUED | _names("-u --user")))
+                if "-u" in user or "--user" in user:
+                    self.simple(rest, cwd)
             return same
-        if name == "xargs":
+        if name == "script":  # its options may follow its file (getopt permutes them)
+            operands, values = _operands(args, _SCRIPT_VALUED)
+            logs = [values[o] for o in _SCRIPT_LOGS if o in values] + _script_timing(args)
+            for file in [*operands[:1], *logs] or ["typescript"]:
+                self.write(file, cwd, "write")
+            script = values.get("-c") or values.get("--command")
+            if script is not None:
+                self._script(self._code(script), cwd, inherit=False)
+            else:
+                self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+            return same
+        if name == "git":
+            self._git(args, cwd)
+        elif name == "xargs":
             self._xargs(args, cwd)
         elif name == "find":
             self._find(args, cwd)
@@ -1231,8 +1342,8 @@ class _Walk:
             effect = _command_writes(name, args, cwd)
             for item, kind, expand in effect.writes:
                 self.write(item, cwd, kind, expand)
-            for end in effect.linked:
-                self.link(end, cwd)
+            for end, follow in effect.linked:
+                self.link(end, cwd, follow)
         return same
 
     def _code(self, item: Item) -> str:
@@ -1312,14 +1423,21 @@ class _Walk:
                 break
             items.pop(0)
             in_shell = in_shell and name in ("builtin", "command")
+            here = spec.here is None
             for first in (True, False) if spec.leading else (True,):  # options may follow them too (flock LOCK -c)
                 for option, value in _options(items, spec.valued):
                     if option in spec.no_command:
                         return None
+                    if option in spec.unsure:
+                        why = f"a command {name} runs in a file system or directory known only when it runs ({option})"
+                        self.unknown.append(Unknown(name, why, _place(cwd), anywhere=True))
+                        return None
                     if option in spec.script and value is not None:
                         self._script(self._code(value), cwd, inherit=False)
                         return None
+                    here = here or option in (spec.here or ())
                     if option in spec.chdir and value is not None:
+                        here = True
                         cwd = value if isinstance(value, Unknown) else _joined(cwd, value)
                     elif name == "env" and option in ("-S", "--split-string") and isinstance(value, str):
                         try:
@@ -1330,7 +1448,12 @@ class _Walk:
                         self.write(value, cwd, "write")
                 while first and spec.assignments and items and isinstance(items[0], str) and "=" in items[0]:
                     items.pop(0)
-                del items[: spec.leading if first else 0]
+                numeric = not spec.numeric or bool(items) and isinstance(items[0], str) and items[0].isdigit()
+                del items[: spec.leading if first and numeric else 0]
+            if not here:
+                without = " or ".join(sorted(spec.here or ()))
+                why = f"the directory {name} runs its command in (not this one, without {without})"
+                cwd = Unknown(name, why, _place(cwd), anywhere=True)
         return items, cwd, in_shell
 
     def _cd(self, name: str, args: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
@@ -1348,15 +1471,62 @@ class _Walk:
         relative = not target.startswith(("/", "./", "../")) and target not in (".", "..")
         if relative and (self.untrusted or os.environ.get("CDPATH")):
             return {Unknown(f"{name} {target}", "CDPATH may name another directory", _place(cwd))}, {cwd}
-        new = _joined(cwd, target)
+        new = _unproc(_joined(cwd, target), cwd)
         if isinstance(new, str) and os.path.isdir(new) and os.access(new, os.X_OK):
             return {new}, set()
         return {new}, {cwd}
 
+    def _git(self, args: list[Item], cwd: Cwd) -> None:
+        """`git clean` (but `-n`) and `git stash` with `-u` or `-a`: they remove files git does not
+        track (and with `-x`, `-X` or `-a` those it ignores, a volume's registry too), a set known
+        only when they run, below the directories they clean (`_git_removes`). Other git commands
+        are not recognised."""
+        items = list(args)
+        moved = ("GIT_DIR", "GIT_WORK_TREE")  # another work tree than the one `cwd` lies in
+        elsewhere = any(n in os.environ or n.encode() in self.source for n in moved)
+        aliased = False  # an alias given on its command line may be `clean`
+        for option, value in _options(items, _GIT_VALUED):
+            if option == "-C" and value is not None:
+                cwd = value if isinstance(value, Unknown) else _joined(cwd, value)
+            elif option in ("--git-dir", "--work-tree") or option == "-c" and isinstance(value, str):
+                elsewhere = elsewhere or option != "-c" or str(value).lower().startswith("core.worktree")
+                aliased = aliased or option == "-c" and str(value).lower().startswith("alias.")
+            elif option in ("-c", "--config-env"):
+                aliased = True
+        if not items:
+            return
+        command = items[0] if isinstance(items[0], str) else None
+        places = [_git_top(cwd)] if aliased or command is None else _git_removes(command, items[1:], cwd)
+        word = f"git {command if command is not None else _code_word(items[0])}"
+        why = (
+            f"the files `{word}` may remove: those git does not track (with -x, -X or -a also those it ignores, the "
+            "registry among them), known only when it runs"
+        )
+        for place in places:
+            placed = _placed(place, cwd)
+            if elsewhere or isinstance(placed, Unknown):  # another work tree: anywhere
+                placed = "/"
+            self.unknown.append(
+                Unknown(word, why, placed, shape=("/", Wild.DIRS), volumes_below=True, advice=_GIT_ADVICE)
+            )
+
     def _xargs(self, args: list[Item], cwd: Cwd) -> None:
         items = list(args)
-        values = dict(_options(items, _XARGS_VALUED))
-        replace = values.get("-I") or values.get("--replace")
+        replace: Item | None = None
+        while items and _is_option(items[0]):
+            arg = str(items.pop(0))
+            if arg == "--":
+                break
+            name, eq, value = arg.partition("=")
+            if arg.startswith("--") and _abbreviates(name, "--replace"):  # its value only after `=`: `{}` else
+                replace = value if eq else "{}"
+                continue
+            cut = re.match(r"-[^-IiEeLlnPsad]*([iel])", arg)  # -i, -e, -l take a value only attached
+            if cut is not None and cut.group(1) == "i":
+                replace = arg[cut.end() :] or "{}"
+            elif cut is None:
+                for option, given in _option(arg, items, _XARGS_VALUED):
+                    replace = given if option == "-I" else replace
         source = Unknown("xargs", "the operands xargs reads", _place(cwd))
         self._run_with(items or ["echo"], source, replace if isinstance(replace, str) else None, cwd)
 
@@ -1487,6 +1657,11 @@ class _Walk:
         if found is not None:
             return None if self._unmanaged(unknown, found) else found.root
         place = os.path.realpath(unknown.place)
+        if unknown.volumes_below and (root := _volume_below(place)) is not None:
+            if root != place:
+                return root
+            here = located_directory(self.start)  # too much to search: the volume it runs in, if any
+            return here.root if here is not None else min(volumes, default=place)
         below = [v for v in sorted(volumes) if unknown.anywhere or v == place or v.startswith(place.rstrip("/") + "/")]
         return below[0] if below else None
 
@@ -1564,6 +1739,81 @@ class _Walk:
             return []
         self.tick(len(entries) + 1)
         return entries
+
+
+_GIT_VALUED = _names("-C -c --git-dir --work-tree --namespace --config-env --super-prefix --exec-path --attr-source")
+"""git's own options (before its command) that take a value."""
+_GIT_CLEAN_VALUED = _names("-e --exclude")
+_GIT_STASH_VALUED = _names("-m --message --pathspec-from-file")
+_GIT_ADVICE = (
+    "List what it would remove with `git clean -n` (same options), then remove the files you mean by name; "
+    "or limit it to a directory that holds no managed file (`git clean -fd build/`). With -x, `-e .coherent` "
+    "keeps the registry (with -X nothing does); `git stash` without -u or -a leaves untracked files alone."
+)
+
+
+def _code_word(item: Item) -> str:
+    return item.word if isinstance(item, Unknown) else item
+
+
+def _git_removes(command: str, args: list[Item], cwd: Cwd) -> list[Item]:
+    """The directories below which `git COMMAND ARGS` removes files git does not track (a set known
+    only when it runs): `clean`'s pathspecs (else the working directory), unless `-n`; the top of the
+    work tree for `stash` with `-u`, `-a` (a pathspec too may be its top, `:/`: fail closed)."""
+    if command == "clean":
+        operands, _ = _operands(args, _GIT_CLEAN_VALUED)
+        given = _given(args, _GIT_CLEAN_VALUED)
+        if "-n" in given or any(_abbreviates(g, "--dry-run") for g in given):
+            return []
+        return [o if isinstance(o, Unknown) or not o.startswith(":") else "/" for o in operands] or ["."]
+    if command != "stash":
+        return []
+    rest = list(args)
+    if rest[:1] in (["push"], ["save"]):
+        rest.pop(0)
+    elif rest and not _is_option(rest[0]):
+        return []  # list, show, pop, apply, drop, …: they remove no untracked file
+    given = _given(rest, _GIT_STASH_VALUED)
+    untracked = {"-u", "-a"} & given or any(
+        _abbreviates(g, "--include-untracked") or _abbreviates(g, "--all") for g in given
+    )
+    if not untracked and not any(isinstance(a, Unknown) for a in rest):
+        return []
+    return [_git_top(cwd)]
+
+
+def _git_top(cwd: Cwd) -> str:
+    """The top of the work tree `cwd` lies in (the nearest directory up with a `.git`), or `/`."""
+    if isinstance(cwd, Unknown):
+        return "/"
+    path = os.path.abspath(cwd)
+    while not os.path.lexists(os.path.join(path, ".git")):
+        if os.path.dirname(path) == path:
+            return "/"
+        path = os.path.dirname(path)
+    return path
+
+
+def _volume_below(place: str) -> str | None:
+    """The root of a volume that lies below `place` (not following symlinks, passing over `.git`),
+    or `place` itself when more than _MOST_VISITED entries lie there to tell; None for none."""
+    todo, seen = [place], 0
+    while todo:
+        directory = todo.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        seen += len(entries) + 1
+        if seen > _MOST_VISITED:
+            return place
+        for entry in entries:
+            if entry.name == REGISTRY_DIR and recorded_in(entry.path):
+                return directory
+            if entry.name != ".git" and entry.is_dir(follow_symlinks=False):
+                todo.append(entry.path)
+    return None
 
 
 def _merged(words: list[tree_sitter.Node], source: bytes) -> list[list[tree_sitter.Node]]:
@@ -1854,6 +2104,44 @@ def _placed(item: Item, cwd: Cwd) -> Item:
     return os.path.join(cwd, item)
 
 
+_PROC = re.compile(r"/proc/(self|thread-self|\d+)(?:/task/\d+)?/(cwd|root)(?=/|$)")
+
+
+def _unproc(placed: Item, cwd: Cwd) -> Item:
+    """`placed` with a leading /proc/self/cwd (or /proc/self/root) read as the directory it names for
+    the command: its working directory (the root). Through another process's (/proc/PID/…, or a
+    /proc path known only when it runs) it may be any path (refused in a volume)."""
+    if isinstance(placed, Unknown):
+        if placed.place == "/proc" or placed.place.startswith("/proc/"):
+            why = f"a path through /proc, which may lead to any directory: {placed.why}"
+            return Unknown(placed.word, why, _place(cwd), anywhere=True)
+        return placed
+    plain = re.sub(r"/(?:\.?/)+", "/", placed)  # `//` and `/./` name what `/` does
+    match = _PROC.match(plain)
+    if match is None:
+        return placed
+    if match.group(1) not in ("self", "thread-self"):
+        why = "a path through a process's directory in /proc, which may be any directory"
+        return Unknown(placed, why, _place(cwd), anywhere=True)
+    rest = plain[match.end() :].lstrip("/")
+    return "/" + rest if match.group(2) == "root" else _placed(rest or ".", cwd)
+
+
+def _proc_word(word: Chars, cwd: Cwd) -> Chars | Unknown:
+    """A word (before pattern matching) that begins with /proc/self/cwd or /proc/self/root, with
+    that part read as the command's working directory (the root), as `_unproc` does: this process's
+    /proc/self is not the command's."""
+    text = "".join(c for c, _ in word)
+    found = _unproc(text, cwd) if text.startswith("/") else text
+    if found == text:
+        return word
+    raw = re.match(r"/+proc/+(?:self|thread-self)(?:/+task/+\d+)?/+(cwd|root)(?=/|$)", text)
+    if isinstance(found, Unknown) or raw is None or raw.group(1) == "cwd" and isinstance(cwd, Unknown):
+        why = "a path through /proc that may lead to any directory"
+        return found if isinstance(found, Unknown) else Unknown(text, why, _place(cwd), anywhere=True)
+    return (_chars(str(cwd), True) if raw.group(1) == "cwd" else []) + (word[raw.end() :] or _chars("/", True))
+
+
 def _joined(cwd: Cwd, path: str) -> Cwd:
     if path.startswith("/"):
         return path
@@ -1933,6 +2221,14 @@ def _into(dest: Item, sources: list[Item], cwd: Cwd, directory: bool) -> list[It
     return [dest]
 
 
+_PROGRAM_ADVICE = (
+    "Write the program literally in the command, its options too (a file it reads may stay an expansion), or make "
+    "the change with your file-editing tool."
+)
+_OPTION_ADVICE = (
+    "Name the file and the command's options literally in the command (past `--` a word is no option), or make the "
+    "change with your file-editing tool."
+)
 _COPIERS = _names("-t --target-directory -S --suffix -m --mode -o --owner -g --group")
 _VALUED: dict[str, frozenset[str]] = {
     "tee": frozenset(),
@@ -1963,8 +2259,9 @@ class _Effect:
 
     writes: list[tuple[Item, HandleKind, bool]]
     """(path as given, how, whether a directory there stands for the files below it)."""
-    linked: list[Item]
-    """The two ends of each hard link it makes (a directory stands for the files below it)."""
+    linked: list[tuple[Item, Follow]]
+    """The two ends of each hard link it makes (a directory stands for the files below it, found
+    following symlinks as the second says)."""
 
 
 def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
@@ -1975,14 +2272,16 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     files: list[Item] = []
     landed: list[Item] = []  # where copies, moves and links land: a directory there stands for its files
     removed: list[Item] = []
-    linked: list[Item] = []
+    linked: list[tuple[Item, Follow]] = []
     kind: HandleKind = "write"
     flags = [a for a in args if isinstance(a, str) and a.startswith("-")]
     given = _given(args, valued)
     altering = None if name == "dd" else _altering(args, valued)
     if altering is not None:
         why = f"a word of {name} known only when it runs, which may be an option that makes it write any file"
-        files.append(Unknown(altering.word, why, _place(cwd), anywhere=True))
+        advice = _PROGRAM_ADVICE if name in ("sed", "awk", "gawk", "perl", "ruby") else _OPTION_ADVICE
+        written = altering.lead is not None  # a word of its command line, not one xargs or find passes
+        files.append(Unknown(altering.word, why, _place(cwd), anywhere=True, advice=advice if written else None))
     if name == "tee":
         files += _operands(args, valued)[0]
         if any(_abbreviates(a, "--append") or a[1] != "-" and "a" in a for a in flags if len(a) > 1):
@@ -1994,7 +2293,7 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         for program in programs:  # its `w FILE` commands and `s///w FILE` flags
             if isinstance(program, Unknown):
                 why = "a sed program known only when it runs, whose `w` command may write any file"
-                files.append(Unknown(program.word, why, _place(cwd), anywhere=True))
+                files.append(Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE))
                 continue
             files += [m.group(1) for m in re.finditer(r"(?:^|[;\n{}/!])[\s\d$,gpIiMme]*[wW][ \t]*([^\n]+)", program)]
     elif name in ("perl", "ruby") and any(re.match(r"-[anpslwWtTcuUX]*i", a) for a in flags):
@@ -2006,8 +2305,12 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         for program in programs:  # `print … > FILE`
             if isinstance(program, Unknown):
                 why = "an awk program known only when it runs, whose `print >` may write any file"
-                files.append(Unknown(program.word, why, _place(cwd), anywhere=True))
+                files.append(Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE))
                 continue
+            if re.search(r"\bsystem\s*\(|\|\s*&?\s*getline\b|\bprintf?\b[^;}\n]*?\|", program):
+                why = "an awk program that runs commands (`print | CMD`, `CMD | getline`, `system()`) through a shell"
+                advice = "Run those commands as commands of their own, or make the change with your file-editing tool."
+                files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=advice))
             for m in re.finditer(r"\bprintf?\b[^;}\n]*?(>>|>)\s*(\"[^\"\\]*\"|[^\s;}]*)", program):
                 to: Item = (
                     m.group(2)[1:-1]
@@ -2043,11 +2346,12 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         hard = (
             name == "ln" and not symbolic or name == "cp" and any(g == "-l" or _abbreviates(g, "--link") for g in given)
         )
-        linked = [*sources, *landed] if hard else []
+        follow = _cp_follows(args) if name == "cp" else "none"
+        linked = [*((s, follow) for s in sources), *((d, "none") for d in landed)] if hard else []
     elif name == "link":
         operands, _ = _operands(args, valued)
         landed = operands[1:2]
-        linked = operands[:2]
+        linked = [(o, "none") for o in operands[:2]]
     elif name == "truncate":
         operands, _ = _operands(args, valued)
         files += operands
@@ -2061,6 +2365,48 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         ]
     writes = [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
     return _Effect(writes, linked)
+
+
+def _cp_follows(args: list[Item]) -> Follow:
+    """Which symlinks `cp` follows in what it copies, as its last option of -L, -H, -P (and those
+    implying it: -d, -a) says; with -l and none of them, every one (as GNU cp does)."""
+    follow: Follow = "all"
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            break
+        for name, _ in _option(str(arg), rest, _COPIERS) if _is_option(arg) else []:
+            if name == "-L" or _abbreviates(name, "--dereference"):
+                follow = "all"
+            elif name == "-H":
+                follow = "top"
+            elif name in ("-P", "-d", "-a") or any(_abbreviates(name, n) for n in ("--no-dereference", "--archive")):
+                follow = "none"
+    return follow
+
+
+def _script_timing(args: list[Item]) -> list[Item]:
+    """The file `script -tFILE` (`--timing=FILE`) writes its timing to: its value only attached (the
+    option alone writes to standard error)."""
+    files: list[Item] = []
+    for arg in args:
+        if arg == "--":
+            break
+        if not _is_option(arg):
+            continue
+        text = str(arg)
+        name, eq, value = text.partition("=")
+        if text.startswith("--"):
+            files += [value] if eq and _abbreviates(name, "--timing") else []
+            continue
+        for i, c in enumerate(text[1:], 1):
+            if f"-{c}" in _SCRIPT_VALUED:
+                break
+            if c == "t":
+                files += [text[i + 1 :]] if text[i + 1 :] else []
+                break
+    return files
 
 
 def _given(args: list[Item], valued: frozenset[str]) -> set[str]:
@@ -2131,13 +2477,14 @@ def _awk_in_place(args: list[Item]) -> bool:
     return False
 
 
-def _expand(path: str, walk: _Walk) -> list[str] | None:
-    """The regular files at or below `path` (a directory a command removes or moves); None for
-    more than _MOST_EXPANDED, or past the walk's bounds."""
-    if not os.path.isdir(path) or os.path.islink(path):
+def _expand(path: str, walk: _Walk, follow: Follow = "none") -> list[str] | None:
+    """The regular files at or below `path` (a directory a command removes, moves or links), a
+    symlink followed where `follow` says (`_cp_follows`); None for more than _MOST_EXPANDED, or past
+    the walk's bounds."""
+    if not os.path.isdir(path) or os.path.islink(path) and follow == "none":
         return [path]
     found: list[str] = []
-    for directory, dirs, names in os.walk(path):
+    for directory, dirs, names in os.walk(path, followlinks=follow == "all"):
         walk.tick(len(dirs) + len(names) + 1)
         found.extend(os.path.join(directory, n) for n in names)
         if len(found) > _MOST_EXPANDED:
@@ -2172,7 +2519,10 @@ def _named_volumes(command: str, cwd: str) -> set[str]:
             if path in seen or len(seen) >= _MOST_EXPANDED:
                 continue
             seen.add(path)
-            found = located_directory(path)  # the path itself may be a volume's root
+            try:
+                found = located_directory(path)  # the path itself may be a volume's root
+            except PermissionError:  # one this user may not resolve (/proc/1/cwd): nor may its command
+                continue
             if found is not None:
                 roots.add(found.root)
     return roots
@@ -2218,9 +2568,8 @@ def _followed(
                 walk.unknown.append(Unknown(path, f"a directory of more than {_MOST_EXPANDED} files", path))
             for p in files or []:
                 kinds[p] = "write" if "write" in (kind, kinds.get(p)) else kind  # truncated anywhere: a write
-        linked, walk.linked = walk.linked, []
-        for path in linked:
-            files = _expand(path, walk)
+        for path, follow in walk.ends:
+            files = _expand(path, walk, follow)
             if files is None:
                 walk.unknown.append(Unknown(path, f"a directory of more than {_MOST_EXPANDED} files", path))
             walk.linked += files or []
@@ -2247,7 +2596,7 @@ def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
         walk, kinds = _followed(command, cwd, settled, walk.deadline)
         refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
     if refusal is not None:
-        raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1])
+        raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1], refusal[0].advice)
     _refuse_links(walk.linked)
     return list(kinds.items())
 

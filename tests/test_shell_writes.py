@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -154,8 +155,46 @@ CASES: list[tuple[str, str, object]] = [
     ("flock /tmp/lock -c 'rm plans/plan.md'", ".", PLAN),
     ("flock -w 5 /tmp/lock rm plans/plan.md", ".", PLAN),
     ("su -c 'rm plans/plan.md' root", ".", PLAN),
-    ("script -qc 'rm plans/plan.md' /dev/null", ".", PLAN),
+    ("script -qc 'rm plans/plan.md' /dev/null", ".", [*PLAN, ("/dev/null", W)]),
     ("busybox rm plans/plan.md", ".", PLAN),
+    # wrappers whose own options come after their operand, or take an optional value, or that run a shell
+    ("script /dev/null -c 'rm plans/plan.md'", ".", [*PLAN, ("/dev/null", W)]),  # getopt permutes them
+    ("script -q plans/plan.md -c true", ".", PLAN),  # its typescript
+    ("script -tplans/plan.md -O /dev/null -c true", ".", [*PLAN, ("/dev/null", W)]),
+    ("script -q /dev/null", ".", UNRESOLVED),  # a shell reading its input
+    ("xargs --replace rm {} <<< plans/plan.md", ".", UNRESOLVED),  # `--replace` takes `{}` without `=`
+    ("xargs --repl rm {} <<< plans/plan.md", ".", UNRESOLVED),
+    ("xargs -i rm {} <<< plans/plan.md", ".", UNRESOLVED),
+    ("xargs --replace=F echo F <<< plans/plan.md", ".", []),
+    ("busybox ash -c 'rm plans/plan.md'", ".", PLAN),
+    ("busybox hush -c 'rm plans/plan.md'", ".", PLAN),
+    ("toybox rm plans/plan.md", ".", PLAN),
+    ("unbuffer -p rm plans/plan.md", ".", PLAN),
+    ("prlimit --nofile=1024 -n rm plans/plan.md", ".", PLAN),
+    ("chrt -f 10 rm plans/plan.md; chrt --other rm src/plan.md", ".", [*PLAN, ("src/plan.md", W)]),
+    ("runuser -u me -- rm plans/plan.md", ".", PLAN),
+    ("runuser me -c 'rm plans/plan.md'", ".", PLAN),
+    ("nsenter -t 1 -U rm plans/plan.md", ".", PLAN),
+    ("nsenter -t 1 -m rm /tmp/x", ".", UNRESOLVED),  # another mount namespace: any file
+    ("systemd-run --user -d rm plans/plan.md", ".", PLAN),
+    ("systemd-run --user --working-directory={root}/plans rm plan.md", ".", PLAN),
+    ("systemd-run --user rm plans/plan.md", ".", UNRESOLVED),  # a unit's own directory
+    ("systemd-run --user -p WorkingDirectory=/x rm /tmp/x", ".", UNRESOLVED),
+    # /proc/self/cwd is the command's working directory (not the hook's); another process's is any
+    ("echo x > /proc/self/cwd/plans/plan.md", ".", PLAN),
+    ("cd /proc/self/cwd/plans && rm plan.md", ".", PLAN),
+    ("rm /proc/self/cwd/plans/p*.md", ".", PLAN),
+    ("echo x > /proc/self/root{root}/plans/plan.md", ".", PLAN),
+    ("echo x > /proc/$$/cwd/plans/plan.md", ".", UNRESOLVED),
+    ("echo x > /proc/1234/cwd/plans/plan.md", ".", UNRESOLVED),
+    # `$"…"` is a string to translate: its text as written; `$'…'` is literal text once decoded
+    ('echo x > $"plans/plan.md"', ".", PLAN),
+    ("echo x > $'plans/plan.md'; sort -t$'\\t' -k2 plans/plan.md > $'src/a\\tb'", ".", [*PLAN, ("src/a\tb", W)]),
+    ("echo x > $'src/\\cA'", ".", UNRESOLVED),
+    # an awk program that runs commands runs a shell: not followed
+    ('awk \'BEGIN { print "x" | "tee plans/plan.md" }\'', ".", UNRESOLVED),
+    ("awk 'BEGIN { system(\"rm plans/plan.md\") }'", ".", UNRESOLVED),
+    ("awk '/a|b/ { print $1 }' plans/plan.md", ".", []),
     ("strace -f -o plans/plan.md true", ".", PLAN),
     ("taskset -c 0 rm plans/plan.md; fakeroot rm plans/other.md", ".", [*PLAN, ("plans/other.md", W)]),
     ('bash -c "rm plans/plan.md; echo $X"', ".", UNRESOLVED),
@@ -366,7 +405,8 @@ def test_what_a_command_writes(root: Path, command: str, cwd: str, expected: obj
     if expected == UNRESOLVED:
         with pytest.raises(UnresolvedShellWrite) as refused:
             shell_writes(command, str(root) if cwd == "." else f"{root}/{cwd}")
-        assert str(root) in str(refused.value) and "Name the file literally" in str(refused.value)
+        said = str(refused.value)
+        assert str(root) in said and re.search(r"literally|of their own", said), said
         return
     writes = shell_writes(command, str(root) if cwd == "." else f"{root}/{cwd}")
     wanted = [(p if p.startswith("/") else f"{root}/{p}", k) for p, k in expected]  # type: ignore[attr-defined]
@@ -517,7 +557,7 @@ def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(roo
     ):
         answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
         assert ("deny" in answer.stdout) is denied, (command, answer)
-        assert not denied or "Name the file literally" in answer.stdout, answer
+        assert not denied or re.search(r"(?:Name the file|Write the program) literally", answer.stdout), answer
 
 
 AFTER = {
@@ -619,3 +659,98 @@ def test_a_find_that_prunes_the_registry_while_it_deletes_is_refused_saying_prun
     with pytest.raises(UnresolvedShellWrite, match="-prune leaves no directory out") as refused:
         shell_writes("find . -path ./.coherent -prune -o -type f ! -name '*.md' -delete", str(root))
     assert "-print instead of -delete" in str(refused.value)
+
+
+def test_git_clean_and_git_stash_of_untracked_files_are_refused_in_or_above_a_volume(
+    root: Path, tmp_path: Path
+) -> None:
+    """`git clean -fdx` (and -X, and `git stash -a`/`-u`) removes files git does not track, or
+    ignores: in a volume that is its registry (every version and grant) and untracked managed
+    files, a set known only when it runs. In or above a volume it is refused, saying what to run
+    instead; a dry run, a directory that holds no managed file, or a place with no volume below
+    goes ahead."""
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, timeout=30)
+    (root / ".gitignore").write_text(".coherent/\nbuild/\n")
+    (root / "plans/plan.md").write_text("untracked\n")
+    (root / "build").mkdir()
+    (root / "build/out.o").write_text("o\n")
+    subprocess.run([*git, "add", "vol/.gitignore"], cwd=tmp_path, check=True, timeout=30)
+    subprocess.run([*git, "commit", "-qm", "i"], cwd=tmp_path, check=True, timeout=30)
+    listed = subprocess.run(["git", "clean", "-ndx"], cwd=root, capture_output=True, text=True, timeout=30)
+    assert "Would remove .coherent/" in listed.stdout, listed  # what `git clean -fdx` would delete
+    for command, cwd in (
+        ("git clean -fdx", root),
+        ("git clean -fdX", root),
+        ("git clean -xdf -e node_modules", root),
+        ("git clean -fd", root),  # an untracked managed file
+        ("git clean --force -d -x -- .", root),
+        ("git stash --all", root),
+        ("git stash -u", root),
+        ("git stash push --include-u -m wip", root),
+        ("git -C vol clean -fdx", tmp_path),  # above the volume, named
+        ("git clean -fdx", tmp_path),  # above the volume, not named
+        ("cd {parent} && git clean -fdx", root),
+        ("git --work-tree=. clean -fdx", tmp_path / "vol" / "build"),  # another work tree: anywhere
+        ("GIT_WORK_TREE={root} git clean -fdx", tmp_path / "vol" / "build"),
+        ("git -c alias.tidy='clean -fdx' tidy", tmp_path),  # an alias may be clean
+        ('git "$SUB" -fdx', tmp_path),
+    ):
+        with pytest.raises(UnresolvedShellWrite, match="git") as refused:
+            shell_writes(command.replace("{parent}", str(tmp_path)).replace("{root}", str(root)), str(cwd))
+        assert str(root) in str(refused.value) and "git clean -n" in str(refused.value), command
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for command, cwd in (
+        ("git clean -ndx", root),
+        ("git clean --dry-run -fdx", root),
+        ("git stash; git stash list; git stash pop", root),
+        ("git status && git diff > /dev/null", root),
+        ("git -c core.quotepath=off -C . status; git --no-pager log -p", root),
+        ("git clean -fdx build/", root),  # no managed file can lie there
+        ("git clean -fdx", outside),  # no volume below
+    ):
+        assert shell_writes(command, str(cwd)) in ([], [("/dev/null", W)]), command
+
+
+def test_a_hard_link_through_a_symlinked_directory_is_refused_as_cp_follows_it(root: Path) -> None:
+    """`cp -l` follows symlinks as its options say (with -l and none of -P, -d, -a: every one; -H:
+    those on its command line; a trailing `/` always): a managed file reached through a symlinked
+    directory gets a second link as surely as one named directly. Each form is refused; one that
+    links the symlink itself (-P, -a) is made, as cp makes it."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/plan.md", "v1\n")
+    (root / "lnk").symlink_to("plans")
+    (root / "src").mkdir()
+    (root / "src/p").symlink_to("../plans")
+    for command in (
+        "cp -rlL lnk snap",
+        "cp -rlH lnk snap",
+        "cp -rl --dereference lnk snap",
+        "cp -rl lnk snap",
+        "cp -rl src/p snap",
+        "cp -rlL src snap",
+        "cp -rl src snap",
+        "cp -rlP lnk/ snap",
+        "cp -aHl lnk snap",
+    ):
+        with pytest.raises(LinkRefused, match="is managed") as refused:
+            shell_writes(command, str(root))
+        assert "coherent-volume refused this shell command" in str(refused.value), command
+    for command in ("cp -rlP lnk snap", "cp -al src snap", "cp -rlH src snap"):
+        shell_writes(command, str(root))  # the symlink itself is linked: no managed file reached
+        made = subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, text=True, timeout=30)
+        assert made.returncode == 0 and (root / "plans/plan.md").stat().st_nlink == 1, (command, made)
+        subprocess.run(["rm", "-rf", "snap"], cwd=root, check=True, timeout=30)
+
+
+def test_a_refused_program_with_an_expansion_says_to_write_the_program_literally(root: Path) -> None:
+    """A sed or awk program with an expansion may write any file (`w FILE`, `print > FILE`): refused,
+    saying to write the program literally, not to name the file (which the command already names
+    literally); an awk program that runs commands says to run them on their own."""
+    for command in ('sed -n "${START},${END}p" plans/plan.md', 'sed "s/a/$N/" notes.txt', 'awk "{ print $N }" f'):
+        with pytest.raises(UnresolvedShellWrite, match="Write the program literally") as refused:
+            shell_writes(command, str(root))
+        assert "Name the file literally" not in str(refused.value), command
+    with pytest.raises(UnresolvedShellWrite, match="Run those commands as commands of their own"):
+        shell_writes("awk '{ print | \"sh\" }' notes.txt", str(root))
