@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from .hook_paths import (
 )
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
-from .paths import Target, is_registry_path
+from .paths import REGISTRY_DIR, Target, is_registry_path
 from .protocol import HandleKind, agent_name_problem
 from .shell_writes import volume_named
 
@@ -109,7 +110,29 @@ def _resolve(core: VolumeCore, rel: str) -> Target | None:
         if is_registry_path(rel) or is_registry_path(real):
             raise
         return None
-    return target if target.managed or target.alias_of is not None else None
+    if target.managed or target.alias_of is not None:
+        return target
+    _refuse_registry_link(core, target)
+    return None
+
+
+def _refuse_registry_link(core: VolumeCore, target: Target) -> None:
+    """OutsideVolume if the unmanaged file at `target` is a hard link of a file of the registry's
+    directory (made outside the hooks, which refuse making one): a write through it would change
+    the registry."""
+    try:
+        st = os.lstat(target.abs)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        return
+    registry = os.path.join(core.paths.root, REGISTRY_DIR)
+    for entry in os.scandir(registry):
+        held = entry.stat(follow_symlinks=False)
+        if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+            raise OutsideVolume(
+                f"{target.rel!r} is a hard link of {REGISTRY_DIR}/{entry.name}, the registry's own file"
+            )
 
 
 def _fork(actor: Actor) -> str:

@@ -294,6 +294,11 @@ def test_no_spelling_of_the_registrys_path_lets_a_write_reach_it(root: Path, fac
         reason = _denial(r.stdout)
         assert reason is not None and "is the registry's own directory" in reason, (path, r.stdout, r.stderr)
         assert "leave it out of the command" in reason, reason
+    os.link(root / ".coherent/registry.db", root / "notes.db")  # made outside the hooks
+    r, _ = timed_hook(command, event(root, "reg", f"{root}/notes.db"))
+    reason = _denial(r.stdout)
+    assert reason is not None and "is a hard link of .coherent/registry.db" in reason, (r.stdout, r.stderr)
+    os.unlink(root / "notes.db")
     r, _ = timed_hook("codex", _codex_bash(root, "reg", "/dev/null; find . -delete"))
     reason = _denial(r.stdout)
     assert reason is not None and "is the registry's own directory" in reason, (r.stdout, r.stderr)
