@@ -161,22 +161,32 @@ def _change_note(session: str, change: Callable[[list[object]], list[object] | N
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for one read and one write of a small file
-        size = os.fstat(fd).st_size
-        entries = change(_lines(os.pread(fd, size, 0)))
+        entries = change(_locked_entries(fd))  # the lock is held for one read and one write of a small file
         if entries is None:
             return True
         if not entries:
             at.unlink(missing_ok=True)
             return True
-        data = b"".join(json.dumps(entry).encode() + b"\n" for entry in entries)
-        os.pwrite(fd, data, 0)  # written before it is cut: a crash leaves no entry of it missing
-        os.ftruncate(fd, len(data))
+        _rewrite(fd, entries)
         return True
     except OSError:
         return False
     finally:
         os.close(fd)
+
+
+def _locked_entries(fd: int) -> list[object]:
+    """The entries of the session note open as `fd`, locked (flock) until `fd` is closed."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return _lines(os.pread(fd, os.fstat(fd).st_size, 0))
+
+
+def _rewrite(fd: int, entries: Iterable[object]) -> None:
+    """The session note open as `fd` holds `entries` now: written before it is cut, so a crash
+    leaves no entry of it missing."""
+    data = b"".join(json.dumps(entry).encode() + b"\n" for entry in entries)
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
 
 
 def _ours(entry: object, process: list[object]) -> bool:
@@ -295,8 +305,7 @@ def taking_claims(
     try:
         if at is not None:
             fd = os.open(at, os.O_RDWR | os.O_CLOEXEC)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held while the block releases the grants of what it took
-            entries = _lines(os.pread(fd, os.fstat(fd).st_size, 0))
+            entries = _locked_entries(fd)  # locked while the block releases the grants of what it took
     except OSError:
         if fd is not None:
             os.close(fd)
@@ -316,10 +325,8 @@ def taking_claims(
         yield taken, {(claim.root, claim.rel) for i, claim in left if _noted_at(entries[i]) > since}
         if taken:
             gone = owned - {i for i, _ in left}
-            data = b"".join(json.dumps(e).encode() + b"\n" for i, e in enumerate(entries) if i not in gone)
             try:
-                os.pwrite(fd, data, 0)
-                os.ftruncate(fd, len(data))
+                _rewrite(fd, (e for i, e in enumerate(entries) if i not in gone))
             except OSError:
                 pass  # the taken claims stay noted: their grants stay until the end of the turn or their TTL
     finally:

@@ -1218,8 +1218,7 @@ class CoherentOperations(pyfuse3.Operations):
             if not self.inodes.forget(inode, count):
                 self.backing.release(inode)
                 self._sizes.pop(inode, None)
-                if inode in self._private and not self._handles_on(
-                    inode
-                ):  # its write released, or never repeated there
+                # a write's own inode, its write released or never repeated there
+                if inode in self._private and not self._handles_on(inode):
                     self._private.discard(inode)
                     self._aside.pop(inode, None)
