@@ -678,7 +678,9 @@ Shadow._release = _held
         with _alice_runs(m, TRUNCATE_THEN_LOOK) as program:
             assert program.stdin is not None and program.stdout is not None
             assert program.stdout.readline().split() == [str(ino)]
-            assert Path(f"{gate}.held").exists()  # the commit had not landed when the name was looked up
+            # the release's commit is held at the gate (it may get there after the program's lookup): it has
+            # not landed when the name was looked up, and lands only once the gate goes
+            _wait_for(Path(f"{gate}.held").exists, "the release's commit to reach the gate")
             [daemon] = daemon_pids(m.path)
             gate.unlink()
             _wait_for(lambda: not any(n.startswith(f"{m.root}/plans/#") for n in _open_files(daemon)), "the release")
