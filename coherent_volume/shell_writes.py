@@ -370,23 +370,26 @@ def _options(items: list[Item], valued: frozenset[str]) -> Iterator[tuple[str, I
         yield from _option(arg, items, valued)
 
 
-def _operands(args: list[Item], valued: frozenset[str]) -> tuple[list[Item], dict[str, Item]]:
-    """A command's operands (options anywhere before `--`) and the values of the options in `valued`."""
-    operands: list[Item] = []
-    values: dict[str, Item] = {}
+def _split(
+    args: list[Item], valued: frozenset[str]
+) -> tuple[list[tuple[Item, list[tuple[str, Item | None]] | None]], list[Item]]:
+    """A command's words before `--`, each with the options it gives (`_option`; None for an
+    operand; a word an option takes as its value is not listed), and the words after `--`."""
+    before: list[tuple[Item, list[tuple[str, Item | None]] | None]] = []
     rest = list(args)
     while rest:
         arg = rest.pop(0)
         if arg == "--":
-            operands.extend(rest)
-            break
-        if not _is_option(arg):
-            operands.append(arg)
-            continue
-        for name, value in _option(str(arg), rest, valued):
-            if value is not None:
-                values[name] = value
-    return operands, values
+            return before, rest
+        before.append((arg, _option(str(arg), rest, valued) if _is_option(arg) else None))
+    return before, []
+
+
+def _operands(args: list[Item], valued: frozenset[str]) -> tuple[list[Item], dict[str, Item]]:
+    """A command's operands (options anywhere before `--`) and the values of the options in `valued`."""
+    before, after = _split(args, valued)
+    values = {name: value for _, given in before for name, value in given or () if value is not None}
+    return [word for word, given in before if given is None] + after, values
 
 
 _ANSI_C = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -2411,32 +2414,15 @@ def _script_timing(args: list[Item]) -> list[Item]:
 
 def _given(args: list[Item], valued: frozenset[str]) -> set[str]:
     """The names of the options a command is given (before `--`)."""
-    names: set[str] = set()
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--":
-            break
-        if _is_option(arg):
-            names.update(name for name, _ in _option(str(arg), rest, valued))
-    return names
+    return {name for _, given in _split(args, valued)[0] for name, _ in given or ()}
 
 
 def _altering(args: list[Item], valued: frozenset[str]) -> Unknown | None:
     """The first word of a command `_command_writes` knows that is known only when it runs and may
     be an option, which may change which files the command writes: before `--`, one that may begin
     with `-` or be split into several words, but not the value of an option given as the next word."""
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--":
-            return None
-        if isinstance(arg, Unknown):
-            if _may_begin(arg, "-"):
-                return arg
-        elif _is_option(arg):
-            _option(str(arg), rest, valued)  # its value, when it takes the next word, is no option
-    return None
+    before = _split(args, valued)[0]
+    return next((w for w, given in before if isinstance(w, Unknown) and given is None and _may_begin(w, "-")), None)
 
 
 def _symlink(item: Item, cwd: Cwd) -> bool:
@@ -2454,12 +2440,8 @@ def _program(
     operands, values = _operands(args, valued)
     if not {*given, *files} & set(values) and operands:
         return operands[1:], values, operands[:1]
-    programs: list[Item] = []
-    rest = list(args)
-    while rest and rest[0] != "--":  # every -e, not only the last
-        arg = rest.pop(0)
-        if _is_option(arg):
-            programs += [v for n, v in _option(str(arg), rest, valued) if n in given and v is not None]
+    before = _split(args, valued)[0]  # every -e, not only the last
+    programs = [v for _, opts in before for n, v in opts or () if n in given and v is not None]
     return operands, values, programs
 
 
