@@ -174,6 +174,8 @@ class Retry:
     rel: str
     writing: bool
     until: float
+    pin: int | None = None
+    """The file handle of the version a read-only open is repeated with (the mount's `_pin`)."""
 
 
 class PageCache:
@@ -262,7 +264,7 @@ class PageCache:
         """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""
         return inode in self._readers
 
-    def retry(self, tid: int, rel: str, writing: bool) -> None:
+    def retry(self, tid: int, rel: str, writing: bool, pin: int | None = None) -> None:
         """A call by thread `tid` by the name `rel` was answered ESTALE: the kernel looks `rel` up
         again and repeats the call once, on the inode that lookup answers; a second ESTALE would
         reach the program. So until it lands (`landed`): for a write, its lookup gives it an inode
@@ -271,7 +273,7 @@ class PageCache:
         served at the name (a call by name may take effect at any moment while it is under way)."""
         now = time.monotonic()
         self._retries = {t: r for t, r in self._retries.items() if r.until > now}
-        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT)
+        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin)
 
     def retrying(self, tid: int, rel: str) -> Retry | None:
         """The call of thread `tid` that the kernel is repeating by the name `rel`, if any; a write's by

@@ -29,7 +29,18 @@ from coherent_volume.paths import Target, is_registry_path
 from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 
 from .backing import Backing
-from .handles import FileHandle, Listing, PageCache, Passthrough, Retry, Shadow, Snapshot, blocking, errno_of
+from .handles import (
+    RETRY_WAIT,
+    FileHandle,
+    Listing,
+    PageCache,
+    Passthrough,
+    Retry,
+    Shadow,
+    Snapshot,
+    blocking,
+    errno_of,
+)
 from .identity import AgentResolver, proc_file, process_of
 from .inodes import InodeTable
 from .watcher import OwnChanges
@@ -116,8 +127,13 @@ class CoherentOperations(pyfuse3.Operations):
         """Inodes of write handles that their file's name does not map to, with that name: each write
         opened by name has one of its own (`_apart`), and a write handle whose name moved on
         (`_fresh_inode`) keeps its own; see `_writers_apart`, `_take_name_back`."""
-        self._sizes: dict[int, int] = {}
-        """The size last told the kernel of each managed file's inode (the kernel copies up to it)."""
+        self._sizes: dict[int, int | None] = {}
+        """The size the kernel holds for each managed file's inode (it copies up to it), None when the
+        mount cannot be sure of it: once two replies told it different sizes, since the kernel applies
+        an attribute reply only if it applied none for that inode since it sent the request, and so may
+        keep the older one (see `_pin`)."""
+        self._pins: set[int] = set()
+        """File handles of versions held for read-only opens the kernel is about to repeat (`_pin`)."""
         self._private: set[int] = set()
         """The inodes made for a write (`_apart`), until the kernel forgets them: they never take the
         name, and are in `_aside` until their write handle's release."""
@@ -227,11 +243,12 @@ class CoherentOperations(pyfuse3.Operations):
         parent_inode = self.inodes.inode_if_known(parent)
         return None if parent_inode is None else (parent_inode, os.fsencode(name))
 
-    def _stale(self, rel: str, ctx: pyfuse3.RequestContext, writing: bool) -> pyfuse3.FUSEError:
+    def _stale(self, rel: str, ctx: pyfuse3.RequestContext, writing: bool, pin: int | None = None) -> pyfuse3.FUSEError:
         """ESTALE for a call by name whose inode is no longer (or must no longer be) its name's: the
         kernel looks the name up again and repeats the call there, once. The mount expects that
-        repeat (`PageCache.retry`), so it never meets ESTALE again: see `lookup`, `open`, `setattr`."""
-        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing)
+        repeat (`PageCache.retry`), so it never meets ESTALE again: see `lookup`, `open`, `setattr`.
+        `pin`: the file handle of the version a read-only open is repeated with (`_pin`)."""
+        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing, pin)
         return pyfuse3.FUSEError(errno.ESTALE)
 
     @contextlib.contextmanager
@@ -409,7 +426,8 @@ class CoherentOperations(pyfuse3.Operations):
         entry.attr_timeout = UNMANAGED_TIMEOUT
         if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel.partition("\0")[0]):
             entry.attr_timeout = 0.0
-            self._sizes[inode] = entry.st_size
+            told = self._sizes.get(inode, entry.st_size)
+            self._sizes[inode] = entry.st_size if told == entry.st_size else None
         return entry
 
     def _inode_of(self, rel: str, st: os.stat_result | None = None) -> tuple[int, os.stat_result | None]:
@@ -551,6 +569,8 @@ class CoherentOperations(pyfuse3.Operations):
                 # (a name not found leaves the repeat pending: the kernel looks the name up once more
                 # after a lookup that revalidated its entry found nothing, and the file may be there again)
                 return self._apart(rel, retry)
+            if retry.pin in self._pins:
+                return self._pinned_entry(rel, retry.pin)
             inode = self.inodes.inode_if_known(rel)
             if inode is not None and self._other_content(inode):
                 self._fresh_inode(rel)
@@ -975,16 +995,16 @@ class CoherentOperations(pyfuse3.Operations):
             repeat = None  # the repeat of a call by another name (renamed meanwhile): this one is new
         if "\0" in rel:  # its name is gone, or another inode's now
             name = rel.partition("\0")[0]
-            if repeat is None or not self._managed_file(name):
+            if (repeat is None and writing) or not self._managed_file(name):
                 raise self._stale(rel, ctx, writing)  # the kernel looks it up again and repeats the open
-            rel = name  # the kernel's repeat, and its inode lost its name since its lookup: served at the name
+            rel = name  # served at the name (a read-only open that is no repeat is repeated there: `_pin`)
         if not self._managed_file(rel):
             if writing:
                 self.own.note(rel)  # its close-after-write event is our own echo
             fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
             return pyfuse3.FileInfo(fh=self._open_file(Passthrough(fd, rel, _writable(flags)), inode), keep_cache=True)
         if not writing:
-            return await self._open_reading(rel, inode, ctx, repeat is not None)
+            return await self._open_reading(rel, inode, ctx, repeat)
         if repeat is None:  # a write goes to an inode of its own (`_apart`), where the kernel repeats it
             raise self._stale(rel, ctx, writing=True)
         with self._writing(rel, inode, ctx, repeat=True):
@@ -995,13 +1015,18 @@ class CoherentOperations(pyfuse3.Operations):
                 self.writers[rel] = handle
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
-    async def _open_reading(self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: bool) -> pyfuse3.FileInfo:
+    async def _open_reading(
+        self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: Retry | None
+    ) -> pyfuse3.FileInfo:
         """A read-only open of the managed file at `rel` through `inode` (`repeat`: the kernel's repeat
         of an open answered ESTALE): the version current now, on an inode that serves no other content
-        (`PageCache.serving`), through the page cache when it allows. If the inode lost its name while
-        the open was under way, or the repeat meets another content there, the open takes the version
-        the inode's readers have (current when it began), or without any, the file's now: a call may
-        take effect at any moment while it is under way, and a repeat must not fail ESTALE."""
+        (`PageCache.serving`) and whose size the kernel surely holds (else `_pin`), through the page
+        cache when it allows. If the inode lost its name while the open was under way, or the repeat
+        meets another content there, the open takes the version the inode's readers have (current
+        when it began), or without any, the file's now: a call may take effect at any moment while it
+        is under way, and a repeat must not fail ESTALE."""
+        if repeat is not None and repeat.pin in self._pins and self.file_inodes.get(repeat.pin) == inode:
+            return self._open_pinned(rel, inode, repeat.pin)
         agent, pinned = await self._identity(ctx)
         target = self._target(rel)
         await self._released([h for h in self.releasing.values() if h.rel == rel])  # their commits land first
@@ -1009,19 +1034,17 @@ class CoherentOperations(pyfuse3.Operations):
         tracked = agent is not None and agent_name_problem(agent) is None
         opener = agent if tracked else None
         here = self._handles_on(inode)
-        releasing = [h for h in self.releasing.values() if h.rel == rel and not h.released.is_set()]
-        writing = [h for h in self._writers_of(rel) if h.rel == rel and not (h.moved or h.unlinked)]
-        elsewhere = [h for h in (*releasing, *writing) if all(h is not o for o in here)]
+        elsewhere = self._writes_elsewhere(rel, here)
         st = os.fstat(fd)
         how = self.pages.serving(rel, inode, version, st.st_size, opener, here, elsewhere)
-        if not repeat and (how == "fresh" or self._sizes.get(inode, st.st_size) != st.st_size):
-            # another content there; or the kernel was told another size than this version's (a commit
-            # landed since its last lookup or stat, and it stops a copy at the size it was told): the
-            # kernel repeats the open after a lookup, which tells it the size
-            os.close(fd)
-            if how == "fresh" and "\0" not in self.inodes.path(inode):
+        reader, program = self._reader(ctx.pid) if tracked else (None, None)
+        moved = how == "fresh" or "\0" in self.inodes.path(inode)
+        if repeat is None and (moved or self._sizes.get(inode) != st.st_size):
+            if moved:  # another content there, or its name is gone: the open is repeated on a new inode
                 self._fresh_inode(rel)
-            raise self._stale(rel, ctx, writing=False)
+                inode = self.inodes.inode(rel)
+            snapshot = Snapshot(self.core, fd, version, target, opener, pinned, reader, program, opener=opener)
+            raise await self._pin(snapshot, rel, inode, ctx)
         if "\0" in self.inodes.path(inode) or how == "fresh":
             held = self.pages.version_served(here)
             if held is not None:
@@ -1032,17 +1055,84 @@ class CoherentOperations(pyfuse3.Operations):
                 how = "direct"
         elif how == "cached" and not self._holds(rel, st):  # a commit landed while it was opened
             how = "direct"
-        reader, program = self._reader(ctx.pid) if tracked else (None, None)
         cached = how == "cached"
         snapshot = Snapshot(
             self.core, fd, version, target, opener, pinned, reader, program, opener=opener, cached=cached
         )
+        return self._reading(self._open_file(snapshot, inode), snapshot, inode, here)
+
+    def _writes_elsewhere(self, rel: str, here: Sequence[FileHandle]) -> list[Shadow]:
+        """The write handles of the file at `rel`, open or being released, that are not among `here`
+        (the handles open on the inode a read-only open comes through)."""
+        releasing = [h for h in self.releasing.values() if h.rel == rel and not h.released.is_set()]
+        writing = [h for h in self._writers_of(rel) if h.rel == rel and not (h.moved or h.unlinked)]
+        return [h for h in (*releasing, *writing) if all(h is not o for o in here)]
+
+    def _reading(self, fh: int, snapshot: Snapshot, inode: int, here: Sequence[FileHandle]) -> pyfuse3.FileInfo:
+        """The reply to a read-only open served by `snapshot` (file handle `fh`) on `inode`, where the
+        handles `here` were open before it."""
         self.pages.opened(inode, snapshot)
         # a cached open drops the inode's pages, so its first read comes through it; a direct one keeps
         # those of readers of its version open there, and drops any other (the kernel copies through
         # them: another version's, left by readers since closed, would be copied for this one's)
-        keep = not cached and any(isinstance(h, Snapshot) for h in here)
-        return pyfuse3.FileInfo(fh=self._open_file(snapshot, inode), direct_io=not cached, keep_cache=keep)
+        keep = not snapshot.cached and any(isinstance(h, Snapshot) for h in here)
+        return pyfuse3.FileInfo(fh=fh, direct_io=not snapshot.cached, keep_cache=keep)
+
+    async def _pin(self, snapshot: Snapshot, rel: str, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FUSEError:
+        """ESTALE for a read-only open of `inode` whose size the kernel may hold another than that of
+        the version `snapshot` opened (a commit landed since it was told, or while two calls asked
+        about the file: the kernel keeps the older size for either, and a copy stops at it). The
+        version is held on the inode as an open reader would hold it, so every reply about the inode
+        tells its size from now on (the name moves to a new inode at a commit, `_replaced`); the kernel's
+        attributes of the inode are invalidated, so that no reply made before can be applied any
+        more; the kernel's repeat looks the name up after that, and is answered by this inode
+        (`_pinned_entry`): when the repeated open comes, the kernel holds the version's size, which
+        it serves (`_open_pinned`). (An open that met another content on its inode, or an inode that
+        lost its name, pins a new inode for the name, which the kernel learns of at that lookup.)
+        The invalidation cannot deadlock: the kernel holds no lock of the inode during a read-only
+        open, and takes none for an attribute-only invalidation."""
+        fh = self._open_file(snapshot, inode)
+        self._pins.add(fh)
+        trio.lowlevel.spawn_system_task(self._drop_pin, fh)
+        with contextlib.suppress(OSError):  # the kernel forgot the inode: its next lookup makes it anew
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        return self._stale(rel, ctx, writing=False, pin=fh)
+
+    def _pinned_entry(self, rel: str, fh: int) -> pyfuse3.EntryAttributes:
+        """The lookup of `rel` by a read-only open repeated with a pinned version (`_pin`): the pin's
+        inode, with the version's attributes; if the name moved on to another inode meanwhile (a
+        commit), the entry expires at once, so the name is that other inode for every later call."""
+        inode = self.file_inodes[fh]
+        attrs = self._reply(inode, self.inodes.path(inode))
+        if self.inodes.inode_if_known(rel) != inode:
+            attrs.entry_timeout = 0.0
+        self.inodes.looked_up(inode)
+        return attrs
+
+    def _open_pinned(self, rel: str, inode: int, fh: int) -> pyfuse3.FileInfo:
+        """The repeat of a read-only open that `_pin` answered ESTALE, on the pin's inode: served the
+        pinned version, whose size the kernel holds now (every reply about the inode told it since
+        the invalidation, and the repeat's lookup, sent after it, was applied or gave way to one)."""
+        self._pins.discard(fh)
+        snapshot = self.files[fh]
+        assert isinstance(snapshot, Snapshot)
+        here = [h for h in self._handles_on(inode) if h is not snapshot]
+        st = os.fstat(snapshot.fd)
+        how = self.pages.serving(
+            rel, inode, snapshot.version, st.st_size, snapshot.opener, here, self._writes_elsewhere(rel, here)
+        )
+        snapshot.cached = how == "cached" and self._holds(rel, st)
+        self._sizes[inode] = st.st_size
+        return self._reading(fh, snapshot, inode, here)
+
+    async def _drop_pin(self, fh: int) -> None:
+        """Release a pinned version (`_pin`) whose open was not repeated on its inode in time."""
+        await trio.sleep(RETRY_WAIT)
+        if fh in self._pins:
+            self._pins.discard(fh)
+            handle = self.files.pop(fh)
+            self._closed(self.file_inodes.pop(fh), fh)
+            await handle.release()
 
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +234,116 @@ def test_a_file_written_in_place_keeps_its_inode_number_and_other_agents_see_the
         assert alice("close", "w") == "closed"
         assert (alice("stat", P), bob("stat", P)) == ("19", "19")
         assert alice("ino", P) == bob("ino", P) == before
+
+
+WRITER = r"""
+import os, random, shutil, sys, tempfile, time
+me, kind, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+spare = tempfile.NamedTemporaryFile(delete=False).name  # shutil.copyfile's source, outside the mount
+n = 0
+
+def version():
+    global n
+    n += 1
+    size = random.choice((random.randrange(40, 4096), random.randrange(4096, 3 * 4096)))
+    head = f"{me} {n:07d} {size:06d}\n".encode()
+    return head + bytes([65 + n % 26]) * (size - len(head))
+
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with open("plans/a.md", "rb") as f:  # a current view: another agent's writes since are stale
+            f.read()
+        data = version()
+        if kind == "trunc":  # open O_TRUNC, two writes 2 ms apart, close
+            fd = os.open("plans/a.md", os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, data[: len(data) // 2])
+                time.sleep(0.002)
+                os.write(fd, data[len(data) // 2 :])
+            finally:
+                os.close(fd)
+        elif kind == "rdwr":  # rewritten in place without O_TRUNC, cut to its size
+            fd = os.open("plans/a.md", os.O_RDWR)
+            try:
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
+        else:
+            with open(spare, "wb") as f:
+                f.write(data)
+            shutil.copyfile(spare, "plans/a.md")
+    except OSError:
+        pass  # refused (another agent committed since this one read): it reads again
+os.unlink(spare)
+"""
+
+COPIER = r"""
+import os, sys, time
+seconds = float(sys.argv[1])
+out = os.memfd_create("copy")
+copies = bad = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    fd = os.open("plans/a.md", os.O_RDONLY)
+    try:
+        os.ftruncate(out, 0)
+        os.lseek(out, 0, os.SEEK_SET)
+        copied = os.sendfile(out, fd, 0, 1 << 20)  # right after open: no fstat in between
+    finally:
+        os.close(fd)
+    data = os.pread(out, 1 << 20, 0)
+    copies += 1
+    line, _, rest = data.partition(b"\n")
+    words = line.split()
+    whole = len(words) == 3 and int(words[2]) == len(data) == copied
+    if not (whole and rest == bytes([65 + int(words[1]) % 26]) * (len(data) - len(line) - 1)):
+        bad += 1
+        print("BAD", copied, data[:40], flush=True)
+print("DONE", copies, bad, flush=True)
+"""
+
+
+def copy_while_rewritten(m: Mount, seconds: float) -> tuple[int, list[str]]:
+    """Three agents rewrite plans/a.md in place as fast as they can while a fourth copies it with
+    sendfile right after each open; returns the number of copies and the ones that were no
+    committed version."""
+    (m.path / P).write_text("setup 0000000 000021\n")
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, agent, kind, str(seconds)],
+            cwd=m.path,
+            env={**os.environ, "COHERENT_AGENT": agent},
+        )
+        for agent, kind in (("alice", "trunc"), ("bob", "rdwr"), ("carol", "copyfile"))
+    ]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", COPIER, str(seconds)],
+            cwd=m.path,
+            env={**os.environ, "COHERENT_AGENT": "dave"},
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        )
+    finally:
+        for writer in writers:
+            writer.wait(timeout=seconds + 60)
+    lines = done.stdout.splitlines()
+    copies = int(lines[-1].split()[1])
+    return copies, [line for line in lines if line.startswith("BAD")]
+
+
+def test_a_copy_right_after_a_read_only_open_is_one_committed_version_while_agents_rewrite_the_file(
+    mounted: Mount,
+) -> None:
+    """Three agents rewrite the file in place as fast as they can (open O_TRUNC and two writes 2 ms
+    apart; O_RDWR, write and ftruncate; shutil.copyfile into it) while a fourth opens it read-only
+    and copies it with sendfile at once, asking no size: every copy is one whole committed version
+    (the kernel stops such a copy at the size it holds for the inode, and when a commit lands while
+    two calls ask about the file it may keep the older one)."""
+    copies, bad = copy_while_rewritten(mounted, 40.0)
+    assert copies > 200  # on a loaded machine too: each copy is a few requests
+    assert bad == []
