@@ -42,6 +42,15 @@ class InodeTable:
             self._path[inode] = path
         return inode
 
+    def below(self, path: str, tree: bool) -> dict[int, str]:
+        """The known inode of `path` (and of every path below it when `tree`, a directory), with its
+        name there. Only a directory's look touches the other paths, as in `moved`."""
+        if not tree:
+            inode = self._inode.get(path)
+            return {} if inode is None else {inode: path}
+        prefix = path + "/"
+        return {inode: name for name, inode in self._inode.items() if name == path or name.startswith(prefix)}
+
     def inode_if_known(self, path: str) -> int | None:
         return self._inode.get(path)
 

@@ -137,6 +137,10 @@ class CoherentOperations(pyfuse3.Operations):
         self._private: set[int] = set()
         """The inodes made for a write (`_apart`), until the kernel forgets them: they never take the
         name, and are in `_aside` until their write handle's release."""
+        self._left_globs: dict[int, set[str]] = {}
+        """The names that could be or hold managed paths which each inode had before a checked rename
+        carried it (or a directory above it) to an unmanaged name, until the kernel forgets it: a path
+        walk that resolved the inode before that rename meant a name below those (`_walk_again`)."""
         self.releasing: dict[int, Shadow] = {}
         """Write handles whose release is under way, by file handle (see `_writer`)."""
         self.dirs: dict[int, Listing] = {}
@@ -563,6 +567,12 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self._child(parent_inode, name)
         if self._renaming:
             await self._settled(rel)
+        attrs = await self._looked_up(rel, ctx)
+        self._reached(parent_inode, rel, attrs.st_ino)
+        return attrs
+
+    async def _looked_up(self, rel: str, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """The entry of `rel` for a lookup by thread `ctx.pid`."""
         retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
         if retry is not None:  # the repeated call needs an inode no other content is served on
             if retry.writing:
@@ -644,7 +654,9 @@ class CoherentOperations(pyfuse3.Operations):
         rel = self._name_of(inode)
         handle = self.files.get(fh) if fh is not None else None
         if "\0" not in rel and (handle is None or isinstance(handle, Passthrough)) and not self.core.paths.managed(rel):
-            # unmanaged, by its name or its own descriptor: no agent, no page cache, no repeat to expect
+            # unmanaged, by its name or its own descriptor: no agent, no page cache
+            if fields.update_size and handle is None:  # a truncate by name
+                self._walk_again(ctx, self.pages.landed(ctx.pid), False, (inode, rel))
             fd = handle.fd if handle is not None else self._unmanaged_fd(inode)
             self.own.note(rel)
             if fields.update_size:
@@ -788,6 +800,7 @@ class CoherentOperations(pyfuse3.Operations):
                     self.backing.release(inode)
                 return
             self.inodes.remember(rel)
+            self._reached(listing.inode, rel, inode)  # the kernel may keep the entry as if looked up
 
     @guarded
     async def releasedir(self, fh: int) -> None:
@@ -814,6 +827,7 @@ class CoherentOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
+        self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
         if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel):  # creating a managed file: as `create`
             agent = await self._agent(ctx)
@@ -831,6 +845,7 @@ class CoherentOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         rel = self._child(parent_inode, name)
+        self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
         self.core.symlink(os.fsdecode(target), self._target(rel))
         self._own(rel, ctx)
@@ -841,6 +856,7 @@ class CoherentOperations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         rel = self._child(new_parent_inode, new_name)
+        self._walk_again(ctx, self.pages.landed(ctx.pid), False, (new_parent_inode, rel))
         self.own.note(rel)
         self.core.link(self._target(self.inodes.path(inode)), self._target(rel))
         self.inodes.link(inode, rel)  # one inode for both names, as on disk
@@ -851,6 +867,7 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         rel = self._child(parent_inode, name)
+        self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
         if self._managed_file(rel):
             agent = await self._writer(ctx, rel)
@@ -882,6 +899,7 @@ class CoherentOperations(pyfuse3.Operations):
     ) -> None:
         src = self._child(parent_inode_old, name_old)
         dst = self._child(parent_inode_new, name_new)
+        self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode_old, src), (parent_inode_new, dst))
         self.own.note(src, dst)
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_WHITEOUT: the mount makes no whiteouts
@@ -909,11 +927,14 @@ class CoherentOperations(pyfuse3.Operations):
             agent = await self._writer(ctx, src, dst)
             done = trio.Event()
             self._renaming.update({src: done, dst: done})
+            carried = {**self.inodes.below(src, tree), **(self.inodes.below(dst, tree) if exchange else {})}
             try:
                 await blocking(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
                 for handle in moving:
                     handle.moved = True
                 self._renamed(src, dst, exchange, tree)
+                for inode, before in carried.items():
+                    self._left(inode, before)
             finally:
                 for path in (src, dst):
                     if self._renaming.get(path) is done:
@@ -924,6 +945,52 @@ class CoherentOperations(pyfuse3.Operations):
             self.backing.rename(src, dst, flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE))
             if not same:
                 self._renamed(src, dst, exchange, tree)
+
+    def _left(self, inode: int, before: str) -> None:
+        """`inode` was reached by the name `before` until now (a checked rename carried it, or a lookup
+        through a directory it carried: `_reached`): noted in `_left_globs` if that name could be or
+        hold a managed path and its name now is not managed."""
+        now = self.inodes.path(inode).partition("\0")[0]
+        meant = self.core.paths.managed(before) or self._reaches(before)
+        if meant and now != before and not self.core.paths.managed(now):
+            self._left_globs.setdefault(inode, set()).add(before)
+
+    def _reached(self, parent: int, rel: str, inode: int) -> None:
+        """`inode` is the entry `rel` of the directory `parent`: where `parent` left the globs, a walk
+        that resolved it before meant `inode` by the same name below its names then."""
+        befores = self._left_globs.get(parent)
+        if befores:
+            name = rel.rpartition("/")[2]
+            for before in list(befores):
+                self._left(inode, f"{before}/{name}")
+
+    def _walk_again(
+        self, ctx: pyfuse3.RequestContext, repeat: Retry | None, writing: bool, *reached: tuple[int, str]
+    ) -> None:
+        """Turn back a call that changes the files at the unmanaged names `reached`, each through an
+        inode (the file's own, or its directory's), when the path walk it came by may have resolved
+        one of those inodes before a checked rename carried it out of the globs, and so meant a
+        managed name: the call would change the moved file unchecked. It is answered ESTALE: the
+        kernel walks the whole path again and repeats the call once (`repeat`: the call the kernel
+        was repeating, if this is its repeat), meeting the tree as it is now, as if the call had
+        come after the rename. The repeat by the same name goes ahead (a call that did come after
+        the rename costs one round trip more); one by another name raced a rename again, and fails
+        ENOENT (the name it meant moved away), since a second ESTALE would reach the program."""
+        meant = [rel for inode, rel in reached if self._meant_managed(inode, rel)]
+        if not meant or (repeat is not None and repeat.rel in meant):
+            return
+        if repeat is not None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        raise self._stale(meant[0], ctx, writing)
+
+    def _meant_managed(self, inode: int, rel: str) -> bool:
+        """Whether a path walk that resolved `inode` (the file at `rel`, or its directory) before a
+        checked rename carried it out of the globs meant a managed name, where `rel` is not one."""
+        befores = self._left_globs.get(inode)
+        if not befores or self.core.paths.managed(rel):
+            return False
+        below = "" if self.inodes.path(inode) == rel else "/" + rel.rpartition("/")[2]
+        return any(self.core.paths.managed(before + below) for before in befores)
 
     def _holds(self, rel: str, st: os.stat_result) -> bool:
         """Whether the backing name `rel` is the file `st` describes."""
@@ -990,7 +1057,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         rel = self.inodes.path(inode)
         writing = _writable(flags) or bool(flags & os.O_TRUNC)
-        repeat = self.pages.landed(ctx.pid)
+        landed = repeat = self.pages.landed(ctx.pid)
         if repeat is not None and repeat.rel != rel.partition("\0")[0]:
             repeat = None  # the repeat of a call by another name (renamed meanwhile): this one is new
         if "\0" in rel:  # its name is gone, or another inode's now
@@ -1000,6 +1067,7 @@ class CoherentOperations(pyfuse3.Operations):
             rel = name  # served at the name (a read-only open that is no repeat is repeated there: `_pin`)
         if not self._managed_file(rel):
             if writing:
+                self._walk_again(ctx, landed, True, (inode, rel))
                 self.own.note(rel)  # its close-after-write event is our own echo
             fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
             return pyfuse3.FileInfo(fh=self._open_file(Passthrough(fd, rel, _writable(flags)), inode), keep_cache=True)
@@ -1153,6 +1221,7 @@ class CoherentOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         rel = self._child(parent_inode, name)
+        self._walk_again(ctx, self.pages.landed(ctx.pid), True, (parent_inode, rel))
         mode = stat_mod.S_IMODE(mode) & ~ctx.umask
         self.own.note(rel)
         if not self._managed_file(rel):
@@ -1308,6 +1377,7 @@ class CoherentOperations(pyfuse3.Operations):
             if not self.inodes.forget(inode, count):
                 self.backing.release(inode)
                 self._sizes.pop(inode, None)
+                self._left_globs.pop(inode, None)  # a lookup through a carried directory marks it again (`_reached`)
                 # a write's own inode, its write released or never repeated there
                 if inode in self._private and not self._handles_on(inode):
                     self._private.discard(inode)

@@ -691,6 +691,107 @@ Shadow._release = _held
         assert (m.root / "plans/t.md").read_bytes() == b""
 
 
+@pytest.mark.parametrize(
+    ("moved", "to", "name", "created"),
+    [("plans", "away", "away/r.txt", False), ("plans/r.txt", "r.txt", "r.txt", True)],
+    ids=["dir", "file"],
+)
+def test_a_write_whose_open_comes_after_its_file_left_the_globs_does_not_reach_it(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moved: str, to: str, name: str, created: bool
+) -> None:
+    """A write by a managed name whose lookup came before a rename carried its file (or its
+    directory) out of the globs, and whose open came after (the daemon holds the open until the
+    rename is done), does not land unchecked in the moved file: it goes as if its lookup had come
+    after the rename (its directory gone, it fails; else it makes a new managed file), and the
+    moved file keeps what the rename carried. A write by its new name goes in."""
+    patch = """
+import os, trio
+from fusefs import operations
+_open = operations.CoherentOperations.open
+async def _held(self, inode, flags, ctx):
+    if flags & (os.O_WRONLY | os.O_RDWR):
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _open(self, inode, flags, ctx)
+operations.CoherentOperations.open = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("alice", "echo one > plans/r.txt").returncode == 0
+        gate.touch()
+        writer = subprocess.Popen(
+            ["bash", "-c", "echo two > plans/r.txt"],
+            cwd=m.path,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "bob"},
+        )
+        try:
+            _wait_for(Path(f"{gate}.held").exists, "the write's open to reach the gate")
+            done = m.run("alice", f"cat plans/r.txt >/dev/null && mv -T {moved} {to}")
+            assert done.returncode == 0, done.stderr
+        finally:
+            gate.unlink()
+            _, err = writer.communicate(timeout=60)
+        if created:  # its directory is still there: the write made a new file by its name
+            assert writer.returncode == 0, err
+            assert (m.path / "plans/r.txt").read_text() == "two\n"
+        else:
+            assert writer.returncode != 0 and "No such file or directory" in err
+        assert (m.path / name).read_text() == "one\n"
+        assert m.run("bob", f"echo three > {name}").returncode == 0
+    assert (m.root / name).read_text() == "three\n"
+
+
+def test_a_create_whose_directory_left_the_globs_after_its_lookup_does_not_land_there(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write making a new file by a managed name, whose path walk found its directory before a
+    rename carried that directory out of the globs and whose create came after (the daemon holds
+    the create until the rename is done), does not make the file unchecked in the moved
+    directory: it goes as if it had come after the rename (the directory is gone). A program whose
+    working directory is the moved one makes its files there, as on a local disk; so does a write
+    by the new name."""
+    patch = """
+import trio
+from fusefs import operations
+_create = operations.CoherentOperations.create
+async def _held(self, parent_inode, name, mode, flags, ctx):
+    if name == b"new.txt":
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _create(self, parent_inode, name, mode, flags, ctx)
+operations.CoherentOperations.create = _held
+"""
+    go = tmp_path / "go"
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("alice", "echo one > plans/r.txt").returncode == 0
+        gate.touch()
+        env = {**os.environ, "COHERENT_AGENT": "bob"}
+        writer = subprocess.Popen(
+            ["bash", "-c", "echo two > plans/new.txt"], cwd=m.path, stderr=subprocess.PIPE, text=True, env=env
+        )
+        inside = subprocess.Popen(
+            ["bash", "-c", f"cd plans && while [ ! -e {go} ]; do sleep 0.01; done && echo four > here.txt"],
+            cwd=m.path,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            _wait_for(Path(f"{gate}.held").exists, "the write's create to reach the gate")
+            done = m.run("alice", "cat plans/r.txt >/dev/null && mv -T plans away")
+            assert done.returncode == 0, done.stderr
+        finally:
+            gate.unlink()
+            go.touch()
+            _, err = writer.communicate(timeout=60)
+            _, err_inside = inside.communicate(timeout=60)
+        assert writer.returncode != 0 and "No such file or directory" in err
+        assert not (m.path / "away/new.txt").exists()
+        assert inside.returncode == 0, err_inside
+        assert m.run("bob", "echo three > away/new.txt").returncode == 0
+        assert sorted(p.name for p in (m.path / "away").iterdir()) == ["here.txt", "new.txt", "r.txt"]
+    assert [(root / "away" / n).read_text() for n in ("here.txt", "new.txt", "r.txt")] == ["four\n", "three\n", "one\n"]
+
+
 WRITES_WHILE_A_DUP_CLOSES = """
 import os, sys, threading
 failed = []

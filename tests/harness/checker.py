@@ -549,9 +549,7 @@ def check_moves(history: History) -> Verdict:
     it put one), versions go 1..n with no gap, the log lists exactly those (as commit or delete, by
     whom), and the final file is the last version. Every increment was built on the version just
     before its own. Every move carried what its source held just before (its mover's view was
-    current), and what it parked outside the managed paths is what it brings back (or what was
-    written to it there: an attempt whose target is an unmanaged path reached a file a move had
-    just carried out of the globs). Per counter (a seed and the increments built on it, wherever
+    current), and what it parked outside the managed paths is what it brings back. Per counter (a seed and the increments built on it, wherever
     moves carried it): no two increments on one base, and its last increment is in exactly one
     final file, with the seed's count plus the accepted increments. A refused move changed no file
     and its refusal is in the log. Every content anyone saw was committed, at that path (or at one
@@ -633,9 +631,7 @@ def check_moves(history: History) -> Verdict:
                     f"{a.agent}'s {a.token} made {a.target} v{a.version} from {a.prev}, but "
                     f"v{a.version - 1} is {before.label}",
                 )
-    _check_carried(
-        moves, [a for a in history.attempts if a.committed and not managed(a.target)], entries, managed, verdict
-    )
+    _check_carried(moves, entries, managed, verdict)
     _check_counters(history, nodes, verdict)
     _check_refused_moves(history, verdict)
     _check_seen_at(history, nodes, entries, managed, verdict)
@@ -671,34 +667,12 @@ def _check_entry_versions(path: str, chain: dict[int, _Entry], history: History,
 
 
 def _check_carried(
-    moves: list[Move],
-    outside: list[Attempt],
-    entries: dict[str, dict[int, _Entry]],
-    managed: Callable[[str], bool],
-    verdict: Verdict,
+    moves: list[Move], entries: dict[str, dict[int, _Entry]], managed: Callable[[str], bool], verdict: Verdict
 ) -> None:
     """Each move carried what its source held just before. What a move parked outside the managed
-    paths comes back as it was left there: as parked, or as the increments written to it there
-    (`outside`: writes that reached a file after a move carried it out of the globs), each built on
-    what was there before it (two built on the same content: a lost update)."""
+    paths comes back as it was left there (`moves` in time order)."""
     parked: dict[str, str | None] = {}
-    steps = sorted(
-        [(m.t0, 0, m) for m in moves] + [(a.t_write1 or a.t_read, 1, a) for a in outside], key=lambda step: step[:2]
-    )
-    for _, kind, step in steps:
-        if kind == 1:
-            a = step
-            assert isinstance(a, Attempt)
-            if parked.get(a.target) != a.prev:
-                verdict.add(
-                    "lost-update",
-                    f"{a.agent}'s {a.token} reached {a.target} outside the globs built on "
-                    f"{a.prev}, which held {parked.get(a.target)}",
-                )
-            parked[a.target] = a.token
-            continue
-        m = step
-        assert isinstance(m, Move)
+    for m in moves:
         for frm, to, token in m.files:
             assert frm is not None and to is not None
             if managed(frm):
