@@ -156,8 +156,13 @@ class CoherentOperations(pyfuse3.Operations):
     def _target(self, rel: str) -> Target:
         return self.core.paths.of_rel(rel)
 
-    def _child(self, parent: int, name: bytes) -> str:
-        rel = self.inodes.child(parent, name)
+    async def _path(self, inode: int) -> str:
+        """The path of `inode`, for a request that reaches the disk by it (see `_settled`)."""
+        return await self._settled(functools.partial(self.inodes.path, inode))
+
+    async def _child(self, parent: int, name: bytes) -> str:
+        """The path of `name` in `parent`, for a request that reaches the disk by it (see `_settled`)."""
+        rel = await self._settled(functools.partial(self.inodes.child, parent, name))
         if is_registry_path(rel):
             raise pyfuse3.FUSEError(errno.ENOENT)  # the registry is invisible in the mount
         return rel
@@ -222,11 +227,11 @@ class CoherentOperations(pyfuse3.Operations):
         handle, or a write being made there (readers of the version it will read may share)."""
         return self.pages.opening(inode) or any(not isinstance(h, Snapshot) for h in self._handles_on(inode))
 
-    def _name_of(self, inode: int) -> str:
+    async def _name_of(self, inode: int) -> str:
         """The path a call on `inode` changes or asks about by name: its own, or for an inode set aside
         for a write handle (`_unname`), its name's, whose metadata is the file's (a chmod through the
-        name is the file's, not the shadow's its commit would replace)."""
-        return self._aside_name(inode) or self.inodes.path(inode)
+        name is the file's, not the shadow's its commit would replace). See `_settled`."""
+        return await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode))
 
     def _aside_name(self, inode: int) -> str | None:
         """The name `inode` was set aside from (`_unname`, `_apart`), while a write handle open on it
@@ -564,9 +569,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        rel = self._child(parent_inode, name)
-        if self._renaming:
-            await self._settled(rel)
+        rel = await self._child(parent_inode, name)
         attrs = await self._looked_up(rel, ctx)
         self._reached(parent_inode, rel, attrs.st_ino)
         return attrs
@@ -594,9 +597,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if self._renaming:
-            await self._settled(self.inodes.path(inode))
-        rel = self.inodes.path(inode)
+        rel = await self._path(inode)
         if "\0" in rel and self._held_stat(inode) is None:
             rel = self._moved_on(rel)
         return self._reply(inode, rel)
@@ -626,16 +627,23 @@ class CoherentOperations(pyfuse3.Operations):
             return rel
         return name if self.core.paths.managed(name) and stat_mod.S_ISREG(st.st_mode) else rel
 
-    async def _settled(self, rel: str) -> None:
-        """Wait for a rename in flight at or above `rel`: its disk change is made in a worker thread
-        and the inode table follows only after it, so an answer meanwhile could pair an inode
-        with another object's type, which the kernel answers with EIO. (Callers skip it while no
-        rename is in flight: most requests meet none.)"""
+    async def _settled(self, path_of: Callable[[], str]) -> str:
+        """`path_of()`, a path from the inode table, once no checked rename in flight is at or above it
+        (or its name, for an inode that lost it). Such a rename changes the disk in a worker thread and
+        the table follows only after: a request reaching the disk by the path meanwhile would meet
+        another object there, and an open or a reply would pair an inode with that object's type
+        (the kernel answers EIO) or fail (ENOTDIR). Every request reaching the disk by a path it takes
+        from the table gets it here, with no await before that access. (Free while no rename is in
+        flight: most requests meet none.)"""
+        rel = path_of()
         while self._renaming:
-            moving = [event for top, event in self._renaming.items() if _at_or_below(rel, top)]
+            name = rel.partition("\0")[0]
+            moving = [event for top, event in self._renaming.items() if _at_or_below(name, top)]
             if not moving:
-                return
+                break
             await moving[0].wait()
+            rel = path_of()
+        return rel
 
     async def _viewer(self, rel: str, ctx: pyfuse3.RequestContext) -> str | None:
         """The caller's agent, looked up only where a write handle has unsaved changes (see `setattr`)."""
@@ -651,7 +659,7 @@ class CoherentOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        rel = self._name_of(inode)
+        rel = await self._name_of(inode)
         handle = self.files.get(fh) if fh is not None else None
         if "\0" not in rel and (handle is None or isinstance(handle, Passthrough)) and not self.core.paths.managed(rel):
             # unmanaged, by its name or its own descriptor: no agent, no page cache
@@ -736,7 +744,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode(self.backing.readlink(self.inodes.path(inode)))
+        return os.fsencode(self.backing.readlink(await self._path(inode)))
 
     @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -764,10 +772,11 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        rel = self.inodes.path(inode)
         # a commit a close(2) left to the release shows its temp name here until it lands
         if self.releasing:
-            await self._released([h for h in self.releasing.values() if h.rel.rpartition("/")[0] == rel])
+            here = self.inodes.path(inode)
+            await self._released([h for h in self.releasing.values() if h.rel.rpartition("/")[0] == here])
+        rel = await self._path(inode)
         fd = self.backing.opendir(rel)
         try:
             names = sorted(os.listdir(fd))
@@ -789,7 +798,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self.dirs[fh]
         for index in range(start_id, len(listing.names)):
-            rel = self.inodes.child(listing.inode, listing.names[index])
+            rel = await self._settled(functools.partial(self.inodes.child, listing.inode, listing.names[index]))
             try:
                 inode, st = self._inode_of(rel)
                 attrs = self._attrs(rel, inode, st=st)
@@ -810,14 +819,14 @@ class CoherentOperations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        rel = self._child(parent_inode, name)
+        rel = await self._child(parent_inode, name)
         self.own.note(rel)
         self.backing.mkdir(rel, mode & ~ctx.umask)
         return self._entry(rel, self._own(rel, ctx))
 
     @guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        rel = self._child(parent_inode, name)
+        rel = await self._child(parent_inode, name)
         self.own.note(rel)
         self.backing.rmdir(rel)
         self.inodes.unlinked(rel)
@@ -826,7 +835,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        rel = self._child(parent_inode, name)
+        rel = await self._child(parent_inode, name)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
         if stat_mod.S_ISREG(mode) and self.core.paths.managed(rel):  # creating a managed file: as `create`
@@ -844,7 +853,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        rel = self._child(parent_inode, name)
+        rel = await self._child(parent_inode, name)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
         self.core.symlink(os.fsdecode(target), self._target(rel))
@@ -855,10 +864,10 @@ class CoherentOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        rel = self._child(new_parent_inode, new_name)
+        rel = await self._child(new_parent_inode, new_name)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (new_parent_inode, rel))
         self.own.note(rel)
-        self.core.link(self._target(self.inodes.path(inode)), self._target(rel))
+        self.core.link(self._target(await self._path(inode)), self._target(rel))
         self.inodes.link(inode, rel)  # one inode for both names, as on disk
         return self._entry(rel)
 
@@ -866,7 +875,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        rel = self._child(parent_inode, name)
+        rel = await self._child(parent_inode, name)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
         if self._managed_file(rel):
@@ -897,8 +906,8 @@ class CoherentOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        src = self._child(parent_inode_old, name_old)
-        dst = self._child(parent_inode_new, name_new)
+        src = await self._child(parent_inode_old, name_old)
+        dst = await self._child(parent_inode_new, name_new)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode_old, src), (parent_inode_new, dst))
         self.own.note(src, dst)
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
@@ -1055,7 +1064,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        rel = self.inodes.path(inode)
+        rel = await self._path(inode)
         writing = _writable(flags) or bool(flags & os.O_TRUNC)
         landed = repeat = self.pages.landed(ctx.pid)
         if repeat is not None and repeat.rel != rel.partition("\0")[0]:
@@ -1220,7 +1229,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        rel = self._child(parent_inode, name)
+        rel = await self._child(parent_inode, name)
         self._walk_again(ctx, self.pages.landed(ctx.pid), True, (parent_inode, rel))
         mode = stat_mod.S_IMODE(mode) & ~ctx.umask
         self.own.note(rel)
@@ -1306,7 +1315,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        rel = self._name_of(inode)
+        rel = await self._name_of(inode)
         if name in (XATTR_VERSION, XATTR_VIEW):
             if "\0" in rel or not self._managed_file(rel):
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -1340,7 +1349,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        rel = self._name_of(inode)
+        rel = await self._name_of(inode)
         try:
             held = self._xattr_fd(inode, rel)
         except pyfuse3.FUSEError:
@@ -1358,7 +1367,7 @@ class CoherentOperations(pyfuse3.Operations):
         if held is not None:
             os.setxattr(held, name, value)
         else:
-            self.backing.setxattr(self._name_of(inode), name, value)
+            self.backing.setxattr(await self._name_of(inode), name, value)
 
     @guarded
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -1368,7 +1377,7 @@ class CoherentOperations(pyfuse3.Operations):
         if held is not None:
             os.removexattr(held, name)
         else:
-            self.backing.removexattr(self._name_of(inode), name)
+            self.backing.removexattr(await self._name_of(inode), name)
 
     # ---- inode lifetime -------------------------------------------------------------
 

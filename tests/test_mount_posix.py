@@ -206,12 +206,29 @@ def test_a_refused_rename_leaves_nothing_that_wedges_the_volume(mounted: Mount) 
 
 
 def test_lookups_racing_an_exchange_of_a_file_with_a_directory_never_fail_eio(root: Path, tmp_path: Path) -> None:
-    """A checked rename changes the disk in a worker thread: a lookup answered meanwhile must not
-    pair an inode with the other object's type (the kernel answers that with EIO)."""
+    """A checked rename changes the disk in a worker thread: a request answered meanwhile must not
+    pair an inode with the other object's type (the kernel answers that with EIO) nor meet the other
+    object at its path (an open of the file found the directory, or the directory's open found the
+    file: ENOTDIR). Readers of the name see the file or the directory (EISDIR), as on a local disk."""
     (root / "plans/d").mkdir()
     (root / "plans/x.md").write_text("x\n")
     (root / "plans/d/inner.md").write_text("inner\n")
+    reader = """
+import errno, os
+seen = set()
+while not os.path.exists("swapped"):
+    try:
+        with open("plans/x.md", "rb") as f:
+            f.read()
+    except OSError as e:
+        seen.add(errno.errorcode[e.errno])
+print(" ".join(sorted(seen)))
+"""
     with Mount(root, tmp_path / "m") as m:
+        env = {**os.environ, "COHERENT_AGENT": "reader"}
+        reading = subprocess.Popen(
+            [sys.executable, "-c", reader], cwd=m.path, env=env, stdout=subprocess.PIPE, text=True
+        )
         swapper = subprocess.Popen(
             [
                 sys.executable,
@@ -238,7 +255,10 @@ for i in range(150):
             timeout=300,
         )
         swapper.wait(timeout=300)
+        (m.path / "swapped").touch()
+        seen = reading.communicate(timeout=60)[0].split()
     assert "Input/output error" not in writer.stdout, writer.stdout
+    assert set(seen) <= {"EISDIR"}, seen
 
 
 def test_entries_made_in_a_set_group_id_directory_take_its_group(mounted: Mount) -> None:
