@@ -600,7 +600,15 @@ class CoherentOperations(pyfuse3.Operations):
         rel = await self._path(inode)
         if "\0" in rel and self._held_stat(inode) is None:
             rel = self._moved_on(rel)
-        return self._reply(inode, rel)
+        try:
+            return self._reply(inode, rel)
+        except OSError as e:
+            if e.errno != errno.ESTALE or not self.core.paths.managed(rel.partition("\0")[0]):
+                raise
+            # a managed file's inode that lost its name, with no file there now: the kernel walks the
+            # path again and repeats the call that asked (an open checks permissions with a getattr
+            # first), which must not meet ESTALE again: an open repeated so is served (`open`)
+            raise self._stale(rel, ctx, writing=False) from None
 
     def _reply(self, inode: int, rel: str) -> pyfuse3.EntryAttributes:
         """The getattr or setattr reply for `inode`, whose call asked about or changed the file at `rel`.
