@@ -90,7 +90,11 @@ class Cluster:
         command = [str(self.bin / program), *args]
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True, cwd="/")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd="/")
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip()
+            raise RuntimeError(f"{program} {' '.join(args)} failed (exit {done.returncode}): {said}")
+        return done
 
     def url(self, db: str = "cv") -> str:
         """A libpq URL for role cv on database `db`, over TCP to the first listen address."""
