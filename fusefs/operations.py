@@ -54,6 +54,11 @@ RELEASE_WAIT = 0.5
 """Seconds a managed change waits for its agent's write handles that a close(2) left holding their
 grant to be released (see `_writer`)."""
 
+LEFT_NAMES = 16
+"""How many of the names an inode had before checked renames carried it out of the globs the mount
+keeps (`_left`), the newest: a path walk spans one system call, which that many renames of one
+inode do not fit in."""
+
 XATTR_VERSION = b"user.coherent.version"
 XATTR_VIEW = b"user.coherent.view"
 
@@ -137,7 +142,7 @@ class CoherentOperations(pyfuse3.Operations):
         self._private: set[int] = set()
         """The inodes made for a write (`_apart`), until the kernel forgets them: they never take the
         name, and are in `_aside` until their write handle's release."""
-        self._left_globs: dict[int, set[str]] = {}
+        self._left_globs: dict[int, dict[str, None]] = {}
         """The names that could be or hold managed paths which each inode had before a checked rename
         carried it (or a directory above it) to an unmanaged name, until the kernel forgets it: a path
         walk that resolved the inode before that rename meant a name below those (`_walk_again`)."""
@@ -970,7 +975,11 @@ class CoherentOperations(pyfuse3.Operations):
         now = self.inodes.path(inode).partition("\0")[0]
         meant = self.core.paths.managed(before) or self._reaches(before)
         if meant and now != before and not self.core.paths.managed(now):
-            self._left_globs.setdefault(inode, set()).add(before)
+            befores = self._left_globs.setdefault(inode, {})
+            befores.pop(before, None)
+            befores[before] = None  # the newest last; only the newest LEFT_NAMES are kept
+            for oldest in list(befores)[:-LEFT_NAMES]:
+                del befores[oldest]
 
     def _reached(self, parent: int, rel: str, inode: int) -> None:
         """`inode` is the entry `rel` of the directory `parent`: where `parent` left the globs, a walk
@@ -991,23 +1000,26 @@ class CoherentOperations(pyfuse3.Operations):
         kernel walks the whole path again and repeats the call once (`repeat`: the call the kernel
         was repeating, if this is its repeat), meeting the tree as it is now, as if the call had
         come after the rename. The repeat by the same name goes ahead (a call that did come after
-        the rename costs one round trip more); one by another name raced a rename again, and fails
-        ENOENT (the name it meant moved away), since a second ESTALE would reach the program."""
-        meant = [rel for inode, rel in reached if self._meant_managed(inode, rel)]
+        the rename costs one round trip more); the repeat of a call by one of the managed names it
+        meant raced a rename again, and fails ENOENT (the name it meant moved away), since a second
+        ESTALE would reach the program. Any other call is new (a repeat the kernel never made, its
+        lookup having found nothing, leaves its record behind for a while: `PageCache.landed`)."""
+        meant = {rel: self._meant(inode, rel) for inode, rel in reached}
+        meant = {rel: names for rel, names in meant.items() if names}
         if not meant or (repeat is not None and repeat.rel in meant):
             return
-        if repeat is not None:
+        if repeat is not None and any(repeat.rel in names for names in meant.values()):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        raise self._stale(meant[0], ctx, writing)
+        raise self._stale(next(iter(meant)), ctx, writing)
 
-    def _meant_managed(self, inode: int, rel: str) -> bool:
-        """Whether a path walk that resolved `inode` (the file at `rel`, or its directory) before a
-        checked rename carried it out of the globs meant a managed name, where `rel` is not one."""
+    def _meant(self, inode: int, rel: str) -> list[str]:
+        """The managed names a path walk may have meant that resolved `inode` (the file at `rel`, or its
+        directory) before a checked rename carried it out of the globs, where `rel` is not managed."""
         befores = self._left_globs.get(inode)
         if not befores or self.core.paths.managed(rel):
-            return False
+            return []
         below = "" if self.inodes.path(inode) == rel else "/" + rel.rpartition("/")[2]
-        return any(self.core.paths.managed(before + below) for before in befores)
+        return [before + below for before in befores if self.core.paths.managed(before + below)]
 
     def _holds(self, rel: str, st: os.stat_result) -> bool:
         """Whether the backing name `rel` is the file `st` describes."""

@@ -984,3 +984,46 @@ def test_opens_for_writing_never_meet_estale_while_another_agent_renames_the_fil
     writer, renamer = outs
     assert "ESTALE" not in writer and "ESTALE" not in renamer, outs
     assert int(writer.get("ok", 0)) > 20 and int(renamer.get("ok", 0)) > 20, outs
+
+
+def test_a_repeat_the_kernel_never_made_does_not_fail_the_threads_next_call_in_a_moved_directory(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open for writing in a directory carried out of the globs is turned back once (ESTALE inside
+    the kernel); when the file is removed before the kernel's repeat, the repeat's lookup finds
+    nothing and the open fails ENOENT, as on a local disk, and no repeat reaches the daemon. The
+    same thread's next call, a create of another file there, is a call of its own: it makes its
+    file (found by a hostile probe: it failed ENOENT, taken for that repeat)."""
+    patch = """
+import trio
+from fusefs import operations
+_looked_up = operations.CoherentOperations._looked_up
+async def _held(self, rel, ctx):
+    if rel.endswith("/victim") and self.pages._retries.get(ctx.pid) is not None:
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _looked_up(self, rel, ctx)
+operations.CoherentOperations._looked_up = _held
+"""
+    child = """
+import os
+for path, flags in (("away/victim", 0), ("away/other", os.O_CREAT)):
+    try:
+        os.close(os.open(path, os.O_WRONLY | flags, 0o644))
+        print("ok", flush=True)
+    except OSError as e:
+        print(e.strerror, flush=True)
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        done = m.run("alice", "mkdir -p plans/a && echo v > plans/a/victim && mv plans/a away")
+        assert done.returncode == 0, done.stderr
+        gate.touch()
+        env = {**os.environ, "COHERENT_AGENT": "bob"}
+        opener = subprocess.Popen([sys.executable, "-c", child], cwd=m.path, stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            _wait_for(Path(f"{gate}.held").exists, "the repeat's lookup to reach the gate")
+            os.unlink(m.root / "away/victim")  # behind the mount: nothing else meets the gate
+        finally:
+            gate.unlink()
+            out = opener.communicate(timeout=60)[0]
+        assert out.splitlines() == ["No such file or directory", "ok"]
+        assert sorted(os.listdir(m.path / "away")) == ["other"]
