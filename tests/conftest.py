@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,21 @@ from coherent_volume import CoherentVolume
 
 from .harness import REPO
 from .harness.mounts import DaemonLogError, daemon_log_problems
+
+
+def _dev_null() -> tuple[bool, int]:
+    st = os.stat("/dev/null")
+    return stat.S_ISCHR(st.st_mode), stat.S_IMODE(st.st_mode)
+
+
+@pytest.fixture(autouse=True)
+def _dev_null_untouched() -> Iterator[None]:
+    """No test may change /dev/null (something made it mode 0600 during a full run, and the
+    PostgreSQL clusters' initdb then failed in other tests): the test that did fails."""
+    before = _dev_null()
+    yield
+    after = _dev_null()
+    assert after == before, f"/dev/null changed during this test: (char device, mode) {before} -> {after}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
