@@ -461,8 +461,7 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
     it (none for binary content; a note when either version's bytes are not retained); --json
     adds them as "diff" and "diff_note"."""
     core = _open(root)
-    batch = report.events(core, limit=limit)
-    after = batch[-1].event.seq if batch else 0
+    batch, mark = report.events(core, limit=limit)
 
     def emit(items: list[report.LogLine]) -> None:
         if as_json:
@@ -484,9 +483,8 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
     emit(batch)
     while follow:
         time.sleep(0.2)
-        batch = report.events(core, after=after)
+        batch, mark = report.events_since(core, mark)
         if batch:
-            after = batch[-1].event.seq
             emit(batch)
 
 

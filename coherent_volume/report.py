@@ -17,7 +17,7 @@ from .fingerprint import kind_of
 from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
 from .protocol import grant_over
-from .registry import AgentSummary, Event, Transaction
+from .registry import AgentSummary, Event, LogMark, Transaction
 from .registry.pg_hosts import WorkingCopy
 from .registry.pg_open import boot_id
 from .registry.postgresql import PostgresRegistry
@@ -180,13 +180,22 @@ def _lines(tx: Transaction, events: list[Event]) -> list[LogLine]:
     return lines
 
 
-def events(core: VolumeCore, after: int = 0, limit: int | None = None) -> list[LogLine]:
-    """The log after event `after`, oldest first: the newest `limit` lines only, if given (a limit
-    past what a registry can number, `MAX_VERSION`, is none)."""
+def events(core: VolumeCore, limit: int | None = None) -> tuple[list[LogLine], LogMark]:
+    """The log, oldest first: the newest `limit` lines only, if given (a limit past what a registry
+    can number, `MAX_VERSION`, is none); and the mark past every line there is (`events_since`)."""
     with core.registry.read() as tx:
         if limit is None or limit > MAX_VERSION:
-            return _lines(tx, tx.events(after=after))
-        return _lines(tx, list(reversed(tx.events(after=after, limit=limit, newest_first=True))))
+            found = tx.events()
+        else:
+            found = list(reversed(tx.events(limit=limit, newest_first=True)))
+        return _lines(tx, found), tx.log_mark()
+
+
+def events_since(core: VolumeCore, mark: LogMark) -> tuple[list[LogLine], LogMark]:
+    """The lines committed since `mark`, each once (`Transaction.events_since`); the mark past them."""
+    with core.registry.read() as tx:
+        found, mark = tx.events_since(mark)
+        return _lines(tx, found), mark
 
 
 def made_version(e: Event) -> bool:

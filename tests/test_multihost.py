@@ -60,7 +60,7 @@ def pause():
             os.kill(os.getpid(), signal.SIGSTOP)
         while gate != "-" and not os.path.exists(gate):
             time.sleep(0.01)
-if at == "its transaction":  # its first round trip made (the volume's lock taken, its decision read)
+if at == "its transaction":  # its first round trip made (its locks taken, its decision read)
     commit = PostgresTransaction.commit
     def before_commit(self):
         pause()
@@ -280,7 +280,7 @@ def test_a_partitioned_host_fails_closed_with_a_typed_error_and_works_after_the_
     assert alice.read("plans/a.md") == "three\n"
 
 
-# ---- the volume's lock in the database: a transaction's, never a session's -------------------------------
+# ---- the locks in the database: a transaction's, never a session's ----------------------------------------
 
 
 @contextlib.contextmanager
@@ -323,18 +323,22 @@ def _answer(bob: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("at", ["its transaction", "its install"])
-def test_a_committer_paused_holds_no_other_host_up_longer_than_the_server_ends_its_transaction(
+def test_a_committer_paused_holds_up_only_writers_of_its_path_until_the_server_ends_its_transaction(
     volume: BedVolume, at: str
 ) -> None:
-    """bob (h2) is stopped (SIGSTOP, his kernel and TCP session alive) in the middle of a commit:
-    between his transaction's first round trip and its COMMIT, or after the COMMIT, before his
-    install. alice (h1) commits while he stays stopped: at once when he holds no transaction, once
-    the server ended his (idle_in_transaction_session_timeout) when he does. Resumed, his commit
-    fails closed with nothing recorded (ETIMEDOUT), or, committed before he stopped, is installed
-    and reported as the version it is."""
+    """bob (h2) is stopped (SIGSTOP, his kernel and TCP session alive) in the middle of a commit of
+    plans/a.md: between his transaction's first round trip and its COMMIT, or after the COMMIT,
+    before his install. alice (h1) commits plans/b.md while he stays stopped, at once: his open
+    transaction holds the lock of his path only. Her commit of his path, when he holds it, waits
+    until the server ended his transaction (idle_in_transaction_session_timeout). Resumed, his
+    commit fails closed with nothing recorded (ETIMEDOUT), or, committed before he stopped, is
+    installed and reported as the version it is."""
     alice = volume.agent(1, "alice")
     alice.write("plans/a.md", "one\n")
     h2 = volume.hosts[1]
+    in_transaction = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'idle in transaction'"
+    )
     with _paused_committer(volume, at, "-") as (bob, pid, inner):
         try:
             if at == "its install":  # between transactions: nothing of his in the database holds anyone
@@ -345,12 +349,16 @@ def test_a_committer_paused_holds_no_other_host_up_longer_than_the_server_ends_i
             answer = alice.write("plans/b.md", "alice's\n")
             assert answer.get("version") == 1, answer
             assert process_state(pid) == "T"  # alice committed while bob was still stopped
-            print(f"paused at {at}: alice committed after {answer['seconds']:.1f} s")
-            sessions = volume.sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'idle in transaction'",
-                (f"coherent-volume h2 {inner}",),
-            )
-            assert sessions == [(0,)]  # none of his is left in a transaction: the server ended it
+            print(f"paused at {at}: alice committed another path after {answer['seconds']:.1f} s")
+            holding = volume.sql(in_transaction, (f"coherent-volume h2 {inner}",))
+            if at == "its transaction":
+                assert holding == [(1,)]  # his transaction still holds his path: she did not wait for it
+                answer = alice.write("plans/a.md", "two\n")
+                assert answer.get("version") == 2, answer
+                print(f"paused at {at}: alice committed his path after {answer['seconds']:.1f} s")
+                assert process_state(pid) == "T"
+                holding = volume.sql(in_transaction, (f"coherent-volume h2 {inner}",))
+            assert holding == [(0,)]  # none of his is left in a transaction: the server ended it
         finally:
             h2.resume(pid)
         late = _answer(bob)
@@ -358,14 +366,14 @@ def test_a_committer_paused_holds_no_other_host_up_longer_than_the_server_ends_i
     if at == "its transaction":
         assert late["error"] == "RegistryError" and late["errno"] == errno.ETIMEDOUT, late
         assert "idle_in_transaction_session_timeout" in late["message"] and "Nothing was written" in late["message"]
-        assert history == [[1, "commit", "alice"]]  # nothing of his recorded
-        assert (volume.roots[1] / "plans/a.md").read_text() == "one\n"
+        assert history == [[2, "commit", "alice"], [1, "commit", "alice"]]  # nothing of his recorded
+        assert (volume.roots[1] / "plans/a.md").read_text() == "one\n"  # h2's copy: not read since
         assert os.listdir(volume.roots[1] / ".coherent/staging") == []
     else:
         assert late == {"version": 2}, late
         assert history == [[2, "commit", "bob"], [1, "commit", "alice"]]
         assert (volume.roots[1] / "plans/a.md").read_text() == "bob's\n"
-    assert alice.read("plans/a.md") == ("one\n" if at == "its transaction" else "bob's\n")
+    assert alice.read("plans/a.md") == ("two\n" if at == "its transaction" else "bob's\n")
     assert volume.agent(2, "carol").read("plans/b.md") == "alice's\n"
 
 

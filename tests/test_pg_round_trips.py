@@ -27,7 +27,7 @@ from .test_registry_postgresql import _pg_volume, _q
 
 COMMIT_ROUND_TRIPS = 2
 """A whole-file write following another, with the core as it is (no unlocked guess `_doomed` in a
-working copy): BEGIN, the volume's lock, the serial bump with the commit id, the decision's
+working copy): BEGIN, the volume's lock (shared), the path's, the commit id, the decision's
 `write_state` read ahead and recovery's read of the intents (1; the previous commit's intent,
 installed, is dropped with a queued write), then its writes (intent, content, file, version, view,
 log) with COMMIT (1). The one WAL flush is that COMMIT's. What the commit installed is reported
@@ -169,20 +169,20 @@ def test_a_lost_commit_or_reply_with_queued_writes_is_resolved_by_the_commit_id(
 
     def fn(tx: Transaction) -> int:
         runs.append(1)
-        for key in ("x", "y", "z"):  # no read: BEGIN, the serial bump, the writes and COMMIT in one pipeline
-            tx.put_meta(key, str(len(runs)))
+        for key in ("x", "y", "z"):  # no read: BEGIN, its locks, the writes and COMMIT in one pipeline
+            tx.put_view("agent", f"plans/{key}.md", len(runs), 0.0)
         return len(runs)
 
     commits = _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]
     proxy.armed = lost
-    assert registry.transact(fn) == len(runs)
+    assert registry.transact(fn, [f"plans/{key}.md" for key in ("x", "y", "z")]) == len(runs)
     assert proxy.dropped == [lost]
     assert len(runs) == (1 if lost == "reply" else 2)  # landed: reported once, never run again
-    run = str(len(runs))
-    assert _q(pg_url, "SELECT key, value FROM cv_meta WHERE key IN ('x', 'y', 'z') ORDER BY key") == [
-        ("x", run),
-        ("y", run),
-        ("z", run),
+    run = len(runs)
+    assert _q(pg_url, "SELECT path, version FROM cv_views WHERE agent = 'agent' ORDER BY path") == [
+        ("plans/x.md", run),
+        ("plans/y.md", run),
+        ("plans/z.md", run),
     ]
     assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] == commits + 1
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,7 +173,7 @@ class FailsOnce(postgresql.PostgresRegistry):
 
     failed = 0
 
-    def transact(self, fn: Callable[[postgresql.PostgresTransaction], R]) -> R:
+    def transact(self, fn: Callable[[postgresql.PostgresTransaction], R], holds: Iterable[str] = ()) -> R:
         first = True
 
         def body(tx: postgresql.PostgresTransaction) -> R:
@@ -185,7 +185,7 @@ class FailsOnce(postgresql.PostgresRegistry):
                 tx._c.execute("DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END $$")
             return result
 
-        return super().transact(body)
+        return super().transact(body, holds)
 
 
 def test_the_transaction_scenario_gives_on_postgresql_what_it_gives_on_sqlite(tmp_path: Path, pg_url: str) -> None:
@@ -697,6 +697,214 @@ def test_a_version_committed_again_over_damaged_content_is_stored_whole(
         v.write("plans/p.md", "later\n")
         assert v.read_version("plans/p.md", again) == data
         assert v.read_version("plans/p.md", 1) == data
+
+
+def test_a_writer_commits_another_path_while_a_transaction_of_another_working_copy_stays_open(
+    tmp_path: Path, root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write transaction locks the paths it touches, not the volume: while a transaction of
+    another working copy holds plans/a.md open (stopped inside it), a write of plans/b.md commits
+    at once, and one of plans/a.md waits for it (EBUSY past the wait, naming it)."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="alice") as v:
+        assert v.write("plans/b.md", "one\n") == 1  # this process's first transaction (the whole volume's)
+        holder = _holder(other, "transaction")
+        try:
+            monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
+            assert v.write("plans/b.md", "two\n") == 2
+            assert v.read("plans/b.md") == b"two\n"
+            with pytest.raises(RegistryError) as busy:
+                v.write("plans/a.md", "one\n")
+            assert busy.value.errno == errno.EBUSY
+            assert f"held by coherent-volume {socket.gethostname()} {holder.pid} (PostgreSQL backend" in str(busy.value)
+        finally:
+            holder.kill()
+            holder.wait()
+    assert _q(pg_url, "SELECT path, version FROM cv_files ORDER BY path") == [("plans/b.md", 2)]
+
+
+def test_a_path_of_the_read_set_locked_past_the_wait_is_ebusy_naming_its_holder(
+    tmp_path: Path, root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path of a read set is locked when the check reaches it (its lock's key sorting after the
+    written path's): held by a transaction of another working copy past the wait, the write fails
+    EBUSY naming that holder, and nothing is written."""
+    other = _join(tmp_path / "other", pg_url)
+    volume = _volume_id(pg_url)
+    held = pg_transaction.path_key(volume, "plans/a.md")
+    x = next(p for p in (f"plans/n{i}.md" for i in range(50)) if pg_transaction.path_key(volume, p) < held)
+    with CoherentVolume(root, agent="alice", isolation="read-set") as v:
+        v.write(x, "x\n")
+        v.write("plans/a.md", "a\n")
+        assert v.read("plans/a.md") == b"a\n"
+        holder = _holder(other, "transaction")  # it holds plans/a.md
+        try:
+            monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
+            with pytest.raises(RegistryError) as busy:
+                v.write(x, "two\n")
+            assert busy.value.errno == errno.EBUSY
+            assert f"held by coherent-volume {socket.gethostname()} {holder.pid} (PostgreSQL backend" in str(busy.value)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert v.read(x) == b"x\n"
+    assert _q(pg_url, "SELECT path, version FROM cv_files ORDER BY path") == sorted([("plans/a.md", 1), (x, 1)])
+
+
+PAUSED_IN_READ_SET = """
+import sys, time
+from pathlib import Path
+from coherent_volume import CoherentVolume
+from coherent_volume.core.base import CoreBase
+root, gate, ours, theirs = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+changed = CoreBase._changed_read_set
+def paused(self, tx, agent, rel):
+    found = changed(self, tx, agent, rel)  # the locks of the paths read are taken with this read
+    (gate / "in-read-set").touch()
+    while not (gate / "go").exists():
+        time.sleep(0.02)
+    return found
+CoreBase._changed_read_set = paused
+with CoherentVolume(root, agent="alice", isolation="read-set") as v:
+    v.read(ours)
+    v.read(theirs)
+    print(v.write(ours, "alice\\n"), flush=True)
+"""
+
+
+def _ordered(volume: Any, first_before_second: bool) -> tuple[str, str]:
+    """Two managed paths whose locks' keys sort in the order asked."""
+    names = [f"plans/n{i}.md" for i in range(20)]
+    for a in names:
+        for b in names:
+            if (
+                a != b
+                and (pg_transaction.path_key(volume, a) < pg_transaction.path_key(volume, b)) == first_before_second
+            ):
+                return a, b
+    raise AssertionError("no such pair")
+
+
+@pytest.mark.parametrize("order", ["bob's path sorts first", "alice's path sorts first"])
+def test_read_set_isolation_refuses_write_skew_between_working_copies_committing_together(
+    tmp_path: Path, root: Path, pg_url: str, order: str
+) -> None:
+    """Alice (this working copy) and bob (another) each read x and y, then write one of them with
+    read-set isolation at the same time: alice stopped inside her transaction once her read set is
+    checked, bob's commit waits for the path she holds and is refused `read-set` once she commits,
+    in either order of the two paths' locks. Never both: no write skew."""
+    other = _join(tmp_path / "other", pg_url)
+    y, x = _ordered(_volume_id(pg_url), order == "bob's path sorts first")  # bob writes y, alice x
+    with CoherentVolume(root, agent="seed") as v:
+        v.write(x, "x\n")
+        v.write(y, "y\n")
+    outcome: list[BaseException | int] = []
+    with CoherentVolume(other, agent="bob", isolation="read-set") as bob:
+        bob.read(x)
+        bob.read(y)
+        gate = tmp_path / "gate"
+        code = PAUSED_IN_READ_SET.replace("sys.argv[3], sys.argv[4]", f"{x!r}, {y!r}")
+        alice = _paused(code, root, gate, "in-read-set")
+        try:
+            writer = threading.Thread(target=lambda: outcome.append(_attempted(lambda: bob.write(y, "bob\n"))))
+            writer.start()
+            deadline = time.monotonic() + 30
+            while not _q(pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+                assert writer.is_alive() and time.monotonic() < deadline, outcome  # bob waits for alice's lock
+                time.sleep(0.02)
+            (gate / "go").touch()
+            assert alice.stdout is not None and alice.stdout.readline().strip() == "2"
+            writer.join(60)
+        finally:
+            (gate / "go").touch()
+            alice.wait(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], StaleWriteError), outcome
+    assert outcome[0].reason == "read-set" and outcome[0].changed == (x,)
+    assert _q(pg_url, "SELECT path, version, writer FROM cv_files ORDER BY path") == sorted(
+        [(x, 2, "alice"), (y, 1, "seed")]
+    )
+
+
+PAUSED_BEFORE_COMMIT = """
+import sys, time
+from pathlib import Path
+from coherent_volume import CoherentVolume
+from coherent_volume.registry.pg_transaction import PostgresTransaction
+root, gate = sys.argv[1], Path(sys.argv[2])
+commit = PostgresTransaction.commit
+def paused(self):
+    self.run("SELECT 1")  # what it wrote (its log line too) is in the database, not committed
+    (gate / "before-commit").touch()
+    while not (gate / "go").exists():
+        time.sleep(0.02)
+    commit(self)
+with CoherentVolume(root, agent="alice") as v:
+    v.write("plans/warm.md", "warm\\n")  # this process's first transaction (the whole volume's)
+    PostgresTransaction.commit = paused
+    print(v.write("plans/a.md", "alice\\n"), flush=True)
+"""
+
+
+def test_log_follow_prints_a_commit_that_lands_after_a_later_numbered_one(
+    tmp_path: Path, root: Path, pg_url: str
+) -> None:
+    """Writers of different paths commit side by side, so a log line numbered first may land last:
+    alice's commit (this working copy) is stopped inside its transaction, its log line written,
+    while bob's (another copy) commits. `log --follow` prints bob's at once, and alice's once it
+    lands: never skipped."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="seed") as v:
+        v.write("plans/seed.md", "seed\n")
+    follower = subprocess.Popen([CLI, "log", str(root), "--follow", "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout is not None
+        assert json.loads(follower.stdout.readline())["path"] == "plans/seed.md"
+        with CoherentVolume(other, agent="bob") as bob:
+            bob.write("plans/warm-bob.md", "warm\n")  # this process's first transaction (the whole volume's)
+            assert json.loads(follower.stdout.readline())["path"] == "plans/warm-bob.md"
+            env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
+            gate = tmp_path / "gate"
+            gate.mkdir()
+            alice = subprocess.Popen(
+                [sys.executable, "-c", PAUSED_BEFORE_COMMIT, str(root), str(gate)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            try:
+                deadline = time.monotonic() + 60
+                while not (gate / "before-commit").exists():
+                    assert alice.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.02)
+                assert json.loads(follower.stdout.readline())["path"] == "plans/warm.md"
+                assert bob.write("plans/b.md", "bob\n") == 1
+                assert json.loads(follower.stdout.readline())["path"] == "plans/b.md"
+            finally:
+                (gate / "go").touch()
+                assert alice.stdout is not None and alice.stdout.readline().strip() == "1"
+                alice.wait(60)
+        timer = threading.Timer(10, follower.kill)  # it would wait for ever for a line it skipped
+        timer.start()
+        try:
+            line = follower.stdout.readline()
+        finally:
+            timer.cancel()
+        assert line, "log --follow never printed alice's commit"
+        assert (json.loads(line)["path"], json.loads(line)["agent"]) == ("plans/a.md", "alice")
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def _attempted(write: Callable[[], int]) -> BaseException | int:
+    try:
+        return write()
+    except BaseException as e:
+        return e
+
+
+def _volume_id(url: str) -> Any:
+    return _q(url, "SELECT id FROM cv_volumes")[0][0]
 
 
 # ---- a commit's install never lands over a newer version ------------------------------------------------

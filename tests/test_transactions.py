@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ class AbortsOnce(SQLiteRegistry):
 
     aborted = 0
 
-    def transact(self, fn: Callable[[SQLiteTransaction], R]) -> R:
+    def transact(self, fn: Callable[[SQLiteTransaction], R], holds: Iterable[str] = ()) -> R:
         first = True
 
         def body(tx: SQLiteTransaction) -> R:
@@ -55,13 +55,13 @@ class Counts(SQLiteRegistry):
 
     ran = 0
 
-    def transact(self, fn: Callable[[SQLiteTransaction], R]) -> R:
+    def transact(self, fn: Callable[[SQLiteTransaction], R], holds: Iterable[str] = ()) -> R:
         type(self).ran += 1
-        return super().transact(fn)
+        return super().transact(fn, holds)
 
 
 class AlwaysConflicts(SQLiteRegistry):
-    def transact(self, fn: Callable[[SQLiteTransaction], R]) -> R:
+    def transact(self, fn: Callable[[SQLiteTransaction], R], holds: Iterable[str] = ()) -> R:
         def body(tx: SQLiteTransaction) -> R:
             fn(tx)
             raise Retry("deadlock detected (injected)")

@@ -12,7 +12,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
 
 from .. import atomic
@@ -132,10 +132,10 @@ class CoreBase:
         """(reader, path) of files buffering programs loaded (see `note_read`)."""
         self._swept = False
         """Whether this process removed what killed writers left in the staging directory (`_recover`)."""
-        self._renamed: set[str] = set()
+        self._renamed: dict[str, str] = {}
         """Staged names (as intents record them) that this process's installs renamed into place, whose
-        intents may still be recorded: recovery drops those without looking for the file. Under the
-        commit lock."""
+        intents may still be recorded, and their paths: recovery drops those without looking for the
+        file. Under the commit lock."""
         self._undone: set[tuple[str, int]] = set()
         """Intents (path, version) of renames whose one system call the kernel refused in this process
         (`Writes._install`): nothing changed, so recovery abandons them without looking at the disk.
@@ -225,14 +225,18 @@ class CoreBase:
                 self._owned.discard(grant.token)
         self.leases.drop(grant.token)
 
-    def _transact(self, fn: Callable[[Transaction], R], ahead: tuple[str, str] | None = None) -> R:
+    def _transact(
+        self, fn: Callable[[Transaction], R], ahead: tuple[str, str] | None = None, holds: Iterable[str] = ()
+    ) -> R:
         """Where every decision of the protocol is taken: under the commit lock (re-entrant), one
-        write transaction in which every interrupted commit is first completed or abandoned, then
-        `fn`. The registry may run it more than once (`Registry.transact`), so `fn` reads the disk
-        and changes only the transaction: changes to the disk or to this process's memory come
-        after it returns, under a commit lock the caller holds around both when they must stay in
-        step. `ahead`: (path, agent) of the `write_state` that `fn` reads first
-        (`Transaction.read_ahead`)."""
+        write transaction in which every interrupted commit of the paths it holds is first
+        completed or abandoned (`_recover`), then `fn`. The registry may run it more than once
+        (`Registry.transact`), so `fn` reads the disk and changes only the transaction: changes to
+        the disk or to this process's memory come after it returns, under a commit lock the caller
+        holds around both when they must stay in step. `ahead`: (path, agent) of the `write_state`
+        that `fn` reads first (`Transaction.read_ahead`); `holds`: the paths `fn` touches, so far as
+        the caller knows (what `fn` touches besides, it holds with `_hold`)."""
+        paths = {*holds, *(ahead[:1] if ahead is not None else ())}
 
         def decide(tx: Transaction) -> R:
             if ahead is not None:
@@ -244,9 +248,9 @@ class CoreBase:
             try:
                 while True:
                     try:
-                        return self.registry.transact(decide)
+                        return self.registry.transact(decide, paths)
                     except _RecoverFirst:  # rolled back: settle the disk alone, then run again
-                        self.registry.transact(lambda tx: self._recover(tx, settle=True))
+                        self.registry.transact(lambda tx: self._recover(tx, settle=True), paths)
                     except _HashFirst as first:  # rolled back: hashed with no transaction open, run again
                         try:
                             self._hashed[first.path] = hash_file(first.path)
@@ -447,19 +451,33 @@ class CoreBase:
             )
         return new
 
-    def _recover(self, tx: Transaction, settle: bool = False) -> None:
-        """Settle every intent left by earlier commits (`protocol.recovery`): drop those whose install
-        happened, install or drop the staged content of recorded commits whose writer did not
-        install it (only in a transaction of its own, `settle`: else `_RecoverFirst`), complete or
-        abandon the other interrupted commits. Once per process, first remove what killed writers
-        left in the staging directory."""
-        intents = tx.intents()
+    def _hold(self, tx: Transaction, paths: Iterable[str]) -> None:
+        """Hold `paths` too in `fn`'s transaction (`_transact`), their interrupted commits settled."""
+        new = tx.hold(paths)
+        if new:
+            self._recover(tx, paths=new)
+
+    def _recover(self, tx: Transaction, settle: bool = False, paths: Iterable[str] | None = None) -> None:
+        """Settle every intent left by earlier commits on the paths `tx` holds, or on `paths`
+        (`protocol.recovery`): drop those whose install happened, install or drop the staged content
+        of recorded commits whose writer did not install it (only in a transaction of its own,
+        `settle`: else `_RecoverFirst`), complete or abandon the other interrupted commits. Once per
+        process, first settle them all and remove what killed writers left in the staging
+        directory, the whole volume held."""
+        if not self._swept:
+            tx.hold_all()
+        held = tx.held if paths is None else paths
+        covered = None if held is None else set(held)
+        intents = tx.intents(covered)
         if not self._swept:
             self._sweep_staging(intents)
-        if self._renamed:  # forget names whose intents are gone (no intent ever names one again)
-            self._renamed.intersection_update(i.tmp for i in intents)
+        named = {i.tmp for i in intents}
+        for tmp, path in list(self._renamed.items()):  # forget names whose intents are gone
+            if (covered is None or path in covered) and tmp not in named:
+                del self._renamed[tmp]  # no intent ever names one again
         if self._undone:
-            self._undone.intersection_update((i.path, i.version) for i in intents)
+            pending = {(i.path, i.version) for i in intents}
+            self._undone = {u for u in self._undone if (covered is not None and u[0] not in covered) or u in pending}
         for intent in intents:
             if intent.tmp in self._renamed:  # installed by this process: `finished`
                 tx.drop_intent(intent.path)
@@ -678,6 +696,7 @@ class CoreBase:
 
     def _changed_read_set(self, tx: Transaction, agent: str, rel: str) -> tuple[str, ...]:
         read_set = tx.read_set(agent)
+        self._hold(tx, read_set)
         for path in read_set:
             if path != rel:
                 self._sync(tx, self.paths.of_rel(path), tx.file(path))

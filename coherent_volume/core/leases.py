@@ -101,7 +101,7 @@ class Heartbeat:
                     return
                 leases = list(self._leases.values())
             try:
-                ended = self._registry.transact(partial(self._renew, leases=leases))
+                ended = self._registry.transact(partial(self._renew, leases=leases), [g.path for g in leases])
             except RegistryError as e:
                 log.warning("write grants of open handles could not be renewed (%s); tried again in %g s", e, period)
                 continue
@@ -115,7 +115,7 @@ class Heartbeat:
     def _renew(self, tx: Transaction, *, leases: list[Grant]) -> list[str]:
         """Renew `leases` in `tx` (`protocol.renewed`); the tokens of those found ended."""
         now = tx.now()
-        held = {g.path: g for g in tx.grants()}
+        held = {g.path: g for g in tx.grants([g.path for g in leases])}
         ended = []
         for lease in leases:
             renewal = renewed(lease, held.get(lease.path), now, self.length)

@@ -122,7 +122,7 @@ class Reads(CoreBase):
             tx.put_view(agent, target.rel, record.version, time.time())
             return record.version
 
-        return self.registry.transact(pair)
+        return self.registry.transact(pair, (target.rel,))
 
     def open_version(self, agent: str, target: Target, *, register: bool = True) -> tuple[int, int]:
         """Open a managed file for reading, paired with the version of its content: (fd, version).
@@ -152,7 +152,7 @@ class Reads(CoreBase):
                         tx.put_view(agent, target.rel, record.version, time.time())
                     return record.version
 
-                return fd, self._transact(pair)
+                return fd, self._transact(pair, holds=(target.rel,))
             except BaseException:
                 os.close(fd)
                 raise
@@ -174,7 +174,7 @@ class Reads(CoreBase):
                     tx.put_view(agent, target.rel, record.version, time.time())
                 return record
 
-            record = self._transact(pair)
+            record = self._transact(pair, holds=(target.rel,))
         if data is None:
             raise FileNotFoundError(2, "No such file or directory", target.rel)
         assert record is not None
@@ -185,7 +185,7 @@ class Reads(CoreBase):
         of `target` if this copy is behind (a foreign change is recorded instead), so that what is
         read next is the current version's bytes, served and registered as such."""
         if self.replica is not None:
-            self._transact(lambda tx: self._sync(tx, target, tx.file(target.rel)))
+            self._transact(lambda tx: self._sync(tx, target, tx.file(target.rel)), holds=(target.rel,))
 
     def version(self, target: Target) -> int:
         """Current committed version of a managed path (0 if it never existed), foreign changes included."""
@@ -200,7 +200,9 @@ class Reads(CoreBase):
         if record is not None and record.present and fp is not None and hash_path(target.abs) == record.hash:
             return record.version  # same content, only the fingerprint is unproven: no lock needed
         try:
-            return self._transact(lambda tx: current_version(self._sync(tx, target, tx.file(target.rel))))
+            return self._transact(
+                lambda tx: current_version(self._sync(tx, target, tx.file(target.rel))), holds=(target.rel,)
+            )
         except RegistryError as e:
             if e.errno != errno.EROFS:
                 raise
@@ -217,7 +219,9 @@ class Reads(CoreBase):
         """Managed paths `agent` has read whose current version is not the one it read."""
 
         def stale(tx: Transaction) -> list[str]:
-            for path in tx.read_set(agent):
+            read_set = tx.read_set(agent)
+            self._hold(tx, read_set)
+            for path in read_set:
                 self._sync(tx, self.paths.of_rel(path), tx.file(path))
             return [path for path, _, _ in tx.stale_views(agent)]
 
@@ -261,6 +265,7 @@ class Reads(CoreBase):
                 on_disk.add(rel)
 
         def sync(tx: Transaction) -> list[tuple[str, str]]:
+            tx.hold_all()  # every managed path
             failed = []
             for rel in sorted(recorded | on_disk):
                 try:
@@ -310,7 +315,7 @@ class Reads(CoreBase):
             tx.put_view(agent, target.rel, version, time.time())
             return True
 
-        return self.registry.transact(move)
+        return self.registry.transact(move, (target.rel,))
 
     def deletions_in(self, directory: str) -> bool:
         """Whether managed files directly in `directory` were deleted (see `note_listed`)."""
@@ -340,7 +345,7 @@ class Reads(CoreBase):
                     moved += 1
             return moved
 
-        return self._transact(move)
+        return self._transact(move, holds=behind)
 
     def unlink_symlink(self, target: Target) -> None:
         """Remove a symlink itself (unlink(2)); links carry no versions, so this is no commit."""
@@ -348,7 +353,7 @@ class Reads(CoreBase):
 
     def forget(self, agent: str, target: Target) -> None:
         self._confirmed.pop((agent, target.rel), None)
-        self.registry.transact(lambda tx: tx.drop_view(agent, target.rel))
+        self.registry.transact(lambda tx: tx.drop_view(agent, target.rel), (target.rel,))
 
     def clear_fence(self, agent: str, target: Target) -> None:
         """Lift `agent`'s fence on `target` (a re-read after its `lock()` was reclaimed). Fences are
@@ -358,4 +363,4 @@ class Reads(CoreBase):
         with self.registry.read() as tx:
             if not tx.fenced(agent, target.rel):
                 return
-        self._transact(lambda tx: tx.drop_fence(agent, target.rel))
+        self._transact(lambda tx: tx.drop_fence(agent, target.rel), holds=(target.rel,))

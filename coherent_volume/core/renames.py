@@ -273,6 +273,7 @@ class Renames(History):
         if exchange:
             after.update({src.rel + rel[len(dst.rel) :]: path for rel, path in other.files.items()})
         saving = not exchange and not noreplace and list(moving.files) == [src.rel]  # one file over `dst`
+        self._hold(tx, (rel for rel in set(before) | set(after) if self.paths.of_rel(rel).managed))
         stale: StaleWriteError | None = None
         checked: list[tuple[str, Target, FileRecord | None, WriteCheck]] = []
         for rel in sorted(set(before) | set(after)):
@@ -338,8 +339,11 @@ class Renames(History):
         already its content) and `src` removed."""
         plan = decided.plan
         undone = [(target.rel, version) for target, version, *_ in plan]
+        paths = [target.rel for target, *_ in plan]
         if merge is None:
-            self._install(lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace), undone)
+            self._install(
+                lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace), undone, paths
+            )
         else:
             if decided.merged is not None:
                 try:
@@ -349,10 +353,10 @@ class Renames(History):
                     if isinstance(e, OSError):
                         raise InstallPending(dst.rel, decided.merged, e) from e
                     raise
-                self._consumed(merge.content)
+                self._consumed(merge.content, dst)
                 self._installed(dst, decided.merged, merge.content.hash)
             if src.managed:
-                self._install(lambda: os.unlink(src.abs), undone)
+                self._install(lambda: os.unlink(src.abs), undone, paths)
             else:
                 os.unlink(src.abs)
         for target, version, digest, _, _ in plan:
@@ -370,7 +374,7 @@ class Renames(History):
             return all(ours)
 
         what = ", ".join(f"{target.rel} (version {version})" for target, version, *_ in plan)
-        if plan and not self._settle(what, finish):
+        if plan and not self._settle(what, finish, paths):
             raise self._not_recorded(what, "the rename", "check the files and redo the rename if it is missing")
 
     def link(self, src: Target, dst: Target) -> None:

@@ -91,11 +91,11 @@ class Sessions(Writes):
                 tx.drop_fence(agent, target.rel)
                 return record.version
 
-            return self._transact(confirm)
+            return self._transact(confirm, holds=(target.rel,))
 
     def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
-        return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2])
+        return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2], holds=(target.rel,))
 
     def adopt(self, agent: str, target: Target) -> int:
         """Record the file's content, written by `agent` itself outside the volume (a hook reporting
@@ -132,4 +132,4 @@ class Sessions(Writes):
             tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version + 1)
             return version + 1
 
-        return self._transact(record_own)
+        return self._transact(record_own, holds=(target.rel,))

@@ -241,7 +241,9 @@ class Writes(Reads):
 
     def _refuse_if_still_refused(self, agent: str, target: Target, isolation: Isolation, expected: int | None) -> None:
         """Decide under the commit lock; raise (and log) the refusal, or return if the write may go ahead."""
-        refusal = self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation, expected)[2])
+        refusal = self._transact(
+            lambda tx: self._check(tx, agent, target, time.time(), isolation, expected)[2], holds=(target.rel,)
+        )
         if refusal is not None:
             raise refusal
 
@@ -323,12 +325,12 @@ class Writes(Reads):
                     if isinstance(e, OSError):
                         raise InstallPending(target.rel, version + 1, e) from e
                     raise
-                self._consumed(content)
+                self._consumed(content, target)
                 self._installed(target, version + 1, content.hash)
                 self._handle_ended(handle)
                 return version + 1
             # two steps (unlink, then the directory's fsync): if either fails, the disk says what happened
-            self._install(lambda: atomic.remove(target.abs), ())
+            self._install(lambda: atomic.remove(target.abs), (), (target.rel,))
             self._installed(target, version + 1, None)
 
             def finish(tx: Transaction) -> bool:
@@ -349,7 +351,7 @@ class Writes(Reads):
                 return ours
 
             what = f"{target.rel} (version {version + 1})"
-            if not self._settle(what, finish):
+            if not self._settle(what, finish, (target.rel,)):
                 raise self._not_recorded(
                     what, "your change", "read the file again and redo your change if it is missing"
                 )
@@ -412,7 +414,7 @@ class Writes(Reads):
         """Record an installed commit of `target` as `version` (`record`), unless crash recovery
         settled its intent already (a finish whose reply was lost, or another process's recovery
         while the registry was unreachable); whether that version is `agent`'s."""
-        if any(i.path == target.rel and i.version == version for i in tx.intents()):
+        if any(i.version == version for i in tx.intents([target.rel])):
             record()
         entry = tx.version_entry(target.rel, version)
         return entry is not None and entry.writer == agent
@@ -427,7 +429,7 @@ class Writes(Reads):
             errno.EAGAIN,
         )
 
-    def _settle(self, what: str, finish: Callable[[Transaction], R]) -> R:
+    def _settle(self, what: str, finish: Callable[[Transaction], R], holds: Sequence[str]) -> R:
         """Run `finish` (idempotent: it records an installed commit, of `what`, unless recovery did)
         until the registry takes it, retrying for at most FINISH_WAIT seconds while it cannot be
         reached; its answer. Past that, RegistryError saying the change is on disk and will be
@@ -436,7 +438,7 @@ class Writes(Reads):
         pause = 0.05
         while True:
             try:
-                return self.registry.transact(finish)
+                return self.registry.transact(finish, holds)
             except RegistryError as e:
                 if time.monotonic() + pause > deadline:
                     raise RegistryError(
@@ -463,29 +465,29 @@ class Writes(Reads):
         finally:
             os.close(fd)
 
-    def _consumed(self, staged: atomic.Staged) -> None:
-        """After the install of a recorded commit's staged content: its name is gone, so recovery
-        settles its intent as `finished` without looking (`CoreBase._recover`)."""
+    def _consumed(self, staged: atomic.Staged, target: Target) -> None:
+        """After the install of a recorded commit's staged content at `target`: its name is gone, so
+        recovery settles its intent as `finished` without looking (`CoreBase._recover`)."""
         assert staged.tmp is not None
-        self._renamed.add(staged.tmp)
+        self._renamed[staged.tmp] = target.rel
 
     def _handle_ended(self, handle: HandleCommit | None) -> None:
         """After the transaction that ended a handle's use of its grant: end it in memory too."""
         if handle is not None and handle.grant is not None:
             self._forget_share(handle.grant, handle.kind)
 
-    def _install(self, action: Callable[[], None], undone: Sequence[tuple[str, int]]) -> None:
+    def _install(self, action: Callable[[], None], undone: Sequence[tuple[str, int]], paths: Sequence[str]) -> None:
         """Run the disk half of a commit whose intents are recorded; if it fails, recovery settles
         them by what the disk holds, except the intents (path, version) in `undone`: those whose one
         system call `action` is. When the kernel refuses that (an OSError), nothing changed: they are
         abandoned without looking at the disk, which may hold the same bytes already
-        (`protocol.recovery`)."""
+        (`protocol.recovery`). `paths`: those of the intents."""
         try:
             action()
         except BaseException as e:
             if isinstance(e, OSError):
                 self._undone.update(undone)
-            self._transact(lambda tx: None)  # recovery settles the intents
+            self._transact(lambda tx: None, holds=paths)  # recovery settles the intents
             self._undone.difference_update(undone)  # settled: their (path, version) may be decided anew
             raise
 
@@ -566,7 +568,7 @@ class Writes(Reads):
                     if isinstance(e, OSError):
                         raise InstallPending(target.rel, version, e) from e
                     raise
-                self._consumed(staged)
+                self._consumed(staged, target)
                 self._installed(target, version, EMPTY_HASH)
                 return grant, version
         finally:
@@ -615,7 +617,7 @@ class Writes(Reads):
             check = WriteCheck(agent=agent, current=record, seen=seen, holder=held.agent, fenced=False)
             return self._refusal(tx, target, check, "held", now)
 
-        outcome = self._transact(decide)
+        outcome = self._transact(decide, holds=(target.rel,))
         if isinstance(outcome, StaleWriteError):
             raise outcome
         return outcome
@@ -684,7 +686,7 @@ class Writes(Reads):
 
         try:
             with self.registry.commit_lock():
-                ended = self._transact(end)
+                ended = self._transact(end, holds=(grant.path,))
         finally:
             self._forget_share(grant, kind)
         return ended

@@ -12,9 +12,11 @@ What the commit lock covers: every process that changes the volume's files on th
 the volume's root, one per volume; PostgreSQL: this working copy, one per host) decides, recovers
 and installs under it, so a holder's disk changes nothing but what it does itself, across all the
 transactions it runs under one hold. Every write transaction is serial with every other of the
-volume by itself (SQLite: BEGIN IMMEDIATE, under the commit lock; PostgreSQL: the volume's lock in
-the database, taken by the transaction and released by its COMMIT, so another host's transaction
-may commit between two transactions of one hold). What a hold relies on across several
+volume that touches a path it touches (SQLite: every other, BEGIN IMMEDIATE under the commit lock;
+PostgreSQL: the lock of each path in the database, and the volume's lock shared, or exclusive for
+a transaction that needs the whole volume: `Transaction.hold`, taken by the transaction and
+released by its COMMIT, so another host's transaction may commit between two transactions of one
+hold). What a hold relies on across several
 transactions is therefore its own disk and its own transactions' outcomes, never that the
 registry stood still (docs/multihost.md lists each such call site and why that is enough).
 
@@ -33,7 +35,7 @@ import errno
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -111,6 +113,18 @@ class Event:
 
 
 @dataclass(frozen=True)
+class LogMark:
+    """Where a reader of the log stands (`Transaction.events_since`): it has read every line whose
+    key is below `below`, and of the others those numbered in `seen`. The key is a line's `seq`
+    where write transactions are serial (SQLite); where those touching no common path commit side
+    by side (PostgreSQL), a line numbered first may commit last, so the key is the id of its
+    transaction, and `below` the oldest one still running when the reader last read."""
+
+    below: int = 0
+    seen: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class AgentSummary:
     agent: str
     views: int
@@ -119,7 +133,26 @@ class AgentSummary:
 
 
 class Transaction(Protocol):
-    """Reads and writes of one registry transaction; a write transaction is atomic and serial."""
+    """Reads and writes of one registry transaction; a write transaction is atomic and serial.
+
+    A write transaction holds paths (PostgreSQL; SQLite's holds every path): what it reads or
+    writes of a path it does not hold, or of the whole volume while it holds paths (a listing, a
+    content dropped), has it rolled back and run again by `Registry.transact` holding that too.
+    `hold` says ahead what it will touch, so that it need not be run again."""
+
+    @property
+    def held(self) -> Iterable[str] | None:
+        """The paths this transaction holds; None: every path."""
+        ...
+
+    def hold(self, paths: Iterable[str]) -> list[str]:
+        """Hold `paths` too (or have the transaction run again holding them from its start); the
+        paths newly held, whose interrupted commits it has not settled yet."""
+        ...
+
+    def hold_all(self) -> None:
+        """Hold every path (or have the transaction run again holding the whole volume)."""
+        ...
 
     def file(self, path: str) -> FileRecord | None:
         """The record as `put_file`/`touch_file` stored it, fingerprint included (inode numbers up to 2**64)."""
@@ -230,7 +263,10 @@ class Transaction(Protocol):
         ...
 
     def grant(self, path: str) -> Grant | None: ...
-    def grants(self) -> list[Grant]: ...
+    def grants(self, paths: Iterable[str] | None = None) -> list[Grant]:
+        """The grants on `paths` (held), else every grant (the whole volume held)."""
+        ...
+
     def put_grant(self, grant: Grant) -> None: ...
     def drop_grant(self, path: str) -> None: ...
 
@@ -245,7 +281,10 @@ class Transaction(Protocol):
     def put_fence(self, agent: str, path: str, at: float) -> None: ...
     def drop_fence(self, agent: str, path: str) -> None: ...
 
-    def intents(self) -> list[Intent]: ...
+    def intents(self, paths: Iterable[str] | None = None) -> list[Intent]:
+        """The intents of `paths` (held), else every intent (the whole volume held)."""
+        ...
+
     def put_intent(self, intent: Intent) -> None: ...
     def drop_intent(self, path: str) -> None: ...
 
@@ -269,6 +308,15 @@ class Transaction(Protocol):
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[Event]: ...
+    def log_mark(self) -> LogMark:
+        """The mark of a reader that has read every line this transaction sees."""
+        ...
+
+    def events_since(self, mark: LogMark) -> tuple[list[Event], LogMark]:
+        """The lines committed since `mark` that this transaction sees, each once, by `seq`; the
+        mark past them. A line of a path comes after every earlier line of that path."""
+        ...
+
     def files(self) -> Iterator[FileRecord]: ...
     def agents(self) -> list[AgentSummary]: ...
 
@@ -286,11 +334,12 @@ class Registry(Protocol):
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...
     def read(self) -> AbstractContextManager[Transaction]: ...
-    def transact(self, fn: Callable[[Transaction], R]) -> R:
+    def transact(self, fn: Callable[[Transaction], R], holds: Iterable[str] = ()) -> R:
         """Run `fn` in one write transaction and commit it; return what `fn` returned. An exception
-        from `fn` rolls back and propagates. `fn` may run several times (`retried`): it must read
-        and change only the transaction (and read the disk), leaving every other effect to its
-        caller once `transact` has returned."""
+        from `fn` rolls back and propagates. `fn` may run several times (`retried`, and to hold more:
+        `Transaction.hold`): it must read and change only the transaction (and read the disk),
+        leaving every other effect to its caller once `transact` has returned. `holds`: the paths
+        it holds from its start."""
         ...
 
     def close(self) -> None: ...

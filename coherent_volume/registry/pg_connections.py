@@ -38,7 +38,7 @@ started within them may take its connect_timeout, 5 s, to fail)."""
 ANSWER_WAIT = 45.0
 """Seconds a round trip waits while the server sends nothing and takes nothing more of what it is
 sent, before the connection is closed and the round trip fails (`Unanswered`). Longer than every
-wait the server itself ends within one round trip: the volume's lock (waited for at most
+wait the server itself ends within one round trip: a lock of the volume or a path (waited for at most
 COMMIT_LOCK_TIMEOUT, 30 s; its statement ends by 35 s), any statement (statement_timeout, 30 s), a
 row lock (lock_timeout, 5 s); so it fires only on a server, or a session's process in it, that
 stopped answering (stopped, stuck on its disk, or a network path that holds what it sends)."""
@@ -48,7 +48,7 @@ LOCK_CLASS = 0x6376
 """First key of the advisory locks of coherent-volume ('cv'); the second is the volume's (0: migrations)."""
 SESSION_SETTINGS = {
     "idle_in_transaction_session_timeout": "5s",  # a paused or vanished client's transaction, and the
-    # volume's lock with it, ends within 5 s of its last statement (legitimate gaps are milliseconds)
+    # locks it holds with it, end within 5 s of its last statement (legitimate gaps are milliseconds)
     "lock_timeout": "5s",  # a row-lock waiter fails typed (EBUSY) instead of hanging
     "statement_timeout": "30s",
     "tcp_keepalives_idle": "5",  # the server notices a dead client within 5 + 3 x 2 s
@@ -390,8 +390,8 @@ def _idle_ended(e: BaseException, location: Location) -> RegistryError:
         f"{location.describe()}: the database ended this process's session because its write transaction "
         f"stayed idle longer than idle_in_transaction_session_timeout ({_first_line(e)}): this process was "
         "paused, or worked that long between two statements (reading a large file), while it held the "
-        "volume's lock in the database. Nothing was written; it was not run again, as the same work would end the same "
-        "way: try again, and if it recurs, say which command and file it was",
+        "locks of the paths it touched in the database. Nothing was written; it was not run again, as "
+        "the same work would end the same way: try again, and if it recurs, say which command and file it was",
         errno.ETIMEDOUT,
     )
 

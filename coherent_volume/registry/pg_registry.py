@@ -5,20 +5,24 @@ Invariants:
 - the commit lock (`commit_lock`) is this working copy's own: a thread mutex and the copy's flock
   (`Replica.locked`, held by the live process whatever becomes of its database sessions). It orders
   the decisions, recoveries and installs of this host's processes; it holds nothing in the database;
-- the database's part is taken by every write transaction itself, first thing after its BEGIN: a
-  transaction-scoped advisory lock keyed by the volume (`pg_advisory_xact_lock`, waited for at most
-  COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder), then the bump of the volume's
-  `serial` row with the transaction's commit id. So write transactions of a volume are serial
-  across hosts (as SQLite's BEGIN IMMEDIATE makes them on one), READ COMMITTED statements after the
-  lock see everything committed before, and the lock ends with the transaction: at its COMMIT, at
-  its rollback, or when the server ends the session of a holder that stayed idle in it longer than
-  idle_in_transaction_session_timeout (paused, cut off). No lock is held between two transactions;
+- the database's part is taken by every write transaction itself, first thing after its BEGIN:
+  transaction-scoped advisory locks (`pg_advisory_xact_lock*`, each waited for at most
+  COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder): the volume's, shared, then
+  the lock of each path it touches in one global order (`pg_transaction.Holds`, `path_key`); or the
+  volume's alone, exclusive, for a transaction that needs the whole volume (a process's first
+  recovery and staging sweep, listings, content dropped, settings). So write transactions that
+  touch a common path are serial across hosts, others commit side by side; READ COMMITTED
+  statements after a path's lock see everything committed on it before; the locks end with the
+  transaction: at its COMMIT, at its rollback, or when the server ends the session of a holder
+  that stayed idle in it longer than idle_in_transaction_session_timeout (paused, cut off). No
+  lock is held between two transactions, and no row is updated by every transaction (its commit
+  id's serial is its transaction id);
 - each write transaction records a commit id, so a COMMIT whose reply was lost (or never came:
   `Unanswered`) is resolved by looking the id up, trusting "not committed" only once the lost
   session has ended: never applied twice, never reported failed if it landed;
 - a round trip the server left unanswered (`Unanswered`) is never run again: its caller gets
   RegistryError(EIO) saying so, and the process's idle connections (to the same server) are closed;
-- round trips: a write transaction's BEGIN, lock and serial bump go with its first read (and the
+- round trips: a write transaction's BEGIN, locks and commit id go with its first read (and the
   decision's `write_state`, when it is read ahead), its writes with the next read or its COMMIT
   (`PostgresTransaction`); a read transaction's BEGIN goes first, alone (a pooled connection found
   lost there is replaced before anything is read);
@@ -40,9 +44,10 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import RegistryError
@@ -67,7 +72,15 @@ from .pg_connections import (
 )
 from .pg_hosts import Reporter, WorkingCopy, forget, working_copies
 from .pg_location import Location
-from .pg_transaction import PostgresTransaction, Queued, _file_and_view_query, _file_and_view_row
+from .pg_transaction import (
+    Holds,
+    PostgresTransaction,
+    Queued,
+    Relock,
+    _file_and_view_query,
+    _file_and_view_row,
+    path_key,
+)
 from .replica import Replica
 
 if TYPE_CHECKING:
@@ -81,7 +94,8 @@ and the database's lock each write transaction takes."""
 LOST_RERUNS = 3
 """Runs of one write transaction whose connection is lost before COMMIT (a database restart)."""
 LOCK_TIMED_OUT = "55P03"
-"""lock_timeout ran out (in the first round trip of a write transaction: the volume's lock)."""
+"""lock_timeout ran out (in a round trip of a write transaction that takes locks: its first, or one
+holding more paths, `PostgresTransaction.locking`)."""
 
 
 @dataclass(frozen=True)
@@ -210,15 +224,20 @@ class PostgresRegistry:
 
     # -- locking ------------------------------------------------------------------------
 
-    def _holder(self, conn: psycopg.Connection[Any]) -> str:
-        """Who holds the volume's lock in the database (a write transaction), as PostgreSQL tells."""
+    def _holder(self, conn: psycopg.Connection[Any], holds: Holds) -> str:
+        """Who holds, against `holds`, the volume's lock or a path's in the database (a write
+        transaction), as PostgreSQL tells."""
+        keys = [path_key(self.volume_id, p) & (2**64 - 1) for p in holds.paths] if not holds.whole else []
         try:
             rows = conn.execute(
-                "SELECT a.pid, a.application_name, a.client_addr, a.state FROM pg_locks l "
+                "SELECT DISTINCT a.pid, a.application_name, a.client_addr, a.state FROM pg_locks l "
                 "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 "
+                "AND a.pid != pg_backend_pid() "
+                "AND ((l.classid = %s AND l.objid = %s AND l.objsubid = 2 AND (%s OR l.mode = 'ExclusiveLock')) "
+                "OR (l.objsubid = 1 "
+                "AND l.classid::text::numeric * 4294967296 + l.objid::text::numeric = ANY(%s::numeric[]))) "
                 "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                (LOCK_CLASS, self._lock_key & 0xFFFFFFFF),
+                (LOCK_CLASS, self._lock_key & 0xFFFFFFFF, holds.whole, keys),
             ).fetchall()
         except Exception:
             return "PostgreSQL did not say who holds it"
@@ -398,22 +417,29 @@ class PostgresRegistry:
             except _psycopg().Error:
                 pass
 
-    def transact(self, fn: Callable[[PostgresTransaction], R]) -> R:
-        """`Registry.transact`: READ COMMITTED under the volume's lock; VolumeConfigError, nothing run,
+    def transact(self, fn: Callable[[PostgresTransaction], R], holds: Iterable[str] = ()) -> R:
+        """`Registry.transact`: READ COMMITTED, holding the volume's lock shared and the locks of
+        `holds` from its opening, and whatever a run found it needs (`Relock`: run again holding
+        that, the whole volume exclusive if it must); VolumeConfigError, nothing run,
         once a report found this working copy forgotten (`pg_hosts.Reporter.unregistered`). Re-run
         after a serialization failure or a deadlock (`Retry`), or a connection lost before COMMIT
         (at most LOST_RERUNS runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost
         is resolved by the transaction's commit id. A session the server ended because its
         transaction stayed idle too long is not re-run (RegistryError(ETIMEDOUT)): the same work
-        would end the same way. The volume's lock held past COMMIT_LOCK_TIMEOUT by another
+        would end the same way. A lock it waits for held past COMMIT_LOCK_TIMEOUT by another
         transaction: RegistryError(EBUSY) naming it, not re-run."""
         if self._tx() is not None:
             raise RegistryError("a registry write transaction was started inside another; nothing was written")
         if self._reporter.forgotten():
             raise pg_hosts.not_registered(os.path.dirname(self.replica.directory), self.location)
+        plan = Holds(frozenset(holds))
         for _ in range(LOST_RERUNS):
             try:
-                return retried(lambda: self._attempt(fn), self.location.describe())
+                while True:
+                    try:
+                        return retried(partial(self._attempt, fn, plan), self.location.describe())
+                    except Relock as again:  # rolled back: run again holding what it needs
+                        plan = again.holds
             except _Lost as e:
                 lost = e
         raise RegistryError(
@@ -422,15 +448,17 @@ class PostgresRegistry:
             "Check that PostgreSQL runs and stays reachable from this host, then try again"
         )
 
-    def _attempt(self, fn: Callable[[PostgresTransaction], R]) -> R:
-        """One run of a write transaction: its opening (BEGIN, the volume's lock, the serial bump with
-        the commit id) goes with `fn`'s first read, its writes with the next read or the COMMIT. A
+    def _attempt(self, fn: Callable[[PostgresTransaction], R], holds: Holds) -> R:
+        """One run of a write transaction: its opening (BEGIN, its locks, the commit id) goes with
+        `fn`'s first read, its writes with the next read or the COMMIT. A
         round trip the server did not answer (`Unanswered`) is not run again: before its COMMIT,
         RegistryError(EIO), nothing written; at its COMMIT, the commit id says how it went."""
         psycopg = _psycopg()
         commit_id = uuid.uuid4()
         with self._use() as conn:
-            tx = PostgresTransaction(conn, self.volume_id, opening=self._opening(commit_id))
+            tx = PostgresTransaction(
+                conn, self.volume_id, opening=self._opening(commit_id, holds), holds=holds, locks=self._locks
+            )
             session = _Session.of(conn)
             committing = False
             try:
@@ -446,8 +474,8 @@ class PostgresRegistry:
                 if _sqlstate(e) in RETRY_SQLSTATES:
                     raise Retry(_first_line(e)) from e
                 if not _gone(conn, e):
-                    if _sqlstate(e) == LOCK_TIMED_OUT and not tx.opened:
-                        raise self._busy(conn) from e
+                    if _sqlstate(e) == LOCK_TIMED_OUT and (not tx.opened or tx.locking):
+                        raise self._busy(conn, tx.holds) from e
                     raise _registry_error(e, self.location) from e
                 if not committing or self._landed(commit_id, e, session) is None:
                     self._pool.flush()  # the others were most likely lost with it (a server restart)
@@ -463,37 +491,53 @@ class PostgresRegistry:
         self._record_installs(tx)
         return result
 
-    def _busy(self, conn: psycopg.Connection[Any]) -> RegistryError:
+    def _busy(self, conn: psycopg.Connection[Any], holds: Holds) -> RegistryError:
         return RegistryError(
-            f"the commit lock of {self.location.describe()} (the database's lock of its write transactions) stayed "
-            f"held for the {COMMIT_LOCK_TIMEOUT:g} s this process waited; {self._holder(conn)}. Nothing was "
-            "changed: if the holder is stuck, stop it; then try again",
+            f"the commit lock of {self.location.describe()} (the database's locks of its write transactions: the "
+            f"volume's, and each path's) stayed held for the {COMMIT_LOCK_TIMEOUT:g} s this process waited; "
+            f"{self._holder(conn, holds)}. Nothing was changed: if the holder is stuck, stop it; then try again",
             errno.EBUSY,
         )
 
-    def _opening(self, commit_id: uuid.UUID) -> list[Queued]:
-        """The statements that open a write transaction: BEGIN, the volume's lock (waited for at most
-        COMMIT_LOCK_TIMEOUT s: lock_timeout, and statement_timeout past it, raised for that statement
-        only), and the serial bump recording `commit_id`."""
+    def _opening(self, commit_id: uuid.UUID, holds: Holds) -> list[Queued]:
+        """The statements that open a write transaction: BEGIN, its locks (`_locks`: the volume's,
+        exclusive for `holds.whole`, else shared and then those of `holds.paths` in key order), and
+        the record of `commit_id`. Its serial is the transaction's own id (`pg_current_xact_id`):
+        unique, and no row every writer updates."""
 
-        def bumped(cursor: psycopg.Cursor[Any]) -> None:
+        def recorded(cursor: psycopg.Cursor[Any]) -> None:
             if cursor.fetchone() is None:
                 raise RegistryError(f"{self.location.describe()} no longer exists in the database")
 
-        wait_ms = int(COMMIT_LOCK_TIMEOUT * 1000)
+        shared = "" if holds.whole else "_shared"
+        volume = Queued(f"SELECT pg_advisory_xact_lock{shared}(%s, %s)", (LOCK_CLASS, self._lock_key))
+        paths = [] if holds.whole else sorted({path_key(self.volume_id, p) for p in holds.paths})
         return [
             Queued("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            *self._locks(paths, volume),
+            Queued(
+                "INSERT INTO cv_commits (id, volume, serial) SELECT %s, id, pg_current_xact_id()::text::bigint "
+                "FROM cv_volumes WHERE id = %s RETURNING serial",
+                (commit_id, self.volume_id),
+                recorded,
+            ),
+        ]
+
+    @staticmethod
+    def _locks(keys: list[int], volume: Queued | None = None) -> list[Queued]:
+        """The statements that take the `volume` lock, then the locks of paths by `keys` in their
+        order, each waited for at most COMMIT_LOCK_TIMEOUT s (lock_timeout, and statement_timeout past
+        it, raised for these statements only)."""
+        if volume is None and not keys:
+            return []
+        wait_ms = int(COMMIT_LOCK_TIMEOUT * 1000)
+        return [
             Queued(f"SET LOCAL lock_timeout = {wait_ms}"),
             Queued(f"SET LOCAL statement_timeout = {wait_ms + 5000}"),
-            Queued("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, self._lock_key)),
+            *([] if volume is None else [volume]),
+            *(Queued("SELECT pg_advisory_xact_lock(%s)", (key,)) for key in keys),
             Queued("SET LOCAL lock_timeout TO DEFAULT"),  # the session's own (options) for the rest
             Queued("SET LOCAL statement_timeout TO DEFAULT"),
-            Queued(
-                "WITH s AS (UPDATE cv_volumes SET serial = serial + 1 WHERE id = %s RETURNING serial) "
-                "INSERT INTO cv_commits (id, volume, serial) SELECT %s, %s, serial FROM s RETURNING serial",
-                (self.volume_id, commit_id, self.volume_id),
-                bumped,
-            ),
         ]
 
     def _record_installs(self, tx: PostgresTransaction) -> None:

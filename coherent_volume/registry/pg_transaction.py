@@ -13,12 +13,20 @@ Invariants (round trips):
 - every round trip after which the transaction stays open ends with the server's ReadyForQuery and
   nothing after it, so idle_in_transaction_session_timeout ends a transaction whose client stopped
   (paused, cut off) between two round trips (`_together` says why a pipeline would not);
-- the statements that open a transaction (BEGIN, the volume's lock, the serial bump) are queued
+- the statements that open a transaction (BEGIN, its locks, the commit id) are queued
   the same way: they go with its first read;
 - a read asked for ahead (`read_ahead`: the decision's `write_state`) is queued the same way, and
   answered from what it read unless a write queued since names a table it reads (then it is read
   again): a read ahead answers as if it were asked when it is asked;
 - the queue holds at most PART bytes of parameters (content in parts) before it is sent;
+- a write transaction holds its volume's lock shared and the lock of each path it reads or writes
+  (`hold`), or the volume's lock exclusive (`Holds.whole`: it needs no lock of a path then).
+  Touching a path it does not hold, or the whole volume (a listing, a content dropped) while it
+  holds paths, raises `Relock`: its owner runs it again holding that from its opening. Locks of
+  paths are taken in one global order (their keys, `path_key`, ascending, after the volume's):
+  a path whose key sorts before one held is never waited for, its transaction is run again with
+  the whole set instead (no deadlock). What a transaction lists of intents and grants is what its
+  locks cover;
 - a pipeline is sent only when the server has not spoken unasked: a session it is ending (idling
   too long in a transaction, a shutdown) gets a plain statement first, which raises the server's
   error with its SQLSTATE (a pipeline would report only a lost connection).
@@ -40,7 +48,7 @@ import xxhash
 from ..errors import DamagedContent, VersionGone
 from ..liveness import ProcessId
 from ..protocol import FileRecord, Grant, Installed, Intent, Version
-from . import AgentSummary, Event
+from . import AgentSummary, Event, LogMark
 from .pg_connections import _pipeline, _psycopg
 
 if TYPE_CHECKING:
@@ -59,8 +67,46 @@ _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 """The server's clock, in seconds since the epoch (`PostgresTransaction.now`)."""
 _VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned"
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+"""The oldest transaction running when the statement's snapshot was taken (every older one is over)."""
 _WRITE_STATE_TABLES = ("cv_files", "cv_views", "cv_grants", "cv_fences")
 """What `write_state` reads: a queued write naming one of them drops what was read ahead."""
+
+
+@dataclass(frozen=True)
+class Holds:
+    """What a write transaction locks from its opening: the volume's lock exclusive (`whole`), or
+    shared with the lock of each of `paths`."""
+
+    paths: frozenset[str] = frozenset()
+    whole: bool = False
+
+
+HOLD_MOST = 32
+"""Most paths a write transaction locks one by one; one that needs more holds the whole volume
+(a lock each takes room in the server's shared lock table, sized for about 64 per session)."""
+
+
+def _holding(paths: frozenset[str]) -> Holds:
+    """What a transaction that needs `paths` holds (the whole volume past HOLD_MOST of them)."""
+    return Holds(whole=True) if len(paths) > HOLD_MOST else Holds(paths)
+
+
+class Relock(Exception):
+    """Raised inside a write transaction that needs what it does not hold (`Holds`): rolled back,
+    it is run again holding `holds` from its opening."""
+
+    def __init__(self, holds: Holds) -> None:
+        super().__init__(holds)
+        self.holds = holds
+
+
+def path_key(volume: uuid.UUID, path: str) -> int:
+    """The key of `path`'s advisory lock in `volume` (a signed 64-bit hash: two paths sharing one
+    merely share a lock)."""
+    return int.from_bytes(
+        xxhash.xxh3_64_digest(volume.bytes + path.encode("utf-8", "surrogateescape")), "big", signed=True
+    )
 
 
 def _read_parts(fd: int) -> Iterator[bytes]:
@@ -126,6 +172,8 @@ class PostgresTransaction:
         volume: uuid.UUID,
         installs: list[tuple[str, Installed]] | None = None,
         opening: Sequence[Queued] = (),
+        holds: Holds | None = None,
+        locks: Callable[[list[int]], list[Queued]] | None = None,
     ) -> None:
         self._c = conn
         self._v = volume
@@ -139,10 +187,59 @@ class PostgresTransaction:
         self._ahead: tuple[str, str] | None = None
         """The `write_state` asked for ahead (`read_ahead`), while what it reads is unchanged."""
         self._ahead_row: tuple[Any, ...] | None = None
+        self._holds = None if holds is None or holds.whole else holds
+        """What it locks (None: a read transaction, or one holding the volume exclusive)."""
+        self._keys = {path_key(volume, p) for p in self._holds.paths} if self._holds is not None else set()
+        self._locks = locks
+        """The statements that lock paths by their keys, in the order given (`hold`)."""
+        self.locking = False
+        """Whether locks of paths it holds are queued or being waited for (`hold`)."""
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
         return self._c
+
+    @property
+    def held(self) -> frozenset[str] | None:
+        """The paths this transaction holds; None: every path (the volume's lock exclusive)."""
+        return None if self._holds is None else self._holds.paths
+
+    @property
+    def holds(self) -> Holds:
+        """What this transaction locks (or has queued to lock)."""
+        return Holds(whole=True) if self._holds is None else self._holds
+
+    def hold(self, paths: Iterable[str]) -> list[str]:
+        """Hold `paths` too: locked now (with the next read) when every new key sorts after the
+        keys held, else `Relock` with the whole set. The paths newly held (their intents unsettled)."""
+        if self._holds is None:
+            return []
+        new = sorted({p for p in paths if p not in self._holds.paths}, key=lambda p: path_key(self._v, p))
+        if not new:
+            return []
+        more = _holding(self._holds.paths | set(new))
+        if more.whole:
+            raise Relock(more)
+        keys = [k for k in dict.fromkeys(path_key(self._v, p) for p in new) if k not in self._keys]
+        if keys and self._keys and keys[0] < max(self._keys):
+            raise Relock(more)
+        if keys:
+            assert self._locks is not None
+            self._queue.extend(self._locks(keys))
+            self._keys.update(keys)
+            self.locking = True
+        self._holds = more
+        return new
+
+    def hold_all(self) -> None:
+        """Hold the whole volume (its lock exclusive): `Relock` unless it does."""
+        if self._holds is not None:
+            raise Relock(Holds(whole=True))
+
+    def _need(self, *paths: str) -> None:
+        """`Relock` unless this transaction holds `paths`."""
+        if self._holds is not None and not self._holds.paths.issuperset(paths):
+            raise Relock(_holding(self._holds.paths | set(paths)))
 
     def run(
         self, sql: str, args: tuple[Any, ...] = (), prepare: bool | None = None, ends: bool = False
@@ -169,6 +266,7 @@ class PostgresTransaction:
         else:
             cursor = self._sent([*queue, Queued(sql, args)])
         self.opened = True
+        self.locking = False
         return cursor
 
     def _sent(self, statements: list[Queued]) -> psycopg.Cursor[Any]:
@@ -248,10 +346,12 @@ class PostgresTransaction:
             self._flush()
 
     def file(self, path: str) -> FileRecord | None:
+        self._need(path)
         row = self._one(f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND path = %s", path)
         return None if row is None else _record(row)
 
     def file_and_view(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
+        self._need(path)
         sql, args = _file_and_view_query(self._v, path, agent, pending=False)
         return _file_and_view_row(self.run(sql, args).fetchone())
 
@@ -259,6 +359,7 @@ class PostgresTransaction:
         """Queue `write_state(path, agent)`: it goes with this transaction's next read (its first:
         the one that opens it), and `write_state` answers from it while no write queued since names
         a table it reads."""
+        self._need(path)
 
         def keep(cursor: psycopg.Cursor[Any]) -> None:
             self._ahead_row = cursor.fetchone()
@@ -269,6 +370,7 @@ class PostgresTransaction:
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
         """`file`, `view`, `grant` and `fenced` of `path` for `agent`, in one statement (the server's
         clock read with it, as `grant` reads it); read ahead, if it was (`read_ahead`)."""
+        self._need(path)
         row = self._ahead_row if self._ahead == (path, agent) else None
         if row is None:
             row = self.run(*_write_state_query(self._v, path, agent)).fetchone()
@@ -285,6 +387,7 @@ class PostgresTransaction:
 
     def put_file(self, r: FileRecord) -> None:
         """The record in the database; its fingerprint, if any (this copy's disk holds it), to `installs`."""
+        self._need(r.path)
         self._do(
             f"INSERT INTO cv_files (volume, {_FILE_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, path) DO UPDATE SET version = EXCLUDED.version, present = EXCLUDED.present, "
@@ -309,6 +412,7 @@ class PostgresTransaction:
         self.installs.append((path, held))
 
     def put_version(self, v: Version) -> None:
+        self._need(v.path)
         self._do(
             f"INSERT INTO cv_versions (volume, {_VERSION_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, path, version) DO UPDATE SET kind = EXCLUDED.kind, writer = EXCLUDED.writer, "
@@ -320,6 +424,7 @@ class PostgresTransaction:
         )
 
     def history(self, path: str, limit: int | None = None) -> list[Version]:
+        self._need(path)
         rows = self._all(
             f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s ORDER BY version DESC LIMIT %s",
             path,
@@ -328,12 +433,14 @@ class PostgresTransaction:
         return [_version(row) for row in rows]
 
     def version_entry(self, path: str, version: int) -> Version | None:
+        self._need(path)
         row = self._one(
             f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s AND version = %s", path, version
         )
         return None if row is None else _version(row)
 
     def deleted_in(self, directory: str) -> list[FileRecord]:
+        self.hold_all()
         prefix = f"{directory}/" if directory else ""
         rows = self._all(
             f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND NOT present AND starts_with(path, %s) "
@@ -344,9 +451,11 @@ class PostgresTransaction:
         return [_record(row) for row in rows]
 
     def history_paths(self) -> list[str]:
+        self.hold_all()
         return [r[0] for r in self._all("SELECT DISTINCT path FROM cv_versions WHERE volume = %s AND NOT pruned")]
 
     def retained(self, path: str) -> list[Version]:
+        self._need(path)
         rows = self._all(
             f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s AND NOT pruned "
             "AND hash IS NOT NULL ORDER BY version",
@@ -355,16 +464,20 @@ class PostgresTransaction:
         return [_version(row) for row in rows]
 
     def viewers(self, path: str) -> dict[str, int]:
+        self._need(path)
         return dict(self._all("SELECT agent, version FROM cv_views WHERE volume = %s AND path = %s", path))
 
     def last_view(self, agent: str) -> float | None:
+        self.hold_all()
         row = self._one("SELECT max(read_at) FROM cv_views WHERE volume = %s AND agent = %s", agent)
         return None if row is None or row[0] is None else float(row[0])
 
     def prune(self, path: str, version: int) -> None:
+        self._need(path)
         self._do("UPDATE cv_versions SET pruned = true WHERE volume = %s AND path = %s AND version = %s", path, version)
 
     def in_use(self, digest: str) -> bool:
+        self.hold_all()
         row = self._one(
             "SELECT EXISTS (SELECT 1 FROM cv_versions WHERE volume = %s AND hash = %s AND NOT pruned) "
             "OR EXISTS (SELECT 1 FROM cv_intents WHERE volume = %s AND hash = %s)",
@@ -516,11 +629,13 @@ class PostgresTransaction:
         return done
 
     def drop(self, digest: str) -> int:
+        self.hold_all()
         self._do("DELETE FROM cv_content_parts WHERE volume = %s AND hash = %s", digest)
         row = self._one("DELETE FROM cv_contents WHERE volume = %s AND hash = %s RETURNING size", digest)
         return 0 if row is None else int(row[0])
 
     def stored(self) -> tuple[int, int]:
+        self.hold_all()
         row = self._one("SELECT count(*), coalesce(sum(size), 0) FROM cv_contents WHERE volume = %s")
         assert row is not None
         return int(row[0]), int(row[1])
@@ -530,6 +645,7 @@ class PostgresTransaction:
         return None if row is None else str(row[0])
 
     def put_meta(self, key: str, value: str) -> None:
+        self.hold_all()
         self._do(
             "INSERT INTO cv_meta (volume, key, value) VALUES (%s, %s, %s) "
             "ON CONFLICT (volume, key) DO UPDATE SET value = EXCLUDED.value",
@@ -538,10 +654,12 @@ class PostgresTransaction:
         )
 
     def view(self, agent: str, path: str) -> int | None:
+        self._need(path)
         row = self._one("SELECT version FROM cv_views WHERE volume = %s AND agent = %s AND path = %s", agent, path)
         return None if row is None else int(row[0])
 
     def put_view(self, agent: str, path: str, version: int, at: float) -> None:
+        self._need(path)
         self._do(
             "INSERT INTO cv_views (volume, agent, path, version, read_at) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (volume, agent, path) DO UPDATE SET version = EXCLUDED.version, read_at = EXCLUDED.read_at",
@@ -552,9 +670,11 @@ class PostgresTransaction:
         )
 
     def drop_view(self, agent: str, path: str) -> None:
+        self._need(path)
         self._do("DELETE FROM cv_views WHERE volume = %s AND agent = %s AND path = %s", agent, path)
 
     def drop_views(self, agent: str) -> int:
+        self.hold_all()
         row = self._one(
             "WITH gone AS (DELETE FROM cv_views WHERE volume = %s AND agent = %s RETURNING 1) "
             "SELECT count(*) FROM gone",
@@ -568,6 +688,7 @@ class PostgresTransaction:
         }
 
     def versions(self, paths: list[str]) -> dict[str, int]:
+        self._need(*paths)
         rows = self._all("SELECT path, version FROM cv_files WHERE volume = %s AND path = ANY(%s)", list(paths))
         return {p: v for p, v in rows}
 
@@ -589,6 +710,7 @@ class PostgresTransaction:
         return self._now
 
     def grant(self, path: str) -> Grant | None:
+        self._need(path)
         row = self._one(f"SELECT {_GRANT_COLS}, {_CLOCK} FROM cv_grants WHERE volume = %s AND path = %s", path)
         if row is None:
             return None
@@ -596,10 +718,17 @@ class PostgresTransaction:
             self._now = float(row[-1])
         return _grant(row[:-1])
 
-    def grants(self) -> list[Grant]:
-        return [_grant(r) for r in self._all(f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s ORDER BY path")]
+    def grants(self, paths: Iterable[str] | None = None) -> list[Grant]:
+        sql = f"SELECT {_GRANT_COLS} FROM cv_grants WHERE volume = %s"
+        if paths is None:
+            self.hold_all()
+            return [_grant(r) for r in self._all(sql + " ORDER BY path")]
+        paths = sorted(paths)
+        self._need(*paths)
+        return [_grant(r) for r in self._all(sql + " AND path = ANY(%s) ORDER BY path", paths)]
 
     def put_grant(self, g: Grant) -> None:
+        self._need(g.path)
         self._do(
             f"INSERT INTO cv_grants (volume, {_GRANT_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, path) DO UPDATE SET agent = EXCLUDED.agent, token = EXCLUDED.token, "
@@ -616,9 +745,11 @@ class PostgresTransaction:
         )
 
     def drop_grant(self, path: str) -> None:
+        self._need(path)
         self._do("DELETE FROM cv_grants WHERE volume = %s AND path = %s", path)
 
     def bind(self, agent: str, process: ProcessId, pinned: bool, at: float) -> None:
+        self.hold_all()
         self._do(
             "INSERT INTO cv_sessions (volume, agent, host, pid, start, pinned, at) VALUES (%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, agent) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
@@ -632,6 +763,7 @@ class PostgresTransaction:
         )
 
     def unbind(self, agent: str) -> None:
+        self.hold_all()
         self._do("DELETE FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
 
     def bound_agent(self, process: ProcessId) -> tuple[str, bool] | None:
@@ -657,11 +789,13 @@ class PostgresTransaction:
         ]
 
     def fenced(self, agent: str, path: str) -> bool:
+        self._need(path)
         return (
             self._one("SELECT 1 FROM cv_fences WHERE volume = %s AND agent = %s AND path = %s", agent, path) is not None
         )
 
     def put_fence(self, agent: str, path: str, at: float) -> None:
+        self._need(path)
         self._do(
             "INSERT INTO cv_fences (volume, agent, path, at) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (volume, agent, path) DO UPDATE SET at = EXCLUDED.at",
@@ -671,15 +805,24 @@ class PostgresTransaction:
         )
 
     def drop_fence(self, agent: str, path: str) -> None:
+        self._need(path)
         self._do("DELETE FROM cv_fences WHERE volume = %s AND agent = %s AND path = %s", agent, path)
 
-    def intents(self) -> list[Intent]:
-        rows = self._all(
-            "SELECT path, agent, version, present, hash, tmp FROM cv_intents WHERE volume = %s ORDER BY path"
-        )
+    def intents(self, paths: Iterable[str] | None = None) -> list[Intent]:
+        sql = "SELECT path, agent, version, present, hash, tmp FROM cv_intents WHERE volume = %s"
+        if paths is None:
+            self.hold_all()
+            rows = self._all(sql + " ORDER BY path")
+        else:
+            paths = sorted(paths)
+            if not paths:
+                return []
+            self._need(*paths)
+            rows = self._all(sql + " AND path = ANY(%s) ORDER BY path", paths)
         return [Intent(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
 
     def put_intent(self, i: Intent) -> None:
+        self._need(i.path)
         self._do(
             "INSERT INTO cv_intents (volume, path, agent, version, present, hash, tmp) VALUES (%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, path) DO UPDATE SET agent = EXCLUDED.agent, version = EXCLUDED.version, "
@@ -693,6 +836,7 @@ class PostgresTransaction:
         )
 
     def drop_intent(self, path: str) -> None:
+        self._need(path)
         self._do("DELETE FROM cv_intents WHERE volume = %s AND path = %s", path)
 
     def log(
@@ -707,6 +851,10 @@ class PostgresTransaction:
         version: int | None = None,
         detail: str | None = None,
     ) -> None:
+        """A line of the log, numbered (`seq`) under the lock of its path: a path's lines are
+        numbered in commit order."""
+        if path is not None:
+            self._need(path)
         self._do(
             "INSERT INTO cv_events (volume, at, kind, path, agent, reason, seen_version, version, detail) "
             "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
@@ -744,7 +892,29 @@ class PostgresTransaction:
         args.append(limit)
         return [Event(*row) for row in self._all(sql, *args)]
 
+    def log_mark(self) -> LogMark:
+        row = self._one(f"SELECT {_HORIZON}, array(SELECT seq FROM cv_events WHERE volume = %s AND xact >= {_HORIZON})")
+        assert row is not None
+        return LogMark(int(row[0]), frozenset(row[1]))
+
+    def events_since(self, mark: LogMark) -> tuple[list[Event], LogMark]:
+        """Every line of a transaction that was running (or not begun) when `mark` was taken, not
+        read since, by `seq`: a line numbered first that commits last is read once it commits, never
+        skipped. The new mark's `below` is the oldest transaction running now (this read's
+        snapshot): none older can still write a line."""
+        now = self.run(f"SELECT {_HORIZON}").fetchone()  # first: the lines read next are at least as new
+        assert now is not None
+        rows = self._all(
+            "SELECT xact, seq, at, kind, path, agent, reason, seen_version, version, detail FROM cv_events "
+            "WHERE volume = %s AND xact >= %s ORDER BY seq",
+            mark.below,
+        )
+        horizon = max(mark.below, int(now[0]))
+        found = [Event(*row[1:]) for row in rows if row[1] not in mark.seen]
+        return found, LogMark(horizon, frozenset(row[1] for row in rows if row[0] >= horizon))
+
     def files(self) -> Iterator[FileRecord]:
+        self.hold_all()
         for row in self._all(f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s ORDER BY path"):
             yield _record(row)
 

@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,7 +48,7 @@ from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent, Version
-from . import DB_FILE, AgentSummary, Event, objects
+from . import DB_FILE, AgentSummary, Event, LogMark, objects
 from .sqlite_access import refusal, unusable
 
 R = TypeVar("R")
@@ -219,6 +219,15 @@ class SQLiteTransaction:
         self._c = conn
         self._now: float | None = None
 
+    held = None
+    """Every path: a write transaction holds the whole registry (BEGIN IMMEDIATE)."""
+
+    def hold(self, paths: Iterable[str]) -> list[str]:
+        return []
+
+    def hold_all(self) -> None:
+        pass
+
     def now(self) -> float:
         """This host's clock (every process sharing an SQLite registry runs on this host)."""
         if self._now is None:
@@ -387,8 +396,10 @@ class SQLiteTransaction:
         row = self._c.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE path = ?", (path,)).fetchone()
         return None if row is None else _grant(row)
 
-    def grants(self) -> list[Grant]:
-        return [_grant(r) for r in self._c.execute(f"SELECT {_GRANT_COLS} FROM grants ORDER BY path")]
+    def grants(self, paths: Iterable[str] | None = None) -> list[Grant]:
+        found = [_grant(r) for r in self._c.execute(f"SELECT {_GRANT_COLS} FROM grants ORDER BY path")]
+        wanted = None if paths is None else set(paths)
+        return found if wanted is None else [g for g in found if g.path in wanted]
 
     def put_grant(self, g: Grant) -> None:
         self._c.execute(
@@ -437,11 +448,13 @@ class SQLiteTransaction:
     def drop_fence(self, agent: str, path: str) -> None:
         self._c.execute("DELETE FROM fences WHERE agent = ? AND path = ?", (agent, path))
 
-    def intents(self) -> list[Intent]:
-        return [
+    def intents(self, paths: Iterable[str] | None = None) -> list[Intent]:
+        found = [
             Intent(r[0], r[1], r[2], bool(r[3]), r[4], r[5])
             for r in self._c.execute("SELECT path, agent, version, present, hash, tmp FROM intents")
         ]
+        wanted = None if paths is None else set(paths)
+        return found if wanted is None else [i for i in found if i.path in wanted]
 
     def put_intent(self, i: Intent) -> None:
         self._c.execute(
@@ -491,6 +504,15 @@ class SQLiteTransaction:
             sql += " LIMIT ?"
             args.append(limit)
         return [Event(*row) for row in self._c.execute(sql, args)]
+
+    def log_mark(self) -> LogMark:
+        row = self._c.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        return LogMark(int(row[0]) + 1)
+
+    def events_since(self, mark: LogMark) -> tuple[list[Event], LogMark]:
+        """Lines by `seq`, which is their commit order: write transactions are serial."""
+        found = self.events(after=mark.below - 1)
+        return found, LogMark(found[-1].seq + 1) if found else mark
 
     def files(self) -> Iterator[FileRecord]:
         for row in self._c.execute(f"SELECT {_FILE_COLS} FROM files ORDER BY path"):
@@ -1064,7 +1086,7 @@ class SQLiteRegistry:
     def read(self) -> _Transaction:
         return _Transaction(self, "BEGIN")
 
-    def transact(self, fn: Callable[[SQLiteTransaction], R]) -> R:
+    def transact(self, fn: Callable[[SQLiteTransaction], R], holds: Iterable[str] = ()) -> R:
         """`Registry.transact`: `fn` runs once. BEGIN IMMEDIATE takes SQLite's write lock first (with
         its busy wait), so no SQLite error here is a conflict a re-run could resolve (`Retry`): each
         is a RegistryError."""

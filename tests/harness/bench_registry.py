@@ -8,7 +8,9 @@ own, so nothing is refused) every subject runs a commit phase (whole-file writes
 tracked-read phase (reads of the unchanged file), all processes starting together; the figure is
 the total over the processes. Rounds alternate the subjects and the median round is reported, so
 drift of this shared machine hits every subject alike; the ratio column is against SQLite with
-the same writers, in the same round.
+the same writers, in the same round. With `--copies`, every PostgreSQL writer works in a working
+copy of its own (joined with `init`, as another host would), so what is measured is the database's
+locking alone, not one working copy's commit lock.
 
 Before the table, the round trips of one commit and of one tracked read of an unchanged file on
 PostgreSQL, counted exactly by a proxy (`Turns`: a round trip is the client speaking after the
@@ -17,6 +19,7 @@ the WAL once at its COMMIT), counted in `cv_commits`.
 
     .venv/bin/python scripts/bench_registry.py [--rounds 3] [--seconds 3]
     .venv/bin/python scripts/bench_registry.py --quick      (1 round, 0.5 s, 1 and 4 writers, 1 ms only)
+    .venv/bin/python scripts/bench_registry.py --copies     (a working copy per PostgreSQL writer)
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ SIZE = 4096
 class Subject:
     name: str
     root: str
+    copies: tuple[str, ...] = ()
+    """A working copy per writer (`--copies`); empty: every writer in `root`."""
+
+    def copy(self, writer: int) -> str:
+        return self.copies[writer] if self.copies else self.root
 
 
 class Turns:
@@ -159,11 +167,19 @@ def _init(root: str, registry: str | None, volume: str) -> None:
     subprocess.run([CLI, "init", root, "--managed", "plans/**", *extra], check=True, capture_output=True, text=True)
 
 
+def _joined(subject: Subject, url: str, volume: str, writers: int) -> Subject:
+    """`subject` with `writers` working copies of its volume joined beside its root, one per writer."""
+    copies = tuple(f"{subject.root}-copy{i}" for i in range(writers))
+    for root in copies:
+        subprocess.run([CLI, "init", root, "--registry", url, "--volume", volume], check=True, capture_output=True)
+    return Subject(f"{subject.name}, copies", subject.root, copies)
+
+
 def measure(subject: Subject, writers: int, seconds: float) -> tuple[float, float]:
     """(commits/s, tracked reads/s) of `writers` processes together on `subject`."""
     procs = [
         subprocess.Popen(
-            child("bench_registry", "worker", subject.root, str(i), str(seconds)),
+            child("bench_registry", "worker", subject.copy(i), str(i), str(seconds)),
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -214,6 +230,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--copies", action="store_true", help="a working copy per PostgreSQL writer")
     args = parser.parse_args()
     rounds, seconds = (1, 0.5) if args.quick else (args.rounds, args.seconds)
     writer_counts = (1, 4) if args.quick else (1, 4, 16)
@@ -229,6 +246,8 @@ def main() -> None:
             subjects = [Subject("SQLite", str(base / "sqlite")), Subject("PostgreSQL loopback", str(base / "pg"))]
             _init(subjects[0].root, None, "")
             _init(subjects[1].root, pg.url(), "loopback")
+            if args.copies:
+                subjects[1] = _joined(subjects[1], pg.url(), "loopback", max(writer_counts))
             counter = stack.enter_context(turns(pg.port))
             _init(str(base / "counted"), f"postgresql://cv@127.0.0.1:{counter.port}/cv", "counted")
             counted = count(
@@ -237,8 +256,9 @@ def main() -> None:
             for rtt in rtts_ms:
                 proxy = stack.enter_context(delay_proxy(("127.0.0.1", pg.port), rtt / 2))
                 s = Subject(f"PostgreSQL +{rtt:g} ms RTT", str(base / f"pg-{rtt:g}ms"))
-                _init(s.root, f"postgresql://cv@{proxy.host}:{proxy.port}/cv", f"rtt{rtt:g}")
-                subjects.append(s)
+                url = f"postgresql://cv@{proxy.host}:{proxy.port}/cv"
+                _init(s.root, url, f"rtt{rtt:g}")
+                subjects.append(_joined(s, url, f"rtt{rtt:g}", max(writer_counts)) if args.copies else s)
             results: dict[tuple[str, int], list[tuple[float, float]]] = {}
             for r in range(rounds):
                 for n in writer_counts:
@@ -271,7 +291,7 @@ def report(
     seconds: float,
 ) -> None:
     print(f"commits/s and tracked reads/s, all writers together; median of {rounds} round(s) of {seconds:g} s")
-    print(f"{'subject':<26}{'writers':>8}{'commits/s':>12}{'× SQLite':>10}{'reads/s':>12}{'× SQLite':>10}")
+    print(f"{'subject':<36}{'writers':>8}{'commits/s':>12}{'× SQLite':>10}{'reads/s':>12}{'× SQLite':>10}")
     for n in writer_counts:
         base = results[("SQLite", n)]
         for s in subjects:
@@ -280,7 +300,7 @@ def report(
             reads = statistics.median(r for _, r in runs)
             ratio_c = statistics.median(c / b[0] for (c, _), b in zip(runs, base, strict=True) if b[0])
             ratio_r = statistics.median(r / b[1] for (_, r), b in zip(runs, base, strict=True) if b[1])
-            print(f"{s.name:<26}{n:>8}{commits:>12,.0f}{ratio_c:>10.3f}{reads:>12,.0f}{ratio_r:>10.3f}")
+            print(f"{s.name:<36}{n:>8}{commits:>12,.0f}{ratio_c:>10.3f}{reads:>12,.0f}{ratio_r:>10.3f}")
 
 
 if __name__ == "__main__":

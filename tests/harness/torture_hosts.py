@@ -9,8 +9,8 @@ agents writing through a mount. Each scenario runs on a fresh database of the be
 - sweeps: API agents on every host, on one file and on a set of files with cross reads (file and
   read-set isolation);
 - kill -9 of writers on h2 at random instants, each replaced by a new agent;
-- a partition of h3 (its link down) at the instant the volume's lock in the database is granted to
-  one of its write transactions, then the heal; a long one checks that the other hosts go on
+- a partition of h3 (its link down) at the instant a lock in the database (a path's, or the
+  volume's) is granted to one of its write transactions, then the heal; a long one checks that the other hosts go on
   (STALL_BOUND);
 - a PostgreSQL restart (`pg_ctl restart -m fast`) during the sweep;
 - lost COMMIT replies: h3 reaches the database through `CommitProxy`, which at random instants
@@ -558,15 +558,16 @@ def writer_kills(tb: HostBed, profile: Profile, seed_: int) -> Row:
 
 STALL_BOUND = 15.0
 """Seconds within which the other hosts must commit again after a host was cut off while holding
-the volume's lock in the database: the server ends the cut-off transaction, and its locks, within
+a lock in the database: the server ends the cut-off transaction, and its locks, within
 idle_in_transaction_session_timeout (5 s) of its last answer, or within its tcp_user_timeout (10 s)
 when that answer stays unsent (docs/multihost.md)."""
 
 
 def _commit_lock(vol: HostVolume, host: str, granted: bool) -> bool:
-    """Whether a session of `host` waits for the volume's lock (the advisory lock every write
-    transaction takes first, until its COMMIT) or, `granted`, holds it in a transaction that is idle:
-    its first round trip answered, the server waiting for its next (the state the partition catches)."""
+    """Whether a session of `host` waits for a lock in the database (the advisory locks every write
+    transaction takes, the volume's and its paths', until its COMMIT) or, `granted`, holds one in a
+    transaction that is idle: its first round trip answered, the server waiting for its next (the
+    state the partition catches)."""
     return bool(
         vol.sql(
             "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
@@ -578,7 +579,7 @@ def _commit_lock(vol: HostVolume, host: str, granted: bool) -> bool:
 
 
 def _cut_as_granted(vol: HostVolume, host: Host, wait: float = 60.0) -> float | None:
-    """Partition `host` at an instant one of its sessions waits for the volume's lock, so that the
+    """Partition `host` at an instant one of its sessions waits for a lock in the database, so that the
     lock is granted to it after the cut and the server's answer never reaches it; tried again (after
     a heal) until the lock went to that session within 2 s, its first round trip done (its
     transaction idle, holding it). The instant of the cut, None if it never did within `wait` seconds."""
