@@ -18,10 +18,13 @@ def test_quick_run_reports_every_subject() -> None:
         [sys.executable, "scripts/bench_registry.py", "--quick"], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith(SUBJECTS)]
-    assert [(r[:26].strip(), int(r[26:34])) for r in rows] == [(s, n) for n in (1, 4) for s in SUBJECTS]
-    for row in rows:
-        commits, ratio_c, reads, ratio_r = (float(x.replace(",", "")) for x in row[34:].split())
+    row = re.compile(r"(.+?) +(\d+) +([\d,]+) +([\d.]+) +([\d,]+) +([\d.]+)")
+    rows = [row.fullmatch(line) for line in done.stdout.splitlines() if line.startswith(SUBJECTS)]
+    assert all(rows), done.stdout
+    assert [(r[1], int(r[2])) for r in rows if r] == [(s, n) for n in (1, 4) for s in SUBJECTS]
+    for r in rows:
+        assert r is not None
+        commits, ratio_c, reads, ratio_r = (float(x.replace(",", "")) for x in r.groups()[2:])
         assert commits > 0 and reads > 0 and ratio_c > 0 and ratio_r > 0
     commit = re.search(r"commit of a 4 KiB file: ([\d.]+) round trip\(s\), ([\d.]+) write transaction", done.stdout)
     read = re.search(r"tracked read of an unchanged file: ([\d.]+) round trip\(s\)", done.stdout)

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,11 +222,11 @@ def _failing_finishes(vol: CoherentVolume, monkeypatch: pytest.MonkeyPatch, fail
     transact = registry.transact
     seen: list[str] = []
 
-    def flaky(fn: Callable[..., Any]) -> Any:
+    def flaky(fn: Callable[..., Any], holds: Iterable[str] = ()) -> Any:
         if getattr(fn, "__name__", "") == "finish" and len(seen) < failures:
             seen.append("failed")
             raise RegistryError("registry at db:5432 is unreachable; nothing was written", 5)
-        return transact(fn)
+        return transact(fn, holds)
 
     monkeypatch.setattr(registry, "transact", flaky)
     return seen
@@ -279,15 +279,15 @@ def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatc
         registry = vol._core.registry
         transact = registry.transact
 
-        def unreachable(fn: Callable[..., Any]) -> Any:
+        def unreachable(fn: Callable[..., Any], holds: Iterable[str] = ()) -> Any:
             if getattr(fn, "__name__", "") != "decide":
-                return transact(fn)
+                return transact(fn, holds)
 
             def lost(tx: Any) -> Any:
                 fn(tx)  # its body runs (and names its staged content), then the connection is lost
                 raise RegistryError("registry at db:5432 is unreachable; nothing was written", 5)
 
-            return transact(lost)
+            return transact(lost, holds)
 
         monkeypatch.setattr(registry, "transact", unreachable)
         with pytest.raises(RegistryError, match="unreachable"):
@@ -308,12 +308,12 @@ def test_a_create_whose_transaction_fails_creates_nothing(root: Path, monkeypatc
         core = vol._core
         transact = core.registry.transact
 
-        def unreachable(fn: Callable[..., Any]) -> Any:
+        def unreachable(fn: Callable[..., Any], holds: Iterable[str] = ()) -> Any:
             def lost(tx: Any) -> Any:
                 fn(tx)
                 raise RegistryError("registry at db:5432 is unreachable; nothing was written", 5)
 
-            return transact(lost if getattr(fn, "__name__", "") == "decide" else fn)
+            return transact(lost if getattr(fn, "__name__", "") == "decide" else fn, holds)
 
         monkeypatch.setattr(core.registry, "transact", unreachable)
         with pytest.raises(RegistryError, match="unreachable"):
