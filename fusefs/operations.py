@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import stat as stat_mod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -102,6 +103,14 @@ def _writable(flags: int) -> bool:
     return (flags & os.O_ACCMODE) != os.O_RDONLY
 
 
+def _carried(name: str, src: str, dst: str, exchange: bool) -> str:
+    """Where the rename of `src` to `dst` (or their exchange) put what was at `name`."""
+    for old, new in ((src, dst), (dst, src)) if exchange else ((src, dst),):
+        if _at_or_below(name, old):
+            return new + name[len(old) :]
+    return name
+
+
 class CoherentOperations(pyfuse3.Operations):
     """FUSE requests -> backing directory + VolumeCore."""
 
@@ -122,7 +131,12 @@ class CoherentOperations(pyfuse3.Operations):
         self.open_on: dict[int, dict[int, FileHandle]] = {}
         """The open file handles of each inode, by file handle (`files` indexed by `file_inodes`)."""
         self._renaming: dict[str, trio.Event] = {}
-        """Paths a checked rename is changing right now (see `_settled`)."""
+        """Paths a checked rename is changing right now, or is about to (see `_settled`, `rename`)."""
+        self._using: Counter[str] = Counter()
+        """Paths requests reach the disk by across an await right now, each as often as requests use it
+        (`_use`): a checked rename at or above one waits until they are done (`_unused`)."""
+        self._used = trio.Event()
+        """Set (and replaced) whenever a request stops using paths (`_use`)."""
         self._files: dict[tuple[int, int], int] = {}
         """The inode of each unmanaged non-directory seen, by its backing (st_dev, st_ino): a hard link
         of it is looked up as that inode (see `_inode_of`)."""
@@ -162,8 +176,9 @@ class CoherentOperations(pyfuse3.Operations):
         return self.core.paths.of_rel(rel)
 
     async def _path(self, inode: int) -> str:
-        """The path of `inode`, for a request that reaches the disk by it (see `_settled`)."""
-        return await self._settled(functools.partial(self.inodes.path, inode))
+        """The path of `inode`, for a request that reaches the disk by it, or by the name the inode is
+        set aside to (`_aside`; see `_settled`)."""
+        return await self._settled(functools.partial(self.inodes.path, inode), inode)
 
     async def _child(self, parent: int, name: bytes) -> str:
         """The path of `name` in `parent`, for a request that reaches the disk by it (see `_settled`)."""
@@ -236,7 +251,7 @@ class CoherentOperations(pyfuse3.Operations):
         """The path a call on `inode` changes or asks about by name: its own, or for an inode set aside
         for a write handle (`_unname`), its name's, whose metadata is the file's (a chmod through the
         name is the file's, not the shadow's its commit would replace). See `_settled`."""
-        return await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode))
+        return await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode), inode)
 
     def _aside_name(self, inode: int) -> str | None:
         """The name `inode` was set aside from (`_unname`, `_apart`), while a write handle open on it
@@ -324,8 +339,8 @@ class CoherentOperations(pyfuse3.Operations):
         inode number of its file's name (the kernel reports the number a reply gives, and a lookup
         must give the inode's own), so the program's `fstat` of its descriptor and any `stat` of the
         name agree, as on a local disk (vim checks that the file it opened is the one it stat'ed)."""
-        if inode in self._private:
-            attrs.st_ino = self.inodes.inode(self.inodes.path(inode).partition("\0")[0])
+        if inode in self._private:  # (by the name its file has now, while its write is under way: `_renamed`)
+            attrs.st_ino = self.inodes.inode(self._aside.get(inode) or self.inodes.path(inode).partition("\0")[0])
         return attrs
 
     def _apart(self, rel: str, retry: Retry) -> pyfuse3.EntryAttributes:
@@ -593,7 +608,8 @@ class CoherentOperations(pyfuse3.Operations):
             if inode is not None and self._other_content(inode):
                 self._fresh_inode(rel)
         elif self._aside:
-            written = await self._written_by_caller(rel, ctx)
+            with self._use(rel):
+                written = await self._written_by_caller(rel, ctx)
             if written is not None:  # the caller's agent's unsaved writes: its inode, as on a local disk
                 attrs = self._attrs(rel, written)
                 self.inodes.looked_up(written)
@@ -640,23 +656,48 @@ class CoherentOperations(pyfuse3.Operations):
             return rel
         return name if self.core.paths.managed(name) and stat_mod.S_ISREG(st.st_mode) else rel
 
-    async def _settled(self, path_of: Callable[[], str]) -> str:
+    async def _settled(self, path_of: Callable[[], str], inode: int | None = None) -> str:
         """`path_of()`, a path from the inode table, once no checked rename in flight is at or above it
-        (or its name, for an inode that lost it). Such a rename changes the disk in a worker thread and
-        the table follows only after: a request reaching the disk by the path meanwhile would meet
-        another object there, and an open or a reply would pair an inode with that object's type
-        (the kernel answers EIO) or fail (ENOTDIR). Every request reaching the disk by a path it takes
-        from the table gets it here, with no await before that access. (Free while no rename is in
-        flight: most requests meet none.)"""
+        (or its name, for an inode that lost it, or the name `inode` is set aside to: `_aside`). Such a
+        rename changes the disk in a worker thread and the table follows only after: a request
+        reaching the disk by the path meanwhile would meet another object there, and an open or a
+        reply would pair an inode with that object's type (the kernel answers EIO) or fail (ENOTDIR).
+        Every request reaching the disk by a path it takes from the table gets it here, with no await
+        before that access; one that awaits after it uses the path meanwhile (`_use`). (Free while
+        no rename is in flight: most requests meet none.)"""
         rel = path_of()
         while self._renaming:
-            name = rel.partition("\0")[0]
-            moving = [event for top, event in self._renaming.items() if _at_or_below(name, top)]
+            names = [rel.partition("\0")[0], *([self._aside[inode]] if inode in self._aside else [])]
+            moving = [event for top, event in self._renaming.items() if any(_at_or_below(n, top) for n in names)]
             if not moving:
                 break
             await moving[0].wait()
             rel = path_of()
         return rel
+
+    @contextlib.contextmanager
+    def _use(self, *rels: str) -> Iterator[None]:
+        """Around the part of a request that reaches the disk by `rels` (paths `_settled` just gave it,
+        with no await since) across awaits: a checked rename at or above one of them waits until it
+        is done (`_unused`), so each path stays the object's the request found there. A request
+        using paths never waits for a rename (`_settled`) meanwhile, nor for the kernel to drop an
+        entry (a rename holds its directories' locks while it waits)."""
+        names = {rel.partition("\0")[0] for rel in rels}
+        self._using.update(names)
+        try:
+            yield
+        finally:
+            self._using.subtract(names)
+            for name in names:
+                if not self._using[name]:
+                    del self._using[name]
+            self._used.set()
+            self._used = trio.Event()
+
+    async def _unused(self, *tops: str) -> None:
+        """Wait until no request uses a path at or below `tops` (`_use`)."""
+        while any(_at_or_below(rel, top) for rel in self._using for top in tops):
+            await self._used.wait()
 
     async def _viewer(self, rel: str, ctx: pyfuse3.RequestContext) -> str | None:
         """The caller's agent, looked up only where a write handle has unsaved changes (see `setattr`)."""
@@ -673,6 +714,19 @@ class CoherentOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         rel = await self._name_of(inode)
+        with self._use(rel):
+            return await self._setattr(rel, inode, attr, fields, fh, ctx)
+
+    async def _setattr(
+        self,
+        rel: str,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        """The setattr of `inode` by the name `rel` (`_name_of`, and in use: `_use`)."""
         handle = self.files.get(fh) if fh is not None else None
         if "\0" not in rel and (handle is None or isinstance(handle, Passthrough)) and not self.core.paths.managed(rel):
             # unmanaged, by its name or its own descriptor: no agent, no page cache
@@ -933,24 +987,17 @@ class CoherentOperations(pyfuse3.Operations):
             self._refuse_moving_direct_dirs(src, *((dst,) if exchange else ()))
         source, destination = self._target(src), self._target(dst)
         if self.core.rename_is_checked(source, destination):
-            self._refuse_open_writers(src, st)
-            moving = [*self._writers_of(src), *self._writers_of(dst)]
-            unsaved = [handle for handle in moving if handle.pending]
-            if unsaved:
-                log.info(
-                    "refused renaming %s to %s (EBUSY): %s holds writes to %s not committed yet, which the rename "
-                    "would leave behind; rename it once that file is closed (a close commits its writes)",
-                    src,
-                    dst,
-                    unsaved[0].agent,
-                    unsaved[0].rel,
-                )
-                raise pyfuse3.FUSEError(errno.EBUSY)
-            agent = await self._writer(ctx, src, dst)
             done = trio.Event()
-            self._renaming.update({src: done, dst: done})
-            carried = {**self.inodes.below(src, tree), **(self.inodes.below(dst, tree) if exchange else {})}
+            self._renaming.update({src: done, dst: done})  # from here requests there wait (`_settled`)
             try:
+                agent = await self._writer(ctx, src, dst)
+                await self._unused(src, dst)  # an open under way there gets its handle first
+                self._refuse_open_writers(src, st)
+                moving = [*self._writers_of(src), *self._writers_of(dst)]
+                self._refuse_unsaved(src, dst, moving)
+                carried = {**self.inodes.below(src, tree), **(self.inodes.below(dst, tree) if exchange else {})}
+                # the watcher reports each managed file below a moved directory: the echo of this rename
+                self.own.note(*carried.values(), *(_carried(rel, src, dst, exchange) for rel in carried.values()))
                 await blocking(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
                 for handle in moving:
                     handle.moved = True
@@ -967,6 +1014,22 @@ class CoherentOperations(pyfuse3.Operations):
             self.backing.rename(src, dst, flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE))
             if not same:
                 self._renamed(src, dst, exchange, tree)
+
+    @staticmethod
+    def _refuse_unsaved(src: str, dst: str, moving: Sequence[Shadow]) -> None:
+        """EBUSY for a checked rename of `src` to `dst` while one of the write handles `moving` there
+        holds writes not committed yet, which the rename would leave behind."""
+        unsaved = [handle for handle in moving if handle.pending]
+        if unsaved:
+            log.info(
+                "refused renaming %s to %s (EBUSY): %s holds writes to %s not committed yet, which the rename "
+                "would leave behind; rename it once that file is closed (a close commits its writes)",
+                src,
+                dst,
+                unsaved[0].agent,
+                unsaved[0].rel,
+            )
+            raise pyfuse3.FUSEError(errno.EBUSY)
 
     def _left(self, inode: int, before: str) -> None:
         """`inode` was reached by the name `before` until now (a checked rename carried it, or a lookup
@@ -1032,10 +1095,13 @@ class CoherentOperations(pyfuse3.Operations):
         return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
     def _renamed(self, src: str, dst: str, exchange: bool, tree: bool) -> None:
+        """The inode table, and the names inodes are set aside to (`_aside`), follow a rename done."""
         if exchange:
             self.inodes.exchanged(src, dst, tree)
         else:
             self.inodes.moved(src, dst, tree)
+        for inode, name in self._aside.items():
+            self._aside[inode] = _carried(name, src, dst, exchange)
 
     def _held_fd(self, inode: int) -> int | None:
         """A descriptor of the file behind `inode`, whose name is gone, that an open handle holds: a
@@ -1085,15 +1151,23 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         rel = await self._path(inode)
+        with self._use(rel, *([self._aside[inode]] if inode in self._aside else [])):
+            return await self._open(rel, inode, flags, ctx)
+
+    async def _open(self, rel: str, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """The open of `inode`, whose path is `rel` (`_settled`, and in use: `_use`)."""
         writing = _writable(flags) or bool(flags & os.O_TRUNC)
         landed = repeat = self.pages.landed(ctx.pid)
-        if repeat is not None and repeat.rel != rel.partition("\0")[0]:
-            repeat = None  # the repeat of a call by another name (renamed meanwhile): this one is new
-        if "\0" in rel:  # its name is gone, or another inode's now
-            name = rel.partition("\0")[0]
-            if (repeat is None and writing) or not self._managed_file(name):
+        pinned_here = repeat is not None and repeat.pin is not None and self.file_inodes.get(repeat.pin) == inode
+        if repeat is not None and repeat.rel != rel.partition("\0")[0] and not pinned_here:
+            # the repeat of a call by another name (renamed meanwhile): this one is new, unless it comes
+            # to the inode its version is pinned on (`_pin`), which a rename carried since its lookup
+            repeat = None
+        if "\0" in rel:  # its name is gone, or another inode's now (or it was made for a write: `_apart`)
+            name = self._aside_name(inode) or rel.partition("\0")[0]
+            if repeat is None and (writing or not self._managed_file(name)):
                 raise self._stale(rel, ctx, writing)  # the kernel looks it up again and repeats the open
-            rel = name  # served at the name (a read-only open that is no repeat is repeated there: `_pin`)
+            rel = self._repeated_at(name)  # served at the name (a read-only open that is no repeat: `_pin`)
         if not self._managed_file(rel):
             if writing:
                 self._walk_again(ctx, landed, True, (inode, rel))
@@ -1111,6 +1185,22 @@ class CoherentOperations(pyfuse3.Operations):
             if handle.pending:  # O_TRUNC: its descriptors see the file cut, as on a local disk
                 self.writers[rel] = handle
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    def _repeated_at(self, name: str) -> str:
+        """`name`, where an open of a file's inode that lost it (or was made for a write by it, `_apart`,
+        which follows the file's renames) is served, as an open made after whatever moved there
+        since: the file there, or nothing (ENOENT). A directory there fails EISDIR, as an open of it
+        for writing would (the inode, a file's, cannot serve it); anything else but a file fails
+        ESTALE."""
+        try:
+            st = self.backing.lstat(name)
+        except FileNotFoundError:
+            return name
+        if stat_mod.S_ISDIR(st.st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return name
 
     async def _open_reading(
         self, rel: str, inode: int, ctx: pyfuse3.RequestContext, repeat: Retry | None
@@ -1263,10 +1353,11 @@ class CoherentOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(
                 fh=self._open_file(Passthrough(fd, rel, _writable(flags)), entry.st_ino), keep_cache=True
             ), entry
-        agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
-        handle = await blocking(
-            Shadow.create, self.core, self._owner, agent, self._target(rel), mode, flags, *self._new_owner(rel, ctx)
-        )
+        with self._use(rel):
+            agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
+            handle = await blocking(
+                Shadow.create, self.core, self._owner, agent, self._target(rel), mode, flags, *self._new_owner(rel, ctx)
+            )
         self._unpin(rel)
         entry = self._entry(rel)
         return pyfuse3.FileInfo(fh=self._open_file(handle, entry.st_ino), direct_io=True), entry

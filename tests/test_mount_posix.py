@@ -261,6 +261,123 @@ for i in range(150):
     assert set(seen) <= {"EISDIR"}, seen
 
 
+EXCHANGE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+open("plans/d/inner.md").read()  # an exchange moves it: its agent must have read it
+ok = libc.renameat2(-100, b"plans/x.md", -100, b"plans/d", 2) == 0
+print("ok" if ok else os.strerror(ctypes.get_errno()), flush=True)
+"""
+
+WRITE_THEN_CLOSE = """
+import os
+try:
+    open("plans/x.md").read()
+    fd = os.open("plans/x.md", os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new\\n")
+    os.close(fd)
+    print("ok")
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def _exchange_while_gated(m: Mount, gate: Path) -> tuple[str, str]:
+    """A writer of alice opens plans/x.md for writing (O_TRUNC), writes and closes it while the daemon
+    is held at the gate (set up by the caller's patch) and alice exchanges the file with the directory
+    plans/d meanwhile; the writer's and the exchange's outcomes. The gate opens once the exchange
+    is done, or after 3 s once its request reached the daemon (gate.rename, made by the patch: a
+    rename that waits for the open never ends while the gate holds the open)."""
+    env = {**os.environ, "COHERENT_AGENT": "alice"}
+    gate.touch()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITE_THEN_CLOSE], cwd=m.path, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        _wait_for(Path(f"{gate}.held").exists, "the open to reach the gate")
+        exchange = subprocess.Popen(
+            [sys.executable, "-c", EXCHANGE], cwd=m.path, stdout=subprocess.PIPE, text=True, env=env
+        )
+        _wait_for(Path(f"{gate}.rename").exists, "the exchange to reach the daemon")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            exchange.wait(timeout=3)
+    finally:
+        gate.unlink()
+    written = writer.communicate(timeout=60)[0].strip()
+    return written, exchange.communicate(timeout=60)[0].strip()
+
+
+RENAME_SEEN = """
+from fusefs import operations
+_rename = operations.CoherentOperations.rename
+async def _seen(self, *args):
+    open(GATE + ".rename", "w").close()
+    return await _rename(self, *args)
+operations.CoherentOperations.rename = _seen
+"""
+
+
+def test_a_file_exchanged_with_a_directory_while_opened_for_writing_keeps_its_writes(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exchange of a managed file with a directory that reaches the daemon while an open of the file
+    for writing is under way (held after it took its write grant) goes as if it came after the open:
+    refused EBUSY, since the handle holds an O_TRUNC not committed yet. The writer's close commits
+    to the file (before, the exchange went through unseen and the commit went to the old name, a
+    directory now: the close failed EISDIR and the writes were lost)."""
+    (root / "plans/d").mkdir()
+    (root / "plans/d/inner.md").write_text("inner\n")
+    (root / "plans/x.md").write_text("old\n")
+    patch = (
+        f"GATE = {str(tmp_path / 'gate')!r}\n"
+        + RENAME_SEEN
+        + """
+from fusefs.handles import Shadow
+_start = Shadow._start
+def _held(self, copy, chown=None):
+    if self.target.rel == "plans/x.md":
+        wait_at_gate()
+    return _start(self, copy, chown)
+Shadow._start = _held
+"""
+    )
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        written, exchanged = _exchange_while_gated(m, gate)
+        assert (written, exchanged) == ("ok", "Device or resource busy")
+        assert (m.path / "plans/x.md").read_text() == "new\n"
+        assert (m.path / "plans/d/inner.md").read_text() == "inner\n"
+
+
+def test_a_write_whose_file_is_exchanged_with_a_directory_before_its_open_writes_the_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open for writing is repeated on an inode of its own (`_apart`); when an exchange of the file
+    with a directory lands between that lookup and the repeated open, the open goes on with the file
+    it looked up, now at the directory's old name, as on a local disk (before, it found the directory
+    at the name and failed ESTALE, which a repeat must never be answered)."""
+    (root / "plans/d").mkdir()
+    (root / "plans/d/inner.md").write_text("inner\n")
+    (root / "plans/x.md").write_text("old\n")
+    patch = (
+        f"GATE = {str(tmp_path / 'gate')!r}\n"
+        + RENAME_SEEN
+        + """
+import trio
+_open = operations.CoherentOperations.open
+async def _held(self, inode, flags, ctx):
+    if inode in self._private:
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _open(self, inode, flags, ctx)
+operations.CoherentOperations.open = _held
+"""
+    )
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        written, exchanged = _exchange_while_gated(m, gate)
+        assert (written, exchanged) == ("ok", "ok")
+        assert (m.path / "plans/d").read_text() == "new\n"
+        assert (m.path / "plans/x.md/inner.md").read_text() == "inner\n"
+
+
 def test_entries_made_in_a_set_group_id_directory_take_its_group(mounted: Mount) -> None:
     """As on a local disk: a file or directory made in a setgid directory belongs to that directory's
     group (and a directory inherits the bit), whoever makes it, in both areas."""
