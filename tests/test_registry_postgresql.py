@@ -1525,3 +1525,38 @@ def test_a_damaged_replica_db_is_refused_untouched_and_init_joins_the_copy_again
         assert bob.read("plans/a.md") == b"one\n"
         assert bob.write("plans/a.md", "two\n") == 2
     assert (Path(f"{state}.damaged")).read_bytes() == before
+
+
+def test_a_read_that_finds_no_file_while_another_copy_creates_it_gives_no_view_of_that_version(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's read finds plans/p.md absent in his working copy; alice creates it in hers between that
+    read of his disk and the transaction that registers his view. Bob is told there is no file, so
+    no view of alice's version may be his: his write of a file he takes for new is refused
+    `unread`, and alice's version stays (found by a hostile probe: his view was registered at her
+    v1, and his write replaced it as v2)."""
+    from coherent_volume.core import reads
+
+    first = _pg_volume(tmp_path / "c0", pg_url)
+    second = _join(tmp_path / "c1", pg_url)
+    with CoherentVolume(first, agent="alice") as alice, CoherentVolume(second, agent="bob") as bob:
+        real, created = reads.read_file, []
+
+        def absent_then_created(path: str) -> Any:
+            try:
+                return real(path)
+            except FileNotFoundError:  # the read under bob's commit lock: alice creates the file now
+                if sys._getframe(1).f_code.co_name == "_read_locked" and not created:
+                    created.append(alice.write("plans/p.md", b"alice\n"))
+                raise
+
+        monkeypatch.setattr(reads, "read_file", absent_then_created)
+        with pytest.raises(FileNotFoundError):
+            bob.read("plans/p.md")
+        monkeypatch.undo()
+        assert created == [1]
+        with pytest.raises(StaleWriteError) as refused:
+            bob.write("plans/p.md", b"bob, taking it for new\n")
+        assert refused.value.reason == "unread"
+        assert bob.read("plans/p.md") == b"alice\n"
+        assert [v.writer for v in bob.history("plans/p.md")] == ["alice"]

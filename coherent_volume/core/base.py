@@ -377,7 +377,10 @@ class CoreBase:
         (`protocol.local_state`): install the current version where this copy is behind, record a
         foreign change (based on the version this copy held) as a new version by EXTERNAL; return
         the current record. Given the `disk` a caller read, behind: the record of the older version
-        those bytes are (its view of them is that version), and nothing is installed."""
+        those bytes are (its view of them is that version), or of the deletion this copy holds where
+        the caller found no file, or None where this copy never held the file (no view: a view of a
+        version the caller never saw would let its write of a file it took for new replace that
+        version), and nothing is installed."""
         installed = replica.installed(target.rel)
         given = disk is not None
         if disk is None:
@@ -404,7 +407,11 @@ class CoreBase:
                 installed, state = lost, local_state(record, lost, fp, disk_hash, lost.hash)
         if state is Local.BEHIND:
             assert record is not None
-            if given and fp is not None and installed is not None:  # the caller holds an older version's bytes
+            if given and fp is None:  # the caller found no file: the deletion this copy holds, or nothing
+                if installed is None:
+                    return None
+                return record._replace(version=installed.version, present=False, hash=None, fingerprint=None)
+            if given and installed is not None:  # the caller holds an older version's bytes
                 return record._replace(version=installed.version, hash=installed.hash, fingerprint=fp)
             data = tx.load(record.hash, f"{target.rel} v{record.version}") if record.present and record.hash else None
             replica.install(target.abs, target.rel, record.version, record.hash, data)
