@@ -1560,3 +1560,72 @@ def test_a_read_that_finds_no_file_while_another_copy_creates_it_gives_no_view_o
         assert refused.value.reason == "unread"
         assert bob.read("plans/p.md") == b"alice\n"
         assert [v.writer for v in bob.history("plans/p.md")] == ["alice"]
+
+
+QUEUED_HOLD = """
+import sys, time
+from coherent_volume import CoherentVolume
+with CoherentVolume(sys.argv[1], agent="holder") as v:
+    v.write("plans/warm1.md", "w")  # its first transaction, which held the whole volume, is over
+    def hold(tx):
+        tx.file("plans/a.md")
+        print("held", flush=True)
+        time.sleep(120)
+    v._core.registry.transact(hold, ["plans/a.md"])
+"""
+QUEUED_WRITER = """
+import sys
+from coherent_volume.registry import pg_registry
+pg_registry.COMMIT_LOCK_TIMEOUT = float(sys.argv[4])
+from coherent_volume import CoherentVolume, RegistryError
+with CoherentVolume(sys.argv[1], agent=sys.argv[2]) as v:
+    if sys.argv[5] == "warm":
+        v.write("plans/warm-" + sys.argv[2] + ".md", "w")
+        print("warmed", flush=True)
+        sys.stdin.readline()
+    try:
+        v.write(sys.argv[3], "x")
+        print("ok", flush=True)
+    except RegistryError as e:
+        print(e, flush=True)
+"""
+
+
+def test_a_writer_queued_behind_a_wait_for_the_whole_volume_is_told_so(tmp_path: Path, pg_url: str) -> None:
+    """A transaction holds plans/a.md (idle in it); a process starting in another working copy waits
+    to hold the whole volume (its first transaction); a writer of plans/b.md, which nobody holds,
+    then waits too (PostgreSQL grants no shared lock while an exclusive request waits), and when its
+    wait runs out its EBUSY says what it waited behind, not "no holder any more"."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+    env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(code: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, **kw))
+        return procs[-1]
+
+    try:
+        writer = start(QUEUED_WRITER, str(roots[2]), "bob", "plans/b.md", "2", "warm", stdin=subprocess.PIPE)
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline().strip() == "warmed"
+        holder = start(QUEUED_HOLD, str(roots[1]), env=env)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        start(QUEUED_WRITER, str(roots[0]), "carol", "plans/c.md", "20", "cold")
+        _wait_for_row(
+            pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'"
+        )
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        said = writer.stdout.readline()
+        assert "queued behind coherent-volume" in said and "waits to hold the whole volume" in said, said
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _wait_for_row(url: str, query: str) -> None:
+    deadline = time.monotonic() + 30
+    while not _q(url, query):
+        assert time.monotonic() < deadline, f"no row for {query}"
+        time.sleep(0.05)

@@ -98,6 +98,17 @@ LOCK_TIMED_OUT = "55P03"
 holding more paths, `PostgresTransaction.locking`)."""
 
 
+def _sessions(rows: list[tuple[Any, ...]]) -> str:
+    """Database sessions (pid, application_name, client address, state), as a user reads them."""
+    return ", ".join(
+        f"{app or 'a session with no application_name'} (PostgreSQL backend {pid}"
+        + (f", client {addr}" if addr else "")
+        + (f", {state}" if state else "")
+        + ")"
+        for pid, app, addr, state in rows
+    )
+
+
 @dataclass(frozen=True)
 class _Session:
     """A database session, as its connection knows it without asking the server."""
@@ -239,17 +250,29 @@ class PostgresRegistry:
                 "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 (LOCK_CLASS, self._lock_key & 0xFFFFFFFF, holds.whole, keys),
             ).fetchall()
+            queued = (
+                []
+                if rows or holds.whole
+                else conn.execute(
+                    "SELECT DISTINCT a.pid, a.application_name, a.client_addr, a.state FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND NOT l.granted "
+                    "AND a.pid != pg_backend_pid() AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 "
+                    "AND l.mode = 'ExclusiveLock' "
+                    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    (LOCK_CLASS, self._lock_key & 0xFFFFFFFF),
+                ).fetchall()
+            )
         except Exception:
             return "PostgreSQL did not say who holds it"
+        if queued:
+            return (
+                f"queued behind {_sessions(queued)}, which waits to hold the whole volume (a process's first "
+                "transaction, a listing, a setting or a session binding) until the transactions holding "
+                "paths end: PostgreSQL grants no shared lock while an exclusive request waits"
+            )
         if not rows:
             return "PostgreSQL shows no holder any more"
-        return "held by " + ", ".join(
-            f"{app or 'a session with no application_name'} (PostgreSQL backend {pid}"
-            + (f", client {addr}" if addr else "")
-            + (f", {state}" if state else "")
-            + ")"
-            for pid, app, addr, state in rows
-        )
+        return "held by " + _sessions(rows)
 
     @contextmanager
     def commit_lock(self) -> Iterator[None]:
