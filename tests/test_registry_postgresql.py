@@ -1576,52 +1576,147 @@ with CoherentVolume(sys.argv[1], agent="holder") as v:
 QUEUED_WRITER = """
 import sys
 from coherent_volume.registry import pg_registry
-pg_registry.COMMIT_LOCK_TIMEOUT = float(sys.argv[4])
+pg_registry.COMMIT_LOCK_TIMEOUT = float(sys.argv[3])
 from coherent_volume import CoherentVolume, RegistryError
 with CoherentVolume(sys.argv[1], agent=sys.argv[2]) as v:
-    if sys.argv[5] == "warm":
-        v.write("plans/warm-" + sys.argv[2] + ".md", "w")
-        print("warmed", flush=True)
-        sys.stdin.readline()
-    try:
-        v.write(sys.argv[3], "x")
-        print("ok", flush=True)
-    except RegistryError as e:
-        print(e, flush=True)
+    for path in sys.stdin:  # one write a line, each answered
+        try:
+            v.write(path.strip(), "x")
+            print("ok", flush=True)
+        except RegistryError as e:
+            print(e, flush=True)
+"""
+QUEUED_LISTING = """
+import sys
+from coherent_volume import CoherentVolume
+with CoherentVolume(sys.argv[1], agent="lister") as v:
+    v.write("plans/warm-lister.md", "w")
+    v._core.registry.transact(lambda tx: list(tx.files()))  # waits to hold the whole volume
 """
 
 
-def test_a_writer_queued_behind_a_wait_for_the_whole_volume_is_told_so(tmp_path: Path, pg_url: str) -> None:
-    """A transaction holds plans/a.md (idle in it); a process starting in another working copy waits
-    to hold the whole volume (its first transaction); a writer of plans/b.md, which nobody holds,
-    then waits too (PostgreSQL grants no shared lock while an exclusive request waits), and when its
-    wait runs out its EBUSY says what it waited behind, not "no holder any more"."""
-    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+class _Procs:
+    """Processes of a test, killed at its end whatever its outcome."""
+
+    def __init__(self) -> None:
+        self.all: list[subprocess.Popen[str]] = []
+
+    def start(self, code: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        self.all.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw
+            )
+        )
+        return self.all[-1]
+
+    def kill(self) -> None:
+        for p in self.all:
+            p.kill()
+            p.wait()
+
+
+def _ask(proc: subprocess.Popen[str], line: str) -> str:
+    """`line` to `proc`'s stdin; the line it answers."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def _holding_a(procs: _Procs, root: Path) -> subprocess.Popen[str]:
+    """A process holding plans/a.md in a transaction, idle in it for as long as it lives."""
     env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
-    procs: list[subprocess.Popen[str]] = []
+    holder = procs.start(QUEUED_HOLD, str(root), env=env)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
 
-    def start(code: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
-        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, **kw))
-        return procs[-1]
 
+def test_a_process_starting_while_a_path_is_held_stalls_no_writer(tmp_path: Path, pg_url: str) -> None:
+    """A transaction holds plans/a.md (idle in it); a process starting in another working copy
+    commits plans/c.md at once (its first transaction does not wait to hold the whole volume), and so
+    does a writer of plans/b.md in a third, while the holder stays (found by a hostile probe: the
+    first transaction waited for the whole volume, and every writer of any path waited behind it)."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+    procs = _Procs()
     try:
-        writer = start(QUEUED_WRITER, str(roots[2]), "bob", "plans/b.md", "2", "warm", stdin=subprocess.PIPE)
-        assert writer.stdout is not None and writer.stdin is not None
-        assert writer.stdout.readline().strip() == "warmed"
-        holder = start(QUEUED_HOLD, str(roots[1]), env=env)
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        start(QUEUED_WRITER, str(roots[0]), "carol", "plans/c.md", "20", "cold")
+        writer = procs.start(QUEUED_WRITER, str(roots[2]), "bob", "2")
+        assert _ask(writer, "plans/warm-bob.md") == "ok"
+        holder = _holding_a(procs, roots[1])
+        assert _ask(procs.start(QUEUED_WRITER, str(roots[0]), "carol", "2"), "plans/c.md") == "ok"
+        assert _ask(writer, "plans/b.md") == "ok"
+        assert holder.poll() is None
+    finally:
+        procs.kill()
+
+
+def test_a_writer_queued_behind_a_wait_for_the_whole_volume_is_told_so(tmp_path: Path, pg_url: str) -> None:
+    """A transaction holds plans/a.md (idle in it); a listing in another working copy waits to hold
+    the whole volume; a writer of plans/b.md, which nobody holds, then waits too (PostgreSQL grants
+    no shared lock while an exclusive request waits), and when its wait runs out its EBUSY says what
+    it waited behind, not "no holder any more"."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+    procs = _Procs()
+    try:
+        writer = procs.start(QUEUED_WRITER, str(roots[2]), "bob", "2")
+        assert _ask(writer, "plans/warm-bob.md") == "ok"
+        _holding_a(procs, roots[1])
+        procs.start(QUEUED_LISTING, str(roots[0]))
         _wait_for_row(
             pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'"
         )
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        said = writer.stdout.readline()
+        said = _ask(writer, "plans/b.md")
         assert "queued behind coherent-volume" in said and "waits to hold the whole volume" in said, said
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+        procs.kill()
+
+
+KILLED_BEFORE_INSTALL = """
+import os, signal, sys
+from coherent_volume import CoherentVolume
+from coherent_volume.atomic import Staged
+vol = CoherentVolume(sys.argv[1], agent="killed")
+vol.read("plans/k.md")
+def killed(self):  # the commit's transaction committed, its install not begun
+    os.kill(os.getpid(), signal.SIGKILL)
+Staged.install = killed
+vol.write("plans/k.md", "two")
+"""
+
+
+def test_a_process_started_while_a_path_is_held_settles_every_interrupted_commit_once_the_volume_is_free(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """While another transaction holds plans/a.md, a writer of plans/k.md is killed between its
+    COMMIT and its install (its intent and staged file stay), and a file a killed writer staged
+    before its decision lies in the staging directory too. A process starting in that working copy
+    meanwhile commits at once and leaves both (it holds neither the path nor the whole volume); its
+    next transaction, once the volume is free, settles the intent and sweeps the staging directory."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[0], agent="alice") as alice:
+        alice.write("plans/k.md", "one")
+    procs = _Procs()
+    try:
+        holder = _holding_a(procs, roots[0])
+        killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_INSTALL, str(roots[1])], timeout=60)
+        assert killed.returncode == -signal.SIGKILL
+        staging = roots[1] / REGISTRY_DIR / "staging"
+        (staging / "left-by-a-writer-killed-before-its-decision").write_text("x")
+        left = sorted(os.listdir(staging))
+        assert len(left) == 2
+        writer = procs.start(QUEUED_WRITER, str(roots[1]), "carol", "2")
+        assert _ask(writer, "plans/c.md") == "ok"
+        assert ("plans/k.md",) in _q(pg_url, "SELECT path FROM cv_intents")
+        assert sorted(os.listdir(staging)) == left
+        holder.kill()
+        holder.wait()
+        assert _ask(writer, "plans/d.md") == "ok"
+        assert ("plans/k.md",) not in _q(pg_url, "SELECT path FROM cv_intents")
+        assert os.listdir(staging) == []
+    finally:
+        procs.kill()
+    with CoherentVolume(roots[1], agent="bob") as bob:
+        assert bob.read("plans/k.md") == b"two"
+        assert [v.writer for v in bob.history("plans/k.md")] == ["killed", "alice"]
 
 
 def _wait_for_row(url: str, query: str) -> None:

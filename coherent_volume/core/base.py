@@ -469,14 +469,15 @@ class CoreBase:
         (`protocol.recovery`): drop those whose install happened, install or drop the staged content
         of recorded commits whose writer did not install it (only in a transaction of its own,
         `settle`: else `_RecoverFirst`), complete or abandon the other interrupted commits. Once per
-        process, first settle them all and remove what killed writers left in the staging
-        directory, the whole volume held."""
+        process, in its first transaction that finds the whole volume free at once (it is never
+        waited for: every writer would wait behind that wait), settle them all and remove what
+        killed writers left in the staging directory."""
         if not self._swept:
-            tx.hold_all()
+            tx.hold_all_if_free()
+        intents = tx.intents(paths)
         held = tx.held if paths is None else paths
         covered = None if held is None else set(held)
-        intents = tx.intents(covered)
-        if not self._swept:
+        if not self._swept and covered is None:
             self._sweep_staging(intents)
         named = {i.tmp for i in intents}
         for tmp, path in list(self._renamed.items()):  # forget names whose intents are gone

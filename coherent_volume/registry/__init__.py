@@ -154,6 +154,12 @@ class Transaction(Protocol):
         """Hold every path (or have the transaction run again holding the whole volume)."""
         ...
 
+    def hold_all_if_free(self) -> None:
+        """Hold every path if no other transaction holds one when it opens, else those it holds
+        (`held` says which, once it read something), never waiting for the others to end (or have
+        the transaction run again asking so)."""
+        ...
+
     def file(self, path: str) -> FileRecord | None:
         """The record as `put_file`/`touch_file` stored it, fingerprint included (inode numbers up to 2**64)."""
         ...
@@ -282,7 +288,7 @@ class Transaction(Protocol):
     def drop_fence(self, agent: str, path: str) -> None: ...
 
     def intents(self, paths: Iterable[str] | None = None) -> list[Intent]:
-        """The intents of `paths` (held), else every intent (the whole volume held)."""
+        """The intents of `paths` (held), else of every path it holds."""
         ...
 
     def put_intent(self, intent: Intent) -> None: ...

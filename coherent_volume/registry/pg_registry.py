@@ -9,8 +9,10 @@ Invariants:
   transaction-scoped advisory locks (`pg_advisory_xact_lock*`, each waited for at most
   COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder): the volume's, shared, then
   the lock of each path it touches in one global order (`pg_transaction.Holds`, `path_key`); or the
-  volume's alone, exclusive, for a transaction that needs the whole volume (a process's first
-  recovery and staging sweep, listings, content dropped, settings). So write transactions that
+  volume's alone, exclusive, for a transaction that needs the whole volume (listings, content
+  dropped, settings); a process's transactions until one settled every intent and swept the
+  staging directory take it exclusive first only if it is free at once (`Holds.whole_if_free`),
+  never queueing for it (every writer would queue behind). So write transactions that
   touch a common path are serial across hosts, others commit side by side; READ COMMITTED
   statements after a path's lock see everything committed on it before; the locks end with the
   transaction: at its COMMIT, at its rollback, or when the server ends the session of a holder
@@ -266,8 +268,8 @@ class PostgresRegistry:
             return "PostgreSQL did not say who holds it"
         if queued:
             return (
-                f"queued behind {_sessions(queued)}, which waits to hold the whole volume (a process's first "
-                "transaction, a listing, a setting or a session binding) until the transactions holding "
+                f"queued behind {_sessions(queued)}, which waits to hold the whole volume (a listing, a "
+                "content dropped, a setting or a session binding) until the transactions holding "
                 "paths end: PostgreSQL grants no shared lock while an exclusive request waits"
             )
         if not rows:
@@ -479,9 +481,8 @@ class PostgresRegistry:
         psycopg = _psycopg()
         commit_id = uuid.uuid4()
         with self._use() as conn:
-            tx = PostgresTransaction(
-                conn, self.volume_id, opening=self._opening(commit_id, holds), holds=holds, locks=self._locks
-            )
+            tx = PostgresTransaction(conn, self.volume_id, holds=holds, locks=self._locks)
+            tx.open(self._opening(commit_id, holds, tx.tried))
             session = _Session.of(conn)
             committing = False
             try:
@@ -522,11 +523,14 @@ class PostgresRegistry:
             errno.EBUSY,
         )
 
-    def _opening(self, commit_id: uuid.UUID, holds: Holds) -> list[Queued]:
+    def _opening(
+        self, commit_id: uuid.UUID, holds: Holds, tried: Callable[[psycopg.Cursor[Any]], None]
+    ) -> list[Queued]:
         """The statements that open a write transaction: BEGIN, its locks (`_locks`: the volume's,
-        exclusive for `holds.whole`, else shared and then those of `holds.paths` in key order), and
-        the record of `commit_id`. Its serial is the transaction's own id (`pg_current_xact_id`):
-        unique, and no row every writer updates."""
+        exclusive for `holds.whole`, else shared and then those of `holds.paths` in key order; for
+        `holds.whole_if_free`, first exclusive if it is free at once, its answer given to `tried`,
+        never waited for), and the record of `commit_id`. Its serial is the transaction's own id
+        (`pg_current_xact_id`): unique, and no row every writer updates."""
 
         def recorded(cursor: psycopg.Cursor[Any]) -> None:
             if cursor.fetchone() is None:
@@ -535,8 +539,10 @@ class PostgresRegistry:
         shared = "" if holds.whole else "_shared"
         volume = Queued(f"SELECT pg_advisory_xact_lock{shared}(%s, %s)", (LOCK_CLASS, self._lock_key))
         paths = [] if holds.whole else sorted({path_key(self.volume_id, p) for p in holds.paths})
+        whole = Queued("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_CLASS, self._lock_key), tried)
         return [
             Queued("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            *([whole] if holds.whole_if_free and not holds.whole else []),
             *self._locks(paths, volume),
             Queued(
                 "INSERT INTO cv_commits (id, volume, serial) SELECT %s, id, pg_current_xact_id()::text::bigint "

@@ -20,7 +20,8 @@ Invariants (round trips):
   again): a read ahead answers as if it were asked when it is asked;
 - the queue holds at most PART bytes of parameters (content in parts) before it is sent;
 - a write transaction holds its volume's lock shared and the lock of each path it reads or writes
-  (`hold`), or the volume's lock exclusive (`Holds.whole`: it needs no lock of a path then).
+  (`hold`), or the volume's lock exclusive (`Holds.whole`: it needs no lock of a path then; with
+  `Holds.whole_if_free`, exclusive as well only if it is free when asked, never waited for).
   Touching a path it does not hold, or the whole volume (a listing, a content dropped) while it
   holds paths, raises `Relock`: its owner runs it again holding that from its opening. Locks of
   paths are taken in one global order (their keys, `path_key`, ascending, after the volume's):
@@ -40,7 +41,7 @@ import os
 import select
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -76,10 +77,12 @@ _WRITE_STATE_TABLES = ("cv_files", "cv_views", "cv_grants", "cv_fences")
 @dataclass(frozen=True)
 class Holds:
     """What a write transaction locks from its opening: the volume's lock exclusive (`whole`), or
-    shared with the lock of each of `paths`."""
+    shared with the lock of each of `paths`; with `whole_if_free`, exclusive too if it is free at
+    once (never waited for: a request waiting for it would stall every writer of the volume)."""
 
     paths: frozenset[str] = frozenset()
     whole: bool = False
+    whole_if_free: bool = False
 
 
 HOLD_MOST = 32
@@ -87,9 +90,9 @@ HOLD_MOST = 32
 (a lock each takes room in the server's shared lock table, sized for about 64 per session)."""
 
 
-def _holding(paths: frozenset[str]) -> Holds:
+def _holding(paths: frozenset[str], whole_if_free: bool = False) -> Holds:
     """What a transaction that needs `paths` holds (the whole volume past HOLD_MOST of them)."""
-    return Holds(whole=True) if len(paths) > HOLD_MOST else Holds(paths)
+    return Holds(whole=True) if len(paths) > HOLD_MOST else Holds(paths, whole_if_free=whole_if_free)
 
 
 class Relock(Exception):
@@ -160,8 +163,8 @@ def _size(args: tuple[Any, ...]) -> int:
 
 
 class PostgresTransaction:
-    """A Transaction over one connection with a transaction open, or opened by its queued `opening`
-    statements (see registry.Transaction and the module's invariants). The fingerprints `put_file`
+    """A Transaction over one connection with a transaction open, or opened by the statements queued
+    with `open` (see registry.Transaction and the module's invariants). The fingerprints `put_file`
     and `touch_file` are given describe this working copy's disk: they go to `installs`, which its
     registry records in the working copy's Replica once the transaction has committed, never to the
     shared database."""
@@ -171,17 +174,16 @@ class PostgresTransaction:
         conn: psycopg.Connection[Any],
         volume: uuid.UUID,
         installs: list[tuple[str, Installed]] | None = None,
-        opening: Sequence[Queued] = (),
         holds: Holds | None = None,
         locks: Callable[[list[int]], list[Queued]] | None = None,
     ) -> None:
         self._c = conn
         self._v = volume
         self.installs: list[tuple[str, Installed]] = [] if installs is None else installs
-        self._queue: list[Queued] = list(opening)
+        self._queue: list[Queued] = []
         self._queued_bytes = 0
         self._now: float | None = None
-        self.opened = not opening
+        self.opened = True
         """Whether the statements that open it ran (a transaction opened already, or its first round
         trip came back)."""
         self._ahead: tuple[str, str] | None = None
@@ -189,11 +191,26 @@ class PostgresTransaction:
         self._ahead_row: tuple[Any, ...] | None = None
         self._holds = None if holds is None or holds.whole else holds
         """What it locks (None: a read transaction, or one holding the volume exclusive)."""
+        self._trying = self._holds is not None and self._holds.whole_if_free
+        """Whether its try for the volume's lock exclusive (`Holds.whole_if_free`) is yet to be answered."""
         self._keys = {path_key(volume, p) for p in self._holds.paths} if self._holds is not None else set()
         self._locks = locks
         """The statements that lock paths by their keys, in the order given (`hold`)."""
         self.locking = False
         """Whether locks of paths it holds are queued or being waited for (`hold`)."""
+
+    def open(self, statements: Sequence[Queued]) -> None:
+        """Queue the statements that open it (BEGIN, its locks: they go with its first read)."""
+        self._queue[:0] = statements
+        self.opened = False
+
+    def tried(self, cursor: psycopg.Cursor[Any]) -> None:
+        """The answer of `pg_try_advisory_xact_lock` for the volume (`Holds.whole_if_free`): the whole
+        volume held if it was free, else the paths alone."""
+        row = cursor.fetchone()
+        if row is not None and row[0]:
+            self._holds = None
+        self._trying = False
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -217,7 +234,7 @@ class PostgresTransaction:
         new = sorted({p for p in paths if p not in self._holds.paths}, key=lambda p: path_key(self._v, p))
         if not new:
             return []
-        more = _holding(self._holds.paths | set(new))
+        more = _holding(self._holds.paths | set(new), self._holds.whole_if_free)
         if more.whole:
             raise Relock(more)
         keys = [k for k in dict.fromkeys(path_key(self._v, p) for p in new) if k not in self._keys]
@@ -236,10 +253,16 @@ class PostgresTransaction:
         if self._holds is not None:
             raise Relock(Holds(whole=True))
 
+    def hold_all_if_free(self) -> None:
+        """Hold the whole volume if its lock was free when this transaction opened (`held` says,
+        once its first read came back); `Relock` unless it asked so."""
+        if self._holds is not None and not self._holds.whole_if_free:
+            raise Relock(replace(self._holds, whole_if_free=True))
+
     def _need(self, *paths: str) -> None:
         """`Relock` unless this transaction holds `paths`."""
         if self._holds is not None and not self._holds.paths.issuperset(paths):
-            raise Relock(_holding(self._holds.paths | set(paths)))
+            raise Relock(_holding(self._holds.paths | set(paths), self._holds.whole_if_free))
 
     def run(
         self, sql: str, args: tuple[Any, ...] = (), prepare: bool | None = None, ends: bool = False
@@ -809,10 +832,15 @@ class PostgresTransaction:
         self._do("DELETE FROM cv_fences WHERE volume = %s AND agent = %s AND path = %s", agent, path)
 
     def intents(self, paths: Iterable[str] | None = None) -> list[Intent]:
+        """The intents of `paths`, else of every path it holds: every intent read while whether it
+        holds the whole volume is yet to be answered (with it), those of other paths then left out."""
         sql = "SELECT path, agent, version, present, hash, tmp FROM cv_intents WHERE volume = %s"
+        if paths is None and self._holds is not None and not self._trying:
+            paths = self._holds.paths
         if paths is None:
-            self.hold_all()
             rows = self._all(sql + " ORDER BY path")
+            if self._holds is not None:  # not free: only what it holds
+                rows = [r for r in rows if r[0] in self._holds.paths]
         else:
             paths = sorted(paths)
             if not paths:

@@ -228,6 +228,9 @@ class SQLiteTransaction:
     def hold_all(self) -> None:
         pass
 
+    def hold_all_if_free(self) -> None:
+        pass
+
     def now(self) -> float:
         """This host's clock (every process sharing an SQLite registry runs on this host)."""
         if self._now is None:
