@@ -317,6 +317,13 @@ operations.CoherentOperations.rename = _seen
 """
 
 
+def _file_and_directory(root: Path) -> None:
+    """plans/x.md and the directory plans/d (holding a managed file), for exchanges of the two."""
+    (root / "plans/d").mkdir()
+    (root / "plans/d/inner.md").write_text("inner\n")
+    (root / "plans/x.md").write_text("old\n")
+
+
 def test_a_file_exchanged_with_a_directory_while_opened_for_writing_keeps_its_writes(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -325,9 +332,7 @@ def test_a_file_exchanged_with_a_directory_while_opened_for_writing_keeps_its_wr
     refused EBUSY, since the handle holds an O_TRUNC not committed yet. The writer's close commits
     to the file (before, the exchange went through unseen and the commit went to the old name, a
     directory now: the close failed EISDIR and the writes were lost)."""
-    (root / "plans/d").mkdir()
-    (root / "plans/d/inner.md").write_text("inner\n")
-    (root / "plans/x.md").write_text("old\n")
+    _file_and_directory(root)
     patch = (
         f"GATE = {str(tmp_path / 'gate')!r}\n"
         + RENAME_SEEN
@@ -355,9 +360,7 @@ def test_a_write_whose_file_is_exchanged_with_a_directory_before_its_open_writes
     with a directory lands between that lookup and the repeated open, the open goes on with the file
     it looked up, now at the directory's old name, as on a local disk (before, it found the directory
     at the name and failed ESTALE, which a repeat must never be answered)."""
-    (root / "plans/d").mkdir()
-    (root / "plans/d/inner.md").write_text("inner\n")
-    (root / "plans/x.md").write_text("old\n")
+    _file_and_directory(root)
     patch = (
         f"GATE = {str(tmp_path / 'gate')!r}\n"
         + RENAME_SEEN
