@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coherent_volume import CoherentVolume, MergeConflict, Policy, StaleWriteError
+from coherent_volume import CasConflict, CoherentVolume, MergeConflict, Policy, StaleWriteError
 from coherent_volume.diffs import merge3, unified
 
 
@@ -434,3 +434,32 @@ def test_a_merge_that_other_commits_keep_overtaking_is_refused_after_its_rounds_
     assert (root / "plans/a.md").read_text() == f"A alice\n1\n2\n3\nB\nalice {MERGE_ATTEMPTS}\n"
     assert {v.writer for v in alice.history("plans/a.md")} == {"alice"}
     assert (root / "bob.tmp").exists() == (how == "save by rename")
+
+
+def test_a_merge_that_loses_its_round_to_a_deletion_is_refused_as_the_callers_write(vols, monkeypatch) -> None:
+    """The commit of a merge is a compare-and-swap against the version merged onto; when a deletion
+    lands between the merge and that commit, the writer is refused as for its own write (stale, the
+    deletion current), never told of an expected version it did not give (found by a hostile probe:
+    "expected version 55 … you read version 54")."""
+    from coherent_volume.core import history
+
+    alice, bob, carol = vols("alice"), vols("bob"), vols("carol")
+    alice.write("plans/p.md", "a\nb\nc\n")
+    bob.read("plans/p.md")
+    carol.read("plans/p.md")
+    alice.write("plans/p.md", "a\nb by alice\nc\n")
+    carol.read("plans/p.md")
+    merged, deleted = history.History._merged, []
+
+    def deleted_meanwhile(self: Any, *args: Any) -> Any:
+        done = merged(self, *args)
+        if not deleted:
+            deleted.append(carol.delete("plans/p.md"))
+        return done
+
+    monkeypatch.setattr(history.History, "_merged", deleted_meanwhile)
+    with pytest.raises(StaleWriteError) as refused:
+        bob.write("plans/p.md", "a\nb\nc\nd by bob\n", merge=True)
+    assert not isinstance(refused.value, CasConflict), refused.value
+    assert "expected version" not in str(refused.value)
+    assert (refused.value.reason, refused.value.seen_version, refused.value.current_version) == ("stale", 1, 3)

@@ -257,8 +257,8 @@ class History(Writes):
                 return self.commit(
                     agent, target, merged, isolation=isolation, expected=parents[1], made=("merge", parents)
                 )
-            except StaleWriteError as e:
-                return Refused(e, data)
+            except StaleWriteError as e:  # the merge's own compare-and-swap is no `expected` of the caller's
+                return Refused(e if expected is not None else StaleWriteError(**e.facts()), data)
 
         return self.merge_rounds(Refused(refusal, data), merge_onto)
 
