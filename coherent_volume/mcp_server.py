@@ -539,7 +539,7 @@ def serve(core: VolumeCore, agent: str | None) -> None:
         return result
 
     try:
-        anyio.run(server.run_stdio_async)
+        anyio.run(_serve_stdio, server)
     finally:
         if agent is None and sessions:  # its own random name: no later connection can be this agent
             try:
@@ -550,6 +550,70 @@ def serve(core: VolumeCore, agent: str | None) -> None:
                     "keeping old versions from pruning once it has been idle for the policy's keep_days",
                     err=True,
                 )
+
+
+async def _serve_stdio(server: Any) -> None:
+    """Serve `server` (an SDK `MCPServer`) over stdio as its `run_stdio_async` does, except that every
+    line that is not a JSON-RPC message is answered (the SDK drops it, so a client waiting for its
+    reply would wait forever): JSON-RPC's parse error for a line that is not JSON, invalid request
+    for JSON that is not a message, with the line's id if it has one."""
+    import anyio
+    from mcp.server.stdio import stdio_server
+    from mcp.shared.message import SessionMessage
+    from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
+    from pydantic import ValidationError
+
+    def error_for(e: Exception) -> JSONRPCError:
+        problems = e.errors() if isinstance(e, ValidationError) else []
+        if any(p["type"] == "json_invalid" for p in problems):
+            return JSONRPCError(
+                jsonrpc="2.0",
+                id=None,
+                error=ErrorData(code=PARSE_ERROR, message="Parse error: a line that is not JSON was ignored"),
+            )
+        ids = [p["input"].get("id") for p in problems if isinstance(p["input"], dict)]
+        usable = [i for i in ids if isinstance(i, (int, str)) and not isinstance(i, bool)]
+        why = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems[:3]) or str(e)
+        return JSONRPCError(
+            jsonrpc="2.0",
+            id=usable[0] if usable else None,
+            error=ErrorData(code=INVALID_REQUEST, message=f"Invalid request, ignored ({why})"),
+        )
+
+    lowlevel = server._lowlevel_server  # the SDK's own `run_stdio_async` serves it the same way
+    async with stdio_server() as (read, write):
+
+        class Answering:
+            """`read` with every item that is not a message answered on `write` and skipped."""
+
+            last_context = property(lambda self: getattr(read, "last_context", None))
+
+            async def receive(self) -> Any:
+                while True:
+                    item = await read.receive()
+                    if not isinstance(item, Exception):
+                        return item
+                    await write.send(SessionMessage(error_for(item)))
+
+            async def aclose(self) -> None:
+                await read.aclose()
+
+            def __aiter__(self) -> "Answering":
+                return self
+
+            async def __anext__(self) -> Any:
+                try:
+                    return await self.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    raise StopAsyncIteration from None
+
+            async def __aenter__(self) -> "Answering":
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                await self.aclose()
+
+        await lowlevel.run(Answering(), write, lowlevel.create_initialization_options())
 
 
 @click.command("mcp")

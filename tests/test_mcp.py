@@ -6,10 +6,12 @@ SDK ends it when the session's block exits (closing its stdin, then killing it i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -469,3 +471,28 @@ def test_a_read_lifts_the_sessions_fence(root: Path) -> None:
             assert await s.ok("write_file", path=P, content="three\n") == f"Wrote {P}: now version 3."
 
     run(scenario)
+
+
+def test_a_line_that_is_not_a_message_is_answered_and_the_session_goes_on(root: Path) -> None:
+    """JSON-RPC answers what it cannot read (a client waiting for that reply would wait forever):
+    a parse error for a line that is not JSON, invalid request (with the line's id) for JSON that
+    is not a message; the next request is served as usual."""
+    lines = [
+        "this is not json",
+        json.dumps({"jsonrpc": "2.0", "id": 5, "method": 123}),
+        json.dumps({"jsonrpc": "2.0", "id": 6, "method": "ping"}),
+    ]
+    server = subprocess.Popen([CLI, "mcp", str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None and server.stdout is not None
+    out, reader = server.stdout, ThreadPoolExecutor(1)
+    try:
+        server.stdin.write("\n".join(lines) + "\n")
+        server.stdin.flush()
+        replies = [json.loads(reader.submit(out.readline).result(timeout=30)) for _ in lines]
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+        reader.shutdown()
+    assert [(r.get("id"), r.get("error", {}).get("code")) for r in replies] == [(None, -32700), (5, -32600), (6, None)]
+    assert replies[2]["result"] == {}
+    assert server.returncode == 0
