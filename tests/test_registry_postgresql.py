@@ -35,6 +35,7 @@ from coherent_volume import (
     StaleWriteError,
     VolumeConfigError,
 )
+from coherent_volume.claude_code import agent_of
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
@@ -44,7 +45,9 @@ from coherent_volume.registry.pg_location import Location
 from . import test_retention, test_volume
 from .conftest import run_py
 from .harness import CLI
+from .harness.agent_session import unique
 from .harness.commitproxy import CommitProxy
+from .test_claude_code import Session, event
 from .test_transactions import _scenario
 
 R = TypeVar("R")
@@ -1668,6 +1671,169 @@ def test_a_writer_queued_behind_a_wait_for_the_whole_volume_is_told_so(tmp_path:
         assert "queued behind coherent-volume" in said and "waits to hold the whole volume" in said, said
     finally:
         procs.kill()
+
+
+BIND = """
+import os, sys
+from coherent_volume.core import open_core
+from coherent_volume.liveness import ProcessId
+core = open_core(sys.argv[1])
+core.bind_session("mounter", ProcessId.of(os.getpid()), pinned=False)
+core.close()
+"""
+WAITING = "SELECT 1 FROM pg_locks WHERE NOT granted"
+"""Any lock waited for on the server (a request for the whole volume, a path's, an agent's, a row's)."""
+
+
+def _meanwhile(url: str, step: Callable[[], R]) -> Callable[[], R]:
+    """`step` started in a thread; returns once it finished or waits for a lock (pg_locks shows it),
+    with the function that waits for its end and gives its result."""
+    done: list[R] = []
+    thread = threading.Thread(target=lambda: done.append(step()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while thread.is_alive() and not _q(url, WAITING):
+        assert time.monotonic() < deadline, "neither done nor waiting"
+        time.sleep(0.02)
+
+    def result() -> R:
+        thread.join(60)
+        assert done, "it failed or did not end"
+        return done[0]
+
+    return result
+
+
+def test_session_bindings_and_a_status_while_a_path_is_held_stall_no_writer(tmp_path: Path, pg_url: str) -> None:
+    """A transaction holds plans/a.md (idle in it). Meanwhile, in another working copy, a Claude
+    Code session starts and ends (its hooks bind and unbind it: `join_session`, `end_session`), a
+    process is bound to an agent (`bind_session`, as a mount binds its users) and `status` lists
+    every file, a.md included: each completes, and a writer of plans/b.md in a third copy, whose
+    lock wait is 2 s, commits while each runs (before, each waited to hold the whole volume, and
+    every writer of any path waited behind it)."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+    with CoherentVolume(roots[0], agent="alice") as alice:
+        alice.write("plans/a.md", "one\n")
+    procs = _Procs()
+    session = Session("held-path", roots[0] / "plans")
+    try:
+        writer = procs.start(QUEUED_WRITER, str(roots[2]), "bob", "2")
+        assert _ask(writer, "plans/warm-bob.md") == "ok"
+        _holding_a(procs, roots[1])
+        started = _meanwhile(pg_url, lambda: session.hook(event("SessionStart", session.id, session.cwd)))
+        assert _ask(writer, "plans/b.md") == "ok"
+        assert started()["code"] == 0
+        assert _q(pg_url, "SELECT agent FROM cv_sessions") == [(agent_of(unique(session.id)),)]
+        bound = _meanwhile(pg_url, lambda: subprocess.run([sys.executable, "-c", BIND, str(roots[0])], timeout=60))
+        assert _ask(writer, "plans/b.md") == "ok"
+        assert bound().returncode == 0
+        status = _meanwhile(
+            pg_url, lambda: subprocess.run([CLI, "status", str(roots[0]), "--json"], capture_output=True, timeout=60)
+        )
+        assert _ask(writer, "plans/b.md") == "ok"
+        listed = status()
+        assert listed.returncode == 0, listed.stderr
+        assert "plans/a.md" in [f["path"] for f in json.loads(listed.stdout)["files"]]
+        ended = _meanwhile(pg_url, lambda: session.hook(event("SessionEnd", session.id, session.cwd)))
+        assert _ask(writer, "plans/b.md") == "ok"
+        assert ended()["code"] == 0
+        assert _q(pg_url, "SELECT agent FROM cv_sessions") == [("mounter",)]
+    finally:
+        session.close()
+        procs.kill()
+
+
+JOIN = """
+import sys
+from coherent_volume.core import open_core
+from coherent_volume.liveness import ProcessId
+from coherent_volume.registry import pg_transaction
+root, session, pid, pause = sys.argv[1:]
+if pause == "pause":  # once bound, inside its transaction: until a line comes
+    bind = pg_transaction.PostgresTransaction.bind
+    def paused(self, *args):
+        bind(self, *args)
+        print("bound", flush=True)
+        sys.stdin.readline()
+    pg_transaction.PostgresTransaction.bind = paused
+core = open_core(root)
+print(core.join_session(session, ProcessId.of(int(pid)), f"{session}~{pid}"), flush=True)
+core.close()
+"""
+
+
+def test_two_processes_joining_one_session_at_once_are_two_agents(tmp_path: Path, pg_url: str) -> None:
+    """One session resumed in two terminals, both joining at once from two working copies: the
+    first is paused inside its join, once it bound the session; the second waits for it (it holds
+    the session's name, not the volume) and becomes the session's fork, so neither passes for the
+    other's reads."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    procs = _Procs()
+    try:
+        terminals = [procs.start("import time; time.sleep(120)") for _ in range(2)]
+        env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
+        first = procs.start(JOIN, str(roots[0]), "claude:s", str(terminals[0].pid), "pause", env=env)
+        assert first.stdout is not None and first.stdout.readline().strip() == "bound"
+        second = _meanwhile(
+            pg_url,
+            lambda: subprocess.run(
+                [sys.executable, "-c", JOIN, str(roots[1]), "claude:s", str(terminals[1].pid), "-"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ),
+        )
+        assert _ask(first, "") == "claude:s"
+        joined = second()
+        assert joined.returncode == 0, joined.stderr
+        assert joined.stdout.strip() == f"claude:s~{terminals[1].pid}"
+    finally:
+        procs.kill()
+
+
+COMMIT_PAUSED = """
+import sys
+from coherent_volume import CoherentVolume
+from coherent_volume.registry import pg_transaction
+put_version = pg_transaction.PostgresTransaction.put_version
+def paused(self, v):  # its content stored, its version named, both sent: until a line comes
+    put_version(self, v)
+    if v.path == "plans/p.md" and v.writer == "bob":
+        self.run("SELECT 1")  # what is queued goes first, as with any read
+        print("naming", flush=True)
+        sys.stdin.readline()
+pg_transaction.PostgresTransaction.put_version = paused
+with CoherentVolume(sys.argv[1], agent="bob") as bob:
+    bob.read("plans/p.md")
+    bob.write("plans/p.md", "old q")
+    print("committed", flush=True)
+"""
+
+
+def test_retention_never_drops_content_a_commit_under_way_names(tmp_path: Path, pg_url: str) -> None:
+    """plans/q.md's v1 may be pruned; its bytes are those of a commit of plans/p.md paused inside its
+    transaction in another working copy, its content and version sent. A prune meanwhile waits for
+    that commit (dropping content holds the whole volume), then keeps the bytes the commit named:
+    p's new version reads whole (had the prune not waited, its drop would have waited for the
+    content's row only, and deleted it once the commit naming it was done)."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[0], agent="alice") as alice:
+        alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+        alice.write("plans/q.md", "old q")
+        alice.write("plans/q.md", "new q\n")
+        alice.write("plans/p.md", "p\n")
+        procs = _Procs()
+        try:
+            env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
+            bob = procs.start(COMMIT_PAUSED, str(roots[1]), env=env)
+            assert bob.stdout is not None and bob.stdout.readline().strip() == "naming"
+            pruned = _meanwhile(pg_url, alice.prune)
+            assert _ask(bob, "") == "committed"
+            assert pruned().versions >= 1
+        finally:
+            procs.kill()
+        assert [v.version for v in alice.history("plans/q.md") if v.retained] == [2]
+        assert alice.read("plans/p.md") == b"old q"
 
 
 KILLED_BEFORE_INSTALL = """

@@ -372,7 +372,12 @@ class History(Writes):
         random name once its client disconnected), so they pin no version against pruning; how
         many it had. Were it to write again, it would be refused `unread`, as any agent that never
         read the file."""
-        return self._transact(lambda tx: tx.drop_views(agent))
+
+        def forget(tx: Transaction) -> int:
+            tx.hold_agents([agent])
+            return tx.drop_views(agent)
+
+        return self._transact(forget)
 
     def prune(self) -> Pruned:
         """Drop the bytes of versions the retention policy no longer keeps (`policy.prunable`:

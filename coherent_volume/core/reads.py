@@ -229,11 +229,13 @@ class Reads(CoreBase):
 
     def scan(self) -> list[tuple[str, str]]:
         """Bring the registry in step with the whole tree (every recorded path, every managed regular
-        file) under one commit lock; return the files it could not check, as (path, why). One odd
-        file never stops the scan: a name that is not valid UTF-8 (returned as os.walk hands it
-        over, with surrogate escapes) or a recorded path that is no longer a regular file is
-        reported, never skipped silently, and so is a FIFO, socket or device at a managed name,
-        which cannot hold a version (`NOT_CONTENT`). Symlinks carry no versions."""
+        file); return the files it could not check, as (path, why). Files are compared read only
+        (`_in_step`); those that differ, and the paths of unsettled commits, alone are synced, in one
+        transaction holding just them, so a check of a tree in step holds no path. One odd file
+        never stops the scan: a name that is not valid UTF-8 (returned as os.walk hands it over,
+        with surrogate escapes) or a recorded path that is no longer a regular file is reported,
+        never skipped silently, and so is a FIFO, socket or device at a managed name, which cannot
+        hold a version (`NOT_CONTENT`). Symlinks carry no versions."""
         with self.registry.read() as tx:
             recorded = {record.path for record in tx.files()}
         on_disk: set[str] = set()
@@ -264,10 +266,21 @@ class Reads(CoreBase):
                     continue
                 on_disk.add(rel)
 
+        def differs(tx: Transaction, rel: str) -> bool:
+            try:
+                return not self._in_step(tx, self.paths.of_rel(rel))
+            except OSError:
+                return True  # its sync says why
+
+        with self.registry.read() as tx:
+            differ = [rel for rel in sorted(recorded | on_disk) if differs(tx, rel)]
+            synced = sorted({*differ, *(intent.path for intent in tx.intents())})
+        if not synced:
+            return unchecked
+
         def sync(tx: Transaction) -> list[tuple[str, str]]:
-            tx.hold_all()  # every managed path
             failed = []
-            for rel in sorted(recorded | on_disk):
+            for rel in synced:
                 try:
                     self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
                 except OSError as e:
@@ -275,12 +288,10 @@ class Reads(CoreBase):
             return failed
 
         try:
-            return unchecked + self._transact(sync)
+            return unchecked + self._transact(sync, holds=synced)
         except RegistryError as e:
             if e.errno != errno.EROFS:
                 raise
-            with self.registry.read() as tx:  # what can be read: which files are out of step
-                differ = [rel for rel in sorted(recorded | on_disk) if not self._in_step(tx, self.paths.of_rel(rel))]
             why = f"it differs from its record, and the registry could not record the change ({e})"
             return unchecked + [(rel, why) for rel in differ]
 

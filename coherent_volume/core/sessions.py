@@ -27,7 +27,12 @@ class Sessions(Writes):
     def bind_session(self, agent: str, process: ProcessId, *, pinned: bool) -> None:
         """Requests from `process` (and its descendants, on a mount) are `agent`'s. A pinned agent's
         views move only through `observe` (what its model read) and its own commits."""
-        self.registry.transact(lambda tx: tx.bind(agent, process, pinned, time.time()))
+
+        def bind(tx: Transaction) -> None:
+            tx.hold_agents([agent])
+            tx.bind(agent, process, pinned, time.time())
+
+        self.registry.transact(bind)
 
     def join_session(self, session: str, process: ProcessId, fork: str) -> str:
         """Bind `process` to the session agent `session`, views pinned, and return the agent it acts
@@ -38,6 +43,7 @@ class Sessions(Writes):
         session whose process is gone is rebound to `process`, its views kept."""
 
         def join(tx: Transaction) -> str:
+            tx.hold_agents([session, fork])  # first: two joins of one session decide one after the other
             bound = tx.bound_agent(process)
             if bound is not None and bound[1] and bound[0] in (session, fork):
                 return bound[0]
@@ -63,6 +69,7 @@ class Sessions(Writes):
         """Release every grant `agent` holds and forget its process binding."""
 
         def end(tx: Transaction) -> None:
+            tx.hold_agents([agent])
             now = time.time()
             for grant in tx.grants_of(agent):
                 tx.drop_grant(grant.path)

@@ -150,6 +150,12 @@ class Transaction(Protocol):
         paths newly held, whose interrupted commits it has not settled yet."""
         ...
 
+    def hold_agents(self, agents: Iterable[str]) -> None:
+        """Hold the rows of `agents` that no path covers (each one's session binding, all its views
+        at once) too, or have the transaction run again holding them from its start: for those rows,
+        serial with every other transaction holding one of them."""
+        ...
+
     def hold_all(self) -> None:
         """Hold every path (or have the transaction run again holding the whole volume)."""
         ...

@@ -8,13 +8,15 @@ Invariants:
 - the database's part is taken by every write transaction itself, first thing after its BEGIN:
   transaction-scoped advisory locks (`pg_advisory_xact_lock*`, each waited for at most
   COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder): the volume's, shared, then
-  the lock of each path it touches in one global order (`pg_transaction.Holds`, `path_key`); or the
-  volume's alone, exclusive, for a transaction that needs the whole volume (listings, content
-  dropped, settings); a process's transactions until one settled every intent and swept the
-  staging directory take it exclusive first only if it is free at once (`Holds.whole_if_free`),
-  never queueing for it (every writer would queue behind). So write transactions that
-  touch a common path are serial across hosts, others commit side by side; READ COMMITTED
-  statements after a path's lock see everything committed on it before; the locks end with the
+  the lock of each path it touches and of each agent whose own rows it changes (a session binding,
+  an agent's views forgotten) in one global order (`pg_transaction.Holds`, `path_key`,
+  `agent_key`); or the volume's alone, exclusive, for a transaction that needs the whole volume
+  (more paths than `pg_transaction.HOLD_MOST`, content dropped, settings); a process's
+  transactions until one settled every intent and swept the staging directory take it exclusive
+  first only if it is free at once (`Holds.whole_if_free`), never queueing for it (every writer
+  would queue behind). So write transactions that touch a common path are serial across hosts,
+  others commit side by side; READ COMMITTED statements after a path's lock see everything
+  committed on it before; the locks end with the
   transaction: at its COMMIT, at its rollback, or when the server ends the session of a holder
   that stayed idle in it longer than idle_in_transaction_session_timeout (paused, cut off). No
   lock is held between two transactions, and no row is updated by every transaction (its commit
@@ -81,7 +83,6 @@ from .pg_transaction import (
     Relock,
     _file_and_view_query,
     _file_and_view_row,
-    path_key,
 )
 from .replica import Replica
 
@@ -240,7 +241,7 @@ class PostgresRegistry:
     def _holder(self, conn: psycopg.Connection[Any], holds: Holds) -> str:
         """Who holds, against `holds`, the volume's lock or a path's in the database (a write
         transaction), as PostgreSQL tells."""
-        keys = [path_key(self.volume_id, p) & (2**64 - 1) for p in holds.paths] if not holds.whole else []
+        keys = [key & (2**64 - 1) for key in holds.keys(self.volume_id)]
         try:
             rows = conn.execute(
                 "SELECT DISTINCT a.pid, a.application_name, a.client_addr, a.state FROM pg_locks l "
@@ -268,9 +269,9 @@ class PostgresRegistry:
             return "PostgreSQL did not say who holds it"
         if queued:
             return (
-                f"queued behind {_sessions(queued)}, which waits to hold the whole volume (a listing, a "
-                "content dropped, a setting or a session binding) until the transactions holding "
-                "paths end: PostgreSQL grants no shared lock while an exclusive request waits"
+                f"queued behind {_sessions(queued)}, which waits to hold the whole volume (more paths than "
+                "it locks one by one, a content dropped, a setting) until the transactions holding paths "
+                "end: PostgreSQL grants no shared lock while an exclusive request waits"
             )
         if not rows:
             return "PostgreSQL shows no holder any more"
@@ -527,9 +528,9 @@ class PostgresRegistry:
         self, commit_id: uuid.UUID, holds: Holds, tried: Callable[[psycopg.Cursor[Any]], None]
     ) -> list[Queued]:
         """The statements that open a write transaction: BEGIN, its locks (`_locks`: the volume's,
-        exclusive for `holds.whole`, else shared and then those of `holds.paths` in key order; for
-        `holds.whole_if_free`, first exclusive if it is free at once, its answer given to `tried`,
-        never waited for), and the record of `commit_id`. Its serial is the transaction's own id
+        exclusive for `holds.whole`, else shared and then those of `holds.paths` and `holds.agents` in
+        key order; for `holds.whole_if_free`, first exclusive if it is free at once, its answer given
+        to `tried`, never waited for), and the record of `commit_id`. Its serial is the transaction's own id
         (`pg_current_xact_id`): unique, and no row every writer updates."""
 
         def recorded(cursor: psycopg.Cursor[Any]) -> None:
@@ -538,12 +539,12 @@ class PostgresRegistry:
 
         shared = "" if holds.whole else "_shared"
         volume = Queued(f"SELECT pg_advisory_xact_lock{shared}(%s, %s)", (LOCK_CLASS, self._lock_key))
-        paths = [] if holds.whole else sorted({path_key(self.volume_id, p) for p in holds.paths})
+        keys = sorted(holds.keys(self.volume_id))
         whole = Queued("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_CLASS, self._lock_key), tried)
         return [
             Queued("BEGIN ISOLATION LEVEL READ COMMITTED"),
             *([whole] if holds.whole_if_free and not holds.whole else []),
-            *self._locks(paths, volume),
+            *self._locks(keys, volume),
             Queued(
                 "INSERT INTO cv_commits (id, volume, serial) SELECT %s, id, pg_current_xact_id()::text::bigint "
                 "FROM cv_volumes WHERE id = %s RETURNING serial",

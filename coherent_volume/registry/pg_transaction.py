@@ -20,14 +20,15 @@ Invariants (round trips):
   again): a read ahead answers as if it were asked when it is asked;
 - the queue holds at most PART bytes of parameters (content in parts) before it is sent;
 - a write transaction holds its volume's lock shared and the lock of each path it reads or writes
-  (`hold`), or the volume's lock exclusive (`Holds.whole`: it needs no lock of a path then; with
+  (`hold`) and of each agent whose own rows it changes (`hold_agents`: its session binding, all its
+  views), or the volume's lock exclusive (`Holds.whole`: it needs no other lock then; with
   `Holds.whole_if_free`, exclusive as well only if it is free when asked, never waited for).
-  Touching a path it does not hold, or the whole volume (a listing, a content dropped) while it
-  holds paths, raises `Relock`: its owner runs it again holding that from its opening. Locks of
-  paths are taken in one global order (their keys, `path_key`, ascending, after the volume's):
-  a path whose key sorts before one held is never waited for, its transaction is run again with
-  the whole set instead (no deadlock). What a transaction lists of intents and grants is what its
-  locks cover;
+  Touching a path or an agent it does not hold, or the whole volume (a listing, a content dropped)
+  while it holds paths, raises `Relock`: its owner runs it again holding that from its opening.
+  Locks of paths and agents are taken in one global order (their keys, `path_key` and `agent_key`,
+  ascending, after the volume's): a key that sorts before one held is never waited for, its
+  transaction is run again with the whole set instead (no deadlock). What a transaction lists of
+  intents and grants is what its locks cover;
 - a pipeline is sent only when the server has not spoken unasked: a session it is ending (idling
   too long in a transaction, a shutdown) gets a plain statement first, which raises the server's
   error with its SQLSTATE (a pipeline would report only a lost connection).
@@ -77,12 +78,20 @@ _WRITE_STATE_TABLES = ("cv_files", "cv_views", "cv_grants", "cv_fences")
 @dataclass(frozen=True)
 class Holds:
     """What a write transaction locks from its opening: the volume's lock exclusive (`whole`), or
-    shared with the lock of each of `paths`; with `whole_if_free`, exclusive too if it is free at
+    shared with the lock of each of `paths` and of each of `agents` (an agent's own rows: its
+    session binding, its views as a whole); with `whole_if_free`, exclusive too if it is free at
     once (never waited for: a request waiting for it would stall every writer of the volume)."""
 
     paths: frozenset[str] = frozenset()
+    agents: frozenset[str] = frozenset()
     whole: bool = False
     whole_if_free: bool = False
+
+    def keys(self, volume: uuid.UUID) -> set[int]:
+        """The keys of the locks it takes one by one in `volume` (none when it holds the whole volume)."""
+        if self.whole:
+            return set()
+        return {path_key(volume, p) for p in self.paths} | {agent_key(volume, a) for a in self.agents}
 
 
 HOLD_MOST = 32
@@ -90,9 +99,9 @@ HOLD_MOST = 32
 (a lock each takes room in the server's shared lock table, sized for about 64 per session)."""
 
 
-def _holding(paths: frozenset[str], whole_if_free: bool = False) -> Holds:
-    """What a transaction that needs `paths` holds (the whole volume past HOLD_MOST of them)."""
-    return Holds(whole=True) if len(paths) > HOLD_MOST else Holds(paths, whole_if_free=whole_if_free)
+def _holding(needs: Holds) -> Holds:
+    """What a transaction that needs `needs` holds (the whole volume past HOLD_MOST paths and agents)."""
+    return Holds(whole=True) if len(needs.paths) + len(needs.agents) > HOLD_MOST else needs
 
 
 class Relock(Exception):
@@ -110,6 +119,13 @@ def path_key(volume: uuid.UUID, path: str) -> int:
     return int.from_bytes(
         xxhash.xxh3_64_digest(volume.bytes + path.encode("utf-8", "surrogateescape")), "big", signed=True
     )
+
+
+def agent_key(volume: uuid.UUID, agent: str) -> int:
+    """The key of `agent`'s advisory lock in `volume`: `path_key` of the name after a NUL byte, which
+    no path holds, so no agent's key is hashed from a path's bytes (a collision of the 64-bit hashes
+    merely shares a lock, as two paths may, in the same one global order of keys)."""
+    return path_key(volume, "\0" + agent)
 
 
 def _read_parts(fd: int) -> Iterator[bytes]:
@@ -193,7 +209,7 @@ class PostgresTransaction:
         """What it locks (None: a read transaction, or one holding the volume exclusive)."""
         self._trying = self._holds is not None and self._holds.whole_if_free
         """Whether its try for the volume's lock exclusive (`Holds.whole_if_free`) is yet to be answered."""
-        self._keys = {path_key(volume, p) for p in self._holds.paths} if self._holds is not None else set()
+        self._keys = self._holds.keys(volume) if self._holds is not None else set()
         self._locks = locks
         """The statements that lock paths by their keys, in the order given (`hold`)."""
         self.locking = False
@@ -231,13 +247,24 @@ class PostgresTransaction:
         keys held, else `Relock` with the whole set. The paths newly held (their intents unsettled)."""
         if self._holds is None:
             return []
-        new = sorted({p for p in paths if p not in self._holds.paths}, key=lambda p: path_key(self._v, p))
-        if not new:
-            return []
-        more = _holding(self._holds.paths | set(new), self._holds.whole_if_free)
+        new = sorted({p for p in paths if p not in self._holds.paths})
+        if new:
+            self._take(replace(self._holds, paths=self._holds.paths | set(new)))
+        return new
+
+    def hold_agents(self, agents: Iterable[str]) -> None:
+        """Hold `agents` too: locked now (with the next read) when every new key sorts after the
+        keys held, else `Relock` with the whole set."""
+        if self._holds is not None and not self._holds.agents.issuperset(agents):
+            self._take(replace(self._holds, agents=self._holds.agents | set(agents)))
+
+    def _take(self, more: Holds) -> None:
+        """Hold `more` (what it holds, and more): the new keys queued to be locked with the next read
+        if each sorts after every key held, else `Relock` (also past HOLD_MOST: the whole volume)."""
+        more = _holding(more)
         if more.whole:
             raise Relock(more)
-        keys = [k for k in dict.fromkeys(path_key(self._v, p) for p in new) if k not in self._keys]
+        keys = sorted(more.keys(self._v) - self._keys)
         if keys and self._keys and keys[0] < max(self._keys):
             raise Relock(more)
         if keys:
@@ -246,7 +273,6 @@ class PostgresTransaction:
             self._keys.update(keys)
             self.locking = True
         self._holds = more
-        return new
 
     def hold_all(self) -> None:
         """Hold the whole volume (its lock exclusive): `Relock` unless it does."""
@@ -262,7 +288,12 @@ class PostgresTransaction:
     def _need(self, *paths: str) -> None:
         """`Relock` unless this transaction holds `paths`."""
         if self._holds is not None and not self._holds.paths.issuperset(paths):
-            raise Relock(_holding(self._holds.paths | set(paths), self._holds.whole_if_free))
+            raise Relock(_holding(replace(self._holds, paths=self._holds.paths | set(paths))))
+
+    def _need_agent(self, agent: str) -> None:
+        """`Relock` unless this transaction holds `agent`."""
+        if self._holds is not None and agent not in self._holds.agents:
+            raise Relock(_holding(replace(self._holds, agents=self._holds.agents | {agent})))
 
     def run(
         self, sql: str, args: tuple[Any, ...] = (), prepare: bool | None = None, ends: bool = False
@@ -491,7 +522,6 @@ class PostgresTransaction:
         return dict(self._all("SELECT agent, version FROM cv_views WHERE volume = %s AND path = %s", path))
 
     def last_view(self, agent: str) -> float | None:
-        self.hold_all()
         row = self._one("SELECT max(read_at) FROM cv_views WHERE volume = %s AND agent = %s", agent)
         return None if row is None or row[0] is None else float(row[0])
 
@@ -697,7 +727,7 @@ class PostgresTransaction:
         self._do("DELETE FROM cv_views WHERE volume = %s AND agent = %s AND path = %s", agent, path)
 
     def drop_views(self, agent: str) -> int:
-        self.hold_all()
+        self._need_agent(agent)
         row = self._one(
             "WITH gone AS (DELETE FROM cv_views WHERE volume = %s AND agent = %s RETURNING 1) "
             "SELECT count(*) FROM gone",
@@ -772,7 +802,7 @@ class PostgresTransaction:
         self._do("DELETE FROM cv_grants WHERE volume = %s AND path = %s", path)
 
     def bind(self, agent: str, process: ProcessId, pinned: bool, at: float) -> None:
-        self.hold_all()
+        self._need_agent(agent)
         self._do(
             "INSERT INTO cv_sessions (volume, agent, host, pid, start, pinned, at) VALUES (%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, agent) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
@@ -786,7 +816,7 @@ class PostgresTransaction:
         )
 
     def unbind(self, agent: str) -> None:
-        self.hold_all()
+        self._need_agent(agent)
         self._do("DELETE FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
 
     def bound_agent(self, process: ProcessId) -> tuple[str, bool] | None:

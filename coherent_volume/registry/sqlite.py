@@ -225,6 +225,9 @@ class SQLiteTransaction:
     def hold(self, paths: Iterable[str]) -> list[str]:
         return []
 
+    def hold_agents(self, agents: Iterable[str]) -> None:
+        pass
+
     def hold_all(self) -> None:
         pass
 
