@@ -178,14 +178,24 @@ class CoherentOperations(pyfuse3.Operations):
     async def _path(self, inode: int) -> str:
         """The path of `inode`, for a request that reaches the disk by it, or by the name the inode is
         set aside to (`_aside`; see `_settled`)."""
-        return await self._settled(functools.partial(self.inodes.path, inode), inode)
+        [rel] = await self._settled(functools.partial(self.inodes.path, inode), inode=inode)
+        return rel
 
     async def _child(self, parent: int, name: bytes) -> str:
         """The path of `name` in `parent`, for a request that reaches the disk by it (see `_settled`)."""
-        rel = await self._settled(functools.partial(self.inodes.child, parent, name))
-        if is_registry_path(rel):
-            raise pyfuse3.FUSEError(errno.ENOENT)  # the registry is invisible in the mount
+        [rel] = await self._children((parent, name))
         return rel
+
+    async def _children(self, *entries: tuple[int, bytes], inode: int | None = None) -> list[str]:
+        """The paths of the names `entries` (each a directory's inode and a name in it), and of `inode`
+        after them if given, for a request that reaches the disk by all of them: settled together
+        (`_settled`), so none went stale while another waited for a rename."""
+        children = [functools.partial(self.inodes.child, parent, name) for parent, name in entries]
+        own = [functools.partial(self.inodes.path, inode)] if inode is not None else []
+        rels = await self._settled(*children, *own, inode=inode)
+        if any(is_registry_path(rel) for rel in rels[: len(entries)]):
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the registry is invisible in the mount
+        return rels
 
     def _stat(self, rel: str, inode: int) -> os.stat_result:
         """The backing file at `rel`, reached through an open handle when its name is gone
@@ -251,7 +261,8 @@ class CoherentOperations(pyfuse3.Operations):
         """The path a call on `inode` changes or asks about by name: its own, or for an inode set aside
         for a write handle (`_unname`), its name's, whose metadata is the file's (a chmod through the
         name is the file's, not the shadow's its commit would replace). See `_settled`."""
-        return await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode), inode)
+        [rel] = await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode), inode=inode)
+        return rel
 
     def _aside_name(self, inode: int) -> str | None:
         """The name `inode` was set aside from (`_unname`, `_apart`), while a write handle open on it
@@ -656,24 +667,25 @@ class CoherentOperations(pyfuse3.Operations):
             return rel
         return name if self.core.paths.managed(name) and stat_mod.S_ISREG(st.st_mode) else rel
 
-    async def _settled(self, path_of: Callable[[], str], inode: int | None = None) -> str:
-        """`path_of()`, a path from the inode table, once no checked rename in flight is at or above it
-        (or its name, for an inode that lost it, or the name `inode` is set aside to: `_aside`). Such a
+    async def _settled(self, *path_of: Callable[[], str], inode: int | None = None) -> list[str]:
+        """What each of `path_of()` gives, a path from the inode table, once no checked rename in flight
+        is at or above any of them (or its name, for an inode that lost it, or the name `inode` is
+        set aside to: `_aside`), all taken after the last wait, so none is stale. Such a
         rename changes the disk in a worker thread and the table follows only after: a request
         reaching the disk by the path meanwhile would meet another object there, and an open or a
         reply would pair an inode with that object's type (the kernel answers EIO) or fail (ENOTDIR).
         Every request reaching the disk by a path it takes from the table gets it here, with no await
         before that access; one that awaits after it uses the path meanwhile (`_use`). (Free while
         no rename is in flight: most requests meet none.)"""
-        rel = path_of()
+        rels = [of() for of in path_of]
         while self._renaming:
-            names = [rel.partition("\0")[0], *([self._aside[inode]] if inode in self._aside else [])]
+            names = [rel.partition("\0")[0] for rel in rels] + ([self._aside[inode]] if inode in self._aside else [])
             moving = [event for top, event in self._renaming.items() if any(_at_or_below(n, top) for n in names)]
             if not moving:
                 break
             await moving[0].wait()
-            rel = path_of()
-        return rel
+            rels = [of() for of in path_of]
+        return rels
 
     @contextlib.contextmanager
     def _use(self, *rels: str) -> Iterator[None]:
@@ -865,7 +877,7 @@ class CoherentOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self.dirs[fh]
         for index in range(start_id, len(listing.names)):
-            rel = await self._settled(functools.partial(self.inodes.child, listing.inode, listing.names[index]))
+            [rel] = await self._settled(functools.partial(self.inodes.child, listing.inode, listing.names[index]))
             try:
                 inode, st = self._inode_of(rel)
                 attrs = self._attrs(rel, inode, st=st)
@@ -931,10 +943,10 @@ class CoherentOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        rel = await self._child(new_parent_inode, new_name)
+        rel, src = await self._children((new_parent_inode, new_name), inode=inode)  # (its source: no await after)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (new_parent_inode, rel))
         self.own.note(rel)
-        self.core.link(self._target(await self._path(inode)), self._target(rel))
+        self.core.link(self._target(src), self._target(rel))
         self.inodes.link(inode, rel)  # one inode for both names, as on disk
         return self._entry(rel)
 
@@ -973,8 +985,7 @@ class CoherentOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        src = await self._child(parent_inode_old, name_old)
-        dst = await self._child(parent_inode_new, name_new)
+        src, dst = await self._children((parent_inode_old, name_old), (parent_inode_new, name_new))
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode_old, src), (parent_inode_new, dst))
         self.own.note(src, dst)
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):

@@ -1147,3 +1147,195 @@ for path, flags in (("away/victim", 0), ("away/other", os.O_CREAT)):
             out = opener.communicate(timeout=60)[0]
         assert out.splitlines() == ["No such file or directory", "ok"]
         assert sorted(os.listdir(m.path / "away")) == ["other"]
+
+
+OPEN_WHEN_TOLD = """
+import os, sys
+path, flags, data = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+os.stat(path)  # its entry is cached: the open's walk asks the daemon only for the inode's attributes
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    fd = os.open(path, flags)
+    print(os.read(fd, 100).decode().strip() if data == b"-" else os.write(fd, data), flush=True)
+    os.close(fd)
+except OSError as e:
+    print(e.strerror, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _opener(m: Mount, gate: Path, flags: int, data: str) -> Iterator[subprocess.Popen[str]]:
+    """A process of alice that opens plans/f.md (`flags`) and writes `data` (or reads, for "-") once
+    told; its pid is in GATE.pid, so that a patch holds only its requests."""
+    args = [sys.executable, "-c", OPEN_WHEN_TOLD, "plans/f.md", str(flags), data]
+    env = {**os.environ, "COHERENT_AGENT": "alice"}
+    opener = subprocess.Popen(args, cwd=m.path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert opener.stdout is not None and opener.stdout.readline().strip() == "ready"
+        Path(f"{gate}.pid").write_text(str(opener.pid))
+        yield opener
+    finally:
+        opener.kill()
+        opener.wait()
+
+
+def _tell(opener: subprocess.Popen[str]) -> None:
+    assert opener.stdin is not None
+    opener.stdin.write("go\n")
+    opener.stdin.flush()
+
+
+def test_an_open_whose_file_is_removed_and_made_anew_around_its_permission_check_is_served(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel checks an open's permissions with a getattr of the inode its cached entry gave. The
+    daemon holds that getattr while another agent unlinks the file (it then fails ESTALE: the inode
+    lost its name), and holds its ESTALE while that agent makes the file anew: the kernel walks the
+    path again and repeats the open on the new file, which is served, as on a local disk (before,
+    the repeat was taken for a new open for writing and answered ESTALE, which the program saw)."""
+    patch = (
+        f"GATE = {str(tmp_path / 'gate')!r}\n"
+        + """
+import errno, pyfuse3, trio
+from fusefs import operations
+def wait_at(gate):
+    open(gate + ".held", "w").close()
+    while os.path.exists(gate):
+        time.sleep(0.01)
+_getattr = operations.CoherentOperations.getattr
+async def _held(self, inode, ctx):
+    if not os.path.exists(GATE) or self.inodes.path_if_known(inode) != "plans/f.md":
+        return await _getattr(self, inode, ctx)
+    if ctx.pid != int(open(GATE + ".pid").read()):
+        return await _getattr(self, inode, ctx)
+    await trio.to_thread.run_sync(wait_at, GATE)  # the file is unlinked meanwhile
+    try:
+        return await _getattr(self, inode, ctx)
+    except pyfuse3.FUSEError as e:
+        if e.errno == errno.ESTALE:
+            await trio.to_thread.run_sync(wait_at, GATE + "2")  # and made anew
+        raise
+operations.CoherentOperations.getattr = _held
+"""
+    )
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        again = Path(f"{gate}2")
+        assert m.run("bob", "echo one > plans/f.md && cat plans/f.md").returncode == 0
+        try:
+            with _opener(m, gate, os.O_WRONLY | os.O_APPEND, "appended\n") as opener:
+                again.touch()
+                gate.touch()
+                _tell(opener)
+                _wait_for(Path(f"{gate}.held").exists, "the open's getattr to reach the gate")
+                gone = m.run("bob", "python3 -c 'import os; os.unlink(\"plans/f.md\")'")
+                assert gone.returncode == 0, gone.stderr
+                gate.unlink()
+                _wait_for(Path(f"{again}.held").exists, "the getattr to fail ESTALE")
+                with CoherentVolume(root, agent="bob") as vol:
+                    vol.write("plans/f.md", "two\n")
+                again.unlink()
+                assert opener.stdout is not None and opener.stdout.readline().strip() == "9"
+        finally:
+            again.unlink(missing_ok=True)
+        assert (m.path / "plans/f.md").read_text() == "two\nappended\n"
+
+
+def test_a_read_whose_pinned_repeat_comes_after_a_rename_of_its_file_is_served(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only open of a file whose size changed since the kernel was told is answered ESTALE and
+    its version pinned on the inode (`_pin`); the daemon holds the kernel's repeat of the open while
+    another agent renames the file: the repeat is served the pinned version at the file's new name,
+    as on a local disk (before, it was taken for a new open, pinned again and answered ESTALE,
+    which the program saw)."""
+    patch = (
+        f"GATE = {str(tmp_path / 'gate')!r}\n"
+        + """
+import trio
+from fusefs import operations
+_open = operations.CoherentOperations.open
+async def _held(self, inode, flags, ctx):
+    retry = self.pages._retries.get(ctx.pid)
+    if os.path.exists(GATE) and retry is not None and retry.pin is not None:
+        if ctx.pid == int(open(GATE + ".pid").read()):
+            await trio.to_thread.run_sync(wait_at_gate)  # the file is renamed meanwhile
+    return await _open(self, inode, flags, ctx)
+operations.CoherentOperations.open = _held
+"""
+    )
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        assert m.run("bob", "echo one > plans/f.md && cat plans/f.md").returncode == 0
+        with _opener(m, gate, os.O_RDONLY, "-") as opener:
+            with CoherentVolume(root, agent="bob") as vol:  # a size the kernel was not told
+                vol.write("plans/f.md", "bob's longer line\n")
+            gate.touch()
+            try:
+                _tell(opener)
+                _wait_for(Path(f"{gate}.held").exists, "the repeated open to reach the gate")
+                moved = m.run("bob", "mv plans/f.md plans/g.md")
+                assert moved.returncode == 0, moved.stderr
+            finally:
+                gate.unlink()
+            assert opener.stdout is not None and opener.stdout.readline().strip() == "bob's longer line"
+
+
+def test_a_link_that_waits_for_a_rename_at_its_source_lands_in_the_directory_it_was_sent_to(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard link whose source is below a directory a checked rename is moving waits for that rename;
+    meanwhile its destination's directory is renamed and a symlink to plans put at its old name. The
+    link lands in the directory the kernel sent it to, at its new name, as on a local disk (before,
+    it was made by the old name, through the symlink: a second name for the file at plans/x, a
+    managed name, unchecked)."""
+    patch = (
+        f"GATE = {str(tmp_path / 'gate')!r}\n"
+        + """
+import time, trio
+from coherent_volume.core import VolumeCore
+from fusefs import operations
+def wait_at(gate):
+    open(gate + ".held", "w").close()
+    while os.path.exists(gate):
+        time.sleep(0.01)
+_link = operations.CoherentOperations.link
+async def _held(self, inode, new_parent_inode, new_name, ctx):
+    if new_name == b"x":
+        await trio.to_thread.run_sync(wait_at, GATE)
+        open(GATE + ".passed", "w").close()  # (on the event loop: the link runs on until it waits for the rename)
+    return await _link(self, inode, new_parent_inode, new_name, ctx)
+operations.CoherentOperations.link = _held
+_rename = VolumeCore.rename
+def _renaming(self, *args, **kwargs):
+    wait_at(GATE + "2")
+    return _rename(self, *args, **kwargs)
+VolumeCore.rename = _renaming
+"""
+    )
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        rename_gate = Path(f"{gate}2")
+        made = m.run("alice", "mkdir -p w t/u && echo one > w/f.txt && ln w/f.txt w/g.txt")
+        assert made.returncode == 0, made.stderr
+        gate.touch()
+        rename_gate.touch()
+        env = {**os.environ, "COHERENT_AGENT": "bob"}
+        try:
+            linker = subprocess.Popen(
+                ["ln", "w/f.txt", "t/u/x"], cwd=m.path, stderr=subprocess.PIPE, text=True, env=env
+            )
+            _wait_for(Path(f"{gate}.held").exists, "the link to reach the gate")
+            # refused once it runs (a file there has another hard link): w stays where it is
+            mover = subprocess.Popen(["mv", "w", "plans/w"], cwd=m.path, stderr=subprocess.PIPE, text=True, env=env)
+            _wait_for(Path(f"{rename_gate}.held").exists, "the rename to reach the core")
+            gate.unlink()
+            _wait_for(Path(f"{gate}.passed").exists, "the link to wait for the rename")
+            swapped = m.run("bob", "mv t/u t/u2 && ln -s ../plans t/u")
+            assert swapped.returncode == 0, swapped.stderr
+        finally:
+            gate.unlink(missing_ok=True)
+            rename_gate.unlink(missing_ok=True)
+        _, err = linker.communicate(timeout=60)
+        assert mover.wait(timeout=60) != 0
+        assert not (m.root / "plans/x").exists(), "the link made a managed name through the symlink"
+        assert linker.returncode == 0, err
+        assert os.stat(m.root / "t/u2/x").st_ino == os.stat(m.root / "w/f.txt").st_ino
