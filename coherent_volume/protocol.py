@@ -355,6 +355,15 @@ def handles_share(open_kinds: list[HandleKind], kind: HandleKind) -> bool:
     return all(k == "append" for k in open_kinds) and (kind == "append" or not open_kinds)
 
 
+def goes_on_unlinked(handle_agent: str, unlinker: str) -> bool:
+    """Whether a write handle whose file was deleted goes on with that file, kept by no name (what it
+    writes later is never committed, as on a local disk): only when its own agent deleted it. A
+    deletion by another agent (possible between the handle's commits, when it holds no grant) is a
+    change since its last commit, so its next write is refused like one after another agent's commit
+    (`decide_write` with `expected`), never dropped silently."""
+    return handle_agent == unlinker
+
+
 def may_replay(c: WriteCheck, reason: Reason | None, appends_only: bool) -> bool:
     """Whether a handle refused only because its base is no longer current may append its bytes to
     the current content instead: it only appended, and the file still exists (appends are never

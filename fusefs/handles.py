@@ -33,7 +33,7 @@ from coherent_volume.errors import CoherenceError, InstallPending
 from coherent_volume.fingerprint import hash_fd
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
-from coherent_volume.protocol import Grant, HandleKind, read_shows_content
+from coherent_volume.protocol import Grant, HandleKind, goes_on_unlinked, read_shows_content
 
 from .workers import Workers
 
@@ -323,7 +323,8 @@ class Shadow:
 
     Invariants: from open (or the first write after a commit) until the next commit, `grant` (a
     share of this agent's write grant) keeps every other agent out; between commits it is None and
-    `fd` is -1 (the committed shadow is the file now). What a failed commit at a FLUSH (a close(2))
+    `fd` is -1 (the committed shadow is the file now), or the file it committed once another agent
+    unlinked that (`orphan`: read, never written). What a failed commit at a FLUSH (a close(2))
     told its program is final (`failed`): its writes are dropped then, never committed later, and
     every later request of the handle (another descriptor's write, fsync, close) fails the same way."""
 
@@ -348,9 +349,8 @@ class Shadow:
     created: bool = False
     """This handle created the file: as on a local disk, its name is durable only once the
     program fsyncs the directory, so even a synced commit need not fsync it."""
-    unlinked: bool = False
-    """Its file was unlinked through the mount: its commits are dropped, as a local disk keeps
-    nothing written to an unlinked file."""
+    unlinker: str | None = None
+    """The agent that unlinked its file through the mount (`orphan`), if one did."""
     moved: bool = False
     """Its file was renamed away: writing on is refused (ESTALE), since its grant and version are
     those of the old name."""
@@ -378,6 +378,17 @@ class Shadow:
         return self.target.rel
 
     @property
+    def unlinked(self) -> bool:
+        """Its file was unlinked through the mount: it goes on with it, kept by no name."""
+        return self.unlinker is not None
+
+    @property
+    def orphaned(self) -> bool:
+        """Its own agent unlinked its file: its commits are dropped, as a local disk keeps nothing
+        written to an unlinked file (`protocol.goes_on_unlinked`)."""
+        return self.unlinker is not None and goes_on_unlinked(self.agent, self.unlinker)
+
+    @property
     def unsaved(self) -> bool:
         """It holds writes not yet committed, at the name it was opened by."""
         return self.pending and not self.moved and not self.unlinked
@@ -388,10 +399,13 @@ class Shadow:
         with self._fd_lock:
             return os.fstat(self.fd) if self.fd >= 0 else None
 
-    def orphan(self, st: os.stat_result, file: int | None) -> None:
-        """Its agent unlinked its file (`st`, open as `file` until then). As on a local disk, the handle
-        goes on with the file, kept by no name: its shadow (given the file's owner) or, between
-        commits, the file itself; what it writes is never committed."""
+    def orphan(self, st: os.stat_result, file: int | None, unlinker: str) -> None:
+        """Agent `unlinker` unlinked its file (`st`, open as `file` until then). As on a local disk, the
+        handle goes on with the file, kept by no name: its shadow (given the file's owner) or, between
+        commits, the file itself. What it writes then is never committed if its own agent unlinked it;
+        another agent's unlink (which only comes between its commits: its grant keeps others out
+        otherwise) is a change since its last commit, so its next write is refused as after another
+        agent's commit (`_regrant`), never dropped silently (`protocol.goes_on_unlinked`)."""
         with self._fd_lock:
             if self.fd < 0 and file is not None:
                 self.fd = os.dup(file)
@@ -400,7 +414,7 @@ class Shadow:
                 os.fchown(self.fd, st.st_uid, st.st_gid)
                 if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
                     os.fchmod(self.fd, stat_mod.S_IMODE(mode))  # chown cleared them
-        self.unlinked = True
+        self.unlinker = unlinker
 
     def set_times(self, atime_ns: int | None, mtime_ns: int | None) -> None:
         """utimensat of the file while this handle holds unsaved writes: the times go to the shadow too
@@ -463,13 +477,13 @@ class Shadow:
         """A handle written (or resized) again after its commit takes its grant back and a new shadow."""
         if self.moved:
             raise pyfuse3.FUSEError(errno.ESTALE)
-        if (self.grant is None and not self.unlinked) or self.fd < 0:
+        if (self.grant is None and not self.orphaned) or self.fd < 0:
             await blocking(self._rewritable)  # one worker-thread job for both
 
     def _rewritable(self) -> None:
-        """`_writable`'s blocking half, in one job: the grant back where it has none (unless its file
-        was unlinked), and a new shadow where it has none."""
-        if self.grant is None and not self.unlinked:
+        """`_writable`'s blocking half, in one job: the grant back where it has none (unless its own
+        agent unlinked its file: `orphaned`), and a new shadow where it has none."""
+        if self.grant is None and not self.orphaned:
             self._regrant()
         if self.fd < 0:
             try:
@@ -529,7 +543,7 @@ class Shadow:
         async with self._busy:
             self._usable()
             self.closed = False
-            if self.kind == "append" and not self.unlinked:
+            if self.kind == "append" and not self.orphaned:
                 await blocking(self._turn_into_writer)
             await self._writable()
             os.ftruncate(self.fd, size)
@@ -597,14 +611,14 @@ class Shadow:
         it fsynced into an existing file survives a power loss, as it would on a local disk;
         anything else reaches the disk with the next writeback. A handle whose file its agent
         unlinked commits nothing: its writes stay in the file it goes on with (`orphan`)."""
-        if self.unlinked:
+        if self.orphaned:
             self._drop_grant()
             self.edits = Edits()
             self.pending = self.wrote = False
             return
         durable = self.synced and not self.created
         staged = atomic.Staged(self.target.abs, hash_fd(self.fd), os.dup(self.fd), durable=durable)
-        commit = HandleCommit(self.kind, self.grant, self.edits, self.unlinked)
+        commit = HandleCommit(self.kind, self.grant, self.edits, self.orphaned)
         try:
             self.base_version = self.core.commit(
                 self.agent, self.target, staged, expected=self.base_version, handle=commit

@@ -22,6 +22,9 @@ class InodeTable:
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
         self._names: dict[int, set[str]] = {}
         """Every name of an inode that has more than one (hard links)."""
+        self._past: dict[int, str] = {}
+        """Inodes that lost their name to a newer version of the file there (`superseded`), with that
+        name; it follows the file through renames and is dropped when the file goes (`unlinked`)."""
         self._next = itertools.count(pyfuse3.ROOT_INODE + 1)
 
     def path(self, inode: int) -> str:
@@ -84,6 +87,7 @@ class InodeTable:
             self._lookups[inode] = left
             return True
         self._lookups.pop(inode, None)
+        self._past.pop(inode, None)
         return False
 
     def link(self, inode: int, path: str) -> None:
@@ -92,13 +96,16 @@ class InodeTable:
         current = self._path[inode]
         if "\0" in current:
             self._path[inode] = path
+            self._past.pop(inode, None)
         else:
             self._names.setdefault(inode, {current}).add(path)
         self._inode[path] = inode
 
     def unlinked(self, path: str) -> None:
         """`path` is gone: a later file at the same path gets a new inode. An inode with another name
-        goes on by that name."""
+        goes on by that name. Past versions of the file there (`superseded`) are of no file now."""
+        if self._past:
+            self._past = {held: name for held, name in self._past.items() if name != path}
         inode = self._inode.pop(path, None)
         if inode is None:
             return
@@ -110,6 +117,20 @@ class InodeTable:
                 self._names[inode] = others
             return
         self._path[inode] = path + "\0deleted"
+
+    def superseded(self, path: str) -> None:
+        """The file at `path` has a newer version, which a later lookup gives a new inode (as `unlinked`);
+        the inode it had holds a past version of that file, whose name is `path` (`current_name`)."""
+        past = {held: name for held, name in self._past.items() if name == path}
+        old = self._inode.get(path)
+        self.unlinked(path)
+        if old is not None and self._path[old] == path + "\0deleted":
+            past[old] = path
+        self._past.update(past)
+
+    def current_name(self, inode: int) -> str | None:
+        """The name of the file `inode` holds a past version of (`superseded`), while that file has one."""
+        return self._past.get(inode)
 
     def apart(self, path: str) -> int:
         """A new inode for the file at `path` that its name does not map to (a write handle's own: see
@@ -124,8 +145,10 @@ class InodeTable:
 
     def rebind(self, inode: int, path: str) -> None:
         """`inode`, which lost its name `path` (`unlinked`), is `path`'s again; the inode there now
-        loses it."""
+        loses it. The file is the same: past versions of it keep its name (`superseded`)."""
+        past = {held: name for held, name in self._past.items() if name == path and held != inode}
         self.unlinked(path)
+        self._past.update(past)
         self._path[inode] = path
         self._inode[path] = inode
 
@@ -142,6 +165,9 @@ class InodeTable:
         """`old` is now `new` (with everything below it when `tree`, a directory); whatever was at
         `new` is gone. A file's move is O(1); only a directory's touches the paths below it."""
         self.unlinked(new)
+        for held, name in self._past.items():  # past versions follow their file
+            if name == old or (tree and name.startswith(old + "/")):
+                self._past[held] = new + name[len(old) :]
         if not tree:
             inode = self._inode.pop(old, None)
             if inode is not None:

@@ -245,12 +245,12 @@ class CoherentOperations(pyfuse3.Operations):
 
     def _unname(self, rel: str) -> None:
         """The managed file at `rel` loses its inode (its next lookup gives it a new one), which is left
-        to its handles; one a write handle is open (or being opened) on is set aside to take the name
-        back later."""
+        to its handles, holding a past version of the file (`InodeTable.superseded`); one a write handle
+        is open (or being opened) on is set aside to take the name back later."""
         old = self.inodes.inode_if_known(rel)
         if old is not None and (self.pages.opening(old) or any(isinstance(h, Shadow) for h in self._handles_on(old))):
             self._aside[old] = rel
-        self.inodes.unlinked(rel)
+        self.inodes.superseded(rel)
 
     def _other_content(self, inode: int) -> bool:
         """Whether a read-only open repeated after ESTALE would meet another content on `inode`: a write
@@ -263,6 +263,15 @@ class CoherentOperations(pyfuse3.Operations):
         name is the file's, not the shadow's its commit would replace). See `_settled`."""
         [rel] = await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode), inode=inode)
         return rel
+
+    def _metadata_at(self, inode: int, rel: str) -> str:
+        """Where a metadata call (mode, owner, times, xattrs) of `inode`, known by `rel` (`_name_of`),
+        acts: at `rel`, or, for an inode holding a past version of a file that a commit replaced
+        while descriptors held it (`InodeTable.current_name`), at that file's name, whichever version
+        they hold (each commit carries the file's metadata over, so a change made to a past version
+        would reach no one). An inode whose file is gone (unlinked, renamed over) keeps `rel`: its
+        handles hold the file (`_held_fd`), as on a local disk."""
+        return (self.inodes.current_name(inode) if "\0" in rel else None) or rel
 
     def _aside_name(self, inode: int) -> str | None:
         """The name `inode` was set aside from (`_unname`, `_apart`), while a write handle open on it
@@ -670,7 +679,8 @@ class CoherentOperations(pyfuse3.Operations):
     async def _settled(self, *path_of: Callable[[], str], inode: int | None = None) -> list[str]:
         """What each of `path_of()` gives, a path from the inode table, once no checked rename in flight
         is at or above any of them (or its name, for an inode that lost it, or the name `inode` is
-        set aside to: `_aside`), all taken after the last wait, so none is stale. Such a
+        set aside to, `_aside`, or that of the file it holds a past version of, `_metadata_at`), all
+        taken after the last wait, so none is stale. Such a
         rename changes the disk in a worker thread and the table follows only after: a request
         reaching the disk by the path meanwhile would meet another object there, and an open or a
         reply would pair an inode with that object's type (the kernel answers EIO) or fail (ENOTDIR).
@@ -679,7 +689,9 @@ class CoherentOperations(pyfuse3.Operations):
         no rename is in flight: most requests meet none.)"""
         rels = [of() for of in path_of]
         while self._renaming:
-            names = [rel.partition("\0")[0] for rel in rels] + ([self._aside[inode]] if inode in self._aside else [])
+            names = [rel.partition("\0")[0] for rel in rels]
+            if inode is not None:
+                names += filter(None, [self._aside.get(inode), self.inodes.current_name(inode)])
             moving = [event for top, event in self._renaming.items() if any(_at_or_below(n, top) for n in names)]
             if not moving:
                 break
@@ -726,7 +738,7 @@ class CoherentOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         rel = await self._name_of(inode)
-        with self._use(rel):
+        with self._use(rel, self._metadata_at(inode, rel)):
             return await self._setattr(rel, inode, attr, fields, fh, ctx)
 
     async def _setattr(
@@ -772,15 +784,18 @@ class CoherentOperations(pyfuse3.Operations):
                     await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
             else:
                 self.backing.truncate(rel, attr.st_size)
-        self._set_mode_and_owner(rel, self._through(handle, inode, rel), attr, fields)
+        at = self._metadata_at(inode, rel)
+        if at != rel:
+            self.own.note(at)
+        self._set_mode_and_owner(at, self._through(handle, inode, at), attr, fields)
         if fields.update_atime or fields.update_mtime:
-            viewer = await self._viewer(rel, ctx)
-            writer = self.writers.get(rel)
+            viewer = await self._viewer(at, ctx)
+            writer = self.writers.get(at)
             if writer is not None and writer.unsaved and viewer == writer.agent:  # first: its commit may land meanwhile
                 writer.set_times(
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
-            self._set_times(rel, self._through(handle, inode, rel), attr, fields)
+            self._set_times(at, self._through(handle, inode, at), attr, fields)
         return self._reply(inode, rel)
 
     def _through(self, handle: FileHandle | None, inode: int, rel: str) -> int | None:
@@ -967,7 +982,7 @@ class CoherentOperations(pyfuse3.Operations):
                 still_open = {id(h) for h in self.files.values()}  # one released meanwhile would keep `file` forever
                 for handle in writers:
                     if id(handle) in still_open:
-                        handle.orphan(st, file)
+                        handle.orphan(st, file, agent)
             finally:
                 if file is not None:
                     os.close(file)
@@ -1437,7 +1452,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        rel = await self._name_of(inode)
+        rel = await self._xattrs_at(inode)
         if name in (XATTR_VERSION, XATTR_VIEW):
             if "\0" in rel or not self._managed_file(rel):
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -1445,19 +1460,25 @@ class CoherentOperations(pyfuse3.Operations):
             version, view = await blocking(self.core.view_state, agent, self._target(rel))
             return str(version).encode() if name == XATTR_VERSION else view.encode()
         held = self._xattr_fd(inode, rel)
+        if held is None and "\0" in rel:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # (the kernel asks for `security.capability` at each write)
         return os.getxattr(held, name) if held is not None else self.backing.getxattr(rel, name)
 
+    async def _xattrs_at(self, inode: int) -> str:
+        """The path the xattrs of `inode` are asked, set and removed at (`_metadata_at`)."""
+        rel = await self._name_of(inode)
+        return self._metadata_at(inode, rel)
+
     def _xattr_fd(self, inode: int, rel: str) -> int | None:
-        """The descriptor the xattrs of `inode` at `rel` are asked through: an open unmanaged handle's
-        (`_unmanaged_fd`), or, for a file whose name is gone (replaced or unlinked while open), one
-        its handles hold (`_held_fd`); None: by the name. A nameless file without one answers ENOATTR:
-        it has no attribute to show (the kernel asks for `security.capability` at each write to it)."""
+        """The descriptor the xattrs of `inode` at `rel` (`_xattrs_at`) are reached through: an open
+        unmanaged handle's (`_unmanaged_fd`), or, for a file whose name is gone (unlinked or renamed
+        over while open), one its handles hold (`_held_fd`); None: by the name (a nameless file
+        without one has no attribute to show, nor one to change). An inode holding a past version of a
+        file has it at that file's name, even through the unmanaged handle it was opened by."""
+        if self.inodes.current_name(inode) is not None:
+            return None
         held = self._unmanaged_fd(inode)
-        if held is None and "\0" in rel:
-            held = self._held_fd(inode)
-            if held is None:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return held
+        return self._held_fd(inode) if held is None and "\0" in rel else held
 
     def _unmanaged_fd(self, inode: int) -> int | None:
         """The descriptor of an open unmanaged file's handle on `inode`, if any: its xattrs (and an
@@ -1471,10 +1492,9 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        rel = await self._name_of(inode)
-        try:
-            held = self._xattr_fd(inode, rel)
-        except pyfuse3.FUSEError:
+        rel = await self._xattrs_at(inode)
+        held = self._xattr_fd(inode, rel)
+        if held is None and "\0" in rel:
             return []
         names = [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
         if "\0" not in rel and self._managed_file(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode):
@@ -1485,21 +1505,17 @@ class CoherentOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name in (XATTR_VERSION, XATTR_VIEW):
             raise pyfuse3.FUSEError(errno.EPERM)
-        held = self._unmanaged_fd(inode)
-        if held is not None:
-            os.setxattr(held, name, value)
-        else:
-            self.backing.setxattr(await self._name_of(inode), name, value)
+        rel = await self._xattrs_at(inode)
+        held = self._xattr_fd(inode, rel)
+        os.setxattr(held, name, value) if held is not None else self.backing.setxattr(rel, name, value)
 
     @guarded
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name in (XATTR_VERSION, XATTR_VIEW):
             raise pyfuse3.FUSEError(errno.EPERM)
-        held = self._unmanaged_fd(inode)
-        if held is not None:
-            os.removexattr(held, name)
-        else:
-            self.backing.removexattr(await self._name_of(inode), name)
+        rel = await self._xattrs_at(inode)
+        held = self._xattr_fd(inode, rel)
+        os.removexattr(held, name) if held is not None else self.backing.removexattr(rel, name)
 
     # ---- inode lifetime -------------------------------------------------------------
 

@@ -59,7 +59,7 @@ class HandleCommit:
     """The grant the handle writes under until this commit ends its use of it (`CoreBase._end`)."""
     edits: Edits
     unlinked: bool = False
-    """The handle's file was unlinked since (by its own agent: the grant keeps others out). As on a
+    """The handle's file was unlinked since by its own agent (`protocol.goes_on_unlinked`). As on a
     local disk, what is written to an unlinked file is kept by no name: the commit is dropped."""
 
 
