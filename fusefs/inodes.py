@@ -27,8 +27,12 @@ class InodeTable:
         name; it follows the file through renames and is dropped when the file goes (`unlinked`)."""
         self._next = itertools.count(pyfuse3.ROOT_INODE + 1)
 
+    def __len__(self) -> int:
+        """How many inodes the table keeps: every name's, and nameless ones until `drop`."""
+        return len(self._path)
+
     def path(self, inode: int) -> str:
-        """The path of `inode`; KeyError if the kernel forgot it (never for a live one)."""
+        """The path of `inode`; KeyError once it was dropped (`drop`; never for a live one)."""
         return self._path[inode]
 
     def child(self, parent: int, name: bytes) -> str:
@@ -89,6 +93,13 @@ class InodeTable:
         self._lookups.pop(inode, None)
         self._past.pop(inode, None)
         return False
+
+    def drop(self, inode: int) -> None:
+        """Let go of `inode` if it has no name (`unlinked`, `apart`) and the kernel forgot it: no path
+        leads to it any more, so it would stay in the table for the life of the mount. The caller
+        knows that nothing else uses it (no open handle)."""
+        if inode not in self._lookups and "\0" in self._path.get(inode, ""):
+            del self._path[inode]
 
     def link(self, inode: int, path: str) -> None:
         """`path` (no name yet) is another name of `inode`, a hard link of its file (one unlinked while

@@ -501,8 +501,8 @@ class CoherentOperations(pyfuse3.Operations):
         if stat_mod.S_ISDIR(st.st_mode) or self.core.paths.managed(rel):
             return self.inodes.inode(rel), st
         key = (st.st_dev, st.st_ino)
-        inode = self._files.get(key)
-        if inode is not None and st.st_nlink > 1 and self._holds(self.inodes.path(inode), st):
+        inode = self._files.get(key)  # (its inode may be gone since, nameless: `_let_go`)
+        if inode is not None and st.st_nlink > 1 and self._holds(self.inodes.path_if_known(inode) or "\0", st):
             self.inodes.link(inode, rel)  # (a backing inode number is reused once its file is gone)
             return inode, st
         inode = self._files[key] = self.inodes.inode(rel)
@@ -1447,6 +1447,7 @@ class CoherentOperations(pyfuse3.Operations):
         del held[fh]
         if not held:
             del self.open_on[inode]
+            self._let_go(inode)  # (a handle released after the kernel's FORGET: a commit at close, a pin)
 
     # ---- extended attributes --------------------------------------------------------
 
@@ -1525,7 +1526,17 @@ class CoherentOperations(pyfuse3.Operations):
                 self.backing.release(inode)
                 self._sizes.pop(inode, None)
                 self._left_globs.pop(inode, None)  # a lookup through a carried directory marks it again (`_reached`)
-                # a write's own inode, its write released or never repeated there
-                if inode in self._private and not self._handles_on(inode):
-                    self._private.discard(inode)
-                    self._aside.pop(inode, None)
+                self._let_go(inode)
+
+    def _let_go(self, inode: int) -> None:
+        """Once the kernel forgot `inode` and no handle is open on it: a write's own inode (`_apart`) is
+        done with, and a nameless one (unlinked, replaced, made for a write) leaves the inode table
+        with its hard-link key (`_files`), so files deleted through the mount cost no memory
+        afterwards. (A named inode keeps its number for the life of the mount: `InodeTable.forget`.)"""
+        if self.inodes.held(inode) or inode in self.open_on:
+            return
+        self._private.discard(inode)
+        self._aside.pop(inode, None)
+        self.inodes.drop(inode)
+        if len(self._files) > 2 * len(self.inodes):  # at most one live key per inode: half are dead
+            self._files = {key: i for key, i in self._files.items() if self.inodes.path_if_known(i) is not None}
