@@ -1813,9 +1813,9 @@ with CoherentVolume(sys.argv[1], agent="bob") as bob:
 def test_retention_never_drops_content_a_commit_under_way_names(tmp_path: Path, pg_url: str) -> None:
     """plans/q.md's v1 may be pruned; its bytes are those of a commit of plans/p.md paused inside its
     transaction in another working copy, its content and version sent. A prune meanwhile waits for
-    that commit (dropping content holds the whole volume), then keeps the bytes the commit named:
-    p's new version reads whole (had the prune not waited, its drop would have waited for the
-    content's row only, and deleted it once the commit naming it was done)."""
+    that commit (it holds the content's lock, shared, until its COMMIT), then keeps the bytes the
+    commit named: p's new version reads whole (had the prune not waited, its drop would have waited
+    for the content's row only, and deleted it once the commit naming it was done)."""
     roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
     with CoherentVolume(roots[0], agent="alice") as alice:
         alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
@@ -1834,6 +1834,124 @@ def test_retention_never_drops_content_a_commit_under_way_names(tmp_path: Path, 
             procs.kill()
         assert [v.version for v in alice.history("plans/q.md") if v.retained] == [2]
         assert alice.read("plans/p.md") == b"old q"
+
+
+BIG = bytes(range(256)) * (9 << 12)
+"""9 MiB: content stored in two parts (`pg_transaction.PART` is 8 MiB)."""
+
+
+def test_a_prune_dropping_content_and_a_commit_of_a_large_file_while_a_path_is_held_stall_no_writer(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A transaction holds plans/a.md (idle in it). Meanwhile, in another working copy, a prune
+    drops the bytes of plans/q.md's v1, and a file of 9 MiB (content in two parts) is committed:
+    each completes, and a writer of plans/b.md in a third copy, whose lock wait is 2 s, commits
+    while each runs (before, each waited to hold the whole volume, and every writer of any path
+    waited behind it)."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+    with CoherentVolume(roots[0], agent="alice") as alice:
+        alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+        alice.write("plans/a.md", "a\n")
+        alice.write("plans/q.md", "old q\n")
+        alice.write("plans/q.md", "new q\n")
+        procs = _Procs()
+        try:
+            writer = procs.start(QUEUED_WRITER, str(roots[2]), "bob", "2")
+            assert _ask(writer, "plans/warm-bob.md") == "ok"
+            _holding_a(procs, roots[1])
+            pruned = _meanwhile(pg_url, alice.prune)
+            assert _ask(writer, "plans/b.md") == "ok"
+            assert pruned().objects == 1
+            committed = _meanwhile(pg_url, lambda: alice.write("plans/big.md", BIG))
+            assert _ask(writer, "plans/b.md") == "ok"
+            assert committed() == 1
+        finally:
+            procs.kill()
+        assert [v.version for v in alice.history("plans/q.md") if v.retained] == [2]
+        assert alice.read("plans/big.md") == BIG
+
+
+LARGE_PAUSED = """
+import sys
+from coherent_volume import CoherentVolume
+from coherent_volume.registry import pg_transaction
+put_version = pg_transaction.PostgresTransaction.put_version
+def paused(self, v):  # its content stored, its version named, both sent: until a line comes
+    put_version(self, v)
+    if v.path == "plans/l1.md":
+        self.run("SELECT 1")
+        print("naming", flush=True)
+        sys.stdin.readline()
+pg_transaction.PostgresTransaction.put_version = paused
+with CoherentVolume(sys.argv[1], agent="bob") as bob:
+    bob.write("plans/warm-bob.md", "w")  # its first transaction, which held the whole volume, is over
+    bob.write("plans/l1.md", bytes(range(256)) * (9 << 12))
+    print("committed", flush=True)
+"""
+
+
+def test_two_commits_of_the_same_large_content_at_once_both_land_and_store_it_once(tmp_path: Path, pg_url: str) -> None:
+    """A commit of 9 MiB (content in two parts) is paused inside its transaction in one working
+    copy, its content stored and its version sent; a commit of the same bytes to another path in
+    another copy meanwhile waits for it (content in parts is stored by one transaction at a time),
+    then finds the content stored: both land, and the content is stored once (had they stored it
+    side by side, the second's parts would have collided with the first's)."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[0], agent="alice") as alice:
+        procs = _Procs()
+        try:
+            env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
+            bob = procs.start(LARGE_PAUSED, str(roots[1]), env=env)
+            assert bob.stdout is not None and bob.stdout.readline().strip() == "naming"
+            committed = _meanwhile(pg_url, lambda: alice.write("plans/l2.md", BIG))
+            assert _ask(bob, "") == "committed"
+            assert committed() == 1
+        finally:
+            procs.kill()
+        assert alice.read("plans/l1.md") == BIG
+        assert alice.read("plans/l2.md") == BIG
+    digest = hash_file(str(roots[0] / "plans/l2.md"))[1]
+    assert _q(pg_url, "SELECT count(*) FROM cv_contents WHERE hash = %s", (digest,)) == [(1,)]
+    assert _q(pg_url, "SELECT count(*) FROM cv_content_parts WHERE hash = %s", (digest,)) == [(1,)]
+
+
+CLAIM_PAUSED = """
+import sys
+from coherent_volume import CoherentVolume
+from coherent_volume.registry import pg_transaction
+put_meta = pg_transaction.PostgresTransaction.put_meta
+def paused(self, key, value):  # the prune claimed, sent: until a line comes
+    put_meta(self, key, value)
+    self.run("SELECT 1")
+    print("claiming", flush=True)
+    sys.stdin.readline()
+with CoherentVolume(sys.argv[1], agent="bob") as bob:
+    bob._core._prune_check_at = float("inf")  # no prune after its own commits
+    bob.write("plans/warm-bob.md", "w")  # its first transaction, which held the whole volume, is over
+    pg_transaction.PostgresTransaction.put_meta = paused
+    print("claimed" if bob._core.prune_if_due() is not None else "not due", flush=True)
+"""
+
+
+def test_two_working_copies_finding_a_prune_due_at_once_claim_it_once(tmp_path: Path, pg_url: str) -> None:
+    """A prune is due; one working copy's claim of it is paused inside its transaction, sent. Another
+    copy finding it due meanwhile waits for that claim (the setting's lock, held from the start of
+    each transaction that sets it), then finds the prune claimed: only the first starts it."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[0], agent="alice") as alice:
+        alice.write("plans/a.md", "a")
+        two_hours_ago = repr(time.time() - 7200)
+        alice._core.registry.transact(lambda tx: tx.put_meta("pruned_at", two_hours_ago))
+        procs = _Procs()
+        try:
+            env = {**os.environ, "PGOPTIONS": "-c idle_in_transaction_session_timeout=0"}
+            bob = procs.start(CLAIM_PAUSED, str(roots[1]), env=env)
+            assert bob.stdout is not None and bob.stdout.readline().strip() == "claiming"
+            claimed = _meanwhile(pg_url, alice._core.prune_if_due)
+            assert _ask(bob, "") == "claimed"
+            assert claimed() is None
+        finally:
+            procs.kill()
 
 
 KILLED_BEFORE_INSTALL = """

@@ -363,9 +363,16 @@ class History(Writes):
             return Policy.from_json(tx.meta("policy"))
 
     def set_policy(self, policy: Policy) -> None:
-        """Store `policy`; GlobError (nothing stored) if a merge glob can match no managed path."""
+        """Store `policy`; GlobError (nothing stored) if a merge glob can match no managed path.
+        Holding the whole volume: writers read the policy with no lock, and a change is ordered
+        after every decision under way (each decides under one policy)."""
         policy.check_merges(self.paths.globs)
-        self._transact(lambda tx: tx.put_meta("policy", policy.to_json()))
+
+        def change(tx: Transaction) -> None:
+            tx.hold_all()
+            tx.put_meta("policy", policy.to_json())
+
+        self._transact(change)
 
     def forget_views(self, agent: str) -> int:
         """Forget every view of `agent`, an agent that will never act again (an MCP session's own

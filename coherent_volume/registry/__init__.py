@@ -136,8 +136,8 @@ class Transaction(Protocol):
     """Reads and writes of one registry transaction; a write transaction is atomic and serial.
 
     A write transaction holds paths (PostgreSQL; SQLite's holds every path): what it reads or
-    writes of a path it does not hold, or of the whole volume while it holds paths (a listing, a
-    content dropped), has it rolled back and run again by `Registry.transact` holding that too.
+    writes of a path it does not hold, or of the whole volume while it holds paths (a listing), has
+    it rolled back and run again by `Registry.transact` holding that too.
     `hold` says ahead what it will touch, so that it need not be run again."""
 
     @property
@@ -215,7 +215,9 @@ class Transaction(Protocol):
         ...
 
     def in_use(self, digest: str) -> bool:
-        """Whether a retained version or a pending commit (intent) names this content."""
+        """Whether a retained version or a pending commit (intent) names this content. The answer
+        holds to this transaction's end: a commit storing the content meanwhile is either seen
+        (committed) or waits for this transaction to end (PostgreSQL: the content's lock)."""
         ...
 
     def retained_bytes(self) -> int:
@@ -254,7 +256,12 @@ class Transaction(Protocol):
         ...
 
     def meta(self, key: str) -> str | None: ...
-    def put_meta(self, key: str, value: str) -> None: ...
+    def put_meta(self, key: str, value: str) -> None:
+        """Set `key`, serial with every other transaction setting it, and with what this one read of
+        it (PostgreSQL: the setting's lock, from the transaction's start). Writers read settings
+        with no lock: a setting they decide by is changed holding the whole volume (`hold_all`)."""
+        ...
+
     def touch_file(self, path: str, record: FileRecord) -> None: ...
 
     def view(self, agent: str, path: str) -> int | None: ...

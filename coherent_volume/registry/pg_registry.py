@@ -8,10 +8,12 @@ Invariants:
 - the database's part is taken by every write transaction itself, first thing after its BEGIN:
   transaction-scoped advisory locks (`pg_advisory_xact_lock*`, each waited for at most
   COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder): the volume's, shared, then
-  the lock of each path it touches and of each agent whose own rows it changes (a session binding,
-  an agent's views forgotten) in one global order (`pg_transaction.Holds`, `path_key`,
-  `agent_key`); or the volume's alone, exclusive, for a transaction that needs the whole volume
-  (more paths than `pg_transaction.HOLD_MOST`, content dropped, settings); a process's
+  the lock of each path it touches, of each agent whose own rows it changes (a session binding,
+  an agent's views forgotten) and of each setting it writes, in one global order
+  (`pg_transaction.Holds`, `path_key`, `agent_key`, `setting_key`), and a content's lock where it
+  stores, asks about or drops that content (`content_key`); or the volume's alone, exclusive, for a
+  transaction that needs the whole volume (more paths than `pg_transaction.HOLD_MOST`, a listing, a
+  setting writers decide by); a process's
   transactions until one settled every intent and swept the staging directory take it exclusive
   first only if it is free at once (`Holds.whole_if_free`), never queueing for it (every writer
   would queue behind). So write transactions that touch a common path are serial across hosts,
@@ -270,7 +272,7 @@ class PostgresRegistry:
         if queued:
             return (
                 f"queued behind {_sessions(queued)}, which waits to hold the whole volume (more paths than "
-                "it locks one by one, a content dropped, a setting) until the transactions holding paths "
+                "it locks one by one, a policy change) until the transactions holding paths "
                 "end: PostgreSQL grants no shared lock while an exclusive request waits"
             )
         if not rows:
@@ -554,17 +556,17 @@ class PostgresRegistry:
         ]
 
     @staticmethod
-    def _locks(keys: list[int], volume: Queued | None = None) -> list[Queued]:
-        """The statements that take the `volume` lock, then the locks of paths by `keys` in their
-        order, each waited for at most COMMIT_LOCK_TIMEOUT s (lock_timeout, and statement_timeout past
-        it, raised for these statements only)."""
-        if volume is None and not keys:
+    def _locks(keys: list[int], first: Queued | None = None) -> list[Queued]:
+        """The statements that take the lock `first` takes (the volume's, a content's), then the locks
+        of paths by `keys` in their order, each waited for at most COMMIT_LOCK_TIMEOUT s (lock_timeout,
+        and statement_timeout past it, raised for these statements only)."""
+        if first is None and not keys:
             return []
         wait_ms = int(COMMIT_LOCK_TIMEOUT * 1000)
         return [
             Queued(f"SET LOCAL lock_timeout = {wait_ms}"),
             Queued(f"SET LOCAL statement_timeout = {wait_ms + 5000}"),
-            *([] if volume is None else [volume]),
+            *([] if first is None else [first]),
             *(Queued("SELECT pg_advisory_xact_lock(%s)", (key,)) for key in keys),
             Queued("SET LOCAL lock_timeout TO DEFAULT"),  # the session's own (options) for the rest
             Queued("SET LOCAL statement_timeout TO DEFAULT"),

@@ -20,15 +20,22 @@ Invariants (round trips):
   again): a read ahead answers as if it were asked when it is asked;
 - the queue holds at most PART bytes of parameters (content in parts) before it is sent;
 - a write transaction holds its volume's lock shared and the lock of each path it reads or writes
-  (`hold`) and of each agent whose own rows it changes (`hold_agents`: its session binding, all its
-  views), or the volume's lock exclusive (`Holds.whole`: it needs no other lock then; with
-  `Holds.whole_if_free`, exclusive as well only if it is free when asked, never waited for).
-  Touching a path or an agent it does not hold, or the whole volume (a listing, a content dropped)
-  while it holds paths, raises `Relock`: its owner runs it again holding that from its opening.
-  Locks of paths and agents are taken in one global order (their keys, `path_key` and `agent_key`,
-  ascending, after the volume's): a key that sorts before one held is never waited for, its
-  transaction is run again with the whole set instead (no deadlock). What a transaction lists of
-  intents and grants is what its locks cover;
+  (`hold`), of each agent whose own rows it changes (`hold_agents`: its session binding, all its
+  views) and of each setting it writes (`put_meta`), or the volume's lock exclusive (`Holds.whole`:
+  it needs no other lock then; with `Holds.whole_if_free`, exclusive as well only if it is free when
+  asked, never waited for). Touching a path, an agent or a setting it does not hold, or the whole
+  volume (a listing) while it holds paths, raises `Relock`: its owner runs it again holding that
+  from its opening. Locks of paths, agents and settings are taken in one global order (their keys,
+  `path_key`, `agent_key` and `setting_key`, ascending, after the volume's): a key that sorts before
+  one held is never waited for, its transaction is run again with the whole set instead (no
+  deadlock). What a transaction lists of intents and grants is what its locks cover;
+- a content's lock (`content_key`) is taken where the content is: shared by a transaction that
+  stores it (one part), exclusive by one that stores it in parts, asks whether it is in use
+  (`in_use`) or drops it, each held to its end; so a drop decides with no commit naming that content
+  under way, and content in parts is stored by one transaction at a time. It is waited for where it
+  is needed, in no order with the other keys, as the content's rows are: a wait that closes a cycle
+  (only with a drop or a store in parts of that very content) is a deadlock PostgreSQL ends within
+  its deadlock_timeout, and the transaction it ends is run again;
 - a pipeline is sent only when the server has not spoken unasked: a session it is ending (idling
   too long in a transaction, a shutdown) gets a plain statement first, which raises the server's
   error with its SQLSTATE (a pipeline would report only a lost connection).
@@ -84,6 +91,7 @@ class Holds:
 
     paths: frozenset[str] = frozenset()
     agents: frozenset[str] = frozenset()
+    settings: frozenset[str] = frozenset()
     whole: bool = False
     whole_if_free: bool = False
 
@@ -91,7 +99,11 @@ class Holds:
         """The keys of the locks it takes one by one in `volume` (none when it holds the whole volume)."""
         if self.whole:
             return set()
-        return {path_key(volume, p) for p in self.paths} | {agent_key(volume, a) for a in self.agents}
+        return (
+            {path_key(volume, p) for p in self.paths}
+            | {agent_key(volume, a) for a in self.agents}
+            | {setting_key(volume, k) for k in self.settings}
+        )
 
 
 HOLD_MOST = 32
@@ -100,8 +112,8 @@ HOLD_MOST = 32
 
 
 def _holding(needs: Holds) -> Holds:
-    """What a transaction that needs `needs` holds (the whole volume past HOLD_MOST paths and agents)."""
-    return Holds(whole=True) if len(needs.paths) + len(needs.agents) > HOLD_MOST else needs
+    """What a transaction that needs `needs` holds (the whole volume past HOLD_MOST keys)."""
+    return Holds(whole=True) if len(needs.paths) + len(needs.agents) + len(needs.settings) > HOLD_MOST else needs
 
 
 class Relock(Exception):
@@ -126,6 +138,19 @@ def agent_key(volume: uuid.UUID, agent: str) -> int:
     no path holds, so no agent's key is hashed from a path's bytes (a collision of the 64-bit hashes
     merely shares a lock, as two paths may, in the same one global order of keys)."""
     return path_key(volume, "\0" + agent)
+
+
+def content_key(volume: uuid.UUID, digest: str) -> int:
+    """The key of the lock of the content stored under `digest` in `volume`: `path_key` of the hash
+    after a NUL and a SOH byte (no path holds a NUL, no agent's name a SOH: no key of a path or an
+    agent is hashed from these bytes)."""
+    return path_key(volume, "\0\1" + digest)
+
+
+def setting_key(volume: uuid.UUID, key: str) -> int:
+    """The key of the lock of the setting `key` (`put_meta`) in `volume`: `path_key` of its name after
+    a NUL and an STX byte (hashed from bytes no path, agent or content key is)."""
+    return path_key(volume, "\0\2" + key)
 
 
 def _read_parts(fd: int) -> Iterator[bytes]:
@@ -191,7 +216,7 @@ class PostgresTransaction:
         volume: uuid.UUID,
         installs: list[tuple[str, Installed]] | None = None,
         holds: Holds | None = None,
-        locks: Callable[[list[int]], list[Queued]] | None = None,
+        locks: Callable[[list[int], Queued | None], list[Queued]] | None = None,
     ) -> None:
         self._c = conn
         self._v = volume
@@ -211,9 +236,12 @@ class PostgresTransaction:
         """Whether its try for the volume's lock exclusive (`Holds.whole_if_free`) is yet to be answered."""
         self._keys = self._holds.keys(volume) if self._holds is not None else set()
         self._locks = locks
-        """The statements that lock paths by their keys, in the order given (`hold`)."""
+        """The statements that take a lock (a content's), then lock paths by their keys, in the order
+        given (`hold`)."""
         self.locking = False
         """Whether locks of paths it holds are queued or being waited for (`hold`)."""
+        self._contents: dict[str, bool] = {}
+        """The contents whose lock it holds (or has queued), each: whether exclusive (`_hold_content`)."""
 
     def open(self, statements: Sequence[Queued]) -> None:
         """Queue the statements that open it (BEGIN, its locks: they go with its first read)."""
@@ -269,7 +297,7 @@ class PostgresTransaction:
             raise Relock(more)
         if keys:
             assert self._locks is not None
-            self._queue.extend(self._locks(keys))
+            self._queue.extend(self._locks(keys, None))
             self._keys.update(keys)
             self.locking = True
         self._holds = more
@@ -289,6 +317,25 @@ class PostgresTransaction:
         """`Relock` unless this transaction holds `paths`."""
         if self._holds is not None and not self._holds.paths.issuperset(paths):
             raise Relock(_holding(replace(self._holds, paths=self._holds.paths | set(paths))))
+
+    def _need_setting(self, key: str) -> None:
+        """`Relock` unless this transaction holds the setting `key`."""
+        if self._holds is not None and key not in self._holds.settings:
+            raise Relock(_holding(replace(self._holds, settings=self._holds.settings | {key})))
+
+    def _hold_content(self, digest: str, exclusive: bool) -> None:
+        """Hold the lock of the content stored under `digest` till this transaction ends (queued:
+        taken with the next statement, waited for at most as long as a path's): shared to store it,
+        exclusive to store it in parts, to ask whether it is in use and to drop it. Nothing while it
+        holds the whole volume (no other write transaction runs)."""
+        held = self._contents.get(digest)
+        if self._holds is None or held or (held is not None and not exclusive):
+            return
+        assert self._locks is not None
+        mode = "" if exclusive else "_shared"
+        lock = Queued(f"SELECT pg_advisory_xact_lock{mode}(%s)", (content_key(self._v, digest),))
+        self._queue.extend(self._locks([], lock))
+        self._contents[digest] = exclusive
 
     def _need_agent(self, agent: str) -> None:
         """`Relock` unless this transaction holds `agent`."""
@@ -530,7 +577,9 @@ class PostgresTransaction:
         self._do("UPDATE cv_versions SET pruned = true WHERE volume = %s AND path = %s AND version = %s", path, version)
 
     def in_use(self, digest: str) -> bool:
-        self.hold_all()
+        """Asked holding the content's lock exclusive (to this transaction's end): a commit storing
+        it meanwhile has committed, its version seen, or waits for this transaction to end."""
+        self._hold_content(digest, exclusive=True)
         row = self._one(
             "SELECT EXISTS (SELECT 1 FROM cv_versions WHERE volume = %s AND hash = %s AND NOT pruned) "
             "OR EXISTS (SELECT 1 FROM cv_intents WHERE volume = %s AND hash = %s)",
@@ -546,22 +595,20 @@ class PostgresTransaction:
     def store(self, digest: str | None, source: bytes | int) -> str:
         """Content of one part (nearly every file) is queued as one insert that keeps what is stored
         under its hash already unless it differs (damaged: replaced): no round trip of its own.
-        Larger content is looked up first, and what is stored under its hash read through: kept if
-        intact, else replaced."""
+        Larger content is looked up first, holding its lock exclusive (`_kept`): kept if intact, else
+        stored anew. Content read from a descriptor with no hash given is stored under a key of its
+        own while it is read (`provisional`, which no other transaction names), then under its hash."""
         if isinstance(source, bytes):
             got = xxhash.xxh3_128_hexdigest(source)
             if digest is not None and got != digest:
                 raise _changed(digest)
             if len(source) <= PART:
                 self._put_content(got, source)
-            elif not self._intact(got):
-                self.drop(got)
+            elif not self._kept(got):
                 self._insert(got, _slices(source), None)
             return got
-        if digest is not None and os.fstat(source).st_size > PART:
-            if self._intact(digest):
-                return digest
-            self.drop(digest)
+        if digest is not None and os.fstat(source).st_size > PART and self._kept(digest):
+            return digest
         parts = _read_parts(source)
         first = next(parts, b"")
         second = next(parts, None)
@@ -575,22 +622,34 @@ class PostgresTransaction:
         if digest is None:  # read once, stored while hashed (statements keep flowing), then named by its hash
             provisional = f"provisional {uuid.uuid4()}"
             got = self._insert(provisional, rest, None)
-            if self._intact(got):
-                self.drop(provisional)
+            if self._kept(got):
+                self._delete(provisional)
             else:
-                self.drop(got)
                 for table in ("cv_content_parts", "cv_contents"):
                     self.queue(
                         f"UPDATE {table} SET hash = %s WHERE volume = %s AND hash = %s", (got, self._v, provisional)
                     )
             return got
+        self._hold_content(digest, exclusive=True)  # grown past one part since its size was read
         if self._insert(digest, rest, digest) != digest:
             raise _changed(digest)
         return digest
 
+    def _kept(self, digest: str) -> bool:
+        """Whether content of more than one part is stored intact under `digest`, asked holding its
+        lock exclusive (to this transaction's end: such content is stored by one transaction at a
+        time, and another storing it waits, then finds it stored); if not, what is stored under it
+        (damaged) is deleted, for the caller to store it anew in this transaction."""
+        self._hold_content(digest, exclusive=True)
+        if self._intact(digest):
+            return True
+        self._delete(digest)
+        return False
+
     def _put_content(self, digest: str, data: bytes) -> None:
         """Queue the content `data` (one part) under `digest`, unless it is stored already as these
-        bytes (other bytes under their hash are damage: replaced)."""
+        bytes (other bytes under their hash are damage: replaced); its lock held shared."""
+        self._hold_content(digest, exclusive=False)
         self._do(
             "INSERT INTO cv_contents (volume, hash, size, data) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (volume, hash) DO UPDATE SET size = EXCLUDED.size, data = EXCLUDED.data "
@@ -682,13 +741,19 @@ class PostgresTransaction:
         return done
 
     def drop(self, digest: str) -> int:
-        self.hold_all()
-        self._do("DELETE FROM cv_content_parts WHERE volume = %s AND hash = %s", digest)
-        row = self._one("DELETE FROM cv_contents WHERE volume = %s AND hash = %s RETURNING size", digest)
+        """Holding the content's lock exclusive (taken by `in_use` already, as the caller asked it)."""
+        self._hold_content(digest, exclusive=True)
+        return self._delete(digest)
+
+    def _delete(self, key: str) -> int:
+        """Delete what is stored under `key` (its lock held, or a key no other transaction names);
+        the bytes freed."""
+        self._do("DELETE FROM cv_content_parts WHERE volume = %s AND hash = %s", key)
+        row = self._one("DELETE FROM cv_contents WHERE volume = %s AND hash = %s RETURNING size", key)
         return 0 if row is None else int(row[0])
 
     def stored(self) -> tuple[int, int]:
-        self.hold_all()
+        """Read committed (no lock): what commits meanwhile store may be counted or not."""
         row = self._one("SELECT count(*), coalesce(sum(size), 0) FROM cv_contents WHERE volume = %s")
         assert row is not None
         return int(row[0]), int(row[1])
@@ -698,7 +763,10 @@ class PostgresTransaction:
         return None if row is None else str(row[0])
 
     def put_meta(self, key: str, value: str) -> None:
-        self.hold_all()
+        """Holding the setting's lock (from the transaction's opening: what it read of the setting
+        before is what it replaces). Writers read settings with no lock: a setting they decide by
+        is changed holding the whole volume (`hold_all`, by the caller)."""
+        self._need_setting(key)
         self._do(
             "INSERT INTO cv_meta (volume, key, value) VALUES (%s, %s, %s) "
             "ON CONFLICT (volume, key) DO UPDATE SET value = EXCLUDED.value",
