@@ -136,8 +136,13 @@ def _refuse_registry_link(core: VolumeCore, target: Target) -> None:
 
 
 def _fork(actor: Actor) -> str:
-    """The agent a second live process of the actor's session acts as: `<session>~<pid>`."""
-    suffix = f"~{actor.process.pid}"
+    """The agent a second live process of the actor's session acts as: `<session>~<pid>-<6 hex>`, the
+    hex from the process's host and start time, so processes of one pid on other hosts, containers
+    or boots get names of their own (a shared name would make them one agent, each passing for the
+    other's reads); the same process always gets the same name."""
+    process = actor.process
+    where = hashlib.sha256(f"{process.host}\0{process.start}".encode("utf-8", "surrogatepass")).hexdigest()[:6]
+    suffix = f"~{process.pid}-{where}"
     if agent_name_problem(actor.session + suffix) is None:
         return actor.session + suffix
     digest = hashlib.sha256(actor.session.encode("utf-8", "surrogatepass")).hexdigest()[:32]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,12 +21,14 @@ from typing import get_args
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs
+from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs, hook_steps
 from coherent_volume.claude_code import FACE, HOOK_REMEDY, handle, our_hooks
+from coherent_volume.core import open_core
 from coherent_volume.errors import Reason
 from coherent_volume.hook_paths import session_file
+from coherent_volume.hook_steps import Actor
 from coherent_volume.hooks import Progress
-from coherent_volume.liveness import current_process
+from coherent_volume.liveness import ProcessId, current_process
 
 from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
@@ -280,6 +283,25 @@ def test_a_read_that_showed_the_model_nothing_checkable_registers_no_view(root: 
         s.hook(event("PostToolUseFailure", "nothing", root, "Write", root / rel, agent_id=sub))
 
 
+def test_resumed_processes_of_one_pid_on_three_hosts_are_three_agents(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One session resumed by processes that share a pid on three hosts (or containers): each is an
+    agent of its own (a fork name shared by two would make them one agent, each passing for the
+    other's reads), and each keeps its name from one hook to the next."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # the session's note of its volumes
+    CoherentVolume(root).close()
+    core = open_core(str(root))
+    try:
+        actors = [Actor("claude:s", "claude:s", ProcessId(host, 100, 7)) for host in ("host-a", "host-b", "host-c")]
+        joined = [hook_steps._joined(core, actor).agent for actor in actors]
+        assert joined[0] == "claude:s" and len(set(joined)) == 3, joined
+        assert [hook_steps.acting(core, actor).agent for actor in actors] == joined
+        assert [hook_steps._joined(core, actor).agent for actor in actors] == joined
+    finally:
+        core.close()
+
+
 def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> None:
     """`claude --resume ID` in two terminals: two live processes on one session id. The second is
     an agent of its own (`claude:ID~<pid>`) whose views start as the session's, so neither passes
@@ -312,9 +334,9 @@ def test_two_processes_of_one_session_are_two_agents(root: Path, sessions) -> No
         assert target.read_text() == "v2 by one\n"
         log = subprocess.run([CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True).stdout
         refusals = [e for e in map(json.loads, log.splitlines()) if e["kind"] == "refusal"]
-        assert [(e["agent"], e["reason"]) for e in refusals] == [
-            (f"claude:{unique('same')}~{two.proc.pid}", r) for r in ("held", "stale")
-        ]
+        assert [e["reason"] for e in refusals] == ["held", "stale"]
+        fork = rf"claude:{re.escape(unique('same'))}~{two.proc.pid}-[0-9a-f]{{6}}"
+        assert all(re.fullmatch(fork, e["agent"]) for e in refusals), refusals
         assert decision(one.hook(event("PreToolUse", "same", root, "Edit", target)))[0] == "allow"
         two.hook(event("SessionEnd", "same", root, reason="exit"))
         status = subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True, check=True)
