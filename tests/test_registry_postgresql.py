@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import psycopg  # ./scripts/test installs it (the postgresql extra): missing, these tests fail
 import pytest
+import xxhash
 
 from coherent_volume import (
     CoherentVolume,
@@ -752,6 +753,27 @@ def test_a_path_of_the_read_set_locked_past_the_wait_is_ebusy_naming_its_holder(
             holder.wait()
         assert v.read(x) == b"x\n"
     assert _q(pg_url, "SELECT path, version FROM cv_files ORDER BY path") == sorted([("plans/a.md", 1), (x, 1)])
+
+
+def test_a_content_locked_past_the_wait_is_ebusy_naming_its_holder(
+    root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored content's lock held past the wait (a prune stuck while it drops that content, a slow
+    store of it in parts) makes a commit of the same bytes fail EBUSY naming the holder, as a held
+    path's lock does, and nothing is written."""
+    data = b"the same bytes\n"
+    key = pg_transaction.content_key(_volume_id(pg_url), xxhash.xxh3_128_hexdigest(data))
+    with CoherentVolume(root, agent="alice") as v, psycopg.connect(pg_url, application_name="stuck-prune") as held:
+        v.write("plans/a.md", "a\n")
+        held.execute("SELECT pg_advisory_xact_lock(%s)", (key,))  # its transaction stays open
+        monkeypatch.setattr(pg_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
+        with pytest.raises(RegistryError) as busy:
+            v.write("plans/b.md", data)
+        assert busy.value.errno == errno.EBUSY
+        assert f"held by stuck-prune (PostgreSQL backend {held.info.backend_pid}" in str(busy.value), busy.value
+        held.rollback()
+        assert v.write("plans/b.md", data) == 1
+    assert _q(pg_url, "SELECT path, version FROM cv_files ORDER BY path") == [("plans/a.md", 1), ("plans/b.md", 1)]
 
 
 PAUSED_IN_READ_SET = """

@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -240,10 +240,11 @@ class PostgresRegistry:
 
     # -- locking ------------------------------------------------------------------------
 
-    def _holder(self, conn: psycopg.Connection[Any], holds: Holds) -> str:
-        """Who holds, against `holds`, the volume's lock or a path's in the database (a write
-        transaction), as PostgreSQL tells."""
-        keys = [key & (2**64 - 1) for key in holds.keys(self.volume_id)]
+    def _holder(self, conn: psycopg.Connection[Any], holds: Holds, more: Sequence[int] = ()) -> str:
+        """Who holds, against `holds` (and the locks of `more` keys: contents'), the volume's lock or a
+        path's, an agent's, a setting's or a content's in the database (a write transaction), as
+        PostgreSQL tells."""
+        keys = [key & (2**64 - 1) for key in [*holds.keys(self.volume_id), *more]]
         try:
             rows = conn.execute(
                 "SELECT DISTINCT a.pid, a.application_name, a.client_addr, a.state FROM pg_locks l "
@@ -502,7 +503,7 @@ class PostgresRegistry:
                     raise Retry(_first_line(e)) from e
                 if not _gone(conn, e):
                     if _sqlstate(e) == LOCK_TIMED_OUT and (not tx.opened or tx.locking):
-                        raise self._busy(conn, tx.holds) from e
+                        raise self._busy(conn, tx.holds, tx.content_keys()) from e
                     raise _registry_error(e, self.location) from e
                 if not committing or self._landed(commit_id, e, session) is None:
                     self._pool.flush()  # the others were most likely lost with it (a server restart)
@@ -518,11 +519,12 @@ class PostgresRegistry:
         self._record_installs(tx)
         return result
 
-    def _busy(self, conn: psycopg.Connection[Any], holds: Holds) -> RegistryError:
+    def _busy(self, conn: psycopg.Connection[Any], holds: Holds, contents: Sequence[int] = ()) -> RegistryError:
         return RegistryError(
             f"the commit lock of {self.location.describe()} (the database's locks of its write transactions: the "
-            f"volume's, and each path's) stayed held for the {COMMIT_LOCK_TIMEOUT:g} s this process waited; "
-            f"{self._holder(conn, holds)}. Nothing was changed: if the holder is stuck, stop it; then try again",
+            "volume's, and each path's, agent's, setting's and stored content's) stayed held for the "
+            f"{COMMIT_LOCK_TIMEOUT:g} s this process waited; {self._holder(conn, holds, contents)}. Nothing was "
+            "changed: if the holder is stuck, stop it; then try again",
             errno.EBUSY,
         )
 

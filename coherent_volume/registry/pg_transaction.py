@@ -239,7 +239,8 @@ class PostgresTransaction:
         """The statements that take a lock (a content's), then lock paths by their keys, in the order
         given (`hold`)."""
         self.locking = False
-        """Whether locks of paths it holds are queued or being waited for (`hold`)."""
+        """Whether locks it takes (of paths, agents, settings: `hold`; of contents: `_hold_content`) are
+        queued or being waited for."""
         self._contents: dict[str, bool] = {}
         """The contents whose lock it holds (or has queued), each: whether exclusive (`_hold_content`)."""
 
@@ -323,6 +324,10 @@ class PostgresTransaction:
         if self._holds is not None and key not in self._holds.settings:
             raise Relock(_holding(replace(self._holds, settings=self._holds.settings | {key})))
 
+    def content_keys(self) -> list[int]:
+        """The keys of the contents' locks it holds or waits for (`_hold_content`)."""
+        return [content_key(self._v, digest) for digest in self._contents]
+
     def _hold_content(self, digest: str, exclusive: bool) -> None:
         """Hold the lock of the content stored under `digest` till this transaction ends (queued:
         taken with the next statement, waited for at most as long as a path's): shared to store it,
@@ -336,6 +341,7 @@ class PostgresTransaction:
         lock = Queued(f"SELECT pg_advisory_xact_lock{mode}(%s)", (content_key(self._v, digest),))
         self._queue.extend(self._locks([], lock))
         self._contents[digest] = exclusive
+        self.locking = True
 
     def _need_agent(self, agent: str) -> None:
         """`Relock` unless this transaction holds `agent`."""
