@@ -24,6 +24,9 @@ from coherent_volume import (
 from coherent_volume.errors import InvalidPath
 from coherent_volume.fingerprint import content_hash
 
+from .conftest import run_py
+from .harness.volumes import sql
+
 P = "plans/plan.md"
 
 
@@ -193,6 +196,53 @@ def test_a_rename_the_kernel_refuses_records_nothing(vols, root: Path) -> None:
     assert (root / "plans/s1.md").read_bytes() == (root / "plans/s2.md").read_bytes() == b"same"
     assert peer.stale() == []
     assert peer.write("plans/s2.md", "peer") == 2
+
+
+def test_a_write_whose_content_cannot_be_made_durable_records_and_changes_nothing(
+    vols, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new content's fsync runs while the commit decides; when it fails (a disk error), the
+    write raises that error before its commit point: no version, no log line, the file and every
+    view as they were, and the next write goes through."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"v1")
+    bob.read(P)
+    real, failed = os.fsync, threading.Event()
+
+    def failing(fd: int) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError) as info:
+        alice.write(P, b"v2")
+    assert info.value.errno == errno.EIO and failed.is_set()
+    assert [(v.version, v.writer) for v in alice.history(P)] == [(1, "alice")]
+    assert [kind for (kind,) in sql(root, "SELECT kind FROM events WHERE path = ?", (P,))] == ["commit"]
+    assert (root / P).read_bytes() == b"v1" and bob.stale() == []
+    assert not [name for name in os.listdir(root / ".coherent/staging") if not name.startswith("..")]
+    assert alice.write(P, b"v2") == 2 and (root / P).read_bytes() == b"v2"
+
+
+WRITES_AT_SHUTDOWN = """
+import sys, threading
+from coherent_volume import CoherentVolume
+vol = CoherentVolume(sys.argv[1], agent="late")
+def late():
+    threading.main_thread().join()  # the interpreter is shutting down now
+    print(vol.write("plans/late.md", b"late"), flush=True)
+threading.Thread(target=late).start()
+"""
+
+
+def test_a_write_made_while_the_interpreter_shuts_down_is_committed(root: Path) -> None:
+    """A thread that writes after the main thread ended (the interpreter shutting down: no new
+    thread may start) still commits, its content made durable in that thread."""
+    done = run_py(WRITES_AT_SHUTDOWN, str(root))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "1\n", "")
+    assert (root / "plans/late.md").read_bytes() == b"late"
 
 
 def test_write_cas(vols) -> None:
