@@ -25,7 +25,7 @@ from coherent_volume.errors import InvalidPath
 from coherent_volume.fingerprint import content_hash
 
 from .conftest import run_py
-from .harness.volumes import sql
+from .harness.volumes import read_log
 
 P = "plans/plan.md"
 
@@ -220,7 +220,7 @@ def test_a_write_whose_content_cannot_be_made_durable_records_and_changes_nothin
         alice.write(P, b"v2")
     assert info.value.errno == errno.EIO and failed.is_set()
     assert [(v.version, v.writer) for v in alice.history(P)] == [(1, "alice")]
-    assert [kind for (kind,) in sql(root, "SELECT kind FROM events WHERE path = ?", (P,))] == ["commit"]
+    assert [e["kind"] for e in read_log(root) if e.get("path") == P] == ["commit"]
     assert (root / P).read_bytes() == b"v1" and bob.stale() == []
     assert not [name for name in os.listdir(root / ".coherent/staging") if not name.startswith("..")]
     assert alice.write(P, b"v2") == 2 and (root / P).read_bytes() == b"v2"
