@@ -373,6 +373,14 @@ def may_replay(c: WriteCheck, reason: Reason | None, appends_only: bool) -> bool
     return appends_only
 
 
+def appends_lost_their_file(current: FileRecord | None, expected: int | None) -> bool:
+    """Whether a handle that only appends, taking its grant back to write again after its commit of
+    version `expected`, finds its file deleted since (by another agent: its own agent's delete leaves
+    the handle with the file, `goes_on_unlinked`): its appends would reach no file, as they are never
+    replayed onto a deletion (`may_replay`), so that write is refused `stale`, taking no grant."""
+    return expected is not None and current is not None and not current.present and current.version != expected
+
+
 def view_moves(c: WriteCheck, based_on_view: bool, onto_unread: bool) -> bool:
     """Whether a commit makes its writer's view the new version: only when the writer knew the
     content it changed: its view was current, or its write was based on the current version,

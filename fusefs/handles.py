@@ -176,6 +176,8 @@ class Retry:
     until: float
     pin: int | None = None
     """The file handle of the version a read-only open is repeated with (the mount's `_pin`)."""
+    inode: int | None = None
+    """The inode the lookup of a read-only open's repeat answered (the mount's `_repeating`)."""
 
 
 class PageCache:
@@ -275,14 +277,13 @@ class PageCache:
         self._retries = {t: r for t, r in self._retries.items() if r.until > now}
         self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin)
 
-    def retrying(self, tid: int, rel: str) -> Retry | None:
-        """The call of thread `tid` that the kernel is repeating by the name `rel`, if any; a write's by
-        any name (the file may have been renamed between the program's lookup and its call, so the
-        name the kernel looks up again is not the one the call came by: see the mount's `lookup`)."""
+    def retrying(self, tid: int) -> Retry | None:
+        """The call of thread `tid` that the kernel is repeating, if any, whatever name it looks up: a
+        rename may have carried the file, or the inode the call came to, between the program's lookup
+        and its call, so the name the kernel looks up again need not be the one the call was answered
+        ESTALE by (the mount's `_repeating` decides which of the repeat's lookups is the call's)."""
         retry = self._retries.get(tid)
-        if retry is None or retry.until <= time.monotonic():
-            return None
-        return retry if retry.writing or retry.rel == rel else None
+        return retry if retry is not None and retry.until > time.monotonic() else None
 
     def landed(self, tid: int) -> Retry | None:
         """Thread `tid` makes its next call after its lookup: the call the kernel was repeating, if any,

@@ -616,18 +616,22 @@ class CoherentOperations(pyfuse3.Operations):
 
     async def _looked_up(self, rel: str, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """The entry of `rel` for a lookup by thread `ctx.pid`."""
-        retry = self.pages.retrying(ctx.pid, rel)  # the lookup of a call the kernel repeats (`_stale`)
+        retry = self._repeating(rel, ctx)  # the lookup of a call the kernel repeats (`_stale`)
         if retry is not None:  # the repeated call needs an inode no other content is served on
             if retry.writing:
                 # (a name not found leaves the repeat pending: the kernel looks the name up once more
                 # after a lookup that revalidated its entry found nothing, and the file may be there again)
                 return self._apart(rel, retry)
             if retry.pin in self._pins:
-                return self._pinned_entry(rel, retry.pin)
-            inode = self.inodes.inode_if_known(rel)
-            if inode is not None and self._other_content(inode):
-                self._fresh_inode(rel)
-        elif self._aside:
+                attrs = self._pinned_entry(rel, retry.pin)
+            else:
+                inode = self.inodes.inode_if_known(rel)
+                if inode is not None and self._other_content(inode):
+                    self._fresh_inode(rel)
+                attrs = self._entry(rel)
+            retry.inode = attrs.st_ino  # a rename may carry it before the open comes (`_open`)
+            return attrs
+        if self._aside:
             with self._use(rel):
                 written = await self._written_by_caller(rel, ctx)
             if written is not None:  # the caller's agent's unsaved writes: its inode, as on a local disk
@@ -636,19 +640,47 @@ class CoherentOperations(pyfuse3.Operations):
                 return attrs
         return self._entry(rel)
 
+    def _repeating(self, rel: str, ctx: pyfuse3.RequestContext) -> Retry | None:
+        """The call answered ESTALE (`_stale`) that the kernel repeats with this lookup of `rel` by thread
+        `ctx.pid`, if any: a write's, whatever the name (`_apart` tells a directory on the way); a
+        read's, by its name or by another managed file's. The kernel repeats a call by the name the
+        program gave, which is not the name the call was answered by when a rename carried the inode
+        it came to between the program's lookup and its call (an exchange puts the file that was at
+        the program's name at the other one); from then on that name is the repeat's, and a version
+        pinned for the other (`_pin`) is not its."""
+        retry = self.pages.retrying(ctx.pid)
+        if retry is None or retry.writing or retry.rel == rel:
+            return retry
+        if not self._managed_file(rel):
+            return None  # (a directory on the way to it)
+        if retry.pin is not None:
+            trio.lowlevel.spawn_system_task(self._drop_pin, retry.pin, 0.0)
+        retry.rel, retry.pin = rel, None
+        return retry
+
+    @staticmethod
+    def _repeat_name(retry: Retry | None, inode: int) -> str | None:
+        """The name the lookup of a read-only call's repeat (`retry`) was made by, if it answered `inode`:
+        a rename may have carried the inode to another name since, or the file at it gone, and the
+        repeat's getattr and open, which must not meet ESTALE again, are served as if they came after
+        it, by the file at that name (`getattr`, `_open`)."""
+        return retry.rel if retry is not None and not retry.writing and retry.inode == inode else None
+
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         rel = await self._path(inode)
-        if "\0" in rel and self._held_stat(inode) is None:
-            rel = self._moved_on(rel)
+        looked_up = self._repeat_name(self.pages.retrying(ctx.pid), inode)  # (an open's repeat asks first)
+        if ("\0" in rel or looked_up not in (None, rel)) and self._held_stat(inode) is None:
+            rel = self._moved_on(looked_up or rel)
         try:
             return self._reply(inode, rel)
         except OSError as e:
-            if e.errno != errno.ESTALE or not self.core.paths.managed(rel.partition("\0")[0]):
+            if e.errno not in (errno.ESTALE, errno.ENOENT) or not self.core.paths.managed(rel.partition("\0")[0]):
                 raise
-            # a managed file's inode that lost its name, with no file there now: the kernel walks the
-            # path again and repeats the call that asked (an open checks permissions with a getattr
-            # first), which must not meet ESTALE again: an open repeated so is served (`open`)
+            # a managed file's inode that lost its name (or is losing it: a rename carried it to a name
+            # whose file is being removed), with no file there now: the kernel walks the path again and
+            # repeats the call that asked (an open checks permissions with a getattr first), which must
+            # not meet ESTALE again: an open repeated so is served (`open`)
             raise self._stale(rel, ctx, writing=False) from None
 
     def _reply(self, inode: int, rel: str) -> pyfuse3.EntryAttributes:
@@ -668,7 +700,9 @@ class CoherentOperations(pyfuse3.Operations):
         no open handle left that holds a file (a write handle renamed over between its commit and its
         release holds none): its name, if a regular file is there now, else `rel` (whose stat fails
         ESTALE). A call by that name made as it moved on (the kernel checks permissions with a
-        getattr before an open) is answered by that file; the open itself is sent on (`_stale`)."""
+        getattr before an open) is answered by that file; the open itself is sent on (`_stale`). For
+        the repeat of a read-only open, `rel` is the name its lookup was made by, since a rename may
+        have carried the inode it answered to another name since (`_repeating`)."""
         name = rel.partition("\0")[0]
         try:
             st = self.backing.lstat(name)
@@ -1184,13 +1218,13 @@ class CoherentOperations(pyfuse3.Operations):
         """The open of `inode`, whose path is `rel` (`_settled`, and in use: `_use`)."""
         writing = _writable(flags) or bool(flags & os.O_TRUNC)
         landed = repeat = self.pages.landed(ctx.pid)
-        pinned_here = repeat is not None and repeat.pin is not None and self.file_inodes.get(repeat.pin) == inode
-        if repeat is not None and repeat.rel != rel.partition("\0")[0] and not pinned_here:
-            # the repeat of a call by another name (renamed meanwhile): this one is new, unless it comes
-            # to the inode its version is pinned on (`_pin`), which a rename carried since its lookup
-            repeat = None
-        if "\0" in rel:  # its name is gone, or another inode's now (or it was made for a write: `_apart`)
-            name = self._aside_name(inode) or rel.partition("\0")[0]
+        looked_up = None if writing else self._repeat_name(repeat, inode)  # (or pinned there: `_pin`)
+        if repeat is not None and repeat.rel != rel.partition("\0")[0] and looked_up is None:
+            repeat = None  # the repeat of a call by another name (renamed meanwhile): this one is new
+        if "\0" in rel or looked_up not in (None, rel):
+            # its name is gone, or another inode's now (or it was made for a write: `_apart`), or a rename
+            # carried it since its repeat's lookup: served as if the open came after, by that lookup's name
+            name = self._aside_name(inode) or looked_up or rel.partition("\0")[0]
             if repeat is None and (writing or not self._managed_file(name)):
                 raise self._stale(rel, ctx, writing)  # the kernel looks it up again and repeats the open
             rel = self._repeated_at(name)  # served at the name (a read-only open that is no repeat: `_pin`)
@@ -1243,7 +1277,15 @@ class CoherentOperations(pyfuse3.Operations):
         agent, pinned = await self._identity(ctx)
         target = self._target(rel)
         await self._released([h for h in self.releasing.values() if h.rel == rel])  # their commits land first
-        fd, version = await blocking(self.core.open_version, agent or "", target, register=False)
+        try:
+            fd, version = await blocking(self.core.open_version, agent or "", target, register=False)
+        except FileNotFoundError:
+            if repeat is not None:
+                raise
+            # no file at the inode's name (now): a rename may have carried the inode there from the name
+            # the program looked up since (an exchange), and the file at it gone; the kernel walks the
+            # program's path again and repeats the open, which finds the file there, or nothing (`_repeating`)
+            raise self._stale(rel, ctx, writing=False) from None
         tracked = agent is not None and agent_name_problem(agent) is None
         opener = agent if tracked else None
         here = self._handles_on(inode)
@@ -1258,9 +1300,9 @@ class CoherentOperations(pyfuse3.Operations):
                 inode = self.inodes.inode(rel)
             snapshot = Snapshot(self.core, fd, version, target, opener, pinned, reader, program, opener=opener)
             raise await self._pin(snapshot, rel, inode, ctx)
-        if "\0" in self.inodes.path(inode) or how == "fresh":
+        if self.inodes.path(inode) != rel or how == "fresh":  # (served at a name it lost, or not its own)
             held = self.pages.version_served(here)
-            if held is not None:
+            if held is not None and held.rel == rel:  # (a version of another name's is no view of this one)
                 os.close(fd)
                 fd, version = os.dup(held.fd), held.version
                 how = self.pages.serving(rel, inode, version, os.fstat(fd).st_size, opener, here, elsewhere)
@@ -1338,9 +1380,10 @@ class CoherentOperations(pyfuse3.Operations):
         self._sizes[inode] = st.st_size
         return self._reading(fh, snapshot, inode, here)
 
-    async def _drop_pin(self, fh: int) -> None:
-        """Release a pinned version (`_pin`) whose open was not repeated on its inode in time."""
-        await trio.sleep(RETRY_WAIT)
+    async def _drop_pin(self, fh: int, wait: float = RETRY_WAIT) -> None:
+        """Release a pinned version (`_pin`) whose open was not repeated on its inode in time (`wait`), or
+        whose repeat was looked up by another name (`_repeating`: 0)."""
+        await trio.sleep(wait)
         if fh in self._pins:
             self._pins.discard(fh)
             handle = self.files.pop(fh)

@@ -381,6 +381,107 @@ operations.CoherentOperations.open = _held
         assert (m.path / "plans/x.md/inner.md").read_text() == "inner\n"
 
 
+SWAP_IN = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+open("plans/r.md").read()  # an exchange changes it: its agent must have read it
+with open("plans/.r.tmp", "w") as f:
+    f.write(sys.argv[1] + "\\n")
+assert libc.renameat2(-100, b"plans/.r.tmp", -100, b"plans/r.md", 2) == 0, os.strerror(ctypes.get_errno())
+os.unlink("plans/.r.tmp")  # what the exchange put there: the file a reader may have looked up
+"""
+
+READ_OR_ERROR = """
+try:
+    print(open("plans/r.md").read(), end="")
+except OSError as e:
+    print(e.strerror)
+"""
+
+HOLD_READS = """
+import os, time, trio
+from fusefs import operations
+def wait_at(gate):
+    open(gate + ".held", "w").close()
+    while os.path.exists(gate):
+        time.sleep(0.01)
+def hold(name):  # each call `name` about plans/r.md's inode waits at the first of its gates set and free
+    handler = getattr(operations.CoherentOperations, name)
+    async def held(self, inode, *args):
+        gate = next((g for g, at in GATES if at == name and os.path.exists(g) and not os.path.exists(g + ".held")), None)
+        if gate is not None and self.inodes.path(inode) == "plans/r.md":
+            await trio.to_thread.run_sync(wait_at, gate)
+        return await handler(self, inode, *args)
+    setattr(operations.CoherentOperations, name, held)
+hold("open")
+hold("getattr")
+"""
+
+
+def _swap_in(m: Mount, content: str) -> None:
+    """alice saves plans/r.md by exchange: a temp file with `content`, exchanged with it, then removed."""
+    swapped = m.run("alice", f"python3 -c '{SWAP_IN}' {content}")
+    assert swapped.returncode == 0, swapped.stderr
+
+
+def _reader(m: Mount) -> subprocess.Popen[str]:
+    """bob opens plans/r.md read-only and prints what it read, or the error's text."""
+    env = {**os.environ, "COHERENT_AGENT": "bob"}
+    return subprocess.Popen(
+        [sys.executable, "-c", READ_OR_ERROR], cwd=m.path, stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def test_a_read_only_open_of_a_file_exchanged_away_and_removed_meanwhile_reads_the_file_at_its_name(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save by exchange (a temp file written, `renameat2(RENAME_EXCHANGE)` with the file, the temp
+    removed) carries the inode the reader's lookup gave it to the temp's name, then removes it. The
+    reader's open, reaching the daemon after that, succeeds and reads the file at the name it gave,
+    whole, as on a local disk, where the name always holds a file (a plain directory serves the
+    version it looked up; no file holds it any more here). Before, the open was served by the
+    inode's last name, the temp's, and failed ENOENT."""
+    (root / "plans/r.md").write_text("old\n")
+    gate = tmp_path / "gate"
+    with _gated(root, tmp_path, monkeypatch, f"GATES = [({str(gate)!r}, 'open')]\n{HOLD_READS}") as (m, _):
+        gate.touch()
+        reader = _reader(m)
+        try:
+            _wait_for(Path(f"{gate}.held").exists, "the open to reach the gate")
+            _swap_in(m, "new")
+        finally:
+            gate.unlink()
+        assert reader.communicate(timeout=60)[0] == "new\n"
+
+
+@pytest.mark.parametrize("held", ["getattr", "open"])
+def test_a_read_only_open_repeated_after_its_file_was_exchanged_away_is_not_failed_by_a_second_exchange(
+    held: str, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open above is answered ESTALE inside the kernel, which looks the name up again and repeats
+    it (a getattr, its permission check, then the open); when another save by exchange carries the
+    inode that lookup gave to the temp's name and removes it before the repeat's getattr or open
+    reaches the daemon, the repeat reads the file at the name it was looked up by (a second ESTALE
+    would reach the program: before, each was answered for the temp's name, and failed ESTALE)."""
+    (root / "plans/r.md").write_text("old\n")
+    first, second = tmp_path / "gate1", tmp_path / "gate2"
+    gates = f"GATES = [({str(first)!r}, 'open'), ({str(second)!r}, {held!r})]\n"
+    with _gated(root, tmp_path, monkeypatch, gates + HOLD_READS) as (m, _):
+        first.touch()
+        reader = _reader(m)
+        try:
+            _wait_for(Path(f"{first}.held").exists, "the open to reach the gate")
+            _swap_in(m, "new")
+            second.touch()
+            first.unlink()
+            _wait_for(Path(f"{second}.held").exists, f"the repeat's {held} to reach the gate")
+            _swap_in(m, "newer")
+        finally:
+            first.unlink(missing_ok=True)
+            second.unlink(missing_ok=True)
+        assert reader.communicate(timeout=60)[0] == "newer\n"
+
+
 def test_entries_made_in_a_set_group_id_directory_take_its_group(mounted: Mount) -> None:
     """As on a local disk: a file or directory made in a setgid directory belongs to that directory's
     group (and a directory inherits the bit), whoever makes it, in both areas."""

@@ -34,6 +34,7 @@ from ..protocol import (
     VersionKind,
     ViewState,
     WriteCheck,
+    appends_lost_their_file,
     current_version,
     decide_write,
     is_noop,
@@ -660,6 +661,8 @@ class Writes(Reads):
             record, check, reason, held = self._decide(tx, agent, target, "file", cas, kind)
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
+            if reason is None and kind == "append" and appends_lost_their_file(record, expected):
+                reason = "stale"
             if reason is not None:
                 return current_version(record), self._refusal(tx, target, check, reason, now)
             lasts = self.leases.length if ttl is None else ttl
