@@ -132,6 +132,8 @@ def test_a_connection_killed_in_the_middle_of_a_pipeline_runs_the_transaction_ag
     commits = _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]
 
     def fn(tx: Any) -> None:
+        tx.put_meta("one", "0")  # a setting's lock is taken at the opening: a first run holding none
+        tx.put_meta("two", "0")  # runs again holding both (`Relock`), before anything is sent
         runs.append(1)
         tx.put_meta("one", str(len(runs)))
         if len(runs) == 1:  # the server ends this session between two queued writes, before COMMIT

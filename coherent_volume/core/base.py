@@ -1,8 +1,8 @@
 """The state every part of the core shares: the registry and paths of one volume, the write
 grants this process's handles share, and keeping the registry in step with the disk
 (foreign changes, crash recovery, reclaiming grants). Every decision is taken in
-`CoreBase._transact`: the commit lock and a write transaction after recovery, which the
-registry may run again after a conflict."""
+`CoreBase._transact`: the commit lock of the paths it changes and a write transaction after
+recovery, which the registry may run again after a conflict."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Literal, TypeVar
 
 from .. import atomic
@@ -47,7 +48,7 @@ from ..protocol import (
     proven,
     recovery,
 )
-from ..registry import Registry, Transaction
+from ..registry import CopyRelock, Registry, Transaction
 from ..registry.postgresql import PostgresRegistry
 from ..registry.replica import Replica
 from .leases import Heartbeat
@@ -88,6 +89,19 @@ def disk_state(target: Target, record: FileRecord | None) -> tuple[Fingerprint |
         return None, None
 
 
+def _fresher(record: FileRecord | None, fp: Fingerprint | None, disk_hash: str | None, now_ns: int) -> bool:
+    """Whether a check that found `record`'s content on disk (`Disk.SAME`) records the disk's
+    fingerprint `fp` with it: one that proves something later (`proven`: past the racy window) and
+    that the record lacks (it holds another, or the content had to be hashed to be confirmed)."""
+    return (
+        record is not None
+        and record.present
+        and fp is not None
+        and (fp != record.fingerprint or disk_hash is not None)
+        and proven(fp, now_ns)
+    )
+
+
 def _recorded(tx: Transaction, rel: str, record: FileRecord | None, installed: Installed | None) -> str | None:
     """The hash the registry records for the version of `rel` a working copy installed (for
     `protocol.local_state`): the current record's, else that version's history entry's (one more
@@ -124,7 +138,8 @@ class CoreBase:
         """Handle grants this process took: each ends with the last handle under it, so an agent's
         other handles stay protected meanwhile."""
         self._lock = threading.Lock()
-        """Guards `_shares`, `_owned` and `_loaded` (the worker threads of a mount share one core)."""
+        """Guards `_shares`, `_owned`, `_loaded`, `_renamed` and `_undone` (the worker threads of a
+        mount share one core, and commit paths side by side)."""
         self.leases = Heartbeat(registry)
         """Renews the handle grants this process took as leases (`begin_write`), while they are in use."""
         self._agents: set[str] = set()
@@ -135,13 +150,14 @@ class CoreBase:
         self._renamed: dict[str, str] = {}
         """Staged names (as intents record them) that this process's installs renamed into place, whose
         intents may still be recorded, and their paths: recovery drops those without looking for the
-        file. Under the commit lock."""
+        file. An entry changes under the commit lock of its path."""
         self._undone: set[tuple[str, int]] = set()
         """Intents (path, version) of renames whose one system call the kernel refused in this process
         (`Writes._install`): nothing changed, so recovery abandons them without looking at the disk.
-        Under the commit lock."""
-        self._hashed: dict[str, tuple[Fingerprint | None, str | None]] = {}
-        """Files hashed outside a transaction for `_transact`'s next run (`_hash_of`); under the commit lock."""
+        An entry changes under the commit lock of its path."""
+        self._thread = threading.local()
+        """This thread's files hashed outside a transaction for `_transact`'s next run (`hashed`:
+        `_hash_of`)."""
 
     def close(self) -> None:
         """Let go of everything this core holds: its leases are renewed no more (released by their
@@ -225,18 +241,43 @@ class CoreBase:
                 self._owned.discard(grant.token)
         self.leases.drop(grant.token)
 
+    def _commit_lock(self, paths: Iterable[str] | None) -> AbstractContextManager[None]:
+        """The commit lock of `paths` (None: every path), asked for every path if that is free at
+        once until this process swept the staging directory (`_recover`)."""
+        return self.registry.commit_lock(paths, whole_if_free=not self._swept)
+
+    def _locked(self, paths: Iterable[str] | None, body: Callable[[], R]) -> R:
+        """`body` under the commit lock of `paths` (None: every path); run again from its start
+        holding more when one of its transactions needed a path the lock could not take in its
+        order (`CopyRelock`, only before any of them committed)."""
+        wanted = None if paths is None else frozenset(paths)
+        while True:
+            try:
+                with self._commit_lock(wanted):
+                    return body()
+            except CopyRelock as more:
+                if not more.released:
+                    raise
+                wanted = more.paths
+
+    def _hashed(self) -> dict[str, tuple[Fingerprint | None, str | None]]:
+        """This thread's files hashed for `_transact`'s next run."""
+        hashed: dict[str, tuple[Fingerprint | None, str | None]] = self._thread.__dict__.setdefault("hashed", {})
+        return hashed
+
     def _transact(
-        self, fn: Callable[[Transaction], R], ahead: tuple[str, str] | None = None, holds: Iterable[str] = ()
+        self, fn: Callable[[Transaction], R], ahead: tuple[str, str] | None = None, holds: Iterable[str] | None = ()
     ) -> R:
-        """Where every decision of the protocol is taken: under the commit lock (re-entrant), one
-        write transaction in which every interrupted commit of the paths it holds is first
-        completed or abandoned (`_recover`), then `fn`. The registry may run it more than once
-        (`Registry.transact`), so `fn` reads the disk and changes only the transaction: changes to
-        the disk or to this process's memory come after it returns, under a commit lock the caller
-        holds around both when they must stay in step. `ahead`: (path, agent) of the `write_state`
-        that `fn` reads first (`Transaction.read_ahead`); `holds`: the paths `fn` touches, so far as
-        the caller knows (what `fn` touches besides, it holds with `_hold`)."""
-        paths = {*holds, *(ahead[:1] if ahead is not None else ())}
+        """Where every decision of the protocol is taken: under the commit lock of its paths
+        (re-entrant), one write transaction in which every interrupted commit of the paths it holds
+        is first completed or abandoned (`_recover`), then `fn`. The registry may run it more than
+        once (`Registry.transact`), so `fn` reads the disk and changes only the transaction: changes
+        to the disk or to this process's memory come after it returns, under a commit lock the
+        caller holds around both when they must stay in step. `ahead`: (path, agent) of the
+        `write_state` that `fn` reads first (`Transaction.read_ahead`); `holds`: the paths `fn`
+        touches, so far as the caller knows (what `fn` touches besides, it holds with `_hold`), None:
+        every path (the whole working copy)."""
+        paths = None if holds is None else {*holds, *(ahead[:1] if ahead is not None else ())}
 
         def decide(tx: Transaction) -> R:
             if ahead is not None:
@@ -244,27 +285,30 @@ class CoreBase:
             self._recover(tx)
             return fn(tx)
 
-        with self.registry.commit_lock():
+        def run() -> R:
+            hashed = self._hashed()
             try:
                 while True:
                     try:
-                        return self.registry.transact(decide, paths)
+                        return self.registry.transact(decide, paths or ())
                     except _RecoverFirst:  # rolled back: settle the disk alone, then run again
-                        self.registry.transact(lambda tx: self._recover(tx, settle=True), paths)
+                        self.registry.transact(lambda tx: self._recover(tx, settle=True), paths or ())
                     except _HashFirst as first:  # rolled back: hashed with no transaction open, run again
                         try:
-                            self._hashed[first.path] = hash_file(first.path)
+                            hashed[first.path] = hash_file(first.path)
                         except FileNotFoundError:
-                            self._hashed[first.path] = (None, None)
+                            hashed[first.path] = (None, None)
             finally:
-                self._hashed.clear()
+                hashed.clear()
+
+        return self._locked(paths, run)
 
     def _hash_of(self, path: str, fp: Fingerprint | None) -> tuple[Fingerprint | None, str | None]:
         """Fingerprint and content hash of the file at `path` (whose fingerprint was `fp`), inside
         `_transact`'s transaction: a file larger than HASHED_IN_TRANSACTION is hashed with no
         transaction open (`_HashFirst`: the transaction is run again once it is), so no transaction
         stays idle that long holding the registry's locks; one that changed since is hashed here."""
-        known = self._hashed.get(path)
+        known = self._hashed().get(path)
         if known is None and fp is not None and fp.size > HASHED_IN_TRANSACTION:
             raise _HashFirst(path)
         if known is not None and known[0] == fp:
@@ -308,13 +352,8 @@ class CoreBase:
         state = classify(record, fp, disk_hash)
         now, now_ns = time.time(), time.time_ns()
         if state is Disk.SAME:
-            if (
-                record is not None
-                and record.present
-                and fp is not None
-                and (fp != record.fingerprint or disk_hash is not None)
-                and proven(fp, now_ns)
-            ):
+            if _fresher(record, fp, disk_hash, now_ns):
+                assert record is not None and fp is not None
                 record = FileRecord(
                     record.path, record.version, True, record.hash, fp, record.writer, record.committed_at, now_ns
                 )
@@ -348,13 +387,15 @@ class CoreBase:
             )
         return new
 
-    def _in_step(self, tx: Transaction, target: Target) -> bool:
+    def _in_step(self, tx: Transaction, target: Target, *, fingerprint: bool = False) -> bool:
         """Whether `_sync` would find nothing to record or install for `target` (read only: for a
-        registry that cannot be written)."""
+        registry that cannot be written, or to find what a check of every file must sync); with
+        `fingerprint`, nor a fingerprint of it to record (`_fresher`)."""
         record = tx.file(target.rel)
         if self.replica is None:
             fp, disk_hash = disk_state(target, record)
-            return classify(record, fp, disk_hash) is Disk.SAME
+            same = classify(record, fp, disk_hash) is Disk.SAME
+            return same and not (fingerprint and _fresher(record, fp, disk_hash, time.time_ns()))
         installed = self.replica.installed(target.rel)
         fp = fingerprint_path(target.abs)
         disk_hash = None
@@ -480,14 +521,15 @@ class CoreBase:
         if not self._swept and covered is None:
             self._sweep_staging(intents)
         named = {i.tmp for i in intents}
-        for tmp, path in list(self._renamed.items()):  # forget names whose intents are gone
-            if (covered is None or path in covered) and tmp not in named:
-                del self._renamed[tmp]  # no intent ever names one again
-        if self._undone:
-            pending = {(i.path, i.version) for i in intents}
-            self._undone = {u for u in self._undone if (covered is not None and u[0] not in covered) or u in pending}
+        pending = {(i.path, i.version) for i in intents}
+        with self._lock:  # other threads change entries of the paths they hold only
+            for tmp, path in list(self._renamed.items()):  # forget names whose intents are gone
+                if (covered is None or path in covered) and tmp not in named:
+                    del self._renamed[tmp]  # no intent ever names one again
+            self._undone -= {u for u in self._undone if (covered is None or u[0] in covered) and u not in pending}
+            renamed, undone = set(self._renamed), set(self._undone)
         for intent in intents:
-            if intent.tmp in self._renamed:  # installed by this process: `finished`
+            if intent.tmp in renamed:  # installed by this process: `finished`
                 tx.drop_intent(intent.path)
                 continue
             target = self.paths.of_rel(intent.path)
@@ -504,7 +546,7 @@ class CoreBase:
                     raise _RecoverFirst()
                 self._recover_recorded(tx, intent, target, record, staged if left else None)
             else:
-                self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in self._undone)
+                self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in undone)
             if staged is not None:
                 try:
                     os.unlink(staged)

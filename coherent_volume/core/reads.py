@@ -138,7 +138,7 @@ class Reads(CoreBase):
         if version is not None:
             return fd, version
         os.close(fd)
-        with self.registry.commit_lock():  # no commit between the open and the sync
+        with self._commit_lock((target.rel,)):  # no commit of it between the open and the sync
             self._settle_installs()
             self._catch_up(target)
             fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -159,7 +159,7 @@ class Reads(CoreBase):
 
     def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
-        with self.registry.commit_lock():  # no commit between the read and the sync
+        with self._commit_lock((target.rel,)):  # no commit of it between the read and the sync
             self._settle_installs()
             self._catch_up(target)
             try:
@@ -230,8 +230,9 @@ class Reads(CoreBase):
     def scan(self) -> list[tuple[str, str]]:
         """Bring the registry in step with the whole tree (every recorded path, every managed regular
         file); return the files it could not check, as (path, why). Files are compared read only
-        (`_in_step`); those that differ, and the paths of unsettled commits, alone are synced, in one
-        transaction holding just them, so a check of a tree in step holds no path. One odd file
+        (`_in_step`); those that differ or whose record lacks a fingerprint worth keeping (so a check
+        after this one need not hash them), and the paths of unsettled commits, alone are synced, in
+        one transaction holding just them, so a check of a tree in step holds no path. One odd file
         never stops the scan: a name that is not valid UTF-8 (returned as os.walk hands it over,
         with surrogate escapes) or a recorded path that is no longer a regular file is reported,
         never skipped silently, and so is a FIFO, socket or device at a managed name, which cannot
@@ -266,14 +267,14 @@ class Reads(CoreBase):
                     continue
                 on_disk.add(rel)
 
-        def differs(tx: Transaction, rel: str) -> bool:
+        def differs(tx: Transaction, rel: str, fingerprint: bool) -> bool:
             try:
-                return not self._in_step(tx, self.paths.of_rel(rel))
+                return not self._in_step(tx, self.paths.of_rel(rel), fingerprint=fingerprint)
             except OSError:
                 return True  # its sync says why
 
         with self.registry.read() as tx:
-            differ = [rel for rel in sorted(recorded | on_disk) if differs(tx, rel)]
+            differ = [rel for rel in sorted(recorded | on_disk) if differs(tx, rel, fingerprint=True)]
             synced = sorted({*differ, *(intent.path for intent in tx.intents())})
         if not synced:
             return unchecked
@@ -293,7 +294,8 @@ class Reads(CoreBase):
             if e.errno != errno.EROFS:
                 raise
             why = f"it differs from its record, and the registry could not record the change ({e})"
-            return unchecked + [(rel, why) for rel in differ]
+            with self.registry.read() as tx:  # (not a fingerprint it could not record)
+                return unchecked + [(rel, why) for rel in differ if differs(tx, rel, fingerprint=False)]
 
     def note_read(
         self,

@@ -235,7 +235,8 @@ class Renames(History):
         """One decision of a checked rename (`_decide_rename`, with `merge` the merge made for it)
         and, if it is accepted, its install, under the commit lock: None once done; a save to merge
         (`merge_rounds`) when that is all that refused it; else the refusal raised."""
-        with self.registry.commit_lock():
+
+        def once() -> Refused | None:
             outcome = self._transact(partial(self._decide_rename, agent, src, dst, exchange, noreplace, merge))
             if isinstance(outcome, StaleWriteError):
                 raise outcome
@@ -243,6 +244,8 @@ class Renames(History):
                 self._install_rename(agent, src, dst, exchange, noreplace, outcome, merge)
                 return None
             return outcome
+
+        return self._locked((src.rel, dst.rel), once)
 
     def _decide_rename(
         self,

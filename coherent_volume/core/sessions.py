@@ -82,7 +82,7 @@ class Sessions(Writes):
         """Register `agent`'s view at the current version if `saw(current content)` confirms that is
         what the agent was shown, and lift a fence it had there (a confirmed re-read, as
         `reacquire`); return that version, or None (views unchanged) if it was not."""
-        with self.registry.commit_lock():  # no commit between the read and the sync
+        with self._commit_lock((target.rel,)):  # no commit of it between the read and the sync
             self._settle_installs()
             try:
                 data, fp = read_file(target.abs)

@@ -216,8 +216,10 @@ class Writes(Reads):
                 else:
                     staged.install()
                 return 0
-            with self.registry.commit_lock():
-                version = self._commit_locked(agent, target, staged, isolation, expected, handle, made=made)
+            version = self._locked(
+                (target.rel,),
+                lambda: self._commit_locked(agent, target, staged, isolation, expected, handle, made=made),
+            )
         finally:
             if staged is not None:
                 staged.discard()
@@ -472,7 +474,8 @@ class Writes(Reads):
         """After the install of a recorded commit's staged content at `target`: its name is gone, so
         recovery settles its intent as `finished` without looking (`CoreBase._recover`)."""
         assert staged.tmp is not None
-        self._renamed[staged.tmp] = target.rel
+        with self._lock:
+            self._renamed[staged.tmp] = target.rel
 
     def _handle_ended(self, handle: HandleCommit | None) -> None:
         """After the transaction that ended a handle's use of its grant: end it in memory too."""
@@ -489,9 +492,11 @@ class Writes(Reads):
             action()
         except BaseException as e:
             if isinstance(e, OSError):
-                self._undone.update(undone)
+                with self._lock:
+                    self._undone.update(undone)
             self._transact(lambda tx: None, holds=paths)  # recovery settles the intents
-            self._undone.difference_update(undone)  # settled: their (path, version) may be decided anew
+            with self._lock:
+                self._undone.difference_update(undone)  # settled: their (path, version) may be decided anew
             raise
 
     def _finish(
@@ -555,7 +560,7 @@ class Writes(Reads):
             return version, self._share(tx, agent, target, owner, self.leases.length, held)
 
         try:
-            with self.registry.commit_lock():
+            with self._commit_lock((target.rel,)):
                 version, outcome = self._transact(decide, ahead=(target.rel, agent))
                 if isinstance(outcome, StaleWriteError):
                     raise outcome
@@ -583,7 +588,7 @@ class Writes(Reads):
         opening a write handle, it waits for the agent's own open write handles (`held`)."""
         self._require_managed(target, "truncate")
         agent = self.agent(agent)
-        with self.registry.commit_lock():
+        with self._commit_lock((target.rel,)):
             self._settle_installs()
             staged = atomic.stage_resized(target.abs, size)
             try:
@@ -668,7 +673,7 @@ class Writes(Reads):
             lasts = self.leases.length if ttl is None else ttl
             return current_version(record), self._share(tx, agent, target, owner, lasts, held)
 
-        with self.registry.commit_lock():
+        with self._commit_lock((target.rel,)):
             version, outcome = self._transact(decide, ahead=(target.rel, agent))
             if isinstance(outcome, StaleWriteError):
                 raise outcome
@@ -690,7 +695,7 @@ class Writes(Reads):
             return ended
 
         try:
-            with self.registry.commit_lock():
+            with self._commit_lock((grant.path,)):
                 ended = self._transact(end, holds=(grant.path,))
         finally:
             self._forget_share(grant, kind)

@@ -3,15 +3,18 @@
 This is the one narrow interface the core talks to. `SQLiteRegistry` is the host-local
 backend; a backend for volumes shared across hosts implements the same two protocols.
 
-Locking rule (deadlock freedom): take `commit_lock()` before opening a write transaction,
-never while one is open. Every wait for a lock is bounded: past it, RegistryError(EBUSY) says
-which lock and, when the system tells, who holds it. A forked child never holds (or keeps
-alive) its parent's locks.
+Locking rule (deadlock freedom): take `commit_lock(paths)` before opening a write transaction,
+never while one is open (a hold that needs more paths takes them between two runs of a
+transaction, in order, or is taken again from its start: `CopyRelock`). Every wait for a lock is
+bounded: past it, RegistryError(EBUSY) says which lock and, when the system tells, who holds it. A
+forked child never holds (or keeps alive) its parent's locks.
 
 What the commit lock covers: every process that changes the volume's files on this disk (SQLite:
-the volume's root, one per volume; PostgreSQL: this working copy, one per host) decides, recovers
-and installs under it, so a holder's disk changes nothing but what it does itself, across all the
-transactions it runs under one hold. Every write transaction is serial with every other of the
+the volume's root, one per volume, whole whatever the paths asked; PostgreSQL: this working copy,
+one per host, a lock per path) decides, recovers and installs under it, so a holder's disk changes
+nothing of the paths it holds but what it does itself, across all the transactions it runs under
+one hold: a write transaction settles the intents and changes the files of the paths its thread's
+hold covers only (`Transaction.held`). Every write transaction is serial with every other of the
 volume that touches a path it touches (SQLite: every other, BEGIN IMMEDIATE under the commit lock;
 PostgreSQL: the lock of each path in the database, and the volume's lock shared, or exclusive for
 a transaction that needs the whole volume: `Transaction.hold`, taken by the transaction and
@@ -72,6 +75,23 @@ def recorded_in(directory: str) -> bool:
 
 ATTEMPTS = 8
 """Runs of one write transaction before a backend gives up on conflicts (`retried`)."""
+
+
+class CopyRelock(RegistryError):
+    """A hold of the commit lock needs `paths` too (None: the whole copy), and one of them could
+    only be taken out of the lock order and was held: the outermost `commit_lock` lets go
+    (`released`, unless a write transaction committed under it) and its owner takes it again
+    holding `paths`, running its block again from its start (`CoreBase._locked`). Where nobody
+    does, a RegistryError(EBUSY): nothing of it was changed."""
+
+    def __init__(self, paths: frozenset[str] | None) -> None:
+        super().__init__(
+            "a working copy's commit lock needed a path held by another writer out of its lock order; nothing "
+            "was changed: try again",
+            errno.EBUSY,
+        )
+        self.paths = paths
+        self.released = False
 
 
 class Retry(Exception):
@@ -142,7 +162,8 @@ class Transaction(Protocol):
 
     @property
     def held(self) -> Iterable[str] | None:
-        """The paths this transaction holds; None: every path."""
+        """The paths this transaction holds, in the registry and in its thread's commit lock: whose
+        interrupted commits it settles and whose files it may change; None: every path."""
         ...
 
     def hold(self, paths: Iterable[str]) -> list[str]:
@@ -161,9 +182,9 @@ class Transaction(Protocol):
         ...
 
     def hold_all_if_free(self) -> None:
-        """Hold every path if no other transaction holds one when it opens, else those it holds
-        (`held` says which, once it read something), never waiting for the others to end (or have
-        the transaction run again asking so)."""
+        """Hold every path if no other transaction holds one when it opens and its thread's commit
+        lock holds every path, else those it holds (`held` says which, once it read something),
+        never waiting for the others to end (or have the transaction run again asking so)."""
         ...
 
     def file(self, path: str) -> FileRecord | None:
@@ -345,10 +366,14 @@ class Registry(Protocol):
 
     @property
     def globs(self) -> ManagedGlobs: ...
-    def commit_lock(self) -> AbstractContextManager[None]:
-        """Exclusive across the threads and processes that change the volume's files on this disk
-        (see the module's locking rule), re-entrant within a thread, freed when its holder dies;
-        waited for a bounded time, then RegistryError(EBUSY)."""
+    def commit_lock(
+        self, paths: Iterable[str] | None = None, whole_if_free: bool = False
+    ) -> AbstractContextManager[None]:
+        """Exclusive over `paths` (None: every path; with `whole_if_free`, every path if no other
+        hold is in place at once, never waited for) across the threads and processes that change the
+        volume's files on this disk (see the module's locking rule), re-entrant within a thread (a
+        nested call asking for more extends the hold, or raises CopyRelock), freed when its holder
+        dies; waited for a bounded time, then RegistryError(EBUSY)."""
         ...
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]: ...

@@ -2,9 +2,16 @@
 and which connection each call uses.
 
 Invariants:
-- the commit lock (`commit_lock`) is this working copy's own: a thread mutex and the copy's flock
-  (`Replica.locked`, held by the live process whatever becomes of its database sessions). It orders
-  the decisions, recoveries and installs of this host's processes; it holds nothing in the database;
+- the commit lock (`commit_lock`) is this working copy's own, a lock per path (`copy_locks`: a
+  byte of ROOT/.coherent/replica.lock each, open file description locks, one owner per hold), held
+  by the live thread from a decision to its install whatever becomes of its database sessions. It
+  orders the decisions, recoveries and installs of a path by this host's threads and processes;
+  holds of different paths go side by side; it holds nothing in the database. A thread's hold is
+  taken before its write transactions and never waited for with one open: a transaction that needs
+  a path its hold lacks is rolled back (`Relock`) and the hold extended before it runs again (in
+  the lock order, or the hold taken again from its start: `CopyRelock`). So no thread waits for a
+  lock of the copy while it holds one of the database (lock order: the copy's, then the
+  database's; see docs/multihost.md, "The commit lock");
 - the database's part is taken by every write transaction itself, first thing after its BEGIN:
   transaction-scoped advisory locks (`pg_advisory_xact_lock*`, each waited for at most
   COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming its holder): the volume's, shared, then
@@ -32,10 +39,10 @@ Invariants:
   decision's `write_state`, when it is read ahead), its writes with the next read or its COMMIT
   (`PostgresTransaction`); a read transaction's BEGIN goes first, alone (a pooled connection found
   lost there is replaced before anything is read);
-- what this working copy now holds is reported (pg_hosts) under its commit lock, on a round trip of
-  its own at most REPORT_AFTER s after the release of a commit lock that left something to report
-  (one report for every commit in that time), never inside a write transaction (a refused report
-  fails nothing);
+- what this working copy now holds is reported (pg_hosts) one report of the copy at a time
+  (`CopyLocks.reporting`), on a round trip of its own at most REPORT_AFTER s after the release of a
+  commit lock that left something to report (one report for every commit in that time), never
+  inside a write transaction (a refused report fails nothing);
 - within a thread, every call made while it has a transaction open uses that transaction's
   connection (content stored by a transaction's function is part of it);
 - a forked child never uses or closes its parent's connections (it opens its own).
@@ -59,7 +66,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import RegistryError
 from ..globs import ManagedGlobs
 from ..protocol import FileRecord
-from . import Retry, pg_connections, pg_hosts, retried
+from . import CopyRelock, Retry, pg_connections, pg_hosts, retried
+from .copy_locks import CopyHold, CopyLocks
 from .pg_connections import (
     IDLE_ENDED,
     LOCK_CLASS,
@@ -85,8 +93,9 @@ from .pg_transaction import (
     Relock,
     _file_and_view_query,
     _file_and_view_row,
+    path_key,
 )
-from .replica import Replica
+from .replica import LOCK_FILE, Replica
 
 if TYPE_CHECKING:
     import psycopg
@@ -182,10 +191,9 @@ class PostgresRegistry:
         parent's reporting thread did not follow)."""
         self._pool = _Pool(self.location)
         self._pid = os.getpid()
-        self._commit_mutex = threading.RLock()
-        self._holding: int | None = None
-        """The thread holding the commit lock (it owns `_commit_mutex`), None when none does."""
+        self._copy = CopyLocks(os.path.join(self.replica.directory, LOCK_FILE), partial(path_key, self.volume_id))
         self._local = threading.local()
+        """This thread's open transaction (`tx`) and hold of the commit lock (`hold`)."""
         self._reports = threading.Condition(threading.Lock())
         self._report_due: float | None = None
         """When the reporting thread sends this copy's report (time.monotonic()); None: not asked."""
@@ -280,47 +288,42 @@ class PostgresRegistry:
             return "PostgreSQL shows no holder any more"
         return "held by " + _sessions(rows)
 
-    @contextmanager
-    def commit_lock(self) -> Iterator[None]:
-        """Exclusive across the threads and processes of this working copy (its flock: every
-        process of this host, and containers sharing the root on one kernel); re-entrant within a
-        thread; freed when its holder dies; waited for at most COMMIT_LOCK_TIMEOUT s, then
-        RegistryError(EBUSY) naming the holder. Held by the live process whatever becomes of its
-        database sessions, so no other process of this host decides, recovers or installs into
-        this copy while a holder is between its decision and its install. Other hosts never touch
-        this copy's disk; against them each write transaction locks the volume itself, until its
-        COMMIT (see the module's invariants)."""
-        with self._held(COMMIT_LOCK_TIMEOUT, report=True):
-            yield
-
-    @contextmanager
-    def _held(self, wait: float, report: bool) -> Iterator[None]:
-        """The commit lock, waited for at most `wait` s (0: taken only if free now). With
-        `report`, a release that leaves something to report asks the reporting thread to send it."""
+    def _hold(self) -> CopyHold | None:
+        """This thread's hold of the commit lock, if it holds it."""
         if self._pid != os.getpid():
             self._forked()
-        started, pid, mutex = time.monotonic(), os.getpid(), self._commit_mutex
-        if not mutex.acquire(timeout=wait):
-            raise RegistryError(
-                f"the commit lock of {self.location.describe()} stayed held by another thread of this process "
-                f"for more than {wait:g} s; nothing was changed: try again",
-                errno.EBUSY,
-            )
+        return getattr(self._local, "hold", None)
+
+    @contextmanager
+    def commit_lock(self, paths: Iterable[str] | None = None, whole_if_free: bool = False) -> Iterator[None]:
+        """Exclusive over `paths` (None: every path; with `whole_if_free`, every path if the copy
+        is free at once) across the threads and processes of this working copy (every process of
+        this host, and containers sharing the root on one kernel); re-entrant within a thread (asking
+        for more extends the hold: `CopyLocks.extend`, CopyRelock out of order); freed when its holder
+        dies; waited for at most COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY) naming who may hold
+        it. Held by the live thread whatever becomes of its database sessions, so no other thread or
+        process of this host decides, recovers or installs a path it holds while it is between its
+        decision and its install. Other hosts never touch this copy's disk; against them each write
+        transaction locks its paths itself, until its COMMIT (see the module's invariants)."""
+        hold = self._hold()
+        if hold is not None:  # re-entered: outside any transaction of the hold (the locking rule)
+            self._copy.extend(hold, paths, COMMIT_LOCK_TIMEOUT)
+            yield
+            return
+        pid = os.getpid()
+        hold = self._copy.take(paths, whole_if_free, COMMIT_LOCK_TIMEOUT)
+        self._local.hold, self._installing = hold, True
         try:
-            if self._holding == threading.get_ident():  # re-entered
-                yield
-                return
-            with self.replica.locked(wait, started):
-                self._holding, self._installing = threading.get_ident(), True
-                try:
-                    yield
-                finally:
-                    if os.getpid() == pid:  # not in a forked child (it starts afresh)
-                        self._holding = None
-            if report and os.getpid() == pid and self._reporter.news(holdings=True):
-                self._report_later()
+            yield
+        except CopyRelock as e:
+            e.released = not hold.committed  # nothing of the block committed: it may run again
+            raise
         finally:
-            mutex.release()
+            if os.getpid() == pid:  # not in a forked child (it starts afresh)
+                self._local.hold = None
+                self._copy.release(hold)
+        if os.getpid() == pid and self._reporter.news(holdings=True):
+            self._report_later()
 
     # -- what this working copy holds, reported (pg_hosts) ---------------------------------------
 
@@ -353,10 +356,10 @@ class PostgresRegistry:
             self._report_now()
 
     def _report_now(self) -> None:
-        """Send what this copy holds and has not reported (with last_seen), under its commit lock if
-        that is free now; if it is not, its holder's release asks for the report again (what is
-        unreported is the working copy's, in its Replica). A report that fails stays pending; it
-        never fails anything."""
+        """Send what this copy holds and has not reported (with last_seen), one report of the copy at
+        a time (`CopyLocks.reporting`: what replica.db records is on the disk already, and a report
+        sends the newest of each path). What is unreported is the working copy's, in its Replica: a
+        report that fails stays pending; it never fails anything."""
         if not self._reporter.news(holdings=True):
             return
         try:
@@ -364,10 +367,10 @@ class PostgresRegistry:
         except RegistryError:
             return
         try:
-            with self._held(0, report=False):
+            with self._copy.reporting(COMMIT_LOCK_TIMEOUT):
                 self._send(conn, self._reporter.report(holdings=True))
         except RegistryError:
-            pass  # taken: its holder's release reports
+            pass  # another report held it all that time: what is left stays pending
         finally:
             self._pool.give(conn)
 
@@ -449,7 +452,8 @@ class PostgresRegistry:
     def transact(self, fn: Callable[[PostgresTransaction], R], holds: Iterable[str] = ()) -> R:
         """`Registry.transact`: READ COMMITTED, holding the volume's lock shared and the locks of
         `holds` from its opening, and whatever a run found it needs (`Relock`: run again holding
-        that, the whole volume exclusive if it must); VolumeConfigError, nothing run,
+        that, the whole volume exclusive if it must; in a thread holding the commit lock, its hold
+        is extended to those paths first, with no transaction open); VolumeConfigError, nothing run,
         once a report found this working copy forgotten (`pg_hosts.Reporter.unregistered`). Re-run
         after a serialization failure or a deadlock (`Retry`), or a connection lost before COMMIT
         (at most LOST_RERUNS runs, then RegistryError(EIO) saying so); a COMMIT whose reply was lost
@@ -462,11 +466,14 @@ class PostgresRegistry:
         if self._reporter.forgotten():
             raise pg_hosts.not_registered(os.path.dirname(self.replica.directory), self.location)
         plan = Holds(frozenset(holds))
+        hold = self._hold()
         for _ in range(LOST_RERUNS):
             try:
                 while True:
+                    if hold is not None:  # no transaction open: the copy's hold may wait (in order)
+                        self._copy.extend(hold, plan.paths, COMMIT_LOCK_TIMEOUT)
                     try:
-                        return retried(partial(self._attempt, fn, plan), self.location.describe())
+                        return retried(partial(self._attempt, fn, plan, hold), self.location.describe())
                     except Relock as again:  # rolled back: run again holding what it needs
                         plan = again.holds
             except _Lost as e:
@@ -477,7 +484,7 @@ class PostgresRegistry:
             "Check that PostgreSQL runs and stays reachable from this host, then try again"
         )
 
-    def _attempt(self, fn: Callable[[PostgresTransaction], R], holds: Holds) -> R:
+    def _attempt(self, fn: Callable[[PostgresTransaction], R], holds: Holds, copy: CopyHold | None) -> R:
         """One run of a write transaction: its opening (BEGIN, its locks, the commit id) goes with
         `fn`'s first read, its writes with the next read or the COMMIT. A
         round trip the server did not answer (`Unanswered`) is not run again: before its COMMIT,
@@ -485,7 +492,7 @@ class PostgresRegistry:
         psycopg = _psycopg()
         commit_id = uuid.uuid4()
         with self._use() as conn:
-            tx = PostgresTransaction(conn, self.volume_id, holds=holds, locks=self._locks)
+            tx = PostgresTransaction(conn, self.volume_id, holds=holds, locks=self._locks, copy=copy)
             tx.open(self._opening(commit_id, holds, tx.tried))
             session = _Session.of(conn)
             committing = False
@@ -580,8 +587,11 @@ class PostgresRegistry:
         (pg_hosts)."""
         for path, held in tx.installs:
             self.replica.record(path, held)
-        if self._holding != threading.get_ident():
+        hold = self._hold()
+        if hold is None:
             self.seen()
+        else:
+            hold.committed = True
 
     def seen(self) -> None:
         """This copy's last_seen, if due, on a pooled connection: after a transaction of a process that
@@ -642,8 +652,8 @@ class PostgresRegistry:
 
     def _last_report(self) -> None:
         """Stop the reporting thread (after the report it is sending, if any) and send what this copy
-        holds and has not reported, if its commit lock is free now (else its holder's release has it
-        sent). Only in a process that held the commit lock (a forked child that did not sends nothing)."""
+        holds and has not reported (within LAST_REPORT_WAIT s). Only in a process that held the commit
+        lock (a forked child that did not sends nothing)."""
         if self._pid != os.getpid() or not self._installing:
             return
         with self._reports:

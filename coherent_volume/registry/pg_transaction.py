@@ -36,6 +36,10 @@ Invariants (round trips):
   is needed, in no order with the other keys, as the content's rows are: a wait that closes a cycle
   (only with a drop or a store in parts of that very content) is a deadlock PostgreSQL ends within
   its deadlock_timeout, and the transaction it ends is run again;
+- a write transaction whose thread holds its working copy's commit lock (`copy`, a `CopyHold`)
+  holds no path that hold does not: `hold` raises `Relock` for one, and its owner extends the hold
+  before running it again; what it settles (`held`, `intents`) is what both cover, and it asks for
+  the whole volume if free only while the hold is of the whole copy;
 - a pipeline is sent only when the server has not spoken unasked: a session it is ending (idling
   too long in a transaction, a shutdown) gets a plain statement first, which raises the server's
   error with its SQLSTATE (a pipeline would report only a lost connection).
@@ -58,6 +62,7 @@ from ..errors import DamagedContent, VersionGone
 from ..liveness import ProcessId
 from ..protocol import FileRecord, Grant, Installed, Intent, Version
 from . import AgentSummary, Event, LogMark
+from .copy_locks import CopyHold
 from .pg_connections import _pipeline, _psycopg
 
 if TYPE_CHECKING:
@@ -90,6 +95,7 @@ class Holds:
     once (never waited for: a request waiting for it would stall every writer of the volume)."""
 
     paths: frozenset[str] = frozenset()
+    """The paths it locks one by one; with `whole`, those its thread's commit lock must hold."""
     agents: frozenset[str] = frozenset()
     settings: frozenset[str] = frozenset()
     whole: bool = False
@@ -112,8 +118,11 @@ HOLD_MOST = 32
 
 
 def _holding(needs: Holds) -> Holds:
-    """What a transaction that needs `needs` holds (the whole volume past HOLD_MOST keys)."""
-    return Holds(whole=True) if len(needs.paths) + len(needs.agents) + len(needs.settings) > HOLD_MOST else needs
+    """What a transaction that needs `needs` holds (the whole volume past HOLD_MOST keys, its thread's
+    commit lock still those paths)."""
+    if len(needs.paths) + len(needs.agents) + len(needs.settings) > HOLD_MOST:
+        return Holds(needs.paths, whole=True)
+    return needs
 
 
 class Relock(Exception):
@@ -217,6 +226,7 @@ class PostgresTransaction:
         installs: list[tuple[str, Installed]] | None = None,
         holds: Holds | None = None,
         locks: Callable[[list[int], Queued | None], list[Queued]] | None = None,
+        copy: CopyHold | None = None,
     ) -> None:
         self._c = conn
         self._v = volume
@@ -243,6 +253,8 @@ class PostgresTransaction:
         queued or being waited for."""
         self._contents: dict[str, bool] = {}
         """The contents whose lock it holds (or has queued), each: whether exclusive (`_hold_content`)."""
+        self._copy = copy
+        """Its thread's hold of the working copy's commit lock (None: it holds none)."""
 
     def open(self, statements: Sequence[Queued]) -> None:
         """Queue the statements that open it (BEGIN, its locks: they go with its first read)."""
@@ -263,8 +275,12 @@ class PostgresTransaction:
 
     @property
     def held(self) -> frozenset[str] | None:
-        """The paths this transaction holds; None: every path (the volume's lock exclusive)."""
-        return None if self._holds is None else self._holds.paths
+        """The paths this transaction holds, in the database and in its thread's commit lock; None:
+        every path (the volume's lock exclusive, and the whole working copy, or no hold of it: a read
+        transaction, or a write one outside the commit lock, which settles no intent)."""
+        if self._holds is not None:
+            return self._holds.paths
+        return None if self._copy is None else self._copy.paths
 
     @property
     def holds(self) -> Holds:
@@ -274,6 +290,14 @@ class PostgresTransaction:
     def hold(self, paths: Iterable[str]) -> list[str]:
         """Hold `paths` too: locked now (with the next read) when every new key sorts after the
         keys held, else `Relock` with the whole set. The paths newly held (their intents unsettled)."""
+        paths = set(paths)
+        copy = None if self._copy is None else self._copy.paths
+        if copy is not None and not copy.issuperset(paths):  # its owner extends the copy's hold first
+            raise Relock(
+                Holds(copy | paths, whole=True)
+                if self._holds is None
+                else _holding(replace(self._holds, paths=self._holds.paths | paths))
+            )
         if self._holds is None:
             return []
         new = sorted({p for p in paths if p not in self._holds.paths})
@@ -310,7 +334,10 @@ class PostgresTransaction:
 
     def hold_all_if_free(self) -> None:
         """Hold the whole volume if its lock was free when this transaction opened (`held` says,
-        once its first read came back); `Relock` unless it asked so."""
+        once its first read came back) and its thread holds the whole working copy (else nothing is
+        asked); `Relock` unless it asked so."""
+        if self._copy is None or self._copy.paths is not None:
+            return
         if self._holds is not None and not self._holds.whole_if_free:
             raise Relock(replace(self._holds, whole_if_free=True))
 
@@ -939,8 +966,8 @@ class PostgresTransaction:
         """The intents of `paths`, else of every path it holds: every intent read while whether it
         holds the whole volume is yet to be answered (with it), those of other paths then left out."""
         sql = "SELECT path, agent, version, present, hash, tmp FROM cv_intents WHERE volume = %s"
-        if paths is None and self._holds is not None and not self._trying:
-            paths = self._holds.paths
+        if paths is None and not self._trying:
+            paths = self.held
         if paths is None:
             rows = self._all(sql + " ORDER BY path")
             if self._holds is not None:  # not free: only what it holds

@@ -8,17 +8,21 @@ Invariants:
 - a row (path, version, hash, fingerprint) says this copy's disk held exactly that version's bytes
   (hash None: no file) when it was written; rows change only after the disk did (an install) or
   after the registry transaction recording what the disk holds committed (`PostgresTransaction`);
-- every change of this copy's managed files by the volume (a commit's install, a catch-up) happens
-  under `locked()`, an flock on ROOT/.coherent/replica.lock that is the registry's commit lock
-  (with a mutex of the process's threads): serial across the host's processes (and containers
-  sharing the root on one kernel: flock works across PID namespaces), and held by the live process
-  whatever becomes of its database sessions;
+- every change of a managed file of this copy by the volume (a commit's install, a catch-up)
+  happens under the registry's commit lock of its path (`copy_locks`, byte ranges of
+  ROOT/.coherent/replica.lock): serial per path across the host's threads and processes (and
+  containers sharing the root on one kernel: the locks work across PID namespaces), and held by the
+  live thread whatever becomes of its database sessions;
+- replica.db is written by several threads and processes at once: one connection per process,
+  its statements serialised by a mutex; across processes SQLite's WAL, each write one short
+  statement or transaction, waited for at most 30 s (the connection's busy timeout) when another
+  process writes;
 - the replica's id (`cv_replicas` in the registry) is recorded here once with the identity
   (st_dev, st_ino) of the directory it was made in: a copy of the directory (`cp -a`, a restored
   backup) carries the id along but not the identity, and is refused (`identity_problem`);
 - `reported` is the version of the path the registry was last told this copy holds
   (`cv_replica_holds`, see pg_hosts); a row whose `reported` is not its `version` is a pending
-  report, sent under `locked()` with the next one (`unreported`, `reported`);
+  report, sent with the next one (`unreported`, `reported`; one report of the copy at a time);
 - a replica.db SQLite finds no database or damaged, or one that holds none of this state (an empty
   file), is found so read-only (`damage`) before anything writes to it, and refused at open;
 - a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
@@ -27,7 +31,6 @@ Invariants:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import threading
@@ -35,13 +38,10 @@ import time
 import urllib.parse
 import uuid
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from .. import atomic
 from ..fingerprint import Fingerprint, fingerprint_path
 from ..protocol import Installed
-from .sqlite import _flock_within
 
 DB_FILE = "replica.db"
 LOCK_FILE = "replica.lock"
@@ -233,28 +233,10 @@ class Replica:
                 raise
             db.execute("COMMIT")
 
-    @contextmanager
-    def locked(self, timeout: float, started: float) -> Iterator[None]:
-        """Exclusive over changes to this working copy's managed files, across the host's processes;
-        waited for until `started + timeout` (time.monotonic()), then RegistryError(EBUSY) naming
-        the holder (with `timeout` 0: at once, unless it is free). Not re-entrant: its one taker is
-        the registry's commit lock."""
-        path = os.path.join(self.directory, LOCK_FILE)
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            _flock_within(fd, fcntl.LOCK_EX, path, "the lock of the working copy", timeout, started)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)  # also for a copy of `fd` a forked child inherited
-        finally:
-            os.close(fd)
-
     def install(self, target: str, path: str, version: int, digest: str | None, data: bytes | None) -> None:
         """Make this copy hold `version` of `path` (at `target` on disk): its bytes `data` (temp,
         fsync, rename over the file) or, `data` None, no file; then record it. Called under the
-        registry's commit lock (which holds `locked()`)."""
+        registry's commit lock of `path`."""
         if data is None:
             try:
                 atomic.remove(target)
@@ -271,7 +253,7 @@ class Replica:
     def holds(self, target: str, path: str, version: int, digest: str | None) -> None:
         """Record that this copy's disk now holds `version` of `path` (at `target`): bytes hashing to
         `digest`, or with `digest` None no file. Called right after the disk changed, under the
-        registry's commit lock."""
+        registry's commit lock of `path`."""
         fp = None if digest is None else fingerprint_path(target)
         self.record(path, Installed(version, digest, fp, time.time_ns()))
 

@@ -1014,9 +1014,10 @@ class SQLiteRegistry:
 
     # -- locking and transactions ---------------------------------------------------
 
-    def commit_lock(self) -> _CommitLock:
-        """Exclusive across threads and processes; re-entrant within a thread; freed if the process
-        dies; waited for at most COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY)."""
+    def commit_lock(self, paths: Iterable[str] | None = None, whole_if_free: bool = False) -> _CommitLock:
+        """Exclusive across threads and processes, over every path whatever `paths` asks (the
+        registry is one file: its write transactions are serial anyway); re-entrant within a thread;
+        freed if the process dies; waited for at most COMMIT_LOCK_TIMEOUT s, then RegistryError(EBUSY)."""
         return _CommitLock(self)
 
     def peek(self, path: str, agent: str) -> tuple[FileRecord | None, int | None]:
