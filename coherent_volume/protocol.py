@@ -6,6 +6,7 @@ none re-implements them. Inputs are plain records; outputs are decisions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Literal, NamedTuple
@@ -373,12 +374,16 @@ def may_replay(c: WriteCheck, reason: Reason | None, appends_only: bool) -> bool
     return appends_only
 
 
-def appends_lost_their_file(current: FileRecord | None, expected: int | None) -> bool:
+def appends_lost_their_file(current: FileRecord | None, expected: int | None, since: Sequence[Version]) -> bool:
     """Whether a handle that only appends, taking its grant back to write again after its commit of
     version `expected`, finds its file deleted since (by another agent: its own agent's delete leaves
-    the handle with the file, `goes_on_unlinked`): its appends would reach no file, as they are never
-    replayed onto a deletion (`may_replay`), so that write is refused `stale`, taking no grant."""
-    return expected is not None and current is not None and not current.present and current.version != expected
+    the handle with the file, `goes_on_unlinked`), whether or not a file was made anew at its name
+    (`since`: the versions after `expected`, or at least those of them that are deletions): its
+    appends would reach no file, or another file, so that write is refused `stale`, taking no grant
+    (appends are never replayed onto a deletion either: `may_replay`)."""
+    if expected is None or current is None or current.version == expected:
+        return False
+    return not current.present or any(v.hash is None and v.version > expected for v in since)
 
 
 def view_moves(c: WriteCheck, based_on_view: bool, onto_unread: bool) -> bool:

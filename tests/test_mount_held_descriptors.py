@@ -133,6 +133,33 @@ def test_a_write_handle_written_again_after_another_agent_deleted_its_committed_
     assert (file.read_bytes() if file.exists() else None) == (b"alice anew\n" if recreated else None)
 
 
+@pytest.mark.parametrize("recreated", [False, True], ids=["deleted", "deleted-and-recreated"])
+def test_an_append_handle_written_again_after_another_agent_deleted_its_committed_file_is_refused(
+    mounted: Mount, agents: tuple[Agent, Agent], recreated: bool
+) -> None:
+    """As for any write handle, but appends go to whatever is current: after another agent deleted
+    the file, bob's next append is refused EACCES, never added to a file alice made anew at the name
+    (found by a hostile probe: it landed there) nor kept by no name, and it leaves no grant behind."""
+    alice, bob = agents
+    path = "plans/d.md"
+    assert alice(_write(path, b"one by alice\n")) == "None"
+    assert bob(f"fds['a'] = os.open({path!r}, os.O_WRONLY | os.O_APPEND)") == "None"
+    assert bob("os.write(fds['a'], b'bob 1\\n'); os.close(os.dup(fds['a']))") == "None"
+    assert (mounted.root / path).read_bytes() == b"one by alice\nbob 1\n"
+    alice_deletes = _read(path) + f"; os.unlink({path!r})"
+    if recreated:
+        alice_deletes += "; os.listdir('plans'); " + _write(path, b"alice anew\n")
+    assert alice(alice_deletes) == "None"
+    assert bob("os.write(fds['a'], b'bob 2\\n')") == errno.EACCES
+    assert bob("os.close(fds['a'])") == "None"
+    file = mounted.root / path
+    assert (file.read_bytes() if file.exists() else None) == (b"alice anew\n" if recreated else None)
+    assert (
+        alice(_read(path) + "; " + _write(path, b"alice again\n") if recreated else _write(path, b"alice again\n"))
+        == "None"
+    )
+
+
 def test_a_write_handle_whose_own_agent_deleted_its_file_goes_on_with_it_kept_by_no_name(
     mounted: Mount, agents: tuple[Agent, Agent]
 ) -> None:

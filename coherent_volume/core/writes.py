@@ -666,8 +666,10 @@ class Writes(Reads):
             record, check, reason, held = self._decide(tx, agent, target, "file", cas, kind)
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
-            if reason is None and kind == "append" and appends_lost_their_file(record, expected):
-                reason = "stale"
+            if reason is None and kind == "append" and expected is not None and current_version(record) > expected:
+                since = tx.history(target.rel, current_version(record) - expected) if record and record.present else []
+                if appends_lost_their_file(record, expected, since):
+                    reason = "stale"
             if reason is not None:
                 return current_version(record), self._refusal(tx, target, check, reason, now)
             lasts = self.leases.length if ttl is None else ttl
