@@ -251,6 +251,8 @@ class CoherentOperations(pyfuse3.Operations):
         if old is not None and (self.pages.opening(old) or any(isinstance(h, Shadow) for h in self._handles_on(old))):
             self._aside[old] = rel
         self.inodes.superseded(rel)
+        if old is not None:
+            self._let_go(old)  # (one that nothing holds any more: a pin released before it lost its name)
 
     def _other_content(self, inode: int) -> bool:
         """Whether a read-only open repeated after ESTALE would meet another content on `inode`: a write
@@ -957,7 +959,7 @@ class CoherentOperations(pyfuse3.Operations):
         rel = await self._child(parent_inode, name)
         self.own.note(rel)
         self.backing.rmdir(rel)
-        self.inodes.unlinked(rel)
+        self._unlinked(rel)
 
     @guarded
     async def mknod(
@@ -1022,7 +1024,14 @@ class CoherentOperations(pyfuse3.Operations):
                     os.close(file)
         else:
             self.backing.unlink(rel)
+        self._unlinked(rel)
+
+    def _unlinked(self, rel: str) -> None:
+        """`rel` is gone (`InodeTable.unlinked`); its inode is let go if nothing holds it (`_let_go`)."""
+        old = self.inodes.inode_if_known(rel)
         self.inodes.unlinked(rel)
+        if old is not None:
+            self._let_go(old)
 
     @guarded
     async def rename(
