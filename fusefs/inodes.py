@@ -143,6 +143,11 @@ class InodeTable:
         """The name of the file `inode` holds a past version of (`superseded`), while that file has one."""
         return self._past.get(inode)
 
+    def not_superseded(self, inode: int) -> None:
+        """`inode` holds a past version of no file at a name now (that file was deleted, outside the
+        mount, and maybe made anew: `current_name` no longer says its name)."""
+        self._past.pop(inode, None)
+
     def apart(self, path: str) -> int:
         """A new inode for the file at `path` that its name does not map to (a write handle's own: see
         the mount's `lookup`), nameless as after `unlinked`."""

@@ -266,6 +266,27 @@ class CoherentOperations(pyfuse3.Operations):
         [rel] = await self._settled(lambda: self._aside_name(inode) or self.inodes.path(inode), inode=inode)
         return rel
 
+    async def _still_its_file(self, inode: int) -> None:
+        """Before a metadata call of `inode` (`_metadata_at`): if its readers hold a past version of a
+        file at a name (`InodeTable.current_name`; a change made outside this mount is noticed here,
+        `_replaced`) and the registry shows a deletion there since the version they hold (the file
+        there now is another one), it is of no file at a name any more."""
+        held = [h.version for h in self._handles_on(inode) if isinstance(h, Snapshot)]
+        if not held:
+            return
+        own = self.inodes.path_if_known(inode)
+        if own is not None and "\0" not in own and self._replaced(own, inode)[0]:
+            self._fresh_inode(own)  # changed outside this mount, unseen so far: a past version now
+        name = self.inodes.current_name(inode)
+        if name is None:
+            return
+        target = self._target(name)
+        current = await blocking(self.core.version, target)
+        if current > min(held):
+            since = await blocking(self.core.history, target, current - min(held))
+            if any(v.hash is None and v.version > min(held) for v in since):
+                self.inodes.not_superseded(inode)
+
     def _metadata_at(self, inode: int, rel: str) -> str:
         """Where a metadata call (mode, owner, times, xattrs) of `inode`, known by `rel` (`_name_of`),
         acts: at `rel`, or, for an inode holding a past version of a file that a commit replaced
@@ -773,6 +794,7 @@ class CoherentOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        await self._still_its_file(inode)
         rel = await self._name_of(inode)
         with self._use(rel, self._metadata_at(inode, rel)):
             return await self._setattr(rel, inode, attr, fields, fh, ctx)
@@ -1519,6 +1541,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     async def _xattrs_at(self, inode: int) -> str:
         """The path the xattrs of `inode` are asked, set and removed at (`_metadata_at`)."""
+        await self._still_its_file(inode)
         rel = await self._name_of(inode)
         return self._metadata_at(inode, rel)
 

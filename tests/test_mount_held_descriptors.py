@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from coherent_volume import CoherentVolume
+
 from .harness.mounts import Mount
 
 STEPS = r"""
@@ -105,6 +107,34 @@ def test_metadata_calls_through_a_readers_descriptor_held_across_a_commit_all_re
     assert "user.note" not in os.listxattr(mounted.root / path)
     assert (mounted.root / path).read_bytes() == b"two\n"
     assert bob("_r = os.pread(fds['r'], 100, 0)") == repr(b"one\n")  # its version's bytes, as documented
+
+
+def test_metadata_calls_through_a_readers_descriptor_never_reach_a_file_made_anew_outside_the_mount(
+    mounted: Mount, agents: tuple[Agent, Agent]
+) -> None:
+    """bob holds a read-only descriptor of version 1 and alice commits version 2 through the mount;
+    then the file is deleted and made anew through the Python API, which the mount does not follow:
+    bob's fchmod, futimens and fsetxattr change only the file his descriptor holds, as on a local
+    disk, never the new one at the name (found by a hostile probe: they did)."""
+    alice, bob = agents
+    path = "plans/m.md"
+    assert alice(_write(path, b"one\n") + f"; os.chmod({path!r}, 0o644)") == "None"
+    assert bob(f"fds['r'] = os.open({path!r}, os.O_RDONLY); _r = os.read(fds['r'], 100)") == repr(b"one\n")
+    assert alice(_read(path) + "; " + _write(path, b"two\n")) == "None"
+    with CoherentVolume(mounted.root, agent="carol") as carol:
+        carol.read(path)
+        carol.delete(path)
+        carol.write(path, b"carol's own\n")
+    os.chmod(mounted.root / path, 0o644)
+    before = (mounted.root / path).stat()
+    assert bob("os.fchmod(fds['r'], 0o600)") == "None"
+    assert bob("os.utime(fds['r'], ns=(10**9, 2 * 10**9))") == "None"
+    assert bob("os.setxattr(fds['r'], 'user.note', b'bob')") == "None"
+    after = (mounted.path / path).stat()
+    assert (oct(after.st_mode & 0o777), after.st_mtime_ns) == ("0o644", before.st_mtime_ns)
+    assert "user.note" not in os.listxattr(mounted.path / path)
+    assert (mounted.path / path).read_bytes() == b"carol's own\n"
+    assert bob("_r = oct(os.fstat(fds['r']).st_mode & 0o777)") == repr("0o600")
 
 
 @pytest.mark.parametrize("recreated", [False, True], ids=["deleted", "deleted-and-recreated"])
