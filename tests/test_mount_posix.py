@@ -398,14 +398,20 @@ except OSError as e:
     print(e.strerror)
 """
 
-HOLD_READS = """
-import os, time, trio
-from fusefs import operations
-def wait_at(gate):
+WAIT_AT = """
+def wait_at(gate):  # (in the daemon) made GATE.held, wait while the gate exists
     open(gate + ".held", "w").close()
     while os.path.exists(gate):
         time.sleep(0.01)
-def hold(name):  # each call `name` about plans/r.md's inode waits at the first of its gates set and free
+"""
+
+HOLD_READS = (
+    """
+import os, time, trio
+from fusefs import operations
+"""
+    + WAIT_AT
+    + """def hold(name):  # each call `name` about plans/r.md's inode waits at the first of its gates set and free
     handler = getattr(operations.CoherentOperations, name)
     async def held(self, inode, *args):
         gate = next((g for g, at in GATES if at == name and os.path.exists(g) and not os.path.exists(g + ".held")), None)
@@ -416,6 +422,7 @@ def hold(name):  # each call `name` about plans/r.md's inode waits at the first 
 hold("open")
 hold("getattr")
 """
+)
 
 
 def _swap_in(m: Mount, content: str) -> None:
@@ -1398,10 +1405,9 @@ def test_an_open_whose_file_is_removed_and_made_anew_around_its_permission_check
         + """
 import errno, pyfuse3, trio
 from fusefs import operations
-def wait_at(gate):
-    open(gate + ".held", "w").close()
-    while os.path.exists(gate):
-        time.sleep(0.01)
+"""
+        + WAIT_AT
+        + """
 _getattr = operations.CoherentOperations.getattr
 async def _held(self, inode, ctx):
     if not os.path.exists(GATE) or self.inodes.path_if_known(inode) != "plans/f.md":
@@ -1493,10 +1499,9 @@ def test_a_link_that_waits_for_a_rename_at_its_source_lands_in_the_directory_it_
 import time, trio
 from coherent_volume.core import VolumeCore
 from fusefs import operations
-def wait_at(gate):
-    open(gate + ".held", "w").close()
-    while os.path.exists(gate):
-        time.sleep(0.01)
+"""
+        + WAIT_AT
+        + """
 _link = operations.CoherentOperations.link
 async def _held(self, inode, new_parent_inode, new_name, ctx):
     if new_name == b"x":
