@@ -214,9 +214,12 @@ class Staged:
         longer removes it), which installs it or finds the file changed since."""
         self.named = False
 
-    def install(self, noreplace: bool = False) -> None:
+    def install(self, noreplace: bool = False, exchange: bool = False) -> bool:
         """Name the content, rename it over the target (keeping the target's mode), fsync the directory
-        when durable. `noreplace`: only where nothing is (FileExistsError otherwise, nothing changed)."""
+        when durable. `noreplace`: only where nothing is (FileExistsError otherwise, nothing changed).
+        `exchange`: swap it with the file found at the target (`swap_in`), which then holds the temp
+        name, left to the caller (`discard` does not remove it). Whether the temp name holds a file
+        the install displaced."""
         self.settle()
         tmp = self.plan_name()
         if not self.named:
@@ -235,13 +238,17 @@ class Staged:
                 own = os.stat(tmp)
             if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(own.st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
+        displaced = False
         if noreplace:
             rename(tmp, self.target, noreplace=True)
+        elif exchange and (st is None or not stat_mod.S_ISDIR(st.st_mode)):  # a directory is refused, not moved
+            displaced = swap_in(tmp, self.target)
         else:
             os.replace(tmp, self.target)
         self.named = False
         if self.durable:
             fsync_dir(os.path.dirname(self.target))
+        return displaced
 
     def discard(self) -> None:
         """Drop whatever is left of the staged content (idempotent)."""
@@ -463,6 +470,29 @@ def rename(src: str, dst: str, *, exchange: bool = False, noreplace: bool = Fals
     elif _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def swap_in(src: str, dst: str) -> bool:
+    """Put the file `src` at `dst` so that nothing found there is destroyed: exchanged with it
+    (renameat2 RENAME_EXCHANGE: `src` then names what `dst` held), or, where nothing is there,
+    renamed without replacing (a file made there meanwhile is exchanged instead). Where the file
+    system cannot exchange (EINVAL), a plain rename over `dst`. Whether `src` now names a file that
+    `dst` held."""
+    while True:
+        try:
+            rename(src, dst, exchange=True)
+            return True
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                os.replace(src, dst)
+                return False
+            if e.errno != errno.ENOENT:
+                raise
+        try:
+            rename(src, dst, noreplace=True)
+            return False
+        except FileExistsError:
+            continue
 
 
 def sync_dirs(*paths: str) -> None:

@@ -112,7 +112,7 @@ EventKind = Literal[
 overlapped the current version's; logged after its refusal, its hunks in the detail)."""
 
 ViewState = Literal["fresh", "stale", "unread"]
-Recovery = Literal["completed", "abandoned", "installed", "superseded", "finished"]
+Recovery = Literal["completed", "abandoned", "installed", "superseded", "displaced", "finished"]
 """What crash recovery did with an interrupted commit (logged as a `recover` event's reason, except
 `finished`: a commit whose install happened, of which only its intent was left)."""
 
@@ -417,6 +417,15 @@ def is_noop(record: FileRecord | None, digest: str | None) -> bool:
     return digest is not None and record is not None and record.present and record.hash == digest
 
 
+def displaced_needs_hash(seen: Fingerprint | None, checked_ns: int, displaced: Fingerprint) -> bool:
+    """Whether the stat of the file an install displaced (`displaced`: exchanged away, so its ctime
+    moved) cannot tell that it is the file its decision found holding the version before: the same
+    inode, size and mtime as the fingerprint the decision relied on (`seen`, checked against the
+    content at `checked_ns`), which must be `proven` (a write since would have moved the mtime).
+    Otherwise its bytes decide: the version before's hash, or a change made outside the volume."""
+    return seen is None or displaced[:3] != seen[:3] or not proven(seen, checked_ns)
+
+
 def recovery(
     intent: Intent,
     on_disk: bool,
@@ -425,6 +434,8 @@ def recovery(
     *,
     recorded: bool = False,
     staged: bool = False,
+    staged_hash: str | None = None,
+    staged_kept: bool = False,
     previous: str | None = None,
     undone: bool = False,
 ) -> Recovery:
@@ -432,12 +443,20 @@ def recovery(
 
     A commit recorded with its decision (`recorded`: its version was committed with its intent, so
     the registry's COMMIT was its commit point) is `finished` once its staged file is gone (its
-    install renamed it into place). While the staged file is there the install did not happen: it
-    is `installed` now if the disk still holds the version before it (`previous`: that version's
-    hash, None for no file), else `superseded`: the file was changed outside the volume meanwhile,
-    which the next check records as a version of its own (the commit stays in history, its bytes
-    retained). In a volume whose registry holds the content (`replicated`) it is `finished` either
-    way: a working copy that lacks it is merely behind.
+    install renamed it into place). An install exchanges the staged file with the target, so a
+    staged name holding other bytes than the intent's (`staged_hash`, given whenever the name is
+    there) names the file the install displaced: `finished` (the name dropped) if that is the
+    version before (`previous`: its hash, None for no file) or bytes the registry keeps anyway
+    (`staged_kept`: a recorded version's), else `displaced`: a change made outside the volume just
+    before the install, which is put back in place and recorded as the next version, after the
+    commit's, as a change made just after the install would be (the commit stays in history; its
+    number was fixed at its COMMIT, before the change was seen). While the staged file holds the
+    intent's bytes the install did not happen (`staged`: it is there and the intent's version
+    current): it is `installed` now if the disk still holds the version before it, else
+    `superseded`: the file was changed outside the volume meanwhile, which the next check records
+    as a version of its own (the commit stays in history, its bytes retained). In a volume whose
+    registry holds the content (`replicated`) it is never installed by recovery: `finished` (a
+    working copy that lacks it is merely behind), unless its staged name holds displaced bytes.
 
     Any other intent (a creation, deletion or rename, recorded after its install) is `abandoned`
     when its process saw its disk step fail (`undone`: the kernel refused the system call, so
@@ -447,6 +466,8 @@ def recovery(
     previous version. Where the registry holds the content, always `completed`: its intent and
     content were committed together."""
     if recorded:
+        if staged_hash is not None and staged_hash != intent.hash:
+            return "finished" if staged_hash == previous or staged_kept else "displaced"
         if not staged or replicated:
             return "finished"
         holds_previous = (on_disk and disk_hash == previous) if previous is not None else not on_disk

@@ -37,7 +37,7 @@ from coherent_volume import CoherentVolume
 from coherent_volume.atomic import Staged
 vol = CoherentVolume(sys.argv[1], agent="killed")
 vol.read(sys.argv[2])
-def killed(self):  # the fault point: the commit's transaction committed, its local install not begun
+def killed(self, *args, **kwargs):  # the fault point: the commit's transaction committed, its local install not begun
     os.kill(os.getpid(), signal.SIGKILL)
 Staged.install = killed
 vol.write(sys.argv[2], sys.argv[3])

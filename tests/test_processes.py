@@ -103,15 +103,15 @@ def _kill_at(point: str, root: Path) -> subprocess.CompletedProcess[str]:
         f"""
 import os, signal, sys
 from coherent_volume import CoherentVolume, atomic
-real_replace = os.replace
-def dying_replace(src, dst):
+real_rename = atomic.rename
+def dying_rename(src, dst, **flags):
     if "{point}" == "before":
         os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
+    real_rename(src, dst, **flags)
     os.kill(os.getpid(), signal.SIGKILL)
 v = CoherentVolume(sys.argv[1], agent="victim")
 v.read("plans/plan.md")
-atomic.os.replace = dying_replace
+atomic.rename = dying_rename
 v.write("plans/plan.md", b"the victim's new content")
 """,
         str(root),

@@ -20,6 +20,7 @@ from coherent_volume.protocol import (
     changed_paths,
     classify,
     decide_write,
+    displaced_needs_hash,
     grant_over,
     handles_share,
     is_noop,
@@ -150,6 +151,32 @@ def test_a_recorded_commit_is_finished_by_its_install_else_installed_unless_chan
     assert recovery(commit, True, "made", recorded=True, staged=True, previous=None) == "superseded"
     # a working copy: the registry holds the content, a copy that lacks it is behind
     assert recovery(commit, True, "old", replicated=True, recorded=True, staged=True, previous="old") == "finished"
+
+
+def test_a_staged_name_holding_other_bytes_is_what_the_install_displaced() -> None:
+    """An install exchanges the staged file with the target: a staged name holding other bytes than
+    the commit's names what it displaced, put back unless it is the version before or bytes the
+    registry keeps (in a working copy too, and once the commit is no longer current)."""
+    commit = Intent("p", "a", 2, True, "new", ".coherent/staging/x")
+    for replicated in (False, True):
+        done = {"replicated": replicated, "recorded": True, "staged": True, "previous": "old"}
+        assert recovery(commit, True, "new", staged_hash="old", **done) == "finished"
+        assert recovery(commit, True, "new", staged_hash="saved", **done) == "displaced"
+        assert recovery(commit, True, "new", staged_hash="saved", staged_kept=True, **done) == "finished"
+    assert recovery(commit, True, "new", recorded=True, staged=True, staged_hash="made", previous=None) == "displaced"
+    assert recovery(commit, False, None, recorded=True, staged=False, staged_hash="second save") == "displaced"
+    # the staged file still holds the commit's bytes: its install did not happen
+    assert recovery(commit, True, "old", recorded=True, staged=True, staged_hash="new", previous="old") == "installed"
+
+
+def test_a_displaced_file_is_the_version_before_by_its_stat_only_when_the_decision_proved_it() -> None:
+    seen = Fingerprint(7, 3, 1_000, 1_000)
+    later = seen.ctime_ns + RACY_NS
+    assert not displaced_needs_hash(seen, later, Fingerprint(7, 3, 1_000, 5_000_000_000))  # the rename moved ctime
+    assert displaced_needs_hash(seen, later - 1, Fingerprint(7, 3, 1_000, 5_000_000_000))  # racy: a write kept mtime
+    assert displaced_needs_hash(seen, later, Fingerprint(8, 3, 1_000, 5_000_000_000))  # another inode
+    assert displaced_needs_hash(seen, later, Fingerprint(7, 3, 2_000, 5_000_000_000))  # written since
+    assert displaced_needs_hash(None, later, Fingerprint(7, 3, 1_000, 5_000_000_000))  # no file was seen
 
 
 def test_a_working_copy_holding_a_later_versions_bytes_lost_that_installs_record() -> None:

@@ -1451,17 +1451,17 @@ STOPPED_COMMIT = """
 import os, sys, time
 from coherent_volume import CoherentVolume, atomic
 root, path, when = sys.argv[1:]
-replace = os.replace
+rename = atomic.rename
 
-def stop_here(src, dst):
+def stop_here(src, dst, **flags):
     if when == "after":
-        replace(src, dst)
+        rename(src, dst, **flags)
     print("ready", flush=True)
     time.sleep(600)
 
 vol = CoherentVolume(root, agent="victim")
 vol.read(path)
-atomic.os.replace = stop_here
+atomic.rename = stop_here
 vol.write(path, "the victim's content\\n")
 """
 

@@ -365,16 +365,16 @@ def _failing_renames(monkeypatch: pytest.MonkeyPatch, failures: int, error: int 
     """Make the next `failures` renames of a commit's install fail with `error`."""
     from coherent_volume import atomic
 
-    real = os.replace
+    real = atomic.rename
     failed: list[str] = []
 
-    def replace(src: Any, dst: Any) -> None:
+    def rename(src: Any, dst: Any, **flags: bool) -> None:
         if len(failed) < failures:
             failed.append(str(dst))
             raise OSError(error, os.strerror(error), src)
-        real(src, dst)
+        real(src, dst, **flags)
 
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic, "rename", rename)
     return failed
 
 

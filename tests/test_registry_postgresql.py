@@ -940,11 +940,11 @@ from pathlib import Path
 from coherent_volume import CoherentVolume, atomic
 root, gate = sys.argv[1], Path(sys.argv[2])
 install = atomic.Staged.install
-def paused(self):
+def paused(self, *args, **kwargs):
     (gate / "at-install").touch()
     while not (gate / "go").exists():
         time.sleep(0.02)
-    install(self)
+    return install(self, *args, **kwargs)
 atomic.Staged.install = paused
 with CoherentVolume(root, agent="alice") as v:
     v.read("plans/p.md")
@@ -1982,7 +1982,7 @@ from coherent_volume import CoherentVolume
 from coherent_volume.atomic import Staged
 vol = CoherentVolume(sys.argv[1], agent="killed")
 vol.read("plans/k.md")
-def killed(self):  # the commit's transaction committed, its install not begun
+def killed(self, *args, **kwargs):  # the commit's transaction committed, its install not begun
     os.kill(os.getpid(), signal.SIGKILL)
 Staged.install = killed
 vol.write("plans/k.md", "two")

@@ -22,7 +22,7 @@ from ..errors import (
     UnprotectedAlias,
     VolumeConfigError,
 )
-from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file
+from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, hash_path
 from ..liveness import ProcessId
 from ..paths import Target, VolumePaths
 from ..protocol import (
@@ -40,6 +40,7 @@ from ..protocol import (
     changed_paths,
     classify,
     current_version,
+    displaced_needs_hash,
     grant_over,
     installed_needs_hash,
     local_state,
@@ -112,6 +113,14 @@ def _recorded(tx: Transaction, rel: str, record: FileRecord | None, installed: I
         return record.hash if record.present else None
     entry = tx.version_entry(rel, installed.version)
     return None if entry is None else entry.hash
+
+
+def _hash_or_none(path: str) -> str | None:
+    """The content hash of the regular file at `path`; None if there is none."""
+    try:
+        return hash_file(path)[1]
+    except OSError:
+        return None
 
 
 def validate_agent(agent: object) -> str:
@@ -455,7 +464,9 @@ class CoreBase:
             if given and installed is not None:  # the caller holds an older version's bytes
                 return record._replace(version=installed.version, hash=installed.hash, fingerprint=fp)
             data = tx.load(record.hash, f"{target.rel} v{record.version}") if record.present and record.hash else None
-            replica.install(target.abs, target.rel, record.version, record.hash, data)
+            displaced = replica.install(target.abs, target.rel, record.version, record.hash, data)
+            if displaced is not None:
+                return self._caught_up(tx, replica, target, record, installed, displaced)
             return record
         now, now_ns = time.time(), time.time_ns()
         if state is Local.SAME:
@@ -498,6 +509,38 @@ class CoreBase:
                 f"working copy never had (it held v{base}); both versions stay in history",
             )
         return new
+
+    def _caught_up(
+        self,
+        tx: Transaction,
+        replica: Replica,
+        target: Target,
+        record: FileRecord,
+        installed: Installed | None,
+        displaced: str,
+    ) -> FileRecord | None:
+        """After a working copy's install of `record` displaced a file (now at `displaced`): removed
+        if it is what the copy was found holding (`installed`; `protocol.displaced_needs_hash`),
+        else a change made on this host outside the volume after the check, recorded as the next
+        version (`_record_displaced`) and exchanged back into place; the current record then. The
+        current version's bytes are removed again, unless a file made between the two exchanges
+        holds the name instead (never managed: `globs.STAGED`)."""
+        fp = fingerprint_path(displaced)
+        held = installed.hash if installed is not None else None
+        seen = (installed.fingerprint, installed.checked_ns) if installed is not None and held else (None, 0)
+        if fp is None or not displaced_needs_hash(*seen, fp) or (held is not None and hash_path(displaced) == held):
+            os.unlink(displaced)
+            replica.holds(target.abs, target.rel, record.version, record.hash)
+            return record
+        why = (
+            f"changed outside the volume on host {socket.gethostname()} just before its working copy's install of "
+            f"v{record.version}, which displaced it"
+        )
+        self._record_displaced(tx, target, displaced, record.version + 1, why)
+        if atomic.swap_in(displaced, target.abs) and hash_path(displaced) == record.hash:
+            os.unlink(displaced)
+        atomic.sync_dirs(target.abs)
+        return tx.file(target.rel)
 
     def _hold(self, tx: Transaction, paths: Iterable[str]) -> None:
         """Hold `paths` too in `fn`'s transaction (`_transact`), their interrupted commits settled."""
@@ -544,7 +587,8 @@ class CoreBase:
                 left = staged is not None and os.path.lexists(staged)
                 if left and self.replica is None and not settle:
                     raise _RecoverFirst()
-                self._recover_recorded(tx, intent, target, record, staged if left else None)
+                if self._recover_recorded(tx, intent, target, record, staged if left else None):
+                    continue  # its staged name holds another program's file, to be put back in turn
             else:
                 self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in undone)
             if staged is not None:
@@ -558,17 +602,22 @@ class CoreBase:
 
     def _recover_recorded(
         self, tx: Transaction, intent: Intent, target: Target, record: FileRecord, staged: str | None
-    ) -> None:
+    ) -> bool:
         """A commit recorded with its decision, its staged file still there (`staged`) or not:
         nothing to do if its install happened, else install the staged file now where the disk
-        still holds the version before it and the file still holds the recorded bytes."""
-        on_disk, disk_hash, previous = False, None, None
+        still holds the version before it and the file still holds the recorded bytes. A staged name
+        holding what its install displaced puts that back in place unless the registry has its
+        bytes (`protocol.recovery`, `_put_back`). Whether the intent stays (`_put_back`)."""
+        on_disk, disk_hash, previous, staged_hash = False, None, None, None
         current = record.version == intent.version
-        if staged is not None and self.replica is None and current:
-            before = tx.version_entry(intent.path, intent.version - 1)
-            previous = before.hash if before is not None and before.hash is not None else None
-            fp, disk_hash = disk_state(target, None)
-            on_disk = fp is not None
+        if staged is not None:
+            staged_hash = _hash_or_none(staged)
+            if current:
+                before = tx.version_entry(intent.path, intent.version - 1)
+                previous = before.hash if before is not None and before.hash is not None else None
+                if self.replica is None:
+                    fp, disk_hash = disk_state(target, None)
+                    on_disk = fp is not None
         outcome = recovery(
             intent,
             on_disk,
@@ -576,30 +625,64 @@ class CoreBase:
             replicated=self.replica is not None,
             recorded=True,
             staged=staged is not None and current,
+            staged_hash=staged_hash,
+            staged_kept=staged_hash is not None and staged_hash != previous and tx.in_use(staged_hash),
             previous=previous,
         )
         if outcome == "finished":
-            return
+            return False
         v = intent.version
         detail = f"installed v{v}, recorded by a writer that did not install it"
         if outcome == "installed":
             assert staged is not None and intent.hash is not None
             try:
-                if hash_file(staged)[1] != intent.hash:
-                    raise OSError(errno.EBADMSG, "its staged file no longer holds the recorded bytes", staged)
-                atomic.Staged(target.abs, intent.hash, None, staged, named=True).install(noreplace=previous is None)
+                install = atomic.Staged(target.abs, intent.hash, None, staged, named=True)
+                if install.install(noreplace=previous is None, exchange=True) and _hash_or_none(staged) != previous:
+                    outcome = "displaced"  # changed outside the volume since it was checked above
             except OSError as e:
                 outcome, detail = "superseded", f"v{v} was recorded but could not be installed ({e})"
                 why = f"the file still holds what it held before v{v}, which could not be installed ({e.strerror})"
                 self._sync(tx, target, record, why=why)
-        else:
+        elif outcome == "superseded":
             detail = f"v{v} was recorded, and the file changed outside the volume before it was installed"
-        if outcome == "superseded":
+        stays = False
+        if outcome == "displaced":
+            assert staged is not None
+            stays = self._put_back(tx, intent, target, staged)
+            detail = f"v{v} was installed over a change made outside the volume just before, put back in place"
+        if outcome in ("superseded", "displaced"):
             detail += (
                 "; the file keeps what it holds, recorded as a version of its own; "
                 f"v{v} stays in history (`coherent-volume restore PATH --version {v}` brings it back)"
             )
         tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=v, detail=detail)
+        return stays
+
+    def _put_back(self, tx: Transaction, intent: Intent, target: Target, staged: str) -> bool:
+        """Record the file that the install of `intent` displaced (at its staged name) as the version
+        after the current one, by EXTERNAL (`_record_displaced`), then exchange it back into place.
+        Whether the staged name is to stay, with the intent: it now holds what was in place, which
+        is neither that version's bytes nor any the registry has (another program's write landing
+        before the exchange back), for the next recovery to put back in turn."""
+        v = intent.version
+        detail = f"changed outside the volume just before the install of v{v} by {intent.agent}, which displaced it"
+        self._record_displaced(tx, target, staged, current_version(tx.file(intent.path)) + 1, detail)
+        swapped = atomic.swap_in(staged, target.abs)
+        atomic.sync_dirs(target.abs)
+        held = _hash_or_none(staged) if swapped else None
+        return held is not None and held != intent.hash and not tx.in_use(held)
+
+    def _record_displaced(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> None:
+        """Record the file at `name`, which an install displaced from `target` and which is to be
+        put back in place, as `version`, a change made outside the volume: its bytes retained as
+        read from `name` before it goes back (where another program could replace it before any
+        check saw it), logged saying `why`. No fingerprint: the next check hashes the file."""
+        now = time.time()
+        kept = hash_file(name)
+        stored = self._retain(tx, name, None)
+        record = FileRecord(target.rel, version, True, stored or kept[1], None, EXTERNAL, now, time.time_ns())
+        self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size)
+        tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: put back in place")
 
     def _recover_unrecorded(
         self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None, undone: bool

@@ -23,7 +23,7 @@ from ..errors import (
     StaleWriteError,
     UnprotectedAlias,
 )
-from ..fingerprint import absent, fingerprint_path
+from ..fingerprint import Fingerprint, absent, fingerprint_path, hash_path
 from ..liveness import ProcessId
 from ..paths import Target
 from ..protocol import (
@@ -37,6 +37,7 @@ from ..protocol import (
     appends_lost_their_file,
     current_version,
     decide_write,
+    displaced_needs_hash,
     is_noop,
     may_replay,
     view_moves,
@@ -78,6 +79,8 @@ class _Decided:
     """What to install (None: delete); its intent is recorded."""
     moves_view: bool = False
     exists: bool = False
+    record: FileRecord | None = None
+    """The current record it decided on, which its install displaces (`Writes._displaced_settled`)."""
 
 
 def _detail(check: WriteCheck, reason: Reason) -> str | None:
@@ -307,7 +310,9 @@ class Writes(Reads):
                     self._end(tx, handle.grant, handle.kind)
             elif refusal is None and exists:
                 tx.put_intent(Intent(target.rel, agent, version + 1, False, None, None))
-            return _Decided(version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists)
+            return _Decided(
+                version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists, record=record
+            )
 
         try:
             decided = self._transact(decide, ahead=(target.rel, agent))
@@ -320,17 +325,21 @@ class Writes(Reads):
             if content is None and not decided.exists:
                 raise absent(target.abs, target.rel)
             if content is not None:  # recorded: install it (recovery does, if this fails or dies first)
+                seen = self._seen_on_disk(target, decided.record)
                 try:
-                    content.install()
+                    displaced = content.install(exchange=True)
                 except BaseException as e:
                     content.leave_name()  # the marker of an install not done, for the next recovery
                     self._handle_ended(handle)
                     if isinstance(e, OSError):
                         raise InstallPending(target.rel, version + 1, e) from e
                     raise
-                self._consumed(content, target)
                 self._installed(target, version + 1, content.hash)
                 self._handle_ended(handle)
+                if displaced and not self._displaced_settled(content, decided.record, seen):
+                    self._transact(lambda tx: None, holds=(target.rel,))  # recovery puts it back (and records it)
+                else:
+                    self._consumed(content, target)
                 return version + 1
             # two steps (unlink, then the directory's fsync): if either fails, the disk says what happened
             self._install(lambda: atomic.remove(target.abs), (), (target.rel,))
@@ -476,6 +485,38 @@ class Writes(Reads):
         assert staged.tmp is not None
         with self._lock:
             self._renamed[staged.tmp] = target.rel
+
+    def _seen_on_disk(self, target: Target, record: FileRecord | None) -> tuple[Fingerprint | None, int]:
+        """The fingerprint that a commit's decision relied on for the file its install displaces (the
+        current `record`'s), and when it was checked against the content: in a working copy, what the
+        copy records holding (read before its install changes that)."""
+        if self.replica is None:
+            return (None, 0) if record is None else (record.fingerprint, record.checked_ns)
+        installed = self.replica.installed(target.rel)
+        if installed is None or record is None or installed.version != record.version:
+            return None, 0
+        return installed.fingerprint, installed.checked_ns
+
+    @staticmethod
+    def _displaced_settled(
+        content: atomic.Staged, record: FileRecord | None, seen: tuple[Fingerprint | None, int]
+    ) -> bool:
+        """After an install that exchanged `content` with the file at its target: remove that file,
+        now at the staged name, if it is the version the decision found (`record`, relied on as
+        `seen`; `protocol.displaced_needs_hash`), and say so. False: it holds other bytes (a
+        change made outside the volume meanwhile), left to recovery (`CoreBase._put_back`)."""
+        assert content.tmp is not None
+        fp = fingerprint_path(content.tmp)
+        if fp is not None and displaced_needs_hash(seen[0], seen[1], fp):
+            digest = hash_path(content.tmp)
+            previous = record.hash if record is not None and record.present else None
+            if digest is not None and digest != previous:
+                return False
+        try:
+            os.unlink(content.tmp)
+        except FileNotFoundError:
+            pass
+        return True
 
     def _handle_ended(self, handle: HandleCommit | None) -> None:
         """After the transaction that ended a handle's use of its grant: end it in memory too."""

@@ -233,10 +233,12 @@ class Replica:
                 raise
             db.execute("COMMIT")
 
-    def install(self, target: str, path: str, version: int, digest: str | None, data: bytes | None) -> None:
+    def install(self, target: str, path: str, version: int, digest: str | None, data: bytes | None) -> str | None:
         """Make this copy hold `version` of `path` (at `target` on disk): its bytes `data` (temp,
-        fsync, rename over the file) or, `data` None, no file; then record it. Called under the
-        registry's commit lock of `path`."""
+        fsync, exchanged with the file: `atomic.swap_in`) or, `data` None, no file; then record it.
+        Where the install displaced a file, it is left at the name returned, and what this copy
+        holds is for the caller to record (`holds`). Called under the registry's commit lock of
+        `path`."""
         if data is None:
             try:
                 atomic.remove(target)
@@ -245,10 +247,12 @@ class Replica:
         else:
             staged = atomic.stage(target, data, INSTALLED_MODE, root=os.path.dirname(self.directory))
             try:
-                staged.install()
+                if staged.install(exchange=True):
+                    return staged.tmp
             finally:
                 staged.discard()
         self.holds(target, path, version, digest if data is not None else None)
+        return None
 
     def holds(self, target: str, path: str, version: int, digest: str | None) -> None:
         """Record that this copy's disk now holds `version` of `path` (at `target`): bytes hashing to

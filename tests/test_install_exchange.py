@@ -1,0 +1,215 @@
+"""A program that does not use the volume (an editor's save: a temp file renamed over the file) may
+write a managed file after a commit's decision checked it and before the commit's install: the
+install exchanges the staged file with whatever is there, so those bytes are never destroyed, but
+put back in place and recorded as the version after the commit's (which stays in history), as a
+save just after the install would be; logged, also when the writer is killed right after the
+exchange, and in a working copy catching up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coherent_volume import CoherentVolume, StaleWriteError, atomic
+
+from .conftest import REPO
+from .harness.volumes import sql
+
+P = "plans/plan.md"
+SAVE = b"the editor's save\n"
+
+
+def _editor_saves_first(root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the next install's rename (an exchange, or before it a plain rename) first let an
+    editor save the target: a temp file outside the managed globs renamed over it. The targets it
+    saved."""
+    real_rename, real_replace = atomic.rename, os.replace
+    saved: list[str] = []
+
+    def save(dst: str) -> None:
+        if not saved and dst.endswith(P):
+            tmp = root / "editor.tmp"
+            tmp.write_bytes(SAVE)
+            real_replace(tmp, dst)
+            saved.append(dst)
+
+    def rename(src: str, dst: str, **flags: bool) -> None:
+        if flags.get("exchange"):
+            save(dst)
+        real_rename(src, dst, **flags)
+
+    def replace(src: Any, dst: Any) -> None:
+        save(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic, "rename", rename)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    return saved
+
+
+def _race(root: Path, open_volume: Callable[[str], CoherentVolume], monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_volume("alice") as alice:
+        alice.write(P, b"one\n")
+        saved = _editor_saves_first(root, monkeypatch)
+        assert alice.write(P, b"two\n") == 2
+        monkeypatch.undo()
+        assert saved, "the editor saved before the install"
+        with pytest.raises(StaleWriteError):  # the save came after her commit: she has not read it
+            alice.write(P, b"three\n")
+    with open_volume("bob") as bob:
+        assert [(v.version, v.kind, v.writer) for v in bob.history(P)] == [
+            (3, "foreign", "external"),
+            (2, "commit", "alice"),
+            (1, "commit", "alice"),
+        ]
+        assert bob.read(P) == SAVE
+        assert bob.read_version(P, 2) == b"two\n"
+        with bob._core.registry.read() as tx:
+            [recovered] = tx.events(path=P, kind="recover")
+        assert (recovered.reason, recovered.version) == ("displaced", 2)
+        assert "installed over a change made outside the volume just before, put back" in (recovered.detail or "")
+        assert "restore PATH --version 2" in (recovered.detail or "")
+    assert os.listdir(root / ".coherent/staging") == []
+
+
+def test_an_editors_save_just_before_a_commits_install_is_put_back_and_recorded_after_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _race(root, lambda agent: CoherentVolume(root, agent=agent), monkeypatch)
+
+
+def test_a_working_copy_puts_back_an_editors_save_made_just_before_a_commits_install(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_registry_postgresql import _pg_volume
+
+    root = _pg_volume(tmp_path / "copy", pg_url)
+    _race(root, lambda agent: CoherentVolume(root, agent=agent), monkeypatch)
+
+
+KILLED_AFTER_EXCHANGE = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root = Path(sys.argv[1])
+real_rename, real_replace = atomic.rename, os.replace
+
+def save(dst):
+    tmp = root / "editor.tmp"
+    tmp.write_bytes({SAVE!r})
+    real_replace(tmp, dst)
+
+def rename(src, dst, **flags):  # the install: the editor saves, the exchange happens, the writer dies
+    if not flags.get("exchange"):
+        return real_rename(src, dst, **flags)
+    save(dst)
+    real_rename(src, dst, **flags)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst):  # the install before exchanges
+    save(dst)
+    real_replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+vol = CoherentVolume(root, agent="victim")
+vol.read({P!r})
+atomic.rename, atomic.os.replace = rename, replace
+vol.write({P!r}, b"the victim's content\\n")
+"""
+
+
+def test_a_writer_killed_right_after_its_install_displaced_an_editors_save_loses_nothing(root: Path) -> None:
+    with CoherentVolume(root, agent="seed") as seed:
+        seed.write(P, b"one\n")
+    victim = subprocess.run([sys.executable, "-c", KILLED_AFTER_EXCHANGE, str(root)], cwd=REPO, timeout=120)
+    assert victim.returncode == -signal.SIGKILL
+    assert (root / P).read_bytes() == b"the victim's content\n"  # exchanged: the save at the staged name
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write("plans/other.md", b"x\n")  # any commit-locked operation settles the intent
+        assert [(v.version, v.kind, v.writer) for v in bob.history(P)] == [
+            (3, "foreign", "external"),
+            (2, "commit", "victim"),
+            (1, "commit", "seed"),
+        ]
+        assert bob.read(P) == SAVE
+        assert bob.read_version(P, 2) == b"the victim's content\n"
+    recovered = sql(root, f"SELECT reason, version FROM events WHERE kind = 'recover' AND path = '{P}'")
+    assert recovered == [("displaced", 2)]
+    why = sql(root, f"SELECT detail FROM events WHERE kind = 'foreign' AND path = '{P}'")
+    assert why == [
+        ("changed outside the volume just before the install of v2 by victim, which displaced it: put back in place",)
+    ]
+    assert sql(root, "SELECT count(*) FROM intents") == [(0,)]
+    assert os.listdir(root / ".coherent/staging") == []
+
+
+def test_a_working_copy_catching_up_puts_back_an_editors_save_made_after_its_check(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_registry_postgresql import _join, _pg_volume
+
+    c0, c1 = _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        alice.write(P, b"two\n")
+    with CoherentVolume(c1, agent="bob") as bob:
+        saved = _editor_saves_first(c1, monkeypatch)
+        assert bob.read(P) == SAVE  # c1 caught up with v2, which displaced the save: put back
+        monkeypatch.undo()
+        assert saved, "the editor saved before the catch-up's install"
+        assert [(v.version, v.kind, v.writer) for v in bob.history(P)] == [
+            (3, "foreign", "external"),
+            (2, "commit", "alice"),
+            (1, "commit", "alice"),
+        ]
+        assert bob.read_version(P, 2) == b"two\n"
+    assert (c1 / P).read_bytes() == SAVE
+    assert [n for n in os.listdir(c1 / "plans") if n != "plan.md"] == []
+
+
+def test_a_save_put_back_is_recorded_before_it_goes_back_so_a_next_save_cannot_replace_it_unseen(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the install and the save's return to its place a reader found the file holding the
+    commit, as recorded, so its program may save again at once, over the save put back."""
+    real_swap = atomic.swap_in
+    swaps: list[str] = []
+
+    def save(data: bytes) -> None:
+        (root / "editor.tmp").write_bytes(data)
+        os.replace(root / "editor.tmp", root / P)
+
+    def swap(src: str, dst: str) -> bool:
+        swaps.append(dst)
+        if len(swaps) == 1:  # the install
+            save(SAVE)
+        swapped = real_swap(src, dst)
+        if len(swaps) == 2:  # the save's return to its place
+            save(b"the editor's next save\n")
+        return swapped
+
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        monkeypatch.setattr(atomic, "swap_in", swap)
+        assert alice.write(P, b"two\n") == 2
+        monkeypatch.undo()
+        assert len(swaps) == 2
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == b"the editor's next save\n"
+        assert [(v.version, v.kind, v.writer) for v in bob.history(P)] == [
+            (4, "foreign", "external"),
+            (3, "foreign", "external"),
+            (2, "commit", "alice"),
+            (1, "commit", "alice"),
+        ]
+        assert bob.read_version(P, 3) == SAVE
+    assert os.listdir(root / ".coherent/staging") == []
