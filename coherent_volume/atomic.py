@@ -1,11 +1,8 @@
 """Atomic, durable replacement of one file: the disk edge of a commit.
 
-Content is staged before the commit lock is taken (written, its fsync begun in one of the process's
-syncing threads), and only given a name inside the lock, so a writer killed while staging leaves
-nothing behind. The fsync runs while the commit decides: a commit waits for it (`Staged.settle`)
-before its commit point, and an install before its rename, so a failed fsync records and installs
-nothing. Install follows the classic order: fsync'd temp in the same directory, rename over the
-target, fsync the directory.
+Content is staged before the commit lock is taken (write + fsync), and only given a name
+inside the lock, so a writer killed while staging leaves nothing behind. Install follows the
+classic order: fsync'd temp in the same directory, rename over the target, fsync the directory.
 """
 
 from __future__ import annotations
@@ -17,9 +14,7 @@ import itertools
 import os
 import secrets
 import stat as stat_mod
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd
@@ -43,77 +38,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-SYNCERS = 8
-"""Threads a process may have fsyncing staged content at once: as many writers' flushes as that
-overlap (the file system commits them together), as when each writer fsynced in its own thread."""
-
-
-def _fsync_closing(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Syncer:
-    """The process's syncing threads: they fsync duplicates of descriptors handed to them (and
-    close them), so a writer goes on (its commit decides) while the disk flushes its content. A
-    forked child, which inherits no thread, starts its own."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._pid = 0
-        self._starting = threading.Lock()
-        os.register_at_fork(after_in_child=self._forked)
-
-    def _forked(self) -> None:
-        self._pool, self._starting = None, threading.Lock()
-
-    def sync(self, fd: int) -> Future[None]:
-        """Begin an fsync of the file open as `fd` (of a duplicate: `fd` may be closed meanwhile). Once
-        the interpreter is shutting down (no new thread may start), made here and now."""
-        dup = os.dup(fd)
-        with self._starting:
-            if self._pool is None or self._pid != os.getpid():
-                self._pool = ThreadPoolExecutor(SYNCERS, thread_name_prefix="coherent-volume-fsync")
-                self._pid = os.getpid()
-            pool = self._pool
-        try:
-            return pool.submit(_fsync_closing, dup)
-        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-            done: Future[None] = Future()
-            try:
-                _fsync_closing(dup)
-            except OSError as e:
-                done.set_exception(e)
-            else:
-                done.set_result(None)
-            return done
-        except BaseException:
-            os.close(dup)
-            raise
-
-
-_syncer = _Syncer()
-
-
-def _refuse_unwritable(e: OSError, target: str) -> None:
-    """Raise, from `e`, what says that no space was left for the new content of `target` (nothing
-    was changed), if that is what `e` says; else return."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise OSError(
-            e.errno,
-            f"{e.strerror}: the new content of {target} could not be written to a staging file in its file "
-            "system; nothing was changed. Free some space there, then write it again",
-            target,
-        ) from e
-
-
 @dataclass
 class Staged:
     """New content for `target`: unnamed (an O_TMPFILE `fd`) until `install` links it to `tmp`, or
-    (on file systems without O_TMPFILE) already named `tmp`. When `durable`, the content is
-    fsynced (`settle` waits for it) and `install` fsyncs the directory, so the new name survives a power loss."""
+    (on file systems without O_TMPFILE) already named `tmp`. When `durable`, the content was
+    fsynced and `install` fsyncs the directory, so the new name survives a power loss."""
 
     target: str
     hash: str
@@ -123,20 +52,6 @@ class Staged:
     durable: bool = True
     data: bytes | None = None
     """The bytes it was staged from (`stage`): what its commit stores instead of reading it back."""
-    syncing: Future[None] | None = None
-    """Its fsync, begun by `stage_written` and not yet waited for (`settle`)."""
-
-    def settle(self) -> None:
-        """Wait for the content's fsync begun when it was staged; raise its error (nothing may be
-        recorded or installed then). Idempotent."""
-        if self.syncing is None:
-            return
-        try:
-            self.syncing.result()
-        except OSError as e:
-            _refuse_unwritable(e, self.target)
-            raise
-        self.syncing = None
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -220,7 +135,6 @@ class Staged:
         `exchange`: swap it with the file found at the target (`swap_in`), which then holds the temp
         name, left to the caller (`discard` does not remove it). Whether the temp name holds a file
         the install displaced."""
-        self.settle()
         tmp = self.plan_name()
         if not self.named:
             assert self.fd is not None
@@ -381,13 +295,19 @@ def stage_written(
     try:
         fill(lambda part: _write_all(fd, part))
         if durable:
-            staged.syncing = _syncer.sync(fd)
+            os.fsync(fd)
         if tmp is not None:
             os.close(fd)
             staged.fd = None
     except OSError as e:
         staged.discard()
-        _refuse_unwritable(e, target)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                e.errno,
+                f"{e.strerror}: the new content of {target} could not be written to a staging file in its file "
+                "system; nothing was changed. Free some space there, then write it again",
+                target,
+            ) from e
         raise
     except BaseException:
         staged.discard()

@@ -201,9 +201,9 @@ def test_a_rename_the_kernel_refuses_records_nothing(vols, root: Path) -> None:
 def test_a_write_whose_content_cannot_be_made_durable_records_and_changes_nothing(
     vols, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The new content's fsync runs while the commit decides; when it fails (a disk error), the
-    write raises that error before its commit point: no version, no log line, the file and every
-    view as they were, and the next write goes through."""
+    """When the new content's fsync fails (a disk error), the write raises that error before its
+    commit point: no version, no log line, the file and every view as they were, and the next write
+    goes through."""
     alice, bob = vols("alice"), vols("bob")
     alice.write(P, b"v1")
     bob.read(P)
@@ -239,7 +239,7 @@ threading.Thread(target=late).start()
 
 def test_a_write_made_while_the_interpreter_shuts_down_is_committed(root: Path) -> None:
     """A thread that writes after the main thread ended (the interpreter shutting down: no new
-    thread may start) still commits, its content made durable in that thread."""
+    thread may start, so a write must need none) still commits."""
     done = run_py(WRITES_AT_SHUTDOWN, str(root))
     assert (done.returncode, done.stdout, done.stderr) == (0, "1\n", "")
     assert (root / "plans/late.md").read_bytes() == b"late"

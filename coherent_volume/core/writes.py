@@ -385,10 +385,9 @@ class Writes(Reads):
         made: Made,
     ) -> None:
         """Record a commit of staged content as `version` in its decision's transaction: its COMMIT
-        is the commit's commit point, which the content's fsync precedes (a failed one records
-        nothing). The content is named in the staging directory first and its intent names that
-        file: a name still there later means the install did not happen, and recovery installs it
-        (`protocol.recovery`). Its bytes are retained in the same transaction."""
+        is the commit's commit point. The content is named in the staging directory first and its
+        intent names that file: a name still there later means the install did not happen, and
+        recovery installs it (`protocol.recovery`). Its bytes are retained in the same transaction."""
         try:
             tmp = content.name_in(self.paths.staging)
         except OSError as e:
@@ -421,7 +420,6 @@ class Writes(Reads):
         if moves_view:
             tx.put_view(agent, target.rel, version, now)
         tx.log("commit", target.rel, agent, now, seen_version=seen, version=version)
-        content.settle()  # its fsync ran while this decided: durable before the commit point
 
     @staticmethod
     def _recorded(tx: Transaction, agent: str, target: Target, version: int, record: Callable[[], None]) -> bool:
