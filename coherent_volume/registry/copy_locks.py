@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from ..errors import RegistryError
 from . import CopyRelock
+from .polling import poll
 from .sqlite import _comm, _openers
 
 TURN, GATE, REPORT, PATHS = 0, 1, 2, 3
@@ -116,18 +117,16 @@ class CopyLocks:
     def _wait(self, fd: int, kind: int, start: int, deadline: float, started: float, what: str) -> None:
         """Lock one byte, polling with short growing sleeps until `deadline` (time.monotonic());
         past it, RegistryError(EBUSY) naming who may hold it."""
-        delay = 0.0005
-        while not _fcntl(fd, kind, start):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RegistryError(
-                    f"the lock of the working copy ({what}, {self.path!r}) stayed held for the "
-                    f"{time.monotonic() - started:.1f} s this process waited; {self._holders()}. Nothing was "
-                    "changed. If the holder is stuck, stop it; then try again",
-                    errno.EBUSY,
-                )
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.005)
+        poll(
+            lambda: _fcntl(fd, kind, start),
+            deadline,
+            lambda: RegistryError(
+                f"the lock of the working copy ({what}, {self.path!r}) stayed held for the "
+                f"{time.monotonic() - started:.1f} s this process waited; {self._holders()}. Nothing was "
+                "changed. If the holder is stuck, stop it; then try again",
+                errno.EBUSY,
+            ),
+        )
 
     def _holders(self) -> str:
         """Who may hold a lock of the file: the processes that have it open (a hold opens it)."""

@@ -49,6 +49,7 @@ from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent, Version
 from . import DB_FILE, AgentSummary, Event, LogMark, objects
+from .polling import poll
 from .sqlite_access import refusal, unusable
 
 R = TypeVar("R")
@@ -603,24 +604,25 @@ def _who_holds(fd: int, path: str) -> str:
 def _flock_within(fd: int, operation: int, path: str, what: str, timeout: float, started: float) -> None:
     """Take flock `operation` (LOCK_EX or LOCK_SH) on `fd`, polling with short growing sleeps, by
     `started + timeout` (time.monotonic()); past that, RegistryError(EBUSY) saying what happened."""
-    delay = 0.0005
-    while True:
+
+    def take() -> bool:
         try:
             fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            return
         except BlockingIOError:
-            pass
-        left = started + timeout - time.monotonic()
-        if left <= 0:
-            raise RegistryError(
-                f"{what} {path!r} stayed held by another process for the {time.monotonic() - started:.1f} s this "
-                f"process waited (the limit is {timeout:g} s); {_who_holds(fd, path)}. Nothing was changed. "
-                f"If the holder is stuck, stop it (`fuser -v {path}` lists every process that has the file open); "
-                "then try again",
-                errno.EBUSY,
-            )
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 0.005)
+            return False
+        return True
+
+    poll(
+        take,
+        started + timeout,
+        lambda: RegistryError(
+            f"{what} {path!r} stayed held by another process for the {time.monotonic() - started:.1f} s this "
+            f"process waited (the limit is {timeout:g} s); {_who_holds(fd, path)}. Nothing was changed. "
+            f"If the holder is stuck, stop it (`fuser -v {path}` lists every process that has the file open); "
+            "then try again",
+            errno.EBUSY,
+        ),
+    )
 
 
 _OPEN: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
