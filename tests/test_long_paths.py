@@ -4,6 +4,7 @@ a descriptor of their directory (`paths.Target`), leaving no descriptor open beh
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def test_a_managed_file_whose_backing_path_reaches_path_max_keeps_every_version(
     deep = _deep_directory(root, "plans")
     path = f"{deep}/" + "f" * (4090 - len(deep) - 1)
     assert len(path.encode()) == 4090 and len(f"{root}/{path}".encode()) >= 4096
-    before = sorted(os.listdir("/proc/self/fd"))
+    gc.collect()  # descriptors of earlier tests' garbage in this worker close now, not mid-test
+    before = set(os.listdir("/proc/self/fd"))
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(path, "one\n")
         alice.update(path, lambda data: data + b"two\n")
@@ -44,4 +46,4 @@ def test_a_managed_file_whose_backing_path_reaches_path_max_keeps_every_version(
         assert alice.stale() == [path]
         assert alice.read(path) == b"bob's\n"
         alice.delete(path)
-    assert sorted(os.listdir("/proc/self/fd")) == before, "a descriptor was left open"
+    assert set(os.listdir("/proc/self/fd")) <= before, "a descriptor was left open"
