@@ -1089,11 +1089,13 @@ class CoherentOperations(pyfuse3.Operations):
                 carried = {**self.inodes.below(src, tree), **(self.inodes.below(dst, tree) if exchange else {})}
                 # the watcher reports each managed file below a moved directory: the echo of this rename
                 self.own.note(*carried.values(), *(_carried(rel, src, dst, exchange) for rel in carried.values()))
+                ends = (src, dst) if exchange else (src,)
+                aside = {i: rel for i, rel in self._aside.items() if any(_at_or_below(rel, end) for end in ends)}
                 await blocking(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
                 for handle in moving:
                     handle.moved = True
                 self._renamed(src, dst, exchange, tree)
-                for inode, before in carried.items():
+                for inode, before in {**carried, **aside}.items():
                     self._left(inode, before)
             finally:
                 for path in (src, dst):
@@ -1126,7 +1128,9 @@ class CoherentOperations(pyfuse3.Operations):
         """`inode` was reached by the name `before` until now (a checked rename carried it, or a lookup
         through a directory it carried: `_reached`): noted in `_left_globs` if that name could be or
         hold a managed path and its name now is not managed."""
-        now = self.inodes.path(inode).partition("\0")[0]
+        if self.inodes.path_if_known(inode) is None:
+            return  # forgotten by the kernel (while the rename was under way): no walk can reach it
+        now = self._name_now(inode)
         meant = self.core.paths.managed(before) or self._reaches(before)
         if meant and now != before and not self.core.paths.managed(now):
             befores = self._left_globs.setdefault(inode, {})
@@ -1134,6 +1138,13 @@ class CoherentOperations(pyfuse3.Operations):
             befores[before] = None  # the newest last; only the newest LEFT_NAMES are kept
             for oldest in list(befores)[:-LEFT_NAMES]:
                 del befores[oldest]
+
+    def _name_now(self, inode: int) -> str:
+        """The name `inode` is reached by now: its own, or where it lost that (its write's own inode,
+        `_apart`, or one a write handle is open on, `_unname`), the name it was set aside from, which
+        follows renames (`_renamed`)."""
+        path = self.inodes.path(inode)
+        return (self._aside.get(inode) or path.partition("\0")[0]) if "\0" in path else path
 
     def _reached(self, parent: int, rel: str, inode: int) -> None:
         """`inode` is the entry `rel` of the directory `parent`: where `parent` left the globs, a walk
@@ -1172,7 +1183,7 @@ class CoherentOperations(pyfuse3.Operations):
         befores = self._left_globs.get(inode)
         if not befores or self.core.paths.managed(rel):
             return []
-        below = "" if self.inodes.path(inode) == rel else "/" + rel.rpartition("/")[2]
+        below = "" if self._name_now(inode) == rel else "/" + rel.rpartition("/")[2]
         return [before + below for before in befores if self.core.paths.managed(before + below)]
 
     def _holds(self, rel: str, st: os.stat_result) -> bool:
