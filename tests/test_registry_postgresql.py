@@ -1614,6 +1614,8 @@ with CoherentVolume(sys.argv[1], agent=sys.argv[2]) as v:
 QUEUED_LISTING = """
 import sys
 from coherent_volume import CoherentVolume
+from coherent_volume.registry import pg_registry
+pg_registry.WHOLE_TRIES_FOR = float(sys.argv[2])
 with CoherentVolume(sys.argv[1], agent="lister") as v:
     v.write("plans/warm-lister.md", "w")
     v._core.registry.transact(lambda tx: list(tx.files()))  # waits to hold the whole volume
@@ -1685,12 +1687,41 @@ def test_a_writer_queued_behind_a_wait_for_the_whole_volume_is_told_so(tmp_path:
         writer = procs.start(QUEUED_WRITER, str(roots[2]), "bob", "2")
         assert _ask(writer, "plans/warm-bob.md") == "ok"
         _holding_a(procs, roots[1])
-        procs.start(QUEUED_LISTING, str(roots[0]))
+        procs.start(QUEUED_LISTING, str(roots[0]), "0.5")  # it tries for the whole volume 0.5 s, then queues
         _wait_for_row(
             pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'"
         )
         said = _ask(writer, "plans/b.md")
         assert "queued behind coherent-volume" in said and "waits to hold the whole volume" in said, said
+    finally:
+        procs.kill()
+
+
+def test_a_wait_for_the_whole_volume_while_a_path_is_held_stalls_no_writer(tmp_path: Path, pg_url: str) -> None:
+    """A transaction holds plans/a.md (idle in it); a listing in another working copy needs the whole
+    volume. While it tries for it (without queueing: `pg_registry.WHOLE_TRIES_FOR`), a writer of
+    plans/b.md in a third copy, whose lock wait is 2 s, commits (before, the listing's queued
+    exclusive request made it wait behind, and fail EBUSY); once the holder ends, the listing holds
+    the volume and completes."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url), _join(tmp_path / "c2", pg_url)]
+    procs = _Procs()
+    try:
+        writer = procs.start(QUEUED_WRITER, str(roots[2]), "bob", "2")
+        assert _ask(writer, "plans/warm-bob.md") == "ok"
+        holder = _holding_a(procs, roots[1])
+        listing = procs.start(QUEUED_LISTING, str(roots[0]), "60")
+        trying = (
+            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND pid != pg_backend_pid() "
+            "AND query LIKE '%%DO $$%%pg_try_advisory%%'"
+        )
+        queued = "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'"
+        _wait_for_row(pg_url, f"{trying} UNION ALL {queued}")  # it tries (or, before, queued) for the volume
+        assert _ask(writer, "plans/b.md") == "ok"
+        assert _ask(writer, "plans/c.md") == "ok"
+        assert _q(pg_url, trying), "the listing still tries for the whole volume"
+        assert listing.poll() is None
+        holder.kill()
+        assert listing.wait(timeout=60) == 0
     finally:
         procs.kill()
 

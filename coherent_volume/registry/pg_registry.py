@@ -105,6 +105,9 @@ R = TypeVar("R")
 COMMIT_LOCK_TIMEOUT = 30.0
 """Seconds the commit lock is waited for before RegistryError(EBUSY): this working copy's lock,
 and the database's lock each write transaction takes."""
+WHOLE_TRIES_FOR = 10.0
+"""Seconds a transaction needing the whole volume tries for its lock without queueing for it
+(`_whole_volume`): longer than a paused client's transaction lasts (5 s idle in it)."""
 LOST_RERUNS = 3
 """Runs of one write transaction whose connection is lost before COMMIT (a database restart)."""
 LOCK_TIMED_OUT = "55P03"
@@ -548,8 +551,11 @@ class PostgresRegistry:
             if cursor.fetchone() is None:
                 raise RegistryError(f"{self.location.describe()} no longer exists in the database")
 
-        shared = "" if holds.whole else "_shared"
-        volume = Queued(f"SELECT pg_advisory_xact_lock{shared}(%s, %s)", (LOCK_CLASS, self._lock_key))
+        volume = (
+            self._whole_volume()
+            if holds.whole
+            else Queued("SELECT pg_advisory_xact_lock_shared(%s, %s)", (LOCK_CLASS, self._lock_key))
+        )
         keys = sorted(holds.keys(self.volume_id))
         whole = Queued("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_CLASS, self._lock_key), tried)
         return [
@@ -564,6 +570,20 @@ class PostgresRegistry:
             ),
         ]
 
+    def _whole_volume(self) -> Queued:
+        """The statement that takes the volume's lock exclusive: tried every 10 ms for WHOLE_TRIES_FOR
+        s, then queued for (`lock_timeout`). A queued exclusive request makes every later request of
+        the lock wait behind it, shared ones too (PostgreSQL grants no lock past a waiting one), so
+        trying first keeps writers of every path going while a transaction holding one path
+        stays open (paused: until the server ends it); queueing after keeps a volume always being
+        written from starving it. (One statement, run by the server: no round trip per try.)"""
+        lock = f"{LOCK_CLASS}, {self._lock_key}"  # integers: a DO block takes no parameters
+        tries = int(WHOLE_TRIES_FOR * 100)
+        return Queued(
+            f"DO $$ BEGIN FOR i IN 1..{tries} LOOP IF pg_try_advisory_xact_lock({lock}) THEN RETURN; END IF; "
+            f"PERFORM pg_sleep(0.01); END LOOP; PERFORM pg_advisory_xact_lock({lock}); END $$"
+        )
+
     @staticmethod
     def _locks(keys: list[int], first: Queued | None = None) -> list[Queued]:
         """The statements that take the lock `first` takes (the volume's, a content's), then the locks
@@ -574,7 +594,7 @@ class PostgresRegistry:
         wait_ms = int(COMMIT_LOCK_TIMEOUT * 1000)
         return [
             Queued(f"SET LOCAL lock_timeout = {wait_ms}"),
-            Queued(f"SET LOCAL statement_timeout = {wait_ms + 5000}"),
+            Queued(f"SET LOCAL statement_timeout = {wait_ms + int(WHOLE_TRIES_FOR * 1000) + 5000}"),
             *([] if first is None else [first]),
             *(Queued("SELECT pg_advisory_xact_lock(%s)", (key,)) for key in keys),
             Queued("SET LOCAL lock_timeout TO DEFAULT"),  # the session's own (options) for the rest
