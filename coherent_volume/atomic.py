@@ -56,7 +56,7 @@ class Staged:
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
         if self.tmp is None:
-            self.tmp = _temp_name(self.target)
+            self.tmp = temp_name(self.target)
         return self.tmp
 
     def reader(self) -> int:
@@ -93,7 +93,7 @@ class Staged:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            tmp = _temp_name(self.target)
+            tmp = temp_name(self.target)
             _link(self.fd, tmp)
         self.tmp, self.named = tmp, True
         return tmp
@@ -219,8 +219,8 @@ def _temp_base(target: str) -> str:
     return f".{base}{suffix}"
 
 
-def _temp_name(target: str) -> str:
-    """A temp name beside `target` (`_temp_base`)."""
+def temp_name(target: str) -> str:
+    """A temp name beside `target` (`_temp_base`): never a managed file (`globs.STAGED`)."""
     return os.path.join(os.path.dirname(target), _temp_base(target))
 
 
@@ -264,7 +264,7 @@ def _open_staged(target: str, mode: int) -> tuple[int, str | None]:
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
-    tmp = _temp_name(target)
+    tmp = temp_name(target)
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
 
 
@@ -413,6 +413,17 @@ def swap_in(src: str, dst: str) -> bool:
             return False
         except FileExistsError:
             continue
+
+
+def set_aside(path: str, aside: str) -> bool:
+    """Move the file at `path` to `aside` (a `temp_name`), without replacing anything there, so that
+    what is checked at `aside` is the very file a removal takes: a file saved at `path` afterwards
+    is a new one, untouched. Whether a file was there."""
+    try:
+        rename(path, aside, noreplace=True)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def sync_dirs(*paths: str) -> None:

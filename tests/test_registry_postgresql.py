@@ -1031,13 +1031,13 @@ import sys, time
 from pathlib import Path
 from coherent_volume import CoherentVolume, atomic
 root, gate = sys.argv[1], Path(sys.argv[2])
-remove = atomic.remove
-def paused(target):
+set_aside = atomic.set_aside
+def paused(target, aside):  # the deletion's disk change
     (gate / "at-removal").touch()
     while not (gate / "go").exists():
         time.sleep(0.02)
-    remove(target)
-atomic.remove = paused
+    return set_aside(target, aside)
+atomic.set_aside = paused
 with CoherentVolume(root, agent="alice") as v:
     v.read("plans/p.md")
     print(v.delete("plans/p.md"))

@@ -519,12 +519,13 @@ class CoreBase:
         installed: Installed | None,
         displaced: str,
     ) -> FileRecord | None:
-        """After a working copy's install of `record` displaced a file (now at `displaced`): removed
-        if it is what the copy was found holding (`installed`; `protocol.displaced_needs_hash`),
-        else a change made on this host outside the volume after the check, recorded as the next
-        version (`_record_displaced`) and exchanged back into place; the current record then. The
-        current version's bytes are removed again, unless a file made between the two exchanges
-        holds the name instead (never managed: `globs.STAGED`)."""
+        """After a working copy's install of `record` took a file away (now at `displaced`: exchanged
+        with the current version's bytes, or set aside by a deletion): removed if it is what the copy
+        was found holding (`installed`; `protocol.displaced_needs_hash`), else a change made on this
+        host outside the volume after the check, recorded as the next version (`_record_displaced`)
+        and put back in place; the current record then. What the put back displaces in turn is
+        removed if it is the current version's bytes; a file made between the two (another save) is
+        left at that name for the next process's recovery (`_settle_asides`)."""
         fp = fingerprint_path(displaced)
         held = installed.hash if installed is not None else None
         seen = (installed.fingerprint, installed.checked_ns) if installed is not None and held else (None, 0)
@@ -533,14 +534,47 @@ class CoreBase:
             replica.holds(target.abs, target.rel, record.version, record.hash)
             return record
         why = (
-            f"changed outside the volume on host {socket.gethostname()} just before its working copy's install of "
-            f"v{record.version}, which displaced it"
+            f"changed outside the volume on host {socket.gethostname()} just before its working copy's "
+            f"{'install' if record.present else 'deletion'} of v{record.version}, which took it away"
         )
         self._record_displaced(tx, target, displaced, record.version + 1, why)
-        if atomic.swap_in(displaced, target.abs) and hash_path(displaced) == record.hash:
-            os.unlink(displaced)
-        atomic.sync_dirs(target.abs)
+        self._set_back(replica, target, displaced, record.hash)
         return tx.file(target.rel)
+
+    @staticmethod
+    def _set_back(replica: Replica, target: Target, name: str, current: str | None) -> None:
+        """Put the file at `name`, which a catch-up took from `target` and which is recorded, back in
+        place; what that exchange brings to `name` is removed if it is the `current` version's bytes
+        (the catch-up's), else left there noted (`Replica.setting_aside`)."""
+        if not atomic.swap_in(name, target.abs) or hash_path(name) == current:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+            replica.set_back(target.rel, name)
+        atomic.sync_dirs(target.abs)
+
+    def _settle_asides(self, tx: Transaction, replica: Replica) -> None:
+        """Settle what catch-ups of this working copy took away and never settled (their process
+        died between the disk change and the record; the whole copy is held): a file that is gone
+        or holds bytes the copy held or the registry keeps is removed, any other (a change made
+        outside the volume) recorded as the next version of its path and put back in place."""
+        for rel, name in replica.asides():
+            target = self.paths.of_rel(rel)
+            held = _hash_or_none(name)
+            installed = replica.installed(rel)
+            if held is None or held == (installed.hash if installed else None) or tx.in_use(held):
+                if held is not None:
+                    os.unlink(name)
+                replica.set_back(rel, name)
+                continue
+            why = (
+                f"changed outside the volume on host {socket.gethostname()} just before its working copy's "
+                "catch-up took it away, whose process died before it put it back"
+            )
+            record = tx.file(rel)
+            self._record_displaced(tx, target, name, current_version(record) + 1, why)
+            self._set_back(replica, target, name, record.hash if record is not None and record.present else None)
 
     def _hold(self, tx: Transaction, paths: Iterable[str]) -> None:
         """Hold `paths` too in `fn`'s transaction (`_transact`), their interrupted commits settled."""
@@ -563,6 +597,8 @@ class CoreBase:
         covered = None if held is None else set(held)
         if not self._swept and covered is None:
             self._sweep_staging(intents)
+            if self.replica is not None:
+                self._settle_asides(tx, self.replica)
         named = {i.tmp for i in intents}
         pending = {(i.path, i.version) for i in intents}
         with self._lock:  # other threads change entries of the paths they hold only
@@ -591,6 +627,9 @@ class CoreBase:
                     continue  # its staged name holds another program's file, to be put back in turn
             else:
                 self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in undone)
+                set_aside = staged is not None and os.path.lexists(staged)  # by its removal or rename
+                if set_aside and self._recover_recorded(tx, intent, target, tx.file(intent.path), staged, aside=True):
+                    continue
             if staged is not None:
                 try:
                     os.unlink(staged)
@@ -601,21 +640,29 @@ class CoreBase:
                 tx.drop(intent.hash)  # an abandoned commit's content, which nothing else names
 
     def _recover_recorded(
-        self, tx: Transaction, intent: Intent, target: Target, record: FileRecord, staged: str | None
+        self,
+        tx: Transaction,
+        intent: Intent,
+        target: Target,
+        record: FileRecord | None,
+        staged: str | None,
+        aside: bool = False,
     ) -> bool:
         """A commit recorded with its decision, its staged file still there (`staged`) or not:
         nothing to do if its install happened, else install the staged file now where the disk
         still holds the version before it and the file still holds the recorded bytes. A staged name
         holding what its install displaced puts that back in place unless the registry has its
-        bytes (`protocol.recovery`, `_put_back`). Whether the intent stays (`_put_back`)."""
+        bytes (`protocol.recovery`, `_put_back`); so does the name a removal or a rename set the
+        file it replaced aside at (`aside`: its intent, settled already, names it), never installed.
+        Whether the intent stays (`_put_back`)."""
         on_disk, disk_hash, previous, staged_hash = False, None, None, None
-        current = record.version == intent.version
+        current = aside or (record is not None and record.version == intent.version)
         if staged is not None:
             staged_hash = _hash_or_none(staged)
             if current:
                 before = tx.version_entry(intent.path, intent.version - 1)
                 previous = before.hash if before is not None and before.hash is not None else None
-                if self.replica is None:
+                if self.replica is None and not aside:
                     fp, disk_hash = disk_state(target, None)
                     on_disk = fp is not None
         outcome = recovery(
@@ -624,7 +671,7 @@ class CoreBase:
             disk_hash,
             replicated=self.replica is not None,
             recorded=True,
-            staged=staged is not None and current,
+            staged=staged is not None and current and not aside,
             staged_hash=staged_hash,
             staged_kept=staged_hash is not None and staged_hash != previous and tx.in_use(staged_hash),
             previous=previous,

@@ -14,12 +14,11 @@ from typing import NamedTuple
 from .. import atomic
 from ..diffs import MAX_MERGE_BYTES
 from ..errors import (
-    InstallPending,
     InvalidPath,
     LinkRefused,
     StaleWriteError,
 )
-from ..fingerprint import content_hash, fingerprint_path, read_fd
+from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, read_fd
 from ..paths import Target, printable
 from ..policy import Policy
 from ..protocol import (
@@ -27,6 +26,7 @@ from ..protocol import (
     Intent,
     WriteCheck,
     current_version,
+    displaced_needs_hash,
     is_noop,
     may_merge,
     view_moves,
@@ -63,25 +63,46 @@ def _rename_types_fit(src: Target, dst: Target, exchange: bool) -> None:
         raise OSError(errno.ENOTEMPTY, "Directory not empty", dst.rel)
 
 
+Seen = tuple[Fingerprint | None, int]
+"""A fingerprint a decision relied on for a file and when it was checked against the content."""
+
+
 class Planned(NamedTuple):
     """A managed path a checked rename changes: its new version, content hash (None: it loses its
-    content) and the writer's view, and the file that brings the new content."""
+    content) and the writer's view, and the file that brings the new content with the fingerprint
+    its hash was taken with (`Seen`)."""
 
     target: Target
     version: int
     digest: str | None
     seen: int | None
     source: str | None
+    came: Seen = (None, 0)
+
+
+class _Aside(NamedTuple):
+    """The file a checked rename's install takes from its place (what a save replaces at its
+    destination, or a merged save's source), set aside at `name` (a temp name beside it, which the
+    path's intent names) and checked against what the decision found there: its hash (None: no
+    file) and the fingerprint relied on (`Writes._displaced_settled`)."""
+
+    name: str
+    target: Target
+    digest: str | None
+    seen: Seen
 
 
 class _Plan(NamedTuple):
     """A checked rename's decision: the paths it changes whose versions are recorded once it is
     installed, and for a save by merging the version of the merge recorded at its destination
     (None: no merge, or one that is the destination's current content, `protocol.is_noop`: then
-    nothing is installed there, only the source removed)."""
+    nothing is installed there, only the source removed); the file it takes from its place."""
 
     plan: list[Planned]
     merged: int | None
+    aside: _Aside | None = None
+    merged_over: FileRecord | None = None
+    """The record of `dst` the merge was decided over (what its install displaces)."""
 
 
 class _Merge(NamedTuple):
@@ -126,6 +147,27 @@ class _Tree:
             self.files[rel] = path
             if st.st_nlink > 1:
                 self.linked.append(rel)
+
+
+def _moved_changed(plan: list[Planned]) -> list[tuple[Target, tuple[Fingerprint, str]]]:
+    """The files a rename moved (`plan`) whose bytes at their new name are not what its decision
+    hashed at their old one (a program outside the volume saved there in the meantime), with
+    their fingerprint and hash: a stat proves a file the same (`protocol.displaced_needs_hash`: a
+    rename moves the inode), else it is hashed."""
+    moved: list[tuple[Target, tuple[Fingerprint, str]]] = []
+    for target, _, digest, _, source, came in plan:
+        if source is None or digest is None:
+            continue
+        fp = fingerprint_path(target.abs)
+        if fp is None or not displaced_needs_hash(came[0], came[1], fp):
+            continue
+        try:
+            fp, now = hash_file(target.abs)
+        except OSError:
+            continue
+        if now != digest:
+            moved.append((target, (fp, now)))
+    return moved
 
 
 class Renames(History):
@@ -297,30 +339,46 @@ class Renames(History):
         # date, so a source hashed before its own check would name the bytes it held before that.
         # A managed source's own check synced its record with the disk, so (outside a working
         # copy) that record's hash names the bytes it holds: not hashed again
-        synced = {} if self.replica is not None else {t.abs: r.hash for _, t, r, _ in checked if r and r.present}
+        synced = {} if self.replica is not None else {t.abs: r for _, t, r, _ in checked if r and r.present}
         plan: list[Planned] = []
         merged: int | None = None
+        aside: _Aside | None = None
+        dst_record: FileRecord | None = None
         for rel, target, record, check in checked:
-            digest = None
+            digest: str | None = None
+            came: Seen = (None, 0)
             if rel in after:
-                came = after[rel]
-                digest = synced.get(came) or self._hash_of(came, fingerprint_path(came))[1]
+                digest, came = self._moving_hash(after[rel], synced.get(after[rel]))
             version = current_version(record) + 1
             if merge is not None and rel == dst.rel:
                 if digest != merge.ours:  # the source changed since it was merged: merge it again
                     return Refused(merge.refusal, _merge_side(src))
+                aside = _Aside(atomic.temp_name(src.abs), src, digest, came)
                 if is_noop(record, merge.content.hash):
                     continue
                 moves_view = view_moves(check, True, True)
                 self._record_staged(tx, agent, target, version, merge.content, check.seen, moves_view, merge.made)
-                merged = version
+                merged, dst_record = version, record
             elif (record is not None and record.present) or digest is not None:
-                plan.append(Planned(target, version, digest, check.seen, after.get(rel)))
-        for target, version, digest, _, source in plan:
-            tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, None))
+                plan.append(Planned(target, version, digest, check.seen, after.get(rel), came))
+                if saving and rel == dst.rel:
+                    present = record is not None and record.present
+                    seen = self._seen_on_disk(target, record)
+                    aside = _Aside(atomic.temp_name(dst.abs), dst, record.hash if present and record else None, seen)
+        for target, version, digest, _, source, _ in plan:
+            tmp = aside.name if aside is not None and aside.target.rel == target.rel else None
+            tx.put_intent(Intent(target.rel, agent, version, digest is not None, digest, tmp))
             if source is not None:
                 self._retain(tx, source, digest)
-        return _Plan(plan, merged)
+        return _Plan(plan, merged, aside, dst_record)
+
+    def _moving_hash(self, path: str, record: FileRecord | None) -> tuple[str | None, Seen]:
+        """The hash of the file at `path` that a rename moves, and the fingerprint it was taken with:
+        its record's where its check synced that with the disk (`record`), else hashed now."""
+        if record is not None:
+            return record.hash, (record.fingerprint, record.checked_ns)
+        fp, digest = self._hash_of(path, fingerprint_path(path))
+        return digest, (fp, time.time_ns())
 
     @staticmethod
     def _merges(tx: Transaction, dst: Target) -> bool:
@@ -339,31 +397,37 @@ class Renames(History):
     ) -> None:
         """The disk half of a decided rename (under the commit lock), and the record of its versions:
         rename(2), or for a save by merging (`merge`) the merge installed at `dst` (unless it is
-        already its content) and `src` removed."""
+        already its content) and `src` removed. Nothing a program outside the volume wrote in the
+        meantime is destroyed: a save over `dst` exchanges (`atomic.swap_in`) and a merged save's
+        source is set aside before it goes (`Writes._displaced_settled`), and a moved file is checked at its
+        new name (`_moved_changed`)."""
         plan = decided.plan
         undone = [(target.rel, version) for target, version, *_ in plan]
         paths = [target.rel for target, *_ in plan]
-        if merge is None:
+        aside, done, settled = decided.aside, [], True
+        if merge is None and aside is None:
             self._install(
                 lambda: atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace), undone, paths
             )
+        elif merge is None:
+            assert aside is not None
+            self._install(lambda: done.append(atomic.swap_in(src.abs, dst.abs)), undone, paths)
+            done[0] = done[0] and atomic.set_aside(src.abs, aside.name)  # what the exchange displaced
         else:
+            assert aside is not None
             if decided.merged is not None:
-                try:
-                    merge.content.install()
-                except BaseException as e:
-                    merge.content.leave_name()  # the marker of an install not done, for the next recovery
-                    if isinstance(e, OSError):
-                        raise InstallPending(dst.rel, decided.merged, e) from e
-                    raise
-                self._consumed(merge.content, dst)
-                self._installed(dst, decided.merged, merge.content.hash)
+                settled = self._install_recorded(dst, merge.content, decided.merged, decided.merged_over)
             if src.managed:
-                self._install(lambda: os.unlink(src.abs), undone, paths)
+                self._install(lambda: done.append(atomic.set_aside(src.abs, aside.name)), undone, paths)
             else:
-                os.unlink(src.abs)
-        for target, version, digest, _, _ in plan:
+                done.append(atomic.set_aside(src.abs, aside.name))
+        for target, version, digest, _, _, _ in plan:
             self._installed(target, version, digest)
+        moved = _moved_changed(plan)
+        if done and done[0] and aside is not None and not self._displaced_settled(aside.name, aside.digest, aside.seen):
+            self._aside_back(aside, paths)
+        elif not settled:
+            self._transact(lambda tx: None, holds=(dst.rel, *paths))  # recovery puts it back (and records it)
 
         def finish(tx: Transaction) -> bool:
             """Record the installed rename's versions (`Writes._recorded`); whether every one is the
@@ -372,13 +436,35 @@ class Renames(History):
                 self._recorded(
                     tx, agent, target, version, partial(self._finish, tx, agent, target, version, digest, seen)
                 )
-                for target, version, digest, seen, _ in plan
+                for target, version, digest, seen, _, _ in plan
             ]
             return all(ours)
 
         what = ", ".join(f"{target.rel} (version {version})" for target, version, *_ in plan)
         if plan and not self._settle(what, finish, paths):
             raise self._not_recorded(what, "the rename", "check the files and redo the rename if it is missing")
+        for target, disk in moved:
+            self._transact(partial(self._moved_foreign, agent, target, disk), holds=(target.rel,))
+
+    def _moved_foreign(self, agent: str, target: Target, disk: tuple[Fingerprint, str], tx: Transaction) -> None:
+        """Record the bytes a rename by `agent` moved to `target` that were not what its decision
+        hashed (`_moved_changed`) as the version after the rename's, by EXTERNAL."""
+        why = f"changed outside the volume just before a rename by {agent} moved it to this name"
+        self._sync(tx, target, tx.file(target.rel), disk, why)
+
+    def _aside_back(self, aside: _Aside, paths: list[str]) -> None:
+        """The file a rename's install set aside holds other bytes than its decision found there (a
+        change made outside the volume in the meantime): recorded after the rename's version and
+        put back in place by recovery (its path's intent names it, `CoreBase._recover`); an
+        unmanaged source is put back as it was, unless a file was made at its name meanwhile (then
+        it stays at its temp name, never removed)."""
+        if aside.target.managed:
+            self._transact(lambda tx: None, holds=(aside.target.rel, *paths))
+            return
+        try:
+            atomic.rename(aside.name, aside.target.abs, noreplace=True)
+        except FileExistsError:
+            pass
 
     def link(self, src: Target, dst: Target) -> None:
         """Hard-link `src` as `dst`, unless `refuse_hard_link` refuses it."""

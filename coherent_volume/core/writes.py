@@ -93,6 +93,15 @@ def _detail(check: WriteCheck, reason: Reason) -> str | None:
 
 R = TypeVar("R")
 
+
+def _set_aside(target: Target, aside: str) -> None:
+    """A deletion's disk change: the file set aside at `aside` (`atomic.set_aside`), to be checked
+    there before it goes; FileNotFoundError if there is none."""
+    if not atomic.set_aside(target.abs, aside):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", target.abs)
+    atomic.sync_dirs(target.abs)
+
+
 FINISH_WAIT = 15.0
 """Seconds a commit that is on disk keeps trying to record its version while the registry is
 unreachable (a database restart), before it reports the commit as pending."""
@@ -267,6 +276,7 @@ class Writes(Reads):
         """`commit` under the commit lock. `opening`: the write acts like opening a handle of that
         kind (a truncate by name), so the agent's own open write handles are respected."""
         replayed: list[atomic.Staged] = []  # what a replay staged; a re-run stages anew
+        aside = atomic.temp_name(target.abs)  # where a deletion sets the file aside (its intent names it)
 
         def decide(tx: Transaction) -> _Decided:
             for earlier in replayed:
@@ -309,7 +319,7 @@ class Writes(Reads):
                     assert handle is not None and handle.grant is not None
                     self._end(tx, handle.grant, handle.kind)
             elif refusal is None and exists:
-                tx.put_intent(Intent(target.rel, agent, version + 1, False, None, None))
+                tx.put_intent(Intent(target.rel, agent, version + 1, False, None, aside))
             return _Decided(
                 version, check, refusal=refusal, content=content, moves_view=moves_view, exists=exists, record=record
             )
@@ -325,25 +335,20 @@ class Writes(Reads):
             if content is None and not decided.exists:
                 raise absent(target.abs, target.rel)
             if content is not None:  # recorded: install it (recovery does, if this fails or dies first)
-                seen = self._seen_on_disk(target, decided.record)
                 try:
-                    displaced = content.install(exchange=True)
-                except BaseException as e:
-                    content.leave_name()  # the marker of an install not done, for the next recovery
+                    settled = self._install_recorded(target, content, version + 1, decided.record)
+                finally:
                     self._handle_ended(handle)
-                    if isinstance(e, OSError):
-                        raise InstallPending(target.rel, version + 1, e) from e
-                    raise
-                self._installed(target, version + 1, content.hash)
-                self._handle_ended(handle)
-                if displaced and not self._displaced_settled(content, decided.record, seen):
+                if not settled:
                     self._transact(lambda tx: None, holds=(target.rel,))  # recovery puts it back (and records it)
-                else:
-                    self._consumed(content, target)
                 return version + 1
-            # two steps (unlink, then the directory's fsync): if either fails, the disk says what happened
-            self._install(lambda: atomic.remove(target.abs), (), (target.rel,))
+            # set aside, then the directory's fsync: if either fails, the disk says what happened
+            seen = self._seen_on_disk(target, decided.record)
+            self._install(lambda: _set_aside(target, aside), (), (target.rel,))
             self._installed(target, version + 1, None)
+            previous = decided.record.hash if decided.record is not None else None
+            if not self._displaced_settled(aside, previous, seen):
+                self._transact(lambda tx: None, holds=(target.rel,))  # recovery puts it back (and records it)
 
             def finish(tx: Transaction) -> bool:
                 """Record the installed deletion, unless crash recovery already settled its intent (a
@@ -484,6 +489,30 @@ class Writes(Reads):
         with self._lock:
             self._renamed[staged.tmp] = target.rel
 
+    def _install_recorded(
+        self, target: Target, content: atomic.Staged, version: int, record: FileRecord | None
+    ) -> bool:
+        """Install a commit of `content` recorded as `version` with its decision, which found `record`:
+        exchanged with the file in place (`atomic.Staged.install`), the file it displaced removed if
+        it is that version (`_displaced_settled`). False: it is not, and is left for recovery to
+        record and put back (`CoreBase._put_back`; the caller runs it). An install that fails leaves
+        its staged name, the marker of an install not done (`InstallPending`)."""
+        seen = self._seen_on_disk(target, record)
+        try:
+            displaced = content.install(exchange=True)
+        except BaseException as e:
+            content.leave_name()  # the marker of an install not done, for the next recovery
+            if isinstance(e, OSError):
+                raise InstallPending(target.rel, version, e) from e
+            raise
+        self._installed(target, version, content.hash)
+        assert content.tmp is not None
+        previous = record.hash if record is not None and record.present else None
+        if displaced and not self._displaced_settled(content.tmp, previous, seen):
+            return False
+        self._consumed(content, target)
+        return True
+
     def _seen_on_disk(self, target: Target, record: FileRecord | None) -> tuple[Fingerprint | None, int]:
         """The fingerprint that a commit's decision relied on for the file its install displaces (the
         current `record`'s), and when it was checked against the content: in a working copy, what the
@@ -496,22 +525,19 @@ class Writes(Reads):
         return installed.fingerprint, installed.checked_ns
 
     @staticmethod
-    def _displaced_settled(
-        content: atomic.Staged, record: FileRecord | None, seen: tuple[Fingerprint | None, int]
-    ) -> bool:
-        """After an install that exchanged `content` with the file at its target: remove that file,
-        now at the staged name, if it is the version the decision found (`record`, relied on as
-        `seen`; `protocol.displaced_needs_hash`), and say so. False: it holds other bytes (a
-        change made outside the volume meanwhile), left to recovery (`CoreBase._put_back`)."""
-        assert content.tmp is not None
-        fp = fingerprint_path(content.tmp)
+    def _displaced_settled(name: str, previous: str | None, seen: tuple[Fingerprint | None, int]) -> bool:
+        """After an install that took the file at its target away to `name` (an exchange, or set
+        aside): remove it if it is the version the decision found (hashing to `previous`, None for no
+        file; its fingerprint relied on as `seen`: `protocol.displaced_needs_hash`), and say so.
+        False: it holds other bytes (a change made outside the volume meanwhile), left to recovery
+        (`CoreBase._put_back`)."""
+        fp = fingerprint_path(name)
         if fp is not None and displaced_needs_hash(seen[0], seen[1], fp):
-            digest = hash_path(content.tmp)
-            previous = record.hash if record is not None and record.present else None
+            digest = hash_path(name)
             if digest is not None and digest != previous:
                 return False
         try:
-            os.unlink(content.tmp)
+            os.unlink(name)
         except FileNotFoundError:
             pass
         return True

@@ -25,6 +25,10 @@ Invariants:
   report, sent with the next one (`unreported`, `reported`; one report of the copy at a time);
 - a replica.db SQLite finds no database or damaged, or one that holds none of this state (an empty
   file), is found so read-only (`damage`) before anything writes to it, and refused at open;
+- `replica_aside` names, before a catch-up changes the disk, where the file it takes away will be
+  (the temp name of its exchange, or where a deletion sets the file aside): a row outlives the
+  process only if it died before that file was settled (`CoreBase._settle_asides`), and goes when
+  the copy records what it holds of the path (`record`);
 - a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
   stored wrapped to signed.
 """
@@ -50,6 +54,7 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS replica_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS replica_files (path TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT, "
     "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, checked_ns INTEGER NOT NULL, reported INTEGER)",
+    "CREATE TABLE IF NOT EXISTS replica_aside (path TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (path, name))",
 )
 _UNREPORTED = "CREATE INDEX IF NOT EXISTS replica_unreported ON replica_files (path) WHERE reported IS NOT version"
 
@@ -202,17 +207,40 @@ class Replica:
         return Installed(version, digest, fp, checked_ns)
 
     def record(self, path: str, held: Installed) -> None:
-        """Record that this copy's disk holds `held` at `path`."""
+        """Record that this copy's disk holds `held` at `path` (nothing of it set aside any more)."""
         fp = held.fingerprint
         stat = (None, None, None, None) if fp is None else (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns)
         with self._mutex:
-            self._db().execute(
-                "INSERT INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET version = excluded.version, "
-                "hash = excluded.hash, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                "ctime_ns = excluded.ctime_ns, checked_ns = excluded.checked_ns",
-                (path, held.version, held.hash, *stat, held.checked_ns),
-            )
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                db.execute(
+                    "INSERT INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET version = excluded.version, "
+                    "hash = excluded.hash, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                    "ctime_ns = excluded.ctime_ns, checked_ns = excluded.checked_ns",
+                    (path, held.version, held.hash, *stat, held.checked_ns),
+                )
+                db.execute("DELETE FROM replica_aside WHERE path = ?", (path,))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def setting_aside(self, path: str, name: str) -> None:
+        """Note, before the disk changes, that a catch-up of `path` may take its file away to `name`."""
+        with self._mutex:
+            self._db().execute("INSERT OR IGNORE INTO replica_aside (path, name) VALUES (?, ?)", (path, name))
+
+    def set_back(self, path: str, name: str) -> None:
+        """The file a catch-up of `path` took away to `name` is settled (removed, or put back)."""
+        with self._mutex:
+            self._db().execute("DELETE FROM replica_aside WHERE path = ? AND name = ?", (path, name))
+
+    def asides(self) -> list[tuple[str, str]]:
+        """(path, name) of every file a catch-up took away that was not settled (its process died)."""
+        with self._mutex:
+            return [(str(p), str(n)) for p, n in self._db().execute("SELECT path, name FROM replica_aside")]
 
     def unreported(self) -> list[tuple[str, int]]:
         """(path, version) of every version this copy holds that the registry was not told yet."""
@@ -235,18 +263,20 @@ class Replica:
 
     def install(self, target: str, path: str, version: int, digest: str | None, data: bytes | None) -> str | None:
         """Make this copy hold `version` of `path` (at `target` on disk): its bytes `data` (temp,
-        fsync, exchanged with the file: `atomic.swap_in`) or, `data` None, no file; then record it.
-        Where the install displaced a file, it is left at the name returned, and what this copy
-        holds is for the caller to record (`holds`). Called under the registry's commit lock of
-        `path`."""
+        fsync, exchanged with the file: `atomic.swap_in`) or, `data` None, no file (the file set
+        aside: `atomic.set_aside`); then record it. Where the install took a file away, it is left at
+        the name returned (noted first: `setting_aside`), and what this copy holds is for the caller
+        to record (`holds`). Called under the registry's commit lock of `path`."""
         if data is None:
-            try:
-                atomic.remove(target)
-            except FileNotFoundError:
-                pass
+            aside = atomic.temp_name(target)
+            self.setting_aside(path, aside)
+            if atomic.set_aside(target, aside):
+                atomic.sync_dirs(target)
+                return aside
         else:
             staged = atomic.stage(target, data, INSTALLED_MODE, root=os.path.dirname(self.directory))
             try:
+                self.setting_aside(path, staged.plan_name())
                 if staged.install(exchange=True):
                     return staged.tmp
             finally:

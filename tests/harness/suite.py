@@ -70,8 +70,10 @@ def sweep_specs(p: Profile, faces: tuple[str, ...] = ("threads", "processes", "s
 def control_specs(p: Profile) -> list[Sweep]:
     """Runs where the checker must find violations: it is shown to catch them."""
     return [
-        Sweep("plain", 4, 1, max(p.api_attempts // 2, 80), think=0.002, expect_violations=True),
-        Sweep("plain", 4, p.files, max(p.api_attempts // 2, 80), think=0.002, expect_violations=True),
+        # a pause of up to 20 ms between each read and its write: the workers' windows overlap (and
+        # lose updates) even on a loaded machine, where 2 ms once left a run with none
+        Sweep("plain", 4, 1, max(p.api_attempts // 2, 80), think=0.02, expect_violations=True),
+        Sweep("plain", 4, p.files, max(p.api_attempts // 2, 80), think=0.02, expect_violations=True),
         Sweep("threads", 4, 3, max(p.api_attempts, 160), judge_as="read-set", expect_violations=True),
     ]
 

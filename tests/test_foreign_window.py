@@ -1,0 +1,277 @@
+"""A program that does not use the volume (an editor's save: a temp file renamed over the file) may
+save a managed file after a change's decision checked it and before the change reaches the disk.
+Besides a commit's install (tests/test_install_exchange.py): a checked rename over the file, a
+rename whose source the program saves, a save merged by rename, and a working copy catching up
+with a deletion, or killed while it catches up. The save is never destroyed: it is recorded as the
+version after the change's and put back in place."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, Policy, atomic
+from coherent_volume.protocol import RACY_NS
+
+from .conftest import REPO
+
+P = "plans/plan.md"
+SAVE = b"the editor's save\n"
+
+
+def _save(at: Path, data: bytes = SAVE) -> None:
+    """An editor's save of `at`: a temp file outside the managed globs renamed over it."""
+    tmp = at.parent.parent / "editor.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, at)
+
+
+def _saves_before_rename(monkeypatch: pytest.MonkeyPatch, at: Path, when: Callable[[str, str], bool]) -> list[str]:
+    """Make the first rename(2) of the volume for which `when(src, dst)` holds (atomic.rename, with
+    or without renameat2's flags) first let an editor save `at`. The names it fired on."""
+    real = atomic.rename
+    fired: list[str] = []
+
+    def rename(src: str, dst: str, **flags: bool) -> None:
+        if not fired and when(src, dst):
+            _save(at)
+            fired.append(dst)
+        real(src, dst, **flags)
+
+    monkeypatch.setattr(atomic, "rename", rename)
+    return fired
+
+
+def _rename(vol: CoherentVolume, src: str, dst: str) -> None:
+    core = vol._core
+    core.rename(vol.agent, core.resolve(src), core.resolve(dst))
+
+
+def _history(vol: CoherentVolume, path: str) -> list[tuple[int, str, str]]:
+    return [(v.version, v.kind, v.writer) for v in vol.history(path)]
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if ".cv-" in n]
+
+
+def test_a_save_over_the_destination_just_before_a_checked_rename_is_put_back_and_recorded(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        (root / "draft.txt").write_bytes(b"two\n")  # unmanaged: the rename is checked for its destination
+        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: dst.endswith(P))
+        _rename(alice, "draft.txt", P)
+        monkeypatch.undo()
+        assert fired
+        assert (root / P).read_bytes() == SAVE
+        assert _history(alice, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
+        assert alice.read_version(P, 2) == b"two\n"
+        assert alice.read_version(P, 3) == SAVE
+    assert not (root / "draft.txt").exists()
+    assert _leftovers(root / "plans") == [] and _leftovers(root) == []
+
+
+def test_a_save_of_the_source_just_before_a_checked_rename_is_recorded_where_it_went(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename moves whatever the source holds: a save there after its decision hashed the
+    source arrives at the destination, and is recorded as a version of its own after the
+    rename's (which keeps the bytes its decision hashed), never taken for them, also when the
+    rename is recorded later than the racy window of its ctime (a slow registry)."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        alice.write("plans/draft.md", b"two\n")
+        fired = _saves_before_rename(monkeypatch, root / "plans/draft.md", lambda src, dst: src.endswith("draft.md"))
+        renamed = atomic.rename
+
+        def slow(src: str, dst: str, **flags: bool) -> None:
+            renamed(src, dst, **flags)
+            time.sleep(RACY_NS / 1e9 + 0.05)
+
+        monkeypatch.setattr(atomic, "rename", slow)
+        _rename(alice, "plans/draft.md", P)
+        monkeypatch.undo()
+        assert fired
+        assert (root / P).read_bytes() == SAVE
+        assert _history(alice, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
+        assert alice.read_version(P, 2) == b"two\n"
+        assert alice.read_version(P, 3) == SAVE
+        assert _history(alice, "plans/draft.md")[0] == (2, "delete", "alice")
+
+
+def test_a_save_just_before_a_merged_save_by_rename_is_installed_is_put_back_and_recorded(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.set_policy(Policy(merge=(P,)))
+        alice.write(P, b"one\ntwo\n")
+        bob.read(P)
+        alice.write(P, b"zero\none\ntwo\n")
+        bob.write("plans/z.md", b"one\ntwo\nthree\n")
+        real_replace = os.replace
+        fired: list[str] = []
+
+        def replace(src: str, dst: str) -> None:  # the merge's install before exchanges
+            if not fired and str(dst).endswith(P):
+                fired.append(str(dst))
+                _save(root / P)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        saved = _saves_before_rename(monkeypatch, root / P, lambda src, dst: dst.endswith(P) and not fired)
+        _rename(bob, "plans/z.md", P)
+        monkeypatch.undo()
+        assert fired or saved
+        assert (root / P).read_bytes() == SAVE
+        assert _history(alice, P) == [
+            (4, "foreign", "external"),
+            (3, "merge", "bob"),
+            (2, "commit", "alice"),
+            (1, "commit", "alice"),
+        ]
+        assert alice.read_version(P, 3) == b"zero\none\ntwo\nthree\n"
+    assert _leftovers(root / "plans") == [] and os.listdir(root / ".coherent/staging") == []
+
+
+def test_a_save_of_a_merged_saves_source_just_before_it_is_removed_is_put_back_and_recorded(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.set_policy(Policy(merge=(P,)))
+        alice.write(P, b"one\ntwo\n")
+        bob.read(P)
+        alice.write(P, b"zero\none\ntwo\n")
+        bob.write("plans/z.md", b"one\ntwo\nthree\n")
+        z = root / "plans/z.md"
+        real_unlink = os.unlink
+        fired: list[str] = []
+
+        def unlink(path: str, *args: object, **kwargs: object) -> None:  # the source's removal before
+            if not fired and str(path) == str(z):
+                fired.append(str(path))
+                _save(z)
+            real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        saved = _saves_before_rename(monkeypatch, z, lambda src, dst: src == str(z) and not fired)
+        _rename(bob, "plans/z.md", P)
+        monkeypatch.undo()
+        assert fired or saved
+        assert z.read_bytes() == SAVE
+        assert _history(alice, "plans/z.md") == [
+            (3, "foreign", "external"),
+            (2, "delete", "bob"),
+            (1, "commit", "bob"),
+        ]
+        assert (root / P).read_bytes() == b"zero\none\ntwo\nthree\n"
+    assert _leftovers(root / "plans") == []
+
+
+def _copies(tmp_path: Path, pg_url: str) -> tuple[Path, Path]:
+    from .test_registry_postgresql import _join, _pg_volume
+
+    return _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
+
+
+def test_a_working_copy_catching_up_with_a_deletion_puts_back_a_save_made_after_its_check(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        alice.delete(P)
+    real_remove = atomic.remove
+    fired: list[str] = []
+
+    def remove(target: str) -> None:  # the catch-up's removal before
+        if not fired and target.endswith(P):
+            fired.append(target)
+            _save(c1 / P)
+        real_remove(target)
+
+    monkeypatch.setattr(atomic, "remove", remove)
+    saved = _saves_before_rename(monkeypatch, c1 / P, lambda src, dst: src.endswith(P) and not fired)
+    with CoherentVolume(c1, agent="bob") as bob:
+        assert bob.read(P) == SAVE  # c1 caught up with the deletion, which took the save away: put back
+        monkeypatch.undo()
+        assert fired or saved
+        assert _history(bob, P) == [(3, "foreign", "external"), (2, "delete", "alice"), (1, "commit", "alice")]
+    assert (c1 / P).read_bytes() == SAVE
+    assert _leftovers(c1 / "plans") == []
+
+
+KILLED_CATCHING_UP = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root = Path(sys.argv[1])
+real_rename = atomic.rename
+
+def rename(src, dst, **flags):  # the catch-up's exchange: the editor saves first, then the copy dies
+    if flags.get("exchange") and dst.endswith({P!r}):
+        tmp = root / "editor.tmp"
+        tmp.write_bytes({SAVE!r})
+        os.replace(tmp, dst)
+        real_rename(src, dst, **flags)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(src, dst, **flags)
+
+vol = CoherentVolume(root, agent="bob")
+atomic.rename = rename
+vol.read({P!r})
+"""
+
+
+def test_a_working_copy_killed_between_a_catch_ups_exchange_and_the_put_back_loses_nothing(
+    tmp_path: Path, pg_url: str
+) -> None:
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        alice.write(P, b"two\n")
+    killed = subprocess.run([sys.executable, "-c", KILLED_CATCHING_UP, str(c1)], cwd=REPO, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert (c1 / P).read_bytes() == b"two\n"  # exchanged: the save beside it, at a temp name
+    with CoherentVolume(c1, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")  # the first commit-locked operation of a process settles it
+        assert carol.read(P) == SAVE
+        assert _history(carol, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
+        assert carol.read_version(P, 3) == SAVE
+    assert _leftovers(c1 / "plans") == []
+
+
+def test_a_save_just_before_a_deletion_through_the_volume_is_put_back_and_recorded(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        real_unlink = os.unlink
+        fired: list[str] = []
+
+        def unlink(path: str, *args: object, **kwargs: object) -> None:  # the deletion's unlink before
+            if not fired and str(path).endswith(P):
+                fired.append(str(path))
+                _save(root / P)
+            real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        saved = _saves_before_rename(monkeypatch, root / P, lambda src, dst: src.endswith(P) and not fired)
+        assert alice.delete(P) == 2
+        monkeypatch.undo()
+        assert fired or saved
+        assert (root / P).read_bytes() == SAVE
+        assert _history(alice, P) == [(3, "foreign", "external"), (2, "delete", "alice"), (1, "commit", "alice")]
+    assert _leftovers(root / "plans") == []
