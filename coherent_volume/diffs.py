@@ -35,8 +35,16 @@ CONTEXT = 3
 """Unchanged lines shown around each change of a unified diff."""
 
 
+def lines(text: str) -> list[str]:
+    """`text` split after each "\n" (kept; a "\r\n" stays whole), the last line possibly without
+    one: the lines of diff, patch and git. Never at the other ends `str.splitlines` knows (form
+    feed, vertical tab, a lone "\r", U+2028...), which would print a diff `patch` cannot apply."""
+    parts = text.split("\n")
+    return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
 def _lines(data: bytes) -> list[str]:
-    return data.decode("utf-8").splitlines(keepends=True)
+    return lines(data.decode("utf-8"))
 
 
 def _matching_blocks(a: list[str], b: list[str]) -> list[tuple[int, int, int]]:
@@ -116,15 +124,15 @@ def small_enough(old_size: int, new_size: int) -> bool:
 def cut(diff: str, max_lines: int = MAX_LINES, max_line_chars: int = MAX_LINE_CHARS) -> str:
     """`diff` cut to `max_lines` lines of at most `max_line_chars` characters, saying how much was
     left out."""
-    lines = diff.splitlines(keepends=True)
+    all_lines = lines(diff)
     shown = []
-    for line in lines[:max_lines]:
+    for line in all_lines[:max_lines]:
         text = line.rstrip("\n")
         if len(text) > max_line_chars:
             line = f"{text[:max_line_chars]}... ({len(text) - max_line_chars} more characters)\n"
         shown.append(line)
-    if len(lines) > max_lines:
-        shown.append(f"... {len(lines) - max_lines} more lines of the diff not shown\n")
+    if len(all_lines) > max_lines:
+        shown.append(f"... {len(all_lines) - max_lines} more lines of the diff not shown\n")
     return "".join(shown)
 
 

@@ -81,6 +81,13 @@ class StaleWriteError(CoherenceError, PermissionError):
         self.strerror = self._message()
         return self
 
+    def naming_current(self, version: int, writer: str | None) -> StaleWriteError:
+        """This refusal naming `version` (last written by `writer`) as the current version, without
+        the diff it carried: the version it named was overtaken by it before its diff or merge."""
+        self.current_version, self.last_writer, self.diff = version, writer, None
+        self.strerror = self._message()
+        return self
+
     def with_diff(self, diff: str | None) -> StaleWriteError:
         """This refusal, its message showing `diff` (already cut to a readable size)."""
         self.diff = diff

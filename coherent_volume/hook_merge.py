@@ -151,8 +151,9 @@ def _plan(core: VolumeCore, target: Target, refusal: StaleWriteError, base_versi
         return _Plan(why=change)
     current_version = refusal.current_version
     try:
-        base = b"" if base_version == 0 else core.read_version(target, base_version)
-        current = core.read_version(target, current_version)
+        with core.reading_sides(target, refusal):  # theirs overtaken and pruned: a round onto the current one
+            base = b"" if base_version == 0 else core.read_version(target, base_version)
+            current = core.read_version(target, current_version)
     except CoherenceError as e:
         return _Plan(why=str(e))
     if not diffs.small_enough(len(base), len(current)):

@@ -135,7 +135,7 @@ def _bounded(diff: str, path: str) -> str:
     see the rest: a client would cut the result where the model could not tell."""
     if len(diff) <= READ_LIMIT:
         return diff
-    lines = diff.splitlines(keepends=True)
+    lines = diffs.lines(diff)
     shown: list[str] = []
     size = 0
     for line in lines:

@@ -402,6 +402,15 @@ def may_merge(reason: Reason | None, merging: bool) -> bool:
     return merging and reason == "stale"
 
 
+def takes_current_again(named: Version | None, current: int) -> bool:
+    """Whether a refusal's diff, or a merge of its write, that finds no bytes kept for the version the
+    refusal named current (`named`) takes the version current now instead, as a merge overtaken
+    after it is made is merged again: only when those bytes were dropped (pruned, or never kept: it
+    changed while being recorded) after a newer commit overtook that version. A deletion has no
+    bytes to take; a base is never replaced: the refused content was built on it."""
+    return named is not None and named.hash is not None and not named.retained and current > named.version
+
+
 def changed_paths(read_set: dict[str, int], versions: dict[str, int], exclude: str) -> tuple[str, ...]:
     """Paths of `read_set` (path -> seen version) whose current version differs, except `exclude`."""
     return tuple(sorted(p for p, seen in read_set.items() if p != exclude and versions.get(p, 0) != seen))

@@ -158,7 +158,8 @@ class CoherentVolume:
     # ---- history ----
 
     def history(self, path: str | os.PathLike[str]) -> list[Version]:
-        """Every version of a managed path, newest first: version, writer, at, size, hash, kind."""
+        """Every version of a managed path, newest first: version, writer, at, size, hash, kind;
+        [] for one that never existed (where the CLI's `history` says so and exits 4)."""
         return self._core.history(self._target(path))
 
     def read_version(self, path: str | os.PathLike[str], version: int) -> bytes:

@@ -141,6 +141,7 @@ class Snapshot:
                 pinned=self.pinned,
                 reader=self.reader,
                 program=self.program,
+                content=self.fd,
             )
         return data
 

@@ -277,8 +277,11 @@ def test_status_shows_the_content_store_size(root: Path) -> None:
 
 def test_a_path_with_no_version_is_said_to_have_none(root: Path) -> None:
     """history and diff of a managed path no version was ever recorded for (a typo) say so and exit
-    4, as for a version that never existed; why says it never existed, not that it is deleted."""
+    4, as for a version that never existed (the API's history is empty, as documented); why says it
+    never existed, not that it is deleted."""
     _three_versions(root)
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.history("plans/typo.md") == []
     for args in (
         ("history", root, "plans/typo.md"),
         ("history", root, "plans/typo.md", "--json"),

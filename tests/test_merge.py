@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coherent_volume import CasConflict, CoherentVolume, MergeConflict, Policy, StaleWriteError
+from coherent_volume import CasConflict, CoherentVolume, MergeConflict, Policy, Retention, StaleWriteError
 from coherent_volume.diffs import merge3, unified
 
 
@@ -121,6 +121,26 @@ def test_a_file_of_many_repeated_lines_merges_both_sides(tmp_path: Path) -> None
     merged, conflicts = merge3(base, ours, theirs)
     assert conflicts == [] and merged == b"top\n" + base + b"bottom\n"
     assert merged == _git_merge(tmp_path, base, ours, theirs)
+
+
+@pytest.mark.parametrize("inside", ["\x0c", "\x0b", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r"])
+def test_only_a_newline_ends_a_line_as_for_patch_and_git(tmp_path: Path, inside: str) -> None:
+    """Characters Python's str.splitlines also ends lines at (form feed, a lone CR, U+2028...) are
+    inside a line for diff, patch and git: a diff of such lines applies with patch, and one such
+    line changed on both of its halves conflicts, as in git merge-file. CRLF lines stay whole."""
+    base, ours, theirs = (f"{x}{inside}{y}\r\nc\n".encode() for x, y in (("a", "b"), ("A", "b"), ("a", "B")))
+    shown = unified(base, theirs, "a/f", "b/f")
+    assert shown is not None and shown.count("\n") == 6, shown  # labels, a hunk: - and + of one line, c
+    (tmp_path / "f").write_bytes(base)
+    done = subprocess.run(
+        ["patch", "-s", "-p1", "--no-backup-if-mismatch", "-d", str(tmp_path)],
+        input=shown.encode(),
+        capture_output=True,
+    )
+    assert done.returncode == 0 and (tmp_path / "f").read_bytes() == theirs, (done.stdout, shown)
+    assert _git_merge(tmp_path, base, ours, theirs) is None
+    merged, conflicts = merge3(base, ours, theirs)
+    assert merged is None and [c.line for c in conflicts] == [1]
 
 
 def test_a_version_over_the_merge_bound_is_refused_stale_not_merged(vols) -> None:
@@ -463,3 +483,38 @@ def test_a_merge_that_loses_its_round_to_a_deletion_is_refused_as_the_callers_wr
     assert not isinstance(refused.value, CasConflict), refused.value
     assert "expected version" not in str(refused.value)
     assert (refused.value.reason, refused.value.seen_version, refused.value.current_version) == ("stale", 1, 3)
+
+
+@pytest.mark.parametrize("how", ["write", "save by rename"])
+def test_a_merge_whose_current_version_is_pruned_before_it_is_read_merges_onto_the_newer_one(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """bob's stale write of a merge-glob file is refused at alice's v2; before its merge reads v2,
+    alice commits v3 (her view leaves v2) and a prune (keep_last=1) drops v2. The write is merged
+    onto v3, as a merge overtaken after it is made is merged again, and keeps both changes (found
+    by a hostile probe: refused "a version it needs cannot be read", with no diff)."""
+    from coherent_volume.core.history import History
+
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(("plans/**",), Retention(keep_days=0, keep_last=1)))
+    alice.write("plans/log.md", "1\n2\n3\n4\n5\n")
+    bob.read("plans/log.md")
+    alice.write("plans/log.md", "1\n2\n3\n4\n5 alice\n")
+    real, pruned = History._merged, []
+
+    def pruned_first(self: History, *args: Any) -> Any:
+        if not pruned:
+            alice.write("plans/log.md", "1\n2\n3 alice\n4\n5 alice\n")
+            pruned.append(alice.prune().versions)
+        return real(self, *args)
+
+    monkeypatch.setattr(History, "_merged", pruned_first)
+    if how == "write":
+        bob.write("plans/log.md", "1 bob\n2\n3\n4\n5\n")
+    else:
+        (root / "bob.tmp").write_text("1 bob\n2\n3\n4\n5\n")
+        _rename(bob, "bob.tmp", "plans/log.md")
+    assert pruned == [1] and not alice.history("plans/log.md")[2].retained  # v2 was pruned
+    assert (root / "plans/log.md").read_text() == "1 bob\n2\n3 alice\n4\n5 alice\n"
+    newest = alice.history("plans/log.md")[0]
+    assert (newest.version, newest.kind, newest.writer, newest.parents) == (4, "merge", "bob", (1, 3))

@@ -3,6 +3,9 @@ version some agent's view points at, or a path's last `keep_last`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -281,3 +284,87 @@ def test_forgotten_views_keep_no_version(vols) -> None:
     with pytest.raises(StaleWriteError) as refused:
         gone.write("plans/p.md", "late\n")
     assert refused.value.reason == "unread"
+
+
+def test_a_refusal_whose_current_version_is_pruned_before_its_diff_shows_the_newer_one(
+    vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob's write is refused stale at alice's v2; before its diff is made alice commits v3 and a
+    prune (keep_last=1) drops v2. bob's view (v1) is kept, so the refusal carries the diff from it
+    to the current version, which it names (found by a hostile probe: the diff was None)."""
+    from coherent_volume.core.history import History
+
+    alice, bob = vols("alice"), vols("bob")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    alice.write("plans/p.md", "x\ny\n")
+    bob.read("plans/p.md")
+    alice.write("plans/p.md", "x\ny alice\n")
+    real, pruned = History.refusal_diff, []
+
+    def pruned_first(self: History, refusal: StaleWriteError) -> StaleWriteError:
+        if not pruned:
+            alice.write("plans/p.md", "x alice\ny alice\n")
+            pruned.append(alice.prune().versions)
+        return real(self, refusal)
+
+    monkeypatch.setattr(History, "refusal_diff", pruned_first)
+    with pytest.raises(StaleWriteError) as refused:
+        bob.write("plans/p.md", "x\ny\nz bob\n")
+    assert pruned == [1] and _retained(alice, "plans/p.md") == [3, 1]
+    assert (refused.value.seen_version, refused.value.current_version) == (1, 3)
+    assert refused.value.diff is not None and "+x alice\n" in refused.value.diff
+    assert "current version is 3" in str(refused.value) and "+x alice" in str(refused.value)
+
+
+_HOLDER = r"""
+import os, sys
+fd = os.open("plans/log.md", os.O_RDONLY)
+print("opened", flush=True)
+sys.stdin.readline()
+lines = os.pread(fd, 1 << 20, 0).decode().splitlines(keepends=True)
+with open("plans/t", "w") as saved:
+    saved.write("".join(["1 by x\n", *lines[1:]]))
+os.rename("plans/t", "plans/log.md")
+print("saved", flush=True)
+"""
+
+
+def test_a_version_read_through_a_handle_opened_before_a_prune_keeps_its_bytes(root: Path, tmp_path: Path) -> None:
+    """Through the mount, x opens log.md (a merge glob) at v1 and reads nothing yet; y commits v2..v4
+    and a prune (keep_last=1) drops v1, which no view points at. x's first read through the old
+    handle makes v1 its view: v1's bytes are kept again (from that handle), so x's save by rename
+    merges onto v4 (found by a hostile probe: the view pointed at pruned bytes, and the save was
+    refused EACCES with no diff)."""
+    from .harness.mounts import Mount
+
+    with CoherentVolume(root, agent="y") as y:
+        y.set_policy(Policy(("plans/log.md",), Retention(keep_days=0, keep_last=1)))
+        y.write("plans/log.md", "1\n2\n3\n")
+    with Mount(root, tmp_path / "mnt") as m:
+        env = {**os.environ, "COHERENT_AGENT": "x"}
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER],
+            cwd=m.path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "opened\n"
+            with CoherentVolume(root, agent="y") as y:
+                for k in range(3):
+                    y.read("plans/log.md")
+                    y.write("plans/log.md", f"1\n2\n3 by y {k}\n")
+                assert y.prune().versions == 3 and _retained(y, "plans/log.md") == [4]
+            assert holder.communicate("go\n", timeout=60)[0] == "saved\n" and holder.returncode == 0
+        finally:
+            holder.kill()
+            holder.wait()
+    with CoherentVolume(root, agent="check") as vol:
+        assert _retained(vol, "plans/log.md") == [5, 4, 1]
+        assert vol.read_version("plans/log.md", 1) == b"1\n2\n3\n"
+        newest = vol.history("plans/log.md")[0]
+        assert (newest.kind, newest.writer, newest.parents) == ("merge", "x", (1, 4))
+    assert (root / "plans/log.md").read_text() == "1 by x\n2\n3 by y 2\n"

@@ -16,7 +16,7 @@ from .. import atomic, diffs
 from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone, VolumeConfigError
 from ..paths import Target
 from ..policy import DAY, Policy, Retention, prunable
-from ..protocol import Version, current_version, may_merge
+from ..protocol import Version, current_version, may_merge, takes_current_again
 from ..registry import Transaction
 from .base import Isolation
 from .writes import Writes
@@ -44,6 +44,16 @@ class Refused(NamedTuple):
 
     refusal: StaleWriteError
     ours: bytes | None
+
+
+class Overtaken(Exception):
+    """A round of `merge_rounds` that found no bytes kept of the version its refusal named current,
+    a newer commit having overtaken it (`History.reading_sides`): merged again onto the current
+    version, which `refusal` now names. Never leaves `merge_rounds`."""
+
+    def __init__(self, refusal: StaleWriteError) -> None:
+        super().__init__(refusal.path)
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -186,19 +196,43 @@ class History(Writes):
     def refusal_diff(self, refusal: StaleWriteError) -> StaleWriteError:
         """`refusal` with the diff from the version its agent read to the current one attached (cut
         to a readable size); none when it never read the file, the content is binary or too large
-        to diff quickly (`diffs.small_enough`), or the base is no longer retained or damaged."""
+        to diff quickly (`diffs.small_enough`), or the base is no longer retained or damaged. When
+        the version it names current was overtaken and pruned before its diff, the diff is to the
+        current version, which the refusal then names (`reading_sides`; MERGE_ATTEMPTS times at most)."""
         base = refusal.based_on
         if base is None or base == refusal.current_version:
             return refusal
         target = self.paths.of_rel(refusal.path)
-        entries = self._entries(target, base, refusal.current_version)
-        if not diffs.small_enough(*(entry.size or 0 if entry is not None else 0 for entry in entries)):
-            return refusal  # `coherent-volume diff` shows it, without a refusal waiting for it
+        for _ in range(MERGE_ATTEMPTS):
+            entries = self._entries(target, base, refusal.current_version)
+            if not diffs.small_enough(*(entry.size or 0 if entry is not None else 0 for entry in entries)):
+                return refusal  # `coherent-volume diff` shows it, without a refusal waiting for it
+            try:
+                with self.reading_sides(target, refusal):
+                    diff = self._diff(target, base, refusal.current_version, entries)
+            except Overtaken as e:
+                refusal = e.refusal
+                continue
+            except CoherenceError:
+                return refusal
+            return refusal.with_diff(None if diff is None else diffs.cut(diff))
+        return refusal
+
+    @contextmanager
+    def reading_sides(self, target: Target, refusal: StaleWriteError) -> Iterator[None]:
+        """Around the reads of the versions a refused write's diff or merge needs: a version gone
+        (VersionGone) that is the one `refusal` named current, overtaken by a newer commit before
+        it was pruned (`protocol.takes_current_again`), raises Overtaken with the refusal naming
+        the current version instead; any other VersionGone (the base pruned) stands."""
         try:
-            diff = self._diff(target, base, refusal.current_version, entries)
-        except CoherenceError:
-            return refusal
-        return refusal.with_diff(None if diff is None else diffs.cut(diff))
+            yield
+        except VersionGone:
+            with self.registry.read() as tx:
+                named, record = tx.version_entry(target.rel, refusal.current_version), tx.file(target.rel)
+            if not takes_current_again(named, current_version(record)):
+                raise
+            writer = None if record is None else record.writer
+            raise Overtaken(refusal.naming_current(current_version(record), writer)) from None
 
     def write(
         self,
@@ -275,7 +309,10 @@ class History(Writes):
         its commit. Nothing is changed by a round that is refused."""
         base = refused.refusal.based_on
         for _ in range(MERGE_ATTEMPTS):
-            outcome = merge_onto(refused, base)
+            try:
+                outcome = merge_onto(refused, base)
+            except Overtaken as e:  # theirs was pruned once a newer commit overtook it: merge onto that one
+                outcome = Refused(e.refusal, refused.ours)
             if not isinstance(outcome, Refused):
                 return outcome
             if not may_merge(outcome.refusal.reason, True):
@@ -300,8 +337,9 @@ class History(Writes):
             side = "the file saved is not a regular file or is" if ours is None else "a side of the merge is"
             raise self.refusal_diff(refusal.not_merged(f"{side} larger than {limit} MiB"))
         try:
-            base = b"" if base_version == 0 else self._stored(target, base_version, base_entry)
-            theirs = self._stored(target, theirs_version, theirs_entry)
+            with self.reading_sides(target, refusal):
+                base = b"" if base_version == 0 else self._stored(target, base_version, base_entry)
+                theirs = self._stored(target, theirs_version, theirs_entry)
         except CoherenceError as e:
             raise self.refusal_diff(refusal.not_merged(f"a version it needs cannot be read ({e})")) from None
         merged, conflicts = diffs.merge3(base, ours, theirs)

@@ -306,10 +306,14 @@ class Reads(CoreBase):
         pinned: bool = False,
         reader: ProcessId | None = None,
         program: str | None = None,
+        content: int | None = None,
     ) -> bool:
         """`agent` read `version` of `target` through a handle opened earlier, by process `reader`
         running `program`: its view moves to that version where `protocol.read_moves_view` says so
-        (a view is what was read, never what was merely opened). True if it moved."""
+        (a view is what was read, never what was merely opened). True if it moved. `content`: a
+        descriptor of that version's bytes (the handle's), which are stored again, in the move's
+        transaction, if a prune dropped them since the handle was opened (`_kept_again`): a
+        version a live agent's view points at keeps its bytes, so its diffs and merges work."""
         loaded_before = False
         if reader is not None and program in BUFFERING_PROGRAMS:
             with self._lock:
@@ -325,10 +329,33 @@ class Reads(CoreBase):
         def move(tx: Transaction) -> bool:
             if not read_moves_view(pinned, program, loaded_before, tx.view(agent, target.rel), version):
                 return False
+            if content is not None:
+                self._kept_again(tx, target, version, content)
             tx.put_view(agent, target.rel, version, time.time())
             return True
 
         return self.registry.transact(move, (target.rel,))
+
+    @staticmethod
+    def _kept_again(tx: Transaction, target: Target, version: int, content: int) -> None:
+        """If the bytes of `version` of `target` are no longer kept (pruned), store them again from
+        `content`, a descriptor holding them, and list the version as retained: only when what it
+        holds hashes to the version's recorded hash (content-addressed: the very object the prune
+        dropped). A descriptor holding other bytes restores nothing (the view still moves: the
+        agent read that version, and a write from it fails closed, without a diff)."""
+        entry = tx.version_entry(target.rel, version)
+        if entry is None or entry.hash is None or entry.retained:
+            return
+        try:
+            tx.store(entry.hash, content)
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+            log.warning(
+                "%s version %d: the handle read no longer holds its bytes; they stay pruned", target.rel, version
+            )
+            return
+        tx.put_version(entry._replace(retained=True))
 
     def deletions_in(self, directory: str) -> bool:
         """Whether managed files directly in `directory` were deleted (see `note_listed`)."""
