@@ -179,6 +179,8 @@ class Retry:
     """The file handle of the version a read-only open is repeated with (the mount's `_pin`)."""
     inode: int | None = None
     """The inode the lookup of a read-only open's repeat answered (the mount's `_repeating`)."""
+    carries: int = 0
+    """How many checked renames the mount had done when it answered ESTALE (its `_walk_again`)."""
 
 
 class PageCache:
@@ -267,16 +269,17 @@ class PageCache:
         """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""
         return inode in self._readers
 
-    def retry(self, tid: int, rel: str, writing: bool, pin: int | None = None) -> None:
+    def retry(self, tid: int, rel: str, writing: bool, pin: int | None, carries: int) -> None:
         """A call by thread `tid` by the name `rel` was answered ESTALE: the kernel looks `rel` up
         again and repeats the call once, on the inode that lookup answers; a second ESTALE would
         reach the program. So until it lands (`landed`): for a write, its lookup gives it an inode
         that no reader's page cache holds (see `retrying`), and no reader of `rel` starts using a
         page cache; and if the inode its lookup answered lost its name meanwhile, the call is
-        served at the name (a call by name may take effect at any moment while it is under way)."""
+        served at the name (a call by name may take effect at any moment while it is under way).
+        `pin`: a version held for a read-only open's repeat; `carries`: see `Retry`."""
         now = time.monotonic()
         self._retries = {t: r for t, r in self._retries.items() if r.until > now}
-        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin)
+        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin, carries=carries)
 
     def retrying(self, tid: int) -> Retry | None:
         """The call of thread `tid` that the kernel is repeating, if any, whatever name it looks up: a

@@ -25,6 +25,8 @@ class InodeTable:
         self._past: dict[int, str] = {}
         """Inodes that lost their name to a newer version of the file there (`superseded`), with that
         name; it follows the file through renames and is dropped when the file goes (`unlinked`)."""
+        self._swapped: set[int] = set()
+        """Inodes an exchange moved while the kernel held them, until it forgets them (`swapped`)."""
         self._next = itertools.count(pyfuse3.ROOT_INODE + 1)
 
     def __len__(self) -> int:
@@ -92,6 +94,7 @@ class InodeTable:
             return True
         self._lookups.pop(inode, None)
         self._past.pop(inode, None)
+        self._swapped.discard(inode)
         return False
 
     def drop(self, inode: int) -> None:
@@ -168,6 +171,11 @@ class InodeTable:
         self._path[inode] = path
         self._inode[path] = inode
 
+    def swapped(self, inode: int) -> bool:
+        """Whether an exchange moved `inode` while the kernel held it: a call on it may come from a path
+        walk that found it by the name it had before, which the other side of the exchange has now."""
+        return inode in self._swapped
+
     def _renamed(self, inode: int, old: str, new: str) -> None:
         self._inode[new] = inode
         if self._path[inode] == old:
@@ -198,3 +206,4 @@ class InodeTable:
         self.moved(a, tmp, tree)
         self.moved(b, a, tree)
         self.moved(tmp, b, tree)
+        self._swapped.update(inode for inode in (*self.below(a, tree), *self.below(b, tree)) if inode in self._lookups)

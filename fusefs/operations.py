@@ -156,10 +156,13 @@ class CoherentOperations(pyfuse3.Operations):
         self._private: set[int] = set()
         """The inodes made for a write (`_apart`), until the kernel forgets them: they never take the
         name, and are in `_aside` until their write handle's release."""
-        self._left_globs: dict[int, dict[str, None]] = {}
+        self._left_globs: dict[int, dict[str, int]] = {}
         """The names that could be or hold managed paths which each inode had before a checked rename
-        carried it (or a directory above it) to an unmanaged name, until the kernel forgets it: a path
-        walk that resolved the inode before that rename meant a name below those (`_walk_again`)."""
+        carried it (or a directory above it) to an unmanaged name, until the kernel forgets it, each
+        with that rename's number (`_carries`): a path walk that resolved the inode before that rename
+        meant a name below those (`_walk_again`)."""
+        self._carries = 0
+        """How many checked renames were done (numbering them for `_left_globs`)."""
         self.releasing: dict[int, Shadow] = {}
         """Write handles whose release is under way, by file handle (see `_writer`)."""
         self.dirs: dict[int, Listing] = {}
@@ -320,7 +323,7 @@ class CoherentOperations(pyfuse3.Operations):
         kernel looks the name up again and repeats the call there, once. The mount expects that
         repeat (`PageCache.retry`), so it never meets ESTALE again: see `lookup`, `open`, `setattr`.
         `pin`: the file handle of the version a read-only open is repeated with (`_pin`)."""
-        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing, pin)
+        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing, pin, self._carries)
         return pyfuse3.FUSEError(errno.ESTALE)
 
     @contextlib.contextmanager
@@ -694,7 +697,7 @@ class CoherentOperations(pyfuse3.Operations):
         rel = await self._path(inode)
         looked_up = self._repeat_name(self.pages.retrying(ctx.pid), inode)  # (an open's repeat asks first)
         if ("\0" in rel or looked_up not in (None, rel)) and self._held_stat(inode) is None:
-            rel = self._moved_on(looked_up or rel)
+            rel = self._moved_on(inode, looked_up or rel, repeat=looked_up is not None)
         try:
             return self._reply(inode, rel)
         except OSError as e:
@@ -718,14 +721,19 @@ class CoherentOperations(pyfuse3.Operations):
             rel, st = self.inodes.path(inode), None  # its readers' version: its open handles answer
         return self._answer(self._attrs(rel, inode, st=st), inode)
 
-    def _moved_on(self, rel: str) -> str:
-        """For an inode of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
+    def _moved_on(self, inode: int, rel: str, repeat: bool) -> str:
+        """For `inode`, of a managed file that lost its name (`_fresh_inode`, a rename over it) and has
         no open handle left that holds a file (a write handle renamed over between its commit and its
         release holds none): its name, if a regular file is there now, else `rel` (whose stat fails
         ESTALE). A call by that name made as it moved on (the kernel checks permissions with a
         getattr before an open) is answered by that file; the open itself is sent on (`_stale`). For
-        the repeat of a read-only open, `rel` is the name its lookup was made by, since a rename may
-        have carried the inode it answered to another name since (`_repeating`)."""
+        the `repeat` of a read-only open, `rel` is the name its lookup was made by, since a rename may
+        have carried the inode it answered to another name since (`_repeating`). Any other call on an
+        inode that an exchange moved and whose file then left that name (a save by exchange removes its
+        temp) may come from a path walk that found it at the other name, which the file at its last
+        name is not (the next temp file): `rel`, and the kernel walks the caller's path again."""
+        if not repeat and self.inodes.swapped(inode) and self.inodes.current_name(inode) is None:
+            return rel
         name = rel.partition("\0")[0]
         try:
             st = self.backing.lstat(name)
@@ -1095,8 +1103,9 @@ class CoherentOperations(pyfuse3.Operations):
                 for handle in moving:
                     handle.moved = True
                 self._renamed(src, dst, exchange, tree)
+                self._carries += 1
                 for inode, before in {**carried, **aside}.items():
-                    self._left(inode, before)
+                    self._left(inode, before, self._carries)
             finally:
                 for path in (src, dst):
                     if self._renaming.get(path) is done:
@@ -1124,9 +1133,9 @@ class CoherentOperations(pyfuse3.Operations):
             )
             raise pyfuse3.FUSEError(errno.EBUSY)
 
-    def _left(self, inode: int, before: str) -> None:
-        """`inode` was reached by the name `before` until now (a checked rename carried it, or a lookup
-        through a directory it carried: `_reached`): noted in `_left_globs` if that name could be or
+    def _left(self, inode: int, before: str, carry: int) -> None:
+        """`inode` was reached by the name `before` until checked rename number `carry` (which carried
+        it, or a directory above it: `_reached`): noted in `_left_globs` if that name could be or
         hold a managed path and its name now is not managed."""
         if self.inodes.path_if_known(inode) is None:
             return  # forgotten by the kernel (while the rename was under way): no walk can reach it
@@ -1134,8 +1143,8 @@ class CoherentOperations(pyfuse3.Operations):
         meant = self.core.paths.managed(before) or self._reaches(before)
         if meant and now != before and not self.core.paths.managed(now):
             befores = self._left_globs.setdefault(inode, {})
-            befores.pop(before, None)
-            befores[before] = None  # the newest last; only the newest LEFT_NAMES are kept
+            carry = max(carry, befores.pop(before, carry))
+            befores[before] = carry  # the newest last; only the newest LEFT_NAMES are kept
             for oldest in list(befores)[:-LEFT_NAMES]:
                 del befores[oldest]
 
@@ -1152,8 +1161,8 @@ class CoherentOperations(pyfuse3.Operations):
         befores = self._left_globs.get(parent)
         if befores:
             name = rel.rpartition("/")[2]
-            for before in list(befores):
-                self._left(inode, f"{before}/{name}")
+            for before, carry in list(befores.items()):
+                self._left(inode, f"{before}/{name}", carry)
 
     def _walk_again(
         self, ctx: pyfuse3.RequestContext, repeat: Retry | None, writing: bool, *reached: tuple[int, str]
@@ -1162,29 +1171,34 @@ class CoherentOperations(pyfuse3.Operations):
         inode (the file's own, or its directory's), when the path walk it came by may have resolved
         one of those inodes before a checked rename carried it out of the globs, and so meant a
         managed name: the call would change the moved file unchecked. It is answered ESTALE: the
-        kernel walks the whole path again and repeats the call once (`repeat`: the call the kernel
-        was repeating, if this is its repeat), meeting the tree as it is now, as if the call had
-        come after the rename. The repeat by the same name goes ahead (a call that did come after
-        the rename costs one round trip more); the repeat of a call by one of the managed names it
-        meant raced a rename again, and fails ENOENT (the name it meant moved away), since a second
-        ESTALE would reach the program. Any other call is new (a repeat the kernel never made, its
-        lookup having found nothing, leaves its record behind for a while: `PageCache.landed`)."""
+        kernel walks the whole path again and repeats the call once (`repeat`: the record of the call
+        of this thread answered ESTALE last, if any), meeting the tree as it is now, as if the call
+        had come after the rename. A call with such a record (the kernel's repeat, whatever name an
+        exchange or rename gave its inodes since, or the thread's next call: a repeat the kernel
+        never made, its lookup having found nothing, leaves its record behind for a while,
+        `PageCache.landed`) walked its path after that ESTALE, so it met every inode carried out
+        before at its unmanaged name, and goes ahead (a call that did come after the rename costs one
+        round trip more); if a rename carried one of them out since, its walk may have met it at a
+        managed name, and it fails ENOENT (the name it meant moved away), since a second ESTALE would
+        reach the program."""
         meant = {rel: self._meant(inode, rel) for inode, rel in reached}
-        meant = {rel: names for rel, names in meant.items() if names}
-        if not meant or (repeat is not None and repeat.rel in meant):
+        carries = [carry for names in meant.values() for carry in names.values()]
+        if not carries:
             return
-        if repeat is not None and any(repeat.rel in names for names in meant.values()):
+        if repeat is None:
+            raise self._stale(next(rel for rel, names in meant.items() if names), ctx, writing)
+        if max(carries) > repeat.carries:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        raise self._stale(next(iter(meant)), ctx, writing)
 
-    def _meant(self, inode: int, rel: str) -> list[str]:
+    def _meant(self, inode: int, rel: str) -> dict[str, int]:
         """The managed names a path walk may have meant that resolved `inode` (the file at `rel`, or its
-        directory) before a checked rename carried it out of the globs, where `rel` is not managed."""
+        directory) before a checked rename carried it out of the globs, where `rel` is not managed,
+        each with the number of the rename that carried it (`_left_globs`)."""
         befores = self._left_globs.get(inode)
         if not befores or self.core.paths.managed(rel):
-            return []
+            return {}
         below = "" if self._name_now(inode) == rel else "/" + rel.rpartition("/")[2]
-        return [before + below for before in befores if self.core.paths.managed(before + below)]
+        return {before + below: carry for before, carry in befores.items() if self.core.paths.managed(before + below)}
 
     def _holds(self, rel: str, st: os.stat_result) -> bool:
         """Whether the backing name `rel` is the file `st` describes."""

@@ -489,6 +489,41 @@ def test_a_read_only_open_repeated_after_its_file_was_exchanged_away_is_not_fail
         assert reader.communicate(timeout=60)[0] == "newer\n"
 
 
+STAT_OR_ERROR = """
+import os
+try:
+    print(os.stat("plans/r.md").st_size)
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_a_stat_of_a_file_exchanged_away_and_removed_meanwhile_does_not_show_the_next_temp_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save by exchange carries the inode a `stat` looked up to the temp's name and removes it; the
+    next save writes its temp file at that name. The stat's getattr, reaching the daemon after that,
+    shows the file at the name the program gave, as on a local disk, where it shows the file it
+    looked up or the one saved there (before, it was answered by the inode's last name, the temp's,
+    and showed the next temp file's size). (A read-only open there is repeated: `_pin`.)"""
+    (root / "plans/r.md").write_text("old\n")
+    gate = tmp_path / "gate"
+    with _gated(root, tmp_path, monkeypatch, f"GATES = [({str(gate)!r}, 'getattr')]\n{HOLD_READS}") as (m, _):
+        gate.touch()
+        env = {**os.environ, "COHERENT_AGENT": "bob"}
+        caller = subprocess.Popen(
+            [sys.executable, "-c", STAT_OR_ERROR], cwd=m.path, stdout=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            _wait_for(Path(f"{gate}.held").exists, "the stat's getattr to reach the gate")
+            _swap_in(m, "renewed")
+            made = m.run("alice", "echo the next temp file > plans/.r.tmp")
+            assert made.returncode == 0, made.stderr
+        finally:
+            gate.unlink()
+        assert caller.communicate(timeout=60)[0] == "8\n"  # renewed
+
+
 def test_entries_made_in_a_set_group_id_directory_take_its_group(mounted: Mount) -> None:
     """As on a local disk: a file or directory made in a setgid directory belongs to that directory's
     group (and a directory inherits the bit), whoever makes it, in both areas."""
@@ -1585,3 +1620,40 @@ VolumeCore.rename = _renaming
         assert not (m.root / "plans/x").exists(), "the link made a managed name through the symlink"
         assert linker.returncode == 0, err
         assert os.stat(m.root / "t/u2/x").st_ino == os.stat(m.root / "w/f.txt").st_ino
+
+
+def test_a_link_whose_repeat_comes_after_its_directory_was_renamed_again_lands_there(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard link into a directory that a checked rename carried out of the globs is turned back once
+    (ESTALE inside the kernel: its path walk may have found the directory at its managed name); when
+    the directory is renamed again, within unmanaged names, before the kernel's repeat reaches the
+    daemon, the repeat lands in it at its new name, as on a local disk (before, the repeat was taken
+    for a new call, by another name, and answered ESTALE a second time, which reached the program)."""
+    patch = """
+import trio
+from fusefs import operations
+_link = operations.CoherentOperations.link
+async def _held(self, inode, new_parent_inode, new_name, ctx):
+    if self.pages.retrying(ctx.pid) is not None:  # the kernel's repeat of a call answered ESTALE
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _link(self, inode, new_parent_inode, new_name, ctx)
+operations.CoherentOperations.link = _held
+"""
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        made = m.run("alice", "mkdir -p plans/e && echo one > f.txt && mv plans/e out_e")
+        assert made.returncode == 0, made.stderr
+        gate.touch()
+        env = {**os.environ, "COHERENT_AGENT": "bob"}
+        try:
+            linker = subprocess.Popen(
+                ["ln", "f.txt", "out_e/l"], cwd=m.path, stderr=subprocess.PIPE, text=True, env=env
+            )
+            _wait_for(Path(f"{gate}.held").exists, "the link's repeat to reach the gate")
+            moved = m.run("alice", "mv out_e out_f")
+            assert moved.returncode == 0, moved.stderr
+        finally:
+            gate.unlink(missing_ok=True)
+        _, err = linker.communicate(timeout=60)
+        assert linker.returncode == 0, err
+        assert os.stat(m.root / "out_f/l").st_ino == os.stat(m.root / "f.txt").st_ino
