@@ -181,6 +181,9 @@ class Retry:
     """The inode the lookup of a read-only open's repeat answered (the mount's `_repeating`)."""
     carries: int = 0
     """How many checked renames the mount had done when it answered ESTALE (its `_walk_again`)."""
+    attributes: bool = False
+    """It answered a getattr: the kernel repeats that with a lookup and a getattr, which never land,
+    or, when an open's permission check asked, repeats the open."""
 
 
 class PageCache:
@@ -269,17 +272,17 @@ class PageCache:
         """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""
         return inode in self._readers
 
-    def retry(self, tid: int, rel: str, writing: bool, pin: int | None, carries: int) -> None:
+    def retry(self, tid: int, rel: str, writing: bool, pin: int | None, carries: int, attributes: bool) -> None:
         """A call by thread `tid` by the name `rel` was answered ESTALE: the kernel looks `rel` up
         again and repeats the call once, on the inode that lookup answers; a second ESTALE would
         reach the program. So until it lands (`landed`): for a write, its lookup gives it an inode
         that no reader's page cache holds (see `retrying`), and no reader of `rel` starts using a
         page cache; and if the inode its lookup answered lost its name meanwhile, the call is
         served at the name (a call by name may take effect at any moment while it is under way).
-        `pin`: a version held for a read-only open's repeat; `carries`: see `Retry`."""
+        `pin`: a version held for a read-only open's repeat; `carries`, `attributes`: see `Retry`."""
         now = time.monotonic()
         self._retries = {t: r for t, r in self._retries.items() if r.until > now}
-        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin, carries=carries)
+        self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin, carries=carries, attributes=attributes)
 
     def retrying(self, tid: int) -> Retry | None:
         """The call of thread `tid` that the kernel is repeating, if any, whatever name it looks up: a

@@ -318,12 +318,14 @@ class CoherentOperations(pyfuse3.Operations):
         parent_inode = self.inodes.inode_if_known(parent)
         return None if parent_inode is None else (parent_inode, os.fsencode(name))
 
-    def _stale(self, rel: str, ctx: pyfuse3.RequestContext, writing: bool, pin: int | None = None) -> pyfuse3.FUSEError:
+    def _stale(
+        self, rel: str, ctx: pyfuse3.RequestContext, writing: bool, pin: int | None = None, attributes: bool = False
+    ) -> pyfuse3.FUSEError:
         """ESTALE for a call by name whose inode is no longer (or must no longer be) its name's: the
         kernel looks the name up again and repeats the call there, once. The mount expects that
         repeat (`PageCache.retry`), so it never meets ESTALE again: see `lookup`, `open`, `setattr`.
         `pin`: the file handle of the version a read-only open is repeated with (`_pin`)."""
-        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing, pin, self._carries)
+        self.pages.retry(ctx.pid, rel.partition("\0")[0], writing, pin, self._carries, attributes)
         return pyfuse3.FUSEError(errno.ESTALE)
 
     @contextlib.contextmanager
@@ -707,7 +709,7 @@ class CoherentOperations(pyfuse3.Operations):
             # whose file is being removed), with no file there now: the kernel walks the path again and
             # repeats the call that asked (an open checks permissions with a getattr first), which must
             # not meet ESTALE again: an open repeated so is served (`open`)
-            raise self._stale(rel, ctx, writing=False) from None
+            raise self._stale(rel, ctx, writing=False, attributes=True) from None
 
     def _reply(self, inode: int, rel: str) -> pyfuse3.EntryAttributes:
         """The getattr or setattr reply for `inode`, whose call asked about or changed the file at `rel`.
@@ -1180,12 +1182,15 @@ class CoherentOperations(pyfuse3.Operations):
         before at its unmanaged name, and goes ahead (a call that did come after the rename costs one
         round trip more); if a rename carried one of them out since, its walk may have met it at a
         managed name, and it fails ENOENT (the name it meant moved away), since a second ESTALE would
-        reach the program."""
+        reach the program. Unless the record is a getattr's (`Retry.attributes`): a stat or fstat
+        leaves it, never to land, so the call is taken for a new one."""
         meant = {rel: self._meant(inode, rel) for inode, rel in reached}
         carries = [carry for names in meant.values() for carry in names.values()]
         if not carries:
             return
-        if repeat is None:
+        if repeat is None or (repeat.attributes and max(carries) > repeat.carries):
+            # (a getattr's record is most likely a stat's or an fstat's, whose repeat never lands here:
+            # this call is new; should it be the open whose permission check asked, it fails ESTALE)
             raise self._stale(next(rel for rel, names in meant.items() if names), ctx, writing)
         if max(carries) > repeat.carries:
             raise pyfuse3.FUSEError(errno.ENOENT)

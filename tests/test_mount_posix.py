@@ -1122,6 +1122,44 @@ operations.CoherentOperations.open = _held
     assert (m.root / name).read_text() == "three\n"
 
 
+LEFTOVER = r"""
+import errno, os, subprocess, sys
+def peer(code):
+    subprocess.run([sys.executable, "-c", "import os\n" + code], check=True, env={**os.environ, "COHERENT_AGENT": "bob"})
+fd = os.open("plans/s/x.md", os.O_PATH)
+peer("open('plans/s/x.md').read(); os.unlink('plans/s/x.md')")
+try:
+    os.fstat(fd)  # answered ESTALE by a getattr: the kernel never repeats it
+except OSError as e:
+    print("fstat", errno.errorcode[e.errno])
+peer("open('plans/u/a.md').read(); os.rename('plans/u', 'plans_u')")
+with open("plans_u/a.md", "a") as f:
+    f.write("z\n")
+print("appended")
+"""
+
+
+def test_a_write_by_an_unmanaged_name_after_an_fstat_answered_estale_goes_in(mounted: Mount) -> None:
+    """A getattr answered ESTALE leaves a record of the call the kernel repeats, which an fstat never
+    repeats. When a rename then carries a directory out of the globs, the same thread's write by
+    the file's new, unmanaged name is a new call: it goes in, as on a local disk (it failed ENOENT,
+    taken for that repeat, found by a hostile probe)."""
+    for rel, text in (("plans/s/x.md", "x\n"), ("plans/u/a.md", "a\n")):
+        (mounted.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mounted.path / rel).write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-c", LEFTOVER],
+        cwd=mounted.path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COHERENT_AGENT": "alice"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[-2] == "appended"
+    assert (mounted.root / "plans_u/a.md").read_text() == "a\nz\n"
+
+
 def test_a_write_whose_repeated_open_comes_after_its_directory_left_the_globs_does_not_reach_it(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
