@@ -276,7 +276,8 @@ class Writes(Reads):
         """`commit` under the commit lock. `opening`: the write acts like opening a handle of that
         kind (a truncate by name), so the agent's own open write handles are respected."""
         replayed: list[atomic.Staged] = []  # what a replay staged; a re-run stages anew
-        aside = atomic.temp_name(target.abs)  # where a deletion sets the file aside (its intent names it)
+        # where a deletion sets the file aside (its intent names it); a commit of content needs none
+        aside = atomic.temp_name(target.abs) if staged is None else None
 
         def decide(tx: Transaction) -> _Decided:
             for earlier in replayed:
@@ -343,6 +344,7 @@ class Writes(Reads):
                     self._transact(lambda tx: None, holds=(target.rel,))  # recovery puts it back (and records it)
                 return version + 1
             # set aside, then the directory's fsync: if either fails, the disk says what happened
+            assert aside is not None
             seen = self._seen_on_disk(target, decided.record)
             self._install(lambda: _set_aside(target, aside), (), (target.rel,))
             self._installed(target, version + 1, None)
