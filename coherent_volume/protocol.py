@@ -435,6 +435,17 @@ def displaced_needs_hash(seen: Fingerprint | None, checked_ns: int, displaced: F
     return seen is None or displaced[:3] != seen[:3] or not proven(seen, checked_ns)
 
 
+def may_drop_taken(taken: str | None, before: str | None, brought: str | None = None) -> bool:
+    """Whether a file that a change took from its place to a temp name (an install's exchange, a
+    deletion's set-aside), hashing to `taken` (None: no file is there), may be removed: only the
+    version the change found there (`before`: its hash, None for no file) or the bytes the change
+    itself brings (`brought`: there while its exchange is not done). Any other bytes are a change
+    made outside the volume in the change's window, recorded as a version of that path and put
+    back, even bytes the registry keeps as another path's or another version's (a copy of another
+    file, a revert): they are a change of this path all the same."""
+    return taken is None or taken == before or (brought is not None and taken == brought)
+
+
 def recovery(
     intent: Intent,
     on_disk: bool,
@@ -455,8 +466,9 @@ def recovery(
     install renamed it into place). An install exchanges the staged file with the target, so a
     staged name holding other bytes than the intent's (`staged_hash`, given whenever the name is
     there) names the file the install displaced: `finished` (the name dropped) if that is the
-    version before (`previous`: its hash, None for no file) or bytes the registry keeps anyway
-    (`staged_kept`: a recorded version's), else `displaced`: a change made outside the volume just
+    version before (`previous`: its hash, None for no file; `may_drop_taken`) or, at a commit's
+    staged name, bytes the registry keeps anyway (`staged_kept`: a recorded version's; never for
+    the name a rename or a deletion set a file aside at), else `displaced`: a change made outside the volume just
     before the install, which is put back in place and recorded as the next version, after the
     commit's, as a change made just after the install would be (the commit stays in history; its
     number was fixed at its COMMIT, before the change was seen). While the staged file holds the
@@ -467,7 +479,9 @@ def recovery(
     registry holds the content (`replicated`) it is never installed by recovery: `finished` (a
     working copy that lacks it is merely behind), unless its staged name holds displaced bytes.
 
-    Any other intent (a creation, deletion or rename, recorded after its install) is `abandoned`
+    Any other intent (a creation, deletion or rename, recorded after its install) whose temp name
+    holds its content (`staged`: a rename over a file interrupted between moving its source there
+    and exchanging it into place) is `completed`, installed from there. Else it is `abandoned`
     when its process saw its disk step fail (`undone`: the kernel refused the system call, so
     nothing changed, whatever the disk holds: a file of the same bytes already there is not its
     doing). Else, its process interrupted, it is `completed` when the disk already holds what it
@@ -476,11 +490,13 @@ def recovery(
     content were committed together."""
     if recorded:
         if staged_hash is not None and staged_hash != intent.hash:
-            return "finished" if staged_hash == previous or staged_kept else "displaced"
+            return "finished" if may_drop_taken(staged_hash, previous) or staged_kept else "displaced"
         if not staged or replicated:
             return "finished"
         holds_previous = (on_disk and disk_hash == previous) if previous is not None else not on_disk
         return "installed" if holds_previous else "superseded"
+    if staged:
+        return "completed"
     if undone:
         return "abandoned"
     if replicated:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, Policy, atomic
+from coherent_volume import CoherentVolume, Policy, StaleWriteError, atomic
 from coherent_volume.protocol import RACY_NS
 
 from .conftest import REPO
@@ -275,3 +275,179 @@ def test_a_save_just_before_a_deletion_through_the_volume_is_put_back_and_record
         assert (root / P).read_bytes() == SAVE
         assert _history(alice, P) == [(3, "foreign", "external"), (2, "delete", "alice"), (1, "commit", "alice")]
     assert _leftovers(root / "plans") == []
+
+
+KILLED_CATCHING_UP_AGAIN = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root, save = Path(sys.argv[1]), sys.argv[2].encode()
+real_rename = atomic.rename
+
+def rename(src, dst, **flags):  # the catch-up's exchange, or its set-aside: the editor saves first, then the copy dies
+    if (flags.get("exchange") and dst.endswith({P!r})) or (flags.get("noreplace") and src.endswith({P!r})):
+        tmp = root / "editor.tmp"
+        tmp.write_bytes(save)
+        os.replace(tmp, root / {P!r})
+        real_rename(src, dst, **flags)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(src, dst, **flags)
+
+vol = CoherentVolume(root, agent="bob")
+atomic.rename = rename
+vol.read({P!r})
+"""
+
+
+def _kill_catching_up(c1: Path, save: bytes = SAVE) -> None:
+    """A process of working copy `c1` catching up with `P`, killed right after the system call that
+    took the file away, which an editor's save of `save` came just before."""
+    args = [sys.executable, "-c", KILLED_CATCHING_UP_AGAIN, str(c1), save.decode()]
+    assert subprocess.run(args, cwd=REPO, timeout=120).returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("deleted", [False, True])
+def test_a_catch_up_killed_while_another_process_of_the_copy_runs_on_loses_nothing(
+    tmp_path: Path, pg_url: str, deleted: bool
+) -> None:
+    """The process running on (a mount, a long-lived agent) settles what the killed one took away
+    at its next transaction holding the path: the save is recorded and put back, never dropped
+    when that process records what it holds of the path."""
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        if deleted:
+            alice.delete(P)
+        else:
+            alice.write(P, b"two\n")
+    with CoherentVolume(c1, agent="dave") as dave:
+        dave.write("plans/warm.md", b"w\n")  # its first transaction holding the whole copy is behind it
+        _kill_catching_up(c1)
+        assert _leftovers(c1 / "plans") != []  # the save, at the temp name the catch-up took it to
+        if deleted:
+            assert dave.read(P) == SAVE  # no file at P: read under the commit lock, which settles it
+        else:
+            assert dave.read(P) == b"two\n"  # v2 is on disk: read without a transaction
+            with pytest.raises(StaleWriteError):  # the write's transaction records the save first
+                dave.write(P, b"dave's edit\n")
+            assert dave.read(P) == SAVE
+        assert _history(dave, P) == [
+            (3, "foreign", "external"),
+            (2, "delete" if deleted else "commit", "alice"),
+            (1, "commit", "alice"),
+        ]
+        assert dave.read_version(P, 3) == SAVE
+    assert (c1 / P).read_bytes() == SAVE
+    assert _leftovers(c1 / "plans") == []
+
+
+@pytest.mark.parametrize("saved", ["a copy of another file", "a revert to an older version"])
+def test_a_save_of_bytes_the_registry_keeps_taken_by_a_killed_catch_up_is_recorded(
+    tmp_path: Path, pg_url: str, saved: str
+) -> None:
+    """Only the version the copy held there (or the bytes its catch-up brings) may go: bytes the
+    registry keeps for another path or an older version are a change of this path all the same,
+    recorded as a live catch-up records them."""
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write("plans/b.md", b"B's content\n")
+        alice.write(P, b"zero\n")
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        alice.write(P, b"two\n")
+    save = b"B's content\n" if saved == "a copy of another file" else b"zero\n"
+    _kill_catching_up(c1, save)
+    with CoherentVolume(c1, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")
+        assert carol.read(P) == save
+        assert _history(carol, P)[:2] == [(4, "foreign", "external"), (3, "commit", "alice")]
+    assert _leftovers(c1 / "plans") == []
+
+
+def test_a_save_of_a_renames_source_after_the_rename_took_it_stays_at_the_source(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the rename has taken the source's file, a program's save at the source's name is a new
+    file there, recorded as the source's next version; the destination keeps the rename's bytes."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        alice.write("plans/a.md", b"A\n")
+        source = root / "plans/a.md"
+        taken = source.stat().st_ino
+        real = atomic.rename
+        fired: list[str] = []
+
+        def rename(src: str, dst: str, **flags: bool) -> None:  # the first after the source's file left its name
+            if not fired and (not source.exists() or source.stat().st_ino != taken):
+                fired.append(dst)
+                _save(source, b"a.md saved\n")
+            real(src, dst, **flags)
+
+        monkeypatch.setattr(atomic, "rename", rename)
+        _rename(alice, "plans/a.md", P)
+        monkeypatch.undo()
+        assert fired
+        assert (root / P).read_bytes() == b"A\n"
+        assert _history(alice, P) == [(2, "commit", "alice"), (1, "commit", "alice")]
+        assert alice.read("plans/a.md") == b"a.md saved\n"
+        assert _history(alice, "plans/a.md") == [
+            (3, "foreign", "external"),
+            (2, "delete", "alice"),
+            (1, "commit", "alice"),
+        ]
+    assert _leftovers(root / "plans") == []
+
+
+KILLED_RENAMING = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root, kill_after, save = Path(sys.argv[1]), sys.argv[2], sys.argv[3].encode()
+real_rename = atomic.rename
+
+def rename(src, dst, **flags):  # the rename's system calls: an editor's save of P before the exchange
+    if save and flags.get("exchange"):
+        tmp = root / "editor.tmp"
+        tmp.write_bytes(save)
+        os.replace(tmp, root / {P!r})
+    real_rename(src, dst, **flags)
+    if kill_after == "first" or flags.get("exchange"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+vol = CoherentVolume(root, agent="bob")
+vol.read({P!r})
+atomic.rename = rename
+vol._core.rename("bob", vol._core.resolve("draft.txt"), vol._core.resolve({P!r}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("kill_after", "save"),
+    [("first", b""), ("exchange", SAVE), ("exchange", b"B's content\n")],
+    ids=["after-its-first-step", "after-its-exchange", "after-its-exchange-a-copy-of-another-file"],
+)
+def test_an_editors_save_by_rename_killed_midway_loses_nothing(root: Path, kill_after: str, save: bytes) -> None:
+    """An editor's save by rename of an unmanaged file over a managed one, its process killed after
+    either of its two system calls: the next process installs its content if it was not yet, and
+    records and puts back a save of the destination that came just before (even bytes the
+    registry keeps as another file's); nothing is left at the source's name or a temp name."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/b.md", b"B's content\n")
+        alice.write(P, b"one\n")
+    (root / "draft.txt").write_bytes(b"the draft\n")
+    args = [sys.executable, "-c", KILLED_RENAMING, str(root), kill_after, save.decode()]
+    assert subprocess.run(args, cwd=REPO, timeout=120).returncode == -signal.SIGKILL
+    with CoherentVolume(root, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")  # the next commit-locked operation settles it
+        assert carol.read_version(P, 2) == b"the draft\n"
+        if save:
+            assert carol.read(P) == save
+            assert _history(carol, P) == [(3, "foreign", "external"), (2, "commit", "bob"), (1, "commit", "alice")]
+        else:
+            assert carol.read(P) == b"the draft\n"
+            assert _history(carol, P) == [(2, "commit", "bob"), (1, "commit", "alice")]
+    assert not (root / "draft.txt").exists()
+    assert _leftovers(root / "plans") == [] and _leftovers(root) == []

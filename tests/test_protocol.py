@@ -26,6 +26,7 @@ from coherent_volume.protocol import (
     is_noop,
     local_state,
     lost_install,
+    may_drop_taken,
     may_replay,
     needs_hash,
     read_moves_view,
@@ -137,6 +138,23 @@ def test_an_intent_whose_system_call_failed_is_abandoned_whatever_the_disk_holds
     assert recovery(rename, on_disk=True, disk_hash="same", replicated=True, undone=True) == "abandoned"
     delete = Intent("p", "a", 2, False, None, None)
     assert recovery(delete, on_disk=False, disk_hash=None, undone=True) == "abandoned"
+
+
+def test_a_rename_whose_content_waits_at_its_temp_name_is_completed_from_there() -> None:
+    """Killed between moving its source to the temp name its intent names and the exchange: the
+    destination still holds the version before, and the rename is completed, never abandoned (the
+    content is at no other name)."""
+    rename = Intent("p", "a", 2, True, "new", "tmp")
+    assert recovery(rename, on_disk=True, disk_hash="old", staged=True) == "completed"
+    assert recovery(rename, on_disk=False, disk_hash=None, replicated=True, staged=True) == "completed"
+
+
+def test_only_the_version_a_change_found_or_its_own_bytes_may_be_dropped_once_taken_away() -> None:
+    assert may_drop_taken(None, "held")
+    assert may_drop_taken("held", "held", "brought")
+    assert may_drop_taken("brought", "held", "brought")
+    assert not may_drop_taken("a copy of another file", "held", "brought")
+    assert not may_drop_taken("saved", None)
 
 
 def test_a_recorded_commit_is_finished_by_its_install_else_installed_unless_changed_outside() -> None:

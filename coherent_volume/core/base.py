@@ -45,6 +45,7 @@ from ..protocol import (
     installed_needs_hash,
     local_state,
     lost_install,
+    may_drop_taken,
     needs_hash,
     proven,
     recovery,
@@ -521,17 +522,20 @@ class CoreBase:
     ) -> FileRecord | None:
         """After a working copy's install of `record` took a file away (now at `displaced`: exchanged
         with the current version's bytes, or set aside by a deletion): removed if it is what the copy
-        was found holding (`installed`; `protocol.displaced_needs_hash`), else a change made on this
-        host outside the volume after the check, recorded as the next version (`_record_displaced`)
-        and put back in place; the current record then. What the put back displaces in turn is
-        removed if it is the current version's bytes; a file made between the two (another save) is
-        left at that name for the next process's recovery (`_settle_asides`)."""
+        was found holding (`installed`; `protocol.displaced_needs_hash`, `protocol.may_drop_taken`),
+        else a change made on this host outside the volume after the check, recorded as the next
+        version (`_record_displaced`) and put back in place; the current record then. What the put
+        back displaces in turn is removed if it is the current version's bytes; a file made between
+        the two (another save) is left at that name, noted, for the next transaction holding the
+        path (`_settle_asides`)."""
         fp = fingerprint_path(displaced)
         held = installed.hash if installed is not None else None
         seen = (installed.fingerprint, installed.checked_ns) if installed is not None and held else (None, 0)
-        if fp is None or not displaced_needs_hash(*seen, fp) or (held is not None and hash_path(displaced) == held):
+        brought = record.hash if record.present else None
+        if fp is None or not displaced_needs_hash(*seen, fp) or may_drop_taken(hash_path(displaced), held, brought):
             os.unlink(displaced)
             replica.holds(target.abs, target.rel, record.version, record.hash)
+            replica.set_back(target.rel, displaced)
             return record
         why = (
             f"changed outside the volume on host {socket.gethostname()} just before its working copy's "
@@ -554,17 +558,22 @@ class CoreBase:
             replica.set_back(target.rel, name)
         atomic.sync_dirs(target.abs)
 
-    def _settle_asides(self, tx: Transaction, replica: Replica) -> None:
-        """Settle what catch-ups of this working copy took away and never settled (their process
-        died between the disk change and the record; the whole copy is held): a file that is gone
-        or holds bytes the copy held or the registry keeps is removed, any other (a change made
-        outside the volume) recorded as the next version of its path and put back in place."""
-        for rel, name in replica.asides():
+    def _settle_asides(self, tx: Transaction, replica: Replica, paths: set[str] | None) -> None:
+        """Settle what catch-ups of this working copy took away from `paths` (None: every path) and
+        left unsettled: their process died, or their transaction failed, between the disk change
+        and the record, or a second save came between the put back's exchange and its check
+        (`_set_back`). `tx` holds those paths, so no catch-up of them is under way. As a live
+        catch-up does (`protocol.may_drop_taken`): a file that is gone, the version the copy holds
+        there or the bytes the catch-up brought is removed; any other (a change made outside the
+        volume) is recorded as the next version of its path and put back in place."""
+        for rel, name, brought in replica.asides():
+            if paths is not None and rel not in paths:
+                continue
             target = self.paths.of_rel(rel)
-            held = _hash_or_none(name)
+            taken = _hash_or_none(name)
             installed = replica.installed(rel)
-            if held is None or held == (installed.hash if installed else None) or tx.in_use(held):
-                if held is not None:
+            if may_drop_taken(taken, installed.hash if installed is not None else None, brought):
+                if taken is not None:
                     os.unlink(name)
                 replica.set_back(rel, name)
                 continue
@@ -597,8 +606,8 @@ class CoreBase:
         covered = None if held is None else set(held)
         if not self._swept and covered is None:
             self._sweep_staging(intents)
-            if self.replica is not None:
-                self._settle_asides(tx, self.replica)
+        if self.replica is not None:
+            self._settle_asides(tx, self.replica, covered)
         named = {i.tmp for i in intents}
         pending = {(i.path, i.version) for i in intents}
         with self._lock:  # other threads change entries of the paths they hold only
@@ -626,7 +635,7 @@ class CoreBase:
                 if self._recover_recorded(tx, intent, target, record, staged if left else None):
                     continue  # its staged name holds another program's file, to be put back in turn
             else:
-                self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in undone)
+                self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in undone, staged)
                 set_aside = staged is not None and os.path.lexists(staged)  # by its removal or rename
                 if set_aside and self._recover_recorded(tx, intent, target, tx.file(intent.path), staged, aside=True):
                     continue
@@ -673,7 +682,7 @@ class CoreBase:
             recorded=True,
             staged=staged is not None and current and not aside,
             staged_hash=staged_hash,
-            staged_kept=staged_hash is not None and staged_hash != previous and tx.in_use(staged_hash),
+            staged_kept=not aside and staged_hash is not None and staged_hash != previous and tx.in_use(staged_hash),
             previous=previous,
         )
         if outcome == "finished":
@@ -732,13 +741,29 @@ class CoreBase:
         tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: put back in place")
 
     def _recover_unrecorded(
-        self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None, undone: bool
+        self,
+        tx: Transaction,
+        intent: Intent,
+        target: Target,
+        record: FileRecord | None,
+        undone: bool,
+        staged: str | None,
     ) -> None:
         """A creation, deletion or rename interrupted before it was recorded: complete it if the
-        disk holds what it intended, else abandon it; abandon it if its disk step failed (`undone`)."""
+        disk holds what it intended, else abandon it; abandon it if its disk step failed (`undone`).
+        A rename whose content waits at its temp name (`staged`) is completed by installing it
+        (exchanged into place: what that displaced is at `staged` then, for the caller to check)."""
+        waiting = staged is not None and intent.present and _hash_or_none(staged) == intent.hash
         # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
-        fp, disk_hash = disk_state(target, None) if self.replica is None and not undone else (None, None)
-        outcome = recovery(intent, fp is not None, disk_hash, replicated=self.replica is not None, undone=undone)
+        read = self.replica is None and not undone and not waiting
+        fp, disk_hash = disk_state(target, None) if read else (None, None)
+        outcome = recovery(
+            intent, fp is not None, disk_hash, replicated=self.replica is not None, staged=waiting, undone=undone
+        )
+        if outcome == "completed" and waiting:  # no fingerprint recorded: a save meanwhile is not taken for it
+            assert staged is not None
+            atomic.swap_in(staged, target.abs)
+            atomic.sync_dirs(target.abs)
         now = time.time()
         if outcome == "completed":
             retained = (
@@ -763,7 +788,9 @@ class CoreBase:
             reason=outcome,
             version=intent.version if outcome == "completed" else current_version(record),
             detail="abandoned: the system call that was to make the change failed, so nothing changed"
-            if undone
+            if outcome == "abandoned" and undone
+            else "completed an interrupted rename: its content, moved to a temp name, installed from there"
+            if waiting
             else f"{outcome} an interrupted commit"
             if self.replica is None  # one host: its writer holds the commit lock until it records it
             else f"recorded {intent.agent}'s {'change' if intent.present else 'deletion'} as v{intent.version}: "

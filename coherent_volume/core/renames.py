@@ -149,6 +149,28 @@ class _Tree:
                 self.linked.append(rel)
 
 
+def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
+    """A save by rename of `src` over `dst`, destroying nothing: where its decision found no file
+    at `dst` (`found`) one rename that replaces nothing; else (or once a file is there after all)
+    the file moved to `aside` (a temp name beside `dst`, which `dst`'s intent names) and exchanged
+    from there with the file at `dst` (`atomic.swap_in`), so what it displaced is at `aside`, never
+    at `src`, where a program may save again (a killed install leaves at `aside` either the
+    content, which recovery installs, or what it displaced). Moved back if the exchange fails:
+    nothing changed. Whether it displaced a file."""
+    if not found:
+        try:
+            atomic.rename(src, dst, noreplace=True)
+            return False
+        except FileExistsError:
+            pass
+    atomic.rename(src, aside, noreplace=True)
+    try:
+        return atomic.swap_in(aside, dst)
+    except BaseException:
+        atomic.rename(aside, src, noreplace=True)
+        raise
+
+
 def _moved_changed(plan: list[Planned]) -> list[tuple[Target, tuple[Fingerprint, str]]]:
     """The files a rename moved (`plan`) whose bytes at their new name are not what its decision
     hashed at their old one (a program outside the volume saved there in the meantime), with
@@ -398,9 +420,9 @@ class Renames(History):
         """The disk half of a decided rename (under the commit lock), and the record of its versions:
         rename(2), or for a save by merging (`merge`) the merge installed at `dst` (unless it is
         already its content) and `src` removed. Nothing a program outside the volume wrote in the
-        meantime is destroyed: a save over `dst` exchanges (`atomic.swap_in`) and a merged save's
-        source is set aside before it goes (`Writes._displaced_settled`), and a moved file is checked at its
-        new name (`_moved_changed`)."""
+        meantime is destroyed: a save over `dst` exchanges (`_save_in`) and a merged save's source
+        is set aside before it goes (`Writes._displaced_settled`), and a moved file is checked at
+        its new name (`_moved_changed`)."""
         plan = decided.plan
         undone = [(target.rel, version) for target, version, *_ in plan]
         paths = [target.rel for target, *_ in plan]
@@ -411,8 +433,8 @@ class Renames(History):
             )
         elif merge is None:
             assert aside is not None
-            self._install(lambda: done.append(atomic.swap_in(src.abs, dst.abs)), undone, paths)
-            done[0] = done[0] and atomic.set_aside(src.abs, aside.name)  # what the exchange displaced
+            found = aside.digest is not None
+            self._install(lambda: done.append(_save_in(src.abs, aside.name, dst.abs, found)), undone, paths)
         else:
             assert aside is not None
             if decided.merged is not None:

@@ -39,6 +39,7 @@ from ..protocol import (
     decide_write,
     displaced_needs_hash,
     is_noop,
+    may_drop_taken,
     may_replay,
     view_moves,
     view_state,
@@ -536,7 +537,7 @@ class Writes(Reads):
         fp = fingerprint_path(name)
         if fp is not None and displaced_needs_hash(seen[0], seen[1], fp):
             digest = hash_path(name)
-            if digest is not None and digest != previous:
+            if not may_drop_taken(digest, previous):
                 return False
         try:
             os.unlink(name)

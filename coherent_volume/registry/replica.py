@@ -26,9 +26,11 @@ Invariants:
 - a replica.db SQLite finds no database or damaged, or one that holds none of this state (an empty
   file), is found so read-only (`damage`) before anything writes to it, and refused at open;
 - `replica_aside` names, before a catch-up changes the disk, where the file it takes away will be
-  (the temp name of its exchange, or where a deletion sets the file aside): a row outlives the
-  process only if it died before that file was settled (`CoreBase._settle_asides`), and goes when
-  the copy records what it holds of the path (`record`);
+  (the temp name of its exchange, or where a deletion sets the file aside) and the hash of what
+  the catch-up brings (None: a deletion); a row goes once that file is settled (`set_back`): it
+  outlives the catch-up only if its process died or its transaction failed before that, or a
+  second save came in between (`CoreBase._set_back`), and is settled by the next transaction
+  holding the path (`CoreBase._settle_asides`), whichever process runs it;
 - a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
   stored wrapped to signed.
 """
@@ -54,7 +56,8 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS replica_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS replica_files (path TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT, "
     "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, checked_ns INTEGER NOT NULL, reported INTEGER)",
-    "CREATE TABLE IF NOT EXISTS replica_aside (path TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (path, name))",
+    "CREATE TABLE IF NOT EXISTS replica_aside (path TEXT NOT NULL, name TEXT NOT NULL, brought TEXT, "
+    "PRIMARY KEY (path, name))",
 )
 _UNREPORTED = "CREATE INDEX IF NOT EXISTS replica_unreported ON replica_files (path) WHERE reported IS NOT version"
 
@@ -78,12 +81,13 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _add_reported(conn: sqlite3.Connection) -> None:
-    """Give a replica.db made before reports (no `reported` column) the column: every row pending."""
-    if any(row[1] == "reported" for row in conn.execute("PRAGMA table_info(replica_files)")):
+def _add_column(conn: sqlite3.Connection, table: str, column: str, kind: str) -> None:
+    """Give a replica.db made before `column` of `table` the column, NULL in every row (`reported`:
+    every row pending; `brought`: each file set aside is checked against the version held only)."""
+    if any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})")):
         return
     try:
-        conn.execute("ALTER TABLE replica_files ADD COLUMN reported INTEGER")
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     except sqlite3.OperationalError as e:
         # "duplicate column": another process added it meanwhile
         if "duplicate column" not in str(e):
@@ -117,7 +121,8 @@ class Replica:
             conn.execute("PRAGMA synchronous = NORMAL")
             for statement in _DDL:
                 conn.execute(statement)
-            _add_reported(conn)
+            _add_column(conn, "replica_files", "reported", "INTEGER")
+            _add_column(conn, "replica_aside", "brought", "TEXT")
             conn.execute(_UNREPORTED)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
@@ -207,40 +212,36 @@ class Replica:
         return Installed(version, digest, fp, checked_ns)
 
     def record(self, path: str, held: Installed) -> None:
-        """Record that this copy's disk holds `held` at `path` (nothing of it set aside any more)."""
+        """Record that this copy's disk holds `held` at `path`."""
         fp = held.fingerprint
         stat = (None, None, None, None) if fp is None else (_ino_to_sql(fp.ino), fp.size, fp.mtime_ns, fp.ctime_ns)
         with self._mutex:
-            db = self._db()
-            db.execute("BEGIN")
-            try:
-                db.execute(
-                    "INSERT INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET version = excluded.version, "
-                    "hash = excluded.hash, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                    "ctime_ns = excluded.ctime_ns, checked_ns = excluded.checked_ns",
-                    (path, held.version, held.hash, *stat, held.checked_ns),
-                )
-                db.execute("DELETE FROM replica_aside WHERE path = ?", (path,))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            self._db().execute(
+                "INSERT INTO replica_files (path, version, hash, ino, size, mtime_ns, ctime_ns, checked_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET version = excluded.version, "
+                "hash = excluded.hash, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "ctime_ns = excluded.ctime_ns, checked_ns = excluded.checked_ns",
+                (path, held.version, held.hash, *stat, held.checked_ns),
+            )
 
-    def setting_aside(self, path: str, name: str) -> None:
-        """Note, before the disk changes, that a catch-up of `path` may take its file away to `name`."""
+    def setting_aside(self, path: str, name: str, brought: str | None) -> None:
+        """Note, before the disk changes, that a catch-up of `path` bringing bytes hashing to
+        `brought` (None: a deletion) may take its file away to `name`."""
         with self._mutex:
-            self._db().execute("INSERT OR IGNORE INTO replica_aside (path, name) VALUES (?, ?)", (path, name))
+            self._db().execute(
+                "INSERT OR REPLACE INTO replica_aside (path, name, brought) VALUES (?, ?, ?)", (path, name, brought)
+            )
 
     def set_back(self, path: str, name: str) -> None:
         """The file a catch-up of `path` took away to `name` is settled (removed, or put back)."""
         with self._mutex:
             self._db().execute("DELETE FROM replica_aside WHERE path = ? AND name = ?", (path, name))
 
-    def asides(self) -> list[tuple[str, str]]:
-        """(path, name) of every file a catch-up took away that was not settled (its process died)."""
+    def asides(self) -> list[tuple[str, str, str | None]]:
+        """(path, name, brought) of every file a catch-up took away that is not settled."""
         with self._mutex:
-            return [(str(p), str(n)) for p, n in self._db().execute("SELECT path, name FROM replica_aside")]
+            rows = self._db().execute("SELECT path, name, brought FROM replica_aside").fetchall()
+        return [(str(p), str(n), None if b is None else str(b)) for p, n, b in rows]
 
     def unreported(self) -> list[tuple[str, int]]:
         """(path, version) of every version this copy holds that the registry was not told yet."""
@@ -266,22 +267,26 @@ class Replica:
         fsync, exchanged with the file: `atomic.swap_in`) or, `data` None, no file (the file set
         aside: `atomic.set_aside`); then record it. Where the install took a file away, it is left at
         the name returned (noted first: `setting_aside`), and what this copy holds is for the caller
-        to record (`holds`). Called under the registry's commit lock of `path`."""
+        to record (`holds`) and the note to drop (`set_back`). Called under the registry's commit
+        lock of `path`."""
+        brought = digest if data is not None else None
         if data is None:
             aside = atomic.temp_name(target)
-            self.setting_aside(path, aside)
+            self.setting_aside(path, aside, brought)
             if atomic.set_aside(target, aside):
                 atomic.sync_dirs(target)
                 return aside
         else:
             staged = atomic.stage(target, data, INSTALLED_MODE, root=os.path.dirname(self.directory))
+            aside = staged.plan_name()
             try:
-                self.setting_aside(path, staged.plan_name())
+                self.setting_aside(path, aside, brought)
                 if staged.install(exchange=True):
-                    return staged.tmp
+                    return aside
             finally:
                 staged.discard()
-        self.holds(target, path, version, digest if data is not None else None)
+        self.holds(target, path, version, brought)
+        self.set_back(path, aside)
         return None
 
     def holds(self, target: str, path: str, version: int, digest: str | None) -> None:
