@@ -15,7 +15,6 @@ import functools
 import logging
 import os
 import stat as stat_mod
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -95,6 +94,13 @@ async def _forget_entry(parent_inode: int, name: bytes) -> None:
         pass  # the kernel holds no such entry (any more)
 
 
+def _visible(rel: str) -> str:
+    """`rel`, a name a request reaches the disk by; ENOENT for the registry's, invisible in the mount."""
+    if is_registry_path(rel):
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    return rel
+
+
 def _at_or_below(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
@@ -132,11 +138,12 @@ class CoherentOperations(pyfuse3.Operations):
         """The open file handles of each inode, by file handle (`files` indexed by `file_inodes`)."""
         self._renaming: dict[str, trio.Event] = {}
         """Paths a checked rename is changing right now, or is about to (see `_settled`, `rename`)."""
-        self._using: Counter[str] = Counter()
+        self._using: dict[str, int] = {}
         """Paths requests reach the disk by across an await right now, each as often as requests use it
         (`_use`): a checked rename at or above one waits until they are done (`_unused`)."""
-        self._used = trio.Event()
-        """Set (and replaced) whenever a request stops using paths (`_use`)."""
+        self._used: trio.Event | None = None
+        """Set (and dropped) whenever a request stops using paths (`_use`), while a rename waits for that
+        (`_unused`)."""
         self._files: dict[tuple[int, int], int] = {}
         """The inode of each unmanaged non-directory seen, by its backing (st_dev, st_ino): a hard link
         of it is looked up as that inode (see `_inode_of`)."""
@@ -181,11 +188,15 @@ class CoherentOperations(pyfuse3.Operations):
     async def _path(self, inode: int) -> str:
         """The path of `inode`, for a request that reaches the disk by it, or by the name the inode is
         set aside to (`_aside`; see `_settled`)."""
+        if not self._renaming:  # (`_settled` without its closures: most requests meet no rename)
+            return self.inodes.path(inode)
         [rel] = await self._settled(functools.partial(self.inodes.path, inode), inode=inode)
         return rel
 
     async def _child(self, parent: int, name: bytes) -> str:
         """The path of `name` in `parent`, for a request that reaches the disk by it (see `_settled`)."""
+        if not self._renaming:  # (`_children` without its lists: most requests meet no rename)
+            return _visible(self.inodes.child(parent, name))
         [rel] = await self._children((parent, name))
         return rel
 
@@ -193,11 +204,15 @@ class CoherentOperations(pyfuse3.Operations):
         """The paths of the names `entries` (each a directory's inode and a name in it), and of `inode`
         after them if given, for a request that reaches the disk by all of them: settled together
         (`_settled`), so none went stale while another waited for a rename."""
-        children = [functools.partial(self.inodes.child, parent, name) for parent, name in entries]
-        own = [functools.partial(self.inodes.path, inode)] if inode is not None else []
-        rels = await self._settled(*children, *own, inode=inode)
-        if any(is_registry_path(rel) for rel in rels[: len(entries)]):
-            raise pyfuse3.FUSEError(errno.ENOENT)  # the registry is invisible in the mount
+        if self._renaming:
+            children = [functools.partial(self.inodes.child, parent, name) for parent, name in entries]
+            own = [functools.partial(self.inodes.path, inode)] if inode is not None else []
+            rels = await self._settled(*children, *own, inode=inode)
+        else:  # (no closures: most requests meet no rename)
+            rels = [self.inodes.child(parent, name) for parent, name in entries]
+            rels += [self.inodes.path(inode)] if inode is not None else []
+        for rel in rels[: len(entries)]:
+            _visible(rel)
         return rels
 
     def _stat(self, rel: str, inode: int) -> os.stat_result:
@@ -774,20 +789,26 @@ class CoherentOperations(pyfuse3.Operations):
         using paths never waits for a rename (`_settled`) meanwhile, nor for the kernel to drop an
         entry (a rename holds its directories' locks while it waits)."""
         names = {rel.partition("\0")[0] for rel in rels}
-        self._using.update(names)
+        using = self._using
+        for name in names:
+            using[name] = using.get(name, 0) + 1
         try:
             yield
         finally:
-            self._using.subtract(names)
             for name in names:
-                if not self._using[name]:
-                    del self._using[name]
-            self._used.set()
-            self._used = trio.Event()
+                if using[name] == 1:
+                    del using[name]
+                else:
+                    using[name] -= 1
+            if self._used is not None:
+                self._used.set()
+                self._used = None
 
     async def _unused(self, *tops: str) -> None:
         """Wait until no request uses a path at or below `tops` (`_use`)."""
         while any(_at_or_below(rel, top) for rel in self._using for top in tops):
+            if self._used is None:
+                self._used = trio.Event()
             await self._used.wait()
 
     async def _viewer(self, rel: str, ctx: pyfuse3.RequestContext) -> str | None:
@@ -1184,6 +1205,8 @@ class CoherentOperations(pyfuse3.Operations):
         managed name, and it fails ENOENT (the name it meant moved away), since a second ESTALE would
         reach the program. Unless the record is a getattr's (`Retry.attributes`): a stat or fstat
         leaves it, never to land, so the call is taken for a new one."""
+        if not self._left_globs:  # (no inode carried out of the globs: the common case)
+            return
         meant = {rel: self._meant(inode, rel) for inode, rel in reached}
         carries = [carry for names in meant.values() for carry in names.values()]
         if not carries:
