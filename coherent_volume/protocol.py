@@ -458,6 +458,7 @@ def recovery(
     staged_kept: bool = False,
     previous: str | None = None,
     undone: bool = False,
+    done: bool = False,
 ) -> Recovery:
     """The fate of a commit whose intent outlived its transaction.
 
@@ -484,10 +485,12 @@ def recovery(
     and exchanging it into place) is `completed`, installed from there. Else it is `abandoned`
     when its process saw its disk step fail (`undone`: the kernel refused the system call, so
     nothing changed, whatever the disk holds: a file of the same bytes already there is not its
-    doing). Else, its process interrupted, it is `completed` when the disk already holds what it
-    intended (its content, or for a deletion no file), else `abandoned`: the disk still holds the
-    previous version. Where the registry holds the content, always `completed`: its intent and
-    content were committed together."""
+    doing), and `completed` when its process saw its disk step succeed (`done`: a live rename
+    settling what its exchange displaced before it records itself; a save at its names since then
+    is a change after it, which the next check records). Else, its process interrupted, it is
+    `completed` when the disk already holds what it intended (its content, or for a deletion no
+    file), else `abandoned`: the disk still holds the previous version. Where the registry holds
+    the content, always `completed`: its intent and content were committed together."""
     if recorded:
         if staged_hash is not None and staged_hash != intent.hash:
             return "finished" if may_drop_taken(staged_hash, previous) or staged_kept else "displaced"
@@ -499,7 +502,7 @@ def recovery(
         return "completed"
     if undone:
         return "abandoned"
-    if replicated:
+    if done or replicated:
         return "completed"
     installed = (on_disk and disk_hash == intent.hash) if intent.present else not on_disk
     return "completed" if installed else "abandoned"

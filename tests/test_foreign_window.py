@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, Policy, StaleWriteError, atomic
+from coherent_volume import CoherentVolume, Policy, atomic
 from coherent_volume.protocol import RACY_NS
 
 from .conftest import REPO
@@ -307,12 +307,13 @@ def _kill_catching_up(c1: Path, save: bytes = SAVE) -> None:
 
 
 @pytest.mark.parametrize("deleted", [False, True])
+@pytest.mark.parametrize("settled_by", ["read", "scan"])
 def test_a_catch_up_killed_while_another_process_of_the_copy_runs_on_loses_nothing(
-    tmp_path: Path, pg_url: str, deleted: bool
+    tmp_path: Path, pg_url: str, deleted: bool, settled_by: str
 ) -> None:
     """The process running on (a mount, a long-lived agent) settles what the killed one took away
-    at its next transaction holding the path: the save is recorded and put back, never dropped
-    when that process records what it holds of the path."""
+    at its next tracked read of the path or scan (`status`): the save is recorded and put back,
+    never dropped when that process records what it holds of the path."""
     c0, c1 = _copies(tmp_path, pg_url)
     with CoherentVolume(c0, agent="alice") as alice:
         alice.write(P, b"one\n")
@@ -326,13 +327,10 @@ def test_a_catch_up_killed_while_another_process_of_the_copy_runs_on_loses_nothi
         dave.write("plans/warm.md", b"w\n")  # its first transaction holding the whole copy is behind it
         _kill_catching_up(c1)
         assert _leftovers(c1 / "plans") != []  # the save, at the temp name the catch-up took it to
-        if deleted:
-            assert dave.read(P) == SAVE  # no file at P: read under the commit lock, which settles it
-        else:
-            assert dave.read(P) == b"two\n"  # v2 is on disk: read without a transaction
-            with pytest.raises(StaleWriteError):  # the write's transaction records the save first
-                dave.write(P, b"dave's edit\n")
-            assert dave.read(P) == SAVE
+        if settled_by == "scan":
+            assert dave._core.scan() == []
+            assert (c1 / P).read_bytes() == SAVE  # put back
+        assert dave.read(P) == SAVE  # not the version in place (v2, or no file)
         assert _history(dave, P) == [
             (3, "foreign", "external"),
             (2, "delete" if deleted else "commit", "alice"),
@@ -367,11 +365,14 @@ def test_a_save_of_bytes_the_registry_keeps_taken_by_a_killed_catch_up_is_record
     assert _leftovers(c1 / "plans") == []
 
 
+@pytest.mark.parametrize("destination_saved", [False, True])
 def test_a_save_of_a_renames_source_after_the_rename_took_it_stays_at_the_source(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, monkeypatch: pytest.MonkeyPatch, destination_saved: bool
 ) -> None:
     """Once the rename has taken the source's file, a program's save at the source's name is a new
-    file there, recorded as the source's next version; the destination keeps the rename's bytes."""
+    file there, recorded as the source's next version; the destination keeps the rename's bytes.
+    A save of the destination as well, before the exchange, is put back and recorded after the
+    rename, which is done and reported so."""
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"one\n")
         alice.write("plans/a.md", b"A\n")
@@ -384,20 +385,62 @@ def test_a_save_of_a_renames_source_after_the_rename_took_it_stays_at_the_source
             if not fired and (not source.exists() or source.stat().st_ino != taken):
                 fired.append(dst)
                 _save(source, b"a.md saved\n")
+                if destination_saved:
+                    _save(root / P)
             real(src, dst, **flags)
 
         monkeypatch.setattr(atomic, "rename", rename)
         _rename(alice, "plans/a.md", P)
         monkeypatch.undo()
         assert fired
-        assert (root / P).read_bytes() == b"A\n"
-        assert _history(alice, P) == [(2, "commit", "alice"), (1, "commit", "alice")]
+        saved = [(3, "foreign", "external")] if destination_saved else []
+        assert (root / P).read_bytes() == (SAVE if destination_saved else b"A\n")
+        assert _history(alice, P) == [*saved, (2, "commit", "alice"), (1, "commit", "alice")]
+        assert alice.read_version(P, 2) == b"A\n"
         assert alice.read("plans/a.md") == b"a.md saved\n"
         assert _history(alice, "plans/a.md") == [
             (3, "foreign", "external"),
             (2, "delete", "alice"),
             (1, "commit", "alice"),
         ]
+    assert _leftovers(root / "plans") == []
+
+
+@pytest.mark.parametrize(
+    ("made_a_directory", "error"), [("source", NotADirectoryError), ("destination", IsADirectoryError)]
+)
+def test_a_directory_made_at_a_save_by_renames_names_meanwhile_fails_it_as_rename_would(
+    root: Path, monkeypatch: pytest.MonkeyPatch, made_a_directory: str, error: type[OSError]
+) -> None:
+    """An exchange works across types: a directory a program put at the source (before it was
+    moved to its temp name) or at the destination (before the exchange) is exchanged back and
+    the rename fails as rename(2) of a file over a file would have: the rename changes nothing, and
+    what the program did is recorded (a directory holds no version: the file's deletion)."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        alice.write("plans/a.md", b"A\n")
+        made_rel, other = ("plans/a.md", P) if made_a_directory == "source" else (P, "plans/a.md")
+        made = root / made_rel
+        real = atomic.rename
+        fired: list[str] = []
+
+        def rename(src: str, dst: str, **flags: bool) -> None:  # the rename's first step, or its exchange
+            if not fired and flags.get("noreplace" if made_a_directory == "source" else "exchange"):
+                fired.append(dst)
+                made.unlink()
+                made.mkdir()
+                (made / "inner.md").write_bytes(SAVE)
+            real(src, dst, **flags)
+
+        monkeypatch.setattr(atomic, "rename", rename)
+        with pytest.raises(error):
+            _rename(alice, "plans/a.md", P)
+        monkeypatch.undo()
+        assert fired
+        assert (made / "inner.md").read_bytes() == SAVE
+        assert alice.read(other) == (b"A\n" if other == "plans/a.md" else b"one\n")
+        assert _history(alice, other) == [(1, "commit", "alice")]
+        assert _history(alice, made_rel) == [(2, "delete", "external"), (1, "commit", "alice")]  # the program's
     assert _leftovers(root / "plans") == []
 
 
@@ -451,3 +494,34 @@ def test_an_editors_save_by_rename_killed_midway_loses_nothing(root: Path, kill_
             assert _history(carol, P) == [(2, "commit", "bob"), (1, "commit", "alice")]
     assert not (root / "draft.txt").exists()
     assert _leftovers(root / "plans") == [] and _leftovers(root) == []
+
+
+@pytest.mark.parametrize(
+    ("kill_after", "save"), [("first", b""), ("exchange", SAVE)], ids=["after-its-first-step", "after-its-exchange"]
+)
+def test_a_save_by_rename_killed_midway_in_a_working_copy_and_completed_by_another_copy_leaves_nothing(
+    tmp_path: Path, pg_url: str, kill_after: str, save: bytes
+) -> None:
+    """Another copy's recovery completes the killed rename's intent (the registry holds its
+    content) and never sees this copy's temp name: this copy noted it first, and its next process
+    removes the rename's bytes left there (the registry's version), or records and puts back the
+    save its exchange displaced."""
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+    (c1 / "draft.txt").write_bytes(b"the draft\n")
+    args = [sys.executable, "-c", KILLED_RENAMING, str(c1), kill_after, save.decode()]
+    assert subprocess.run(args, cwd=REPO, timeout=120).returncode == -signal.SIGKILL
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write("plans/other.md", b"x\n")  # its first transaction holds every path: recovery
+        assert _history(alice, P)[0] == (2, "commit", "bob")
+    with CoherentVolume(c1, agent="carol") as carol:
+        carol.write("plans/mine.md", b"y\n")
+        assert carol.read(P) == (save or b"the draft\n")
+        assert _history(carol, P) == [
+            *([(3, "foreign", "external")] if save else []),
+            (2, "commit", "bob"),
+            (1, "commit", "alice"),
+        ]
+    assert not (c1 / "draft.txt").exists()
+    assert _leftovers(c1 / "plans") == [] and _leftovers(c1) == []

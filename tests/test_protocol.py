@@ -140,6 +140,15 @@ def test_an_intent_whose_system_call_failed_is_abandoned_whatever_the_disk_holds
     assert recovery(delete, on_disk=False, disk_hash=None, undone=True) == "abandoned"
 
 
+def test_an_intent_whose_process_saw_its_system_call_succeed_is_completed_whatever_the_disk_holds() -> None:
+    """A live rename settling what its exchange displaced before it records itself: a program's
+    save at its source or destination since is a change after it, not a sign it did not happen."""
+    delete = Intent("p", "a", 2, False, None, None)
+    assert recovery(delete, on_disk=True, disk_hash="saved", done=True) == "completed"
+    rename = Intent("p", "a", 2, True, "new", None)
+    assert recovery(rename, on_disk=True, disk_hash="saved", done=True) == "completed"
+
+
 def test_a_rename_whose_content_waits_at_its_temp_name_is_completed_from_there() -> None:
     """Killed between moving its source to the temp name its intent names and the exchange: the
     destination still holds the version before, and the rename is completed, never abandoned (the

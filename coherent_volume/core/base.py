@@ -148,7 +148,7 @@ class CoreBase:
         """Handle grants this process took: each ends with the last handle under it, so an agent's
         other handles stay protected meanwhile."""
         self._lock = threading.Lock()
-        """Guards `_shares`, `_owned`, `_loaded`, `_renamed` and `_undone` (the worker threads of a
+        """Guards `_shares`, `_owned`, `_loaded`, `_renamed`, `_undone` and `_done` (the worker threads of a
         mount share one core, and commit paths side by side)."""
         self.leases = Heartbeat(registry)
         """Renews the handle grants this process took as leases (`begin_write`), while they are in use."""
@@ -165,6 +165,10 @@ class CoreBase:
         """Intents (path, version) of renames whose one system call the kernel refused in this process
         (`Writes._install`): nothing changed, so recovery abandons them without looking at the disk.
         An entry changes under the commit lock of its path."""
+        self._done: set[tuple[str, int]] = set()
+        """Intents (path, version) of renames this process installed and settles before it records
+        them (`Renames._aside_back`): recovery completes them without looking at the disk. An entry
+        changes under the commit lock of its path."""
         self._thread = threading.local()
         """This thread's files hashed outside a transaction for `_transact`'s next run (`hashed`:
         `_hash_of`)."""
@@ -558,16 +562,24 @@ class CoreBase:
             replica.set_back(target.rel, name)
         atomic.sync_dirs(target.abs)
 
-    def _settle_asides(self, tx: Transaction, replica: Replica, paths: set[str] | None) -> None:
-        """Settle what catch-ups of this working copy took away from `paths` (None: every path) and
-        left unsettled: their process died, or their transaction failed, between the disk change
-        and the record, or a second save came between the put back's exchange and its check
-        (`_set_back`). `tx` holds those paths, so no catch-up of them is under way. As a live
-        catch-up does (`protocol.may_drop_taken`): a file that is gone, the version the copy holds
-        there or the bytes the catch-up brought is removed; any other (a change made outside the
-        volume) is recorded as the next version of its path and put back in place."""
+    def _noted(self) -> set[str]:
+        """The paths where a catch-up or rename of this working copy left a file it took away
+        unsettled (a `replica_aside` note; none outside a copy): the next transaction holding one
+        settles it (`_settle_asides`), so a tracked read or a scan holds them (the file in place
+        may be an older version than that change)."""
+        return set() if self.replica is None else {rel for rel, _, _ in self.replica.asides()}
+
+    def _settle_asides(self, tx: Transaction, replica: Replica, paths: set[str] | None, pending: set[str]) -> None:
+        """Settle what catch-ups or renames of this working copy took away from `paths` (None: every
+        path) and left unsettled: their process died, or their transaction failed, between the disk
+        change and the record, or a second save came between the put back's exchange and its check
+        (`_set_back`). `tx` holds those paths, so no catch-up of them is under way; a name an intent
+        still names (`pending`) is its recovery's, which follows. As a live catch-up does
+        (`protocol.may_drop_taken`): a file that is gone, the version the copy holds there or the
+        bytes the change brought is removed; any other (a change made outside the volume) is
+        recorded as the next version of its path and put back in place."""
         for rel, name, brought in replica.asides():
-            if paths is not None and rel not in paths:
+            if (paths is not None and rel not in paths) or name in pending:
                 continue
             target = self.paths.of_rel(rel)
             taken = _hash_or_none(name)
@@ -579,7 +591,7 @@ class CoreBase:
                 continue
             why = (
                 f"changed outside the volume on host {socket.gethostname()} just before its working copy's "
-                "catch-up took it away, whose process died before it put it back"
+                "catch-up or rename took it away, whose process died before it put it back"
             )
             record = tx.file(rel)
             self._record_displaced(tx, target, name, current_version(record) + 1, why)
@@ -607,7 +619,8 @@ class CoreBase:
         if not self._swept and covered is None:
             self._sweep_staging(intents)
         if self.replica is not None:
-            self._settle_asides(tx, self.replica, covered)
+            staged_names = {self.paths.staged(self.paths.of_rel(i.path), i.tmp) for i in intents if i.tmp}
+            self._settle_asides(tx, self.replica, covered, staged_names)
         named = {i.tmp for i in intents}
         pending = {(i.path, i.version) for i in intents}
         with self._lock:  # other threads change entries of the paths they hold only
@@ -615,7 +628,8 @@ class CoreBase:
                 if (covered is None or path in covered) and tmp not in named:
                     del self._renamed[tmp]  # no intent ever names one again
             self._undone -= {u for u in self._undone if (covered is None or u[0] in covered) and u not in pending}
-            renamed, undone = set(self._renamed), set(self._undone)
+            self._done -= {d for d in self._done if (covered is None or d[0] in covered) and d not in pending}
+            renamed, undone, done = set(self._renamed), set(self._undone), set(self._done)
         for intent in intents:
             if intent.tmp in renamed:  # installed by this process: `finished`
                 tx.drop_intent(intent.path)
@@ -635,7 +649,8 @@ class CoreBase:
                 if self._recover_recorded(tx, intent, target, record, staged if left else None):
                     continue  # its staged name holds another program's file, to be put back in turn
             else:
-                self._recover_unrecorded(tx, intent, target, record, (intent.path, intent.version) in undone, staged)
+                key = (intent.path, intent.version)
+                self._recover_unrecorded(tx, intent, target, record, key in undone, key in done, staged)
                 set_aside = staged is not None and os.path.lexists(staged)  # by its removal or rename
                 if set_aside and self._recover_recorded(tx, intent, target, tx.file(intent.path), staged, aside=True):
                     continue
@@ -747,19 +762,20 @@ class CoreBase:
         target: Target,
         record: FileRecord | None,
         undone: bool,
+        done: bool,
         staged: str | None,
     ) -> None:
         """A creation, deletion or rename interrupted before it was recorded: complete it if the
-        disk holds what it intended, else abandon it; abandon it if its disk step failed (`undone`).
+        disk holds what it intended, else abandon it; abandon it if its disk step failed (`undone`),
+        complete it if this process saw that step succeed (`done`).
         A rename whose content waits at its temp name (`staged`) is completed by installing it
         (exchanged into place: what that displaced is at `staged` then, for the caller to check)."""
         waiting = staged is not None and intent.present and _hash_or_none(staged) == intent.hash
         # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
-        read = self.replica is None and not undone and not waiting
+        read = self.replica is None and not undone and not done and not waiting
         fp, disk_hash = disk_state(target, None) if read else (None, None)
-        outcome = recovery(
-            intent, fp is not None, disk_hash, replicated=self.replica is not None, staged=waiting, undone=undone
-        )
+        replicated = self.replica is not None
+        outcome = recovery(intent, fp is not None, disk_hash, replicated, staged=waiting, undone=undone, done=done)
         if outcome == "completed" and waiting:  # no fingerprint recorded: a save meanwhile is not taken for it
             assert staged is not None
             atomic.swap_in(staged, target.abs)
@@ -791,6 +807,8 @@ class CoreBase:
             if outcome == "abandoned" and undone
             else "completed an interrupted rename: its content, moved to a temp name, installed from there"
             if waiting
+            else "completed a rename installed by its process, which settles what its exchange displaced first"
+            if done
             else f"{outcome} an interrupted commit"
             if self.replica is None  # one host: its writer holds the commit lock until it records it
             else f"recorded {intent.agent}'s {'change' if intent.present else 'deletion'} as v{intent.version}: "

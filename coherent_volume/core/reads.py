@@ -76,6 +76,8 @@ class Reads(CoreBase):
     def read(self, agent: str, target: Target, fd: int | None = None, *, register: bool = True) -> Observed:
         """Read a file (from `fd` if given, which this closes); for a managed one, register `agent`'s
         view at the version of these bytes (unless `register` is False: a pinned agent's re-read).
+        A path where a catch-up or rename of this working copy left a file unsettled
+        (`CoreBase._noted`) is read under the commit lock, whose transaction settles it first.
 
         Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion)."""
         if not target.managed:
@@ -84,7 +86,7 @@ class Reads(CoreBase):
             data, fp = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
         except FileNotFoundError:
             data = None
-        if data is not None:
+        if data is not None and target.rel not in self._noted():
             digest = content_hash(data)
             key = (agent, target.rel)
             now = time.monotonic()
@@ -131,7 +133,7 @@ class Reads(CoreBase):
         mixes two versions; the agent's view is registered at it unless `register` is False."""
         fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            version = self._pair(agent, target, hash_fd(fd), register)
+            version = None if target.rel in self._noted() else self._pair(agent, target, hash_fd(fd), register)
         except BaseException:
             os.close(fd)
             raise
@@ -231,12 +233,13 @@ class Reads(CoreBase):
         """Bring the registry in step with the whole tree (every recorded path, every managed regular
         file); return the files it could not check, as (path, why). Files are compared read only
         (`_in_step`); those that differ or whose record lacks a fingerprint worth keeping (so a check
-        after this one need not hash them), and the paths of unsettled commits, alone are synced, in
-        one transaction holding just them, so a check of a tree in step holds no path. One odd file
-        never stops the scan: a name that is not valid UTF-8 (returned as os.walk hands it over,
-        with surrogate escapes) or a recorded path that is no longer a regular file is reported,
-        never skipped silently, and so is a FIFO, socket or device at a managed name, which cannot
-        hold a version (`NOT_CONTENT`). Symlinks carry no versions."""
+        after this one need not hash them), and the paths of unsettled commits or catch-ups
+        (`CoreBase._noted`), alone are synced, in one transaction holding just them, so a check of
+        a tree in step holds no path. One odd file never stops the scan: a name that is not valid
+        UTF-8 (returned as os.walk hands it over, with surrogate escapes) or a recorded path that
+        is no longer a regular file is reported, never skipped silently, and so is a FIFO, socket
+        or device at a managed name, which cannot hold a version (`NOT_CONTENT`). Symlinks carry no
+        versions."""
         with self.registry.read() as tx:
             recorded = {record.path for record in tx.files()}
         on_disk: set[str] = set()
@@ -275,7 +278,7 @@ class Reads(CoreBase):
 
         with self.registry.read() as tx:
             differ = [rel for rel in sorted(recorded | on_disk) if differs(tx, rel, fingerprint=True)]
-            synced = sorted({*differ, *(intent.path for intent in tx.intents())})
+            synced = sorted({*differ, *(intent.path for intent in tx.intents()), *self._noted()})
         if not synced:
             return unchecked
 

@@ -155,8 +155,10 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
     the file moved to `aside` (a temp name beside `dst`, which `dst`'s intent names) and exchanged
     from there with the file at `dst` (`atomic.swap_in`), so what it displaced is at `aside`, never
     at `src`, where a program may save again (a killed install leaves at `aside` either the
-    content, which recovery installs, or what it displaced). Moved back if the exchange fails:
-    nothing changed. Whether it displaced a file."""
+    content, which recovery installs, or what it displaced). Moved back if the exchange fails,
+    or moved a directory a program put at either name meanwhile (an exchange works across
+    types), exchanged back then, failing as rename(2) would (`_misfit`): nothing changed.
+    Whether it displaced a file."""
     if not found:
         try:
             atomic.rename(src, dst, noreplace=True)
@@ -165,10 +167,27 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
             pass
     atomic.rename(src, aside, noreplace=True)
     try:
-        return atomic.swap_in(aside, dst)
+        displaced = atomic.swap_in(aside, dst)
+        misfit = _misfit(src, dst, aside if displaced else None)
+        if misfit is not None:
+            atomic.rename(aside, dst, exchange=True) if displaced else atomic.rename(dst, aside, noreplace=True)
+            raise misfit
+        return displaced
     except BaseException:
         atomic.rename(aside, src, noreplace=True)
         raise
+
+
+def _misfit(src: str, dst: str, displaced: str | None) -> OSError | None:
+    """The error rename(2) of `src` over `dst`, a file over a file as a save by rename decided,
+    gives where a program made a directory of either meanwhile: ENOTDIR where what it moved (now
+    at `dst`) is one, EISDIR where what it took away (now at `displaced`) is one; None where
+    neither is."""
+    if stat_mod.S_ISDIR(os.lstat(dst).st_mode):
+        return NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), src, None, dst)
+    if displaced is not None and stat_mod.S_ISDIR(os.lstat(displaced).st_mode):
+        return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), src, None, dst)
+    return None
 
 
 def _moved_changed(plan: list[Planned]) -> list[tuple[Target, tuple[Fingerprint, str]]]:
@@ -434,6 +453,9 @@ class Renames(History):
         elif merge is None:
             assert aside is not None
             found = aside.digest is not None
+            if self.replica is not None:  # for this copy's processes, once another copy completes its intent
+                brought = next(digest for target, _, digest, *_ in plan if target.rel == dst.rel)
+                self.replica.setting_aside(dst.rel, aside.name, brought)
             self._install(lambda: done.append(_save_in(src.abs, aside.name, dst.abs, found)), undone, paths)
         else:
             assert aside is not None
@@ -447,9 +469,11 @@ class Renames(History):
             self._installed(target, version, digest)
         moved = _moved_changed(plan)
         if done and done[0] and aside is not None and not self._displaced_settled(aside.name, aside.digest, aside.seen):
-            self._aside_back(aside, paths)
+            self._aside_back(aside, undone)
         elif not settled:
             self._transact(lambda tx: None, holds=(dst.rel, *paths))  # recovery puts it back (and records it)
+        if self.replica is not None and merge is None and aside is not None:
+            self.replica.set_back(dst.rel, aside.name)  # settled
 
         def finish(tx: Transaction) -> bool:
             """Record the installed rename's versions (`Writes._recorded`); whether every one is the
@@ -474,14 +498,22 @@ class Renames(History):
         why = f"changed outside the volume just before a rename by {agent} moved it to this name"
         self._sync(tx, target, tx.file(target.rel), disk, why)
 
-    def _aside_back(self, aside: _Aside, paths: list[str]) -> None:
+    def _aside_back(self, aside: _Aside, installed: list[tuple[str, int]]) -> None:
         """The file a rename's install set aside holds other bytes than its decision found there (a
         change made outside the volume in the meantime): recorded after the rename's version and
-        put back in place by recovery (its path's intent names it, `CoreBase._recover`); an
-        unmanaged source is put back as it was, unless a file was made at its name meanwhile (then
-        it stays at its temp name, never removed)."""
+        put back in place by recovery (its path's intent names it, `CoreBase._recover`), which
+        completes the rename's intents (`installed`: path, version) as this process saw them done,
+        whatever a program saved at their names since; an unmanaged source is put back as it was,
+        unless a file was made at its name meanwhile (then it stays at its temp name, never
+        removed)."""
         if aside.target.managed:
-            self._transact(lambda tx: None, holds=(aside.target.rel, *paths))
+            with self._lock:
+                self._done.update(installed)
+            try:
+                self._transact(lambda tx: None, holds=(aside.target.rel, *(path for path, _ in installed)))
+            finally:
+                with self._lock:
+                    self._done.difference_update(installed)
             return
         try:
             atomic.rename(aside.name, aside.target.abs, noreplace=True)

@@ -27,10 +27,13 @@ Invariants:
   file), is found so read-only (`damage`) before anything writes to it, and refused at open;
 - `replica_aside` names, before a catch-up changes the disk, where the file it takes away will be
   (the temp name of its exchange, or where a deletion sets the file aside) and the hash of what
-  the catch-up brings (None: a deletion); a row goes once that file is settled (`set_back`): it
-  outlives the catch-up only if its process died or its transaction failed before that, or a
-  second save came in between (`CoreBase._set_back`), and is settled by the next transaction
-  holding the path (`CoreBase._settle_asides`), whichever process runs it;
+  the catch-up brings (None: a deletion); so does a save by rename (`Renames._install_rename`:
+  the temp name it moves its source to, the source's hash), whose intent another copy may
+  complete; a row goes once that file is settled (`set_back`): it outlives the change only if
+  its process died or its transaction failed before that, or a second save came in between
+  (`CoreBase._set_back`), and is settled by the next transaction holding the path
+  (`CoreBase._settle_asides`; after the recovery of an intent naming it), whichever process runs
+  it;
 - a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
   stored wrapped to signed.
 """
