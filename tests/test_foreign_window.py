@@ -62,6 +62,14 @@ def _leftovers(directory: Path) -> list[str]:
     return [n for n in os.listdir(directory) if ".cv-" in n]
 
 
+def _save_recorded_after_the_rename(root: Path, alice: CoherentVolume) -> None:
+    """P holds the program's save, recorded by external as v3 after the rename's v2 (b"two\n")."""
+    assert (root / P).read_bytes() == SAVE
+    assert _history(alice, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
+    assert alice.read_version(P, 2) == b"two\n"
+    assert alice.read_version(P, 3) == SAVE
+
+
 def test_a_save_over_the_destination_just_before_a_checked_rename_is_put_back_and_recorded(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,10 +80,7 @@ def test_a_save_over_the_destination_just_before_a_checked_rename_is_put_back_an
         _rename(alice, "draft.txt", P)
         monkeypatch.undo()
         assert fired
-        assert (root / P).read_bytes() == SAVE
-        assert _history(alice, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
-        assert alice.read_version(P, 2) == b"two\n"
-        assert alice.read_version(P, 3) == SAVE
+        _save_recorded_after_the_rename(root, alice)
     assert not (root / "draft.txt").exists()
     assert _leftovers(root / "plans") == [] and _leftovers(root) == []
 
@@ -101,22 +106,25 @@ def test_a_save_of_the_source_just_before_a_checked_rename_is_recorded_where_it_
         _rename(alice, "plans/draft.md", P)
         monkeypatch.undo()
         assert fired
-        assert (root / P).read_bytes() == SAVE
-        assert _history(alice, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
-        assert alice.read_version(P, 2) == b"two\n"
-        assert alice.read_version(P, 3) == SAVE
+        _save_recorded_after_the_rename(root, alice)
         assert _history(alice, "plans/draft.md")[0] == (2, "delete", "alice")
+
+
+def _stale_merge_source(alice: CoherentVolume, bob: CoherentVolume) -> None:
+    """P on a merge glob at v2 by alice; bob read v1 and wrote plans/z.md, his change of v1, which a
+    rename over P saves by merging."""
+    alice.set_policy(Policy(merge=(P,)))
+    alice.write(P, b"one\ntwo\n")
+    bob.read(P)
+    alice.write(P, b"zero\none\ntwo\n")
+    bob.write("plans/z.md", b"one\ntwo\nthree\n")
 
 
 def test_a_save_just_before_a_merged_save_by_rename_is_installed_is_put_back_and_recorded(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
-        alice.set_policy(Policy(merge=(P,)))
-        alice.write(P, b"one\ntwo\n")
-        bob.read(P)
-        alice.write(P, b"zero\none\ntwo\n")
-        bob.write("plans/z.md", b"one\ntwo\nthree\n")
+        _stale_merge_source(alice, bob)
         real_replace = os.replace
         fired: list[str] = []
 
@@ -146,11 +154,7 @@ def test_a_save_of_a_merged_saves_source_just_before_it_is_removed_is_put_back_a
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
-        alice.set_policy(Policy(merge=(P,)))
-        alice.write(P, b"one\ntwo\n")
-        bob.read(P)
-        alice.write(P, b"zero\none\ntwo\n")
-        bob.write("plans/z.md", b"one\ntwo\nthree\n")
+        _stale_merge_source(alice, bob)
         z = root / "plans/z.md"
         real_unlink = os.unlink
         fired: list[str] = []
