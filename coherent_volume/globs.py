@@ -21,11 +21,12 @@ from typing import NamedTuple, TypeVar
 
 from .errors import GlobError
 
-STAGED = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp$")
+STAGED = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp(?:$|/)")
 """The names of content a commit stages and of files set aside (`atomic.temp_name`): never a
-managed file, even where a glob reaches (one left beside its target by a writer killed before its
-commit was recorded, where the staging directory is on another file system, is no file of the
-volume)."""
+managed file, nor anything below one (a directory a program made at a rename's source, stranded
+there when the rename could not put it back), even where a glob reaches (one left beside its
+target by a writer killed before its commit was recorded, where the staging directory is on
+another file system, is no file of the volume)."""
 
 
 _ANY_RUN = "[^/]*"

@@ -21,6 +21,7 @@ from coherent_volume import CoherentVolume, Policy, atomic
 from coherent_volume.protocol import RACY_NS
 
 from .conftest import REPO
+from .harness import CLI
 
 P = "plans/plan.md"
 SAVE = b"the editor's save\n"
@@ -446,6 +447,46 @@ def test_a_directory_made_at_a_save_by_renames_names_meanwhile_fails_it_as_renam
         assert _history(alice, other) == [(1, "commit", "alice")]
         assert _history(alice, made_rel) == [(2, "delete", "external"), (1, "commit", "alice")]  # the program's
     assert _leftovers(root / "plans") == []
+
+
+def test_a_directory_a_rename_took_stays_beside_a_file_made_at_its_name_and_the_error_says_where(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program puts a directory at a save by rename's source just before the rename moves it to its
+    temp name, then makes a file at the source's name: the rename fails ENOTDIR, as rename(2) of a
+    directory over a file would, and puts back what it took only where nothing is: the file stays,
+    the directory stays at the temp name, which the error names (it said FileExistsError, naming
+    nothing), and nothing below that name is ever taken for a managed file."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        alice.write("plans/a.md", b"A\n")
+        made = root / "plans/a.md"
+        real = atomic.rename
+        fired: list[str] = []
+
+        def rename(src: str, dst: str, **flags: bool) -> None:  # the rename's first step
+            real_first = not fired and flags.get("noreplace") and src == str(made)
+            if real_first:
+                fired.append(dst)
+                made.unlink()
+                made.mkdir()
+                (made / "inner.md").write_bytes(SAVE)
+            real(src, dst, **flags)
+            if real_first:
+                made.write_bytes(b"made after\n")
+
+        monkeypatch.setattr(atomic, "rename", rename)
+        with pytest.raises(NotADirectoryError) as raised:
+            _rename(alice, "plans/a.md", P)
+        monkeypatch.undo()
+        [aside] = fired
+        assert aside in str(raised.value)
+        assert (Path(aside) / "inner.md").read_bytes() == SAVE
+        assert made.read_bytes() == b"made after\n"
+        assert alice.read(P) == b"one\n"
+    status = subprocess.run([CLI, "status", str(root)], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "plans/a.md" in status.stdout, status.stderr
+    assert ".cv-" not in status.stdout, "nothing below a temp name is taken for a managed file"
 
 
 KILLED_RENAMING = f"""

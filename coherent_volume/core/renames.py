@@ -157,8 +157,9 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
     at `src`, where a program may save again (a killed install leaves at `aside` either the
     content, which recovery installs, or what it displaced). Moved back if the exchange fails,
     or moved a directory a program put at either name meanwhile (an exchange works across
-    types), exchanged back then, failing as rename(2) would (`_misfit`): nothing changed.
-    Whether it displaced a file."""
+    types), exchanged back then, failing as rename(2) would (`_misfit`): nothing changed (unless a
+    file was made at `src` in between: then what the rename took stays at `aside`, and the error
+    says so). Whether it displaced a file."""
     if not found:
         try:
             atomic.rename(src, dst, noreplace=True)
@@ -173,8 +174,15 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
             atomic.rename(aside, dst, exchange=True) if displaced else atomic.rename(dst, aside, noreplace=True)
             raise misfit
         return displaced
-    except BaseException:
-        atomic.rename(aside, src, noreplace=True)
+    except BaseException as e:
+        try:
+            atomic.rename(aside, src, noreplace=True)
+        except FileExistsError:  # a program made another file at `src` meanwhile: never replaced
+            if isinstance(e, OSError):
+                e.strerror = (
+                    f"{e.strerror}; what was at {src} is at {aside} now, since a file was made at {src} meanwhile"
+                )
+            raise e from None
         raise
 
 
