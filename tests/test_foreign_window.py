@@ -86,6 +86,42 @@ def test_a_save_over_the_destination_just_before_a_checked_rename_is_put_back_an
     assert _leftovers(root / "plans") == [] and _leftovers(root) == []
 
 
+def test_two_saves_over_the_destination_during_a_checked_rename_are_both_recorded_the_last_in_place(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program saves the destination between the rename's two steps, and again right after its
+    exchange: the first save, displaced by the exchange, is recorded and put back, which displaces
+    the second; that one is recorded after it and put in place in turn (it stayed unrecorded at
+    the hidden temp name, its intent dropped by the rename's own record: found by a hostile probe)."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        (root / "draft.txt").write_bytes(b"two\n")
+        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: src.endswith("draft.txt"))
+        real_swap = atomic.swap_in
+        swapped: list[str] = []
+
+        def swap_in(src: str, dst: str) -> bool:  # the rename's exchange, then the program's second save
+            done = real_swap(src, dst)
+            if not swapped:
+                swapped.append(dst)
+                _save(root / P, b"the second save\n")
+            return done
+
+        monkeypatch.setattr(atomic, "swap_in", swap_in)
+        _rename(alice, "draft.txt", P)
+        monkeypatch.undo()
+        assert fired and swapped
+        assert (root / P).read_bytes() == b"the second save\n"
+        assert _history(alice, P)[:3] == [
+            (4, "foreign", "external"),
+            (3, "foreign", "external"),
+            (2, "commit", "alice"),
+        ]
+        assert alice.read_version(P, 3) == SAVE
+        assert alice.read_version(P, 4) == b"the second save\n"
+    assert _leftovers(root / "plans") == [] and _leftovers(root) == []
+
+
 def test_a_save_of_the_source_just_before_a_checked_rename_is_recorded_where_it_went(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,6 +59,9 @@ Isolation = Literal["file", "read-set"]
 R = TypeVar("R")
 
 EMPTY_HASH = content_hash(b"")
+PUT_BACK_ROUNDS = 8
+"""Files a put back (`CoreBase._put_back`) records and exchanges into place in one go, each saved
+at the name by a program while the one before was being put back."""
 HASHED_IN_TRANSACTION = 16 << 20
 """Bytes of the largest file hashed inside a registry transaction (`CoreBase._hash_of`)."""
 
@@ -732,28 +735,39 @@ class CoreBase:
     def _put_back(self, tx: Transaction, intent: Intent, target: Target, staged: str) -> bool:
         """Record the file that the install of `intent` displaced (at its staged name) as the version
         after the current one, by EXTERNAL (`_record_displaced`), then exchange it back into place.
-        Whether the staged name is to stay, with the intent: it now holds what was in place, which
-        is neither that version's bytes nor any the registry has (another program's write landing
-        before the exchange back), for the next recovery to put back in turn."""
+        Should the exchange back displace yet another program's file (saved at the name meanwhile,
+        later than the one put back), that one is recorded after it and exchanged into place in
+        turn, PUT_BACK_ROUNDS times at most. Whether the staged name is to stay, with the intent: it
+        still holds such a file (neither the intent's bytes nor one recorded here), for the next
+        recovery to put back in turn (before, the rename's own record then dropped that intent,
+        leaving the file unrecorded at the hidden name)."""
         v = intent.version
         detail = f"changed outside the volume just before the install of v{v} by {intent.agent}, which displaced it"
-        self._record_displaced(tx, target, staged, current_version(tx.file(intent.path)) + 1, detail)
-        swapped = atomic.swap_in(staged, target.abs)
-        atomic.sync_dirs(target.abs)
-        held = _hash_or_none(staged) if swapped else None
-        return held is not None and held != intent.hash and not tx.in_use(held)
+        recorded: set[str] = set()
+        for _ in range(PUT_BACK_ROUNDS):
+            version = current_version(tx.file(intent.path)) + 1
+            recorded.add(self._record_displaced(tx, target, staged, version, detail))
+            swapped = atomic.swap_in(staged, target.abs)
+            atomic.sync_dirs(target.abs)
+            held = _hash_or_none(staged) if swapped else None
+            if held is None or held == intent.hash or held in recorded:
+                return False
+            detail = f"saved outside the volume while v{version}, which another program's save displaced, was put back"
+        return True
 
-    def _record_displaced(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> None:
+    def _record_displaced(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> str:
         """Record the file at `name`, which an install displaced from `target` and which is to be
         put back in place, as `version`, a change made outside the volume: its bytes retained as
         read from `name` before it goes back (where another program could replace it before any
-        check saw it), logged saying `why`. No fingerprint: the next check hashes the file."""
+        check saw it), logged saying `why`. No fingerprint: the next check hashes the file. Its hash."""
         now = time.time()
         kept = hash_file(name)
         stored = self._retain(tx, name, None)
-        record = FileRecord(target.rel, version, True, stored or kept[1], None, EXTERNAL, now, time.time_ns())
+        digest = stored or kept[1]
+        record = FileRecord(target.rel, version, True, digest, None, EXTERNAL, now, time.time_ns())
         self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size)
         tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: put back in place")
+        return digest
 
     def _recover_unrecorded(
         self,
