@@ -7,6 +7,7 @@ version after the change's and put back in place."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, Policy, atomic
+from coherent_volume import CoherentVolume, Policy, RegistryError, atomic
 from coherent_volume.protocol import RACY_NS
 
 from .conftest import REPO
@@ -119,6 +120,39 @@ def test_two_saves_over_the_destination_during_a_checked_rename_are_both_recorde
         ]
         assert alice.read_version(P, 3) == SAVE
         assert alice.read_version(P, 4) == b"the second save\n"
+    assert _leftovers(root / "plans") == [] and _leftovers(root) == []
+
+
+def test_a_checked_rename_whose_put_back_meets_a_busy_registry_once_is_reported_done(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction that puts back a save the rename displaced meets a busy registry once: it is
+    tried again, as a commit's record is, and the rename is reported done, the save recorded after
+    it (it raised the RegistryError, though the rename was on disk: found by a hostile probe)."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        (root / "draft.txt").write_bytes(b"two\n")
+        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: src.endswith("draft.txt"))
+        core = alice._core
+        real_transact, real_aside_back = core.registry.transact, core._aside_back
+        failing: list[bool] = []
+
+        def transact(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+            if failing:
+                failing.clear()
+                raise RegistryError("the registry is busy (injected once)", errno.EBUSY)
+            return real_transact(fn, *args, **kwargs)
+
+        def aside_back(*args: object, **kwargs: object) -> None:
+            failing.append(True)
+            real_aside_back(*args, **kwargs)
+
+        monkeypatch.setattr(core.registry, "transact", transact)
+        monkeypatch.setattr(core, "_aside_back", aside_back)
+        _rename(alice, "draft.txt", P)
+        monkeypatch.undo()
+        assert fired and not failing
+        _save_recorded_after_the_rename(root, alice)
     assert _leftovers(root / "plans") == [] and _leftovers(root) == []
 
 

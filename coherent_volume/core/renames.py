@@ -511,14 +511,16 @@ class Renames(History):
         change made outside the volume in the meantime): recorded after the rename's version and
         put back in place by recovery (its path's intent names it, `CoreBase._recover`), which
         completes the rename's intents (`installed`: path, version) as this process saw them done,
-        whatever a program saved at their names since; an unmanaged source is put back as it was,
+        whatever a program saved at their names since (retried while the registry cannot be
+        reached, as a commit's record is: `_settle`); an unmanaged source is put back as it was,
         unless a file was made at its name meanwhile (then it stays at its temp name, never
         removed)."""
         if aside.target.managed:
             with self._lock:
                 self._done.update(installed)
             try:
-                self._transact(lambda tx: None, holds=(aside.target.rel, *(path for path, _ in installed)))
+                holds = (aside.target.rel, *(path for path, _ in installed))
+                self._settle(f"the rename to {aside.target.rel}", lambda tx: None, holds, recover=True)
             finally:
                 with self._lock:
                     self._done.difference_update(installed)

@@ -449,16 +449,17 @@ class Writes(Reads):
             errno.EAGAIN,
         )
 
-    def _settle(self, what: str, finish: Callable[[Transaction], R], holds: Sequence[str]) -> R:
-        """Run `finish` (idempotent: it records an installed commit, of `what`, unless recovery did)
-        until the registry takes it, retrying for at most FINISH_WAIT seconds while it cannot be
-        reached; its answer. Past that, RegistryError saying the change is on disk and will be
-        recorded as the writer's version by the next operation's recovery."""
+    def _settle(self, what: str, finish: Callable[[Transaction], R], holds: Sequence[str], recover: bool = False) -> R:
+        """Run `finish` (idempotent: it records an installed commit, of `what`, unless recovery did;
+        after recovery of the paths it holds where `recover`, `_transact`) until the registry takes
+        it, retrying for at most FINISH_WAIT seconds while it cannot be reached; its answer. Past
+        that, RegistryError saying the change is on disk and will be recorded as the writer's
+        version by the next operation's recovery."""
         deadline = time.monotonic() + FINISH_WAIT
         pause = 0.05
         while True:
             try:
-                return self.registry.transact(finish, holds)
+                return self._transact(finish, holds=holds) if recover else self.registry.transact(finish, holds)
             except RegistryError as e:
                 if time.monotonic() + pause > deadline:
                     raise RegistryError(
