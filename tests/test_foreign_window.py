@@ -251,6 +251,48 @@ def test_a_save_of_a_merged_saves_source_just_before_it_is_removed_is_put_back_a
     assert _leftovers(root / "plans") == []
 
 
+def test_a_save_before_a_merged_save_of_an_unmanaged_file_is_in_place_when_the_rename_returns(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program saves the destination just before the merge's install and the unmanaged source
+    just before it is set aside: both saves are in place when the rename returns (nothing left in
+    the staging directory for a later transaction to find), and the destination's is recorded."""
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        _stale_merge_source(alice, bob)
+        draft = root / "draft.txt"
+        draft.write_bytes(b"one\ntwo\nthree\n")
+        real_swap, real_aside = atomic.swap_in, atomic.set_aside
+        fired: list[str] = []
+
+        def swap_in(staged: str, at: str) -> bool:
+            if not fired and at.endswith(P):
+                fired.append(at)
+                _save(root / P)
+            return real_swap(staged, at)
+
+        def set_aside(path: str, aside: str) -> bool:
+            if path == str(draft):
+                fired.append(path)
+                _save(draft, b"the source's save\n")
+            return real_aside(path, aside)
+
+        monkeypatch.setattr(atomic, "swap_in", swap_in)
+        monkeypatch.setattr(atomic, "set_aside", set_aside)
+        _rename(bob, "draft.txt", P)
+        monkeypatch.undo()
+        assert fired == [str(root / P), str(draft)]
+        assert os.listdir(root / ".coherent/staging") == []
+        assert (root / P).read_bytes() == SAVE
+        assert draft.read_bytes() == b"the source's save\n"
+        assert _history(alice, P) == [
+            (4, "foreign", "external"),
+            (3, "merge", "bob"),
+            (2, "commit", "alice"),
+            (1, "commit", "alice"),
+        ]
+    assert _leftovers(root / "plans") == [] and _leftovers(root) == []
+
+
 def _copies(tmp_path: Path, pg_url: str) -> tuple[Path, Path]:
     from .test_registry_postgresql import _join, _pg_volume
 

@@ -478,8 +478,9 @@ class Renames(History):
         moved = _moved_changed(plan)
         if done and done[0] and aside is not None and not self._displaced_settled(aside.name, aside.digest, aside.seen):
             self._aside_back(aside, undone)
-        elif not settled:
-            self._transact(lambda tx: None, holds=(dst.rel, *paths))  # recovery puts it back (and records it)
+            settled = settled or aside.target.managed  # its recovery held `dst` too
+        if not settled:  # recovery puts it back and records it
+            self._settle(f"the save merged at {dst.rel}", lambda tx: None, (dst.rel, *paths), recover=True)
         if self.replica is not None and merge is None and aside is not None:
             self.replica.set_back(dst.rel, aside.name)  # settled
 
