@@ -157,6 +157,9 @@ class Staged:
             rename(tmp, self.target, noreplace=True)
         elif exchange and (st is None or not stat_mod.S_ISDIR(st.st_mode)):  # a directory is refused, not moved
             displaced = swap_in(tmp, self.target)
+            if displaced and _is_directory(tmp):  # made there since the stat: exchanged back
+                rename(tmp, self.target, exchange=True)
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.target)
         else:
             os.replace(tmp, self.target)
         self.named = False
@@ -418,12 +421,26 @@ def swap_in(src: str, dst: str) -> bool:
 def set_aside(path: str, aside: str) -> bool:
     """Move the file at `path` to `aside` (a `temp_name`), without replacing anything there, so that
     what is checked at `aside` is the very file a removal takes: a file saved at `path` afterwards
-    is a new one, untouched. Whether a file was there."""
+    is a new one, untouched. Whether a file was there. A directory a program made at `path` is
+    moved back and IsADirectoryError raised, as unlink(2) fails there: nothing changed (unless
+    something was made at `path` in between: then the directory stays at `aside`, and the error
+    says so)."""
     try:
         rename(path, aside, noreplace=True)
     except FileNotFoundError:
         return False
+    if _is_directory(aside):
+        error = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        try:
+            rename(aside, path, noreplace=True)
+        except FileExistsError:
+            error.strerror = f"{error.strerror}; that directory is at {aside} now, since something was made at {path}"
+        raise error
     return True
+
+
+def _is_directory(path: str) -> bool:
+    return stat_mod.S_ISDIR(os.lstat(path).st_mode)
 
 
 def sync_dirs(*paths: str) -> None:

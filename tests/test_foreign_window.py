@@ -3,7 +3,8 @@ save a managed file after a change's decision checked it and before the change r
 Besides a commit's install (tests/test_install_exchange.py): a checked rename over the file, a
 rename whose source the program saves, a save merged by rename, and a working copy catching up
 with a deletion, or killed while it catches up. The save is never destroyed: it is recorded as the
-version after the change's and put back in place."""
+version after the change's and put back in place. A directory a program makes at the name then
+stays there: the change fails as the system call would."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, Policy, RegistryError, atomic
+from coherent_volume.errors import InstallPending
 from coherent_volume.protocol import RACY_NS
 
 from .conftest import REPO
@@ -291,6 +293,68 @@ def test_a_save_before_a_merged_save_of_an_unmanaged_file_is_in_place_when_the_r
             (1, "commit", "alice"),
         ]
     assert _leftovers(root / "plans") == [] and _leftovers(root) == []
+
+
+def _dir_at(at: Path) -> None:
+    """A program replaces the file `at` by a directory holding a file of its own."""
+    os.unlink(at)
+    at.mkdir()
+    (at / "keep.txt").write_bytes(b"the program's file\n")
+
+
+def _dir_before(monkeypatch: pytest.MonkeyPatch, step: str, at: Path) -> list[str]:
+    """Make the first call of `atomic.<step>` naming `at` find a directory there (`_dir_at`)."""
+    real = getattr(atomic, step)
+    fired: list[str] = []
+
+    def before(*names: str, **flags: bool) -> bool:
+        if not fired and str(at) in names:
+            fired.append(step)
+            _dir_at(at)
+        return bool(real(*names, **flags))
+
+    monkeypatch.setattr(atomic, step, before)
+    return fired
+
+
+def test_a_directory_made_at_a_file_just_before_its_deletion_stays_and_the_deletion_fails_as_unlink_would(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the deletion moved the directory, files and all, to a temp name no one looks at, and
+    recorded itself though it failed."""
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, b"one\n")
+        bob.read(P)
+        fired = _dir_before(monkeypatch, "set_aside", root / P)
+        with pytest.raises(IsADirectoryError):
+            bob.delete(P)
+        monkeypatch.undo()
+        assert fired
+        assert (root / P / "keep.txt").read_bytes() == b"the program's file\n"
+        assert _leftovers(root / "plans") == []
+        bob._core.scan()
+        assert _history(alice, P) == [(2, "delete", "external"), (1, "commit", "alice")]
+
+
+def test_a_directory_made_at_a_file_just_before_a_commit_is_installed_stays_and_the_commit_is_kept(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit is recorded (its commit point passed) and its bytes kept, the install fails as
+    open(2) would there, and the directory stays; before, the install exchanged it into the
+    staging directory, files and all."""
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, b"one\n")
+        bob.read(P)
+        fired = _dir_before(monkeypatch, "swap_in", root / P)
+        with pytest.raises(InstallPending) as refused:
+            bob.write(P, b"two\n")
+        monkeypatch.undo()
+        assert fired and refused.value.errno == errno.EISDIR
+        assert (root / P / "keep.txt").read_bytes() == b"the program's file\n"
+        bob._core.scan()
+        assert os.listdir(root / ".coherent/staging") == [] and _leftovers(root / "plans") == []
+        assert _history(alice, P) == [(3, "delete", "external"), (2, "commit", "bob"), (1, "commit", "alice")]
+        assert alice.read_version(P, 2) == b"two\n"
 
 
 def _copies(tmp_path: Path, pg_url: str) -> tuple[Path, Path]:

@@ -97,10 +97,10 @@ R = TypeVar("R")
 
 def _set_aside(target: Target, aside: str) -> None:
     """A deletion's disk change: the file set aside at `aside` (`atomic.set_aside`), to be checked
-    there before it goes; FileNotFoundError if there is none."""
+    there before it goes; FileNotFoundError if there is none (IsADirectoryError for a directory:
+    nothing changed either way)."""
     if not atomic.set_aside(target.abs, aside):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", target.abs)
-    atomic.sync_dirs(target.abs)
 
 
 FINISH_WAIT = 15.0
@@ -344,10 +344,12 @@ class Writes(Reads):
                 if not settled:
                     self._transact(lambda tx: None, holds=(target.rel,))  # recovery puts it back (and records it)
                 return version + 1
-            # set aside, then the directory's fsync: if either fails, the disk says what happened
+            # set aside (refused: nothing changed), then the directory's fsync (if it fails, the disk
+            # says what happened)
             assert aside is not None
             seen = self._seen_on_disk(target, decided.record)
-            self._install(lambda: _set_aside(target, aside), (), (target.rel,))
+            self._install(lambda: _set_aside(target, aside), ((target.rel, version + 1),), (target.rel,))
+            self._install(lambda: atomic.sync_dirs(target.abs), (), (target.rel,))
             self._installed(target, version + 1, None)
             previous = decided.record.hash if decided.record is not None else None
             if not self._displaced_settled(aside, previous, seen):

@@ -276,9 +276,14 @@ class Replica:
         if data is None:
             aside = atomic.temp_name(target)
             self.setting_aside(path, aside, brought)
-            if atomic.set_aside(target, aside):
-                atomic.sync_dirs(target)
-                return aside
+            try:
+                if atomic.set_aside(target, aside):
+                    atomic.sync_dirs(target)
+                    return aside
+            except IsADirectoryError:
+                if os.path.lexists(aside):  # moved back it was not: the error says where it is
+                    raise
+                # else a directory a program made there, left in place: no file, as the version brought
         else:
             staged = atomic.stage(target, data, INSTALLED_MODE, root=os.path.dirname(self.directory))
             aside = staged.plan_name()
