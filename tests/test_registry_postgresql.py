@@ -520,6 +520,37 @@ def test_a_lost_commit_or_reply_is_resolved_by_the_commit_id(
     assert _q(pg_url, "SELECT count(*) FROM cv_commits")[0][0] > commits
 
 
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_client_failure_while_the_commit_is_on_the_wire_is_resolved_by_the_commit_id(
+    root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """psycopg can fail on the client's side with its COMMIT sent and no SQLSTATE (a session ended
+    by the server mid-reply gave "cannot exit pipeline mode while busy"): whether it landed is the
+    commit id's to say. Before, it was reported as "nothing was written" even where it landed."""
+    real = pg_transaction.PostgresTransaction.commit
+    failed: list[bool] = []
+
+    def commit(tx: pg_transaction.PostgresTransaction) -> None:
+        if not failed:
+            failed.append(landed)
+            if landed:
+                real(tx)
+            raise psycopg.InterfaceError("cannot exit pipeline mode while busy")
+        real(tx)
+
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/a.md", "one\n")
+        v.read("plans/a.md")
+        monkeypatch.setattr(pg_transaction.PostgresTransaction, "commit", commit)
+        assert v.write("plans/a.md", "two\n") == 2  # landed once, or run again
+        monkeypatch.undo()
+        assert failed == [landed]
+        assert [(h.version, h.writer, h.size) for h in v.history("plans/a.md")] == [(2, "alice", 4), (1, "alice", 4)]
+    assert _q(pg_url, "SELECT kind, version FROM cv_events ORDER BY seq") == [("commit", 1), ("commit", 2)]
+    assert (root / "plans/a.md").read_bytes() == b"two\n"
+    assert _q(pg_url, UNSETTLED) == [(0,)]
+
+
 def test_content_larger_than_a_part_goes_to_the_server_once_not_as_a_doubled_literal(
     proxied: tuple[Path, CommitProxy],
 ) -> None:

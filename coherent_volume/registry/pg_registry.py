@@ -508,10 +508,13 @@ class PostgresRegistry:
                 committing = True
                 tx.commit()
             except psycopg.Error as e:
+                unknown = committing and _sqlstate(e) is None and not conn.broken
+                if unknown:  # the client failed while its COMMIT was on the wire (a reply half read):
+                    conn.close()  # only the commit id can say whether it landed
                 self._rollback(conn)
                 if _sqlstate(e) in RETRY_SQLSTATES:
                     raise Retry(_first_line(e)) from e
-                if not _gone(conn, e):
+                if not unknown and not _gone(conn, e):
                     if _sqlstate(e) == LOCK_TIMED_OUT and (not tx.opened or tx.locking):
                         raise self._busy(conn, tx.holds, tx.content_keys()) from e
                     raise _registry_error(e, self.location) from e
