@@ -15,6 +15,14 @@ file-system level every write looks fresh. Its hooks show what the model actuall
   the hook commits the merge only in the permission modes where Claude Code writes without asking);
 - PostToolUse of a write tool records the agent's own commit and releases that grant;
   PostToolUseFailure and PermissionDenied release it;
+- PreToolUse Bash does the same for the files the command recognisably writes (`shell_writes`,
+  relative to the event's `cwd`; an append needs no view, a write known only when it runs is
+  denied: `hook_steps.planned`), its refusals worded for a command (`SHELL_REMEDY`); its
+  PostToolUse records what the command left in them, and the files it deleted
+  (`hook_steps.end_deletions`), and releases their grants; PostToolUseFailure and
+  PermissionDenied release them. A command run in the background that writes in a volume off a
+  mount is denied (`_background`): its PostToolUse comes when it has started. Nothing of a Bash
+  command is merged;
 - SubagentStop releases what a subagent holds, SessionEnd everything the session and its
   subagents hold;
 - allowed writes, reads, recorded writes and UserPromptSubmit tell the model which files it read
@@ -31,23 +39,26 @@ PreToolUse on the same path (it is refused `held`), so check and write are one s
 committed by the hook itself, as a `merge` version that leaves the agent's view where it was (its
 model never saw the other change), and the tool is then denied with what happened: the tool never
 writes over a merge. Failing closed, budgets, merging and every other step are the shared ones
-(`hooks`, `hook_steps`, `hook_merge`, `stale_warnings`); this module maps Claude Code's events onto
-them.
+(`hooks`, `hook_steps`, `hook_merge`, `shell_writes`, `stale_warnings`); this module maps Claude
+Code's events onto them.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
-from .errors import StaleWriteError
+from .errors import Reason, StaleWriteError
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
+from .protocol import HandleKind
+from .shell_writes import shell_writes
 from .stale_warnings import forget, stale_warning
 
 MERGE_MODES = frozenset({"acceptEdits", "bypassPermissions"})
@@ -59,9 +70,42 @@ WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
 EDIT_TOOLS = ("Edit", "MultiEdit")
 MERGING_TOOLS = ("Write",) + EDIT_TOOLS
 """The write tools whose stale write of a merge-glob file is merged (`hook_merge`)."""
+SHELL_TOOL = "Bash"
+SHELL_EVENTS = ("PreToolUse", "PostToolUse", "PostToolUseFailure", "PermissionDenied")
+"""The events of a Bash command the hook checks, records or releases its writes on."""
 
 HOOK_REMEDY = hooks.tool_remedies(" with the Read tool", " with the Bash tool")
 """What the model is told to do, per refusal reason (`errors.REMEDY` phrased for Claude Code's tools)."""
+
+_RUN_AGAIN = "run the command again if it still does what you mean on the file's current content"
+SHELL_REMEDY: dict[Reason, str] = {
+    **HOOK_REMEDY,
+    "stale": (
+        f"Read the file again with the Read tool, then {_RUN_AGAIN} (a command that writes the whole file must "
+        "be rebuilt from it)."
+    ),
+    "unread": (
+        "Read the file with the Read tool first (printing it through Bash, with `cat` for example, is no read "
+        f"coherent-volume can see), then {_RUN_AGAIN}."
+    ),
+    "held": (
+        "Its holder is writing it right now; the grant ends when that write is done (a hook's grant after {ttl:g} "
+        f"s at the latest). Wait a few seconds (for example run `sleep 5`), then read the file again with the Read "
+        f"tool and {_RUN_AGAIN}."
+    ),
+    "fenced": (
+        "Your write grant on this file was reclaimed (it expired or its process ended), so your writes to it are "
+        f"held back until you read it again. Read the file again with the Read tool, then {_RUN_AGAIN}."
+    ),
+}
+"""What the model is told to do, per refusal reason, about a Bash command that writes the file."""
+
+BACKGROUND = (
+    "coherent-volume refused this command: it writes {path}, a file coherent-volume manages, and runs in the "
+    "background, so the hook after it comes before it ends and cannot record what it wrote or hold other sessions "
+    "off the file until then. Run the command in the foreground."
+)
+"""Why a background command that writes a managed file is denied outside a mount (`_background`)."""
 
 
 def agent_of(session_id: str, agent_id: str | None = None) -> str:
@@ -122,20 +166,41 @@ def _subagent(event: dict[str, Any]) -> str | None:
     return agent_id if isinstance(agent_id, str) and agent_id else None
 
 
+def _shell(event: dict[str, Any]) -> tuple[str, str] | None:
+    """The command of a Bash tool event and the directory it runs in (the event's `cwd`), if it is one."""
+    tool_input, cwd = event.get("tool_input"), event.get("cwd")
+    command = tool_input.get("command") if isinstance(tool_input, dict) else None
+    if event.get("tool_name") != SHELL_TOOL or event.get("hook_event_name") not in SHELL_EVENTS:
+        return None
+    return (command, cwd if isinstance(cwd, str) and cwd else ".") if isinstance(command, str) else None
+
+
 def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None = None) -> Answer:
     """Apply one Claude Code hook event; the decision for PreToolUse is in the answer. Errors
     propagate (`FACE.run` answers them, failing closed for managed writes). `process` is the
     session's Claude Code process, looked up when not given."""
     name, tool, cwd = event.get("hook_event_name"), event.get("tool_name"), event.get("cwd")
-    path = progress.path = _event_path(event)
+    shell = _shell(event)
+    path = progress.path = None if shell is not None else _event_path(event)
     progress.write_check = name == "PreToolUse" and tool in WRITE_TOOLS
+    writes: list[tuple[str, HandleKind]] = [(path, "write")] if path else []
+    if shell is not None:
+        checking = name == "PreToolUse"
+        known = hook_steps.planned(
+            progress, SHELL_FACE, checking, shell if checking else None, lambda: shell_writes(*shell)
+        )
+        if isinstance(known, Answer):
+            return known
+        writes = known
     session = event.get("session_id")
     if not isinstance(session, str) or not session:
-        return Answer(0, "", hook_steps.unattributed([(path, "write")] if path else [], progress, "session_id"))
+        return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     main = agent_of(session)
     actor = hook_steps.Actor(agent_of(session, _subagent(event)), main, process or hooks.session_process())
     session_actor = hook_steps.Actor(main, main, actor.process)
     places = [cwd if isinstance(cwd, str) else None]
+    if shell is not None:
+        return _command(event, actor, writes, progress, places)
     if name == "SessionStart":
         hook_steps.start_session(actor, places)
         return Answer()
@@ -158,7 +223,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     answer = Answer()
     if progress.write_check:
         refused = partial(_refused, event, progress) if tool in MERGING_TOOLS else None
-        denial = hook_steps.begin_writes(actor, [(path, "write")], progress, FACE, refused, hooks.tool_call(event))
+        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused, hooks.tool_call(event))
         if denial is not None:
             return denial
     elif name == "PostToolUse" and tool == "Read":
@@ -167,18 +232,69 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return answer  # the model was shown nothing that can be checked: no view
         hook_steps.observe(actor, path, shown, progress)
     elif name == "PostToolUse" and tool in WRITE_TOOLS:
-        told = hook_steps.end_writes(actor, [(path, "write")], progress, record=True, tool=hooks.tool_call(event))
+        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event))
         answer = _tell_model("\n\n".join(told)) if told else answer
     elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:
-        hook_steps.end_writes(actor, [(path, "write")], progress, record=False, tool=hooks.tool_call(event))
+        hook_steps.end_writes(actor, writes, progress, record=False, tool=hooks.tool_call(event))
         return answer
     else:
         return answer
     if not progress.managed:
         return answer
     progress.decide(answer, hooks.WARN_BUDGET)
-    warning = stale_warning(session_actor if found.mounted else actor, [found.root], FACE, main)
-    return hooks.with_context(answer, str(name), [warning])
+    return hooks.with_context(answer, str(name), _warnings(actor, [path]))
+
+
+def _command(
+    event: dict[str, Any],
+    actor: hook_steps.Actor,
+    writes: list[tuple[str, HandleKind]],
+    progress: Progress,
+    places: list[str | None],
+) -> Answer:
+    """Apply an event of a Bash command that writes `writes` (`shell_writes`): before it runs,
+    check and claim them as a write tool's target (refusals in `SHELL_REMEDY`'s words; a command
+    in the background is denied, `_background`); after it, record what it changed in them, and
+    the managed files it deleted (`hook_steps.end_deletions`), as the actor's, and release their
+    grants; after a failure or a denial, only release them."""
+    name, call = str(event.get("hook_event_name")), hooks.tool_call(event)
+    if name != "PreToolUse":
+        record = name == "PostToolUse"
+        told = hook_steps.end_writes(actor, writes, progress, record=record, tool=call) if writes else []
+        told += hook_steps.end_deletions(actor, places, record=record, tool=call)
+        return _tell_model("\n\n".join(told)) if told else Answer()
+    denial = hook_steps.begin_writes(actor, writes, progress, SHELL_FACE, None, call)
+    if denial is not None:
+        return denial
+    if not progress.managed:
+        return Answer()
+    if _background(event, writes):
+        hook_steps.end_writes(actor, writes, progress, record=False, tool=call)
+        return SHELL_FACE.deny(BACKGROUND.format(path=progress.path), progress.path)
+    progress.decide(Answer(), hooks.WARN_BUDGET)
+    return hooks.with_context(Answer(), name, _warnings(actor, [path for path, _ in writes]))
+
+
+def _background(event: dict[str, Any], writes: list[tuple[str, HandleKind]]) -> bool:
+    """Whether the command runs in the background (`run_in_background`) and writes in a volume
+    outside a mount: Claude Code runs its PostToolUse once it has started, so the hook could
+    neither keep other sessions off the files until it ends nor record what it wrote. On a mount
+    the file system checks each of its writes as they come."""
+    tool_input = event.get("tool_input")
+    if not isinstance(tool_input, dict) or tool_input.get("run_in_background") is not True:
+        return False
+    return any(found is not None and not found.mounted for found in (hook_paths.located(p) for p, _ in writes))
+
+
+def _warnings(actor: hook_steps.Actor, paths: list[str]) -> list[str | None]:
+    """What to tell the model of files it read that changed since, in the volumes holding `paths`:
+    a mounted one's as its session's (a subagent acts as its session there, `Actor.on`)."""
+    volumes = {(found.root, found.mounted) for found in map(hook_paths.located, paths) if found is not None}
+    session_actor = hook_steps.Actor(actor.session, actor.session, actor.process)
+    return [
+        stale_warning(session_actor if mounted else actor, [root], FACE, actor.session)
+        for root, mounted in sorted(volumes)
+    ]
 
 
 def _refused(
@@ -259,12 +375,12 @@ def _applied(text: str, edits: list[tuple[str, str, bool]]) -> str | None:
 def _undone(event: dict[str, Any]) -> str:
     name, tool = event.get("hook_event_name"), event.get("tool_name")
     if name == "PostToolUse":
-        return "read" if tool == "Read" else "write" if tool in WRITE_TOOLS else "other"
+        return "read" if tool == "Read" else "write" if tool in (*WRITE_TOOLS, SHELL_TOOL) else "other"
     return "release" if name in ("PostToolUseFailure", "PermissionDenied", "SubagentStop") else "other"
 
 
 def our_hooks(command: str) -> dict[str, list[dict[str, Any]]]:
-    writes = "|".join(WRITE_TOOLS)
+    writes = "|".join((*WRITE_TOOLS, SHELL_TOOL))
     return hook_settings.nested(
         {"type": "command", "command": command, "timeout": int(hooks.HOOK_TIMEOUT)},
         {
@@ -293,3 +409,6 @@ FACE = Face(
 )
 """The Claude Code face: `coherent-volume hook claude-code` runs `FACE.run`; `install` writes
 .claude/settings.json."""
+
+SHELL_FACE = replace(FACE, remedies=SHELL_REMEDY)
+"""The Claude Code face as it answers a Bash command: its refusals say what to do about a command."""

@@ -22,7 +22,7 @@ from typing import get_args
 import pytest
 
 from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs, hook_steps
-from coherent_volume.claude_code import FACE, HOOK_REMEDY, handle, our_hooks
+from coherent_volume.claude_code import FACE, HOOK_REMEDY, SHELL_REMEDY, handle, our_hooks
 from coherent_volume.core import open_core
 from coherent_volume.errors import Reason
 from coherent_volume.hook_paths import session_file
@@ -465,7 +465,7 @@ def test_install_refuses_a_broken_settings_file(tmp_path: Path) -> None:
     r = subprocess.run([CLI, "claude-code", "install", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "not valid JSON" in r.stderr
     assert settings.read_text() == "{not json"
-    assert our_hooks("x")["PreToolUse"][0]["matcher"] == "Write|Edit|MultiEdit|NotebookEdit"
+    assert our_hooks("x")["PreToolUse"][0]["matcher"] == "Write|Edit|MultiEdit|NotebookEdit|Bash"
     FACE.install(tmp_path / "new/settings.json", "x hook claude-code")
     FACE.uninstall(tmp_path / "new/settings.json")
     assert json.loads((tmp_path / "new/settings.json").read_text()) == {}
@@ -527,6 +527,9 @@ def test_every_reason_has_its_own_remedy() -> None:
         assert "{" not in text and "Read tool" in text
     assert "plans/other.md" in FACE.remedy(StaleWriteError(P, "a", "read-set", 1, 1, "b", changed=("plans/other.md",)))
     assert "Wait" in HOOK_REMEDY["held"] and "Wait" not in HOOK_REMEDY["stale"]
+    assert set(SHELL_REMEDY) == set(get_args(Reason)) and len(set(SHELL_REMEDY.values())) == len(SHELL_REMEDY)
+    for reason in ("stale", "unread", "held", "fenced"):
+        assert "Read tool" in SHELL_REMEDY[reason] and "run the command again" in SHELL_REMEDY[reason], reason
 
 
 def _in_process(
@@ -923,3 +926,213 @@ def test_the_model_is_told_once_of_each_stale_view(root: Path, sessions) -> None
     read_a = me.hook(event("PostToolUse", "w1", root, "Read", a, read_response(a, "a3 by w2\n")))
     assert "plans/b.md: you last read version 1; it is now version 2, written by setup" in str(_context(read_a))
     assert "plans/a.md" not in str(_context(read_a)), "a was just read"
+
+
+# ---- the Bash tool --------------------------------------------------------------------
+
+
+def bash_event(
+    name: str,
+    session: str,
+    cwd: Path,
+    command: str,
+    *,
+    call: str = "toolu_bash",
+    tool_input: dict[str, object] | None = None,
+    **fields: object,
+) -> dict[str, object]:
+    """An event of Claude Code's Bash tool running `command` (its tool call `call`)."""
+    e = event(name, session, cwd, **fields)
+    e.update(tool_name="Bash", tool_use_id=call)
+    e["tool_input"] = {"command": command, "description": "Change the plan", "timeout": 120000, **(tool_input or {})}
+    return e
+
+
+def bash(s: Session, command: str, *, call: str = "toolu_bash", **fields: object) -> tuple[str, str]:
+    """The Bash tool in session `s`: PreToolUse; if allowed, the command run by a child of the
+    session's process in its directory, then PostToolUse (PostToolUseFailure when it failed).
+    (permissionDecision, reason) of the PreToolUse."""
+    verdict, reason = decision(s.hook(bash_event("PreToolUse", s.id, s.cwd, command, call=call, **fields)))
+    if verdict == "allow":
+        ran = s.run("bash", "-c", command)
+        if ran["code"] == 0:
+            response = {"stdout": ran["stdout"], "stderr": ran["stderr"], "interrupted": False, "isImage": False}
+            after = bash_event("PostToolUse", s.id, s.cwd, command, call=call, tool_response=response, **fields)
+        else:
+            error = f"Exit code {ran['code']}\n{ran['stderr']}"
+            after = bash_event("PostToolUseFailure", s.id, s.cwd, command, call=call, error=error, **fields)
+        assert s.hook(after)["code"] == 0
+    return verdict, reason
+
+
+def _plan(root: Path, text: str = "v1\n") -> Path:
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, text)
+    return root / P
+
+
+def test_a_bash_write_after_a_read_is_the_sessions_version(root: Path, sessions) -> None:
+    """`sed -i` of a file the session read goes ahead and is recorded as the session's version;
+    so is an `rm` of one, as its deletion."""
+    target = _plan(root)
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/a.md", "a\n")
+    s = sessions("sh", root)
+    s.read(target)
+    s.read(root / "plans/a.md")
+    assert bash(s, f"sed -i s/v1/v2/ {P}") == ("allow", "")
+    assert bash(s, "rm plans/a.md") == ("allow", "")
+    assert target.read_text() == "v2\n" and not (root / "plans/a.md").exists()
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('sh')}"), (1, "setup")]
+        deletion = v.history("plans/a.md")[0]
+        assert (deletion.version, deletion.writer, deletion.hash) == (2, f"claude:{unique('sh')}", None)
+    assert "external" not in {json.loads(line)["agent"] for line in _log(root)}
+
+
+def _log(root: Path) -> list[str]:
+    return subprocess.run(
+        [CLI, "log", str(root), "--json"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+
+
+def test_a_bash_write_over_a_peers_commit_is_denied_stale_with_the_diff(root: Path, sessions) -> None:
+    """Another session committed since this one read the file: its `sed -i` is denied `stale`,
+    showing what changed since its view and telling it to read with the Read tool and run the
+    command again; the file keeps the peer's version."""
+    target = _plan(root)
+    one, two = sessions("b1", root), sessions("b2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write(target, "v2 by two\n")["decision"] == "allow"
+    verdict, reason = bash(one, f"sed -i 's/v1/v2 by one/' {P}")
+    assert verdict == "deny" and f"refused this write to {P} (stale): you last read version 1" in reason, reason
+    assert f"written by claude:{unique('b2')}" in reason and "\n-v1\n+v2 by two\n" in reason, reason
+    assert "Read the file again with the Read tool, then run the command again" in reason, reason
+    assert target.read_text() == "v2 by two\n" and version(root) == 2
+
+
+def test_a_bash_write_of_a_file_never_read_is_denied_and_unmanaged_files_are_let_be(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """A command that writes (or removes) a managed file the session never read with the Read tool
+    is denied `unread`, saying to Read it first (a `cat` is no read the hook sees); one whose file
+    is known only when it runs is denied saying so. Unmanaged files, files outside any volume and
+    commands that write nothing go ahead unchecked."""
+    target = _plan(root)
+    s = sessions("never", root)
+    s.run("cat", str(target))  # printed through Bash: no view
+    for command in (f"echo v2 > {P}", f"rm {P}", f"sed -i s/v1/v2/ {P}"):
+        verdict, reason = bash(s, command)
+        assert verdict == "deny" and f"{P} (unread): you have not read it" in reason, (command, reason)
+        assert "Read the file with the Read tool first" in reason and "then run the command again" in reason
+    verdict, reason = bash(s, "f=$(ls plans | head -1); sed -i s/v1/v2/ plans/$f")
+    assert verdict == "deny" and "`plans/$f`" in reason and "Name the file literally" in reason, reason
+    elsewhere = tmp_path / "elsewhere.txt"
+    for command in ("echo x > notes.txt && sed -i s/x/y/ notes.txt", f"echo x > {elsewhere}", f"cat {P} | wc -l"):
+        pre = s.hook(bash_event("PreToolUse", "never", root, command))
+        assert pre == {"code": 0, "stdout": "", "stderr": ""}, (command, pre)
+        assert s.run("bash", "-c", command)["code"] == 0
+        post = s.hook(bash_event("PostToolUse", "never", root, command, tool_response={"stdout": "", "stderr": ""}))
+        assert post == {"code": 0, "stdout": "", "stderr": ""}, (command, post)
+    assert target.read_text() == "v1\n" and (root / "notes.txt").read_text() == "y\n"
+    with CoherentVolume(root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)] == ["setup"]
+
+
+def test_a_bash_append_needs_no_view(root: Path, sessions) -> None:
+    """`echo x >> plans/log.md` appends: it goes ahead without a read, as appends do."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/log.md", "entry 1\n")
+    s = sessions("append", root)
+    assert decision(s.hook(bash_event("PreToolUse", "append", root, "echo v2 > plans/log.md")))[0] == "deny"
+    assert bash(s, "echo entry 2 >> plans/log.md") == ("allow", "")
+    assert (root / "plans/log.md").read_text() == "entry 1\nentry 2\n"
+
+
+def test_a_failed_bash_command_releases_its_grant(root: Path, sessions) -> None:
+    """Two sessions' Bash writes of one file: while the first is between its PreToolUse and the hook
+    after it, the second is denied `held` (told to wait); the first command fails
+    (PostToolUseFailure), which releases its grant, so the second goes ahead and is the file's next
+    version."""
+    target = _plan(root)
+    one, two = sessions("h1", root), sessions("h2", root)
+    one.read(target)
+    two.read(target)
+    failing = f"test -e plans/missing.md && sed -i s/v1/one/ {P}"
+    assert decision(one.hook(bash_event("PreToolUse", "h1", root, failing)))[0] == "allow"
+    verdict, reason = decision(two.hook(bash_event("PreToolUse", "h2", root, f"sed -i s/v1/two/ {P}", call="t2")))
+    assert verdict == "deny" and f"{P} (held)" in reason and f"claude:{unique('h1')} holds its write grant" in reason
+    assert "Wait a few seconds" in reason and "run the command again" in reason, reason
+    assert one.run("bash", "-c", failing)["code"] == 1
+    failed = bash_event("PostToolUseFailure", "h1", root, failing, error="Exit code 1", is_interrupt=False)
+    assert one.hook(failed)["code"] == 0
+    assert bash(two, f"sed -i s/v1/two/ {P}", call="t2") == ("allow", "")
+    assert target.read_text() == "two\n"
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('h2')}"), (1, "setup")]
+
+
+def test_a_bash_write_in_the_background_is_denied_off_a_mount(root: Path, sessions) -> None:
+    """A background command's PostToolUse comes when it has started, not ended: one that writes a
+    managed file is denied (and holds nothing after); in the foreground it goes ahead."""
+    target = _plan(root)
+    one, two = sessions("bg1", root), sessions("bg2", root)
+    one.read(target)
+    two.read(target)
+    background = {"tool_input": {"run_in_background": True}}
+    verdict, reason = decision(one.hook(bash_event("PreToolUse", "bg1", root, f"sed -i s/v1/v2/ {P}", **background)))
+    assert verdict == "deny" and "runs in the background" in reason and "in the foreground" in reason, reason
+    assert bash(two, f"sed -i s/v1/v2/ {P}") == ("allow", ""), "the denied command holds no grant"
+
+
+def test_on_a_mount_a_bash_write_composes_with_the_file_system(mounted: Mount, sessions) -> None:
+    """On a mount the Bash tool's commands (children of the session's process) write as the session:
+    the grant the hook takes is the one their writes through the mount use, so a `sed -i` after a
+    Read goes ahead (also a subagent's, and one in the background) and is the session's version; a
+    stale one is denied by the hook, and the file system refuses it without the hook too."""
+    _plan(mounted.root)
+    target = mounted.path / P
+    one, two = sessions("m1", mounted.path), sessions("m2", mounted.path)
+    for s in (one, two):
+        s.hook(event("SessionStart", s.id, mounted.path, source="startup"))
+        s.read(target)
+    assert bash(one, f"sed -i s/v1/v2/ {P}") == ("allow", "")
+    assert bash(one, f"sed -i s/v2/v3/ {P}", agent_id="agent-x") == ("allow", ""), "a subagent acts as its session"
+    assert bash(one, f"sed -i s/v3/v4/ {P}", tool_input={"run_in_background": True}) == ("allow", "")
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)] == [f"claude:{unique('m1')}"] * 3 + ["setup"]
+    assert target.read_text() == "v4\n"
+    verdict, reason = bash(two, f"sed -i s/v4/two/ {P}")
+    assert verdict == "deny" and "(stale)" in reason and "+v4" in reason, reason
+    forced = two.run("sed", "-i", "s/v4/two/", str(target))
+    assert forced["code"] != 0 and "Permission denied" in str(forced["stderr"]), forced
+    assert target.read_text() == "v4\n"
+
+
+def test_an_install_over_older_settings_adds_bash(tmp_path: Path) -> None:
+    """Settings installed before Bash was checked (the write tools only): installing again puts Bash
+    in the matchers of PreToolUse, PostToolUse and PostToolUseFailure, and keeps the user's hooks."""
+    settings = tmp_path / ".claude/settings.json"
+    settings.parent.mkdir()
+    command = "/opt/bin/coherent-volume hook claude-code"
+    old = {"type": "command", "command": command, "timeout": 5}
+    mine = {"matcher": "Bash", "hooks": [{"type": "command", "command": "echo mine"}]}
+    settings.write_text(
+        json.dumps(
+            {
+                "hooks": {
+                    "PreToolUse": [mine, {"matcher": "Write|Edit|MultiEdit|NotebookEdit", "hooks": [old]}],
+                    "PostToolUse": [{"matcher": "Read|Write|Edit|MultiEdit|NotebookEdit", "hooks": [old]}],
+                    "PostToolUseFailure": [{"matcher": "Write|Edit|MultiEdit|NotebookEdit", "hooks": [old]}],
+                }
+            }
+        )
+    )
+    r = subprocess.run([CLI, "claude-code", "install", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hooks = json.loads(settings.read_text())["hooks"]
+    assert hooks["PreToolUse"][0] == mine and len(hooks["PreToolUse"]) == 2
+    for name in ("PreToolUse", "PostToolUse", "PostToolUseFailure"):
+        [ours] = [e for e in hooks[name] if e["hooks"][0]["command"].endswith("hook claude-code")]
+        assert "Bash" in ours["matcher"].split("|"), (name, ours)

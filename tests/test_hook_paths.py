@@ -41,6 +41,11 @@ def _claude(root: Path, session: str, path: str) -> dict[str, Any]:
     }
 
 
+def _claude_bash(root: Path, session: str, path: str) -> dict[str, Any]:
+    tool = {"tool_name": "Bash", "tool_input": {"command": f"echo mine > {path}"}, "tool_use_id": "toolu_bash"}
+    return {**_claude(root, session, path), **tool}
+
+
 def _gemini(root: Path, session: str, path: str) -> dict[str, Any]:
     return dict(
         fill(fixture("gemini")["before_write_file"], session=unique(session), cwd=root, path=path, content="mine\n")
@@ -64,6 +69,7 @@ def _codex_bash(root: Path, session: str, path: str) -> dict[str, Any]:
 
 FACES: dict[str, tuple[str, Event]] = {
     "claude-code Write": ("claude-code", _claude),
+    "claude-code Bash": ("claude-code", _claude_bash),
     "gemini write_file": ("gemini", _gemini),
     "cursor Write": ("cursor", _cursor),
     "codex apply_patch": ("codex", _codex_patch),

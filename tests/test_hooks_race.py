@@ -1,5 +1,5 @@
 """Two Claude Code sessions, or two subagents of one session, racing on one file through the hooks
-alone (no mount): no lost update.
+alone (no mount), with the Write tool or the Bash tool: no lost update.
 
 Each session is a real process that runs the real `coherent-volume hook claude-code` command as
 its child for every event, in the order Claude Code sends them: the Read tool reads the file,
@@ -30,14 +30,14 @@ CYCLES = 12
 
 SESSION = r"""
 import json, os, random, subprocess, sys, time
-cli, root, session, cycles, path, agent_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
+cli, root, session, cycles, path, agent_id, tool = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 denials, slowest = {}, 0.0
 
-def hook(name, tool, response=None):
+def hook(name, tool, response=None, command=None):
     global slowest
     event = {"session_id": session, "transcript_path": f"/tmp/{session}.jsonl", "cwd": root,
              "permission_mode": "acceptEdits", "hook_event_name": name, "tool_name": tool,
-             "tool_input": {"file_path": path}}
+             "tool_input": {"command": command} if command else {"file_path": path}}
     if agent_id:
         event.update(agent_id=agent_id, agent_type="general-purpose")
     if response is not None:
@@ -61,7 +61,8 @@ def read():
 for _ in range(cycles):
     value = read()
     while True:
-        out = hook("PreToolUse", "Write").get("hookSpecificOutput", {})
+        command = f"echo {value + 1} > {path}" if tool == "Bash" else None  # the Bash tool's write
+        out = hook("PreToolUse", tool, command=command).get("hookSpecificOutput", {})
         if out.get("permissionDecision") != "deny":
             break
         reason = out["permissionDecisionReason"].split("(", 1)[1].split(")", 1)[0]
@@ -69,6 +70,10 @@ for _ in range(cycles):
         time.sleep(random.uniform(0, 0.05))
         value = read()
     time.sleep(0.03)  # Claude Code between the PreToolUse answer and the tool's write (permission step, tool start)
+    if command:
+        subprocess.run(["bash", "-c", command], check=True, timeout=60)
+        hook("PostToolUse", "Bash", {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}, command)
+        continue
     tmp = f"{path}.tmp.{os.getpid()}"  # Claude Code's Write tool: temp file beside the target, rename
     with open(tmp, "w") as f:
         f.write(f"{value + 1}\n")
@@ -79,18 +84,24 @@ print(json.dumps({"denials": denials, "slowest_hook": slowest}), flush=True)
 
 
 @pytest.mark.parametrize(
-    "racers",
-    [[("racer1", ""), ("racer2", "")], [("parent", "agent-1"), ("parent", "agent-2")]],
-    ids=["sessions", "subagents"],
+    ("racers", "tool"),
+    [
+        ([("racer1", ""), ("racer2", "")], "Write"),
+        ([("parent", "agent-1"), ("parent", "agent-2")], "Write"),
+        ([("racer1", ""), ("racer2", "")], "Bash"),
+    ],
+    ids=["sessions", "subagents", "bash"],
 )
-def test_two_hooked_agents_lose_no_update(root: Path, racers: list[tuple[str, str]]) -> None:
+def test_two_hooked_agents_lose_no_update(root: Path, racers: list[tuple[str, str]], tool: str) -> None:
+    """Each cycle reads the counter with the Read tool and writes it plus one with the Write tool,
+    or (`bash`) with the Bash tool (`echo N > file`)."""
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "0\n")
     started = time.monotonic()
     sessions = [
         subprocess.Popen(
-            [sys.executable, "-c", SESSION, CLI, str(root), session, str(CYCLES), str(target), agent_id],
+            [sys.executable, "-c", SESSION, CLI, str(root), session, str(CYCLES), str(target), agent_id, tool],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

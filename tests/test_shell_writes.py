@@ -432,6 +432,13 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
 
 
 FACES = {
+    "claude_code": lambda command, cwd: {
+        "hook_event_name": "PreToolUse",
+        "tool_name": "Bash",
+        "session_id": unique("s1"),
+        "cwd": cwd,
+        "tool_input": {"command": command},
+    },
     "codex": lambda command, cwd: {
         "hook_event_name": "PreToolUse",
         "tool_name": "Bash",
@@ -561,6 +568,11 @@ def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(roo
 
 
 AFTER = {
+    "claude_code": lambda command, cwd: {
+        **FACES["claude_code"](command, cwd),
+        "hook_event_name": "PostToolUse",
+        "tool_response": {"stdout": "", "stderr": "", "interrupted": False, "isImage": False},
+    },
     "codex": lambda command, cwd: {
         **FACES["codex"](command, cwd),
         "hook_event_name": "PostToolUse",
@@ -574,6 +586,8 @@ AFTER = {
     "cursor": lambda command, cwd: {**FACES["cursor"](command, cwd), "hook_event_name": "afterShellExecution"},
 }
 """Each face's event after a shell command ran (FACES: before it)."""
+AGENTS = {"claude_code": "claude"}
+"""The prefix of a face's agent names, where it is not the face's name."""
 
 
 @pytest.mark.parametrize("face", sorted(FACES))
@@ -582,7 +596,7 @@ def test_the_files_a_find_deleted_are_recorded_as_the_sessions_deletions(root: P
     grant, the command deletes the file, and after it (when the command's words no longer name the
     file) the hook records the deletion as the session's and releases the grant, as after `rm`."""
     module = importlib.import_module(f"coherent_volume.{face}")
-    agent = f"{face}:{unique('c1' if face == 'cursor' else 's1')}"
+    agent = f"{AGENTS.get(face, face)}:{unique('c1' if face == 'cursor' else 's1')}"
     with CoherentVolume(root, agent="setup") as setup:
         setup.write("plans/plan.md", "v1\n")
     with CoherentVolume(root, agent=agent) as session:
