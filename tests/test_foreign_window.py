@@ -392,6 +392,52 @@ def test_a_working_copy_catching_up_with_a_deletion_puts_back_a_save_made_after_
     assert _leftovers(c1 / "plans") == []
 
 
+@pytest.mark.parametrize("change", ["write", "delete"])
+def test_a_save_a_change_displaced_after_another_copy_settled_its_intent_is_put_back_and_recorded(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Bob's change is decided in the registry; before his copy's disk changes, a transaction of
+    another copy settles its intent (the registry holds it) and a program on bob's copy saves the
+    file. The install then takes that save away to a name only bob's copy knows: noted there first,
+    it is put back and recorded. Before, it stayed unrecorded (at a temp name beside the file, or
+    in the staging directory, whose sweep removed it)."""
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice, CoherentVolume(c1, agent="bob") as bob:
+        alice.write(P, b"one\n")
+        assert bob.read(P) == b"one\n"
+        step = "install" if change == "write" else "set_aside"
+        owner = atomic.Staged if change == "write" else atomic
+        real = getattr(owner, step)
+        fired: list[str] = []
+
+        def before(*args: object, **flags: bool) -> bool:
+            if not fired:
+                fired.append(step)
+                if change == "write":  # alice's read settles bob's intent
+                    assert alice.read(P) == b"two\n"
+                else:
+                    with pytest.raises(FileNotFoundError):
+                        alice.read(P)
+                _save(c1 / P)
+            return bool(real(*args, **flags))
+
+        monkeypatch.setattr(owner, step, before)
+        if change == "write":
+            assert bob.write(P, b"two\n") == 2
+        else:
+            bob.delete(P)
+        monkeypatch.undo()
+        assert fired
+        assert (c1 / P).read_bytes() == SAVE
+        assert _history(bob, P) == [
+            (3, "foreign", "external"),
+            (2, "commit" if change == "write" else "delete", "bob"),
+            (1, "commit", "alice"),
+        ]
+    staging = c1 / ".coherent/staging"
+    assert (not staging.exists() or os.listdir(staging) == []) and _leftovers(c1 / "plans") == []
+
+
 KILLED_CATCHING_UP = f"""
 import os, signal, sys
 from pathlib import Path

@@ -348,11 +348,14 @@ class Writes(Reads):
             # says what happened)
             assert aside is not None
             seen = self._seen_on_disk(target, decided.record)
+            self._noting_aside(target, aside, None)
             self._install(lambda: _set_aside(target, aside), ((target.rel, version + 1),), (target.rel,))
             self._install(lambda: atomic.sync_dirs(target.abs), (), (target.rel,))
             self._installed(target, version + 1, None)
             previous = decided.record.hash if decided.record is not None else None
-            if not self._displaced_settled(aside, previous, seen):
+            if self._displaced_settled(aside, previous, seen):
+                self._noted_settled(target, aside)
+            else:
                 self._transact(lambda tx: None, holds=(target.rel,))  # recovery puts it back (and records it)
 
             def finish(tx: Transaction) -> bool:
@@ -504,6 +507,8 @@ class Writes(Reads):
         record and put back (`CoreBase._put_back`; the caller runs it). An install that fails leaves
         its staged name, the marker of an install not done (`InstallPending`)."""
         seen = self._seen_on_disk(target, record)
+        name = content.plan_name()
+        self._noting_aside(target, name, content.hash)
         try:
             displaced = content.install(exchange=True)
         except BaseException as e:
@@ -512,12 +517,25 @@ class Writes(Reads):
                 raise InstallPending(target.rel, version, e) from e
             raise
         self._installed(target, version, content.hash)
-        assert content.tmp is not None
         previous = record.hash if record is not None and record.present else None
-        if displaced and not self._displaced_settled(content.tmp, previous, seen):
+        if displaced and not self._displaced_settled(name, previous, seen):
             return False
         self._consumed(content, target)
+        self._noted_settled(target, name)
         return True
+
+    def _noting_aside(self, target: Target, name: str, brought: str | None) -> None:
+        """In a working copy, before an install or a deletion takes the file at `target` away to
+        `name`: noted there (`Replica.setting_aside`), since another copy's transaction may settle
+        the change's intent before a change made outside the volume that it displaced is put back;
+        this copy's next transaction holding the path then does (`CoreBase._settle_asides`)."""
+        if self.replica is not None:
+            self.replica.setting_aside(target.rel, name, brought)
+
+    def _noted_settled(self, target: Target, name: str) -> None:
+        """What an install or a deletion took away to `name` is settled: its note dropped."""
+        if self.replica is not None:
+            self.replica.set_back(target.rel, name)
 
     def _seen_on_disk(self, target: Target, record: FileRecord | None) -> tuple[Fingerprint | None, int]:
         """The fingerprint that a commit's decision relied on for the file its install displaces (the
