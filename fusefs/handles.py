@@ -627,6 +627,7 @@ class Shadow:
         durable = self.synced and not self.created
         staged = atomic.Staged(self.target.abs, hash_fd(self.fd), os.dup(self.fd), durable=durable)
         commit = HandleCommit(self.kind, self.grant, self.edits, self.orphaned)
+        before, written_at = self.base_version, os.fstat(self.fd).st_mtime_ns
         try:
             self.base_version = self.core.commit(
                 self.agent, self.target, staged, expected=self.base_version, handle=commit
@@ -636,6 +637,8 @@ class Shadow:
             self._committed()
             raise
         self._committed()
+        if self.base_version == before:  # it wrote the bytes the file holds: no commit, but a write all the same
+            touch(self.target.abs, written_at)
 
     def _committed(self) -> None:
         """After a commit: the shadow is the file now (or its file is gone, or it is the committed
@@ -690,6 +693,16 @@ class Shadow:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def touch(path: str, mtime_ns: int) -> None:
+    """Set the modification time of the file at `path` (and so its change time), as a write or a
+    truncate that changed no byte does on a local disk (make and editors compare them); its access
+    time kept. Nothing if it is gone."""
+    try:
+        os.utime(path, ns=(os.lstat(path).st_atime_ns, mtime_ns), follow_symlinks=False)
+    except FileNotFoundError:
+        pass
 
 
 def _shadow(path: str, copy: bool) -> int:

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import stat as stat_mod
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from .handles import (
     Snapshot,
     blocking,
     errno_of,
+    touch,
 )
 from .identity import AgentResolver, proc_file, process_of
 from .inodes import InodeTable
@@ -870,7 +872,7 @@ class CoherentOperations(pyfuse3.Operations):
             elif self._managed_file(rel):
                 with self._writing(rel, by_name, ctx, repeat is not None):
                     agent = await self._writer(ctx, rel)
-                    await blocking(self.core.truncate, agent, self._target(rel), attr.st_size)
+                    await blocking(self._truncate, agent, rel, attr.st_size)
             else:
                 self.backing.truncate(rel, attr.st_size)
         at = self._metadata_at(inode, rel)
@@ -886,6 +888,14 @@ class CoherentOperations(pyfuse3.Operations):
                 )
             self._set_times(at, self._through(handle, inode, at), attr, fields)
         return self._reply(inode, rel)
+
+    def _truncate(self, agent: str, rel: str, size: int) -> None:
+        """truncate(2) of the managed file at `rel` by its name, as `agent` (`VolumeCore.truncate`): a
+        truncate to the size it has changes no byte (no commit) and, as on a local disk, its times."""
+        unchanged = self.backing.lstat(rel).st_size == size
+        self.core.truncate(agent, self._target(rel), size)
+        if unchanged:
+            touch(self.core.paths.of_rel(rel).abs, time.time_ns())
 
     def _through(self, handle: FileHandle | None, inode: int, rel: str) -> int | None:
         """The descriptor a setattr of `inode` at `rel` (through `handle`, when the kernel sent one) acts

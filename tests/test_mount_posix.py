@@ -739,6 +739,56 @@ def test_chmod_and_touch_of_a_managed_file_change_the_file_at_its_name_not_a_pas
     assert (mounted.root / "plans/n.md").read_text() == "two\n"
 
 
+UNCHANGING_WRITES = """
+import os, shutil, sys
+p = "plans/a.md"
+with open(p, "wb") as f:
+    f.write(b"hello\\n")
+with open("src.txt", "wb") as f:
+    f.write(b"hello\\n")
+def by_open(flags, then):
+    fd = os.open(p, flags)
+    try:
+        then(fd)
+    finally:
+        os.close(fd)
+cases = {
+    "rewrite": lambda: by_open(os.O_WRONLY | os.O_TRUNC, lambda fd: os.write(fd, b"hello\\n")),
+    "pwrite": lambda: by_open(os.O_WRONLY, lambda fd: os.pwrite(fd, b"h", 0)),
+    "truncate": lambda: os.truncate(p, 6),
+    "ftruncate": lambda: by_open(os.O_WRONLY, lambda fd: os.ftruncate(fd, 6)),
+    "copy": lambda: shutil.copyfile("src.txt", p),
+}
+for name, change in cases.items():
+    os.utime(p, ns=(10**9, 10**9))
+    change()
+    print(name, os.stat(p).st_mtime_ns > 10**9, open(p, "rb").read() == b"hello\\n")
+"""
+
+
+def test_a_write_or_truncate_that_changes_no_byte_of_a_managed_file_moves_its_times_as_on_a_plain_disk(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """It commits nothing (no new version), and still moves the file's modification time, as make and
+    editors expect. Before, the mount kept the old time (a hostile tester's D2)."""
+    plain = tmp_path / "plain"
+    (plain / "plans").mkdir(parents=True)
+    seen = {}
+    for where in (plain, mounted.path):
+        run = subprocess.run(
+            [sys.executable, "-c", UNCHANGING_WRITES], cwd=where, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        seen[where] = run.stdout
+    assert (
+        seen[mounted.path]
+        == seen[plain]
+        == "".join(f"{case} True True\n" for case in ("rewrite", "pwrite", "truncate", "ftruncate", "copy"))
+    )
+    with CoherentVolume(mounted.root, agent="carol") as v:
+        assert [h.version for h in v.history("plans/a.md")] == [2, 1]  # made empty, written: no more
+
+
 @contextlib.contextmanager
 def _gated(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patch: str) -> Iterator[tuple[Mount, Path]]:
     """`root` mounted by a daemon whose interpreter runs `patch` at its start (a sitecustomize on its
