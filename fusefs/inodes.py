@@ -9,6 +9,7 @@ maps to one of them that still exists.
 from __future__ import annotations
 
 import itertools
+import stat as stat_mod
 
 import pyfuse3
 
@@ -27,6 +28,8 @@ class InodeTable:
         name; it follows the file through renames and is dropped when the file goes (`unlinked`)."""
         self._swapped: set[int] = set()
         """Inodes an exchange moved while the kernel held them, until it forgets them (`swapped`)."""
+        self._kinds: dict[int, int] = {}
+        """The file type each inode was last described with (`retyped`), until the kernel forgets it."""
         self._next = itertools.count(pyfuse3.ROOT_INODE + 1)
 
     def __len__(self) -> int:
@@ -95,7 +98,16 @@ class InodeTable:
         self._lookups.pop(inode, None)
         self._past.pop(inode, None)
         self._swapped.discard(inode)
+        self._kinds.pop(inode, None)
         return False
+
+    def retyped(self, inode: int, mode: int) -> bool:
+        """Whether `inode` was described as another file type than `mode`'s while the kernel holds it
+        (a name whose file a program replaced by a directory, a symlink, ... behind the mount's back):
+        the kernel takes a reply that changes an inode's type for a broken file system (EIO), so
+        that name needs a new inode. Otherwise `mode`'s type is the one it was described with."""
+        kind = stat_mod.S_IFMT(mode)
+        return self._kinds.setdefault(inode, kind) != kind
 
     def drop(self, inode: int) -> None:
         """Let go of `inode` if it has no name (`unlinked`, `apart`) and the kernel forgot it: no path
@@ -103,6 +115,7 @@ class InodeTable:
         knows that nothing else uses it (no open handle)."""
         if inode not in self._lookups and "\0" in self._path.get(inode, ""):
             del self._path[inode]
+            self._kinds.pop(inode, None)
 
     def link(self, inode: int, path: str) -> None:
         """`path` (no name yet) is another name of `inode`, a hard link of its file (one unlinked while

@@ -494,6 +494,12 @@ class CoherentOperations(pyfuse3.Operations):
         at through its new anchor (see `Backing.anchor`)."""
         fresh = self.backing.anchor(inode, rel) if st is None and self.backing.anchored(inode) else None
         st = fresh or st or self._stat(rel, inode)
+        if self.inodes.retyped(inode, st.st_mode):  # another type of file at its name, made behind our back
+            held = self._held_stat(inode)
+            self._fresh_inode(rel)  # the name gets a new inode; the handles open on this one keep their file
+            if held is None or self.inodes.retyped(inode, held.st_mode):
+                raise pyfuse3.FUSEError(errno.ESTALE)  # the kernel looks the name up again
+            st = held
         mode = st.st_mode
         if fresh is None and stat_mod.S_ISDIR(mode):
             st = self.backing.anchor(inode, rel) or st

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -737,6 +738,46 @@ def test_chmod_and_touch_of_a_managed_file_change_the_file_at_its_name_not_a_pas
     st = (mounted.root / "plans/n.md").stat()
     assert (oct(st.st_mode & 0o777), st.st_mtime_ns) == ("0o600", 2 * 10**9)
     assert (mounted.root / "plans/n.md").read_text() == "two\n"
+
+
+def _replace_behind(backing: Path, kind: str) -> Callable[[int], bool]:
+    """Replace the file `backing` by another `kind` of file in the backing tree; the test of its mode."""
+    backing.unlink()
+    {"directory": backing.mkdir, "symlink": lambda: backing.symlink_to("/tmp"), "fifo": lambda: os.mkfifo(backing)}[
+        kind
+    ]()
+    return {"directory": stat.S_ISDIR, "symlink": stat.S_ISLNK, "fifo": stat.S_ISFIFO}[kind]
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink", "fifo"])
+def test_a_managed_file_replaced_behind_the_mount_by_another_type_of_file_is_shown_as_it_is_now(
+    mounted: Mount, kind: str
+) -> None:
+    """Its name gets a new inode. Before, the stat after the change failed EIO (the kernel refuses a
+    reply that changes an inode's type)."""
+    seen = mounted.path / "plans/x.md"
+    seen.write_text("one\n")
+    assert stat.S_ISREG(os.lstat(seen).st_mode)
+    is_kind = _replace_behind(mounted.root / "plans/x.md", kind)
+    assert is_kind(os.lstat(seen).st_mode)
+
+
+def test_a_managed_file_open_while_replaced_behind_the_mount_by_a_directory_stays_the_descriptors(
+    mounted: Mount,
+) -> None:
+    """The descriptor's fstat and reads are its file's; its name shows what is there now once the
+    kernel looked it up again (the first getattr after the change, which may be the descriptor's,
+    answers with the descriptor's file)."""
+    seen = mounted.path / "plans/x.md"
+    seen.write_text("one\n")
+    with open(seen, "rb") as held:
+        is_kind = _replace_behind(mounted.root / "plans/x.md", "directory")
+        assert stat.S_ISREG(os.fstat(held.fileno()).st_mode) and held.read() == b"one\n"
+        deadline = time.monotonic() + 10
+        while not is_kind(os.lstat(seen).st_mode):
+            assert time.monotonic() < deadline, "the name still shows the file replaced behind the mount"
+            time.sleep(0.05)
+        assert stat.S_ISREG(os.fstat(held.fileno()).st_mode)
 
 
 UNCHANGING_WRITES = """
