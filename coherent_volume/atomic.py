@@ -439,6 +439,27 @@ def set_aside(path: str, aside: str) -> bool:
     return True
 
 
+def remove_special(path: str) -> bool:
+    """unlink(2) of what is at `path` where that is no regular file (a symlink, a FIFO, a socket, a
+    device node), never of a file a program put there meanwhile: the entry is set aside first, and
+    one found to be a regular file is moved back: False, nothing removed. FileNotFoundError where
+    nothing is there; a directory is moved back and IsADirectoryError raised (as `set_aside`)."""
+    aside = temp_name(path)
+    rename(path, aside, noreplace=True)
+    st = os.lstat(aside)
+    if not (stat_mod.S_ISREG(st.st_mode) or stat_mod.S_ISDIR(st.st_mode)):
+        os.unlink(aside)
+        return True
+    try:
+        rename(aside, path, noreplace=True)
+    except FileExistsError as e:
+        e.strerror = f"{e.strerror}: what was at {path} is at {aside} now, since something was made at {path}"
+        raise
+    if stat_mod.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    return False
+
+
 def _is_directory(path: str) -> bool:
     return stat_mod.S_ISDIR(os.lstat(path).st_mode)
 

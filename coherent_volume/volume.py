@@ -123,8 +123,7 @@ class CoherentVolume:
         itself (0: links carry no versions), as unlink(2) does."""
         if not self._closed:
             link = self._core.paths.resolve_link(path)
-            if link is not None:  # unlink(2) removes the link, never the file it points to
-                self._core.unlink_symlink(link)
+            if link is not None and self._core.unlink_special(link):  # the link, never what it points to
                 return 0
         try:
             return self._core.commit(self.agent, self._target(path), None, isolation=self.isolation)

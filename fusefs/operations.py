@@ -1077,7 +1077,11 @@ class CoherentOperations(pyfuse3.Operations):
         rel = await self._child(parent_inode, name)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (parent_inode, rel))
         self.own.note(rel)
-        if self._managed_file(rel):
+        managed_file = self._managed_file(rel)
+        if not managed_file and not self.core.paths.managed(rel):
+            self.backing.unlink(rel)
+        elif managed_file or not await blocking(self.core.unlink_special, self._target(rel)):
+            # a managed file (also one a program put where a symlink or FIFO was meanwhile): checked
             agent = await self._writer(ctx, rel)
             writers = [h for h in self._writers_of(rel) if h.rel == rel]
             st = self.backing.lstat(rel)
@@ -1091,8 +1095,6 @@ class CoherentOperations(pyfuse3.Operations):
             finally:
                 if file is not None:
                     os.close(file)
-        else:
-            self.backing.unlink(rel)
         self._unlinked(rel)
 
     def _unlinked(self, rel: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume
-from coherent_volume.errors import UnprotectedAlias
+from coherent_volume.errors import StaleWriteError, UnprotectedAlias
 
 from .harness.mounts import CLI, Mount, daemon_pids, unmount_and_reap
 
@@ -435,6 +435,47 @@ def test_delete_of_a_symlink_removes_the_link_not_its_target(tmp_path: Path) -> 
         assert vol.delete("free-link") == 0
     assert not os.path.lexists(root / "plans/alias.md") and not os.path.lexists(root / "free-link")
     assert (root / "plans/a.md").read_text() == "kept\n" and (root / "free.txt").read_text() == "kept too\n"
+
+
+def test_a_file_a_program_puts_where_a_symlink_was_just_before_its_delete_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete found a symlink at the managed name; a program replaced it by a file before the
+    link went: that file is deleted as a file, with the checks (bob never read it: refused), never
+    removed as the link was. Before, it was unlinked unrecorded (a hostile tester, s15alias p25)."""
+    root = tmp_path / "r"
+    (root / "plans").mkdir(parents=True)
+    os.symlink("/tmp", root / "plans/x.md")
+    with CoherentVolume(root, managed=("plans/**",), agent="bob") as bob:
+        paths = bob._core.paths
+        real = paths.resolve_link
+
+        def resolve_link(path: object) -> object:
+            link = real(path)  # type: ignore[arg-type]
+            (root / "saved.tmp").write_text("the program's save\n")
+            os.replace(root / "saved.tmp", root / "plans/x.md")
+            return link
+
+        monkeypatch.setattr(paths, "resolve_link", resolve_link)
+        with pytest.raises(StaleWriteError):
+            bob.delete("plans/x.md")
+        monkeypatch.undo()
+        assert (root / "plans/x.md").read_text() == "the program's save\n"
+        assert [n for n in os.listdir(root / "plans") if ".cv-" in n] == []
+        assert [(v.kind, v.writer) for v in bob.history("plans/x.md")] == [("foreign", "external")]
+
+
+def test_fifos_and_symlinks_at_managed_names_are_removed_through_the_mount(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    (root / "plans").mkdir(parents=True)
+    CoherentVolume(root, managed=("plans/**",), agent="setup").close()
+    os.symlink("/tmp", root / "plans/link.md")
+    os.mkfifo(root / "plans/pipe.md")
+    with Mount(root, tmp_path / "mnt") as m:
+        done = m.run("alice", "rm plans/link.md plans/pipe.md")
+        assert done.returncode == 0, done.stderr
+        assert os.listdir(m.path / "plans") == []
+    assert os.listdir(root / "plans") == [] and os.path.isdir("/tmp")
 
 
 @contextmanager

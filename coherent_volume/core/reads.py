@@ -9,6 +9,7 @@ import stat
 import time
 from dataclasses import dataclass
 
+from .. import atomic
 from ..errors import RegistryError
 from ..fingerprint import (
     Fingerprint,
@@ -390,9 +391,15 @@ class Reads(CoreBase):
 
         return self._transact(move, holds=behind)
 
-    def unlink_symlink(self, target: Target) -> None:
-        """Remove a symlink itself (unlink(2)); links carry no versions, so this is no commit."""
-        os.unlink(target.abs)
+    def unlink_special(self, target: Target) -> bool:
+        """Remove a symlink, FIFO, socket or device node itself (unlink(2)): they carry no versions,
+        so this is no commit. At a managed name, never a file a program put there meanwhile
+        (`atomic.remove_special`): False then, nothing removed, for the caller to delete it as the
+        file it is, with the checks."""
+        if not self.paths.managed(target.rel):
+            os.unlink(target.abs)
+            return True
+        return atomic.remove_special(target.abs)
 
     def forget(self, agent: str, target: Target) -> None:
         self._confirmed.pop((agent, target.rel), None)
