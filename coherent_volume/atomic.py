@@ -157,9 +157,6 @@ class Staged:
             rename(tmp, self.target, noreplace=True)
         elif exchange and (st is None or not stat_mod.S_ISDIR(st.st_mode)):  # a directory is refused, not moved
             displaced = swap_in(tmp, self.target)
-            if displaced and _is_directory(tmp):  # made there since the stat: exchanged back
-                rename(tmp, self.target, exchange=True)
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.target)
         else:
             os.replace(tmp, self.target)
         self.named = False
@@ -400,10 +397,15 @@ def swap_in(src: str, dst: str) -> bool:
     (renameat2 RENAME_EXCHANGE: `src` then names what `dst` held), or, where nothing is there,
     renamed without replacing (a file made there meanwhile is exchanged instead). Where the file
     system cannot exchange (EINVAL), a plain rename over `dst`. Whether `src` now names a file that
-    `dst` held."""
+    `dst` held. A directory at `dst` (a program made it there) is never taken away: exchanged back,
+    IsADirectoryError, nothing changed (an exchange works across types, where rename(2) of a file
+    over a directory fails so)."""
     while True:
         try:
             rename(src, dst, exchange=True)
+            if _is_directory(src):
+                rename(src, dst, exchange=True)
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dst)
             return True
         except OSError as e:
             if e.errno == errno.EINVAL:

@@ -357,6 +357,36 @@ def test_a_directory_made_at_a_file_just_before_a_commit_is_installed_stays_and_
         assert alice.read_version(P, 2) == b"two\n"
 
 
+def test_a_directory_made_at_the_name_before_a_displaced_save_is_put_back_stays_and_the_save_is_kept(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program saves the file just before a commit's install (which displaces the save), then
+    replaces the file by a directory before the save is put back: the directory stays at its name
+    (before, the put back's exchange took it to the staging directory, files and all, for good), and
+    the save is recorded, its bytes kept."""
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, b"one\n")
+        bob.read(P)
+        real = atomic.swap_in
+        calls: list[str] = []
+
+        def swap_in(staged: str, at: str) -> bool:
+            calls.append(at)
+            if at == str(root / P):
+                _save(root / P) if len(calls) == 1 else _dir_at(root / P)
+            return real(staged, at)
+
+        monkeypatch.setattr(atomic, "swap_in", swap_in)
+        assert bob.write(P, b"two\n") == 2
+        monkeypatch.undo()
+        assert calls == [str(root / P)] * 2
+        assert (root / P / "keep.txt").read_bytes() == b"the program's file\n"
+        bob._core.scan()
+        assert _history(alice, P)[:3] == [(4, "delete", "external"), (3, "foreign", "external"), (2, "commit", "bob")]
+        assert alice.read_version(P, 3) == SAVE and alice.read_version(P, 2) == b"two\n"
+        assert os.listdir(root / ".coherent/staging") == [] and _leftovers(root / "plans") == []
+
+
 def _copies(tmp_path: Path, pg_url: str) -> tuple[Path, Path]:
     from .test_registry_postgresql import _join, _pg_volume
 

@@ -557,7 +557,11 @@ class CoreBase:
         """Put the file at `name`, which a catch-up took from `target` and which is recorded, back in
         place; what that exchange brings to `name` is removed if it is the `current` version's bytes
         (the catch-up's), else left there noted (`Replica.setting_aside`)."""
-        if not atomic.swap_in(name, target.abs) or hash_path(name) == current:
+        try:
+            swapped = atomic.swap_in(name, target.abs)
+        except IsADirectoryError:  # made at the name by a program: it stays; the file waits at `name`, noted
+            return
+        if not swapped or hash_path(name) == current:
             try:
                 os.unlink(name)
             except FileNotFoundError:
@@ -747,7 +751,10 @@ class CoreBase:
         for _ in range(PUT_BACK_ROUNDS):
             version = current_version(tx.file(intent.path)) + 1
             recorded.add(self._record_displaced(tx, target, staged, version, detail))
-            swapped = atomic.swap_in(staged, target.abs)
+            try:
+                swapped = atomic.swap_in(staged, target.abs)
+            except IsADirectoryError:  # made at the name by a program: it stays; the file, recorded, waits
+                return True
             atomic.sync_dirs(target.abs)
             held = _hash_or_none(staged) if swapped else None
             if held is None or held == intent.hash or held in recorded:
@@ -762,6 +769,9 @@ class CoreBase:
         check saw it), logged saying `why`. No fingerprint: the next check hashes the file. Its hash."""
         now = time.time()
         kept = hash_file(name)
+        current = tx.file(target.rel)
+        if current is not None and current.present and current.hash == kept[1]:
+            return kept[1]  # recorded by a put back that a directory at the name stopped (`atomic.swap_in`)
         stored = self._retain(tx, name, None)
         digest = stored or kept[1]
         record = FileRecord(target.rel, version, True, digest, None, EXTERNAL, now, time.time_ns())
@@ -785,6 +795,7 @@ class CoreBase:
         A rename whose content waits at its temp name (`staged`) is completed by installing it
         (exchanged into place: what that displaced is at `staged` then, for the caller to check)."""
         waiting = staged is not None and intent.present and _hash_or_none(staged) == intent.hash
+        blocked: str | None = None  # where its content stays, when a directory at its name stops it
         # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
         read = self.replica is None and not undone and not done and not waiting
         fp, disk_hash = disk_state(target, None) if read else (None, None)
@@ -792,8 +803,11 @@ class CoreBase:
         outcome = recovery(intent, fp is not None, disk_hash, replicated, staged=waiting, undone=undone, done=done)
         if outcome == "completed" and waiting:  # no fingerprint recorded: a save meanwhile is not taken for it
             assert staged is not None
-            atomic.swap_in(staged, target.abs)
-            atomic.sync_dirs(target.abs)
+            try:
+                atomic.swap_in(staged, target.abs)
+                atomic.sync_dirs(target.abs)
+            except IsADirectoryError:  # made at the name by a program: it stays, and the rename cannot end
+                outcome, blocked = "abandoned", staged
         now = time.time()
         if outcome == "completed":
             retained = (
@@ -817,7 +831,9 @@ class CoreBase:
             now,
             reason=outcome,
             version=intent.version if outcome == "completed" else current_version(record),
-            detail="abandoned: the system call that was to make the change failed, so nothing changed"
+            detail=f"abandoned an interrupted rename: a directory was made at its name; its content stays at {blocked}"
+            if blocked is not None
+            else "abandoned: the system call that was to make the change failed, so nothing changed"
             if outcome == "abandoned" and undone
             else "completed an interrupted rename: its content, moved to a temp name, installed from there"
             if waiting

@@ -169,7 +169,7 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
     atomic.rename(src, aside, noreplace=True)
     try:
         displaced = atomic.swap_in(aside, dst)
-        misfit = _misfit(src, dst, aside if displaced else None)
+        misfit = _misfit(src, dst)
         if misfit is not None:
             atomic.rename(aside, dst, exchange=True) if displaced else atomic.rename(dst, aside, noreplace=True)
             raise misfit
@@ -186,15 +186,12 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
         raise
 
 
-def _misfit(src: str, dst: str, displaced: str | None) -> OSError | None:
+def _misfit(src: str, dst: str) -> OSError | None:
     """The error rename(2) of `src` over `dst`, a file over a file as a save by rename decided,
-    gives where a program made a directory of either meanwhile: ENOTDIR where what it moved (now
-    at `dst`) is one, EISDIR where what it took away (now at `displaced`) is one; None where
-    neither is."""
+    gives where a program made a directory at `src` meanwhile (what it moved, now at `dst`, is one):
+    ENOTDIR; None where it is not. (One made at `dst` is never taken away: `atomic.swap_in`.)"""
     if stat_mod.S_ISDIR(os.lstat(dst).st_mode):
         return NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), src, None, dst)
-    if displaced is not None and stat_mod.S_ISDIR(os.lstat(displaced).st_mode):
-        return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), src, None, dst)
     return None
 
 
