@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, Policy, RegistryError, atomic
+from coherent_volume.core import renames
 from coherent_volume.errors import InstallPending
 from coherent_volume.protocol import RACY_NS
 
@@ -508,6 +509,98 @@ def test_a_working_copy_killed_between_a_catch_ups_exchange_and_the_put_back_los
         assert _history(carol, P) == [(3, "foreign", "external"), (2, "commit", "alice"), (1, "commit", "alice")]
         assert carol.read_version(P, 3) == SAVE
     assert _leftovers(c1 / "plans") == []
+
+
+def test_a_second_save_the_put_back_of_a_copys_rename_meets_keeps_its_note_and_is_recorded(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's rename over P on copy c1: another copy completes its intents, a program saves P (Y)
+    before the exchange, which displaces Y; Y is recorded and put back, and a second save (Z) just
+    before that put back lands at the temp name, left noted. Before, the rename then dropped that
+    note, and Z stayed unrecorded at the hidden name for good (a hostile tester, s15pg round 2, D3)."""
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice, CoherentVolume(c1, agent="bob") as bob:
+        bob.write(P, b"one\n")
+        bob.write("plans/f1.md", b"f1\n")
+        real_save_in, real_swap = renames._save_in, atomic.swap_in
+        asides: list[str] = []
+
+        def save_in(src: str, aside: str, dst: str, found: bool) -> bool:
+            asides.append(aside)
+            alice.read(P)  # another copy completes the rename's intents
+            _save(c1 / P, b"Y\n")
+            return real_save_in(src, aside, dst, found)
+
+        def swap_in(name: str, at: str) -> bool:
+            if asides and name == asides[0]:
+                asides.append(name)
+                if len(asides) == 3:  # the put back of Y (the second exchange from that name)
+                    _save(c1 / P, b"Z\n")
+            return real_swap(name, at)
+
+        monkeypatch.setattr(renames, "_save_in", save_in)
+        monkeypatch.setattr(atomic, "swap_in", swap_in)
+        _rename(bob, "plans/f1.md", P)
+        monkeypatch.undo()
+        assert len(asides) == 3
+        bob._core.scan()
+        assert (c1 / P).read_bytes() == b"Z\n"
+        kept = {bob.read_version(P, v.version) for v in bob.history(P) if v.kind == "foreign"}
+        assert {b"Y\n", b"Z\n"} <= kept
+    assert _leftovers(c1 / "plans") == []
+
+
+KILLED_AFTER_AN_INSTALL_ANOTHER_COPY_SETTLED = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+from coherent_volume.core import writes
+c1, c0 = Path(sys.argv[1]), Path(sys.argv[2])
+real_install, real_settled = atomic.Staged.install, writes.Writes._displaced_settled
+
+armed = []
+
+def install(self, *args, **flags):  # another copy settles the intent, an editor saves, then the install
+    if not armed:
+        return real_install(self, *args, **flags)
+    armed.clear()
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.read({P!r})
+    tmp = c1 / "editor.tmp"
+    tmp.write_bytes({SAVE!r})
+    os.replace(tmp, c1 / {P!r})
+    return real_install(self, *args, **flags)
+
+def settled(*args):  # the save displaced to the staging name: the writer dies before it settles it
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic.Staged.install = install
+writes.Writes._displaced_settled = staticmethod(settled)
+vol = CoherentVolume(c1, agent="bob")
+vol.read({P!r})
+armed.append(True)
+vol.write({P!r}, b"two\\n")
+"""
+
+
+def test_a_save_displaced_by_a_writer_killed_after_its_install_is_kept_though_another_copy_settled_it(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The next process of the writer's copy sweeps the staging directory in its first transaction:
+    a name its notes hold is settled (recorded, put back), never swept. Before, the sweep removed
+    the save (a hostile tester, s15pg round 2, D4: 5 of 5)."""
+    c0, c1 = _copies(tmp_path, pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_AN_INSTALL_ANOTHER_COPY_SETTLED, str(c1), str(c0)], cwd=REPO, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL
+    with CoherentVolume(c1, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")  # the first transaction of a process sweeps the staging directory
+        assert carol.read(P) == SAVE
+        assert _history(carol, P) == [(3, "foreign", "external"), (2, "commit", "bob"), (1, "commit", "alice")]
+    assert os.listdir(c1 / ".coherent/staging") == [] and _leftovers(c1 / "plans") == []
 
 
 def test_a_save_just_before_a_deletion_through_the_volume_is_put_back_and_recorded(

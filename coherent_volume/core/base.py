@@ -862,9 +862,13 @@ class CoreBase:
 
     def _sweep_staging(self, intents: list[Intent]) -> None:
         """Remove staged files no intent names: named by writers killed before their commit was
-        recorded (every staged file is named under the commit lock, which the caller holds)."""
+        recorded (every staged file is named under the commit lock, which the caller holds). One a
+        working copy noted (`replica_aside`: what an install displaced there, whose intent another
+        copy settled) is `_settle_asides`' to record and put back, never removed here."""
         self._swept = True
         named = {os.path.basename(i.tmp) for i in intents if i.tmp is not None}
+        if self.replica is not None:
+            named |= {os.path.basename(name) for _, name, _ in self.replica.asides()}
         try:
             names = os.listdir(self.paths.staging)
         except OSError:

@@ -478,8 +478,8 @@ class Renames(History):
             settled = settled or aside.target.managed  # its recovery held `dst` too
         if not settled:  # recovery puts it back and records it
             self._settle(f"the save merged at {dst.rel}", lambda tx: None, (dst.rel, *paths), recover=True)
-        if self.replica is not None and merge is None and aside is not None:
-            self.replica.set_back(dst.rel, aside.name)  # settled
+        if self.replica is not None and merge is None and aside is not None and not os.path.lexists(aside.name):
+            self.replica.set_back(dst.rel, aside.name)  # settled (a file left there keeps its note: `_set_back`)
 
         def finish(tx: Transaction) -> bool:
             """Record the installed rename's versions (`Writes._recorded`); whether every one is the
