@@ -131,15 +131,17 @@ def count(turns: Turns, committed: Callable[[], int], root: str, ops: int = 10) 
     volume at `root`, whose registry is reached through `turns`; `committed()` counts the
     database's write transactions. Warmed up first: connections made, statements prepared. What the
     commits installed is reported after the count (`pg_hosts.REPORT_AFTER` is held off meanwhile:
-    a report is no part of a commit, one goes for all the commits of REPORT_AFTER s)."""
+    a report is no part of a commit, one goes for all the commits of REPORT_AFTER s), and so is the
+    bump of last_seen a process makes every SEEN_EVERY s (a slow machine's count crossed one)."""
     from coherent_volume.registry import pg_hosts
 
     path = "plans/counted.md"
     report_after, pg_hosts.REPORT_AFTER = pg_hosts.REPORT_AFTER, 3600.0
+    seen_every, pg_hosts.SEEN_EVERY = pg_hosts.SEEN_EVERY, 3600.0  # nor a bump of last_seen (every 10 s)
     try:
         return _count(turns, committed, root, ops, path)
     finally:
-        pg_hosts.REPORT_AFTER = report_after
+        pg_hosts.REPORT_AFTER, pg_hosts.SEEN_EVERY = report_after, seen_every
 
 
 def _count(turns: Turns, committed: Callable[[], int], root: str, ops: int, path: str) -> Counted:
