@@ -454,12 +454,22 @@ def remove_special(path: str) -> bool:
         return True
     try:
         rename(aside, path, noreplace=True)
-    except FileExistsError as e:
-        e.strerror = f"{e.strerror}: what was at {path} is at {aside} now, since something was made at {path}"
-        raise
+    except FileExistsError:
+        raise SetAside(path, aside) from None
     if stat_mod.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     return False
+
+
+class SetAside(FileExistsError):
+    """What a removal set aside (`remove_special`) could not go back: a program made another entry
+    at its name meanwhile. `aside`: where it is."""
+
+    def __init__(self, path: str, aside: str) -> None:
+        super().__init__(
+            errno.EEXIST, f"File exists: something was made at {path} while what was there was set aside to {aside}"
+        )
+        self.filename, self.aside = path, aside
 
 
 def _is_directory(path: str) -> bool:

@@ -696,12 +696,15 @@ class Shadow:
 
 
 def touch(path: str, mtime_ns: int) -> None:
-    """Set the modification time of the file at `path` (and so its change time), as a write or a
-    truncate that changed no byte does on a local disk (make and editors compare them); its access
-    time kept. Nothing if it is gone."""
+    """Move the modification time of the file at `path` (and so its change time) forward to
+    `mtime_ns`, as a write or a truncate that changed no byte does on a local disk (make and editors
+    compare them); its access time kept. Never back: a version another agent committed since holds
+    a later time. Nothing where no file is there now (the call it follows has succeeded)."""
     try:
-        os.utime(path, ns=(os.lstat(path).st_atime_ns, mtime_ns), follow_symlinks=False)
-    except FileNotFoundError:
+        st = os.lstat(path)
+        if stat_mod.S_ISREG(st.st_mode) and st.st_mtime_ns < mtime_ns:
+            os.utime(path, ns=(st.st_atime_ns, mtime_ns), follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
         pass
 
 

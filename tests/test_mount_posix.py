@@ -18,6 +18,7 @@ import pytest
 
 from coherent_volume import CoherentVolume
 from coherent_volume.fingerprint import content_hash
+from fusefs.handles import touch
 
 from .harness.mounts import Mount, daemon_pids, dead_errno
 
@@ -778,6 +779,20 @@ def test_a_managed_file_open_while_replaced_behind_the_mount_by_a_directory_stay
             assert time.monotonic() < deadline, "the name still shows the file replaced behind the mount"
             time.sleep(0.05)
         assert stat.S_ISREG(os.fstat(held.fileno()).st_mode)
+
+
+def test_the_time_a_write_of_the_same_bytes_sets_never_goes_back(tmp_path: Path) -> None:
+    """The touch after a handle's commit that changed no byte moves the file's mtime forward only:
+    a version another agent committed meanwhile keeps its later time (found by a hostile probe,
+    p6_touch.py); a name that is no longer a file's is left alone (p7: it failed the close ENOTDIR)."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    os.utime(f, ns=(10**9, 5 * 10**9))
+    touch(str(f), 3 * 10**9)
+    assert f.stat().st_mtime_ns == 5 * 10**9
+    touch(str(f), 7 * 10**9)
+    assert f.stat().st_mtime_ns == 7 * 10**9 and f.stat().st_atime_ns == 10**9
+    touch(str(f / "below"), 9 * 10**9)  # ENOTDIR: nothing
 
 
 UNCHANGING_WRITES = """

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume
+from coherent_volume import CoherentVolume, atomic
 from coherent_volume.errors import StaleWriteError, UnprotectedAlias
 
 from .harness.mounts import CLI, Mount, daemon_pids, unmount_and_reap
@@ -463,6 +463,40 @@ def test_a_file_a_program_puts_where_a_symlink_was_just_before_its_delete_is_kep
         assert (root / "plans/x.md").read_text() == "the program's save\n"
         assert [n for n in os.listdir(root / "plans") if ".cv-" in n] == []
         assert [(v.kind, v.writer) for v in bob.history("plans/x.md")] == [("foreign", "external")]
+
+
+def test_two_saves_where_a_symlink_is_being_deleted_are_both_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program replaces the symlink by a file (B) just before the delete sets it aside, another
+    saves C at the name before B can go back: B is recorded as a version, C stays in place, nothing
+    is removed, and the delete says so. Before, B stayed unrecorded at a hidden temp name."""
+    root = tmp_path / "r"
+    (root / "plans").mkdir(parents=True)
+    os.symlink("/tmp", root / "plans/x.md")
+    real = atomic.rename
+    calls: list[str] = []
+
+    def save(data: str) -> None:
+        (root / "saved.tmp").write_text(data)
+        os.replace(root / "saved.tmp", root / "plans/x.md")
+
+    def rename(src: str, dst: str, **flags: bool) -> None:
+        calls.append(src)
+        if len(calls) == 1:
+            save("B\n")  # before the set-aside
+        elif len(calls) == 2:
+            save("C\n")  # before the move back
+        real(src, dst, **flags)
+
+    with CoherentVolume(root, managed=("plans/**",), agent="bob") as bob:
+        monkeypatch.setattr(atomic, "rename", rename)
+        with pytest.raises(FileExistsError, match="the first is recorded"):
+            bob.delete("plans/x.md")
+        monkeypatch.undo()
+        assert (root / "plans/x.md").read_text() == "C\n"
+        assert [n for n in os.listdir(root / "plans") if ".cv-" in n] == []
+        assert [bob.read_version("plans/x.md", v.version) for v in bob.history("plans/x.md")][-1] == b"B\n"
 
 
 def test_fifos_and_symlinks_at_managed_names_are_removed_through_the_mount(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from .. import atomic
 from ..errors import RegistryError
@@ -399,7 +400,29 @@ class Reads(CoreBase):
         if not self.paths.managed(target.rel):
             os.unlink(target.abs)
             return True
-        return atomic.remove_special(target.abs)
+        try:
+            return atomic.remove_special(target.abs)
+        except atomic.SetAside as taken:
+            if stat.S_ISREG(os.lstat(taken.aside).st_mode) and self._transact(
+                partial(self._kept_aside, target, taken.aside), holds=(target.rel,)
+            ):
+                os.unlink(taken.aside)
+                raise FileExistsError(
+                    errno.EEXIST,
+                    f"programs saved files at {target.rel} twice while what was there was being removed: the first is "
+                    "recorded as a version of its own (see `coherent-volume log`), the second is in place; nothing "
+                    "was removed",
+                    target.rel,
+                ) from None
+            raise
+
+    def _kept_aside(self, target: Target, aside: str, tx: Transaction) -> bool:
+        """Record the file a removal set aside at `aside` and could not put back (a program saved
+        `target` twice meanwhile) as the next version by EXTERNAL; whether its bytes are kept."""
+        why = "saved where a symlink or special file was, taken aside by its removal, and saved over meanwhile"
+        self._record_displaced(tx, target, aside, current_version(tx.file(target.rel)) + 1, why)
+        entry = tx.version_entry(target.rel, current_version(tx.file(target.rel)))
+        return entry is not None and entry.retained
 
     def forget(self, agent: str, target: Target) -> None:
         self._confirmed.pop((agent, target.rel), None)
