@@ -20,9 +20,9 @@ file-system level every write looks fresh. Its hooks show what the model actuall
   denied: `hook_steps.planned`), its refusals worded for a command (`SHELL_REMEDY`); its
   PostToolUse records what the command left in them, and the files it deleted
   (`hook_steps.end_deletions`), and releases their grants; PostToolUseFailure and
-  PermissionDenied release them. A command run in the background that writes in a volume off a
-  mount is denied (`_background`): its PostToolUse comes when it has started. Nothing of a Bash
-  command is merged;
+  PermissionDenied release them. A command run in the background (`run_in_background`: its
+  PostToolUse comes when it has started), like a job a command does not wait for, that writes a
+  managed file off a mount is denied (`hook_steps.planned`). Nothing of a Bash command is merged;
 - SubagentStop releases what a subagent holds, SessionEnd everything the session and its
   subagents hold;
 - allowed writes, reads, recorded writes and UserPromptSubmit tell the model which files it read
@@ -99,13 +99,6 @@ SHELL_REMEDY: dict[Reason, str] = {
     ),
 }
 """What the model is told to do, per refusal reason, about a Bash command that writes the file."""
-
-BACKGROUND = (
-    "coherent-volume refused this command: it writes {path}, a file coherent-volume manages, and runs in the "
-    "background, so the hook after it comes before it ends and cannot record what it wrote or hold other sessions "
-    "off the file until then. Run the command in the foreground."
-)
-"""Why a background command that writes a managed file is denied outside a mount (`_background`)."""
 
 
 def agent_of(session_id: str, agent_id: str | None = None) -> str:
@@ -187,7 +180,12 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if shell is not None:
         checking = name == "PreToolUse"
         known = hook_steps.planned(
-            progress, SHELL_FACE, checking, shell if checking else None, lambda: shell_writes(*shell)
+            progress,
+            SHELL_FACE,
+            checking,
+            shell if checking else None,
+            lambda: shell_writes(*shell),
+            background=_in_background(event),
         )
         if isinstance(known, Answer):
             return known
@@ -253,10 +251,9 @@ def _command(
     places: list[str | None],
 ) -> Answer:
     """Apply an event of a Bash command that writes `writes` (`shell_writes`): before it runs,
-    check and claim them as a write tool's target (refusals in `SHELL_REMEDY`'s words; a command
-    in the background is denied, `_background`); after it, record what it changed in them, and
-    the managed files it deleted (`hook_steps.end_deletions`), as the actor's, and release their
-    grants; after a failure or a denial, only release them."""
+    check and claim them as a write tool's target (refusals in `SHELL_REMEDY`'s words); after it,
+    record what it changed in them, and the managed files it deleted (`hook_steps.end_deletions`),
+    as the actor's, and release their grants; after a failure or a denial, only release them."""
     name, call = str(event.get("hook_event_name")), hooks.tool_call(event)
     if name != "PreToolUse":
         record = name == "PostToolUse"
@@ -268,22 +265,16 @@ def _command(
         return denial
     if not progress.managed:
         return Answer()
-    if _background(event, writes):
-        hook_steps.end_writes(actor, writes, progress, record=False, tool=call)
-        return SHELL_FACE.deny(BACKGROUND.format(path=progress.path), progress.path)
     progress.decide(Answer(), hooks.WARN_BUDGET)
     return hooks.with_context(Answer(), name, _warnings(actor, [path for path, _ in writes]))
 
 
-def _background(event: dict[str, Any], writes: list[tuple[str, HandleKind]]) -> bool:
-    """Whether the command runs in the background (`run_in_background`) and writes in a volume
-    outside a mount: Claude Code runs its PostToolUse once it has started, so the hook could
-    neither keep other sessions off the files until it ends nor record what it wrote. On a mount
-    the file system checks each of its writes as they come."""
+def _in_background(event: dict[str, Any]) -> bool:
+    """Whether the Bash tool runs the command in the background (`run_in_background`): Claude Code
+    runs its PostToolUse once it has started, so every write of it is one in the background
+    (`hook_steps.planned` denies those of managed files off a mount)."""
     tool_input = event.get("tool_input")
-    if not isinstance(tool_input, dict) or tool_input.get("run_in_background") is not True:
-        return False
-    return any(found is not None and not found.mounted for found in (hook_paths.located(p) for p, _ in writes))
+    return isinstance(tool_input, dict) and tool_input.get("run_in_background") is True
 
 
 def _warnings(actor: hook_steps.Actor, paths: list[str]) -> list[str | None]:

@@ -48,7 +48,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes
+from .shell_writes import ShellWrites, shell_writes
 from .stale_warnings import stale_warning
 
 PREFIX = "codex"
@@ -259,7 +259,7 @@ def _patches(event: dict[str, Any]) -> list[FilePatch]:
     return [replace(patch, path=path, move_to=move_to) for patch, path, move_to in placed if path is not None]
 
 
-def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, HandleKind]]:
+def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, HandleKind]] | ShellWrites:
     """The files the event's patch (`_patches`) or shell command writes (absolute), with how."""
     cwd, command = event.get("cwd"), _command(event)
     if event.get("tool_name") == SHELL_TOOL and command is not None:

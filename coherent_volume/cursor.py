@@ -38,7 +38,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes
+from .shell_writes import ShellWrites, shell_writes
 from .stale_warnings import stale_warning
 
 PREFIX = "cursor"
@@ -58,7 +58,7 @@ def _base(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]]:
+def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites:
     """The files the event's edit tool or shell command writes (absolute), with how."""
     name, base = event.get("hook_event_name"), _base(event)
     if name in ("beforeShellExecution", "afterShellExecution"):

@@ -36,7 +36,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
-from .shell_writes import shell_writes
+from .shell_writes import ShellWrites, shell_writes
 from .stale_warnings import stale_warning
 
 PREFIX = "gemini"
@@ -61,7 +61,7 @@ MANY_TRUNCATED = (
 """read_many_files: each text file is one part `--- <absolute path> ---\\n\\n<content>\\n\\n`."""
 
 
-def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]]:
+def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites:
     """The files a write tool or a shell command of the event writes (absolute), with how."""
     tool, cwd = event.get("tool_name"), event.get("cwd")
     tool_input = event.get("tool_input")

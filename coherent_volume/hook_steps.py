@@ -19,6 +19,9 @@ Invariants:
   for the same agent and process (`release_hook_grant`) and no other call of the process that
   has not ended claims (two tools at once on one file: the grant stays until the last one's end),
   and the end of a tool records only what its call claimed (`end_writes`);
+- a write a shell command leaves to a job it does not wait for (every write of one the agent runs in
+  the background) of a managed file off a mount is denied before any grant is taken (`planned`):
+  the hook after the command would come before it;
 - a session's events (start, end, end of a turn, warnings) touch only the volumes it works in
   (`hook_paths.session_volumes`): a binding is noted before it is made (`_joined`), so a volume a
   session holds anything in is one its end reaches, wherever the note can be kept.
@@ -60,7 +63,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, is_registry_path
 from .protocol import HandleKind, agent_name_problem
-from .shell_writes import volume_named
+from .shell_writes import ShellWrites, volume_named
 
 Writes = Iterable[tuple[str, HandleKind]]
 """Absolute paths an event writes, each with how (a whole-content write, or an append)."""
@@ -221,7 +224,8 @@ def planned(
     face: Face,
     checking: bool,
     shell: tuple[str, str] | None,
-    find: Callable[[], list[tuple[str, HandleKind]]],
+    find: Callable[[], list[tuple[str, HandleKind]] | ShellWrites],
+    background: bool = False,
 ) -> list[tuple[str, HandleKind]] | Answer:
     """The files an event writes, as `find` works them out, with `progress` saying where the hook
     is: a write check when `checking` (the event comes before the tool runs) and something is
@@ -229,20 +233,49 @@ def planned(
     names a path in one is a write check there while its writes are worked out (which takes
     time), so a budget that runs out denies it. A shell write whose file is known only at run
     time, or a hard link of a managed file, is answered instead: denied before the command runs;
-    after it, nothing to record."""
+    after it, nothing to record. So is a write in the background (one the command leaves to a job
+    it does not wait for, `ShellWrites.background`, or any, for a command the agent runs in the
+    `background`) of a managed file off a mount (`_late`)."""
     if shell is not None:
         progress.doing = "working out which files the shell command writes"
         root = volume_named(*shell)
         if root is not None:
             progress.write_check, progress.path = True, root
     try:
-        writes = find()
+        found = find()
     except (UnresolvedShellWrite, LinkRefused) as refused:
         return face.deny(str(refused), None) if checking else Answer()
+    writes = found.writes if isinstance(found, ShellWrites) else found
+    later = {p for p, _ in writes} if background else found.background if isinstance(found, ShellWrites) else set()
     progress.doing = None
     progress.path = writes[0][0] if writes else None
     progress.write_check = checking and bool(writes)
-    return writes
+    denial = _late(sorted(later), progress, face) if checking and later else None
+    return writes if denial is None else denial
+
+
+BACKGROUND = (
+    "coherent-volume refused this command: it writes {path}, a file coherent-volume manages, in what runs in the "
+    "background (a command run in the background, or a job it starts with `&`, `coproc`, a process substitution, "
+    "`setsid`, `sudo -b` or `systemd-run` and does not `wait` for), so the hook after the command comes before that "
+    "write ends: it could neither hold other sessions off the file until then nor record what was written. Run it "
+    "in the foreground (without `&`, or with a plain `wait` after the job at the top level of the command)."
+)
+"""Why a write in the background of a managed file is denied off a mount (`_late`)."""
+
+
+def _late(paths: list[str], progress: Progress, face: Face) -> Answer | None:
+    """The denial of a shell command that writes one of `paths` in the background (`planned`), if one
+    is a managed file off a mount: the hook after the command comes before such a write ends (for a
+    command the agent runs in the background, once it has started), so no grant could hold other
+    sessions off the file until then, nor the write be recorded. On a mount the file system checks
+    each write as it comes. A path in a registry is `begin_writes`'s to deny."""
+    try:
+        with _managed([(path, "write") for path in paths], progress) as volumes:
+            late = next((t.rel for v in volumes if not v.mounted for t, _, _ in v.targets), None)
+    except OutsideVolume:
+        return None
+    return None if late is None else face.deny(BACKGROUND.format(path=late), late)
 
 
 def unattributed(writes: Writes, progress: Progress, field: str) -> str:

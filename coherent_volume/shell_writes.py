@@ -10,11 +10,13 @@ inside a word joins it. Recognised writes:
 - redirections by their operator: `>`, `>|`, `&>`, `>&FILE`, `<>` (and numbered: `2>`, `3<>`)
   write, `>>` and `&>>` append; `<`, `<<`, `<<<` and descriptor copies (`2>&1`) write nothing;
   `[ a > b ]` redirects too;
-- `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, `awk -i inplace` and awk's
-  `print > FILE`, `rm`/`unlink`/`shred`, `mv` (its sources are removed), `cp`, `install`, `ln`
-  (`-T`: the destination itself), `truncate`, `dd of=`, `sort -o`, `uniq IN OUT`,
-  `find -fprint FILE`, `time -o FILE`, `strace -o FILE` (a long option also by a prefix, as
-  getopt_long takes it); a directory removed or moved stands for the files below it;
+- `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, awk's `print > FILE` (each awk
+  Debian ships reading its options as it does, `awk` and `nawk` as any of them: `_AWKS`) and
+  gawk's `-i inplace` and `-d`/`-o`/`-p` files, `rm`/`unlink`/`shred`, `mv` (its sources are
+  removed), `cp`, `install`, `ln` (`-T`: the destination itself), `truncate`, `dd of=`,
+  `sort -o`, `uniq IN OUT`, `find -fprint FILE`, `time -o FILE`, `strace -o FILE` (a long option
+  also by a prefix, as getopt_long takes it); a directory removed or moved stands for the files
+  below it;
   `find START… EXPR -delete` for each file (not a directory, symlinks not followed) below its
   starting points, as they are now, for which its expression may reach `-delete`
   (`_find_expression`, `_find_reaches`: a test only the file system can decide may be either;
@@ -44,9 +46,16 @@ this process's environment), `$PWD`, the variables a second walk takes as known 
 only to one literal value or to `$(mktemp)`, a new name in $TMPDIR, from where that surely ran in
 this shell; a `for` loop's in its body), then globs against the command's working directory (no
 match: the word itself). `cd DIR` moves
-the working directory for what follows in its shell (not out of a subshell or a pipeline): a
-directory that exists is entered; one that does not is entered for what runs after the `cd`
-succeeded (`&&`), and either may hold after `;`; after a loop, any directory a round can leave.
+the working directory for what follows in its shell (not out of a subshell or a pipeline), as bash
+enters it (`_entered`: logically, `..` taken as text, unless `-P` or `set -P`): a directory that
+exists is entered; one that does not is entered for what runs after the `cd` succeeded (`&&`), and
+either may hold after `;`; after a loop, any directory a round can leave.
+
+Writes in the background: those of a job the command does not surely wait for (`&` without a
+plain `wait` after it in its shell, `_Walk.waited`; a process substitution; a command `setsid`,
+`sudo -b` or `systemd-run` does not wait for: `_Wrapper.detached`; every write of a command that
+runs a `coproc`, `_Walk.coproc`), which may come after the command has ended, are listed apart
+(`ShellWrites.background`).
 
 A write whose file cannot be told before the command runs (a variable, a command substitution,
 arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
@@ -85,7 +94,7 @@ import shlex
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -155,6 +164,17 @@ class Unknown:
         return dataclasses.replace(self, shape=None if self.shape is None else (*self.shape, *pieces))
 
 
+@dataclass(frozen=True)
+class ShellWrites:
+    """What a shell command recognisably writes (`shell_writes`)."""
+
+    writes: list[tuple[str, HandleKind]]
+    """Each file, with how."""
+    background: frozenset[str] = frozenset()
+    """Those of `writes` written in the background: by a job the command starts and does not surely
+    wait for (`_Walk.background`), which may still write once the command has ended."""
+
+
 Follow = Literal["all", "top", "none"]
 """Which symlinks a command follows in a directory it reads: every one, one named on its command
 line, none (but one named with a trailing `/`, which the kernel follows)."""
@@ -200,6 +220,11 @@ class _Wrapper:
     of these options (or one of `chdir`): the command's directory is then known only when it runs."""
     numeric: bool = False
     """Its `leading` operand is given only when it is a number (chrt's priority)."""
+    detached: frozenset[str] | None = None
+    """When not None, it does not wait for its command (setsid forks when it must, systemd-run starts
+    a service) unless given one of these options: the command is a job (`_Walk.background`)."""
+    detaching: frozenset[str] = frozenset()
+    """Its options with which it does not wait for its command (`sudo -b`, systemd-run's timers)."""
 
 
 def _names(text: str) -> frozenset[str]:
@@ -215,6 +240,7 @@ _WRAPPERS: dict[str, _Wrapper] = {
         assignments=True,
         chdir=_names("-D --chdir"),
         no_command=_names("-l --list -v --validate -k -K --reset-timestamp"),
+        detaching=_names("-b --background"),
     ),
     "doas": _Wrapper(_names("-u -C")),
     "command": _Wrapper(frozenset(), no_command=_names("-v -V")),
@@ -252,6 +278,11 @@ _WRAPPERS: dict[str, _Wrapper] = {
         chdir=_names("--working-directory"),
         unsure=_names("-p --property -H --host -M --machine -S --shell"),
         here=_names("-d --same-dir --scope"),
+        detached=_names("--wait -P --pipe -t --pty --pty-late --scope"),
+        detaching=_names(
+            "--on-active --on-boot --on-startup --on-unit-active --on-unit-inactive --on-calendar --on-clock-change "
+            "--on-timezone-change --timer-property --path-property --socket-property"
+        ),
     ),
     "taskset": _Wrapper(frozenset(), leading=1, no_command=_names("-p --pid")),
     "fakeroot": _Wrapper(_names("-l --lib --faked -s -i -b")),
@@ -265,7 +296,7 @@ _WRAPPERS: dict[str, _Wrapper] = {
     "stdbuf": _Wrapper(_names("-i -o -e --input --output --error")),
     "ionice": _Wrapper(_names("-c --class -n --classdata"), no_command=_names("-p --pid -P --pgid -u --uid")),
     "chronic": _Wrapper(frozenset()),
-    "setsid": _Wrapper(frozenset()),
+    "setsid": _Wrapper(frozenset(), detached=_names("-w --wait")),
 }
 """Commands that run the command after their options: they are looked through."""
 _XARGS_VALUED = _names(
@@ -285,7 +316,53 @@ _SORT_VALUED = _names(
 )
 _SED_VALUED = _names("-e --expression -f --file -l --line-length")
 _PERL_VALUED = _names("-e -E")
-_AWK_VALUED = _names("-i -v -f -F --include --assign --file")
+
+
+@dataclass(frozen=True)
+class _Awk:
+    """How one awk reads its command line (`_AWKS`)."""
+
+    valued: frozenset[str]
+    """Its options that take a value (`_option`)."""
+    files: frozenset[str]
+    """Its options naming a file it reads its program from."""
+    texts: frozenset[str] = frozenset()
+    """Its options giving its program's text."""
+    gawk: bool = False
+    """It is GNU awk: `-W NAME` is `--NAME`, `-i inplace` edits its files in place, and `-d`, `-o`,
+    `-p` write files (`_GAWK_OUTPUTS`)."""
+
+
+_GAWK = _Awk(
+    _names(
+        "-f -F -v -e -E -i -l -W --file --field-separator --assign --source --exec --include --load "
+        "-d:: -D:: -L:: -o:: -p::"
+    ),
+    _names("-f --file -E --exec"),
+    _names("-e --source"),
+    gawk=True,
+)
+_MAWK = _Awk(_names("-f -F -v -W"), _names("-f"))
+_ORIGINAL_AWK = _Awk(_names("-f -F -v"), _names("-f"))
+_AWKS: dict[str, tuple[_Awk, ...]] = {
+    "gawk": (_GAWK,),
+    "mawk": (_MAWK,),
+    "original-awk": (_ORIGINAL_AWK,),
+    "awk": (_GAWK, _MAWK, _ORIGINAL_AWK),
+    "nawk": (_GAWK, _MAWK, _ORIGINAL_AWK),
+}
+"""The awks Debian ships, each with the implementations it may be: `awk` and `nawk` are whichever the
+system's alternatives choose (a command is taken as writing what any of them would). busybox's
+`awk` applet reads its options as gawk does (`-e` is its program's text)."""
+_GAWK_OUTPUTS = {
+    "-d": "awkvars.out",
+    "--dump-variables": "awkvars.out",
+    "-o": "awkprof.out",
+    "--pretty-print": "awkprof.out",
+    "-p": "awkprof.out",
+    "--profile": "awkprof.out",
+}
+"""gawk's options that write a file: the one attached to them (`-dFILE`, `--profile=FILE`), else this one."""
 _SETTERS = _names("read mapfile readarray getopts let unset declare typeset local export readonly")
 """Builtins that set the variables their words name (`printf -v` and `wait -p` too)."""
 _SHELL_SET = re.compile(
@@ -295,6 +372,19 @@ _SHELL_SET = re.compile(
 """Variables the shell itself sets or reads specially: never taken as known."""
 _FOR = "\0for"
 """What `_Walk.sets` holds for a variable a `for` loop sets (no value can be it: a NUL)."""
+_WAITED = "\0wait"
+"""Where `_Walk.values` holds how many of the command's jobs a `wait` surely waited for (no name can be it)."""
+_PHYSICAL = re.compile(r"\bphysical\b|\bset\b[^\n;&|]*\s[-+][A-Za-z]*P")
+"""A command that may turn on bash's `set -P` (`set -o physical`), with which `cd` enters directories physically."""
+_COPROC = re.compile(r"\bcoproc\b")
+"""A command that may run a coproc, a job bash does not wait for (`_Walk.coproc`)."""
+_QUITS = re.compile(
+    r"\b(?:exit|exec|return|logout|suspend|set|shopt|ulimit|source|enable|alias|disown)\b|kill|\$\{[^}]*\?"
+    r"|(?:^|[\s;&|(){}])\.(?=\s)"
+)
+"""A command that may end its shell before a `wait` runs (`exit`, `exec`, `set -e`, `kill`, `${v?}`, a
+script it sources), or keep `wait` from waiting for a job (`disown`, `enable -n`, an alias): no `wait`
+in it is taken to wait for anything."""
 _EXPANDS = frozenset(
     {"simple_expansion", "expansion", "command_substitution", "arithmetic_expansion", "process_substitution"}
 )
@@ -329,8 +419,9 @@ def _text(node: tree_sitter.Node) -> str:
 def _option(arg: str, following: list[Item], valued: frozenset[str]) -> list[tuple[str, Item | None]]:
     """The options one word `arg` (`-x`, `-xVALUE`, `-abc`, `--name`, `--name=VALUE`) gives, each
     with its value (None for a flag); a valued option without one in `arg` takes the first of
-    `following` (removed from it). A long option given by a prefix of one of `valued` is that one,
-    as getopt_long takes it."""
+    `following` (removed from it), but one `valued` names as `-x::` takes only a value attached to
+    it, as getopt takes an optional argument. A long option given by a prefix of one of `valued` is
+    that one, as getopt_long takes it."""
     if arg.startswith("--"):
         name, eq, value = arg.partition("=")
         whole = [v for v in valued if _abbreviates(name, v)]
@@ -340,6 +431,9 @@ def _option(arg: str, following: list[Item], valued: frozenset[str]) -> list[tup
         return [(name, following.pop(0) if following else None)]
     out: list[tuple[str, Item | None]] = []
     for i, c in enumerate(arg[1:], 1):
+        if f"-{c}::" in valued:
+            out.append((f"-{c}", arg[i + 1 :] or None))
+            break
         if f"-{c}" in valued:
             rest = arg[i + 1 :]
             out.append((f"-{c}", rest if rest else following.pop(0) if following else None))
@@ -565,8 +659,8 @@ class _Walk:
     loop's variable, the only loop setting it, in its body (each word in turn)."""
 
     def __init__(self, known: dict[str, str] | None = None, loops: frozenset[str] = frozenset()) -> None:
-        self.found: list[tuple[str, HandleKind, bool]] = []
-        """(path, how, whether a directory there stands for the files below it)."""
+        self.found: list[tuple[str, HandleKind, bool, int | None]] = []
+        """(path, how, whether a directory there stands for the files below it, the job writing it or None)."""
         self.unknown: list[Unknown] = []
         self.linked: list[str] = []
         """The files at the ends of the hard links the command makes (`_followed` fills it from `ends`)."""
@@ -614,6 +708,22 @@ class _Walk:
         """The directory the command starts in."""
         self.source = b""
         """The text being walked (of the innermost `bash -c`, `eval` or `trap`)."""
+        self.job: int | None = None
+        """The job (`background`) the walk is in, if any: what it writes is written in the background."""
+        self.jobs: list[int] = []
+        """The jobs the command's own shell starts (a `wait` there may wait for them), in order."""
+        self.started = 0
+        """Jobs started so far (each job's number)."""
+        self.forked = False
+        """The walk is in a child process of the command's shell (a subshell, a pipeline's part, a job,
+        `bash -c`): a `wait` there waits for none of the shell's jobs, and a job it starts is not one."""
+        self.may_quit = False
+        """The command may end its shell before a `wait` (`_QUITS`, or code known only when it runs)."""
+        self.physical = False
+        """The command may turn on `set -P` (`_PHYSICAL`): a `cd` may then enter a directory either way."""
+        self.coproc = False
+        """The command runs a `coproc` (`_COPROC`): tree-sitter cannot tell where its command ends (it
+        reads the rest of a compound one as the commands after it), so every write is taken as its."""
 
     def tick(self, entries: int = 0) -> None:
         """Count `entries` directory entries read; _TooMuch past the bound on them or on time."""
@@ -857,7 +967,7 @@ class _Walk:
         for node in nodes:
             if node.is_named and node.type not in ("comment", "heredoc_body"):
                 if node.next_sibling is not None and node.next_sibling.type == "&":  # in a subshell of its own
-                    with self.apart():
+                    with self.background(waitable=True):
                         self.run(node, ok | fail)
                     ok = fail = ok | fail
                 else:
@@ -865,15 +975,44 @@ class _Walk:
         return ok, fail
 
     @contextmanager
-    def apart(self, inherit: bool = True) -> Iterator[None]:
+    def apart(self, inherit: bool = True, child: bool = False) -> Iterator[None]:
         """Walk what runs in a subshell, or may not run (to its end): the variables known after it are
-        those known before; in a child shell (not `inherit`), none is known."""
-        before = self.values
+        those known before (and so is which jobs a `wait` surely waited for), and so is the job it is
+        in; in a child shell (not `inherit`), none is known. A subshell or child shell is a `child`
+        process (`forked`)."""
+        before, forked, job = self.values, self.forked, self.job
         self.values = dict(before) if inherit else {}
+        self.forked = forked or child or not inherit
         try:
             yield
         finally:
-            self.values = before
+            self.values, self.forked, self.job = before, forked, job
+
+    @contextmanager
+    def background(self, waitable: bool = False) -> Iterator[None]:
+        """Walk a job: what runs apart from the shell that starts it, which does not wait for it (`&`,
+        a process substitution, a command `setsid` or `sudo -b` runs). What it writes is written in
+        the background (`ShellWrites.background`), unless it is `waitable` (`&`), a job of the
+        command's own shell, and a `wait` surely waited for it there (`waited`)."""
+        job = self._job(waitable)
+        with self.apart(child=True):
+            self.job = job
+            yield
+
+    def _job(self, waitable: bool) -> int:
+        """A new job's number, noted as one of the shell's (`jobs`) if `waitable` and started there."""
+        self.started += 1
+        if waitable and not self.forked:
+            self.jobs.append(self.started)
+        return self.started
+
+    def waited(self) -> frozenset[int]:
+        """The jobs a `wait` surely waited for: those the command's own shell started before a `wait`
+        with no operands that surely ran there after them (not in a branch, a loop, a function or a
+        list that may not have run it), unless the command may end the shell first (`may_quit`)."""
+        if self.may_quit:
+            return frozenset()
+        return frozenset(self.jobs[: int(self.values.get(_WAITED, "0"))])
 
     def _mark(self, text: str, poison: bool = False) -> None:
         """Every name in `text` may be set (and, with `poison`, any variable at all)."""
@@ -996,7 +1135,7 @@ class _Walk:
         if kind == "pipeline":  # each part runs in a subshell of its own
             parts = node.named_children
             for i, child in enumerate(parts):
-                with self.apart():
+                with self.apart(child=True):
                     self.run(child, state, tail if i == len(parts) - 1 else ())
             return state, state
         if kind == "redirected_statement":
@@ -1005,8 +1144,12 @@ class _Walk:
             return self._command(node, state, tail)
         for redirect in tail:  # on a compound command: it applies to all of it
             self.redirect(redirect, state)
-        if kind in ("subshell", "command_substitution", "process_substitution"):
-            with self.apart():
+        if kind == "process_substitution":  # bash does not wait for it
+            with self.background():
+                self.statements(node.children, state)
+            return state, state
+        if kind in ("subshell", "command_substitution"):
+            with self.apart(child=True):
                 self.statements(node.children, state)
             return state, state
         if kind in ("variable_assignment", "variable_assignments"):
@@ -1183,7 +1326,7 @@ class _Walk:
         if isinstance(placed, Unknown):
             self.unknown.append(placed.below("/", Wild.DIRS) if expand else placed)
         else:
-            self.found.append((placed, kind, expand))
+            self.found.append((placed, kind, expand, self.job))
 
     def link(self, item: Item, cwd: Cwd, follow: Follow) -> None:
         """Record an end of a hard link the command makes (a directory there stands for the files below
@@ -1259,7 +1402,7 @@ class _Walk:
         items, in_shell = list(items), True
         self._setters(items)
         while items[:1] in (["{"], ["!"], ["coproc"], ["time"]):  # keywords tree-sitter reads as words
-            if items[0] == "coproc":  # `coproc f`, `coproc NAME { …; }`: in a subshell
+            if items[0] == "coproc":  # `coproc f`, `coproc NAME { …; }`: in a subshell (`coproc`: a job)
                 in_shell = False
                 items = items[2:] if items[2:3] == ["{"] else items[1:]
             elif items[0] == "time" and len(items) > 1 and _is_option(items[1]) and items[1] not in ("-p", "--"):
@@ -1272,10 +1415,20 @@ class _Walk:
         unwrapped = self.unwrap(items, cwd)
         if unwrapped is None:
             return same
-        items, cwd, wrapped_in_shell = unwrapped
-        in_shell = in_shell and wrapped_in_shell
+        items, cwd, wrapped_in_shell, detached = unwrapped
+        if detached:  # a wrapper that does not wait for its command
+            with self.background():
+                self._invoke(items, cwd, in_shell=False)
+            return same
+        return self._invoke(items, cwd, in_shell and wrapped_in_shell)
+
+    def _invoke(self, items: list[Item], cwd: Cwd, in_shell: bool) -> tuple[set[Cwd], set[Cwd]]:
+        """One simple command, keywords and wrappers looked through (`simple`): `in_shell` when it
+        runs in the shell walked (a builtin there may change its directory, or wait for its jobs)."""
+        same = ({cwd}, {cwd})
         self._setters(items)
         if items and isinstance(items[0], Unknown):
+            self.may_quit = True  # it may be `exit`
             self.unknown.append(Unknown(items[0].word, "a command whose name is known only when it runs", _place(cwd)))
             return same
         if not items or not isinstance(items[0], str):
@@ -1283,6 +1436,9 @@ class _Walk:
         name, args = os.path.basename(items[0]), items[1:]
         if name in ("cd", "pushd", "popd") and in_shell:
             return self._cd(name, args, cwd)
+        if name == "wait" and not args and in_shell and not self.forked:  # it waits for every job started so far
+            self.values[_WAITED] = str(len(self.jobs))
+            return same
         if name == "eval" and args:
             return self._script(" ".join(self._code(a) for a in args), cwd, inherit=True)
         if name == "trap":
@@ -1341,7 +1497,7 @@ class _Walk:
         elif name in ("apply_patch", "applypatch"):
             why = "a patch run as a shell command; a patch is checked only when it comes through the apply_patch tool"
             self.unknown.append(Unknown(name, why, _place(cwd), anywhere=True))
-        elif name in _VALUED:
+        elif name in _VALUED or name in _AWKS:
             effect = _command_writes(name, args, cwd)
             for item, kind, expand in effect.writes:
                 self.write(item, cwd, kind, expand)
@@ -1354,7 +1510,7 @@ class _Walk:
         written, and what the expansion brings is unknown anywhere."""
         if isinstance(item, str):
             return item
-        self.poisoned = True  # it may set any variable
+        self.poisoned = self.may_quit = True  # it may set any variable, or end the shell
         self.unknown.append(Unknown(item.word, f"code with {item.why}, known only when it runs", item.place, True))
         word = item.word
         return word[1:-1] if len(word) > 1 and word[0] == word[-1] == '"' else word
@@ -1399,6 +1555,10 @@ class _Walk:
         return (set(ok), set(fail)) if inherit else ({cwd}, {cwd})
 
     def walk(self, command: str, state: State) -> tuple[State, State]:
+        """Walk the code `command` (the command's, or a script it runs) from `state`."""
+        self.may_quit = self.may_quit or _QUITS.search(command) is not None
+        self.physical = self.physical or _PHYSICAL.search(command) is not None
+        self.coproc = self.coproc or _COPROC.search(command) is not None
         if len(command) > _LONGEST or "\0" in command:
             why = f"a command of more than {_LONGEST} characters, or with a NUL character"
             self.unknown.append(Unknown(command[:80], why, self.start, True))
@@ -1414,11 +1574,11 @@ class _Walk:
         finally:
             self.source = outer
 
-    def unwrap(self, items: list[Item], cwd: Cwd) -> tuple[list[Item], Cwd, bool] | None:
+    def unwrap(self, items: list[Item], cwd: Cwd) -> tuple[list[Item], Cwd, bool, bool] | None:
         """`items` with the wrappers in front looked through: (the command, its working directory,
-        whether it still runs in this shell: no wrapper but `builtin` or `command`); None when the
-        wrapper runs no command."""
-        items, in_shell = list(items), True
+        whether it still runs in this shell: no wrapper but `builtin` or `command`, whether a wrapper
+        does not wait for it: `_Wrapper.detached`); None when the wrapper runs no command."""
+        items, in_shell, detached = list(items), True, False
         while items and isinstance(items[0], str):
             name = os.path.basename(items[0])
             spec = _WRAPPERS.get(name)
@@ -1427,6 +1587,7 @@ class _Walk:
             items.pop(0)
             in_shell = in_shell and name in ("builtin", "command")
             here = spec.here is None
+            waits = spec.detached is None
             for first in (True, False) if spec.leading else (True,):  # options may follow them too (flock LOCK -c)
                 for option, value in _options(items, spec.valued):
                     if option in spec.no_command:
@@ -1439,6 +1600,8 @@ class _Walk:
                         self._script(self._code(value), cwd, inherit=False)
                         return None
                     here = here or option in (spec.here or ())
+                    waits = waits or option in (spec.detached or ())
+                    detached = detached or option in spec.detaching
                     if option in spec.chdir and value is not None:
                         here = True
                         cwd = value if isinstance(value, Unknown) else _joined(cwd, value)
@@ -1448,7 +1611,8 @@ class _Walk:
                         except ValueError:
                             return None
                     elif option in spec.output and value is not None:
-                        self.write(value, cwd, "write")
+                        with self.background() if detached else nullcontext():  # after a wrapper that does not wait
+                            self.write(value, cwd, "write")
                 while first and spec.assignments and items and isinstance(items[0], str) and "=" in items[0]:
                     items.pop(0)
                 numeric = not spec.numeric or bool(items) and isinstance(items[0], str) and items[0].isdigit()
@@ -1457,12 +1621,26 @@ class _Walk:
                 without = " or ".join(sorted(spec.here or ()))
                 why = f"the directory {name} runs its command in (not this one, without {without})"
                 cwd = Unknown(name, why, _place(cwd), anywhere=True)
-        return items, cwd, in_shell
+            detached = detached or not waits
+        return items, cwd, in_shell, detached
 
     def _cd(self, name: str, args: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
-        operands = [a for a in args if not (isinstance(a, str) and a.startswith("-") and a not in ("-",))]
-        if name == "popd" or operands[:1] == ["-"] or (name == "pushd" and operands and str(operands[0])[:1] in "+-"):
-            return {Unknown(" ".join([name, *map(str, operands)]), "the directory stack", self.start, True)}, {cwd}
+        """`cd`, `pushd` or `popd` with `args` from `cwd`: (the directories the shell may be in after
+        it succeeded, after it failed). A directory is entered as bash enters it (`_entered`):
+        logically unless physically (`cd -P`; `set -P`, which the command may turn on: `physical`).
+        `pushd -n` and `popd -n` stay; the directory stack, `cd -` and a directory known only when it
+        runs are unknown, and so is a relative one CDPATH may find elsewhere."""
+        operands, flags = list(args), ""
+        while operands and _is_option(operands[0]) and not re.fullmatch(r"-\d+", str(operands[0])):
+            option = str(operands.pop(0))
+            if option == "--":
+                break
+            flags += option[1:]
+        if name != "cd" and "n" in flags:  # it changes the stack only
+            return {cwd}, {cwd}
+        numbered = isinstance(operands[0], str) and re.fullmatch(r"[+-]\d+", operands[0]) if operands else False
+        if name == "popd" or operands[:1] == ["-"] or name == "pushd" and (not operands or numbered):
+            return {Unknown(" ".join([name, *map(str, args)]), "the directory stack", self.start, True)}, {cwd}
         if not operands:
             home = os.environ.get("HOME")
             if self.untrusted or not home:
@@ -1475,9 +1653,14 @@ class _Walk:
         if relative and (self.untrusted or os.environ.get("CDPATH")):
             return {Unknown(f"{name} {target}", "CDPATH may name another directory", _place(cwd))}, {cwd}
         new = _unproc(_joined(cwd, target), cwd)
-        if isinstance(new, str) and os.path.isdir(new) and os.access(new, os.X_OK):
-            return {new}, set()
-        return {new}, {cwd}
+        if isinstance(new, Unknown):
+            return {new}, {cwd}
+        chosen = next((c == "P" for c in reversed(flags) if c in "LP"), None) if name == "cd" else None
+        ways = [chosen] if chosen is not None else [False, True] if self.physical else [False]
+        entered = [_entered(new, p) for p in ways]
+        if any(entered):
+            return {e for e in entered if e is not None}, {cwd} if None in entered else set()
+        return {os.path.normpath(new)}, {cwd}  # not there now: entered if the command makes it first
 
     def _git(self, args: list[Item], cwd: Cwd) -> None:
         """`git clean` (but `-n`) and `git stash` with `-u` or `-a`: they remove files git does not
@@ -2145,6 +2328,33 @@ def _proc_word(word: Chars, cwd: Cwd) -> Chars | Unknown:
     return (_chars(str(cwd), True) if raw.group(1) == "cwd" else []) + (word[raw.end() :] or _chars("/", True))
 
 
+def _entered(path: str, physical: bool) -> str | None:
+    """The directory bash's `cd` enters for `path` (its PWD joined with the directory named), as its
+    PWD then; None if it cannot enter one. Physically (`cd -P`), `path` as the kernel resolves it,
+    symlinks resolved in the PWD too. Logically, `path` as text (`_logical`), where that is a
+    directory; else (a name before a `..` that is no directory, or no directory there) `path` as the
+    kernel resolves it, as bash tries next."""
+    logical = None if physical else _logical(path)
+    if logical is not None and os.path.isdir(logical) and os.access(logical, os.X_OK):
+        return logical
+    return os.path.realpath(path) if os.path.isdir(path) and os.access(path, os.X_OK) else None
+
+
+def _logical(path: str) -> str | None:
+    """The absolute `path` as bash's logical `cd` makes it its PWD (`sh_canonpath`): empty names and
+    `.` dropped, each `..` taking away the name before it as text, not as the kernel would after a
+    symlink; None where a name before a `..` is no directory (symlinks followed)."""
+    names: list[str] = []
+    for name in path.split("/"):
+        if name == "..":
+            if names and not os.path.isdir("/" + "/".join(names)):
+                return None
+            del names[-1:]
+        elif name not in ("", "."):
+            names.append(name)
+    return "/" + "/".join(names)
+
+
 def _joined(cwd: Cwd, path: str) -> Cwd:
     if path.startswith("/"):
         return path
@@ -2238,8 +2448,6 @@ _VALUED: dict[str, frozenset[str]] = {
     "sed": _SED_VALUED,
     "perl": _PERL_VALUED,
     "ruby": _PERL_VALUED,
-    "awk": _AWK_VALUED,
-    "gawk": _AWK_VALUED,
     "sort": _SORT_VALUED,
     "uniq": _names("-f -s -w --skip-fields --skip-chars --check-chars"),
     "rm": frozenset(),
@@ -2271,6 +2479,8 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     """What one simple command (wrappers and redirections aside) writes, and the hard links it makes.
     A word known only when it runs that may change which files it writes (`_altering`), or a sed or
     awk program known only then, may make it write any file."""
+    if name in _AWKS:  # what any awk it may be writes
+        return _Effect([(f, "write", False) for awk in _AWKS[name] for f in _awk_writes(name, awk, args, cwd)], [])
     valued = _VALUED[name]
     files: list[Item] = []
     landed: list[Item] = []  # where copies, moves and links land: a directory there stands for its files
@@ -2281,10 +2491,7 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     given = _given(args, valued)
     altering = None if name == "dd" else _altering(args, valued)
     if altering is not None:
-        why = f"a word of {name} known only when it runs, which may be an option that makes it write any file"
-        advice = _PROGRAM_ADVICE if name in ("sed", "awk", "gawk", "perl", "ruby") else _OPTION_ADVICE
-        written = altering.lead is not None  # a word of its command line, not one xargs or find passes
-        files.append(Unknown(altering.word, why, _place(cwd), anywhere=True, advice=advice if written else None))
+        files.append(_altered(name, altering, cwd))
     if name == "tee":
         files += _operands(args, valued)[0]
         if any(_abbreviates(a, "--append") or a[1] != "-" and "a" in a for a in flags if len(a) > 1):
@@ -2301,26 +2508,6 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
             files += [m.group(1) for m in re.finditer(r"(?:^|[;\n{}/!])[\s\d$,gpIiMme]*[wW][ \t]*([^\n]+)", program)]
     elif name in ("perl", "ruby") and any(re.match(r"-[anpslwWtTcuUX]*i", a) for a in flags):
         files += _program(args, valued, ("-e", "-E"), ())[0]
-    elif name in ("awk", "gawk"):
-        operands, values, programs = _program(args, valued, (), ("-f", "--file"))
-        if _awk_in_place(args):
-            files += [f for f in operands if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
-        for program in programs:  # `print … > FILE`
-            if isinstance(program, Unknown):
-                why = "an awk program known only when it runs, whose `print >` may write any file"
-                files.append(Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE))
-                continue
-            if re.search(r"\bsystem\s*\(|\|\s*&?\s*getline\b|\bprintf?\b[^;}\n]*?\|", program):
-                why = "an awk program that runs commands (`print | CMD`, `CMD | getline`, `system()`) through a shell"
-                advice = "Run those commands as commands of their own, or make the change with your file-editing tool."
-                files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=advice))
-            for m in re.finditer(r"\bprintf?\b[^;}\n]*?(>>|>)\s*(\"[^\"\\]*\"|[^\s;}]*)", program):
-                to: Item = (
-                    m.group(2)[1:-1]
-                    if m.group(2)[:1] == '"'
-                    else Unknown(m.group(2), "a file named in an awk program", _place(cwd))
-                )
-                files.append(to)
     elif name == "sort":
         _, values = _operands(args, valued)
         files += [values[o] for o in ("-o", "--output") if o in values]
@@ -2368,6 +2555,62 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         ]
     writes = [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
     return _Effect(writes, linked)
+
+
+def _altered(name: str, altering: Unknown, cwd: Cwd) -> Unknown:
+    """The write of any file that a word of the command `name` known only when it runs may make it
+    do (`_altering`)."""
+    why = f"a word of {name} known only when it runs, which may be an option that makes it write any file"
+    advice = _PROGRAM_ADVICE if name in ("sed", "perl", "ruby", *_AWKS) else _OPTION_ADVICE
+    written = altering.lead is not None  # a word of its command line, not one xargs or find passes
+    return Unknown(altering.word, why, _place(cwd), anywhere=True, advice=advice if written else None)
+
+
+def _awk_writes(name: str, awk: _Awk, args: list[Item], cwd: Cwd) -> list[Item]:
+    """The files the command `name` writes, read as the awk `awk`: gawk's files edited in place (`-i
+    inplace`) and those its options write (`_GAWK_OUTPUTS`), and the files its program's `print >
+    FILE` names (`_awk_program`); any file, for a word known only when it runs that may be an
+    option, or a program known only then."""
+    before, after = _split(args, awk.valued)
+    options = [(n, v) for _, given in before for n, v in given or ()]
+    words = [_altering(args, awk.valued)]
+    if awk.gawk:  # `-W NAME[=VALUE]` is `--NAME[=VALUE]`: one known only when it runs may be any option
+        words += [v for n, v in options if n == "-W" and isinstance(v, Unknown)]
+        options = [
+            o
+            for n, v in options
+            for o in (_option(f"--{v}", [], awk.valued) if n == "-W" and isinstance(v, str) else [(n, v)])
+        ]
+    files: list[Item] = [_altered(name, w, cwd) for w in words if w is not None]
+    operands = [w for w, given in before if given is None] + after
+    programs = [v for n, v in options if n in awk.texts and v is not None]
+    if not programs and not any(n in awk.files and v is not None for n, v in options):
+        programs, operands = operands[:1], operands[1:]
+    if awk.gawk:
+        included = [v for n, v in options if n in ("-i", "--include")]
+        if any(isinstance(v, Unknown) or v in ("inplace", "inplace.awk") for v in included):
+            files += [f for f in operands if not (isinstance(f, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f))]
+        for n, v in options:
+            default = next((f for o, f in _GAWK_OUTPUTS.items() if n == o or _abbreviates(n, o)), None)
+            files += [] if default is None else [default if v is None else v]
+    return files + [f for program in programs for f in _awk_program(program, cwd)]
+
+
+def _awk_program(program: Item, cwd: Cwd) -> list[Item]:
+    """The files an awk program's `print … > FILE` names; any file for one known only when it runs,
+    or one that runs commands (`print | CMD`, `CMD | getline`, `system()`), through a shell."""
+    if isinstance(program, Unknown):
+        why = "an awk program known only when it runs, whose `print >` may write any file"
+        return [Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)]
+    files: list[Item] = []
+    if re.search(r"\bsystem\s*\(|\|\s*&?\s*getline\b|\bprintf?\b[^;}\n]*?\|", program):
+        why = "an awk program that runs commands (`print | CMD`, `CMD | getline`, `system()`) through a shell"
+        advice = "Run those commands as commands of their own, or make the change with your file-editing tool."
+        files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=advice))
+    for m in re.finditer(r"\bprintf?\b[^;}\n]*?(>>|>)\s*(\"[^\"\\]*\"|[^\s;}]*)", program):
+        quoted = m.group(2)[:1] == '"'
+        files.append(m.group(2)[1:-1] if quoted else Unknown(m.group(2), "a file named in an awk program", _place(cwd)))
+    return files
 
 
 def _cp_follows(args: list[Item]) -> Follow:
@@ -2445,20 +2688,6 @@ def _program(
     return operands, values, programs
 
 
-def _awk_in_place(args: list[Item]) -> bool:
-    """gawk's in-place edit: `-i inplace`, `-iinplace`, `--include=inplace` (or a library known only
-    when it runs)."""
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--":
-            return False
-        for name, value in _option(str(arg), rest, _AWK_VALUED) if _is_option(arg) else []:
-            if name in ("-i", "--include") and (isinstance(value, Unknown) or value in ("inplace", "inplace.awk")):
-                return True
-    return False
-
-
 def _expand(path: str, walk: _Walk, follow: Follow = "none") -> list[str] | None:
     """The regular files at or below `path` (a directory a command removes, moves or links), a
     symlink followed where `follow` says (`_cp_follows`); None for more than _MOST_EXPANDED, or past
@@ -2527,9 +2756,9 @@ def volume_named(command: str, cwd: str) -> str | None:
 
 def _followed(
     command: str, cwd: str, settled: tuple[dict[str, str], frozenset[str]] | None = None, deadline: float = 0.0
-) -> tuple[_Walk, dict[str, HandleKind]]:
+) -> tuple[_Walk, ShellWrites]:
     """One walk of `command` from `cwd` (taking the variables `settled` as known, within `deadline`
-    if given): the walk, and the files it found written with how."""
+    if given): the walk, and the files it found written with how (and which in the background)."""
     walk = _Walk(*settled) if settled else _Walk()
     walk.deadline = deadline or walk.deadline
     walk.start = cwd
@@ -2541,15 +2770,18 @@ def _followed(
     tmp = os.environ.get("TMPDIR", "")
     walk.tmp = "" if "TMPDIR" in command else tmp if tmp.startswith("/") else "/tmp"
     kinds: dict[str, HandleKind] = {}
+    background: set[str] = set()
     try:
-        ok, fail = walk.walk(command, frozenset({cwd}))
+        ok, fail = walk.walk(command, _started(cwd))
         walk.trapped(ok | fail)
-        for path, kind, expand in walk.found:
+        waited = walk.waited()
+        for path, kind, expand, job in walk.found:
             files = _expand(path, walk) if expand else [path]
             if files is None:
                 walk.unknown.append(Unknown(path, f"a directory of more than {_MOST_EXPANDED} files", path))
             for p in files or []:
                 kinds[p] = "write" if "write" in (kind, kinds.get(p)) else kind  # truncated anywhere: a write
+                background |= {p} if walk.coproc or job is not None and job not in waited else set()
         for path, follow in walk.ends:
             files = _expand(path, walk, follow)
             if files is None:
@@ -2560,27 +2792,37 @@ def _followed(
         walk.unknown.append(Unknown(command[:80], why, cwd, True))
     except (RecursionError, ValueError, OSError) as e:  # too deep, or a name the system cannot take
         walk.unknown.append(Unknown(command[:80], f"a command coherent-volume could not follow ({e})", cwd))
-    return walk, kinds
+    return walk, ShellWrites(list(kinds.items()), frozenset(background))
 
 
-def shell_writes(command: str, cwd: str) -> list[tuple[str, HandleKind]]:
-    """The files a shell command run in `cwd` recognisably writes, each with how (see the module's
-    docstring); a directory removed or moved stands for the files below it. Paths are `cwd` joined
-    with the words as bash expands them (`..` kept). Raises UnresolvedShellWrite when a write's
-    file is known only when the command runs and may be a managed file (`_Walk.refused`): when the
-    first walk finds one, a second takes the variables it can as known (`_Walk.settled`)."""
+def _started(cwd: str) -> State:
+    """The directories a command run in `cwd` may start in, as its shell's PWD (what `cd ..` leaves
+    and `$PWD` is): `cwd`, the PWD it is given, or, where bash keeps no such spelling of it (a symlink
+    or `..` in it), the directory as the kernel resolves it, which bash takes when the PWD it
+    inherits names another."""
+    real = os.path.realpath(cwd)
+    return frozenset({cwd, real}) if real != os.path.normpath(cwd) else frozenset({cwd})
+
+
+def shell_writes(command: str, cwd: str) -> ShellWrites:
+    """The files a shell command run in `cwd` recognisably writes, each with how, and which of them
+    it writes in the background (see the module's docstring); a directory removed or moved stands
+    for the files below it. Paths are `cwd` joined with the words as bash expands them (`..` kept,
+    but a `cd` enters a directory as bash does: `_Walk._cd`). Raises UnresolvedShellWrite when a
+    write's file is known only when the command runs and may be a managed file (`_Walk.refused`):
+    when the first walk finds one, a second takes the variables it can as known (`_Walk.settled`)."""
     cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
-    walk, kinds = _followed(command, cwd)
+    walk, found = _followed(command, cwd)
     volumes = _named_volumes(command[:_LONGEST], cwd) if walk.unknown else set()
     refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
     settled = walk.settled() if refusal is not None else None
     if settled is not None:
-        walk, kinds = _followed(command, cwd, settled, walk.deadline)
+        walk, found = _followed(command, cwd, settled, walk.deadline)
         refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
     if refusal is not None:
         raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1], refusal[0].advice)
     _refuse_links(walk.linked)
-    return list(kinds.items())
+    return found
 
 
 def _refuse_links(ends: list[str]) -> None:

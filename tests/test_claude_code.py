@@ -1086,6 +1086,49 @@ def test_a_bash_write_in_the_background_is_denied_off_a_mount(root: Path, sessio
     assert bash(two, f"sed -i s/v1/v2/ {P}") == ("allow", ""), "the denied command holds no grant"
 
 
+def test_a_bash_job_the_command_does_not_wait_for_is_denied_off_a_mount(root: Path, sessions) -> None:
+    """`(sleep 1; sed -i …) &` writes after the shell has exited, so after the PostToolUse that would
+    release the grant: denied even with a current view, saying to run it in the foreground (and
+    holding nothing after). With a `wait` for the job the command ends after its write: allowed and
+    recorded as the session's version, over which the peer's write is then stale."""
+    target = _plan(root)
+    one, two = sessions("job1", root), sessions("job2", root)
+    one.read(target)
+    two.read(target)
+    verdict, reason = bash(one, f"(sleep 1; sed -i s/v1/one/ {P}) > /dev/null 2>&1 &")
+    assert verdict == "deny" and "runs in the background" in reason and "in the foreground" in reason, reason
+    assert target.read_text() == "v1\n"
+    assert bash(one, f"(sleep 1; sed -i s/v1/one/ {P}) > /dev/null 2>&1 & wait") == ("allow", "")
+    assert target.read_text() == "one\n"
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('job1')}"), (1, "setup")]
+    assert two.write(target, "two\n")["decision"] == "deny"
+
+
+def test_a_bash_cd_out_through_a_symlink_and_back_checks_the_file_bash_writes(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """bash's `cd` is logical: after `cd EXT/..` (EXT a symlink at the volume's root to a directory
+    outside it) the shell is at the volume's root, not beside where EXT leads, so its `sed -i` of
+    the plan over a peer's commit is denied `stale`, however that `cd` is spelled; `cd -P` goes
+    where EXT leads, beside which the file is no managed one."""
+    target = _plan(root)
+    (tmp_path / "ext/a/b").mkdir(parents=True)
+    (root / "EXT").symlink_to(tmp_path / "ext/a/b")
+    one, two = sessions("cd1", root), sessions("cd2", root)
+    one.read(target)
+    two.read(target)
+    assert two.write(target, "v2\n")["decision"] == "allow"
+    for cd in ("cd EXT/..", "cd -L EXT/..", "cd EXT && cd ..", "cd EXT; cd ..", "pushd EXT/.. > /dev/null"):
+        verdict, reason = bash(one, f"{cd} && sed -i s/v/one/ {P}")
+        assert verdict == "deny" and f"{P} (stale)" in reason, (cd, reason)
+    assert target.read_text() == "v2\n"
+    (tmp_path / "ext/a/plans").mkdir()
+    (tmp_path / "ext/a/plans/plan.md").write_text("v1\n")
+    assert bash(one, f"cd -P EXT/.. && sed -i s/v/one/ {P}") == ("allow", "")
+    assert target.read_text() == "v2\n" and (tmp_path / "ext/a/plans/plan.md").read_text() == "one1\n"
+
+
 def test_on_a_mount_a_bash_write_composes_with_the_file_system(mounted: Mount, sessions) -> None:
     """On a mount the Bash tool's commands (children of the session's process) write as the session:
     the grant the hook takes is the one their writes through the mount use, so a `sed -i` after a

@@ -430,6 +430,24 @@ def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> 
     )
 
 
+def test_a_shell_command_after_cd_out_through_a_symlink_and_back_is_checked_where_bash_is(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """bash's `cd` is logical: after `cd EXT/..` (EXT a symlink at the volume's root to a directory
+    outside it) the shell is at the volume's root again, so the stale session's `sed -i` of the plan
+    is denied `stale` however that `cd` is spelled."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    (tmp_path / "ext/a/b").mkdir(parents=True)
+    (root / "EXT").symlink_to(tmp_path / "ext/a/b")
+    one, two = sessions("cd1", root), sessions("cd2", root)
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
+    assert two.apply(update(P, "-step B", "+step B, two"), {P: "goal\nstep A, one\nstep B, two\n"})[0] == "allow"
+    for cd in ("cd EXT/..", "cd EXT && cd ..", "cd EXT; cd ..", "pushd EXT/.. > /dev/null", "cd EXT/../plans && cd .."):
+        verdict, reason = decision(one.hook(one.event("pre_bash", command=f"{cd} && sed -i s/goal/aim/ {P}")))
+        assert verdict == "deny" and f"{P} (stale)" in reason, (cd, reason)
+
+
 def _call(event: dict[str, object], call: str) -> dict[str, object]:
     """`event` as the tool call `call` sends it (Codex names each call: `tool_use_id`)."""
     return {**event, "tool_use_id": call}

@@ -227,6 +227,26 @@ def test_shell_commands_writing_managed_files_are_checked(root: Path, sessions) 
         assert v.version(P) == 2 and v.history(P)[0].writer == f"gemini:{unique('sh')}"
 
 
+def test_an_awk_of_any_implementation_writing_a_managed_file_is_checked(root: Path, sessions) -> None:
+    """`print > FILE` in the program of mawk (Debian's default awk), nawk or original-awk writes FILE
+    as gawk's does: unread, denied; after the session read it, allowed and recorded as its version."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    (root / "notes.txt").write_text("n\n")
+    s = sessions("awk", root)
+    for awk in ("mawk", "nawk", "original-awk", "/usr/bin/mawk -W interactive"):
+        command = f'{awk} \'{{ print "v2" > "{P}" }}\' notes.txt'
+        verdict, reason = decision(s.hook(s.event("before_shell", command=command)))
+        assert verdict == "deny" and f"{P} (unread)" in reason, (command, reason)
+    s.read(root / P)
+    command = f'mawk \'{{ print "v2" > "{P}" }}\' notes.txt'
+    assert decision(s.hook(s.event("before_shell", command=command)))[0] == "allow"
+    assert s.run("bash", "-c", command)["code"] == 0 and (root / P).read_text() == "v2\n"
+    s.hook(s.event("after_shell", command=command))
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.version(P) == 2 and v.history(P)[0].writer == f"gemini:{unique('awk')}"
+
+
 def test_a_find_that_deletes_managed_files_is_checked_like_any_deletion(root: Path, sessions) -> None:
     """`find . -name '*.md' -delete` deletes every managed file it matches: each is a deletion the
     protocol checks (refused `unread` until the session read it; a `*.pyc` clean-up is let be),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from .harness.agent_session import unique
 
 W, A = "write", "append"
 PLAN = [("plans/plan.md", W)]
+PLAN_FILE = ["plans/plan.md"]
 UNRESOLVED = "unresolved"
 
 CASES: list[tuple[str, str, object]] = [
@@ -46,7 +48,7 @@ CASES: list[tuple[str, str, object]] = [
     ("(cd plans; true); echo hi > plan.md", ".", [("plan.md", W)]),
     ("cd plans | true; echo hi > plan.md", ".", [("plan.md", W)]),
     ("cd missing; echo hi > plan.md", "plans", [("plans/missing/plan.md", W), ("plans/plan.md", W)]),
-    ("cd .. && rm plans/plan.md", "plans", [("plans/../plans/plan.md", W)]),
+    ("cd .. && rm plans/plan.md", "plans", PLAN),  # bash's PWD, `..` taken as text
     ("cd $DIR && echo hi > plan.md", ".", UNRESOLVED),
     ("cd /tmp && echo hi > $X", ".", []),
     ("f() { sed -i s/a/b/ plan.md; }; cd plans && f", ".", PLAN),
@@ -363,7 +365,8 @@ CASES: list[tuple[str, str, object]] = [
     ('dd if=/dev/null "of=$X"', ".", UNRESOLVED),
     ('dd "if=$X" of=src/o', ".", [("src/o", W)]),
     ('awk "$X" notes.txt', ".", UNRESOLVED),  # a program's `print >`
-    ('awk -i "$X" 1 plans/plan.md', ".", PLAN),  # the library may be inplace
+    ('gawk -i "$X" 1 plans/plan.md', ".", PLAN),  # the library may be inplace
+    ('awk -i "$X" 1 plans/plan.md', ".", UNRESOLVED),  # original-awk passes over -i: "$X" is its program
     ("ln $(echo -s) notes.txt src/n", ".", UNRESOLVED),
     ("bash $(echo -c) 'rm plans/plan.md'", ".", UNRESOLVED),
     ("f=-c; bash $f 'rm plans/plan.md'", ".", PLAN),
@@ -382,6 +385,20 @@ CASES: list[tuple[str, str, object]] = [
     # -prune with -delete
     ("find . -path ./.coherent -prune -o -type f ! -name '*.md' -delete", ".", UNRESOLVED),
     ("find . -path ./.coherent -prune -o -name '*.o' -delete", ".", []),
+    # every awk Debian ships, each reading its options as it does (`awk` and `nawk` may be any of them)
+    ("mawk '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("nawk '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("original-awk '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("busybox awk '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("/usr/bin/mawk -W interactive -v n=1 '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("awk -F -W '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),  # -W is -F's value
+    ("gawk -f lib.awk -e '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("gawk -W source='{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),  # -W NAME is --NAME
+    ("gawk -oplans/plan.md 'BEGIN { }'; gawk --prof=plans/other.md 'BEGIN { }'", ".", [*PLAN, ("plans/other.md", W)]),
+    ("gawk -d 'BEGIN { }'", ".", [("awkvars.out", W)]),
+    ("nawk -i inplace 1 plans/plan.md", ".", PLAN),  # it may be gawk
+    ("mawk -i inplace 1 plans/plan.md; mawk -f prog.awk plans/plan.md", ".", []),  # mawk edits nothing in place
+    ('gawk -W "$X" 1 notes.txt', ".", UNRESOLVED),  # it may be any option, --profile=FILE among them
     # symlinks are made as before (hard links: `test_hard_links…`)
     ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),
 ]
@@ -408,7 +425,7 @@ def test_what_a_command_writes(root: Path, command: str, cwd: str, expected: obj
         said = str(refused.value)
         assert str(root) in said and re.search(r"literally|of their own", said), said
         return
-    writes = shell_writes(command, str(root) if cwd == "." else f"{root}/{cwd}")
+    writes = shell_writes(command, str(root) if cwd == "." else f"{root}/{cwd}").writes
     wanted = [(p if p.startswith("/") else f"{root}/{p}", k) for p, k in expected]  # type: ignore[attr-defined]
     assert sorted(writes) == sorted(wanted), command
 
@@ -418,13 +435,13 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
     where its known part lies in a volume; a command that sets HOME does not expand it."""
     monkeypatch.setenv("HOME", str(root))
     (root / "plans/plan.md").write_text("a\n")
-    assert shell_writes("echo hi > ~/plans/plan.md; echo > $HOME/x.md", str(tmp_path)) == [
+    assert shell_writes("echo hi > ~/plans/plan.md; echo > $HOME/x.md", str(tmp_path)).writes == [
         (f"{root}/plans/plan.md", W),
         (f"{root}/x.md", W),
     ]
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    assert shell_writes("f=x; echo hi > $f; find . -delete; ls | xargs rm", str(outside)) == []
+    assert shell_writes("f=x; echo hi > $f; find . -delete; ls | xargs rm", str(outside)).writes == []
     with pytest.raises(UnresolvedShellWrite, match="HOME"):
         shell_writes("HOME=/tmp; echo hi > ~/plans/plan.md", str(root))
     with pytest.raises(UnresolvedShellWrite, match=r"\$f"):
@@ -499,14 +516,14 @@ def test_a_write_known_in_part_is_refused_where_what_lies_there_may_lead_to_a_ma
     below = ['echo x > "src/$((n))/a.log"', "find -L src -delete", 'rm -r "src/$((n))"', "find src -exec rm {} +"]
     log = 'echo x > "src/$$.log"'
     for command in [*below, log]:
-        assert shell_writes(command, str(root)) == [], command
+        assert shell_writes(command, str(root)).writes == [], command
 
     (root / "src/5").symlink_to(root / "plans")
     for command in below:
         with pytest.raises(UnresolvedShellWrite):
             shell_writes(command, str(root))
-    assert shell_writes("find src -delete", str(root)) == [(f"{root}/src/5", W)], "the link, not where it leads"
-    assert shell_writes(log, str(root)) == []  # the link is no `*.log`
+    assert shell_writes("find src -delete", str(root)).writes == [(f"{root}/src/5", W)], "the link, not where it leads"
+    assert shell_writes(log, str(root)).writes == []  # the link is no `*.log`
     (root / "src/5").unlink()
 
     (root / "src/1.log").symlink_to(root / "plans/plan.md")
@@ -531,7 +548,7 @@ def test_a_write_known_in_part_is_refused_where_what_lies_there_may_lead_to_a_ma
     (other / "build").mkdir(parents=True)
     CoherentVolume(other, managed=("docs/**",), agent="setup").close()
     (other / "docs").symlink_to("build")
-    assert shell_writes('echo x > "build/$((n)).log"', str(other)) == []
+    assert shell_writes('echo x > "build/$((n)).log"', str(other)).writes == []
     with pytest.raises(UnresolvedShellWrite):
         shell_writes('echo x > "docs/$((n)).log"', str(other))
 
@@ -542,7 +559,7 @@ def test_a_pattern_in_a_word_known_in_part_stays_in_its_segment(tmp_path: Path) 
     root = tmp_path / "deep"
     root.mkdir()
     CoherentVolume(root, managed=("a/*/*/*/x.md",), agent="setup").close()
-    assert shell_writes("sed -i s/a/b/ a/$((n))/*.d/x.md", str(root)) == []
+    assert shell_writes("sed -i s/a/b/ a/$((n))/*.d/x.md", str(root)).writes == []
     for command in ("sed -i s/a/b/ a/$((n))/*/x.md", "sed -i s/a/b/ a/$((n))/**/x.md"):
         with pytest.raises(UnresolvedShellWrite):
             shell_writes(command, str(root))
@@ -636,8 +653,8 @@ def test_a_hard_link_of_a_managed_file_or_of_the_registry_is_refused(root: Path)
         assert "coherent-volume refused this shell command" in str(refused.value), command
     with pytest.raises(UnresolvedShellWrite, match="an end of a hard link"):
         shell_writes('ln -- "plans/$(date +%s).md" x', str(root))
-    assert shell_writes("ln notes.txt n.txt", str(root)) == [(f"{root}/n.txt", W)]
-    assert shell_writes("ln -s plans/plan.md alias", str(root)) == [(f"{root}/alias", W)]
+    assert shell_writes("ln notes.txt n.txt", str(root)).writes == [(f"{root}/n.txt", W)]
+    assert shell_writes("ln -s plans/plan.md alias", str(root)).writes == [(f"{root}/alias", W)]
 
 
 @pytest.mark.parametrize("face", sorted(FACES))
@@ -724,7 +741,7 @@ def test_git_clean_and_git_stash_of_untracked_files_are_refused_in_or_above_a_vo
         ("git clean -fdx build/", root),  # no managed file can lie there
         ("git clean -fdx", outside),  # no volume below
     ):
-        assert shell_writes(command, str(cwd)) in ([], [("/dev/null", W)]), command
+        assert shell_writes(command, str(cwd)).writes in ([], [("/dev/null", W)]), command
 
 
 def test_a_hard_link_through_a_symlinked_directory_is_refused_as_cp_follows_it(root: Path) -> None:
@@ -768,3 +785,96 @@ def test_a_refused_program_with_an_expansion_says_to_write_the_program_literally
         assert "Name the file literally" not in str(refused.value), command
     with pytest.raises(UnresolvedShellWrite, match="Run those commands as commands of their own"):
         shell_writes("awk '{ print | \"sh\" }' notes.txt", str(root))
+
+
+BACKGROUND: list[tuple[str, list[str]]] = [
+    # (command, the files it writes in the background: by a job it does not surely wait for)
+    ("(sleep 1; echo x > plans/plan.md) > /dev/null 2>&1 &", [*PLAN_FILE, "/dev/null"]),
+    ("nohup sed -i s/a/b/ plans/plan.md &", PLAN_FILE),
+    ("sed -i s/a/b/ plans/plan.md & disown; wait", PLAN_FILE),
+    ("coproc { sleep 1; echo x > plans/plan.md; }", PLAN_FILE),
+    ("coproc { echo x > plans/plan.md & wait; }", PLAN_FILE),  # the `wait` is the coproc's
+    ("setsid strace -o plans/plan.md true", PLAN_FILE),  # strace runs in what setsid leaves running
+    ("setsid sed -i s/a/b/ plans/plan.md; sudo -b rm plans/other.md", [*PLAN_FILE, "plans/other.md"]),
+    ("systemd-run --user -d rm plans/plan.md", PLAN_FILE),
+    ("echo hi | tee >(cat > plans/plan.md) > /dev/null", PLAN_FILE),  # a process substitution
+    ("x=$(echo x > plans/plan.md &)", PLAN_FILE),
+    ("( (echo x > plans/plan.md) & ); wait", PLAN_FILE),  # not a job of the shell that waits
+    ("echo x > plans/plan.md & (wait); echo x > plans/other.md & true && wait", [*PLAN_FILE, "plans/other.md"]),
+    ("echo x > plans/plan.md & exit 0; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & eval 'ex''it 0'; wait", PLAN_FILE),
+    ("set -e; echo x > plans/plan.md & false; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & wait; echo x > plans/other.md &", ["plans/other.md"]),
+    # waited for, or in the foreground
+    ("echo x > plans/plan.md & wait", []),
+    ('for f in plans/*.md; do sed -i s/a/b/ "$f" & done; wait', []),
+    ("f() { echo x > plans/plan.md & }; f; builtin wait", []),
+    ("{ nohup sed -i s/a/b/ plans/plan.md & } 2> /dev/null; wait", []),
+    ("setsid -w sed -i s/a/b/ plans/plan.md; systemd-run --user -d --wait rm plans/other.md", []),
+    ("echo x > plans/plan.md; cat plans/plan.md | wc -l", []),
+]
+
+
+@pytest.mark.parametrize(("command", "expected"), BACKGROUND, ids=[c[0][:60] for c in BACKGROUND])
+def test_what_a_command_writes_in_the_background(root: Path, command: str, expected: list[str]) -> None:
+    (root / "plans/plan.md").write_text("a\n")
+    (root / "plans/other.md").write_text("o\n")
+    found = shell_writes(command, str(root))
+    assert found.background <= {path for path, _ in found.writes}, command
+    assert sorted(found.background) == sorted(p if p.startswith("/") else f"{root}/{p}" for p in expected), command
+
+
+@pytest.mark.parametrize("face", sorted(FACES))
+def test_each_face_denies_a_write_in_the_background_off_a_mount(root: Path, face: str) -> None:
+    """Through each face's hook, a command that leaves a write of a managed file to a job it does not
+    wait for is denied, saying to run it in the foreground: the hook after the command would come
+    before the job's write. With a `wait` for the job, or writing an unmanaged file, it goes ahead."""
+    module = importlib.import_module(f"coherent_volume.{face}")
+    for command, denied in (
+        ("(sleep 1; echo x > plans/new.md) > /dev/null 2>&1 &", True),
+        ("setsid sed -i s/a/b/ plans/new.md", True),
+        ("(sleep 1; echo x > plans/new.md) & wait", False),
+        ("(sleep 1; echo x > notes.txt) &", False),
+    ):
+        answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
+        assert ("deny" in answer.stdout) is denied, (command, answer)
+        assert not denied or "runs in the background" in answer.stdout and "in the foreground" in answer.stdout
+
+
+def test_cd_enters_a_directory_as_bash_does(tmp_path: Path) -> None:
+    """`cd` is logical in bash: `EXT/..` is the directory holding the symlink EXT, not the one holding
+    where it leads; `-P` (and `set -P`) is physical. The file bash writes after each `cd` is one the
+    command is found to write, and where bash's `cd` is certain, the only one."""
+    root = tmp_path / "vol"
+    (root / "plans/sub").mkdir(parents=True)
+    (tmp_path / "ext/a/b/c").mkdir(parents=True)
+    (root / "EXT").symlink_to(tmp_path / "ext/a/b")
+    (root / "LINKDIR").symlink_to(root / "plans")
+    (tmp_path / "VLINK").symlink_to(root)
+    for start in (root, tmp_path / "VLINK"):
+        for cd, certain in (
+            ("cd EXT/..", True),
+            ("cd EXT && cd ..", True),
+            ("cd -L EXT/..", True),
+            ("cd -P EXT/..", True),
+            ("cd -PL EXT/..", True),
+            ("cd -P EXT; cd ..", True),
+            ("pushd EXT/.. > /dev/null", True),
+            ("cd EXT; cd ..", True),
+            ("cd EXT/../plans", True),
+            ("cd EXT/c/../..", True),
+            ("cd LINKDIR/sub/../..", True),
+            ("cd EXT && cd $PWD/..", True),
+            ("cd nosuch/.. 2> /dev/null", True),
+            ("pushd -n plans > /dev/null", True),
+            ("set -P; cd EXT/..", False),
+            ("cd EXT/../a 2> /dev/null", False),
+        ):
+            command = f"{cd}; echo x > zz.txt"
+            for made in tmp_path.rglob("zz.txt"):
+                made.unlink()
+            ran = subprocess.run(["bash", "-c", command], cwd=start, capture_output=True, text=True, timeout=30)
+            assert ran.returncode == 0, (command, ran)
+            [written] = {os.path.realpath(made) for made in tmp_path.rglob("zz.txt")}
+            found = {os.path.realpath(p) for p, _ in shell_writes(command, str(start)).writes if p.endswith("zz.txt")}
+            assert written in found and (not certain or found == {written}), (start, command, written, found)
