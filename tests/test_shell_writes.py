@@ -569,7 +569,6 @@ def test_a_pattern_in_a_word_known_in_part_stays_in_its_segment(tmp_path: Path) 
 def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(root: Path, face: str) -> None:
     """Through each face's hook: a write named only in part is allowed where no path it may be is
     managed, and denied (naming the word) where one may be."""
-    module = importlib.import_module(f"coherent_volume.{face}")
     for command, denied in (
         ('echo x > "logs/$(date +%s).log"', False),
         ("find src -type f -delete", False),
@@ -579,9 +578,15 @@ def test_each_face_allows_a_write_no_managed_file_can_be_and_denies_its_twin(roo
         ('sed "$(echo -i)" d plans/plan.md', True),
         ("apply_patch <<'EOF'\n*** Begin Patch\n*** Delete File: plans/plan.md\n*** End Patch\nEOF", True),
     ):
-        answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
-        assert ("deny" in answer.stdout) is denied, (command, answer)
-        assert not denied or re.search(r"(?:Name the file|Write the program) literally", answer.stdout), answer
+        answer = _pre_tool(face, command, root)
+        assert ("deny" in answer) is denied, (command, answer)
+        assert not denied or re.search(r"(?:Name the file|Write the program) literally", answer), answer
+
+
+def _pre_tool(face: str, command: str, root: Path) -> str:
+    """What `face`'s hook answers before the shell command `command` runs in `root`."""
+    module = importlib.import_module(f"coherent_volume.{face}")
+    return str(module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0).stdout)
 
 
 AFTER = {
@@ -829,16 +834,15 @@ def test_each_face_denies_a_write_in_the_background_off_a_mount(root: Path, face
     """Through each face's hook, a command that leaves a write of a managed file to a job it does not
     wait for is denied, saying to run it in the foreground: the hook after the command would come
     before the job's write. With a `wait` for the job, or writing an unmanaged file, it goes ahead."""
-    module = importlib.import_module(f"coherent_volume.{face}")
     for command, denied in (
         ("(sleep 1; echo x > plans/new.md) > /dev/null 2>&1 &", True),
         ("setsid sed -i s/a/b/ plans/new.md", True),
         ("(sleep 1; echo x > plans/new.md) & wait", False),
         ("(sleep 1; echo x > notes.txt) &", False),
     ):
-        answer = module.FACE.run(json.dumps(FACES[face](command, str(root))), budget=3.0)
-        assert ("deny" in answer.stdout) is denied, (command, answer)
-        assert not denied or "runs in the background" in answer.stdout and "in the foreground" in answer.stdout
+        answer = _pre_tool(face, command, root)
+        assert ("deny" in answer) is denied, (command, answer)
+        assert not denied or "runs in the background" in answer and "in the foreground" in answer
 
 
 def test_cd_enters_a_directory_as_bash_does(tmp_path: Path) -> None:
