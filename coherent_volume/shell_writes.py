@@ -374,8 +374,9 @@ _FOR = "\0for"
 """What `_Walk.sets` holds for a variable a `for` loop sets (no value can be it: a NUL)."""
 _WAITED = "\0wait"
 """Where `_Walk.values` holds how many of the command's jobs a `wait` surely waited for (no name can be it)."""
-_PHYSICAL = re.compile(r"\bphysical\b|\bset\b[^\n;&|]*\s[-+][A-Za-z]*P")
-"""A command that may turn on bash's `set -P` (`set -o physical`), with which `cd` enters directories physically."""
+_PHYSICAL = re.compile(r"\bphysical\b|\b(?:set|(?:ba|k|z)?sh)\b[^\n;&|]*\s[-+][A-Za-z]*P")
+"""A command that may turn on bash's `set -P` (`set -o physical`, `bash -P`), with which `cd` enters
+directories physically."""
 _COPROC = re.compile(r"\bcoproc\b")
 """A command that may run a coproc, a job bash does not wait for (`_Walk.coproc`)."""
 _QUITS = re.compile(
@@ -385,6 +386,16 @@ _QUITS = re.compile(
 """A command that may end its shell before a `wait` runs (`exit`, `exec`, `set -e`, `kill`, `${v?}`, a
 script it sources), or keep `wait` from waiting for a job (`disown`, `enable -n`, an alias): no `wait`
 in it is taken to wait for anything."""
+
+
+def _unquoted(command: str) -> tuple[str, bool]:
+    """`command`'s text with its quotes, backslashes and line continuations taken out, for the word
+    searches above (`_PHYSICAL`, `_COPROC`, `_QUITS`: `se''t -"P"` is `set -P` to bash); and whether
+    it has ANSI-C quoting (`$'…'`), whose escapes may spell any word: then each is taken as there."""
+    text = re.sub(r"[\"'\\]", "", command.replace("\\\n", ""))
+    return text, "$'" in command
+
+
 _EXPANDS = frozenset(
     {"simple_expansion", "expansion", "command_substitution", "arithmetic_expansion", "process_substitution"}
 )
@@ -1556,9 +1567,10 @@ class _Walk:
 
     def walk(self, command: str, state: State) -> tuple[State, State]:
         """Walk the code `command` (the command's, or a script it runs) from `state`."""
-        self.may_quit = self.may_quit or _QUITS.search(command) is not None
-        self.physical = self.physical or _PHYSICAL.search(command) is not None
-        self.coproc = self.coproc or _COPROC.search(command) is not None
+        text, hidden = _unquoted(command)
+        self.may_quit = self.may_quit or hidden or _QUITS.search(text) is not None
+        self.physical = self.physical or hidden or _PHYSICAL.search(text) is not None
+        self.coproc = self.coproc or _COPROC.search(text) is not None
         if len(command) > _LONGEST or "\0" in command:
             why = f"a command of more than {_LONGEST} characters, or with a NUL character"
             self.unknown.append(Unknown(command[:80], why, self.start, True))
@@ -2603,14 +2615,77 @@ def _awk_program(program: Item, cwd: Cwd) -> list[Item]:
         why = "an awk program known only when it runs, whose `print >` may write any file"
         return [Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)]
     files: list[Item] = []
-    if re.search(r"\bsystem\s*\(|\|\s*&?\s*getline\b|\bprintf?\b[^;}\n]*?\|", program):
+    outputs = _awk_outputs(program)
+    if re.search(r"\bsystem\s*\(|\|\s*&?\s*getline\b", program) or any(op == "|" for op, _ in outputs):
         why = "an awk program that runs commands (`print | CMD`, `CMD | getline`, `system()`) through a shell"
         advice = "Run those commands as commands of their own, or make the change with your file-editing tool."
         files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=advice))
-    for m in re.finditer(r"\bprintf?\b[^;}\n]*?(>>|>)\s*(\"[^\"\\]*\"|[^\s;}]*)", program):
-        quoted = m.group(2)[:1] == '"'
-        files.append(m.group(2)[1:-1] if quoted else Unknown(m.group(2), "a file named in an awk program", _place(cwd)))
+    for op, target in outputs:
+        literal = re.fullmatch(r'"([^"\\]*)"', target)
+        if op != "|":
+            files.append(literal[1] if literal else Unknown(target, "a file named in an awk program", _place(cwd)))
     return files
+
+
+def _awk_outputs(program: str) -> list[tuple[str, str]]:
+    """Each redirection of a `print`/`printf` statement of an awk program: its operator (`>`, `>>`,
+    `|`) and the text of the expression after it, to the statement's end. Read as awk does: strings,
+    regular expression literals and comments are skipped; a `>` inside parentheses is a comparison;
+    a statement ends at `;`, `}` or a newline not after a comma, `{`, `&&` or `||` (a backslash-newline
+    joins lines)."""
+    text, i, last = program.replace("\\\n", " "), 0, ""
+    found: list[tuple[str, str]] = []
+    while i < len(text):
+        c = text[i]
+        if c == '"' or (c == "/" and (not last or last in "(,~!{};&|\n=<>+-*%^?:")):
+            i = _awk_skip(text, i, c)
+            last = "x"
+        elif c == "#":
+            i = text.find("\n", i) if "\n" in text[i:] else len(text)
+        elif re.match(r"printf?\b", text[i:]) and not re.match(r"\w", text[i - 1 : i] or " "):
+            i = _awk_statement(text, i + (6 if text.startswith("printf", i) else 5), found)
+            last = ";"
+        else:
+            last = c if not c.isspace() or c == "\n" else last
+            i += 1
+    return found
+
+
+def _awk_skip(text: str, i: int, quote: str) -> int:
+    """The index after the string or regular expression literal opened by `quote` at `i`."""
+    i += 1
+    while i < len(text) and text[i] != quote:
+        i += 2 if text[i] == "\\" else 1
+    return i + 1
+
+
+def _awk_statement(text: str, i: int, found: list[tuple[str, str]]) -> int:
+    """Scan a print statement's arguments from `i`, noting its redirection in `found`; the index of its end."""
+    depth, last, redirect = 0, "", None
+    while i < len(text):
+        c = text[i]
+        if c == '"' or (c == "/" and last in ("", "(", ",", "~", "!", ">", "|")):
+            i, last = _awk_skip(text, i, c), "x"
+            continue
+        if depth == 0 and (c in ";}" or (c == "\n" and last not in (",", "{", "&", "|"))):
+            break
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                break
+        elif depth == 0 and c in ">|" and redirect is None:
+            op = ">>" if text.startswith(">>", i) else c
+            redirect = (op, i + len(op))
+            i += len(op)
+            last = c
+            continue
+        last = c if not c.isspace() else last
+        i += 1
+    if redirect is not None:
+        found.append((redirect[0], text[redirect[1] : i].strip()))
+    return i
 
 
 def _cp_follows(args: list[Item]) -> Follow:

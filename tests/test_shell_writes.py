@@ -399,6 +399,12 @@ CASES: list[tuple[str, str, object]] = [
     ("nawk -i inplace 1 plans/plan.md", ".", PLAN),  # it may be gawk
     ("mawk -i inplace 1 plans/plan.md; mawk -f prog.awk plans/plan.md", ".", []),  # mawk edits nothing in place
     ('gawk -W "$X" 1 notes.txt', ".", UNRESOLVED),  # it may be any option, --profile=FILE among them
+    # awk's print redirections read as awk reads them: strings, newlines after a comma, concatenation
+    ('mawk \'{ print "}" > "plans/plan.md" }\' notes.txt', ".", PLAN),
+    ('mawk \'{ print ";" > "plans/plan.md" }\' notes.txt', ".", PLAN),
+    ('mawk \'{ print "Q",\n "R" > "plans/plan.md" }\' notes.txt', ".", PLAN),
+    ('mawk \'$1 > 5 { print (a > b) } /"/ { print > "plans/plan.md" }\' notes.txt', ".", PLAN),
+    ('mawk \'{ print "Q" > "plans/" "plan.md" }\' notes.txt', ".", UNRESOLVED),
     # symlinks are made as before (hard links: `test_hard_links…`)
     ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),
 ]
@@ -809,6 +815,10 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & exit 0; wait", PLAN_FILE),
     ("echo x > plans/plan.md & eval 'ex''it 0'; wait", PLAN_FILE),
     ("set -e; echo x > plans/plan.md & false; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & ex''it 0; wait", PLAN_FILE),  # quotes hide no word from bash
+    ("se''t -e; echo x > plans/plan.md & false; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & /bin/kil''l -USR1 $$; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & $'\\x65xit' 0; wait", PLAN_FILE),  # ANSI-C quoting may spell any word
     ("echo x > plans/plan.md & wait; echo x > plans/other.md &", ["plans/other.md"]),
     # waited for, or in the foreground
     ("echo x > plans/plan.md & wait", []),
@@ -872,6 +882,8 @@ def test_cd_enters_a_directory_as_bash_does(tmp_path: Path) -> None:
             ("cd nosuch/.. 2> /dev/null", True),
             ("pushd -n plans > /dev/null", True),
             ("set -P; cd EXT/..", False),
+            ('set -"P"; cd EXT/..', False),
+            ("set -o phys''ical; cd EXT/..", False),
             ("cd EXT/../a 2> /dev/null", False),
         ):
             command = f"{cd}; echo x > zz.txt"
