@@ -876,6 +876,7 @@ def test_an_editors_save_by_rename_killed_midway_loses_nothing(root: Path, kill_
     with CoherentVolume(root, agent="carol") as carol:
         carol.write("plans/other.md", b"x\n")  # the next commit-locked operation settles it
         assert carol.read_version(P, 2) == b"the draft\n"
+        assert [v.size for v in carol.history(P)] == [len(carol.read_version(P, v.version)) for v in carol.history(P)]
         if save:
             assert carol.read(P) == save
             assert _history(carol, P) == [(3, "foreign", "external"), (2, "commit", "bob"), (1, "commit", "alice")]

@@ -18,8 +18,10 @@ from typing import Literal, TypeVar
 
 from .. import atomic
 from ..errors import (
+    DamagedContent,
     NotManaged,
     UnprotectedAlias,
+    VersionGone,
     VolumeConfigError,
 )
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, hash_path
@@ -762,6 +764,16 @@ class CoreBase:
             detail = f"saved outside the volume while v{version}, which another program's save displaced, was put back"
         return True
 
+    @staticmethod
+    def _stored_size(tx: Transaction, record: FileRecord) -> int | None:
+        """The size of `record`'s content, read from the store (None where it is not kept): for a
+        version recorded with no fingerprint (recovery's, from a temp name or another process's
+        install, or a file gone again at once)."""
+        try:
+            return tx.load_into(str(record.hash), record.path, lambda part: None)
+        except (VersionGone, DamagedContent):
+            return None
+
     def _record_displaced(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> str:
         """Record the file at `name`, which an install displaced from `target` and which is to be
         put back in place, as `version`, a change made outside the volume: its bytes retained as
@@ -895,8 +907,8 @@ class CoreBase:
         recorded; `retained` False says they could not be (a file that kept changing while it was
         read), so its history lists it as not kept."""
         tx.put_file(record)
-        if size is None and record.fingerprint is not None and record.present:
-            size = record.fingerprint.size
+        if size is None and record.present:
+            size = record.fingerprint.size if record.fingerprint is not None else self._stored_size(tx, record)
         tx.put_version(
             Version(
                 record.path,
