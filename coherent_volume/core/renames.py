@@ -458,9 +458,8 @@ class Renames(History):
         elif merge is None:
             assert aside is not None
             found = aside.digest is not None
-            if self.replica is not None:  # for this copy's processes, once another copy completes its intent
-                brought = next(digest for target, _, digest, *_ in plan if target.rel == dst.rel)
-                self.replica.setting_aside(dst.rel, aside.name, brought)
+            brought = next(digest for target, _, digest, *_ in plan if target.rel == dst.rel)
+            self._noting_aside(dst, aside.name, brought)  # for this copy, once another completes its intent
             self._install(lambda: done.append(_save_in(src.abs, aside.name, dst.abs, found)), undone, paths)
         else:
             assert aside is not None
@@ -479,7 +478,7 @@ class Renames(History):
         if not settled:  # recovery puts it back and records it
             self._settle(f"the save merged at {dst.rel}", lambda tx: None, (dst.rel, *paths), recover=True)
         if self.replica is not None and merge is None and aside is not None and not os.path.lexists(aside.name):
-            self.replica.set_back(dst.rel, aside.name)  # settled (a file left there keeps its note: `_set_back`)
+            self._noted_settled(dst, aside.name)  # (a file left there keeps its note: `_set_back`)
 
         def finish(tx: Transaction) -> bool:
             """Record the installed rename's versions (`Writes._recorded`); whether every one is the
