@@ -270,6 +270,16 @@ def grant_over(grant: Grant, now: float, owner_alive: bool | None) -> bool:
     return now >= grant.expires_at or owner_alive is False
 
 
+def write_under_way(holder: str | None, agent: str) -> bool:
+    """Whether the file of a path may hold another agent's write under way: it holds the path's
+    live grant, and a hooked tool writes the file in place between its check and its record (an
+    `echo N > file` truncates before it writes). A check or a read confirmation by `agent` then
+    records no change of the file (its holder's record does, attributed to it; a grant that ends
+    unrecorded leaves the change to the next sync, as a foreign write): a version made of a write
+    half done would be a false one."""
+    return holder is not None and holder != agent
+
+
 def renewed(lease: Grant, current: Grant | None, now: float, length: float) -> Grant | None:
     """A lease renewed by its holder's heartbeat at `now` (the registry's clock): the grant in force
     on its path (`current`), lasting `length` s from now. None when that grant is no longer

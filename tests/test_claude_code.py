@@ -1086,6 +1086,33 @@ def test_a_bash_write_in_the_background_is_denied_off_a_mount(root: Path, sessio
     assert bash(two, f"sed -i s/v1/v2/ {P}") == ("allow", ""), "the denied command holds no grant"
 
 
+def test_a_peer_seeing_a_bash_write_half_done_records_no_version_of_it(root: Path, sessions) -> None:
+    """`echo 2 > file` truncates the file before it writes: a peer whose Read tool shows the empty
+    file then (and whose write is denied `held`) registers no view of it and records no version
+    of it, so the writer's PostToolUse records one version, its own, with no clobber; the peer's
+    write then needs a read of that version."""
+    target = _plan(root)
+    one, two = sessions("half1", root), sessions("half2", root)
+    one.read(target)
+    two.read(target)
+    command = f"echo 2 > {P}"
+    assert decision(one.hook(bash_event("PreToolUse", one.id, root, command)))[0] == "allow"
+    target.write_text("")  # the command half done: truncated, not yet written
+    assert two.read(target) == ""
+    verdict, reason = bash(two, f"echo 3 > {P}")
+    assert verdict == "deny" and "(held)" in reason, reason
+    target.write_text("2\n")
+    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
+    assert one.hook(bash_event("PostToolUse", one.id, root, command, tool_response=response))["code"] == 0
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('half1')}"), (1, "setup")]
+    kinds = {json.loads(line)["kind"] for line in _log(root)}
+    assert "clobber" not in kinds and "foreign" not in kinds, kinds
+    assert bash(two, f"echo 3 > {P}")[0] == "deny", "the peer read version 1 last, so it is stale"
+    two.read(target)
+    assert bash(two, f"echo 3 > {P}") == ("allow", "") and target.read_text() == "3\n"
+
+
 def test_a_bash_job_the_command_does_not_wait_for_is_denied_off_a_mount(root: Path, sessions) -> None:
     """`(sleep 1; sed -i …) &` writes after the shell has exited, so after the PostToolUse that would
     release the grant: denied even with a current view, saying to run it in the foreground (and

@@ -50,13 +50,17 @@ def hook(name, tool, response=None, command=None):
     return json.loads(r.stdout) if r.stdout.strip() else {}
 
 def read():
-    # the Read tool, then PostToolUse Read with what it showed the model
-    with open(path) as f:
-        text = f.read()
-    lines = text.split("\n")
-    hook("PostToolUse", "Read", {"type": "text", "file": {"filePath": path, "content": text,
-         "numLines": len(lines), "startLine": 1, "totalLines": len(lines)}})
-    return int(text.split()[0])
+    # the Read tool, then PostToolUse Read with what it showed the model; a read between the other
+    # session's `echo N >` truncating the file and writing it shows it empty: the model reads again
+    while True:
+        with open(path) as f:
+            text = f.read()
+        lines = text.split("\n")
+        hook("PostToolUse", "Read", {"type": "text", "file": {"filePath": path, "content": text,
+             "numLines": len(lines), "startLine": 1, "totalLines": len(lines)}})
+        if text.strip():
+            return int(text.split()[0])
+        time.sleep(0.01)
 
 for _ in range(cycles):
     value = read()

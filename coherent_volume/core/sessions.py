@@ -15,6 +15,7 @@ from ..paths import Target
 from ..protocol import (
     FileRecord,
     current_version,
+    write_under_way,
 )
 from ..registry import Transaction
 from .base import Isolation, disk_state
@@ -88,10 +89,15 @@ class Sessions(Writes):
                 data, fp = read_file(target.abs)
             except FileNotFoundError:
                 return None
-            shown = saw(data)
+            shown, digest = saw(data), content_hash(data)
 
             def confirm(tx: Transaction) -> int | None:
-                record = self._sync(tx, target, tx.file(target.rel), (fp, content_hash(data)))
+                record = tx.file(target.rel)
+                grant = self._holder(tx, target.rel)
+                if not write_under_way(grant.agent if grant else None, agent):
+                    record = self._sync(tx, target, record, (fp, digest))
+                elif record is None or record.hash != digest:
+                    return None  # what was read may be the holder's write half done: no view
                 if record is None or not shown:
                     return None
                 tx.put_view(agent, target.rel, record.version, time.time())
