@@ -189,13 +189,20 @@ def _link(fd: int, name: str) -> None:
 
 def _copy_xattrs(source: str, dest: str) -> None:
     """Carry the extended attributes (user.*, ACLs, security labels) of the file a commit replaces
-    over to its new content, as an in-place write would keep them."""
+    over to its new content, as an in-place write would keep them, and only those: one the new
+    content got where it was made (a directory's default ACL) and the file lacks is removed."""
     try:
         names = os.listxattr(source, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT):
             return
         raise
+    for name in set(os.listxattr(dest, follow_symlinks=False)) - set(names):
+        try:
+            os.removexattr(dest, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
     for name in names:
         try:
             os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False), follow_symlinks=False)

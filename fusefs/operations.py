@@ -819,11 +819,6 @@ class CoherentOperations(pyfuse3.Operations):
                 self._used = trio.Event()
             await self._used.wait()
 
-    async def _viewer(self, rel: str, ctx: pyfuse3.RequestContext) -> str | None:
-        """The caller's agent, looked up only where a write handle has unsaved changes (see `setattr`)."""
-        writer = self.writers.get(rel)
-        return (await self._identity(ctx))[0] if writer is not None and writer.unsaved else None
-
     @guarded
     async def setattr(
         self,
@@ -886,9 +881,9 @@ class CoherentOperations(pyfuse3.Operations):
             self.own.note(at)
         self._set_mode_and_owner(at, self._through(handle, inode, at), attr, fields)
         if fields.update_atime or fields.update_mtime:
-            viewer = await self._viewer(at, ctx)
             writer = self.writers.get(at)
-            if writer is not None and writer.unsaved and viewer == writer.agent:  # first: its commit may land meanwhile
+            # first: its commit may land meanwhile; one file, so times set by any agent outlast the commit
+            if writer is not None and writer.unsaved:
                 writer.set_times(
                     attr.st_atime_ns if fields.update_atime else None, attr.st_mtime_ns if fields.update_mtime else None
                 )
@@ -1544,6 +1539,10 @@ class CoherentOperations(pyfuse3.Operations):
         written = await handle.write(off, buf)
         if isinstance(handle, Shadow):
             self.writers[handle.rel] = handle
+        inode = self.file_inodes[fh]
+        told = self._sizes.get(inode)
+        if told is not None and written > 0 and off + written > told:
+            self._sizes[inode] = off + written  # as the kernel grows its size to a write's end
         return written
 
     @guarded
@@ -1643,10 +1642,9 @@ class CoherentOperations(pyfuse3.Operations):
         held = self._xattr_fd(inode, rel)
         if held is None and "\0" in rel:
             return []
-        names = [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
-        if "\0" not in rel and self._managed_file(rel) and stat_mod.S_ISREG(self.backing.lstat(rel).st_mode):
-            names += [XATTR_VERSION, XATTR_VIEW]
-        return names
+        # the file's own, not `user.coherent.*`: those are asked by name, so `cp -a`, `rsync -X` and
+        # `tar --xattrs` copy no volume's version numbers into other files
+        return [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
 
     @guarded
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

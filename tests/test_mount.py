@@ -166,6 +166,7 @@ print(os.getxattr({P!r}, "user.coherent.version").decode(), os.getxattr({P!r}, "
         env={**os.environ, "COHERENT_AGENT": agent},
     ).stdout.split()
     current = str(version(mounted, P))
+    assert not [n for n in os.listxattr(mounted.path / P) if n.startswith("user.coherent.")], "asked by name only"
     assert get("alice") == [current, "fresh"]
     assert get("bob") == [current, "stale"]
     assert get("carol") == [current, "unread"]

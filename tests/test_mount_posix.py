@@ -781,6 +781,49 @@ def test_a_managed_file_open_while_replaced_behind_the_mount_by_a_directory_stay
         assert stat.S_ISREG(os.fstat(held.fileno()).st_mode)
 
 
+def test_times_another_agent_sets_while_a_write_is_unsaved_outlast_its_commit(mounted: Mount, tmp_path: Path) -> None:
+    """alice writes to a file and, before she closes it, bob sets its times (`touch -d`): on a plain
+    directory they stay, since no write came after; through the mount her commit at close installs
+    her content with bob's times, not the times her writes gave it."""
+    holder = """
+import os, sys
+open(sys.argv[1]).read()  # her view: the current version
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"alice", 0)
+print("written", flush=True)
+sys.stdin.readline()
+os.close(fd)
+print("closed", flush=True)
+"""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "t.md").write_text("v0\n")
+    (mounted.path / "plans/t.md").write_text("v0\n")
+    for where, bob in ((plain, ["touch", "-d", "@1000000000", str(plain / "t.md")]), (mounted.path, None)):
+        alice = subprocess.Popen(
+            [sys.executable, "-c", holder, str(where / ("t.md" if where == plain else "plans/t.md"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
+        try:
+            assert alice.stdout is not None and alice.stdin is not None
+            assert alice.stdout.readline().strip() == "written"
+            if bob is None:
+                assert mounted.run("bob", "touch -d @1000000000 plans/t.md").returncode == 0
+            else:
+                subprocess.run(bob, check=True)
+            alice.stdin.write("\n")
+            alice.stdin.flush()
+            assert alice.stdout.readline().strip() == "closed"
+        finally:
+            alice.kill()
+            alice.wait()
+    assert (mounted.path / "plans/t.md").read_text() == (plain / "t.md").read_text() == "alice"
+    assert os.stat(mounted.path / "plans/t.md").st_mtime == os.stat(plain / "t.md").st_mtime == 1000000000
+
+
 def test_the_time_a_write_of_the_same_bytes_sets_never_goes_back(tmp_path: Path) -> None:
     """The touch after a handle's commit that changed no byte moves the file's mtime forward only:
     a version another agent committed meanwhile keeps its later time (found by a hostile probe,

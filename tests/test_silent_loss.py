@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -817,6 +819,36 @@ def test_a_commit_keeps_the_files_extended_attributes(seeded: Mount) -> None:
     assert seeded.run("alice", f"echo more >> {A}").returncode == 0
     assert os.getxattr(seeded.root / A, "user.reviewed") == b"bob"
     assert (seeded.root / A).read_text() == "v0\nmore\n"
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL as the kernel stores it in `system.posix_acl_*`: (tag, permissions, id) each."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def test_a_commit_gives_a_file_no_acl_its_directory_would_give_a_new_file(seeded: Mount, tmp_path: Path) -> None:
+    """A directory's default ACL goes to files made in it, not to one rewritten there: a commit's
+    new content is made in that directory, yet the file keeps only its own extended attributes,
+    as a rewrite in place on a plain directory keeps them (no user the file's mode shuts out may
+    read it after)."""
+    default = _acl(
+        (0x01, 6, 0xFFFFFFFF), (0x02, 6, 1234), (0x04, 4, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)
+    )
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.md").write_text("v0\n")
+    for directory in (plain, (seeded.root / A).parent):
+        os.chmod(directory / "a.md", 0o640)
+        try:
+            os.setxattr(directory, "system.posix_acl_default", default)
+        except OSError as e:
+            pytest.fail(f"the test needs a file system with POSIX ACLs under {directory}: {e}")
+    with open(plain / "a.md", "a") as f:
+        f.write("more\n")
+    assert seeded.run("alice", f"echo more >> {A}").returncode == 0
+    assert (seeded.root / A).read_text() == "v0\nmore\n"
+    assert sorted(os.listxattr(seeded.root / A)) == sorted(os.listxattr(plain / "a.md")) == []
+    assert stat.S_IMODE(os.stat(seeded.root / A).st_mode) == 0o640
 
 
 def test_a_read_racing_a_foreign_writer_is_paired_with_the_bytes_it_returned(
