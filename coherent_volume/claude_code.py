@@ -49,7 +49,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeGuard
 
 from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
@@ -115,17 +115,26 @@ def _saw(response: Any) -> Callable[[bytes], bool] | None:
     """A predicate: does the file's content match what the Read tool returned? None when the
     response shows nothing that can be checked against the file's bytes (an error, an image, a
     shape this hook does not know): then no view is registered. A text read gives `file.content`
-    (lines from `file.startLine`); a notebook read gives `file.cells`, each cell's `source`."""
+    (lines from `file.startLine`; all of the file's when it starts at line 1 and `numLines` is
+    `totalLines`, so a file that grew since shows more than the model saw); a notebook read gives
+    `file.cells`, each cell's `source`."""
     file = response.get("file") if isinstance(response, dict) else None
     if not isinstance(file, dict) or response.get("error"):
         return None
     content, cells, start = file.get("content"), file.get("cells"), file.get("startLine")
     if isinstance(content, str):
-        start = start if isinstance(start, int) and not isinstance(start, bool) and start > 0 else 1
-        return partial(hook_steps.shows, text=content, start=start, whole=False)
+        start = start if _count(start) and start > 0 else 1
+        shown, total = file.get("numLines"), file.get("totalLines")
+        whole = start == 1 and _count(shown) and shown == total
+        return partial(hook_steps.shows, text=content, start=start, whole=whole)
     if response.get("type") == "notebook" and isinstance(cells, list):
         return partial(_cells_shown, cells=cells)
     return None
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """Whether a response's field is a count (JSON's integers, not its booleans)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _cells_shown(data: bytes, cells: list[Any]) -> bool:
@@ -230,7 +239,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return answer  # the model was shown nothing that can be checked: no view
         hook_steps.observe(actor, path, shown, progress)
     elif name == "PostToolUse" and tool in WRITE_TOOLS:
-        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event))
+        change = _change(event)
+        made = change.apply if isinstance(change, hook_merge.Change) else None
+        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event), made=made)
         answer = _tell_model("\n\n".join(told)) if told else answer
     elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:
         hook_steps.end_writes(actor, writes, progress, record=False, tool=hooks.tool_call(event))

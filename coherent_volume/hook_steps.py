@@ -37,6 +37,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
@@ -398,7 +399,15 @@ def begin_writes(
     return None
 
 
-def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool, tool: str | None = None) -> list[str]:
+def end_writes(
+    actor: Actor,
+    writes: Writes,
+    progress: Progress,
+    *,
+    record: bool,
+    tool: str | None = None,
+    made: Callable[[str], str | None] | None = None,
+) -> list[str]:
     """After the tool call `tool` ran: the writes its start claimed for the paths of `writes`
     (`begin_writes`, `hook_paths.taking_claims`), each the file it resolved to then, and no others
     (a path the tool's own symlink leads elsewhere now was never checked there, so what it holds
@@ -407,7 +416,9 @@ def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool
     grant is released unless another call of the process that has not ended claims the file too
     (two tools run at once: the grant stays until the last one's end). Returns what the model must
     be told: writes that went over a version it had not seen (its grant had lapsed), which
-    `adopt` logged as clobbers."""
+    `adopt` logged as clobbers, and files another writer changed as well meanwhile. `made`: what
+    the tool's write makes of the text it changes (its input says so: a Write's content, an Edit's
+    strings), where it is one file's."""
     told: list[str] = []
     named = {path for path, _ in writes}
 
@@ -423,7 +434,7 @@ def end_writes(actor: Actor, writes: Writes, progress: Progress, *, record: bool
                     validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
                     target = core.paths.of_rel(claim.rel)
                     if record and claim.kind == "write":
-                        told += _recorded(core, claim.agent, target)
+                        told += _recorded(core, claim.agent, target, made and _made(core, claim.agent, target, made))
                     if (claim.root, claim.rel) not in held:
                         release_hook_grant(core, claim.agent, target, actor.process)
     return told
@@ -463,11 +474,34 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, t
     return told
 
 
-def _recorded(core: VolumeCore, agent: str, target: Target) -> list[str]:
-    """Record `agent`'s own write of `target`; the clobber to tell the model of, if it was one."""
+def _made(
+    core: VolumeCore, agent: str, target: Target, made: Callable[[str], str | None]
+) -> Callable[[bytes], bool] | None:
+    """Whether a file's bytes are what a tool's write (`made`, see `end_writes`) made of the version
+    its check found current (the agent's view until its write is recorded), line ends aside; None
+    where that cannot be told (that version's bytes gone, not text, or the change does not apply as
+    written)."""
+    with core.registry.read() as tx:
+        seen = tx.view(agent, target.rel)
+    try:
+        text = "" if seen is None else core.read_version(target, seen).decode("utf-8")
+    except (CoherenceError, UnicodeDecodeError):
+        return None
+    result = made(text)
+    return None if result is None else partial(shows, text=result, whole=True)
+
+
+def _recorded(core: VolumeCore, agent: str, target: Target, made: Callable[[bytes], bool] | None = None) -> list[str]:
+    """Record `agent`'s own write of `target` (`made`: see `VolumeCore.adopt`); the clobber to tell
+    the model of, if it was one, or the change another writer made meanwhile."""
     with core.registry.read() as tx:
         last = tx.events(path=target.rel, limit=1, newest_first=True)
-    core.adopt(agent, target)
+    if core.adopt(agent, target, made) is None:
+        return [
+            f"coherent-volume: {target.rel} does not hold what your tool just wrote: another writer changed it "
+            "meanwhile (recorded as a change by `external`). Read the file again before you change it, and check "
+            f"that your change is there. `coherent-volume log {core.paths.root}` shows the history."
+        ]
     with core.registry.read() as tx:
         after = last[0].seq if last else 0
         clobbers = [e for e in tx.events(after=after, path=target.rel, kind="clobber") if e.agent == agent]

@@ -731,7 +731,11 @@ class CoherentOperations(pyfuse3.Operations):
             # a managed file's inode that lost its name (or is losing it: a rename carried it to a name
             # whose file is being removed), with no file there now: the kernel walks the path again and
             # repeats the call that asked (an open checks permissions with a getattr first), which must
-            # not meet ESTALE again: an open repeated so is served (`open`)
+            # not meet ESTALE again: an open repeated so is served (`open`). Asked by such a repeat
+            # (another agent deleted the file since its lookup), a second ESTALE would reach the
+            # program: the call fails as one made after the deletion would, ENOENT
+            if self.pages.retrying(ctx.pid) is not None:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
             raise self._stale(rel, ctx, writing=False, attributes=True) from None
 
     def _reply(self, inode: int, rel: str) -> pyfuse3.EntryAttributes:

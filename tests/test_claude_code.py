@@ -501,6 +501,73 @@ def test_pre_tool_use_holds_the_grant_until_post_tool_use(root: Path, sessions) 
     assert decision(two.hook(event("PreToolUse", "g2", root, "Edit", target)))[0] == "allow"
 
 
+def test_a_read_of_the_whole_file_registers_no_view_of_a_longer_version_made_before_its_hook(
+    root: Path, sessions
+) -> None:
+    """The Read tool showed the whole file ("a"); a peer appends a line before the PostToolUse Read
+    reaches the hook: the file starts with what the model saw, but the model saw all of it, and
+    this is more, so no view is registered and a Write built on "a" is refused `stale`."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\n")
+    s = sessions("whole", root)
+    text = target.read_text()
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        peer.write(P, "a\npeer line\n")
+    s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, text)))
+    written = {"content": "a\nmine\n"}
+    verdict, reason = decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))
+    assert verdict == "deny" and "(unread)" in reason, reason
+    assert target.read_text() == "a\npeer line\n"
+
+
+def test_a_write_another_writer_changes_before_the_tools_end_is_recorded_as_theirs_and_told(
+    root: Path, sessions
+) -> None:
+    """Between the Write tool's write and its PostToolUse, a program outside the hooks rewrites
+    the file: the hook finds bytes the tool did not write, records them as a change by `external`
+    (not the session's), tells the model, and leaves its view where it was, so its next write is
+    refused `stale` until it reads the file again."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("after", root)
+    s.read(target)
+    written = {"content": "v2 by the session\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
+    assert s.tool_write(target, "v2 by the session\n")["code"] == 0
+    target.write_text("a script's line\n")
+    post = s.hook(event("PostToolUse", s.id, root, "Write", target, {"type": "update"}, tool_input=written))
+    told = json.loads(str(post["stdout"]))["reason"]
+    assert "does not hold what your tool just wrote" in told, told
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)][0] == (2, "external")
+    verdict, reason = decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))
+    assert verdict == "deny" and "(stale)" in reason, reason
+    s.read(target)
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
+
+
+def test_an_edit_recorded_at_its_end_is_the_sessions_version(root: Path, sessions) -> None:
+    """An Edit whose file holds its change made to the version the session read, at its
+    PostToolUse, is the session's version, and its view moves there."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "one\ntwo\n")
+    s = sessions("edit", root)
+    s.read(target)
+    edit = {"old_string": "two", "new_string": "TWO"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+    target.write_text("one\nTWO\n")
+    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
+    assert post["stdout"] == ""
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)][0] == (2, f"claude:{unique('edit')}")
+    edit = {"old_string": "one", "new_string": "ONE"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+
+
 def test_a_failed_tool_releases_the_grant(root: Path, sessions) -> None:
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
@@ -1111,6 +1178,37 @@ def test_a_peer_seeing_a_bash_write_half_done_records_no_version_of_it(root: Pat
     assert bash(two, f"echo 3 > {P}")[0] == "deny", "the peer read version 1 last, so it is stale"
     two.read(target)
     assert bash(two, f"echo 3 > {P}") == ("allow", "") and target.read_text() == "3\n"
+
+
+def test_a_bash_write_half_done_is_recorded_by_no_look_of_the_api(root: Path, sessions) -> None:
+    """While a session's `echo 2 > file` is half done (the file emptied, not yet written), the
+    Python API's version and stale list, `status` (a scan) and a read-set commit that read the file record no
+    version of it (the read-set commit is refused: that file is being written); the session's
+    PostToolUse then records its own version, no clobber."""
+    target = _plan(root)
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/y.md", "y\n")
+    one = sessions("look", root)
+    one.read(target)
+    with CoherentVolume(root, agent="peer", isolation="read-set") as peer:
+        peer.read(P)
+        peer.read("plans/y.md")
+    command = f"echo 2 > {P}"
+    assert decision(one.hook(bash_event("PreToolUse", one.id, root, command)))[0] == "allow"
+    target.write_text("")  # the command half done
+    with CoherentVolume(root, agent="peer", isolation="read-set") as peer:
+        assert peer.version(P) == 1 and peer.stale() == []
+        subprocess.run([CLI, "status", str(root)], capture_output=True, check=True)  # a scan of every file
+        with pytest.raises(StaleWriteError) as refused:
+            peer.write("plans/y.md", "y by peer\n")
+        assert refused.value.reason == "read-set"
+    target.write_text("2\n")
+    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
+    assert one.hook(bash_event("PostToolUse", one.id, root, command, tool_response=response))["code"] == 0
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('look')}"), (1, "setup")]
+    kinds = {json.loads(line)["kind"] for line in _log(root)}
+    assert "clobber" not in kinds and "foreign" not in kinds, kinds
 
 
 def test_a_bash_job_the_command_does_not_wait_for_is_denied_off_a_mount(root: Path, sessions) -> None:

@@ -110,14 +110,28 @@ class Sessions(Writes):
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
         return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2], holds=(target.rel,))
 
-    def adopt(self, agent: str, target: Target) -> int:
+    def adopt(self, agent: str, target: Target, made: Callable[[bytes], bool] | None = None) -> int | None:
         """Record the file's content, written by `agent` itself outside the volume (a hook reporting
         its own write), as `agent`'s commit. If that write was not based on the current version it
-        overwrote a commit: that is logged as a clobber, never hidden."""
+        overwrote a commit: that is logged as a clobber, never hidden. `made`, where the tool's
+        input says what its write made of the content: a file that holds something else was changed
+        by another writer as well, meanwhile: recorded as a change by EXTERNAL, `agent`'s view left
+        where it was (its model never saw those bytes), and None returned."""
 
-        def record_own(tx: Transaction) -> int:
+        def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
-            fp, digest = disk_state(target, None)
+            if made is not None:
+                try:
+                    data, fp = read_file(target.abs)
+                except FileNotFoundError:
+                    data, fp = None, None
+                digest = None if data is None else content_hash(data)
+                if data is None or not made(data):
+                    why = f"changed outside the volume while a tool of {agent} wrote it"
+                    self._sync(tx, target, record, (fp, digest), why)
+                    return None
+            else:
+                fp, digest = disk_state(target, None)
             now = time.time()
             version = current_version(record)
             present = fp is not None
