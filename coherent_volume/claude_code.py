@@ -239,8 +239,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             return answer  # the model was shown nothing that can be checked: no view
         hook_steps.observe(actor, path, shown, progress)
     elif name == "PostToolUse" and tool in WRITE_TOOLS:
-        change = _change(event)
-        made = change.apply if isinstance(change, hook_merge.Change) else None
+        made = hook_merge.made(_change(event))
         told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event), made=made)
         answer = _tell_model("\n\n".join(told)) if told else answer
     elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:

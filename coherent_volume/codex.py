@@ -313,7 +313,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return hooks.with_context(Answer(), name, [warning])
     if name == "PostToolUse":
         call = hooks.tool_call(event)
-        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call) if writes else []
+        made = hook_merge.made(_change(writes, updates)) if event.get("tool_name") == PATCH_TOOL else None
+        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call, made=made) if writes else []
         if event.get("tool_name") == SHELL_TOOL:
             told += hook_steps.end_deletions(actor, places, record=True, tool=call)
         return hooks.with_context(Answer(), name, told)

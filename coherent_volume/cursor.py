@@ -123,7 +123,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return _permission("allow")
     if name in ("postToolUse", "afterShellExecution") and (writes or name == "afterShellExecution"):
         call = hooks.tool_call(event)
-        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call) if writes else []
+        made = hook_merge.made(_change(event)) if name == "postToolUse" else None
+        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call, made=made) if writes else []
         if name == "afterShellExecution":
             told += hook_steps.end_deletions(actor, places, record=True, tool=call)
         return Answer(0, json.dumps({"additional_context": "\n\n".join(told)})) if told else Answer()

@@ -44,6 +44,11 @@ class Change:
     """Why the change may not apply to a text, as a clause ("its old_string is missing there")."""
 
 
+def made(change: Change | str) -> Callable[[str], str | None] | None:
+    """What a write tool's change makes of a text (`hook_steps.end_writes`), where its input names one."""
+    return change.apply if isinstance(change, Change) else None
+
+
 def whole(content: str) -> Change:
     """A write of the whole content."""
     return Change(lambda _text: content, rebased=False)

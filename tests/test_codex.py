@@ -168,6 +168,23 @@ def test_a_patch_of_lines_nobody_changed_loses_nothing_and_passes(root: Path, se
     assert (root / P).read_text() == "\n".join(both) + "\n" and writers(root)[0] == (3, f"codex:{unique('p1')}")
 
 
+def test_a_patch_another_writer_changes_before_its_post_tool_use_is_theirs_and_told(root: Path, sessions) -> None:
+    """A program outside the hooks rewrites the file between apply_patch's write and its
+    PostToolUse: recorded as a change by `external`, the session told, its view left behind."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    s = sessions("after", root)
+    patch = update(P, " goal", "-step A", "+step A, done")
+    assert decision(s.hook(s.event("pre_apply_patch", patch=patch)))[0] == "allow"
+    (root / P).write_text("goal\nstep A, done\nstep B\n")
+    (root / P).write_text("a script's line\n")
+    post = s.hook(s.event("post_apply_patch", patch=patch, files=P))
+    assert "does not hold what your tool just wrote" in context(post), post
+    assert writers(root)[0] == (2, "external")
+    again = update(P, " step A, done", "-step B", "+step C")  # built on what it believes it made
+    assert decision(s.hook(s.event("pre_apply_patch", patch=again)))[0] == "deny"
+
+
 def test_a_patch_whose_lines_differ_from_the_current_ones_only_in_whitespace_is_stale(root: Path, sessions) -> None:
     """apply_patch finds a hunk whose lines differ from the file's only in whitespace and writes
     its own lines over them: a patch built on version 1 would undo version 2's re-indentation. Its

@@ -125,7 +125,8 @@ def test_unread_held_and_fenced_edits_are_denied_with_what_to_do(root: Path, con
     assert permission(two.hook(two.event("pre_tool_use_delete", path=target)))[0] == "allow"
     target.unlink()  # the Delete tool
     deleted = two.event("post_tool_use_write", path=target, content="")
-    two.hook({**deleted, "tool_use_id": EVENTS["pre_tool_use_delete"]["tool_use_id"]})  # the Delete call's end
+    end = {"tool_name": "Delete", "tool_input": {"file_path": str(target)}}
+    two.hook({**deleted, **end, "tool_use_id": EVENTS["pre_tool_use_delete"]["tool_use_id"]})  # the Delete call's end
     with CoherentVolume(root, agent="observer") as v:
         assert [e.kind for e in v.history(P)][0] == "delete" and v.history(P)[0].writer == f"cursor:{unique('u2')}"
 
@@ -187,6 +188,25 @@ def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversat
         assert words in message, (words, message)
     verdict, message = permission(c.hook(c.event("before_shell_execution", command="ls")))
     assert verdict == "allow" and P in message
+
+
+def test_a_write_another_writer_changes_before_its_post_tool_use_is_theirs_and_told(root: Path, conversations) -> None:
+    """A program outside the hooks rewrites the file between the Write tool's write and its
+    postToolUse: recorded as a change by `external`, the conversation told, and its next write
+    refused until it reads the file again."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    target = root / P
+    c = conversations("after", root)
+    c.read(target)
+    assert permission(c.hook(c.event("pre_tool_use_write", path=target, content="v2\n")))[0] == "allow"
+    assert c.write(target, "v2\n")["code"] == 0
+    target.write_text("a script's line\n")
+    answer = c.hook(c.event("post_tool_use_write", path=target, content="v2\n"))
+    assert "does not hold what your tool just wrote" in str(answer["json"]), answer
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == "external"
+    assert c.write_file(target, "v3\n")[0] == "deny"
 
 
 def test_conversation_end_releases_its_grants(root: Path, conversations) -> None:
