@@ -1153,6 +1153,18 @@ def test_a_bash_write_in_the_background_is_denied_off_a_mount(root: Path, sessio
     assert bash(two, f"sed -i s/v1/v2/ {P}") == ("allow", ""), "the denied command holds no grant"
 
 
+def _half_done_ends(s: Session, root: Path, command: str) -> None:
+    """`s`'s `echo 2 > plans/plan.md` (`command`), caught half done, ends: its PostToolUse records
+    one version, its own, over the setup's, with no clobber and no change by `external` logged."""
+    (root / P).write_text("2\n")
+    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
+    assert s.hook(bash_event("PostToolUse", s.id, root, command, tool_response=response))["code"] == 0
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique(s.id)}"), (1, "setup")]
+    kinds = {json.loads(line)["kind"] for line in _log(root)}
+    assert "clobber" not in kinds and "foreign" not in kinds, kinds
+
+
 def test_a_peer_seeing_a_bash_write_half_done_records_no_version_of_it(root: Path, sessions) -> None:
     """`echo 2 > file` truncates the file before it writes: a peer whose Read tool shows the empty
     file then (and whose write is denied `held`) registers no view of it and records no version
@@ -1168,13 +1180,7 @@ def test_a_peer_seeing_a_bash_write_half_done_records_no_version_of_it(root: Pat
     assert two.read(target) == ""
     verdict, reason = bash(two, f"echo 3 > {P}")
     assert verdict == "deny" and "(held)" in reason, reason
-    target.write_text("2\n")
-    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
-    assert one.hook(bash_event("PostToolUse", one.id, root, command, tool_response=response))["code"] == 0
-    with CoherentVolume(root, agent="observer") as v:
-        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('half1')}"), (1, "setup")]
-    kinds = {json.loads(line)["kind"] for line in _log(root)}
-    assert "clobber" not in kinds and "foreign" not in kinds, kinds
+    _half_done_ends(one, root, command)
     assert bash(two, f"echo 3 > {P}")[0] == "deny", "the peer read version 1 last, so it is stale"
     two.read(target)
     assert bash(two, f"echo 3 > {P}") == ("allow", "") and target.read_text() == "3\n"
@@ -1202,13 +1208,7 @@ def test_a_bash_write_half_done_is_recorded_by_no_look_of_the_api(root: Path, se
         with pytest.raises(StaleWriteError) as refused:
             peer.write("plans/y.md", "y by peer\n")
         assert refused.value.reason == "read-set"
-    target.write_text("2\n")
-    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
-    assert one.hook(bash_event("PostToolUse", one.id, root, command, tool_response=response))["code"] == 0
-    with CoherentVolume(root, agent="observer") as v:
-        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('look')}"), (1, "setup")]
-    kinds = {json.loads(line)["kind"] for line in _log(root)}
-    assert "clobber" not in kinds and "foreign" not in kinds, kinds
+    _half_done_ends(one, root, command)
 
 
 def test_a_bash_job_the_command_does_not_wait_for_is_denied_off_a_mount(root: Path, sessions) -> None:
