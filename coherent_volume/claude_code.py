@@ -67,6 +67,8 @@ these does the hook commit a clean merge itself: in any other mode that would sk
 approval of the write, so the model is shown the merge and told to redo its change instead."""
 
 WRITE_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
+LINE_CUT = 2000
+"""The Read tool shows at most this many characters of a line: a line cut so is a prefix of the file's."""
 EDIT_TOOLS = ("Edit", "MultiEdit")
 MERGING_TOOLS = ("Write",) + EDIT_TOOLS
 """The write tools whose stale write of a merge-glob file is merged (`hook_merge`)."""
@@ -126,7 +128,7 @@ def _saw(response: Any) -> Callable[[bytes], bool] | None:
         start = start if _count(start) and start > 0 else 1
         shown, total = file.get("numLines"), file.get("totalLines")
         whole = start == 1 and _count(shown) and shown == total
-        return partial(hook_steps.shows, text=content, start=start, whole=whole)
+        return partial(hook_steps.shows, text=content, start=start, whole=whole, cut=LINE_CUT)
     if response.get("type") == "notebook" and isinstance(cells, list):
         return partial(_cells_shown, cells=cells)
     return None

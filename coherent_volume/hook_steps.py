@@ -41,6 +41,7 @@ from functools import partial
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
+from .core.sessions import HELD_CLOBBER
 from .errors import (
     CoherenceError,
     LinkRefused,
@@ -434,7 +435,7 @@ def end_writes(
                     validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
                     target = core.paths.of_rel(claim.rel)
                     if record and claim.kind == "write":
-                        told += _recorded(core, claim.agent, target, made and _made(core, claim.agent, target, made))
+                        told += _recorded(core, claim.agent, target, made and _made(made))
                     if (claim.root, claim.rel) not in held:
                         release_hook_grant(core, claim.agent, target, actor.process)
     return told
@@ -474,24 +475,24 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, t
     return told
 
 
-def _made(
-    core: VolumeCore, agent: str, target: Target, made: Callable[[str], str | None]
-) -> Callable[[bytes], bool] | None:
-    """Whether a file's bytes are what a tool's write (`made`, see `end_writes`) made of the version
-    its check found current (the agent's view until its write is recorded), line ends aside; None
-    where that cannot be told (that version's bytes gone, not text, or the change does not apply as
-    written)."""
-    with core.registry.read() as tx:
-        seen = tx.view(agent, target.rel)
-    try:
-        text = "" if seen is None else core.read_version(target, seen).decode("utf-8")
-    except (CoherenceError, UnicodeDecodeError):
-        return None
-    result = made(text)
-    return None if result is None else partial(shows, text=result, whole=True)
+def _made(made: Callable[[str], str | None]) -> Callable[[bytes], Callable[[bytes], bool] | None]:
+    """`made` (what a tool's write makes of a text) as `VolumeCore.adopt` asks it: given the bytes of
+    the version the tool's check found, whether a file's bytes are what it made of them, line ends
+    aside; None where that cannot be told (not text, or the change does not apply as written)."""
+
+    def expect(base: bytes) -> Callable[[bytes], bool] | None:
+        try:  # the tools edit a CRLF file's text with its line ends made LF, then put them back
+            result = made(base.decode("utf-8").replace("\r\n", "\n"))
+        except UnicodeDecodeError:
+            return None
+        return None if result is None else partial(shows, text=result, whole=True)
+
+    return expect
 
 
-def _recorded(core: VolumeCore, agent: str, target: Target, made: Callable[[bytes], bool] | None = None) -> list[str]:
+def _recorded(
+    core: VolumeCore, agent: str, target: Target, made: Callable[[bytes], Callable[[bytes], bool] | None] | None = None
+) -> list[str]:
     """Record `agent`'s own write of `target` (`made`: see `VolumeCore.adopt`); the clobber to tell
     the model of, if it was one, or the change another writer made meanwhile."""
     with core.registry.read() as tx:
@@ -508,6 +509,15 @@ def _recorded(core: VolumeCore, agent: str, target: Target, made: Callable[[byte
     if not clobbers:
         return []
     c = clobbers[-1]
+    if c.detail is not None and c.detail.endswith(HELD_CLOBBER):
+        return [
+            f"coherent-volume: while your tool ran, {target.rel} was seen changed (version {c.version}, recorded "
+            "then): either another session or program looked at it while your write was half done, or another "
+            "program changed it and your write went over that change. "
+            "Read the file, check that no other change is missing from it and redo it if it is, or tell the user. "
+            f"`coherent-volume log {core.paths.root}` shows the history, and every version's bytes are kept "
+            "(`coherent-volume show`)."
+        ]
     return [
         f"coherent-volume: your write to {target.rel} went over version {c.version} ({c.detail}); your write grant "
         f"had lapsed (it lasts {hooks.HOOK_GRANT_TTL:g} s), so another session's change may be gone from the file. "
@@ -567,18 +577,23 @@ def _split_lines(text: str) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-def shows(data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str | None = None) -> bool:
+def shows(
+    data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str | None = None, cut: int | None = None
+) -> bool:
     """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
     read tool shows them (line ends normalised; a trailing newline is no line). A shown line ending
     in `shortened` (a tool's marker for a cut line) stands for any line that begins with what
-    precedes it. A text showing none of a non-empty file's lines (a read past its end) shows
-    nothing of it: False."""
+    precedes it; so does a shown line of `cut` characters or more, which a tool that cuts long
+    lines without a marker shows. A text showing none of a non-empty file's lines (a read past its
+    end) shows nothing of it: False."""
     shown = _split_lines(text)
     lines = _split_lines(data.decode("utf-8", "replace"))[max(start, 1) - 1 :]
     if len(shown) > len(lines) or (whole and len(shown) != len(lines)) or (not shown and data):
         return False
     for have, want in zip(lines, shown, strict=False):
         if shortened and want.endswith(shortened) and have.startswith(want[: -len(shortened)]):
+            continue
+        if cut is not None and len(want) >= cut and have.startswith(want):
             continue
         if have != want:
             return False

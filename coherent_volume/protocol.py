@@ -270,17 +270,6 @@ def grant_over(grant: Grant, now: float, owner_alive: bool | None) -> bool:
     return now >= grant.expires_at or owner_alive is False
 
 
-def write_under_way(holder: str | None, agent: str | None) -> bool:
-    """Whether the file of a path may hold another agent's write under way: it holds the path's
-    live grant, and a hooked tool writes the file in place between its check and its record (an
-    `echo N > file` truncates before it writes). A check, a read confirmation, a scan or a look
-    by `agent` (None: by no agent, as a scan or the watcher's) then records no change of the file:
-    its holder's record does, attributed to it (a grant that ends unrecorded leaves the change to
-    the next sync, as a foreign write), where a version made of a write half done would be a false
-    one; and a read set holding the path counts it as changed."""
-    return holder is not None and holder != agent
-
-
 def renewed(lease: Grant, current: Grant | None, now: float, length: float) -> Grant | None:
     """A lease renewed by its holder's heartbeat at `now` (the registry's clock): the grant in force
     on its path (`current`), lasting `length` s from now. None when that grant is no longer
@@ -422,15 +411,9 @@ def takes_current_again(named: Version | None, current: int) -> bool:
     return named is not None and named.hash is not None and not named.retained and current > named.version
 
 
-def changed_paths(
-    read_set: dict[str, int], versions: dict[str, int], exclude: str, under_way: Sequence[str] = ()
-) -> tuple[str, ...]:
-    """Paths of `read_set` (path -> seen version) whose current version differs, or whose file
-    another agent is writing (`under_way`: `write_under_way`, a change not recorded yet), except
-    `exclude`."""
-    return tuple(
-        p for p, seen in sorted(read_set.items()) if p != exclude and (versions.get(p, 0) != seen or p in under_way)
-    )
+def changed_paths(read_set: dict[str, int], versions: dict[str, int], exclude: str) -> tuple[str, ...]:
+    """Paths of `read_set` (path -> seen version) whose current version differs, except `exclude`."""
+    return tuple(sorted(p for p, seen in read_set.items() if p != exclude and versions.get(p, 0) != seen))
 
 
 def view_state(seen: int | None, version: int) -> ViewState:

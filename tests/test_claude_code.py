@@ -568,6 +568,36 @@ def test_an_edit_recorded_at_its_end_is_the_sessions_version(root: Path, session
     assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
 
 
+def test_an_edit_deleting_a_line_of_a_crlf_file_is_the_sessions_version(root: Path, sessions) -> None:
+    """Claude Code edits a CRLF file's text with LF line ends and puts the CRLFs back: deleting a
+    line so is the session's own version, no change by another writer."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\r\nb\r\nc\r\n")
+    s = sessions("crlf", root)
+    s.read(target)
+    edit = {"old_string": "b", "new_string": ""}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+    target.write_bytes(b"a\r\nc\r\n")
+    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
+    assert post["stdout"] == "", post
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == f"claude:{unique('crlf')}"
+
+
+def test_a_read_showing_a_long_line_cut_registers_the_view(root: Path, sessions) -> None:
+    """The Read tool shows a line of more than 2,000 characters cut to 2,000: that read is a view
+    of the file all the same, so a write after it goes ahead."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "short\n" + "x" * 3000 + "\nlast\n")
+    s = sessions("long", root)
+    shown = "short\n" + "x" * 2000 + "\nlast\n"
+    s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, shown)))
+    written = {"content": "new\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
+
+
 def test_a_failed_tool_releases_the_grant(root: Path, sessions) -> None:
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
@@ -1153,23 +1183,12 @@ def test_a_bash_write_in_the_background_is_denied_off_a_mount(root: Path, sessio
     assert bash(two, f"sed -i s/v1/v2/ {P}") == ("allow", ""), "the denied command holds no grant"
 
 
-def _half_done_ends(s: Session, root: Path, command: str) -> None:
-    """`s`'s `echo 2 > plans/plan.md` (`command`), caught half done, ends: its PostToolUse records
-    one version, its own, over the setup's, with no clobber and no change by `external` logged."""
-    (root / P).write_text("2\n")
-    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
-    assert s.hook(bash_event("PostToolUse", s.id, root, command, tool_response=response))["code"] == 0
-    with CoherentVolume(root, agent="observer") as v:
-        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique(s.id)}"), (1, "setup")]
-    kinds = {json.loads(line)["kind"] for line in _log(root)}
-    assert "clobber" not in kinds and "foreign" not in kinds, kinds
-
-
-def test_a_peer_seeing_a_bash_write_half_done_records_no_version_of_it(root: Path, sessions) -> None:
-    """`echo 2 > file` truncates the file before it writes: a peer whose Read tool shows the empty
-    file then (and whose write is denied `held`) registers no view of it and records no version
-    of it, so the writer's PostToolUse records one version, its own, with no clobber; the peer's
-    write then needs a read of that version."""
+def test_a_look_at_a_bash_write_half_done_is_recorded_and_the_writer_told(root: Path, sessions) -> None:
+    """`echo 2 > file` truncates the file before it writes: a peer's Read meanwhile shows the
+    empty file, which is recorded as a version by `external` (what was seen is kept, as any change
+    seen is: it may as well be another program's) and is the peer's view; the writer's PostToolUse
+    then records its own version over it as a `clobber` made while it held the grant, and tells
+    its model so, in those words; the peer's write needs a read of that version."""
     target = _plan(root)
     one, two = sessions("half1", root), sessions("half2", root)
     one.read(target)
@@ -1180,35 +1199,43 @@ def test_a_peer_seeing_a_bash_write_half_done_records_no_version_of_it(root: Pat
     assert two.read(target) == ""
     verdict, reason = bash(two, f"echo 3 > {P}")
     assert verdict == "deny" and "(held)" in reason, reason
-    _half_done_ends(one, root, command)
-    assert bash(two, f"echo 3 > {P}")[0] == "deny", "the peer read version 1 last, so it is stale"
+    target.write_text("2\n")
+    response = {"stdout": "", "stderr": "", "interrupted": False, "isImage": False}
+    post = one.hook(bash_event("PostToolUse", one.id, root, command, tool_response=response))
+    told = json.loads(str(post["stdout"]))["reason"]
+    assert "while your tool ran" in told and "half done" in told, told
+    with CoherentVolume(root, agent="observer") as v:
+        history = [(h.version, h.writer) for h in v.history(P)]
+        assert history == [(3, f"claude:{unique('half1')}"), (2, "external"), (1, "setup")], history
+        assert v.read_version(P, 2) == b""
+    assert bash(two, f"echo 3 > {P}")[0] == "deny", "the peer saw version 2 last, so it is stale"
     two.read(target)
     assert bash(two, f"echo 3 > {P}") == ("allow", "") and target.read_text() == "3\n"
 
 
-def test_a_bash_write_half_done_is_recorded_by_no_look_of_the_api(root: Path, sessions) -> None:
-    """While a session's `echo 2 > file` is half done (the file emptied, not yet written), the
-    Python API's version and stale list, `status` (a scan) and a read-set commit that read the file record no
-    version of it (the read-set commit is refused: that file is being written); the session's
-    PostToolUse then records its own version, no clobber."""
+def test_a_program_s_change_seen_while_a_session_held_the_file_is_kept_and_the_session_told(
+    root: Path, sessions
+) -> None:
+    """A program outside the hooks appends to a file while a session's Write holds it, and
+    `status` looks meanwhile: the appended bytes are recorded (`external`), the Write that
+    replaces them is the session's version logged as a `clobber` made while it held the grant,
+    and its model is told to check that no other change is missing. The program's bytes stay in
+    the history."""
     target = _plan(root)
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write("plans/y.md", "y\n")
-    one = sessions("look", root)
-    one.read(target)
-    with CoherentVolume(root, agent="peer", isolation="read-set") as peer:
-        peer.read(P)
-        peer.read("plans/y.md")
-    command = f"echo 2 > {P}"
-    assert decision(one.hook(bash_event("PreToolUse", one.id, root, command)))[0] == "allow"
-    target.write_text("")  # the command half done
-    with CoherentVolume(root, agent="peer", isolation="read-set") as peer:
-        assert peer.version(P) == 1 and peer.stale() == []
-        subprocess.run([CLI, "status", str(root)], capture_output=True, check=True)  # a scan of every file
-        with pytest.raises(StaleWriteError) as refused:
-            peer.write("plans/y.md", "y by peer\n")
-        assert refused.value.reason == "read-set"
-    _half_done_ends(one, root, command)
+    s = sessions("held", root)
+    s.read(target)
+    written = {"content": "v2 by the session\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
+    with open(target, "a") as f:
+        f.write("a program's line\n")
+    subprocess.run([CLI, "status", str(root)], capture_output=True, check=True)
+    assert s.tool_write(target, "v2 by the session\n")["code"] == 0
+    post = s.hook(event("PostToolUse", s.id, root, "Write", target, {"type": "update"}, tool_input=written))
+    assert "while your tool ran" in json.loads(str(post["stdout"]))["reason"]
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)][:2] == [(3, f"claude:{unique('held')}"), (2, "external")]
+        assert v.read_version(P, 2) == b"v1\na program's line\n"
+    assert "clobber" in {json.loads(line)["kind"] for line in _log(root)}
 
 
 def test_a_bash_job_the_command_does_not_wait_for_is_denied_off_a_mount(root: Path, sessions) -> None:

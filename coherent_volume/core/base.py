@@ -51,7 +51,6 @@ from ..protocol import (
     needs_hash,
     proven,
     recovery,
-    write_under_way,
 )
 from ..registry import CopyRelock, Registry, Transaction
 from ..registry.postgresql import PostgresRegistry
@@ -397,14 +396,11 @@ class CoreBase:
                 detail="first seen, not written through the volume: recorded as it is",
             )
         else:
-            tx.log(
-                "foreign",
-                target.rel,
-                EXTERNAL,
-                now,
-                version=version,
-                detail=why or ("changed outside the volume" if present else "deleted outside the volume"),
-            )
+            held = tx.grant(target.rel)
+            why = why or ("changed outside the volume" if present else "deleted outside the volume")
+            if held is not None:  # a hook's tool writes in place: this may be its write seen half done
+                why += f", while {held.agent} held its write grant (its own write under way, or another program's)"
+            tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=why)
         return new
 
     def _in_step(self, tx: Transaction, target: Target, *, fingerprint: bool = False) -> bool:
@@ -969,23 +965,10 @@ class CoreBase:
     def _changed_read_set(self, tx: Transaction, agent: str, rel: str) -> tuple[str, ...]:
         read_set = tx.read_set(agent)
         self._hold(tx, read_set)
-        under_way = [
-            path
-            for path in read_set
-            if path != rel and not self._synced_unless_held(tx, self.paths.of_rel(path), tx.file(path), agent)[1]
-        ]
-        return changed_paths(read_set, tx.versions(list(read_set)), rel, under_way)
-
-    def _synced_unless_held(
-        self, tx: Transaction, target: Target, record: FileRecord | None, agent: str | None = None
-    ) -> tuple[FileRecord | None, bool]:
-        """`_sync`, unless another agent than `agent` (any, for None) holds a live grant on `target`
-        and its file differs from the record: it may hold that holder's write under way, which
-        nobody else records (`protocol.write_under_way`). (The record, whether it was synced.)"""
-        grant = self._holder(tx, target.rel)
-        if write_under_way(grant.agent if grant else None, agent) and not self._in_step(tx, target):
-            return record, False
-        return self._sync(tx, target, record), True
+        for path in read_set:
+            if path != rel:
+                self._sync(tx, self.paths.of_rel(path), tx.file(path))
+        return changed_paths(read_set, tx.versions(list(read_set)), rel)
 
     @staticmethod
     def _require_managed(target: Target, what: str, *, reads: bool = False) -> None:

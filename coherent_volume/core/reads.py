@@ -205,8 +205,7 @@ class Reads(CoreBase):
             return record.version  # same content, only the fingerprint is unproven: no lock needed
         try:
             return self._transact(
-                lambda tx: current_version(self._synced_unless_held(tx, target, tx.file(target.rel))[0]),
-                holds=(target.rel,),
+                lambda tx: current_version(self._sync(tx, target, tx.file(target.rel))), holds=(target.rel,)
             )
         except RegistryError as e:
             if e.errno != errno.EROFS:
@@ -227,7 +226,7 @@ class Reads(CoreBase):
             read_set = tx.read_set(agent)
             self._hold(tx, read_set)
             for path in read_set:
-                self._synced_unless_held(tx, self.paths.of_rel(path), tx.file(path), agent)
+                self._sync(tx, self.paths.of_rel(path), tx.file(path))
             return [path for path, _, _ in tx.stale_views(agent)]
 
         return self._transact(stale)
@@ -289,7 +288,7 @@ class Reads(CoreBase):
             failed = []
             for rel in synced:
                 try:
-                    self._synced_unless_held(tx, self.paths.of_rel(rel), tx.file(rel))
+                    self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
                 except OSError as e:
                     failed.append((rel, str(e)))
             return failed

@@ -6,20 +6,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..errors import (
-    StaleWriteError,
-)
+from ..errors import CoherenceError, StaleWriteError
 from ..fingerprint import content_hash, read_file
 from ..liveness import ProcessId
 from ..paths import Target
 from ..protocol import (
     FileRecord,
     current_version,
-    write_under_way,
 )
 from ..registry import Transaction
 from .base import Isolation, disk_state
 from .writes import Writes
+
+HELD_CLOBBER = ", recorded while it held its write grant (its own write seen half done, or another program's change)"
+"""How a clobber's detail ends when its writer held the file's grant all along: the version it wrote
+over was recorded during its tool's run, by a look at the file then."""
+
+
+Made = Callable[[bytes], Callable[[bytes], bool] | None]
+"""What a hook's tool made of a file, from its input: given the bytes of the version its check
+found, whether the file's bytes are what it made of them (None where that cannot be told)."""
 
 
 class Sessions(Writes):
@@ -92,12 +98,7 @@ class Sessions(Writes):
             shown, digest = saw(data), content_hash(data)
 
             def confirm(tx: Transaction) -> int | None:
-                record = tx.file(target.rel)
-                grant = self._holder(tx, target.rel)
-                if not write_under_way(grant.agent if grant else None, agent):
-                    record = self._sync(tx, target, record, (fp, digest))
-                elif record is None or record.hash != digest:
-                    return None  # what was read may be the holder's write half done: no view
+                record = self._sync(tx, target, tx.file(target.rel), (fp, digest))
                 if record is None or not shown:
                     return None
                 tx.put_view(agent, target.rel, record.version, time.time())
@@ -110,23 +111,25 @@ class Sessions(Writes):
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
         return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2], holds=(target.rel,))
 
-    def adopt(self, agent: str, target: Target, made: Callable[[bytes], bool] | None = None) -> int | None:
+    def adopt(self, agent: str, target: Target, made: Made | None = None) -> int | None:
         """Record the file's content, written by `agent` itself outside the volume (a hook reporting
         its own write), as `agent`'s commit. If that write was not based on the current version it
         overwrote a commit: that is logged as a clobber, never hidden. `made`, where the tool's
-        input says what its write made of the content: a file that holds something else was changed
-        by another writer as well, meanwhile: recorded as a change by EXTERNAL, `agent`'s view left
-        where it was (its model never saw those bytes), and None returned."""
+        input says what its write makes of the version its check found (`agent`'s view until this
+        record): a file that holds something else was changed by another writer as well, meanwhile:
+        recorded as a change by EXTERNAL, `agent`'s view left where it was (its model never saw
+        those bytes), and None returned."""
 
         def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
-            if made is not None:
+            expected = self._expected(tx, agent, target, made) if made is not None else None
+            if expected is not None:
                 try:
                     data, fp = read_file(target.abs)
                 except FileNotFoundError:
                     data, fp = None, None
                 digest = None if data is None else content_hash(data)
-                if data is None or not made(data):
+                if data is None or not expected(data):
                     why = f"changed outside the volume while a tool of {agent} wrote it"
                     self._sync(tx, target, record, (fp, digest), why)
                     return None
@@ -143,6 +146,8 @@ class Sessions(Writes):
                 return version
             seen = tx.view(agent, target.rel)
             if record is not None and record.present and seen != version:
+                held = tx.grant(target.rel)
+                during = HELD_CLOBBER if held is not None and held.agent == agent else ""
                 tx.log(
                     "clobber",
                     target.rel,
@@ -150,7 +155,7 @@ class Sessions(Writes):
                     now,
                     seen_version=seen,
                     version=version,
-                    detail=f"{agent} wrote over v{version} by {record.writer} without having read it",
+                    detail=f"{agent} wrote over v{version} by {record.writer} without having read it{during}",
                 )
             stored = self._retain(tx, target.abs, None) if present else None  # the bytes as they are now
             record = FileRecord(target.rel, version + 1, present, stored or digest, fp, agent, now, time.time_ns())
@@ -160,3 +165,19 @@ class Sessions(Writes):
             return version + 1
 
         return self._transact(record_own, holds=(target.rel,))
+
+    @staticmethod
+    def _expected(tx: Transaction, agent: str, target: Target, made: Made) -> Callable[[bytes], bool] | None:
+        """What `made` makes of `agent`'s view of `target` (none, or a deletion: no bytes), as read
+        from the store in `tx` (no sync: the file may hold the tool's write, not recorded yet); None
+        where that cannot be told (the view's bytes not kept, or damaged)."""
+        seen = tx.view(agent, target.rel)
+        entry = None if seen is None else tx.version_entry(target.rel, seen)
+        if entry is None or entry.hash is None:
+            return made(b"")
+        if not entry.retained:
+            return None
+        try:
+            return made(tx.load(entry.hash, f"{target.rel!r} version {seen}"))
+        except CoherenceError:
+            return None

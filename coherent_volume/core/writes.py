@@ -43,7 +43,6 @@ from ..protocol import (
     may_replay,
     view_moves,
     view_state,
-    write_under_way,
 )
 from ..registry import Transaction
 from .base import EMPTY_HASH, Isolation
@@ -125,9 +124,8 @@ class Writes(Reads):
         `kind`: opening a write handle of that kind. (record, check, refusal reason, the live grant
         on `target` as this transaction read it)."""
         record, seen, held, fenced = tx.write_state(target.rel, agent)
+        record = self._sync(tx, target, record)
         grant = self._live(tx, target.rel, held)
-        if not write_under_way(grant.agent if grant else None, agent):
-            record = self._sync(tx, target, record)
         if held is not None and grant is None:  # reclaimed just now: it may have fenced this agent
             fenced = tx.fenced(agent, target.rel)
         # handles whose file is gone hold nothing there: a new file at its name is not theirs
