@@ -259,8 +259,9 @@ def planned(
 BACKGROUND = (
     "coherent-volume refused this command: it writes {path}, a file coherent-volume manages, in what runs in the "
     "background (a command run in the background, or a job it starts with `&`, `coproc`, a process substitution, "
-    "`setsid`, `sudo -b` or `systemd-run` and does not `wait` for), so the hook after the command comes before that "
-    "write ends: it could neither hold other sessions off the file until then nor record what was written. Run it "
+    "`setsid`, `sudo -b`, `systemd-run`, `screen`, `daemonize` or `tmux` and does not `wait` for), so the hook "
+    "after the command comes before that write ends: it could neither hold other sessions off the file until then "
+    "nor record what was written. Run it "
     "in the foreground (without `&`, or with a plain `wait` after the job at the top level of the command)."
 )
 """Why a write in the background of a managed file is denied off a mount (`_late`)."""

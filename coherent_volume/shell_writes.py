@@ -52,10 +52,13 @@ exists is entered; one that does not is entered for what runs after the `cd` suc
 either may hold after `;`; after a loop, any directory a round can leave.
 
 Writes in the background: those of a job the command does not surely wait for (`&` without a
-plain `wait` after it in its shell, `_Walk.waited`; a process substitution; a command `setsid`,
-`sudo -b` or `systemd-run` does not wait for: `_Wrapper.detached`; every write of a command that
-runs a `coproc`, `_Walk.coproc`), which may come after the command has ended, are listed apart
-(`ShellWrites.background`).
+`wait` after it in its shell that surely covers it, `_Walk.waited`, `_Walk._wait`, nor anything
+before that may end the shell, `_QUITS`; a process substitution; a command `setsid`, `sudo -b`,
+`systemd-run`, `screen` or `daemonize` does not wait for: `_Wrapper.detached`; the command of
+tmux's `new-session`, `_Walk._tmux`; every write of a command that runs a `coproc`,
+`_Walk.coproc`), which may come after the command has ended, are listed apart
+(`ShellWrites.background`). A job `at` or `batch` queues, and what other tmux commands run, is
+code known only when it runs (below).
 
 A write whose file cannot be told before the command runs (a variable, a command substitution,
 arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
@@ -297,6 +300,19 @@ _WRAPPERS: dict[str, _Wrapper] = {
     "ionice": _Wrapper(_names("-c --class -n --classdata"), no_command=_names("-p --pid -P --pgid -u --uid")),
     "chronic": _Wrapper(frozenset()),
     "setsid": _Wrapper(frozenset(), detached=_names("-w --wait")),
+    "daemonize": _Wrapper(
+        _names("-c -e -o -E -l -p -u"),
+        chdir=_names("-c"),
+        output=_names("-e -o -l -p"),
+        here=frozenset(),
+        detached=frozenset(),
+    ),
+    "screen": _Wrapper(
+        _names("-c -e -h -p -s -S -T -t"),
+        no_command=_names("-r -x -v -Q"),
+        unsure=_names("-X"),
+        detached=frozenset(),
+    ),
 }
 """Commands that run the command after their options: they are looked through."""
 _XARGS_VALUED = _names(
@@ -363,6 +379,19 @@ _GAWK_OUTPUTS = {
     "--profile": "awkprof.out",
 }
 """gawk's options that write a file: the one attached to them (`-dFILE`, `--profile=FILE`), else this one."""
+_TMUX_VALUED = _names("-c -f -L -S -T")
+"""tmux's options (before its commands) that take a value; `-c` runs a shell command."""
+_TMUX_NEW_VALUED = _names("-c -e -F -f -n -s -t -x -y")
+"""tmux new-session's options that take a value; `-c` is the directory its command starts in."""
+_TMUX_QUIET = _names(
+    "ls list-sessions lsw list-windows lsp list-panes lsc list-clients has has-session capturep capture-pane "
+    "kill-session kill-server killw kill-window killp kill-pane detach detach-client attach attach-session "
+    "selectw select-window selectp select-pane rename rename-session renamew rename-window"
+)
+"""tmux's commands that run no shell command (unless a `#(` format in them does)."""
+_AT_VALUED = _names("-q -f -t")
+_AT_LISTS = _names("-l -d -r -c")
+"""at's options with which it adds no job (lists, removes or shows jobs)."""
 _SETTERS = _names("read mapfile readarray getopts let unset declare typeset local export readonly")
 """Builtins that set the variables their words name (`printf -v` and `wait -p` too)."""
 _SHELL_SET = re.compile(
@@ -380,12 +409,17 @@ directories physically."""
 _COPROC = re.compile(r"\bcoproc\b")
 """A command that may run a coproc, a job bash does not wait for (`_Walk.coproc`)."""
 _QUITS = re.compile(
-    r"\b(?:exit|exec|return|logout|suspend|set|shopt|ulimit|source|enable|alias|disown)\b|kill|\$\{[^}]*\?"
-    r"|(?:^|[\s;&|(){}])\.(?=\s)"
+    r"\b(?:exit|exec|return|logout|suspend|set|shopt|ulimit|source|enable|alias|disown|readonly|declare|typeset"
+    r"|local|fuser|prlimit|gdb|lldb|strace|ltrace)\b|kill|signal|sigqueue|ptrace|process_vm|/mem\b|\$\{[^}]*\?"
+    r"|\$\(\(|\$\[|\$\{(?:!|[^}]*(?:\[|:(?![-=+?])))|>\(|(?:^|[\s;&|(){}])\.(?=\s)"
 )
-"""A command that may end its shell before a `wait` runs (`exit`, `exec`, `set -e`, `kill`, `${v?}`, a
-script it sources), or keep `wait` from waiting for a job (`disown`, `enable -n`, an alias): no `wait`
-in it is taken to wait for anything."""
+"""A command that may end its shell before a `wait` runs: `exit`, `exec`, `set -e`, `${v?}`, a script it
+sources; an error bash ends a script on (an assignment to a read-only or integer variable, an arithmetic,
+offset or subscript expansion, `${!v}`); a signal sent or a limit set by anything but the shell's own job
+table (`kill`, `pkill`, `fuser -k`, `prlimit --pid`, a debugger or tracer attached to it, an interpreter's
+kill or signal call, its memory written through /proc); SIGPIPE from a process substitution it writes to.
+Or keep `wait` from waiting for a job (`disown`, `enable -n`, an alias). No `wait` in it is taken to
+wait for anything."""
 
 
 def _unquoted(command: str) -> tuple[str, bool]:
@@ -1025,6 +1059,41 @@ class _Walk:
             return frozenset()
         return frozenset(self.jobs[: int(self.values.get(_WAITED, "0"))])
 
+    def _wait(self, args: list[Item]) -> None:
+        """`wait` in the command's own shell: every job started so far is waited for (`waited`) when it
+        surely waits for each one not yet waited for. With no operand it waits for all; `$!` is the last
+        job (when nothing but jobs of this shell ran apart from it), `%%` and `%+` its last job, `%1`
+        and `%-` the only one (when one job was started), `$(jobs -p)` all; with `-n` it waits for one
+        job only (so it covers them only when one is left, and nothing but the shell's jobs ran apart);
+        any other word: none."""
+        left = set(self.jobs[int(self.values.get(_WAITED, "0")) :])
+        rest, one = list(args), False
+        for option, _ in _options(rest, _names("-p")):
+            if option not in ("-n", "-f", "-p"):
+                return
+            one = one or option == "-n"
+        covered = set(left) if not rest else set()
+        for arg in rest:
+            job = self._waited_job(arg)
+            if job is None:
+                return
+            covered |= job
+        if left <= covered and (not one or len(left) <= 1 and self.started == len(self.jobs)):
+            self.values[_WAITED] = str(len(self.jobs))
+
+    def _waited_job(self, arg: Item) -> set[int] | None:
+        """The jobs a `wait` operand surely names (`_wait`), or None."""
+        text = arg.word if isinstance(arg, Unknown) else arg
+        if text in ("$!", "${!}", '"$!"', '"${!}"'):
+            return {self.started} if self.jobs[-1:] == [self.started] else None
+        if text in ("%%", "%+") and self.jobs:
+            return {self.jobs[-1]}
+        if text in ("%1", "%-") and len(self.jobs) == 1:
+            return set(self.jobs)
+        if text in ("$(jobs -p)", "`jobs -p`") and "jobs" not in self.functions and not self.ifs:
+            return set(self.jobs)
+        return None
+
     def _mark(self, text: str, poison: bool = False) -> None:
         """Every name in `text` may be set (and, with `poison`, any variable at all)."""
         for name in re.findall(r"[A-Za-z_]\w*", text):
@@ -1447,8 +1516,8 @@ class _Walk:
         name, args = os.path.basename(items[0]), items[1:]
         if name in ("cd", "pushd", "popd") and in_shell:
             return self._cd(name, args, cwd)
-        if name == "wait" and not args and in_shell and not self.forked:  # it waits for every job started so far
-            self.values[_WAITED] = str(len(self.jobs))
+        if name == "wait" and in_shell and not self.forked:
+            self._wait(args)
             return same
         if name == "eval" and args:
             return self._script(" ".join(self._code(a) for a in args), cwd, inherit=True)
@@ -1497,7 +1566,12 @@ class _Walk:
             else:
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
-        if name == "git":
+        if name == "tmux":
+            self._tmux(args, cwd)
+        elif name in ("at", "batch") and not _given(args, _AT_VALUED) & _AT_LISTS:
+            why = f"a job {name} runs later, read from its input or a file"
+            self.unknown.append(Unknown(name, why, _place(cwd), anywhere=True))
+        elif name == "git":
             self._git(args, cwd)
         elif name == "xargs":
             self._xargs(args, cwd)
@@ -1623,7 +1697,7 @@ class _Walk:
                         except ValueError:
                             return None
                     elif option in spec.output and value is not None:
-                        with self.background() if detached else nullcontext():  # after a wrapper that does not wait
+                        with self.background() if detached or not waits else nullcontext():  # by what it leaves running
                             self.write(value, cwd, "write")
                 while first and spec.assignments and items and isinstance(items[0], str) and "=" in items[0]:
                     items.pop(0)
@@ -1673,6 +1747,45 @@ class _Walk:
         if any(entered):
             return {e for e in entered if e is not None}, {cwd} if None in entered else set()
         return {os.path.normpath(new)}, {cwd}  # not there now: entered if the command makes it first
+
+    def _tmux(self, args: list[Item], cwd: Cwd) -> None:
+        """tmux's commands (separated by `;` words), run by its server apart from this shell: the
+        command `new-session` starts (one word: a shell script) is walked as a job, in the directory
+        its `-c` names or this one; `-c SCRIPT` before them is a shell script run here. A command that
+        may run a shell command (any other but `_TMUX_QUIET`, one with a `#(` format, any read in
+        control mode `-C`) runs one known only when it runs."""
+        rest, control = list(args), False
+        for option, value in _options(rest, _TMUX_VALUED):
+            if option == "-c" and value is not None:
+                self._script(self._code(value), cwd, inherit=False)
+            control = control or option == "-C"
+        if control:
+            why = "tmux commands read from its input (control mode), known only when they run"
+            self.unknown.append(Unknown("tmux -C", why, _place(cwd), anywhere=True))
+            return
+        commands: list[list[Item]] = [[]]
+        for arg in rest or ["new-session"]:
+            if arg == ";":
+                commands.append([])
+            else:
+                commands[-1].append(arg)
+        for words in filter(None, commands):
+            name = words[0]
+            formats = any("#(" in str(w) or str(w).endswith(";") for w in words)
+            if name in _TMUX_QUIET and not formats:
+                continue
+            if name not in ("new", "new-session") or formats:
+                why = f"a command tmux's server runs later ({str(name)[:40]}), known only when it runs"
+                self.unknown.append(Unknown(str(name), why, _place(cwd), anywhere=True))
+                continue
+            command = words[1:]
+            start = dict(_options(command, _TMUX_NEW_VALUED)).get("-c")
+            here = cwd if start is None else start if isinstance(start, Unknown) else _joined(cwd, start)
+            with self.background():
+                if len(command) == 1:
+                    self._script(self._code(command[0]), here, inherit=False)
+                elif command:
+                    self.simple(command, here)
 
     def _git(self, args: list[Item], cwd: Cwd) -> None:
         """`git clean` (but `-n`) and `git stash` with `-u` or `-a`: they remove files git does not

@@ -1257,6 +1257,37 @@ def test_a_bash_job_the_command_does_not_wait_for_is_denied_off_a_mount(root: Pa
     assert two.write(target, "two\n")["decision"] == "deny"
 
 
+def test_a_bash_job_that_outlives_the_command_is_denied_off_a_mount(root: Path, tmp_path: Path, sessions) -> None:
+    """A job tmux's server runs, or one whose shell `fuser -k` kills before its `wait`, writes after
+    the command has ended, so after the PostToolUse that releases the grant: had it gone ahead, it
+    would overwrite the peer's commit made in between. Both are denied and the peer's write stays. A
+    job the command waits for by its `$!` ends within the command: allowed, the session's version."""
+    target = _plan(root)
+    one, two = sessions("late1", root), sessions("late2", root)
+    one.read(target)
+    two.read(target)
+    lock, sock = tmp_path / "lock", tmp_path / "tmux.sock"
+    lock.write_text("")
+    jobs = (
+        f"tmux -S {sock} new -d 'sleep 1; sed -i s/v1/one/ {P}'",
+        f"{{ (sleep 1; sed -i s/v1/one/ {P}) 9<&- & fuser -sk -KILL {lock} 9<&-; wait; }} 9<{lock}",
+    )
+    try:
+        for command in jobs:
+            verdict, reason = bash(one, command)
+            assert verdict == "deny" and "runs in the background" in reason, (command, reason)
+    finally:
+        subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True)
+    assert two.write(target, "two\n")["decision"] == "allow"
+    assert target.read_text() == "two\n"
+    one.read(target)
+    assert bash(one, f"sed -i s/two/one/ {P} & wait $!") == ("allow", "")
+    assert target.read_text() == "one\n"
+    with CoherentVolume(root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)][:2] == [f"claude:{unique('late1')}", f"claude:{unique('late2')}"]
+    assert two.write(target, "two again\n")["decision"] == "deny"
+
+
 def test_a_bash_cd_out_through_a_symlink_and_back_checks_the_file_bash_writes(
     root: Path, tmp_path: Path, sessions
 ) -> None:

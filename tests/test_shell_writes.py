@@ -108,6 +108,16 @@ CASES: list[tuple[str, str, object]] = [
     ("f=$(ls plans); echo hi > $f", ".", UNRESOLVED),
     ("echo hi > plans/$(date).md", ".", UNRESOLVED),
     ("echo hi > plans/$((1+1)).md", ".", UNRESOLVED),
+    ("echo 'echo x > plans/plan.md' | at now", ".", UNRESOLVED),  # a job run later, from its input
+    ("batch < job.sh", ".", UNRESOLVED),
+    ("at -l; atq", ".", []),
+    ("tmux send-keys -t s 'echo x > plans/plan.md' Enter", ".", UNRESOLVED),  # typed into a shell elsewhere
+    ("tmux new -d true \\; neww 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("tmux ls -F '#(echo x > plans/plan.md)'", ".", UNRESOLVED),
+    ("echo 'send-keys x Enter' | tmux -C attach", ".", UNRESOLVED),  # commands read from its input
+    ("tmux ls; tmux kill-session -t s", ".", []),
+    ("screen -S s -X stuff 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("daemonize /bin/sh -c 'echo x > plans/plan.md'", ".", UNRESOLVED),  # run in / unless -c
     ('for f in $(ls plans/*.md); do sed -i s/a/b/ "$f"; done', ".", UNRESOLVED),
     ("echo hi > /tmp/$X", ".", []),
     ('echo hi > "$PWD/plans/plan.md"', ".", PLAN),
@@ -820,6 +830,29 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & /bin/kil''l -USR1 $$; wait", PLAN_FILE),
     ("echo x > plans/plan.md & $'\\x65xit' 0; wait", PLAN_FILE),  # ANSI-C quoting may spell any word
     ("echo x > plans/plan.md & wait; echo x > plans/other.md &", ["plans/other.md"]),
+    ("tmux new -d 'sleep 1; echo x > plans/plan.md'", PLAN_FILE),  # run by tmux's server
+    ('tmux new-session -d -s s -c plans "sed -i s/a/b/ plan.md"', PLAN_FILE),
+    ("screen -dmS s sh -c 'sleep 1; echo x > plans/plan.md'", PLAN_FILE),
+    ("daemonize -o plans/other.md -c plans /bin/sed -i s/a/b/ plan.md", [*PLAN_FILE, "plans/other.md"]),
+    # the shell may end before its `wait`, the job surviving it
+    ("{ echo x > plans/plan.md 9<&- & fuser -sk -KILL m 9<&-; wait; } 9<m", PLAN_FILE),
+    ("echo x > plans/plan.md & prlimit --pid $$ --cpu=0; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & gdb -p $$ -batch -ex 'call abort()'; wait", PLAN_FILE),
+    (
+        "echo x > plans/plan.md & python3 -c 'import os; os.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)'; wait",
+        PLAN_FILE,
+    ),
+    ("echo x > plans/plan.md & echo $((1/0)); wait", PLAN_FILE),  # bash ends a script on an expansion error
+    ("echo x > plans/plan.md & readonly r=1; r=2; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & { sleep 1; echo x; } > >(true); wait", PLAN_FILE),  # SIGPIPE
+    # a `wait` for some job only
+    ("sleep 1 & echo x > plans/plan.md & wait -n", PLAN_FILE),  # for one of the two
+    ("echo x > plans/plan.md & sleep 1 & wait $!", PLAN_FILE),
+    ("echo x > plans/plan.md & sleep 1 & wait %2", PLAN_FILE),
+    ("echo x > plans/plan.md & wait %2", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; wait $P", PLAN_FILE),  # $P is not followed
+    ("echo x > plans/plan.md & cat > >(cat); wait $!", PLAN_FILE),  # $! is the process substitution
+    ("echo x > plans/plan.md & wait 123", PLAN_FILE),
     # waited for, or in the foreground
     ("echo x > plans/plan.md & wait", []),
     ('for f in plans/*.md; do sed -i s/a/b/ "$f" & done; wait', []),
@@ -827,6 +860,14 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("{ nohup sed -i s/a/b/ plans/plan.md & } 2> /dev/null; wait", []),
     ("setsid -w sed -i s/a/b/ plans/plan.md; systemd-run --user -d --wait rm plans/other.md", []),
     ("echo x > plans/plan.md; cat plans/plan.md | wc -l", []),
+    ("sed -i s/a/b/ plans/plan.md & wait $!", []),
+    ('sleep 1 & wait; echo x > plans/plan.md & wait "$!"', []),
+    ("sed -i s/a/b/ plans/plan.md & wait -n; echo done", []),  # the only job
+    ("sleep 1 & wait; sed -i s/a/b/ plans/plan.md & wait -n", []),
+    ("sed -i s/a/b/ plans/plan.md & wait -f %1", []),
+    ("sed -i s/a/b/ plans/plan.md & wait %%; sed -i s/a/b/ plans/other.md & wait %+", []),
+    ("sed -i s/a/b/ plans/plan.md & wait -n %-", []),
+    ("sed -i s/a/b/ plans/plan.md & sleep 1 & wait $(jobs -p)", []),
 ]
 
 
