@@ -30,6 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 MANAGED_ATTR = "user.coherent.version"
+
+
+def _managed(path: Path) -> bool:
+    """Whether the mount manages `path`: it answers `MANAGED_ATTR` (asked by name: it is not listed)."""
+    try:
+        os.getxattr(path, MANAGED_ATTR)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return False
+        raise
+    return True
 """The attribute the mount shows on managed files (fusefs/operations.py XATTR_VERSION)."""
 
 PAGE = mmap.PAGESIZE
@@ -54,7 +65,7 @@ class Exerciser:
         self.fresh = not self.model and not self.aux
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self.aux_fd = os.open(self.aux_path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.managed = MANAGED_ATTR in os.listxattr(path)
+        self.managed = _managed(path)
         self.ops: list[tuple[int, Callable[[], None]]] = [
             (20, self.write),
             (20, self.read),
