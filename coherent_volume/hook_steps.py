@@ -478,17 +478,25 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, t
 
 def _made(made: Callable[[str], str | None]) -> Callable[[bytes], Callable[[bytes], bool] | None]:
     """`made` (what a tool's write makes of a text) as `VolumeCore.adopt` asks it: given the bytes of
-    the version the tool's check found, whether a file's bytes are what it made of them, line ends
-    aside; None where that cannot be told (not text, or the change does not apply as written)."""
+    the version the tool's check found, whether a file's bytes are what it made of them
+    (`_same_lines`); None where that cannot be told (not text, or the change does not apply as
+    written)."""
 
     def expect(base: bytes) -> Callable[[bytes], bool] | None:
         try:  # the tools edit a CRLF file's text with its line ends made LF, then put them back
             result = made(base.decode("utf-8").replace("\r\n", "\n"))
         except UnicodeDecodeError:
             return None
-        return None if result is None else partial(shows, text=result, whole=True)
+        return None if result is None else partial(_same_lines, text=result)
 
     return expect
+
+
+def _same_lines(data: bytes, text: str) -> bool:
+    """Whether the file `data` holds the lines of `text`, line ends and spaces or tabs at their ends
+    aside (Claude Code strips those from an Edit's new lines)."""
+    ours = [line.rstrip(" \t") for line in _split_lines(text)]
+    return [line.rstrip(" \t") for line in _split_lines(data.decode("utf-8", "replace"))] == ours
 
 
 def _recorded(
@@ -584,7 +592,7 @@ def shows(
     """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
     read tool shows them (line ends normalised; a trailing newline is no line). A shown line ending
     in `shortened` (a tool's marker for a cut line) stands for any line that begins with what
-    precedes it; so does a shown line of `cut` characters or more, which a tool that cuts long
+    precedes it; so does a shown line of `cut` UTF-16 units or more, which a tool that cuts long
     lines without a marker shows. A text showing none of a non-empty file's lines (a read past its
     end) shows nothing of it: False."""
     shown = _split_lines(text)
@@ -594,8 +602,8 @@ def shows(
     for have, want in zip(lines, shown, strict=False):
         if shortened and want.endswith(shortened) and have.startswith(want[: -len(shortened)]):
             continue
-        if cut is not None and len(want) >= cut and have.startswith(want):
-            continue
+        if cut is not None and len(want.encode("utf-16-le", "surrogatepass")) >= 2 * cut and have.startswith(want):
+            continue  # (counted in UTF-16 units, as a JavaScript tool cuts)
         if have != want:
             return False
     return True

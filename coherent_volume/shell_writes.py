@@ -95,6 +95,7 @@ import os
 import re
 import shlex
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -411,11 +412,13 @@ _COPROC = re.compile(r"\bcoproc\b")
 _QUITS = re.compile(
     r"\b(?:exit|exec|return|logout|suspend|set|shopt|ulimit|source|enable|alias|disown|readonly|declare|typeset"
     r"|local|fuser|prlimit|gdb|lldb|strace|ltrace)\b|kill|signal|sigqueue|ptrace|process_vm|/mem\b|\$\{[^}]*\?"
-    r"|\$\(\(|\$\[|\$\{(?:!|[^}]*(?:\[|:(?![-=+?])))|>\(|(?:^|[\s;&|(){}])\.(?=\s)"
+    r"|\$\(\(|\$\[|\$\{(?:!|\}|[^}]*(?:\[|:(?![-=+?])))|>\(|(?:^|[\s;&|(){}])\.(?=\s)"
+    r"|\b(?:UID|EUID|PPID|SHELLOPTS|BASHOPTS|BASH_VERSINFO)(?:\[[^]]*\])?\+?="
 )
 """A command that may end its shell before a `wait` runs: `exit`, `exec`, `set -e`, `${v?}`, a script it
 sources; an error bash ends a script on (an assignment to a read-only or integer variable, an arithmetic,
-offset or subscript expansion, `${!v}`); a signal sent or a limit set by anything but the shell's own job
+offset or subscript expansion, `${!v}`, `${}`, an assignment to one of bash's own read-only variables);
+a syntax error after the job (`_parses`); a signal sent or a limit set by anything but the shell's own job
 table (`kill`, `pkill`, `fuser -k`, `prlimit --pid`, a debugger or tracer attached to it, an interpreter's
 kill or signal call, its memory written through /proc); SIGPIPE from a process substitution it writes to.
 Or keep `wait` from waiting for a job (`disown`, `enable -n`, an alias). No `wait` in it is taken to
@@ -2942,6 +2945,15 @@ def volume_named(command: str, cwd: str) -> str | None:
     return min(_named_volumes(command[:_LONGEST], os.path.join(os.getcwd(), cwd)), default=None)
 
 
+def _parses(command: str) -> bool:
+    """Whether bash parses the whole of `command`: a syntax error ends a shell where it meets it,
+    after the jobs started before it, and before any `wait` after it (`_Walk.waited`)."""
+    try:
+        return subprocess.run(["bash", "-n", "-c", command], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def _followed(
     command: str, cwd: str, settled: tuple[dict[str, str], frozenset[str]] | None = None, deadline: float = 0.0
 ) -> tuple[_Walk, ShellWrites]:
@@ -2963,6 +2975,7 @@ def _followed(
         ok, fail = walk.walk(command, _started(cwd))
         walk.trapped(ok | fail)
         waited = walk.waited()
+        waited = waited if not waited or _parses(command) else frozenset()
         for path, kind, expand, job in walk.found:
             files = _expand(path, walk) if expand else [path]
             if files is None:

@@ -598,6 +598,37 @@ def test_a_read_showing_a_long_line_cut_registers_the_view(root: Path, sessions)
     assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
 
 
+def test_a_read_showing_a_line_of_emoji_cut_in_utf16_units_registers_the_view(root: Path, sessions) -> None:
+    """Claude Code cuts a long line at 2,000 UTF-16 units (a JavaScript string's length): a line of
+    emoji so cut is 1,000 characters, and still counts for the file's line that begins with it."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "\U0001f600" * 1500 + "\n")
+    s = sessions("emoji", root)
+    s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, "\U0001f600" * 1000 + "\n")))
+    written = {"content": "new\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
+
+
+def test_an_edit_whose_new_lines_the_tool_stripped_of_trailing_spaces_is_the_sessions_version(
+    root: Path, sessions
+) -> None:
+    """Claude Code strips spaces at the ends of an Edit's new lines: the file holding the edit so
+    stripped is the session's own version, no change by another writer."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "one\ntwo\n")
+    s = sessions("strip", root)
+    s.read(target)
+    edit = {"old_string": "two", "new_string": "TWO  "}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+    target.write_text("one\nTWO\n")
+    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
+    assert post["stdout"] == "", post
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == f"claude:{unique('strip')}"
+
+
 def test_a_failed_tool_releases_the_grant(root: Path, sessions) -> None:
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:

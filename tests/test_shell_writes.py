@@ -843,6 +843,9 @@ BACKGROUND: list[tuple[str, list[str]]] = [
         PLAN_FILE,
     ),
     ("echo x > plans/plan.md & echo $((1/0)); wait", PLAN_FILE),  # bash ends a script on an expansion error
+    ("echo x > plans/plan.md & EUID=0; wait", PLAN_FILE),  # one of bash's own read-only variables
+    ("echo x > plans/plan.md & x=${}; wait", PLAN_FILE),  # a bad substitution
+    ("echo x > plans/plan.md &\ndone\nwait", PLAN_FILE),  # a syntax error after the job: bash ends there
     ("echo x > plans/plan.md & readonly r=1; r=2; wait", PLAN_FILE),
     ("echo x > plans/plan.md & { sleep 1; echo x; } > >(true); wait", PLAN_FILE),  # SIGPIPE
     # a `wait` for some job only

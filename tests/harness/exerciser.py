@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MANAGED_ATTR = "user.coherent.version"
+"""The attribute the mount shows on managed files (fusefs/operations.py XATTR_VERSION)."""
 
 
 def _managed(path: Path) -> bool:
@@ -41,7 +42,7 @@ def _managed(path: Path) -> bool:
             return False
         raise
     return True
-"""The attribute the mount shows on managed files (fusefs/operations.py XATTR_VERSION)."""
+
 
 PAGE = mmap.PAGESIZE
 
