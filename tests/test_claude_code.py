@@ -549,84 +549,53 @@ def test_a_write_another_writer_changes_before_the_tools_end_is_recorded_as_thei
     assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
 
 
-def test_an_edit_recorded_at_its_end_is_the_sessions_version(root: Path, sessions) -> None:
-    """An Edit whose file holds its change made to the version the session read, at its
-    PostToolUse, is the session's version, and its view moves there."""
+@pytest.mark.parametrize(
+    ("before", "edit", "after"),
+    [
+        (b"one\ntwo\n", {"old_string": "two", "new_string": "TWO"}, b"one\nTWO\n"),
+        # Claude Code edits a CRLF file's text with LF line ends, then puts the CRLFs back
+        (b"a\r\nb\r\nc\r\n", {"old_string": "b", "new_string": ""}, b"a\r\nc\r\n"),
+        # and strips the spaces at the ends of an Edit's new lines
+        (b"one\ntwo\n", {"old_string": "two", "new_string": "TWO  "}, b"one\nTWO\n"),
+    ],
+    ids=["plain", "crlf-line-deleted", "trailing-spaces-stripped"],
+)
+def test_an_edits_result_at_its_end_is_the_sessions_version(
+    root: Path, sessions, before: bytes, edit: dict[str, str], after: bytes
+) -> None:
+    """A file holding, at the Edit's PostToolUse, what Claude Code makes of the version the session
+    read is the session's own version (no change by another writer, nothing told), and its view
+    moves there: its next edit goes ahead."""
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "one\ntwo\n")
+        setup.write(P, before)
     s = sessions("edit", root)
     s.read(target)
-    edit = {"old_string": "two", "new_string": "TWO"}
     assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
-    target.write_text("one\nTWO\n")
+    target.write_bytes(after)
     post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
-    assert post["stdout"] == ""
+    assert post["stdout"] == "", post
     with CoherentVolume(root, agent="observer") as v:
         assert [(h.version, h.writer) for h in v.history(P)][0] == (2, f"claude:{unique('edit')}")
-    edit = {"old_string": "one", "new_string": "ONE"}
-    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+    written = {"content": "next\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
 
 
-def test_an_edit_deleting_a_line_of_a_crlf_file_is_the_sessions_version(root: Path, sessions) -> None:
-    """Claude Code edits a CRLF file's text with LF line ends and puts the CRLFs back: deleting a
-    line so is the session's own version, no change by another writer."""
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [("x" * 3000, "x" * 2000), ("\U0001f600" * 1500, "\U0001f600" * 1000)],
+    ids=["ascii", "emoji-cut-in-utf16-units"],
+)
+def test_a_read_showing_a_long_line_cut_registers_the_view(root: Path, sessions, line: str, shown: str) -> None:
+    """The Read tool shows a line of more than 2,000 UTF-16 units (a JavaScript string's length)
+    cut to 2,000: that read is a view of the file all the same, so a write after it goes ahead."""
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "a\r\nb\r\nc\r\n")
-    s = sessions("crlf", root)
-    s.read(target)
-    edit = {"old_string": "b", "new_string": ""}
-    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
-    target.write_bytes(b"a\r\nc\r\n")
-    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
-    assert post["stdout"] == "", post
-    with CoherentVolume(root, agent="observer") as v:
-        assert v.history(P)[0].writer == f"claude:{unique('crlf')}"
-
-
-def test_a_read_showing_a_long_line_cut_registers_the_view(root: Path, sessions) -> None:
-    """The Read tool shows a line of more than 2,000 characters cut to 2,000: that read is a view
-    of the file all the same, so a write after it goes ahead."""
-    target = root / P
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "short\n" + "x" * 3000 + "\nlast\n")
+        setup.write(P, f"short\n{line}\nlast\n")
     s = sessions("long", root)
-    shown = "short\n" + "x" * 2000 + "\nlast\n"
-    s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, shown)))
+    s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, f"short\n{shown}\nlast\n")))
     written = {"content": "new\n"}
     assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
-
-
-def test_a_read_showing_a_line_of_emoji_cut_in_utf16_units_registers_the_view(root: Path, sessions) -> None:
-    """Claude Code cuts a long line at 2,000 UTF-16 units (a JavaScript string's length): a line of
-    emoji so cut is 1,000 characters, and still counts for the file's line that begins with it."""
-    target = root / P
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "\U0001f600" * 1500 + "\n")
-    s = sessions("emoji", root)
-    s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, "\U0001f600" * 1000 + "\n")))
-    written = {"content": "new\n"}
-    assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
-
-
-def test_an_edit_whose_new_lines_the_tool_stripped_of_trailing_spaces_is_the_sessions_version(
-    root: Path, sessions
-) -> None:
-    """Claude Code strips spaces at the ends of an Edit's new lines: the file holding the edit so
-    stripped is the session's own version, no change by another writer."""
-    target = root / P
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "one\ntwo\n")
-    s = sessions("strip", root)
-    s.read(target)
-    edit = {"old_string": "two", "new_string": "TWO  "}
-    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
-    target.write_text("one\nTWO\n")
-    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
-    assert post["stdout"] == "", post
-    with CoherentVolume(root, agent="observer") as v:
-        assert v.history(P)[0].writer == f"claude:{unique('strip')}"
 
 
 def test_a_failed_tool_releases_the_grant(root: Path, sessions) -> None:
