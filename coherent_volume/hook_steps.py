@@ -413,8 +413,9 @@ def end_writes(
     """After the tool call `tool` ran: the writes its start claimed for the paths of `writes`
     (`begin_writes`, `hook_paths.taking_claims`), each the file it resolved to then, and no others
     (a path the tool's own symlink leads elsewhere now was never checked there, so what it holds
-    gives the session no view). With `record`, each claimed whole-content write (kind "write") is
-    recorded as the claiming agent's commit (`adopt`; an append leaves its view alone); then its
+    gives the session no view). With `record`, each claimed write is recorded as the claiming
+    agent's commit (`adopt`; an append's too, leaving its view alone: a peer on another working
+    copy sees only what the registry records, and would have committed over it); then its
     grant is released unless another call of the process that has not ended claims the file too
     (two tools run at once: the grant stays until the last one's end). Returns what the model must
     be told: writes that went over a version it had not seen (its grant had lapsed), which
@@ -435,8 +436,11 @@ def end_writes(
                 for claim in (c for c in claims.values() if c.root == root):
                     validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
                     target = core.paths.of_rel(claim.rel)
-                    if record and claim.kind == "write":
-                        told += _recorded(core, claim.agent, target, made and _made(made))
+                    if record:  # an append's too: a working copy's peers see only what the registry records
+                        appended = claim.kind == "append"
+                        told += _recorded(
+                            core, claim.agent, target, None if appended else made and _made(made), appended
+                        )
                     if (claim.root, claim.rel) not in held:
                         release_hook_grant(core, claim.agent, target, actor.process)
     return told
@@ -500,13 +504,17 @@ def _same_lines(data: bytes, text: str) -> bool:
 
 
 def _recorded(
-    core: VolumeCore, agent: str, target: Target, made: Callable[[bytes], Callable[[bytes], bool] | None] | None = None
+    core: VolumeCore,
+    agent: str,
+    target: Target,
+    made: Callable[[bytes], Callable[[bytes], bool] | None] | None = None,
+    appended: bool = False,
 ) -> list[str]:
     """Record `agent`'s own write of `target` (`made`: see `VolumeCore.adopt`); the clobber to tell
     the model of, if it was one, or the change another writer made meanwhile."""
     with core.registry.read() as tx:
         last = tx.events(path=target.rel, limit=1, newest_first=True)
-    if core.adopt(agent, target, made) is None:
+    if core.adopt(agent, target, made, appended=appended) is None:
         return [
             f"coherent-volume: {target.rel} does not hold what your tool just wrote: another writer changed it "
             "meanwhile (recorded as a change by `external`). Read the file again before you change it, and check "

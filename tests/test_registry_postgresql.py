@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ from .harness import CLI
 from .harness.agent_session import unique
 from .harness.commitproxy import CommitProxy
 from .test_claude_code import Session, event
+from .test_claude_code import bash as claude_bash
 from .test_transactions import _scenario
 
 R = TypeVar("R")
@@ -767,7 +769,7 @@ def test_a_path_of_the_read_set_locked_past_the_wait_is_ebusy_naming_its_holder(
     other = _join(tmp_path / "other", pg_url)
     volume = _volume_id(pg_url)
     held = pg_transaction.path_key(volume, "plans/a.md")
-    x = next(p for p in (f"plans/n{i}.md" for i in range(50)) if pg_transaction.path_key(volume, p) < held)
+    x = next(p for p in (f"plans/n{i}.md" for i in itertools.count()) if pg_transaction.path_key(volume, p) < held)
     with CoherentVolume(root, agent="alice", isolation="read-set") as v:
         v.write(x, "x\n")
         v.write("plans/a.md", "a\n")
@@ -1786,6 +1788,32 @@ def _meanwhile(url: str, step: Callable[[], R]) -> Callable[[], R]:
         return done[0]
 
     return result
+
+
+def test_a_hooked_append_on_one_working_copy_is_recorded_before_a_peer_on_another_commits(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A Claude Code session on copy c0 appends with the Bash tool (`echo A >> plans/log.md`, which
+    needs no read); an agent on copy c1 then reads the file and adds a line: it reads the append
+    (recorded as the session's at its PostToolUse), and c0 ends with both lines. Before, the
+    append stayed unrecorded on c0's disk, c1's commit went over it, and c0's next look recorded
+    its disk over c1's commit: c1's line gone from the file, and nobody told."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[0], agent="setup") as setup:
+        setup.write("plans/log.md", "one\n")
+    session = Session("append", roots[0])
+    try:
+        assert claude_bash(session, "echo A >> plans/log.md") == ("allow", "")
+        with CoherentVolume(roots[1], agent="peer") as peer:
+            text = peer.read("plans/log.md")
+            assert text == b"one\nA\n"
+            peer.write("plans/log.md", text + b"PEER\n")
+        with CoherentVolume(roots[0], agent="observer") as v:
+            assert v.read("plans/log.md") == b"one\nA\nPEER\n"
+            writers = [h.writer for h in v.history("plans/log.md")]
+        assert writers == ["peer", agent_of(unique(session.id)), "setup"]
+    finally:
+        session.close()
 
 
 def test_session_bindings_and_a_status_while_a_path_is_held_stall_no_writer(tmp_path: Path, pg_url: str) -> None:

@@ -111,10 +111,12 @@ class Sessions(Writes):
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
         return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2], holds=(target.rel,))
 
-    def adopt(self, agent: str, target: Target, made: Made | None = None) -> int | None:
+    def adopt(self, agent: str, target: Target, made: Made | None = None, *, appended: bool = False) -> int | None:
         """Record the file's content, written by `agent` itself outside the volume (a hook reporting
         its own write), as `agent`'s commit. If that write was not based on the current version it
-        overwrote a commit: that is logged as a clobber, never hidden. `made`, where the tool's
+        overwrote a commit: that is logged as a clobber, never hidden. An append (`appended`) needs
+        no view, so it clobbers nothing and moves none (`protocol.view_moves`): its bytes are added
+        to the version its grant held the file at. `made`, where the tool's
         input says what its write makes of the version its check found (`agent`'s view until this
         record): a file that holds something else was changed by another writer as well, meanwhile:
         recorded as a change by EXTERNAL, `agent`'s view left where it was (its model never saw
@@ -141,11 +143,11 @@ class Sessions(Writes):
             if (record is not None and record.present == present and record.hash == digest) or (
                 record is None and not present
             ):
-                if record is not None:
+                if record is not None and not appended:
                     tx.put_view(agent, target.rel, version, now)
                 return version
             seen = tx.view(agent, target.rel)
-            if record is not None and record.present and seen != version:
+            if record is not None and record.present and seen != version and not appended:
                 held = tx.grant(target.rel)
                 during = HELD_CLOBBER if held is not None and held.agent == agent else ""
                 tx.log(
@@ -160,7 +162,8 @@ class Sessions(Writes):
             stored = self._retain(tx, target.abs, None) if present else None  # the bytes as they are now
             record = FileRecord(target.rel, version + 1, present, stored or digest, fp, agent, now, time.time_ns())
             self._record(tx, record, "commit" if present else "delete", retained=not present or stored is not None)
-            tx.put_view(agent, target.rel, version + 1, now)
+            if not appended:
+                tx.put_view(agent, target.rel, version + 1, now)
             tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version + 1)
             return version + 1
 
