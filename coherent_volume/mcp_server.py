@@ -223,6 +223,12 @@ class Session:
             except ToolRefused:
                 raise
             except StaleWriteError as e:
+                if e.reason in ("unread", "stale", "fenced") and not self._text(e.path):
+                    raise ToolRefused(
+                        f"Refused ({e.reason}): nothing was written. {e.path} is not UTF-8 text, which read_file "
+                        "cannot show, so these tools cannot change it after reading it: change it with a tool that "
+                        "reads its bytes (the mounted workspace, the Python API), or ask the user."
+                    ) from None
                 raise ToolRefused(refusal_text(e)) from None
             except FileNotFoundError:
                 raise ToolRefused(f"{path} does not exist (write_file creates a file).") from None
@@ -236,6 +242,17 @@ class Session:
                 ) from None
             except (CoherenceError, OSError, UnicodeError) as e:
                 raise ToolRefused(f"{action} {path} failed: {e}") from None
+
+    def _text(self, rel: str) -> bool:
+        """Whether the file at `rel` holds UTF-8 text (or is gone), which read_file can show."""
+        try:
+            with open(self.core.paths.of_rel(rel).abs, "rb") as f:
+                f.read().decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        except OSError:
+            return True
+        return True
 
     # ---- tools ----
 

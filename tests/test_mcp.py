@@ -141,6 +141,23 @@ def test_unread_writes_are_refused_and_unmanaged_paths_pass_through(root: Path) 
     run(scenario)
 
 
+def test_a_write_of_a_file_read_file_cannot_show_is_refused_with_a_remedy_that_works(root: Path) -> None:
+    """A managed file that is not UTF-8 text cannot be read with read_file, so "read it first" would
+    loop: the refusal says these tools cannot change it and what can."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, b"\xff\xfe binary\n")
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            assert "not UTF-8" in await s.refused("read_file", path=P)
+            refusal = await s.refused("write_file", path=P, content="text\n")
+            assert "Refused (unread)" in refusal and "not UTF-8 text" in refusal and "Python API" in refusal
+            assert "Call read_file" not in refusal
+            assert (root / P).read_bytes() == b"\xff\xfe binary\n"
+
+    run(scenario)
+
+
 def test_edit_file_applies_to_what_the_session_read(root: Path) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "a\nb\nc\nc\n")
