@@ -1816,6 +1816,28 @@ def test_a_hooked_append_on_one_working_copy_is_recorded_before_a_peer_on_anothe
         session.close()
 
 
+def test_a_read_tool_on_a_working_copy_behind_brings_it_up_to_date_for_the_next_read(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A Claude Code session on copy c0 reads a file (its Read tool reads c0's disk) after an agent on
+    c1 committed a newer version: its view is what it was shown, the older version, and the copy is
+    brought up to date after, so its next Read shows the newer one and a write after it goes ahead
+    (before, every Read showed the old bytes until a write was refused)."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[0], agent="setup") as setup:
+        setup.write("plans/a.md", "v1\n")
+    with CoherentVolume(roots[1], agent="peer") as peer:
+        peer.read("plans/a.md")
+        peer.write("plans/a.md", "v2\n")
+    session = Session("behind", roots[0])
+    try:
+        assert session.read(roots[0] / "plans/a.md") == "v1\n"
+        assert session.read(roots[0] / "plans/a.md") == "v2\n"
+        assert claude_bash(session, "echo v3 > plans/a.md") == ("allow", "")
+    finally:
+        session.close()
+
+
 def test_session_bindings_and_a_status_while_a_path_is_held_stall_no_writer(tmp_path: Path, pg_url: str) -> None:
     """A transaction holds plans/a.md (idle in it). Meanwhile, in another working copy, a Claude
     Code session starts and ends (its hooks bind and unbind it: `join_session`, `end_session`), a

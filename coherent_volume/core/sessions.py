@@ -88,7 +88,9 @@ class Sessions(Writes):
     def observe(self, agent: str, target: Target, saw: Callable[[bytes], bool]) -> int | None:
         """Register `agent`'s view at the current version if `saw(current content)` confirms that is
         what the agent was shown, and lift a fence it had there (a confirmed re-read, as
-        `reacquire`); return that version, or None (views unchanged) if it was not."""
+        `reacquire`); return that version, or None (views unchanged) if it was not. A working copy
+        that was behind is brought up to date after (the view stays at what was shown), so the
+        agent's next read shows the current version."""
         with self._commit_lock((target.rel,)):  # no commit of it between the read and the sync
             self._settle_installs()
             try:
@@ -105,7 +107,9 @@ class Sessions(Writes):
                 tx.drop_fence(agent, target.rel)
                 return record.version
 
-            return self._transact(confirm, holds=(target.rel,))
+            version = self._transact(confirm, holds=(target.rel,))
+            self._catch_up(target)
+            return version
 
     def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
