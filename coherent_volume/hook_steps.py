@@ -41,7 +41,7 @@ from functools import partial
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
-from .core.sessions import HELD_CLOBBER
+from .core.sessions import HELD_CLOBBER, Made
 from .errors import (
     CoherenceError,
     LinkRefused,
@@ -480,7 +480,7 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, t
     return told
 
 
-def _made(made: Callable[[str], str | None]) -> Callable[[bytes], Callable[[bytes], bool] | None]:
+def _made(made: Callable[[str], str | None]) -> Made:
     """`made` (what a tool's write makes of a text) as `VolumeCore.adopt` asks it: given the bytes of
     the version the tool's check found, whether a file's bytes are what it made of them
     (`_same_lines`); None where that cannot be told (not text, or the change does not apply as
@@ -507,7 +507,7 @@ def _recorded(
     core: VolumeCore,
     agent: str,
     target: Target,
-    made: Callable[[bytes], Callable[[bytes], bool] | None] | None = None,
+    made: Made | None = None,
     appended: bool = False,
 ) -> list[str]:
     """Record `agent`'s own write of `target` (`made`: see `VolumeCore.adopt`); the clobber to tell

@@ -120,11 +120,11 @@ class Sessions(Writes):
         its own write), as `agent`'s commit. If that write was not based on the current version it
         overwrote a commit: that is logged as a clobber, never hidden. An append (`appended`) needs
         no view, so it clobbers nothing and moves none (`protocol.view_moves`): its bytes are added
-        to the version its grant held the file at. `made`, where the tool's
-        input says what its write makes of the version its check found (`agent`'s view until this
-        record): a file that holds something else was changed by another writer as well, meanwhile:
-        recorded as a change by EXTERNAL, `agent`'s view left where it was (its model never saw
-        those bytes), and None returned."""
+        to the version its grant held the file at. `made`, where the tool's input says what its
+        write makes of the version its check found (`agent`'s view until this record): a file that
+        holds something else was changed by another writer as well, meanwhile: recorded as a change
+        by EXTERNAL, `agent`'s view left where it was (its model never saw those bytes), and None
+        returned."""
 
         def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
