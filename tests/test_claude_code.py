@@ -226,6 +226,36 @@ def test_on_a_mount_the_session_is_its_process_from_its_start(mounted: Mount, se
         )
 
 
+@pytest.mark.parametrize(
+    ("tool", "edit"),
+    [
+        ("Edit", {"old_string": "end\n", "new_string": "added\nend\n"}),
+        ("MultiEdit", {"edits": [{"old_string": "end\n", "new_string": "added\nend\n"}]}),
+    ],
+)
+def test_on_a_mount_an_edit_is_the_sessions_own_version_and_nothing_is_told(
+    mounted: Mount, sessions, tool: str, edit: dict[str, object]
+) -> None:
+    """On a mount the file system commits an edit as the session's (its view moves there) before
+    PostToolUse: the end-of-tool check finds the session's own version, tells the model nothing, and
+    its next edit goes ahead. (Applying the edit to the session's version again would add a second
+    line: no test of what the file holds.)"""
+    target = mounted.path / P
+    with CoherentVolume(mounted.root, agent="setup") as setup:
+        setup.write(P, "v1\nend\n")
+    s = sessions("medit", mounted.path)
+    s.hook(event("SessionStart", s.id, mounted.path, source="startup"))
+    s.read(target)
+    assert decision(s.hook(event("PreToolUse", s.id, mounted.path, tool, target, tool_input=edit)))[0] == "allow"
+    assert s.tool_write(target, "v1\nadded\nend\n")["code"] == 0
+    post = s.hook(event("PostToolUse", s.id, mounted.path, tool, target, {"filePath": str(target)}, tool_input=edit))
+    assert post["stdout"] == "", post
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert [(h.version, h.writer) for h in v.history(P)] == [(2, f"claude:{unique('medit')}"), (1, "setup")]
+    again = {"old_string": "v1", "new_string": "v2"}
+    assert decision(s.hook(event("PreToolUse", s.id, mounted.path, "Edit", target, tool_input=again)))[0] == "allow"
+
+
 def test_edit_of_a_never_read_file_is_denied(root: Path, sessions) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "exists\n")

@@ -209,6 +209,29 @@ def test_a_write_another_writer_changes_before_its_post_tool_use_is_theirs_and_t
     assert c.write_file(target, "v3\n")[0] == "deny"
 
 
+def test_on_a_mount_a_str_replace_is_the_conversations_own_version_and_nothing_is_told(
+    mounted: Mount, conversations
+) -> None:
+    """On a mount the file system commits a StrReplace as the conversation's before postToolUse:
+    nothing is told (applying the replacement to that version again would not give the file), and
+    the conversation writes on."""
+    with CoherentVolume(mounted.root, agent="setup") as setup:
+        setup.write(P, "END\n")
+    target = mounted.path / P
+    c = conversations("medit", mounted.path)
+    c.begin()
+    c.read(target)
+    edit = c.event("pre_tool_use_str_replace", path=target, old="END", new="TOK\nEND")
+    assert permission(c.hook(edit))[0] == "allow"
+    assert c.write(target, "TOK\nEND\n")["code"] == 0
+    post = {**c.event("post_tool_use_write", path=target, content=""), "tool_name": "StrReplace"}
+    post.update(tool_use_id=edit["tool_use_id"], tool_input=edit["tool_input"])
+    assert c.hook(post)["json"] in (None, {}), "nothing told"
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)] == [f"cursor:{unique('medit')}", "setup"]
+    assert c.write_file(target, "next\n") == ("allow", "")
+
+
 def test_conversation_end_releases_its_grants(root: Path, conversations) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
