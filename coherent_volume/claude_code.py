@@ -244,6 +244,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         made = hook_merge.made(_change(event))
         told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event), made=made)
         answer = _tell_model("\n\n".join(told)) if told else answer
+    elif name == "PostToolUseFailure" and tool == "Read":
+        return hooks.with_context(answer, name, hook_steps.bring(actor, path))
     elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:
         hook_steps.end_writes(actor, writes, progress, record=False, tool=hooks.tool_call(event))
         return answer
@@ -379,6 +381,8 @@ def _undone(event: dict[str, Any]) -> str:
     name, tool = event.get("hook_event_name"), event.get("tool_name")
     if name == "PostToolUse":
         return "read" if tool == "Read" else "write" if tool in (*WRITE_TOOLS, SHELL_TOOL) else "other"
+    if name == "PostToolUseFailure" and tool == "Read":
+        return "other"
     return "release" if name in ("PostToolUseFailure", "PermissionDenied", "SubagentStop") else "other"
 
 
@@ -389,7 +393,7 @@ def our_hooks(command: str) -> dict[str, list[dict[str, Any]]]:
         {
             "PreToolUse": writes,
             "PostToolUse": f"Read|{writes}",
-            "PostToolUseFailure": writes,
+            "PostToolUseFailure": f"Read|{writes}",
             "UserPromptSubmit": None,
             "SubagentStop": None,
             "SessionStart": None,

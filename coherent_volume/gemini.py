@@ -84,6 +84,17 @@ def _text(part: object) -> str | None:
     return text if isinstance(text, str) else None
 
 
+def _failed_read(event: dict[str, Any]) -> str | None:
+    """The absolute path of the file a read_file that failed named (a working copy may lack it yet:
+    `hook_steps.bring`)."""
+    response, tool_input = event.get("tool_response"), event.get("tool_input")
+    if event.get("tool_name") != "read_file" or not isinstance(tool_input, dict):
+        return None
+    if isinstance(response, dict) and not response.get("error"):
+        return None
+    return hooks.absolute(tool_input.get("file_path"), event.get("cwd"))
+
+
 def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool]]]:
     """(absolute path, predicate on the file's bytes) for each text file the read tool gave the model."""
     response, tool_input = event.get("tool_response"), event.get("tool_input")
@@ -154,6 +165,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             for path, shown in _reads(event):
                 progress.path = path
                 hook_steps.observe(actor, path, shown, progress)
+            missing = _failed_read(event)
+            told = hook_steps.bring(actor, missing) if missing is not None else []
         elif name == "AfterTool" and (writes or tool == SHELL_TOOL):
             response = event.get("tool_response")
             failed = not isinstance(response, dict) or bool(response.get("error"))

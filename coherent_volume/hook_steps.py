@@ -589,6 +589,29 @@ def observe(
         return None
 
 
+def bring(actor: Actor, path: str) -> list[str]:
+    """After a read tool found no file at `path`: in a working copy that lacked the managed file
+    (committed on another host and not installed here yet), its current version installed; what to
+    tell the model (nothing where there was nothing to bring)."""
+    found = located(path)
+    if found is None:
+        return []
+    with opened(found.root) as core:
+        try:
+            target = _resolve(core, found.rel)
+        except OutsideVolume:
+            return []
+        if target is None or target.alias_of is not None:
+            return []
+        version = core.bring(target)
+    if version is None:
+        return []
+    return [
+        f"coherent-volume: {target.rel} was not in this working copy yet (version {version} was committed "
+        "on another host); it is now: read it again."
+    ]
+
+
 def _split_lines(text: str) -> list[str]:
     lines = re.split(r"\r?\n", text)
     return lines[:-1] if lines and lines[-1] == "" else lines

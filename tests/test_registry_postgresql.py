@@ -51,6 +51,7 @@ from .harness.agent_session import unique
 from .harness.commitproxy import CommitProxy
 from .test_claude_code import Session, event
 from .test_claude_code import bash as claude_bash
+from .test_gemini import Session as GeminiSession
 from .test_transactions import _scenario
 
 R = TypeVar("R")
@@ -1814,6 +1815,41 @@ def test_a_hooked_append_on_one_working_copy_is_recorded_before_a_peer_on_anothe
         assert writers == ["peer", agent_of(unique(session.id)), "setup"]
     finally:
         session.close()
+
+
+def test_a_read_tool_that_finds_no_file_on_a_working_copy_brings_it_and_says_read_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A file committed on copy c1 that copy c0 never installed: a Claude Code session's Read on c0
+    fails (no file), its PostToolUseFailure installs the current version and tells the model to read
+    it again, and the next Read shows it (before, every Read failed until a write or `status`); so
+    does a Gemini CLI read_file's AfterTool."""
+    roots = [_pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)]
+    with CoherentVolume(roots[1], agent="peer") as peer:
+        peer.write("plans/new.md", "from c1\n")
+    target = roots[0] / "plans/new.md"
+    assert not target.exists()
+    session = Session("missing", roots[0])
+    try:
+        failed = event("PostToolUseFailure", session.id, roots[0], "Read", target, error="File does not exist.")
+        told = json.loads(str(session.hook(failed)["stdout"]))["hookSpecificOutput"]["additionalContext"]
+        assert "plans/new.md was not in this working copy yet (version 1 was committed on another host)" in told
+        assert session.read(target) == "from c1\n"
+        assert claude_bash(session, "echo mine > plans/new.md") == ("allow", "")
+    finally:
+        session.close()
+    with CoherentVolume(roots[1], agent="peer") as peer:
+        peer.write("plans/other.md", "from c1\n")
+    other = roots[0] / "plans/other.md"
+    gemini = GeminiSession("missing", roots[0])
+    try:
+        failed = gemini.event("after_read_file", path=other, text="")
+        failed["tool_response"] = {"llmContent": "", "error": {"message": "File not found.", "type": "FILE_NOT_FOUND"}}
+        told = json.loads(str(gemini.hook(failed)["stdout"]))["hookSpecificOutput"]["additionalContext"]
+        assert "plans/other.md was not in this working copy yet" in told and "read it again" in told
+        assert gemini.read(other) == "from c1\n"
+    finally:
+        gemini.close()
 
 
 def test_a_read_tool_on_a_working_copy_behind_brings_it_up_to_date_for_the_next_read(

@@ -184,6 +184,22 @@ class Reads(CoreBase):
         assert record is not None
         return Observed(data, record.version)
 
+    def bring(self, target: Target) -> int | None:
+        """In a working copy that lacks the managed file `target` (never installed here, or removed
+        outside the volume: a cache miss, no deletion): install its current version (`_catch_up`)
+        and return it; None where the file is there already, or the volume holds none."""
+        self._require_managed(target, "bring", reads=True)
+        if self.replica is None or os.path.lexists(target.abs):
+            return None
+        with self._commit_lock((target.rel,)):
+            self._settle_installs()
+            self._catch_up(target)
+            if not os.path.lexists(target.abs):
+                return None
+            with self.registry.read() as tx:
+                record = tx.file(target.rel)
+        return record.version if record is not None and record.present else None
+
     def _catch_up(self, target: Target) -> None:
         """In a working copy (`CoreBase.replica`), under the commit lock: install the current version
         of `target` if this copy is behind (a foreign change is recorded instead), so that what is
