@@ -28,8 +28,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
+from . import diffs, hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
+from .core.sessions import Made
 from .errors import StaleWriteError
 from .hook_steps import shows
 from .hooks import Answer, Face, Progress
@@ -170,7 +171,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         elif name == "AfterTool" and (writes or tool == SHELL_TOOL):
             response = event.get("tool_response")
             failed = not isinstance(response, dict) or bool(response.get("error"))
-            told = hook_steps.end_writes(actor, writes, progress, record=not failed) if writes else []
+            made = _made(event) if tool in WRITE_TOOLS else None
+            told = hook_steps.end_writes(actor, writes, progress, record=not failed, made=made) if writes else []
             if tool == SHELL_TOOL:
                 told += hook_steps.end_deletions(actor, places, record=not failed)
         answer = hooks.with_context(Answer(), name, told)
@@ -217,6 +219,39 @@ def _change(event: dict[str, Any]) -> hook_merge.Change | str:
         rebased=True,
         name="your edit",
         misfit="its old_string does not occur there the number of times the edit expects",
+    )
+
+
+_ESCAPED = re.compile(r"\\+(n|t|r|'|\"|`|\\|\n)")
+_UNESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\n": "\n"}
+
+
+def _unescaped(text: str) -> str:
+    """`text` with the escapes Gemini CLI's file tools undo before they write (a model that wrote
+    `\\n` for a line end): a run of backslashes before n, t, r, a quote, a backtick, a backslash or
+    a line end stands for that character."""
+    return _ESCAPED.sub(lambda m: _UNESCAPED.get(m.group(1), m.group(1)), text)
+
+
+def _made(event: dict[str, Any]) -> Made | None:
+    """What a write_file or replace makes of the file, allowing for what Gemini CLI's tools may do
+    to it first: a write_file writes its content, or that content unescaped (`_unescaped`); a
+    replace takes out lines of old_string and puts in lines of new_string, as given or unescaped,
+    re-indented or rewritten to fit the file (`hook_steps.within`). None where the input names
+    neither."""
+    tool_input = event.get("tool_input")
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    content, old, new = tool_input.get("content"), tool_input.get("old_string"), tool_input.get("new_string")
+    if event.get("tool_name") == "write_file":
+        if not isinstance(content, str):
+            return None
+        return hook_steps.either(
+            *(hook_steps.exactly(hook_merge.whole(c).apply) for c in {content, _unescaped(content)})
+        )
+    if not isinstance(old, str) or not isinstance(new, str):
+        return None
+    return hook_steps.within(
+        diffs.lines(old) + diffs.lines(_unescaped(old)), diffs.lines(new) + diffs.lines(_unescaped(new))
     )
 
 

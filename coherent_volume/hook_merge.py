@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from . import diffs, hooks
 from .core import VolumeCore
 from .core.history import Refused
+from .core.sessions import Made
 from .errors import CoherenceError, MergeConflict, StaleWriteError
-from .hook_steps import denial_text, denied
+from .hook_steps import denial_text, denied, exactly
 from .hooks import Answer, Face, Progress
 from .paths import Target
 from .protocol import may_merge
@@ -44,9 +45,9 @@ class Change:
     """Why the change may not apply to a text, as a clause ("its old_string is missing there")."""
 
 
-def made(change: Change | str) -> Callable[[str], str | None] | None:
-    """What a write tool's change makes of a text (`hook_steps.end_writes`), where its input names one."""
-    return change.apply if isinstance(change, Change) else None
+def made(change: Change | str) -> Made | None:
+    """What a write tool's change makes of a file (`hook_steps.end_writes`), where its input names one."""
+    return exactly(change.apply) if isinstance(change, Change) else None
 
 
 def whole(content: str) -> Change:

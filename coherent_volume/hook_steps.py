@@ -34,12 +34,12 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from . import hooks
+from . import diffs, hooks
 from .core import VolumeCore, open_core, validate_agent
 from .core.sessions import HELD_CLOBBER, Made
 from .errors import (
@@ -408,7 +408,7 @@ def end_writes(
     *,
     record: bool,
     tool: str | None = None,
-    made: Callable[[str], str | None] | None = None,
+    made: Made | None = None,
 ) -> list[str]:
     """After the tool call `tool` ran: the writes its start claimed for the paths of `writes`
     (`begin_writes`, `hook_paths.taking_claims`), each the file it resolved to then, and no others
@@ -420,8 +420,8 @@ def end_writes(
     (two tools run at once: the grant stays until the last one's end). Returns what the model must
     be told: writes that went over a version it had not seen (its grant had lapsed), which
     `adopt` logged as clobbers, and files another writer changed as well meanwhile. `made`: what
-    the tool's write makes of the text it changes (its input says so: a Write's content, an Edit's
-    strings), where it is one file's."""
+    the tool's write makes of the file it changes (its input says so: a Write's content, an Edit's
+    strings; `exactly`, `within`), where it is one file's."""
     told: list[str] = []
     named = {path for path, _ in writes}
 
@@ -438,9 +438,7 @@ def end_writes(
                     target = core.paths.of_rel(claim.rel)
                     if record:  # an append's too: a working copy's peers see only what the registry records
                         appended = claim.kind == "append"
-                        told += _recorded(
-                            core, claim.agent, target, None if appended else made and _made(made), appended
-                        )
+                        told += _recorded(core, claim.agent, target, None if appended else made, appended)
                     if (claim.root, claim.rel) not in held:
                         release_hook_grant(core, claim.agent, target, actor.process)
     return told
@@ -480,7 +478,7 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, t
     return told
 
 
-def _made(made: Callable[[str], str | None]) -> Made:
+def exactly(made: Callable[[str], str | None]) -> Made:
     """`made` (what a tool's write makes of a text) as `VolumeCore.adopt` asks it: given the bytes of
     the version the tool's check found, whether a file's bytes are what it made of them
     (`_same_lines`); None where that cannot be told (not text, or the change does not apply as
@@ -492,6 +490,46 @@ def _made(made: Callable[[str], str | None]) -> Made:
         except UnicodeDecodeError:
             return None
         return None if result is None else partial(_same_lines, text=result)
+
+    return expect
+
+
+def either(*mades: Made) -> Made:
+    """A file fits if it fits any of `mades` (those that can tell); None where none can tell."""
+
+    def expect(base: bytes) -> Callable[[bytes], bool] | None:
+        checks = [check for made in mades if (check := made(base)) is not None]
+        if not checks:
+            return None
+        return lambda data: any(check(data) for check in checks)
+
+    return expect
+
+
+def within(removed: Collection[str], added: Collection[str]) -> Made:
+    """What a tool makes of a file when it may correct its change before making it (Gemini CLI's
+    replace: its strings unescaped, re-indented to fit, or rewritten): given the bytes of the
+    version its check found, whether a file differs from them by nothing but lines among `removed`
+    taken out and lines among `added` put in (each line compared without the spaces and tabs at
+    its ends, line ends aside). A line no such change holds (another writer's, meanwhile) fails
+    it. None where that cannot be told: not text, or too big to align within a hook's time."""
+    gone, new = {line.strip(" \t\r\n") for line in removed}, {line.strip(" \t\r\n") for line in added}
+
+    def expect(base: bytes) -> Callable[[bytes], bool] | None:
+        try:
+            text = base.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+        def fits(data: bytes) -> bool:
+            if not diffs.mergeable(len(base), len(data)):
+                return True  # too big to align: not told apart (as a tool whose change is unknown)
+            out, put = diffs.changed_lines(text, data.decode("utf-8", "replace"))
+            return all(line.strip(" \t\r\n") in gone for line in out) and all(
+                line.strip(" \t\r\n") in new for line in put
+            )
+
+        return fits
 
     return expect
 

@@ -216,13 +216,15 @@ def tool_remedies(read: str, wait: str) -> dict[Reason, str]:
 
 
 def with_context(answer: Answer, event_name: str, texts: Iterable[str | None]) -> Answer:
-    """`answer` with `texts` added to what the model gets (`hookSpecificOutput.additionalContext`);
-    unchanged when there are none. An answer without a decision leaves the decision to the agent."""
+    """`answer` with `texts` added to what the model gets (`hookSpecificOutput.additionalContext`,
+    after what it holds already); unchanged when there are none. An answer without a decision
+    leaves the decision to the agent."""
     text = "\n\n".join(t for t in texts if t)
     if not text:
         return answer
     out = json.loads(answer.stdout) if answer.stdout else {}
-    out.setdefault("hookSpecificOutput", {"hookEventName": event_name})["additionalContext"] = text
+    specific = out.setdefault("hookSpecificOutput", {"hookEventName": event_name})
+    specific["additionalContext"] = "\n\n".join(t for t in (specific.get("additionalContext"), text) if t)
     return Answer(answer.code, json.dumps(out), answer.stderr)
 
 

@@ -172,6 +172,81 @@ def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
     assert decision(s.hook(s.event("before_write_file", path=other, content="x")))[0] == "allow"
 
 
+def _replaced(s: Session, target: Path, old: str, new: str, result: str, meanwhile: str = "") -> str:
+    """A replace: BeforeTool, the tool writing `result` (what Gemini CLI made of the edit), a program
+    outside the hooks appending `meanwhile`, then AfterTool; what the model is told after it."""
+    edit = s.event("before_replace", path=target, old=old, new=new)
+    assert decision(s.hook(edit)) == ("allow", "")
+    assert s.write(target, result)["code"] == 0
+    if meanwhile:
+        with target.open("a") as f:
+            f.write(meanwhile)
+    after = {**edit, "hook_event_name": "AfterTool", "tool_response": {"llmContent": "Successfully modified file."}}
+    return context(s.hook(after))
+
+
+def test_a_replace_another_writer_changes_before_its_end_is_theirs_and_the_model_told(root: Path, sessions) -> None:
+    """A program outside the hooks appends a line while a replace holds the file: at AfterTool the
+    file holds a line the edit does not, so that change is recorded as `external`'s, the session's
+    view stays at what it read, the model is told, and its next write_file is refused until it reads
+    again (before, the file was taken for the session's and its next write_file dropped the line)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "step 1\nstep 2\n")
+    target = root / P
+    s = sessions("g1", root)
+    s.read(target)
+    told = _replaced(s, target, "step 1", "step 1 done", "step 1 done\nstep 2\n", meanwhile="a script's line\n")
+    assert "does not hold what your tool just wrote" in told, told
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == "external"
+    assert s.write_file(target, "step 1 done\nstep 2\nstep 3\n")[0] == "deny"
+    assert target.read_text() == "step 1 done\nstep 2\na script's line\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "result"),
+    [
+        ("step 1", "step 1 done", "  step 1 done\nstep 2\n"),
+        ("  step 1", "  step 1\\n  step 1b", "  step 1\n  step 1b\nstep 2\n"),
+        ("step 2\n", "", "  step 1\n"),
+    ],
+    ids=["re-indented", "escapes-undone", "line-taken-out"],
+)
+def test_a_replace_gemini_cli_corrected_is_the_sessions_own_and_nothing_is_told(
+    root: Path, sessions, old: str, new: str, result: str
+) -> None:
+    """Gemini CLI may correct a replace before making it (re-indented to fit, a `\\n` written for a
+    line end undone): a file changed only by lines of old_string taken out and lines of new_string
+    put in is the session's own version, and nothing is told."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "  step 1\nstep 2\n")
+    target = root / P
+    s = sessions("g2", root)
+    s.read(target)
+    assert _replaced(s, target, old, new, result) == ""
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == f"gemini:{unique('g2')}"
+    assert s.write_file(target, "next\n") == ("allow", "")
+
+
+def test_a_write_file_is_checked_at_its_end_allowing_for_escapes_gemini_cli_undoes(root: Path, sessions) -> None:
+    """A write_file whose content Gemini CLI unescaped before writing it (`\\n` for a line end) is the
+    session's own version; one a program outside the hooks appended to before AfterTool is
+    recorded as `external`'s and the model told."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    target = root / P
+    s = sessions("gw", root)
+    s.read(target)
+    for content, written, meanwhile in (("v2\\nmore\\n", "v2\nmore\n", ""), ("v3\n", "v3\n", "appended\n")):
+        assert decision(s.hook(s.event("before_write_file", path=target, content=content))) == ("allow", "")
+        assert s.write(target, written + meanwhile)["code"] == 0
+        told = context(s.hook(s.event("after_write_file", path=target, content=content)))
+        assert ("does not hold what your tool just wrote" in told) == bool(meanwhile), told
+    with CoherentVolume(root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)] == ["external", f"gemini:{unique('gw')}", "setup"]
+
+
 def test_two_tools_of_one_session_at_once_keep_the_file_held_until_both_ended(root: Path, sessions) -> None:
     """Gemini CLI names no tool call in its events: two shell commands of one session at once on the
     plan each count as a claim of it, so the first one's end leaves the grant the second relies on,
