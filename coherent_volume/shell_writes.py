@@ -52,10 +52,10 @@ exists is entered; one that does not is entered for what runs after the `cd` suc
 either may hold after `;`; after a loop, any directory a round can leave.
 
 Writes in the background: those of a job the command does not surely wait for (`&` without a
-`wait` after it in its shell that surely covers it, `_Walk.waited`, `_Walk._wait`, nor anything
-before that may end the shell, `_QUITS`; a process substitution; a command `setsid`, `sudo -b`,
-`systemd-run`, `screen` or `daemonize` does not wait for: `_Wrapper.detached`; the command of
-tmux's `new-session`, `_Walk._tmux`; every write of a command that runs a `coproc`,
+`wait` after it in its shell that surely covers it, `_Walk.waited`, `_Walk._wait`, `_Walk._pid`, nor
+anything before that may end the shell, `_QUITS`, `_SHELL_QUITS`, `_SIGNALS`; a process substitution;
+a command `setsid`, `sudo -b`, `systemd-run`, `screen` or `daemonize` does not wait for:
+`_Wrapper.detached`; the command of tmux's `new-session`, `_Walk._tmux`; every write of a command that runs a `coproc`,
 `_Walk.coproc`), which may come after the command has ended, are listed apart
 (`ShellWrites.background`). A job `at` or `batch` queues, and what other tmux commands run, is
 code known only when it runs (below).
@@ -403,32 +403,73 @@ _SHELL_SET = re.compile(
 _FOR = "\0for"
 """What `_Walk.sets` holds for a variable a `for` loop sets (no value can be it: a NUL)."""
 _WAITED = "\0wait"
-"""Where `_Walk.values` holds how many of the command's jobs a `wait` surely waited for (no name can be it)."""
+"""Where `_Walk.values` holds the jobs a `wait` surely waited for (no name can be it)."""
+_PID = "\0pid "
+"""Where `_Walk.values` holds, for a variable set to `$!` (`_PID` and its name), the job it names and
+how many times the variable was noted as maybe set then (`_Walk.changes`)."""
+_BANG = ("$!", "${!}", '"$!"', '"${!}"')
 _PHYSICAL = re.compile(r"\bphysical\b|\b(?:set|(?:ba|k|z)?sh)\b[^\n;&|]*\s[-+][A-Za-z]*P")
 """A command that may turn on bash's `set -P` (`set -o physical`, `bash -P`), with which `cd` enters
 directories physically."""
 _COPROC = re.compile(r"\bcoproc\b")
 """A command that may run a coproc, a job bash does not wait for (`_Walk.coproc`)."""
 _QUITS = re.compile(
-    r"\b(?:exit|exec|return|logout|suspend|set|shopt|ulimit|source|enable|alias|disown|readonly|declare|typeset"
-    r"|local|fuser|prlimit|gdb|lldb|strace|ltrace)\b|kill|signal|sigqueue|ptrace|process_vm|/mem\b|\$\{[^}]*\?"
-    r"|\$\(\(|\$\[|\$\{(?:!|\}|[^}]*(?:\[|:(?![-=+?])))|>\(|(?:^|[\s;&|(){}])\.(?=\s)"
+    r"\$\{[^}]*\?|\$\(\(|\$\[|\$\{(?:!|\}|[^}]*(?:\[|:(?![-=+?])))|>\("
     r"|\b(?:UID|EUID|PPID|SHELLOPTS|BASHOPTS|BASH_VERSINFO)(?:\[[^]]*\])?\+?="
 )
-"""A command that may end its shell before a `wait` runs: `exit`, `exec`, `set -e`, `${v?}`, a script it
-sources; an error bash ends a script on (an assignment to a read-only or integer variable, an arithmetic,
-offset or subscript expansion, `${!v}`, `${}`, an assignment to one of bash's own read-only variables);
-a syntax error after the job (`_parses`); a signal sent or a limit set by anything but the shell's own job
-table (`kill`, `pkill`, `fuser -k`, `prlimit --pid`, a debugger or tracer attached to it, an interpreter's
-kill or signal call, its memory written through /proc); SIGPIPE from a process substitution it writes to.
-Or keep `wait` from waiting for a job (`disown`, `enable -n`, an alias). No `wait` in it is taken to
-wait for anything."""
+"""Text that may end the shell before a `wait` runs, wherever it is: `${v?}`; an error bash ends a script
+on (an assignment to a read-only or integer variable, an arithmetic, offset or subscript expansion,
+`${!v}`, `${}`, an assignment to one of bash's own read-only variables); SIGPIPE from a process
+substitution it writes to. Also ending it: a builtin the shell runs (`_SHELL_QUITS`), a signal another
+process sends it (`_SIGNALS`), a syntax error after the job (`_parses`). No `wait` in such a command is
+taken to wait for anything."""
+_N = r"(?:0|[1-9][0-9]*)"  # not `08`: bash fails on an octal number with an 8 or 9
+_SUMS = rf"\s*{_N}(?:\s*[-+*]\s*{_N})*\s*"
+_HARMLESS = re.compile(
+    rf"\$\{{(?:#?[A-Za-z_]\w*\[(?:[@*]|{_N})\]|![A-Za-z_]\w*(?:\[[@*]\]|[@*])|[A-Za-z_]\w*:{_N}(?::{_N})?)\}}"
+    rf"|\$\(\({_SUMS}\)\)|\$\[{_SUMS}\]"
+)
+"""The expansions of `_QUITS`'s shapes that cannot fail: an array's elements, one by a number, their
+count or keys (`${a[@]}`, `${a[0]}`, `${#a[@]}`, `${!a[@]}`), the names with a prefix (`${!p@}`), a
+substring at numbers (`${v:0:5}`), sums and products of numbers (`$((2*3))`; not `**`, `/`, `%`)."""
+_SHELL_QUITS = _names("exit exec return logout suspend set shopt ulimit source . enable alias disown")
+_SHELL_QUITS |= _names("readonly declare typeset local")
+"""Builtins that may end the shell before a `wait` or keep it from waiting (`exit`, `exec`, `set -e`, a
+script it sources, a limit on the shell, a variable made read-only or integer; `disown`, `enable -n`, an
+alias): they act only where the shell itself runs them, a command name the walk meets (`_Walk._invoke`,
+`_Walk._declared`); as any other word (`ls ~/.local`, `make set-up`, `find -exec`) they end nothing."""
+_SIGNALS = re.compile(r"kill|signal|sigqueue|ptrace|process_vm|/mem\b|\b(?:fuser|prlimit|gdb|lldb|strace|ltrace)\b")
+"""A signal sent to the shell, or a limit set on it, by another process, wherever the command's text
+names it (a command `xargs` or `find -exec` runs, an interpreter's code): `kill`, `pkill`, `fuser -k`,
+`prlimit --pid`, a debugger or tracer attached to it, an interpreter's kill or signal call, its
+memory written through /proc; but not in a file's name (`_in_file_name`)."""
+_NOT_NAME = re.compile(r"[^\w.+~/-]")
+"""A character no file name in a command's text is taken to have."""
+
+
+def _signals(text: str) -> bool:
+    """Whether `text` names a way another process may end the shell (`_SIGNALS`)."""
+    return any(not _in_file_name(text, found) for found in _SIGNALS.finditer(text))
+
+
+def _in_file_name(text: str, found: re.Match[str]) -> bool:
+    """Whether `found` lies in a path's directory (`/usr/lib/kill/run`) or a file name's stem before its
+    extension (`src/signal_handler.c`), in a word of file name characters not called (no `(` after it):
+    no program or function the command runs is named so (`/bin/kill`, `os.kill`, `killpg` are)."""
+    start = found.start() - len(_NOT_NAME.split(text[: found.start()])[-1])
+    end = found.end() + len(_NOT_NAME.split(text[found.end() :])[0])
+    if text[end:].lstrip()[:1] == "(":
+        return False
+    word = text[start:end]
+    extension = re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", word)
+    inside = found.end() - start
+    return inside <= word.rfind("/") or extension is not None and inside <= extension.start()
 
 
 def _unquoted(command: str) -> tuple[str, bool]:
     """`command`'s text with its quotes, backslashes and line continuations taken out, for the word
-    searches above (`_PHYSICAL`, `_COPROC`, `_QUITS`: `se''t -"P"` is `set -P` to bash); and whether
-    it has ANSI-C quoting (`$'…'`), whose escapes may spell any word: then each is taken as there."""
+    searches above (`_PHYSICAL`, `_COPROC`, `_QUITS`, `_SIGNALS`: `se''t -"P"` is `set -P` to bash); and
+    whether it has ANSI-C quoting (`$'…'`), whose escapes may spell any word: then each is taken as there."""
     text = re.sub(r"[\"'\\]", "", command.replace("\\\n", ""))
     return text, "$'" in command
 
@@ -733,6 +774,8 @@ class _Walk:
         """Where `$(mktemp)` makes its name ("" when the command names TMPDIR: unknown)."""
         self.sets: dict[str, set[str | None]] = {}
         """How each name may be set: its literal values, `_FOR`, or None (any other way)."""
+        self.changes: dict[str, int] = {}
+        """How many times each name was noted as maybe set so far (`_note`)."""
         self.loops_of: dict[str, set[tuple[bytes, int]]] = {}
         """The `for` loops (text, offset) setting each name."""
         self.setter_words: list[str] = []
@@ -1060,16 +1103,17 @@ class _Walk:
         list that may not have run it), unless the command may end the shell first (`may_quit`)."""
         if self.may_quit:
             return frozenset()
-        return frozenset(self.jobs[: int(self.values.get(_WAITED, "0"))])
+        return frozenset(int(job) for job in self.values.get(_WAITED, "").split())
 
     def _wait(self, args: list[Item]) -> None:
-        """`wait` in the command's own shell: every job started so far is waited for (`waited`) when it
-        surely waits for each one not yet waited for. With no operand it waits for all; `$!` is the last
-        job (when nothing but jobs of this shell ran apart from it), `%%` and `%+` its last job, `%1`
-        and `%-` the only one (when one job was started), `$(jobs -p)` all; with `-n` it waits for one
-        job only (so it covers them only when one is left, and nothing but the shell's jobs ran apart);
-        any other word: none."""
-        left = set(self.jobs[int(self.values.get(_WAITED, "0")) :])
+        """`wait` in the command's own shell: the jobs it surely waits for are waited for (`waited`),
+        when it surely names each of its operands. With no operand it waits for all; `$!` is the last
+        job (when nothing but jobs of this shell ran apart from it), so is a variable set to it (`_pid`),
+        `%%` and `%+` its last job, `%1` and `%-` the only one (when one job was started), `$(jobs -p)`
+        all; with `-n` it waits for one job only (so it covers them only when one is left, and nothing
+        but the shell's jobs ran apart); any other word: none."""
+        done = {int(job) for job in self.values.get(_WAITED, "").split()}
+        left = set(self.jobs) - done
         rest, one = list(args), False
         for option, _ in _options(rest, _names("-p")):
             if option not in ("-n", "-f", "-p"):
@@ -1081,14 +1125,18 @@ class _Walk:
             if job is None:
                 return
             covered |= job
-        if left <= covered and (not one or len(left) <= 1 and self.started == len(self.jobs)):
-            self.values[_WAITED] = str(len(self.jobs))
+        if one and not (left <= covered and len(left) <= 1 and self.started == len(self.jobs)):
+            return
+        self.values[_WAITED] = " ".join(str(job) for job in sorted(done | covered))
 
     def _waited_job(self, arg: Item) -> set[int] | None:
         """The jobs a `wait` operand surely names (`_wait`), or None."""
         text = arg.word if isinstance(arg, Unknown) else arg
-        if text in ("$!", "${!}", '"$!"', '"${!}"'):
+        if text in _BANG:
             return {self.started} if self.jobs[-1:] == [self.started] else None
+        variable = re.fullmatch(r'("?)\$(?:([A-Za-z_]\w*)|\{([A-Za-z_]\w*)\})\1', text)
+        if variable is not None and (variable.group(1) or not self.ifs):  # unquoted: split by IFS
+            return self._pid(variable.group(2) or variable.group(3))
         if text in ("%%", "%+") and self.jobs:
             return {self.jobs[-1]}
         if text in ("%1", "%-") and len(self.jobs) == 1:
@@ -1097,15 +1145,31 @@ class _Walk:
             return set(self.jobs)
         return None
 
+    def _pid(self, name: str) -> set[int] | None:
+        """The job variable `name` surely names: the one `$!` named where it was set to it in the
+        command's own shell (`_assign`), when nothing may have set it since (`changes`, a builtin
+        naming it, a variable set by a name known only when it runs, a trap's handler); else None."""
+        recorded = self.values.get(_PID + name)
+        if recorded is None or self.poisoned or self.traps or any(name in w for w in self.setter_words):
+            return None
+        job, changes = recorded.split()
+        return {int(job)} if int(changes) == self.changes.get(name, 0) else None
+
+    def _note(self, name: str, how: str | None) -> None:
+        """Name `name` may be set, `how` (`sets`)."""
+        self.sets.setdefault(name, set()).add(how)
+        self.changes[name] = self.changes.get(name, 0) + 1
+
     def _mark(self, text: str, poison: bool = False) -> None:
         """Every name in `text` may be set (and, with `poison`, any variable at all)."""
         for name in re.findall(r"[A-Za-z_]\w*", text):
-            self.sets.setdefault(name, set()).add(None)
+            self._note(name, None)
         self.poisoned = self.poisoned or poison
 
     def _assign(self, node: tree_sitter.Node, state: State, persist: bool) -> None:
         """An assignment `NAME=VALUE`: noted (`sets`); when it `persist`s in this shell (not the
-        prefix of a command) and its name is known, known from here on."""
+        prefix of a command) and its name is known, known from here on; `NAME=$!` in the command's own
+        shell, after a job of it started last, names that job from here on (`_pid`)."""
         name, value = node.child_by_field_name("name"), node.child_by_field_name("value")
         if value is not None:
             self.run(value, state)  # its command substitutions
@@ -1113,9 +1177,12 @@ class _Walk:
             self._mark(_text(name or node))  # an element of an array: its subscript is arithmetic
             return
         literal = self._literal(node, value)
-        self.sets.setdefault(_text(name), set()).add(literal)
+        self._note(_text(name), literal)
         if persist and literal is not None and self.known.get(_text(name)) == literal:
             self.values[_text(name)] = literal
+        bang = value is not None and _text(value) in _BANG and not any(c.type == "+=" for c in node.children)
+        if persist and bang and not self.forked and self.jobs[-1:] == [self.started] and _plain(_text(name)):
+            self.values[_PID + _text(name)] = f"{self.started} {self.changes[_text(name)]}"
 
     def _literal(self, node: tree_sitter.Node, value: tree_sitter.Node | None) -> str | None:
         """The value an assignment gives, when it is literal text or `$(mktemp)`; else None."""
@@ -1141,7 +1208,9 @@ class _Walk:
 
     def _declared(self, node: tree_sitter.Node, state: State) -> tuple[State, State]:
         """`declare`, `local`, `export`, `readonly`, `typeset`, `unset`: the names they take may be
-        set (a nameref, or a name known only when it runs, may set any)."""
+        set (a nameref, or a name known only when it runs, may set any); all but `export` and `unset`
+        may end the shell (`_SHELL_QUITS`)."""
+        self.may_quit = self.may_quit or _text(node.children[0]) in _SHELL_QUITS
         for child in node.named_children:
             if child.type == "variable_assignment":
                 name, value = child.child_by_field_name("name"), child.child_by_field_name("value")
@@ -1168,13 +1237,16 @@ class _Walk:
         for item in items:
             name = re.match(r"\{?([A-Za-z_]\w*)(?:\}|\+?=|\[|$)", item) if isinstance(item, str) else None
             if name is not None:
-                self.sets.setdefault(name.group(1), set()).add(None)
+                self._note(name.group(1), None)
         command = os.path.basename(items[0]) if items and isinstance(items[0], str) else None
         args = items[1:]
         setter = (
             command in _SETTERS or command in ("printf", "wait") and bool(args) and str(args[0])[:2] in ("-v", "-p")
         )
-        setter = setter or command in ("printf", "wait") and bool(args) and isinstance(args[0], Unknown)
+        maybe_option = (
+            bool(args) and isinstance(args[0], Unknown) and not (command == "wait" and self._waited_job(args[0]))
+        )
+        setter = setter or command in ("printf", "wait") and maybe_option  # `-v NAME`, `-p NAME`; not a job's number
         if setter:
             self.setter_words += [a for a in args if isinstance(a, str)]
         if command is None or command in ("source", ".") or setter and any(isinstance(a, Unknown) for a in args):
@@ -1187,7 +1259,7 @@ class _Walk:
             return None
 
         def plain(name: str) -> bool:
-            return _SHELL_SET.fullmatch(name) is None and not any(name in w for w in self.setter_words)
+            return _plain(name) and not any(name in w for w in self.setter_words)
 
         known = {n: v for n, (v, *more) in self.sets.items() if v not in (None, _FOR) and not more and plain(n)}
         loops = {n for n, ways in self.sets.items() if ways == {_FOR} and len(self.loops_of[n]) == 1 and plain(n)}
@@ -1317,7 +1389,7 @@ class _Walk:
         name = None if variable is None else _text(variable)
         if name is not None:
             listed = node.children[0].type == "for" and any(c.type == "in" for c in node.children)
-            self.sets.setdefault(name, set()).add(_FOR if listed else None)  # else "$@", or `select`'s input
+            self._note(name, _FOR if listed else None)  # else "$@", or `select`'s input
             self.loops_of.setdefault(name, set()).add((self.source, node.start_byte))
         words = node.children_by_field_name("value") if name in self.loops else None
         before = self.values
@@ -1517,6 +1589,7 @@ class _Walk:
         if not items or not isinstance(items[0], str):
             return same
         name, args = os.path.basename(items[0]), items[1:]
+        self.may_quit = self.may_quit or name in _SHELL_QUITS
         if name in ("cd", "pushd", "popd") and in_shell:
             return self._cd(name, args, cwd)
         if name == "wait" and in_shell and not self.forked:
@@ -1614,6 +1687,7 @@ class _Walk:
     def _call(self, name: str, cwd: Cwd) -> tuple[State, State]:
         """Run function `name` from `cwd`, with the redirections of its definition."""
         if self.depth >= _DEEPEST or self.calls >= _MOST_CALLS:
+            self.may_quit = True  # its builtins are not seen
             self.unknown.append(Unknown(name, "a function called too often to follow", _place(cwd)))
             return frozenset({cwd}), frozenset({cwd})
         body, redirects, source = self.functions[name]
@@ -1633,6 +1707,7 @@ class _Walk:
     def _script(self, script: str, cwd: Cwd, inherit: bool) -> tuple[set[Cwd], set[Cwd]]:
         """Walk the text of `bash -c`, `eval` or `trap`: in this shell (`inherit`) or a child."""
         if self.depth >= _DEEPEST:
+            self.may_quit = True  # its builtins are not seen
             self.unknown.append(Unknown(script[:80], f"commands nested more than {_DEEPEST} deep", _place(cwd)))
             return {cwd}, {cwd}
         self.depth += 1
@@ -1645,16 +1720,18 @@ class _Walk:
     def walk(self, command: str, state: State) -> tuple[State, State]:
         """Walk the code `command` (the command's, or a script it runs) from `state`."""
         text, hidden = _unquoted(command)
-        self.may_quit = self.may_quit or hidden or _QUITS.search(text) is not None
+        self.may_quit = self.may_quit or hidden or _QUITS.search(_HARMLESS.sub(" ", text)) is not None or _signals(text)
         self.physical = self.physical or hidden or _PHYSICAL.search(text) is not None
         self.coproc = self.coproc or _COPROC.search(text) is not None
         if len(command) > _LONGEST or "\0" in command:
+            self.may_quit = True
             why = f"a command of more than {_LONGEST} characters, or with a NUL character"
             self.unknown.append(Unknown(command[:80], why, self.start, True))
             return state, state
         outer, self.source = self.source, command.encode("utf-8", "surrogatepass")
         tree = _parser().parse(self.source)
         broken = _errors(tree.root_node)
+        self.may_quit = self.may_quit or broken is not None  # a builtin may hide in what it cannot parse
         if broken is not None:
             for cwd in state:
                 self.unknown.append(Unknown(broken, "a part tree-sitter cannot parse as bash", _place(cwd)))
@@ -1670,6 +1747,7 @@ class _Walk:
         items, in_shell, detached = list(items), True, False
         while items and isinstance(items[0], str):
             name = os.path.basename(items[0])
+            self.may_quit = self.may_quit or name in _SHELL_QUITS  # `exec`, also with no command
             spec = _WRAPPERS.get(name)
             if spec is None:
                 break
@@ -2128,6 +2206,12 @@ def _volume_below(place: str) -> str | None:
             if entry.name != ".git" and entry.is_dir(follow_symlinks=False):
                 todo.append(entry.path)
     return None
+
+
+def _plain(name: str) -> bool:
+    """Whether variable `name` holds what was last assigned to it: not one the shell sets or reads
+    specially (`_SHELL_SET`)."""
+    return _SHELL_SET.fullmatch(name) is None
 
 
 def _merged(words: list[tree_sitter.Node], source: bytes) -> list[list[tree_sitter.Node]]:

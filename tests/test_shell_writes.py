@@ -847,13 +847,54 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & x=${}; wait", PLAN_FILE),  # a bad substitution
     ("echo x > plans/plan.md &\ndone\nwait", PLAN_FILE),  # a syntax error after the job: bash ends there
     ("echo x > plans/plan.md & readonly r=1; r=2; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & exec true; wait", PLAN_FILE),  # the shell replaced
+    ("echo x > plans/plan.md & command exec true; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & declare -i n; n=x+; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & f() { local -r n=1; n=2; }; f; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & if [ -e x ]; then exit 0; fi; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & kill -TERM $$; wait", PLAN_FILE),  # a signal sent to the shell
+    ("echo x > plans/plan.md & pkill -f bash; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & echo $$ | xargs kill; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & find /proc/$$/stat -exec /bin/kill {} +; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & eval 'kill -TERM 0'; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & python3 -c 'import os; os.kill(os.getppid(), 9)'; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & python3 -c 'from os import killpg as k; k(0, 9)'; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & perl -e 'kill 9, getppid'; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & ruby -e 'Process.kill 9, Process.ppid'; wait", PLAN_FILE),
+    ('echo x > plans/plan.md & python3 -c \'import os; open("/proc/%d/mem" % os.getppid(), "wb")\'; wait', PLAN_FILE),
+    ("echo x > plans/plan.md & echo $((08)); wait", PLAN_FILE),  # not a number to bash
+    ("echo x > plans/plan.md & echo $((2**-1)); wait", PLAN_FILE),
+    ("echo x > plans/plan.md & echo ${a[i]} ${v:i}; wait", PLAN_FILE),  # arithmetic on a variable
+    ("echo x > plans/plan.md & echo ${!v}; wait", PLAN_FILE),
     ("echo x > plans/plan.md & { sleep 1; echo x; } > >(true); wait", PLAN_FILE),  # SIGPIPE
     # a `wait` for some job only
     ("sleep 1 & echo x > plans/plan.md & wait -n", PLAN_FILE),  # for one of the two
     ("echo x > plans/plan.md & sleep 1 & wait $!", PLAN_FILE),
     ("echo x > plans/plan.md & sleep 1 & wait %2", PLAN_FILE),
     ("echo x > plans/plan.md & wait %2", PLAN_FILE),
-    ("echo x > plans/plan.md & P=$!; wait $P", PLAN_FILE),  # $P is not followed
+    # a variable set to `$!` that may name another job by the `wait`
+    ("echo x > plans/plan.md & P=$!; P=5; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; read P < /dev/null; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; printf -vP 1; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; for P in 1; do :; done; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; f() { unset P; }; f; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; declare -n R=P; R=1; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; (( P++ )); wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; eval 'P=1'; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; trap 'P=1' CHLD; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; IFS=1; wait $P", PLAN_FILE),  # split where IFS says
+    ("echo x > plans/plan.md & (P=$!); wait $P", PLAN_FILE),  # set in a subshell
+    ("echo x > plans/plan.md & if [ -e x ]; then P=$!; fi; wait $P", PLAN_FILE),  # set in a branch
+    ("echo x > plans/plan.md & [ -e x ] && P=$!; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & f() { P=$!; }; wait $P", PLAN_FILE),  # in a function never called
+    ("echo x > plans/plan.md & P=$! | cat; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & sleep 1 & P=$!; wait $P", PLAN_FILE),  # the second job
+    ("echo x > plans/plan.md & P=$!; sleep 1 & P=$!; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; echo x > plans/other.md & wait $P", ["plans/other.md"]),
+    ("echo x > plans/plan.md & Q=$!; sleep 1 & P=$!; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & cat < <(true); P=$!; wait $P", PLAN_FILE),  # $! is the process substitution
+    ("echo x > plans/plan.md & RANDOM=$!; wait $RANDOM", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; kill -0 $P; wait $P", PLAN_FILE),
     ("echo x > plans/plan.md & cat > >(cat); wait $!", PLAN_FILE),  # $! is the process substitution
     ("echo x > plans/plan.md & wait 123", PLAN_FILE),
     # waited for, or in the foreground
@@ -871,6 +912,22 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("sed -i s/a/b/ plans/plan.md & wait %%; sed -i s/a/b/ plans/other.md & wait %+", []),
     ("sed -i s/a/b/ plans/plan.md & wait -n %-", []),
     ("sed -i s/a/b/ plans/plan.md & sleep 1 & wait $(jobs -p)", []),
+    ("(sleep 1; echo x > plans/plan.md) & pid=$!; wait $pid", []),  # a variable set to `$!`
+    # builtins only as commands, a signal's name only as a file's
+    ("make > plans/plan.md 2>&1 & ls /usr/local/bin ~/.local; wait", []),
+    ("make > plans/plan.md 2>&1 & cat docs/declare.md; make set-up; echo 'enable tests'; wait", []),
+    ("make > plans/plan.md 2>&1 & find . -name '*.md' -exec grep -l x {} +; wait", []),
+    ("make > plans/plan.md 2>&1 & export N=1; wait", []),
+    ("make > plans/plan.md 2>&1 & cat src/signal_handler.c processes/mem.txt docs/strace.md; wait", []),
+    ("make > plans/plan.md 2>&1 & pytest tests/test_kill.py; ls /usr/lib/kill/; wait", []),
+    ('make > plans/plan.md 2>&1 & echo "${a[@]}" ${#a[@]} ${!a[@]} ${!PA@} ${a[0]} ${v:0:5}; wait', []),
+    ("make > plans/plan.md 2>&1 & echo $((2*3)) $[1+1] $(( 10 - 2 )); wait", []),
+    ('sed -i s/a/b/ plans/plan.md & pid=$!; echo "started $pid"; wait "$pid"', []),
+    ("sed -i s/a/b/ plans/plan.md & pid=$!; cd plans; wait ${pid}", []),
+    ("sed -i s/a/b/ plans/plan.md & p1=$!; sed -i s/o/p/ plans/other.md & p2=$!; wait $p1 $p2", []),
+    ('sed -i s/a/b/ plans/plan.md & p1=$!; sed -i s/o/p/ plans/other.md & p2=$!; wait "$p1"; wait "$p2"', []),
+    ("sed -i s/a/b/ plans/plan.md & p1=$!; sleep 1 & wait $p1", []),  # the other job writes nothing
+    ('sed -i s/a/b/ plans/plan.md & P=$!; IFS=1; wait "$P"', []),
 ]
 
 
@@ -892,6 +949,9 @@ def test_each_face_denies_a_write_in_the_background_off_a_mount(root: Path, face
         ("(sleep 1; echo x > plans/new.md) > /dev/null 2>&1 &", True),
         ("setsid sed -i s/a/b/ plans/new.md", True),
         ("(sleep 1; echo x > plans/new.md) & wait", False),
+        ("(sleep 1; echo x > plans/new.md) & pid=$!; ls /usr/local; wait $pid", False),
+        ("(sleep 1; echo x > plans/new.md) & pid=$!; pid=1; wait $pid", True),
+        ("(sleep 1; echo x > plans/new.md) & python3 -c 'import os; os.kill(os.getppid(), 9)'; wait", True),
         ("(sleep 1; echo x > notes.txt) &", False),
     ):
         answer = _pre_tool(face, command, root)
