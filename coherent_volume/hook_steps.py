@@ -440,7 +440,13 @@ def end_writes(
                         appended = claim.kind == "append"
                         told += _recorded(core, claim.agent, target, None if appended else made, appended)
                     if (claim.root, claim.rel) not in held:
-                        release_hook_grant(core, claim.agent, target, actor.process)
+                        try:
+                            release_hook_grant(core, claim.agent, target, actor.process)
+                        except (CoherenceError, OSError) as e:  # what was recorded stands; the grant lapses
+                            told.append(
+                                f"coherent-volume: the write grant on {target.rel} could not be released ({e}); "
+                                f"it ends by itself within {hooks.HOOK_GRANT_TTL:g} s."
+                            )
     return told
 
 
@@ -552,15 +558,23 @@ def _recorded(
     the model of, if it was one, or the change another writer made meanwhile."""
     with core.registry.read() as tx:
         last = tx.events(path=target.rel, limit=1, newest_first=True)
-    if core.adopt(agent, target, made, appended=appended) is None:
+    version = core.adopt(agent, target, made, appended=appended)
+    if version is None:
         return [
             f"coherent-volume: {target.rel} does not hold what your tool just wrote: another writer changed it "
             "meanwhile (recorded as a change by `external`). Read the file again before you change it, and check "
             f"that your change is there. `coherent-volume log {core.paths.root}` shows the history."
         ]
-    with core.registry.read() as tx:
-        after = last[0].seq if last else 0
-        clobbers = [e for e in tx.events(after=after, path=target.rel, kind="clobber") if e.agent == agent]
+    try:
+        with core.registry.read() as tx:
+            after = last[0].seq if last else 0
+            clobbers = [e for e in tx.events(after=after, path=target.rel, kind="clobber") if e.agent == agent]
+    except (CoherenceError, OSError) as e:  # recorded all the same: never reported as not recorded
+        return [
+            f"coherent-volume: your write to {target.rel} was recorded as version {version}, but whether it went "
+            f"over another change could not be looked up ({e}). Read the file again before you change it, and "
+            f"check that no other change is missing. `coherent-volume log {core.paths.root}` shows the history."
+        ]
     if not clobbers:
         return []
     c = clobbers[-1]

@@ -340,7 +340,14 @@ class Session:
         version = self.core.write(self.agent, target, content.encode("utf-8"), merge=merge, expected=expected)
         if not target.managed:
             return f"Wrote {target.rel} (not managed: not versioned, not checked)."
-        made = self.core.version_entry(target, version)
+        try:
+            made = self.core.version_entry(target, version)
+        except (CoherenceError, OSError) as e:  # committed all the same: never reported as not written
+            self._known.pop(target.rel, None)
+            return (
+                f"Wrote {target.rel}: now version {version}. Whether it was merged with changes others made could "
+                f"not be looked up ({e}): call read_file before you change it again."
+            )
         if made is None or made.kind != "merge":  # asked of the version, not of the agent's view: another
             self._known[target.rel] = Known(content, version)  # session of the agent may have moved that
             return f"Wrote {target.rel}: now version {version}."

@@ -21,9 +21,9 @@ from typing import get_args
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError, claude_code, diffs, hook_steps
+from coherent_volume import CoherentVolume, RegistryError, StaleWriteError, claude_code, diffs, hook_steps
 from coherent_volume.claude_code import FACE, HOOK_REMEDY, SHELL_REMEDY, handle, our_hooks
-from coherent_volume.core import open_core
+from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.errors import Reason
 from coherent_volume.hook_paths import session_file
 from coherent_volume.hook_steps import Actor
@@ -694,6 +694,37 @@ def test_a_write_after_its_grant_lapsed_is_a_clobber_the_model_is_told(root: Pat
         ).stdout.splitlines()
     ]
     assert [e["agent"] for e in log if e["kind"] == "clobber"] == [f"claude:{unique('slow')}"]
+
+
+def test_a_write_recorded_before_the_registry_fails_is_told_as_recorded(root: Path, monkeypatch) -> None:
+    """The registry fails right after PostToolUse recorded the session's write, when it looks for a
+    clobber to tell and releases the grant: the model is told its write was recorded, with its
+    version, to read the file again, and that the grant ends by itself (before, the hook's failure
+    said the write was not recorded as the session's)."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    _in_process("PostToolUse", "late", root, "Read", target, read_response(target, "v1\n"))
+    assert decision(_in_process("PreToolUse", "late", root, "Write", target))[0] == "allow"
+    target.write_text("v2\n")
+    adopt = VolumeCore.adopt
+
+    def then_unreachable(core: VolumeCore, *args: object, **kwargs: object) -> int | None:
+        version = adopt(core, *args, **kwargs)  # type: ignore[arg-type]
+
+        def read() -> None:
+            raise RegistryError("the registry at db:5432 is unreachable (connection refused); nothing was written.")
+
+        monkeypatch.setattr(core.registry, "read", read)
+        return version
+
+    monkeypatch.setattr(VolumeCore, "adopt", then_unreachable)
+    told = json.loads(str(_in_process("PostToolUse", "late", root, "Write", target)["stdout"]))
+    monkeypatch.undo()
+    assert "your write to plans/plan.md was recorded as version 2" in told["reason"], told
+    assert "could not be released" in told["reason"] and "ends by itself" in told["reason"], told
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history(P)[0].writer == f"claude:{unique('late')}"
 
 
 def test_a_fenced_session_is_told_to_read_again_and_reading_lifts_the_fence(root: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import Implementation, TextContent
 
-from coherent_volume import CoherentVolume, Policy, Retention
+from coherent_volume import CoherentVolume, Policy, RegistryError, Retention
 from coherent_volume.core import open_core
 from coherent_volume.diffs import MAX_MERGE_BYTES
 from coherent_volume.mcp_server import READ_LIMIT, Session, ToolRefused
@@ -264,6 +264,30 @@ def test_a_merged_edit_is_told_as_a_merge_even_if_the_shared_view_moves_to_it(
     with pytest.raises(ToolRefused, match=r"Refused \(unread\)"):
         first.edit_file(path, "2\n", "2, by the first\n")
     assert (root / path).read_text() == "top, by the peer\n1\n2\n3\nbottom, by the first\n"
+    core.close()
+
+
+def test_a_write_whose_follow_up_lookup_fails_is_reported_written(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry fails right after a write's commit (a PostgreSQL restart between the two), when
+    the session looks up whether the version was a merge: the write is reported as written, with its
+    version and why read_file is needed before the next edit (before, "writing failed ... nothing
+    was written" for a write that had landed: a hostile probe on PostgreSQL copies)."""
+    core = open_core(root)
+    session = Session(core, "model")
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/x.md", "one\n")
+    session.read_file("plans/x.md")
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise RegistryError("the registry at db:5432 is unreachable (connection refused); nothing was written.")
+
+    monkeypatch.setattr(core, "version_entry", unreachable)
+    said = session.write_file("plans/x.md", "two\n")
+    assert said.startswith("Wrote plans/x.md: now version 2. Whether it was merged") and "call read_file" in said
+    monkeypatch.undo()
+    assert (root / "plans/x.md").read_text() == "two\n"
+    with pytest.raises(ToolRefused, match=r"Refused \(unread\)"):
+        session.edit_file("plans/x.md", "two", "three")
     core.close()
 
 
