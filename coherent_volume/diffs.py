@@ -105,18 +105,6 @@ def unified(old: bytes | None, new: bytes | None, old_label: str, new_label: str
     return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in out)
 
 
-def changed_lines(old: str, new: str) -> tuple[list[str], list[str]]:
-    """The lines a change from `old` to `new` removes and those it adds, as a diff aligns them
-    (line ends kept)."""
-    a, b = lines(old), lines(new)
-    removed: list[str] = []
-    added: list[str] = []
-    for a_start, a_end, b_start, b_end in _changes(_matching_blocks(a, b)):
-        removed += a[a_start:a_end]
-        added += b[b_start:b_end]
-    return removed, added
-
-
 MAX_MERGE_BYTES = 1 << 20
 """Largest side of a three-way merge (`mergeable`): an alignment costs about lines²/64 word
 operations (a merge of 30,000 lines takes ~0.4 s here), and a save through the mount merges while

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import diffs, hook_merge, hook_paths, hook_settings, hook_steps, hooks
+from . import hook_merge, hook_paths, hook_settings, hook_steps, hooks
 from .core import VolumeCore
 from .core.sessions import Made
 from .errors import StaleWriteError
@@ -236,9 +236,9 @@ def _unescaped(text: str) -> str:
 def _made(event: dict[str, Any]) -> Made | None:
     """What a write_file or replace makes of the file, allowing for what Gemini CLI's tools may do
     to it first: a write_file writes its content, or that content unescaped (`_unescaped`); a
-    replace takes out lines of old_string and puts in lines of new_string, as given or unescaped,
-    re-indented or rewritten to fit the file (`hook_steps.within`). None where the input names
-    neither."""
+    replace puts new_string for every occurrence of old_string, each as given or unescaped, spaces
+    aside (`hook_steps.replacing`: where neither occurs in the version read, the tool
+    rewrote them to fit, and nothing can be told). None where the input names neither."""
     tool_input = event.get("tool_input")
     tool_input = tool_input if isinstance(tool_input, dict) else {}
     content, old, new = tool_input.get("content"), tool_input.get("old_string"), tool_input.get("new_string")
@@ -250,9 +250,7 @@ def _made(event: dict[str, Any]) -> Made | None:
         )
     if not isinstance(old, str) or not isinstance(new, str):
         return None
-    return hook_steps.within(
-        diffs.lines(old) + diffs.lines(_unescaped(old)), diffs.lines(new) + diffs.lines(_unescaped(new))
-    )
+    return hook_steps.replacing({(o, n) for o in (old, _unescaped(old)) for n in (new, _unescaped(new))})
 
 
 def _undone(event: dict[str, Any]) -> str:

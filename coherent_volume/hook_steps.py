@@ -39,7 +39,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from . import diffs, hooks
+from . import hooks
 from .core import VolumeCore, open_core, validate_agent
 from .core.sessions import HELD_CLOBBER, Made
 from .errors import (
@@ -512,32 +512,40 @@ def either(*mades: Made) -> Made:
     return expect
 
 
-def within(removed: Collection[str], added: Collection[str]) -> Made:
-    """What a tool makes of a file when it may correct its change before making it (Gemini CLI's
-    replace: its strings unescaped, re-indented to fit, or rewritten): given the bytes of the
-    version its check found, whether a file differs from them by nothing but lines among `removed`
-    taken out and lines among `added` put in (each line compared without the spaces and tabs at
-    its ends, line ends aside). A line no such change holds (another writer's, meanwhile) fails
-    it. None where that cannot be told: not text, or too big to align within a hook's time."""
-    gone, new = {line.strip(" \t\r\n") for line in removed}, {line.strip(" \t\r\n") for line in added}
+def replacing(variants: Collection[tuple[str, str]]) -> Made:
+    """What a string replacement makes of a file when its tool may correct it first (Gemini CLI's
+    replace: its strings unescaped, or matched and re-indented regardless of spaces): given the
+    bytes of the version its check found, whether a file is that version with every occurrence of
+    one of `variants`' old strings replaced by its new one, spaces aside (`_flat`: the text as it
+    stands, or with the spaces taken out of it and of the strings before they are matched). An
+    empty old string makes a new file of the new one. None where that cannot be told: not text, or
+    no old string occurs in the version (the tool rewrote it to fit)."""
 
     def expect(base: bytes) -> Callable[[bytes], bool] | None:
         try:
             text = base.decode("utf-8")
         except UnicodeDecodeError:
             return None
-
-        def fits(data: bytes) -> bool:
-            if not diffs.mergeable(len(base), len(data)):
-                return True  # too big to align: not told apart (as a tool whose change is unknown)
-            out, put = diffs.changed_lines(text, data.decode("utf-8", "replace"))
-            return all(line.strip(" \t\r\n") in gone for line in out) and all(
-                line.strip(" \t\r\n") in new for line in put
-            )
-
-        return fits
+        flat, results = _flat(text), set()
+        for old, new in variants:
+            if not old:
+                if not flat:
+                    results.add(_flat(new))
+                continue
+            if old in text:
+                results.add(_flat(text.replace(old, new)))
+            if _flat(old) and _flat(old) in flat:
+                results.add(flat.replace(_flat(old), _flat(new)))
+        if not results:
+            return None
+        return lambda data: _flat(data.decode("utf-8", "replace")) in results
 
     return expect
+
+
+def _flat(text: str) -> str:
+    """`text` without its spaces, tabs and line ends: what a change that only moved those leaves."""
+    return re.sub(r"\s+", "", text)
 
 
 def _same_lines(data: bytes, text: str) -> bool:
@@ -659,8 +667,8 @@ def bring(actor: Actor, path: str) -> list[str]:
     if version is None:
         return []
     return [
-        f"coherent-volume: {target.rel} was not in this working copy yet (version {version} was committed "
-        "on another host); it is now: read it again."
+        f"coherent-volume: {target.rel} was missing from this working copy (a cache of the volume, which "
+        f"holds it at version {version}); it is there now: read it again."
     ]
 
 

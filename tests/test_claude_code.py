@@ -226,6 +226,27 @@ def test_on_a_mount_the_session_is_its_process_from_its_start(mounted: Mount, se
         )
 
 
+def test_an_edit_a_program_undoes_before_the_tools_end_is_told_after_the_sessions_own_write(
+    root: Path, sessions
+) -> None:
+    """The session's Write made the current version (its view there); its next Edit writes, and
+    before PostToolUse a program puts that version's bytes back (an editor saving its buffer, `git
+    checkout`): the file holds the session's own current version, not what the Edit made of it, and
+    the model is told its change is not there."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("undone", root)
+    s.read(target)
+    assert s.write(target, "v2\nend\n")["decision"] == "allow"
+    edit = {"old_string": "end\n", "new_string": "added\nend\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+    target.write_text("v2\nadded\nend\n")
+    target.write_text("v2\nend\n")  # the program's save of what it had open
+    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
+    assert "does not hold what your tool just wrote" in str(post["stdout"]), post
+
+
 @pytest.mark.parametrize(
     ("tool", "edit"),
     [

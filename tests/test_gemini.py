@@ -197,10 +197,13 @@ def test_a_replace_another_writer_changes_before_its_end_is_theirs_and_the_model
     s.read(target)
     told = _replaced(s, target, "step 1", "step 1 done", "step 1 done\nstep 2\n", meanwhile="a script's line\n")
     assert "does not hold what your tool just wrote" in told, told
+    s.read(target)
+    told = _replaced(s, target, "step 2", "step 2\n}", "step 1 done\nstep 2\n}\na script's line\n", meanwhile="}\n")
+    assert "does not hold what your tool just wrote" in told, "a line the new string holds too, added meanwhile"
     with CoherentVolume(root, agent="observer") as v:
         assert v.history(P)[0].writer == "external"
     assert s.write_file(target, "step 1 done\nstep 2\nstep 3\n")[0] == "deny"
-    assert target.read_text() == "step 1 done\nstep 2\na script's line\n"
+    assert target.read_text() == "step 1 done\nstep 2\n}\na script's line\n}\n"
 
 
 @pytest.mark.parametrize(
@@ -209,15 +212,18 @@ def test_a_replace_another_writer_changes_before_its_end_is_theirs_and_the_model
         ("step 1", "step 1 done", "  step 1 done\nstep 2\n"),
         ("  step 1", "  step 1\\n  step 1b", "  step 1\n  step 1b\nstep 2\n"),
         ("step 2\n", "", "  step 1\n"),
+        ("ste", "STE", "  STEp 1\nSTEp 2\n"),
+        ("step 1\nstep", "step 1\n  STEP", "  step 1\n  STEP 2\n"),
+        ("step  1", "step one", "  step one\nstep 2\n"),
     ],
-    ids=["re-indented", "escapes-undone", "line-taken-out"],
+    ids=["re-indented", "escapes-undone", "line-taken-out", "within-lines", "across-lines", "spaces-differ"],
 )
 def test_a_replace_gemini_cli_corrected_is_the_sessions_own_and_nothing_is_told(
     root: Path, sessions, old: str, new: str, result: str
 ) -> None:
-    """Gemini CLI may correct a replace before making it (re-indented to fit, a `\\n` written for a
-    line end undone): a file changed only by lines of old_string taken out and lines of new_string
-    put in is the session's own version, and nothing is told."""
+    """Gemini CLI replaces every occurrence of old_string, within lines or across them, and may
+    correct a replace before making it (matched regardless of spaces and re-indented, a `\\n`
+    written for a line end undone): such a file is the session's own version, and nothing is told."""
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "  step 1\nstep 2\n")
     target = root / P

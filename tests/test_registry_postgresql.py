@@ -1833,7 +1833,10 @@ def test_a_read_tool_that_finds_no_file_on_a_working_copy_brings_it_and_says_rea
     try:
         failed = event("PostToolUseFailure", session.id, roots[0], "Read", target, error="File does not exist.")
         told = json.loads(str(session.hook(failed)["stdout"]))["hookSpecificOutput"]["additionalContext"]
-        assert "plans/new.md was not in this working copy yet (version 1 was committed on another host)" in told
+        assert (
+            "plans/new.md was missing from this working copy (a cache of the volume, which holds it at version 1)"
+            in told
+        )
         assert session.read(target) == "from c1\n"
         assert claude_bash(session, "echo mine > plans/new.md") == ("allow", "")
     finally:
@@ -1846,7 +1849,7 @@ def test_a_read_tool_that_finds_no_file_on_a_working_copy_brings_it_and_says_rea
         failed = gemini.event("after_read_file", path=other, text="")
         failed["tool_response"] = {"llmContent": "", "error": {"message": "File not found.", "type": "FILE_NOT_FOUND"}}
         told = json.loads(str(gemini.hook(failed)["stdout"]))["hookSpecificOutput"]["additionalContext"]
-        assert "plans/other.md was not in this working copy yet" in told and "read it again" in told
+        assert "plans/other.md was missing from this working copy" in told and "read it again" in told
         assert gemini.read(other) == "from c1\n"
     finally:
         gemini.close()

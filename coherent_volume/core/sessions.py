@@ -12,6 +12,7 @@ from ..liveness import ProcessId
 from ..paths import Target
 from ..protocol import (
     FileRecord,
+    Version,
     current_version,
 )
 from ..registry import Transaction
@@ -135,8 +136,6 @@ class Sessions(Writes):
                 except FileNotFoundError:
                     data, fp = None, None
                 digest = None if data is None else content_hash(data)
-                if self._own_current(tx, agent, record, digest):
-                    return current_version(record)
                 if data is None or not expected(data):
                     why = f"changed outside the volume while a tool of {agent} wrote it"
                     self._sync(tx, target, record, (fp, digest), why)
@@ -175,32 +174,35 @@ class Sessions(Writes):
 
         return self._transact(record_own, holds=(target.rel,))
 
-    @staticmethod
-    def _own_current(tx: Transaction, agent: str, record: FileRecord | None, digest: str | None) -> bool:
-        """Whether the file holds (`digest`) `agent`'s own current version, its view there: a commit
-        the volume took as `agent`'s already (on a mount, the file system commits a hooked tool's
-        write as its session), so its bytes were checked then, and what the tool's input makes of
-        that version is no test of them."""
-        return (
-            record is not None
-            and record.present
-            and record.writer == agent
-            and record.hash == digest
-            and tx.view(agent, record.path) == record.version
-        )
-
-    @staticmethod
-    def _expected(tx: Transaction, agent: str, target: Target, made: Made) -> Callable[[bytes], bool] | None:
-        """What `made` makes of `agent`'s view of `target` (none, or a deletion: no bytes), as read
-        from the store in `tx` (no sync: the file may hold the tool's write, not recorded yet); None
-        where that cannot be told (the view's bytes not kept, or damaged)."""
+    @classmethod
+    def _expected(cls, tx: Transaction, agent: str, target: Target, made: Made) -> Callable[[bytes], bool] | None:
+        """What `made` makes of the version the tool's check found, as read from the store in `tx`
+        (no sync: the file may hold the tool's write, not recorded yet): `agent`'s view, or, where
+        that is a version of `agent`'s own, the one before it too (on a mount the file system
+        commits the tool's write as its agent's, which moves the view there: no other writer comes
+        between while the grant holds the file). None where that cannot be told (the bytes not kept,
+        or damaged)."""
         seen = tx.view(agent, target.rel)
         entry = None if seen is None else tx.version_entry(target.rel, seen)
-        if entry is None or entry.hash is None:
+        bases = (
+            [entry]
+            if entry is None or entry.writer != agent
+            else [entry, tx.version_entry(target.rel, entry.version - 1)]
+        )
+        checks = [check for base in bases if (check := cls._made_of(tx, target, base, made)) is not None]
+        if not checks:
+            return None
+        return lambda data: any(check(data) for check in checks)
+
+    @staticmethod
+    def _made_of(tx: Transaction, target: Target, base: Version | None, made: Made) -> Callable[[bytes], bool] | None:
+        """`made` applied to the bytes of version `base` (none, or a deletion: no bytes); None where
+        they are not kept, or damaged."""
+        if base is None or base.hash is None:
             return made(b"")
-        if not entry.retained:
+        if not base.retained:
             return None
         try:
-            return made(tx.load(entry.hash, f"{target.rel!r} version {seen}"))
+            return made(tx.load(base.hash, f"{target.rel!r} version {base.version}"))
         except CoherenceError:
             return None
