@@ -415,11 +415,14 @@ _COPROC = re.compile(r"\bcoproc\b")
 """A command that may run a coproc, a job bash does not wait for (`_Walk.coproc`)."""
 _QUITS = re.compile(
     r"\$\{[^}]*\?|\$\(\(|\$\[|\$\{(?:!|\}|[^}]*(?:\[|:(?![-=+?])))|>\("
+    r"|\w\[(?!(?:0|[1-9][0-9]*|[@*])\])|\[[^]\s]*\]\+?=|\b(?:POSIXLY_CORRECT|FUNCNEST)\b"
     r"|\b(?:UID|EUID|PPID|SHELLOPTS|BASHOPTS|BASH_VERSINFO)(?:\[[^]]*\])?\+?="
 )
 """Text that may end the shell before a `wait` runs, wherever it is: `${v?}`; an error bash ends a script
 on (an assignment to a read-only or integer variable, an arithmetic, offset or subscript expansion,
-`${!v}`, `${}`, an assignment to one of bash's own read-only variables); SIGPIPE from a process
+a subscript that is not a plain number, in an assignment, a `-v` test or a name `read` or `printf -v`
+set (`a[1/0]=x`, `day[08]=x`), `${!v}`, `${}`, an assignment to one of bash's own read-only
+variables; POSIX mode, where a special builtin's redirection error ends it; a FUNCNEST limit); SIGPIPE from a process
 substitution it writes to. Also ending it: a builtin the shell runs (`_SHELL_QUITS`), a signal another
 process sends it (`_SIGNALS`), a syntax error after the job (`_parses`). No `wait` in such a command is
 taken to wait for anything."""
@@ -438,11 +441,21 @@ _SHELL_QUITS |= _names("readonly declare typeset local")
 script it sources, a limit on the shell, a variable made read-only or integer; `disown`, `enable -n`, an
 alias): they act only where the shell itself runs them, a command name the walk meets (`_Walk._invoke`,
 `_Walk._declared`); as any other word (`ls ~/.local`, `make set-up`, `find -exec`) they end nothing."""
-_SIGNALS = re.compile(r"kill|signal|sigqueue|ptrace|process_vm|/mem\b|\b(?:fuser|prlimit|gdb|lldb|strace|ltrace)\b")
+_SIGNALS = re.compile(
+    r"kill|signal|sigqueue|ptrace|process_vm|syscall|/mem\b|\b(?:fuser|prlimit|gdb|lldb|strace|ltrace)\b"
+)
 """A signal sent to the shell, or a limit set on it, by another process, wherever the command's text
 names it (a command `xargs` or `find -exec` runs, an interpreter's code): `kill`, `pkill`, `fuser -k`,
-`prlimit --pid`, a debugger or tracer attached to it, an interpreter's kill or signal call, its
-memory written through /proc; but not in a file's name (`_in_file_name`)."""
+`prlimit --pid`, a debugger or tracer attached to it, an interpreter's kill or signal call or raw
+system call, its memory written through /proc; but not in a file's name (`_in_file_name`)."""
+_GLOBBED = re.compile(r"[*?[]")
+"""A command name with a pattern in it (`/bin/k?ll`): which program it runs is known only then."""
+_ARITHMETIC = re.compile(r"\[|\(\(|\blet\b|\$\{[^}]*:|\$\{!")
+"""Text where bash may evaluate arithmetic, which can assign any variable: a subscript
+(`a[pid=1]=x`, `[[ -v a[pid=1] ]]`), `[[ x -eq 1 ]]` (x's value evaluated: `pid=1`), `(( ))`, `let`,
+an offset (`${v:pid=1}`), `${!x}` naming a subscript (an integer variable needs `declare`, which
+ends every wait's cover: `_SHELL_QUITS`). A variable set to `$!` is not followed in such a command
+(`_Walk._pid`)."""
 _NOT_NAME = re.compile(r"[^\w.+~/-]")
 """A character no file name in a command's text is taken to have."""
 
@@ -812,6 +825,8 @@ class _Walk:
         """The command may end its shell before a `wait` (`_QUITS`, or code known only when it runs)."""
         self.physical = False
         """The command may turn on `set -P` (`_PHYSICAL`): a `cd` may then enter a directory either way."""
+        self.arithmetic = False
+        """The command may evaluate arithmetic (`_ARITHMETIC`), which may set any variable."""
         self.coproc = False
         """The command runs a `coproc` (`_COPROC`): tree-sitter cannot tell where its command ends (it
         reads the rest of a compound one as the commands after it), so every write is taken as its."""
@@ -1148,9 +1163,12 @@ class _Walk:
     def _pid(self, name: str) -> set[int] | None:
         """The job variable `name` surely names: the one `$!` named where it was set to it in the
         command's own shell (`_assign`), when nothing may have set it since (`changes`, a builtin
-        naming it, a variable set by a name known only when it runs, a trap's handler); else None."""
+        naming it, a variable set by a name known only when it runs, a trap's handler, arithmetic
+        anywhere in the command: `_ARITHMETIC`); else None."""
         recorded = self.values.get(_PID + name)
-        if recorded is None or self.poisoned or self.traps or any(name in w for w in self.setter_words):
+        if recorded is None or self.poisoned or self.traps or self.arithmetic:
+            return None
+        if any(name in w for w in self.setter_words):
             return None
         job, changes = recorded.split()
         return {int(job)} if int(changes) == self.changes.get(name, 0) else None
@@ -1589,7 +1607,8 @@ class _Walk:
         if not items or not isinstance(items[0], str):
             return same
         name, args = os.path.basename(items[0]), items[1:]
-        self.may_quit = self.may_quit or name in _SHELL_QUITS
+        named = name in _SHELL_QUITS or _GLOBBED.search(items[0]) is not None or _SIGNALS.search(name) is not None
+        self.may_quit = self.may_quit or named  # (a pattern's expansion too: `/bin/k?ll`)
         if name in ("cd", "pushd", "popd") and in_shell:
             return self._cd(name, args, cwd)
         if name == "wait" and in_shell and not self.forked:
@@ -1723,6 +1742,7 @@ class _Walk:
         self.may_quit = self.may_quit or hidden or _QUITS.search(_HARMLESS.sub(" ", text)) is not None or _signals(text)
         self.physical = self.physical or hidden or _PHYSICAL.search(text) is not None
         self.coproc = self.coproc or _COPROC.search(text) is not None
+        self.arithmetic = self.arithmetic or hidden or _ARITHMETIC.search(text) is not None
         if len(command) > _LONGEST or "\0" in command:
             self.may_quit = True
             why = f"a command of more than {_LONGEST} characters, or with a NUL character"

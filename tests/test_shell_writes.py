@@ -867,6 +867,14 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & echo ${a[i]} ${v:i}; wait", PLAN_FILE),  # arithmetic on a variable
     ("echo x > plans/plan.md & echo ${!v}; wait", PLAN_FILE),
     ("echo x > plans/plan.md & { sleep 1; echo x; } > >(true); wait", PLAN_FILE),  # SIGPIPE
+    ("echo x > plans/plan.md & a[1/0]=x; wait", PLAN_FILE),  # a subscript that fails ends the shell
+    ("echo x > plans/plan.md & day[08]=x; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & a=([1/0]=x); wait", PLAN_FILE),
+    ("echo x > plans/plan.md & read 'a[1/0]' <<< x; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & POSIXLY_CORRECT=1; : > nodir/x; wait", PLAN_FILE),  # POSIX mode
+    ("echo x > plans/plan.md & FUNCNEST=1; f() { g; }; g() { :; }; f; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & /bin/k?ll -9 $$; wait", PLAN_FILE),  # a program named by a pattern
+    ("echo x > plans/plan.md & perl -e 'syscall(62, getppid, 9)'; wait", PLAN_FILE),  # a raw system call
     # a `wait` for some job only
     ("sleep 1 & echo x > plans/plan.md & wait -n", PLAN_FILE),  # for one of the two
     ("echo x > plans/plan.md & sleep 1 & wait $!", PLAN_FILE),
@@ -895,6 +903,10 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & cat < <(true); P=$!; wait $P", PLAN_FILE),  # $! is the process substitution
     ("echo x > plans/plan.md & RANDOM=$!; wait $RANDOM", PLAN_FILE),
     ("echo x > plans/plan.md & P=$!; kill -0 $P; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; [[ P=1 -eq 1 ]]; wait $P", PLAN_FILE),  # arithmetic sets it
+    ("echo x > plans/plan.md & P=$!; x=P=1; [[ x -eq 1 ]]; wait $P", PLAN_FILE),  # through x's value
+    ("echo x > plans/plan.md & P=$!; [[ -v a[P=1] ]]; wait $P", PLAN_FILE),
+    ("echo x > plans/plan.md & P=$!; a=([P=1]=x); wait $P", PLAN_FILE),
     ("echo x > plans/plan.md & cat > >(cat); wait $!", PLAN_FILE),  # $! is the process substitution
     ("echo x > plans/plan.md & wait 123", PLAN_FILE),
     # waited for, or in the foreground
