@@ -437,8 +437,16 @@ def end_writes(
                     validate_agent(claim.agent)  # nothing is recorded under a name that cannot be an agent's
                     target = core.paths.of_rel(claim.rel)
                     if record:  # an append's too: a working copy's peers see only what the registry records
-                        appended = claim.kind == "append"
-                        told += _recorded(core, claim.agent, target, None if appended else made, appended)
+                        appended, found = claim.kind == "append", located(claim.path)
+                        moved = found is not None and found.mounted  # the file system committed it as theirs
+                        try:
+                            told += _recorded(core, claim.agent, target, None if appended else made, appended, moved)
+                        except (CoherenceError, OSError) as e:  # the others recorded stand: say which one failed
+                            told.append(
+                                f"coherent-volume: your write to {target.rel} could not be recorded as yours ({e}); it "
+                                "is recorded as a change by `external` at the next access. Read the file again before "
+                                "you change it."
+                            )
                     if (claim.root, claim.rel) not in held:
                         try:
                             release_hook_grant(core, claim.agent, target, actor.process)
@@ -514,33 +522,62 @@ def either(*mades: Made) -> Made:
 
 def replacing(variants: Collection[tuple[str, str]]) -> Made:
     """What a string replacement makes of a file when its tool may correct it first (Gemini CLI's
-    replace: its strings unescaped, or matched and re-indented regardless of spaces): given the
-    bytes of the version its check found, whether a file is that version with every occurrence of
-    one of `variants`' old strings replaced by its new one, spaces aside (`_flat`: the text as it
-    stands, or with the spaces taken out of it and of the strings before they are matched). An
-    empty old string makes a new file of the new one. None where that cannot be told: not text, or
-    no old string occurs in the version (the tool rewrote it to fit)."""
+    replace: its strings unescaped; matched regardless of spaces and re-indented where they do not
+    occur as written; made to replace one occurrence where it finds more): given the bytes of the
+    version its check found, whether a file is that version with one of `variants`' old strings
+    replaced by its new one, at every occurrence or at one of them. Where an old string occurs as
+    written, the file is compared line by line (line ends and spaces at line ends aside); else, as
+    the tool matched, with all spaces taken out (`_flat`). An empty old string makes a new file of
+    the new one. None where that cannot be told: not text, or no old string occurs in the version
+    in either way (the tool rewrote it to fit)."""
 
     def expect(base: bytes) -> Callable[[bytes], bool] | None:
         try:
-            text = base.decode("utf-8")
+            text = base.decode("utf-8").replace("\r\n", "\n")
         except UnicodeDecodeError:
             return None
-        flat, results = _flat(text), set()
+        exact: set[str] = set()
+        flat: set[str] = set()
         for old, new in variants:
             if not old:
-                if not flat:
-                    results.add(_flat(new))
-                continue
-            if old in text:
-                results.add(_flat(text.replace(old, new)))
-            if _flat(old) and _flat(old) in flat:
-                results.add(flat.replace(_flat(old), _flat(new)))
-        if not results:
+                if not text:
+                    exact.add(new)
+            elif old in text:
+                exact.update(_replaced(text, old, new))
+            elif _flat(old) and _flat(old) in _flat(text):
+                flat.update(_replaced(_flat(text), _flat(old), _flat(new)))
+        if not exact and not flat:
             return None
-        return lambda data: _flat(data.decode("utf-8", "replace")) in results
+        lines = {tuple(_stripped_lines(result)) for result in exact}
+
+        def fits(data: bytes) -> bool:
+            found = data.decode("utf-8", "replace")
+            return tuple(_stripped_lines(found)) in lines or _flat(found) in flat
+
+        return fits
 
     return expect
+
+
+_MOST_OCCURRENCES = 64
+"""Occurrences of an old string each tried alone (`_replaced`); past that, every one only."""
+
+
+def _replaced(text: str, old: str, new: str) -> set[str]:
+    """`text` with every occurrence of `old` replaced by `new`, and with each one alone."""
+    results = {text.replace(old, new)}
+    start = text.find(old)
+    for _ in range(_MOST_OCCURRENCES):
+        if start < 0:
+            break
+        results.add(text[:start] + new + text[start + len(old) :])
+        start = text.find(old, start + len(old))
+    return results
+
+
+def _stripped_lines(text: str) -> list[str]:
+    """The lines of `text`, line ends and spaces or tabs at their ends aside."""
+    return [line.rstrip(" \t") for line in _split_lines(text)]
 
 
 def _flat(text: str) -> str:
@@ -551,8 +588,7 @@ def _flat(text: str) -> str:
 def _same_lines(data: bytes, text: str) -> bool:
     """Whether the file `data` holds the lines of `text`, line ends and spaces or tabs at their ends
     aside (Claude Code strips those from an Edit's new lines)."""
-    ours = [line.rstrip(" \t") for line in _split_lines(text)]
-    return [line.rstrip(" \t") for line in _split_lines(data.decode("utf-8", "replace"))] == ours
+    return _stripped_lines(data.decode("utf-8", "replace")) == _stripped_lines(text)
 
 
 def _recorded(
@@ -561,12 +597,13 @@ def _recorded(
     target: Target,
     made: Made | None = None,
     appended: bool = False,
+    moved: bool = False,
 ) -> list[str]:
-    """Record `agent`'s own write of `target` (`made`: see `VolumeCore.adopt`); the clobber to tell
-    the model of, if it was one, or the change another writer made meanwhile."""
+    """Record `agent`'s own write of `target` (`made`, `moved`: see `VolumeCore.adopt`); the clobber
+    to tell the model of, if it was one, or the change another writer made meanwhile."""
     with core.registry.read() as tx:
         last = tx.events(path=target.rel, limit=1, newest_first=True)
-    version = core.adopt(agent, target, made, appended=appended)
+    version = core.adopt(agent, target, made, appended=appended, moved=moved)
     if version is None:
         return [
             f"coherent-volume: {target.rel} does not hold what your tool just wrote: another writer changed it "

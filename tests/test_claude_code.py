@@ -29,6 +29,7 @@ from coherent_volume.hook_paths import session_file
 from coherent_volume.hook_steps import Actor
 from coherent_volume.hooks import Progress
 from coherent_volume.liveness import ProcessId, current_process
+from coherent_volume.paths import Target
 
 from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
@@ -245,6 +246,60 @@ def test_an_edit_a_program_undoes_before_the_tools_end_is_told_after_the_session
     target.write_text("v2\nend\n")  # the program's save of what it had open
     post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
     assert "does not hold what your tool just wrote" in str(post["stdout"]), post
+
+
+def test_an_edit_made_to_an_earlier_version_a_program_put_back_is_told(root: Path, sessions) -> None:
+    """A peer wrote v2, the session v3 (its view there); after its Edit's check a program puts v2's
+    bytes back (`git checkout`), and the tool makes its edit of those: the file is the Edit applied
+    to v2, not to the version the check found, so the session's own v3 line is gone and the model is
+    told (only on a mount, where the file system commits the tool's write and moves the view, is
+    the version before the view a base too)."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\nEND\n")
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        peer.write(P, "peer line\nEND\n")
+    s = sessions("revert", root)
+    s.read(target)
+    assert s.write(target, "peer line\nMINE v3\nEND\n")["decision"] == "allow"
+    edit = {"old_string": "END\n", "new_string": "edited\nEND\n"}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
+    target.write_text("peer line\nEND\n")  # the program's revert
+    target.write_text("peer line\nedited\nEND\n")  # the tool's edit of what it found
+    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
+    assert "does not hold what your tool just wrote" in str(post["stdout"]), post
+
+
+def test_a_command_writing_two_files_whose_second_record_fails_names_that_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry fails while a Bash command's second file is recorded, after its first was: the
+    model is told which one was not recorded as its own; the first stays the session's."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write("plans/a.md", "a\n")
+        setup.write("plans/b.md", "b\n")
+    for rel in ("plans/a.md", "plans/b.md"):
+        _in_process("PostToolUse", "two", root, "Read", root / rel, read_response(root / rel, rel[-4] + "\n"))
+    command = "echo A > plans/a.md; echo B > plans/b.md"
+    pre = handle(bash_event("PreToolUse", "two", root, command), Progress(), current_process())
+    assert decision({"stdout": pre.stdout, "code": pre.code})[0] == "allow"
+    (root / "plans/a.md").write_text("A\n")
+    (root / "plans/b.md").write_text("B\n")
+    adopt = VolumeCore.adopt
+
+    def fails_for_b(core: VolumeCore, agent: str, target: Target, *args: object, **kwargs: object) -> int | None:
+        if target.rel == "plans/b.md":
+            raise RegistryError("the registry at db:5432 is unreachable (connection refused); nothing was written.")
+        return adopt(core, agent, target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VolumeCore, "adopt", fails_for_b)
+    after = handle(bash_event("PostToolUse", "two", root, command), Progress(), current_process())
+    monkeypatch.undo()
+    told = json.loads(after.stdout)["reason"]
+    assert "your write to plans/b.md could not be recorded as yours" in told and "plans/a.md" not in told, told
+    with CoherentVolume(root, agent="observer") as v:
+        assert v.history("plans/a.md")[0].writer == f"claude:{unique('two')}"
 
 
 @pytest.mark.parametrize(

@@ -215,8 +215,17 @@ def test_a_replace_another_writer_changes_before_its_end_is_theirs_and_the_model
         ("ste", "STE", "  STEp 1\nSTEp 2\n"),
         ("step 1\nstep", "step 1\n  STEP", "  step 1\n  STEP 2\n"),
         ("step  1", "step one", "  step one\nstep 2\n"),
+        ("step", "STEP", "  STEP 1\nstep 2\n"),
     ],
-    ids=["re-indented", "escapes-undone", "line-taken-out", "within-lines", "across-lines", "spaces-differ"],
+    ids=[
+        "re-indented",
+        "escapes-undone",
+        "line-taken-out",
+        "within-lines",
+        "across-lines",
+        "spaces-differ",
+        "one-of-two",
+    ],
 )
 def test_a_replace_gemini_cli_corrected_is_the_sessions_own_and_nothing_is_told(
     root: Path, sessions, old: str, new: str, result: str
@@ -233,6 +242,28 @@ def test_a_replace_gemini_cli_corrected_is_the_sessions_own_and_nothing_is_told(
     with CoherentVolume(root, agent="observer") as v:
         assert v.history(P)[0].writer == f"gemini:{unique('g2')}"
     assert s.write_file(target, "next\n") == ("allow", "")
+
+
+@pytest.mark.parametrize(
+    ("before", "old", "new", "result"),
+    [
+        ("x=1\ny\nx = 1\n", "x=1", "x=2", "x=2\ny\nx = 2\n"),  # the other occurrence changed too
+        ("if a:\n    b\nc\n", "b", "B", "if a:\n    B\n    c\n"),  # a line moved into the block
+    ],
+    ids=["another-occurrence", "indentation"],
+)
+def test_a_replace_whose_file_holds_another_change_is_told(
+    root: Path, sessions, before: str, old: str, new: str, result: str
+) -> None:
+    """A change beside a replace's own, by another writer before AfterTool, is not taken for the
+    session's: not a second occurrence of the old string that looks alike without its spaces, nor a
+    change of indentation where the old string occurs as written (in Python, that is a change)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, before)
+    target = root / P
+    s = sessions("g3", root)
+    s.read(target)
+    assert "does not hold what your tool just wrote" in _replaced(s, target, old, new, result)
 
 
 def test_a_write_file_is_checked_at_its_end_allowing_for_escapes_gemini_cli_undoes(root: Path, sessions) -> None:

@@ -116,20 +116,23 @@ class Sessions(Writes):
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
         return self._transact(lambda tx: self._check(tx, agent, target, time.time(), isolation)[2], holds=(target.rel,))
 
-    def adopt(self, agent: str, target: Target, made: Made | None = None, *, appended: bool = False) -> int | None:
+    def adopt(
+        self, agent: str, target: Target, made: Made | None = None, *, appended: bool = False, moved: bool = False
+    ) -> int | None:
         """Record the file's content, written by `agent` itself outside the volume (a hook reporting
         its own write), as `agent`'s commit. If that write was not based on the current version it
         overwrote a commit: that is logged as a clobber, never hidden. An append (`appended`) needs
         no view, so it clobbers nothing and moves none (`protocol.view_moves`): its bytes are added
         to the version its grant held the file at. `made`, where the tool's input says what its
-        write makes of the version its check found (`agent`'s view until this record): a file that
-        holds something else was changed by another writer as well, meanwhile: recorded as a change
-        by EXTERNAL, `agent`'s view left where it was (its model never saw those bytes), and None
-        returned."""
+        write makes of the version its check found (`agent`'s view until this record; with `moved`,
+        where the tool's write was committed as `agent`'s already, the version before it:
+        `_expected`): a file that holds something else was changed by another writer as well,
+        meanwhile: recorded as a change by EXTERNAL, `agent`'s view left where it was (its model
+        never saw those bytes), and None returned."""
 
         def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
-            expected = self._expected(tx, agent, target, made) if made is not None else None
+            expected = self._expected(tx, agent, target, made, moved) if made is not None else None
             if expected is not None:
                 try:
                     data, fp = read_file(target.abs)
@@ -175,19 +178,22 @@ class Sessions(Writes):
         return self._transact(record_own, holds=(target.rel,))
 
     @classmethod
-    def _expected(cls, tx: Transaction, agent: str, target: Target, made: Made) -> Callable[[bytes], bool] | None:
+    def _expected(
+        cls, tx: Transaction, agent: str, target: Target, made: Made, moved: bool
+    ) -> Callable[[bytes], bool] | None:
         """What `made` makes of the version the tool's check found, as read from the store in `tx`
         (no sync: the file may hold the tool's write, not recorded yet): `agent`'s view, or, where
-        that is a version of `agent`'s own, the one before it too (on a mount the file system
-        commits the tool's write as its agent's, which moves the view there: no other writer comes
-        between while the grant holds the file). None where that cannot be told (the bytes not kept,
-        or damaged)."""
+        the tool's write `moved` it (on a mount the file system commits that write as its agent's)
+        and it is a version of `agent`'s own, the one before it too (no other writer comes between
+        while the grant holds the file). Never that one elsewhere: a program that put an earlier
+        version back before the tool wrote would pass. None where that cannot be told (the bytes
+        not kept, or damaged)."""
         seen = tx.view(agent, target.rel)
         entry = None if seen is None else tx.version_entry(target.rel, seen)
         bases = (
-            [entry]
-            if entry is None or entry.writer != agent
-            else [entry, tx.version_entry(target.rel, entry.version - 1)]
+            [entry, tx.version_entry(target.rel, entry.version - 1)]
+            if moved and entry is not None and entry.writer == agent
+            else [entry]
         )
         checks = [check for base in bases if (check := cls._made_of(tx, target, base, made)) is not None]
         if not checks:
