@@ -262,7 +262,8 @@ BACKGROUND = (
     "`setsid`, `sudo -b`, `systemd-run`, `screen`, `daemonize` or `tmux` and does not `wait` for), so the hook "
     "after the command comes before that write ends: it could neither hold other sessions off the file until then "
     "nor record what was written. Run it "
-    "in the foreground (without `&`, or with a plain `wait` after the job at the top level of the command)."
+    "in the foreground (without `&`, or with a plain `wait` right after the jobs at the top level of the command, "
+    "nothing between them)."
 )
 """Why a write in the background of a managed file is denied off a mount (`_late`)."""
 

@@ -823,6 +823,12 @@ class _Walk:
         `bash -c`): a `wait` there waits for none of the shell's jobs, and a job it starts is not one."""
         self.may_quit = False
         """The command may end its shell before a `wait` (`_QUITS`, or code known only when it runs)."""
+        self.between = False
+        """A statement ran in the command's own shell since the first of its jobs that no `wait` covers
+        started (`_marks`): a `wait` then covers none (`_wait`). Bash ends a shell, or moves what a
+        variable names, in more ways than any list can name (a failing subscript, `break x`, `${1x}`,
+        `mapfile -C`, `compgen -F`, a word expanded twice); nothing but other jobs' starts, `NAME=$!`
+        and the `wait` itself between a job and its `wait` leaves it none."""
         self.physical = False
         """The command may turn on `set -P` (`_PHYSICAL`): a `cd` may then enter a directory either way."""
         self.arithmetic = False
@@ -1109,8 +1115,14 @@ class _Walk:
         """A new job's number, noted as one of the shell's (`jobs`) if `waitable` and started there."""
         self.started += 1
         if waitable and not self.forked:
+            if not set(self.jobs) - self._done():
+                self.between = False  # the first job no `wait` covers: nothing ran since it started
             self.jobs.append(self.started)
         return self.started
+
+    def _done(self) -> set[int]:
+        """The jobs a `wait` surely waited for so far (`_wait`)."""
+        return {int(job) for job in self.values.get(_WAITED, "").split()}
 
     def waited(self) -> frozenset[int]:
         """The jobs a `wait` surely waited for: those the command's own shell started before a `wait`
@@ -1127,7 +1139,9 @@ class _Walk:
         `%%` and `%+` its last job, `%1` and `%-` the only one (when one job was started), `$(jobs -p)`
         all; with `-n` it waits for one job only (so it covers them only when one is left, and nothing
         but the shell's jobs ran apart); any other word: none."""
-        done = {int(job) for job in self.values.get(_WAITED, "").split()}
+        if self.between:
+            return  # a statement ran since the jobs it would cover started
+        done = self._done()
         left = set(self.jobs) - done
         rest, one = list(args), False
         for option, _ in _options(rest, _names("-p")):
@@ -1287,6 +1301,8 @@ class _Walk:
         """Run one statement from `state`: (the states after it succeeded, after it failed). `tail`:
         redirections tree-sitter put after a list or pipeline, which bash gives its last command."""
         self.tick()
+        if not self.forked and _marks(node):
+            self.between = True
         result = self._statement(node, state, tail)
         if node.type != "list":
             self.succeeded = None
@@ -2226,6 +2242,48 @@ def _volume_below(place: str) -> str | None:
             if entry.name != ".git" and entry.is_dir(follow_symlinks=False):
                 todo.append(entry.path)
     return None
+
+
+_STATEMENTS = frozenset(
+    {
+        "command",
+        "redirected_statement",
+        "variable_assignment",
+        "variable_assignments",
+        "declaration_command",
+        "unset_command",
+        "test_command",
+        "pipeline",
+        "for_statement",
+        "c_style_for_statement",
+        "case_statement",
+    }
+)
+"""Statements that run something of their own in the shell: a command, an assignment, a test, the
+words a `for` or `case` expands (a list, a group, a branch or a loop's body only runs the
+statements in it; a function's definition runs nothing; a subshell's run in a child)."""
+
+
+def _marks(node: tree_sitter.Node) -> bool:
+    """Whether statement `node`, run in the command's own shell, leaves a `wait` after it none of the
+    jobs started before it (`_Walk.between`): one of `_STATEMENTS` or an arithmetic command `((…))`,
+    but not a `wait` nor `NAME=$!`."""
+    arithmetic = node.type == "compound_statement" and node.children[:1] != [] and node.children[0].type == "(("
+    if not (node.type in _STATEMENTS or arithmetic) or _waits(node):
+        return False
+    value = node.child_by_field_name("value") if node.type == "variable_assignment" else None
+    return value is None or _text(value) not in _BANG
+
+
+def _waits(node: tree_sitter.Node) -> bool:
+    """Whether statement `node` is a `wait` (`builtin wait` too), redirected or not."""
+    if node.type == "redirected_statement":
+        body = node.child_by_field_name("body")
+        return body is not None and _waits(body)
+    if node.type != "command" or node.child_by_field_name("name") is None:
+        return False
+    words = [_text(child) for child in node.named_children if child.type in ("command_name", "word")][:2]
+    return words[:1] == ["wait"] or words == ["builtin", "wait"]
 
 
 def _plain(name: str) -> bool:

@@ -875,6 +875,24 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & FUNCNEST=1; f() { g; }; g() { :; }; f; wait", PLAN_FILE),
     ("echo x > plans/plan.md & /bin/k?ll -9 $$; wait", PLAN_FILE),  # a program named by a pattern
     ("echo x > plans/plan.md & perl -e 'syscall(62, getppid, 9)'; wait", PLAN_FILE),  # a raw system call
+    # a statement between a job and its `wait` (it may end the shell, or move what a variable names)
+    ("echo x > plans/plan.md & mapfile -C 'exit 0 #' -c 1 arr < /dev/null; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & f() { exit 4; }; compgen -F f x; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & for i in 1; do break x; done; wait", PLAN_FILE),
+    ("echo x > plans/plan.md & : ${1x}; wait", PLAN_FILE),
+    ('echo x > plans/plan.md & n=[1/0]; test -v "a$n"; wait', PLAN_FILE),
+    ("echo x > plans/plan.md & pid=$!; x=$(printf '$\\x5bpid=1]'); : \"${x@P}\"; wait $pid", PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & ls /usr/local/bin ~/.local; wait", PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & cat docs/declare.md; make set-up; echo 'enable tests'; wait", PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & find . -name '*.md' -exec grep -l x {} +; wait", PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & export N=1; wait", PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & cat src/signal_handler.c processes/mem.txt docs/strace.md; wait", PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & pytest tests/test_kill.py; ls /usr/lib/kill/; wait", PLAN_FILE),
+    ('make > plans/plan.md 2>&1 & echo "${a[@]}" ${#a[@]} ${!a[@]} ${!PA@} ${a[0]} ${v:0:5}; wait', PLAN_FILE),
+    ("make > plans/plan.md 2>&1 & echo $((2*3)) $[1+1] $(( 10 - 2 )); wait", PLAN_FILE),
+    ('sed -i s/a/b/ plans/plan.md & pid=$!; echo "started $pid"; wait "$pid"', PLAN_FILE),
+    ("sed -i s/a/b/ plans/plan.md & pid=$!; cd plans; wait ${pid}", PLAN_FILE),
+    ('sed -i s/a/b/ plans/plan.md & P=$!; IFS=1; wait "$P"', PLAN_FILE),
     # a `wait` for some job only
     ("sleep 1 & echo x > plans/plan.md & wait -n", PLAN_FILE),  # for one of the two
     ("echo x > plans/plan.md & sleep 1 & wait $!", PLAN_FILE),
@@ -925,21 +943,9 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("sed -i s/a/b/ plans/plan.md & wait -n %-", []),
     ("sed -i s/a/b/ plans/plan.md & sleep 1 & wait $(jobs -p)", []),
     ("(sleep 1; echo x > plans/plan.md) & pid=$!; wait $pid", []),  # a variable set to `$!`
-    # builtins only as commands, a signal's name only as a file's
-    ("make > plans/plan.md 2>&1 & ls /usr/local/bin ~/.local; wait", []),
-    ("make > plans/plan.md 2>&1 & cat docs/declare.md; make set-up; echo 'enable tests'; wait", []),
-    ("make > plans/plan.md 2>&1 & find . -name '*.md' -exec grep -l x {} +; wait", []),
-    ("make > plans/plan.md 2>&1 & export N=1; wait", []),
-    ("make > plans/plan.md 2>&1 & cat src/signal_handler.c processes/mem.txt docs/strace.md; wait", []),
-    ("make > plans/plan.md 2>&1 & pytest tests/test_kill.py; ls /usr/lib/kill/; wait", []),
-    ('make > plans/plan.md 2>&1 & echo "${a[@]}" ${#a[@]} ${!a[@]} ${!PA@} ${a[0]} ${v:0:5}; wait', []),
-    ("make > plans/plan.md 2>&1 & echo $((2*3)) $[1+1] $(( 10 - 2 )); wait", []),
-    ('sed -i s/a/b/ plans/plan.md & pid=$!; echo "started $pid"; wait "$pid"', []),
-    ("sed -i s/a/b/ plans/plan.md & pid=$!; cd plans; wait ${pid}", []),
     ("sed -i s/a/b/ plans/plan.md & p1=$!; sed -i s/o/p/ plans/other.md & p2=$!; wait $p1 $p2", []),
     ('sed -i s/a/b/ plans/plan.md & p1=$!; sed -i s/o/p/ plans/other.md & p2=$!; wait "$p1"; wait "$p2"', []),
     ("sed -i s/a/b/ plans/plan.md & p1=$!; sleep 1 & wait $p1", []),  # the other job writes nothing
-    ('sed -i s/a/b/ plans/plan.md & P=$!; IFS=1; wait "$P"', []),
 ]
 
 
@@ -961,7 +967,8 @@ def test_each_face_denies_a_write_in_the_background_off_a_mount(root: Path, face
         ("(sleep 1; echo x > plans/new.md) > /dev/null 2>&1 &", True),
         ("setsid sed -i s/a/b/ plans/new.md", True),
         ("(sleep 1; echo x > plans/new.md) & wait", False),
-        ("(sleep 1; echo x > plans/new.md) & pid=$!; ls /usr/local; wait $pid", False),
+        ("(sleep 1; echo x > plans/new.md) & pid=$!; wait $pid", False),
+        ("(sleep 1; echo x > plans/new.md) & ls /usr/local; wait", True),  # a statement before the `wait`
         ("(sleep 1; echo x > plans/new.md) & pid=$!; pid=1; wait $pid", True),
         ("(sleep 1; echo x > plans/new.md) & python3 -c 'import os; os.kill(os.getppid(), 9)'; wait", True),
         ("(sleep 1; echo x > notes.txt) &", False),
