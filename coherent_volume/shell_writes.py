@@ -829,6 +829,12 @@ class _Walk:
         variable names, in more ways than any list can name (a failing subscript, `break x`, `${1x}`,
         `mapfile -C`, `compgen -F`, a word expanded twice); nothing but other jobs' starts, `NAME=$!`
         and the `wait` itself between a job and its `wait` leaves it none."""
+        self.marked = 0
+        """How many statements set `between` so far (a loop's body that set it runs again after its job)."""
+        self.looping = 0
+        """How many loops the walk is in: a job started in one is as many jobs as it has rounds."""
+        self.loop_jobs: set[int] = set()
+        """The jobs started in a loop (`looping`): only a `wait` for all covers them."""
         self.physical = False
         """The command may turn on `set -P` (`_PHYSICAL`): a `cd` may then enter a directory either way."""
         self.arithmetic = False
@@ -1118,6 +1124,8 @@ class _Walk:
             if not set(self.jobs) - self._done():
                 self.between = False  # the first job no `wait` covers: nothing ran since it started
             self.jobs.append(self.started)
+            if self.looping:
+                self.loop_jobs.add(self.started)
         return self.started
 
     def _done(self) -> set[int]:
@@ -1128,7 +1136,7 @@ class _Walk:
         """The jobs a `wait` surely waited for: those the command's own shell started before a `wait`
         with no operands that surely ran there after them (not in a branch, a loop, a function or a
         list that may not have run it), unless the command may end the shell first (`may_quit`)."""
-        if self.may_quit:
+        if self.may_quit or self.traps:  # a trap's handler may run between a job and its `wait`
             return frozenset()
         return frozenset(int(job) for job in self.values.get(_WAITED, "").split())
 
@@ -1156,6 +1164,8 @@ class _Walk:
             covered |= job
         if one and not (left <= covered and len(left) <= 1 and self.started == len(self.jobs)):
             return
+        if (rest or one) and left & self.loop_jobs:
+            return  # a job started in a loop is one per round: `$!`, `%1`, `-n` name one of them
         self.values[_WAITED] = " ".join(str(job) for job in sorted(done | covered))
 
     def _waited_job(self, arg: Item) -> set[int] | None:
@@ -1303,6 +1313,7 @@ class _Walk:
         self.tick()
         if not self.forked and _marks(node):
             self.between = True
+            self.marked += 1
         result = self._statement(node, state, tail)
         if node.type != "list":
             self.succeeded = None
@@ -1360,25 +1371,41 @@ class _Walk:
             with self.apart():
                 return self._if(node, state)
         if kind in ("while_statement", "until_statement", "for_statement", "c_style_for_statement"):
-            with self.apart():
-                return self._loop(node, state)
+            started, marked = self.started, self.marked
+            self.looping += 1
+            try:
+                with self.apart():
+                    return self._loop(node, state)
+            finally:
+                self.looping -= 1
+                if self.started > started and (kind != "for_statement" or self.marked > marked):
+                    self.between = True  # its next round's statements (or condition) run after its job
         if kind == "case_statement":
-            value = node.child_by_field_name("value")
-            if value is not None:
-                self.run(value, state)
-            after = state
-            for item in node.children:
-                if item.type == "case_item":
-                    with self.apart():  # it may not run
-                        ok, fail = self.statements([c for c in item.children if c.is_named and c.type != "word"], state)
-                    after = after | ok | fail
-            return after, after
+            started = self.started
+            try:
+                return self._case(node, state)
+            finally:
+                if self.started > started:
+                    self.between = True  # `;;&` tests the patterns after it, which are not expanded here
         if kind in ("compound_statement", "do_group", "program"):
             return self.statements(node.children, state)
         if kind == "test_command" and node.children and node.children[0].type == "[":
             self._bracket_redirects(node, state)
         self.statements(node.children, state)  # anything else (a word, a test, `local`, an error): what it holds
         return state, state
+
+    def _case(self, node: tree_sitter.Node, state: State) -> tuple[State, State]:
+        """A `case`: its word, then each item, which may not run."""
+        value = node.child_by_field_name("value")
+        if value is not None:
+            self.run(value, state)
+        after = state
+        for item in node.children:
+            if item.type == "case_item":
+                with self.apart():  # it may not run
+                    ok, fail = self.statements([c for c in item.children if c.is_named and c.type != "word"], state)
+                after = after | ok | fail
+        return after, after
 
     def _bracket_redirects(self, node: tree_sitter.Node, state: State) -> None:
         """In `[ … ]` (a command, unlike `[[ … ]]`) a `>` is a redirection: tree-sitter reads it as a comparison."""
@@ -2276,14 +2303,21 @@ def _marks(node: tree_sitter.Node) -> bool:
 
 
 def _waits(node: tree_sitter.Node) -> bool:
-    """Whether statement `node` is a `wait` (`builtin wait` too), redirected or not."""
-    if node.type == "redirected_statement":
-        body = node.child_by_field_name("body")
-        return body is not None and _waits(body)
-    if node.type != "command" or node.child_by_field_name("name") is None:
+    """Whether statement `node` is a bare `wait` (`builtin wait` too): no prefix assignment, no
+    redirection, here-document or here-string (bash expands those first, and an expansion that fails
+    ends the shell before it waits), operands that are words or plain expansions."""
+    if node.type != "command" or not node.named_children or node.named_children[0].type != "command_name":
         return False
-    words = [_text(child) for child in node.named_children if child.type in ("command_name", "word")][:2]
+    if any(child.type not in _WAIT_WORDS for child in node.named_children[1:]):
+        return False
+    words = [_text(child) for child in node.named_children[:2]]
     return words[:1] == ["wait"] or words == ["builtin", "wait"]
+
+
+_WAIT_WORDS = frozenset(
+    {"word", "simple_expansion", "expansion", "string", "raw_string", "number", "command_substitution"}
+)
+"""What the operands of a bare `wait` (`_waits`) may be."""
 
 
 def _plain(name: str) -> bool:

@@ -876,6 +876,17 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & /bin/k?ll -9 $$; wait", PLAN_FILE),  # a program named by a pattern
     ("echo x > plans/plan.md & perl -e 'syscall(62, getppid, 9)'; wait", PLAN_FILE),  # a raw system call
     # a statement between a job and its `wait` (it may end the shell, or move what a variable names)
+    ("for i in 1 2; do [ $i = 2 ] && break x; echo x > plans/plan.md & done; wait", PLAN_FILE),  # round 2 after
+    ("while [ ! -e .d ] || break x; do : > .d; echo x > plans/plan.md & done; wait", PLAN_FILE),
+    ("for ((i=0; i<2; i++)); do echo x > plans/plan.md & done; wait", PLAN_FILE),
+    ("for t in 2 0; do (sleep $t; echo $t > plans/plan.md) & done; wait $!", PLAN_FILE),  # one job per round
+    ("for t in 2 0; do (sleep $t; echo $t > plans/plan.md) & done; wait -n", PLAN_FILE),
+    ("for t in 0 2; do (sleep $t; echo $t > plans/plan.md) & done; wait %1", PLAN_FILE),
+    ("echo x > plans/plan.md & x=${1x} wait", PLAN_FILE),  # what bash expands before the `wait`
+    ("echo x > plans/plan.md & wait <<< ${1x}", PLAN_FILE),
+    ("echo x > plans/plan.md & wait <<E\n${1x}\nE", PLAN_FILE),
+    ("case a in a) echo x > plans/plan.md & ;;& b) ;; esac; wait", PLAN_FILE),  # patterns after it
+    ("trap ': ${1x}' DEBUG; echo x > plans/plan.md & wait", PLAN_FILE),  # a handler between
     ("echo x > plans/plan.md & mapfile -C 'exit 0 #' -c 1 arr < /dev/null; wait", PLAN_FILE),
     ("echo x > plans/plan.md & f() { exit 4; }; compgen -F f x; wait", PLAN_FILE),
     ("echo x > plans/plan.md & for i in 1; do break x; done; wait", PLAN_FILE),
