@@ -448,6 +448,12 @@ _SIGNALS = re.compile(
 names it (a command `xargs` or `find -exec` runs, an interpreter's code): `kill`, `pkill`, `fuser -k`,
 `prlimit --pid`, a debugger or tracer attached to it, an interpreter's kill or signal call or raw
 system call, its memory written through /proc; but not in a file's name (`_in_file_name`)."""
+_SHELL_MODES = frozenset(
+    {"POSIXLY_CORRECT", "BASH_ALIASES", "BASH_CMDS", "SHELLOPTS", "BASHOPTS", "FUNCNEST", "BASH_COMPAT", "BASH_ENV"}
+)
+"""Variables that change how the shell runs (POSIX mode, where an alias or a function named as a
+special builtin may end it; aliases; hashed commands; options): set by any name a setter takes
+(`read POSIXLY_CORREC{T,}`), they end every `wait`'s cover."""
 _GLOBBED = re.compile(r"[*?[]")
 """A command name with a pattern in it (`/bin/k?ll`): which program it runs is known only then."""
 _ARITHMETIC = re.compile(r"\[|\(\(|\blet\b|\$\{[^}]*:|\$\{!")
@@ -1136,7 +1142,7 @@ class _Walk:
         """The jobs a `wait` surely waited for: those the command's own shell started before a `wait`
         with no operands that surely ran there after them (not in a branch, a loop, a function or a
         list that may not have run it), unless the command may end the shell first (`may_quit`)."""
-        if self.may_quit or self.traps:  # a trap's handler may run between a job and its `wait`
+        if self.may_quit or self.traps or self.poisoned:  # a handler may run between; any variable may be set
             return frozenset()
         return frozenset(int(job) for job in self.values.get(_WAITED, "").split())
 
@@ -1198,8 +1204,10 @@ class _Walk:
         return {int(job)} if int(changes) == self.changes.get(name, 0) else None
 
     def _note(self, name: str, how: str | None) -> None:
-        """Name `name` may be set, `how` (`sets`)."""
+        """Name `name` may be set, `how` (`sets`); one that changes how the shell runs may end it
+        before a `wait` (`_SHELL_MODES`)."""
         self.sets.setdefault(name, set()).add(how)
+        self.may_quit = self.may_quit or name in _SHELL_MODES
         self.changes[name] = self.changes.get(name, 0) + 1
 
     def _mark(self, text: str, poison: bool = False) -> None:
@@ -2284,11 +2292,13 @@ _STATEMENTS = frozenset(
         "for_statement",
         "c_style_for_statement",
         "case_statement",
+        "function_definition",
     }
 )
 """Statements that run something of their own in the shell: a command, an assignment, a test, the
-words a `for` or `case` expands (a list, a group, a branch or a loop's body only runs the
-statements in it; a function's definition runs nothing; a subshell's run in a child)."""
+words a `for` or `case` expands, a function's definition (in POSIX mode one named as a special
+builtin ends the shell). A list, a group, a branch or a loop's body only runs the statements in
+it; a subshell's run in a child."""
 
 
 def _marks(node: tree_sitter.Node) -> bool:

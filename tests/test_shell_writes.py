@@ -876,6 +876,13 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & /bin/k?ll -9 $$; wait", PLAN_FILE),  # a program named by a pattern
     ("echo x > plans/plan.md & perl -e 'syscall(62, getppid, 9)'; wait", PLAN_FILE),  # a raw system call
     # a statement between a job and its `wait` (it may end the shell, or move what a variable names)
+    ('read POSIXLY_CORREC{T,} <<< "1 2"\necho x > plans/plan.md & times() { :; }; wait', PLAN_FILE),  # POSIX mode
+    ("v=POSIXLY_CORREC; read ${v}T <<< 1\necho x > plans/plan.md & wait", PLAN_FILE),  # a name known when it runs
+    (
+        'read POSIXLY_CORREC{T,} BASH_ALIASES{\\[wait\\],} <<< "1 2 : x"\necho x > plans/plan.md &\nwait',
+        PLAN_FILE,
+    ),  # `wait` an alias
+    ("echo x > plans/plan.md & pid=$!; return() { :; }; wait $pid", PLAN_FILE),  # a function's definition
     ("for i in 1 2; do [ $i = 2 ] && break x; echo x > plans/plan.md & done; wait", PLAN_FILE),  # round 2 after
     ("while [ ! -e .d ] || break x; do : > .d; echo x > plans/plan.md & done; wait", PLAN_FILE),
     ("for ((i=0; i<2; i++)); do echo x > plans/plan.md & done; wait", PLAN_FILE),
