@@ -227,47 +227,44 @@ def test_on_a_mount_the_session_is_its_process_from_its_start(mounted: Mount, se
         )
 
 
-def test_an_edit_a_program_undoes_before_the_tools_end_is_told_after_the_sessions_own_write(
-    root: Path, sessions
+@pytest.mark.parametrize(
+    ("peer", "own", "edit", "written"),
+    [
+        (None, "v2\nend\n", ("end\n", "added\nend\n"), ("v2\nadded\nend\n", "v2\nend\n")),
+        (
+            "peer line\nEND\n",
+            "peer line\nMINE v3\nEND\n",
+            ("END\n", "edited\nEND\n"),
+            ("peer line\nEND\n", "peer line\nedited\nEND\n"),
+        ),
+    ],
+    ids=["tools-write-undone", "earlier-version-put-back-first"],
+)
+def test_an_edit_a_program_interferes_with_after_the_sessions_own_write_is_told(
+    root: Path, sessions, peer: str | None, own: str, edit: tuple[str, str], written: tuple[str, str]
 ) -> None:
-    """The session's Write made the current version (its view there); its next Edit writes, and
-    before PostToolUse a program puts that version's bytes back (an editor saving its buffer, `git
-    checkout`): the file holds the session's own current version, not what the Edit made of it, and
-    the model is told its change is not there."""
-    target = root / P
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "v1\n")
-    s = sessions("undone", root)
-    s.read(target)
-    assert s.write(target, "v2\nend\n")["decision"] == "allow"
-    edit = {"old_string": "end\n", "new_string": "added\nend\n"}
-    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
-    target.write_text("v2\nadded\nend\n")
-    target.write_text("v2\nend\n")  # the program's save of what it had open
-    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
-    assert "does not hold what your tool just wrote" in str(post["stdout"]), post
-
-
-def test_an_edit_made_to_an_earlier_version_a_program_put_back_is_told(root: Path, sessions) -> None:
-    """A peer wrote v2, the session v3 (its view there); after its Edit's check a program puts v2's
-    bytes back (`git checkout`), and the tool makes its edit of those: the file is the Edit applied
-    to v2, not to the version the check found, so the session's own v3 line is gone and the model is
-    told (only on a mount, where the file system commits the tool's write and moves the view, is
-    the version before the view a base too)."""
+    """The session's Write made the current version (its view there), and its next Edit passed its
+    check; then the file is `written` twice: the Edit's write and a program's save of what it had
+    open (the session's own version back), or a program putting an earlier version back (`git
+    checkout`) and the Edit's write of what it found (the session's own line gone). Either way the
+    file is not what the Edit made of the version its check found, and the model is told (only on
+    a mount, where the file system commits the tool's write and moves the view, is the version
+    before the view a base too)."""
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\nEND\n")
-    with CoherentVolume(root, agent="peer") as peer:
-        peer.read(P)
-        peer.write(P, "peer line\nEND\n")
-    s = sessions("revert", root)
+    if peer is not None:
+        with CoherentVolume(root, agent="peer") as other:
+            other.read(P)
+            other.write(P, peer)
+    s = sessions("interfered", root)
     s.read(target)
-    assert s.write(target, "peer line\nMINE v3\nEND\n")["decision"] == "allow"
-    edit = {"old_string": "END\n", "new_string": "edited\nEND\n"}
-    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=edit)))[0] == "allow"
-    target.write_text("peer line\nEND\n")  # the program's revert
-    target.write_text("peer line\nedited\nEND\n")  # the tool's edit of what it found
-    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=edit))
+    assert s.write(target, own)["decision"] == "allow"
+    tool_input = {"old_string": edit[0], "new_string": edit[1]}
+    assert decision(s.hook(event("PreToolUse", s.id, root, "Edit", target, tool_input=tool_input)))[0] == "allow"
+    for content in written:
+        target.write_text(content)
+    post = s.hook(event("PostToolUse", s.id, root, "Edit", target, {"filePath": str(target)}, tool_input=tool_input))
     assert "does not hold what your tool just wrote" in str(post["stdout"]), post
 
 
