@@ -1159,8 +1159,8 @@ class _Walk:
         left = set(self.jobs) - done
         rest, one = list(args), False
         for option, _ in _options(rest, _names("-p")):
-            if option not in ("-n", "-f", "-p"):
-                return
+            if option not in ("-n", "-f"):
+                return  # `-p NAME`: a name bash refuses (read-only, not one) makes it return at once
             one = one or option == "-n"
         covered = set(left) if not rest else set()
         for arg in rest:

@@ -876,6 +876,8 @@ BACKGROUND: list[tuple[str, list[str]]] = [
     ("echo x > plans/plan.md & /bin/k?ll -9 $$; wait", PLAN_FILE),  # a program named by a pattern
     ("echo x > plans/plan.md & perl -e 'syscall(62, getppid, 9)'; wait", PLAN_FILE),  # a raw system call
     # a statement between a job and its `wait` (it may end the shell, or move what a variable names)
+    ("echo x > plans/plan.md & wait -p UID -n", PLAN_FILE),  # a name bash refuses: it does not wait
+    ("echo x > plans/plan.md & wait -p 1x", PLAN_FILE),
     ('read POSIXLY_CORREC{T,} <<< "1 2"\necho x > plans/plan.md & times() { :; }; wait', PLAN_FILE),  # POSIX mode
     ("v=POSIXLY_CORREC; read ${v}T <<< 1\necho x > plans/plan.md & wait", PLAN_FILE),  # a name known when it runs
     (
