@@ -2166,6 +2166,11 @@ def test_a_process_started_while_a_path_is_held_settles_every_interrupted_commit
         assert sorted(os.listdir(staging)) == left
         holder.kill()
         holder.wait()
+        gone = (  # its server session ends once the server reads the closed connection: the volume is free then
+            "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity "
+            "WHERE state LIKE 'idle in transaction%%' AND pid != pg_backend_pid())"
+        )
+        _wait_for_row(pg_url, gone)
         assert _ask(writer, "plans/d.md") == "ok"
         assert ("plans/k.md",) not in _q(pg_url, "SELECT path FROM cv_intents")
         assert os.listdir(staging) == []
