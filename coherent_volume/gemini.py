@@ -236,9 +236,10 @@ def _unescaped(text: str) -> str:
 def _made(event: dict[str, Any]) -> Made | None:
     """What a write_file or replace makes of the file, allowing for what Gemini CLI's tools may do
     to it first: a write_file writes its content, or that content unescaped (`_unescaped`); a
-    replace puts new_string for every occurrence of old_string, each as given or unescaped, spaces
-    aside (`hook_steps.replacing`: where neither occurs in the version read, the tool
-    rewrote them to fit, and nothing can be told). None where the input names neither."""
+    replace puts new_string for old_string at every occurrence or at one of them, each as given or
+    unescaped (`hook_steps.replacing`: where old_string occurs in the version read neither as
+    written nor regardless of spaces, the tool rewrote it to fit, and nothing can be told). None
+    where the input names neither."""
     tool_input = event.get("tool_input")
     tool_input = tool_input if isinstance(tool_input, dict) else {}
     content, old, new = tool_input.get("content"), tool_input.get("old_string"), tool_input.get("new_string")

@@ -41,7 +41,7 @@ from functools import partial
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
-from .core.sessions import HELD_CLOBBER, Made
+from .core.sessions import HELD_CLOBBER, Made, any_check
 from .errors import (
     CoherenceError,
     LinkRefused,
@@ -422,7 +422,7 @@ def end_writes(
     be told: writes that went over a version it had not seen (its grant had lapsed), which
     `adopt` logged as clobbers, and files another writer changed as well meanwhile. `made`: what
     the tool's write makes of the file it changes (its input says so: a Write's content, an Edit's
-    strings; `exactly`, `within`), where it is one file's."""
+    strings; `exactly`, `replacing`), where it is one file's."""
     told: list[str] = []
     named = {path for path, _ in writes}
 
@@ -511,14 +511,7 @@ def exactly(made: Callable[[str], str | None]) -> Made:
 
 def either(*mades: Made) -> Made:
     """A file fits if it fits any of `mades` (those that can tell); None where none can tell."""
-
-    def expect(base: bytes) -> Callable[[bytes], bool] | None:
-        checks = [check for made in mades if (check := made(base)) is not None]
-        if not checks:
-            return None
-        return lambda data: any(check(data) for check in checks)
-
-    return expect
+    return lambda base: any_check(made(base) for made in mades)
 
 
 def replacing(variants: Collection[tuple[str, str]]) -> Made:
@@ -665,12 +658,9 @@ def observe(
     if found is None:
         return None
     with opened(found.root) as core:
-        try:
-            target = _resolve(core, found.rel)
-        except OutsideVolume:  # the registry's: no view of it (a write to it is denied, `begin_writes`)
-            target = None
-        progress.managed = target is not None and target.alias_of is None
-        if target is None or target.alias_of is not None:
+        target = _readable(core, found.rel)
+        progress.managed = target is not None
+        if target is None:
             return None
         agent = _joined(core, actor).on(found.mounted)
         version = core.observe(agent, target, shown)
@@ -695,11 +685,8 @@ def bring(actor: Actor, path: str) -> list[str]:
     if found is None:
         return []
     with opened(found.root) as core:
-        try:
-            target = _resolve(core, found.rel)
-        except OutsideVolume:
-            return []
-        if target is None or target.alias_of is not None:
+        target = _readable(core, found.rel)
+        if target is None:
             return []
         version = core.bring(target)
     if version is None:
@@ -708,6 +695,16 @@ def bring(actor: Actor, path: str) -> list[str]:
         f"coherent-volume: {target.rel} was missing from this working copy (a cache of the volume, which "
         f"holds it at version {version}); it is there now: read it again."
     ]
+
+
+def _readable(core: VolumeCore, rel: str) -> Target | None:
+    """The managed file at `rel` a read tool read (`_resolve`), or None: not managed, an alias of
+    an unmanaged path, or in the registry (no view of it: a write to it is denied, `begin_writes`)."""
+    try:
+        target = _resolve(core, rel)
+    except OutsideVolume:
+        return None
+    return None if target is None or target.alias_of is not None else target
 
 
 def _split_lines(text: str) -> list[str]:

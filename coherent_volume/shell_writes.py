@@ -1144,7 +1144,7 @@ class _Walk:
         list that may not have run it), unless the command may end the shell first (`may_quit`)."""
         if self.may_quit or self.traps or self.poisoned:  # a handler may run between; any variable may be set
             return frozenset()
-        return frozenset(int(job) for job in self.values.get(_WAITED, "").split())
+        return frozenset(self._done())
 
     def _wait(self, args: list[Item]) -> None:
         """`wait` in the command's own shell: the jobs it surely waits for are waited for (`waited`),

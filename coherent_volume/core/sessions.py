@@ -4,7 +4,7 @@ registered from what a model was shown, and commits a hook reports."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..errors import CoherenceError, StaleWriteError
 from ..fingerprint import content_hash, read_file
@@ -27,6 +27,14 @@ over was recorded during its tool's run, by a look at the file then."""
 Made = Callable[[bytes], Callable[[bytes], bool] | None]
 """What a hook's tool made of a file, from its input: given the bytes of the version its check
 found, whether the file's bytes are what it made of them (None where that cannot be told)."""
+
+
+def any_check(checks: Iterable[Callable[[bytes], bool] | None]) -> Callable[[bytes], bool] | None:
+    """A file passes if it passes any of `checks` that can tell (not None); None where none can."""
+    known = [check for check in checks if check is not None]
+    if not known:
+        return None
+    return lambda data: any(check(data) for check in known)
 
 
 class Sessions(Writes):
@@ -195,10 +203,7 @@ class Sessions(Writes):
             if moved and entry is not None and entry.writer == agent
             else [entry]
         )
-        checks = [check for base in bases if (check := cls._made_of(tx, target, base, made)) is not None]
-        if not checks:
-            return None
-        return lambda data: any(check(data) for check in checks)
+        return any_check(cls._made_of(tx, target, base, made) for base in bases)
 
     @staticmethod
     def _made_of(tx: Transaction, target: Target, base: Version | None, made: Made) -> Callable[[bytes], bool] | None:
