@@ -9,8 +9,10 @@ view of a file is formed from its patches (https://developers.openai.com/codex/h
   `*** Delete File:`, `*** Move to:`). For each file it updates, the view is registered at the
   current version when every hunk's old lines are in the current content exactly, whitespace
   included (`fits`: the patch then only changes text that is current, so applying it loses
-  nobody's change); else at the newest retained older version they are in exactly, so the write
-  is refused as stale with the diff since; else nothing is registered. Then every file the patch
+  nobody's change), and where that moves the view over other writers' versions since the
+  session's last one, the model is told what they changed (`stale_warnings.passed_warning`: the
+  patch's lines showed it none of that); else at the newest retained older version they are in
+  exactly, so the write is refused as stale with the diff since; else nothing is registered. Then every file the patch
   touches is checked and the session's write grant taken in one step (whole-file additions over an
   existing file, deletions and move targets need a view the session already has), or the patch is
   denied with `permissionDecision: "deny"`. A `stale` patch that updates one file the volume's
@@ -49,7 +51,7 @@ from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
 from .shell_writes import ShellWrites, shell_writes
-from .stale_warnings import stale_warning
+from .stale_warnings import passed_warning, stale_warning
 
 PREFIX = "codex"
 PATCH_TOOL = "apply_patch"
@@ -299,9 +301,11 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     writes, updates = found, _updates(patches)
     if actor is None:
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
+    passed: list[hook_steps.Passed] = []  # views a patch moved over others' changes: told below
     if progress.write_check:
         for patch in updates:  # what the patch shows the model saw
-            hook_steps.observe(actor, patch.path, partial(fits, hunks=patch.hunks), earlier=EARLIER_VERSIONS)
+            fit = partial(fits, hunks=patch.hunks)
+            hook_steps.observe(actor, patch.path, fit, earlier=EARLIER_VERSIONS, passed=passed)
         merging = event.get("tool_name") == PATCH_TOOL
         refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
         denial = hook_steps.begin_writes(actor, writes, progress, face, refused, hooks.tool_call(event))
@@ -310,7 +314,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if name in ("PreToolUse", "UserPromptSubmit"):
         progress.decide(Answer(), hooks.WARN_BUDGET)
         warning = stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE)
-        return hooks.with_context(Answer(), name, [warning])
+        return hooks.with_context(Answer(), name, [passed_warning(passed, FACE), warning])
     if name == "PostToolUse":
         call = hooks.tool_call(event)
         made = hook_merge.made(_change(writes, updates)) if event.get("tool_name") == PATCH_TOOL else None

@@ -302,7 +302,8 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: st
     with core.registry.read() as tx:
         record = tx.file(refusal.path)
     seen = (
-        "you have not read it in this session"
+        "no read of it by you is on record in this session (a read is recorded where what you were shown was its "
+        "content at that moment: not where it changed while you read it)"
         if refusal.seen_version is None
         else f"you last {face.seen} version {refusal.seen_version}"
     )
@@ -637,6 +638,18 @@ def _recorded(
 # ---- views ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Passed:
+    """A view `observe` moved from version `seen` to `now` over versions other writers made: what
+    changed in between was not shown to the model by what confirmed the view (a patch's lines)."""
+
+    root: str
+    rel: str
+    agent: str
+    seen: int
+    now: int
+
+
 def observe(
     actor: Actor,
     path: str,
@@ -644,6 +657,7 @@ def observe(
     progress: Progress | None = None,
     *,
     earlier: int = 0,
+    passed: list[Passed] | None = None,
 ) -> int | None:
     """Register the actor's view of the managed file at `path` at the current version if `shown`
     confirms its content is what the model was shown (a confirmed read also lifts a fence); else,
@@ -651,7 +665,9 @@ def observe(
     confirms (so a check then refuses the write as stale, with the diff since). The version, or
     None (nothing registered: not managed, gone, or nothing matched). What is established about the
     path is recorded in `progress` if given (never the progress of a write check: it is not about
-    that check's paths)."""
+    that check's paths). With `passed`, where `shown` confirms only part of the content: a view
+    moved from an earlier one over other writers' versions is added to it (the model is to be
+    told what they changed)."""
     found = located(path)
     progress = progress or Progress()
     progress.in_volume = found is not None
@@ -663,7 +679,16 @@ def observe(
         if target is None:
             return None
         agent = _joined(core, actor).on(found.mounted)
+        if passed is not None:
+            with core.registry.read() as tx:
+                before = tx.view(agent, target.rel)
         version = core.observe(agent, target, shown)
+        if passed is not None and version is not None and before is not None and before < version:
+            with core.registry.read() as tx:
+                record = tx.file(target.rel)
+                since = tx.history(target.rel, (record.version if record else version) - before)
+            if any(v.writer != agent for v in since if before < v.version <= version):
+                passed.append(Passed(core.paths.root, target.rel, agent, before, version))
         if version is not None or not earlier:
             return version
         for old in core.history(target, earlier + 1)[1:]:

@@ -21,7 +21,7 @@ from .core import VolumeCore
 from .diffs import cut
 from .errors import CoherenceError, StaleWriteError
 from .hook_paths import session_file
-from .hook_steps import Actor, acting, opened, when
+from .hook_steps import Actor, Passed, acting, opened, when
 from .hooks import Face
 from .protocol import FileRecord
 
@@ -87,16 +87,8 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
             if len(entries) >= STALE_FILES_SHOWN:
                 more += 1
                 continue
-            what = "deleted" if record is not None and not record.present else f"now version {now}"
-            writer = record.writer if record is not None else "unknown"
-            at = when(record.committed_at if record is not None else None)
-            entry = f"- {path}: you last {face.seen} version {seen}; it is {what}, written by {writer} at {at}"
-            if diff_chars < WARNING_CHARS:
-                diff = core.refusal_diff(StaleWriteError(path, agent, "stale", seen, now, writer)).diff
-                if diff:
-                    shown = cut(diff, STALE_DIFF_LINES).rstrip()
-                    diff_chars += len(shown)
-                    entry += f"; what changed:\n{shown}"
+            entry, shown = _entry(core, agent, path, seen, now, record, face, diff_chars < WARNING_CHARS)
+            diff_chars += shown
             entries.append(entry)
     if not entries:
         return None
@@ -105,4 +97,57 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
     return (
         f"coherent-volume: files you {face.seen} have changed since. {face.reread} (a write built on what you "
         f"{face.seen} is refused):\n" + "\n".join(entries) + tail
+    )
+
+
+def _entry(
+    core: VolumeCore,
+    agent: str,
+    path: str,
+    seen: int,
+    now: int,
+    record: FileRecord | None,
+    face: Face,
+    with_diff: bool,
+) -> tuple[str, int]:
+    """A warning's line for `path`, seen by `agent` at version `seen`, now `now` (`record`), with the
+    diff between them where `with_diff` (bounded); and the characters of diff it shows."""
+    what = "deleted" if record is not None and not record.present else f"now version {now}"
+    writer = record.writer if record is not None else "unknown"
+    at = when(record.committed_at if record is not None else None)
+    entry = f"- {path}: you last {face.seen} version {seen}; it is {what}, written by {writer} at {at}"
+    if not with_diff:
+        return entry, 0
+    diff = core.refusal_diff(StaleWriteError(path, agent, "stale", seen, now, writer)).diff
+    if not diff:
+        return entry, 0
+    shown = cut(diff, STALE_DIFF_LINES).rstrip()
+    return f"{entry}; what changed:\n{shown}", len(shown)
+
+
+def passed_warning(passed: Iterable[Passed], face: Face) -> str | None:
+    """What to tell a model whose view a partial confirmation moved over other writers' versions
+    (`hook_steps.observe`'s `passed`: a patch that fits the current version goes ahead, but the
+    model was not shown what else changed since it last saw the file); None if nothing. A volume
+    that cannot answer is left out, as in `stale_warning`."""
+    entries: list[str] = []
+    diff_chars = 0
+    with ExitStack() as stack:
+        for p in passed:
+            try:
+                core = stack.enter_context(opened(p.root))
+                with core.registry.read() as tx:
+                    record = tx.file(p.rel)
+                entry, shown = _entry(core, p.agent, p.rel, p.seen, p.now, record, face, diff_chars < WARNING_CHARS)
+            except (CoherenceError, OSError):
+                continue
+            diff_chars += shown
+            entries.append(entry)
+    if not entries:
+        return None
+    return (
+        "coherent-volume: your change fits the current content, so it goes ahead and keeps the changes below; but "
+        f"other writers made them after you last {face.seen} these files, and nothing showed them to you until now:\n"
+        + "\n".join(entries)
+        + f"\nBefore you write any of them whole: {face.reread}."
     )

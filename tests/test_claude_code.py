@@ -335,7 +335,9 @@ def test_edit_of_a_never_read_file_is_denied(root: Path, sessions) -> None:
     s = sessions("fresh", root)
     answer = s.hook(event("PreToolUse", "fresh", root, "Edit", root / P))
     out = json.loads(str(answer["stdout"]))["hookSpecificOutput"]
-    assert out["permissionDecision"] == "deny" and "have not read it" in out["permissionDecisionReason"]
+    assert (
+        out["permissionDecision"] == "deny" and "no read of it by you is on record" in out["permissionDecisionReason"]
+    )
 
 
 def test_unmanaged_new_and_outside_files_are_allowed(root: Path, tmp_path: Path, sessions) -> None:
@@ -1255,7 +1257,7 @@ def test_a_bash_write_of_a_file_never_read_is_denied_and_unmanaged_files_are_let
     s.run("cat", str(target))  # printed through Bash: no view
     for command in (f"echo v2 > {P}", f"rm {P}", f"sed -i s/v1/v2/ {P}"):
         verdict, reason = bash(s, command)
-        assert verdict == "deny" and f"{P} (unread): you have not read it" in reason, (command, reason)
+        assert verdict == "deny" and f"{P} (unread): no read of it by you is on record" in reason, (command, reason)
         assert "Read the file with the Read tool first" in reason and "then run the command again" in reason
     verdict, reason = bash(s, "f=$(ls plans | head -1); sed -i s/v1/v2/ plans/$f")
     assert verdict == "deny" and "`plans/$f`" in reason and "Name the file literally" in reason, reason

@@ -168,6 +168,33 @@ def test_a_patch_of_lines_nobody_changed_loses_nothing_and_passes(root: Path, se
     assert (root / P).read_text() == "\n".join(both) + "\n" and writers(root)[0] == (3, f"codex:{unique('p1')}")
 
 
+def test_a_patch_that_fits_a_file_others_changed_since_is_told_their_changes(root: Path, sessions) -> None:
+    """A patch whose lines fit the current version goes ahead (it keeps every other change) and
+    moves the session's view there; another session changed the file since this one's last patch
+    of it, so its model is told what changed (before, nothing was said, and a `printf > file` it
+    built on what it had seen then dropped the other session's line unnoticed)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    one, two = sessions("w1", root), sessions("w2", root)
+    mine = PLAN.replace("step A", "step A, one")
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: mine})[0] == "allow"
+    theirs = mine.replace("goal", "goal, two")
+    assert two.apply(update(P, "-goal", "+goal, two"), {P: theirs})[0] == "allow"
+    for patch, before, told in [
+        (update(P, "-step B", "+step B, one"), theirs, True),
+        (update(P, "-step B, one", "+step B, done"), theirs.replace("step B", "step B, one"), False),
+    ]:
+        answer = one.hook(one.event("pre_apply_patch", patch=patch))
+        said = context(answer)
+        assert decision(answer)[0] == "allow", answer
+        assert (
+            "+goal, two" in said and f"codex:{unique('w2')}" in said and "nothing showed them to you" in said
+        ) is told, said
+        assert one.write(root / P, before.replace(patch.split("\n")[3][1:], patch.split("\n")[4][1:]))["code"] == 0
+        assert one.hook(one.event("post_apply_patch", patch=patch, files=P))["code"] == 0
+    assert (root / P).read_text() == "goal, two\nstep A, one\nstep B, done\n"
+
+
 def test_a_patch_another_writer_changes_before_its_post_tool_use_is_theirs_and_told(root: Path, sessions) -> None:
     """A program outside the hooks rewrites the file between apply_patch's write and its
     PostToolUse: recorded as a change by `external`, the session told, its view left behind."""
