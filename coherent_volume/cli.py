@@ -212,13 +212,13 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
     os.makedirs(root, exist_ok=True)
     try:
         core = open_core(root, globs or None, registry=registry, volume=volume)
+        unchecked = core.scan() if registry is not None else []  # a copy: every managed file brought in
     except BaseException:
         if made is not None:  # a refused init leaves nothing behind
             shutil.rmtree(made, ignore_errors=True)
         raise
-    if registry is not None:  # a working copy: bring every managed file to its current version
-        for rel, why in core.scan():
-            click.echo(f"not checked: {rel}: {why}", err=True)
+    for rel, why in unchecked:
+        click.echo(f"not checked: {rel}: {why}", err=True)
     if any(value not in (None, ()) for value in policy.values()):
         core.set_policy(_changed_policy(core.policy(), **policy))
     click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")

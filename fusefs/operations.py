@@ -689,6 +689,15 @@ class CoherentOperations(pyfuse3.Operations):
                 attrs = self._attrs(rel, written)
                 self.inodes.looked_up(written)
                 return attrs
+        try:
+            return self._entry(rel)
+        except FileNotFoundError:
+            if self.core.replica is None or not self.core.paths.managed(rel):
+                raise
+        # a working copy lacks a managed file another copy committed and this one has not been told
+        # of yet: the registry asked (one read where it holds none), the file brought in if it does
+        if await blocking(self.core.bring, self.core.paths.of_rel(rel)) is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
         return self._entry(rel)
 
     def _repeating(self, rel: str, ctx: pyfuse3.RequestContext) -> Retry | None:

@@ -295,3 +295,28 @@ def test_the_listener_reconnects_after_its_session_is_ended_and_catches_up_what_
         alice.write("plans/a.md", "three\n")
         assert within(BOUND, holds(h2 / "plans/a.md", "three\n")) is not None
         assert m2.cat("plans/a.md") == "three\n"
+
+
+def test_a_managed_name_the_copy_lacks_is_looked_up_in_the_registry(volume: Volume) -> None:
+    """A lookup through the mount of a managed name this working copy does not hold yet (another
+    host's commit whose notification has not come) asks the registry and brings the current
+    version in, so an open by name right after another host's commit finds the file (before,
+    ENOENT until the notification came). A name the volume does not hold is still not there."""
+    alice = volume.agent(1, "alice")
+    alice.write("plans/a.md", "one\n")
+    h2, host = volume.roots[1], volume.hosts[1]
+    with volume.mount(2) as m2:
+        assert within(BOUND, holds(h2 / "plans/a.md", "one\n")) is not None
+        (listener,) = volume.listeners(2)
+        ((port,),) = volume.sql("SELECT client_port FROM pg_stat_activity WHERE pid = %s", (listener,))
+        host.drop("in", port)  # the notifications to h2's listener are held back; nothing else is
+        try:
+            alice.write("plans/new.md", "new\n")
+            time.sleep(0.5)
+            assert not (h2 / "plans/new.md").exists()  # not brought in by the listener
+            assert m2.cat("plans/new.md") == "new\n"
+            missing = m2.run("reader", ["cat", "plans/none.md"])
+            assert missing.returncode != 0 and "No such file" in missing.stderr
+        finally:
+            host.undrop("in", port)
+    assert volume.sql("SELECT version, writer FROM cv_files WHERE path = 'plans/new.md'") == [(1, "alice")]

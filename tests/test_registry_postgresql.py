@@ -716,6 +716,35 @@ def test_content_is_stored_in_parts_and_served_only_whole_and_intact(
     assert shown.returncode == 5 and "holds none under its hash" in shown.stderr and "pruned" not in shown.stderr
 
 
+def test_a_working_copy_reports_a_damaged_current_version_and_brings_in_every_other_file(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """One damaged stored version never stops a working copy's sync: joining, `status` and the
+    mount's resync (all `scan`) report the file it cannot install, keep what the copy holds of it,
+    and bring in every other file (before, the first damaged file ended the scan: the join failed
+    half made, and no file sorting after it came in)."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/a.md", "a1\n")
+        v.write("plans/m.md", "m1\n")
+    with CoherentVolume(other, agent="bob") as v:
+        v.read("plans/m.md")  # installed in the other copy at v1
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/m.md", "m2\n")
+        v.write("plans/z.md", "z1\n")
+        v.write("plans/a.md", "a2\n")
+    _q(pg_url, "UPDATE cv_contents SET data = 'x'::bytea WHERE data = 'm2\n'::bytea")
+    status = subprocess.run([CLI, "status", str(other)], capture_output=True, text=True)
+    assert "plans/m.md" in status.stdout + status.stderr and "damaged" in status.stdout + status.stderr, status
+    assert (other / "plans/m.md").read_text() == "m1\n"
+    assert (other / "plans/z.md").read_text() == "z1\n" and (other / "plans/a.md").read_text() == "a2\n"
+    joined = subprocess.run(
+        [CLI, "init", str(tmp_path / "third"), "--registry", pg_url, "--volume", "vol"], capture_output=True, text=True
+    )
+    assert joined.returncode == 0 and "not checked: plans/m.md" in joined.stderr and "damaged" in joined.stderr, joined
+    assert (tmp_path / "third/plans/z.md").read_text() == "z1\n" and not (tmp_path / "third/plans/m.md").exists()
+
+
 @pytest.mark.parametrize("parts", [False, True], ids=["one part", "several parts"])
 def test_a_version_committed_again_over_damaged_content_is_stored_whole(
     root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, parts: bool

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .. import atomic
-from ..errors import RegistryError
+from ..errors import DamagedContent, RegistryError
 from ..fingerprint import (
     Fingerprint,
     content_hash,
@@ -191,6 +191,10 @@ class Reads(CoreBase):
         self._require_managed(target, "bring", reads=True)
         if self.replica is None or os.path.lexists(target.abs):
             return None
+        with self.registry.read() as tx:  # (a name no copy made costs one read, no lock)
+            record = tx.file(target.rel)
+        if record is None or not record.present:
+            return None
         with self._commit_lock((target.rel,)):
             self._settle_installs()
             self._catch_up(target)
@@ -256,8 +260,9 @@ class Reads(CoreBase):
         a tree in step holds no path. One odd file never stops the scan: a name that is not valid
         UTF-8 (returned as os.walk hands it over, with surrogate escapes) or a recorded path that
         is no longer a regular file is reported, never skipped silently, and so is a FIFO, socket
-        or device at a managed name, which cannot hold a version (`NOT_CONTENT`). Symlinks carry no
-        versions."""
+        or device at a managed name, which cannot hold a version (`NOT_CONTENT`), and a file whose
+        current version a working copy cannot install because its stored bytes are damaged (the
+        copy keeps what it holds). Symlinks carry no versions."""
         with self.registry.read() as tx:
             recorded = {record.path for record in tx.files()}
         on_disk: set[str] = set()
@@ -305,7 +310,7 @@ class Reads(CoreBase):
             for rel in synced:
                 try:
                     self._sync(tx, self.paths.of_rel(rel), tx.file(rel))
-                except OSError as e:
+                except (OSError, DamagedContent) as e:  # (a working copy keeps what it holds of it)
                     failed.append((rel, str(e)))
             return failed
 
