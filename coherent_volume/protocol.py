@@ -395,6 +395,23 @@ def view_moves(c: WriteCheck, based_on_view: bool, onto_unread: bool) -> bool:
     return c.seen == current_version(c.current) or (based_on_view and not onto_unread)
 
 
+def tools_write_seen_early(current: Version, view: int | None, holder: str | None, agent: str) -> bool:
+    """Whether the `current` version, found holding exactly what `agent`'s tool made of its view (a
+    hook's end-of-tool check confirmed it), is that tool's write, seen half way by a look at the
+    file before the tool's end recorded it (another agent's read, `status`): recorded then as a
+    change by EXTERNAL, the one version after `agent`'s view, while `agent` held the path's write
+    grant, which let no other writer of the volume in. Only an outside program writing the very
+    bytes the tool made could be it instead; the version stays what it is, only its writer is
+    `agent`'s."""
+    return (
+        current.writer == EXTERNAL
+        and current.kind == "foreign"
+        and view is not None
+        and current.version == view + 1
+        and holder == agent
+    )
+
+
 def may_merge(reason: Reason | None, merging: bool) -> bool:
     """Whether a refused write may be merged three-way with the current version instead: only when
     merging was asked for (`merge=True`, or a merge glob of the volume) and only a `stale` one, whose

@@ -212,6 +212,32 @@ def test_a_patch_another_writer_changes_before_its_post_tool_use_is_theirs_and_t
     assert decision(s.hook(s.event("pre_apply_patch", patch=again)))[0] == "deny"
 
 
+def test_a_patch_another_agent_reads_before_its_post_tool_use_is_still_the_sessions(root: Path, sessions) -> None:
+    """Another agent reads the file between apply_patch's write and its PostToolUse: that read
+    records the bytes it finds as a change by `external` (it cannot tell whose they are); the
+    PostToolUse finds exactly what the patch makes of the session's view, so that version is the
+    session's: its writer and kind corrected, nobody told of a change by `external` (before, it
+    stayed `external`'s, and other sessions' warnings and refusals named `external`)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    s = sessions("seen", root)
+    patch = update(P, " goal", "-step A", "+step A, done")
+    assert decision(s.hook(s.event("pre_apply_patch", patch=patch)))[0] == "allow"
+    (root / P).write_text("goal\nstep A, done\nstep B\n")
+    with CoherentVolume(root, agent="reader") as reader:
+        assert reader.read(P) == b"goal\nstep A, done\nstep B\n"
+    assert writers(root)[0] == (2, "external")
+    post = s.hook(s.event("post_apply_patch", patch=patch, files=P))
+    assert post["code"] == 0 and context(post) == "", post
+    session = f"codex:{unique('seen')}"
+    assert writers(root)[0] == (2, session)
+    with CoherentVolume(root, agent="reader") as reader:
+        assert [(v.version, v.kind) for v in reader.history(P)] == [(2, "commit"), (1, "commit")]
+    again = update(P, " step A, done", "-step B", "+step B, done")  # built on what it made: current
+    assert s.apply(again, {P: "goal\nstep A, done\nstep B, done\n"}) == ("allow", "")
+    assert writers(root)[0] == (3, session)
+
+
 def test_a_patch_whose_lines_differ_from_the_current_ones_only_in_whitespace_is_stale(root: Path, sessions) -> None:
     """apply_patch finds a hunk whose lines differ from the file's only in whitespace and writes
     its own lines over them: a patch built on version 1 would undo version 2's re-indentation. Its

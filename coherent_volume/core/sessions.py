@@ -11,9 +11,11 @@ from ..fingerprint import content_hash, read_file
 from ..liveness import ProcessId
 from ..paths import Target
 from ..protocol import (
+    EXTERNAL,
     FileRecord,
     Version,
     current_version,
+    tools_write_seen_early,
 )
 from ..registry import Transaction
 from .base import Isolation, disk_state
@@ -160,6 +162,8 @@ class Sessions(Writes):
                 record is None and not present
             ):
                 if record is not None and not appended:
+                    if expected is not None:
+                        self._own_again(tx, agent, target, record, now)
                     tx.put_view(agent, target.rel, version, now)
                 return version
             seen = tx.view(agent, target.rel)
@@ -184,6 +188,27 @@ class Sessions(Writes):
             return version + 1
 
         return self._transact(record_own, holds=(target.rel,))
+
+    def _own_again(self, tx: Transaction, agent: str, target: Target, record: FileRecord, now: float) -> None:
+        """The current version (`record`), which holds what `agent`'s tool made, recorded as
+        `agent`'s where it is that tool's write seen early (`protocol.tools_write_seen_early`):
+        same version, same bytes (views of it stay valid), its writer and kind corrected, and logged."""
+        entry = tx.version_entry(target.rel, record.version)
+        grant = self._holder(tx, target.rel)
+        holder = None if grant is None else grant.agent
+        if entry is None or not tools_write_seen_early(entry, tx.view(agent, target.rel), holder, agent):
+            return
+        tx.put_file(record._replace(writer=agent))
+        tx.put_version(entry._replace(kind="commit", writer=agent))
+        tx.log(
+            "adopt",
+            target.rel,
+            agent,
+            now,
+            version=record.version,
+            detail=f"recorded as a change by {EXTERNAL} while {agent}'s tool wrote it, it holds exactly what that "
+            f"tool made: {agent}'s write, seen before the tool's end",
+        )
 
     @classmethod
     def _expected(
