@@ -56,8 +56,6 @@ from .stale_warnings import passed_warning, stale_warning
 PREFIX = "codex"
 PATCH_TOOL = "apply_patch"
 SHELL_TOOL = "Bash"
-EARLIER_VERSIONS = 20
-"""Retained versions before the current one searched for the one a patch was written against."""
 
 _SHOW = "Print the file's current content with a shell command (for example `cat` it), then"
 REMEDIES: dict[Reason, str] = {
@@ -305,7 +303,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if progress.write_check:
         for patch in updates:  # what the patch shows the model saw
             fit = partial(fits, hunks=patch.hunks)
-            hook_steps.observe(actor, patch.path, fit, earlier=EARLIER_VERSIONS, passed=passed)
+            hook_steps.observe(actor, patch.path, fit, passed=passed)
         merging = event.get("tool_name") == PATCH_TOOL
         refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
         denial = hook_steps.begin_writes(actor, writes, progress, face, refused, hooks.tool_call(event))

@@ -11,7 +11,7 @@ Invariants:
   them), so no spelling of a managed file's path escapes its check;
 - on a mount the file system tells no thread of a process apart, so there a subagent acts as its
   session (`Actor.on`); elsewhere each subagent is an agent of its own;
-- a view is registered only by `core.observe` (or, for an older version an edit shows the model
+- a view is registered only by `core.observe` (or, for an older version a read or an edit shows the model
   saw, `core.note_read`), at the version whose content matches what the model was shown;
 - a write grant is taken with its check in one commit-locked step (`core.begin_write`), for every
   managed path of an event or for none, after it is noted as the claim of the tool call (its id
@@ -638,6 +638,11 @@ def _recorded(
 # ---- views ---------------------------------------------------------------------------
 
 
+EARLIER_VERSIONS = 20
+"""Retained versions before the current one searched for the one a model was shown (`observe`): a
+read that raced a commit, a patch written against an older version."""
+
+
 @dataclass(frozen=True)
 class Passed:
     """A view `observe` moved from version `seen` to `now` over versions other writers made: what
@@ -656,13 +661,14 @@ def observe(
     shown: Callable[[bytes], bool],
     progress: Progress | None = None,
     *,
-    earlier: int = 0,
+    earlier: int = EARLIER_VERSIONS,
     passed: list[Passed] | None = None,
 ) -> int | None:
     """Register the actor's view of the managed file at `path` at the current version if `shown`
     confirms its content is what the model was shown (a confirmed read also lifts a fence); else,
     searching up to `earlier` retained older versions newest first, at the first one `shown`
-    confirms (so a check then refuses the write as stale, with the diff since). The version, or
+    confirms (a read that raced a commit, a patch built on an older version: a check then refuses
+    the write as stale, with the diff since, not as unread). The version, or
     None (nothing registered: not managed, gone, or nothing matched). What is established about the
     path is recorded in `progress` if given (never the progress of a write check: it is not about
     that check's paths). With `passed`, where `shown` confirms only part of the content: a view

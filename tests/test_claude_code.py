@@ -611,7 +611,8 @@ def test_a_read_of_the_whole_file_registers_no_view_of_a_longer_version_made_bef
 ) -> None:
     """The Read tool showed the whole file ("a"); a peer appends a line before the PostToolUse Read
     reaches the hook: the file starts with what the model saw, but the model saw all of it, and
-    this is more, so no view is registered and a Write built on "a" is refused `stale`."""
+    this is more, so the view is the version it saw, and a Write built on "a" is refused `stale`
+    with the peer's line in its diff."""
     target = root / P
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "a\n")
@@ -623,7 +624,7 @@ def test_a_read_of_the_whole_file_registers_no_view_of_a_longer_version_made_bef
     s.hook(event("PostToolUse", s.id, root, "Read", target, read_response(target, text)))
     written = {"content": "a\nmine\n"}
     verdict, reason = decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))
-    assert verdict == "deny" and "(unread)" in reason, reason
+    assert verdict == "deny" and "(stale)" in reason and "+peer line" in reason, reason
     assert target.read_text() == "a\npeer line\n"
 
 

@@ -154,6 +154,22 @@ def test_the_view_is_the_content_the_model_receives(root: Path, conversations) -
     )
 
 
+def test_a_read_that_raced_a_commit_is_a_view_of_the_version_it_showed(root: Path, conversations) -> None:
+    """The file changed between Cursor's read and its beforeReadFile: the content the model gets is
+    an older version's, so its view is that version, and its write is refused as stale with the
+    diff since (before: no view, refused `unread`, "you have not read it", though it had)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        setup.write(P, "v2\n")
+    c = conversations("race", root)
+    c.hook(c.event("before_read_file", path=root / P, content="v1\n"))
+    verdict, message = permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x")))
+    assert verdict == "deny" and "(stale)" in message and "you last saw version 1" in message, message
+    assert "-v1" in message and "+v2" in message, message
+    c.read(root / P)
+    assert c.write_file(root / P, "v3\n")[0] == "allow"
+
+
 def test_shell_commands_writing_managed_files_are_checked(root: Path, conversations) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
