@@ -664,7 +664,9 @@ class PostgresRegistry:
                             break
                         time.sleep(0.1)
             except (RegistryError, psycopg.Error) as e:
-                why = f"the registry stayed unreachable ({_first_line(e)})"
+                # the server's words, not a RegistryError's advice ("nothing was written": not known here)
+                cause = e.__cause__ if isinstance(e, RegistryError) and e.__cause__ is not None else e
+                why = f"the registry stayed unreachable ({_first_line(cause)})"
             if time.monotonic() >= deadline:
                 raise RegistryError(
                     f"{self.location.describe()}: the reply to a COMMIT was lost ({_first_line(lost)}) and {why} "
