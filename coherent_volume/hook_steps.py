@@ -37,11 +37,10 @@ import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 from . import hooks
 from .core import VolumeCore, open_core, validate_agent
-from .core.sessions import HELD_CLOBBER, Made, any_check
+from .core.sessions import HELD_CLOBBER, Check, Fit, Made, any_check
 from .errors import (
     CoherenceError,
     LinkRefused,
@@ -497,15 +496,15 @@ def end_deletions(actor: Actor, places: Iterable[str | None], *, record: bool, t
 def exactly(made: Callable[[str], str | None]) -> Made:
     """`made` (what a tool's write makes of a text) as `VolumeCore.adopt` asks it: given the bytes of
     the version the tool's check found, whether a file's bytes are what it made of them
-    (`_same_lines`); None where that cannot be told (not text, or the change does not apply as
+    (`_fits`); None where that cannot be told (not text, or the change does not apply as
     written)."""
 
-    def expect(base: bytes) -> Callable[[bytes], bool] | None:
+    def expect(base: bytes) -> Check | None:
         try:  # the tools edit a CRLF file's text with its line ends made LF, then put them back
             result = made(base.decode("utf-8").replace("\r\n", "\n"))
         except UnicodeDecodeError:
             return None
-        return None if result is None else partial(_same_lines, text=result)
+        return None if result is None else _fits({_as_base(result, base)})
 
     return expect
 
@@ -526,7 +525,7 @@ def replacing(variants: Collection[tuple[str, str]]) -> Made:
     the new one. None where that cannot be told: not text, or no old string occurs in the version
     in either way (the tool rewrote it to fit)."""
 
-    def expect(base: bytes) -> Callable[[bytes], bool] | None:
+    def expect(base: bytes) -> Check | None:
         try:
             text = base.decode("utf-8").replace("\r\n", "\n")
         except UnicodeDecodeError:
@@ -543,13 +542,7 @@ def replacing(variants: Collection[tuple[str, str]]) -> Made:
                 flat.update(_replaced(_flat(text), _flat(old), _flat(new)))
         if not exact and not flat:
             return None
-        lines = {tuple(_stripped_lines(result)) for result in exact}
-
-        def fits(data: bytes) -> bool:
-            found = data.decode("utf-8", "replace")
-            return tuple(_stripped_lines(found)) in lines or _flat(found) in flat
-
-        return fits
+        return _fits({_as_base(result, base) for result in exact}, flat)
 
     return expect
 
@@ -580,10 +573,28 @@ def _flat(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-def _same_lines(data: bytes, text: str) -> bool:
-    """Whether the file `data` holds the lines of `text`, line ends and spaces or tabs at their ends
-    aside (Claude Code strips those from an Edit's new lines)."""
-    return _stripped_lines(data.decode("utf-8", "replace")) == _stripped_lines(text)
+def _as_base(text: str, base: bytes) -> str:
+    """A tool's result `text` (made with LF line ends) with the line ends of the version it was
+    made of: the tools put a CRLF file's line ends back."""
+    return text.replace("\n", "\r\n") if b"\r\n" in base else text
+
+
+def _fits(results: set[str], loose: Collection[str] = ()) -> Check:
+    """How a file fits one of a tool's `results`: exactly; else holding its lines, line ends and
+    spaces or tabs at their ends aside (Claude Code strips those from an Edit's new lines), or
+    (where the tool matched regardless of spaces) one of the `loose` texts with all spaces taken
+    out (`_flat`); else not."""
+    lines = {tuple(_stripped_lines(result)) for result in results}
+
+    def fit(data: bytes) -> Fit:
+        found = data.decode("utf-8", "replace")
+        if found in results:
+            return Fit.EXACT
+        if tuple(_stripped_lines(found)) in lines or _flat(found) in loose:
+            return Fit.LOOSE
+        return Fit.NO
+
+    return fit
 
 
 def _recorded(

@@ -48,7 +48,7 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _proc_is_ours() -> bool:
+def proc_is_ours() -> bool:
     """Whether /proc numbers processes as this PID namespace does (it does not in a namespace
     that did not mount its own /proc): only then does /proc/PID describe our PID."""
     try:
@@ -74,7 +74,7 @@ class ProcessId:
         """True/False in this PID namespace of this boot of this host; None when it runs
         elsewhere (another host, boot or PID namespace) or /proc here is another namespace's:
         then it cannot be checked from here."""
-        if self.host != host_id() or not _proc_is_ours():
+        if self.host != host_id() or not proc_is_ours():
             return None
         return start_time(self.pid) == self.start
 

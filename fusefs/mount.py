@@ -21,6 +21,7 @@ import trio
 
 from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
+from coherent_volume.liveness import proc_is_ours
 from coherent_volume.mounts import device_of, fuse_mounts
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry.postgresql import PostgresRegistry
@@ -80,6 +81,13 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
         raise MountError(
             "no /dev/fuse on this machine: FUSE is unavailable (load the fuse module, or give the "
             "container --device /dev/fuse)"
+        )
+    if not proc_is_ours():
+        raise MountError(
+            "/proc here numbers the processes of another PID namespace (this one was made without its own "
+            "/proc, e.g. `unshare --pid --fork` without `--mount-proc`): the mount tells its callers apart by "
+            "their entries in /proc, and would take one agent's writes for another's. Mount from a namespace "
+            "whose /proc is its own (`unshare --pid --fork --mount-proc`), or from outside it"
         )
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):

@@ -212,24 +212,36 @@ def test_a_patch_another_writer_changes_before_its_post_tool_use_is_theirs_and_t
     assert decision(s.hook(s.event("pre_apply_patch", patch=again)))[0] == "deny"
 
 
-def test_a_patch_another_agent_reads_before_its_post_tool_use_is_still_the_sessions(root: Path, sessions) -> None:
+@pytest.mark.parametrize("meanwhile", ["nothing", "line ends made CRLF"])
+def test_a_patch_another_agent_reads_before_its_post_tool_use_is_still_the_sessions(
+    root: Path, sessions, meanwhile: str
+) -> None:
     """Another agent reads the file between apply_patch's write and its PostToolUse: that read
-    records the bytes it finds as a change by `external` (it cannot tell whose they are); the
-    PostToolUse finds exactly what the patch makes of the session's view, so that version is the
+    records the bytes it finds as a change by `external` (it cannot tell whose they are); where the
+    PostToolUse finds exactly what the patch makes of the session's view, that version is the
     session's: its writer and kind corrected, nobody told of a change by `external` (before, it
-    stayed `external`'s, and other sessions' warnings and refusals named `external`)."""
+    stayed `external`'s, and other sessions' warnings and refusals named `external`). Bytes that
+    only fit as a tool may have written them (a program made the line ends CRLF meanwhile) may be
+    another program's: that version stays `external`'s."""
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, PLAN)
     s = sessions("seen", root)
     patch = update(P, " goal", "-step A", "+step A, done")
     assert decision(s.hook(s.event("pre_apply_patch", patch=patch)))[0] == "allow"
-    (root / P).write_text("goal\nstep A, done\nstep B\n")
+    written = "goal\nstep A, done\nstep B\n"
+    (root / P).write_text(written)
+    if meanwhile != "nothing":
+        written = written.replace("\n", "\r\n")
+        (root / P).write_bytes(written.encode())
     with CoherentVolume(root, agent="reader") as reader:
-        assert reader.read(P) == b"goal\nstep A, done\nstep B\n"
+        assert reader.read(P) == written.encode()
     assert writers(root)[0] == (2, "external")
     post = s.hook(s.event("post_apply_patch", patch=patch, files=P))
     assert post["code"] == 0 and context(post) == "", post
     session = f"codex:{unique('seen')}"
+    if meanwhile != "nothing":
+        assert writers(root)[0] == (2, "external")
+        return
     assert writers(root)[0] == (2, session)
     with CoherentVolume(root, agent="reader") as reader:
         assert [(v.version, v.kind) for v in reader.history(P)] == [(2, "commit"), (1, "commit")]

@@ -24,6 +24,7 @@ from coherent_volume import CoherentVolume, StaleWriteError
 from coherent_volume.liveness import ProcessId, current_process, host_id
 
 from .conftest import REPO
+from .harness.mounts import CLI
 
 P = "plans/plan.md"
 
@@ -189,3 +190,25 @@ def test_a_killed_holder_in_another_namespace_is_reclaimed_only_at_its_ttl(root:
                 assert e.reason == "held" and time.monotonic() < deadline, e
                 time.sleep(0.05)
         assert time.time() >= expires_at, "the grant was reclaimed before its TTL"
+
+
+def test_a_mount_in_a_pid_namespace_without_its_own_proc_is_refused(root: Path, tmp_path: Path) -> None:
+    """The mount tells its callers apart by their entries in /proc; in a PID namespace that did not
+    mount its own /proc those entries are another namespace's processes, so two agents' writes
+    were taken for one agent's (a blind overwrite of the other's commit accepted). Such a mount is
+    refused before anything is mounted, saying why and what to do."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        done = subprocess.run(
+            ["unshare", "--pid", "--fork", "--kill-child", CLI, "mount", str(root), str(mountpoint)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert str(mountpoint) not in Path("/proc/self/mounts").read_text()
+        assert done.returncode != 0 and "another PID namespace" in done.stderr and "--mount-proc" in done.stderr, done
+    finally:  # a mount made all the same: its daemon died with the namespace
+        mounted = str(mountpoint) in Path("/proc/self/mounts").read_text()
+        if mounted and subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)

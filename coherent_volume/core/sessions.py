@@ -3,6 +3,7 @@ registered from what a model was shown, and commits a hook reports."""
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Iterable
 
@@ -26,17 +27,28 @@ HELD_CLOBBER = ", recorded while it held its write grant (its own write seen hal
 over was recorded during its tool's run, by a look at the file then."""
 
 
-Made = Callable[[bytes], Callable[[bytes], bool] | None]
+class Fit(enum.IntEnum):
+    """How a file's bytes stand against what a hook's tool made: not that (false), that as the
+    tool may have written it (line ends, spaces at line ends or, where the tool matched so, all
+    spaces aside), or exactly that, byte for byte."""
+
+    NO = 0
+    LOOSE = 1
+    EXACT = 2
+
+
+Check = Callable[[bytes], Fit]
+Made = Callable[[bytes], Check | None]
 """What a hook's tool made of a file, from its input: given the bytes of the version its check
-found, whether the file's bytes are what it made of them (None where that cannot be told)."""
+found, how a file's bytes fit what it made of them (None where that cannot be told)."""
 
 
-def any_check(checks: Iterable[Callable[[bytes], bool] | None]) -> Callable[[bytes], bool] | None:
-    """A file passes if it passes any of `checks` that can tell (not None); None where none can."""
+def any_check(checks: Iterable[Check | None]) -> Check | None:
+    """A file fits as well as the best of `checks` that can tell (not None); None where none can."""
     known = [check for check in checks if check is not None]
     if not known:
         return None
-    return lambda data: any(check(data) for check in known)
+    return lambda data: max(check(data) for check in known)
 
 
 class Sessions(Writes):
@@ -143,13 +155,15 @@ class Sessions(Writes):
         def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
             expected = self._expected(tx, agent, target, made, moved) if made is not None else None
+            fit = Fit.NO
             if expected is not None:
                 try:
                     data, fp = read_file(target.abs)
                 except FileNotFoundError:
                     data, fp = None, None
                 digest = None if data is None else content_hash(data)
-                if data is None or not expected(data):
+                fit = Fit.NO if data is None else expected(data)
+                if not fit:
                     why = f"changed outside the volume while a tool of {agent} wrote it"
                     self._sync(tx, target, record, (fp, digest), why)
                     return None
@@ -162,7 +176,7 @@ class Sessions(Writes):
                 record is None and not present
             ):
                 if record is not None and not appended:
-                    if expected is not None:
+                    if fit is Fit.EXACT:  # (bytes a tool may have written otherwise may be another program's)
                         self._own_again(tx, agent, target, record, now)
                     tx.put_view(agent, target.rel, version, now)
                 return version
@@ -211,9 +225,7 @@ class Sessions(Writes):
         )
 
     @classmethod
-    def _expected(
-        cls, tx: Transaction, agent: str, target: Target, made: Made, moved: bool
-    ) -> Callable[[bytes], bool] | None:
+    def _expected(cls, tx: Transaction, agent: str, target: Target, made: Made, moved: bool) -> Check | None:
         """What `made` makes of the version the tool's check found, as read from the store in `tx`
         (no sync: the file may hold the tool's write, not recorded yet): `agent`'s view, or, where
         the tool's write `moved` it (on a mount the file system commits that write as its agent's)
@@ -231,7 +243,7 @@ class Sessions(Writes):
         return any_check(cls._made_of(tx, target, base, made) for base in bases)
 
     @staticmethod
-    def _made_of(tx: Transaction, target: Target, base: Version | None, made: Made) -> Callable[[bytes], bool] | None:
+    def _made_of(tx: Transaction, target: Target, base: Version | None, made: Made) -> Check | None:
         """`made` applied to the bytes of version `base` (none, or a deletion: no bytes); None where
         they are not kept, or damaged."""
         if base is None or base.hash is None:
