@@ -650,8 +650,10 @@ def _recorded(
 
 
 EARLIER_VERSIONS = 20
+EARLIER_BYTES = 8 << 20
 """Retained versions before the current one searched for the one a model was shown (`observe`): a
-read that raced a commit, a patch written against an older version."""
+read that raced a commit, a patch written against an older version; at most so many bytes of them
+read (a hook's budget is seconds: past it, no view, and a write refused `unread`)."""
 
 
 @dataclass(frozen=True)
@@ -708,15 +710,23 @@ def observe(
                 passed.append(Passed(core.paths.root, target.rel, agent, before, version))
         if version is not None or not earlier:
             return version
-        for old in core.history(target, earlier + 1)[1:]:
-            try:
-                data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
-            except CoherenceError:
-                continue
-            if data is not None and shown(data):
-                core.note_read(agent, target, old.version)
-                return old.version
-        return None
+        progress.doing = f"looking for what the model was shown of {target.rel} among its older versions"
+        try:
+            read = 0
+            for old in core.history(target, earlier + 1)[1:]:
+                read += old.size or 0
+                if read > EARLIER_BYTES:
+                    break
+                try:
+                    data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
+                except CoherenceError:
+                    continue
+                if data is not None and shown(data):
+                    core.note_read(agent, target, old.version)
+                    return old.version
+            return None
+        finally:
+            progress.doing = None
 
 
 def bring(actor: Actor, path: str) -> list[str]:

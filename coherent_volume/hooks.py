@@ -325,8 +325,8 @@ def run_hook(
     return undecided(
         event,
         progress,
-        f"the check did not finish in time (waited {budget:.1f} s; the volume's registry is busy: another process "
-        "may hold its commit lock)",
+        f"the check did not finish in time (waited {budget:.1f} s on the volume: its registry, its commit lock or "
+        "its files)",
         False,
     )
 

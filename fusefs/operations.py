@@ -679,7 +679,7 @@ class CoherentOperations(pyfuse3.Operations):
                 inode = self.inodes.inode_if_known(rel)
                 if inode is not None and self._other_content(inode):
                     self._fresh_inode(rel)
-                attrs = self._entry(rel)
+                attrs = await self._found(rel)
             retry.inode = attrs.st_ino  # a rename may carry it before the open comes (`_open`)
             return attrs
         if self._aside:
@@ -689,13 +689,17 @@ class CoherentOperations(pyfuse3.Operations):
                 attrs = self._attrs(rel, written)
                 self.inodes.looked_up(written)
                 return attrs
+        return await self._found(rel)
+
+    async def _found(self, rel: str) -> pyfuse3.EntryAttributes:
+        """`_entry`, where a working copy may lack a managed file another copy committed and this
+        one has not been told of yet: the registry asked (one read where it holds none), the file
+        brought in if it does (`Reads.bring`)."""
         try:
             return self._entry(rel)
         except FileNotFoundError:
             if self.core.replica is None or not self.core.paths.managed(rel):
                 raise
-        # a working copy lacks a managed file another copy committed and this one has not been told
-        # of yet: the registry asked (one read where it holds none), the file brought in if it does
         if await blocking(self.core.bring, self.core.paths.of_rel(rel)) is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
         return self._entry(rel)

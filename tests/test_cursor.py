@@ -170,6 +170,24 @@ def test_a_read_that_raced_a_commit_is_a_view_of_the_version_it_showed(root: Pat
     assert c.write_file(root / P, "v3\n")[0] == "allow"
 
 
+def test_the_search_for_the_version_a_read_showed_reads_a_bounded_number_of_bytes(root: Path, conversations) -> None:
+    """Older versions are searched newest first up to EARLIER_BYTES in all (a hook has seconds):
+    a read showing the version before the current one is found; one that only the version
+    before that (past the bound) would match registers no view."""
+    big = 5 << 20
+    texts = [f"{n}\n" + "x" * big + "\n" for n in (1, 2, 3)]
+    with CoherentVolume(root, agent="setup") as setup:
+        for text in texts:
+            setup.write(P, text)
+    near, far = conversations("near", root), conversations("far", root)
+    near.hook(near.event("before_read_file", path=root / P, content=texts[1]))
+    far.hook(far.event("before_read_file", path=root / P, content=texts[0]))
+    verdict, message = permission(near.hook(near.event("pre_tool_use_write", path=root / P, content="x")))
+    assert verdict == "deny" and "(stale)" in message and "you last saw version 2" in message, message[:300]
+    verdict, message = permission(far.hook(far.event("pre_tool_use_write", path=root / P, content="x")))
+    assert verdict == "deny" and "(unread)" in message, message[:300]
+
+
 def test_shell_commands_writing_managed_files_are_checked(root: Path, conversations) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")

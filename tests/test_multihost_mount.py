@@ -59,6 +59,16 @@ except OSError as e:
 """
 """A program in a host that reads a file through the mount, then (told to) writes it back."""
 
+REOPENER = r"""
+import sys
+for _ in sys.stdin:  # each line: open the file and print its text, or that it is missing
+    try:
+        with open(sys.argv[1]) as f:
+            print(f.read().strip(), flush=True)
+    except FileNotFoundError:
+        print("missing", flush=True)
+"""
+
 
 class HostMount:
     """`root` mounted at `path` inside `host` by the real CLI, unmounted in every outcome. On a clean
@@ -317,6 +327,30 @@ def test_a_managed_name_the_copy_lacks_is_looked_up_in_the_registry(volume: Volu
             assert m2.cat("plans/new.md") == "new\n"
             missing = m2.run("reader", ["cat", "plans/none.md"])
             assert missing.returncode != 0 and "No such file" in missing.stderr
+            # deleted on h1, opened on h2 (not there: the open checks), then made again on h1: one
+            # reader process opens it each time, as soon as h1's call returns
+            reader = m2.host.popen(
+                [PY, "-c", REOPENER, str(m2.path / "plans/new.md")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "COHERENT_AGENT": "reader"},
+            )
+            try:
+                assert reader.stdin is not None and reader.stdout is not None
+                for n in range(5):
+                    assert "version" in alice.do("delete", "plans/new.md")
+                    reader.stdin.write("open\n")
+                    reader.stdin.flush()
+                    assert reader.stdout.readline().strip() == "missing", n
+                    alice.write("plans/new.md", f"again {n}\n")
+                    reader.stdin.write("open\n")
+                    reader.stdin.flush()
+                    assert reader.stdout.readline().strip() == f"again {n}", n
+            finally:
+                reader.kill()
+                reader.communicate()
         finally:
             host.undrop("in", port)
-    assert volume.sql("SELECT version, writer FROM cv_files WHERE path = 'plans/new.md'") == [(1, "alice")]
+    assert volume.sql("SELECT writer FROM cv_files WHERE path = 'plans/new.md'") == [("alice",)]
