@@ -745,6 +745,26 @@ def test_a_working_copy_reports_a_damaged_current_version_and_brings_in_every_ot
     assert (tmp_path / "third/plans/z.md").read_text() == "z1\n" and not (tmp_path / "third/plans/m.md").exists()
 
 
+def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """Each copy's commit is checked against its own disk, so two copies can make one name a file
+    and a directory (not prevented across copies: see docs/multihost.md). Neither copy can
+    install the other's file then; each says so, naming the clash and what to do (before: the
+    bare errno text, and `history` crashed with a NotADirectoryError from deep inside)."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(other, agent="bob") as v:
+        v.write("plans/x.md/inner.md", "bob's\n")
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/x.md", "alice's\n")
+    for copy, clash in [(root, "plans/x.md is a file here"), (other, "plans/x.md is a directory here")]:
+        status = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True)
+        assert clash in status.stdout + status.stderr and "the volume holds both" in status.stdout + status.stderr
+    with CoherentVolume(root, agent="alice") as v, pytest.raises(NotADirectoryError, match="Rename or delete one"):
+        v.history("plans/x.md/inner.md")
+    assert (root / "plans/x.md").read_text() == "alice's\n" and (other / "plans/x.md/inner.md").read_text() == "bob's\n"
+
+
 @pytest.mark.parametrize("parts", [False, True], ids=["one part", "several parts"])
 def test_a_version_committed_again_over_damaged_content_is_stored_whole(
     root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, parts: bool

@@ -471,7 +471,10 @@ class CoreBase:
             if given and installed is not None:  # the caller holds an older version's bytes
                 return record._replace(version=installed.version, hash=installed.hash, fingerprint=fp)
             data = tx.load(record.hash, f"{target.rel} v{record.version}") if record.present and record.hash else None
-            displaced = replica.install(target.abs, target.rel, record.version, record.hash, data)
+            try:
+                displaced = replica.install(target.abs, target.rel, record.version, record.hash, data)
+            except (NotADirectoryError, IsADirectoryError) as e:
+                raise _tree_clash(self.paths.root, target, record, e) from e
             if displaced is not None:
                 return self._caught_up(tx, replica, target, record, installed, displaced)
             return record
@@ -978,3 +981,23 @@ class CoreBase:
             raise UnprotectedAlias(target.alias_of, target.rel, what if reads else None)
         if not target.managed:
             raise NotManaged(f"{target.rel!r} is not managed by this volume; {what} applies to managed paths only")
+
+
+def _tree_clash(root: str, target: Target, record: FileRecord, e: OSError) -> OSError:
+    """The error of a working copy's catch-up that cannot install `record` at `target`: its name is
+    a directory here (`IsADirectoryError`), or a name on its path is a file here
+    (`NotADirectoryError`), where another copy made the other kind (the registry holds both: each
+    copy's commit was checked against its own disk)."""
+    name = target.rel
+    if isinstance(e, NotADirectoryError):
+        parts = target.rel.split("/")
+        ancestors = ("/".join(parts[:n]) for n in range(1, len(parts)))
+        name = next((a for a in ancestors if not os.path.isdir(os.path.join(root, a))), target.rel)
+    here, there = ("a directory", "a file") if isinstance(e, IsADirectoryError) else ("a file", "a directory")
+    return type(e)(
+        e.errno,
+        f"{target.rel} v{record.version} (by {record.writer}) cannot be installed in this working copy: {name} is "
+        f"{here} here, and another working copy made it {there}; the volume holds both. Rename or delete one of "
+        "them through the volume, on either copy",
+        target.rel,
+    )
