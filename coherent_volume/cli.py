@@ -773,7 +773,15 @@ def unmount(mountpoint: str) -> None:
     """Unmount a mounted volume (an error if it is busy)."""
     from fusefs.mount import unmount as do_unmount
 
-    do_unmount(mountpoint)
+    holders = do_unmount(mountpoint)
+    if holders:
+        click.echo(
+            f"unmounted {mountpoint} here; another mount namespace holds a copy of this mount (made by "
+            f"`unshare -m` or a container: process{'es' if len(holders) > 1 else ''} "
+            f"{', '.join(map(str, holders))}), and its daemon serves that copy until it is unmounted there or "
+            "every process in that namespace has ended",
+            err=True,
+        )
 
 
 @main.command("as", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -248,21 +248,24 @@ def mount(
         raise MountError(answer.removeprefix("error: ") or "the mount daemon exited before the mount was ready")
 
 
-def unmount(mountpoint: str, timeout: float = 10.0) -> None:
+def unmount(mountpoint: str, timeout: float = 10.0) -> list[int]:
     """Unmount a volume, its direct dirs first; a busy mount is an error, not a lazy detach, and
-    leaves the mount as it was. A dead mount (its daemon killed) is detached with its direct dirs."""
+    leaves the mount as it was. A dead mount (its daemon killed) is detached with its direct dirs.
+    Returns the processes whose mount namespaces still hold a copy of the mount (made by `unshare
+    -m`, a container): its daemon serves those until they unmount it or end."""
     dead = _is_dead(mountpoint)
     mp = os.path.abspath(mountpoint) if dead else os.path.realpath(mountpoint)
     root = fuse_mounts().get(mp)
     if root is None:
         raise MountError(f"{mp} is not a mounted volume")
+    device = device_of(mp)
     unbound = [] if dead else direct.unbind(root, mp, lazy=False)
     result = _fusermount("-u", mp)
     if result.returncode != 0:
         if _is_dead(mp):
             result = _fusermount("-u", "-z", mp)
             if result.returncode == 0:
-                return
+                return []
         direct.bind(root, mp, unbound)
         reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
         if "busy" in reason.lower():
@@ -274,3 +277,25 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while mp in fuse_mounts() and time.monotonic() < deadline:
         time.sleep(0.05)
+    return [] if device is None else held_elsewhere(device)
+
+
+def held_elsewhere(device: str) -> list[int]:
+    """The processes (one per mount namespace) whose namespace holds a mount of `device`
+    ("major:minor"), from their /proc/PID/mountinfo; a process that ends meanwhile is left out."""
+    seen: set[int] = set()
+    holders: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            namespace = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            with open(f"/proc/{name}/mountinfo") as f:
+                if any(line.split()[2] == device for line in f):
+                    holders.append(int(name))
+        except OSError:
+            continue
+    return holders

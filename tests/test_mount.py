@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -198,6 +199,37 @@ def test_unmount_ends_the_daemon_and_its_watcher(root: Path, tmp_path: Path) -> 
         result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert gone_within(10, lambda: daemon_pids(m.path) + watcher_pids(m.path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_unmount_says_when_another_mount_namespace_still_holds_a_copy(root: Path, tmp_path: Path) -> None:
+    """A process that made a mount namespace of its own (`unshare -m`, a container) holds a copy of
+    the mount, which the kernel keeps, and the daemon serves it, after `unmount` here succeeded:
+    `unmount` says so, naming the process (before, nothing told that the daemon lived on)."""
+    m = Mount(root, tmp_path / "mnt")
+    holder = None
+    with m:
+        holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "60"])
+        try:
+            deadline = time.monotonic() + 10
+            while (
+                not Path(f"/proc/{holder.pid}/ns/mnt").exists()
+                or os.stat(f"/proc/{holder.pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+            ):
+                assert time.monotonic() < deadline, "unshare made no namespace"
+                time.sleep(0.01)
+            result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            assert "another mount namespace holds a copy" in result.stderr and str(holder.pid) in result.stderr, result
+            assert daemon_pids(m.path), "the daemon serves the copy"
+        finally:
+            holder.kill()
+            holder.wait()
+        assert gone_within(10, lambda: daemon_pids(m.path) + watcher_pids(m.path))
+        result = subprocess.run([CLI, "mount", str(root), str(m.path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
+        assert result.returncode == 0 and "another mount namespace" not in result.stderr, result
 
 
 def foreign_versions(root: Path, rel: str) -> list[int]:
