@@ -56,7 +56,7 @@ from .harness import CLI
 from .harness.agent_session import unique
 from .harness.crashes import _kill, writer_kills
 from .harness.faults import locked_registry
-from .harness.mounts import DaemonLogError, Mount, is_mounted
+from .harness.mounts import DaemonLogError, Mount, PidNamespaceMount, is_mounted
 from .harness.volumes import create, integrity, sql
 
 MANAGED = ("plans/**", "*.md")
@@ -1387,43 +1387,13 @@ def test_a_foreign_file_the_volume_cannot_record_leaves_the_mount_serving(arena:
 # ---- the refusal of a caller outside the daemon's PID namespace (a mount of its own) -----------
 
 
-@contextmanager
-def mounted_in_a_pid_namespace(root: Path, mountpoint: Path) -> Iterator[Mount]:
-    """`root` mounted at `mountpoint` by a daemon in a PID namespace of its own (the mount namespace
-    is shared): to the daemon, every caller from here is outside, and FUSE reports its pid as 0.
-    The namespace's first process learns the paths from its environment, so that only the daemon
-    names the mountpoint among its arguments (what `unmount_and_reap` waits for)."""
-    mountpoint.mkdir()
-    m = Mount(root, mountpoint)
-    namespace = subprocess.Popen(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "bash",
-            "-c",
-            '"$CLI" mount "$ROOT" "$MP" >/dev/null && echo ready && exec sleep 600',
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "CLI": CLI, "ROOT": str(root), "MP": str(mountpoint)},
-    )
-    with _process(namespace):
-        assert namespace.stdout is not None and namespace.stdout.readline().strip() == "ready"
-        try:
-            yield m
-        finally:
-            m.unmount()  # before the namespace ends: its daemon exits when unmounted
-
-
 def test_a_refused_caller_outside_the_pid_namespace_leaves_nothing_behind(tmp_path: Path) -> None:
     root = create(tmp_path / "vol", MANAGED)
     (root / "notes").mkdir()
     with CoherentVolume(root, agent="seed") as seed:
         seed.write("plans/a.md", "a v1\n")
         seed.write("notes/free.txt", "free v1\n")
-    with mounted_in_a_pid_namespace(root, tmp_path / "ns") as ns:
+    with PidNamespaceMount(root, tmp_path / "ns") as ns:
         settle(root)
         before = tables_and_disk(root)
         for script in ("echo x > plans/a.md", "cat plans/a.md > /dev/null; echo x > plans/a.md", "rm plans/a.md"):

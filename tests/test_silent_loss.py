@@ -10,8 +10,6 @@ import stat
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from coherent_volume import CoherentVolume, atomic
 from coherent_volume.errors import StaleWriteError, UnprotectedAlias
 
-from .harness.mounts import CLI, Mount, daemon_pids, unmount_and_reap
+from .harness.mounts import CLI, Mount, PidNamespaceMount, daemon_pids
 
 A = "plans/a.md"
 
@@ -514,54 +512,13 @@ def test_fifos_and_symlinks_at_managed_names_are_removed_through_the_mount(tmp_p
     assert os.listdir(root / "plans") == [] and os.path.isdir("/tmp")
 
 
-@contextmanager
-def mounted_in_a_pid_namespace(root: Path, mountpoint: Path, *args: str) -> Iterator[Path]:
-    """The volume mounted by a daemon inside its own PID namespace (same mount namespace): callers
-    from here are outside the daemon's PID namespace, so FUSE reports their pid as 0."""
-    mountpoint.mkdir()
-    ns = subprocess.Popen(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "bash",
-            "-c",
-            f'"$0" mount "$1" "$2" {" ".join(args)} >/dev/null && echo ready && exec sleep 600',
-            CLI,
-            str(root),
-            str(mountpoint),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert ns.stdout is not None and ns.stdout.readline().strip() == "ready"
-        yield mountpoint
-    finally:
-        unmount_and_reap(mountpoint)
-        ns.kill()
-        ns.wait()
-
-
 def test_a_caller_outside_the_daemons_pid_namespace_cannot_change_managed_files(root: Path, tmp_path: Path) -> None:
     (root / A).write_text("v0\n")
-    with mounted_in_a_pid_namespace(root, tmp_path / "m") as m:
-
-        def run(script: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                ["bash", "-c", script],
-                cwd=m,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**os.environ, "COHERENT_AGENT": "sidecar"},
-            )
-
-        r = run(f"cat {A} >/dev/null && echo sidecar > {A}")
+    with PidNamespaceMount(root, tmp_path / "m") as m:
+        r = m.run("sidecar", f"cat {A} >/dev/null && echo sidecar > {A}")
         assert r.returncode != 0 and "Permission denied" in r.stderr
-        assert run(f"cat {A}").stdout == "v0\n"  # reading works, untracked
-        assert run("echo free > notes.txt").returncode == 0  # unmanaged files are not concerned
+        assert m.run("sidecar", f"cat {A}").stdout == "v0\n"  # reading works, untracked
+        assert m.run("sidecar", "echo free > notes.txt").returncode == 0  # unmanaged files are not concerned
     assert (root / A).read_text() == "v0\n"
     log = (root / ".coherent/mount.log").read_text()
     assert "outside the daemon's PID namespace" in log and "--agent" in log
@@ -569,10 +526,8 @@ def test_a_caller_outside_the_daemons_pid_namespace_cannot_change_managed_files(
 
 def test_a_mount_given_an_agent_names_such_callers(root: Path, tmp_path: Path) -> None:
     (root / A).write_text("v0\n")
-    with mounted_in_a_pid_namespace(root, tmp_path / "m", "--agent", "sidecar") as m:
-        r = subprocess.run(
-            ["bash", "-c", f"cat {A} >/dev/null; echo s >> {A}"], cwd=m, capture_output=True, text=True, timeout=60
-        )
+    with PidNamespaceMount(root, tmp_path / "m", "--agent", "sidecar") as m:
+        r = m.run(None, f"cat {A} >/dev/null; echo s >> {A}")
         assert r.returncode == 0, r.stderr
     assert (root / A).read_text() == "v0\ns\n"
 

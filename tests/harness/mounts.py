@@ -328,3 +328,76 @@ def unmount_all() -> None:
 
 
 atexit.register(unmount_all)
+
+
+class PidNamespaceMount:
+    """`root` mounted at `path` by a daemon in a PID namespace of its own, with its own /proc (as a
+    container's daemon is: `mount` refuses a PID namespace whose /proc is another's) and so its own
+    mount namespace, where the mount lives. Callers `run` from here enter that mount namespace but
+    not the PID namespace: to the daemon they are outside it, and FUSE reports their pid as 0 (a
+    sidecar's case). A context manager: the mount is unmounted in every outcome, and the
+    namespace, its daemon with it, ended."""
+
+    def __init__(self, root: Path, path: Path, *args: str) -> None:
+        self.root, self.path, self.args = root, path, args
+        self.log = root / ".coherent" / "mount.log"
+        self._ns: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> PidNamespaceMount:
+        self.path.mkdir(exist_ok=True)
+        self._ns = subprocess.Popen(
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "bash",
+                "-c",
+                '"$0" mount "$@" >/dev/null && echo ready && exec sleep 600',
+                CLI,
+                str(self.root),
+                str(self.path),
+                *self.args,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert self._ns.stdout is not None and self._ns.stdout.readline().strip() == "ready"
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _enter(self) -> list[str]:
+        """The command prefix that enters the namespace's mount namespace (not its PID namespace)."""
+        assert self._ns is not None
+        return ["nsenter", "--mount", "--target", str(self._ns.pid), "--"]
+
+    def run(self, agent: str | None, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a bash script (as `agent`, if given) with the mount as working directory."""
+        env = dict(os.environ)
+        if agent is not None:
+            env["COHERENT_AGENT"] = agent
+        return subprocess.run(
+            [*self._enter(), "bash", "-c", f'cd "$0" && {script}', str(self.path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ns is None:
+            return
+        try:
+            if self._ns.poll() is None:
+                for flags in (["-u"], ["-u", "-z"]):
+                    done = subprocess.run([*self._enter(), "fusermount3", *flags, str(self.path)], capture_output=True)
+                    if done.returncode == 0:
+                        break
+        finally:
+            self._ns.kill()  # --kill-child: the namespace's processes, the daemon among them, end with it
+            self._ns.wait()
+            self._ns = None
