@@ -14,6 +14,7 @@ from .errors import (
     RegistryLoginRefused,
     RetriesExhausted,
     StaleWriteError,
+    TreeClash,
     VersionGone,
     VolumeConfigError,
 )
@@ -39,4 +40,5 @@ __all__ = [
     "Policy",
     "Retention",
     "DamagedContent",
+    "TreeClash",
 ]

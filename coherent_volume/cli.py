@@ -773,13 +773,11 @@ def unmount(mountpoint: str) -> None:
     """Unmount a mounted volume (an error if it is busy)."""
     from fusefs.mount import unmount as do_unmount
 
-    holders = do_unmount(mountpoint)
-    if holders:
+    held = do_unmount(mountpoint)
+    if held:
         click.echo(
-            f"unmounted {mountpoint} here; another mount namespace holds a copy of this mount (made by "
-            f"`unshare -m` or a container: process{'es' if len(holders) > 1 else ''} "
-            f"{', '.join(map(str, holders))}), and its daemon serves that copy until it is unmounted there or "
-            "every process in that namespace has ended",
+            f"unmounted {mountpoint}; the mount is still held {'; '.join(held)}, and its daemon serves it there "
+            "until it is unmounted there or every process holding it has ended",
             err=True,
         )
 

@@ -23,6 +23,12 @@ class CoherenceError(Exception):
     """Base class of every error raised by coherent_volume."""
 
 
+class TreeClash(CoherenceError, OSError):
+    """A working copy cannot install a version of a managed file: its name, or a name on its path,
+    is a directory here where another working copy made it a file, or the other way round (the
+    registry holds both). errno is EISDIR or ENOTDIR; nothing was changed."""
+
+
 class StaleWriteError(CoherenceError, PermissionError):
     """A write refused because the writer's view is not current. Nothing was changed.
 

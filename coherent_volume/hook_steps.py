@@ -504,7 +504,7 @@ def exactly(made: Callable[[str], str | None]) -> Made:
             result = made(base.decode("utf-8").replace("\r\n", "\n"))
         except UnicodeDecodeError:
             return None
-        return None if result is None else _fits({_as_base(result, base)})
+        return None if result is None else _fits({result}, exact=b"\r" not in base)
 
     return expect
 
@@ -542,7 +542,7 @@ def replacing(variants: Collection[tuple[str, str]]) -> Made:
                 flat.update(_replaced(_flat(text), _flat(old), _flat(new)))
         if not exact and not flat:
             return None
-        return _fits({_as_base(result, base) for result in exact}, flat)
+        return _fits(exact, flat, exact=b"\r" not in base)
 
     return expect
 
@@ -573,22 +573,18 @@ def _flat(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-def _as_base(text: str, base: bytes) -> str:
-    """A tool's result `text` (made with LF line ends) with the line ends of the version it was
-    made of: the tools put a CRLF file's line ends back."""
-    return text.replace("\n", "\r\n") if b"\r\n" in base else text
-
-
-def _fits(results: set[str], loose: Collection[str] = ()) -> Check:
-    """How a file fits one of a tool's `results`: exactly; else holding its lines, line ends and
-    spaces or tabs at their ends aside (Claude Code strips those from an Edit's new lines), or
-    (where the tool matched regardless of spaces) one of the `loose` texts with all spaces taken
-    out (`_flat`); else not."""
+def _fits(results: set[str], loose: Collection[str] = (), *, exact: bool = True) -> Check:
+    """How a file fits one of a tool's `results` (made with LF line ends): exactly, where `exact`
+    (not of a file that had CR line ends: the tools put those back, or do not, and a program
+    changing only line ends meanwhile must not pass for the tool); else holding its lines, line
+    ends and spaces or tabs at their ends aside (Claude Code strips those from an Edit's new
+    lines), or (where the tool matched regardless of spaces) one of the `loose` texts with all
+    spaces taken out (`_flat`); else not."""
     lines = {tuple(_stripped_lines(result)) for result in results}
 
     def fit(data: bytes) -> Fit:
         found = data.decode("utf-8", "replace")
-        if found in results:
+        if exact and found in results:
             return Fit.EXACT
         if tuple(_stripped_lines(found)) in lines or _flat(found) in loose:
             return Fit.LOOSE

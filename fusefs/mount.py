@@ -22,7 +22,7 @@ import trio
 from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
 from coherent_volume.liveness import proc_is_ours
-from coherent_volume.mounts import device_of, fuse_mounts
+from coherent_volume.mounts import FSTYPE, device_of, fuse_mounts, unescape
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry.postgresql import PostgresRegistry
 
@@ -84,8 +84,8 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
         )
     if not proc_is_ours():
         raise MountError(
-            "/proc here numbers the processes of another PID namespace (this one was made without its own "
-            "/proc, e.g. `unshare --pid --fork` without `--mount-proc`): the mount tells its callers apart by "
+            "/proc here numbers the processes of another PID namespace (no /proc was mounted for this one, e.g. "
+            "after `unshare --pid --fork` without `--mount-proc`): the mount tells its callers apart by "
             "their entries in /proc, and would take one agent's writes for another's. Mount from a namespace "
             "whose /proc is its own (`unshare --pid --fork --mount-proc`), or from outside it"
         )
@@ -248,11 +248,11 @@ def mount(
         raise MountError(answer.removeprefix("error: ") or "the mount daemon exited before the mount was ready")
 
 
-def unmount(mountpoint: str, timeout: float = 10.0) -> list[int]:
+def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     """Unmount a volume, its direct dirs first; a busy mount is an error, not a lazy detach, and
     leaves the mount as it was. A dead mount (its daemon killed) is detached with its direct dirs.
-    Returns the processes whose mount namespaces still hold a copy of the mount (made by `unshare
-    -m`, a container): its daemon serves those until they unmount it or end."""
+    Returns where the mount is still held (`still_held`): its daemon serves those until they are
+    unmounted or their processes end."""
     dead = _is_dead(mountpoint)
     mp = os.path.abspath(mountpoint) if dead else os.path.realpath(mountpoint)
     root = fuse_mounts().get(mp)
@@ -277,25 +277,42 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while mp in fuse_mounts() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [] if device is None else held_elsewhere(device)
+    return [] if device is None else still_held(device, root)
 
 
-def held_elsewhere(device: str) -> list[int]:
-    """The processes (one per mount namespace) whose namespace holds a mount of `device`
-    ("major:minor"), from their /proc/PID/mountinfo; a process that ends meanwhile is left out."""
+def still_held(device: str, root: str) -> list[str]:
+    """Where the mount of the volume at `root` on `device` ("major:minor") is still held once
+    unmounted here, from each mount namespace's /proc/PID/mountinfo: its other mountpoints in this
+    namespace (a bind mount of it), and a process of each other namespace holding it (`unshare
+    -m`, a container); a process that ends meanwhile is left out. (A device number is reused only
+    once its mount is gone everywhere: a mount made on it since is another volume's.)"""
+    here = os.stat("/proc/self/ns/mnt").st_ino
     seen: set[int] = set()
-    holders: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    held: list[str] = []
+    for name in ["self", *(n for n in os.listdir("/proc") if n.isdigit())]:
         try:
             namespace = os.stat(f"/proc/{name}/ns/mnt").st_ino
             if namespace in seen:
                 continue
             seen.add(namespace)
             with open(f"/proc/{name}/mountinfo") as f:
-                if any(line.split()[2] == device for line in f):
-                    holders.append(int(name))
+                found = [unescape(line.split()[4]) for line in f if _mount_of(line, device, root)]
         except OSError:
             continue
-    return holders
+        if namespace == here:
+            held += [f"at {mp} (a bind mount of it, in this mount namespace)" for mp in found]
+        elif found:
+            held.append(f"in the mount namespace of process {name} (made by `unshare -m` or a container)")
+    return held
+
+
+def _mount_of(line: str, device: str, root: str) -> bool:
+    """Whether a /proc/PID/mountinfo `line` is a mount of the volume at `root` on `device`."""
+    fields = line.split()
+    dash = fields.index("-") if "-" in fields else -1
+    return (
+        fields[2] == device
+        and 0 < dash < len(fields) - 2
+        and fields[dash + 1] == FSTYPE
+        and unescape(fields[dash + 2]) == root
+    )

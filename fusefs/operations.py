@@ -700,8 +700,7 @@ class CoherentOperations(pyfuse3.Operations):
         except FileNotFoundError:
             if self.core.replica is None or not self.core.paths.managed(rel):
                 raise
-        if await blocking(self.core.bring, self.core.paths.of_rel(rel)) is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
+        await blocking(self.core.bring, self.core.paths.of_rel(rel))  # (or the listener brought it meanwhile)
         return self._entry(rel)
 
     def _repeating(self, rel: str, ctx: pyfuse3.RequestContext) -> Retry | None:

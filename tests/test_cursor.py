@@ -188,6 +188,29 @@ def test_the_search_for_the_version_a_read_showed_reads_a_bounded_number_of_byte
     assert verdict == "deny" and "(unread)" in message, message[:300]
 
 
+@pytest.mark.parametrize("base", ["lf", "crlf"])
+def test_line_ends_a_program_changes_during_a_write_another_agent_reads_stay_its_own(
+    root: Path, conversations, base: str
+) -> None:
+    """A program makes a Write's file CRLF between the tool's write and its postToolUse, and
+    another agent's read records that as a change by `external`: it stays `external`'s (only
+    bytes exactly what the tool made become the session's, and a file that had CR line ends
+    never counts as exactly that: the tools may put them back), so the change keeps its trace."""
+    old = "v1\r\n" if base == "crlf" else "v1\n"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, old)
+    c = conversations(f"ends-{base}", root)
+    c.read(root / P)
+    assert permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="v2\nmore\n")))[0] == "allow"
+    assert c.write(root / P, "v2\nmore\n")["code"] == 0
+    (root / P).write_bytes(b"v2\r\nmore\r\n")  # a program converts the line ends meanwhile
+    with CoherentVolume(root, agent="reader") as reader:
+        reader.read(P)
+    assert c.hook(c.event("post_tool_use_write", path=root / P, content="v2\nmore\n"))["code"] == 0
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(e.version, e.writer) for e in v.history(P)][0] == (2, "external")
+
+
 def test_shell_commands_writing_managed_files_are_checked(root: Path, conversations) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")

@@ -205,7 +205,8 @@ def test_unmount_ends_the_daemon_and_its_watcher(root: Path, tmp_path: Path) -> 
 def test_unmount_says_when_another_mount_namespace_still_holds_a_copy(root: Path, tmp_path: Path) -> None:
     """A process that made a mount namespace of its own (`unshare -m`, a container) holds a copy of
     the mount, which the kernel keeps, and the daemon serves it, after `unmount` here succeeded:
-    `unmount` says so, naming the process (before, nothing told that the daemon lived on)."""
+    `unmount` says so, naming the process (before, nothing told that the daemon lived on); a bind
+    mount of it in this namespace likewise, as what it is."""
     m = Mount(root, tmp_path / "mnt")
     holder = None
     with m:
@@ -220,7 +221,8 @@ def test_unmount_says_when_another_mount_namespace_still_holds_a_copy(root: Path
                 time.sleep(0.01)
             result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
             assert result.returncode == 0, result.stderr
-            assert "another mount namespace holds a copy" in result.stderr and str(holder.pid) in result.stderr, result
+            assert f"in the mount namespace of process {holder.pid}" in result.stderr, result
+            assert "a bind mount" not in result.stderr, result
             assert daemon_pids(m.path), "the daemon serves the copy"
         finally:
             holder.kill()
@@ -228,8 +230,16 @@ def test_unmount_says_when_another_mount_namespace_still_holds_a_copy(root: Path
         assert gone_within(10, lambda: daemon_pids(m.path) + watcher_pids(m.path))
         result = subprocess.run([CLI, "mount", str(root), str(m.path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
-        assert result.returncode == 0 and "another mount namespace" not in result.stderr, result
+        bound = tmp_path / "bound"
+        bound.mkdir()
+        subprocess.run(["mount", "--bind", str(m.path), str(bound)], check=True)
+        try:  # a bind mount in this namespace is named as one, never as another namespace's
+            result = subprocess.run([CLI, "unmount", str(m.path)], capture_output=True, text=True)
+            assert result.returncode == 0 and f"at {bound} (a bind mount of it" in result.stderr, result
+            assert "mount namespace of process" not in result.stderr, result
+        finally:
+            subprocess.run(["umount", str(bound)], check=True)
+        assert gone_within(10, lambda: daemon_pids(m.path) + watcher_pids(m.path))
 
 
 def foreign_versions(root: Path, rel: str) -> list[int]:

@@ -35,6 +35,7 @@ from coherent_volume import (
     RegistryLoginRefused,
     Retention,
     StaleWriteError,
+    TreeClash,
     VolumeConfigError,
 )
 from coherent_volume.claude_code import agent_of
@@ -760,8 +761,15 @@ def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both
     for copy, clash in [(root, "plans/x.md is a file here"), (other, "plans/x.md is a directory here")]:
         status = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True)
         assert clash in status.stdout + status.stderr and "the volume holds both" in status.stdout + status.stderr
-    with CoherentVolume(root, agent="alice") as v, pytest.raises(NotADirectoryError, match="Rename or delete one"):
-        v.history("plans/x.md/inner.md")
+    with CoherentVolume(root, agent="alice") as v:
+        with pytest.raises(TreeClash, match="Rename or delete one of them") as clash:
+            v.read("plans/x.md/inner.md")
+        assert clash.value.errno == errno.ENOTDIR
+        # what the registry holds of it stays readable on the copy that cannot install it
+        assert [e.writer for e in v.history("plans/x.md/inner.md")] == ["bob"]
+        assert v.read_version("plans/x.md/inner.md", 1) == b"bob's\n"
+    patches = subprocess.run([CLI, "log", str(root), "-p"], capture_output=True, text=True)
+    assert patches.returncode == 0 and "+bob's" in patches.stdout and "+alice's" in patches.stdout, patches
     assert (root / "plans/x.md").read_text() == "alice's\n" and (other / "plans/x.md/inner.md").read_text() == "bob's\n"
 
 

@@ -20,6 +20,7 @@ from .. import atomic
 from ..errors import (
     DamagedContent,
     NotManaged,
+    TreeClash,
     UnprotectedAlias,
     VersionGone,
     VolumeConfigError,
@@ -983,7 +984,7 @@ class CoreBase:
             raise NotManaged(f"{target.rel!r} is not managed by this volume; {what} applies to managed paths only")
 
 
-def _tree_clash(root: str, target: Target, record: FileRecord, e: OSError) -> OSError:
+def _tree_clash(root: str, target: Target, record: FileRecord, e: OSError) -> TreeClash:
     """The error of a working copy's catch-up that cannot install `record` at `target`: its name is
     a directory here (`IsADirectoryError`), or a name on its path is a file here
     (`NotADirectoryError`), where another copy made the other kind (the registry holds both: each
@@ -994,10 +995,10 @@ def _tree_clash(root: str, target: Target, record: FileRecord, e: OSError) -> OS
         ancestors = ("/".join(parts[:n]) for n in range(1, len(parts)))
         name = next((a for a in ancestors if not os.path.isdir(os.path.join(root, a))), target.rel)
     here, there = ("a directory", "a file") if isinstance(e, IsADirectoryError) else ("a file", "a directory")
-    return type(e)(
+    return TreeClash(
         e.errno,
         f"{target.rel} v{record.version} (by {record.writer}) cannot be installed in this working copy: {name} is "
         f"{here} here, and another working copy made it {there}; the volume holds both. Rename or delete one of "
-        "them through the volume, on either copy",
+        f"them through the volume, on a copy that holds it (this one holds {name} as {here})",
         target.rel,
     )

@@ -13,7 +13,15 @@ from functools import partial
 from typing import NamedTuple, TypeVar
 
 from .. import atomic, diffs
-from ..errors import CoherenceError, DamagedContent, MergeConflict, StaleWriteError, VersionGone, VolumeConfigError
+from ..errors import (
+    CoherenceError,
+    DamagedContent,
+    MergeConflict,
+    StaleWriteError,
+    TreeClash,
+    VersionGone,
+    VolumeConfigError,
+)
 from ..paths import Target
 from ..policy import DAY, Policy, Retention, prunable
 from ..protocol import Version, current_version, may_merge, takes_current_again
@@ -110,10 +118,19 @@ class History(Writes):
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             raise VolumeConfigError(f"a history limit is a number of versions >= 1, not {limit!r}")
         limit = None if limit is None else min(limit, MAX_VERSION)
-        self.version(target)
+        self._recorded_first(target)
         with self.registry.read() as tx:
             versions = tx.history(target.rel, limit)
         return [v if v.hash is not None else v._replace(retained=False) for v in versions]
+
+    def _recorded_first(self, target: Target) -> None:
+        """Before a read of `target`'s history: a foreign change recorded, so that its version is
+        listed and can be read; a working copy that cannot install the current version there
+        (`TreeClash`) reads the history the registry holds all the same."""
+        try:
+            self.version(target)
+        except TreeClash:
+            pass
 
     def version_entry(self, target: Target, version: int) -> Version | None:
         """The history entry of one version of `target` (None if it has no such version): whether
@@ -124,7 +141,7 @@ class History(Writes):
         """The bytes of a retained version (no view is registered); VersionGone if it never existed,
         is a deletion or was pruned, DamagedContent if its stored bytes no longer match its hash."""
         self._require_managed(target, "read_version", reads=True)
-        self.version(target)  # a foreign change is recorded first, so that its version can be read
+        self._recorded_first(target)
         return self._stored(target, version, self._entries(target, version)[0])
 
     def _entries(self, target: Target, *versions: int) -> list[Version | None]:
@@ -182,7 +199,7 @@ class History(Writes):
         """The unified diff from version `old` to version `new` (0: before the path existed); None
         for binary content. VersionGone/DamagedContent as `read_version`."""
         self._require_managed(target, "diff", reads=True)
-        self.version(target)  # a foreign change is recorded first, so that its version can be diffed
+        self._recorded_first(target)
         return self._diff(target, old, new, self._entries(target, old, new))
 
     def _diff(self, target: Target, old: int, new: int, entries: list[Version | None]) -> str | None:

@@ -86,7 +86,7 @@ class Reads(CoreBase):
             return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
             data, fp = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (a file where its directory would be: absent)
             data = None
         if data is not None and target.rel not in self._noted():
             digest = content_hash(data)
