@@ -510,8 +510,18 @@ def exactly(made: Callable[[str], str | None]) -> Made:
 
 
 def either(*mades: Made) -> Made:
-    """A file fits if it fits any of `mades` (those that can tell); None where none can tell."""
-    return lambda base: any_check(made(base) for made in mades)
+    """A file fits as well as it fits the best of `mades` that can tell (None where none can), but
+    never exactly where more than one can: the tool may have made any of them, so a program that
+    turned one into another meanwhile must not pass for the tool (`Fit.EXACT`)."""
+
+    def expect(base: bytes) -> Check | None:
+        checks = [check for check in (made(base) for made in mades) if check is not None]
+        best = any_check(checks)
+        if best is None or len(checks) == 1:
+            return best
+        return lambda data: min(best(data), Fit.LOOSE)
+
+    return expect
 
 
 def replacing(variants: Collection[tuple[str, str]]) -> Made:
@@ -541,8 +551,8 @@ def replacing(variants: Collection[tuple[str, str]]) -> Made:
             elif _flat(old) and _flat(old) in _flat(text):
                 flat.update(_replaced(_flat(text), _flat(old), _flat(new)))
         if not exact and not flat:
-            return None
-        return _fits(exact, flat, exact=b"\r" not in base)
+            return None  # (several results, or a match regardless of spaces: none is exactly the tool's)
+        return _fits(exact, flat, exact=b"\r" not in base and len(exact) == 1 and not flat)
 
     return expect
 

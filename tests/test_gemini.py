@@ -206,6 +206,28 @@ def test_a_replace_another_writer_changes_before_its_end_is_theirs_and_the_model
     assert target.read_text() == "step 1 done\nstep 2\n}\na script's line\n}\n"
 
 
+def test_a_program_turning_one_replace_result_into_another_is_not_taken_for_the_tool(root: Path, sessions) -> None:
+    """Gemini CLI may replace one occurrence of old_string or every one, so either result passes
+    its end-of-tool check, but neither is exactly the tool's: a program that turns one into the
+    other meanwhile, seen by another agent's read, stays `external`'s (never relabelled the
+    session's write)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "TODO a\nTODO b\n")
+    target = root / P
+    s = sessions("g-two", root)
+    s.read(target)
+    edit = s.event("before_replace", path=target, old="TODO", new="DONE")
+    assert decision(s.hook(edit)) == ("allow", "")
+    assert s.write(target, "DONE a\nTODO b\n")["code"] == 0  # Gemini replaced one occurrence
+    target.write_text("DONE a\nDONE b\n")  # a program does the other meanwhile
+    with CoherentVolume(root, agent="reader") as reader:
+        reader.read(P)
+    after = {**edit, "hook_event_name": "AfterTool", "tool_response": {"llmContent": "Successfully modified file."}}
+    s.hook(after)
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(e.version, e.writer) for e in v.history(P)][0] == (2, "external")
+
+
 @pytest.mark.parametrize(
     ("old", "new", "result"),
     [

@@ -166,6 +166,19 @@ def holds(path: Path, text: str | None) -> Callable[[], bool]:
     return check
 
 
+def _program(m: HostMount, code: str, rel: str, agent: str) -> subprocess.Popen[str]:
+    """A Python program `code` in the mount's host, as `agent`, given the mount's path of `rel`,
+    talking on its standard input and output."""
+    return m.host.popen(
+        [PY, "-c", code, str(m.path / rel)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": agent},
+    )
+
+
 # ---- the bed: three hosts, one PostgreSQL, one volume with a working copy on each host ----------
 
 
@@ -244,14 +257,7 @@ def test_a_program_that_read_an_old_version_through_a_joined_mount_is_refused_it
     alice.write("plans/a.md", "one\n")
     h2 = volume.roots[1]
     with volume.mount(2) as m2:
-        program = m2.host.popen(
-            [PY, "-c", READ_THEN_WRITE, str(m2.path / "plans/a.md")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": "bob"},
-        )
+        program = _program(m2, READ_THEN_WRITE, "plans/a.md", "bob")
         try:
             assert program.stdout is not None and program.stdin is not None
             assert program.stdout.readline() == "one\n"  # bob's view: v1
@@ -329,14 +335,7 @@ def test_a_managed_name_the_copy_lacks_is_looked_up_in_the_registry(volume: Volu
             assert missing.returncode != 0 and "No such file" in missing.stderr
             # deleted on h1, opened on h2 (not there: the open checks), then made again on h1: one
             # reader process opens it each time, as soon as h1's call returns
-            reader = m2.host.popen(
-                [PY, "-c", REOPENER, str(m2.path / "plans/new.md")],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "COHERENT_AGENT": "reader"},
-            )
+            reader = _program(m2, REOPENER, "plans/new.md", "reader")
             try:
                 assert reader.stdin is not None and reader.stdout is not None
                 for n in range(5):

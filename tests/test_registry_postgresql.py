@@ -762,7 +762,7 @@ def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both
         status = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True)
         assert clash in status.stdout + status.stderr and "the volume holds both" in status.stdout + status.stderr
     with CoherentVolume(root, agent="alice") as v:
-        with pytest.raises(TreeClash, match="Rename or delete one of them") as clash:
+        with pytest.raises(TreeClash, match="Rename or delete the file, or every file under the directory") as clash:
             v.read("plans/x.md/inner.md")
         assert clash.value.errno == errno.ENOTDIR
         # what the registry holds of it stays readable on the copy that cannot install it
@@ -771,6 +771,14 @@ def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both
     patches = subprocess.run([CLI, "log", str(root), "-p"], capture_output=True, text=True)
     assert patches.returncode == 0 and "+bob's" in patches.stdout and "+alice's" in patches.stdout, patches
     assert (root / "plans/x.md").read_text() == "alice's\n" and (other / "plans/x.md/inner.md").read_text() == "bob's\n"
+    # resolved as the message says, on the copy where the name is a directory: bob deletes his file
+    with CoherentVolume(other, agent="bob") as v:
+        v.read("plans/x.md/inner.md")
+        v.delete("plans/x.md/inner.md")
+        assert v.read("plans/x.md") == b"alice's\n"  # the empty directory left in the way is gone
+    for copy in (root, other):
+        status = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True)
+        assert status.returncode == 0 and "the volume holds both" not in status.stdout + status.stderr, status
 
 
 @pytest.mark.parametrize("parts", [False, True], ids=["one part", "several parts"])

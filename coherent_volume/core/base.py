@@ -475,7 +475,9 @@ class CoreBase:
             try:
                 displaced = replica.install(target.abs, target.rel, record.version, record.hash, data)
             except (NotADirectoryError, IsADirectoryError) as e:
-                raise _tree_clash(self.paths.root, target, record, e) from e
+                if not (isinstance(e, IsADirectoryError) and _removed_if_empty(target.abs)):
+                    raise _tree_clash(self.paths.root, target, record, e) from e
+                displaced = replica.install(target.abs, target.rel, record.version, record.hash, data)
             if displaced is not None:
                 return self._caught_up(tx, replica, target, record, installed, displaced)
             return record
@@ -984,6 +986,21 @@ class CoreBase:
             raise NotManaged(f"{target.rel!r} is not managed by this volume; {what} applies to managed paths only")
 
 
+def _removed_if_empty(path: str) -> bool:
+    """Remove the directory `path` if it holds nothing but directories (what a working copy keeps of
+    files deleted under a name that is a file now); whether it did. Nothing is removed if it holds
+    anything else, or if something is made in it meanwhile."""
+    found = list(os.walk(path, topdown=False))
+    if any(files for _, _, files in found):
+        return False
+    try:
+        for directory, _, _ in found:
+            os.rmdir(directory)
+    except OSError:
+        return False
+    return True
+
+
 def _tree_clash(root: str, target: Target, record: FileRecord, e: OSError) -> TreeClash:
     """The error of a working copy's catch-up that cannot install `record` at `target`: its name is
     a directory here (`IsADirectoryError`), or a name on its path is a file here
@@ -998,7 +1015,8 @@ def _tree_clash(root: str, target: Target, record: FileRecord, e: OSError) -> Tr
     return TreeClash(
         e.errno,
         f"{target.rel} v{record.version} (by {record.writer}) cannot be installed in this working copy: {name} is "
-        f"{here} here, and another working copy made it {there}; the volume holds both. Rename or delete one of "
-        f"them through the volume, on a copy that holds it (this one holds {name} as {here})",
+        f"{here} here, and another working copy made it {there}; the volume holds both. Rename or delete the file, "
+        f"or every file under the directory, through the volume, on a copy that holds it (this one holds {name} as "
+        f"{here})",
         target.rel,
     )

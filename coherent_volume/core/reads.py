@@ -88,6 +88,10 @@ class Reads(CoreBase):
             data, fp = read_fd(fd, target.rel) if fd is not None else read_file(target.abs)
         except (FileNotFoundError, NotADirectoryError):  # (a file where its directory would be: absent)
             data = None
+        except IsADirectoryError:
+            if self.replica is None:
+                raise
+            data = None  # a working copy's directory where another copy made the file: its catch-up says
         if data is not None and target.rel not in self._noted():
             digest = content_hash(data)
             key = (agent, target.rel)
@@ -169,7 +173,7 @@ class Reads(CoreBase):
             try:
                 data, fp = read_file(target.abs)
                 disk: tuple[Fingerprint | None, str | None] = (fp, content_hash(data))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 data, disk = None, (None, None)
 
             def pair(tx: Transaction) -> FileRecord | None:
