@@ -40,6 +40,7 @@ from coherent_volume import (
 )
 from coherent_volume.claude_code import agent_of
 from coherent_volume.core import VolumeCore, open_core
+from coherent_volume.core.base import _removed_if_empty
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
@@ -779,6 +780,28 @@ def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both
     for copy in (root, other):
         status = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True)
         assert status.returncode == 0 and "the volume holds both" not in status.stdout + status.stderr, status
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_only_a_tree_of_empty_directories_on_its_own_file_system_is_removed_for_a_catch_up(tmp_path: Path) -> None:
+    """What a working copy removes to install a file where it kept a directory: a tree of empty
+    directories, never one holding a file or a symlink, never across a mount point (found by a
+    hostile probe: the empty directories inside a tmpfs mounted there were removed)."""
+    empty = tmp_path / "empty"
+    (empty / "a/b").mkdir(parents=True)
+    assert _removed_if_empty(str(empty)) and not empty.exists()
+    linked = tmp_path / "linked"
+    (linked / "a").mkdir(parents=True)
+    (linked / "link").symlink_to(tmp_path)
+    assert not _removed_if_empty(str(linked)) and (linked / "a").is_dir()
+    mounted = tmp_path / "mounted"
+    (mounted / "x").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted / "x")], check=True)
+    try:
+        (mounted / "x/m1/m2").mkdir(parents=True)
+        assert not _removed_if_empty(str(mounted)) and (mounted / "x/m1/m2").is_dir()
+    finally:
+        subprocess.run(["umount", str(mounted / "x")], check=True)
 
 
 @pytest.mark.parametrize("parts", [False, True], ids=["one part", "several parts"])

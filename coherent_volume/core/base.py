@@ -987,12 +987,20 @@ class CoreBase:
 
 
 def _removed_if_empty(path: str) -> bool:
-    """Remove the directory `path` if it holds nothing but directories (what a working copy keeps of
-    files deleted under a name that is a file now); whether it did. Nothing is removed if it holds
-    anything else, or if something is made in it meanwhile."""
-    found = list(os.walk(path, topdown=False))
-    if any(files for _, _, files in found):
+    """Remove the directory `path` if it holds nothing but directories on its own file system (what a
+    working copy keeps of files deleted under a name that is a file now); whether it did. Nothing is
+    removed if it holds anything else (a file, a symlink, a mount point), or if something is made in
+    it meanwhile."""
+    try:
+        device = os.lstat(path).st_dev
+    except OSError:
         return False
+    found = list(os.walk(path, topdown=False))
+    for directory, dirs, files in found:
+        if files or os.lstat(directory).st_dev != device:  # (a mount point: never crossed)
+            return False
+        if any(os.path.islink(os.path.join(directory, d)) for d in dirs):
+            return False
     try:
         for directory, _, _ in found:
             os.rmdir(directory)
