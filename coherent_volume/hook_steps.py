@@ -664,14 +664,16 @@ read (a hook's budget is seconds: past it, no view, and a write refused `unread`
 
 @dataclass(frozen=True)
 class Passed:
-    """A view `observe` moved from version `seen` to `now` over versions other writers made: what
-    changed in between was not shown to the model by what confirmed the view (a patch's lines)."""
+    """A view `observe` moved from version `seen` to `now` over versions `writers` made (not the
+    agent): what changed in between was not shown to the model by what confirmed the view (a
+    patch's lines)."""
 
     root: str
     rel: str
     agent: str
     seen: int
     now: int
+    writers: tuple[str, ...]
 
 
 def observe(
@@ -712,8 +714,9 @@ def observe(
             with core.registry.read() as tx:
                 record = tx.file(target.rel)
                 since = tx.history(target.rel, (record.version if record else version) - before)
-            if any(v.writer != agent for v in since if before < v.version <= version):
-                passed.append(Passed(core.paths.root, target.rel, agent, before, version))
+            writers = sorted({v.writer for v in since if before < v.version <= version and v.writer != agent})
+            if writers:
+                passed.append(Passed(core.paths.root, target.rel, agent, before, version, tuple(writers)))
         if version is not None or not earlier:
             return version
         progress.doing = f"looking for what the model was shown of {target.rel} among its older versions"

@@ -138,10 +138,8 @@ def passed_warning(passed: Iterable[Passed], face: Face) -> str | None:
                 core = stack.enter_context(opened(p.root))
                 with core.registry.read() as tx:
                     record = tx.file(p.rel)
-                    since = tx.history(p.rel, p.now - p.seen)
-                others = sorted({v.writer for v in since if p.seen < v.version <= p.now and v.writer != p.agent})
-                if record is not None and others:  # whose changes are news: not the agent's own
-                    record = record._replace(writer=", ".join(others))
+                if record is not None:  # whose changes are news: not the agent's own
+                    record = record._replace(writer=", ".join(p.writers))
                 entry, shown = _entry(core, p.agent, p.rel, p.seen, p.now, record, face, diff_chars < WARNING_CHARS)
             except (CoherenceError, OSError):
                 continue

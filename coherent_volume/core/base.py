@@ -993,18 +993,15 @@ def _removed_if_empty(path: str) -> bool:
     it meanwhile."""
     try:
         device = os.lstat(path).st_dev
-    except OSError:
-        return False
-    found = list(os.walk(path, topdown=False))
-    for directory, dirs, files in found:
-        if files or os.lstat(directory).st_dev != device:  # (a mount point: never crossed)
-            return False
-        if any(os.path.islink(os.path.join(directory, d)) for d in dirs):
-            return False
-    try:
+        found = list(os.walk(path, topdown=False))
+        for directory, dirs, files in found:
+            if files or os.lstat(directory).st_dev != device:  # (a mount point: never crossed)
+                return False
+            if any(os.path.islink(os.path.join(directory, d)) for d in dirs):
+                return False
         for directory, _, _ in found:
             os.rmdir(directory)
-    except OSError:
+    except OSError:  # (gone or changed meanwhile)
         return False
     return True
 
