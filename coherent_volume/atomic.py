@@ -52,6 +52,9 @@ class Staged:
     durable: bool = True
     data: bytes | None = None
     """The bytes it was staged from (`stage`): what its commit stores instead of reading it back."""
+    made: tuple[str, ...] = ()
+    """The directories its staging made for it, outermost first: removed again, where still empty,
+    when it is discarded uninstalled (a refused write leaves no directory behind)."""
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -152,6 +155,7 @@ class Staged:
                 own = os.stat(tmp)
             if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(own.st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
+        self.made = ()  # they hold the target (or the install failed with the target's name in them)
         displaced = False
         if noreplace:
             rename(tmp, self.target, noreplace=True)
@@ -165,7 +169,8 @@ class Staged:
         return displaced
 
     def discard(self) -> None:
-        """Drop whatever is left of the staged content (idempotent)."""
+        """Drop whatever is left of the staged content, and the directories made for it where they
+        are still empty (idempotent)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -175,6 +180,12 @@ class Staged:
             except FileNotFoundError:
                 pass
             self.named = False
+        for directory in reversed(self.made):
+            try:
+                os.rmdir(directory)
+            except OSError:  # another writer's now (or gone): it and those above it stay
+                break
+        self.made = ()
 
 
 NAME_MAX = 255
@@ -231,10 +242,11 @@ def temp_name(target: str) -> str:
     return os.path.join(os.path.dirname(target), _temp_base(target))
 
 
-def _makedirs(directory: str, root: str, mode: int = 0o777) -> None:
+def _makedirs(directory: str, root: str, mode: int = 0o777) -> tuple[str, ...]:
     """mkdir -p below `root` without recursion (os.makedirs recurses once per missing level); new
     directories get `mode` (less the umask). `root` is never made: if it is gone (removed or moved
-    while the volume was in use), FileNotFoundError says so and nothing is made."""
+    while the volume was in use), FileNotFoundError says so and nothing is made. The directories
+    it made, outermost first."""
     missing = []
     while not os.path.isdir(directory):
         if directory == root:
@@ -249,12 +261,20 @@ def _makedirs(directory: str, root: str, mode: int = 0o777) -> None:
         if parent == directory:
             break
         directory = parent
+    made: list[str] = []
     for path in reversed(missing):
         try:
             os.mkdir(path, mode)
+            made.append(path)
         except FileExistsError:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+    return tuple(made)
+
+
+MAKE_TRIES = 4
+"""How many times a staging makes the directories it needs: another writer's refused staging may
+remove them again between its making and its use (`Staged.discard`)."""
 
 
 def stage(target: str, data: bytes, mode: int = 0o666, *, root: str) -> Staged:
@@ -293,12 +313,16 @@ def stage_written(
     and of missing parent directories (below `root`, the volume's: never made again) with search
     bits added; an existing target keeps its own.
     Not `durable`: not fsynced, and its install fsyncs no directory."""
-    try:
-        fd, tmp = _open_staged(target, mode)
-    except FileNotFoundError:
-        _makedirs(os.path.dirname(target), root, mode | (mode & 0o444) >> 2)
-        fd, tmp = _open_staged(target, mode)
-    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data)
+    made: tuple[str, ...] = ()
+    for attempt in range(MAKE_TRIES):
+        try:
+            fd, tmp = _open_staged(target, mode)
+            break
+        except FileNotFoundError:
+            if attempt == MAKE_TRIES - 1:  # (another writer's discard removed what it made meanwhile)
+                raise
+            made += _makedirs(os.path.dirname(target), root, mode | (mode & 0o444) >> 2)
+    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, made=made)
     try:
         fill(lambda part: _write_all(fd, part))
         if durable:

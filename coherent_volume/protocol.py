@@ -6,6 +6,7 @@ none re-implements them. Inputs are plain records; outputs are decisions.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -436,6 +437,20 @@ def changed_paths(read_set: dict[str, int], versions: dict[str, int], exclude: s
 def view_state(seen: int | None, version: int) -> ViewState:
     """How an agent's view of a path stands against its current version."""
     return "unread" if seen is None else "fresh" if seen == version else "stale"
+
+
+def dirs_above(path: str) -> list[str]:
+    """The directories a relative '/'-separated `path` lies in, outermost first."""
+    parts = path.split("/")
+    return ["/".join(parts[:n]) for n in range(1, len(parts))]
+
+
+def in_the_way(path: str, other: str) -> int:
+    """The errno of a working copy's write of `path` while the registry holds a present file at
+    `other`, a name on its way (ENOTDIR) or below it (EISDIR, `path` being a directory of files
+    there): what a disk holding both would answer. Each copy checks its own disk; between copies
+    the registry decides, so no name is ever a file on one copy and a directory on another."""
+    return errno.ENOTDIR if other in dirs_above(path) else errno.EISDIR
 
 
 def is_noop(record: FileRecord | None, digest: str | None) -> bool:

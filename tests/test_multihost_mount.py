@@ -317,7 +317,8 @@ def test_a_managed_name_the_copy_lacks_is_looked_up_in_the_registry(volume: Volu
     """A lookup through the mount of a managed name this working copy does not hold yet (another
     host's commit whose notification has not come) asks the registry and brings the current
     version in, so an open by name right after another host's commit finds the file (before,
-    ENOENT until the notification came). A name the volume does not hold is still not there."""
+    ENOENT until the notification came). A name the volume does not hold is still not there, and
+    a file made at the name of a directory of files the copy lacks is refused (EISDIR)."""
     alice = volume.agent(1, "alice")
     alice.write("plans/a.md", "one\n")
     h2, host = volume.roots[1], volume.hosts[1]
@@ -333,6 +334,12 @@ def test_a_managed_name_the_copy_lacks_is_looked_up_in_the_registry(volume: Volu
             assert m2.cat("plans/new.md") == "new\n"
             missing = m2.run("reader", ["cat", "plans/none.md"])
             assert missing.returncode != 0 and "No such file" in missing.stderr
+            # a file at the name of a directory of files h2 does not hold yet: refused as a disk
+            # holding both would refuse it (before: committed, and the volume held both)
+            alice.write("plans/dir/inner.md", "alice's\n")
+            clash = m2.run("bob", ["sh", "-c", "echo bob > plans/dir"])
+            assert clash.returncode != 0 and "Is a directory" in clash.stderr, clash
+            assert volume.sql("SELECT path FROM cv_files WHERE path = 'plans/dir'") == []
             # deleted on h1, opened on h2 (not there: the open checks), then made again on h1: one
             # reader process opens it each time, as soon as h1's call returns
             reader = _program(m2, REOPENER, "plans/new.md", "reader")

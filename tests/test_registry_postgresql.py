@@ -41,6 +41,7 @@ from coherent_volume import (
 from coherent_volume.claude_code import agent_of
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.core.base import _removed_if_empty
+from coherent_volume.core.writes import Writes
 from coherent_volume.fingerprint import hash_file
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
@@ -747,18 +748,84 @@ def test_a_working_copy_reports_a_damaged_current_version_and_brings_in_every_ot
     assert (tmp_path / "third/plans/z.md").read_text() == "z1\n" and not (tmp_path / "third/plans/m.md").exists()
 
 
-def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both(
+def test_a_name_another_copy_made_a_file_or_a_directory_of_files_is_refused_as_the_other_kind(
     root: Path, tmp_path: Path, pg_url: str
 ) -> None:
-    """Each copy's commit is checked against its own disk, so two copies can make one name a file
-    and a directory (not prevented across copies: see docs/multihost.md). Neither copy can
-    install the other's file then; each says so, naming the clash and what to do (before: the
-    bare errno text, and `history` crashed with a NotADirectoryError from deep inside)."""
+    """Each copy checks its own disk, so a copy that does not hold another copy's file yet could
+    commit a file below it, or a file at the name of its directory: the volume then held both, and
+    neither copy could install the other's file (found by a hostile probe). The registry refuses
+    the second as a disk holding both would (ENOTDIR, EISDIR), nothing changed, saying what to do."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="alice") as v:
+        v.write("plans/x.md", "alice's\n")
+        v.write("plans/d/inner.md", "alice's inner\n")
+    with CoherentVolume(other, agent="bob") as v:
+        for path, code, holds in [
+            ("plans/x.md/inner.md", errno.ENOTDIR, "a file on its way, plans/x.md v1 (by alice)"),
+            ("plans/x.md/deeper/inner.md", errno.ENOTDIR, "a file on its way, plans/x.md v1 (by alice)"),
+            ("plans/d", errno.EISDIR, "a file below it, plans/d/inner.md v1 (by alice)"),
+        ]:
+            with pytest.raises(TreeClash, match="to bring this working copy up to date") as clash:
+                v.write(path, "bob's\n")
+            assert clash.value.errno == code and holds in str(clash.value), clash.value
+            assert v.history(path) == []
+            assert not (other / path).is_file()
+        assert not (other / "plans/x.md").is_dir(), "the refused write left a directory in the way"
+        assert v.read("plans/x.md") == b"alice's\n" and v.read("plans/d/inner.md") == b"alice's inner\n"
+    rows = _q(pg_url, "SELECT path FROM cv_files WHERE present ORDER BY path")
+    assert rows == [("plans/d/inner.md",), ("plans/x.md",)]
+
+
+def test_two_copies_making_a_file_and_a_file_below_it_at_once_never_both_land(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """The tree locks order a file's creation after every creation below it and the other way
+    round, across copies (`pg_transaction.Holds.trees`): raced many times, one lands and the
+    other is refused, never both; files made side by side in one directory all land."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="alice") as a, CoherentVolume(other, agent="bob") as b:
+
+        def make(v: CoherentVolume, path: str, start: threading.Barrier, outcomes: dict[str, str]) -> None:
+            start.wait()
+            try:
+                v.write(path, f"{path}\n")
+                outcomes[path] = "landed"
+            except TreeClash:
+                outcomes[path] = "refused"
+
+        for i in range(25):
+            outcomes: dict[str, str] = {}
+            start = threading.Barrier(2)
+            pair = [(a, f"plans/r{i}"), (b, f"plans/r{i}/inner.md")][:: 1 if i % 2 else -1]
+            threads = [threading.Thread(target=make, args=(*arg, start, outcomes)) for arg in pair]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(outcomes.values()) == ["landed", "refused"], (i, outcomes)
+        siblings = [threading.Thread(target=v.write, args=(f"plans/s/{n}.md", "x\n")) for n, v in enumerate([a, b] * 4)]
+        for t in siblings:
+            t.start()
+        for t in siblings:
+            t.join()
+    assert len(_q(pg_url, "SELECT path FROM cv_files WHERE present AND starts_with(path, %s)", ("plans/s/",))) == 8
+
+
+def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both(
+    root: Path, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume whose registry holds a name as a file and as a directory of files (as two copies
+    could record before their commits were checked against the registry's tree: the check is
+    switched off here to make one) stays usable: neither copy can install the other's file, and
+    each says so, naming the clash and what to do (before: the bare errno text, and `history`
+    crashed with a NotADirectoryError from deep inside)."""
+    monkeypatch.setattr(Writes, "_refuse_in_the_way", staticmethod(lambda tx, target: None))
     other = _join(tmp_path / "other", pg_url)
     with CoherentVolume(other, agent="bob") as v:
         v.write("plans/x.md/inner.md", "bob's\n")
     with CoherentVolume(root, agent="alice") as v:
         v.write("plans/x.md", "alice's\n")
+    monkeypatch.undo()
     for copy, clash in [(root, "plans/x.md is a file here"), (other, "plans/x.md is a directory here")]:
         status = subprocess.run([CLI, "status", str(copy)], capture_output=True, text=True)
         assert clash in status.stdout + status.stderr and "the volume holds both" in status.stdout + status.stderr

@@ -21,6 +21,7 @@ from ..errors import (
     Reason,
     RegistryError,
     StaleWriteError,
+    TreeClash,
     UnprotectedAlias,
 )
 from ..fingerprint import Fingerprint, absent, fingerprint_path, hash_path
@@ -38,6 +39,7 @@ from ..protocol import (
     current_version,
     decide_write,
     displaced_needs_hash,
+    in_the_way,
     is_noop,
     may_drop_taken,
     may_replay,
@@ -125,6 +127,8 @@ class Writes(Reads):
         on `target` as this transaction read it)."""
         record, seen, held, fenced = tx.write_state(target.rel, agent)
         record = self._sync(tx, target, record)
+        if self.replica is not None and (record is None or not record.present):
+            self._refuse_in_the_way(tx, target)
         grant = self._live(tx, target.rel, held)
         if held is not None and grant is None:  # reclaimed just now: it may have fenced this agent
             fenced = tx.fenced(agent, target.rel)
@@ -142,6 +146,25 @@ class Writes(Reads):
             open_kinds=open_kinds,
         )
         return record, check, decide_write(check), grant
+
+    @staticmethod
+    def _refuse_in_the_way(tx: Transaction, target: Target) -> None:
+        """A working copy's write of a path that is no file in the volume: TreeClash (nothing
+        changed) where the registry holds a file on its way or below it that this copy lacks
+        (another copy's; `protocol.in_the_way`)."""
+        other = tx.file_in_the_way(target.rel)
+        if other is None:
+            return
+        code = in_the_way(target.rel, other.path)
+        kind = "a file on its way" if code == errno.ENOTDIR else "a file below it"
+        raise TreeClash(
+            code,
+            f"{target.rel} cannot be made a file: the volume holds {kind}, {other.path} v{other.version} (by "
+            f"{other.writer}). Nothing was changed: read {other.path} (or run `coherent-volume status`) to bring "
+            "this working copy up to date, then choose another name, or delete or rename that file through the "
+            "volume first",
+            target.rel,
+        )
 
     @staticmethod
     def _refusal(tx: Transaction, target: Target, check: WriteCheck, reason: Reason, now: float) -> StaleWriteError:

@@ -211,6 +211,13 @@ class Transaction(Protocol):
         ...
 
     def version_entry(self, path: str, version: int) -> Version | None: ...
+    def file_in_the_way(self, path: str) -> FileRecord | None:
+        """A present file at a name on `path`'s way (a directory it is in) or below it (`path` as a
+        directory), if the registry holds one: the name it would clash with as a file. Ordered
+        after every transaction that may record such a file (PostgreSQL: the tree locks of `path`,
+        `pg_transaction.Holds.trees`), so no two can record a clash side by side."""
+        ...
+
     def deleted_in(self, directory: str) -> list[FileRecord]:
         """Tombstones of paths directly in `directory` ("" is the root)."""
         ...

@@ -564,7 +564,7 @@ class PostgresRegistry:
         return [
             Queued("BEGIN ISOLATION LEVEL READ COMMITTED"),
             *([whole] if holds.whole_if_free and not holds.whole else []),
-            *self._locks(keys, volume),
+            *self._locks(keys, volume, holds.shared(self.volume_id)),
             Queued(
                 "INSERT INTO cv_commits (id, volume, serial) SELECT %s, id, pg_current_xact_id()::text::bigint "
                 "FROM cv_volumes WHERE id = %s RETURNING serial",
@@ -588,10 +588,11 @@ class PostgresRegistry:
         )
 
     @staticmethod
-    def _locks(keys: list[int], first: Queued | None = None) -> list[Queued]:
+    def _locks(keys: list[int], first: Queued | None, shared: set[int]) -> list[Queued]:
         """The statements that take the lock `first` takes (the volume's, a content's), then the locks
-        of paths by `keys` in their order, each waited for at most COMMIT_LOCK_TIMEOUT s (lock_timeout,
-        and statement_timeout past it, raised for these statements only)."""
+        of paths by `keys` in their order (those in `shared` shared), each waited for at most
+        COMMIT_LOCK_TIMEOUT s (lock_timeout, and statement_timeout past it, raised for these
+        statements only)."""
         if first is None and not keys:
             return []
         wait_ms = int(COMMIT_LOCK_TIMEOUT * 1000)
@@ -599,7 +600,7 @@ class PostgresRegistry:
             Queued(f"SET LOCAL lock_timeout = {wait_ms}"),
             Queued(f"SET LOCAL statement_timeout = {wait_ms + int(WHOLE_TRIES_FOR * 1000) + 5000}"),
             *([] if first is None else [first]),
-            *(Queued("SELECT pg_advisory_xact_lock(%s)", (key,)) for key in keys),
+            *(Queued(f"SELECT pg_advisory_xact_lock{'_shared' if key in shared else ''}(%s)", (key,)) for key in keys),
             Queued("SET LOCAL lock_timeout TO DEFAULT"),  # the session's own (options) for the rest
             Queued("SET LOCAL statement_timeout TO DEFAULT"),
         ]

@@ -60,7 +60,7 @@ import xxhash
 
 from ..errors import DamagedContent, VersionGone
 from ..liveness import ProcessId
-from ..protocol import FileRecord, Grant, Installed, Intent, Version
+from ..protocol import FileRecord, Grant, Installed, Intent, Version, dirs_above
 from . import AgentSummary, Event, LogMark
 from .copy_locks import CopyHold
 from .pg_connections import _pipeline, _psycopg
@@ -98,6 +98,10 @@ class Holds:
     """The paths it locks one by one; with `whole`, those its thread's commit lock must hold."""
     agents: frozenset[str] = frozenset()
     settings: frozenset[str] = frozenset()
+    trees: frozenset[str] = frozenset()
+    """The paths whose tree it locks, to ask what is in their way (`file_in_the_way`): each one's tree
+    lock exclusive, and shared that of each directory it lies in; so a file and a file below it
+    are never recorded side by side, while files made in one directory are."""
     whole: bool = False
     whole_if_free: bool = False
 
@@ -109,7 +113,20 @@ class Holds:
             {path_key(volume, p) for p in self.paths}
             | {agent_key(volume, a) for a in self.agents}
             | {setting_key(volume, k) for k in self.settings}
+            | {tree_key(volume, t) for t in self._tree_names()}
         )
+
+    def shared(self, volume: uuid.UUID) -> set[int]:
+        """Those of `keys` it takes shared: the tree locks of the directories its `trees` lie in."""
+        own = {tree_key(volume, t) for t in self.trees}
+        return {tree_key(volume, t) for t in self._tree_names()} - own
+
+    def count(self) -> int:
+        """How many locks it takes one by one."""
+        return len(self.paths) + len(self.agents) + len(self.settings) + len(self._tree_names())
+
+    def _tree_names(self) -> set[str]:
+        return {name for t in self.trees for name in (t, *dirs_above(t))}
 
 
 HOLD_MOST = 32
@@ -120,7 +137,7 @@ HOLD_MOST = 32
 def _holding(needs: Holds) -> Holds:
     """What a transaction that needs `needs` holds (the whole volume past HOLD_MOST keys, its thread's
     commit lock still those paths)."""
-    if len(needs.paths) + len(needs.agents) + len(needs.settings) > HOLD_MOST:
+    if needs.count() > HOLD_MOST:
         return Holds(needs.paths, whole=True)
     return needs
 
@@ -147,6 +164,12 @@ def agent_key(volume: uuid.UUID, agent: str) -> int:
     no path holds, so no agent's key is hashed from a path's bytes (a collision of the 64-bit hashes
     merely shares a lock, as two paths may, in the same one global order of keys)."""
     return path_key(volume, "\0" + agent)
+
+
+def tree_key(volume: uuid.UUID, path: str) -> int:
+    """The key of the lock of the tree at `path` in `volume` (`Holds.trees`): `path_key` of the path
+    after a NUL and an ETX byte (hashed from bytes no path, agent, content or setting key is)."""
+    return path_key(volume, "\0\3" + path)
 
 
 def content_key(volume: uuid.UUID, digest: str) -> int:
@@ -225,7 +248,7 @@ class PostgresTransaction:
         volume: uuid.UUID,
         installs: list[tuple[str, Installed]] | None = None,
         holds: Holds | None = None,
-        locks: Callable[[list[int], Queued | None], list[Queued]] | None = None,
+        locks: Callable[[list[int], Queued | None, set[int]], list[Queued]] | None = None,
         copy: CopyHold | None = None,
     ) -> None:
         self._c = conn
@@ -240,11 +263,16 @@ class PostgresTransaction:
         self._ahead: tuple[str, str] | None = None
         """The `write_state` asked for ahead (`read_ahead`), while what it reads is unchanged."""
         self._ahead_row: tuple[Any, ...] | None = None
+        self._way: str | None = None
+        """The `file_in_the_way` read ahead with `write_state`, while what it reads is unchanged."""
+        self._way_answer: tuple[tuple[Any, ...] | None] | None = None
         self._holds = None if holds is None or holds.whole else holds
         """What it locks (None: a read transaction, or one holding the volume exclusive)."""
         self._trying = self._holds is not None and self._holds.whole_if_free
         """Whether its try for the volume's lock exclusive (`Holds.whole_if_free`) is yet to be answered."""
         self._keys = self._holds.keys(volume) if self._holds is not None else set()
+        self._shared = self._holds.shared(volume) if self._holds is not None else set()
+        """Those of `_keys` it holds shared."""
         self._locks = locks
         """The statements that take a lock (a content's), then lock paths by their keys, in the order
         given (`hold`)."""
@@ -318,14 +346,15 @@ class PostgresTransaction:
         if more.whole:
             raise Relock(more)
         keys = sorted(more.keys(self._v) - self._keys)
-        if keys and self._keys and keys[0] < max(self._keys):
-            raise Relock(more)
+        shared = more.shared(self._v)
+        if (keys and self._keys and keys[0] < max(self._keys)) or (self._shared - shared) & self._keys:
+            raise Relock(more)  # out of order, or a lock held shared now needed exclusive
         if keys:
             assert self._locks is not None
-            self._queue.extend(self._locks(keys, None))
+            self._queue.extend(self._locks(keys, None, shared))
             self._keys.update(keys)
             self.locking = True
-        self._holds = more
+        self._holds, self._shared = more, shared
 
     def hold_all(self) -> None:
         """Hold the whole volume (its lock exclusive): `Relock` unless it does."""
@@ -366,7 +395,7 @@ class PostgresTransaction:
         assert self._locks is not None
         mode = "" if exclusive else "_shared"
         lock = Queued(f"SELECT pg_advisory_xact_lock{mode}(%s)", (content_key(self._v, digest),))
-        self._queue.extend(self._locks([], lock))
+        self._queue.extend(self._locks([], lock, set()))
         self._contents[digest] = exclusive
         self.locking = True
 
@@ -474,6 +503,8 @@ class PostgresTransaction:
         """Queue a write (sent with the next read or COMMIT; at once past PART bytes queued)."""
         if self._ahead is not None and any(table in sql for table in _WRITE_STATE_TABLES):
             self._ahead = None  # what was read ahead may no longer be what `write_state` would read
+        if "cv_files" in sql:
+            self._way = None  # nor what `file_in_the_way` would
         self._queue.append(Queued(sql, args))
         self._queued_bytes += _size(args)
         if self._queued_bytes > PART:
@@ -500,6 +531,13 @@ class PostgresTransaction:
 
         self._ahead, self._ahead_row = (path, agent), None
         self._queue.append(Queued(*_write_state_query(self._v, path, agent), keep))
+        self._hold_tree(path)
+
+        def keep_way(cursor: psycopg.Cursor[Any]) -> None:
+            self._way_answer = (cursor.fetchone(),)
+
+        self._way, self._way_answer = path, None  # a creation's decision asks it (`file_in_the_way`)
+        self._queue.append(Queued(*self._in_the_way_query(path), keep_way))
 
     def write_state(self, path: str, agent: str) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
         """`file`, `view`, `grant` and `fenced` of `path` for `agent`, in one statement (the server's
@@ -572,6 +610,27 @@ class PostgresTransaction:
             f"SELECT {_VERSION_COLS} FROM cv_versions WHERE volume = %s AND path = %s AND version = %s", path, version
         )
         return None if row is None else _version(row)
+
+    def file_in_the_way(self, path: str) -> FileRecord | None:
+        """Read ahead with the decision's `write_state` (`read_ahead`), while nothing it reads changed."""
+        self._hold_tree(path)
+        answer = self._way_answer if self._way == path else None
+        row = answer[0] if answer is not None else self.run(*self._in_the_way_query(path)).fetchone()
+        self._way, self._way_answer = None, None
+        return None if row is None else _record(row)
+
+    def _hold_tree(self, path: str) -> None:
+        """Hold the tree of `path` (`Holds.trees`) too: locked with the next read, or `Relock` (which
+        costs no round trip before the first read: nothing was sent)."""
+        if self._holds is not None and path not in self._holds.trees:
+            self._take(replace(self._holds, trees=self._holds.trees | {path}))
+
+    def _in_the_way_query(self, path: str) -> tuple[str, tuple[Any, ...]]:
+        return (
+            f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND present "
+            "AND (path = ANY(%s) OR (path > %s AND path < %s)) LIMIT 1",
+            (self._v, dirs_above(path), path + "/", path + "0"),
+        )
 
     def deleted_in(self, directory: str) -> list[FileRecord]:
         self.hold_all()

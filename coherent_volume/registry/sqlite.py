@@ -47,7 +47,7 @@ from ..errors import RegistryError, VolumeConfigError
 from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
-from ..protocol import FileRecord, Grant, Intent, Version
+from ..protocol import FileRecord, Grant, Intent, Version, dirs_above
 from . import DB_FILE, AgentSummary, Event, LogMark, objects
 from .polling import poll
 from .sqlite_access import refusal, unusable
@@ -272,6 +272,16 @@ class SQLiteTransaction:
             f"INSERT OR REPLACE INTO versions ({_VERSION_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
             (*v[:7], ",".join(str(p) for p in v.parents) or None, int(not v.retained)),
         )
+
+    def file_in_the_way(self, path: str) -> FileRecord | None:
+        """(Asked by working copies only, which a SQLite volume has none of: its one disk decides.)"""
+        ways = dirs_above(path)
+        row = self._c.execute(
+            f"SELECT {_FILE_COLS} FROM files WHERE present = 1 AND path IN ({','.join('?' * len(ways))}) "
+            f"UNION ALL SELECT {_FILE_COLS} FROM files WHERE present = 1 AND path > ? AND path < ? LIMIT 1",
+            (*ways, path + "/", path + "0"),
+        ).fetchone()
+        return None if row is None else _record(row)
 
     def deleted_in(self, directory: str) -> list[FileRecord]:
         prefix = f"{directory}/" if directory else ""
