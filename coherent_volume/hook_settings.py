@@ -56,10 +56,17 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".coherent-tmp")
+    """Replace the settings at `path` whole; a symlink's target is what is replaced (a settings file
+    linked from elsewhere stays linked), and an existing file keeps its permissions."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = real.with_name(real.name + ".coherent-tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        os.chmod(tmp, os.stat(real).st_mode & 0o7777)
+    except FileNotFoundError:
+        pass
+    os.replace(tmp, real)
 
 
 def merge_hooks(path: Path, face: str, ours: Hooks, top: Mapping[str, Any] | None = None) -> None:

@@ -227,6 +227,67 @@ def test_on_a_mount_the_session_is_its_process_from_its_start(mounted: Mount, se
         )
 
 
+def test_a_session_cleared_without_its_session_end_leaves_its_process_to_the_new_one(
+    mounted: Mount, sessions, tmp_path: Path
+) -> None:
+    """/clear starts a new session in the same Claude Code process. Where the old one's SessionEnd
+    never ran (killed, timed out, an older Claude Code), the process stayed bound to both and the
+    mount took it for the old session: a write the hook allowed failed EACCES, and a blind write of
+    a file only the old session had read went through as the old session's (found by a hostile
+    probe). The process is the new session's alone."""
+    other = "plans/other.md"
+    with CoherentVolume(mounted.root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        setup.write(other, "other v1\n")
+    s = sessions("before-clear", mounted.path, start_in=tmp_path)
+    s.hook(event("SessionStart", "before-clear", mounted.path, source="startup"))
+    s.read(mounted.path / P)
+    s.read(mounted.path / other)
+    s.id = "after-clear"  # the same process, a new session: no SessionEnd came for the old one
+    s.hook(event("SessionStart", "after-clear", mounted.path, source="clear"))
+    blind = s.own_write(mounted.path / other, "blind write\n")
+    assert blind["code"] != 0 and "Permission denied" in str(blind["stderr"]), blind
+    with CoherentVolume(mounted.root, agent="peer") as peer:
+        peer.read(P)
+        peer.write(P, "v2 by a peer\n")
+    assert s.read(mounted.path / P) == "v2 by a peer\n"
+    pre = event("PreToolUse", "after-clear", mounted.path, "Write", mounted.path / P, tool_input={"content": "v3\n"})
+    assert decision(s.hook(pre))[0] == "allow"
+    written = s.own_write(mounted.path / P, "v3\n")
+    assert written["code"] == 0, written
+    s.hook(event("PostToolUse", "after-clear", mounted.path, "Write", mounted.path / P, {"type": "update"}))
+    with CoherentVolume(mounted.root, agent="observer") as v:
+        assert v.read_text(other) == "other v1\n"
+        assert [(e.version, e.writer) for e in v.history(P)][0] == (3, f"claude:{unique('after-clear')}")
+
+
+def test_a_file_a_peer_deleted_can_be_made_again_after_the_read_tool_found_it_gone(root: Path, sessions) -> None:
+    """The deny of a write onto a file a peer deleted since the session read it says to read it
+    again; the Read tool then fails (no file), which shows the model the deletion: its view is
+    registered there, so the next Write makes the file anew (before: no view was registered, and
+    every Write was denied `stale` again)."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("remake", root)
+    s.read(target)
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        peer.delete(P)
+    write = event("PreToolUse", "remake", root, "Write", target, tool_input={"content": "made again\n"})
+    assert decision(s.hook(write))[0] == "deny"
+    failed = event("PostToolUseFailure", "remake", root, "Read", target, error="File does not exist.")
+    assert s.hook(failed)["code"] == 0
+    assert decision(s.hook(write))[0] == "allow"
+    assert s.own_write(target, "made again\n")["code"] == 0
+    s.hook(event("PostToolUse", "remake", root, "Write", target, {"type": "create"}))
+    with CoherentVolume(root, agent="observer") as v:
+        assert [(e.version, e.kind, e.writer) for e in v.history(P)][:2] == [
+            (3, "commit", f"claude:{unique('remake')}"),
+            (2, "delete", "peer"),
+        ]
+
+
 @pytest.mark.parametrize(
     ("peer", "own", "edit", "written"),
     [
@@ -561,6 +622,24 @@ def test_install_and_uninstall_round_trip_keep_other_settings(tmp_path: Path) ->
     assert json.loads(settings.read_text()) == installed, "install is idempotent"
     subprocess.run([CLI, "claude-code", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
     assert json.loads(settings.read_text()) == original
+
+
+def test_install_and_uninstall_write_through_a_linked_settings_file(tmp_path: Path) -> None:
+    """A settings file kept elsewhere and linked in (dotfiles) stays linked, its target changed and
+    its permissions kept (before: the link was replaced by a plain file, the target left as it was)."""
+    kept = tmp_path / "dotfiles/claude-settings.json"
+    kept.parent.mkdir()
+    kept.write_text(json.dumps({"model": "opus"}))
+    kept.chmod(0o600)
+    settings = tmp_path / "proj/.claude/settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.symlink_to(kept)
+    subprocess.run([CLI, "claude-code", "install", str(tmp_path / "proj")], check=True, capture_output=True)
+    assert settings.is_symlink() and "SessionStart" in json.loads(kept.read_text())["hooks"]
+    assert kept.stat().st_mode & 0o777 == 0o600
+    subprocess.run([CLI, "claude-code", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
+    assert settings.is_symlink() and json.loads(kept.read_text()) == {"model": "opus"}
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["claude-settings.json"]
 
 
 def test_install_refuses_a_broken_settings_file(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ registered from what a model was shown, and commits a hook reports."""
 from __future__ import annotations
 
 import enum
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -70,13 +71,17 @@ class Sessions(Writes):
         it, as when one session is resumed in two terminals: then `fork`, an agent of its own whose
         views start as copies of the session's (both conversations hold what was read before), so
         neither passes for the other's reads. A process bound already (pinned) keeps its agent; a
-        session whose process is gone is rebound to `process`, its views kept."""
+        process bound to another session is bound to this one instead (a process runs one session
+        at a time: Claude Code's /clear starts a new one, whose SessionEnd for the old one may never
+        have come); a session whose process is gone is rebound to `process`, its views kept."""
 
         def join(tx: Transaction) -> str:
             tx.hold_agents([session, fork])  # first: two joins of one session decide one after the other
             bound = tx.bound_agent(process)
             if bound is not None and bound[1] and bound[0] in (session, fork):
                 return bound[0]
+            if bound is not None:  # a new session in this process (/clear): it runs one at a time
+                tx.unbind(bound[0])
             holder = tx.bound_process(session)
             now = time.time()
             if holder is None or holder == process or holder.alive() is False:
@@ -133,6 +138,26 @@ class Sessions(Writes):
             version = self._transact(confirm, holds=(target.rel,))
             self._catch_up(target)
             return version
+
+    def observe_absent(self, agent: str, target: Target) -> int | None:
+        """Where `agent`'s read found no file (its model was shown that there is none) and the
+        volume's current version of `target` is a deletion: register the view there, lifting a fence
+        as `observe` does, and return it; else None, views unchanged (a file is there, or the
+        volume never held one)."""
+        with self._commit_lock((target.rel,)):
+            self._settle_installs()
+            if os.path.lexists(target.abs):
+                return None
+
+            def confirm(tx: Transaction) -> int | None:
+                record = self._sync(tx, target, tx.file(target.rel), (None, None))
+                if record is None or record.present:
+                    return None
+                tx.put_view(agent, target.rel, record.version, time.time())
+                tx.drop_fence(agent, target.rel)
+                return record.version
+
+            return self._transact(confirm, holds=(target.rel,))
 
     def check(self, agent: str, target: Target, isolation: Isolation = "file") -> StaleWriteError | None:
         """The refusal `agent`'s write of `target` would get now (logged), or None if it would be accepted."""
