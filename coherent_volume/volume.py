@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import secrets
@@ -35,7 +36,9 @@ class CoherentVolume:
     ) -> None:
         if isolation not in ("file", "read-set"):
             raise VolumeConfigError(f"isolation must be 'file' or 'read-set', not {isolation!r}")
-        self.agent = validate_agent(agent or os.environ.get(ENV_AGENT) or f"agent-{os.getpid()}-{secrets.token_hex(3)}")
+        if agent is None:
+            agent = os.environ.get(ENV_AGENT) or f"agent-{os.getpid()}-{secrets.token_hex(3)}"
+        self.agent = validate_agent(agent)
         self.isolation: Isolation = isolation
         self._core = open_core(root, managed)
         self._closed = False
@@ -133,6 +136,8 @@ class CoherentVolume:
     def update(self, path: str | os.PathLike[str], fn: Callable[[bytes], bytes | str], retries: int = 8) -> int:
         """Read, compute `fn(old)` (b"" for a missing file), write_cas; retry on a conflict that a
         re-read can cure (stale, held) up to `retries` more times, then RetriesExhausted."""
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise VolumeConfigError(f"retries must be a whole number, 0 or more, not {retries!r}")
         target = self._target(path)
         last: CasConflict | None = None
         for attempt in range(retries + 1):
@@ -201,6 +206,8 @@ class CoherentVolume:
 
         While held, every other agent's write is refused with 'held'. The grant ends at exit,
         at `ttl`, or when this process dies; a write after it was reclaimed is refused 'fenced'."""
+        _seconds("ttl", ttl, zero=False)
+        _seconds("timeout", timeout, zero=True)
         target = self._target(path)
         deadline = time.monotonic() + timeout
         delay = 0.001
@@ -233,3 +240,16 @@ class CoherentVolume:
 
     def __repr__(self) -> str:
         return f"CoherentVolume({self.root!r}, agent={self.agent!r}, isolation={self.isolation!r})"
+
+
+def _seconds(name: str, value: object, *, zero: bool) -> None:
+    """VolumeConfigError unless `value` is a finite number of seconds, above 0 (or 0 too, with `zero`)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        least = "0 or more" if zero else "more than 0"
+        raise VolumeConfigError(f"{name} must be a finite number of seconds, {least}, not {value!r}")

@@ -391,8 +391,33 @@ def test_agent_defaults_and_validation(root: Path, monkeypatch: pytest.MonkeyPat
         CoherentVolume(root, agent="external")
     with pytest.raises(VolumeConfigError):
         CoherentVolume(root, agent="bad\nname")
+    monkeypatch.setenv("COHERENT_AGENT", "from-env")
+    with pytest.raises(VolumeConfigError, match="1 to 200 printable characters"):
+        CoherentVolume(root, agent="")  # refused, as the CLI refuses it (before: ran as "from-env")
     with pytest.raises(VolumeConfigError):
         CoherentVolume(root, isolation="snapshot")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda v: v.lock(P, ttl=float("nan")), "ttl must be a finite number of seconds, more than 0, not nan"),
+        (lambda v: v.lock(P, ttl=0), "ttl must be a finite number of seconds, more than 0, not 0"),
+        (lambda v: v.lock(P, ttl=-1), "ttl must be"),
+        (lambda v: v.lock(P, ttl="5"), "ttl must be"),
+        (lambda v: v.lock(P, timeout=float("nan")), "timeout must be a finite number of seconds, 0 or more, not nan"),
+        (lambda v: v.lock(P, timeout=float("inf")), "timeout must be"),
+        (lambda v: v.update(P, lambda old: old, retries=-1), "retries must be a whole number, 0 or more, not -1"),
+    ],
+)
+def test_bad_waits_and_retries_are_refused_before_anything_is_asked(vols, call, error: str) -> None:
+    """Before: a NaN timeout waited for ever, a NaN ttl failed deep in SQLite (and never expired
+    on PostgreSQL), ttl 0 or -1 gave a grant already over, retries=-1 a bare AssertionError."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"x")
+    with alice.lock(P, ttl=30), pytest.raises(VolumeConfigError, match=error), call(bob):
+        pass
+    assert bob.read(P) == b"x" and [e.kind for e in bob.history(P)] == ["commit"]
 
 
 def test_closed_volume_refuses_use(root: Path) -> None:
