@@ -24,7 +24,7 @@ from . import report
 from .core import VolumeCore, open_core, validate_agent
 from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
 from .globs import ManagedGlobs
-from .paths import Target
+from .paths import Target, shown
 from .policy import MAX_KEEP_DAYS, Policy, Retention
 
 EXIT_ERROR = 1
@@ -58,7 +58,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
     for column in columns:
         table.add_column(column, overflow="fold")  # a path too long for its cell wraps, never cut
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(shown(cell) for cell in row))  # data: a name prints as one line, escapes and all
     return table
 
 
@@ -218,7 +218,7 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
             shutil.rmtree(made, ignore_errors=True)
         raise
     for rel, why in unchecked:
-        click.echo(f"not checked: {rel}: {why}", err=True)
+        click.echo(f"not checked: {shown(rel)}: {why}", err=True)
     if any(value not in (None, ()) for value in policy.values()):
         core.set_policy(_changed_policy(core.policy(), **policy))
     click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")
@@ -307,7 +307,7 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
     for mountpoint, direct in st.mounts.items():
         served = f" (served directly by the kernel: {', '.join(direct)})" if direct else ""
         console.print(f"mounted at {mountpoint}{served}")
-    shown = [f for f in st.files if show_all or f.present or f.holder or not f.version]
+    listed = [f for f in st.files if show_all or f.present or f.holder or not f.version]
     console.print(
         _table(
             "files",
@@ -320,12 +320,12 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
                     _when(f.committed_at),
                     f"{f.holder} (until {_when(f.holder_expires_at)})" if f.holder else "-",
                 ]
-                for f in shown
+                for f in listed
             ],
         )
     )
-    if len(shown) < len(st.files):
-        console.print(f"({len(st.files) - len(shown)} deleted paths not shown; --all lists them)")
+    if len(listed) < len(st.files):
+        console.print(f"({len(st.files) - len(listed)} deleted paths not shown; --all lists them)")
     console.print(
         _table(
             "agents",
@@ -334,7 +334,7 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
         )
     )
     for u in st.unchecked:
-        console.print(f"not checked: {u.path}: {u.problem}")
+        console.print(f"not checked: {shown(u.path)}: {u.problem}")
 
 
 def _volume_root(root: str) -> str:
@@ -432,7 +432,7 @@ def _event_row(line: report.LogLine) -> list[str]:
         what = ""
     if e.detail:
         what = f"{what} {e.detail.partition(chr(10))[0]}".strip()
-    return [str(e.seq), _when(e.at), line.kind, e.path or "-", e.agent or "-", what]
+    return [str(e.seq), _when(e.at), line.kind, shown(e.path) if e.path else "-", e.agent or "-", what]
 
 
 _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
@@ -551,7 +551,7 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
         return
     console = _console()
     console.print(
-        f"{answer.path}: {answer.state('v')}"
+        f"{shown(answer.path)}: {answer.state('v')}"
         + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
         + (f", write grant held by {answer.holder}" if answer.holder else "")
         + answer.occupied()
@@ -607,7 +607,7 @@ def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: 
         return
     _console().print(
         _table(
-            f"history of {target.rel}",
+            f"history of {shown(target.rel)}",
             ["version", "kind", "writer", "when", "size", "content"],
             [
                 [
@@ -673,7 +673,8 @@ def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> Non
         seen = core.seen(agent, target)
         if seen is None:
             click.echo(
-                f"agent {agent} has no view of {target.rel} (never read it): from v0, before it existed", err=True
+                f"agent {agent} has no view of {shown(target.rel)} (never read it): from v0, before it existed",
+                err=True,
             )
         old = seen or 0
     else:
@@ -683,7 +684,7 @@ def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> Non
     if as_json:
         _json({"path": target.rel, "from": old, "to": new, "diff": text, "binary": text is None})
     elif text is None:
-        click.echo(f"{target.rel}: v{old} to v{new}: binary content, no line diff")
+        click.echo(f"{shown(target.rel)}: v{old} to v{new}: binary content, no line diff")
     else:
         click.echo(text, nl=False)
 
@@ -715,9 +716,9 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
     if as_json:
         _json({"path": target.rel, "restored": version, "version": new, "refusal": None})
     elif new == before:
-        click.echo(f"{target.rel}: v{new} already holds the bytes of v{version}; nothing committed")
+        click.echo(f"{shown(target.rel)}: v{new} already holds the bytes of v{version}; nothing committed")
     else:
-        click.echo(f"{target.rel}: restored v{version} as v{new}")
+        click.echo(f"{shown(target.rel)}: restored v{version} as v{new}")
 
 
 def _refusal_json(e: StaleWriteError) -> dict[str, object]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from rapidfuzz.distance import Indel
 
+from .paths import shown
+
 MAX_LINES = 80
 """Lines of a diff shown in a refusal (`cut`); the rest is counted, not shown."""
 MAX_LINE_CHARS = 240
@@ -84,7 +86,10 @@ def unified(old: bytes | None, new: bytes | None, old_label: str, new_label: str
     changes = list(_changes(_matching_blocks(a, b)))
     if not changes:
         return ""
-    out = [f"--- {'/dev/null' if old is None else old_label}\n", f"+++ {'/dev/null' if new is None else new_label}\n"]
+    out = [
+        f"--- {'/dev/null' if old is None else shown(old_label)}\n",
+        f"+++ {'/dev/null' if new is None else shown(new_label)}\n",
+    ]
     hunks: list[list[tuple[int, int, int, int]]] = [[changes[0]]]
     for change in changes[1:]:  # changes closer than twice the context share a hunk
         if change[0] - hunks[-1][-1][1] <= 2 * CONTEXT:

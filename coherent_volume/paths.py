@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import unicodedata
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -64,6 +65,18 @@ def printable(rel: str) -> str:
     """`rel` as text that can always be printed and encoded: bytes that are not UTF-8 (which
     os.walk hands over as surrogate escapes) become \\xNN."""
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def shown(rel: str) -> str:
+    """`rel` as `printable`, with every control or format character (a newline, ESC, a bidi mark)
+    escaped as \\xNN, \\uNNNN or \\UNNNNNNNN: one line that moves no cursor, so no name forges or
+    hides a line of a command's output."""
+    return "".join(_escaped(c) if unicodedata.category(c)[0] == "C" else c for c in printable(rel))
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class _OpenHow(ctypes.Structure):

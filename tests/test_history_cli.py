@@ -246,6 +246,32 @@ def test_log_p_shows_each_versions_diff(root: Path) -> None:
     assert piped.stdout.startswith("1 ") and piped.stderr == "", "a reader that leaves early is no error"
 
 
+def test_a_name_holding_a_newline_or_an_escape_forges_no_line_of_output(root: Path) -> None:
+    """Names are data: printed with their control characters escaped, a name holding a newline
+    cannot print a line that passes for a commit, nor one holding ESC clear the terminal (found by a
+    hostile probe: `log -p`, `why`, `diff` headers, the `history` title and the tables printed them
+    raw). --json keeps the name as it is."""
+    forged = "plans/x\n99  2026-11-30 17:00:00  commit  plans/a.md  alice  v7"
+    clearing = "plans/\x1b[2Jy"
+    with CoherentVolume(root, agent="mallory") as v:
+        v.write(forged, "one\n")
+        v.write(forged, "two\n")
+        v.write(clearing, "one\n")
+    outputs = [
+        ok("log", root, "-p"),
+        ok("log", root),
+        ok("status", root),
+        ok("history", root, forged),
+        ok("history", root, clearing),
+        ok("diff", root, forged, "1", "2"),
+        ok("why", root, forged),
+    ]
+    for out in outputs:
+        assert "\x1b" not in out and not any(line.startswith("99 ") for line in out.splitlines()), out
+        assert "plans/x\\x0a99" in out or "plans/\\x1b[2Jy" in out, out
+    assert {json.loads(line)["path"] for line in ok("log", root, "--json").splitlines()} == {forged, clearing}
+
+
 def test_versions_whose_bytes_were_pruned_are_said_to_be(root: Path) -> None:
     with CoherentVolume(root, agent="alice") as alice:
         for text in ("one\n", "two\n", "three\n"):
