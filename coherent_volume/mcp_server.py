@@ -118,6 +118,14 @@ def _returnable(path: str, text: str, part: str, offset: int) -> None:
     """Raise ToolRefused unless `part` (of the file's `text`) can be returned whole: at most
     READ_LIMIT characters, and some of a non-empty file's lines."""
     if len(part) > READ_LIMIT:
+        long = next(((n, len(line)) for n, line in enumerate(part.split("\n"), offset) if len(line) > READ_LIMIT), None)
+        if long is not None:  # no part holds it: a part is whole lines
+            raise ToolRefused(
+                f"Nothing was read: line {long[0]} of {path} alone is {long[1]} characters, more than read_file "
+                f"returns at once ({READ_LIMIT}), so these tools can neither show it nor change the file after "
+                "reading it: change it with a tool that reads its bytes (the mounted workspace, the Python API), "
+                "or ask the user."
+            )
         some = "these lines of " if part != text else ""
         raise ToolRefused(
             f"Nothing was read: {some}{path} are {len(part)} characters ({len(text)} characters, "

@@ -365,6 +365,25 @@ def test_a_read_too_large_for_one_tool_result_is_refused_and_read_in_parts(root:
     run(scenario)
 
 
+def test_a_line_too_long_for_one_tool_result_is_refused_saying_these_tools_cannot_show_it(root: Path) -> None:
+    """A file with one line longer than READ_LIMIT (minified JSON) cannot be read in parts, which are
+    whole lines: the refusal says so and names the tools that can change it (before: "read it in
+    parts", which the same refusal answered for ever)."""
+    minified = "plans/data.md"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(minified, "head\n" + "x" * (READ_LIMIT + 10) + "\ntail\n")
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            for call in ({}, {"offset": 2, "limit": 1}):
+                refusal = await s.refused("read_file", path=minified, **call)
+                assert f"line 2 of {minified} alone is {READ_LIMIT + 10} characters" in refusal, refusal
+                assert "the mounted workspace, the Python API" in refusal and "in parts" not in refusal, refusal
+            assert (await s.ok("read_file", path=minified, offset=3)).startswith("tail\n")
+
+    run(scenario)
+
+
 def test_an_agent_name_can_be_given_and_is_checked(root: Path) -> None:
     async def scenario() -> None:
         async with mcp_session(root, "--agent", "planner") as s:
