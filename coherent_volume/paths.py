@@ -46,6 +46,7 @@ class Anchor:
 
 
 PATH_MAX = 4096
+NAME_MAX = 255
 
 
 def _check_text(path: str) -> None:
@@ -59,6 +60,12 @@ def _check_text(path: str) -> None:
         raise InvalidPath(f"path {path!r} is not valid UTF-8: a volume records its paths as UTF-8") from None
     if len(encoded) >= PATH_MAX:
         raise InvalidPath(f"path of {len(encoded)} bytes is longer than the system allows ({PATH_MAX - 1})")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise InvalidPath(
+            f"the name '{shown(longest[:60].decode('utf-8', 'replace'))}...' is {len(longest)} bytes, longer than a "
+            f"file system allows one name ({NAME_MAX})"
+        )
 
 
 def printable(rel: str) -> str:

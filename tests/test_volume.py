@@ -479,6 +479,16 @@ def test_a_managed_name_that_is_not_utf8_is_a_clear_error(root: Path) -> None:
         vol._core.paths.of_rel("plans/\udcff.md")
 
 
+def test_a_name_longer_than_a_file_system_allows_is_a_clear_error(root: Path) -> None:
+    """As a path too long is (before: a bare OSError ENAMETOOLONG from deep inside)."""
+    with CoherentVolume(root, agent="alice") as vol:
+        for path in ("plans/" + "x" * 256, "notes/" + "é" * 128 + "/a.md"):
+            with pytest.raises(InvalidPath, match="bytes, longer than a file system allows one name"):
+                vol.write(path, b"x")
+        vol.write("plans/" + "x" * 255, b"255 bytes is allowed")
+    assert sorted(p.name for p in (root / "plans").iterdir()) == ["x" * 255]
+
+
 def test_repeated_reads_see_every_change_at_once(root: Path, vols) -> None:
     """A tracked read that finds its view already current skips the registry for the same inode
     state: a peer's commit (a new inode) or a same-size foreign write in place (new bytes) must
