@@ -57,6 +57,18 @@ def proc_is_ours() -> bool:
         return False
 
 
+def children_share_our_pid_namespace() -> bool:
+    """Whether the processes this one starts are in its own PID namespace (they are not after
+    `unshare --pid` without `--fork`: the new namespace waits for its first child, and once that
+    child exits no process can be started in it). True where the kernel does not say."""
+    if not os.path.lexists("/proc/self/ns/pid_for_children"):
+        return True
+    try:
+        return os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ProcessId:
     host: str

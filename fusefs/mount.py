@@ -21,7 +21,7 @@ import trio
 
 from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
-from coherent_volume.liveness import proc_is_ours
+from coherent_volume.liveness import children_share_our_pid_namespace, proc_is_ours
 from coherent_volume.mounts import FSTYPE, device_of, fuse_mounts, unescape
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry.postgresql import PostgresRegistry
@@ -88,6 +88,12 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
             "after `unshare --pid --fork` without `--mount-proc`): the mount tells its callers apart by "
             "their entries in /proc, and would take one agent's writes for another's. Mount from a namespace "
             "whose /proc is its own (`unshare --pid --fork --mount-proc`), or from outside it"
+        )
+    if not children_share_our_pid_namespace():
+        raise MountError(
+            "this process's children would start in another PID namespace (`unshare --pid` without `--fork`), "
+            "where the mount could start its watcher once at most and could not tell its callers apart: "
+            "mount with `unshare --pid --fork --mount-proc`, or from outside it"
         )
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):

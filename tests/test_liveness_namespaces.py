@@ -192,16 +192,20 @@ def test_a_killed_holder_in_another_namespace_is_reclaimed_only_at_its_ttl(root:
         assert time.time() >= expires_at, "the grant was reclaimed before its TTL"
 
 
-def test_a_mount_in_a_pid_namespace_without_its_own_proc_is_refused(root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fork", [["--fork", "--kill-child"], []], ids=["fork", "no-fork"])
+def test_a_mount_in_a_pid_namespace_without_its_own_proc_is_refused(
+    root: Path, tmp_path: Path, fork: list[str]
+) -> None:
     """The mount tells its callers apart by their entries in /proc; in a PID namespace that did not
     mount its own /proc those entries are another namespace's processes, so two agents' writes
     were taken for one agent's (a blind overwrite of the other's commit accepted). Such a mount is
-    refused before anything is mounted, saying why and what to do."""
+    refused before anything is mounted, saying why and what to do; so is one whose children would
+    start in a new PID namespace (`unshare --pid` without `--fork`: before, a bare ENOMEM)."""
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     try:
         done = subprocess.run(
-            ["unshare", "--pid", "--fork", "--kill-child", CLI, "mount", str(root), str(mountpoint)],
+            ["unshare", "--pid", *fork, CLI, "mount", str(root), str(mountpoint)],
             capture_output=True,
             text=True,
             timeout=60,
