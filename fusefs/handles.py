@@ -77,6 +77,10 @@ class Passthrough:
     fd: int
     rel: str
     writable: bool
+    unprivileged: Unprivileged | None = None
+    """Its opener, unless root, until its first write or truncation clears the file's set-ID bits
+    as a local disk does (`kill_set_ids`: the kernel's FUSE clears set-group-ID only where group
+    execute is set)."""
 
     def stat(self) -> os.stat_result | None:
         return os.fstat(self.fd)
@@ -85,9 +89,15 @@ class Passthrough:
         return os.pread(self.fd, size, off)
 
     async def write(self, off: int, buf: bytes) -> int:
+        if self.unprivileged is not None:
+            kill_set_ids(self.fd, self.unprivileged)
+            self.unprivileged = None
         return os.pwrite(self.fd, buf, off)
 
     async def resize(self, size: int) -> None:
+        if self.unprivileged is not None:
+            kill_set_ids(self.fd, self.unprivileged)
+            self.unprivileged = None
         os.ftruncate(self.fd, size)
 
     async def flush(self) -> None:
@@ -372,6 +382,9 @@ class Shadow:
     line twice); later writes through another descriptor could not land without them. So nothing
     is ever committed through the handle again: every later request but RELEASE fails with this
     errno (`_usable`), and RELEASE only ends its grant."""
+    unprivileged: Unprivileged | None = None
+    """Its opener, unless root: its writes and truncations clear the file's set-ID bits
+    (`kill_set_ids`), its first write after each commit and its O_TRUNC open."""
     released: trio.Event = field(default_factory=trio.Event, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
@@ -438,30 +451,51 @@ class Shadow:
         return "append" if flags & os.O_APPEND and not flags & os.O_TRUNC else "write"
 
     @classmethod
-    def open(cls, core: VolumeCore, owner: ProcessId, agent: str, target: Target, flags: int) -> Shadow:
+    def open(
+        cls,
+        core: VolumeCore,
+        owner: ProcessId,
+        agent: str,
+        target: Target,
+        flags: int,
+        unprivileged: Unprivileged | None,
+    ) -> Shadow:
         """Check and take the write grant, then start a shadow copy of the current content (blocking)."""
         kind = cls.kind_of(flags)
         truncate = bool(flags & os.O_TRUNC)
         grant, version = core.begin_write(agent, target, owner, kind=kind)
-        handle = cls(core, owner, target, agent, kind, -1, grant, version, pending=truncate)
+        handle = cls(core, owner, target, agent, kind, -1, grant, version, pending=truncate, unprivileged=unprivileged)
         if truncate:
             handle.edits.change()
-        return handle._start(copy=not truncate)
+        handle = handle._start(copy=not truncate)
+        if truncate and unprivileged is not None:
+            _kill_set_ids_at(target.abs, unprivileged)
+        return handle
 
     @classmethod
     def create(
-        cls, core: VolumeCore, owner: ProcessId, agent: str, target: Target, mode: int, flags: int, uid: int, gid: int
+        cls,
+        core: VolumeCore,
+        owner: ProcessId,
+        agent: str,
+        target: Target,
+        mode: int,
+        flags: int,
+        unprivileged: Unprivileged | None,
+        uid: int,
+        gid: int,
     ) -> Shadow:
-        """Create a managed file (committed empty) owned by the caller, and open its shadow. A file
-        that appeared meanwhile is opened as by open(2) with these flags, unless O_EXCL (blocking)."""
+        """Create a managed file (committed empty) owned by `uid`, `gid` (the caller's), and open its
+        shadow. A file that appeared meanwhile is opened as by open(2) with these flags, unless
+        O_EXCL (blocking)."""
         kind = cls.kind_of(flags)
         try:
             grant, version = core.create(agent, target, mode, owner, kind)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            return cls.open(core, owner, agent, target, flags)
-        handle = cls(core, owner, target, agent, kind, -1, grant, version, created=True)
+            return cls.open(core, owner, agent, target, flags, unprivileged)
+        handle = cls(core, owner, target, agent, kind, -1, grant, version, created=True, unprivileged=unprivileged)
         return handle._start(copy=False, chown=(uid, gid))
 
     def _start(self, copy: bool, chown: tuple[int, int] | None = None) -> Shadow:
@@ -533,6 +567,8 @@ class Shadow:
             self._usable()
             self.closed = False
             await self._writable()
+            if self.unprivileged is not None and not self.wrote:
+                _kill_set_ids_at(self.target.abs, self.unprivileged)  # (what its commit installs takes the file's mode)
             if self.kind == "append":
                 off = os.fstat(self.fd).st_size
                 self.edits.append(off)
@@ -554,6 +590,8 @@ class Shadow:
             if self.kind == "append" and not self.orphaned:
                 await blocking(self._turn_into_writer)
             await self._writable()
+            if self.unprivileged is not None and not self.wrote:
+                _kill_set_ids_at(self.target.abs, self.unprivileged)
             os.ftruncate(self.fd, size)
             self.edits.change()
             self.pending = self.wrote = True
@@ -693,6 +731,53 @@ class Shadow:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+@dataclass(frozen=True)
+class Unprivileged:
+    """A caller that is not root (taken to lack CAP_FSETID): its groups, the primary one first."""
+
+    groups: frozenset[int]
+
+    @classmethod
+    def of(cls, uid: int, gid: int, pid: int) -> Unprivileged | None:
+        """The caller `uid`/`gid` of process `pid` (its supplementary groups from /proc), or None
+        for root."""
+        if uid == 0:
+            return None
+        groups = {gid}
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        groups.update(int(g) for g in line.split()[1:])
+        except OSError:  # (gone: its primary group alone)
+            pass
+        return cls(frozenset(groups))
+
+
+def kill_set_ids(fd: int, caller: Unprivileged) -> None:
+    """Clear the set-user-ID bit of the file open as `fd`, and its set-group-ID bit where group
+    execute is set or the caller is not in its group, as a write or a truncation by a process
+    without CAP_FSETID does on a local disk (Linux's setattr_should_drop_suidgid): the daemon
+    writes as root, so the kernel keeps them when it writes for such a caller."""
+    st = os.fstat(fd)
+    mode = st.st_mode
+    group_kept = not mode & stat_mod.S_IXGRP and st.st_gid in caller.groups
+    killed = mode & ~stat_mod.S_ISUID & ~(0 if group_kept else stat_mod.S_ISGID)
+    if killed != mode:
+        os.fchmod(fd, stat_mod.S_IMODE(killed))
+
+
+def _kill_set_ids_at(path: str, caller: Unprivileged) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:  # (gone meanwhile: its commit will say)
+        return
+    try:
+        kill_set_ids(fd, caller)
+    finally:
+        os.close(fd)
 
 
 def touch(path: str, mtime_ns: int) -> None:

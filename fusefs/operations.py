@@ -39,8 +39,10 @@ from .handles import (
     Retry,
     Shadow,
     Snapshot,
+    Unprivileged,
     blocking,
     errno_of,
+    kill_set_ids,
     touch,
 )
 from .identity import AgentResolver, proc_file, process_of
@@ -1346,14 +1348,19 @@ class CoherentOperations(pyfuse3.Operations):
                 self._walk_again(ctx, landed, True, (inode, rel))
                 self.own.note(rel)  # its close-after-write event is our own echo
             fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-            return pyfuse3.FileInfo(fh=self._open_file(Passthrough(fd, rel, _writable(flags)), inode), keep_cache=True)
+            caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid) if writing else None
+            if flags & os.O_TRUNC and caller is not None:
+                kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)
+            handle = Passthrough(fd, rel, _writable(flags), caller)
+            return pyfuse3.FileInfo(fh=self._open_file(handle, inode), keep_cache=True)
         if not writing:
             return await self._open_reading(rel, inode, ctx, repeat)
         if repeat is None:  # a write goes to an inode of its own (`_apart`), where the kernel repeats it
             raise self._stale(rel, ctx, writing=True)
         with self._writing(rel, inode, ctx, repeat=True):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
-            handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags)
+            caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)
+            handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags, caller)
             fh = self._open_file(handle, inode)
             if handle.pending:  # O_TRUNC: its descriptors see the file cut, as on a local disk
                 self.writers[rel] = handle
@@ -1533,13 +1540,16 @@ class CoherentOperations(pyfuse3.Operations):
                 os.close(fd)  # the program gets the error, not a descriptor: none may leak
                 raise
             return pyfuse3.FileInfo(
-                fh=self._open_file(Passthrough(fd, rel, _writable(flags)), entry.st_ino), keep_cache=True
+                fh=self._open_file(
+                    Passthrough(fd, rel, _writable(flags), Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)), entry.st_ino
+                ),
+                keep_cache=True,
             ), entry
         with self._use(rel):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
-            handle = await blocking(
-                Shadow.create, self.core, self._owner, agent, self._target(rel), mode, flags, *self._new_owner(rel, ctx)
-            )
+            caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)
+            target, owner = self._target(rel), self._new_owner(rel, ctx)
+            handle = await blocking(Shadow.create, self.core, self._owner, agent, target, mode, flags, caller, *owner)
         self._unpin(rel)
         entry = self._entry(rel)
         return pyfuse3.FileInfo(fh=self._open_file(handle, entry.st_ino), direct_io=True), entry

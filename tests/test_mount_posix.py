@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,6 +73,66 @@ print(oct(stat.S_IMODE(os.stat("f").st_mode)))
 """
     plain, mount = both(mounted, tmp_path, code)
     assert mount == plain
+
+
+SET_IDS_MADE = """
+import os
+for d in (".", "plans"):
+    for mode in (0o4777, 0o6777, 0o2767):
+        for how in ("write", "trunc", "append", "cut"):
+            name = f"{d}/{how}{mode:o}"
+            with open(name, "w") as f:
+                f.write("root's\\n")
+            os.chmod(name, mode)
+            open(name).read()  # (a view of it: the writer below is the same agent)
+"""
+SET_IDS_CHANGED = """
+import os, stat
+os.setgroups([]); os.setgid(65534); os.setuid(65534)  # (after exec: the interpreter may be in root's home)
+for d in (".", "plans"):
+    for mode in (0o4777, 0o6777, 0o2767):
+        for how, flags in (("write", os.O_WRONLY), ("trunc", os.O_WRONLY | os.O_TRUNC), ("append", os.O_WRONLY | os.O_APPEND), ("cut", os.O_WRONLY)):
+            name = f"{d}/{how}{mode:o}"
+            fd = os.open(name, flags)
+            if how == "cut":
+                os.ftruncate(fd, 2)
+            elif how != "trunc":
+                os.write(fd, b"x")
+            during = oct(stat.S_IMODE(os.fstat(fd).st_mode))
+            os.close(fd)
+            print(name, during, oct(stat.S_IMODE(os.stat(name).st_mode)))
+"""
+
+
+def test_a_write_or_truncation_by_another_user_clears_set_id_bits_as_in_a_plain_directory(root: Path) -> None:
+    """A write or an O_TRUNC open by a process without CAP_FSETID clears a file's set-user-ID bit
+    (and set-group-ID where group execute is set): the daemon writes as root, so the kernel kept
+    them, and a root-owned set-user-ID file rewritten by another user stayed set-user-ID in the
+    volume (found by pjdfstest, chmod/12)."""
+    base = Path(tempfile.mkdtemp(prefix="cv-set-ids-"))
+    base.chmod(0o755)  # (other users reach the directories below)
+    try:
+        outputs = []
+        with Mount(root, base / "mnt", allow_other=True) as m:
+            for where in (base / "plain", m.path):
+                (where / "plans").mkdir(parents=True, exist_ok=True)
+                (where / "plans").chmod(0o755)
+                for code in (SET_IDS_MADE, SET_IDS_CHANGED):
+                    done = subprocess.run(
+                        [sys.executable, "-c", code],
+                        cwd=where,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        env={**os.environ, "COHERENT_AGENT": "alice"},
+                    )
+                    assert done.returncode == 0, (where, done.stderr)
+                outputs.append(done.stdout)
+        plain, mount = outputs
+        assert "./write4777 0o777 0o777" in plain and "plans/trunc6777 0o777 0o777" in plain, plain
+        assert mount == plain
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_metadata_of_unmanaged_files_open_or_not_is_set_and_read_as_in_a_plain_directory(

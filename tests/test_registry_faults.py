@@ -457,7 +457,7 @@ def test_a_mount_handle_whose_commit_was_not_put_in_place_never_writes_into_the_
     target = core.resolve(str(root / P))
 
     async def edit() -> None:
-        shadow = Shadow.open(core, current_process(), "ed", target, os.O_WRONLY | os.O_TRUNC)
+        shadow = Shadow.open(core, current_process(), "ed", target, os.O_WRONLY | os.O_TRUNC, None)
         await shadow.write(0, b"two\n")
         failed = _failing_renames(monkeypatch, 1)
         with pytest.raises(InstallPending):

@@ -211,8 +211,10 @@ class Mount:
         agent: str | None = None,
         log_allows: Sequence[str] = (),
         direct: Sequence[str] = (),
+        allow_other: bool = False,
     ) -> None:
         self.root, self.path, self.agent, self.direct = root, path, agent, tuple(direct)
+        self.allow_other = allow_other
         self.log_allows = tuple(log_allows)
         self.log = root / ".coherent" / "mount.log"
         self._log_checked = self.log.stat().st_size if self.log.exists() else 0
@@ -237,7 +239,9 @@ class Mount:
         if not is_mounted(self.path):  # a dead mount cannot even be stat'ed
             self.path.mkdir(parents=True, exist_ok=True)
         args = [CLI, "mount", str(self.root), str(self.path)] + (["--agent", self.agent] if self.agent else [])
-        args += [arg for rel in self.direct for arg in ("--direct", rel)]
+        args += [arg for rel in self.direct for arg in ("--direct", rel)] + (
+            ["--allow-other"] if self.allow_other else []
+        )
         started = time.monotonic()
         result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
         _ACTIVE.add(self)
