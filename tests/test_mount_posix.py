@@ -30,19 +30,21 @@ def both(m: Mount, tmp_path: Path, code: str) -> tuple[str, str]:
     plain = tmp_path / "plain"
     plain.mkdir(exist_ok=True)
     (plain / "plans").mkdir(exist_ok=True)
-    out = []
-    for where in (plain, m.path):
-        r = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "COHERENT_AGENT": "alice"},
-        )
-        assert r.returncode == 0, (where, r.stderr)
-        out.append(r.stdout)
-    return out[0], out[1]
+    return run_in(plain, code), run_in(m.path, code)
+
+
+def run_in(where: Path, code: str) -> str:
+    """Run `code` as the agent alice with `where` as working directory; its output."""
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COHERENT_AGENT": "alice"},
+    )
+    assert r.returncode == 0, (where, r.stderr)
+    return r.stdout
 
 
 def test_an_unlinked_open_file_keeps_working_in_both_areas(mounted: Mount, tmp_path: Path) -> None:
@@ -117,17 +119,8 @@ def test_a_write_or_truncation_by_another_user_clears_set_id_bits_as_in_a_plain_
             for where in (base / "plain", m.path):
                 (where / "plans").mkdir(parents=True, exist_ok=True)
                 (where / "plans").chmod(0o755)
-                for code in (SET_IDS_MADE, SET_IDS_CHANGED):
-                    done = subprocess.run(
-                        [sys.executable, "-c", code],
-                        cwd=where,
-                        capture_output=True,
-                        text=True,
-                        timeout=60,
-                        env={**os.environ, "COHERENT_AGENT": "alice"},
-                    )
-                    assert done.returncode == 0, (where, done.stderr)
-                outputs.append(done.stdout)
+                run_in(where, SET_IDS_MADE)
+                outputs.append(run_in(where, SET_IDS_CHANGED))
         plain, mount = outputs
         assert "./write4777 0o777 0o777" in plain and "plans/trunc6777 0o777 0o777" in plain, plain
         assert mount == plain
