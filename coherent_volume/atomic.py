@@ -52,9 +52,10 @@ class Staged:
     durable: bool = True
     data: bytes | None = None
     """The bytes it was staged from (`stage`): what its commit stores instead of reading it back."""
-    made: tuple[str, ...] = ()
-    """The directories its staging made for it, outermost first: removed again, where still empty,
-    when it is discarded uninstalled (a refused write leaves no directory behind)."""
+    makes: tuple[str, int] | None = None
+    """(the volume's root, a mode): `install` first makes the target's missing directories below
+    the root with that mode. Staging makes none (it stages in the nearest directory there is), so
+    a write that is refused, or never installed, leaves no directory behind."""
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -138,6 +139,8 @@ class Staged:
         `exchange`: swap it with the file found at the target (`swap_in`), which then holds the temp
         name, left to the caller (`discard` does not remove it). Whether the temp name holds a file
         the install displaced."""
+        if self.makes is not None:
+            _makedirs(os.path.dirname(self.target), *self.makes)
         tmp = self.plan_name()
         if not self.named:
             assert self.fd is not None
@@ -155,7 +158,6 @@ class Staged:
                 own = os.stat(tmp)
             if stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(own.st_mode):
                 os.chmod(tmp, stat_mod.S_IMODE(st.st_mode))
-        self.made = ()  # they hold the target (or the install failed with the target's name in them)
         displaced = False
         if noreplace:
             rename(tmp, self.target, noreplace=True)
@@ -169,8 +171,7 @@ class Staged:
         return displaced
 
     def discard(self) -> None:
-        """Drop whatever is left of the staged content, and the directories made for it where they
-        are still empty (idempotent)."""
+        """Drop whatever is left of the staged content (idempotent)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -180,12 +181,6 @@ class Staged:
             except FileNotFoundError:
                 pass
             self.named = False
-        for directory in reversed(self.made):
-            try:
-                os.rmdir(directory)
-            except OSError:  # another writer's now (or gone): it and those above it stay
-                break
-        self.made = ()
 
 
 NAME_MAX = 255
@@ -242,13 +237,19 @@ def temp_name(target: str) -> str:
     return os.path.join(os.path.dirname(target), _temp_base(target))
 
 
-def _makedirs(directory: str, root: str, mode: int = 0o777) -> tuple[str, ...]:
-    """mkdir -p below `root` without recursion (os.makedirs recurses once per missing level); new
-    directories get `mode` (less the umask). `root` is never made: if it is gone (removed or moved
-    while the volume was in use), FileNotFoundError says so and nothing is made. The directories
-    it made, outermost first."""
+def _missing(directory: str, root: str) -> list[str]:
+    """The directories from `directory` up that do not exist, innermost first: below `root`, each
+    one's parent a directory there is or one of them. NotADirectoryError where a name on the way is
+    something else (nothing can be made there); FileNotFoundError if `root` itself is gone
+    (removed or moved while the volume was in use)."""
     missing = []
-    while not os.path.isdir(directory):
+    while True:
+        try:
+            if stat_mod.S_ISDIR(os.stat(directory).st_mode):
+                break
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", directory)
+        except FileNotFoundError:
+            pass
         if directory == root:
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -261,20 +262,18 @@ def _makedirs(directory: str, root: str, mode: int = 0o777) -> tuple[str, ...]:
         if parent == directory:
             break
         directory = parent
-    made: list[str] = []
-    for path in reversed(missing):
+    return missing
+
+
+def _makedirs(directory: str, root: str, mode: int = 0o777) -> None:
+    """mkdir -p below `root` without recursion (os.makedirs recurses once per missing level); new
+    directories get `mode` (less the umask); `root` is never made (`_missing`)."""
+    for path in reversed(_missing(directory, root)):
         try:
             os.mkdir(path, mode)
-            made.append(path)
         except FileExistsError:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
-    return tuple(made)
-
-
-MAKE_TRIES = 4
-"""How many times a staging makes the directories it needs: another writer's refused staging may
-remove them again between its making and its use (`Staged.discard`)."""
 
 
 def stage(target: str, data: bytes, mode: int = 0o666, *, root: str) -> Staged:
@@ -282,16 +281,16 @@ def stage(target: str, data: bytes, mode: int = 0o666, *, root: str) -> Staged:
     return stage_written(target, content_hash(data), lambda write: write(data), data, mode, root=root)
 
 
-def _open_staged(target: str, mode: int) -> tuple[int, str | None]:
-    """A new file for content of `target`, in its directory, open for writing: unnamed (O_TMPFILE)
-    where the file system can, else under a temp name; (descriptor, that name or None)."""
-    directory = os.path.dirname(target)
+def _open_staged(target: str, mode: int, directory: str) -> tuple[int, str | None]:
+    """A new file for content of `target`, in `directory` (its own, or the nearest one there is on
+    its way), open for writing: unnamed (O_TMPFILE) where the file system can, else under a temp
+    name; (descriptor, that name or None)."""
     try:
         return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode), None
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
-    tmp = temp_name(target)
+    tmp = os.path.join(directory, _temp_base(target))
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
 
 
@@ -313,16 +312,11 @@ def stage_written(
     and of missing parent directories (below `root`, the volume's: never made again) with search
     bits added; an existing target keeps its own.
     Not `durable`: not fsynced, and its install fsyncs no directory."""
-    made: tuple[str, ...] = ()
-    for attempt in range(MAKE_TRIES):
-        try:
-            fd, tmp = _open_staged(target, mode)
-            break
-        except FileNotFoundError:
-            if attempt == MAKE_TRIES - 1:  # (another writer's discard removed what it made meanwhile)
-                raise
-            made += _makedirs(os.path.dirname(target), root, mode | (mode & 0o444) >> 2)
-    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, made=made)
+    directory = os.path.dirname(target)
+    missing = _missing(directory, root)
+    fd, tmp = _open_staged(target, mode, os.path.dirname(missing[-1]) if missing else directory)
+    makes = (root, mode | (mode & 0o444) >> 2)
+    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, makes=makes)
     try:
         fill(lambda part: _write_all(fd, part))
         if durable:

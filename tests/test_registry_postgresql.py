@@ -770,7 +770,7 @@ def test_a_name_another_copy_made_a_file_or_a_directory_of_files_is_refused_as_t
             assert clash.value.errno == code and holds in str(clash.value), clash.value
             assert v.history(path) == []
             assert not (other / path).is_file()
-        assert not (other / "plans/x.md").is_dir(), "the refused write left a directory in the way"
+        assert not (other / "plans/x.md").is_dir(), "the refused write made a directory in the way"
         assert v.read("plans/x.md") == b"alice's\n" and v.read("plans/d/inner.md") == b"alice's inner\n"
     rows = _q(pg_url, "SELECT path FROM cv_files WHERE present ORDER BY path")
     assert rows == [("plans/d/inner.md",), ("plans/x.md",)]

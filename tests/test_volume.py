@@ -489,6 +489,25 @@ def test_a_name_longer_than_a_file_system_allows_is_a_clear_error(root: Path) ->
     assert sorted(p.name for p in (root / "plans").iterdir()) == ["x" * 255]
 
 
+def test_a_refused_write_into_new_directories_makes_none(root: Path, vols) -> None:
+    """A write makes the directories its file needs only once it is accepted (at its install): a
+    refused one leaves none (a directory left at a name makes a later file there fail EISDIR), and
+    removes none another writer or program is using (before, a refused write removed what its
+    staging had made, under another writer staging a file there: found by a hostile probe)."""
+    holder, alice = vols("holder"), vols("alice")
+    with holder.lock("plans/new/deep/x.md", ttl=30):
+        with pytest.raises(StaleWriteError, match="held"):
+            alice.write("plans/new/deep/x.md", b"refused")
+        assert not (root / "plans/new").exists()
+        assert alice.write("plans/new", b"a file where the refused write wanted a directory") == 1
+        with pytest.raises(NotADirectoryError):
+            alice.write("plans/new/deep/y.md", b"y")
+        alice.delete("plans/new")
+    assert alice.write("plans/new/deep/x.md", b"accepted") == 1
+    assert (root / "plans/new/deep/x.md").read_bytes() == b"accepted"
+    assert sorted(p.name for p in (root / "plans/new").iterdir()) == ["deep"]
+
+
 def test_repeated_reads_see_every_change_at_once(root: Path, vols) -> None:
     """A tracked read that finds its view already current skips the registry for the same inode
     state: a peer's commit (a new inode) or a same-size foreign write in place (new bytes) must

@@ -719,7 +719,9 @@ class CoreBase:
         if outcome == "installed":
             assert staged is not None and intent.hash is not None
             try:
-                install = atomic.Staged(target.abs, intent.hash, None, staged, named=True)
+                install = atomic.Staged(
+                    target.abs, intent.hash, None, staged, named=True, makes=(self.paths.root, 0o777)
+                )
                 if install.install(noreplace=previous is None, exchange=True) and _hash_or_none(staged) != previous:
                     outcome = "displaced"  # changed outside the volume since it was checked above
             except OSError as e:
