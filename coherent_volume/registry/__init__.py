@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from ..errors import RegistryError
 from ..globs import ManagedGlobs
@@ -152,6 +152,15 @@ class AgentSummary:
     last_read: float | None
 
 
+class InTheWay(NamedTuple):
+    """A file a new one at another name would clash with (`Transaction.file_in_the_way`): its path,
+    its version and its writer (of a rename under way: the version its intent records)."""
+
+    path: str
+    version: int
+    writer: str
+
+
 class Transaction(Protocol):
     """Reads and writes of one registry transaction; a write transaction is atomic and serial.
 
@@ -211,10 +220,11 @@ class Transaction(Protocol):
         ...
 
     def version_entry(self, path: str, version: int) -> Version | None: ...
-    def file_in_the_way(self, path: str) -> FileRecord | None:
-        """A present file at a name on `path`'s way (a directory it is in) or below it (`path` as a
-        directory), if the registry holds one: the name it would clash with as a file. Ordered
-        after every transaction that may record such a file (PostgreSQL: the tree locks of `path`,
+    def file_in_the_way(self, path: str) -> InTheWay | None:
+        """A file at a name on `path`'s way (a directory it is in) or below it (`path` as a
+        directory), if the registry holds one, present or on its way in (a rename's intent, until
+        its install is recorded): the name it would clash with as a file. Ordered after every
+        transaction that may record such a file (PostgreSQL: the tree locks of `path`,
         `pg_transaction.Holds.trees`), so no two can record a clash side by side."""
         ...
 

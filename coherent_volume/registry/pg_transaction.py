@@ -61,7 +61,7 @@ import xxhash
 from ..errors import DamagedContent, VersionGone
 from ..liveness import ProcessId
 from ..protocol import FileRecord, Grant, Installed, Intent, Version, dirs_above
-from . import AgentSummary, Event, LogMark
+from . import AgentSummary, Event, InTheWay, LogMark
 from .copy_locks import CopyHold
 from .pg_connections import _pipeline, _psycopg
 
@@ -503,7 +503,7 @@ class PostgresTransaction:
         """Queue a write (sent with the next read or COMMIT; at once past PART bytes queued)."""
         if self._ahead is not None and any(table in sql for table in _WRITE_STATE_TABLES):
             self._ahead = None  # what was read ahead may no longer be what `write_state` would read
-        if "cv_files" in sql:
+        if "cv_files" in sql or "cv_intents" in sql:
             self._way = None  # nor what `file_in_the_way` would
         self._queue.append(Queued(sql, args))
         self._queued_bytes += _size(args)
@@ -611,13 +611,13 @@ class PostgresTransaction:
         )
         return None if row is None else _version(row)
 
-    def file_in_the_way(self, path: str) -> FileRecord | None:
+    def file_in_the_way(self, path: str) -> InTheWay | None:
         """Read ahead with the decision's `write_state` (`read_ahead`), while nothing it reads changed."""
         self._hold_tree(path)
         answer = self._way_answer if self._way == path else None
         row = answer[0] if answer is not None else self.run(*self._in_the_way_query(path)).fetchone()
         self._way, self._way_answer = None, None
-        return None if row is None else _record(row)
+        return None if row is None else InTheWay(*row)
 
     def _hold_tree(self, path: str) -> None:
         """Hold the tree of `path` (`Holds.trees`) too: locked with the next read, or `Relock` (which
@@ -626,10 +626,11 @@ class PostgresTransaction:
             self._take(replace(self._holds, trees=self._holds.trees | {path}))
 
     def _in_the_way_query(self, path: str) -> tuple[str, tuple[Any, ...]]:
+        places = "volume = %s AND present AND (path = ANY(%s) OR (path > %s AND path < %s))"
         return (
-            f"SELECT {_FILE_COLS} FROM cv_files WHERE volume = %s AND present "
-            "AND (path = ANY(%s) OR (path > %s AND path < %s)) LIMIT 1",
-            (self._v, dirs_above(path), path + "/", path + "0"),
+            f"SELECT path, version, writer FROM cv_files WHERE {places} "
+            f"UNION ALL SELECT path, version, agent FROM cv_intents WHERE {places} LIMIT 1",
+            (self._v, dirs_above(path), path + "/", path + "0") * 2,
         )
 
     def deleted_in(self, directory: str) -> list[FileRecord]:

@@ -48,7 +48,7 @@ from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import ProcessId, start_time
 from ..protocol import FileRecord, Grant, Intent, Version, dirs_above
-from . import DB_FILE, AgentSummary, Event, LogMark, objects
+from . import DB_FILE, AgentSummary, Event, InTheWay, LogMark, objects
 from .polling import poll
 from .sqlite_access import refusal, unusable
 
@@ -273,15 +273,16 @@ class SQLiteTransaction:
             (*v[:7], ",".join(str(p) for p in v.parents) or None, int(not v.retained)),
         )
 
-    def file_in_the_way(self, path: str) -> FileRecord | None:
+    def file_in_the_way(self, path: str) -> InTheWay | None:
         """(Asked by working copies only, which a SQLite volume has none of: its one disk decides.)"""
         ways = dirs_above(path)
-        row = self._c.execute(
-            f"SELECT {_FILE_COLS} FROM files WHERE present = 1 AND path IN ({','.join('?' * len(ways))}) "
-            f"UNION ALL SELECT {_FILE_COLS} FROM files WHERE present = 1 AND path > ? AND path < ? LIMIT 1",
-            (*ways, path + "/", path + "0"),
+        places = f"(path IN ({','.join('?' * len(ways))}) OR (path > ? AND path < ?))"
+        found = self._c.execute(
+            f"SELECT path, version, writer FROM files WHERE present = 1 AND {places} "
+            f"UNION ALL SELECT path, version, agent FROM intents WHERE present = 1 AND {places} LIMIT 1",
+            (*ways, path + "/", path + "0") * 2,
         ).fetchone()
-        return None if row is None else _record(row)
+        return None if found is None else InTheWay(*found)
 
     def deleted_in(self, directory: str) -> list[FileRecord]:
         prefix = f"{directory}/" if directory else ""
