@@ -90,6 +90,21 @@ def guarded(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _call_of(tid: int) -> str | None:
+    """The system call thread `tid` is blocked in, with its arguments (/proc/TID/syscall; "running"
+    while it is runnable, which tells nothing of where it is), "" once the thread is gone; None
+    where that cannot be read (a caller outside this PID namespace: 0)."""
+    if tid <= 0:
+        return None
+    try:
+        with open(f"/proc/{tid}/syscall") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+    except OSError:
+        return None
+
+
 async def _forget_entry(parent_inode: int, name: bytes) -> None:
     """Drop the kernel's cached entry of `name` in a worker thread (from a handler it can deadlock)."""
     try:
@@ -162,6 +177,13 @@ class CoherentOperations(pyfuse3.Operations):
         mount cannot be sure of it: once two replies told it different sizes, since the kernel applies
         an attribute reply only if it applied none for that inode since it sent the request, and so may
         keep the older one (see `_pin`)."""
+        self._truncated: dict[int, tuple[int, str | None]] = {}
+        """Inodes a truncate by name went through, with the truncating thread and the system call it
+        was in (`_call_of`): until that thread takes the reply, the kernel drops every other reply
+        about the inode and copies reads through its page cache up to the old size
+        (FUSE_I_SIZE_UNSTABLE; another agent's read of the new content came back padded with NULs
+        to the old size, found by fsx), and no reply tells when it took it. Their readers are served
+        direct till the thread is out of that call (`_may_cache`), or the kernel forgets the inode."""
         self._pins: set[int] = set()
         """File handles of versions held for read-only opens the kernel is about to repeat (`_pin`)."""
         self._private: set[int] = set()
@@ -892,6 +914,7 @@ class CoherentOperations(pyfuse3.Operations):
                 with self._writing(rel, by_name, ctx, repeat is not None):
                     agent = await self._writer(ctx, rel)
                     await blocking(self._truncate, agent, rel, attr.st_size)
+                    self._truncated[by_name] = (ctx.pid, _call_of(ctx.pid))
             else:
                 self.backing.truncate(rel, attr.st_size)
         at = self._metadata_at(inode, rel)
@@ -1428,13 +1451,27 @@ class CoherentOperations(pyfuse3.Operations):
                 how = self.pages.serving(rel, inode, version, os.fstat(fd).st_size, opener, here, elsewhere)
             else:
                 how = "direct"
-        elif how == "cached" and not self._holds(rel, st):  # a commit landed while it was opened
+        elif how == "cached" and not self._may_cache(inode, rel, st):
             how = "direct"
         cached = how == "cached"
         snapshot = Snapshot(
             self.core, fd, version, target, opener, pinned, reader, program, opener=opener, cached=cached
         )
         return self._reading(self._open_file(snapshot, inode), snapshot, inode, here)
+
+    def _may_cache(self, inode: int, rel: str, st: os.stat_result) -> bool:
+        """Whether a reader of the version whose stat is `st` may copy through `inode`'s page cache: the
+        file at `rel` is still that version (no commit landed while it was opened, `_holds`), and no
+        truncate by name through the inode may still be under way in the kernel (`_truncated`: its
+        thread in the call it was in then, or that unknown)."""
+        truncated = self._truncated.get(inode)
+        if truncated is not None:
+            tid, call = truncated
+            now = _call_of(tid)
+            if call is None or now in (call, None) or now.startswith("running"):  # (runnable: anywhere)
+                return False
+            del self._truncated[inode]
+        return self._holds(rel, st)
 
     def _writes_elsewhere(self, rel: str, here: Sequence[FileHandle]) -> list[Shadow]:
         """The write handles of the file at `rel`, open or being released, that are not among `here`
@@ -1496,7 +1533,7 @@ class CoherentOperations(pyfuse3.Operations):
         how = self.pages.serving(
             rel, inode, snapshot.version, st.st_size, snapshot.opener, here, self._writes_elsewhere(rel, here)
         )
-        snapshot.cached = how == "cached" and self._holds(rel, st)
+        snapshot.cached = how == "cached" and self._may_cache(inode, rel, st)
         self._sizes[inode] = st.st_size
         return self._reading(fh, snapshot, inode, here)
 
@@ -1695,6 +1732,7 @@ class CoherentOperations(pyfuse3.Operations):
             if not self.inodes.forget(inode, count):
                 self.backing.release(inode)
                 self._sizes.pop(inode, None)
+                self._truncated.pop(inode, None)
                 self._left_globs.pop(inode, None)  # a lookup through a carried directory marks it again (`_reached`)
                 self._let_go(inode)
 

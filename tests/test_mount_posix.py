@@ -1617,6 +1617,65 @@ print(" ".join(f"{k}={v}" for k, v in sorted(seen.items())))
 """
 
 
+STARVED_TRUNCATE = """
+import os, sys
+path = sys.argv[1]
+with open(path, "rb") as f:  # read, then written to 260448 bytes, committed
+    f.read()
+with open(path, "r+b") as f:
+    f.seek(200448)
+    f.write(os.urandom(60000))
+os.sched_setaffinity(0, {0})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # behind the busy loop on CPU 0
+print(os.stat(path).st_size, flush=True)
+sys.stdin.readline()
+os.truncate(path, 157174)
+"""
+
+
+@pytest.mark.alone  # it starves a process behind a busy loop on one CPU: timing-sensitive, so it runs by itself
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one starved, one to read on")
+def test_a_read_after_another_agents_truncate_by_name_never_shows_the_old_size(mounted: Mount) -> None:
+    """Until the truncating thread takes the setattr's reply, the kernel drops every other reply
+    about the inode and copies reads through its page cache up to the old size: another agent's
+    read of the new content came back padded with NULs to the old size while fstat said the new
+    one (found by fsx; here the truncating process is starved of CPU after its call, 1 read in 10
+    before). Reads of an inode a truncate by name went through are served direct till its thread is
+    out of that call."""
+    target = mounted.path / "plans/shrinking.md"
+    target.write_bytes(b"x" * 100)
+    os.sched_setaffinity(0, {1})
+    try:
+        for _ in range(20):
+            truncating = subprocess.Popen(
+                [sys.executable, "-c", STARVED_TRUNCATE, str(target)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "COHERENT_AGENT": "alice"},
+            )
+            assert truncating.stdin is not None and truncating.stdout is not None
+            assert truncating.stdout.readline().strip() == "260448"
+            busy = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"])
+            try:
+                time.sleep(0.05)
+                truncating.stdin.write("go\n")
+                truncating.stdin.flush()
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    with open(target, "rb") as f:
+                        if os.fstat(f.fileno()).st_size == 157174:
+                            got = f.read()
+                            assert len(got) == 157174, f"{len(got)} bytes read, fstat says 157174"
+                            break
+            finally:
+                busy.kill()
+                busy.wait()
+            assert truncating.wait(timeout=60) == 0
+    finally:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 @pytest.mark.alone  # it races two processes on one file for 6 s: timing-sensitive, so it runs by itself
 def test_opens_for_writing_never_meet_estale_while_another_agent_renames_the_file_away_and_back(mounted: Mount) -> None:
     """Every open for writing of a managed file is answered ESTALE once and repeated by the kernel on an
