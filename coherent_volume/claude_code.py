@@ -245,7 +245,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event), made=made)
         answer = _tell_model("\n\n".join(told)) if told else answer
     elif name == "PostToolUseFailure" and tool == "Read":
-        return hooks.with_context(answer, name, hook_steps.bring(actor, path))
+        return hooks.with_context(answer, name, hook_steps.bring(actor, path, hooks.says_missing(event.get("error"))))
     elif name in ("PostToolUseFailure", "PermissionDenied") and tool in WRITE_TOOLS:
         hook_steps.end_writes(actor, writes, progress, record=False, tool=hooks.tool_call(event))
         return answer

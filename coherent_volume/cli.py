@@ -38,7 +38,13 @@ EXIT_DAMAGED = 5
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    """A registry time as local date and time; one no calendar holds (a clock gone wild) as its number."""
+    if ts is None:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:g} s after 1970"
 
 
 def _console() -> Any:

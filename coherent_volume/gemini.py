@@ -167,7 +167,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
                 progress.path = path
                 hook_steps.observe(actor, path, shown, progress)
             missing = _failed_read(event)
-            told = hook_steps.bring(actor, missing) if missing is not None else []
+            response = event.get("tool_response")
+            error = response.get("error") if isinstance(response, dict) else None
+            told = hook_steps.bring(actor, missing, hooks.says_missing(error)) if missing is not None else []
         elif name == "AfterTool" and (writes or tool == SHELL_TOOL):
             response = event.get("tool_response")
             failed = not isinstance(response, dict) or bool(response.get("error"))

@@ -738,12 +738,12 @@ def observe(
             progress.doing = None
 
 
-def bring(actor: Actor, path: str) -> list[str]:
-    """After a read tool found no file at `path`: in a working copy that lacked the managed file
+def bring(actor: Actor, path: str, said_missing: bool) -> list[str]:
+    """After a read tool failed at `path`: in a working copy that lacked the managed file
     (committed on another host and not installed here yet), its current version installed; what to
-    tell the model (nothing where there was nothing to bring). Where the volume's current version
-    is a deletion, the model was shown that: the actor's view is registered there
-    (`core.observe_absent`), so it may make the file anew."""
+    tell the model (nothing where there was nothing to bring). Where the tool said the file is
+    missing (`said_missing`) and the volume's current version is a deletion, the model was shown
+    that: the actor's view is registered there (`core.observe_absent`), so it may make the file anew."""
     found = located(path)
     if found is None:
         return []
@@ -752,7 +752,7 @@ def bring(actor: Actor, path: str) -> list[str]:
         if target is None:
             return []
         version = core.bring(target)
-        if version is None:
+        if version is None and said_missing:
             core.observe_absent(_joined(core, actor).on(found.mounted), target)
     if version is None:
         return []

@@ -111,6 +111,17 @@ def tool_call(event: dict[str, Any]) -> str | None:
     return call if isinstance(call, str) and call else None
 
 
+MISSING_WORDS = ("does not exist", "no such file", "enoent", "not found")
+"""What a read tool's error says of a file that is not there (Claude Code: "File does not exist.";
+Gemini CLI: "File not found")."""
+
+
+def says_missing(error: object) -> bool:
+    """Whether a failed read tool's error (text, or an object carrying it) told the model that the
+    file is not there; an error for another reason (a file too large) showed it nothing of the file."""
+    return error is not None and any(words in str(error).lower() for words in MISSING_WORDS)
+
+
 def absolute(path: object, base: object) -> str | None:
     """`path` joined to `base` (the agent's working directory) when relative, if it is a path. Only
     joined, never tidied: a `..` after a symlink goes up from where the symlink leads, so which file

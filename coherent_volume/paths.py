@@ -76,9 +76,15 @@ def printable(rel: str) -> str:
 
 def shown(rel: str) -> str:
     """`rel` as `printable`, with every control or format character (a newline, ESC, a bidi mark)
-    escaped as \\xNN, \\uNNNN or \\UNNNNNNNN: one line that moves no cursor, so no name forges or
-    hides a line of a command's output."""
-    return "".join(_escaped(c) if unicodedata.category(c)[0] == "C" else c for c in printable(rel))
+    and every line or paragraph separator escaped as \\xNN, \\uNNNN or \\UNNNNNNNN: one line that
+    moves no cursor, so no name forges or hides a line of a command's output."""
+    return "".join(_escaped(c) if _unshown(unicodedata.category(c)) else c for c in printable(rel))
+
+
+def _unshown(category: str) -> bool:
+    """Control, format, surrogate and unassigned characters, and line and paragraph separators
+    (U+2028, U+2029, which break a line where terminals and viewers honour them)."""
+    return category[0] == "C" or category in ("Zl", "Zp")
 
 
 def _escaped(c: str) -> str:

@@ -205,7 +205,8 @@ class CoherentVolume:
         """Exclusive write grant for this agent (pessimistic mode), waiting up to `timeout` seconds.
 
         While held, every other agent's write is refused with 'held'. The grant ends at exit,
-        at `ttl`, or when this process dies; a write after it was reclaimed is refused 'fenced'."""
+        at `ttl`, or when this process dies; a write after it was reclaimed is refused 'fenced'.
+        Both are seconds, at most 30 days (VolumeConfigError otherwise)."""
         _seconds("ttl", ttl, zero=False)
         _seconds("timeout", timeout, zero=True)
         target = self._target(path)
@@ -242,14 +243,23 @@ class CoherentVolume:
         return f"CoherentVolume({self.root!r}, agent={self.agent!r}, isolation={self.isolation!r})"
 
 
+LONGEST_WAIT = 30 * 86400.0
+"""Seconds a grant may last or a lock() wait at most (30 days): past that, a number is taken for a
+mistake (a grant's end far past any clock a registry or `status` shows)."""
+SHORTEST_TTL = 0.001
+"""Seconds a grant lasts at least: a shorter one would be over before anything could use it."""
+
+
 def _seconds(name: str, value: object, *, zero: bool) -> None:
-    """VolumeConfigError unless `value` is a finite number of seconds, above 0 (or 0 too, with `zero`)."""
+    """VolumeConfigError unless `value` is a number of seconds from SHORTEST_TTL (or 0, with `zero`)
+    to LONGEST_WAIT."""
+    least = 0.0 if zero else SHORTEST_TTL
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not zero)
+        or not least <= value <= LONGEST_WAIT
     ):
-        least = "0 or more" if zero else "more than 0"
-        raise VolumeConfigError(f"{name} must be a finite number of seconds, {least}, not {value!r}")
+        raise VolumeConfigError(
+            f"{name} must be a number of seconds from {least:g} to {LONGEST_WAIT:g} (30 days), not {value!r}"
+        )

@@ -276,6 +276,10 @@ def test_a_file_a_peer_deleted_can_be_made_again_after_the_read_tool_found_it_go
         peer.delete(P)
     write = event("PreToolUse", "remake", root, "Write", target, tool_input={"content": "made again\n"})
     assert decision(s.hook(write))[0] == "deny"
+    # a Read that failed for another reason showed the model nothing of the file: no view
+    too_large = event("PostToolUseFailure", "remake", root, "Read", target, error="File content exceeds maximum size")
+    assert s.hook(too_large)["code"] == 0
+    assert decision(s.hook(write))[0] == "deny"
     failed = event("PostToolUseFailure", "remake", root, "Read", target, error="File does not exist.")
     assert s.hook(failed)["code"] == 0
     assert decision(s.hook(write))[0] == "allow"

@@ -149,6 +149,26 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
         assert decision(s.hook(s.event("before_replace", path=target, old="v1", new="v2")))[0] == "allow"
 
 
+def test_a_file_a_peer_deleted_can_be_made_again_after_read_file_found_it_gone(root: Path, sessions) -> None:
+    """As for Claude Code's Read: a read_file that failed saying the file is not there showed the
+    model the deletion, so its view is registered there and a write_file may make the file anew
+    (before: denied `stale` for ever); one that failed for another reason registers nothing."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("remake", root)
+    s.read(target)
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        peer.delete(P)
+    write = s.event("before_write_file", path=target, content="made again\n")
+    for error, verdict in (("File size exceeds the 20MB limit", "deny"), ("File not found.", "allow")):
+        failed = s.event("after_read_file", path=target, text="")
+        failed["tool_response"] = {"llmContent": "", "error": {"message": error}}
+        assert s.hook(failed)["code"] == 0
+        assert decision(s.hook(write))[0] == verdict, error
+
+
 def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
     lines = [f"line {i}" for i in range(1, 31)]
     with CoherentVolume(root, agent="setup") as setup:

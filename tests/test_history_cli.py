@@ -252,7 +252,7 @@ def test_a_name_holding_a_newline_or_an_escape_forges_no_line_of_output(root: Pa
     hostile probe: `log -p`, `why`, `diff` headers, the `history` title and the tables printed them
     raw). --json keeps the name as it is."""
     forged = "plans/x\n99  2026-11-30 17:00:00  commit  plans/a.md  alice  v7"
-    clearing = "plans/\x1b[2Jy"
+    clearing = "plans/\x1b[2Jy\u2028z"
     with CoherentVolume(root, agent="mallory") as v:
         v.write(forged, "one\n")
         v.write(forged, "two\n")
@@ -268,7 +268,7 @@ def test_a_name_holding_a_newline_or_an_escape_forges_no_line_of_output(root: Pa
     ]
     for out in outputs:
         assert "\x1b" not in out and not any(line.startswith("99 ") for line in out.splitlines()), out
-        assert "plans/x\\x0a99" in out or "plans/\\x1b[2Jy" in out, out
+        assert "\u2028" not in out and ("plans/x\\x0a99" in out or "plans/\\x1b[2Jy\\u2028z" in out), out
     assert {json.loads(line)["path"] for line in ok("log", root, "--json").splitlines()} == {forged, clearing}
 
 
