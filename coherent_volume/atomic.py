@@ -56,6 +56,9 @@ class Staged:
     """(the volume's root, a mode): `install` first makes the target's missing directories below
     the root with that mode. Staging makes none (it stages in the nearest directory there is), so
     a write that is refused, or never installed, leaves no directory behind."""
+    at: str | None = None
+    """The directory it was staged in, where the target's is not there yet (the nearest one on its
+    way, on the file system the target's will be on): names it is given before its install go there."""
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -97,19 +100,22 @@ class Staged:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            tmp = temp_name(self.target)
+            tmp = os.path.join(self._directory, _temp_base(self.target))
             _link(self.fd, tmp)
         self.tmp, self.named = tmp, True
         return tmp
+
+    @property
+    def _directory(self) -> str:
+        """Where its content may be named before its install (`at`, else the target's directory)."""
+        return self.at or os.path.dirname(self.target)
 
     def _copy_anew(self) -> None:
         """Replace the staged descriptor by an unnamed copy of its content (an inode that was named
         and unnamed again cannot be linked any more)."""
         assert self.fd is not None
         source = self.fd
-        fd = os.open(
-            os.path.dirname(self.target), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, os.fstat(source).st_mode & 0o7777
-        )
+        fd = os.open(self._directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, os.fstat(source).st_mode & 0o7777)
         try:
             try:
                 fcntl.ioctl(fd, _FICLONE, source)
@@ -312,11 +318,11 @@ def stage_written(
     and of missing parent directories (below `root`, the volume's: never made again) with search
     bits added; an existing target keeps its own.
     Not `durable`: not fsynced, and its install fsyncs no directory."""
-    directory = os.path.dirname(target)
-    missing = _missing(directory, root)
-    fd, tmp = _open_staged(target, mode, os.path.dirname(missing[-1]) if missing else directory)
+    missing = _missing(os.path.dirname(target), root)
+    at = os.path.dirname(missing[-1]) if missing else None
+    fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
     makes = (root, mode | (mode & 0o444) >> 2)
-    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, makes=makes)
+    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, makes=makes, at=at)
     try:
         fill(lambda part: _write_all(fd, part))
         if durable:

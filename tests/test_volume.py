@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -512,6 +513,24 @@ def test_a_refused_write_into_new_directories_makes_none(root: Path, vols) -> No
     assert alice.write("plans/new/deep/x.md", b"accepted") == 1
     assert (root / "plans/new/deep/x.md").read_bytes() == b"accepted"
     assert sorted(p.name for p in (root / "plans/new").iterdir()) == ["deep"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_write_into_new_directories_on_another_file_system_inside_the_volume_lands(root: Path) -> None:
+    """The staging directory is on the root's file system; content for a file system mounted inside
+    the volume is named in the nearest directory on its way there, since its own is made only at
+    the install (before: every such write into a new directory was refused, the message blaming
+    the staging directory: found by a hostile probe)."""
+    inner = root / "plans/tm"
+    inner.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+    try:
+        with CoherentVolume(root, agent="alice") as v:
+            assert v.write("plans/tm/new/deep/x.md", "on the inner file system\n") == 1
+            assert v.read("plans/tm/new/deep/x.md") == b"on the inner file system\n"
+        assert [p.name for p in inner.rglob("*") if p.is_file()] == ["x.md"]
+    finally:
+        subprocess.run(["umount", str(inner)], check=True)
 
 
 def test_repeated_reads_see_every_change_at_once(root: Path, vols) -> None:
