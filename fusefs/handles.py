@@ -469,7 +469,7 @@ class Shadow:
             handle.edits.change()
         handle = handle._start(copy=not truncate)
         if truncate and unprivileged is not None:
-            _kill_set_ids_at(target.abs, unprivileged)
+            kill_set_ids_at(target.abs, unprivileged)
         return handle
 
     @classmethod
@@ -568,7 +568,7 @@ class Shadow:
             self.closed = False
             await self._writable()
             if self.unprivileged is not None and not self.wrote:
-                _kill_set_ids_at(self.target.abs, self.unprivileged)  # (what its commit installs takes the file's mode)
+                kill_set_ids_at(self.target.abs, self.unprivileged)  # (what its commit installs takes the file's mode)
             if self.kind == "append":
                 off = os.fstat(self.fd).st_size
                 self.edits.append(off)
@@ -591,7 +591,7 @@ class Shadow:
                 await blocking(self._turn_into_writer)
             await self._writable()
             if self.unprivileged is not None and not self.wrote:
-                _kill_set_ids_at(self.target.abs, self.unprivileged)
+                kill_set_ids_at(self.target.abs, self.unprivileged)
             os.ftruncate(self.fd, size)
             self.edits.change()
             self.pending = self.wrote = True
@@ -769,7 +769,8 @@ def kill_set_ids(fd: int, caller: Unprivileged) -> None:
         os.fchmod(fd, stat_mod.S_IMODE(killed))
 
 
-def _kill_set_ids_at(path: str, caller: Unprivileged) -> None:
+def kill_set_ids_at(path: str, caller: Unprivileged) -> None:
+    """`kill_set_ids` of the file at `path` (nothing where it is gone meanwhile)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:  # (gone meanwhile: its commit will say)

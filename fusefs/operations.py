@@ -43,6 +43,7 @@ from .handles import (
     blocking,
     errno_of,
     kill_set_ids,
+    kill_set_ids_at,
     touch,
 )
 from .identity import AgentResolver, proc_file, process_of
@@ -892,6 +893,7 @@ class CoherentOperations(pyfuse3.Operations):
             self.own.note(rel)
             if fields.update_size:
                 await handle.resize(attr.st_size) if handle is not None else self.backing.truncate(rel, attr.st_size)
+                self._truncated_by(ctx, rel)
             self._set_mode_and_owner(rel, fd, attr, fields)
             self._set_times(rel, fd, attr, fields)
             return self._attrs(rel, inode, st=os.fstat(fd) if fd is not None else None)
@@ -915,8 +917,10 @@ class CoherentOperations(pyfuse3.Operations):
                     agent = await self._writer(ctx, rel)
                     await blocking(self._truncate, agent, rel, attr.st_size)
                     self._truncated[by_name] = (ctx.pid, _call_of(ctx.pid))
+                self._truncated_by(ctx, rel)
             else:
                 self.backing.truncate(rel, attr.st_size)
+                self._truncated_by(ctx, rel)
         at = self._metadata_at(inode, rel)
         if at != rel:
             self.own.note(at)
@@ -930,6 +934,14 @@ class CoherentOperations(pyfuse3.Operations):
                 )
             self._set_times(at, self._through(handle, inode, at), attr, fields)
         return self._reply(inode, rel)
+
+    def _truncated_by(self, ctx: pyfuse3.RequestContext, rel: str) -> None:
+        """After a truncate by `ctx`'s caller of the file at `rel`: its set-ID bits cleared as Linux
+        clears them for a caller without CAP_FSETID (`kill_set_ids`; the kernel's FUSE keeps a
+        set-group-ID bit without group execute, whoever truncates)."""
+        caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)
+        if caller is not None:
+            kill_set_ids_at(self.core.paths.of_rel(rel).abs, caller)
 
     def _truncate(self, agent: str, rel: str, size: int) -> None:
         """truncate(2) of the managed file at `rel` by its name, as `agent` (`VolumeCore.truncate`): a

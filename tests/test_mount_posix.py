@@ -81,7 +81,7 @@ SET_IDS_MADE = """
 import os
 for d in (".", "plans"):
     for mode in (0o4777, 0o6777, 0o2767):
-        for how in ("write", "trunc", "append", "cut"):
+        for how in ("write", "trunc", "append", "cut", "byname"):
             name = f"{d}/{how}{mode:o}"
             with open(name, "w") as f:
                 f.write("root's\\n")
@@ -93,12 +93,14 @@ import os, stat
 os.setgroups([]); os.setgid(65534); os.setuid(65534)  # (after exec: the interpreter may be in root's home)
 for d in (".", "plans"):
     for mode in (0o4777, 0o6777, 0o2767):
-        for how, flags in (("write", os.O_WRONLY), ("trunc", os.O_WRONLY | os.O_TRUNC), ("append", os.O_WRONLY | os.O_APPEND), ("cut", os.O_WRONLY)):
+        for how, flags in (("write", os.O_WRONLY), ("trunc", os.O_WRONLY | os.O_TRUNC), ("append", os.O_WRONLY | os.O_APPEND), ("cut", os.O_WRONLY), ("byname", os.O_RDONLY)):
             name = f"{d}/{how}{mode:o}"
+            if how == "byname":
+                os.truncate(name, 2)
             fd = os.open(name, flags)
             if how == "cut":
                 os.ftruncate(fd, 2)
-            elif how != "trunc":
+            elif how not in ("trunc", "byname"):
                 os.write(fd, b"x")
             during = oct(stat.S_IMODE(os.fstat(fd).st_mode))
             os.close(fd)
