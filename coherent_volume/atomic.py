@@ -57,8 +57,8 @@ class Staged:
     the root with that mode. Staging makes none (it stages in the nearest directory there is), so
     a write that is refused, or never installed, leaves no directory behind."""
     at: str | None = None
-    """The directory it was staged in, where the target's is not there yet (the nearest one on its
-    way, on the file system the target's will be on): names it is given before its install go there."""
+    """The directory it was staged in, where the target's is not there yet: the nearest one on its
+    way, on the file system the target's will be on (a copy of its content is made there too)."""
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -100,14 +100,18 @@ class Staged:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            tmp = os.path.join(self._directory, _temp_base(self.target))
+            # beside the target, where recovery looks for it (`VolumePaths.staged`): its directories
+            # are made now (the commit was decided; only a registry failure can still stop it)
+            if self.makes is not None:
+                _makedirs(os.path.dirname(self.target), *self.makes)
+            tmp = temp_name(self.target)
             _link(self.fd, tmp)
         self.tmp, self.named = tmp, True
         return tmp
 
     @property
     def _directory(self) -> str:
-        """Where its content may be named before its install (`at`, else the target's directory)."""
+        """Where its unnamed content lives (`at`, else the target's directory)."""
         return self.at or os.path.dirname(self.target)
 
     def _copy_anew(self) -> None:
@@ -320,8 +324,14 @@ def stage_written(
     Not `durable`: not fsynced, and its install fsyncs no directory."""
     missing = _missing(os.path.dirname(target), root)
     at = os.path.dirname(missing[-1]) if missing else None
-    fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
     makes = (root, mode | (mode & 0o444) >> 2)
+    fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
+    if tmp is not None and at is not None:  # no O_TMPFILE here: named beside the target, where recovery
+        os.close(fd)  # looks for it (`VolumePaths.staged`), so its directories are made now
+        os.unlink(tmp)
+        _makedirs(os.path.dirname(target), *makes)
+        at = None
+        fd, tmp = _open_staged(target, mode, os.path.dirname(target))
     staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, makes=makes, at=at)
     try:
         fill(lambda part: _write_all(fd, part))

@@ -43,8 +43,9 @@ from coherent_volume.claude_code import agent_of
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.core.base import _removed_if_empty
 from coherent_volume.core.writes import Writes
-from coherent_volume.fingerprint import hash_file
+from coherent_volume.fingerprint import content_hash, hash_file
 from coherent_volume.paths import REGISTRY_DIR
+from coherent_volume.protocol import Intent
 from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
 from coherent_volume.registry.pg_location import Location
 
@@ -859,6 +860,29 @@ def test_a_rename_onto_a_name_another_copy_makes_a_file_at_once_never_both_land(
         moving.close()
     present = {path for (path,) in _q(pg_url, "SELECT path FROM cv_files WHERE present")}
     assert not [(p, q) for p in present for q in present if q.startswith(p + "/")]
+
+
+def test_a_creation_in_the_way_of_a_rename_whose_install_is_not_recorded_says_so(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """A rename's intent (here: left as a killed renamer leaves it) refuses a creation in its way,
+    and the message says it is a rename under way, not a file the volume holds (the history has
+    none yet: found by a hostile probe); reading the file, as the message says, settles it."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(other, agent="bob") as b:
+        b.write("plans/src.md", "moved\n")
+    with CoherentVolume(root, agent="alice") as a:
+        a.write("plans/alice.md", "first\n")  # (a process's first transaction settles every intent)
+        renamer = open_core(other)
+        try:
+            intent = Intent("plans/dst/f.md", "bob", 1, True, content_hash(b"moved\n"), None)
+            renamer.registry.transact(lambda tx: tx.put_intent(intent), ["plans/dst/f.md"])
+        finally:
+            renamer.close()
+        with pytest.raises(TreeClash, match="a rename by bob is putting a file below it, plans/dst/f.md") as clash:
+            a.write("plans/dst", "alice's\n")
+        assert clash.value.errno == errno.EISDIR and "install is not recorded yet" in str(clash.value)
+        assert a.history("plans/dst") == []
 
 
 def test_a_name_one_copy_made_a_file_and_another_a_directory_is_reported_on_both(

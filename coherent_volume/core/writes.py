@@ -156,13 +156,18 @@ class Writes(Reads):
         if other is None:
             return
         code = in_the_way(target.rel, other.path)
-        kind = "a file on its way" if code == errno.ENOTDIR else "a file below it"
+        where = "on its way" if code == errno.ENOTDIR else "below it"
+        held = (
+            f"a rename by {other.writer} is putting a file {where}, {other.path} (its v{other.version}), and its "
+            "install is not recorded yet"
+            if other.pending
+            else f"the volume holds a file {where}, {other.path} v{other.version} (by {other.writer})"
+        )
         raise TreeClash(
             code,
-            f"{target.rel} cannot be made a file: the volume holds {kind}, {other.path} v{other.version} (by "
-            f"{other.writer}). Nothing was changed: read {other.path} (or run `coherent-volume status`) to bring "
-            "this working copy up to date, then choose another name, or delete or rename that file through the "
-            "volume first",
+            f"{target.rel} cannot be made a file: {held}. Nothing was changed: read {other.path} (or run "
+            "`coherent-volume status`) to bring this working copy up to date, then choose another name, or delete "
+            "or rename that file through the volume first",
             target.rel,
         )
 

@@ -159,6 +159,8 @@ class InTheWay(NamedTuple):
     path: str
     version: int
     writer: str
+    pending: bool
+    """A rename's intent (its install not recorded yet), not a file the volume holds."""
 
 
 class Transaction(Protocol):

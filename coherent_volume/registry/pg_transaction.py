@@ -628,8 +628,8 @@ class PostgresTransaction:
     def _in_the_way_query(self, path: str) -> tuple[str, tuple[Any, ...]]:
         places = "volume = %s AND present AND (path = ANY(%s) OR (path > %s AND path < %s))"
         return (
-            f"SELECT path, version, writer FROM cv_files WHERE {places} "
-            f"UNION ALL SELECT path, version, agent FROM cv_intents WHERE {places} LIMIT 1",
+            f"SELECT path, version, writer, false FROM cv_files WHERE {places} "
+            f"UNION ALL SELECT path, version, agent, true FROM cv_intents WHERE {places} LIMIT 1",
             (self._v, dirs_above(path), path + "/", path + "0") * 2,
         )
 

@@ -278,11 +278,11 @@ class SQLiteTransaction:
         ways = dirs_above(path)
         places = f"(path IN ({','.join('?' * len(ways))}) OR (path > ? AND path < ?))"
         found = self._c.execute(
-            f"SELECT path, version, writer FROM files WHERE present = 1 AND {places} "
-            f"UNION ALL SELECT path, version, agent FROM intents WHERE present = 1 AND {places} LIMIT 1",
+            f"SELECT path, version, writer, 0 FROM files WHERE present = 1 AND {places} "
+            f"UNION ALL SELECT path, version, agent, 1 FROM intents WHERE present = 1 AND {places} LIMIT 1",
             (*ways, path + "/", path + "0") * 2,
         ).fetchone()
-        return None if found is None else InTheWay(*found)
+        return None if found is None else InTheWay(found[0], found[1], found[2], bool(found[3]))
 
     def deleted_in(self, directory: str) -> list[FileRecord]:
         prefix = f"{directory}/" if directory else ""
