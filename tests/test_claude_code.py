@@ -33,6 +33,7 @@ from coherent_volume.paths import Target
 
 from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
+from .harness.volumes import deleted_after_read
 
 P = "plans/plan.md"
 
@@ -266,14 +267,8 @@ def test_a_file_a_peer_deleted_can_be_made_again_after_the_read_tool_found_it_go
     again; the Read tool then fails (no file), which shows the model the deletion: its view is
     registered there, so the next Write makes the file anew (before: no view was registered, and
     every Write was denied `stale` again)."""
-    target = root / P
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "v1\n")
     s = sessions("remake", root)
-    s.read(target)
-    with CoherentVolume(root, agent="peer") as peer:
-        peer.read(P)
-        peer.delete(P)
+    target = deleted_after_read(root, P, s.read)
     write = event("PreToolUse", "remake", root, "Write", target, tool_input={"content": "made again\n"})
     assert decision(s.hook(write))[0] == "deny"
     # a Read that failed for another reason showed the model nothing of the file: no view

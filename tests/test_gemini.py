@@ -19,6 +19,7 @@ from coherent_volume.errors import StaleWriteError
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
+from .harness.volumes import deleted_after_read
 
 P = "plans/plan.md"
 EVENTS = fixture("gemini")
@@ -153,14 +154,8 @@ def test_a_file_a_peer_deleted_can_be_made_again_after_read_file_found_it_gone(r
     """As for Claude Code's Read: a read_file that failed saying the file is not there showed the
     model the deletion, so its view is registered there and a write_file may make the file anew
     (before: denied `stale` for ever); one that failed for another reason registers nothing."""
-    target = root / P
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "v1\n")
     s = sessions("remake", root)
-    s.read(target)
-    with CoherentVolume(root, agent="peer") as peer:
-        peer.read(P)
-        peer.delete(P)
+    target = deleted_after_read(root, P, s.read)
     write = s.event("before_write_file", path=target, content="made again\n")
     for error, verdict in (("File size exceeds the 20MB limit", "deny"), ("File not found.", "allow")):
         failed = s.event("after_read_file", path=target, text="")

@@ -213,3 +213,16 @@ def audit_store(root: Path, paths: list[str]) -> StoreAudit:
         sql(root, "SELECT DISTINCT hash FROM content_parts WHERE hash NOT IN (SELECT hash FROM contents)")
     )
     return audit
+
+
+def deleted_after_read(root: Path, rel: str, read: Callable[[Path], object]) -> Path:
+    """`rel` written by a setup agent, read by `read` (an agent's read tool), then deleted by a peer
+    that read it: the reader's view is of a version a deletion followed. The file's path."""
+    target = root / rel
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(rel, "v1\n")
+    read(target)
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(rel)
+        peer.delete(rel)
+    return target
