@@ -235,7 +235,10 @@ def test_a_session_cleared_without_its_session_end_leaves_its_process_to_the_new
     never ran (killed, timed out, an older Claude Code), the process stayed bound to both and the
     mount took it for the old session: a write the hook allowed failed EACCES, and a blind write of
     a file only the old session had read went through as the old session's (found by a hostile
-    probe). The process is the new session's alone."""
+    probe). The process is the new session's alone, once the mount's memory of whose a process is
+    (a second) has expired."""
+    from fusefs import identity
+
     other = "plans/other.md"
     with CoherentVolume(mounted.root, agent="setup") as setup:
         setup.write(P, "v1\n")
@@ -246,6 +249,7 @@ def test_a_session_cleared_without_its_session_end_leaves_its_process_to_the_new
     s.read(mounted.path / other)
     s.id = "after-clear"  # the same process, a new session: no SessionEnd came for the old one
     s.hook(event("SessionStart", "after-clear", mounted.path, source="clear"))
+    time.sleep(identity.CACHE_SECONDS + 0.2)  # what the mount remembers of whose the process is expires (docs)
     blind = s.own_write(mounted.path / other, "blind write\n")
     assert blind["code"] != 0 and "Permission denied" in str(blind["stderr"]), blind
     with CoherentVolume(mounted.root, agent="peer") as peer:
