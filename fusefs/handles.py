@@ -89,16 +89,18 @@ class Passthrough:
         return os.pread(self.fd, size, off)
 
     async def write(self, off: int, buf: bytes) -> int:
-        if self.unprivileged is not None:
-            kill_set_ids(self.fd, self.unprivileged)
-            self.unprivileged = None
+        self._changing()
         return os.pwrite(self.fd, buf, off)
 
     async def resize(self, size: int) -> None:
+        self._changing()
+        os.ftruncate(self.fd, size)
+
+    def _changing(self) -> None:
+        """Before its first write or truncation: the file's set-ID bits, as its opener's change clears them."""
         if self.unprivileged is not None:
             kill_set_ids(self.fd, self.unprivileged)
             self.unprivileged = None
-        os.ftruncate(self.fd, size)
 
     async def flush(self) -> None:
         pass
@@ -567,8 +569,7 @@ class Shadow:
             self._usable()
             self.closed = False
             await self._writable()
-            if self.unprivileged is not None and not self.wrote:
-                kill_set_ids_at(self.target.abs, self.unprivileged)  # (what its commit installs takes the file's mode)
+            self._changing()
             if self.kind == "append":
                 off = os.fstat(self.fd).st_size
                 self.edits.append(off)
@@ -590,12 +591,17 @@ class Shadow:
             if self.kind == "append" and not self.orphaned:
                 await blocking(self._turn_into_writer)
             await self._writable()
-            if self.unprivileged is not None and not self.wrote:
-                kill_set_ids_at(self.target.abs, self.unprivileged)
+            self._changing()
             os.ftruncate(self.fd, size)
             self.edits.change()
             self.pending = self.wrote = True
             self.synced = False
+
+    def _changing(self) -> None:
+        """Before its first write or truncation since its last commit: the file's set-ID bits, as its
+        opener's change clears them (what its commit installs takes the file's mode)."""
+        if self.unprivileged is not None and not self.wrote:
+            kill_set_ids_at(self.target.abs, self.unprivileged)
 
     def _turn_into_writer(self) -> None:
         self._drop_grant()  # its append share; another agent taking the grant meanwhile is a refusal below
@@ -740,14 +746,13 @@ class Unprivileged:
     groups: frozenset[int]
 
     @classmethod
-    def of(cls, uid: int, gid: int, pid: int) -> Unprivileged | None:
-        """The caller `uid`/`gid` of process `pid` (its supplementary groups from /proc), or None
-        for root."""
-        if uid == 0:
+    def of(cls, ctx: pyfuse3.RequestContext) -> Unprivileged | None:
+        """The caller of a request (its supplementary groups from /proc), or None for root."""
+        if ctx.uid == 0:
             return None
-        groups = {gid}
+        groups = {ctx.gid}
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{ctx.pid}/status") as f:
                 for line in f:
                     if line.startswith("Groups:"):
                         groups.update(int(g) for g in line.split()[1:])

@@ -917,9 +917,9 @@ class CoherentOperations(pyfuse3.Operations):
                     agent = await self._writer(ctx, rel)
                     await blocking(self._truncate, agent, rel, attr.st_size)
                     self._truncated[by_name] = (ctx.pid, _call_of(ctx.pid))
-                self._truncated_by(ctx, rel)
             else:
                 self.backing.truncate(rel, attr.st_size)
+            if handle is None:
                 self._truncated_by(ctx, rel)
         at = self._metadata_at(inode, rel)
         if at != rel:
@@ -939,7 +939,7 @@ class CoherentOperations(pyfuse3.Operations):
         """After a truncate by `ctx`'s caller of the file at `rel`: its set-ID bits cleared as Linux
         clears them for a caller without CAP_FSETID (`kill_set_ids`; the kernel's FUSE keeps a
         set-group-ID bit without group execute, whoever truncates)."""
-        caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)
+        caller = Unprivileged.of(ctx)
         if caller is not None:
             kill_set_ids_at(self.core.paths.of_rel(rel).abs, caller)
 
@@ -1383,7 +1383,7 @@ class CoherentOperations(pyfuse3.Operations):
                 self._walk_again(ctx, landed, True, (inode, rel))
                 self.own.note(rel)  # its close-after-write event is our own echo
             fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-            caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid) if writing else None
+            caller = Unprivileged.of(ctx) if writing else None
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)
             handle = Passthrough(fd, rel, _writable(flags), caller)
@@ -1394,7 +1394,7 @@ class CoherentOperations(pyfuse3.Operations):
             raise self._stale(rel, ctx, writing=True)
         with self._writing(rel, inode, ctx, repeat=True):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
-            caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)
+            caller = Unprivileged.of(ctx)
             handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags, caller)
             fh = self._open_file(handle, inode)
             if handle.pending:  # O_TRUNC: its descriptors see the file cut, as on a local disk
@@ -1589,14 +1589,12 @@ class CoherentOperations(pyfuse3.Operations):
                 os.close(fd)  # the program gets the error, not a descriptor: none may leak
                 raise
             return pyfuse3.FileInfo(
-                fh=self._open_file(
-                    Passthrough(fd, rel, _writable(flags), Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)), entry.st_ino
-                ),
+                fh=self._open_file(Passthrough(fd, rel, _writable(flags), Unprivileged.of(ctx)), entry.st_ino),
                 keep_cache=True,
             ), entry
         with self._use(rel):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
-            caller = Unprivileged.of(ctx.uid, ctx.gid, ctx.pid)
+            caller = Unprivileged.of(ctx)
             target, owner = self._target(rel), self._new_owner(rel, ctx)
             handle = await blocking(Shadow.create, self.core, self._owner, agent, target, mode, flags, caller, *owner)
         self._unpin(rel)
