@@ -405,6 +405,11 @@ class ManagedGlobs:
         object.__setattr__(self, "_segments", segments)
         object.__setattr__(self, "_shapes", tuple(_glob_segments(p) for p in self.patterns))
 
+    def only_within(self, name: str) -> tuple[str, ...]:
+        """The patterns whose first segment is `name` as plain text: every path they match lies in the
+        top-level directory `name` (or is it)."""
+        return tuple(p for p in self.patterns if p.split("/")[0] == name)
+
     def reaches(self, directory: str) -> bool:
         """True if some path strictly under the root-relative `directory` ("" is the root) could match a
         managed glob, exactly as `matches` decides (case-sensitive). When False, no file however deep in

@@ -49,6 +49,16 @@ def test_init_creates_and_is_idempotent(tmp_path: Path) -> None:
     assert not (tmp_path / "ws2").exists(), "a refused init leaves no directory behind"
 
 
+def test_init_refuses_a_glob_that_names_only_the_volumes_own_directory(tmp_path: Path) -> None:
+    """Files in .coherent/ are never managed, so a glob naming only them would protect nothing:
+    `init` says so and makes nothing, alone or beside a glob that works."""
+    for globs in ([".coherent/**"], ["plans/**", ".coherent/*.db"], [".coherent"]):
+        r = cv("init", str(tmp_path / "ws"), *(a for g in globs for a in ("-m", g)))
+        assert r.returncode == 1 and "never managed" in r.stderr and "Traceback" not in r.stderr, (globs, r.stderr)
+        assert not (tmp_path / "ws").exists()
+    assert cv("init", str(tmp_path / "ws"), "-m", ".c*/**").returncode == 0  # may name other directories
+
+
 def test_a_refused_init_leaves_no_directory_behind(tmp_path: Path) -> None:
     root = tmp_path / "new" / "ws"
     r = cv("init", str(root), "-m", "plans/**", "--registry", "postgresql://cv:secret@127.0.0.1:1/cv", "--volume", "v")

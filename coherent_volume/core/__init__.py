@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import NestedVolume, VolumeConfigError
+from ..errors import GlobError, NestedVolume, VolumeConfigError
 from ..filesystems import refuse_network_root
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts
@@ -78,6 +78,12 @@ def open_core(
     if not os.path.isdir(real):
         raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
     globs = None if managed is None else ManagedGlobs.of(managed)
+    inside = () if globs is None else globs.only_within(REGISTRY_DIR)
+    if inside:
+        raise GlobError(
+            f"managed glob {inside[0]!r} names only paths in {REGISTRY_DIR}/, the volume's own directory, whose "
+            "files are never managed: name the files to protect instead (e.g. 'plans/**')"
+        )
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     directory = os.path.join(real, REGISTRY_DIR)
     made = recorded_in(directory)
