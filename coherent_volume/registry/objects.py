@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import sqlite3
@@ -136,26 +137,36 @@ def put(conn: sqlite3.Connection, digest: str | None, source: bytes | int) -> st
     """`Transaction.store` on `conn`'s open write transaction: a descriptor is read once, a part at
     a time (with `digest` None, what that read finds is stored under its hash). Content stored
     already under its hash is kept if intact, replaced if damaged."""
-    if isinstance(source, bytes):
-        got = xxhash.xxh3_128_hexdigest(source)
-        if digest is not None and got != digest:
-            raise _changed(digest)
-        if len(source) <= PART:  # one row, one statement; a stored row unlike these bytes is damaged
-            conn.execute(
-                "INSERT INTO contents (hash, size, data) VALUES (?, ?, ?) ON CONFLICT (hash) DO UPDATE "
-                "SET size = excluded.size, data = excluded.data "
-                "WHERE contents.size != excluded.size OR contents.data != excluded.data",
-                (got, len(source), source),
-            )
-        elif not _intact(conn, got):
-            _remove(conn, got)
-            _insert(conn, _slices(source), expected=got)
-        return got
+    if isinstance(source, int):
+        parts = _read_parts(source)
+        first = next(parts, b"")
+        second = next(parts, None)
+        if second is not None:
+            return _put_parts(conn, digest, itertools.chain((first, second), parts))
+        source = first  # all of it, in one part: stored as bytes are
+    got = xxhash.xxh3_128_hexdigest(source)
+    if digest is not None and got != digest:
+        raise _changed(digest)
+    if len(source) <= PART:  # one row, one statement; a stored row unlike these bytes is damaged
+        conn.execute(
+            "INSERT INTO contents (hash, size, data) VALUES (?, ?, ?) ON CONFLICT (hash) DO UPDATE "
+            "SET size = excluded.size, data = excluded.data "
+            "WHERE contents.size != excluded.size OR contents.data != excluded.data",
+            (got, len(source), source),
+        )
+    elif not _intact(conn, got):
+        _remove(conn, got)
+        _insert(conn, _slices(source), expected=got)
+    return got
+
+
+def _put_parts(conn: sqlite3.Connection, digest: str | None, parts: Iterable[bytes]) -> str:
+    """`put` of content of more than one part, read as it goes."""
     if digest is not None:
         if _intact(conn, digest):
             return digest
         _remove(conn, digest)
-    got = _insert(conn, _read_parts(source), expected=digest)
+    got = _insert(conn, parts, expected=digest)
     if digest is not None and got != digest:
         raise _changed(digest)
     return got
