@@ -173,6 +173,7 @@ def serve(
     serves. A crash leaves the mount dead, never bare (its binds go with its next unmount)."""
     os.umask(0)  # callers' modes arrive with their own umask applied: never apply the daemon's on top
     core = open_core(root)
+    core.settle()
     resolver = AgentResolver(agent, os.getpid(), core.session_of)
     ops = CoherentOperations(core, resolver, direct_dirs)
     options = set(pyfuse3.default_options) | {f"fsname={_option_value(core.paths.root)}", "subtype=coherent"}

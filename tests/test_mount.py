@@ -347,6 +347,38 @@ def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: P
     assert version(m, P) == before + 1
 
 
+KILLED_SETTING_ASIDE = """
+import os, sys
+from coherent_volume import CoherentVolume, atomic
+set_aside = atomic.set_aside
+def killed(path, aside):
+    set_aside(path, aside)
+    os.kill(os.getpid(), 9)
+atomic.set_aside = killed
+with CoherentVolume(sys.argv[1], agent="alice") as v:
+    v.read(sys.argv[2])
+    v.delete(sys.argv[2])
+"""
+
+
+def test_a_mount_settles_what_a_killed_deletion_set_aside_before_it_serves(root: Path, tmp_path: Path) -> None:
+    """A deletion killed after its decision set the file aside (`.NAME.cv-PID-XXXXXXXX.tmp`, beside
+    it) left that name in the directory: a mount started then listed it, a stray unmanaged file in
+    the managed glob, until some process's next commit settled it (found by a hostile tester
+    killing the daemon mid-unlink). The mount settles it before it serves."""
+    with CoherentVolume(root, agent="alice") as v:
+        v.write(P, "doomed\n")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SETTING_ASIDE, str(root), P], timeout=60)
+    assert killed.returncode == -9
+    directory = os.path.dirname(P)
+    assert [n for n in os.listdir(root / directory) if ".cv-" in n], "the killed deletion left its set-aside name"
+    with Mount(root, tmp_path / "mnt") as m:
+        assert [n for n in os.listdir(m.path / directory) if ".cv-" in n] == []
+        assert not (m.path / P).exists()
+    with CoherentVolume(root, agent="bob") as v:
+        assert [h.kind for h in v.history(P)] == ["delete", "commit"]
+
+
 def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
     busy = tmp_path / "full"
     busy.mkdir()

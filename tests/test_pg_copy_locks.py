@@ -20,7 +20,7 @@ from coherent_volume.registry import pg_registry
 from coherent_volume.registry.copy_locks import PATHS
 from coherent_volume.registry.pg_transaction import path_key
 
-from .test_registry_postgresql import _pg_volume, _q
+from .test_registry_postgresql import QUEUED_WRITER, _ask, _join, _pg_volume, _Procs, _q
 
 PAUSED = """
 import os, sys, time
@@ -34,7 +34,7 @@ def pause():
     while not (gate / "go").exists():
         time.sleep(0.02)
 
-if where == "decision":  # inside its decision's transaction, the path's locks held (the database's too)
+if where in ("decision", "first"):  # inside its decision's transaction, the path's locks held (the database's too)
     record = Writes._record_staged
     def paused(self, *args, **kwargs):
         record(self, *args, **kwargs)
@@ -47,9 +47,11 @@ else:  # between its decision's COMMIT and its install: the copy's lock of the p
         install(self, *args, **kwargs)
     atomic.Staged.install = paused
 with CoherentVolume(root, agent="alice") as v:
-    v.read("plans/p.md")
-    v.stale()  # its first decision holds the whole copy if it is free (to sweep it): done before the pause
-    print(v.write("plans/p.md", "alice\\n"), flush=True)
+    if where == "first":  # the process's first transaction: a creation
+        print(v.write("plans/new.md", "alice\\n"), flush=True)
+    else:
+        v.read("plans/p.md")
+        print(v.write("plans/p.md", "alice\\n"), flush=True)
 """
 
 
@@ -128,6 +130,34 @@ def test_a_writer_of_another_path_commits_while_one_of_the_same_copy_is_paused(
     with CoherentVolume(root, agent="dave") as v:
         assert v.read("plans/p.md") == b"carol\n" and v.read("plans/q.md") == b"bob\n"
         assert [(h.version, h.writer) for h in v.history("plans/p.md")] == [(3, "carol"), (2, "alice"), (1, "seed")]
+    assert os.listdir(root / ".coherent" / "staging") == []
+
+
+def test_a_process_paused_in_its_first_decision_holds_up_no_writer_of_another_path(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """Alice's process is paused inside the decision of its first transaction (a creation), idle in
+    it: writers of other paths in the same working copy and in another one commit meanwhile, each
+    waiting at most 2 s for a lock (before, that decision held the whole volume and the whole copy,
+    to settle every intent and sweep the staging directory: every writer waited until the server
+    ended it, 5 s later, or failed EBUSY; found by a hostile probe)."""
+    other = _join(tmp_path / "other", pg_url)
+    procs = _Procs()
+    alice = _alice(root, tmp_path / "gate", "first")
+    try:
+        for copy, agent in ((root, "bob"), (other, "carol")):
+            writer = procs.start(QUEUED_WRITER, str(copy), agent, "2")
+            assert _ask(writer, f"plans/{agent}.md") == "ok"
+        (tmp_path / "gate" / "go").touch()
+        out, _ = alice.communicate(timeout=60)
+    finally:
+        (tmp_path / "gate" / "go").touch()
+        alice.kill()
+        alice.wait()
+        procs.kill()
+    assert alice.returncode == 0 and out.split() == ["1"]
+    with CoherentVolume(root, agent="dave") as v:
+        assert v.read("plans/new.md") == b"alice\n" and v.read("plans/bob.md") == b"x"
     assert os.listdir(root / ".coherent" / "staging") == []
 
 

@@ -41,7 +41,7 @@ from coherent_volume import (
 )
 from coherent_volume.claude_code import agent_of
 from coherent_volume.core import VolumeCore, open_core
-from coherent_volume.core.base import _removed_if_empty
+from coherent_volume.core.base import SWEEP_AGAIN, _removed_if_empty
 from coherent_volume.core.writes import Writes
 from coherent_volume.fingerprint import content_hash, hash_file
 from coherent_volume.paths import REGISTRY_DIR
@@ -776,6 +776,40 @@ def test_a_name_another_copy_made_a_file_or_a_directory_of_files_is_refused_as_t
         assert v.read("plans/x.md") == b"alice's\n" and v.read("plans/d/inner.md") == b"alice's inner\n"
     rows = _q(pg_url, "SELECT path FROM cv_files WHERE present ORDER BY path")
     assert rows == [("plans/d/inner.md",), ("plans/x.md",)]
+
+
+def test_a_directory_renamed_over_one_another_copy_filled_is_refused_as_not_empty(
+    root: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """A copy that has not installed another copy's file in plans/b yet finds plans/b empty (or
+    absent) on its disk: renaming its directory plans/a over it merged the two directories' files
+    (and two copies renaming a→b and b→a at once swapped them; found by a hostile probe). The
+    registry refuses it as a disk holding that file would (ENOTEMPTY), nothing changed."""
+    other = _join(tmp_path / "other", pg_url)
+    with CoherentVolume(root, agent="alice") as a:
+        a.write("plans/a/one.md", "alice's\n")
+    with CoherentVolume(other, agent="bob") as b:
+        b.write("plans/b/two.md", "bob's\n")
+    core = open_core(root)
+    try:
+        for exchange in (False, True):
+            (root / "plans/b").mkdir(exist_ok=True)
+            with pytest.raises(TreeClash, match="not installed yet, plans/b/two.md v1 \\(by bob\\)") as clash:
+                core.rename("alice", core.resolve("plans/a"), core.resolve("plans/b"), exchange=exchange)
+            assert clash.value.errno == errno.ENOTEMPTY
+            assert (root / "plans/a/one.md").read_text() == "alice's\n" and not any((root / "plans/b").iterdir())
+    finally:
+        core.close()
+    with CoherentVolume(root, agent="alice") as a:
+        assert a.read("plans/b/two.md") == b"bob's\n" and a.read("plans/a/one.md") == b"alice's\n"
+        assert [e.version for e in a.history("plans/a/one.md")] == [1]
+    core = open_core(root)
+    try:
+        with pytest.raises(OSError) as full:  # installed now: the disk refuses it as any disk would
+            core.rename("alice", core.resolve("plans/a"), core.resolve("plans/b"))
+        assert full.value.errno == errno.ENOTEMPTY
+    finally:
+        core.close()
 
 
 def test_two_copies_making_a_file_and_a_file_below_it_at_once_never_both_land(
@@ -2400,6 +2434,7 @@ def test_a_process_started_while_a_path_is_held_settles_every_interrupted_commit
             "WHERE state LIKE 'idle in transaction%%' AND pid != pg_backend_pid())"
         )
         _wait_for_row(pg_url, gone)
+        time.sleep(SWEEP_AGAIN)  # its next sweep is tried no sooner after the one that found the volume held
         assert _ask(writer, "plans/d.md") == "ok"
         assert ("plans/k.md",) not in _q(pg_url, "SELECT path FROM cv_intents")
         assert os.listdir(staging) == []

@@ -12,8 +12,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Literal, TypeVar
 
 from .. import atomic
@@ -65,6 +65,9 @@ EMPTY_HASH = content_hash(b"")
 PUT_BACK_ROUNDS = 8
 """Files a put back (`CoreBase._put_back`) records and exchanges into place in one go, each saved
 at the name by a program while the one before was being put back."""
+SWEEP_AGAIN = 1.0
+"""Seconds after a sweep found the volume or the working copy in use before the next one is tried
+(`_commit_lock`)."""
 HASHED_IN_TRANSACTION = 16 << 20
 """Bytes of the largest file hashed inside a registry transaction (`CoreBase._hash_of`)."""
 
@@ -162,7 +165,10 @@ class CoreBase:
         self._loaded: set[tuple[ProcessId, str]] = set()
         """(reader, path) of files buffering programs loaded (see `note_read`)."""
         self._swept = False
-        """Whether this process removed what killed writers left in the staging directory (`_recover`)."""
+        """Whether this process settled every intent and removed what killed writers left in the
+        staging directory (`_sweep`)."""
+        self._swept_at = -SWEEP_AGAIN
+        """When (monotonic) this process last tried to (`_sweep`)."""
         self._renamed: dict[str, str] = {}
         """Staged names (as intents record them) that this process's installs renamed into place, whose
         intents may still be recorded, and their paths: recovery drops those without looking for the
@@ -261,10 +267,41 @@ class CoreBase:
                 self._owned.discard(grant.token)
         self.leases.drop(grant.token)
 
-    def _commit_lock(self, paths: Iterable[str] | None) -> AbstractContextManager[None]:
-        """The commit lock of `paths` (None: every path), asked for every path if that is free at
-        once until this process swept the staging directory (`_recover`)."""
-        return self.registry.commit_lock(paths, whole_if_free=not self._swept)
+    @contextmanager
+    def _commit_lock(self, paths: Iterable[str] | None) -> Iterator[None]:
+        """The commit lock of `paths` (None: every path). Taken by a thread holding none, until this
+        process swept (at most every SWEEP_AGAIN s), the sweep goes first (`_sweep`)."""
+        outer = not getattr(self._thread, "locked", False)
+        if outer and not self._swept and time.monotonic() - self._swept_at >= SWEEP_AGAIN:
+            self._sweep()
+        with self.registry.commit_lock(paths):
+            self._thread.locked = True
+            try:
+                yield
+            finally:
+                if outer:
+                    self._thread.locked = False
+
+    def settle(self) -> None:
+        """Settle what interrupted commits and killed writers left, now, unless this process did
+        (`_sweep`: only if the volume and the working copy are free at once). A mount does before
+        it serves, so no name a killed install set aside shows in it until its first commit."""
+        if not self._swept:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Settle every intent interrupted commits left and remove what killed writers left in the
+        staging directory (`_recover`, `_sweep_staging`), in a transaction of its own, holding the
+        whole working copy and the volume's lock exclusive only if both are free at once (never
+        waited for: every writer would wait behind). Never inside a decision: one paused, cut off or
+        catching up a large file there would hold every writer of the volume up meanwhile."""
+        self._swept_at = time.monotonic()
+        with self.registry.commit_lock((), whole_if_free=True):
+            self._thread.locked, self._thread.sweeping = True, True
+            try:
+                self._transact(lambda tx: None)
+            finally:
+                self._thread.locked, self._thread.sweeping = False, False
 
     def _locked(self, paths: Iterable[str] | None, body: Callable[[], R]) -> R:
         """`body` under the commit lock of `paths` (None: every path); run again from its start
@@ -620,15 +657,15 @@ class CoreBase:
         (`protocol.recovery`): drop those whose install happened, install or drop the staged content
         of recorded commits whose writer did not install it (only in a transaction of its own,
         `settle`: else `_RecoverFirst`), complete or abandon the other interrupted commits. Once per
-        process, in its first transaction that finds the whole volume free at once (it is never
-        waited for: every writer would wait behind that wait), settle them all and remove what
-        killed writers left in the staging directory."""
-        if not self._swept:
+        process's sweep (`_sweep`) finding the whole volume free at once, settle them all and remove
+        what killed writers left in the staging directory."""
+        sweeping = getattr(self._thread, "sweeping", False)
+        if sweeping:
             tx.hold_all_if_free()
         intents = tx.intents(paths)
         held = tx.held if paths is None else paths
         covered = None if held is None else set(held)
-        if not self._swept and covered is None:
+        if sweeping and covered is None:
             self._sweep_staging(intents)
         if self.replica is not None:
             staged_names = {self.paths.staged(self.paths.of_rel(i.path), i.tmp) for i in intents if i.tmp}

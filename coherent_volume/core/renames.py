@@ -17,6 +17,7 @@ from ..errors import (
     InvalidPath,
     LinkRefused,
     StaleWriteError,
+    TreeClash,
 )
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, read_fd
 from ..paths import Target, printable
@@ -27,6 +28,7 @@ from ..protocol import (
     WriteCheck,
     current_version,
     displaced_needs_hash,
+    in_the_way,
     is_noop,
     may_merge,
     view_moves,
@@ -244,6 +246,30 @@ class Renames(History):
                 tree.add(target.rel + path[len(target.abs) :], path, os.lstat(path))
         return tree
 
+    @staticmethod
+    def _refuse_filled(tx: Transaction, src: Target, dst: Target, there: _Tree) -> None:
+        """A working copy's rename of the directory `src` over `dst` (or exchange with it): TreeClash
+        (ENOTEMPTY, nothing changed) where the registry holds a file below `dst` that this copy
+        lacks (another copy's, not installed here yet): on a disk holding it `dst` would not be
+        empty, and the rename would mix the two directories' files."""
+        found = tx.file_in_the_way(dst.rel)
+        if found is None or found.path in there.files or in_the_way(dst.rel, found.path) != errno.EISDIR:
+            return
+        held = (
+            f"a rename by {found.writer} is putting a file below it, {found.path} (its v{found.version}), and its "
+            "install is not recorded yet"
+            if found.pending
+            else f"the volume holds a file below it that this working copy has not installed yet, {found.path} "
+            f"v{found.version} (by {found.writer})"
+        )
+        raise TreeClash(
+            errno.ENOTEMPTY,
+            f"{dst.rel} cannot be replaced by the directory {src.rel}: {held}. Nothing was changed: read "
+            f"{found.path} (or run `coherent-volume status`) to bring this working copy up to date, then rename "
+            "into another name, or move that file first",
+            dst.rel,
+        )
+
     def _refuse_unprotectable(self, moving: _Tree, src: Target, dst: Target) -> None:
         """Nothing may arrive at a name that is (or may hold) a managed path unless the protocol can
         guard it there: no symlink (the kernel would follow it past the protocol), no file with
@@ -356,6 +382,8 @@ class Renames(History):
             missing = src if not os.path.lexists(src.abs) else dst
             raise FileNotFoundError(2, "No such file or directory", missing.rel)
         moving, other = self._tree(src), self._tree(dst)
+        if self.replica is not None and os.path.isdir(src.abs):
+            self._refuse_filled(tx, src, dst, other)
         self._refuse_unprotectable(moving, src, dst)
         if exchange:
             self._refuse_unprotectable(other, dst, src)

@@ -21,8 +21,8 @@ Invariants:
   stores, asks about or drops that content (`content_key`); or the volume's alone, exclusive, for a
   transaction that needs the whole volume (more paths than `pg_transaction.HOLD_MOST`, a listing, a
   setting writers decide by); a process's
-  transactions until one settled every intent and swept the staging directory take it exclusive
-  first only if it is free at once (`Holds.whole_if_free`), never queueing for it (every writer
+  sweep (`CoreBase._sweep`, a transaction of its own that decides nothing else) takes it exclusive
+  only if it is free at once (`Holds.whole_if_free`), never queueing for it (every writer
   would queue behind). So write transactions that touch a common path are serial across hosts,
   others commit side by side; READ COMMITTED statements after a path's lock see everything
   committed on it before; the locks end with the
