@@ -16,14 +16,24 @@ the longest.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
+from . import atomic
 from .errors import VolumeConfigError
 from .mounts import unescape
 from .paths import REGISTRY_DIR
 
-__all__ = ["NETWORK_TYPES", "Mount", "is_network", "mount_of", "parse_mountinfo", "refuse_network_root"]
+__all__ = [
+    "NETWORK_TYPES",
+    "Mount",
+    "is_network",
+    "mount_of",
+    "parse_mountinfo",
+    "refuse_network_root",
+    "refuse_renaming_in_place",
+]
 
 NETWORK_TYPES = frozenset(
     {
@@ -133,3 +143,38 @@ def refuse_network_root(root: str) -> None:
         "of each host (containers on one host may share a local directory through bind mounts); hosts share "
         "a volume through a PostgreSQL registry, each with a root of its own (docs/multihost.md)."
     )
+
+
+def refuse_renaming_in_place(root: str) -> None:
+    """Raise VolumeConfigError when the file system of the volume at `root` (its registry
+    directory, or `root` itself before that exists) cannot rename without replacing (renameat2
+    RENAME_NOREPLACE answers EINVAL: bindfs, some FUSE file systems): every install, deletion and
+    checked rename needs it so as to destroy no file a program makes meanwhile, and each would
+    fail after its commit. Probed with a file of a staged name made and removed there; a directory
+    this process may not write to is not probed (it makes no commit there either)."""
+    directory = os.path.join(root, REGISTRY_DIR)
+    if not os.path.isdir(directory):
+        directory = root
+    probe = atomic.temp_name(os.path.join(directory, "probe"))
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError:
+        return
+    moved = atomic.temp_name(probe)
+    try:
+        atomic.rename(probe, moved, noreplace=True)
+        probe = moved
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            return  # (the commits' own errors say what else is wrong)
+        raise VolumeConfigError(
+            f"the file system holding the volume at {root!r} cannot rename a file without replacing what is "
+            "at its new name (renameat2 RENAME_NOREPLACE: EINVAL), which every commit needs so that no file a "
+            "program makes meanwhile is destroyed. Put the volume on a local file system that has it (ext4, xfs, "
+            "btrfs, tmpfs, overlayfs)."
+        ) from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass

@@ -20,7 +20,7 @@ from coherent_volume import CoherentVolume
 from coherent_volume.errors import VolumeConfigError
 from coherent_volume.filesystems import Mount, is_network, mount_of, parse_mountinfo
 from tests.harness import CLI
-from tests.harness.bench_fuse import mount_floor
+from tests.harness.bench_fuse import mount_bindfs, mount_floor
 
 MOUNTINFO = r"""22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
 23 22 0:21 / /proc rw,nosuid shared:2 - proc proc rw
@@ -112,6 +112,22 @@ def test_a_volume_reached_through_a_network_file_system_is_refused(sshfs: tuple[
     with pytest.raises(VolumeConfigError, match="network file system"):
         CoherentVolume(mnt / "vol")
     CoherentVolume(src / "vol").close()  # the same files on the local path: allowed
+
+
+def test_a_file_system_that_cannot_rename_without_replacing_is_refused_at_open(tmp_path: Path) -> None:
+    """bindfs answers renameat2 RENAME_NOREPLACE with EINVAL: on such a root every commit failed
+    after it was recorded (InstallPending) and left temp names behind (found by a hostile tester).
+    `init` and every open refuse it, saying why, and leave nothing there."""
+    with contextlib.ExitStack() as stack:
+        mount_bindfs(tmp_path / "src", tmp_path / "mnt", stack)
+        done = _init(tmp_path / "mnt" / "vol")
+        assert done.returncode != 0 and "RENAME_NOREPLACE" in done.stderr and "ext4" in done.stderr, done.stderr
+        assert os.listdir(tmp_path / "src") == []
+        (tmp_path / "src" / "vol").mkdir()
+        CoherentVolume(tmp_path / "src" / "vol", managed=["plans/**"]).close()  # made on the disk beneath
+        with pytest.raises(VolumeConfigError, match="cannot rename a file without replacing"):
+            CoherentVolume(tmp_path / "mnt" / "vol")
+        assert [n for n in os.listdir(tmp_path / "src" / "vol" / ".coherent") if ".cv-" in n] == []
 
 
 def test_a_local_disk_is_allowed(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ..errors import GlobError, NestedVolume, VolumeConfigError
-from ..filesystems import refuse_network_root
+from ..filesystems import refuse_network_root, refuse_renaming_in_place
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts
 from ..paths import REGISTRY_DIR
@@ -85,6 +85,7 @@ def open_core(
             "files are never managed: name the files to protect instead (e.g. 'plans/**')"
         )
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
+    refuse_renaming_in_place(real)
     directory = os.path.join(real, REGISTRY_DIR)
     made = recorded_in(directory)
     if made or managed is not None or registry is not None:  # a volume's root, or one to be
