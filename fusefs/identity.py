@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -27,7 +27,8 @@ from coherent_volume.protocol import ENV_AGENT
 ENVIRON_TIMEOUT = 0.5
 CACHE_SECONDS = 1.0
 
-Binding = Callable[[ProcessId], "tuple[str, bool] | None"]
+Binding = Callable[[Sequence[ProcessId]], "tuple[str, bool] | None"]
+"""(agent, pinned) bound to the first of some processes that has a binding (`VolumeCore.session_of`)."""
 
 
 def proc_file(pid: int, name: str) -> bytes | None:
@@ -100,24 +101,29 @@ class AgentResolver:
             return "session-unknown"
 
     def _lookup(self, pid: int) -> tuple[str, bool]:
+        """The binding of `pid` or its nearest bound ancestor (one registry read for them all), else
+        COHERENT_AGENT of the nearest that has it, else the fallback."""
+        chain: list[int] = []
         walk: int | None = pid
-        env_agent: str | None = None
         for _ in range(64):  # nearest ancestor first, bounded
             if walk is None or walk <= 1 or walk == self._daemon_pid:
                 break
-            started = start_time(walk)
-            if started is not None:
-                binding = self._bound(ProcessId(host_id(), walk, started))
-                if binding is not None:
-                    return binding
-            if env_agent is None:
-                future = self._pool.submit(_agent_in_environ, walk)
-                try:
-                    env_agent = future.result(timeout=ENVIRON_TIMEOUT)
-                except FutureTimeout:
-                    env_agent = None
+            chain.append(walk)
             walk = _parent(walk)
-        return env_agent or self._fallback(pid), False
+        host = host_id()
+        started = ((p, start_time(p)) for p in chain)
+        binding = self._bound([ProcessId(host, p, s) for p, s in started if s is not None])
+        if binding is not None:
+            return binding
+        for walk in chain:
+            future = self._pool.submit(_agent_in_environ, walk)
+            try:
+                env_agent = future.result(timeout=ENVIRON_TIMEOUT)
+            except FutureTimeout:
+                env_agent = None
+            if env_agent is not None:
+                return env_agent, False
+        return self._fallback(pid), False
 
     def cached(self, tid: int) -> tuple[str | None, bool] | None:
         """(agent, pinned) for a thread answered within CACHE_SECONDS; None when `agent` must look it up."""

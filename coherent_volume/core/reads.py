@@ -340,7 +340,8 @@ class Reads(CoreBase):
     ) -> bool:
         """`agent` read `version` of `target` through a handle opened earlier, by process `reader`
         running `program`: its view moves to that version where `protocol.read_moves_view` says so
-        (a view is what was read, never what was merely opened). True if it moved. `content`: a
+        (a view is what was read, never what was merely opened). True if it moved (a view there
+        already is not written again). `content`: a
         descriptor of that version's bytes (the handle's), which are stored again, in the move's
         transaction, if a prune dropped them since the handle was opened (`_kept_again`): a
         version a live agent's view points at keeps its bytes, so its diffs and merges work."""
@@ -355,6 +356,8 @@ class Reads(CoreBase):
         if not read_moves_view(pinned, program, loaded_before):
             return False
         agent = self.agent(agent)
+        if self.registry.peek(target.rel, agent)[1] == version:
+            return False  # there already: no transaction (its read time stays, as a tracked read's does)
 
         def move(tx: Transaction) -> bool:
             if not read_moves_view(pinned, program, loaded_before, tx.view(agent, target.rel), version):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import CoherenceError, StaleWriteError
 from ..fingerprint import content_hash, read_file
@@ -95,10 +95,12 @@ class Sessions(Writes):
 
         return self.registry.transact(join)
 
-    def session_of(self, process: ProcessId) -> tuple[str, bool] | None:
-        """(agent, pinned) bound to `process`, if any."""
+    def session_of(self, processes: Sequence[ProcessId]) -> tuple[str, bool] | None:
+        """(agent, pinned) bound to the first of `processes` that has a binding (a process and its
+        ancestors, nearest first), if any: one read."""
         with self.registry.read() as tx:
-            return tx.bound_agent(process)
+            bound = tx.bound_agents(processes)
+        return next((bound[p] for p in processes if p in bound), None)
 
     def end_session(self, agent: str) -> None:
         """Release every grant `agent` holds and forget its process binding."""

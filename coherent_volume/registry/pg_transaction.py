@@ -989,6 +989,18 @@ class PostgresTransaction:
         )
         return None if row is None else (row[0], bool(row[1]))
 
+    def bound_agents(self, processes: Sequence[ProcessId]) -> dict[ProcessId, tuple[str, bool]]:
+        if not processes:
+            return {}
+        wanted = set(processes)
+        rows = self._all(
+            "SELECT host, pid, start, agent, pinned FROM cv_sessions WHERE volume = %s AND host = %s AND pid = ANY(%s)",
+            processes[0].host,  # one host's processes, as a process's ancestors are
+            sorted({p.pid for p in wanted}),
+        )
+        found = ((ProcessId(host, pid, start), (agent, bool(pinned))) for host, pid, start, agent, pinned in rows)
+        return {p: bound for p, bound in found if p in wanted}
+
     def bound_process(self, agent: str) -> ProcessId | None:
         row = self._one("SELECT host, pid, start FROM cv_sessions WHERE volume = %s AND agent = %s", agent)
         return None if row is None else ProcessId(row[0], row[1], row[2])

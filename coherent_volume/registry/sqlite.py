@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -443,6 +443,18 @@ class SQLiteTransaction:
             (process.host, process.pid, process.start),
         ).fetchone()
         return None if row is None else (row[0], bool(row[1]))
+
+    def bound_agents(self, processes: Sequence[ProcessId]) -> dict[ProcessId, tuple[str, bool]]:
+        if not processes:
+            return {}
+        wanted = set(processes)
+        marks = ",".join("?" * len(wanted))
+        rows = self._c.execute(  # one host's processes, as a process's ancestors are
+            f"SELECT host, pid, start, agent, pinned FROM sessions WHERE host = ? AND pid IN ({marks})",
+            [processes[0].host, *(p.pid for p in wanted)],
+        )
+        found = ((ProcessId(host, pid, start), (agent, bool(pinned))) for host, pid, start, agent, pinned in rows)
+        return {p: bound for p, bound in found if p in wanted}
 
     def bound_process(self, agent: str) -> ProcessId | None:
         row = self._c.execute("SELECT host, pid, start FROM sessions WHERE agent = ?", (agent,)).fetchone()
