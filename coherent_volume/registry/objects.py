@@ -15,8 +15,9 @@ Invariants:
 - once a store has returned, parts exist only under a `contents` row (`drop` removes both);
 - a read serves bytes only after checking all of them against their key; a part changed or
   missing is `DamagedContent` (typed, never served), never `VersionGone` (which means not retained);
-- a store of content whose hash is stored already checks what is stored and replaces it if it is
-  damaged, so a new version never names damaged bytes (one statement for content of one part);
+- a store of content whose hash is stored already checks what is stored and replaces it (every
+  part) if it is damaged, so a new version never names damaged bytes (one statement for new
+  content of one part);
 - content is exactly as durable as the registry (WAL, synchronous=NORMAL): a process killed at any
   instant leaves every committed row whole, and no row that its transaction did not commit.
 """
@@ -147,13 +148,12 @@ def put(conn: sqlite3.Connection, digest: str | None, source: bytes | int) -> st
     got = xxhash.xxh3_128_hexdigest(source)
     if digest is not None and got != digest:
         raise _changed(digest)
-    if len(source) <= PART:  # one row, one statement; a stored row unlike these bytes is damaged
-        conn.execute(
-            "INSERT INTO contents (hash, size, data) VALUES (?, ?, ?) ON CONFLICT (hash) DO UPDATE "
-            "SET size = excluded.size, data = excluded.data "
-            "WHERE contents.size != excluded.size OR contents.data != excluded.data",
-            (got, len(source), source),
-        )
+    if len(source) <= PART:  # new content: one row, one statement
+        row = (got, len(source), source)
+        new = conn.execute("INSERT OR IGNORE INTO contents (hash, size, data) VALUES (?, ?, ?)", row).rowcount
+        if not new and not _intact(conn, got):  # stored before (maybe in parts), and damaged
+            _remove(conn, got)
+            conn.execute("INSERT INTO contents (hash, size, data) VALUES (?, ?, ?)", row)
     elif not _intact(conn, got):
         _remove(conn, got)
         _insert(conn, _slices(source), expected=got)
