@@ -778,13 +778,15 @@ def test_a_name_another_copy_made_a_file_or_a_directory_of_files_is_refused_as_t
     assert rows == [("plans/d/inner.md",), ("plans/x.md",)]
 
 
-def test_a_directory_renamed_over_one_another_copy_filled_is_refused_as_not_empty(
+def test_a_directory_rename_that_would_split_or_mix_another_copys_files_is_refused(
     root: Path, tmp_path: Path, pg_url: str
 ) -> None:
-    """A copy that has not installed another copy's file in plans/b yet finds plans/b empty (or
-    absent) on its disk: renaming its directory plans/a over it merged the two directories' files
-    (and two copies renaming a→b and b→a at once swapped them; found by a hostile probe). The
-    registry refuses it as a disk holding that file would (ENOTEMPTY), nothing changed."""
+    """A copy that has not installed another copy's file in a directory yet does not see it there:
+    renaming plans/a over plans/b mixed the two directories' files, and two copies renaming a→b
+    and b→a at once swapped them; an exchange mixed them the same way whichever side held the file;
+    renaming plans/a away left the file behind (found by hostile probes). The registry refuses
+    each, nothing changed: ENOTEMPTY over a directory a disk holding the file would find not
+    empty, EBUSY where the file would be left behind or mixed in."""
     other = _join(tmp_path / "other", pg_url)
     with CoherentVolume(root, agent="alice") as a:
         a.write("plans/a/one.md", "alice's\n")
@@ -792,20 +794,32 @@ def test_a_directory_renamed_over_one_another_copy_filled_is_refused_as_not_empt
         b.write("plans/b/two.md", "bob's\n")
     core = open_core(root)
     try:
-        for exchange in (False, True):
+        refusals = [
+            ("plans/a", "plans/b", False, errno.ENOTEMPTY, "plans/b cannot be replaced by the directory plans/a"),
+            ("plans/a", "plans/b", True, errno.EBUSY, "plans/b cannot be moved"),
+            ("plans/b", "plans/a", True, errno.EBUSY, "plans/b cannot be moved"),  # the file on the source's side
+            ("plans/b", "plans/c", False, errno.EBUSY, "plans/b cannot be moved"),  # it would stay behind
+        ]
+        for src, dst, exchange, code, said in refusals:
             (root / "plans/b").mkdir(exist_ok=True)
             with pytest.raises(TreeClash, match="not installed yet, plans/b/two.md v1 \\(by bob\\)") as clash:
-                core.rename("alice", core.resolve("plans/a"), core.resolve("plans/b"), exchange=exchange)
-            assert clash.value.errno == errno.ENOTEMPTY
+                core.rename("alice", core.resolve(src), core.resolve(dst), exchange=exchange)
+            assert clash.value.errno == code and said in str(clash.value), (src, dst, exchange, clash.value)
             assert (root / "plans/a/one.md").read_text() == "alice's\n" and not any((root / "plans/b").iterdir())
     finally:
         core.close()
     with CoherentVolume(root, agent="alice") as a:
         assert a.read("plans/b/two.md") == b"bob's\n" and a.read("plans/a/one.md") == b"alice's\n"
         assert [e.version for e in a.history("plans/a/one.md")] == [1]
+    with CoherentVolume(other, agent="bob") as b:
+        b.read("plans/b/two.md")
+        b.write("plans/b/three.md", "bob's third\n")  # plans/b: one file installed on root's copy, one not
     core = open_core(root)
     try:
-        with pytest.raises(OSError) as full:  # installed now: the disk refuses it as any disk would
+        with pytest.raises(TreeClash, match="not installed yet, plans/b/three.md") as clash:
+            core.rename("alice", core.resolve("plans/a"), core.resolve("plans/b"), exchange=True)
+        assert clash.value.errno == errno.EBUSY
+        with pytest.raises(OSError) as full:  # installed: the disk refuses it as any disk would
             core.rename("alice", core.resolve("plans/a"), core.resolve("plans/b"))
         assert full.value.errno == errno.ENOTEMPTY
     finally:

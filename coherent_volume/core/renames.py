@@ -247,28 +247,31 @@ class Renames(History):
         return tree
 
     @staticmethod
-    def _refuse_filled(tx: Transaction, src: Target, dst: Target, there: _Tree) -> None:
-        """A working copy's rename of the directory `src` over `dst` (or exchange with it): TreeClash
-        (ENOTEMPTY, nothing changed) where the registry holds a file below `dst` that this copy
-        lacks (another copy's, not installed here yet): on a disk holding it `dst` would not be
-        empty, and the rename would mix the two directories' files."""
-        found = tx.file_in_the_way(dst.rel)
-        if found is None or found.path in there.files or in_the_way(dst.rel, found.path) != errno.EISDIR:
-            return
-        held = (
-            f"a rename by {found.writer} is putting a file below it, {found.path} (its v{found.version}), and its "
-            "install is not recorded yet"
-            if found.pending
-            else f"the volume holds a file below it that this working copy has not installed yet, {found.path} "
-            f"v{found.version} (by {found.writer})"
-        )
-        raise TreeClash(
-            errno.ENOTEMPTY,
-            f"{dst.rel} cannot be replaced by the directory {src.rel}: {held}. Nothing was changed: read "
-            f"{found.path} (or run `coherent-volume status`) to bring this working copy up to date, then rename "
-            "into another name, or move that file first",
-            dst.rel,
-        )
+    def _refuse_unseen(tx: Transaction, src: Target, dst: Target, moving: _Tree, other: _Tree, exchange: bool) -> None:
+        """A working copy's rename of the directory `src` (over `dst`, or exchanged with it): TreeClash,
+        nothing changed, where the registry holds a file below either name that this copy lacks
+        (another copy's, not installed here yet): below `dst`, a disk holding it would find `dst`
+        not empty (ENOTEMPTY; exchanged, its file would end up among `src`'s); below `src`, the
+        rename would leave it behind, split from its directory (EBUSY)."""
+        sides = [(dst, other, errno.EBUSY if exchange else errno.ENOTEMPTY), (src, moving, errno.EBUSY)]
+        for side, here, code in sides:
+            found = tx.file_in_the_way(side.rel, besides=here.files)
+            if found is None or in_the_way(side.rel, found.path) != errno.EISDIR:
+                continue
+            held = (
+                f"a rename by {found.writer} is putting a file below it, {found.path} (its v{found.version}), and "
+                "its install is not recorded yet"
+                if found.pending
+                else f"the volume holds a file below it that this working copy has not installed yet, {found.path} "
+                f"v{found.version} (by {found.writer})"
+            )
+            doing = f"cannot be replaced by the directory {src.rel}" if code == errno.ENOTEMPTY else "cannot be moved"
+            raise TreeClash(
+                code,
+                f"{side.rel} {doing}: {held}. Nothing was changed: read {found.path} (or run `coherent-volume "
+                "status`) to bring this working copy up to date, then try again",
+                side.rel,
+            )
 
     def _refuse_unprotectable(self, moving: _Tree, src: Target, dst: Target) -> None:
         """Nothing may arrive at a name that is (or may hold) a managed path unless the protocol can
@@ -383,7 +386,7 @@ class Renames(History):
             raise FileNotFoundError(2, "No such file or directory", missing.rel)
         moving, other = self._tree(src), self._tree(dst)
         if self.replica is not None and os.path.isdir(src.abs):
-            self._refuse_filled(tx, src, dst, other)
+            self._refuse_unseen(tx, src, dst, moving, other, exchange)
         self._refuse_unprotectable(moving, src, dst)
         if exchange:
             self._refuse_unprotectable(other, dst, src)

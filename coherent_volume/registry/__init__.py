@@ -38,7 +38,7 @@ import errno
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeVar
@@ -222,10 +222,11 @@ class Transaction(Protocol):
         ...
 
     def version_entry(self, path: str, version: int) -> Version | None: ...
-    def file_in_the_way(self, path: str) -> InTheWay | None:
+    def file_in_the_way(self, path: str, besides: Collection[str] = ()) -> InTheWay | None:
         """A file at a name on `path`'s way (a directory it is in) or below it (`path` as a
         directory), if the registry holds one, present or on its way in (a rename's intent, until
-        its install is recorded): the name it would clash with as a file. Ordered after every
+        its install is recorded), other than those at `besides`: the name it would clash with as a
+        file. Ordered after every
         transaction that may record such a file (PostgreSQL: the tree locks of `path`,
         `pg_transaction.Holds.trees`), so no two can record a clash side by side."""
         ...

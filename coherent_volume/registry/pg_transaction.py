@@ -52,7 +52,7 @@ import itertools
 import os
 import select
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -611,11 +611,11 @@ class PostgresTransaction:
         )
         return None if row is None else _version(row)
 
-    def file_in_the_way(self, path: str) -> InTheWay | None:
+    def file_in_the_way(self, path: str, besides: Collection[str] = ()) -> InTheWay | None:
         """Read ahead with the decision's `write_state` (`read_ahead`), while nothing it reads changed."""
         self._hold_tree(path)
-        answer = self._way_answer if self._way == path else None
-        row = answer[0] if answer is not None else self.run(*self._in_the_way_query(path)).fetchone()
+        answer = self._way_answer if self._way == path and not besides else None
+        row = answer[0] if answer is not None else self.run(*self._in_the_way_query(path, besides)).fetchone()
         self._way, self._way_answer = None, None
         return None if row is None else InTheWay(*row)
 
@@ -625,12 +625,12 @@ class PostgresTransaction:
         if self._holds is not None and path not in self._holds.trees:
             self._take(replace(self._holds, trees=self._holds.trees | {path}))
 
-    def _in_the_way_query(self, path: str) -> tuple[str, tuple[Any, ...]]:
-        places = "volume = %s AND present AND (path = ANY(%s) OR (path > %s AND path < %s))"
+    def _in_the_way_query(self, path: str, besides: Collection[str] = ()) -> tuple[str, tuple[Any, ...]]:
+        places = "volume = %s AND present AND (path = ANY(%s) OR (path > %s AND path < %s)) AND NOT (path = ANY(%s))"
         return (
             f"SELECT path, version, writer, false FROM cv_files WHERE {places} "
             f"UNION ALL SELECT path, version, agent, true FROM cv_intents WHERE {places} LIMIT 1",
-            (self._v, dirs_above(path), path + "/", path + "0") * 2,
+            (self._v, dirs_above(path), path + "/", path + "0", sorted(besides)) * 2,
         )
 
     def deleted_in(self, directory: str) -> list[FileRecord]:

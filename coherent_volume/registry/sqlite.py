@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -273,14 +273,17 @@ class SQLiteTransaction:
             (*v[:7], ",".join(str(p) for p in v.parents) or None, int(not v.retained)),
         )
 
-    def file_in_the_way(self, path: str) -> InTheWay | None:
+    def file_in_the_way(self, path: str, besides: Collection[str] = ()) -> InTheWay | None:
         """(Asked by working copies only, which a SQLite volume has none of: its one disk decides.)"""
-        ways = dirs_above(path)
-        places = f"(path IN ({','.join('?' * len(ways))}) OR (path > ? AND path < ?))"
+        ways, left = dirs_above(path), sorted(besides)
+        places = (
+            f"(path IN ({','.join('?' * len(ways))}) OR (path > ? AND path < ?)) "
+            f"AND path NOT IN ({','.join('?' * len(left))})"
+        )
         found = self._c.execute(
             f"SELECT path, version, writer, 0 FROM files WHERE present = 1 AND {places} "
             f"UNION ALL SELECT path, version, agent, 1 FROM intents WHERE present = 1 AND {places} LIMIT 1",
-            (*ways, path + "/", path + "0") * 2,
+            (*ways, path + "/", path + "0", *left) * 2,
         ).fetchone()
         return None if found is None else InTheWay(found[0], found[1], found[2], bool(found[3]))
 
