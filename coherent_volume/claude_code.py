@@ -59,7 +59,7 @@ from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
 from .shell_writes import shell_writes
-from .stale_warnings import forget, stale_warning
+from .stale_warnings import forget, partly_read_warning, stale_warning
 
 MERGE_MODES = frozenset({"acceptEdits", "bypassPermissions"})
 """Claude Code permission modes in which its file tools write without asking the user. Only in
@@ -113,8 +113,9 @@ def _tell_model(reason: str) -> Answer:
     return Answer(0, json.dumps({"decision": "block", "reason": reason}))
 
 
-def _saw(response: Any) -> Callable[[bytes], bool] | None:
-    """A predicate: does the file's content match what the Read tool returned? None when the
+def _saw(response: Any) -> tuple[Callable[[bytes], bool], bool] | None:
+    """A predicate: does the file's content match what the Read tool returned? And whether that
+    was all of the file the model was shown (the Read gave it whole). None when the
     response shows nothing that can be checked against the file's bytes (an error, an image, a
     shape this hook does not know): then no view is registered. A text read gives `file.content`
     (lines from `file.startLine`; all of the file's when it starts at line 1 and `numLines` is
@@ -128,9 +129,9 @@ def _saw(response: Any) -> Callable[[bytes], bool] | None:
         start = start if _count(start) and start > 0 else 1
         shown, total = file.get("numLines"), file.get("totalLines")
         whole = start == 1 and _count(shown) and shown == total
-        return partial(hook_steps.shows, text=content, start=start, whole=whole, cut=LINE_CUT)
+        return partial(hook_steps.shows, text=content, start=start, whole=whole, cut=LINE_CUT), bool(whole)
     if response.get("type") == "notebook" and isinstance(cells, list):
-        return partial(_cells_shown, cells=cells)
+        return partial(_cells_shown, cells=cells), True
     return None
 
 
@@ -230,16 +231,18 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if path is None or found is None:
         return Answer()  # not in a volume: always allowed
     answer = Answer()
+    passed: list[hook_steps.Passed] = []  # views a partial Read moved over others' changes: told below
     if progress.write_check:
         refused = partial(_refused, event, progress) if tool in MERGING_TOOLS else None
         denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused, hooks.tool_call(event))
         if denial is not None:
             return denial
     elif name == "PostToolUse" and tool == "Read":
-        shown = _saw(event.get("tool_response"))
-        if shown is None:
+        saw = _saw(event.get("tool_response"))
+        if saw is None:
             return answer  # the model was shown nothing that can be checked: no view
-        hook_steps.observe(actor, path, shown, progress)
+        shown, whole = saw
+        hook_steps.observe(actor, path, shown, progress, passed=None if whole else passed)
     elif name == "PostToolUse" and tool in WRITE_TOOLS:
         made = hook_merge.made(_change(event))
         told = hook_steps.end_writes(actor, writes, progress, record=True, tool=hooks.tool_call(event), made=made)
@@ -254,7 +257,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if not progress.managed:
         return answer
     progress.decide(answer, hooks.WARN_BUDGET)
-    return hooks.with_context(answer, str(name), _warnings(actor, [path]))
+    notes = [partly_read_warning(passed, FACE.seen, FACE.reread), *_warnings(actor, [path])]
+    return hooks.with_context(answer, str(name), notes)
 
 
 def _command(

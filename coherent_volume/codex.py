@@ -307,8 +307,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         merging = event.get("tool_name") == PATCH_TOOL
         refused = partial(_refused, event, progress, _change(writes, updates)) if merging else None
         denial = hook_steps.begin_writes(actor, writes, progress, face, refused, hooks.tool_call(event))
-        if denial is not None:
-            return denial
+        if denial is not None:  # its views moved all the same: what they moved over is told too
+            return hooks.denied_too(denial, passed_warning(passed, FACE, goes_ahead=False))
     if name in ("PreToolUse", "UserPromptSubmit"):
         progress.decide(Answer(), hooks.WARN_BUDGET)
         warning = stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE)

@@ -38,7 +38,7 @@ from .liveness import ProcessId
 from .paths import Target
 from .protocol import HandleKind
 from .shell_writes import ShellWrites, shell_writes
-from .stale_warnings import stale_warning
+from .stale_warnings import partly_read_warning, stale_warning
 
 PREFIX = "gemini"
 WRITE_TOOLS = ("write_file", "replace")
@@ -96,8 +96,9 @@ def _failed_read(event: dict[str, Any]) -> str | None:
     return hooks.absolute(tool_input.get("file_path"), event.get("cwd"))
 
 
-def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool]]]:
-    """(absolute path, predicate on the file's bytes) for each text file the read tool gave the model."""
+def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool], bool]]:
+    """(absolute path, predicate on the file's bytes, whether it was shown whole) for each text file
+    the read tool gave the model."""
     response, tool_input = event.get("tool_response"), event.get("tool_input")
     if not isinstance(response, dict) or response.get("error") or not isinstance(tool_input, dict):
         return []
@@ -109,10 +110,10 @@ def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool]]]:
         text = text.split(PROJECT_CONTEXT, 1)[0]
         cut = TRUNCATED.match(text)
         if cut is None:
-            return [(path, partial(shows, text=text, whole=True))]
+            return [(path, partial(shows, text=text, whole=True), True)]
         shown, start = text[cut.end() :], int(cut.group(1))
-        return [(path, partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED))]
-    found: list[tuple[str, Callable[[bytes], bool]]] = []
+        return [(path, partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED), False)]
+    found: list[tuple[str, Callable[[bytes], bool], bool]] = []
     for part in content if isinstance(content, list) else [content]:
         match = MANY_PART.fullmatch(_text(part) or "")
         if match is None:
@@ -120,7 +121,7 @@ def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool]]]:
         text = match.group(2)
         whole = not text.startswith(MANY_TRUNCATED)
         text = text if whole else text[len(MANY_TRUNCATED) :]
-        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=SHORTENED)))
+        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=SHORTENED), whole))
     return found
 
 
@@ -162,14 +163,17 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         hook_steps.end_session(actor, places)
     elif name in ("BeforeAgent", "AfterTool"):
         told: list[str] = []
+        partly: str | None = None
         if name == "AfterTool" and tool in READ_TOOLS:
-            for path, shown in _reads(event):
+            passed: list[hook_steps.Passed] = []  # views a partial read moved over others' changes
+            for path, shown, whole in _reads(event):
                 progress.path = path
-                hook_steps.observe(actor, path, shown, progress)
+                hook_steps.observe(actor, path, shown, progress, passed=None if whole else passed)
             missing = _failed_read(event)
             response = event.get("tool_response")
             error = response.get("error") if isinstance(response, dict) else None
             told = hook_steps.bring(actor, missing, hooks.says_missing(error)) if missing is not None else []
+            partly = partly_read_warning(passed, FACE.seen, FACE.reread)
         elif name == "AfterTool" and (writes or tool == SHELL_TOOL):
             response = event.get("tool_response")
             failed = not isinstance(response, dict) or bool(response.get("error"))
@@ -177,7 +181,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             told = hook_steps.end_writes(actor, writes, progress, record=not failed, made=made) if writes else []
             if tool == SHELL_TOOL:
                 told += hook_steps.end_deletions(actor, places, record=not failed)
-        answer = hooks.with_context(Answer(), name, told)
+        answer = hooks.with_context(Answer(), name, [*told, partly])
         progress.decide(answer, hooks.WARN_BUDGET)
         return hooks.with_context(
             answer, name, [stale_warning(actor, hook_paths.session_volumes(actor.session, places), FACE)]

@@ -105,17 +105,19 @@ def locate(path: str) -> tuple[str, str] | None:
 def session_file(kind: str, session: str) -> Path | None:
     """The file of `kind` a session's hooks keep about it (the volumes it works in, the stale views
     it was told of), in a directory only this user may use: `coherent-volume-UID` (0700) in
-    $XDG_RUNTIME_DIR, else the temporary directory. None if there is none such (then nothing is
-    kept)."""
-    directory = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"coherent-volume-{os.getuid()}"
-    try:
-        directory.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(directory)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return None
-    return directory / f"{kind}-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+    $XDG_RUNTIME_DIR, or where that cannot be made (unset, missing, read-only) in the temporary
+    directory. None if neither can (then nothing is kept)."""
+    name = f"{kind}-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+    for base in filter(None, (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir())):
+        directory = Path(base) / f"coherent-volume-{os.getuid()}"
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            st = os.lstat(directory)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            return directory / name
+    return None
 
 
 def _process(process: ProcessId) -> list[object]:

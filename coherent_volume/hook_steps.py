@@ -676,6 +676,18 @@ class Passed:
     writers: tuple[str, ...]
 
 
+def passed_over(core: VolumeCore, agent: str, rel: str, before: int | None, now: int) -> Passed | None:
+    """`agent`'s view of `rel` moved from `before` to `now` over versions other writers made: the
+    Passed saying so, else None (no earlier view, or only its own versions between)."""
+    if before is None or before >= now:
+        return None
+    with core.registry.read() as tx:
+        record = tx.file(rel)
+        since = tx.history(rel, (record.version if record else now) - before)
+    writers = sorted({v.writer for v in since if before < v.version <= now and v.writer != agent})
+    return Passed(core.paths.root, rel, agent, before, now, tuple(writers)) if writers else None
+
+
 def observe(
     actor: Actor,
     path: str,
@@ -710,13 +722,8 @@ def observe(
             with core.registry.read() as tx:
                 before = tx.view(agent, target.rel)
         version = core.observe(agent, target, shown)
-        if passed is not None and version is not None and before is not None and before < version:
-            with core.registry.read() as tx:
-                record = tx.file(target.rel)
-                since = tx.history(target.rel, (record.version if record else version) - before)
-            writers = sorted({v.writer for v in since if before < v.version <= version and v.writer != agent})
-            if writers:
-                passed.append(Passed(core.paths.root, target.rel, agent, before, version, tuple(writers)))
+        if passed is not None and version is not None:
+            passed += filter(None, [passed_over(core, agent, target.rel, before, version)])
         if version is not None or not earlier:
             return version
         progress.doing = f"looking for what the model was shown of {target.rel} among its older versions"

@@ -239,6 +239,16 @@ def with_context(answer: Answer, event_name: str, texts: Iterable[str | None]) -
     return Answer(answer.code, json.dumps(out), answer.stderr)
 
 
+def denied_too(answer: Answer, text: str | None) -> Answer:
+    """A PreToolUse denial (`deny_tool_use`) whose reason goes on with `text` (unchanged without)."""
+    out = json.loads(answer.stdout) if answer.stdout and text else None
+    specific = out.get("hookSpecificOutput") if isinstance(out, dict) else None
+    if not isinstance(specific, dict) or "permissionDecisionReason" not in specific:
+        return answer
+    specific["permissionDecisionReason"] = f"{specific['permissionDecisionReason']}\n\n{text}"
+    return Answer(answer.code, json.dumps(out), answer.stderr)
+
+
 def deny_tool_use(reason: str, path: str | None = None) -> Answer:
     """A PreToolUse denial (`permissionDecision: "deny"`) that gives the model `reason` (which names
     the path; the agent shows the tool call beside it)."""

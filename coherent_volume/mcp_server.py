@@ -50,7 +50,9 @@ from .errors import (
     Reason,
     StaleWriteError,
 )
+from .hook_steps import passed_over
 from .paths import Target
+from .stale_warnings import partly_read_warning
 
 INSTRUCTIONS = (
     "The files of this workspace are shared with other agents. Read a file with read_file before you "
@@ -88,6 +90,8 @@ READ_LIMIT = 40_000
 (Claude Code warns above 10,000 tokens and cuts above 25,000 by default), and a cut result would
 leave a view of text the model never got: a larger read is refused, naming the file's size, and the
 model reads it in parts (`offset`, `limit`)."""
+PARTLY_REREAD = "read all of it again with read_file (in parts with offset and limit where it is long)"
+"""What a model shown part of a file others changed since its last read is told to do."""
 
 
 class ToolRefused(Exception):
@@ -275,8 +279,10 @@ class Session:
             if offset < 1 or (limit is not None and limit < 1):
                 raise ToolRefused(f"offset ({offset}) and limit ({limit}) must be at least 1: lines count from 1.")
             target = self._target(path)
+            before = None
             if target.managed:
                 self.core.clear_fence(self.agent, target)
+                before = self.core.registry.peek(target.rel, self.agent)[1]
             try:
                 observed = self.core.read(self.agent, target)
             except FileNotFoundError:
@@ -299,6 +305,9 @@ class Session:
                     f"[coherent-volume] {target.rel}: version {observed.version}. Your view is this version: "
                     "write_file and edit_file are refused if someone changes the file before you do."
                 )
+                over = passed_over(self.core, self.agent, target.rel, before, observed.version)
+                told = partly_read_warning([over], "read", PARTLY_REREAD) if over and part != text else None
+                note[-1] += f"\n{told}" if told else ""
             else:
                 note.append(f"[coherent-volume] {target.rel} is not managed: writes to it are not checked.")
             return part

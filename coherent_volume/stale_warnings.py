@@ -87,7 +87,7 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
             if len(entries) >= STALE_FILES_SHOWN:
                 more += 1
                 continue
-            entry, shown = _entry(core, agent, path, seen, now, record, face, diff_chars < WARNING_CHARS)
+            entry, shown = _entry(core, agent, path, seen, now, record, face.seen, diff_chars < WARNING_CHARS)
             diff_chars += shown
             entries.append(entry)
     if not entries:
@@ -107,15 +107,16 @@ def _entry(
     seen: int,
     now: int,
     record: FileRecord | None,
-    face: Face,
+    verb: str,
     with_diff: bool,
 ) -> tuple[str, int]:
     """A warning's line for `path`, seen by `agent` at version `seen`, now `now` (`record`), with the
-    diff between them where `with_diff` (bounded); and the characters of diff it shows."""
+    diff between them where `with_diff` (bounded); and the characters of diff it shows. `verb`:
+    what the model did with a version, in its tools' terms (`Face.seen`)."""
     what = "deleted" if record is not None and not record.present else f"now version {now}"
     writer = record.writer if record is not None else "unknown"
     at = when(record.committed_at if record is not None else None)
-    entry = f"- {path}: you last {face.seen} version {seen}; it is {what}, written by {writer} at {at}"
+    entry = f"- {path}: you last {verb} version {seen}; it is {what}, written by {writer} at {at}"
     if not with_diff:
         return entry, 0
     diff = core.refusal_diff(StaleWriteError(path, agent, "stale", seen, now, writer)).diff
@@ -125,11 +126,47 @@ def _entry(
     return f"{entry}; what changed:\n{shown}", len(shown)
 
 
-def passed_warning(passed: Iterable[Passed], face: Face) -> str | None:
-    """What to tell a model whose view a partial confirmation moved over other writers' versions
-    (`hook_steps.observe`'s `passed`: a patch that fits the current version goes ahead, but the
-    model was not shown what else changed since it last saw the file); None if nothing. A volume
-    that cannot answer is left out, as in `stale_warning`."""
+def passed_warning(passed: Iterable[Passed], face: Face, *, goes_ahead: bool = True) -> str | None:
+    """What to tell a model whose view a patch's partial confirmation moved over other writers'
+    versions (`hook_steps.observe`'s `passed`: the patch fits the current version, but the model
+    was not shown what else changed since it last saw the file), whether the patch `goes_ahead` or
+    was denied for another reason; None if nothing."""
+    entries = _passed_entries(passed, face.seen)
+    if not entries:
+        return None
+    lead = (
+        "your change fits the current content, so it goes ahead and keeps the changes below; but other writers "
+        "made them"
+        if goes_ahead
+        else "your change fits the current content of the files below, so your view of them is now that content; "
+        "but other writers changed them"
+    )
+    return (
+        f"coherent-volume: {lead} after you last {face.seen} these files, and nothing showed them to you until now:\n"
+        + "\n".join(entries)
+        + f"\nBefore you write any of them whole: {face.reread}."
+    )
+
+
+def partly_read_warning(passed: Iterable[Passed], verb: str, reread: str) -> str | None:
+    """What to tell a model shown only part of files whose views that read moved over other
+    writers' versions (`hook_steps.observe`'s `passed`): their changes may lie in lines it was not
+    shown, and a whole-file write built on what it knew would drop them; None if nothing. `verb`,
+    `reread`: `Face.seen`, `Face.reread` (or a face's own words)."""
+    entries = _passed_entries(passed, verb)
+    if not entries:
+        return None
+    return (
+        "coherent-volume: you were shown only part of these files, and other writers changed them after you last "
+        f"{verb} them, maybe in lines you were not shown:\n"
+        + "\n".join(entries)
+        + f"\nBefore you write any of them whole: {reread}."
+    )
+
+
+def _passed_entries(passed: Iterable[Passed], verb: str) -> list[str]:
+    """A warning's lines for views moved over other writers' versions (their diffs bounded). A
+    volume that cannot answer is left out, as in `stale_warning`."""
     entries: list[str] = []
     diff_chars = 0
     with ExitStack() as stack:
@@ -140,16 +177,9 @@ def passed_warning(passed: Iterable[Passed], face: Face) -> str | None:
                     record = tx.file(p.rel)
                 if record is not None:  # whose changes are news: not the agent's own
                     record = record._replace(writer=", ".join(p.writers))
-                entry, shown = _entry(core, p.agent, p.rel, p.seen, p.now, record, face, diff_chars < WARNING_CHARS)
+                entry, shown = _entry(core, p.agent, p.rel, p.seen, p.now, record, verb, diff_chars < WARNING_CHARS)
             except (CoherenceError, OSError):
                 continue
             diff_chars += shown
             entries.append(entry)
-    if not entries:
-        return None
-    return (
-        "coherent-volume: your change fits the current content, so it goes ahead and keeps the changes below; but "
-        f"other writers made them after you last {face.seen} these files, and nothing showed them to you until now:\n"
-        + "\n".join(entries)
-        + f"\nBefore you write any of them whole: {face.reread}."
-    )
+    return entries

@@ -266,6 +266,31 @@ def test_a_session_cleared_without_its_session_end_leaves_its_process_to_the_new
         assert [(e.version, e.writer) for e in v.history(P)][0] == (3, f"claude:{unique('after-clear')}")
 
 
+def test_a_partial_read_past_another_writers_change_tells_the_model_what_changed(root: Path, sessions) -> None:
+    """A Read of lines 10-20 registers the view at the current version, which another writer changed
+    in line 1 since the session's last Read: the model is told that change (its diff), so a Write of
+    the whole file from what it knew does not drop it unnoticed (found by a hostile tester: the view
+    moved silently and the Write went through over the peer's line)."""
+    lines = [f"line {i}" for i in range(1, 31)]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "\n".join(lines) + "\n")
+    s = sessions("partly", root)
+    target = root / P
+    s.read(target)
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, "\n".join(["BOB LINE", *lines[1:]]) + "\n")
+    part = {
+        "filePath": str(target),
+        "content": "\n".join(lines[9:20]),
+        "numLines": 11,
+        "startLine": 10,
+        "totalLines": 30,
+    }
+    told = _context(s.hook(event("PostToolUse", s.id, s.cwd, "Read", target, {"type": "text", "file": part})))
+    assert told is not None and "shown only part" in told and "+BOB LINE" in told and "written by bob" in told, told
+
+
 def test_a_file_a_peer_deleted_can_be_made_again_after_the_read_tool_found_it_gone(root: Path, sessions) -> None:
     """The deny of a write onto a file a peer deleted since the session read it says to read it
     again; the Read tool then fails (no file), which shows the model the deletion: its view is

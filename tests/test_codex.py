@@ -195,6 +195,31 @@ def test_a_patch_that_fits_a_file_others_changed_since_is_told_their_changes(roo
     assert (root / P).read_text() == "goal, two\nstep A, one\nstep B, done\n"
 
 
+def test_a_patch_denied_for_another_file_still_tells_what_its_fitting_file_moved_over(root: Path, sessions) -> None:
+    """A patch of a.md (fitting its current version, which bob changed since this session's last
+    patch of it) and of b.md (changed by carol: stale) is denied for b.md; its fit moved the view of
+    a.md all the same, so the denial tells bob's change too (before, it named b.md only, and a
+    `printf > a.md` built on what the model had seen then went through over bob's line: a hostile
+    tester, /tmp/s20hk C1)."""
+    a, b = "plans/a.md", "plans/b.md"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(a, "title\nalpha\nbeta\n")
+        setup.write(b, "p\nq\n")
+    s = sessions("denied", root)
+    assert s.apply(update(a, " alpha", "-beta", "+beta2"), {a: "title\nalpha\nbeta2\n"})[0] == "allow"
+    assert s.apply(update(b, " p", "-q", "+q1"), {b: "p\nq1\n"})[0] == "allow"
+    for who, path, text in (("bob", a, "BOB LINE\ntitle\nalpha\nbeta2\n"), ("carol", b, "p\nQ\n")):
+        with CoherentVolume(root, agent=who) as peer:
+            peer.read(path)
+            peer.write(path, text)
+    both = update(a, " alpha", "-beta2", "+beta3").replace("*** End Patch\n", "") + update(
+        b, " p", "-q1", "+q2"
+    ).replace("*** Begin Patch\n", "")
+    verdict, reason = decision(s.hook(s.event("pre_apply_patch", patch=both)))
+    assert verdict == "deny" and "plans/b.md" in reason, reason
+    assert "+BOB LINE" in reason and "written by bob" in reason and "nothing showed them to you" in reason, reason
+
+
 def test_a_patch_another_writer_changes_before_its_post_tool_use_is_theirs_and_told(root: Path, sessions) -> None:
     """A program outside the hooks rewrites the file between apply_patch's write and its
     PostToolUse: recorded as a change by `external`, the session told, its view left behind."""

@@ -164,6 +164,47 @@ def test_a_file_a_peer_deleted_can_be_made_again_after_read_file_found_it_gone(r
         assert decision(s.hook(write))[0] == verdict, error
 
 
+def test_a_partial_read_past_another_writers_change_tells_the_model_what_changed(root: Path, sessions) -> None:
+    """A read of lines 10-20 registers the view at the current version, which another writer
+    changed in line 1 since the session's last read: the model is told that change (its diff), so
+    a whole-file write from what it knew does not drop it unnoticed (found by a hostile tester:
+    the view moved silently, and the write was allowed over the peer's line)."""
+    lines = [f"line {i}" for i in range(1, 31)]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "\n".join(lines) + "\n")
+    s = sessions("partly", root)
+    target = root / P
+    s.read(target)
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, "\n".join(["BOB LINE", *lines[1:]]) + "\n")
+    shown = "\n".join(lines[9:20])
+    told = context(
+        s.hook(s.event("after_read_file_range", path=target, text=shown, start=10, end=20, total=30, next=21))
+    )
+    assert "shown only part" in told and "+BOB LINE" in told and "written by bob" in told, told
+    again = context(
+        s.hook(s.event("after_read_file_range", path=target, text=shown, start=10, end=20, total=30, next=21))
+    )
+    assert "shown only part" not in again, "told once: its view is at that version now"
+
+
+def test_a_runtime_directory_that_is_missing_leaves_the_sessions_notes_in_the_temporary_one(
+    root: Path, sessions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With XDG_RUNTIME_DIR naming a directory that does not exist, the hooks kept no note of what
+    the session's tools claimed: its own write_file was recorded as `external`'s and its next edit
+    refused as stale (a hostile tester, /tmp/s20hk H1). Its notes go to the temporary directory."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "one\n")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
+    s = sessions("no-runtime-dir", root)
+    s.read(root / P)
+    assert s.write_file(root / P, "two\n")[0] == "allow"
+    with CoherentVolume(root, agent="observer") as v:
+        assert [e.writer for e in v.history(P)][0] == f"gemini:{unique('no-runtime-dir')}"
+
+
 def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
     lines = [f"line {i}" for i in range(1, 31)]
     with CoherentVolume(root, agent="setup") as setup:

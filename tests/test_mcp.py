@@ -365,6 +365,29 @@ def test_a_read_too_large_for_one_tool_result_is_refused_and_read_in_parts(root:
     run(scenario)
 
 
+def test_a_part_read_past_another_writers_change_tells_the_model_what_changed(root: Path) -> None:
+    """A part of a file registers the view at its version, which another writer changed in lines
+    the part does not show since the session's last read: the reply says so, with the diff, so a
+    whole-file write from what the model knew does not drop that change unnoticed (found by a
+    hostile tester: the view moved silently and write_file went through over the peer's line)."""
+    lines = [f"line {i}\n" for i in range(1, 31)]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "".join(lines))
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            await s.ok("read_file", path=P)
+            with CoherentVolume(root, agent="bob") as bob:
+                bob.read(P)
+                bob.write(P, "".join(["BOB LINE\n", *lines[1:]]))
+            part = await s.ok("read_file", path=P, offset=10, limit=11)
+            assert "shown only part" in part and "+BOB LINE" in part and "written by bob" in part, part
+            whole = await s.ok("read_file", path=P)
+            assert "shown only part" not in whole and whole.startswith("BOB LINE\n")
+
+    run(scenario)
+
+
 def test_a_line_too_long_for_one_tool_result_is_refused_saying_these_tools_cannot_show_it(root: Path) -> None:
     """A file with one line longer than READ_LIMIT (minified JSON) cannot be read in parts, which are
     whole lines: the refusal says so and names the tools that can change it (before: "read it in
