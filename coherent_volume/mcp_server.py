@@ -293,8 +293,8 @@ class Session:
                 part = _lines(text, offset, limit)
                 _returnable(path, text, part, offset)
             except (UnicodeDecodeError, ToolRefused) as e:
-                if target.managed:  # the model was shown nothing: no view
-                    self.core.forget(self.agent, target)
+                if target.managed:  # the model was shown nothing: its view stays what it was
+                    self.core.forget(self.agent, target, back_to=before)
                     self._known.pop(target.rel, None)
                 if isinstance(e, ToolRefused):
                     raise

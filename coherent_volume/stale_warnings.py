@@ -165,12 +165,14 @@ def partly_read_warning(passed: Iterable[Passed], verb: str, reread: str) -> str
 
 
 def _passed_entries(passed: Iterable[Passed], verb: str) -> list[str]:
-    """A warning's lines for views moved over other writers' versions (their diffs bounded). A
-    volume that cannot answer is left out, as in `stale_warning`."""
+    """A warning's lines for views moved over other writers' versions (bounded: at most
+    STALE_FILES_SHOWN files, with a count of the rest, their diffs as `stale_warning`'s). A volume
+    that cannot answer is left out, as in `stale_warning`."""
     entries: list[str] = []
     diff_chars = 0
+    passed = list(passed)
     with ExitStack() as stack:
-        for p in passed:
+        for p in passed[:STALE_FILES_SHOWN]:
             try:
                 core = stack.enter_context(opened(p.root))
                 with core.registry.read() as tx:
@@ -182,4 +184,5 @@ def _passed_entries(passed: Iterable[Passed], verb: str) -> list[str]:
                 continue
             diff_chars += shown
             entries.append(entry)
-    return entries
+    more = len(passed) - STALE_FILES_SHOWN
+    return entries + [f"(and {more} more such files)"] if entries and more > 0 else entries

@@ -388,6 +388,29 @@ def test_a_part_read_past_another_writers_change_tells_the_model_what_changed(ro
     run(scenario)
 
 
+def test_a_refused_read_leaves_the_view_it_found_so_the_next_part_tells_what_changed(root: Path) -> None:
+    """A read refused as too large, or past the file's end, showed the model nothing: it dropped
+    the session's view, so the part read next had no earlier view to compare with, moved the view
+    past a peer's change without a word, and a write_file from what the model knew dropped it (a
+    hostile tester, /tmp/s20r3 D1). The view stays what it was; the part tells the change."""
+    lines = [f"line {i:05} {'x' * 20}\n" for i in range(1, 1001)]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "".join(lines))
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            await s.ok("read_file", path=P)
+            with CoherentVolume(root, agent="bob") as bob:
+                bob.read(P)
+                bob.write(P, "".join(["BOB LINE\n", *lines[1:], *lines]))  # too large for one read now
+            assert str(READ_LIMIT) in await s.refused("read_file", path=P)
+            assert "fewer than offset" in await s.refused("read_file", path=P, offset=5000)
+            part = await s.ok("read_file", path=P, offset=100, limit=5)
+            assert "shown only part" in part and "+BOB LINE" in part and "written by bob" in part, part
+
+    run(scenario)
+
+
 def test_a_line_too_long_for_one_tool_result_is_refused_saying_these_tools_cannot_show_it(root: Path) -> None:
     """A file with one line longer than READ_LIMIT (minified JSON) cannot be read in parts, which are
     whole lines: the refusal says so and names the tools that can change it (before: "read it in

@@ -306,6 +306,7 @@ def test_a_create_whose_transaction_fails_creates_nothing(root: Path, monkeypatc
 
     with CoherentVolume(root, agent="alice") as vol:
         core = vol._core
+        core.settle()  # the process's sweep, a transaction of its own: the failure below is the create's
         transact = core.registry.transact
 
         def unreachable(fn: Callable[..., Any], holds: Iterable[str] = ()) -> Any:

@@ -452,9 +452,18 @@ class Reads(CoreBase):
         entry = tx.version_entry(target.rel, current_version(tx.file(target.rel)))
         return entry is not None and entry.retained
 
-    def forget(self, agent: str, target: Target) -> None:
+    def forget(self, agent: str, target: Target, back_to: int | None = None) -> None:
+        """Drop `agent`'s view of `target`, or put it back at version `back_to` (what it was before
+        a read whose bytes the model never got)."""
         self._confirmed.pop((agent, target.rel), None)
-        self.registry.transact(lambda tx: tx.drop_view(agent, target.rel), (target.rel,))
+
+        def back(tx: Transaction) -> None:
+            if back_to is None:
+                tx.drop_view(agent, target.rel)
+            else:
+                tx.put_view(agent, target.rel, back_to, time.time())
+
+        self.registry.transact(back, (target.rel,))
 
     def clear_fence(self, agent: str, target: Target) -> None:
         """Lift `agent`'s fence on `target` (a re-read after its `lock()` was reclaimed). Fences are
