@@ -33,7 +33,7 @@ from coherent_volume.paths import Target
 
 from .harness.agent_session import AgentProcess, commit_lock_held, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
-from .harness.volumes import deleted_after_read
+from .harness.volumes import changed_after_read, deleted_after_read
 
 P = "plans/plan.md"
 
@@ -272,14 +272,9 @@ def test_a_partial_read_past_another_writers_change_tells_the_model_what_changed
     the whole file from what it knew does not drop it unnoticed (found by a hostile tester: the view
     moved silently and the Write went through over the peer's line)."""
     lines = [f"line {i}" for i in range(1, 31)]
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "\n".join(lines) + "\n")
     s = sessions("partly", root)
-    target = root / P
-    s.read(target)
-    with CoherentVolume(root, agent="bob") as bob:
-        bob.read(P)
-        bob.write(P, "\n".join(["BOB LINE", *lines[1:]]) + "\n")
+    text = "\n".join(lines) + "\n"
+    target = changed_after_read(root, P, s.read, text, text.replace("line 1\n", "BOB LINE\n", 1))
     part = {
         "filePath": str(target),
         "content": "\n".join(lines[9:20]),

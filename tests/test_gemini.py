@@ -19,7 +19,7 @@ from coherent_volume.errors import StaleWriteError
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
-from .harness.volumes import deleted_after_read
+from .harness.volumes import changed_after_read, deleted_after_read
 
 P = "plans/plan.md"
 EVENTS = fixture("gemini")
@@ -170,14 +170,9 @@ def test_a_partial_read_past_another_writers_change_tells_the_model_what_changed
     a whole-file write from what it knew does not drop it unnoticed (found by a hostile tester:
     the view moved silently, and the write was allowed over the peer's line)."""
     lines = [f"line {i}" for i in range(1, 31)]
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "\n".join(lines) + "\n")
     s = sessions("partly", root)
-    target = root / P
-    s.read(target)
-    with CoherentVolume(root, agent="bob") as bob:
-        bob.read(P)
-        bob.write(P, "\n".join(["BOB LINE", *lines[1:]]) + "\n")
+    text = "\n".join(lines) + "\n"
+    target = changed_after_read(root, P, s.read, text, text.replace("line 1\n", "BOB LINE\n", 1))
     shown = "\n".join(lines[9:20])
     told = context(
         s.hook(s.event("after_read_file_range", path=target, text=shown, start=10, end=20, total=30, next=21))

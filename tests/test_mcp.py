@@ -376,10 +376,7 @@ def test_a_part_read_past_another_writers_change_tells_the_model_what_changed(ro
 
     async def scenario() -> None:
         async with mcp_session(root) as s:
-            await s.ok("read_file", path=P)
-            with CoherentVolume(root, agent="bob") as bob:
-                bob.read(P)
-                bob.write(P, "".join(["BOB LINE\n", *lines[1:]]))
+            await _read_then_bob_writes(s, root, "".join(["BOB LINE\n", *lines[1:]]))
             part = await s.ok("read_file", path=P, offset=10, limit=11)
             assert "shown only part" in part and "+BOB LINE" in part and "written by bob" in part, part
             whole = await s.ok("read_file", path=P)
@@ -399,16 +396,21 @@ def test_a_refused_read_leaves_the_view_it_found_so_the_next_part_tells_what_cha
 
     async def scenario() -> None:
         async with mcp_session(root) as s:
-            await s.ok("read_file", path=P)
-            with CoherentVolume(root, agent="bob") as bob:
-                bob.read(P)
-                bob.write(P, "".join(["BOB LINE\n", *lines[1:], *lines]))  # too large for one read now
+            await _read_then_bob_writes(s, root, "".join(["BOB LINE\n", *lines[1:], *lines]))  # too large at once
             assert str(READ_LIMIT) in await s.refused("read_file", path=P)
             assert "fewer than offset" in await s.refused("read_file", path=P, offset=5000)
             part = await s.ok("read_file", path=P, offset=100, limit=5)
             assert "shown only part" in part and "+BOB LINE" in part and "written by bob" in part, part
 
     run(scenario)
+
+
+async def _read_then_bob_writes(s: Tools, root: Path, text: str) -> None:
+    """The session reads P whole; bob, another agent, reads it and writes `text`."""
+    await s.ok("read_file", path=P)
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, text)
 
 
 def test_a_line_too_long_for_one_tool_result_is_refused_saying_these_tools_cannot_show_it(root: Path) -> None:

@@ -215,6 +215,20 @@ def audit_store(root: Path, paths: list[str]) -> StoreAudit:
     return audit
 
 
+def changed_after_read(root: Path, rel: str, read: Callable[[Path], object], before: str, after: str) -> Path:
+    """`rel` written by a setup agent as `before`, read by `read` (an agent's read tool), then
+    rewritten as `after` by bob, who read it: the reader's view is of a version bob's followed.
+    The file's path."""
+    target = root / rel
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(rel, before)
+    read(target)
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(rel)
+        bob.write(rel, after)
+    return target
+
+
 def deleted_after_read(root: Path, rel: str, read: Callable[[Path], object]) -> Path:
     """`rel` written by a setup agent, read by `read` (an agent's read tool), then deleted by a peer
     that read it: the reader's view is of a version a deletion followed. The file's path."""
