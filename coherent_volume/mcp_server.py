@@ -305,8 +305,10 @@ class Session:
                     f"[coherent-volume] {target.rel}: version {observed.version}. Your view is this version: "
                     "write_file and edit_file are refused if someone changes the file before you do."
                 )
-                over = passed_over(self.core, self.agent, target.rel, before, observed.version)
-                told = partly_read_warning([over], "read", PARTLY_REREAD) if over and part != text else None
+                over = (
+                    passed_over(self.core, self.agent, target.rel, before, observed.version) if part != text else None
+                )
+                told = partly_read_warning([over], "read", PARTLY_REREAD) if over else None
                 note[-1] += f"\n{told}" if told else ""
             else:
                 note.append(f"[coherent-volume] {target.rel} is not managed: writes to it are not checked.")

@@ -35,7 +35,7 @@ from ..protocol import (
 )
 from ..registry import Transaction
 from .history import History, Refused
-from .writes import Made
+from .writes import Made, in_the_way_said
 
 
 def refuse_hard_link(*ends: Target) -> None:
@@ -258,13 +258,7 @@ class Renames(History):
             found = tx.file_in_the_way(side.rel, besides=here.files)
             if found is None or in_the_way(side.rel, found.path) != errno.EISDIR:
                 continue
-            held = (
-                f"a rename by {found.writer} is putting a file below it, {found.path} (its v{found.version}), and "
-                "its install is not recorded yet"
-                if found.pending
-                else f"the volume holds a file below it that this working copy has not installed yet, {found.path} "
-                f"v{found.version} (by {found.writer})"
-            )
+            held = in_the_way_said(found, "below it", lacking=True)
             doing = f"cannot be replaced by the directory {src.rel}" if code == errno.ENOTEMPTY else "cannot be moved"
             raise TreeClash(
                 code,

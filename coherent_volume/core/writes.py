@@ -46,7 +46,7 @@ from ..protocol import (
     view_moves,
     view_state,
 )
-from ..registry import Transaction
+from ..registry import InTheWay, Transaction
 from .base import EMPTY_HASH, Isolation
 from .reads import Reads
 
@@ -110,6 +110,19 @@ FINISH_WAIT = 15.0
 unreachable (a database restart), before it reports the commit as pending."""
 
 
+def in_the_way_said(other: InTheWay, where: str, lacking: bool = False) -> str:
+    """What a refusal says of the file `other` the registry holds `where` ("on its way", "below it")
+    a path: a rename's install under way, or a file of the volume (`lacking`: one this working copy
+    has not installed yet)."""
+    if other.pending:
+        return (
+            f"a rename by {other.writer} is putting a file {where}, {other.path} (its v{other.version}), and its "
+            "install is not recorded yet"
+        )
+    lacks = " that this working copy has not installed yet" if lacking else ""
+    return f"the volume holds a file {where}{lacks}, {other.path} v{other.version} (by {other.writer})"
+
+
 class Writes(Reads):
     # ---- writes ---------------------------------------------------------------------
 
@@ -156,13 +169,7 @@ class Writes(Reads):
         if other is None:
             return
         code = in_the_way(target.rel, other.path)
-        where = "on its way" if code == errno.ENOTDIR else "below it"
-        held = (
-            f"a rename by {other.writer} is putting a file {where}, {other.path} (its v{other.version}), and its "
-            "install is not recorded yet"
-            if other.pending
-            else f"the volume holds a file {where}, {other.path} v{other.version} (by {other.writer})"
-        )
+        held = in_the_way_said(other, "on its way" if code == errno.ENOTDIR else "below it")
         raise TreeClash(
             code,
             f"{target.rel} cannot be made a file: {held}. Nothing was changed: read {other.path} (or run "

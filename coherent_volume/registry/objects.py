@@ -148,19 +148,17 @@ def put(conn: sqlite3.Connection, digest: str | None, source: bytes | int) -> st
     got = xxhash.xxh3_128_hexdigest(source)
     if digest is not None and got != digest:
         raise _changed(digest)
-    if len(source) <= PART:  # new content: one row, one statement
-        row = (got, len(source), source)
-        new = conn.execute("INSERT OR IGNORE INTO contents (hash, size, data) VALUES (?, ?, ?)", row).rowcount
-        if not new and not _intact(conn, got):  # stored before (maybe in parts), and damaged
-            _remove(conn, got)
-            conn.execute("INSERT INTO contents (hash, size, data) VALUES (?, ?, ?)", row)
-    elif not _intact(conn, got):
+    if len(source) > PART:
+        return _put_parts(conn, got, _slices(source))
+    row = (got, len(source), source)  # new content: one row, one statement
+    new = conn.execute("INSERT OR IGNORE INTO contents (hash, size, data) VALUES (?, ?, ?)", row).rowcount
+    if not new and not _intact(conn, got):  # stored before (maybe in parts), and damaged
         _remove(conn, got)
-        _insert(conn, _slices(source), expected=got)
+        conn.execute("INSERT INTO contents (hash, size, data) VALUES (?, ?, ?)", row)
     return got
 
 
-def _put_parts(conn: sqlite3.Connection, digest: str | None, parts: Iterable[bytes]) -> str:
+def _put_parts(conn: sqlite3.Connection, digest: str | None, parts: Iterable[bytes | memoryview]) -> str:
     """`put` of content of more than one part, read as it goes."""
     if digest is not None:
         if _intact(conn, digest):
