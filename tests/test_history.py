@@ -17,6 +17,7 @@ import pytest
 import xxhash
 
 from coherent_volume import CoherentVolume, DamagedContent, StaleWriteError, VersionGone, VolumeConfigError
+from coherent_volume.core import reads
 from coherent_volume.fingerprint import content_hash
 from coherent_volume.policy import Policy, Retention
 from coherent_volume.registry import Transaction, objects
@@ -252,6 +253,91 @@ def test_every_commit_through_the_mount_is_retained(root: Path, tmp_path: Path, 
     assert history[0].kind == "delete"
     contents = [reader.read_version("plans/p.md", v.version) for v in history if v.hash is not None]
     assert b"draft\n" in contents and b"draft\nmore\n" in contents and b"final\nmore\n" in contents
+
+
+def _written_again_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str, call: int, at: Path) -> None:
+    """Make the `call`th call of `module.name` (a read or hash of `at`'s bytes) return, then let a
+    program outside the volume finish writing `at` in place: the bytes it read are gone from the disk
+    by the time the read records them."""
+    real = getattr(module, name)
+    calls = [0]
+
+    def then_written(*args: object) -> object:
+        result = real(*args)
+        calls[0] += 1
+        if calls[0] == call:
+            with open(at, "r+b") as f:
+                f.write(b"written in full\n")
+        return result
+
+    monkeypatch.setattr(module, name, then_written)
+
+
+@pytest.mark.parametrize("face", ["read", "hook"])
+def test_a_change_a_read_saw_half_done_is_kept_as_read_and_its_rest_is_a_version_of_its_own(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch, face: str
+) -> None:
+    """A read that finds a file a program outside the volume is still writing records the bytes it
+    read as a version, kept (history serves them), and registers the reader's view there; the
+    bytes written after are another version, so a write based on the half-done ones is refused
+    `stale`, never taken over bytes its writer was not shown."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/p.md", "one\n")
+    at = root / "plans" / "p.md"
+    at.write_bytes(b"half\n")  # the program's write, half done
+    core = bob._core
+    target = core.resolve("plans/p.md")
+    if face == "read":  # the fast path's read, then the slow path's, after which the program goes on
+        _written_again_after(monkeypatch, reads, "read_file", 2, at)
+        seen = core.read("bob", target)
+        shown, version = seen.data, seen.version
+    else:  # a hook's Read: what the model was shown is confirmed, then the program goes on
+        seen_by_hook: list[bytes] = []
+
+        def saw(data: bytes) -> bool:
+            seen_by_hook.append(data)
+            at.write_bytes(b"written in full\n")
+            return True
+
+        version = core.observe("bob", target, saw)
+        shown = seen_by_hook[0]
+    assert (shown, version) == (b"half\n", 2)
+    assert bob.read_version("plans/p.md", 2) == b"half\n"
+    assert [(v.version, v.kind, v.retained) for v in bob.history("plans/p.md")][-2:] == [
+        (2, "foreign", True),
+        (1, "commit", True),
+    ]
+    with pytest.raises(StaleWriteError, match="stale"):
+        bob.write("plans/p.md", "based on the half\n")
+    assert bob.read("plans/p.md") == b"written in full\n"
+    assert bob.version("plans/p.md") == 3
+    assert bob.read_version("plans/p.md", 3) == b"written in full\n"
+
+
+def test_a_descriptor_opened_on_a_file_written_in_place_meanwhile_is_paired_with_what_it_serves(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A descriptor a read keeps (the mount's open) serves what the file holds when it is read: a
+    program outside the volume that goes on writing the file in place after the open hashed it
+    makes those bytes the version the reader's view is at, kept."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/p.md", "one\n")
+    at = root / "plans" / "p.md"
+    at.write_bytes(b"half\n")
+    core = bob._core
+    _written_again_after(monkeypatch, reads, "hash_fd", 2, at)  # the fast path's hash, then the kept descriptor's
+    fd, version = core.open_version("bob", core.resolve("plans/p.md"))
+    try:
+        served = os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+    assert (served, version) == (b"written in full\n", 2)
+    assert [(v.version, v.kind, v.retained) for v in bob.history("plans/p.md")] == [
+        (2, "foreign", True),
+        (1, "commit", True),
+    ]
+    assert bob.read_version("plans/p.md", 2) == served
+    assert bob.write("plans/p.md", "based on what it served\n") == 3
 
 
 def _as_schema_1(root: Path, *, history: bool) -> None:

@@ -49,7 +49,7 @@ from coherent_volume.protocol import Intent
 from coherent_volume.registry import DB_FILE, LOCATION_FILE, pg_connections, pg_registry, pg_transaction, postgresql
 from coherent_volume.registry.pg_location import Location
 
-from . import test_retention, test_volume
+from . import test_history, test_retention, test_volume
 from .conftest import run_py
 from .harness import CLI
 from .harness.agent_session import unique
@@ -120,6 +120,10 @@ RETENTION_TESTS = (
 """Retention's tests that use the API only, on a PostgreSQL volume (its own queries of views and retained versions)."""
 for _name in RETENTION_TESTS:
     globals()[f"{_name}_on_postgresql"] = getattr(test_retention, _name)
+HISTORY_TESTS = ("test_a_change_a_read_saw_half_done_is_kept_as_read_and_its_rest_is_a_version_of_its_own",)
+"""History's tests of foreign changes a read meets, in a working copy (`CoreBase._sync_copy`)."""
+for _name in HISTORY_TESTS:
+    globals()[f"{_name}_on_postgresql"] = getattr(test_history, _name)
 
 
 @pytest.fixture

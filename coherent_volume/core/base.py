@@ -399,12 +399,15 @@ class CoreBase:
         record: FileRecord | None,
         disk: tuple[Fingerprint | None, str | None] | None = None,
         why: str | None = None,
+        content: bytes | int | None = None,
     ) -> FileRecord | None:
         """Record any foreign change of `target` as a new version by EXTERNAL (`why`: how the disk
         came to differ, when the caller knows better than "changed outside the volume"); return the
-        current record."""
+        current record. `disk`: what the caller found (fingerprint, hash), recorded as it found it
+        (its view goes there); `content`: the bytes it hashed, or a descriptor of the file it hashed,
+        retained as that version's (a file written on since keeps the version it was)."""
         if self.replica is not None:
-            return self._sync_copy(tx, self.replica, target, record, disk)
+            return self._sync_copy(tx, self.replica, target, record, disk, content)
         fp, disk_hash = disk if disk is not None else disk_state(target, record)
         state = classify(record, fp, disk_hash)
         now, now_ns = time.time(), time.time_ns()
@@ -420,8 +423,9 @@ class CoreBase:
         present = state is Disk.CHANGED
         new = FileRecord(target.rel, version, present, disk_hash if present else None, fp, EXTERNAL, now, now_ns)
         if present:  # the bytes the caller read (`disk`), or else as read now: a file still being
-            # written is recorded as it was then; bytes that moved on since are not retained
-            stored = self._retain(tx, target.abs, disk_hash if disk is not None else None)
+            # written is recorded as it was then; bytes that moved on since are not retained unless
+            # the caller kept them (`content`)
+            stored = self._retain(tx, target.abs, disk_hash if disk is not None else None, content)
             new = new if stored is None else new._replace(hash=stored)
         self._record(tx, new, "foreign" if present else "delete", retained=not present or stored is not None)
         if record is None:  # first sighting of a file that was there before the volume knew it
@@ -467,6 +471,7 @@ class CoreBase:
         target: Target,
         record: FileRecord | None,
         disk: tuple[Fingerprint | None, str | None] | None,
+        content: bytes | int | None,
     ) -> FileRecord | None:
         """`_sync` for a working copy of a volume whose registry holds the content
         (`protocol.local_state`): install the current version where this copy is behind, record a
@@ -526,7 +531,8 @@ class CoreBase:
                 tx.touch_file(target.rel, record._replace(fingerprint=fp, checked_ns=now_ns))
             return record
         version, base = current_version(record) + 1, 0 if installed is None else installed.version
-        stored = self._retain(tx, target.abs, None)  # the bytes as read now
+        # the bytes the caller read (its view goes to this version), or else as read now
+        stored = self._retain(tx, target.abs, disk_hash if given else None, content)
         new = FileRecord(target.rel, version, True, stored or disk_hash, fp, EXTERNAL, now, now_ns)
         self._record(tx, new, "foreign", retained=stored is not None)
         host = socket.gethostname()
@@ -965,23 +971,35 @@ class CoreBase:
             )
         )
 
-    def _retain(self, tx: Transaction, path: str, digest: str | None) -> str | None:
+    def _retain(self, tx: Transaction, path: str, digest: str | None, content: bytes | int | None = None) -> str | None:
         """Retain, in `tx`, the content of the file at `path` for the version about to be recorded
         in it: as `digest` (None if the file no longer holds it), or, with `digest` None, as
-        whatever it holds now; the hash it was stored under. None: a file gone meanwhile or no
-        longer holding `digest` (its version is then listed as not retained)."""
+        whatever it holds now; the hash it was stored under. `content`, the bytes `digest` was
+        taken of or a descriptor of the file it was, is read instead of `path`: a descriptor written
+        in place since is retained as it is now (what its reader will read). None: a file gone
+        meanwhile or no longer holding `digest` (its version is then listed as not retained)."""
+        if isinstance(content, bytes):
+            return self._store(tx, digest, content)
+        if content is not None:
+            return self._store(tx, digest, content) or self._store(tx, None, content)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            return tx.store(digest, fd)
+            return self._store(tx, digest, fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _store(tx: Transaction, digest: str | None, source: bytes | int) -> str | None:
+        """`tx.store`; None where the bytes no longer hash to `digest` (a file written meanwhile)."""
+        try:
+            return tx.store(digest, source)
         except OSError as e:
             if e.errno != errno.EAGAIN:
                 raise
             return None
-        finally:
-            os.close(fd)
 
     def _holder(self, tx: Transaction, rel: str) -> Grant | None:
         """The live grant on `rel` (`_live`)."""

@@ -154,7 +154,7 @@ class Reads(CoreBase):
                 disk = (Fingerprint.of(os.fstat(fd)), hash_fd(fd))
 
                 def pair(tx: Transaction) -> int:
-                    record = self._sync(tx, target, tx.file(target.rel), disk)
+                    record = self._sync(tx, target, tx.file(target.rel), disk, content=fd)
                     assert record is not None
                     if register:
                         tx.put_view(agent, target.rel, record.version, time.time())
@@ -177,7 +177,7 @@ class Reads(CoreBase):
                 data, disk = None, (None, None)
 
             def pair(tx: Transaction) -> FileRecord | None:
-                record = self._sync(tx, target, tx.file(target.rel), disk)
+                record = self._sync(tx, target, tx.file(target.rel), disk, content=data)
                 if record is not None and register:
                     tx.put_view(agent, target.rel, record.version, time.time())
                 return record

@@ -130,7 +130,7 @@ class Sessions(Writes):
             shown, digest = saw(data), content_hash(data)
 
             def confirm(tx: Transaction) -> int | None:
-                record = self._sync(tx, target, tx.file(target.rel), (fp, digest))
+                record = self._sync(tx, target, tx.file(target.rel), (fp, digest), content=data)
                 if record is None or not shown:
                     return None
                 tx.put_view(agent, target.rel, record.version, time.time())
@@ -182,7 +182,7 @@ class Sessions(Writes):
         def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)
             expected = self._expected(tx, agent, target, made, moved) if made is not None else None
-            fit = Fit.NO
+            fit, data = Fit.NO, None
             if expected is not None:
                 try:
                     data, fp = read_file(target.abs)
@@ -192,7 +192,7 @@ class Sessions(Writes):
                 fit = Fit.NO if data is None else expected(data)
                 if not fit:
                     why = f"changed outside the volume while a tool of {agent} wrote it"
-                    self._sync(tx, target, record, (fp, digest), why)
+                    self._sync(tx, target, record, (fp, digest), why, data)
                     return None
             else:
                 fp, digest = disk_state(target, None)
@@ -220,7 +220,8 @@ class Sessions(Writes):
                     version=version,
                     detail=f"{agent} wrote over v{version} by {record.writer} without having read it{during}",
                 )
-            stored = self._retain(tx, target.abs, None) if present else None  # the bytes as they are now
+            # the bytes the tool's input was checked against, else as they are now
+            stored = self._retain(tx, target.abs, None if data is None else digest, data) if present else None
             record = FileRecord(target.rel, version + 1, present, stored or digest, fp, agent, now, time.time_ns())
             self._record(tx, record, "commit" if present else "delete", retained=not present or stored is not None)
             if not appended:
