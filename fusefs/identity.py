@@ -1,9 +1,9 @@
 """Which agent a FUSE request comes from.
 
 The request's pid is a thread id: it is mapped to its process (Tgid). The agent is the one an
-integration bound to that process or its nearest ancestor (a Claude Code session, see
+integration bound to that process or its nearest ancestor up to its PID namespace's init (a Claude Code session, see
 `VolumeCore.bind_session`), else COHERENT_AGENT in the environment of the nearest such
-process, else the mount's default agent, else one agent per session (getsid). Results are
+process, else the mount's default agent, else one agent per session (`session_agent`). Results are
 cached by (pid, start time) so a reused pid never inherits another process's agent, for at
 most CACHE_SECONDS so a binding made after a process started is seen soon. A thread seen
 within that time is answered from one read of /proc/<tid>/stat (`cached`, cheap enough for
@@ -80,6 +80,25 @@ def _agent_in_environ(pid: int) -> str | None:
     return None
 
 
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+"""The inode number of the host's own PID namespace (the kernel's PROC_PID_INIT_INO)."""
+
+
+def pid_namespace_inode() -> int:
+    """The inode number of this process's PID namespace."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def session_agent(sid: int, outermost: int, namespace: int) -> str:
+    """The agent of a session `sid` (as seen in PID namespace `namespace`) that nothing names:
+    `session-SID`, with `@pidns-INODE` outside the host's own namespace (a container's sessions are
+    numbered from 1 in each: two containers' must not be one agent). A session led from outside the
+    namespace (sid 0) is stood for by the process `outermost` (the caller's farthest ancestor in it:
+    a container's init)."""
+    name = f"session-{sid if sid > 0 else outermost}"
+    return name if namespace == INITIAL_PID_NAMESPACE else f"{name}@pidns-{namespace}"
+
+
 class AgentResolver:
     """Maps a request's thread id to (agent, pinned); thread-safe, never blocks longer than a timeout."""
 
@@ -91,22 +110,27 @@ class AgentResolver:
         self._threads: dict[tuple[int, int], tuple[float, str, bool]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cv-environ")
+        self._namespace = pid_namespace_inode()
 
-    def _fallback(self, pid: int) -> str:
+    def _fallback(self, pid: int, outermost: int) -> str:
+        """The mount's agent, else `pid`'s session's (`session_agent`; `outermost`: its farthest
+        ancestor in this PID namespace)."""
         if self.default_agent:
             return self.default_agent
         try:
-            return f"session-{os.getsid(pid)}"
+            sid = os.getsid(pid)
         except OSError:
             return "session-unknown"
+        return session_agent(sid, outermost, self._namespace)
 
     def _lookup(self, pid: int) -> tuple[str, bool]:
         """The binding of `pid` or its nearest bound ancestor (one registry read for them all), else
-        COHERENT_AGENT of the nearest that has it, else the fallback."""
+        COHERENT_AGENT of the nearest that has it, else the fallback. The ancestors go up to this PID
+        namespace's init included (a container's entrypoint names its agent), never the daemon."""
         chain: list[int] = []
         walk: int | None = pid
         for _ in range(64):  # nearest ancestor first, bounded
-            if walk is None or walk <= 1 or walk == self._daemon_pid:
+            if walk is None or walk <= 0 or walk == self._daemon_pid:
                 break
             chain.append(walk)
             walk = _parent(walk)
@@ -123,7 +147,7 @@ class AgentResolver:
                 env_agent = None
             if env_agent is not None:
                 return env_agent, False
-        return self._fallback(pid), False
+        return self._fallback(pid, chain[-1] if chain else pid), False
 
     def cached(self, tid: int) -> tuple[str | None, bool] | None:
         """(agent, pinned) for a thread answered within CACHE_SECONDS; None when `agent` must look it up."""

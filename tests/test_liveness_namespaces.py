@@ -21,7 +21,7 @@ from typing import Self
 import pytest
 
 from coherent_volume import CoherentVolume, StaleWriteError
-from coherent_volume.liveness import ProcessId, current_process, host_id
+from coherent_volume.liveness import ProcessId, current_process, host_id, start_time
 
 from .conftest import REPO
 from .harness.mounts import CLI
@@ -52,13 +52,14 @@ class Namespaced:
     --kill-child: if `unshare` dies, so does the namespace. `kill()` SIGKILLs the namespace's
     init from here (which ends every process in the namespace) and reaps `unshare`."""
 
-    def __init__(self, code: str, *args: str) -> None:
+    def __init__(self, code: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", code, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            env=env,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -216,3 +217,153 @@ def test_a_mount_in_a_pid_namespace_without_its_own_proc_is_refused(
         mounted = str(mountpoint) in Path("/proc/self/mounts").read_text()
         if mounted and subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode:
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+
+CONTAINER = r"""
+import os, subprocess, sys, time
+cli, root, mnt, steps, role, named = sys.argv[1:7]
+os.makedirs(mnt)
+subprocess.run([cli, "mount", root, mnt], check=True, capture_output=True)
+path = os.path.join(mnt, "plans", "plan.md")
+
+def wait(step):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(steps, step)):
+        assert time.monotonic() < deadline, step
+        time.sleep(0.01)
+
+def read():  # by the container's init itself (named), else by a program it starts
+    if named == "1":
+        with open(path) as f:
+            return f.read()
+    return subprocess.run(["cat", path], capture_output=True, text=True, check=True).stdout
+
+def write(data):
+    if named == "1":
+        try:
+            with open(path, "w") as f:
+                f.write(data)
+            return True
+        except PermissionError:
+            return False
+    return subprocess.run(["sh", "-c", 'printf %s "$1" > "$2"', "sh", data, path]).returncode == 0
+
+try:
+    base = read()
+    if role == "A":
+        print("read", flush=True)
+        wait("B wrote")
+    print("accepted" if write(base + " + " + role) else "refused", flush=True)
+finally:
+    if subprocess.run(["fusermount3", "-u", mnt]).returncode:
+        subprocess.run(["fusermount3", "-uz", mnt])
+"""
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named-init", "anonymous"])
+def test_agents_of_two_containers_each_mounting_the_volume_are_told_apart(
+    root: Path, tmp_path: Path, named: bool
+) -> None:
+    """Two containers (PID and mount namespaces) each mount the volume and write through their own
+    mount: the container's init named by COHERENT_AGENT (`coherent-volume as NAME --` as an
+    entrypoint), or programs that no name reaches, each container in a session led from outside it.
+    A's write based on what it read before B's commit is refused. Before, the init's name was never
+    read and every such process was agent `session-0` in both: one agent, so A's stale write was
+    taken over B's commit."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1")
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"}
+
+    def container(role: str) -> Namespaced:
+        agent = {"COHERENT_AGENT": f"agent-{role}"} if named else {}
+        args = (CLI, str(root), str(tmp_path / f"mnt{role}"), str(steps), role, str(int(named)))
+        return Namespaced(CONTAINER, *args, env={**env, **agent})
+
+    with container("A") as a:
+        assert a.line() == "read"
+        with container("B") as b:
+            assert b.line() == "accepted"
+            assert b.proc.wait(timeout=30) == 0
+        (steps / "B wrote").touch()
+        assert a.line() == "refused", "A's write over B's commit, which A never read, was taken"
+        assert a.proc.wait(timeout=30) == 0
+    assert (root / P).read_text() == "v1 + B"
+    with CoherentVolume(root, agent="observer") as v:
+        writers = [h.writer for h in v.history(P)]
+    assert writers[0] != "setup" and len(writers) == 2
+    if named:
+        assert writers[0] == "agent-B"
+    else:
+        assert writers[0].startswith("session-") and writers[0] != "session-0"
+
+
+TIME_NAMESPACE = ["unshare", "--time", "--boottime", "100000"]
+"""A time namespace whose clock of time since boot runs 100,000 s ahead of the host's."""
+
+
+def test_a_process_in_a_time_namespace_has_the_start_time_the_host_sees() -> None:
+    """/proc shows start times shifted by the reader's time namespace: both sides must name one
+    process alike, or a live process looks dead (or a dead one's pid a live process's)."""
+    code = "import sys; from coherent_volume.liveness import current_process as c; print(c().pid, c().start, flush=True); sys.stdin.read()"
+    inside = subprocess.Popen(
+        [*TIME_NAMESPACE, sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert inside.stdout is not None
+        pid, start = (int(x) for x in inside.stdout.readline().split())
+        assert start_time(pid) == start
+    finally:
+        inside.communicate(timeout=30)
+
+
+TIME_HOLDER = r"""
+import os, sys, time
+from coherent_volume import CoherentVolume
+root, go = sys.argv[1:3]
+v = CoherentVolume(root, agent="inside")
+with v.lock("plans/plan.md", ttl=3600):
+    data = v.read("plans/plan.md")
+    print("locked", flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("wrote", v.write("plans/plan.md", data + b" + the holder's change"), flush=True)
+"""
+
+
+def test_a_grant_held_from_a_time_namespace_holds_and_its_holder_is_not_taken_for_dead(
+    root: Path, tmp_path: Path
+) -> None:
+    """A holder in a time namespace (same PID namespace) is alive: others are refused `held` and
+    its write goes in. Before, its start time as the host read it differed from its own, so it was
+    taken for dead at once: the grant reclaimed ("its process died"), another agent let in, and
+    the holder's write refused `fenced`."""
+    go = tmp_path / "go"
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write(P, b"base")
+        holder = subprocess.Popen(
+            [*TIME_NAMESPACE, sys.executable, "-c", TIME_HOLDER, str(root), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(StaleWriteError) as refused:
+                bob.write(P, b"bob, while the holder holds it")
+            assert refused.value.reason == "held" and refused.value.holder == "inside"
+            go.touch()
+            out, err = holder.communicate(timeout=30)
+            assert out.strip() == "wrote 2", err
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+        assert (root / P).read_bytes() == b"base + the holder's change"
