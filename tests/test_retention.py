@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, Policy, Retention, StaleWriteError, VersionGone, VolumeConfigError
+from coherent_volume.core import history
 from coherent_volume.core.history import PRUNE_STEP
 from coherent_volume.fingerprint import content_hash
 from coherent_volume.policy import DAY
@@ -207,6 +208,26 @@ def test_a_commit_that_finds_a_prune_due_prunes_one_step_and_its_next_commits_th
     assert _retained(bob, "plans/p.md") == [250]
     bob.write("plans/q.md", "bob 4")  # the prune is over: this process looks again only in a minute
     assert _retained(bob, "plans/q.md") == [4, 3, 2, 1]
+
+
+def test_a_prune_of_large_versions_drops_a_bounded_size_a_step(vols, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of a prune (what a commit finding one due waits for, under the commit lock) frees at
+    most PRUNE_STEP_BYTES of versions, or one version larger than that, however many are due:
+    before, a step took a hundred versions whatever their size (4 MiB each: seconds of a writer's
+    wait, and 20 MiB each: writers failing at the commit lock's 30 s)."""
+    monkeypatch.setattr(history, "PRUNE_STEP_BYTES", 3000)
+    alice = vols("alice")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    for i in range(8):
+        alice.write("plans/p.md", bytes([65 + i]) * 1000)
+    alice.write("plans/big.md", b"x" * 5000)
+    alice.write("plans/big.md", b"y" * 5000)
+    steps = []
+    alice._core.registry.transact(lambda tx: tx.put_meta("pruned_at", repr(time.time() - 7200)))
+    while (step := alice._core.prune_if_due()) is not None and step.versions:
+        steps.append(step.bytes)
+    assert steps == [3000, 3000, 1000, 5000], "oldest first, a step at most 3,000 bytes or one larger version"
+    assert _retained(alice, "plans/p.md") == [8] and _retained(alice, "plans/big.md") == [2]
 
 
 def test_a_prune_reads_each_history_once_however_many_versions_it_drops(vols, monkeypatch: pytest.MonkeyPatch) -> None:

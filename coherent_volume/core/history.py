@@ -42,6 +42,25 @@ MAX_VERSION = 2**63 - 1
 PRUNE_STEP = 100
 """Most versions one transaction of a prune drops (a few milliseconds under the commit lock), and
 the most a commit that finds a prune due (or under way) drops before it returns."""
+PRUNE_STEP_BYTES = 16 << 20
+"""Most bytes of versions one transaction of a prune drops, unless one version alone has more
+(freeing content costs time with its size: a step of a hundred 4 MiB versions held the commit lock
+for seconds)."""
+
+
+def _in_steps(versions: list[Version]) -> Iterator[list[Version]]:
+    """`versions`, in order, cut into a prune's steps: at most PRUNE_STEP versions and PRUNE_STEP_BYTES
+    of their sizes each (a version larger than that alone)."""
+    step: list[Version] = []
+    size = 0
+    for v in versions:
+        if step and (len(step) == PRUNE_STEP or size + (v.size or 0) > PRUNE_STEP_BYTES):
+            yield step
+            step, size = [], 0
+        step.append(v)
+        size += v.size or 0
+    if step:
+        yield step
 
 
 class Refused(NamedTuple):
@@ -446,7 +465,7 @@ class History(Writes):
         never a current version, one a live agent's view points at, nor one of a path's last
         `keep_last`): older than `keep_days`, then, over `max_bytes`, the oldest others until the
         content fits. Planned from one read of the retained versions (no lock held), then done in
-        transactions of at most PRUNE_STEP versions, each checking again what it drops, PRUNE_PAUSE
+        short transactions (`_in_steps`), each checking again what it drops, PRUNE_PAUSE
         apart, so writers interleave with a long prune. Ages are judged on the registry's clock
         (`Transaction.now`: PostgreSQL's server clock), never this host's: a host whose clock runs
         ahead prunes nothing younger than `keep_days` on the registry's."""
@@ -460,8 +479,8 @@ class History(Writes):
 
     def _prune_plan(self) -> deque[Step]:
         """A prune's steps, oldest versions first: those older than `keep_days`, then the other
-        candidates for `max_bytes` (none without one), at most PRUNE_STEP versions each, as one
-        read of the retained versions finds them."""
+        candidates for `max_bytes` (none without one), in steps of `_in_steps`, as one read of the
+        retained versions finds them."""
         retention = self.policy().retention
         old: list[Version] = []
         others: list[Version] = []
@@ -478,7 +497,7 @@ class History(Writes):
         steps: deque[Step] = deque()
         for aged, chosen in ((True, sorted(old, key=lambda v: v.at)), (False, sorted(others, key=lambda v: v.at))):
             if aged or over_budget:
-                steps.extend(Step(aged, chosen[i : i + PRUNE_STEP]) for i in range(0, len(chosen), PRUNE_STEP))
+                steps.extend(Step(aged, versions) for versions in _in_steps(chosen))
         return steps
 
     def _prune_step(self, steps: deque[Step]) -> Pruned:
@@ -546,7 +565,7 @@ class History(Writes):
         return viewed
 
     def prune_if_due(self) -> Pruned | None:
-        """One step of a prune (at most PRUNE_STEP versions, one short transaction): the next of
+        """One step of a prune (`_in_steps`, one short transaction): the next of
         this process's prune under way, else, when the volume's last prune was PRUNE_EVERY seconds
         ago or more on the registry's clock, the first of a new one (planned now: `_prune_plan`),
         which this process claims, so volumes prune once at a time; its later steps are done by this

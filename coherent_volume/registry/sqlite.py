@@ -952,6 +952,9 @@ class SQLiteRegistry:
                 conn.execute("PRAGMA mmap_size = 268435456")
                 # versions' bytes pass through the WAL: after a checkpoint, a WAL a large one grew is cut back
                 conn.execute("PRAGMA journal_size_limit = 67108864")
+                # Debian's SQLite zeroes every page it frees: a prune of large versions wrote their
+                # whole size again under the commit lock (100 MiB: 1.3 s; FAST: 0.12 s)
+                conn.execute("PRAGMA secure_delete = FAST")
             except BaseException:
                 conn.close()
                 raise
