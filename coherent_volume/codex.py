@@ -135,12 +135,22 @@ class FilePatch:
 HEADERS = {"*** Add File: ": "add", "*** Delete File: ": "delete", "*** Update File: ": "update"}
 
 
+def lines_of(text: str) -> list[str]:
+    """`text`'s lines as Codex reads a patch and a file it patches (Rust's `str::lines`): split at
+    newlines only, the carriage return before a newline dropped. Never `str.splitlines`, which also splits at a lone
+    carriage return, a form feed, U+0085 or U+2028: a line Codex reads whole, such as an added
+    `x<CR>*** End Patch`, would be read as the patch's end, and the files after it unseen."""
+    *ended, last = text.split("\n")
+    lines = [line[:-1] if line.endswith("\r") else line for line in ended]  # (a last line's is kept)
+    return [*lines, last] if last else lines
+
+
 def parse_patch(text: str) -> list[FilePatch]:
     """The files of an apply_patch patch, with each update's hunks. Headers are read from the line
     with its surrounding whitespace trimmed, as Codex reads them; the text after `@@` is a line to
     seek before the hunk that follows, so it is a hunk of its own that changes nothing."""
     files: list[FilePatch] = []
-    for line in text.splitlines():
+    for line in lines_of(text):
         header = line.strip()
         op = next((o for prefix, o in HEADERS.items() if header.startswith(prefix)), None)
         if op is not None:
@@ -194,7 +204,7 @@ def fits(data: bytes, hunks: list[Hunk]) -> bool:
     file's, so a patch built on text another writer re-indented since would undo that change. An
     `@@ line` anchor, which the patch gives trimmed and apply_patch keeps as the file has it, is
     compared trimmed."""
-    lines = data.decode("utf-8", "replace").splitlines()
+    lines = lines_of(data.decode("utf-8", "replace"))
     trimmed = _trimmed(lines) if any(h.seek_only for h in hunks) else lines
     at = 0
     for hunk in (h for h in hunks if h.old):

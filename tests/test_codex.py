@@ -111,6 +111,28 @@ def test_the_patch_names_every_file_it_touches_and_the_lines_it_builds_on() -> N
     assert [h.old for h in files[0].hunks] == [["## Steps"], ["step A", "step B", "", "step C"]]
 
 
+@pytest.mark.parametrize("separator", ["\r", "\u2028", "\x0c", "\x85"], ids=["cr", "u2028", "form-feed", "nel"])
+def test_a_patch_hiding_a_file_behind_a_line_that_only_looks_like_its_end_is_denied_for_it(
+    root: Path, sessions, separator: str
+) -> None:
+    """Codex splits a patch into lines at newlines only: an added line holding `<separator>*** End
+    Patch` is one line of the file it adds to, and the patch goes on to replace the next file. The
+    hook read the patch as Codex does not, took that line for the patch's end and allowed a patch
+    that replaced a file its session never read (crafted input, found by a hostile probe)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    (root / "notes.txt").write_text("n1\n")
+    patch = (
+        "*** Begin Patch\n*** Update File: notes.txt\n@@\n-n1\n"
+        f"+n1{separator}*** End Patch\n*** Add File: {P}\n+replaced wholesale\n*** End Patch\n"
+    )
+    assert [(f.path, f.op) for f in parse_patch(patch)] == [("notes.txt", "update"), (P, "add")]
+    assert parse_patch(patch)[0].hunks[0].new == [f"n1{separator}*** End Patch"]
+    verdict, reason = sessions("crafted", root).apply(patch, {})
+    assert verdict == "deny" and "(unread)" in reason and P in reason
+    assert (root / P).read_text() == PLAN
+
+
 def _stale_scenario(workdir: Path, root: Path, sessions, mounted: bool) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, PLAN)
