@@ -146,6 +146,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         name == "BeforeTool",
         shell,
         lambda: _writes(event) if tool in WRITE_TOOLS + (SHELL_TOOL,) else [],
+        background=isinstance(tool_input, dict) and tool_input.get("is_background") is True,
     )
     if isinstance(found, Answer):
         return found

@@ -412,6 +412,27 @@ def test_shell_commands_writing_managed_files_are_checked(root: Path, sessions) 
         assert v.version(P) == 2 and v.history(P)[0].writer == f"gemini:{unique('sh')}"
 
 
+def test_a_shell_command_run_in_the_background_writing_a_managed_file_is_denied_off_a_mount(
+    root: Path, sessions
+) -> None:
+    """run_shell_command with `is_background` returns once the command is in the background, so
+    AfterTool (which ends the check's grant) comes before its writes: one that writes a managed
+    file is denied, as Claude Code's `run_in_background` is, and holds nothing after. Before, it
+    was allowed, and its write landed over a peer's commit made after AfterTool."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s, peer = sessions("bg", root), sessions("bg-peer", root)
+    s.read(root / P)
+    peer.read(root / P)
+    event = s.event("before_shell", command=f"sleep 4; echo v2 > {P}")
+    event["tool_input"]["is_background"] = True  # type: ignore[index]
+    verdict, reason = decision(s.hook(event))
+    assert verdict == "deny" and "runs in the background" in reason and "in the foreground" in reason, reason
+    command = f"echo peer > {P}"
+    assert decision(peer.hook(peer.event("before_shell", command=command)))[0] == "allow", "nothing is held"
+    peer.hook(peer.event("after_shell", command=command))
+
+
 def test_an_awk_of_any_implementation_writing_a_managed_file_is_checked(root: Path, sessions) -> None:
     """`print > FILE` in the program of mawk (Debian's default awk), nawk or original-awk writes FILE
     as gawk's does: unread, denied; after the session read it, allowed and recorded as its version."""
