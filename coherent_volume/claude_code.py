@@ -228,8 +228,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return hooks.with_context(Answer(), name, [stale_warning(session_actor, roots, FACE, main)])
     found = hook_paths.located(path) if path is not None else None
     progress.in_volume = found is not None
-    if path is None or found is None:
-        return Answer()  # not in a volume: always allowed
+    if path is None or (found is None and not progress.write_check):
+        return Answer()  # not in a volume: always allowed (a write check asks whether it was: `begin_writes`)
     answer = Answer()
     passed: list[hook_steps.Passed] = []  # views a partial Read moved over others' changes: told below
     if progress.write_check:

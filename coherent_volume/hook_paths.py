@@ -362,6 +362,18 @@ def end_process(session: str, process: ProcessId) -> None:
     _change_note(session, drop)
 
 
+def registry_gone(session: str, path: str) -> str | None:
+    """The root of a volume `session`'s hooks worked in (`record_volume`) that holds `path` (as
+    `located` resolves it) but no registry any more, if any: a write there cannot be checked, and
+    `located` finds no volume for it. Where the session's note cannot be read, None."""
+    given = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    real = os.path.realpath(given)
+    for root in sorted(_recorded(session), key=len, reverse=True):  # the innermost first
+        if (real == root or real.startswith(root + os.sep)) and not recorded_in(os.path.join(root, REGISTRY_DIR)):
+            return root
+    return None
+
+
 def session_volumes(session: str, places: Iterable[str | None]) -> set[str]:
     """The roots of the volumes a session works in: those holding `places` (its working
     directories) and those its hooks recorded (`record_volume`) that are volumes still. No other

@@ -57,6 +57,7 @@ from .hook_paths import (
     note_claims,
     of_call,
     record_volume,
+    registry_gone,
     session_volumes,
     taking_claims,
 )
@@ -344,6 +345,15 @@ def release_hook_grant(core: VolumeCore, agent: str, target: Target, owner: Proc
     return core.release(grant)
 
 
+REGISTRY_GONE = (
+    "coherent-volume refused this write: it is in the volume at {root}, which this session worked in, and that "
+    "volume's registry ({root}/.coherent) is no longer there, so no write of a file in it can be checked against "
+    "the other sessions' work. Do not write there until it is back; if the volume was removed on purpose, a new "
+    "session is not held to it (this session's hooks keep checking every volume it worked in)."
+)
+"""Why a write in a volume whose registry went away under a session is denied (`begin_writes`)."""
+
+
 def begin_writes(
     actor: Actor,
     writes: Writes,
@@ -367,6 +377,11 @@ def begin_writes(
                 if (core.paths.root, target.rel) not in held:
                     release_hook_grant(core, agent, target, actor.process)
 
+    for path, _ in writes:
+        gone = None if located(path) is not None else registry_gone(actor.session, path)
+        if gone is not None:
+            progress.in_volume = True
+            return face.deny(REGISTRY_GONE.format(root=gone), path)
     try:
         with _managed(writes, progress) as volumes:
             for volume in volumes:

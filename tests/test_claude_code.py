@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1305,6 +1306,25 @@ def _plan(root: Path, text: str = "v1\n") -> Path:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, text)
     return root / P
+
+
+def test_a_write_in_a_volume_whose_registry_went_away_under_the_session_is_denied(root: Path, sessions) -> None:
+    """A session that worked in a volume whose `.coherent` is then removed cannot have its writes
+    there checked: they are denied, saying so (before, the hook found no volume and let every
+    write through unchecked, a stale one too); a new session is not held to it."""
+    target = _plan(root)
+    one = sessions("gone1", root)
+    one.read(target)
+    bash(one, f"sed -i s/v1/v2/ {P}")  # a write: the session's note now names the volume
+    shutil.rmtree(root / ".coherent")
+    written = one.write(target, "over whatever is there\n")
+    assert written["decision"] == "deny" and "registry" in str(written["reason"]), written
+    assert "is no longer there" in str(written["reason"])
+    verdict, reason = bash(one, f"echo x > {P}")
+    assert verdict == "deny" and "is no longer there" in reason
+    assert target.read_text() == "v2\n"
+    fresh = sessions("gone2", root)
+    assert fresh.write(target, "a new session, no volume here\n")["decision"] == "allow"
 
 
 def test_a_bash_write_after_a_read_is_the_sessions_version(root: Path, sessions) -> None:
