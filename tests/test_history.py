@@ -303,9 +303,9 @@ def test_a_change_a_read_saw_half_done_is_kept_as_read_and_its_rest_is_a_version
         shown = seen_by_hook[0]
     assert (shown, version) == (b"half\n", 2)
     assert bob.read_version("plans/p.md", 2) == b"half\n"
-    assert [(v.version, v.kind, v.retained) for v in bob.history("plans/p.md")][-2:] == [
-        (2, "foreign", True),
-        (1, "commit", True),
+    assert [(v.version, v.kind, v.retained, v.size) for v in bob.history("plans/p.md")][-2:] == [
+        (2, "foreign", True, len(b"half\n")),
+        (1, "commit", True, len(b"one\n")),
     ]
     with pytest.raises(StaleWriteError, match="stale"):
         bob.write("plans/p.md", "based on the half\n")

@@ -427,7 +427,9 @@ class CoreBase:
             # the caller kept them (`content`)
             stored = self._retain(tx, target.abs, disk_hash if disk is not None else None, content)
             new = new if stored is None else new._replace(hash=stored)
-        self._record(tx, new, "foreign" if present else "delete", retained=not present or stored is not None)
+        # the bytes' own size where the caller kept them (a file read as it grew: not its fingerprint's)
+        size = len(content) if present and isinstance(content, bytes) else None
+        self._record(tx, new, "foreign" if present else "delete", retained=not present or stored is not None, size=size)
         if record is None:  # first sighting of a file that was there before the volume knew it
             tx.log(
                 "adopt",
@@ -534,7 +536,8 @@ class CoreBase:
         # the bytes the caller read (its view goes to this version), or else as read now
         stored = self._retain(tx, target.abs, disk_hash if given else None, content)
         new = FileRecord(target.rel, version, True, stored or disk_hash, fp, EXTERNAL, now, now_ns)
-        self._record(tx, new, "foreign", retained=stored is not None)
+        size = len(content) if isinstance(content, bytes) else None
+        self._record(tx, new, "foreign", retained=stored is not None, size=size)
         host = socket.gethostname()
         unrecorded = state is Local.UNRECORDED
         tx.log(
