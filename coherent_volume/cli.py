@@ -128,13 +128,15 @@ def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
             "(repeatable; replaces the stored list; a glob no managed path can match is refused).",
         ),
         click.option(
-            "--keep-days", type=click.FloatRange(min=0, max=MAX_KEEP_DAYS), help="Keep every version this many days."
+            "--keep-days",
+            type=click.FloatRange(min=0, max=MAX_KEEP_DAYS),
+            help="Keep every version this many days, unless --max-store-bytes needs them pruned sooner.",
         ),
         click.option("--keep-last", type=click.IntRange(min=1), help="Keep at least this many versions per path."),
         click.option(
             "--max-store-bytes",
             type=click.IntRange(min=0),
-            help="Prune older versions (beyond --keep-last) while their content exceeds this many bytes.",
+            help="Prune older versions (beyond --keep-last), however young, while the content exceeds this many bytes.",
         ),
     ]
     for option in reversed(options):
