@@ -21,6 +21,11 @@ from typing import NamedTuple, TypeVar
 
 from .errors import GlobError
 
+REGISTRY_DIR = ".coherent"
+"""The name of a volume's registry directory (in its root). A path with a segment of that name is
+never managed, even where a glob reaches: this volume's registry, or another volume's below its
+root (bind-mounted there, as a container runtime may), whose files a commit here would replace."""
+
 STAGED = re.compile(r"\.cv-\d+-[0-9a-f]{8}\.tmp(?:$|/)")
 """The names of content a commit stages and of files set aside (`atomic.temp_name`): never a
 managed file, nor anything below one (a directory a program made at a rename's source, stranded
@@ -415,6 +420,8 @@ class ManagedGlobs:
         managed glob, exactly as `matches` decides (case-sensitive). When False, no file however deep in
         that directory's tree is managed: renaming, deleting or not watching it cannot touch a managed file."""
         parts = directory.split("/") if directory else []
+        if REGISTRY_DIR in parts:
+            return False
         return any(_pattern_reaches(pattern, parts) for pattern in self._segments)  # type: ignore[attr-defined]
 
     def may_share(self, pattern: str) -> bool:
@@ -433,7 +440,11 @@ class ManagedGlobs:
 
     def matches(self, rel: str) -> bool:
         """True if the root-relative POSIX path `rel` is managed."""
-        return self._regex.match(rel) is not None and STAGED.search(rel) is None  # type: ignore[attr-defined]
+        return (
+            self._regex.match(rel) is not None  # type: ignore[attr-defined]
+            and STAGED.search(rel) is None
+            and REGISTRY_DIR not in rel.split("/")
+        )
 
     def may_match(self, shape: Sequence[Piece]) -> bool:
         """Whether some path of a root-relative shape may be managed: False only when no path it can

@@ -10,9 +10,8 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import InvalidPath, OutsideVolume
-from .globs import ManagedGlobs
+from .globs import REGISTRY_DIR, ManagedGlobs
 
-REGISTRY_DIR = ".coherent"
 STAGING = "staging"
 """The directory in REGISTRY_DIR where commits name their staged content (`VolumePaths.staging`)."""
 

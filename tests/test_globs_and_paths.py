@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from coherent_volume import CoherentVolume, GlobError, OutsideVolume, VolumeConfigError
-from coherent_volume.errors import UnprotectedAlias
+from coherent_volume.errors import NotManaged, UnprotectedAlias
 from coherent_volume.globs import ManagedGlobs, Wild
 
 
@@ -58,6 +58,38 @@ def test_a_commits_staged_name_is_never_managed_where_a_glob_reaches(tmp_path: P
         assert vol._core.scan() == []
         with vol._core.registry.read() as tx:
             assert [r.path for r in tx.files()] == ["plans/plan.md"]
+
+
+def test_another_volumes_registry_below_the_root_is_never_managed(tmp_path: Path) -> None:
+    """A volume bind-mounted into another's managed tree (as a container runtime may) puts its
+    `.coherent` below the outer root: no glob makes those files managed, so the outer volume never
+    records the inner registry as its files nor replaces them by a commit (before, an agent of the
+    outer volume read and wrote the inner registry.db as a managed file: the inner volume no longer
+    opened, every version in it lost)."""
+    globs = ManagedGlobs.of(["plans/**", "**/*.db"])
+    assert not globs.matches("plans/sub/.coherent/registry.db") and not globs.matches(".coherent/registry.db")
+    assert not globs.reaches("plans/sub/.coherent") and globs.reaches("plans/sub")
+    assert globs.matches("plans/sub/.coherentish/x.db") and globs.matches("plans/sub/x.coherent")
+    outer, inner = tmp_path / "outer", tmp_path / "inner"
+    (outer / "plans").mkdir(parents=True)
+    inner.mkdir()
+    with CoherentVolume(inner, managed=["plans/**"], agent="b") as b:
+        b.write("plans/b.md", "B v1\n")
+    CoherentVolume(outer, managed=["plans/**"], agent="a").close()
+    inside = outer / "plans" / "sub"
+    inner.rename(inside)  # (a bind mount there does the same: init refuses to nest, a mount cannot)
+    registry = (inside / ".coherent" / "registry.db").read_bytes()
+    with CoherentVolume(outer, agent="a") as a:
+        assert not a._core.resolve("plans/sub/.coherent/registry.db").managed
+        with pytest.raises(NotManaged):
+            a.history("plans/sub/.coherent/registry.db")
+        a._core.scan()
+        with a._core.registry.read() as tx:
+            assert [r.path for r in tx.files()] == ["plans/sub/plans/b.md"]
+    assert (inside / ".coherent" / "registry.db").read_bytes() == registry
+    inside.rename(inner)
+    with CoherentVolume(inner, agent="b") as b:
+        assert b.read("plans/b.md") == b"B v1\n"
 
 
 @pytest.mark.parametrize(
