@@ -57,7 +57,7 @@ from .errors import Reason, StaleWriteError
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import Target
-from .protocol import HandleKind
+from .protocol import HandleKind, agent_name_problem
 from .shell_writes import shell_writes
 from .stale_warnings import forget, partly_read_warning, stale_warning
 
@@ -104,8 +104,14 @@ SHELL_REMEDY: dict[Reason, str] = {
 
 
 def agent_of(session_id: str, agent_id: str | None = None) -> str:
-    """The agent a Claude Code session is, or with `agent_id` one of its subagents."""
-    return f"claude:{session_id}" if not agent_id else f"claude:{session_id}/{agent_id}"
+    """The agent a Claude Code session is (`hooks.agent_name`: an id that makes no valid agent
+    name, too long or unprintable, is named by its hash), or with `agent_id` one of its subagents,
+    `SESSION/AGENT_ID` (the same for an agent id that makes none)."""
+    main = hooks.agent_name("claude", session_id) or "claude:"
+    if not agent_id:
+        return main
+    sub = f"{main}/{agent_id}"
+    return sub if agent_name_problem(sub) is None else f"{main}/sha256-{hooks.id_hash(agent_id)}"
 
 
 def _tell_model(reason: str) -> Answer:

@@ -100,7 +100,12 @@ def agent_name(prefix: str, session: object) -> str | None:
     name = f"{prefix}:{session}"
     if agent_name_problem(name) is None:
         return name
-    return f"{prefix}:sha256-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+    return f"{prefix}:sha256-{id_hash(session)}"
+
+
+def id_hash(text: str) -> str:
+    """A stable name for an id that makes no valid agent name: 32 hex digits of its SHA-256."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def tool_call(event: dict[str, Any]) -> str | None:

@@ -1308,6 +1308,28 @@ def _plan(root: Path, text: str = "v1\n") -> Path:
     return root / P
 
 
+@pytest.mark.parametrize(
+    ("session_id", "agent_id"),
+    [("s" * 300, None), ("bad\x01id", None), ("fine", "a\nb")],
+    ids=["long", "unprintable", "subagent"],
+)
+def test_a_session_or_subagent_id_that_makes_no_agent_name_is_named_by_its_hash(
+    root: Path, sessions, session_id: str, agent_id: str | None
+) -> None:
+    """An id too long or unprintable for an agent name names its agent by its hash, as every other
+    face does: the session's writes are checked as any session's. Before, every write check was
+    denied saying the volumes were set up wrongly and not to retry."""
+    target = _plan(root)
+    s = sessions(session_id, root)
+    written = s.write(target, "blind\n", agent_id=agent_id)
+    assert written["decision"] == "deny" and "(unread)" in str(written["reason"]), written
+    s.read(target, agent_id=agent_id)
+    assert s.write(target, "v2\n", agent_id=agent_id)["decision"] == "allow"
+    with CoherentVolume(root, agent="observer") as v:
+        writer = v.history(P)[0].writer
+    assert writer == claude_code.agent_of(unique(session_id), agent_id) and "sha256-" in writer
+
+
 def test_a_write_in_a_volume_whose_registry_went_away_under_the_session_is_denied(root: Path, sessions) -> None:
     """A session that worked in a volume whose `.coherent` is then removed cannot have its writes
     there checked: they are denied, saying so (before, the hook found no volume and let every

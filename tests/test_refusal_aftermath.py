@@ -1209,15 +1209,6 @@ def _(c: Case) -> Iterator[None]:
     yield
 
 
-@scenario("hook-malformed-session-id")
-def _(c: Case) -> Iterator[None]:
-    yield
-    event: dict[str, Any] = {"session_id": "bad\x01id", "cwd": str(c.mount.path), "hook_event_name": "PreToolUse"}
-    event.update(tool_name="Write", tool_input={"file_path": str(c.mount.path / c.a)})
-    assert "printable characters" in denied(claude_code.FACE.run(json.dumps(event), process=c.arena.session_process))
-    yield
-
-
 # -- the CLI
 
 
