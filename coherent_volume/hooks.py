@@ -292,7 +292,8 @@ def undecided_text(path: str | None, what: str, lasting: bool = False) -> str:
         )
     return (
         f"{refused} Retry the write in a few seconds (read the file again first if it may have changed). If it keeps "
-        f"being refused, run `coherent-volume why {shown}` to see what holds the volume, and tell the user."
+        f"being refused, tell the user what it says (`coherent-volume why {shown}` shows what the volume last refused "
+        "for that file, and why)."
     )
 
 

@@ -477,3 +477,58 @@ def test_a_mount_handle_whose_commit_was_not_put_in_place_never_writes_into_the_
     with CoherentVolume(root, agent="other") as other:
         assert other.read(P) == b"two\nunflushed\n"
         assert [v.version for v in other.history(P)] == [3, 2, 1]
+
+
+FULL_DISK = r"""
+import errno, os, sys
+from coherent_volume import CoherentVolume, RegistryError
+root = sys.argv[1]
+with CoherentVolume(root, managed=["plans/**"], agent="setup") as v:
+    v.write("plans/plan.md", "v1\n")
+with open(os.path.join(os.path.dirname(root), "filler"), "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError:
+        pass
+try:
+    with CoherentVolume(root, agent="alice") as v:
+        v.read("plans/plan.md")
+        v.write("plans/plan.md", "alice\n")
+    print("written")
+except (RegistryError, OSError) as e:
+    print(getattr(e, "errno", None) == errno.ENOSPC, e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only)")
+def test_a_registry_on_a_full_file_system_says_the_disk_is_full(tmp_path: Path) -> None:
+    """Whatever SQLite reports when the file system is full (SQLITE_FULL, or an I/O error growing
+    its shared-memory or log file), the error says the disk is full and what to do, with ENOSPC
+    (before, only an I/O error's name, and hooks said to retry in a few seconds)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = 'mount -t tmpfs -o size=2m none "$1" && mkdir "$1/vol" && exec "$2" -c "$3" "$1/vol"'
+    ran = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(disk),
+            sys.executable,
+            FULL_DISK,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("True "), ran.stdout
+    assert "full" in ran.stdout and "free space" in ran.stdout, ran.stdout

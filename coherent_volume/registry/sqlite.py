@@ -68,6 +68,22 @@ COMMIT_LOCK_TIMEOUT = 30.0
 OPEN_LOCK_TIMEOUT = 30.0
 """Seconds opening a registry waits for a creator of it to finish."""
 
+FULL_BELOW = 1 << 20
+"""Free bytes under which an I/O error of SQLite's is taken for a full file system: SQLite reports
+one that cannot grow its shared memory or log file as SQLITE_IOERR_SHMSIZE or a write error, not
+SQLITE_FULL."""
+
+
+def _free_bytes(directory: str) -> int | None:
+    """The bytes this process may still write on the file system holding `directory` (root may use
+    the blocks reserved for it); None if it cannot be told."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 _OS_LEVEL = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 """SQLite's result codes for a failure whose cause may lie with the operating system (`refusal`)."""
 
@@ -1105,8 +1121,16 @@ class SQLiteRegistry:
                 "read wants to write, or when waiting could deadlock); try again",
                 errno.EBUSY,
             )
-        if primary == sqlite3.SQLITE_FULL:
-            return RegistryError(f"registry {self._path!r}: no space left on the device ({e})", errno.ENOSPC)
+        free = (
+            _free_bytes(os.path.dirname(self._path)) if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) else None
+        )
+        if primary == sqlite3.SQLITE_FULL or (free is not None and free < FULL_BELOW):
+            left = "" if free is None else f", {free:,} bytes free"
+            return RegistryError(
+                f"registry {self._path!r}: the file system holding it is full ({name}: {e}{left}); free space there, "
+                "then try again",
+                errno.ENOSPC,
+            )
         if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
             return self._damaged(f"{name}: {e}")
         if primary in _OS_LEVEL:
