@@ -729,6 +729,26 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
         click.echo(f"{shown(target.rel)}: restored v{version} as v{new}")
 
 
+@main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def reclaim(paths: tuple[str, ...], as_json: bool) -> None:
+    """End the write grant on PATH now, as its expiry would: for a holder whose process cannot be
+    checked from here (another PID namespace or host) and that you know is gone. A lock() holder's
+    later write is refused (fenced); an open handle's commit is checked again as a new write."""
+    core, target, _ = _target(paths)
+    grant = core.reclaim(target)
+    if as_json:
+        held = None if grant is None else {"agent": grant.agent, "pid": grant.owner.pid, "host": grant.owner.host}
+        _json({"path": target.rel, "reclaimed": held})
+    elif grant is None:
+        click.echo(f"{shown(target.rel)}: no write grant is held on it; nothing changed")
+    else:
+        owner = f"process {grant.owner.pid} of {grant.owner.host}"
+        click.echo(f"{shown(target.rel)}: reclaimed the write grant of {grant.agent!r} ({owner})")
+
+
 def _refusal_json(e: StaleWriteError) -> dict[str, object]:
     return {
         "agent": e.agent,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import errno
-from typing import Any, Literal
+import time
+from typing import Any, Literal, NamedTuple
 
 Reason = Literal["stale", "unread", "held", "fenced", "read-set"]
 
@@ -29,6 +30,18 @@ class TreeClash(CoherenceError, OSError):
     registry holds both). errno is EISDIR or ENOTDIR; nothing was changed."""
 
 
+class HeldUntil(NamedTuple):
+    """When a `held` refusal's write grant ends unless released sooner."""
+
+    at: float
+    """Its expiry, on the registry's clock (seconds since the epoch)."""
+    left: float
+    """Seconds from the refusal to it."""
+    unchecked: bool
+    """Its holder's process cannot be checked from where the refusal was decided (another PID
+    namespace or host): the grant lasts to its expiry even if that process ended."""
+
+
 class StaleWriteError(CoherenceError, PermissionError):
     """A write refused because the writer's view is not current. Nothing was changed.
 
@@ -46,6 +59,7 @@ class StaleWriteError(CoherenceError, PermissionError):
         *,
         holder: str | None = None,
         changed: tuple[str, ...] = (),
+        held_until: HeldUntil | tuple[float, float, bool] | None = None,
     ) -> None:
         self.path = path
         self.agent = agent
@@ -55,6 +69,7 @@ class StaleWriteError(CoherenceError, PermissionError):
         self.last_writer = last_writer
         self.holder = holder
         self.changed = changed
+        self.held_until = None if held_until is None else HeldUntil(*held_until)
         self.diff: str | None = None
         """The unified diff from the version the agent read to the current one, when a face
         attached it (`with_diff`): None for binary content, an unread file, or a pruned base."""
@@ -73,6 +88,7 @@ class StaleWriteError(CoherenceError, PermissionError):
             "last_writer": self.last_writer,
             "holder": self.holder,
             "changed": self.changed,
+            "held_until": self.held_until,
         }
 
     @property
@@ -107,6 +123,15 @@ class StaleWriteError(CoherenceError, PermissionError):
             detail += f", last written by {self.last_writer!r}"
         if self.holder:
             detail += f"; write grant held by {self.holder!r}"
+            if self.held_until is not None:
+                at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.held_until.at))
+                detail += f" until {at} (in {max(self.held_until.left, 0):,.0f} s) unless released sooner"
+                if self.held_until.unchecked:
+                    detail += (
+                        ", its process running where this one cannot check it (another PID namespace or host), so it "
+                        "lasts until then even if that process ended; if you know it did, `coherent-volume reclaim "
+                        "PATH` ends it now"
+                    )
         if self.changed:
             detail += f"; changed since you read them: {', '.join(self.changed)}"
         message = (

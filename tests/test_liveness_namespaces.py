@@ -193,6 +193,34 @@ def test_a_killed_holder_in_another_namespace_is_reclaimed_only_at_its_ttl(root:
         assert time.time() >= expires_at, "the grant was reclaimed before its TTL"
 
 
+def test_a_refusal_held_by_a_holder_that_cannot_be_checked_says_until_when_and_reclaim_ends_it(
+    root: Path, tmp_path: Path
+) -> None:
+    """A grant held from another PID namespace lasts to its expiry even once its holder died (it
+    cannot be checked from here): the refusal says until when, and that `coherent-volume reclaim`
+    ends it; reclaimed, the path is free and the holder's agent fenced."""
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write(P, b"base")
+        with Namespaced(NAMESPACED_HOLDER, str(root), str(tmp_path / "never"), "3600") as holder:
+            holder.line()
+            holder.kill()
+        with pytest.raises(StaleWriteError) as refused:
+            bob.write(P, b"bob, after the holder died")
+        held = refused.value.held_until
+        assert refused.value.reason == "held" and held is not None and held.unchecked and 3500 < held.left <= 3600
+        assert f"(in {held.left:,.0f} s)" in str(refused.value) and "coherent-volume reclaim PATH" in str(refused.value)
+        ran = subprocess.run([CLI, "reclaim", str(root), P], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0 and "reclaimed the write grant of 'inside'" in ran.stdout, ran
+        assert bob.write(P, b"bob, once reclaimed") == 2
+        again = subprocess.run([CLI, "reclaim", str(root), P], capture_output=True, text=True, timeout=60)
+        assert "no write grant is held on it" in again.stdout
+    with CoherentVolume(root, agent="inside") as inside:
+        inside.read(P)
+        with pytest.raises(StaleWriteError) as late:
+            inside.write(P, b"the holder's late write")
+        assert late.value.reason == "fenced"
+
+
 @pytest.mark.parametrize("fork", [["--fork", "--kill-child"], []], ids=["fork", "no-fork"])
 def test_a_mount_in_a_pid_namespace_without_its_own_proc_is_refused(
     root: Path, tmp_path: Path, fork: list[str]

@@ -1017,16 +1017,37 @@ class CoreBase:
         now = tx.now()
         if not grant_over(grant, now, grant.owner.alive()):
             return grant
-        tx.drop_grant(rel)
-        if grant.fences:
-            tx.put_fence(grant.agent, rel, now)
         owner = f"process {grant.owner.pid} of {grant.owner.host}"
         if now >= grant.expires_at:
             why = f"expired {now - grant.expires_at:.1f} s ago on the registry's clock, not renewed by its {owner}"
         else:
             why = f"its {owner} died"
-        tx.log("reclaim", rel, grant.agent, now, detail=f"write grant reclaimed: {why}")
+        self._end_grant(tx, rel, grant, now, f"write grant reclaimed: {why}")
         return None
+
+    @staticmethod
+    def _end_grant(tx: Transaction, rel: str, grant: Grant, now: float, detail: str) -> None:
+        """Drop `grant` on `rel` before its holder released it (logged with `detail`), fencing its
+        agent where the grant fences (a `lock()`: its holder's later write is refused `fenced`)."""
+        tx.drop_grant(rel)
+        if grant.fences:
+            tx.put_fence(grant.agent, rel, now)
+        tx.log("reclaim", rel, grant.agent, now, detail=detail)
+
+    def reclaim(self, target: Target) -> Grant | None:
+        """End the write grant on `target` now, as its expiry would (`_end_grant`): for a holder whose
+        process this host cannot check (another PID namespace or host), which the user knows to be
+        gone. The grant ended, or None where there was none."""
+        self._require_managed(target, "reclaim")
+
+        def end(tx: Transaction) -> Grant | None:
+            grant = tx.grant(target.rel)
+            if grant is not None:
+                detail = f"write grant of process {grant.owner.pid} of {grant.owner.host} reclaimed on request"
+                self._end_grant(tx, target.rel, grant, tx.now(), detail)
+            return grant
+
+        return self._transact(end, holds=(target.rel,))
 
     def _changed_read_set(self, tx: Transaction, agent: str, rel: str) -> tuple[str, ...]:
         read_set = tx.read_set(agent)

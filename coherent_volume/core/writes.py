@@ -194,6 +194,8 @@ class Writes(Reads):
             detail=_detail(check, reason),
         )
         holder = check.holder if reason == "held" else None
+        grant = tx.grant(target.rel) if holder is not None else None
+        until = None if grant is None else (grant.expires_at, grant.expires_at - now, grant.owner.alive() is None)
         writer = record.writer if record else None
         if check.expected is not None:
             return CasConflict(
@@ -206,9 +208,18 @@ class Writes(Reads):
                 holder=holder,
                 changed=check.changed_read_set,
                 expected_version=check.expected,
+                held_until=until,
             )
         return StaleWriteError(
-            target.rel, check.agent, reason, check.seen, version, writer, holder=holder, changed=check.changed_read_set
+            target.rel,
+            check.agent,
+            reason,
+            check.seen,
+            version,
+            writer,
+            holder=holder,
+            changed=check.changed_read_set,
+            held_until=until,
         )
 
     def _check(
