@@ -1180,7 +1180,7 @@ class CoherentOperations(pyfuse3.Operations):
             try:
                 agent = await self._writer(ctx, src, dst)
                 await self._unused(src, dst)  # an open under way there gets its handle first
-                self._refuse_open_writers(src, st)
+                self._refuse_open_writers(src, dst, st)
                 moving = [*self._writers_of(src), *self._writers_of(dst)]
                 self._refuse_unsaved(src, dst, moving)
                 carried = {**self.inodes.below(src, tree), **(self.inodes.below(dst, tree) if exchange else {})}
@@ -1325,10 +1325,11 @@ class CoherentOperations(pyfuse3.Operations):
         """The open write handles of the managed files at or below `rel`."""
         return [h for h in self.files.values() if isinstance(h, Shadow) and _at_or_below(h.rel, rel)]
 
-    def _refuse_open_writers(self, rel: str, st: os.stat_result) -> None:
+    def _refuse_open_writers(self, rel: str, dst: str, st: os.stat_result) -> None:
         """A file open for writing under an unmanaged name (at or below `rel`, whose stat is `st`)
-        cannot be renamed where it would be checked: its open handle would go on writing its bytes in
-        place, past the protocol (EBUSY). A handle is known by the name it was opened at, by its
+        cannot be renamed where it would be checked (`dst`): its open handle (or a shared writable
+        mapping of it, which keeps the handle) would go on writing its bytes in place, past the
+        protocol (EBUSY, and the log says what to do). A handle is known by the name it was opened at, by its
         inode's name now (renames that were not checked moved it), and, when its name is `rel`
         itself, by the file it holds, however it was reached."""
         for fh, handle in self.files.items():
@@ -1342,7 +1343,13 @@ class CoherentOperations(pyfuse3.Operations):
                 or (now is not None and _at_or_below(now, rel))
                 or (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
             ):
-                log.info("refused renaming %s: a file there is open for writing under an unmanaged name", rel)
+                log.info(
+                    "refused renaming %s to %s (EBUSY): a file there is open for writing, or mapped shared and "
+                    "writable, under an unmanaged name, and would go on being written in place past the checks of "
+                    "a managed file; close it (and munmap it), then rename it again",
+                    rel,
+                    dst,
+                )
                 raise pyfuse3.FUSEError(errno.EBUSY)
 
     def _refuse_moving_direct_dirs(self, *rels: str) -> None:

@@ -1041,7 +1041,7 @@ def _(c: Case) -> Iterator[None]:
     c.holding(c.alice, f"exec 3>>{c.free}; echo ready; exec sleep 600")
     yield
     refused_in_mount(c.sh(c.alice, f"mv {c.free} {c.dir}/free.md"), "Device or resource busy")
-    c.daemon(r"refused renaming .* open for writing under an unmanaged name")
+    c.daemon(r"refused renaming .* open for writing, or mapped shared and writable, under an unmanaged name")
     yield
     c.release_held()
 
@@ -1053,7 +1053,7 @@ def _(c: Case) -> Iterator[None]:
     assert moved.returncode == 0, moved.stderr
     yield
     refused_in_mount(c.sh(c.alice, f"mv {c.notes}/v {c.dir}/v"), "Device or resource busy")
-    c.daemon(r"refused renaming .* open for writing under an unmanaged name")
+    c.daemon(r"refused renaming .* open for writing, or mapped shared and writable, under an unmanaged name")
     yield
     c.release_held()
     assert c.sh(c.alice, f"mv {c.notes}/v/free.txt {c.free} && rmdir {c.notes}/v").returncode == 0
