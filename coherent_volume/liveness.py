@@ -21,6 +21,15 @@ def _pid_namespace() -> str:
         return f"pid:[unknown, process {os.getpid()}]"
 
 
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+"""The inode number of the host's own PID namespace (the kernel's PROC_PID_INIT_INO)."""
+
+
+def pid_namespace_inode() -> int:
+    """The inode number of this process's PID namespace."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 @lru_cache(maxsize=1)
 def host_id() -> str:
     """This PID namespace of this boot of this host: pids are only comparable within it."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from coherent_volume.liveness import ProcessId, host_id, start_time
+from coherent_volume.liveness import INITIAL_PID_NAMESPACE, ProcessId, host_id, pid_namespace_inode, start_time
 from coherent_volume.protocol import ENV_AGENT
 
 ENVIRON_TIMEOUT = 0.5
@@ -78,15 +78,6 @@ def _agent_in_environ(pid: int) -> str | None:
             value = item[len(prefix) :].decode("utf-8", "replace")
             return value or None
     return None
-
-
-INITIAL_PID_NAMESPACE = 0xEFFFFFFC
-"""The inode number of the host's own PID namespace (the kernel's PROC_PID_INIT_INO)."""
-
-
-def pid_namespace_inode() -> int:
-    """The inode number of this process's PID namespace."""
-    return os.stat("/proc/self/ns/pid").st_ino
 
 
 def session_agent(sid: int, outermost: int, namespace: int) -> str:

@@ -24,6 +24,7 @@ from coherent_volume import CoherentVolume, StaleWriteError
 from coherent_volume.liveness import ProcessId, current_process, host_id, start_time
 
 from .conftest import REPO
+from .harness.agent_session import commit_lock_held
 from .harness.mounts import CLI
 
 P = "plans/plan.md"
@@ -219,6 +220,30 @@ def test_a_refusal_held_by_a_holder_that_cannot_be_checked_says_until_when_and_r
         with pytest.raises(StaleWriteError) as late:
             inside.write(P, b"the holder's late write")
         assert late.value.reason == "fenced"
+
+
+NAMESPACED_WAITER = r"""
+import sys
+from coherent_volume import CoherentVolume, RegistryError
+from coherent_volume.registry import sqlite
+sqlite.COMMIT_LOCK_TIMEOUT = 1.0
+try:
+    CoherentVolume(sys.argv[1], agent="inside").write("plans/other.md", b"x")
+    print("written", flush=True)
+except RegistryError as e:
+    print(e, flush=True)
+"""
+
+
+def test_a_commit_lock_held_from_outside_a_containers_pid_namespace_is_said_to_be(root: Path) -> None:
+    """In a container's PID namespace /proc/locks leaves out the locks of processes outside it: a
+    wait for the commit lock that such a process holds says so (before: "/proc/locks does not say
+    which process holds it")."""
+    with commit_lock_held(root), Namespaced(NAMESPACED_WAITER, str(root)) as waiter:
+        said = waiter.line(timeout=60)
+        assert waiter.proc.wait(timeout=30) == 0
+    assert "held by a process outside this one's PID namespace" in said, said
+    assert not (root / "plans" / "other.md").exists()
 
 
 @pytest.mark.parametrize("fork", [["--fork", "--kill-child"], []], ids=["fork", "no-fork"])

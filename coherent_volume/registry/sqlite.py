@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 from ..errors import RegistryError, VolumeConfigError
 from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
-from ..liveness import ProcessId, start_time
+from ..liveness import INITIAL_PID_NAMESPACE, ProcessId, pid_namespace_inode, start_time
 from ..protocol import FileRecord, Grant, Intent, Version, dirs_above
 from . import DB_FILE, AgentSummary, Event, InTheWay, LogMark, objects
 from .polling import poll
@@ -627,6 +627,11 @@ def _openers(path: str) -> list[int]:
 def _who_holds(fd: int, path: str) -> str:
     """What /proc says about the holder of the flock on `path` (open at `fd`): facts only."""
     holders = _flock_holders(fd)
+    if not holders and pid_namespace_inode() != INITIAL_PID_NAMESPACE:
+        return (
+            "held by a process outside this one's PID namespace (this process runs in a PID namespace of its own, "
+            "a container's, where /proc/locks leaves out the locks of processes outside it)"
+        )
     if not holders:
         return "/proc/locks does not say which process holds it"
     live = [p for p in holders if p > 0 and start_time(p) is not None]
