@@ -333,6 +333,7 @@ def run_hook(
         finally:
             progress.settled.set()
 
+    started = process_age()  # what start-up took of the budget (`run_cli` gave the rest)
     deadline = time.monotonic() + max(budget, 0.0)
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
@@ -346,14 +347,17 @@ def run_hook(
     if failure:
         what = f"the check failed ({type(failure[0]).__name__}: {failure[0]})"
         return undecided(event, progress, what, isinstance(failure[0], VolumeConfigError))
+    before = (
+        f", after the hook's process took {started:.1f} s of its {HOOK_BUDGET:g} s to start" if started >= 0.1 else ""
+    )
     if progress.doing is not None:
-        what = f"the check did not finish in time (waited {budget:.1f} s {progress.doing})"
+        what = f"the check did not finish in time (waited {budget:.1f} s {progress.doing}{before})"
         return undecided(event, progress, what, False)
     return undecided(
         event,
         progress,
         f"the check did not finish in time (waited {budget:.1f} s on the volume: its registry, its commit lock or "
-        "its files)",
+        f"its files{before})",
         False,
     )
 
