@@ -133,22 +133,133 @@ class FilePatch:
 
 
 HEADERS = {"*** Add File: ": "add", "*** Delete File: ": "delete", "*** Update File: ": "update"}
+BEGIN_PATCH, END_PATCH, MOVE_TO, END_OF_FILE = "*** Begin Patch", "*** End Patch", "*** Move to: ", "*** End of File"
+HEREDOC_OPENINGS = ("<<EOF", "<<'EOF'", '<<"EOF"')
+WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+"""The characters Rust's `trim` removes (Unicode White_Space), which Codex trims a patch and its
+markers by; Python's `str.strip` also removes U+001C..U+001F."""
 
 
 def lines_of(text: str) -> list[str]:
     """`text`'s lines as Codex reads a patch and a file it patches (Rust's `str::lines`): split at
-    newlines only, the carriage return before a newline dropped. Never `str.splitlines`, which also splits at a lone
-    carriage return, a form feed, U+0085 or U+2028: a line Codex reads whole, such as an added
-    `x<CR>*** End Patch`, would be read as the patch's end, and the files after it unseen."""
+    newlines only, the carriage return before a newline dropped. Never `str.splitlines`, which also
+    splits at a lone carriage return, a form feed, U+0085 or U+2028: a line Codex reads whole, such
+    as an added `x<CR>*** End Patch`, would be read as the patch's end, and the files after it unseen."""
     *ended, last = text.split("\n")
     lines = [line[:-1] if line.endswith("\r") else line for line in ended]  # (a last line's is kept)
     return [*lines, last] if last else lines
 
 
 def parse_patch(text: str) -> list[FilePatch]:
-    """The files of an apply_patch patch, with each update's hunks. Headers are read from the line
-    with its surrounding whitespace trimmed, as Codex reads them; the text after `@@` is a line to
-    seek before the hunk that follows, so it is a hunk of its own that changes nothing."""
+    """The files of an apply_patch patch, with each update's hunks, read by Codex's grammar
+    (codex-rs/apply-patch `parser.rs`): the first and last lines, trimmed, are the patch's markers
+    (or those of a heredoc around it); a file's section starts at a trimmed header; within an
+    update, a line opening with a space is context whatever it holds, one opening with `*` ends the
+    update, `@@` and `@@ line` (untrimmed) open a hunk, the text after `@@ ` being a line to seek
+    before it, so a hunk of its own that changes nothing. A patch that grammar refuses, which Codex
+    applies none of, is read leniently (`_scanned`): every header anywhere names a file."""
+    files = _parsed(lines_of(text.strip(WHITESPACE)))
+    return _scanned(text) if files is None else files
+
+
+def _parsed(lines: list[str]) -> list[FilePatch] | None:
+    """`parse_patch` by Codex's grammar; None where it refuses the patch."""
+    body = _body(lines)
+    if body is None and len(lines) >= 4 and lines[0] in HEREDOC_OPENINGS and lines[-1].endswith("EOF"):
+        body = _body(lines[1:-1])
+    if body is None:
+        return None
+    files: list[FilePatch] = []
+    while body:
+        found = _section(body)
+        if found is None:
+            return None
+        patch, used = found
+        files.append(patch)
+        body = body[used:]
+    return files
+
+
+def _body(lines: list[str]) -> list[str] | None:
+    """The lines between the patch's markers, None unless the first and last lines are those."""
+    if len(lines) < 2 or lines[0].strip(WHITESPACE) != BEGIN_PATCH or lines[-1].strip(WHITESPACE) != END_PATCH:
+        return None
+    return lines[1:-1]
+
+
+def _section(lines: list[str]) -> tuple[FilePatch, int] | None:
+    """The file section `lines` start with and how many lines it takes; None if it is none."""
+    header = lines[0].strip(WHITESPACE)
+    op, path = next(((o, header[len(p) :]) for p, o in HEADERS.items() if header.startswith(p)), (None, ""))
+    if op == "add":
+        used = 1
+        while used < len(lines) and lines[used].startswith("+"):
+            used += 1
+        return FilePatch(path, op), used
+    if op == "delete":
+        return FilePatch(path, op), 1
+    if op is None:
+        return None
+    patch, used = FilePatch(path, op), 1
+    if used < len(lines) and lines[used].startswith(MOVE_TO):
+        patch.move_to = lines[used][len(MOVE_TO) :].strip(WHITESPACE)
+        used += 1
+    first = True
+    while used < len(lines):
+        line = lines[used]
+        if not line.strip(WHITESPACE):
+            used += 1
+            continue
+        if line.startswith("*"):
+            break
+        found = _hunks(lines[used:], first)
+        if found is None:
+            return None
+        hunks, taken = found
+        patch.hunks += [h for h in hunks if h.old or h.new]
+        used, first = used + taken, False
+    return (patch, used) if not first else None
+
+
+def _hunks(lines: list[str], first: bool) -> tuple[list[Hunk], int] | None:
+    """The hunk `lines` start with (after its `@@ line` anchor's, if any) and how many lines they
+    take; None where Codex refuses them (no `@@` but on a file's first hunk, no line, a line of no
+    kind first)."""
+    start, hunks = 1, []
+    if lines[0] != "@@" and not lines[0].startswith("@@ "):
+        if not first:
+            return None
+        start = 0
+    elif lines[0].startswith("@@ ") and lines[0][3:].strip(WHITESPACE):
+        anchor = lines[0][3:].strip(WHITESPACE)
+        hunks.append(Hunk([anchor], [anchor], seek_only=True))
+    if start >= len(lines):
+        return None
+    hunk, taken = Hunk(), 0
+    for line in lines[start:]:
+        if line == END_OF_FILE:
+            if not taken:
+                return None
+            hunk.at_end, taken = True, taken + 1
+            break
+        kind = line[:1]
+        if kind not in ("", " ", "+", "-"):
+            if not taken:
+                return None
+            break
+        if kind != "+":
+            hunk.old.append(line[1:])
+        if kind != "-":
+            hunk.new.append(line[1:])
+        taken += 1
+    return [*hunks, hunk], start + taken
+
+
+def _scanned(text: str) -> list[FilePatch]:
+    """A patch Codex's grammar refuses (and Codex applies none of), read leniently: every line that
+    reads as a header once trimmed names a file, wherever it is; the hunks as `parse_patch` reads them."""
     files: list[FilePatch] = []
     for line in lines_of(text):
         header = line.strip()
@@ -167,7 +278,7 @@ def parse_patch(text: str) -> list[FilePatch]:
                 current.hunks.append(Hunk([context], [context], seek_only=True))
             current.hunks.append(Hunk())
         elif header == "*** End Patch":
-            break
+            continue
         elif header == "*** End of File":
             if current.hunks:
                 current.hunks[-1].at_end = True

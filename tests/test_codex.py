@@ -87,6 +87,8 @@ def sessions():
 
 
 def test_the_patch_names_every_file_it_touches_and_the_lines_it_builds_on() -> None:
+    """As Codex's grammar reads it: a header is trimmed where a file's section starts, and within an
+    update a line opening with a space is a context line, whatever it holds."""
     patch = (
         "*** Begin Patch\n"
         "*** Update File: plans/plan.md\n"
@@ -97,18 +99,50 @@ def test_the_patch_names_every_file_it_touches_and_the_lines_it_builds_on() -> N
         "+step B, done\n"
         "\n"
         " step C\n"
-        "  *** Add File: plans/new.md\n"
+        "  *** Add File: plans/not-a-file.md\n"
         "+fresh\n"
         "*** Delete File: plans/old.md\n"
+        "  *** Add File: plans/new.md\n"
+        "+fresh\n"
         "*** End Patch\n"
     )
     files = parse_patch(patch)
     assert [(f.path, f.op, f.move_to) for f in files] == [
         ("plans/plan.md", "update", "plans/done.md"),
-        ("plans/new.md", "add", None),
         ("plans/old.md", "delete", None),
+        ("plans/new.md", "add", None),
     ]
-    assert [h.old for h in files[0].hunks] == [["## Steps"], ["step A", "step B", "", "step C"]]
+    assert [h.old for h in files[0].hunks] == [
+        ["## Steps"],
+        ["step A", "step B", "", "step C", " *** Add File: plans/not-a-file.md"],
+    ]
+
+
+@pytest.mark.parametrize("header", ["*** End Patch", "*** Update File: notes.txt", "@@", "*** End of File"])
+def test_a_patch_whose_context_line_reads_as_a_marker_is_denied_for_the_file_after_it(
+    root: Path, sessions, header: str
+) -> None:
+    """A context line is a space and a line of the file, which may read as a marker once trimmed:
+    Codex reads it as context and goes on to the next file's section; the hook read it trimmed, took
+    ` *** End Patch` for the patch's end, and allowed a patch deleting a file its session never read
+    (crafted input, found by a hostile probe of the fix above)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    (root / "notes.txt").write_text(f"n1\n{header}\n")
+    patch = (
+        f"*** Begin Patch\n*** Update File: notes.txt\n@@\n-n1\n+n2\n {header}\n*** Delete File: {P}\n*** End Patch\n"
+    )
+    assert [(f.path, f.op) for f in parse_patch(patch)] == [("notes.txt", "update"), (P, "delete")]
+    verdict, reason = sessions("context", root).apply(patch, {})
+    assert verdict == "deny" and "(unread)" in reason and P in reason
+    assert (root / P).read_text() == PLAN
+
+
+def test_a_patch_codex_refuses_is_read_leniently() -> None:
+    """A patch Codex's grammar refuses is applied not at all; the hook then names every file any
+    header names (a patch that reaches no file is allowed, one that names a managed file checked)."""
+    broken = "*** Begin Patch\n*** Update File: a.md\n*** End Patch\n*** Delete File: plans/b.md\n*** End Patch\n"
+    assert [(f.path, f.op) for f in parse_patch(broken)] == [("a.md", "update"), ("plans/b.md", "delete")]
 
 
 @pytest.mark.parametrize("separator", ["\r", "\u2028", "\x0c", "\x85"], ids=["cr", "u2028", "form-feed", "nel"])
