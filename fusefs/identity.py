@@ -80,14 +80,19 @@ def _agent_in_environ(pid: int) -> str | None:
     return None
 
 
-def session_agent(sid: int, outermost: int, namespace: int) -> str:
-    """The agent of a session `sid` (as seen in PID namespace `namespace`) that nothing names:
-    `session-SID`, with `@pidns-INODE` outside the host's own namespace (a container's sessions are
-    numbered from 1 in each: two containers' must not be one agent). A session led from outside the
-    namespace (sid 0) is stood for by the process `outermost` (the caller's farthest ancestor in it:
-    a container's init)."""
-    name = f"session-{sid if sid > 0 else outermost}"
-    return name if namespace == INITIAL_PID_NAMESPACE else f"{name}@pidns-{namespace}"
+def namespace_name() -> str | None:
+    """What tells this PID namespace from any other over time, for agent names: its inode and its
+    init's start time (a namespace's inode is reused as soon as it ends); None for the host's own."""
+    inode = pid_namespace_inode()
+    return None if inode == INITIAL_PID_NAMESPACE else f"pidns-{inode}.{start_time(1)}"
+
+
+def session_agent(leader: int, namespace: str | None) -> str:
+    """The agent of the session led by `leader` (as numbered in the PID namespace `namespace`) that
+    nothing names: `session-LEADER`, with `@NAMESPACE` outside the host's own namespace (each
+    container numbers its processes from 1: two containers' sessions must not be one agent, nor a
+    container's one of a container that ended before it)."""
+    return f"session-{leader}" if namespace is None else f"session-{leader}@{namespace}"
 
 
 class AgentResolver:
@@ -101,18 +106,34 @@ class AgentResolver:
         self._threads: dict[tuple[int, int], tuple[float, str, bool]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cv-environ")
-        self._namespace = pid_namespace_inode()
+        self._namespace = namespace_name()
+        self._led_from_outside: dict[tuple[int, int], str] = {}
+        """(pid, start time) -> the session agent of a process whose session is led from outside
+        this PID namespace, for its life: its farthest ancestor here when it was first seen."""
 
-    def _fallback(self, pid: int, outermost: int) -> str:
-        """The mount's agent, else `pid`'s session's (`session_agent`; `outermost`: its farthest
-        ancestor in this PID namespace)."""
+    def _fallback(self, pid: int, chain: list[tuple[int, int | None]]) -> str:
+        """The mount's agent, else `pid`'s session's (`session_agent`). A session led from outside
+        this PID namespace (getsid 0, a container's) is stood for by the caller's farthest ancestor
+        here when the caller, or a nearer ancestor, was first seen (`chain`: the caller and its
+        ancestors with their start times, nearest first): an orphan its parent's exit hands to
+        the namespace's init keeps the session it had (it read as that agent), as a session does."""
         if self.default_agent:
             return self.default_agent
         try:
             sid = os.getsid(pid)
         except OSError:
             return "session-unknown"
-        return session_agent(sid, outermost, self._namespace)
+        if sid > 0:
+            return session_agent(sid, self._namespace)
+        alive = [(p, s) for p, s in chain if s is not None]
+        with self._lock:
+            known = next((self._led_from_outside[key] for key in alive if key in self._led_from_outside), None)
+            agent = known or session_agent(chain[-1][0] if chain else pid, self._namespace)
+            if len(self._led_from_outside) > 4096:
+                self._led_from_outside = {k: a for k, a in self._led_from_outside.items() if start_time(k[0]) == k[1]}
+            for key in alive:
+                self._led_from_outside.setdefault(key, agent)
+        return agent
 
     def _lookup(self, pid: int) -> tuple[str, bool]:
         """The binding of `pid` or its nearest bound ancestor (one registry read for them all), else
@@ -126,7 +147,7 @@ class AgentResolver:
             chain.append(walk)
             walk = _parent(walk)
         host = host_id()
-        started = ((p, start_time(p)) for p in chain)
+        started = [(p, start_time(p)) for p in chain]
         binding = self._bound([ProcessId(host, p, s) for p, s in started if s is not None])
         if binding is not None:
             return binding
@@ -138,7 +159,7 @@ class AgentResolver:
                 env_agent = None
             if env_agent is not None:
                 return env_agent, False
-        return self._fallback(pid, chain[-1] if chain else pid), False
+        return self._fallback(pid, started), False
 
     def cached(self, tid: int) -> tuple[str | None, bool] | None:
         """(agent, pinned) for a thread answered within CACHE_SECONDS; None when `agent` must look it up."""

@@ -420,3 +420,91 @@ def test_a_grant_held_from_a_time_namespace_holds_and_its_holder_is_not_taken_fo
             holder.kill()
             holder.wait(timeout=30)
         assert (root / P).read_bytes() == b"base + the holder's change"
+
+
+ORPHAN_INIT = r"""
+import os, subprocess, sys, time
+cli, root, mnt, steps = sys.argv[1:5]
+os.makedirs(mnt)
+subprocess.run([cli, "mount", root, mnt], check=True, capture_output=True)
+path = os.path.join(mnt, "plans", "plan.md")
+
+def wait(step):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(steps, step)):
+        assert time.monotonic() < deadline, step
+        time.sleep(0.01)
+
+try:
+    print("mounted", flush=True)
+    wait("J read")
+    # X, a program the init starts (its session is led from outside the namespace, as J's): reads, then commits
+    x = subprocess.run(["sh", "-c", 'd=$(cat "$1") && printf "%s + X" "$d" > "$1"', "sh", path])
+    print("X", x.returncode, flush=True)
+    wait("J done")
+finally:
+    if subprocess.run(["fusermount3", "-u", mnt]).returncode:
+        subprocess.run(["fusermount3", "-uz", mnt])
+"""
+ORPHAN_JOB = r"""
+( d=$(cat "$1"); touch "$2/J read"; while [ ! -e "$2/X done" ]; do sleep 0.05; done
+  printf "%s + J" "$d" > "$1" && echo accepted > "$2/J said" || echo refused > "$2/J said"; touch "$2/J done" ) &
+while [ ! -e "$2/J read" ]; do sleep 0.05; done
+"""
+
+
+def test_an_orphan_inside_a_container_keeps_the_session_agent_it_read_as(root: Path, tmp_path: Path) -> None:
+    """A job a shell entered into a container (`nsenter`) leaves behind when it exits is handed to
+    the container's init: it keeps the agent it read as, so its write based on what it read before
+    another program of the container committed is refused. Before, its agent became the init's
+    session's, the committer's own, and its stale write was taken over that commit."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1")
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"}
+    with Namespaced(ORPHAN_INIT, CLI, str(root), str(tmp_path / "mnt"), str(steps), env=env) as init:
+        assert init.line() == "mounted"
+        inside = ["nsenter", "-t", str(init.init_pid()), "-p", "-m", "--", "sh", "-c", ORPHAN_JOB, "sh"]
+        subprocess.run([*inside, str(tmp_path / "mnt" / P), str(steps)], env=env, check=True, timeout=30)
+        assert init.line() == "X 0", "X read and committed"
+        (steps / "X done").touch()
+        assert init.proc.wait(timeout=60) == 0
+    assert (steps / "J said").read_text().strip() == "refused", "the orphan's stale write was taken over X's commit"
+    assert (root / P).read_text() == "v1 + X"
+
+
+SUCCESSIVE = r"""
+import os, subprocess, sys
+cli, root, mnt = sys.argv[1:4]
+os.makedirs(mnt)
+subprocess.run([cli, "mount", root, mnt], check=True, capture_output=True)
+path = os.path.join(mnt, "plans", "plan.md")
+try:
+    ran = subprocess.run(["sh", "-c", 'd=$(cat "$1") && printf "%s +" "$d" > "$1"', "sh", path])
+    print(ran.returncode, os.stat("/proc/self/ns/pid").st_ino, flush=True)
+finally:
+    if subprocess.run(["fusermount3", "-u", mnt]).returncode:
+        subprocess.run(["fusermount3", "-uz", mnt])
+"""
+
+
+def test_containers_one_after_another_are_other_agents_though_their_namespace_numbers_recur(
+    root: Path, tmp_path: Path
+) -> None:
+    """The kernel hands a PID namespace's inode number to the next namespace made once it ends (here
+    they alternate), so a later container is named apart from an earlier one by its init's start
+    time too: before, one whose namespace got an earlier container's number was that container's
+    agent, views and all, and its blind write was taken over them."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1")
+    env = {k: v for k, v in os.environ.items() if k != "COHERENT_AGENT"}
+    inodes = []
+    for n in range(3):
+        with Namespaced(SUCCESSIVE, CLI, str(root), str(tmp_path / f"mnt{n}"), env=env) as container:
+            code, inode = container.line().split()
+            assert code == "0" and container.proc.wait(timeout=60) == 0
+            inodes.append(inode)
+    with CoherentVolume(root, agent="observer") as v:
+        writers = [h.writer for h in v.history(P)][:3]
+    assert len(set(writers)) == 3, (writers, inodes)
