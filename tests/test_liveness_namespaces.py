@@ -272,9 +272,9 @@ def test_a_mount_in_a_pid_namespace_without_its_own_proc_is_refused(
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
-CONTAINER = r"""
+CONTAINER_START = r"""
 import os, subprocess, sys, time
-cli, root, mnt, steps, role, named = sys.argv[1:7]
+cli, root, mnt, steps = sys.argv[1:5]
 os.makedirs(mnt)
 subprocess.run([cli, "mount", root, mnt], check=True, capture_output=True)
 path = os.path.join(mnt, "plans", "plan.md")
@@ -284,6 +284,14 @@ def wait(step):
     while not os.path.exists(os.path.join(steps, step)):
         assert time.monotonic() < deadline, step
         time.sleep(0.01)
+"""
+"""The start of a container's init: it mounts the volume at `mnt` in its own namespace; `wait` for
+a step the test marks in `steps`."""
+
+CONTAINER = (
+    CONTAINER_START
+    + r"""
+role, named = sys.argv[5:7]
 
 def read():  # by the container's init itself (named), else by a program it starts
     if named == "1":
@@ -311,6 +319,7 @@ finally:
     if subprocess.run(["fusermount3", "-u", mnt]).returncode:
         subprocess.run(["fusermount3", "-uz", mnt])
 """
+)
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["named-init", "anonymous"])
@@ -356,17 +365,18 @@ TIME_NAMESPACE = ["unshare", "--time", "--boottime", "100000"]
 """A time namespace whose clock of time since boot runs 100,000 s ahead of the host's."""
 
 
+def _in_time_namespace(code: str, *args: str, **pipes: int) -> subprocess.Popen[str]:
+    """`python -c code args` in a time namespace of its own (TIME_NAMESPACE), its output piped."""
+    return subprocess.Popen(
+        [*TIME_NAMESPACE, sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, cwd=REPO, **pipes
+    )
+
+
 def test_a_process_in_a_time_namespace_has_the_start_time_the_host_sees() -> None:
     """/proc shows start times shifted by the reader's time namespace: both sides must name one
     process alike, or a live process looks dead (or a dead one's pid a live process's)."""
     code = "import sys; from coherent_volume.liveness import current_process as c; print(c().pid, c().start, flush=True); sys.stdin.read()"
-    inside = subprocess.Popen(
-        [*TIME_NAMESPACE, sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    inside = _in_time_namespace(code, stdin=subprocess.PIPE)
     try:
         assert inside.stdout is not None
         pid, start = (int(x) for x in inside.stdout.readline().split())
@@ -400,13 +410,7 @@ def test_a_grant_held_from_a_time_namespace_holds_and_its_holder_is_not_taken_fo
     go = tmp_path / "go"
     with CoherentVolume(root, agent="bob") as bob:
         bob.write(P, b"base")
-        holder = subprocess.Popen(
-            [*TIME_NAMESPACE, sys.executable, "-c", TIME_HOLDER, str(root), str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
+        holder = _in_time_namespace(TIME_HOLDER, str(root), str(go), stderr=subprocess.PIPE)
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "locked"
@@ -422,18 +426,9 @@ def test_a_grant_held_from_a_time_namespace_holds_and_its_holder_is_not_taken_fo
         assert (root / P).read_bytes() == b"base + the holder's change"
 
 
-ORPHAN_INIT = r"""
-import os, subprocess, sys, time
-cli, root, mnt, steps = sys.argv[1:5]
-os.makedirs(mnt)
-subprocess.run([cli, "mount", root, mnt], check=True, capture_output=True)
-path = os.path.join(mnt, "plans", "plan.md")
-
-def wait(step):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(os.path.join(steps, step)):
-        assert time.monotonic() < deadline, step
-        time.sleep(0.01)
+ORPHAN_INIT = (
+    CONTAINER_START
+    + r"""
 
 try:
     print("mounted", flush=True)
@@ -446,6 +441,7 @@ finally:
     if subprocess.run(["fusermount3", "-u", mnt]).returncode:
         subprocess.run(["fusermount3", "-uz", mnt])
 """
+)
 ORPHAN_JOB = r"""
 ( d=$(cat "$1"); touch "$2/J read"; while [ ! -e "$2/X done" ]; do sleep 0.05; done
   printf "%s + J" "$d" > "$1" && echo accepted > "$2/J said" || echo refused > "$2/J said"; touch "$2/J done" ) &

@@ -510,25 +510,9 @@ def test_a_registry_on_a_full_file_system_says_the_disk_is_full(tmp_path: Path) 
     disk = tmp_path / "disk"
     disk.mkdir()
     script = 'mount -t tmpfs -o size=2m none "$1" && mkdir "$1/vol" && exec "$2" -c "$3" "$1/vol"'
-    ran = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            str(disk),
-            sys.executable,
-            FULL_DISK,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    private = ["unshare", "--mount", "--propagation", "private"]  # the tmpfs is this test's alone
+    argv = [*private, "sh", "-c", script, "sh", str(disk), sys.executable, FULL_DISK]
+    ran = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("True "), ran.stdout
     assert "full" in ran.stdout and "free space" in ran.stdout, ran.stdout

@@ -197,30 +197,12 @@ class Writes(Reads):
         grant = tx.grant(target.rel) if holder is not None else None
         until = None if grant is None else (grant.expires_at, grant.expires_at - now, grant.owner.alive() is None)
         writer = record.writer if record else None
+        facts = (target.rel, check.agent, reason, check.seen, version, writer)
         if check.expected is not None:
             return CasConflict(
-                target.rel,
-                check.agent,
-                reason,
-                check.seen,
-                version,
-                writer,
-                holder=holder,
-                changed=check.changed_read_set,
-                expected_version=check.expected,
-                held_until=until,
+                *facts, holder=holder, changed=check.changed_read_set, held_until=until, expected_version=check.expected
             )
-        return StaleWriteError(
-            target.rel,
-            check.agent,
-            reason,
-            check.seen,
-            version,
-            writer,
-            holder=holder,
-            changed=check.changed_read_set,
-            held_until=until,
-        )
+        return StaleWriteError(*facts, holder=holder, changed=check.changed_read_set, held_until=until)
 
     def _check(
         self,
