@@ -190,17 +190,29 @@ class _Volume:
     """Each managed target, how it is written, and the paths the event names it by."""
 
 
+class _RegistryGone(Exception):
+    """A write's path lies in a volume whose registry went away under its session (`_managed`)."""
+
+    def __init__(self, root: str, path: str) -> None:
+        super().__init__(root, path)
+        self.root, self.path = root, path
+
+
 @contextmanager
-def _managed(writes: Writes, progress: Progress) -> Iterator[list[_Volume]]:
+def _managed(writes: Writes, progress: Progress, session: str | None = None) -> Iterator[list[_Volume]]:
     """Open the volume of every path in `writes` and resolve its managed paths, once each, recording
     in `progress` what is established: `progress.path` becomes the first path in a volume, then the
     first managed one (what a denial that could not be decided names); yields the volumes holding
-    any (the cores close after)."""
+    any (the cores close after). With `session`, a path in no volume that lies in one the session
+    worked in whose registry is gone raises _RegistryGone (`hook_paths.registry_gone`)."""
     by_place: dict[tuple[str, bool], list[tuple[str, HandleKind, str]]] = {}
     for path, kind in writes:
         found = located(path)
         if found is not None:
             by_place.setdefault((found.root, found.mounted), []).append((found.rel, kind, path))
+        elif session is not None and (gone := registry_gone(session, path)) is not None:
+            progress.in_volume = True
+            raise _RegistryGone(gone, path)
     progress.in_volume = bool(by_place)
     progress.path = next((path for rels in by_place.values() for _, _, path in rels), progress.path)
     with ExitStack() as stack:
@@ -377,13 +389,8 @@ def begin_writes(
                 if (core.paths.root, target.rel) not in held:
                     release_hook_grant(core, agent, target, actor.process)
 
-    for path, _ in writes:
-        gone = None if located(path) is not None else registry_gone(actor.session, path)
-        if gone is not None:
-            progress.in_volume = True
-            return face.deny(REGISTRY_GONE.format(root=gone), path)
     try:
-        with _managed(writes, progress) as volumes:
+        with _managed(writes, progress, actor.session) as volumes:
             for volume in volumes:
                 core = volume.core
                 writer = _joined(core, actor).on(volume.mounted)
@@ -407,6 +414,8 @@ def begin_writes(
                             return refused(core, target, writer, refusal)
                         return denied(core, refusal, progress, face)
                     taken.append((core, writer, target))
+    except _RegistryGone as gone:  # raised before any grant is taken
+        return face.deny(REGISTRY_GONE.format(root=gone.root), gone.path)
     except OutsideVolume as registry:  # a path in a volume's registry (`_resolve`)
         release_taken()
         text = (
