@@ -32,7 +32,7 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 3
 """A write (`restore`) was refused (StaleWriteError): nothing was changed."""
 EXIT_GONE = 4
-"""The version asked for has no bytes: it never existed, is a deletion, or was pruned (VersionGone)."""
+"""The version asked for has no bytes: it never existed, is a deletion, was pruned or was never kept (VersionGone)."""
 EXIT_DAMAGED = 5
 """The version's stored bytes no longer match its hash: they are never served (DamagedContent)."""
 
@@ -624,7 +624,7 @@ def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: 
                     v.writer,
                     _when(v.at),
                     "-" if v.size is None else str(v.size),
-                    "-" if v.hash is None else v.hash[:16] + ("" if v.retained else " (pruned)"),
+                    "-" if v.hash is None else v.hash[:16] + ("" if (why := report.unkept(v)) is None else f" ({why})"),
                 ]
                 for v in versions
             ],

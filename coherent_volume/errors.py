@@ -331,7 +331,8 @@ class InstallPending(CoherenceError, OSError):
 
 
 class VersionGone(CoherenceError, LookupError):
-    """A version whose bytes are not retained: it never existed, is a deletion, or was pruned."""
+    """A version whose bytes are not retained: it never existed, is a deletion, was pruned, or was
+    never kept (the file changed again while it was recorded)."""
 
 
 class DamagedContent(CoherenceError):

@@ -389,7 +389,7 @@ class Session:
             for v in versions:
                 size = "deleted" if v.hash is None else f"{v.size} bytes"
                 parents = f" of versions {', '.join(map(str, v.parents))}" if v.parents else ""
-                extra = "" if v.retained or v.hash is None else ", content pruned"
+                extra = "" if (why := report.unkept(v)) is None else f", content {why}"
                 mark = "  <- your view" if v.version == seen else ""
                 lines.append(f"v{v.version} {v.kind}{parents} by {v.writer} at {_when(v.at)}, {size}{extra}{mark}")
             return "\n".join(lines)

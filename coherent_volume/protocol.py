@@ -101,9 +101,12 @@ class Version(NamedTuple):
     """The versions it was made from, when more than its predecessor (a merge: base and theirs; a
     restore: the version restored)."""
     retained: bool = True
-    """Its bytes are kept (False once pruned by the retention policy). The registry records a
-    deletion as retained (there is nothing to prune); `History.history` lists it as not: it has
-    no bytes to read."""
+    """Its bytes are kept (False once pruned by the retention policy, or if never kept). The
+    registry records a deletion as retained (there is nothing to prune); `History.history` lists it
+    as not: it has no bytes to read."""
+    never_kept: bool = False
+    """Its bytes were never kept (`retained` False from the start): the file changed again while
+    the version was being recorded, so no bytes holding its hash were left to keep."""
 
 
 EventKind = Literal[

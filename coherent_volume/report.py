@@ -16,7 +16,7 @@ from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
 from .fingerprint import kind_of
 from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
-from .protocol import grant_over
+from .protocol import Version, grant_over
 from .registry import AgentSummary, Event, LogMark, Transaction
 from .registry.pg_hosts import WorkingCopy
 from .registry.pg_open import boot_id
@@ -204,6 +204,13 @@ def made_version(e: Event) -> bool:
     if e.path is None or e.version is None:
         return False
     return e.kind in ("commit", "delete", "foreign", "adopt") or (e.kind == "recover" and e.reason == "completed")
+
+
+def unkept(v: Version) -> str | None:
+    """Why a version that has bytes lists none (None: they are kept, or it is a deletion)."""
+    if v.retained or v.hash is None:
+        return None
+    return "never kept" if v.never_kept else "pruned"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import xxhash
 
 from coherent_volume import CoherentVolume, DamagedContent, StaleWriteError, VersionGone, VolumeConfigError
 from coherent_volume.core import reads
-from coherent_volume.fingerprint import content_hash
+from coherent_volume.fingerprint import content_hash, hash_file
 from coherent_volume.policy import Policy, Retention
 from coherent_volume.registry import Transaction, objects
 from coherent_volume.registry.sqlite import SQLiteRegistry
@@ -332,12 +332,49 @@ def test_a_descriptor_opened_on_a_file_written_in_place_meanwhile_is_paired_with
     finally:
         os.close(fd)
     assert (served, version) == (b"written in full\n", 2)
-    assert [(v.version, v.kind, v.retained) for v in bob.history("plans/p.md")] == [
-        (2, "foreign", True),
-        (1, "commit", True),
+    assert [(v.version, v.kind, v.retained, v.size) for v in bob.history("plans/p.md")] == [
+        (2, "foreign", True, len(served)),  # the size of the bytes kept, not of those the open hashed
+        (1, "commit", True, len(b"one\n")),
     ]
     assert bob.read_version("plans/p.md", 2) == served
     assert bob.write("plans/p.md", "based on what it served\n") == 3
+
+
+def test_a_version_whose_bytes_were_gone_before_they_were_kept_is_said_never_kept_not_pruned(root: Path, vols) -> None:
+    """A change recorded from a hash whose bytes the file no longer held when they were to be kept
+    (a file written again between a rename's check and its record, `Renames._moved_foreign`) is
+    listed as never kept, and reading it says so, not that the retention policy pruned it; a
+    version the policy pruned still says pruned."""
+    alice = vols("alice")
+    alice.write("plans/p.md", "one\n")
+    at = root / "plans" / "p.md"
+    at.write_bytes(b"half\n")
+    checked = hash_file(str(at))  # what the check found, before the program went on writing
+    at.write_bytes(b"written in full\n")
+    core = alice._core
+    target = core.resolve("plans/p.md")
+    core._transact(lambda tx: core._sync(tx, target, tx.file(target.rel), checked, "checked"), holds=(target.rel,))
+    assert [(v.version, v.kind, v.retained, v.never_kept) for v in alice.history("plans/p.md")] == [
+        (3, "foreign", True, False),  # what the file holds now: the next version, kept
+        (2, "foreign", False, True),
+        (1, "commit", True, False),
+    ]
+    with pytest.raises(VersionGone, match="never kept") as gone:
+        alice.read_version("plans/p.md", 2)
+    assert "pruned" not in str(gone.value) and "changed again while" in str(gone.value)
+    assert alice.read_version("plans/p.md", 3) == b"written in full\n"
+    assert alice.read("plans/p.md") == b"written in full\n"  # her view leaves v1, which may go now
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    alice.prune()
+    assert [(v.version, v.retained, v.never_kept) for v in alice.history("plans/p.md")] == [
+        (3, True, False),
+        (2, False, True),
+        (1, False, False),
+    ]
+    with pytest.raises(VersionGone, match="pruned by the volume's retention policy"):
+        alice.read_version("plans/p.md", 1)
+    with pytest.raises(VersionGone, match="never kept"):
+        alice.read_version("plans/p.md", 2)
 
 
 def _as_schema_1(root: Path, *, history: bool) -> None:

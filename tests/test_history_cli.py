@@ -279,7 +279,7 @@ def test_versions_whose_bytes_were_pruned_are_said_to_be(root: Path) -> None:
     ok("policy", root, "--keep-last", "1", "--keep-days", "0")
     assert "pruned 2 versions" in ok("prune", root)
     assert [v["retained"] for v in json.loads(ok("history", root, P, "--json"))["versions"]] == [True, False, False]
-    assert "(pruned)" in ok("history", root, P)
+    assert "(pruned)" in ok("history", root, P) and "never kept" not in ok("history", root, P)
     gone = cv("show", root, P, "--version", "1")
     assert gone.returncode == GONE and "pruned" in gone.stderr
     assert cv("diff", root, P).returncode == GONE

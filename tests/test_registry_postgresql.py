@@ -37,6 +37,7 @@ from coherent_volume import (
     Retention,
     StaleWriteError,
     TreeClash,
+    VersionGone,
     VolumeConfigError,
 )
 from coherent_volume.claude_code import agent_of
@@ -120,7 +121,10 @@ RETENTION_TESTS = (
 """Retention's tests that use the API only, on a PostgreSQL volume (its own queries of views and retained versions)."""
 for _name in RETENTION_TESTS:
     globals()[f"{_name}_on_postgresql"] = getattr(test_retention, _name)
-HISTORY_TESTS = ("test_a_change_a_read_saw_half_done_is_kept_as_read_and_its_rest_is_a_version_of_its_own",)
+HISTORY_TESTS = (
+    "test_a_change_a_read_saw_half_done_is_kept_as_read_and_its_rest_is_a_version_of_its_own",
+    "test_a_version_whose_bytes_were_gone_before_they_were_kept_is_said_never_kept_not_pruned",
+)
 """History's tests of foreign changes a read meets, in a working copy (`CoreBase._sync_copy`)."""
 for _name in HISTORY_TESTS:
     globals()[f"{_name}_on_postgresql"] = getattr(test_history, _name)
@@ -324,6 +328,30 @@ def test_a_newer_or_older_schema_is_refused(tmp_path: Path, pg_url: str) -> None
     r = subprocess.run([CLI, "migrate", "--registry", pg_url], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "already exists" in r.stderr  # the tables exist: the migration does not apply
     assert _q(pg_url, "SELECT count(*) FROM cv_schema") == [(0,)]  # and changed nothing
+
+
+def test_a_schema_5_registry_is_migrated_with_its_history(tmp_path: Path, pg_url: str) -> None:
+    """Schema 6 tells a version never kept from one pruned: a registry of schema 5 is refused at open
+    until `migrate` adds that, and its history reads as before (a version not kept says pruned)."""
+    root = _pg_volume(tmp_path / "v", pg_url)
+    with CoherentVolume(root, agent="a") as a:
+        a.write("plans/a.md", "one\n")
+        a.write("plans/a.md", "two\n")
+    _q(pg_url, "UPDATE cv_versions SET pruned = true WHERE version = 1")  # as a prune leaves it
+    _q(pg_url, "ALTER TABLE cv_versions DROP COLUMN never_kept")
+    _q(pg_url, "DELETE FROM cv_schema WHERE version = 6")
+    with pytest.raises(RegistryError, match="coherent-volume migrate"):
+        CoherentVolume(root, agent="a")
+    r = subprocess.run([CLI, "migrate", "--registry", pg_url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    with CoherentVolume(root, agent="a") as a:
+        assert [(v.version, v.retained, v.never_kept) for v in a.history("plans/a.md")] == [
+            (2, True, False),
+            (1, False, False),
+        ]
+        with pytest.raises(VersionGone, match="pruned by the volume's retention policy"):
+            a.read_version("plans/a.md", 1)
+        assert a.read_version("plans/a.md", 2) == b"two\n"
 
 
 def test_migrate_creates_the_schema_once(pg_url: str) -> None:

@@ -18,11 +18,9 @@ from typing import Literal, TypeVar
 
 from .. import atomic
 from ..errors import (
-    DamagedContent,
     NotManaged,
     TreeClash,
     UnprotectedAlias,
-    VersionGone,
     VolumeConfigError,
 )
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, hash_path
@@ -427,8 +425,7 @@ class CoreBase:
             # the caller kept them (`content`)
             stored = self._retain(tx, target.abs, disk_hash if disk is not None else None, content)
             new = new if stored is None else new._replace(hash=stored)
-        # the bytes' own size where the caller kept them (a file read as it grew: not its fingerprint's)
-        size = len(content) if present and isinstance(content, bytes) else None
+        size = self._kept_size(tx, stored, content) if present else None
         self._record(tx, new, "foreign" if present else "delete", retained=not present or stored is not None, size=size)
         if record is None:  # first sighting of a file that was there before the volume knew it
             tx.log(
@@ -536,8 +533,7 @@ class CoreBase:
         # the bytes the caller read (its view goes to this version), or else as read now
         stored = self._retain(tx, target.abs, disk_hash if given else None, content)
         new = FileRecord(target.rel, version, True, stored or disk_hash, fp, EXTERNAL, now, now_ns)
-        size = len(content) if isinstance(content, bytes) else None
-        self._record(tx, new, "foreign", retained=stored is not None, size=size)
+        self._record(tx, new, "foreign", retained=stored is not None, size=self._kept_size(tx, stored, content))
         host = socket.gethostname()
         unrecorded = state is Local.UNRECORDED
         tx.log(
@@ -817,13 +813,19 @@ class CoreBase:
 
     @staticmethod
     def _stored_size(tx: Transaction, record: FileRecord) -> int | None:
-        """The size of `record`'s content, read from the store (None where it is not kept): for a
-        version recorded with no fingerprint (recovery's, from a temp name or another process's
+        """The size of `record`'s content, as the store records it (None where it is not kept): for
+        a version recorded with no fingerprint (recovery's, from a temp name or another process's
         install, or a file gone again at once)."""
-        try:
-            return tx.load_into(str(record.hash), record.path, lambda part: None)
-        except (VersionGone, DamagedContent):
-            return None
+        return None if record.hash is None else tx.content_size(record.hash)
+
+    @staticmethod
+    def _kept_size(tx: Transaction, stored: str | None, content: bytes | int | None = None) -> int | None:
+        """The size of the bytes a foreign version keeps (`stored`: their hash, None if none are;
+        `content`: the bytes, where the caller read them), which its history lists: a fingerprint
+        taken before a file still being written grew gives another. None: no bytes are kept."""
+        if isinstance(content, bytes):
+            return len(content)
+        return None if stored is None else tx.content_size(stored)
 
     def _record_displaced(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> str:
         """Record the file at `name`, which an install displaced from `target` and which is to be
@@ -838,7 +840,8 @@ class CoreBase:
         stored = self._retain(tx, name, None)
         digest = stored or kept[1]
         record = FileRecord(target.rel, version, True, digest, None, EXTERNAL, now, time.time_ns())
-        self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size)
+        size = self._kept_size(tx, stored)
+        self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size if size is None else size)
         tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: put back in place")
         return digest
 
@@ -971,6 +974,7 @@ class CoreBase:
                 record.hash if record.present else None,
                 parents,
                 retained,
+                never_kept=record.present and not retained,
             )
         )
 

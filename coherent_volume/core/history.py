@@ -158,7 +158,7 @@ class History(Writes):
 
     def read_version(self, target: Target, version: int) -> bytes:
         """The bytes of a retained version (no view is registered); VersionGone if it never existed,
-        is a deletion or was pruned, DamagedContent if its stored bytes no longer match its hash."""
+        is a deletion, was pruned or never kept, DamagedContent if its stored bytes no longer match its hash."""
         self._require_managed(target, "read_version", reads=True)
         self._recorded_first(target)
         return self._stored(target, version, self._entries(target, version)[0])
@@ -202,11 +202,13 @@ class History(Writes):
             raise VersionGone(f"{what} is not in its history (versions are numbered from 1)")
         if entry.hash is None:
             raise VersionGone(f"{what} is a deletion by {entry.writer!r}: it has no content")
-        if not entry.retained:
+        if entry.never_kept:
             raise VersionGone(
-                f"{what}: its content is not kept (pruned by the volume's retention policy, or it changed "
-                "again while it was being recorded)"
+                f"{what}: its content was never kept (the file changed again while this version was being "
+                "recorded, so no bytes holding it were left to keep)"
             )
+        if not entry.retained:
+            raise VersionGone(f"{what}: its content is not kept (pruned by the volume's retention policy)")
         return entry.hash, what
 
     def seen(self, agent: str, target: Target) -> int | None:

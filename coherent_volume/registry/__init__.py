@@ -296,6 +296,11 @@ class Transaction(Protocol):
         """(contents, bytes) the store holds."""
         ...
 
+    def content_size(self, digest: str) -> int | None:
+        """The size of the content stored under `digest` (None: none is), as its row records it
+        (not read through: `load` checks the bytes)."""
+        ...
+
     def meta(self, key: str) -> str | None: ...
     def put_meta(self, key: str, value: str) -> None:
         """Set `key`, serial with every other transaction setting it, and with what this one read of

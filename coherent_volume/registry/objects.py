@@ -219,6 +219,12 @@ def drop(conn: sqlite3.Connection, digest: str) -> int:
     return int(row[0])
 
 
+def size_of(conn: sqlite3.Connection, digest: str) -> int | None:
+    """The size the content stored under `digest` records (None: none is stored)."""
+    row = conn.execute("SELECT size FROM contents WHERE hash = ?", (digest,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def size(conn: sqlite3.Connection) -> tuple[int, int]:
     """(contents, bytes) stored."""
     count, total = conn.execute("SELECT count(*), COALESCE(SUM(size), 0) FROM contents").fetchone()

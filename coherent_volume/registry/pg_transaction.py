@@ -80,7 +80,7 @@ _FILE_COLS = "path, version, present, hash, writer, committed_at"
 _GRANT_COLS = "path, agent, token, host, pid, start, expires_at, fences"
 _CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 """The server's clock, in seconds since the epoch (`PostgresTransaction.now`)."""
-_VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned"
+_VERSION_COLS = "path, version, kind, writer, at, size, hash, parents, pruned, never_kept"
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 """The oldest transaction running when the statement's snapshot was taken (every older one is over)."""
 _WRITE_STATE_TABLES = ("cv_files", "cv_views", "cv_grants", "cv_fences")
@@ -218,7 +218,7 @@ def _grant(row: tuple[Any, ...]) -> Grant:
 
 def _version(row: tuple[Any, ...]) -> Version:
     parents = tuple(int(p) for p in row[7].split(",")) if row[7] else ()
-    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, not row[8])
+    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, not row[8], row[9])
 
 
 @dataclass(frozen=True)
@@ -586,13 +586,14 @@ class PostgresTransaction:
     def put_version(self, v: Version) -> None:
         self._need(v.path)
         self._do(
-            f"INSERT INTO cv_versions (volume, {_VERSION_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            f"INSERT INTO cv_versions (volume, {_VERSION_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
             "ON CONFLICT (volume, path, version) DO UPDATE SET kind = EXCLUDED.kind, writer = EXCLUDED.writer, "
             "at = EXCLUDED.at, size = EXCLUDED.size, hash = EXCLUDED.hash, parents = EXCLUDED.parents, "
-            "pruned = EXCLUDED.pruned",
+            "pruned = EXCLUDED.pruned, never_kept = EXCLUDED.never_kept",
             *v[:7],
             ",".join(str(p) for p in v.parents) or None,
             not v.retained,
+            v.never_kept,
         )
 
     def history(self, path: str, limit: int | None = None) -> list[Version]:
@@ -850,6 +851,10 @@ class PostgresTransaction:
         row = self._one("SELECT count(*), coalesce(sum(size), 0) FROM cv_contents WHERE volume = %s")
         assert row is not None
         return int(row[0]), int(row[1])
+
+    def content_size(self, digest: str) -> int | None:
+        row = self._one("SELECT size FROM cv_contents WHERE volume = %s AND hash = %s", digest)
+        return None if row is None else int(row[0])
 
     def meta(self, key: str) -> str | None:
         row = self._one("SELECT value FROM cv_meta WHERE volume = %s AND key = %s", key)

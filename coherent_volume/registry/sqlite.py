@@ -119,12 +119,15 @@ VERSIONS_DDL = (
     "pruned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (path, version))",
     "CREATE INDEX IF NOT EXISTS versions_hash ON versions (hash)",
 )
-"""Every version of every managed path (added to registries made before it existed when opened)."""
+"""Every version of every managed path (added to registries made before it existed when opened).
+`pruned`: 0 its bytes are kept, 1 pruned (or, in registries older than `_NEVER_KEPT`, never kept),
+`_NEVER_KEPT` never kept."""
+_NEVER_KEPT = 2
 
 
 def _version(row: tuple[Any, ...]) -> Version:
     parents = tuple(int(p) for p in row[7].split(",")) if row[7] else ()
-    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, not row[8])
+    return Version(row[0], row[1], row[2], row[3], row[4], row[5], row[6], parents, row[8] == 0, row[8] == _NEVER_KEPT)
 
 
 def _ino_to_sql(ino: int) -> int:
@@ -286,7 +289,11 @@ class SQLiteTransaction:
     def put_version(self, v: Version) -> None:
         self._c.execute(
             f"INSERT OR REPLACE INTO versions ({_VERSION_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-            (*v[:7], ",".join(str(p) for p in v.parents) or None, int(not v.retained)),
+            (
+                *v[:7],
+                ",".join(str(p) for p in v.parents) or None,
+                0 if v.retained else _NEVER_KEPT if v.never_kept else 1,
+            ),
         )
 
     def file_in_the_way(self, path: str, besides: Collection[str] = ()) -> InTheWay | None:
@@ -356,6 +363,9 @@ class SQLiteTransaction:
 
     def stored(self) -> tuple[int, int]:
         return objects.size(self._c)
+
+    def content_size(self, digest: str) -> int | None:
+        return objects.size_of(self._c, digest)
 
     def meta(self, key: str) -> str | None:
         row = self._c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
