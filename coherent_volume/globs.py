@@ -43,6 +43,7 @@ class Wild(enum.Enum):
 
     NAME = "any characters but '/', none included"
     NUMBER = "one or more digits and '-' (an integer)"
+    LETTERS = "one or more lowercase ASCII letters"
     DIRS = "a whole segment standing for any number of directories' names, none included"
     PATH = "any text, '/' and '..' included: any path at all"
 
@@ -227,6 +228,7 @@ _Segment = tuple[_Char, ...] | None
 _Token = tuple[frozenset[str] | None, bool]
 """One character of a shape's segment: the characters it may be (None: any but '/'), and whether it
 repeats (any number of times, none included)."""
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyz")
 _DIGITS = frozenset("0123456789-")
 _DOT = (1, 2, 3, 3)
 """How a '.' moves the state of a name being spelled: 0 empty, 1 ".", 2 "..", 3 a file's name."""
@@ -283,6 +285,8 @@ def _shape_segments(shape: Sequence[Piece]) -> list[list[_Token] | None] | None:
                 tokens.append((None, True))
             elif char is Wild.NUMBER:
                 tokens += [(_DIGITS, False), (_DIGITS, True)]
+            elif char is Wild.LETTERS:
+                tokens += [(_LETTERS, False), (_LETTERS, True)]
             elif isinstance(char, str):
                 tokens.append((frozenset(char), False))
         if any(_spells(tokens, name) for name in ("", ".", "..")):

@@ -97,7 +97,7 @@ import shlex
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
@@ -1958,6 +1958,12 @@ class _Walk:
                 aliased = True
         if not items:
             return
+        dry = any(g == "-n" or _abbreviates(g, "--dry-run") for g in _given(items[1:], frozenset()))
+        if items[0] == "mv" and not dry:
+            effect = _command_writes("mv", items[1:], cwd)  # as mv moves them (its -k skips, -f forces)
+            for item, kind, expand in effect.writes:
+                self.write(item, cwd, kind, expand)
+            return
         command = items[0] if isinstance(items[0], str) else None
         places = [_git_top(cwd)] if aliased or command is None else _git_removes(command, items[1:], cwd)
         word = f"git {command if command is not None else _code_word(items[0])}"
@@ -2141,7 +2147,7 @@ class _Walk:
         named = os.path.normpath(unknown.place)
         rels = {found.rel, *([named[len(top) + 1 :]] if named.startswith(top + "/") else [])}
         globs = self._globs(found.root)
-        if globs is None or any(globs.may_match((f"{rel}/", *unknown.shape)) for rel in rels):
+        if globs is None or any(globs.may_match((*([f"{rel}/"] if rel else []), *unknown.shape)) for rel in rels):
             return False
         try:
             return self._plain(real, unknown.shape)
@@ -2777,6 +2783,37 @@ _OPTION_ADVICE = (
     "change with your file-editing tool."
 )
 _COPIERS = _names("-t --target-directory -S --suffix -m --mode -o --owner -g --group")
+_CURL_VALUED = _names(
+    "-A -b -c -C -d -D -e -E -F -H -K -m -o -P -Q -r -T -t -u -U -w -x -X -y -Y -z --output --cookie-jar "
+    "--dump-header --trace --trace-ascii --stderr --etag-save --libcurl --hsts --alt-svc --output-dir --config "
+    "--user-agent --cookie --continue-at --data --data-binary --data-raw --data-urlencode --referer --cert --form "
+    "--header --max-time --ftp-port --quote --range --upload-file --telnet-option --user --proxy-user --write-out "
+    "--proxy --request --speed-limit --speed-time --time-cond --connect-timeout --retry --url --json"
+)
+_CURL_FILES = _names(
+    "-o --output -c --cookie-jar -D --dump-header --trace --trace-ascii --stderr --etag-save --libcurl --hsts --alt-svc"
+)
+"""curl's options that name a file it writes (`--hsts` and `--alt-svc` caches are read and written)."""
+_WGET_VALUED = _names(
+    "-o --output-file -a --append-output -e --execute -i --input-file -B --base -t --tries -O --output-document "
+    "-T --timeout -w --wait -Q --quota -P --directory-prefix -U --user-agent -l --level -A --accept -R --reject "
+    "-D --domains -I --include-directories -X --exclude-directories --save-cookies --load-cookies --header "
+    "--user --password --post-data --post-file --warc-file --rejected-log --config"
+)
+_PACKERS = {
+    "gzip": (".gz", ".z", "-gz", "-z", "_z"),
+    "pigz": (".gz", ".z", "-gz", "-z", "_z"),
+    "bzip2": (".bz2", ".bz"),
+    "xz": (".xz", ".lzma"),
+    "lzma": (".lzma",),
+    "zstd": (".zst",),
+}
+"""Compressors that replace a file by its packed copy (`FILE` by `FILE.gz`), and back with `-d`: the
+suffixes each unpacks (the first is the one it packs to)."""
+_UNPACKERS = {"gunzip": "gzip", "unpigz": "pigz", "bunzip2": "bzip2", "unxz": "xz", "unlzma": "lzma", "unzstd": "zstd"}
+_PACKER_VALUED = _names(
+    "-S --suffix -o -D -T -F --format -C --check -M --memlimit --memory --threads --block-size -b -p --processes"
+)
 _VALUED: dict[str, frozenset[str]] = {
     "tee": frozenset(),
     "sed": _SED_VALUED,
@@ -2794,8 +2831,24 @@ _VALUED: dict[str, frozenset[str]] = {
     "link": frozenset(),
     "truncate": _names("-s --size -r --reference"),
     "dd": frozenset(),
+    **dict.fromkeys(_UNPACKERS, _PACKER_VALUED),
+    "shuf": _names("-o --output -n --head-count -i --input-range --random-source"),
+    "iconv": _names("-f --from-code -t --to-code -o --output"),
+    "sponge": frozenset(),
+    "xxd": frozenset(),
+    "openssl": frozenset(),
+    "curl": _CURL_VALUED,
+    "wget": _WGET_VALUED,
+    "split": _names(
+        "-a --suffix-length --additional-suffix -b --bytes -C --line-bytes -l --lines -n --number -t --separator "
+        "--filter --numeric-suffixes --hex-suffixes"
+    ),
+    "csplit": _names("-b --suffix-format -f --prefix -n --digits"),
+    **dict.fromkeys(_PACKERS, _PACKER_VALUED),
 }
 """The commands `_command_writes` knows, each with its options that take a value."""
+_OUTPUTS = {"shuf": _names("-o --output"), "iconv": _names("-o --output")}
+"""Commands that write the file an option of theirs names."""
 
 
 @dataclass
@@ -2879,6 +2932,25 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     elif name == "truncate":
         operands, _ = _operands(args, valued)
         files += operands
+    elif name in _OUTPUTS:
+        _, values = _operands(args, valued)
+        files += [values[o] for o in _OUTPUTS[name] if o in values]
+    elif name == "sponge":  # it soaks up its input, then writes (or with -a appends to) its file
+        files += _operands(args, valued)[0][:1]
+        kind = "append" if "-a" in given else "write"
+    elif name == "xxd":
+        files += _xxd_output(args)
+    elif name == "openssl":
+        files += _openssl_outputs(args)
+    elif name == "curl":
+        files += _curl_writes(args, given, cwd)
+    elif name == "wget":
+        files += _wget_writes(args, given, cwd)
+    elif name in ("split", "csplit"):
+        files.append(_split_pieces(name, args, valued, given, cwd))
+    elif name in _PACKERS or name in _UNPACKERS:
+        packed, removed = _packer_writes(name, args, valued, given)
+        files += packed
     elif name == "dd":  # its operands are `NAME=VALUE`: one known only when it runs may be `of=FILE`
         files += [a[3:] for a in args if isinstance(a, str) and a.startswith("of=")]
         why = "an operand of dd known only when it runs, which may be `of=FILE`"
@@ -2889,6 +2961,145 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         ]
     writes = [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
     return _Effect(writes, linked)
+
+
+def _values(args: list[Item], valued: frozenset[str], names: Collection[str]) -> list[Item]:
+    """Every value given to the options `names` (not only the last), in order."""
+    return [v for _, opts in _split(args, valued)[0] for n, v in opts or () if n in names and v is not None]
+
+
+def _xxd_output(args: list[Item]) -> list[Item]:
+    """The file `xxd [OPTIONS] [IN [OUT]]` writes, in either direction: OUT. Its options come first,
+    each taking a value attached (`-c8`) or as the next word (`-c 8`, `-cols 8`), as xxd reads them."""
+    rest = list(args)
+    while rest and _is_option(rest[0]):
+        word = str(rest.pop(0))
+        if word == "--":
+            break
+        flag = word[2:] if word.startswith("--") else word[1:]
+        long = _XXD_VALUED.get(flag[:1])
+        if long is not None and (flag == flag[:1] or flag.startswith(long) and len(long) > 1) and rest:
+            rest.pop(0)  # `-c 8`, `-cols 8`; `-c8` holds its value
+    out = rest[1:2]
+    return [o for o in out if o != "-"]
+
+
+_XXD_VALUED = {"c": "cols", "g": "groupsize", "l": "len", "o": "offset", "s": "seek", "n": "name", "R": "R"}
+"""xxd's options that take a value, by their letter: the long name they may be spelled as."""
+
+
+def _openssl_outputs(args: list[Item]) -> list[Item]:
+    """The files an `openssl` command writes: the value of each option whose name ends in `out`
+    (`-out`, `-keyout`, `-sess_out`, …; `-passout` and `-timeout` take no file) and of `-writerand`,
+    given as the next word or after `=`, with one dash or two, as OpenSSL reads them."""
+    out: list[Item] = []
+    for i, word in enumerate(args):
+        if not isinstance(word, str) or not word.startswith("-"):
+            continue
+        name, eq, value = word.lstrip("-").partition("=")
+        if name.endswith("out") and name not in ("passout", "timeout") or name == "writerand":
+            out += [value] if eq else args[i + 1 : i + 2]
+    return [o for o in out if o != "-"]
+
+
+def _curl_writes(args: list[Item], given: set[str], cwd: Cwd) -> list[Item]:
+    """What curl writes: the files its options name (`_CURL_FILES`; `-o` below `--output-dir`), for
+    `-O` each URL's last segment there; a name the server gives (`-J`), or options a config file
+    gives (`-K`), are known only when it runs."""
+    operands, values = _operands(args, _CURL_VALUED)
+    directory = values.get("--output-dir")
+    place = cwd if directory is None else _joined(cwd, directory) if isinstance(directory, str) else directory
+    out: list[Item] = [
+        _placed(f, place) if n in ("-o", "--output") else f
+        for _, opts in _split(args, _CURL_VALUED)[0]
+        for n, f in opts or ()
+        if n in _CURL_FILES and f is not None and f != "-"
+    ]
+    if given & _names("-K --config"):
+        why = "the options a curl config file gives, which may name any file it writes"
+        out.append(Unknown("curl -K", why, _place(cwd), anywhere=True))
+    if given & _names("-O --remote-name --remote-name-all"):
+        urls = [*operands, *_values(args, _CURL_VALUED, ("--url",))]
+        why = "the name of the file curl -O saves, which the server or a URL known only when it runs gives"
+        for url in urls:
+            name = url.split("?")[0].split("#")[0].rstrip("/").rpartition("/")[2] if isinstance(url, str) else None
+            if name is None or "-J" in given or "--remote-header-name" in given or any(c in name for c in "{[]}"):
+                out.append(Unknown("curl -O", why, _place(place), shape=(Wild.NAME,)))
+            elif name not in ("", ".", ".."):
+                out.append(_placed(name, place))
+    return out
+
+
+def _wget_writes(args: list[Item], given: set[str], cwd: Cwd) -> list[Item]:
+    """What wget writes: the files its options name (`-O`, its log, cookies), or, without `-O`, when
+    it may overwrite a file it saves under the URL's name (`-N`, `-c`, `-r`, `-m`, `-p`; by default
+    it saves under a new name, `NAME.1`), any file below its directory; a `-e` command (a wgetrc
+    line) may name any file."""
+    out = [
+        f
+        for f in _values(args, _WGET_VALUED, _names("-O --output-document -o --output-file -a --append-output"))
+        if f != "-"
+    ]
+    out += _values(args, _WGET_VALUED, _names("--save-cookies --rejected-log"))
+    if given & _names("-e --execute --config"):
+        why = "a wgetrc command or file wget reads, which may name any file it writes"
+        out.append(Unknown("wget -e", why, _place(cwd), anywhere=True))
+    overwrites = _names("-N --timestamping -c --continue -r --recursive -m --mirror -p --page-requisites")
+    if not given & _names("-O --output-document --spider") and given & overwrites:
+        prefix = _values(args, _WGET_VALUED, _names("-P --directory-prefix"))[-1:]
+        place = _joined(cwd, prefix[0]) if prefix and isinstance(prefix[0], str) else cwd
+        why = "the files wget saves under names the URLs and the server give, overwriting those there"
+        out.append(Unknown("wget", why, _place(place)))
+    return out
+
+
+def _split_pieces(name: str, args: list[Item], valued: frozenset[str], given: set[str], cwd: Cwd) -> Item:
+    """The files `split` or `csplit` writes: its prefix (split's second operand, csplit's `-f`;
+    `x`, `xx` by default) and a suffix, letters or digits, overwriting those there."""
+    operands, values = _operands(args, valued)
+    if name == "split":
+        prefix = (operands[1:2] or ["x"])[0]
+        numbered = given & _names("-d --numeric-suffixes")
+        suffix: Piece = Wild.NUMBER if numbered else Wild.NAME if given & _names("-x --hex-suffixes") else Wild.LETTERS
+        extra = values.get("--additional-suffix", "")
+    else:
+        prefix = values.get("-f") or values.get("--prefix") or "xx"
+        suffix, extra = (Wild.NAME if given & _names("-b --suffix-format") else Wild.NUMBER), ""
+    where = _placed(prefix, cwd)
+    if isinstance(where, Unknown) or isinstance(extra, Unknown):
+        return dataclasses.replace(where, shape=None) if isinstance(where, Unknown) else where
+    head, tail = os.path.split(where)
+    why = f"the files {name} writes, numbered after their prefix"
+    return Unknown(f"{name} {prefix}", why, head, shape=(tail, suffix, extra))
+
+
+def _packer_writes(
+    name: str, args: list[Item], valued: frozenset[str], given: set[str]
+) -> tuple[list[Item], list[Item]]:
+    """The files a compressor writes and those it removes: each FILE replaced by FILE.gz (its
+    suffix, or `-S`'s), or unpacked back (`-d`, `gunzip`, …) from a name with a suffix it knows; none
+    to standard output (`-c`), in a test or a listing; FILE kept with `-k` (zstd keeps it unless
+    `--rm`); `-o FILE` (zstd) names the one file it writes."""
+    family = _UNPACKERS.get(name, name)
+    quiet = _names("-c --stdout --to-stdout -t --test -l --list")
+    operands, values = _operands(args, valued)
+    if given & quiet or not operands:
+        return [], []
+    unpack = name in _UNPACKERS or bool(given & _names("-d --decompress --uncompress"))
+    keep = bool(given & _names("-k --keep")) or family == "zstd" and "--rm" not in given
+    custom = values.get("-S") or values.get("--suffix")
+    suffixes = (custom, *_PACKERS[family]) if isinstance(custom, str) else _PACKERS[family]
+    written: list[Item] = []
+    for file in operands:
+        if isinstance(file, Unknown):
+            written.append(file)
+        elif not unpack:
+            written.append(file + suffixes[0])
+        else:
+            written += [file[: -len(s)] for s in suffixes if file.endswith(s) and len(file) > len(s)][:1]
+    if isinstance(values.get("-o"), str) and family == "zstd":
+        written = [values["-o"]]
+    return written, [] if keep else list(operands)
 
 
 def _altered(name: str, altering: Unknown, cwd: Cwd) -> Unknown:

@@ -25,6 +25,8 @@ W, A = "write", "append"
 PLAN = [("plans/plan.md", W)]
 PLAN_FILE = ["plans/plan.md"]
 UNRESOLVED = "unresolved"
+O, NULL, ZST = ("plans/other.md", W), ("/dev/null", W), ("plans/other.md.zst", W)
+N, X = ("notes.txt", W), ("plans/other.md", W)
 
 CASES: list[tuple[str, str, object]] = [
     # (command, cwd relative to the volume, expected: [(path relative to the volume, kind)] or UNRESOLVED)
@@ -279,6 +281,7 @@ CASES: list[tuple[str, str, object]] = [
     # a write known only in part, in a volume: allowed where no path it may be is managed
     # (the volume manages plans/** and *.md at its root)
     ('echo x > "logs/$(date +%s).log"', ".", []),
+    ('echo x > "$(date +%s).log"', ".", []),  # at the volume's root too
     ("echo x > logs/run-$(date +%Y%m%d-%H%M%S).md", ".", []),  # '*.md' is at the root only
     ('echo x > "logs/$((n + 1)).log" 2> "logs/$$.err"', ".", []),
     ('cp notes.txt "src/$(date +%F)/"', ".", []),
@@ -415,6 +418,46 @@ CASES: list[tuple[str, str, object]] = [
     ('mawk \'{ print "Q",\n "R" > "plans/plan.md" }\' notes.txt', ".", PLAN),
     ('mawk \'$1 > 5 { print (a > b) } /"/ { print > "plans/plan.md" }\' notes.txt', ".", PLAN),
     ('mawk \'{ print "Q" > "plans/" "plan.md" }\' notes.txt', ".", UNRESOLVED),
+    # tools that write a file an option or an operand of their own names
+    ("shuf -o plans/plan.md notes.txt; iconv -f utf-8 -t ascii --out=plans/other.md notes.txt", ".", [*PLAN, O]),
+    (
+        "jq . notes.txt | sponge plans/plan.md; sponge -a plans/other.md < notes.txt",
+        ".",
+        [*PLAN, ("plans/other.md", A)],
+    ),
+    ("xxd notes.txt plans/plan.md; xxd -r -c 8 notes.txt plans/other.md; xxd -cols 8 notes.txt", ".", [*PLAN, O]),
+    ("xxd -c8 -s 4 -ps notes.txt plans/plan.md", ".", PLAN),
+    (
+        "openssl enc -d -in notes.txt -out plans/plan.md; openssl req -keyout=plans/other.md -passout pass:x",
+        ".",
+        [*PLAN, O],
+    ),
+    ("curl -sSLo plans/plan.md https://h/x; curl --output-dir plans -O 'https://h/a/other.md?x=1'", ".", [*PLAN, O]),
+    ("curl -c plans/plan.md https://h/x; curl -s https://h/x > /dev/null; curl -o - https://h/y", ".", [*PLAN, NULL]),
+    ("curl -O https://h/$NAME", "plans", UNRESOLVED),
+    ("curl -OJ https://h/x", "plans", UNRESOLVED),
+    ("curl -O https://h/x", "src", [("src/x", W)]),
+    ("wget -qO plans/plan.md https://h/x; wget https://h/plan.md; wget -O - https://h/z", ".", PLAN),
+    ("wget -N https://h/plan.md", "plans", UNRESOLVED),
+    ("wget -e output_document=plan.md https://h/", "/tmp", UNRESOLVED),
+    (
+        "gzip plans/plan.md; gunzip -k plans/other.md.gz; gzip -c plans/other.md > /tmp/o.gz",
+        ".",
+        [("plans/plan.md.gz", W), *PLAN, O, ("/tmp/o.gz", W)],
+    ),
+    (
+        "xz -d plans/plan.md.xz; zstd plans/other.md; bzip2 -t plans/x.md.bz2",
+        ".",
+        [*PLAN, ("plans/plan.md.xz", W), ZST],
+    ),
+    ("split -l 10 notes.txt plans/part", ".", UNRESOLVED),
+    ("split -l 10 notes.txt part; csplit -f src/p notes.txt 5; split -d notes.txt", ".", []),  # no `*.md` can be
+    ("split --additional-suffix=.md notes.txt part", ".", UNRESOLVED),
+    (
+        "git mv notes.txt plans/plan.md; git mv -n plans/other.md x; git -C plans mv other.md x",
+        ".",
+        [*PLAN, N, X, ("plans/x", W)],
+    ),
     # symlinks are made as before (hard links: `test_hard_links…`)
     ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),
 ]
