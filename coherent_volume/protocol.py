@@ -423,6 +423,16 @@ def may_merge(reason: Reason | None, merging: bool) -> bool:
     return merging and reason == "stale"
 
 
+def merged_already(after_base: Sequence[Version], agent: str) -> int | None:
+    """The version, among those committed after the base of `agent`'s stale write (`after_base`),
+    that merged an earlier write of `agent`'s from that same base (a merge leaves its writer's view
+    there, `view_moves`): that write's change is in it already, so merging this one from the base
+    again would bring the change in once more as one of its own, over what later commits did to it
+    (a peer that read the merge and deleted or undid those lines). Such a write is not merged; None:
+    it may be."""
+    return next((v.version for v in after_base if v.kind == "merge" and v.writer == agent), None)
+
+
 def takes_current_again(named: Version | None, current: int) -> bool:
     """Whether a refusal's diff, or a merge of its write, that finds no bytes kept for the version the
     refusal named current (`named`) takes the version current now instead, as a merge overtaken

@@ -176,6 +176,28 @@ def test_a_stale_write_asked_to_merge_is_merged_and_recorded_with_both_parents(v
     assert refused.value.reason == "stale"
 
 
+@pytest.mark.parametrize("undo", ["delete", "revert"])
+def test_a_second_write_from_a_merged_writers_base_is_refused_not_merged_over_a_peers_undo(vols, undo: str) -> None:
+    """A merge leaves its writer's view at its base, so its next write from the same buffer is
+    built on that base too: merged from there again, the change the first merge brought in would
+    count as new once more and come back over a peer that read the merge and deleted or undid it.
+    It is refused `stale`, saying why, and changes nothing; read again, the writer's change merges."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/log.md", "h\n\nx\n\nt\n")
+    bob.read("plans/log.md")
+    bob.write("plans/log.md", "H\n\nx\n\nt\n")
+    mine = "h\n\nX\n\nt\n" if undo == "revert" else "h\n\nx\nA1\n\nt\n"  # alice's buffer, from v1
+    assert alice.write("plans/log.md", mine, merge=True) == 3
+    undone = bob.read_text("plans/log.md").replace("X\n", "x\n").replace("A1\n", "")  # bob's knowing undo
+    assert bob.write("plans/log.md", undone) == 4
+    with pytest.raises(StaleWriteError) as refused:
+        alice.write("plans/log.md", mine + "A2\n", merge=True)  # her buffer again, one line more
+    assert refused.value.reason == "stale" and "merged into version 3 already" in str(refused.value)
+    assert (alice.version("plans/log.md"), bob.read_text("plans/log.md")) == (4, undone)
+    assert alice.read_text("plans/log.md") == "H\n\nx\n\nt\n"
+    assert alice.write("plans/log.md", "H\n\nx\n\nt\nA2\n", merge=True) == 5  # from what she read: no merge
+
+
 def test_overlapping_changes_raise_merge_conflict_and_change_nothing(vols) -> None:
     alice, bob = vols("alice"), vols("bob")
     alice.write("plans/p.md", "a\nb\nc\n")
@@ -409,9 +431,15 @@ def test_through_the_mount_a_stale_save_over_a_merge_glob_file_merges_or_is_refu
         assert (plans / "log.md").read_text() == "zero\none\ntwo\nthree\n"
         in_place = run("a", "printf 'x\\n' > log.md")
         assert in_place.returncode != 0 and "Permission denied" in in_place.stderr
+        # b reads the merge and drops a's line; a's next save from its buffer would bring it back
+        assert run("b", "grep -v three log.md > t4 && mv t4 log.md").returncode == 0
+        again = run("a", "printf 'one\\ntwo\\nthree\\nfour\\n' > t5 && mv t5 log.md")
+        assert again.returncode != 0 and "Permission denied" in again.stderr
+        assert (plans / "log.md").read_text() == "zero\none\ntwo\n"
+        assert sorted(os.listdir(plans)) == ["log.md", "t3", "t5"]  # mv leaves its source when refused
     with CoherentVolume(root, agent="check") as vol:
-        newest = vol.history("plans/log.md")[0]
-        assert (newest.kind, newest.writer, newest.parents) == ("merge", "a", (1, 2))
+        merged = vol.history("plans/log.md")[1]
+        assert (merged.kind, merged.writer, merged.parents) == ("merge", "a", (1, 2))
 
 
 @pytest.mark.parametrize("how", ["write", "save by rename"])

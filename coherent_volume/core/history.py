@@ -24,7 +24,7 @@ from ..errors import (
 )
 from ..paths import Target
 from ..policy import DAY, Policy, Retention, prunable
-from ..protocol import Version, current_version, may_merge, takes_current_again
+from ..protocol import Version, current_version, may_merge, merged_already, takes_current_again
 from ..registry import Transaction
 from .base import Isolation
 from .writes import Writes
@@ -344,8 +344,12 @@ class History(Writes):
         a later refusal is the compare-and-swap against the previous merge's theirs, whose view
         would take theirs' changes for ones the writer undid. At most MERGE_ATTEMPTS rounds; then
         the last refusal, with its diff, saying other commits kept landing between each merge and
-        its commit. Nothing is changed by a round that is refused."""
+        its commit. Nothing is changed by a round that is refused. A write whose writer had a write
+        merged from the same base since is not merged (`protocol.merged_already`): refused `stale`,
+        saying so."""
         base = refused.refusal.based_on
+        if base is not None and may_merge(refused.refusal.reason, True):
+            self._refuse_merged_already(refused.refusal, base)
         for _ in range(MERGE_ATTEMPTS):
             try:
                 outcome = merge_onto(refused, base)
@@ -358,6 +362,20 @@ class History(Writes):
             refused = outcome
         why = f"other commits landed between each of its {MERGE_ATTEMPTS} merges and that merge's commit"
         raise self.refusal_diff(refused.refusal.not_merged(why))
+
+    def _refuse_merged_already(self, refusal: StaleWriteError, base: int) -> None:
+        """Raise `refusal` (with its diff) if its writer had a write merged from `base` since
+        (`protocol.merged_already`)."""
+        with self.registry.read() as tx:
+            after_base = tx.history(refusal.path, max(refusal.current_version - base, 0))
+        merged = merged_already([v for v in after_base if v.version > base], refusal.agent)
+        if merged is not None:
+            why = (
+                f"your earlier change, made from version {base} as this one was, was merged into version {merged} "
+                f"already; merging this one from version {base} again would bring that change back over what "
+                "later commits did to it"
+            )
+            raise self.refusal_diff(refusal.not_merged(why))
 
     def _merged(
         self, target: Target, refusal: StaleWriteError, ours: bytes | None, base_version: int | None
