@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,9 +22,10 @@ import click
 from . import report
 from .core import VolumeCore, open_core, validate_agent
 from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
-from .globs import ManagedGlobs
+from .globs import REGISTRY_DIR, ManagedGlobs
 from .paths import Target, shown
 from .policy import MAX_KEEP_DAYS, Policy, Retention
+from .registry import recorded_in
 
 EXIT_ERROR = 1
 """Any other error (click uses 2 for bad usage)."""
@@ -185,6 +185,27 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
+def _undo_made(root: str, made: str) -> None:
+    """Remove what a refused `init` made: the directories from ROOT up to `made`, each only while it
+    is empty, and ROOT's registry directory only while it holds no registry, only lock files. What
+    another process put there meanwhile (a volume made inside, its commits) stays whole."""
+    coherent = os.path.join(root, REGISTRY_DIR)
+    try:
+        if not recorded_in(coherent) and all(name.endswith(".lock") for name in os.listdir(coherent)):
+            for name in os.listdir(coherent):
+                os.unlink(os.path.join(coherent, name))
+            os.rmdir(coherent)
+    except OSError:
+        pass
+    path = root
+    while path == made or path.startswith(made + os.sep):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        path = os.path.dirname(path)
+
+
 @main.command()
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option(
@@ -214,7 +235,8 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
         raise click.UsageError("--volume names a volume in a PostgreSQL registry: give --registry too")
     if not globs and registry is None:
         raise click.UsageError("give the managed paths (--managed GLOB), or join a PostgreSQL volume (--registry)")
-    if globs and policy["merge"]:  # refused before anything is written (joining, the globs are the volume's)
+    _changed_policy(Policy(), **policy)  # bad values refused before anything is written
+    if globs and policy["merge"]:  # (joining, the globs are the volume's)
         Policy(policy["merge"]).check_merges(ManagedGlobs.of(globs))
     made = _first_missing(os.path.abspath(root))
     os.makedirs(root, exist_ok=True)
@@ -222,8 +244,8 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
         core = open_core(root, globs or None, registry=registry, volume=volume)
         unchecked = core.scan() if registry is not None else []  # a copy: every managed file brought in
     except BaseException:
-        if made is not None:  # a refused init leaves nothing behind
-            shutil.rmtree(made, ignore_errors=True)
+        if made is not None:
+            _undo_made(os.path.abspath(root), made)
         raise
     for rel, why in unchecked:
         click.echo(f"not checked: {shown(rel)}: {why}", err=True)
@@ -350,7 +372,6 @@ def _volume_root(root: str) -> str:
     mountpoint itself, that volume's root, said on stderr."""
     from .hook_paths import located
     from .mounts import fuse_mounts
-    from .paths import REGISTRY_DIR
 
     real = os.path.realpath(root)
     if real in fuse_mounts() or os.path.lexists(os.path.join(real, REGISTRY_DIR)):

@@ -24,6 +24,8 @@ LIVE_AT_LEAST = DAY
 0 its views still keep the bases of its refusal diffs while it works)."""
 MAX_KEEP_DAYS = 1_000_000
 """Most days `keep_days` may say (about 2,700 years): a finite span that time arithmetic can hold."""
+MAX_COUNT = 2**63 - 1
+"""Most that `keep_last` and `max_bytes` may say: what a registry's integers hold."""
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ class Retention:
             raise VolumeConfigError(
                 f"keep_days must be a number of days from 0 to {MAX_KEEP_DAYS:,}, not {self.keep_days!r}"
             )
-        if not (isinstance(self.keep_last, int) and self.keep_last >= 1):
-            raise VolumeConfigError(f"keep_last must be an integer >= 1, not {self.keep_last!r}")
-        if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and self.max_bytes >= 0):
-            raise VolumeConfigError(f"max_bytes must be an integer >= 0 or None, not {self.max_bytes!r}")
+        if not (isinstance(self.keep_last, int) and 1 <= self.keep_last <= MAX_COUNT):
+            raise VolumeConfigError(f"keep_last must be an integer from 1 to {MAX_COUNT}, not {self.keep_last!r}")
+        if self.max_bytes is not None and not (isinstance(self.max_bytes, int) and 0 <= self.max_bytes <= MAX_COUNT):
+            raise VolumeConfigError(
+                f"max_bytes must be an integer from 0 to {MAX_COUNT}, or None, not {self.max_bytes!r}"
+            )
 
     def live(self, last_view: float | None, now: float) -> bool:
         """Whether an agent that last registered a view at `last_view` (None: it has none) is live

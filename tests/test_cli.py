@@ -66,6 +66,54 @@ def test_a_refused_init_leaves_no_directory_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_refused_init_removes_only_what_it_made_never_a_volume_made_there_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`init` of a root that did not exist, refused after another process made a volume inside it
+    and committed there (while the refused one waited on an unreachable database, say), leaves that
+    volume and its versions whole; what it made itself and is still empty goes."""
+    from click.testing import CliRunner
+
+    from coherent_volume import cli
+    from coherent_volume.errors import RegistryError
+
+    root = tmp_path / "proj"
+    inner = root / "ws"
+
+    def meanwhile(*args: object, **kwargs: object) -> None:
+        inner.mkdir()
+        with CoherentVolume(inner, managed=("plans/**",), agent="other") as other:
+            other.write(P, "committed meanwhile\n")
+        raise RegistryError("the PostgreSQL server did not answer (nothing was written)")
+
+    monkeypatch.setattr(cli, "open_core", meanwhile)
+    r = CliRunner().invoke(cli.main, ["init", str(root), "-m", "plans/**", "--registry", "postgresql://cv@h/cv"])
+    assert r.exit_code == 1 and "did not answer" in r.output
+    with CoherentVolume(inner, agent="check") as check:
+        assert check.read(P) == b"committed meanwhile\n" and check.version(P) == 1
+    refused = tmp_path / "new" / "deep"
+    monkeypatch.setattr(cli, "open_core", lambda *a, **k: (_ for _ in ()).throw(RegistryError("refused")))
+    assert CliRunner().invoke(cli.main, ["init", str(refused), "-m", "plans/**"]).exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # what it made, empty, is gone
+
+
+def test_init_and_policy_refuse_bad_values_and_roots_before_writing_anything(tmp_path: Path) -> None:
+    """A policy value out of range (not a number, past what the registry's integers hold) and a root
+    whose path is not UTF-8 are refused with nothing made; a volume's policy stays as it was."""
+    for option, value in (("--keep-days", "nan"), ("--keep-last", str(2**80)), ("--max-store-bytes", str(2**64))):
+        r = cv("init", str(tmp_path / "ws"), "-m", "plans/**", option, value)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "ws").exists(), (option, r.stdout)
+    assert cv("init", str(tmp_path / "ws"), "-m", "plans/**").returncode == 0
+    huge = cv("policy", str(tmp_path / "ws"), "--keep-last", str(2**80))
+    assert huge.returncode == 1 and "keep_last must be an integer from 1 to" in huge.stderr
+    assert "at least the last 10 per path" in cv("policy", str(tmp_path / "ws")).stdout
+    odd = os.path.join(os.fsencode(tmp_path), b"ws\xff")
+    r = subprocess.run([CLI, "init", odd, "-m", "plans/**"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.lexists(odd)
+
+
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:
     """Volumes do not nest: a file in both would be checked by one and not the other. `init` of a
     directory inside a volume, or of one holding a volume below it, is refused, saying which volume

@@ -25,8 +25,7 @@ W, A = "write", "append"
 PLAN = [("plans/plan.md", W)]
 PLAN_FILE = ["plans/plan.md"]
 UNRESOLVED = "unresolved"
-O, NULL, ZST = ("plans/other.md", W), ("/dev/null", W), ("plans/other.md.zst", W)
-N, X = ("notes.txt", W), ("plans/other.md", W)
+OTHER, NULL, ZST, NOTES = ("plans/other.md", W), ("/dev/null", W), ("plans/other.md.zst", W), ("notes.txt", W)
 
 CASES: list[tuple[str, str, object]] = [
     # (command, cwd relative to the volume, expected: [(path relative to the volume, kind)] or UNRESOLVED)
@@ -419,20 +418,24 @@ CASES: list[tuple[str, str, object]] = [
     ('mawk \'$1 > 5 { print (a > b) } /"/ { print > "plans/plan.md" }\' notes.txt', ".", PLAN),
     ('mawk \'{ print "Q" > "plans/" "plan.md" }\' notes.txt', ".", UNRESOLVED),
     # tools that write a file an option or an operand of their own names
-    ("shuf -o plans/plan.md notes.txt; iconv -f utf-8 -t ascii --out=plans/other.md notes.txt", ".", [*PLAN, O]),
+    ("shuf -o plans/plan.md notes.txt; iconv -f utf-8 -t ascii --out=plans/other.md notes.txt", ".", [*PLAN, OTHER]),
     (
         "jq . notes.txt | sponge plans/plan.md; sponge -a plans/other.md < notes.txt",
         ".",
         [*PLAN, ("plans/other.md", A)],
     ),
-    ("xxd notes.txt plans/plan.md; xxd -r -c 8 notes.txt plans/other.md; xxd -cols 8 notes.txt", ".", [*PLAN, O]),
+    ("xxd notes.txt plans/plan.md; xxd -r -c 8 notes.txt plans/other.md; xxd -cols 8 notes.txt", ".", [*PLAN, OTHER]),
     ("xxd -c8 -s 4 -ps notes.txt plans/plan.md", ".", PLAN),
     (
         "openssl enc -d -in notes.txt -out plans/plan.md; openssl req -keyout=plans/other.md -passout pass:x",
         ".",
-        [*PLAN, O],
+        [*PLAN, OTHER],
     ),
-    ("curl -sSLo plans/plan.md https://h/x; curl --output-dir plans -O 'https://h/a/other.md?x=1'", ".", [*PLAN, O]),
+    (
+        "curl -sSLo plans/plan.md https://h/x; curl --output-dir plans -O 'https://h/a/other.md?x=1'",
+        ".",
+        [*PLAN, OTHER],
+    ),
     ("curl -c plans/plan.md https://h/x; curl -s https://h/x > /dev/null; curl -o - https://h/y", ".", [*PLAN, NULL]),
     ("curl -O https://h/$NAME", "plans", UNRESOLVED),
     ("curl -OJ https://h/x", "plans", UNRESOLVED),
@@ -443,7 +446,7 @@ CASES: list[tuple[str, str, object]] = [
     (
         "gzip plans/plan.md; gunzip -k plans/other.md.gz; gzip -c plans/other.md > /tmp/o.gz",
         ".",
-        [("plans/plan.md.gz", W), *PLAN, O, ("/tmp/o.gz", W)],
+        [("plans/plan.md.gz", W), *PLAN, OTHER, ("/tmp/o.gz", W)],
     ),
     (
         "xz -d plans/plan.md.xz; zstd plans/other.md; bzip2 -t plans/x.md.bz2",
@@ -456,7 +459,7 @@ CASES: list[tuple[str, str, object]] = [
     (
         "git mv notes.txt plans/plan.md; git mv -n plans/other.md x; git -C plans mv other.md x",
         ".",
-        [*PLAN, N, X, ("plans/x", W)],
+        [*PLAN, NOTES, OTHER, ("plans/x", W)],
     ),
     # symlinks are made as before (hard links: `test_hard_links…`)
     ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),

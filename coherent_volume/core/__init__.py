@@ -67,6 +67,15 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
             return
 
 
+def _utf8(path: str) -> bool:
+    """Whether `path` (as the file system names it, undecodable bytes as surrogates) is UTF-8 text."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def open_core(
     root: str | os.PathLike[str], managed: object = None, *, registry: str | None = None, volume: str | None = None
 ) -> VolumeCore:
@@ -77,6 +86,11 @@ def open_core(
     real = os.path.realpath(root)
     if not os.path.isdir(real):
         raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
+    if not _utf8(real):
+        raise VolumeConfigError(
+            f"volume root {os.fspath(root)!r}: its path is not valid UTF-8, and the registry records paths as text; "
+            "rename the directory (or the one above it whose name is not UTF-8) and try again (nothing was written)"
+        )
     globs = None if managed is None else ManagedGlobs.of(managed)
     inside = () if globs is None else globs.only_within(REGISTRY_DIR)
     if inside:
