@@ -59,6 +59,26 @@ class Staged:
     at: str | None = None
     """The directory it was staged in, where the target's is not there yet: the nearest one on its
     way, on the file system the target's will be on (a copy of its content is made there too)."""
+    own_attributes: bool = False
+    """It keeps the mode, owner and extended attributes it has (`take_attributes`) at its install,
+    instead of taking the target's as an in-place write keeps them."""
+
+    def take_attributes(self, source: str) -> None:
+        """Give the content `source`'s mode, owner and extended attributes, kept at its install: a
+        save by rename that is merged installs the merge where rename(2) would have put `source`,
+        with what `source` had (a program that saves a private file 0600 gets a 0600 file)."""
+        st = os.stat(source, follow_symlinks=False)
+        if self.named:
+            assert self.tmp is not None
+            dest: str | int = self.tmp
+        else:
+            assert self.fd is not None
+            dest = self.fd
+        _copy_xattrs(source, dest)
+        if os.geteuid() == 0:
+            os.chown(dest, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
+        os.chmod(dest, stat_mod.S_IMODE(st.st_mode))
+        self.own_attributes = True
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -160,7 +180,7 @@ class Staged:
             st = os.stat(self.target, follow_symlinks=False)
         except FileNotFoundError:
             st = None
-        if st is not None:
+        if st is not None and not self.own_attributes:
             _copy_xattrs(self.target, tmp)
             own = os.fstat(self.fd) if self.fd is not None else os.stat(tmp)
             if (st.st_uid, st.st_gid) != (own.st_uid, own.st_gid) and os.geteuid() == 0:
@@ -203,25 +223,27 @@ def _link(fd: int, name: str) -> None:
         raise OSError(err, os.strerror(err), name)
 
 
-def _copy_xattrs(source: str, dest: str) -> None:
+def _copy_xattrs(source: str, dest: str | int) -> None:
     """Carry the extended attributes (user.*, ACLs, security labels) of the file a commit replaces
-    over to its new content, as an in-place write would keep them, and only those: one the new
-    content got where it was made (a directory's default ACL) and the file lacks is removed."""
+    over to its new content (`dest`: its name or descriptor), as an in-place write would keep them,
+    and only those: one the new content got where it was made (a directory's default ACL) and the
+    file lacks is removed."""
     try:
         names = os.listxattr(source, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT):
             return
         raise
-    for name in set(os.listxattr(dest, follow_symlinks=False)) - set(names):
+    follow = isinstance(dest, int)  # a descriptor is no symlink (and takes no follow_symlinks=False)
+    for name in set(os.listxattr(dest, follow_symlinks=follow)) - set(names):
         try:
-            os.removexattr(dest, name, follow_symlinks=False)
+            os.removexattr(dest, name, follow_symlinks=follow)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
                 raise
     for name in names:
         try:
-            os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False), follow_symlinks=False)
+            os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False), follow_symlinks=follow)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
                 raise

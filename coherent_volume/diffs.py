@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from rapidfuzz.distance import Indel
 
+from .errors import TooManyLines
 from .paths import shown
 
 MAX_LINES = 80
@@ -49,14 +50,37 @@ def _lines(data: bytes) -> list[str]:
     return lines(data.decode("utf-8"))
 
 
+MAX_ALIGNED = 40_000 * 40_000
+"""Most lines × lines an alignment takes, past the lines both versions begin and end with: its
+traceback holds one bit per pair (at most 200 MB, ~0.5 s here; a merge makes two); beyond it
+TooManyLines (a 1 MiB file of 2-byte lines would have needed 34 GB)."""
+
+
 def _matching_blocks(a: list[str], b: list[str]) -> list[tuple[int, int, int]]:
     """Runs of lines equal in `a` and `b` (start in a, start in b, length), in order, along a
     longest common subsequence; the last is (len(a), len(b), 0). Lines are compared exactly (each
-    distinct line is numbered first, so no two lines are taken as equal by a hash)."""
+    distinct line is numbered first, so no two lines are taken as equal by a hash). The lines both
+    begin and end with are matched as they stand (some longest common subsequence holds them), so
+    only the lines between are aligned: TooManyLines if they are more than MAX_ALIGNED pairs."""
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    middle_a, middle_b = a[head : len(a) - tail], b[head : len(b) - tail]
+    if len(middle_a) * len(middle_b) > MAX_ALIGNED:
+        raise TooManyLines(
+            f"{len(middle_a):,} and {len(middle_b):,} lines differ between the two versions: more than a line diff "
+            f"or merge aligns ({MAX_ALIGNED:,} pairs of lines); compare the versions' bytes another way "
+            "(`coherent-volume show ROOT PATH --version N` writes each)"
+        )
     numbers: dict[str, int] = {}
-    a_ids = [numbers.setdefault(line, len(numbers)) for line in a]
-    b_ids = [numbers.setdefault(line, len(numbers)) for line in b]
-    return [(m.a, m.b, m.size) for m in Indel.opcodes(a_ids, b_ids).as_matching_blocks()]
+    a_ids = [numbers.setdefault(line, len(numbers)) for line in middle_a]
+    b_ids = [numbers.setdefault(line, len(numbers)) for line in middle_b]
+    middle = [(m.a + head, m.b + head, m.size) for m in Indel.opcodes(a_ids, b_ids).as_matching_blocks() if m.size]
+    blocks = ([(0, 0, head)] if head else []) + middle + ([(len(a) - tail, len(b) - tail, tail)] if tail else [])
+    return blocks + [(len(a), len(b), 0)]
 
 
 def _changes(blocks: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, int]]:

@@ -179,7 +179,9 @@ class MergeConflict(StaleWriteError):
         return self.base
 
     def _message(self) -> str:
-        hunks = "".join(str(c) for c in self.conflicts)
+        from .diffs import cut  # (diffs raises errors of this module)
+
+        hunks = cut("".join(str(c) for c in self.conflicts))  # as a refusal's diff is: `conflicts` holds them all
         return (
             f"{super()._message()}\nYour change and version {self.current_version} changed the same lines "
             f"({len(self.conflicts)} conflicting hunk(s)); nothing was merged:\n{hunks.rstrip()}"
@@ -333,6 +335,11 @@ class InstallPending(CoherenceError, OSError):
 class VersionGone(CoherenceError, LookupError):
     """A version whose bytes are not retained: it never existed, is a deletion, was pruned, or was
     never kept (the file changed again while it was recorded)."""
+
+
+class TooManyLines(CoherenceError, ValueError):
+    """Two versions whose changed lines are too many to align within `diffs.MAX_ALIGNED`: no line
+    diff or merge of them is made (it would take seconds and gigabytes)."""
 
 
 class DamagedContent(CoherenceError):

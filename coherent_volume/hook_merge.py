@@ -24,7 +24,7 @@ from . import diffs, hooks
 from .core import VolumeCore
 from .core.history import Refused
 from .core.sessions import Made
-from .errors import CoherenceError, MergeConflict, StaleWriteError
+from .errors import CoherenceError, MergeConflict, StaleWriteError, TooManyLines
 from .hook_steps import denial_text, denied, exactly
 from .hooks import Answer, Face, Progress
 from .paths import Target
@@ -126,7 +126,10 @@ def _merge(
             return denied(core, refusal, progress, face, _unmerged_note(refusal, found))
         if asks is not None:
             now = f"{target.rel}@v{refusal.current_version}"
-            preview = diffs.unified(found.current, found.merged, now, f"{target.rel} with your change")
+            try:
+                preview = diffs.unified(found.current, found.merged, now, f"{target.rel} with your change")
+            except TooManyLines:
+                preview = None
             return face.deny(denial_text(core, refusal, face, _preview_note(refusal, asks, preview)), refusal.path)
         progress.decided = face.deny(denial_text(core, refusal, face, _UNDER_WAY), refusal.path)
         try:
@@ -174,7 +177,10 @@ def _plan(core: VolumeCore, target: Target, refusal: StaleWriteError, base_versi
     ours = mine.encode("utf-8", "surrogatepass")
     if not diffs.small_enough(len(base), len(ours)):
         return _Plan(why="the file is too large to merge within the hook's time")
-    merged, conflicts = diffs.merge3(base, ours, current)
+    try:
+        merged, conflicts = diffs.merge3(base, ours, current)
+    except TooManyLines as e:
+        return _Plan(why=str(e))
     if conflicts:
         return _Plan(current=current, conflicts=tuple(conflicts))
     if merged is None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from . import diffs
 from .core import VolumeCore
 from .core.history import MAX_VERSION
-from .errors import REMEDY, DamagedContent, VersionGone, VolumeConfigError
+from .errors import REMEDY, DamagedContent, TooManyLines, VersionGone, VolumeConfigError
 from .fingerprint import kind_of
 from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
@@ -229,7 +229,7 @@ def version_diff(core: VolumeCore, target: Target, old: int, new: int) -> Versio
     content are a note, not an error."""
     try:
         diff = core.diff(target, old, new)
-    except (VersionGone, DamagedContent) as e:
+    except (VersionGone, DamagedContent, TooManyLines) as e:
         return VersionDiff(old, new, None, f"no diff: {e}")
     if diff is None:
         return VersionDiff(old, new, None, "binary content: no line diff")

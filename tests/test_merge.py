@@ -14,7 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coherent_volume import CasConflict, CoherentVolume, MergeConflict, Policy, Retention, StaleWriteError
+from coherent_volume import (
+    CasConflict,
+    CoherentVolume,
+    MergeConflict,
+    Policy,
+    Retention,
+    StaleWriteError,
+    TooManyLines,
+)
 from coherent_volume.diffs import merge3, unified
 
 
@@ -153,6 +161,40 @@ def test_a_version_over_the_merge_bound_is_refused_stale_not_merged(vols) -> Non
         bob.write("plans/p.md", big + b"bottom\n", merge=True)
     assert refused.value.reason == "stale" and not isinstance(refused.value, MergeConflict)
     assert alice.read("plans/p.md") == b"top\n" + big and alice.version("plans/p.md") == 2
+
+
+def test_versions_whose_changed_lines_are_too_many_to_align_are_refused_typed_and_quickly(
+    root: Path, vols, tmp_path: Path
+) -> None:
+    """Within the byte bound, a merge or diff whose changed lines are more than an alignment takes
+    (`diffs.MAX_ALIGNED`: its traceback holds a bit per pair of lines) is refused with TooManyLines
+    saying so, never a MemoryError or a wait of seconds; the lines both versions begin and end with
+    cost no alignment, so a large file with a small change diffs and merges as any other."""
+    alice, bob = vols("alice"), vols("bob")
+    ours = b"".join(b"o%d\n" % i for i in range(45_000))  # ~300 KB, within diffs.MAX_MERGE_BYTES
+    theirs = b"".join(b"t%d\n" % i for i in range(45_000))
+    with pytest.raises(TooManyLines, match="45,000 and 45,000 lines differ"):
+        unified(ours, theirs, "a", "b")
+    alice.write("plans/p.md", b"".join(b"b%d\n" % i for i in range(45_000)))
+    bob.read("plans/p.md")
+    alice.write("plans/p.md", theirs)
+    with pytest.raises(StaleWriteError) as refused:
+        bob.write("plans/p.md", ours, merge=True)
+    assert refused.value.reason == "stale" and "lines differ" in str(refused.value), str(refused.value)[:300]
+    assert alice.read("plans/p.md") == theirs and alice.version("plans/p.md") == 2
+    with pytest.raises(TooManyLines):
+        alice.diff("plans/p.md", 1, 2)
+    shown = subprocess.run(
+        [str(Path(sys.executable).parent / "coherent-volume"), "diff", str(root), "plans/p.md", "1", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode != 0 and "lines differ" in shown.stderr and "Traceback" not in shown.stderr, shown.stderr
+    big = b"".join(b"line %d\n" % i for i in range(100_000))  # 100,000 lines, one changed in the middle
+    changed = big.replace(b"line 50000\n", b"line fifty thousand\n")
+    assert unified(big, changed, "a", "b") is not None
+    assert merge3(big, changed, b"top\n" + big) == (b"top\n" + changed, [])
 
 
 def test_binary_content_is_never_merged() -> None:
@@ -422,9 +464,10 @@ def test_through_the_mount_a_stale_save_over_a_merge_glob_file_merges_or_is_refu
 
         assert run("a", "cat log.md").stdout == "one\ntwo\n"  # a's view: v1
         assert run("b", "cat log.md >/dev/null && printf 'zero\\none\\ntwo\\n' > t && mv t log.md").returncode == 0
-        saved = run("a", "printf 'one\\ntwo\\nthree\\n' > t2 && mv t2 log.md")
+        saved = run("a", "printf 'one\\ntwo\\nthree\\n' > t2 && chmod 600 t2 && mv t2 log.md")
         assert saved.returncode == 0, saved.stderr
         assert (plans / "log.md").read_text() == "zero\none\ntwo\nthree\n"
+        assert (plans / "log.md").stat().st_mode & 0o777 == 0o600  # the saved file's, as rename(2) gives
         assert sorted(os.listdir(plans)) == ["log.md"]
         clash = run("a", "printf 'ONE\\ntwo\\nthree\\n' > t3 && mv t3 log.md")
         assert clash.returncode != 0 and "Permission denied" in clash.stderr

@@ -18,6 +18,7 @@ from ..errors import (
     DamagedContent,
     MergeConflict,
     StaleWriteError,
+    TooManyLines,
     TreeClash,
     VersionGone,
     VolumeConfigError,
@@ -398,7 +399,10 @@ class History(Writes):
                 theirs = self._stored(target, theirs_version, theirs_entry)
         except CoherenceError as e:
             raise self.refusal_diff(refusal.not_merged(f"a version it needs cannot be read ({e})")) from None
-        merged, conflicts = diffs.merge3(base, ours, theirs)
+        try:
+            merged, conflicts = diffs.merge3(base, ours, theirs)
+        except TooManyLines as e:
+            raise self.refusal_diff(refusal.not_merged(str(e))) from None
         if conflicts:
             conflict = MergeConflict(refusal, conflicts, base_version)
             self.log_conflict(conflict)

@@ -332,6 +332,11 @@ class Renames(History):
             merged, parents = self._merged(dst, save.refusal, save.ours, base)
             assert save.ours is not None  # `_merged` refuses a save that is not merged
             staged = atomic.stage(dst.abs, merged, root=self.paths.root)
+            try:
+                staged.take_attributes(src.abs)  # as rename(2) would have installed the source
+            except OSError:
+                staged.discard()
+                raise
             merge = _Merge(staged, parents, save.refusal, content_hash(save.ours))
             try:
                 return once(merge)
