@@ -64,6 +64,10 @@ LEFT_NAMES = 16
 keeps (`_left`), the newest: a path walk spans one system call, which that many renames of one
 inode do not fit in."""
 
+_NOT_PASSED = os.O_DIRECT
+"""Open flags a caller's open of an unmanaged file does not pass to the backing file: the daemon
+writes a caller's data from its own buffers, which `O_DIRECT`'s alignment rules refuse (EINVAL)."""
+
 XATTR_VERSION = b"user.coherent.version"
 XATTR_VIEW = b"user.coherent.view"
 
@@ -1389,7 +1393,7 @@ class CoherentOperations(pyfuse3.Operations):
             if writing:
                 self._walk_again(ctx, landed, True, (inode, rel))
                 self.own.note(rel)  # its close-after-write event is our own echo
-            fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+            fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | _NOT_PASSED))
             caller = Unprivileged.of(ctx) if writing else None
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)
@@ -1589,7 +1593,7 @@ class CoherentOperations(pyfuse3.Operations):
         mode = stat_mod.S_IMODE(mode) & ~ctx.umask
         self.own.note(rel)
         if not self._managed_file(rel):
-            fd = self.backing.open(rel, flags | os.O_CREAT, mode)
+            fd = self.backing.open(rel, (flags | os.O_CREAT) & ~_NOT_PASSED, mode)
             try:
                 entry = self._entry(rel, self._own(rel, ctx, fd))
             except BaseException:

@@ -62,6 +62,28 @@ for d in (".", "plans"):
     assert mount == plain
 
 
+def test_o_direct_reads_and_writes_work_in_both_areas(mounted: Mount, tmp_path: Path) -> None:
+    """An aligned O_DIRECT write and read (what `dd oflag=direct` makes) work through the mount as
+    on the plain directory, in the unmanaged area too (its backing file is opened without it: the
+    daemon's buffers are not aligned as O_DIRECT needs)."""
+    code = """
+import mmap, os
+for d in ("u", "plans"):
+    os.makedirs(d, exist_ok=True)
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"d" * 4096)
+    fd = os.open(f"{d}/direct.md", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    print(d, os.write(fd, buf))
+    os.close(fd)
+    fd = os.open(f"{d}/direct.md", os.O_RDONLY | os.O_DIRECT)
+    back = mmap.mmap(-1, 4096)
+    print(os.readv(fd, [back]), back[:4096] == buf[:4096])
+    os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain == "u 4096\n4096 True\nplans 4096\n4096 True\n"
+
+
 def test_modes_are_the_callers_not_masked_twice_and_set_id_bits_survive(mounted: Mount, tmp_path: Path) -> None:
     code = """
 import os, stat
