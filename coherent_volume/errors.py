@@ -278,8 +278,9 @@ class NestedVolume(VolumeConfigError):
             f"Make the volume elsewhere, or move the volume at {other} out of {root} first."
             if around
             else f"Work in the volume at {other} (with `--managed` globs covering these files), or move {root} "
-            f"out of it; a volume made here before is not opened: move it out, or remove its `.coherent` "
-            "directory once nothing uses it."
+            f"out of it. A volume made here before is not opened while it is inside {other}: move it out, or, "
+            f"if the volume at {other} was made around it by mistake, remove {other}/.coherent once nothing "
+            "uses it (removing a `.coherent` directory drops that volume's versions and history)."
         )
         super().__init__(
             f"{root} {where}: volumes do not nest, since a file in both would be checked by one and not the "

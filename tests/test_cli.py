@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError
+from coherent_volume import CoherentVolume, StaleWriteError, VolumeConfigError
 
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 P = "plans/plan.md"
@@ -112,6 +112,23 @@ def test_init_and_policy_refuse_bad_values_and_roots_before_writing_anything(tmp
     r = subprocess.run([CLI, "init", odd, "-m", "plans/**"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.lexists(odd)
+
+
+def test_a_volume_is_not_made_around_more_directories_than_can_be_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new volume's tree is searched for a volume below it; past MOST_SCANNED directories it is
+    not made (a volume there, unseen, would be refused at every open), saying so, nothing written."""
+    from coherent_volume import core
+
+    monkeypatch.setattr(core, "MOST_SCANNED", 5)
+    for i in range(6):
+        (tmp_path / "big" / f"d{i}").mkdir(parents=True)
+    with pytest.raises(VolumeConfigError, match="more than 5 directories") as refused:
+        CoherentVolume(tmp_path / "big", managed=("plans/**",), agent="a")
+    assert "nothing was written" in str(refused.value) and not (tmp_path / "big" / ".coherent").exists()
+    (tmp_path / "small" / "d").mkdir(parents=True)
+    CoherentVolume(tmp_path / "small", managed=("plans/**",), agent="a").close()
 
 
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:

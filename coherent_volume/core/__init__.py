@@ -38,15 +38,16 @@ class VolumeCore(Renames, Sessions):
 
 
 MOST_SCANNED = 100_000
-"""Directory entries a new volume's tree is searched for a volume inside it, at most (`refuse_nesting`)."""
+"""Directories a new volume's tree is searched for a volume inside it, at most (`refuse_nesting`):
+past that it is not made."""
 
 
 def refuse_nesting(real: str, *, creating: bool) -> None:
     """NestedVolume if the directory `real` (a real path) lies inside another volume: below a root
     holding a registry, or inside a mount of a volume. So a volume made inside another one before is
     never opened (its files are the outer volume's), by the API, a mount or a hook. When `creating`
-    it, also if a volume lies below it (searched without following symlinks, up to MOST_SCANNED
-    entries: past that a volume inside is refused when it is opened, as above)."""
+    it, also if a volume lies below it (searched without following symlinks); VolumeConfigError if
+    more than MOST_SCANNED directories lie below, too many to tell."""
     for mountpoint in fuse_mounts():
         if real.startswith(mountpoint + os.sep):
             raise NestedVolume(real, mountpoint)
@@ -57,14 +58,16 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
         below, above = above, os.path.dirname(above)
     if not creating:
         return
-    scanned = 0
-    for directory, dirs, names in os.walk(real):
+    for scanned, (directory, dirs, _) in enumerate(os.walk(real)):
         dirs[:] = [d for d in dirs if d != REGISTRY_DIR]
         if directory != real and recorded_in(os.path.join(directory, REGISTRY_DIR)):
             raise NestedVolume(real, directory, around=True)
-        scanned += len(dirs) + len(names) + 1
-        if scanned > MOST_SCANNED:
-            return
+        if scanned >= MOST_SCANNED:
+            raise VolumeConfigError(
+                f"{real} holds more than {MOST_SCANNED:,} directories: too many to check that no volume lies "
+                "below it (volumes do not nest). Make the volume at the directory that holds the files to "
+                "manage (nothing was written)"
+            )
 
 
 def _utf8(path: str) -> bool:
