@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import sys
 import threading
 import time
@@ -396,13 +397,28 @@ def session_process() -> ProcessId:
     return ProcessId.of(pid)
 
 
+def _event_text(wait: float) -> bytes:
+    """Everything on standard input up to its end, which must come within `wait` seconds: an agent
+    writes its event and closes the pipe, and one that keeps it open is not waited for past the
+    budget (TimeoutError, which blocks the action)."""
+    deadline, parts = time.monotonic() + wait, list[bytes]()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([0], [], [], left)[0]:
+            raise TimeoutError(f"its event did not end on standard input within {HOOK_BUDGET:g} s")
+        part = os.read(0, 1 << 20)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+
+
 def run_cli(run: Callable[[str, float], Answer]) -> None:
     """The body of a `coherent-volume hook AGENT` command: read the event on stdin, answer within
     the budget counted from the process's start, print, and exit without waiting for a worker
     thread that overran. A failure before `run` could answer blocks with exit status 2, which
     every supported agent treats as a denial carrying stderr."""
     try:
-        stdin = sys.stdin.buffer.read().decode("utf-8", "replace")
+        stdin = _event_text(HOOK_BUDGET - process_age()).decode("utf-8", "replace")
         answer = run(stdin, max(HOOK_BUDGET - process_age(), 0.2))
     except BaseException as e:  # noqa: BLE001 -- run answers every failure itself; this is the last resort
         answer = Answer(

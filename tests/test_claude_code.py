@@ -582,6 +582,27 @@ def test_bad_events_fail_open_with_a_warning(root: Path) -> None:
         assert r.returncode == 0 and r.stdout == "" and "coherent-volume" in r.stderr
 
 
+def test_an_event_whose_input_never_ends_is_not_waited_for_past_the_budget(root: Path) -> None:
+    """An agent that writes its event and keeps standard input open gets an answer within the
+    hook's budget, blocking the action and saying why, not when (if ever) the pipe closes."""
+    event = {"session_id": "s", "hook_event_name": "PreToolUse", "tool_name": "Write", "cwd": str(root)}
+    event["tool_input"] = {"file_path": str(root / "plans/plan.md"), "content": "x"}
+    budget = claude_code.hooks.HOOK_BUDGET
+    started = time.monotonic()
+    hook = subprocess.Popen([CLI, "hook", "claude-code"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert hook.stdin is not None and hook.stderr is not None
+        hook.stdin.write(json.dumps(event).encode())
+        hook.stdin.flush()  # and left open
+        code = hook.wait(timeout=budget + 5)
+        took = time.monotonic() - started
+        err = hook.stderr.read()
+    finally:
+        hook.kill()
+        hook.wait()
+    assert code == 2 and b"did not end on standard input" in err and took < budget + 2, (code, err, took)
+
+
 def test_session_end_releases_grants(root: Path, sessions) -> None:
     s = sessions("ender", root)
     holder = subprocess.Popen(
