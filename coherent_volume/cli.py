@@ -21,7 +21,7 @@ import click
 
 from . import report
 from .core import VolumeCore, open_core, validate_agent
-from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone
+from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone, VolumeConfigError
 from .globs import REGISTRY_DIR, ManagedGlobs
 from .paths import Target, shown
 from .policy import MAX_KEEP_DAYS, Policy, Retention
@@ -278,7 +278,7 @@ def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
     """Show the volume's merge globs and retention policy, or change them (options given)."""
     if no_merge and changes["merge"]:
         raise click.UsageError("--merge sets merge globs and --no-merge removes them all: give one of them")
-    core = open_core(root)
+    core = _open(root)
     current = core.policy()
     if no_merge:
         current = Policy((), current.retention)
@@ -298,7 +298,7 @@ def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
 def prune(root: str, as_json: bool) -> None:
     """Drop the stored bytes of versions the retention policy no longer keeps, to the end (commits
     also do this hourly, a short step per commit)."""
-    done = open_core(root).prune()
+    done = _open(root).prune()
     if as_json:
         _json(asdict(done))
     else:
@@ -536,10 +536,21 @@ def _size(n: int) -> str:
 
 
 def _open(root: str) -> VolumeCore:
-    """The volume at ROOT; ROOT may also be where it is mounted (its backing root is opened)."""
+    """The volume at ROOT; ROOT may also be where it is mounted, or a symlink to either (its backing
+    root is opened). A directory inside a volume that is not its root is refused, naming the root."""
+    from .hook_paths import located
     from .mounts import fuse_mounts
 
-    return open_core(fuse_mounts().get(os.path.abspath(root), root))
+    real = os.path.realpath(root)
+    mounted = fuse_mounts().get(real)
+    if mounted is not None:
+        return open_core(mounted)
+    if not recorded_in(os.path.join(real, REGISTRY_DIR)) and (found := located(real)) is not None:
+        raise VolumeConfigError(
+            f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
+            "(nothing was changed)"
+        )
+    return open_core(root)
 
 
 def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, tuple[str, ...]]:

@@ -131,6 +131,22 @@ def test_a_volume_is_not_made_around_more_directories_than_can_be_checked(
     CoherentVolume(tmp_path / "small", managed=("plans/**",), agent="a").close()
 
 
+def test_commands_given_a_directory_inside_a_volume_name_its_root(tmp_path: Path) -> None:
+    """`log`, `policy`, `prune` and `diff` given a directory inside a volume say which volume it is
+    in and to give its root, not to create a volume there (which would be refused as nested)."""
+    root = tmp_path / "ws"
+    assert cv("init", str(root), "-m", "plans/**").returncode == 0
+    (root / "plans").mkdir()
+    for args in (("log",), ("policy",), ("prune",), ("diff",)):
+        r = cv(*args, str(root / "plans"), *(["plans/x.md"] if args == ("diff",) else []))
+        assert r.returncode == 1 and f"inside the volume at {root}, not its root: give {root}" in r.stderr, (
+            args,
+            r.stderr,
+        )
+    r = cv("init", str(tmp_path / "pg"), "-m", "plans/**", "--registry", "postgresql://cv@127.0.0.1:1/cv")
+    assert r.returncode == 1 and "--volume NAME" in r.stderr and "None" not in r.stderr
+
+
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:
     """Volumes do not nest: a file in both would be checked by one and not the other. `init` of a
     directory inside a volume, or of one holding a volume below it, is refused, saying which volume

@@ -27,6 +27,8 @@ class Location:
     def of(cls, url: str, volume: str | None) -> Location:
         """Check a location given by the user: VolumeConfigError saying what is wrong."""
         _check_url(url)
+        if volume is None:
+            raise VolumeConfigError("name the volume in the PostgreSQL registry with --volume NAME (it may hold many)")
         if not volume or len(volume) > 200 or not volume.isprintable():
             raise VolumeConfigError(
                 f"a PostgreSQL volume needs a name (--volume) of 1 to 200 printable characters, not {volume!r}"
