@@ -113,7 +113,8 @@ def _agent_name(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 HISTORY_SHOWN = 50
-"""Versions `history` lists by default as a table (the newest); --all lists every one, --json too."""
+"""Versions `history` lists by default as a table (the newest; its help says the number); --all
+lists every one, --json too."""
 
 
 def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
@@ -630,8 +631,8 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
 @_guard
 def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: bool) -> None:
     """The versions of a managed file, newest first: version, kind, writer, when, size, content
-    hash, and whether its bytes are still retained. Shows the newest HISTORY_SHOWN and how many
-    more there are, unless --limit, --all or --json says otherwise."""
+    hash, and whether its bytes are still retained. Shows the newest 50 and how many more there
+    are, unless --limit, --all or --json says otherwise."""
     if show_all and limit is not None:
         raise click.UsageError("--all shows every version and --limit only the newest N: give one of them")
     core, target, _ = _target(paths)
