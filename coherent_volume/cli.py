@@ -780,6 +780,12 @@ def reclaim(paths: tuple[str, ...], as_json: bool) -> None:
     else:
         owner = f"process {grant.owner.pid} of {grant.owner.host}"
         click.echo(f"{shown(target.rel)}: reclaimed the write grant of {grant.agent!r} ({owner})")
+        if grant.owner.alive():
+            click.echo(
+                f"note: that process is still running here: its next write to {shown(target.rel)} is checked "
+                "again (a lock() holder's is refused, fenced, until it reads the file again)",
+                err=True,
+            )
 
 
 def _refusal_json(e: StaleWriteError) -> dict[str, object]:

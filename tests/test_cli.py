@@ -147,6 +147,21 @@ def test_commands_given_a_directory_inside_a_volume_name_its_root(tmp_path: Path
     assert r.returncode == 1 and "--volume NAME" in r.stderr and "None" not in r.stderr
 
 
+def test_reclaiming_a_live_holders_grant_says_its_process_still_runs(tmp_path: Path) -> None:
+    """`reclaim` ends a grant whatever its holder: when that process is alive here, it says so and
+    what happens to the holder's next write (refused, fenced, for a lock() holder)."""
+    root = tmp_path / "ws"
+    assert cv("init", str(root), "-m", "plans/**").returncode == 0
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, "one\n")
+        with alice.lock(P, ttl=60):
+            r = cv("reclaim", str(root), P)
+            assert r.returncode == 0 and "reclaimed the write grant of 'alice'" in r.stdout
+            assert "still running here" in r.stderr and "fenced" in r.stderr, r.stderr
+            with pytest.raises(StaleWriteError, match="fenced"):
+                alice.write(P, "two\n")
+
+
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:
     """Volumes do not nest: a file in both would be checked by one and not the other. `init` of a
     directory inside a volume, or of one holding a volume below it, is refused, saying which volume
