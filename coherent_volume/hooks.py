@@ -397,6 +397,11 @@ def session_process() -> ProcessId:
     return ProcessId.of(pid)
 
 
+READ_AT_LEAST = 0.5
+"""Seconds a hook waits for its event however long its start took (an event already there is read
+at once; past HOOK_BUDGET the check that follows has its own least time, `run_cli`)."""
+
+
 def _event_text(wait: float) -> bytes:
     """Everything on standard input up to its end, which must come within `wait` seconds: an agent
     writes its event and closes the pipe, and one that keeps it open is not waited for past the
@@ -404,9 +409,15 @@ def _event_text(wait: float) -> bytes:
     deadline, parts = time.monotonic() + wait, list[bytes]()
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([0], [], [], left)[0]:
-            raise TimeoutError(f"its event did not end on standard input within {HOOK_BUDGET:g} s")
-        part = os.read(0, 1 << 20)
+        try:
+            ready = select.select([0], [], [], max(left, 0))[0]
+            part = os.read(0, 1 << 20) if ready else None
+        except OSError as e:
+            raise OSError(e.errno, f"its standard input could not be read: {e.strerror}") from None
+        if part is None:
+            raise TimeoutError(
+                f"its event did not end on standard input in time (a hook has {HOOK_BUDGET:g} s from its start)"
+            )
         if not part:
             return b"".join(parts)
         parts.append(part)
@@ -418,11 +429,14 @@ def run_cli(run: Callable[[str, float], Answer]) -> None:
     thread that overran. A failure before `run` could answer blocks with exit status 2, which
     every supported agent treats as a denial carrying stderr."""
     try:
-        stdin = _event_text(HOOK_BUDGET - process_age()).decode("utf-8", "replace")
+        stdin = _event_text(max(HOOK_BUDGET - process_age(), READ_AT_LEAST)).decode("utf-8", "replace")
         answer = run(stdin, max(HOOK_BUDGET - process_age(), 0.2))
     except BaseException as e:  # noqa: BLE001 -- run answers every failure itself; this is the last resort
         answer = Answer(
-            2, "", f"coherent-volume: the hook failed before it could decide ({e}); the action was blocked: retry it"
+            2,
+            "",
+            f"coherent-volume: the hook failed before it could decide ({e}): a tool call it was to check was "
+            "blocked (retry it); one that had run already was not recorded",
         )
     if answer.stdout:
         sys.stdout.write(answer.stdout + "\n")

@@ -97,6 +97,7 @@ import shlex
 import stat
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -2812,7 +2813,8 @@ _PACKERS = {
 suffixes each unpacks (the first is the one it packs to)."""
 _UNPACKERS = {"gunzip": "gzip", "unpigz": "pigz", "bunzip2": "bzip2", "unxz": "xz", "unlzma": "lzma", "unzstd": "zstd"}
 _PACKER_VALUED = _names(
-    "-S --suffix -o -D -T -F --format -C --check -M --memlimit --memory --threads --block-size -b -p --processes"
+    "-S --suffix -o -D -T -F --format -C --check -M --memlimit --memory --threads --block-size -b -p --processes "
+    "--output-dir-flat --output-dir-mirror"
 )
 _VALUED: dict[str, frozenset[str]] = {
     "tee": frozenset(),
@@ -2841,7 +2843,7 @@ _VALUED: dict[str, frozenset[str]] = {
     "wget": _WGET_VALUED,
     "split": _names(
         "-a --suffix-length --additional-suffix -b --bytes -C --line-bytes -l --lines -n --number -t --separator "
-        "--filter --numeric-suffixes --hex-suffixes"
+        "--filter"
     ),
     "csplit": _names("-b --suffix-format -f --prefix -n --digits"),
     **dict.fromkeys(_PACKERS, _PACKER_VALUED),
@@ -2941,7 +2943,7 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     elif name == "xxd":
         files += _xxd_output(args)
     elif name == "openssl":
-        files += _openssl_outputs(args)
+        files += _openssl_outputs(args, cwd)
     elif name == "curl":
         files += _curl_writes(args, given, cwd)
     elif name == "wget":
@@ -2949,7 +2951,7 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
     elif name in ("split", "csplit"):
         files.append(_split_pieces(name, args, valued, given, cwd))
     elif name in _PACKERS or name in _UNPACKERS:
-        packed, removed = _packer_writes(name, args, valued, given)
+        packed, removed = _packer_writes(name, args, valued, given, cwd)
         files += packed
     elif name == "dd":  # its operands are `NAME=VALUE`: one known only when it runs may be `of=FILE`
         files += [a[3:] for a in args if isinstance(a, str) and a.startswith("of=")]
@@ -2988,64 +2990,97 @@ _XXD_VALUED = {"c": "cols", "g": "groupsize", "l": "len", "o": "offset", "s": "s
 """xxd's options that take a value, by their letter: the long name they may be spelled as."""
 
 
-def _openssl_outputs(args: list[Item]) -> list[Item]:
+def _gives(given: set[str], names: str) -> bool:
+    """Whether a command is given any option of `names` (a long one also by a prefix of it, as
+    getopt_long and curl take one)."""
+    wanted = _names(names)
+    return any(g in wanted or any(n.startswith("--") and _abbreviates(g, n) for n in wanted) for g in given)
+
+
+def _openssl_outputs(args: list[Item], cwd: Cwd) -> list[Item]:
     """The files an `openssl` command writes: the value of each option whose name ends in `out`
-    (`-out`, `-keyout`, `-sess_out`, …; `-passout` and `-timeout` take no file) and of `-writerand`,
-    given as the next word or after `=`, with one dash or two, as OpenSSL reads them."""
+    (`-out`, `-keyout`, `-sess_out`, …; `-passout` and `-timeout` take no file), of `-writerand`,
+    `-keylogfile`, `-msgfile` and `-signer` (which a verification writes), and any file in the
+    directory `-outdir` names; given as the next word or after `=`, with one dash or two, as
+    OpenSSL reads them. (Options that only read a file are taken as writing it where they share
+    these names: a check more, never one less.)"""
     out: list[Item] = []
     for i, word in enumerate(args):
         if not isinstance(word, str) or not word.startswith("-"):
             continue
         name, eq, value = word.lstrip("-").partition("=")
-        if name.endswith("out") and name not in ("passout", "timeout") or name == "writerand":
-            out += [value] if eq else args[i + 1 : i + 2]
+        given: list[Item] = [value] if eq else args[i + 1 : i + 2]
+        if name == "outdir":
+            why = "the files openssl writes in the directory -outdir names, under names known only when it runs"
+            out += [
+                Unknown("openssl -outdir", why, _place(_placed(d, cwd) if isinstance(d, str) else d)) for d in given
+            ]
+        elif name.endswith("out") and name not in ("passout", "timeout") or name in _OPENSSL_FILES:
+            out += given
     return [o for o in out if o != "-"]
 
 
+_OPENSSL_FILES = ("writerand", "keylogfile", "msgfile", "signer")
+
+
 def _curl_writes(args: list[Item], given: set[str], cwd: Cwd) -> list[Item]:
-    """What curl writes: the files its options name (`_CURL_FILES`; `-o` below `--output-dir`), for
-    `-O` each URL's last segment there; a name the server gives (`-J`), or options a config file
-    gives (`-K`), are known only when it runs."""
+    """What curl writes: the files its options name (`_CURL_FILES`; `-o` below `--output-dir`, a
+    `#N` in it filled from the URL's glob when it runs), for `-O` each URL's last segment there, and
+    for an upload (`-T`) to a `file://` URL that file; a name the server gives (`-J`), or options a
+    config file gives (`-K`), are known only when it runs."""
     operands, values = _operands(args, _CURL_VALUED)
     directory = values.get("--output-dir")
     place = cwd if directory is None else _joined(cwd, directory) if isinstance(directory, str) else directory
-    out: list[Item] = [
-        _placed(f, place) if n in ("-o", "--output") else f
-        for _, opts in _split(args, _CURL_VALUED)[0]
-        for n, f in opts or ()
-        if n in _CURL_FILES and f is not None and f != "-"
-    ]
-    if given & _names("-K --config"):
+    named = "the name of the file curl saves, which a URL, its glob or the server gives when it runs"
+    out: list[Item] = []
+    for _, opts in _split(args, _CURL_VALUED)[0]:
+        for n, f in opts or ():
+            if n not in _CURL_FILES or f is None or f == "-":
+                continue
+            where = _placed(f, place) if n in ("-o", "--output") else f
+            if n in ("-o", "--output") and isinstance(where, str) and re.search(r"#\d", where):
+                out.append(Unknown(f"curl -o {f}", named, os.path.dirname(where), shape=(Wild.NAME,)))
+            else:
+                out.append(where)
+    urls = [*operands, *_values(args, _CURL_VALUED, ("--url",))]
+    if _gives(given, "-K --config"):
         why = "the options a curl config file gives, which may name any file it writes"
         out.append(Unknown("curl -K", why, _place(cwd), anywhere=True))
-    if given & _names("-O --remote-name --remote-name-all"):
-        urls = [*operands, *_values(args, _CURL_VALUED, ("--url",))]
-        why = "the name of the file curl -O saves, which the server or a URL known only when it runs gives"
+    if _gives(given, "-T --upload-file"):  # a file:// URL is a file it writes
+        for url in urls:
+            if isinstance(url, Unknown) or url.lower().startswith("file:"):
+                path = url if isinstance(url, Unknown) else urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+                if isinstance(path, str) and path.endswith("/"):
+                    out.append(Unknown(f"curl -T {url}", named, path, shape=(Wild.NAME,)))
+                else:
+                    out.append(path)
+    if _gives(given, "-O --remote-name --remote-name-all"):
         for url in urls:
             name = url.split("?")[0].split("#")[0].rstrip("/").rpartition("/")[2] if isinstance(url, str) else None
-            if name is None or "-J" in given or "--remote-header-name" in given or any(c in name for c in "{[]}"):
-                out.append(Unknown("curl -O", why, _place(place), shape=(Wild.NAME,)))
+            if name is None or _gives(given, "-J --remote-header-name") or any(c in name for c in "{[]}"):
+                out.append(Unknown("curl -O", named, _place(place), shape=(Wild.NAME,)))
             elif name not in ("", ".", ".."):
                 out.append(_placed(name, place))
     return out
 
 
 def _wget_writes(args: list[Item], given: set[str], cwd: Cwd) -> list[Item]:
-    """What wget writes: the files its options name (`-O`, its log, cookies), or, without `-O`, when
-    it may overwrite a file it saves under the URL's name (`-N`, `-c`, `-r`, `-m`, `-p`; by default
-    it saves under a new name, `NAME.1`), any file below its directory; a `-e` command (a wgetrc
-    line) may name any file."""
+    """What wget writes: the files its options name (`-O`, its log, cookies, a WARC file), or,
+    without `-O`, when it may overwrite a file it saves under the URL's name (`-N`, `-c`, `-r`,
+    `-m`, `-p`; by default it saves under a new name, `NAME.1`), any file below its directory; a
+    `-e` command (a wgetrc line) may name any file."""
     out = [
         f
         for f in _values(args, _WGET_VALUED, _names("-O --output-document -o --output-file -a --append-output"))
         if f != "-"
     ]
     out += _values(args, _WGET_VALUED, _names("--save-cookies --rejected-log"))
-    if given & _names("-e --execute --config"):
+    out += [w + ".warc.gz" if isinstance(w, str) else w for w in _values(args, _WGET_VALUED, ("--warc-file",))]
+    if _gives(given, "-e --execute --config"):
         why = "a wgetrc command or file wget reads, which may name any file it writes"
         out.append(Unknown("wget -e", why, _place(cwd), anywhere=True))
-    overwrites = _names("-N --timestamping -c --continue -r --recursive -m --mirror -p --page-requisites")
-    if not given & _names("-O --output-document --spider") and given & overwrites:
+    overwrites = "-N --timestamping -c --continue -r --recursive -m --mirror -p --page-requisites"
+    if not _gives(given, "-O --output-document --spider") and _gives(given, overwrites):
         prefix = _values(args, _WGET_VALUED, _names("-P --directory-prefix"))[-1:]
         place = _joined(cwd, prefix[0]) if prefix and isinstance(prefix[0], str) else cwd
         why = "the files wget saves under names the URLs and the server give, overwriting those there"
@@ -3055,16 +3090,20 @@ def _wget_writes(args: list[Item], given: set[str], cwd: Cwd) -> list[Item]:
 
 def _split_pieces(name: str, args: list[Item], valued: frozenset[str], given: set[str], cwd: Cwd) -> Item:
     """The files `split` or `csplit` writes: its prefix (split's second operand, csplit's `-f`;
-    `x`, `xx` by default) and a suffix, letters or digits, overwriting those there."""
+    `x`, `xx` by default) and a suffix, letters or digits, overwriting those there; a `--filter`
+    command (which split runs on each part) may write any file."""
     operands, values = _operands(args, valued)
+    if name == "split" and _gives(given, "--filter"):
+        why = "a command split runs on each part (--filter), which may write any file"
+        return Unknown("split --filter", why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)
     if name == "split":
         prefix = (operands[1:2] or ["x"])[0]
-        numbered = given & _names("-d --numeric-suffixes")
-        suffix: Piece = Wild.NUMBER if numbered else Wild.NAME if given & _names("-x --hex-suffixes") else Wild.LETTERS
+        numbered = _gives(given, "-d --numeric-suffixes")
+        suffix: Piece = Wild.NUMBER if numbered else Wild.NAME if _gives(given, "-x --hex-suffixes") else Wild.LETTERS
         extra = values.get("--additional-suffix", "")
     else:
         prefix = values.get("-f") or values.get("--prefix") or "xx"
-        suffix, extra = (Wild.NAME if given & _names("-b --suffix-format") else Wild.NUMBER), ""
+        suffix, extra = (Wild.NAME if _gives(given, "-b --suffix-format") else Wild.NUMBER), ""
     where = _placed(prefix, cwd)
     if isinstance(where, Unknown) or isinstance(extra, Unknown):
         return dataclasses.replace(where, shape=None) if isinstance(where, Unknown) else where
@@ -3074,32 +3113,53 @@ def _split_pieces(name: str, args: list[Item], valued: frozenset[str], given: se
 
 
 def _packer_writes(
-    name: str, args: list[Item], valued: frozenset[str], given: set[str]
+    name: str, args: list[Item], valued: frozenset[str], given: set[str], cwd: Cwd
 ) -> tuple[list[Item], list[Item]]:
-    """The files a compressor writes and those it removes: each FILE replaced by FILE.gz (its
-    suffix, or `-S`'s), or unpacked back (`-d`, `gunzip`, …) from a name with a suffix it knows; none
-    to standard output (`-c`), in a test or a listing; FILE kept with `-k` (zstd keeps it unless
-    `--rm`); `-o FILE` (zstd) names the one file it writes."""
+    """The files a compressor writes and those it removes (each directory with `-r` standing for
+    every file below it, which it packs or unpacks in place): each FILE replaced by FILE.gz (its
+    suffix, or `-S`'s), or unpacked back (`-d`, `gunzip`, …) from a name with a suffix it knows (a
+    `.tgz`-like one gives `.tar`), under the name its header holds with `-N` (known only when it
+    runs); none to standard output (`-c`), in a test or a listing; FILE kept with `-k` (zstd keeps
+    it unless `--rm`); zstd's `-o FILE` names the one file it writes, `--output-dir-flat DIR` and
+    `--output-dir-mirror DIR` the directory."""
     family = _UNPACKERS.get(name, name)
-    quiet = _names("-c --stdout --to-stdout -t --test -l --list")
     operands, values = _operands(args, valued)
-    if given & quiet or not operands:
+    if _gives(given, "-c --stdout --to-stdout -t --test -l --list") or not operands:
         return [], []
-    unpack = name in _UNPACKERS or bool(given & _names("-d --decompress --uncompress"))
-    keep = bool(given & _names("-k --keep")) or family == "zstd" and "--rm" not in given
+    unpack = name in _UNPACKERS or _gives(given, "-d --decompress --uncompress")
+    if _gives(given, "-r --recursive"):
+        return [], list(operands)  # every file below each one, packed or unpacked where it is
+    keep = _gives(given, "-k --keep") or family == "zstd" and not _gives(given, "--rm")
     custom = values.get("-S") or values.get("--suffix")
     suffixes = (custom, *_PACKERS[family]) if isinstance(custom, str) else _PACKERS[family]
+    flat, mirror = values.get("--output-dir-flat"), values.get("--output-dir-mirror")
     written: list[Item] = []
     for file in operands:
         if isinstance(file, Unknown):
             written.append(file)
+        elif unpack and _gives(given, "-N --name"):
+            why = "the name a packed file's header holds, which gunzip -N restores"
+            written.append(
+                Unknown(f"{name} -N {file}", why, _place(_joined(cwd, os.path.dirname(file))), shape=(Wild.NAME,))
+            )
         elif not unpack:
             written.append(file + suffixes[0])
         else:
-            written += [file[: -len(s)] for s in suffixes if file.endswith(s) and len(file) > len(s)][:1]
-    if isinstance(values.get("-o"), str) and family == "zstd":
+            tar = [file[: -len(t)] + ".tar" for t in _TAR_SUFFIXES if file.endswith(t) and len(file) > len(t)]
+            written += (tar or [file[: -len(s)] for s in suffixes if file.endswith(s) and len(file) > len(s)])[:1]
+    if family == "zstd" and isinstance(values.get("-o"), str):
         written = [values["-o"]]
+    elif isinstance(flat, str):
+        written = [os.path.join(flat, os.path.basename(w)) if isinstance(w, str) else w for w in written]
+    elif isinstance(mirror, str):
+        written = [os.path.join(mirror, w) if isinstance(w, str) else w for w in written]
+    elif isinstance(flat, Unknown) or isinstance(mirror, Unknown):
+        written = [d.below("/", Wild.NAME) for d in (flat, mirror) if isinstance(d, Unknown)]
     return written, [] if keep else list(operands)
+
+
+_TAR_SUFFIXES = (".tgz", ".taz", ".tbz2", ".tbz", ".txz", ".tlz", ".tzst")
+"""Suffixes of packed tar files, which unpack to `.tar`."""
 
 
 def _altered(name: str, altering: Unknown, cwd: Cwd) -> Unknown:

@@ -240,6 +240,32 @@ def test_a_second_write_from_a_merged_writers_base_is_refused_not_merged_over_a_
     assert alice.write("plans/log.md", "H\n\nx\n\nt\nA2\n", merge=True) == 5  # from what she read: no merge
 
 
+def test_a_writers_earlier_merge_is_found_however_many_commits_land_after_the_refusal(vols, monkeypatch) -> None:
+    """Whether the writer had a write merged since its base is read from the history as it is when
+    asked, not as far back as the refusal's current version reached: commits landing between the
+    two do not push that merge out of sight."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write("plans/log.md", "h\n\nx\n\nt\n")
+    bob.read("plans/log.md")
+    bob.write("plans/log.md", "H\n\nx\n\nt\n")
+    mine = "h\n\nx\nA1\n\nt\n"
+    assert alice.write("plans/log.md", mine, merge=True) == 3
+    bob.read("plans/log.md")
+    assert bob.write("plans/log.md", "H\n\nx\n\nt\n") == 4  # bob drops A1
+    core = alice._core
+    check = core._refuse_merged_already
+
+    def peers_land_first(refusal: StaleWriteError, base: int) -> None:
+        for text in ("H\n\nx\n\nt\nB1\n", "H\n\nx\n\nt\nB1\nB2\n"):
+            bob.write("plans/log.md", text)
+        check(refusal, base)
+
+    monkeypatch.setattr(core, "_refuse_merged_already", peers_land_first)
+    with pytest.raises(StaleWriteError, match="merged into version 3 already"):
+        alice.write("plans/log.md", mine + "A2\n", merge=True)
+    assert "A1" not in bob.read_text("plans/log.md")
+
+
 def test_overlapping_changes_raise_merge_conflict_and_change_nothing(vols) -> None:
     alice, bob = vols("alice"), vols("bob")
     alice.write("plans/p.md", "a\nb\nc\n")

@@ -25,6 +25,7 @@ W, A = "write", "append"
 PLAN = [("plans/plan.md", W)]
 PLAN_FILE = ["plans/plan.md"]
 UNRESOLVED = "unresolved"
+EXPANDED_ZSTD = [("plans/plan.md", W), ("plans/other.md", W), ("plans/notes.txt.zst", W), ("plans/x.tar", W)]
 OTHER, NULL, ZST, NOTES = ("plans/other.md", W), ("/dev/null", W), ("plans/other.md.zst", W), ("notes.txt", W)
 
 CASES: list[tuple[str, str, object]] = [
@@ -461,6 +462,27 @@ CASES: list[tuple[str, str, object]] = [
         ".",
         [*PLAN, NOTES, OTHER, ("plans/x", W)],
     ),
+    # found by a hostile probe of the rows above (each written by the real tool)
+    (
+        "openssl cms -verify -in m.p7 -signer plans/plan.md; openssl s_client -msgfile=plans/other.md",
+        ".",
+        [*PLAN, OTHER],
+    ),
+    ("openssl s_client -keylogfile plans/plan.md -connect h:443", ".", PLAN),
+    ("openssl ca -outdir plans -in req.pem", ".", UNRESOLVED),
+    ("curl -o '#1' 'https://h/{plan.md,x}'", ".", UNRESOLVED),
+    (
+        "curl -T notes.txt file://{root}/plans/plan.md; curl --remote-name-a https://h/a/other.md",
+        "plans",
+        [PLAN[0], OTHER],
+    ),
+    ("wget --timest https://h/plan.md", "plans", UNRESOLVED),
+    ("wget --warc-file=plans/w https://h/", ".", [("plans/w.warc.gz", W)]),
+    ("split --numeric-suffixes notes.txt plans/p", ".", UNRESOLVED),
+    ("split --filter='cat > plans/plan.md' notes.txt", "src", UNRESOLVED),
+    ("gzip -rkf plans", ".", [*PLAN, OTHER]),
+    ("zstd -d -r -f plans; zstd --output-dir-flat plans notes.txt; zstd -d plans/x.tzst", ".", EXPANDED_ZSTD),
+    ("gzip -dN plans/x.gz", ".", UNRESOLVED),
     # symlinks are made as before (hard links: `test_hard_links…`)
     ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),
 ]

@@ -62,7 +62,7 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
         dirs[:] = [d for d in dirs if d != REGISTRY_DIR]
         if directory != real and recorded_in(os.path.join(directory, REGISTRY_DIR)):
             raise NestedVolume(real, directory, around=True)
-        if scanned >= MOST_SCANNED:
+        if scanned > MOST_SCANNED:  # (the root is the 0th)
             raise VolumeConfigError(
                 f"{real} holds more than {MOST_SCANNED:,} directories: too many to check that no volume lies "
                 "below it (volumes do not nest). Make the volume at the directory that holds the files to "

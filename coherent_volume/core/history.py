@@ -367,14 +367,14 @@ class History(Writes):
     def _refuse_merged_already(self, refusal: StaleWriteError, base: int) -> None:
         """Raise `refusal` (with its diff) if its writer had a write merged from `base` since
         (`protocol.merged_already`)."""
-        with self.registry.read() as tx:
-            after_base = tx.history(refusal.path, max(refusal.current_version - base, 0))
+        with self.registry.read() as tx:  # every version after the base, however many landed since the refusal
+            after_base = tx.history(refusal.path, max(current_version(tx.file(refusal.path)) - base, 0))
         merged = merged_already([v for v in after_base if v.version > base], refusal.agent)
         if merged is not None:
             why = (
-                f"your earlier change, made from version {base} as this one was, was merged into version {merged} "
-                f"already; merging this one from version {base} again would bring that change back over what "
-                "later commits did to it"
+                f"a change of yours made from version {base}, as this write was, was merged into version {merged} "
+                f"already, and this write may hold it again: merged from version {base}, it would come back over "
+                "what later commits did to it"
             )
             raise self.refusal_diff(refusal.not_merged(why))
 

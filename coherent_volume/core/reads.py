@@ -388,7 +388,7 @@ class Reads(CoreBase):
                 "%s version %d: the handle read no longer holds its bytes; they stay pruned", target.rel, version
             )
             return
-        tx.put_version(entry._replace(retained=True))
+        tx.put_version(entry._replace(retained=True, never_kept=False))
 
     def deletions_in(self, directory: str) -> bool:
         """Whether managed files directly in `directory` were deleted (see `note_listed`)."""
