@@ -8,6 +8,7 @@ version's bytes are printed as they are. Typed errors are messages with an exit 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import sys
@@ -170,6 +171,28 @@ def _describe(p: Policy) -> str:
     return f"merge: {merge}; keep versions {r.keep_days:g} days, at least the last {r.keep_last} per path, {budget}"
 
 
+class _Root(click.Path):
+    """An existing directory ROOT (a volume's root or mountpoint); a mount whose daemon is gone is
+    said to be one, not taken for a missing directory."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            os.stat(value)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                self.fail(
+                    f"{value!r} is a mount whose daemon is gone (the kernel says: {e.strerror}): unmount it "
+                    f"(`coherent-volume unmount {value}`) and mount the volume again",
+                    param,
+                    ctx,
+                )
+        return super().convert(value, param, ctx)
+
+
+ROOT = _Root(exists=True, file_okay=False)
+"""The type of a command's ROOT argument."""
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Shared workspace where a stale write fails closed instead of silently losing work."""
@@ -270,7 +293,7 @@ def migrate(registry: str) -> None:
 
 
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", type=ROOT)
 @_policy_options
 @click.option("--no-merge", is_flag=True, help="Merge no path any more.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -293,7 +316,7 @@ def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
 
 
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", type=ROOT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
 def prune(root: str, as_json: bool) -> None:
@@ -307,7 +330,7 @@ def prune(root: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", type=ROOT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (always lists every path).")
 @click.option("--all", "show_all", is_flag=True, help="Also list deleted paths (temp files of editors and tools).")
 @click.option(
@@ -421,7 +444,7 @@ def _hosts(h: report.Hosts, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", type=ROOT)
 @click.argument("copy")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_guard
@@ -469,7 +492,7 @@ _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
 
 
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", type=ROOT)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until interrupted.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option(

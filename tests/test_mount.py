@@ -402,6 +402,18 @@ def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
         assert not is_mounted(m.path)
 
 
+def test_commands_given_a_mount_whose_daemon_died_say_so(root: Path, tmp_path: Path) -> None:
+    """`status`, `policy`, `prune` and `log` of a mountpoint whose daemon was killed say it is such a
+    mount and what to do, not that the directory does not exist."""
+    with Mount(root, tmp_path / "mnt") as m:
+        m.kill_daemon()
+        assert gone_within(10, lambda: daemon_pids(m.path))
+        for command in ("status", "policy", "prune", "log"):
+            r = subprocess.run([CLI, command, str(m.path)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2 and "is a mount whose daemon is gone" in r.stderr, (command, r.stderr)
+            assert "coherent-volume unmount" in r.stderr
+
+
 def test_agent_comes_from_the_nearest_ancestor_and_threads_map_to_their_process(mounted: Mount, tmp_path: Path) -> None:
     mounted.run("alice", f"echo 1 > {P}")
     reader = tmp_path / "thread_reader.py"
