@@ -1959,8 +1959,7 @@ class _Walk:
                 aliased = True
         if not items:
             return
-        dry = any(g == "-n" or _abbreviates(g, "--dry-run") for g in _given(items[1:], frozenset()))
-        if items[0] == "mv" and not dry:
+        if items[0] == "mv" and not _gives(_given(items[1:], frozenset()), "-n --dry-run"):
             effect = _command_writes("mv", items[1:], cwd)  # as mv moves them (its -k skips, -f forces)
             for item, kind, expand in effect.writes:
                 self.write(item, cwd, kind, expand)
@@ -2233,7 +2232,7 @@ def _git_removes(command: str, args: list[Item], cwd: Cwd) -> list[Item]:
     if command == "clean":
         operands, _ = _operands(args, _GIT_CLEAN_VALUED)
         given = _given(args, _GIT_CLEAN_VALUED)
-        if "-n" in given or any(_abbreviates(g, "--dry-run") for g in given):
+        if _gives(given, "-n --dry-run"):
             return []
         return [o if isinstance(o, Unknown) or not o.startswith(":") else "/" for o in operands] or ["."]
     if command != "stash":
@@ -2795,6 +2794,8 @@ _CURL_FILES = _names(
     "-o --output -c --cookie-jar -D --dump-header --trace --trace-ascii --stderr --etag-save --libcurl --hsts --alt-svc"
 )
 """curl's options that name a file it writes (`--hsts` and `--alt-svc` caches are read and written)."""
+_CURL_OUTPUT = _names("-o --output")
+"""Those of them that name where it saves what it fetches (below `--output-dir`)."""
 _WGET_VALUED = _names(
     "-o --output-file -a --append-output -e --execute -i --input-file -B --base -t --tries -O --output-document "
     "-T --timeout -w --wait -Q --quota -P --directory-prefix -U --user-agent -l --level -A --accept -R --reject "
@@ -3032,16 +3033,13 @@ def _curl_writes(args: list[Item], given: set[str], cwd: Cwd) -> list[Item]:
     directory = values.get("--output-dir")
     place = cwd if directory is None else _joined(cwd, directory) if isinstance(directory, str) else directory
     named = "the name of the file curl saves, which a URL, its glob or the server gives when it runs"
-    out: list[Item] = []
-    for _, opts in _split(args, _CURL_VALUED)[0]:
-        for n, f in opts or ():
-            if n not in _CURL_FILES or f is None or f == "-":
-                continue
-            where = _placed(f, place) if n in ("-o", "--output") else f
-            if n in ("-o", "--output") and isinstance(where, str) and re.search(r"#\d", where):
-                out.append(Unknown(f"curl -o {f}", named, os.path.dirname(where), shape=(Wild.NAME,)))
-            else:
-                out.append(where)
+    out = [f for f in _values(args, _CURL_VALUED, _CURL_FILES - _CURL_OUTPUT) if f != "-"]
+    for f in _values(args, _CURL_VALUED, _CURL_OUTPUT):
+        where = _placed(f, place) if f != "-" else None
+        if isinstance(where, str) and re.search(r"#\d", where):  # filled from the URL's glob when it runs
+            out.append(Unknown(f"curl -o {f}", named, os.path.dirname(where), shape=(Wild.NAME,)))
+        elif where is not None:
+            out.append(where)
     urls = [*operands, *_values(args, _CURL_VALUED, ("--url",))]
     if _gives(given, "-K --config"):
         why = "the options a curl config file gives, which may name any file it writes"
@@ -3351,9 +3349,7 @@ def _program(
     operands, values = _operands(args, valued)
     if not {*given, *files} & set(values) and operands:
         return operands[1:], values, operands[:1]
-    before = _split(args, valued)[0]  # every -e, not only the last
-    programs = [v for _, opts in before for n, v in opts or () if n in given and v is not None]
-    return operands, values, programs
+    return operands, values, _values(args, valued, given)  # every -e, not only the last
 
 
 def _expand(path: str, walk: _Walk, follow: Follow = "none") -> list[str] | None:
