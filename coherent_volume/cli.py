@@ -73,29 +73,46 @@ def _json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _fail(error: BaseException, code: int) -> NoReturn:
-    """End the command as click ends one on an error: its message on stderr, exit status `code`."""
+def _fail(error: BaseException, code: int, as_json: bool = False) -> NoReturn:
+    """End the command as click ends one on an error: its message on stderr, exit status `code`;
+    with `as_json`, also the error as JSON on stdout (`_error_json`), where a tool reads."""
+    if as_json:
+        click.echo(_error_json(error, code))
     click.echo(f"Error: {error}", err=True)
     raise click.exceptions.Exit(code) from error
 
 
+def _error_json(error: BaseException, code: int) -> str:
+    """What a `--json` command prints on stdout when it fails, one line (`log --json` prints one
+    object per line): the error's kind (its class), its message and the exit status."""
+    kind = "UsageError" if isinstance(error, click.UsageError) else type(error).__name__
+    message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+    return json.dumps({"error": {"kind": kind, "message": message, "exit_status": code}}, sort_keys=True)
+
+
 def _guard(fn: Callable[..., None]) -> Callable[..., None]:
-    """Turn our typed errors into a clear message and their exit status (never a traceback)."""
+    """Turn our typed errors into a clear message and their exit status (never a traceback); a
+    command run with `--json` prints its error as JSON on stdout too (`_error_json`)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        as_json = bool(kwargs.get("as_json"))
         try:
             fn(*args, **kwargs)
         except StaleWriteError as e:
-            _fail(e, EXIT_REFUSED)
+            _fail(e, EXIT_REFUSED, as_json)
         except VersionGone as e:
-            _fail(e, EXIT_GONE)
+            _fail(e, EXIT_GONE, as_json)
         except DamagedContent as e:
-            _fail(e, EXIT_DAMAGED)
+            _fail(e, EXIT_DAMAGED, as_json)
         except BrokenPipeError:  # the reader left (`log -p | head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
             raise click.exceptions.Exit(EXIT_ERROR) from None
         except (CoherenceError, OSError) as e:
-            _fail(e, EXIT_ERROR)
+            _fail(e, EXIT_ERROR, as_json)
+        except click.ClickException as e:  # a usage error found past parsing (`UsageError`: status 2)
+            if as_json:
+                click.echo(_error_json(e, e.exit_code))
+            raise
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -534,11 +551,27 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
         sys.stdout.flush()
 
     emit(batch)
+    registry = os.path.join(core.paths.root, REGISTRY_DIR)
+    anchor = _identity(registry)
     while follow:
         time.sleep(0.2)
+        if _identity(registry) != anchor or not recorded_in(registry):
+            raise VolumeConfigError(
+                f"{shown(core.paths.root)}: the volume followed is gone (its {REGISTRY_DIR} directory was removed, "
+                "moved or made anew): nothing more will be logged there; follow the volume where it is now"
+            )
         batch, mark = report.events_since(core, mark)
         if batch:
             emit(batch)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of `path`, None where nothing is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _echo_diff(shown: report.VersionDiff | None) -> None:
@@ -774,9 +807,10 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
     try:
         new = core.restore(agent, target, version)
     except StaleWriteError as refusal:
-        if as_json:
-            _json({"path": target.rel, "restored": version, "version": None, "refusal": _refusal_json(refusal)})
-        raise
+        if not as_json:
+            raise
+        _json({"path": target.rel, "restored": version, "version": None, "refusal": _refusal_json(refusal)})
+        _fail(refusal, EXIT_REFUSED)  # its JSON is that above, not `_error_json`'s
     if as_json:
         _json({"path": target.rel, "restored": version, "version": new, "refusal": None})
     elif new == before:

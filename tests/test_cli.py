@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -228,6 +229,30 @@ def test_log_follow_prints_new_events(root: Path) -> None:
         proc.wait()
 
 
+@pytest.mark.parametrize("gone", ["removed", "made-anew"])
+def test_log_follow_ends_saying_so_when_its_volume_is_gone(tmp_path: Path, gone: str) -> None:
+    root = tmp_path / "ws"
+    assert cv("init", str(root), "--managed", "plans/**").returncode == 0
+    proc = subprocess.Popen(
+        [CLI, "log", str(root), "--follow", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        with CoherentVolume(root, agent="alice") as alice:
+            alice.write(P, b"v1")
+        assert select.select([proc.stdout], [], [], 30)[0], "log --follow printed nothing in 30 s"
+        assert json.loads(proc.stdout.readline())["path"] == P  # it is following
+        shutil.rmtree(root)
+        if gone == "made-anew":
+            assert cv("init", str(root), "--managed", "plans/**").returncode == 0
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1, err
+    assert "the volume followed is gone" in err and "follow the volume where it is now" in err
+    assert json.loads(out.splitlines()[-1])["error"]["kind"] == "VolumeConfigError"
+
+
 def test_why_explains_the_last_refusal(root: Path) -> None:
     _refused_scenario(root)
     human = cv("why", str(root), P)
@@ -245,6 +270,23 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> N
     assert r.returncode == 1 and "no volume registry" in r.stderr and "Traceback" not in r.stderr
     r = cv("why", str(root), "../escape")
     assert r.returncode == 1 and "outside the volume" in r.stderr
+
+
+def test_a_json_command_that_fails_prints_its_error_as_json_too(tmp_path: Path, root: Path) -> None:
+    """A tool that reads --json output learns why a command failed from stdout, not only stderr."""
+    cases = [
+        (("status", str(tmp_path), "--json"), 1, "RegistryError", "no volume registry"),
+        (("history", str(root), "plans/none.md", "--json"), 4, "VersionGone", "plans/none.md"),
+        (("history", str(root), P, "--all", "--limit", "2", "--json"), 2, "UsageError", "--all"),
+        (("why", str(root), "../escape", "--json"), 1, "OutsideVolume", "outside the volume"),
+    ]
+    for args, status, kind, said in cases:
+        r = cv(*args)
+        assert r.returncode == status, (args, r.stderr)
+        error = json.loads(r.stdout)["error"]
+        assert (error["kind"], error["exit_status"]) == (kind, status), (args, error)
+        assert said in error["message"] and error["message"] in r.stderr, (args, error, r.stderr)
+    assert cv("status", str(tmp_path)).stdout == ""  # without --json, stdout stays empty
 
 
 def test_status_hides_deleted_paths_unless_asked(root: Path) -> None:
