@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -516,3 +520,87 @@ def test_a_registry_on_a_full_file_system_says_the_disk_is_full(tmp_path: Path) 
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("True "), ran.stdout
     assert "full" in ran.stdout and "free space" in ran.stdout, ran.stdout
+
+
+@pytest.mark.parametrize("after", ["removed", "made-anew"])
+def test_a_process_whose_registry_was_removed_or_replaced_stops_using_it(root: Path, after: str) -> None:
+    """A volume kept open while its .coherent is deleted (and the volume made anew by another
+    process): its writes would go to the deleted registry, where no other process sees them, and
+    its commit lock would exclude nobody. Every use after is refused, saying so; nothing changes."""
+    alice = CoherentVolume(root, agent="alice")
+    try:
+        alice.write(P, b"v1")
+        alice.read(P)
+        shutil.rmtree(root / ".coherent")
+        if after == "made-anew":
+            code = f"from coherent_volume import CoherentVolume\nCoherentVolume({str(root)!r}, managed=('plans/**',)).close()"
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        for use in (lambda: alice.write(P, b"v2 from a deleted registry"), lambda: alice.history(P)):
+            with pytest.raises(RegistryError, match="was removed or replaced while this process had it open") as info:
+                use()
+            assert "open the volume again" in str(info.value) and info.value.errno == errno.EIO
+        assert (root / P).read_bytes() == b"v1"
+    finally:
+        alice.close()
+    assert (root / ".coherent").exists() == (after == "made-anew")
+    if after == "made-anew":
+        with CoherentVolume(root, agent="bob") as bob:  # the volume made anew works, alice's write is not there
+            assert bob.read(P) == b"v1" and [v.writer for v in bob.history(P)] == ["external"]
+
+
+def test_a_commit_lock_file_replaced_under_a_process_is_the_one_it_locks_next(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only .coherent/commit.lock removed (a clean-up script): a process that opened the old one
+    locks the new one next, so its commits and a new process's still exclude each other."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"v1")
+        lock = root / ".coherent" / sqlite_registry.LOCK_NAME
+        lock.unlink()
+        alice.read(P)
+        assert alice.write(P, b"v2") == 2
+        fd = os.open(lock, os.O_RDWR)  # the lock file made again: held by another process now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            monkeypatch.setattr(sqlite_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
+            with pytest.raises(RegistryError, match="the commit lock .* stayed held by another process"):
+                alice.write(P, b"v3")
+        finally:
+            os.close(fd)
+        assert alice.write(P, b"v3") == 3 and (root / P).read_bytes() == b"v3"
+
+
+@pytest.mark.parametrize("child_opens", ["inherited", "its-own"])
+def test_a_process_forked_while_another_thread_is_in_a_transaction_can_use_the_volume(
+    root: Path, child_opens: str
+) -> None:
+    """SQLite keeps the locks of a transaction in process memory, which a forked child copies:
+    forked mid-transaction, the child's commits waited for a lock nobody held and failed after
+    10 s blaming another process. The fork waits for the transaction to end instead."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"v1")
+        inside = threading.Event()
+
+        def hold(tx: Any) -> None:
+            tx.file(P)
+            inside.set()
+            time.sleep(0.5)
+
+        thread = threading.Thread(target=lambda: alice._core.registry.transact(hold))
+        thread.start()
+        assert inside.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: read and write within 5 s, whichever volume object it uses
+            code = 1
+            try:
+                started = time.monotonic()
+                vol = alice if child_opens == "inherited" else CoherentVolume(root, agent="bob")
+                vol.read(P)
+                vol.write(P, b"from the child")
+                code = 0 if time.monotonic() - started < 5 else 2
+            finally:
+                os._exit(code)
+        thread.join()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert alice.read(P) == b"from the child"

@@ -10,7 +10,10 @@ Invariants:
   held by whom;
 - a forked child never keeps its parent's locks: it closes the inherited lock descriptors
   (never unlocks them: that would release the parent's lock) and never touches the
-  inherited SQLite connection;
+  inherited SQLite connection; a fork waits for other threads' transactions to end
+  (`_before_fork`), whose locks SQLite keeps in memory the child would copy;
+- a process uses only the registry file at its path (`_replaced`), and locks the commit lock
+  file at its path (`_lock_commits`);
 - a registry is created (file, WAL switch) by one process at a time, under the open lock;
   the schema is written in one write transaction;
 - only SQLite opens the registry's files (the database, its -wal and -shm): closing any
@@ -682,18 +685,52 @@ def _flock_within(fd: int, operation: int, path: str, what: str, timeout: float,
     )
 
 
+def _identity_of(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:  # (no file, or no directory where its directory was)
+        return None
+    return st.st_dev, st.st_ino
+
+
 _OPEN: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
 _INHERITED: list[sqlite3.Connection] = []
 """SQLite connections a forked child inherited: never used, never closed (closing one could
 checkpoint or remove the parent's write-ahead log), gone when the child exits."""
 
 
+_HELD_AT_FORK: list[threading.RLock] = []
+"""The registries' mutexes the forking thread holds from just before a fork until just after it."""
+
+FORK_WAIT = BUSY_TIMEOUT_MS / 1000
+"""Seconds a fork waits, at most, for other threads' registry transactions to end."""
+
+
+def _before_fork() -> None:
+    """Let no other thread be inside a registry transaction while the process forks: SQLite keeps
+    the locks a connection holds in process memory, which a child copies, so a transaction under
+    way at the fork left the child's own connections waiting for a lock nobody holds (and then
+    told it another process held it). Waits at most FORK_WAIT s in all."""
+    deadline = time.monotonic() + FORK_WAIT
+    for registry in list(_OPEN):
+        mutex = registry._mutex
+        if mutex.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            _HELD_AT_FORK.append(mutex)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_AT_FORK:
+        _HELD_AT_FORK.pop().release()
+
+
 def _after_fork_in_child() -> None:
+    _HELD_AT_FORK.clear()  # the child's registries get mutexes of their own (`_forked`)
     for registry in list(_OPEN):
         registry._forked()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class _CommitLock:
@@ -716,14 +753,7 @@ class _CommitLock:
             )
         try:
             if registry._commit_depth == 0:
-                _flock_within(
-                    registry._lock_fd,
-                    fcntl.LOCK_EX,
-                    registry._lock_path,
-                    "the commit lock",
-                    COMMIT_LOCK_TIMEOUT,
-                    started,
-                )
+                registry._lock_commits(started)
             registry._commit_depth += 1
         except BaseException:
             self._mutex.release()
@@ -806,6 +836,8 @@ class SQLiteRegistry:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd = -1
         self._open_fd = -1
+        self._identity: tuple[int, int] | None = None
+        """(device, inode) of the registry file this process's connection has open."""
         _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
         try:
             try:
@@ -969,6 +1001,7 @@ class SQLiteRegistry:
         try:
             if not os.access(self._path, os.R_OK | os.W_OK, effective_ids=True):
                 raise unusable(self._path, refusal(self._path) or OSError(errno.EACCES, "not readable and writable"))
+            identity = _identity_of(self._path)
             conn = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
             )
@@ -986,6 +1019,8 @@ class SQLiteRegistry:
                 # Debian's SQLite zeroes every page it frees: a prune of large versions wrote their
                 # whole size again under the commit lock (100 MiB: 1.3 s; FAST: 0.12 s)
                 conn.execute("PRAGMA secure_delete = FAST")
+                if identity is None or _identity_of(self._path) != identity:  # replaced while it was opened
+                    raise self._replaced()
             except BaseException:
                 conn.close()
                 raise
@@ -994,7 +1029,40 @@ class SQLiteRegistry:
             if isinstance(e, sqlite3.DatabaseError):
                 raise self._error(e, started) from e
             raise
-        self._conn, self._lock_fd, self._pid = conn, lock_fd, os.getpid()
+        self._conn, self._lock_fd, self._pid, self._identity = conn, lock_fd, os.getpid(), identity
+
+    def _replaced(self) -> RegistryError:
+        """The error of every use of a registry whose file was removed or replaced since this process
+        connected to it: its commits would go where no other process looks."""
+        return RegistryError(
+            f"the volume registry {self._path!r} was removed or replaced while this process had it open (its "
+            f"{os.path.basename(self._directory)} directory deleted, or the volume made anew): nothing was "
+            "changed, and this process stops using it, since what it recorded there no other process would "
+            "see; open the volume again",
+            errno.EIO,
+        )
+
+    def _lock_commits(self, started: float) -> None:
+        """Take the commit lock's flock, on the lock file that is at its path once it is held: a
+        lock file removed or replaced meanwhile excludes nobody, so the one there now is locked
+        instead (every holder checks this, so all converge on one file)."""
+        while True:
+            _flock_within(
+                self._lock_fd, fcntl.LOCK_EX, self._lock_path, "the commit lock", COMMIT_LOCK_TIMEOUT, started
+            )
+            held = os.fstat(self._lock_fd)
+            if _identity_of(self._lock_path) == (held.st_dev, held.st_ino):
+                return
+            if _identity_of(self._path) != self._identity:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                raise self._replaced()
+            try:
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                raise unusable(self._path, e) from e
+            os.close(self._lock_fd)  # (closing it lets go of the orphan's lock)
+            self._lock_fd = fd
 
     def _let_go(self) -> None:
         """Let go of a connection and lock descriptors this process may not use (inherited
@@ -1022,9 +1090,12 @@ class SQLiteRegistry:
         self._commit_depth = 0
 
     def _connection(self) -> sqlite3.Connection:
+        """This process's connection, to the registry file that is at its path (`_replaced`)."""
         if self._pid != os.getpid():  # after a fork that ran no at-fork handler, or after close
             self._forked()
             self._connect()
+        elif _identity_of(self._path) != self._identity:
+            raise self._replaced()
         assert self._conn is not None
         return self._conn
 
