@@ -302,6 +302,30 @@ def test_read_set_isolation_prevents_write_skew(vols) -> None:
     assert bob.write("plans/b", b"2") == 2
 
 
+@pytest.mark.parametrize("before", ["never", "deleted"])
+def test_read_set_isolation_counts_a_read_that_found_no_file(vols, root: Path, before: str) -> None:
+    """Two agents each read that neither a nor b exists and create one of them: the second is
+    refused, as with files that exist (the invariant "at most one of them" holds)."""
+    if before == "deleted":
+        setup = vols("setup")
+        for p in ("plans/a", "plans/b"):
+            setup.write(p, b"old")
+            setup.delete(p)
+    x, y = vols("x", isolation="read-set"), vols("y", isolation="read-set")
+    for v in (x, y):
+        for p in ("plans/a", "plans/b"):
+            with pytest.raises(FileNotFoundError):
+                v.read(p)
+    x.write("plans/a", b"on call")
+    with pytest.raises(StaleWriteError) as info:
+        y.write("plans/b", b"on call")
+    assert info.value.reason == "read-set" and info.value.changed == ("plans/a",)
+    assert not (root / "plans/b").exists()
+    with pytest.raises(StaleWriteError) as info:  # its read of a found nothing: a write of it is stale
+        y.write("plans/a", b"mine")
+    assert info.value.reason == "stale" and y.read("plans/a") == b"on call"
+
+
 def test_read_set_isolation_sees_foreign_changes_of_other_files(vols, root: Path) -> None:
     alice = vols("alice", isolation="read-set")
     alice.write("plans/a", b"1")

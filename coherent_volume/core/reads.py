@@ -81,7 +81,8 @@ class Reads(CoreBase):
         A path where a catch-up or rename of this working copy left a file unsettled
         (`CoreBase._noted`) is read under the commit lock, whose transaction settles it first.
 
-        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion)."""
+        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion,
+        or of its absence, at version 0, where no file of that name ever was)."""
         if not target.managed:
             return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
@@ -178,8 +179,8 @@ class Reads(CoreBase):
 
             def pair(tx: Transaction) -> FileRecord | None:
                 record = self._sync(tx, target, tx.file(target.rel), disk, content=data)
-                if record is not None and register:
-                    tx.put_view(agent, target.rel, record.version, time.time())
+                if register:  # a read that found no file that ever was is a view at 0 (read-set isolation)
+                    tx.put_view(agent, target.rel, current_version(record), time.time())
                 return record
 
             record = self._transact(pair, holds=(target.rel,))
