@@ -172,7 +172,7 @@ class VolumePaths:
         name the path as it was given."""
         given = text = os.fspath(path)
         if isinstance(text, bytes):
-            raise OutsideVolume(f"path {text!r} must be str, not bytes")
+            raise InvalidPath(f"path {text!r} is bytes: give it as str (os.fsdecode decodes a file name)")
         _check_text(text)
         if os.path.isabs(text) and text.startswith(self.root + os.sep):
             text = text[len(self.root) :].lstrip(os.sep) or "."  # (`ROOT//plans/a.md` is `plans/a.md`)

@@ -83,6 +83,14 @@ def test_an_absolute_path_with_slashes_doubled_after_the_root_is_the_file_it_nam
     assert (root / P).read_bytes() == b"mine"
 
 
+def test_a_path_given_as_bytes_is_refused_saying_to_give_it_as_str(vols, root: Path) -> None:
+    alice = vols("alice")
+    for use in (lambda: alice.read(b"plans/x.md"), lambda: alice.write(b"plans/x.md", b"x")):  # type: ignore[arg-type]
+        with pytest.raises(InvalidPath, match=r"is bytes: give it as str"):
+            use()
+    assert not (root / "plans/x.md").exists()
+
+
 def test_racing_creators_exactly_one_wins(vols) -> None:
     alice, bob = vols("alice"), vols("bob")
     assert alice.write("plans/new.md", b"a") == 1
