@@ -243,6 +243,10 @@ BUFFERING_PROGRAMS = frozenset(
 )
 """Programs that hold a file in a buffer (editors): their view is the version they loaded."""
 
+BASIS_PROGRAMS = frozenset({"rsync"})
+"""Programs that read a file they replace only as the basis of a delta: what they write comes
+from elsewhere (rsync's sender), so their reads show their agent nothing it builds on."""
+
 
 def read_shows_content(offset: int, returned: int) -> bool:
     """Whether a read request showed the reader the file's content: it returned bytes, or it read
@@ -257,11 +261,13 @@ def read_moves_view(
     """Whether a read of `version` through a handle opened earlier moves its agent's view (`seen`)
     there. Not for a pinned agent (its views move only with what its model read, see the hooks),
     nor for a buffering program re-reading a file it already loaded (vim's backup copy while saving
-    would otherwise let a stale save through), nor backwards: a handle that still serves an older
-    version (its file was replaced or deleted since) shows the agent nothing newer than it saw."""
+    would otherwise let a stale save through), nor for a program reading a delta's basis
+    (`BASIS_PROGRAMS`: rsync writing back a copy taken earlier would otherwise pass as built on the
+    version it replaces), nor backwards: a handle that still serves an older version (its file was
+    replaced or deleted since) shows the agent nothing newer than it saw."""
     if seen is not None and version < seen:
         return False
-    return not pinned and not (program in BUFFERING_PROGRAMS and loaded_before)
+    return not pinned and program not in BASIS_PROGRAMS and not (program in BUFFERING_PROGRAMS and loaded_before)
 
 
 # ---- grants ---------------------------------------------------------------------------

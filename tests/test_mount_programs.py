@@ -90,6 +90,10 @@ BLIND = {
     "truncate -s": Program("truncate -s 4 {f}", lambda old: old[:4]),
     "rm": Program("rm {f}", lambda old: None),
     "mv over": Program("mv {src} {f}", lambda old: NEW),
+    # rsync reads the target as the basis of its delta, never as content it builds on (-I: even
+    # where size and time match, as here)
+    "rsync --no-whole-file": Program("rsync -I --no-whole-file {src} {f}", lambda old: NEW),
+    "rsync --no-whole-file --inplace": Program("rsync -I --no-whole-file --inplace {src} {f}", lambda old: NEW),
 }
 
 VIM = (
