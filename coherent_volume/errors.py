@@ -19,6 +19,13 @@ REMEDY: dict[str, str] = {
     "read-set": "re-read the files listed as changed (or forget() them), then redo the change",
 }
 
+REMEDY_DELETED = (
+    "look at its directory again to take in the deletion (`ls` through a mount; a read raising "
+    "FileNotFoundError through the API), then create it anew if you still mean to"
+)
+"""The remedy of a `stale` refusal whose current version is the file's deletion: no read of the
+file can follow "re-read the file" (creating it with O_EXCL through a mount needs neither)."""
+
 
 class CoherenceError(Exception):
     """Base class of every error raised by coherent_volume."""
@@ -60,6 +67,7 @@ class StaleWriteError(CoherenceError, PermissionError):
         holder: str | None = None,
         changed: tuple[str, ...] = (),
         held_until: HeldUntil | tuple[float, float, bool] | None = None,
+        deleted: bool = False,
     ) -> None:
         self.path = path
         self.agent = agent
@@ -70,6 +78,8 @@ class StaleWriteError(CoherenceError, PermissionError):
         self.holder = holder
         self.changed = changed
         self.held_until = None if held_until is None else HeldUntil(*held_until)
+        self.deleted = deleted
+        """The current version is the file's deletion."""
         self.diff: str | None = None
         """The unified diff from the version the agent read to the current one, when a face
         attached it (`with_diff`): None for binary content, an unread file, or a pruned base."""
@@ -89,6 +99,7 @@ class StaleWriteError(CoherenceError, PermissionError):
             "holder": self.holder,
             "changed": self.changed,
             "held_until": self.held_until,
+            "deleted": self.deleted,
         }
 
     @property
@@ -119,8 +130,10 @@ class StaleWriteError(CoherenceError, PermissionError):
     def _message(self) -> str:
         seen = "never read it" if self.seen_version is None else f"read version {self.seen_version}"
         detail = f"you {seen}; current version is {self.current_version}"
+        if self.deleted:
+            detail += " (the file's deletion)"
         if self.last_writer:
-            detail += f", last written by {self.last_writer!r}"
+            detail += f", {'deleted' if self.deleted else 'last written'} by {self.last_writer!r}"
         if self.holder:
             detail += f"; write grant held by {self.holder!r}"
             if self.held_until is not None:
@@ -136,7 +149,7 @@ class StaleWriteError(CoherenceError, PermissionError):
             detail += f"; changed since you read them: {', '.join(self.changed)}"
         message = (
             f"write to {self.path!r} refused for agent {self.agent!r} ({self.reason}): "
-            f"{detail}. To fix: {REMEDY[self.reason]}."
+            f"{detail}. To fix: {REMEDY_DELETED if self.deleted and self.reason == 'stale' else REMEDY[self.reason]}."
         )
         if self.unmerged:
             message += f"\nIt could not be merged: {self.unmerged}."

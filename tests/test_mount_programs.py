@@ -269,6 +269,22 @@ def test_append(mounted: Mount, stale: bool) -> None:
         assert_applied(mounted.run("dave", script), APPEND, mounted, before)
 
 
+def test_an_exclusive_create_after_a_peers_deletion_goes_ahead_where_a_plain_one_is_refused(mounted: Mount) -> None:
+    """alice read the plan, bob deleted it. Writing it anew from alice's view would bring back what
+    bob deleted: refused `stale`. An O_EXCL create (a lock file's, Python's open(..., 'x')) says
+    alice knows nothing is there: it goes ahead (it was refused, with a remedy, "re-read the file",
+    that no read of a missing file could follow)."""
+    before = seed(mounted)
+    ok(mounted.run("bob", f"cat {P} >/dev/null && rm {P}"))
+    refused = mounted.run("alice", f"echo from my old view > {P}")
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused.stderr
+    assert not (mounted.root / P).exists() and version(mounted) == before + 1
+    told = ok(mounted.run("alice", f"{Path(sys.executable).parent}/coherent-volume why {P}")).stdout
+    assert "look at its directory again to take in the deletion" in told and "re-read the file" not in told, told
+    ok(mounted.run("alice", f"{sys.executable} -c \"open('{P}', 'x').write('made anew\\n')\""))
+    assert backing(mounted.root) == "made anew\n" and version(mounted) == before + 3  # created, then written
+
+
 # ---- programs that read the target themselves -------------------------------------------------------
 
 

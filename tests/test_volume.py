@@ -83,6 +83,21 @@ def test_an_absolute_path_with_slashes_doubled_after_the_root_is_the_file_it_nam
     assert (root / P).read_bytes() == b"mine"
 
 
+def test_a_write_over_a_deletion_since_the_view_says_so_and_how_to_take_it_in(vols, root: Path) -> None:
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"v1")
+    bob.read(P)
+    bob.delete(P)
+    with pytest.raises(StaleWriteError) as info:
+        alice.write(P, b"v2 from v1")
+    said = str(info.value)
+    assert info.value.deleted and "current version is 2 (the file's deletion), deleted by 'bob'" in said, said
+    assert "look at its directory again to take in the deletion" in said and "re-read" not in said, said
+    with pytest.raises(FileNotFoundError):  # the remedy, through the API
+        alice.read(P)
+    assert alice.write(P, b"made anew") == 3
+
+
 def test_a_path_given_as_bytes_is_refused_saying_to_give_it_as_str(vols, root: Path) -> None:
     alice = vols("alice")
     for use in (lambda: alice.read(b"plans/x.md"), lambda: alice.write(b"plans/x.md", b"x")):  # type: ignore[arg-type]
