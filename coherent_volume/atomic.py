@@ -17,6 +17,7 @@ import stat as stat_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import root_gone
 from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -283,12 +284,7 @@ def _missing(directory: str, root: str) -> list[str]:
         except FileNotFoundError:
             pass
         if directory == root:
-            raise FileNotFoundError(
-                errno.ENOENT,
-                "No such file or directory: the volume's root was removed or moved while in use; nothing was "
-                "written (open the volume where it is now)",
-                root,
-            )
+            raise root_gone(root)
         missing.append(directory)
         parent = os.path.dirname(directory)
         if parent == directory:

@@ -31,6 +31,16 @@ class CoherenceError(Exception):
     """Base class of every error raised by coherent_volume."""
 
 
+def root_gone(root: str) -> FileNotFoundError:
+    """The error of an operation on a volume whose root directory is no longer where it was opened."""
+    return FileNotFoundError(
+        errno.ENOENT,
+        "No such file or directory: the volume's root was removed or moved while in use; nothing was "
+        "written (open the volume where it is now)",
+        root,
+    )
+
+
 class TreeClash(CoherenceError, OSError):
     """A working copy cannot install a version of a managed file: its name, or a name on its path,
     is a directory here where another working copy made it a file, or the other way round (the

@@ -179,7 +179,9 @@ class Reads(CoreBase):
 
             def pair(tx: Transaction) -> FileRecord | None:
                 record = self._sync(tx, target, tx.file(target.rel), disk, content=data)
-                if register:  # a read that found no file that ever was is a view at 0 (read-set isolation)
+                # a read that found no file is a view of the deletion, or at 0 where no file ever was
+                # (read-set isolation counts it), never of a version it did not find
+                if register and (data is not None or record is None or not record.present):
                     tx.put_view(agent, target.rel, current_version(record), time.time())
                 return record
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 
-from ..errors import RegistryError, VolumeConfigError
+from ..errors import RegistryError, VolumeConfigError, root_gone
 from ..fingerprint import Fingerprint
 from ..globs import ManagedGlobs
 from ..liveness import INITIAL_PID_NAMESPACE, ProcessId, pid_namespace_inode, start_time
@@ -1031,9 +1031,13 @@ class SQLiteRegistry:
             raise
         self._conn, self._lock_fd, self._pid, self._identity = conn, lock_fd, os.getpid(), identity
 
-    def _replaced(self) -> RegistryError:
+    def _replaced(self) -> RegistryError | FileNotFoundError:
         """The error of every use of a registry whose file was removed or replaced since this process
-        connected to it: its commits would go where no other process looks."""
+        connected to it: its commits would go where no other process looks (`root_gone` where the
+        whole root went)."""
+        root = os.path.dirname(self._directory)
+        if not os.path.isdir(root):
+            return root_gone(root)
         return RegistryError(
             f"the volume registry {self._path!r} was removed or replaced while this process had it open (its "
             f"{os.path.basename(self._directory)} directory deleted, or the volume made anew): nothing was "
