@@ -540,6 +540,38 @@ def proxied(tmp_path: Path, pg_cluster: Any, pg_url: str) -> Iterator[tuple[Path
 
 
 @pytest.mark.parametrize("lost", ["reply", "commit"])
+def test_an_init_whose_commit_or_reply_is_lost_made_the_volume_once_or_nothing(
+    tmp_path: Path, pg_cluster: Any, pg_url: str, lost: str
+) -> None:
+    """`init` creating a volume loses its COMMIT's reply: it asks the registry whether it landed and
+    goes on as created (it said "nothing was written", and the same `init` again was told the volume
+    existed; joining it left a second registration of the root). Its COMMIT lost: nothing was made,
+    as it says, and the same `init` again makes it."""
+    proxy = CommitProxy(("127.0.0.1", pg_cluster.port))
+    url = f"postgresql://cv@127.0.0.1:{proxy.port}/{pg_url.rsplit('/', 1)[1]}"
+    root, name = tmp_path / "vol", f"lost-{lost}"
+    init = [CLI, "init", str(root), "--managed", "plans/**", "--registry", url, "--volume", name]
+    try:
+        assert subprocess.run([CLI, "migrate", "--registry", pg_url], capture_output=True).returncode == 0
+        proxy.armed = lost  # the next COMMIT is init's: the volume and its first working copy
+        first = subprocess.run(init, capture_output=True, text=True, timeout=120)
+        assert proxy.dropped == [lost]
+        if lost == "commit":
+            assert first.returncode == 1 and "nothing was written" in first.stderr, first.stderr
+            assert _q(pg_url, "SELECT count(*) FROM cv_volumes WHERE name = %s", (name,)) == [(0,)]
+            first = subprocess.run(init, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        rows = _q(
+            pg_url, "SELECT count(*) FROM cv_replicas r JOIN cv_volumes v ON v.id = r.volume WHERE v.name = %s", (name,)
+        )
+        assert rows == [(1,)]
+        with CoherentVolume(root, agent="alice") as alice:
+            assert alice.write("plans/a.md", "one\n") == 1
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("lost", ["reply", "commit"])
 def test_a_lost_commit_or_reply_is_resolved_by_the_commit_id(
     proxied: tuple[Path, CommitProxy], pg_url: str, lost: str
 ) -> None:

@@ -16,7 +16,7 @@ from ..errors import RegistryError, VolumeConfigError
 from ..globs import ManagedGlobs
 from ..paths import REGISTRY_DIR
 from . import DB_FILE, pg_connections
-from .pg_connections import _connect, _psycopg, _registry_error
+from .pg_connections import _connect, _first_line, _psycopg, _registry_error
 from .pg_hosts import not_registered
 from .pg_location import Location, _record_location, recorded
 from .pg_registry import PostgresRegistry
@@ -67,6 +67,7 @@ def open_postgres(
             )
         replica_id = None  # `init` registers the copy as a working copy of its own
     psycopg = _psycopg()
+    new = (uuid.uuid4(), uuid.uuid4())  # the volume and the working copy `init` may create
     with _connect(location, time.monotonic() + pg_connections.CONNECT_WAIT) as conn:
         try:
             if url is not None and _schema_version(conn) == 0:
@@ -74,13 +75,13 @@ def open_postgres(
             _check_schema(conn, location)
             if url is not None:
                 with conn.transaction():  # a refusal leaves no volume and no working copy behind
-                    volume_id, stored, created = _create_volume(conn, location, globs)
+                    volume_id, stored, created = _create_volume(conn, location, globs, new[0])
                     if found is not None and found[1] != volume_id:
                         raise _not_created_with(location, found[1], volume_id)
                     if globs is not None and not created and found is None:
                         raise _exists(location, stored, root)
                     _check_globs(globs, stored)
-                    registered = _register(conn, volume_id, replica_id, root)
+                    registered = _register(conn, volume_id, replica_id, root, new[1])
             else:
                 assert found is not None
                 volume_id, stored = _recorded_volume(conn, location, found[1])
@@ -88,7 +89,10 @@ def open_postgres(
                 _check_replica(conn, location, volume_id, replica_id, root)
                 registered = None
         except psycopg.Error as e:
-            raise _registry_error(e, location) from e
+            landed = _landed(location, new[1]) if url is not None and isinstance(e, psycopg.OperationalError) else None
+            if landed is None:
+                raise _registry_error(e, location) from e
+            volume_id, stored, registered = landed
     if found is None:
         _record_location(directory, location, volume_id)
     if registered is not None and registered != replica_id:
@@ -120,24 +124,55 @@ def _check_globs(globs: ManagedGlobs | None, stored: ManagedGlobs) -> None:
 
 
 def _register(
-    conn: psycopg.Connection[Any], volume_id: uuid.UUID, replica_id: uuid.UUID | None, root: str
+    conn: psycopg.Connection[Any], volume_id: uuid.UUID, replica_id: uuid.UUID | None, root: str, new: uuid.UUID
 ) -> uuid.UUID:
     """Register the root as a working copy on this host and boot (taking over its registration
-    when it has one: `init` again after a reboot or a move); its replica id."""
+    when it has one: `init` again after a reboot or a move; where it records none, the one of this
+    root on this host and boot, which a root whose `.coherent` was lost or an `init` whose reply
+    was lost left), else as `new`; its replica id."""
+    here = (socket.gethostname(), boot_id(), root)
     if replica_id is not None:
         row = conn.execute(
             "UPDATE cv_replicas SET hostname = %s, boot_id = %s, root = %s, last_seen = now() "
             "WHERE id = %s AND volume = %s RETURNING id",
-            (socket.gethostname(), boot_id(), root, replica_id, volume_id),
+            (*here, replica_id, volume_id),
         ).fetchone()
         if row is not None:
             return replica_id
-    new = uuid.uuid4()
+    else:
+        row = conn.execute(
+            "UPDATE cv_replicas SET last_seen = now() WHERE id = (SELECT id FROM cv_replicas WHERE volume = %s "
+            "AND hostname = %s AND boot_id = %s AND root = %s ORDER BY id LIMIT 1) RETURNING id",
+            (volume_id, *here),
+        ).fetchone()
+        if row is not None:
+            return row[0]
     conn.execute(
         "INSERT INTO cv_replicas (id, volume, hostname, boot_id, root) VALUES (%s, %s, %s, %s, %s)",
-        (new, volume_id, socket.gethostname(), boot_id(), root),
+        (new, volume_id, *here),
     )
     return new
+
+
+def _landed(location: Location, replica_id: uuid.UUID) -> tuple[uuid.UUID, ManagedGlobs, uuid.UUID] | None:
+    """After `init`'s transaction lost its connection (at its COMMIT, maybe after the server
+    committed it): whether it landed, told by the working copy it registers as `replica_id`
+    (volume id, globs, replica id), asked on a new connection; None where it did not. Where that
+    cannot be asked either, RegistryError saying the outcome is unknown and how to settle it."""
+    try:
+        with _connect(location, time.monotonic() + pg_connections.CONNECT_WAIT) as conn:
+            row = conn.execute(
+                "SELECT v.id, v.globs FROM cv_replicas r JOIN cv_volumes v ON v.id = r.volume WHERE r.id = %s",
+                (replica_id,),
+            ).fetchone()
+    except (RegistryError, _psycopg().Error) as e:
+        raise RegistryError(
+            f"{location.describe()}: the connection was lost at the end of `init` and the registry could not be "
+            f"asked since ({_first_line(e)}), so whether the volume was created or joined is unknown. Run the same "
+            "`init` again once the registry answers: it creates or joins it (if it says the volume exists already, "
+            "this `init` created it: run it without --managed to join it)"
+        ) from e
+    return None if row is None else (row[0], ManagedGlobs.of(row[1]), replica_id)
 
 
 def _check_replica(
@@ -174,13 +209,14 @@ def _check_replica(
 
 
 def _create_volume(
-    conn: psycopg.Connection[Any], location: Location, globs: ManagedGlobs | None = None
+    conn: psycopg.Connection[Any], location: Location, globs: ManagedGlobs | None, new: uuid.UUID
 ) -> tuple[uuid.UUID, ManagedGlobs, bool]:
-    """The volume named by `location` (created with `globs` if new): (id, globs, whether created)."""
+    """The volume named by `location` (created with `globs` as `new` if there is none): (id, globs,
+    whether created)."""
     if globs is not None:
         made = conn.execute(
             "INSERT INTO cv_volumes (id, name, globs) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
-            (uuid.uuid4(), location.volume, json.dumps(list(globs.patterns))),
+            (new, location.volume, json.dumps(list(globs.patterns))),
         ).fetchone()
         if made is not None:
             return made[0], globs, True
