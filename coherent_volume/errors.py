@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import time
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
 
 Reason = Literal["stale", "unread", "held", "fenced", "read-set"]
 
@@ -118,20 +118,20 @@ class StaleWriteError(CoherenceError, PermissionError):
         agent's view."""
         return self.seen_version
 
-    def not_merged(self, why: str) -> StaleWriteError:
+    def not_merged(self, why: str) -> Self:
         """This refusal, its message saying why the merge asked for could not be made."""
         self.unmerged = why
         self.strerror = self._message()
         return self
 
-    def naming_current(self, version: int, writer: str | None) -> StaleWriteError:
+    def naming_current(self, version: int, writer: str | None) -> Self:
         """This refusal naming `version` (last written by `writer`) as the current version, without
         the diff it carried: the version it named was overtaken by it before its diff or merge."""
         self.current_version, self.last_writer, self.diff = version, writer, None
         self.strerror = self._message()
         return self
 
-    def with_diff(self, diff: str | None) -> StaleWriteError:
+    def with_diff(self, diff: str | None) -> Self:
         """This refusal, its message showing `diff` (already cut to a readable size)."""
         self.diff = diff
         self.strerror = self._message()

@@ -277,6 +277,8 @@ def test_overlapping_changes_raise_merge_conflict_and_change_nothing(vols) -> No
     hunk = conflict.value.conflicts[0]
     assert (hunk.line, hunk.base, hunk.ours, hunk.theirs) == (2, ("b\n",), ("B by bob\n",), ("B by alice\n",))
     assert "B by bob" in str(conflict.value) and "B by alice" in str(conflict.value)
+    # as every refusal, it carries what changed since the writer's view (it carried none)
+    assert conflict.value.diff == "--- plans/p.md@v1\n+++ plans/p.md@v2\n@@ -1,3 +1,3 @@\n a\n-b\n+B by alice\n c\n"
     assert alice.read("plans/p.md") == b"a\nB by alice\nc\n" and alice.version("plans/p.md") == 2
 
 

@@ -385,6 +385,7 @@ class History(Writes):
         regular file, or larger than a merge takes), built on `base_version`, and its parents (base,
         theirs); raises what the writer is told when there is none."""
         theirs_version = refusal.current_version
+        now = f"{target.rel}@v{theirs_version}"
         if not may_merge(refusal.reason, True) or base_version is None:
             raise self.refusal_diff(refusal)
         base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
@@ -403,8 +404,9 @@ class History(Writes):
             merged, conflicts = diffs.merge3(base, ours, theirs)
         except TooManyLines as e:
             raise self.refusal_diff(refusal.not_merged(str(e))) from None
-        if conflicts:
-            conflict = MergeConflict(refusal, conflicts, base_version)
+        if conflicts:  # told with the hunks, and, as every refusal, what changed since its base
+            changed = diffs.unified(base if base_version else None, theirs, f"{target.rel}@v{base_version}", now)
+            conflict = MergeConflict(refusal, conflicts, base_version).with_diff(changed and diffs.cut(changed))
             self.log_conflict(conflict)
             raise conflict
         if merged is None:
