@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import sqlite3
@@ -548,26 +547,30 @@ def test_a_process_whose_registry_was_removed_or_replaced_stops_using_it(root: P
             assert bob.read(P) == b"v1" and [v.writer for v in bob.history(P)] == ["external"]
 
 
-def test_a_commit_lock_file_replaced_under_a_process_is_the_one_it_locks_next(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only .coherent/commit.lock removed (a clean-up script): a process that opened the old one
-    locks the new one next, so its commits and a new process's still exclude each other."""
+def test_a_commit_lock_file_removed_while_held_still_excludes_another_process(root: Path) -> None:
+    """.coherent/commit.lock removed while a commit holds it (a clean-up of *.lock files): a process
+    that opens the volume after makes a new lock file, yet its commit still waits for the holder's
+    (it went ahead beside it: two commits of one path at once, increments lost)."""
+    code = (
+        "import sys\nfrom coherent_volume import CoherentVolume\n"
+        f"with CoherentVolume({str(root)!r}, agent='bob') as bob:\n"
+        "    print('ready', flush=True)\n"
+        "    bob.write('plans/other.md', b'bob')\n"
+        "    print('written', flush=True)\n"
+    )
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"v1")
-        lock = root / ".coherent" / sqlite_registry.LOCK_NAME
-        lock.unlink()
-        alice.read(P)
-        assert alice.write(P, b"v2") == 2
-        fd = os.open(lock, os.O_RDWR)  # the lock file made again: held by another process now
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            monkeypatch.setattr(sqlite_registry, "COMMIT_LOCK_TIMEOUT", 0.5)
-            with pytest.raises(RegistryError, match="the commit lock .* stayed held by another process"):
-                alice.write(P, b"v3")
-        finally:
-            os.close(fd)
-        assert alice.write(P, b"v3") == 3 and (root / P).read_bytes() == b"v3"
+        with alice._core.registry.commit_lock():
+            (root / ".coherent" / sqlite_registry.LOCK_NAME).unlink()
+            bob = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            try:
+                assert bob.stdout is not None and bob.stdout.readline() == "ready\n"
+                time.sleep(1.0)
+                assert bob.poll() is None, "bob's commit went ahead while alice held the commit lock"
+            except BaseException:
+                bob.kill()
+                raise
+        assert bob.stdout.readline() == "written\n" and bob.wait(timeout=60) == 0
 
 
 @pytest.mark.parametrize("child_opens", ["inherited", "its-own"])
@@ -604,3 +607,107 @@ def test_a_process_forked_while_another_thread_is_in_a_transaction_can_use_the_v
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert alice.read(P) == b"from the child"
+
+
+def test_a_process_whose_write_ahead_log_was_removed_writes_nothing_more_and_never_checkpoints_it(
+    root: Path,
+) -> None:
+    """registry.db-wal and -shm removed (checkpointed first) while alice has the volume open: bob's
+    process makes new ones and commits there. Alice's next use is refused, and her close does not
+    copy her old log over the registry (it did: bob's committed version vanished, his next one was
+    recorded as external's)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, b"v1")
+    alice = CoherentVolume(root, agent="alice")
+    try:
+        alice.read(P)
+        conn = sqlite3.connect(root / ".coherent" / "registry.db")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        for suffix in ("-wal", "-shm"):
+            (root / ".coherent" / f"registry.db{suffix}").unlink()
+        bob = (
+            "from coherent_volume import CoherentVolume\n"
+            f"with CoherentVolume({str(root)!r}, agent='bob') as bob:\n"
+            f"    bob.read({P!r}); bob.write({P!r}, b'v2 by bob'); bob.write({P!r}, b'v3 by bob')\n"
+        )
+        subprocess.run([sys.executable, "-c", bob], check=True, timeout=120)
+        with pytest.raises(RegistryError, match="write-ahead log or index beside it, was removed or replaced"):
+            alice.write(P, b"from alice")
+    finally:
+        alice.close()
+    with pytest.raises(RegistryError, match="restart the program"):  # SQLite's state of it here is alice's
+        CoherentVolume(root, agent="carol")
+    carol = (
+        "from coherent_volume import CoherentVolume\n"
+        f"with CoherentVolume({str(root)!r}, agent='carol') as carol:\n"
+        f"    print([(v.version, v.writer) for v in carol.history({P!r})], carol.read_version({P!r}, 2))\n"
+    )
+    told = subprocess.run([sys.executable, "-c", carol], capture_output=True, text=True, timeout=120)
+    assert told.stdout == "[(3, 'bob'), (2, 'bob'), (1, 'setup')] b'v2 by bob'\n", told.stderr
+
+
+def test_two_threads_forking_at_once_leave_every_registry_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads fork while a third holds one registry's mutex (a slow transaction) and a fourth
+    logging's lock (whose at-fork hook runs after ours): each fork releases only the mutexes it
+    took (they shared one list: a fork released the other's, both hooks failed, and both mutexes
+    stayed held, every later read of those volumes waiting for ever)."""
+    monkeypatch.setattr(sqlite_registry, "FORK_WAIT", 0.2)
+    vols = []
+    for n in (1, 2):
+        root = tmp_path / f"v{n}"
+        root.mkdir()
+        vols.append(CoherentVolume(root, managed=("*.md",), agent="a"))
+        vols[-1].write("f.md", "x")
+    failed: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: failed.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+    first = vols[0]._core.registry  # type: ignore[attr-defined]
+
+    def slow_transaction() -> None:
+        with first._mutex:
+            time.sleep(0.27)
+
+    def logging_busy() -> None:
+        time.sleep(0.2)
+        with logging_lock():
+            time.sleep(0.25)
+
+    def fork(delay: float) -> None:
+        time.sleep(delay)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    threads = [
+        threading.Thread(target=t, args=a)
+        for t, a in ((slow_transaction, ()), (logging_busy, ()), (fork, (0.05,)), (fork, (0.10,)))
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert failed == []
+        for v in vols:
+            mutex = v._core.registry._mutex  # type: ignore[attr-defined]
+            assert mutex.acquire(timeout=5), "a registry's mutex stayed held after the forks"
+            mutex.release()
+        assert [v.read("f.md") for v in vols] == [b"x", b"x"]
+    finally:
+        for v in vols:  # (a mutex left held would make close wait for ever)
+            if v._core.registry._mutex.acquire(timeout=5):  # type: ignore[attr-defined]
+                v._core.registry._mutex.release()  # type: ignore[attr-defined]
+                v.close()
+
+
+@contextmanager
+def logging_lock() -> Iterator[None]:
+    """logging's module lock, as a thread inside `logging.getLogger` holds it."""
+    import logging
+
+    logging._acquireLock()  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        logging._releaseLock()  # type: ignore[attr-defined]

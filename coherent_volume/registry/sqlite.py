@@ -12,8 +12,10 @@ Invariants:
   (never unlocks them: that would release the parent's lock) and never touches the
   inherited SQLite connection; a fork waits for other threads' transactions to end
   (`_before_fork`), whose locks SQLite keeps in memory the child would copy;
-- a process uses only the registry file at its path (`_replaced`), and locks the commit lock
-  file at its path (`_lock_commits`);
+- a process uses only the registry files at their paths (`_replaced`: it writes nothing more
+  into a write-ahead log another process no longer sees, and never closes its connection to it:
+  `_park`); the commit lock holds however files in the registry's directory are removed
+  (`_lock_commits`);
 - a registry is created (file, WAL switch) by one process at a time, under the open lock;
   the schema is written in one write transaction;
 - only SQLite opens the registry's files (the database, its -wal and -shm): closing any
@@ -28,6 +30,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -686,12 +689,30 @@ def _flock_within(fd: int, operation: int, path: str, what: str, timeout: float,
 
 
 def _identity_of(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`; None where there is none."""
+    """(device, inode) of the file at `path`; None where there is none (a refused look, EACCES, is
+    raised: it says nothing of whether the file is there)."""
     try:
         st = os.stat(path)
-    except OSError:  # (no file, or no directory where its directory was)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return st.st_dev, st.st_ino
+
+
+_Identity = tuple[tuple[int, int] | None, ...]
+"""(device, inode) of a registry's database, write-ahead log and shared-memory index."""
+
+_PARKED: dict[tuple[int, int], sqlite3.Connection] = {}
+"""Connections to registry databases whose write-ahead log was replaced under them, by the
+database's (device, inode): never closed (`_park`)."""
+
+
+def _park(database: tuple[int, int], conn: sqlite3.Connection) -> None:
+    """Keep `conn` open until the process ends, never closed even then: the last connection to its
+    write-ahead log, it would checkpoint that log at its close and cut the database file to the
+    size it knew, over what other processes committed since. SQLite shares a process's state of a
+    database among its connections, so this process opens that database no more (`_connect`)."""
+    _PARKED[database] = conn
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))  # never freed, so never closed, at exit either
 
 
 _OPEN: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
@@ -700,8 +721,9 @@ _INHERITED: list[sqlite3.Connection] = []
 checkpoint or remove the parent's write-ahead log), gone when the child exits."""
 
 
-_HELD_AT_FORK: list[threading.RLock] = []
-"""The registries' mutexes the forking thread holds from just before a fork until just after it."""
+_AT_FORK = threading.local()
+"""`held`: the registries' mutexes the forking thread holds from just before a fork until just
+after it (its own: two threads may fork at once)."""
 
 FORK_WAIT = BUSY_TIMEOUT_MS / 1000
 """Seconds a fork waits, at most, for other threads' registry transactions to end."""
@@ -713,19 +735,21 @@ def _before_fork() -> None:
     way at the fork left the child's own connections waiting for a lock nobody holds (and then
     told it another process held it). Waits at most FORK_WAIT s in all."""
     deadline = time.monotonic() + FORK_WAIT
+    held = _AT_FORK.held = []
     for registry in list(_OPEN):
         mutex = registry._mutex
         if mutex.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            _HELD_AT_FORK.append(mutex)
+            held.append(mutex)
 
 
 def _after_fork_in_parent() -> None:
-    while _HELD_AT_FORK:
-        _HELD_AT_FORK.pop().release()
+    held = getattr(_AT_FORK, "held", [])
+    while held:
+        held.pop().release()
 
 
 def _after_fork_in_child() -> None:
-    _HELD_AT_FORK.clear()  # the child's registries get mutexes of their own (`_forked`)
+    _AT_FORK.held = []  # the child's registries get mutexes of their own (`_forked`)
     for registry in list(_OPEN):
         registry._forked()
 
@@ -765,7 +789,7 @@ class _CommitLock:
             if os.getpid() == self._pid:  # a forked child leaving the block has nothing to release
                 registry._commit_depth -= 1
                 if registry._commit_depth == 0:
-                    fcntl.flock(registry._lock_fd, fcntl.LOCK_UN)
+                    registry._unlock_commits()
         finally:
             self._mutex.release()
 
@@ -835,9 +859,10 @@ class SQLiteRegistry:
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
         self._lock_fd = -1
+        self._dir_fd = -1
         self._open_fd = -1
-        self._identity: tuple[int, int] | None = None
-        """(device, inode) of the registry file this process's connection has open."""
+        self._identity: _Identity = ()
+        """What this process's connection has open (`_identity_now` when it connected)."""
         _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
         try:
             try:
@@ -1001,7 +1026,9 @@ class SQLiteRegistry:
         try:
             if not os.access(self._path, os.R_OK | os.W_OK, effective_ids=True):
                 raise unusable(self._path, refusal(self._path) or OSError(errno.EACCES, "not readable and writable"))
-            identity = _identity_of(self._path)
+            before = _identity_of(self._path)
+            if before in _PARKED:
+                raise self._replaced()
             conn = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
             )
@@ -1019,17 +1046,36 @@ class SQLiteRegistry:
                 # Debian's SQLite zeroes every page it frees: a prune of large versions wrote their
                 # whole size again under the commit lock (100 MiB: 1.3 s; FAST: 0.12 s)
                 conn.execute("PRAGMA secure_delete = FAST")
-                if identity is None or _identity_of(self._path) != identity:  # replaced while it was opened
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # a read opens the log and index
+                identity = self._identity_now()
+                if before is None or identity[0] != before or None in identity:  # replaced while it was opened
                     raise self._replaced()
             except BaseException:
                 conn.close()
                 raise
+            dir_fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except BaseException as e:
             os.close(lock_fd)
             if isinstance(e, sqlite3.DatabaseError):
                 raise self._error(e, started) from e
             raise
-        self._conn, self._lock_fd, self._pid, self._identity = conn, lock_fd, os.getpid(), identity
+        self._conn, self._lock_fd, self._dir_fd = conn, lock_fd, dir_fd
+        self._pid, self._identity = os.getpid(), identity
+
+    def _let_go_of_replaced(self, now: _Identity) -> None:
+        """Where the database at the registry's path is still the one this process's connection has
+        open but its write-ahead log or index is not (removed, another process made new ones), park
+        the connection (`_park`): closing it would write its old log's view over the database. A
+        database removed, moved or made anew is no one else's with this log: its connection closes."""
+        if self._conn is not None and now[0] is not None and now[0] == self._identity[0] and now != self._identity:
+            _park(now[0], self._conn)
+            self._conn = None
+
+    def _identity_now(self) -> _Identity:
+        try:
+            return tuple(_identity_of(self._path + suffix) for suffix in ("", "-wal", "-shm"))
+        except OSError as e:  # (not allowed to look: that says nothing of what is there)
+            raise unusable(self._path, e) from e
 
     def _replaced(self) -> RegistryError | FileNotFoundError:
         """The error of every use of a registry whose file was removed or replaced since this process
@@ -1039,41 +1085,35 @@ class SQLiteRegistry:
         if not os.path.isdir(root):
             return root_gone(root)
         return RegistryError(
-            f"the volume registry {self._path!r} was removed or replaced while this process had it open (its "
-            f"{os.path.basename(self._directory)} directory deleted, or the volume made anew): nothing was "
-            "changed, and this process stops using it, since what it recorded there no other process would "
-            "see; open the volume again",
+            f"the volume registry {self._path!r}, or its write-ahead log or index beside it, was removed or "
+            f"replaced while this process had it open (its {os.path.basename(self._directory)} directory or "
+            "files in it removed, moved or copied over, or the volume made anew): nothing was changed; this "
+            "process no longer writes there, since no other process would see it: open the volume again "
+            "(restart the program, the mount or the MCP server that had it open)",
             errno.EIO,
         )
 
     def _lock_commits(self, started: float) -> None:
-        """Take the commit lock's flock, on the lock file that is at its path once it is held: a
-        lock file removed or replaced meanwhile excludes nobody, so the one there now is locked
-        instead (every holder checks this, so all converge on one file)."""
-        while True:
-            _flock_within(
-                self._lock_fd, fcntl.LOCK_EX, self._lock_path, "the commit lock", COMMIT_LOCK_TIMEOUT, started
-            )
-            held = os.fstat(self._lock_fd)
-            if _identity_of(self._lock_path) == (held.st_dev, held.st_ino):
-                return
-            if _identity_of(self._path) != self._identity:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                raise self._replaced()
-            try:
-                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError as e:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                raise unusable(self._path, e) from e
-            os.close(self._lock_fd)  # (closing it lets go of the orphan's lock)
-            self._lock_fd = fd
+        """Take the commit lock: the flock of the lock file, which processes of earlier releases
+        take alone, then that of the registry's directory, which no removal of a file in it takes
+        away (a lock file removed while held let the next process lock a new one beside it)."""
+        _flock_within(self._lock_fd, fcntl.LOCK_EX, self._lock_path, "the commit lock", COMMIT_LOCK_TIMEOUT, started)
+        try:
+            _flock_within(self._dir_fd, fcntl.LOCK_EX, self._directory, "the commit lock", COMMIT_LOCK_TIMEOUT, started)
+        except BaseException:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            raise
+
+    def _unlock_commits(self) -> None:
+        fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _let_go(self) -> None:
         """Let go of a connection and lock descriptors this process may not use (inherited
         through fork): the descriptors are closed, never unlocked (the open file is shared with the
         parent, and LOCK_UN would release the parent's lock); the connection is kept, unused and
         unclosed, in _INHERITED."""
-        for name in ("_lock_fd", "_open_fd"):
+        for name in ("_lock_fd", "_dir_fd", "_open_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 setattr(self, name, -1)
@@ -1094,11 +1134,13 @@ class SQLiteRegistry:
         self._commit_depth = 0
 
     def _connection(self) -> sqlite3.Connection:
-        """This process's connection, to the registry file that is at its path (`_replaced`)."""
+        """This process's connection, to the registry files that are at their paths (else
+        `_replaced`, the connection parked: `_park`)."""
         if self._pid != os.getpid():  # after a fork that ran no at-fork handler, or after close
             self._forked()
             self._connect()
-        elif _identity_of(self._path) != self._identity:
+        elif (now := self._identity_now()) != self._identity:
+            self._let_go_of_replaced(now)
             raise self._replaced()
         assert self._conn is not None
         return self._conn
@@ -1254,10 +1296,14 @@ class SQLiteRegistry:
         the registry: only let go of what it inherited)."""
         with self._mutex:
             if self._pid == os.getpid() and self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            if self._pid == os.getpid() and self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+                self._let_go_of_replaced(self._identity_now())
+                if self._conn is not None:  # (not parked)
+                    self._conn.close()
+                    self._conn = None
+            if self._pid == os.getpid():
+                for name in ("_lock_fd", "_dir_fd"):
+                    if getattr(self, name) >= 0:
+                        os.close(getattr(self, name))
+                        setattr(self, name, -1)
             self._let_go()
         _OPEN.discard(self)
