@@ -22,7 +22,7 @@ import click
 
 from . import report
 from .core import VolumeCore, open_core, validate_agent
-from .errors import CoherenceError, DamagedContent, StaleWriteError, VersionGone, VolumeConfigError
+from .errors import CoherenceError, DamagedContent, RegistryError, StaleWriteError, VersionGone, VolumeConfigError
 from .globs import REGISTRY_DIR, ManagedGlobs
 from .paths import Target, shown
 from .policy import MAX_KEEP_DAYS, Policy, Retention
@@ -555,21 +555,28 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
     anchor = _identity(registry)
     while follow:
         time.sleep(0.2)
-        if _identity(registry) != anchor or not recorded_in(registry):
+        try:
+            gone = _identity(registry) != anchor or not recorded_in(registry)
+            if not gone:
+                batch, mark = report.events_since(core, mark)
+        except (PermissionError, RegistryError) as e:
+            if isinstance(e, PermissionError) or isinstance(e.__cause__, PermissionError):
+                continue  # not allowed to look for a while (its permissions changed): that is not gone
+            raise
+        if gone:
             raise VolumeConfigError(
                 f"{shown(core.paths.root)}: the volume followed is gone (its {REGISTRY_DIR} directory was removed, "
                 "moved or made anew): nothing more will be logged there; follow the volume where it is now"
             )
-        batch, mark = report.events_since(core, mark)
         if batch:
             emit(batch)
 
 
 def _identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of `path`, None where nothing is."""
+    """(device, inode) of `path`, None where nothing is (PermissionError where it may not be looked at)."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return st.st_dev, st.st_ino
 

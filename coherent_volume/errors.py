@@ -138,7 +138,9 @@ class StaleWriteError(CoherenceError, PermissionError):
         return self
 
     def _message(self) -> str:
-        seen = "never read it" if self.seen_version is None else f"read version {self.seen_version}"
+        seen = {None: "never read it", 0: "found no file there"}.get(
+            self.seen_version, f"read version {self.seen_version}"
+        )
         detail = f"you {seen}; current version is {self.current_version}"
         if self.deleted:
             detail += " (the file's deletion)"

@@ -59,14 +59,16 @@ class CoherentVolume:
     # ---- reads ----
 
     def read(self, path: str | os.PathLike[str]) -> bytes:
-        """Tracked read: returns the bytes and registers this agent's view at their version."""
+        """Tracked read: returns the bytes and registers this agent's view at their version (with
+        read-set isolation, a read that finds no file that ever was counts too, at version 0)."""
         paths = self._core.paths
         rel = lexical(path) if isinstance(path, str) and not self._closed else None
         if rel is not None and not is_registry_path(rel):
             fd = paths.open_plain(rel)  # fast path: a plain path with no symlink in it
             if fd is not None:
                 return self._core.read(self.agent, paths.of_rel(rel), fd).data
-        return self._core.read(self.agent, self._target(path)).data
+        absence = self.isolation == "read-set"
+        return self._core.read(self.agent, self._target(path), absence=absence).data
 
     def read_text(self, path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
         return self.read(path).decode(encoding)

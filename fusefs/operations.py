@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from coherent_volume.core import VolumeCore
-from coherent_volume.errors import CoherenceError
+from coherent_volume.errors import CoherenceError, RegistryError
 from coherent_volume.liveness import ProcessId, current_process
 from coherent_volume.mounts import direct_dir_in
 from coherent_volume.paths import Target, is_registry_path
@@ -1038,12 +1038,20 @@ class CoherentOperations(pyfuse3.Operations):
             names = [n for n in names if not is_registry_path(n)]
         fh = self._fh()
         self.dirs[fh] = Listing(inode, [os.fsencode(n) for n in names], fd)
-        # the caller sees which managed files are gone (its agent is looked up only if some are)
-        if self._reaches(rel) and await blocking(self.core.deletions_in, rel):
+        if self._reaches(rel):
+            try:
+                await self._note_listed(rel, ctx)
+            except RegistryError as e:  # the listing shows the disk; the views wait for the next one
+                log.warning("listing %r: its lister's views of files deleted there were not moved: %s", rel, e)
+        return fh
+
+    async def _note_listed(self, rel: str, ctx: pyfuse3.RequestContext) -> None:
+        """The caller sees which managed files in `rel` are gone (its agent looked up only if some
+        are): its views of them move to their deletions (`VolumeCore.note_listed`)."""
+        if await blocking(self.core.deletions_in, rel):
             agent = (await self._identity(ctx))[0]
             if agent is not None and agent_name_problem(agent) is None:
                 await blocking(self.core.note_listed, agent, rel)
-        return fh
 
     @guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

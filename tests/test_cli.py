@@ -377,6 +377,42 @@ def test_another_user_is_told_permission_denied_on_which_path_and_what_to_do(sha
     assert f"permission denied on {str(registry / 'open.lock')!r}" in r.stderr, r.stderr
 
 
+def test_log_follow_goes_on_through_a_while_it_may_not_look_at_the_registry(shared_root: Path) -> None:
+    """`.coherent` made unreadable for a moment (chmod 000, then back) is not a volume gone: a user's
+    `log --follow` keeps following (it ended, saying the registry was removed or replaced)."""
+    registry = shared_root / ".coherent"
+    for path in (registry, *registry.iterdir()):
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    proc = subprocess.Popen(
+        [*NOBODY, CLI, "log", str(shared_root), "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        with CoherentVolume(shared_root, agent="alice") as alice:
+            alice.write(P, b"v1")
+            assert select.select([proc.stdout], [], [], 30)[0] and proc.stdout is not None
+            assert json.loads(proc.stdout.readline())["version"] == 1  # following
+            registry.chmod(0o000)
+            time.sleep(1.0)
+            registry.chmod(0o777)
+            alice.read(P)
+            alice.write(P, b"v2")
+            assert select.select([proc.stdout], [], [], 30)[0], "the follower printed nothing more"
+            line = proc.stdout.readline()
+            assert line and json.loads(line)["version"] == 2, (
+                line,
+                proc.stderr.read() if proc.poll() is not None else "",
+            )
+            assert proc.poll() is None
+    finally:
+        registry.chmod(0o777)
+        proc.kill()
+        proc.wait()
+
+
 def test_a_hook_run_by_a_user_who_cannot_look_into_the_registry_denies_the_write(shared_root: Path) -> None:
     """Its `.coherent` unreadable, the volume was taken for no volume: the write was let through
     unchecked. It is a volume whose check fails, and says why."""

@@ -75,14 +75,16 @@ class Reads(CoreBase):
 
     # ---- reads ----------------------------------------------------------------------
 
-    def read(self, agent: str, target: Target, fd: int | None = None, *, register: bool = True) -> Observed:
+    def read(
+        self, agent: str, target: Target, fd: int | None = None, *, register: bool = True, absence: bool = False
+    ) -> Observed:
         """Read a file (from `fd` if given, which this closes); for a managed one, register `agent`'s
         view at the version of these bytes (unless `register` is False: a pinned agent's re-read).
         A path where a catch-up or rename of this working copy left a file unsettled
         (`CoreBase._noted`) is read under the commit lock, whose transaction settles it first.
 
-        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion,
-        or of its absence, at version 0, where no file of that name ever was)."""
+        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion;
+        with `absence`, the read-set isolation's, at version 0 where no file of that name ever was)."""
         if not target.managed:
             return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
@@ -113,7 +115,7 @@ class Reads(CoreBase):
                         self._confirmed.clear()
                     self._confirmed[key] = (fp, digest, version, now + CONFIRMED_FOR)
                 return Observed(data, version)
-        return self._read_locked(agent, target, register)
+        return self._read_locked(agent, target, register, absence)
 
     def _pair(self, agent: str, target: Target, digest: str, register: bool) -> int | None:
         """Optimistically pair content with the committed version that has its hash (registering
@@ -166,7 +168,7 @@ class Reads(CoreBase):
                 os.close(fd)
                 raise
 
-    def _read_locked(self, agent: str, target: Target, register: bool) -> Observed:
+    def _read_locked(self, agent: str, target: Target, register: bool, absence: bool = False) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
         with self._commit_lock((target.rel,)):  # no commit of it between the read and the sync
             self._settle_installs()
@@ -179,9 +181,9 @@ class Reads(CoreBase):
 
             def pair(tx: Transaction) -> FileRecord | None:
                 record = self._sync(tx, target, tx.file(target.rel), disk, content=data)
-                # a read that found no file is a view of the deletion, or at 0 where no file ever was
-                # (read-set isolation counts it), never of a version it did not find
-                if register and (data is not None or record is None or not record.present):
+                # a read that found no file is a view of the deletion (or, with `absence`, at 0 where no
+                # file ever was), never of a version it did not find
+                if register and (data is not None or (record is None and absence) or (record and not record.present)):
                     tx.put_view(agent, target.rel, current_version(record), time.time())
                 return record
 
