@@ -329,6 +329,12 @@ class RegistryError(CoherenceError):
         self.errno = errno_
 
 
+class CommitPending(RegistryError):
+    """A change installed on disk whose record the registry did not take in time: the next
+    operation's crash recovery records it as its writer's (unless the file changes first). The
+    change was made: a face that answers with an errno answers success (the mount)."""
+
+
 class RegistryLoginRefused(RegistryError):
     """The PostgreSQL server refused this process's login: its authentication failed (a wrong or
     missing password), or the role or the database the registry URL names does not exist or may not

@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from coherent_volume.core import VolumeCore
-from coherent_volume.errors import CoherenceError, RegistryError
+from coherent_volume.errors import CoherenceError, CommitPending, RegistryError
 from coherent_volume.liveness import ProcessId, current_process
 from coherent_volume.mounts import direct_dir_in
 from coherent_volume.paths import Target, is_registry_path
@@ -93,6 +93,17 @@ def guarded(handler: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+async def _made(commit: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run a checked change (a deletion, a rename) in a worker thread. One made on disk whose
+    record is pending (`CommitPending`: recovery records it as its writer's) was made: the caller
+    is told success, as the disk says, and the log why its version is not recorded yet (it was
+    told ENOSPC or EIO while its file was gone)."""
+    try:
+        await blocking(commit, *args, **kwargs)
+    except CommitPending as e:
+        log.warning("%s", e)
 
 
 def _call_of(tid: int) -> str | None:
@@ -1147,7 +1158,7 @@ class CoherentOperations(pyfuse3.Operations):
             st = self.backing.lstat(rel)
             file = self.backing.open(rel, os.O_RDWR) if writers else None  # what its handles go on with
             try:
-                await blocking(self.core.commit, agent, self._target(rel), None)
+                await _made(self.core.commit, agent, self._target(rel), None)
                 still_open = {id(h) for h in self.files.values()}  # one released meanwhile would keep `file` forever
                 for handle in writers:
                     if id(handle) in still_open:
@@ -1200,7 +1211,7 @@ class CoherentOperations(pyfuse3.Operations):
                 self.own.note(*carried.values(), *(_carried(rel, src, dst, exchange) for rel in carried.values()))
                 ends = (src, dst) if exchange else (src,)
                 aside = {i: rel for i, rel in self._aside.items() if any(_at_or_below(rel, end) for end in ends)}
-                await blocking(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
+                await _made(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
                 for handle in moving:
                     handle.moved = True
                 self._renamed(src, dst, exchange, tree)

@@ -17,6 +17,7 @@ from .. import atomic
 from ..edits import Edits
 from ..errors import (
     CasConflict,
+    CommitPending,
     InstallPending,
     Reason,
     RegistryError,
@@ -503,7 +504,7 @@ class Writes(Reads):
                 return self._transact(finish, holds=holds) if recover else self.registry.transact(finish, holds)
             except RegistryError as e:
                 if time.monotonic() + pause > deadline:
-                    raise RegistryError(
+                    raise CommitPending(
                         f"{what}: your change is on disk and its commit is pending, but the registry could "
                         f"not record it within {FINISH_WAIT:.0f} s ({e}); the next operation on this volume "
                         "records it as yours (crash recovery) unless the file changes before that: do not "
