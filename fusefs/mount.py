@@ -139,7 +139,16 @@ async def _serve(
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async for _ in signals:
+                async for number in signals:
+                    unsaved = sorted({h.rel for h in ops.files.values() if getattr(h, "unsaved", False)})
+                    log.warning(
+                        "stopping on %s with %d files open%s",
+                        signal.Signals(number).name,
+                        len(ops.files),
+                        f"; unsaved writes to {', '.join(unsaved)} are dropped (their programs get ENOTCONN)"
+                        if unsaved
+                        else "",
+                    )
                     await bound.wait()
                     if direct_dirs:  # before the mount they sit on, while it still serves their lookups
                         try:
