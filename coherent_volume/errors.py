@@ -24,7 +24,7 @@ REMEDY_DELETED = (
     "FileNotFoundError through the API), then create it anew if you still mean to"
 )
 """The remedy of a `stale` refusal whose current version is the file's deletion: no read of the
-file can follow "re-read the file" (creating it with O_EXCL through a mount needs neither)."""
+file can follow "re-read the file"."""
 
 
 class CoherenceError(Exception):

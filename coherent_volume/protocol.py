@@ -318,8 +318,6 @@ class WriteCheck:
     open_kinds: list[HandleKind] | None = None
     """The kinds of the write handles the agent has open on the path in the deciding process,
     sharing its grant; None when the agent's grant (if any) is no such handle grant."""
-    exclusive: bool = False
-    """An exclusive creation (open with O_CREAT|O_EXCL): its writer knows no file is there."""
 
 
 def current_version(record: FileRecord | None) -> int:
@@ -333,9 +331,8 @@ def decide_write(c: WriteCheck) -> Reason | None:
     `handles_share` says no), then the version rule (CAS, or unread/stale; none for opening to
     append), then read-set.
     A path that does not exist may be created without a prior read, unless the agent's view
-    predates its deletion (a write built on content that is gone is stale) and the creation is not
-    exclusive (O_EXCL: its writer asserts that no file is there, which is what a view of the
-    deletion would say).
+    predates its deletion (a write built on content that is gone is stale, even an exclusive
+    create: cp and Python's open(..., 'x') make every new file so).
     """
     if c.fenced:
         return "fenced"
@@ -355,7 +352,7 @@ def decide_write(c: WriteCheck) -> Reason | None:
             return "unread"
         if c.seen != version:
             return "stale"
-    elif c.seen is not None and c.seen != version and not c.exclusive:
+    elif c.seen is not None and c.seen != version:
         return "stale"
     if c.changed_read_set:
         return "read-set"

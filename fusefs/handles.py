@@ -492,7 +492,7 @@ class Shadow:
         O_EXCL (blocking)."""
         kind = cls.kind_of(flags)
         try:
-            grant, version = core.create(agent, target, mode, owner, kind, exclusive=bool(flags & os.O_EXCL))
+            grant, version = core.create(agent, target, mode, owner, kind)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise

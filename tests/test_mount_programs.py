@@ -269,19 +269,20 @@ def test_append(mounted: Mount, stale: bool) -> None:
         assert_applied(mounted.run("dave", script), APPEND, mounted, before)
 
 
-def test_an_exclusive_create_after_a_peers_deletion_goes_ahead_where_a_plain_one_is_refused(mounted: Mount) -> None:
+def test_a_write_over_a_peers_deletion_is_refused_saying_how_to_take_the_deletion_in(mounted: Mount) -> None:
     """alice read the plan, bob deleted it. Writing it anew from alice's view would bring back what
-    bob deleted: refused `stale`. An O_EXCL create (a lock file's, Python's open(..., 'x')) says
-    alice knows nothing is there: it goes ahead (it was refused, with a remedy, "re-read the file",
-    that no read of a missing file could follow)."""
+    bob deleted: refused `stale`, an exclusive create too (cp and Python's open(..., 'x') make every
+    new file so), saying that the current version is the deletion and how to take it in (it said
+    "re-read the file", which no read of a missing file could follow); after a listing, it goes ahead."""
     before = seed(mounted)
     ok(mounted.run("bob", f"cat {P} >/dev/null && rm {P}"))
-    refused = mounted.run("alice", f"echo from my old view > {P}")
-    assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused.stderr
+    for write in (f"echo from my old view > {P}", f"cp {DRAFT} {P}", f"set -C; echo from my old view > {P}"):
+        refused = mounted.run("alice", write)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr, (write, refused.stderr)
     assert not (mounted.root / P).exists() and version(mounted) == before + 1
     told = ok(mounted.run("alice", f"{Path(sys.executable).parent}/coherent-volume why {P}")).stdout
     assert "look at its directory again to take in the deletion" in told and "re-read the file" not in told, told
-    ok(mounted.run("alice", f"{sys.executable} -c \"open('{P}', 'x').write('made anew\\n')\""))
+    ok(mounted.run("alice", f"ls plans >/dev/null && {sys.executable} -c \"open('{P}', 'x').write('made anew\\n')\""))
     assert backing(mounted.root) == "made anew\n" and version(mounted) == before + 3  # created, then written
 
 

@@ -59,8 +59,8 @@ def spec(c: WriteCheck) -> str | None:
         ok = True
     elif c.expected is not None:
         ok = c.expected == version
-    elif not exists:  # creating needs no read, unless the read predates a deletion and it is not O_EXCL
-        ok = c.seen in (None, version) or c.exclusive
+    elif not exists:
+        ok = c.seen in (None, version)  # creating needs no read, unless the read predates a deletion
     else:
         ok = c.seen == version
     if not ok:
@@ -74,13 +74,13 @@ def test_decide_write_matches_spec_exhaustively() -> None:
     holders = [None, "a", "b"]
     expecteds = [None, 0, 1, 2, 3]
     cases = 0
-    for current, seen, holder, fenced, changed, expected, exclusive in itertools.product(
-        records, seens, holders, (False, True), ((), ("q",)), expecteds, (False, True)
+    for current, seen, holder, fenced, changed, expected in itertools.product(
+        records, seens, holders, (False, True), ((), ("q",)), expecteds
     ):
-        check = WriteCheck("a", current, seen, holder, fenced, changed, expected, exclusive=exclusive)
+        check = WriteCheck("a", current, seen, holder, fenced, changed, expected)
         assert decide_write(check) == spec(check), check
         cases += 1
-    assert cases == 5 * 5 * 3 * 2 * 2 * 5 * 2
+    assert cases == 5 * 5 * 3 * 2 * 2 * 5
 
 
 def test_decide_write_for_opening_handles_matches_spec_exhaustively() -> None:

@@ -135,11 +135,10 @@ class Writes(Reads):
         isolation: Isolation,
         expected: int | None = None,
         kind: HandleKind | None = None,
-        exclusive: bool = False,
     ) -> tuple[FileRecord | None, WriteCheck, Reason | None, Grant | None]:
         """Sync `target` with the disk and decide whether `agent` may write it (nothing logged).
-        `kind`: opening a write handle of that kind; `exclusive`: creating it with O_EXCL. (record,
-        check, refusal reason, the live grant on `target` as this transaction read it)."""
+        `kind`: opening a write handle of that kind. (record, check, refusal reason, the live grant
+        on `target` as this transaction read it)."""
         record, seen, held, fenced = tx.write_state(target.rel, agent)
         record = self._sync(tx, target, record)
         if self.replica is not None and (record is None or not record.present):
@@ -159,7 +158,6 @@ class Writes(Reads):
             expected=expected,
             kind=kind,
             open_kinds=open_kinds,
-            exclusive=exclusive,
         )
         return record, check, decide_write(check), grant
 
@@ -661,15 +659,13 @@ class Writes(Reads):
         tx.drop_intent(target.rel)
         tx.log("commit" if present else "delete", target.rel, agent, now, seen_version=seen, version=version)
 
-    def create(
-        self, agent: str, target: Target, mode: int, owner: ProcessId, kind: HandleKind, exclusive: bool = False
-    ) -> tuple[Grant, int]:
+    def create(self, agent: str, target: Target, mode: int, owner: ProcessId, kind: HandleKind) -> tuple[Grant, int]:
         """Create `target` empty with `mode` (FileExistsError if it exists) as a checked commit, and
         take `agent`'s write grant for the handle that created it, as `begin_write` does: (grant,
         version).
 
         Creating a new path needs no prior read, but a view that predates the path's deletion is
-        stale, unless the creation is `exclusive` (O_EXCL: `protocol.decide_write`)."""
+        stale."""
         self._require_managed(target, "create")
         agent = self.agent(agent)
         staged = atomic.stage_written(
@@ -679,7 +675,7 @@ class Writes(Reads):
         def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
             """Decide the creation and, accepted, record it (`_record_staged`) and take the handle's grant."""
             now = time.time()
-            record, check, reason, held = self._decide(tx, agent, target, "file", kind=kind, exclusive=exclusive)
+            record, check, reason, held = self._decide(tx, agent, target, "file", kind=kind)
             if record is not None and record.present:
                 raise FileExistsError(errno.EEXIST, "File exists", target.rel)
             version = current_version(record) + 1
