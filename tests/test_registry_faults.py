@@ -711,3 +711,47 @@ def logging_lock() -> Iterator[None]:
         yield
     finally:
         logging._releaseLock()  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_whose_parent_exits_keeps_every_commit_while_other_processes_come_and_go(
+    tmp_path: Path,
+) -> None:
+    """A program opens a volume, writes, forks and exits (a daemon): the child's connections took
+    no lock in the kernel (SQLite's state in the process said the parent's were held), so another
+    process closing the volume counted as the last, checkpointed and removed the write-ahead log
+    under the child, whose acknowledged commits were then lost (300 acknowledged, 17 recorded)."""
+    root = tmp_path / "vol"
+    root.mkdir()
+    CoherentVolume(root, managed=("*.md",), agent="init").close()
+    done, stop = tmp_path / "done", tmp_path / "stop"
+    launcher = os.fork()
+    if launcher == 0:
+        code = 1
+        try:
+            v = CoherentVolume(root, agent="daemon")
+            v.write("n.md", b"0")
+            if os.fork() == 0:
+                acknowledged = 0
+                try:
+                    while not stop.exists():
+                        v.update("n.md", lambda old: b"%d" % (int(old) + 1))
+                        acknowledged += 1
+                finally:
+                    done.write_text(str(acknowledged))
+                    os._exit(0)
+            code = 0
+        finally:
+            os._exit(code)  # the launcher exits, closing nothing
+    assert os.waitstatus_to_exitcode(os.waitpid(launcher, 0)[1]) == 0
+    come_and_go = f"from coherent_volume import CoherentVolume\nCoherentVolume({str(root)!r}, agent='q').close()"
+    for _ in range(3):  # while the child commits
+        subprocess.run([sys.executable, "-c", come_and_go], check=True, timeout=60)
+    stop.touch()
+    deadline = time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # (the file is written before the child exits)
+    acknowledged = int(done.read_text())
+    with CoherentVolume(root, agent="looker") as looker:
+        assert looker.read("n.md") == b"%d" % acknowledged and looker.version("n.md") == acknowledged + 1
+        assert {v.writer for v in looker.history("n.md")} == {"daemon"}

@@ -37,6 +37,7 @@ import json
 import os
 import shlex
 import sqlite3
+import struct
 import threading
 import time
 import urllib.parse
@@ -748,6 +749,37 @@ def _after_fork_in_parent() -> None:
         held.pop().release()
 
 
+_SHARED_BYTES = (0x40000002, 510)
+"""Where SQLite's unix VFS takes a database's shared and exclusive locks (SHARED_FIRST, SHARED_SIZE)."""
+
+
+def _closed_inherited(path: str, conn: sqlite3.Connection) -> bool:
+    """Close a connection a forked child inherited, unless that cannot be made harmless; whether it
+    was. Kept open, it left SQLite's state of the database in this process saying it held the
+    parent's locks, so the child's own connections took none in the kernel: another process's
+    close then counted as the last, checkpointed and removed the write-ahead log under the child,
+    whose commits went into the removed log (acknowledged, then lost). Its close must not
+    checkpoint either (the log it knew may be stale): an open file description lock on the
+    database's shared-lock bytes, which this process's own POSIX locks do not pass, keeps the
+    close from taking the exclusive lock a checkpoint needs; the description is then closed, before
+    the child holds any lock of its own on the file."""
+    if conn.in_transaction:  # forked inside its transaction: the child leaves that block on it
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, *_SHARED_BYTES, 0))
+        except OSError:  # (a writer holds them exclusively right now: keep it unclosed)
+            return False
+        conn.close()
+        return True
+    finally:
+        os.close(fd)
+
+
 def _after_fork_in_child() -> None:
     _AT_FORK.held = []  # the child's registries get mutexes of their own (`_forked`)
     for registry in list(_OPEN):
@@ -1111,8 +1143,9 @@ class SQLiteRegistry:
     def _let_go(self) -> None:
         """Let go of a connection and lock descriptors this process may not use (inherited
         through fork): the descriptors are closed, never unlocked (the open file is shared with the
-        parent, and LOCK_UN would release the parent's lock); the connection is kept, unused and
-        unclosed, in _INHERITED."""
+        parent, and LOCK_UN would release the parent's lock); the connection is closed where its
+        close can be kept from checkpointing (`_closed_inherited`), else kept, unused and unclosed,
+        in _INHERITED."""
         for name in ("_lock_fd", "_dir_fd", "_open_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -1122,7 +1155,8 @@ class SQLiteRegistry:
                 except OSError:
                     pass
         if self._conn is not None:
-            _INHERITED.append(self._conn)
+            if not _closed_inherited(self._path, self._conn):
+                _INHERITED.append(self._conn)
             self._conn = None
         self._pid = -1
 
