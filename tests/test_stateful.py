@@ -28,6 +28,8 @@ class Model:
     def read(self, agent: str, path: str) -> bytes | None:
         if path in self.version:
             self.views[agent, path] = self.version[path]
+        elif agent == "b":  # read-set isolation counts a read that found no file that ever was
+            self.views[agent, path] = 0
         return self.content.get(path)
 
     def refusal(self, agent: str, path: str, expected: int | None) -> str | None:
