@@ -9,9 +9,10 @@ Invariants:
   past that, RegistryError(EBUSY) says which lock, for how long and, if /proc/locks tells,
   held by whom;
 - a forked child never keeps its parent's locks: it closes the inherited lock descriptors
-  (never unlocks them: that would release the parent's lock) and never touches the
-  inherited SQLite connection; a fork waits for other threads' transactions to end
-  (`_before_fork`), whose locks SQLite keeps in memory the child would copy;
+  (never unlocks them: that would release the parent's lock) and closes the inherited SQLite
+  connections only where their close cannot checkpoint (`_closed_inherited`); a fork waits for
+  other threads' transactions to end (`_before_fork`), whose locks SQLite keeps in memory the
+  child would copy;
 - a process uses only the registry files at their paths (`_replaced`: it writes nothing more
   into a write-ahead log another process no longer sees, and never closes its connection to it:
   `_park`); the commit lock holds however files in the registry's directory are removed
@@ -718,8 +719,9 @@ def _park(database: tuple[int, int], conn: sqlite3.Connection) -> None:
 
 _OPEN: weakref.WeakSet[SQLiteRegistry] = weakref.WeakSet()
 _INHERITED: list[sqlite3.Connection] = []
-"""SQLite connections a forked child inherited: never used, never closed (closing one could
-checkpoint or remove the parent's write-ahead log), gone when the child exits."""
+"""SQLite connections a forked child inherited and could not close harmlessly (`_closed_inherited`):
+never used, never closed (closing one could checkpoint or remove the parent's write-ahead log),
+gone when the child exits."""
 
 
 _AT_FORK = threading.local()
@@ -1056,6 +1058,11 @@ class SQLiteRegistry:
         except OSError as e:
             raise unusable(self._path, e) from e
         try:
+            dir_fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            os.close(lock_fd)
+            raise unusable(self._path, e) from e
+        try:
             if not os.access(self._path, os.R_OK | os.W_OK, effective_ids=True):
                 raise unusable(self._path, refusal(self._path) or OSError(errno.EACCES, "not readable and writable"))
             before = _identity_of(self._path)
@@ -1085,9 +1092,9 @@ class SQLiteRegistry:
             except BaseException:
                 conn.close()
                 raise
-            dir_fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except BaseException as e:
             os.close(lock_fd)
+            os.close(dir_fd)
             if isinstance(e, sqlite3.DatabaseError):
                 raise self._error(e, started) from e
             raise
