@@ -96,7 +96,16 @@ class Tree:
         self._start(report=False)
 
     def _start(self, *, report: bool) -> None:
-        self.fd = _checked(_libc.inotify_init1(IN_CLOEXEC))
+        try:
+            self.fd = _checked(_libc.inotify_init1(IN_CLOEXEC))
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                raise
+            raise SystemExit(
+                f"inotify instance limit reached: no watcher of {self.root} could start (this user's processes hold "
+                "fs.inotify.max_user_instances of them, or this process its descriptor limit): raise "
+                "fs.inotify.max_user_instances (sysctl) or stop programs that watch files, then mount again"
+            ) from None
         self._dirs: dict[int, str] = {}  # watch descriptor -> its directory
         self._wds: dict[str, int] = {}  # directory -> its watch descriptor
         self._managed: dict[int, set[str]] = {}  # watch descriptor -> names of its managed non-directories
