@@ -23,6 +23,7 @@ import click
 from . import report
 from .core import VolumeCore, open_core, validate_agent
 from .errors import CoherenceError, DamagedContent, RegistryError, StaleWriteError, VersionGone, VolumeConfigError
+from .fingerprint import file_identity
 from .globs import REGISTRY_DIR, ManagedGlobs
 from .paths import Target, shown
 from .policy import MAX_KEEP_DAYS, Policy, Retention
@@ -552,11 +553,11 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
 
     emit(batch)
     registry = os.path.join(core.paths.root, REGISTRY_DIR)
-    anchor = _identity(registry)
+    anchor = file_identity(registry)
     while follow:
         time.sleep(0.2)
         try:
-            gone = _identity(registry) != anchor or not recorded_in(registry)
+            gone = file_identity(registry) != anchor or not recorded_in(registry)
             if not gone:
                 batch, mark = report.events_since(core, mark)
         except (PermissionError, RegistryError) as e:
@@ -570,15 +571,6 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
             )
         if batch:
             emit(batch)
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of `path`, None where nothing is (PermissionError where it may not be looked at)."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _echo_diff(shown: report.VersionDiff | None) -> None:

@@ -27,6 +27,12 @@ REMEDY_DELETED = (
 file can follow "re-read the file"."""
 
 
+def remedy(reason: str, deleted: bool) -> str:
+    """What a refused writer is told to do: `REMEDY` of its reason, `REMEDY_DELETED` for a `stale`
+    one whose current version is the file's deletion."""
+    return REMEDY_DELETED if deleted and reason == "stale" else REMEDY[reason]
+
+
 class CoherenceError(Exception):
     """Base class of every error raised by coherent_volume."""
 
@@ -161,7 +167,7 @@ class StaleWriteError(CoherenceError, PermissionError):
             detail += f"; changed since you read them: {', '.join(self.changed)}"
         message = (
             f"write to {self.path!r} refused for agent {self.agent!r} ({self.reason}): "
-            f"{detail}. To fix: {REMEDY_DELETED if self.deleted and self.reason == 'stale' else REMEDY[self.reason]}."
+            f"{detail}. To fix: {remedy(self.reason, self.deleted)}."
         )
         if self.unmerged:
             message += f"\nIt could not be merged: {self.unmerged}."

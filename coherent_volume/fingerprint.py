@@ -41,6 +41,16 @@ def fingerprint_path(path: str) -> Fingerprint | None:
     return Fingerprint.of(st) if stat_mod.S_ISREG(st.st_mode) else None
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of what is at `path`, following symlinks; None where nothing is (a look the
+    system refuses, EACCES, is raised: it says nothing of whether something is there)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
 def kind_of(mode: int) -> str:
     """What a file of `mode` (st_mode) is, for people: "a regular file", "a FIFO (named pipe)", ..."""
     kinds = (

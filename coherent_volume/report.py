@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from . import diffs
 from .core import VolumeCore
 from .core.history import MAX_VERSION
-from .errors import REMEDY, REMEDY_DELETED, DamagedContent, TooManyLines, VersionGone, VolumeConfigError
+from .errors import DamagedContent, TooManyLines, VersionGone, VolumeConfigError, remedy
 from .fingerprint import kind_of
 from .mounts import direct_dir_in, mounts_of
 from .paths import Target, printable
@@ -354,7 +354,7 @@ def why(core: VolumeCore, target: Target) -> Why:
         refused_deletion = False
         if refusal is not None:
             refused_at = tx.version_entry(target.rel, refusal.version or 0)
-            refused_deletion = refusal.reason == "stale" and refused_at is not None and refused_at.hash is None
+            refused_deletion = refused_at is not None and refused_at.hash is None
             conflict = next(
                 (
                     e.detail
@@ -373,7 +373,7 @@ def why(core: VolumeCore, target: Target) -> Why:
     elif refusal is None:
         advice = "no write to this file has been refused"
     else:
-        advice = f"agent {refusal.agent}: {REMEDY_DELETED if refused_deletion else REMEDY[refusal.reason or 'stale']}"
+        advice = f"agent {refusal.agent}: {remedy(refusal.reason or 'stale', refused_deletion)}"
         if refusal.seen_version is None:
             note = f"agent {refusal.agent} had not read the file: there is no view to compare with"
         else:

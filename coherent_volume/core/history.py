@@ -385,7 +385,6 @@ class History(Writes):
         regular file, or larger than a merge takes), built on `base_version`, and its parents (base,
         theirs); raises what the writer is told when there is none."""
         theirs_version = refusal.current_version
-        now = f"{target.rel}@v{theirs_version}"
         if not may_merge(refusal.reason, True) or base_version is None:
             raise self.refusal_diff(refusal)
         base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
@@ -405,7 +404,8 @@ class History(Writes):
         except TooManyLines as e:
             raise self.refusal_diff(refusal.not_merged(str(e))) from None
         if conflicts:  # told with the hunks, and, as every refusal, what changed since its base
-            changed = diffs.unified(base if base_version else None, theirs, f"{target.rel}@v{base_version}", now)
+            labels = (f"{target.rel}@v{base_version}", f"{target.rel}@v{theirs_version}")
+            changed = diffs.unified(base if base_version else None, theirs, *labels)
             conflict = MergeConflict(refusal, conflicts, base_version).with_diff(changed and diffs.cut(changed))
             self.log_conflict(conflict)
             raise conflict

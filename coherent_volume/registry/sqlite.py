@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 
 from ..errors import RegistryError, VolumeConfigError, root_gone
-from ..fingerprint import Fingerprint
+from ..fingerprint import Fingerprint, file_identity
 from ..globs import ManagedGlobs
 from ..liveness import INITIAL_PID_NAMESPACE, ProcessId, pid_namespace_inode, start_time
 from ..protocol import FileRecord, Grant, Intent, Version, dirs_above
@@ -690,16 +690,6 @@ def _flock_within(fd: int, operation: int, path: str, what: str, timeout: float,
     )
 
 
-def _identity_of(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`; None where there is none (a refused look, EACCES, is
-    raised: it says nothing of whether the file is there)."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return st.st_dev, st.st_ino
-
-
 _Identity = tuple[tuple[int, int] | None, ...]
 """(device, inode) of a registry's database, write-ahead log and shared-memory index."""
 
@@ -1065,7 +1055,7 @@ class SQLiteRegistry:
         try:
             if not os.access(self._path, os.R_OK | os.W_OK, effective_ids=True):
                 raise unusable(self._path, refusal(self._path) or OSError(errno.EACCES, "not readable and writable"))
-            before = _identity_of(self._path)
+            before = file_identity(self._path)
             if before in _PARKED:
                 raise self._replaced()
             conn = sqlite3.connect(
@@ -1112,7 +1102,7 @@ class SQLiteRegistry:
 
     def _identity_now(self) -> _Identity:
         try:
-            return tuple(_identity_of(self._path + suffix) for suffix in ("", "-wal", "-shm"))
+            return tuple(file_identity(self._path + suffix) for suffix in ("", "-wal", "-shm"))
         except OSError as e:  # (not allowed to look: that says nothing of what is there)
             raise unusable(self._path, e) from e
 
