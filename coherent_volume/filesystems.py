@@ -31,6 +31,8 @@ __all__ = [
     "is_network",
     "mount_of",
     "parse_mountinfo",
+    "lies_within",
+    "place",
     "refuse_network_root",
     "refuse_renaming_in_place",
 ]
@@ -87,6 +89,8 @@ class Mount:
     """"major:minor", as `os.stat().st_dev` gives it."""
     fstype: str
     source: str
+    inside: str = "/"
+    """The directory of the file system shown at `point` ("/" but for a bind mount of a subdirectory)."""
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
@@ -97,7 +101,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if "-" not in fields[6:]:
             continue
         after = fields.index("-", 6)
-        mounts.append(Mount(unescape(fields[4]), fields[2], fields[after + 1], unescape(fields[after + 2])))
+        mounts.append(
+            Mount(unescape(fields[4]), fields[2], fields[after + 1], unescape(fields[after + 2]), unescape(fields[3]))
+        )
     return mounts
 
 
@@ -114,6 +120,32 @@ def mount_of(path: str, mounts: list[Mount], device: str | None = None) -> Mount
     candidates = same_device or above
     longest = max(len(m.point) for m in candidates)
     return [m for m in candidates if len(m.point) == longest][-1]
+
+
+def place(path: str) -> tuple[str, str] | None:
+    """The device ("major:minor") of the file system holding the absolute, symlink-free `path`, and
+    the path's place within that file system, one for every name a bind mount gives it; None when
+    /proc cannot say."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = parse_mountinfo(f.read())
+        st = os.stat(path)
+    except OSError:
+        return None
+    found = mount_of(path, mounts, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    if found is None:
+        return None
+    below = path[len(found.point) :].lstrip("/") if found.point != "/" else path.lstrip("/")
+    return found.device, os.path.join(found.inside, below).rstrip("/") or "/"
+
+
+def lies_within(path: str, directory: str) -> bool:
+    """Whether the absolute, symlink-free `path` is `directory` or lies below it, by name or through
+    a bind mount that shows a directory of `directory` elsewhere."""
+    if _under(path, directory):
+        return True
+    here, there = place(path), place(directory)
+    return here is not None and there is not None and here[0] == there[0] and _under(here[1], there[1])
 
 
 def is_network(fstype: str) -> bool:

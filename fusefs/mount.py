@@ -21,6 +21,7 @@ import trio
 
 from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
+from coherent_volume.filesystems import lies_within
 from coherent_volume.liveness import children_share_our_pid_namespace, proc_is_ours
 from coherent_volume.mounts import FSTYPE, device_of, fuse_mounts, unescape
 from coherent_volume.paths import REGISTRY_DIR
@@ -106,8 +107,11 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mp} does not exist or is not a directory")
     mp = os.path.realpath(mp)
-    if mp == root_real or mp.startswith(root_real + os.sep):
-        raise MountError(f"mountpoint {mp} is inside the volume root {root_real}: mount it elsewhere")
+    if lies_within(mp, root_real):
+        raise MountError(
+            f"mountpoint {mp} is a directory of the volume at {root_real} (by its name or through a bind mount): "
+            "the mount would serve itself, and a lookup through it would wait on itself; mount it outside the volume"
+        )
     if os.listdir(mp):
         raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")
     core = open_core(root_real)  # a clear error now if ROOT is no volume

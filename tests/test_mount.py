@@ -478,6 +478,27 @@ def test_no_dev_fuse_is_a_clear_error(root: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "no /dev/fuse" in r.stderr
 
 
+@pytest.mark.parametrize("way", ["by name", "through a bind mount"])
+def test_a_mountpoint_inside_the_volume_is_refused(root: Path, tmp_path: Path, way: str) -> None:
+    """A mountpoint that is a directory of the volume, also when reached through a bind mount of
+    it (whose peer would receive the mount and make the daemon wait on itself), is refused before
+    anything is mounted. Run in a mount namespace of its own, so nothing made here is seen outside."""
+    (root / "inner").mkdir()
+    (tmp_path / "shown").mkdir()
+    mountpoint = root / "inner" if way == "by name" else tmp_path / "shown" / "inner"
+    script = (
+        f"mount --make-rshared / && mount --bind {root} {tmp_path / 'shown'} && "
+        f"{CLI} mount {root} {mountpoint}; echo rc=$?; grep -c ' {mountpoint} ' /proc/self/mountinfo"
+    )
+    try:
+        r = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert r.stdout.split() == ["rc=1", "0"], r
+        assert f"mountpoint {mountpoint} is a directory of the volume at {root}" in r.stderr
+    finally:
+        for pid in [int(p) for p in subprocess.run(["pgrep", "-f", f"mount {root} "], capture_output=True, text=True).stdout.split()]:
+            os.kill(pid, 9)
+
+
 def test_a_dead_daemons_handle_grants_never_lock_an_agent_out(root: Path, tmp_path: Path) -> None:
     """A write handle still open when the daemon dies leaves a grant behind; after remounting the
     same agent (and others) can write again: only lock() grants fence their holder."""
