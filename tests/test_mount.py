@@ -495,7 +495,10 @@ def test_a_mountpoint_inside_the_volume_is_refused(root: Path, tmp_path: Path, w
         assert r.stdout.split() == ["rc=1", "0"], r
         assert f"mountpoint {mountpoint} is a directory of the volume at {root}" in r.stderr
     finally:
-        for pid in [int(p) for p in subprocess.run(["pgrep", "-f", f"mount {root} "], capture_output=True, text=True).stdout.split()]:
+        for pid in [
+            int(p)
+            for p in subprocess.run(["pgrep", "-f", f"mount {root} "], capture_output=True, text=True).stdout.split()
+        ]:
             os.kill(pid, 9)
 
 

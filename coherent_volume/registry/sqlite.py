@@ -77,19 +77,42 @@ OPEN_LOCK_TIMEOUT = 30.0
 """Seconds opening a registry waits for a creator of it to finish."""
 
 FULL_BELOW = 1 << 20
-"""Free bytes under which an I/O error of SQLite's is taken for a full file system: SQLite reports
-one that cannot grow its shared memory or log file as SQLITE_IOERR_SHMSIZE or a write error, not
-SQLITE_FULL."""
+"""Bytes that must still fit on the file system holding the registry for an I/O error of SQLite's
+not to be taken for a full file system: SQLite reports one that cannot grow its shared memory or
+log file as SQLITE_IOERR_SHMSIZE or a write error, not SQLITE_FULL."""
 
 
-def _free_bytes(directory: str) -> int | None:
-    """The bytes this process may still write on the file system holding `directory` (root may use
-    the blocks reserved for it); None if it cannot be told."""
+def _no_room(directory: str) -> str | None:
+    """What shows that FULL_BELOW bytes cannot be allocated on the file system holding `directory`
+    (full, or over a quota), tried in a file without a name (O_TMPFILE), so nothing is left behind;
+    None when they can, or when it cannot be told. Counting free blocks cannot tell:
+    ext4's reserved clusters count as free for root, yet nobody may write them; they are counted only
+    where unnamed files cannot be made."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no file can be made there: {e.strerror}"
+        return _few_free(directory) if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL) else None
+    try:
+        os.posix_fallocate(fd, 0, FULL_BELOW)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        return f"{FULL_BELOW >> 20} MiB more cannot be allocated there: {e.strerror}" if full else None
+    finally:
+        os.close(fd)
+    return None
+
+
+def _few_free(directory: str) -> str | None:
+    """How few bytes are free on the file system holding `directory` for this process (root may
+    use the blocks reserved for it), when fewer than FULL_BELOW; None otherwise or if it cannot be told."""
     try:
         st = os.statvfs(directory)
     except OSError:
         return None
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return f"only {free:,} bytes are free there" if free < FULL_BELOW else None
 
 
 _OS_LEVEL = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
@@ -1284,13 +1307,11 @@ class SQLiteRegistry:
                 "read wants to write, or when waiting could deadlock); try again",
                 errno.EBUSY,
             )
-        free = (
-            _free_bytes(os.path.dirname(self._path)) if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) else None
-        )
-        if primary == sqlite3.SQLITE_FULL or (free is not None and free < FULL_BELOW):
-            left = "" if free is None else f", {free:,} bytes free"
+        full = _no_room(os.path.dirname(self._path)) if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) else None
+        if primary == sqlite3.SQLITE_FULL or full is not None:
+            room = "" if full is None else f"; {full}"
             return RegistryError(
-                f"registry {self._path!r}: the file system holding it is full ({name}: {e}{left}); free space there, "
+                f"registry {self._path!r}: the file system holding it is full ({name}: {e}{room}); free space there, "
                 "then try again",
                 errno.ENOSPC,
             )
