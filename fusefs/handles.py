@@ -15,6 +15,7 @@ import fcntl
 import functools
 import logging
 import os
+import resource
 import stat as stat_mod
 import threading
 import time
@@ -39,6 +40,9 @@ from .workers import Workers
 
 log = logging.getLogger("coherent_volume.fuse")
 
+OUT_OF_DESCRIPTORS_EVERY = 60.0
+"""Seconds between two log lines saying the daemon ran out of file descriptors."""
+
 
 WORKERS = Workers()
 
@@ -50,10 +54,37 @@ async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def errno_of(e: CoherenceError | OSError) -> int:
     """The errno a request answers for `e`: a refusal's is EACCES unless it names its own (a full
-    or busy registry, a bad path), an OSError's its own, else EIO."""
-    if isinstance(e, CoherenceError):
-        return getattr(e, "errno", None) or errno.EACCES
-    return e.errno or errno.EIO
+    or busy registry, a bad path), an OSError's its own, else EIO. The daemon out of descriptors
+    answers ENFILE (the caller's own table is not full: EMFILE would say it is) and is logged."""
+    code = (getattr(e, "errno", None) or errno.EACCES) if isinstance(e, CoherenceError) else (e.errno or errno.EIO)
+    if code in (errno.EMFILE, errno.ENFILE):
+        _out_of_descriptors(code)
+        return errno.ENFILE
+    return code
+
+
+_SAID_OUT_OF_DESCRIPTORS = [-OUT_OF_DESCRIPTORS_EVERY]
+
+
+def _out_of_descriptors(code: int) -> None:
+    """Log, at most once every OUT_OF_DESCRIPTORS_EVERY seconds, that the daemon could not open a file."""
+    now = time.monotonic()
+    if now - _SAID_OUT_OF_DESCRIPTORS[0] < OUT_OF_DESCRIPTORS_EVERY:
+        return
+    _SAID_OUT_OF_DESCRIPTORS[0] = now
+    if code == errno.EMFILE:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        log.warning(
+            "the mount daemon has no file descriptor left (its limit is %d): programs are told ENFILE. Unmount, "
+            "raise the hard limit (`ulimit -Hn` in the shell that runs `coherent-volume mount`, or LimitNOFILE= in "
+            "its service; the daemon raises its soft limit to it) and mount again",
+            limit,
+        )
+    else:
+        log.warning(
+            "the system has no file left to open (fs.file-max): programs are told ENFILE; raise fs.file-max "
+            "or close files elsewhere"
+        )
 
 
 class FileHandle(Protocol):

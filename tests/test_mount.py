@@ -502,6 +502,31 @@ def test_a_mountpoint_inside_the_volume_is_refused(root: Path, tmp_path: Path, w
             os.kill(pid, 9)
 
 
+@pytest.mark.mount_log_allows("the mount daemon has no file descriptor left")
+def test_a_daemon_out_of_descriptors_answers_enfile_and_says_so(mounted: Mount) -> None:
+    """The daemon's own descriptor limit reached: callers are told ENFILE (EMFILE said that their
+    own table was full, and the log said nothing), the log names the limit to raise, and opens work
+    again once descriptors are free."""
+    for n in range(100):
+        (mounted.root / f"f{n}.txt").write_text("x")
+    for pid in daemon_pids(mounted.path):
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=64:64"], check=True)
+    held, failures = [], []
+    try:
+        for n in range(100):
+            try:
+                held.append(os.open(mounted.path / f"f{n}.txt", os.O_RDONLY))
+            except OSError as e:
+                failures.append(e.errno)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert failures and set(failures) == {errno.ENFILE}, failures
+    assert (mounted.path / "f99.txt").read_text() == "x"
+    log = mounted.log.read_text()
+    assert "the mount daemon has no file descriptor left (its limit is 64" in log and "ulimit -Hn" in log
+
+
 def test_a_dead_daemons_handle_grants_never_lock_an_agent_out(root: Path, tmp_path: Path) -> None:
     """A write handle still open when the daemon dies leaves a grant behind; after remounting the
     same agent (and others) can write again: only lock() grants fence their holder."""
