@@ -665,10 +665,17 @@ class Shadow:
             grant, self.grant = self.grant, None
         if grant is None:
             return
+        await blocking(self._end_grant, grant)
+
+    def _end_grant(self, grant: Grant) -> None:
+        """End this handle's use of `grant`; where the registry does not take it, the grant's renewals
+        stop all the same (`Writes.release`), so it ends with its lease: logged, never failing the caller."""
         try:
-            await blocking(self.core.release, grant, self.kind, log=False)
+            self.core.release(grant, self.kind, log=False)
         except (CoherenceError, OSError) as e:
-            log.warning("the write grant on %s of a handle whose close(2) failed was not released: %s", self.rel, e)
+            log.warning(
+                "the write grant on %s of %s was not released (it ends with its lease): %s", self.rel, self.agent, e
+            )
 
     def _drop_writes(self, e: CoherenceError | OSError) -> None:
         """The commit of a FLUSH failed with `e`, which its close(2) reports: the writes the shadow
@@ -694,7 +701,7 @@ class Shadow:
         it fsynced into an existing file survives a power loss, as it would on a local disk;
         anything else reaches the disk with the next writeback. A handle whose file its agent
         unlinked commits nothing: its writes stay in the file it goes on with (`orphan`)."""
-        if self.orphaned:
+        if self.orphaned:  # nothing to commit, so nothing to fail
             self._drop_grant()
             self.edits = Edits()
             self.pending = self.wrote = False
@@ -759,9 +766,9 @@ class Shadow:
             self._close()
 
     def _drop_grant(self) -> None:
-        if self.grant is not None:
-            self.core.release(self.grant, self.kind, log=False)
-        self.grant = None
+        grant, self.grant = self.grant, None
+        if grant is not None:
+            self._end_grant(grant)
 
     def _close(self) -> None:
         with self._fd_lock:

@@ -482,6 +482,45 @@ def test_a_mount_handle_whose_commit_was_not_put_in_place_never_writes_into_the_
         assert [v.version for v in other.history(P)] == [3, 2, 1]
 
 
+def test_the_close_of_a_handle_whose_file_its_agent_unlinked_succeeds_when_the_registry_fails(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its commit is dropped (as a local disk keeps nothing written to an unlinked file): the close
+    commits nothing, so a registry that cannot take the grant's release (a full disk) must not fail
+    it (it answered ENOSPC: found on a full tmpfs, /tmp/s23res). The grant ends with its lease."""
+    import trio
+
+    from coherent_volume.core import open_core
+    from coherent_volume.liveness import current_process
+    from fusefs.handles import Shadow
+
+    with CoherentVolume(root, agent="ed") as ed:
+        ed.write(P, b"one\n")
+        ed.read(P)
+    core = open_core(str(root))
+    target = core.resolve(str(root / P))
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise RegistryError("the file system holding it is full", errno.ENOSPC)
+
+    async def edit() -> None:
+        shadow = Shadow.open(core, current_process(), "ed", target, os.O_WRONLY | os.O_TRUNC, None)
+        await shadow.write(0, b"two\n")
+        st = os.stat(root / P)
+        os.unlink(root / P)
+        shadow.orphan(st, None, "ed")
+        monkeypatch.setattr(core, "release", full)
+        await shadow.flush()  # the close(2): no error
+        await shadow.release()
+
+    try:
+        trio.run(edit)
+    finally:
+        core.close()
+    assert "was not released (it ends with its lease)" in caplog.text
+    assert not (root / P).exists()
+
+
 FULL_DISK = r"""
 import errno, os, sys
 from coherent_volume import CoherentVolume, RegistryError
