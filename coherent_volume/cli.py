@@ -804,7 +804,7 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
     core, target, _ = _target(paths)
     before = core.version(target) if target.managed else 0  # else `restore` says why it cannot
     try:
-        new = core.restore(agent, target, version)
+        new = core.restore(agent, target, version, isolation="file")
     except StaleWriteError as refusal:
         if not as_json:
             raise

@@ -200,7 +200,7 @@ class CoherentVolume:
     def restore(self, path: str | os.PathLike[str], version: int) -> int:
         """Commit the bytes of an old version as a new version (kind `restore`), with the same checks
         as `write`; returns the new version."""
-        return self._core.restore(self.agent, self._target(path), version)
+        return self._core.restore(self.agent, self._target(path), version, isolation=self.isolation)
 
     @contextmanager
     def lock(self, path: str | os.PathLike[str], ttl: float = 30.0, timeout: float = 30.0) -> Iterator[Grant]:

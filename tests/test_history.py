@@ -156,6 +156,23 @@ def test_restore_commits_an_old_version_as_new_with_the_checks_of_a_write(vols) 
     assert (newest.kind, newest.parents, newest.writer) == ("restore", (1,), "alice")
 
 
+def test_restore_under_read_set_isolation_is_refused_when_another_file_read_changed(vols) -> None:
+    """Restore has the checks of a write under the volume's isolation: with read-set isolation, a
+    restore after a change of another file the agent read is refused `read-set` (it was committed)."""
+    alice, bob = vols("alice", isolation="read-set"), vols("bob")
+    alice.write("plans/x.md", "x0\n")
+    alice.write("plans/y.md", "y1\n")
+    alice.write("plans/y.md", "y2\n")
+    alice.read("plans/x.md")
+    alice.read("plans/y.md")
+    bob.read("plans/x.md")
+    bob.write("plans/x.md", "x1 from bob\n")
+    with pytest.raises(StaleWriteError) as refused:
+        alice.restore("plans/y.md", 1)
+    assert refused.value.reason == "read-set"
+    assert [v.version for v in alice.history("plans/y.md")] == [2, 1] and bob.read("plans/y.md") == b"y2\n"
+
+
 def test_damaged_stored_content_is_reported_never_served(root: Path, vols) -> None:
     alice = vols("alice")
     alice.write("plans/p.md", "one\n")

@@ -435,9 +435,10 @@ class History(Writes):
             f"nothing was merged\n{diffs.cut(''.join(str(c) for c in conflict.conflicts))}",
         )
 
-    def restore(self, agent: str, target: Target, version: int) -> int:
+    def restore(self, agent: str, target: Target, version: int, *, isolation: Isolation) -> int:
         """Commit the bytes of `version` again as a new version (kind `restore`), with the checks
-        of any write (StaleWriteError, with its diff, if `agent` is not current); `read_version`'s
+        of any write under `isolation` (StaleWriteError, with its diff, if `agent` is not current,
+        or with read-set isolation if a file it read changed since); `read_version`'s
         errors. The bytes go from the store to the staged file a part at a time, never whole in
         memory (damaged ones are never staged: the check after the last part discards them)."""
         self._require_managed(target, "restore")
@@ -450,7 +451,7 @@ class History(Writes):
 
         staged = atomic.stage_written(target.abs, digest, fill, root=self.paths.root)
         try:
-            return self.commit(agent, target, staged, made=("restore", (version,)))
+            return self.commit(agent, target, staged, isolation=isolation, made=("restore", (version,)))
         except StaleWriteError as e:
             raise self.refusal_diff(e) from None
         finally:
