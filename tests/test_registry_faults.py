@@ -70,8 +70,13 @@ def test_wrong_schema_version_is_reported(root: Path) -> None:
 
 
 def test_opening_without_globs_where_no_volume_exists(tmp_path: Path) -> None:
-    with pytest.raises(RegistryError, match="create the volume with managed globs"):
+    """Says what can be done there: create a volume, or join a PostgreSQL one again (a working copy
+    whose .coherent was removed was told only to create one)."""
+    with pytest.raises(RegistryError, match=f"no volume at '{tmp_path}'") as info:
         CoherentVolume(tmp_path, agent="bob")
+    assert f"`coherent-volume init {tmp_path} --managed GLOB`" in str(info.value)
+    assert f"joins it again with `coherent-volume init {tmp_path} --registry URL --volume NAME`" in str(info.value)
+    assert not (tmp_path / ".coherent").exists()
 
 
 def test_registry_locked_past_the_busy_timeout_is_a_bounded_wait(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

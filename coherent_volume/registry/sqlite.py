@@ -923,15 +923,13 @@ class SQLiteRegistry:
     def _open(self, globs: ManagedGlobs | None) -> None:
         """`__init__`'s work: an OSError says what the operating system refused."""
         if globs is None and not self._exists():
-            raise RegistryError(f"no volume registry at {self._path!r}: create the volume with managed globs first")
+            raise self._no_volume()
         if globs is not None:
             os.makedirs(self._directory, mode=0o700, exist_ok=True)
         with self._open_lock(exclusive=globs is not None and self._needs_creation()):
             if not self._exists():
                 if globs is None:
-                    raise RegistryError(
-                        f"no volume registry at {self._path!r}: create the volume with managed globs first"
-                    )
+                    raise self._no_volume()
                 os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
                 stored = None
             elif globs is None or os.path.getsize(self._path) > 0:
@@ -941,6 +939,16 @@ class SQLiteRegistry:
             self._connect()
             self._globs = self._configure(globs, stored)
             self._migrate()
+
+    def _no_volume(self) -> RegistryError:
+        """Opening without managed globs where no registry is: what can be done there."""
+        root = os.path.dirname(self._directory)
+        return RegistryError(
+            f"no volume at {root!r} (no registry at {self._path!r}): create one with managed globs "
+            f"(`coherent-volume init {shlex.quote(root)} --managed GLOB`); a working copy of a volume kept in "
+            "PostgreSQL whose .coherent directory was removed joins it again with `coherent-volume init "
+            f"{shlex.quote(root)} --registry URL --volume NAME`"
+        )
 
     def _exists(self) -> bool:
         """Whether the registry file exists (OSError if this process may not look: never taken for "no registry")."""
