@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from .fingerprint import file_identity
 from .globs import REGISTRY_DIR, ManagedGlobs
 from .paths import Target, shown
 from .policy import MAX_KEEP_DAYS, Policy, Retention
+from .protocol import EXTERNAL, FileRecord
 from .registry import recorded_in
 
 EXIT_ERROR = 1
@@ -284,17 +286,52 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
     os.makedirs(root, exist_ok=True)
     try:
         core = open_core(root, globs or None, registry=registry, volume=volume)
-        unchecked = core.scan() if registry is not None else []  # a copy: every managed file brought in
+        before: dict[str, FileRecord] = {}
+        unchecked: list[tuple[str, str]] = []
+        if registry is not None:  # a copy: every managed file brought in
+            with core.registry.read() as tx:
+                before = {record.path: record for record in tx.files()}
+            unchecked = core.scan()
     except BaseException:
         if made is not None:
             _undo_made(os.path.abspath(root), made)
         raise
     for rel, why in unchecked:
         click.echo(f"not checked: {shown(rel)}: {why}", err=True)
+    if registry is not None:
+        _say_taken_in(core, before)
     if any(value not in (None, ()) for value in policy.values()):
         core.set_policy(_changed_policy(core.policy(), **policy))
     click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")
     click.echo(_describe(core.policy()))
+
+
+def _say_taken_in(core: VolumeCore, before: dict[str, FileRecord]) -> None:
+    """After a working copy's first scan: each managed file of its root that differed from the
+    volume's record (`before` the scan) is now a version by `external`, the current one on every
+    host; say which, and how to see or take back the version it went over."""
+    root = shlex.quote(core.paths.root)
+    with core.registry.read() as tx:
+        after = [record for record in tx.files() if record.writer == EXTERNAL]
+    for record in after:
+        old = before.get(record.path)
+        if old is not None and old.version == record.version:
+            continue
+        rel = shlex.quote(record.path)
+        if old is None or not old.present:
+            click.echo(
+                f"taken in: {shown(record.path)}: a file the volume did not hold, now its v{record.version} "
+                "(by external) on every host",
+                err=True,
+            )
+            continue
+        click.echo(
+            f"taken in: {shown(record.path)}: this root held other bytes than the volume's v{old.version} "
+            f"(by {old.writer}); they are now its v{record.version} (by external) on every host, and v{old.version} "
+            f"stays in history: `coherent-volume diff {root} {rel} {old.version} {record.version}` shows the change, "
+            f"`coherent-volume restore {root} {rel} --version {old.version} --agent NAME` takes it back",
+            err=True,
+        )
 
 
 @main.command()

@@ -1813,6 +1813,34 @@ def test_init_with_managed_globs_on_a_name_that_exists_is_refused_and_joining_wo
     assert again.returncode == 0, again.stderr
 
 
+def test_joining_over_a_file_that_differs_says_what_it_recorded(tmp_path: Path, pg_url: str) -> None:
+    """A root that joins holding other bytes at a managed name: `init` records them as a foreign
+    version over the volume's current one (kept in history), and says so (it said nothing)."""
+    a = _pg_volume(tmp_path / "a", pg_url, name="team", managed=("plans/**",))
+    with CoherentVolume(a, agent="alice") as alice:
+        alice.write("plans/plan.md", "team plan\n")
+    b = tmp_path / "b"
+    (b / "plans").mkdir(parents=True)
+    (b / "plans/plan.md").write_text("an old local copy\n")
+    (b / "plans/local.md").write_text("only here\n")
+    r = subprocess.run(
+        [CLI, "init", str(b), "--registry", pg_url, "--volume", "team"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert (
+        "taken in: plans/plan.md: this root held other bytes than the volume's v1 (by alice); they are now its v2 "
+        f"(by external) on every host, and v1 stays in history: `coherent-volume diff {b} plans/plan.md 1 2`"
+    ) in r.stderr
+    assert f"`coherent-volume restore {b} plans/plan.md --version 1 --agent NAME` takes it back" in r.stderr
+    assert "taken in: plans/local.md: a file the volume did not hold, now its v1 (by external)" in r.stderr
+    with CoherentVolume(a, agent="alice") as alice:
+        assert [(h.version, h.writer) for h in alice.history("plans/plan.md")] == [(2, "external"), (1, "alice")]
+    again = subprocess.run(  # joining again takes nothing in: nothing is said
+        [CLI, "init", str(b), "--registry", pg_url, "--volume", "team"], capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0 and "taken in" not in again.stderr, again.stderr
+
+
 def test_a_url_naming_several_hosts_as_libpq_reads_it_creates_and_opens_the_volume(
     tmp_path: Path, pg_cluster: Any, pg_url: str
 ) -> None:
