@@ -267,7 +267,7 @@ def test_why_explains_the_last_refusal(root: Path) -> None:
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> None:
     r = cv("status", str(tmp_path))
-    assert r.returncode == 1 and "no volume registry" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "no volume at" in r.stderr and "Traceback" not in r.stderr
     r = cv("why", str(root), "../escape")
     assert r.returncode == 1 and "outside the volume" in r.stderr
 
@@ -275,7 +275,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> N
 def test_a_json_command_that_fails_prints_its_error_as_json_too(tmp_path: Path, root: Path) -> None:
     """A tool that reads --json output learns why a command failed from stdout, not only stderr."""
     cases = [
-        (("status", str(tmp_path), "--json"), 1, "RegistryError", "no volume registry"),
+        (("status", str(tmp_path), "--json"), 1, "RegistryError", "no volume at"),
         (("history", str(root), "plans/none.md", "--json"), 4, "VersionGone", "plans/none.md"),
         (("history", str(root), P, "--all", "--limit", "2", "--json"), 2, "UsageError", "--all"),
         (("why", str(root), "../escape", "--json"), 1, "OutsideVolume", "outside the volume"),
@@ -362,14 +362,14 @@ def _as_nobody(*args: str, stdin: str | None = None) -> subprocess.CompletedProc
 
 
 def test_another_user_is_told_permission_denied_on_which_path_and_what_to_do(shared_root: Path) -> None:
-    """Not "no volume registry ... create the volume" (there is one), nor a bare EACCES."""
+    """Not "no volume at ... create one" (there is one), nor a bare EACCES."""
     registry = shared_root / ".coherent"
     for args in (["status", str(shared_root)], ["init", str(shared_root), "-m", "plans/**"]):
         r = _as_nobody(*args)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert f"permission denied on {str(registry / 'registry.db')!r}" in r.stderr, r.stderr
         assert f"{str(registry)!r} belongs to uid {os.getuid()}" in r.stderr and "uid 65534" in r.stderr
-        assert "run it as the user the volume belongs to" in r.stderr and "create the volume" not in r.stderr
+        assert "run it as the user the volume belongs to" in r.stderr and "no volume at" not in r.stderr
     registry.chmod(0o755)
     (registry / "registry.db").chmod(0o644)
     r = _as_nobody("history", str(shared_root), "plans/a.md")
