@@ -89,7 +89,7 @@ class Mount:
     """"major:minor", as `os.stat().st_dev` gives it."""
     fstype: str
     source: str
-    inside: str = "/"
+    inside: str
     """The directory of the file system shown at `point` ("/" but for a bind mount of a subdirectory)."""
 
 

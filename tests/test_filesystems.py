@@ -36,8 +36,8 @@ MOUNTINFO = r"""22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
 
 def test_mountinfo_fields_are_unescaped_and_optional_fields_skipped() -> None:
     mounts = parse_mountinfo(MOUNTINFO)
-    assert mounts[2] == Mount("/mnt/my share", "0:40", "nfs4", "files:/export dir")
-    assert mounts[5] == Mount("/bind", "254:0", "ext4", "/dev/vda")
+    assert mounts[2] == Mount("/mnt/my share", "0:40", "nfs4", "files:/export dir", "/")
+    assert mounts[5] == Mount("/bind", "254:0", "ext4", "/dev/vda", "/srv/data")  # a bind mount of /srv/data
 
 
 def test_the_longest_mount_point_above_a_path_holds_it() -> None:
