@@ -63,22 +63,21 @@ code known only when it runs (below).
 A write whose file cannot be told before the command runs (a variable, a command substitution,
 arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
 expansion, the operands of `xargs`, `find -exec` or `parallel` running a writer, a `find -delete`
-that follows symlinks, reads its starting points from a file or whose expression is not read,
-a shell reading its script from its input, a pattern with a character class, more than
-`_MOST_EXPANDED` words, matches or files below a directory, a command tree-sitter cannot parse,
-work past the bounds `_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its
-known part names (the directory before the first expansion, else the working directory): the
-command is refused (`UnresolvedShellWrite`) when that place is in a volume, unless no file the
-write may reach there can be managed (`_Walk._unmanaged`: the rest of the word, its `Unknown.shape`,
-matches no managed glob, `ManagedGlobs.may_match`, and no symlink, mount point or volume root lies
-where it may lead); or when a volume the command's literal text names a path in lies at or below
-it (anywhere, for a word that may be any path: one that starts with an expansion, or has a `..`
-after one); elsewhere it goes ahead. An arithmetic expansion, `$$`-like parameters and
-`$(date +FORMAT)` of numeric conversions stay within one segment of a path; any other expansion
-may be any path.
-Anything else (aliases, a script, `source`, an interpreter's own file writes, `git checkout` and
-the other git commands,
-prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd, a write
+that follows symlinks, reads its starting points from a file or whose expression is not read, a
+shell reading its script from its input, a pattern with a character class or with a quoted character
+(but a letter, digit, `.`, `_`) in a bracket expression, more than `_MOST_EXPANDED` words, matches
+or files below a directory, a command tree-sitter cannot parse, work past the bounds
+`_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its known part names (the
+directory before the first expansion, else the working directory): the command is refused
+(`UnresolvedShellWrite`) when that place is in a volume, unless no file the write may reach there
+can be managed (`_Walk._unmanaged`: the rest of the word, its `Unknown.shape`, matches no managed
+glob, `ManagedGlobs.may_match`, and no symlink, mount point or volume root lies where it may lead);
+or when a volume the command's literal text names a path in lies at or below it (anywhere, for a
+word that may be any path: one that starts with an expansion, or has a `..` after one); elsewhere it
+goes ahead. An arithmetic expansion, `$$`-like parameters and `$(date +FORMAT)` of numeric
+conversions stay within one segment of a path; any other expansion may be any path. Anything else
+(aliases, a script, `source`, an interpreter's own file writes, `git checkout` and the other git
+commands, prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd, a write
 through a hard link of a managed file made some other way) is not recognised; on a mount the file
 system checks those writes.
 
@@ -944,19 +943,24 @@ class _Walk:
         unknown = self._pieces(node, cwd, spelled)
         if unknown is not None:
             return [self._unknown_word(node, cwd, spelled, unknown.why)]
+        return self._expanded(spelled, cwd, _text(node))
+
+    def _expanded(self, spelled: Spelled, cwd: Cwd, source: str) -> list[Item]:
+        """The words the known word `spelled` (written `source`) expands to in `cwd`: brace
+        expansion, tilde, globs, each over the whole word."""
         chars = [c for c in spelled if not isinstance(c, Wild)]
         words: list[Item] = []
         expanded = _braces(chars)
         if expanded is None:
-            return [Unknown(_text(node), f"a brace expansion of more than {_MOST_EXPANDED} words", _place(cwd))]
+            return [Unknown(source, f"a brace expansion of more than {_MOST_EXPANDED} words", _place(cwd))]
         for word in expanded:
             tilded = self._tilde(word, cwd)
             if not isinstance(tilded, Unknown):
                 tilded = _proc_word(tilded, cwd)
             if isinstance(tilded, Unknown):
-                words.append(Unknown(_text(node), tilded.why, tilded.place, tilded.anywhere))
+                words.append(Unknown(source, tilded.why, tilded.place, tilded.anywhere))
                 continue
-            words.extend(self._glob(tilded, cwd, _text(node)))
+            words.extend(self._glob(tilded, cwd, source))
         return words
 
     def _unknown_word(self, node: tree_sitter.Node, cwd: Cwd, spelled: Spelled, why: str) -> Unknown:
@@ -1019,7 +1023,9 @@ class _Walk:
             return [Unknown(source, why, cwd.place, cwd.anywhere)]
         if self.untrusted:
             return [Unknown(source, "a pattern, and the command changes how patterns match", _place(cwd))]
-        pattern = "".join(c if not q else glob.escape(c) for c, q in word).replace("[^", "[!")
+        pattern = _pattern(word)
+        if pattern is None:
+            return [Unknown(source, "a pattern with a quoted character in a bracket expression", _place(cwd))]
         if re.search(r"\[[^]/]*\[[:=.]", pattern):  # a class like [[:alpha:]]: fnmatch has none
             return [Unknown(source, "a pattern with a character class", _place(cwd))]
         try:
@@ -1609,16 +1615,17 @@ class _Walk:
         return result
 
     def _expand_all(self, word: list[tree_sitter.Node], cwd: Cwd) -> list[Item]:
+        """The words of one word of bash that tree-sitter split into several nodes (`_merged`):
+        expanded as one, so a pattern spans them all (`plans/[a]\\.md` is two nodes)."""
         if len(word) == 1:
             return self.expand(word[0], cwd)
         nodes = [n for n in word if n.type != "$"] if word[0].type == "$" else word
-        items: list[Item] = [""]
+        source = "".join(_text(x) for x in word)
+        spelled: Spelled = []
         for n in nodes:
-            parts = self.expand(n, cwd)
-            if any(isinstance(p, Unknown) for p in parts) or len(parts) != 1:
-                return [Unknown("".join(_text(x) for x in word), "a word tree-sitter splits", _place(cwd))]
-            items = [str(items[0]) + str(parts[0])]
-        return items
+            if self._pieces(n, cwd, spelled) is not None or any(isinstance(c, Wild) for c in spelled):
+                return [Unknown(source, "a word tree-sitter splits", _place(cwd))]
+        return self._expanded(spelled, cwd, source)
 
     def simple(self, items: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
         """One simple command, its words expanded: what it writes, and (after success, after
@@ -2340,6 +2347,26 @@ def _plain(name: str) -> bool:
     """Whether variable `name` holds what was last assigned to it: not one the shell sets or reads
     specially (`_SHELL_SET`)."""
     return _SHELL_SET.fullmatch(name) is None
+
+
+def _pattern(word: Chars) -> str | None:
+    """The fnmatch pattern of a word with a pattern character, its quoted characters literal; None
+    where a quoted character other than a letter, digit, `.` or `_` stands in a bracket expression
+    (`[a\\]]`, `[\\*]`: fnmatch has no way to say those)."""
+    out, start = [], -1  # the index in `word` of the `[` of the bracket expression under way
+    for i, (c, q) in enumerate(word):
+        if start < 0:
+            if c == "[" and not q:
+                start = i
+            out.append(glob.escape(c) if q else c)
+            continue
+        first = start + 1 + (word[start + 1][0] in "!^" and not word[start + 1][1] if start + 1 < len(word) else 0)
+        if c == "]" and not q and i > first:
+            start = -1
+        elif q and not (c.isalnum() or c in "._"):
+            return None
+        out.append(c)
+    return "".join(out).replace("[^", "[!")
 
 
 def _merged(words: list[tree_sitter.Node], source: bytes) -> list[list[tree_sitter.Node]]:

@@ -43,6 +43,14 @@ CASES: list[tuple[str, str, object]] = [
     ("rm plans/*.txt", ".", [("plans/*.txt", W)]),
     ("echo hi > 'plans/*.md' plans/\\?", ".", [("plans/*.md", W)]),
     ("sed -i s/a/b/ *.md", "plans", [("plans/other.md", W), ("plans/plan.md", W)]),
+    # a pattern tree-sitter splits in two at a backslash is one word to bash, globbed as a whole
+    ("echo hi > plans/pla[n]\\.md", ".", PLAN),
+    ("tee pl[a]ns/pla[!x]\\.m? < /dev/null", ".", PLAN),
+    ('rm "plans"/pla[n]\\.md', ".", PLAN),
+    ("sed -i s/a/b/ plans/[\\p]lan.md", ".", PLAN),
+    ("echo hi > plans/pla[x]\\.md", ".", [("plans/pla[x].md", W)]),
+    ("echo hi > plans/\\[p]lan.md", ".", [("plans/[p]lan.md", W)]),
+    ("echo hi > plans/[p\\]]lan.md", ".", UNRESOLVED),  # a quoted `]` in a bracket: fnmatch cannot say it
     # cd is followed in its shell, not out of a subshell or pipeline
     ("cd plans && echo hi > plan.md", ".", PLAN),
     ("cd plans; echo hi > plan.md", ".", PLAN),
