@@ -313,13 +313,18 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: st
     `note`, and what to do."""
     with core.registry.read() as tx:
         record = tx.file(refusal.path)
-    seen = (
-        "no read of it by you is on record in this session (a read is recorded where what you were shown was its "
-        "content at that moment: not where it changed while you read it)"
-        if refusal.seen_version is None
-        else f"you last {face.seen} version {refusal.seen_version}"
-    )
-    who = f"written by {refusal.last_writer} at {when(record.committed_at if record else None)}"
+    if refusal.current_version == 0:  # nothing to have read: a file no one has made yet
+        state = "no version of it exists yet"
+    else:
+        seen = (
+            "no read of it by you is on record in this session (a read is recorded where what you were shown was "
+            "its content at that moment: not where it changed while you read it)"
+            if refusal.seen_version is None
+            else f"you last {face.seen} version {refusal.seen_version}"
+        )
+        how = "the file's deletion by" if refusal.deleted else "written by"
+        at = when(record.committed_at if record else None)
+        state = f"{seen}; the current version is {refusal.current_version}, {how} {refusal.last_writer} at {at}"
     held = f" {refusal.holder} holds its write grant right now." if refusal.holder else ""
     changes = (
         f"\nWhat changed since version {refusal.seen_version} (unified diff to version "
@@ -328,8 +333,8 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: st
         else " "
     )
     return (
-        f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {seen}; the current "
-        f"version is {refusal.current_version}, {who}.{held}{changes}{note}{face.remedy(refusal)}"
+        f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {state}.{held}{changes}{note}"
+        + face.remedy(refusal)
     )
 
 

@@ -215,7 +215,7 @@ def tool_remedies(read: str, wait: str) -> dict[Reason, str]:
         "held": (
             "Its holder is writing it right now; the grant ends when that write is done (a hook's grant after "
             f"{{ttl:g}} s at the latest). Wait a few seconds (for example run `sleep 5`{wait}), then read the file "
-            f"again{read} and redo your change from its current content."
+            f"again{read} (if it exists by then) and redo your change from its current content."
         ),
         "fenced": (
             "Your write grant on this file was reclaimed (it expired or its process ended), so your writes to it "

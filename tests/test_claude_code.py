@@ -708,6 +708,18 @@ def decision(answer: dict[str, object]) -> tuple[str, str]:
     return out["permissionDecision"], out["permissionDecisionReason"]
 
 
+def test_a_held_denial_of_a_file_no_one_made_yet_says_so(root: Path, sessions) -> None:
+    """Two sessions writing a new file: the second is told no version exists yet and who holds it,
+    not that it has not read it, nor a version 0 "written by None" (found by a hostile probe)."""
+    target = root / "plans" / "new.md"
+    one, two = sessions("n1", root), sessions("n2", root)
+    assert decision(one.hook(event("PreToolUse", "n1", root, "Write", target)))[0] == "allow"
+    verdict, reason = decision(two.hook(event("PreToolUse", "n2", root, "Write", target)))
+    assert verdict == "deny" and "plans/new.md (held): no version of it exists yet." in reason, reason
+    assert f"claude:{unique('n1')} holds its write grant" in reason and "(if it exists by then)" in reason
+    assert "None" not in reason and "no read of it" not in reason, reason
+
+
 def test_pre_tool_use_holds_the_grant_until_post_tool_use(root: Path, sessions) -> None:
     """Check and write are one step: between one session's PreToolUse and PostToolUse another
     session's PreToolUse is refused `held`, with a remedy that says to wait, not to re-read."""
