@@ -32,7 +32,6 @@ __all__ = [
     "mount_of",
     "parse_mountinfo",
     "lies_within",
-    "place",
     "refuse_network_root",
     "refuse_renaming_in_place",
 ]
@@ -122,13 +121,16 @@ def mount_of(path: str, mounts: list[Mount], device: str | None = None) -> Mount
     return [m for m in candidates if len(m.point) == longest][-1]
 
 
-def place(path: str) -> tuple[str, str] | None:
-    """The device ("major:minor") of the file system holding the absolute, symlink-free `path`, and
-    the path's place within that file system, one for every name a bind mount gives it; None when
-    /proc cannot say."""
+def _mounts() -> list[Mount] | None:
     try:
         with open("/proc/self/mountinfo") as f:
-            mounts = parse_mountinfo(f.read())
+            return parse_mountinfo(f.read())
+    except OSError:
+        return None
+
+
+def _place(path: str, mounts: list[Mount]) -> tuple[str, str] | None:
+    try:
         st = os.stat(path)
     except OSError:
         return None
@@ -140,12 +142,18 @@ def place(path: str) -> tuple[str, str] | None:
 
 
 def lies_within(path: str, directory: str) -> bool:
-    """Whether the absolute, symlink-free `path` is `directory` or lies below it, by name or through
-    a bind mount that shows a directory of `directory` elsewhere."""
+    """Whether the absolute, symlink-free `path` is `directory` or lies below it, by name or by
+    its place: in the file system holding `directory` below it, or in one mounted below it, each
+    of which a bind mount may show elsewhere too."""
     if _under(path, directory):
         return True
-    here, there = place(path), place(directory)
-    return here is not None and there is not None and here[0] == there[0] and _under(here[1], there[1])
+    mounts = _mounts()
+    here = None if mounts is None else _place(path, mounts)
+    top = None if mounts is None else _place(directory, mounts)
+    if mounts is None or here is None or top is None:
+        return False
+    shown = [top] + [(m.device, m.inside) for m in mounts if m.point != directory and _under(m.point, directory)]
+    return any(here[0] == device and _under(here[1], inside) for device, inside in shown)
 
 
 def is_network(fstype: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -28,6 +29,7 @@ from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry.postgresql import PostgresRegistry
 
 from . import direct
+from .abort import abort
 from .identity import AgentResolver
 from .listen import listen
 from .operations import CoherentOperations
@@ -40,6 +42,9 @@ class MountError(CoherenceError):
     """A mount or unmount that cannot be done; the message says why and what to do."""
 
 
+READY_TIMEOUT = 120.0
+"""Seconds `mount` waits for its daemon to report the mount ready (it settles unfinished commits
+and starts its watcher first) before it stops the daemon and says so."""
 READAHEAD_KB = 1024
 """Kernel readahead for the mount: sequential reads of unmanaged (page-cached) files reach the
 daemon in requests as large as FUSE allows (1 MiB) instead of the default 128 KiB; measured here,
@@ -258,14 +263,47 @@ def mount(
             os._exit(1)
         os._exit(0)
     os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 4096):
-        chunks.append(chunk)
-    os.close(read_end)
-    answer = b"".join(chunks).decode(errors="replace")
+    try:
+        answer = _answer(read_end)
+    finally:
+        os.close(read_end)
+    if answer is None:
+        raise MountError(_stopped(pid, root, mountpoint))
     if answer != "ok":
         os.waitpid(pid, 0)
         raise MountError(answer.removeprefix("error: ") or "the mount daemon exited before the mount was ready")
+
+
+def _answer(read_end: int) -> str | None:
+    """What the daemon reports through its pipe ("ok", or its error); None if it reports nothing
+    within READY_TIMEOUT seconds."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    chunks: list[bytes] = []
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([read_end], [], [], left)[0]:
+            break
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(chunk)
+    return None
+
+
+def _stopped(pid: int, root: str, mountpoint: str) -> str:
+    """Stop a daemon that did not report its mount ready in time: killed, its connection aborted
+    (a daemon waiting on its own mount keeps every caller waiting), its mount detached; what
+    happened, to be said."""
+    os.kill(pid, signal.SIGKILL)
+    device = device_of(mountpoint) if mountpoint in fuse_mounts() else None
+    if device is not None:
+        abort(device)
+        _fusermount("-u", "-z", mountpoint)
+    os.waitpid(pid, 0)
+    return (
+        f"the mount daemon did not report the mount of {root} at {mountpoint} ready within {READY_TIMEOUT:g} s, "
+        f"so it was stopped and nothing is mounted there; its log, {os.path.join(root, REGISTRY_DIR, 'mount.log')}, "
+        "says how far it got"
+    )
 
 
 def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:

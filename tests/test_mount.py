@@ -478,28 +478,56 @@ def test_no_dev_fuse_is_a_clear_error(root: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "no /dev/fuse" in r.stderr
 
 
-@pytest.mark.parametrize("way", ["by name", "through a bind mount"])
+_INSIDE = {
+    # way -> (what is mounted first, the mountpoint then given); S is a directory outside the volume
+    "by name": ("true", "{root}/inner"),
+    "through a bind mount of it": ("mount --bind {root} {s}", "{s}/inner"),
+    "through a mount inside it": ("mount -t tmpfs none {root}/t && mount --bind {root}/t {s}", "{s}/inner"),
+    "through a bind mount inside it": ("mount --bind {s} {root}/t", "{s}/inner"),
+}
+
+
+@pytest.mark.parametrize("way", sorted(_INSIDE))
 def test_a_mountpoint_inside_the_volume_is_refused(root: Path, tmp_path: Path, way: str) -> None:
-    """A mountpoint that is a directory of the volume, also when reached through a bind mount of
-    it (whose peer would receive the mount and make the daemon wait on itself), is refused before
-    anything is mounted. Run in a mount namespace of its own, so nothing made here is seen outside."""
+    """A mountpoint that is a directory of the volume, also when reached through a bind mount of it
+    or of a mount inside it (which would receive the mount and make the daemon wait on itself:
+    found by hostile probes, each a hang), is refused before anything is mounted. Run in a mount
+    namespace of its own, with shared propagation, so nothing made here is seen outside."""
     (root / "inner").mkdir()
-    (tmp_path / "shown").mkdir()
-    mountpoint = root / "inner" if way == "by name" else tmp_path / "shown" / "inner"
+    (root / "t").mkdir()
+    (tmp_path / "S").mkdir()
+    first, given = (part.format(root=root, s=tmp_path / "S") for part in _INSIDE[way])
     script = (
-        f"mount --make-rshared / && mount --bind {root} {tmp_path / 'shown'} && "
-        f"{CLI} mount {root} {mountpoint}; echo rc=$?; grep -c ' {mountpoint} ' /proc/self/mountinfo"
+        f"mount --make-rshared / && {first} && mkdir -p {given} && "
+        f"{CLI} mount {root} {given}; echo rc=$?; grep -c ' {given} ' /proc/self/mountinfo"
     )
     try:
         r = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=60)
         assert r.stdout.split() == ["rc=1", "0"], r
-        assert f"mountpoint {mountpoint} is a directory of the volume at {root}" in r.stderr
+        assert f"mountpoint {given} is a directory of the volume at {root}" in r.stderr
     finally:
         for pid in [
             int(p)
             for p in subprocess.run(["pgrep", "-f", f"mount {root} "], capture_output=True, text=True).stdout.split()
         ]:
             os.kill(pid, 9)
+
+
+def test_a_daemon_that_never_reports_ready_is_stopped_within_the_bound(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mount` waits for its daemon's report a bounded time: then the daemon is killed, nothing is
+    left mounted, and the error says so (it waited forever on a daemon hung on its own mount)."""
+    from fusefs import mount as mounting
+
+    monkeypatch.setattr(mounting, "READY_TIMEOUT", 1.0)
+    monkeypatch.setattr(mounting, "serve", lambda *args: time.sleep(600))  # in the forked daemon
+    (tmp_path / "mnt").mkdir()
+    started = time.monotonic()
+    with pytest.raises(mounting.MountError, match="did not report the mount of .* ready within 1 s") as info:
+        mounting.mount(str(root), str(tmp_path / "mnt"), None, foreground=False, allow_other=False)
+    assert time.monotonic() - started < 30 and "nothing is mounted there" in str(info.value)
+    assert not is_mounted(tmp_path / "mnt") and os.listdir(tmp_path / "mnt") == []
 
 
 @pytest.mark.mount_log_allows("the mount daemon has no file descriptor left")
