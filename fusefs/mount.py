@@ -8,6 +8,7 @@ write into unprotected; mounting again cleans the dead mount up.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -42,6 +44,9 @@ class MountError(CoherenceError):
     """A mount or unmount that cannot be done; the message says why and what to do."""
 
 
+MS_NOSUID, MS_NODEV = 2, 4
+"""mount(2) flags, as libfuse mounts."""
+_LIBC = ctypes.CDLL(None, use_errno=True)
 READY_TIMEOUT = 120.0
 """Seconds `mount` waits for its daemon to report the mount ready (it settles unfinished commits
 and starts its watcher first) before it stops the daemon and says so."""
@@ -80,9 +85,20 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fusermount3", *args], capture_output=True, text=True)
 
 
-def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ()) -> tuple[str, str, tuple[str, ...]]:
+class Mountable(NamedTuple):
+    """What `check_mountable` found: the root and the mountpoint resolved, the direct dirs relative
+    to the root, and whether the mountpoint is a dead mount (its daemon killed) to mount over."""
+
+    root: str
+    mountpoint: str
+    direct_dirs: tuple[str, ...]
+    over_dead: bool
+
+
+def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ()) -> Mountable:
     """Validate everything that can be checked before forking, then create the direct dirs that are
-    missing; returns (root, mountpoint) resolved and the direct dirs relative to the root."""
+    missing. A dead mount at the mountpoint stays where it is (as root): the new mount goes over it,
+    so no program meets the bare directory beneath, which it could write into, in between."""
     if not os.path.exists("/dev/fuse"):
         raise MountError(
             "no /dev/fuse on this machine: FUSE is unavailable (load the fuse module, or give the "
@@ -105,11 +121,13 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     if not os.path.isdir(root_real):
         raise MountError(f"volume root {root!r} does not exist")
     mp = os.path.abspath(mountpoint)
-    if mp in fuse_mounts() and _is_dead(mp):
-        _fusermount("-u", "-z", mp)  # a daemon killed earlier left it dead: clean up and remount
-    if mp in fuse_mounts():
+    over = mp in fuse_mounts() and _is_dead(mp)  # a daemon killed earlier left it dead
+    if over and os.geteuid() != 0:  # (only root can mount over it: detached, then checked as any directory)
+        _fusermount("-u", "-z", mp)
+        over = False
+    if not over and mp in fuse_mounts():
         raise MountError(f"{mp} is already a mounted volume; unmount it first")
-    if not os.path.isdir(mp):
+    if not over and not os.path.isdir(mp):
         raise MountError(f"mountpoint {mp} does not exist or is not a directory")
     mp = os.path.realpath(mp)
     if lies_within(mp, root_real):
@@ -117,7 +135,7 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
             f"mountpoint {mp} is a directory of the volume at {root_real} (by its name or through a bind mount): "
             "the mount would serve itself, and a lookup through it would wait on itself; mount it outside the volume"
         )
-    if os.listdir(mp):
+    if not over and os.listdir(mp):
         raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")
     core = open_core(root_real)  # a clear error now if ROOT is no volume
     core.close()
@@ -125,7 +143,7 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
         raise MountError("--direct needs root: a bind mount needs CAP_SYS_ADMIN (mount as root, or without --direct)")
     rels = direct.check(root_real, core.paths.globs, direct_dirs)
     direct.make(root_real, rels)
-    return root_real, mp, rels
+    return Mountable(root_real, mp, rels, over)
 
 
 async def _serve(
@@ -179,16 +197,10 @@ def _option_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def serve(
-    root: str,
-    mountpoint: str,
-    agent: str | None,
-    allow_other: bool,
-    on_ready: Callable[[], None],
-    direct_dirs: Sequence[str] = (),
-) -> None:
+def serve(m: Mountable, agent: str | None, allow_other: bool, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled, the direct dirs bound over the mount while it
     serves. A crash leaves the mount dead, never bare (its binds go with its next unmount)."""
+    root, mountpoint, direct_dirs = m.root, m.mountpoint, m.direct_dirs
     os.umask(0)  # callers' modes arrive with their own umask applied: never apply the daemon's on top
     core = open_core(root)
     core.settle()
@@ -197,7 +209,7 @@ def serve(
     options = set(pyfuse3.default_options) | {f"fsname={_option_value(core.paths.root)}", "subtype=coherent"}
     if allow_other:
         options.add("allow_other")
-    pyfuse3.init(ops, mountpoint, options)
+    pyfuse3.init(ops, _mounted_over(core.paths.root, mountpoint, allow_other) if m.over_dead else mountpoint, options)
     ready = False
 
     def serving() -> None:
@@ -211,9 +223,27 @@ def serve(
         clean = True
     finally:
         pyfuse3.close(unmount=clean or not ready)  # a mount that never served leaves nothing behind
+        if m.over_dead and not ready:  # (libfuse unmounts only what it mounted): the dead one is back on top
+            _fusermount("-u", "-z", mountpoint)
         resolver.close()
         ops.backing.close()
         core.close()
+
+
+def _mounted_over(root: str, mountpoint: str, allow_other: bool) -> str:
+    """Mount a new connection over the dead mount at `mountpoint` with mount(2), which stacks it on
+    the dead one's root (that needs no answer from a daemon, where libfuse's stat of the mountpoint
+    fails ENOTCONN); the connection for libfuse to serve, as "/dev/fd/N". The dead mount beneath is
+    detached by the next `unmount`."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    data = f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},default_permissions"
+    data += ",allow_other" if allow_other else ""
+    flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV)
+    if _LIBC.mount(root.encode(), mountpoint.encode(), FSTYPE.encode(), flags, data.encode()) != 0:
+        error = ctypes.get_errno()
+        os.close(fd)
+        raise MountError(f"could not mount over the dead mount at {mountpoint}: {os.strerror(error)}")
+    return f"/dev/fd/{fd}"
 
 
 def _reason(e: BaseException) -> str:
@@ -229,10 +259,11 @@ def mount(
     """Mount ROOT at MOUNTPOINT, each of `direct_dirs` (relative to ROOT) served by the kernel (see
     fusefs/direct.py); without `foreground`, return once the mount and its binds work (daemon in
     background)."""
-    root, mountpoint, rels = check_mountable(root, mountpoint, direct_dirs)
+    m = check_mountable(root, mountpoint, direct_dirs)
+    root, mountpoint = m.root, m.mountpoint
     if foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        serve(root, mountpoint, agent, allow_other, lambda: None, rels)
+        serve(m, agent, allow_other, lambda: None)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -253,7 +284,7 @@ def mount(
             os.close(write_end)
 
         try:
-            serve(root, mountpoint, agent, allow_other, ready, rels)
+            serve(m, agent, allow_other, ready)
         except BaseException as e:  # report to the waiting parent if it is still waiting
             log.exception("mount daemon failed")
             try:
@@ -322,6 +353,8 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     if result.returncode != 0:
         if _is_dead(mp):
             result = _fusermount("-u", "-z", mp)
+            while result.returncode == 0 and mp in fuse_mounts() and _is_dead(mp):
+                result = _fusermount("-u", "-z", mp)  # the dead mounts it was mounted over
             if result.returncode == 0:
                 return []
         direct.bind(root, mp, unbound)
@@ -334,7 +367,12 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
         raise MountError(f"could not unmount {mp}: {reason}")
     deadline = time.monotonic() + timeout
     while mp in fuse_mounts() and time.monotonic() < deadline:
-        time.sleep(0.05)
+        if device_of(mp) == device:
+            time.sleep(0.05)
+        elif _is_dead(mp):  # a dead mount this one was mounted over (`_mounted_over`)
+            _fusermount("-u", "-z", mp)
+        else:
+            break
     return [] if device is None else still_held(device, root)
 
 

@@ -555,6 +555,45 @@ def test_a_daemon_out_of_descriptors_answers_enfile_and_says_so(mounted: Mount) 
     assert "the mount daemon has no file descriptor left (its limit is 64" in log and "ulimit -Hn" in log
 
 
+WRITER = """
+import errno, os, sys, time
+made, refused, end = 0, 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        with open(os.path.join(sys.argv[1], f"w{made}.txt"), "x") as f:
+            f.write("x")
+        made += 1
+    except OSError as e:
+        refused += 1
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise
+        time.sleep(0.001)
+print(made, refused)
+"""
+
+
+def test_mounting_again_over_a_killed_daemons_mount_never_shows_the_bare_directory(root: Path, tmp_path: Path) -> None:
+    """Between the dead mount and the new one no program may meet the bare directory under them:
+    it wrote there, outside the volume, and `mount` then refused it as not empty and left it bare
+    (found by a hostile probe: hundreds of files per try). The new mount goes over the dead one,
+    and `unmount` takes both away."""
+    mnt = tmp_path / "mnt"
+    m = Mount(root, mnt)
+    with m:
+        m.kill_daemon()
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), "3"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        r = subprocess.run([CLI, "mount", str(root), str(mnt)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        made, refused = (int(n) for n in writer.communicate(timeout=60)[0].split())
+        assert refused > 0 and made > 0  # ENOTCONN while dead, then written through the new mount
+        assert sorted(p.name for p in root.glob("w*.txt")) == sorted(f"w{n}.txt" for n in range(made))
+        assert [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {mnt} " in line][1:]
+        r = subprocess.run([CLI, "unmount", str(mnt)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mnt) and os.listdir(mnt) == []  # both gone, and nothing was ever written beneath
+
+
 def test_a_dead_daemons_handle_grants_never_lock_an_agent_out(root: Path, tmp_path: Path) -> None:
     """A write handle still open when the daemon dies leaves a grant behind; after remounting the
     same agent (and others) can write again: only lock() grants fence their holder."""

@@ -155,14 +155,17 @@ class Unmounted:
 
 
 def unmount_and_reap(mountpoint: str | os.PathLike[str], wait: float = 10.0) -> Unmounted:
-    """Unmount `mountpoint` if it is mounted (its --direct binds first, detached lazily; then
-    `fusermount3 -u`, retried for a second while busy, then `-u -z`), then make sure nothing
+    """Unmount `mountpoint` while it is mounted (its --direct binds first, detached lazily; then
+    `fusermount3 -u`, retried for a second while busy, then `-u -z`; each mount stacked there in
+    turn), then make sure nothing
     serves it any more: wait up to `wait` seconds for every
     process with the mountpoint among its arguments (our daemon and its watcher process, bindfs,
     floorfs) to exit, and SIGKILL what is left. Safe to call on anything: mounted, dead, or gone."""
     mp = os.fspath(mountpoint)
     done = Unmounted()
-    if is_mounted(mp):
+    for _ in range(10):  # each mount there: a mount made over a dead one leaves that one beneath
+        if not is_mounted(mp):
+            break
         with contextlib.suppress(CoherenceError, OSError):  # a dead mount's binds go with its `-u -z`
             direct.unbind(fuse_mounts(None)[mp], mp, lazy=True)
         for _ in range(5):
