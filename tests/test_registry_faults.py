@@ -532,13 +532,21 @@ from coherent_volume import CoherentVolume, RegistryError
 root = sys.argv[1]
 with CoherentVolume(root, managed=["plans/**"], agent="setup") as v:
     v.write("plans/plan.md", "v1\n")
-with open(os.path.join(os.path.dirname(root), "filler"), "wb", buffering=0) as f:
-    for size in (65536, 4096, 512):  # to the last block
-        try:
-            while True:
-                f.write(b"\0" * size)
-        except OSError:
-            pass
+if sys.argv[2] == "inodes":  # to the last inode
+    os.mkdir(os.path.join(os.path.dirname(root), "fillers"))
+    try:
+        for n in range(1_000_000):
+            os.close(os.open(os.path.join(os.path.dirname(root), "fillers", str(n)), os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        pass
+else:
+    with open(os.path.join(os.path.dirname(root), "filler"), "wb", buffering=0) as f:
+        for size in (65536, 4096, 512):  # to the last block
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
 try:
     with CoherentVolume(root, agent="alice") as v:
         v.read("plans/plan.md")
@@ -554,6 +562,8 @@ _SMALL_DISKS = {
     # ext4 keeps clusters that count as free for root yet nobody may write (2 %, at most 16 MiB):
     # the disk was said to have 1.3 MiB free, and SQLite's I/O error passed on as it was
     "ext4": 'truncate -s 64M "$1.img" && mkfs.ext4 -F -q -m 0 "$1.img" && mount -o loop "$1.img" "$1"',
+    # out of inodes, not blocks: SQLite says it cannot open a file (it was called a passing shortage)
+    "ext4-inodes": 'truncate -s 64M "$1.img" && mkfs.ext4 -F -q -m 0 -N 64 "$1.img" && mount -o loop "$1.img" "$1"',
 }
 
 
@@ -565,9 +575,10 @@ def test_a_registry_on_a_full_file_system_says_the_disk_is_full(tmp_path: Path, 
     (before, only an I/O error's name, and hooks said to retry in a few seconds)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    script = _SMALL_DISKS[kind] + ' && mkdir "$1/vol" && exec "$2" -c "$3" "$1/vol"'
+    script = _SMALL_DISKS[kind] + ' && mkdir "$1/vol" && exec "$2" -c "$3" "$1/vol" "$4"'
     private = ["unshare", "--mount", "--propagation", "private"]  # the tmpfs is this test's alone
-    argv = [*private, "sh", "-c", script, "sh", str(disk), sys.executable, FULL_DISK]
+    fill = "inodes" if kind.endswith("-inodes") else "blocks"
+    argv = [*private, "sh", "-c", script, "sh", str(disk), sys.executable, FULL_DISK, fill]
     ran = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("True "), ran.stdout

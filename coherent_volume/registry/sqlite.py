@@ -115,6 +115,8 @@ def _few_free(directory: str) -> str | None:
     return f"only {free:,} bytes are free there" if free < FULL_BELOW else None
 
 
+_MAY_BE_FULL = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
+"""SQLite's result codes for a failure a full file system may cause (`_no_room` tells)."""
 _OS_LEVEL = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
 """SQLite's result codes for a failure whose cause may lie with the operating system (`refusal`)."""
 
@@ -1315,7 +1317,8 @@ class SQLiteRegistry:
                 "read wants to write, or when waiting could deadlock); try again",
                 errno.EBUSY,
             )
-        full = _no_room(os.path.dirname(self._path)) if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) else None
+        # (a file system out of inodes is SQLITE_CANTOPEN)
+        full = _no_room(os.path.dirname(self._path)) if primary in _MAY_BE_FULL else None
         if primary == sqlite3.SQLITE_FULL or full is not None:
             room = "" if full is None else f"; {full}"
             return RegistryError(
