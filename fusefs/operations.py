@@ -193,6 +193,8 @@ class CoherentOperations(pyfuse3.Operations):
         mount cannot be sure of it: once two replies told it different sizes, since the kernel applies
         an attribute reply only if it applied none for that inode since it sent the request, and so may
         keep the older one (see `_pin`)."""
+        self._cached_as: dict[int, tuple[int, int, int, int]] = {}
+        """The file of each unmanaged inode as its last open found it: inode, size, mtime, ctime (`_keeps_cache`)."""
         self._truncated: dict[int, tuple[int, str | None]] = {}
         """Inodes a truncate by name went through, with the truncating thread and the system call it
         was in (`_call_of`): until that thread takes the reply, the kernel drops every other reply
@@ -631,6 +633,16 @@ class CoherentOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         return fh
+
+    def _keeps_cache(self, inode: int, fd: int) -> bool:
+        """Whether the kernel may keep what it cached of unmanaged `inode` at an open of its file
+        (`fd`): only while the file is as the last open found it. A change behind the volume's back
+        that kept its size and mtime (`dd conv=notrunc`, then `touch -d` back) moves its ctime, which
+        the kernel does not compare: it served the old bytes for good (found by a hostile probe)."""
+        st = os.fstat(fd)
+        now = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        before, self._cached_as[inode] = self._cached_as.get(inode), now
+        return before == now
 
     def _open_file(self, handle: FileHandle, inode: int) -> int:
         fh = self._fh()
@@ -1417,7 +1429,8 @@ class CoherentOperations(pyfuse3.Operations):
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)
             handle = Passthrough(fd, rel, _writable(flags), caller)
-            return pyfuse3.FileInfo(fh=self._open_file(handle, inode), keep_cache=True)
+            keep = self._keeps_cache(inode, fd)
+            return pyfuse3.FileInfo(fh=self._open_file(handle, inode), keep_cache=keep)
         if not writing:
             return await self._open_reading(rel, inode, ctx, repeat)
         if repeat is None:  # a write goes to an inode of its own (`_apart`), where the kernel repeats it
@@ -1772,6 +1785,7 @@ class CoherentOperations(pyfuse3.Operations):
             if not self.inodes.forget(inode, count):
                 self.backing.release(inode)
                 self._sizes.pop(inode, None)
+                self._cached_as.pop(inode, None)
                 self._truncated.pop(inode, None)
                 self._left_globs.pop(inode, None)  # a lookup through a carried directory marks it again (`_reached`)
                 self._let_go(inode)

@@ -462,6 +462,23 @@ def test_foreign_write_to_an_unmanaged_file_reaches_cached_readers(mounted: Moun
     assert (mounted.path / "notes.txt").read_text() == "new content"
 
 
+@pytest.mark.parametrize("where", ["build/x.txt", "notes.txt"], ids=["unwatched", "watched"])
+def test_a_foreign_change_keeping_size_and_mtime_reaches_the_next_open(mounted: Mount, where: str) -> None:
+    """A file changed behind the volume's back in place, its size and mtime put back: the next open
+    through the mount reads the new bytes (the kernel kept its cache on every open, and served the
+    old bytes for good where nothing watches: found by a hostile probe)."""
+    backing = mounted.root / where
+    backing.parent.mkdir(exist_ok=True)
+    backing.write_text("012345")
+    assert (mounted.path / where).read_text() == "012345"  # now in the kernel's page cache
+    before = backing.stat()
+    with open(backing, "r+b") as f:
+        f.write(b"XXXX")
+    os.utime(backing, ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(1.5)  # past the attributes' timeout
+    assert (mounted.path / where).read_text() == "XXXX45"
+
+
 def test_registry_cannot_be_renamed_or_deleted_through_the_mount(mounted: Mount) -> None:
     r = mounted.run("alice", "mv .coherent x; rm -rf .coherent; cat .coherent/registry.db; ls -A")
     assert ".coherent" not in r.stdout
