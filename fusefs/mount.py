@@ -210,6 +210,7 @@ def serve(m: Mountable, agent: str | None, allow_other: bool, on_ready: Callable
     if allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, _mounted_over(core.paths.root, mountpoint, allow_other) if m.over_dead else mountpoint, options)
+    ours = device_of(mountpoint) if m.over_dead else None
     ready = False
 
     def serving() -> None:
@@ -223,8 +224,8 @@ def serve(m: Mountable, agent: str | None, allow_other: bool, on_ready: Callable
         clean = True
     finally:
         pyfuse3.close(unmount=clean or not ready)  # a mount that never served leaves nothing behind
-        if m.over_dead and not ready:  # (libfuse unmounts only what it mounted): the dead one is back on top
-            _fusermount("-u", "-z", mountpoint)
+        if m.over_dead and (clean or not ready):  # libfuse unmounts only what it mounted itself
+            _detach_over(mountpoint, ours, dead_too=clean)
         resolver.close()
         ops.backing.close()
         core.close()
@@ -246,6 +247,16 @@ def _mounted_over(root: str, mountpoint: str, allow_other: bool) -> str:
     return f"/dev/fd/{fd}"
 
 
+def _detach_over(mountpoint: str, ours: str | None, dead_too: bool) -> None:
+    """Detach the mount this daemon made over a dead one (device `ours`), if it is still there; with
+    `dead_too` (a stop, as an unmount) the dead ones beneath as well, else they stay (fail closed)."""
+    if ours is not None and device_of(mountpoint) == ours:
+        _fusermount("-u", "-z", mountpoint)
+    while dead_too and mountpoint in fuse_mounts() and _is_dead(mountpoint):
+        if _fusermount("-u", "-z", mountpoint).returncode != 0:
+            break
+
+
 def _reason(e: BaseException) -> str:
     """What went wrong, without trio's wrapping: the first error inside an exception group."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
@@ -265,6 +276,7 @@ def mount(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         serve(m, agent, allow_other, lambda: None)
         return
+    dead = device_of(mountpoint) if m.over_dead else None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -299,7 +311,7 @@ def mount(
     finally:
         os.close(read_end)
     if answer is None:
-        raise MountError(_stopped(pid, root, mountpoint))
+        raise MountError(_stopped(pid, root, mountpoint, dead))
     if answer != "ok":
         os.waitpid(pid, 0)
         raise MountError(answer.removeprefix("error: ") or "the mount daemon exited before the mount was ready")
@@ -320,20 +332,24 @@ def _answer(read_end: int) -> str | None:
     return None
 
 
-def _stopped(pid: int, root: str, mountpoint: str) -> str:
+def _stopped(pid: int, root: str, mountpoint: str, dead: str | None) -> str:
     """Stop a daemon that did not report its mount ready in time: killed, its connection aborted
-    (a daemon waiting on its own mount keeps every caller waiting), its mount detached; what
-    happened, to be said."""
+    (a daemon waiting on its own mount keeps every caller waiting), its mount detached, never the
+    dead mount (device `dead`) it was to go over, which stays (fail closed); what happened, to be said."""
     os.kill(pid, signal.SIGKILL)
     device = device_of(mountpoint) if mountpoint in fuse_mounts() else None
-    if device is not None:
+    if device is not None and device != dead:
         abort(device)
         _fusermount("-u", "-z", mountpoint)
     os.waitpid(pid, 0)
+    left = (
+        "the dead mount it was to go over stays there (`coherent-volume unmount` removes it)"
+        if dead is not None
+        else "nothing is mounted there"
+    )
     return (
         f"the mount daemon did not report the mount of {root} at {mountpoint} ready within {READY_TIMEOUT:g} s, "
-        f"so it was stopped and nothing is mounted there; its log, {os.path.join(root, REGISTRY_DIR, 'mount.log')}, "
-        "says how far it got"
+        f"so it was stopped and {left}; its log, {os.path.join(root, REGISTRY_DIR, 'mount.log')}, says how far it got"
     )
 
 

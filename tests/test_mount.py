@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -530,21 +531,61 @@ def test_a_mountpoint_inside_the_volume_is_refused(root: Path, tmp_path: Path, w
             os.kill(pid, 9)
 
 
+@pytest.mark.parametrize("over", [False, True], ids=["fresh", "over a dead mount"])
 def test_a_daemon_that_never_reports_ready_is_stopped_within_the_bound(
-    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over: bool
 ) -> None:
-    """`mount` waits for its daemon's report a bounded time: then the daemon is killed, nothing is
-    left mounted, and the error says so (it waited forever on a daemon hung on its own mount)."""
+    """`mount` waits for its daemon's report a bounded time: then the daemon is killed, nothing it
+    mounted is left, and the error says so (it waited forever on a daemon hung on its own mount).
+    A dead mount it was to go over stays, never a bare directory (found by a hostile probe)."""
     from fusefs import mount as mounting
 
+    mnt = tmp_path / "mnt"
+    dead = Mount(root, mnt)
+    if over:
+        dead.mount()
+        dead.kill_daemon()
+    else:
+        mnt.mkdir()
     monkeypatch.setattr(mounting, "READY_TIMEOUT", 1.0)
     monkeypatch.setattr(mounting, "serve", lambda *args: time.sleep(600))  # in the forked daemon
-    (tmp_path / "mnt").mkdir()
     started = time.monotonic()
-    with pytest.raises(mounting.MountError, match="did not report the mount of .* ready within 1 s") as info:
-        mounting.mount(str(root), str(tmp_path / "mnt"), None, foreground=False, allow_other=False)
-    assert time.monotonic() - started < 30 and "nothing is mounted there" in str(info.value)
-    assert not is_mounted(tmp_path / "mnt") and os.listdir(tmp_path / "mnt") == []
+    try:
+        with pytest.raises(mounting.MountError, match="did not report the mount of .* ready within 1 s") as info:
+            mounting.mount(str(root), str(mnt), None, foreground=False, allow_other=False)
+        assert time.monotonic() - started < 30
+        if over:
+            assert "the dead mount it was to go over stays there" in str(info.value)
+            assert is_mounted(mnt) and _dead_errno(mnt) in (errno.ENOTCONN, errno.ECONNABORTED)
+        else:
+            assert "nothing is mounted there" in str(info.value)
+            assert not is_mounted(mnt) and os.listdir(mnt) == []
+    finally:
+        dead.unmount()
+
+
+def _dead_errno(path: Path) -> int | None:
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_a_daemon_that_mounted_over_a_dead_mount_unmounts_both_when_stopped(root: Path, tmp_path: Path) -> None:
+    """SIGTERM to a daemon serving over a dead mount unmounts, as it does a fresh one (libfuse
+    unmounts only what it mounted itself: both stayed, dead; found by a hostile probe)."""
+    mnt = tmp_path / "mnt"
+    m = Mount(root, mnt)
+    with m:
+        m.kill_daemon()
+        assert subprocess.run([CLI, "mount", str(root), str(mnt)], capture_output=True).returncode == 0
+        (pid,) = daemon_pids(mnt)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while is_mounted(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(mnt) and os.listdir(mnt) == []
 
 
 @pytest.mark.mount_log_allows("the mount daemon has no file descriptor left")

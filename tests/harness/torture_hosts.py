@@ -325,9 +325,12 @@ class HostMount:
         return pids
 
     def unmount(self) -> None:
-        """Unmount in the host (busy: retried, then detached lazily), wait for the daemon and its
+        """Unmount in the host (busy: retried, then detached lazily; each mount stacked there in turn),
+        wait for the daemon and its
         watcher to exit (SIGKILL after 10 s), then check the daemon's log."""
-        if self.mounted():
+        for _ in range(10):  # each mount there: a remount over a killed daemon's leaves that one beneath
+            if not self.mounted():
+                break
             for _ in range(5):
                 if self.host.run(["fusermount3", "-u", str(self.path)], capture_output=True).returncode == 0:
                     break
