@@ -130,11 +130,13 @@ def _mounts() -> list[Mount] | None:
 
 
 def _place(path: str, mounts: list[Mount]) -> tuple[str, str] | None:
+    """Where `path` lies (device, path within it); for a mountpoint that cannot be looked at (a
+    dead FUSE mount: ENOTCONN), the directory it is mounted on."""
     try:
         st = os.stat(path)
+        found = mount_of(path, mounts, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     except OSError:
-        return None
-    found = mount_of(path, mounts, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+        found = mount_of(path, [m for m in mounts if m.point != path])
     if found is None:
         return None
     below = path[len(found.point) :].lstrip("/") if found.point != "/" else path.lstrip("/")
