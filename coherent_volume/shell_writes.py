@@ -877,7 +877,7 @@ class _Walk:
             out.extend(_chars(_text(node)[1:-1], True))
         elif kind in ("string", "translated_string", "concatenation"):
             first: Unknown | None = None
-            for child in node.children:
+            for child in _untranslated(node.children) if kind == "concatenation" else node.children:
                 if child.type == '"' or kind == "translated_string" and child.type == "$":
                     continue  # `$"…"`: a string to translate, its text as written
                 if child.type == "string_content":
@@ -1619,7 +1619,7 @@ class _Walk:
         expanded as one, so a pattern spans them all (`plans/[a]\\.md` is two nodes)."""
         if len(word) == 1:
             return self.expand(word[0], cwd)
-        nodes = [n for n in word if n.type != "$"] if word[0].type == "$" else word
+        nodes = _untranslated(word)
         source = "".join(_text(x) for x in word)
         spelled: Spelled = []
         for n in nodes:
@@ -2367,6 +2367,21 @@ def _pattern(word: Chars) -> str | None:
             return None
         out.append(c)
     return "".join(out).replace("[^", "[!")
+
+
+def _untranslated(nodes: Sequence[tree_sitter.Node]) -> list[tree_sitter.Node]:
+    """`nodes`, parts of one word, without the `$` of each `$"…"` among them (a string to translate:
+    its text as written; tree-sitter reads it as a `$` and a string wherever it is not first)."""
+    return [
+        n
+        for i, n in enumerate(nodes)
+        if not (
+            n.type == "$"
+            and i + 1 < len(nodes)
+            and nodes[i + 1].type == "string"
+            and n.end_byte == nodes[i + 1].start_byte
+        )
+    ]
 
 
 def _merged(words: list[tree_sitter.Node], source: bytes) -> list[list[tree_sitter.Node]]:

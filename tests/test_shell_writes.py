@@ -51,6 +51,10 @@ CASES: list[tuple[str, str, object]] = [
     ("echo hi > plans/pla[x]\\.md", ".", [("plans/pla[x].md", W)]),
     ("echo hi > plans/\\[p]lan.md", ".", [("plans/[p]lan.md", W)]),
     ("echo hi > plans/[p\\]]lan.md", ".", UNRESOLVED),  # a quoted `]` in a bracket: fnmatch cannot say it
+    # `$"…"` (a string to translate: its text) inside a word, where tree-sitter reads a `$` and a string
+    ('rm plans/plan$"".md', ".", PLAN),
+    ('echo hi > plans/$"plan.md"', ".", PLAN),
+    ('echo hi > plans/pla[n]$"".md', ".", PLAN),
     # cd is followed in its shell, not out of a subshell or pipeline
     ("cd plans && echo hi > plan.md", ".", PLAN),
     ("cd plans; echo hi > plan.md", ".", PLAN),
