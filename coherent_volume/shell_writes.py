@@ -1021,19 +1021,20 @@ class _Walk:
         if isinstance(cwd, Unknown) and not literal.startswith("/"):
             why = f"a pattern matched in the directory after `{cwd.word}`: {cwd.why}"
             return [Unknown(source, why, cwd.place, cwd.anywhere)]
+        place, anywhere = _pattern_place(list(word), cwd)
         if self.untrusted:
-            return [Unknown(source, "a pattern, and the command changes how patterns match", _place(cwd))]
+            return [Unknown(source, "a pattern, and the command changes how patterns match", place, anywhere)]
         pattern = _pattern(word)
         if pattern is None:
-            return [Unknown(source, "a pattern with a quoted character in a bracket expression", _place(cwd))]
+            return [Unknown(source, "a pattern with a quoted character in a bracket expression", place, anywhere)]
         if re.search(r"\[[^]/]*\[[:=.]", pattern):  # a class like [[:alpha:]]: fnmatch has none
-            return [Unknown(source, "a pattern with a character class", _place(cwd))]
+            return [Unknown(source, "a pattern with a character class", place, anywhere)]
         try:
             matches = sorted(self._matches(pattern, str(cwd)))
         except _TooMuch:
-            return [Unknown(source, f"a pattern that needs more than {_MOST_VISITED} entries read", _place(cwd), True)]
+            return [Unknown(source, f"a pattern that needs more than {_MOST_VISITED} entries read", place, True)]
         if len(matches) > _MOST_EXPANDED:
-            return [Unknown(source, f"a pattern matching more than {_MOST_EXPANDED} files", _place(cwd))]
+            return [Unknown(source, f"a pattern matching more than {_MOST_EXPANDED} files", place, anywhere)]
         return list[Item](matches) if matches else [literal]
 
     def _matches(self, pattern: str, cwd: str) -> list[str]:
@@ -1624,7 +1625,8 @@ class _Walk:
         spelled: Spelled = []
         for n in nodes:
             if self._pieces(n, cwd, spelled) is not None or any(isinstance(c, Wild) for c in spelled):
-                return [Unknown(source, "a word tree-sitter splits", _place(cwd))]
+                place, anywhere = _pattern_place(spelled, cwd)
+                return [Unknown(source, "a word tree-sitter splits", place, anywhere)]
         return self._expanded(spelled, cwd, source)
 
     def simple(self, items: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
@@ -2436,6 +2438,26 @@ def _may_begin(item: Item, text: str) -> bool:
 
 def _place(cwd: Cwd) -> str:
     return cwd.place if isinstance(cwd, Unknown) else cwd
+
+
+def _pattern_place(spelled: Spelled, cwd: Cwd) -> tuple[str, bool]:
+    """Where a word that is a pattern (or has a part known only when it runs) may lead, for an
+    Unknown of it: the directory its literal part names before its first pattern character, brace
+    or unknown part (from `cwd`), and whether it may be any path (a `..` after that, or no literal part
+    where `cwd` is itself unknown and may be anywhere)."""
+    cut = next(
+        (i for i, c in enumerate(spelled) if isinstance(c, Wild) or (not c[1] and (c[0] in _GLOB or c[0] == "{"))),
+        len(spelled),
+    )
+    prefix = "".join(c[0] for c in spelled[:cut] if not isinstance(c, Wild))
+    rest = "".join(c[0] if not isinstance(c, Wild) else "\0" for c in spelled[cut:])
+    anywhere = bool(re.search(r"(?:^|/)\.\.(?:/|$)", rest))
+    directory = prefix.rpartition("/")[0] if "/" in prefix else ""
+    if prefix.startswith("/"):
+        return directory or "/", anywhere
+    base = _place(cwd)
+    anywhere = anywhere or (isinstance(cwd, Unknown) and cwd.anywhere)
+    return (os.path.join(base, directory) if directory else base), anywhere
 
 
 def _tree(cwd: Cwd, start: Item) -> tuple[str, tuple[Piece, ...] | None]:
