@@ -93,7 +93,7 @@ SHELL_REMEDY: dict[Reason, str] = {
     "held": (
         "Its holder is writing it right now; the grant ends when that write is done (a hook's grant after {ttl:g} "
         f"s at the latest). Wait a few seconds (for example run `sleep 5`), then read the file again with the Read "
-        f"tool and {_RUN_AGAIN}."
+        f"tool (if it exists by then) and {_RUN_AGAIN}."
     ),
     "fenced": (
         "Your write grant on this file was reclaimed (it expired or its process ended), so your writes to it are "

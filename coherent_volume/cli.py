@@ -309,7 +309,7 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
 def _say_taken_in(core: VolumeCore, before: dict[str, FileRecord]) -> None:
     """After a working copy's first scan: each managed file of its root that differed from the
     volume's record (`before` the scan) is now a version by `external`, the current one on every
-    host; say which, and how to see or take back the version it went over."""
+    host; say which, and how to see the version it went over."""
     root = shlex.quote(core.paths.root)
     with core.registry.read() as tx:
         after = [record for record in tx.files() if record.writer == EXTERNAL]
@@ -329,7 +329,8 @@ def _say_taken_in(core: VolumeCore, before: dict[str, FileRecord]) -> None:
             f"taken in: {shown(record.path)}: this root held other bytes than the volume's v{old.version} "
             f"(by {old.writer}); they are now its v{record.version} (by external) on every host, and v{old.version} "
             f"stays in history: `coherent-volume diff {root} {rel} {old.version} {record.version}` shows the change, "
-            f"`coherent-volume restore {root} {rel} --version {old.version} --agent NAME` takes it back",
+            f"`coherent-volume show {root} {rel} --version {old.version}` its bytes (an agent that read the file "
+            "takes them back with `restore`)",
             err=True,
         )
 

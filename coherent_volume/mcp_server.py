@@ -67,8 +67,8 @@ REMEDY: dict[Reason, str] = {
     "stale": "Call read_file on {path} again, then redo your change from its current content.",
     "unread": "Call read_file on {path} first, then make your change from its current content.",
     "held": (
-        "Another agent is writing {path} right now. Wait a few seconds, call read_file on it again, then "
-        "redo your change from its current content."
+        "Another agent is writing {path} right now. Wait a few seconds, call read_file on it again (if it "
+        "exists by then), then redo your change from its current content."
     ),
     "fenced": (
         "Your write grant on {path} was reclaimed, so your writes to it are held back until you read it "

@@ -445,7 +445,7 @@ def test_an_agent_name_can_be_given_and_is_checked(root: Path) -> None:
     )
     assert r.returncode == 1 and "reserved" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([CLI, "mcp", str(root / "plans")], stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    assert r.returncode == 1 and "no volume at" in r.stderr
+    assert r.returncode == 1 and "is a directory inside the volume at" in r.stderr
 
 
 def test_the_server_exits_cleanly_when_the_client_goes(root: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from coherent_volume import CoherentVolume, InstallPending, RegistryError
 from coherent_volume.registry import sqlite as sqlite_registry
 
 from .conftest import REPO, run_py
+from .harness import CLI
 from .harness.volumes import sql
 
 P = "plans/plan.md"
@@ -77,6 +78,18 @@ def test_opening_without_globs_where_no_volume_exists(tmp_path: Path) -> None:
     assert f"`coherent-volume init {tmp_path} --managed GLOB`" in str(info.value)
     assert f"joins it again with `coherent-volume init {tmp_path} --registry URL --volume NAME`" in str(info.value)
     assert not (tmp_path / ".coherent").exists()
+
+
+def test_opening_a_directory_inside_a_volume_names_its_root(root: Path, tmp_path: Path) -> None:
+    """The API, `mount` and `mcp` given a directory inside a volume name its root, as the other
+    commands do (they said to create a volume there, which `init` refuses: volumes do not nest)."""
+    with pytest.raises(RegistryError, match=f"'{root / 'plans'}' is a directory inside the volume at '{root}'"):
+        CoherentVolume(root / "plans", agent="bob")
+    (tmp_path / "mnt").mkdir()
+    for command in (["mount", str(root / "plans"), str(tmp_path / "mnt")], ["mcp", str(root / "plans")]):
+        r = subprocess.run([CLI, *command], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert r.returncode == 1 and f"is a directory inside the volume at '{root}', not its root" in r.stderr, r
+    assert not (root / "plans" / ".coherent").exists()
 
 
 def test_registry_locked_past_the_busy_timeout_is_a_bounded_wait(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1831,7 +1831,7 @@ def test_joining_over_a_file_that_differs_says_what_it_recorded(tmp_path: Path, 
         "taken in: plans/plan.md: this root held other bytes than the volume's v1 (by alice); they are now its v2 "
         f"(by external) on every host, and v1 stays in history: `coherent-volume diff {b} plans/plan.md 1 2`"
     ) in r.stderr
-    assert f"`coherent-volume restore {b} plans/plan.md --version 1 --agent NAME` takes it back" in r.stderr
+    assert f"`coherent-volume show {b} plans/plan.md --version 1` its bytes" in r.stderr
     assert "taken in: plans/local.md: a file the volume did not hold, now its v1 (by external)" in r.stderr
     with CoherentVolume(a, agent="alice") as alice:
         assert [(h.version, h.writer) for h in alice.history("plans/plan.md")] == [(2, "external"), (1, "alice")]
