@@ -17,7 +17,7 @@ import pytest
 
 from coherent_volume import CoherentVolume
 
-from .harness.mounts import CLI, Mount, daemon_pids, is_mounted, watcher_pids
+from .harness.mounts import CLI, Mount, daemon_pids, dead_errno, is_mounted, watcher_pids
 
 P = "plans/plan.md"
 
@@ -562,20 +562,12 @@ def test_a_daemon_that_never_reports_ready_is_stopped_within_the_bound(
         assert time.monotonic() - started < 30
         if over:
             assert "the dead mount it was to go over stays there" in str(info.value)
-            assert is_mounted(mnt) and _dead_errno(mnt) in (errno.ENOTCONN, errno.ECONNABORTED)
+            assert is_mounted(mnt) and dead_errno(mnt) in (errno.ENOTCONN, errno.ECONNABORTED)
         else:
             assert "nothing is mounted there" in str(info.value)
             assert not is_mounted(mnt) and os.listdir(mnt) == []
     finally:
         dead.unmount()
-
-
-def _dead_errno(path: Path) -> int | None:
-    try:
-        os.statvfs(path)
-    except OSError as e:
-        return e.errno
-    return None
 
 
 def test_a_daemon_that_mounted_over_a_dead_mount_unmounts_both_when_stopped(root: Path, tmp_path: Path) -> None:

@@ -1775,17 +1775,24 @@ def test_retention_judges_ages_on_the_databases_clock_not_a_skewed_hosts(
         assert alice.read_version("plans/a.md", 1) == b"version 1: keep me 30 days\n"
 
 
+def _team_and_a_root_holding(tmp_path: Path, url: str, plan: str, other: str) -> tuple[Path, Path]:
+    """The volume "team" (root a) whose plans/plan.md alice wrote as `plan`, and a directory b
+    that is no volume, holding `other` at that name."""
+    a = _pg_volume(tmp_path / "a", url, name="team", managed=("plans/**",))
+    with CoherentVolume(a, agent="alice") as alice:
+        alice.write("plans/plan.md", plan)
+    b = tmp_path / "b"
+    (b / "plans").mkdir(parents=True)
+    (b / "plans/plan.md").write_text(other)
+    return a, b
+
+
 def test_init_with_managed_globs_on_a_name_that_exists_is_refused_and_joining_works(
     tmp_path: Path, pg_url: str
 ) -> None:
     """`init -m` creates a volume: on a name another team's volume has, it never joins it (its own
     files would become versions of that volume's), changes nothing, and says how to join."""
-    a = _pg_volume(tmp_path / "a", pg_url, name="team", managed=("plans/**",))
-    with CoherentVolume(a, agent="alice") as alice:
-        alice.write("plans/plan.md", "team A plan\n")
-    b = tmp_path / "b"
-    (b / "plans").mkdir(parents=True)
-    (b / "plans/plan.md").write_text("team B plan (unrelated)\n")
+    a, b = _team_and_a_root_holding(tmp_path, pg_url, "team A plan\n", "team B plan (unrelated)\n")
     r = subprocess.run(
         [CLI, "init", str(b), "-m", "plans/**", "--registry", pg_url, "--volume", "team"],
         capture_output=True,
@@ -1816,12 +1823,7 @@ def test_init_with_managed_globs_on_a_name_that_exists_is_refused_and_joining_wo
 def test_joining_over_a_file_that_differs_says_what_it_recorded(tmp_path: Path, pg_url: str) -> None:
     """A root that joins holding other bytes at a managed name: `init` records them as a foreign
     version over the volume's current one (kept in history), and says so (it said nothing)."""
-    a = _pg_volume(tmp_path / "a", pg_url, name="team", managed=("plans/**",))
-    with CoherentVolume(a, agent="alice") as alice:
-        alice.write("plans/plan.md", "team plan\n")
-    b = tmp_path / "b"
-    (b / "plans").mkdir(parents=True)
-    (b / "plans/plan.md").write_text("an old local copy\n")
+    a, b = _team_and_a_root_holding(tmp_path, pg_url, "team plan\n", "an old local copy\n")
     (b / "plans/local.md").write_text("only here\n")
     r = subprocess.run(
         [CLI, "init", str(b), "--registry", pg_url, "--volume", "team"], capture_output=True, text=True, timeout=60
