@@ -1,9 +1,10 @@
 """Mounting and unmounting a volume, with a clear error for each way it can fail.
 
 `mount` returns only once the mount works (or with the reason it does not): the daemon
-forks, mounts, and reports back through a pipe before the parent exits. If the daemon dies,
-the mountpoint stays dead (ENOTCONN) rather than becoming a bare directory that agents could
-write into unprotected; mounting again cleans the dead mount up.
+forks, mounts, and reports back through a pipe, which the parent waits on for at most
+READY_TIMEOUT seconds. If the daemon dies, the mountpoint stays dead (ENOTCONN) rather than
+becoming a bare directory that agents could write into unprotected; mounting again goes over
+the dead mount (as root), and `unmount` takes every mount there away.
 """
 
 from __future__ import annotations
