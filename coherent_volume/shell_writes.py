@@ -1021,20 +1021,23 @@ class _Walk:
         if isinstance(cwd, Unknown) and not literal.startswith("/"):
             why = f"a pattern matched in the directory after `{cwd.word}`: {cwd.why}"
             return [Unknown(source, why, cwd.place, cwd.anywhere)]
-        place, anywhere = _pattern_place(list(word), cwd)
+        place, anywhere, deeper = _pattern_place(list(word), cwd)
         if self.untrusted:
-            return [Unknown(source, "a pattern, and the command changes how patterns match", place, anywhere)]
+            why = "a pattern, and the command changes how patterns match"
+            return [Unknown(source, why, place, anywhere, volumes_below=deeper)]
         pattern = _pattern(word)
         if pattern is None:
-            return [Unknown(source, "a pattern with a quoted character in a bracket expression", place, anywhere)]
+            why = "a pattern with a quoted character in a bracket expression"
+            return [Unknown(source, why, place, anywhere, volumes_below=deeper)]
         if re.search(r"\[[^]/]*\[[:=.]", pattern):  # a class like [[:alpha:]]: fnmatch has none
-            return [Unknown(source, "a pattern with a character class", place, anywhere)]
+            return [Unknown(source, "a pattern with a character class", place, anywhere, volumes_below=deeper)]
         try:
             matches = sorted(self._matches(pattern, str(cwd)))
         except _TooMuch:
             return [Unknown(source, f"a pattern that needs more than {_MOST_VISITED} entries read", place, True)]
         if len(matches) > _MOST_EXPANDED:
-            return [Unknown(source, f"a pattern matching more than {_MOST_EXPANDED} files", place, anywhere)]
+            why = f"a pattern matching more than {_MOST_EXPANDED} files"
+            return [Unknown(source, why, place, anywhere, volumes_below=deeper)]
         return list[Item](matches) if matches else [literal]
 
     def _matches(self, pattern: str, cwd: str) -> list[str]:
@@ -1625,8 +1628,8 @@ class _Walk:
         spelled: Spelled = []
         for n in nodes:
             if self._pieces(n, cwd, spelled) is not None or any(isinstance(c, Wild) for c in spelled):
-                place, anywhere = _pattern_place(spelled, cwd)
-                return [Unknown(source, "a word tree-sitter splits", place, anywhere)]
+                place, anywhere, deeper = _pattern_place(spelled, cwd)
+                return [Unknown(source, "a word tree-sitter splits", place, anywhere, volumes_below=deeper)]
         return self._expanded(spelled, cwd, source)
 
     def simple(self, items: list[Item], cwd: Cwd) -> tuple[set[Cwd], set[Cwd]]:
@@ -2440,11 +2443,12 @@ def _place(cwd: Cwd) -> str:
     return cwd.place if isinstance(cwd, Unknown) else cwd
 
 
-def _pattern_place(spelled: Spelled, cwd: Cwd) -> tuple[str, bool]:
+def _pattern_place(spelled: Spelled, cwd: Cwd) -> tuple[str, bool, bool]:
     """Where a word that is a pattern (or has a part known only when it runs) may lead, for an
     Unknown of it: the directory its literal part names before its first pattern character, brace
-    or unknown part (from `cwd`), and whether it may be any path (a `..` after that, or no literal part
-    where `cwd` is itself unknown and may be anywhere)."""
+    or unknown part (from `cwd`); whether it may be any path (a `..` after that, or no literal part
+    where `cwd` is itself unknown and may be anywhere); and whether it may reach directories below
+    that one (a `/` after it: a volume there may be reached, `Unknown.volumes_below`)."""
     cut = next(
         (i for i, c in enumerate(spelled) if isinstance(c, Wild) or (not c[1] and (c[0] in _GLOB or c[0] == "{"))),
         len(spelled),
@@ -2452,12 +2456,13 @@ def _pattern_place(spelled: Spelled, cwd: Cwd) -> tuple[str, bool]:
     prefix = "".join(c[0] for c in spelled[:cut] if not isinstance(c, Wild))
     rest = "".join(c[0] if not isinstance(c, Wild) else "\0" for c in spelled[cut:])
     anywhere = bool(re.search(r"(?:^|/)\.\.(?:/|$)", rest))
+    deeper = "/" in rest
     directory = prefix.rpartition("/")[0] if "/" in prefix else ""
     if prefix.startswith("/"):
-        return directory or "/", anywhere
+        return directory or "/", anywhere, deeper
     base = _place(cwd)
     anywhere = anywhere or (isinstance(cwd, Unknown) and cwd.anywhere)
-    return (os.path.join(base, directory) if directory else base), anywhere
+    return (os.path.join(base, directory) if directory else base), anywhere, deeper
 
 
 def _tree(cwd: Cwd, start: Item) -> tuple[str, tuple[Piece, ...] | None]:

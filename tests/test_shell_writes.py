@@ -53,6 +53,7 @@ CASES: list[tuple[str, str, object]] = [
     ("echo hi > plans/[p\\]]lan.md", ".", UNRESOLVED),  # a quoted `]` in a bracket: fnmatch cannot say it
     # a pattern word decided by its place is placed where its literal directory is, not at the cwd
     ("cd /var/tmp && echo hi > {root}/plans/[p\\-]lan.md", ".", UNRESOLVED),
+    ("cd /var/tmp && echo hi > {parent}/*/plans/[[:alpha:]]lan.md", ".", UNRESOLVED),  # a volume below it
     # `$"…"` (a string to translate: its text) inside a word, where tree-sitter reads a `$` and a string
     ('rm plans/plan$"".md', ".", PLAN),
     ('echo hi > plans/$"plan.md"', ".", PLAN),
