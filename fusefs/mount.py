@@ -82,6 +82,13 @@ def _is_dead(mountpoint: str) -> bool:
     return False
 
 
+def _named(mountpoint: str) -> str:
+    """`mountpoint` with the directories above it resolved (symlinks followed) but not itself,
+    which a dead mount makes unreadable: as mountinfo names it."""
+    absolute = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
 def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fusermount3", *args], capture_output=True, text=True)
 
@@ -121,7 +128,7 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):
         raise MountError(f"volume root {root!r} does not exist")
-    mp = os.path.abspath(mountpoint)
+    mp = _named(mountpoint)
     over = mp in fuse_mounts() and _is_dead(mp)  # a daemon killed earlier left it dead
     if over and os.geteuid() != 0:  # (only root can mount over it: detached, then checked as any directory)
         _fusermount("-u", "-z", mp)
@@ -360,7 +367,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     Returns where the mount is still held (`still_held`): its daemon serves those until they are
     unmounted or their processes end."""
     dead = _is_dead(mountpoint)
-    mp = os.path.abspath(mountpoint) if dead else os.path.realpath(mountpoint)
+    mp = _named(mountpoint) if dead else os.path.realpath(mountpoint)
     root = fuse_mounts().get(mp)
     if root is None:
         raise MountError(f"{mp} is not a mounted volume")

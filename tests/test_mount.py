@@ -650,6 +650,23 @@ def test_mounting_again_over_a_killed_daemons_mount_never_shows_the_bare_directo
         assert not is_mounted(mnt) and os.listdir(mnt) == []  # both gone, and nothing was ever written beneath
 
 
+def test_a_dead_mount_named_through_a_symlink_is_mounted_over_and_unmounted(root: Path, tmp_path: Path) -> None:
+    """A dead mount named through a symlinked directory above it is one too: `mount` goes over it
+    and `unmount` takes the stack (they said "does not exist" and "is not a mounted volume",
+    found by a hostile probe)."""
+    (tmp_path / "via").symlink_to(tmp_path)
+    m = Mount(root, tmp_path / "mnt")
+    with m:
+        m.kill_daemon()
+        via = tmp_path / "via" / "mnt"
+        r = subprocess.run([CLI, "mount", str(root), str(via)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        m.kill_daemon()
+        r = subprocess.run([CLI, "unmount", str(via)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m.path) and os.listdir(m.path) == []
+
+
 def test_a_dead_daemons_handle_grants_never_lock_an_agent_out(root: Path, tmp_path: Path) -> None:
     """A write handle still open when the daemon dies leaves a grant behind; after remounting the
     same agent (and others) can write again: only lock() grants fence their holder."""
