@@ -7,6 +7,7 @@ four reads it stands for answer, on both backends."""
 from __future__ import annotations
 
 import errno
+import statistics
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -263,6 +264,7 @@ def test_a_handle_opened_for_writing_and_a_create_make_two_round_trips(
 
     db = pg_url.rsplit("/", 1)[1]
     report_after, pg_hosts.REPORT_AFTER = pg_hosts.REPORT_AFTER, 3600.0  # no report in the count
+    seen_every, pg_hosts.SEEN_EVERY = pg_hosts.SEEN_EVERY, 3600.0  # nor a bump of last_seen (as `count`)
     try:
         with turns(pg_cluster.port) as counter:
             root = _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}")
@@ -282,8 +284,9 @@ def test_a_handle_opened_for_writing_and_a_create_make_two_round_trips(
             finally:
                 core.close()
     finally:
-        pg_hosts.REPORT_AFTER = report_after
+        pg_hosts.REPORT_AFTER, pg_hosts.SEEN_EVERY = report_after, seen_every
     # each window is one operation; the proxy's two threads now and then see a boundary of this
-    # connection late (a window then counts one more or one fewer): the usual count is the figure
-    for counts in (created[-6:], opened[-6:]):
-        assert counts.count(OPEN_ROUND_TRIPS) >= 4, f"created {created}, opened {opened}"
+    # connection late (a window then counts one more or one fewer, and the next ones may follow
+    # suit: 2, 2, 2, 1, 1, 1 was seen once in CI): the usual count, past the warm-up, is the figure
+    for counts in (created[-8:], opened[-8:]):
+        assert statistics.mode(counts) == OPEN_ROUND_TRIPS, f"created {created}, opened {opened}"
