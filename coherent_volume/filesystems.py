@@ -169,11 +169,12 @@ def refuse_network_root(root: str) -> None:
     path = os.path.realpath(os.path.join(root, REGISTRY_DIR))
     if not os.path.isdir(path):
         path = root
+    mounts = _mounts()
     try:
-        with open("/proc/self/mountinfo") as f:
-            mounts = parse_mountinfo(f.read())
         st = os.stat(path)
     except OSError:
+        return
+    if mounts is None:
         return
     found = mount_of(path, mounts, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     if found is None or not is_network(found.fstype):

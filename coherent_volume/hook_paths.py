@@ -26,7 +26,7 @@ from typing import NamedTuple
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR
 from .protocol import HandleKind
-from .registry import recorded_in
+from .registry import recorded_in, volume_above
 
 
 class Located(NamedTuple):
@@ -59,14 +59,10 @@ def located(path: str) -> Located | None:
     for mountpoint, root in _mounts().items():
         if real == mountpoint or real.startswith(mountpoint + os.sep):
             return Located(root, _below(given, mountpoint) or os.path.relpath(real, mountpoint), True)
-    directory = os.path.dirname(real)
-    while True:
-        if recorded_in(os.path.join(directory, REGISTRY_DIR)):
-            return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
+    directory = volume_above(real)
+    if directory is None:
+        return None
+    return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
 
 
 def _below(given: str, top: str) -> str | None:

@@ -24,6 +24,7 @@ import trio
 
 from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError, CommitPending, RegistryError
+from coherent_volume.fingerprint import Fingerprint
 from coherent_volume.liveness import ProcessId, current_process
 from coherent_volume.mounts import direct_dir_in
 from coherent_volume.paths import Target, is_registry_path
@@ -193,8 +194,8 @@ class CoherentOperations(pyfuse3.Operations):
         mount cannot be sure of it: once two replies told it different sizes, since the kernel applies
         an attribute reply only if it applied none for that inode since it sent the request, and so may
         keep the older one (see `_pin`)."""
-        self._cached_as: dict[int, tuple[int, int, int, int]] = {}
-        """The file of each unmanaged inode as its last open found it: inode, size, mtime, ctime (`_keeps_cache`)."""
+        self._cached_as: dict[int, Fingerprint] = {}
+        """The file of each unmanaged inode as its last open found it (`_keeps_cache`)."""
         self._truncated: dict[int, tuple[int, str | None]] = {}
         """Inodes a truncate by name went through, with the truncating thread and the system call it
         was in (`_call_of`): until that thread takes the reply, the kernel drops every other reply
@@ -639,8 +640,7 @@ class CoherentOperations(pyfuse3.Operations):
         (`fd`): only while the file is as the last open found it. A change behind the volume's back
         that kept its size and mtime (`dd conv=notrunc`, then `touch -d` back) moves its ctime, which
         the kernel does not compare: it served the old bytes for good (found by a hostile probe)."""
-        st = os.fstat(fd)
-        now = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        now = Fingerprint.of(os.fstat(fd))  # inode, size, mtime, ctime
         before, self._cached_as[inode] = self._cached_as.get(inode), now
         return before == now
 

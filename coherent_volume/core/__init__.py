@@ -19,7 +19,7 @@ from ..filesystems import refuse_network_root, refuse_renaming_in_place
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts
 from ..paths import REGISTRY_DIR
-from ..registry import LOCATION_FILE, postgresql, recorded_in
+from ..registry import LOCATION_FILE, postgresql, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
 from .base import Isolation, validate_agent
 from .reads import Observed
@@ -51,11 +51,8 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
     for mountpoint in fuse_mounts():
         if real.startswith(mountpoint + os.sep):
             raise NestedVolume(real, mountpoint)
-    below, above = real, os.path.dirname(real)
-    while above != below:
-        if recorded_in(os.path.join(above, REGISTRY_DIR)):
-            raise NestedVolume(real, above)
-        below, above = above, os.path.dirname(above)
+    if (above := volume_above(real)) is not None:
+        raise NestedVolume(real, above)
     if not creating:
         return
     for scanned, (directory, dirs, _) in enumerate(os.walk(real)):

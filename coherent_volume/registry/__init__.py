@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeVar
 
 from ..errors import RegistryError
-from ..globs import ManagedGlobs
+from ..globs import REGISTRY_DIR, ManagedGlobs
 from ..liveness import ProcessId
 from ..protocol import EventKind, FileRecord, Grant, Intent, Version
 
@@ -55,6 +55,17 @@ DB_FILE = "registry.db"
 LOCATION_FILE = "registry.json"
 """What a root's `.coherent` directory holds instead of DB_FILE when its registry is elsewhere
 (a PostgreSQL database: its URL without a password, and the volume's name there)."""
+
+
+def volume_above(path: str) -> str | None:
+    """The nearest directory above the absolute `path` that is a volume's root (its `.coherent`
+    `recorded_in`), None if there is none."""
+    below, above = path, os.path.dirname(path)
+    while above != below:
+        if recorded_in(os.path.join(above, REGISTRY_DIR)):
+            return above
+        below, above = above, os.path.dirname(above)
+    return None
 
 
 def recorded_in(directory: str) -> bool:

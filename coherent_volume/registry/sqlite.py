@@ -56,7 +56,7 @@ from ..fingerprint import Fingerprint, file_identity
 from ..globs import ManagedGlobs
 from ..liveness import INITIAL_PID_NAMESPACE, ProcessId, pid_namespace_inode, start_time
 from ..protocol import FileRecord, Grant, Intent, Version, dirs_above
-from . import DB_FILE, AgentSummary, Event, InTheWay, LogMark, objects, recorded_in
+from . import DB_FILE, AgentSummary, Event, InTheWay, LogMark, objects, volume_above
 from .polling import poll
 from .sqlite_access import refusal, unusable
 
@@ -946,14 +946,11 @@ class SQLiteRegistry:
         """Opening without managed globs where no registry is: what can be done there (a directory
         inside a volume names that volume's root)."""
         root = os.path.dirname(self._directory)
-        below, above = root, os.path.dirname(root)
-        while above != below:
-            if recorded_in(os.path.join(above, os.path.basename(self._directory))):
-                return RegistryError(
-                    f"{root!r} is a directory inside the volume at {above!r}, not its root: give {above!r} "
-                    "(nothing was changed)"
-                )
-            below, above = above, os.path.dirname(above)
+        if (above := volume_above(root)) is not None:
+            return RegistryError(
+                f"{root!r} is a directory inside the volume at {above!r}, not its root: give {above!r} "
+                "(nothing was changed)"
+            )
         return RegistryError(
             f"no volume at {root!r} (no registry at {self._path!r}): create one with managed globs "
             f"(`coherent-volume init {shlex.quote(root)} --managed GLOB`); a working copy of a volume kept in "
