@@ -328,7 +328,7 @@ class HostMount:
         """Unmount in the host (busy: retried, then detached lazily; each mount stacked there in turn),
         wait for the daemon and its
         watcher to exit (SIGKILL after 10 s), then check the daemon's log."""
-        for _ in range(10):  # each mount there: a remount over a killed daemon's leaves that one beneath
+        for stacked in range(10):  # each mount there: a remount over a killed daemon's leaves that one beneath
             if not self.mounted():
                 break
             for _ in range(5):
@@ -337,7 +337,10 @@ class HostMount:
                 time.sleep(0.2)
             else:
                 self.host.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
-                self.problems.append("the mount stayed busy: detached lazily")
+                if (
+                    stacked == 0
+                ):  # (a dead mount beneath, busy with its killed daemon's callers, goes as `unmount` takes it)
+                    self.problems.append("the mount stayed busy: detached lazily")
         deadline = time.monotonic() + 10
         while serving_pids(self.path) and time.monotonic() < deadline:
             time.sleep(0.05)
