@@ -260,9 +260,18 @@ def _detach_over(mountpoint: str, ours: str | None, dead_too: bool) -> None:
     `dead_too` (a stop, as an unmount) the dead ones beneath as well, else they stay (fail closed)."""
     if ours is not None and device_of(mountpoint) == ours:
         _fusermount("-u", "-z", mountpoint)
-    while dead_too and mountpoint in fuse_mounts() and _is_dead(mountpoint):
-        if _fusermount("-u", "-z", mountpoint).returncode != 0:
-            break
+    if dead_too:
+        _detach_dead(mountpoint)
+
+
+def _detach_dead(mountpoint: str) -> subprocess.CompletedProcess[str] | None:
+    """Detach the dead mounts (their daemons killed) at the top of `mountpoint`, one stacked on the
+    next, until a live mount or none is there; the detach that failed, if one did."""
+    while mountpoint in fuse_mounts() and _is_dead(mountpoint):
+        result = _fusermount("-u", "-z", mountpoint)
+        if result.returncode != 0:
+            return result
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -375,12 +384,11 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     unbound = [] if dead else direct.unbind(root, mp, lazy=False)
     result = _fusermount("-u", mp)
     if result.returncode != 0:
-        if _is_dead(mp):
-            result = _fusermount("-u", "-z", mp)
-            while result.returncode == 0 and mp in fuse_mounts() and _is_dead(mp):
-                result = _fusermount("-u", "-z", mp)  # the dead mounts it was mounted over
-            if result.returncode == 0:
+        if _is_dead(mp):  # with the dead mounts it was mounted over
+            failed = _detach_dead(mp)
+            if failed is None:
                 return []
+            result = failed
         direct.bind(root, mp, unbound)
         reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
         if "busy" in reason.lower():
@@ -393,9 +401,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     while mp in fuse_mounts() and time.monotonic() < deadline:
         if device_of(mp) == device:
             time.sleep(0.05)
-        elif _is_dead(mp):  # a dead mount this one was mounted over (`_mounted_over`)
-            _fusermount("-u", "-z", mp)
-        else:
+        elif not _is_dead(mp) or _detach_dead(mp) is not None:  # dead: mounts it was mounted over (`_mounted_over`)
             break
     return [] if device is None else still_held(device, root)
 

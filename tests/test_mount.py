@@ -613,8 +613,8 @@ def test_a_daemon_out_of_descriptors_answers_enfile_and_says_so(mounted: Mount) 
 
 WRITER = """
 import errno, os, sys, time
-made, refused, end = 0, 0, time.monotonic() + float(sys.argv[2])
-while time.monotonic() < end:
+made, refused, end = 0, 0, time.monotonic() + 60
+while made < int(sys.argv[2]) and time.monotonic() < end:
     try:
         with open(os.path.join(sys.argv[1], f"w{made}.txt"), "x") as f:
             f.write("x")
@@ -637,7 +637,7 @@ def test_mounting_again_over_a_killed_daemons_mount_never_shows_the_bare_directo
     m = Mount(root, mnt)
     with m:
         m.kill_daemon()
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), "3"], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), "200"], stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)
         r = subprocess.run([CLI, "mount", str(root), str(mnt)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
