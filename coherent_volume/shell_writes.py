@@ -966,10 +966,8 @@ class _Walk:
     def _unknown_word(self, node: tree_sitter.Node, cwd: Cwd, spelled: Spelled, why: str) -> Unknown:
         """The word `node`, spelled with a part known only when the command runs: the directory its
         known part names, and what it may be below that (`Unknown.shape`)."""
-        first = next(i for i, c in enumerate(spelled) if isinstance(c, Wild))
-        chars = [c for c in spelled[:first] if not isinstance(c, Wild)]
-        cut = next((i for i, (c, q) in enumerate(chars) if not q and (c in _GLOB or c == "{")), len(chars))
-        prefix = self._tilde(chars[:cut], cwd)
+        cut = _literal_end(spelled)
+        prefix = self._tilde([c for c in spelled[:cut] if not isinstance(c, Wild)], cwd)
         known = "".join(c for c, _ in prefix) if isinstance(prefix, list) else None
         rest = _shape(spelled[cut:])
         shape: tuple[Piece, ...] | None
@@ -2365,13 +2363,19 @@ def _pattern(word: Chars) -> str | None:
                 start = i
             out.append(glob.escape(c) if q else c)
             continue
-        first = start + 1 + (word[start + 1][0] in "!^" and not word[start + 1][1] if start + 1 < len(word) else 0)
-        if c == "]" and not q and i > first:
+        if c == "]" and not q and i > _first_member(word, start):
             start = -1
         elif q and not (c.isalnum() or c in "._"):
             return None
         out.append(c)
     return "".join(out).replace("[^", "[!")
+
+
+def _first_member(word: Chars, bracket: int) -> int:
+    """The index of the first member of the bracket expression opened at `word[bracket]`: after an
+    unquoted `!` or `^` that negates it (a `]` there is a member, not its end)."""
+    after = bracket + 1
+    return after + 1 if after < len(word) and word[after][0] in "!^" and not word[after][1] else after
 
 
 def _untranslated(nodes: Sequence[tree_sitter.Node]) -> list[tree_sitter.Node]:
@@ -2443,16 +2447,22 @@ def _place(cwd: Cwd) -> str:
     return cwd.place if isinstance(cwd, Unknown) else cwd
 
 
+def _literal_end(spelled: Spelled) -> int:
+    """Where the literal part of a word ends: at its first pattern character, brace or part known
+    only when it runs (the word's length if it has none)."""
+    return next(
+        (i for i, c in enumerate(spelled) if isinstance(c, Wild) or (not c[1] and (c[0] in _GLOB or c[0] == "{"))),
+        len(spelled),
+    )
+
+
 def _pattern_place(spelled: Spelled, cwd: Cwd) -> tuple[str, bool, bool]:
     """Where a word that is a pattern (or has a part known only when it runs) may lead, for an
     Unknown of it: the directory its literal part names before its first pattern character, brace
     or unknown part (from `cwd`); whether it may be any path (a `..` after that, or no literal part
     where `cwd` is itself unknown and may be anywhere); and whether it may reach directories below
     that one (a `/` after it: a volume there may be reached, `Unknown.volumes_below`)."""
-    cut = next(
-        (i for i, c in enumerate(spelled) if isinstance(c, Wild) or (not c[1] and (c[0] in _GLOB or c[0] == "{"))),
-        len(spelled),
-    )
+    cut = _literal_end(spelled)
     prefix = "".join(c[0] for c in spelled[:cut] if not isinstance(c, Wild))
     rest = "".join(c[0] if not isinstance(c, Wild) else "\0" for c in spelled[cut:])
     anywhere = bool(re.search(r"(?:^|/)\.\.(?:/|$)", rest))
