@@ -374,7 +374,40 @@ def test_another_user_is_told_permission_denied_on_which_path_and_what_to_do(sha
     (registry / "registry.db").chmod(0o644)
     r = _as_nobody("history", str(shared_root), "plans/a.md")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert f"permission denied on {str(registry / 'open.lock')!r}" in r.stderr, r.stderr
+    assert f"permission denied on {str(registry / 'registry.db')!r}" in r.stderr, r.stderr
+    assert "(mode 0644), and this process runs as uid 65534" in r.stderr
+
+
+def test_an_open_refused_for_a_read_only_registry_leaves_nothing_that_refuses_the_next(shared_root: Path) -> None:
+    """A registry file its user made read-only is refused, and the refusal makes nothing: SQLite's
+    read-only probe made its -wal and -shm, with the registry's mode, and once the user gave the
+    file its mode back (what the error says to do) every open was still refused, naming the -shm."""
+    registry = shared_root / ".coherent"
+    subprocess.run(["chown", "-R", "65534:65534", str(shared_root)], check=True)
+    before = sorted(p.name for p in registry.iterdir())
+    (registry / "registry.db").chmod(0o400)
+    r = _as_nobody("status", str(shared_root))
+    assert r.returncode == 1 and f"permission denied on {str(registry / 'registry.db')!r}" in r.stderr, r.stderr
+    assert sorted(p.name for p in registry.iterdir()) == before
+    (registry / "registry.db").chmod(0o600)
+    r = _as_nobody("status", str(shared_root))
+    assert r.returncode == 0, r.stderr
+
+
+def test_root_that_may_not_override_permission_bits_is_told_they_refuse_it(root: Path) -> None:
+    """Root without CAP_DAC_OVERRIDE (a container that dropped it) is refused by a read-only registry
+    file's bits, as any user: not "an immutable or append-only flag, an ACL or a security module"."""
+    registry = root / ".coherent/registry.db"
+    registry.chmod(0o400)
+    dropped = "-dac_override,-dac_read_search,-fowner"
+    r = subprocess.run(
+        ["setpriv", "--bounding-set", dropped, "--inh-caps", dropped, CLI, "status", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and f"permission denied on {str(registry)!r}" in r.stderr, r.stderr
+    assert "immutable" not in r.stderr and "(mode 0400)" in r.stderr
 
 
 def test_log_follow_goes_on_through_a_while_it_may_not_look_at_the_registry(shared_root: Path) -> None:
@@ -448,7 +481,7 @@ def test_a_volume_on_a_read_only_mount_says_so_and_what_to_do(root: Path, tmp_pa
         for args in (["status", str(read_only)], ["history", str(read_only), P], ["log", str(read_only)]):
             r = cv(*args)
             assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-            assert f"{str(read_only / '.coherent/open.lock')!r} is on a read-only file system" in r.stderr, r.stderr
+            assert f"{str(read_only / '.coherent/registry.db')!r} is on a read-only file system" in r.stderr, r.stderr
             assert "use the volume where its root is mounted read-write" in r.stderr
     finally:
         subprocess.run(["umount", str(read_only)], check=True)

@@ -926,6 +926,10 @@ class SQLiteRegistry:
         """`__init__`'s work: an OSError says what the operating system refused."""
         if globs is None and not self._exists():
             raise self._no_volume()
+        if self._exists() and (refused := refusal(self._path)) is not None:
+            # before any probe: SQLite's read-only connection makes the -wal and -shm a refused open
+            # must not leave, with the registry's mode (read-only ones would refuse every later open)
+            raise unusable(self._path, refused)
         if globs is not None:
             os.makedirs(self._directory, mode=0o700, exist_ok=True)
         with self._open_lock(exclusive=globs is not None and self._needs_creation()):

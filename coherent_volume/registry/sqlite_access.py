@@ -73,9 +73,10 @@ def _denied(path: str, mode: int) -> OSError | None:
 
 
 def _bits_grant(st: os.stat_result, mode: int) -> bool:
-    """Whether the permission bits of `st` grant this process's effective ids `mode` (access(2) bits)."""
+    """Whether the permission bits of `st` grant this process's effective ids `mode` (access(2)
+    bits): any to root that may override them (CAP_DAC_OVERRIDE; a container may drop it)."""
     uid = os.geteuid()
-    if uid == 0:
+    if uid == 0 and _overrides_permissions():
         return True
     if st.st_uid == uid:
         shift = 6
@@ -84,6 +85,19 @@ def _bits_grant(st: os.stat_result, mode: int) -> bool:
     else:
         shift = 0
     return (st.st_mode >> shift) & mode == mode
+
+
+_CAP_DAC_OVERRIDE = 1
+
+
+def _overrides_permissions() -> bool:
+    """Whether this process has CAP_DAC_OVERRIDE in its effective set (True where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            effective = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return True
+    return bool(int(effective.split()[1], 16) >> _CAP_DAC_OVERRIDE & 1)
 
 
 def _descriptors() -> tuple[int, int] | None:
