@@ -624,6 +624,60 @@ def test_a_process_whose_registry_was_removed_or_replaced_stops_using_it(root: P
             assert bob.read(P) == b"v1" and [v.writer for v in bob.history(P)] == ["external"]
 
 
+HOLDER = """
+import sys
+from coherent_volume import CoherentVolume, CoherenceError
+P = "plans/1.md"
+with CoherentVolume(sys.argv[1], agent="alice") as alice:
+    alice.read("plans/1.md")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for use in (lambda: alice.read("plans/2.md"), lambda: alice.write("plans/1.md", b"after"), lambda: alice.history(P)):
+        try:
+            use()
+            print("done")
+        except CoherenceError as e:
+            print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("change", ["half", "zero", "copied-over"])
+def test_a_registry_cut_or_copied_over_in_place_is_an_error_to_the_process_using_it(root: Path, change: str) -> None:
+    """A registry file truncated, or overwritten in place with an older copy (a backup restored with
+    `cp` while a process uses the volume): that process got SIGBUS through SQLite's memory map of
+    the file and died (an agent's whole program, with no word); now it goes on, told what it is told."""
+    with CoherentVolume(root, agent="bob") as bob:
+        backup = (root / ".coherent/registry.db").read_bytes()
+        for n in range(40):
+            bob.write(f"plans/{n}.md", os.urandom(1500).hex().encode())
+    db = root / ".coherent/registry.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        if change == "copied-over":
+            with open(db, "r+b") as f:  # in place, as cp does: the same inode
+                f.write(backup)
+                f.truncate()
+        else:
+            os.truncate(db, os.path.getsize(db) // 2 if change == "half" else 0)
+        out, err = proc.communicate("go\n", timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, (proc.returncode, out, err)  # not killed by a signal
+    if change != "copied-over":  # (a copy over a registry in use is SQLite's to judge: docs/protocol.md)
+        write = out.splitlines()[1]
+        assert write.startswith("RegistryError") and "damaged" in write and "move it aside" in write, out
+
+
 def test_a_commit_lock_file_removed_while_held_still_excludes_another_process(root: Path) -> None:
     """.coherent/commit.lock removed while a commit holds it (a clean-up of *.lock files): a process
     that opens the volume after makes a new lock file, yet its commit still waits for the holder's

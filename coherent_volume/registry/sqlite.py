@@ -1110,9 +1110,10 @@ class SQLiteRegistry:
                 if mode != "wal":
                     raise RegistryError(f"registry {self._path!r} could not be put in WAL mode (got {mode!r})")
                 conn.execute("PRAGMA synchronous = NORMAL")
-                # a large registry stays in memory: lookups cost the same at 100 or 100,000 files
+                # a large registry stays in memory: lookups cost the same at 100 or 100,000 files. Not
+                # mapped (mmap_size): a registry file cut or copied over in place (a backup restored
+                # while a process uses it) killed that process with SIGBUS, where it gets an error
                 conn.execute("PRAGMA cache_size = -32768")
-                conn.execute("PRAGMA mmap_size = 268435456")
                 # versions' bytes pass through the WAL: after a checkpoint, a WAL a large one grew is cut back
                 conn.execute("PRAGMA journal_size_limit = 67108864")
                 # Debian's SQLite zeroes every page it frees: a prune of large versions wrote their
