@@ -37,9 +37,15 @@ class CoherenceError(Exception):
     """Base class of every error raised by coherent_volume."""
 
 
-def root_gone(root: str) -> FileNotFoundError:
+class RootGone(CoherenceError, FileNotFoundError):
+    """The volume's root directory is no longer where the volume was opened (removed or moved while
+    in use); nothing was changed. errno is ENOENT (the mount answers EIO: the names asked for may
+    well exist, at the root's new place)."""
+
+
+def root_gone(root: str) -> RootGone:
     """The error of an operation on a volume whose root directory is no longer where it was opened."""
-    return FileNotFoundError(
+    return RootGone(
         errno.ENOENT,
         "No such file or directory: the volume's root was removed or moved while in use; nothing was "
         "written (open the volume where it is now)",

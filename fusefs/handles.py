@@ -30,7 +30,7 @@ import trio
 from coherent_volume import atomic
 from coherent_volume.core import HandleCommit, VolumeCore
 from coherent_volume.edits import Edits
-from coherent_volume.errors import CoherenceError, InstallPending
+from coherent_volume.errors import CoherenceError, InstallPending, RootGone
 from coherent_volume.fingerprint import hash_fd
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
@@ -56,6 +56,8 @@ def errno_of(e: CoherenceError | OSError) -> int:
     """The errno a request answers for `e`: a refusal's is EACCES unless it names its own (a full
     or busy registry, a bad path), an OSError's its own, else EIO. The daemon out of descriptors
     answers ENFILE (the caller's own table is not full: EMFILE would say it is) and is logged."""
+    if isinstance(e, RootGone):
+        return errno.EIO  # (ENOENT would say that names which may exist at the root's new place do not)
     code = (getattr(e, "errno", None) or errno.EACCES) if isinstance(e, CoherenceError) else (e.errno or errno.EIO)
     if code in (errno.EMFILE, errno.ENFILE):
         _out_of_descriptors(code)

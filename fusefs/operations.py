@@ -88,6 +88,10 @@ def guarded(handler: F) -> F:
             log.info("refused: %s", e)
             raise pyfuse3.FUSEError(errno_of(e)) from None
         except OSError as e:
+            gone = args[0].core.root_gone() if e.errno == errno.ENOENT else None  # (args[0]: the operations)
+            if gone is not None:
+                log.warning("refused: %s", gone)
+                raise pyfuse3.FUSEError(errno_of(gone)) from None
             raise pyfuse3.FUSEError(errno_of(e)) from None
         except Exception:
             log.exception("internal error in %s", handler.__name__)

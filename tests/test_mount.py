@@ -328,6 +328,40 @@ def test_sequential_reads_get_a_wide_readahead_even_at_an_awkward_mountpoint(roo
         assert (m.path / "big.bin").read_bytes() == (root / "big.bin").read_bytes()
 
 
+def test_a_root_moved_while_mounted_fails_closed_with_eio_and_says_so(root: Path, tmp_path: Path) -> None:
+    """The volume's root moved away (`mv ROOT ROOT2`) under its mount: managed calls failed ENOENT
+    on names that exist (at the root's new place) and the log said nothing (found by a hostile probe).
+    Now each is EIO, logged with what happened and what to do; nothing changes, and the mount serves
+    again once the root is back."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/a.md", b"v1")
+    moved = tmp_path / "moved"
+    with Mount(root, tmp_path / "mnt") as m:
+        plans = m.path / "plans"
+        os.rename(root, moved)
+        try:
+            uses: list[Callable[[], object]] = [
+                lambda: os.listdir(plans),
+                lambda: (plans / "a.md").read_bytes(),
+                lambda: (plans / "a.md").write_bytes(b"x"),
+                lambda: (plans / "new.md").write_bytes(b"n"),
+                lambda: os.unlink(plans / "a.md"),
+                lambda: os.rename(plans / "a.md", plans / "b.md"),
+            ]
+            for n, use in enumerate(uses):
+                with pytest.raises(OSError) as info:
+                    use()
+                assert info.value.errno == errno.EIO, (n, info.value)
+            log = (moved / ".coherent/mount.log").read_text()
+            assert "the volume's root was removed or moved while in use" in log
+            assert sorted(os.listdir(moved / "plans")) == ["a.md"] and (moved / "plans/a.md").read_bytes() == b"v1"
+        finally:
+            os.rename(moved, root)
+        assert (plans / "a.md").read_bytes() == b"v1"
+    with CoherentVolume(root, agent="bob") as bob:
+        assert [v.writer for v in bob.history("plans/a.md")] == ["alice"]
+
+
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
     m = Mount(root, tmp_path / "mnt")
     with m:

@@ -19,9 +19,11 @@ from typing import Literal, TypeVar
 from .. import atomic
 from ..errors import (
     NotManaged,
+    RootGone,
     TreeClash,
     UnprotectedAlias,
     VolumeConfigError,
+    root_gone,
 )
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, hash_path
 from ..liveness import ProcessId
@@ -189,6 +191,11 @@ class CoreBase:
         self.leases.stop()
         self.registry.close()
         self.paths.close()
+
+    def root_gone(self) -> RootGone | None:
+        """The error to give where the volume's root is no longer a directory at the path it was
+        opened at (removed or moved while in use), else None."""
+        return None if os.path.isdir(self.paths.root) else root_gone(self.paths.root)
 
     def agent(self, name: object) -> str:
         """`name`, checked once per process to be a valid agent name (VolumeConfigError if not)."""

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 
-from ..errors import RegistryError, VolumeConfigError, root_gone
+from ..errors import RegistryError, RootGone, VolumeConfigError, root_gone
 from ..fingerprint import Fingerprint, file_identity
 from ..globs import ManagedGlobs
 from ..liveness import INITIAL_PID_NAMESPACE, ProcessId, pid_namespace_inode, start_time
@@ -1150,7 +1150,7 @@ class SQLiteRegistry:
         except OSError as e:  # (not allowed to look: that says nothing of what is there)
             raise unusable(self._path, e) from e
 
-    def _replaced(self) -> RegistryError | FileNotFoundError:
+    def _replaced(self) -> RegistryError | RootGone:
         """The error of every use of a registry whose file was removed or replaced since this process
         connected to it: its commits would go where no other process looks (`root_gone` where the
         whole root went)."""
