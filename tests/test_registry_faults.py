@@ -132,8 +132,12 @@ def test_an_empty_or_foreign_registry_file_is_left_untouched(root: Path) -> None
     for suffix in ("-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
     db.write_bytes(b"")
-    with pytest.raises(RegistryError, match="not a coherent-volume registry"):
+    with pytest.raises(RegistryError, match="not a coherent-volume registry") as info:
         CoherentVolume(root, agent="bob")
+    assert "an empty file (a volume's creation that never finished)" in str(info.value)
+    assert f"move it aside with its -wal and -shm files, then make the volume with `coherent-volume init {root}" in str(
+        info.value
+    )
     assert db.read_bytes() == b""
     db.unlink()
     foreign = sqlite3.connect(db)
@@ -141,8 +145,9 @@ def test_an_empty_or_foreign_registry_file_is_left_untouched(root: Path) -> None
     foreign.commit()
     foreign.close()
     before = db.read_bytes()
-    with pytest.raises(RegistryError, match="not a coherent-volume registry"):
+    with pytest.raises(RegistryError, match="not a coherent-volume registry") as info:
         CoherentVolume(root, agent="bob")
+    assert "another program's database" in str(info.value) and "move it aside" in str(info.value)
     assert db.read_bytes() == before
 
 

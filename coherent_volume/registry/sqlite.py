@@ -1067,9 +1067,17 @@ class SQLiteRegistry:
             return None
         missing = sorted(REQUIRED_TABLES - tables)
         if missing:
+            root = shlex.quote(os.path.dirname(self._directory))
+            what = (
+                "an empty file (a volume's creation that never finished)"
+                if not tables
+                else "another program's database"
+            )
             raise RegistryError(
                 f"{self._path!r} is not a coherent-volume registry, or a damaged one "
-                f"(missing {', '.join(missing)}); it was left untouched"
+                f"(missing {', '.join(missing)}: {what}); it was left untouched. To fix: if it is nothing "
+                f"you keep, move it aside with its -wal and -shm files, then make the volume with `coherent-volume "
+                f"init {root} --managed GLOB` (the files in the root are taken in as they are)"
             )
         if "schema_version" not in meta or "globs" not in meta:
             raise RegistryError(
