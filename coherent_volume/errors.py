@@ -59,6 +59,11 @@ class TreeClash(CoherenceError, OSError):
     registry holds both). errno is EISDIR or ENOTDIR; nothing was changed."""
 
 
+LONG_HELD = 300.0
+"""Seconds left on a live holder's grant past which a `held` refusal names `reclaim` (an open write
+handle's lease is 30 s: only a `lock()` lasts this long)."""
+
+
 class HeldUntil(NamedTuple):
     """When a `held` refusal's write grant ends unless released sooner."""
 
@@ -168,6 +173,11 @@ class StaleWriteError(CoherenceError, PermissionError):
                         ", its process running where this one cannot check it (another PID namespace or host), so it "
                         "lasts until then even if that process ended; if you know it did, `coherent-volume reclaim "
                         "PATH` ends it now"
+                    )
+                elif self.held_until.left > LONG_HELD:
+                    detail += (
+                        " (a lock; its process is alive: if you know it will not release it here, as when this "
+                        "volume is a copy made while it held the lock, `coherent-volume reclaim PATH` ends it now)"
                     )
         if self.changed:
             detail += f"; changed since you read them: {', '.join(self.changed)}"

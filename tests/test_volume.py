@@ -374,11 +374,24 @@ def test_lock_refuses_others_and_releases(vols) -> None:
         with pytest.raises(StaleWriteError) as info:
             bob.write(P, b"y")
         assert info.value.reason == "held" and info.value.holder == "alice"
+        assert "reclaim" not in str(info.value)  # a short grant: waiting is the answer
         with pytest.raises(StaleWriteError, match="held"), bob.lock(P, timeout=0.2):
             pass
         assert alice.write(P, b"locked write") == 2
     bob.read(P)
     assert bob.write(P, b"after release") == 3
+
+
+def test_a_long_lock_of_a_live_holder_is_refused_naming_reclaim(vols) -> None:
+    """A volume copied while a process held a long lock carries the grant, and that process, alive,
+    never releases it in the copy: the refusal said only to wait for a release that never comes."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"x")
+    bob.read(P)
+    with alice.lock(P, ttl=600), pytest.raises(StaleWriteError) as info:
+        bob.write(P, b"y")
+    assert info.value.reason == "held" and "a lock; its process is alive" in str(info.value)
+    assert "`coherent-volume reclaim PATH` ends it now" in str(info.value)
 
 
 def test_expired_grant_fences_the_holder_even_if_the_version_never_moved(vols) -> None:
