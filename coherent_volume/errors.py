@@ -318,12 +318,17 @@ class NestedVolume(VolumeConfigError):
     """A volume root inside another volume, or a new one around one: a file would be in two volumes,
     and a write checked by one would not be checked by the other (`core.open_core`)."""
 
-    def __init__(self, root: str, other: str, *, around: bool = False) -> None:
+    def __init__(self, root: str, other: str, *, around: bool = False, mounted_at: str | None = None) -> None:
         self.root, self.other = root, other
         where = f"contains the volume at {other}" if around else f"lies inside the volume at {other}"
+        if mounted_at is not None:
+            where = f"lies inside {mounted_at}, where the volume at {other} is mounted"
         remedy = (
             f"Make the volume elsewhere, or move the volume at {other} out of {root} first."
             if around
+            else f"Work in that volume (with `--managed` globs covering these files), or make this one outside "
+            f"{mounted_at}."
+            if mounted_at is not None
             else f"Work in the volume at {other} (with `--managed` globs covering these files), or move {root} "
             f"out of it. A volume made here before is not opened while it is inside {other}: move it out, or, "
             f"if the volume at {other} was made around it by mistake, remove {other}/.coherent once nothing "

@@ -18,6 +18,8 @@ import pytest
 
 from coherent_volume import CoherentVolume, StaleWriteError, VolumeConfigError
 
+from .harness.mounts import Mount
+
 CLI = str(Path(sys.executable).parent / "coherent-volume")
 P = "plans/plan.md"
 
@@ -161,6 +163,22 @@ def test_reclaiming_a_live_holders_grant_says_its_process_still_runs(tmp_path: P
             assert "still running here" in r.stderr and "fenced" in r.stderr, r.stderr
             with pytest.raises(StaleWriteError, match="fenced"):
                 alice.write(P, "two\n")
+
+
+def test_init_inside_a_mount_or_at_its_mountpoint_names_the_volume_and_its_mount(
+    root: Path, mounted: Mount, tmp_path: Path
+) -> None:
+    """`init MNT/other` said it lay inside "the volume at MNT" and to remove MNT/.coherent (not there:
+    the volume is ROOT); `init MNT` and `CoherentVolume(MNT)` guessed that the root was removed or moved."""
+    inside = cv("init", str(mounted.path / "other"), "-m", "plans/**")
+    assert inside.returncode == 1 and "Traceback" not in inside.stderr, inside.stderr
+    assert f"lies inside {mounted.path}, where the volume at {root} is mounted" in inside.stderr, inside.stderr
+    assert ".coherent" not in inside.stderr and not (root / "other").exists()
+    at = cv("init", str(mounted.path), "-m", "plans/**")
+    assert at.returncode == 1 and f"{mounted.path} is where the volume at {root} is mounted" in at.stderr, at.stderr
+    assert f"give {root}" in at.stderr and "removed or moved" not in at.stderr
+    with pytest.raises(VolumeConfigError, match="is where the volume at"):
+        CoherentVolume(mounted.path, agent="alice")
 
 
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:

@@ -48,9 +48,9 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
     never opened (its files are the outer volume's), by the API, a mount or a hook. When `creating`
     it, also if a volume lies below it (searched without following symlinks); VolumeConfigError if
     more than MOST_SCANNED directories lie below, too many to tell."""
-    for mountpoint in fuse_mounts():
+    for mountpoint, root in fuse_mounts().items():
         if real.startswith(mountpoint + os.sep):
-            raise NestedVolume(real, mountpoint)
+            raise NestedVolume(real, root, mounted_at=mountpoint)
     if (above := volume_above(real)) is not None:
         raise NestedVolume(real, above)
     if not creating:
@@ -97,6 +97,11 @@ def open_core(
         raise GlobError(
             f"managed glob {inside[0]!r} names only paths in {REGISTRY_DIR}/, the volume's own directory, whose "
             "files are never managed: name the files to protect instead (e.g. 'plans/**')"
+        )
+    if (mounted := fuse_mounts().get(real)) is not None:
+        raise VolumeConfigError(
+            f"{real} is where the volume at {mounted} is mounted, not a volume's root: give {mounted} (nothing was "
+            "changed)"
         )
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     refuse_renaming_in_place(real)
