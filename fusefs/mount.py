@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import logging
+import logging.handlers
 import os
 import select
 import signal
@@ -274,6 +276,28 @@ def _detach_dead(mountpoint: str) -> subprocess.CompletedProcess[str] | None:
     return None
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class _MountLog(logging.handlers.WatchedFileHandler):
+    """The daemon's log, `ROOT/.coherent/mount.log`, followed to a new file at its path: a `.coherent`
+    removed while mounted (and made again by `init`) took the daemon's explanations of its EIOs with
+    it. While nothing can be made at the path, records go to the file the daemon started with."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reopenIfNeeded()
+        except OSError:
+            if self.stream is None:
+                self.stream = os.fdopen(os.dup(2), "a", encoding=self.encoding, errors=self.errors)
+                self.dev = self.ino = -1  # (looked for again at the next record)
+        logging.StreamHandler.emit(self, record)
+
+
 def _reason(e: BaseException) -> str:
     """What went wrong, without trio's wrapping: the first error inside an exception group."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
@@ -290,7 +314,7 @@ def mount(
     m = check_mountable(root, mountpoint, direct_dirs)
     root, mountpoint = m.root, m.mountpoint
     if foreground:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         serve(m, agent, allow_other, lambda: None)
         return
     dead = device_of(mountpoint) if m.over_dead else None
@@ -306,7 +330,8 @@ def mount(
         os.dup2(null, 0)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        os.close(fd)
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[_MountLog(log_path)])
 
         def ready() -> None:
             os.write(write_end, b"ok")

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -360,6 +361,30 @@ def test_a_root_moved_while_mounted_fails_closed_with_eio_and_says_so(root: Path
         assert (plans / "a.md").read_bytes() == b"v1"
     with CoherentVolume(root, agent="bob") as bob:
         assert [v.writer for v in bob.history("plans/a.md")] == ["alice"]
+
+
+def test_the_daemon_logs_to_a_mount_log_made_again_after_its_coherent_directory_was_removed(
+    root: Path, tmp_path: Path
+) -> None:
+    """`.coherent` removed while mounted: every managed call fails EIO (fail closed), and the daemon's
+    explanation went to the removed mount.log, so nobody could read why (found by a hostile probe).
+    The daemon's log follows its path: once `init` made `.coherent` again, it says there why it
+    refuses, and what to do."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/a.md", b"v1")
+    with Mount(root, tmp_path / "mnt") as m:
+        assert (m.path / "plans/a.md").read_bytes() == b"v1"
+        shutil.rmtree(root / ".coherent")
+        r = subprocess.run([CLI, "init", str(root), "-m", "plans/**"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(OSError) as info:
+            (m.path / "plans/a.md").write_bytes(b"v2 into a removed registry")
+        assert info.value.errno == errno.EIO
+        log = root / ".coherent/mount.log"
+        assert log.exists() and "was removed or replaced while this process had it open" in log.read_text()
+        assert "restart the program, the mount" in log.read_text()
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert (root / "plans/a.md").read_bytes() == b"v1"
 
 
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:
