@@ -13,8 +13,9 @@ REMEDY: dict[str, str] = {
     "unread": "read the file first, then make the change from its current content",
     "held": "wait until the holder releases its write grant (or it expires), re-read, then redo the change",
     "fenced": (
-        "the write grant was reclaimed; call reacquire() on the file (re-read it), then redo the change "
-        "from its current content"
+        "a write grant of this agent on the file was reclaimed (its holder paused past its lease, or its process "
+        "ended holding it), so every process of this agent is fenced from the file until one calls reacquire() on "
+        "it (re-reading it); then redo the change from its current content"
     ),
     "read-set": "re-read the files listed as changed (or forget() them), then redo the change",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import faulthandler
 import io
 import logging
 import logging.handlers
@@ -331,6 +332,7 @@ def mount(
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+        faulthandler.enable()  # a fatal signal (SIGBUS from a cut -shm) is said in the log, with where it hit
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[_MountLog(log_path)])
 
         def ready() -> None:

@@ -635,6 +635,8 @@ from coherent_volume import CoherentVolume, CoherenceError
 P = "plans/1.md"
 with CoherentVolume(sys.argv[1], agent="alice") as alice:
     alice.read("plans/1.md")
+    for n in range(int(sys.argv[2])):  # commits only in the write-ahead log yet
+        alice.write(f"plans/mine{n}.md", b"alice's")
     print("ready", flush=True)
     sys.stdin.readline()
     for use in (lambda: alice.read("plans/2.md"), lambda: alice.write("plans/1.md", b"after"), lambda: alice.history(P)):
@@ -646,18 +648,23 @@ with CoherentVolume(sys.argv[1], agent="alice") as alice:
 """
 
 
+@pytest.mark.parametrize("logged", [0, 20])
 @pytest.mark.parametrize("change", ["half", "zero", "copied-over"])
-def test_a_registry_cut_or_copied_over_in_place_is_an_error_to_the_process_using_it(root: Path, change: str) -> None:
+def test_a_registry_cut_or_copied_over_in_place_is_an_error_to_the_process_using_it(
+    root: Path, change: str, logged: int
+) -> None:
     """A registry file truncated, or overwritten in place with an older copy (a backup restored with
     `cp` while a process uses the volume): that process got SIGBUS through SQLite's memory map of
-    the file and died (an agent's whole program, with no word); now it goes on, told what it is told."""
+    the file and died (an agent's whole program, with no word); now it goes on, told. Cut, its
+    next write is refused, never acknowledged into a write-ahead log that the next open would
+    discard (a hostile probe: accepted, then lost with the log), and that open leaves the log be."""
     with CoherentVolume(root, agent="bob") as bob:
         backup = (root / ".coherent/registry.db").read_bytes()
         for n in range(40):
             bob.write(f"plans/{n}.md", os.urandom(1500).hex().encode())
     db = root / ".coherent/registry.db"
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(root)],
+        [sys.executable, "-c", HOLDER, str(root), str(logged)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -678,9 +685,16 @@ def test_a_registry_cut_or_copied_over_in_place_is_an_error_to_the_process_using
         proc.kill()
         proc.wait()
     assert proc.returncode == 0, (proc.returncode, out, err)  # not killed by a signal
-    if change != "copied-over":  # (a copy over a registry in use is SQLite's to judge: docs/protocol.md)
-        write = out.splitlines()[1]
-        assert write.startswith("RegistryError") and "damaged" in write and "move it aside" in write, out
+    if change == "copied-over":  # (a copy over a registry in use is SQLite's to judge: docs/protocol.md)
+        return
+    write = out.splitlines()[1]
+    assert write.startswith("RegistryError") and "damaged" in write and "move it aside" in write, out
+    wal = Path(f"{db}-wal")
+    log = wal.read_bytes() if wal.exists() else b""
+    if change == "zero" and log:
+        with pytest.raises(RegistryError, match="holds 0 bytes, no database, while its write-ahead log"):
+            CoherentVolume(root, agent="carol")
+        assert wal.read_bytes() == log and db.stat().st_size == 0  # nothing discarded
 
 
 def test_a_commit_lock_file_removed_while_held_still_excludes_another_process(root: Path) -> None:

@@ -691,6 +691,10 @@ def _who_holds(fd: int, path: str) -> str:
     )
 
 
+SQLITE_HEADER = 100
+"""Bytes of the header every SQLite database file begins with."""
+
+
 def _flock_within(fd: int, operation: int, path: str, what: str, timeout: float, started: float) -> None:
     """Take flock `operation` (LOCK_EX or LOCK_SH) on `fd`, polling with short growing sleeps, by
     `started + timeout` (time.monotonic()); past that, RegistryError(EBUSY) saying what happened."""
@@ -911,6 +915,8 @@ class SQLiteRegistry:
         self._dir_fd = -1
         self._open_fd = -1
         self._identity: _Identity = ()
+        self._size = 0
+        """The registry file's size when this process last looked (`_refuse_cut`)."""
         """What this process's connection has open (`_identity_now` when it connected)."""
         _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
         try:
@@ -930,6 +936,7 @@ class SQLiteRegistry:
             # before any probe: SQLite's read-only connection makes the -wal and -shm a refused open
             # must not leave, with the registry's mode (read-only ones would refuse every later open)
             raise unusable(self._path, refused)
+        self._refuse_emptied()
         if globs is not None:
             os.makedirs(self._directory, mode=0o700, exist_ok=True)
         with self._open_lock(exclusive=globs is not None and self._needs_creation()):
@@ -945,6 +952,23 @@ class SQLiteRegistry:
             self._connect()
             self._globs = self._configure(globs, stored)
             self._migrate()
+
+    def _refuse_emptied(self) -> None:
+        """RegistryError, before SQLite opens anything, where the registry file has no database header
+        while its write-ahead log holds commits (the file cut or emptied in place): SQLite's open
+        would discard that log, and the commits in it, for good."""
+        try:
+            size, log = os.path.getsize(self._path), os.path.getsize(self._path + "-wal")
+        except FileNotFoundError:
+            return
+        if size < SQLITE_HEADER and log > 0:
+            raise RegistryError(
+                f"registry {self._path!r} holds {size} bytes, no database, while its write-ahead log "
+                f"{self._path + '-wal'!r} holds {log:,} bytes of commits: the file was cut or emptied in place. Both "
+                "were left untouched (an open would discard the log). To fix: with nothing using the volume, put back "
+                "a copy of the whole .coherent directory; or keep the log for salvage and move the three files aside "
+                "to create the volume again"
+            )
 
     def _no_volume(self) -> RegistryError:
         """Opening without managed globs where no registry is: what can be done there (a directory
@@ -1142,6 +1166,7 @@ class SQLiteRegistry:
             raise
         self._conn, self._lock_fd, self._dir_fd = conn, lock_fd, dir_fd
         self._pid, self._identity = os.getpid(), identity
+        self._size = os.stat(self._path).st_size
 
     def _let_go_of_replaced(self, now: _Identity) -> None:
         """Where the database at the registry's path is still the one this process's connection has
@@ -1225,8 +1250,22 @@ class SQLiteRegistry:
         elif (now := self._identity_now()) != self._identity:
             self._let_go_of_replaced(now)
             raise self._replaced()
+        else:
+            self._refuse_cut()
         assert self._conn is not None
         return self._conn
+
+    def _refuse_cut(self) -> None:
+        """RegistryError (damaged) where the registry file is shorter than this process last saw it:
+        nothing here shrinks it (no VACUUM), so it was cut in place (a truncate, a copy over it), and
+        a commit would go into a write-ahead log that the next open may discard with it."""
+        try:
+            size = os.stat(self._path).st_size
+        except OSError as e:
+            raise unusable(self._path, e) from e
+        if size < self._size:
+            raise self._damaged(f"cut in place to {size:,} bytes while in use, from at least {self._size:,}")
+        self._size = size
 
     def _configure(self, globs: ManagedGlobs | None, stored: ManagedGlobs | None) -> ManagedGlobs:
         """The volume's globs: the stored ones when opening; when creating (`globs` given), write the
