@@ -428,6 +428,26 @@ def test_root_that_may_not_override_permission_bits_is_told_they_refuse_it(root:
     assert "immutable" not in r.stderr and "(mode 0400)" in r.stderr
 
 
+def test_root_of_a_user_namespace_is_told_the_permission_bits_refuse_it(shared_root: Path) -> None:
+    """Root of a user namespace (a rootless container) has CAP_DAC_OVERRIDE, which does not apply to
+    files whose owner is not mapped into it: refused by their bits, it was told of an immutable flag,
+    an ACL or a security module."""
+    subprocess.run(["chown", "-R", "1234:1234", str(shared_root)], check=True)
+    (shared_root / ".coherent").chmod(0o755)
+    for path in (shared_root / ".coherent").iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", CLI, "status", str(shared_root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    registry = shared_root / ".coherent/registry.db"
+    assert r.returncode == 1 and f"permission denied on {str(registry)!r}" in r.stderr, r.stderr
+    assert "immutable" not in r.stderr
+
+
 def test_log_follow_goes_on_through_a_while_it_may_not_look_at_the_registry(shared_root: Path) -> None:
     """`.coherent` made unreadable for a moment (chmod 000, then back) is not a volume gone: a user's
     `log --follow` keeps following (it ended, saying the registry was removed or replaced)."""

@@ -76,7 +76,7 @@ def _bits_grant(st: os.stat_result, mode: int) -> bool:
     """Whether the permission bits of `st` grant this process's effective ids `mode` (access(2)
     bits): any to root that may override them (CAP_DAC_OVERRIDE; a container may drop it)."""
     uid = os.geteuid()
-    if uid == 0 and _overrides_permissions():
+    if uid == 0 and _overrides_permissions() and _mapped(st):
         return True
     if st.st_uid == uid:
         shift = 6
@@ -98,6 +98,21 @@ def _overrides_permissions() -> bool:
     except (OSError, StopIteration):
         return True
     return bool(int(effective.split()[1], 16) >> _CAP_DAC_OVERRIDE & 1)
+
+
+def _mapped(st: os.stat_result) -> bool:
+    """Whether the owner and group of `st` are mapped into this process's user namespace, where
+    only a capability applies to a file (unmapped ones show as the overflow ids: a rootless
+    container's root over files of users outside it)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            if f.read().split() == ["0", "0", "4294967295"]:  # the initial namespace: every id is mapped
+                return True
+        with open("/proc/sys/kernel/overflowuid") as u, open("/proc/sys/kernel/overflowgid") as g:
+            overflow = int(u.read()), int(g.read())
+    except (OSError, ValueError):
+        return True
+    return st.st_uid != overflow[0] and st.st_gid != overflow[1]
 
 
 def _descriptors() -> tuple[int, int] | None:
