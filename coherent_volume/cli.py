@@ -636,10 +636,11 @@ def _open(root: str) -> VolumeCore:
     from .mounts import fuse_mounts
 
     real = os.path.realpath(root)
-    mounted = fuse_mounts().get(real)
-    if mounted is not None:
-        return open_core(mounted)
-    if not recorded_in(os.path.join(real, REGISTRY_DIR)) and (found := located(real)) is not None:
+    if (
+        real not in fuse_mounts()
+        and not recorded_in(os.path.join(real, REGISTRY_DIR))
+        and (found := located(real)) is not None
+    ):
         raise VolumeConfigError(
             f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
             "(nothing was changed)"

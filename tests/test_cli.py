@@ -169,16 +169,24 @@ def test_init_inside_a_mount_or_at_its_mountpoint_names_the_volume_and_its_mount
     root: Path, mounted: Mount, tmp_path: Path
 ) -> None:
     """`init MNT/other` said it lay inside "the volume at MNT" and to remove MNT/.coherent (not there:
-    the volume is ROOT); `init MNT` and `CoherentVolume(MNT)` guessed that the root was removed or moved."""
+    the volume is ROOT); `init MNT` and `CoherentVolume(MNT)` guessed that the root was removed or
+    moved (a mount of a volume now opens as its root, as every command takes it); and
+    `CoherentVolume(MNT/plans)` said to create a volume there."""
     inside = cv("init", str(mounted.path / "other"), "-m", "plans/**")
     assert inside.returncode == 1 and "Traceback" not in inside.stderr, inside.stderr
     assert f"lies inside {mounted.path}, where the volume at {root} is mounted" in inside.stderr, inside.stderr
     assert ".coherent" not in inside.stderr and not (root / "other").exists()
     at = cv("init", str(mounted.path), "-m", "plans/**")
     assert at.returncode == 1 and f"{mounted.path} is where the volume at {root} is mounted" in at.stderr, at.stderr
-    assert f"give {root}" in at.stderr and "removed or moved" not in at.stderr
-    with pytest.raises(VolumeConfigError, match="is where the volume at"):
-        CoherentVolume(mounted.path, agent="alice")
+    assert "it is a volume already" in at.stderr and "removed or moved" not in at.stderr
+    with CoherentVolume(mounted.path, agent="alice") as alice:  # opened as its root, as every command takes it
+        assert alice.root == str(root)
+    (mounted.path / "plans").mkdir(exist_ok=True)
+    below = mounted.path / "plans"
+    with pytest.raises(VolumeConfigError) as info:  # it said "no volume ... create one with init" there
+        CoherentVolume(below, agent="alice")
+    assert f"{below} is a directory inside {mounted.path}, where the volume at {root} is mounted" in str(info.value)
+    assert f"give {root}" in str(info.value) and "coherent-volume init" not in str(info.value)
 
 
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:

@@ -42,15 +42,29 @@ MOST_SCANNED = 100_000
 past that it is not made."""
 
 
+def refuse_mounted(real: str, *, creating: bool) -> None:
+    """Where the directory `real` (a real path) is a mount of a volume, or inside one: creating a
+    volume there is refused (VolumeConfigError at the mountpoint, NestedVolume inside), and so is
+    opening a directory inside it as a root, naming the volume's root (`open_core` opens a mount of
+    a volume as its root)."""
+    for mountpoint, root in fuse_mounts().items():
+        if real == mountpoint:
+            raise VolumeConfigError(f"{real} is where the volume at {root} is mounted: it is a volume already")
+        if real.startswith(mountpoint + os.sep):
+            if creating:
+                raise NestedVolume(real, root, mounted_at=mountpoint)
+            raise VolumeConfigError(
+                f"{real} is a directory inside {mountpoint}, where the volume at {root} is mounted, not a volume's "
+                f"root: give {root} (nothing was changed)"
+            )
+
+
 def refuse_nesting(real: str, *, creating: bool) -> None:
     """NestedVolume if the directory `real` (a real path) lies inside another volume: below a root
-    holding a registry, or inside a mount of a volume. So a volume made inside another one before is
+    holding a registry (inside a mount of one: `refuse_mounted`). So a volume made inside another one before is
     never opened (its files are the outer volume's), by the API, a mount or a hook. When `creating`
     it, also if a volume lies below it (searched without following symlinks); VolumeConfigError if
     more than MOST_SCANNED directories lie below, too many to tell."""
-    for mountpoint, root in fuse_mounts().items():
-        if real.startswith(mountpoint + os.sep):
-            raise NestedVolume(real, root, mounted_at=mountpoint)
     if (above := volume_above(real)) is not None:
         raise NestedVolume(real, above)
     if not creating:
@@ -84,6 +98,9 @@ def open_core(
     its name there: creates or opens it and records it), else the root's SQLite registry; shared by
     every face."""
     real = os.path.realpath(root)
+    mounted = fuse_mounts().get(real)
+    if mounted is not None and managed is None and registry is None:
+        real = mounted  # where a volume is mounted names it, as every command takes it
     if not os.path.isdir(real):
         raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
     if not _utf8(real):
@@ -98,11 +115,7 @@ def open_core(
             f"managed glob {inside[0]!r} names only paths in {REGISTRY_DIR}/, the volume's own directory, whose "
             "files are never managed: name the files to protect instead (e.g. 'plans/**')"
         )
-    if (mounted := fuse_mounts().get(real)) is not None:
-        raise VolumeConfigError(
-            f"{real} is where the volume at {mounted} is mounted, not a volume's root: give {mounted} (nothing was "
-            "changed)"
-        )
+    refuse_mounted(real, creating=managed is not None or registry is not None)
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     refuse_renaming_in_place(real)
     directory = os.path.join(real, REGISTRY_DIR)
