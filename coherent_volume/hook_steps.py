@@ -33,7 +33,9 @@ import datetime as dt
 import hashlib
 import os
 import re
+import shlex
 import stat
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from . import hooks
 from .core import VolumeCore, open_core, validate_agent
 from .core.sessions import HELD_CLOBBER, Check, Fit, Made, any_check
 from .errors import (
+    LONG_HELD,
     CoherenceError,
     LinkRefused,
     OutsideVolume,
@@ -332,9 +335,23 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: st
         if refusal.diff
         else " "
     )
+    return f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {state}.{held}{changes}{note}" + (
+        _long_lock(core, refusal) or face.remedy(refusal)
+    )
+
+
+def _long_lock(core: VolumeCore, refusal: StaleWriteError) -> str | None:
+    """What to do about a `held` refusal by a live holder's long lock (`errors.LONG_HELD`), which the
+    faces' "wait a few seconds" does not end; None for any other refusal."""
+    until = refusal.held_until
+    if refusal.reason != "held" or until is None or until.unchecked or until.left <= LONG_HELD:
+        return None
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until.at))
+    command = f"coherent-volume reclaim {shlex.quote(core.paths.root)} {shlex.quote(refusal.path)}"
     return (
-        f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {state}.{held}{changes}{note}"
-        + face.remedy(refusal)
+        f"It is held by a lock until {at} (in {until.left:,.0f} s) unless released sooner, and its process is "
+        "alive: do not wait for it in a loop. Do other work and try again later, or ask the user; if its holder "
+        f"will not release it here (a volume copied while it held the lock), the user can end it with `{command}`."
     )
 
 

@@ -720,6 +720,21 @@ def test_a_held_denial_of_a_file_no_one_made_yet_says_so(root: Path, sessions) -
     assert "None" not in reason and "no read of it" not in reason, reason
 
 
+def test_a_held_denial_by_a_long_lock_says_not_to_wait_and_who_can_end_it(root: Path, sessions) -> None:
+    """A live process's 600 s lock: the denial said its holder was "writing it right now" and to wait a
+    few seconds, so the model waited in a loop for ten minutes (found by a hostile probe)."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    one = sessions("l1", root)
+    one.read(target)
+    with CoherentVolume(root, agent="locker") as locker, locker.lock(P, ttl=600):
+        verdict, reason = decision(one.hook(event("PreToolUse", "l1", root, "Write", target)))
+    assert verdict == "deny" and "(held)" in reason and "locker holds its write grant" in reason, reason
+    assert "It is held by a lock until" in reason and "do not wait for it in a loop" in reason, reason
+    assert f"`coherent-volume reclaim {root} {P}`" in reason and "Wait a few seconds" not in reason
+
+
 def test_pre_tool_use_holds_the_grant_until_post_tool_use(root: Path, sessions) -> None:
     """Check and write are one step: between one session's PreToolUse and PostToolUse another
     session's PreToolUse is refused `held`, with a remedy that says to wait, not to re-read."""
