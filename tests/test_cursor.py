@@ -122,7 +122,8 @@ def test_unread_held_and_fenced_edits_are_denied_with_what_to_do(root: Path, con
     assert verdict == "deny" and "(held)" in message and f"cursor:{unique('u1')} holds its write grant" in message
     assert "Wait a few seconds" in message
     one.hook(one.event("post_tool_use_failure_write", path=target, content="v2\n"))
-    assert permission(two.hook(two.event("pre_tool_use_delete", path=target)))[0] == "allow"
+    verdict, reason = permission(two.hook(two.event("pre_tool_use_delete", path=target)))
+    assert verdict == "allow", reason
     target.unlink()  # the Delete tool
     deleted = two.event("post_tool_use_write", path=target, content="")
     end = {"tool_name": "Delete", "tool_input": {"file_path": str(target)}}

@@ -136,7 +136,8 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
     assert "Wait a few seconds" in reason
     failed = one.hook(one.event("after_write_file_failed", path=target, content="v2\n"))
     assert failed["code"] == 0, "a failed write releases the grant and records nothing"
-    assert decision(two.hook(two.event("before_write_file", path=target, content="other\n")))[0] == "allow"
+    verdict, reason = decision(two.hook(two.event("before_write_file", path=target, content="other\n")))
+    assert verdict == "allow", reason
     two.hook(two.event("after_write_file_failed", path=target, content="other\n"))
     assert version(root) == 1
 
