@@ -211,6 +211,8 @@ class _Root(click.Path):
 
 ROOT = _Root(exists=True, file_okay=False)
 """The type of a command's ROOT argument."""
+NEW_ROOT = _Root(file_okay=False)
+"""The type of `init`'s ROOT, which may not exist yet."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -251,7 +253,7 @@ def _undo_made(root: str, made: str) -> None:
 
 
 @main.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root", type=NEW_ROOT)
 @click.option(
     "--managed",
     "-m",

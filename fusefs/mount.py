@@ -285,6 +285,11 @@ class _MountLog(logging.handlers.WatchedFileHandler):
     removed while mounted (and made again by `init`) took the daemon's explanations of its EIOs with
     it. While nothing can be made at the path, records go to the file the daemon started with."""
 
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._on_stderr = self.ino
+        """The inode of the log file on stderr (the daemon's descriptor 2)."""
+
     def _open(self) -> io.TextIOWrapper:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
@@ -296,6 +301,9 @@ class _MountLog(logging.handlers.WatchedFileHandler):
             if self.stream is None:
                 self.stream = os.fdopen(os.dup(2), "a", encoding=self.encoding, errors=self.errors)
                 self.dev = self.ino = -1  # (looked for again at the next record)
+        if self.stream is not None and self.ino not in (-1, self._on_stderr):  # stderr follows (faulthandler's trace)
+            os.dup2(self.stream.fileno(), 2)
+            self._on_stderr = self.ino
         logging.StreamHandler.emit(self, record)
 
 

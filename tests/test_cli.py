@@ -189,6 +189,15 @@ def test_init_inside_a_mount_or_at_its_mountpoint_names_the_volume_and_its_mount
     assert f"give {root}" in str(info.value) and "coherent-volume init" not in str(info.value)
 
 
+def test_init_at_a_dead_mount_says_its_daemon_is_gone(root: Path, tmp_path: Path) -> None:
+    """A mount whose daemon was killed: `init` there said only "[Errno 17] File exists"."""
+    with Mount(root, tmp_path / "mnt") as m:
+        m.kill_daemon()
+        r = cv("init", str(m.path), "-m", "plans/**")
+        assert r.returncode == 2 and "is a mount whose daemon is gone" in r.stderr, r.stderr
+        assert f"coherent-volume unmount {m.path}" in r.stderr
+
+
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:
     """Volumes do not nest: a file in both would be checked by one and not the other. `init` of a
     directory inside a volume, or of one holding a volume below it, is refused, saying which volume

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -385,6 +386,52 @@ def test_the_daemon_logs_to_a_mount_log_made_again_after_its_coherent_directory_
         assert "restart the program, the mount" in log.read_text()
         assert stat.S_IMODE(log.stat().st_mode) == 0o600
     assert (root / "plans/a.md").read_bytes() == b"v1"
+
+
+def test_a_registry_cut_under_a_mount_stays_as_the_refusals_say_and_the_logs_follow_mount_log(
+    root: Path, tmp_path: Path
+) -> None:
+    """The registry file cut to nothing under a mount: writes fail EIO, and at unmount the daemon's
+    close checkpointed its write-ahead log into the cut file and removed the log that the refusals
+    told the user to keep for salvage (found by a hostile probe, 3/3). And once mount.log was moved
+    aside, the trace of a fatal signal (the -shm cut: SQLite maps it) went to the old file."""
+    db = root / ".coherent/registry.db"
+    mnt = tmp_path / "mnt"
+    m = Mount(root, mnt, log_allows=[r".*Fatal Python error", r".*Bus error"])
+    with m:
+        for n in range(20):
+            (mnt / "plans" / f"{n}.md").write_bytes(b"x" * 1000)
+        wal = Path(f"{db}-wal")
+        logged = wal.read_bytes()
+        assert logged
+        os.truncate(db, 0)
+        with pytest.raises(OSError) as info:
+            (mnt / "plans/0.md").write_bytes(b"after the cut")
+        assert info.value.errno == errno.EIO
+        m.unmount()
+        assert db.stat().st_size == 0 and wal.read_bytes()[: len(logged)] == logged
+    for side in ("", "-wal", "-shm"):
+        Path(f"{db}{side}").unlink(missing_ok=True)
+    r = subprocess.run([CLI, "init", str(root), "-m", "plans/**"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    with Mount(
+        root, mnt, log_allows=[r".*Fatal Python error", r".*Bus error", r".*Current thread", r".*Thread 0x"]
+    ) as m:
+        (mnt / "plans/a.md").write_bytes(b"one")
+        log = root / ".coherent/mount.log"
+        log.rename(root / ".coherent/mount.log.1")
+        refused = f"echo two > {mnt / 'plans/a.md'}"  # a refusal: a record, in a new mount.log
+        subprocess.run(["bash", "-c", refused], env={**os.environ, "COHERENT_AGENT": "bob"}, capture_output=True)
+        assert "refused" in log.read_text()
+        os.truncate(f"{db}-shm", 0)
+        for _ in range(3):
+            with contextlib.suppress(OSError):
+                (mnt / "plans/a.md").write_bytes(b"two")
+        deadline = time.monotonic() + 30
+        while "Fatal Python error" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Fatal Python error: Bus error" in log.read_text(), log.read_text()
+        assert "Fatal Python error" not in (root / ".coherent/mount.log.1").read_text()
 
 
 def test_kill_9_of_the_daemon_leaves_the_mount_dead_and_remount_recovers(root: Path, tmp_path: Path) -> None:

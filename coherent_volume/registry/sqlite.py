@@ -44,7 +44,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -1264,6 +1264,9 @@ class SQLiteRegistry:
         except OSError as e:
             raise unusable(self._path, e) from e
         if size < self._size:
+            if self._conn is not None and self._identity[0] is not None:  # closed, it would checkpoint the
+                _park(self._identity[0], self._conn)  # log into the cut file, and remove it
+                self._conn = None
             raise self._damaged(f"cut in place to {size:,} bytes while in use, from at least {self._size:,}")
         self._size = size
 
@@ -1418,6 +1421,8 @@ class SQLiteRegistry:
         with self._mutex:
             if self._pid == os.getpid() and self._conn is not None:
                 self._let_go_of_replaced(self._identity_now())
+                with suppress(RegistryError):
+                    self._refuse_cut()  # a registry cut in place: its connection is parked, not closed
                 if self._conn is not None:  # (not parked)
                     self._conn.close()
                     self._conn = None
