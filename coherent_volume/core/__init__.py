@@ -49,7 +49,10 @@ def refuse_mounted(real: str, *, creating: bool) -> None:
     a volume as its root)."""
     for mountpoint, root in fuse_mounts().items():
         if real == mountpoint:
-            raise VolumeConfigError(f"{real} is where the volume at {root} is mounted: it is a volume already")
+            raise VolumeConfigError(
+                f"{real} is where the volume at {root} is mounted: it is a volume already (nothing was changed). "
+                f"Give {root} to make or change a volume there, or open {real} without managed globs"
+            )
         if real.startswith(mountpoint + os.sep):
             if creating:
                 raise NestedVolume(real, root, mounted_at=mountpoint)
