@@ -200,13 +200,27 @@ class _Root(click.Path):
             os.stat(value)
         except OSError as e:
             if e.errno == errno.ENOTCONN:
+                mountpoint = _mount_above(value)
                 self.fail(
-                    f"{value!r} is a mount whose daemon is gone (the kernel says: {e.strerror}): unmount it "
-                    f"(`coherent-volume unmount {value}`) and mount the volume again",
+                    f"{value!r} is {'' if mountpoint == value else f'in {mountpoint!r}, '}a mount whose daemon is "
+                    f"gone (the kernel says: {e.strerror}): unmount it (`coherent-volume unmount "
+                    f"{shlex.quote(mountpoint)}`) and mount the volume again",
                     param,
                     ctx,
                 )
         return super().convert(value, param, ctx)
+
+
+def _mount_above(path: str) -> str:
+    """The mountpoint of the volume mount that `path` (a symlink to it, or a path inside it) lies
+    in, as mountinfo names it; `path` itself if none is found."""
+    from .mounts import fuse_mounts
+
+    mounts = fuse_mounts()
+    place = os.path.realpath(path)
+    while place not in mounts and place != os.path.dirname(place):
+        place = os.path.dirname(place)
+    return place if place in mounts else path
 
 
 ROOT = _Root(exists=True, file_okay=False)

@@ -195,7 +195,13 @@ def test_init_at_a_dead_mount_says_its_daemon_is_gone(root: Path, tmp_path: Path
         m.kill_daemon()
         r = cv("init", str(m.path), "-m", "plans/**")
         assert r.returncode == 2 and "is a mount whose daemon is gone" in r.stderr, r.stderr
-        assert f"coherent-volume unmount {m.path}" in r.stderr
+        assert f"coherent-volume unmount {m.path}`" in r.stderr
+        link = tmp_path / "link"
+        link.symlink_to(m.path)
+        for inside in (m.path / "plans", link):  # the mountpoint named, not the path given (its unmount fails)
+            r = cv("status", str(inside))
+            assert r.returncode == 2 and f"is in {str(m.path)!r}, a mount whose daemon is gone" in r.stderr, r.stderr
+            assert f"`coherent-volume unmount {m.path}`" in r.stderr
 
 
 def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> None:

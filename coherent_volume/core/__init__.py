@@ -51,7 +51,8 @@ def refuse_mounted(real: str, *, creating: bool) -> None:
         if real == mountpoint:
             raise VolumeConfigError(
                 f"{real} is where the volume at {root} is mounted: it is a volume already (nothing was changed). "
-                f"Give {root} to make or change a volume there, or open {real} without managed globs"
+                f"Give {root} to make or change it; {real} names it wherever a volume is opened (the API, `mcp`, "
+                "every command but `init`)"
             )
         if real.startswith(mountpoint + os.sep):
             if creating:
