@@ -200,6 +200,23 @@ def test_restore_has_the_checks_of_a_write(root: Path) -> None:
     assert reserved.returncode == 1 and "reserved" in reserved.stderr
 
 
+def test_show_writes_every_byte_where_the_system_takes_fewer_per_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write(2) moves at most 2 GiB - 4 KiB: `show` of a 3 GiB version printed that much and
+    exited 0 (found by a hostile probe). Here the system takes at most 7 bytes per write."""
+    from coherent_volume import cli
+
+    read_end, write_end = os.pipe()
+    real_write = os.write
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(cli.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+            cli.write_all(write_end, b"every byte of a version, in order")
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        assert f.read() == b"every byte of a version, in order"
+
+
 def test_why_shows_what_changed_since_the_refused_agents_view(root: Path) -> None:
     _three_versions(root)
     human = ok("why", root, P)
