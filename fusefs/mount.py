@@ -286,7 +286,7 @@ class _MountLog(logging.handlers.WatchedFileHandler):
     it. While nothing can be made at the path, records go to the file the daemon started with."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(path)
+        super().__init__(path, encoding="utf-8", errors="backslashreplace")  # names that are not UTF-8, as stderr
         self._on_stderr = self.ino
         """The inode of the log file on stderr (the daemon's descriptor 2)."""
 
