@@ -7,7 +7,6 @@ four reads it stands for answer, on both backends."""
 from __future__ import annotations
 
 import errno
-import statistics
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,7 +58,10 @@ def test_a_commit_and_a_tracked_read_make_the_round_trips_counted_on_the_wire(
     with turns(pg_cluster.port) as counter:
         root = _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}")
         counted = count(counter, lambda: int(_q(pg_url, "SELECT count(*) FROM cv_commits")[0][0]), str(root))
-    assert counted == Counted(commit=COMMIT_ROUND_TRIPS, read=READ_ROUND_TRIPS, transactions=1)
+    # an average over 10 operations: a window's boundary seen one exchange late or early (see the
+    # last test) moves it by 0.1, a round trip more per operation by 1
+    rounded = Counted(*(round(figure) for figure in (counted.commit, counted.read, counted.transactions)))
+    assert rounded == Counted(commit=COMMIT_ROUND_TRIPS, read=READ_ROUND_TRIPS, transactions=1), counted
 
 
 def test_a_read_ahead_answers_as_the_read_asked_then_and_costs_no_round_trip_of_its_own(
@@ -254,6 +256,9 @@ def test_write_state_answers_what_file_view_grant_and_fenced_answer(backend: Any
 OPEN_ROUND_TRIPS = 2
 """A mount's open for writing (`begin_write`) and its create: the decision's `write_state` read ahead
 with the transaction's opening and recovery's read (1), then the grant's writes with COMMIT (1)."""
+RELEASE_ROUND_TRIPS = 3
+"""A handle's release, unlogged: the transaction's opening with its locks (1), the intent's drop sent
+with the read of the grant (1), then the grant's writes with COMMIT (1)."""
 
 
 def test_a_handle_opened_for_writing_and_a_create_make_two_round_trips(
@@ -265,28 +270,33 @@ def test_a_handle_opened_for_writing_and_a_create_make_two_round_trips(
     db = pg_url.rsplit("/", 1)[1]
     report_after, pg_hosts.REPORT_AFTER = pg_hosts.REPORT_AFTER, 3600.0  # no report in the count
     seen_every, pg_hosts.SEEN_EVERY = pg_hosts.SEEN_EVERY, 3600.0  # nor a bump of last_seen (as `count`)
+    cycles: list[list[int]] = []  # each: a create, its release, an open for writing, its release
     try:
         with turns(pg_cluster.port) as counter:
             root = _pg_volume(tmp_path / "vol", f"postgresql://cv@127.0.0.1:{counter.port}/{db}")
             core = open_core(root)
             try:
-                opened, created = [], []
-                for n in range(12):  # warmed up first: statements prepared at their 5th run
+                for n in range(14):
                     target = core.resolve(f"plans/o{n}.md")
-                    before = counter.count
+                    windows = [counter.count]
                     grant, _ = core.create("alice", target, 0o644, current_process(), "write")
-                    created.append(counter.count - before)
+                    windows.append(counter.count)
                     core.release(grant, "write", log=False)
-                    before = counter.count
+                    windows.append(counter.count)
                     grant, _ = core.begin_write("alice", target, current_process(), kind="write")
-                    opened.append(counter.count - before)
+                    windows.append(counter.count)
                     core.release(grant, "write", log=False)
+                    windows.append(counter.count)
+                    cycles.append([b - a for a, b in zip(windows, windows[1:], strict=False)])
             finally:
                 core.close()
     finally:
         pg_hosts.REPORT_AFTER, pg_hosts.SEEN_EVERY = report_after, seen_every
-    # each window is one operation; the proxy's two threads now and then see a boundary of this
-    # connection late (a window then counts one more or one fewer, and the next ones may follow
-    # suit: 2, 2, 2, 1, 1, 1 was seen once in CI): the usual count, past the warm-up, is the figure
-    for counts in (created[-8:], opened[-8:]):
-        assert statistics.mode(counts) == OPEN_ROUND_TRIPS, f"created {created}, opened {opened}"
+    # psycopg sends a pipeline's parts as they are ready and the server answers each as it arrives, so
+    # the proxy now and then sees a boundary between two operations one exchange late or early: one
+    # window counts one more and a later one one fewer (3 then 1, or 2, 2, 2, 1, 1, 1 in CI). A single
+    # window is not the figure; the total of consecutive windows is, up to one such shift at each end.
+    # Past the warm-up: psycopg prepares a statement at its 5th run, with a round trip of its own.
+    counted = sum(sum(cycle) for cycle in cycles[6:])
+    expected = len(cycles[6:]) * 2 * (OPEN_ROUND_TRIPS + RELEASE_ROUND_TRIPS)
+    assert abs(counted - expected) <= 2, f"{counted} round trips, not {expected}: {cycles}"
