@@ -214,13 +214,10 @@ class _Root(click.Path):
 def _mount_above(path: str) -> str:
     """The mountpoint of the volume mount that `path` (a symlink to it, or a path inside it) lies
     in, as mountinfo names it; `path` itself if none is found."""
-    from .mounts import fuse_mounts
+    from .mounts import mount_holding
 
-    mounts = fuse_mounts()
-    place = os.path.realpath(path)
-    while place not in mounts and place != os.path.dirname(place):
-        place = os.path.dirname(place)
-    return place if place in mounts else path
+    mounted = mount_holding(os.path.realpath(path))
+    return path if mounted is None else mounted[0]
 
 
 ROOT = _Root(exists=True, file_okay=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .liveness import ProcessId
+from .mounts import mount_holding
 from .paths import REGISTRY_DIR
 from .protocol import HandleKind
 from .registry import recorded_in, volume_above
@@ -38,12 +39,6 @@ class Located(NamedTuple):
     """Reached through a mount of the volume (else in the plain volume directory)."""
 
 
-def _mounts() -> dict[str, str]:
-    from .mounts import fuse_mounts
-
-    return fuse_mounts()
-
-
 def located(path: str) -> Located | None:
     """Where the file a path names lies: in a mounted volume or a plain one, else None. `path` is
     resolved as the kernel will open it (`os.path.realpath` of the path as given, joined to the
@@ -56,9 +51,9 @@ def located(path: str) -> Located | None:
     (`Target.alias_of`); else it is the resolved path's."""
     given = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     real = os.path.realpath(given)
-    for mountpoint, root in _mounts().items():
-        if real == mountpoint or real.startswith(mountpoint + os.sep):
-            return Located(root, _below(given, mountpoint) or os.path.relpath(real, mountpoint), True)
+    if (mounted := mount_holding(real)) is not None:
+        mountpoint, root = mounted
+        return Located(root, _below(given, mountpoint) or os.path.relpath(real, mountpoint), True)
     directory = volume_above(real)
     if directory is None:
         return None

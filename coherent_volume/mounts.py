@@ -27,6 +27,19 @@ def fuse_mounts(fstype: str | None = FSTYPE) -> dict[str, str]:
     return out
 
 
+def mount_holding(real: str) -> tuple[str, str] | None:
+    """(mountpoint, volume root) of the volume mount that the real path `real` is, or lies in: the
+    deepest one, as the kernel resolves a path through mounts on mounts; None if in none."""
+    mounts = fuse_mounts()
+    place = real
+    while place not in mounts:
+        parent = os.path.dirname(place)
+        if parent == place:
+            return None
+        place = parent
+    return place, mounts[place]
+
+
 def device_of(mountpoint: str) -> str | None:
     """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
     from the mount itself, which cannot answer before its daemon serves)."""

@@ -434,3 +434,19 @@ def test_a_directory_named_with_a_trailing_slash_that_does_not_exist_yet_is_no_f
     r, _ = timed_hook("codex", _codex_bash(root, "slash-file", f"{root}/{P}/"))
     reason = _denial(r.stdout)
     assert reason is not None and "(unread)" in reason and P in reason, (r.stdout, r.stderr)
+
+
+def test_a_write_in_a_volume_mounted_inside_another_mount_is_checked_as_the_inner_volumes(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """Mounts on mounts: the path is the deepest mount's, as the kernel resolves it."""
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    subprocess.run([CLI, "init", str(inner), "--managed", "plans/**"], check=True, capture_output=True)
+    with CoherentVolume(inner, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    (mounted.path / "sub").mkdir()
+    with Mount(inner, mounted.path / "sub") as m:
+        r, _ = timed_hook("claude-code", _claude(m.path, "in", str(m.path / P)))
+    reason = _denial(r.stdout)
+    assert reason is not None and "(unread)" in reason and "by setup" in reason, (r.stdout, r.stderr)

@@ -17,7 +17,7 @@ import os
 from ..errors import GlobError, NestedVolume, VolumeConfigError
 from ..filesystems import refuse_network_root, refuse_renaming_in_place
 from ..globs import ManagedGlobs
-from ..mounts import fuse_mounts
+from ..mounts import fuse_mounts, mount_holding
 from ..paths import REGISTRY_DIR
 from ..registry import LOCATION_FILE, postgresql, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
@@ -47,20 +47,21 @@ def refuse_mounted(real: str, *, creating: bool) -> None:
     volume there is refused (VolumeConfigError at the mountpoint, NestedVolume inside), and so is
     opening a directory inside it as a root, naming the volume's root (`open_core` opens a mount of
     a volume as its root)."""
-    for mountpoint, root in fuse_mounts().items():
-        if real == mountpoint:
-            raise VolumeConfigError(
-                f"{real} is where the volume at {root} is mounted: it is a volume already (nothing was changed). "
-                f"Give {root} to make or change it; {real} names it wherever a volume is opened (the API, `mcp`, "
-                "every command but `init`)"
-            )
-        if real.startswith(mountpoint + os.sep):
-            if creating:
-                raise NestedVolume(real, root, mounted_at=mountpoint)
-            raise VolumeConfigError(
-                f"{real} is a directory inside {mountpoint}, where the volume at {root} is mounted, not a volume's "
-                f"root: give {root} (nothing was changed)"
-            )
+    if (mounted := mount_holding(real)) is None:
+        return
+    mountpoint, root = mounted
+    if real == mountpoint:
+        raise VolumeConfigError(
+            f"{real} is where the volume at {root} is mounted: it is a volume already (nothing was changed). "
+            f"Give {root} to make or change it; {real} names it wherever a volume is opened (the API, `mcp`, "
+            "every command but `init`)"
+        )
+    if creating:
+        raise NestedVolume(real, root, mounted_at=mountpoint)
+    raise VolumeConfigError(
+        f"{real} is a directory inside {mountpoint}, where the volume at {root} is mounted, not a volume's "
+        f"root: give {root} (nothing was changed)"
+    )
 
 
 def refuse_nesting(real: str, *, creating: bool) -> None:
