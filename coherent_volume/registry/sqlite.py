@@ -915,9 +915,9 @@ class SQLiteRegistry:
         self._dir_fd = -1
         self._open_fd = -1
         self._identity: _Identity = ()
+        """What this process's connection has open (`_look` when it connected)."""
         self._size = 0
         """The registry file's size when this process last looked (`_refuse_cut`)."""
-        """What this process's connection has open (`_identity_now` when it connected)."""
         _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
         try:
             try:
@@ -930,9 +930,10 @@ class SQLiteRegistry:
 
     def _open(self, globs: ManagedGlobs | None) -> None:
         """`__init__`'s work: an OSError says what the operating system refused."""
-        if globs is None and not self._exists():
+        exists = self._exists()  # (looked at again under the open lock)
+        if globs is None and not exists:
             raise self._no_volume()
-        if self._exists() and (refused := refusal(self._path)) is not None:
+        if exists and (refused := refusal(self._path)) is not None:
             # before any probe: SQLite's read-only connection makes the -wal and -shm a refused open
             # must not leave, with the registry's mode (read-only ones would refuse every later open)
             raise unusable(self._path, refused)
@@ -1152,7 +1153,7 @@ class SQLiteRegistry:
                 # whole size again under the commit lock (100 MiB: 1.3 s; FAST: 0.12 s)
                 conn.execute("PRAGMA secure_delete = FAST")
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # a read opens the log and index
-                identity = self._identity_now()
+                identity, size = self._look()
                 if before is None or identity[0] != before or None in identity:  # replaced while it was opened
                     raise self._replaced()
             except BaseException:
@@ -1165,8 +1166,7 @@ class SQLiteRegistry:
                 raise self._error(e, started) from e
             raise
         self._conn, self._lock_fd, self._dir_fd = conn, lock_fd, dir_fd
-        self._pid, self._identity = os.getpid(), identity
-        self._size = os.stat(self._path).st_size
+        self._pid, self._identity, self._size = os.getpid(), identity, size
 
     def _let_go_of_replaced(self, now: _Identity) -> None:
         """Where the database at the registry's path is still the one this process's connection has
@@ -1177,9 +1177,16 @@ class SQLiteRegistry:
             _park(now[0], self._conn)
             self._conn = None
 
-    def _identity_now(self) -> _Identity:
+    def _look(self) -> tuple[_Identity, int]:
+        """What is at the registry's paths now, and the registry file's size (0 where it is missing):
+        one stat of each file, on every use of the connection."""
         try:
-            return tuple(file_identity(self._path + suffix) for suffix in ("", "-wal", "-shm"))
+            try:
+                st = os.stat(self._path)
+                registry, size = (st.st_dev, st.st_ino), st.st_size
+            except (FileNotFoundError, NotADirectoryError):
+                registry, size = None, 0
+            return (registry, *(file_identity(self._path + suffix) for suffix in ("-wal", "-shm"))), size
         except OSError as e:  # (not allowed to look: that says nothing of what is there)
             raise unusable(self._path, e) from e
 
@@ -1247,22 +1254,20 @@ class SQLiteRegistry:
         if self._pid != os.getpid():  # after a fork that ran no at-fork handler, or after close
             self._forked()
             self._connect()
-        elif (now := self._identity_now()) != self._identity:
-            self._let_go_of_replaced(now)
-            raise self._replaced()
         else:
-            self._refuse_cut()
+            now, size = self._look()
+            if now != self._identity:
+                self._let_go_of_replaced(now)
+                raise self._replaced()
+            self._refuse_cut(size)
         assert self._conn is not None
         return self._conn
 
-    def _refuse_cut(self) -> None:
-        """RegistryError (damaged) where the registry file is shorter than this process last saw it:
-        nothing here shrinks it (no VACUUM), so it was cut in place (a truncate, a copy over it), and
-        a commit would go into a write-ahead log that the next open may discard with it."""
-        try:
-            size = os.stat(self._path).st_size
-        except OSError as e:
-            raise unusable(self._path, e) from e
+    def _refuse_cut(self, size: int) -> None:
+        """RegistryError (damaged) where the registry file is now `size` bytes, shorter than this
+        process last saw it: nothing here shrinks it (no VACUUM), so it was cut in place (a truncate,
+        a copy over it), and a commit would go into a write-ahead log that the next open may discard
+        with it."""
         if size < self._size:
             if self._conn is not None and self._identity[0] is not None:  # closed, it would checkpoint the
                 _park(self._identity[0], self._conn)  # log into the cut file, and remove it
@@ -1420,9 +1425,11 @@ class SQLiteRegistry:
         the registry: only let go of what it inherited)."""
         with self._mutex:
             if self._pid == os.getpid() and self._conn is not None:
-                self._let_go_of_replaced(self._identity_now())
-                with suppress(RegistryError):
-                    self._refuse_cut()  # a registry cut in place: its connection is parked, not closed
+                now, size = self._look()
+                self._let_go_of_replaced(now)
+                if now[0] is not None:  # a registry cut in place: its connection is parked, not closed
+                    with suppress(RegistryError):
+                        self._refuse_cut(size)
                 if self._conn is not None:  # (not parked)
                     self._conn.close()
                     self._conn = None
