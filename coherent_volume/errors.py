@@ -398,8 +398,9 @@ class VersionGone(CoherenceError, LookupError):
 
 
 class TooManyLines(CoherenceError, ValueError):
-    """Two versions whose changed lines are too many to align within `diffs.MAX_ALIGNED`: no line
-    diff or merge of them is made (it would take seconds and gigabytes)."""
+    """Two versions too big to compare line by line: more changed lines than an alignment takes
+    (`diffs.MAX_ALIGNED`), or for a diff a version larger than it reads (`diffs.MAX_DIFF_BYTES`). No
+    line diff or merge of them is made (it would take seconds and gigabytes)."""
 
 
 class DamagedContent(CoherenceError):

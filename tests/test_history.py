@@ -8,6 +8,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 from functools import partial
@@ -642,3 +643,36 @@ def test_a_refusal_never_waits_for_a_large_diff_and_cuts_long_lines(vols) -> Non
         bob.write("plans/min.js", "x")
     assert minified.value.diff is not None and max(map(len, minified.value.diff.splitlines())) < 300
     assert re.search(r"\.\.\. \(\d+ more characters\)", minified.value.diff)
+
+
+def test_a_version_larger_than_a_diff_reads_is_refused_typed_before_it_is_read(
+    root: Path, vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line diff holds both versions whole and split into lines (1 GiB of text took 6.4 GB): a
+    version over `diffs.MAX_DIFF_BYTES` gets TooManyLines saying so from its history entry, before a
+    byte of it is loaded; `diff`, `log -p` and `why` say so, and a smaller pair still diffs."""
+    from coherent_volume import TooManyLines, diffs
+    from coherent_volume.core.history import History
+
+    alice, bob = vols("alice"), vols("bob")
+    big = b"".join(b"line %d\n" % i for i in range(diffs.MAX_DIFF_BYTES // 10 + 1))
+    assert len(big) > diffs.MAX_DIFF_BYTES
+    alice.write("plans/big.md", b"small\n")
+    bob.read("plans/big.md")
+    alice.write("plans/big.md", big)
+    with pytest.raises(StaleWriteError):  # no diff for it, and no wait for one
+        bob.write("plans/big.md", "mine\n")
+    loaded = History._stored
+    with monkeypatch.context() as patched:
+        patched.setattr(History, "_stored", lambda *a: pytest.fail(f"a version was loaded: {a[2:]}"))
+        with pytest.raises(TooManyLines, match=r"version 2 is [\d,]+ bytes: more than a line diff reads \(16 MiB\)"):
+            alice.diff("plans/big.md", 1, 2)
+    assert History._stored is loaded
+    cli = str(Path(sys.executable).parent / "coherent-volume")
+    shown = subprocess.run([cli, "diff", str(root), "plans/big.md", "1", "2"], capture_output=True, text=True)
+    assert shown.returncode != 0 and "more than a line diff reads" in shown.stderr, shown
+    assert "Traceback" not in shown.stderr, shown.stderr
+    for command in (["log", "-p", str(root)], ["why", str(root), "plans/big.md"]):
+        shown = subprocess.run([cli, *command], capture_output=True, text=True)
+        assert shown.returncode == 0 and "more than a line diff reads" in shown.stdout, (command, shown)
+    assert alice.diff("plans/big.md", 1, 1) == ""  # versions within the bound diff as before

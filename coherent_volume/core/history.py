@@ -225,7 +225,15 @@ class History(Writes):
         return self._diff(target, old, new, self._entries(target, old, new))
 
     def _diff(self, target: Target, old: int, new: int, entries: list[Version | None]) -> str | None:
-        """`diff`, given both versions' history entries."""
+        """`diff`, given both versions' history entries; TooManyLines, before either is read, where
+        one is larger than a line diff reads (`diffs.diffable`)."""
+        for version, entry in zip((old, new), entries, strict=True):
+            if entry is not None and not diffs.diffable(entry.size or 0):
+                raise TooManyLines(
+                    f"{target.rel!r} version {version} is {entry.size:,} bytes: more than a line diff reads "
+                    f"({diffs.MAX_DIFF_BYTES >> 20} MiB); compare the versions' bytes another way "
+                    "(`coherent-volume show ROOT PATH --version N` writes each)"
+                )
         sides = []
         for version, entry in zip((old, new), entries, strict=True):
             gone = version == 0 or (entry is not None and entry.hash is None)  # nothing there: /dev/null
