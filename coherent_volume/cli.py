@@ -710,6 +710,11 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
         console.print(
             f"last refusal: {_when(r.at)} agent {r.agent} ({r.reason}); it had read {seen}, current was v{r.version}"
         )
+        if answer.earlier_changes:
+            console.print(
+                f"{answer.earlier_changes:,} earlier changes since that agent's view are not listed (`coherent-volume "
+                f"history {shlex.quote(core.paths.root)} {shlex.quote(answer.path)}` lists every version)"
+            )
         if answer.changes:
             console.print(
                 _table("changed since that agent's view", _LOG_COLUMNS, [_event_row(e) for e in answer.changes])

@@ -450,6 +450,10 @@ class Session:
                     f"last refusal: {_when(r.at)}, agent {r.agent} ({r.reason}); it had read {seen}, "
                     f"current was version {r.version}"
                 )
+                if answer.earlier_changes:
+                    lines.append(
+                        f"  ({answer.earlier_changes:,} earlier changes since then are not listed: see history)"
+                    )
                 lines += [
                     f"  then: v{c.event.version} {c.kind} by {c.event.agent} at {_when(c.event.at)}"
                     + (f" ({c.event.detail})" if c.event.detail else "")

@@ -278,7 +278,10 @@ class Why:
     holder: str | None
     refusal: Event | None
     changes: list[LogLine]
-    """Commits, deletions and foreign writes after the version the refused agent had read."""
+    """The newest WHY_CHANGES commits, deletions and foreign writes after the version the refused
+    agent had read, oldest first."""
+    earlier_changes: int
+    """How many such changes came before those (not listed: `history` lists every version)."""
     advice: str
     diff: str | None = None
     """From the refused agent's view to the current version, cut like a refusal's (`diffs.cut`);
@@ -330,6 +333,10 @@ def _direct_dir_advice(root: str, rel: str) -> str | None:
     return None
 
 
+WHY_CHANGES = 20
+"""Changes since a refused agent's view that `why` lists (a view 10,000 versions old listed all)."""
+
+
 def why(core: VolumeCore, target: Target) -> Why:
     """The last refusal on `target`, who changed the file since the refused agent's view (and the
     diff of what changed), and what to do."""
@@ -342,14 +349,12 @@ def why(core: VolumeCore, target: Target) -> Why:
         holder = grant.agent if grant and not grant_over(grant, now, grant.owner.alive()) else None
         found = tx.events(path=target.rel, kind="refusal", limit=1, newest_first=True)
         refusal = found[0] if found else None
-        changes = _lines(
-            tx,
-            [
-                e
-                for e in tx.events(path=target.rel)
-                if made_version(e) and refusal is not None and (e.version or 0) > (refusal.seen_version or 0)
-            ],
-        )
+        since = [
+            e
+            for e in tx.events(path=target.rel)
+            if made_version(e) and refusal is not None and (e.version or 0) > (refusal.seen_version or 0)
+        ]
+        changes = _lines(tx, since[-WHY_CHANGES:])
         conflict = None
         refused_deletion = False
         if refusal is not None:
@@ -389,6 +394,7 @@ def why(core: VolumeCore, target: Target) -> Why:
         holder,
         refusal,
         changes,
+        len(since) - len(changes),
         advice,
         diff,
         note,

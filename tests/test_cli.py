@@ -306,6 +306,30 @@ def test_why_explains_the_last_refusal(root: Path) -> None:
     assert quiet["refusal"] is None and "no write" in quiet["advice"]
 
 
+def test_why_lists_the_newest_changes_since_a_view_and_counts_the_earlier_ones(root: Path) -> None:
+    """A refused agent whose view is many versions old: `why` lists the newest WHY_CHANGES changes
+    since it (10,000 versions were listed in 11 s), says how many earlier ones it left out and
+    where they are; --json counts them too."""
+    from coherent_volume.report import WHY_CHANGES
+
+    with CoherentVolume(root, agent="alice") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(P, "v1\n")
+        bob.read(P)
+        for n in range(WHY_CHANGES + 5):
+            alice.write(P, f"v{n + 2}\n")
+        with pytest.raises(StaleWriteError):
+            bob.write(P, "mine\n")
+    data = json.loads(cv("why", str(root), P, "--json").stdout)
+    assert [c["version"] for c in data["changes"]] == list(range(7, WHY_CHANGES + 7))
+    assert data["earlier_changes"] == 5
+    human = cv("why", str(root), P)
+    assert human.returncode == 0, human.stderr
+    assert (
+        f"5 earlier changes since that agent's view are not listed (`coherent-volume history {root} {P}`"
+        in " ".join(human.stdout.split())
+    ), human.stdout
+
+
 def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> None:
     r = cv("status", str(tmp_path))
     assert r.returncode == 1 and "no volume at" in r.stderr and "Traceback" not in r.stderr
