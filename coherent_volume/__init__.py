@@ -1,6 +1,7 @@
 """coherent-volume: a shared workspace where a stale write fails closed instead of losing work."""
 
 from .errors import (
+    Absent,
     CasConflict,
     CoherenceError,
     DamagedContent,
@@ -43,4 +44,5 @@ __all__ = [
     "Retention",
     "DamagedContent",
     "TreeClash",
+    "Absent",
 ]

@@ -38,6 +38,16 @@ class CoherenceError(Exception):
     """Base class of every error raised by coherent_volume."""
 
 
+class Absent(FileNotFoundError):
+    """A tracked read of a managed file found none: `version` is what the read observed, the
+    deletion's version (0 where no file of that name was ever recorded), from the same registry
+    transaction that registered the view of it; what a compare-and-swap on the absence expects."""
+
+    def __init__(self, rel: str, version: int) -> None:
+        super().__init__(errno.ENOENT, "No such file or directory", rel)
+        self.version = version
+
+
 class RootGone(CoherenceError, FileNotFoundError):
     """The volume's root directory is no longer where the volume was opened (removed or moved while
     in use); nothing was changed. errno is ENOENT (the mount answers EIO: the names asked for may

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from .core import Isolation, open_core, validate_agent
 from .core.history import Pruned
-from .errors import CasConflict, CoherenceError, RetriesExhausted, StaleWriteError, VolumeConfigError
+from .errors import Absent, CasConflict, CoherenceError, RetriesExhausted, StaleWriteError, VolumeConfigError
 from .liveness import current_process
 from .paths import Target, is_registry_path, lexical
 from .policy import Policy
@@ -60,7 +60,8 @@ class CoherentVolume:
 
     def read(self, path: str | os.PathLike[str]) -> bytes:
         """Tracked read: returns the bytes and registers this agent's view at their version (with
-        read-set isolation, a read that finds no file that ever was counts too, at version 0)."""
+        read-set isolation, a read that finds no file that ever was counts too, at version 0). A
+        managed file found missing raises Absent, with the version its absence was seen at."""
         paths = self._core.paths
         rel = lexical(path) if isinstance(path, str) and not self._closed else None
         if rel is not None and not is_registry_path(rel):
@@ -148,8 +149,10 @@ class CoherentVolume:
             try:
                 observed = self._core.read(self.agent, target)
                 old, version = observed.data, observed.version
-            except FileNotFoundError:
-                old, version = b"", self._core.version(target) if target.managed else 0
+            except Absent as absent:  # the version its absence was observed at, not asked again after
+                old, version = b"", absent.version
+            except FileNotFoundError:  # (not managed: no version)
+                old, version = b"", 0
             try:
                 return self._core.commit(
                     self.agent, target, self._bytes(fn(old)), isolation=self.isolation, expected=version

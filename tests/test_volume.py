@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import (
+    Absent,
     CasConflict,
     CoherenceError,
     CoherentVolume,
@@ -290,6 +291,36 @@ def test_update_retries_and_exhausts(vols) -> None:
         bob.update(P, lambda old: old + b"!", retries=2)
     assert info.value.reason == "held" and isinstance(info.value, CasConflict)
     assert bob.update(P, lambda old: old + b"c") == 3
+
+
+def test_update_of_a_missing_file_never_overwrites_a_creation_made_after_its_read(
+    vols, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`update` finds the file deleted (v2); bob creates it (v3) before alice's commit: the commit
+    expects the version alice's read observed, is refused, and her next round applies her change
+    to bob's bytes (/tmp/s26pgmodel F1: it asked the version after the read, got bob's v3, and
+    committed its change to nothing over bob's file, 70 of 100 races on PostgreSQL). A missing
+    file's read raises Absent with that version."""
+    alice, bob = vols("alice"), vols("bob")
+    alice.write(P, b"first\n")
+    alice.delete(P)
+    with pytest.raises(Absent) as absent:
+        alice.read(P)
+    assert absent.value.version == 2 and absent.value.errno == errno.ENOENT
+    read = alice._core.read
+
+    def read_then_bob_creates(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        except FileNotFoundError:
+            if bob.version(P) == 2:
+                bob.write(P, b"bob's plan\n")
+            raise
+
+    monkeypatch.setattr(alice._core, "read", read_then_bob_creates)
+    assert alice.update(P, lambda old: old + b"alice's line\n") == 4
+    assert alice.read(P) == b"bob's plan\nalice's line\n"
+    assert [(v.version, v.writer) for v in alice.history(P)][:2] == [(4, "alice"), (3, "bob")]
 
 
 def test_update_from_many_threads_on_one_instance_is_exact(vols) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .. import atomic
-from ..errors import DamagedContent, RegistryError
+from ..errors import Absent, DamagedContent, RegistryError
 from ..fingerprint import (
     Fingerprint,
     content_hash,
@@ -83,8 +83,9 @@ class Reads(CoreBase):
         A path where a catch-up or rename of this working copy left a file unsettled
         (`CoreBase._noted`) is read under the commit lock, whose transaction settles it first.
 
-        Raises FileNotFoundError for a missing file (after recording the agent's view of its deletion;
-        with `absence`, the read-set isolation's, at version 0 where no file of that name ever was)."""
+        Raises Absent (a FileNotFoundError) for a missing file, with the version it observed (after
+        recording the agent's view of its deletion; with `absence`, the read-set isolation's, at
+        version 0 where no file of that name ever was)."""
         if not target.managed:
             return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
@@ -189,7 +190,7 @@ class Reads(CoreBase):
 
             record = self._transact(pair, holds=(target.rel,))
         if data is None:
-            raise FileNotFoundError(2, "No such file or directory", target.rel)
+            raise Absent(target.rel, current_version(record))
         assert record is not None
         return Observed(data, record.version)
 
