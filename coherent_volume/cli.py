@@ -463,6 +463,11 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
         console.print(f"content store: {st.store.objects} objects, {_size(st.store.bytes)}")
     for mountpoint, direct in st.mounts.items():
         served = f" (served directly by the kernel: {', '.join(direct)})" if direct else ""
+        if mountpoint in st.gone:
+            served += (
+                ": its daemon is gone (killed), so every use there fails (Transport endpoint is not connected): "
+                f"`coherent-volume unmount {shlex.quote(mountpoint)}` removes the mount; then mount the volume again"
+            )
         console.print(f"mounted at {mountpoint}{served}")
     listed = [f for f in st.files if show_all or f.present or f.holder or not f.version]
     console.print(

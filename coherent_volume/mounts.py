@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterable
@@ -25,6 +26,16 @@ def fuse_mounts(fstype: str | None = FSTYPE) -> dict[str, str]:
             if kind == fstype or (fstype is None and kind.startswith("fuse")):
                 out[unescape(mountpoint)] = unescape(source)
     return out
+
+
+def daemon_gone(mountpoint: str) -> bool:
+    """Whether the FUSE mount at `mountpoint` is dead, its daemon gone (statvfs always reaches the
+    daemon; stat may be answered from the kernel's cache)."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
 
 
 def mount_holding(real: str) -> tuple[str, str] | None:

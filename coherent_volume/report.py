@@ -14,7 +14,7 @@ from .core import VolumeCore
 from .core.history import MAX_VERSION
 from .errors import DamagedContent, TooManyLines, VersionGone, VolumeConfigError, remedy
 from .fingerprint import kind_of
-from .mounts import direct_dir_in, mounts_of
+from .mounts import daemon_gone, direct_dir_in, mounts_of
 from .paths import Target, printable
 from .protocol import Version, grant_over
 from .registry import AgentSummary, Event, LogMark, Transaction
@@ -62,6 +62,8 @@ class Status:
     """None when the registry backend cannot tell."""
     mounts: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Where the volume is mounted in this mount namespace, with each mount's direct dirs."""
+    gone: tuple[str, ...] = ()
+    """Those of `mounts` whose daemon is gone (killed): every use there fails until it is unmounted."""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -72,6 +74,7 @@ class Status:
             "unchecked": [asdict(u) for u in self.unchecked],
             "store": None if self.store is None else asdict(self.store),
             "mounts": {mountpoint: list(direct) for mountpoint, direct in self.mounts.items()},
+            "mounts_gone": list(self.gone),
         }
 
 
@@ -103,6 +106,7 @@ def status(core: VolumeCore) -> Status:
                 g.expires_at if g else None,
             )
         )
+    mounts = mounts_of(core.paths.root)
     return Status(
         core.paths.root,
         core.paths.globs.patterns,
@@ -110,7 +114,8 @@ def status(core: VolumeCore) -> Status:
         agents,
         unchecked,
         store_size(core),
-        mounts_of(core.paths.root),
+        mounts,
+        tuple(mountpoint for mountpoint in mounts if daemon_gone(mountpoint)),
     )
 
 

@@ -10,7 +10,6 @@ the dead mount (as root), and `unmount` takes every mount there away.
 from __future__ import annotations
 
 import ctypes
-import errno
 import faulthandler
 import io
 import logging
@@ -30,7 +29,7 @@ from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
 from coherent_volume.filesystems import lies_within
 from coherent_volume.liveness import children_share_our_pid_namespace, proc_is_ours
-from coherent_volume.mounts import FSTYPE, device_of, fuse_mounts, unescape
+from coherent_volume.mounts import FSTYPE, daemon_gone, device_of, fuse_mounts, unescape
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry.postgresql import PostgresRegistry
 
@@ -74,15 +73,6 @@ async def _widen_readahead(mountpoint: str) -> None:
             f.write(str(READAHEAD_KB))
     except OSError as e:
         log.info("kept the default readahead for %s: %s", mountpoint, e)
-
-
-def _is_dead(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon is gone (statvfs always reaches the daemon; stat may be cached)."""
-    try:
-        os.statvfs(mountpoint)
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
 
 
 def _named(mountpoint: str) -> str:
@@ -132,7 +122,7 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     if not os.path.isdir(root_real):
         raise MountError(f"volume root {root!r} does not exist")
     mp = _named(mountpoint)
-    over = mp in fuse_mounts() and _is_dead(mp)  # a daemon killed earlier left it dead
+    over = mp in fuse_mounts() and daemon_gone(mp)  # a daemon killed earlier left it dead
     if over and os.geteuid() != 0:  # (only root can mount over it: detached, then checked as any directory)
         _fusermount("-u", "-z", mp)
         over = False
@@ -270,7 +260,7 @@ def _detach_over(mountpoint: str, ours: str | None, dead_too: bool) -> None:
 def _detach_dead(mountpoint: str) -> subprocess.CompletedProcess[str] | None:
     """Detach the dead mounts (their daemons killed) at the top of `mountpoint`, one stacked on the
     next, until a live mount or none is there; the detach that failed, if one did."""
-    while mountpoint in fuse_mounts() and _is_dead(mountpoint):
+    while mountpoint in fuse_mounts() and daemon_gone(mountpoint):
         result = _fusermount("-u", "-z", mountpoint)
         if result.returncode != 0:
             return result
@@ -365,8 +355,10 @@ def mount(
     if answer is None:
         raise MountError(_stopped(pid, root, mountpoint, dead))
     if answer != "ok":
-        os.waitpid(pid, 0)
-        raise MountError(answer.removeprefix("error: ") or "the mount daemon exited before the mount was ready")
+        _, status = os.waitpid(pid, 0)
+        if answer:
+            raise MountError(answer.removeprefix("error: "))
+        raise MountError(_died(status, root, mountpoint, dead))
 
 
 def _answer(read_end: int) -> str | None:
@@ -389,20 +381,40 @@ def _stopped(pid: int, root: str, mountpoint: str, dead: str | None) -> str:
     (a daemon waiting on its own mount keeps every caller waiting), its mount detached, never the
     dead mount (device `dead`) it was to go over, which stays (fail closed); what happened, to be said."""
     os.kill(pid, signal.SIGKILL)
-    device = device_of(mountpoint) if mountpoint in fuse_mounts() else None
-    if device is not None and device != dead:
-        abort(device)
-        _fusermount("-u", "-z", mountpoint)
+    left = _detach_own(mountpoint, dead)
     os.waitpid(pid, 0)
-    left = (
-        "the dead mount it was to go over stays there (`coherent-volume unmount` removes it)"
-        if dead is not None
-        else "nothing is mounted there"
-    )
     return (
         f"the mount daemon did not report the mount of {root} at {mountpoint} ready within {READY_TIMEOUT:g} s, "
         f"so it was stopped and {left}; its log, {os.path.join(root, REGISTRY_DIR, 'mount.log')}, says how far it got"
     )
+
+
+def _died(status: int, root: str, mountpoint: str, dead: str | None) -> str:
+    """A daemon that ended (wait `status`) before it reported its mount ready, unasked (killed, or
+    gone without a word): what it mounted is detached, never the dead mount (device `dead`) it was
+    to go over; what happened, to be said."""
+    if os.WIFSIGNALED(status):
+        how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    else:
+        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+    return (
+        f"the mount daemon of {root} {how} before it reported the mount at {mountpoint} ready, and "
+        f"{_detach_own(mountpoint, dead)}; its log, {os.path.join(root, REGISTRY_DIR, 'mount.log')}, says how far it "
+        "got. Mount again"
+    )
+
+
+def _detach_own(mountpoint: str, dead: str | None) -> str:
+    """Detach the mount a daemon stopped before it reported ready made at `mountpoint` (its connection
+    aborted: a daemon waiting on its own mount keeps every caller waiting), never the dead mount
+    (device `dead`) it was to go over, which stays (fail closed); what is left there, to be said."""
+    device = device_of(mountpoint) if mountpoint in fuse_mounts() else None
+    if device is not None and device != dead:
+        abort(device)
+        _fusermount("-u", "-z", mountpoint)
+    if dead is not None:
+        return "the dead mount it was to go over stays there (`coherent-volume unmount` removes it)"
+    return "nothing is mounted there"
 
 
 def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
@@ -410,7 +422,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     leaves the mount as it was. A dead mount (its daemon killed) is detached with its direct dirs.
     Returns where the mount is still held (`still_held`): its daemon serves those until they are
     unmounted or their processes end."""
-    dead = _is_dead(mountpoint)
+    dead = daemon_gone(mountpoint)
     mp = _named(mountpoint) if dead else os.path.realpath(mountpoint)
     root = fuse_mounts().get(mp)
     if root is None:
@@ -419,7 +431,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     unbound = [] if dead else direct.unbind(root, mp, lazy=False)
     result = _fusermount("-u", mp)
     if result.returncode != 0:
-        if _is_dead(mp):  # with the dead mounts it was mounted over
+        if daemon_gone(mp):  # with the dead mounts it was mounted over
             failed = _detach_dead(mp)
             if failed is None:
                 return []
@@ -436,7 +448,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     while mp in fuse_mounts() and time.monotonic() < deadline:
         if device_of(mp) == device:
             time.sleep(0.05)
-        elif not _is_dead(mp) or _detach_dead(mp) is not None:  # dead: mounts it was mounted over (`_mounted_over`)
+        elif not daemon_gone(mp) or _detach_dead(mp) is not None:  # dead: mounts it was mounted over (`_mounted_over`)
             break
     return [] if device is None else still_held(device, root)
 

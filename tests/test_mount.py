@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -674,6 +675,54 @@ def test_a_daemon_that_never_reports_ready_is_stopped_within_the_bound(
             assert not is_mounted(mnt) and os.listdir(mnt) == []
     finally:
         dead.unmount()
+
+
+@pytest.mark.parametrize("when", ["before it mounts", "once mounted"])
+def test_a_daemon_killed_before_it_reports_ready_leaves_nothing_mounted_and_is_said_killed(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A daemon killed (SIGKILL) before it reports its mount ready: `mount` says how it ended and
+    detaches the dead mount it made (/tmp/s26crash finding 1: "the mount daemon exited before the
+    mount was ready", and a dead mount left at the mountpoint, unmentioned)."""
+    from fusefs import mount as mounting
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    serve = mounting.serve
+
+    def killed(m: Any, agent: Any, allow_other: bool, ready: Any) -> None:  # in the forked daemon
+        if when == "before it mounts":
+            os.kill(os.getpid(), signal.SIGKILL)
+        serve(m, agent, allow_other, lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+    monkeypatch.setattr(mounting, "serve", killed)
+    try:
+        with pytest.raises(mounting.MountError) as info:
+            mounting.mount(str(root), str(mnt), None, foreground=False, allow_other=False)
+        assert f"the mount daemon of {root} was killed by SIGKILL before it reported the mount at {mnt} ready" in str(
+            info.value
+        ), info.value
+        assert "nothing is mounted there" in str(info.value) and "Mount again" in str(info.value)
+        assert not is_mounted(mnt) and os.listdir(mnt) == []
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+def test_status_says_which_mount_of_the_volume_lost_its_daemon(root: Path, tmp_path: Path) -> None:
+    """`status ROOT` lists a mount whose daemon was killed as gone, with what to do (it printed it
+    as it prints a live one: /tmp/s26crash finding 2); --json lists it under mounts_gone."""
+    live, dead = Mount(root, tmp_path / "live"), Mount(root, tmp_path / "dead")
+    with live, dead:
+        dead.kill_daemon()
+        shown = subprocess.run([CLI, "status", str(root)], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        said = " ".join(shown.stdout.split())
+        assert f"mounted at {live.path}\n" in shown.stdout, shown.stdout
+        assert f"mounted at {dead.path}: its daemon is gone (killed)" in said, shown.stdout
+        assert f"`coherent-volume unmount {dead.path}` removes the mount" in said, shown.stdout
+        data = json.loads(subprocess.run([CLI, "status", str(root), "--json"], capture_output=True, text=True).stdout)
+        assert set(data["mounts"]) == {str(live.path), str(dead.path)} and data["mounts_gone"] == [str(dead.path)]
 
 
 def test_a_daemon_that_mounted_over_a_dead_mount_unmounts_both_when_stopped(root: Path, tmp_path: Path) -> None:
