@@ -1220,6 +1220,8 @@ class CoherentOperations(pyfuse3.Operations):
                 agent = await self._writer(ctx, src, dst)
                 await self._unused(src, dst)  # an open under way there gets its handle first
                 self._refuse_open_writers(src, dst, st)
+                if exchange:  # dst's tree goes to src's name
+                    self._refuse_open_writers(dst, src, self.backing.lstat(dst))
                 moving = [*self._writers_of(src), *self._writers_of(dst)]
                 self._refuse_unsaved(src, dst, moving)
                 carried = {**self.inodes.below(src, tree), **(self.inodes.below(dst, tree) if exchange else {})}
