@@ -52,8 +52,8 @@ def located(path: str) -> Located | None:
     given = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     real = os.path.realpath(given)
     if (mounted := mount_holding(real)) is not None:
-        mountpoint, root = mounted
-        return Located(root, _below(given, mountpoint) or os.path.relpath(real, mountpoint), True)
+        below = _below(given, mounted.mountpoint) or os.path.relpath(real, mounted.mountpoint)
+        return Located(mounted.root, mounted.rel(below), True)
     directory = volume_above(real)
     if directory is None:
         return None

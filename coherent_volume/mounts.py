@@ -6,6 +6,7 @@ import errno
 import os
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
 FSTYPE = "fuse.coherent"
 """The file system type of a mounted volume (`subtype=coherent`)."""
@@ -38,17 +39,41 @@ def daemon_gone(mountpoint: str) -> bool:
     return False
 
 
-def mount_holding(real: str) -> tuple[str, str] | None:
-    """(mountpoint, volume root) of the volume mount that the real path `real` is, or lies in: the
-    deepest one, as the kernel resolves a path through mounts on mounts; None if in none."""
-    mounts = fuse_mounts()
+class Mounted(NamedTuple):
+    """A mount of a volume that a path lies in (`mount_holding`)."""
+
+    mountpoint: str
+    root: str
+    """The volume's root (the mount's source)."""
+    within: str
+    """The directory of the volume shown at `mountpoint`, relative to its root: "" for the root
+    itself, "plans" where `mountpoint` is a bind mount of the mount's plans directory."""
+
+    def rel(self, below: str) -> str:
+        """The volume path of `below`, a path relative to `mountpoint`."""
+        return os.path.join(self.within, below) if self.within else below
+
+
+def mount_holding(real: str) -> Mounted | None:
+    """The volume mount that the real path `real` is, or lies in, as the kernel resolves it: the
+    deepest mount at or above it, of any kind, the newest where several are stacked; None where that
+    one is no volume's (a path in a bind mount of another directory inside a volume's mount is not
+    that volume's). From /proc/self/mountinfo, whose fourth field says which directory of its file
+    system a mount shows (/proc/self/mounts says only its source)."""
+    found: dict[str, tuple[str, str, str]] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            after = fields.index("-")
+            found[unescape(fields[4])] = (fields[after + 1], unescape(fields[3]), unescape(fields[after + 2]))
     place = real
-    while place not in mounts:
+    while place not in found:
         parent = os.path.dirname(place)
         if parent == place:
             return None
         place = parent
-    return place, mounts[place]
+    fstype, within, source = found[place]
+    return Mounted(place, source, within.strip("/")) if fstype == FSTYPE else None
 
 
 def device_of(mountpoint: str) -> str | None:

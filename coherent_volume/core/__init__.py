@@ -17,7 +17,7 @@ import os
 from ..errors import GlobError, NestedVolume, VolumeConfigError
 from ..filesystems import refuse_network_root, refuse_renaming_in_place
 from ..globs import ManagedGlobs
-from ..mounts import fuse_mounts, mount_holding
+from ..mounts import mount_holding
 from ..paths import REGISTRY_DIR
 from ..registry import LOCATION_FILE, postgresql, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
@@ -49,7 +49,14 @@ def refuse_mounted(real: str, *, creating: bool) -> None:
     a volume as its root)."""
     if (mounted := mount_holding(real)) is None:
         return
-    mountpoint, root = mounted
+    mountpoint, root, within = mounted
+    if real == mountpoint and within:
+        if creating:
+            raise NestedVolume(real, root, mounted_at=mountpoint)
+        raise VolumeConfigError(
+            f"{real} is a bind mount of {within}, a directory of the volume at {root} (through its mount), not a "
+            f"volume's root: give {root} (nothing was changed)"
+        )
     if real == mountpoint:
         raise VolumeConfigError(
             f"{real} is where the volume at {root} is mounted: it is a volume already (nothing was changed). "
@@ -103,9 +110,14 @@ def open_core(
     its name there: creates or opens it and records it), else the root's SQLite registry; shared by
     every face."""
     real = os.path.realpath(root)
-    mounted = fuse_mounts().get(real)
-    if mounted is not None and managed is None and registry is None:
-        real = mounted  # where a volume is mounted names it, as every command takes it
+    mounted = mount_holding(real)
+    if (
+        mounted is not None
+        and (mounted.mountpoint, mounted.within) == (real, "")
+        and managed is None
+        and registry is None
+    ):
+        real = mounted.root  # where a volume is mounted names it, as every command takes it
     if not os.path.isdir(real):
         raise VolumeConfigError(f"volume root {os.fspath(root)!r} is not an existing directory")
     if not _utf8(real):
