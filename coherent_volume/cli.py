@@ -251,7 +251,7 @@ def _mount_above(path: str) -> str:
     from .mounts import mount_holding
 
     mounted = mount_holding(os.path.realpath(path))
-    return path if mounted is None else mounted[0]
+    return path if mounted is None else mounted.mountpoint
 
 
 ROOT = _Root(exists=True, file_okay=False)
@@ -458,7 +458,7 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
         _json(st.as_json())
         return
     console = _console()
-    console.print(f"volume {st.root}  managed: {', '.join(st.managed)}")
+    console.print(f"volume {shown(st.root)}  managed: {', '.join(map(shown, st.managed))}")
     if st.store is not None:
         console.print(f"content store: {st.store.objects} objects, {_size(st.store.bytes)}")
     for mountpoint, direct in st.mounts.items():
@@ -466,9 +466,9 @@ def status(root: str, as_json: bool, show_all: bool, hosts: bool) -> None:
         if mountpoint in st.gone:
             served += (
                 ": its daemon is gone (killed), so every use there fails (Transport endpoint is not connected): "
-                f"`coherent-volume unmount {shlex.quote(mountpoint)}` removes the mount; then mount the volume again"
+                f"`coherent-volume unmount {shown(shlex.quote(mountpoint))}` removes the mount; then mount it again"
             )
-        console.print(f"mounted at {mountpoint}{served}")
+        console.print(f"mounted at {shown(mountpoint)}{served}")
     listed = [f for f in st.files if show_all or f.present or f.holder or not f.version]
     console.print(
         _table(

@@ -725,6 +725,19 @@ def test_status_says_which_mount_of_the_volume_lost_its_daemon(root: Path, tmp_p
         assert set(data["mounts"]) == {str(live.path), str(dead.path)} and data["mounts_gone"] == [str(dead.path)]
 
 
+def test_status_prints_a_root_and_a_mountpoint_named_with_control_characters_escaped(tmp_path: Path) -> None:
+    """The root and mountpoint lines of `status` escape their names as every other name is (a
+    mountpoint named with a newline and ESC forged a line: /tmp/s26r2 F4)."""
+    root, mnt = tmp_path / "vol\nfiles\x1b[2K", tmp_path / "mnt\nmounted at /elsewhere\x1b[2K"
+    root.mkdir()
+    subprocess.run([CLI, "init", str(root), "--managed", "plans/**"], check=True, capture_output=True)
+    with Mount(root, mnt):
+        shown = subprocess.run([CLI, "status", str(root)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "mounted at /elsewhere" not in shown.stdout.splitlines(), shown.stdout
+    assert f"mounted at {tmp_path}/mnt\\x0amounted at /elsewhere\\x1b[2K" in shown.stdout, shown.stdout
+
+
 def test_a_daemon_that_mounted_over_a_dead_mount_unmounts_both_when_stopped(root: Path, tmp_path: Path) -> None:
     """SIGTERM to a daemon serving over a dead mount unmounts, as it does a fresh one (libfuse
     unmounts only what it mounted itself: both stayed, dead; found by a hostile probe)."""
