@@ -521,7 +521,8 @@ class Shadow:
         gid: int,
     ) -> Shadow:
         """Create a managed file (committed empty) owned by `uid`, `gid` (the caller's), and open its
-        shadow. A file that appeared meanwhile is opened as by open(2) with these flags, unless
+        shadow; a read-only one (O_RDONLY|O_CREAT), which can write nothing, holds no grant once it
+        is made. A file that appeared meanwhile is opened as by open(2) with these flags, unless
         O_EXCL (blocking)."""
         kind = cls.kind_of(flags)
         try:
@@ -531,7 +532,10 @@ class Shadow:
                 raise
             return cls.open(core, owner, agent, target, flags, unprivileged)
         handle = cls(core, owner, target, agent, kind, -1, grant, version, created=True, unprivileged=unprivileged)
-        return handle._start(copy=False, chown=(uid, gid))
+        handle = handle._start(copy=False, chown=(uid, gid))
+        if flags & os.O_ACCMODE == os.O_RDONLY:  # its creation is all it can change: no grant held open
+            handle._drop_grant()
+        return handle
 
     def _start(self, copy: bool, chown: tuple[int, int] | None = None) -> Shadow:
         """Give a handle that holds its grant its shadow file (and a file it created, its owner);

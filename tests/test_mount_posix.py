@@ -84,6 +84,28 @@ for d in ("u", "plans"):
     assert mount == plain == "u 4096\n4096 True\nplans 4096\n4096 True\n"
 
 
+def test_a_file_created_read_only_and_kept_open_lets_it_be_written_as_in_a_plain_directory(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """open(O_RDONLY|O_CREAT) makes the file and can write nothing: its descriptor holds no write
+    grant, so the same program's later open for writing and truncate by name work as on a plain
+    directory (/tmp/s26posix finding 3: refused EACCES `held`, told to wait for itself)."""
+    code = """
+import os
+for d in ("u", "plans"):
+    os.makedirs(d, exist_ok=True)
+    r = os.open(f"{d}/x.md", os.O_RDONLY | os.O_CREAT, 0o644)
+    w = os.open(f"{d}/x.md", os.O_WRONLY)
+    print(d, os.write(w, b"hello\\n"))
+    os.close(w)
+    os.truncate(f"{d}/x.md", 3)
+    print(open(f"{d}/x.md", "rb").read())
+    os.close(r)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain == "u 6\nb'hel'\nplans 6\nb'hel'\n"
+
+
 def test_modes_are_the_callers_not_masked_twice_and_set_id_bits_survive(mounted: Mount, tmp_path: Path) -> None:
     code = """
 import os, stat
