@@ -63,7 +63,8 @@ def _console() -> Any:
 
 PLAIN_ROWS = 500
 """Rows past which a table prints as plain columns (`_Columns`): rich lays out every cell, 1 to 2 ms
-a row here (`status` of 50,000 managed files took 55 s, its --json 7 s)."""
+a row here (`status` of 50,000 managed files took 55 s, its --json 7 s). Such a table keeps each row
+on one line, where rich fits a table wider than the console to it, folding its cells."""
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:

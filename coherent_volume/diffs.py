@@ -73,8 +73,7 @@ def _matching_blocks(a: list[str], b: list[str]) -> list[tuple[int, int, int]]:
     if len(middle_a) * len(middle_b) > MAX_ALIGNED:
         raise TooManyLines(
             f"{len(middle_a):,} and {len(middle_b):,} lines differ between the two versions: more than a line diff "
-            f"or merge aligns ({MAX_ALIGNED:,} pairs of lines); compare the versions' bytes another way "
-            "(`coherent-volume show ROOT PATH --version N` writes each)"
+            f"or merge aligns ({MAX_ALIGNED:,} pairs of lines)"
         )
     numbers: dict[str, int] = {}
     a_ids = [numbers.setdefault(line, len(numbers)) for line in middle_a]

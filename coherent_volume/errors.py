@@ -410,7 +410,13 @@ class VersionGone(CoherenceError, LookupError):
 class TooManyLines(CoherenceError, ValueError):
     """Two versions too big to compare line by line: more changed lines than an alignment takes
     (`diffs.MAX_ALIGNED`), or for a diff a version larger than it reads (`diffs.MAX_DIFF_BYTES`). No
-    line diff or merge of them is made (it would take seconds and gigabytes)."""
+    line diff or merge of them is made (it would take seconds and gigabytes). `what` says which
+    bound; the message adds how to compare them otherwise."""
+
+    def __init__(self, what: str) -> None:
+        show = "`coherent-volume show ROOT PATH --version N` writes each"
+        super().__init__(f"{what}; compare the versions' bytes another way ({show})")
+        self.what = what
 
 
 class DamagedContent(CoherenceError):

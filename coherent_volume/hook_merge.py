@@ -180,7 +180,7 @@ def _plan(core: VolumeCore, target: Target, refusal: StaleWriteError, base_versi
     try:
         merged, conflicts = diffs.merge3(base, ours, current)
     except TooManyLines as e:
-        return _Plan(why=str(e))
+        return _Plan(why=e.what)
     if conflicts:
         return _Plan(current=current, conflicts=tuple(conflicts))
     if merged is None:

@@ -49,6 +49,7 @@ from .errors import (
     OutsideVolume,
     Reason,
     StaleWriteError,
+    TooManyLines,
 )
 from .hook_steps import passed_over
 from .paths import Target
@@ -406,8 +407,14 @@ class Session:
             seen = self.core.seen(self.agent, target)
             old = (seen or 0) if from_version is None else from_version
             label = " (your view)" if from_version is None and seen is not None else ""
-            text = self.core.diff(target, old, new)
             head = f"{target.rel}: version {old}{label} to version {new}"
+            try:
+                text = self.core.diff(target, old, new)
+            except TooManyLines as e:  # no tool here prints a version's bytes (`coherent-volume show` does)
+                raise ToolRefused(
+                    f"{head}: no line diff ({e.what}). read_file shows the current version, a part at a time "
+                    "(offset, limit); the user can print any kept version with `coherent-volume show`."
+                ) from None
             if text is None:
                 return f"{head}: binary content, no line diff."
             return f"{head}:\n{_bounded(text, target.rel).rstrip()}" if text else f"{head}: no differences."

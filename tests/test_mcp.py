@@ -503,6 +503,25 @@ def test_a_diff_too_large_for_one_tool_result_is_cut_saying_how_to_see_the_rest(
     run(scenario)
 
 
+def test_a_diff_of_versions_too_large_to_diff_says_what_a_session_can_do(root: Path) -> None:
+    """A version over diffs.MAX_DIFF_BYTES gets no line diff: the tool says why and what this
+    session can use (read_file), not a command a client without a shell cannot run (/tmp/s26r2 F6)."""
+    from coherent_volume import diffs
+
+    big = "plans/big.md"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(big, "small\n")
+        setup.write(big, b"x" * (diffs.MAX_DIFF_BYTES + 1))
+
+    async def scenario() -> None:
+        async with mcp_session(root) as s:
+            text = await s.refused("diff", path=big, from_version=1, to_version=2)
+            assert f"{big}: version 1 to version 2: no line diff ('{big}' version 2 is" in text, text
+            assert "read_file shows the current version" in text and "ROOT PATH --version N" not in text, text
+
+    run(scenario)
+
+
 def test_an_unnamed_sessions_views_are_forgotten_when_its_client_goes(root: Path) -> None:
     """A session named `mcp:<client>:<random>` can never come back: its views would only keep old
     versions from being pruned, so they go with it. A session given --agent may connect again, and

@@ -231,8 +231,7 @@ class History(Writes):
             if entry is not None and not diffs.diffable(entry.size or 0):
                 raise TooManyLines(
                     f"{target.rel!r} version {version} is {entry.size:,} bytes: more than a line diff reads "
-                    f"({diffs.MAX_DIFF_BYTES >> 20} MiB); compare the versions' bytes another way "
-                    "(`coherent-volume show ROOT PATH --version N` writes each)"
+                    f"({diffs.MAX_DIFF_BYTES >> 20} MiB)"
                 )
         sides = []
         for version, entry in zip((old, new), entries, strict=True):
@@ -410,7 +409,7 @@ class History(Writes):
         try:
             merged, conflicts = diffs.merge3(base, ours, theirs)
         except TooManyLines as e:
-            raise self.refusal_diff(refusal.not_merged(str(e))) from None
+            raise self.refusal_diff(refusal.not_merged(e.what)) from None
         if conflicts:  # told with the hunks, and, as every refusal, what changed since its base
             labels = (f"{target.rel}@v{base_version}", f"{target.rel}@v{theirs_version}")
             changed = diffs.unified(base if base_version else None, theirs, *labels)
