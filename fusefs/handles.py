@@ -30,7 +30,7 @@ import trio
 from coherent_volume import atomic
 from coherent_volume.core import HandleCommit, VolumeCore
 from coherent_volume.edits import Edits
-from coherent_volume.errors import CoherenceError, InstallPending, RootGone
+from coherent_volume.errors import CoherenceError, InstallPending, RootGone, StaleWriteError
 from coherent_volume.fingerprint import hash_fd
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
@@ -575,10 +575,24 @@ class Shadow:
 
     def _regrant(self) -> None:
         """The grant for a handle written again after its commit: it goes on from the version it
-        committed if that is still current (or it only appends), else EACCES."""
-        self.grant, self.base_version = self.core.begin_write(
-            self.agent, self.target, self.owner, kind=self.kind, expected=self.base_version
-        )
+        committed if that is still current (or it only appends), else EACCES, whose log line says
+        that this descriptor cannot write again, whatever is read (its content is that version's)."""
+        try:
+            self.grant, self.base_version = self.core.begin_write(
+                self.agent, self.target, self.owner, kind=self.kind, expected=self.base_version
+            )
+        except StaleWriteError as e:
+            if e.reason == "stale":
+                log.info(
+                    "refused: a write to %s through a descriptor of %s whose writes were committed as version %s: "
+                    "the file changed since (now version %s), and this descriptor's content is that version's: "
+                    "close it and open the file again to write",
+                    self.target.rel,
+                    self.agent,
+                    self.base_version,
+                    e.current_version,
+                )
+            raise
 
     def _reshadow(self) -> None:
         """A new shadow after a commit: a copy of the current content."""

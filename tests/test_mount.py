@@ -738,6 +738,36 @@ def test_status_prints_a_root_and_a_mountpoint_named_with_control_characters_esc
     assert f"mounted at {tmp_path}/mnt\\x0amounted at /elsewhere\\x1b[2K" in shown.stdout, shown.stdout
 
 
+def test_a_descriptor_whose_file_changed_after_its_commit_is_refused_saying_to_open_it_again(mounted: Mount) -> None:
+    """A write handle committed (the close of a dup), its file then changed by name, then written
+    again through it: EACCES, and what the log and `why` say names the version its writes were
+    committed as, and to open the file again (/tmp/s26posix finding 2: "you read v3; current
+    version is 3", and to re-read, which cannot make that descriptor write again)."""
+    r = mounted.run(
+        "alice",
+        f"""python3 -c '
+import os
+fd = os.open("{P}", os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(fd, b"Q" * 70)
+os.close(os.dup(fd))
+os.truncate("{P}", 0)
+try:
+    os.write(fd, b"more")
+except OSError as e:
+    print(e.errno)
+os.close(fd)
+'""",
+    )
+    assert r.stdout.strip() == str(errno.EACCES), (r.stdout, r.stderr)
+    assert "through a descriptor of alice whose writes were committed as version 2: the file changed since (now" in (
+        mounted.log.read_text()
+    )
+    assert "close it and open the file again to write" in mounted.log.read_text()
+    why = subprocess.run([CLI, "why", str(mounted.root), P, "--json"], capture_output=True, text=True)
+    refusal = json.loads(why.stdout)["refusal"]
+    assert refusal["version"] == 3 and refusal["detail"].startswith("based on v2 (a write handle"), refusal
+
+
 def test_a_daemon_that_mounted_over_a_dead_mount_unmounts_both_when_stopped(root: Path, tmp_path: Path) -> None:
     """SIGTERM to a daemon serving over a dead mount unmounts, as it does a fresh one (libfuse
     unmounts only what it mounted itself: both stayed, dead; found by a hostile probe)."""

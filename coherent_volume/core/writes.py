@@ -92,6 +92,8 @@ def _detail(check: WriteCheck, reason: Reason) -> str | None:
     if reason == "held":
         own = check.holder == check.agent
         return f"holder={check.holder}" + (" (another open write handle of this agent)" if own else "")
+    if reason == "stale" and check.expected is not None and check.expected != check.seen:
+        return f"based on v{check.expected} (a write handle's last commit, or the version expected), not on the view"
     return ",".join(check.changed_read_set) or None
 
 
