@@ -1213,6 +1213,8 @@ class CoherentOperations(pyfuse3.Operations):
         if tree and self.direct_dirs:
             self._refuse_moving_direct_dirs(src, *((dst,) if exchange else ()))
         source, destination = self._target(src), self._target(dst)
+        if not exchange and stat_mod.S_ISDIR(st.st_mode):
+            self._refuse_full_directory(dst)
         if self.core.rename_is_checked(source, destination):
             done = trio.Event()
             self._renaming.update({src: done, dst: done})  # from here requests there wait (`_settled`)
@@ -1246,6 +1248,22 @@ class CoherentOperations(pyfuse3.Operations):
             self.backing.rename(src, dst, flags & (pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE))
             if not same:
                 self._renamed(src, dst, exchange, tree)
+
+    def _refuse_full_directory(self, dst: str) -> None:
+        """ENOTEMPTY for a directory renamed over a directory that holds anything, before the checks
+        of what moves (whose EBUSY would say to close a file, after which the rename fails all the
+        same), as rename(2) answers."""
+        try:
+            st = self.backing.lstat(dst)
+        except FileNotFoundError:
+            return
+        if stat_mod.S_ISDIR(st.st_mode):
+            fd = self.backing.opendir(dst)
+            try:
+                if os.listdir(fd):
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            finally:
+                os.close(fd)
 
     @staticmethod
     def _refuse_unsaved(src: str, dst: str, moving: Sequence[Shadow]) -> None:

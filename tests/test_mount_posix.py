@@ -106,6 +106,29 @@ for d in ("u", "plans"):
     assert mount == plain == "u 6\nb'hel'\nplans 6\nb'hel'\n"
 
 
+def test_a_directory_renamed_over_a_full_one_fails_enotempty_whatever_is_open_in_it(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """rename(2) of a directory over one that holds a file fails ENOTEMPTY, as on a plain directory,
+    also while that file holds unsaved writes (EBUSY said to close it, after which the rename fails
+    all the same: /tmp/s26posix finding 6)."""
+    code = """
+import errno, os
+for d in ("u", "plans"):
+    os.makedirs(f"{d}/s")
+    os.mkdir(f"{d}/d")
+    fd = os.open(f"{d}/s/f.md", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"x")
+    try:
+        os.rename(f"{d}/d", f"{d}/s")
+    except OSError as e:
+        print(d, errno.errorcode[e.errno])
+    os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain == "u ENOTEMPTY\nplans ENOTEMPTY\n"
+
+
 def test_modes_are_the_callers_not_masked_twice_and_set_id_bits_survive(mounted: Mount, tmp_path: Path) -> None:
     code = """
 import os, stat
