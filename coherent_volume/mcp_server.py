@@ -459,7 +459,8 @@ class Session:
                 )
                 if answer.earlier_changes:
                     lines.append(
-                        f"  ({answer.earlier_changes:,} earlier changes since then are not listed: see history)"
+                        f"  ({answer.earlier_changes:,} earlier changes since then are not listed: the history tool "
+                        "lists every version)"
                     )
                 lines += [
                     f"  then: v{c.event.version} {c.kind} by {c.event.agent} at {_when(c.event.at)}"
