@@ -54,26 +54,58 @@ class Mounted(NamedTuple):
         return os.path.join(self.within, below) if self.within else below
 
 
+class _Entry(NamedTuple):
+    """One line of /proc/self/mountinfo."""
+
+    parent: str
+    mountpoint: str
+    fstype: str
+    within: str
+    """The directory (or file) of its file system the mount shows, "" for its root."""
+    source: str
+
+
 def mount_holding(real: str) -> Mounted | None:
     """The volume mount that the real path `real` is, or lies in, as the kernel resolves it: the
-    deepest mount at or above it, of any kind, the newest where several are stacked; None where that
-    one is no volume's (a path in a bind mount of another directory inside a volume's mount is not
-    that volume's). From /proc/self/mountinfo, whose fourth field says which directory of its file
-    system a mount shows (/proc/self/mounts says only its source)."""
-    found: dict[str, tuple[str, str, str]] = {}
+    deepest mount at or above it, of any kind, the newest where several are stacked. None where that
+    one is no volume's, unless it is a direct dir of a volume's mount (a bind there of the volume's
+    own directory of that name, `mount --direct`): a path in a bind mount of another directory inside
+    a volume's mount is not that volume's. From /proc/self/mountinfo, whose fourth field says which
+    directory of its file system a mount shows (/proc/self/mounts says only its source)."""
+    at: dict[str, _Entry] = {}
+    by_id: dict[str, _Entry] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             after = fields.index("-")
-            found[unescape(fields[4])] = (fields[after + 1], unescape(fields[3]), unescape(fields[after + 2]))
+            within = unescape(fields[3]).removesuffix("//deleted").strip("/")  # a bound file replaced since
+            entry = _Entry(fields[1], unescape(fields[4]), fields[after + 1], within, unescape(fields[after + 2]))
+            at[entry.mountpoint] = by_id[fields[0]] = entry
     place = real
-    while place not in found:
+    while place not in at:
         parent = os.path.dirname(place)
         if parent == place:
             return None
         place = parent
-    fstype, within, source = found[place]
-    return Mounted(place, source, within.strip("/")) if fstype == FSTYPE else None
+    entry = at[place]
+    if entry.fstype == FSTYPE:
+        return Mounted(place, entry.source, entry.within)
+    volume = by_id.get(entry.parent)
+    if volume is None or volume.fstype != FSTYPE or not place.startswith(volume.mountpoint.rstrip("/") + "/"):
+        return None
+    name = os.path.relpath(place, volume.mountpoint)
+    if not _same_directory(place, os.path.join(volume.source, volume.within, name)):
+        return None
+    return Mounted(volume.mountpoint, volume.source, volume.within)
+
+
+def _same_directory(a: str, b: str) -> bool:
+    """Whether `a` and `b` are one directory (a direct dir's bind shows the volume's own)."""
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def device_of(mountpoint: str) -> str | None:

@@ -498,3 +498,22 @@ def test_a_bind_of_a_directory_of_a_mount_names_that_directorys_files(mounted: M
             CoherentVolume(at, agent="reader")
     reason = _denial(r.stdout)
     assert reason is not None and f"write to {P} (unread)" in reason, (r.stdout, r.stderr)
+
+
+def test_a_bind_of_a_managed_file_replaced_since_names_that_file(mounted: Mount, tmp_path: Path) -> None:
+    """A bind of MNT/plans/plan.md keeps showing the version it was made on; once a commit replaced
+    it, mountinfo says `/plans/plan.md//deleted`: the hooks still check plans/plan.md (/tmp/s26r3 F3:
+    an unread write was allowed, and a grant recorded on 'plans/plan.md/deleted')."""
+    with CoherentVolume(mounted.root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        bind = tmp_path / "bf"
+        bind.touch()
+        subprocess.run(["mount", "--bind", str(mounted.path / P), str(bind)], check=True, capture_output=True)
+        try:
+            setup.write(P, "v2\n")
+            r, _ = timed_hook("claude-code", _claude(tmp_path, "f", str(bind)))
+        finally:
+            if subprocess.run(["umount", str(bind)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(bind)], capture_output=True)
+    reason = _denial(r.stdout)
+    assert reason is not None and f"write to {P} (unread)" in reason, (r.stdout, r.stderr)

@@ -244,6 +244,11 @@ def test_why_says_what_to_do_about_a_direct_dir_or_a_directory_holding_one_that_
                     assert text in advice, (how, advice)
         unrelated = subprocess.run([CLI, "why", str(m.path / "docs" / "deps" / "f")], capture_output=True, text=True)
         assert "this path is not managed" in unrelated.stdout, unrelated
+        # a direct dir is the volume's directory, never a place for a volume of its own (/tmp/s26r3 F2:
+        # taken for no volume's, `init` made one nested in the root there)
+        (m.path / "docs" / "deps" / "sub").mkdir()
+        nested = subprocess.run([CLI, "init", str(m.path / "docs/deps/sub"), "--managed", "x/**"], capture_output=True)
+        assert nested.returncode != 0 and not (root / "docs/deps/sub/.coherent").exists(), nested
     assert mountpoints_under(tmp_path) == []
 
 
