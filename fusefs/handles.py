@@ -52,6 +52,11 @@ async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await WORKERS.run(functools.partial(fn, *args, **kwargs))
 
 
+def reads_only(flags: int) -> bool:
+    """Whether an open with `flags` changes nothing of the file it finds: read-only, not truncating."""
+    return flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC
+
+
 def errno_of(e: CoherenceError | OSError) -> int:
     """The errno a request answers for `e`: a refusal's is EACCES unless it names its own (a full
     or busy registry, a bad path), an OSError's its own, else EIO. The daemon out of descriptors
@@ -528,12 +533,12 @@ class Shadow:
         try:
             grant, version = core.create(agent, target, mode, owner, kind)
         except FileExistsError:
-            if flags & os.O_EXCL:
-                raise
+            if flags & os.O_EXCL or reads_only(flags):
+                raise  # a read-only open of what is there now needs no write handle: the caller's
             return cls.open(core, owner, agent, target, flags, unprivileged)
         handle = cls(core, owner, target, agent, kind, -1, grant, version, created=True, unprivileged=unprivileged)
         handle = handle._start(copy=False, chown=(uid, gid))
-        if flags & os.O_ACCMODE == os.O_RDONLY:  # its creation is all it can change: no grant held open
+        if reads_only(flags):  # its creation is all it can change: no grant held open
             handle._drop_grant()
         return handle
 

@@ -45,6 +45,7 @@ from .handles import (
     errno_of,
     kill_set_ids,
     kill_set_ids_at,
+    reads_only,
     touch,
 )
 from .identity import AgentResolver, proc_file, process_of
@@ -1663,7 +1664,16 @@ class CoherentOperations(pyfuse3.Operations):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
             caller = Unprivileged.of(ctx)
             target, owner = self._target(rel), self._new_owner(rel, ctx)
-            handle = await blocking(Shadow.create, self.core, self._owner, agent, target, mode, flags, caller, *owner)
+            try:
+                handle = await blocking(
+                    Shadow.create, self.core, self._owner, agent, target, mode, flags, caller, *owner
+                )
+            except FileExistsError:
+                if flags & os.O_EXCL or not reads_only(flags):
+                    raise
+                # made meanwhile (the kernel's lookup found no file): opened as open(2) opens it now, to read
+                entry = self._entry(rel)
+                return await self._open_reading(rel, entry.st_ino, ctx, None), entry
         self._unpin(rel)
         entry = self._entry(rel)
         return pyfuse3.FileInfo(fh=self._open_file(handle, entry.st_ino), direct_io=True), entry

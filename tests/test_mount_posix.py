@@ -106,6 +106,40 @@ for d in ("u", "plans"):
     assert mount == plain == "u 6\nb'hel'\nplans 6\nb'hel'\n"
 
 
+def test_a_read_only_create_of_a_file_made_since_the_lookup_opens_it_to_read(mounted: Mount) -> None:
+    """open(O_RDONLY|O_CREAT) whose lookup found no file sends a create; a file another agent made
+    since is then opened to read, as open(2) opens an existing file, never refused as a write
+    (/tmp/s26r3 F4: refused `unread`/`stale`, ~800 times in 20 s of such a race). Raced here: bob
+    makes the files one by one while this process opens each, read-only, as it may appear."""
+    bob = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+from coherent_volume import CoherentVolume
+with CoherentVolume({str(mounted.root)!r}, agent="bob") as bob:
+    for n in range(400):
+        try:
+            bob.write(f"plans/r{{n}}.md", b"bob")
+        except PermissionError:
+            pass  # made empty by the reader first: bob never read it
+""",
+        ]
+    )
+    refused = []
+    try:
+        n = 0
+        while bob.poll() is None and n < 400:
+            try:
+                os.close(os.open(mounted.path / f"plans/r{n}.md", os.O_RDONLY | os.O_CREAT, 0o644))
+            except PermissionError as e:
+                refused.append((n, e))
+            n += 1
+    finally:
+        bob.wait(timeout=120)
+    assert refused == []
+
+
 def test_a_directory_renamed_over_a_full_one_fails_enotempty_whatever_is_open_in_it(
     mounted: Mount, tmp_path: Path
 ) -> None:
