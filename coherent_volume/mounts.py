@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 FSTYPE = "fuse.coherent"
@@ -57,12 +57,27 @@ class Mounted(NamedTuple):
 class _Entry(NamedTuple):
     """One line of /proc/self/mountinfo."""
 
+    id: str
     parent: str
-    mountpoint: str
-    fstype: str
+    device: str
+    """Its "major:minor"."""
     within: str
     """The directory (or file) of its file system the mount shows, "" for its root."""
+    mountpoint: str
+    fstype: str
     source: str
+
+
+def _mountinfo() -> Iterator[_Entry]:
+    """The mounts of this process's mount namespace, oldest first (the last at a mountpoint is the
+    one in use), from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            after = fields.index("-")
+            within = unescape(fields[3]).removesuffix("//deleted").strip("/")  # a bound file replaced since
+            mountpoint, fstype, source = unescape(fields[4]), fields[after + 1], unescape(fields[after + 2])
+            yield _Entry(fields[0], fields[1], fields[2], within, mountpoint, fstype, source)
 
 
 def mount_holding(real: str) -> Mounted | None:
@@ -74,13 +89,8 @@ def mount_holding(real: str) -> Mounted | None:
     directory of its file system a mount shows (/proc/self/mounts says only its source)."""
     at: dict[str, _Entry] = {}
     by_id: dict[str, _Entry] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            after = fields.index("-")
-            within = unescape(fields[3]).removesuffix("//deleted").strip("/")  # a bound file replaced since
-            entry = _Entry(fields[1], unescape(fields[4]), fields[after + 1], within, unescape(fields[after + 2]))
-            at[entry.mountpoint] = by_id[fields[0]] = entry
+    for entry in _mountinfo():
+        at[entry.mountpoint] = by_id[entry.id] = entry
     place = real
     while place not in at:
         parent = os.path.dirname(place)
@@ -94,29 +104,20 @@ def mount_holding(real: str) -> Mounted | None:
     if volume is None or volume.fstype != FSTYPE or not place.startswith(volume.mountpoint.rstrip("/") + "/"):
         return None
     name = os.path.relpath(place, volume.mountpoint)
-    if not _same_directory(place, os.path.join(volume.source, volume.within, name)):
-        return None
-    return Mounted(volume.mountpoint, volume.source, volume.within)
-
-
-def _same_directory(a: str, b: str) -> bool:
-    """Whether `a` and `b` are one directory (a direct dir's bind shows the volume's own)."""
-    try:
-        first, second = os.stat(a), os.stat(b)
+    try:  # a direct dir's bind shows the volume's own directory of that name
+        direct = os.path.samefile(place, os.path.join(volume.source, volume.within, name))
     except OSError:
-        return False
-    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+        direct = False
+    return Mounted(volume.mountpoint, volume.source, volume.within) if direct else None
 
 
 def device_of(mountpoint: str) -> str | None:
     """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
     from the mount itself, which cannot answer before its daemon serves)."""
     found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if unescape(fields[4]) == mountpoint:
-                found = fields[2]
+    for entry in _mountinfo():
+        if entry.mountpoint == mountpoint:
+            found = entry.device
     return found
 
 
@@ -125,21 +126,16 @@ def direct_dirs(mountpoint: str) -> dict[str, int]:
     `mountpoint` (its direct dirs, `mount --direct`; deeper mounts are not listed), from
     /proc/self/mountinfo: the kernel's table is their only record, so a killed daemon leaves none stale."""
     volume: str | None = None
-    children: list[tuple[str, str, str]] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mount_id, parent, where = fields[0], fields[1], unescape(fields[4])
-            fstype = fields[fields.index("-") + 1]
-            if where == mountpoint and fstype == FSTYPE:
-                volume = mount_id  # the newest mount there is the one in use
-            children.append((mount_id, parent, where))
+    children = list(_mountinfo())
+    for entry in children:
+        if entry.mountpoint == mountpoint and entry.fstype == FSTYPE:
+            volume = entry.id  # the newest mount there is the one in use
     if volume is None:
         return {}
     return {
-        os.path.relpath(where, mountpoint): int(mount_id)
-        for mount_id, parent, where in children
-        if parent == volume and where.startswith(mountpoint.rstrip("/") + "/")
+        os.path.relpath(entry.mountpoint, mountpoint): int(entry.id)
+        for entry in children
+        if entry.parent == volume and entry.mountpoint.startswith(mountpoint.rstrip("/") + "/")
     }
 
 
