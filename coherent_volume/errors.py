@@ -261,6 +261,37 @@ class LinkRefused(CoherenceError, PermissionError):
         return str(self.strerror)
 
 
+class CarriedIn(CoherenceError, PermissionError):
+    """A write through a descriptor opened on an unmanaged file whose file a rename its face did not
+    check (through another mount of the root, or outside the mount) has carried into a managed glob
+    since (`now`: its managed name, or the volume's temp name where a commit or deletion there set it
+    aside, `replaced`): it would change a managed file's bytes past the protocol (EACCES). Nothing
+    was changed, unless `landed` (the rename came while the write ran: its bytes reached the file)."""
+
+    def __init__(self, opened: str, now: str, replaced: bool, landed: bool = False) -> None:
+        self.opened, self.now, self.replaced, self.landed = opened, now, replaced, landed
+        moved = "into a managed glob since"
+        if replaced:
+            moved += f", and a commit or deletion of it there replaced it (it is the volume's temp file {now!r} now)"
+        what = (
+            "its bytes reached the file first (in place, where the next check records them as a change by "
+            "`external`, or, if a commit replaced the file meanwhile, in the file it replaced)"
+            if landed
+            else "nothing was written"
+        )
+        again = "read the managed file again and write it there" if replaced else f"open {now!r} again to write it"
+        PermissionError.__init__(
+            self,
+            errno.EACCES,
+            f"refused a write through a descriptor opened at {opened!r} while it was unmanaged: a rename this mount "
+            f"did not make (another mount of the root, or a program outside the mount) carried the file {moved}; "
+            f"{what}. Close the descriptor, then {again}",
+        )
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class UnprotectedAlias(CoherenceError, PermissionError):
     """A write or delete through a managed name that is a symlink (or lies below one) to a path no
     managed glob covers: the protocol would not guard it, so it is refused. Nothing was changed.

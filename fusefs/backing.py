@@ -35,6 +35,9 @@ _RESOLVE_BENEATH = 0x08
 _PATH_MAX = 4096
 _ANCHOR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+_DELETED = " (deleted)"
+"""What the kernel appends to the name of a file deleted since it was opened (/proc/PID/fd)."""
+
 _T = TypeVar("_T")
 
 ANCHOR_SHARE = 2
@@ -188,6 +191,16 @@ class Backing:
         finally:
             if owned:
                 os.close(fd)
+
+    def name_of(self, fd: int) -> str | None:
+        """The root-relative name the kernel gives the file open as `fd` now (renames by anyone
+        followed; its last name, for a file deleted since), None when that lies outside the root."""
+        root = os.readlink(self._proc(self._root_fd))
+        path = os.readlink(self._proc(fd))
+        if path.endswith(_DELETED) and os.fstat(fd).st_nlink == 0:
+            path = path[: -len(_DELETED)]
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else None
 
     @staticmethod
     def _proc(fd: int) -> str:

@@ -30,8 +30,9 @@ import trio
 from coherent_volume import atomic
 from coherent_volume.core import HandleCommit, VolumeCore
 from coherent_volume.edits import Edits
-from coherent_volume.errors import CoherenceError, InstallPending, RootGone, StaleWriteError
+from coherent_volume.errors import CarriedIn, CoherenceError, InstallPending, RootGone, StaleWriteError
 from coherent_volume.fingerprint import hash_fd
+from coherent_volume.globs import STAGED
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
 from coherent_volume.protocol import Grant, HandleKind, goes_on_unlinked, read_shows_content
@@ -119,6 +120,12 @@ class Passthrough:
     """Its opener, unless root, until its first write or truncation clears the file's set-ID bits
     as a local disk does (`kill_set_ids`: the kernel's FUSE clears set-group-ID only where group
     execute is set)."""
+    managed_name: Callable[[int], str | None] | None = None
+    """For a writable handle: the name its file (open as the given fd) has now if that is the
+    volume's (managed, or a temp name of its own: `globs.STAGED`), None while it is unmanaged. A
+    rename this daemon did not check may carry the file into a managed glob (its own are refused
+    while the handle is open: `Operations._refuse_open_writers`); from then on the handle changes
+    nothing (`CarriedIn`), its file's bytes being the protocol's."""
 
     def stat(self) -> os.stat_result | None:
         return os.fstat(self.fd)
@@ -128,14 +135,26 @@ class Passthrough:
 
     async def write(self, off: int, buf: bytes) -> int:
         self._changing()
-        return os.pwrite(self.fd, buf, off)
+        written = os.pwrite(self.fd, buf, off)
+        self._still_unmanaged(landed=True)
+        return written
 
     async def resize(self, size: int) -> None:
         self._changing()
         os.ftruncate(self.fd, size)
+        self._still_unmanaged(landed=True)
+
+    def _still_unmanaged(self, landed: bool = False) -> None:
+        """Refuse (`CarriedIn`) a change of a file that is managed now; `landed`: the change was
+        made (a rename came while it ran), and the caller is told so rather than success."""
+        now = self.managed_name(self.fd) if self.managed_name is not None else None
+        if now is not None:
+            raise CarriedIn(self.rel, now, STAGED.search(now) is not None, landed)
 
     def _changing(self) -> None:
-        """Before its first write or truncation: the file's set-ID bits, as its opener's change clears them."""
+        """Before each write or truncation: the file still unmanaged (`_still_unmanaged`); before the first,
+        the file's set-ID bits, as its opener's change clears them."""
+        self._still_unmanaged()
         if self.unprivileged is not None:
             kill_set_ids(self.fd, self.unprivileged)
             self.unprivileged = None

@@ -25,6 +25,7 @@ import trio
 from coherent_volume.core import VolumeCore
 from coherent_volume.errors import CoherenceError, CommitPending, RegistryError
 from coherent_volume.fingerprint import Fingerprint
+from coherent_volume.globs import STAGED
 from coherent_volume.liveness import ProcessId, current_process
 from coherent_volume.mounts import direct_dir_in
 from coherent_volume.paths import Target, is_registry_path
@@ -1453,7 +1454,7 @@ class CoherentOperations(pyfuse3.Operations):
             caller = Unprivileged.of(ctx) if writing else None
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)
-            handle = Passthrough(fd, rel, _writable(flags), caller)
+            handle = self._passthrough(fd, rel, flags, caller)
             keep = self._keeps_cache(inode, fd)
             return pyfuse3.FileInfo(fh=self._open_file(handle, inode), keep_cache=keep)
         if not writing:
@@ -1627,6 +1628,17 @@ class CoherentOperations(pyfuse3.Operations):
             self._closed(self.file_inodes.pop(fh), fh)
             await handle.release()
 
+    def _passthrough(self, fd: int, rel: str, flags: int, caller: Unprivileged | None) -> Passthrough:
+        """The handle of an unmanaged file open as `fd`; a writable one refuses to change it once it is managed."""
+        writable = _writable(flags)
+        return Passthrough(fd, rel, writable, caller, self._managed_name if writable else None)
+
+    def _managed_name(self, fd: int) -> str | None:
+        """The name of the file open as `fd` if it is the volume's now: managed, or a temp name of
+        the volume's own (`globs.STAGED`), where a commit or deletion sets aside the file it displaces."""
+        name = self.backing.name_of(fd)
+        return name if name is not None and (self.core.paths.managed(name) or STAGED.search(name)) else None
+
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:
         """The program behind a request's thread id and, for a buffering program (whose re-reads
@@ -1657,7 +1669,7 @@ class CoherentOperations(pyfuse3.Operations):
                 os.close(fd)  # the program gets the error, not a descriptor: none may leak
                 raise
             return pyfuse3.FileInfo(
-                fh=self._open_file(Passthrough(fd, rel, _writable(flags), Unprivileged.of(ctx)), entry.st_ino),
+                fh=self._open_file(self._passthrough(fd, rel, flags, Unprivileged.of(ctx)), entry.st_ino),
                 keep_cache=True,
             ), entry
         with self._use(rel):

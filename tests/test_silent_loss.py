@@ -295,6 +295,49 @@ os.close(fd)
     assert not (seeded.root / "plans/z.md").exists() and not (seeded.root / "plans/p.md").exists()
 
 
+@pytest.mark.parametrize("mover", ["another mount of the root", "a program outside the mount"])
+def test_a_file_open_for_writing_that_a_rename_elsewhere_made_managed_is_written_no_more(
+    seeded: Mount, tmp_path: Path, mover: str
+) -> None:
+    """A daemon refuses its own renames of an open writer into a managed glob (EBUSY, above), but
+    another mount of the root, or a program working on the root itself, can make one: the handle's
+    next write or truncation is refused (EACCES) and changes nothing, so a peer's commit of the file
+    is never overwritten in place, nor a write lost in the file that commit replaced."""
+    with Mount(seeded.root, tmp_path / "mnt2") as second:
+        base = second.path if mover == "another mount of the root" else seeded.root
+        r = py(
+            seeded,
+            "alice",
+            f"""
+import errno, os, subprocess, sys
+def attempt(call):
+    try:
+        call()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+os.mkdir("d")
+fd = os.open("d/x", os.O_WRONLY | os.O_CREAT, 0o644)
+print(attempt(lambda: os.write(fd, b"A1\\n")))
+os.rename("{base}/d/x", "{base}/plans/x.md")
+print(attempt(lambda: os.write(fd, b"A2\\n")), attempt(lambda: os.ftruncate(fd, 1)))
+bob = "b = open('plans/x.md').read(); open('plans/x.md', 'w').write(b + 'bob\\\\n')"
+subprocess.run([sys.executable, "-c", bob], cwd="{second.path}", env={{**os.environ, "COHERENT_AGENT": "bob"}}, check=True)
+print(attempt(lambda: os.write(fd, b"A3\\n")))
+os.close(fd)
+fd = os.open("d/y", os.O_WRONLY | os.O_CREAT, 0o644)
+os.unlink("d/y")
+print(attempt(lambda: os.write(fd, b"free")))  # an unmanaged file deleted, still written
+""",
+        )
+        assert r.stdout.split("\n")[:4] == ["ok", "EACCES EACCES", "EACCES", "ok"], r.stdout + r.stderr
+        assert (seeded.root / "plans/x.md").read_bytes() == b"A1\nbob\n"
+        with CoherentVolume(seeded.root, agent="check") as vol:
+            kept = [vol.read_version("plans/x.md", v.version) for v in vol.history("plans/x.md")]
+        assert kept == [b"A1\nbob\n", b"A1\n"]
+        assert "through a descriptor opened at 'd/x' while it was unmanaged" in seeded.log.read_text()
+
+
 def test_mknod_of_a_regular_file_is_a_checked_create(seeded: Mount) -> None:
     (seeded.root / "plans/gone.md").write_text("x\n")
     assert seeded.run("alice", "cat plans/gone.md >/dev/null").returncode == 0
