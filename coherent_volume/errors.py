@@ -262,34 +262,57 @@ class LinkRefused(CoherenceError, PermissionError):
 
 
 class CarriedIn(CoherenceError, PermissionError):
-    """A write through a descriptor opened on an unmanaged file whose file a rename its face did not
-    check (through another mount of the root, or outside the mount) has carried into a managed glob
-    since (`now`: its managed name, or the volume's temp name where a commit or deletion there set it
-    aside, `replaced`): it would change a managed file's bytes past the protocol (EACCES). Nothing
-    was changed, unless `landed` (the rename came while the write ran: its bytes reached the file)."""
+    """A write through a descriptor opened on an unmanaged file whose file is no longer at any name
+    the volume keeps: moved into a managed glob by a rename its face did not check (a program on the
+    root itself, or a race with another mount's rename), then replaced there by a commit or deletion
+    (set aside at the volume's temp name `now`: `aside`) or deleted (`deleted`; `now` its last name).
+    Its bytes would reach no file (EACCES). Nothing was changed, unless `landed` (the replacement
+    came while the write ran: its bytes reached that file first)."""
 
-    def __init__(self, opened: str, now: str, replaced: bool, landed: bool = False) -> None:
-        self.opened, self.now, self.replaced, self.landed = opened, now, replaced, landed
-        moved = "into a managed glob since"
-        if replaced:
-            moved += f", and a commit or deletion of it there replaced it (it is the volume's temp file {now!r} now)"
-        what = (
-            "its bytes reached the file first (in place, where the next check records them as a change by "
-            "`external`, or, if a commit replaced the file meanwhile, in the file it replaced)"
-            if landed
-            else "nothing was written"
+    def __init__(self, opened: str, now: str, aside: bool, deleted: bool, landed: bool = False) -> None:
+        self.opened, self.now, self.aside, self.deleted, self.landed = opened, now, aside, deleted, landed
+        where = (
+            f"the volume's temp file {now!r}{' (deleted since)' if deleted else ''}, where a commit or deletion of a "
+            "managed file set it aside"
+            if aside
+            else f"deleted from the managed name {now!r}"
         )
-        again = "read the managed file again and write it there" if replaced else f"open {now!r} again to write it"
+        what = (
+            "Its bytes reached that file first (it was replaced while the write ran): `coherent-volume history` of "
+            "the managed file shows whether they were kept as a version"
+            if landed
+            else "Nothing was written"
+        )
         PermissionError.__init__(
             self,
             errno.EACCES,
-            f"refused a write through a descriptor opened at {opened!r} while it was unmanaged: a rename this mount "
-            f"did not make (another mount of the root, or a program outside the mount) carried the file {moved}; "
-            f"{what}. Close the descriptor, then {again}",
+            f"refused a write through a descriptor opened at {opened!r}, where its file was unmanaged: that file is "
+            f"now {where} (it was moved into a managed glob by a rename this mount did not make), so the write would "
+            f"reach no file the volume keeps. {what}. Close the descriptor; to change the managed file, open it "
+            f"again by its name",
         )
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class OpenForWriting(CoherenceError, OSError):
+    """A file open for writing somewhere (a program, another mount of the root, a shared writable
+    mapping) cannot be moved into a managed glob: its writers would go on changing a managed file
+    past the protocol (EBUSY). Nothing was changed."""
+
+    def __init__(self, rel: str, dst: str) -> None:
+        self.rel = rel
+        OSError.__init__(
+            self,
+            errno.EBUSY,
+            f"{rel!r} is open for writing (by a program, through another mount of the volume, or mapped shared and "
+            f"writable): it cannot be moved to {dst!r}, into a managed glob, where those writes would change a "
+            f"managed file unchecked; close it (and munmap it), then rename it again",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])
 
 
 class UnprotectedAlias(CoherenceError, PermissionError):

@@ -192,15 +192,21 @@ class Backing:
             if owned:
                 os.close(fd)
 
-    def name_of(self, fd: int) -> str | None:
+    def name_of(self, fd: int) -> tuple[str, bool] | None:
         """The root-relative name the kernel gives the file open as `fd` now (renames by anyone
-        followed; its last name, for a file deleted since), None when that lies outside the root."""
-        root = os.readlink(self._proc(self._root_fd))
-        path = os.readlink(self._proc(fd))
-        if path.endswith(_DELETED) and os.fstat(fd).st_nlink == 0:
+        followed) and whether the file is deleted (the name is then its last); None when that lies
+        outside the root or cannot be told (longer than PATH_MAX; the name `fd` was opened by removed
+        while another link to its file remains, which the kernel does not name)."""
+        try:
+            root = os.readlink(self._proc(self._root_fd))
+            path = os.readlink(self._proc(fd))
+        except OSError:
+            return None
+        deleted = path.endswith(_DELETED) and os.fstat(fd).st_nlink == 0
+        if deleted:
             path = path[: -len(_DELETED)]
         prefix = root.rstrip("/") + "/"
-        return path[len(prefix) :] if path.startswith(prefix) else None
+        return (path[len(prefix) :], deleted) if path.startswith(prefix) else None
 
     @staticmethod
     def _proc(fd: int) -> str:

@@ -32,7 +32,6 @@ from coherent_volume.core import HandleCommit, VolumeCore
 from coherent_volume.edits import Edits
 from coherent_volume.errors import CarriedIn, CoherenceError, InstallPending, RootGone, StaleWriteError
 from coherent_volume.fingerprint import hash_fd
-from coherent_volume.globs import STAGED
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
 from coherent_volume.protocol import Grant, HandleKind, goes_on_unlinked, read_shows_content
@@ -120,12 +119,13 @@ class Passthrough:
     """Its opener, unless root, until its first write or truncation clears the file's set-ID bits
     as a local disk does (`kill_set_ids`: the kernel's FUSE clears set-group-ID only where group
     execute is set)."""
-    managed_name: Callable[[int], str | None] | None = None
-    """For a writable handle: the name its file (open as the given fd) has now if that is the
-    volume's (managed, or a temp name of its own: `globs.STAGED`), None while it is unmanaged. A
-    rename this daemon did not check may carry the file into a managed glob (its own are refused
-    while the handle is open: `Operations._refuse_open_writers`); from then on the handle changes
-    nothing (`CarriedIn`), its file's bytes being the protocol's."""
+    gone_from_volume: Callable[[int], tuple[str, bool, bool] | None] | None = None
+    """For a writable handle: where its file (open as the given fd) is, if a write would reach no
+    file the volume keeps (`Operations._gone_from_volume`), else None. A rename this daemon did not
+    check may carry the file into a managed glob (its own, and every rename through the volume, are
+    refused while the file is open for writing: `Operations._refuse_open_writers`,
+    `Renames._refuse_unprotectable`), and a commit there then replaces it: from then on the handle
+    changes nothing (`CarriedIn`)."""
 
     def stat(self) -> os.stat_result | None:
         return os.fstat(self.fd)
@@ -136,25 +136,25 @@ class Passthrough:
     async def write(self, off: int, buf: bytes) -> int:
         self._changing()
         written = os.pwrite(self.fd, buf, off)
-        self._still_unmanaged(landed=True)
+        self._still_kept(landed=True)
         return written
 
     async def resize(self, size: int) -> None:
         self._changing()
         os.ftruncate(self.fd, size)
-        self._still_unmanaged(landed=True)
+        self._still_kept(landed=True)
 
-    def _still_unmanaged(self, landed: bool = False) -> None:
-        """Refuse (`CarriedIn`) a change of a file that is managed now; `landed`: the change was
-        made (a rename came while it ran), and the caller is told so rather than success."""
-        now = self.managed_name(self.fd) if self.managed_name is not None else None
-        if now is not None:
-            raise CarriedIn(self.rel, now, STAGED.search(now) is not None, landed)
+    def _still_kept(self, landed: bool = False) -> None:
+        """Refuse (`CarriedIn`) a change that would reach no file the volume keeps; `landed`: the
+        change was made (the file was replaced while it ran), and the caller is told so rather than success."""
+        gone = self.gone_from_volume(self.fd) if self.gone_from_volume is not None else None
+        if gone is not None:
+            raise CarriedIn(self.rel, *gone, landed)
 
     def _changing(self) -> None:
-        """Before each write or truncation: the file still unmanaged (`_still_unmanaged`); before the first,
-        the file's set-ID bits, as its opener's change clears them."""
-        self._still_unmanaged()
+        """Before each write or truncation: its file still one the volume keeps (`_still_kept`); before
+        the first, the file's set-ID bits, as its opener's change clears them."""
+        self._still_kept()
         if self.unprivileged is not None:
             kill_set_ids(self.fd, self.unprivileged)
             self.unprivileged = None

@@ -1629,15 +1629,23 @@ class CoherentOperations(pyfuse3.Operations):
             await handle.release()
 
     def _passthrough(self, fd: int, rel: str, flags: int, caller: Unprivileged | None) -> Passthrough:
-        """The handle of an unmanaged file open as `fd`; a writable one refuses to change it once it is managed."""
+        """An unmanaged file's handle; a writable one refuses a change that would be lost (`CarriedIn`)."""
         writable = _writable(flags)
-        return Passthrough(fd, rel, writable, caller, self._managed_name if writable else None)
+        return Passthrough(fd, rel, writable, caller, self._gone_from_volume if writable else None)
 
-    def _managed_name(self, fd: int) -> str | None:
-        """The name of the file open as `fd` if it is the volume's now: managed, or a temp name of
-        the volume's own (`globs.STAGED`), where a commit or deletion sets aside the file it displaces."""
-        name = self.backing.name_of(fd)
-        return name if name is not None and (self.core.paths.managed(name) or STAGED.search(name)) else None
+    def _gone_from_volume(self, fd: int) -> tuple[str, bool, bool] | None:
+        """Where the file open as `fd` is, if a write to it would reach no file the volume keeps:
+        (its name, whether that is the volume's temp name, whether it is deleted). A temp name is
+        where a commit or deletion sets aside the file it displaces from a managed name (in the
+        registry's directory, or a `globs.STAGED` name where managed paths may be); a managed name,
+        when the file was deleted from it. None while it is unmanaged, or managed in place (a write
+        there is any program's change on the root: recorded by `external` when seen)."""
+        found = self.backing.name_of(fd)
+        if found is None:
+            return None
+        name, deleted = found
+        aside = is_registry_path(name) or (STAGED.search(name) is not None and self._reaches(os.path.dirname(name)))
+        return (name, aside, deleted) if aside or (deleted and self.core.paths.managed(name)) else None
 
     @staticmethod
     def _reader(tid: int) -> tuple[ProcessId | None, str | None]:

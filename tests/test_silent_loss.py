@@ -295,20 +295,43 @@ os.close(fd)
     assert not (seeded.root / "plans/z.md").exists() and not (seeded.root / "plans/p.md").exists()
 
 
-@pytest.mark.parametrize("mover", ["another mount of the root", "a program outside the mount"])
-def test_a_file_open_for_writing_that_a_rename_elsewhere_made_managed_is_written_no_more(
-    seeded: Mount, tmp_path: Path, mover: str
-) -> None:
-    """A daemon refuses its own renames of an open writer into a managed glob (EBUSY, above), but
-    another mount of the root, or a program working on the root itself, can make one: the handle's
-    next write or truncation is refused (EACCES) and changes nothing, so a peer's commit of the file
-    is never overwritten in place, nor a write lost in the file that commit replaced."""
-    with Mount(seeded.root, tmp_path / "mnt2") as second:
-        base = second.path if mover == "another mount of the root" else seeded.root
-        r = py(
-            seeded,
-            "alice",
-            f"""
+def test_a_file_open_for_writing_elsewhere_cannot_be_moved_into_a_managed_glob(seeded: Mount, tmp_path: Path) -> None:
+    """A daemon knows its own open writers (EBUSY, above); the kernel knows every other one: a file
+    open for writing through another mount of the root, or by a program on the root itself, is
+    refused a move into a glob (EBUSY, `OpenForWriting`), whole or by its directory, and nothing
+    moves. Before, the move went through and the writer went on writing the managed file in place,
+    past the protocol; after a peer's commit replaced the file, its writes reached no file at all."""
+    moves = """
+import errno, os, sys
+for src, dst in (("d/x", "plans/x.md"), ("d", "plans/d")):
+    try:
+        os.rename(src, dst)
+        print("moved")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"""
+    (seeded.root / "d").mkdir()
+    with Mount(seeded.root, tmp_path / "mnt2") as second, open(second.path / "d/x", "wb") as through_the_other_mount:
+        through_the_other_mount.write(b"A1\n")
+        assert py(seeded, "alice", moves).stdout.split() == ["EBUSY", "EBUSY"]
+    with open(seeded.root / "d/x", "ab") as on_the_root:
+        on_the_root.write(b"A2\n")
+        assert py(seeded, "alice", moves).stdout.split() == ["EBUSY", "EBUSY"]
+    assert not (seeded.root / "plans/x.md").exists() and (seeded.root / "d/x").read_bytes() == b"A1\nA2\n"
+    assert "'d/x' is open for writing" in seeded.log.read_text()
+    assert py(seeded, "alice", moves).stdout.split() == ["moved", "moved"]  # closed: it moves
+
+
+def test_a_write_through_the_mount_that_would_reach_no_file_the_volume_keeps_is_refused(seeded: Mount) -> None:
+    """A program on the root itself moves a file open for writing through the mount into a glob (no
+    face sees that rename): the descriptor's writes go on in place, a change recorded by `external`
+    when seen, as any program's on the root. Once a peer's commit replaces the file, each write and
+    truncation through it is refused (EACCES) and changes nothing: it would have reached the file the
+    commit set aside, and been lost with it. A deleted unmanaged file stays writable."""
+    r = py(
+        seeded,
+        "alice",
+        f"""
 import errno, os, subprocess, sys
 def attempt(call):
     try:
@@ -319,23 +342,23 @@ def attempt(call):
 os.mkdir("d")
 fd = os.open("d/x", os.O_WRONLY | os.O_CREAT, 0o644)
 print(attempt(lambda: os.write(fd, b"A1\\n")))
-os.rename("{base}/d/x", "{base}/plans/x.md")
-print(attempt(lambda: os.write(fd, b"A2\\n")), attempt(lambda: os.ftruncate(fd, 1)))
+os.rename("{seeded.root}/d/x", "{seeded.root}/plans/x.md")
+print(attempt(lambda: os.write(fd, b"A2\\n")))
 bob = "b = open('plans/x.md').read(); open('plans/x.md', 'w').write(b + 'bob\\\\n')"
-subprocess.run([sys.executable, "-c", bob], cwd="{second.path}", env={{**os.environ, "COHERENT_AGENT": "bob"}}, check=True)
-print(attempt(lambda: os.write(fd, b"A3\\n")))
+subprocess.run([sys.executable, "-c", bob], env={{**os.environ, "COHERENT_AGENT": "bob"}}, check=True)
+print(attempt(lambda: os.write(fd, b"A3\\n")), attempt(lambda: os.ftruncate(fd, 1)))
 os.close(fd)
 fd = os.open("d/y", os.O_WRONLY | os.O_CREAT, 0o644)
 os.unlink("d/y")
-print(attempt(lambda: os.write(fd, b"free")))  # an unmanaged file deleted, still written
+print(attempt(lambda: os.write(fd, b"free")))
 """,
-        )
-        assert r.stdout.split("\n")[:4] == ["ok", "EACCES EACCES", "EACCES", "ok"], r.stdout + r.stderr
-        assert (seeded.root / "plans/x.md").read_bytes() == b"A1\nbob\n"
-        with CoherentVolume(seeded.root, agent="check") as vol:
-            kept = [vol.read_version("plans/x.md", v.version) for v in vol.history("plans/x.md")]
-        assert kept == [b"A1\nbob\n", b"A1\n"]
-        assert "through a descriptor opened at 'd/x' while it was unmanaged" in seeded.log.read_text()
+    )
+    assert r.stdout.split("\n")[:4] == ["ok", "ok", "EACCES EACCES", "ok"], r.stdout + r.stderr
+    assert (seeded.root / "plans/x.md").read_bytes() == b"A1\nA2\nbob\n"
+    with CoherentVolume(seeded.root, agent="check") as vol:
+        kept = [vol.read_version("plans/x.md", v.version) for v in vol.history("plans/x.md")]
+    assert kept[0] == b"A1\nA2\nbob\n" and b"A1\nA2\n" in kept and not any(b"A3" in k for k in kept), kept
+    assert "through a descriptor opened at 'd/x', where its file was unmanaged" in seeded.log.read_text()
 
 
 def test_mknod_of_a_regular_file_is_a_checked_create(seeded: Mount) -> None:

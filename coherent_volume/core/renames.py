@@ -16,10 +16,12 @@ from ..diffs import MAX_MERGE_BYTES
 from ..errors import (
     InvalidPath,
     LinkRefused,
+    OpenForWriting,
     StaleWriteError,
     TreeClash,
 )
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, read_fd
+from ..open_writers import open_for_writing
 from ..paths import Target, printable
 from ..policy import Policy
 from ..protocol import (
@@ -271,7 +273,9 @@ class Renames(History):
         """Nothing may arrive at a name that is (or may hold) a managed path unless the protocol can
         guard it there: no symlink (the kernel would follow it past the protocol), no file with
         another hard link (a write through the other name would reach it), no name the registry
-        cannot record (not UTF-8)."""
+        cannot record (not UTF-8), no unmanaged file open for writing anywhere on this kernel (its
+        writers would go on in place: `open_writers.open_for_writing`; where the kernel cannot
+        say, the mount's handles refuse what would be lost: `CarriedIn`)."""
         for rel in moving.symlinks:
             if self._may_hold_managed(self.paths.of_rel(dst.rel + rel[len(src.rel) :])):
                 raise LinkRefused(
@@ -283,7 +287,7 @@ class Renames(History):
                 raise LinkRefused(
                     f"{rel!r} has another hard link: it cannot be moved into a managed glob; copy it instead"
                 )
-        for rel in moving.files:
+        for rel, path in moving.files.items():
             new = dst.rel + rel[len(src.rel) :]
             if self.paths.managed(new):
                 try:
@@ -293,6 +297,8 @@ class Renames(History):
                         f"{printable(new)!r} is not valid UTF-8: a volume records its paths as UTF-8, so a file "
                         "cannot be moved there"
                     ) from None
+                if not self.paths.managed(rel) and open_for_writing(path):
+                    raise OpenForWriting(rel, new)
 
     def rename(
         self,
