@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import queue
+import select
 import shutil
 import signal
 import sqlite3
@@ -278,51 +279,70 @@ def test_a_lock_kept_by_an_inheriting_process_is_reported_with_who_has_it(root: 
 OPENER = r"""
 import os, sys, time
 from coherent_volume import CoherentVolume
-root, go, agent = sys.argv[1:]
-open(go + "." + agent, "w").close()
-deadline = time.monotonic() + 60
-while not os.path.exists(go):
-    if time.monotonic() > deadline:
-        sys.exit("no go signal within 60 s")
-    time.sleep(0.0005)
-CoherentVolume(root, managed=("plans/**",), agent=agent).close()
-print("ok", flush=True)
+base, rounds, agent = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for r in range(rounds):  # each round a brand-new volume, created by every opener at once
+    root, go = f"{base}/vol{r}", f"{base}/go{r}"
+    open(go + "." + agent, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            sys.exit(f"no go signal for round {r} within 60 s")
+        time.sleep(0.0005)
+    CoherentVolume(root, managed=("plans/**",), agent=agent).close()
+    print("ok", r, flush=True)
 """
 
 
+def _line_within(proc: subprocess.Popen[str], seconds: float) -> str | None:
+    """The next line `proc` prints within `seconds` (stripped; "" at its end), or None."""
+    assert proc.stdout is not None
+    if not select.select([proc.stdout], [], [], seconds)[0]:
+        return None
+    return proc.stdout.readline().strip()
+
+
 def test_processes_creating_a_brand_new_volume_at_once_all_succeed(tmp_path: Path) -> None:
+    """Each round, every opener process creates the same brand-new volume at the same instant (one
+    process per opener for all the rounds: the race is between processes, not their start)."""
     n, rounds = 10, 10
     for r in range(rounds):
-        root, go = tmp_path / f"vol{r}", tmp_path / f"go{r}"
-        root.mkdir()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", OPENER, str(root), str(go), f"a{i}"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                cwd=REPO,
-            )
-            for i in range(n)
-        ]
-        try:
+        (tmp_path / f"vol{r}").mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(tmp_path), str(rounds), f"a{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for i in range(n)
+    ]
+    try:
+        for r in range(rounds):
+            go = tmp_path / f"go{r}"
             deadline = time.monotonic() + 60
             while not all(Path(f"{go}.a{i}").exists() for i in range(n)):
-                assert time.monotonic() < deadline, "the openers did not start within 60 s"
-                assert all(p.poll() is None for p in procs), "an opener died before the start"
+                assert time.monotonic() < deadline, f"round {r}: the openers were not ready within 60 s"
+                assert all(p.poll() is None for p in procs), f"round {r}: an opener died before the start"
                 time.sleep(0.01)
             go.touch()
-            failures = []
-            for i, p in enumerate(procs):
-                out, err = p.communicate(timeout=60)
-                if p.returncode != 0 or out.strip() != "ok":
-                    failures.append(f"a{i}: {err.strip().splitlines()[-1] if err.strip() else out}")
-            assert not failures, f"round {r}: {failures}"
-        finally:
-            for p in procs:
-                _stop(p)
-        with CoherentVolume(root, agent="check") as v:
-            assert v.managed == ("plans/**",)
+            answers = [_line_within(p, 60) for p in procs]
+            if answers != [f"ok {r}"] * n:
+                for p in procs:
+                    _stop(p)
+                errors = [p.stderr.read().strip()[-300:] if p.stderr else "" for p in procs]
+                raise AssertionError(f"round {r}: {answers}; stderr: {errors}")
+            with CoherentVolume(tmp_path / f"vol{r}", agent="check") as v:
+                assert v.managed == ("plans/**",)
+        failures = []
+        for i, p in enumerate(procs):
+            _, err = p.communicate(timeout=60)
+            if p.returncode != 0:
+                failures.append(f"a{i}: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+        assert not failures, failures
+    finally:
+        for p in procs:
+            _stop(p)
 
 
 def test_opening_a_volume_again_in_a_process_that_has_it_open_loses_none_of_its_commits(root: Path) -> None:
