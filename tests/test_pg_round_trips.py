@@ -256,9 +256,9 @@ def test_write_state_answers_what_file_view_grant_and_fenced_answer(backend: Any
 OPEN_ROUND_TRIPS = 2
 """A mount's open for writing (`begin_write`) and its create: the decision's `write_state` read ahead
 with the transaction's opening and recovery's read (1), then the grant's writes with COMMIT (1)."""
-RELEASE_ROUND_TRIPS = 3
-"""A handle's release, unlogged: the transaction's opening with its locks (1), the intent's drop sent
-with the read of the grant (1), then the grant's writes with COMMIT (1)."""
+RELEASE_ROUND_TRIPS = 2
+"""A handle's release, unlogged: the transaction's opening with its locks, recovery's read and the grant
+read ahead (1), then the grant's writes with COMMIT (1)."""
 
 
 def test_a_handle_opened_for_writing_and_a_create_make_two_round_trips(

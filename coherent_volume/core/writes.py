@@ -825,7 +825,7 @@ class Writes(Reads):
 
         try:
             with self._commit_lock((grant.path,)):
-                ended = self._transact(end, holds=(grant.path,))
+                ended = self._transact(end, ahead=(grant.path, grant.agent))  # (its grant: `_end`)
         finally:
             self._forget_share(grant, kind)
         return ended

@@ -543,10 +543,15 @@ class PostgresTransaction:
         """`file`, `view`, `grant` and `fenced` of `path` for `agent`, in one statement (the server's
         clock read with it, as `grant` reads it); read ahead, if it was (`read_ahead`)."""
         self._need(path)
-        row = self._ahead_row if self._ahead == (path, agent) else None
-        if row is None:
-            row = self.run(*_write_state_query(self._v, path, agent)).fetchone()
+        if self._ahead != (path, agent) or self._ahead_row is None:
+            self._ahead_row = self.run(*_write_state_query(self._v, path, agent)).fetchone()
+        state = self._ahead_state()
         self._ahead, self._ahead_row = None, None
+        return state
+
+    def _ahead_state(self) -> tuple[FileRecord | None, int | None, Grant | None, bool]:
+        """`write_state`'s answer from its row (`_ahead_row`)."""
+        row = self._ahead_row
         assert row is not None
         files, grants = len(_FILE_COLS.split(",")), len(_GRANT_COLS.split(","))
         record = None if row[0] is None else _record(row[:files])
@@ -929,7 +934,14 @@ class PostgresTransaction:
         return self._now
 
     def grant(self, path: str) -> Grant | None:
+        """The grant on `path`: from the `write_state` read ahead for it (`read_ahead`, for any agent:
+        a grant is the path's) while what that read is unchanged, else read now."""
         self._need(path)
+        if self._ahead is not None and self._ahead[0] == path:
+            if self._ahead_row is None:
+                self._flush()  # (the read ahead goes in this round trip, as the grant's own read would)
+            if self._ahead is not None and self._ahead_row is not None:
+                return self._ahead_state()[2]
         row = self._one(f"SELECT {_GRANT_COLS}, {_CLOCK} FROM cv_grants WHERE volume = %s AND path = %s", path)
         if row is None:
             return None
