@@ -1450,7 +1450,15 @@ class CoherentOperations(pyfuse3.Operations):
             if writing:
                 self._walk_again(ctx, landed, True, (inode, rel))
                 self.own.note(rel)  # its close-after-write event is our own echo
-            fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | _NOT_PASSED))
+            try:
+                fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | _NOT_PASSED))
+            except FileNotFoundError:
+                if landed is not None:
+                    raise
+                # removed since the kernel's lookup (by a program on the root, through another mount):
+                # the kernel looks the name up again and repeats the open, which an O_CREAT open
+                # (whose flag the kernel does not pass) turns into the create it is on a local disk
+                raise self._stale(rel, ctx, writing) from None
             caller = Unprivileged.of(ctx) if writing else None
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)

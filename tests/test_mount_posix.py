@@ -2076,3 +2076,24 @@ operations.CoherentOperations.link = _held
         _, err = linker.communicate(timeout=60)
         assert linker.returncode == 0, err
         assert os.stat(m.root / "out_f/l").st_ino == os.stat(m.root / "f.txt").st_ino
+
+
+def test_a_name_removed_outside_the_mount_is_created_again_through_it_at_once(mounted: Mount) -> None:
+    """The kernel keeps a name it looked up for a while: a file removed on the root (or through
+    another mount of it) and created again through the mount right after is the create it is on a
+    local disk, not ENOENT (the daemon answers the open of the gone file ESTALE, and the kernel looks
+    the name up again and creates it)."""
+    (mounted.root / "s").mkdir()
+    out = run_in(
+        mounted.path,
+        f"""
+import os
+for n in range(10):
+    with open("s/t.tmp", "w") as f:
+        f.write(str(n))
+    os.stat("s/t.tmp")
+    os.unlink("{mounted.root}/s/t.tmp")
+print(open("s/t.tmp", "a").write("!"), open("s/t.tmp").read())
+""",
+    )
+    assert out.split() == ["1", "!"]
