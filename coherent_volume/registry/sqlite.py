@@ -918,6 +918,11 @@ class SQLiteRegistry:
         """What this process's connection has open (`_look` when it connected)."""
         self._size = 0
         """The registry file's size when this process last looked (`_refuse_cut`)."""
+        self._looking = threading.Lock()
+        """Held around a look and what it is checked against, so that a size one thread saw is never
+        checked against a later size another thread saw (a registry growing meanwhile looked cut)."""
+        self._lost: RegistryError | RootGone | None = None
+        """Why this process's connection was parked, for every later use of it (by any thread)."""
         _OPEN.add(self)  # from here on a fork closes this registry's descriptors in the child
         try:
             try:
@@ -1245,6 +1250,7 @@ class SQLiteRegistry:
         """In a forked child: nothing of the parent's is used; the next use connects afresh."""
         self._let_go()
         self._mutex = threading.RLock()  # another thread of the parent may have held them
+        self._looking = threading.Lock()
         self._commit_mutex = threading.RLock()
         self._commit_depth = 0
 
@@ -1255,13 +1261,18 @@ class SQLiteRegistry:
             self._forked()
             self._connect()
         else:
-            now, size = self._look()
-            if now != self._identity:
-                self._let_go_of_replaced(now)
-                raise self._replaced()
-            self._refuse_cut(size)
-        assert self._conn is not None
-        return self._conn
+            with self._looking:
+                now, size = self._look()
+                if now != self._identity:
+                    self._let_go_of_replaced(now)
+                    self._lost = self._replaced()
+                    raise self._lost
+                self._refuse_cut(size)
+        conn = self._conn
+        if conn is None:  # parked on another thread's finding
+            assert self._lost is not None
+            raise self._lost
+        return conn
 
     def _refuse_cut(self, size: int) -> None:
         """RegistryError (damaged) where the registry file is now `size` bytes, shorter than this
@@ -1272,7 +1283,8 @@ class SQLiteRegistry:
             if self._conn is not None and self._identity[0] is not None:  # closed, it would checkpoint the
                 _park(self._identity[0], self._conn)  # log into the cut file, and remove it
                 self._conn = None
-            raise self._damaged(f"cut in place to {size:,} bytes while in use, from at least {self._size:,}")
+            self._lost = self._damaged(f"cut in place to {size:,} bytes while in use, from at least {self._size:,}")
+            raise self._lost
         self._size = size
 
     def _configure(self, globs: ManagedGlobs | None, stored: ManagedGlobs | None) -> ManagedGlobs:
