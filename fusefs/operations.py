@@ -1452,13 +1452,18 @@ class CoherentOperations(pyfuse3.Operations):
                 self.own.note(rel)  # its close-after-write event is our own echo
             try:
                 fd = self.backing.open(rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | _NOT_PASSED))
-            except FileNotFoundError:
-                if landed is not None:
+            except OSError as e:
+                if repeat is not None or e.errno not in (errno.ENOENT, errno.ELOOP):
                     raise
-                # removed since the kernel's lookup (by a program on the root, through another mount):
-                # the kernel looks the name up again and repeats the open, which an O_CREAT open
-                # (whose flag the kernel does not pass) turns into the create it is on a local disk
+                # gone since the kernel's lookup, or a symlink now (a program on the root, another
+                # mount): the kernel looks the name up again and repeats the open as it finds it (an
+                # O_CREAT open, whose flag the kernel does not pass, creates it, as on a local disk)
                 raise self._stale(rel, ctx, writing) from None
+            if not stat_mod.S_ISREG(kind := os.fstat(fd).st_mode):  # a directory now: likewise
+                os.close(fd)
+                if repeat is None:
+                    raise self._stale(rel, ctx, writing)
+                raise pyfuse3.FUSEError(errno.EISDIR if stat_mod.S_ISDIR(kind) else errno.ENXIO)
             caller = Unprivileged.of(ctx) if writing else None
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)

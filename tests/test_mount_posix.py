@@ -2078,12 +2078,14 @@ operations.CoherentOperations.link = _held
         assert os.stat(m.root / "out_f/l").st_ino == os.stat(m.root / "f.txt").st_ino
 
 
-def test_a_name_removed_outside_the_mount_is_created_again_through_it_at_once(mounted: Mount) -> None:
+def test_a_name_changed_outside_the_mount_is_opened_through_it_as_it_is_now(mounted: Mount) -> None:
     """The kernel keeps a name it looked up for a while: a file removed on the root (or through
     another mount of it) and created again through the mount right after is the create it is on a
-    local disk, not ENOENT (the daemon answers the open of the gone file ESTALE, and the kernel looks
-    the name up again and creates it)."""
-    (mounted.root / "s").mkdir()
+    local disk, not ENOENT, also after a stale open of another name; one replaced by a symlink is
+    opened through the link, not ELOOP, and one replaced by a directory fails EISDIR at the open, not
+    at its first read (the daemon answers the open ESTALE, and the kernel looks the name up again)."""
+    s = mounted.root / "s"
+    s.mkdir()
     out = run_in(
         mounted.path,
         f"""
@@ -2092,8 +2094,24 @@ for n in range(10):
     with open("s/t.tmp", "w") as f:
         f.write(str(n))
     os.stat("s/t.tmp")
-    os.unlink("{mounted.root}/s/t.tmp")
+    os.unlink("{s}/t.tmp")
 print(open("s/t.tmp", "a").write("!"), open("s/t.tmp").read())
+for name in "abld":
+    open(f"s/{{name}}", "w").close()
+    os.stat(f"s/{{name}}")
+    os.unlink(f"{s}/{{name}}")
+os.symlink("b", "{s}/l")
+os.mkdir("{s}/d")
+try:
+    open("s/a")
+except FileNotFoundError:
+    print("gone")
+open("s/b", "w").write("B")
+print(open("s/l").read())
+try:
+    open("s/d")
+except IsADirectoryError:
+    print("EISDIR")
 """,
     )
-    assert out.split() == ["1", "!"]
+    assert out.split() == ["1", "!", "gone", "B", "EISDIR"]

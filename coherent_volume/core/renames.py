@@ -21,7 +21,7 @@ from ..errors import (
     TreeClash,
 )
 from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, read_fd
-from ..open_writers import open_for_writing
+from ..open_writers import RELEASE_WAIT, open_for_writing
 from ..paths import Target, printable
 from ..policy import Policy
 from ..protocol import (
@@ -287,6 +287,7 @@ class Renames(History):
                 raise LinkRefused(
                     f"{rel!r} has another hard link: it cannot be moved into a managed glob; copy it instead"
                 )
+        writers_close_by = time.monotonic() + RELEASE_WAIT  # (the commit lock is held meanwhile)
         for rel, path in moving.files.items():
             new = dst.rel + rel[len(src.rel) :]
             if self.paths.managed(new):
@@ -297,7 +298,7 @@ class Renames(History):
                         f"{printable(new)!r} is not valid UTF-8: a volume records its paths as UTF-8, so a file "
                         "cannot be moved there"
                     ) from None
-                if not self.paths.managed(rel) and open_for_writing(path):
+                if not self.paths.managed(rel) and open_for_writing(path, writers_close_by):
                     raise OpenForWriting(rel, new)
 
     def rename(
