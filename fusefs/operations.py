@@ -1089,7 +1089,13 @@ class CoherentOperations(pyfuse3.Operations):
             [rel] = await self._settled(functools.partial(self.inodes.child, listing.inode, listing.names[index]))
             try:
                 inode, st = self._inode_of(rel)
-                attrs = self._attrs(rel, inode, st=st)
+                try:
+                    attrs = self._attrs(rel, inode, st=st)
+                except pyfuse3.FUSEError as e:  # another type of file at the name now: it got a new inode
+                    if e.errno != errno.ESTALE:  # (`_attrs`), which a listing, never repeated, replies with
+                        raise
+                    inode, st = self._inode_of(rel)
+                    attrs = self._attrs(rel, inode, st=st)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, listing.names[index], attrs, index + 1):

@@ -2115,3 +2115,35 @@ except IsADirectoryError:
 """,
     )
     assert out.split() == ["1", "!", "gone", "B", "EISDIR"]
+
+
+def test_a_listing_after_a_name_changed_type_outside_the_mount_lists_it(mounted: Mount) -> None:
+    """A file the kernel knows, replaced on the root by a directory or a symlink (or a directory by a
+    file): the next listing of its directory through the mount lists what is there now (before, it
+    failed ESTALE once: the name's new inode was asked for in the middle of a listing, which the
+    kernel never repeats)."""
+    s = mounted.root / "s"
+    s.mkdir()
+    for name in ("f", "l", "d.md"):
+        (s / name).write_text("x")
+    (s / "dir").mkdir()
+    out = run_in(
+        mounted.path,
+        f"""
+import os, shutil
+for name in ("f", "l", "d.md", "dir"):
+    os.stat(f"s/{{name}}")
+os.unlink("{s}/f")
+os.mkdir("{s}/f")
+os.unlink("{s}/l")
+os.symlink("f", "{s}/l")
+os.unlink("{s}/d.md")
+os.mkdir("{s}/d.md")
+os.rmdir("{s}/dir")
+open("{s}/dir", "w").close()
+print(sorted((e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in os.scandir("s")))
+""",
+    )
+    assert out.strip() == str(
+        sorted([("d.md", True, False), ("dir", False, False), ("f", True, False), ("l", False, True)])
+    )
