@@ -195,8 +195,9 @@ class Backing:
     def name_of(self, fd: int) -> tuple[str, bool] | None:
         """The root-relative name the kernel gives the file open as `fd` now (renames by anyone
         followed) and whether the file is deleted (the name is then its last); None when that lies
-        outside the root or cannot be told (longer than PATH_MAX; the name `fd` was opened by removed
-        while another link to its file remains, which the kernel does not name)."""
+        outside the root or is longer than PATH_MAX. Where the name `fd` was opened by was removed
+        while another link to its file remains, the kernel names neither that link nor the file
+        deleted: the removed name comes back with its " (deleted)" suffix, and not deleted."""
         try:
             root = os.readlink(self._proc(self._root_fd))
             path = os.readlink(self._proc(fd))
