@@ -22,14 +22,12 @@ RELEASE_WAIT = 0.5
 returns before the daemon's own descriptor for it is closed (FUSE sends the release after it)."""
 
 
-def open_for_writing(path: str, deadline: float | None = None) -> bool | None:
+def open_for_writing(path: str, deadline: float) -> bool | None:
     """True if some process has the regular file at `path` open for writing and keeps it open until
-    `deadline` (time.monotonic(); by default RELEASE_WAIT seconds from now: one deadline for all the
-    files of one rename), False if none has (or once it closed); None if the kernel cannot say (no
+    `deadline` (time.monotonic(); a caller asking of several files gives all one deadline, RELEASE_WAIT
+    seconds ahead), False if none has (or once it closed); None if the kernel cannot say (no
     file there, a file system without leases, a lease held by another program, or this process may
     not take one: neither the file's owner nor holding CAP_LEASE)."""
-    if deadline is None:
-        deadline = time.monotonic() + RELEASE_WAIT
     while (found := _open_for_writing(path)) and time.monotonic() < deadline:
         time.sleep(0.01)
     return found

@@ -547,7 +547,7 @@ class Shadow:
         """Create a managed file (committed empty) owned by `uid`, `gid` (the caller's), and open its
         shadow; a read-only one (O_RDONLY|O_CREAT), which can write nothing, holds no grant once it
         is made. A file that appeared meanwhile is opened as by open(2) with these flags, unless
-        O_EXCL (blocking)."""
+        O_EXCL or read-only: FileExistsError then (the caller opens a read-only one to read) (blocking)."""
         kind = cls.kind_of(flags)
         try:
             grant, version = core.create(agent, target, mode, owner, kind)

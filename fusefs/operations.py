@@ -46,7 +46,6 @@ from .handles import (
     errno_of,
     kill_set_ids,
     kill_set_ids_at,
-    reads_only,
     touch,
 )
 from .identity import AgentResolver, proc_file, process_of
@@ -641,12 +640,12 @@ class CoherentOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _keeps_cache(self, inode: int, fd: int) -> bool:
+    def _keeps_cache(self, inode: int, st: os.stat_result) -> bool:
         """Whether the kernel may keep what it cached of unmanaged `inode` at an open of its file
-        (`fd`): only while the file is as the last open found it. A change behind the volume's back
+        (`st`, its fstat): only while the file is as the last open found it. A change behind the volume's back
         that kept its size and mtime (`dd conv=notrunc`, then `touch -d` back) moves its ctime, which
         the kernel does not compare: it served the old bytes for good (found by a hostile probe)."""
-        now = Fingerprint.of(os.fstat(fd))  # inode, size, mtime, ctime
+        now = Fingerprint.of(st)  # inode, size, mtime, ctime
         before, self._cached_as[inode] = self._cached_as.get(inode), now
         return before == now
 
@@ -1465,16 +1464,16 @@ class CoherentOperations(pyfuse3.Operations):
                 # mount): the kernel looks the name up again and repeats the open as it finds it (an
                 # O_CREAT open, whose flag the kernel does not pass, creates it, as on a local disk)
                 raise self._stale(rel, ctx, writing) from None
-            if not stat_mod.S_ISREG(kind := os.fstat(fd).st_mode):  # a directory now: likewise
+            if not stat_mod.S_ISREG((st := os.fstat(fd)).st_mode):  # a directory now: likewise
                 os.close(fd)
                 if repeat is None:
                     raise self._stale(rel, ctx, writing)
-                raise pyfuse3.FUSEError(errno.EISDIR if stat_mod.S_ISDIR(kind) else errno.ENXIO)
+                raise pyfuse3.FUSEError(errno.EISDIR if stat_mod.S_ISDIR(st.st_mode) else errno.ENXIO)
             caller = Unprivileged.of(ctx) if writing else None
             if flags & os.O_TRUNC and caller is not None:
                 kill_set_ids(fd, caller)  # (the kernel does for a write, not for the daemon's truncation)
             handle = self._passthrough(fd, rel, flags, caller)
-            keep = self._keeps_cache(inode, fd)
+            keep = self._keeps_cache(inode, st)
             return pyfuse3.FileInfo(fh=self._open_file(handle, inode), keep_cache=keep)
         if not writing:
             return await self._open_reading(rel, inode, ctx, repeat)
@@ -1708,7 +1707,7 @@ class CoherentOperations(pyfuse3.Operations):
                     Shadow.create, self.core, self._owner, agent, target, mode, flags, caller, *owner
                 )
             except FileExistsError:
-                if flags & os.O_EXCL or not reads_only(flags):
+                if flags & os.O_EXCL:
                     raise
                 # made meanwhile (the kernel's lookup found no file): opened as open(2) opens it now, to read
                 entry = self._entry(rel)
