@@ -41,7 +41,8 @@ fi
 _stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$_stamp" ]; then
   echo "bootstrap: installing the package into .venv" >&2
-  [ -x .venv/bin/python ] || python3 -m venv .venv >&2
+  # (made anew where an interrupted first run left one without pip)
+  .venv/bin/python -m pip --version >/dev/null 2>&1 || python3 -m venv --clear .venv >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[mount,mcp,test,postgresql]" >&2
   rm -f .venv/.installed-*
   touch "$_stamp"
