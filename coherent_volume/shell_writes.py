@@ -1878,7 +1878,10 @@ class _Walk:
         it succeeded, after it failed). A directory is entered as bash enters it (`_entered`):
         logically unless physically (`cd -P`; `set -P`, which the command may turn on: `physical`).
         `pushd -n` and `popd -n` stay; the directory stack, `cd -` and a directory known only when it
-        runs are unknown, and so is a relative one CDPATH may find elsewhere."""
+        runs are unknown. A relative one (not `.`, `..`, `./…`, `../…`) may be below any directory of
+        the CDPATH the hook inherits (an empty entry: the working directory), bash entering the first
+        that is one when it runs: each is one the shell may be in after it; where the command may set
+        CDPATH, it may be any directory."""
         operands, flags = list(args), ""
         while operands and _is_option(operands[0]) and not re.fullmatch(r"-\d+", str(operands[0])):
             option = str(operands.pop(0))
@@ -1899,17 +1902,22 @@ class _Walk:
         if isinstance(target, Unknown):
             return {Unknown(f"{name} {target.word}", target.why, target.place)}, {cwd}
         relative = not target.startswith(("/", "./", "../")) and target not in (".", "..")
-        if relative and (self.untrusted or os.environ.get("CDPATH")):
-            return {Unknown(f"{name} {target}", "CDPATH may name another directory", _place(cwd))}, {cwd}
-        new = _unproc(_joined(cwd, target), cwd)
-        if isinstance(new, Unknown):
-            return {new}, {cwd}
+        if relative and self.untrusted:
+            why = "CDPATH, which the command may set, may name any directory"
+            return {Unknown(f"{name} {target}", why, _place(cwd), anywhere=True)}, {cwd}
+        cdpath = os.environ.get("CDPATH", "") if relative else ""
         chosen = next((c == "P" for c in reversed(flags) if c in "LP"), None) if name == "cd" else None
         ways = [chosen] if chosen is not None else [False, True] if self.physical else [False]
-        entered = [_entered(new, p) for p in ways]
-        if any(entered):
-            return {e for e in entered if e is not None}, {cwd} if None in entered else set()
-        return {os.path.normpath(new)}, {cwd}  # not there now: entered if the command makes it first
+        after: set[Cwd] = set()
+        surely = False  # a directory there now, entered whichever way
+        for base in [*cdpath.split(":"), "."] if cdpath else ["."]:
+            new = _unproc(_joined(cwd, os.path.join(base or ".", target)), cwd)
+            if isinstance(new, Unknown):
+                return {new}, {cwd}
+            entered = [_entered(new, p) for p in ways]
+            surely = surely or None not in entered
+            after |= {e for e in entered if e is not None} or {os.path.normpath(new)}  # (or made by the command first)
+        return after, set() if surely else {cwd}
 
     def _tmux(self, args: list[Item], cwd: Cwd) -> None:
         """tmux's commands (separated by `;` words), run by its server apart from this shell: the
@@ -3454,17 +3462,15 @@ with a `/` may be a path."""
 def _named_volumes(command: str, cwd: str) -> set[str]:
     """The roots of the volumes the literal paths of `command` lie in: joined to `cwd`, and the
     text after a path's last `..` (which may climb from anywhere) also joined to `/` and to each of
-    `cwd`'s ancestors."""
+    `cwd`'s ancestors; each entry of a `:`-separated list (`CDPATH=/a:/b`) too."""
     roots: set[str] = set()
     seen: set[str] = set()
     ancestors = [cwd]
     while os.path.dirname(ancestors[-1]) != ancestors[-1]:
         ancestors.append(os.path.dirname(ancestors[-1]))
     text = re.sub(r"\$\{?[#!]?\w*", " ", command)  # a variable's name is no part of a path (its default may be)
-    for match in _PATHLIKE.finditer(text):
-        token = match.group().lstrip(":-+=?#%")
-        if "/" not in token:
-            continue
+    tokens = (match.group().lstrip(":-+=?#%") for match in _PATHLIKE.finditer(text))
+    for token in (t for whole in tokens for t in dict.fromkeys([whole, *whole.split(":")]) if "/" in t):
         paths = [os.path.join(cwd, token)]
         if re.search(r"(?:^|/)\.\.(?:/|$)", token):
             tail = re.split(r"(?:^|/)\.\.(?:/|$)", token)[-1]

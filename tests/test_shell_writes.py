@@ -547,6 +547,29 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
         shell_writes(f"echo hi > {root}/plans/$f", str(outside))
 
 
+def test_cd_finds_its_directory_through_cdpath_as_bash_does(root: Path, tmp_path: Path, monkeypatch) -> None:
+    """A relative `cd` from outside the volume may enter a directory of the CDPATH the hook
+    inherits (bash tries its entries first, an empty one being the working directory): the writes
+    after it are checked there too. A command that may set CDPATH may enter any directory: refused
+    when it names a path in a volume (before, both went ahead unchecked, /tmp/s28hooks F1)."""
+    (root / "plans/plan.md").write_text("a\n")
+    outside = tmp_path / "elsewhere"
+    (outside / "plans").mkdir(parents=True)
+    for cdpath in (str(root), f":{root}", f"{root}:", f"/nonexistent:{root}"):
+        monkeypatch.setenv("CDPATH", cdpath)
+        for command in ("cd plans && echo x > plan.md", "pushd plans; echo x > plan.md"):
+            writes = set(shell_writes(command, str(outside)).writes)
+            made_first = {("/nonexistent/plans/plan.md", W)} if "/nonexistent" in cdpath else set()  # (by the command)
+            assert writes == {(f"{outside}/plans/plan.md", W), (f"{root}/plans/plan.md", W)} | made_first, cdpath
+    monkeypatch.setenv("CDPATH", "")
+    assert shell_writes("cd plans; echo x > plan.md", str(outside)).writes == [(f"{outside}/plans/plan.md", W)]
+    monkeypatch.delenv("CDPATH")
+    for command in (f"CDPATH={root}; cd plans && echo x > plan.md", f"export CDPATH={root}:; cd plans; echo > plan.md"):
+        with pytest.raises(UnresolvedShellWrite, match="CDPATH"):
+            shell_writes(command, str(outside))
+    assert shell_writes('CDPATH="$(cat f)"; cd plans && echo x > plan.md', str(outside)).writes == []  # names no volume
+
+
 FACES = {
     "claude_code": lambda command, cwd: {
         "hook_event_name": "PreToolUse",
