@@ -11,6 +11,7 @@ records and no others, releasing a grant only once no call that claimed it is st
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -147,14 +148,14 @@ def _change_note(session: str, change: Callable[[list[object]], list[object] | N
     leaves it as it is, an empty list removes it. False where it cannot be kept (no private
     directory, a full disk): then it is as it was, or short of what was being added."""
     at = session_file("volumes", session)
-    if at is None:
-        return False
     try:
-        fd = os.open(at, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _locked(at, create=True) if at is not None else None
     except OSError:
         return False
+    if fd is None or at is None:
+        return False
     try:
-        entries = change(_locked_entries(fd))  # the lock is held for one read and one write of a small file
+        entries = change(_entries(fd))  # the lock is held for one read and one write of a small file
         if entries is None:
             return True
         if not entries:
@@ -168,9 +169,34 @@ def _change_note(session: str, change: Callable[[list[object]], list[object] | N
         os.close(fd)
 
 
-def _locked_entries(fd: int) -> list[object]:
-    """The entries of the session note open as `fd`, locked (flock) until `fd` is closed."""
-    fcntl.flock(fd, fcntl.LOCK_EX)
+def _locked(at: Path, create: bool = False, wait: bool = True) -> int | None:
+    """A descriptor of the session note at `at`, locked (flock) until it is closed, and still the
+    note by that name once locked (one removed meanwhile, by its session's end or `sweep_notes`,
+    is opened again, so nothing is written to a removed note); None if `wait` is False and another
+    holds its lock, or if there is none and not `create`."""
+    for _ in range(8):
+        try:
+            fd = os.open(at, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            if os.path.samestat(os.fstat(fd), os.stat(at)):
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise OSError(errno.EAGAIN, f"the session note {at} was removed again and again while being opened")
+
+
+def _entries(fd: int) -> list[object]:
+    """The entries of the session note open as `fd`."""
     return _lines(os.pread(fd, os.fstat(fd).st_size, 0))
 
 
@@ -296,9 +322,8 @@ def taking_claims(
     fd: int | None = None
     entries: list[object] = []
     try:
-        if at is not None:
-            fd = os.open(at, os.O_RDWR | os.O_CLOEXEC)
-            entries = _locked_entries(fd)  # locked while the block releases the grants of what it took
+        if at is not None and (fd := _locked(at)) is not None:
+            entries = _entries(fd)  # locked while the block releases the grants of what it took
     except OSError:
         if fd is not None:
             os.close(fd)
@@ -351,6 +376,46 @@ def end_process(session: str, process: ProcessId) -> None:
         return kept if others else []
 
     _change_note(session, drop)
+
+
+SWEEP_AGE = 3600.0
+"""Seconds a session note must have gone unwritten before `sweep_notes` looks at it."""
+SWEEP_MOST = 100
+"""Notes `sweep_notes` reads at most in one call (the oldest first), so a hook's budget holds."""
+
+
+def sweep_notes() -> None:
+    """Remove the notes of sessions that ended without a session end (Codex has none; an agent
+    killed): a note unwritten for SWEEP_AGE seconds whose every process entry is of a process known
+    to be dead (a process of another host or PID namespace is never taken for dead), locked while
+    it is looked at; one whose lock another holds is left."""
+    at = session_file("volumes", "")
+    if at is None:
+        return
+    old = time.time() - SWEEP_AGE
+    notes: list[tuple[float, str]] = []
+    with os.scandir(at.parent) as found:
+        for entry in found:
+            try:
+                if entry.name.startswith("volumes-") and (mtime := entry.stat().st_mtime) < old:
+                    notes.append((mtime, entry.path))
+            except OSError:
+                continue
+    for _, path in sorted(notes)[:SWEEP_MOST]:
+        try:
+            fd = _locked(Path(path), wait=False)
+        except OSError:
+            continue
+        if fd is None:
+            continue
+        try:
+            entries = _entries(fd)
+            if all(_gone(entry) for entry in entries if isinstance(entry, dict)):
+                os.unlink(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def registry_gone(session: str, path: str) -> str | None:

@@ -62,6 +62,7 @@ from .hook_paths import (
     record_volume,
     registry_gone,
     session_volumes,
+    sweep_notes,
     taking_claims,
 )
 from .hooks import Answer, Face, Progress
@@ -861,10 +862,12 @@ def start_session(actor: Actor, places: Iterable[str | None]) -> None:
     (`hook_paths.session_volumes`: those holding `places`, its working directories, and those its
     hooks bound it in before), so whatever it does through a mount of one is the session's from its
     first access on: a mount caches whose a process is for a moment, so a binding made only between
-    a read and a write could come too late for the write."""
+    a read and a write could come too late for the write. Then notes of sessions that ended
+    without a session end go (`sweep_notes`)."""
     for root in session_volumes(actor.session, places):
         with opened(root) as core:
             _joined(core, actor)
+    sweep_notes()
 
 
 def release_grants(actor: Actor, places: Iterable[str | None]) -> None:

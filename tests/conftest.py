@@ -31,6 +31,20 @@ def _dev_null_untouched() -> Iterator[None]:
     assert after == before, f"/dev/null changed during this test: (char device, mode) {before} -> {after}"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_notes_kept_apart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The hooks the tests run keep their sessions' notes (`hook_paths.session_file`) in a
+    directory of this run's, not the user's: the suite's sessions mostly never end, and left
+    thousands of notes in the machine's own."""
+    before = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+    yield
+    if before is None:
+        del os.environ["XDG_RUNTIME_DIR"]
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = before
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import time
 from dataclasses import replace
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, codex
+from coherent_volume import CoherentVolume, codex, hook_paths
 from coherent_volume.codex import parse_patch
 from coherent_volume.errors import StaleWriteError
 
@@ -683,3 +684,27 @@ def test_a_shell_command_is_told_what_to_do_about_a_shell_command_and_a_patch_ab
     verdict, reason = one.apply(update(P, " goal", "-step A, one", "+step A, two"), {})
     assert verdict == "deny" and "Your patch was written against an earlier version" in reason, reason
     assert (root / P).read_text() == "goal\nstep A, other\nstep B\n"
+
+
+def test_the_note_of_a_session_that_ended_without_a_session_end_goes_at_a_later_start(
+    root: Path, sessions, tmp_path: Path, monkeypatch
+) -> None:
+    """Codex has no session-end event: a session's note of the volumes it works in outlived its
+    process for good (/tmp/s28hooks F4: thousands on a machine). A later session's start removes
+    every note unwritten for an hour whose processes are all dead, not one of a live process."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # (the hooks' processes inherit it)
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "goal\n")
+    living, ended = sessions("living", root), Session("ended", root)  # (ended here: not at teardown)
+    ended.begin()
+    assert living.apply(update(P, "-goal", "+goal, living"), {P: "goal, living\n"})[0] == "allow"
+    assert ended.apply(update(P, "-goal, living", "+goal, ended"), {P: "goal, ended\n"})[0] == "allow"
+    ended.close()
+    notes = {name: hook_paths.session_file("volumes", f"codex:{unique(name)}") for name in ("ended", "living")}
+    assert all(at is not None and at.exists() for at in notes.values()), notes
+    hour_ago = time.time() - hook_paths.SWEEP_AGE - 60
+    for at in notes.values():
+        os.utime(at, (hour_ago, hour_ago))  # type: ignore[arg-type]
+    sessions("later", root)  # its start
+    assert not notes["ended"].exists()  # type: ignore[union-attr]
+    assert notes["living"].exists()  # type: ignore[union-attr]
