@@ -194,6 +194,8 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     shell = _shell(event)
     path = progress.path = None if shell is not None else _event_path(event)
     progress.write_check = name == "PreToolUse" and tool in WRITE_TOOLS
+    if progress.write_check and path is None:
+        hooks.tool_path(event.get("tool_input"), ("file_path", "notebook_path"), cwd)  # raises: it names none
     writes: list[tuple[str, HandleKind]] = [(path, "write")] if path else []
     if shell is not None:
         checking = name == "PreToolUse"

@@ -65,11 +65,9 @@ def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites
         command = event.get("command")
         return shell_writes(command, base or ".") if isinstance(command, str) else []
     tool_input = event.get("tool_input")
-    if event.get("tool_name") not in EDIT_TOOLS or not isinstance(tool_input, dict):
+    if event.get("tool_name") not in EDIT_TOOLS:
         return []
-    raw = next((tool_input[k] for k in ("file_path", "path", "target_file") if k in tool_input), None)
-    path = hooks.absolute(raw, base)
-    return [] if path is None else [(path, "write")]
+    return [(hooks.tool_path(tool_input, ("file_path", "path", "target_file"), base), "write")]
 
 
 def _permission(permission: str, agent_message: str | None = None, user_message: str | None = None) -> Answer:

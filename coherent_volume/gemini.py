@@ -66,11 +66,10 @@ def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites
     """The files a write tool or a shell command of the event writes (absolute), with how."""
     tool, cwd = event.get("tool_name"), event.get("cwd")
     tool_input = event.get("tool_input")
+    if tool in WRITE_TOOLS:
+        return [(hooks.tool_path(tool_input, ("file_path",), cwd), "write")]
     if not isinstance(tool_input, dict):
         return []
-    if tool in WRITE_TOOLS:
-        path = hooks.absolute(tool_input.get("file_path"), cwd)
-        return [] if path is None else [(path, "write")]
     command = tool_input.get("command")
     if tool == SHELL_TOOL and isinstance(command, str):
         base = hooks.absolute(tool_input.get("dir_path"), cwd) or (cwd if isinstance(cwd, str) else ".")

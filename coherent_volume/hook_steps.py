@@ -249,7 +249,8 @@ def planned(
     is: a write check when `checking` (the event comes before the tool runs) and something is
     written. `shell` is a shell command and the directory it runs in: one that runs in a volume or
     names a path in one is a write check there while its writes are worked out (which takes
-    time), so a budget that runs out denies it. A shell write whose file is known only at run
+    time), so a budget that runs out denies it; any other event that `checking`, until `find` returned.
+    A shell write whose file is known only at run
     time, or a hard link of a managed file, is answered instead: denied before the command runs;
     after it, nothing to record. So is a write in the background (one the command leaves to a job
     it does not wait for, `ShellWrites.background`, or any, for a command the agent runs in the
@@ -259,6 +260,8 @@ def planned(
         root = volume_named(*shell)
         if root is not None:
             progress.write_check, progress.path = True, root
+    else:  # a file tool: a write check until `find` says it writes nothing (it raises for a write naming no file)
+        progress.write_check = checking
     try:
         found = find()
     except (UnresolvedShellWrite, LinkRefused) as refused:

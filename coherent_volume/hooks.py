@@ -139,6 +139,18 @@ def absolute(path: object, base: object) -> str | None:
     return path
 
 
+def tool_path(tool_input: object, keys: tuple[str, ...], base: object) -> str:
+    """The path a write tool's input names under the first of `keys` it has (`absolute`), which it
+    must name: ValueError otherwise, so the write is not checked and is denied (`run_hook`), never
+    let through as naming no file."""
+    named = next((tool_input[k] for k in keys if k in tool_input), None) if isinstance(tool_input, dict) else None
+    found = absolute(named, base)
+    if found is None:
+        given = repr(named if isinstance(tool_input, dict) else tool_input)[:200]
+        raise ValueError(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {given})")
+    return found
+
+
 Handle = Callable[[dict[str, Any], Progress, ProcessId | None], Answer]
 """A face's handling of one event: (event, progress, the agent's process if known) -> answer; it
 raises what it cannot handle (`run_hook` answers undecided)."""
@@ -315,13 +327,15 @@ def run_hook(
     answer is given; if the handling fails or overruns undecided, `undecided(event, progress, why,
     lasting)` answers (a face denies a write check unless `passes_undecided`; `lasting` for a
     failure a retry does not change, a `VolumeConfigError`). An event that is not a JSON
-    object names no file: it is answered with a warning only."""
+    object cannot be told from any other (a denial in the wrong shape would stop an agent that
+    sends one): it goes ahead, with a warning saying nothing was checked."""
     try:
         event = json.loads(stdin.lstrip("\ufeff"))
         if not isinstance(event, dict):
             raise TypeError("the event is not a JSON object")
     except (TypeError, ValueError) as e:
-        return Answer(0, "", f"coherent-volume: unreadable hook event ({e}); it names no file, so nothing was checked")
+        said = "nothing was checked or recorded for it: a write it was about went ahead unchecked"
+        return Answer(0, "", f"coherent-volume: unreadable hook event ({e}); {said}")
     progress = Progress()
     result: list[Answer] = []
     failure: list[BaseException] = []

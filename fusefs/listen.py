@@ -84,7 +84,8 @@ async def listen(
                 task_status.started()
                 first = False
             lost = await _serve(conn, core, registry, inodes, own)
-            log.warning("the listener's connection to the registry was lost (%s); connecting again", lost)
+            server = registry.location.server
+            log.warning("the listener's connection to the registry at %s was lost (%s); connecting again", server, lost)
         except CoherenceError as e:  # the registry unreachable, busy or failing: tried again
             log.warning("the listener could not connect and resync (%s); trying again in %.1f s", e, delay)
         except OSError as e:  # a file of the working copy the resync could not install

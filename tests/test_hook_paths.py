@@ -133,6 +133,25 @@ def test_slashes_doubled_after_the_root_spell_the_same_managed_file(root: Path, 
     assert (root / P).read_text() == "v1\n"
 
 
+@pytest.mark.parametrize("face", ["claude-code Write", "gemini write_file", "cursor Write"])
+def test_a_write_tools_event_that_names_no_file_path_is_denied(root: Path, face: str) -> None:
+    """A write tool's input whose path is no string (a list, a number, missing, the input itself a
+    string) is a write that could not be checked: denied, saying so (before, it was let through
+    silently as naming no file, /tmp/s28hooks F3). A valid path beside it changes nothing."""
+    command, event = FACES[face]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    base = event(root, "no-path", str(root / P))
+    key = next(k for k in ("file_path", "path", "target_file") if k in base["tool_input"])
+    for named in ([str(root / P)], 5, None, ""):
+        tool_input = {**base["tool_input"], key: named, "path": str(root / P)} if key != "path" else {"path": named}
+        for given in (tool_input, json.dumps(tool_input)):
+            r, _ = timed_hook(command, {**base, "tool_input": given})
+            reason = _denial(r.stdout)
+            assert reason is not None and "names no file path" in reason, (named, given, r.stdout, r.stderr)
+    assert (root / P).read_text() == "v1\n"
+
+
 def test_a_file_outside_every_volume_stays_free(root: Path, tmp_path: Path) -> None:
     """A symlink out of nowhere into nowhere: no volume, so every face lets it be."""
     elsewhere = tmp_path / "elsewhere"

@@ -295,7 +295,7 @@ def test_the_listener_reconnects_after_its_session_is_ended_and_catches_up_what_
             # committed while h2 listens nowhere: these notifications are never delivered to it
             alice.write("plans/a.md", "two\n")
             alice.write("plans/b.md", "bee\n")
-            assert within(BOUND, lambda: "connection to the registry was lost" in m2.log_text()) is not None
+            assert within(BOUND, lambda: "connection to the registry at " in m2.log_text()) is not None
             assert (h2 / "plans/a.md").read_text() == "one\n"  # nothing reached h2 meanwhile
             # a listing cut off from the database shows what the copy holds (it failed EIO)
             assert m2.listing("plans") == ["a.md"]
