@@ -67,7 +67,7 @@ def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites
     tool_input = event.get("tool_input")
     if event.get("tool_name") not in EDIT_TOOLS:
         return []
-    return [(hooks.tool_path(tool_input, ("file_path", "path", "target_file"), base), "write")]
+    return [(hooks.tool_path(tool_input, ("file_path", "path", "target_file", "target_notebook"), base), "write")]
 
 
 def _permission(permission: str, agent_message: str | None = None, user_message: str | None = None) -> Answer:

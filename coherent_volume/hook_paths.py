@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import stat
 import tempfile
 import time
@@ -381,7 +382,8 @@ def end_process(session: str, process: ProcessId) -> None:
 SWEEP_AGE = 3600.0
 """Seconds a session note must have gone unwritten before `sweep_notes` looks at it."""
 SWEEP_MOST = 100
-"""Notes `sweep_notes` reads at most in one call (the oldest first), so a hook's budget holds."""
+"""Notes `sweep_notes` reads at most in one call (chosen at random among the old ones, so notes it
+must keep do not hide others from it), so a hook's budget holds."""
 
 
 def sweep_notes() -> None:
@@ -393,15 +395,15 @@ def sweep_notes() -> None:
     if at is None:
         return
     old = time.time() - SWEEP_AGE
-    notes: list[tuple[float, str]] = []
+    notes: list[str] = []
     with os.scandir(at.parent) as found:
         for entry in found:
             try:
-                if entry.name.startswith("volumes-") and (mtime := entry.stat().st_mtime) < old:
-                    notes.append((mtime, entry.path))
+                if entry.name.startswith("volumes-") and entry.stat().st_mtime < old:
+                    notes.append(entry.path)
             except OSError:
                 continue
-    for _, path in sorted(notes)[:SWEEP_MOST]:
+    for path in random.sample(notes, min(len(notes), SWEEP_MOST)):  # (never the same ones each time)
         try:
             fd = _locked(Path(path), wait=False)
         except OSError:

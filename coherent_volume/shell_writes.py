@@ -1878,10 +1878,11 @@ class _Walk:
         it succeeded, after it failed). A directory is entered as bash enters it (`_entered`):
         logically unless physically (`cd -P`; `set -P`, which the command may turn on: `physical`).
         `pushd -n` and `popd -n` stay; the directory stack, `cd -` and a directory known only when it
-        runs are unknown. A relative one (not `.`, `..`, `./…`, `../…`) may be below any directory of
-        the CDPATH the hook inherits (an empty entry: the working directory), bash entering the first
-        that is one when it runs: each is one the shell may be in after it; where the command may set
-        CDPATH, it may be any directory."""
+        runs are unknown. A relative one (not `.`, `..`, `./…`, `../…`) is looked for below each
+        directory of CDPATH first (`_cdpath`), bash entering the first that is one when it runs: each
+        up to the first that is one now is one the shell may be in after it; where the command may
+        set CDPATH, or the directory is known only when it runs and CDPATH is set, it may be any
+        directory."""
         operands, flags = list(args), ""
         while operands and _is_option(operands[0]) and not re.fullmatch(r"-\d+", str(operands[0])):
             option = str(operands.pop(0))
@@ -1899,25 +1900,36 @@ class _Walk:
                 return {Unknown(name, "HOME is set in the command, or not at all", _place(cwd))}, {cwd}
             operands = [home]
         target = operands[0]
+        cdpath = self._cdpath()
         if isinstance(target, Unknown):
-            return {Unknown(f"{name} {target.word}", target.why, target.place)}, {cwd}
+            relative = not (target.lead or "").startswith(("/", "./", "../"))
+            anywhere = target.anywhere or relative and cdpath != []  # (CDPATH may lead it anywhere)
+            return {Unknown(f"{name} {target.word}", target.why, target.place, anywhere)}, {cwd}
         relative = not target.startswith(("/", "./", "../")) and target not in (".", "..")
-        if relative and self.untrusted:
+        if relative and cdpath is None:
             why = "CDPATH, which the command may set, may name any directory"
             return {Unknown(f"{name} {target}", why, _place(cwd), anywhere=True)}, {cwd}
-        cdpath = os.environ.get("CDPATH", "") if relative else ""
         chosen = next((c == "P" for c in reversed(flags) if c in "LP"), None) if name == "cd" else None
         ways = [chosen] if chosen is not None else [False, True] if self.physical else [False]
         after: set[Cwd] = set()
-        surely = False  # a directory there now, entered whichever way
-        for base in [*cdpath.split(":"), "."] if cdpath else ["."]:
-            new = _unproc(_joined(cwd, os.path.join(base or ".", target)), cwd)
+        for base in [*cdpath, "."] if relative and cdpath else ["."]:
+            new = _unproc(_joined(cwd, os.path.join(base, target)), cwd)
             if isinstance(new, Unknown):
                 return {new}, {cwd}
             entered = [_entered(new, p) for p in ways]
-            surely = surely or None not in entered
-            after |= {e for e in entered if e is not None} or {os.path.normpath(new)}  # (or made by the command first)
-        return after, set() if surely else {cwd}
+            found: set[Cwd] = {e for e in entered if e is not None}
+            if None not in entered:  # a directory there now, entered whichever way: bash looks no further
+                return after | found, set()
+            after |= found or {os.path.normpath(new)}  # (or made by the command first)
+        return after, {cwd}
+
+    def _cdpath(self) -> list[str] | None:
+        """The directories a relative `cd` looks in first, as bash finds them in the CDPATH the hook
+        inherits (`~` expanded, an empty entry the working directory: "."); None where the command
+        may set CDPATH (`untrusted`) or any variable (`poisoned`)."""
+        if self.untrusted or self.poisoned:
+            return None
+        return [os.path.expanduser(d) if d else "." for d in _inherited_cdpath()]
 
     def _tmux(self, args: list[Item], cwd: Cwd) -> None:
         """tmux's commands (separated by `;` words), run by its server apart from this shell: the
@@ -3459,15 +3471,25 @@ _PATHLIKE = re.compile(r"[^\0\s'\"`;&|<>()=$*?\[{},]+")
 with a `/` may be a path."""
 
 
+def _inherited_cdpath() -> list[str]:
+    """The entries of the CDPATH the hook inherits (none if it is unset or empty)."""
+    cdpath = os.environ.get("CDPATH", "")
+    return cdpath.split(":") if cdpath else []
+
+
 def _named_volumes(command: str, cwd: str) -> set[str]:
     """The roots of the volumes the literal paths of `command` lie in: joined to `cwd`, and the
     text after a path's last `..` (which may climb from anywhere) also joined to `/` and to each of
-    `cwd`'s ancestors; each entry of a `:`-separated list (`CDPATH=/a:/b`) too."""
+    `cwd`'s ancestors; each entry of a `:`-separated list (`CDPATH=/a:/b`) too, and `~` and `$HOME`
+    as the hook's HOME."""
     roots: set[str] = set()
     seen: set[str] = set()
     ancestors = [cwd]
     while os.path.dirname(ancestors[-1]) != ancestors[-1]:
         ancestors.append(os.path.dirname(ancestors[-1]))
+    home = os.environ.get("HOME", "")
+    if home.startswith("/"):  # (a command that may set HOME is refused anyway: `_SETS`)
+        command = re.sub(r"\$(?:HOME\b|\{HOME\})|(?<![^\s=:'\"])~(?=[/:\s'\"]|$)", lambda _: home, command)
     text = re.sub(r"\$\{?[#!]?\w*", " ", command)  # a variable's name is no part of a path (its default may be)
     tokens = (match.group().lstrip(":-+=?#%") for match in _PATHLIKE.finditer(text))
     for token in (t for whole in tokens for t in dict.fromkeys([whole, *whole.split(":")]) if "/" in t):
@@ -3520,7 +3542,7 @@ def _followed(
     walk = _Walk(*settled) if settled else _Walk()
     walk.deadline = deadline or walk.deadline
     walk.start = cwd
-    walk.untrusted = _SETS.search(command) is not None
+    walk.untrusted = _SETS.search(re.sub(r"[\\'\"]", "", command)) is not None  # (`CD''PATH=`, `CD\\PATH=` too)
     walk.redefined = _REDEFINES.search(command) is not None or any(
         name.startswith(("BASH_FUNC_date", "BASH_FUNC_mktemp")) for name in os.environ
     )
@@ -3567,12 +3589,14 @@ def shell_writes(command: str, cwd: str) -> ShellWrites:
     """The files a shell command run in `cwd` recognisably writes, each with how, and which of them
     it writes in the background (see the module's docstring); a directory removed or moved stands
     for the files below it. Paths are `cwd` joined with the words as bash expands them (`..` kept,
-    but a `cd` enters a directory as bash does: `_Walk._cd`). Raises UnresolvedShellWrite when a
+    but a `cd` enters a directory as bash does: `_Walk._cd`; a volume the inherited CDPATH names
+    counts as one the command names). Raises UnresolvedShellWrite when a
     write's file is known only when the command runs and may be a managed file (`_Walk.refused`):
     when the first walk finds one, a second takes the variables it can as known (`_Walk.settled`)."""
     cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
     walk, found = _followed(command, cwd)
-    volumes = _named_volumes(command[:_LONGEST], cwd) if walk.unknown else set()
+    inherited = " ".join(os.path.expanduser(d) for d in _inherited_cdpath())  # where a relative cd may lead
+    volumes = _named_volumes(f"{command[:_LONGEST]} {inherited}", cwd) if walk.unknown else set()
     refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
     settled = walk.settled() if refusal is not None else None
     if settled is not None:

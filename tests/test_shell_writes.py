@@ -550,17 +550,22 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
 def test_cd_finds_its_directory_through_cdpath_as_bash_does(root: Path, tmp_path: Path, monkeypatch) -> None:
     """A relative `cd` from outside the volume may enter a directory of the CDPATH the hook
     inherits (bash tries its entries first, an empty one being the working directory): the writes
-    after it are checked there too. A command that may set CDPATH may enter any directory: refused
-    when it names a path in a volume (before, both went ahead unchecked, /tmp/s28hooks F1)."""
+    after it are checked there too, up to the first where it is now. A command that may set CDPATH
+    may enter any directory: refused when it names a path in a volume (before, both went ahead
+    unchecked, /tmp/s28hooks F1; the later cases, /tmp/s28r2 F1-F4)."""
     (root / "plans/plan.md").write_text("a\n")
     outside = tmp_path / "elsewhere"
     (outside / "plans").mkdir(parents=True)
-    for cdpath in (str(root), f":{root}", f"{root}:", f"/nonexistent:{root}"):
+    there, here, made_first = f"{root}/plans/plan.md", f"{outside}/plans/plan.md", "/nonexistent/plans/plan.md"
+    for cdpath, written in (
+        (str(root), {there}),
+        (f"{root}:", {there}),
+        (f"/nonexistent:{root}", {made_first, there}),  # (unless the command makes it first)
+        (f"/nonexistent:{outside}:{root}", {made_first, here}),
+    ):
         monkeypatch.setenv("CDPATH", cdpath)
         for command in ("cd plans && echo x > plan.md", "pushd plans; echo x > plan.md"):
-            writes = set(shell_writes(command, str(outside)).writes)
-            made_first = {("/nonexistent/plans/plan.md", W)} if "/nonexistent" in cdpath else set()  # (by the command)
-            assert writes == {(f"{outside}/plans/plan.md", W), (f"{root}/plans/plan.md", W)} | made_first, cdpath
+            assert set(shell_writes(command, str(outside)).writes) == {(w, W) for w in written}, cdpath
     monkeypatch.setenv("CDPATH", "")
     assert shell_writes("cd plans; echo x > plan.md", str(outside)).writes == [(f"{outside}/plans/plan.md", W)]
     monkeypatch.delenv("CDPATH")
@@ -568,6 +573,28 @@ def test_cd_finds_its_directory_through_cdpath_as_bash_does(root: Path, tmp_path
         with pytest.raises(UnresolvedShellWrite, match="CDPATH"):
             shell_writes(command, str(outside))
     assert shell_writes('CDPATH="$(cat f)"; cd plans && echo x > plan.md', str(outside)).writes == []  # names no volume
+    # set by spellings a text search for the name misses, or to a path through `~` or $HOME
+    monkeypatch.setenv("HOME", str(root.parent))
+    for command in (
+        f"export CD''PATH={root}; cd plans && echo x > plan.md",
+        f"declare CD\\PATH={root}; cd plans && echo x > plan.md",
+        f"n=CD; export ${{n}}PATH={root}; cd plans && echo x > plan.md",
+        f"CDPATH=~/{root.name}; cd plans && echo x > plan.md",
+        f"CDPATH=$HOME/{root.name}; cd plans && echo x > plan.md",
+    ):
+        with pytest.raises(UnresolvedShellWrite):
+            shell_writes(command, str(outside))
+    # inherited: `~` expanded as bash does; a directory known only when it runs may be below any entry
+    monkeypatch.setenv("CDPATH", f"~/{root.name}")
+    assert (f"{root}/plans/plan.md", W) in shell_writes("cd plans && echo x > plan.md", str(outside)).writes
+    monkeypatch.setenv("CDPATH", str(root))
+    with pytest.raises(UnresolvedShellWrite):
+        shell_writes("cd $(echo plans) && echo x > plan.md", str(outside))
+    assert shell_writes("d=plans; cd $d && echo x > plan.md", str(outside)).writes == [(there, W)]  # (d known)
+    # bash enters the first entry where the directory is now: none after it is reached
+    for cdpath in (f".:{root}", f":{root}"):
+        monkeypatch.setenv("CDPATH", cdpath)
+        assert shell_writes("cd plans && echo x > plan.md", str(outside)).writes == [(f"{outside}/plans/plan.md", W)]
 
 
 FACES = {
