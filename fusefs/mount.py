@@ -121,6 +121,9 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):
         raise MountError(f"volume root {root!r} does not exist")
+    core = open_core(root_real)  # a clear error now if ROOT is no volume
+    core.close()
+    root_real = core.paths.root  # (ROOT may name it through a mount of it: the daemon serves the root itself)
     mp = _named(mountpoint)
     over = mp in fuse_mounts() and daemon_gone(mp)  # a daemon killed earlier left it dead
     if over and os.geteuid() != 0:  # (only root can mount over it: detached, then checked as any directory)
@@ -138,8 +141,6 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
         )
     if not over and os.listdir(mp):
         raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")
-    core = open_core(root_real)  # a clear error now if ROOT is no volume
-    core.close()
     if direct_dirs and os.geteuid() != 0:
         raise MountError("--direct needs root: a bind mount needs CAP_SYS_ADMIN (mount as root, or without --direct)")
     rels = direct.check(root_real, core.paths.globs, direct_dirs)

@@ -510,6 +510,26 @@ def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
         assert not is_mounted(m.path)
 
 
+def test_a_volume_named_by_a_mount_of_it_is_mounted_from_its_root(root: Path, tmp_path: Path) -> None:
+    """`mount MNT1 MNT2`, MNT1 a mount of the volume, mounts the volume's root at MNT2, as every
+    command opens a volume named by a mount of it (before, the daemon looked for its log in MNT1's
+    .coherent, which a mount does not show: the mount failed, naming a log that did not exist,
+    /tmp/s28cli 1)."""
+    with Mount(root, tmp_path / "m1") as m1:
+        second = tmp_path / "m2"
+        second.mkdir()
+        try:
+            r = subprocess.run([CLI, "mount", str(m1.path), str(second)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            sources = [line.split()[0] for line in Path("/proc/self/mounts").read_text().splitlines()]
+            assert sources.count(str(root)) == 2, "both mounts serve the root itself"
+            (second / P).write_text("through the second\n")
+            assert (m1.path / P).read_text() == "through the second\n"
+        finally:
+            subprocess.run([CLI, "unmount", str(second)], capture_output=True, timeout=60)
+        assert not is_mounted(second) and not daemon_pids(second)
+
+
 def test_commands_given_a_mount_whose_daemon_died_say_so(root: Path, tmp_path: Path) -> None:
     """`status`, `policy`, `prune` and `log` of a mountpoint whose daemon was killed say it is such a
     mount and what to do, not that the directory does not exist."""
