@@ -115,9 +115,19 @@ def _fail(error: BaseException, code: int, as_json: bool = False) -> NoReturn:
     """End the command as click ends one on an error: its message on stderr, exit status `code`;
     with `as_json`, also the error as JSON on stdout (`_error_json`), where a tool reads."""
     if as_json:
-        click.echo(_error_json(error, code))
+        _echo_json(_error_json(error, code))
     click.echo(f"Error: {error}", err=True)
     raise click.exceptions.Exit(code) from error
+
+
+def _echo_json(text: str) -> None:
+    """An error as JSON on stdout, where it can be written: stdout may be what failed (a full disk,
+    a closed pipe), and the message goes to stderr anyway."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
 
 
 def _error_json(error: BaseException, code: int) -> str:
@@ -149,7 +159,7 @@ def _guard(fn: Callable[..., None]) -> Callable[..., None]:
             _fail(e, EXIT_ERROR, as_json)
         except click.ClickException as e:  # a usage error found past parsing (`UsageError`: status 2)
             if as_json:
-                click.echo(_error_json(e, e.exit_code))
+                _echo_json(_error_json(e, e.exit_code))
             raise
 
     wrapper.__name__ = fn.__name__
@@ -159,12 +169,14 @@ def _guard(fn: Callable[..., None]) -> Callable[..., None]:
 
 def _agent_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """The callback of every option and argument naming an agent: the name as `validate_agent`
-    checks it (a reserved or malformed one is an error, exit status 1)."""
+    checks it (a reserved or malformed one is an error, exit status 1, as JSON too with `--json`)."""
     if value is None:
         return None
     try:
         return validate_agent(value)
     except CoherenceError as e:
+        if ctx.params.get("as_json"):  # (`--json` is eager: known by now wherever it was given)
+            _echo_json(_error_json(e, EXIT_ERROR))
         raise click.ClickException(str(e)) from e
 
 
@@ -400,7 +412,7 @@ def migrate(registry: str) -> None:
 @click.argument("root", type=ROOT)
 @_policy_options
 @click.option("--no-merge", is_flag=True, help="Merge no path any more.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
     """Show the volume's merge globs and retention policy, or change them (options given)."""
@@ -421,7 +433,7 @@ def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
 
 @main.command()
 @click.argument("root", type=ROOT)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def prune(root: str, as_json: bool) -> None:
     """Drop the stored bytes of versions the retention policy no longer keeps, to the end (commits
@@ -435,7 +447,9 @@ def prune(root: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("root", type=ROOT)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (always lists every path).")
+@click.option(
+    "--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output (always lists every path)."
+)
 @click.option("--all", "show_all", is_flag=True, help="Also list deleted paths (temp files of editors and tools).")
 @click.option(
     "--hosts",
@@ -555,7 +569,7 @@ def _hosts(h: report.Hosts, as_json: bool) -> None:
 @main.command()
 @click.argument("root", type=ROOT)
 @click.argument("copy")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def forget(root: str, copy: str, as_json: bool) -> None:
     """Remove another working copy of a PostgreSQL volume from its registrations (COPY: the start of
@@ -603,7 +617,7 @@ _LOG_COLUMNS = ["seq", "when", "event", "path", "agent", "detail"]
 @main.command()
 @click.argument("root", type=ROOT)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until interrupted.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="One JSON object per line.")
 @click.option(
     "--limit",
     "-n",
@@ -724,7 +738,7 @@ def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def why(paths: tuple[str, ...], as_json: bool) -> None:
     """Why a write to PATH was refused: the refusal, who changed the file since (and the diff from
@@ -779,7 +793,7 @@ def why(paths: tuple[str, ...], as_json: bool) -> None:
     help=f"Only the newest N versions (default {HISTORY_SHOWN}, not --json).",
 )
 @click.option("--all", "show_all", is_flag=True, help="Every version (the default with --json).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: bool) -> None:
     """The versions of a managed file, newest first: version, kind, writer, when, size, content
@@ -855,7 +869,7 @@ def _version_number(text: str) -> int:
     callback=_agent_name,
     help="From this agent's view (the version it last read; 0 if none, said on stderr) to the current version.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> None:
     """Unified diff between two versions of a managed file.
@@ -900,7 +914,7 @@ def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> Non
     callback=_agent_name,
     help="Who restores it (default: $COHERENT_AGENT); it must have read the current version.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a refusal too).")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output (a refusal too).")
 @_guard
 def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> None:
     """Commit the bytes of an old version again, as a new version (kind restore), with the checks of
@@ -925,7 +939,7 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, metavar="[ROOT] PATH")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Machine-readable output.")
 @_guard
 def reclaim(paths: tuple[str, ...], as_json: bool) -> None:
     """End the write grant on PATH now, as its expiry would: for a holder whose process cannot be

@@ -387,9 +387,11 @@ class NestedVolume(VolumeConfigError):
         self.root, self.other = root, other
         where = f"contains the volume at {other}" if around else f"lies inside the volume at {other}"
         if mounted_at is not None:
-            where = f"lies inside {mounted_at}, where the volume at {other} is mounted"
+            where = f"{'contains' if around else 'lies inside'} {mounted_at}, where the volume at {other} is mounted"
         remedy = (
-            f"Make the volume elsewhere, or move the volume at {other} out of {root} first."
+            f"Make the volume elsewhere, or unmount {mounted_at} first."
+            if around and mounted_at is not None
+            else f"Make the volume elsewhere, or move the volume at {other} out of {root} first."
             if around
             else f"Work in that volume (with `--managed` globs covering these files), or make this one outside "
             f"{mounted_at}."

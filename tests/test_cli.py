@@ -220,6 +220,14 @@ def test_init_refuses_a_volume_inside_another_or_around_one(tmp_path: Path) -> N
     contains = cv("init", str(around), "-m", "*.md")
     assert contains.returncode == 1 and f"{around} contains the volume at {around}/deep/ws" in contains.stderr
     assert not (around / ".coherent").exists()
+    # a mount of a volume below shows no registry: found by itself (/tmp/s28cli 4: made, then its writes
+    # there failed with a bare PermissionError)
+    with Mount(outer, tmp_path / "host/mnt") as m:
+        mounting = cv("init", str(tmp_path / "host"), "-m", "**")
+        assert mounting.returncode == 1, mounting.stderr
+        assert f"contains {m.path}, where the volume at {outer} is mounted" in mounting.stderr
+        assert f"unmount {m.path} first" in mounting.stderr
+        assert not (tmp_path / "host/.coherent").exists()
 
 
 def test_status_table_and_json(root: Path) -> None:
@@ -345,6 +353,14 @@ def test_a_json_command_that_fails_prints_its_error_as_json_too(tmp_path: Path, 
         (("history", str(root), "plans/none.md", "--json"), 4, "VersionGone", "plans/none.md"),
         (("history", str(root), P, "--all", "--limit", "2", "--json"), 2, "UsageError", "--all"),
         (("why", str(root), "../escape", "--json"), 1, "OutsideVolume", "outside the volume"),
+        # an agent name checked as the command line is read, wherever --json stands (/tmp/s28cli 2)
+        (("diff", str(root), P, "--agent", "", "--json"), 1, "VolumeConfigError", "agent name ''"),
+        (
+            ("restore", "--json", str(root), P, "--version", "1", "--agent", "external"),
+            1,
+            "VolumeConfigError",
+            "reserved",
+        ),
     ]
     for args, status, kind, said in cases:
         r = cv(*args)
@@ -353,6 +369,11 @@ def test_a_json_command_that_fails_prints_its_error_as_json_too(tmp_path: Path, 
         assert (error["kind"], error["exit_status"]) == (kind, status), (args, error)
         assert said in error["message"] and error["message"] in r.stderr, (args, error, r.stderr)
     assert cv("status", str(tmp_path)).stdout == ""  # without --json, stdout stays empty
+    for place, said in ((root, "No space left on device"), (tmp_path, "no volume at")):  # stdout cannot be written
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([CLI, "status", str(place), "--json"], stdout=full, stderr=subprocess.PIPE, text=True)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # (two tracebacks before)
+        assert r.stderr.count("Error: ") == 1 and said in r.stderr, r.stderr
 
 
 def test_status_hides_deleted_paths_unless_asked(root: Path) -> None:

@@ -17,7 +17,7 @@ import os
 from ..errors import GlobError, NestedVolume, VolumeConfigError
 from ..filesystems import refuse_network_root, refuse_renaming_in_place
 from ..globs import ManagedGlobs
-from ..mounts import mount_holding
+from ..mounts import fuse_mounts, mount_holding
 from ..paths import REGISTRY_DIR
 from ..registry import LOCATION_FILE, postgresql, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
@@ -75,12 +75,15 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
     """NestedVolume if the directory `real` (a real path) lies inside another volume: below a root
     holding a registry (inside a mount of one: `refuse_mounted`). So a volume made inside another one before is
     never opened (its files are the outer volume's), by the API, a mount or a hook. When `creating`
-    it, also if a volume lies below it (searched without following symlinks); VolumeConfigError if
+    it, also if a volume lies below it (searched without following symlinks), or a mount of one; VolumeConfigError if
     more than MOST_SCANNED directories lie below, too many to tell."""
     if (above := volume_above(real)) is not None:
         raise NestedVolume(real, above)
     if not creating:
         return
+    for mountpoint, root in fuse_mounts().items():  # (a mount shows no registry: found by its own name)
+        if mountpoint.startswith(real.rstrip("/") + "/"):
+            raise NestedVolume(real, root, around=True, mounted_at=mountpoint)
     for scanned, (directory, dirs, _) in enumerate(os.walk(real)):
         dirs[:] = [d for d in dirs if d != REGISTRY_DIR]
         if directory != real and recorded_in(os.path.join(directory, REGISTRY_DIR)):
