@@ -607,6 +607,11 @@ def serve(core: VolumeCore, agent: str | None) -> None:
                 )
 
 
+ANSWER_AT_END = 60.0
+"""Seconds the server waits, once its client closed its side, for the requests still running to
+be answered (each is bounded by the volume's own waits)."""
+
+
 async def _serve_stdio(server: Any) -> None:
     """Serve `server` (an SDK `MCPServer`) over stdio as its `run_stdio_async` does, except that every
     line that is not a JSON-RPC message is answered (the SDK drops it, so a client waiting for its
@@ -615,7 +620,7 @@ async def _serve_stdio(server: Any) -> None:
     import anyio
     from mcp.server.stdio import stdio_server
     from mcp.shared.message import SessionMessage
-    from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
+    from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, JSONRPCRequest, JSONRPCResponse
     from pydantic import ValidationError
 
     def error_for(e: Exception) -> JSONRPCError:
@@ -636,10 +641,20 @@ async def _serve_stdio(server: Any) -> None:
         )
 
     lowlevel = server._lowlevel_server  # the SDK's own `run_stdio_async` serves it the same way
+    unanswered: set[object] = set()
+    """The ids of the requests read and not answered yet."""
+
+    def root(item: object) -> object:
+        message = getattr(item, "message", None)
+        return getattr(message, "root", message)
+
     async with stdio_server() as (read, write):
 
         class Answering:
-            """`read` with every item that is not a message answered on `write` and skipped."""
+            """`read` with every item that is not a message answered on `write` and skipped; at
+            its end (the client closed its side), what it ends with waits for every request read
+            to be answered (the SDK would drop the answers of those still running, whose changes
+            may have landed), ANSWER_AT_END seconds at most."""
 
             last_context = property(lambda self: getattr(read, "last_context", None))
 
@@ -647,6 +662,8 @@ async def _serve_stdio(server: Any) -> None:
                 while True:
                     item = await read.receive()
                     if not isinstance(item, Exception):
+                        if isinstance(request := root(item), JSONRPCRequest):
+                            unanswered.add(request.id)
                         return item
                     await write.send(SessionMessage(error_for(item)))
 
@@ -660,6 +677,9 @@ async def _serve_stdio(server: Any) -> None:
                 try:
                     return await self.receive()
                 except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    with anyio.move_on_after(ANSWER_AT_END):
+                        while unanswered:
+                            await anyio.sleep(0.01)
                     raise StopAsyncIteration from None
 
             async def __aenter__(self) -> "Answering":
@@ -668,7 +688,24 @@ async def _serve_stdio(server: Any) -> None:
             async def __aexit__(self, *exc: object) -> None:
                 await self.aclose()
 
-        await lowlevel.run(Answering(), write, lowlevel.create_initialization_options())
+        class Noting:
+            """`write`, noting each request answered."""
+
+            async def send(self, item: Any, /) -> None:
+                await write.send(item)
+                if isinstance(answer := root(item), JSONRPCResponse | JSONRPCError):
+                    unanswered.discard(answer.id)
+
+            async def aclose(self) -> None:
+                await write.aclose()
+
+            async def __aenter__(self) -> "Noting":
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                await self.aclose()
+
+        await lowlevel.run(Answering(), Noting(), lowlevel.create_initialization_options())
 
 
 @click.command("mcp")
