@@ -1029,7 +1029,11 @@ def unmount(mountpoint: str) -> None:
 @click.argument("name", callback=_agent_name)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_as(name: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND as agent NAME (sets COHERENT_AGENT): coherent-volume as alice -- CMD ARGS..."""
+    """Run COMMAND as agent NAME (sets COHERENT_AGENT): coherent-volume as alice -- CMD ARGS...
+
+    Where an agent integration bound a process above it to its session (a hook of Claude Code,
+    Codex, Gemini CLI or Cursor run by it), the mount and the API take that session's agent
+    instead, as for any of the session's programs (docs/mount.md, "Who is writing")."""
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
         raise click.UsageError("no command given")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, Self
 
 Reason = Literal["stale", "unread", "held", "fenced", "read-set"]
@@ -377,6 +378,17 @@ class GlobError(CoherenceError, ValueError):
 
 class VolumeConfigError(CoherenceError, ValueError):
     """The volume was opened with settings that contradict what it stores, or bad arguments."""
+
+
+class OtherGlobs(VolumeConfigError):
+    """A volume opened with managed globs other than those it was made with (they never change)."""
+
+    def __init__(self, stored: Sequence[str], given: Sequence[str]) -> None:
+        super().__init__(
+            f"this volume manages {list(stored)}, not {list(given)}: a second policy is never applied (a volume's "
+            "managed globs are set when it is made). Open it without managed globs (the API's `managed=`; the "
+            "commands but `init` never take any) or with the stored ones (`init` with the same `--managed`)"
+        )
 
 
 class NestedVolume(VolumeConfigError):

@@ -48,6 +48,7 @@ def test_init_creates_and_is_idempotent(tmp_path: Path) -> None:
     assert cv("init", str(tmp_path / "ws"), "-m", "*.md", "-m", "plans/**").returncode == 0
     clash = cv("init", str(tmp_path / "ws"), "-m", "other/**")
     assert clash.returncode == 1 and "a second policy is never applied" in clash.stderr
+    assert "`init` with the same `--managed`" in clash.stderr  # (it advised `init` without globs: a usage error)
     bad = cv("init", str(tmp_path / "ws2"), "-m", "a**")
     assert bad.returncode == 1 and "malformed glob" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "ws2").exists(), "a refused init leaves no directory behind"

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RegistryError, VolumeConfigError
+from ..errors import OtherGlobs, RegistryError, VolumeConfigError
 from ..globs import ManagedGlobs
 from ..paths import REGISTRY_DIR
 from . import DB_FILE, pg_connections
@@ -117,10 +117,7 @@ def _damaged_replica(root: str, directory: str, location: Location, damage: str)
 
 def _check_globs(globs: ManagedGlobs | None, stored: ManagedGlobs) -> None:
     if globs is not None and globs != stored:
-        raise VolumeConfigError(
-            f"this volume manages {list(stored.patterns)}, not {list(globs.patterns)}: "
-            "open it without managed globs (or with the stored ones); a second policy is never applied"
-        )
+        raise OtherGlobs(stored.patterns, globs.patterns)
 
 
 def _register(

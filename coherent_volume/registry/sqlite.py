@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 
-from ..errors import RegistryError, RootGone, VolumeConfigError, root_gone
+from ..errors import OtherGlobs, RegistryError, RootGone, root_gone
 from ..fingerprint import Fingerprint, file_identity
 from ..globs import ManagedGlobs
 from ..liveness import INITIAL_PID_NAMESPACE, ProcessId, pid_namespace_inode, start_time
@@ -1323,10 +1323,7 @@ class SQLiteRegistry:
         except (ValueError, TypeError) as e:
             raise RegistryError(f"registry {self._path!r} stores unreadable managed globs ({e})") from e
         if globs != stored_globs:
-            raise VolumeConfigError(
-                f"this volume manages {list(stored_globs.patterns)}, not {list(globs.patterns)}: "
-                "open it without managed globs (or with the stored ones); a second policy is never applied"
-            )
+            raise OtherGlobs(stored_globs.patterns, globs.patterns)
         return stored_globs
 
     @property
