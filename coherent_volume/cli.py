@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -255,6 +256,9 @@ class _Root(click.Path):
                     param,
                     ctx,
                 )
+        else:
+            if not stat.S_ISDIR(os.stat(value).st_mode):  # (click lets a FIFO or a device pass for one)
+                self.fail(f"{value!r} is not a directory", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -723,6 +727,7 @@ def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, 
 
     if len(args) == 2 + extra or (len(args) > 1 and os.path.isdir(args[0])):
         root, path, rest = args[0], args[1], args[2:]
+        ROOT.convert(root, None, None)  # a usage error (exit status 2) unless a directory, as a ROOT argument's
         given = os.path.abspath(root)
         if os.path.isabs(path) and path.startswith(given + os.sep):
             path = os.path.relpath(path, given)  # a path through the mountpoint given as ROOT

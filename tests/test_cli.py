@@ -347,6 +347,18 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path, root: Path) -> N
     assert r.returncode == 1 and "outside the volume" in r.stderr
 
 
+def test_a_root_that_is_no_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """Exit status 2, as the README says, whatever it is: before, a FIFO or a device passed for a
+    directory and failed later, exit status 1 (/tmp/s28cli 6)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "file").write_text("x")
+    for root in (fifo, Path("/dev/null"), tmp_path / "file"):
+        for args in (("status", str(root)), ("history", str(root), "plans/a.md")):
+            r = cv(*args)
+            assert r.returncode == 2 and "not a directory" in r.stderr, (args, r.stderr)
+
+
 def test_a_json_command_that_fails_prints_its_error_as_json_too(tmp_path: Path, root: Path) -> None:
     """A tool that reads --json output learns why a command failed from stdout, not only stderr."""
     cases = [
