@@ -249,12 +249,12 @@ def planned(
     is: a write check when `checking` (the event comes before the tool runs) and something is
     written. `shell` is a shell command and the directory it runs in: one that runs in a volume or
     names a path in one is a write check there while its writes are worked out (which takes
-    time), so a budget that runs out denies it; any other event that `checking`, until `find` returned.
-    A shell write whose file is known only at run
-    time, or a hard link of a managed file, is answered instead: denied before the command runs;
-    after it, nothing to record. So is a write in the background (one the command leaves to a job
-    it does not wait for, `ShellWrites.background`, or any, for a command the agent runs in the
-    `background`) of a managed file off a mount (`_late`)."""
+    time), so a budget that runs out denies it; so is any other event `checking` until `find` has
+    returned. A shell write whose file is known only at run time, or a hard link of a managed
+    file, is answered instead: denied before the command runs; after it, nothing to record. So is
+    a write in the background (one the command leaves to a job it does not wait for,
+    `ShellWrites.background`, or any, for a command the agent runs in the `background`) of a
+    managed file off a mount (`_late`)."""
     if shell is not None:
         progress.doing = "working out which files the shell command writes"
         root = volume_named(*shell)

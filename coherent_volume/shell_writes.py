@@ -1926,8 +1926,9 @@ class _Walk:
     def _cdpath(self) -> list[str] | None:
         """The directories a relative `cd` looks in first, as bash finds them in the CDPATH the hook
         inherits (`~` expanded, an empty entry the working directory: "."); None where the command
-        may set CDPATH (`untrusted`) or any variable (`poisoned`)."""
-        if self.untrusted or self.poisoned:
+        may set CDPATH (`untrusted`: it names it). As with HOME, a script it sources is taken to
+        leave CDPATH as it is (a virtualenv's `activate` before a `cd` is no write to anywhere)."""
+        if self.untrusted:
             return None
         return [os.path.expanduser(d) if d else "." for d in _inherited_cdpath()]
 
