@@ -124,6 +124,8 @@ def _fail(error: BaseException, code: int, as_json: bool = False) -> NoReturn:
 def _echo_json(text: str) -> None:
     """An error as JSON on stdout, where it can be written: stdout may be what failed (a full disk,
     a closed pipe), and the message goes to stderr anyway."""
+    if sys.stdout is None:  # (started with its stdout closed)
+        return
     try:
         click.echo(text)
         sys.stdout.flush()

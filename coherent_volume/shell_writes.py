@@ -1214,8 +1214,9 @@ class _Walk:
 
     def _note(self, name: str, how: str | None) -> None:
         """Name `name` may be set, `how` (`sets`); one that changes how the shell runs may end it
-        before a `wait` (`_SHELL_MODES`)."""
+        before a `wait` (`_SHELL_MODES`); one of `_ENVIRONMENT` makes the walk `untrusted` from here on."""
         self.sets.setdefault(name, set()).add(how)
+        self.untrusted = self.untrusted or name in _ENVIRONMENT  # however the command spells it
         self.may_quit = self.may_quit or name in _SHELL_MODES
         self.changes[name] = self.changes.get(name, 0) + 1
 
@@ -3511,10 +3512,16 @@ def _named_volumes(command: str, cwd: str) -> set[str]:
     return roots
 
 
-_SETS = re.compile(r"(?<![\w$.{])(HOME|PWD|CDPATH|GLOBIGNORE)(?!\w)|\bshopt\b")
-"""A command that names HOME, PWD, CDPATH or GLOBIGNORE other than expanding it may set it, and one
-that runs `shopt` may change how patterns match: none of them is taken from the environment, nor
-is a pattern matched."""
+_ENVIRONMENT = frozenset({"HOME", "PWD", "CDPATH", "GLOBIGNORE"})
+"""The variables a command that may set one of them is `untrusted` about (`_SETS`, `_Walk._note`)."""
+_SETS = re.compile(
+    r"(?<![\w$.{])(HOME|PWD|CDPATH|GLOBIGNORE|BASH_ENV|ENV|BASHOPTS)(?!\w)|\b(shopt|cdable_vars)\b|--(rcfile|init-file)\b"
+)
+"""A command that names HOME, PWD, CDPATH or GLOBIGNORE other than expanding it may set it, one
+that runs `shopt` (or names `cdable_vars` or BASHOPTS, `bash -O`) may change how patterns match and
+`cd` finds its directory, and one that gives a shell a startup file (BASH_ENV, ENV, `--rcfile`,
+`--init-file`) may run anything in it: none of them is taken from the environment, nor is a pattern
+matched. The walk notes names set by spellings this misses (`$'CDPATH'`, `{C,X}DPATH`: `_note`)."""
 
 
 def volume_named(command: str, cwd: str) -> str | None:

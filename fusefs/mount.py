@@ -119,6 +119,11 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
             "mount with `unshare --pid --fork --mount-proc`, or from outside it"
         )
     root_real = os.path.realpath(root)
+    if root_real in fuse_mounts() and daemon_gone(root_real):
+        raise MountError(
+            f"{root!r} is a mount of a volume whose daemon is gone: unmount it (`coherent-volume unmount "
+            f"{root_real}`), then mount the volume's root"
+        )
     if not os.path.isdir(root_real):
         raise MountError(f"volume root {root!r} does not exist")
     core = open_core(root_real)  # a clear error now if ROOT is no volume

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import socket
 import subprocess
@@ -387,6 +388,13 @@ def test_a_json_command_that_fails_prints_its_error_as_json_too(tmp_path: Path, 
             r = subprocess.run([CLI, "status", str(place), "--json"], stdout=full, stderr=subprocess.PIPE, text=True)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # (two tracebacks before)
         assert r.stderr.count("Error: ") == 1 and said in r.stderr, r.stderr
+    closed = subprocess.run(  # stdout closed (`>&-`): the message on stderr, no traceback (/tmp/s28r3 4)
+        ["bash", "-c", f"{shlex.quote(CLI)} diff --json --agent external {shlex.quote(str(root))} {P} >&-"],
+        capture_output=True,
+        text=True,
+    )
+    assert closed.returncode == 1 and "Traceback" not in closed.stderr, closed.stderr
+    assert "Error: agent name 'external' is reserved" in closed.stderr, closed.stderr
 
 
 def test_status_hides_deleted_paths_unless_asked(root: Path) -> None:

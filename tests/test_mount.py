@@ -540,6 +540,10 @@ def test_commands_given_a_mount_whose_daemon_died_say_so(root: Path, tmp_path: P
             r = subprocess.run([CLI, command, str(m.path)], capture_output=True, text=True, timeout=60)
             assert r.returncode == 2 and "is a mount whose daemon is gone" in r.stderr, (command, r.stderr)
             assert "coherent-volume unmount" in r.stderr
+        other = tmp_path / "other"
+        other.mkdir()
+        r = subprocess.run([CLI, "mount", str(m.path), str(other)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "whose daemon is gone" in r.stderr, r.stderr  # (not "does not exist")
 
 
 def test_agent_comes_from_the_nearest_ancestor_and_threads_map_to_their_process(mounted: Mount, tmp_path: Path) -> None:

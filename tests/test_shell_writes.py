@@ -580,6 +580,10 @@ def test_cd_finds_its_directory_through_cdpath_as_bash_does(root: Path, tmp_path
         f"declare CD\\PATH={root}; cd plans && echo x > plan.md",
         f"CDPATH=~/{root.name}; cd plans && echo x > plan.md",
         f"CDPATH=$HOME/{root.name}; cd plans && echo x > plan.md",
+        f"export $'CDPATH'={root}; cd plans && echo x > plan.md",  # (/tmp/s28r3 1-3)
+        f"export {{C,X}}DPATH={root}; cd plans && echo x > plan.md",
+        f"printf 'export CDPATH=%s\\n' {root} > rc; BASH_ENV=rc bash -c 'cd plans && echo x > plan.md'",
+        f"bash -O cdable_vars -c 'v={root}/plans; cd v && echo x > plan.md'",
     ):
         with pytest.raises(UnresolvedShellWrite):
             shell_writes(command, str(outside))
