@@ -985,7 +985,7 @@ def _refusal_json(e: StaleWriteError) -> dict[str, object]:
 
 
 @main.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root", type=ROOT)
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option(
     "--agent",

@@ -149,11 +149,13 @@ def _change_note(session: str, change: Callable[[list[object]], list[object] | N
     leaves it as it is, an empty list removes it. False where it cannot be kept (no private
     directory, a full disk): then it is as it was, or short of what was being added."""
     at = session_file("volumes", session)
+    if at is None:
+        return False
     try:
-        fd = _locked(at, create=True) if at is not None else None
+        fd = _locked(at, create=True)
     except OSError:
         return False
-    if fd is None or at is None:
+    if fd is None:
         return False
     try:
         entries = change(_entries(fd))  # the lock is held for one read and one write of a small file

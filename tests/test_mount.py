@@ -494,7 +494,7 @@ def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
     r = subprocess.run([CLI, "mount", str(root), str(busy)], capture_output=True, text=True)
     assert r.returncode == 1 and "not empty" in r.stderr
     r = subprocess.run([CLI, "mount", str(tmp_path / "nope"), str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert r.returncode == 2 and "does not exist" in r.stderr
     r = subprocess.run([CLI, "unmount", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "not a mounted volume" in r.stderr
     with Mount(root, tmp_path / "mnt") as m:
@@ -531,8 +531,8 @@ def test_a_volume_named_by_a_mount_of_it_is_mounted_from_its_root(root: Path, tm
 
 
 def test_commands_given_a_mount_whose_daemon_died_say_so(root: Path, tmp_path: Path) -> None:
-    """`status`, `policy`, `prune` and `log` of a mountpoint whose daemon was killed say it is such a
-    mount and what to do, not that the directory does not exist."""
+    """`status`, `policy`, `prune`, `log` and `mount` of a mountpoint whose daemon was killed say it
+    is such a mount and what to do, not that the directory does not exist."""
     with Mount(root, tmp_path / "mnt") as m:
         m.kill_daemon()
         assert gone_within(10, lambda: daemon_pids(m.path))
@@ -543,7 +543,7 @@ def test_commands_given_a_mount_whose_daemon_died_say_so(root: Path, tmp_path: P
         other = tmp_path / "other"
         other.mkdir()
         r = subprocess.run([CLI, "mount", str(m.path), str(other)], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1 and "whose daemon is gone" in r.stderr, r.stderr  # (not "does not exist")
+        assert r.returncode == 2 and "is a mount whose daemon is gone" in r.stderr, r.stderr  # (not "does not exist")
 
 
 def test_agent_comes_from_the_nearest_ancestor_and_threads_map_to_their_process(mounted: Mount, tmp_path: Path) -> None:
@@ -883,7 +883,10 @@ def test_a_dead_mount_named_through_a_symlink_is_mounted_over_and_unmounted(root
         via = tmp_path / "via" / "mnt"
         r = subprocess.run([CLI, "mount", str(root), str(via)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        m.kill_daemon()
+        over = daemon_pids(via)  # (named as it was given: the daemon's arguments)
+        assert len(over) == 1
+        os.kill(over[0], signal.SIGKILL)
+        assert gone_within(10, lambda: daemon_pids(via))
         r = subprocess.run([CLI, "unmount", str(via)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert not is_mounted(m.path) and os.listdir(m.path) == []

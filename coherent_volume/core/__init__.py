@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ..errors import GlobError, NestedVolume, VolumeConfigError
-from ..filesystems import refuse_network_root, refuse_renaming_in_place
+from ..filesystems import lies_within, refuse_network_root, refuse_renaming_in_place
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts, mount_holding
 from ..paths import REGISTRY_DIR
@@ -82,7 +82,7 @@ def refuse_nesting(real: str, *, creating: bool) -> None:
     if not creating:
         return
     for mountpoint, root in fuse_mounts().items():  # (a mount shows no registry: found by its own name)
-        if mountpoint.startswith(real.rstrip("/") + "/"):
+        if mountpoint != real and lies_within(mountpoint, real):
             raise NestedVolume(real, root, around=True, mounted_at=mountpoint)
     for scanned, (directory, dirs, _) in enumerate(os.walk(real)):
         dirs[:] = [d for d in dirs if d != REGISTRY_DIR]

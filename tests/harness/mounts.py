@@ -253,10 +253,15 @@ class Mount:
         return time.monotonic() - started
 
     def kill_daemon(self) -> list[int]:
-        """SIGKILL the daemon (its mount stays, dead); returns the pids killed."""
+        """SIGKILL the daemon and wait (10 s at most) until it is gone and its mount answers as a
+        dead one (the mount stays); returns the pids killed."""
         pids = daemon_pids(self.path)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (daemon_pids(self.path) or dead_errno(self.path) is None) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not daemon_pids(self.path) and dead_errno(self.path) is not None, "the killed daemon's mount is not dead"
         return pids
 
     def unmount(self) -> Unmounted:
