@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rapidfuzz.distance import Indel
-
 from .errors import TooManyLines
 from .paths import shown
 
@@ -75,6 +73,8 @@ def _matching_blocks(a: list[str], b: list[str]) -> list[tuple[int, int, int]]:
             f"{len(middle_a):,} and {len(middle_b):,} lines differ between the two versions: more than a line diff "
             f"or merge aligns ({MAX_ALIGNED:,} pairs of lines)"
         )
+    from rapidfuzz.distance import Indel  # (loaded by the first diff, not by every hook and command)
+
     numbers: dict[str, int] = {}
     a_ids = [numbers.setdefault(line, len(numbers)) for line in middle_a]
     b_ids = [numbers.setdefault(line, len(numbers)) for line in middle_b]

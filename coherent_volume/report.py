@@ -8,6 +8,7 @@ import socket
 import stat
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from . import diffs
 from .core import VolumeCore
@@ -18,9 +19,9 @@ from .mounts import daemon_gone, direct_dir_in, mounts_of
 from .paths import Target, printable
 from .protocol import Version, grant_over
 from .registry import AgentSummary, Event, LogMark, Transaction
-from .registry.pg_hosts import WorkingCopy
-from .registry.pg_open import boot_id
-from .registry.postgresql import PostgresRegistry
+
+if TYPE_CHECKING:  # (the PostgreSQL backend's modules are loaded where one is used: not by the hooks)
+    from .registry.pg_hosts import WorkingCopy
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class Hosts:
 def hosts(core: VolumeCore) -> Hosts:
     """Every working copy of the volume: how far behind it is, when it was last seen. A SQLite
     volume has one, its root (the registry is in it), never behind; nothing is checked or changed."""
+    from .registry.pg_hosts import WorkingCopy
+    from .registry.pg_open import boot_id
+    from .registry.postgresql import PostgresRegistry
+
     registry = core.registry
     if isinstance(registry, PostgresRegistry):
         return Hosts(core.paths.root, registry.location.describe(), registry.working_copies())
@@ -145,6 +150,8 @@ def hosts(core: VolumeCore) -> Hosts:
 def forget(core: VolumeCore, copy: str) -> WorkingCopy:
     """Remove the registration of another working copy of a PostgreSQL volume (the copy whose id
     starts with `copy`, unseen for long); the copy removed."""
+    from .registry.postgresql import PostgresRegistry
+
     registry = core.registry
     if not isinstance(registry, PostgresRegistry):
         raise VolumeConfigError(

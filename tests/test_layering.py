@@ -3,7 +3,9 @@
 `fusefs` builds on `coherent_volume`, never the reverse; the FUSE libraries (pyfuse3,
 trio) are an optional extra that only the mount commands load, inside the command. The MCP
 SDK (the `mcp` extra) is loaded only inside `coherent_volume/mcp_server.py`'s functions, when
-`coherent-volume mcp` runs: the rest of the CLI and the hooks never import it.
+`coherent-volume mcp` runs: the rest of the CLI and the hooks never import it. The PostgreSQL
+backend's modules are loaded by a volume that uses it, the diff library by the first diff: a hook
+of a SQLite volume that reads or allows a write (every tool call of an agent) loads neither.
 """
 
 from __future__ import annotations
@@ -149,12 +151,13 @@ for name, tool in (("PostToolUse", "Read"), ("PreToolUse", "Write"), ("PostToolU
         main(["hook", "claude-code"], standalone_mode=False)
     except Exited as e:
         assert e.args[0] == 0, e.args
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fusefs", "pyfuse3", "trio", "rich", "mcp", "mcp_types", "pydantic", "anyio", "psycopg", "psycopg_pool"))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("fusefs", "pyfuse3", "trio", "rich", "mcp", "mcp_types", "pydantic", "anyio", "psycopg", "psycopg_pool", "rapidfuzz")
+                or m.startswith(("coherent_volume.registry.pg_", "coherent_volume.registry.postgresql")))
 print("LOADED " + json.dumps(loaded))
 """
 
 
-def test_the_hook_path_loads_nothing_of_fuse(root: Path) -> None:
+def test_the_hook_path_loads_only_what_it_uses(root: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-c", HOOK_RUN, str(root)], capture_output=True, text=True, timeout=60, cwd=REPO, check=False
     )
@@ -165,6 +168,8 @@ def test_the_hook_path_loads_nothing_of_fuse(root: Path) -> None:
     assert not [m for m in loaded if m.startswith("rich")], f"the hook needs no rich: {loaded}"
     assert not [m for m in loaded if m.split(".")[0] in MCP_SIDE], f"the hook needs no MCP SDK: {loaded}"
     assert not [m for m in loaded if m.split(".")[0] in PG_SIDE], f"a SQLite volume needs no psycopg: {loaded}"
+    assert not [m for m in loaded if m.startswith("coherent_volume.registry")], f"nor its PostgreSQL backend: {loaded}"
+    assert "rapidfuzz" not in loaded, f"a read and an allowed write need no diff: {loaded}"
 
 
 def test_the_mount_commands_load_fusefs_only_when_run() -> None:

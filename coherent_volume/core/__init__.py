@@ -19,7 +19,7 @@ from ..filesystems import lies_within, refuse_network_root, refuse_renaming_in_p
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts, mount_holding
 from ..paths import REGISTRY_DIR
-from ..registry import LOCATION_FILE, postgresql, recorded_in, volume_above
+from ..registry import LOCATION_FILE, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
 from .base import Isolation, validate_agent
 from .reads import Observed
@@ -143,5 +143,7 @@ def open_core(
     if made or managed is not None or registry is not None:  # a volume's root, or one to be
         refuse_nesting(real, creating=not made)
     if registry is not None or os.path.exists(os.path.join(directory, LOCATION_FILE)):
+        from ..registry import postgresql  # (its modules load with a PostgreSQL volume only)
+
         return VolumeCore(real, postgresql.open_postgres(directory, real, globs, registry, volume))
     return VolumeCore(real, SQLiteRegistry(directory, globs))

@@ -54,7 +54,6 @@ from ..protocol import (
     recovery,
 )
 from ..registry import CopyRelock, Registry, Transaction
-from ..registry.postgresql import PostgresRegistry
 from ..registry.replica import Replica
 from .leases import Heartbeat
 
@@ -149,7 +148,7 @@ class CoreBase:
     def __init__(self, root: str, registry: Registry) -> None:
         self.registry = registry
         self.paths = VolumePaths(root, registry.globs)
-        self.replica: Replica | None = registry.replica if isinstance(registry, PostgresRegistry) else None
+        self.replica: Replica | None = registry.replica
         """This working copy's own state when the registry holds the content (`_sync_copy`), else None."""
         self._shares: dict[str, list[HandleKind]] = {}
         """The kinds of this process's open write handles under each grant (by token)."""

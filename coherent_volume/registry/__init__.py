@@ -41,12 +41,15 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 from ..errors import RegistryError
 from ..globs import REGISTRY_DIR, ManagedGlobs
 from ..liveness import ProcessId
 from ..protocol import EventKind, FileRecord, Grant, Intent, Version
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 R = TypeVar("R")
 
@@ -406,6 +409,11 @@ class Registry(Protocol):
 
     @property
     def globs(self) -> ManagedGlobs: ...
+    @property
+    def replica(self) -> Replica | None:
+        """This working copy's own state where the registry holds the content (PostgreSQL), else None."""
+        ...
+
     def commit_lock(
         self, paths: Iterable[str] | None = None, whole_if_free: bool = False
     ) -> AbstractContextManager[None]:

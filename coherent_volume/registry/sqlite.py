@@ -897,6 +897,9 @@ class _Transaction:
 class SQLiteRegistry:
     """The registry of the volume whose registry directory is `directory` (see registry.Registry)."""
 
+    replica = None
+    """The registry and the files share the root: no working copy of its own (`Registry.replica`)."""
+
     def __init__(self, directory: str, globs: ManagedGlobs | None) -> None:
         """Open the registry in `directory`, creating it if `globs` is given and none exists.
 
