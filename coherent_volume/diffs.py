@@ -3,7 +3,8 @@
 Text is UTF-8 without NUL bytes; anything else is binary and gets no line diff. Every diff and
 merge aligns lines along a longest common subsequence (`_matching_blocks`: rapidfuzz's bit-parallel
 LCS, about n·m/64 word operations, so files of many repeated lines cost no more than others), the
-alignment `diff` and `git merge-file` also aim for."""
+alignment `diff` and `git merge-file` also aim for, with each run of lines only added or removed
+slid down past equal lines (`_slid_down`), so the two alignments of a merge agree where it goes."""
 
 from __future__ import annotations
 
@@ -80,7 +81,31 @@ def _matching_blocks(a: list[str], b: list[str]) -> list[tuple[int, int, int]]:
     b_ids = [numbers.setdefault(line, len(numbers)) for line in middle_b]
     middle = [(m.a + head, m.b + head, m.size) for m in Indel.opcodes(a_ids, b_ids).as_matching_blocks() if m.size]
     blocks = ([(0, 0, head)] if head else []) + middle + ([(len(a) - tail, len(b) - tail, tail)] if tail else [])
-    return blocks + [(len(a), len(b), 0)]
+    return _slid_down(a, b, blocks + [(len(a), len(b), 0)])
+
+
+def _slid_down(a: list[str], b: list[str], blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The alignment `blocks` of `a` and `b` with every run of lines only added, or only removed,
+    moved as far down as the equal lines after it allow (the same lines matched, as many). So every
+    alignment places a line added beside equal ones alike, after them: the two of a merge (base to
+    ours, base to theirs) agree on where such a line goes, and `merge3` takes it once."""
+    out = [[0, 0, 0]] + [list(block) for block in blocks]
+    k = 0
+    while k < len(out) - 1:
+        here, after = out[k], out[k + 1]
+        while after[2]:
+            a_end, b_end = here[0] + here[2], here[1] + here[2]
+            added = a_end == after[0] and b_end < after[1] and b[b_end] == b[after[1]]
+            removed = b_end == after[1] and a_end < after[0] and a[a_end] == a[after[0]]
+            if not (added or removed):
+                break
+            here[2] += 1  # (the line equal to the run's first matches it: a[a_end] == b[b_end])
+            after[0], after[1], after[2] = after[0] + 1, after[1] + 1, after[2] - 1
+        if after[2] == 0 and k + 1 < len(out) - 1:
+            del out[k + 1]  # used up: the run meets the next one, slid on against the block after
+        else:
+            k += 1
+    return [(x, y, n) for x, y, n in out[:-1] if n] + [(out[-1][0], out[-1][1], 0)]
 
 
 def _changes(blocks: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, int]]:

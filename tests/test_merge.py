@@ -96,6 +96,20 @@ def test_the_line_merge_keeps_every_one_sided_change(sides: tuple[bytes, bytes, 
         assert merged == ours
 
 
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(["a\n", "b\n", "c\n"]), max_size=8), st.integers(0, 8), st.sampled_from("abc"))
+def test_a_line_both_sides_add_at_one_place_is_taken_once(middle: list[str], at: int, line: str) -> None:
+    """Both sides add the same line at the same place, among equal lines, and each changes one end
+    of the file: the merge has the line once, with both ends' changes (before, the two alignments
+    could place it on either side of an equal line and the merge kept it twice, /tmp/s29hist 1)."""
+    base, at = ["first\n", *middle, "last\n"], min(at, len(middle)) + 1  # (between first and last)
+    both = base[:at] + [f"{line}\n"] + base[at:]
+    ours, theirs = both + ["ours at the end\n"], ["theirs at the start\n"] + both
+    for mine, other in ((ours, theirs), (theirs, ours)):
+        merged, conflicts = merge3(*("".join(x).encode() for x in (base, mine, other)))
+        assert conflicts == [] and merged == "".join(["theirs at the start\n", *both, "ours at the end\n"]).encode()
+
+
 @settings(
     max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
