@@ -4,10 +4,10 @@ and how long versions' bytes are retained. Pure: no I/O.
 
 Invariants: pruning never selects a current version, a version the view of a live agent points at
 (its refusal diffs and merges need it as a base), nor one of the last `keep_last` versions of its
-path. An agent is live while it registered a view (a read that moved one, a commit) within the last
-`keep_days`, and at least within the last day (`Retention.live`): the views of an agent that
-ended without saying so (a session never resumed) stop pinning versions then, so a store used by
-many short sessions stays within its policy."""
+path that have bytes (a deletion has none). An agent is live while it registered a view (a read
+that moved one, a commit) within the last `keep_days`, and at least within the last day
+(`Retention.live`): the views of an agent that ended without saying so (a session never resumed)
+stop pinning versions then, so a store used by many short sessions stays within its policy."""
 
 from __future__ import annotations
 
@@ -104,11 +104,13 @@ def prunable(
     versions: list[Version], newest: list[Version], keep_last: int, current: int, viewed: set[int]
 ) -> list[Version]:
     """Those of `versions` (of one path, in their order) whose bytes may be dropped: retained, not
-    current, not viewed by a live agent (`viewed`), not among the path's last `keep_last` (`newest`:
-    its newest `keep_last` history entries, newest first)."""
-    if len(newest) < keep_last:
+    current, not viewed by a live agent (`viewed`), not among the path's last `keep_last` with bytes
+    (`newest`: its history entries, newest first, back to its `keep_last`-th with bytes or all of
+    them). A deletion has none and is not one of them: the content it removed stays restorable."""
+    with_bytes = [v for v in newest if v.hash is not None]
+    if len(with_bytes) < keep_last:
         return []  # the path has no more than its last keep_last versions
-    floor = newest[keep_last - 1].version
+    floor = with_bytes[keep_last - 1].version
     return [
         v
         for v in versions

@@ -46,6 +46,20 @@ def test_old_versions_beyond_the_last_k_are_pruned_and_listed_as_such(root: Path
     assert alice.prune().versions == 0  # idempotent
 
 
+def test_a_deleted_files_last_content_is_kept_as_one_of_its_last_versions(vols) -> None:
+    """A deletion has no bytes and is not one of a path's last `keep_last`: the content it removed
+    stays restorable (before, with keep_last=1 the next prune dropped it, /tmp/s29hist 2)."""
+    alice = vols("alice")
+    alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+    alice.write("plans/p.md", "first\n")
+    alice.write("plans/p.md", "last words\n")
+    alice.delete("plans/p.md")
+    alice.prune()
+    assert _retained(alice, "plans/p.md") == [2]
+    alice.restore("plans/p.md", 2)
+    assert alice.read("plans/p.md") == b"last words\n"
+
+
 def test_young_versions_are_kept_whatever_their_number(vols) -> None:
     alice = vols("alice")
     alice.set_policy(Policy(retention=Retention(keep_days=1, keep_last=1)))

@@ -49,6 +49,17 @@ PRUNE_STEP_BYTES = 16 << 20
 for seconds)."""
 
 
+def _newest(tx: Transaction, path: str, keep_last: int) -> list[Version]:
+    """`path`'s history entries, newest first, back to its `keep_last`-th version with bytes, or all
+    of them (what `policy.prunable` takes): as many as that usually, more past deletions."""
+    limit = keep_last
+    while True:
+        found = tx.history(path, limit)
+        if len(found) < limit or sum(v.hash is not None for v in found) >= keep_last:
+            return found
+        limit *= 2
+
+
 def _in_steps(versions: list[Version]) -> Iterator[list[Version]]:
     """`versions`, in order, cut into a prune's steps: at most PRUNE_STEP versions and PRUNE_STEP_BYTES
     of their sizes each (a version larger than that alone)."""
@@ -522,7 +533,7 @@ class History(Writes):
             older_than = tx.now() - retention.keep_days * DAY
             live: dict[str, bool] = {}
             for path in tx.history_paths():
-                newest = tx.history(path, retention.keep_last)
+                newest = _newest(tx, path, retention.keep_last)
                 current = current_version(tx.file(path))
                 viewed = self._viewed(tx, path, retention, live)
                 for v in prunable(tx.retained(path), newest, retention.keep_last, current, viewed):
@@ -565,7 +576,7 @@ class History(Writes):
                 if v.path not in facts:
                     current = current_version(tx.file(v.path))
                     facts[v.path] = (
-                        tx.history(v.path, retention.keep_last),
+                        _newest(tx, v.path, retention.keep_last),
                         current,
                         self._viewed(tx, v.path, retention, live),
                     )
