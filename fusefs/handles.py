@@ -519,10 +519,14 @@ class Shadow:
         flags: int,
         unprivileged: Unprivileged | None,
     ) -> Shadow:
-        """Check and take the write grant, then start a shadow copy of the current content (blocking)."""
+        """Check and take the write grant, then start a shadow copy of the current content (blocking).
+        Without O_CREAT (FUSE's open: create, its fallback here, passes it), FileNotFoundError if no
+        file is there: such an open never makes one, even where the inode it came by lost its name
+        meanwhile (another agent deleted the file it was carried to)."""
         kind = cls.kind_of(flags)
         truncate = bool(flags & os.O_TRUNC)
-        grant, version = core.begin_write(agent, target, owner, kind=kind)
+        existing = not flags & os.O_CREAT
+        grant, version = core.begin_write(agent, target, owner, kind=kind, existing=existing)
         handle = cls(core, owner, target, agent, kind, -1, grant, version, pending=truncate, unprivileged=unprivileged)
         if truncate:
             handle.edits.change()

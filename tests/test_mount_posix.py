@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -539,6 +540,62 @@ operations.CoherentOperations.open = _held
         assert (written, exchanged) == ("ok", "ok")
         assert (m.path / "plans/d").read_text() == "new\n"
         assert (m.path / "plans/x.md/inner.md").read_text() == "inner\n"
+
+
+SAVE_BY_EXCHANGE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+open("plans/x.md").read()
+with open("plans/.x.tmp", "w") as f:
+    f.write("bob's save\\n")
+ok = libc.renameat2(-100, b"plans/.x.tmp", -100, b"plans/x.md", 2) == 0
+os.unlink("plans/.x.tmp")  # the file the writer looked up, carried here by the exchange
+print("ok" if ok else os.strerror(ctypes.get_errno()), flush=True)
+"""
+
+
+def test_a_write_whose_file_is_exchanged_away_and_deleted_before_its_open_makes_no_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open for writing, repeated on an inode of its own (`_apart`), follows the file it looked up
+    when an exchange carries it to another name before the open lands; where another agent deleted
+    it there meanwhile, the open fails ENOENT and no file is made (before, the open made the deleted
+    name again and committed the stale writer's bytes there, acknowledged: its agent's increment of
+    a counter was lost, /tmp/s29mnt 1)."""
+    (root / "plans/x.md").write_text("old\n")
+    patch = (
+        f"GATE = {str(tmp_path / 'gate')!r}\n"
+        + """
+import trio
+from fusefs import operations
+_open = operations.CoherentOperations.open
+async def _held(self, inode, flags, ctx):
+    if inode in self._private:
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _open(self, inode, flags, ctx)
+operations.CoherentOperations.open = _held
+"""
+    )
+    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
+        gate.touch()
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITE_THEN_CLOSE],
+            cwd=m.path,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "COHERENT_AGENT": "alice"},
+        )
+        try:
+            _wait_for(Path(f"{gate}.held").exists, "the open to reach the gate")
+            saved = m.run("bob", f"{sys.executable} -c {shlex.quote(SAVE_BY_EXCHANGE)}")
+        finally:
+            gate.unlink()
+        assert saved.stdout.strip() == "ok", saved.stderr
+        assert writer.communicate(timeout=60)[0].strip() == "No such file or directory"
+        assert sorted(os.listdir(m.path / "plans")) == ["x.md"]
+        assert (m.path / "plans/x.md").read_text() == "bob's save\n"
+    with CoherentVolume(root, agent="carol") as v:
+        assert [h.kind for h in v.history("plans/.x.tmp")][0] == "delete", "nothing committed after the delete"
 
 
 SWAP_IN = """

@@ -767,10 +767,12 @@ class Writes(Reads):
         expected: int | None = None,
         after_appending: bool = False,
         ttl: float | None = None,
+        existing: bool = False,
     ) -> tuple[Grant, int]:
         """Check that `agent` may open a write handle of `kind` on `target` now, and take a share of
         its write grant for it (`protocol.decide_write`: opening to append needs no view; appends
-        share, any other write handle is alone).
+        share, any other write handle is alone). With `existing` (an open(2) without O_CREAT, which
+        never makes a file), FileNotFoundError if no file is there, decided in the same transaction.
 
         A handle that writes again after its commit passes the version it committed (`expected`),
         which must still be current unless it appends. One that only appended and now does more
@@ -787,10 +789,14 @@ class Writes(Reads):
         self._require_managed(target, "begin_write")
         agent = self.agent(agent)
 
-        def decide(tx: Transaction) -> tuple[int, tuple[Grant, bool] | StaleWriteError]:
+        def decide(tx: Transaction) -> tuple[int, tuple[Grant, bool] | StaleWriteError | FileNotFoundError]:
             now = time.time()
             cas = expected if kind == "write" and not after_appending else None
             record, check, reason, held = self._decide(tx, agent, target, "file", cas, kind)
+            if existing and (record is None or not record.present):
+                return current_version(record), FileNotFoundError(
+                    errno.ENOENT, "no file to open for writing (deleted meanwhile)", target.abs
+                )
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
             if reason is None and kind == "append" and expected is not None and current_version(record) > expected:
@@ -804,7 +810,7 @@ class Writes(Reads):
 
         with self._commit_lock((target.rel,)):
             version, outcome = self._transact(decide, ahead=(target.rel, agent))
-            if isinstance(outcome, StaleWriteError):
+            if isinstance(outcome, (StaleWriteError, FileNotFoundError)):
                 raise outcome
             grant, taken = outcome
             self._count_share(grant, kind, taken, leased=ttl is None)
