@@ -247,9 +247,9 @@ class _Root(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
-            os.stat(value)
+            os.statvfs(value)  # (it always reaches a mount's daemon; stat may be answered from the kernel's cache)
         except OSError as e:
-            if e.errno == errno.ENOTCONN:
+            if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
                 mountpoint = _mount_above(value)
                 self.fail(
                     f"{value!r} is {'' if mountpoint == value else f'in {mountpoint!r}, '}a mount whose daemon is "
