@@ -85,7 +85,10 @@ def guarded(handler: F) -> F:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except CoherenceError as e:  # refusals are EACCES; a full or busy registry, a bad path say so
+        except RegistryError as e:  # the registry failed: the program is told EIO (or ENOSPC, EBUSY)
+            log.warning("%s failed (%s): %s", handler.__name__, errno.errorcode.get(errno_of(e), "?"), e)
+            raise pyfuse3.FUSEError(errno_of(e)) from None
+        except CoherenceError as e:  # refusals are EACCES; a bad path says so
             log.info("refused: %s", e)
             raise pyfuse3.FUSEError(errno_of(e)) from None
         except OSError as e:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -395,7 +396,8 @@ def test_a_registry_cut_under_a_mount_stays_as_the_refusals_say_and_the_logs_fol
     """The registry file cut to nothing under a mount: writes fail EIO, and at unmount the daemon's
     close checkpointed its write-ahead log into the cut file and removed the log that the refusals
     told the user to keep for salvage (found by a hostile probe, 3/3). And once mount.log was moved
-    aside, the trace of a fatal signal (the -shm cut: SQLite maps it) went to the old file."""
+    aside, the trace of a fatal signal (the -shm cut: SQLite maps it) went to the old file. The log
+    names the call the registry failed (a WARNING: the program was told EIO)."""
     db = root / ".coherent/registry.db"
     mnt = tmp_path / "mnt"
     m = Mount(root, mnt, log_allows=[r".*Fatal Python error", r".*Bus error"])
@@ -409,6 +411,12 @@ def test_a_registry_cut_under_a_mount_stays_as_the_refusals_say_and_the_logs_fol
         with pytest.raises(OSError) as info:
             (mnt / "plans/0.md").write_bytes(b"after the cut")
         assert info.value.errno == errno.EIO
+        failed = re.search(
+            r" WARNING (\w+) failed \(EIO\): ", m.log.read_text()
+        )  # (before: INFO 'refused', no call named)
+        assert failed is not None and failed.group(1) in ("lookup", "getattr", "open", "setattr"), m.log.read_text()[
+            -2000:
+        ]
         m.unmount()
         assert db.stat().st_size == 0 and wal.read_bytes()[: len(logged)] == logged
     for side in ("", "-wal", "-shm"):

@@ -287,8 +287,9 @@ def _unconnected(e: BaseException, location: Location) -> RegistryError:
             errno.EBUSY,
         )
     return RegistryError(
-        f"the registry at {location.server} is unreachable ({_first_line(e)}); nothing was written. "
-        "Check that PostgreSQL runs and accepts this host, then try again"
+        f"the registry at {location.server} is unreachable ({_first_line(e)}): nothing could be checked, so "
+        "nothing was written and no content was served. Check that PostgreSQL runs and accepts this host, then "
+        "try again"
     )
 
 
