@@ -192,10 +192,12 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     session's Claude Code process, looked up when not given."""
     name, tool, cwd = event.get("hook_event_name"), event.get("tool_name"), event.get("cwd")
     shell = _shell(event)
-    path = progress.path = None if shell is not None else _event_path(event)
     progress.write_check = name == "PreToolUse" and tool in WRITE_TOOLS
-    if progress.write_check and path is None:
-        hooks.tool_path(event.get("tool_input"), ("file_path", "notebook_path"), cwd)  # raises: it names none
+    path: str | None
+    if progress.write_check:  # (raises where it names no file, or two)
+        path = progress.path = hooks.tool_path(event.get("tool_input"), ("file_path", "notebook_path"), cwd)
+    else:
+        path = progress.path = None if shell is not None else _event_path(event)
     writes: list[tuple[str, HandleKind]] = [(path, "write")] if path else []
     if shell is not None:
         checking = name == "PreToolUse"

@@ -140,15 +140,20 @@ def absolute(path: object, base: object) -> str | None:
 
 
 def tool_path(tool_input: object, keys: tuple[str, ...], base: object) -> str:
-    """The path a write tool's input names under the first of `keys` it has (`absolute`), which it
-    must name: ValueError otherwise, so the write is not checked and is denied (`run_hook`), never
-    let through as naming no file."""
-    named = next((tool_input[k] for k in keys if k in tool_input), None) if isinstance(tool_input, dict) else None
-    found = absolute(named, base)
-    if found is None:
-        given = repr(named if isinstance(tool_input, dict) else tool_input)[:200]
-        raise ValueError(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {given})")
-    return found
+    """The path a write tool's input names (`absolute`) under each of `keys` it has, which must name
+    one file alike: ValueError otherwise, so the write is not checked and is denied (`run_hook`),
+    never let through as naming no file, nor checked by one key while the tool writes by another."""
+    named = {k: v for k, v in tool_input.items() if k in keys} if isinstance(tool_input, dict) else {}
+    found = {k: absolute(v, base) for k, v in named.items()}
+    paths = [path for path in found.values() if path is not None]
+    if not named or len(paths) < len(found):
+        given = next((v for k, v in named.items() if found[k] is None), None) if named else None
+        given = given if isinstance(tool_input, dict) else tool_input
+        raise ValueError(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {repr(given)[:200]})")
+    if len({os.path.normpath(path) for path in paths}) > 1:  # (two spellings of one name are one file)
+        shown = ", ".join(f"{k} {v!r}" for k, v in named.items())
+        raise ValueError(f"the tool's input names more than one file ({shown[:300]}): which it writes cannot be told")
+    return paths[0]
 
 
 Handle = Callable[[dict[str, Any], Progress, ProcessId | None], Answer]

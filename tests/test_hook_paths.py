@@ -6,6 +6,7 @@ hook call is `coherent-volume hook FACE` with the event on stdin (`timed_hook`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -149,6 +150,36 @@ def test_a_write_tools_event_that_names_no_file_path_is_denied(root: Path, face:
             r, _ = timed_hook(command, {**base, "tool_input": given})
             reason = _denial(r.stdout)
             assert reason is not None and "names no file path" in reason, (named, given, r.stdout, r.stderr)
+    assert (root / P).read_text() == "v1\n"
+
+
+@pytest.mark.parametrize(
+    ("face", "keys"),
+    [
+        ("claude-code Write", ("file_path", "notebook_path")),
+        ("cursor Write", ("file_path", "path", "target_file", "target_notebook")),
+    ],
+)
+def test_a_write_tools_event_naming_two_files_is_denied(
+    root: Path, tmp_path: Path, face: str, keys: tuple[str, ...]
+) -> None:
+    """A write tool's input that names one file under one of its path keys and another file under
+    another: which the tool writes cannot be told, so it is denied (before, only the first key's was
+    checked: a free file there let a write to the managed file under the other key through)."""
+    command, event = FACES[face]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    free = str(tmp_path / "free.txt")
+    base = event(root, "two-files", str(root / P))
+    for first, second in itertools.permutations(keys, 2):
+        for one, other in ((free, str(root / P)), (str(root / P), free)):
+            r, _ = timed_hook(command, {**base, "tool_input": {**base["tool_input"], first: one, second: other}})
+            reason = _denial(r.stdout)
+            assert reason is not None and "names more than one file" in reason, (first, second, r.stdout, r.stderr)
+        same = {**base["tool_input"], first: str(root / P), second: f"{root}//{P}"}  # one file, two spellings
+        r, _ = timed_hook(command, {**base, "tool_input": same})
+        reason = _denial(r.stdout)
+        assert reason is not None and "(unread)" in reason, (first, second, r.stdout, r.stderr)
     assert (root / P).read_text() == "v1\n"
 
 
