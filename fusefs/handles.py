@@ -518,14 +518,12 @@ class Shadow:
         target: Target,
         flags: int,
         unprivileged: Unprivileged | None,
+        existing: bool = False,
     ) -> Shadow:
         """Check and take the write grant, then start a shadow copy of the current content (blocking).
-        Without O_CREAT (FUSE's open: create, its fallback here, passes it), FileNotFoundError if no
-        file is there: such an open never makes one, even where the inode it came by lost its name
-        meanwhile (another agent deleted the file it was carried to)."""
+        With `existing`, FileNotFoundError if no file is there (`VolumeCore.begin_write`)."""
         kind = cls.kind_of(flags)
         truncate = bool(flags & os.O_TRUNC)
-        existing = not flags & os.O_CREAT
         grant, version = core.begin_write(agent, target, owner, kind=kind, existing=existing)
         handle = cls(core, owner, target, agent, kind, -1, grant, version, pending=truncate, unprivileged=unprivileged)
         if truncate:

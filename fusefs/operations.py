@@ -1485,7 +1485,13 @@ class CoherentOperations(pyfuse3.Operations):
         with self._writing(rel, inode, ctx, repeat=True):
             agent = await self._writer(ctx, rel, appending=Shadow.kind_of(flags) == "append")
             caller = Unprivileged.of(ctx)
-            handle = await blocking(Shadow.open, self.core, self._owner, agent, self._target(rel), flags, caller)
+            # carried by a rename to a name the program never gave (its repeat's lookup was of another),
+            # the write needs the file there: were it deleted since, making it again would put the bytes
+            # where no one asked, a deletion undone (/tmp/s29mnt 1). At its own name the core decides as
+            # for any write, which a program's O_CREAT (the kernel does not pass it) may need
+            elsewhere = rel != repeat.rel
+            target = self._target(rel)
+            handle = await blocking(Shadow.open, self.core, self._owner, agent, target, flags, caller, elsewhere)
             fh = self._open_file(handle, inode)
             if handle.pending:  # O_TRUNC: its descriptors see the file cut, as on a local disk
                 self.writers[rel] = handle

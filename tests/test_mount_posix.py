@@ -554,18 +554,7 @@ print("ok" if ok else os.strerror(ctypes.get_errno()), flush=True)
 """
 
 
-def test_a_write_whose_file_is_exchanged_away_and_deleted_before_its_open_makes_no_file(
-    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An open for writing, repeated on an inode of its own (`_apart`), follows the file it looked up
-    when an exchange carries it to another name before the open lands; where another agent deleted
-    it there meanwhile, the open fails ENOENT and no file is made (before, the open made the deleted
-    name again and committed the stale writer's bytes there, acknowledged: its agent's increment of
-    a counter was lost, /tmp/s29mnt 1)."""
-    (root / "plans/x.md").write_text("old\n")
-    patch = (
-        f"GATE = {str(tmp_path / 'gate')!r}\n"
-        + """
+_OPEN_HELD = """
 import trio
 from fusefs import operations
 _open = operations.CoherentOperations.open
@@ -575,27 +564,78 @@ async def _held(self, inode, flags, ctx):
     return await _open(self, inode, flags, ctx)
 operations.CoherentOperations.open = _held
 """
+"""A patch holding the repeat of an open for writing (on its own inode, `_apart`) at the gate."""
+
+
+def _held_open(
+    m: Mount, gate: Path, writer: str, other: tuple[str, str]
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """alice runs the Python `writer` in the mount while the repeat of its open for writing is held
+    at the gate, and the `other` agent runs its Python script meanwhile; both outcomes."""
+    gate.touch()
+    started = subprocess.Popen(
+        [sys.executable, "-c", writer],
+        cwd=m.path,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COHERENT_AGENT": "alice"},
     )
-    with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
-        gate.touch()
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITE_THEN_CLOSE],
-            cwd=m.path,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": "alice"},
-        )
-        try:
-            _wait_for(Path(f"{gate}.held").exists, "the open to reach the gate")
-            saved = m.run("bob", f"{sys.executable} -c {shlex.quote(SAVE_BY_EXCHANGE)}")
-        finally:
-            gate.unlink()
+    try:
+        _wait_for(Path(f"{gate}.held").exists, "the open to reach the gate")
+        done = m.run(other[0], f"{sys.executable} -c {shlex.quote(other[1])}")
+    finally:
+        gate.unlink()
+    return started.communicate(timeout=60)[0].strip(), done
+
+
+def test_a_write_whose_file_is_exchanged_away_and_deleted_before_its_open_makes_no_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open for writing, repeated on an inode of its own (`_apart`), follows the file it looked up
+    when an exchange carries it to another name before the open lands; where another agent deleted
+    it there meanwhile, the open fails ENOENT and no file is made (before, the open made the deleted
+    name again and committed the stale writer's bytes there, acknowledged: its agent's increment of
+    a counter was lost, /tmp/s29mnt 1)."""
+    (root / "plans/x.md").write_text("old\n")
+    with _gated(root, tmp_path, monkeypatch, f"GATE = {str(tmp_path / 'gate')!r}\n" + _OPEN_HELD) as (m, gate):
+        written, saved = _held_open(m, gate, WRITE_THEN_CLOSE, ("bob", SAVE_BY_EXCHANGE))
         assert saved.stdout.strip() == "ok", saved.stderr
-        assert writer.communicate(timeout=60)[0].strip() == "No such file or directory"
+        assert written == "No such file or directory"
         assert sorted(os.listdir(m.path / "plans")) == ["x.md"]
         assert (m.path / "plans/x.md").read_text() == "bob's save\n"
     with CoherentVolume(root, agent="carol") as v:
         assert [h.kind for h in v.history("plans/.x.tmp")][0] == "delete", "nothing committed after the delete"
+
+
+CREATE_THEN_CLOSE = """
+import os
+try:
+    fd = os.open("plans/x.md", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, b"alice's file\\n")
+    os.close(fd)
+    print("ok")
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_an_open_with_o_creat_whose_file_is_deleted_before_its_open_lands_makes_the_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel passes no O_CREAT to an open of a name it found a file at; when another agent
+    deletes that file before the open's repeat lands, the open makes the file, as open(2) with
+    O_CREAT does (an agent with no view of it needs none to make it). Making the file is refused
+    only at a name the program never gave (the test above); before, it was refused here too: ENOENT
+    for an O_CREAT open (/tmp/s29r2b 1)."""
+    (root / "plans/x.md").write_text("old\n")
+    delete = ("bob", 'import os\nopen("plans/x.md").read()\nos.unlink("plans/x.md")\nprint("ok")')
+    with _gated(root, tmp_path, monkeypatch, f"GATE = {str(tmp_path / 'gate')!r}\n" + _OPEN_HELD) as (m, gate):
+        written, deleted = _held_open(m, gate, CREATE_THEN_CLOSE, delete)
+        assert deleted.stdout.strip() == "ok", deleted.stderr
+        assert written == "ok"
+        assert (m.path / "plans/x.md").read_text() == "alice's file\n"
+    with CoherentVolume(root, agent="carol") as v:
+        assert [h.kind for h in v.history("plans/x.md")][:2] == ["commit", "delete"]
 
 
 SWAP_IN = """
