@@ -514,6 +514,19 @@ Shadow._start = _held
         assert (m.path / "plans/d/inner.md").read_text() == "inner\n"
 
 
+_OPEN_HELD = """
+import trio
+from fusefs import operations
+_open = operations.CoherentOperations.open
+async def _held(self, inode, flags, ctx):
+    if inode in self._private:
+        await trio.to_thread.run_sync(wait_at_gate)
+    return await _open(self, inode, flags, ctx)
+operations.CoherentOperations.open = _held
+"""
+"""A patch holding the repeat of an open for writing (on its own inode, `_apart`) at the gate."""
+
+
 def test_a_write_whose_file_is_exchanged_with_a_directory_before_its_open_writes_the_file(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -522,19 +535,7 @@ def test_a_write_whose_file_is_exchanged_with_a_directory_before_its_open_writes
     it looked up, now at the directory's old name, as on a local disk (before, it found the directory
     at the name and failed ESTALE, which a repeat must never be answered)."""
     _file_and_directory(root)
-    patch = (
-        f"GATE = {str(tmp_path / 'gate')!r}\n"
-        + RENAME_SEEN
-        + """
-import trio
-_open = operations.CoherentOperations.open
-async def _held(self, inode, flags, ctx):
-    if inode in self._private:
-        await trio.to_thread.run_sync(wait_at_gate)
-    return await _open(self, inode, flags, ctx)
-operations.CoherentOperations.open = _held
-"""
-    )
+    patch = f"GATE = {str(tmp_path / 'gate')!r}\n" + RENAME_SEEN + _OPEN_HELD
     with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
         written, exchanged = _exchange_while_gated(m, gate)
         assert (written, exchanged) == ("ok", "ok")
@@ -554,38 +555,29 @@ print("ok" if ok else os.strerror(ctypes.get_errno()), flush=True)
 """
 
 
-_OPEN_HELD = """
-import trio
-from fusefs import operations
-_open = operations.CoherentOperations.open
-async def _held(self, inode, flags, ctx):
-    if inode in self._private:
-        await trio.to_thread.run_sync(wait_at_gate)
-    return await _open(self, inode, flags, ctx)
-operations.CoherentOperations.open = _held
-"""
-"""A patch holding the repeat of an open for writing (on its own inode, `_apart`) at the gate."""
-
-
 def _held_open(
-    m: Mount, gate: Path, writer: str, other: tuple[str, str]
-) -> tuple[str, subprocess.CompletedProcess[str]]:
-    """alice runs the Python `writer` in the mount while the repeat of its open for writing is held
-    at the gate, and the `other` agent runs its Python script meanwhile; both outcomes."""
+    m: Mount, gate: Path, writer: tuple[str, list[str]], other: tuple[str, str]
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The `writer` agent's command (its argv) run in the mount while the daemon holds the open it
+    makes at the gate (the caller's patch), and the `other` agent's bash script run meanwhile; both
+    outcomes, the writer's once the gate opened."""
     gate.touch()
+    agent, argv = writer
     started = subprocess.Popen(
-        [sys.executable, "-c", writer],
+        argv,
         cwd=m.path,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "COHERENT_AGENT": "alice"},
+        env={**os.environ, "COHERENT_AGENT": agent},
     )
     try:
         _wait_for(Path(f"{gate}.held").exists, "the open to reach the gate")
-        done = m.run(other[0], f"{sys.executable} -c {shlex.quote(other[1])}")
+        done = m.run(*other)
     finally:
         gate.unlink()
-    return started.communicate(timeout=60)[0].strip(), done
+    out, err = started.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, started.returncode, out, err), done
 
 
 def test_a_write_whose_file_is_exchanged_away_and_deleted_before_its_open_makes_no_file(
@@ -598,9 +590,10 @@ def test_a_write_whose_file_is_exchanged_away_and_deleted_before_its_open_makes_
     a counter was lost, /tmp/s29mnt 1)."""
     (root / "plans/x.md").write_text("old\n")
     with _gated(root, tmp_path, monkeypatch, f"GATE = {str(tmp_path / 'gate')!r}\n" + _OPEN_HELD) as (m, gate):
-        written, saved = _held_open(m, gate, WRITE_THEN_CLOSE, ("bob", SAVE_BY_EXCHANGE))
+        save = f"{sys.executable} -c {shlex.quote(SAVE_BY_EXCHANGE)}"
+        written, saved = _held_open(m, gate, ("alice", [sys.executable, "-c", WRITE_THEN_CLOSE]), ("bob", save))
         assert saved.stdout.strip() == "ok", saved.stderr
-        assert written == "No such file or directory"
+        assert written.stdout.strip() == "No such file or directory"
         assert sorted(os.listdir(m.path / "plans")) == ["x.md"]
         assert (m.path / "plans/x.md").read_text() == "bob's save\n"
     with CoherentVolume(root, agent="carol") as v:
@@ -628,11 +621,11 @@ def test_an_open_with_o_creat_whose_file_is_deleted_before_its_open_lands_makes_
     only at a name the program never gave (the test above); before, it was refused here too: ENOENT
     for an O_CREAT open (/tmp/s29r2b 1)."""
     (root / "plans/x.md").write_text("old\n")
-    delete = ("bob", 'import os\nopen("plans/x.md").read()\nos.unlink("plans/x.md")\nprint("ok")')
+    delete = ("bob", "cat plans/x.md > /dev/null && rm plans/x.md && echo ok")
     with _gated(root, tmp_path, monkeypatch, f"GATE = {str(tmp_path / 'gate')!r}\n" + _OPEN_HELD) as (m, gate):
-        written, deleted = _held_open(m, gate, CREATE_THEN_CLOSE, delete)
+        written, deleted = _held_open(m, gate, ("alice", [sys.executable, "-c", CREATE_THEN_CLOSE]), delete)
         assert deleted.stdout.strip() == "ok", deleted.stderr
-        assert written == "ok"
+        assert written.stdout.strip() == "ok"
         assert (m.path / "plans/x.md").read_text() == "alice's file\n"
     with CoherentVolume(root, agent="carol") as v:
         assert [h.kind for h in v.history("plans/x.md")][:2] == ["commit", "delete"]
@@ -1558,26 +1551,14 @@ operations.CoherentOperations.open = _held
 """
     with _gated(root, tmp_path, monkeypatch, patch) as (m, gate):
         assert m.run("alice", "echo one > plans/r.txt").returncode == 0
-        gate.touch()
-        writer = subprocess.Popen(
-            ["bash", "-c", "echo two > plans/r.txt"],
-            cwd=m.path,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "COHERENT_AGENT": "bob"},
-        )
-        try:
-            _wait_for(Path(f"{gate}.held").exists, "the write's open to reach the gate")
-            done = m.run("alice", f"cat plans/r.txt >/dev/null && mv -T {moved} {to}")
-            assert done.returncode == 0, done.stderr
-        finally:
-            gate.unlink()
-            _, err = writer.communicate(timeout=60)
+        move = ("alice", f"cat plans/r.txt >/dev/null && mv -T {moved} {to}")
+        writer, done = _held_open(m, gate, ("bob", ["bash", "-c", "echo two > plans/r.txt"]), move)
+        assert done.returncode == 0, done.stderr
         if created and held == "open":  # its directory is still there: the write made a new file by its name
-            assert writer.returncode == 0, err
+            assert writer.returncode == 0, writer.stderr
             assert (m.path / "plans/r.txt").read_text() == "two\n"
         else:
-            assert writer.returncode != 0 and "No such file or directory" in err
+            assert writer.returncode != 0 and "No such file or directory" in writer.stderr
         assert (m.path / name).read_text() == "one\n"
         assert m.run("bob", f"echo three > {name}").returncode == 0
     assert (m.root / name).read_text() == "three\n"
