@@ -771,8 +771,9 @@ class Writes(Reads):
     ) -> tuple[Grant, int]:
         """Check that `agent` may open a write handle of `kind` on `target` now, and take a share of
         its write grant for it (`protocol.decide_write`: opening to append needs no view; appends
-        share, any other write handle is alone). With `existing` (an open(2) without O_CREAT, which
-        never makes a file), FileNotFoundError if no file is there, decided in the same transaction.
+        share, any other write handle is alone). With `existing` (a write that must find its file: the
+        mount's open carried by a rename to a name the program never gave), FileNotFoundError if no
+        file is there, decided in the same transaction.
 
         A handle that writes again after its commit passes the version it committed (`expected`),
         which must still be current unless it appends. One that only appended and now does more
@@ -795,7 +796,7 @@ class Writes(Reads):
             record, check, reason, held = self._decide(tx, agent, target, "file", cas, kind)
             if existing and (record is None or not record.present):
                 return current_version(record), FileNotFoundError(
-                    errno.ENOENT, "no file to open for writing (deleted meanwhile)", target.abs
+                    errno.ENOENT, "no file to write at this name (deleted meanwhile)", target.abs
                 )
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
