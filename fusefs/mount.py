@@ -29,7 +29,7 @@ from coherent_volume.core import open_core
 from coherent_volume.errors import CoherenceError
 from coherent_volume.filesystems import lies_within
 from coherent_volume.liveness import children_share_our_pid_namespace, proc_is_ours
-from coherent_volume.mounts import FSTYPE, daemon_gone, device_of, fuse_mounts, unescape
+from coherent_volume.mounts import FSTYPE, daemon_gone, device_of, fuse_mounts, mount_holding, unescape
 from coherent_volume.paths import REGISTRY_DIR
 from coherent_volume.registry.postgresql import PostgresRegistry
 
@@ -139,10 +139,14 @@ def check_mountable(root: str, mountpoint: str, direct_dirs: Sequence[str] = ())
     if not over and not os.path.isdir(mp):
         raise MountError(f"mountpoint {mp} does not exist or is not a directory")
     mp = os.path.realpath(mp)
-    if lies_within(mp, root_real):
+    held = mount_holding(mp)  # (a mount of the volume shows its directories under other names)
+    shown = held if held is not None and held.root == root_real and held.mountpoint != mp else None
+    if lies_within(mp, root_real) or shown is not None:
+        through = "" if shown is None else f", through its mount at {shown.mountpoint}"
         raise MountError(
-            f"mountpoint {mp} is a directory of the volume at {root_real} (by its name or through a bind mount): "
-            "the mount would serve itself, and a lookup through it would wait on itself; mount it outside the volume"
+            f"mountpoint {mp} is a directory of the volume at {root_real} (by its name or through a bind mount"
+            f"{through}): the mount would serve itself, and a lookup through it would wait on itself; mount it "
+            "outside the volume"
         )
     if not over and os.listdir(mp):
         raise MountError(f"mountpoint {mp} is not empty: its files would be hidden; use an empty directory")

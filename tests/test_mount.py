@@ -518,6 +518,21 @@ def test_mount_and_unmount_errors_are_clear(root: Path, tmp_path: Path) -> None:
         assert not is_mounted(m.path)
 
 
+def test_a_mountpoint_inside_a_mount_of_the_same_volume_is_refused(root: Path, tmp_path: Path) -> None:
+    """`mount ROOT MNT1/plans/sub`, MNT1 a mount of ROOT: the new mount would sit on a directory of
+    the volume it serves, as `mount ROOT ROOT/plans/sub` would, which is refused; it was accepted
+    (and `status` and `unmount` then misreported the stack, /tmp/s28r3 F5)."""
+    with Mount(root, tmp_path / "m1") as m1:
+        inner = m1.path / "plans/sub"
+        inner.mkdir(parents=True)
+        for given in (root, m1.path):  # the volume named by its root, and by its mount
+            r = subprocess.run([CLI, "mount", str(given), str(inner)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and f"through its mount at {m1.path}" in r.stderr, r.stderr
+            assert "mount it outside the volume" in r.stderr
+        assert not is_mounted(inner) and not daemon_pids(inner)
+        assert subprocess.run([CLI, "mount", str(root), str(root / "plans/sub")], capture_output=True).returncode == 1
+
+
 def test_a_volume_named_by_a_mount_of_it_is_mounted_from_its_root(root: Path, tmp_path: Path) -> None:
     """`mount MNT1 MNT2`, MNT1 a mount of the volume, mounts the volume's root at MNT2, as every
     command opens a volume named by a mount of it (before, the daemon looked for its log in MNT1's
