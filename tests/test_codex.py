@@ -477,7 +477,7 @@ def test_overlapping_multi_file_and_non_merge_patches_are_denied_as_stale(root: 
 
     same_lines = update(LOG, " line 1", "-line 2", "+line 2, by one", " line 3")
     verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=same_lines))))
-    assert verdict == "deny" and "(stale)" in reason and "1 conflicting hunk(s)" in reason
+    assert verdict == "deny" and "(stale)" in reason and "1 conflicting hunk(s)" in reason, reason
     assert "<<<<<<< yours\nline 2, by one\n||||||| base\nline 2\n=======\nline 2, by two\n>>>>>>> current" in reason
     two_files = "\n".join(
         ["*** Begin Patch", f"*** Update File: {LOG}", "@@", " line 4", "-line 5", "+line 5, by one", " line 6"]
@@ -485,10 +485,12 @@ def test_overlapping_multi_file_and_non_merge_patches_are_denied_as_stale(root: 
     )
     two_files = two_files.replace(" line 4", " line 2\n line 3\n line 4")
     verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=two_files))))
-    assert verdict == "deny" and "It was not merged: coherent-volume merges a patch only when it updates one" in reason
+    assert (
+        verdict == "deny" and "It was not merged: coherent-volume merges a patch only when it updates one" in reason
+    ), reason
     elsewhere = update(P, " line 2", " line 3", " line 4", "-line 5", "+line 5, by one", " line 6")
     verdict, reason = decision(one.hook(_unattended(one.event("pre_apply_patch", patch=elsewhere))))
-    assert verdict == "deny" and "(stale)" in reason and "merge" not in reason
+    assert verdict == "deny" and "(stale)" in reason and "merge" not in reason, reason
     assert (root / LOG).read_text() == (root / P).read_text() == theirs and not (root / "plans/new.md").exists()
     assert len(_history(root)) == len(_history(root, P)) == 2
 
