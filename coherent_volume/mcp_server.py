@@ -51,6 +51,7 @@ from .errors import (
     StaleWriteError,
     TooManyLines,
 )
+from .fingerprint import content_hash
 from .hook_steps import passed_over
 from .paths import Target
 from .stale_warnings import partly_read_warning
@@ -294,9 +295,8 @@ class Session:
                 part = _lines(text, offset, limit)
                 _returnable(path, text, part, offset)
             except (UnicodeDecodeError, ToolRefused) as e:
-                if target.managed:  # the model was shown nothing: its view stays what it was
+                if target.managed:  # the model was shown nothing: its view, and what it knows, stay as they were
                     self.core.forget(self.agent, target, back_to=before)
-                    self._known.pop(target.rel, None)
                 if isinstance(e, ToolRefused):
                     raise
                 raise ToolRefused(f"{path} is not UTF-8 text; these tools read and write text only.") from None
@@ -357,7 +357,8 @@ class Session:
         """Write `content`; `expected`: the version it was built on (an edit of what this session
         read), which must be current whatever the agent's view (another session of the same agent
         may have moved it), else it is merged onto the current version or refused."""
-        version = self.core.write(self.agent, target, content.encode("utf-8"), merge=merge, expected=expected)
+        data = content.encode("utf-8")
+        version = self.core.write(self.agent, target, data, merge=merge, expected=expected)
         if not target.managed:
             return f"Wrote {target.rel} (not managed: not versioned, not checked)."
         try:
@@ -368,10 +369,13 @@ class Session:
                 f"Wrote {target.rel}: now version {version}. Whether it was merged with changes others made could "
                 f"not be looked up ({e}): call read_file before you change it again."
             )
-        if made is None or made.kind != "merge":  # asked of the version, not of the agent's view: another
-            self._known[target.rel] = Known(content, version)  # session of the agent may have moved that
+        # asked of the version, not of the agent's view (another session of the agent may have moved
+        # that): a merge, or a merge that made no version (the current one holds both changes), holds
+        # bytes this session never read
+        if made is None or made.kind != "merge" and made.hash == content_hash(data):
+            self._known[target.rel] = Known(content, version)
             return f"Wrote {target.rel}: now version {version}."
-        self._known.pop(target.rel, None)  # a merge: the session never read the result
+        self._known.pop(target.rel, None)
         return (
             f"Wrote {target.rel}: your change was merged with changes others made since you read it, as version "
             f"{version}. Call read_file to see the result before you change it again."

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,46 @@ def test_a_merged_edit_is_told_as_a_merge_even_if_the_shared_view_moves_to_it(
     with pytest.raises(ToolRefused, match=r"Refused \(unread\)"):
         first.edit_file(path, "2\n", "2, by the first\n")
     assert (root / path).read_text() == "top, by the peer\n1\n2\n3\nbottom, by the first\n"
+    core.close()
+
+
+@pytest.mark.parametrize("asked", ["merge=True", "a merge glob"])
+def test_a_merge_that_makes_no_version_leaves_the_session_knowing_it_must_read_again(root: Path, asked: str) -> None:
+    """A peer's commit already holds the session's change (and one of its own): the merge is the
+    current version and makes none. The session never read that version's bytes, so its next edit
+    is refused unread; before, it kept its own text as that version's and the edit built on it
+    reverted the peer's other change, accepted (/tmp/s29mcp 1)."""
+    with CoherentVolume(root, agent="bob") as bob:
+        if asked == "a merge glob":
+            bob.set_policy(replace(bob.policy, merge=(P,)))
+        bob.write(P, "title: teh plan\nstep 1\nstep 2\nstep 3\n")
+        core = open_core(root)
+        session = Session(core, "model")
+        session.read_file(P)
+        bob.read(P)
+        bob.write(P, "title: the plan\nstep 1\nstep 2\nstep 3 (bob: done)\n")
+    told = session.edit_file(P, "teh", "the", merge=asked == "merge=True")
+    assert "merged with changes others made" in told and "Call read_file" in told, told
+    with pytest.raises(ToolRefused, match=r"Refused \(unread\)"):
+        session.edit_file(P, "step 1\n", "step 1 (done)\n")
+    assert (root / P).read_text() == "title: the plan\nstep 1\nstep 2\nstep 3 (bob: done)\n"
+    core.close()
+
+
+def test_a_refused_read_leaves_what_the_session_read_before_to_edit(root: Path) -> None:
+    """A part read, then a read of the whole file refused as too large: the session's view stays
+    the part's version, and so does what edit_file builds on (before, the refusal forgot it and the
+    edit was refused unread while write_file was allowed, /tmp/s29mcp 2)."""
+    lines = [f"line {i:05} {'x' * 20}\n" for i in range(1, 10_001)]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "".join(lines))
+    core = open_core(root)
+    session = Session(core, "model")
+    session.read_file(P, 1, 3)
+    with pytest.raises(ToolRefused, match=str(READ_LIMIT)):
+        session.read_file(P)
+    assert "now version 2" in session.edit_file(P, "line 00002", "line two")
+    assert (root / P).read_text().splitlines()[1].startswith("line two")
     core.close()
 
 
