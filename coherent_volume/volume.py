@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .core import Isolation, open_core, validate_agent
-from .core.history import Pruned
+from .core.history import MAX_VERSION, Pruned
 from .errors import Absent, CasConflict, CoherenceError, RetriesExhausted, StaleWriteError, VolumeConfigError
 from .liveness import current_process
 from .paths import Target, is_registry_path, lexical
@@ -98,7 +98,13 @@ class CoherentVolume:
     @staticmethod
     def _bytes(data: bytes | str) -> bytes:
         if isinstance(data, str):
-            return data.encode("utf-8")
+            try:
+                return data.encode("utf-8")
+            except UnicodeEncodeError as e:  # (a lone surrogate: text decoded with errors="surrogateescape")
+                raise VolumeConfigError(
+                    f"data is text that UTF-8 cannot encode ({e.reason} at character {e.start}): give the bytes "
+                    "themselves, or valid text (nothing was written)"
+                ) from None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes or str, not {type(data).__name__}")
         return bytes(data)
@@ -117,6 +123,12 @@ class CoherentVolume:
 
     def write_cas(self, path: str | os.PathLike[str], expected_version: int, data: bytes | str) -> int:
         """Write only if the current version is `expected_version`; CasConflict otherwise."""
+        number = isinstance(expected_version, int) and not isinstance(expected_version, bool)
+        if not number or not 0 <= expected_version <= MAX_VERSION:
+            raise VolumeConfigError(
+                f"expected_version must be a version number (0: the path does not exist yet), not "
+                f"{expected_version!r} (nothing was written)"
+            )
         try:
             return self._core.commit(
                 self.agent, self._target(path), self._bytes(data), isolation=self.isolation, expected=expected_version
@@ -193,6 +205,10 @@ class CoherentVolume:
 
     def set_policy(self, policy: Policy) -> None:
         """Change the volume's policy (every process sees it at its next decision)."""
+        if not isinstance(policy, Policy):
+            raise VolumeConfigError(
+                f"a policy is a coherent_volume.Policy, not {type(policy).__name__} (nothing changed)"
+            )
         self._core.set_policy(policy)
 
     def prune(self) -> Pruned:

@@ -45,6 +45,26 @@ def test_a_version_that_is_not_a_whole_number_is_a_typed_error(vols) -> None:
     assert [v.version for v in alice.history("plans/p.md")] == [1], "nothing was restored"
 
 
+def test_bad_arguments_of_writes_and_policies_are_typed_errors_that_change_nothing(vols) -> None:
+    """write_cas of no version number (None, True, -1, past the largest) was taken as a plain write
+    (None), as version 1 (True), or refused CasConflict telling to re-read, which cannot help (-1,
+    10**30); text UTF-8 cannot encode raised a bare UnicodeEncodeError; set_policy of no Policy a
+    bare AttributeError (/tmp/s29api 2-5). Each is a VolumeConfigError now, and nothing changes."""
+    alice = vols("alice")
+    alice.write("plans/p.md", "one\n")
+    for bad in (None, True, -1, 2**63, 10**30, "1", 1.5):
+        with pytest.raises(
+            VolumeConfigError, match=f"expected_version must be a version number .*{re.escape(repr(bad))}"
+        ):
+            alice.write_cas("plans/p.md", bad, "two\n")  # type: ignore[arg-type]
+    with pytest.raises(VolumeConfigError, match="UTF-8 cannot encode"):
+        alice.write("plans/p.md", "bad \udcff\n")
+    with pytest.raises(VolumeConfigError, match="a policy is a coherent_volume.Policy, not str"):
+        alice.set_policy("x")  # type: ignore[arg-type]
+    assert [v.version for v in alice.history("plans/p.md")] == [1] and alice.read("plans/p.md") == b"one\n"
+    assert alice.write_cas("plans/p.md", 1, "two\n") == 2
+
+
 def test_history_lists_every_version_newest_first_with_its_bytes(root: Path, vols) -> None:
     alice, bob = vols("alice"), vols("bob")
     alice.write("plans/p.md", "one\n")
