@@ -6,7 +6,8 @@ context and removed lines are the text the model believes the file holds. So a C
 view of a file is formed from its patches (https://developers.openai.com/codex/hooks):
 
 - PreToolUse `apply_patch` parses the patch (`*** Update File:`, `*** Add File:`,
-  `*** Delete File:`, `*** Move to:`). For each file it updates, the view is registered at the
+  `*** Delete File:`, `*** Move to:`). For each file it updates that no other section of the patch
+  names (one named twice is judged as a whole by the view the session held before), the view is registered at the
   current version when every hunk's old lines are in the current content exactly, whitespace
   included (`fits`: the patch then only changes text that is current, so applying it loses
   nobody's change), and where that moves the view over other writers' versions since the
@@ -39,6 +40,7 @@ same agent and their reads never refresh a view. Every rule is the core's.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -383,6 +385,9 @@ def _patches(event: dict[str, Any]) -> list[FilePatch]:
 def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, HandleKind]] | ShellWrites:
     """The files the event's patch (`_patches`) or shell command writes (absolute), with how."""
     cwd, command = event.get("cwd"), _command(event)
+    if event.get("tool_name") in (SHELL_TOOL, PATCH_TOOL) and command is None:  # (a write check: denied)
+        given = repr(event.get("tool_input"))[:200]
+        raise ValueError(f"the tool's input gives no command as a string (it gives {given})")
     if event.get("tool_name") == SHELL_TOOL and command is not None:
         return shell_writes(command, cwd if isinstance(cwd, str) else ".")
     paths = (path for patch in patches for path in (patch.path, patch.move_to))
@@ -422,7 +427,10 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     passed: list[hook_steps.Passed] = []  # views a patch moved over others' changes: told below
     if progress.write_check:
-        for patch in updates:  # what the patch shows the model saw
+        named = Counter(name for patch in patches for name in {patch.path, patch.move_to} if name is not None)
+        for patch in updates:  # what the patch shows the model saw, of a file no other section names
+            if named[patch.path] > 1:  # (its sections are judged together, by the view held before it)
+                continue
             fit = partial(fits, hunks=patch.hunks)
             hook_steps.observe(actor, patch.path, fit, passed=passed)
         merging = event.get("tool_name") == PATCH_TOOL

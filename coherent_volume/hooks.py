@@ -150,7 +150,7 @@ def tool_path(tool_input: object, keys: tuple[str, ...], base: object) -> str:
         given = next((v for k, v in named.items() if found[k] is None), None) if named else None
         given = given if isinstance(tool_input, dict) else tool_input
         raise ValueError(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {repr(given)[:200]})")
-    if len({os.path.normpath(path) for path in paths}) > 1:  # (two spellings of one name are one file)
+    if len({os.path.realpath(path) for path in paths}) > 1:  # (as the kernel resolves them: a file named twice is one)
         shown = ", ".join(f"{k} {v!r}" for k, v in named.items())
         raise ValueError(f"the tool's input names more than one file ({shown[:300]}): which it writes cannot be told")
     return paths[0]

@@ -385,6 +385,49 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
         )
 
 
+def test_a_patch_naming_a_file_in_two_sections_is_judged_by_the_view_held_before_it(root: Path, sessions) -> None:
+    """A section whose lines fit the current version shows the file was seen, but only that
+    section's lines: another section of the same patch for that file (an Add over it, a Delete, a
+    Move onto it, a second Update with stale lines) is judged by the view the session held before
+    the patch. Before, the fitting section moved the view and the other section replaced a peer's
+    line the session never saw, allowed (/tmp/s29hooks 1)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+        setup.write("plans/b.md", "other\n")
+    one, two = sessions("n1", root), sessions("n2", root)
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
+    current = PLAN.replace("step A", "step A, one").replace("goal", "goal, two")
+    assert two.apply(update(P, "-goal", "+goal, two"), {P: current})[0] == "allow"
+    fitting = [f"*** Update File: {P}", "@@", "-step B", "+step B, one"]
+    for second in (
+        [f"*** Add File: {P}", "+the model's whole file"],
+        [f"*** Delete File: {P}"],
+        ["*** Update File: plans/b.md", f"*** Move to: {P}", "@@", "-other", "+moved"],
+        [f"*** Update File: {P}", "@@", "-step A", "+step A, again"],
+    ):
+        patch = "\n".join(["*** Begin Patch", *fitting, *second, "*** End Patch"]) + "\n"
+        verdict, reason = decision(one.hook(one.event("pre_apply_patch", patch=patch)))
+        assert verdict == "deny" and "(stale)" in reason, (second, reason)
+    assert (root / P).read_text() == current
+    patch = "\n".join(["*** Begin Patch", *fitting, "*** End Patch"]) + "\n"  # alone, it fits: allowed
+    assert decision(one.hook(one.event("pre_apply_patch", patch=patch)))[0] == "allow"
+
+
+def test_a_patch_or_command_event_whose_input_has_no_string_is_denied(root: Path, sessions) -> None:
+    """An apply_patch or Bash event whose input gives its patch or command as no string (another
+    key, a list, null) could not be checked: denied, as Gemini CLI's and Cursor's hooks deny such
+    input (before, Codex's was allowed silently, /tmp/s29hooks 3)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    one = sessions("m1", root)
+    for name in ("pre_apply_patch", "pre_bash"):
+        event = one.event(name, patch=update(P, "-goal", "+goal!"), command=f"printf x > {P}")
+        for given in ({"input": "x"}, {"command": ["printf", "x"]}, {"command": None}, "printf x", None):
+            verdict, reason = decision(one.hook({**event, "tool_input": given}))
+            assert verdict == "deny" and "no command as a string" in reason, (name, given, reason)
+    assert (root / P).read_text() == PLAN
+
+
 def test_subagents_are_agents_of_their_own(root: Path, sessions) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, PLAN)

@@ -170,9 +170,13 @@ def test_a_write_tools_event_naming_two_files_is_denied(
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
     free = str(tmp_path / "free.txt")
+    (tmp_path / "out/deep").mkdir(parents=True)
+    (root / "src").mkdir()
+    (root / "src/x").symlink_to(tmp_path / "out/deep")  # src/x/../../P is P by its text, not for the kernel
+    through = f"{root}/src/x/../../{P}"
     base = event(root, "two-files", str(root / P))
     for first, second in itertools.permutations(keys, 2):
-        for one, other in ((free, str(root / P)), (str(root / P), free)):
+        for one, other in ((free, str(root / P)), (str(root / P), free), (through, str(root / P))):
             r, _ = timed_hook(command, {**base, "tool_input": {**base["tool_input"], first: one, second: other}})
             reason = _denial(r.stdout)
             assert reason is not None and "names more than one file" in reason, (first, second, r.stdout, r.stderr)
