@@ -40,6 +40,7 @@ same agent and their reads never refresh a view. Every rule is the core's.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -403,6 +404,12 @@ def _unlinked_link(path: str, patches: list[FilePatch]) -> bool:
     return bool(removed) and not kept and hook_paths.unlinks_link(path)
 
 
+def _files(patch: FilePatch) -> set[str]:
+    """The files a patch's section names (its path, and where it moves it), as the kernel resolves
+    them: one file however it is spelled."""
+    return {os.path.realpath(name) for name in (patch.path, patch.move_to) if name is not None}
+
+
 def _updates(patches: list[FilePatch]) -> list[FilePatch]:
     """The patch's updates with old lines."""
     return [patch for patch in patches if patch.op == "update" and any(h.old for h in patch.hunks)]
@@ -427,9 +434,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     passed: list[hook_steps.Passed] = []  # views a patch moved over others' changes: told below
     if progress.write_check:
-        named = Counter(name for patch in patches for name in {patch.path, patch.move_to} if name is not None)
+        named = Counter(name for patch in patches for name in _files(patch))
         for patch in updates:  # what the patch shows the model saw, of a file no other section names
-            if named[patch.path] > 1:  # (its sections are judged together, by the view held before it)
+            if named[os.path.realpath(patch.path)] > 1:  # (its sections are judged together, by the view held before)
                 continue
             fit = partial(fits, hunks=patch.hunks)
             hook_steps.observe(actor, patch.path, fit, passed=passed)

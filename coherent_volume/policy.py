@@ -39,6 +39,9 @@ class Retention:
     max_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("keep_days", "keep_last", "max_bytes"):
+            if isinstance(getattr(self, name), bool):  # (True is an int to Python, and no number of anything)
+                raise VolumeConfigError(f"{name} must be a number, not {getattr(self, name)!r}")
         if not (isinstance(self.keep_days, (int, float)) and 0 <= self.keep_days <= MAX_KEEP_DAYS):
             raise VolumeConfigError(
                 f"keep_days must be a number of days from 0 to {MAX_KEEP_DAYS:,}, not {self.keep_days!r}"
@@ -64,6 +67,10 @@ class Policy:
     retention: Retention = field(default_factory=Retention)
 
     def __post_init__(self) -> None:
+        if isinstance(self.merge, str) or not all(isinstance(glob, str) for glob in self.merge):
+            raise VolumeConfigError(f"merge must be a sequence of glob strings, not {self.merge!r}")
+        if not isinstance(self.retention, Retention):
+            raise VolumeConfigError(f"retention must be a coherent_volume.Retention, not {self.retention!r}")
         object.__setattr__(self, "_merge", ManagedGlobs.of(self.merge) if self.merge else None)
 
     def merges(self, rel: str) -> bool:

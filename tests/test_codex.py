@@ -398,16 +398,19 @@ def test_a_patch_naming_a_file_in_two_sections_is_judged_by_the_view_held_before
     assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
     current = PLAN.replace("step A", "step A, one").replace("goal", "goal, two")
     assert two.apply(update(P, "-goal", "+goal, two"), {P: current})[0] == "allow"
-    fitting = [f"*** Update File: {P}", "@@", "-step B", "+step B, one"]
-    for second in (
-        [f"*** Add File: {P}", "+the model's whole file"],
-        [f"*** Delete File: {P}"],
-        ["*** Update File: plans/b.md", f"*** Move to: {P}", "@@", "-other", "+moved"],
-        [f"*** Update File: {P}", "@@", "-step A", "+step A, again"],
-    ):
-        patch = "\n".join(["*** Begin Patch", *fitting, *second, "*** End Patch"]) + "\n"
-        verdict, reason = decision(one.hook(one.event("pre_apply_patch", patch=patch)))
-        assert verdict == "deny" and "(stale)" in reason, (second, reason)
+    (root / "plink").symlink_to("plans")
+    name = P.rsplit("/", 1)[1]
+    for spelled in (P, f"./{P}", f"plans//{name}", f"plans/../{P}", f"plink/{name}"):  # one file (/tmp/s29r2c 1)
+        fitting = [f"*** Update File: {spelled}", "@@", "-step B", "+step B, one"]
+        for second in (
+            [f"*** Add File: {P}", "+the model's whole file"],
+            [f"*** Delete File: {P}"],
+            ["*** Update File: plans/b.md", f"*** Move to: {P}", "@@", "-other", "+moved"],
+            [f"*** Update File: {P}", "@@", "-step A", "+step A, again"],
+        ):
+            patch = "\n".join(["*** Begin Patch", *fitting, *second, "*** End Patch"]) + "\n"
+            verdict, reason = decision(one.hook(one.event("pre_apply_patch", patch=patch)))
+            assert verdict == "deny" and "(stale)" in reason, (spelled, second, reason)
     assert (root / P).read_text() == current
     patch = "\n".join(["*** Begin Patch", *fitting, "*** End Patch"]) + "\n"  # alone, it fits: allowed
     assert decision(one.hook(one.event("pre_apply_patch", patch=patch)))[0] == "allow"

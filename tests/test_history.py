@@ -61,6 +61,15 @@ def test_bad_arguments_of_writes_and_policies_are_typed_errors_that_change_nothi
         alice.write("plans/p.md", "bad \udcff\n")
     with pytest.raises(VolumeConfigError, match="a policy is a coherent_volume.Policy, not str"):
         alice.set_policy("x")  # type: ignore[arg-type]
+    for bad, said in (  # (/tmp/s29r2c 2-4: a bare AttributeError, globs of one character, True as 1)
+        (lambda: Policy(retention=None), "retention must be a coherent_volume.Retention"),  # type: ignore[arg-type]
+        (lambda: Policy(merge="plans/*.md"), "merge must be a sequence of glob strings"),  # type: ignore[arg-type]
+        (lambda: Retention(max_bytes=True), "max_bytes must be a number, not True"),
+        (lambda: Retention(keep_last=True), "keep_last must be a number, not True"),
+        (lambda: Retention(keep_days=False), "keep_days must be a number, not False"),
+    ):
+        with pytest.raises(VolumeConfigError, match=said):
+            bad()
     assert [v.version for v in alice.history("plans/p.md")] == [1] and alice.read("plans/p.md") == b"one\n"
     assert alice.write_cas("plans/p.md", 1, "two\n") == 2
 
