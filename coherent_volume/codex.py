@@ -40,7 +40,6 @@ same agent and their reads never refresh a view. Every rule is the core's.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -405,9 +404,9 @@ def _unlinked_link(path: str, patches: list[FilePatch]) -> bool:
 
 
 def _files(patch: FilePatch) -> set[str]:
-    """The files a patch's section names (its path, and where it moves it), as the kernel resolves
-    them: one file however it is spelled."""
-    return {os.path.realpath(name) for name in (patch.path, patch.move_to) if name is not None}
+    """The files a patch's section names (its path, and where it moves it), one name each however
+    it is spelled (`hook_paths.one_name`: through a mount of a volume or its root alike)."""
+    return {hook_paths.one_name(name) for name in (patch.path, patch.move_to) if name is not None}
 
 
 def _updates(patches: list[FilePatch]) -> list[FilePatch]:
@@ -436,7 +435,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if progress.write_check:
         named = Counter(name for patch in patches for name in _files(patch))
         for patch in updates:  # what the patch shows the model saw, of a file no other section names
-            if named[os.path.realpath(patch.path)] > 1:  # (its sections are judged together, by the view held before)
+            if (
+                named[hook_paths.one_name(patch.path)] > 1
+            ):  # (its sections are judged together, by the view held before)
                 continue
             fit = partial(fits, hunks=patch.hunks)
             hook_steps.observe(actor, patch.path, fit, passed=passed)

@@ -62,6 +62,16 @@ def located(path: str) -> Located | None:
     return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
 
 
+def one_name(path: str) -> str:
+    """The file `path` names, as one string however it is spelled: the path as the kernel resolves
+    it (`located`), and for one through a mount of a volume, where it is in that volume's root."""
+    real = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+    mounted = mount_holding(real)
+    if mounted is None:
+        return real
+    return os.path.normpath(os.path.join(mounted.root, mounted.rel(os.path.relpath(real, mounted.mountpoint))))
+
+
 def _below(given: str, top: str) -> str | None:
     """`given` relative to `top` as text (its `..` and symlinks left for the core to resolve), when
     it is written below `top`: never absolute (`ROOT//plans/a.md` is `plans/a.md`)."""

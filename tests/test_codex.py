@@ -385,35 +385,51 @@ def test_unread_held_and_fenced_writes_are_denied_with_what_to_do(root: Path, se
         )
 
 
-def test_a_patch_naming_a_file_in_two_sections_is_judged_by_the_view_held_before_it(root: Path, sessions) -> None:
-    """A section whose lines fit the current version shows the file was seen, but only that
-    section's lines: another section of the same patch for that file (an Add over it, a Delete, a
-    Move onto it, a second Update with stale lines) is judged by the view the session held before
-    the patch. Before, the fitting section moved the view and the other section replaced a peer's
-    line the session never saw, allowed (/tmp/s29hooks 1)."""
-    with CoherentVolume(root, agent="setup") as setup:
+def _judged_whole(workdir: Path, sessions, spellings: list[tuple[str, str]]) -> None:
+    """Session n1 patches P at `workdir`, n2 changes it since; then each patch of n1 with a section
+    whose lines fit the current version (P spelled as the pair's first) and another section for P
+    (spelled as its second) is denied stale; the fitting section alone is allowed."""
+    with CoherentVolume(workdir, agent="setup") as setup:
         setup.write(P, PLAN)
         setup.write("plans/b.md", "other\n")
-    one, two = sessions("n1", root), sessions("n2", root)
+    one, two = sessions("n1", workdir), sessions("n2", workdir)
     assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
     current = PLAN.replace("step A", "step A, one").replace("goal", "goal, two")
     assert two.apply(update(P, "-goal", "+goal, two"), {P: current})[0] == "allow"
-    (root / "plink").symlink_to("plans")
-    name = P.rsplit("/", 1)[1]
-    for spelled in (P, f"./{P}", f"plans//{name}", f"plans/../{P}", f"plink/{name}"):  # one file (/tmp/s29r2c 1)
-        fitting = [f"*** Update File: {spelled}", "@@", "-step B", "+step B, one"]
+    for fits_as, other in spellings:
+        fitting = [f"*** Update File: {fits_as}", "@@", "-step B", "+step B, one"]
         for second in (
-            [f"*** Add File: {P}", "+the model's whole file"],
-            [f"*** Delete File: {P}"],
-            ["*** Update File: plans/b.md", f"*** Move to: {P}", "@@", "-other", "+moved"],
-            [f"*** Update File: {P}", "@@", "-step A", "+step A, again"],
+            [f"*** Add File: {other}", "+the model's whole file"],
+            [f"*** Delete File: {other}"],
+            ["*** Update File: plans/b.md", f"*** Move to: {other}", "@@", "-other", "+moved"],
+            [f"*** Update File: {other}", "@@", "-step A", "+step A, again"],
         ):
             patch = "\n".join(["*** Begin Patch", *fitting, *second, "*** End Patch"]) + "\n"
             verdict, reason = decision(one.hook(one.event("pre_apply_patch", patch=patch)))
-            assert verdict == "deny" and "(stale)" in reason, (spelled, second, reason)
-    assert (root / P).read_text() == current
+            assert verdict == "deny" and "(stale)" in reason, (fits_as, second, reason)
+    assert (workdir / P).read_text() == current
     patch = "\n".join(["*** Begin Patch", *fitting, "*** End Patch"]) + "\n"  # alone, it fits: allowed
     assert decision(one.hook(one.event("pre_apply_patch", patch=patch)))[0] == "allow"
+
+
+def test_a_patch_naming_a_file_in_two_sections_is_judged_by_the_view_held_before_it(root: Path, sessions) -> None:
+    """A section whose lines fit the current version shows the file was seen, but only that
+    section's lines: another section of the same patch for that file (an Add over it, a Delete, a
+    Move onto it, a second Update with stale lines), however either spells it, is judged by the
+    view the session held before the patch. Before, the fitting section moved the view and the
+    other section replaced a peer's line the session never saw, allowed (/tmp/s29hooks 1; spelled
+    two ways, /tmp/s29r2c 1)."""
+    (root / "plink").symlink_to("plans")
+    name = P.rsplit("/", 1)[1]
+    spelled = (P, f"./{P}", f"plans//{name}", f"plans/../{P}", f"plink/{name}")
+    _judged_whole(root, sessions, [(fits_as, P) for fits_as in spelled])
+
+
+def test_a_patch_naming_a_file_through_its_mount_and_its_root_names_one_file(mounted: Mount, sessions) -> None:
+    """The same, one section naming the file through the volume's mount and the other through its
+    root (/tmp/s29r3 1: two names to the hook, which let the loss through again)."""
+    through_root = str(mounted.root / P)
+    _judged_whole(mounted.path, sessions, [(P, through_root), (through_root, P)])
 
 
 def test_a_patch_or_command_event_whose_input_has_no_string_is_denied(root: Path, sessions) -> None:
