@@ -63,13 +63,23 @@ def located(path: str) -> Located | None:
 
 
 def one_name(path: str) -> str:
-    """The file `path` names, as one string however it is spelled: the path as the kernel resolves
-    it (`located`), and for one through a mount of a volume, where it is in that volume's root."""
+    """The file `path` names, as one string however it is reached: a path in a volume (through a
+    mount of it, a bind mount of its root or of a directory above, as `located` finds it) as its
+    volume's registry directory by identity (device, inode) and its path there as the kernel
+    resolves it; any other path as the kernel resolves it."""
     real = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
     mounted = mount_holding(real)
-    if mounted is None:
+    if mounted is not None:
+        root, rel = mounted.root, mounted.rel(os.path.relpath(real, mounted.mountpoint))
+    elif (directory := volume_above(real)) is not None:
+        root, rel = directory, os.path.relpath(real, directory)
+    else:
         return real
-    return os.path.normpath(os.path.join(mounted.root, mounted.rel(os.path.relpath(real, mounted.mountpoint))))
+    try:
+        st = os.stat(os.path.join(root, REGISTRY_DIR))
+    except OSError:
+        return os.path.join(root, rel)
+    return f"{st.st_dev}:{st.st_ino}:{os.path.normpath(rel)}"
 
 
 def _below(given: str, top: str) -> str | None:

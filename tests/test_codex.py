@@ -20,7 +20,7 @@ from coherent_volume.codex import parse_patch
 from coherent_volume.errors import StaleWriteError
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
-from .harness.mounts import CLI, Mount
+from .harness.mounts import CLI, Mount, bound
 
 P = "plans/plan.md"
 EVENTS = fixture("codex")
@@ -423,6 +423,16 @@ def test_a_patch_naming_a_file_in_two_sections_is_judged_by_the_view_held_before
     name = P.rsplit("/", 1)[1]
     spelled = (P, f"./{P}", f"plans//{name}", f"plans/../{P}", f"plink/{name}")
     _judged_whole(root, sessions, [(fits_as, P) for fits_as in spelled])
+
+
+def test_a_patch_naming_a_file_through_a_bind_of_its_root_or_above_names_one_file(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """The same through a bind mount of the volume's root, or of the directory above it (/tmp/s29r4 1:
+    two names to the hook, not to the write check, and the loss came back again)."""
+    with bound(root, tmp_path / "bind") as bind, bound(root.parent, tmp_path / "above") as above:
+        through = [str(bind / P), str(above / root.name / P)]
+        _judged_whole(root, sessions, [(P, other) for other in through] + [(other, P) for other in through])
 
 
 def test_a_patch_naming_a_file_through_its_mount_and_its_root_names_one_file(mounted: Mount, sessions) -> None:

@@ -5,13 +5,12 @@ hook call is `coherent-volume hook FACE` with the event on stdin (`timed_hook`).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from coherent_volume.errors import NestedVolume, VolumeConfigError
 from coherent_volume.hook_paths import session_file
 
 from .harness.agent_session import commit_lock_held, fill, fixture, timed_hook, unique
-from .harness.mounts import CLI, Mount
+from .harness.mounts import CLI, Mount, bound
 
 P = "plans/plan.md"
 
@@ -507,18 +506,6 @@ def test_a_write_in_a_volume_mounted_inside_another_mount_is_checked_as_the_inne
     assert reason is not None and "(unread)" in reason and "by setup" in reason, (r.stdout, r.stderr)
 
 
-@contextlib.contextmanager
-def _bound(source: Path, at: Path) -> Iterator[Path]:
-    """`source` bind-mounted at `at` (made), unmounted in every outcome."""
-    at.mkdir(exist_ok=True)
-    subprocess.run(["mount", "--bind", str(source), str(at)], check=True, capture_output=True)
-    try:
-        yield at
-    finally:
-        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(at)], capture_output=True)
-
-
 def test_a_plain_volume_bound_inside_a_mount_is_checked_as_itself(mounted: Mount, tmp_path: Path) -> None:
     """A bind mount inside a volume's mount shows another directory, served past the daemon: a path
     there is the volume it holds, as the kernel resolves it (/tmp/s26r2 F1: checked as the outer
@@ -529,7 +516,7 @@ def test_a_plain_volume_bound_inside_a_mount_is_checked_as_itself(mounted: Mount
     with CoherentVolume(inner, agent="setup") as setup:
         setup.write(P, "v1\n")
     (mounted.path / "plans").mkdir(exist_ok=True)
-    with _bound(inner, mounted.path / "plans/sub") as at:
+    with bound(inner, mounted.path / "plans/sub") as at:
         r, _ = timed_hook("claude-code", _claude(at, "b", str(at / P)))
         with CoherentVolume(at, agent="reader") as vol:  # the bound volume itself, not "give the outer root"
             assert vol.read(P) == b"v1\n"
@@ -544,7 +531,7 @@ def test_a_bind_of_a_directory_of_a_mount_names_that_directorys_files(mounted: M
     with CoherentVolume(mounted.root, agent="setup") as setup:
         setup.write(P, "the plan\n")
         setup.write("plan.md", "top\n")
-    with _bound(mounted.path / "plans", tmp_path / "bsub") as at:
+    with bound(mounted.path / "plans", tmp_path / "bsub") as at:
         r, _ = timed_hook("claude-code", _claude(at, "s", str(at / "plan.md")))
         with pytest.raises(
             VolumeConfigError, match=f"is a bind mount of plans, a directory of the volume at {mounted.root}"

@@ -413,3 +413,15 @@ class PidNamespaceMount:
             self._ns.kill()  # --kill-child: the namespace's processes, the daemon among them, end with it
             self._ns.wait()
             self._ns = None
+
+
+@contextlib.contextmanager
+def bound(source: Path, at: Path) -> Iterator[Path]:
+    """`source` bind-mounted at `at` (made), unmounted in every outcome."""
+    at.mkdir(exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(at)], check=True, capture_output=True)
+    try:
+        yield at
+    finally:
+        if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(at)], capture_output=True)
