@@ -403,10 +403,16 @@ def _unlinked_link(path: str, patches: list[FilePatch]) -> bool:
     return bool(removed) and not kept and hook_paths.unlinks_link(path)
 
 
-def _files(patch: FilePatch) -> set[str]:
-    """The files a patch's section names (its path, and where it moves it), one name each however
-    it is spelled (`hook_paths.one_name`: through a mount of a volume or its root alike)."""
-    return {hook_paths.one_name(name) for name in (patch.path, patch.move_to) if name is not None}
+def _named_twice(patches: list[FilePatch]) -> set[str]:
+    """The paths (as the patches give them) of files that more than one section names, as its path
+    or where it moves it, counted one name per file however it is reached (`hook_paths.one_name`:
+    through a mount of a volume, its root or a bind mount alike)."""
+    given = {name for patch in patches for name in (patch.path, patch.move_to) if name is not None}
+    one = {name: hook_paths.one_name(name) for name in given}
+    sections = Counter(
+        file for patch in patches for file in {one[n] for n in (patch.path, patch.move_to) if n is not None}
+    )
+    return {name for name in given if sections[one[name]] > 1}
 
 
 def _updates(patches: list[FilePatch]) -> list[FilePatch]:
@@ -433,11 +439,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         return Answer(0, "", hook_steps.unattributed(writes, progress, "session_id"))
     passed: list[hook_steps.Passed] = []  # views a patch moved over others' changes: told below
     if progress.write_check:
-        named = Counter(name for patch in patches for name in _files(patch))
+        twice = _named_twice(patches)  # (their sections are judged together, by the view held before)
         for patch in updates:  # what the patch shows the model saw, of a file no other section names
-            if (
-                named[hook_paths.one_name(patch.path)] > 1
-            ):  # (its sections are judged together, by the view held before)
+            if patch.path in twice:
                 continue
             fit = partial(fits, hunks=patch.hunks)
             hook_steps.observe(actor, patch.path, fit, passed=passed)

@@ -147,8 +147,8 @@ def tool_path(tool_input: object, keys: tuple[str, ...], base: object) -> str:
     found = {k: absolute(v, base) for k, v in named.items()}
     paths = [path for path in found.values() if path is not None]
     if not named or len(paths) < len(found):
-        given = next((v for k, v in named.items() if found[k] is None), None) if named else None
-        given = given if isinstance(tool_input, dict) else tool_input
+        unnamed = (v for k, v in named.items() if found[k] is None)
+        given = next(unnamed, None) if isinstance(tool_input, dict) else tool_input
         raise ValueError(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {repr(given)[:200]})")
     if len({os.path.realpath(path) for path in paths}) > 1:  # (as the kernel resolves them: a file named twice is one)
         shown = ", ".join(f"{k} {v!r}" for k, v in named.items())
