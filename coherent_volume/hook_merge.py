@@ -27,7 +27,7 @@ from .core.sessions import Made
 from .errors import CoherenceError, MergeConflict, StaleWriteError, TooManyLines
 from .hook_steps import denial_text, denied, exactly
 from .hooks import Answer, Face, Progress
-from .paths import Target
+from .paths import Target, shown
 from .protocol import may_merge
 
 
@@ -222,8 +222,10 @@ def _merged_text(core: VolumeCore, refusal: StaleWriteError, version: int, face:
         else ""
     )
     return (
-        f"coherent-volume: {refusal.path} changed since you {face.seen} it (you last {face.seen} version {base}; "
+        f"coherent-volume: {shown(refusal.path)} changed since you {face.seen} it (you last {face.seen} "
+        f"version {base}; "
         f"version {current} is by {refusal.last_writer}), and {done}. Both changes are kept: they touch different "
-        f"lines and {refusal.path} is a file this volume merges. The tool did not run, because the write is already "
+        f"lines and {shown(refusal.path)} is a file this volume merges. The tool did not run, because the "
+        "write is already "
         f"done: do not repeat it. {face.reread_one}.{changes}"
     )

@@ -67,7 +67,7 @@ from .hook_paths import (
 )
 from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
-from .paths import REGISTRY_DIR, Target, is_registry_path
+from .paths import REGISTRY_DIR, Target, is_registry_path, shown
 from .protocol import HandleKind, agent_name_problem
 from .shell_writes import ShellWrites, volume_named
 
@@ -298,7 +298,7 @@ def _late(paths: list[str], progress: Progress, face: Face) -> Answer | None:
             late = next((t.rel for v in volumes if not v.mounted for t, _, _ in v.targets), None)
     except OutsideVolume:
         return None
-    return None if late is None else face.deny(BACKGROUND.format(path=late), late)
+    return None if late is None else face.deny(BACKGROUND.format(path=shown(late)), late)
 
 
 def unattributed(writes: Writes, progress: Progress, field: str) -> str:
@@ -339,8 +339,9 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: st
         if refusal.diff
         else " "
     )
-    return f"coherent-volume refused this write to {refusal.path} ({refusal.reason}): {state}.{held}{changes}{note}" + (
-        _long_lock(core, refusal) or face.remedy(refusal)
+    return (
+        f"coherent-volume refused this write to {shown(refusal.path)} ({refusal.reason}): {state}.{held}{changes}{note}"
+        + (_long_lock(core, refusal) or face.remedy(refusal))
     )
 
 
@@ -494,7 +495,8 @@ def end_writes(
                             told += _recorded(core, claim.agent, target, None if appended else made, appended, moved)
                         except (CoherenceError, OSError) as e:  # the others recorded stand: say which one failed
                             told.append(
-                                f"coherent-volume: your write to {target.rel} could not be recorded as yours ({e}); it "
+                                f"coherent-volume: your write to {shown(target.rel)} could not be recorded "
+                                f"as yours ({e}); it "
                                 "is recorded as a change by `external` at the next access. Read the file again before "
                                 "you change it."
                             )
@@ -503,7 +505,7 @@ def end_writes(
                             release_hook_grant(core, claim.agent, target, actor.process)
                         except (CoherenceError, OSError) as e:  # what was recorded stands; the grant lapses
                             told.append(
-                                f"coherent-volume: the write grant on {target.rel} could not be released ({e}); "
+                                f"coherent-volume: the write grant on {shown(target.rel)} could not be released ({e}); "
                                 f"it ends by itself within {hooks.HOOK_GRANT_TTL:g} s."
                             )
     return told
@@ -668,7 +670,7 @@ def _recorded(
     version = core.adopt(agent, target, made, appended=appended, moved=moved)
     if version is None:
         return [
-            f"coherent-volume: {target.rel} does not hold what your tool just wrote: another writer changed it "
+            f"coherent-volume: {shown(target.rel)} does not hold what your tool just wrote: another writer changed it "
             "meanwhile (recorded as a change by `external`). Read the file again before you change it, and check "
             f"that your change is there. `coherent-volume log {core.paths.root}` shows the history."
         ]
@@ -678,7 +680,8 @@ def _recorded(
             clobbers = [e for e in tx.events(after=after, path=target.rel, kind="clobber") if e.agent == agent]
     except (CoherenceError, OSError) as e:  # recorded all the same: never reported as not recorded
         return [
-            f"coherent-volume: your write to {target.rel} was recorded as version {version}, but whether it went "
+            f"coherent-volume: your write to {shown(target.rel)} was recorded as version {version}, but "
+            "whether it went "
             f"over another change could not be looked up ({e}). Read the file again before you change it, and "
             f"check that no other change is missing. `coherent-volume log {core.paths.root}` shows the history."
         ]
@@ -687,7 +690,8 @@ def _recorded(
     c = clobbers[-1]
     if c.detail is not None and c.detail.endswith(HELD_CLOBBER):
         return [
-            f"coherent-volume: while your tool ran, {target.rel} was seen changed (version {c.version}, recorded "
+            f"coherent-volume: while your tool ran, {shown(target.rel)} was seen changed (version "
+            f"{c.version}, recorded "
             "then): either another session or program looked at it while your write was half done, or another "
             "program changed it and your write went over that change. "
             "Read the file, check that no other change is missing from it and redo it if it is, or tell the user. "
@@ -695,7 +699,8 @@ def _recorded(
             "(`coherent-volume show`)."
         ]
     return [
-        f"coherent-volume: your write to {target.rel} went over version {c.version} ({c.detail}); your write grant "
+        f"coherent-volume: your write to {shown(target.rel)} went over version {c.version} ({c.detail}); "
+        "your write grant "
         f"had lapsed (it lasts {hooks.HOOK_GRANT_TTL:g} s), so another session's change may be gone from the file. "
         "Read the file, check that the other change is still there and redo it if it is not, or tell the user. "
         f"`coherent-volume log {core.paths.root}` shows the history."
@@ -741,20 +746,20 @@ def passed_over(core: VolumeCore, agent: str, rel: str, before: int | None, now:
 def observe(
     actor: Actor,
     path: str,
-    shown: Callable[[bytes], bool],
+    matches: Callable[[bytes], bool],
     progress: Progress | None = None,
     *,
     earlier: int = EARLIER_VERSIONS,
     passed: list[Passed] | None = None,
 ) -> int | None:
-    """Register the actor's view of the managed file at `path` at the current version if `shown`
+    """Register the actor's view of the managed file at `path` at the current version if `matches`
     confirms its content is what the model was shown (a confirmed read also lifts a fence); else,
-    searching up to `earlier` retained older versions newest first, at the first one `shown`
+    searching up to `earlier` retained older versions newest first, at the first one `matches`
     confirms (a read that raced a commit, a patch built on an older version: a check then refuses
     the write as stale, with the diff since, not as unread). The version, or
     None (nothing registered: not managed, gone, or nothing matched). What is established about the
     path is recorded in `progress` if given (never the progress of a write check: it is not about
-    that check's paths). With `passed`, where `shown` confirms only part of the content: a view
+    that check's paths). With `passed`, where `matches` confirms only part of the content: a view
     moved from an earlier one over other writers' versions is added to it (the model is to be
     told what they changed)."""
     found = located(path)
@@ -771,12 +776,12 @@ def observe(
         if passed is not None:
             with core.registry.read() as tx:
                 before = tx.view(agent, target.rel)
-        version = core.observe(agent, target, shown)
+        version = core.observe(agent, target, matches)
         if passed is not None and version is not None:
             passed += filter(None, [passed_over(core, agent, target.rel, before, version)])
         if version is not None or not earlier:
             return version
-        progress.doing = f"looking for what the model was shown of {target.rel} among its older versions"
+        progress.doing = f"looking for what the model was shown of {shown(target.rel)} among its older versions"
         try:
             read = 0
             for old in core.history(target, earlier + 1)[1:]:
@@ -787,7 +792,7 @@ def observe(
                     data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
                 except CoherenceError:
                     continue
-                if data is not None and shown(data):
+                if data is not None and matches(data):
                     core.note_read(agent, target, old.version)
                     return old.version
             return None
@@ -814,7 +819,7 @@ def bring(actor: Actor, path: str, said_missing: bool) -> list[str]:
     if version is None:
         return []
     return [
-        f"coherent-volume: {target.rel} was missing from this working copy (a cache of the volume, which "
+        f"coherent-volume: {shown(target.rel)} was missing from this working copy (a cache of the volume, which "
         f"holds it at version {version}); it is there now: read it again."
     ]
 

@@ -53,7 +53,7 @@ from .errors import (
 )
 from .fingerprint import content_hash
 from .hook_steps import passed_over
-from .paths import Target
+from .paths import Target, shown
 from .stale_warnings import partly_read_warning
 
 INSTRUCTIONS = (
@@ -127,20 +127,20 @@ def _returnable(path: str, text: str, part: str, offset: int) -> None:
         long = next(((n, len(line)) for n, line in enumerate(part.split("\n"), offset) if len(line) > READ_LIMIT), None)
         if long is not None:  # no part holds it: a part is whole lines
             raise ToolRefused(
-                f"Nothing was read: line {long[0]} of {path} alone is {long[1]} characters, more than read_file "
+                f"Nothing was read: line {long[0]} of {shown(path)} alone is {long[1]} characters, more than read_file "
                 f"returns at once ({READ_LIMIT}), so these tools can neither show it nor change the file after "
                 "reading it: change it with a tool that reads its bytes (the mounted workspace, the Python API), "
                 "or ask the user."
             )
         some = "these lines of " if part != text else ""
         raise ToolRefused(
-            f"Nothing was read: {some}{path} are {len(part)} characters ({len(text)} characters, "
+            f"Nothing was read: {some}{shown(path)} are {len(part)} characters ({len(text)} characters, "
             f"{_line_count(text)} lines in all), more than read_file returns at once ({READ_LIMIT}). Read it in "
             "parts: call read_file with offset (the first line, from 1) and limit (how many lines) for parts under "
             "that size. Each part you read registers your view of the file's version."
         )
     if text and not part:
-        raise ToolRefused(f"Nothing was read: {path} has {_line_count(text)} lines, fewer than offset {offset}.")
+        raise ToolRefused(f"Nothing was read: {shown(path)} has {_line_count(text)} lines, fewer than offset {offset}.")
 
 
 def _bounded(diff: str, path: str) -> str:
@@ -150,19 +150,19 @@ def _bounded(diff: str, path: str) -> str:
     if len(diff) <= READ_LIMIT:
         return diff
     lines = diffs.lines(diff)
-    shown: list[str] = []
+    kept: list[str] = []
     size = 0
     for line in lines:
         line = diffs.cut(line)
         if size + len(line) > READ_LIMIT - 1000:  # room for the note
             break
-        shown.append(line)
+        kept.append(line)
         size += len(line)
-    return "".join(shown) + (
-        f"... {len(lines) - len(shown)} more lines of the diff not shown ({len(diff)} characters in all, more "
+    return "".join(kept) + (
+        f"... {len(lines) - len(kept)} more lines of the diff not shown ({len(diff)} characters in all, more "
         f"than one tool result holds, {READ_LIMIT}). To see the rest, diff fewer versions at a time (from_version, "
         f"to_version), read the current version in parts (read_file with offset and limit), or run "
-        f"`coherent-volume diff ROOT {path} A B` outside this session.\n"
+        f"`coherent-volume diff ROOT {shown(path)} A B` outside this session.\n"
     )
 
 
@@ -179,17 +179,17 @@ def agent_for(client: str | None) -> str:
 def refusal_text(e: StaleWriteError) -> str:
     """What a refused write tells the model: what happened, why, what changed, what to do."""
     if e.reason == "stale":
-        what = f"{e.path} changed since you read it: you read version {e.based_on}, it is now version "
+        what = f"{shown(e.path)} changed since you read it: you read version {e.based_on}, it is now version "
         what += f"{e.current_version}" + (f", last written by {e.last_writer}" if e.last_writer else "")
     elif e.reason == "unread":
-        what = f"you have not read {e.path} in this session; it is at version {e.current_version}"
+        what = f"you have not read {shown(e.path)} in this session; it is at version {e.current_version}"
         what += f", last written by {e.last_writer}" if e.last_writer else ""
     elif e.reason == "held":
-        what = f"{e.holder or 'another agent'} holds the write grant on {e.path}"
+        what = f"{e.holder or 'another agent'} holds the write grant on {shown(e.path)}"
     elif e.reason == "fenced":
-        what = f"your write grant on {e.path} was reclaimed"
+        what = f"your write grant on {shown(e.path)} was reclaimed"
     else:
-        what = f"files you read changed since: {', '.join(e.changed)}"
+        what = f"files you read changed since: {', '.join(map(shown, e.changed))}"
     text = f"Refused ({e.reason}): nothing was written. {what}."
     if isinstance(e, MergeConflict):
         hunks = "".join(str(c) for c in e.conflicts).rstrip()
@@ -201,7 +201,7 @@ def refusal_text(e: StaleWriteError) -> str:
         text += f"\nWhat changed since version {e.based_on}:\n{e.diff.rstrip()}"
     if e.unmerged:
         text += f"\nYour change was not merged: {e.unmerged}."
-    remedy = REMEDY[e.reason].format(path=e.path, changed=", ".join(e.changed))
+    remedy = REMEDY[e.reason].format(path=shown(e.path), changed=", ".join(map(shown, e.changed)))
     if e.reason == "stale" and not isinstance(e, MergeConflict) and not e.unmerged:
         remedy += MERGE_HINT
     return f"{text}\nTo fix: {remedy}"
@@ -224,8 +224,9 @@ class Session:
             return self.core.resolve(path)
         except OutsideVolume as e:
             raise ToolRefused(
-                f"{path!r} is not a file of this workspace ({e}). Give a path relative to the workspace root "
-                f"({self.core.paths.root}), or an absolute path inside it."
+                f"'{shown(path)}' is not a file of this workspace ({shown(str(e))}). Give a path relative "
+                "to the workspace root "
+                f"({shown(self.core.paths.root)}), or an absolute path inside it."
             ) from None
 
     def _call(self, path: str, action: str, fn: Any) -> str:
@@ -239,23 +240,24 @@ class Session:
             except StaleWriteError as e:
                 if e.reason in ("unread", "stale", "fenced") and not self._text(e.path):
                     raise ToolRefused(
-                        f"Refused ({e.reason}): nothing was written. {e.path} is not UTF-8 text, which read_file "
+                        f"Refused ({e.reason}): nothing was written. {shown(e.path)} is not UTF-8 text, "
+                        "which read_file "
                         "cannot show, so these tools cannot change it after reading it: change it with a tool that "
                         "reads its bytes (the mounted workspace, the Python API), or ask the user."
                     ) from None
                 raise ToolRefused(refusal_text(e)) from None
             except FileNotFoundError:
-                raise ToolRefused(f"{path} does not exist (write_file creates a file).") from None
+                raise ToolRefused(f"{shown(path)} does not exist (write_file creates a file).") from None
             except IsADirectoryError:
-                raise ToolRefused(f"{path} is a directory, not a file.") from None
+                raise ToolRefused(f"{shown(path)} is a directory, not a file.") from None
             except NotManaged:
                 managed = ", ".join(self.core.paths.globs.patterns)
                 raise ToolRefused(
-                    f"{path} is not managed (managed paths: {managed}): it has no versions and its writes are "
+                    f"{shown(path)} is not managed (managed paths: {managed}): it has no versions and its writes are "
                     "never checked."
                 ) from None
             except (CoherenceError, OSError, UnicodeError) as e:
-                raise ToolRefused(f"{action} {path} failed: {e}") from None
+                raise ToolRefused(f"{action} {shown(path)} failed: {shown(str(e))}") from None
 
     def _text(self, rel: str) -> bool:
         """Whether the file at `rel` holds UTF-8 text (or is gone), which read_file can show."""
@@ -299,11 +301,11 @@ class Session:
                     self.core.forget(self.agent, target, back_to=before)
                 if isinstance(e, ToolRefused):
                     raise
-                raise ToolRefused(f"{path} is not UTF-8 text; these tools read and write text only.") from None
+                raise ToolRefused(f"{shown(path)} is not UTF-8 text; these tools read and write text only.") from None
             if target.managed:
                 self._known[target.rel] = Known(text, observed.version)
                 note.append(
-                    f"[coherent-volume] {target.rel}: version {observed.version}. Your view is this version: "
+                    f"[coherent-volume] {shown(target.rel)}: version {observed.version}. Your view is this version: "
                     "write_file and edit_file are refused if someone changes the file before you do."
                 )
                 over = (
@@ -312,7 +314,7 @@ class Session:
                 told = partly_read_warning([over], "read", PARTLY_REREAD) if over else None
                 note[-1] += f"\n{told}" if told else ""
             else:
-                note.append(f"[coherent-volume] {target.rel} is not managed: writes to it are not checked.")
+                note.append(f"[coherent-volume] {shown(target.rel)} is not managed: writes to it are not checked.")
             return part
 
         return self._call(path, "reading", read), note[0]
@@ -333,8 +335,8 @@ class Session:
                 known = self._known.get(target.rel)
                 if known is None:
                     raise ToolRefused(
-                        f"Refused (unread): nothing was written. You have not read {target.rel} in this session "
-                        f"(or changed it by a merge since). To fix: {REMEDY['unread'].format(path=target.rel)}"
+                        f"Refused (unread): nothing was written. You have not read {shown(target.rel)} in this session "
+                        f"(or changed it by a merge since). To fix: {REMEDY['unread'].format(path=shown(target.rel))}"
                     )
                 text, base, expected = known.text, f"the version {known.version} you read", known.version
             else:
@@ -348,7 +350,7 @@ class Session:
                     if count
                     else "copy it exactly from read_file's output (call read_file again if the file changed)"
                 )
-                raise ToolRefused(f"Nothing was written: old_string {found} in {base} of {target.rel}; {hint}.")
+                raise ToolRefused(f"Nothing was written: old_string {found} in {base} of {shown(target.rel)}; {hint}.")
             return self._write(target, text.replace(old_string, new_string), merge, expected)
 
         return self._call(path, "editing", edit)
@@ -360,13 +362,14 @@ class Session:
         data = content.encode("utf-8")
         version = self.core.write(self.agent, target, data, merge=merge, expected=expected)
         if not target.managed:
-            return f"Wrote {target.rel} (not managed: not versioned, not checked)."
+            return f"Wrote {shown(target.rel)} (not managed: not versioned, not checked)."
         try:
             made = self.core.version_entry(target, version)
         except (CoherenceError, OSError) as e:  # committed all the same: never reported as not written
             self._known.pop(target.rel, None)
             return (
-                f"Wrote {target.rel}: now version {version}. Whether it was merged with changes others made could "
+                f"Wrote {shown(target.rel)}: now version {version}. Whether it was merged with changes "
+                "others made could "
                 f"not be looked up ({e}): call read_file before you change it again."
             )
         # asked of the version, not of the agent's view (another session of the agent may have moved
@@ -374,10 +377,10 @@ class Session:
         # bytes this session never read
         if made is None or made.kind != "merge" and made.hash == content_hash(data):
             self._known[target.rel] = Known(content, version)
-            return f"Wrote {target.rel}: now version {version}."
+            return f"Wrote {shown(target.rel)}: now version {version}."
         self._known.pop(target.rel, None)
         return (
-            f"Wrote {target.rel}: your change was merged with changes others made since you read it, as version "
+            f"Wrote {shown(target.rel)}: your change was merged with changes others made since you read it, as version "
             f"{version}. Call read_file to see the result before you change it again."
         )
 
@@ -390,7 +393,7 @@ class Session:
             if not versions:
                 raise report.never_recorded(target)
             seen = self.core.seen(self.agent, target)
-            lines = [f"{target.rel}: {len(versions)} most recent versions, newest first"]
+            lines = [f"{shown(target.rel)}: {len(versions)} most recent versions, newest first"]
             for v in versions:
                 size = "deleted" if v.hash is None else f"{v.size} bytes"
                 parents = f" of versions {', '.join(map(str, v.parents))}" if v.parents else ""
@@ -411,7 +414,7 @@ class Session:
             seen = self.core.seen(self.agent, target)
             old = (seen or 0) if from_version is None else from_version
             label = " (your view)" if from_version is None and seen is not None else ""
-            head = f"{target.rel}: version {old}{label} to version {new}"
+            head = f"{shown(target.rel)}: version {old}{label} to version {new}"
             try:
                 text = self.core.diff(target, old, new)
             except TooManyLines as e:  # no tool here prints a version's bytes (`coherent-volume show` does)
@@ -430,17 +433,17 @@ class Session:
             st = report.status(self.core)
             stale = self.core.stale(self.agent)
             lines = [
-                f"workspace {st.root}; managed: {', '.join(st.managed)}; you are agent {self.agent}",
-                f"your stale views (changed since you read them): {', '.join(stale) if stale else 'none'}",
+                f"workspace {shown(st.root)}; managed: {', '.join(map(shown, st.managed))}; you are agent {self.agent}",
+                f"your stale views (changed since you read them): {', '.join(map(shown, stale)) if stale else 'none'}",
                 "files (path, version, last writer, when, grant holder):",
             ]
             for f in st.files:
                 if f.present or f.holder:
                     held = f", held by {f.holder} until {_when(f.holder_expires_at)}" if f.holder else ""
-                    lines.append(f"  {f.path} v{f.version} by {f.writer} at {_when(f.committed_at)}{held}")
+                    lines.append(f"  {shown(f.path)} v{f.version} by {f.writer} at {_when(f.committed_at)}{held}")
             lines.append("agents (views, stale views, last read):")
             lines += [f"  {a.agent}: {a.views} views, {a.stale} stale, {_when(a.last_read)}" for a in st.agents]
-            lines += [f"not checked: {u.path}: {u.problem}" for u in st.unchecked]
+            lines += [f"not checked: {shown(u.path)}: {u.problem}" for u in st.unchecked]
             return "\n".join(lines)
 
         return self._call("the workspace", "the status of", status)
@@ -449,7 +452,7 @@ class Session:
         def why() -> str:
             answer = report.why(self.core, self._target(path))
             lines = [
-                f"{answer.path}: {answer.state('version ')}"
+                f"{shown(answer.path)}: {answer.state('version ')}"
                 + (f", last written by {answer.writer} at {_when(answer.committed_at)}" if answer.writer else "")
                 + (f", write grant held by {answer.holder}" if answer.holder else "")
                 + answer.occupied()

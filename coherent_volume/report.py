@@ -16,7 +16,7 @@ from .core.history import MAX_VERSION
 from .errors import DamagedContent, TooManyLines, VersionGone, VolumeConfigError, remedy
 from .fingerprint import kind_of
 from .mounts import daemon_gone, direct_dir_in, mounts_of
-from .paths import Target, printable
+from .paths import Target, printable, shown
 from .protocol import Version, grant_over
 from .registry import AgentSummary, Event, LogMark, Transaction
 
@@ -327,19 +327,22 @@ def _direct_dir_advice(root: str, rel: str) -> str | None:
     a direct dir of that mount, or holds one (`mounts.direct_dir_in`); None otherwise."""
     for mountpoint, dirs in mounts_of(root).items():
         held = direct_dir_in(rel, dirs)
+        name, there, top = shown(rel), shown(mountpoint), shown(root)
         if held == rel:
             return (
-                f"{rel} is a direct dir of the mount at {mountpoint} (mount --direct): the kernel serves it, bound "
+                f"{name} is a direct dir of the mount at {there} (mount --direct): the kernel serves it, bound "
                 'over the mount, so it cannot be renamed, removed or replaced by a rename (EBUSY, "Device or resource '
-                f'busy"). To empty it, remove what is in it (rm -rf {rel}/*); to rename or remove it, unmount the '
-                f"volume (coherent-volume unmount {mountpoint}), change it in {root}, and mount the volume again"
+                f'busy"). To empty it, remove what is in it (rm -rf {name}/*); to rename or remove it, unmount the '
+                f"volume (coherent-volume unmount {there}), change it in {top}, and mount the volume again"
             )
         if held is not None:
             return (
-                f"{rel} holds {held}, a direct dir of the mount at {mountpoint} (mount --direct): it cannot be renamed "
+                f"{name} holds {shown(held)}, a direct dir of the mount at {there} (mount --direct): it "
+                "cannot be renamed "
                 'or replaced by a rename (EBUSY, "Device or resource busy"): the direct dir\'s bind would move along, '
-                f"served past the daemon wherever it lands; nor can it be removed while {held} is in it. To rename it, "
-                f"unmount the volume (coherent-volume unmount {mountpoint}), rename it in {root}, and mount the "
+                f"served past the daemon wherever it lands; nor can it be removed while {shown(held)} is in "
+                "it. To rename it, "
+                f"unmount the volume (coherent-volume unmount {there}), rename it in {top}, and mount the "
                 f"volume again (its --direct at the new place)"
             )
     return None

@@ -23,6 +23,7 @@ from .errors import CoherenceError, StaleWriteError
 from .hook_paths import session_file
 from .hook_steps import Actor, Passed, acting, opened, when
 from .hooks import Face
+from .paths import shown
 from .protocol import FileRecord
 
 STALE_FILES_SHOWN = 5
@@ -116,14 +117,14 @@ def _entry(
     what = "deleted" if record is not None and not record.present else f"now version {now}"
     writer = record.writer if record is not None else "unknown"
     at = when(record.committed_at if record is not None else None)
-    entry = f"- {path}: you last {verb} version {seen}; it is {what}, written by {writer} at {at}"
+    entry = f"- {shown(path)}: you last {verb} version {seen}; it is {what}, written by {writer} at {at}"
     if not with_diff:
         return entry, 0
     diff = core.refusal_diff(StaleWriteError(path, agent, "stale", seen, now, writer)).diff
     if not diff:
         return entry, 0
-    shown = cut(diff, STALE_DIFF_LINES).rstrip()
-    return f"{entry}; what changed:\n{shown}", len(shown)
+    changed = cut(diff, STALE_DIFF_LINES).rstrip()
+    return f"{entry}; what changed:\n{changed}", len(changed)
 
 
 def passed_warning(passed: Iterable[Passed], face: Face, *, goes_ahead: bool = True) -> str | None:
