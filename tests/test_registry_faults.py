@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -322,6 +323,38 @@ def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatc
         assert (root / P).read_bytes() == b"one"
         assert [v.version for v in vol.history(P)] == [1]
         assert [n for n in os.listdir(root / ".coherent" / "staging")] == []
+
+
+def test_a_commit_whose_content_cannot_be_made_durable_changes_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staging only starts the content's writeback; its fsync comes last in the transaction that
+    records it, so the registry never names content a power loss could take. When that fsync
+    fails (EIO, or ENOSPC said plainly), the transaction is not committed: the write fails, the file
+    keeps its content, no version, nothing staged, and the next write goes through."""
+    with CoherentVolume(root, agent="alice") as vol:
+        vol.write(P, b"one")
+        for code, said in ((errno.EIO, "Input/output error"), (errno.ENOSPC, "Free some space there")):
+            fsync = os.fsync
+            synced: list[int] = []
+
+            def failing(fd: int, code: int = code) -> None:
+                if stat.S_ISREG(os.fstat(fd).st_mode):  # the staged content (a directory's is the install's)
+                    synced.append(fd)
+                    raise OSError(code, os.strerror(code))
+                fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", failing)
+            with pytest.raises(OSError, match=said) as failed:
+                vol.write(P, b"two")
+            monkeypatch.undo()
+            assert failed.value.errno == code
+            assert synced, "the staged content was fsynced"
+            assert (root / P).read_bytes() == b"one"
+            assert [v.version for v in vol.history(P)] == [1]
+            assert os.listdir(root / ".coherent" / "staging") == []
+        assert vol.write(P, b"three") == 2
+        assert (root / P).read_bytes() == b"three"
 
 
 def test_a_create_whose_transaction_fails_creates_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
