@@ -343,12 +343,19 @@ class UnresolvedShellWrite(CoherenceError, PermissionError):
     a variable, a command substitution, the input of xargs, ...), in a place inside a volume, so
     which file cannot be checked. Nothing was changed."""
 
-    def __init__(self, word: str, why: str, root: str, advice: str | None = None) -> None:
+    def __init__(self, word: str, why: str, root: str | None, advice: str | None = None) -> None:
+        """`root`: the volume the write may land in; None where the command names more paths than
+        the hook looks at, so it may be any volume one of them lies in."""
         self.word, self.why, self.root = word, why, root
+        where = (
+            f"in the volume at {root}"
+            if root is not None
+            else "in any volume the paths it names may lie in (it names too many for the hook to look at all)"
+        )
         super().__init__(
             errno.EACCES,
             f"coherent-volume refused this shell command: it writes a file named by `{word}` ({why}), which is "
-            f"known only when the command runs, in the volume at {root}, so the hook cannot check that the write "
+            f"known only when the command runs, {where}, so the hook cannot check that the write "
             "loses no other session's change. "
             + (
                 advice

@@ -3479,11 +3479,12 @@ def _inherited_cdpath() -> list[str]:
     return cdpath.split(":") if cdpath else []
 
 
-def _named_volumes(command: str, cwd: str) -> set[str]:
-    """The roots of the volumes the literal paths of `command` lie in: joined to `cwd`, and the
-    text after a path's last `..` (which may climb from anywhere) also joined to `/` and to each of
-    `cwd`'s ancestors; each entry of a `:`-separated list (`CDPATH=/a:/b`) too, and `~` and `$HOME`
-    as the hook's HOME."""
+def _named_volumes(command: str, cwd: str) -> tuple[set[str], bool]:
+    """The roots of the volumes the literal paths of `command` (all of it, however long) lie in:
+    joined to `cwd`, and the text after a path's last `..` (which may climb from anywhere) also
+    joined to `/` and to each of `cwd`'s ancestors; each entry of a `:`-separated list
+    (`CDPATH=/a:/b`) too, and `~` and `$HOME` as the hook's HOME. And whether that is all of them:
+    False where it names more than `_MOST_EXPANDED` such paths (the rest are not looked at)."""
     roots: set[str] = set()
     seen: set[str] = set()
     ancestors = [cwd]
@@ -3500,8 +3501,10 @@ def _named_volumes(command: str, cwd: str) -> set[str]:
             tail = re.split(r"(?:^|/)\.\.(?:/|$)", token)[-1]
             paths += [os.path.join(a, tail) for a in ancestors]
         for path in paths:
-            if path in seen or len(seen) >= _MOST_EXPANDED:
+            if path in seen:
                 continue
+            if len(seen) >= _MOST_EXPANDED:
+                return roots, False
             seen.add(path)
             try:
                 found = located_directory(path)  # the path itself may be a volume's root
@@ -3509,7 +3512,7 @@ def _named_volumes(command: str, cwd: str) -> set[str]:
                 continue
             if found is not None:
                 roots.add(found.root)
-    return roots
+    return roots, True
 
 
 _ENVIRONMENT = frozenset({"HOME", "PWD", "CDPATH", "GLOBIGNORE"})
@@ -3526,11 +3529,13 @@ matched. The walk notes names set by spellings this misses (`$'CDPATH'`, `{C,X}D
 
 def volume_named(command: str, cwd: str) -> str | None:
     """The root of a volume a shell command run in `cwd` runs in, or names a literal path in (the
-    first found): a command that may write there, before it is parsed."""
+    first found): a command that may write there, before it is parsed. Where it names too many
+    paths to tell (`_named_volumes`), the directory it runs in."""
     here = located_directory(os.path.join(os.getcwd(), cwd))
     if here is not None:
         return here.root
-    return min(_named_volumes(command[:_LONGEST], os.path.join(os.getcwd(), cwd)), default=None)
+    roots, complete = _named_volumes(command, os.path.join(os.getcwd(), cwd))
+    return min(roots, default=None if complete else os.path.join(os.getcwd(), cwd))
 
 
 def _parses(command: str) -> bool:
@@ -3604,12 +3609,16 @@ def shell_writes(command: str, cwd: str) -> ShellWrites:
     cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
     walk, found = _followed(command, cwd)
     inherited = " ".join(os.path.expanduser(d) for d in _inherited_cdpath())  # where a relative cd may lead
-    volumes = _named_volumes(f"{command[:_LONGEST]} {inherited}", cwd) if walk.unknown else set()
-    refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
+    volumes, complete = _named_volumes(f"{command} {inherited}", cwd) if walk.unknown else (set(), True)
+    refusal: tuple[Unknown, str | None] | None = next(
+        ((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None
+    )
     settled = walk.settled() if refusal is not None else None
     if settled is not None:
         walk, found = _followed(command, cwd, settled, walk.deadline)
         refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
+    if refusal is None and not complete and walk.unknown:  # a volume may lie among the paths not looked at
+        refusal = walk.unknown[0], None
     if refusal is not None:
         raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1], refusal[0].advice)
     _refuse_links(walk.linked)

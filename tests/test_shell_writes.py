@@ -547,6 +547,24 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
         shell_writes(f"echo hi > {root}/plans/$f", str(outside))
 
 
+def test_a_command_too_long_to_follow_is_checked_against_every_volume_it_names(root: Path, tmp_path: Path) -> None:
+    """A command longer than the recogniser follows, run outside every volume, is refused when any
+    part of it names a path in a volume, however far into it (before, only its first 100,000
+    characters were looked at, so a write after them went ahead unchecked: /tmp/s30hooks 1); and
+    when it names more paths than the hook looks at, since a volume may lie among the others. One
+    that names no volume goes ahead."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pad = ": " + "x" * 100_050 + "; "
+    for command in (f"echo mine > {root}/plans/plan.md", f"cd {root} && echo mine > plans/plan.md"):
+        with pytest.raises(UnresolvedShellWrite, match=f"more than 100000 characters.*in the volume at {root}"):
+            shell_writes(pad + command, str(outside))
+    many = " ".join(f"{outside}/n{i}" for i in range(1_001))
+    with pytest.raises(UnresolvedShellWrite, match="names too many for the hook to look at all"):
+        shell_writes(f"{pad}: {many}; echo mine > {root}/plans/plan.md", str(outside))
+    assert shell_writes(f"{pad}echo mine > {outside}/out.txt", str(outside)).writes == []
+
+
 def test_cd_finds_its_directory_through_cdpath_as_bash_does(root: Path, tmp_path: Path, monkeypatch) -> None:
     """A relative `cd` from outside the volume may enter a directory of the CDPATH the hook
     inherits (bash tries its entries first, an empty one being the working directory): the writes
