@@ -334,11 +334,11 @@ def test_a_commit_whose_content_cannot_be_made_durable_changes_nothing(
     keeps its content, no version, nothing staged, and the next write goes through."""
     with CoherentVolume(root, agent="alice") as vol:
         vol.write(P, b"one")
+        fsync = os.fsync
         for code, said in ((errno.EIO, "Input/output error"), (errno.ENOSPC, "Free some space there")):
-            fsync = os.fsync
             synced: list[int] = []
 
-            def failing(fd: int, code: int = code) -> None:
+            def failing(fd: int, code: int = code, synced: list[int] = synced) -> None:
                 if stat.S_ISREG(os.fstat(fd).st_mode):  # the staged content (a directory's is the install's)
                     synced.append(fd)
                     raise OSError(code, os.strerror(code))
