@@ -426,12 +426,17 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     name, cwd = event.get("hook_event_name"), event.get("cwd")
     places = [cwd if isinstance(cwd, str) else None]
     actor = _actor(event, process)
-    command, patches = _command(event), _patches(event)
+    command, patches = _command(event), []
     shell = None
     if name == "PreToolUse" and event.get("tool_name") == SHELL_TOOL and command is not None:
         shell = command, cwd if isinstance(cwd, str) else "."
     face = SHELL_FACE if event.get("tool_name") == SHELL_TOOL else FACE
-    found = hook_steps.planned(progress, face, name == "PreToolUse", shell, lambda: _writes(event, patches))
+
+    def find() -> list[tuple[str, HandleKind]] | ShellWrites:
+        patches.extend(_patches(event))  # in the write check: a path it cannot place denies the patch
+        return _writes(event, patches)
+
+    found = hook_steps.planned(progress, face, name == "PreToolUse", shell, find)
     if isinstance(found, Answer):
         return found
     writes, updates = found, _updates(patches)

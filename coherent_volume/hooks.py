@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import select
 import sys
 import threading
@@ -128,14 +129,27 @@ def says_missing(error: object) -> bool:
     return error is not None and any(words in str(error).lower() for words in MISSING_WORDS)
 
 
+_OWN_PROCESS = re.compile(r"/+(?:proc/+(?:self|thread-self)|dev/+(?:fd|stdin|stdout|stderr))(?=/|$)")
+"""A path through the opening process's own /proc entry or descriptors: what it names depends on
+which process opens it (the agent's tool, not this hook)."""
+
+
 def absolute(path: object, base: object) -> str | None:
     """`path` joined to `base` (the agent's working directory) when relative, if it is a path. Only
     joined, never tidied: a `..` after a symlink goes up from where the symlink leads, so which file
-    a path names is `hook_paths.located`'s to find (it resolves it as the kernel will)."""
+    a path names is `hook_paths.located`'s to find (it resolves it as the kernel will). ValueError
+    for a path through the opening process's own /proc entry or descriptors (/proc/self/cwd/…,
+    /dev/fd/3): the hook cannot tell which file the agent's process reaches there, so a write by
+    such a path is not checked and is denied (`run_hook`)."""
     if not isinstance(path, str) or not path:
         return None
     if not os.path.isabs(path) and isinstance(base, str) and base:
         path = os.path.join(base, path)
+    if _OWN_PROCESS.match(re.sub(r"/\.(?=/|$)", "", path)):
+        raise ValueError(
+            f"the tool's input names the file {path[:300]!r} through the agent's own process (/proc/self, /dev/fd), "
+            "which file that reaches cannot be told by the hook: give the file's own path"
+        )
     return path
 
 

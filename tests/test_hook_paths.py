@@ -186,6 +186,23 @@ def test_a_write_tools_event_naming_two_files_is_denied(
     assert (root / P).read_text() == "v1\n"
 
 
+@pytest.mark.parametrize("face", ["claude-code Write", "gemini write_file", "cursor Write", "codex apply_patch"])
+def test_a_write_tools_path_through_the_agents_own_process_is_denied(root: Path, face: str) -> None:
+    """A file tool opens its path in the agent's process, so /proc/self/cwd there is the agent's
+    working directory, not the hook's: such a path (or /dev/fd/N) cannot be checked, and the write is
+    denied saying so (before, it was resolved in the hook's process, running elsewhere, and let
+    through unchecked as naming no managed file: /tmp/s30hooks 6)."""
+    command, event = FACES[face]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    assert os.getcwd() != str(root)
+    for path in (f"/proc/self/cwd/{P}", f"/proc/thread-self/cwd/{P}", f"/proc/./self/root{root}/{P}", "/dev/fd/7"):
+        r, _ = timed_hook(command, event(root, "own-process", path))
+        reason = _denial(r.stdout)
+        assert reason is not None and "through the agent's own process" in reason, (path, r.stdout, r.stderr)
+    assert (root / P).read_text() == "v1\n"
+
+
 def test_a_file_outside_every_volume_stays_free(root: Path, tmp_path: Path) -> None:
     """A symlink out of nowhere into nowhere: no volume, so every face lets it be."""
     elsewhere = tmp_path / "elsewhere"
