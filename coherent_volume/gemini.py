@@ -120,7 +120,8 @@ def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool], bo
         text = match.group(2)
         whole = not text.startswith(MANY_TRUNCATED)
         text = text if whole else text[len(MANY_TRUNCATED) :]
-        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=SHORTENED), whole))
+        shortened = None if whole else SHORTENED  # a line is cut only in a part said to be truncated
+        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=shortened), whole))
     return found
 
 

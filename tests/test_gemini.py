@@ -224,6 +224,26 @@ def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
     assert decision(s.hook(s.event("before_write_file", path=other, content="x")))[0] == "allow"
 
 
+def test_a_whole_part_of_read_many_files_is_matched_exactly(root: Path, sessions) -> None:
+    """read_many_files cuts lines only in a part it says was truncated, so a whole part whose line
+    ends in the cut marker is that line as it is: a peer's change of it made between the read and
+    its AfterTool registers no view of the peer's version (before, the marker matched the changed
+    line, the view moved to the peer's version and a write built on the old text went ahead,
+    dropping the change: /tmp/s30hooks 5)."""
+    old = "status: see log... [truncated]\nrest\n"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, old)
+    s = sessions("many-exact", root)
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        peer.write(P, "status: see log -- ship on friday\nrest\n")
+    parts = [f"--- {root / P} ---\n\n{old}\n\n", "\n--- End of content ---"]
+    s.hook(s.event("after_read_many_files", parts=parts))
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / P, content=old + "mine\n")))
+    assert verdict == "deny" and "(stale): you last saw version 1" in reason, reason
+    assert (root / P).read_text() == "status: see log -- ship on friday\nrest\n"
+
+
 def _replaced(s: Session, target: Path, old: str, new: str, result: str, meanwhile: str = "") -> str:
     """A replace: BeforeTool, the tool writing `result` (what Gemini CLI made of the edit), a program
     outside the hooks appending `meanwhile`, then AfterTool; what the model is told after it."""
