@@ -44,6 +44,7 @@ from .stale_warnings import stale_warning
 PREFIX = "cursor"
 EDIT_TOOLS = ("Write", "Edit", "StrReplace", "MultiEdit", "Delete", "EditNotebook")
 WRITE_CHECKS = ("preToolUse", "beforeShellExecution")
+SHELL_EVENTS = ("beforeShellExecution", "afterShellExecution")
 MERGING_TOOLS = ("Write", "StrReplace", "Edit")
 """The edit tools whose stale write of a merge-glob file is merged (`hook_merge`)."""
 
@@ -58,10 +59,24 @@ def _base(event: dict[str, Any]) -> str | None:
     return None
 
 
+def _call(event: dict[str, Any]) -> str | None:
+    """The id of the tool call an event is about (`hooks.tool_call`). A shell command's events carry
+    none: theirs is made of the generation's id and the command, the same in the events before and
+    after it (the event after it has no `cwd`, so its writes are the ones its start claimed, never
+    worked out again from somewhere else)."""
+    generation, command = event.get("generation_id"), event.get("command")
+    if event.get("hook_event_name") in SHELL_EVENTS and isinstance(generation, str) and generation:
+        return f"shell:{hooks.id_hash(generation)}:{hooks.id_hash(command if isinstance(command, str) else '')}"
+    return hooks.tool_call(event)
+
+
 def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites:
-    """The files the event's edit tool or shell command writes (absolute), with how."""
+    """The files the event's edit tool or shell command writes (absolute), with how; none for the
+    end of a shell command whose call has an id (`_call`: its start's claims say)."""
     name, base = event.get("hook_event_name"), _base(event)
-    if name in ("beforeShellExecution", "afterShellExecution"):
+    if name == "afterShellExecution" and _call(event) is not None:
+        return []
+    if name in SHELL_EVENTS:
         command = event.get("command")
         return shell_writes(command, base or ".") if isinstance(command, str) else []
     tool_input = event.get("tool_input")
@@ -108,7 +123,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if name in WRITE_CHECKS:
         merging = name == "preToolUse" and event.get("tool_name") in MERGING_TOOLS
         refused = partial(_refused, event, progress) if merging else None
-        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused, hooks.tool_call(event))
+        denial = hook_steps.begin_writes(actor, writes, progress, FACE, refused, _call(event))
         if denial is not None:
             return denial
         progress.decide(_permission("allow"), hooks.WARN_BUDGET)
@@ -120,14 +135,17 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
             hook_steps.observe(actor, path, partial(hook_steps.shows, text=content, whole=True), progress)
         return _permission("allow")
     if name in ("postToolUse", "afterShellExecution") and (writes or name == "afterShellExecution"):
-        call = hooks.tool_call(event)
+        call = _call(event)
         made = hook_merge.made(_change(event)) if name == "postToolUse" else None
-        told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call, made=made) if writes else []
+        if name == "afterShellExecution" and call is not None:  # every write its start claimed
+            told = hook_steps.end_writes(actor, None, progress, record=True, tool=call)
+        else:
+            told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call, made=made) if writes else []
         if name == "afterShellExecution":
             told += hook_steps.end_deletions(actor, places, record=True, tool=call)
         return Answer(0, json.dumps({"additional_context": "\n\n".join(told)})) if told else Answer()
     if name == "postToolUseFailure" and writes:
-        hook_steps.end_writes(actor, writes, progress, record=False, tool=hooks.tool_call(event))
+        hook_steps.end_writes(actor, writes, progress, record=False, tool=_call(event))
     elif name == "sessionStart":
         hook_steps.start_session(actor, places)
     elif name == "sessionEnd":

@@ -455,14 +455,15 @@ def begin_writes(
 
 def end_writes(
     actor: Actor,
-    writes: Writes,
+    writes: Writes | None,
     progress: Progress,
     *,
     record: bool,
     tool: str | None = None,
     made: Made | None = None,
 ) -> list[str]:
-    """After the tool call `tool` ran: the writes its start claimed for the paths of `writes`
+    """After the tool call `tool` ran: the writes its start claimed for the paths of `writes` (all
+    it claimed where `writes` is None: a call whose end cannot name them again, with its id)
     (`begin_writes`, `hook_paths.taking_claims`), each the file it resolved to then, and no others
     (a path the tool's own symlink leads elsewhere now was never checked there, so what it holds
     gives the session no view). With `record`, each claimed write is recorded as the claiming
@@ -475,10 +476,10 @@ def end_writes(
     the tool's write makes of the file it changes (its input says so: a Write's content, an Edit's
     strings; `exactly`, `replacing`), where it is one file's."""
     told: list[str] = []
-    named = {path for path, _ in writes}
+    named = None if writes is None else {path for path, _ in writes}
 
     def pick(claims: list[Claim]) -> list[Claim]:
-        return of_call(claims, tool, lambda claim: claim.path if claim.path in named else None)
+        return of_call(claims, tool, lambda claim: claim.path if named is None or claim.path in named else None)
 
     with taking_claims(actor.session, actor.process, pick, hooks.HOOK_GRANT_TTL) as (taken, held):
         claims = {(c.root, c.rel): c for c in taken}

@@ -232,6 +232,30 @@ def test_shell_commands_writing_managed_files_are_checked(root: Path, conversati
         )
 
 
+def test_a_shell_commands_end_records_the_files_its_start_checked(root: Path, conversations) -> None:
+    """afterShellExecution carries no cwd: the command's writes are the ones its start checked in the
+    directory it ran in (its call known by the generation and the command), not its words worked out
+    again from the first workspace root (before, a `sed -i` run in plans/ was looked for at the
+    root: its write was recorded as `external`, its grant held peers off for a minute, and the
+    conversation's next edit was refused stale against its own write: /tmp/s30hooks 7)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "hello\n")
+    c = conversations("sh-cwd", root)
+    c.read(root / P)
+    command = f"sed -i s/hello/bye/ {Path(P).name}"
+    assert permission(c.hook(c.event("before_shell_execution", command=command, cwd=root / "plans")))[0] == "allow"
+    subprocess.run(["bash", "-c", command], cwd=root / "plans", check=True)
+    after = c.event("after_shell_execution", command=command)
+    assert "cwd" not in after  # (as Cursor sends it)
+    assert c.hook(after)["code"] == 0
+    with CoherentVolume(root, agent="peer") as peer:
+        assert [(e.version, e.writer) for e in peer.history(P)][0] == (2, f"cursor:{unique('sh-cwd')}")
+        peer.read(P)
+        peer.write(P, "bye\npeer\n")  # the grant was released
+    c.read(root / P)
+    assert c.write_file(root / P, "bye\npeer\nmine\n")[0] == "allow"
+
+
 def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversations) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "one\ntwo\n")
