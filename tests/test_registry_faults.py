@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from coherent_volume import CoherentVolume, InstallPending, RegistryError
+from coherent_volume import CoherentVolume, InstallPending, RegistryError, VolumeConfigError
 from coherent_volume.registry import sqlite as sqlite_registry
 
 from .conftest import REPO, run_py
@@ -295,6 +295,33 @@ def test_a_deletion_that_cannot_be_recorded_in_time_says_it_is_pending_and_lands
             (2, "alice", "delete"),
             (1, "alice", "commit"),
         ]
+
+
+def test_a_registry_directory_that_is_a_link_or_a_file_is_refused_and_nothing_changes(
+    root: Path, tmp_path: Path
+) -> None:
+    """A root whose `.coherent` is a symlink to another volume's registry is not opened as that
+    volume (before, `status` of it recorded each of that volume's files as deleted there: /tmp/s30cli
+    1); one whose `.coherent` is a plain file is told it is no registry, not that a registry is
+    unusable."""
+    with CoherentVolume(root, agent="alice") as v:
+        v.write(P, b"alice's plan")
+    other, stray = tmp_path / "other", tmp_path / "stray"
+    other.mkdir()
+    (other / ".coherent").symlink_to(root / ".coherent")
+    with pytest.raises(VolumeConfigError, match=r"is a symlink .* Nothing was changed"):
+        CoherentVolume(other, agent="bob")
+    r = subprocess.run([CLI, "status", str(other)], capture_output=True, text=True)
+    assert r.returncode == 1 and "is a symlink" in r.stderr, r.stderr
+    with CoherentVolume(root, agent="alice") as v:
+        assert [(e.version, e.kind, e.writer) for e in v.history(P)] == [(1, "commit", "alice")]
+        assert v.read(P) == b"alice's plan"
+    stray.mkdir()
+    (stray / ".coherent").write_bytes(b"")
+    for managed in (None, ("plans/**",)):
+        with pytest.raises(VolumeConfigError, match=r"is a regular file \(0 bytes\), not a volume's registry"):
+            CoherentVolume(stray, managed=managed, agent="bob")
+    assert (stray / ".coherent").read_bytes() == b""
 
 
 def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,9 +13,11 @@ Invariants:
 from __future__ import annotations
 
 import os
+import stat
 
 from ..errors import GlobError, NestedVolume, VolumeConfigError
 from ..filesystems import lies_within, refuse_network_root, refuse_renaming_in_place
+from ..fingerprint import kind_of
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts, mount_holding
 from ..paths import REGISTRY_DIR
@@ -69,6 +71,29 @@ def refuse_mounted(real: str, *, creating: bool) -> None:
         f"{real} is a directory inside {mountpoint}, where the volume at {root} is mounted, not a volume's "
         f"root: give {root} (nothing was changed)"
     )
+
+
+def refuse_foreign_registry(directory: str) -> None:
+    """VolumeConfigError if a root's registry directory `directory` is there but is no directory of
+    its own: a symlink (to another volume's registry, it would open this root as that volume and
+    record each of that volume's files missing here as deleted there), or a file of another kind."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise VolumeConfigError(
+            f"{directory} is a symlink (to {os.readlink(directory)!r}), not this root's own registry directory: "
+            "opened through it, this directory would be taken for that registry's volume and each of its files "
+            "missing here recorded as deleted there. Nothing was changed. Open the volume at its own root; to make "
+            "a volume here, remove the link, then `coherent-volume init`"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise VolumeConfigError(
+            f"{directory} is {kind_of(st.st_mode)} ({st.st_size:,} bytes), not a volume's registry directory "
+            f"(it holds no versions). Nothing was changed. Move it away if no program of yours needs it; "
+            "`coherent-volume init` then makes a volume here"
+        )
 
 
 def refuse_nesting(real: str, *, creating: bool) -> None:
@@ -139,6 +164,7 @@ def open_core(
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     refuse_renaming_in_place(real)
     directory = os.path.join(real, REGISTRY_DIR)
+    refuse_foreign_registry(directory)
     made = recorded_in(directory)
     if made or managed is not None or registry is not None:  # a volume's root, or one to be
         refuse_nesting(real, creating=not made)
