@@ -112,6 +112,20 @@ def _json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _done(report: object, as_json: bool = False) -> None:
+    """Print what a command that changed the volume did (`report`: text, or data printed as JSON
+    with `as_json`): where stdout cannot be written (a closed pipe, a full disk), on stderr instead,
+    saying so, and the exit status stays 0: the change was made, so the report is never lost nor
+    the change taken for a failure."""
+    text = json.dumps(report, indent=2, sort_keys=True) if as_json else str(report)
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        click.echo(f"coherent-volume: stdout could not be written ({e.strerror or e}); done:\n{text}", err=True)
+
+
 def _fail(error: BaseException, code: int, as_json: bool = False) -> NoReturn:
     """End the command as click ends one on an error: its message on stderr, exit status `code`;
     with `as_json`, also the error as JSON on stdout (`_error_json`), where a tool reads."""
@@ -368,8 +382,7 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
         _say_taken_in(core, before)
     if any(value not in (None, ()) for value in policy.values()):
         core.set_policy(_changed_policy(core.policy(), **policy))
-    click.echo(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}")
-    click.echo(_describe(core.policy()))
+    _done(f"volume {core.paths.root} manages: {', '.join(core.paths.globs.patterns)}\n{_describe(core.policy())}")
 
 
 def _say_taken_in(core: VolumeCore, before: dict[str, FileRecord]) -> None:
@@ -432,9 +445,9 @@ def policy(root: str, no_merge: bool, as_json: bool, **changes: Any) -> None:
         current = _changed_policy(current, **changes)
         core.set_policy(current)
     if as_json:
-        _json(json.loads(current.to_json()))
+        _done(json.loads(current.to_json()), as_json)
     else:
-        click.echo(_describe(current))
+        _done(_describe(current))
 
 
 @main.command()
@@ -446,9 +459,9 @@ def prune(root: str, as_json: bool) -> None:
     also do this hourly, a short step per commit)."""
     done = _open(root).prune()
     if as_json:
-        _json(asdict(done))
+        _done(asdict(done), as_json)
     else:
-        click.echo(f"pruned {done.versions} versions: {done.objects} stored objects, {done.bytes} bytes freed")
+        _done(f"pruned {done.versions} versions: {done.objects} stored objects, {done.bytes} bytes freed")
 
 
 @main.command()
@@ -583,9 +596,9 @@ def forget(root: str, copy: str, as_json: bool) -> None:
     touched; if it is used again, its next open fails until `init` makes it a working copy again."""
     gone = report.forget(_open(root), copy)
     if as_json:
-        _json(asdict(gone))
+        _done(asdict(gone), as_json)
     else:
-        click.echo(
+        _done(
             f"forgot the working copy {gone.replica}: {gone.hostname}:{gone.root}, last seen {_ago(gone.seen_ago)} ago"
         )
 
@@ -934,14 +947,15 @@ def restore(paths: tuple[str, ...], version: int, agent: str, as_json: bool) -> 
     except StaleWriteError as refusal:
         if not as_json:
             raise
-        _json({"path": target.rel, "restored": version, "version": None, "refusal": _refusal_json(refusal)})
+        refused = {"path": target.rel, "restored": version, "version": None, "refusal": _refusal_json(refusal)}
+        _echo_json(json.dumps(refused, indent=2, sort_keys=True))
         _fail(refusal, EXIT_REFUSED)  # its JSON is that above, not `_error_json`'s
     if as_json:
-        _json({"path": target.rel, "restored": version, "version": new, "refusal": None})
+        _done({"path": target.rel, "restored": version, "version": new, "refusal": None}, as_json)
     elif new == before:
-        click.echo(f"{shown(target.rel)}: v{new} already holds the bytes of v{version}; nothing committed")
+        _done(f"{shown(target.rel)}: v{new} already holds the bytes of v{version}; nothing committed")
     else:
-        click.echo(f"{shown(target.rel)}: restored v{version} as v{new}")
+        _done(f"{shown(target.rel)}: restored v{version} as v{new}")
 
 
 @main.command()
@@ -956,12 +970,12 @@ def reclaim(paths: tuple[str, ...], as_json: bool) -> None:
     grant = core.reclaim(target)
     if as_json:
         held = None if grant is None else {"agent": grant.agent, "pid": grant.owner.pid, "host": grant.owner.host}
-        _json({"path": target.rel, "reclaimed": held})
+        _done({"path": target.rel, "reclaimed": held}, as_json)
     elif grant is None:
         click.echo(f"{shown(target.rel)}: no write grant is held on it; nothing changed")
     else:
         owner = f"process {grant.owner.pid} of {grant.owner.host}"
-        click.echo(f"{shown(target.rel)}: reclaimed the write grant of {grant.agent!r} ({owner})")
+        _done(f"{shown(target.rel)}: reclaimed the write grant of {grant.agent!r} ({owner})")
         if grant.owner.alive():
             click.echo(
                 f"note: that process is still running here: its next write to {shown(target.rel)} is checked "

@@ -166,6 +166,36 @@ def test_diff_of_binary_content_and_bad_arguments(root: Path) -> None:
     assert outside.returncode == 1 and "outside the volume" in outside.stderr
 
 
+def _unwritable_stdout(*args: str | Path, into: str) -> subprocess.CompletedProcess[str]:
+    """`coherent-volume ARGS` with stdout a pipe whose reader is gone (`into="pipe"`) or /dev/full."""
+    if into == "full":
+        with open("/dev/full", "w") as full:
+            return subprocess.run([CLI, *map(str, args)], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([CLI, *map(str, args)], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("into", ["pipe", "full"])
+def test_a_restore_whose_report_cannot_be_written_says_it_on_stderr(root: Path, into: str) -> None:
+    """A restore is committed before its report is printed: where stdout cannot be written (its
+    reader gone, a full disk), the report goes to stderr and the status is 0, so the caller does not
+    take the change for a failure (before: status 1, and with --json into a closed pipe not a word:
+    /tmp/s30cli 2). A refusal keeps its status 3 and its message on stderr."""
+    _three_versions(root)
+    for version, args, said in (("1", ("--json",), '"restored": 1'), ("2", (), "restored v2 as v5")):
+        done = _unwritable_stdout("restore", root, P, "--version", version, "--agent", "bob", *args, into=into)
+        assert done.returncode == 0, done.stderr
+        assert "stdout could not be written" in done.stderr and said in done.stderr, done.stderr
+    with CoherentVolume(root, agent="observer") as v:
+        assert [e.kind for e in v.history(P)[:2]] == ["restore", "restore"]
+    refused = _unwritable_stdout("restore", root, P, "--version", "1", "--agent", "alice", "--json", into=into)
+    assert refused.returncode == REFUSED and "(stale)" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_restore_has_the_checks_of_a_write(root: Path) -> None:
     _three_versions(root)
     refused = cv("restore", root, P, "--version", "1", "--agent", "alice")  # alice read v2, current is v3
