@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import root_gone
-from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd
+from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd, open_to_check
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -437,11 +437,14 @@ def unnamed_copy(target: str, copy: bool) -> int:
     fd = os.open(os.path.dirname(target), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     if copy:
         try:
-            with open(target, "rb") as current:
+            current = open_to_check(target, follow=True)  # a copy is no one's read: its access time stays
+            try:
                 try:
-                    fcntl.ioctl(fd, _FICLONE, current.fileno())
+                    fcntl.ioctl(fd, _FICLONE, current)
                 except OSError:  # no reflink here (EOPNOTSUPP, EXDEV, EINVAL, ENOTTY)
-                    _copy_range(current.fileno(), fd, 0, os.fstat(current.fileno()).st_size, 0)
+                    _copy_range(current, fd, 0, os.fstat(current).st_size, 0)
+            finally:
+                os.close(current)
         except BaseException:
             os.close(fd)
             raise

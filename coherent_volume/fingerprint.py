@@ -190,10 +190,22 @@ def hash_fd(fd: int, size: int | None = None) -> str:
     return hasher.hexdigest()
 
 
+def open_to_check(path: str, follow: bool = False) -> int:
+    """`path` open to read for a check (a symlink followed only if `follow`; never blocking on a
+    FIFO), without moving its access time where this process may (O_NOATIME: the file's owner, or
+    root): a check is no one's read."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
+
+
 def hash_file(path: str) -> tuple[Fingerprint, str]:
     """Fingerprint and content hash of the regular file at `path` (not following a final symlink),
-    read in chunks: memory stays flat whatever the file's size. FileNotFoundError if absent."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    read in chunks: memory stays flat whatever the file's size; its access time stays as it was
+    (`open_to_check`). FileNotFoundError if absent."""
+    fd = open_to_check(path)
     try:
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):

@@ -913,9 +913,12 @@ def _sync_committed(path: str) -> None:
 
 @dataclass
 class Listing:
-    """An open directory: its entry names, taken at opendir, and its backing descriptor (for fstat,
-    which works on a local disk after the directory is removed too)."""
+    """An open directory: its entry names, taken at opendir and again when it is read from its start
+    once more (rewinddir(3)), and its backing descriptor (for fstat, which works on a local disk
+    after the directory is removed too)."""
 
     inode: int
     names: list[bytes]
     fd: int
+    read: bool = False
+    """Whether it was read: a read from its start after that is a rewind, which lists it anew."""

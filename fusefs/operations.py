@@ -138,6 +138,13 @@ async def _forget_entry(parent_inode: int, name: bytes) -> None:
         pass  # the kernel holds no such entry (any more)
 
 
+def _names(fd: int, root: bool) -> list[bytes]:
+    """The names in the backing directory open as `fd`, sorted; at the mount's `root` without the
+    registry's directory."""
+    names = sorted(os.listdir(fd))
+    return [os.fsencode(n) for n in names if not (root and is_registry_path(n))]
+
+
 def _visible(rel: str) -> str:
     """`rel`, a name a request reaches the disk by; ENOENT for the registry's, invisible in the mount."""
     if is_registry_path(rel):
@@ -1061,14 +1068,12 @@ class CoherentOperations(pyfuse3.Operations):
         rel = await self._path(inode)
         fd = self.backing.opendir(rel)
         try:
-            names = sorted(os.listdir(fd))
+            names = _names(fd, rel == "")
         except BaseException:
             os.close(fd)
             raise
-        if rel == "":
-            names = [n for n in names if not is_registry_path(n)]
         fh = self._fh()
-        self.dirs[fh] = Listing(inode, [os.fsencode(n) for n in names], fd)
+        self.dirs[fh] = Listing(inode, names, fd)
         if self._reaches(rel):
             try:
                 await self._note_listed(rel, ctx)
@@ -1087,6 +1092,9 @@ class CoherentOperations(pyfuse3.Operations):
     @guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self.dirs[fh]
+        if start_id == 0 and listing.read:  # rewinddir(3): the directory as it is now
+            listing.names = _names(listing.fd, listing.inode == pyfuse3.ROOT_INODE)
+        listing.read = True
         for index in range(start_id, len(listing.names)):
             [rel] = await self._settled(functools.partial(self.inodes.child, listing.inode, listing.names[index]))
             try:
@@ -1840,8 +1848,10 @@ class CoherentOperations(pyfuse3.Operations):
         if held is None and "\0" in rel:
             return []
         # the file's own, not `user.coherent.*`: those are asked by name, so `cp -a`, `rsync -X` and
-        # `tar --xattrs` copy no volume's version numbers into other files
-        return [os.fsencode(n) for n in (os.listxattr(held) if held is not None else self.backing.listxattr(rel))]
+        # `tar --xattrs` copy no volume's version numbers into other files; `trusted.*` only to root,
+        # as a local file system lists them (the daemon, root, sees them all)
+        names = os.listxattr(held) if held is not None else self.backing.listxattr(rel)
+        return [os.fsencode(n) for n in names if ctx.uid == 0 or not n.startswith("trusted.")]
 
     @guarded
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -48,6 +48,62 @@ def run_in(where: Path, code: str) -> str:
     return r.stdout
 
 
+def test_rewinddir_lists_the_directory_as_it_is_now_in_both_areas(mounted: Mount, tmp_path: Path) -> None:
+    """rewinddir(3) (the next read from offset 0) shows entries made and removed since opendir, as
+    POSIX asks and a plain directory does (before, the mount replayed the names it took at opendir:
+    /tmp/s30posix 1)."""
+    code = """
+import os
+for d in ("u", "plans/d"):
+    os.makedirs(d)
+    for name in ("a.md", "b.md"):
+        open(os.path.join(d, name), "w").close()
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    with os.scandir(fd) as it:  # (os.scandir of a descriptor reads the directory from its start)
+        first = sorted(e.name for e in it)
+    open(os.path.join(d, "new.md"), "w").close()
+    os.unlink(os.path.join(d, "a.md"))
+    with os.scandir(fd) as it:  # the same open directory: rewound, read again
+        again = sorted(e.name for e in it)
+    os.close(fd)
+    print(d, first, again)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain, (mount, plain)
+    assert "['b.md', 'new.md']" in plain
+
+
+def test_opens_that_read_nothing_leave_a_files_access_time_as_in_a_plain_directory(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """An open for writing closed without a write, a second one refused (`held` through the mount),
+    and a rename away and back read nothing of the file: its access time stays (before, the daemon's
+    own checks read the file through the kernel and moved it, a refusal included: /tmp/s30posix 5)."""
+    code = """
+import os
+for d in (".", "plans"):
+    name = f"{d}/t.md"
+    with open(name, "w") as f:
+        f.write("text\\n")
+    open(name).read()
+    os.utime(name, ns=(10**9, os.stat(name).st_mtime_ns))  # old: any read moves it, relatime too
+    os.close(os.open(name, os.O_WRONLY))
+    fd = os.open(name, os.O_WRONLY)
+    os.ftruncate(fd, 5)  # unsaved (through the mount: the file held)
+    try:
+        os.close(os.open(name, os.O_WRONLY))
+    except PermissionError:
+        pass
+    os.close(fd)
+    os.rename(name, name + ".away")
+    os.rename(name + ".away", name)
+    print(name, os.stat(name).st_atime_ns)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain, (mount, plain)
+    assert "./t.md 1000000000" in plain
+
+
 def test_an_unlinked_open_file_keeps_working_in_both_areas(mounted: Mount, tmp_path: Path) -> None:
     code = """
 import os, tempfile
@@ -227,6 +283,42 @@ def test_a_write_or_truncation_by_another_user_clears_set_id_bits_as_in_a_plain_
                 outputs.append(run_in(where, SET_IDS_CHANGED))
         plain, mount = outputs
         assert "./write4777 0o777 0o777" in plain and "plans/trunc6777 0o777 0o777" in plain, plain
+        assert mount == plain
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+TRUSTED_LISTED = """
+import os
+for d in (".", "plans"):
+    name = f"{d}/x.md"
+    open(name, "w").close()
+    os.chmod(name, 0o644)
+    os.setxattr(name, "trusted.secret", b"s")
+    os.setxattr(name, "user.u", b"1")
+    print(name, sorted(os.listxattr(name)))
+    if os.fork() == 0:
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        print(name, "as nobody", sorted(os.listxattr(name)), flush=True)
+        os._exit(0)
+    os.wait()
+"""
+
+
+def test_trusted_xattrs_are_listed_to_root_only_as_in_a_plain_directory(root: Path) -> None:
+    """A local file system lists `trusted.*` attributes only to a process with CAP_SYS_ADMIN: the
+    daemon, root, saw them all and listed them to every user (/tmp/s30posix 6)."""
+    base = Path(tempfile.mkdtemp(prefix="cv-trusted-"))
+    base.chmod(0o755)  # (other users reach the directories below)
+    try:
+        outputs = []
+        with Mount(root, base / "mnt", allow_other=True) as m:
+            for where in (base / "plain", m.path):
+                (where / "plans").mkdir(parents=True, exist_ok=True)
+                (where / "plans").chmod(0o755)
+                outputs.append(run_in(where, TRUSTED_LISTED))
+        plain, mount = outputs
+        assert "./x.md as nobody ['user.u']" in plain and "./x.md ['trusted.secret', 'user.u']" in plain, plain
         assert mount == plain
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -25,7 +25,7 @@ from ..errors import (
     VolumeConfigError,
     root_gone,
 )
-from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, hash_path
+from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, hash_path, open_to_check
 from ..liveness import ProcessId
 from ..paths import Target, VolumePaths
 from ..protocol import (
@@ -996,7 +996,7 @@ class CoreBase:
         if content is not None:
             return self._store(tx, digest, content) or self._store(tx, None, content)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = open_to_check(path)
         except OSError:
             return None
         try:

@@ -20,7 +20,7 @@ from ..errors import (
     StaleWriteError,
     TreeClash,
 )
-from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, read_fd
+from ..fingerprint import Fingerprint, content_hash, fingerprint_path, hash_file, open_to_check, read_fd
 from ..open_writers import RELEASE_WAIT, open_for_writing
 from ..paths import Target, printable
 from ..policy import Policy
@@ -126,7 +126,7 @@ class _Merge(NamedTuple):
 def _merge_side(src: Target) -> bytes | None:
     """The bytes of `src` for a merge: None when it is not a regular file or too large to merge."""
     try:
-        fd = os.open(src.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_to_check(src.abs)
     except OSError:
         return None
     st = os.fstat(fd)
