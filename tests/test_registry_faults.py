@@ -198,6 +198,21 @@ def test_an_immutable_registry_file_is_refused_when_the_volume_is_opened(root: P
         assert bob.read(P) == before
 
 
+def test_an_immutable_staging_directory_is_named_as_the_cause_and_nothing_changes(root: Path) -> None:
+    """A commit names its content in `.coherent/staging` first: made immutable there, the refusal
+    says so and how to see it (before, it told to remove the directory, which fails too:
+    /tmp/s30crash 2), nothing is written, and the next write works once the flag is lifted."""
+    before = _committed(root)
+    staging = root / ".coherent/staging"
+    with CoherentVolume(root, agent="alice") as alice:
+        with _immutable(staging), pytest.raises(RegistryError) as refused:
+            alice.write(P, b"next")
+        message = str(refused.value)
+        assert "immutable or append-only flag" in message and f"lsattr -d {staging}" in message, message
+        assert (root / P).read_bytes() == before and len(alice.history(P)) == 1
+        assert alice.write(P, b"next") == 2
+
+
 OUT_OF_DESCRIPTORS = r"""
 import errno, os, resource, sys
 from coherent_volume import CoherentVolume, RegistryError

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,24 @@ def in_the_way_said(other: InTheWay, where: str, lacking: bool = False) -> str:
         )
     lacks = " that this working copy has not installed yet" if lacking else ""
     return f"the volume holds a file {where}{lacks}, {other.path} v{other.version} (by {other.writer})"
+
+
+def _staging_fix(staging: str, e: OSError) -> str:
+    """What to do about the staging directory `staging` where naming a commit's content in it failed `e`."""
+    if e.errno == errno.EPERM:
+        return (
+            f"it may not be changed although its permission bits allow it: an immutable or append-only flag "
+            f"(`lsattr -d {shlex.quote(staging)}` shows i or a; `chattr -i -a` lifts them), an ACL or a security "
+            "module forbids it: lift that, then write again"
+        )
+    if e.errno == errno.EROFS:
+        return "its file system is mounted read-only: use the volume where it is mounted read-write"
+    if e.errno == errno.EACCES:
+        return f"this process (uid {os.geteuid()}) may not write there: run it as the volume's owner"
+    return (
+        "that must be a directory the volume's processes can write (remove whatever is there instead: it is made "
+        "again)"
+    )
 
 
 class Writes(Reads):
@@ -444,8 +463,7 @@ class Writes(Reads):
         except OSError as e:
             raise RegistryError(
                 f"{target.rel}: nothing was written: the commit could not name its content in "
-                f"{self.paths.staging} ({e.strerror or e}); that must be a directory the volume's processes can "
-                "write (remove whatever is there instead: it is made again)",
+                f"{self.paths.staging} ({e.strerror or e}); {_staging_fix(self.paths.staging, e)}",
                 e.errno or errno.EIO,
             ) from e
         tx.put_intent(Intent(target.rel, agent, version, True, content.hash, tmp))
