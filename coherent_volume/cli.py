@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import json
+import math
 import os
 import shlex
 import stat
@@ -28,7 +29,7 @@ from .errors import CoherenceError, DamagedContent, RegistryError, StaleWriteErr
 from .fingerprint import file_identity
 from .globs import REGISTRY_DIR, ManagedGlobs
 from .paths import Target, shown
-from .policy import MAX_KEEP_DAYS, Policy, Retention
+from .policy import MAX_COUNT, MAX_KEEP_DAYS, Policy, Retention
 from .protocol import EXTERNAL, FileRecord
 from .registry import recorded_in
 
@@ -202,6 +203,16 @@ HISTORY_SHOWN = 50
 lists every one, --json too."""
 
 
+class _Days(click.FloatRange):
+    """A number of days in range: not NaN, which compares with no bound and so passes FloatRange."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        days = super().convert(value, param, ctx)
+        if math.isnan(days):
+            self.fail(f"{value!r} is not a number of days", param, ctx)
+        return days
+
+
 def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
     """The options that set a volume's policy (`init`, `policy`)."""
     options = [
@@ -215,13 +226,15 @@ def _policy_options(fn: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option(
             "--keep-days",
-            type=click.FloatRange(min=0, max=MAX_KEEP_DAYS),
+            type=_Days(min=0, max=MAX_KEEP_DAYS),
             help="Keep every version this many days, unless --max-store-bytes needs them pruned sooner.",
         ),
-        click.option("--keep-last", type=click.IntRange(min=1), help="Keep at least this many versions per path."),
+        click.option(
+            "--keep-last", type=click.IntRange(min=1, max=MAX_COUNT), help="Keep at least this many versions per path."
+        ),
         click.option(
             "--max-store-bytes",
-            type=click.IntRange(min=0),
+            type=click.IntRange(min=0, max=MAX_COUNT),
             help="Prune older versions (beyond --keep-last), however young, while the content exceeds this many bytes.",
         ),
     ]
@@ -1025,7 +1038,7 @@ def mount(
 
     do_mount(root, mountpoint, agent, foreground, allow_other, direct_dirs)
     if not foreground:
-        click.echo(f"mounted {os.path.realpath(root)} on {os.path.abspath(mountpoint)}")
+        click.echo(f"mounted {shown(os.path.realpath(root))} on {shown(os.path.abspath(mountpoint))}")
         for rel in direct_dirs:
             click.echo(f"  {os.path.normpath(rel)}: served directly by the kernel (a bind mount)")
 
@@ -1060,8 +1073,9 @@ def run_as(name: str, command: tuple[str, ...]) -> None:
         raise click.UsageError("no command given")
     try:
         os.execvpe(argv[0], argv, {**os.environ, "COHERENT_AGENT": name})
-    except OSError as e:
-        raise click.ClickException(f"cannot run {argv[0]!r}: {e.strerror}") from e
+    except OSError as e:  # exit status as a shell's: 127 not found, 126 found but not run
+        click.echo(f"Error: cannot run {shown(argv[0])}: {e.strerror}", err=True)
+        raise click.exceptions.Exit(127 if isinstance(e, FileNotFoundError) else 126) from e
 
 
 # defined beside the server (mcp_server.py), which imports the MCP SDK only when the command runs

@@ -103,16 +103,33 @@ def test_a_refused_init_removes_only_what_it_made_never_a_volume_made_there_mean
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # what it made, empty, is gone
 
 
+def test_as_runs_the_command_as_the_agent_or_fails_as_a_shell_does(tmp_path: Path) -> None:
+    """`as NAME -- CMD` runs CMD with COHERENT_AGENT set; one that cannot be run exits as a shell
+    exits for it, 127 not found and 126 not executable (it was 1: /tmp/s30cli 9)."""
+    r = cv("as", "alice", "--", sys.executable, "-c", "import os; print(os.environ['COHERENT_AGENT'])")
+    assert (r.returncode, r.stdout) == (0, "alice\n")
+    missing = cv("as", "alice", "--", "no-such-command-here")
+    assert missing.returncode == 127 and "cannot run no-such-command-here" in missing.stderr, missing.stderr
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    unrunnable = cv("as", "alice", "--", str(script))
+    assert unrunnable.returncode == 126 and "Permission denied" in unrunnable.stderr, unrunnable.stderr
+
+
 def test_init_and_policy_refuse_bad_values_and_roots_before_writing_anything(tmp_path: Path) -> None:
     """A policy value out of range (not a number, past what the registry's integers hold) and a root
-    whose path is not UTF-8 are refused with nothing made; a volume's policy stays as it was."""
+    whose path is not UTF-8 are refused with nothing made; a volume's policy stays as it was. A value
+    is a usage error (status 2, naming the option: NaN and too large numbers were status 1, in the
+    library's words: /tmp/s30cli 7)."""
     for option, value in (("--keep-days", "nan"), ("--keep-last", str(2**80)), ("--max-store-bytes", str(2**64))):
         r = cv("init", str(tmp_path / "ws"), "-m", "plans/**", option, value)
-        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 2 and option in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "ws").exists(), (option, r.stdout)
     assert cv("init", str(tmp_path / "ws"), "-m", "plans/**").returncode == 0
-    huge = cv("policy", str(tmp_path / "ws"), "--keep-last", str(2**80))
-    assert huge.returncode == 1 and "keep_last must be an integer from 1 to" in huge.stderr
+    for option, value in (("--keep-days", "nan"), ("--keep-last", str(2**80)), ("--max-store-bytes", str(2**64))):
+        bad = cv("policy", str(tmp_path / "ws"), option, value)
+        assert bad.returncode == 2 and f"Invalid value for '{option}'" in bad.stderr, bad.stderr
     assert "at least the last 10 per path" in cv("policy", str(tmp_path / "ws")).stdout
     odd = os.path.join(os.fsencode(tmp_path), b"ws\xff")
     r = subprocess.run([CLI, "init", odd, "-m", "plans/**"], capture_output=True, text=True, timeout=60)

@@ -337,6 +337,9 @@ def test_a_registry_directory_that_is_a_link_or_a_file_is_refused_and_nothing_ch
         with pytest.raises(VolumeConfigError, match=r"is a regular file \(0 bytes\), not a volume's registry"):
             CoherentVolume(stray, managed=managed, agent="bob")
     assert (stray / ".coherent").read_bytes() == b""
+    for inside in (root / ".coherent", root / ".coherent" / "staging"):  # (not a nested volume: /tmp/s30cli 5)
+        with pytest.raises(VolumeConfigError, match=f"the registry directory of the volume at {root}: no volume"):
+            CoherentVolume(inside, managed=("plans/**",), agent="bob")
 
 
 def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,20 @@ def refuse_mounted(real: str, *, creating: bool) -> None:
     )
 
 
+def refuse_registry_inside(real: str) -> None:
+    """VolumeConfigError if the directory `real` (a real path) is a volume's registry directory or
+    lies in one: never a volume's root, nor a directory inside that volume."""
+    head = real
+    while os.path.dirname(head) != head:
+        if os.path.basename(head) == REGISTRY_DIR and recorded_in(head):
+            where = "" if head == real else f"inside {head}, "
+            raise VolumeConfigError(
+                f"{real} is {where}the registry directory of the volume at {os.path.dirname(head)}: no volume is "
+                f"made or opened there (nothing was changed). Give {os.path.dirname(head)} to open that volume"
+            )
+        head = os.path.dirname(head)
+
+
 def refuse_foreign_registry(directory: str) -> None:
     """VolumeConfigError if a root's registry directory `directory` is there but is no directory of
     its own: a symlink (to another volume's registry, it would open this root as that volume and
@@ -163,6 +177,7 @@ def open_core(
     refuse_mounted(real, creating=managed is not None or registry is not None)
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     refuse_renaming_in_place(real)
+    refuse_registry_inside(real)
     directory = os.path.join(real, REGISTRY_DIR)
     refuse_foreign_registry(directory)
     made = recorded_in(directory)

@@ -140,8 +140,7 @@ def _staging_fix(staging: str, e: OSError) -> str:
     if e.errno == errno.EACCES:
         return f"this process (uid {os.geteuid()}) may not write there: run it as the volume's owner"
     return (
-        "that must be a directory the volume's processes can write (remove whatever is there instead: it is made "
-        "again)"
+        "that must be a directory the volume's processes can write (remove whatever is there instead: it is made again)"
     )
 
 
