@@ -1,8 +1,7 @@
 """Atomic, durable replacement of one file: the disk edge of a commit.
 
-Content is staged before the commit lock is taken (written, its writeback started), fsynced
-before the commit that records it, and only given a name inside the lock, so a writer killed
-while staging leaves nothing behind. Install follows the
+Content is staged before the commit lock is taken (write + fsync), and only given a name
+inside the lock, so a writer killed while staging leaves nothing behind. Install follows the
 classic order: fsync'd temp in the same directory, rename over the target, fsync the directory.
 """
 
@@ -43,9 +42,8 @@ def _write_all(fd: int, data: bytes) -> None:
 @dataclass
 class Staged:
     """New content for `target`: unnamed (an O_TMPFILE `fd`) until `install` links it to `tmp`, or
-    (on file systems without O_TMPFILE) already named `tmp`. When `durable`, the content is fsynced
-    before it is recorded or installed (`sync`) and `install` fsyncs the directory, so the new name
-    survives a power loss."""
+    (on file systems without O_TMPFILE) already named `tmp`. When `durable`, the content was
+    fsynced and `install` fsyncs the directory, so the new name survives a power loss."""
 
     target: str
     hash: str
@@ -65,10 +63,6 @@ class Staged:
     own_attributes: bool = False
     """It keeps the mode, owner and extended attributes it has (`take_attributes`) at its install,
     instead of taking the target's as an in-place write keeps them."""
-    unsynced: bool = False
-    """Durable content whose writeback was only started (`stage_written`): `sync` finishes it, before
-    the COMMIT that records it (`Writes._record_staged`) and before its install, so the registry
-    never names content that a power loss could take."""
 
     def take_attributes(self, source: str) -> None:
         """Give the content `source`'s mode, owner and extended attributes, kept at its install: a
@@ -86,16 +80,6 @@ class Staged:
             os.chown(dest, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
         os.chmod(dest, stat_mod.S_IMODE(st.st_mode))
         self.own_attributes = True
-
-    def sync(self) -> None:
-        """Make the content durable if its writeback was only started (idempotent)."""
-        if self.unsynced:
-            assert self.fd is not None
-            try:
-                os.fsync(self.fd)
-            except OSError as e:
-                raise _unwritable(e, self.target) from e
-            self.unsynced = False
 
     def plan_name(self) -> str:
         """The temp name `install` will use, decided before any disk change (for a commit intent)."""
@@ -168,7 +152,7 @@ class Staged:
             os.close(fd)
             raise
         os.close(source)
-        self.fd, self.unsynced = fd, False
+        self.fd = fd
 
     def fingerprint(self) -> Fingerprint:
         """The staged file's fingerprint now: its install keeps its inode, size and mtime (a
@@ -186,7 +170,6 @@ class Staged:
         `exchange`: swap it with the file found at the target (`swap_in`), which then holds the temp
         name, left to the caller (`discard` does not remove it). Whether the temp name holds a file
         the install displaced."""
-        self.sync()
         if self.makes is not None:
             _makedirs(os.path.dirname(self.target), *self.makes)
         tmp = self.plan_name()
@@ -370,44 +353,25 @@ def stage_written(
     staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, makes=makes, at=at)
     try:
         fill(lambda part: _write_all(fd, part))
-        if durable and tmp is None:  # its commit does more before it needs the content durable
-            _start_writeback(fd)
-            staged.unsynced = True
-        elif durable:
+        if durable:
             os.fsync(fd)
         if tmp is not None:
             os.close(fd)
             staged.fd = None
     except OSError as e:
         staged.discard()
-        raise _unwritable(e, target) from e
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                e.errno,
+                f"{e.strerror}: the new content of {target} could not be written to a staging file in its file "
+                "system; nothing was changed. Free some space there, then write it again",
+                target,
+            ) from e
+        raise
     except BaseException:
         staged.discard()
         raise
     return staged
-
-
-def _unwritable(e: OSError, target: str) -> OSError:
-    """The error of staged content of `target` that could not be written: `e`, said plainly when the
-    file system is full."""
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return e
-    return OSError(
-        e.errno,
-        f"{e.strerror}: the new content of {target} could not be written to a staging file in its file "
-        "system; nothing was changed. Free some space there, then write it again",
-        target,
-    )
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to disk without waiting (sync_file_range(2)), so that the
-    fsync that makes them durable later finds most of its work done. Only a hint: where the call
-    fails, that fsync does all of it."""
-    _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), _SYNC_FILE_RANGE_WRITE)
 
 
 def _copy_range(src: int, dst: int, start: int, end: int, at: int) -> None:

@@ -373,10 +373,10 @@ def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatc
 def test_a_commit_whose_content_cannot_be_made_durable_changes_nothing(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Staging only starts the content's writeback; its fsync comes last in the transaction that
-    records it, so the registry never names content a power loss could take. When that fsync
-    fails (EIO, or ENOSPC said plainly), the transaction is not committed: the write fails, the file
-    keeps its content, no version, nothing staged, and the next write goes through."""
+    """Staged content is fsynced before the transaction that records it, so the registry never names
+    content a power loss could take. When that fsync fails (EIO, or ENOSPC said plainly), nothing is
+    recorded: the write fails, the file keeps its content, no version, nothing staged, and the next
+    write goes through."""
     with CoherentVolume(root, agent="alice") as vol:
         vol.write(P, b"one")
         fsync = os.fsync
