@@ -111,6 +111,26 @@ def mount_holding(real: str) -> Mounted | None:
     return Mounted(volume.mountpoint, volume.source, volume.within) if direct else None
 
 
+def shown_below(real: str) -> list[tuple[str, str | None]]:
+    """Each mount below the directory `real` (a real path), with the directory it shows as this
+    process names it: a volume mount's root (and the directory of it shown), else the directory
+    of its file system at its place below a mount of that file system's root; None where this
+    mount namespace mounts no root of it (a container's bind from its host)."""
+    entries = list(_mountinfo())
+    tops = {entry.device: entry.mountpoint for entry in entries if not entry.within}
+    found: list[tuple[str, str | None]] = []
+    for entry in entries:
+        if not entry.mountpoint.startswith(real.rstrip("/") + "/"):
+            continue
+        if entry.fstype == FSTYPE:
+            shows: str | None = os.path.join(entry.source, entry.within)
+        else:
+            top = tops.get(entry.device)
+            shows = None if top is None else os.path.join(top, entry.within)
+        found.append((entry.mountpoint, shows and shows.rstrip("/")))
+    return found
+
+
 def device_of(mountpoint: str) -> str | None:
     """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
     from the mount itself, which cannot answer before its daemon serves)."""

@@ -23,6 +23,7 @@ from coherent_volume.registry import sqlite as sqlite_registry
 
 from .conftest import REPO, run_py
 from .harness import CLI
+from .harness.mounts import bound
 from .harness.volumes import sql
 
 P = "plans/plan.md"
@@ -340,6 +341,41 @@ def test_a_registry_directory_that_is_a_link_or_a_file_is_refused_and_nothing_ch
     for inside in (root / ".coherent", root / ".coherent" / "staging"):  # (not a nested volume: /tmp/s30cli 5)
         with pytest.raises(VolumeConfigError, match=f"the registry directory of the volume at {root}: no volume"):
             CoherentVolume(inside, managed=("plans/**",), agent="bob")
+
+
+def test_a_registry_reached_by_a_second_root_through_a_hard_link_or_a_mount_is_refused(
+    root: Path, tmp_path: Path
+) -> None:
+    """One registry reached from two roots loses commits: a hard-linked registry file (`cp -al`)
+    gets two write-ahead logs over one database, which corrupted it and lost 150 acknowledged
+    commits; a volume or its `.coherent` bind-mounted inside another root puts its files in two
+    volumes, whose writes undid each other (/tmp/s30r2c 1-3). Each is refused at open, nothing
+    changed, and the volume works once the second name is gone."""
+    before = _committed(root)
+    linked = tmp_path / "linked"
+    subprocess.run(["cp", "-al", str(root), str(linked)], check=True)
+    for name in (linked, root):
+        with pytest.raises(RegistryError, match="hard links") as refused:
+            CoherentVolume(name, agent="bob")
+        assert refused.value.errno == errno.EMLINK
+    shutil.rmtree(linked)
+    outer, other = tmp_path / "outer", tmp_path / "other"
+    outer.mkdir()
+    with CoherentVolume(outer, managed=("**",), agent="carol") as v:
+        v.write("sub/plans/plan.md", b"outer's")
+    (other / ".coherent").mkdir(parents=True)
+    with (
+        bound(root, outer / "sub"),
+        pytest.raises(VolumeConfigError, match=f"is a mount of {root}, which is the volume"),
+    ):
+        CoherentVolume(outer, agent="carol")
+    with bound(root / "plans", outer / "sub"), pytest.raises(VolumeConfigError, match="which is inside the volume"):
+        CoherentVolume(outer, agent="carol")
+    with bound(root / ".coherent", other / ".coherent"), pytest.raises(VolumeConfigError, match="is a mount of"):
+        CoherentVolume(other, agent="carol")
+    with CoherentVolume(root, agent="bob") as bob, CoherentVolume(outer, agent="carol") as carol:
+        assert bob.read(P) == before and [e.version for e in bob.history(P)] == [1]
+        assert carol.read("sub/plans/plan.md") == b"outer's"
 
 
 def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from ..errors import GlobError, NestedVolume, VolumeConfigError
 from ..filesystems import lies_within, refuse_network_root, refuse_renaming_in_place
 from ..fingerprint import kind_of
 from ..globs import ManagedGlobs
-from ..mounts import fuse_mounts, mount_holding
+from ..mounts import fuse_mounts, mount_holding, shown_below
 from ..paths import REGISTRY_DIR
 from ..registry import LOCATION_FILE, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
@@ -85,6 +85,24 @@ def refuse_registry_inside(real: str) -> None:
                 f"made or opened there (nothing was changed). Give {os.path.dirname(head)} to open that volume"
             )
         head = os.path.dirname(head)
+
+
+def refuse_bound_volumes(real: str) -> None:
+    """VolumeConfigError where a mount below the root `real` shows another volume's files: its
+    registry directory (a mount at the root's `.coherent`), its root, or a directory inside it. Those
+    files would be in two volumes, each registry checking writes as if it were the only one. A
+    mount whose directory this process cannot name (`mounts.shown_below`) is not judged."""
+    for mountpoint, shows in shown_below(real):
+        if shows is None:
+            continue
+        other = shows if recorded_in(os.path.join(shows, REGISTRY_DIR)) else volume_above(shows)
+        if other is not None and other != real:
+            raise VolumeConfigError(
+                f"{mountpoint}, inside the volume at {real}, is a mount of {shows}, which is "
+                f"{'the volume' if other == shows else 'inside the volume'} at {other}: its files would be in two "
+                "volumes, and a write checked by one registry could silently undo one the other checked. Nothing "
+                f"was changed. Unmount it (umount {mountpoint}), or use that volume at its own root"
+            )
 
 
 def refuse_foreign_registry(directory: str) -> None:
@@ -178,6 +196,7 @@ def open_core(
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     refuse_renaming_in_place(real)
     refuse_registry_inside(real)
+    refuse_bound_volumes(real)
     directory = os.path.join(real, REGISTRY_DIR)
     refuse_foreign_registry(directory)
     made = recorded_in(directory)
