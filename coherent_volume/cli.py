@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from .core import VolumeCore, open_core, validate_agent
 from .errors import CoherenceError, DamagedContent, RegistryError, StaleWriteError, VersionGone, VolumeConfigError
 from .fingerprint import file_identity
 from .globs import REGISTRY_DIR, ManagedGlobs
-from .paths import Target, shown
+from .paths import Target, is_registry_path, shown
 from .policy import MAX_COUNT, MAX_KEEP_DAYS, Policy, Retention
 from .protocol import EXTERNAL, FileRecord
 from .registry import recorded_in
@@ -156,12 +157,26 @@ def _error_json(error: BaseException, code: int) -> str:
     return json.dumps({"error": {"kind": kind, "message": message, "exit_status": code}}, sort_keys=True)
 
 
+class _ClosedStdout(io.TextIOBase):
+    """What stands for stdout when the command was started with it closed: every write fails
+    EBADF, so a report goes to stderr (`_done`) and any other output ends the command with an error
+    saying so, never a traceback."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def fileno(self) -> int:
+        return 1
+
+
 def _guard(fn: Callable[..., None]) -> Callable[..., None]:
     """Turn our typed errors into a clear message and their exit status (never a traceback); a
     command run with `--json` prints its error as JSON on stdout too (`_error_json`)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> None:
         as_json = bool(kwargs.get("as_json"))
+        if sys.stdout is None:  # started with stdout closed (`>&-`): writing it fails as a closed pipe does
+            sys.stdout = _ClosedStdout()
         try:
             fn(*args, **kwargs)
         except StaleWriteError as e:
@@ -556,8 +571,8 @@ def _volume_root(root: str) -> str:
     if real in fuse_mounts() or os.path.lexists(os.path.join(real, REGISTRY_DIR)):
         return root  # a volume's own (opening it says what is wrong with it, if anything)
     found = located(real)
-    if found is None:
-        return root  # in no volume: opening it says so
+    if found is None or is_registry_path(os.path.relpath(real, found.root)):
+        return root  # in no volume, or in its registry directory: opening it says so
     click.echo(
         f"{root} is a directory inside the volume at {found.root}, not its root: the status of that volume follows",
         err=True,
@@ -638,8 +653,8 @@ def _event_row(line: report.LogLine) -> list[str]:
         what = f"v{e.version}" + (f" (from v{e.seen_version})" if e.seen_version is not None else "")
     else:
         what = ""
-    if e.detail:
-        what = f"{what} {e.detail.partition(chr(10))[0]}".strip()
+    if e.detail:  # (names in it, a read-set refusal's changed paths, shown escaped as any name)
+        what = shown(f"{what} {e.detail.partition(chr(10))[0]}".strip())
     return [str(e.seq), _when(e.at), line.kind, shown(e.path) if e.path else "-", e.agent or "-", what]
 
 

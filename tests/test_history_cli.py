@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -167,7 +168,11 @@ def test_diff_of_binary_content_and_bad_arguments(root: Path) -> None:
 
 
 def _unwritable_stdout(*args: str | Path, into: str) -> subprocess.CompletedProcess[str]:
-    """`coherent-volume ARGS` with stdout a pipe whose reader is gone (`into="pipe"`) or /dev/full."""
+    """`coherent-volume ARGS` with stdout a pipe whose reader is gone (`into="pipe"`), /dev/full, or
+    closed (`into="closed"`: started as `>&-`)."""
+    if into == "closed":
+        line = " ".join(shlex.quote(str(a)) for a in (CLI, *args))
+        return subprocess.run(["bash", "-c", f"exec >&-; {line}"], stderr=subprocess.PIPE, text=True, timeout=60)
     if into == "full":
         with open("/dev/full", "w") as full:
             return subprocess.run([CLI, *map(str, args)], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
@@ -179,7 +184,7 @@ def _unwritable_stdout(*args: str | Path, into: str) -> subprocess.CompletedProc
         os.close(write)
 
 
-@pytest.mark.parametrize("into", ["pipe", "full"])
+@pytest.mark.parametrize("into", ["pipe", "full", "closed"])
 def test_a_restore_whose_report_cannot_be_written_says_it_on_stderr(root: Path, into: str) -> None:
     """A restore is committed before its report is printed: where stdout cannot be written (its
     reader gone, a full disk), the report goes to stderr and the status is 0, so the caller does not
@@ -194,6 +199,27 @@ def test_a_restore_whose_report_cannot_be_written_says_it_on_stderr(root: Path, 
         assert [e.kind for e in v.history(P)[:2]] == ["restore", "restore"]
     refused = _unwritable_stdout("restore", root, P, "--version", "1", "--agent", "alice", "--json", into=into)
     assert refused.returncode == REFUSED and "(stale)" in refused.stderr and "Traceback" not in refused.stderr
+    for command in (("status", root), ("history", root, P), ("log", root), ("why", root, P)):
+        lost = _unwritable_stdout(*command, into=into)  # a report that changed nothing: an error, never a traceback
+        assert lost.returncode == 1 and "Traceback" not in lost.stderr, lost.stderr
+
+
+def test_a_refusals_detail_in_log_shows_names_escaped(root: Path) -> None:
+    """A read-set refusal's log detail names the files that changed: `log -p` (and `-f`) print them
+    escaped as every name, so a name's escape sequence never reaches the terminal (/tmp/s30r2c 6)."""
+    evil = "plans/x\x1b[2Jy\rz.md"
+    with CoherentVolume(root, agent="alice", isolation="read-set") as alice, CoherentVolume(root, agent="bob") as bob:
+        alice.write(evil, "a\n")
+        alice.write(P, "p\n")
+        alice.read(evil)
+        alice.read(P)
+        bob.read(evil)
+        bob.write(evil, "b\n")
+        with pytest.raises(StaleWriteError):
+            alice.write(P, "mine\n")
+    out = subprocess.run([CLI, "log", str(root), "-p"], capture_output=True, timeout=60).stdout  # (bytes: a CR kept)
+    assert b"read-set" in out and b"plans/x\\x1b[2Jy\\x0dz.md" in out, out
+    assert b"\x1b" not in out and b"\r" not in out, out
 
 
 def test_restore_has_the_checks_of_a_write(root: Path) -> None:

@@ -332,6 +332,12 @@ def test_a_registry_directory_that_is_a_link_or_a_file_is_refused_and_nothing_ch
     with CoherentVolume(root, agent="alice") as v:
         assert [(e.version, e.kind, e.writer) for e in v.history(P)] == [(1, "commit", "alice")]
         assert v.read(P) == b"alice's plan"
+    (other / ".coherent").unlink()
+    (other / ".coherent").mkdir()
+    (other / ".coherent" / "registry.db").symlink_to(root / ".coherent" / "registry.db")
+    with pytest.raises(VolumeConfigError, match=r"registry.db is a symlink .* Nothing was changed"):
+        CoherentVolume(other, agent="bob")  # (it said the registry was replaced while open: /tmp/s30r2c 4)
+    assert os.listdir(other / ".coherent") == ["registry.db"], "no lock file made"
     stray.mkdir()
     (stray / ".coherent").write_bytes(b"")
     for managed in (None, ("plans/**",)):

@@ -21,7 +21,7 @@ from ..fingerprint import kind_of
 from ..globs import ManagedGlobs
 from ..mounts import fuse_mounts, mount_holding, shown_below
 from ..paths import REGISTRY_DIR
-from ..registry import LOCATION_FILE, recorded_in, volume_above
+from ..registry import DB_FILE, LOCATION_FILE, recorded_in, volume_above
 from ..registry.sqlite import SQLiteRegistry
 from .base import Isolation, validate_agent
 from .reads import Observed
@@ -108,7 +108,8 @@ def refuse_bound_volumes(real: str) -> None:
 def refuse_foreign_registry(directory: str) -> None:
     """VolumeConfigError if a root's registry directory `directory` is there but is no directory of
     its own: a symlink (to another volume's registry, it would open this root as that volume and
-    record each of that volume's files missing here as deleted there), or a file of another kind."""
+    record each of that volume's files missing here as deleted there), or a file of another kind;
+    or if its registry file (or that file's log or index) is a symlink."""
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
@@ -126,6 +127,15 @@ def refuse_foreign_registry(directory: str) -> None:
             f"(it holds no versions). Nothing was changed. Move it away if no program of yours needs it; "
             "`coherent-volume init` then makes a volume here"
         )
+    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm"):
+        path = os.path.join(directory, name)
+        if os.path.islink(path):
+            raise VolumeConfigError(
+                f"{path} is a symlink (to {os.readlink(path)!r}), not this root's own registry file: through it, "
+                "this root would be taken for another volume, or two names would give one database two "
+                "write-ahead logs. Nothing was changed. Put the volume's own file there, or open the volume the "
+                "link leads to at its own root"
+            )
 
 
 def refuse_nesting(real: str, *, creating: bool) -> None:
@@ -196,12 +206,12 @@ def open_core(
     refuse_network_root(real)  # whatever the registry, a root serves one kernel
     refuse_renaming_in_place(real)
     refuse_registry_inside(real)
-    refuse_bound_volumes(real)
     directory = os.path.join(real, REGISTRY_DIR)
     refuse_foreign_registry(directory)
     made = recorded_in(directory)
     if made or managed is not None or registry is not None:  # a volume's root, or one to be
         refuse_nesting(real, creating=not made)
+    refuse_bound_volumes(real)
     if registry is not None or os.path.exists(os.path.join(directory, LOCATION_FILE)):
         from ..registry import postgresql  # (its modules load with a PostgreSQL volume only)
 
