@@ -10,7 +10,8 @@ inside a word joins it. Recognised writes:
 - redirections by their operator: `>`, `>|`, `&>`, `>&FILE`, `<>` (and numbered: `2>`, `3<>`)
   write, `>>` and `&>>` append; `<`, `<<`, `<<<` and descriptor copies (`2>&1`) write nothing;
   `[ a > b ]` redirects too;
-- `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, awk's `print > FILE` (each awk
+- `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i` (in any switch cluster, `-0777pi`:
+  `_switch_cluster`), awk's `print > FILE` (each awk
   Debian ships reading its options as it does, `awk` and `nawk` as any of them: `_AWKS`) and
   gawk's `-i inplace` and `-d`/`-o`/`-p` files, `rm`/`unlink`/`shred`, `mv` (its sources are
   removed), `cp`, `install`, `ln` (`-T`: the destination itself), `truncate`, `dd of=`,
@@ -333,6 +334,24 @@ _SORT_VALUED = _names(
 )
 _SED_VALUED = _names("-e --expression -f --file -l --line-length")
 _PERL_VALUED = _names("-e -E")
+
+
+@dataclass(frozen=True)
+class _Switches:
+    """How perl or ruby reads a cluster of switches (`-0777pi`, `-l0pi`), as its own switch parser does."""
+
+    next_word: str
+    """Letters whose value is the rest of the cluster, or the next word when nothing follows them."""
+    rest: str
+    """Letters whose value is the rest of the cluster (`-i.bak`, `-Mstrict`, `-F:`, perl's `-CSD`)."""
+    digits: str
+    """Letters followed by octal digits (`-0777`, `-l0`; `-0x1F` hex), after which the cluster goes on."""
+    program: str
+    """Letters giving the program's text, so that no word after the switches is its script file."""
+
+
+_PERL_SWITCHES = _Switches(next_word="eEI", rest="CdDFiMmVx", digits="0l", program="eE")
+_RUBY_SWITCHES = _Switches(next_word="eEICr", rest="Fix", digits="0TW", program="e")
 
 
 @dataclass(frozen=True)
@@ -2997,8 +3016,8 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
                 files.append(Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE))
                 continue
             files += [m.group(1) for m in re.finditer(r"(?:^|[;\n{}/!])[\s\d$,gpIiMme]*[wW][ \t]*([^\n]+)", program)]
-    elif name in ("perl", "ruby") and any(re.match(r"-[anpslwWtTcuUX]*i", a) for a in flags):
-        files += _program(args, valued, ("-e", "-E"), ())[0]
+    elif name in ("perl", "ruby"):
+        files += _edited_in_place(args, _PERL_SWITCHES if name == "perl" else _RUBY_SWITCHES)
     elif name == "sort":
         _, values = _operands(args, valued)
         files += [values[o] for o in ("-o", "--output") if o in values]
@@ -3065,6 +3084,39 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         ]
     writes = [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
     return _Effect(writes, linked)
+
+
+def _edited_in_place(args: list[Item], switches: _Switches) -> list[Item]:
+    """The files perl or ruby (read with `switches`) edits in place: its file operands when `-i` stands
+    among its switches where it reads one, in any cluster (`-0777pi`, `-gpi`); else none."""
+    rest, in_place, program = list(args), False, False
+    while rest and isinstance(rest[0], str) and rest[0].startswith("-") and rest[0] != "-":
+        word = str(rest.pop(0))
+        if word == "--":
+            break
+        letter, takes_next = _switch_cluster(word, switches) if not word.startswith("--") else ("", False)
+        in_place = in_place or letter == "i"
+        program = program or bool(letter) and letter in switches.program
+        if takes_next and rest:
+            rest.pop(0)
+    return (rest if program else rest[1:]) if in_place else []
+
+
+def _switch_cluster(word: str, switches: _Switches) -> tuple[str, bool]:
+    """The letter of the switch cluster `word` that takes the rest of it as its value ("" for none),
+    and whether that value is the next word instead (nothing follows the letter)."""
+    i = 1
+    while i < len(word):
+        letter = word[i]
+        i += 1
+        if letter in switches.digits:
+            hexadecimal = letter == "0" and word[i : i + 1] == "x"
+            i += 1 if hexadecimal else 0
+            while i < len(word) and word[i] in ("0123456789abcdefABCDEF" if hexadecimal else "01234567"):
+                i += 1
+        elif letter in switches.next_word or letter in switches.rest:
+            return letter, letter in switches.next_word and i == len(word)
+    return "", False
 
 
 def _values(args: list[Item], valued: frozenset[str], names: Collection[str]) -> list[Item]:
