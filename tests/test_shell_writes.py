@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import threading
 from pathlib import Path
@@ -1183,15 +1184,16 @@ def test_cd_enters_a_directory_as_bash_does(tmp_path: Path) -> None:
 def _writes_for_real(root: Path, command: str) -> tuple[set[str], set[str]]:
     """(the files of `root` that running `command` there with bash changed or removed, those
     `shell_writes` finds it writes), each relative to `root`; every file is put back first."""
-    (root / "plans/plan.md").write_text("a\n")
-    (root / "notes.txt").write_text("a\n")
-    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and ".coherent" not in p.parts}
+    for name in ("plans/plan.md", "plans/other.md", "notes.txt"):
+        (root / name).write_text("a\n")
+    before = [p for p in root.rglob("*") if p.is_file() and ".coherent" not in p.parts]
+    for path in before:
+        os.utime(path, ns=(0, 0))  # a file opened for writing, even given the same bytes, is changed
     found = {os.path.relpath(p, root) for p, _ in shell_writes(command, str(root)).writes}
     subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    changed = {os.path.relpath(p, root) for p, data in before.items() if not p.exists() or p.read_bytes() != data}
-    changed |= {os.path.relpath(p, root) for p in root.rglob("*") if p.is_file() and p not in before}
-    changed -= {os.path.relpath(p, root) for p in root.rglob("*") if ".coherent" in p.parts}
-    return changed, found
+    now = [p for p in root.rglob("*") if p.is_file() and ".coherent" not in p.parts]
+    changed = {p for p in before if not p.exists() or p.stat().st_mtime_ns} | set(now) - set(before)
+    return {os.path.relpath(p, root) for p in changed}, found
 
 
 def test_perl_in_place_is_seen_in_any_switch_cluster_as_perl_reads_it(root: Path) -> None:
@@ -1213,3 +1215,67 @@ def test_perl_in_place_is_seen_in_any_switch_cluster_as_perl_reads_it(root: Path
     ):
         changed, found = _writes_for_real(root, command)
         assert changed == found, (command, changed, found)
+
+
+SED_SCRIPTS = [
+    # (a sed script, run as `sed -n SCRIPT notes.txt`: GNU sed opens its `w` files as it reads the script)
+    "1~1w plans/plan.md",
+    "0~4w plans/plan.md",
+    "1,+1w plans/plan.md",
+    "1,~2 w plans/plan.md",
+    "0,/a/w plans/plan.md",
+    "s|a|b|w plans/plan.md",
+    "s a b gw plans/plan.md",
+    "s/a/b/ g w plans/plan.md",
+    "\\,x, w plans/plan.md",
+    "\\%a% I,$ !w plans/plan.md",
+    "/a/I,/b/M{ p ; w plans/plan.md\n}",
+    "y/a/b/;W plans/plan.md",
+    "s/a\\/b/c\\\nd/;w plans/plan.md",
+    "1{a foo}\n}; w plans/plan.md",  # a's text runs to the end of its line
+    "a\\\nfoo\\\nw plans/other.md\np;w plans/plan.md",  # continued text
+    "i foo; w plans/other.md",  # the one-line form: text too
+    "r plans/other.md;w plans/plan.md",  # r's file runs to the end of the line
+    ":a;t a;b e;T x;:e;:x;w plans/plan.md",
+    "b a#x;w plans/other.md\n:a",  # a comment after a label
+    "l 5;q 3;w plans/plan.md",
+    "#n;w plans/other.md\nw plans/plan.md",
+    "w /dev/stdout\ns/a/b/w /dev/stderr",  # sed's own streams
+    "s/w plans\\/plan.md/x/",
+    "$!N;P;D",
+]
+
+
+def test_sed_writes_the_files_its_script_names_as_gnu_sed_reads_it(root: Path) -> None:
+    """A sed script is read as GNU sed compiles it (addresses `FIRST~STEP`, `A,+N`, `A,~N`, `0,/RE/`,
+    `\\cREc` with any delimiter, `s` with any delimiter and flags, text of `a`/`i`/`c`, labels, file
+    names to the end of the line): the files its `w`, `W` and `s///w` write are found, and no other
+    (found by a hostile probe: `1~1w F`, `1,+1w F`, `s|a|b|w F`, `\\,x, w F` wrote unchecked). Each is
+    run, and the files it writes are those found."""
+    for script in SED_SCRIPTS:
+        for command in (f"sed -n {shlex.quote(script)} notes.txt", f"sed -n -e {shlex.quote(script)} notes.txt"):
+            changed, found = _writes_for_real(root, command)
+            assert changed == found, (command, changed, found)
+    (root / "w.sed").write_text("1~1w plans/plan.md\n")
+    changed, found = _writes_for_real(root, "sed -n -f w.sed notes.txt; sed -n --file=w.sed -e p notes.txt")
+    assert changed == found == {"plans/plan.md"}
+
+
+def test_a_sed_script_that_runs_commands_or_cannot_be_read_may_write_any_file(root: Path) -> None:
+    """sed's `e` command and `s///e` flag run shell commands, as awk's system() does; a script file
+    that cannot be read now, or a script this does not read as GNU sed does, may write any file: each
+    is refused in a volume (found by a hostile probe: `sed '1e echo x > top.md'` wrote unchecked)."""
+    (root / "w.sed").write_text("1e echo x > plans/plan.md\n")
+    for command, said in (
+        ("sed '1e echo x > plans/plan.md' notes.txt", "of their own"),
+        ("sed -n '1s/.*/echo x > plans\\/plan.md/e' notes.txt", "of their own"),
+        ("sed -n 's/a/b/gep' notes.txt", "of their own"),
+        ("sed -f w.sed notes.txt", "of their own"),
+        ("sed -n -f missing.sed notes.txt", "literally"),
+        ("sed -n -f /dev/stdin notes.txt <<< 'w plans/plan.md'", "literally"),
+        ("sed -n -f - notes.txt <<< 'w plans/plan.md'", "literally"),
+        ("sed -n 'p;L' notes.txt", "literally"),  # a command GNU sed 4.9 does not know
+        ("sed -n '{p' notes.txt", "literally"),
+    ):
+        with pytest.raises(UnresolvedShellWrite, match=said):
+            shell_writes(command, str(root))
