@@ -40,8 +40,8 @@ inside a word joins it. Recognised writes:
 - looked through: the wrappers in `_WRAPPERS` with their own options (one that runs its command in
   another file system or directory: `_Wrapper.unsure`, `_Wrapper.here`), `runuser -u USER`, and the
   text of `bash -c`/`sh -c`, `su -c`, `runuser -c`, `flock -c`, `script -c` (which writes its
-  typescript), `eval` and `trap` (a trap's handler also where the shell exits); an expansion in
-  such a script is code known only when it runs.
+  typescript), `watch` (its words joined, `_Walk._watch`), `eval` and `trap` (a trap's handler also
+  where the shell exits); an expansion in such a script is code known only when it runs.
 Words are expanded as bash expands them (`$"…"` is its text, `$'…'` its decoded text, `_ansi_c`;
 a leading /proc/self/cwd is the command's working directory, `_proc_word`, `_unproc`): brace
 expansion, `~` (also after `NAME=`), `$HOME` (from
@@ -67,7 +67,8 @@ A write whose file cannot be told before the command runs (a variable, a command
 arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
 expansion, the operands of `xargs`, `find -exec` or `parallel` running a writer, a `find -delete`
 that follows symlinks, reads its starting points from a file or whose expression is not read, a
-shell reading its script from its input, a pattern with a character class or with a quoted character
+shell reading its script from its input (also by name, `bash /dev/stdin`, `source /dev/fd/0`:
+`_from_input`), a pattern with a character class or with a quoted character
 (but a letter, digit, `.`, `_`) in a bracket expression, more than `_MOST_EXPANDED` words, matches
 or files below a directory, a command tree-sitter cannot parse, work past the bounds
 `_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its known part names (the
@@ -294,7 +295,14 @@ _WRAPPERS: dict[str, _Wrapper] = {
     "taskset": _Wrapper(frozenset(), leading=1, no_command=_names("-p --pid")),
     "fakeroot": _Wrapper(_names("-l --lib --faked -s -i -b")),
     "unshare": _Wrapper(_names("-S --setuid -G --setgid -R --root -w --wd"), chdir=_names("-w --wd")),
-    "watch": _Wrapper(_names("-n --interval -q --equexit")),
+    "setpriv": _Wrapper(
+        _names(
+            "--ambient-caps --inh-caps --bounding-set --ruid --euid --rgid --egid --reuid --regid --groups "
+            "--securebits --pdeathsig --selinux-label --apparmor-profile --landlock-access --landlock-rule "
+            "--seccomp-filter"
+        ),
+        no_command=_names("-d --dump"),
+    ),
     "flock": _Wrapper(
         _names("-w --timeout -E --conflict-exit-code -c --command"), leading=1, script=_names("-c --command")
     ),
@@ -334,6 +342,8 @@ _SORT_VALUED = _names(
     "-k -t -o -S -T --key --field-separator --output --buffer-size --temporary-directory --parallel --files0-from "
     "--batch-size --compress-program --random-source"
 )
+_WATCH_VALUED = _names("-n --interval -q --equexit -d::")
+"""watch's options that take a value (`-d`: only attached)."""
 _SED_VALUED = _names("-e --expression -f --file -l --line-length")
 _PERL_VALUED = _names("-e -E")
 
@@ -1720,8 +1730,11 @@ class _Walk:
             script = _shell_script(args)
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
-            elif not [a for a in args if not _is_option(a)] or "-s" in args:  # no script file: its input is the script
+            elif not [a for a in args if not _is_option(a)] or "-s" in args or _from_input(_shell_file(args), cwd):
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+            return same
+        if name in ("source", ".") and _from_input(next((a for a in args if a != "--"), None), cwd):
+            self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
         if name in ("su", "runuser"):
             _, values = _operands(args, _SU_VALUED)
@@ -1745,7 +1758,9 @@ class _Walk:
             else:
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
-        if name == "tmux":
+        if name == "watch":
+            self._watch(args, cwd)
+        elif name == "tmux":
             self._tmux(args, cwd)
         elif name in ("at", "batch") and not _given(args, _AT_VALUED) & _AT_LISTS:
             why = f"a job {name} runs later, read from its input or a file"
@@ -1953,6 +1968,16 @@ class _Walk:
         if self.untrusted:
             return None
         return [os.path.expanduser(d) if d else "." for d in _inherited_cdpath()]
+
+    def _watch(self, args: list[Item], cwd: Cwd) -> None:
+        """`watch [OPTIONS] COMMAND…`: its words joined with spaces are a script it runs with `sh -c`;
+        with `-x`/`--exec` they are the command itself (each word as given)."""
+        rest = list(args)
+        given = {name for name, _ in _options(rest, _WATCH_VALUED)}
+        exact = any(g == "-x" or _abbreviates(g, "--exec") for g in given)
+        words = [shlex.quote(a) if exact and isinstance(a, str) else self._code(a) for a in rest]
+        if words:
+            self._script(" ".join(words), cwd, inherit=False)
 
     def _tmux(self, args: list[Item], cwd: Cwd) -> None:
         """tmux's commands (separated by `;` words), run by its server apart from this shell: the
@@ -2845,6 +2870,31 @@ def _shell_script(args: list[Item]) -> Item | None:
             if ("o" in arg[1:] or "O" in arg[1:]) and items:  # `-eo pipefail`: the option's name
                 items.pop(0)
     return items[0] if command and items else None
+
+
+def _shell_file(args: list[Item]) -> Item | None:
+    """The script file a shell runs (its first word after its options), or None for none."""
+    items = list(args)
+    while items and isinstance(items[0], str) and items[0][:1] in "-+" and items[0] != "-":
+        arg = str(items.pop(0))
+        if arg == "--":
+            break
+        if arg in ("--rcfile", "--init-file") or not arg.startswith("--") and ("o" in arg[1:] or "O" in arg[1:]):
+            del items[:1]  # its value: the file, or the option's name (`-eo pipefail`)
+    return items[0] if items else None
+
+
+_INPUT = re.compile(r"/dev/stdin|/dev/fd/\d+|/proc/(?:self|thread-self|\d+)(?:/task/\d+)?/fd/\d+")
+"""Names of a script file that read it from a descriptor: the shell's input, a pipe (`<(…)`, `/dev/fd/63`);
+also `-`, which a shell takes for the end of its options."""
+
+
+def _from_input(script: Item | None, cwd: Cwd) -> bool:
+    """Whether the script file `script` is read from a descriptor (`_INPUT`: `bash /dev/stdin`,
+    `source /dev/fd/0`), whose script is known only when it runs, as `bash <<EOF` reads its input."""
+    if not isinstance(script, str):
+        return False
+    return script == "-" or _INPUT.fullmatch(os.path.normpath(os.path.join(_place(cwd), script))) is not None
 
 
 def _shell_altering(args: list[Item]) -> Unknown | None:

@@ -187,6 +187,23 @@ CASES: list[tuple[str, str, object]] = [
     ("su -c 'rm plans/plan.md' root", ".", PLAN),
     ("script -qc 'rm plans/plan.md' /dev/null", ".", [*PLAN, ("/dev/null", W)]),
     ("busybox rm plans/plan.md", ".", PLAN),
+    # a shell, or `source`, reading its script by a name of its input or of a pipe: a script from its input
+    ("source /dev/stdin <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    (". /dev/stdin <<'EOF'\nrm plans/plan.md\nEOF", ".", UNRESOLVED),
+    ("bash /dev/stdin <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("sh /dev/fd/0 <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("bash -o pipefail /proc/self/fd/0 <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("bash - <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("cd /dev && source ./stdin <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("source <(echo 'rm plans/plan.md')", ".", UNRESOLVED),
+    ("bash x.sh; source ./x.sh; . /dev/null", ".", []),
+    # watch runs its words joined as an `sh -c` script (with -x, as a command); setpriv runs its command
+    ("watch -n1 'rm plans/plan.md'", ".", PLAN),
+    ("watch -d -n 1 -- echo x \\> plans/plan.md", ".", PLAN),
+    ("watch --differences=permanent -t -q 3 'sed -i s/a/b/ plans/plan.md'", ".", PLAN),
+    ("watch -x sh -c 'rm plans/plan.md'; watch -x echo x '>' plans/other.md", ".", PLAN),
+    ('watch -n1 "rm $X"', ".", UNRESOLVED),
+    ("setpriv --reuid 1000 --clear-groups rm plans/plan.md; setpriv -d rm plans/other.md", ".", PLAN),
     # wrappers whose own options come after their operand, or take an optional value, or that run a shell
     ("script /dev/null -c 'rm plans/plan.md'", ".", [*PLAN, ("/dev/null", W)]),  # getopt permutes them
     ("script -q plans/plan.md -c true", ".", PLAN),  # its typescript
@@ -1279,3 +1296,19 @@ def test_a_sed_script_that_runs_commands_or_cannot_be_read_may_write_any_file(ro
     ):
         with pytest.raises(UnresolvedShellWrite, match=said):
             shell_writes(command, str(root))
+
+
+def test_watch_runs_its_words_as_a_shell_script(root: Path) -> None:
+    """watch runs `sh -c` with its words joined by spaces (with `-x`, the words themselves): the
+    files that script writes are found (found by a hostile probe: `watch -n1 'echo x > top.md'`
+    wrote unchecked). Each is run for a moment on a terminal (`script`), and writes what is found."""
+    for command, expected in (
+        ("watch -n 0.1 'echo x > plans/plan.md'", {"plans/plan.md"}),
+        ("watch -n 0.1 -- echo x \\> plans/plan.md", {"plans/plan.md"}),
+        ("watch -t -x sh -c 'echo x > plans/plan.md'", {"plans/plan.md"}),
+    ):
+        (root / "plans/plan.md").unlink(missing_ok=True)
+        found = {os.path.relpath(p, root) for p, _ in shell_writes(command, str(root)).writes}
+        run = ["timeout", "2", "script", "-qc", command, "/dev/null"]
+        subprocess.run(run, cwd=root, capture_output=True, timeout=30, env={**os.environ, "TERM": "xterm"})
+        assert (root / "plans/plan.md").exists() and found == expected, (command, found)
