@@ -10,7 +10,9 @@ inside a word joins it. Recognised writes:
 - redirections by their operator: `>`, `>|`, `&>`, `>&FILE`, `<>` (and numbered: `2>`, `3<>`)
   write, `>>` and `&>>` append; `<`, `<<`, `<<<` and descriptor copies (`2>&1`) write nothing;
   `[ a > b ]` redirects too;
-- `tee [-a]`, `sed -i` and sed's `w FILE`, `perl -i`, `ruby -i`, awk's `print > FILE` (each awk
+- `tee [-a]`, `sed -i` and sed's `w FILE`, `W FILE` and `s///w FILE` (the script read as GNU sed
+  reads it, `-f` files too: `_SedScript`), `perl -i`, `ruby -i` (in any switch cluster, `-0777pi`:
+  `_switch_cluster`), awk's `print > FILE` (each awk
   Debian ships reading its options as it does, `awk` and `nawk` as any of them: `_AWKS`) and
   gawk's `-i inplace` and `-d`/`-o`/`-p` files, `rm`/`unlink`/`shred`, `mv` (its sources are
   removed), `cp`, `install`, `ln` (`-T`: the destination itself), `truncate`, `dd of=`,
@@ -31,14 +33,15 @@ inside a word joins it. Recognised writes:
   event): a write of files known only when it runs, checked only through the apply_patch tool;
 - a word known only when it runs that may be an option of a command whose options change what it
   writes (`_altering`, `_shell_altering`: `sed "$o"`, `bash "$o" 'script'`), a dd operand that
-  may be `of=`, a sed or awk program with an expansion and an awk program that runs commands
-  (`print | CMD`, `system()`): a write of any file; for find, a word that may be a test or an
+  may be `of=`, a sed or awk program with an expansion, a sed program read from a file that cannot
+  be read now or that `_SedScript` cannot read, and an awk or sed program that runs commands
+  (`print | CMD`, `system()`, sed's `e`): a write of any file; for find, a word that may be a test or an
   action (`_find_altering`: `find plans "$(echo -delete)"`);
 - looked through: the wrappers in `_WRAPPERS` with their own options (one that runs its command in
   another file system or directory: `_Wrapper.unsure`, `_Wrapper.here`), `runuser -u USER`, and the
   text of `bash -c`/`sh -c`, `su -c`, `runuser -c`, `flock -c`, `script -c` (which writes its
-  typescript), `eval` and `trap` (a trap's handler also where the shell exits); an expansion in
-  such a script is code known only when it runs.
+  typescript), `watch` (its words joined, `_Walk._watch`), `eval` and `trap` (a trap's handler also
+  where the shell exits); an expansion in such a script is code known only when it runs.
 Words are expanded as bash expands them (`$"…"` is its text, `$'…'` its decoded text, `_ansi_c`;
 a leading /proc/self/cwd is the command's working directory, `_proc_word`, `_unproc`): brace
 expansion, `~` (also after `NAME=`), `$HOME` (from
@@ -64,7 +67,8 @@ A write whose file cannot be told before the command runs (a variable, a command
 arithmetic, a directory `cd` reached through one or the directory stack, a command named by an
 expansion, the operands of `xargs`, `find -exec` or `parallel` running a writer, a `find -delete`
 that follows symlinks, reads its starting points from a file or whose expression is not read, a
-shell reading its script from its input, a pattern with a character class or with a quoted character
+shell reading its script from its input (also by name, `bash /dev/stdin`, `source /dev/fd/0`:
+`_from_input`), a pattern with a character class or with a quoted character
 (but a letter, digit, `.`, `_`) in a bracket expression, more than `_MOST_EXPANDED` words, matches
 or files below a directory, a command tree-sitter cannot parse, work past the bounds
 `_MOST_VISITED`, `_MOST_SECONDS`, `_LONGEST`) is decided by the place its known part names (the
@@ -291,7 +295,14 @@ _WRAPPERS: dict[str, _Wrapper] = {
     "taskset": _Wrapper(frozenset(), leading=1, no_command=_names("-p --pid")),
     "fakeroot": _Wrapper(_names("-l --lib --faked -s -i -b")),
     "unshare": _Wrapper(_names("-S --setuid -G --setgid -R --root -w --wd"), chdir=_names("-w --wd")),
-    "watch": _Wrapper(_names("-n --interval -q --equexit")),
+    "setpriv": _Wrapper(
+        _names(
+            "--ambient-caps --inh-caps --bounding-set --ruid --euid --rgid --egid --reuid --regid --groups "
+            "--securebits --pdeathsig --selinux-label --apparmor-profile --landlock-access --landlock-rule "
+            "--seccomp-filter"
+        ),
+        no_command=_names("-d --dump"),
+    ),
     "flock": _Wrapper(
         _names("-w --timeout -E --conflict-exit-code -c --command"), leading=1, script=_names("-c --command")
     ),
@@ -331,8 +342,28 @@ _SORT_VALUED = _names(
     "-k -t -o -S -T --key --field-separator --output --buffer-size --temporary-directory --parallel --files0-from "
     "--batch-size --compress-program --random-source"
 )
+_WATCH_VALUED = _names("-n --interval -q --equexit -d::")
+"""watch's options that take a value (`-d`: only attached)."""
 _SED_VALUED = _names("-e --expression -f --file -l --line-length")
 _PERL_VALUED = _names("-e -E")
+
+
+@dataclass(frozen=True)
+class _Switches:
+    """How perl or ruby reads a cluster of switches (`-0777pi`, `-l0pi`), as its own switch parser does."""
+
+    next_word: str
+    """Letters whose value is the rest of the cluster, or the next word when nothing follows them."""
+    rest: str
+    """Letters whose value is the rest of the cluster (`-i.bak`, `-Mstrict`, `-F:`, perl's `-CSD`)."""
+    digits: str
+    """Letters followed by octal digits (`-0777`, `-l0`; `-0x1F` hex), after which the cluster goes on."""
+    program: str
+    """Letters giving the program's text, so that no word after the switches is its script file."""
+
+
+_PERL_SWITCHES = _Switches(next_word="eEI", rest="CdDFiMmVx", digits="0l", program="eE")
+_RUBY_SWITCHES = _Switches(next_word="eEICr", rest="Fix", digits="0TW", program="e")
 
 
 @dataclass(frozen=True)
@@ -1699,8 +1730,11 @@ class _Walk:
             script = _shell_script(args)
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
-            elif not [a for a in args if not _is_option(a)] or "-s" in args:  # no script file: its input is the script
+            elif not [a for a in args if not _is_option(a)] or "-s" in args or _from_input(_shell_file(args), cwd):
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+            return same
+        if name in ("source", ".") and _from_input(next((a for a in args if a != "--"), None), cwd):
+            self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
         if name in ("su", "runuser"):
             _, values = _operands(args, _SU_VALUED)
@@ -1724,7 +1758,9 @@ class _Walk:
             else:
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
-        if name == "tmux":
+        if name == "watch":
+            self._watch(args, cwd)
+        elif name == "tmux":
             self._tmux(args, cwd)
         elif name in ("at", "batch") and not _given(args, _AT_VALUED) & _AT_LISTS:
             why = f"a job {name} runs later, read from its input or a file"
@@ -1932,6 +1968,16 @@ class _Walk:
         if self.untrusted:
             return None
         return [os.path.expanduser(d) if d else "." for d in _inherited_cdpath()]
+
+    def _watch(self, args: list[Item], cwd: Cwd) -> None:
+        """`watch [OPTIONS] COMMAND…`: its words joined with spaces are a script it runs with `sh -c`;
+        with `-x`/`--exec` they are the command itself (each word as given)."""
+        rest = list(args)
+        given = {name for name, _ in _options(rest, _WATCH_VALUED)}
+        exact = any(g == "-x" or _abbreviates(g, "--exec") for g in given)
+        words = [shlex.quote(a) if exact and isinstance(a, str) else self._code(a) for a in rest]
+        if words:
+            self._script(" ".join(words), cwd, inherit=False)
 
     def _tmux(self, args: list[Item], cwd: Cwd) -> None:
         """tmux's commands (separated by `;` words), run by its server apart from this shell: the
@@ -2826,6 +2872,31 @@ def _shell_script(args: list[Item]) -> Item | None:
     return items[0] if command and items else None
 
 
+def _shell_file(args: list[Item]) -> Item | None:
+    """The script file a shell runs (its first word after its options), or None for none."""
+    items = list(args)
+    while items and isinstance(items[0], str) and items[0][:1] in "-+" and items[0] != "-":
+        arg = str(items.pop(0))
+        if arg == "--":
+            break
+        if arg in ("--rcfile", "--init-file") or not arg.startswith("--") and ("o" in arg[1:] or "O" in arg[1:]):
+            del items[:1]  # its value: the file, or the option's name (`-eo pipefail`)
+    return items[0] if items else None
+
+
+_INPUT = re.compile(r"/dev/stdin|/dev/fd/\d+|/proc/(?:self|thread-self|\d+)(?:/task/\d+)?/fd/\d+")
+"""Names of a script file that read it from a descriptor: the shell's input, a pipe (`<(…)`, `/dev/fd/63`);
+also `-`, which a shell takes for the end of its options."""
+
+
+def _from_input(script: Item | None, cwd: Cwd) -> bool:
+    """Whether the script file `script` is read from a descriptor (`_INPUT`: `bash /dev/stdin`,
+    `source /dev/fd/0`), whose script is known only when it runs, as `bash <<EOF` reads its input."""
+    if not isinstance(script, str):
+        return False
+    return script == "-" or _INPUT.fullmatch(os.path.normpath(os.path.join(_place(cwd), script))) is not None
+
+
 def _shell_altering(args: list[Item]) -> Unknown | None:
     """A word of a shell's command line known only when it runs, before its script or script file,
     that may be an option: one that may be split into several words, or that may begin with `-` or
@@ -2991,14 +3062,9 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         operands, values, programs = _program(args, valued, ("-e", "--expression"), ("-f", "--file"))
         in_place = any(re.match(r"-[nrEsuz]*i", a) or _abbreviates(a, "--in-place") for a in flags)
         files += [*operands] if in_place else []
-        for program in programs:  # its `w FILE` commands and `s///w FILE` flags
-            if isinstance(program, Unknown):
-                why = "a sed program known only when it runs, whose `w` command may write any file"
-                files.append(Unknown(program.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE))
-                continue
-            files += [m.group(1) for m in re.finditer(r"(?:^|[;\n{}/!])[\s\d$,gpIiMme]*[wW][ \t]*([^\n]+)", program)]
-    elif name in ("perl", "ruby") and any(re.match(r"-[anpslwWtTcuUX]*i", a) for a in flags):
-        files += _program(args, valued, ("-e", "-E"), ())[0]
+        files += _sed_writes(args, valued, programs, cwd)
+    elif name in ("perl", "ruby"):
+        files += _edited_in_place(args, _PERL_SWITCHES if name == "perl" else _RUBY_SWITCHES)
     elif name == "sort":
         _, values = _operands(args, valued)
         files += [values[o] for o in ("-o", "--output") if o in values]
@@ -3065,6 +3131,39 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         ]
     writes = [(f, kind, False) for f in files] + [(f, "write", True) for f in landed + removed]
     return _Effect(writes, linked)
+
+
+def _edited_in_place(args: list[Item], switches: _Switches) -> list[Item]:
+    """The files perl or ruby (read with `switches`) edits in place: its file operands when `-i` stands
+    among its switches where it reads one, in any cluster (`-0777pi`, `-gpi`); else none."""
+    rest, in_place, program = list(args), False, False
+    while rest and isinstance(rest[0], str) and rest[0].startswith("-") and rest[0] != "-":
+        word = str(rest.pop(0))
+        if word == "--":
+            break
+        letter, takes_next = _switch_cluster(word, switches) if not word.startswith("--") else ("", False)
+        in_place = in_place or letter == "i"
+        program = program or bool(letter) and letter in switches.program
+        if takes_next and rest:
+            rest.pop(0)
+    return (rest if program else rest[1:]) if in_place else []
+
+
+def _switch_cluster(word: str, switches: _Switches) -> tuple[str, bool]:
+    """The letter of the switch cluster `word` that takes the rest of it as its value ("" for none),
+    and whether that value is the next word instead (nothing follows the letter)."""
+    i = 1
+    while i < len(word):
+        letter = word[i]
+        i += 1
+        if letter in switches.digits:
+            hexadecimal = letter == "0" and word[i : i + 1] == "x"
+            i += 1 if hexadecimal else 0
+            while i < len(word) and word[i] in ("0123456789abcdefABCDEF" if hexadecimal else "01234567"):
+                i += 1
+        elif letter in switches.next_word or letter in switches.rest:
+            return letter, letter in switches.next_word and i == len(word)
+    return "", False
 
 
 def _values(args: list[Item], valued: frozenset[str], names: Collection[str]) -> list[Item]:
@@ -3310,8 +3409,7 @@ def _awk_program(program: Item, cwd: Cwd) -> list[Item]:
     outputs = _awk_outputs(program)
     if re.search(r"\bsystem\s*\(|\|\s*&?\s*getline\b", program) or any(op == "|" for op, _ in outputs):
         why = "an awk program that runs commands (`print | CMD`, `CMD | getline`, `system()`) through a shell"
-        advice = "Run those commands as commands of their own, or make the change with your file-editing tool."
-        files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=advice))
+        files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=_COMMANDS_ADVICE))
     for op, target in outputs:
         literal = re.fullmatch(r'"([^"\\]*)"', target)
         if op != "|":
@@ -3378,6 +3476,272 @@ def _awk_statement(text: str, i: int, found: list[tuple[str, str]]) -> int:
     if redirect is not None:
         found.append((redirect[0], text[redirect[1] : i].strip()))
     return i
+
+
+_SED_SIMPLE = frozenset("=dDgGhHnNpPxzF")
+"""sed's commands that take no argument."""
+_SED_SPECIAL = ("/dev/stdout", "/dev/stderr")
+"""Names GNU sed's `w` takes for its own output streams, opening no file."""
+_MOST_SCRIPT = 100_000
+"""Bytes of a sed script file (`sed -f FILE`) read at most (longer: a program known only when it runs)."""
+_COMMANDS_ADVICE = "Run those commands as commands of their own, or make the change with your file-editing tool."
+
+
+class _SedError(Exception):
+    """A sed script GNU sed would not accept (or that this reads otherwise than it may)."""
+
+
+class _SedScript:
+    """A sed script read as GNU sed compiles it: the files its `w`/`W` commands and `s///w` flags
+    write (`written`), and whether it runs shell commands (`runs`: the `e` command, the `s///e` flag).
+    Where GNU sed may read the script another way, this reads it so as to find more, never less."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.i = text, 0
+        self.written: list[str] = []
+        self.runs = False
+        depth = 0
+        while self._skip(" \t\n\r\v\f;") or self.i < len(text):
+            if self._peek() == "#":
+                self._line()
+                continue
+            addressed = self._addresses()
+            command = self._take()
+            if command == "{":
+                depth += 1
+            elif command == "}":
+                depth -= 1
+                if depth < 0 or addressed:
+                    raise _SedError("unexpected `}`")
+                self._end()
+            else:
+                self._command(command, addressed)
+        if depth:
+            raise _SedError("unmatched `{`")
+
+    def _peek(self) -> str:
+        """The next character ("" at the end)."""
+        return self.text[self.i : self.i + 1]
+
+    def _take(self) -> str:
+        """The next character, consumed ("" at the end)."""
+        c = self._peek()
+        self.i += len(c)
+        return c
+
+    def _skip(self, chars: str) -> bool:
+        """Skip any of `chars`; always False (so it can lead a loop's condition)."""
+        while self._peek() and self._peek() in chars:
+            self.i += 1
+        return False
+
+    def _digits(self) -> str:
+        """The decimal digits next, consumed."""
+        start = self.i
+        while self._peek().isdigit():
+            self.i += 1
+        return self.text[start : self.i]
+
+    def _line(self) -> str:
+        """The rest of the line, consumed with its newline; without it."""
+        end = self.text.find("\n", self.i)
+        end = len(self.text) if end < 0 else end
+        line, self.i = self.text[self.i : end], end + 1
+        return line
+
+    def _addresses(self) -> bool:
+        """Read a command's addresses (`A`, `A,B`, `A,+N`, `A,~N`) and `!`; whether it has any."""
+        given = self._address()
+        if given:
+            self._skip(" \t")
+            if self._peek() == ",":
+                self.i += 1
+                self._skip(" \t")
+                if self._peek() in ("+", "~"):
+                    self.i += 1
+                    self._skip(" \t")
+                    if not self._digits():
+                        raise _SedError("a line count expected")
+                elif not self._address():
+                    raise _SedError("unexpected `,`")
+        self._skip(" \t")
+        if self._peek() == "!":
+            self.i += 1
+            self._skip(" \t")
+            if self._peek() == "!":
+                raise _SedError("multiple `!`s")
+        return given
+
+    def _address(self) -> bool:
+        """Read one address (`N`, `FIRST~STEP`, `$`, `/RE/`, `\\cREc`, with `I`/`M`); whether there was one."""
+        c = self._peek()
+        if c.isdigit():
+            self._digits()
+            self._skip(" \t")
+            if self._peek() == "~":
+                self.i += 1
+                self._skip(" \t")
+                self._digits()
+            return True
+        if c == "$":
+            self.i += 1
+            return True
+        if c not in ("/", "\\"):
+            return False
+        self.i += 1
+        self._delimited(self._delimiter() if c == "\\" else "/")
+        while not self._skip(" \t") and self._peek() in ("I", "M"):
+            self.i += 1
+        return True
+
+    def _delimiter(self) -> str:
+        """The character delimiting a regular expression (`\\cREc`, `s`, `y`), consumed."""
+        c = self._take()
+        if c in ("", "\n", "\\"):
+            raise _SedError("a delimiter expected")
+        return c
+
+    def _delimited(self, delimiter: str) -> None:
+        """Skip the text up to the unescaped `delimiter`, consumed; a newline may only be escaped."""
+        while (c := self._take()) != delimiter:
+            if c in ("", "\n") or c == "\\" and self._take() == "":
+                raise _SedError(f"unterminated text before `{delimiter}`")
+
+    def _end(self) -> None:
+        """The end of a command: blanks, then `;` or a newline (consumed), `}`, `#` or the end."""
+        self._skip(" \t")
+        if self._peek() in ("", ";", "\n"):
+            self.i += 1
+        elif self._peek() not in ("}", "#"):
+            raise _SedError("extra characters after a command")
+
+    def _label(self) -> str:
+        """The label of `:`, `b`, `t`, `T` or `v`, consumed: after blanks, up to a blank, `;`, `}` or `#`."""
+        self._skip(" \t")
+        start = self.i
+        while self._peek() and self._peek() not in " \t\n\r;}#":
+            self.i += 1
+        return self.text[start : self.i]
+
+    def _file(self) -> str:
+        """The file name of `r`, `R`, `w`, `W` or `s///w`: the rest of the line, after blanks."""
+        self._skip(" \t")
+        name = self._line()
+        if not name:
+            raise _SedError("missing file name")
+        return name
+
+    def _text(self) -> None:
+        """Skip the text of `a`, `i` or `c`: `\\` and a newline, or the one-line form, up to a newline
+        no backslash escapes."""
+        self._skip(" \t")
+        if self._peek() == "\\":
+            self.i += 1
+            self._skip("\n" if self._peek() == "\n" else "")
+        elif self._peek() in ("", "\n"):
+            raise _SedError("expected \\ after `a`, `c` or `i`")
+        while (c := self._take()) not in ("", "\n"):
+            self.i += len(self._peek()) if c == "\\" else 0
+
+    def _write(self, name: str) -> None:
+        """Note a `w` file (but sed's own streams)."""
+        self.written += [] if name in _SED_SPECIAL else [name]
+
+    def _command(self, command: str, addressed: bool) -> None:
+        """Read the command `command` after its addresses."""
+        if command in _SED_SIMPLE:
+            self._end()
+        elif command == ":":
+            if not self._label() or addressed:
+                raise _SedError("`:` takes a label and no address")
+            self._end()
+        elif command in ("b", "t", "T", "v"):
+            self._label()
+            self._end()
+        elif command in ("q", "Q", "l"):
+            self._skip(" \t")
+            self._digits()
+            self._end()
+        elif command in ("a", "i", "c"):
+            self._text()
+        elif command in ("r", "R"):
+            self._file()
+        elif command in ("w", "W"):
+            self._write(self._file())
+        elif command == "e":
+            self.runs = True
+            self._line()
+        elif command == "y":
+            delimiter = self._delimiter()
+            self._delimited(delimiter)
+            self._delimited(delimiter)
+            self._end()
+        elif command == "s":
+            self._substitute()
+        else:
+            raise _SedError(f"unknown command `{command}`")
+
+    def _substitute(self) -> None:
+        """Read `s/RE/REPLACEMENT/FLAGS` after its `s`."""
+        delimiter = self._delimiter()
+        self._delimited(delimiter)
+        self._delimited(delimiter)
+        while not self._skip(" \t") and self._peek() and self._peek() in "gpiImMe0123456789":
+            self.runs = self._take() == "e" or self.runs
+        if self._peek() == "w":
+            self.i += 1
+            self._write(self._file())
+        else:
+            self._end()
+
+
+def _sed_writes(args: list[Item], valued: frozenset[str], programs: list[Item], cwd: Cwd) -> list[Item]:
+    """The files a sed command's script writes (`w FILE`, `W FILE`, `s///w FILE`): its `-e` texts and
+    `-f` files in order, else its program operand, joined as sed joins them (`_SedScript`); any file
+    for a script known only when it runs (an expansion, a file that cannot be read now), one that
+    runs shell commands (`e`, `s///e`), or one GNU sed may not read as this does."""
+    pieces = [(n, v) for n, v in _given_values(args, valued) if n in ("-e", "--expression", "-f", "--file")]
+    texts: list[str] = []
+    for name, value in pieces or [("-e", p) for p in programs]:
+        text = value if name in ("-e", "--expression") else _sed_file(value, cwd)
+        if text is value and isinstance(value, Unknown):
+            why = "a sed program known only when it runs, whose `w` command may write any file"
+            return [Unknown(value.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)]
+        if isinstance(text, Unknown):
+            return [text]
+        texts.append(text)
+    program = "\n".join(texts)
+    try:
+        script = _SedScript(program)
+    except _SedError as error:
+        why = f"a sed program this does not read as sed may ({error}), which may write any file"
+        return [Unknown(program, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)]
+    files: list[Item] = list(script.written)
+    if script.runs:
+        why = "a sed program that runs commands (`e`, `s///e`) through a shell"
+        files.append(Unknown(program, why, _place(cwd), anywhere=True, advice=_COMMANDS_ADVICE))
+    return files
+
+
+def _sed_file(name: Item, cwd: Cwd) -> str | Unknown:
+    """The text of the sed script file `name` (`sed -f`), when it is a regular file of at most
+    `_MOST_SCRIPT` bytes now; else a program known only when it runs."""
+    why = "a sed script read from a file that is not a regular file of known content now"
+    unknown = Unknown(_code_word(name), why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)
+    if isinstance(name, Unknown) or isinstance(cwd, Unknown):
+        return unknown
+    try:
+        fd = os.open(os.path.join(cwd, name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return unknown
+    with os.fdopen(fd, "rb") as file:
+        data = file.read(_MOST_SCRIPT + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    return unknown if data is None or len(data) > _MOST_SCRIPT else data.decode("utf-8", "surrogateescape")
+
+
+def _given_values(args: list[Item], valued: frozenset[str]) -> list[tuple[str, Item]]:
+    """Each option given a value (before `--`), with it, in order."""
+    return [(n, v) for _, given in _split(args, valued)[0] for n, v in given or () if v is not None]
 
 
 def _cp_follows(args: list[Item]) -> Follow:

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import threading
 from pathlib import Path
@@ -186,6 +187,23 @@ CASES: list[tuple[str, str, object]] = [
     ("su -c 'rm plans/plan.md' root", ".", PLAN),
     ("script -qc 'rm plans/plan.md' /dev/null", ".", [*PLAN, ("/dev/null", W)]),
     ("busybox rm plans/plan.md", ".", PLAN),
+    # a shell, or `source`, reading its script by a name of its input or of a pipe: a script from its input
+    ("source /dev/stdin <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    (". /dev/stdin <<'EOF'\nrm plans/plan.md\nEOF", ".", UNRESOLVED),
+    ("bash /dev/stdin <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("sh /dev/fd/0 <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("bash -o pipefail /proc/self/fd/0 <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("bash - <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("cd /dev && source ./stdin <<< 'rm plans/plan.md'", ".", UNRESOLVED),
+    ("source <(echo 'rm plans/plan.md')", ".", UNRESOLVED),
+    ("bash x.sh; source ./x.sh; . /dev/null", ".", []),
+    # watch runs its words joined as an `sh -c` script (with -x, as a command); setpriv runs its command
+    ("watch -n1 'rm plans/plan.md'", ".", PLAN),
+    ("watch -d -n 1 -- echo x \\> plans/plan.md", ".", PLAN),
+    ("watch --differences=permanent -t -q 3 'sed -i s/a/b/ plans/plan.md'", ".", PLAN),
+    ("watch -x sh -c 'rm plans/plan.md'; watch -x echo x '>' plans/other.md", ".", PLAN),
+    ('watch -n1 "rm $X"', ".", UNRESOLVED),
+    ("setpriv --reuid 1000 --clear-groups rm plans/plan.md; setpriv -d rm plans/other.md", ".", PLAN),
     # wrappers whose own options come after their operand, or take an optional value, or that run a shell
     ("script /dev/null -c 'rm plans/plan.md'", ".", [*PLAN, ("/dev/null", W)]),  # getopt permutes them
     ("script -q plans/plan.md -c true", ".", PLAN),  # its typescript
@@ -1196,3 +1214,119 @@ def test_cd_enters_a_directory_as_bash_does(tmp_path: Path) -> None:
             [written] = {os.path.realpath(made) for made in tmp_path.rglob("zz.txt")}
             found = {os.path.realpath(p) for p, _ in shell_writes(command, str(start)).writes if p.endswith("zz.txt")}
             assert written in found and (not certain or found == {written}), (start, command, written, found)
+
+
+def _writes_for_real(root: Path, command: str) -> tuple[set[str], set[str]]:
+    """(the files of `root` that running `command` there with bash changed or removed, those
+    `shell_writes` finds it writes), each relative to `root`; every file is put back first."""
+    for name in ("plans/plan.md", "plans/other.md", "notes.txt"):
+        (root / name).write_text("a\n")
+    before = [p for p in root.rglob("*") if p.is_file() and ".coherent" not in p.parts]
+    for path in before:
+        os.utime(path, ns=(0, 0))  # a file opened for writing, even given the same bytes, is changed
+    found = {os.path.relpath(p, root) for p, _ in shell_writes(command, str(root)).writes}
+    subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    now = [p for p in root.rglob("*") if p.is_file() and ".coherent" not in p.parts]
+    changed = {p for p in before if not p.exists() or p.stat().st_mtime_ns} | set(now) - set(before)
+    return {os.path.relpath(p, root) for p in changed}, found
+
+
+def test_perl_in_place_is_seen_in_any_switch_cluster_as_perl_reads_it(root: Path) -> None:
+    """`-i` bundled after switches that take digits (`-0`, `-0777`, `-l0`) or none (`-g`) edits in
+    place as surely as `-pi` (found by a hostile probe: allowed unchecked); a letter that takes the
+    rest of the cluster (`-I`, `-C`, `-M`) hides an `i` after it from perl. Each command is run, and
+    the file it edits is the one found."""
+    for command in (
+        "perl -0pi -e s/a/b/ plans/plan.md",
+        "perl -0777pi -e s/a/b/ plans/plan.md",
+        "perl -gpi -e s/a/b/ plans/plan.md",
+        "perl -l0pi -e s/a/b/ plans/plan.md",
+        "perl -ln0pi -e s/a/b/ plans/plan.md",
+        "perl -pe s/a/b/ -i plans/plan.md",  # a switch after -e's program
+        "perl -I . -pi -e s/a/b/ plans/plan.md",
+        "perl -Ipi -e s/a/b/ plans/plan.md",  # -I's directory is `pi`
+        "perl -CSDpi -e s/a/b/ plans/plan.md",  # perl refuses the Unicode flag `p`
+        "perl -Mstrict -ne print plans/plan.md",
+    ):
+        changed, found = _writes_for_real(root, command)
+        assert changed == found, (command, changed, found)
+
+
+SED_SCRIPTS = [
+    # (a sed script, run as `sed -n SCRIPT notes.txt`: GNU sed opens its `w` files as it reads the script)
+    "1~1w plans/plan.md",
+    "0~4w plans/plan.md",
+    "1,+1w plans/plan.md",
+    "1,~2 w plans/plan.md",
+    "0,/a/w plans/plan.md",
+    "s|a|b|w plans/plan.md",
+    "s a b gw plans/plan.md",
+    "s/a/b/ g w plans/plan.md",
+    "\\,x, w plans/plan.md",
+    "\\%a% I,$ !w plans/plan.md",
+    "/a/I,/b/M{ p ; w plans/plan.md\n}",
+    "y/a/b/;W plans/plan.md",
+    "s/a\\/b/c\\\nd/;w plans/plan.md",
+    "1{a foo}\n}; w plans/plan.md",  # a's text runs to the end of its line
+    "a\\\nfoo\\\nw plans/other.md\np;w plans/plan.md",  # continued text
+    "i foo; w plans/other.md",  # the one-line form: text too
+    "r plans/other.md;w plans/plan.md",  # r's file runs to the end of the line
+    ":a;t a;b e;T x;:e;:x;w plans/plan.md",
+    "b a#x;w plans/other.md\n:a",  # a comment after a label
+    "l 5;q 3;w plans/plan.md",
+    "#n;w plans/other.md\nw plans/plan.md",
+    "w /dev/stdout\ns/a/b/w /dev/stderr",  # sed's own streams
+    "s/w plans\\/plan.md/x/",
+    "$!N;P;D",
+]
+
+
+def test_sed_writes_the_files_its_script_names_as_gnu_sed_reads_it(root: Path) -> None:
+    """A sed script is read as GNU sed compiles it (addresses `FIRST~STEP`, `A,+N`, `A,~N`, `0,/RE/`,
+    `\\cREc` with any delimiter, `s` with any delimiter and flags, text of `a`/`i`/`c`, labels, file
+    names to the end of the line): the files its `w`, `W` and `s///w` write are found, and no other
+    (found by a hostile probe: `1~1w F`, `1,+1w F`, `s|a|b|w F`, `\\,x, w F` wrote unchecked). Each is
+    run, and the files it writes are those found."""
+    for script in SED_SCRIPTS:
+        for command in (f"sed -n {shlex.quote(script)} notes.txt", f"sed -n -e {shlex.quote(script)} notes.txt"):
+            changed, found = _writes_for_real(root, command)
+            assert changed == found, (command, changed, found)
+    (root / "w.sed").write_text("1~1w plans/plan.md\n")
+    changed, found = _writes_for_real(root, "sed -n -f w.sed notes.txt; sed -n --file=w.sed -e p notes.txt")
+    assert changed == found == {"plans/plan.md"}
+
+
+def test_a_sed_script_that_runs_commands_or_cannot_be_read_may_write_any_file(root: Path) -> None:
+    """sed's `e` command and `s///e` flag run shell commands, as awk's system() does; a script file
+    that cannot be read now, or a script this does not read as GNU sed does, may write any file: each
+    is refused in a volume (found by a hostile probe: `sed '1e echo x > top.md'` wrote unchecked)."""
+    (root / "w.sed").write_text("1e echo x > plans/plan.md\n")
+    for command, said in (
+        ("sed '1e echo x > plans/plan.md' notes.txt", "of their own"),
+        ("sed -n '1s/.*/echo x > plans\\/plan.md/e' notes.txt", "of their own"),
+        ("sed -n 's/a/b/gep' notes.txt", "of their own"),
+        ("sed -f w.sed notes.txt", "of their own"),
+        ("sed -n -f missing.sed notes.txt", "literally"),
+        ("sed -n -f /dev/stdin notes.txt <<< 'w plans/plan.md'", "literally"),
+        ("sed -n -f - notes.txt <<< 'w plans/plan.md'", "literally"),
+        ("sed -n 'p;L' notes.txt", "literally"),  # a command GNU sed 4.9 does not know
+        ("sed -n '{p' notes.txt", "literally"),
+    ):
+        with pytest.raises(UnresolvedShellWrite, match=said):
+            shell_writes(command, str(root))
+
+
+def test_watch_runs_its_words_as_a_shell_script(root: Path) -> None:
+    """watch runs `sh -c` with its words joined by spaces (with `-x`, the words themselves): the
+    files that script writes are found (found by a hostile probe: `watch -n1 'echo x > top.md'`
+    wrote unchecked). Each is run for a moment on a terminal (`script`), and writes what is found."""
+    for command, expected in (
+        ("watch -n 0.1 'echo x > plans/plan.md'", {"plans/plan.md"}),
+        ("watch -n 0.1 -- echo x \\> plans/plan.md", {"plans/plan.md"}),
+        ("watch -t -x sh -c 'echo x > plans/plan.md'", {"plans/plan.md"}),
+    ):
+        (root / "plans/plan.md").unlink(missing_ok=True)
+        found = {os.path.relpath(p, root) for p, _ in shell_writes(command, str(root)).writes}
+        run = ["timeout", "2", "script", "-qc", command, "/dev/null"]
+        subprocess.run(run, cwd=root, capture_output=True, timeout=30, env={**os.environ, "TERM": "xterm"})
+        assert (root / "plans/plan.md").exists() and found == expected, (command, found)
