@@ -55,6 +55,18 @@ def _status_field(pid: int, field: str) -> str | None:
     return status[at + len(field) + 2 : end if end >= 0 else len(status)].strip().decode()
 
 
+_CAP_SYS_ADMIN = 21
+
+
+def administers(pid: int, uid: int) -> bool:
+    """Whether the process `pid` holds CAP_SYS_ADMIN in its effective set (what a local file system
+    asks before it lists `trusted.*` attributes); where /proc does not say, whether `uid` is root."""
+    effective = _status_field(pid, "CapEff")
+    if effective is None:
+        return uid == 0
+    return bool(int(effective, 16) >> _CAP_SYS_ADMIN & 1)
+
+
 def process_of(tid: int) -> int:
     """The process (thread group) of a thread id; the id itself if /proc does not say."""
     tgid = _status_field(tid, "Tgid")

@@ -48,7 +48,7 @@ from .handles import (
     kill_set_ids_at,
     touch,
 )
-from .identity import AgentResolver, proc_file, process_of
+from .identity import AgentResolver, administers, proc_file, process_of
 from .inodes import InodeTable
 from .watcher import OwnChanges
 
@@ -1848,10 +1848,12 @@ class CoherentOperations(pyfuse3.Operations):
         if held is None and "\0" in rel:
             return []
         # the file's own, not `user.coherent.*`: those are asked by name, so `cp -a`, `rsync -X` and
-        # `tar --xattrs` copy no volume's version numbers into other files; `trusted.*` only to root,
-        # as a local file system lists them (the daemon, root, sees them all)
+        # `tar --xattrs` copy no volume's version numbers into other files; `trusted.*` only to a
+        # process with CAP_SYS_ADMIN, as a local file system lists them (the daemon sees them all)
         names = os.listxattr(held) if held is not None else self.backing.listxattr(rel)
-        return [os.fsencode(n) for n in names if ctx.uid == 0 or not n.startswith("trusted.")]
+        if any(n.startswith("trusted.") for n in names) and not administers(ctx.pid, ctx.uid):
+            names = [n for n in names if not n.startswith("trusted.")]
+        return [os.fsencode(n) for n in names]
 
     @guarded
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

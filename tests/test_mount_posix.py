@@ -289,7 +289,7 @@ def test_a_write_or_truncation_by_another_user_clears_set_id_bits_as_in_a_plain_
 
 
 TRUSTED_LISTED = """
-import os
+import os, subprocess, sys
 for d in (".", "plans"):
     name = f"{d}/x.md"
     open(name, "w").close()
@@ -302,12 +302,15 @@ for d in (".", "plans"):
         print(name, "as nobody", sorted(os.listxattr(name)), flush=True)
         os._exit(0)
     os.wait()
+    listed = "import os, sys; print(sys.argv[1], 'root without CAP_SYS_ADMIN', sorted(os.listxattr(sys.argv[1])))"
+    subprocess.run(["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", sys.executable, "-c", listed, name])
 """
 
 
 def test_trusted_xattrs_are_listed_to_root_only_as_in_a_plain_directory(root: Path) -> None:
     """A local file system lists `trusted.*` attributes only to a process with CAP_SYS_ADMIN: the
-    daemon, root, saw them all and listed them to every user (/tmp/s30posix 6)."""
+    daemon, root, saw them all and listed them to every user (/tmp/s30posix 6), then to root
+    without that capability (/tmp/s30r2p 3)."""
     base = Path(tempfile.mkdtemp(prefix="cv-trusted-"))
     base.chmod(0o755)  # (other users reach the directories below)
     try:
@@ -319,6 +322,7 @@ def test_trusted_xattrs_are_listed_to_root_only_as_in_a_plain_directory(root: Pa
                 outputs.append(run_in(where, TRUSTED_LISTED))
         plain, mount = outputs
         assert "./x.md as nobody ['user.u']" in plain and "./x.md ['trusted.secret', 'user.u']" in plain, plain
+        assert "./x.md root without CAP_SYS_ADMIN ['user.u']" in plain, plain
         assert mount == plain
     finally:
         shutil.rmtree(base, ignore_errors=True)
