@@ -33,7 +33,9 @@ inside `serve`."""
 
 import datetime as dt
 import importlib.util
+import os
 import secrets
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -602,6 +604,13 @@ def serve(core: VolumeCore, agent: str | None) -> None:
 
     try:
         anyio.run(_serve_stdio, server)
+    except* (BrokenPipeError, anyio.BrokenResourceError):  # the client closed its side, not the server's fault
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        click.echo(
+            "coherent-volume mcp: the client closed its side before every reply was written; what its requests "
+            "changed stands (coherent-volume log shows it)",
+            err=True,
+        )
     finally:
         if agent is None and sessions:  # its own random name: no later connection can be this agent
             try:

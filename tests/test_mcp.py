@@ -543,6 +543,30 @@ def test_the_server_exits_cleanly_when_the_client_goes(root: Path, tmp_path: Pat
     assert (root / P).read_text() == "kept\n"
 
 
+def test_a_client_that_goes_before_its_replies_are_written_ends_the_server_with_one_line(root: Path) -> None:
+    """A client that closes both its ends while requests are under way: the server finishes them,
+    cannot write their replies, and ends with status 0 and one line saying so (it ended with status
+    1 and a 68-line traceback: /tmp/s29mcp 4)."""
+    server = subprocess.Popen(
+        [CLI, "mcp", str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert server.stdin is not None and server.stdout is not None and server.stderr is not None
+    hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "gone", "version": "1"}}
+    messages = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello}]
+    messages.append({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    messages += [
+        {"jsonrpc": "2.0", "id": 2 + i, "method": "tools/call", "params": {"name": "status", "arguments": {}}}
+        for i in range(5)
+    ]
+    server.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+    server.stdin.flush()
+    server.stdout.close()
+    server.stdin.close()
+    assert server.wait(90) == 0
+    err = server.stderr.read().decode()
+    assert "Traceback" not in err and "the client closed its side" in err and len(err.splitlines()) == 1, err
+
+
 def test_a_path_that_never_existed_is_said_to_have_no_versions(root: Path) -> None:
     async def scenario() -> None:
         async with mcp_session(root) as s:
