@@ -64,9 +64,10 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
     since (in each volume, the agent it acts as there: `hook_steps.acting`); None if there is
     nothing (or, with `face.warn_once`, nothing it was not already told: marks are kept per
     `session`, by default the agent). A volume that cannot answer is left out."""
+    roots = sorted(set(roots))
     with ExitStack() as stack:
         stale: list[tuple[VolumeCore, str, str, int, int, FileRecord | None]] = []
-        for root in sorted(roots):
+        for root in roots:
             try:
                 core = stack.enter_context(opened(root))
                 agent = acting(core, actor).agent
@@ -80,6 +81,7 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
         marks = _load(marks_at)
         entries: list[str] = []
         diff_chars = more = 0
+        several = len(roots) > 1  # the session works in several volumes: each file named with its volume
         for core, agent, path, seen, now, record in stale:
             mark = f"{agent}\n{core.paths.root}\n{path}"
             if marks.get(mark) == now:
@@ -88,8 +90,8 @@ def stale_warning(actor: Actor, roots: Iterable[str], face: Face, session: str |
             if len(entries) >= STALE_FILES_SHOWN:
                 more += 1
                 continue
-            entry, shown = _entry(core, agent, path, seen, now, record, face.seen, diff_chars < WARNING_CHARS)
-            diff_chars += shown
+            entry, diffed = _entry(core, agent, path, seen, now, record, face.seen, diff_chars < WARNING_CHARS, several)
+            diff_chars += diffed
             entries.append(entry)
     if not entries:
         return None
@@ -110,14 +112,17 @@ def _entry(
     record: FileRecord | None,
     verb: str,
     with_diff: bool,
+    absolute: bool = False,
 ) -> tuple[str, int]:
     """A warning's line for `path`, seen by `agent` at version `seen`, now `now` (`record`), with the
     diff between them where `with_diff` (bounded); and the characters of diff it shows. `verb`:
-    what the model did with a version, in its tools' terms (`Face.seen`)."""
+    what the model did with a version, in its tools' terms (`Face.seen`). `absolute`: the file is
+    named by its absolute path (the session works in several volumes)."""
     what = "deleted" if record is not None and not record.present else f"now version {now}"
     writer = record.writer if record is not None else "unknown"
     at = when(record.committed_at if record is not None else None)
-    entry = f"- {shown(path)}: you last {verb} version {seen}; it is {what}, written by {writer} at {at}"
+    name = shown(os.path.join(core.paths.root, path) if absolute else path)
+    entry = f"- {name}: you last {verb} version {seen}; it is {what}, written by {writer} at {at}"
     if not with_diff:
         return entry, 0
     diff = core.refusal_diff(StaleWriteError(path, agent, "stale", seen, now, writer)).diff

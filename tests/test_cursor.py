@@ -272,6 +272,34 @@ def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversat
     assert verdict == "allow" and P in message
 
 
+def test_a_conversation_in_two_volumes_is_told_which_volumes_file_changed(
+    root: Path, tmp_path: Path, conversations
+) -> None:
+    """A conversation working in two volumes (a multi-root workspace) is told of a changed file by
+    its absolute path: the same name in the other volume is another file (it was told `plans/plan.md`
+    alone, and could not tell which to read again: /tmp/s30hooks 8)."""
+    second = tmp_path / "second"
+    second.mkdir()
+    with CoherentVolume(second, managed=("plans/**",), agent="setup"):
+        pass
+    for where in (root, second):
+        with CoherentVolume(where, agent="setup") as setup:
+            setup.write(P, "one\n")
+    c = conversations("two-volumes", root)
+
+    def event(name: str, **values: object) -> dict[str, object]:
+        return {**c.event(name, **values), "workspace_roots": [str(root), str(second)]}
+
+    for where in (root, second):
+        c.hook(event("before_read_file", path=where / P, content="one\n"))
+    with CoherentVolume(second, agent="rival") as rival:
+        rival.read(P)
+        rival.write(P, "one, changed\n")
+    verdict, message = permission(c.hook(event("pre_tool_use_write", path=root / "plans/new.md", content="x")))
+    assert verdict == "allow" and f"- {second}/{P}: you last saw version 1" in message, message
+    assert f"- {root}/{P}" not in message, "the unchanged one is not named"
+
+
 def test_a_write_another_writer_changes_before_its_post_tool_use_is_theirs_and_told(root: Path, conversations) -> None:
     """A program outside the hooks rewrites the file between the Write tool's write and its
     postToolUse: recorded as a change by `external`, the conversation told, and its next write
