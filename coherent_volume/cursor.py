@@ -63,10 +63,12 @@ def _call(event: dict[str, Any]) -> str | None:
     """The id of the tool call an event is about (`hooks.tool_call`). A shell command's events carry
     none: theirs is made of the generation's id and the command, the same in the events before and
     after it (the event after it has no `cwd`, so its writes are the ones its start claimed, never
-    worked out again from somewhere else)."""
+    worked out again from somewhere else); two runs of one command in one generation share it
+    (`hook_paths.SHARED`)."""
     generation, command = event.get("generation_id"), event.get("command")
     if event.get("hook_event_name") in SHELL_EVENTS and isinstance(generation, str) and generation:
-        return f"shell:{hooks.id_hash(generation)}:{hooks.id_hash(command if isinstance(command, str) else '')}"
+        text = command if isinstance(command, str) else ""
+        return f"{hook_paths.SHARED}{hooks.id_hash(generation)}:{hooks.id_hash(text)}"
     return hooks.tool_call(event)
 
 

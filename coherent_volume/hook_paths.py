@@ -89,6 +89,41 @@ def _below(given: str, top: str) -> str | None:
     return rel or None
 
 
+_MOST_LINKS = 40
+"""Symlinks followed at most in one path (as the kernel does, ELOOP past it)."""
+
+
+def through_own_process(path: str) -> bool:
+    """Whether the absolute `path`, resolved as the kernel resolves it, passes through the /proc
+    entry of the process resolving it (`/proc/self`, `/proc/thread-self`, `/dev/fd`, a symlink to
+    one, a `..` after one): it names something else in each process that opens it, so the hook
+    cannot tell what it names for the agent's."""
+    own = f"/proc/{os.getpid()}"
+    pending = [name for name in path.split("/") if name]
+    current, links = "/", 0
+    while pending:
+        name = pending.pop(0)
+        if name in (".", ""):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        if candidate in ("/proc/self", "/proc/thread-self") or candidate == own or candidate.startswith(own + "/"):
+            return True
+        try:
+            target = os.readlink(candidate)
+        except OSError:  # no symlink (or nothing) there
+            current = candidate
+            continue
+        links += 1
+        if links > _MOST_LINKS:
+            return False  # (the kernel fails it ELOOP: it names nothing)
+        pending[:0] = [n for n in target.split("/") if n]
+        current = "/" if target.startswith("/") else current
+    return False
+
+
 def located_directory(path: str) -> Located | None:
     """Where the directory `path` lies (or would, if it does not exist yet): `located` of a name in
     it that does not exist (so no symlink of that name leads elsewhere), with `rel` the directory's
@@ -306,26 +341,39 @@ def note_claims(session: str, process: ProcessId, claims: Iterable[Claim]) -> No
     this one relies on. A claim of a call without an id is noted again for each call that makes
     it: a path two such calls claim counts twice. Where the note cannot be kept, the tool's
     writes are not recorded as the session's (the volume sees them as a change by `external` at
-    its next access) and their grants end at the end of the turn or their TTL."""
+    its next access) and their grants end at the end of the turn or their TTL. So is one whose id
+    several calls may have (`SHARED`)."""
     mine, now = _process(process), time.time()
     new = [_entry(claim, mine) for claim in dict.fromkeys(claims)]
 
     def add(entries: list[object]) -> list[object]:
         there = [{k: v for k, v in e.items() if k != "at"} for e in entries if isinstance(e, dict)]
-        return entries + [{**e, "at": now} for e in new if e["tool"] is None or e not in there]
+        return entries + [{**e, "at": now} for e in new if not _unique(e["tool"]) or e not in there]
 
     if new:
         _change_note(session, add)
 
 
+SHARED = "shared:"
+"""The start of a call id that several calls may have (Cursor's shell commands: the generation's id
+and the command, the same for two runs of one command in one generation), told apart no better than
+calls without an id (`of_call`)."""
+
+
 def of_call(claims: list[Claim], tool: str | None, key: Callable[[Claim], object]) -> list[Claim]:
     """The claims among `claims` (a process's) that the tool call `tool` made, for which `key` is
-    not None: every one with that id; for a call without an id, which cannot be told from another
-    such call, one per key."""
+    not None: every one with that id; for a call without an id, or with one several calls may have
+    (`SHARED`), which cannot be told from another such call, one per key (each call's end takes its
+    own, and the grant stays while another's is left)."""
     mine = [claim for claim in claims if claim.tool == tool and key(claim) is not None]
-    if tool is not None:
+    if _unique(tool):
         return mine
     return list({key(claim): claim for claim in mine}.values())
+
+
+def _unique(tool: object) -> bool:
+    """Whether the call id `tool` is one call's alone (not None, nor one several calls may have)."""
+    return isinstance(tool, str) and not tool.startswith(SHARED)
 
 
 @contextmanager

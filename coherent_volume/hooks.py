@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import select
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 
 from . import hook_settings
 from .errors import Reason, StaleWriteError, VolumeConfigError
+from .hook_paths import through_own_process
 from .liveness import ProcessId
 from .protocol import agent_name_problem
 
@@ -129,24 +129,25 @@ def says_missing(error: object) -> bool:
     return error is not None and any(words in str(error).lower() for words in MISSING_WORDS)
 
 
-_OWN_PROCESS = re.compile(r"/+(?:proc/+(?:self|thread-self)|dev/+(?:fd|stdin|stdout|stderr))(?=/|$)")
-"""A path through the opening process's own /proc entry or descriptors: what it names depends on
-which process opens it (the agent's tool, not this hook)."""
+class Uncheckable(ValueError):
+    """A tool's input that no retry makes checkable (no file path, several, a path through the
+    agent's own process): its write is denied, and the model told not to retry it unchanged."""
 
 
 def absolute(path: object, base: object) -> str | None:
     """`path` joined to `base` (the agent's working directory) when relative, if it is a path. Only
     joined, never tidied: a `..` after a symlink goes up from where the symlink leads, so which file
     a path names is `hook_paths.located`'s to find (it resolves it as the kernel will). ValueError
-    for a path through the opening process's own /proc entry or descriptors (/proc/self/cwd/…,
-    /dev/fd/3): the hook cannot tell which file the agent's process reaches there, so a write by
-    such a path is not checked and is denied (`run_hook`)."""
+    for a path through the opening process's own /proc entry or descriptors however it gets there
+    (/proc/self/cwd/…, /dev/fd/3, a symlink to /proc/self: `hook_paths.through_own_process`): the
+    hook cannot tell which file the agent's process reaches there, so a write by such a path is
+    not checked and is denied (`run_hook`), as `Uncheckable`."""
     if not isinstance(path, str) or not path:
         return None
     if not os.path.isabs(path) and isinstance(base, str) and base:
         path = os.path.join(base, path)
-    if _OWN_PROCESS.match(re.sub(r"/\.(?=/|$)", "", path)):
-        raise ValueError(
+    if through_own_process(path):
+        raise Uncheckable(
             f"the tool's input names the file {path[:300]!r} through the agent's own process (/proc/self, /dev/fd), "
             "which file that reaches cannot be told by the hook: give the file's own path"
         )
@@ -163,10 +164,10 @@ def tool_path(tool_input: object, keys: tuple[str, ...], base: object) -> str:
     if not named or len(paths) < len(found):
         unnamed = (v for k, v in named.items() if found[k] is None)
         given = next(unnamed, None) if isinstance(tool_input, dict) else tool_input
-        raise ValueError(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {repr(given)[:200]})")
+        raise Uncheckable(f"the tool's input names no file path (as {' or '.join(keys)}; it gives {repr(given)[:200]})")
     if len({os.path.realpath(path) for path in paths}) > 1:  # (as the kernel resolves them: a file named twice is one)
         shown = ", ".join(f"{k} {v!r}" for k, v in named.items())
-        raise ValueError(f"the tool's input names more than one file ({shown[:300]}): which it writes cannot be told")
+        raise Uncheckable(f"the tool's input names more than one file ({shown[:300]}): which it writes cannot be told")
     return paths[0]
 
 
@@ -319,8 +320,9 @@ def undecided_text(path: str | None, what: str, lasting: bool = False) -> str:
     )
     if lasting:
         return (
-            f"{refused} This is how the volumes are set up, which retrying does not change: do not retry the write; "
-            "tell the user what it says."
+            f"{refused} Made again as it is, the write is refused again (this is how the volumes are set up, or "
+            "what the tool's input says): do not retry the write unchanged; if what it says cannot be put right in "
+            "the tool's input, tell the user."
         )
     return (
         f"{refused} Retry the write in a few seconds (read the file again first if it may have changed). If it keeps "
@@ -380,7 +382,7 @@ def run_hook(
         return progress.decided
     if failure:
         what = f"the check failed ({type(failure[0]).__name__}: {failure[0]})"
-        return undecided(event, progress, what, isinstance(failure[0], VolumeConfigError))
+        return undecided(event, progress, what, isinstance(failure[0], (VolumeConfigError, Uncheckable)))
     before = (
         f", after the hook's process took {started:.1f} s of its {HOOK_BUDGET:g} s to start" if started >= 0.1 else ""
     )

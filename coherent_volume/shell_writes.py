@@ -114,7 +114,7 @@ from .core import VolumeCore, open_core
 from .core.renames import refuse_hard_link
 from .errors import CoherenceError, LinkRefused, OutsideVolume, UnresolvedShellWrite
 from .globs import ManagedGlobs, Piece, Wild
-from .hook_paths import Located, located, located_directory, unlinks_link
+from .hook_paths import Located, located, located_directory, through_own_process, unlinks_link
 from .paths import REGISTRY_DIR, is_registry_path
 from .protocol import HandleKind
 from .registry import recorded_in
@@ -198,7 +198,7 @@ State = frozenset[Cwd]
 _WRITE_OPS: dict[str, HandleKind] = {">": "write", ">|": "write", "&>": "write", ">&": "write", "<>": "write"}
 _WRITE_OPS |= {">>": "append", "&>>": "append"}
 _GLOB = set("*?[")
-_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "hush"}
+_SHELLS = {"sh", "bash", "rbash", "dash", "zsh", "ksh", "mksh", "ash", "hush"}
 
 
 @dataclass(frozen=True)
@@ -813,6 +813,8 @@ class _Walk:
         """Function calls followed so far (each walks the function's body)."""
         self.untrusted = False
         """The command may set HOME, PWD, CDPATH or how patterns match (`_SETS`)."""
+        self.piped_startup = False
+        """The command may give a shell a startup file read from its input or a pipe (`_PIPED_STARTUP`)."""
         self.visited = 0
         """Directory entries read so far (`_MOST_VISITED`)."""
         self.deadline = time.monotonic() + _MOST_SECONDS
@@ -1587,7 +1589,7 @@ class _Walk:
 
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
         """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
-        placed = _unproc(_placed(item, cwd), cwd)
+        placed = _own_process(_unproc(_placed(item, cwd), cwd), cwd)
         if isinstance(placed, Unknown):
             self.unknown.append(placed.below("/", Wild.DIRS) if expand else placed)
         else:
@@ -1596,7 +1598,7 @@ class _Walk:
     def link(self, item: Item, cwd: Cwd, follow: Follow) -> None:
         """Record an end of a hard link the command makes (a directory there stands for the files below
         it, found following symlinks as `follow` says): one known only when it runs may be a managed file."""
-        placed = _unproc(_placed(item, cwd), cwd)
+        placed = _own_process(_unproc(_placed(item, cwd), cwd), cwd)
         if isinstance(placed, Unknown):
             why = f"an end of a hard link, which may be a managed file: {placed.why}"
             self.unknown.append(dataclasses.replace(placed.below("/", Wild.DIRS), why=why))
@@ -1609,7 +1611,10 @@ class _Walk:
         words: list[tree_sitter.Node] = []
         follows: list[tree_sitter.Node] = []
         name_node = node.child_by_field_name("name")
-        for i, child in enumerate([*node.children, *tail]):
+        parts = [*node.children, *tail]
+        for i, child in enumerate(parts):
+            if _descriptor_of(child, parts[i + 1 : i + 2]):
+                continue  # `bash 0< <(…)`: tree-sitter reads the 0 as a word of the command
             if child.type in ("file_redirect", "heredoc_redirect", "herestring_redirect"):
                 rest, more = self.redirect(child, state)
                 words += rest
@@ -1728,6 +1733,9 @@ class _Walk:
             self.unknown.append(Unknown(altering.word, why, _place(cwd), anywhere=True))
         if name in _SHELLS:
             script = _shell_script(args)
+            if self.piped_startup:  # its startup file, run before its script, is known only when it runs
+                why = "a startup file (BASH_ENV, ENV, --rcfile, --init-file) the shell reads from its input or a pipe"
+                self.unknown.append(Unknown(name, why, _place(cwd), True))
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
             elif not [a for a in args if not _is_option(a)] or "-s" in args or _from_input(_shell_file(args), cwd):
@@ -1739,13 +1747,16 @@ class _Walk:
         if name in ("su", "runuser"):
             _, values = _operands(args, _SU_VALUED)
             script = values.get("-c") or values.get("--command")
+            rest = list(args)
+            user = dict(_options(rest, _SU_VALUED | _names("-u --user")))
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
-            elif name == "runuser":  # `runuser -u USER [--] COMMAND`
-                rest = list(args)
-                user = dict(_options(rest, _SU_VALUED | _names("-u --user")))
-                if "-u" in user or "--user" in user:
-                    self.simple(rest, cwd)
+            elif name == "runuser" and ("-u" in user or "--user" in user):  # `runuser -u USER [--] COMMAND`
+                self.simple(rest, cwd)
+            else:  # the user's shell, reading its commands from its input
+                self.unknown.append(
+                    Unknown(name, "a shell it starts, reading its script from its input", _place(cwd), True)
+                )
             return same
         if name == "script":  # its options may follow its file (getopt permutes them)
             operands, values = _operands(args, _SCRIPT_VALUED)
@@ -2800,6 +2811,24 @@ def _unproc(placed: Item, cwd: Cwd) -> Item:
     return "/" + rest if match.group(2) == "root" else _placed(rest or ".", cwd)
 
 
+_DESCRIPTOR = re.compile(
+    r"/+dev/+(?:std(?:in|out|err)|fd/+\d+)|/+proc/+(?:self|thread-self|\d+)(?:/+task/+\d+)?/+fd/+\d+"
+)
+"""A name of one of the command's open descriptors (`> /dev/stderr`): a write there goes where a
+redirection of the command (which is recognised) or the agent opened it, not to a name."""
+
+
+def _own_process(placed: Item, cwd: Cwd) -> Item:
+    """`placed`, unless it leads through the /proc entry of the process that opens it however it is
+    spelled (`hook_paths.through_own_process`: a symlink to /proc/self, `/dev/fd/../cwd`, a pattern
+    bash expands in its own /proc/self/task): then it may be any path. A descriptor's own name
+    (`_DESCRIPTOR`) is left as it is."""
+    if isinstance(placed, Unknown) or _DESCRIPTOR.fullmatch(placed) or not through_own_process(placed):
+        return placed
+    why = "a path through the /proc entry of the process that opens it, which may lead to any directory"
+    return Unknown(placed, why, _place(cwd), anywhere=True)
+
+
 def _proc_word(word: Chars, cwd: Cwd) -> Chars | Unknown:
     """A word (before pattern matching) that begins with /proc/self/cwd or /proc/self/root, with
     that part read as the command's working directory (the root), as `_unproc` does: this process's
@@ -2872,6 +2901,17 @@ def _shell_script(args: list[Item]) -> Item | None:
     return items[0] if command and items else None
 
 
+def _descriptor_of(node: tree_sitter.Node, following: Sequence[tree_sitter.Node]) -> bool:
+    """Whether `node` is a number written against the redirection after it (`0<`, `3>`): the
+    descriptor it redirects, which tree-sitter-bash may read as a word of the command."""
+    return (
+        node.type == "number"
+        and bool(following)
+        and following[0].type in ("file_redirect", "heredoc_redirect", "herestring_redirect")
+        and following[0].start_byte == node.end_byte
+    )
+
+
 def _shell_file(args: list[Item]) -> Item | None:
     """The script file a shell runs (its first word after its options), or None for none."""
     items = list(args)
@@ -2894,7 +2934,8 @@ def _from_input(script: Item | None, cwd: Cwd) -> bool:
     `source /dev/fd/0`), whose script is known only when it runs, as `bash <<EOF` reads its input."""
     if not isinstance(script, str):
         return False
-    return script == "-" or _INPUT.fullmatch(os.path.normpath(os.path.join(_place(cwd), script))) is not None
+    named = re.sub(r"^/+", "/", os.path.normpath(os.path.join(_place(cwd), script)))  # (`//dev/stdin` too)
+    return script == "-" or _INPUT.fullmatch(named) is not None
 
 
 def _shell_altering(args: list[Item]) -> Unknown | None:
@@ -3090,6 +3131,13 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
         if name == "mv":
             removed = [f for f in sources if not _symlink(f, cwd)]  # a move deletes its sources
         symbolic = "-s" in given or any(_abbreviates(g, "--symbolic") for g in given)
+        if symbolic:  # a link into a process's own /proc entry: what is written through it may be any file
+            why = "a symlink into the /proc entry of the process that opens it, which may lead to any directory"
+            files += [
+                Unknown(t, why, _place(cwd), anywhere=True)
+                for t in sources
+                if isinstance(t, str) and through_own_process(os.path.join(_place(cwd), t))
+            ]
         hard = (
             name == "ln" and not symbolic or name == "cp" and any(g == "-l" or _abbreviates(g, "--link") for g in given)
         )
@@ -3386,9 +3434,11 @@ def _awk_writes(name: str, awk: _Awk, args: list[Item], cwd: Cwd) -> list[Item]:
         ]
     files: list[Item] = [_altered(name, w, cwd) for w in words if w is not None]
     operands = [w for w, given in before if given is None] + after
-    programs = [v for n, v in options if n in awk.texts and v is not None]
-    if not programs and not any(n in awk.files and v is not None for n, v in options):
+    programs: list[Item] = [v for n, v in options if n in awk.texts and v is not None]
+    read = [_program_file(v, cwd, "awk") for n, v in options if n in awk.files and v is not None]
+    if not programs and not read:
         programs, operands = operands[:1], operands[1:]
+    programs += read
     if awk.gawk:
         included = [v for n, v in options if n in ("-i", "--include")]
         if any(isinstance(v, Unknown) or v in ("inplace", "inplace.awk") for v in included):
@@ -3703,7 +3753,7 @@ def _sed_writes(args: list[Item], valued: frozenset[str], programs: list[Item], 
     pieces = [(n, v) for n, v in _given_values(args, valued) if n in ("-e", "--expression", "-f", "--file")]
     texts: list[str] = []
     for name, value in pieces or [("-e", p) for p in programs]:
-        text = value if name in ("-e", "--expression") else _sed_file(value, cwd)
+        text = value if name in ("-e", "--expression") else _program_file(value, cwd, "sed")
         if text is value and isinstance(value, Unknown):
             why = "a sed program known only when it runs, whose `w` command may write any file"
             return [Unknown(value.word, why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)]
@@ -3723,10 +3773,10 @@ def _sed_writes(args: list[Item], valued: frozenset[str], programs: list[Item], 
     return files
 
 
-def _sed_file(name: Item, cwd: Cwd) -> str | Unknown:
-    """The text of the sed script file `name` (`sed -f`), when it is a regular file of at most
-    `_MOST_SCRIPT` bytes now; else a program known only when it runs."""
-    why = "a sed script read from a file that is not a regular file of known content now"
+def _program_file(name: Item, cwd: Cwd, program: str) -> str | Unknown:
+    """The text of the `program` (sed, awk) script file `name` (`-f`), when it is a regular file of at
+    most `_MOST_SCRIPT` bytes now; else a program known only when it runs."""
+    why = f"a {program} program read from a file that is not a regular file of known content now"
     unknown = Unknown(_code_word(name), why, _place(cwd), anywhere=True, advice=_PROGRAM_ADVICE)
     if isinstance(name, Unknown) or isinstance(cwd, Unknown):
         return unknown
@@ -3879,6 +3929,12 @@ def _named_volumes(command: str, cwd: str) -> tuple[set[str], bool]:
     return roots, True
 
 
+_PIPED_STARTUP = re.compile(
+    r"(?<![\w$])(?:BASH_ENV|ENV)\s*=\s*(?:<\(|/+(?:dev/+(?:std|fd)|proc/))"
+    r"|--(?:rcfile|init-file)(?:\s+|=)(?:<\(|/+(?:dev/+(?:std|fd)|proc/))"
+)
+"""A shell's startup file given as its input, a descriptor or a process substitution: `BASH_ENV=/dev/stdin`,
+`env ENV=<(…)`, `--rcfile /proc/self/fd/0` (quotes and backslashes taken out first)."""
 _ENVIRONMENT = frozenset({"HOME", "PWD", "CDPATH", "GLOBIGNORE"})
 """The variables a command that may set one of them is `untrusted` about (`_SETS`, `_Walk._note`)."""
 _SETS = re.compile(
@@ -3920,6 +3976,7 @@ def _followed(
     walk.deadline = deadline or walk.deadline
     walk.start = cwd
     walk.untrusted = _SETS.search(re.sub(r"[\\'\"]", "", command)) is not None  # (`CD''PATH=`, `CD\\PATH=` too)
+    walk.piped_startup = _PIPED_STARTUP.search(re.sub(r"[\\'\"]", "", command)) is not None
     walk.redefined = _REDEFINES.search(command) is not None or any(
         name.startswith(("BASH_FUNC_date", "BASH_FUNC_mktemp")) for name in os.environ
     )

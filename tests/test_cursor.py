@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, cursor
+from coherent_volume import CoherentVolume, StaleWriteError, cursor
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
@@ -254,6 +254,34 @@ def test_a_shell_commands_end_records_the_files_its_start_checked(root: Path, co
         peer.write(P, "bye\npeer\n")  # the grant was released
     c.read(root / P)
     assert c.write_file(root / P, "bye\npeer\nmine\n")[0] == "allow"
+
+
+def test_two_runs_of_one_command_in_one_generation_each_hold_the_file_until_their_own_end(
+    root: Path, conversations
+) -> None:
+    """Two runs of one shell command in one generation share its call id (the generation and the
+    command): the first one's end takes one claim, not both, so the file stays held until the second
+    ends (before, the first end released the grant while the second still ran, a peer's commit went
+    in and the second run overwrote it, recorded by no one: /tmp/s30r2h 3)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "top\n")
+    c = conversations("twins", root)
+    c.read(root / P)
+    command = f"sed -i s/t/u/ {P}"
+    for _ in range(2):
+        assert permission(c.hook(c.event("before_shell_execution", command=command)))[0] == "allow"
+    (root / P).write_text("uop\n")  # the first run
+    assert c.hook(c.event("after_shell_execution", command=command))["code"] == 0
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        with pytest.raises(StaleWriteError) as held:
+            peer.write(P, "peer's\n")
+        assert held.value.reason == "held"
+    (root / P).write_text("uop2\n")  # the second run
+    assert c.hook(c.event("after_shell_execution", command=command))["code"] == 0
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        assert peer.write(P, "peer's\n") > 0, "the grant ended with the second run"
 
 
 def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversations) -> None:

@@ -196,10 +196,19 @@ def test_a_write_tools_path_through_the_agents_own_process_is_denied(root: Path,
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
     assert os.getcwd() != str(root)
-    for path in (f"/proc/self/cwd/{P}", f"/proc/thread-self/cwd/{P}", f"/proc/./self/root{root}/{P}", "/dev/fd/7"):
+    (root / "me").symlink_to("/proc/self")  # (a link to the opening process's entry: /tmp/s30r2h 1)
+    for path in (
+        f"/proc/self/cwd/{P}",
+        f"/proc/thread-self/cwd/{P}",
+        f"/proc/./self/root{root}/{P}",
+        "/dev/fd/7",
+        f"/dev/fd/../cwd/{P}",
+        f"{root}/me/cwd/{P}",
+    ):
         r, _ = timed_hook(command, event(root, "own-process", path))
         reason = _denial(r.stdout)
         assert reason is not None and "through the agent's own process" in reason, (path, r.stdout, r.stderr)
+        assert "do not retry the write unchanged" in reason, reason  # (retrying cannot help)
     assert (root / P).read_text() == "v1\n"
 
 
@@ -371,10 +380,11 @@ def test_no_spelling_of_the_registrys_path_lets_a_write_reach_it(root: Path, fac
         reason = _denial(r.stdout)
         assert reason is not None and "is the registry's own directory" in reason, (path, r.stdout, r.stderr)
         assert "leave it out of the command" in reason, reason
-    os.link(root / ".coherent/registry.db", root / "notes.db")  # made outside the hooks
+    os.link(root / ".coherent/registry.db", root / "notes.db")  # made outside the hooks: the volume is refused
     r, _ = timed_hook(command, event(root, "reg", f"{root}/notes.db"))
     reason = _denial(r.stdout)
-    assert reason is not None and "is a hard link of .coherent/registry.db" in reason, (r.stdout, r.stderr)
+    assert reason is not None and "registry.db has 2 hard links" in reason, (r.stdout, r.stderr)
+    assert "do not retry the write unchanged" in reason, reason
     os.unlink(root / "notes.db")
     r, _ = timed_hook("codex", _codex_bash(root, "reg", "/dev/null; find . -delete"))
     reason = _denial(r.stdout)

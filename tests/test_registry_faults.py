@@ -361,9 +361,8 @@ def test_a_registry_reached_by_a_second_root_through_a_hard_link_or_a_mount_is_r
     linked = tmp_path / "linked"
     subprocess.run(["cp", "-al", str(root), str(linked)], check=True)
     for name in (linked, root):
-        with pytest.raises(RegistryError, match="hard links") as refused:
+        with pytest.raises(VolumeConfigError, match="has 2 hard links .* Nothing was changed"):
             CoherentVolume(name, agent="bob")
-        assert refused.value.errno == errno.EMLINK
     shutil.rmtree(linked)
     outer, other = tmp_path / "outer", tmp_path / "other"
     outer.mkdir()

@@ -438,12 +438,13 @@ CASES: list[tuple[str, str, object]] = [
     ("busybox awk '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
     ("/usr/bin/mawk -W interactive -v n=1 '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
     ("awk -F -W '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),  # -W is -F's value
-    ("gawk -f lib.awk -e '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),
+    ("gawk -f src/plan.md -e '{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),  # (its -f file: `s`)
+    ("awk -f lib.awk notes.txt", ".", UNRESOLVED),  # a program file not there now: known only when it runs
     ("gawk -W source='{ print > \"plans/plan.md\" }' notes.txt", ".", PLAN),  # -W NAME is --NAME
     ("gawk -oplans/plan.md 'BEGIN { }'; gawk --prof=plans/other.md 'BEGIN { }'", ".", [*PLAN, ("plans/other.md", W)]),
     ("gawk -d 'BEGIN { }'", ".", [("awkvars.out", W)]),
     ("nawk -i inplace 1 plans/plan.md", ".", PLAN),  # it may be gawk
-    ("mawk -i inplace 1 plans/plan.md; mawk -f prog.awk plans/plan.md", ".", []),  # mawk edits nothing in place
+    ("mawk -i inplace 1 plans/plan.md; mawk -f src/plan.md plans/plan.md", ".", []),  # mawk edits nothing in place
     ('gawk -W "$X" 1 notes.txt', ".", UNRESOLVED),  # it may be any option, --profile=FILE among them
     # awk's print redirections read as awk reads them: strings, newlines after a comma, concatenation
     ('mawk \'{ print "}" > "plans/plan.md" }\' notes.txt', ".", PLAN),
@@ -518,6 +519,22 @@ CASES: list[tuple[str, str, object]] = [
     ("gzip -dN plans/x.gz", ".", UNRESOLVED),
     # symlinks are made as before (hard links: `test_hard_links…`)
     ("ln -s plans/plan.md src/alias", ".", [("src/alias", W)]),
+    # a script, or a startup file, a shell reads from a descriptor however it is named (/tmp/s30r2h 2)
+    ('bash 0< <(echo "echo x > plans/plan.md")', ".", UNRESOLVED),  # (tree-sitter reads `0` as a word)
+    ("bash //dev/stdin <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("BASH_ENV=/dev/stdin bash -c : <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("env BASH_ENV=<(echo 'echo x > plans/plan.md') bash -c :", ".", UNRESOLVED),
+    ("bash --rcfile <(echo 'echo x > plans/plan.md') -i < /dev/null", ".", UNRESOLVED),
+    ("bash --init-file /dev/stdin -i <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("echo 'echo x > plans/plan.md' | su", ".", UNRESOLVED),
+    ("echo 'echo x > plans/plan.md' | su -s /bin/sh", ".", UNRESOLVED),
+    ("echo 'sed -i s/a/b/ plans/plan.md' | rbash", ".", UNRESOLVED),
+    ("mawk -f /dev/stdin <<< '{print > \"plans/plan.md\"}'", ".", UNRESOLVED),
+    # a path through the /proc entry of the process opening it, however it gets there (/tmp/s30r2h 1)
+    ("echo x > /dev/fd/../cwd/plans/plan.md", ".", UNRESOLVED),
+    ("echo x > /proc/self/task/*/cwd/plans/plan.md", ".", UNRESOLVED),
+    ("ln -s /proc/self src/me; echo x > src/me/cwd/plans/plan.md", ".", UNRESOLVED),
+    ("echo x >/dev/stderr; echo y > /dev/fd/2", ".", [("/dev/stderr", W), ("/dev/fd/2", W)]),  # descriptors
 ]
 
 
@@ -545,6 +562,17 @@ def test_what_a_command_writes(root: Path, command: str, cwd: str, expected: obj
     writes = shell_writes(command, str(root) if cwd == "." else f"{root}/{cwd}").writes
     wanted = [(p if p.startswith("/") else f"{root}/{p}", k) for p, k in expected]  # type: ignore[attr-defined]
     assert sorted(writes) == sorted(wanted), command
+
+
+def test_an_awk_program_file_is_read_as_its_program(root: Path) -> None:
+    """`awk -f FILE` runs the program in FILE: its `print > FILE` writes are found as those of a
+    program in the command (it was not read, and `mawk -f /dev/stdin` wrote unchecked:
+    /tmp/s30r2h 2); a program file that cannot be read now is one known only when it runs."""
+    (root / "prog.awk").write_text('{ print > "plans/plan.md" }\n')
+    assert shell_writes("awk -f prog.awk notes.txt", str(root)).writes == [(f"{root}/plans/plan.md", W)]
+    for command in ("mawk -f /dev/stdin notes.txt <<< 1", "gawk -f <(echo 1) notes.txt", "awk -f missing.awk x"):
+        with pytest.raises(UnresolvedShellWrite, match="an awk program"):
+            shell_writes(command, str(root))
 
 
 def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> None:

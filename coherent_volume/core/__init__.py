@@ -109,7 +109,8 @@ def refuse_foreign_registry(directory: str) -> None:
     """VolumeConfigError if a root's registry directory `directory` is there but is no directory of
     its own: a symlink (to another volume's registry, it would open this root as that volume and
     record each of that volume's files missing here as deleted there), or a file of another kind;
-    or if its registry file (or that file's log or index) is a symlink."""
+    or if its registry file (or that file's log or index) is a symlink, or the file or its log has
+    another hard link."""
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
@@ -129,12 +130,23 @@ def refuse_foreign_registry(directory: str) -> None:
         )
     for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm"):
         path = os.path.join(directory, name)
-        if os.path.islink(path):
+        try:
+            file = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(file.st_mode):
             raise VolumeConfigError(
                 f"{path} is a symlink (to {os.readlink(path)!r}), not this root's own registry file: through it, "
                 "this root would be taken for another volume, or two names would give one database two "
                 "write-ahead logs. Nothing was changed. Put the volume's own file there, or open the volume the "
                 "link leads to at its own root"
+            )
+        if file.st_nlink > 1 and name != f"{DB_FILE}-shm":
+            raise VolumeConfigError(
+                f"{path} has {file.st_nlink} hard links (a volume copied with `cp -al`, or `ln`): opened through "
+                "each of its names, one database would get two write-ahead logs, which corrupts it and loses "
+                "commits. Nothing was changed. Give each volume its own copy (`cp -a`, `rsync -a`), or remove the "
+                "other links"
             )
 
 

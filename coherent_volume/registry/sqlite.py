@@ -1142,7 +1142,6 @@ class SQLiteRegistry:
             before = file_identity(self._path)
             if before in _PARKED:
                 raise self._replaced()
-            self._refuse_linked()
             conn = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
             )
@@ -1176,24 +1175,6 @@ class SQLiteRegistry:
             raise
         self._conn, self._lock_fd, self._dir_fd = conn, lock_fd, dir_fd
         self._pid, self._identity, self._size = os.getpid(), identity, size
-
-    def _refuse_linked(self) -> None:
-        """RegistryError where the registry file, or its write-ahead log, has another hard link (`cp
-        -al` of a volume, `ln`): opened by each name, one database would get two logs, which
-        corrupts it and loses commits. Nothing is opened or changed."""
-        for path in (self._path, self._path + "-wal"):
-            try:
-                links = os.stat(path).st_nlink
-            except FileNotFoundError:
-                continue
-            if links > 1:
-                raise RegistryError(
-                    f"registry {path!r} has {links} hard links (a volume copied with `cp -al`, or `ln`): opened "
-                    "through each, one database would get two write-ahead logs, which corrupts it and loses "
-                    "commits. Nothing was changed. Give each volume its own copy (`cp -a`, `rsync -a`), or remove "
-                    "the other links",
-                    errno.EMLINK,
-                )
 
     def _let_go_of_replaced(self, now: _Identity) -> None:
         """Where the database at the registry's path is still the one this process's connection has
