@@ -166,11 +166,14 @@ class StaleWriteError(CoherenceError, PermissionError):
         self.strerror = self._message()
         return self
 
-    def _message(self) -> str:
-        seen = {None: "never read it", 0: "found no file there"}.get(
+    def _seen(self) -> str:
+        """What the refused writer had seen, for the message."""
+        return "you " + {None: "never read it", 0: "found no file there"}.get(
             self.seen_version, f"read version {self.seen_version}"
         )
-        detail = f"you {seen}; current version is {self.current_version}"
+
+    def _message(self) -> str:
+        detail = f"{self._seen()}; current version is {self.current_version}"
         if self.deleted:
             detail += " (the file's deletion)"
         if self.last_writer:
@@ -218,6 +221,11 @@ class CasConflict(StaleWriteError):
     def based_on(self) -> int | None:
         """The expected version: the content was built on it, whatever the agent's view."""
         return self.expected_version
+
+    def _seen(self) -> str:
+        """The version the content was built on, and the writer's view where that is another."""
+        built = f"the content was built on version {self.expected_version}"
+        return built if self.seen_version == self.expected_version else f"{built} ({super()._seen()})"
 
     def _message(self) -> str:
         return f"expected version {self.expected_version}; " + super()._message()

@@ -472,6 +472,25 @@ def test_a_create_whose_transaction_fails_creates_nothing(root: Path, monkeypatc
         assert os.listdir(root / ".coherent/staging") == []
 
 
+def test_a_create_in_a_directory_renamed_away_meanwhile_fails_and_makes_no_directory(root: Path) -> None:
+    """A handle's create names a directory the kernel looked up: one another agent renamed away
+    meanwhile is not made again (it was, and the real directory could not be moved back over it:
+    /tmp/s30race 1). ENOENT, no directory, no version, no grant, nothing staged."""
+    from coherent_volume.liveness import ProcessId
+
+    with CoherentVolume(root, agent="alice") as vol:
+        vol.write("plans/d/a.md", b"a")
+        target = vol._core.resolve("plans/d/new.md")
+        (root / "plans/d").rename(root / "plans/moved")  # (as another agent's rename through a mount)
+        with pytest.raises(FileNotFoundError):
+            vol._core.create("alice", target, 0o644, ProcessId.of(os.getpid()), "write")
+        assert not (root / "plans/d").exists()
+        assert vol.history("plans/d/new.md") == []
+        with vol._core.registry.read() as tx:
+            assert tx.grant("plans/d/new.md") is None
+        assert os.listdir(root / ".coherent/staging") == []
+
+
 def test_a_create_that_meets_a_file_made_outside_meanwhile_keeps_that_file(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -278,6 +278,10 @@ def test_write_cas(vols) -> None:
         alice.write_cas(P, 1, b"late")
     assert isinstance(info.value, StaleWriteError)
     assert (info.value.expected_version, info.value.current_version, info.value.reason) == (1, 2, "stale")
+    alice.read(P)  # a current view does not make content built on version 1 current (its message says so:
+    with pytest.raises(CasConflict) as info:  # it said "you read version 2; current version is 2", /tmp/s30race 3)
+        alice.write_cas(P, 1, b"late")
+    assert "the content was built on version 1 (you read version 2); current version is 2" in str(info.value)
     with pytest.raises(CasConflict):
         bob.write_cas("plans/other.md", 3, b"no such version")
 

@@ -692,7 +692,12 @@ class Writes(Reads):
         )
 
         def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
-            """Decide the creation and, accepted, record it (`_record_staged`) and take the handle's grant."""
+            """Decide the creation and, accepted, record it (`_record_staged`) and take the handle's grant.
+            Its directory must be there (under the commit lock, no checked rename moves it meanwhile):
+            the handle's create(2) names a directory the kernel looked up, never one to be made, and
+            making it again would bring back a directory just renamed away."""
+            if not os.path.isdir(os.path.dirname(target.abs)):
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory (its directory is gone)", target.rel)
             now = time.time()
             record, check, reason, held = self._decide(tx, agent, target, "file", kind=kind)
             if record is not None and record.present:
