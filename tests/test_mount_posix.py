@@ -271,7 +271,15 @@ def test_a_write_or_truncation_by_another_user_clears_set_id_bits_as_in_a_plain_
     (and set-group-ID where group execute is set): the daemon writes as root, so the kernel kept
     them, and a root-owned set-user-ID file rewritten by another user stayed set-user-ID in the
     volume (found by pjdfstest, chmod/12)."""
-    base = Path(tempfile.mkdtemp(prefix="cv-set-ids-"))
+    plain, mount = both_shared(root, SET_IDS_MADE, SET_IDS_CHANGED)
+    assert "./write4777 0o777 0o777" in plain and "plans/trunc6777 0o777 0o777" in plain, plain
+    assert mount == plain
+
+
+def both_shared(root: Path, *codes: str) -> tuple[str, str]:
+    """Run `codes` in turn, as `both` does, in a plain directory and through a mount of `root` that
+    other users may use (`--allow-other`), both reachable by every user; the last code's outputs."""
+    base = Path(tempfile.mkdtemp(prefix="cv-shared-"))
     base.chmod(0o755)  # (other users reach the directories below)
     try:
         outputs = []
@@ -279,11 +287,8 @@ def test_a_write_or_truncation_by_another_user_clears_set_id_bits_as_in_a_plain_
             for where in (base / "plain", m.path):
                 (where / "plans").mkdir(parents=True, exist_ok=True)
                 (where / "plans").chmod(0o755)
-                run_in(where, SET_IDS_MADE)
-                outputs.append(run_in(where, SET_IDS_CHANGED))
-        plain, mount = outputs
-        assert "./write4777 0o777 0o777" in plain and "plans/trunc6777 0o777 0o777" in plain, plain
-        assert mount == plain
+                outputs.append([run_in(where, code) for code in codes][-1])
+        return outputs[0], outputs[1]
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -311,21 +316,10 @@ def test_trusted_xattrs_are_listed_to_root_only_as_in_a_plain_directory(root: Pa
     """A local file system lists `trusted.*` attributes only to a process with CAP_SYS_ADMIN: the
     daemon, root, saw them all and listed them to every user (/tmp/s30posix 6), then to root
     without that capability (/tmp/s30r2p 3)."""
-    base = Path(tempfile.mkdtemp(prefix="cv-trusted-"))
-    base.chmod(0o755)  # (other users reach the directories below)
-    try:
-        outputs = []
-        with Mount(root, base / "mnt", allow_other=True) as m:
-            for where in (base / "plain", m.path):
-                (where / "plans").mkdir(parents=True, exist_ok=True)
-                (where / "plans").chmod(0o755)
-                outputs.append(run_in(where, TRUSTED_LISTED))
-        plain, mount = outputs
-        assert "./x.md as nobody ['user.u']" in plain and "./x.md ['trusted.secret', 'user.u']" in plain, plain
-        assert "./x.md root without CAP_SYS_ADMIN ['user.u']" in plain, plain
-        assert mount == plain
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    plain, mount = both_shared(root, TRUSTED_LISTED)
+    assert "./x.md as nobody ['user.u']" in plain and "./x.md ['trusted.secret', 'user.u']" in plain, plain
+    assert "./x.md root without CAP_SYS_ADMIN ['user.u']" in plain, plain
+    assert mount == plain
 
 
 def test_metadata_of_unmanaged_files_open_or_not_is_set_and_read_as_in_a_plain_directory(
