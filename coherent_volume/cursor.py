@@ -63,20 +63,21 @@ def _call(event: dict[str, Any]) -> str | None:
     """The id of the tool call an event is about (`hooks.tool_call`). A shell command's events carry
     none: theirs is made of the generation's id and the command, the same in the events before and
     after it (the event after it has no `cwd`, so its writes are the ones its start claimed, never
-    worked out again from somewhere else); two runs of one command in one generation share it
-    (`hook_paths.SHARED`)."""
+    worked out again from somewhere else, where another command's claims could be taken); two runs of
+    one command in one generation share it (`hook_paths.SHARED`), as do those of one command in
+    events that name no generation."""
     generation, command = event.get("generation_id"), event.get("command")
-    if event.get("hook_event_name") in SHELL_EVENTS and isinstance(generation, str) and generation:
+    if event.get("hook_event_name") in SHELL_EVENTS:  # (no generation: the command's text alone)
         text = command if isinstance(command, str) else ""
-        return f"{hook_paths.SHARED}{hooks.id_hash(generation)}:{hooks.id_hash(text)}"
+        return f"{hook_paths.SHARED}{hooks.id_hash(str(generation or ''))}:{hooks.id_hash(text)}"
     return hooks.tool_call(event)
 
 
 def _writes(event: dict[str, Any]) -> list[tuple[str, HandleKind]] | ShellWrites:
     """The files the event's edit tool or shell command writes (absolute), with how; none for the
-    end of a shell command whose call has an id (`_call`: its start's claims say)."""
+    end of a shell command (its start's claims say, `_call`)."""
     name, base = event.get("hook_event_name"), _base(event)
-    if name == "afterShellExecution" and _call(event) is not None:
+    if name == "afterShellExecution":
         return []
     if name in SHELL_EVENTS:
         command = event.get("command")
@@ -139,7 +140,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     if name in ("postToolUse", "afterShellExecution") and (writes or name == "afterShellExecution"):
         call = _call(event)
         made = hook_merge.made(_change(event)) if name == "postToolUse" else None
-        if name == "afterShellExecution" and call is not None:  # every write its start claimed
+        if name == "afterShellExecution":  # every write its start claimed
             told = hook_steps.end_writes(actor, None, progress, record=True, tool=call)
         else:
             told = hook_steps.end_writes(actor, writes, progress, record=True, tool=call, made=made) if writes else []

@@ -1627,6 +1627,8 @@ class _Walk:
                 words.append(child.named_children[0])
             elif child.is_named or node.field_name_for_child(i):
                 words.append(child)
+        after = [w for w in words if self.source[w.start_byte : w.start_byte + 1] == b"\n"]  # (`_next_line`)
+        words = words[: words.index(after[0])] if after else words
         for word in words:  # their command substitutions
             self.run(word, state)
         merged = _merged(words, self.source)
@@ -1651,6 +1653,9 @@ class _Walk:
                 result = result[0] | rok, rfail
             else:
                 self.statements(follower.children if follower.type == "pipeline" else [follower], state)
+        if after:  # the next line, which tree-sitter-bash took for more words of this command
+            line = self.source[after[0].start_byte : after[-1].end_byte].decode("utf-8", "surrogateescape")
+            result = self.walk(line, result[0] | result[1])
         return result
 
     def _expand_all(self, word: list[tree_sitter.Node], cwd: Cwd) -> list[Item]:
@@ -1738,7 +1743,7 @@ class _Walk:
                 self.unknown.append(Unknown(name, why, _place(cwd), True))
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
-            elif not [a for a in args if not _is_option(a)] or "-s" in args or _from_input(_shell_file(args), cwd):
+            elif _shell_file(args) is None or "-s" in args or _from_input(_shell_file(args), cwd):
                 self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
             return same
         if name in ("source", ".") and _from_input(next((a for a in args if a != "--"), None), cwd):
@@ -1848,6 +1853,7 @@ class _Walk:
 
     def walk(self, command: str, state: State) -> tuple[State, State]:
         """Walk the code `command` (the command's, or a script it runs) from `state`."""
+        command = _BACKSLASHED_DELIMITER.sub(_quoted_delimiter, command)
         text, hidden = _unquoted(command)
         self.may_quit = self.may_quit or hidden or _QUITS.search(_HARMLESS.sub(" ", text)) is not None or _signals(text)
         self.physical = self.physical or hidden or _PHYSICAL.search(text) is not None
@@ -2899,6 +2905,17 @@ def _shell_script(args: list[Item]) -> Item | None:
             if ("o" in arg[1:] or "O" in arg[1:]) and items:  # `-eo pipefail`: the option's name
                 items.pop(0)
     return items[0] if command and items else None
+
+
+_BACKSLASHED_DELIMITER = re.compile(r"(?<!<)(<<-?)(?!<)\\((?:\\?[^\s;&|<>()'\"\\])+)")
+"""A here-document whose delimiter starts with a backslash (`<<\\EOF`): bash ends it at the line
+`EOF`, where tree-sitter-bash looks for `\\EOF` and reads the commands between as data."""
+
+
+def _quoted_delimiter(match: re.Match[str]) -> str:
+    """`<<\\EOF` written as `<<'EOF'`, which bash reads alike (a quoted delimiter, its body not
+    expanded) and tree-sitter-bash ends where bash does."""
+    return f"{match.group(1)}'{match.group(2).replace(chr(92), '')}'"
 
 
 def _descriptor_of(node: tree_sitter.Node, following: Sequence[tree_sitter.Node]) -> bool:

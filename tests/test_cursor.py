@@ -284,6 +284,33 @@ def test_two_runs_of_one_command_in_one_generation_each_hold_the_file_until_thei
         assert peer.write(P, "peer's\n") > 0, "the grant ended with the second run"
 
 
+def test_a_shell_commands_end_without_a_generation_releases_no_other_commands_claim(root: Path, conversations) -> None:
+    """Shell events that name no generation: a command's end takes its own claims (its command's),
+    never another's that its words, worked out again from the first workspace root, happen to name
+    (before, a command writing an unmanaged file elsewhere released a running command's claim and a
+    peer's commit went in under it: /tmp/s30r3h 7)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "top\n")
+    (root / "other/plans").mkdir(parents=True)
+    c = conversations("no-generation", root)
+    c.read(root / P)
+
+    def shell(name: str, command: str, cwd: Path) -> dict[str, object]:
+        event = {k: v for k, v in c.event(name, command=command, cwd=cwd).items() if k != "generation_id"}
+        return event
+
+    running = f"sed -i s/t/u/ {Path(P).name}"
+    assert permission(c.hook(shell("before_shell_execution", running, root / "plans")))[0] == "allow"
+    other = f"echo hi > {P}"  # in other/: an unmanaged file of that name
+    assert permission(c.hook(shell("before_shell_execution", other, root / "other")))[0] == "allow"
+    assert c.hook(shell("after_shell_execution", other, root))["code"] == 0
+    with CoherentVolume(root, agent="peer") as peer:
+        peer.read(P)
+        with pytest.raises(StaleWriteError) as held:
+            peer.write(P, "peer's\n")
+        assert held.value.reason == "held", "the running command still holds the file"
+
+
 def test_an_allowed_action_names_the_files_that_went_stale(root: Path, conversations) -> None:
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "one\ntwo\n")

@@ -535,6 +535,13 @@ CASES: list[tuple[str, str, object]] = [
     ("echo x > /proc/self/task/*/cwd/plans/plan.md", ".", UNRESOLVED),
     ("ln -s /proc/self src/me; echo x > src/me/cwd/plans/plan.md", ".", UNRESOLVED),
     ("echo x >/dev/stderr; echo y > /dev/fd/2", ".", [("/dev/stderr", W), ("/dev/fd/2", W)]),  # descriptors
+    # a shell reading its input with options that take a value or start with `+` (/tmp/s30r3h 2)
+    ("echo 'echo x > plans/plan.md' | bash -euo pipefail", ".", UNRESOLVED),
+    ("bash -O extglob <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("bash +e <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    # a here-document's delimiter led by a backslash ends where bash ends it (/tmp/s30r3h 1)
+    ("cat <<\\EOF > notes.txt\nhi\nEOF\nsed -i s/a/b/ plans/plan.md\n\\EOF", ".", [NOTES, *PLAN]),
+    ("cat <<-\\E\\N\\D > notes.txt\n\thi\n\tEND\necho x > plans/plan.md\n", ".", [NOTES, *PLAN]),
 ]
 
 

@@ -113,7 +113,7 @@ def refuse_foreign_registry(directory: str) -> None:
     another hard link."""
     try:
         st = os.lstat(directory)
-    except FileNotFoundError:
+    except OSError:  # none, or not ours to look at: opening the registry says which
         return
     if stat.S_ISLNK(st.st_mode):
         raise VolumeConfigError(
@@ -132,7 +132,7 @@ def refuse_foreign_registry(directory: str) -> None:
         path = os.path.join(directory, name)
         try:
             file = os.lstat(path)
-        except FileNotFoundError:
+        except OSError:  # none, or not ours to look at (opening it says so)
             continue
         if stat.S_ISLNK(file.st_mode):
             raise VolumeConfigError(
