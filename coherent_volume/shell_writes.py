@@ -813,6 +813,9 @@ class _Walk:
         """Function calls followed so far (each walks the function's body)."""
         self.untrusted = False
         """The command may set HOME, PWD, CDPATH or how patterns match (`_SETS`)."""
+        self.programs: list[tuple[str, Cwd]] = []
+        """The program files sed and awk read (`-f`), as read when the hook runs (`_program_file`),
+        with the directory of the command reading each."""
         self.piped_startup = False
         """The command may give a shell a startup file read from its input or a pipe (`_PIPED_STARTUP`)."""
         self.visited = 0
@@ -1798,6 +1801,7 @@ class _Walk:
                 self.write(item, cwd, kind, expand)
             for end, follow in effect.linked:
                 self.link(end, cwd, follow)
+            self.programs += [(os.path.join(_place(cwd), f), cwd) for f in _program_file_names(name, args)]
         return same
 
     def _code(self, item: Item) -> str:
@@ -3806,6 +3810,15 @@ def _program_file(name: Item, cwd: Cwd, program: str) -> str | Unknown:
     return unknown if data is None or len(data) > _MOST_SCRIPT else data.decode("utf-8", "surrogateescape")
 
 
+def _program_file_names(name: str, args: list[Item]) -> list[str]:
+    """The program files (`-f`) sed, or any awk `name` may be, reads, as written."""
+    if name == "sed":
+        options = [(n, v) for n, v in _given_values(args, _VALUED["sed"]) if n in ("-f", "--file")]
+    else:
+        options = [(n, v) for awk in _AWKS.get(name, ()) for n, v in _given_values(args, awk.valued) if n in awk.files]
+    return [v for _, v in options if isinstance(v, str)]
+
+
 def _given_values(args: list[Item], valued: frozenset[str]) -> list[tuple[str, Item]]:
     """Each option given a value (before `--`), with it, in order."""
     return [(n, v) for _, given in _split(args, valued)[0] for n, v in given or () if v is not None]
@@ -4004,6 +4017,11 @@ def _followed(
     background: set[str] = set()
     try:
         ok, fail = walk.walk(command, _started(cwd))
+        written = {path for path, *_ in walk.found}
+        for path, at in walk.programs:  # read before the command (re)writes it: its text is not that one
+            if path in written:
+                why = "a program file (`-f`) the command itself writes before it runs it, read as it is now"
+                walk.unknown.append(Unknown(path, why, _place(at), anywhere=True))
         walk.trapped(ok | fail)
         waited = walk.waited()
         waited = waited if not waited or _parses(command) else frozenset()

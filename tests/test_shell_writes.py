@@ -574,12 +574,22 @@ def test_what_a_command_writes(root: Path, command: str, cwd: str, expected: obj
 def test_an_awk_program_file_is_read_as_its_program(root: Path) -> None:
     """`awk -f FILE` runs the program in FILE: its `print > FILE` writes are found as those of a
     program in the command (it was not read, and `mawk -f /dev/stdin` wrote unchecked:
-    /tmp/s30r2h 2); a program file that cannot be read now is one known only when it runs."""
+    /tmp/s30r2h 2); a program file that cannot be read now, or that the command writes before it
+    runs it (sed's too), is one known only when it runs."""
     (root / "prog.awk").write_text('{ print > "plans/plan.md" }\n')
     assert shell_writes("awk -f prog.awk notes.txt", str(root)).writes == [(f"{root}/plans/plan.md", W)]
     for command in ("mawk -f /dev/stdin notes.txt <<< 1", "gawk -f <(echo 1) notes.txt", "awk -f missing.awk x"):
         with pytest.raises(UnresolvedShellWrite, match="an awk program"):
             shell_writes(command, str(root))
+    (root / "x.sed").write_text("p\n")
+    for command in (  # a program file the command rewrites first is not the one read now (/tmp/s30r3h 5)
+        "echo '{ print > \"plans/plan.md\" }' > prog.awk; awk -f prog.awk notes.txt",
+        "echo 'w plans/plan.md' > x.sed; sed -n -f x.sed notes.txt",
+        "mv x.sed y.sed; printf 'w plans/plan.md' > x.sed; sed -n --file=x.sed notes.txt",
+    ):
+        with pytest.raises(UnresolvedShellWrite, match="a program file .* the command itself writes"):
+            shell_writes(command, str(root))
+    assert shell_writes("sed -n -f x.sed notes.txt", str(root)).writes == []
 
 
 def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> None:
