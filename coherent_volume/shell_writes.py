@@ -813,6 +813,9 @@ class _Walk:
         """Function calls followed so far (each walks the function's body)."""
         self.untrusted = False
         """The command may set HOME, PWD, CDPATH or how patterns match (`_SETS`)."""
+        self.read_descriptors: set[int] = set()
+        """The descriptors the command redirects to read a file (`_READ_REDIRECTION`): written by
+        name (`/dev/fd/3`, `/dev/stdout`), the file is opened for writing."""
         self.programs: list[tuple[str, Cwd]] = []
         """The program files sed and awk read (`-f`), as read when the hook runs (`_program_file`),
         with the directory of the command reading each."""
@@ -1593,6 +1596,11 @@ class _Walk:
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
         """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
         placed = _own_process(_unproc(_placed(item, cwd), cwd), cwd)
+        if (
+            isinstance(placed, str) and _descriptor_number(placed) in self.read_descriptors
+        ):  # `{ … > /dev/stdout; } 1<f`
+            why = "a descriptor the command opened on a file to read, which a write by its name opens to write"
+            placed = Unknown(placed, why, _place(cwd), anywhere=True)
         if isinstance(placed, Unknown):
             self.unknown.append(placed.below("/", Wild.DIRS) if expand else placed)
         else:
@@ -2828,6 +2836,20 @@ _DESCRIPTOR = re.compile(
 redirection of the command (which is recognised) or the agent opened it, not to a name."""
 
 
+_READ_REDIRECTION = re.compile(r"(?<![\w<>&$])(\d*)<(?![<>&(])")
+"""A redirection opening a descriptor to read a file (`<f`, `3<f`, `exec 3< f`): not `<<`, `<>`,
+`<&`, nor a process substitution."""
+
+
+def _descriptor_number(path: str) -> int | None:
+    """The descriptor a descriptor's own name (`_DESCRIPTOR`) stands for, None for another path."""
+    if not _DESCRIPTOR.fullmatch(path):
+        return None
+    named = {"stdin": 0, "stdout": 1, "stderr": 2}
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return named[last] if last in named else int(last)
+
+
 def _own_process(placed: Item, cwd: Cwd) -> Item:
     """`placed`, unless it leads through the /proc entry of the process that opens it however it is
     spelled (`hook_paths.through_own_process`: a symlink to /proc/self, `/dev/fd/../cwd`, a pattern
@@ -4007,6 +4029,7 @@ def _followed(
     walk.start = cwd
     walk.untrusted = _SETS.search(re.sub(r"[\\'\"]", "", command)) is not None  # (`CD''PATH=`, `CD\\PATH=` too)
     walk.piped_startup = _PIPED_STARTUP.search(re.sub(r"[\\'\"]", "", command)) is not None
+    walk.read_descriptors = {int(m.group(1) or 0) for m in _READ_REDIRECTION.finditer(command)}
     walk.redefined = _REDEFINES.search(command) is not None or any(
         name.startswith(("BASH_FUNC_date", "BASH_FUNC_mktemp")) for name in os.environ
     )

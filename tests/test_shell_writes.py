@@ -535,6 +535,11 @@ CASES: list[tuple[str, str, object]] = [
     ("echo x > /proc/self/task/*/cwd/plans/plan.md", ".", UNRESOLVED),
     ("ln -s /proc/self src/me; echo x > src/me/cwd/plans/plan.md", ".", UNRESOLVED),
     ("echo x >/dev/stderr; echo y > /dev/fd/2", ".", [("/dev/stderr", W), ("/dev/fd/2", W)]),  # descriptors
+    ("cat < notes.txt > /dev/stdout", ".", [("/dev/stdout", W)]),
+    # ... unless the command opened that descriptor on a file to read: by name, it is opened to write
+    ("{ echo x > /dev/stdout; } 1<plans/plan.md", ".", UNRESOLVED),  # (/tmp/s30r3h 3)
+    ("exec 3<plans/plan.md; echo x | tee /dev/fd/3", ".", UNRESOLVED),
+    ("echo x < plans/plan.md > /proc/self/fd/0", ".", UNRESOLVED),
     # a shell reading its input with options that take a value or start with `+` (/tmp/s30r3h 2)
     ("echo 'echo x > plans/plan.md' | bash -euo pipefail", ".", UNRESOLVED),
     ("bash -O extglob <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
