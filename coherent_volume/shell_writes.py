@@ -81,9 +81,10 @@ word that may be any path: one that starts with an expansion, or has a `..` afte
 goes ahead. An arithmetic expansion, `$$`-like parameters and `$(date +FORMAT)` of numeric
 conversions stay within one segment of a path; any other expansion may be any path. Anything else
 (aliases, a script, `source`, an interpreter's own file writes, `git checkout` and the other git
-commands, prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd, a write
-through a hard link of a managed file made some other way) is not recognised; on a mount the file
-system checks those writes.
+commands, prompt and arithmetic-subscript evaluation, a file reopened through /proc/self/fd by a
+program (a write by such a name, a redirection or a writer's file, to a descriptor the command
+opened to read is recognised: `_READ_REDIRECTION`), a write through a hard link of a managed file
+made some other way) is not recognised; on a mount the file system checks those writes.
 
 Paths are joined to the working directory as given: `..` is left for the caller to resolve (after
 following symlinks, as the kernel does).
