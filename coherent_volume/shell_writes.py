@@ -1752,14 +1752,16 @@ class _Walk:
             script = _shell_script(args)
             if self.piped_startup:  # its startup file, run before its script, is known only when it runs
                 why = "a startup file (BASH_ENV, ENV, --rcfile, --init-file) the shell reads from its input or a pipe"
-                self.unknown.append(Unknown(name, why, _place(cwd), True))
+                self.unknown.append(Unknown(name, why, self._script_place(cwd), True))
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
             elif _shell_file(args) is None or "-s" in args or _from_input(_shell_file(args), cwd):
-                self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+                self.unknown.append(
+                    Unknown(name, "a script the shell reads from its input", self._script_place(cwd), True)
+                )
             return same
         if name in ("source", ".") and _from_input(next((a for a in args if a != "--"), None), cwd):
-            self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+            self.unknown.append(Unknown(name, "a script the shell reads from its input", self._script_place(cwd), True))
             return same
         if name in ("su", "runuser"):
             _, values = _operands(args, _SU_VALUED)
@@ -1772,7 +1774,7 @@ class _Walk:
                 self.simple(rest, cwd)
             else:  # the user's shell, reading its commands from its input
                 self.unknown.append(
-                    Unknown(name, "a shell it starts, reading its script from its input", _place(cwd), True)
+                    Unknown(name, "a shell it starts, reading its script from its input", self._script_place(cwd), True)
                 )
             return same
         if name == "script":  # its options may follow its file (getopt permutes them)
@@ -1784,7 +1786,9 @@ class _Walk:
             if script is not None:
                 self._script(self._code(script), cwd, inherit=False)
             else:
-                self.unknown.append(Unknown(name, "a script the shell reads from its input", _place(cwd), True))
+                self.unknown.append(
+                    Unknown(name, "a script the shell reads from its input", self._script_place(cwd), True)
+                )
             return same
         if name == "watch":
             self._watch(args, cwd)
@@ -1998,6 +2002,12 @@ class _Walk:
         if self.untrusted:
             return None
         return [os.path.expanduser(d) if d else "." for d in _inherited_cdpath()]
+
+    def _script_place(self, cwd: Cwd) -> str:
+        """Where a script known only when it runs is judged: the directory it runs in where that is
+        in a volume, else the one the command started in (the script may go back there, `cd -`)."""
+        here = _place(cwd)
+        return here if located_directory(here) is not None else _place(self.start)
 
     def _watch(self, args: list[Item], cwd: Cwd) -> None:
         """`watch [OPTIONS] COMMAND…`: its words joined with spaces are a script it runs with `sh -c`;

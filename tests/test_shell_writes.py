@@ -544,6 +544,8 @@ CASES: list[tuple[str, str, object]] = [
     ("echo 'echo x > plans/plan.md' | bash -euo pipefail", ".", UNRESOLVED),
     ("bash -O extglob <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
     ("bash +e <<< 'echo x > plans/plan.md'", ".", UNRESOLVED),
+    ("cd /dev; source stdin <<< 'cd -; echo x > top.md'", ".", UNRESOLVED),  # judged where it began
+    ("cd /tmp && bash <<< 'cd -; echo x > top.md'", ".", UNRESOLVED),  # (/tmp/s30r3h 6)
     # a here-document's delimiter led by a backslash ends where bash ends it (/tmp/s30r3h 1)
     ("cat <<\\EOF > notes.txt\nhi\nEOF\nsed -i s/a/b/ plans/plan.md\n\\EOF", ".", [NOTES, *PLAN]),
     ("cat <<-\\E\\N\\D > notes.txt\n\thi\n\tEND\necho x > plans/plan.md\n", ".", [NOTES, *PLAN]),
