@@ -66,6 +66,8 @@ class _Entry(NamedTuple):
     mountpoint: str
     fstype: str
     source: str
+    options: str
+    """Its file system's own options (overlay's `lowerdir=…,upperdir=…`)."""
 
 
 def _mountinfo() -> Iterator[_Entry]:
@@ -77,7 +79,8 @@ def _mountinfo() -> Iterator[_Entry]:
             after = fields.index("-")
             within = unescape(fields[3]).removesuffix("//deleted").strip("/")  # a bound file replaced since
             mountpoint, fstype, source = unescape(fields[4]), fields[after + 1], unescape(fields[after + 2])
-            yield _Entry(fields[0], fields[1], fields[2], within, mountpoint, fstype, source)
+            options = unescape(fields[after + 3]) if len(fields) > after + 3 else ""
+            yield _Entry(fields[0], fields[1], fields[2], within, mountpoint, fstype, source, options)
 
 
 def mount_holding(real: str) -> Mounted | None:
@@ -112,22 +115,26 @@ def mount_holding(real: str) -> Mounted | None:
 
 
 def shown_below(real: str) -> list[tuple[str, str | None]]:
-    """Each mount below the directory `real` (a real path), with the directory it shows as this
-    process names it: a volume mount's root (and the directory of it shown), else the directory
-    of its file system at its place below a mount of that file system's root; None where this
-    mount namespace mounts no root of it (a container's bind from its host)."""
+    """Each mount below the directory `real` (a real path), with each directory it shows as this
+    process names it: a FUSE mount's source where that is a directory's path (a volume's mount,
+    bindfs), an overlay's upper and lower directories, else the directory of its file system at its
+    place below a mount of that file system's root; None where this mount namespace mounts no root
+    of it (a container's bind from its host)."""
     entries = list(_mountinfo())
     tops = {entry.device: entry.mountpoint for entry in entries if not entry.within}
     found: list[tuple[str, str | None]] = []
     for entry in entries:
         if not entry.mountpoint.startswith(real.rstrip("/") + "/"):
             continue
-        if entry.fstype == FSTYPE:
-            shows: str | None = os.path.join(entry.source, entry.within)
+        if entry.fstype.startswith("fuse") and entry.source.startswith("/"):
+            shows: list[str | None] = [os.path.join(entry.source, entry.within)]
+        elif entry.fstype == "overlay":
+            layers = dict(o.partition("=")[::2] for o in entry.options.split(","))
+            shows = [d for key in ("upperdir", "lowerdir") for d in layers.get(key, "").split(":") if d]
         else:
             top = tops.get(entry.device)
-            shows = None if top is None else os.path.join(top, entry.within)
-        found.append((entry.mountpoint, shows and shows.rstrip("/")))
+            shows = [None if top is None else os.path.join(top, entry.within)]
+        found += [(entry.mountpoint, shown and shown.rstrip("/")) for shown in shows]
     return found
 
 

@@ -378,9 +378,26 @@ def test_a_registry_reached_by_a_second_root_through_a_hard_link_or_a_mount_is_r
         CoherentVolume(outer, agent="carol")
     with bound(root / ".coherent", other / ".coherent"), pytest.raises(VolumeConfigError, match="is a mount of"):
         CoherentVolume(other, agent="carol")
+    (outer / "bf").mkdir()  # a FUSE passthrough (bindfs) or an overlay of another volume's directory too
+    subprocess.run(["bindfs", str(root / "plans"), str(outer / "bf")], check=True)  # (/tmp/s30r2o 1)
+    try:
+        with pytest.raises(VolumeConfigError, match=f"is a mount of {root}/plans, which is inside the volume"):
+            CoherentVolume(outer, agent="carol")
+    finally:
+        if subprocess.run(["fusermount3", "-u", str(outer / "bf")]).returncode:
+            subprocess.run(["fusermount3", "-uz", str(outer / "bf")])
+    alias = tmp_path / "alias"  # the volume by another name, holding a bind of its own directory: its own
+    with bound(outer, alias), bound(alias / "sub", alias / "x"), CoherentVolume(alias, agent="carol") as carol:
+        assert carol.read("x/plans/plan.md") == b"outer's"  # (it was refused as another volume: /tmp/s30r2o 2)
     with CoherentVolume(root, agent="bob") as bob, CoherentVolume(outer, agent="carol") as carol:
         assert bob.read(P) == before and [e.version for e in bob.history(P)] == [1]
         assert carol.read("sub/plans/plan.md") == b"outer's"
+        shm = root / ".coherent/registry.db-shm"
+        assert shm.exists()  # (while the volume is open)
+        os.link(shm, other / ".coherent/registry.db-shm")  # another root's index: refused, not called damaged
+        with pytest.raises(VolumeConfigError, match="registry.db-shm has 2 hard links"):
+            CoherentVolume(other, managed=("plans/**",), agent="dave")
+        os.unlink(other / ".coherent/registry.db-shm")
 
 
 def test_a_commit_whose_transaction_fails_changes_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,7 +96,7 @@ def refuse_bound_volumes(real: str) -> None:
         if shows is None:
             continue
         other = shows if recorded_in(os.path.join(shows, REGISTRY_DIR)) else volume_above(shows)
-        if other is not None and other != real:
+        if other is not None and not _same_volume(other, real):
             raise VolumeConfigError(
                 f"{mountpoint}, inside the volume at {real}, is a mount of {shows}, which is "
                 f"{'the volume' if other == shows else 'inside the volume'} at {other}: its files would be in two "
@@ -105,12 +105,21 @@ def refuse_bound_volumes(real: str) -> None:
             )
 
 
+def _same_volume(root: str, other: str) -> bool:
+    """Whether the roots `root` and `other` are one directory by two names (a bind of it, a second
+    mount of its file system): one volume. (Its registry directory alone could be another root's,
+    bound over that root's `.coherent`.)"""
+    try:
+        return os.path.samefile(root, other)
+    except OSError:
+        return False
+
+
 def refuse_foreign_registry(directory: str) -> None:
     """VolumeConfigError if a root's registry directory `directory` is there but is no directory of
     its own: a symlink (to another volume's registry, it would open this root as that volume and
     record each of that volume's files missing here as deleted there), or a file of another kind;
-    or if its registry file (or that file's log or index) is a symlink, or the file or its log has
-    another hard link."""
+    or if its registry file (or that file's log or index) is a symlink or has another hard link."""
     try:
         st = os.lstat(directory)
     except OSError:  # none, or not ours to look at: opening the registry says which
@@ -141,7 +150,7 @@ def refuse_foreign_registry(directory: str) -> None:
                 "write-ahead logs. Nothing was changed. Put the volume's own file there, or open the volume the "
                 "link leads to at its own root"
             )
-        if file.st_nlink > 1 and name != f"{DB_FILE}-shm":
+        if file.st_nlink > 1:
             raise VolumeConfigError(
                 f"{path} has {file.st_nlink} hard links (a volume copied with `cp -al`, or `ln`): opened through "
                 "each of its names, one database would get two write-ahead logs, which corrupts it and loses "
