@@ -1406,6 +1406,10 @@ class _Walk:
             with self.background():
                 self.statements(node.children, state)
             return state, state
+        if kind == "command_substitution" and _text(node).startswith("`"):  # its code, unescaped as bash reads it
+            with self.apart(child=True):
+                self.walk(_backquoted(_text(node)[1:-1]), state)
+            return state, state
         if kind in ("subshell", "command_substitution"):
             with self.apart(child=True):
                 self.statements(node.children, state)
@@ -1562,11 +1566,17 @@ class _Walk:
         a here-document, what follows its start on its line (`&&`, `||` and `|` with what they join)."""
         if node.type == "heredoc_redirect":
             follows: list[tree_sitter.Node] = []
+            start = next((c for c in node.children if c.type == "heredoc_start"), None)
+            quoted = start is None or re.search(r"[\\'\"]", _text(start)) is not None
             for child in node.children:
                 if child.type in ("file_redirect", "heredoc_redirect", "herestring_redirect"):
                     follows += self.redirect(child, state)[1]
                 elif child.type == "heredoc_body":
                     self.run(child, state)
+                    if not quoted:  # bash runs every substitution in it, where tree-sitter-bash may see none
+                        with self.apart(child=True):
+                            for code in _body_substitutions(_text(child)):
+                                self.walk(code, state)
                 elif (
                     child.type in ("&&", "||") or child.is_named and child.type not in ("heredoc_start", "heredoc_end")
                 ):
@@ -2955,6 +2965,41 @@ def _quoted_delimiter(match: re.Match[str]) -> str:
     return f"{match.group(1)}'{match.group(2).replace(chr(92), '')}'"
 
 
+def _backquoted(code: str) -> str:
+    """The code of a `…` substitution as bash runs it: within backquotes a backslash quotes only
+    `$`, a backquote and a backslash (so a nested `\\`…\\`` is a substitution of its own)."""
+    return re.sub(r"\\([$`\\])", r"\1", code)
+
+
+def _body_substitutions(body: str) -> list[str]:
+    """The code of each command substitution bash runs in the body of an unquoted here-document,
+    `…` and $(…) wherever they stand on a line (a backslash-escaped one is text)."""
+    found: list[str] = []
+    i = 0
+    while i < len(body):
+        if body[i] == "\\":
+            i += 2
+        elif body[i] == "`":
+            end = i + 1
+            while end < len(body) and body[end] != "`":
+                end += 2 if body[end] == "\\" else 1
+            found.append(_backquoted(body[i + 1 : end]))
+            i = end + 1
+        elif body.startswith("$(", i) and not body.startswith("$((", i):
+            depth, end = 1, i + 2
+            while end < len(body) and depth:
+                if body[end] == "\\":
+                    end += 1
+                else:
+                    depth += {"(": 1, ")": -1}.get(body[end], 0)
+                end += 1
+            found.append(body[i + 2 : end - 1])
+            i = end
+        else:
+            i += 1
+    return found
+
+
 def _descriptor_of(node: tree_sitter.Node, following: Sequence[tree_sitter.Node]) -> bool:
     """Whether `node` is a number written against the redirection after it (`0<`, `3>`): the
     descriptor it redirects, which tree-sitter-bash may read as a word of the command."""
@@ -3180,6 +3225,12 @@ def _command_writes(name: str, args: list[Item], cwd: Cwd) -> _Effect:
             landed = (
                 operands[-1:] if sources else []
             )  # `-T`: the destination is the copy itself, never a directory to copy into
+        elif sources and name == "cp" and any(_abbreviates(g, "--parents") for g in given if len(g) > 3):
+            dest = target_dir if target_dir is not None else operands[-1]  # DEST/SOURCE, each as written
+            landed = [
+                f"{dest.rstrip('/')}/{source}" if isinstance(source, str) and isinstance(dest, str) else dest
+                for source in sources
+            ]
         elif sources:
             landed = _into(target_dir if target_dir is not None else operands[-1], sources, cwd, target_dir is not None)
         if name == "mv":

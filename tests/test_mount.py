@@ -550,7 +550,8 @@ def test_a_volume_named_by_a_mount_of_it_is_mounted_from_its_root(root: Path, tm
             assert (m1.path / P).read_text() == "through the second\n"
         finally:
             subprocess.run([CLI, "unmount", str(second)], capture_output=True, timeout=60)
-        assert not is_mounted(second) and not daemon_pids(second)
+        assert not is_mounted(second)  # (its daemon ends just after: at load ~4 it was seen still ending)
+        assert gone_within(10, lambda: daemon_pids(second))
 
 
 def test_commands_given_a_mount_whose_daemon_died_say_so(root: Path, tmp_path: Path) -> None:

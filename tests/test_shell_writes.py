@@ -549,6 +549,14 @@ CASES: list[tuple[str, str, object]] = [
     # a here-document's delimiter led by a backslash ends where bash ends it (/tmp/s30r3h 1)
     ("cat <<\\EOF > notes.txt\nhi\nEOF\nsed -i s/a/b/ plans/plan.md\n\\EOF", ".", [NOTES, *PLAN]),
     ("cat <<-\\E\\N\\D > notes.txt\n\thi\n\tEND\necho x > plans/plan.md\n", ".", [NOTES, *PLAN]),
+    # bash runs the substitutions of an unquoted here-document wherever they stand (/tmp/s30r4h 1, 2)
+    ("cat > notes.txt <<EOF\nRun `sed -i s/a/b/ plans/plan.md` first.\nEOF", ".", [NOTES, *PLAN]),
+    ("cat > notes.txt <<EOF\n  $(echo x > plans/plan.md)\nEOF", ".", [NOTES, *PLAN]),
+    ("cat > notes.txt <<'EOF'\nRun `sed -i s/a/b/ plans/plan.md` first.\nEOF", ".", [NOTES]),  # quoted: text
+    ("echo `echo \\`echo x > plans/plan.md\\``", ".", PLAN),
+    # `cp --parents` lands at DEST/SOURCE as written (/tmp/s30r4h 3)
+    ("cd {parent}/outside && cp --parents plans/plan.md {root}", ".", PLAN),
+    ("cd {parent}/outside && cp -r --pa plans/./plan.md {root}/", ".", [("plans/./plan.md", W)]),
 ]
 
 
