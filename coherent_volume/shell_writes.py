@@ -1607,9 +1607,8 @@ class _Walk:
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
         """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
         placed = _own_process(_unproc(_placed(item, cwd), cwd), cwd)
-        if (
-            isinstance(placed, str) and _descriptor_number(placed) in self.read_descriptors
-        ):  # `{ … > /dev/stdout; } 1<f`
+        if isinstance(placed, str) and _descriptor_number(placed) in self.read_descriptors:
+            # (`{ echo x > /dev/stdout; } 1<f`: the kernel opens f to write)
             why = "a descriptor the command opened on a file to read, which a write by its name opens to write"
             placed = Unknown(placed, why, _place(cwd), anywhere=True)
         if isinstance(placed, Unknown):
@@ -1649,7 +1648,8 @@ class _Walk:
                 words.append(child.named_children[0])
             elif child.is_named or node.field_name_for_child(i):
                 words.append(child)
-        after = [w for w in words if self.source[w.start_byte : w.start_byte + 1] == b"\n"]  # (`_next_line`)
+        # a line tree-sitter-bash takes for more words of this command (one led by a backslash: `\\EOF`)
+        after = [w for w in words if self.source[w.start_byte : w.start_byte + 1] == b"\n"]
         words = words[: words.index(after[0])] if after else words
         for word in words:  # their command substitutions
             self.run(word, state)
