@@ -114,6 +114,14 @@ def _json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _let_stdout_go() -> None:
+    """Point stdout at /dev/null once it cannot be written (a closed pipe, a full disk), so nothing is
+    left to flush at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
 def _done(report: object, as_json: bool = False) -> None:
     """Print what a command that changed the volume did (`report`: text, or data printed as JSON
     with `as_json`): where stdout cannot be written (a closed pipe, a full disk), on stderr instead,
@@ -124,7 +132,7 @@ def _done(report: object, as_json: bool = False) -> None:
         click.echo(text)
         sys.stdout.flush()
     except OSError as e:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        _let_stdout_go()
         click.echo(f"coherent-volume: stdout could not be written ({e.strerror or e}); done:\n{text}", err=True)
 
 
@@ -146,7 +154,7 @@ def _echo_json(text: str) -> None:
         click.echo(text)
         sys.stdout.flush()
     except OSError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        _let_stdout_go()
 
 
 def _error_json(error: BaseException, code: int) -> str:
@@ -186,7 +194,7 @@ def _guard(fn: Callable[..., None]) -> Callable[..., None]:
         except DamagedContent as e:
             _fail(e, EXIT_DAMAGED, as_json)
         except BrokenPipeError:  # the reader left (`log -p | head`): stop quietly, as other tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            _let_stdout_go()
             raise click.exceptions.Exit(EXIT_ERROR) from None
         except (CoherenceError, OSError) as e:
             _fail(e, EXIT_ERROR, as_json)
