@@ -108,12 +108,13 @@ class Policy:
 
 
 def prunable(
-    versions: list[Version], newest: list[Version], keep_last: int, current: int, viewed: set[int]
+    versions: list[Version], newest: list[Version], keep_last: int, current: int, kept: set[int]
 ) -> list[Version]:
     """Those of `versions` (of one path, in their order) whose bytes may be dropped: retained, not
-    current, not viewed by a live agent (`viewed`), not among the path's last `keep_last` with bytes
-    (`newest`: its history entries, newest first, back to its `keep_last`-th with bytes or all of
-    them). A deletion has none and is not one of them: the content it removed stays restorable."""
+    current, not kept whatever their age (`kept`: viewed by a live agent, or set aside by recovery
+    and never installed), not among the path's last `keep_last` with bytes (`newest`: its history
+    entries, newest first, back to its `keep_last`-th with bytes or all of them). A deletion has
+    none and is not one of them: the content it removed stays restorable."""
     with_bytes = [v for v in newest if v.hash is not None]
     if len(with_bytes) < keep_last:
         return []  # the path has no more than its last keep_last versions
@@ -121,5 +122,5 @@ def prunable(
     return [
         v
         for v in versions
-        if v.retained and v.hash is not None and v.version < floor and v.version != current and v.version not in viewed
+        if v.retained and v.hash is not None and v.version < floor and v.version != current and v.version not in kept
     ]

@@ -403,3 +403,27 @@ def test_a_version_read_through_a_handle_opened_before_a_prune_keeps_its_bytes(r
         newest = vol.history("plans/log.md")[0]
         assert (newest.kind, newest.writer, newest.parents) == ("merge", "x", (1, 4))
     assert (root / "plans/log.md").read_text() == "1 by x\n2\n3 by y 2\n"
+
+
+def test_a_commit_recovery_could_not_install_is_never_pruned(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit whose install met a change made outside the volume just before it (an editor's save)
+    is put back over by that change (`recover`, `displaced`): its writer was told it landed, the file
+    never kept it, and the log line says `restore` brings it back. The retention policy keeps its
+    bytes however old and however many versions follow (before: a prune with keep_last 1 dropped
+    them, and the acknowledged write was nowhere)."""
+    from .test_install_exchange import SAVE, P, _editor_saves_first
+
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.set_policy(Policy(retention=Retention(keep_days=0, keep_last=1)))
+        alice.write(P, b"one\n")
+        saved = _editor_saves_first(root, monkeypatch)
+        assert alice.write(P, b"two\n") == 2
+        monkeypatch.undo()
+        assert saved and alice.read(P) == SAVE
+        alice.write(P, b"four\n")
+        alice.write(P, b"five\n")
+        alice.prune()
+        assert _retained(alice, P) == [5, 2]
+        assert alice.read_version(P, 2) == b"two\n"
+        alice.restore(P, 2)
+        assert alice.read(P) == b"two\n"

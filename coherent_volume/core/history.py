@@ -535,8 +535,8 @@ class History(Writes):
             for path in tx.history_paths():
                 newest = _newest(tx, path, retention.keep_last)
                 current = current_version(tx.file(path))
-                viewed = self._viewed(tx, path, retention, live)
-                for v in prunable(tx.retained(path), newest, retention.keep_last, current, viewed):
+                kept = self._never_pruned(tx, path, retention, live)
+                for v in prunable(tx.retained(path), newest, retention.keep_last, current, kept):
                     (old if v.at < older_than else others).append(v)
             over_budget = retention.max_bytes is not None and tx.retained_bytes() > retention.max_bytes
         steps: deque[Step] = deque()
@@ -578,11 +578,11 @@ class History(Writes):
                     facts[v.path] = (
                         _newest(tx, v.path, retention.keep_last),
                         current,
-                        self._viewed(tx, v.path, retention, live),
+                        self._never_pruned(tx, v.path, retention, live),
                     )
-                newest, current, viewed = facts[v.path]
+                newest, current, kept = facts[v.path]
                 if tx.version_entry(v.path, v.version) != v or not prunable(
-                    [v], newest, retention.keep_last, current, viewed
+                    [v], newest, retention.keep_last, current, kept
                 ):
                     continue
                 tx.prune(v.path, v.version)
@@ -598,16 +598,24 @@ class History(Writes):
         return done
 
     @staticmethod
-    def _viewed(tx: Transaction, path: str, retention: Retention, live: dict[str, bool]) -> set[int]:
-        """The versions of `path` that the view of a live agent (`Retention.live`) points at; `live`
-        holds what is known already of agents' liveness in `tx` (each agent's read once)."""
-        viewed = set()
+    def _never_pruned(tx: Transaction, path: str, retention: Retention, live: dict[str, bool]) -> set[int]:
+        """The versions of `path` kept whatever their age: those the view of a live agent
+        (`Retention.live`) points at, and those crash recovery recorded but could not install
+        (`superseded`: the file changed outside the volume first; `displaced`: put back over by such
+        a change), each the one copy of a commit its writer was told landed, which the log line
+        says `restore` brings back. `live` holds what is known already of agents' liveness in `tx`
+        (each agent's read once)."""
+        kept = {
+            e.version
+            for e in tx.events(path=path, kind="recover")
+            if e.reason in ("superseded", "displaced") and e.version is not None
+        }
         for agent, version in tx.viewers(path).items():
             if agent not in live:
                 live[agent] = retention.live(tx.last_view(agent), tx.now())
             if live[agent]:
-                viewed.add(version)
-        return viewed
+                kept.add(version)
+        return kept
 
     def prune_if_due(self) -> Pruned | None:
         """One step of a prune (`_in_steps`, one short transaction): the next of
