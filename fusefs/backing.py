@@ -35,10 +35,25 @@ _RESOLVE_BENEATH = 0x08
 _PATH_MAX = 4096
 _ANCHOR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+_fstatfs = _libc.fstatfs
+_STATFS_SIZE = 120  # struct statfs on x86_64 and aarch64; f_type is its first field, a long
+_SYNCS_NOTHING = frozenset({0x01021994, 0x858458F6})
+"""File system magics (tmpfs, ramfs) whose fsync does nothing: it cannot block (`syncs_nothing`)."""
+
 _DELETED = " (deleted)"
 """What the kernel appends to the name of a file deleted since it was opened (/proc/PID/fd)."""
 
 _T = TypeVar("_T")
+
+
+def syncs_nothing(fd: int) -> bool:
+    """Whether fsync(2) of `fd` does nothing (its file system keeps no data on a disk: tmpfs, ramfs),
+    so that it cannot block; False where fstatfs(2) fails."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _SYNCS_NOTHING
+
 
 ANCHOR_SHARE = 2
 """At most 1/ANCHOR_SHARE of the descriptor limit is spent on anchors: the rest stays for open

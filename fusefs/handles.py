@@ -36,6 +36,7 @@ from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
 from coherent_volume.protocol import Grant, HandleKind, goes_on_unlinked, read_shows_content
 
+from .backing import syncs_nothing
 from .workers import Workers
 
 log = logging.getLogger("coherent_volume.fuse")
@@ -50,6 +51,16 @@ WORKERS = Workers()
 async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run blocking work in a worker thread (`fusefs.workers`)."""
     return await WORKERS.run(functools.partial(fn, *args, **kwargs))
+
+
+async def fsync(fd: int, datasync: bool) -> None:
+    """fsync(2) of `fd` (fdatasync where `datasync`): in a worker thread, unless its file system's
+    fsync does nothing (`syncs_nothing`), which cannot block."""
+    sync = os.fdatasync if datasync else os.fsync
+    if syncs_nothing(fd):
+        sync(fd)
+    else:
+        await blocking(sync, fd)
 
 
 def reads_only(flags: int) -> bool:
@@ -163,7 +174,7 @@ class Passthrough:
         pass
 
     async def fsync(self, datasync: bool) -> None:
-        await blocking(os.fdatasync if datasync else os.fsync, self.fd)
+        await fsync(self.fd, datasync)
 
     async def release(self) -> None:
         os.close(self.fd)
@@ -782,7 +793,7 @@ class Shadow:
             if self.fd < 0:  # its content is committed: make that durable
                 await blocking(_sync_committed, self.target.abs)
                 return
-            await blocking(os.fdatasync if datasync else os.fsync, self.fd)
+            await fsync(self.fd, datasync)
             self.synced = True
 
     async def release(self) -> None:

@@ -44,6 +44,7 @@ from .handles import (
     Unprivileged,
     blocking,
     errno_of,
+    fsync,
     kill_set_ids,
     kill_set_ids_at,
     touch,
@@ -1766,7 +1767,7 @@ class CoherentOperations(pyfuse3.Operations):
 
     @guarded
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await blocking(os.fsync, self.dirs[fh].fd)
+        await fsync(self.dirs[fh].fd, datasync)
 
     @guarded
     async def release(self, fh: int) -> None:

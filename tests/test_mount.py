@@ -110,6 +110,22 @@ EOF"""
     assert version(mounted, P) == before + 1
 
 
+@pytest.mark.parametrize("where", ["/dev/shm", "tmp_path"])
+def test_fsync_runs_on_the_event_loop_only_where_it_does_nothing(where: str, tmp_path: Path) -> None:
+    """The mount runs an fsync on its event loop only on a file system whose fsync does nothing
+    (tmpfs, ramfs: it cannot block), elsewhere in a worker thread (`fusefs.backing.syncs_nothing`,
+    asked of each descriptor): checked against the file system type stat(1) names."""
+    from fusefs.backing import syncs_nothing
+
+    directory = tmp_path if where == "tmp_path" else Path(where)
+    named = subprocess.run(["stat", "-f", "-c", "%T", str(directory)], capture_output=True, text=True, check=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert syncs_nothing(fd) == (named.stdout.strip() in ("tmpfs", "ramfs"))
+    finally:
+        os.close(fd)
+
+
 def test_readers_never_see_a_partial_write_and_keep_their_version(mounted: Mount) -> None:
     mounted.run("alice", f"printf old > {P}")
     mounted.run("bob", f"cat {P}")
