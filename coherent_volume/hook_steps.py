@@ -69,7 +69,7 @@ from .hooks import Answer, Face, Progress
 from .liveness import ProcessId
 from .paths import REGISTRY_DIR, Target, is_registry_path, shown
 from .protocol import HandleKind, agent_name_problem
-from .shell_writes import ShellWrites, volume_named
+from .shell_writes import ShellWrites, shell_writes, volume_named
 
 Writes = Iterable[tuple[str, HandleKind]]
 """Absolute paths an event writes, each with how (a whole-content write, or an append)."""
@@ -255,6 +255,8 @@ def planned(
     a write in the background (one the command leaves to a job it does not wait for,
     `ShellWrites.background`, or any, for a command the agent runs in the `background`) of a
     managed file off a mount (`_late`)."""
+    if shell is not None and any(hooks.lone_surrogate(text) for text in shell):
+        return _surrogate_command(shell, face, checking)
     if shell is not None:
         progress.doing = "working out which files the shell command writes"
         root = volume_named(*shell)
@@ -273,6 +275,31 @@ def planned(
     progress.write_check = checking and bool(writes)
     denial = _late(sorted(later), progress, face) if checking and later else None
     return writes if denial is None else denial
+
+
+SURROGATE = (
+    "coherent-volume refused this shell command: its text holds a lone UTF-16 surrogate ({surrogate!r}, a JSON `\\u` "
+    "escape no character has), and it writes files, whose names the hook cannot tell as the shell will: the agent's "
+    "runtime (Node) gives the shell U+FFFD in its place, Python a raw byte, so the hook would check other files "
+    "than the ones the command writes. Write the command with the characters its names have."
+)
+"""Why a shell command whose text holds a lone surrogate is denied when it writes anything (`planned`)."""
+
+
+def _surrogate_command(shell: tuple[str, str], face: Face, checking: bool) -> list[tuple[str, HandleKind]] | Answer:
+    """`planned` for a shell command (or its directory) holding a lone UTF-16 surrogate: walked as the
+    shell receives it from the agent's Node runtime (each surrogate as U+FFFD), it writes nothing (so
+    nothing to check or record), or it is denied before it runs, as a file tool's path with one is
+    (`hooks.absolute`): the hook cannot tell which files its names reach."""
+    as_run = ["".join("\ufffd" if hooks.lone_surrogate(c) else c for c in text) for text in shell]
+    try:
+        writes = bool(shell_writes(as_run[0], as_run[1]).writes)
+    except (UnresolvedShellWrite, LinkRefused):
+        writes = True
+    if not writes:
+        return []
+    surrogate = next(c for text in shell for c in text if hooks.lone_surrogate(c))
+    return face.deny(SURROGATE.format(surrogate=surrogate), None) if checking else Answer()
 
 
 BACKGROUND = (

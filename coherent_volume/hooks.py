@@ -141,17 +141,32 @@ def absolute(path: object, base: object) -> str | None:
     for a path through the opening process's own /proc entry or descriptors however it gets there
     (/proc/self/cwd/…, /dev/fd/3, a symlink to /proc/self: `hook_paths.through_own_process`): the
     hook cannot tell which file the agent's process reaches there, so a write by such a path is
-    not checked and is denied (`run_hook`), as `Uncheckable`."""
+    not checked and is denied (`run_hook`), as `Uncheckable`; so is a path holding a lone UTF-16
+    surrogate (`lone_surrogate`), wherever it leads."""
     if not isinstance(path, str) or not path:
         return None
     if not os.path.isabs(path) and isinstance(base, str) and base:
         path = os.path.join(base, path)
+    if (surrogate := lone_surrogate(path)) is not None:
+        raise Uncheckable(
+            f"the tool's input names the file {path[:300]!r} with a lone UTF-16 surrogate ({surrogate!r}, a JSON "
+            "`\\u` escape no character has), which is no name of one file: the agent's runtime (Node) opens it with "
+            "U+FFFD in its place, Python with a raw byte, so the hook would check another file than the one the tool "
+            "writes. Give the file's name as the characters it has"
+        )
     if through_own_process(path):
         raise Uncheckable(
             f"the tool's input names the file {path[:300]!r} through the agent's own process (/proc/self, /dev/fd), "
             "which file that reaches cannot be told by the hook: give the file's own path"
         )
     return path
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate (U+D800..U+DFFF) in `text`, if any: what JSON's `\\udcXX` escape
+    without its pair decodes to. Node encodes it as U+FFFD, Python's file names as the byte it
+    escapes (or not at all), so such a name never names one file alike for the agent and the hook."""
+    return next((c for c in text if "\ud800" <= c <= "\udfff"), None)
 
 
 def tool_path(tool_input: object, keys: tuple[str, ...], base: object) -> str:

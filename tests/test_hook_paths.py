@@ -212,6 +212,29 @@ def test_a_write_tools_path_through_the_agents_own_process_is_denied(root: Path,
     assert (root / P).read_text() == "v1\n"
 
 
+@pytest.mark.parametrize("face", FACES)
+def test_a_path_with_a_lone_surrogate_is_denied_wherever_it_leads(root: Path, tmp_path: Path, face: str) -> None:
+    """JSON's `\\udce9` without its pair is a lone surrogate: Node (Claude Code, Gemini CLI, Cursor)
+    opens it as U+FFFD, Python as the byte 0xE9. Through a directory named U+FFFD outside the volume
+    that leads into it, the hook saw no such entry ("in no volume") and let a stale write through,
+    which Node made to the managed file (/tmp/s31hookproto 3): a write naming such a path is denied
+    wherever it leads, saying why; a shell command with one that writes nothing goes ahead."""
+    command, event = FACES[face]
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "\ufffd").symlink_to(root / "plans")
+    for path in (f"{tmp_path}/links/\udce9/plan.md", f"{tmp_path}/nowhere-\udce9.md"):
+        r, _ = timed_hook(command, event(tmp_path, "surrogate", path))
+        reason = _denial(r.stdout)
+        assert reason is not None and "lone UTF-16 surrogate" in reason, (path, r.stdout, r.stderr)
+    if face.endswith("Bash"):
+        read = {**event(tmp_path, "surrogate", "x"), "tool_input": {"command": f"cat {tmp_path}/links/\udce9/plan.md"}}
+        r, _ = timed_hook(command, read)
+        assert _denial(r.stdout) is None, r.stdout
+    assert (root / P).read_text() == "v1\n"
+
+
 def test_a_file_outside_every_volume_stays_free(root: Path, tmp_path: Path) -> None:
     """A symlink out of nowhere into nowhere: no volume, so every face lets it be."""
     elsewhere = tmp_path / "elsewhere"
