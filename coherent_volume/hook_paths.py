@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .liveness import ProcessId
-from .mounts import mount_holding
+from .mounts import mount_holding, shown_higher
 from .paths import REGISTRY_DIR
 from .protocol import HandleKind
 from .registry import recorded_in, volume_above
@@ -56,10 +56,27 @@ def located(path: str) -> Located | None:
     if (mounted := mount_holding(real)) is not None:
         below = _below(given, mounted.mountpoint) or os.path.relpath(real, mounted.mountpoint)
         return Located(mounted.root, mounted.rel(below), True)
+    if (higher := _through_bind(real)) is not None:
+        return higher
     directory = volume_above(real)
     if directory is None:
         return None
     return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
+
+
+def _through_bind(real: str) -> Located | None:
+    """Where the real path `real` lies when the mount holding it is a bind of a directory inside a
+    volume (`mount --bind VOL/plans /x`): walking up from it never meets the volume's registry, which
+    lies above what the bind shows, so it is found through a mount showing more of that file system
+    (`mounts.shown_higher`, by mountinfo and checked by device and inode). None where no such mount
+    shows it in a volume (then a volume above the bind's mountpoint is the one, as for any path)."""
+    higher = shown_higher(real)
+    if higher is None:
+        return None
+    if (mounted := mount_holding(higher)) is not None:
+        return Located(mounted.root, mounted.rel(os.path.relpath(higher, mounted.mountpoint)), True)
+    directory = volume_above(higher)
+    return None if directory is None else Located(directory, os.path.relpath(higher, directory), False)
 
 
 def one_name(path: str) -> str:
@@ -71,6 +88,8 @@ def one_name(path: str) -> str:
     mounted = mount_holding(real)
     if mounted is not None:
         root, rel = mounted.root, mounted.rel(os.path.relpath(real, mounted.mountpoint))
+    elif (higher := _through_bind(real)) is not None:
+        root, rel = higher.root, higher.rel
     elif (directory := volume_above(real)) is not None:
         root, rel = directory, os.path.relpath(real, directory)
     else:

@@ -114,6 +114,44 @@ def mount_holding(real: str) -> Mounted | None:
     return Mounted(volume.mountpoint, volume.source, volume.within) if direct else None
 
 
+def shown_higher(real: str) -> str | None:
+    """`real` (a real path) reached through a mount that shows more of its file system, where the
+    deepest mount holding it (the newest at its mountpoint) is a bind of a directory inside its file
+    system (mountinfo's fourth field names one, `mount --bind VOL/plans /x`): through the mount of the
+    same device showing the highest directory above that one (its root, where mounted), checked to
+    be the very directory the bind shows (device and inode). Walking up from `real` leaves the bind at
+    its mountpoint, never reaching the directories above what it shows (a volume's root and
+    registry): this path reaches them. None where the mount holding `real` shows its file system's
+    root, or no other mount in this namespace shows a directory above it (a container's bind from its
+    host, whose file system is mounted nowhere here)."""
+    entries = list(_mountinfo())
+    at = {entry.mountpoint: entry for entry in entries}  # (the newest at each mountpoint: the one in use)
+    place = real
+    while place not in at:
+        parent = os.path.dirname(place)
+        if parent == place:
+            return None
+        place = parent
+    bind = at[place]
+    if not bind.within:
+        return None
+    above = [
+        entry
+        for entry in at.values()
+        if entry.device == bind.device
+        and entry.mountpoint != place
+        and (not entry.within or bind.within.startswith(entry.within + "/"))
+    ]
+    for entry in sorted(above, key=lambda e: len(e.within)):
+        shown = os.path.join(entry.mountpoint, bind.within[len(entry.within) :].lstrip("/"))
+        try:
+            if os.path.samestat(os.stat(shown), os.stat(place)):
+                return os.path.join(shown, os.path.relpath(real, place)) if real != place else shown
+        except OSError:
+            continue
+    return None
+
+
 def shown_below(real: str) -> list[tuple[str, str | None]]:
     """Each mount below the directory `real` (a real path), with each directory it shows as this
     process names it: a FUSE mount's source where that is a directory's path (a volume's mount,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -117,6 +118,49 @@ def test_a_write_through_a_symlink_outside_the_volume_is_checked(root: Path, lin
         reason = _denial(r.stdout)
         assert reason is not None and "(unread)" in reason and P in reason, (spelling, r.stdout, r.stderr)
     assert (root / P).read_text() == "v1\n"
+
+
+def _hook_with_bind(face: str, event: dict[str, Any], source: Path, at: Path) -> subprocess.CompletedProcess[str]:
+    """`coherent-volume hook FACE` run with `event` in a mount namespace of its own where `source` is
+    bind-mounted at `at`: the mount ends with the namespace, whatever happens."""
+    at.mkdir(exist_ok=True)
+    script = 'mount --bind "$SOURCE" "$AT" && exec "$CLI" hook "$FACE"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=json.dumps(event),
+        env={**os.environ, "SOURCE": str(source), "AT": str(at), "CLI": str(CLI), "FACE": face},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+@pytest.mark.parametrize("face", FACES)
+def test_a_write_through_a_bind_mount_of_a_volumes_subdirectory_is_checked(
+    root: Path, tmp_path: Path, face: str
+) -> None:
+    """`mount --bind VOL/plans /x`: walking up from /x/plan.md never meets the volume's registry, so
+    every face took the write for one in no volume and let a stale write through (/tmp/s31hookproto
+    2). The volume is found through the mount table (the directory the bind shows, reached through
+    a mount of its file system's root), so the write is checked as the managed file it is. The bind
+    is made in a mount namespace of the hook's own, gone with it."""
+    command, event = FACES[face]
+    deeper = "plans/deeper/notes.md"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        setup.write(deeper, "v1\n")
+    (tmp_path / "free").mkdir()
+    for source, name, rel in ((root / "plans", "plan.md", P), (root / "plans/deeper", "notes.md", deeper)):
+        at = tmp_path / f"bind-{source.name}"
+        r = _hook_with_bind(command, event(tmp_path, f"bind-{source.name}", f"{at}/{name}"), source, at)
+        reason = _denial(r.stdout)
+        assert reason is not None and "(unread)" in reason and rel in reason, (source, r.stdout, r.stderr)
+    at = tmp_path / "bind-free"
+    r = _hook_with_bind(command, event(tmp_path, "bind-free", f"{at}/new.md"), tmp_path / "free", at)
+    assert r.returncode == 0 and _denial(r.stdout) is None, (r.stdout, r.stderr)  # (a bind of no volume's directory)
+    assert (root / P).read_text() == "v1\n"
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
 
 
 @pytest.mark.parametrize("face", FACES)
