@@ -40,6 +40,7 @@ same agent and their reads never refresh a view. Every rule is the core's.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -370,6 +371,37 @@ def _command(event: dict[str, Any]) -> str | None:
     return command if isinstance(command, str) else None
 
 
+WORKDIR = (
+    "cd <workdir>",
+    "the directory Codex runs the command in, the tool call's `workdir` where one is given, which its hook event "
+    "does not carry (only the turn's directory, `cwd`)",
+    "Name the files the command writes by absolute paths, or begin the command with `cd` to an absolute directory "
+    "(`cd /abs/dir && …`) and leave `workdir` out, so the hook checks the files it writes.",
+)
+"""A Codex shell command's relative paths (`shell_writes`'s `elsewhere`): Codex runs `exec_command` and
+`shell` in their `workdir` (the turn's directory joined with it), but the PreToolUse and PostToolUse
+events it builds for them give only `{"command": …}` as `tool_input` and the turn's `cwd`."""
+
+
+def _shell_writes(event: dict[str, Any], command: str) -> ShellWrites:
+    """What a `Bash` event's command writes: run in the `workdir` its input gives (relative to its `cwd`,
+    or absolute), where it gives one; else in a directory the hook cannot know (WORKDIR)."""
+    cwd, tool_input = event.get("cwd"), event.get("tool_input")
+    base = cwd if isinstance(cwd, str) else "."
+    workdir = tool_input.get("workdir") if isinstance(tool_input, dict) else None
+    if isinstance(workdir, str) and workdir:
+        return shell_writes(command, os.path.join(base, workdir))
+    return shell_writes(command, base, WORKDIR)
+
+
+def _shell_place(event: dict[str, Any]) -> str:
+    """The directory a `Bash` event's command is known to start in, or judged at (`_shell_writes`)."""
+    cwd, tool_input = event.get("cwd"), event.get("tool_input")
+    base = cwd if isinstance(cwd, str) else "."
+    workdir = tool_input.get("workdir") if isinstance(tool_input, dict) else None
+    return os.path.join(base, workdir) if isinstance(workdir, str) and workdir else base
+
+
 def _patches(event: dict[str, Any]) -> list[FilePatch]:
     """The files of the event's apply_patch patch (none for another tool), their paths (and move
     targets) made absolute against the event's `cwd`, once; a file with no path is left out."""
@@ -384,12 +416,12 @@ def _patches(event: dict[str, Any]) -> list[FilePatch]:
 
 def _writes(event: dict[str, Any], patches: list[FilePatch]) -> list[tuple[str, HandleKind]] | ShellWrites:
     """The files the event's patch (`_patches`) or shell command writes (absolute), with how."""
-    cwd, command = event.get("cwd"), _command(event)
+    command = _command(event)
     if event.get("tool_name") in (SHELL_TOOL, PATCH_TOOL) and command is None:  # (a write check: denied)
         given = repr(event.get("tool_input"))[:200]
         raise ValueError(f"the tool's input gives no command as a string (it gives {given})")
     if event.get("tool_name") == SHELL_TOOL and command is not None:
-        return shell_writes(command, cwd if isinstance(cwd, str) else ".")
+        return _shell_writes(event, command)
     paths = (path for patch in patches for path in (patch.path, patch.move_to))
     return [(path, "write") for path in paths if path is not None and not _unlinked_link(path, patches)]
 
@@ -429,7 +461,7 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
     command, patches = _command(event), []
     shell = None
     if name == "PreToolUse" and event.get("tool_name") == SHELL_TOOL and command is not None:
-        shell = command, cwd if isinstance(cwd, str) else "."
+        shell = command, _shell_place(event)
     face = SHELL_FACE if event.get("tool_name") == SHELL_TOOL else FACE
 
     def find() -> list[tuple[str, HandleKind]] | ShellWrites:

@@ -1817,7 +1817,8 @@ class _Walk:
             self._parallel(args, cwd)
         elif name in ("apply_patch", "applypatch"):
             why = "a patch run as a shell command; a patch is checked only when it comes through the apply_patch tool"
-            self.unknown.append(Unknown(name, why, _place(cwd), anywhere=True))
+            below = isinstance(cwd, Unknown) and cwd.volumes_below  # (run where a volume below may be)
+            self.unknown.append(Unknown(name, why, _place(cwd), anywhere=True, volumes_below=below))
         elif name in _VALUED or name in _AWKS:
             effect = _command_writes(name, args, cwd)
             for item, kind, expand in effect.writes:
@@ -4082,10 +4083,15 @@ def _parses(command: str) -> bool:
 
 
 def _followed(
-    command: str, cwd: str, settled: tuple[dict[str, str], frozenset[str]] | None = None, deadline: float = 0.0
+    command: str,
+    cwd: str,
+    settled: tuple[dict[str, str], frozenset[str]] | None = None,
+    deadline: float = 0.0,
+    elsewhere: Unknown | None = None,
 ) -> tuple[_Walk, ShellWrites]:
     """One walk of `command` from `cwd` (taking the variables `settled` as known, within `deadline`
-    if given): the walk, and the files it found written with how (and which in the background)."""
+    if given; started in `elsewhere`, a directory known only when it runs, where given): the walk,
+    and the files it found written with how (and which in the background)."""
     walk = _Walk(*settled) if settled else _Walk()
     walk.deadline = deadline or walk.deadline
     walk.start = cwd
@@ -4101,7 +4107,7 @@ def _followed(
     kinds: dict[str, HandleKind] = {}
     background: set[str] = set()
     try:
-        ok, fail = walk.walk(command, _started(cwd))
+        ok, fail = walk.walk(command, _started(cwd) if elsewhere is None else frozenset({elsewhere}))
         written = {path for path, *_ in walk.found}
         for path, at in walk.programs:  # read before the command (re)writes it: its text is not that one
             if path in written:
@@ -4139,16 +4145,25 @@ def _started(cwd: str) -> State:
     return frozenset({cwd, real}) if real != os.path.normpath(cwd) else frozenset({cwd})
 
 
-def shell_writes(command: str, cwd: str) -> ShellWrites:
+def shell_writes(command: str, cwd: str, elsewhere: tuple[str, str, str] | None = None) -> ShellWrites:
     """The files a shell command run in `cwd` recognisably writes, each with how, and which of them
     it writes in the background (see the module's docstring); a directory removed or moved stands
     for the files below it. Paths are `cwd` joined with the words as bash expands them (`..` kept,
     but a `cd` enters a directory as bash does: `_Walk._cd`; a volume the inherited CDPATH names
     counts as one the command names). Raises UnresolvedShellWrite when a
     write's file is known only when the command runs and may be a managed file (`_Walk.refused`):
-    when the first walk finds one, a second takes the variables it can as known (`_Walk.settled`)."""
+    when the first walk finds one, a second takes the variables it can as known (`_Walk.settled`).
+    `elsewhere` (what names the directory, why, what to do instead): the command may start in a
+    directory other than `cwd` that the hook cannot know (Codex's `workdir`), any directory at all:
+    what it writes by a relative path (before a `cd` to an absolute directory) is known only when it
+    runs, judged at `cwd`: refused where `cwd` is in a volume, or a volume lies at or below it (or
+    too much does to tell), or the command names a path in a volume."""
     cwd = os.path.join(os.getcwd(), cwd)  # absolute, `..` kept
-    walk, found = _followed(command, cwd)
+    start = None
+    if elsewhere is not None:
+        word, why, advice = elsewhere
+        start = Unknown(word, why, cwd, anywhere=True, volumes_below=True, advice=advice)
+    walk, found = _followed(command, cwd, elsewhere=start)
     inherited = " ".join(os.path.expanduser(d) for d in _inherited_cdpath())  # where a relative cd may lead
     volumes, complete = _named_volumes(f"{command} {inherited}", cwd) if walk.unknown else (set(), True)
     refusal: tuple[Unknown, str | None] | None = next(
@@ -4156,7 +4171,7 @@ def shell_writes(command: str, cwd: str) -> ShellWrites:
     )
     settled = walk.settled() if refusal is not None else None
     if settled is not None:
-        walk, found = _followed(command, cwd, settled, walk.deadline)
+        walk, found = _followed(command, cwd, settled, walk.deadline, start)
         refusal = next(((u, root) for u in walk.unknown if (root := walk.refused(u, volumes)) is not None), None)
     if refusal is None and not complete and walk.unknown:  # a volume may lie among the paths not looked at
         refusal = walk.unknown[0], None

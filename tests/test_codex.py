@@ -40,7 +40,8 @@ class Session(AgentProcess):
         self.id, self.cwd, self.subagent = session, cwd, subagent
 
     def event(self, name: str, **values: object) -> dict[str, object]:
-        return fill(EVENTS[name], session=unique(self.id), cwd=self.cwd, subagent=self.subagent or "", **values)
+        event = fill(EVENTS[name], session=unique(self.id), cwd=self.cwd, subagent=self.subagent or "", **values)
+        return known_workdir(event) if name in ("pre_bash", "post_bash") else event
 
     def begin(self) -> None:
         assert self.hook(self.event("session_start"))["code"] == 0
@@ -60,6 +61,17 @@ class Session(AgentProcess):
             post = self.hook(self.event("post_apply_patch", patch=patch, files=" ".join(result)))
             assert post["code"] == 0 and not post["stderr"], post
         return verdict, reason
+
+
+def known_workdir(event: dict[str, object]) -> dict[str, object]:
+    """A `Bash` event whose input also gives the directory its command runs in (`workdir`: its `cwd`).
+    Codex's own events give only `command` (it runs the command in the call's `workdir`, which they do
+    not carry): the hook then takes the directory as unknown and refuses writes by a relative path in
+    or above a volume (test_a_shell_command_codex_may_run_in_its_workdir_…). The tests of what a
+    command writes give it, as a Codex that sent it would, so their relative paths are checked."""
+    tool_input = event["tool_input"]
+    assert isinstance(tool_input, dict)
+    return {**event, "tool_input": {**tool_input, "workdir": event["cwd"]}}
 
 
 def decision(answer: dict[str, object]) -> tuple[str, str]:
@@ -601,7 +613,8 @@ def test_fails_closed_for_managed_paths_when_it_cannot_decide(root: Path, tmp_pa
     patch = update(P, " goal", "-step A", "+step A!")
 
     def ev(name: str, **values: object) -> dict[str, object]:
-        return fill(EVENTS[name], session=unique("closed"), cwd=root, **values)
+        event = fill(EVENTS[name], session=unique("closed"), cwd=root, **values)
+        return known_workdir(event) if name == "pre_bash" else event
 
     with commit_lock_held(root):
         r, took = _hook(ev("pre_apply_patch", patch=patch))
@@ -684,6 +697,55 @@ def test_a_shell_command_after_cd_out_through_a_symlink_and_back_is_checked_wher
     for cd in ("cd EXT/..", "cd EXT && cd ..", "cd EXT; cd ..", "pushd EXT/.. > /dev/null", "cd EXT/../plans && cd .."):
         verdict, reason = decision(one.hook(one.event("pre_bash", command=f"{cd} && sed -i s/goal/aim/ {P}")))
         assert verdict == "deny" and f"{P} (stale)" in reason, (cd, reason)
+
+
+def test_a_shell_command_codex_may_run_in_its_workdir_is_judged_where_it_may_run(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """Codex runs a shell command in the call's `workdir` (the turn's directory joined with it), but
+    its PreToolUse event gives only `{"command": …}` and the turn's `cwd` (codex-rs builds it so for
+    shell, shell_command and exec_command). From the root, `printf > plan.md` run in `plans` wrote
+    the plan over a peer's commit unchecked: the hook checked `ROOT/plan.md` (/tmp/s31hookproto 1).
+    Now a write by a relative path is refused when the turn's directory is in a volume or one lies
+    below it, saying why and what to do; a command that writes nothing, or writes by absolute
+    paths (or after a `cd` to an absolute directory), is checked as before; a `workdir` the event
+    gives is where the command runs."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    one, two = sessions("wd1", root), sessions("wd2", root)
+    assert one.apply(update(P, "-step A", "+step A, one"), {P: PLAN.replace("step A", "step A, one")})[0] == "allow"
+    assert two.apply(update(P, "-step B", "+step B, two"), {P: "goal\nstep A, one\nstep B, two\n"})[0] == "allow"
+    (tmp_path / "elsewhere").mkdir()
+    for cwd, command in (
+        (root, "printf 'mine\\n' > plan.md"),
+        (root, "sed -i s/goal/aim/ plan.md"),
+        (root / "plans", "cd sub && printf 'mine\\n' > ../plan.md"),
+        (tmp_path, "printf 'mine\\n' > plans/plan.md"),
+    ):
+        event = {**one.event("pre_bash", command=command), "cwd": str(cwd)}
+        event["tool_input"] = {"command": command}  # (as Codex sends it: no workdir)
+        verdict, reason = decision(one.hook(event))
+        assert verdict == "deny" and "`workdir`" in reason and "absolute paths" in reason, (cwd, command, reason)
+    patch = "apply_patch <<'EOF'\n*** Begin Patch\n*** Add File: plans/plan.md\n+mine\n*** End Patch\nEOF"
+    event = {**one.event("pre_bash", command=patch), "cwd": str(tmp_path), "tool_input": {"command": patch}}
+    assert decision(one.hook(event))[0] == "deny", "a patch run as a command, maybe in the volume: refused"
+    for cwd, command in (
+        (root, f"cat {P} && ls plans"),
+        (root, f"printf 'x\\n' > {tmp_path}/elsewhere/out.txt"),
+        (tmp_path / "elsewhere", "printf 'x\\n' > out.txt"),
+    ):
+        event = {**one.event("pre_bash", command=command), "cwd": str(cwd)}
+        event["tool_input"] = {"command": command}
+        assert decision(one.hook(event))[0] == "allow", (cwd, command)
+    for command in (f"printf 'mine\\n' > {root / P}", f"cd {root} && sed -i s/a/b/ {P}"):
+        event = {**one.event("pre_bash", command=command), "tool_input": {"command": command}}
+        verdict, reason = decision(one.hook(event))
+        assert verdict == "deny" and f"{P} (stale)" in reason, (command, reason)
+    event = {**one.event("pre_bash", command="printf 'mine\\n' > plan.md"), "cwd": str(tmp_path)}
+    event["tool_input"] = {"command": "printf 'mine\\n' > plan.md", "workdir": str(root / "plans")}
+    verdict, reason = decision(one.hook(event))
+    assert verdict == "deny" and f"{P} (stale)" in reason, reason
+    assert (root / P).read_text() == "goal\nstep A, one\nstep B, two\n"
 
 
 def _call(event: dict[str, object], call: str) -> dict[str, object]:

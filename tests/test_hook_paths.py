@@ -453,15 +453,18 @@ def test_no_spelling_of_the_registrys_path_lets_a_write_reach_it(root: Path, fac
     assert reason is not None and "registry.db has 2 hard links" in reason, (r.stdout, r.stderr)
     assert "do not retry the write unchanged" in reason, reason
     os.unlink(root / "notes.db")
-    r, _ = timed_hook("codex", _codex_bash(root, "reg", "/dev/null; find . -delete"))
+    r, _ = timed_hook("codex", _codex_shell(root, "reg", "echo mine > /dev/null; find . -delete"))
     reason = _denial(r.stdout)
     assert reason is not None and "is the registry's own directory" in reason, (r.stdout, r.stderr)
     assert (root / ".coherent/registry.db").read_bytes() == registry
 
 
 def _codex_shell(root: Path, session: str, command: str, hook: str = "pre_bash") -> dict[str, Any]:
-    """Codex's event before (or with `hook="post_bash"`, after) its shell runs `command` in `root`."""
-    return dict(fill(fixture("codex")[hook], session=unique(session), cwd=root, command=command))
+    """Codex's event before (or with `hook="post_bash"`, after) its shell runs `command` in `root`: its
+    input gives `root` as the command's `workdir`, so its relative paths are checked there (Codex's
+    own events give none, and the hook refuses such writes in a volume: test_codex)."""
+    event = dict(fill(fixture("codex")[hook], session=unique(session), cwd=root, command=command))
+    return {**event, "tool_input": {**event["tool_input"], "workdir": str(root)}}
 
 
 def _run_tool(root: Path, session: str, command: str) -> str | None:
@@ -577,7 +580,7 @@ def test_a_directory_named_with_a_trailing_slash_that_does_not_exist_yet_is_no_f
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
     for command in ("cp -r src build/", "cp src/x.py out/", "mv notes.txt newdir/"):
-        r, _ = timed_hook("codex", _codex_bash(root, "slash-dir", f"/dev/null; {command}"))
+        r, _ = timed_hook("codex", _codex_shell(root, "slash-dir", f"echo mine > /dev/null; {command}"))
         assert _denial(r.stdout) is None, (command, r.stdout, r.stderr)
     r, _ = timed_hook("codex", _codex_bash(root, "slash-file", f"{root}/{P}/"))
     reason = _denial(r.stdout)

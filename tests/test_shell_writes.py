@@ -709,12 +709,12 @@ FACES = {
         "cwd": cwd,
         "tool_input": {"command": command},
     },
-    "codex": lambda command, cwd: {
+    "codex": lambda command, cwd: {  # (`workdir` given: Codex's own events lack it, test_codex)
         "hook_event_name": "PreToolUse",
         "tool_name": "Bash",
         "session_id": unique("s1"),
         "cwd": cwd,
-        "tool_input": {"command": command},
+        "tool_input": {"command": command, "workdir": cwd},
     },
     "gemini": lambda command, cwd: {
         "hook_event_name": "BeforeTool",
