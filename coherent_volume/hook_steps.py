@@ -519,8 +519,10 @@ def end_writes(
                     if record:  # an append's too: a working copy's peers see only what the registry records
                         appended, found = claim.kind == "append", located(claim.path)
                         moved = found is not None and found.mounted  # the file system committed it as theirs
+                        running = (claim.root, claim.rel) in held  # another call of the process claims it too
+                        made_here = None if appended else made
                         try:
-                            told += _recorded(core, claim.agent, target, None if appended else made, appended, moved)
+                            told += _recorded(core, claim.agent, target, made_here, appended, moved, running)
                         except (CoherenceError, OSError) as e:  # the others recorded stand: say which one failed
                             told.append(
                                 f"coherent-volume: your write to {shown(target.rel)} could not be recorded "
@@ -690,17 +692,28 @@ def _recorded(
     made: Made | None = None,
     appended: bool = False,
     moved: bool = False,
+    running: bool = False,
 ) -> list[str]:
     """Record `agent`'s own write of `target` (`made`, `moved`: see `VolumeCore.adopt`); the clobber
-    to tell the model of, if it was one, or the change another writer made meanwhile."""
+    to tell the model of, if it was one, or the change another writer made meanwhile. `running`:
+    another call of the session's process that has not ended claims the file too (two tools at once
+    on it), so the change found may be that call's write, which its own end records as the
+    session's (`adopt` of what it made): the model is told so, never only of another writer."""
     with core.registry.read() as tx:
         last = tx.events(path=target.rel, limit=1, newest_first=True)
     version = core.adopt(agent, target, made, appended=appended, moved=moved)
     if version is None:
+        who = (
+            "another tool call of yours that has not ended yet claims the file too and may have written it since "
+            "(its end records its write as yours, if the file holds what it wrote), or another writer changed it "
+            "meanwhile; for now it is recorded as a change by `external`"
+            if running
+            else "another writer changed it meanwhile (recorded as a change by `external`)"
+        )
         return [
-            f"coherent-volume: {shown(target.rel)} does not hold what your tool just wrote: another writer changed it "
-            "meanwhile (recorded as a change by `external`). Read the file again before you change it, and check "
-            f"that your change is there. `coherent-volume log {core.paths.root}` shows the history."
+            f"coherent-volume: {shown(target.rel)} does not hold what your tool just wrote: {who}. Read the file "
+            "again before you change it, and check that your change is there. "
+            f"`coherent-volume log {core.paths.root}` shows the history."
         ]
     try:
         with core.registry.read() as tx:

@@ -806,6 +806,44 @@ def test_a_write_another_writer_changes_before_the_tools_end_is_recorded_as_thei
     assert decision(s.hook(event("PreToolUse", s.id, root, "Write", target, tool_input=written)))[0] == "allow"
 
 
+def test_two_writes_of_one_file_at_once_are_told_that_the_other_call_may_have_written_it(root: Path, sessions) -> None:
+    """Two Write calls of one session on one file at once: both checked, A written, then B, then
+    the first call's end finds B. It told the model that another writer changed the file meanwhile,
+    but the only other writer was the session's own second call (/tmp/s31hookproto 4): it is told
+    that another call of its own that has not ended may have written it. The second call's end
+    records B as the session's; the check is as strict as before (the first call's end still
+    records no write of A)."""
+    target = root / P
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = sessions("parallel", root)
+    s.read(target)
+
+    def call(name: str, call_id: str, text: str, response: object = None) -> dict[str, object]:
+        return event(name, s.id, root, "Write", target, response, tool_input={"content": text}, tool_use_id=call_id)
+
+    assert decision(s.hook(call("PreToolUse", "toolu_a", "A\n")))[0] == "allow"
+    assert decision(s.hook(call("PreToolUse", "toolu_b", "B\n")))[0] == "allow"
+    assert s.tool_write(target, "A\n")["code"] == 0
+    assert s.tool_write(target, "B\n")["code"] == 0
+    first = s.hook(call("PostToolUse", "toolu_a", "A\n", {"type": "update"}))
+    told = json.loads(str(first["stdout"]))["reason"]
+    assert "another tool call of yours that has not ended yet" in told, told
+    assert "another writer changed it meanwhile" in told, "it may still be another writer's"
+    assert s.hook(call("PostToolUse", "toolu_b", "B\n", {"type": "update"}))["stdout"] == ""
+    with CoherentVolume(root, agent="observer") as v:
+        assert [h.writer for h in v.history(P)][0] == f"claude:{unique('parallel')}"
+    alone = sessions("alone", root)
+    alone.read(target)
+    written = {"content": "mine\n"}
+    assert decision(alone.hook(event("PreToolUse", alone.id, root, "Write", target, tool_input=written)))[0] == "allow"
+    assert alone.tool_write(target, "mine\n")["code"] == 0
+    target.write_text("a script's line\n")
+    post = alone.hook(event("PostToolUse", alone.id, root, "Write", target, {"type": "update"}, tool_input=written))
+    told = json.loads(str(post["stdout"]))["reason"]
+    assert "another writer changed it meanwhile" in told and "of yours" not in told, told
+
+
 @pytest.mark.parametrize(
     ("before", "edit", "after"),
     [
