@@ -492,7 +492,10 @@ class CoherentOperations(pyfuse3.Operations):
         just before the release: `_answer`). One whose name moved on while it was open (`_fresh_inode`) takes the name
         back if it still holds a managed regular file and nobody looked the name up meanwhile: a file
         written in place keeps its inode number, as on a local disk; otherwise the name keeps the
-        inode the others know it by, and this one is left to its handles."""
+        inode the others know it by, and this one is left to its handles, still set aside until
+        their release: a FLUSH that is no last close (a forked child's copy of the descriptor) leaves
+        the handle writing on, and its agent's stat by the name must see those writes again
+        (`_written_by_caller`; they showed the committed size until the close, /tmp/s31posix 1)."""
         if inode in self._private:
             if released:
                 self._aside.pop(inode, None)
@@ -500,7 +503,8 @@ class CoherentOperations(pyfuse3.Operations):
         if inode not in self._aside or self._unsaved_on(inode) is not None:
             return
         rel = self._aside_name(inode)
-        del self._aside[inode]
+        if rel is None or released:
+            del self._aside[inode]
         if rel is None:
             return  # its write handle went on with a file renamed away or unlinked
         here = self._handles_on(inode)
@@ -514,6 +518,7 @@ class CoherentOperations(pyfuse3.Operations):
                 return
         except OSError:
             return
+        self._aside.pop(inode, None)
         self.inodes.rebind(inode, rel)
         await self._forget(rel)
 

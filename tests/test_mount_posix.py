@@ -2315,3 +2315,31 @@ print(sorted((e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in 
     assert out.strip() == str(
         sorted([("d.md", True, False), ("dir", False, False), ("f", True, False), ("l", False, True)])
     )
+
+
+def test_a_write_handles_unsaved_size_shows_in_its_agents_stat_after_a_forked_child_closed_its_copy(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """A write handle's unsaved writes show in its own agent's stat of the name, as on a local disk,
+    also after a FLUSH it outlived (a forked child's copy of the descriptor closed, with nothing to
+    commit or committing what it held) while a read by the name had given that name another inode:
+    that FLUSH gave up the name's link to the handle's inode for good, so stat showed the committed
+    size until the close (/tmp/s31posix 1, `p_forkstat.py`)."""
+    code = """
+import os
+for name in ("b.md", "plans/b.md", "c.md"):
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644)
+    if name == "c.md":
+        os.write(fd, b"y" * 100)  # the child's close commits it
+    open(name, "rb").read()  # read by the name (through the mount: on an inode of its own)
+    if os.fork() == 0:
+        os._exit(0)  # its copy of the descriptor closes: a FLUSH
+    os.wait()
+    os.pwrite(fd, b"x" * 5000, 0)
+    print(name, os.stat(name).st_size, os.fstat(fd).st_size)
+    os.close(fd)
+    print(name, os.stat(name).st_size)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain, (mount, plain)
+    assert "b.md 5000 5000" in plain
