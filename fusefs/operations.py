@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from coherent_volume.core import VolumeCore
+from coherent_volume.core.renames import refuse_hard_link
 from coherent_volume.errors import CoherenceError, CommitPending, RegistryError
 from coherent_volume.fingerprint import Fingerprint
 from coherent_volume.globs import STAGED
@@ -1177,6 +1178,12 @@ class CoherentOperations(pyfuse3.Operations):
         rel, src = await self._children((new_parent_inode, new_name), inode=inode)  # (its source: no await after)
         self._walk_again(ctx, self.pages.landed(ctx.pid), False, (new_parent_inode, rel))
         self.own.note(rel)
+        if "\0" in src:  # (linkat AT_EMPTY_PATH, /proc/self/fd/N) an inode that lost its name (`InodeTable`)
+            # a managed file's (a write's own inode, one set aside, a past version): a link from a managed
+            # file, refused; else a file unlinked while open, which has no name to link from, as on a local
+            # disk (the table's name, with its NUL, reached the core: EIO, /tmp/s31posix 2)
+            refuse_hard_link(self._target(self._name_now(inode)), self._target(rel))
+            raise pyfuse3.FUSEError(errno.ENOENT)
         self.core.link(self._target(src), self._target(rel))
         self.inodes.link(inode, rel)  # one inode for both names, as on disk
         return self._entry(rel)

@@ -2343,3 +2343,43 @@ for name in ("b.md", "plans/b.md", "c.md"):
     plain, mount = both(mounted, tmp_path, code)
     assert mount == plain, (mount, plain)
     assert "b.md 5000 5000" in plain
+
+
+def test_linkat_of_a_descriptor_whose_inode_lost_its_name_is_refused_as_on_a_local_disk_or_by_the_link_rule(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """linkat(fd, "", AT_EMPTY_PATH) of a descriptor whose inode lost its name in the daemon's table: a
+    new managed file's write handle after a read by the name (the name got another inode) is a link
+    from a managed file, refused EPERM as any (before: EIO, the table's internal name with its NUL
+    byte handed to the core, "embedded null byte", /tmp/s31posix 2); an unmanaged file unlinked while
+    open has no name to link from: ENOENT, as on a local disk. (A reader of a version a commit
+    replaced shows `st_nlink` 0, docs/mount.md, so the kernel answers ENOENT itself.)"""
+    code = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.mkdir("other")
+def linkat(fd, to):
+    r = libc.linkat(fd, b"", -100, to.encode(), 0x1000)  # AT_FDCWD, AT_EMPTY_PATH
+    return "ok" if r == 0 else errno.errorcode[ctypes.get_errno()]
+for name in ("a.md", "plans/a.md"):
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    open(name, "rb").read()
+    print(name, linkat(fd, "other/" + name.replace("/", "_")))
+    os.close(fd)
+with open("p.md", "w") as f:
+    f.write("one")
+fd = os.open("p.md", os.O_RDONLY)
+os.read(fd, 10)
+with open("p.md", "w") as f:
+    f.write("two")
+print("past version", linkat(fd, "other/p.md"))
+os.close(fd)
+fd = os.open("u.txt", os.O_RDWR | os.O_CREAT, 0o600)
+os.unlink("u.txt")
+print("unlinked", linkat(fd, "other/u.txt"))
+os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert plain.split("\n") == ["a.md ok", "plans/a.md ok", "past version ok", "unlinked ENOENT", ""]
+    assert mount.split("\n") == ["a.md EPERM", "plans/a.md EPERM", "past version ENOENT", "unlinked ENOENT", ""]
+    assert sorted(os.listdir(mounted.root / "other")) == []
