@@ -412,9 +412,10 @@ class Shadow:
     Invariants: from open (or the first write after a commit) until the next commit, `grant` (a
     share of this agent's write grant) keeps every other agent out; between commits it is None and
     `fd` is -1 (the committed shadow is the file now), or the file it committed once another agent
-    unlinked that (`orphan`: read, never written). What a failed commit at a FLUSH (a close(2))
-    told its program is final (`failed`): its writes are dropped then, never committed later, and
-    every later request of the handle (another descriptor's write, fsync, close) fails the same way."""
+    unlinked that (`orphan`) or a rename through the mount carried it away (`carried_away`): read,
+    never written. What a failed commit at a FLUSH (a close(2)) told its program is final
+    (`failed`): its writes are dropped then, never committed later, and every later request of the
+    handle (another descriptor's write, fsync, close) fails the same way."""
 
     core: VolumeCore
     owner: ProcessId
@@ -506,6 +507,19 @@ class Shadow:
                 if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
                     os.fchmod(self.fd, stat_mod.S_IMODE(mode))  # chown cleared them
         self.unlinker = unlinker
+
+    def carried_away(self, open_file: Callable[[], int]) -> None:
+        """A checked rename through the mount carried its file away from its name: writing on is refused
+        (`moved`, ESTALE). A handle with no shadow (its writes committed: its content is the file) and
+        no request under way takes a descriptor of the file (`open_file`, at the name it was carried
+        to), so that its reads, `fstat` and `fsync` go on with that file, as on a local disk and as an
+        orphan's do (before, a read copied whatever was at its old name: ENOENT, or another file's
+        bytes; /tmp/s31posix 3). One moved or unlinked before keeps what it has: its name is another
+        file's by now."""
+        if not (self.moved or self.unlinked or self._busy.locked()) and self.fd < 0 and self.failed is None:
+            with contextlib.suppress(OSError), self._fd_lock:  # (none: it reads its old name, as before)
+                self.fd = open_file()
+        self.moved = True
 
     def set_times(self, atime_ns: int | None, mtime_ns: int | None) -> None:
         """utimensat of the file while this handle holds unsaved writes: the times go to the shadow too

@@ -1201,7 +1201,7 @@ class CoherentOperations(pyfuse3.Operations):
         elif managed_file or not await blocking(self.core.unlink_special, self._target(rel)):
             # a managed file (also one a program put where a symlink or FIFO was meanwhile): checked
             agent = await self._writer(ctx, rel)
-            writers = [h for h in self._writers_of(rel) if h.rel == rel]
+            writers = [h for h in self._writers_of(rel) if h.rel == rel and not h.moved]  # (moved: not this file)
             st = self.backing.lstat(rel)
             file = self.backing.open(rel, os.O_RDWR) if writers else None  # what its handles go on with
             try:
@@ -1263,8 +1263,10 @@ class CoherentOperations(pyfuse3.Operations):
                 ends = (src, dst) if exchange else (src,)
                 aside = {i: rel for i, rel in self._aside.items() if any(_at_or_below(rel, end) for end in ends)}
                 await _made(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
-                for handle in moving:
-                    handle.moved = True
+                for handle in moving:  # its reads go on with its file, now at the name it was carried to
+                    handle.carried_away(
+                        functools.partial(self.backing.open, _carried(handle.rel, src, dst, exchange), os.O_RDONLY)
+                    )
                 self._renamed(src, dst, exchange, tree)
                 self._carries += 1
                 for inode, before in {**carried, **aside}.items():

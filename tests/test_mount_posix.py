@@ -2383,3 +2383,53 @@ os.close(fd)
     assert plain.split("\n") == ["a.md ok", "plans/a.md ok", "past version ok", "unlinked ENOENT", ""]
     assert mount.split("\n") == ["a.md EPERM", "plans/a.md EPERM", "past version ENOENT", "unlinked ENOENT", ""]
     assert sorted(os.listdir(mounted.root / "other")) == []
+
+
+def test_a_write_handle_whose_file_a_rename_carried_away_reads_and_syncs_that_file(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """Reads (and fsync) through a write handle with no unsaved writes (committed by the close of a
+    dup) whose file a checked rename carried away go on with that file, as on a local disk: its
+    directory moved out of the globs, the file renamed within them, exchanged with another, or moved
+    away and another file made and removed at its old name (before, such a read copied whatever was
+    at the old name: ENOENT, or the other file's bytes; /tmp/s31posix 3). Writing through it still
+    fails ESTALE (docs/mount.md), where a local disk writes the file."""
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(call, *args):
+    try:
+        return call(*args)
+    except OSError as e:
+        return os.strerror(e.errno)
+def committed(name, data):
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(os.dup(fd))  # a close: its commit
+    return fd
+os.makedirs("plans/sub")
+os.makedirs("other")
+fds = {"out": committed("plans/sub/r.md", b"one")}
+os.rename("plans/sub", "other/dd")
+fds["within"] = committed("plans/a.md", b"two")
+os.rename("plans/a.md", "plans/b.md")
+with open("plans/c.md", "w") as f:
+    f.write("other file")
+fds["exchanged"] = committed("plans/d.md", b"three")
+assert libc.renameat2(-100, b"plans/d.md", -100, b"plans/c.md", 2) == 0  # RENAME_EXCHANGE
+fds["replaced"] = committed("plans/e.md", b"four")
+os.rename("plans/e.md", "other/e.txt")
+with open("plans/e.md", "w") as f:
+    f.write("a new file at its old name")
+os.unlink("plans/e.md")
+for what, fd in fds.items():
+    print(what, attempt(os.pread, fd, 100, 0), os.fstat(fd).st_size, attempt(os.fsync, fd))
+print("write", attempt(os.pwrite, fds["out"], b"Z", 0))
+for fd in fds.values():
+    os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount.split("\n")[:-2] == plain.split("\n")[:-2], (mount, plain)
+    assert "exchanged b'three' 5 None" in plain
+    assert mount.split("\n")[-2] == "write Stale file handle"  # docs/mount.md: writing on fails ESTALE
+    assert (mounted.root / "other/dd/r.md").read_bytes() == b"one"
