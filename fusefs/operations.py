@@ -48,6 +48,7 @@ from .handles import (
     fsync,
     kill_set_ids,
     kill_set_ids_at,
+    reads_only,
     touch,
 )
 from .identity import AgentResolver, administers, proc_file, process_of
@@ -1746,6 +1747,13 @@ class CoherentOperations(pyfuse3.Operations):
                 return await self._open_reading(rel, entry.st_ino, ctx, None), entry
         self._unpin(rel)
         entry = self._entry(rel)
+        if reads_only(flags):
+            # O_RDONLY|O_CREAT: making the file is all it changes; it reads the version it made as any
+            # read-only open reads its version, so a later commit leaves it that version and its size
+            # (a write handle's copy on the name's inode, it read nothing while its fstat showed the size
+            # of the next commit of the name)
+            await handle.release()
+            return await self._open_reading(rel, entry.st_ino, ctx, None), entry
         return pyfuse3.FileInfo(fh=self._open_file(handle, entry.st_ino), direct_io=True), entry
 
     @guarded

@@ -2433,3 +2433,32 @@ for fd in fds.values():
     assert "exchanged b'three' 5 None" in plain
     assert mount.split("\n")[-2] == "write Stale file handle"  # docs/mount.md: writing on fails ESTALE
     assert (mounted.root / "other/dd/r.md").read_bytes() == b"one"
+
+
+def test_a_read_only_descriptor_that_created_the_file_keeps_the_version_it_made_across_a_commit(
+    mounted: Mount,
+) -> None:
+    """`open(O_RDONLY|O_CREAT)` of a new managed file reads the empty version it made, as every
+    read-only descriptor reads the version it opened, and its `fstat` shows that version (`st_nlink`
+    0 once the name moved on), never another's size: before, it was served as a write handle's copy
+    on the name's inode, and after another descriptor's commit its `fstat` showed the commit's size
+    (4197) while `pread` and `copy_file_range` through it gave nothing (fsx seed 11)."""
+    code = """
+import os
+for name in ("b.md", "plans/b.md"):
+    r = os.open(name, os.O_RDONLY | os.O_CREAT, 0o600)
+    w = os.open(name, os.O_WRONLY)
+    os.pwrite(w, b"y" * 100, 4097)
+    os.close(w)  # a commit of 4197 bytes
+    d = os.open(name + ".copy", os.O_RDWR | os.O_CREAT, 0o600)
+    st = os.fstat(r)
+    print(name, st.st_size, st.st_nlink, len(os.pread(r, 10000, 0)), os.copy_file_range(r, d, 1, 4096, 0))
+    print(name, "by name", os.stat(name).st_size, len(open(name, "rb").read()))
+"""
+    out = run_in(mounted.path, code)
+    assert out.splitlines() == [
+        "b.md 0 0 0 0",
+        "b.md by name 4197 4197",
+        "plans/b.md 0 0 0 0",
+        "plans/b.md by name 4197 4197",
+    ], out
