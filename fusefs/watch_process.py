@@ -29,6 +29,7 @@ import ctypes
 import errno
 import os
 import select
+import stat
 import struct
 import sys
 import time
@@ -150,7 +151,7 @@ class Tree:
             self._report(rel, gone=True)
             if mask & IN_ISDIR:
                 self._vanish(rel)
-            else:
+            elif not self._still_a_file(directory, name):  # (an exchange moves a file out and another in)
                 self._managed[wd].discard(name)
             return
         self._report(rel, gone=False)
@@ -159,6 +160,17 @@ class Tree:
                 self._watch_tree(rel, report=True)
         elif self.globs.matches(rel):
             self._managed[wd].add(name)
+
+    def _still_a_file(self, directory: str, name: str) -> bool:
+        """Whether `name` in the watched `directory` is a file now. A file exchanged with another at
+        its name (renameat2 RENAME_EXCHANGE: how every commit installs its content) is moved out last,
+        from the watcher's side, when the other came from a directory it does not watch: the name
+        still holds a file, which a later move of its directory must report as gone."""
+        try:
+            target = self.paths.target(f"{directory}/{name}" if directory else name, managed=False)
+            return not stat.S_ISDIR(os.lstat(target.abs).st_mode)
+        except (OSError, InvalidPath):
+            return False
 
     def _watch_tree(self, top: str, *, report: bool) -> None:
         """Watch `top` and every directory in reach below it, then list each: its entries are

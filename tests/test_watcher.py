@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume
+from coherent_volume import CoherentVolume, atomic
 from coherent_volume.globs import ManagedGlobs
 from fusefs.watch_process import Tree
 
@@ -155,6 +155,28 @@ def test_files_written_deleted_and_renamed_in_reach(bare: Path) -> None:
         assert settle(tree) == {"plans/b.md": True}
         (bare / "plans/.cv-12-0123abcd.tmp").write_text("the core's staging file")
         assert settle(tree) == {}
+    finally:
+        os.close(tree.fd)
+
+
+def test_a_file_exchanged_in_from_beyond_reach_is_still_known_when_its_directory_leaves(bare: Path) -> None:
+    """Every commit installs its content by exchanging it with the file at its name (renameat2
+    RENAME_EXCHANGE) from the staging directory, which is not watched: the watcher sees the name's
+    old file moved out last. The name still holds a file, so a later move of its directory out of
+    reach reports it as gone (before, the watcher had forgotten it: a foreign move of the directory
+    left such files out of history, and a rebuild after a dropped queue never reported them gone;
+    /tmp/s31foreign 2)."""
+    (bare / "plans").mkdir()
+    (bare / "plans/a.md").write_text("one")
+    (bare / "elsewhere").mkdir()
+    (bare / "elsewhere/staged").write_text("two")
+    tree = make_tree(bare, "plans/**")
+    try:
+        atomic.rename(str(bare / "elsewhere/staged"), str(bare / "plans/a.md"), exchange=True)
+        assert settle(tree) == {"plans/a.md": True}  # (its file was moved out: the daemon looks again)
+        assert (bare / "plans/a.md").read_text() == "two"
+        os.rename(bare / "plans", bare / "elsewhere/plans")
+        assert settle(tree) == {"plans": True, "plans/a.md": True}
     finally:
         os.close(tree.fd)
 
