@@ -68,15 +68,14 @@ def _through_bind(real: str) -> Located | None:
     """Where the real path `real` lies when the mount holding it is a bind of a directory inside a
     volume (`mount --bind VOL/plans /x`): walking up from it never meets the volume's registry, which
     lies above what the bind shows, so it is found through a mount showing more of that file system
-    (`mounts.shown_higher`, by mountinfo and checked by device and inode). None where no such mount
-    shows it in a volume (then a volume above the bind's mountpoint is the one, as for any path)."""
-    higher = shown_higher(real)
-    if higher is None:
-        return None
-    if (mounted := mount_holding(higher)) is not None:
-        return Located(mounted.root, mounted.rel(os.path.relpath(higher, mounted.mountpoint)), True)
-    directory = volume_above(higher)
-    return None if directory is None else Located(directory, os.path.relpath(higher, directory), False)
+    (`mounts.shown_higher`, by mountinfo and checked by device and inode). None where no such mount shows it in a
+    volume (then a volume above the bind's mountpoint is the one, as for any path)."""
+    for higher in shown_higher(real):
+        if (mounted := mount_holding(higher)) is not None:
+            return Located(mounted.root, mounted.rel(os.path.relpath(higher, mounted.mountpoint)), True)
+        if (directory := volume_above(higher)) is not None:
+            return Located(directory, os.path.relpath(higher, directory), False)
+    return None
 
 
 def one_name(path: str) -> str:

@@ -71,8 +71,8 @@ class _Entry(NamedTuple):
 
 
 def _mountinfo() -> Iterator[_Entry]:
-    """The mounts of this process's mount namespace, oldest first (the last at a mountpoint is the
-    one in use), from /proc/self/mountinfo."""
+    """The mounts of this process's mount namespace, from /proc/self/mountinfo (not in an order that
+    tells which is in use: `_in_use`)."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
@@ -83,24 +83,47 @@ def _mountinfo() -> Iterator[_Entry]:
             yield _Entry(fields[0], fields[1], fields[2], within, mountpoint, fstype, source, options)
 
 
+def _in_use(real: str, entries: list[_Entry]) -> _Entry | None:
+    """The mount of `entries` (this namespace's) that the real path `real` is, or lies in, as the
+    kernel resolves it: from the root down, at each directory of `real` the mount attached there on
+    the mount reached so far (mountinfo's second field, its parent's id), then the one stacked on it
+    at the same mountpoint, and so on up the stack. The list's order does not tell: a `mount --move`
+    onto a mountpoint in use puts the moved mount on top yet lists it before the one it covers, and a
+    mount on a directory above another's mountpoint hides that one whichever came last. A mount
+    whose parent is not listed (the root's, or one above a chroot) is attached on a mount this
+    process cannot see: taken where no listed mount reached so far has one there. None where no
+    mount is reached (no listed root)."""
+    ids = {entry.id for entry in entries}
+    attached: dict[tuple[str, str], _Entry] = {}
+    for entry in entries:  # (two at one place of one parent, as older kernels shadow: the last listed)
+        attached[(entry.parent if entry.parent in ids else "", entry.mountpoint)] = entry
+    current: _Entry | None = None
+    places = ["/"]
+    for name in real.strip("/").split("/"):
+        if name:
+            places.append(os.path.join(places[-1], name))
+    for place in places:
+        below = attached.get((current.id if current is not None else "", place))
+        if below is None and current is None:
+            continue
+        while below is not None:  # up the stack at this mountpoint
+            current, below = below, attached.get((below.id, place))
+    return current
+
+
 def mount_holding(real: str) -> Mounted | None:
     """The volume mount that the real path `real` is, or lies in, as the kernel resolves it: the
-    deepest mount at or above it, of any kind, the newest where several are stacked. None where that
+    deepest mount at or above it, of any kind, the one on top where several are stacked (`_in_use`). None where that
     one is no volume's, unless it is a direct dir of a volume's mount (a bind there of the volume's
     own directory of that name, `mount --direct`): a path in a bind mount of another directory inside
     a volume's mount is not that volume's. From /proc/self/mountinfo, whose fourth field says which
     directory of its file system a mount shows (/proc/self/mounts says only its source)."""
-    at: dict[str, _Entry] = {}
-    by_id: dict[str, _Entry] = {}
-    for entry in _mountinfo():
-        at[entry.mountpoint] = by_id[entry.id] = entry
-    place = real
-    while place not in at:
-        parent = os.path.dirname(place)
-        if parent == place:
-            return None
-        place = parent
-    entry = at[place]
+    entries = list(_mountinfo())
+    entry = _in_use(real, entries)
+    if entry is None:
+        return None
+    place = entry.mountpoint
+    by_id = {e.id: e for e in entries}
     if entry.fstype == FSTYPE:
         return Mounted(place, entry.source, entry.within)
     volume = by_id.get(entry.parent)
@@ -114,42 +137,37 @@ def mount_holding(real: str) -> Mounted | None:
     return Mounted(volume.mountpoint, volume.source, volume.within) if direct else None
 
 
-def shown_higher(real: str) -> str | None:
-    """`real` (a real path) reached through a mount that shows more of its file system, where the
-    deepest mount holding it (the newest at its mountpoint) is a bind of a directory inside its file
-    system (mountinfo's fourth field names one, `mount --bind VOL/plans /x`): through the mount of the
-    same device showing the highest directory above that one (its root, where mounted), checked to
-    be the very directory the bind shows (device and inode). Walking up from `real` leaves the bind at
-    its mountpoint, never reaching the directories above what it shows (a volume's root and
-    registry): this path reaches them. None where the mount holding `real` shows its file system's
-    root, or no other mount in this namespace shows a directory above it (a container's bind from its
-    host, whose file system is mounted nowhere here)."""
+def shown_higher(real: str) -> list[str]:
+    """`real` (a real path) reached through each mount that shows more of its file system, where the
+    mount holding it (the one in use: `_in_use`) is a bind of a directory inside its file system
+    (mountinfo's fourth field names one, `mount --bind VOL/plans /x`): through the mounts of the same
+    device showing a directory above that one, the highest first (a shallower mountpoint first among
+    equals), each checked to show the very directory the bind shows (device and inode). Walking up
+    from `real` leaves the bind at its mountpoint, never reaching the directories above what it shows
+    (a volume's root and registry): these paths reach them. Empty where the mount holding `real`
+    shows its file system's root, or no other mount in this namespace shows a directory above it (a
+    container's bind from its host, whose file system is mounted nowhere here)."""
     entries = list(_mountinfo())
-    at = {entry.mountpoint: entry for entry in entries}  # (the newest at each mountpoint: the one in use)
-    place = real
-    while place not in at:
-        parent = os.path.dirname(place)
-        if parent == place:
-            return None
-        place = parent
-    bind = at[place]
-    if not bind.within:
-        return None
-    above = [
-        entry
-        for entry in at.values()
+    bind = _in_use(real, entries)
+    if bind is None or not bind.within:
+        return []
+    place = bind.mountpoint
+    above = {
+        entry.mountpoint: entry
+        for entry in entries
         if entry.device == bind.device
         and entry.mountpoint != place
-        and (not entry.within or bind.within.startswith(entry.within + "/"))
-    ]
-    for entry in sorted(above, key=lambda e: len(e.within)):
+        and (bind.within.startswith(entry.within + "/") if entry.within else True)
+    }
+    found: list[str] = []
+    for entry in sorted(above.values(), key=lambda e: (len(e.within), e.mountpoint.count("/"), e.mountpoint)):
         shown = os.path.join(entry.mountpoint, bind.within[len(entry.within) :].lstrip("/"))
         try:
             if os.path.samestat(os.stat(shown), os.stat(place)):
-                return os.path.join(shown, os.path.relpath(real, place)) if real != place else shown
+                found.append(os.path.join(shown, os.path.relpath(real, place)) if real != place else shown)
         except OSError:
             continue
-    return None
+    return found
 
 
 def shown_below(real: str) -> list[tuple[str, str | None]]:

@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -160,6 +161,62 @@ def test_a_write_through_a_bind_mount_of_a_volumes_subdirectory_is_checked(
     r = _hook_with_bind(command, event(tmp_path, "bind-free", f"{at}/new.md"), tmp_path / "free", at)
     assert r.returncode == 0 and _denial(r.stdout) is None, (r.stdout, r.stderr)  # (a bind of no volume's directory)
     assert (root / P).read_text() == "v1\n"
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
+_SETUP = """import sys
+from coherent_volume import CoherentVolume
+with CoherentVolume(sys.argv[1], agent="setup") as setup:
+    setup.write(sys.argv[2], "v1\\n")
+"""
+
+
+def _hook_after(mounting: str, face: str, event: Event, root: Path, session: str, at: str, rel: str) -> str | None:
+    """The denial of `coherent-volume hook FACE` for a write of `at` (an absolute path), run in a
+    mount namespace of its own after the shell commands `mounting` and a write of `rel` by another
+    writer (so a session that never read it is denied it `unread`): the mounts end with it."""
+    script = f'set -e; {mounting}; "$PY" -c "$SETUP" {root} {rel}; exec "$CLI" hook "$FACE"'
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=json.dumps(event(root.parent, session, at)),
+        env={**os.environ, "PY": sys.executable, "SETUP": _SETUP, "CLI": str(CLI), "FACE": face},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return _denial(r.stdout)
+
+
+_BINDS = {
+    "moved onto": (
+        "mkdir D/free D/m1 D/x && mount --bind VOL/plans D/m1 && mount --bind D/free D/x && mount --move D/m1 D/x",
+        "D/x/plan.md",
+        P,
+    ),
+    "hidden by a parent": (
+        "mkdir -p D/free D/a/plans VOL/plans/plans && mount --bind D/free D/a/plans && mount --bind VOL/plans D/a",
+        "D/a/plans/plan.md",
+        "plans/plans/plan.md",
+    ),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+@pytest.mark.parametrize("case", _BINDS)
+@pytest.mark.parametrize("face", FACES)
+def test_a_write_through_the_bind_in_use_where_mountinfo_lists_another_last_is_checked(
+    root: Path, tmp_path: Path, face: str, case: str
+) -> None:
+    """The mount in use at a mountpoint was taken as the last mountinfo lists there, so a write through
+    a bind of VOL/plans reached the volume's file as one in no volume, a stale write let through
+    (/tmp/s31r2h 2): a bind moved (`mount --move`) onto a mountpoint in use is on top, yet listed
+    before the mount it covers; a bind at D/a hides an older one at D/a/plans, which is the last
+    listed there. The mount in use is now found from the root down by parent ids."""
+    command, event = FACES[face]
+    mounting, at, rel = (s.replace("VOL", str(root)).replace("D/", f"{tmp_path}/") for s in _BINDS[case])
+    reason = _hook_after(mounting, command, event, root, "moved", at, rel)
+    assert reason is not None and "(unread)" in reason and rel in reason, reason
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
 
 
