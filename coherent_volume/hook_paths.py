@@ -60,17 +60,20 @@ def located(path: str) -> Located | None:
         return higher
     directory = volume_above(real)
     if directory is None:
-        return None
+        return _through_bind(real, root=True)
     return Located(directory, _below(given, directory) or os.path.relpath(real, directory), False)
 
 
-def _through_bind(real: str) -> Located | None:
+def _through_bind(real: str, root: bool = False) -> Located | None:
     """Where the real path `real` lies when the mount holding it is a bind of a directory inside a
     volume (`mount --bind VOL/plans /x`): walking up from it never meets the volume's registry, which
     lies above what the bind shows, so it is found through a mount showing more of that file system
-    (`mounts.shown_higher`, by mountinfo and checked by device and inode). None where no such mount shows it in a
+    (`mounts.shown_higher`, by mountinfo and checked by device and inode). With `root`, where that
+    bind shows its file system's root, mounted also in a volume (`mount -t tmpfs t VOL/plans; mount
+    --bind VOL/plans /x`): found through that other mount (asked only where no volume lies above
+    `real`: a bind of `/` elsewhere shows every path again). None where no such mount shows it in a
     volume (then a volume above the bind's mountpoint is the one, as for any path)."""
-    for higher in shown_higher(real):
+    for higher in shown_higher(real, root):
         if (mounted := mount_holding(higher)) is not None:
             return Located(mounted.root, mounted.rel(os.path.relpath(higher, mounted.mountpoint)), True)
         if (directory := volume_above(higher)) is not None:
@@ -91,6 +94,8 @@ def one_name(path: str) -> str:
         root, rel = higher.root, higher.rel
     elif (directory := volume_above(real)) is not None:
         root, rel = directory, os.path.relpath(real, directory)
+    elif (again := _through_bind(real, root=True)) is not None:
+        root, rel = again.root, again.rel
     else:
         return real
     try:

@@ -137,19 +137,22 @@ def mount_holding(real: str) -> Mounted | None:
     return Mounted(volume.mountpoint, volume.source, volume.within) if direct else None
 
 
-def shown_higher(real: str) -> list[str]:
-    """`real` (a real path) reached through each mount that shows more of its file system, where the
-    mount holding it (the one in use: `_in_use`) is a bind of a directory inside its file system
-    (mountinfo's fourth field names one, `mount --bind VOL/plans /x`): through the mounts of the same
-    device showing a directory above that one, the highest first (a shallower mountpoint first among
-    equals), each checked to show the very directory the bind shows (device and inode). Walking up
-    from `real` leaves the bind at its mountpoint, never reaching the directories above what it shows
-    (a volume's root and registry): these paths reach them. Empty where the mount holding `real`
-    shows its file system's root, or no other mount in this namespace shows a directory above it (a
-    container's bind from its host, whose file system is mounted nowhere here)."""
+def shown_higher(real: str, root: bool = False) -> list[str]:
+    """`real` (a real path) reached through each other mount of its file system that shows the
+    directory the mount holding it shows (checked by device and inode), where that mount (the one in
+    use: `_in_use`) is a bind (`mount --bind VOL/plans /x`): walking up from `real` leaves the bind
+    at its mountpoint, never reaching the directories above what it shows (a volume's root and
+    registry), nor, where it shows its file system's root, the directory that file system is also
+    mounted on (`mount -t tmpfs t VOL/plans; mount --bind VOL/plans /x`): these paths do. Where the
+    bind shows a directory inside its file system (mountinfo's fourth field names one), through the
+    mounts showing a directory above it, the highest first; where it shows the file system's root,
+    through the other mounts of that root, the shallowest mountpoint first. Empty where no other mount
+    in this namespace shows it (a container's bind from its host, whose file system is mounted
+    nowhere here). `root`: only where the bind shows its file system's root (else only where it shows
+    a directory inside it)."""
     entries = list(_mountinfo())
     bind = _in_use(real, entries)
-    if bind is None or not bind.within:
+    if bind is None or root == bool(bind.within):
         return []
     place = bind.mountpoint
     above = {

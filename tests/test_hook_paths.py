@@ -220,6 +220,25 @@ def test_a_write_through_the_bind_in_use_where_mountinfo_lists_another_last_is_c
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+@pytest.mark.parametrize("face", FACES)
+def test_a_write_through_a_bind_of_a_file_systems_root_mounted_in_a_volume_is_checked(
+    root: Path, tmp_path: Path, face: str
+) -> None:
+    """`mount -t tmpfs t VOL/plans; mount --bind VOL/plans /x`: the bind shows its file system's root,
+    so no mount shows more of it, and /x/plan.md, which is VOL/plans/plan.md, was "in no volume", a
+    stale write let through (/tmp/s31r2h 1). It is found through the other mount of that root, the
+    one in the volume. A bind of a tmpfs mounted nowhere in a volume stays in no volume."""
+    command, event = FACES[face]
+    d = tmp_path
+    mounting = f"mount -t tmpfs t {root}/plans && mkdir {d}/x && mount --bind {root}/plans {d}/x"
+    reason = _hook_after(mounting, command, event, root, "tmpfs", f"{d}/x/plan.md", P)
+    assert reason is not None and "(unread)" in reason and P in reason, reason
+    mounting = f"mkdir {d}/free {d}/y && mount -t tmpfs t {d}/free && mount --bind {d}/free {d}/y"
+    assert _hook_after(mounting, command, event, root, "tmpfs-free", f"{d}/y/new.md", "notes.md") is None
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
 @pytest.mark.parametrize("face", FACES)
 def test_slashes_doubled_after_the_root_spell_the_same_managed_file(root: Path, face: str) -> None:
     """`ROOT//plans/plan.md` is the file `ROOT/plans/plan.md`, for the kernel and for the check (a
