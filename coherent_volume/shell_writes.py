@@ -856,6 +856,10 @@ class _Walk:
         """The handlers `trap` set, run when the shell exits."""
         self.start = ""
         """The directory the command starts in."""
+        self.elsewhere: Unknown | None = None
+        """Where the command may start in a directory known only when it runs (`shell_writes`'
+        `elsewhere`), that directory, placed at `start`: a word known only when it runs and placed
+        there may be in it (`from_start`)."""
         self.source = b""
         """The text being walked (of the innermost `bash -c`, `eval` or `trap`)."""
         self.job: int | None = None
@@ -2255,13 +2259,22 @@ class _Walk:
         if found is not None:
             return None if self._unmanaged(unknown, found) else found.root
         place = os.path.realpath(unknown.place)
-        if unknown.volumes_below and (root := _volume_below(place)) is not None:
+        if (unknown.volumes_below or self.from_start(unknown)) and (root := _volume_below(place)) is not None:
             if root != place:
                 return root
             here = located_directory(self.start)  # too much to search: the volume it runs in, if any
             return here.root if here is not None else min(volumes, default=place)
         below = [v for v in sorted(volumes) if unknown.anywhere or v == place or v.startswith(place.rstrip("/") + "/")]
         return below[0] if below else None
+
+    def from_start(self, unknown: Unknown) -> bool:
+        """Whether `unknown` is placed in the directory the command starts in, where that is known
+        only when it runs (`elsewhere`): then it may lie anywhere below that place, a volume there
+        too, however the word reached it (`$PWD`, `~+`, `/proc/self/cwd`, `cd -`, a pattern, find's
+        starting point, each of which makes a new unknown of it)."""
+        if self.elsewhere is None or not unknown.place:
+            return False
+        return os.path.realpath(unknown.place) == os.path.realpath(self.elsewhere.place)
 
     def _unmanaged(self, unknown: Unknown, found: Located) -> bool:
         """Whether no file an unknown write in a volume may reach is managed, as far as can be told
@@ -4095,6 +4108,7 @@ def _followed(
     walk = _Walk(*settled) if settled else _Walk()
     walk.deadline = deadline or walk.deadline
     walk.start = cwd
+    walk.elsewhere = elsewhere
     walk.untrusted = _SETS.search(re.sub(r"[\\'\"]", "", command)) is not None  # (`CD''PATH=`, `CD\\PATH=` too)
     walk.piped_startup = _PIPED_STARTUP.search(re.sub(r"[\\'\"]", "", command)) is not None
     walk.read_descriptors = {int(m.group(1) or 0) for m in _READ_REDIRECTION.finditer(command)}
@@ -4176,7 +4190,9 @@ def shell_writes(command: str, cwd: str, elsewhere: tuple[str, str, str] | None 
     if refusal is None and not complete and walk.unknown:  # a volume may lie among the paths not looked at
         refusal = walk.unknown[0], None
     if refusal is not None:
-        raise UnresolvedShellWrite(refusal[0].word, refusal[0].why, refusal[1], refusal[0].advice)
+        unknown, landing = refusal
+        told = start.advice if start is not None and walk.from_start(unknown) else unknown.advice
+        raise UnresolvedShellWrite(unknown.word, unknown.why, landing, told)
     _refuse_links(walk.linked)
     return found
 

@@ -748,6 +748,31 @@ def test_a_shell_command_codex_may_run_in_its_workdir_is_judged_where_it_may_run
     assert (root / P).read_text() == "goal\nstep A, one\nstep B, two\n"
 
 
+def test_a_shell_command_from_above_a_volume_is_refused_however_it_names_its_start_directory(
+    root: Path, tmp_path: Path, sessions
+) -> None:
+    """With the turn's directory above a volume and no `workdir` given, a plain relative write was
+    refused, but one through `$PWD`, `~+`, `/proc/self/cwd`, `cd -`, a pattern or find's starting
+    point went ahead into the volume when `workdir` was inside it (/tmp/s31r2h 3): each is now refused
+    as the relative write is, with the same advice."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, PLAN)
+    one = sessions("above1", root)
+    for command in (
+        'echo x > "$PWD/plan.md"',
+        "echo x > ~+/plan.md",
+        "echo x > /proc/self/cwd/plan.md",
+        "cd /tmp; cd -; echo x > plan.md",
+        'for f in *.md; do echo x > "$f"; done',
+        "find . -name plan.md -delete",
+        "find . -name plan.md -exec rm {} +",
+    ):
+        event = {**one.event("pre_bash", command=command), "cwd": str(tmp_path), "tool_input": {"command": command}}
+        verdict, reason = decision(one.hook(event))
+        assert verdict == "deny" and "`workdir`" in reason and "absolute paths" in reason, (command, reason)
+    assert (root / P).read_text() == PLAN
+
+
 def _call(event: dict[str, object], call: str) -> dict[str, object]:
     """`event` as the tool call `call` sends it (Codex names each call: `tool_use_id`)."""
     return {**event, "tool_use_id": call}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume
+from coherent_volume import CoherentVolume, codex
 from coherent_volume.errors import LinkRefused, UnresolvedShellWrite
 from coherent_volume.shell_writes import shell_writes
 
@@ -623,6 +623,46 @@ def test_home_and_unknown_places(root: Path, tmp_path: Path, monkeypatch) -> Non
         shell_writes("HOME=/tmp; echo hi > ~/plans/plan.md", str(root))
     with pytest.raises(UnresolvedShellWrite, match=r"\$f"):
         shell_writes(f"echo hi > {root}/plans/$f", str(outside))
+
+
+_FROM_THE_START = [
+    'echo x > "$PWD/a.md"',
+    "echo x > ~+/a.md",
+    "echo x > /proc/self/cwd/a.md",
+    'sed -i s/v1/x/ "$PWD/a.md"',
+    "cd /tmp; cd -; echo x > a.md",
+    'for f in *.md; do echo x > "$f"; done',
+    "rm *.md",
+    "echo x > *.md",
+    "find . -name a.md -delete",
+    "find . -delete",
+    "find . -name a.md -exec rm {} +",
+]
+"""Commands that write in the directory they start in, spelled otherwise than by a relative path."""
+
+
+@pytest.mark.parametrize("command", _FROM_THE_START)
+def test_a_command_started_in_an_unknown_directory_above_a_volume_is_refused_however_it_names_it(
+    root: Path, command: str
+) -> None:
+    """A Codex command runs in the call's `workdir`, which its event does not carry: started from the
+    turn's directory above a volume, it may run in the volume (`vol/plans`). A relative write was
+    refused, but one through `$PWD`, `~+`, `/proc/self/cwd`, `cd -`, a pattern or find's starting
+    point went ahead: each made the unknown directory a new unknown one, dropping that a volume below
+    counts (/tmp/s31r2h 3; `find . -name a.md -delete` was refused before f14cafb). Any unknown
+    placed in the unknown start directory now counts a volume below it."""
+    above = str(root.parent)
+    (root.parent / "a.md").write_text("x\n")
+    with pytest.raises(UnresolvedShellWrite, match="absolute paths"):
+        shell_writes(command, above, codex.WORKDIR)
+
+
+def test_a_command_started_in_an_unknown_directory_above_no_volume_goes_ahead(tmp_path: Path) -> None:
+    """The same commands, started from a directory with no volume below it, go ahead."""
+    (tmp_path / "free").mkdir()
+    (tmp_path / "free/a.md").write_text("x\n")
+    for command in _FROM_THE_START:
+        assert shell_writes(command, str(tmp_path / "free"), codex.WORKDIR).writes is not None, command
 
 
 def test_a_command_too_long_to_follow_is_checked_against_every_volume_it_names(root: Path, tmp_path: Path) -> None:
