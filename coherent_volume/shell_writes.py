@@ -139,6 +139,13 @@ _LONGEST = 100_000
 """Characters of a command parsed at most (longer: a command not followed)."""
 
 
+_PREVIOUS = (
+    "the previous directory (OLDPWD): after a `cd`, the directory the command started in; before one, any "
+    "directory the shell inherited as it"
+)
+"""Why `$OLDPWD` and `~-` are known only when the command runs: placed in its start directory."""
+
+
 class _TooMuch(Exception):
     """The recogniser's bound on entries read or on time ran out."""
 
@@ -906,6 +913,8 @@ class _Walk:
             return _chars(cwd, True) if isinstance(cwd, str) else cwd
         if name == "HOME" and not self.untrusted and os.environ.get("HOME"):
             return _chars(os.environ["HOME"], True)
+        if name == "OLDPWD" and name not in self.values:  # (after a `cd`, the directory it started in)
+            return Unknown(word, _PREVIOUS, _place(self.elsewhere or self.start), anywhere=True)
         if name in self.values:
             return _chars(self.values[name], True)
         return Unknown(word, f"the variable ${name}", "")
@@ -986,7 +995,7 @@ class _Walk:
         spelled: Spelled = []
         unknown = self._pieces(node, cwd, spelled)
         if unknown is not None:
-            return [self._unknown_word(node, cwd, spelled, unknown.why)]
+            return [self._unknown_word(node, cwd, spelled, unknown)]
         return self._expanded(spelled, cwd, _text(node))
 
     def _expanded(self, spelled: Spelled, cwd: Cwd, source: str) -> list[Item]:
@@ -1007,9 +1016,11 @@ class _Walk:
             words.extend(self._glob(tilded, cwd, source))
         return words
 
-    def _unknown_word(self, node: tree_sitter.Node, cwd: Cwd, spelled: Spelled, why: str) -> Unknown:
-        """The word `node`, spelled with a part known only when the command runs: the directory its
-        known part names, and what it may be below that (`Unknown.shape`)."""
+    def _unknown_word(self, node: tree_sitter.Node, cwd: Cwd, spelled: Spelled, part: Unknown) -> Unknown:
+        """The word `node`, spelled with a part known only when the command runs (the first: `part`):
+        the directory its known part names, and what it may be below that (`Unknown.shape`). A word
+        that begins with a part placed somewhere (`$OLDPWD`: the start directory) is placed there."""
+        why = part.why
         cut = _literal_end(spelled)
         prefix = self._tilde([c for c in spelled[:cut] if not isinstance(c, Wild)], cwd)
         known = "".join(c for c, _ in prefix) if isinstance(prefix, list) else None
@@ -1018,6 +1029,8 @@ class _Walk:
         if known is None or "=" in known or known.startswith("-"):
             # `of=…`, `--output=…`: what a command takes for a path may begin after the word does
             place, shape = _place(cwd), None
+        elif not known and part.place and spelled and isinstance(spelled[0], Wild):
+            place, shape = part.place, None
         elif isinstance(cwd, Unknown) and not known.startswith("/"):
             place, shape = cwd.place, cwd.below("/", known, *rest).shape
         else:
@@ -1047,13 +1060,13 @@ class _Walk:
         if prefix == "~+":
             value: str | Unknown = cwd
         elif prefix == "~-":
-            value = Unknown(prefix, "the previous directory", "")
+            value = Unknown(prefix, _PREVIOUS, _place(self.elsewhere or self.start), anywhere=True)
         elif prefix == "~" and (self.untrusted or not os.environ.get("HOME")):
             value = Unknown(prefix, "the home directory: HOME is set in the command, or not at all", "")
         else:
             value = os.path.expanduser(prefix)
         if isinstance(value, Unknown):
-            return Unknown(value.word, value.why, value.place or (cwd if isinstance(cwd, str) else cwd.place))
+            return dataclasses.replace(value, place=value.place or _place(cwd))
         return _chars(value, True) + word[end:]
 
     def _glob(self, word: Chars, cwd: Cwd, source: str) -> list[Item]:

@@ -665,6 +665,28 @@ def test_a_command_started_in_an_unknown_directory_above_no_volume_goes_ahead(tm
         assert shell_writes(command, str(tmp_path / "free"), codex.WORKDIR).writes is not None, command
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        'cd /tmp; cd "$OLDPWD"; echo x > plan.md',
+        "cd /tmp && cd ~- && echo x > plan.md",
+        'cd /tmp; echo x > "$OLDPWD/plan.md"',
+        "cd /tmp; echo x > $OLDPWD/plan.md",
+    ],
+)
+def test_the_previous_directory_after_a_cd_is_the_start_directory(root: Path, command: str) -> None:
+    """After `cd /tmp`, bash's OLDPWD (`$OLDPWD`, `~-`) is the directory the command started in: a
+    write through it there was taken as one to any path and went ahead where the command named no
+    volume (/tmp/s31r2h 4), for a start in a volume known (Claude Code) or not (Codex without
+    `workdir`). It is placed in the start directory now, any path still."""
+    with pytest.raises(UnresolvedShellWrite, match="previous directory"):
+        shell_writes(command, str(root / "plans"))
+    with pytest.raises(UnresolvedShellWrite, match="absolute paths"):
+        shell_writes(command, str(root), codex.WORKDIR)
+    with pytest.raises(UnresolvedShellWrite, match="absolute paths"):
+        shell_writes(command, str(root.parent), codex.WORKDIR)
+
+
 def test_a_command_too_long_to_follow_is_checked_against_every_volume_it_names(root: Path, tmp_path: Path) -> None:
     """A command longer than the recogniser follows, run outside every volume, is refused when any
     part of it names a path in a volume, however far into it (before, only its first 100,000
