@@ -116,9 +116,9 @@ from .core.renames import refuse_hard_link
 from .errors import CoherenceError, LinkRefused, OutsideVolume, UnresolvedShellWrite
 from .globs import ManagedGlobs, Piece, Wild
 from .hook_paths import Located, located, located_directory, through_own_process, unlinks_link
-from .paths import REGISTRY_DIR, is_registry_path
+from .paths import REGISTRY_DIR, STAGING, is_registry_path
 from .protocol import HandleKind
-from .registry import recorded_in
+from .registry import DB_FILE, recorded_in
 
 _MOST_EXPANDED = 1000
 """Words of a brace expansion, and matches of a pattern, at most (more: the word is unknown); and
@@ -1622,7 +1622,11 @@ class _Walk:
         return rest, []
 
     def write(self, item: Item, cwd: Cwd, kind: HandleKind, expand: bool = False) -> None:
-        """Record that `item` is written (with `expand`, a directory there stands for the files below it)."""
+        """Record that `item` is written (with `expand`, a directory there stands for the files below it).
+        An append by a plain relative name in the start directory known only when the command runs
+        (`elsewhere`) is not: it needs no view and loses nothing, and its file is unknown (`_appended`)."""
+        if kind == "append" and not expand and cwd == self.elsewhere and isinstance(item, str) and _appended(item):
+            return
         placed = _own_process(_unproc(_placed(item, cwd), cwd), cwd)
         if isinstance(placed, str) and _descriptor_number(placed) in self.read_descriptors:
             # (`{ echo x > /dev/stdout; } 1<f`: the kernel opens f to write)
@@ -2840,6 +2844,20 @@ def _type_letter(mode: int) -> str:
         if test(mode):
             return letter
     return "s" if stat.S_ISSOCK(mode) else "b" if stat.S_ISBLK(mode) else "c"
+
+
+def _appended(name: str) -> bool:
+    """Whether an append to the relative path `name` in a directory known only when the command runs
+    goes ahead (`_Walk.write`): where it has no `..` and names nothing a volume's registry directory
+    may hold (that directory, its database, a lock, its staging directory), so wherever the command
+    runs it appends to a file no one else's view is lost in, not to the registry."""
+    if name.startswith("/") or not name:
+        return False
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    registry = (REGISTRY_DIR, STAGING, "..")
+    return bool(parts) and not any(
+        part in registry or part.startswith(DB_FILE) or part.endswith(".lock") for part in parts
+    )
 
 
 def _placed(item: Item, cwd: Cwd) -> Item:

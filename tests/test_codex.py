@@ -773,6 +773,19 @@ def test_a_shell_command_from_above_a_volume_is_refused_however_it_names_its_sta
     assert (root / P).read_text() == PLAN
 
 
+def test_an_append_by_a_relative_name_with_no_workdir_goes_ahead(root: Path, sessions) -> None:
+    """`echo x >> notes.md` with the turn's directory in a volume and no `workdir` was refused by the
+    unknown-directory rule (/tmp/s31r2h 5, a false denial): an append needs no view. It goes ahead;
+    a truncating write there is still refused."""
+    one = sessions("append1", root)
+    for command, expected in (("echo x >> notes.md", "allow"), ("echo x > notes.md", "deny")):
+        event = {**one.event("pre_bash", command=command), "tool_input": {"command": command}}
+        assert decision(one.hook(event))[0] == expected, command
+        if expected == "allow":
+            post = one.hook({**one.event("post_bash", command=command), "tool_input": {"command": command}})
+            assert post["code"] == 0 and not post["stderr"], post
+
+
 def _call(event: dict[str, object], call: str) -> dict[str, object]:
     """`event` as the tool call `call` sends it (Codex names each call: `tool_use_id`)."""
     return {**event, "tool_use_id": call}

@@ -687,6 +687,26 @@ def test_the_previous_directory_after_a_cd_is_the_start_directory(root: Path, co
         shell_writes(command, str(root.parent), codex.WORKDIR)
 
 
+def test_an_append_by_a_plain_relative_name_in_an_unknown_start_directory_goes_ahead(root: Path) -> None:
+    """A Codex command with no `workdir` runs in a directory the hook cannot know; an append there by a
+    relative name was refused (/tmp/s31r2h 5, a false denial), though an append needs no view and
+    loses nothing. It goes ahead, not recorded (its file is unknown); a truncating write there is
+    refused still, and so is an append whose name may reach a registry or leave the directory."""
+    for command in ("echo x >> notes.md", "echo x &>> plans/log.txt", "printf 'a\\n' | tee -a notes.md"):
+        assert shell_writes(command, str(root), codex.WORKDIR).writes == [], command
+    for command in (
+        "echo x > notes.md",
+        "echo x >> ../vol/plans/plan.md",
+        "echo x >> .coherent/registry.db",
+        "echo x >> registry.db",
+        "echo x >> commit.lock",
+        "echo x >> staging/f",
+        'echo x >> "$f"',
+    ):
+        with pytest.raises(UnresolvedShellWrite):
+            shell_writes(command, str(root), codex.WORKDIR)
+
+
 def test_a_command_too_long_to_follow_is_checked_against_every_volume_it_names(root: Path, tmp_path: Path) -> None:
     """A command longer than the recogniser follows, run outside every volume, is refused when any
     part of it names a path in a volume, however far into it (before, only its first 100,000
