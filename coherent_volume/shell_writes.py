@@ -4223,9 +4223,32 @@ def shell_writes(command: str, cwd: str, elsewhere: tuple[str, str, str] | None 
     if refusal is not None:
         unknown, landing = refusal
         told = start.advice if start is not None and walk.from_start(unknown) else unknown.advice
+        place = os.path.realpath(unknown.place) if unknown.place else ""
+        if landing is not None and place and landing.startswith(place.rstrip("/") + "/"):  # (a volume below it)
+            raise _VolumeBelow(unknown.word, unknown.why, landing, told, place)
         raise UnresolvedShellWrite(unknown.word, unknown.why, landing, told)
     _refuse_links(walk.linked)
     return found
+
+
+class _VolumeBelow(UnresolvedShellWrite):
+    """An UnresolvedShellWrite whose write is placed in a directory in no volume, refused because a
+    volume lies below it (the write may reach it, `Unknown.volumes_below`, or it may run there:
+    `_Walk.from_start`): it says so, naming that volume as one for instance, not as the write's."""
+
+    def __init__(self, word: str, why: str, root: str, advice: str | None, place: str) -> None:
+        super().__init__(word, why, root, advice)
+        self.args = (
+            self.args[0],
+            f"coherent-volume refused this shell command: it writes a file named by `{word}` ({why}), which is "
+            f"known only when the command runs, and volumes lie below {place} (the one at {root}, for one), so the "
+            "write may land in one and the hook cannot check that it loses no other session's change. "
+            + (
+                advice
+                or "Name the file literally in the command (no variables, command substitutions, xargs or find "
+                "-exec, and `cd` only to a literal directory), or make the change with your file-editing tool."
+            ),
+        )
 
 
 def _refuse_links(ends: list[str]) -> None:

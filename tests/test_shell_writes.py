@@ -707,6 +707,20 @@ def test_an_append_by_a_plain_relative_name_in_an_unknown_start_directory_goes_a
             shell_writes(command, str(root), codex.WORKDIR)
 
 
+def test_a_refusal_for_a_volume_below_an_unknown_start_directory_says_so(root: Path, tmp_path: Path) -> None:
+    """A Codex command with no `workdir`, from a directory far above a volume (`/`, `/tmp`, $HOME),
+    writing by a relative path, is refused; the refusal said the write was "in the volume at X", an
+    unrelated volume, as if it were the target (/tmp/s31r2h 6). It now says that a volume lies
+    below the directory the command may run in, naming one for instance, and keeps its advice."""
+    with pytest.raises(UnresolvedShellWrite) as refused:
+        shell_writes("echo x > out.txt", str(tmp_path), codex.WORKDIR)
+    text = str(refused.value)
+    assert "in the volume at" not in text and f"volumes lie below {tmp_path}" in text, text
+    assert f"the one at {root}, for one" in text and "absolute paths" in text, text
+    with pytest.raises(UnresolvedShellWrite, match=f"in the volume at {root}"):
+        shell_writes("echo x > out.txt", str(root), codex.WORKDIR)  # (in a volume: that one)
+
+
 def test_a_command_too_long_to_follow_is_checked_against_every_volume_it_names(root: Path, tmp_path: Path) -> None:
     """A command longer than the recogniser follows, run outside every volume, is refused when any
     part of it names a path in a volume, however far into it (before, only its first 100,000
