@@ -31,7 +31,7 @@ from coherent_volume import atomic
 from coherent_volume.core import HandleCommit, VolumeCore
 from coherent_volume.edits import Edits
 from coherent_volume.errors import CarriedIn, CoherenceError, InstallPending, RootGone, StaleWriteError
-from coherent_volume.fingerprint import hash_fd
+from coherent_volume.fingerprint import Fingerprint, hash_fd, open_to_check
 from coherent_volume.liveness import ProcessId
 from coherent_volume.paths import Target
 from coherent_volume.protocol import Grant, HandleKind, goes_on_unlinked, read_shows_content
@@ -411,11 +411,12 @@ class Shadow:
 
     Invariants: from open (or the first write after a commit) until the next commit, `grant` (a
     share of this agent's write grant) keeps every other agent out; between commits it is None and
-    `fd` is -1 (the committed shadow is the file now), or the file it committed once another agent
-    unlinked that (`orphan`) or a rename through the mount carried it away (`carried_away`): read,
-    never written. What a failed commit at a FLUSH (a close(2)) told its program is final
-    (`failed`): its writes are dropped then, never committed later, and every later request of the
-    handle (another descriptor's write, fsync, close) fails the same way."""
+    `fd` is -1 (the committed shadow is the file now), or the file it committed once its agent
+    unlinked that (`orphan`), and `kept` the file its commit left at its name (read, never written),
+    which its reads, `fstat` and `fsync` go on with wherever a rename carries it or whatever is put
+    at its name since, as on a local disk. What a failed commit at a FLUSH (a close(2)) told its
+    program is final (`failed`): its writes are dropped then, never committed later, and every later
+    request of the handle (another descriptor's write, fsync, close) fails the same way."""
 
     core: VolumeCore
     owner: ProcessId
@@ -456,6 +457,16 @@ class Shadow:
     unprivileged: Unprivileged | None = None
     """Its opener, unless root: its writes and truncations clear the file's set-ID bits
     (`kill_set_ids`), its first write after each commit and its O_TRUNC open."""
+    kept: int = -1
+    """Between commits (`fd` -1): a descriptor of the file its last commit left at its name, taken in
+    the commit's worker job (`_committed`): its inode is that version's, which no commit changes (each
+    installs a new inode), so reads, `fstat` and `fsync` of the handle go on with it as on a local
+    disk, wherever renames carry it and whatever is put at its name since (before, the handle re-read
+    its name: after another file was renamed over it, a directory exchange, or a rename racing the
+    read, it read another file's bytes or failed ENOENT; /tmp/s31r2p 1-3). Never written through: the
+    next write takes a new shadow, whose grant is refused if the file changed (`_regrant`). -1 where
+    that file is not known (a replayed append whose file was replaced at once): reads copy the file
+    at its name, as before. Closed when a new shadow starts, at a failed commit and at RELEASE."""
     released: trio.Event = field(default_factory=trio.Event, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _busy: trio.Lock = field(default_factory=trio.Lock, repr=False)
@@ -486,10 +497,17 @@ class Shadow:
         return self.pending and not self.moved and not self.unlinked
 
     def stat(self) -> os.stat_result | None:
-        """The shadow's stat while there is one. Called on the event loop while a worker thread may
-        be committing (and closing) the shadow: the fd is read and closed under one lock."""
+        """The shadow's stat while there is one, else the committed file's (`kept`) if known. Called on
+        the event loop while a worker thread may be committing (and closing) the shadow: the fds are
+        read and closed under one lock."""
         with self._fd_lock:
-            return os.fstat(self.fd) if self.fd >= 0 else None
+            held = self.fd if self.fd >= 0 else self.kept
+            return os.fstat(held) if held >= 0 else None
+
+    def committed_stat(self) -> os.stat_result | None:
+        """The stat of the file its last commit left (`kept`) while it holds no shadow, else None."""
+        with self._fd_lock:
+            return os.fstat(self.kept) if self.fd < 0 and self.kept >= 0 else None
 
     def orphan(self, st: os.stat_result, file: int | None, unlinker: str) -> None:
         """Agent `unlinker` unlinked its file (`st`, open as `file` until then). As on a local disk, the
@@ -497,29 +515,20 @@ class Shadow:
         commits, the file itself. What it writes then is never committed if its own agent unlinked it;
         another agent's unlink (which only comes between its commits: its grant keeps others out
         otherwise) is a change since its last commit, so its next write is refused as after another
-        agent's commit (`_regrant`), never dropped silently (`protocol.goes_on_unlinked`)."""
+        agent's commit (`_regrant`), never dropped silently (`protocol.goes_on_unlinked`). A handle
+        whose committed file (`kept`) is not `st` (another commit replaced it since) is not that file's:
+        it keeps its own, and its next write is refused as after that commit."""
         with self._fd_lock:
+            if self.kept >= 0 and not _same_file(os.fstat(self.kept), st):
+                return
             if self.fd < 0 and file is not None:
-                self.fd = os.dup(file)
+                self.fd = os.dup(file)  # (`kept` stays open until the handle's next request that may close it)
             elif self.fd >= 0 and os.geteuid() == 0:
                 mode = os.fstat(self.fd).st_mode
                 os.fchown(self.fd, st.st_uid, st.st_gid)
                 if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
                     os.fchmod(self.fd, stat_mod.S_IMODE(mode))  # chown cleared them
         self.unlinker = unlinker
-
-    def carried_away(self, open_file: Callable[[], int]) -> None:
-        """A checked rename through the mount carried its file away from its name: writing on is refused
-        (`moved`, ESTALE). A handle with no shadow (its writes committed: its content is the file) and
-        no request under way takes a descriptor of the file (`open_file`, at the name it was carried
-        to), so that its reads, `fstat` and `fsync` go on with that file, as on a local disk and as an
-        orphan's do (before, a read copied whatever was at its old name: ENOENT, or another file's
-        bytes; /tmp/s31posix 3). One moved or unlinked before keeps what it has: its name is another
-        file's by now."""
-        if not (self.moved or self.unlinked or self._busy.locked()) and self.fd < 0 and self.failed is None:
-            with contextlib.suppress(OSError), self._fd_lock:  # (none: it reads its old name, as before)
-                self.fd = open_file()
-        self.moved = True
 
     def set_times(self, atime_ns: int | None, mtime_ns: int | None) -> None:
         """utimensat of the file while this handle holds unsaved writes: the times go to the shadow too
@@ -646,8 +655,18 @@ class Shadow:
             raise
 
     def _reshadow(self) -> None:
-        """A new shadow after a commit: a copy of the current content."""
-        self.fd = _shadow(self.target.abs, copy=True)
+        """A new shadow after a commit: a copy of the current content. The committed file it goes on
+        from is let go (`kept`)."""
+        fd = _shadow(self.target.abs, copy=True)
+        with self._fd_lock:
+            self.fd = fd
+            self._let_kept_go()
+
+    def _let_kept_go(self) -> None:
+        """Close the committed file's descriptor (`kept`), if any; under `_fd_lock`."""
+        if self.kept >= 0:
+            os.close(self.kept)
+            self.kept = -1
 
     def _usable(self) -> None:
         """FUSEError with its errno once a FLUSH's commit failed (`failed`)."""
@@ -662,6 +681,8 @@ class Shadow:
     async def read(self, off: int, size: int) -> bytes:
         async with self._busy:
             self._usable()
+            if self.fd < 0 and self.kept >= 0:
+                return os.pread(self.kept, size, off)  # its committed file, wherever it is now
             if self.fd < 0:
                 await blocking(self._reshadow)
             return os.pread(self.fd, size, off)
@@ -765,13 +786,14 @@ class Shadow:
             e,
         )
 
-    def _commit(self) -> None:
+    def _commit(self, keep: bool = True) -> None:
         """Install the shadow's content as one commit, then end the grant's share so that close()
         returning means the file is free; a failure is reported to this flush, and to every later
         request of the handle (`_drop_writes`). The commit is as durable as the program asked: content
         it fsynced into an existing file survives a power loss, as it would on a local disk;
         anything else reaches the disk with the next writeback. A handle whose file its agent
-        unlinked commits nothing: its writes stay in the file it goes on with (`orphan`)."""
+        unlinked commits nothing: its writes stay in the file it goes on with (`orphan`). `keep`: the
+        handle goes on (not its RELEASE), with the file its commit left (`kept`)."""
         if self.orphaned:  # nothing to commit, so nothing to fail
             self._drop_grant()
             self.edits = Edits()
@@ -787,24 +809,76 @@ class Shadow:
             )
         except InstallPending as e:  # committed, put in place by the next operation: as after a commit
             self.base_version = e.version
-            self._committed()
+            self._committed(before, keep)
             raise
-        self._committed()
+        self._committed(before, keep)
         if self.base_version == before:  # it wrote the bytes the file holds: no commit, but a write all the same
             touch(self.target.abs, written_at)
 
-    def _committed(self) -> None:
-        """After a commit: the shadow is the file now (or its file is gone, or it is the committed
-        version's staged file, which the volume puts in place): writing again starts afresh."""
-        self._close()
+    def _committed(self, before: int, keep: bool) -> None:
+        """After a commit (from version `before`): the shadow is the file now (or its file is gone, or
+        it is the committed version's staged file, which the volume puts in place): writing again
+        starts afresh, and meanwhile (`keep`) the handle holds the file the commit left (`kept`)."""
+        kept = self._committed_file(before) if keep else -1
+        with self._fd_lock:
+            self._let_kept_go()
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd, self.kept = -1, kept
         self.edits = Edits()
         self.pending = self.wrote = False
         self.grant = None
 
+    def _committed_file(self, before: int) -> int:
+        """A read-only descriptor of the file the commit of the shadow just made (from version `before`
+        to `base_version`) left at its name, taken right after it, or -1 (read-only: the daemon holds
+        no managed file open for writing, which a checked rename into the globs takes for a writer's,
+        EBUSY: `open_writers`). A commit that made a version
+        installs the shadow's own inode (linked: it has a name now, or had one until another commit
+        replaced it), except an append replayed onto a newer version (`protocol.may_replay`), whose
+        shadow was never linked: the file at the name then, if the registry says it is that version.
+        One that made none (the file held those bytes already) leaves the file there, if the
+        registry says so, else the shadow, whose bytes are that file's (a write handle's; an append
+        handle's may be the base's, not the file's: -1)."""
+        made = self.base_version != before
+        if made and (self.kind == "write" or os.fstat(self.fd).st_nlink > 0):
+            return _reopened(self.fd)
+        there = self._version_at_name()
+        if there >= 0:
+            return there
+        return _reopened(self.fd) if not made and self.kind == "write" else -1
+
+    def _version_at_name(self) -> int:
+        """A descriptor of the file at its name if it is its version `base_version` as the registry
+        records it (its fingerprint, or failing that its content), else -1."""
+        try:
+            fd = open_to_check(self.target.abs)
+        except OSError:
+            return -1
+        try:
+            st = os.fstat(fd)
+            record, _ = self.core.registry.peek(self.target.rel, self.agent)
+            if (
+                stat_mod.S_ISREG(st.st_mode)
+                and record is not None
+                and record.present
+                and record.version == self.base_version
+                and (Fingerprint.of(st) == record.fingerprint or hash_fd(fd) == record.hash)
+            ):
+                return fd
+        except (CoherenceError, OSError):
+            pass
+        os.close(fd)
+        return -1
+
     async def fsync(self, datasync: bool) -> None:
         async with self._busy:
             self._usable()
-            if self.fd < 0:  # its content is committed: make that durable
+            if self.fd < 0 and self.kept >= 0:  # its content is committed: make that durable, where it is now
+                at = None if self.moved or self.unlinked else os.path.dirname(self.target.abs)
+                await blocking(_sync_kept, self.kept, datasync, at)
+                return
+            if self.fd < 0:
                 await blocking(_sync_committed, self.target.abs)
                 return
             await fsync(self.fd, datasync)
@@ -824,7 +898,7 @@ class Shadow:
         try:
             if self.pending:
                 try:
-                    self._commit()
+                    self._commit(keep=False)
                 except (CoherenceError, OSError) as e:
                     log.warning(
                         "the commit at the release of %s failed, and no close(2) reports it (its handle held "
@@ -842,10 +916,12 @@ class Shadow:
             self._end_grant(grant)
 
     def _close(self) -> None:
+        """Close the shadow and the committed file (`kept`): nothing is read through the handle any more."""
         with self._fd_lock:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+            self._let_kept_go()
 
 
 @dataclass(frozen=True)
@@ -924,6 +1000,28 @@ def _shadow(path: str, copy: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _reopened(fd: int) -> int:
+    """A read-only descriptor of the file open as `fd` (named or not), or -1 if it cannot be had (out
+    of descriptors: the handle reads its name as before)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _sync_kept(fd: int, datasync: bool, directory: str | None) -> None:
+    """fsync a committed file open as `fd`, and the directory of its name (`directory`, unless a rename
+    or unlink took it from there: then the file alone), so its content (and name) survive a power loss."""
+    (os.fdatasync if datasync else os.fsync)(fd)
+    if directory is not None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # (moved meanwhile: the file is synced)
+            atomic.fsync_dir(directory)
 
 
 def _sync_committed(path: str) -> None:

@@ -281,12 +281,17 @@ class CoherentOperations(pyfuse3.Operations):
     def _stat(self, rel: str, inode: int) -> os.stat_result:
         """The backing file at `rel`, reached through an open handle when its name is gone
         (unlinked while open, or a directory above it swapped behind the daemon's back). An inode set
-        aside for a write handle (`_unname`) is the file at its name, whose content it serves."""
-        rel = self._aside_name(inode) or rel
+        aside for a write handle (`_unname`) is the file at its name, whose content it serves, until
+        another commit replaced the file its handle committed (`Shadow.kept`): that file then, at no name
+        (`st_nlink` 0), whose bytes the handle reads, as on a local disk."""
+        aside = self._aside_name(inode)
+        rel = aside or rel
         try:
             if "\0" in rel:  # unlinked while open, or its name is another inode's now (InodeTable.unlinked)
                 raise OSError(errno.ESTALE, "Stale file handle", rel)  # the kernel looks the name up again
-            return self.backing.lstat(rel)
+            now = self.backing.lstat(rel)
+            kept = self._kept_stat(inode) if aside is not None else None
+            return kept if kept is not None and (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino) else now
         except OSError:
             st = self._held_stat(inode)
             if st is not None:
@@ -295,6 +300,16 @@ class CoherentOperations(pyfuse3.Operations):
                 if listing.inode == inode:
                     return os.fstat(listing.fd)
             raise
+
+    def _kept_stat(self, inode: int) -> os.stat_result | None:
+        """The stat of the file the last commit of a write handle open on `inode` left (`Shadow.kept`),
+        if one holds nothing else (no shadow: its writes committed)."""
+        for handle in self._handles_on(inode):
+            if isinstance(handle, Shadow):
+                st = handle.committed_stat()
+                if st is not None:
+                    return st
+        return None
 
     def _held_stat(self, inode: int) -> os.stat_result | None:
         """The stat of the file an open handle of `inode` holds (a committed write handle's: the file at
@@ -1264,10 +1279,8 @@ class CoherentOperations(pyfuse3.Operations):
                 ends = (src, dst) if exchange else (src,)
                 aside = {i: rel for i, rel in self._aside.items() if any(_at_or_below(rel, end) for end in ends)}
                 await _made(self.core.rename, agent, source, destination, exchange=exchange, noreplace=noreplace)
-                for handle in moving:  # its reads go on with its file, now at the name it was carried to
-                    handle.carried_away(
-                        functools.partial(self.backing.open, _carried(handle.rel, src, dst, exchange), os.O_RDONLY)
-                    )
+                for handle in moving:  # writing on is refused (ESTALE); reads go on with its file (`Shadow.kept`)
+                    handle.moved = True
                 self._renamed(src, dst, exchange, tree)
                 self._carries += 1
                 for inode, before in {**carried, **aside}.items():
