@@ -711,6 +711,8 @@ class Shadow:
         async with self._busy:
             self._usable()
             self.closed = False
+            if self.moved:  # before a grant is asked at its old name, whose refusal would speak of that name's file
+                raise pyfuse3.FUSEError(errno.ESTALE)
             if self.kind == "append" and not self.orphaned:
                 await blocking(self._turn_into_writer)
             await self._writable()

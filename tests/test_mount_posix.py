@@ -2564,3 +2564,28 @@ print(open("plans/q.md", "rb").read(), os.stat("plans/q.md").st_size)
         "Permission denied",
         "b'bob wrote this longer text' 26",
     ], out
+
+
+def test_ftruncate_through_an_append_handle_whose_file_was_renamed_away_fails_estale(mounted: Mount) -> None:
+    """`ftruncate` through an `O_APPEND` handle whose file was renamed away fails ESTALE, as writing does
+    (docs/mount.md), and changes nothing: before, it asked for a write grant at the handle's old name
+    first, which was refused EACCES with a log line about that name's version (/tmp/s31r2p 5)."""
+    code = """
+import os
+with open("plans/a.md", "wb") as f:
+    f.write(b"some text")
+fd = os.open("plans/a.md", os.O_WRONLY | os.O_APPEND)
+os.write(fd, b" appended")
+os.close(os.dup(fd))  # a close: its commit
+os.rename("plans/a.md", "plans/a2.md")
+for call, args in ((os.ftruncate, (fd, 0)), (os.write, (fd, b"more"))):
+    try:
+        call(*args)
+        print(call.__name__, "ok")
+    except OSError as e:
+        print(call.__name__, os.strerror(e.errno))
+os.close(fd)
+print(open("plans/a2.md", "rb").read(), os.path.exists("plans/a.md"))
+"""
+    out = run_in(mounted.path, code)
+    assert out.splitlines() == ["ftruncate Stale file handle", "write Stale file handle", "b'some text appended' False"]
