@@ -12,17 +12,21 @@ sessions under one name would be one agent, each passing for the other's reads.
 Invariants:
 - `read_file` registers the session's view at the version of exactly the bytes it returns (all
   of them, or the lines asked for), and lifts a fence of the session's on the file as
-  `reacquire()` does (the model saw the content; with no fence to lift, it takes no commit lock);
-  it returns at most READ_LIMIT characters, and a read it refuses leaves the session no view of
-  the file;
+  `reacquire()` does (with no fence to lift, it takes no commit lock), once its reply is written
+  to the client (`_serve_stdio`): a read refused, failed, cancelled or whose reply cannot be
+  written registers none; it returns at most READ_LIMIT characters;
+- a write or edit is checked against what the session was sent before the client sent it
+  (`Session._base`): a read whose reply was written after that is no base of it (a
+  compare-and-swap on the version the session knew then);
 - `diff` returns at most READ_LIMIT characters (`_bounded`): the first lines of a larger diff, then
   how many were left out and how to see them;
 - `write_file` is the API's fail-closed write (`merge` as in `CoherentVolume.write`);
 - `edit_file` applies old→new to the content this session last read or wrote of the file (never to
   what is on disk now) and writes that only while the session's view is still that version; a
   merge leaves the view where it was (`write_merging`), so the next edit needs a read first;
-- a session's tool calls run one at a time, so two edits it sends together never build on the
-  same content;
+- a session's tool calls run one at a time, in the order sent (`Wire.turn`), so two edits it sends
+  together never build on the same content; a cancelled one is not answered, and a cancelled
+  write not yet committing is not written;
 - every refusal and bad input is a tool error saying what happened and what to do; nothing is
   written then. Unmanaged paths pass through unchecked, as in the API.
 
@@ -32,11 +36,14 @@ annotations`: the SDK reads the tools' annotations at runtime, and they name cla
 inside `serve`."""
 
 import datetime as dt
+import errno
 import importlib.util
+import math
 import os
 import secrets
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -45,6 +52,7 @@ import click
 from . import diffs, report
 from .core import VolumeCore, open_core, validate_agent
 from .errors import (
+    Absent,
     CoherenceError,
     MergeConflict,
     NotManaged,
@@ -104,10 +112,80 @@ class ToolRefused(Exception):
 
 @dataclass(frozen=True)
 class Known:
-    """The content of a managed file this session last read or wrote, and its version."""
+    """What this session was sent of a managed file (a read's reply, written) or wrote itself: its
+    content (None: the file was found missing) and version. `since`: where on the client's input a
+    request must begin to be built on it (a request sent before the reply carrying the content was
+    written could not have seen it; -inf with no wire). `prior`: the agent's view before it."""
 
-    text: str
+    text: str | None
     version: int
+    since: float = -math.inf
+    prior: int | None = None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A read whose reply is on its way: its view is registered once the reply is written."""
+
+    target: Target
+    version: int
+    text: str | None
+
+
+class Wire:
+    """What the stdio layer (`_serve_stdio`) saw of each request, for the session's checks: where
+    on the client's input it began (`arrived`, in bytes), which the client cancelled, the reads
+    whose replies are not yet written (`sent`) or written and not yet registered (`settling`), and
+    the tool calls not yet done (`turns`), which run in the order they were sent (`turn`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.arrived: dict[object, int] = {}
+        self.arrived_at: dict[object, float] = {}
+        """(event loop only) When each request was read (`time.monotonic`)."""
+        self.cancelled: set[object] = set()
+        self.sent: dict[object, tuple[Session, Sent]] = {}
+        self.settling: list[float] = []
+        """(event loop only, as are `turns` and `changed`)"""
+        self.turns: dict[object, int] = {}
+        self.changed: Any = None
+
+    @staticmethod
+    def key(request: object) -> object:
+        return (type(request).__name__, request)  # 1 and "1" are two ids
+
+    def arrival(self, request: object) -> float:
+        with self.lock:
+            return self.arrived.get(self.key(request), math.inf) if request is not None else math.inf
+
+    def is_cancelled(self, request: object) -> bool:
+        with self.lock:
+            return request is not None and self.key(request) in self.cancelled
+
+    def notify(self) -> None:
+        """Something `turn` waits for changed (on the event loop)."""
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
+
+    async def turn(self, request: object) -> None:
+        """Wait (on the event loop, ANSWER_AT_END s at most) until every tool call sent before
+        `request` is done, and every read whose reply was written before `request` was sent is
+        registered: tool calls run one at a time in the order they were sent, and a call sent after
+        a read's reply is checked against that read."""
+        import anyio
+
+        arrival = self.arrival(request)
+        with anyio.move_on_after(ANSWER_AT_END):
+            while any(a < arrival for a in self.turns.values()) or any(h <= arrival for h in self.settling):
+                if self.changed is None:
+                    self.changed = anyio.Event()
+                await self.changed.wait()
+
+    def done(self, request: object) -> None:
+        """Tool call `request` is done (or answered, or cancelled): the next may go."""
+        if self.turns.pop(self.key(request), None) is not None:
+            self.notify()
 
 
 def _lines(text: str, offset: int, limit: int | None) -> str:
@@ -213,11 +291,81 @@ class Session:
     """One MCP session: one agent's tools over a volume. Methods return the text the model reads,
     or raise ToolRefused; calls are serialized."""
 
-    def __init__(self, core: VolumeCore, agent: str) -> None:
+    def __init__(self, core: VolumeCore, agent: str, wire: Wire | None = None) -> None:
         self.core = core
         self.agent = agent
-        self._known: dict[str, Known] = {}
+        self.wire = wire
+        """None: no stdio layer (tests): a read's reply counts as written when the call returns."""
+        self._known: dict[str, list[Known]] = {}
         self._lock = threading.Lock()
+
+    # ---- what the client was sent ----
+
+    def _arrival(self, request: object) -> float:
+        return math.inf if self.wire is None else self.wire.arrival(request)
+
+    def _send(self, request: object, sent: Sent) -> None:
+        """A read's reply is ready: its view is registered once it is written (`delivered`), at once
+        with no wire."""
+        if self.wire is None or request is None:
+            self._register(sent, -math.inf)
+            return
+        with self.wire.lock:
+            if Wire.key(request) not in self.wire.cancelled:  # a cancelled request is never answered
+                self.wire.sent[Wire.key(request)] = (self, sent)
+
+    def delivered(self, sent: Sent, since: float) -> None:
+        """The reply carrying `sent` was written, and a request beginning at `since` on the
+        client's input or later may be built on it: register its view (`_register`)."""
+        with self._lock:
+            self._register(sent, since)
+
+    def _register(self, sent: Sent, since: float) -> None:
+        """The client was sent `sent`: the agent's view moves to its version (never back, as a read
+        through a handle opened earlier: `note_read`), a fence of the agent's on the file is lifted
+        (it read it again, as `reacquire()`), and the session knows its content from `since`. A file
+        found missing is a view of its deletion (none where no file of that name ever was)."""
+        target = sent.target
+        prior = self.core.registry.peek(target.rel, self.agent)[1]
+        self.core.clear_fence(self.agent, target)
+        if sent.version:
+            self.core.note_read(self.agent, target, sent.version)
+        self._learn(target.rel, Known(sent.text, sent.version, since, prior))
+
+    def _learn(self, rel: str, known: Known) -> None:
+        """Add what the session now knows of `rel`, dropping what no request under way can build on:
+        of what a request that began before every request still under way could see, only the
+        newest is kept."""
+        oldest = math.inf
+        if self.wire is not None:
+            with self.wire.lock:
+                oldest = min(self.wire.arrived.values(), default=math.inf)
+        states = [*self._known.get(rel, []), known]
+        seen = [k for k in states if k.since <= oldest]
+        newest = max(seen, key=lambda k: k.version, default=None)
+        self._known[rel] = [k for k in states if k is newest or k.since > oldest]
+
+    def _base(self, target: Target, arrival: float, edit: bool) -> tuple[Known | None, int | None]:
+        """What a write that began at `arrival` on the client's input may be built on: (the newest
+        content the session was sent or wrote before it, the version the write must find current or
+        None for the agent's view). A read whose reply was written after the write was sent, or a
+        write sent after it, moved the agent's view past what the write could have seen: then it is
+        a compare-and-swap on what it could (the view before them where the session knew nothing
+        before), and refused unread where that was no view of an existing file."""
+        states = self._known.get(target.rel, [])
+        relied = max((k for k in states if k.since <= arrival), key=lambda k: k.version, default=None)
+        later = [k for k in states if k.since > arrival]
+        if relied is not None:
+            return relied, relied.version if edit or later else None
+        if not later:
+            return None, None
+        if later[0].prior is None and os.path.lexists(target.abs):
+            raise ToolRefused(
+                f"Refused (unread): nothing was written. You had not read {shown(target.rel)} when you sent this "
+                "call: the read_file answered after it was sent, so the call could not be built on what it "
+                f"showed. To fix: {REMEDY['unread'].format(path=shown(target.rel))}"
+            )
+        return None, later[0].prior
 
     # ---- paths and errors ----
 
@@ -231,7 +379,7 @@ class Session:
                 f"({shown(self.core.paths.root)}), or an absolute path inside it."
             ) from None
 
-    def _call(self, path: str, action: str, fn: Any) -> str:
+    def _call(self, path: str, action: str, fn: Any, request: object = None) -> str:
         """Run `fn()` under the session's lock, turning every expected failure into ToolRefused."""
         with self._lock:
             try:
@@ -274,38 +422,33 @@ class Session:
 
     # ---- tools ----
 
-    def read_file(self, path: str, offset: int = 1, limit: int | None = None) -> tuple[str, str]:
+    def read_file(
+        self, path: str, offset: int = 1, limit: int | None = None, request: object = None
+    ) -> tuple[str, str]:
         """(content, note): the file's text, or its lines `offset`.. (`limit` of them), and a line
-        about its version; registers the view (of the version: as a read tool's view of part of a
-        file, it stands for the whole version). Refused, with no view left (`_returnable`), when
-        the text would be longer than READ_LIMIT or shows none of the file's lines."""
+        about its version. Once its reply is written (`_send`), the view is registered (of the
+        version: as a read tool's view of part of a file, it stands for the whole version); a read
+        refused (`_returnable`), failed, cancelled or never answered registers none."""
         note: list[str] = []
 
         def read() -> str:
             if offset < 1 or (limit is not None and limit < 1):
                 raise ToolRefused(f"offset ({offset}) and limit ({limit}) must be at least 1: lines count from 1.")
             target = self._target(path)
-            before = None
-            if target.managed:
-                self.core.clear_fence(self.agent, target)
-                before = self.core.registry.peek(target.rel, self.agent)[1]
+            before = self.core.registry.peek(target.rel, self.agent)[1] if target.managed else None
             try:
-                observed = self.core.read(self.agent, target)
-            except FileNotFoundError:
-                self._known.pop(target.rel, None)
+                observed = self.core.read(self.agent, target, register=False)
+            except Absent as e:
+                if target.managed:  # told the file does not exist: a view of its deletion
+                    self._send(request, Sent(target, e.version, None))
                 raise
             try:
                 text = observed.data.decode("utf-8")
                 part = _lines(text, offset, limit)
                 _returnable(path, text, part, offset)
-            except (UnicodeDecodeError, ToolRefused) as e:
-                if target.managed:  # the model was shown nothing: its view, and what it knows, stay as they were
-                    self.core.forget(self.agent, target, back_to=before)
-                if isinstance(e, ToolRefused):
-                    raise
+            except UnicodeDecodeError:
                 raise ToolRefused(f"{shown(path)} is not UTF-8 text; these tools read and write text only.") from None
             if target.managed:
-                self._known[target.rel] = Known(text, observed.version)
                 note.append(
                     f"[coherent-volume] {shown(target.rel)}: version {observed.version}. Your view is this version: "
                     "write_file and edit_file are refused if someone changes the file before you do."
@@ -315,16 +458,25 @@ class Session:
                 )
                 told = partly_read_warning([over], "read", PARTLY_REREAD) if over else None
                 note[-1] += f"\n{told}" if told else ""
+                self._send(request, Sent(target, observed.version, text))
             else:
                 note.append(f"[coherent-volume] {shown(target.rel)} is not managed: writes to it are not checked.")
             return part
 
-        return self._call(path, "reading", read), note[0]
+        return self._call(path, "reading", read, request), note[0]
 
-    def write_file(self, path: str, content: str, merge: bool = False) -> str:
-        return self._call(path, "writing", lambda: self._write(self._target(path), content, merge))
+    def write_file(self, path: str, content: str, merge: bool = False, request: object = None) -> str:
+        def write() -> str:
+            target = self._target(path)
+            arrival = self._arrival(request)
+            expected = self._base(target, arrival, edit=False)[1] if target.managed else None
+            return self._write(target, content, merge, expected, request, arrival)
 
-    def edit_file(self, path: str, old_string: str, new_string: str, merge: bool = False) -> str:
+        return self._call(path, "writing", write, request)
+
+    def edit_file(
+        self, path: str, old_string: str, new_string: str, merge: bool = False, request: object = None
+    ) -> str:
         def edit() -> str:
             if not old_string:
                 raise ToolRefused(
@@ -333,9 +485,10 @@ class Session:
             if old_string == new_string:
                 raise ToolRefused("old_string and new_string are the same: there is nothing to change.")
             target = self._target(path)
+            arrival = self._arrival(request)
             if target.managed:
-                known = self._known.get(target.rel)
-                if known is None:
+                known = self._base(target, arrival, edit=True)[0]
+                if known is None or known.text is None:
                     raise ToolRefused(
                         f"Refused (unread): nothing was written. You have not read {shown(target.rel)} in this session "
                         f"(or changed it by a merge since). To fix: {REMEDY['unread'].format(path=shown(target.rel))}"
@@ -353,16 +506,35 @@ class Session:
                     else "copy it exactly from read_file's output (call read_file again if the file changed)"
                 )
                 raise ToolRefused(f"Nothing was written: old_string {found} in {base} of {shown(target.rel)}; {hint}.")
-            return self._write(target, text.replace(old_string, new_string), merge, expected)
+            return self._write(target, text.replace(old_string, new_string), merge, expected, request, arrival)
 
-        return self._call(path, "editing", edit)
+        return self._call(path, "editing", edit, request)
 
-    def _write(self, target: Target, content: str, merge: bool, expected: int | None = None) -> str:
+    def _write(
+        self,
+        target: Target,
+        content: str,
+        merge: bool,
+        expected: int | None = None,
+        request: object = None,
+        arrival: float = math.inf,
+    ) -> str:
         """Write `content`; `expected`: the version it was built on (an edit of what this session
-        read), which must be current whatever the agent's view (another session of the same agent
-        may have moved it), else it is merged onto the current version or refused."""
+        read, or what a write could see when it was sent: `_base`), which must be current whatever
+        the agent's view (another session of the same agent may have moved it), else it is merged
+        onto the current version or refused. Not written if the client cancelled the request by
+        then; a cancel that comes later is too late, which stderr says (the reply is not sent)."""
         data = content.encode("utf-8")
+        prior = self.core.registry.peek(target.rel, self.agent)[1] if target.managed else None
+        if self.wire is not None and self.wire.is_cancelled(request):
+            raise ToolRefused("Cancelled by the client: nothing was written.")
         version = self.core.write(self.agent, target, data, merge=merge, expected=expected)
+        if self.wire is not None and self.wire.is_cancelled(request):
+            click.echo(
+                f"coherent-volume mcp: request {request!r} was cancelled by the client after its write of "
+                f"{shown(target.rel)} was committed (version {version}); it stands, and gets no reply",
+                err=True,
+            )
         if not target.managed:
             return f"Wrote {shown(target.rel)} (not managed: not versioned, not checked)."
         try:
@@ -378,7 +550,7 @@ class Session:
         # that): a merge, or a merge that made no version (the current one holds both changes), holds
         # bytes this session never read
         if made is None or made.kind != "merge" and made.hash == content_hash(data):
-            self._known[target.rel] = Known(content, version)
+            self._learn(target.rel, Known(content, version, arrival if arrival < math.inf else -math.inf, prior))
             return f"Wrote {shown(target.rel)}: now version {version}."
         self._known.pop(target.rel, None)
         return (
@@ -499,20 +671,30 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     server: MCPServer[Any] = MCPServer("coherent-volume", instructions=INSTRUCTIONS, log_level="WARNING")
     sessions: list[Session] = []
     naming = threading.Lock()
+    wire = Wire()
 
     def session(ctx: Context) -> Session:
         """This connection's session, named at its first tool call (when the client's name is known)."""
         with naming:
             if not sessions:
                 client = ctx.session.client_params
-                sessions.append(Session(core, agent or agent_for(client.client_info.name if client else None)))
+                sessions.append(Session(core, agent or agent_for(client.client_info.name if client else None), wire))
             return sessions[0]
 
-    def answer(fn: Any) -> Any:
+    def request(ctx: Context) -> object:
+        return ctx.request_context.request_id
+
+    async def answer(ctx: Context, fn: Any) -> Any:
+        """`fn()` in a worker thread once it is this call's turn (`Wire.turn`); a refusal is a tool error."""
+        import anyio.to_thread
+
         try:
-            return fn()
+            await wire.turn(request(ctx))
+            return await anyio.to_thread.run_sync(fn)
         except ToolRefused as e:
             raise ToolError(str(e)) from None
+        finally:
+            wire.done(request(ctx))
 
     FilePath = Annotated[str, Field(description="File path, relative to the workspace root.")]
     Merge = Annotated[
@@ -526,7 +708,7 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     writing = ToolAnnotations(destructive_hint=True, idempotent_hint=False)
 
     @server.tool(annotations=reading, structured_output=False)
-    def read_file(
+    async def read_file(
         path: FilePath,
         ctx: Context,
         offset: Annotated[int, Field(description="The first line to read (lines count from 1).")] = 1,
@@ -535,11 +717,11 @@ def serve(core: VolumeCore, agent: str | None) -> None:
         """Read a text file, or lines of it (offset, limit: a large file is read in parts).
         Reading registers what you saw: later write_file/edit_file calls on it are refused if anyone
         changed it since, so always read a file before changing it."""
-        content, note = answer(lambda: session(ctx).read_file(path, offset, limit))
+        content, note = await answer(ctx, lambda: session(ctx).read_file(path, offset, limit, request(ctx)))
         return CallToolResult(content=[TextContent(type="text", text=content), TextContent(type="text", text=note)])
 
     @server.tool(annotations=writing, structured_output=False)
-    def write_file(
+    async def write_file(
         path: FilePath,
         content: Annotated[str, Field(description="The whole new content of the file.")],
         ctx: Context,
@@ -547,11 +729,11 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     ) -> str:
         """Write a whole text file (creating it and its directories if needed). Refused, with what changed,
         if the file exists and you have not read it, or it changed since you read it."""
-        result: str = answer(lambda: session(ctx).write_file(path, content, merge))
+        result: str = await answer(ctx, lambda: session(ctx).write_file(path, content, merge, request(ctx)))
         return result
 
     @server.tool(annotations=writing, structured_output=False)
-    def edit_file(
+    async def edit_file(
         path: FilePath,
         old_string: Annotated[
             str, Field(description="Exact text to replace; it must occur exactly once in the file as you read it.")
@@ -562,21 +744,23 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     ) -> str:
         """Replace old_string with new_string in the content you last read of a file (read_file first).
         Refused, with the diff of what changed, if the file changed since you read it."""
-        result: str = answer(lambda: session(ctx).edit_file(path, old_string, new_string, merge))
+        result: str = await answer(
+            ctx, lambda: session(ctx).edit_file(path, old_string, new_string, merge, request(ctx))
+        )
         return result
 
     @server.tool(annotations=reading, structured_output=False)
-    def history(
+    async def history(
         path: FilePath,
         ctx: Context,
         limit: Annotated[int, Field(description="How many of the newest versions to list (at least 1).")] = 20,
     ) -> str:
         """List a managed file's versions, newest first: who wrote each, when, and which one you read."""
-        result: str = answer(lambda: session(ctx).history(path, limit))
+        result: str = await answer(ctx, lambda: session(ctx).history(path, limit))
         return result
 
     @server.tool(annotations=reading, structured_output=False)
-    def diff(
+    async def diff(
         path: FilePath,
         ctx: Context,
         from_version: Annotated[
@@ -585,25 +769,25 @@ def serve(core: VolumeCore, agent: str | None) -> None:
         to_version: Annotated[int | None, Field(ge=0, description="Newer version (default: the current one).")] = None,
     ) -> str:
         """Unified diff of a managed file between two versions; by default what changed since you read it."""
-        result: str = answer(lambda: session(ctx).diff(path, from_version, to_version))
+        result: str = await answer(ctx, lambda: session(ctx).diff(path, from_version, to_version))
         return result
 
     @server.tool(annotations=reading, structured_output=False)
-    def status(ctx: Context) -> str:
+    async def status(ctx: Context) -> str:
         """The workspace: managed files with version, last writer and grant holder; agents and their stale
         views; the files you read that changed since."""
-        result: str = answer(lambda: session(ctx).status())
+        result: str = await answer(ctx, lambda: session(ctx).status())
         return result
 
     @server.tool(annotations=reading, structured_output=False)
-    def why(path: FilePath, ctx: Context) -> str:
+    async def why(path: FilePath, ctx: Context) -> str:
         """Why the last write to a file was refused: which agent, what it had read, who changed the file
         since, and what to do."""
-        result: str = answer(lambda: session(ctx).why(path))
+        result: str = await answer(ctx, lambda: session(ctx).why(path))
         return result
 
     try:
-        anyio.run(_serve_stdio, server)
+        anyio.run(_serve_stdio, server, wire)
     except* (BrokenPipeError, anyio.BrokenResourceError):  # the client closed its side, not the server's fault
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         click.echo(
@@ -623,23 +807,50 @@ def serve(core: VolumeCore, agent: str | None) -> None:
                 )
 
 
+READ_SETTLE = 0.05
+"""Seconds after its request was read that a read_file's reply is written at the soonest: calls
+the client sent together with the read (a model's parallel tool calls, sent one after the other)
+arrive meanwhile, before the reply is written, and so are not built on it (`_serve_stdio`). The
+server cannot see when the client reads a reply, only when it was written: a call sent later than
+this after the read, yet before the client read its reply, counts as built on it."""
+
 ANSWER_AT_END = 60.0
 """Seconds the server waits, once its client closed its side, for the requests still running to
 be answered (each is bounded by the volume's own waits)."""
 
 
-async def _serve_stdio(server: Any) -> None:
-    """Serve `server` (an SDK `MCPServer`) over stdio as its `run_stdio_async` does, except that every
-    line that is not a JSON-RPC message is answered (the SDK drops it, so a client waiting for its
-    reply would wait forever): JSON-RPC's parse error for a line that is not JSON, invalid request
-    for JSON that is not a message, with the line's id if it has one."""
+async def _serve_stdio(server: Any, wire: Wire) -> None:
+    """Serve `server` (an SDK `MCPServer`) over stdio as its `run_stdio_async` does (fd 0 and 1 point
+    at /dev/null and stderr meanwhile, so nothing else reads or writes the wire), except that:
+    - every line that is not a JSON-RPC message is answered (the SDK drops it, so a client waiting for
+      its reply would wait forever): JSON-RPC's parse error for a line that is not JSON, invalid
+      request for JSON that is not a message, with the line's id if it has one;
+    - `wire` learns where each request began on the input (in bytes) and which the client cancelled,
+      and a read's view is registered (`Session.delivered`) once its reply is written, for requests
+      that began after every byte the client had sent by then: those sent before it could not have
+      seen it;
+    - at the end of input (the client closed its side), it waits for every request read and not
+      cancelled to be answered (the SDK would drop the answers of those still running, whose
+      changes may have landed), ANSWER_AT_END seconds at most."""
+    import fcntl
+    import termios
+
     import anyio
-    from mcp.server.stdio import stdio_server
+    import anyio.to_thread
     from mcp.shared.message import SessionMessage
-    from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, JSONRPCRequest, JSONRPCResponse
+    from mcp.types import (
+        INVALID_REQUEST,
+        PARSE_ERROR,
+        ErrorData,
+        JSONRPCError,
+        JSONRPCNotification,
+        JSONRPCRequest,
+        JSONRPCResponse,
+        jsonrpc_message_adapter,
+    )
     from pydantic import ValidationError
 
-    def error_for(e: Exception) -> JSONRPCError:
+    def error_for(e: Exception) -> JSONRPCError | None:
         problems = e.errors() if isinstance(e, ValidationError) else []
         if any(p["type"] == "json_invalid" for p in problems):
             return JSONRPCError(
@@ -658,70 +869,199 @@ async def _serve_stdio(server: Any) -> None:
 
     lowlevel = server._lowlevel_server  # the SDK's own `run_stdio_async` serves it the same way
     unanswered: set[object] = set()
-    """The ids of the requests read and not answered yet."""
+    """The ids (`Wire.key`) of the requests read and neither answered nor cancelled yet."""
+    writing = anyio.Lock()
 
-    def root(item: object) -> object:
-        message = getattr(item, "message", None)
-        return getattr(message, "root", message)
+    wire_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+    wire_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    flags = fcntl.fcntl(wire_in, fcntl.F_GETFL)
+    out_flags = fcntl.fcntl(wire_out, fcntl.F_GETFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    fcntl.fcntl(wire_in, fcntl.F_SETFL, flags | os.O_NONBLOCK)  # read on the event loop: `taken` is exact
+    fcntl.fcntl(wire_out, fcntl.F_SETFL, out_flags | os.O_NONBLOCK)  # (and written there)
+    taken = 0
+    """Bytes read from the input so far."""
+    pending = b""
+    """Of those, what follows the last line handed on."""
+    ended = False
 
-    async with stdio_server() as (read, write):
+    def sent_so_far() -> int:
+        """Bytes the client has sent so far: read, or waiting in the pipe."""
+        waiting = bytearray(4)
+        try:
+            fcntl.ioctl(wire_in, termios.FIONREAD, waiting)
+        except OSError:
+            return taken
+        return taken + int.from_bytes(waiting, sys.byteorder)
 
-        class Answering:
-            """`read` with every item that is not a message answered on `write` and skipped; at
-            its end (the client closed its side), what it ends with waits for every request read
-            to be answered (the SDK would drop the answers of those still running, whose changes
-            may have landed), ANSWER_AT_END seconds at most."""
+    async def next_line() -> tuple[int, bytes] | None:
+        """(where it began, the line), or None at the end of input."""
+        nonlocal taken, pending, ended
+        while b"\n" not in pending and not ended:
+            await anyio.wait_readable(wire_in)
+            try:
+                chunk = os.read(wire_in, 1 << 16)
+            except BlockingIOError:
+                continue
+            taken += len(chunk)
+            pending += chunk
+            ended = not chunk
+        if not pending:
+            return None
+        line, newline, pending = pending.partition(b"\n")
+        return taken - len(pending) - len(line) - len(newline), line
 
-            last_context = property(lambda self: getattr(read, "last_context", None))
+    async def write_all(data: bytes) -> bool:
+        """Write `data` on the event loop; whether it had to wait for the client to read."""
+        view = memoryview(data)
+        waited = False
+        while view:
+            try:
+                view = view[os.write(wire_out, view) :]
+            except BlockingIOError:
+                waited = True
+                await anyio.wait_writable(wire_out)
+        return waited
 
-            async def receive(self) -> Any:
-                while True:
-                    item = await read.receive()
-                    if not isinstance(item, Exception):
-                        if isinstance(request := root(item), JSONRPCRequest):
-                            unanswered.add(request.id)
-                        return item
-                    await write.send(SessionMessage(error_for(item)))
+    async def emit(message: Any) -> None:
+        """Write `message`; once a reply is written, register the view of the read it carries."""
+        data = (message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
+        if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
+            key = Wire.key(message.id)
+            with wire.lock:
+                carries = key in wire.sent
+            if carries:  # calls sent together with the read arrive meanwhile, and are not built on it
+                await anyio.sleep(max(0.0, wire.arrived_at.get(key, 0) + READ_SETTLE - time.monotonic()))
+            wire.arrived_at.pop(key, None)
+        async with writing:
+            before = sent_so_far()
+            try:
+                waited = await write_all(data)
+            except BrokenPipeError:  # the client closed its side: the serving ends, its handlers are told so
+                broken.append(message)
+                serving.cancel()
+                return
+            if not isinstance(message, JSONRPCResponse | JSONRPCError) or message.id is None:
+                return
+            key = Wire.key(message.id)
+            unanswered.discard(key)
+            wire.done(message.id)
+            # what the client sent before the reply began to be written, or, where it had to be
+            # waited for (not reading), before it was written: calls sent later may be built on it
+            # (the server cannot tell a call sent as the reply is written from one sent on reading
+            # it: measured after the write, a quick client was taken for one that had not read it)
+            since = sent_so_far() if waited else before
+            with wire.lock:
+                wire.arrived.pop(key, None)
+                read = wire.sent.pop(key, None)
+                if read is not None:
+                    wire.settling.append(since)
+        if read is not None:
+            try:
+                await anyio.to_thread.run_sync(read[0].delivered, read[1], since)
+            except (CoherenceError, OSError) as e:  # the reply stands; the view stays where it was
+                click.echo(
+                    f"coherent-volume mcp: the view of {shown(read[1].target.rel)} that a read's reply showed "
+                    f"could not be registered ({e}); a write built on it will be refused",
+                    err=True,
+                )
+            finally:
+                wire.settling.remove(since)
+                wire.notify()
 
-            async def aclose(self) -> None:
-                await read.aclose()
+    class Answering:
+        """The client's messages, with every line that is not a message answered and skipped; at the
+        end of input, what it ends with waits for every request read to be answered."""
 
-            def __aiter__(self) -> "Answering":
-                return self
+        last_context = None
 
-            async def __anext__(self) -> Any:
+        async def receive(self) -> Any:
+            while True:
+                got = await next_line()
+                if got is None:
+                    raise anyio.EndOfStream
+                start, raw = got
+                line = raw.decode("utf-8", errors="replace")
                 try:
-                    return await self.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    with anyio.move_on_after(ANSWER_AT_END):
-                        while unanswered:
-                            await anyio.sleep(0.01)
-                    raise StopAsyncIteration from None
+                    message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except Exception as e:
+                    error = error_for(e)
+                    if error is not None:
+                        await emit(error)
+                    continue
+                if isinstance(message, JSONRPCRequest):
+                    key = Wire.key(message.id)
+                    unanswered.add(key)
+                    with wire.lock:
+                        wire.arrived[key] = start
+                    wire.arrived_at[key] = time.monotonic()
+                    if message.method == "tools/call":
+                        wire.turns[key] = start
+                elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
+                    cancelled = (message.params or {}).get("requestId")
+                    if cancelled is not None:  # never answered (the SDK drops the reply): not waited for
+                        key = Wire.key(cancelled)
+                        unanswered.discard(key)
+                        with wire.lock:
+                            wire.cancelled.add(key)
+                            wire.arrived.pop(key, None)
+                            wire.sent.pop(key, None)
+                        wire.done(cancelled)
+                return SessionMessage(message)
 
-            async def __aenter__(self) -> "Answering":
-                return self
+        async def aclose(self) -> None:
+            pass
 
-            async def __aexit__(self, *exc: object) -> None:
-                await self.aclose()
+        def __aiter__(self) -> "Answering":
+            return self
 
-        class Noting:
-            """`write`, noting each request answered."""
+        async def __anext__(self) -> Any:
+            try:
+                return await self.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                with anyio.move_on_after(ANSWER_AT_END):
+                    while unanswered:
+                        await anyio.sleep(0.01)
+                raise StopAsyncIteration from None
 
-            async def send(self, item: Any, /) -> None:
-                await write.send(item)
-                if isinstance(answer := root(item), JSONRPCResponse | JSONRPCError):
-                    unanswered.discard(answer.id)
+        async def __aenter__(self) -> "Answering":
+            return self
 
-            async def aclose(self) -> None:
-                await write.aclose()
+        async def __aexit__(self, *exc: object) -> None:
+            pass
 
-            async def __aenter__(self) -> "Noting":
-                return self
+    class Noting:
+        """The server's messages, written by `emit`."""
 
-            async def __aexit__(self, *exc: object) -> None:
-                await self.aclose()
+        async def send(self, item: Any, /) -> None:
+            await emit(item.message)
 
-        await lowlevel.run(Answering(), Noting(), lowlevel.create_initialization_options())
+        async def aclose(self) -> None:
+            pass
+
+        async def __aenter__(self) -> "Noting":
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+    broken: list[object] = []
+    serving = anyio.CancelScope()
+    try:
+        with serving:
+            await lowlevel.run(Answering(), Noting(), lowlevel.create_initialization_options())
+        if broken:
+            raise BrokenPipeError(errno.EPIPE, "the client closed its side before every reply was written")
+    finally:
+        fcntl.fcntl(wire_in, fcntl.F_SETFL, flags)
+        fcntl.fcntl(wire_out, fcntl.F_SETFL, out_flags)
+        os.dup2(wire_in, 0)
+        os.dup2(wire_out, 1)
+        os.close(wire_in)
+        os.close(wire_out)
 
 
 @click.command("mcp")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -751,3 +752,238 @@ def test_requests_sent_just_before_the_client_closes_its_side_are_all_answered(r
         assert sorted(replies) == [1, 2, 3], (attempt, out[-500:])
         assert not replies[3]["result"].get("isError"), replies[3]
         assert (root / made).read_text().startswith("v2\n")
+
+
+HELLO = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+
+
+class Raw:
+    """A `coherent-volume mcp` process spoken to a line at a time: requests sent together, cancels."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        self.p = subprocess.Popen(
+            [CLI, "mcp", str(root), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.replies: dict[object, dict[str, Any]] = {}
+        self.seen = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": HELLO})
+        assert self.reply(0) is not None
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            message = json.loads(line)
+            with self.seen:
+                self.replies[message.get("id")] = message
+                self.seen.notify_all()
+
+    def send(self, message: object) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(json.dumps(message).encode() + b"\n")
+        self.p.stdin.flush()
+
+    def call(self, id: int, tool: str, **arguments: object) -> None:
+        self.send(
+            {"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
+        )
+
+    def cancel(self, id: int) -> None:
+        self.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id}})
+
+    def reply(self, id: object, timeout: float = 30) -> dict[str, Any] | None:
+        with self.seen:
+            self.seen.wait_for(lambda: id in self.replies, timeout)
+            return self.replies.get(id)
+
+    def tool(self, id: int, timeout: float = 30) -> tuple[bool, str]:
+        """(is_error, text) of tool call `id`'s reply."""
+        reply = self.reply(id, timeout)
+        assert reply is not None, f"no reply to {id}"
+        result = reply["result"]
+        return bool(result.get("isError")), "\n".join(c["text"] for c in result["content"])
+
+    def close(self) -> tuple[int, float, str]:
+        """Close the server's input: (its exit status, the seconds it took, its stderr)."""
+        assert self.p.stdin is not None and self.p.stderr is not None
+        start = time.monotonic()
+        self.p.stdin.close()
+        status = self.p.wait(90)
+        return status, time.monotonic() - start, self.p.stderr.read().decode()
+
+
+@contextmanager
+def reads_held_back(root: Path, path: str, text: str) -> Iterator[Callable[[], None]]:
+    """`path` is changed behind the volume's back (a foreign write) while another process holds the
+    commit lock: a read of it waits (it must record the change, under the lock) until the function
+    yielded is called, or the block ends."""
+    (root / path).write_text(text)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_COMMIT_LOCK, str(root)], stdout=subprocess.PIPE, text=True
+    )
+
+    def release() -> None:
+        holder.kill()
+        holder.wait()
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        yield release
+    finally:
+        release()
+
+
+def test_a_write_sent_before_a_reads_reply_is_not_built_on_that_read(root: Path) -> None:
+    """A model's parallel tool calls: read_file and write_file sent together, the write composed
+    before the read's result existed. The read ran first and moved the view to a newer version, so
+    the write, built on the older one, went through over it (/tmp/s31mcp 1, LOSS: p5, 10 of 10).
+    A write is checked against what the session was sent before the write was sent."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = Raw(root)
+    s.call(1, "read_file", path=P)
+    assert not s.tool(1)[0]
+    with reads_held_back(root, P, "v1\nforeign\n") as release:
+        s.call(2, "read_file", path=P)
+        time.sleep(0.5)  # the read waits for the lock, holding the session
+        s.call(3, "write_file", path=P, content="v1\nmine\n")
+        time.sleep(0.5)
+        release()
+        assert s.tool(2)[1].startswith("v1\nforeign\n")
+        error, text = s.tool(3)
+    assert error and "Refused (stale)" in text and "you read version 1, it is now version 2" in text, text
+    assert (root / P).read_text() == "v1\nforeign\n"
+    s.call(4, "write_file", path=P, content="v1\nforeign\nmine\n")  # sent after the read's reply came
+    assert s.tool(4) == (False, f"Wrote {P}: now version 3.")
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, "v1\nforeign\nmine\nbob\n")
+    s.call(5, "read_file", path=P)  # a read answered at once: the write sent next is no later
+    s.call(6, "write_file", path=P, content="v1\nforeign\nmine, again\n")
+    assert "bob" in s.tool(5)[1]
+    error, text = s.tool(6)
+    assert error and "you read version 3, it is now version 4, last written by bob" in text, text
+    s.call(7, "write_file", path=P, content="v1\nforeign\nmine, again\nbob\n")
+    assert s.tool(7) == (False, f"Wrote {P}: now version 5."), s.tool(7)[1][:300]
+    assert s.close()[0] == 0
+
+
+def test_a_cancelled_read_registers_no_view_and_the_server_still_ends_at_once(root: Path) -> None:
+    """A read the client cancelled is never answered, yet its view was registered: the next write,
+    built on what the client last got, went through over a change it never saw (/tmp/s31mcp 2, LOSS).
+    And the cancelled id stayed among those the server waited to answer at the end of input: it
+    lived 60 s more, and the SDK client killed it, so an unnamed session's views stayed (5)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = Raw(root)
+    s.call(1, "read_file", path=P)
+    assert not s.tool(1)[0]
+    with reads_held_back(root, P, "v1\nforeign\n") as release:
+        s.call(2, "read_file", path=P)
+        time.sleep(0.5)
+        s.cancel(2)
+        time.sleep(0.3)
+        release()
+        s.call(3, "write_file", path=P, content="v1\nmine\n")
+        error, text = s.tool(3)
+    assert error and "Refused (stale)" in text and "you read version 1, it is now version 2" in text, text
+    assert s.reply(2, timeout=0) is None, "a cancelled request is not answered"
+    status, took, err = s.close()
+    assert status == 0 and took < 20 and "Traceback" not in err, (took, err)
+    assert sql(root, "SELECT agent FROM views") == [("setup",)], "the unnamed session's views are forgotten"
+
+
+def test_a_read_whose_reply_the_client_never_got_does_not_count_for_the_agent(root: Path) -> None:
+    """--agent: the client died while its read waited; the reply could not be written, yet the
+    view was registered, and the next connection under the name wrote over a change no client of
+    it ever got (/tmp/s31mcp 3, LOSS). A view moves once the reply carrying it is written."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    first = Raw(root, "--agent", "planner")
+    first.call(1, "read_file", path=P)
+    assert not first.tool(1)[0]
+    assert first.close()[0] == 0
+    with reads_held_back(root, P, "v1\nforeign\n") as release:
+        gone = subprocess.Popen(
+            [CLI, "mcp", str(root), "--agent", "planner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert gone.stdin is not None and gone.stdout is not None and gone.stderr is not None
+        read = {"name": "read_file", "arguments": {"path": P}}
+        lines = [
+            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": HELLO},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": read},
+        ]
+        gone.stdin.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        gone.stdin.flush()
+        assert json.loads(gone.stdout.readline())["id"] == 0
+        time.sleep(0.5)
+        gone.stdout.close()  # the client is gone before the read's reply
+        release()
+        gone.stdin.close()
+        assert gone.wait(60) == 0
+        assert "the client closed its side" in gone.stderr.read().decode()
+    third = Raw(root, "--agent", "planner")
+    third.call(1, "write_file", path=P, content="v1\nplanner\n")
+    error, text = third.tool(1)
+    assert error and "Refused (stale)" in text and "you read version 1, it is now version 2" in text, text
+    assert third.close()[0] == 0
+    assert (root / P).read_text() == "v1\nforeign\n"
+
+
+def test_a_read_that_fails_after_reading_registers_no_view(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry fails while a part read looks up what others changed since (a transient error
+    between its transactions): the model got an error and no content, yet the view had moved, and a
+    whole-file write built on the older read went through (/tmp/s31mcp 4, LOSS)."""
+    from coherent_volume import mcp_server
+
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "".join(f"line {i}\n" for i in range(10)))
+    core = open_core(root)
+    session = Session(core, "model")
+    session.read_file(P)
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, "BOB\n" + "".join(f"line {i}\n" for i in range(10)))
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise RegistryError("the registry at db:5432 is unreachable (connection refused)")
+
+    monkeypatch.setattr(mcp_server, "passed_over", unreachable)
+    with pytest.raises(ToolRefused, match="reading plans/plan.md failed"):
+        session.read_file(P, 5, 2)
+    monkeypatch.undo()
+    with pytest.raises(ToolRefused, match=r"Refused \(stale\).*you read version 1, it is now version 2"):
+        session.write_file(P, "".join(f"line {i}\n" for i in range(10)) + "mine\n")
+    assert (root / P).read_text().startswith("BOB\n")
+    core.close()
+
+
+def test_a_write_the_client_cancelled_before_it_ran_is_not_written(root: Path) -> None:
+    """A write_file cancelled while it waited for the session (behind a slow read) was committed
+    all the same, with no reply (/tmp/s31mcp 6): it is not written. (One cancelled once it is
+    committing is too late: it stands, and stderr says so.)"""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+        setup.write("plans/other.md", "other\n")
+    s = Raw(root)
+    s.call(1, "read_file", path=P)
+    assert not s.tool(1)[0]
+    with reads_held_back(root, "plans/other.md", "other, changed\n") as release:
+        s.call(2, "read_file", path="plans/other.md")
+        time.sleep(0.5)
+        s.call(3, "write_file", path=P, content="v1\nmine\n")
+        time.sleep(0.3)
+        s.cancel(3)
+        time.sleep(0.3)
+        release()
+        assert not s.tool(2)[0]
+    s.call(4, "history", path=P)
+    assert s.tool(4)[1].count("\nv") == 1, "no version 2"
+    assert s.reply(3, timeout=0) is None and (root / P).read_text() == "v1\n"
+    status, _, err = s.close()
+    assert status == 0 and err == "", err
