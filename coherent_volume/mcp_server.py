@@ -38,6 +38,7 @@ inside `serve`."""
 import datetime as dt
 import errno
 import importlib.util
+import json
 import math
 import os
 import secrets
@@ -824,7 +825,9 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     at /dev/null and stderr meanwhile, so nothing else reads or writes the wire), except that:
     - every line that is not a JSON-RPC message is answered (the SDK drops it, so a client waiting for
       its reply would wait forever): JSON-RPC's parse error for a line that is not JSON, invalid
-      request for JSON that is not a message, with the line's id if it has one;
+      request for JSON that is not a message, with the line's id if it has one, and invalid params,
+      with its id, for JSON holding a lone surrogate escape ("\\ud83d", which pydantic refuses as
+      no JSON: answered with id null, a client waited for its reply forever);
     - `wire` learns where each request began on the input (in bytes) and which the client cancelled,
       and a read's view is registered (`Session.delivered`) once its reply is written, for requests
       that began after every byte the client had sent by then: those sent before it could not have
@@ -839,6 +842,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     import anyio.to_thread
     from mcp.shared.message import SessionMessage
     from mcp.types import (
+        INVALID_PARAMS,
         INVALID_REQUEST,
         PARSE_ERROR,
         ErrorData,
@@ -850,13 +854,30 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     )
     from pydantic import ValidationError
 
-    def error_for(e: Exception) -> JSONRPCError | None:
+    def error_for(e: Exception, line: str) -> JSONRPCError | None:
         problems = e.errors() if isinstance(e, ValidationError) else []
         if any(p["type"] == "json_invalid" for p in problems):
+            try:  # JSON all the same where it holds a lone surrogate escape ("\ud83d"), which is no text
+                parsed = json.loads(line)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                return JSONRPCError(
+                    jsonrpc="2.0",
+                    id=None,
+                    error=ErrorData(code=PARSE_ERROR, message="Parse error: a line that is not JSON was ignored"),
+                )
+            i = parsed.get("id")
+            if "method" in parsed and not (isinstance(i, (int, str)) and not isinstance(i, bool)):
+                return None  # a notification: no reply, as for any other
             return JSONRPCError(
                 jsonrpc="2.0",
-                id=None,
-                error=ErrorData(code=PARSE_ERROR, message="Parse error: a line that is not JSON was ignored"),
+                id=i if isinstance(i, (int, str)) and not isinstance(i, bool) else None,
+                error=ErrorData(
+                    code=INVALID_PARAMS,
+                    message="Invalid params, ignored: a string holds a lone surrogate escape (such as \\ud83d, half "
+                    "of a character), which is no Unicode text; nothing was done",
+                ),
             )
         ids = [p["input"].get("id") for p in problems if isinstance(p["input"], dict)]
         usable = [i for i in ids if isinstance(i, (int, str)) and not isinstance(i, bool)]
@@ -988,7 +1009,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                 try:
                     message = jsonrpc_message_adapter.validate_json(line, by_name=False)
                 except Exception as e:
-                    error = error_for(e)
+                    error = error_for(e, line)
                     if error is not None:
                         await emit(error)
                     continue

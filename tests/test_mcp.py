@@ -987,3 +987,21 @@ def test_a_write_the_client_cancelled_before_it_ran_is_not_written(root: Path) -
     assert s.reply(3, timeout=0) is None and (root / P).read_text() == "v1\n"
     status, _, err = s.close()
     assert status == 0 and err == "", err
+
+
+def test_a_request_holding_a_lone_surrogate_escape_is_answered_with_its_id(root: Path) -> None:
+    """A string with half a character, "\\ud83d", is JSON (Python reads it; JavaScript writes it),
+    which the SDK's parser refuses as no JSON: the request got a parse error with id null, and a
+    client waiting for its own id waited forever (/tmp/s31mcp 7). It gets invalid params, with its
+    id; a notification holding one gets nothing, as any notification; the session goes on."""
+    s = Raw(root)
+    write = {"name": "write_file", "arguments": {"path": P, "content": "half an emoji \ud83d"}}
+    assert "\\ud83d" in json.dumps(write)
+    s.send({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": write})
+    s.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1, "reason": "\ud83d"}})
+    s.call(8, "status")
+    reply = s.reply(7)
+    assert reply is not None and reply["error"]["code"] == -32602 and "lone surrogate" in reply["error"]["message"]
+    assert not s.tool(8)[0]
+    assert None not in s.replies and not (root / P).exists()
+    assert s.close()[0] == 0
