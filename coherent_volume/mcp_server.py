@@ -41,6 +41,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import threading
@@ -249,6 +250,10 @@ def _bounded(diff: str, path: str) -> str:
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
+UNNAMED = re.compile(r"mcp:.*:[0-9a-f]{8}", re.DOTALL)
+"""The names `agent_for` gives, which `--agent` may not take (/tmp/s31mcp 10)."""
 
 
 def agent_for(client: str | None) -> str:
@@ -701,8 +706,9 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     Merge = Annotated[
         bool,
         Field(
+            strict=True,
             description="If the file changed since you read it, merge your change with theirs when they touched "
-            "different lines (refused with the conflicting lines otherwise)."
+            "different lines (refused with the conflicting lines otherwise).",
         ),
     ]
     reading = ToolAnnotations(read_only_hint=True)
@@ -712,8 +718,10 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     async def read_file(
         path: FilePath,
         ctx: Context,
-        offset: Annotated[int, Field(description="The first line to read (lines count from 1).")] = 1,
-        limit: Annotated[int | None, Field(description="How many lines to read (default: to the end).")] = None,
+        offset: Annotated[int, Field(strict=True, description="The first line to read (lines count from 1).")] = 1,
+        limit: Annotated[
+            int | None, Field(strict=True, description="How many lines to read (default: to the end).")
+        ] = None,
     ) -> CallToolResult:
         """Read a text file, or lines of it (offset, limit: a large file is read in parts).
         Reading registers what you saw: later write_file/edit_file calls on it are refused if anyone
@@ -754,7 +762,9 @@ def serve(core: VolumeCore, agent: str | None) -> None:
     async def history(
         path: FilePath,
         ctx: Context,
-        limit: Annotated[int, Field(description="How many of the newest versions to list (at least 1).")] = 20,
+        limit: Annotated[
+            int, Field(strict=True, description="How many of the newest versions to list (at least 1).")
+        ] = 20,
     ) -> str:
         """List a managed file's versions, newest first: who wrote each, when, and which one you read."""
         result: str = await answer(ctx, lambda: session(ctx).history(path, limit))
@@ -765,9 +775,11 @@ def serve(core: VolumeCore, agent: str | None) -> None:
         path: FilePath,
         ctx: Context,
         from_version: Annotated[
-            int | None, Field(ge=0, description="Older version (default: the version you last read).")
+            int | None, Field(ge=0, strict=True, description="Older version (default: the version you last read).")
         ] = None,
-        to_version: Annotated[int | None, Field(ge=0, description="Newer version (default: the current one).")] = None,
+        to_version: Annotated[
+            int | None, Field(ge=0, strict=True, description="Newer version (default: the current one).")
+        ] = None,
     ) -> str:
         """Unified diff of a managed file between two versions; by default what changed since you read it."""
         result: str = await answer(ctx, lambda: session(ctx).diff(path, from_version, to_version))
@@ -1100,6 +1112,11 @@ def mcp_command(root: str, agent: str | None) -> None:
     try:
         if agent is not None:
             validate_agent(agent)
+            if UNNAMED.fullmatch(agent):  # another connection's own name: it could write on its reads
+                raise CoherenceError(
+                    f"--agent {agent!r}: names of the form mcp:<client>:<8 hex digits> are the sessions' own, "
+                    "given to connections without --agent; choose another name"
+                )
         core = open_core(root)
     except (CoherenceError, OSError) as e:
         raise click.ClickException(str(e)) from e

@@ -1005,3 +1005,31 @@ def test_a_request_holding_a_lone_surrogate_escape_is_answered_with_its_id(root:
     assert not s.tool(8)[0]
     assert None not in s.replies and not (root / P).exists()
     assert s.close()[0] == 0
+
+
+def test_loose_arguments_and_an_unnamed_sessions_name_are_refused(root: Path) -> None:
+    """`offset: true` was read as 1 and `merge: "yes"` as true (pydantic's lax coercion), and
+    `--agent mcp:<client>:<hex>` took a live unnamed session's name, writing on its reads and
+    losing its views when it ended (/tmp/s31mcp 10, 11)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "one\ntwo\n")
+    s = Raw(root)
+    s.call(1, "read_file", path=P, offset=True)
+    s.call(2, "read_file", path=P, offset=1.0)
+    s.call(3, "write_file", path=P, content="x\n", merge="yes")
+    s.call(4, "history", path=P, limit="5")
+    for id in (1, 2, 3, 4):
+        reply = s.reply(id)
+        assert reply is not None
+        assert "error" in reply or reply["result"].get("isError"), reply
+    assert (root / P).read_text() == "one\ntwo\n"
+    s.call(5, "read_file", path=P, offset=2, limit=1)
+    assert s.tool(5)[1].startswith("two\n")
+    assert s.close()[0] == 0
+    r = subprocess.run(
+        [CLI, "mcp", str(root), "--agent", "mcp:pytest:0123abcd"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "the sessions' own" in r.stderr and "Traceback" not in r.stderr, r.stderr
