@@ -154,7 +154,7 @@ class Wire:
 
     @staticmethod
     def key(request: object) -> object:
-        return (type(request).__name__, request)  # 1 and "1" are two ids
+        return str(request)  # 1 and "1" are one id, as the SDK takes them (its cancellations too)
 
     def arrival(self, request: object) -> float:
         with self.lock:
@@ -917,7 +917,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     fcntl.fcntl(wire_out, fcntl.F_SETFL, out_flags | os.O_NONBLOCK)  # (and written there)
     taken = 0
     """Bytes read from the input so far."""
-    pending = b""
+    pending = bytearray()
     """Of those, what follows the last line handed on."""
     ended = False
 
@@ -930,11 +930,22 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             return taken
         return taken + int.from_bytes(waiting, sys.byteorder)
 
+    pollable = True
+    """Whether the input can be waited for (a pipe, socket or terminal; a regular file or /dev/null,
+    which epoll refuses, never makes a read wait)."""
+
     async def next_line() -> tuple[int, bytes] | None:
-        """(where it began, the line), or None at the end of input."""
-        nonlocal taken, pending, ended
-        while b"\n" not in pending and not ended:
-            await anyio.wait_readable(wire_in)
+        """(where it began, the line), or None at the end of input. Each byte is searched for the
+        line's end once (a request of many megabytes arrives in many reads)."""
+        nonlocal taken, pending, ended, pollable
+        searched = 0
+        while (end := pending.find(b"\n", searched)) < 0 and not ended:
+            searched = len(pending)
+            if pollable:
+                try:
+                    await anyio.wait_readable(wire_in)
+                except PermissionError:
+                    pollable = False
             try:
                 chunk = os.read(wire_in, 1 << 16)
             except BlockingIOError:
@@ -944,8 +955,10 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             ended = not chunk
         if not pending:
             return None
-        line, newline, pending = pending.partition(b"\n")
-        return taken - len(pending) - len(line) - len(newline), line
+        start = taken - len(pending)  # where the first byte not handed on began on the input
+        line = bytes(pending[:end] if end >= 0 else pending)  # (the input may end without a line end)
+        del pending[: end + 1 if end >= 0 else len(pending)]
+        return start, line
 
     async def write_all(data: bytes) -> bool:
         """Write `data` on the event loop; whether it had to wait for the client to read."""

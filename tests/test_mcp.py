@@ -1033,3 +1033,37 @@ def test_loose_arguments_and_an_unnamed_sessions_name_are_refused(root: Path) ->
         text=True,
     )
     assert r.returncode == 1 and "the sessions' own" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("stdin", ["a file", "/dev/null"])
+def test_requests_from_a_file_or_no_input_are_answered(root: Path, tmp_path: Path, stdin: str) -> None:
+    """The server reads requests from a regular file or from /dev/null (`coherent-volume mcp ROOT <
+    requests.jsonl`), which epoll cannot wait for: every request is answered and it exits 0 (its own
+    stdio layer crashed there with PermissionError, /tmp/s31r2mcp 3; the SDK's did not)."""
+    (root / "plans/a.md").write_text("one\n")
+    requests = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        },
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "read_file", "arguments": {"path": "plans/a.md"}},
+        },
+    ]
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    with open(source if stdin == "a file" else "/dev/null", "rb") as given:
+        done = subprocess.run([CLI, "mcp", str(root)], stdin=given, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answered = [json.loads(line)["id"] for line in done.stdout.splitlines()]
+    assert answered == ([1, 2] if stdin == "a file" else []), done.stdout
