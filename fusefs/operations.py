@@ -480,9 +480,16 @@ class CoherentOperations(pyfuse3.Operations):
         inode number of its file's name (the kernel reports the number a reply gives, and a lookup
         must give the inode's own), so the program's `fstat` of its descriptor and any `stat` of the
         name agree, as on a local disk (vim checks that the file it opened is the one it stat'ed)."""
-        if inode in self._private:  # (by the name its file has now, while its write is under way: `_renamed`)
+        if inode in self._private and self._holds_its_name(inode):  # (by its file's name now: `_renamed`)
             attrs.st_ino = self.inodes.inode(self._aside.get(inode) or self.inodes.path(inode).partition("\0")[0])
         return attrs
+
+    def _holds_its_name(self, inode: int) -> bool:
+        """Whether a write's own inode still stands for the file at its name: not once the file its
+        handle's commit left (`Shadow.kept`) has no name (another file replaced it there), which then
+        shows the inode's own number, as a replaced file does on a local disk (/tmp/s31r3p 1)."""
+        kept = self._kept_stat(inode)
+        return kept is None or kept.st_nlink > 0
 
     def _apart(self, rel: str, retry: Retry) -> pyfuse3.EntryAttributes:
         """The lookup of a write by the name `rel` repeated after ESTALE (an open for writing, a truncate

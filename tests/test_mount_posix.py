@@ -2566,6 +2566,31 @@ print(open("plans/q.md", "rb").read(), os.stat("plans/q.md").st_size)
     ], out
 
 
+def test_a_committed_write_handle_whose_file_was_replaced_shows_another_inode_number_than_the_name(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """A write handle on an existing file, its writes committed, then another file renamed over the
+    name: `fstat` of the descriptor and `stat` of the name give two inode numbers, as on a local
+    disk (before, the handle showed the name's number for a file the name no longer held, so
+    programs comparing (st_dev, st_ino) took the replaced file for the one they held; /tmp/s31r3p 1)."""
+    code = """
+import os
+with open("plans/o.md", "wb") as f:
+    f.write(b"before")
+fd = os.open("plans/o.md", os.O_RDWR)
+os.write(fd, b"mine")
+os.close(os.dup(fd))  # a close: its commit
+with open("plans/new.md", "wb") as f:
+    f.write(b"a file renamed over it")
+os.rename("plans/new.md", "plans/o.md")
+held, named = os.fstat(fd), os.stat("plans/o.md")
+print((held.st_dev, held.st_ino) == (named.st_dev, named.st_ino), held.st_nlink, held.st_size, named.st_size)
+os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert plain == "False 0 6 22\n" and mount == plain, (mount, plain)
+
+
 def test_ftruncate_through_an_append_handle_whose_file_was_renamed_away_fails_estale(mounted: Mount) -> None:
     """`ftruncate` through an `O_APPEND` handle whose file was renamed away fails ESTALE, as writing does
     (docs/mount.md), and changes nothing: before, it asked for a write grant at the handle's old name
