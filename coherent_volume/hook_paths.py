@@ -87,17 +87,10 @@ def one_name(path: str) -> str:
     volume's registry directory by identity (device, inode) and its path there as the kernel
     resolves it; any other path as the kernel resolves it."""
     real = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
-    mounted = mount_holding(real)
-    if mounted is not None:
-        root, rel = mounted.root, mounted.rel(os.path.relpath(real, mounted.mountpoint))
-    elif (higher := _through_bind(real)) is not None:
-        root, rel = higher.root, higher.rel
-    elif (directory := volume_above(real)) is not None:
-        root, rel = directory, os.path.relpath(real, directory)
-    elif (again := _through_bind(real, root=True)) is not None:
-        root, rel = again.root, again.rel
-    else:
+    found = located(real)  # (given resolved: its rel is the resolved path's)
+    if found is None:
         return real
+    root, rel = found.root, found.rel
     try:
         st = os.stat(os.path.join(root, REGISTRY_DIR))
     except OSError:
