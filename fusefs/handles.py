@@ -519,7 +519,7 @@ class Shadow:
         whose committed file (`kept`) is not `st` (another commit replaced it since) is not that file's:
         it keeps its own, and its next write is refused as after that commit."""
         with self._fd_lock:
-            if self.kept >= 0 and not _same_file(os.fstat(self.kept), st):
+            if self.kept >= 0 and not os.path.samestat(os.fstat(self.kept), st):
                 return
             if self.fd < 0 and file is not None:
                 self.fd = os.dup(file)  # (`kept` stays open until the handle's next request that may close it)
@@ -1011,10 +1011,6 @@ def _reopened(fd: int) -> int:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return -1
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _sync_kept(fd: int, datasync: bool, directory: str | None) -> None:

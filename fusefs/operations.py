@@ -291,7 +291,7 @@ class CoherentOperations(pyfuse3.Operations):
                 raise OSError(errno.ESTALE, "Stale file handle", rel)  # the kernel looks the name up again
             now = self.backing.lstat(rel)
             kept = self._kept_stat(inode) if aside is not None else None
-            return kept if kept is not None and (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino) else now
+            return kept if kept is not None and not os.path.samestat(kept, now) else now
         except OSError:
             st = self._held_stat(inode)
             if st is not None:
