@@ -386,20 +386,22 @@ events it builds for them give only `{"command": …}` as `tool_input` and the t
 def _shell_writes(event: dict[str, Any], command: str) -> ShellWrites:
     """What a `Bash` event's command writes: run in the `workdir` its input gives (relative to its `cwd`,
     or absolute), where it gives one; else in a directory the hook cannot know (WORKDIR)."""
-    cwd, tool_input = event.get("cwd"), event.get("tool_input")
-    base = cwd if isinstance(cwd, str) else "."
+    known = _workdir(event) is not None
+    return shell_writes(command, _shell_place(event)) if known else shell_writes(command, _shell_place(event), WORKDIR)
+
+
+def _workdir(event: dict[str, Any]) -> str | None:
+    """The `workdir` a `Bash` event's input gives, if any (Codex's own events never carry one)."""
+    tool_input = event.get("tool_input")
     workdir = tool_input.get("workdir") if isinstance(tool_input, dict) else None
-    if isinstance(workdir, str) and workdir:
-        return shell_writes(command, os.path.join(base, workdir))
-    return shell_writes(command, base, WORKDIR)
+    return workdir if isinstance(workdir, str) and workdir else None
 
 
 def _shell_place(event: dict[str, Any]) -> str:
     """The directory a `Bash` event's command is known to start in, or judged at (`_shell_writes`)."""
-    cwd, tool_input = event.get("cwd"), event.get("tool_input")
+    cwd, workdir = event.get("cwd"), _workdir(event)
     base = cwd if isinstance(cwd, str) else "."
-    workdir = tool_input.get("workdir") if isinstance(tool_input, dict) else None
-    return os.path.join(base, workdir) if isinstance(workdir, str) and workdir else base
+    return base if workdir is None else os.path.join(base, workdir)
 
 
 def _patches(event: dict[str, Any]) -> list[FilePatch]:
