@@ -13,8 +13,9 @@ Invariants:
 - `read_file` registers the session's view at the version of exactly the bytes it returns (all
   of them, or the lines asked for), and lifts a fence of the session's on the file as
   `reacquire()` does (with no fence to lift, it takes no commit lock), once its reply is written
-  to the client (`_serve_stdio`): a read refused, failed, cancelled or whose reply cannot be
-  written registers none; it returns at most READ_LIMIT characters;
+  to the client (`_serve_stdio`): a read refused, failed, cancelled, whose reply cannot be
+  written or whose id another request reused while it ran registers none; it returns at most
+  READ_LIMIT characters;
 - a write or edit is checked against what the session was sent before the client sent it
   (`Session._base`): a read whose reply was written after that is no base of it (a
   compare-and-swap on the version the session knew then);
@@ -146,6 +147,8 @@ class Wire:
         self.arrived_at: dict[object, float] = {}
         """(event loop only) When each request was read (`time.monotonic`)."""
         self.cancelled: set[object] = set()
+        self.reused: set[object] = set()
+        """Requests whose id another request reused while they ran: a read among them registers no view."""
         self.sent: dict[object, tuple[Session, Sent]] = {}
         self.settling: list[float] = []
         """(event loop only, as are `turns` and `changed`)"""
@@ -821,11 +824,12 @@ def serve(core: VolumeCore, agent: str | None) -> None:
 
 
 READ_SETTLE = 0.05
-"""Seconds after its request was read that a read_file's reply is written at the soonest: calls
-the client sent together with the read (a model's parallel tool calls, sent one after the other)
-arrive meanwhile, before the reply is written, and so are not built on it (`_serve_stdio`). The
-server cannot see when the client reads a reply, only when it was written: a call sent later than
-this after the read, yet before the client read its reply, counts as built on it."""
+"""Seconds of silence on the client's input (after the read came, and after its last byte) before a
+read_file's reply is written: calls the client sent together with the read (a model's parallel
+tool calls, sent one after the other) arrive meanwhile, before the reply is written, and so are
+not built on it (`_serve_stdio`). The server cannot see when the client reads a reply, only when
+it was written: a call sent after such a silence, yet before the client read the reply, counts as
+built on it."""
 
 ANSWER_AT_END = 60.0
 """Seconds the server waits, once its client closed its side, for the requests still running to
@@ -843,7 +847,8 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     - `wire` learns where each request began on the input (in bytes) and which the client cancelled,
       and a read's view is registered (`Session.delivered`) once its reply is written, for requests
       that began after every byte the client had sent by then: those sent before it could not have
-      seen it;
+      seen it; the reply waits until the client stopped sending (`quiet`), and a request reusing
+      the id of one under way is refused, and a read under that id registers no view;
     - at the end of input (the client closed its side), it waits for every request read and not
       cancelled to be answered (the SDK would drop the answers of those still running, whose
       changes may have landed), ANSWER_AT_END seconds at most."""
@@ -900,6 +905,18 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             error=ErrorData(code=INVALID_REQUEST, message=f"Invalid request, ignored ({why})"),
         )
 
+    def reused(request: Any) -> JSONRPCError:
+        return JSONRPCError(
+            jsonrpc="2.0",
+            id=request,
+            error=ErrorData(
+                code=INVALID_REQUEST,
+                message=f"Invalid request, ignored: id {request!r} is that of a request still under way; give each "
+                "request its own id. A read_file under that id registers no view: read the file again before "
+                "writing it",
+            ),
+        )
+
     lowlevel = server._lowlevel_server  # the SDK's own `run_stdio_async` serves it the same way
     unanswered: set[object] = set()
     """The ids (`Wire.key`) of the requests read and neither answered nor cancelled yet."""
@@ -920,6 +937,8 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     pending = bytearray()
     """Of those, what follows the last line handed on."""
     ended = False
+    last_input = 0.0
+    """When bytes last came from the input (`time.monotonic`)."""
 
     def sent_so_far() -> int:
         """Bytes the client has sent so far: read, or waiting in the pipe."""
@@ -937,7 +956,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     async def next_line() -> tuple[int, bytes] | None:
         """(where it began, the line), or None at the end of input. Each byte is searched for the
         line's end once (a request of many megabytes arrives in many reads)."""
-        nonlocal taken, pending, ended, pollable
+        nonlocal taken, pending, ended, pollable, last_input
         searched = 0
         while (end := pending.find(b"\n", searched)) < 0 and not ended:
             searched = len(pending)
@@ -953,6 +972,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             taken += len(chunk)
             pending += chunk
             ended = not chunk
+            last_input = time.monotonic()
         if not pending:
             return None
         start = taken - len(pending)  # where the first byte not handed on began on the input
@@ -972,15 +992,31 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                 await anyio.wait_writable(wire_out)
         return waited
 
-    async def emit(message: Any) -> None:
-        """Write `message`; once a reply is written, register the view of the read it carries."""
+    async def quiet(arrived: float) -> bool:
+        """Wait until the client stopped sending: nothing came for READ_SETTLE seconds (nor since
+        `arrived`), nothing waits in the pipe and no line is half read. Calls sent together with a
+        read, even behind a call of many megabytes that the client is still writing, so arrive
+        before its reply is written. False if the client never stopped within ANSWER_AT_END."""
+        give_up = time.monotonic() + ANSWER_AT_END
+        while True:
+            left = max(arrived, last_input) + READ_SETTLE - time.monotonic()
+            if left <= 0 and sent_so_far() == taken and pending[-1:] in (b"", b"\n"):
+                return True
+            if time.monotonic() >= give_up:
+                return False
+            await anyio.sleep(max(left, 0.01))
+
+    async def emit(message: Any, answers: bool = True) -> None:
+        """Write `message`; once a reply is written, register the view of the read it carries. An
+        error that `answers` nothing (a request reusing the id of one under way) is only written."""
         data = (message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
-        if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
+        heard = True
+        if answers and isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
             key = Wire.key(message.id)
             with wire.lock:
                 carries = key in wire.sent
             if carries:  # calls sent together with the read arrive meanwhile, and are not built on it
-                await anyio.sleep(max(0.0, wire.arrived_at.get(key, 0) + READ_SETTLE - time.monotonic()))
+                heard = await quiet(wire.arrived_at.get(key, 0))
             wire.arrived_at.pop(key, None)
         async with writing:
             before = sent_so_far()
@@ -990,7 +1026,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                 broken.append(message)
                 serving.cancel()
                 return
-            if not isinstance(message, JSONRPCResponse | JSONRPCError) or message.id is None:
+            if not answers or not isinstance(message, JSONRPCResponse | JSONRPCError) or message.id is None:
                 return
             key = Wire.key(message.id)
             unanswered.discard(key)
@@ -1000,11 +1036,28 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             # (the server cannot tell a call sent as the reply is written from one sent on reading
             # it: measured after the write, a quick client was taken for one that had not read it)
             since = sent_so_far() if waited else before
+            unsure = None
             with wire.lock:
                 wire.arrived.pop(key, None)
                 read = wire.sent.pop(key, None)
+                if key in wire.reused or not heard:
+                    unsure = read
+                    read = None
+                wire.reused.discard(key)
                 if read is not None:
                     wire.settling.append(since)
+        if unsure is not None:
+            click.echo(
+                f"coherent-volume mcp: the read of {shown(unsure[1].target.rel)} registered no view: "
+                + (
+                    "its id was reused by another request while it ran, so the client cannot tell which reply it read"
+                    if heard
+                    else f"the client sent without a pause for {ANSWER_AT_END:.0f} s, so its reply could not be "
+                    "told from the calls sent with it"
+                )
+                + "; a write built on it will be refused until the file is read again",
+                err=True,
+            )
         if read is not None:
             try:
                 await anyio.to_thread.run_sync(read[0].delivered, read[1], since)
@@ -1040,6 +1093,11 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                     continue
                 if isinstance(message, JSONRPCRequest):
                     key = Wire.key(message.id)
+                    if key in unanswered:  # JSON-RPC forbids it: the client could not tell the replies apart
+                        with wire.lock:
+                            wire.reused.add(key)
+                        await emit(reused(message.id), answers=False)
+                        continue
                     unanswered.add(key)
                     with wire.lock:
                         wire.arrived[key] = start

@@ -869,6 +869,78 @@ def test_a_write_sent_before_a_reads_reply_is_not_built_on_that_read(root: Path)
     assert s.close()[0] == 0
 
 
+def test_a_stale_write_sent_with_a_read_behind_a_long_call_is_not_built_on_that_read(root: Path) -> None:
+    """A model's parallel calls handed to the transport at once: read_file, a write_file of megabytes,
+    and a write_file built on the version before. The third call reached the pipe only once the long
+    one had drained, after the read's reply was written 50 ms after the read came, so it counted as
+    built on the read and went through over bob's commit (/tmp/s31r2mcp 1, LOSS: 2 of 2 SDK runs
+    with 4 and 8 MB). Here the client stops half-way through the long call, as a full pipe makes
+    it: a read's reply waits until the client stopped sending mid-line no more."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = Raw(root)
+    s.call(1, "read_file", path=P)
+    assert not s.tool(1)[0]
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.read(P)
+        bob.write(P, "v1\nbob\n")
+    batch = [
+        ("read_file", {"path": P}),
+        ("write_file", {"path": "big.txt", "content": "y" * (1 << 20)}),
+        ("write_file", {"path": P, "content": "v1\nmine\n"}),
+    ]
+    wire = b"".join(
+        json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": n, "arguments": a}}).encode()
+        + b"\n"
+        for i, (n, a) in enumerate(batch, start=2)
+    )
+    assert s.p.stdin is not None
+    s.p.stdin.write(wire[: len(wire) // 2])
+    s.p.stdin.flush()
+    time.sleep(0.5)  # the read is done: before, its reply was written now
+    s.p.stdin.write(wire[len(wire) // 2 :])
+    s.p.stdin.flush()
+    assert s.tool(2)[1].startswith("v1\nbob\n")
+    assert s.tool(3) == (False, "Wrote big.txt (not managed: not versioned, not checked).")
+    error, text = s.tool(4)
+    assert error and "Refused (stale)" in text and "you read version 1, it is now version 2" in text, text
+    assert (root / P).read_text() == "v1\nbob\n"
+    assert s.close()[0] == 0
+
+
+def test_a_request_reusing_the_id_of_one_under_way_is_refused_and_its_read_registers_no_view(root: Path) -> None:
+    """A read under id 2 waited; a stale write sent with the same id (which JSON-RPC forbids) took
+    the read's place on the wire's books, so it counted as sent after the read's reply and went
+    through over a foreign change (/tmp/s31r2mcp 2, LOSS). A reused id is refused, and the read it
+    reused registers no view: the client cannot tell which reply under the id answered what."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "v1\n")
+    s = Raw(root)
+    s.call(1, "read_file", path=P)
+    assert not s.tool(1)[0]
+    with reads_held_back(root, P, "v1\nforeign\n") as release:
+        s.call(2, "read_file", path=P)
+        time.sleep(0.5)  # the read waits for the lock
+        s.call(2, "write_file", path=P, content="v1\nmine\n")
+        refusal = s.reply(2)
+        assert refusal is not None and refusal["error"]["code"] == -32600, refusal
+        assert "id 2 is that of a request still under way" in refusal["error"]["message"], refusal
+        release()
+        with s.seen:
+            assert s.seen.wait_for(lambda: "result" in s.replies[2], 30)
+    assert s.replies[2]["result"]["content"][0]["text"].startswith("v1\nforeign\n")
+    assert (root / P).read_text() == "v1\nforeign\n"
+    s.call(3, "write_file", path=P, content="v1\nforeign\nmine\n")  # built on the read with the reused id
+    error, text = s.tool(3)
+    assert error and "Refused (stale)" in text, text
+    s.call(4, "read_file", path=P)
+    assert not s.tool(4)[0]
+    s.call(5, "write_file", path=P, content="v1\nforeign\nmine\n")
+    assert s.tool(5) == (False, f"Wrote {P}: now version 3.")
+    status, _, stderr = s.close()
+    assert status == 0 and "its id was reused by another request while it ran" in stderr, stderr
+
+
 def test_a_cancelled_read_registers_no_view_and_the_server_still_ends_at_once(root: Path) -> None:
     """A read the client cancelled is never answered, yet its view was registered: the next write,
     built on what the client last got, went through over a change it never saw (/tmp/s31mcp 2, LOSS).
