@@ -520,8 +520,9 @@ def recovery(
     staged name holding other bytes than the intent's (`staged_hash`, given whenever the name is
     there) names the file the install displaced: `finished` (the name dropped) if that is the
     version before (`previous`: its hash, None for no file; `may_drop_taken`) or, at a commit's
-    staged name, bytes the registry keeps anyway (`staged_kept`: a recorded version's; never for
-    the name a rename or a deletion set a file aside at), else `displaced`: a change made outside the volume just
+    staged name, bytes kept as that path's already (`staged_kept`: recorded by a put back of this
+    install, or in a working copy a version it may have held while behind; never for the name a
+    rename or a deletion set a file aside at), else `displaced`: a change made outside the volume just
     before the install, which is put back in place and recorded as the next version, after the
     commit's, as a change made just after the install would be (the commit stays in history; its
     number was fixed at its COMMIT, before the change was seen). While the staged file holds the

@@ -213,3 +213,31 @@ def test_a_save_put_back_is_recorded_before_it_goes_back_so_a_next_save_cannot_r
         ]
         assert bob.read_version(P, 3) == SAVE
     assert os.listdir(root / ".coherent/staging") == []
+
+
+@pytest.mark.parametrize("kept_as", ["another path's version", "an older version of the path"])
+def test_an_editors_save_of_bytes_the_volume_keeps_elsewhere_is_put_back_and_recorded_all_the_same(
+    root: Path, monkeypatch: pytest.MonkeyPatch, kept_as: str
+) -> None:
+    """A save displaced by an install holding bytes the registry keeps anyway (a copy of another
+    managed file, a revert to an earlier version) was taken for the registry's own and dropped by
+    recovery: the save was gone from the file and from the path's history (/tmp/s32paths 1: 31 of
+    325 saves by rename lost while an agent committed through the mount every few ms, whenever the
+    saved bytes had been another file's before). They are a change of this path all the same."""
+    with CoherentVolume(root, agent="alice") as alice:
+        if kept_as == "another path's version":
+            alice.write("plans/other.md", SAVE)
+        else:
+            alice.write(P, SAVE)
+        alice.write(P, b"one\n")
+        before = alice.version(P)
+        saved = _editor_saves_first(root, monkeypatch)
+        assert alice.write(P, b"two\n") == before + 1
+        monkeypatch.undo()
+        assert saved, "the editor saved before the install"
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == SAVE
+        [newest, *_] = bob.history(P)
+        assert (newest.version, newest.kind, newest.writer) == (before + 2, "foreign", "external")
+        assert bob.read_version(P, before + 1) == b"two\n"
+    assert os.listdir(root / ".coherent/staging") == []

@@ -757,7 +757,10 @@ class CoreBase:
             recorded=True,
             staged=staged is not None and current and not aside,
             staged_hash=staged_hash,
-            staged_kept=not aside and staged_hash is not None and staged_hash != previous and tx.in_use(staged_hash),
+            staged_kept=not aside
+            and staged_hash is not None
+            and staged_hash != previous
+            and self._kept_already(tx, intent, staged_hash),
             previous=previous,
         )
         if outcome == "finished":
@@ -790,6 +793,17 @@ class CoreBase:
             )
         tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=v, detail=detail)
         return stays
+
+    def _kept_already(self, tx: Transaction, intent: Intent, digest: str) -> bool:
+        """Whether bytes hashing to `digest`, which the install of `intent` displaced, are kept as
+        its path's already: recorded by a put back of that install that could not finish (a version
+        after the intent's: a directory made at the name, `_put_back`), or, in a working copy, a
+        version the copy may have held there while behind. Bytes kept as another path's, or as an
+        earlier version of this one, are a change made outside all the same (/tmp/s32paths 1)."""
+        return any(
+            v.hash == digest and (v.version > intent.version or self.replica is not None)
+            for v in tx.retained(intent.path)
+        )
 
     def _put_back(self, tx: Transaction, intent: Intent, target: Target, staged: str) -> bool:
         """Record the file that the install of `intent` displaced (at its staged name) as the version
