@@ -1,14 +1,18 @@
 """The agents' settings files: merge coherent-volume's hooks into one, and remove exactly those.
 
 Invariants: every other setting and hook is kept; installing twice changes nothing; a file that
-is not a JSON object with a `hooks` object is never changed (CoherenceError); our entries are
-those whose command runs `coherent-volume hook FACE`.
+is not a JSON object with a `hooks` object is never changed (CoherenceError). Our hooks are those
+whose command is exactly one install writes (`ours`): this installation's, another's (a CLI by
+absolute path ending in `/coherent-volume`, then ` hook FACE`), or the one given; only those are
+removed, never a group's other hooks, nor a command that merely mentions `hook FACE` (before, such
+a hook and every hook sharing a group with ours were dropped: /tmp/s32hookgc 2).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -27,14 +31,36 @@ def hook_command(face: str) -> str:
     return f"{os.path.abspath(cli)} hook {face}"
 
 
-def _ours(entry: object, face: str) -> bool:
-    """Whether a settings entry runs our hook for `face`: its own command (Cursor's shape) or one
-    of its `hooks` (Claude Code's, Gemini CLI's and Codex's)."""
-    if not isinstance(entry, dict):
+def ours(command: object, face: str, given: str | None = None) -> bool:
+    """Whether a hook's `command` is one that `install` writes for `face`: `given` (the command it
+    was told to write), this installation's (`hook_command`), or another installation's: an absolute
+    path (no spaces) ending in `/coherent-volume`, then ` hook FACE`, and nothing else."""
+    if not isinstance(command, str):
         return False
-    inner = entry.get("hooks")
-    nested = [h.get("command") for h in inner if isinstance(h, dict)] if isinstance(inner, list) else []
-    return any(isinstance(c, str) and f"hook {face}" in c for c in [entry.get("command"), *nested])
+    if command in (given, hook_command(face)):
+        return True
+    return re.fullmatch(rf"/\S*/coherent-volume hook {re.escape(face)}", command) is not None
+
+
+def _without_ours(entries: list[Any], face: str, given: str | None) -> list[Any]:
+    """`entries` of one event without our hooks: an entry that is our hook itself (Cursor's shape)
+    goes; from a group (`hooks`: Claude Code's, Gemini CLI's and Codex's shape) only our hooks go,
+    and the group only when none of its hooks is left."""
+    kept: list[Any] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            kept.append(entry)
+            continue
+        if ours(entry.get("command"), face, given):
+            continue
+        inner = entry.get("hooks")
+        if isinstance(inner, list):
+            left = [h for h in inner if not (isinstance(h, dict) and ours(h.get("command"), face, given))]
+            if not left and inner:
+                continue
+            entry = {**entry, "hooks": left}
+        kept.append(entry)
+    return kept
 
 
 def nested(hook: dict[str, Any], matchers: Mapping[str, str | None]) -> Hooks:
@@ -69,33 +95,39 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, real)
 
 
-def merge_hooks(path: Path, face: str, ours: Hooks, top: Mapping[str, Any] | None = None) -> None:
-    """Put `ours` into the `hooks` object of the settings at `path`, replacing our earlier entries
-    for `face` and keeping every other setting and hook; `top` are top-level keys set only when
-    missing. Idempotent."""
+def merge_hooks(
+    path: Path, face: str, entries: Hooks, top: Mapping[str, Any] | None = None, command: str | None = None
+) -> None:
+    """Put `entries` (our hooks, running `command`) into the `hooks` object of the settings at
+    `path`, replacing our earlier hooks for `face` (`ours`) and keeping every other setting and
+    hook; `top` are top-level keys set only when missing. Idempotent."""
     data = _load(path)
     for key, value in (top or {}).items():
         data.setdefault(key, value)
     hooks = data.setdefault("hooks", {})
-    for event, entries in ours.items():
-        hooks[event] = [e for e in hooks.get(event, []) if not _ours(e, face)] + entries
+    for event, added in entries.items():
+        existing = hooks.get(event, [])
+        if not isinstance(existing, list):
+            raise CoherenceError(f"{path}: `hooks.{event}` is not a list; nothing was changed")
+        hooks[event] = _without_ours(existing, face, command) + added
     _save(path, data)
 
 
-def remove_hooks(path: Path, face: str, top: Mapping[str, Any] | None = None) -> None:
-    """Remove exactly our entries for `face` (and the `top` keys `merge_hooks` added, when nothing
-    else is left in `hooks`). A missing file stays missing."""
+def remove_hooks(path: Path, face: str, command: str | None = None) -> None:
+    """Remove exactly our hooks for `face` (`ours`; `command`: the one install was given), and a
+    group or event left with none. The top-level keys `merge_hooks` sets when missing (Cursor's
+    `"version": 1`) stay: the file does not say whether they were the user's before (before, they
+    went, and a user's own went with them: /tmp/s32hookgc 2). A missing file stays missing."""
     if not path.exists():
         return
     data = _load(path)
     hooks = data.get("hooks", {})
     for event in list(hooks):
-        hooks[event] = [e for e in hooks[event] if not _ours(e, face)]
+        if not isinstance(hooks[event], list):
+            continue
+        hooks[event] = _without_ours(hooks[event], face, command)
         if not hooks[event]:
             del hooks[event]
     if not hooks:
         data.pop("hooks", None)
-        for key, value in (top or {}).items():
-            if data.get(key) == value:
-                del data[key]
     _save(path, data)

@@ -245,12 +245,12 @@ class Face:
 
     def install(self, settings: Path, command: str | None = None) -> None:
         """Merge our hooks into `settings` (idempotent; other settings and hooks are kept)."""
-        ours = self.our_hooks(command or hook_settings.hook_command(self.name))
-        hook_settings.merge_hooks(settings, self.name, ours, self.top)
+        command = command or hook_settings.hook_command(self.name)
+        hook_settings.merge_hooks(settings, self.name, self.our_hooks(command), self.top, command)
 
-    def uninstall(self, settings: Path) -> None:
-        """Remove exactly the hooks `install` added."""
-        hook_settings.remove_hooks(settings, self.name, self.top)
+    def uninstall(self, settings: Path, command: str | None = None) -> None:
+        """Remove exactly the hooks `install` added (`command`: the one it was given, if not ours)."""
+        hook_settings.remove_hooks(settings, self.name, command)
 
 
 def tool_remedies(read: str, wait: str) -> dict[Reason, str]:

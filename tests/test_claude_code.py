@@ -696,8 +696,11 @@ def test_install_refuses_a_broken_settings_file(tmp_path: Path) -> None:
     assert settings.read_text() == "{not json"
     assert our_hooks("x")["PreToolUse"][0]["matcher"] == "Write|Edit|MultiEdit|NotebookEdit|Bash"
     FACE.install(tmp_path / "new/settings.json", "x hook claude-code")
-    FACE.uninstall(tmp_path / "new/settings.json")
+    FACE.uninstall(tmp_path / "new/settings.json", "x hook claude-code")
     assert json.loads((tmp_path / "new/settings.json").read_text()) == {}
+    FACE.install(tmp_path / "new/settings.json", "x hook claude-code")
+    FACE.uninstall(tmp_path / "new/settings.json")  # only a command install writes is ours (/tmp/s32hookgc 2)
+    assert "x hook claude-code" in (tmp_path / "new/settings.json").read_text()
 
 
 def decision(answer: dict[str, object]) -> tuple[str, str]:

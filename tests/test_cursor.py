@@ -507,7 +507,26 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_hooks(tmp_path: Pat
     subprocess.run([CLI, "cursor", "install", str(fresh)], check=True, capture_output=True)
     assert json.loads((fresh / ".cursor/hooks.json").read_text())["version"] == 1
     subprocess.run([CLI, "cursor", "uninstall", str(fresh)], check=True, capture_output=True)
-    assert json.loads((fresh / ".cursor/hooks.json").read_text()) == {}
+    assert json.loads((fresh / ".cursor/hooks.json").read_text()) == {"version": 1}, "a version may be the user's"
+
+
+def test_install_and_uninstall_keep_the_users_own_hooks_and_version(tmp_path: Path) -> None:
+    """A user's hook whose command merely mentions "hook cursor" survives install and uninstall, and
+    uninstall leaves a `"version": 1` the file had (before, both were removed: /tmp/s32hookgc 2)."""
+    settings = tmp_path / ".cursor/hooks.json"
+    settings.parent.mkdir(parents=True)
+    scan = {"command": "/opt/secscan/pre-write-hook cursor --block-secrets", "matcher": "Write"}
+    original = {"version": 1, "hooks": {"preToolUse": [scan]}}
+    settings.write_text(json.dumps(original))
+    cursor.FACE.install(settings)
+    installed = json.loads(settings.read_text())
+    assert installed["hooks"]["preToolUse"][0] == scan and len(installed["hooks"]["preToolUse"]) == 2
+    cursor.FACE.uninstall(settings)
+    assert json.loads(settings.read_text()) == original
+    settings.write_text(json.dumps({"version": 1, "hooks": {}}))
+    cursor.FACE.install(settings)
+    cursor.FACE.uninstall(settings)
+    assert json.loads(settings.read_text())["version"] == 1
 
 
 def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, conversations) -> None:

@@ -658,6 +658,31 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_settings(tmp_path: 
     assert r.returncode == 1 and "not valid JSON" in r.stderr and settings.read_text() == "{broken"
 
 
+def test_install_and_uninstall_keep_the_users_own_hooks(tmp_path: Path) -> None:
+    """A user's hook whose command merely mentions "hook gemini", and a user's hook put into the group
+    install made, survive install, a second install and uninstall; only our own hook goes (before,
+    every entry whose command contained "hook gemini" was dropped whole: /tmp/s32hookgc 2)."""
+    settings = tmp_path / ".gemini/settings.json"
+    settings.parent.mkdir(parents=True)
+    scan = {"type": "command", "command": "/opt/secscan/pre-write-hook gemini --block-secrets"}
+    settings.write_text(json.dumps({"hooks": {"BeforeTool": [{"matcher": "write_file", "hooks": [scan]}]}}))
+    gemini.FACE.install(settings)
+    installed = json.loads(settings.read_text())
+    assert installed["hooks"]["BeforeTool"][0] == {"matcher": "write_file", "hooks": [scan]}
+    guard = {"type": "command", "command": "my-own-guard"}
+    installed["hooks"]["BeforeTool"][1]["hooks"].append(guard)
+    settings.write_text(json.dumps(installed))
+    gemini.FACE.install(settings)
+    again = json.loads(settings.read_text())
+    assert [e["hooks"] for e in again["hooks"]["BeforeTool"][:2]] == [[scan], [guard]]
+    assert again["hooks"]["BeforeTool"][2] == installed["hooks"]["BeforeTool"][1] | {
+        "hooks": installed["hooks"]["BeforeTool"][1]["hooks"][:1]
+    }
+    gemini.FACE.uninstall(settings)
+    left = json.loads(settings.read_text())["hooks"]
+    assert left == {"BeforeTool": [{"matcher": "write_file", "hooks": [scan]}, again["hooks"]["BeforeTool"][1]]}
+
+
 def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> None:
     """The stale session's `sed -i plans/*.md` (a glob: the real plan.md is among its files) is
     denied; a write whose file only a variable names, in the volume, is denied saying so."""
