@@ -880,18 +880,51 @@ def _split_lines(text: str) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
+_BYTE_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
+"""The byte order marks Gemini CLI's read_file decodes a file by, in the order it tests them."""
+
+
+def by_mark(data: bytes) -> str | None:
+    """`data` decoded as Gemini CLI's read_file decodes a file that begins with a byte order mark
+    (gemini-cli utils/fileUtils.ts `readFileWithEncoding`): the mark stripped, the rest as UTF-8,
+    UTF-16 or UTF-32 by it (a trailing part of a code unit dropped, as Node drops it; an unpaired
+    UTF-16 surrogate kept, as a JavaScript string keeps it). None where `data` begins with none."""
+    for mark, codec in _BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            body = data[len(mark) :]
+            unit = 4 if "32" in codec else 2 if "16" in codec else 1
+            body = body[: len(body) - len(body) % unit]
+            return body.decode(codec, "surrogatepass" if unit == 2 else "replace")
+    return None
+
+
 def shows(
     data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str | None = None, cut: int | None = None
 ) -> bool:
     """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
-    read tool shows them (line ends normalised; a trailing newline is no line). A shown line ending
-    in `shortened` (a tool's marker for a cut line) stands for any line that begins with what
-    precedes it; so does a shown line of `cut` UTF-16 units or more, which a tool that cuts long
-    lines without a marker shows. A text showing none of a non-empty file's lines (a read past its
-    end) shows nothing of it: False."""
+    read tool shows them (line ends normalised; a trailing newline is no line). `data` is read as
+    UTF-8 (undecodable bytes as U+FFFD), or, where it begins with a byte order mark, also decoded by
+    it (`by_mark`: as Gemini CLI and editors show such a file; before, a file with a BOM never
+    matched what Gemini CLI showed, and every write of it was refused `unread`: /tmp/s32hookgc 3).
+    A shown line ending in `shortened` (a tool's marker for a cut line) stands for any line that
+    begins with what precedes it; so does a shown line of `cut` UTF-16 units or more, which a tool
+    that cuts long lines without a marker shows. A text showing none of a non-empty file's lines (a
+    read past its end) shows nothing of it: False."""
+    decoded = [data.decode("utf-8", "replace"), by_mark(data)]
+    return any(_shows_text(d, text, start, whole, shortened, cut) for d in decoded if d is not None)
+
+
+def _shows_text(content: str, text: str, start: int, whole: bool, shortened: str | None, cut: int | None) -> bool:
+    """`shows` of the file's `content` decoded."""
     shown = _split_lines(text)
-    lines = _split_lines(data.decode("utf-8", "replace"))[max(start, 1) - 1 :]
-    if len(shown) > len(lines) or (whole and len(shown) != len(lines)) or (not shown and data):
+    lines = _split_lines(content)[max(start, 1) - 1 :]
+    if len(shown) > len(lines) or (whole and len(shown) != len(lines)) or (not shown and content):
         return False
     for have, want in zip(lines, shown, strict=False):
         if shortened and want.endswith(shortened) and have.startswith(want[: -len(shortened)]):

@@ -155,6 +155,24 @@ def test_the_view_is_the_content_the_model_receives(root: Path, conversations) -
     )
 
 
+def test_a_file_with_a_byte_order_mark_matches_its_content_with_or_without_it(root: Path, conversations) -> None:
+    """What Cursor's `content` holds of a file beginning with a BOM is not documented: the text with
+    the BOM as a character, or decoded by it without (as an editor shows it) both register the view
+    (before, only the first: a write was refused `unread` however often the file was read:
+    /tmp/s32hookgc 3)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, b"\xef\xbb\xbfhello\n")
+        setup.write("plans/bom.md", b"\xef\xbb\xbfhello\n")
+        setup.write("plans/u16.md", "\ufeffhello\n".encode("utf-16-le"))
+    for n, (rel, content) in enumerate(
+        [(P, "hello\n"), ("plans/bom.md", "\ufeffhello\n"), ("plans/u16.md", "hello\n")]
+    ):
+        c = conversations(f"bom{n}", root)
+        c.hook(c.event("before_read_file", path=root / rel, content=content))
+        verdict, message = permission(c.hook(c.event("pre_tool_use_write", path=root / rel, content="x")))
+        assert verdict == "allow", (rel, content, message)
+
+
 def test_a_read_that_raced_a_commit_is_a_view_of_the_version_it_showed(root: Path, conversations) -> None:
     """The file changed between Cursor's read and its beforeReadFile: the content the model gets is
     an older version's, so its view is that version, and its write is refused as stale with the

@@ -224,6 +224,31 @@ def test_views_are_what_the_model_was_given(root: Path, sessions) -> None:
     assert decision(s.hook(s.event("before_write_file", path=other, content="x")))[0] == "allow"
 
 
+def test_a_file_with_a_byte_order_mark_is_read_as_gemini_cli_decodes_it(root: Path, sessions) -> None:
+    """read_file strips a BOM and decodes UTF-16/32 by it (gemini-cli fileUtils.ts
+    readFileWithEncoding), so the view is matched against the file decoded so (before, against its
+    bytes as UTF-8: no view, and every write refused `unread` however often it was read:
+    /tmp/s32hookgc 3)."""
+    files = {
+        "plans/bom8.md": b"\xef\xbb\xbfhello\nworld\n",
+        "plans/u16le.md": "\ufeffhello\nworld\n".encode("utf-16-le"),
+        "plans/u16be.md": "\ufeffhello\nworld\n".encode("utf-16-be"),
+        "plans/u32le.md": "\ufeffhello\nworld\n".encode("utf-32-le"),
+    }
+    with CoherentVolume(root, agent="setup") as setup:
+        for rel, data in files.items():
+            setup.write(rel, data)
+    s = sessions("bom", root)
+    for rel in files:
+        s.hook(s.event("after_read_file", path=root / rel, text="hello\nworld\n"))
+        edit = s.event("before_replace", path=root / rel, old="hello", new="bye")
+        assert decision(s.hook(edit)) == ("allow", ""), rel
+        s.hook({**edit, "hook_event_name": "AfterTool", "tool_response": {"llmContent": "", "error": "x"}})
+    s.hook(s.event("after_read_file", path=root / "plans/bom8.md", text="\ufeffhello\nworld\n"))
+    edit = s.event("before_replace", path=root / "plans/bom8.md", old="hello", new="bye")
+    assert decision(s.hook(edit))[0] == "allow", "the BOM as a character, as other tools show it, matches too"
+
+
 def test_a_whole_part_of_read_many_files_is_matched_exactly(root: Path, sessions) -> None:
     """read_many_files cuts lines only in a part it says was truncated, so a whole part whose line
     ends in the cut marker is that line as it is: a peer's change of it made between the read and
