@@ -135,7 +135,11 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         path, content = hooks.absolute(event.get("file_path"), _base(event)), event.get("content")
         progress.path = path
         if path is not None and isinstance(content, str):
-            hook_steps.observe(actor, path, partial(hook_steps.shows, text=content, whole=True), progress)
+            shown, exact = (
+                partial(hook_steps.shows, text=content, whole=True),
+                partial(hook_steps.same_text, text=content),
+            )
+            hook_steps.observe(actor, path, shown, progress, exact=exact)
         return _permission("allow")
     if name in ("postToolUse", "afterShellExecution") and (writes or name == "afterShellExecution"):
         call = _call(event)

@@ -95,9 +95,15 @@ def _failed_read(event: dict[str, Any]) -> str | None:
     return hooks.absolute(tool_input.get("file_path"), event.get("cwd"))
 
 
-def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool], bool]]:
-    """(absolute path, predicate on the file's bytes, whether it was shown whole) for each text file
-    the read tool gave the model."""
+Read = tuple[str, Callable[[bytes], bool], bool, Callable[[bytes], bool] | None]
+"""(absolute path, predicate on the file's bytes, whether it was shown whole, and whether exactly:
+`hook_steps.observe`'s `exact`)."""
+
+
+def _reads(event: dict[str, Any]) -> list[Read]:
+    """A Read for each text file the read tool gave the model. read_file shows a whole file with its
+    final newline and its CRLF line ends as LF (it splits at /\\r?\\n/ and joins with \\n):
+    what it shows exactly is known (`hook_steps.same_text`)."""
     response, tool_input = event.get("tool_response"), event.get("tool_input")
     if not isinstance(response, dict) or response.get("error") or not isinstance(tool_input, dict):
         return []
@@ -109,10 +115,11 @@ def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool], bo
         text = text.split(PROJECT_CONTEXT, 1)[0]
         cut = TRUNCATED.match(text)
         if cut is None:
-            return [(path, partial(shows, text=text, whole=True), True)]
+            exact = partial(hook_steps.same_text, text=text, line_ends=False)
+            return [(path, partial(shows, text=text, whole=True), True, exact)]
         shown, start = text[cut.end() :], int(cut.group(1))
-        return [(path, partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED), False)]
-    found: list[tuple[str, Callable[[bytes], bool], bool]] = []
+        return [(path, partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED), False, None)]
+    found: list[Read] = []
     for part in content if isinstance(content, list) else [content]:
         match = MANY_PART.fullmatch(_text(part) or "")
         if match is None:
@@ -121,7 +128,7 @@ def _reads(event: dict[str, Any]) -> list[tuple[str, Callable[[bytes], bool], bo
         whole = not text.startswith(MANY_TRUNCATED)
         text = text if whole else text[len(MANY_TRUNCATED) :]
         shortened = None if whole else SHORTENED  # a line is cut only in a part said to be truncated
-        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=shortened), whole))
+        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=shortened), whole, None))
     return found
 
 
@@ -167,9 +174,9 @@ def handle(event: dict[str, Any], progress: Progress, process: ProcessId | None 
         partly: str | None = None
         if name == "AfterTool" and tool in READ_TOOLS:
             passed: list[hook_steps.Passed] = []  # views a partial read moved over others' changes
-            for path, shown, whole in _reads(event):
+            for path, shown, whole, exact in _reads(event):
                 progress.path = path
-                hook_steps.observe(actor, path, shown, progress, passed=None if whole else passed)
+                hook_steps.observe(actor, path, shown, progress, passed=None if whole else passed, exact=exact)
             missing = _failed_read(event)
             response = event.get("tool_response")
             error = response.get("error") if isinstance(response, dict) else None

@@ -792,12 +792,18 @@ def observe(
     *,
     earlier: int = EARLIER_VERSIONS,
     passed: list[Passed] | None = None,
+    exact: Callable[[bytes], bool] | None = None,
 ) -> int | None:
     """Register the actor's view of the managed file at `path` at the current version if `matches`
     confirms its content is what the model was shown (a confirmed read also lifts a fence); else,
     searching up to `earlier` retained older versions newest first, at the first one `matches`
     confirms (a read that raced a commit, a patch built on an older version: a check then refuses
-    the write as stale, with the diff since, not as unread). The version, or
+    the write as stale, with the diff since, not as unread). With `exact` (what the tool showed,
+    compared with the details `matches` overlooks where the tool keeps them: a final newline, line
+    ends), a current version `matches` confirms only loosely gives way to an older one `exact`
+    confirms (a read that raced a commit changing only such details; before, the view landed on the
+    newer version the model never saw: /tmp/s32hookgc 4), unless the actor's view is at that older
+    version already (a tool showing the current version so would else be refused forever). The version, or
     None (nothing registered: not managed, gone, or nothing matched). What is established about the
     path is recorded in `progress` if given (never the progress of a write check: it is not about
     that check's paths). With `passed`, where `matches` confirms only part of the content: a view
@@ -814,31 +820,49 @@ def observe(
         if target is None:
             return None
         agent = _joined(core, actor).on(found.mounted)
-        if passed is not None:
-            with core.registry.read() as tx:
-                before = tx.view(agent, target.rel)
-        version = core.observe(agent, target, matches)
+        with core.registry.read() as tx:
+            before = tx.view(agent, target.rel)
+        version = None
+        if exact is not None and earlier:
+            version = core.observe(agent, target, exact)
+            if version is None:
+                older = _earlier_match(core, target, exact, earlier, progress)
+                if older is not None and older != before:
+                    core.note_read(agent, target, older)
+                    return older
+        if version is None:
+            version = core.observe(agent, target, matches)
         if passed is not None and version is not None:
             passed += filter(None, [passed_over(core, agent, target.rel, before, version)])
         if version is not None or not earlier:
             return version
-        progress.doing = f"looking for what the model was shown of {shown(target.rel)} among its older versions"
-        try:
-            read = 0
-            for old in core.history(target, earlier + 1)[1:]:
-                read += old.size or 0
-                if read > EARLIER_BYTES:
-                    break
-                try:
-                    data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
-                except CoherenceError:
-                    continue
-                if data is not None and matches(data):
-                    core.note_read(agent, target, old.version)
-                    return old.version
-            return None
-        finally:
-            progress.doing = None
+        older = _earlier_match(core, target, matches, earlier, progress)
+        if older is not None:
+            core.note_read(agent, target, older)
+        return older
+
+
+def _earlier_match(
+    core: VolumeCore, target: Target, matches: Callable[[bytes], bool], earlier: int, progress: Progress
+) -> int | None:
+    """The newest of up to `earlier` retained versions before the current one that `matches`
+    confirms (at most EARLIER_BYTES of them read), or None."""
+    progress.doing = f"looking for what the model was shown of {shown(target.rel)} among its older versions"
+    try:
+        read = 0
+        for old in core.history(target, earlier + 1)[1:]:
+            read += old.size or 0
+            if read > EARLIER_BYTES:
+                break
+            try:
+                data = core.read_version(target, old.version) if old.hash is not None and old.retained else None
+            except CoherenceError:
+                continue
+            if data is not None and matches(data):
+                return old.version
+        return None
+    finally:
+        progress.doing = None
 
 
 def bring(actor: Actor, path: str, said_missing: bool) -> list[str]:
@@ -902,6 +926,16 @@ def by_mark(data: bytes) -> str | None:
             body = body[: len(body) - len(body) % unit]
             return body.decode(codec, "surrogatepass" if unit == 2 else "replace")
     return None
+
+
+def same_text(data: bytes, text: str, *, line_ends: bool = True) -> bool:
+    """Whether `text` is exactly the file content `data` decoded (as UTF-8, or by its byte order
+    mark: `by_mark`), final newline included; with `line_ends` False, CRLF line ends are taken for
+    LF (a tool that shows them so)."""
+    for content in (data.decode("utf-8", "replace"), by_mark(data)):
+        if content is not None and (content if line_ends else content.replace("\r\n", "\n")) == text:
+            return True
+    return False
 
 
 def shows(

@@ -189,6 +189,23 @@ def test_a_read_that_raced_a_commit_is_a_view_of_the_version_it_showed(root: Pat
     assert c.write_file(root / P, "v3\n")[0] == "allow"
 
 
+def test_a_read_that_raced_a_change_of_line_ends_is_a_view_of_the_version_it_showed(root: Path, conversations) -> None:
+    """A peer made the file CRLF between Cursor's read and its beforeReadFile: the content matches the
+    older version exactly and the current one only loosely, so the view is the older one and a Write
+    is refused stale (before, the view landed on the peer's version and the Write went ahead:
+    /tmp/s32hookgc 4). A second read showing the same again, the view already there, is taken for
+    the current version (a tool that gives line ends so would else be refused forever)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb\n")
+        setup.write(P, "a\r\nb\r\n")
+    c = conversations("race-ends", root)
+    c.hook(c.event("before_read_file", path=root / P, content="a\nb\n"))
+    verdict, message = permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x\n")))
+    assert verdict == "deny" and "(stale)" in message and "you last saw version 1" in message, message
+    c.hook(c.event("before_read_file", path=root / P, content="a\nb\n"))
+    assert permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x\n")))[0] == "allow"
+
+
 def test_the_search_for_the_version_a_read_showed_reads_a_bounded_number_of_bytes(root: Path, conversations) -> None:
     """Older versions are searched newest first up to EARLIER_BYTES in all (a hook has seconds):
     a read showing the version before the current one is found; one that only the version

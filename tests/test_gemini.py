@@ -249,6 +249,22 @@ def test_a_file_with_a_byte_order_mark_is_read_as_gemini_cli_decodes_it(root: Pa
     assert decision(s.hook(edit))[0] == "allow", "the BOM as a character, as other tools show it, matches too"
 
 
+def test_a_read_that_raced_a_final_newline_is_a_view_of_the_version_it_showed(root: Path, sessions) -> None:
+    """read_file keeps a file's final newline, so a read showing "a\\nb" while a peer's commit made it
+    "a\\nb\\n" before AfterTool ran is a view of the older version, which it shows exactly, not of the
+    current one, which it shows only loosely: the write is refused stale (before, the view landed on
+    the peer's version and a write_file over it went ahead: /tmp/s32hookgc 4)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb")
+        setup.write(P, "a\nb\n")
+    s = sessions("race-newline", root)
+    s.hook(s.event("after_read_file", path=root / P, text="a\nb"))
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / P, content="a\nb\nc\n")))
+    assert verdict == "deny" and "(stale): you last saw version 1" in reason, reason
+    s.hook(s.event("after_read_file", path=root / P, text="a\nb\n"))
+    assert decision(s.hook(s.event("before_write_file", path=root / P, content="a\nb\nc\n")))[0] == "allow"
+
+
 def test_a_whole_part_of_read_many_files_is_matched_exactly(root: Path, sessions) -> None:
     """read_many_files cuts lines only in a part it says was truncated, so a whole part whose line
     ends in the cut marker is that line as it is: a peer's change of it made between the read and
