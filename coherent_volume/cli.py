@@ -407,7 +407,14 @@ def init(root: str, globs: tuple[str, ...], registry: str | None, volume: str | 
         if registry is not None:  # a copy: every managed file brought in
             with core.registry.read() as tx:
                 before = {record.path: record for record in tx.files()}
-            unchecked = core.scan()
+            try:
+                unchecked = core.scan()
+            except RegistryError as e:  # what the last step did not do, not what init did
+                raise RegistryError(
+                    f"{core.paths.root} joined the volume, but bringing its managed files in stopped: {e}. The files "
+                    "brought in so far hold current versions; run this init again to bring in the rest",
+                    e.errno,
+                ) from e
     except BaseException:
         if made is not None:
             _undo_made(os.path.abspath(root), made)

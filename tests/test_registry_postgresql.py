@@ -658,8 +658,8 @@ def test_a_lost_reply_with_the_registry_gone_says_the_outcome_is_unknown(
             registry.transact(lambda tx: tx.put_meta("counter", "1"))
         assert unknown.value.errno == errno.EIO
         message = str(unknown.value)
-        assert "outcome unknown, commit id" in message
-        commit_id = message.split("commit id ")[1].split(".")[0]
+        assert "outcome unknown (commit id" in message and "coherent-volume history ROOT PATH" in message
+        commit_id = message.split("commit id ")[1].split(")")[0]
         # it had landed: the id says so
         assert _q(pg_url, "SELECT count(*) FROM cv_commits WHERE id = %s", (commit_id,)) == [(1,)]
         assert _q(pg_url, "SELECT value FROM cv_meta WHERE key = 'counter'") == [("1",)]
@@ -1841,6 +1841,38 @@ def test_joining_over_a_file_that_differs_says_what_it_recorded(tmp_path: Path, 
         [CLI, "init", str(b), "--registry", pg_url, "--volume", "team"], capture_output=True, text=True, timeout=60
     )
     assert again.returncode == 0 and "taken in" not in again.stderr, again.stderr
+
+
+def test_a_join_that_stops_bringing_files_in_says_what_it_did_and_how_to_finish(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A join whose registry became unreachable half-way through bringing the managed files in
+    ended on the last step's "nothing was written", with 71 files brought in (/tmp/s32pgmh 2): it
+    says the root joined, what the files brought in hold, and that init again finishes."""
+    from click.testing import CliRunner
+
+    from coherent_volume import cli
+    from coherent_volume.core.reads import Reads
+
+    a, b = _team_and_a_root_holding(tmp_path, pg_url, "team plan\n", "team plan\n")
+
+    def cut_off(self: Reads) -> list[tuple[str, str]]:
+        raise RegistryError(
+            "the registry at db:5432 is unreachable (timeout): nothing could be checked, so "
+            "nothing was written and no content was served",
+            errno.EIO,
+        )
+
+    monkeypatch.setattr(Reads, "scan", cut_off)
+    r = CliRunner().invoke(cli.main, ["init", str(b), "--registry", pg_url, "--volume", "team"])
+    assert r.exit_code != 0
+    assert f"{b} joined the volume, but bringing its managed files in stopped: the registry at db:5432" in r.output
+    assert "run this init again to bring in the rest" in r.output, r.output
+    monkeypatch.undo()
+    again = subprocess.run(
+        [CLI, "init", str(b), "--registry", pg_url, "--volume", "team"], capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0, again.stderr
 
 
 def test_a_url_naming_several_hosts_as_libpq_reads_it_creates_and_opens_the_volume(

@@ -671,8 +671,9 @@ class PostgresRegistry:
             if time.monotonic() >= deadline:
                 raise RegistryError(
                     f"{self.location.describe()}: the reply to a COMMIT was lost ({_first_line(lost)}) and {why} "
-                    f"for {pg_connections.CONNECT_WAIT:g} s: outcome unknown, commit id {commit_id}. "
-                    "`coherent-volume log` shows whether it landed once the registry is reachable"
+                    f"for {pg_connections.CONNECT_WAIT:g} s: outcome unknown (commit id {commit_id}). Once the "
+                    "registry is reachable, `coherent-volume history ROOT PATH` shows whether your change landed (a "
+                    "version by you at this time); if it did not, read the file again and redo the change"
                 )
             time.sleep(0.2)
 
