@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Concatenate, ParamSpec, TypeVar
 
 from .core import Isolation, open_core, validate_agent
 from .core.history import MAX_VERSION, Pruned
@@ -17,6 +20,29 @@ from .liveness import current_process
 from .paths import Target, is_registry_path, lexical
 from .policy import Policy
 from .protocol import ENV_AGENT, Grant, Version
+
+CLOSE_WAIT = 60.0
+"""Seconds `close()` waits at most for calls under way in other threads (and locks they hold)."""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _call(method: Callable[Concatenate[CoherentVolume, _P], _R]) -> Callable[Concatenate[CoherentVolume, _P], _R]:
+    """A public call: refused once the volume is closed, waited for by `close()` while under way."""
+
+    @functools.wraps(method)
+    def call(self: CoherentVolume, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._in_use():
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+_locking = threading.Lock()
+_locked: dict[tuple[str, str], tuple[int, str]] = {}
+"""(volume root, path) -> the thread holding its `lock()` in this process, and its agent: a second
+lock() of the path by that agent in that thread would wait for itself."""
 
 
 class CoherentVolume:
@@ -42,6 +68,9 @@ class CoherentVolume:
         self.isolation: Isolation = isolation
         self._core = open_core(root, managed)
         self._closed = False
+        self._calls = threading.Condition()
+        self._running: dict[int, int] = {}
+        """Calls under way, by thread."""
 
     @property
     def root(self) -> str:
@@ -52,18 +81,17 @@ class CoherentVolume:
         return self._core.paths.globs.patterns
 
     def _target(self, path: str | os.PathLike[str]) -> Target:
-        if self._closed:
-            raise CoherenceError("this CoherentVolume is closed")
         return self._core.resolve(path)
 
     # ---- reads ----
 
+    @_call
     def read(self, path: str | os.PathLike[str]) -> bytes:
         """Tracked read: returns the bytes and registers this agent's view at their version (with
         read-set isolation, a read that finds no file that ever was counts too, at version 0). A
         managed file found missing raises Absent, with the version its absence was seen at."""
         paths = self._core.paths
-        rel = lexical(path) if isinstance(path, str) and not self._closed else None
+        rel = lexical(path) if isinstance(path, str) else None
         if rel is not None and not is_registry_path(rel):
             fd = paths.open_plain(rel)  # fast path: a plain path with no symlink in it
             if fd is not None:
@@ -74,21 +102,23 @@ class CoherentVolume:
     def read_text(self, path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
         return self.read(path).decode(encoding)
 
+    @_call
     def reacquire(self, path: str | os.PathLike[str]) -> bytes:
         """Explicit re-read after a refusal: also lifts a fence left by a reclaimed grant."""
         self._core.clear_fence(self.agent, self._target(path))
         return self.read(path)
 
+    @_call
     def version(self, path: str | os.PathLike[str]) -> int:
         """Current committed version of a managed path, 0 if it never existed."""
         return self._core.version(self._target(path))
 
+    @_call
     def stale(self) -> list[str]:
         """Managed paths this agent has read that changed since."""
-        if self._closed:
-            raise CoherenceError("this CoherentVolume is closed")
         return self._core.stale(self.agent)
 
+    @_call
     def forget(self, path: str | os.PathLike[str]) -> None:
         """Drop a path from this agent's read set (it no longer counts for read-set isolation)."""
         self._core.forget(self.agent, self._target(path))
@@ -109,6 +139,7 @@ class CoherentVolume:
             raise TypeError(f"data must be bytes or str, not {type(data).__name__}")
         return bytes(data)
 
+    @_call
     def write(self, path: str | os.PathLike[str], data: bytes | str, *, merge: bool = False) -> int:
         """Fail-closed write (str is written as UTF-8); returns the new version (0 for unmanaged paths).
         A refusal carries the diff of what changed since this agent's read (`StaleWriteError.diff`).
@@ -121,6 +152,7 @@ class CoherentVolume:
             self.agent, self._target(path), self._bytes(data), isolation=self.isolation, merge=merge
         )
 
+    @_call
     def write_cas(self, path: str | os.PathLike[str], expected_version: int, data: bytes | str) -> int:
         """Write only if the current version is `expected_version`; CasConflict otherwise."""
         number = isinstance(expected_version, int) and not isinstance(expected_version, bool)
@@ -136,18 +168,19 @@ class CoherentVolume:
         except StaleWriteError as refusal:
             raise self._core.refusal_diff(refusal) from None
 
+    @_call
     def delete(self, path: str | os.PathLike[str]) -> int:
         """Delete with the same checks as write; returns the deletion's version. A symlink is removed
         itself (0: links carry no versions), as unlink(2) does."""
-        if not self._closed:
-            link = self._core.paths.resolve_link(path)
-            if link is not None and self._core.unlink_special(link):  # the link, never what it points to
-                return 0
+        link = self._core.paths.resolve_link(path)
+        if link is not None and self._core.unlink_special(link):  # the link, never what it points to
+            return 0
         try:
             return self._core.commit(self.agent, self._target(path), None, isolation=self.isolation)
         except StaleWriteError as refusal:
             raise self._core.refusal_diff(refusal) from None
 
+    @_call
     def update(self, path: str | os.PathLike[str], fn: Callable[[bytes], bytes | str], retries: int = 8) -> int:
         """Read, compute `fn(old)` (b"" for a missing file), write_cas; retry on a conflict that a
         re-read can cure (stale, held) up to `retries` more times, then RetriesExhausted."""
@@ -178,16 +211,19 @@ class CoherentVolume:
 
     # ---- history ----
 
+    @_call
     def history(self, path: str | os.PathLike[str]) -> list[Version]:
         """Every version of a managed path, newest first: version, writer, at, size, hash, kind;
         [] for one that never existed (where the CLI's `history` says so and exits 4)."""
         return self._core.history(self._target(path))
 
+    @_call
     def read_version(self, path: str | os.PathLike[str], version: int) -> bytes:
         """The bytes of a retained version; untracked (this agent's view does not move).
         VersionGone if it was pruned (or is a deletion), DamagedContent if its stored bytes are."""
         return self._core.read_version(self._target(path), version)
 
+    @_call
     def diff(self, path: str | os.PathLike[str], old: int | None = None, new: int | None = None) -> str | None:
         """Unified diff between two retained versions; by default from this agent's view (nothing,
         if it never read the file) to the current version. None for binary content."""
@@ -199,10 +235,12 @@ class CoherentVolume:
         return self._core.diff(target, old, new)
 
     @property
+    @_call
     def policy(self) -> Policy:
         """The volume's merge globs and retention policy."""
         return self._core.policy()
 
+    @_call
     def set_policy(self, policy: Policy) -> None:
         """Change the volume's policy (every process sees it at its next decision)."""
         if not isinstance(policy, Policy):
@@ -211,11 +249,13 @@ class CoherentVolume:
             )
         self._core.set_policy(policy)
 
+    @_call
     def prune(self) -> Pruned:
         """Drop the bytes of versions the retention policy no longer keeps (also done automatically,
         at most hourly, after a commit)."""
         return self._core.prune()
 
+    @_call
     def restore(self, path: str | os.PathLike[str], version: int) -> int:
         """Commit the bytes of an old version as a new version (kind `restore`), with the same checks
         as `write`; returns the new version."""
@@ -230,29 +270,66 @@ class CoherentVolume:
         Both are seconds, at most 30 days (VolumeConfigError otherwise)."""
         _seconds("ttl", ttl, zero=False)
         _seconds("timeout", timeout, zero=True)
-        target = self._target(path)
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
+        with self._in_use():
+            target = self._target(path)
+            key = (self.root, target.rel)
+            with _locking:
+                if _locked.get(key) == (threading.get_ident(), self.agent):
+                    raise CoherenceError(
+                        f"{target.rel}: {self.agent} holds its lock() already in this thread: a second one would "
+                        "wait for the first, which it keeps from ending; take it once (nothing was changed)"
+                    )
+            deadline = time.monotonic() + timeout
+            delay = 0.001
+            while True:
+                try:
+                    grant = self._core.acquire(self.agent, target, ttl, current_process())
+                    break
+                except CoherenceError as refusal:
+                    if getattr(refusal, "reason", None) != "held" or time.monotonic() >= deadline:
+                        raise
+                time.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 0.1)
+            with _locking:
+                _locked[key] = (threading.get_ident(), self.agent)
             try:
-                grant = self._core.acquire(self.agent, target, ttl, current_process())
-                break
-            except CoherenceError as refusal:
-                if getattr(refusal, "reason", None) != "held" or time.monotonic() >= deadline:
-                    raise
-            time.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 0.1)
-        try:
-            yield grant
-        finally:
-            self._core.release(grant)
+                yield grant
+            finally:
+                with _locking:
+                    _locked.pop(key, None)
+                self._core.release(grant)
 
     # ---- lifetime ----
 
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """A call under way (or a lock held): none begins once the volume is closed, and `close()`
+        waits for those of other threads."""
+        me = threading.get_ident()
+        with self._calls:
+            if self._closed:
+                raise CoherenceError("this CoherentVolume is closed")
+            self._running[me] = self._running.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._calls:
+                self._running[me] -= 1
+                if not self._running[me]:
+                    del self._running[me]
+                self._calls.notify_all()
+
     def close(self) -> None:
-        if not self._closed:
+        """Close the volume. Calls under way in other threads, and locks they hold, end first
+        (CLOSE_WAIT s at most: before, they met a closed registry and failed with raw errors,
+        /tmp/s32api 2); no call begins after."""
+        me = threading.get_ident()
+        with self._calls:
+            if self._closed:
+                return
             self._closed = True
-            self._core.close()
+            self._calls.wait_for(lambda: not set(self._running) - {me}, CLOSE_WAIT)
+        self._core.close()
 
     def __enter__(self) -> CoherentVolume:
         return self
