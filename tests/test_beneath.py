@@ -1,0 +1,151 @@
+"""The core never reads or writes outside the volume root, nor through a symlink, whatever a directory
+on a managed path is replaced by after the path was resolved (/tmp/s32api 1): each operation opens
+the target's parent beneath the root with no symlink on the way (`VolumePaths.beneath`), and makes its
+system calls from that descriptor. Real files, real symlink swaps; a monkeypatched step only puts the
+swap at a given point."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coherent_volume import CoherentVolume, OutsideVolume, atomic
+from coherent_volume.paths import VolumePaths
+
+PRECIOUS = b"PRECIOUS file outside the volume\n"
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Path, Path, CoherentVolume]]:
+    """A volume managing plans/** with plans/sub/x.md at v1, and a directory outside it holding a
+    file of the same name."""
+    root, outside = tmp_path / "vol", tmp_path / "outside"
+    (root / "plans" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "x.md").write_bytes(PRECIOUS)
+    vol = CoherentVolume(root, managed=("plans/**",), agent="alice")
+    vol.write("plans/sub/x.md", b"v1\n")
+    yield root, outside, vol
+    vol.close()
+
+
+def _swap(root: Path, outside: Path) -> None:
+    """What another program does: plans/sub moved away, a symlink to the outside directory put there."""
+    os.rename(root / "plans" / "sub", root / "plans" / "sub.moved")
+    os.symlink(outside, root / "plans" / "sub")
+
+
+def _untouched(outside: Path) -> None:
+    assert sorted(os.listdir(outside)) == ["x.md"]
+    assert (outside / "x.md").read_bytes() == PRECIOUS
+
+
+def _swap_after_resolve(monkeypatch: pytest.MonkeyPatch, root: Path, outside: Path) -> None:
+    """The next resolve of a path returns its Target, then the directory is swapped."""
+    real = VolumePaths.resolve
+
+    def resolve(self: VolumePaths, path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+        target = real(self, path)
+        if not os.path.islink(root / "plans" / "sub"):
+            _swap(root, outside)
+        return target
+
+    monkeypatch.setattr(VolumePaths, "resolve", resolve)
+
+
+def test_an_update_whose_retry_meets_the_swapped_directory_is_refused_and_records_nothing(setup) -> None:
+    root, outside, vol = setup
+    calls: list[bytes] = []
+
+    def fn(old: bytes) -> bytes:
+        calls.append(old)
+        if len(calls) == 1:
+            _swap(root, outside)  # the first commit is refused (its file moved); the retry reuses the Target
+        return old + b"alice's line\n"
+
+    with pytest.raises(OutsideVolume, match="'plans/sub' on its way is a symlink"):
+        vol.update("plans/sub/x.md", fn)
+    _untouched(outside)
+    assert calls == [b"v1\n"]  # the outside file was never read
+    os.unlink(root / "plans" / "sub")
+    os.rename(root / "plans" / "sub.moved", root / "plans" / "sub")
+    assert [(v.version, v.writer) for v in vol.history("plans/sub/x.md")] == [(1, "alice")]
+    assert vol.read("plans/sub/x.md") == b"v1\n"
+
+
+@pytest.mark.parametrize("operation", ["write", "write_cas", "delete", "read", "version"])
+def test_a_call_through_a_directory_swapped_after_resolve_is_refused_outside_untouched(
+    setup, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    root, outside, vol = setup
+    calls: dict[str, Callable[[], object]] = {
+        "write": lambda: vol.write("plans/sub/x.md", b"alice\n"),
+        "write_cas": lambda: vol.write_cas("plans/sub/x.md", 1, b"alice\n"),
+        "delete": lambda: vol.delete("plans/sub/x.md"),
+        "read": lambda: vol.read(Path("plans/sub/x.md")),  # (a Path: resolved, not read by `open_plain`)
+        "version": lambda: vol.version("plans/sub/x.md"),
+    }
+    _swap_after_resolve(monkeypatch, root, outside)
+    with pytest.raises(OutsideVolume, match="symlink"):
+        calls[operation]()
+    monkeypatch.undo()
+    _untouched(outside)
+    os.unlink(root / "plans" / "sub")
+    os.rename(root / "plans" / "sub.moved", root / "plans" / "sub")
+    assert [(v.version, v.writer, v.kind) for v in vol.history("plans/sub/x.md")] == [(1, "alice", "commit")]
+    assert vol.read("plans/sub/x.md") == b"v1\n"
+
+
+def test_a_new_file_whose_missing_directories_lie_below_a_swapped_one_is_refused(setup, monkeypatch) -> None:
+    root, outside, vol = setup
+    _swap_after_resolve(monkeypatch, root, outside)
+    with pytest.raises(OutsideVolume):
+        vol.write("plans/sub/new/deeper/y.md", b"alice\n")
+    _untouched(outside)
+
+
+def test_a_directory_swapped_between_staging_and_install_gets_nothing_outside(setup, monkeypatch) -> None:
+    """The swap comes after the parent was opened, just before the install's rename: the install lands
+    in the directory that was opened (moved, inside the root), never through the symlink."""
+    root, outside, vol = setup
+    real_swap_in = atomic.swap_in
+
+    def swap_in(src: str, dst: str) -> bool:
+        if not os.path.islink(root / "plans" / "sub"):
+            _swap(root, outside)
+        return real_swap_in(src, dst)
+
+    monkeypatch.setattr(atomic, "swap_in", swap_in)
+    vol.write("plans/sub/x.md", b"v2\n")
+    monkeypatch.undo()
+    _untouched(outside)
+    assert (root / "plans" / "sub.moved" / "x.md").read_bytes() == b"v2\n"
+
+
+def test_a_rename_through_a_swapped_directory_is_refused(setup) -> None:
+    root, outside, vol = setup
+    core = vol._core
+    src, dst = core.resolve("plans/sub/x.md"), core.resolve("plans/sub/y.md")
+    core.read("alice", src)
+    _swap(root, outside)
+    with pytest.raises(OutsideVolume):
+        core.rename("alice", src, dst)
+    _untouched(outside)
+    assert (root / "plans" / "sub.moved" / "x.md").read_bytes() == b"v1\n"
+
+
+def test_a_symlinked_directory_inside_the_root_leading_into_the_globs_still_works(setup) -> None:
+    """docs/mount.md: a path through a symlink is resolved to its real name (here plans/sub/...), whose
+    parent has no symlink on its way."""
+    root, _, vol = setup
+    os.symlink("plans/sub", root / "linked")
+    assert vol.read("linked/x.md") == b"v1\n"
+    assert vol.write("linked/x.md", b"v2\n") == 2
+    assert (root / "plans" / "sub" / "x.md").read_bytes() == b"v2\n"
+    assert vol.update("linked/x.md", lambda old: old + b"more\n") == 3
+    assert vol.version("plans/sub/x.md") == 3
+    assert vol.delete("linked/x.md") == 4
+    assert not (root / "plans" / "sub" / "x.md").exists()
