@@ -25,6 +25,12 @@ _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 
 
+def named(path: str) -> str:
+    """`path` as a message names it: a name beneath a directory's descriptor (`/proc/self/fd/N/...`,
+    `VolumePaths.beneath`) by that directory's path now."""
+    return os.path.realpath(path) if path.startswith("/proc/self/fd/") else path
+
+
 def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -363,9 +369,9 @@ def stage_written(
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(
                 e.errno,
-                f"{e.strerror}: the new content of {target} could not be written to a staging file in its file "
-                "system; nothing was changed. Free some space there, then write it again",
-                target,
+                f"{e.strerror}: the new content of {named(target)} could not be written to a staging file in its "
+                "file system; nothing was changed. Free some space there, then write it again",
+                named(target),
             ) from e
         raise
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import unicodedata
 from functools import lru_cache
 from typing import NamedTuple
@@ -99,8 +100,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
+_RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
+_DIRECTORY_BENEATH = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
 
 
 @lru_cache(maxsize=8)
@@ -123,6 +126,55 @@ def lexical(path: str) -> str | None:
 def is_registry_path(rel: str) -> bool:
     """True for the registry directory and anything below it."""
     return rel == REGISTRY_DIR or rel.startswith(REGISTRY_DIR + "/")
+
+
+def _beneath(at: int, rel: str) -> int:
+    """An O_PATH descriptor of the directory `rel` beneath the directory open as `at`, with no symlink
+    (nor magic link) on the way: ELOOP (or EXDEV) where one is. openat2 where the kernel has it, else
+    a walk one name at a time, each opened O_NOFOLLOW."""
+    how, size = _how(os.O_PATH | os.O_DIRECTORY, _DIRECTORY_BENEATH)
+    fd = _syscall(_SYS_OPENAT2, at, os.fsencode(rel), ctypes.byref(how), size)
+    if fd >= 0:
+        return int(fd)
+    err = ctypes.get_errno()
+    if err != errno.ENOSYS:
+        raise OSError(err, os.strerror(err), rel)
+    return _walk_beneath(at, rel)
+
+
+def _walk_beneath(at: int, rel: str) -> int:
+    """`_beneath` without openat2 (ENOSYS): each name opened O_NOFOLLOW from the one before, and
+    checked to be a directory (a symlink opened so is the link itself: ELOOP)."""
+    fd = os.dup(at)
+    try:
+        for name in rel.split("/"):
+            if name in ("", ".", ".."):
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), rel)
+            try:
+                inner = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            finally:
+                os.close(fd)
+                fd = -1
+            fd = inner
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), rel)
+            if not stat.S_ISDIR(mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), rel)
+        return fd
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+
+
+def _linked(root: str, rel: str) -> str:
+    """The first name on `rel`'s way that is a symlink (for a message; `rel` where none is now)."""
+    parts = rel.split("/")
+    for n in range(1, len(parts) + 1):
+        if os.path.islink(os.path.join(root, *parts[:n])):
+            return "/".join(parts[:n])
+    return rel
 
 
 class VolumePaths:
@@ -215,6 +267,48 @@ class VolumePaths:
         if len(os.fsencode(path)) >= PATH_MAX:
             raise InvalidPath(f"{rel[:60]!r}...: more of this path is missing than one system call can create")
         return Target(rel, path, managed, alias_of, anchor)
+
+    def beneath(self, target: Target) -> Target:
+        """`target` for the system calls of one operation: its `abs` is its name beneath a descriptor
+        (`/proc/self/fd/N/name`, which the kernel resolves from that very directory) of its parent,
+        opened now beneath the root with no symlink on the way (openat2 RESOLVE_BENEATH |
+        RESOLVE_NO_SYMLINKS), so that no directory replaced by a symlink since `resolve` leads a read,
+        a staging, an install, a set-aside or a mkdir out of the root or to another name (/tmp/s32api
+        1). Where the parent is missing, the nearest directory there is on its way (its missing
+        directories are made from there); where the root cannot be opened (gone), `target` as it is,
+        whose calls fail as they did. A symlink on the way: OutsideVolume, nothing done. Already
+        anchored (this operation's, or a path too long for one call): `target` itself."""
+        if target.anchor is not None:
+            return target
+        try:
+            root = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return target
+        head, rest = target.rel.rpartition("/")[0], target.rel
+        try:
+            while head:
+                try:
+                    fd = _beneath(root, head)
+                    break
+                except (FileNotFoundError, NotADirectoryError):
+                    head = head.rpartition("/")[0]
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.EXDEV):
+                        raise
+                    raise OutsideVolume(
+                        f"{target.rel!r}: {_linked(self.root, head)!r} on its way is a symlink now (it was "
+                        "replaced since the path was resolved); nothing was read or written there. Give the "
+                        "path again: a symlink that leads into the volume is followed when a path is resolved"
+                    ) from None
+            else:
+                fd, root = root, -1
+        finally:
+            if root >= 0:
+                os.close(root)
+        anchor = Anchor(fd)
+        if head:
+            rest = target.rel[len(head) + 1 :]
+        return target._replace(abs=f"/proc/self/fd/{fd}/{rest}", anchor=anchor)
 
     def _open_dir(self, rel: str) -> int:
         """An O_PATH descriptor of the directory `rel`, resolved beneath the root with no symlink on the

@@ -6,6 +6,7 @@ swap at a given point."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from coherent_volume import CoherentVolume, OutsideVolume, atomic
-from coherent_volume.paths import VolumePaths
+from coherent_volume.paths import VolumePaths, _walk_beneath
 
 PRECIOUS = b"PRECIOUS file outside the volume\n"
 
@@ -149,3 +150,31 @@ def test_a_symlinked_directory_inside_the_root_leading_into_the_globs_still_work
     assert vol.version("plans/sub/x.md") == 3
     assert vol.delete("linked/x.md") == 4
     assert not (root / "plans" / "sub" / "x.md").exists()
+
+
+def test_beneath_names_the_file_from_its_parent_descriptor(setup) -> None:
+    root, _, vol = setup
+    paths = vol._core.paths
+    target = paths.beneath(paths.resolve("plans/sub/x.md"))
+    assert target.anchor is not None and target.abs == f"/proc/self/fd/{target.anchor.fd}/x.md"
+    assert os.path.realpath(target.abs) == str(root / "plans" / "sub" / "x.md")
+    assert paths.beneath(target) is target  # one operation opens it once
+    missing = paths.beneath(paths.resolve("plans/new/deeper/y.md"))  # from the nearest directory there is
+    assert missing.anchor is not None and missing.abs == f"/proc/self/fd/{missing.anchor.fd}/new/deeper/y.md"
+    assert os.path.realpath(f"/proc/self/fd/{missing.anchor.fd}") == str(root / "plans")
+
+
+def test_the_walk_without_openat2_refuses_a_symlink_on_the_way(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    at = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        fd = _walk_beneath(at, "a/b")
+        assert os.path.realpath(f"/proc/self/fd/{fd}") == str(tmp_path / "a" / "b")
+        os.close(fd)
+        for rel, code in (("link/b", errno.ELOOP), ("a/../a", errno.EXDEV), ("a/missing", errno.ENOENT)):
+            with pytest.raises(OSError) as caught:
+                _walk_beneath(at, rel)
+            assert caught.value.errno == code
+    finally:
+        os.close(at)

@@ -460,6 +460,7 @@ class History(Writes):
         errors. The bytes go from the store to the staged file a part at a time, never whole in
         memory (damaged ones are never staged: the check after the last part discards them)."""
         self._require_managed(target, "restore")
+        target = self.paths.beneath(target)
         self.version(target)  # a foreign change is recorded first, so that its version can be restored
         digest, what = self._kept(target, version, self._entries(target, version)[0])
 

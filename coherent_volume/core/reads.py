@@ -86,6 +86,8 @@ class Reads(CoreBase):
         Raises Absent (a FileNotFoundError) for a missing file, with the version it observed (after
         recording the agent's view of its deletion; with `absence`, the read-set isolation's, at
         version 0 where no file of that name ever was)."""
+        if fd is None:  # (a descriptor given was opened beneath the root with no symlink: `open_plain`)
+            target = self.paths.beneath(target)
         if not target.managed:
             return Observed(read_fd(fd, target.rel)[0] if fd is not None else read_file(target.abs)[0], 0)
         try:
@@ -141,6 +143,7 @@ class Reads(CoreBase):
 
         The fd keeps serving exactly that version (a commit installs a new inode), so a reader never
         mixes two versions; the agent's view is registered at it unless `register` is False."""
+        target = self.paths.beneath(target)
         fd = os.open(target.abs, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             version = None if target.rel in self._noted() else self._pair(agent, target, hash_fd(fd), register)
@@ -171,6 +174,7 @@ class Reads(CoreBase):
 
     def _read_locked(self, agent: str, target: Target, register: bool, absence: bool = False) -> Observed:
         """Slow path: no cooperating writer can move the file while we read, sync and register."""
+        target = self.paths.beneath(target)
         with self._commit_lock((target.rel,)):  # no commit of it between the read and the sync
             self._settle_installs()
             self._catch_up(target)
@@ -199,6 +203,7 @@ class Reads(CoreBase):
         outside the volume: a cache miss, no deletion): install its current version (`_catch_up`)
         and return it; None where the file is there already, or the volume holds none."""
         self._require_managed(target, "bring", reads=True)
+        target = self.paths.beneath(target)
         if self.replica is None or os.path.lexists(target.abs):
             return None
         with self.registry.read() as tx:  # (a name no copy made costs one read, no lock)
@@ -224,6 +229,7 @@ class Reads(CoreBase):
     def version(self, target: Target) -> int:
         """Current committed version of a managed path (0 if it never existed), foreign changes included."""
         self._require_managed(target, "version", reads=True)
+        target = self.paths.beneath(target)
         with self.registry.read() as tx:
             record = tx.file(target.rel)
         fp = fingerprint_path(target.abs)
@@ -431,6 +437,7 @@ class Reads(CoreBase):
         so this is no commit. At a managed name, never a file a program put there meanwhile
         (`atomic.remove_special`): False then, nothing removed, for the caller to delete it as the
         file it is, with the checks."""
+        target = self.paths.beneath(target)
         if not self.paths.managed(target.rel):
             os.unlink(target.abs)
             return True

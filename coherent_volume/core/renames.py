@@ -324,6 +324,7 @@ class Renames(History):
         instead (`protocol.may_merge`): the three-way merge of the version the agent read, the
         source's bytes and the current version is committed at `dst` and `src` removed, in one
         decision; or the rename is refused (MergeConflict, or the refusal) and nothing changes."""
+        src, dst = self.paths.beneath(src), self.paths.beneath(dst)
         if not self.rename_is_checked(src, dst):
             atomic.rename(src.abs, dst.abs, exchange=exchange, noreplace=noreplace)
             return
@@ -567,6 +568,7 @@ class Renames(History):
     def link(self, src: Target, dst: Target) -> None:
         """Hard-link `src` as `dst`, unless `refuse_hard_link` refuses it."""
         refuse_hard_link(src, dst)
+        src, dst = self.paths.beneath(src), self.paths.beneath(dst)
         os.link(src.abs, dst.abs, follow_symlinks=False)
 
     def symlink(self, value: str, at: Target) -> None:
@@ -576,4 +578,5 @@ class Renames(History):
             raise LinkRefused(
                 f"{at.rel!r} is inside a managed glob: symlinks cannot be created there; write a regular file instead"
             )
+        at = self.paths.beneath(at)  # (held: its descriptor lives as long as the Target)
         os.symlink(value, at.abs)

@@ -121,6 +121,7 @@ class Sessions(Writes):
         `reacquire`); return that version, or None (views unchanged) if it was not. A working copy
         that was behind is brought up to date after (the view stays at what was shown), so the
         agent's next read shows the current version."""
+        target = self.paths.beneath(target)
         with self._commit_lock((target.rel,)):  # no commit of it between the read and the sync
             self._settle_installs()
             try:
@@ -146,6 +147,7 @@ class Sessions(Writes):
         volume's current version of `target` is a deletion: register the view there, lifting a fence
         as `observe` does, and return it; else None, views unchanged (a file is there, or the
         volume never held one)."""
+        target = self.paths.beneath(target)
         with self._commit_lock((target.rel,)):
             self._settle_installs()
             if os.path.lexists(target.abs):
@@ -178,6 +180,7 @@ class Sessions(Writes):
         `_expected`): a file that holds something else was changed by another writer as well,
         meanwhile: recorded as a change by EXTERNAL, `agent`'s view left where it was (its model
         never saw those bytes), and None returned."""
+        target = self.paths.beneath(target)
 
         def record_own(tx: Transaction) -> int | None:
             record = tx.file(target.rel)

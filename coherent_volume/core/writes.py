@@ -106,7 +106,7 @@ def _set_aside(target: Target, aside: str) -> None:
     there before it goes; FileNotFoundError if there is none (IsADirectoryError for a directory:
     nothing changed either way)."""
     if not atomic.set_aside(target.abs, aside):
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", target.abs)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", atomic.named(target.abs))
 
 
 FINISH_WAIT = 15.0
@@ -267,6 +267,7 @@ class Writes(Reads):
             raise UnprotectedAlias(target.alias_of, target.rel)
         if target.managed:
             agent = self.agent(agent)
+        target = self.paths.beneath(target)
         if os.path.isdir(target.abs) and not os.path.islink(target.abs):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", target.rel)
         if (
@@ -818,7 +819,7 @@ class Writes(Reads):
             record, check, reason, held = self._decide(tx, agent, target, "file", cas, kind)
             if existing and (record is None or not record.present):
                 return current_version(record), FileNotFoundError(
-                    errno.ENOENT, "no file to write at this name (deleted meanwhile)", target.abs
+                    errno.ENOENT, "no file to write at this name (deleted meanwhile)", atomic.named(target.abs)
                 )
             if reason is None and after_appending and expected != current_version(record):
                 reason = "stale"  # its content so far is based on a version that is no longer current
