@@ -178,3 +178,25 @@ def test_the_walk_without_openat2_refuses_a_symlink_on_the_way(tmp_path: Path) -
             assert caught.value.errno == code
     finally:
         os.close(at)
+
+
+def test_a_working_copy_notes_a_set_aside_name_by_its_directory_path_never_a_descriptor_of_its_own(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """An operation names its file beneath its own descriptor (`/proc/self/fd/N/...`); a working
+    copy's note of where a change took a file away is settled by any process of the copy, where
+    that descriptor number names another directory or none: it notes the directory's path."""
+    from .test_registry_postgresql import _pg_volume
+
+    root = _pg_volume(tmp_path / "copy", pg_url)
+    with CoherentVolume(root, agent="alice") as alice:
+        replica = alice._core.replica
+        assert replica is not None
+        fd = os.open(root / "plans", os.O_PATH | os.O_DIRECTORY)
+        try:
+            replica.setting_aside("plans/x.md", f"/proc/self/fd/{fd}/.x.md.tmp", None)
+            assert replica.asides() == [("plans/x.md", str(root / "plans/.x.md.tmp"), None)]
+            replica.set_back("plans/x.md", f"/proc/self/fd/{fd}/.x.md.tmp")
+            assert replica.asides() == []
+        finally:
+            os.close(fd)

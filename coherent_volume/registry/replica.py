@@ -229,7 +229,10 @@ class Replica:
 
     def setting_aside(self, path: str, name: str, brought: str | None) -> None:
         """Note, before the disk changes, that a catch-up of `path` bringing bytes hashing to
-        `brought` (None: a deletion) may take its file away to `name`."""
+        `brought` (None: a deletion) may take its file away to `name`: by its directory's path now
+        (`atomic.named`), never a name beneath this process's descriptor (`/proc/self/fd/N/...`),
+        which another process settling the note would take for one of its own descriptors."""
+        name = atomic.named(name)
         with self._mutex:
             self._db().execute(
                 "INSERT OR REPLACE INTO replica_aside (path, name, brought) VALUES (?, ?, ?)", (path, name, brought)
@@ -237,6 +240,7 @@ class Replica:
 
     def set_back(self, path: str, name: str) -> None:
         """The file a catch-up of `path` took away to `name` is settled (removed, or put back)."""
+        name = atomic.named(name)
         with self._mutex:
             self._db().execute("DELETE FROM replica_aside WHERE path = ? AND name = ?", (path, name))
 
