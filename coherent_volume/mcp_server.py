@@ -157,7 +157,11 @@ class Wire:
 
     @staticmethod
     def key(request: object) -> object:
-        return str(request)  # 1 and "1" are one id, as the SDK takes them (its cancellations too)
+        """One key per id as the SDK correlates ids (`coerce_request_id`: 7, "7", "07", " 7" are one),
+        its cancellations too (before: "07" and 7 were two here, one to the SDK, /tmp/s32r2mcp 2)."""
+        from mcp.shared.dispatcher import coerce_request_id
+
+        return str(coerce_request_id(request) if isinstance(request, (int, str)) else request)
 
     def arrival(self, request: object) -> float:
         with self.lock:
@@ -896,12 +900,15 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                     "of a character), which is no Unicode text; nothing was done",
                 ),
             )
-        ids = [p["input"].get("id") for p in problems if isinstance(p["input"], dict)]
-        usable = [i for i in ids if isinstance(i, (int, str)) and not isinstance(i, bool)]
+        try:  # the line's own id, never one nested in its fields (`{"method": {"id": 7}}` has none)
+            parsed = json.loads(line)
+        except ValueError:
+            parsed = None
+        i = parsed.get("id") if isinstance(parsed, dict) else None
         why = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems[:3]) or str(e)
         return JSONRPCError(
             jsonrpc="2.0",
-            id=usable[0] if usable else None,
+            id=i if isinstance(i, (int, str)) and not isinstance(i, bool) else None,
             error=ErrorData(code=INVALID_REQUEST, message=f"Invalid request, ignored ({why})"),
         )
 
@@ -916,6 +923,32 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                 "writing it",
             ),
         )
+
+    def no_view_because(heard: bool) -> str:
+        if heard:
+            return "its id was reused by another request while it ran, so the client cannot tell which reply it read"
+        return (
+            f"the client sent without a pause for {ANSWER_AT_END:.0f} s, so its reply could not be told from the "
+            "calls sent with it"
+        )
+
+    def unviewed(reply: JSONRPCResponse, heard: bool) -> JSONRPCResponse:
+        """A read's `reply` that registers no view, its note saying so (it said "Your view is this
+        version", and the write built on it was refused: /tmp/s32r2mcp 3)."""
+        content = reply.result.get("content")
+        if not isinstance(content, list):
+            return reply
+        said = (
+            f" This read registered no view ({no_view_because(heard)}): read the file again, on its own, before "
+            "writing it."
+        )
+        notes = [
+            {**item, "text": item["text"].split(" Your view is this version:")[0] + said}
+            if isinstance(item, dict) and " Your view is this version:" in str(item.get("text", ""))
+            else item
+            for item in content
+        ]
+        return reply.model_copy(update={"result": {**reply.result, "content": notes}})
 
     lowlevel = server._lowlevel_server  # the SDK's own `run_stdio_async` serves it the same way
     unanswered: set[object] = set()
@@ -1009,7 +1042,6 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
     async def emit(message: Any, answers: bool = True) -> None:
         """Write `message`; once a reply is written, register the view of the read it carries. An
         error that `answers` nothing (a request reusing the id of one under way) is only written."""
-        data = (message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
         heard = True
         if answers and isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
             key = Wire.key(message.id)
@@ -1018,6 +1050,11 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             if carries:  # calls sent together with the read arrive meanwhile, and are not built on it
                 heard = await quiet(wire.arrived_at.get(key, 0))
             wire.arrived_at.pop(key, None)
+            with wire.lock:
+                doubtful = carries and (key in wire.reused or not heard)
+            if doubtful and isinstance(message, JSONRPCResponse):
+                message = unviewed(message, heard)
+        data = (message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
         async with writing:
             before = sent_so_far()
             try:
@@ -1049,13 +1086,7 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
         if unsure is not None:
             click.echo(
                 f"coherent-volume mcp: the read of {shown(unsure[1].target.rel)} registered no view: "
-                + (
-                    "its id was reused by another request while it ran, so the client cannot tell which reply it read"
-                    if heard
-                    else f"the client sent without a pause for {ANSWER_AT_END:.0f} s, so its reply could not be "
-                    "told from the calls sent with it"
-                )
-                + "; a write built on it will be refused until the file is read again",
+                f"{no_view_because(heard)}; a write built on it will be refused until the file is read again",
                 err=True,
             )
         if read is not None:
@@ -1083,13 +1114,20 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
                 if got is None:
                     raise anyio.EndOfStream
                 start, raw = got
+                if not raw.strip():
+                    continue  # a blank line is no message, nor an error
                 line = raw.decode("utf-8", errors="replace")
                 try:
                     message = jsonrpc_message_adapter.validate_json(line, by_name=False)
                 except Exception as e:
                     error = error_for(e, line)
                     if error is not None:
-                        await emit(error)
+                        if error.id is not None and Wire.key(error.id) in unanswered:
+                            with wire.lock:  # the client cannot tell this error from that request's reply
+                                wire.reused.add(Wire.key(error.id))
+                        # it answers no request the server runs (before, it took the place of one under way
+                        # under its id, and a stale write sent after a read counted as built on it: /tmp/s32r2mcp 1)
+                        await emit(error, answers=False)
                     continue
                 if isinstance(message, JSONRPCRequest):
                     key = Wire.key(message.id)
