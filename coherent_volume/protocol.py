@@ -26,12 +26,15 @@ AGENT_NAME_MAX = 200
 
 
 def agent_name_problem(name: object) -> str | None:
-    """Why `name` cannot be an agent's name, or None if it can: 1 to 200 printable characters,
-    never the name reserved for foreign writes."""
+    """Why `name` cannot be an agent's name, or None if it can: 1 to 200 printable characters, with
+    no white space at either end (a name shown in a table looks like the one without it), never the
+    name reserved for foreign writes, in any case."""
     if not isinstance(name, str) or not name or len(name) > AGENT_NAME_MAX or not name.isprintable():
         return f"agent name {name!r} must be 1 to {AGENT_NAME_MAX} printable characters"
-    if name == EXTERNAL:
-        return f"agent name {EXTERNAL!r} is reserved for changes made outside the volume"
+    if name != name.strip():
+        return f"agent name {name!r} must not begin or end with white space (tables show it as the name without)"
+    if name.casefold() == EXTERNAL.casefold():
+        return f"agent name {name!r} is reserved for changes made outside the volume"
     return None
 
 

@@ -250,6 +250,11 @@ def test_agent_names() -> None:
     assert agent_name_problem("alice") is None and agent_name_problem("claude:4c1e") is None
     for bad in ("", "external", "a\nb", "x" * 201, None, 3):
         assert agent_name_problem(bad) is not None, bad
+    # the reserved name in another case or with white space at an end passed for it in history and
+    # status (/tmp/s32api 5); so did any name beside its spaced twin
+    for bad in ("External", "EXTERNAL", "external ", " external", " alice", "alice\t"):
+        assert agent_name_problem(bad) is not None, bad
+    assert agent_name_problem("alice smith") is None and agent_name_problem("externally") is None
 
 
 def test_racing_creators_second_sees_unread() -> None:
