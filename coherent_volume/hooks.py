@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hook_settings
+from . import hook_settings, mounts
 from .errors import Reason, StaleWriteError, VolumeConfigError
 from .hook_paths import through_own_process
 from .liveness import ProcessId
@@ -378,7 +378,8 @@ def run_hook(
 
     def work() -> None:
         try:
-            result.append(handle(event, progress))
+            with mounts.one_table():  # every path of the event judged against one mount table, read once
+                result.append(handle(event, progress))
         except BaseException as e:  # noqa: BLE001 -- answered below: a hook must never crash the session
             failure.append(e)
         finally:
