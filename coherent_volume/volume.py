@@ -34,15 +34,32 @@ def _call(method: Callable[Concatenate[CoherentVolume, _P], _R]) -> Callable[Con
     @functools.wraps(method)
     def call(self: CoherentVolume, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self._in_use():
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as e:  # named beneath a descriptor of this call (`VolumePaths.beneath`): as given
+                if isinstance(e.filename, str) and e.filename.startswith("/proc/self/fd/") and args:
+                    given = args[0]
+                    if isinstance(given, (str, os.PathLike)):
+                        e.filename = os.fspath(given)
+                raise
 
     return call
 
 
 _locking = threading.Lock()
-_locked: dict[tuple[str, str], tuple[int, str]] = {}
-"""(volume root, path) -> the thread holding its `lock()` in this process, and its agent: a second
-lock() of the path by that agent in that thread would wait for itself."""
+
+
+def _after_fork_in_child() -> None:
+    """A forked child's lock of `_locked` is its own (the parent's may have been copied held)."""
+    global _locking
+    _locking = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+_locked: dict[tuple[str, str], tuple[int, int, str]] = {}
+"""(volume root, path) -> the process and thread holding its `lock()`, and its agent: a second lock()
+of the path by that agent in that thread would wait for itself (a forked child's thread of the same
+id holds nothing: the grant is its parent's)."""
 
 
 class CoherentVolume:
@@ -70,7 +87,8 @@ class CoherentVolume:
         self._closed = False
         self._calls = threading.Condition()
         self._running: dict[int, int] = {}
-        """Calls under way, by thread."""
+        """Calls under way, by thread (of process `_pid`)."""
+        self._pid = os.getpid()
 
     @property
     def root(self) -> str:
@@ -198,10 +216,13 @@ class CoherentVolume:
                 old, version = b"", absent.version
             except FileNotFoundError:  # (not managed: no version)
                 old, version = b"", 0
-            try:
-                return self._core.commit(
-                    self.agent, target, self._bytes(fn(old)), isolation=self.isolation, expected=version
+            new = self._bytes(fn(old))
+            if self._closed:  # (by `fn`, or by another thread meanwhile): nothing is written after close()
+                raise CoherenceError(
+                    f"{target.rel}: this CoherentVolume was closed while update() ran; nothing was written"
                 )
+            try:
+                return self._core.commit(self.agent, target, new, isolation=self.isolation, expected=version)
             except CasConflict as conflict:
                 if conflict.reason not in ("stale", "held"):
                     raise
@@ -274,7 +295,7 @@ class CoherentVolume:
             target = self._target(path)
             key = (self.root, target.rel)
             with _locking:
-                if _locked.get(key) == (threading.get_ident(), self.agent):
+                if _locked.get(key) == (os.getpid(), threading.get_ident(), self.agent):
                     raise CoherenceError(
                         f"{target.rel}: {self.agent} holds its lock() already in this thread: a second one would "
                         "wait for the first, which it keeps from ending; take it once (nothing was changed)"
@@ -282,6 +303,8 @@ class CoherentVolume:
             deadline = time.monotonic() + timeout
             delay = 0.001
             while True:
+                if self._closed:  # close() waits for this call no longer than CLOSE_WAIT: nor does it
+                    raise CoherenceError(f"{target.rel}: this CoherentVolume was closed while lock() waited")
                 try:
                     grant = self._core.acquire(self.agent, target, ttl, current_process())
                     break
@@ -291,7 +314,7 @@ class CoherentVolume:
                 time.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 0.1)
             with _locking:
-                _locked[key] = (threading.get_ident(), self.agent)
+                _locked[key] = (os.getpid(), threading.get_ident(), self.agent)
             try:
                 yield grant
             finally:
@@ -305,6 +328,7 @@ class CoherentVolume:
     def _in_use(self) -> Iterator[None]:
         """A call under way (or a lock held): none begins once the volume is closed, and `close()`
         waits for those of other threads."""
+        self._forked()
         me = threading.get_ident()
         with self._calls:
             if self._closed:
@@ -319,10 +343,17 @@ class CoherentVolume:
                     del self._running[me]
                 self._calls.notify_all()
 
+    def _forked(self) -> None:
+        """In a forked child: the calls its parent's other threads had under way are none of its own
+        (close() waited a minute for them, /tmp/s32r2api 4), and their lock may have been copied held."""
+        if self._pid != os.getpid():
+            self._pid, self._calls, self._running = os.getpid(), threading.Condition(), {}
+
     def close(self) -> None:
         """Close the volume. Calls under way in other threads, and locks they hold, end first
         (CLOSE_WAIT s at most: before, they met a closed registry and failed with raw errors,
         /tmp/s32api 2); no call begins after."""
+        self._forked()
         me = threading.get_ident()
         with self._calls:
             if self._closed:

@@ -567,6 +567,66 @@ def test_close_waits_for_the_calls_other_threads_have_under_way(root: Path) -> N
         assert all(bob.read(f"plans/{i}.md").endswith(b"\n") for i in range(8))
 
 
+def test_close_ends_waits_under_way_and_nothing_is_written_after_it(root: Path) -> None:
+    """close() waited a minute for a lock() that waited on another agent's grant, returned, and the
+    lock was then taken on the closed volume; an update whose function closed the volume still
+    committed (/tmp/s32r2api 5). Both end with "closed", nothing written; and a close in a forked
+    child does not wait for calls its parent's threads had under way (4: a minute)."""
+    alice, bob = CoherentVolume(root, agent="alice"), CoherentVolume(root, agent="bob")
+    bob.write(P, b"x")
+    outcome: list[BaseException] = []
+
+    def wait_for_the_lock() -> None:
+        try:
+            with alice.lock(P, timeout=120):
+                pass
+        except BaseException as e:  # noqa: BLE001 -- what the test looks for
+            outcome.append(e)
+
+    with bob.lock(P):
+        waiter = threading.Thread(target=wait_for_the_lock)
+        waiter.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        alice.close()
+        assert time.monotonic() - started < 10
+        waiter.join(10)
+    assert len(outcome) == 1 and "closed while lock() waited" in str(outcome[0]), outcome
+    carol = CoherentVolume(root, agent="carol")
+    with pytest.raises(CoherenceError, match="closed while update\\(\\) ran; nothing was written"):
+        carol.update(P, lambda old: (carol.close(), old + b"carol")[1])
+    assert bob.read(P) == b"x" and [v.version for v in bob.history(P)] == [1]
+    dave = CoherentVolume(root, agent="dave")
+    inside, leave = threading.Event(), threading.Event()
+    busy = threading.Thread(target=lambda: dave.update(P, lambda old: (inside.set(), leave.wait(30), old)[2]))
+    busy.start()
+    assert inside.wait(30)
+    child = os.fork()
+    if child == 0:  # the child: its parent's thread inside update() is not its own
+        began = time.monotonic()
+        dave.close()
+        os._exit(0 if time.monotonic() - began < 5 else 1)
+    _, status = os.waitpid(child, 0)
+    leave.set()
+    busy.join(30)
+    assert status == 0
+    dave.close()
+    bob.close()
+
+
+def test_an_error_names_the_path_as_given(root: Path) -> None:
+    """Each call names its file beneath a descriptor of its directory: errors showed that name
+    (/proc/self/fd/11/file.md, /tmp/s32r2api 3)."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/file.md", b"x")
+        with pytest.raises(NotADirectoryError) as info:
+            alice.write("plans/file.md/x.md", b"y")
+        assert "/proc/self/fd" not in str(info.value), info.value
+        with pytest.raises(FileNotFoundError) as missing:
+            alice.read("notes/none.txt")
+        assert "/proc/self/fd" not in str(missing.value), missing.value
+
+
 def test_a_second_lock_of_a_path_in_the_thread_holding_it_is_refused_at_once(root: Path) -> None:
     """A lock() nested in another of the same path (a helper that locks, called under a lock) waited
     its whole timeout for its own grant, then was refused 'held' by itself, told to wait until the
