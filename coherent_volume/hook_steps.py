@@ -756,6 +756,10 @@ EARLIER_BYTES = 8 << 20
 """Retained versions before the current one searched for the one a model was shown (`observe`): a
 read that raced a commit, a patch written against an older version; at most so many bytes of them
 read (a hook's budget is seconds: past it, no view, and a write refused `unread`)."""
+RACE_WINDOW = 30.0
+"""Seconds within which a change of a file may have raced a read of it (`observe`'s `exact`): the
+time from a read tool's reading the file to its hook's check, many times a hook's budget. A change
+made longer ago than that came before the tool read the file."""
 
 
 @dataclass(frozen=True)
@@ -802,8 +806,13 @@ def observe(
     compared with the details `matches` overlooks where the tool keeps them: a final newline, line
     ends), a current version `matches` confirms only loosely gives way to an older one `exact`
     confirms (a read that raced a commit changing only such details; before, the view landed on the
-    newer version the model never saw: /tmp/s32hookgc 4), unless the actor's view is at that older
-    version already (a tool showing the current version so would else be refused forever). The version, or
+    newer version the model never saw: /tmp/s32hookgc 4), and the view never moves past that older
+    version: where it is there already (a re-read, or our hook run twice for one event) it stays
+    (before, it then moved to the current version all the same: /tmp/s32r2hooks 1). Only a change
+    made within RACE_WINDOW of the hook (the version after the older one committed, or the file
+    changed on disk, then) can have raced the read: past it, the tool showed the current version in
+    a form `exact` models wrongly, and the loose match stands (else such a tool's reads would keep
+    the view on the older version, and every write be refused stale, for ever). The version, or
     None (nothing registered: not managed, gone, or nothing matched). What is established about the
     path is recorded in `progress` if given (never the progress of a write check: it is not about
     that check's paths). With `passed`, where `matches` confirms only part of the content: a view
@@ -826,31 +835,34 @@ def observe(
         if exact is not None and earlier:
             version = core.observe(agent, target, exact)
             if version is None:
-                older = _earlier_match(core, target, exact, earlier, progress)
-                if older is not None and older != before:
-                    core.note_read(agent, target, older)
-                    return older
+                raced = _earlier_match(core, target, exact, earlier, progress)
+                if raced is not None and _lately(target, raced[1]):
+                    if raced[0] != before:
+                        core.note_read(agent, target, raced[0])
+                    return raced[0]
         if version is None:
             version = core.observe(agent, target, matches)
         if passed is not None and version is not None:
             passed += filter(None, [passed_over(core, agent, target.rel, before, version)])
         if version is not None or not earlier:
             return version
-        older = _earlier_match(core, target, matches, earlier, progress)
-        if older is not None:
-            core.note_read(agent, target, older)
-        return older
+        loose = _earlier_match(core, target, matches, earlier, progress)
+        if loose is not None:
+            core.note_read(agent, target, loose[0])
+        return None if loose is None else loose[0]
 
 
 def _earlier_match(
     core: VolumeCore, target: Target, matches: Callable[[bytes], bool], earlier: int, progress: Progress
-) -> int | None:
+) -> tuple[int, float] | None:
     """The newest of up to `earlier` retained versions before the current one that `matches`
-    confirms (at most EARLIER_BYTES of them read), or None."""
+    confirms (at most EARLIER_BYTES of them read), with the time the version after it was committed;
+    or None."""
     progress.doing = f"looking for what the model was shown of {shown(target.rel)} among its older versions"
     try:
         read = 0
-        for old in core.history(target, earlier + 1)[1:]:
+        versions = core.history(target, earlier + 1)
+        for newer, old in zip(versions, versions[1:], strict=False):
             read += old.size or 0
             if read > EARLIER_BYTES:
                 break
@@ -859,10 +871,22 @@ def _earlier_match(
             except CoherenceError:
                 continue
             if data is not None and matches(data):
-                return old.version
+                return old.version, newer.at
         return None
     finally:
         progress.doing = None
+
+
+def _lately(target: Target, committed: float) -> bool:
+    """Whether a change of `target` made at `committed` (a version's commit), or the last change of
+    its file on disk (its ctime: in a working copy a version is installed long after its commit
+    elsewhere), lies within RACE_WINDOW of now, either way (clocks of other hosts may be ahead)."""
+    try:
+        changed = os.stat(target.abs).st_ctime
+    except OSError:
+        changed = committed
+    now = time.time()
+    return any(abs(now - t) < RACE_WINDOW for t in (committed, changed))
 
 
 def bring(actor: Actor, path: str, said_missing: bool) -> list[str]:

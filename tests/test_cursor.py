@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import time
 from dataclasses import replace
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError, cursor
+from coherent_volume import CoherentVolume, StaleWriteError, cursor, hook_steps
+from coherent_volume.liveness import ProcessId
 
 from .harness.agent_session import AgentProcess, commit_lock_held, fill, fixture, started, timed_hook, unique
 from .harness.mounts import CLI, Mount
@@ -193,17 +195,41 @@ def test_a_read_that_raced_a_change_of_line_ends_is_a_view_of_the_version_it_sho
     """A peer made the file CRLF between Cursor's read and its beforeReadFile: the content matches the
     older version exactly and the current one only loosely, so the view is the older one and a Write
     is refused stale (before, the view landed on the peer's version and the Write went ahead:
-    /tmp/s32hookgc 4). A second read showing the same again, the view already there, is taken for
-    the current version (a tool that gives line ends so would else be refused forever)."""
+    /tmp/s32hookgc 4). A second read showing the same again (a re-read, or our hook run twice for one
+    read) leaves the view there, so the Write is still refused (before, the view already there made
+    the hook take the loose match of the current version, and the Write went ahead: /tmp/s32r2hooks
+    1); a read showing the current version exactly moves it."""
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "a\nb\n")
         setup.write(P, "a\r\nb\r\n")
     c = conversations("race-ends", root)
-    c.hook(c.event("before_read_file", path=root / P, content="a\nb\n"))
-    verdict, message = permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x\n")))
-    assert verdict == "deny" and "(stale)" in message and "you last saw version 1" in message, message
-    c.hook(c.event("before_read_file", path=root / P, content="a\nb\n"))
+    for _ in range(2):
+        c.hook(c.event("before_read_file", path=root / P, content="a\nb\n"))
+        verdict, message = permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x\n")))
+        assert verdict == "deny" and "(stale)" in message and "you last saw version 1" in message, message
+    c.hook(c.event("before_read_file", path=root / P, content="a\r\nb\r\n"))
     assert permission(c.hook(c.event("pre_tool_use_write", path=root / P, content="x\n")))[0] == "allow"
+
+
+def test_a_read_matching_an_older_version_exactly_long_after_the_change_is_of_the_current_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read can have raced only a change made while its tool ran, moments before the hook: where
+    the version after the one `content` matches exactly was committed (and the file changed) longer
+    ago than RACE_WINDOW, the tool showed the current version in a form coherent-volume models
+    wrongly (Cursor giving CRLF line ends as LF, say), and the loose match of the current version
+    is the view. Else such a tool's every read would put the view back on the older version and
+    every write would be refused stale for ever."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb\n")
+        setup.write(P, "a\r\nb\r\n")
+    actor = hook_steps.Actor("cursor:lock", "cursor:lock", ProcessId.of(os.getpid()))
+    shown = partial(hook_steps.shows, text="a\nb\n", whole=True)
+    exact = partial(hook_steps.same_text, text="a\nb\n")
+    for _ in range(2):  # just after the change: taken for a read that raced it
+        assert hook_steps.observe(actor, str(root / P), shown, exact=exact) == 1
+    monkeypatch.setattr(hook_steps, "RACE_WINDOW", 0.0)  # the change is older than the window
+    assert hook_steps.observe(actor, str(root / P), shown, exact=exact) == 2
 
 
 def test_the_search_for_the_version_a_read_showed_reads_a_bounded_number_of_bytes(root: Path, conversations) -> None:

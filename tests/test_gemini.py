@@ -265,6 +265,31 @@ def test_a_read_that_raced_a_final_newline_is_a_view_of_the_version_it_showed(ro
     assert decision(s.hook(s.event("before_write_file", path=root / P, content="a\nb\nc\n")))[0] == "allow"
 
 
+@pytest.mark.parametrize("case", ["re-read", "hook run twice"])
+def test_a_read_racing_a_final_newline_never_puts_the_view_on_the_newer_version(
+    root: Path, sessions, case: str
+) -> None:
+    """A read showing "a\\nb" that raced a peer's "a\\nb\\n" leaves the view at the older version even
+    where it is there already: a re-read (the model had read it before) or our hook run twice for one
+    event (installed twice). The write is refused stale, and the next read, showing the current
+    version exactly, moves the view there (before, the view already at the older version made the
+    hook take the loose match of the current one, and the write_file over it went ahead:
+    /tmp/s32r2hooks 1)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb")
+    s = sessions(f"race-{case.replace(' ', '-')}", root)
+    if case == "re-read":
+        s.hook(s.event("after_read_file", path=root / P, text="a\nb"))
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb\n")
+    for _ in range(2 if case == "hook run twice" else 1):
+        s.hook(s.event("after_read_file", path=root / P, text="a\nb"))
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / P, content="a\nb\nc\n")))
+    assert verdict == "deny" and "(stale): you last saw version 1" in reason, reason
+    s.hook(s.event("after_read_file", path=root / P, text="a\nb\n"))
+    assert decision(s.hook(s.event("before_write_file", path=root / P, content="a\nb\nc\n")))[0] == "allow"
+
+
 def test_a_whole_part_of_read_many_files_is_matched_exactly(root: Path, sessions) -> None:
     """read_many_files cuts lines only in a part it says was truncated, so a whole part whose line
     ends in the cut marker is that line as it is: a peer's change of it made between the read and
