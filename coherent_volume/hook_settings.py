@@ -3,7 +3,7 @@
 Invariants: every other setting and hook is kept; installing twice changes nothing; a file that
 is not a JSON object with a `hooks` object is never changed (CoherenceError). Our hooks are those
 whose command is exactly one install writes (`ours`): this installation's, another's (a CLI by
-absolute path ending in `/coherent-volume`, then ` hook FACE`), or the one given; only those are
+absolute path ending in `/coherent-volume`, quoted for the shell, then ` hook FACE`), or the one given; only those are
 removed, never a group's other hooks, nor a command that merely mentions `hook FACE` (before, such
 a hook and every hook sharing a group with ours were dropped: /tmp/s32hookgc 2).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping
@@ -26,20 +27,45 @@ Hooks = dict[str, list[dict[str, Any]]]
 
 
 def hook_command(face: str) -> str:
-    """The command an agent runs for its hook: this installation's CLI, by absolute path."""
+    """The command an agent runs for its hook: this installation's CLI, by absolute path, quoted for
+    the shell the agent runs it with (a path with a space would else be split, and the hook exit
+    127, which Claude Code takes for a non-blocking error: /tmp/s32r2hooks 4)."""
     cli = shutil.which("coherent-volume") or str(Path(sys.executable).parent / "coherent-volume")
-    return f"{os.path.abspath(cli)} hook {face}"
+    return f"{shlex.quote(os.path.abspath(cli))} hook {face}"
+
+
+_UNQUOTED = re.compile(r"(/[^\s;&|$`'\"\\<>(){}*?\[\]#~=%!]*)( [^\s;&|$`'\"\\<>(){}*?\[\]#~=%!]+)+")
+"""A path with spaces, unquoted, holding nothing else the shell gives a meaning."""
 
 
 def ours(command: object, face: str, given: str | None = None) -> bool:
     """Whether a hook's `command` is one that `install` writes for `face`: `given` (the command it
     was told to write), this installation's (`hook_command`), or another installation's: an absolute
-    path (no spaces) ending in `/coherent-volume`, then ` hook FACE`, and nothing else."""
+    path ending in `/coherent-volume`, quoted as `hook_command` quotes it (or in double quotes, with
+    nothing in them the shell expands), then ` hook FACE`, and
+    nothing else; or such a path with spaces written unquoted by an install before the quoting, which
+    the shell cannot start (its first word is no file), with nothing the shell gives a meaning."""
     if not isinstance(command, str):
         return False
     if command in (given, hook_command(face)):
         return True
-    return re.fullmatch(rf"/\S*/coherent-volume hook {re.escape(face)}", command) is not None
+    suffix = f" hook {face}"
+    if not command.endswith(suffix):
+        return False
+    quoted = command[: -len(suffix)]
+    try:
+        words = shlex.split(quoted)
+    except ValueError:
+        return False
+    if len(words) == 1 and _cli_path(words[0]):
+        plain = not any(c in words[0] for c in '$`\\"!')
+        if quoted in (shlex.quote(words[0]), f'"{words[0]}"' if plain else None):
+            return True
+    return _UNQUOTED.fullmatch(quoted) is not None and _cli_path(quoted) and not os.path.isfile(quoted.split(" ")[0])
+
+
+def _cli_path(path: str) -> bool:
+    return os.path.isabs(path) and path.endswith("/coherent-volume") and "\n" not in path
 
 
 def _without_ours(entries: list[Any], face: str, given: str | None) -> list[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,15 @@ from typing import get_args
 
 import pytest
 
-from coherent_volume import CoherentVolume, RegistryError, StaleWriteError, claude_code, diffs, hook_steps
+from coherent_volume import (
+    CoherentVolume,
+    RegistryError,
+    StaleWriteError,
+    claude_code,
+    diffs,
+    hook_settings,
+    hook_steps,
+)
 from coherent_volume.claude_code import FACE, HOOK_REMEDY, SHELL_REMEDY, handle, our_hooks
 from coherent_volume.core import VolumeCore, open_core
 from coherent_volume.errors import Reason
@@ -667,6 +676,52 @@ def test_install_and_uninstall_round_trip_keep_other_settings(tmp_path: Path) ->
     assert json.loads(settings.read_text()) == installed, "install is idempotent"
     subprocess.run([CLI, "claude-code", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
     assert json.loads(settings.read_text()) == original
+
+
+def test_an_installation_under_a_path_with_a_space_writes_hooks_that_run(tmp_path: Path) -> None:
+    """The CLI's path is quoted in the hook command: an installation under "my venv" installs a hook
+    the agent's shell runs (before, `sh -c` split the path and exited 127, which Claude Code takes for
+    a non-blocking error, so no write was checked: /tmp/s32r2hooks 4). Another installation's install
+    takes that hook for ours and replaces it, and its uninstall removes it."""
+    spaced = tmp_path / "my venv/bin"
+    spaced.mkdir(parents=True)
+    (spaced / "coherent-volume").symlink_to(CLI)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    env = {**os.environ, "PATH": f"{spaced}:{os.environ.get('PATH', '')}"}
+    subprocess.run([str(spaced / "coherent-volume"), "claude-code", "install", str(proj)], check=True, env=env)
+    settings = proj / ".claude/settings.json"
+    command = json.loads(settings.read_text())["hooks"]["PreToolUse"][0]["hooks"][0]["command"]
+    assert command == f"{shlex.quote(str(spaced / 'coherent-volume'))} hook claude-code", command
+    r = subprocess.run(["sh", "-c", command], input="not json", capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "coherent-volume" in r.stderr, (r.returncode, r.stderr)
+
+    def commands() -> list[str]:
+        hooks = json.loads(settings.read_text()).get("hooks", {})
+        return [h["command"] for entries in hooks.values() for e in entries for h in e["hooks"]]
+
+    subprocess.run([CLI, "claude-code", "install", str(proj)], check=True, capture_output=True)
+    assert len(commands()) == len(json.loads(settings.read_text())["hooks"]), commands()
+    assert not any("my venv" in c for c in commands()), commands()
+    subprocess.run([str(spaced / "coherent-volume"), "claude-code", "install", str(proj)], check=True, env=env)
+    subprocess.run([CLI, "claude-code", "uninstall", str(proj)], check=True, capture_output=True)
+    assert commands() == []
+
+
+def test_our_hook_commands_are_told_from_the_users_by_their_whole_form(tmp_path: Path) -> None:
+    """`hook_settings.ours`: another installation's command, its path quoted as install quotes it
+    (`shlex.quote`), or written unquoted by an install before that (its first word no program, so
+    the shell cannot start it), is ours; a command of the user's that runs (a program given our
+    command's words) or does more is not."""
+    spaced = f"{tmp_path}/my venv/bin/coherent-volume"
+    assert hook_settings.ours(f"{shlex.quote(spaced)} hook gemini", "gemini")
+    assert hook_settings.ours(f"{spaced} hook gemini", "gemini")
+    assert hook_settings.ours("/opt/cv/bin/coherent-volume hook gemini", "gemini")
+    assert not hook_settings.ours(f"{shlex.quote(spaced)} hook cursor", "gemini")
+    assert not hook_settings.ours("/bin/echo /usr/bin/coherent-volume hook gemini", "gemini")
+    assert not hook_settings.ours("/opt/cv/bin/coherent-volume hook gemini; rm -rf ~", "gemini")
+    assert not hook_settings.ours(f"{shlex.quote(spaced)} hook gemini && echo", "gemini")
+    assert not hook_settings.ours(f'"{spaced}" hook gemini $(id)', "gemini")
 
 
 def test_install_and_uninstall_write_through_a_linked_settings_file(tmp_path: Path) -> None:
