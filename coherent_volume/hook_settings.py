@@ -14,8 +14,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
+import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,32 @@ Hooks = dict[str, list[dict[str, Any]]]
 """Event name -> the entries of a settings file's `hooks` object."""
 
 
+CLI = "coherent-volume"
+
+
+def installed_cli() -> str:
+    """This installation's CLI, by absolute path: the script this process runs as, when it is the
+    CLI (`sys.argv[0]`, as it was run: a link to it stays a link); else the one beside the
+    interpreter (a virtual environment's, pipx's), else in the scripts directory of the
+    interpreter's own or its user scheme (`pip install --user`). Never another `coherent-volume`
+    found on PATH (before, the first there, an older or a stray one: /tmp/s32r2hooks 5)."""
+    run = sys.argv[0] if sys.argv else ""
+    if os.path.basename(run) == CLI and os.path.isfile(run):
+        return os.path.abspath(run)
+    beside = Path(sys.executable).parent / CLI
+    places = [beside, Path(sysconfig.get_path("scripts")) / CLI]
+    try:
+        places.append(Path(sysconfig.get_path("scripts", sysconfig.get_preferred_scheme("user"))) / CLI)
+    except (KeyError, ValueError):
+        pass
+    return os.path.abspath(next((p for p in places if p.is_file()), beside))
+
+
 def hook_command(face: str) -> str:
-    """The command an agent runs for its hook: this installation's CLI, by absolute path, quoted for
-    the shell the agent runs it with (a path with a space would else be split, and the hook exit
-    127, which Claude Code takes for a non-blocking error: /tmp/s32r2hooks 4)."""
-    cli = shutil.which("coherent-volume") or str(Path(sys.executable).parent / "coherent-volume")
-    return f"{shlex.quote(os.path.abspath(cli))} hook {face}"
+    """The command an agent runs for its hook: this installation's CLI (`installed_cli`), by absolute
+    path, quoted for the shell the agent runs it with (a path with a space would else be split, and
+    the hook exit 127, which Claude Code takes for a non-blocking error: /tmp/s32r2hooks 4)."""
+    return f"{shlex.quote(installed_cli())} hook {face}"
 
 
 _UNQUOTED = re.compile(r"(/[^\s;&|$`'\"\\<>(){}*?\[\]#~=%!]*)( [^\s;&|$`'\"\\<>(){}*?\[\]#~=%!]+)+")

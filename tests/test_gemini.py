@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import time
 from dataclasses import replace
@@ -722,6 +723,22 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_settings(tmp_path: 
     settings.write_text("{broken")
     r = subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], capture_output=True, text=True)
     assert r.returncode == 1 and "not valid JSON" in r.stderr and settings.read_text() == "{broken"
+
+
+def test_install_writes_the_cli_of_the_installation_that_ran_it(tmp_path: Path) -> None:
+    """Another `coherent-volume` earlier on PATH (an older or stray one) is not what the hooks run:
+    they run the CLI that ran install (before, the first on PATH: /tmp/s32r2hooks 5)."""
+    stray = tmp_path / "otherbin"
+    stray.mkdir()
+    (stray / "coherent-volume").write_text("#!/bin/sh\nexit 1\n")
+    (stray / "coherent-volume").chmod(0o755)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    env = {**os.environ, "PATH": f"{stray}:{os.environ.get('PATH', '')}"}
+    subprocess.run([CLI, "gemini", "install", str(proj)], check=True, env=env, capture_output=True)
+    hooks = json.loads((proj / ".gemini/settings.json").read_text())["hooks"]
+    commands = {h["command"] for entries in hooks.values() for e in entries for h in e["hooks"]}
+    assert commands == {f"{CLI} hook gemini"}, commands
 
 
 def test_install_and_uninstall_keep_the_users_own_hooks(tmp_path: Path) -> None:
