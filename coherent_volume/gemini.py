@@ -103,7 +103,8 @@ Read = tuple[str, Callable[[bytes], bool], bool, Callable[[bytes], bool] | None]
 def _reads(event: dict[str, Any]) -> list[Read]:
     """A Read for each text file the read tool gave the model. read_file shows a whole file with its
     final newline and its CRLF line ends as LF (it splits at /\\r?\\n/ and joins with \\n):
-    what it shows exactly is known (`hook_steps.same_text`)."""
+    what it shows exactly is known (`hook_steps.same_text`). A file beginning with a byte order
+    mark is decoded by it alone (`readFileWithEncoding`; `hook_steps.decodings`' `marked`)."""
     response, tool_input = event.get("tool_response"), event.get("tool_input")
     if not isinstance(response, dict) or response.get("error") or not isinstance(tool_input, dict):
         return []
@@ -115,10 +116,11 @@ def _reads(event: dict[str, Any]) -> list[Read]:
         text = text.split(PROJECT_CONTEXT, 1)[0]
         cut = TRUNCATED.match(text)
         if cut is None:
-            exact = partial(hook_steps.same_text, text=text, line_ends=False)
-            return [(path, partial(shows, text=text, whole=True), True, exact)]
+            exact = partial(hook_steps.same_text, text=text, line_ends=False, marked=True)
+            return [(path, partial(shows, text=text, whole=True, marked=True), True, exact)]
         shown, start = text[cut.end() :], int(cut.group(1))
-        return [(path, partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED), False, None)]
+        lines = partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED, marked=True)
+        return [(path, lines, False, None)]
     found: list[Read] = []
     for part in content if isinstance(content, list) else [content]:
         match = MANY_PART.fullmatch(_text(part) or "")
@@ -128,7 +130,8 @@ def _reads(event: dict[str, Any]) -> list[Read]:
         whole = not text.startswith(MANY_TRUNCATED)
         text = text if whole else text[len(MANY_TRUNCATED) :]
         shortened = None if whole else SHORTENED  # a line is cut only in a part said to be truncated
-        found.append((match.group(1), partial(shows, text=text, whole=whole, shortened=shortened), whole, None))
+        seen = partial(shows, text=text, whole=whole, shortened=shortened, marked=True)
+        found.append((match.group(1), seen, whole, None))
     return found
 
 

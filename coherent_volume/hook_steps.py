@@ -952,30 +952,45 @@ def by_mark(data: bytes) -> str | None:
     return None
 
 
-def same_text(data: bytes, text: str, *, line_ends: bool = True) -> bool:
-    """Whether `text` is exactly the file content `data` decoded (as UTF-8, or by its byte order
-    mark: `by_mark`), final newline included; with `line_ends` False, CRLF line ends are taken for
-    LF (a tool that shows them so)."""
-    for content in (data.decode("utf-8", "replace"), by_mark(data)):
-        if content is not None and (content if line_ends else content.replace("\r\n", "\n")) == text:
-            return True
-    return False
+def decodings(data: bytes, marked: bool = False) -> list[str]:
+    """The texts a tool may show of the file content `data`: as UTF-8 (undecodable bytes as U+FFFD)
+    and, where it begins with a byte order mark, decoded by it (`by_mark`); with `marked` (a tool
+    that decodes such a file by its mark alone: Gemini CLI's read_file), only that (before, its
+    UTF-8 decoding matched too, which Gemini CLI never shows: /tmp/s32r2hooks 2)."""
+    mark = by_mark(data)
+    if marked and mark is not None:
+        return [mark]
+    return [data.decode("utf-8", "replace"), *([mark] if mark is not None else [])]
+
+
+def same_text(data: bytes, text: str, *, line_ends: bool = True, marked: bool = False) -> bool:
+    """Whether `text` is exactly the file content `data` decoded (`decodings`, `marked` as there),
+    final newline included; with `line_ends` False, CRLF line ends are taken for LF (a tool that
+    shows them so)."""
+    return any((c if line_ends else c.replace("\r\n", "\n")) == text for c in decodings(data, marked))
 
 
 def shows(
-    data: bytes, text: str, start: int = 1, *, whole: bool, shortened: str | None = None, cut: int | None = None
+    data: bytes,
+    text: str,
+    start: int = 1,
+    *,
+    whole: bool,
+    shortened: str | None = None,
+    cut: int | None = None,
+    marked: bool = False,
 ) -> bool:
     """Whether `text` is the file content `data` (`whole`), or lines `start`.. of it, as an agent's
     read tool shows them (line ends normalised; a trailing newline is no line). `data` is read as
     UTF-8 (undecodable bytes as U+FFFD), or, where it begins with a byte order mark, also decoded by
     it (`by_mark`: as Gemini CLI and editors show such a file; before, a file with a BOM never
-    matched what Gemini CLI showed, and every write of it was refused `unread`: /tmp/s32hookgc 3).
+    matched what Gemini CLI showed, and every write of it was refused `unread`: /tmp/s32hookgc 3);
+    with `marked`, only so (`decodings`).
     A shown line ending in `shortened` (a tool's marker for a cut line) stands for any line that
     begins with what precedes it; so does a shown line of `cut` UTF-16 units or more, which a tool
     that cuts long lines without a marker shows. A text showing none of a non-empty file's lines (a
     read past its end) shows nothing of it: False."""
-    decoded = [data.decode("utf-8", "replace"), by_mark(data)]
-    return any(_shows_text(d, text, start, whole, shortened, cut) for d in decoded if d is not None)
+    return any(_shows_text(d, text, start, whole, shortened, cut) for d in decodings(data, marked))
 
 
 def _shows_text(content: str, text: str, start: int, whole: bool, shortened: str | None, cut: int | None) -> bool:

@@ -245,9 +245,35 @@ def test_a_file_with_a_byte_order_mark_is_read_as_gemini_cli_decodes_it(root: Pa
         edit = s.event("before_replace", path=root / rel, old="hello", new="bye")
         assert decision(s.hook(edit)) == ("allow", ""), rel
         s.hook({**edit, "hook_event_name": "AfterTool", "tool_response": {"llmContent": "", "error": "x"}})
-    s.hook(s.event("after_read_file", path=root / "plans/bom8.md", text="\ufeffhello\nworld\n"))
-    edit = s.event("before_replace", path=root / "plans/bom8.md", old="hello", new="bye")
-    assert decision(s.hook(edit))[0] == "allow", "the BOM as a character, as other tools show it, matches too"
+    other = sessions("bom-other", root)
+    other.hook(other.event("after_read_file", path=root / "plans/bom8.md", text="\ufeffhello\nworld\n"))
+    edit = other.event("before_replace", path=root / "plans/bom8.md", old="hello", new="bye")
+    verdict, reason = decision(other.hook(edit))
+    assert verdict == "deny" and "(unread)" in reason, "read_file never shows the BOM as a character"
+
+
+@pytest.mark.parametrize(
+    ("older", "newer", "text"),
+    [
+        (b"\xef\xbb\xbf\xef\xbb\xbfhello plan\n", b"\xef\xbb\xbfhello plan\n", "\ufeffhello plan\n"),
+        (b"\x80\x80-N\x87e", b"\xff\xfe-N\x87e", "\ufffd\ufffd-N\ufffde"),
+    ],
+    ids=["doubled mark removed", "UTF-16 over bytes that are not UTF-8"],
+)
+def test_a_file_with_a_byte_order_mark_is_never_matched_as_plain_utf8(
+    root: Path, sessions, older: bytes, newer: bytes, text: str
+) -> None:
+    """read_file decodes a file beginning with a BOM by it, never as plain UTF-8: a read that raced a
+    peer's commit is not a view of the peer's version because that version's UTF-8 decoding is what
+    the read showed of the older one (before, it was, and a write_file over it went ahead:
+    /tmp/s32r2hooks 2)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, older)
+        setup.write(P, newer)
+    s = sessions("bom-race", root)
+    s.hook(s.event("after_read_file", path=root / P, text=text))
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / P, content=text + "more\n")))
+    assert verdict == "deny" and "you last saw version 1" in reason, reason
 
 
 def test_a_read_that_raced_a_final_newline_is_a_view_of_the_version_it_showed(root: Path, sessions) -> None:
