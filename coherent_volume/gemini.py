@@ -103,7 +103,9 @@ Read = tuple[str, Callable[[bytes], bool], bool, Callable[[bytes], bool] | None]
 def _reads(event: dict[str, Any]) -> list[Read]:
     """A Read for each text file the read tool gave the model. read_file shows a whole file with its
     final newline and its CRLF line ends as LF (it splits at /\\r?\\n/ and joins with \\n):
-    what it shows exactly is known (`hook_steps.same_text`). A file beginning with a byte order
+    what it shows exactly is known (`hook_steps.same_text`), and so is what a whole part of
+    read_many_files shows, which holds the file as read_file shows it (before, read_many_files had
+    no exact match: /tmp/s32r2hooks 3). A file beginning with a byte order
     mark is decoded by it alone (`readFileWithEncoding`; `hook_steps.decodings`' `marked`)."""
     response, tool_input = event.get("tool_response"), event.get("tool_input")
     if not isinstance(response, dict) or response.get("error") or not isinstance(tool_input, dict):
@@ -131,7 +133,8 @@ def _reads(event: dict[str, Any]) -> list[Read]:
         text = text if whole else text[len(MANY_TRUNCATED) :]
         shortened = None if whole else SHORTENED  # a line is cut only in a part said to be truncated
         seen = partial(shows, text=text, whole=whole, shortened=shortened, marked=True)
-        found.append((match.group(1), seen, whole, None))
+        same = partial(hook_steps.same_text, text=text, line_ends=False, marked=True)
+        found.append((match.group(1), seen, whole, same if whole else None))
     return found
 
 

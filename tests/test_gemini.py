@@ -337,6 +337,22 @@ def test_a_whole_part_of_read_many_files_is_matched_exactly(root: Path, sessions
     assert (root / P).read_text() == "status: see log -- ship on friday\nrest\n"
 
 
+def test_a_whole_part_of_read_many_files_that_raced_a_final_newline_is_a_view_of_the_version_it_showed(
+    root: Path, sessions
+) -> None:
+    """A whole part of read_many_files holds the file as read_file shows it (final newline kept), so a
+    part showing "a\\nb" while a peer's commit made it "a\\nb\\n" before AfterTool ran is a view of
+    the older version, as for read_file (before, read_many_files had no exact match, the view landed
+    on the peer's version and a write_file over it went ahead: /tmp/s32r2hooks 3)."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, "a\nb")
+        setup.write(P, "a\nb\n")
+    s = sessions("many-race", root)
+    s.hook(s.event("after_read_many_files", parts=[f"--- {root / P} ---\n\na\nb\n\n", "\n--- End of content ---"]))
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / P, content="a\nb\nc\n")))
+    assert verdict == "deny" and "(stale): you last saw version 1" in reason, reason
+
+
 def _replaced(s: Session, target: Path, old: str, new: str, result: str, meanwhile: str = "") -> str:
     """A replace: BeforeTool, the tool writing `result` (what Gemini CLI made of the edit), a program
     outside the hooks appending `meanwhile`, then AfterTool; what the model is told after it."""
