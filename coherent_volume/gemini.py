@@ -54,7 +54,8 @@ TRUNCATED = re.compile(
 SHORTENED = "... [truncated]"
 """How read_file ends a line it cut."""
 PROJECT_CONTEXT = "\n\n--- Newly Discovered Project Context ---\n"
-"""Where read_file starts appending context files it discovered (not the file's content)."""
+"""Where read_file starts appending context files it discovered (not the file's content); a file's
+own text may hold it too, so the text is tried whole and cut at its last occurrence."""
 MANY_PART = re.compile(r"--- (/.*?) ---\n\n(.*)\n\n", re.S)
 MANY_TRUNCATED = (
     "[WARNING: This file was truncated. To view the full content, use the 'read_file' tool on this specific file.]\n\n"
@@ -100,6 +101,17 @@ Read = tuple[str, Callable[[bytes], bool], bool, Callable[[bytes], bool] | None]
 `hook_steps.observe`'s `exact`)."""
 
 
+def _read_file(path: str, text: str) -> Read:
+    """The Read of a read_file that showed `text` of the file at `path`: whole, or the lines after
+    its note of a partial read."""
+    cut = TRUNCATED.match(text)
+    if cut is None:
+        exact = partial(hook_steps.same_text, text=text, line_ends=False, marked=True)
+        return path, partial(shows, text=text, whole=True, marked=True), True, exact
+    shown, start = text[cut.end() :], int(cut.group(1))
+    return path, partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED, marked=True), False, None
+
+
 def _reads(event: dict[str, Any]) -> list[Read]:
     """A Read for each text file the read tool gave the model. read_file shows a whole file with its
     final newline and its CRLF line ends as LF (it splits at /\\r?\\n/ and joins with \\n):
@@ -115,14 +127,20 @@ def _reads(event: dict[str, Any]) -> list[Read]:
         path, text = hooks.absolute(tool_input.get("file_path"), event.get("cwd")), _text(content)
         if path is None or text is None:
             return []
-        text = text.split(PROJECT_CONTEXT, 1)[0]
-        cut = TRUNCATED.match(text)
-        if cut is None:
-            exact = partial(hook_steps.same_text, text=text, line_ends=False, marked=True)
-            return [(path, partial(shows, text=text, whole=True, marked=True), True, exact)]
-        shown, start = text[cut.end() :], int(cut.group(1))
-        lines = partial(shows, text=shown, start=start, whole=False, shortened=SHORTENED, marked=True)
-        return [(path, lines, False, None)]
+        # the file's text, and it cut before a project context block read_file appended (the
+        # last marker: the file's own text may hold one too, /tmp/s32r2hooks 6)
+        read = [_read_file(path, t) for t in dict.fromkeys([text, text.rsplit(PROJECT_CONTEXT, 1)[0]])]
+        if len(read) == 1:
+            return read
+        exacts = [r[3] for r in read if r[3] is not None]
+        return [
+            (
+                path,
+                lambda data: any(r[1](data) for r in read),
+                all(r[2] for r in read),
+                (lambda data: any(e(data) for e in exacts)) if exacts else None,
+            )
+        ]
     found: list[Read] = []
     for part in content if isinstance(content, list) else [content]:
         match = MANY_PART.fullmatch(_text(part) or "")

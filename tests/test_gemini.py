@@ -353,6 +353,21 @@ def test_a_whole_part_of_read_many_files_that_raced_a_final_newline_is_a_view_of
     assert verdict == "deny" and "(stale): you last saw version 1" in reason, reason
 
 
+def test_a_file_quoting_the_project_context_marker_gets_a_view(root: Path, sessions) -> None:
+    """A managed file whose own text holds read_file's project-context marker is read whole, with or
+    without a context block appended after it (before, the text was cut at the marker's first
+    occurrence, matched nothing, and every write was refused `unread`: /tmp/s32r2hooks 6)."""
+    text = f"notes{gemini.PROJECT_CONTEXT}quoted from a session\n"
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, text)
+    for n, shown in enumerate([text, f"{text}{gemini.PROJECT_CONTEXT}context of GEMINI.md\n"]):
+        s = sessions(f"marker{n}", root)
+        s.hook(s.event("after_read_file", path=root / P, text=shown))
+        edit = s.event("before_replace", path=root / P, old="notes", new="notes 2")
+        assert decision(s.hook(edit)) == ("allow", ""), shown
+        s.hook({**edit, "hook_event_name": "AfterTool", "tool_response": {"llmContent": "", "error": "x"}})
+
+
 def _replaced(s: Session, target: Path, old: str, new: str, result: str, meanwhile: str = "") -> str:
     """A replace: BeforeTool, the tool writing `result` (what Gemini CLI made of the edit), a program
     outside the hooks appending `meanwhile`, then AfterTool; what the model is told after it."""
