@@ -500,11 +500,13 @@ def set_aside(path: str, aside: str) -> bool:
     except FileNotFoundError:
         return False
     if _is_directory(aside):
-        error = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        error = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), named(path))
         try:
             rename(aside, path, noreplace=True)
         except FileExistsError:
-            error.strerror = f"{error.strerror}; that directory is at {aside} now, since something was made at {path}"
+            error.strerror = (
+                f"{error.strerror}; that directory is at {named(aside)} now, since something was made at {named(path)}"
+            )
         raise error
     return True
 

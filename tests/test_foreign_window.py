@@ -38,6 +38,12 @@ def _save(at: Path, data: bytes = SAVE) -> None:
     os.replace(tmp, at)
 
 
+def _real(path: str | Path) -> str:
+    """A name the volume's system calls use, as the test names it: an operation names its file
+    beneath a descriptor of its directory (`/proc/self/fd/N/name`, `VolumePaths.beneath`)."""
+    return atomic.named(str(path))
+
+
 def _saves_before_rename(monkeypatch: pytest.MonkeyPatch, at: Path, when: Callable[[str, str], bool]) -> list[str]:
     """Make the first rename(2) of the volume for which `when(src, dst)` holds (atomic.rename, with
     or without renameat2's flags) first let an editor save `at`. The names it fired on."""
@@ -47,7 +53,7 @@ def _saves_before_rename(monkeypatch: pytest.MonkeyPatch, at: Path, when: Callab
     def rename(src: str, dst: str, **flags: bool) -> None:
         if not fired and when(src, dst):
             _save(at)
-            fired.append(dst)
+            fired.append(_real(dst))
         real(src, dst, **flags)
 
     monkeypatch.setattr(atomic, "rename", rename)
@@ -81,7 +87,7 @@ def test_a_save_over_the_destination_just_before_a_checked_rename_is_put_back_an
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"one\n")
         (root / "draft.txt").write_bytes(b"two\n")  # unmanaged: the rename is checked for its destination
-        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: dst.endswith(P))
+        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: _real(dst).endswith(P))
         _rename(alice, "draft.txt", P)
         monkeypatch.undo()
         assert fired
@@ -100,7 +106,7 @@ def test_two_saves_over_the_destination_during_a_checked_rename_are_both_recorde
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"one\n")
         (root / "draft.txt").write_bytes(b"two\n")
-        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: src.endswith("draft.txt"))
+        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: _real(src).endswith("draft.txt"))
         real_swap = atomic.swap_in
         swapped: list[str] = []
 
@@ -135,7 +141,7 @@ def test_a_checked_rename_whose_put_back_meets_a_busy_registry_once_is_reported_
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"one\n")
         (root / "draft.txt").write_bytes(b"two\n")
-        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: src.endswith("draft.txt"))
+        fired = _saves_before_rename(monkeypatch, root / P, lambda src, dst: _real(src).endswith("draft.txt"))
         core = alice._core
         real_transact, real_aside_back = core.registry.transact, core._aside_back
         failing: list[bool] = []
@@ -169,7 +175,9 @@ def test_a_save_of_the_source_just_before_a_checked_rename_is_recorded_where_it_
     with CoherentVolume(root, agent="alice") as alice:
         alice.write(P, b"one\n")
         alice.write("plans/draft.md", b"two\n")
-        fired = _saves_before_rename(monkeypatch, root / "plans/draft.md", lambda src, dst: src.endswith("draft.md"))
+        fired = _saves_before_rename(
+            monkeypatch, root / "plans/draft.md", lambda src, dst: _real(src).endswith("draft.md")
+        )
         renamed = atomic.rename
 
         def slow(src: str, dst: str, **flags: bool) -> None:
@@ -203,13 +211,13 @@ def test_a_save_just_before_a_merged_save_by_rename_is_installed_is_put_back_and
         fired: list[str] = []
 
         def replace(src: str, dst: str) -> None:  # the merge's install before exchanges
-            if not fired and str(dst).endswith(P):
-                fired.append(str(dst))
+            if not fired and _real(dst).endswith(P):
+                fired.append(_real(str(dst)))
                 _save(root / P)
             real_replace(src, dst)
 
         monkeypatch.setattr(atomic.os, "replace", replace)
-        saved = _saves_before_rename(monkeypatch, root / P, lambda src, dst: dst.endswith(P) and not fired)
+        saved = _saves_before_rename(monkeypatch, root / P, lambda src, dst: _real(dst).endswith(P) and not fired)
         _rename(bob, "plans/z.md", P)
         monkeypatch.undo()
         assert fired or saved
@@ -235,12 +243,12 @@ def test_a_save_of_a_merged_saves_source_just_before_it_is_removed_is_put_back_a
 
         def unlink(path: str, *args: object, **kwargs: object) -> None:  # the source's removal before
             if not fired and str(path) == str(z):
-                fired.append(str(path))
+                fired.append(_real(str(path)))
                 _save(z)
             real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "unlink", unlink)
-        saved = _saves_before_rename(monkeypatch, z, lambda src, dst: src == str(z) and not fired)
+        saved = _saves_before_rename(monkeypatch, z, lambda src, dst: _real(src) == str(z) and not fired)
         _rename(bob, "plans/z.md", P)
         monkeypatch.undo()
         assert fired or saved
@@ -268,14 +276,14 @@ def test_a_save_before_a_merged_save_of_an_unmanaged_file_is_in_place_when_the_r
         fired: list[str] = []
 
         def swap_in(staged: str, at: str) -> bool:
-            if not fired and at.endswith(P):
-                fired.append(at)
+            if not fired and _real(at).endswith(P):
+                fired.append(_real(at))
                 _save(root / P)
             return real_swap(staged, at)
 
         def set_aside(path: str, aside: str) -> bool:
-            if path == str(draft):
-                fired.append(path)
+            if _real(path) == str(draft):
+                fired.append(_real(path))
                 _save(draft, b"the source's save\n")
             return real_aside(path, aside)
 
@@ -309,7 +317,7 @@ def _dir_before(monkeypatch: pytest.MonkeyPatch, step: str, at: Path) -> list[st
     fired: list[str] = []
 
     def before(*names: str, **flags: bool) -> bool:
-        if not fired and str(at) in names:
+        if not fired and str(at) in map(_real, names):
             fired.append(step)
             _dir_at(at)
         return bool(real(*names, **flags))
@@ -372,8 +380,8 @@ def test_a_directory_made_at_the_name_before_a_displaced_save_is_put_back_stays_
         calls: list[str] = []
 
         def swap_in(staged: str, at: str) -> bool:
-            calls.append(at)
-            if at == str(root / P):
+            calls.append(_real(at))
+            if _real(at) == str(root / P):
                 _save(root / P) if len(calls) == 1 else _dir_at(root / P)
             return real(staged, at)
 
@@ -407,13 +415,13 @@ def test_a_working_copy_catching_up_with_a_deletion_puts_back_a_save_made_after_
     fired: list[str] = []
 
     def remove(target: str) -> None:  # the catch-up's removal before
-        if not fired and target.endswith(P):
-            fired.append(target)
+        if not fired and _real(target).endswith(P):
+            fired.append(_real(target))
             _save(c1 / P)
         real_remove(target)
 
     monkeypatch.setattr(atomic, "remove", remove)
-    saved = _saves_before_rename(monkeypatch, c1 / P, lambda src, dst: src.endswith(P) and not fired)
+    saved = _saves_before_rename(monkeypatch, c1 / P, lambda src, dst: _real(src).endswith(P) and not fired)
     with CoherentVolume(c1, agent="bob") as bob:
         assert bob.read(P) == SAVE  # c1 caught up with the deletion, which took the save away: put back
         monkeypatch.undo()
@@ -475,9 +483,10 @@ from pathlib import Path
 from coherent_volume import CoherentVolume, atomic
 root = Path(sys.argv[1])
 real_rename = atomic.rename
+_real = atomic.named
 
 def rename(src, dst, **flags):  # the catch-up's exchange: the editor saves first, then the copy dies
-    if flags.get("exchange") and dst.endswith({P!r}):
+    if flags.get("exchange") and _real(dst).endswith({P!r}):
         tmp = root / "editor.tmp"
         tmp.write_bytes({SAVE!r})
         os.replace(tmp, dst)
@@ -532,7 +541,7 @@ def test_a_second_save_the_put_back_of_a_copys_rename_meets_keeps_its_note_and_i
             return real_save_in(src, aside, dst, found)
 
         def swap_in(name: str, at: str) -> bool:
-            if asides and name == asides[0]:
+            if asides and _real(name) == _real(asides[0]):
                 asides.append(name)
                 if len(asides) == 3:  # the put back of Y (the second exchange from that name)
                     _save(c1 / P, b"Z\n")
@@ -612,13 +621,13 @@ def test_a_save_just_before_a_deletion_through_the_volume_is_put_back_and_record
         fired: list[str] = []
 
         def unlink(path: str, *args: object, **kwargs: object) -> None:  # the deletion's unlink before
-            if not fired and str(path).endswith(P):
-                fired.append(str(path))
+            if not fired and _real(path).endswith(P):
+                fired.append(_real(str(path)))
                 _save(root / P)
             real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "unlink", unlink)
-        saved = _saves_before_rename(monkeypatch, root / P, lambda src, dst: src.endswith(P) and not fired)
+        saved = _saves_before_rename(monkeypatch, root / P, lambda src, dst: _real(src).endswith(P) and not fired)
         assert alice.delete(P) == 2
         monkeypatch.undo()
         assert fired or saved
@@ -633,9 +642,10 @@ from pathlib import Path
 from coherent_volume import CoherentVolume, atomic
 root, save = Path(sys.argv[1]), sys.argv[2].encode()
 real_rename = atomic.rename
+_real = atomic.named
 
 def rename(src, dst, **flags):  # the catch-up's exchange, or its set-aside: the editor saves first, then the copy dies
-    if (flags.get("exchange") and dst.endswith({P!r})) or (flags.get("noreplace") and src.endswith({P!r})):
+    if (flags.get("exchange") and _real(dst).endswith({P!r})) or (flags.get("noreplace") and _real(src).endswith({P!r})):
         tmp = root / "editor.tmp"
         tmp.write_bytes(save)
         os.replace(tmp, root / {P!r})
@@ -733,7 +743,7 @@ def test_a_save_of_a_renames_source_after_the_rename_took_it_stays_at_the_source
 
         def rename(src: str, dst: str, **flags: bool) -> None:  # the first after the source's file left its name
             if not fired and (not source.exists() or source.stat().st_ino != taken):
-                fired.append(dst)
+                fired.append(_real(dst))
                 _save(source, b"a.md saved\n")
                 if destination_saved:
                     _save(root / P)
@@ -776,7 +786,7 @@ def test_a_directory_made_at_a_save_by_renames_names_meanwhile_fails_it_as_renam
 
         def rename(src: str, dst: str, **flags: bool) -> None:  # the rename's first step, or its exchange
             if not fired and flags.get("noreplace" if made_a_directory == "source" else "exchange"):
-                fired.append(dst)
+                fired.append(_real(dst))
                 made.unlink()
                 made.mkdir()
                 (made / "inner.md").write_bytes(SAVE)
@@ -810,9 +820,9 @@ def test_a_directory_a_rename_took_stays_beside_a_file_made_at_its_name_and_the_
         fired: list[str] = []
 
         def rename(src: str, dst: str, **flags: bool) -> None:  # the rename's first step
-            real_first = not fired and flags.get("noreplace") and src == str(made)
+            real_first = not fired and flags.get("noreplace") and _real(src) == str(made)
             if real_first:
-                fired.append(dst)
+                fired.append(_real(dst))
                 made.unlink()
                 made.mkdir()
                 (made / "inner.md").write_bytes(SAVE)

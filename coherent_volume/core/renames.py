@@ -183,9 +183,9 @@ def _save_in(src: str, aside: str, dst: str, found: bool) -> bool:
             atomic.rename(aside, src, noreplace=True)
         except FileExistsError:  # a program made another file at `src` meanwhile: never replaced
             if isinstance(e, OSError):
-                e.strerror = (
-                    f"{e.strerror}; what was at {src} is at {aside} now, since a file was made at {src} meanwhile"
-                )
+                at, now = atomic.named(src), atomic.named(aside)
+                e.strerror = f"{e.strerror}; what was at {at} is at {now} now, since a file was made at {at} meanwhile"
+                e.filename, e.filename2 = atomic.named(e.filename or src), atomic.named(e.filename2 or "") or None
             raise e from None
         raise
 
