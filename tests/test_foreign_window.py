@@ -525,8 +525,10 @@ def test_a_second_save_the_put_back_of_a_copys_rename_meets_keeps_its_note_and_i
 ) -> None:
     """Bob's rename over P on copy c1: another copy completes its intents, a program saves P (Y)
     before the exchange, which displaces Y; Y is recorded and put back, and a second save (Z) just
-    before that put back lands at the temp name, left noted. Before, the rename then dropped that
-    note, and Z stayed unrecorded at the hidden name for good (a hostile tester, s15pg round 2, D3)."""
+    before that put back lands at the temp name. Before, the rename then dropped that note, and Z
+    stayed unrecorded at the hidden name for good (a hostile tester, s15pg round 2, D3); then it
+    was left noted for the next transaction; now the put back records Z and puts it in place in
+    turn (/tmp/s32r2fw 2)."""
     c0, c1 = _copies(tmp_path, pg_url)
     with CoherentVolume(c0, agent="alice") as alice, CoherentVolume(c1, agent="bob") as bob:
         bob.write(P, b"one\n")
@@ -551,7 +553,7 @@ def test_a_second_save_the_put_back_of_a_copys_rename_meets_keeps_its_note_and_i
         monkeypatch.setattr(atomic, "swap_in", swap_in)
         _rename(bob, "plans/f1.md", P)
         monkeypatch.undo()
-        assert len(asides) == 3
+        assert len(asides) == 4  # Z, brought back by Y's put back, put in place in turn
         bob._core.scan()
         assert (c1 / P).read_bytes() == b"Z\n"
         kept = {bob.read_version(P, v.version) for v in bob.history(P) if v.kind == "foreign"}

@@ -241,3 +241,101 @@ def test_an_editors_save_of_bytes_the_volume_keeps_elsewhere_is_put_back_and_rec
         assert (newest.version, newest.kind, newest.writer) == (before + 2, "foreign", "external")
         assert bob.read_version(P, before + 1) == b"two\n"
     assert os.listdir(root / ".coherent/staging") == []
+
+
+def _saves_before_swaps(root: Path, saves: list[bytes], monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Make a program save P (a temp file renamed over it) with `saves[k]` just before the k-th
+    exchange onto P (the install first, then the put back's rounds). The saves made."""
+    real_swap = atomic.swap_in
+    made: list[bytes] = []
+
+    def swap(src: str, dst: str) -> bool:
+        if dst.endswith(P) and len(made) < len(saves):
+            (root / "editor.tmp").write_bytes(saves[len(made)])
+            os.replace(root / "editor.tmp", dst)
+            made.append(saves[len(made)])
+        return real_swap(src, dst)
+
+    monkeypatch.setattr(atomic, "swap_in", swap)
+    return made
+
+
+SAVES_DURING_PUT_BACK = {
+    "the commit's bytes": [b"F1\n", b"two\n"],
+    "a save the put back recorded": [b"A\n", b"B\n", b"A\n"],
+    "the version before": [b"F1\n", b"one\n"],
+}
+
+
+def _later_saves_win(
+    root: Path, open_volume: Callable[[str], CoherentVolume], saves: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_volume("alice") as alice:
+        alice.write(P, b"one\n")
+    with open_volume("bob") as bob:
+        assert bob.read(P) == b"one\n"
+        made = _saves_before_swaps(root, saves, monkeypatch)
+        assert bob.write(P, b"two\n") == 2
+        monkeypatch.undo()
+        assert made == saves, "each save came before an exchange onto the path"
+    assert (root / P).read_bytes() == saves[-1]  # the program's last save is the file
+    with open_volume("carol") as carol:
+        assert carol.read(P) == saves[-1]
+        history = [(v.version, v.kind, v.writer) for v in carol.history(P)]
+        assert history[-2:] == [(2, "commit", "bob"), (1, "commit", "alice")]
+        assert all(kind == "foreign" for _, kind, _ in history[:-2])
+        assert [carol.read_version(P, v) for v, _, _ in reversed(history[:-2])] == saves
+    assert os.listdir(root / ".coherent/staging") == []
+
+
+@pytest.mark.parametrize("saves", list(SAVES_DURING_PUT_BACK.values()), ids=list(SAVES_DURING_PUT_BACK))
+def test_a_save_during_a_put_back_is_recorded_and_put_in_place_whatever_its_bytes(
+    root: Path, monkeypatch: pytest.MonkeyPatch, saves: list[bytes]
+) -> None:
+    """A second save landing while a put back is under way, holding the commit's bytes or the
+    bytes of a save this put back recorded, was taken for the commit's own file (or the one put
+    back) and dropped: the program's last save was no version and not the file (/tmp/s32r2fw 2).
+    The commit's own file is told by its inode, never by its bytes: every other file an exchange
+    brings back is recorded and put in place in turn."""
+    _later_saves_win(root, lambda agent: CoherentVolume(root, agent=agent), saves, monkeypatch)
+
+
+@pytest.mark.parametrize("saves", list(SAVES_DURING_PUT_BACK.values()), ids=list(SAVES_DURING_PUT_BACK))
+def test_a_working_copy_puts_in_place_a_save_made_during_a_put_back_whatever_its_bytes(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, saves: list[bytes]
+) -> None:
+    from .test_registry_postgresql import _pg_volume
+
+    root = _pg_volume(tmp_path / "copy", pg_url)
+    _later_saves_win(root, lambda agent: CoherentVolume(root, agent=agent), saves, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "saves",
+    [[b"F1\n", b"three\n"], [b"A\n", b"B\n", b"A\n"], [b"F1\n", b"one\n"]],
+    ids=["current", "alternate", "held"],
+)
+def test_a_working_copy_catching_up_puts_in_place_a_save_made_during_its_put_back_whatever_its_bytes(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, saves: list[bytes]
+) -> None:
+    """As a commit's put back: a catch-up's put back brings back the catch-up's own file or a
+    later save, told apart by inode (/tmp/s32r2fw 2, `pg_catchup.py`)."""
+    from .test_registry_postgresql import _join, _pg_volume
+
+    c0, c1 = _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        alice.write(P, b"two\n")
+        alice.write(P, b"three\n")
+    with CoherentVolume(c1, agent="bob") as bob:
+        made = _saves_before_swaps(c1, saves, monkeypatch)
+        assert bob.read(P) == saves[-1]
+        monkeypatch.undo()
+        assert made == saves
+        history = [(v.version, v.kind) for v in bob.history(P)]
+        assert history[-3:] == [(3, "commit"), (2, "commit"), (1, "commit")]
+        assert [bob.read_version(P, v) for v, _ in reversed(history[:-3])] == saves
+    assert (c1 / P).read_bytes() == saves[-1]
+    assert [n for n in os.listdir(c1 / "plans") if n != "plan.md"] == []

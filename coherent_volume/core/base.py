@@ -62,8 +62,10 @@ R = TypeVar("R")
 
 EMPTY_HASH = content_hash(b"")
 PUT_BACK_ROUNDS = 8
-"""Files a put back (`CoreBase._put_back`) records and exchanges into place in one go, each saved
-at the name by a program while the one before was being put back."""
+"""Files a put back (`CoreBase._put_in_place`) records and exchanges into place in one go, each
+saved at the name by a program while the one before was being put back; past that, the file the
+last exchange brought back is recorded too (its bytes kept as the newest version) and removed, and
+the file in place (an earlier save, recorded) stays for the next check."""
 SWEEP_AGAIN = 1.0
 """Seconds after a sweep found the volume or the working copy in use before the next one is tried
 (`_commit_lock`)."""
@@ -130,6 +132,19 @@ def _hash_or_none(path: str) -> str | None:
         return hash_file(path)[1]
     except OSError:
         return None
+
+
+def _is_the_file(name: str, fp: Fingerprint | None, digest: str | None) -> bool:
+    """Whether the file at `name` is the one a put back expected an exchange to bring back: the
+    very inode `fp` names (inode, size and mtime: an exchange moves only its ctime), unchanged
+    (still hashing to `digest`). Where its identity is not known (`fp` None), its bytes alone tell
+    it, as they are `digest`. No file at `name` (or no regular file): nothing to put in place."""
+    now = fingerprint_path(name)
+    if now is None:
+        return True
+    if fp is not None and (now.ino, now.size, now.mtime_ns) != (fp.ino, fp.size, fp.mtime_ns):
+        return False
+    return _hash_or_none(name) == digest
 
 
 def validate_agent(agent: object) -> str:
@@ -526,7 +541,7 @@ class CoreBase:
                     raise _tree_clash(self.paths.root, target, record, e) from e
                 displaced = replica.install(target.abs, target.rel, record.version, record.hash, data)
             if displaced is not None:
-                return self._caught_up(tx, replica, target, record, installed, displaced)
+                return self._caught_up(tx, replica, target, record, installed, *displaced)
             return record
         now, now_ns = time.time(), time.time_ns()
         if state is Local.SAME:
@@ -579,15 +594,14 @@ class CoreBase:
         record: FileRecord,
         installed: Installed | None,
         displaced: str,
+        own: Fingerprint | None,
     ) -> FileRecord | None:
         """After a working copy's install of `record` took a file away (now at `displaced`: exchanged
-        with the current version's bytes, or set aside by a deletion): removed if it is what the copy
-        was found holding (`installed`; `protocol.displaced_needs_hash`, `protocol.may_drop_taken`),
-        else a change made on this host outside the volume after the check, recorded as the next
-        version (`_record_displaced`) and put back in place; the current record then. What the put
-        back displaces in turn is removed if it is the current version's bytes; a file made between
-        the two (another save) is left at that name, noted, for the next transaction holding the
-        path (`_settle_asides`)."""
+        with the current version's bytes, the file `own` names, or set aside by a deletion): removed
+        if it is what the copy was found holding (`installed`; `protocol.displaced_needs_hash`,
+        `protocol.may_drop_taken`), else a change made on this host outside the volume after the
+        check, recorded as the next version and put back in place (`_put_in_place`: a later save
+        the put back meets is recorded and put in place in turn); the current record then."""
         fp = fingerprint_path(displaced)
         held = installed.hash if installed is not None else None
         seen = (installed.fingerprint, installed.checked_ns) if installed is not None and held else (None, 0)
@@ -601,26 +615,30 @@ class CoreBase:
             f"changed outside the volume on host {socket.gethostname()} just before its working copy's "
             f"{'install' if record.present else 'deletion'} of v{record.version}, which took it away"
         )
-        self._record_displaced(tx, target, displaced, record.version + 1, why)
-        self._set_back(replica, target, displaced, record.hash)
+        self._set_back(tx, replica, target, displaced, why, own, brought)
         return tx.file(target.rel)
 
-    @staticmethod
-    def _set_back(replica: Replica, target: Target, name: str, current: str | None) -> None:
-        """Put the file at `name`, which a catch-up took from `target` and which is recorded, back in
-        place; what that exchange brings to `name` is removed if it is the `current` version's bytes
-        (the catch-up's), else left there noted (`Replica.setting_aside`)."""
-        try:
-            swapped = atomic.swap_in(name, target.abs)
-        except IsADirectoryError:  # made at the name by a program: it stays; the file waits at `name`, noted
+    def _set_back(
+        self,
+        tx: Transaction,
+        replica: Replica,
+        target: Target,
+        name: str,
+        why: str,
+        own: Fingerprint | None,
+        brought: str | None,
+    ) -> None:
+        """Record the file at `name`, which a catch-up (or a rename) of this working copy took from
+        `target`, and put it back in place (`_put_in_place`; the file the catch-up installed is `own`,
+        bytes `brought`); its note dropped once nothing is left at `name`, kept while a directory
+        made at the target stops it (`Replica.setting_aside`)."""
+        if self._put_in_place(tx, target, name, why, own, brought):
             return
-        if not swapped or hash_path(name) == current:
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
-            replica.set_back(target.rel, name)
-        atomic.sync_dirs(target.abs)
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        replica.set_back(target.rel, name)
 
     def _noted(self) -> set[str]:
         """The paths where a catch-up or rename of this working copy left a file it took away
@@ -632,9 +650,9 @@ class CoreBase:
     def _settle_asides(self, tx: Transaction, replica: Replica, paths: set[str] | None, pending: set[str]) -> None:
         """Settle what catch-ups or renames of this working copy took away from `paths` (None: every
         path) and left unsettled: their process died, or their transaction failed, between the disk
-        change and the record, or a second save came between the put back's exchange and its check
-        (`_set_back`). `tx` holds those paths, so no catch-up of them is under way; a name an intent
-        still names (`pending`) is its recovery's, which follows. As a live catch-up does
+        change and the record, or a directory made at the name stopped the put back (`_set_back`).
+        `tx` holds those paths, so no catch-up of them is under way; a name an intent still names
+        (`pending`) is its recovery's, which follows. As a live catch-up does
         (`protocol.may_drop_taken`): a file that is gone, the version the copy holds there or the
         bytes the change brought is removed; any other (a change made outside the volume) is
         recorded as the next version of its path and put back in place."""
@@ -654,8 +672,9 @@ class CoreBase:
                 "catch-up or rename took it away, whose process died before it put it back"
             )
             record = tx.file(rel)
-            self._record_displaced(tx, target, name, current_version(record) + 1, why)
-            self._set_back(replica, target, name, record.hash if record is not None and record.present else None)
+            current = record.hash if record is not None and record.present else None
+            own = installed.fingerprint if installed is not None and installed.hash == current else None
+            self._set_back(tx, replica, target, name, why, own, current)
 
     def _hold(self, tx: Transaction, paths: Iterable[str]) -> None:
         """Hold `paths` too in `fn`'s transaction (`_transact`), their interrupted commits settled."""
@@ -784,7 +803,7 @@ class CoreBase:
         stays = False
         if outcome == "displaced":
             assert staged is not None
-            stays = self._put_back(tx, intent, target, staged)
+            stays = self._put_back(tx, intent, target, staged, self._own_file(tx, intent))
             detail = f"v{v} was installed over a change made outside the volume just before, put back in place"
         if outcome in ("superseded", "displaced"):
             detail += (
@@ -805,31 +824,62 @@ class CoreBase:
             for v in tx.retained(intent.path)
         )
 
-    def _put_back(self, tx: Transaction, intent: Intent, target: Target, staged: str) -> bool:
+    def _own_file(self, tx: Transaction, intent: Intent) -> Fingerprint | None:
+        """The fingerprint of the file the install of `intent` put in place, where it is known: its
+        record's (the staged file's, taken before the install), or in a working copy what the copy
+        recorded holding right after its install (None: killed before it did)."""
+        if self.replica is not None:
+            held = self.replica.installed(intent.path)
+            ours = held is not None and held.version == intent.version and held.hash == intent.hash
+            return held.fingerprint if ours and held is not None else None
+        record = tx.file(intent.path)
+        return record.fingerprint if record is not None and record.version == intent.version else None
+
+    def _put_back(self, tx: Transaction, intent: Intent, target: Target, staged: str, own: Fingerprint | None) -> bool:
         """Record the file that the install of `intent` displaced (at its staged name) as the version
-        after the current one, by EXTERNAL (`_record_displaced`), then exchange it back into place.
-        Should the exchange back displace yet another program's file (saved at the name meanwhile,
-        later than the one put back), that one is recorded after it and exchanged into place in
-        turn, PUT_BACK_ROUNDS times at most. Whether the staged name is to stay, with the intent: it
-        still holds such a file (neither the intent's bytes nor one recorded here), for the next
-        recovery to put back in turn (before, the rename's own record then dropped that intent,
-        leaving the file unrecorded at the hidden name)."""
-        v = intent.version
-        detail = f"changed outside the volume just before the install of v{v} by {intent.agent}, which displaced it"
-        recorded: set[str] = set()
+        after the current one, by EXTERNAL, then exchange it back into place (`_put_in_place`: the
+        file that install put in place is `own`, where known). Whether the staged name is to stay,
+        with the intent: a directory made at the name stops the put back (the file, recorded,
+        waits there; the next recovery finds its bytes recorded after the intent and removes it)."""
+        detail = (
+            f"changed outside the volume just before the install of v{intent.version} by {intent.agent}, "
+            "which displaced it"
+        )
+        return self._put_in_place(tx, target, staged, detail, own, intent.hash)
+
+    def _put_in_place(
+        self, tx: Transaction, target: Target, name: str, why: str, own: Fingerprint | None, brought: str | None
+    ) -> bool:
+        """Record the file at `name`, which a change of `target` took away (an install's exchange, a
+        set-aside), as the next version by EXTERNAL (`_record_displaced`), then exchange it back
+        into place. The exchange should bring back the change's own file (`own`: its fingerprint,
+        None where not known; `brought`: its bytes): told by its inode, never by its bytes alone
+        (`_is_the_file`), it is removed. Any other file it brings back is a program's save made at
+        the name meanwhile, later than the one put back, whatever its bytes (the commit's, a
+        save's this put back recorded, the version before: /tmp/s32r2fw 2): recorded after it
+        and exchanged into place in turn, what comes back then expected to be the file put back
+        the round before; PUT_BACK_ROUNDS times at most (past that, the last file brought back is
+        recorded too and removed). Where `own` is not known (a working copy killed between its
+        install and its record of it), bytes equal to `brought` are taken for the change's file.
+        Whether `name` still holds a file: a directory made at the name stops the put back."""
+        expected, expected_hash = own, brought
         for _ in range(PUT_BACK_ROUNDS):
-            version = current_version(tx.file(intent.path)) + 1
-            recorded.add(self._record_displaced(tx, target, staged, version, detail))
+            version = current_version(tx.file(target.rel)) + 1
+            digest = self._record_displaced(tx, target, name, version, why)
+            placed = fingerprint_path(name)
             try:
-                swapped = atomic.swap_in(staged, target.abs)
+                swapped = atomic.swap_in(name, target.abs)
             except IsADirectoryError:  # made at the name by a program: it stays; the file, recorded, waits
                 return True
             atomic.sync_dirs(target.abs)
-            held = _hash_or_none(staged) if swapped else None
-            if held is None or held == intent.hash or held in recorded:
+            if not swapped or _is_the_file(name, expected, expected_hash):
                 return False
-            detail = f"saved outside the volume while v{version}, which another program's save displaced, was put back"
-        return True
+            expected, expected_hash = placed, digest
+            why = f"saved outside the volume while v{version}, which another program's save displaced, was put back"
+        version = current_version(tx.file(target.rel)) + 1
+        why += f", the {PUT_BACK_ROUNDS + 1}th save in a row the put back met"
+        self._record_displaced(tx, target, name, version, why, placed=False)
+        return False
 
     @staticmethod
     def _stored_size(tx: Transaction, record: FileRecord) -> int | None:
@@ -847,7 +897,9 @@ class CoreBase:
             return len(content)
         return None if stored is None else tx.content_size(stored)
 
-    def _record_displaced(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> str:
+    def _record_displaced(
+        self, tx: Transaction, target: Target, name: str, version: int, why: str, placed: bool = True
+    ) -> str:
         """Record the file at `name`, which an install displaced from `target` and which is to be
         put back in place, as `version`, a change made outside the volume: its bytes retained as
         read from `name` before it goes back (where another program could replace it before any
@@ -856,13 +908,14 @@ class CoreBase:
         kept = hash_file(name)
         current = tx.file(target.rel)
         if current is not None and current.present and current.hash == kept[1]:
-            return kept[1]  # recorded by a put back that a directory at the name stopped (`atomic.swap_in`)
+            return kept[1]  # recorded by a put back a directory stopped, or a save of those bytes again
         stored = self._retain(tx, name, None)
         digest = stored or kept[1]
         record = FileRecord(target.rel, version, True, digest, None, EXTERNAL, now, time.time_ns())
         size = self._kept_size(tx, stored)
         self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size if size is None else size)
-        tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: put back in place")
+        done = "put back in place" if placed else "its bytes kept in history only (the file in place stays)"
+        tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: {done}")
         return digest
 
     def _recover_unrecorded(

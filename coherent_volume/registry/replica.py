@@ -30,8 +30,8 @@ Invariants:
   the catch-up brings (None: a deletion); so does a save by rename (`Renames._install_rename`:
   the temp name it moves its source to, the source's hash), whose intent another copy may
   complete; a row goes once that file is settled (`set_back`): it outlives the change only if
-  its process died or its transaction failed before that, or a second save came in between
-  (`CoreBase._set_back`), and is settled by the next transaction holding the path
+  its process died or its transaction failed before that, or a directory made at the name stopped
+  its put back (`CoreBase._set_back`), and is settled by the next transaction holding the path
   (`CoreBase._settle_asides`; after the recovery of an intent naming it), whichever process runs
   it;
 - a forked child opens its own connection, and has a mutex of its own; inode numbers >= 2**63 are
@@ -269,13 +269,15 @@ class Replica:
                 raise
             db.execute("COMMIT")
 
-    def install(self, target: str, path: str, version: int, digest: str | None, data: bytes | None) -> str | None:
+    def install(
+        self, target: str, path: str, version: int, digest: str | None, data: bytes | None
+    ) -> tuple[str, Fingerprint | None] | None:
         """Make this copy hold `version` of `path` (at `target` on disk): its bytes `data` (temp,
         fsync, exchanged with the file: `atomic.swap_in`) or, `data` None, no file (the file set
         aside: `atomic.set_aside`); then record it. Where the install took a file away, it is left at
-        the name returned (noted first: `setting_aside`), and what this copy holds is for the caller
-        to record (`holds`) and the note to drop (`set_back`). Called under the registry's commit
-        lock of `path`."""
+        the name returned (noted first: `setting_aside`), with the fingerprint of the file installed
+        (None for a deletion), and what this copy holds is for the caller to record (`holds`) and
+        the note to drop (`set_back`). Called under the registry's commit lock of `path`."""
         brought = digest if data is not None else None
         if data is None:
             aside = atomic.temp_name(target)
@@ -283,7 +285,7 @@ class Replica:
             try:
                 if atomic.set_aside(target, aside):
                     atomic.sync_dirs(target)
-                    return aside
+                    return aside, None
             except IsADirectoryError:
                 if os.path.lexists(aside):  # moved back it was not: the error says where it is
                     raise
@@ -293,8 +295,9 @@ class Replica:
             aside = staged.plan_name()
             try:
                 self.setting_aside(path, aside, brought)
+                own = staged.fingerprint()
                 if staged.install(exchange=True):
-                    return aside
+                    return aside, own
             finally:
                 staged.discard()
         self.holds(target, path, version, brought)
