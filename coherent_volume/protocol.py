@@ -524,7 +524,8 @@ def recovery(
     there) names the file the install displaced: `finished` (the name dropped) if that is the
     version before (`previous`: its hash, None for no file; `may_drop_taken`) or, at a commit's
     staged name, bytes kept as that path's already (`staged_kept`: recorded by a put back of this
-    install, or in a working copy a version it may have held while behind; never for the name a
+    install, or in a working copy what it recorded holding there before the install, a version it
+    held while behind: `CoreBase._kept_already`; never for the name a
     rename or a deletion set a file aside at), else `displaced`: a change made outside the volume just
     before the install, which is put back in place and recorded as the next version, after the
     commit's, as a change made just after the install would be (the commit stays in history; its

@@ -339,3 +339,102 @@ def test_a_working_copy_catching_up_puts_in_place_a_save_made_during_its_put_bac
         assert [bob.read_version(P, v) for v, _ in reversed(history[:-3])] == saves
     assert (c1 / P).read_bytes() == saves[-1]
     assert [n for n in os.listdir(c1 / "plans") if n != "plan.md"] == []
+
+
+REVERT_KILLED = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root = Path(sys.argv[1])
+real_swap = atomic.swap_in
+
+def swap(src, dst):  # the install: the program reverts P, the exchange happens, the writer dies
+    (root / "editor.tmp").write_bytes({SAVE!r})
+    os.replace(root / "editor.tmp", dst)
+    real_swap(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+vol = CoherentVolume(root, agent="bob")
+vol.read({P!r})
+atomic.swap_in = swap
+vol.write({P!r}, b"two\\n")
+"""
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["live", "killed after the exchange"])
+def test_a_working_copy_puts_back_a_revert_its_install_displaced(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, killed: bool
+) -> None:
+    """A revert to an earlier version, saved just before a working copy's install, was taken for a
+    version the copy held while behind and dropped, unlogged (/tmp/s32r2fw 1): only what the copy
+    recorded holding there before the install (noted with it) is the copy's own."""
+    from .test_registry_postgresql import _pg_volume
+
+    root = _pg_volume(tmp_path / "copy", pg_url)
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, SAVE)
+        alice.write(P, b"one\n")
+    if killed:
+        victim = subprocess.run([sys.executable, "-c", REVERT_KILLED, str(root)], cwd=REPO, timeout=120)
+        assert victim.returncode == -signal.SIGKILL
+    else:
+        with CoherentVolume(root, agent="bob") as bob:
+            bob.read(P)
+            made = _saves_before_swaps(root, [SAVE], monkeypatch)
+            assert bob.write(P, b"two\n") == 3
+            monkeypatch.undo()
+            assert made == [SAVE]
+    with CoherentVolume(root, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")  # settles a killed writer's intent
+        assert carol.read(P) == SAVE
+        assert [(v.version, v.kind, v.writer) for v in carol.history(P)][:2] == [
+            (4, "foreign", "external"),
+            (3, "commit", "bob"),
+        ]
+        assert carol.read_version(P, 4) == SAVE
+    assert (root / P).read_bytes() == SAVE
+    assert os.listdir(root / ".coherent/staging") == []
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["live", "killed after the exchange"])
+def test_a_working_copy_behind_drops_the_older_version_its_install_displaced(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, killed: bool
+) -> None:
+    """The other side: a copy holding v1 while another host committed v2 installs v3 without
+    catching up first (its catch-up made a no-op here: a copy behind); what the install displaces
+    is the v1 the copy held there, noted so before the install: removed, never recorded and put
+    back over v2 and v3, also when the writer stops right after the exchange."""
+    from .test_registry_postgresql import _join, _pg_volume
+
+    c0, c1 = _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
+    with CoherentVolume(c0, agent="alice") as alice:
+        alice.write(P, b"one\n")
+        with CoherentVolume(c1, agent="bob") as bob:
+            assert bob.read(P) == b"one\n"
+        alice.write(P, b"two\n")
+    real_swap = atomic.swap_in
+    with CoherentVolume(c0, agent="bob") as bob:
+        assert bob.read(P) == b"two\n"  # bob's view: v2, read through c0
+    with CoherentVolume(c1, agent="bob") as bob:
+        core = bob._core
+        assert core.replica is not None
+        monkeypatch.setattr(core.replica, "install", lambda *args: None)  # c1 stays behind, holding v1
+
+        def swap(src: str, dst: str) -> bool:
+            swapped = real_swap(src, dst)
+            if killed and dst.endswith(P):
+                raise KeyboardInterrupt  # the writer stops right after the exchange
+            return swapped
+
+        monkeypatch.setattr(atomic, "swap_in", swap)
+        try:
+            bob.write(P, b"three\n")
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+    with CoherentVolume(c1, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")
+        assert carol.read(P) == b"three\n"
+        assert [(v.version, v.kind) for v in carol.history(P)] == [(3, "commit"), (2, "commit"), (1, "commit")]
+    assert (c1 / P).read_bytes() == b"three\n"
+    assert os.listdir(c1 / ".coherent/staging") == []

@@ -779,7 +779,8 @@ class CoreBase:
             staged_kept=not aside
             and staged_hash is not None
             and staged_hash != previous
-            and self._kept_already(tx, intent, staged_hash),
+            and staged is not None
+            and self._kept_already(tx, intent, staged_hash, staged),
             previous=previous,
         )
         if outcome == "finished":
@@ -813,16 +814,27 @@ class CoreBase:
         tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=v, detail=detail)
         return stays
 
-    def _kept_already(self, tx: Transaction, intent: Intent, digest: str) -> bool:
-        """Whether bytes hashing to `digest`, which the install of `intent` displaced, are kept as
-        its path's already: recorded by a put back of that install that could not finish (a version
-        after the intent's: a directory made at the name, `_put_back`), or, in a working copy, a
-        version the copy may have held there while behind. Bytes kept as another path's, or as an
-        earlier version of this one, are a change made outside all the same (/tmp/s32paths 1)."""
-        return any(
-            v.hash == digest and (v.version > intent.version or self.replica is not None)
-            for v in tx.retained(intent.path)
-        )
+    def _kept_already(self, tx: Transaction, intent: Intent, digest: str, staged: str) -> bool:
+        """Whether bytes hashing to `digest`, which the install of `intent` displaced (to `staged`),
+        are kept as its path's already: recorded by a put back of that install that could not
+        finish (a version after the intent's: a directory made at the name, `_put_in_place`), or,
+        in a working copy, what the copy recorded holding there before the install (a version it
+        held while behind), as the install's note says (`Writes._noting_aside`; the note is made
+        before the disk changes, so a process killed right after the exchange leaves it). Where no
+        note says it (a copy's state from before notes did), an earlier version of the path than
+        the one the decision found counts: putting that back would revert the commits after it,
+        another host's among them. Any other bytes, kept as another path's or as an earlier
+        version of this one, are a change made outside all the same (/tmp/s32paths 1, /tmp/s32r2fw 1):
+        a revert by a program is recorded and put back, not dropped."""
+        retained = tx.retained(intent.path)
+        if any(v.hash == digest and v.version > intent.version for v in retained):
+            return True
+        if self.replica is None:
+            return False
+        known, held = self.replica.held_before(intent.path, staged)
+        if known:
+            return held == digest
+        return any(v.hash == digest and v.version < intent.version - 1 for v in retained)
 
     def _own_file(self, tx: Transaction, intent: Intent) -> Fingerprint | None:
         """The fingerprint of the file the install of `intent` put in place, where it is known: its

@@ -583,9 +583,12 @@ class Writes(Reads):
         """In a working copy, before an install or a deletion takes the file at `target` away to
         `name`: noted there (`Replica.setting_aside`), since another copy's transaction may settle
         the change's intent before a change made outside the volume that it displaced is put back;
-        this copy's next transaction holding the path then does (`CoreBase._settle_asides`)."""
+        this copy's next transaction holding the path then does (`CoreBase._settle_asides`). The
+        note says what the copy recorded holding there before (`Replica.installed`): the only bytes
+        recovery counts as the copy's own, where they are not the version the decision found
+        (`CoreBase._kept_already`), also when this process dies right after the change."""
         if self.replica is not None:
-            self.replica.setting_aside(target.rel, name, brought)
+            self.replica.setting_aside(target.rel, name, brought, self.replica.installed(target.rel))
 
     def _noted_settled(self, target: Target, name: str) -> None:
         """What an install or a deletion took away to `name` is settled: its note dropped."""

@@ -27,7 +27,9 @@ Invariants:
   file), is found so read-only (`damage`) before anything writes to it, and refused at open;
 - `replica_aside` names, before a catch-up changes the disk, where the file it takes away will be
   (the temp name of its exchange, or where a deletion sets the file aside) and the hash of what
-  the catch-up brings (None: a deletion); so does a save by rename (`Renames._install_rename`:
+  the catch-up brings (None: a deletion); a commit's install, deletion or rename through the
+  volume notes too what the copy recorded holding there before it (`held`, `held_before`); so
+  does a save by rename (`Renames._install_rename`:
   the temp name it moves its source to, the source's hash), whose intent another copy may
   complete; a row goes once that file is settled (`set_back`): it outlives the change only if
   its process died or its transaction failed before that, or a directory made at the name stopped
@@ -59,7 +61,7 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS replica_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS replica_files (path TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT, "
     "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, checked_ns INTEGER NOT NULL, reported INTEGER)",
-    "CREATE TABLE IF NOT EXISTS replica_aside (path TEXT NOT NULL, name TEXT NOT NULL, brought TEXT, "
+    "CREATE TABLE IF NOT EXISTS replica_aside (path TEXT NOT NULL, name TEXT NOT NULL, brought TEXT, held TEXT, "
     "PRIMARY KEY (path, name))",
 )
 _UNREPORTED = "CREATE INDEX IF NOT EXISTS replica_unreported ON replica_files (path) WHERE reported IS NOT version"
@@ -86,7 +88,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _add_column(conn: sqlite3.Connection, table: str, column: str, kind: str) -> None:
     """Give a replica.db made before `column` of `table` the column, NULL in every row (`reported`:
-    every row pending; `brought`: each file set aside is checked against the version held only)."""
+    every row pending; `brought`: each file set aside is checked against the version held only;
+    `held`: what the copy held there before the change is not known)."""
     if any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})")):
         return
     try:
@@ -126,6 +129,7 @@ class Replica:
                 conn.execute(statement)
             _add_column(conn, "replica_files", "reported", "INTEGER")
             _add_column(conn, "replica_aside", "brought", "TEXT")
+            _add_column(conn, "replica_aside", "held", "TEXT")
             conn.execute(_UNREPORTED)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
@@ -227,16 +231,34 @@ class Replica:
                 (path, held.version, held.hash, *stat, held.checked_ns),
             )
 
-    def setting_aside(self, path: str, name: str, brought: str | None) -> None:
+    def setting_aside(self, path: str, name: str, brought: str | None, held: Installed | None = None) -> None:
         """Note, before the disk changes, that a catch-up of `path` bringing bytes hashing to
         `brought` (None: a deletion) may take its file away to `name`: by its directory's path now
         (`atomic.named`), never a name beneath this process's descriptor (`/proc/self/fd/N/...`),
-        which another process settling the note would take for one of its own descriptors."""
+        which another process settling the note would take for one of its own descriptors; for a
+        commit's install (or a deletion or rename through the volume), what this copy recorded
+        holding there before it (`held`: its `installed`, read before the change; None: it recorded
+        nothing there)."""
         name = atomic.named(name)
+        kept = None if held is None else (held.hash or "")  # "": it held no file there
         with self._mutex:
             self._db().execute(
-                "INSERT OR REPLACE INTO replica_aside (path, name, brought) VALUES (?, ?, ?)", (path, name, brought)
+                "INSERT OR REPLACE INTO replica_aside (path, name, brought, held) VALUES (?, ?, ?, ?)",
+                (path, name, brought, kept),
             )
+
+    def held_before(self, path: str, name: str) -> tuple[bool, str | None]:
+        """What the note of a change that takes the file at `path` away to `name` says this copy
+        held there before it: (known, its hash; None for no file). Not known: no note of that name
+        (matched by its base name: another process may see the root elsewhere), or one made by a
+        catch-up (which checks against `installed` itself) or before notes said it."""
+        with self._mutex:
+            rows = self._db().execute("SELECT name, held FROM replica_aside WHERE path = ?", (path,)).fetchall()
+        base = os.path.basename(name)
+        for noted, held in rows:
+            if os.path.basename(str(noted)) == base and held is not None:
+                return True, str(held) or None
+        return False, None
 
     def set_back(self, path: str, name: str) -> None:
         """The file a catch-up of `path` took away to `name` is settled (removed, or put back)."""
