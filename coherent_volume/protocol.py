@@ -539,7 +539,9 @@ def recovery(
 
     Any other intent (a creation, deletion or rename, recorded after its install) whose temp name
     holds its content (`staged`: a rename over a file interrupted between moving its source there
-    and exchanging it into place) is `completed`, installed from there. Else it is `abandoned`
+    and exchanging it into place; or the source a program saved just before it was moved, the
+    destination still holding the version before: `CoreBase._moved_source`) is `completed`,
+    installed from there. Else it is `abandoned`
     when its process saw its disk step fail (`undone`: the kernel refused the system call, so
     nothing changed, whatever the disk holds: a file of the same bytes already there is not its
     doing), and `completed` when its process saw its disk step succeed (`done`: a live rename

@@ -928,3 +928,62 @@ def test_a_save_by_rename_killed_midway_in_a_working_copy_and_completed_by_anoth
         ]
     assert not (c1 / "draft.txt").exists()
     assert _leftovers(c1 / "plans") == [] and _leftovers(c1) == []
+
+
+KILLED_AFTER_MOVING_THE_SOURCE = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root, data = Path(sys.argv[1]), sys.argv[2].encode()
+real_rename = atomic.rename
+src = str(root / "plans/src.md")
+
+def rename(a, b, **flags):  # a program saves the source, the rename moves it aside, the writer dies
+    if a == src:
+        (root / "editor.tmp").write_bytes(data)
+        os.replace(root / "editor.tmp", src)
+        real_rename(a, b, **flags)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(a, b, **flags)
+
+vol = CoherentVolume(root, agent="bob")
+vol.read({P!r})
+vol.read("plans/src.md")
+atomic.rename = rename
+core = vol._core
+core.rename("bob", core.resolve(src), core.resolve(str(root / {P!r})))
+"""
+
+
+@pytest.mark.parametrize("saved", ["NEW\n", "SAVE\n"], ids=["new bytes", "a revert of the source"])
+def test_a_rename_killed_after_moving_a_source_saved_just_before_is_completed_with_the_moved_file(
+    root: Path, saved: str
+) -> None:
+    """A checked rename of src.md over P, killed between moving its source (just saved by a
+    program) to the temp name and exchanging it into place: recovery abandoned the move onto P,
+    completed the source's deletion, then took what the temp name held for a save displaced at P
+    and P's own old bytes, which that put back brought back, for another save ("saved outside the
+    volume while v2 ... was put back", false) put back over it: P held its old bytes, the source
+    was gone, the moved file only in history (/tmp/s32r2fw 3). Recovery completes the rename as
+    the live path does: the moved file in place at P, recorded after the rename's version as a
+    save at the source it carried."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write("plans/src.md", b"SAVE\n")
+        alice.write(P, b"one\n")
+        alice.write("plans/src.md", b"src\n")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_MOVING_THE_SOURCE, str(root), saved], cwd=REPO, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL
+    with CoherentVolume(root, agent="carol") as carol:
+        carol.write("plans/other.md", b"x\n")  # settles the rename's intents
+        assert carol.read(P) == saved.encode()
+        assert _history(carol, P) == [(3, "foreign", "external"), (2, "commit", "bob"), (1, "commit", "alice")]
+        assert carol.read_version(P, 2) == b"src\n"
+        assert [v.kind for v in carol.history("plans/src.md")][0] == "delete"
+        with carol._core.registry.read() as tx:
+            details = [e.detail or "" for e in tx.events(path=P, kind="foreign")]
+        assert not any("was put back" in d for d in details), details
+    assert (root / P).read_bytes() == saved.encode()
+    assert not (root / "plans/src.md").exists()
+    assert _leftovers(root / "plans") == [] and os.listdir(root / ".coherent/staging") == []

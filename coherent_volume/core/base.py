@@ -890,7 +890,9 @@ class CoreBase:
             why = f"saved outside the volume while v{version}, which another program's save displaced, was put back"
         version = current_version(tx.file(target.rel)) + 1
         why += f", the {PUT_BACK_ROUNDS + 1}th save in a row the put back met"
-        self._record_displaced(tx, target, name, version, why, placed=False)
+        self._record_displaced(
+            tx, target, name, version, why, "its bytes kept in history only (the file in place stays)"
+        )
         return False
 
     @staticmethod
@@ -910,7 +912,7 @@ class CoreBase:
         return None if stored is None else tx.content_size(stored)
 
     def _record_displaced(
-        self, tx: Transaction, target: Target, name: str, version: int, why: str, placed: bool = True
+        self, tx: Transaction, target: Target, name: str, version: int, why: str, done: str = "put back in place"
     ) -> str:
         """Record the file at `name`, which an install displaced from `target` and which is to be
         put back in place, as `version`, a change made outside the volume: its bytes retained as
@@ -926,7 +928,6 @@ class CoreBase:
         record = FileRecord(target.rel, version, True, digest, None, EXTERNAL, now, time.time_ns())
         size = self._kept_size(tx, stored)
         self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size if size is None else size)
-        done = "put back in place" if placed else "its bytes kept in history only (the file in place stays)"
         tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: {done}")
         return digest
 
@@ -946,6 +947,8 @@ class CoreBase:
         A rename whose content waits at its temp name (`staged`) is completed by installing it
         (exchanged into place: what that displaced is at `staged` then, for the caller to check)."""
         waiting = staged is not None and intent.present and _hash_or_none(staged) == intent.hash
+        moved = not waiting and staged is not None and intent.present and self._moved_source(tx, intent, target, staged)
+        waiting = waiting or moved
         blocked: str | None = None  # where its content stays, when a directory at its name stops it
         # a working copy's disk may not hold it (`_sync_copy` finds out at its next access): not read
         read = self.replica is None and not undone and not done and not waiting
@@ -964,6 +967,7 @@ class CoreBase:
             retained = (
                 not intent.present
                 or self.replica is not None  # stored with the intent
+                or (moved and intent.hash is not None and tx.content_size(intent.hash) is not None)  # the source's
                 or self._retain(tx, target.abs, intent.hash) is not None  # stored already
             )
             self._record(
@@ -975,6 +979,12 @@ class CoreBase:
                 retained=retained,
             )
             tx.put_view(intent.agent, intent.path, intent.version, now)
+            if moved:  # as the live rename's check of the moved file (`Renames._moved_changed`)
+                why = (
+                    f"saved at the source of {intent.agent}'s rename just before the rename moved it here, "
+                    "whose process died before it checked it"
+                )
+                self._record_displaced(tx, target, target.abs, intent.version + 1, why, done="in place")
         tx.log(
             "recover",
             intent.path,
@@ -996,6 +1006,19 @@ class CoreBase:
             "decided in the registry (its commit point) and not yet recorded as done, as its writer (a process of "
             "another working copy, on this host or another) was still finishing it, or died",
         )
+
+    @staticmethod
+    def _moved_source(tx: Transaction, intent: Intent, target: Target, staged: str) -> bool:
+        """Whether the temp name of a rename's destination intent (`staged`), holding other bytes
+        than the rename's, holds the rename's source after all, saved by a program just before the
+        rename moved it there (`renames._save_in`), its process killed before the exchange: the
+        destination still holds the version the rename found (the exchange did not happen), and
+        the temp name other bytes. Else (the exchange happened) it holds what that displaced."""
+        held = _hash_or_none(staged)
+        before = tx.version_entry(intent.path, intent.version - 1)
+        if held is None or before is None or before.hash is None or held == before.hash:
+            return False
+        return _hash_or_none(target.abs) == before.hash
 
     def _settle_installs(self) -> None:
         """Under the commit lock, before reading a file for a transaction that is given what was
