@@ -852,7 +852,7 @@ class CoreBase:
         after the current one, by EXTERNAL, then exchange it back into place (`_put_in_place`: the
         file that install put in place is `own`, where known). Whether the staged name is to stay,
         with the intent: a directory made at the name stops the put back (the file, recorded,
-        waits there; the next recovery finds its bytes recorded after the intent and removes it)."""
+        is left there, and recovery, finding its bytes recorded after the intent, removes it)."""
         detail = (
             f"changed outside the volume just before the install of v{intent.version} by {intent.agent}, "
             "which displaced it"
@@ -881,7 +881,7 @@ class CoreBase:
             placed = fingerprint_path(name)
             try:
                 swapped = atomic.swap_in(name, target.abs)
-            except IsADirectoryError:  # made at the name by a program: it stays; the file, recorded, waits
+            except IsADirectoryError:  # made at the name by a program: it stays; the file is recorded
                 return True
             atomic.sync_dirs(target.abs)
             if not swapped or _is_the_file(name, expected, expected_hash):
