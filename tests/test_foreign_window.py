@@ -942,7 +942,7 @@ real_rename = atomic.rename
 src = str(root / "plans/src.md")
 
 def rename(a, b, **flags):  # a program saves the source, the rename moves it aside, the writer dies
-    if a == src:
+    if atomic.named(a) == src:
         (root / "editor.tmp").write_bytes(data)
         os.replace(root / "editor.tmp", src)
         real_rename(a, b, **flags)
