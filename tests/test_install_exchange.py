@@ -150,9 +150,9 @@ def test_a_writer_killed_right_after_its_install_displaced_an_editors_save_loses
     assert os.listdir(root / ".coherent/staging") == []
 
 
-def test_a_working_copy_catching_up_puts_back_an_editors_save_made_after_its_check(
-    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _copy_behind(tmp_path: Path, pg_url: str, *later: bytes) -> tuple[Path, Path]:
+    """Two working copies of a PostgreSQL volume: c0, where alice wrote P as b"one\\n" and then
+    each of `later`, and c1, whose bob read the first of those only (so c1 holds it, behind)."""
     from .test_registry_postgresql import _join, _pg_volume
 
     c0, c1 = _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
@@ -160,7 +160,15 @@ def test_a_working_copy_catching_up_puts_back_an_editors_save_made_after_its_che
         alice.write(P, b"one\n")
         with CoherentVolume(c1, agent="bob") as bob:
             assert bob.read(P) == b"one\n"
-        alice.write(P, b"two\n")
+        for data in later:
+            alice.write(P, data)
+    return c0, c1
+
+
+def test_a_working_copy_catching_up_puts_back_an_editors_save_made_after_its_check(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c0, c1 = _copy_behind(tmp_path, pg_url, b"two\n")
     with CoherentVolume(c1, agent="bob") as bob:
         saved = _editor_saves_first(c1, monkeypatch)
         assert bob.read(P) == SAVE  # c1 caught up with v2, which displaced the save: put back
@@ -320,15 +328,7 @@ def test_a_working_copy_catching_up_puts_in_place_a_save_made_during_its_put_bac
 ) -> None:
     """As a commit's put back: a catch-up's put back brings back the catch-up's own file or a
     later save, told apart by inode (/tmp/s32r2fw 2, `pg_catchup.py`)."""
-    from .test_registry_postgresql import _join, _pg_volume
-
-    c0, c1 = _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
-    with CoherentVolume(c0, agent="alice") as alice:
-        alice.write(P, b"one\n")
-        with CoherentVolume(c1, agent="bob") as bob:
-            assert bob.read(P) == b"one\n"
-        alice.write(P, b"two\n")
-        alice.write(P, b"three\n")
+    _, c1 = _copy_behind(tmp_path, pg_url, b"two\n", b"three\n")
     with CoherentVolume(c1, agent="bob") as bob:
         made = _saves_before_swaps(c1, saves, monkeypatch)
         assert bob.read(P) == saves[-1]
@@ -404,14 +404,7 @@ def test_a_working_copy_behind_drops_the_older_version_its_install_displaced(
     catching up first (its catch-up made a no-op here: a copy behind); what the install displaces
     is the v1 the copy held there, noted so before the install: removed, never recorded and put
     back over v2 and v3, also when the writer stops right after the exchange."""
-    from .test_registry_postgresql import _join, _pg_volume
-
-    c0, c1 = _pg_volume(tmp_path / "c0", pg_url), _join(tmp_path / "c1", pg_url)
-    with CoherentVolume(c0, agent="alice") as alice:
-        alice.write(P, b"one\n")
-        with CoherentVolume(c1, agent="bob") as bob:
-            assert bob.read(P) == b"one\n"
-        alice.write(P, b"two\n")
+    c0, c1 = _copy_behind(tmp_path, pg_url, b"two\n")
     real_swap = atomic.swap_in
     with CoherentVolume(c0, agent="bob") as bob:
         assert bob.read(P) == b"two\n"  # bob's view: v2, read through c0

@@ -834,11 +834,11 @@ def reads_held_back(root: Path, path: str, text: str) -> Iterator[Callable[[], N
         release()
 
 
-def test_a_write_sent_before_a_reads_reply_is_not_built_on_that_read(root: Path) -> None:
-    """A model's parallel tool calls: read_file and write_file sent together, the write composed
-    before the read's result existed. The read ran first and moved the view to a newer version, so
-    the write, built on the older one, went through over it (/tmp/s31mcp 1, LOSS: p5, 10 of 10).
-    A write is checked against what the session was sent before the write was sent."""
+@contextmanager
+def read_waiting(root: Path) -> Iterator[tuple[Raw, Callable[[], None]]]:
+    """A session that read P at v1 and then sent a read_file of P (id 2), which waits (holding the
+    session) while P was changed behind the volume's back to "v1\\nforeign\\n" and another process
+    holds the commit lock (`reads_held_back`): (the session, the function that lets the read go)."""
     with CoherentVolume(root, agent="setup") as setup:
         setup.write(P, "v1\n")
     s = Raw(root)
@@ -847,6 +847,15 @@ def test_a_write_sent_before_a_reads_reply_is_not_built_on_that_read(root: Path)
     with reads_held_back(root, P, "v1\nforeign\n") as release:
         s.call(2, "read_file", path=P)
         time.sleep(0.5)  # the read waits for the lock, holding the session
+        yield s, release
+
+
+def test_a_write_sent_before_a_reads_reply_is_not_built_on_that_read(root: Path) -> None:
+    """A model's parallel tool calls: read_file and write_file sent together, the write composed
+    before the read's result existed. The read ran first and moved the view to a newer version, so
+    the write, built on the older one, went through over it (/tmp/s31mcp 1, LOSS: p5, 10 of 10).
+    A write is checked against what the session was sent before the write was sent."""
+    with read_waiting(root) as (s, release):
         s.call(3, "write_file", path=P, content="v1\nmine\n")
         time.sleep(0.5)
         release()
@@ -913,14 +922,7 @@ def test_a_request_reusing_the_id_of_one_under_way_is_refused_and_its_read_regis
     the read's place on the wire's books, so it counted as sent after the read's reply and went
     through over a foreign change (/tmp/s31r2mcp 2, LOSS). A reused id is refused, and the read it
     reused registers no view: the client cannot tell which reply under the id answered what."""
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "v1\n")
-    s = Raw(root)
-    s.call(1, "read_file", path=P)
-    assert not s.tool(1)[0]
-    with reads_held_back(root, P, "v1\nforeign\n") as release:
-        s.call(2, "read_file", path=P)
-        time.sleep(0.5)  # the read waits for the lock
+    with read_waiting(root) as (s, release):
         s.call(2, "write_file", path=P, content="v1\nmine\n")
         refusal = s.reply(2)
         assert refusal is not None and refusal["error"]["code"] == -32600, refusal
@@ -949,14 +951,7 @@ def test_a_malformed_line_under_the_id_of_a_write_under_way_answers_nothing_of_i
     the wire's books, so the write counted as built on the read and went through over a foreign
     change (/tmp/s32r2mcp 1, LOSS: 4 of 4). The error answers no request; the write is checked
     against what the session was sent before it, and refused."""
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "v1\n")
-    s = Raw(root)
-    s.call(1, "read_file", path=P)
-    assert not s.tool(1)[0]
-    with reads_held_back(root, P, "v1\nforeign\n") as release:
-        s.call(2, "read_file", path=P)
-        time.sleep(0.5)  # the read waits for the lock
+    with read_waiting(root) as (s, release):
         s.call(3, "write_file", path=P, content="v1\nmine\n")
         s.send({"jsonrpc": "2.0", "id": 3, "method": 5})
         error = s.reply(3)
@@ -1001,14 +996,7 @@ def test_a_cancelled_read_registers_no_view_and_the_server_still_ends_at_once(ro
     built on what the client last got, went through over a change it never saw (/tmp/s31mcp 2, LOSS).
     And the cancelled id stayed among those the server waited to answer at the end of input: it
     lived 60 s more, and the SDK client killed it, so an unnamed session's views stayed (5)."""
-    with CoherentVolume(root, agent="setup") as setup:
-        setup.write(P, "v1\n")
-    s = Raw(root)
-    s.call(1, "read_file", path=P)
-    assert not s.tool(1)[0]
-    with reads_held_back(root, P, "v1\nforeign\n") as release:
-        s.call(2, "read_file", path=P)
-        time.sleep(0.5)
+    with read_waiting(root) as (s, release):
         s.cancel(2)
         time.sleep(0.3)
         release()
