@@ -322,5 +322,10 @@ FACE = Face(
     deny=_deny,
     reread="Read them again with read_file before you change them",
     reread_one="Read the file with read_file before you change it again",
+    unshown=lambda head: (
+        "it holds a NUL byte, which Gemini CLI's read_file takes for a binary file"
+        if b"\0" in head and hook_steps.by_mark(head) is None
+        else None
+    ),
 )
 """The Gemini CLI face: `coherent-volume hook gemini` runs `FACE.run`; `install` writes .gemini/settings.json."""

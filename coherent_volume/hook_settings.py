@@ -161,19 +161,24 @@ def merge_hooks(
 
 def remove_hooks(path: Path, face: str, command: str | None = None) -> None:
     """Remove exactly our hooks for `face` (`ours`; `command`: the one install was given), and a
-    group or event left with none. The top-level keys `merge_hooks` sets when missing (Cursor's
-    `"version": 1`) stay: the file does not say whether they were the user's before (before, they
-    went, and a user's own went with them: /tmp/s32hookgc 2). A missing file stays missing."""
+    group or event that removing them left with none, and the `hooks` object if that left it empty;
+    an event the user had empty stays (before, it went: /tmp/s32r2hooks 8; one that install added
+    to and uninstall emptied cannot be told from one install made, and goes). The top-level keys
+    `merge_hooks` sets when missing (Cursor's `"version": 1`) stay: the file does not say whether
+    they were the user's before (before, they went, and a user's own went with them:
+    /tmp/s32hookgc 2). A missing file stays missing."""
     if not path.exists():
         return
     data = _load(path)
     hooks = data.get("hooks", {})
+    emptied = False
     for event in list(hooks):
-        if not isinstance(hooks[event], list):
+        if not isinstance(hooks[event], list) or not hooks[event]:
             continue
         hooks[event] = _without_ours(hooks[event], face, command)
         if not hooks[event]:
             del hooks[event]
-    if not hooks:
+            emptied = True
+    if not hooks and emptied:
         data.pop("hooks", None)
     _save(path, data)

@@ -368,7 +368,27 @@ def denial_text(core: VolumeCore, refusal: StaleWriteError, face: Face, note: st
     )
     return (
         f"coherent-volume refused this write to {shown(refusal.path)} ({refusal.reason}): {state}.{held}{changes}{note}"
-        + (_long_lock(core, refusal) or face.remedy(refusal))
+        + (_long_lock(core, refusal) or _unshown(core, refusal, face) or face.remedy(refusal))
+    )
+
+
+def _unshown(core: VolumeCore, refusal: StaleWriteError, face: Face) -> str | None:
+    """What to do about an `unread` or `stale` refusal of a file the face's read tool shows no
+    content of (`Face.unshown`): reading it again, as the remedy says, gives no view (before, the
+    model was told to, for ever: /tmp/s32r2hooks 7); None for any other."""
+    if refusal.reason not in ("unread", "stale"):
+        return None
+    try:
+        with open(core.paths.of_rel(refusal.path).abs, "rb") as f:
+            why = face.unshown(f.read(4096))
+    except OSError:
+        return None
+    if why is None:
+        return None
+    return (
+        f"Your read tool shows no content of this file ({why}), so no read of it gives you a view and no write "
+        "of it can be checked against one: leave it as it is, or ask the user to change it (through the "
+        "volume's mount or its Python API, which check each write against what its writer read)."
     )
 
 

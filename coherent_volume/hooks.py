@@ -222,6 +222,9 @@ class Face:
     """Top-level keys of the settings file that `install` sets when missing."""
     goes_ahead: Callable[[dict[str, Any]], Answer] = lambda event: Answer()
     """The answer that lets an event go ahead undecided (Cursor answers some with a permission)."""
+    unshown: Callable[[bytes], str | None] = lambda head: None
+    """Why its read tool shows no content of a file beginning with `head` (its first 4 KiB), if it
+    shows none (then no read gives a view, and a refusal says what to do instead of reading)."""
 
     def remedy(self, refusal: StaleWriteError) -> str:
         """What the model should do about `refusal`."""

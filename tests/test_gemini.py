@@ -252,6 +252,26 @@ def test_a_file_with_a_byte_order_mark_is_read_as_gemini_cli_decodes_it(root: Pa
     assert verdict == "deny" and "(unread)" in reason, "read_file never shows the BOM as a character"
 
 
+def test_a_file_read_file_takes_for_binary_is_refused_saying_what_to_do_instead_of_reading(
+    root: Path, sessions
+) -> None:
+    """A managed file holding a NUL byte: read_file answers "Cannot display content of binary file",
+    which gives no view, and every write was refused `unread` telling the model to read the file
+    with read_file first, which can never help (/tmp/s32r2hooks 7). The refusal says why no read
+    gives a view and what to do instead; a UTF-16 file (NULs, but a BOM) is text to it."""
+    with CoherentVolume(root, agent="setup") as setup:
+        setup.write(P, b"title\x00\nbody\n")
+        setup.write("plans/u16.md", "\ufeffhello\n".encode("utf-16-le"))
+    s = sessions("binary", root)
+    s.hook(s.event("after_read_file", path=root / P, text=f"Cannot display content of binary file: {P}"))
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / P, content="title\nbody\n")))
+    assert verdict == "deny" and "(unread)" in reason, reason
+    assert "it holds a NUL byte, which Gemini CLI's read_file takes for a binary file" in reason, reason
+    assert "leave it as it is, or ask the user to change it" in reason and "with read_file first" not in reason
+    verdict, reason = decision(s.hook(s.event("before_write_file", path=root / "plans/u16.md", content="x\n")))
+    assert verdict == "deny" and "Read the file with read_file first" in reason, reason
+
+
 @pytest.mark.parametrize(
     ("older", "newer", "text"),
     [
@@ -821,6 +841,12 @@ def test_install_and_uninstall_keep_the_users_own_hooks(tmp_path: Path) -> None:
     gemini.FACE.uninstall(settings)
     left = json.loads(settings.read_text())["hooks"]
     assert left == {"BeforeTool": [{"matcher": "write_file", "hooks": [scan]}, again["hooks"]["BeforeTool"][1]]}
+    # the user's own empty list of an event install adds nothing to stays (before, uninstall removed
+    # it: /tmp/s32r2hooks 8; one install adds to, emptied, cannot be told from one install made)
+    settings.write_text(json.dumps({"hooks": {"Notification": []}}))
+    gemini.FACE.install(settings)
+    gemini.FACE.uninstall(settings)
+    assert json.loads(settings.read_text()) == {"hooks": {"Notification": []}}
 
 
 def test_a_shell_command_over_a_peers_commit_is_denied(root: Path, sessions) -> None:
