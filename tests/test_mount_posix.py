@@ -2345,6 +2345,24 @@ for name in ("b.md", "plans/b.md", "c.md"):
     assert "b.md 5000 5000" in plain
 
 
+COMMITTED_HANDLES = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(call, *args):
+    try:
+        return call(*args)
+    except OSError as e:
+        return os.strerror(e.errno)
+def committed(name, data):
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(os.dup(fd))  # a close: its commit
+    return fd
+"""
+"""The start of a program whose write handles' writes are committed while they stay open (the close
+of a dup), with `attempt` giving a call's result or its error's words."""
+
+
 def test_linkat_of_a_descriptor_whose_inode_lost_its_name_is_refused_as_on_a_local_disk_or_by_the_link_rule(
     mounted: Mount, tmp_path: Path
 ) -> None:
@@ -2394,19 +2412,9 @@ def test_a_write_handle_whose_file_a_rename_carried_away_reads_and_syncs_that_fi
     away and another file made and removed at its old name (before, such a read copied whatever was
     at the old name: ENOENT, or the other file's bytes; /tmp/s31posix 3). Writing through it still
     fails ESTALE (docs/mount.md), where a local disk writes the file."""
-    code = """
-import ctypes, os
-libc = ctypes.CDLL(None, use_errno=True)
-def attempt(call, *args):
-    try:
-        return call(*args)
-    except OSError as e:
-        return os.strerror(e.errno)
-def committed(name, data):
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    os.write(fd, data)
-    os.close(os.dup(fd))  # a close: its commit
-    return fd
+    code = (
+        COMMITTED_HANDLES
+        + """
 os.makedirs("plans/sub")
 os.makedirs("other")
 fds = {"out": committed("plans/sub/r.md", b"one")}
@@ -2428,6 +2436,7 @@ print("write", attempt(os.pwrite, fds["out"], b"Z", 0))
 for fd in fds.values():
     os.close(fd)
 """
+    )
     plain, mount = both(mounted, tmp_path, code)
     assert mount.split("\n")[:-2] == plain.split("\n")[:-2], (mount, plain)
     assert "exchanged b'three' 5 None" in plain
@@ -2473,19 +2482,10 @@ def test_a_committed_write_handle_reads_and_fstats_its_own_file_whatever_renames
     other's file), and after a rename of its directory racing its fsync or read, with another file
     made at its old name (it read that file, or failed ENOENT); /tmp/s31r2p 1-3. Writing on still
     fails ESTALE (docs/mount.md)."""
-    code = """
-import ctypes, os, threading
-libc = ctypes.CDLL(None, use_errno=True)
-def attempt(call, *args):
-    try:
-        return call(*args)
-    except OSError as e:
-        return os.strerror(e.errno)
-def committed(name, data):
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    os.write(fd, data)
-    os.close(os.dup(fd))  # a close: its commit
-    return fd
+    code = (
+        COMMITTED_HANDLES
+        + """
+import threading
 fd = committed("plans/o.md", b"its own committed file")
 with open("plans/new.md", "wb") as f:
     f.write(b"a file renamed over it")
@@ -2531,6 +2531,7 @@ for i in range(30):
             os.rmdir(d)
 print("raced", wrong[:3], len(wrong))
 """
+    )
     plain, mount = both(mounted, tmp_path, code)
     assert mount == plain, (mount, plain)
     assert "over b'its own committed file' 22 0 None" in plain
