@@ -463,7 +463,7 @@ class Session:
                 raise ToolRefused(f"{shown(path)} is not UTF-8 text; these tools read and write text only.") from None
             if target.managed:
                 note.append(
-                    f"[coherent-volume] {shown(target.rel)}: version {observed.version}. Your view is this version: "
+                    f"[coherent-volume] {shown(target.rel)}: version {observed.version}.{VIEWED} "
                     "write_file and edit_file are refused if someone changes the file before you do."
                 )
                 over = (
@@ -827,6 +827,10 @@ def serve(core: VolumeCore, agent: str | None) -> None:
                 )
 
 
+VIEWED = " Your view is this version:"
+"""What a read's note says of the view it registers (`Session.read_file`); a reply whose read
+registers none says that instead (`_serve_stdio.unviewed`)."""
+
 READ_SETTLE = 0.05
 """Seconds of silence on the client's input (after the read came, and after its last byte) before a
 read_file's reply is written: calls the client sent together with the read (a model's parallel
@@ -943,8 +947,8 @@ async def _serve_stdio(server: Any, wire: Wire) -> None:
             "writing it."
         )
         notes = [
-            {**item, "text": item["text"].split(" Your view is this version:")[0] + said}
-            if isinstance(item, dict) and " Your view is this version:" in str(item.get("text", ""))
+            {**item, "text": item["text"].split(VIEWED)[0] + said}
+            if isinstance(item, dict) and VIEWED in str(item.get("text", ""))
             else item
             for item in content
         ]
