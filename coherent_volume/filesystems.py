@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
 from . import atomic
 from .errors import VolumeConfigError
-from .mounts import unescape
+from .mounts import Entry
+from .mounts import table as mounts_table
 from .paths import REGISTRY_DIR
 
 __all__ = [
     "NETWORK_TYPES",
-    "Mount",
     "is_network",
     "mount_of",
-    "parse_mountinfo",
     "lies_within",
     "refuse_network_root",
     "refuse_renaming_in_place",
@@ -79,68 +77,46 @@ NETWORK_TYPES = frozenset(
 """File system types whose files other hosts (other kernels) write too."""
 
 
-@dataclass(frozen=True)
-class Mount:
-    """One line of mountinfo: where it is mounted, its device, type and source."""
-
-    point: str
-    device: str
-    """"major:minor", as `os.stat().st_dev` gives it."""
-    fstype: str
-    source: str
-    inside: str
-    """The directory of the file system shown at `point` ("/" but for a bind mount of a subdirectory)."""
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """The mounts of a mountinfo text, in its order (a later mount at one point covers an earlier)."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if "-" not in fields[6:]:
-            continue
-        after = fields.index("-", 6)
-        mounts.append(
-            Mount(unescape(fields[4]), fields[2], fields[after + 1], unescape(fields[after + 2]), unescape(fields[3]))
-        )
-    return mounts
-
-
 def _under(path: str, point: str) -> bool:
     return point == "/" or path == point or path.startswith(point + "/")
 
 
-def mount_of(path: str, mounts: list[Mount], device: str | None = None) -> Mount | None:
+def _inside(rel: str, top: str) -> bool:
+    """Whether `rel` is `top` or lies below it, both relative to their file system's root ("": it)."""
+    return top == "" or rel == top or rel.startswith(top + "/")
+
+
+def mount_of(path: str, mounts: list[Entry], device: str | None = None) -> Entry | None:
     """The mount that holds the absolute, symlink-free `path`, whose `st_dev` is `device`."""
-    above = [m for m in mounts if _under(path, m.point)]
+    above = [m for m in mounts if _under(path, m.mountpoint)]
     if not above:
         return None
     same_device = [m for m in above if m.device == device]
     candidates = same_device or above
-    longest = max(len(m.point) for m in candidates)
-    return [m for m in candidates if len(m.point) == longest][-1]
+    longest = max(len(m.mountpoint) for m in candidates)
+    return [m for m in candidates if len(m.mountpoint) == longest][-1]
 
 
-def _mounts() -> list[Mount] | None:
+def _mounts() -> list[Entry] | None:
+    """The mount table (`mounts.table`: the one a hook's event holds), None where /proc cannot say."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            return parse_mountinfo(f.read())
+        return mounts_table()
     except OSError:
         return None
 
 
-def _place(path: str, mounts: list[Mount]) -> tuple[str, str] | None:
-    """Where `path` lies (device, path within it); for a mountpoint that cannot be looked at (a
-    dead FUSE mount: ENOTCONN), the directory it is mounted on."""
+def _place(path: str, mounts: list[Entry]) -> tuple[str, str] | None:
+    """Where `path` lies (device, path within its file system, relative to its root); for a mountpoint
+    that cannot be looked at (a dead FUSE mount: ENOTCONN), the directory it is mounted on."""
     try:
         st = os.stat(path)
         found = mount_of(path, mounts, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     except OSError:
-        found = mount_of(path, [m for m in mounts if m.point != path])
+        found = mount_of(path, [m for m in mounts if m.mountpoint != path])
     if found is None:
         return None
-    below = path[len(found.point) :].lstrip("/") if found.point != "/" else path.lstrip("/")
-    return found.device, os.path.join(found.inside, below).rstrip("/") or "/"
+    below = path[len(found.mountpoint) :] if found.mountpoint != "/" else path
+    return found.device, os.path.join(found.within, below.strip("/")).strip("/")
 
 
 def lies_within(path: str, directory: str) -> bool:
@@ -154,8 +130,10 @@ def lies_within(path: str, directory: str) -> bool:
     top = None if mounts is None else _place(directory, mounts)
     if mounts is None or here is None or top is None:
         return False
-    shown = [top] + [(m.device, m.inside) for m in mounts if m.point != directory and _under(m.point, directory)]
-    return any(here[0] == device and _under(here[1], inside) for device, inside in shown)
+    shown = [top] + [
+        (m.device, m.within) for m in mounts if m.mountpoint != directory and _under(m.mountpoint, directory)
+    ]
+    return any(here[0] == device and _inside(here[1], within) for device, within in shown)
 
 
 def is_network(fstype: str) -> bool:
@@ -181,7 +159,7 @@ def refuse_network_root(root: str) -> None:
         return
     raise VolumeConfigError(
         f"the volume at {root!r} is on a network file system ({found.fstype} {found.source!r} mounted at "
-        f"{found.point!r}), which other hosts can write too: a SQLite registry there loses updates without "
+        f"{found.mountpoint!r}), which other hosts can write too: a SQLite registry there loses updates without "
         "any error, and no host sees the others' changes as they happen. Put the volume root on a local disk "
         "of each host (containers on one host may share a local directory through bind mounts); hosts share "
         "a volume through a PostgreSQL registry, each with a root of its own (docs/multihost.md)."

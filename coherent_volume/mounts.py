@@ -56,7 +56,7 @@ class Mounted(NamedTuple):
         return os.path.join(self.within, below) if self.within else below
 
 
-class _Entry(NamedTuple):
+class Entry(NamedTuple):
     """One line of /proc/self/mountinfo."""
 
     id: str
@@ -84,38 +84,48 @@ def one_table() -> Iterator[None]:
     if getattr(_held, "table", None) is not None:
         yield
         return
-    _held.table, _held.attached = list(_read_mountinfo()), None
+    _held.table, _held.attached = _read_mountinfo(), None
     try:
         yield
     finally:
         _held.table = _held.attached = None
 
 
-def _mountinfo() -> list[_Entry]:
-    """The mounts of this process's mount namespace (not in an order that tells which is in use:
-    `_in_use`): the table `one_table` holds, else read now."""
-    table: list[_Entry] | None = getattr(_held, "table", None)
-    return table if table is not None else list(_read_mountinfo())
+def table() -> list[Entry]:
+    """The mounts of this process's mount namespace, in mountinfo's order (which alone does not tell
+    which is in use: `_in_use`): the table `one_table` holds, else read now (OSError where /proc
+    cannot be read)."""
+    held: list[Entry] | None = getattr(_held, "table", None)
+    return held if held is not None else _read_mountinfo()
 
 
-def _read_mountinfo() -> Iterator[_Entry]:
+def _read_mountinfo() -> list[Entry]:
     """The mounts of this process's mount namespace, from /proc/self/mountinfo."""
     with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            after = fields.index("-")
-            within = unescape(fields[3]).removesuffix("//deleted").strip("/")  # a bound file replaced since
-            mountpoint, fstype, source = unescape(fields[4]), fields[after + 1], unescape(fields[after + 2])
-            options = unescape(fields[after + 3]) if len(fields) > after + 3 else ""
-            yield _Entry(fields[0], fields[1], fields[2], within, mountpoint, fstype, source, options)
+        return parse(f)
 
 
-def _attached(entries: list[_Entry]) -> dict[tuple[str, str], _Entry]:
+def parse(lines: Iterable[str]) -> list[Entry]:
+    """The mounts of mountinfo's `lines`, in their order (a line without its separator is skipped)."""
+    entries = []
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        after = fields.index("-", 6)
+        within = unescape(fields[3]).removesuffix("//deleted").strip("/")  # a bound file replaced since
+        mountpoint, fstype, source = unescape(fields[4]), fields[after + 1], unescape(fields[after + 2])
+        options = unescape(fields[after + 3]) if len(fields) > after + 3 else ""
+        entries.append(Entry(fields[0], fields[1], fields[2], within, mountpoint, fstype, source, options))
+    return entries
+
+
+def _attached(entries: list[Entry]) -> dict[tuple[str, str], Entry]:
     """Each mount of `entries` by (its parent's id, "" where its parent is not listed; its
     mountpoint); of two at one place of one parent, as older kernels shadow, the last listed. Made
     once for the table `one_table` holds."""
     if entries is getattr(_held, "table", None) and getattr(_held, "attached", None) is not None:
-        held: dict[tuple[str, str], _Entry] = _held.attached
+        held: dict[tuple[str, str], Entry] = _held.attached
         return held
     ids = {entry.id for entry in entries}
     attached = {(entry.parent if entry.parent in ids else "", entry.mountpoint): entry for entry in entries}
@@ -124,7 +134,7 @@ def _attached(entries: list[_Entry]) -> dict[tuple[str, str], _Entry]:
     return attached
 
 
-def _in_use(real: str, entries: list[_Entry]) -> _Entry | None:
+def _in_use(real: str, entries: list[Entry]) -> Entry | None:
     """The mount of `entries` (this namespace's) that the real path `real` is, or lies in, as the
     kernel resolves it: from the root down, at each directory of `real` the mount attached there on
     the mount reached so far (mountinfo's second field, its parent's id), then the one stacked on it
@@ -135,7 +145,7 @@ def _in_use(real: str, entries: list[_Entry]) -> _Entry | None:
     process cannot see: taken where no listed mount reached so far has one there. None where no
     mount is reached (no listed root)."""
     attached = _attached(entries)
-    current: _Entry | None = None
+    current: Entry | None = None
     places = ["/"]
     for name in real.strip("/").split("/"):
         if name:
@@ -156,7 +166,7 @@ def mount_holding(real: str) -> Mounted | None:
     own directory of that name, `mount --direct`): a path in a bind mount of another directory inside
     a volume's mount is not that volume's. From /proc/self/mountinfo, whose fourth field says which
     directory of its file system a mount shows (/proc/self/mounts says only its source)."""
-    entries = _mountinfo()
+    entries = table()
     entry = _in_use(real, entries)
     if entry is None:
         return None
@@ -188,7 +198,7 @@ def shown_higher(real: str, root: bool = False) -> list[str]:
     in this namespace shows it (a container's bind from its host, whose file system is mounted
     nowhere here). `root`: only where the bind shows its file system's root (else only where it shows
     a directory inside it)."""
-    entries = _mountinfo()
+    entries = table()
     bind = _in_use(real, entries)
     if bind is None or root == bool(bind.within):
         return []
@@ -217,7 +227,7 @@ def shown_below(real: str) -> list[tuple[str, str | None]]:
     bindfs), an overlay's upper and lower directories, else the directory of its file system at its
     place below a mount of that file system's root; None where this mount namespace mounts no root
     of it (a container's bind from its host)."""
-    entries = _mountinfo()
+    entries = table()
     tops = {entry.device: entry.mountpoint for entry in entries if not entry.within}
     found: list[tuple[str, str | None]] = []
     for entry in entries:
@@ -239,7 +249,7 @@ def device_of(mountpoint: str) -> str | None:
     """The "major:minor" of the newest mount at `mountpoint`, read from /proc/self/mountinfo (never
     from the mount itself, which cannot answer before its daemon serves)."""
     found = None
-    for entry in _mountinfo():
+    for entry in table():
         if entry.mountpoint == mountpoint:
             found = entry.device
     return found
@@ -250,7 +260,7 @@ def direct_dirs(mountpoint: str) -> dict[str, int]:
     `mountpoint` (its direct dirs, `mount --direct`; deeper mounts are not listed), from
     /proc/self/mountinfo: the kernel's table is their only record, so a killed daemon leaves none stale."""
     volume: str | None = None
-    children = _mountinfo()
+    children = table()
     for entry in children:
         if entry.mountpoint == mountpoint and entry.fstype == FSTYPE:
             volume = entry.id  # the newest mount there is the one in use

@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -743,7 +743,7 @@ def test_one_hook_event_reads_the_mount_table_once(tmp_path: Path, monkeypatch: 
     reads: list[int] = []
     real = mounts._read_mountinfo
 
-    def counted() -> Iterator[mounts._Entry]:
+    def counted() -> list[mounts.Entry]:
         reads.append(1)
         return real()
 
