@@ -777,10 +777,13 @@ def _open(root: str) -> VolumeCore:
     return open_core(root)
 
 
-def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, tuple[str, ...]]:
+def _target(
+    args: tuple[str, ...], extra: int = 0, versions: bool = False
+) -> tuple[VolumeCore, Target, tuple[str, ...]]:
     """The volume and file named by `[ROOT] PATH` at the start of `args`, and the (at most `extra`)
     arguments after them. ROOT is a volume root or a mountpoint of one; without it, PATH is a path
-    inside a volume (mounted or not). With `extra`, a first argument that is a directory is ROOT."""
+    inside a volume (mounted or not). With `extra`, a first argument that is a directory is ROOT.
+    `versions`: the file is asked about its versions (`CoreBase.resolve_name`)."""
     from .hook_paths import locate
 
     if len(args) == 2 + extra or (len(args) > 1 and os.path.isdir(args[0])):
@@ -796,7 +799,7 @@ def _target(args: tuple[str, ...], extra: int = 0) -> tuple[VolumeCore, Target, 
     if len(rest) > extra:
         raise click.UsageError(f"unexpected arguments: {' '.join(rest[extra:])}")
     core = _open(root)
-    return core, core.resolve(path), rest
+    return core, core.resolve_name(path) if versions else core.resolve(path), rest
 
 
 @main.command()
@@ -864,7 +867,7 @@ def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: 
     are, unless --limit, --all or --json says otherwise."""
     if show_all and limit is not None:
         raise click.UsageError("--all shows every version and --limit only the newest N: give one of them")
-    core, target, _ = _target(paths)
+    core, target, _ = _target(paths, versions=True)
     if limit is None and not (show_all or as_json):
         limit = HISTORY_SHOWN
     versions = core.history(target)  # whole (a fast read): how many are left out is said
@@ -905,7 +908,7 @@ def history(paths: tuple[str, ...], limit: int | None, show_all: bool, as_json: 
 @_guard
 def show(paths: tuple[str, ...], version: int) -> None:
     """Print the bytes of one version of a managed file, as they are (no view is registered)."""
-    core, target, _ = _target(paths)
+    core, target, _ = _target(paths, versions=True)
     data = core.read_version(target, version)  # whole and checked before a byte is printed
     sys.stdout.flush()
     write_all(sys.stdout.fileno(), data)
@@ -940,7 +943,7 @@ def diff_command(args: tuple[str, ...], agent: str | None, as_json: bool) -> Non
     No A: the latest change (the version before the current one to the current one). A: from A to
     the current version. A B: from A to B. Version 0 is before the file existed. Binary content
     has no line diff. A path with no version at all is an error (exit status 4)."""
-    core, target, rest = _target(args, extra=2)
+    core, target, rest = _target(args, extra=2, versions=True)
     numbers = [_version_number(text) for text in rest]
     if agent is not None and numbers:
         raise click.UsageError("give versions A [B] or --agent, not both")

@@ -236,19 +236,19 @@ class CoherentVolume:
     def history(self, path: str | os.PathLike[str]) -> list[Version]:
         """Every version of a managed path, newest first: version, writer, at, size, hash, kind;
         [] for one that never existed (where the CLI's `history` says so and exits 4)."""
-        return self._core.history(self._target(path))
+        return self._core.history(self._core.resolve_name(path))
 
     @_call
     def read_version(self, path: str | os.PathLike[str], version: int) -> bytes:
         """The bytes of a retained version; untracked (this agent's view does not move).
         VersionGone if it was pruned (or is a deletion), DamagedContent if its stored bytes are."""
-        return self._core.read_version(self._target(path), version)
+        return self._core.read_version(self._core.resolve_name(path), version)
 
     @_call
     def diff(self, path: str | os.PathLike[str], old: int | None = None, new: int | None = None) -> str | None:
         """Unified diff between two retained versions; by default from this agent's view (nothing,
         if it never read the file) to the current version. None for binary content."""
-        target = self._target(path)
+        target = self._core.resolve_name(path)
         if new is None:
             new = self._core.version(target)
         if old is None:

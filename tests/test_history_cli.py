@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, GlobError, MergeConflict, Policy, StaleWriteError, VolumeConfigError
+from coherent_volume import (
+    CoherenceError,
+    CoherentVolume,
+    GlobError,
+    MergeConflict,
+    Policy,
+    StaleWriteError,
+    VolumeConfigError,
+)
 from coherent_volume.cli import HISTORY_SHOWN
 from coherent_volume.fingerprint import content_hash
 from coherent_volume.policy import Retention
@@ -606,3 +614,34 @@ def test_contradictory_policy_options_are_refused_and_change_nothing(root: Path)
     assert r.returncode == 2 and "--merge" in r.stderr and "--no-merge" in r.stderr
     assert json.loads(ok("policy", root, "--json"))["merge"] == ["plans/log.md"]
     assert json.loads(ok("policy", root, "--json"))["retention"]["keep_last"] == 10
+
+
+def test_the_versions_of_a_name_a_program_replaced_by_a_link_out_of_the_volume_are_still_read(
+    root: Path, tmp_path: Path
+) -> None:
+    """A program replaced plans/p.md by a symlink to a file outside the root (or to an unmanaged
+    file): `history`, `show` and `diff` of the name failed, naming the link's target as outside the
+    volume (/tmp/s32api 4), though the registry keeps the name's versions by name. Writes through
+    the link are still refused."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the volume's\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "n.txt").write_text("unmanaged\n")
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, "one\n")
+        alice.write(P, "two\n")
+        alice.write("plans/q.md", "q one\n")
+    os.unlink(root / P)
+    os.symlink(outside, root / P)
+    os.unlink(root / "plans/q.md")
+    os.symlink("../notes/n.txt", root / "plans/q.md")
+    for name, first in ((P, "one\n"), ("plans/q.md", "q one\n")):
+        assert [v["version"] for v in json.loads(ok("history", root, name, "--json"))["versions"]][-1] == 1
+        assert ok("show", root, name, "--version", "1") == first
+        with CoherentVolume(root, agent="bob") as bob:
+            assert bob.read_version(name, 1) == first.encode()
+            assert [v.version for v in bob.history(name)][-1] == 1
+    assert "-one\n+two" in ok("diff", root, P, "1", "2")
+    with CoherentVolume(root, agent="alice") as alice, pytest.raises(CoherenceError):
+        alice.write(P, "through the link\n")
+    assert outside.read_text() == "not the volume's\n"

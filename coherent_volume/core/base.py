@@ -19,6 +19,7 @@ from typing import Literal, TypeVar
 from .. import atomic
 from ..errors import (
     NotManaged,
+    OutsideVolume,
     RootGone,
     TreeClash,
     UnprotectedAlias,
@@ -408,6 +409,24 @@ class CoreBase:
 
     def resolve(self, path: str | os.PathLike[str]) -> Target:
         return self.paths.resolve(path)
+
+    def resolve_name(self, path: str | os.PathLike[str]) -> Target:
+        """The Target whose versions a question about `path` asks for (history, a version's bytes, a
+        diff): the file it names (`resolve`), or, where its last component is a symlink that a
+        program put in place of a managed file the registry holds versions of (leading out of the
+        root, or to an unmanaged file), that name itself: versions are kept by name."""
+        try:
+            target: Target | None = self.paths.resolve(path)
+        except OutsideVolume:
+            target = None
+        if target is not None and target.alias_of is None:
+            return target
+        link = self.paths.resolve_link(path)
+        if link is not None and self.paths.managed(link.rel):
+            with self.registry.read() as tx:
+                if tx.history(link.rel, 1):
+                    return self.paths.target(link.rel, True)
+        return target if target is not None else self.paths.resolve(path)  # (raises as it did)
 
     # ---- keeping the registry in step with the disk (commit lock + write transaction held) ----
 
