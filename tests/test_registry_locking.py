@@ -534,3 +534,61 @@ def test_a_child_forked_inside_a_transaction_leaves_it_cleanly_and_the_parent_go
             assert vol.write("plans/a.md", "after the fork\n") == 1
     finally:
         core.close()
+
+
+class _Interrupting:
+    """`time` for the registry's module whose `monotonic` raises KeyboardInterrupt once, when a
+    transaction's end asks it, before its COMMIT: a Ctrl-C landing between its statements."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def monotonic(self) -> float:
+        if not self.raised and sys._getframe(1).f_code.co_name == "__exit__":
+            self.raised = True
+            raise KeyboardInterrupt
+        return time.monotonic()
+
+
+@pytest.mark.parametrize("where", ["after BEGIN", "before COMMIT"])
+def test_a_transaction_cut_off_by_an_interrupt_holds_no_lock_and_wedges_nothing(
+    root: Path, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt (Ctrl-C in an agent's loop or a REPL) between a transaction's BEGIN and its
+    end left it open: that CoherentVolume refused every later call ("cannot start a transaction
+    within a transaction") and every other process's write waited 10 s for SQLite's lock and
+    failed, until the process exited (/tmp/s33api 2, with real SIGINTs). The cut-off transaction
+    is rolled back: the same object and another process go on at once."""
+    from coherent_volume.registry import sqlite as registry_sqlite
+
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, "one\n")
+        if where == "after BEGIN":
+            real = registry_sqlite.SQLiteTransaction
+            calls = []
+
+            def cut(conn: sqlite3.Connection) -> object:
+                if conn.in_transaction and not calls:  # (a peek runs no transaction)
+                    calls.append(1)
+                    raise KeyboardInterrupt  # BEGIN IMMEDIATE ran: SQLite's write lock is held
+                return real(conn)
+
+            monkeypatch.setattr(registry_sqlite, "SQLiteTransaction", cut)
+        else:
+            monkeypatch.setattr(registry_sqlite, "time", _Interrupting())
+        with pytest.raises(KeyboardInterrupt):
+            alice.write(P, "two\n")
+        monkeypatch.undo()
+        assert alice.read(P) in (b"one\n", b"two\n")
+        r = run_py(
+            f"from coherent_volume import CoherentVolume as V\n"
+            f"with V({str(root)!r}, agent='bob') as b:\n"
+            f"    b.read({P!r}); print(b.write({P!r}, 'bob\\n'))",
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr  # (a wedged lock made it wait 10 s, then fail)
+        assert alice.read(P) == b"bob\n"
+        alice.write(P, "three\n")

@@ -865,13 +865,18 @@ class _Transaction:
         self._started = time.monotonic()
         try:
             self._conn = registry._connection()
+            _cut_off(self._conn)  # one an interrupt left open (it holds SQLite's locks)
             self._conn.execute(self._begin)
+            return SQLiteTransaction(self._conn)
         except BaseException as e:
-            self._mutex.release()
+            try:
+                if hasattr(self, "_conn"):
+                    _cut_off(self._conn)
+            finally:
+                self._mutex.release()
             if isinstance(e, sqlite3.DatabaseError):
                 raise registry._error(e, self._started) from e
             raise
-        return SQLiteTransaction(self._conn)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
         registry, conn = self._registry, self._conn
@@ -891,7 +896,20 @@ class _Transaction:
             if isinstance(error, sqlite3.DatabaseError):
                 raise registry._error(error, self._started) from error
         finally:
-            self._mutex.release()
+            try:
+                _cut_off(conn)  # an interrupt (KeyboardInterrupt) between its statements
+            finally:
+                self._mutex.release()
+
+
+def _cut_off(conn: sqlite3.Connection) -> None:
+    """Roll back a transaction of `conn` that was cut off before its end (a KeyboardInterrupt between
+    its statements): left open, it kept SQLite's write lock, and every other process's writes
+    waited for it and failed, and this connection refused every later transaction
+    (/tmp/s33api 2)."""
+    if conn.in_transaction:
+        with suppress(sqlite3.DatabaseError):
+            conn.execute("ROLLBACK")
 
 
 class SQLiteRegistry:
