@@ -157,8 +157,8 @@ class Staged:
         except BaseException:
             os.close(fd)
             raise
+        self.fd = fd  # first: `discard` then never closes `source` again
         os.close(source)
-        self.fd = fd
 
     def fingerprint(self) -> Fingerprint:
         """The staged file's fingerprint now: its install keeps its inode, size and mtime (a
@@ -208,10 +208,12 @@ class Staged:
         return displaced
 
     def discard(self) -> None:
-        """Drop whatever is left of the staged content (idempotent)."""
+        """Drop whatever is left of the staged content (idempotent; its descriptor is forgotten before
+        it is closed, so a second call cut in between, by an interrupt, never closes that number
+        again: by then it may be another file's)."""
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            os.close(fd)
         if self.named and self.tmp is not None:
             try:
                 os.unlink(self.tmp)

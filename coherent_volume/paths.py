@@ -49,6 +49,28 @@ PATH_MAX = 4096
 NAME_MAX = 255
 
 
+WALKS = 16
+"""How many times a path is walked again (`settled_realpath`) while a name on it keeps changing."""
+
+
+def settled_realpath(path: str, given: str) -> str:
+    """os.path.realpath of `path`, walked again while a name on the way changes between the walk's
+    lstat and readlink of it (a symlink replaced by a directory: EINVAL; removed: ENOENT), which
+    realpath raises as they are (/tmp/s33api 4). Past WALKS walks, an OSError naming `given` (the
+    path as the caller gave it) says so."""
+    for _ in range(WALKS):
+        try:
+            return os.path.realpath(path)
+        except OSError as e:
+            error = e
+    raise OSError(
+        error.errno,
+        f"a directory on the way kept changing while the path was resolved ({error.strerror}); nothing was "
+        "changed: try again once it is settled",
+        given,
+    )
+
+
 def _check_text(path: str) -> None:
     if "\0" in path:
         raise OutsideVolume(f"path {path!r} contains a NUL byte")
@@ -236,7 +258,7 @@ class VolumePaths:
                 raise OutsideVolume(f"{rel!r} is the registry's own directory; it is not part of the volume")
         else:
             joined = text if os.path.isabs(text) else os.path.join(self.root, text)
-            rel = self.rel_of(os.path.realpath(joined))
+            rel = self.rel_of(settled_realpath(joined, given))
             named = self._named(joined)
         if rel == ".":
             raise OutsideVolume(f"{given!r} is the volume root itself, not a file in it")
@@ -354,7 +376,7 @@ class VolumePaths:
         parent, name = os.path.split(os.path.normpath(joined))
         if not name or name in (".", ".."):
             return None
-        directory = os.path.realpath(parent)
+        directory = settled_realpath(parent, text)
         link = os.path.join(directory, name)
         if not os.path.islink(link):
             return None

@@ -829,3 +829,59 @@ def test_a_fifo_or_socket_at_a_managed_name_is_said_to_be_one(vols, root: Path) 
             assert os.path.lexists(root / name)
     with pytest.raises(FileNotFoundError):
         alice.delete("plans/never.md")
+
+
+def test_staged_content_dropped_twice_across_an_interrupt_closes_its_descriptor_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt landing after a staged file's descriptor was closed but before it was
+    forgotten made the next `discard` (a restore's own, after the commit's) close that number again:
+    EBADF for the program (/tmp/s33api 3), or another thread's file closed where the number was
+    reused."""
+    from coherent_volume import atomic
+
+    staged = atomic.stage(str(tmp_path / "a.md"), b"content\n", root=str(tmp_path))
+    real = os.close
+
+    def close_then_interrupt(fd: int) -> None:
+        real(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        staged.discard()
+    monkeypatch.undo()
+    reused = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)  # likely the number just freed
+    try:
+        staged.discard()
+        os.fstat(reused)  # still open
+    finally:
+        os.close(reused)
+
+
+def test_a_path_whose_directory_flips_between_a_link_and_a_directory_while_resolved_is_walked_again(
+    vols, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.path.realpath raises what its walk meets when a name changes between its lstat and its
+    readlink (EINVAL: a symlink replaced by a directory; ENOENT: removed): a read raised a raw
+    `OSError: [Errno 22] Invalid argument: '…/plans/sub'` (/tmp/s33api 4). The path is walked
+    again; one that never settles is an OSError saying so, naming the path as given."""
+    alice = vols("alice")
+    alice.write("plans/sub/a.md", "A\n")
+    os.symlink("sub", root / "plans/link")
+    real = os.path.realpath
+    failures = [OSError(errno.EINVAL, "Invalid argument"), OSError(errno.ENOENT, "No such file or directory")]
+
+    def racing(path: str, **kwargs: object) -> str:
+        if failures:
+            raise failures.pop()
+        return real(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os.path, "realpath", racing)
+    assert alice.read("plans/link/a.md") == b"A\n"
+    monkeypatch.setattr(os.path, "realpath", lambda path, **kwargs: (_ for _ in ()).throw(OSError(errno.EINVAL, "x")))
+    with pytest.raises(OSError, match="kept changing while the path was resolved") as said:
+        alice.write("plans/link/a.md", "B\n")
+    assert said.value.filename == "plans/link/a.md"
+    monkeypatch.undo()
+    assert alice.read("plans/sub/a.md") == b"A\n"
