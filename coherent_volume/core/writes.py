@@ -289,11 +289,26 @@ class Writes(Reads):
                 (target.rel,),
                 lambda: self._commit_locked(agent, target, staged, isolation, expected, handle, made=made),
             )
+        except BaseException as e:
+            if staged is not None and not isinstance(e, Exception):
+                self._left_to_recovery(staged)
+            raise
         finally:
             if staged is not None:
                 staged.discard()
         self._committed()
         return version
+
+    def _left_to_recovery(self, staged: atomic.Staged) -> None:
+        """After an interrupt (KeyboardInterrupt, SystemExit) cut a commit off: its staged file's name
+        in the staging directory, where its decision gave it one, stays, since that decision may
+        have been recorded (it came after the COMMIT, say) and the name is then the marker of an
+        install not done, which recovery does; where it was not recorded, the staging sweep removes
+        it. Removing it (`discard`) made recovery take the install as done, and the file's
+        previous bytes were recorded over the commit as a change made outside the volume
+        (/tmp/s33api 2: 55 reverts in 10,749 interrupts)."""
+        if staged.named and staged.tmp is not None and os.path.dirname(staged.tmp) == self.paths.staging:
+            staged.leave_name()
 
     def _doomed(self, agent: str, target: Target, expected: int | None) -> bool:
         """Cheap unlocked guess that a write will be refused: then skip staging (and its fsync). Not
