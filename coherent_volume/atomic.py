@@ -81,7 +81,7 @@ class Staged:
         else:
             assert self.fd is not None
             dest = self.fd
-        _copy_xattrs(source, dest)
+        copy_xattrs(source, dest)
         if os.geteuid() == 0:
             os.chown(dest, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
         os.chmod(dest, stat_mod.S_IMODE(st.st_mode))
@@ -188,7 +188,7 @@ class Staged:
         except FileNotFoundError:
             st = None
         if st is not None and not self.own_attributes:
-            _copy_xattrs(self.target, tmp)
+            copy_xattrs(self.target, tmp)
             own = os.fstat(self.fd) if self.fd is not None else os.stat(tmp)
             if (st.st_uid, st.st_gid) != (own.st_uid, own.st_gid) and os.geteuid() == 0:
                 os.chown(tmp, st.st_uid, st.st_gid)  # first: chown clears set-id bits, chmod restores them
@@ -232,13 +232,14 @@ def _link(fd: int, name: str) -> None:
         raise OSError(err, os.strerror(err), name)
 
 
-def _copy_xattrs(source: str, dest: str | int) -> None:
+def copy_xattrs(source: str | int, dest: str | int) -> None:
     """Carry the extended attributes (user.*, ACLs, security labels) of the file a commit replaces
-    over to its new content (`dest`: its name or descriptor), as an in-place write would keep them,
-    and only those: one the new content got where it was made (a directory's default ACL) and the
-    file lacks is removed."""
+    (`source`: its name or descriptor) over to its new content (`dest`: the same), as an in-place
+    write would keep them, and only those: one the new content got where it was made (a directory's
+    default ACL) and the file lacks is removed."""
+    by_fd = isinstance(source, int)  # a descriptor is no symlink (and takes no follow_symlinks=False)
     try:
-        names = os.listxattr(source, follow_symlinks=False)
+        names = os.listxattr(source, follow_symlinks=by_fd)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.ENOENT):
             return
@@ -252,7 +253,7 @@ def _copy_xattrs(source: str, dest: str | int) -> None:
                 raise
     for name in names:
         try:
-            os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=False), follow_symlinks=follow)
+            os.setxattr(dest, name, os.getxattr(source, name, follow_symlinks=by_fd), follow_symlinks=follow)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
                 raise

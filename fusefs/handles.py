@@ -511,7 +511,8 @@ class Shadow:
 
     def orphan(self, st: os.stat_result, file: int | None, unlinker: str) -> None:
         """Agent `unlinker` unlinked its file (`st`, open as `file` until then). As on a local disk, the
-        handle goes on with the file, kept by no name: its shadow (given the file's owner) or, between
+        handle goes on with the file, kept by no name: its shadow (given the file's owner and extended
+        attributes: those set through the handle went to the file) or, between
         commits, the file itself. What it writes then is never committed if its own agent unlinked it;
         another agent's unlink (which only comes between its commits: its grant keeps others out
         otherwise) is a change since its last commit, so its next write is refused as after another
@@ -523,11 +524,14 @@ class Shadow:
                 return
             if self.fd < 0 and file is not None:
                 self.fd = os.dup(file)  # (`kept` stays open until the handle's next request that may close it)
-            elif self.fd >= 0 and os.geteuid() == 0:
-                mode = os.fstat(self.fd).st_mode
-                os.fchown(self.fd, st.st_uid, st.st_gid)
-                if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
-                    os.fchmod(self.fd, stat_mod.S_IMODE(mode))  # chown cleared them
+            elif self.fd >= 0:
+                if file is not None:
+                    atomic.copy_xattrs(file, self.fd)  # those set through it went to the file
+                if os.geteuid() == 0:
+                    mode = os.fstat(self.fd).st_mode
+                    os.fchown(self.fd, st.st_uid, st.st_gid)
+                    if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID):
+                        os.fchmod(self.fd, stat_mod.S_IMODE(mode))  # chown cleared them
         self.unlinker = unlinker
 
     def set_times(self, atime_ns: int | None, mtime_ns: int | None) -> None:

@@ -422,6 +422,29 @@ for d in ("u", "."):
     assert mount == plain and "['user.b'] b'2'" in plain
 
 
+def test_xattrs_set_through_a_managed_write_handle_stay_with_it_once_its_file_is_unlinked(
+    mounted: Mount, tmp_path: Path
+) -> None:
+    """An xattr set through a write handle of a managed file went to the file at the name, and once
+    the file was unlinked the handle went on with its own copy (its shadow), which never had it:
+    `fgetxattr` failed ENODATA and `flistxattr` listed nothing, where a local disk keeps it with the
+    file (/tmp/s33posix 1)."""
+    code = """
+import os
+for flags in (os.O_WRONLY | os.O_CREAT, os.O_RDWR | os.O_CREAT | os.O_EXCL):
+    fd = os.open("plans/e", flags, 0o644)
+    os.setxattr(fd, "user.m", b"v2")
+    os.write(fd, b"unsaved")
+    os.unlink("plans/e")
+    print(sorted(os.listxattr(fd)), os.getxattr(fd, "user.m"))
+    os.setxattr(fd, "user.n", b"3")
+    print(sorted(os.listxattr(fd)), os.getxattr(fd, "user.n"))
+    os.close(fd)
+"""
+    plain, mount = both(mounted, tmp_path, code)
+    assert mount == plain and "['user.m'] b'v2'" in plain
+
+
 def test_rename_whiteout_is_refused_einval_and_changes_nothing(mounted: Mount) -> None:
     """The mount makes no whiteouts (docs/mount.md): RENAME_WHITEOUT, which a plain ext4 directory
     honours for root, fails EINVAL where it was silently taken as a plain rename."""
