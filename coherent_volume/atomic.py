@@ -17,8 +17,9 @@ import stat as stat_mod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import root_gone
+from .errors import OutsideVolume, root_gone
 from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd, open_to_check
+from .paths import Anchor, _beneath
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -61,14 +62,22 @@ class Staged:
     """The bytes it was staged from (`stage`): what its commit stores instead of reading it back."""
     makes: tuple[str, int] | None = None
     """(the volume's root, a mode): `install` first makes the target's missing directories below
-    the root with that mode. Staging makes none (it stages in the nearest directory there is), so
-    a write that is refused, or never installed, leaves no directory behind."""
+    the root with that mode (`_made_dirs`: none where staging made them, the target named beneath
+    its directory's descriptor already)."""
     at: str | None = None
     """The directory it was staged in, where the target's is not there yet: the nearest one on its
     way, on the file system the target's will be on (a copy of its content is made there too)."""
     own_attributes: bool = False
     """It keeps the mode, owner and extended attributes it has (`take_attributes`) at its install,
     instead of taking the target's as an in-place write keeps them."""
+    anchor: Anchor | None = None
+    """A descriptor of the target's directory, opened when its missing directories were made
+    (`_made_dirs`): `target` (and a temp name beside it) is then its name beneath that descriptor,
+    `/proc/self/fd/N/name`, so that no name on its way is looked up again (a symlink a program puts
+    there meanwhile is never followed: /tmp/s33api 1)."""
+    made: list[tuple[Anchor, str]] | None = None
+    """The directories made for it, outermost first, each as (its parent's descriptor, its name):
+    `discard` removes those still empty unless it was installed (or its name left to recovery)."""
 
     def take_attributes(self, source: str) -> None:
         """Give the content `source`'s mode, owner and extended attributes, kept at its install: a
@@ -129,12 +138,34 @@ class Staged:
                 raise
             # beside the target, where recovery looks for it (`VolumePaths.staged`): its directories
             # are made now (the commit was decided; only a registry failure can still stop it)
-            if self.makes is not None:
-                _makedirs(os.path.dirname(self.target), *self.makes)
+            self._make_dirs()
             tmp = temp_name(self.target)
             _link(self.fd, tmp)
         self.tmp, self.named = tmp, True
         return tmp
+
+    def _make_dirs(self) -> None:
+        """Make the target's missing directories (`makes`), one at a time beneath the one above
+        (`_made_dirs`), and name the target (and a temp name planned beside it) beneath a
+        descriptor of its directory so obtained."""
+        if self.makes is None:
+            return
+        made: list[tuple[Anchor, str]] = []
+        try:
+            anchor = _made_dirs(os.path.dirname(self.target), *self.makes, made=made)
+        finally:
+            if made:
+                self.made = (self.made or []) + made
+        if anchor is not None:
+            self._rebase(anchor)
+
+    def _rebase(self, anchor: Anchor) -> None:
+        """Name the target, and a temp name planned beside it, beneath `anchor` (its directory)."""
+        directory = os.path.dirname(self.target)
+        self.target = f"/proc/self/fd/{anchor.fd}/{os.path.basename(self.target)}"
+        if self.tmp is not None and os.path.dirname(self.tmp) == directory:
+            self.tmp = f"/proc/self/fd/{anchor.fd}/{os.path.basename(self.tmp)}"
+        self.anchor = anchor
 
     @property
     def _directory(self) -> str:
@@ -167,8 +198,10 @@ class Staged:
 
     def leave_name(self) -> None:
         """After a failed install of recorded content: leave its name to recovery (`discard` no
-        longer removes it), which installs it or finds the file changed since."""
+        longer removes it, nor the directories made for it), which installs it or finds the file
+        changed since."""
         self.named = False
+        self.made = None
 
     def install(self, noreplace: bool = False, exchange: bool = False) -> bool:
         """Name the content, rename it over the target (keeping the target's mode), fsync the directory
@@ -176,8 +209,7 @@ class Staged:
         `exchange`: swap it with the file found at the target (`swap_in`), which then holds the temp
         name, left to the caller (`discard` does not remove it). Whether the temp name holds a file
         the install displaced."""
-        if self.makes is not None:
-            _makedirs(os.path.dirname(self.target), *self.makes)
+        self._make_dirs()
         tmp = self.plan_name()
         if not self.named:
             assert self.fd is not None
@@ -202,7 +234,7 @@ class Staged:
             displaced = swap_in(tmp, self.target)
         else:
             os.replace(tmp, self.target)
-        self.named = False
+        self.named, self.made = False, None
         if self.durable:
             fsync_dir(os.path.dirname(self.target))
         return displaced
@@ -220,6 +252,18 @@ class Staged:
             except FileNotFoundError:
                 pass
             self.named = False
+        made, self.made = self.made, None
+        _unmake(made or [])
+
+
+def _unmake(made: list[tuple[Anchor, str]]) -> None:
+    """Remove the directories `_made_dirs` made (innermost first) while they are empty: one that is
+    not (another writer's file went in), or is gone, stays as it is, and so do those above it."""
+    for parent, name in reversed(made):
+        try:
+            os.rmdir(name, dir_fd=parent.fd)
+        except OSError:
+            break
 
 
 NAME_MAX = 255
@@ -302,15 +346,74 @@ def _missing(directory: str, root: str) -> list[str]:
     return missing
 
 
-def _makedirs(directory: str, root: str, mode: int = 0o777) -> None:
-    """mkdir -p below `root` without recursion (os.makedirs recurses once per missing level); new
-    directories get `mode` (less the umask); `root` is never made (`_missing`)."""
-    for path in reversed(_missing(directory, root)):
+_PROC_FD = "/proc/self/fd/"
+
+
+def below_missing(path: str) -> bool:
+    """Whether `path` is named beneath a descriptor of a directory other than its own
+    (`VolumePaths.beneath` where its directory is missing): names on its way are still looked up."""
+    return path.startswith(_PROC_FD) and path.count("/", len(_PROC_FD)) > 1
+
+
+def _made_dirs(directory: str, root: str, mode: int = 0o777, *, made: list[tuple[Anchor, str]]) -> Anchor | None:
+    """mkdir -p of `directory` below `root` (never `root` itself), never through a symlink: each
+    missing directory is made beneath a descriptor of the one above (mkdirat), then opened beneath
+    it with no symlink (openat2 RESOLVE_NO_SYMLINKS, or O_NOFOLLOW one name at a time), and the
+    next made from that descriptor. New directories get `mode` (less the umask) and are appended to
+    `made` as (their parent's descriptor, their name). A name on the way that is a symlink (one a
+    program put there, even right after it was made): OutsideVolume; something else that is no
+    directory: NotADirectoryError; nothing is made below either. Returns a descriptor of `directory`
+    where anything on its way was looked at, None where there was nothing to do: `directory` is a
+    descriptor's own (`/proc/self/fd/N`, as `VolumePaths.beneath` names a parent that exists), or a
+    path from the root whose directory exists (by name, as before)."""
+    at: int | None = None
+    if directory.startswith(_PROC_FD):
+        fd, _, rest = directory[len(_PROC_FD) :].partition("/")
+        if not rest:
+            return None
+        at = int(fd)
+    else:
         try:
-            os.mkdir(path, mode)
-        except FileExistsError:
-            if not os.path.isdir(path):
+            if stat_mod.S_ISDIR(os.stat(directory).st_mode):
+                return None
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", directory)
+        except FileNotFoundError:
+            pass
+        if directory == root:
+            raise root_gone(root)
+        if not directory.startswith(root + os.sep):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", directory)
+        rest = directory[len(root) + 1 :]
+    try:
+        parent = Anchor(os.dup(at) if at is not None else os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise root_gone(root) from None
+    for name in rest.split("/"):
+        if name in ("", ".", ".."):
+            raise OutsideVolume(f"{directory!r}: {name!r} is no name of a directory to make")
+        try:
+            try:
+                inner = _beneath(parent.fd, name)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(name, mode, dir_fd=parent.fd)
+                    made.append((parent, name))
+                except FileExistsError:
+                    pass  # made meanwhile (by another writer): taken if it is a directory
+                inner = _beneath(parent.fd, name)
+        except OSError as e:
+            path = os.path.join(os.path.realpath(f"{_PROC_FD}{parent.fd}"), name)
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                raise OutsideVolume(
+                    f"{path!r} is a symlink now (a program put it there while the file's missing directories "
+                    "were being made); nothing was written there, nor through it"
+                ) from None
+            if e.errno == errno.ENOTDIR:
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+            e.filename = path
+            raise
+        parent = Anchor(inner)
+    return parent
 
 
 def stage(target: str, data: bytes, mode: int = 0o666, *, root: str) -> Staged:
@@ -340,6 +443,7 @@ def stage_written(
     durable: bool = True,
     *,
     root: str,
+    make_dirs: bool = True,
 ) -> Staged:
     """Stage durably beside `target`, as `stage` does, the content that `fill` writes (it is called with
     a function that appends bytes), a part at a time if it likes, so it need never be whole in memory.
@@ -348,18 +452,50 @@ def stage_written(
     `mode`: of the file when its install creates it, less the process umask (as for any new file),
     and of missing parent directories (below `root`, the volume's: never made again) with search
     bits added; an existing target keeps its own.
-    Not `durable`: not fsynced, and its install fsyncs no directory."""
-    missing = _missing(os.path.dirname(target), root)
-    at = os.path.dirname(missing[-1]) if missing else None
+    Not `durable`: not fsynced, and its install fsyncs no directory.
+    Its missing directories are made now (`make_dirs`), each beneath the one above and never
+    through a symlink (`_made_dirs`), and the content staged in the last one, named beneath a
+    descriptor of it (`Staged.anchor`): the checks of its commit and its install then find the file
+    there, never through a name a program made a symlink meanwhile (/tmp/s33api 1); those it made
+    are removed again if it is discarded uninstalled (a refused write leaves none). Not
+    `make_dirs`: none is made before its install (it is staged in the nearest directory there is)."""
     makes = (root, mode | (mode & 0o444) >> 2)
-    fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
-    if tmp is not None and at is not None:  # no O_TMPFILE here: named beside the target, where recovery
-        os.close(fd)  # looks for it (`VolumePaths.staged`), so its directories are made now
-        os.unlink(tmp)
-        _makedirs(os.path.dirname(target), *makes)
-        at = None
-        fd, tmp = _open_staged(target, mode, os.path.dirname(target))
-    staged = Staged(target, digest, fd, tmp, named=tmp is not None, durable=durable, data=data, makes=makes, at=at)
+    made: list[tuple[Anchor, str]] = []
+    anchor: Anchor | None = None
+    at = None
+    try:
+        if make_dirs:
+            anchor = _made_dirs(os.path.dirname(target), *makes, made=made)
+            if anchor is not None:
+                target = f"{_PROC_FD}{anchor.fd}/{os.path.basename(target)}"
+        else:
+            missing = _missing(os.path.dirname(target), root)
+            at = os.path.dirname(missing[-1]) if missing else None
+        fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
+        if tmp is not None and at is not None:  # no O_TMPFILE here: named beside the target, where recovery
+            os.close(fd)  # looks for it (`VolumePaths.staged`), so its directories are made now
+            os.unlink(tmp)
+            anchor = _made_dirs(os.path.dirname(target), *makes, made=made)
+            if anchor is not None:
+                target = f"{_PROC_FD}{anchor.fd}/{os.path.basename(target)}"
+            at = None
+            fd, tmp = _open_staged(target, mode, os.path.dirname(target))
+    except BaseException:
+        _unmake(made)
+        raise
+    staged = Staged(
+        target,
+        digest,
+        fd,
+        tmp,
+        named=tmp is not None,
+        durable=durable,
+        data=data,
+        makes=makes,
+        at=at,
+        anchor=anchor,
+        made=made or None,
+    )
     try:
         fill(lambda part: _write_all(fd, part))
         if durable:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, OutsideVolume, atomic
+from coherent_volume import CoherentVolume, OutsideVolume, StaleWriteError, atomic
 from coherent_volume.paths import VolumePaths, _walk_beneath
 
 PRECIOUS = b"PRECIOUS file outside the volume\n"
@@ -200,3 +200,128 @@ def test_a_working_copy_notes_a_set_aside_name_by_its_directory_path_never_a_des
             assert replica.asides() == []
         finally:
             os.close(fd)
+
+
+# ---- a missing directory on the way (/tmp/s33api 1) ------------------------------------------------
+# Where the file's directory is missing, `beneath` anchors the nearest directory there is; the names
+# below it are made one at a time beneath the one above (mkdirat, then opened with no symlink), at
+# staging, and the commit's check and its install go by the descriptor of the last one so made.
+
+
+@pytest.fixture
+def missing(setup) -> Iterator[tuple[Path, Path, CoherentVolume]]:
+    """`setup`, with outside/a.md and a directory notes/ (unmanaged) in the root."""
+    root, outside, vol = setup
+    (outside / "a.md").write_bytes(PRECIOUS)
+    (root / "notes").mkdir()
+    yield root, outside, vol
+
+
+def _outside_untouched(outside: Path) -> None:
+    assert sorted(os.listdir(outside)) == ["a.md", "x.md"]
+    assert (outside / "a.md").read_bytes() == PRECIOUS and (outside / "x.md").read_bytes() == PRECIOUS
+
+
+def _link_instead(directory: Path, outside: Path) -> None:
+    """What a program does: `directory` (if there) moved away, a symlink to `outside` put in its place."""
+    if os.path.lexists(directory):
+        os.rename(directory, directory.with_name(directory.name + ".moved"))
+    os.symlink(outside, directory)
+
+
+def _nothing_recorded(root: Path, vol: CoherentVolume, rel: str) -> None:
+    """No version of `rel` (the symlink taken away first: its history is asked by name)."""
+    link = root / rel.split("/")[0] / "n"
+    if os.path.islink(link):
+        os.unlink(link)
+    assert vol.history(rel) == []
+
+
+@pytest.mark.parametrize("rel", ["plans/n/a.md", "notes/n/a.md", "plans/n/m/a.md"])
+def test_a_symlink_put_where_a_missing_directory_is_to_be_made_is_refused(missing, monkeypatch, rel: str) -> None:
+    """The symlink comes after the path was resolved and its nearest directory opened, before anything
+    is staged or made (p1, p1c: the old install found `plans/n` a directory through the link, and
+    renamed the file into outside/, over outside/a.md for an unmanaged path)."""
+    root, outside, vol = missing
+    real_stage = atomic.stage
+
+    def stage(target: str, data: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _link_instead(root / rel.split("/")[0] / "n", outside)
+        return real_stage(target, data, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "stage", stage)
+    with pytest.raises(OutsideVolume, match="/n' is a symlink now"):
+        vol.write(rel, b"ATTACK\n")
+    monkeypatch.undo()
+    _outside_untouched(outside)
+    assert sorted(os.listdir(root / rel.split("/")[0])) == (["n", "sub"] if rel.startswith("plans") else ["n"])
+    if rel.startswith("plans"):
+        _nothing_recorded(root, vol, rel)
+
+
+@pytest.mark.parametrize("rel", ["plans/n/a.md", "notes/n/a.md", "plans/n/m/a.md"])
+def test_a_directory_replaced_by_a_symlink_right_after_it_was_made_is_refused(missing, monkeypatch, rel: str) -> None:
+    """The worst instant of the walk: between the mkdir of `n` and its open (the old install made it
+    by name, then renamed the file through the link)."""
+    root, outside, vol = missing
+    real_mkdir = os.mkdir
+    n = root / rel.split("/")[0] / "n"
+
+    def mkdir(*args, **kwargs):  # type: ignore[no-untyped-def]
+        real_mkdir(*args, **kwargs)
+        if os.path.isdir(n) and not os.path.islink(n):
+            os.rmdir(n)
+            os.symlink(outside, n)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(OutsideVolume, match="/n' is a symlink now"):
+        vol.write(rel, b"ATTACK\n")
+    monkeypatch.undo()
+    _outside_untouched(outside)
+    assert os.path.islink(n)  # the program's symlink stays as it made it
+    if rel.startswith("plans"):
+        _nothing_recorded(root, vol, rel)
+
+
+@pytest.mark.parametrize("rel", ["plans/n/a.md", "notes/n/a.md"])
+def test_a_made_directory_replaced_by_a_symlink_after_staging_gets_nothing_outside(
+    missing, monkeypatch, rel: str
+) -> None:
+    """The probes' instant (p1, p1c: right after staging): the directory made for the file is moved
+    away and a symlink put there; the check and the install go by the descriptor of the one made
+    (moved, inside the root), so outside/a.md is neither read nor recorded nor replaced."""
+    root, outside, vol = missing
+    real_stage = atomic.stage
+    n = root / rel.split("/")[0] / "n"
+
+    def stage(target: str, data: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
+        staged = real_stage(target, data, *args, **kwargs)
+        _link_instead(n, outside)
+        return staged
+
+    monkeypatch.setattr(atomic, "stage", stage)
+    assert vol.write(rel, b"ATTACK\n") == (1 if rel.startswith("plans") else 0)
+    monkeypatch.undo()
+    _outside_untouched(outside)
+    assert (n.with_name("n.moved") / "a.md").read_bytes() == b"ATTACK\n"
+    if rel.startswith("plans"):
+        os.unlink(n)
+        os.rename(n.with_name("n.moved"), n)
+        assert [(v.version, v.writer, v.kind) for v in vol.history(rel)] == [(1, "alice", "commit")]
+        assert vol.read(rel) == b"ATTACK\n"  # no external version of outside/a.md's bytes
+
+
+def test_missing_directories_are_made_and_a_refused_write_leaves_none(missing) -> None:
+    root, outside, vol = missing
+    assert vol.write("plans/n/m/a.md", b"new\n") == 1
+    assert (root / "plans" / "n" / "m" / "a.md").read_bytes() == b"new\n"
+    assert vol.write("notes/n/m/a.md", b"new\n") == 0
+    assert (root / "notes" / "n" / "m" / "a.md").read_bytes() == b"new\n"
+    with pytest.raises(StaleWriteError):
+        vol.write_cas("plans/q/r/a.md", 3, b"refused\n")
+    assert sorted(os.listdir(root / "plans")) == ["n", "sub"]  # what it made for the refused write is gone
+    (root / "plans" / "f").write_bytes(b"a file\n")
+    with pytest.raises(NotADirectoryError):
+        vol.write("plans/f/g/a.md", b"x\n")
+    assert (root / "plans" / "f").read_bytes() == b"a file\n"
+    _outside_untouched(outside)

@@ -274,10 +274,15 @@ class Writes(Reads):
             target.managed
             and isinstance(content, bytes)
             and self.replica is None
+            and not atomic.below_missing(target.abs)  # checked once its directories are made (below)
             and self._doomed(agent, target, expected)
         ):
             self._refuse_if_still_refused(agent, target, isolation, expected)
         staged = atomic.stage(target.abs, content, root=self.paths.root) if isinstance(content, bytes) else content
+        if staged is not None and staged.anchor is not None:
+            # its missing directories were made: checked and installed beneath the one it is staged in,
+            # never through a name on the way a program made a symlink meanwhile (/tmp/s33api 1)
+            target = target._replace(abs=staged.target, anchor=staged.anchor)
         try:
             if not target.managed:
                 if staged is None:
@@ -707,7 +712,7 @@ class Writes(Reads):
         self._require_managed(target, "create")
         agent = self.agent(agent)
         staged = atomic.stage_written(
-            target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False, root=self.paths.root
+            target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False, root=self.paths.root, make_dirs=False
         )
 
         def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
