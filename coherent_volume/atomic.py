@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .errors import OutsideVolume, root_gone
 from .fingerprint import Fingerprint, content_hash, data_runs, hash_fd, open_to_check
-from .paths import Anchor, _beneath
+from .paths import Anchor, open_beneath
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -393,14 +393,14 @@ def _made_dirs(directory: str, root: str, mode: int = 0o777, *, made: list[tuple
             raise OutsideVolume(f"{directory!r}: {name!r} is no name of a directory to make")
         try:
             try:
-                inner = _beneath(parent.fd, name)
+                inner = open_beneath(parent.fd, name)
             except FileNotFoundError:
                 try:
                     os.mkdir(name, mode, dir_fd=parent.fd)
                     made.append((parent, name))
                 except FileExistsError:
                     pass  # made meanwhile (by another writer): taken if it is a directory
-                inner = _beneath(parent.fd, name)
+                inner = open_beneath(parent.fd, name)
         except OSError as e:
             path = os.path.join(os.path.realpath(f"{_PROC_FD}{parent.fd}"), name)
             if e.errno in (errno.ELOOP, errno.EXDEV):

@@ -150,7 +150,7 @@ def is_registry_path(rel: str) -> bool:
     return rel == REGISTRY_DIR or rel.startswith(REGISTRY_DIR + "/")
 
 
-def _beneath(at: int, rel: str) -> int:
+def open_beneath(at: int, rel: str) -> int:
     """An O_PATH descriptor of the directory `rel` beneath the directory open as `at`, with no symlink
     (nor magic link) on the way: ELOOP (or EXDEV) where one is. openat2 where the kernel has it, else
     a walk one name at a time, each opened O_NOFOLLOW."""
@@ -165,7 +165,7 @@ def _beneath(at: int, rel: str) -> int:
 
 
 def _walk_beneath(at: int, rel: str) -> int:
-    """`_beneath` without openat2 (ENOSYS): each name opened O_NOFOLLOW from the one before, and
+    """`open_beneath` without openat2 (ENOSYS): each name opened O_NOFOLLOW from the one before, and
     checked to be a directory (a symlink opened so is the link itself: ELOOP)."""
     fd = os.dup(at)
     try:
@@ -310,7 +310,7 @@ class VolumePaths:
         try:
             while head:
                 try:
-                    fd = _beneath(root, head)
+                    fd = open_beneath(root, head)
                     break
                 except (FileNotFoundError, NotADirectoryError):
                     head = head.rpartition("/")[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -325,3 +326,34 @@ def test_missing_directories_are_made_and_a_refused_write_leaves_none(missing) -
         vol.write("plans/f/g/a.md", b"x\n")
     assert (root / "plans" / "f").read_bytes() == b"a file\n"
     _outside_untouched(outside)
+
+
+def test_a_recorded_commit_whose_directory_a_program_made_a_symlink_before_recovery_wedges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer cut off after its commit was recorded leaves its install to recovery; where a program
+    replaced the file's directory by a symlink out of the root meanwhile, recovery's install is
+    refused (OutsideVolume: no name is followed through a symlink) and the commit superseded, kept
+    in history, instead of that refusal failing every later operation on the path."""
+    from coherent_volume.core.writes import Writes
+
+    root, outside = tmp_path / "vol", tmp_path / "outside"
+    (root / "plans").mkdir(parents=True)
+    outside.mkdir()
+    with CoherentVolume(root, managed=["plans/**"], agent="alice") as alice:
+
+        def cut_off(*args: object, **kwargs: object) -> bool:
+            raise SystemExit  # the writer stops between its recorded decision and its install
+
+        monkeypatch.setattr(Writes, "_install_recorded", cut_off)
+        with pytest.raises(SystemExit):
+            alice.write("plans/n/a.md", "A\n")
+        monkeypatch.undo()
+        shutil.rmtree(root / "plans/n")
+        os.symlink(outside, root / "plans/n")
+        with CoherentVolume(root, agent="bob") as bob:
+            bob.write("plans/b.md", "B\n")  # its first transaction settles what killed writers left
+            assert os.listdir(outside) == []
+            os.unlink(root / "plans/n")
+            assert bob.read_version("plans/n/a.md", 1) == b"A\n"  # kept in history
+            assert not (root / "plans/n").exists()

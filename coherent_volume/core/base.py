@@ -779,6 +779,21 @@ class CoreBase:
         Whether the intent stays (`_put_back`)."""
         on_disk, disk_hash, previous, staged_hash = False, None, None, None
         current = aside or (record is not None and record.version == intent.version)
+        if staged is not None and current and not aside:
+            try:  # read and installed beneath the root, never through a directory made a symlink since
+                target = self.paths.beneath(target)
+            except OutsideVolume as e:
+                detail = f"v{intent.version} was recorded but could not be installed: {e}"
+                tx.log(
+                    "recover",
+                    intent.path,
+                    intent.agent,
+                    time.time(),
+                    reason="superseded",
+                    version=intent.version,
+                    detail=detail,
+                )
+                return False  # its staged file goes; the version stays in history
         if staged is not None:
             staged_hash = _hash_or_none(staged)
             if current:
@@ -814,9 +829,12 @@ class CoreBase:
                 )
                 if install.install(noreplace=previous is None, exchange=True) and _hash_or_none(staged) != previous:
                     outcome = "displaced"  # changed outside the volume since it was checked above
-            except OSError as e:
+            except (OSError, OutsideVolume) as e:  # OutsideVolume: a directory on its way is a symlink now
                 outcome, detail = "superseded", f"v{v} was recorded but could not be installed ({e})"
-                why = f"the file still holds what it held before v{v}, which could not be installed ({e.strerror})"
+                why = (
+                    f"the file still holds what it held before v{v}, which could not be installed "
+                    f"({getattr(e, 'strerror', None) or e})"
+                )
                 self._sync(tx, target, record, why=why)
         elif outcome == "superseded":
             detail = f"v{v} was recorded, and the file changed outside the volume before it was installed"
