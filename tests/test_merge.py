@@ -598,6 +598,27 @@ def test_a_merge_that_loses_its_round_to_a_deletion_is_refused_as_the_callers_wr
     assert (refused.value.reason, refused.value.seen_version, refused.value.current_version) == ("stale", 1, 3)
 
 
+def test_a_merge_onto_or_from_a_deletion_is_refused_saying_so(vols) -> None:
+    """A stale write asked to merge onto a deletion (or built on one: a view of the file gone) was
+    refused `stale`, rightly, but said "a version it needs cannot be read (… is a deletion …)", as if
+    a read had failed (/tmp/s33hist 2). It says that nothing is merged onto or from a deletion."""
+    alice, bob = vols("alice"), vols("bob")
+    bob.write("plans/d.md", "1\n2\n")
+    alice.read("plans/d.md")
+    bob.delete("plans/d.md")
+    with pytest.raises(StaleWriteError) as onto:
+        alice.write("plans/d.md", "1\n2\n3 alice\n", merge=True)
+    assert "the current version, v2, is a deletion by bob: nothing is merged onto or from one" in str(onto.value)
+    assert "cannot be read" not in str(onto.value)
+    with pytest.raises(FileNotFoundError):
+        alice.read("plans/d.md")  # her view: the deletion
+    bob.write("plans/d.md", "x\n")
+    with pytest.raises(StaleWriteError) as built:
+        alice.write("plans/d.md", "alice\n", merge=True)
+    assert "the version your write was built on, v2, is a deletion by bob" in str(built.value)
+    assert bob.read("plans/d.md") == b"x\n"
+
+
 @pytest.mark.parametrize("how", ["write", "save by rename"])
 def test_a_merge_whose_current_version_is_pruned_before_it_is_read_merges_onto_the_newer_one(
     root: Path, vols, monkeypatch: pytest.MonkeyPatch, how: str

@@ -406,6 +406,10 @@ class History(Writes):
         if not may_merge(refusal.reason, True) or base_version is None:
             raise self.refusal_diff(refusal)
         base_entry, theirs_entry = self._entries(target, base_version, theirs_version)  # the refusal named both
+        for entry, side in ((theirs_entry, "the current version"), (base_entry, "the version your write was built on")):
+            if entry is not None and entry.hash is None:  # (a deletion: told so, not as a version unread)
+                why = f"{side}, v{entry.version}, is a deletion by {entry.writer}: nothing is merged onto or from one"
+                raise self.refusal_diff(refusal.not_merged(why))
         sizes = (entry.size or 0 for entry in (base_entry, theirs_entry) if entry is not None)
         if ours is None or not diffs.mergeable(len(ours), *sizes):
             limit = diffs.MAX_MERGE_BYTES >> 20
