@@ -11,6 +11,7 @@ a hook and every hook sharing a group with ours were dropped: /tmp/s32hookgc 2).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -115,13 +116,30 @@ def nested(hook: dict[str, Any], matchers: Mapping[str, str | None]) -> Hooks:
     return {e: [{"matcher": m, "hooks": [hook]} if m else {"hooks": [hook]}] for e, m in matchers.items()}
 
 
+def _finite(text: str) -> float:
+    """A JSON number read as a float, refused where a float cannot hold it (`1e400` would be written
+    back as `Infinity`, which no JSON reader takes)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is too large to be written back as it is")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text() or "{}")
+        data = json.loads(path.read_text(encoding="utf-8") or "{}", parse_float=_finite, parse_constant=_no_constant)
     except ValueError as e:
-        raise CoherenceError(f"{path} is not valid JSON ({e}); fix it first, nothing was changed") from e
+        raise CoherenceError(
+            f"{path} is not plain JSON, which is what this installer writes back ({e}); comments, which "
+            "some agents allow in their settings, and numbers JSON cannot hold are not: remove them, then "
+            "install again; nothing was changed"
+        ) from e
     if not isinstance(data, dict) or not isinstance(data.get("hooks", {}), dict):
         raise CoherenceError(f"{path} does not hold a JSON object with a `hooks` object; nothing was changed")
     return data
@@ -133,7 +151,7 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     real = Path(os.path.realpath(path))
     real.parent.mkdir(parents=True, exist_ok=True)
     tmp = real.with_name(real.name + ".coherent-tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     try:
         os.chmod(tmp, os.stat(real).st_mode & 0o7777)
     except FileNotFoundError:

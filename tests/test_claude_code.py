@@ -747,7 +747,7 @@ def test_install_refuses_a_broken_settings_file(tmp_path: Path) -> None:
     settings.parent.mkdir()
     settings.write_text("{not json")
     r = subprocess.run([CLI, "claude-code", "install", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 1 and "not valid JSON" in r.stderr
+    assert r.returncode == 1 and "is not plain JSON" in r.stderr
     assert settings.read_text() == "{not json"
     assert our_hooks("x")["PreToolUse"][0]["matcher"] == "Write|Edit|MultiEdit|NotebookEdit|Bash"
     FACE.install(tmp_path / "new/settings.json", "x hook claude-code")

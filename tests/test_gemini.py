@@ -797,9 +797,19 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_settings(tmp_path: 
     for _ in range(2):
         subprocess.run([CLI, "gemini", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
         assert json.loads(settings.read_text()) == original
-    settings.write_text("{broken")
-    r = subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], capture_output=True, text=True)
-    assert r.returncode == 1 and "not valid JSON" in r.stderr and settings.read_text() == "{broken"
+    for text, why in (
+        ("{broken", "Expecting property name"),
+        ('{"model": "x" // mine\n}', "comments, which some agents allow"),  # Gemini CLI strips comments
+        ('{"x": 1e400}', "the number 1e400 is too large to be written back"),  # (was written back as Infinity)
+        ('{"x": NaN}', "NaN is not JSON"),
+    ):
+        settings.write_text(text)
+        r = subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], capture_output=True, text=True)
+        assert r.returncode == 1 and "is not plain JSON" in r.stderr and why in r.stderr, r.stderr
+        assert settings.read_text() == text
+    settings.write_text('{"title": "Plän ✓"}')  # non-ASCII stays as it is, not \uXXXX
+    subprocess.run([CLI, "gemini", "install", str(tmp_path / "proj")], check=True, capture_output=True)
+    assert '"title": "Plän ✓"' in settings.read_text(encoding="utf-8")
 
 
 def test_install_writes_the_cli_of_the_installation_that_ran_it(tmp_path: Path) -> None:
