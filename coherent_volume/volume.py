@@ -166,6 +166,8 @@ class CoherentVolume:
         this agent's view is stale is merged three-way, by line, with the current version and
         committed as a `merge` version; changes to the same lines raise MergeConflict with the
         hunks, and nothing changes. Never merged: held, fenced, unread, read-set, binary content."""
+        if not isinstance(merge, bool):
+            raise VolumeConfigError(f"merge is True or False, not {merge!r} (nothing was written)")
         return self._core.write(
             self.agent, self._target(path), self._bytes(data), isolation=self.isolation, merge=merge
         )

@@ -912,3 +912,14 @@ def test_a_commit_interrupted_after_its_decision_was_recorded_is_installed_not_r
         (2, "commit", "alice"),
         (1, "commit", "alice"),
     ]
+
+
+def test_a_bytes_root_and_a_merge_that_is_no_bool_are_refused_clearly(root: Path) -> None:
+    """`CoherentVolume(b"/path")` raised `TypeError: a bytes-like object is required, not 'str'` from
+    deep inside (/tmp/s32api 7), and `write(..., merge="yes")` was taken as True."""
+    with pytest.raises(VolumeConfigError, match="is bytes: give it as str"):
+        CoherentVolume(os.fsencode(root), agent="alice")
+    with CoherentVolume(root, agent="alice") as alice:
+        with pytest.raises(VolumeConfigError, match="merge is True or False"):
+            alice.write("plans/a.md", "x\n", merge="yes")  # type: ignore[arg-type]
+        assert not (root / "plans/a.md").exists()

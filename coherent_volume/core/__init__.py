@@ -200,6 +200,11 @@ def open_core(
     the PostgreSQL volume the root records (or, given `registry`, a postgresql:// URL, and `volume`,
     its name there: creates or opens it and records it), else the root's SQLite registry; shared by
     every face."""
+    if isinstance(os.fspath(root), bytes):
+        raise VolumeConfigError(
+            f"volume root {os.fspath(root)!r} is bytes: give it as str (os.fsdecode decodes a file name); "
+            "nothing was opened"
+        )
     real = os.path.realpath(root)
     mounted = mount_holding(real)
     if (
