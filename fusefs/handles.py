@@ -244,7 +244,13 @@ class Snapshot:
 Serving = Literal["cached", "direct", "fresh"]
 
 RETRY_WAIT = 5.0
-"""Seconds the mount expects the kernel's repeat of a call it answered ESTALE (`PageCache.retry`)."""
+"""Seconds the mount expects the kernel's repeat of a call it answered ESTALE (`PageCache.retry`),
+counted on the mount's own clock (`PageCache.now`)."""
+STALL = 0.5
+"""Most seconds one gap between two calls of the mount's ESTALE bookkeeping adds to its clock: a
+daemon stopped (SIGSTOP, a paused VM) or starved for longer finds the kernel's repeats of the calls
+it answered ESTALE queued when it goes on, and they are still repeats (before, a daemon stopped
+for 35 s answered them ESTALE again, which reached the programs: /tmp/s33crash 1)."""
 
 
 @dataclass
@@ -292,6 +298,8 @@ class PageCache:
         """Inodes a write is being opened or made through (its handle is not open there yet)."""
         self._retries: dict[int, Retry] = {}
         """Calls answered ESTALE that the kernel is about to repeat, by the caller's thread id."""
+        self._clock = 0.0
+        self._seen = time.monotonic()
 
     @staticmethod
     def version_served(here: Sequence[FileHandle]) -> Snapshot | None:
@@ -329,7 +337,7 @@ class PageCache:
             served = self.version_served(here)
             if served is None or served.version != version:
                 return "fresh"
-        now = time.monotonic()
+        now = self.now()
         due = any(r.writing and r.rel == rel and r.until > now for r in self._retries.values())
         if elsewhere or rel in self._writing or due or size == 0:
             return "direct"
@@ -352,6 +360,15 @@ class PageCache:
         """Whether readers use the page cache of `inode`: a change to its file needs a new inode."""
         return inode in self._readers
 
+    def now(self) -> float:
+        """The mount's clock for RETRY_WAIT: the monotonic clock, but each gap between two of its
+        readings counted for at most STALL seconds, so a daemon that did not run meanwhile (stopped,
+        starved) does not see a repeat queued through that gap as overdue."""
+        now = time.monotonic()
+        self._clock += min(now - self._seen, STALL)
+        self._seen = now
+        return self._clock
+
     def retry(self, tid: int, rel: str, writing: bool, pin: int | None, carries: int, attributes: bool) -> None:
         """A call by thread `tid` by the name `rel` was answered ESTALE: the kernel looks `rel` up
         again and repeats the call once, on the inode that lookup answers; a second ESTALE would
@@ -360,7 +377,7 @@ class PageCache:
         page cache; and if the inode its lookup answered lost its name meanwhile, the call is
         served at the name (a call by name may take effect at any moment while it is under way).
         `pin`: a version held for a read-only open's repeat; `carries`, `attributes`: see `Retry`."""
-        now = time.monotonic()
+        now = self.now()
         self._retries = {t: r for t, r in self._retries.items() if r.until > now}
         self._retries[tid] = Retry(rel, writing, now + RETRY_WAIT, pin, carries=carries, attributes=attributes)
 
@@ -370,7 +387,7 @@ class PageCache:
         and its call, so the name the kernel looks up again need not be the one the call was answered
         ESTALE by (the mount's `_repeating` decides which of the repeat's lookups is the call's)."""
         retry = self._retries.get(tid)
-        return retry if retry is not None and retry.until > time.monotonic() else None
+        return retry if retry is not None and retry.until > self.now() else None
 
     def landed(self, tid: int) -> Retry | None:
         """Thread `tid` makes its next call after its lookup: the call the kernel was repeating, if any,
@@ -378,7 +395,7 @@ class PageCache:
         after a lookup that revalidated its entry found nothing. One that never lands expires after
         RETRY_WAIT.)"""
         retry = self._retries.pop(tid, None)
-        return retry if retry is not None and retry.until > time.monotonic() else None
+        return retry if retry is not None and retry.until > self.now() else None
 
     @contextlib.contextmanager
     def writing(self, rel: str, inode: int) -> Iterator[None]:

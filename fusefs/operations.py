@@ -35,6 +35,7 @@ from coherent_volume.protocol import BUFFERING_PROGRAMS, agent_name_problem
 from .backing import Backing
 from .handles import (
     RETRY_WAIT,
+    STALL,
     FileHandle,
     Listing,
     PageCache,
@@ -1691,8 +1692,11 @@ class CoherentOperations(pyfuse3.Operations):
 
     async def _drop_pin(self, fh: int, wait: float = RETRY_WAIT) -> None:
         """Release a pinned version (`_pin`) whose open was not repeated on its inode in time (`wait`), or
-        whose repeat was looked up by another name (`_repeating`: 0)."""
-        await trio.sleep(wait)
+        whose repeat was looked up by another name (`_repeating`: 0); `wait` on the mount's clock
+        (`PageCache.now`: a daemon stopped meanwhile still keeps it for the repeat queued)."""
+        deadline = self.pages.now() + wait
+        while self.pages.now() < deadline:
+            await trio.sleep(STALL / 2)
         if fh in self._pins:
             self._pins.discard(fh)
             handle = self.files.pop(fh)

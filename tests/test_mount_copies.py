@@ -347,3 +347,30 @@ def test_a_copy_right_after_a_read_only_open_is_one_committed_version_while_agen
     copies, bad = copy_while_rewritten(mounted, 40.0)
     assert copies > 200  # on a loaded machine too: each copy is a few requests
     assert bad == []
+
+
+def test_a_repeat_queued_while_the_daemon_was_stopped_is_still_known_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount answers a call ESTALE and expects the kernel's repeat for RETRY_WAIT (5 s); a daemon
+    stopped for 35 s (SIGSTOP past a lease) found the repeats queued meanwhile overdue and answered
+    them ESTALE again, which reached the programs (/tmp/s33crash 1: opens failing at the second the
+    daemon went on). RETRY_WAIT is counted on the mount's clock, in which a gap in which the daemon
+    did not run counts for STALL seconds at most; a repeat that never comes still expires."""
+    from fusefs import handles
+
+    class Clock:
+        now = 1000.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
+    monkeypatch.setattr(handles, "time", Clock)
+    pages = handles.PageCache()
+    pages.retry(7, "plans/a.md", True, None, 0, False)
+    Clock.now += 35  # the daemon stopped; the kernel's repeat waits in its queue
+    assert pages.retrying(7) is not None and pages.landed(7) is not None
+    pages.retry(8, "plans/b.md", False, None, 0, False)
+    for _ in range(int(handles.RETRY_WAIT / 0.25) + 1):  # the daemon runs on; no repeat comes
+        Clock.now += 0.25
+        pages.now()
+    assert pages.retrying(8) is None
