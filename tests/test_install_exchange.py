@@ -431,3 +431,68 @@ def test_a_working_copy_behind_drops_the_older_version_its_install_displaced(
         assert [(v.version, v.kind) for v in carol.history(P)] == [(3, "commit"), (2, "commit"), (1, "commit")]
     assert (c1 / P).read_bytes() == b"three\n"
     assert os.listdir(c1 / ".coherent/staging") == []
+
+
+@pytest.mark.parametrize("cas", [False, True])
+def test_a_deletion_overtaken_by_saves_around_its_set_aside_is_refused_as_stale_and_logged_as_such(
+    root: Path, monkeypatch: pytest.MonkeyPatch, cas: bool
+) -> None:
+    """A program saves the file just before a live deletion sets it aside and again just after:
+    recovery abandons the deletion (the file holds a newer save) and puts back what it set aside,
+    recording both saves in their order. No process died: the deleter is refused as a stale writer
+    (it never read those saves), not told RegistryError that "crash recovery" did not record its
+    change, and the log names no version for the deletion, which has none (/tmp/s33fw 3)."""
+    from coherent_volume.errors import CasConflict, RegistryError
+
+    real_aside = atomic.set_aside
+
+    def save(data: bytes) -> None:
+        (root / "editor.tmp").write_bytes(data)
+        os.replace(root / "editor.tmp", root / P)
+
+    def set_aside(path: str, aside: str) -> bool:
+        save(SAVE)
+        done = real_aside(path, aside)
+        save(b"the editor's next save\n")
+        return done
+
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, b"one\n")
+    with CoherentVolume(root, agent="bob") as bob:
+        assert bob.read(P) == b"one\n"
+        monkeypatch.setattr(atomic, "set_aside", set_aside)
+        with pytest.raises(StaleWriteError) as refused:
+            if cas:
+                bob._core.commit("bob", bob._target(P), None, expected=1)
+            else:
+                bob.delete(P)
+        monkeypatch.undo()
+        from coherent_volume.core.writes import DeletionOvertaken
+
+        e = refused.value
+        assert isinstance(e, DeletionOvertaken) and not isinstance(e, RegistryError)
+        assert isinstance(e, CasConflict) == cas
+        assert (e.reason, e.seen_version, e.current_version, e.last_writer) == ("stale", 1, 3, "external")
+        assert "was not made: a program saved the file outside the volume while the deletion" in str(e)
+        assert "crash recovery" not in str(e)
+        assert bob.read(P) == b"the editor's next save\n"
+        assert [(v.version, v.kind, v.writer) for v in bob.history(P)] == [
+            (3, "foreign", "external"),
+            (2, "foreign", "external"),
+            (1, "commit", "alice"),
+        ]
+        assert bob.read_version(P, 2) == SAVE
+    lines = sql(root, f"SELECT kind, version, detail FROM events WHERE path = '{P}' AND kind != 'commit' ORDER BY seq")
+    assert [(kind, version) for kind, version, _ in lines] == [
+        ("recover", None),
+        ("foreign", 2),
+        ("foreign", 3),
+        ("recover", None),
+        ("refusal", 3),
+    ]
+    said = " | ".join(detail for _, _, detail in lines)
+    assert "interrupted commit" not in said and "by bob" not in said and "--version 2" not in said
+    assert "abandoned bob's removal of the file" in lines[0][2]
+    assert "just before bob's removal of the file (not recorded" in lines[1][2]
+    assert os.listdir(root / ".coherent/staging") == []
+    assert sorted(os.listdir(root / "plans")) == ["plan.md"]

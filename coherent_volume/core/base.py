@@ -839,16 +839,35 @@ class CoreBase:
         elif outcome == "superseded":
             detail = f"v{v} was recorded, and the file changed outside the volume before it was installed"
         stays = False
+        deletion = aside and not intent.present
+        # a removal (a deletion, or a rename's of its source) is made (recorded as its version)
+        # unless the file was saved again after its set-aside
+        made = not deletion or (
+            record is not None and record.version == intent.version and record.writer == intent.agent
+        )
         if outcome == "displaced":
             assert staged is not None
-            stays = self._put_back(tx, intent, target, staged, self._own_file(tx, intent))
+            stays = self._put_back(tx, intent, target, staged, self._own_file(tx, intent), made)
             detail = f"v{v} was installed over a change made outside the volume just before, put back in place"
-        if outcome in ("superseded", "displaced"):
+            if deletion:
+                detail = (
+                    f"v{v}, {intent.agent}'s removal of the file, was made over a change made outside the volume "
+                    "just before, which it set aside: put back in place"
+                    if made
+                    else f"{intent.agent}'s removal of the file (not recorded: the file was saved outside the volume "
+                    "again after it set the file aside) had set aside a change made outside the volume just before "
+                    "it: put back in place, recorded as a version of its own, then the newer save in place again; "
+                    "the removal is not in history: to delete the file, read it and delete it again"
+                )
+        if outcome in ("superseded", "displaced") and not deletion:
             detail += (
                 "; the file keeps what it holds, recorded as a version of its own; "
                 f"v{v} stays in history (`coherent-volume restore PATH --version {v}` brings it back)"
             )
-        tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=v, detail=detail)
+        elif outcome == "displaced" and made:
+            detail += f"; the file keeps what it holds, recorded as a version of its own; v{v} stays in history"
+        version = v if made else None  # an abandoned deletion has no version
+        tx.log("recover", intent.path, intent.agent, time.time(), reason=outcome, version=version, detail=detail)
         return stays
 
     def _kept_already(self, tx: Transaction, intent: Intent, digest: str, staged: str) -> bool:
@@ -884,16 +903,24 @@ class CoreBase:
         record = tx.file(intent.path)
         return record.fingerprint if record is not None and record.version == intent.version else None
 
-    def _put_back(self, tx: Transaction, intent: Intent, target: Target, staged: str, own: Fingerprint | None) -> bool:
+    def _put_back(
+        self, tx: Transaction, intent: Intent, target: Target, staged: str, own: Fingerprint | None, made: bool = True
+    ) -> bool:
         """Record the file that the install of `intent` displaced (at its staged name) as the version
         after the current one, by EXTERNAL, then exchange it back into place (`_put_in_place`: the
         file that install put in place is `own`, where known). Whether the staged name is to stay,
         with the intent: a directory made at the name stops the put back (the file, recorded,
-        is left there, and recovery, finding its bytes recorded after the intent, removes it)."""
+        is left there, and recovery, finding its bytes recorded after the intent, removes it). `made`
+        False: the change is a deletion that was not (the file saved again after its set-aside), so
+        it has no version to name."""
         detail = (
             f"changed outside the volume just before the install of v{intent.version} by {intent.agent}, "
             "which displaced it"
         )
+        if not intent.present:
+            named = f" (v{intent.version})" if made else " (not recorded: the file was saved again after it)"
+            what = f"{intent.agent}'s removal of the file{named}"
+            detail = f"changed outside the volume just before {what}, which set it aside"
         return self._put_in_place(tx, target, staged, detail, own, intent.hash)
 
     def _put_in_place(
@@ -983,6 +1010,7 @@ class CoreBase:
         complete it if this process saw that step succeed (`done`).
         A rename whose content waits at its temp name (`staged`) is completed by installing it
         (exchanged into place: what that displaced is at `staged` then, for the caller to check)."""
+        set_aside = staged is not None and not intent.present and os.path.lexists(staged)  # a deletion's, done
         waiting = staged is not None and intent.present and _hash_or_none(staged) == intent.hash
         moved = not waiting and staged is not None and intent.present and self._moved_source(tx, intent, target, staged)
         waiting = waiting or moved
@@ -1022,13 +1050,15 @@ class CoreBase:
                     "whose process died before it checked it"
                 )
                 self._record_displaced(tx, target, target.abs, intent.version + 1, why, done="in place")
+        # a deletion whose file was saved again after its set-aside (its own live process's recovery too)
+        overtaken = outcome == "abandoned" and not intent.present and not undone and set_aside
         tx.log(
             "recover",
             intent.path,
             intent.agent,
             now,
             reason=outcome,
-            version=intent.version if outcome == "completed" else current_version(record),
+            version=intent.version if outcome == "completed" else None if overtaken else current_version(record),
             detail=f"abandoned an interrupted rename: a directory was made at its name; its content stays at {blocked}"
             if blocked is not None
             else "abandoned: the system call that was to make the change failed, so nothing changed"
@@ -1037,6 +1067,11 @@ class CoreBase:
             if waiting
             else "completed a rename installed by its process, which settles what its exchange displaced first"
             if done
+            else f"abandoned {intent.agent}'s removal of the file (a deletion, or a rename of it away), not recorded "
+            f"(it would have been v{intent.version}): the file was saved outside the volume after the removal set it "
+            "aside, so a program's save newer than it is in place; what it set aside is put back in place before it "
+            "goes (if it is not the version the removal found)"
+            if overtaken
             else f"{outcome} an interrupted commit"
             if self.replica is None  # one host: its writer holds the commit lock until it records it
             else f"recorded {intent.agent}'s {'change' if intent.present else 'deletion'} as v{intent.version}: "

@@ -100,6 +100,33 @@ def _detail(check: WriteCheck, reason: Reason) -> str | None:
 
 R = TypeVar("R")
 
+OVERTAKEN = (
+    "your deletion of {path!r} was not made: a program saved the file outside the volume while the deletion was "
+    "being made (after the deletion set the file aside), so the deletion would have removed a save you never read; "
+    "what it set aside was put back and the program's saves are recorded as versions by 'external', the newest in "
+    "place; the deletion is not in history (`coherent-volume log` of the path says each step). "
+)
+"""What a deletion refused this way (`DeletionOvertaken`) says before its refusal's own message."""
+
+
+class DeletionOvertaken(StaleWriteError):
+    """A deletion through the volume that a program's save overtook: the file was saved again outside
+    the volume after the deletion set it aside (`atomic.set_aside`), so the deletion was abandoned,
+    not recorded (recovery put back what it set aside, recording the saves). A refusal, as the
+    stale write it is (the writer never read the newer save: EACCES on a mount), never a
+    RegistryError (EAGAIN, saying the registry failed), which it was (/tmp/s33fw 3). Nothing of
+    the deletion remains."""
+
+    def _message(self) -> str:
+        return OVERTAKEN.format(path=self.path) + super()._message()
+
+
+class DeletionOvertakenCas(DeletionOvertaken, CasConflict):
+    """`DeletionOvertaken` of a deletion that expected a version (`delete(..., expected=)`)."""
+
+    def _message(self) -> str:
+        return OVERTAKEN.format(path=self.path) + CasConflict._message(self)
+
 
 def _set_aside(target: Target, aside: str) -> None:
     """A deletion's disk change: the file set aside at `aside` (`atomic.set_aside`), to be checked
@@ -449,10 +476,15 @@ class Writes(Reads):
                 )
                 if handle is not None and handle.grant is not None:
                     self._end(tx, handle.grant, handle.kind)
+                if not ours:
+                    overtaken.append(self._overtaken(tx, target, decided.check))
                 return ours
 
             what = f"{target.rel} (version {version + 1})"
+            overtaken: list[DeletionOvertaken] = []
             if not self._settle(what, finish, (target.rel,)):
+                if overtaken:
+                    raise overtaken[-1]
                 raise self._not_recorded(
                     what, "your change", "read the file again and redo your change if it is missing"
                 )
@@ -518,6 +550,31 @@ class Writes(Reads):
             record()
         entry = tx.version_entry(target.rel, version)
         return entry is not None and entry.writer == agent
+
+    @staticmethod
+    def _overtaken(tx: Transaction, target: Target, check: WriteCheck) -> DeletionOvertaken:
+        """The refusal of a deletion that recovery abandoned, as the file was saved outside the
+        volume after it was set aside (`CoreBase._recover_unrecorded`), logged so `why` explains
+        it: the current version is the save's."""
+        record = tx.file(target.rel)
+        version, writer = current_version(record), record.writer if record is not None else None
+        deleted = record is not None and not record.present
+        stale: Reason = "stale"
+        facts = (target.rel, check.agent, stale, check.seen, version, writer)
+        tx.log(
+            "refusal",
+            target.rel,
+            check.agent,
+            time.time(),
+            reason="stale",
+            seen_version=check.seen,
+            version=version,
+            detail="a deletion a program's save overtook: saved outside the volume after the deletion set the file "
+            "aside, so the deletion was abandoned, not recorded",
+        )
+        if check.expected is not None:
+            return DeletionOvertakenCas(*facts, deleted=deleted, expected_version=check.expected)
+        return DeletionOvertaken(*facts, deleted=deleted)
 
     @staticmethod
     def _not_recorded(what: str, done: str, remedy: str) -> RegistryError:
