@@ -486,8 +486,8 @@ def test_a_deletion_overtaken_by_saves_around_its_set_aside_is_refused_as_stale_
     assert [(kind, version) for kind, version, _ in lines] == [
         ("recover", None),
         ("foreign", 2),
-        ("foreign", 3),
         ("recover", None),
+        ("foreign", 3),
         ("refusal", 3),
     ]
     said = " | ".join(detail for _, _, detail in lines)
@@ -496,3 +496,78 @@ def test_a_deletion_overtaken_by_saves_around_its_set_aside_is_refused_as_stale_
     assert "just before bob's removal of the file (not recorded" in lines[1][2]
     assert os.listdir(root / ".coherent/staging") == []
     assert sorted(os.listdir(root / "plans")) == ["plan.md"]
+
+
+KILLED_IN_PUT_BACK = f"""
+import os, signal, sys
+from pathlib import Path
+from coherent_volume import CoherentVolume, atomic
+root, kill_at, second = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "after"
+real_install, real_swap = atomic.Staged.install, atomic.swap_in
+swaps = []
+
+def save(data):
+    (root / "editor.tmp").write_bytes(data)
+    os.replace(root / "editor.tmp", root / {P!r})
+
+def install(self, *a, **k):  # the editor saves between the decision and the install
+    save(b"save A\\n")
+    return real_install(self, *a, **k)
+
+def swap_in(src, dst):  # the install's exchange, then the put back's: 1, and 2 when a save B met the first
+    swaps.append(dst)
+    if len(swaps) == 2 and kill_at >= 2:
+        save(b"save B\\n")  # just before the first put back's exchange
+    if len(swaps) == kill_at + 1 and not second:
+        os.kill(os.getpid(), signal.SIGKILL)
+    swapped = real_swap(src, dst)
+    if len(swaps) == kill_at + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return swapped
+
+vol = CoherentVolume(root, agent="victim")
+vol.read({P!r})
+atomic.Staged.install, atomic.swap_in = install, swap_in
+vol.write({P!r}, b"the victim's content\\n")
+"""
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["", "then a save C"])
+@pytest.mark.parametrize(
+    "kill_at,when",
+    [(1, "before"), (1, "after"), (2, "before"), (2, "after")],
+    ids=["before the put back's exchange", "after it", "before the second one", "after the second one"],
+)
+def test_a_writer_killed_at_any_step_of_a_put_back_loses_no_save_and_keeps_their_order(
+    root: Path, kill_at: int, when: str, later: bool
+) -> None:
+    """A save A displaced by a commit's install is put back: recorded, then exchanged into place;
+    a save B made at the name meanwhile is recorded and put in place in turn. The writer is killed
+    -9 before or after either exchange; then maybe the editor saves C over whatever is in place.
+    The next recovery ends with the newest save in place and every save in history, in the order
+    they were made: each record is committed before its exchange, and recovery tells from where
+    the recorded file is which step was done. Before, the record and the exchange shared one
+    transaction: a kill after the exchange left A in place unrecorded (lost once C replaced it),
+    and B at the staged name, put back over A as if it were older (/tmp/s33fw 1, 2)."""
+    with CoherentVolume(root, agent="seed") as seed:
+        seed.write(P, b"one\n")
+    victim = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_PUT_BACK, str(root), str(kill_at), when], cwd=REPO, timeout=120
+    )
+    assert victim.returncode == -signal.SIGKILL
+    saves = [b"save A\n", b"save B\n"][:kill_at]
+    if later:
+        (root / "editor.tmp").write_bytes(b"save C\n")
+        os.replace(root / "editor.tmp", root / P)
+        saves.append(b"save C\n")
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write("plans/other.md", b"x\n")  # any commit-locked operation settles the intent
+        assert bob.read(P) == saves[-1]
+        history = sorted(bob.history(P), key=lambda v: v.version)
+        assert [(v.version, v.writer) for v in history] == [(1, "seed"), (2, "victim")] + [
+            (3 + i, "external") for i in range(len(saves))
+        ]
+        assert [bob.read_version(P, v.version) for v in history[2:]] == saves
+    assert sql(root, "SELECT count(*) FROM intents") == [(0,)]
+    assert os.listdir(root / ".coherent/staging") == []
+    assert sorted(os.listdir(root / "plans")) == ["other.md", "plan.md"]

@@ -196,6 +196,11 @@ class CoreBase:
         """Intents (path, version) of renames this process installed and settles before it records
         them (`Renames._aside_back`): recovery completes them without looking at the disk. An entry
         changes under the commit lock of its path."""
+        self._put_expected: dict[str, tuple[Fingerprint | None, str | None]] = {}
+        """Names a one-host put back exchanged a file into place from (`_put_in_place`), and the file
+        each exchange was to bring back there (its fingerprint, its hash): what the next step of the
+        put back removes (`_putting_back`). Lost with the process: recovery then tells that file by
+        its bytes alone. An entry changes under the commit lock of its path."""
         self._thread = threading.local()
         """This thread's files hashed outside a transaction for `_transact`'s next run (`hashed`:
         `_hash_of`)."""
@@ -369,7 +374,7 @@ class CoreBase:
                     try:
                         return self.registry.transact(decide, paths or ())
                     except _RecoverFirst:  # rolled back: settle the disk alone, then run again
-                        self.registry.transact(lambda tx: self._recover(tx, settle=True), paths or ())
+                        self._settle_alone(paths or ())
                     except _HashFirst as first:  # rolled back: hashed with no transaction open, run again
                         try:
                             hashed[first.path] = hash_file(first.path)
@@ -379,6 +384,32 @@ class CoreBase:
                 hashed.clear()
 
         return self._locked(paths, run)
+
+    def _settle_alone(self, paths: Iterable[str]) -> None:
+        """Recovery in write transactions of its own (`_RecoverFirst`), under the commit lock of
+        `paths`: each put back step it records (`_put_in_place`, one host) is committed before the
+        exchange it calls for is made, here, between its transactions, then recovery runs again to
+        see what that exchange brought back; until no step calls for one."""
+        while True:
+            moves: list[tuple[str, str]] = []
+
+            def settle(tx: Transaction, moves: list[tuple[str, str]] = moves) -> None:
+                moves.clear()  # (the registry may run it more than once)
+                self._thread.put_backs = moves
+                try:
+                    self._recover(tx, settle=True)
+                finally:
+                    self._thread.put_backs = None
+
+            self.registry.transact(settle, paths)
+            if not moves:
+                return
+            for name, dst in moves:
+                try:
+                    atomic.swap_in(name, dst)
+                except IsADirectoryError:  # made at the target by a program: the next step finds it there
+                    continue
+                atomic.sync_dirs(dst)
 
     def _hash_of(self, path: str, fp: Fingerprint | None) -> tuple[Fingerprint | None, str | None]:
         """Fingerprint and content hash of the file at `path` (whose fingerprint was `fp`), inside
@@ -747,6 +778,8 @@ class CoreBase:
                 if self._recover_recorded(tx, intent, target, record, staged if left else None):
                     continue  # its staged name holds another program's file, to be put back in turn
             else:
+                if self.replica is None and not settle and staged is not None and os.path.lexists(staged):
+                    raise _RecoverFirst()  # its disk is settled in a transaction of its own (a put back's steps)
                 key = (intent.path, intent.version)
                 self._recover_unrecorded(tx, intent, target, record, key in undone, key in done, staged)
                 set_aside = staged is not None and os.path.lexists(staged)  # by its removal or rename
@@ -776,7 +809,12 @@ class CoreBase:
         holding what its install displaced puts that back in place unless the registry has its
         bytes (`protocol.recovery`, `_put_back`); so does the name a removal or a rename set the
         file it replaced aside at (`aside`: its intent, settled already, names it), never installed.
-        Whether the intent stays (`_put_back`)."""
+        Whether the intent stays (`_put_back`). On one host, a put back under way (its last step
+        recorded, its exchange made or not) goes on from where it is (`_putting_back`)."""
+        if self.replica is None and staged is not None:
+            going = self._putting_back(tx, intent, target, record, staged)
+            if going is not None:
+                return going
         on_disk, disk_hash, previous, staged_hash = False, None, None, None
         current = aside or (record is not None and record.version == intent.version)
         if staged is not None and current and not aside:
@@ -937,11 +975,17 @@ class CoreBase:
         the round before; PUT_BACK_ROUNDS times at most (past that, the last file brought back is
         recorded too and removed). Where `own` is not known (a working copy killed between its
         install and its record of it), bytes equal to `brought` are taken for the change's file.
-        Whether `name` still holds a file: a directory made at the name stops the put back."""
+        Whether `name` still holds a file: a directory made at the name stops the put back.
+
+        On one host, step by step (`_put_step`): the record committed before the exchange is made,
+        so a process killed at any point leaves its next recovery the record and the disk to go on
+        from (`_putting_back`)."""
+        if self.replica is None:
+            return self._put_step(tx, target, name, why, (own, brought))
         expected, expected_hash = own, brought
         for _ in range(PUT_BACK_ROUNDS):
             version = current_version(tx.file(target.rel)) + 1
-            digest = self._record_displaced(tx, target, name, version, why)
+            digest = self._record_displaced(tx, target, name, version, why)[0]
             placed = fingerprint_path(name)
             try:
                 swapped = atomic.swap_in(name, target.abs)
@@ -958,6 +1002,100 @@ class CoreBase:
             tx, target, name, version, why, "its bytes kept in history only (the file in place stays)"
         )
         return False
+
+    def _put_step(
+        self,
+        tx: Transaction,
+        target: Target,
+        name: str,
+        why: str,
+        expected: tuple[Fingerprint | None, str | None],
+        done: str = "put back in place",
+    ) -> bool:
+        """One step of a one-host put back: record the file at `name` as the next version by
+        EXTERNAL, with its fingerprint (its inode: an exchange moves only its ctime), and call for
+        its exchange into place, which `_settle_alone` makes once this transaction committed; the
+        file it is to bring back is `expected` (fingerprint, hash). Only in recovery's transaction
+        of its own (`_RecoverFirst` from any other: nothing is recorded there). Whether `name`
+        stays (with its intent) for the next step; False: its bytes are the current version's
+        already, and it is removed."""
+        moves: list[tuple[str, str]] | None = getattr(self._thread, "put_backs", None)
+        if moves is None:
+            raise _RecoverFirst()
+        version = current_version(tx.file(target.rel)) + 1
+        if not self._record_displaced(tx, target, name, version, why, done, fingerprinted=True)[1]:
+            return False
+        with self._lock:
+            self._put_expected[name] = expected
+        moves.append((name, target.abs))
+        return True
+
+    def _putting_back(
+        self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None, staged: str
+    ) -> bool | None:
+        """Go on with a one-host put back under way at `staged`, the name the change of `intent`
+        took a file away to (None: none is): its last step recorded the file it put back as the
+        current version (`record`, by EXTERNAL, with its fingerprint) and committed that before its
+        exchange (`_put_step`). Told by where that file is, its inode (`protocol.recovery`):
+        - at `staged`: the exchange was not made (the process died first): made now (after this
+          transaction), unless a directory was made at the target, which stops it (the file,
+          recorded, is removed);
+        - at the target: made. What it brought back to `staged` is removed if it is the file the
+          step expected there (what the change had put in place, or the file the step before put
+          back: told by its inode while this process knows it, else by its bytes), or the
+          recorded bytes again; any other file is a program's save at the target before the
+          exchange, later than the one put back: recorded and put in place in turn (a next step);
+        - neither: the file in place was replaced since (a later save, which the next check
+          records): a file at `staged` other than the one expected is recorded (after the one put
+          back, before that later save) and removed.
+        Whether `staged` stays, with the intent (None: no put back under way there)."""
+        if (
+            record is None
+            or not record.present
+            or record.writer != EXTERNAL
+            or record.fingerprint is None
+            or record.version < intent.version
+        ):
+            return None
+        fp = record.fingerprint
+
+        def holds(name: str) -> bool:
+            now = fingerprint_path(name)
+            same = now is not None and (now.ino, now.size, now.mtime_ns) == (fp.ino, fp.size, fp.mtime_ns)
+            return same and _hash_or_none(name) == record.hash
+
+        with self._lock:
+            expected = self._put_expected.pop(staged, None)
+        if expected is None:  # this process did not make the exchange: the file expected back told by its bytes
+            before = tx.version_entry(intent.path, record.version - 1)
+            first = record.version - 1 < intent.version or (
+                before is not None and before.version == intent.version and before.writer == intent.agent
+            )
+            expected = (None, intent.hash if first or before is None else before.hash)
+        if holds(staged):
+            if os.path.isdir(target.abs) and not os.path.islink(target.abs):
+                return False
+            moves: list[tuple[str, str]] | None = getattr(self._thread, "put_backs", None)
+            if moves is None:
+                raise _RecoverFirst()
+            with self._lock:
+                self._put_expected[staged] = expected
+            moves.append((staged, target.abs))
+            return True
+        if fingerprint_path(staged) is None or _is_the_file(staged, *expected) or _hash_or_none(staged) == record.hash:
+            return False
+        why = f"saved outside the volume while v{record.version}, which another program's save displaced, was put back"
+        if not holds(target.abs):
+            why = f"saved outside the volume while v{record.version} was put back, and replaced in place since"
+            self._record_displaced(tx, target, staged, record.version + 1, why, "its bytes kept in history only")
+            return False
+        if record.version - intent.version >= PUT_BACK_ROUNDS:
+            why += f", the {PUT_BACK_ROUNDS + 1}th save in a row the put back met"
+            self._record_displaced(
+                tx, target, staged, record.version + 1, why, "its bytes kept in history only (the file in place stays)"
+            )
+            return False
+        return self._put_step(tx, target, staged, why, (fp, record.hash))
 
     @staticmethod
     def _stored_size(tx: Transaction, record: FileRecord) -> int | None:
@@ -976,24 +1114,36 @@ class CoreBase:
         return None if stored is None else tx.content_size(stored)
 
     def _record_displaced(
-        self, tx: Transaction, target: Target, name: str, version: int, why: str, done: str = "put back in place"
-    ) -> str:
+        self,
+        tx: Transaction,
+        target: Target,
+        name: str,
+        version: int,
+        why: str,
+        done: str = "put back in place",
+        *,
+        fingerprinted: bool = False,
+    ) -> tuple[str, bool]:
         """Record the file at `name`, which an install displaced from `target` and which is to be
         put back in place, as `version`, a change made outside the volume: its bytes retained as
         read from `name` before it goes back (where another program could replace it before any
-        check saw it), logged saying `why`. No fingerprint: the next check hashes the file. Its hash."""
+        check saw it), logged saying `why`. No fingerprint (the next check hashes the file) unless
+        `fingerprinted`: a one-host put back's step, whose file is told by its inode until its
+        exchange is settled (`_putting_back`). Its hash, and whether a version was recorded (not
+        where the current version holds those bytes)."""
         now = time.time()
         kept = hash_file(name)
         current = tx.file(target.rel)
         if current is not None and current.present and current.hash == kept[1]:
-            return kept[1]  # recorded by a put back a directory stopped, or a save of those bytes again
+            return kept[1], False  # recorded by a put back a directory stopped, or a save of those bytes again
         stored = self._retain(tx, name, None)
         digest = stored or kept[1]
-        record = FileRecord(target.rel, version, True, digest, None, EXTERNAL, now, time.time_ns())
+        fp = kept[0] if fingerprinted and stored == kept[1] else None  # (a file changing while read: no identity)
+        record = FileRecord(target.rel, version, True, digest, fp, EXTERNAL, now, time.time_ns())
         size = self._kept_size(tx, stored)
         self._record(tx, record, "foreign", retained=stored is not None, size=kept[0].size if size is None else size)
         tx.log("foreign", target.rel, EXTERNAL, now, version=version, detail=f"{why}: {done}")
-        return digest
+        return digest, True
 
     def _recover_unrecorded(
         self,
