@@ -259,6 +259,34 @@ class RetriesExhausted(CasConflict):
     """update() gave up after its retries; the last conflict is described."""
 
 
+OVERTAKEN = (
+    "your deletion of {path!r} was not made: a program saved the file outside the volume while the deletion was "
+    "being made (after the deletion set the file aside), so the deletion would have removed a save you never read; "
+    "what it set aside was put back and the program's saves are recorded as versions by 'external', the newest in "
+    "place; the deletion is not in history (`coherent-volume log` of the path says each step). "
+)
+"""What a deletion refused this way (`DeletionOvertaken`) says before its refusal's own message."""
+
+
+class DeletionOvertaken(StaleWriteError):
+    """A deletion through the volume that a program's save overtook: the file was saved again outside
+    the volume after the deletion set it aside (`atomic.set_aside`), so the deletion was abandoned,
+    not recorded (recovery put back what it set aside, recording the saves). A refusal, as the
+    stale write it is (the writer never read the newer save: EACCES on a mount), never a
+    RegistryError (EAGAIN, saying the registry failed), which it was (/tmp/s33fw 3). Nothing of
+    the deletion remains."""
+
+    def _message(self) -> str:
+        return OVERTAKEN.format(path=self.path) + super()._message()
+
+
+class DeletionOvertakenCas(DeletionOvertaken, CasConflict):
+    """`DeletionOvertaken` of a deletion that expected a version (`delete(..., expected=)`)."""
+
+    def _message(self) -> str:
+        return OVERTAKEN.format(path=self.path) + CasConflict._message(self)
+
+
 class LinkRefused(CoherenceError, PermissionError):
     """A hard link or symlink that would let writes reach a managed file past the protocol. Nothing
     was changed. errno is EPERM (the file system does not support such links)."""

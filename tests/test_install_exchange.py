@@ -467,7 +467,7 @@ def test_a_deletion_overtaken_by_saves_around_its_set_aside_is_refused_as_stale_
             else:
                 bob.delete(P)
         monkeypatch.undo()
-        from coherent_volume.core.writes import DeletionOvertaken
+        from coherent_volume import DeletionOvertaken
 
         e = refused.value
         assert isinstance(e, DeletionOvertaken) and not isinstance(e, RegistryError)
