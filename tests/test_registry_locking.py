@@ -592,3 +592,34 @@ def test_a_transaction_cut_off_by_an_interrupt_holds_no_lock_and_wedges_nothing(
         assert r.returncode == 0, r.stderr  # (a wedged lock made it wait 10 s, then fail)
         assert alice.read(P) == b"bob\n"
         alice.write(P, "three\n")
+
+
+def test_an_interrupt_right_after_the_commit_lock_was_taken_leaves_it_held_by_no_idle_process(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt landing between taking the commit lock's flock and counting the block left
+    the flock held while the process sat idle, so every other process's commit waited 30 s and
+    failed until it exited (/tmp/s33r2api 1). The flock goes with the interrupt."""
+    with CoherentVolume(root, agent="alice") as alice:
+        alice.write(P, "one\n")
+        real, cut = SQLiteRegistry._lock_commits, []
+
+        def interrupted(self: SQLiteRegistry, started: float) -> None:
+            real(self, started)
+            if not cut:
+                cut.append(1)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(SQLiteRegistry, "_lock_commits", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            alice.write(P, "two\n")
+        monkeypatch.undo()
+        r = run_py(  # alice's process idles meanwhile, its volume open
+            f"from coherent_volume import CoherentVolume as V\n"
+            f"with V({str(root)!r}, agent='bob') as b:\n"
+            f"    b.read({P!r}); print(b.write({P!r}, 'bob\\n'))",
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr  # (it waited 30 s for the lock and failed)
+        alice.read(P)
+        alice.write(P, "three\n")

@@ -811,12 +811,17 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, 
 
 
 class _CommitLock:
-    """`SQLiteRegistry.commit_lock` (a class rather than a generator: every commit takes it twice)."""
+    """`SQLiteRegistry.commit_lock` (a class rather than a generator: every commit takes it twice).
+    The outermost block of a thread's nested ones takes the flock and lets it go, whatever cuts a
+    block short (a KeyboardInterrupt between its steps): before, an interrupt between the flock and
+    the count of nested blocks left the flock held while the process sat idle, and every other
+    process's commit waited 30 s and failed (/tmp/s33r2api 1)."""
 
-    __slots__ = ("_registry", "_mutex", "_pid")
+    __slots__ = ("_registry", "_mutex", "_pid", "_took")
 
     def __init__(self, registry: SQLiteRegistry) -> None:
         self._registry = registry
+        self._took = False
 
     def __enter__(self) -> None:
         registry = self._registry
@@ -831,20 +836,32 @@ class _CommitLock:
         try:
             if registry._commit_depth == 0:
                 registry._lock_commits(started)
-            registry._commit_depth += 1
+                self._took = True
+                registry._commit_depth = 1
+            else:
+                registry._commit_depth += 1
         except BaseException:
-            self._mutex.release()
+            try:
+                if registry._commit_depth == 0:  # (an interrupt right after the flock)
+                    registry._unlock_commits()
+            finally:
+                self._took = False
+                self._mutex.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
         registry = self._registry
         try:
-            if os.getpid() == self._pid:  # a forked child leaving the block has nothing to release
+            if os.getpid() == self._pid and not self._took:  # a forked child has nothing to release
                 registry._commit_depth -= 1
-                if registry._commit_depth == 0:
-                    registry._unlock_commits()
         finally:
-            self._mutex.release()
+            try:
+                if os.getpid() == self._pid and self._took:  # the outermost block
+                    registry._commit_depth = 0
+                    registry._unlock_commits()
+            finally:
+                self._took = False
+                self._mutex.release()
 
 
 class _Transaction:
