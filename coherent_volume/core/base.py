@@ -391,9 +391,9 @@ class CoreBase:
         exchange it calls for is made, here, between its transactions, then recovery runs again to
         see what that exchange brought back; until no step calls for one."""
         while True:
-            moves: list[tuple[str, str]] = []
+            moves: list[tuple[str, Target]] = []
 
-            def settle(tx: Transaction, moves: list[tuple[str, str]] = moves) -> None:
+            def settle(tx: Transaction, moves: list[tuple[str, Target]] = moves) -> None:
                 moves.clear()  # (the registry may run it more than once)
                 self._thread.put_backs = moves
                 try:
@@ -404,7 +404,8 @@ class CoreBase:
             self.registry.transact(settle, paths)
             if not moves:
                 return
-            for name, dst in moves:
+            for name, target in moves:  # (a Target: its anchor, where it has one, stays open till then)
+                dst = target.abs
                 try:
                     atomic.swap_in(name, dst)
                 except IsADirectoryError:  # made at the target by a program: the next step finds it there
@@ -1019,7 +1020,7 @@ class CoreBase:
         of its own (`_RecoverFirst` from any other: nothing is recorded there). Whether `name`
         stays (with its intent) for the next step; False: its bytes are the current version's
         already, and it is removed."""
-        moves: list[tuple[str, str]] | None = getattr(self._thread, "put_backs", None)
+        moves: list[tuple[str, Target]] | None = getattr(self._thread, "put_backs", None)
         if moves is None:
             raise _RecoverFirst()
         version = current_version(tx.file(target.rel)) + 1
@@ -1027,7 +1028,7 @@ class CoreBase:
             return False
         with self._lock:
             self._put_expected[name] = expected
-        moves.append((name, target.abs))
+        moves.append((name, target))
         return True
 
     def _putting_back(
@@ -1075,12 +1076,12 @@ class CoreBase:
         if holds(staged):
             if os.path.isdir(target.abs) and not os.path.islink(target.abs):
                 return False
-            moves: list[tuple[str, str]] | None = getattr(self._thread, "put_backs", None)
+            moves: list[tuple[str, Target]] | None = getattr(self._thread, "put_backs", None)
             if moves is None:
                 raise _RecoverFirst()
             with self._lock:
                 self._put_expected[staged] = expected
-            moves.append((staged, target.abs))
+            moves.append((staged, target))
             return True
         if fingerprint_path(staged) is None or _is_the_file(staged, *expected) or _hash_or_none(staged) == record.hash:
             return False
