@@ -62,8 +62,9 @@ class Staged:
     """The bytes it was staged from (`stage`): what its commit stores instead of reading it back."""
     makes: tuple[str, int] | None = None
     """(the volume's root, a mode): `install` first makes the target's missing directories below
-    the root with that mode (`_made_dirs`: none where staging made them, the target named beneath
-    its directory's descriptor already)."""
+    the root with that mode (`_made_dirs`: beneath the nearest one there is, never through a
+    symlink). Staging makes none (it stages in the nearest directory there is), so a write that is
+    refused, or never installed, leaves no directory behind."""
     at: str | None = None
     """The directory it was staged in, where the target's is not there yet: the nearest one on its
     way, on the file system the target's will be on (a copy of its content is made there too)."""
@@ -75,9 +76,6 @@ class Staged:
     (`_made_dirs`): `target` (and a temp name beside it) is then its name beneath that descriptor,
     `/proc/self/fd/N/name`, so that no name on its way is looked up again (a symlink a program puts
     there meanwhile is never followed: /tmp/s33api 1)."""
-    made: list[tuple[Anchor, str]] | None = None
-    """The directories made for it, outermost first, each as (its parent's descriptor, its name):
-    `discard` removes those still empty unless it was installed (or its name left to recovery)."""
 
     def take_attributes(self, source: str) -> None:
         """Give the content `source`'s mode, owner and extended attributes, kept at its install: a
@@ -150,12 +148,7 @@ class Staged:
         descriptor of its directory so obtained."""
         if self.makes is None:
             return
-        made: list[tuple[Anchor, str]] = []
-        try:
-            anchor = _made_dirs(os.path.dirname(self.target), *self.makes, made=made)
-        finally:
-            if made:
-                self.made = (self.made or []) + made
+        anchor = _made_dirs(os.path.dirname(self.target), *self.makes)
         if anchor is not None:
             self._rebase(anchor)
 
@@ -198,10 +191,8 @@ class Staged:
 
     def leave_name(self) -> None:
         """After a failed install of recorded content: leave its name to recovery (`discard` no
-        longer removes it, nor the directories made for it), which installs it or finds the file
-        changed since."""
+        longer removes it), which installs it or finds the file changed since."""
         self.named = False
-        self.made = None
 
     def install(self, noreplace: bool = False, exchange: bool = False) -> bool:
         """Name the content, rename it over the target (keeping the target's mode), fsync the directory
@@ -234,7 +225,7 @@ class Staged:
             displaced = swap_in(tmp, self.target)
         else:
             os.replace(tmp, self.target)
-        self.named, self.made = False, None
+        self.named = False
         if self.durable:
             fsync_dir(os.path.dirname(self.target))
         return displaced
@@ -252,18 +243,6 @@ class Staged:
             except FileNotFoundError:
                 pass
             self.named = False
-        made, self.made = self.made, None
-        _unmake(made or [])
-
-
-def _unmake(made: list[tuple[Anchor, str]]) -> None:
-    """Remove the directories `_made_dirs` made (innermost first) while they are empty: one that is
-    not (another writer's file went in), or is gone, stays as it is, and so do those above it."""
-    for parent, name in reversed(made):
-        try:
-            os.rmdir(name, dir_fd=parent.fd)
-        except OSError:
-            break
 
 
 NAME_MAX = 255
@@ -355,13 +334,12 @@ def below_missing(path: str) -> bool:
     return path.startswith(_PROC_FD) and path.count("/", len(_PROC_FD)) > 1
 
 
-def _made_dirs(directory: str, root: str, mode: int = 0o777, *, made: list[tuple[Anchor, str]]) -> Anchor | None:
+def _made_dirs(directory: str, root: str, mode: int = 0o777) -> Anchor | None:
     """mkdir -p of `directory` below `root` (never `root` itself), never through a symlink: each
     missing directory is made beneath a descriptor of the one above (mkdirat), then opened beneath
     it with no symlink (openat2 RESOLVE_NO_SYMLINKS, or O_NOFOLLOW one name at a time), and the
-    next made from that descriptor. New directories get `mode` (less the umask) and are appended to
-    `made` as (their parent's descriptor, their name). A name on the way that is a symlink (one a
-    program put there, even right after it was made): OutsideVolume; something else that is no
+    next made from that descriptor. New directories get `mode` (less the umask). A name on the way
+    that is a symlink (one a program put there, even right after it was made): OutsideVolume; something else that is no
     directory: NotADirectoryError; nothing is made below either. Returns a descriptor of `directory`
     where anything on its way was looked at, None where there was nothing to do: `directory` is a
     descriptor's own (`/proc/self/fd/N`, as `VolumePaths.beneath` names a parent that exists), or a
@@ -397,7 +375,6 @@ def _made_dirs(directory: str, root: str, mode: int = 0o777, *, made: list[tuple
             except FileNotFoundError:
                 try:
                     os.mkdir(name, mode, dir_fd=parent.fd)
-                    made.append((parent, name))
                 except FileExistsError:
                     pass  # made meanwhile (by another writer): taken if it is a directory
                 inner = open_beneath(parent.fd, name)
@@ -410,6 +387,13 @@ def _made_dirs(directory: str, root: str, mode: int = 0o777, *, made: list[tuple
                 ) from None
             if e.errno == errno.ENOTDIR:
                 raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path) from None
+            if e.errno == errno.ENOENT:  # (the one above was removed meanwhile: its path says "(deleted)")
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    "a directory on the file's way was removed while its directories were being made; nothing "
+                    "was written there",
+                    directory,
+                ) from None
             e.filename = path
             raise
         parent = Anchor(inner)
@@ -443,7 +427,6 @@ def stage_written(
     durable: bool = True,
     *,
     root: str,
-    make_dirs: bool = True,
 ) -> Staged:
     """Stage durably beside `target`, as `stage` does, the content that `fill` writes (it is called with
     a function that appends bytes), a part at a time if it likes, so it need never be whole in memory.
@@ -453,36 +436,21 @@ def stage_written(
     and of missing parent directories (below `root`, the volume's: never made again) with search
     bits added; an existing target keeps its own.
     Not `durable`: not fsynced, and its install fsyncs no directory.
-    Its missing directories are made now (`make_dirs`), each beneath the one above and never
-    through a symlink (`_made_dirs`), and the content staged in the last one, named beneath a
-    descriptor of it (`Staged.anchor`): the checks of its commit and its install then find the file
-    there, never through a name a program made a symlink meanwhile (/tmp/s33api 1); those it made
-    are removed again if it is discarded uninstalled (a refused write leaves none). Not
-    `make_dirs`: none is made before its install (it is staged in the nearest directory there is)."""
+    Where its directory is missing, it is staged in the nearest one there is, and its install makes
+    the missing ones (`Staged.install`): none is made for a write that is refused."""
     makes = (root, mode | (mode & 0o444) >> 2)
-    made: list[tuple[Anchor, str]] = []
     anchor: Anchor | None = None
-    at = None
-    try:
-        if make_dirs:
-            anchor = _made_dirs(os.path.dirname(target), *makes, made=made)
-            if anchor is not None:
-                target = f"{_PROC_FD}{anchor.fd}/{os.path.basename(target)}"
-        else:
-            missing = _missing(os.path.dirname(target), root)
-            at = os.path.dirname(missing[-1]) if missing else None
-        fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
-        if tmp is not None and at is not None:  # no O_TMPFILE here: named beside the target, where recovery
-            os.close(fd)  # looks for it (`VolumePaths.staged`), so its directories are made now
-            os.unlink(tmp)
-            anchor = _made_dirs(os.path.dirname(target), *makes, made=made)
-            if anchor is not None:
-                target = f"{_PROC_FD}{anchor.fd}/{os.path.basename(target)}"
-            at = None
-            fd, tmp = _open_staged(target, mode, os.path.dirname(target))
-    except BaseException:
-        _unmake(made)
-        raise
+    missing = _missing(os.path.dirname(target), root)
+    at = os.path.dirname(missing[-1]) if missing else None
+    fd, tmp = _open_staged(target, mode, at or os.path.dirname(target))
+    if tmp is not None and at is not None:  # no O_TMPFILE here: named beside the target, where recovery
+        os.close(fd)  # looks for it (`VolumePaths.staged`), so its directories are made now (beneath
+        os.unlink(tmp)  # the nearest one, never through a symlink; a refused write leaves them here)
+        anchor = _made_dirs(os.path.dirname(target), *makes)
+        if anchor is not None:
+            target = f"{_PROC_FD}{anchor.fd}/{os.path.basename(target)}"
+        at = None
+        fd, tmp = _open_staged(target, mode, os.path.dirname(target))
     staged = Staged(
         target,
         digest,
@@ -494,7 +462,6 @@ def stage_written(
         makes=makes,
         at=at,
         anchor=anchor,
-        made=made or None,
     )
     try:
         fill(lambda part: _write_all(fd, part))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +16,8 @@ import pytest
 
 from coherent_volume import CoherentVolume, OutsideVolume, StaleWriteError, atomic
 from coherent_volume.paths import VolumePaths, _walk_beneath
+
+from .harness import CLI
 
 PRECIOUS = b"PRECIOUS file outside the volume\n"
 
@@ -204,9 +206,9 @@ def test_a_working_copy_notes_a_set_aside_name_by_its_directory_path_never_a_des
 
 
 # ---- a missing directory on the way (/tmp/s33api 1) ------------------------------------------------
-# Where the file's directory is missing, `beneath` anchors the nearest directory there is; the names
-# below it are made one at a time beneath the one above (mkdirat, then opened with no symlink), at
-# staging, and the commit's check and its install go by the descriptor of the last one so made.
+# Where the file's directory is missing, `beneath` anchors the nearest directory there is; the decision
+# looks for it again beneath the root, and the install makes the names below it one at a time beneath
+# the one above (mkdirat, then opened with no symlink) and installs beneath the last one so made.
 
 
 @pytest.fixture
@@ -251,7 +253,7 @@ def test_a_symlink_put_where_a_missing_directory_is_to_be_made_is_refused(missin
         return real_stage(target, data, *args, **kwargs)
 
     monkeypatch.setattr(atomic, "stage", stage)
-    with pytest.raises(OutsideVolume, match="/n' is a symlink now"):
+    with pytest.raises(OutsideVolume, match="is a symlink now"):
         vol.write(rel, b"ATTACK\n")
     monkeypatch.undo()
     _outside_untouched(outside)
@@ -261,9 +263,13 @@ def test_a_symlink_put_where_a_missing_directory_is_to_be_made_is_refused(missin
 
 
 @pytest.mark.parametrize("rel", ["plans/n/a.md", "notes/n/a.md", "plans/n/m/a.md"])
-def test_a_directory_replaced_by_a_symlink_right_after_it_was_made_is_refused(missing, monkeypatch, rel: str) -> None:
-    """The worst instant of the walk: between the mkdir of `n` and its open (the old install made it
-    by name, then renamed the file through the link)."""
+def test_a_directory_replaced_by_a_symlink_right_after_its_install_made_it_gets_nothing_outside(
+    missing, monkeypatch, rel: str
+) -> None:
+    """The worst instant of the install's walk: between the mkdir of `n` and its open (the old install
+    made it by name, then renamed the file through the link). Nothing goes through the link; a
+    managed write's decision was recorded already, so its version is superseded by the next
+    operation's recovery (logged, its bytes kept in history), never installed through the link."""
     root, outside, vol = missing
     real_mkdir = os.mkdir
     n = root / rel.split("/")[0] / "n"
@@ -275,22 +281,37 @@ def test_a_directory_replaced_by_a_symlink_right_after_it_was_made_is_refused(mi
             os.symlink(outside, n)
 
     monkeypatch.setattr(os, "mkdir", mkdir)
-    with pytest.raises(OutsideVolume, match="/n' is a symlink now"):
+    with pytest.raises(OutsideVolume, match="is a symlink now"):
         vol.write(rel, b"ATTACK\n")
     monkeypatch.undo()
+    vol.write("plans/other.md", b"x\n")  # the next operation settles what the write left
     _outside_untouched(outside)
     assert os.path.islink(n)  # the program's symlink stays as it made it
     if rel.startswith("plans"):
-        _nothing_recorded(root, vol, rel)
+        os.unlink(n)
+        # v1 never reached the disk: what the disk holds (no file) is the next version
+        assert [(v.version, v.writer, v.kind) for v in vol.history(rel)] == [
+            (2, "external", "delete"),
+            (1, "alice", "commit"),
+        ]
+        assert vol.read_version(rel, 1) == b"ATTACK\n"
+        assert not os.path.lexists(root / rel)
+        assert any("could not be installed" in line for line in _log(root, rel))
+
+
+def _log(root: Path, rel: str) -> list[str]:
+    """The volume's log lines about `rel`."""
+    r = subprocess.run([CLI, "log", str(root), "--limit", "1000"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if rel in line]
 
 
 @pytest.mark.parametrize("rel", ["plans/n/a.md", "notes/n/a.md"])
-def test_a_made_directory_replaced_by_a_symlink_after_staging_gets_nothing_outside(
-    missing, monkeypatch, rel: str
-) -> None:
-    """The probes' instant (p1, p1c: right after staging): the directory made for the file is moved
-    away and a symlink put there; the check and the install go by the descriptor of the one made
-    (moved, inside the root), so outside/a.md is neither read nor recorded nor replaced."""
+def test_a_missing_directory_replaced_by_a_symlink_after_staging_is_refused(missing, monkeypatch, rel: str) -> None:
+    """The probes' instant (p1, p1c: right after staging, before the decision): the decision looks
+    for the file's directory again beneath the root and meets the symlink: OutsideVolume, nothing
+    read, recorded or written outside (before: outside/a.md recorded as an external version of the
+    managed path, or replaced for an unmanaged one)."""
     root, outside, vol = missing
     real_stage = atomic.stage
     n = root / rel.split("/")[0] / "n"
@@ -301,15 +322,12 @@ def test_a_made_directory_replaced_by_a_symlink_after_staging_gets_nothing_outsi
         return staged
 
     monkeypatch.setattr(atomic, "stage", stage)
-    assert vol.write(rel, b"ATTACK\n") == (1 if rel.startswith("plans") else 0)
+    with pytest.raises(OutsideVolume, match="is a symlink now"):
+        vol.write(rel, b"ATTACK\n")
     monkeypatch.undo()
     _outside_untouched(outside)
-    assert (n.with_name("n.moved") / "a.md").read_bytes() == b"ATTACK\n"
     if rel.startswith("plans"):
-        os.unlink(n)
-        os.rename(n.with_name("n.moved"), n)
-        assert [(v.version, v.writer, v.kind) for v in vol.history(rel)] == [(1, "alice", "commit")]
-        assert vol.read(rel) == b"ATTACK\n"  # no external version of outside/a.md's bytes
+        _nothing_recorded(root, vol, rel)
 
 
 def test_missing_directories_are_made_and_a_refused_write_leaves_none(missing) -> None:
@@ -320,7 +338,7 @@ def test_missing_directories_are_made_and_a_refused_write_leaves_none(missing) -
     assert (root / "notes" / "n" / "m" / "a.md").read_bytes() == b"new\n"
     with pytest.raises(StaleWriteError):
         vol.write_cas("plans/q/r/a.md", 3, b"refused\n")
-    assert sorted(os.listdir(root / "plans")) == ["n", "sub"]  # what it made for the refused write is gone
+    assert sorted(os.listdir(root / "plans")) == ["n", "sub"]  # the refused write made no directory
     (root / "plans" / "f").write_bytes(b"a file\n")
     with pytest.raises(NotADirectoryError):
         vol.write("plans/f/g/a.md", b"x\n")
@@ -349,8 +367,7 @@ def test_a_recorded_commit_whose_directory_a_program_made_a_symlink_before_recov
         with pytest.raises(SystemExit):
             alice.write("plans/n/a.md", "A\n")
         monkeypatch.undo()
-        shutil.rmtree(root / "plans/n")
-        os.symlink(outside, root / "plans/n")
+        os.symlink(outside, root / "plans/n")  # where the install is to make the file's directory
         with CoherentVolume(root, agent="bob") as bob:
             bob.write("plans/b.md", "B\n")  # its first transaction settles what killed writers left
             assert os.listdir(outside) == []

@@ -276,15 +276,11 @@ class Writes(Reads):
             target.managed
             and isinstance(content, bytes)
             and self.replica is None
-            and not atomic.below_missing(target.abs)  # checked once its directories are made (below)
+            and not atomic.below_missing(target.abs)  # (its directory missing: checked under the lock only)
             and self._doomed(agent, target, expected)
         ):
             self._refuse_if_still_refused(agent, target, isolation, expected)
         staged = atomic.stage(target.abs, content, root=self.paths.root) if isinstance(content, bytes) else content
-        if staged is not None and staged.anchor is not None:
-            # its missing directories were made: checked and installed beneath the one it is staged in,
-            # never through a name on the way a program made a symlink meanwhile (/tmp/s33api 1)
-            target = target._replace(abs=staged.target, anchor=staged.anchor)
         try:
             if not target.managed:
                 if staged is None:
@@ -354,6 +350,11 @@ class Writes(Reads):
     ) -> int:
         """`commit` under the commit lock. `opening`: the write acts like opening a handle of that
         kind (a truncate by name), so the agent's own open write handles are respected."""
+        if atomic.below_missing(target.abs):
+            # its directory was missing when the path was resolved: looked for again beneath the root
+            # now, so the decision never reads through a symlink a program put on its way since
+            # (OutsideVolume, nothing recorded); the install makes what is still missing (/tmp/s33api 1)
+            target = self.paths.beneath(self.paths.target(target.rel, target.managed, target.alias_of))
         replayed: list[atomic.Staged] = []  # what a replay staged; a re-run stages anew
         # where a deletion sets the file aside (its intent names it); a commit of content needs none
         aside = atomic.temp_name(target.abs) if staged is None else None
@@ -744,7 +745,7 @@ class Writes(Reads):
         self._require_managed(target, "create")
         agent = self.agent(agent)
         staged = atomic.stage_written(
-            target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False, root=self.paths.root, make_dirs=False
+            target.abs, EMPTY_HASH, lambda write: None, b"", mode, durable=False, root=self.paths.root
         )
 
         def decide(tx: Transaction) -> tuple[int, StaleWriteError | tuple[Grant, bool]]:
