@@ -8,6 +8,7 @@ exchange, and in a working copy catching up."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -571,3 +572,29 @@ def test_a_writer_killed_at_any_step_of_a_put_back_loses_no_save_and_keeps_their
     assert sql(root, "SELECT count(*) FROM intents") == [(0,)]
     assert os.listdir(root / ".coherent/staging") == []
     assert sorted(os.listdir(root / "plans")) == ["other.md", "plan.md"]
+
+
+def test_a_put_back_whose_directory_a_program_removed_meanwhile_wedges_nothing(root: Path) -> None:
+    """A put back's step recorded save A (displaced by a commit's install), its writer killed before
+    the exchange; then a program removed the file's directory (`rm -r plans`). The exchange, made by
+    the next recovery, failed ENOENT out of every process's first operation on any path, and every
+    mount (/tmp/s33r2fw 2). The put back stops there as for a directory made at the name: save A is
+    kept in history, its staged file removed, and what the disk holds (no file) is recorded after."""
+    with CoherentVolume(root, agent="seed") as seed:
+        seed.write(P, b"one\n")
+    victim = subprocess.run([sys.executable, "-c", KILLED_IN_PUT_BACK, str(root), "1", "before"], cwd=REPO, timeout=120)
+    assert victim.returncode == -signal.SIGKILL
+    shutil.rmtree(root / "plans")
+    with CoherentVolume(root, agent="bob") as bob:
+        bob.write("notes.md", b"x\n")  # a commit-locked operation on another path settles the intent
+        history = sorted(bob.history(P), key=lambda v: v.version)
+        assert [(v.version, v.writer, v.kind) for v in history] == [
+            (1, "seed", "commit"),
+            (2, "victim", "commit"),
+            (3, "external", "foreign"),
+            (4, "external", "delete"),
+        ]
+        assert bob.read_version(P, 3) == b"save A\n"
+    assert sql(root, "SELECT count(*) FROM intents") == [(0,)]
+    assert os.listdir(root / ".coherent/staging") == []
+    assert not (root / "plans").exists()

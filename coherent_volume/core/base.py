@@ -408,8 +408,8 @@ class CoreBase:
                 dst = target.abs
                 try:
                     atomic.swap_in(name, dst)
-                except IsADirectoryError:  # made at the target by a program: the next step finds it there
-                    continue
+                except (IsADirectoryError, FileNotFoundError, NotADirectoryError):
+                    continue  # a directory made at the target, or its directory removed: the next step stops
                 atomic.sync_dirs(dst)
 
     def _hash_of(self, path: str, fp: Fingerprint | None) -> tuple[Fingerprint | None, str | None]:
@@ -1074,7 +1074,9 @@ class CoreBase:
             )
             expected = (None, intent.hash if first or before is None else before.hash)
         if holds(staged):
-            if os.path.isdir(target.abs) and not os.path.islink(target.abs):
+            if (os.path.isdir(target.abs) and not os.path.islink(target.abs)) or not os.path.isdir(
+                os.path.dirname(target.abs)
+            ):  # a directory made at its name, or its own directory removed: stopped (kept in history)
                 return False
             moves: list[tuple[str, Target]] | None = getattr(self._thread, "put_backs", None)
             if moves is None:
