@@ -123,7 +123,7 @@ def _let_stdout_go() -> None:
 
 
 def _done(report: object, as_json: bool = False) -> None:
-    """Print what a command that changed the volume did (`report`: text, or data printed as JSON
+    """Print what a command that changed something (a volume, a mount, a settings file) did (`report`: text, or data printed as JSON
     with `as_json`): where stdout cannot be written (a closed pipe, a full disk), on stderr instead,
     saying so, and the exit status stays 0: the change was made, so the report is never lost nor
     the change taken for a failure."""
@@ -467,7 +467,7 @@ def migrate(registry: str) -> None:
     from .registry.postgresql import migrate as run
 
     before, after = run(registry)
-    click.echo(f"schema version {after}" + (" (it was already)" if before == after else f" (was {before})"))
+    _done(f"schema version {after}" + (" (it was already)" if before == after else f" (was {before})"))
 
 
 @main.command()
@@ -1070,10 +1070,10 @@ def mount(
     from fusefs.mount import mount as do_mount
 
     do_mount(root, mountpoint, agent, foreground, allow_other, direct_dirs)
-    if not foreground:
-        click.echo(f"mounted {shown(os.path.realpath(root))} on {shown(os.path.abspath(mountpoint))}")
-        for rel in direct_dirs:
-            click.echo(f"  {os.path.normpath(rel)}: served directly by the kernel (a bind mount)")
+    if not foreground:  # the mount is up: its report never turns it into a failure (`_done`)
+        lines = [f"mounted {shown(os.path.realpath(root))} on {shown(os.path.abspath(mountpoint))}"]
+        lines += [f"  {os.path.normpath(rel)}: served directly by the kernel (a bind mount)" for rel in direct_dirs]
+        _done("\n".join(lines))
 
 
 @main.command()
@@ -1168,7 +1168,7 @@ def _add_agent(name: str) -> None:
         def change(project_dir: str | None, user: bool, verb: str = verb, done: str = done) -> None:
             path = (Path.home() if user else Path(project_dir or ".").resolve()) / settings
             getattr(_face(name), verb)(path)
-            click.echo(f"{done} {path}")
+            _done(f"{done} {path}")  # the file was changed: a report stdout cannot take goes to stderr
 
         change.__doc__ = f"{what} DIR/{settings} (idempotent; other settings are kept)."
         command = click.option("--user", is_flag=True, help=f"Use ~/{settings} instead.")(_guard(change))

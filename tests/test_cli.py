@@ -727,3 +727,47 @@ def test_a_long_table_prints_as_rich_draws_it_without_rich_laying_out_each_cell(
     listed = cv("status", str(root))
     assert listed.returncode == 0, listed.stderr
     assert {f"plans/f{n}.md" for n in range(cli.PLAIN_ROWS + 1)} <= set(re.findall(r"plans/f\d+\.md", listed.stdout))
+
+
+def _into_full_or_closed(args: list[str], into: str) -> subprocess.CompletedProcess[str]:
+    """`coherent-volume ARGS` with stdout /dev/full (`into="full"`) or closed (`>&-`)."""
+    if into == "closed":
+        line = " ".join(shlex.quote(a) for a in (CLI, *args))
+        return subprocess.run(["bash", "-c", f"exec >&-; {line}"], stderr=subprocess.PIPE, text=True, timeout=60)
+    with open("/dev/full", "w") as full:
+        return subprocess.run([CLI, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("into", ["full", "closed"])
+def test_a_mount_whose_report_cannot_be_written_is_up_and_says_so_on_stderr(
+    root: Path, tmp_path: Path, into: str
+) -> None:
+    """`mount` with stdout unwritable exited 1 with a bare errno while the mount was up and its
+    daemon running: a script took it for a failure and left the daemon (/tmp/s33cli 1). The mount
+    is a change made: its report goes to stderr, exit status 0."""
+    from .harness.mounts import is_mounted, unmount_and_reap
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = _into_full_or_closed(["mount", str(root), str(mnt)], into)
+        assert is_mounted(mnt)
+        assert r.returncode == 0, r.stderr
+        assert "stdout could not be written" in r.stderr and f"mounted {os.path.realpath(root)} on {mnt}" in r.stderr
+    finally:
+        unmount_and_reap(mnt)
+
+
+@pytest.mark.parametrize("into", ["full", "closed"])
+def test_an_install_or_uninstall_whose_report_cannot_be_written_says_so_on_stderr(tmp_path: Path, into: str) -> None:
+    """`codex install DIR >/dev/full` wrote DIR/.codex/hooks.json, then exited 1 with a bare errno
+    (/tmp/s33cli 7): the change was made, so its report goes to stderr and the status is 0."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    settings = proj / ".codex/hooks.json"
+    done = _into_full_or_closed(["codex", "install", str(proj)], into)
+    assert done.returncode == 0 and "hook codex" in settings.read_text(), done.stderr
+    assert "stdout could not be written" in done.stderr and f"installed coherent-volume hooks in {settings}" in done.stderr
+    done = _into_full_or_closed(["codex", "uninstall", str(proj)], into)
+    assert done.returncode == 0 and "hook codex" not in settings.read_text(), done.stderr
+    assert "stdout could not be written" in done.stderr and f"removed coherent-volume hooks from {settings}" in done.stderr
