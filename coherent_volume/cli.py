@@ -765,16 +765,29 @@ def _open(root: str) -> VolumeCore:
     from .mounts import fuse_mounts
 
     real = os.path.realpath(root)
-    if (
-        real not in fuse_mounts()
-        and not recorded_in(os.path.join(real, REGISTRY_DIR))
-        and (found := located(real)) is not None
-    ):
-        raise VolumeConfigError(
-            f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
-            "(nothing was changed)"
-        )
+    if real not in fuse_mounts() and not recorded_in(os.path.join(real, REGISTRY_DIR)):
+        if (found := located(real)) is not None:
+            raise VolumeConfigError(
+                f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
+                "(nothing was changed)"
+            )
+        if os.path.isdir(real) and not os.path.lexists(os.path.join(real, REGISTRY_DIR)):
+            # said here: opening it would judge what is mounted below it as if it were a volume's
+            # ("X/mnt, inside the volume at X, is a mount of ...": /tmp/s33cli 2)
+            raise _no_volume(root)
     return open_core(root)
+
+
+def _no_volume(root: str) -> RegistryError:
+    """The error for a ROOT that is a plain directory, in no volume, holding none (as the registry
+    says it when it is opened there)."""
+    return RegistryError(
+        f"no volume at {root!r} (no registry at {os.path.join(root, REGISTRY_DIR)!r}): create one with managed "
+        f"globs (`coherent-volume init {shlex.quote(root)} --managed GLOB`); a working copy of a volume kept in "
+        "PostgreSQL whose .coherent directory was removed joins it again with `coherent-volume init "
+        f"{shlex.quote(root)} --registry URL --volume NAME`"
+    )
+
 
 
 def _target(

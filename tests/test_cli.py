@@ -771,3 +771,21 @@ def test_an_install_or_uninstall_whose_report_cannot_be_written_says_so_on_stder
     done = _into_full_or_closed(["codex", "uninstall", str(proj)], into)
     assert done.returncode == 0 and "hook codex" not in settings.read_text(), done.stderr
     assert "stdout could not be written" in done.stderr and f"removed coherent-volume hooks from {settings}" in done.stderr
+
+
+def test_a_plain_directory_holding_a_mount_of_a_volume_is_said_to_be_no_volume(root: Path, tmp_path: Path) -> None:
+    """`status X`, where X is a plain directory and X/mnt a mount of another volume, said "X/mnt,
+    inside the volume at X, is a mount of ...: unmount it": there is no volume at X, and a newcomer
+    who typed the wrong directory was told to unmount a working mount (/tmp/s33cli 2). Opening says
+    there is no volume there, as it does once X/mnt is unmounted (`init X` refuses to make one
+    around the mount, naming it)."""
+    plain = tmp_path / "X"
+    with Mount(root, plain / "mnt"):
+        for args in (("status", str(plain)), ("log", str(plain)), ("policy", str(plain))):
+            r = cv(*args)
+            assert r.returncode == 1 and f"no volume at {str(plain)!r}" in r.stderr, (args, r.stderr)
+            assert "inside the volume at" not in r.stderr and "Unmount" not in r.stderr, r.stderr
+        made = cv("init", str(plain), "-m", "*.md")
+        assert made.returncode == 1 and f"{plain} contains {plain / 'mnt'}, where the volume at {root}" in made.stderr
+        assert "inside the volume at" not in made.stderr and not (plain / ".coherent").exists()
+    assert f"no volume at {str(plain)!r}" in cv("status", str(plain)).stderr
