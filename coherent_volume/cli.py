@@ -123,10 +123,10 @@ def _let_stdout_go() -> None:
 
 
 def _done(report: object, as_json: bool = False) -> None:
-    """Print what a command that changed something (a volume, a mount, a settings file) did (`report`: text, or data printed as JSON
-    with `as_json`): where stdout cannot be written (a closed pipe, a full disk), on stderr instead,
-    saying so, and the exit status stays 0: the change was made, so the report is never lost nor
-    the change taken for a failure."""
+    """Print what a command that changed something (a volume, a mount, a settings file) did
+    (`report`: text, or data printed as JSON with `as_json`): where stdout cannot be written (a
+    closed pipe, a full disk), on stderr instead, saying so, and the exit status stays 0: the change
+    was made, so the report is never lost nor the change taken for a failure."""
     text = json.dumps(report, indent=2, sort_keys=True) if as_json else str(report)
     try:
         click.echo(text)
@@ -789,7 +789,6 @@ def _no_volume(root: str) -> RegistryError:
     )
 
 
-
 def _target(
     args: tuple[str, ...], extra: int = 0, versions: bool = False
 ) -> tuple[VolumeCore, Target, tuple[str, ...]]:
@@ -1179,15 +1178,28 @@ def _add_agent(name: str) -> None:
     ):
 
         def change(project_dir: str | None, user: bool, verb: str = verb, done: str = done) -> None:
+            if user and project_dir is not None:  # (DIR was ignored: /tmp/s33cli 5)
+                raise click.UsageError(f"give DIR or --user (~/{settings}), not both")
+            if user and not Path.home().is_dir():  # (it was made, or a bare errno said it was a file)
+                raise CoherenceError(
+                    f"your home directory {str(Path.home())!r} (HOME) is not an existing directory: set HOME to "
+                    "yours, or give DIR instead of --user; nothing was changed"
+                )
             path = (Path.home() if user else Path(project_dir or ".").resolve()) / settings
-            getattr(_face(name), verb)(path)
+            if getattr(_face(name), verb)(path) is False:  # (an uninstall with nothing to remove)
+                there = "" if os.path.lexists(path) else " (there is no such file)"
+                click.echo(f"no coherent-volume hooks in {path}{there}; nothing was changed")
+                return
             _done(f"{done} {path}")  # the file was changed: a report stdout cannot take goes to stderr
 
-        change.__doc__ = f"{what} DIR/{settings} (idempotent; other settings are kept)."
-        command = click.option("--user", is_flag=True, help=f"Use ~/{settings} instead.")(_guard(change))
-        command = click.argument("project_dir", required=False, metavar="[DIR]", type=click.Path(file_okay=False))(
-            command
+        change.__doc__ = (
+            f"{what} DIR/{settings} (DIR: an existing directory, default the current one; idempotent; other "
+            "settings are kept)."
         )
+        command = click.option("--user", is_flag=True, help=f"Use ~/{settings} instead.")(_guard(change))
+        command = click.argument(  # an existing directory: a typo is not made into one (/tmp/s33cli 6)
+            "project_dir", required=False, metavar="[DIR]", type=click.Path(exists=True, file_okay=False)
+        )(command)
         group.command(verb)(command)
     main.add_command(group)
 

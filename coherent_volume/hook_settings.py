@@ -133,7 +133,18 @@ def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8") or "{}", parse_float=_finite, parse_constant=_no_constant)
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError as e:
+        raise CoherenceError(
+            f"{path} is a directory, not a settings file: move it away (a settings file is made there), then run "
+            "this again; nothing was changed"
+        ) from e
+    except OSError as e:
+        raise CoherenceError(
+            f"{path} cannot be read ({e.strerror or e}): make it readable, then run this again; nothing was changed"
+        ) from e
+    try:
+        data = json.loads(text or "{}", parse_float=_finite, parse_constant=_no_constant)
     except ValueError as e:
         raise CoherenceError(
             f"{path} is not plain JSON, which is what this installer writes back ({e}); comments, which "
@@ -149,14 +160,35 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     """Replace the settings at `path` whole; a symlink's target is what is replaced (a settings file
     linked from elsewhere stays linked), and an existing file keeps its permissions."""
     real = Path(os.path.realpath(path))
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = real.with_name(real.name + ".coherent-tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     try:
-        os.chmod(tmp, os.stat(real).st_mode & 0o7777)
-    except FileNotFoundError:
-        pass
-    os.replace(tmp, real)
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (a HOME or DIR/.claude that is a file, a read-only place)
+        raise CoherenceError(
+            f"the directory {real.parent} cannot be made ({e.strerror or e}; is a directory on its way a file?): "
+            "nothing was changed"
+        ) from e
+    tmp = real.with_name(real.name + ".coherent-tmp")
+    step = "written"
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            os.chmod(tmp, os.stat(real).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        step = "replaced"
+        os.replace(tmp, real)
+    except BaseException as e:  # a full disk, a read-only or immutable (`chattr +i`) file, an interrupt
+        try:
+            os.unlink(tmp)  # in every outcome (before, a failed write or rename left it: /tmp/s33cli 3)
+        except OSError:
+            pass
+        if not isinstance(e, OSError):
+            raise
+        raise CoherenceError(
+            f"{real} could not be {step} "
+            f"({e.strerror or e}): it is as it was, nothing was changed. Make room on its file system, or make the "
+            f"file and {real.parent} writable (an immutable file: `lsattr`, `chattr -i`), then run this again"
+        ) from e
 
 
 def merge_hooks(
@@ -177,18 +209,21 @@ def merge_hooks(
     _save(path, data)
 
 
-def remove_hooks(path: Path, face: str, command: str | None = None) -> None:
+def remove_hooks(path: Path, face: str, command: str | None = None) -> bool:
     """Remove exactly our hooks for `face` (`ours`; `command`: the one install was given), and a
     group or event that removing them left with none, and the `hooks` object if that left it empty;
     an event the user had empty stays (before, it went: /tmp/s32r2hooks 8; one that install added
     to and uninstall emptied cannot be told from one install made, and goes). The top-level keys
     `merge_hooks` sets when missing (Cursor's `"version": 1`) stay: the file does not say whether
     they were the user's before (before, they went, and a user's own went with them:
-    /tmp/s32hookgc 2). A missing file stays missing."""
+    /tmp/s32hookgc 2). A missing file stays missing, and a file holding none of our hooks is left
+    as it is, byte for byte (before, it was rewritten, reformatted: /tmp/s33cli 4). Whether any was
+    removed."""
     if not path.exists():
-        return
+        return False
     data = _load(path)
     hooks = data.get("hooks", {})
+    before = json.dumps(hooks, sort_keys=True)
     emptied = False
     for event in list(hooks):
         if not isinstance(hooks[event], list) or not hooks[event]:
@@ -197,6 +232,9 @@ def remove_hooks(path: Path, face: str, command: str | None = None) -> None:
         if not hooks[event]:
             del hooks[event]
             emptied = True
+    if json.dumps(hooks, sort_keys=True) == before:
+        return False
     if not hooks and emptied:
         data.pop("hooks", None)
     _save(path, data)
+    return True

@@ -251,9 +251,10 @@ class Face:
         command = command or hook_settings.hook_command(self.name)
         hook_settings.merge_hooks(settings, self.name, self.our_hooks(command), self.top, command)
 
-    def uninstall(self, settings: Path, command: str | None = None) -> None:
-        """Remove exactly the hooks `install` added (`command`: the one it was given, if not ours)."""
-        hook_settings.remove_hooks(settings, self.name, command)
+    def uninstall(self, settings: Path, command: str | None = None) -> bool:
+        """Remove exactly the hooks `install` added (`command`: the one it was given, if not ours);
+        whether there were any (else the file is left as it is)."""
+        return hook_settings.remove_hooks(settings, self.name, command)
 
 
 def tool_remedies(read: str, wait: str) -> dict[Reason, str]:

@@ -1779,3 +1779,103 @@ def test_an_install_over_older_settings_adds_bash(tmp_path: Path) -> None:
     for name in ("PreToolUse", "PostToolUse", "PostToolUseFailure"):
         [ours] = [e for e in hooks[name] if e["hooks"][0]["command"].endswith("hook claude-code")]
         assert "Bash" in ours["matcher"].split("|"), (name, ours)
+
+
+def _cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"HOME": str(home)} if home is not None else {})}
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("failing", ["write", "replace"])
+def test_a_failed_install_leaves_the_settings_as_they_were_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A settings file that could not be written (a full disk) or replaced (`chattr +i`) left
+    `settings.json.coherent-tmp` behind, and the error was a bare errno (/tmp/s33cli 3): the
+    temporary file goes in every outcome, and the error says what happened and what to do."""
+    import errno as errnos
+
+    from coherent_volume.errors import CoherenceError
+
+    settings = tmp_path / ".claude/settings.json"
+    settings.parent.mkdir()
+    settings.write_text('{"model": "opus"}')
+    if failing == "write":
+        real_write = Path.write_text
+
+        def write_text(self: Path, text: str, *args: object, **kwargs: object) -> int:
+            real_write(self, text[:5], *args, **kwargs)  # partly written, then the disk is full
+            raise OSError(errnos.ENOSPC, os.strerror(errnos.ENOSPC))
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+    else:
+
+        def replace(src: object, dst: object) -> None:
+            raise PermissionError(errnos.EPERM, os.strerror(errnos.EPERM), str(src), None, str(dst))
+
+        monkeypatch.setattr(hook_settings.os, "replace", replace)
+    with pytest.raises(CoherenceError) as info:
+        FACE.install(settings)
+    monkeypatch.undo()
+    message = str(info.value)
+    said = "written (No space left on device)" if failing == "write" else "replaced (Operation not permitted)"
+    assert (
+        f"{settings} could not be {said}: it is as it was" in message
+        and "nothing was changed" in message
+        and "then run this again" in message
+    ), message
+    assert sorted(p.name for p in settings.parent.iterdir()) == ["settings.json"]
+    assert settings.read_text() == '{"model": "opus"}'
+
+
+def test_install_says_what_is_wrong_with_a_settings_path_that_is_no_file(tmp_path: Path) -> None:
+    """A settings.json that is a directory, and a HOME that is a file or missing (`--user`), gave
+    bare errnos ("[Errno 21] Is a directory"), and a missing HOME was made (/tmp/s33cli 8, 6)."""
+    (tmp_path / "proj/.claude/settings.json").mkdir(parents=True)
+    r = _cli("claude-code", "install", str(tmp_path / "proj"))
+    assert r.returncode == 1 and "is a directory, not a settings file" in r.stderr and "Errno" not in r.stderr
+    homefile = tmp_path / "homefile"
+    homefile.write_text("")
+    for home in (homefile, tmp_path / "nonexistent/home"):
+        r = _cli("gemini", "install", "--user", home=home)
+        assert r.returncode == 1 and "Errno" not in r.stderr, r.stderr
+        assert f"your home directory {str(home)!r} (HOME) is not an existing directory" in r.stderr, r.stderr
+    assert homefile.read_text() == "" and not (tmp_path / "nonexistent").exists()
+
+
+def test_install_refuses_a_dir_that_does_not_exist_or_with_user(tmp_path: Path) -> None:
+    """`install typo_dir` made typo_dir/.claude/settings.json (/tmp/s33cli 6), and `install --user
+    DIR` wrote ~/.claude/settings.json, DIR silently ignored (/tmp/s33cli 5): both are usage errors
+    (exit status 2) that change nothing."""
+    home, proj = tmp_path / "home", tmp_path / "proj"
+    home.mkdir()
+    proj.mkdir()
+    for verb in ("install", "uninstall"):
+        r = _cli("claude-code", verb, str(tmp_path / "typo_dir"), home=home)
+        assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+        r = _cli("claude-code", verb, "--user", str(proj), home=home)
+        assert r.returncode == 2 and "give DIR or --user" in r.stderr, r.stderr
+    assert not (tmp_path / "typo_dir").exists() and list(home.iterdir()) == list(proj.iterdir()) == []
+
+
+def test_uninstall_with_none_of_our_hooks_says_so_and_changes_nothing(tmp_path: Path) -> None:
+    """`uninstall` said it removed hooks where there were none (no file, or a file with none of
+    ours), and rewrote such a file reformatted, a new inode (/tmp/s33cli 4)."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    settings = proj / ".claude/settings.json"
+    r = _cli("claude-code", "uninstall", str(proj))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"no coherent-volume hooks in {settings} (there is no such file); nothing was changed\n"
+    assert list(proj.iterdir()) == []
+    settings.parent.mkdir()
+    for text in ('{"a":1}', '{"hooks": {"PreToolUse": [{"hooks": [{"command": "echo mine"}]}]}}'):
+        settings.write_text(text)
+        inode = settings.stat().st_ino
+        r = _cli("claude-code", "uninstall", str(proj))
+        assert r.returncode == 0 and r.stdout == f"no coherent-volume hooks in {settings}; nothing was changed\n"
+        assert settings.read_text() == text and settings.stat().st_ino == inode
+    assert _cli("claude-code", "install", str(proj)).returncode == 0
+    r = _cli("claude-code", "uninstall", str(proj))
+    assert r.returncode == 0 and r.stdout == f"removed coherent-volume hooks from {settings}\n"
+    assert json.loads(settings.read_text()) == json.loads(text)

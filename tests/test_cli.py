@@ -767,10 +767,14 @@ def test_an_install_or_uninstall_whose_report_cannot_be_written_says_so_on_stder
     settings = proj / ".codex/hooks.json"
     done = _into_full_or_closed(["codex", "install", str(proj)], into)
     assert done.returncode == 0 and "hook codex" in settings.read_text(), done.stderr
-    assert "stdout could not be written" in done.stderr and f"installed coherent-volume hooks in {settings}" in done.stderr
+    assert (
+        "stdout could not be written" in done.stderr and f"installed coherent-volume hooks in {settings}" in done.stderr
+    )
     done = _into_full_or_closed(["codex", "uninstall", str(proj)], into)
     assert done.returncode == 0 and "hook codex" not in settings.read_text(), done.stderr
-    assert "stdout could not be written" in done.stderr and f"removed coherent-volume hooks from {settings}" in done.stderr
+    assert (
+        "stdout could not be written" in done.stderr and f"removed coherent-volume hooks from {settings}" in done.stderr
+    )
 
 
 def test_a_plain_directory_holding_a_mount_of_a_volume_is_said_to_be_no_volume(root: Path, tmp_path: Path) -> None:

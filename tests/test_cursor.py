@@ -565,6 +565,7 @@ def test_install_and_uninstall_are_idempotent_and_keep_other_hooks(tmp_path: Pat
         subprocess.run([CLI, "cursor", "uninstall", str(tmp_path / "proj")], check=True, capture_output=True)
         assert json.loads(settings.read_text()) == original
     fresh = tmp_path / "fresh"
+    fresh.mkdir()  # (a DIR that does not exist is refused: /tmp/s33cli 6)
     subprocess.run([CLI, "cursor", "install", str(fresh)], check=True, capture_output=True)
     assert json.loads((fresh / ".cursor/hooks.json").read_text())["version"] == 1
     subprocess.run([CLI, "cursor", "uninstall", str(fresh)], check=True, capture_output=True)
