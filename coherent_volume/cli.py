@@ -296,6 +296,8 @@ class _Root(click.Path):
     said to be one, not taken for a missing directory."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "":  # (`init ''` said "[Errno 2] No such file or directory: ''": /tmp/s33cli 8)
+            self.fail("an empty path names no directory", param, ctx)
         try:
             os.statvfs(value)  # (it always reaches a mount's daemon; stat may be answered from the kernel's cache)
         except OSError as e:
@@ -321,6 +323,15 @@ def _mount_above(path: str) -> str:
 
     mounted = mount_holding(os.path.realpath(path))
     return path if mounted is None else mounted.mountpoint
+
+
+class _Mountpoint(click.Path):
+    """A mountpoint: never empty (`mount ROOT ''` took the working directory for it)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "":
+            self.fail("an empty path names no directory", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 ROOT = _Root(exists=True, file_okay=False)
@@ -1058,7 +1069,7 @@ def _refusal_json(e: StaleWriteError) -> dict[str, object]:
 
 @main.command()
 @click.argument("root", type=ROOT)
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=_Mountpoint(file_okay=False))
 @click.option(
     "--agent",
     callback=_agent_name,

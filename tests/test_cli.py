@@ -793,3 +793,12 @@ def test_a_plain_directory_holding_a_mount_of_a_volume_is_said_to_be_no_volume(r
         assert made.returncode == 1 and f"{plain} contains {plain / 'mnt'}, where the volume at {root}" in made.stderr
         assert "inside the volume at" not in made.stderr and not (plain / ".coherent").exists()
     assert f"no volume at {str(plain)!r}" in cv("status", str(plain)).stderr
+
+
+def test_an_empty_root_or_mountpoint_is_a_usage_error(root: Path, tmp_path: Path) -> None:
+    """`init ''` said "[Errno 2] No such file or directory: ''" with exit status 1 (/tmp/s33cli 8),
+    and `mount ROOT ''` took the working directory for its mountpoint: usage errors, exit status 2."""
+    for args in (("init", "", "-m", "*.md"), ("status", ""), ("mount", str(root), "")):
+        r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 2 and "an empty path names no directory" in r.stderr, (args, r.stderr)
+        assert "Errno" not in r.stderr
