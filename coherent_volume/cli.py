@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import stat
 import sys
 import time
@@ -42,6 +43,8 @@ EXIT_GONE = 4
 """The version asked for has no bytes: it never existed, is a deletion, was pruned or was never kept (VersionGone)."""
 EXIT_DAMAGED = 5
 """The version's stored bytes no longer match its hash: they are never served (DamagedContent)."""
+EXIT_INTERRUPTED = 130
+"""`log --follow` was ended by Ctrl-C (SIGINT), its documented end: the shell's status for it."""
 
 
 def _when(ts: float | None) -> str:
@@ -59,7 +62,11 @@ def _console() -> Any:
     from rich.console import Console
 
     # markup and emoji codes off: paths and agent names are data ("plans/[bold]:x:.md" prints as it is)
-    return Console(
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # (rich's own exits 1, an error's status: /tmp/s33cli 9)
+            _end_by_sigpipe()
+
+    return _Console(
         highlight=False, markup=False, emoji=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160
     )
 
@@ -165,6 +172,18 @@ def _error_json(error: BaseException, code: int) -> str:
     return json.dumps({"error": {"kind": kind, "message": message, "exit_status": code}}, sort_keys=True)
 
 
+def _end_by_sigpipe() -> NoReturn:
+    """End as a program SIGPIPE kills ends, the reader of its output gone (`status | true`,
+    `log -p | head`): silently, status 141 in the shell, so `set -o pipefail` takes `cv log | head`
+    as `yes | head` (before, exit status 1, that of an error: /tmp/s33cli 9). Python ignores the
+    signal, so it is made deadly again and sent to this process."""
+    _let_stdout_go()
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    raise click.exceptions.Exit(128 + signal.SIGPIPE)  # (only where the signal is blocked)
+
+
 class _ClosedStdout(io.TextIOBase):
     """What stands for stdout when the command was started with it closed: every write fails
     EBADF, so a report goes to stderr (`_done`) and any other output ends the command with an error
@@ -187,15 +206,16 @@ def _guard(fn: Callable[..., None]) -> Callable[..., None]:
             sys.stdout = _ClosedStdout()
         try:
             fn(*args, **kwargs)
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, where a reader gone is seen, not at exit
         except StaleWriteError as e:
             _fail(e, EXIT_REFUSED, as_json)
         except VersionGone as e:
             _fail(e, EXIT_GONE, as_json)
         except DamagedContent as e:
             _fail(e, EXIT_DAMAGED, as_json)
-        except BrokenPipeError:  # the reader left (`log -p | head`): stop quietly, as other tools do
-            _let_stdout_go()
-            raise click.exceptions.Exit(EXIT_ERROR) from None
+        except BrokenPipeError:  # the reader left (`log -p | head`): end as other tools do
+            _end_by_sigpipe()
         except (CoherenceError, OSError) as e:
             _fail(e, EXIT_ERROR, as_json)
         except click.ClickException as e:  # a usage error found past parsing (`UsageError`: status 2)
@@ -709,6 +729,16 @@ def log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None
     With -p, each event that made a version is followed by its diff against the version before
     it (none for binary content; a note when either version's bytes are not retained); --json
     adds them as "diff" and "diff_note"."""
+    if follow:
+        try:
+            _log(root, follow, as_json, limit, patch)
+        except KeyboardInterrupt:  # (Ctrl-C, its documented end: not click's "Aborted!", status 1)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    else:
+        _log(root, follow, as_json, limit, patch)
+
+
+def _log(root: str, follow: bool, as_json: bool, limit: int, patch: bool) -> None:
     core = _open(root)
     batch, mark = report.events(core, limit=limit)
 

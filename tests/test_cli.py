@@ -802,3 +802,49 @@ def test_an_empty_root_or_mountpoint_is_a_usage_error(root: Path, tmp_path: Path
         r = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert r.returncode == 2 and "an empty path names no directory" in r.stderr, (args, r.stderr)
         assert "Errno" not in r.stderr
+
+
+def test_a_reader_that_leaves_ends_a_command_as_sigpipe_ends_other_programs(root: Path, tmp_path: Path) -> None:
+    """`status | true`, `log -p | head` exited 1, the status of an error, so `set -o pipefail` took
+    them for failures (/tmp/s33cli 9): they end as a program killed by SIGPIPE, silently, status 141
+    in the shell."""
+    import signal
+
+    _refused_scenario(root)
+    for args in (("status", str(root)), ("log", "-p", str(root)), ("show", str(root), P, "--version", "1")):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            r = subprocess.run([CLI, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+            shell = subprocess.run(
+                ["bash", "-c", '"$@"; echo "status $?" >&2', "bash", CLI, *args],
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(write)
+        assert (r.returncode, r.stderr) == (-signal.SIGPIPE, ""), (args, r.returncode, r.stderr)
+        assert shell.stderr == "status 141\n", (args, shell.stderr)
+
+
+def test_log_follow_ended_by_ctrl_c_exits_130_saying_nothing(root: Path) -> None:
+    """Ctrl-C, `log --follow`'s documented end, printed click's "Aborted!" and exited 1, the status
+    of its "volume gone" end (/tmp/s33cli 9): 130, the shell's status for it, and nothing said."""
+    import signal
+
+    _refused_scenario(root)
+    proc = subprocess.Popen(
+        [CLI, "log", str(root), "--follow", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and select.select([proc.stdout], [], [], 30)[0]
+        proc.stdout.readline()  # following
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err) == (130, ""), (proc.returncode, err)
