@@ -812,11 +812,17 @@ def _open(root: str) -> VolumeCore:
                 f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
                 "(nothing was changed)"
             )
-        if os.path.isdir(real) and not os.path.lexists(os.path.join(real, REGISTRY_DIR)):
-            # said here: opening it would judge what is mounted below it as if it were a volume's
-            # ("X/mnt, inside the volume at X, is a mount of ...": /tmp/s33cli 2)
-            raise _no_volume(root)
+        _refuse_no_volume(root)
     return open_core(root)
+
+
+def _refuse_no_volume(root: str) -> None:
+    """The no-volume error for a ROOT that is a plain directory holding no registry directory (in no
+    volume: asked where that is known), said before opening it, which judges what is mounted below
+    it as if it were a volume's ("X/mnt, inside the volume at X, is a mount of ...": /tmp/s33cli 2)."""
+    real = os.path.realpath(root)
+    if os.path.isdir(real) and not os.path.lexists(os.path.join(real, REGISTRY_DIR)):
+        raise _no_volume(root)
 
 
 def _no_volume(root: str) -> RegistryError:
@@ -1122,6 +1128,12 @@ def mount(
     """Mount the volume at ROOT on MOUNTPOINT; returns once the mount works."""
     from fusefs.mount import mount as do_mount
 
+    from .hook_paths import located
+    from .mounts import fuse_mounts
+
+    real = os.path.realpath(root)
+    if real not in fuse_mounts() and located(real) is None:  # (inside a volume: the mount says which)
+        _refuse_no_volume(root)
     do_mount(root, mountpoint, agent, foreground, allow_other, direct_dirs)
     if not foreground:  # the mount is up: its report never turns it into a failure (`_done`)
         lines = [f"mounted {shown(os.path.realpath(root))} on {shown(os.path.abspath(mountpoint))}"]

@@ -785,7 +785,13 @@ def test_a_plain_directory_holding_a_mount_of_a_volume_is_said_to_be_no_volume(r
     around the mount, naming it)."""
     plain = tmp_path / "X"
     with Mount(root, plain / "mnt"):
-        for args in (("status", str(plain)), ("log", str(plain)), ("policy", str(plain))):
+        (tmp_path / "m2").mkdir()
+        for args in (
+            ("status", str(plain)),
+            ("log", str(plain)),
+            ("policy", str(plain)),
+            ("mount", str(plain), str(tmp_path / "m2")),
+        ):
             r = cv(*args)
             assert r.returncode == 1 and f"no volume at {str(plain)!r}" in r.stderr, (args, r.stderr)
             assert "inside the volume at" not in r.stderr and "Unmount" not in r.stderr, r.stderr
