@@ -806,34 +806,16 @@ def _open(root: str) -> VolumeCore:
     from .mounts import fuse_mounts
 
     real = os.path.realpath(root)
-    if real not in fuse_mounts() and not recorded_in(os.path.join(real, REGISTRY_DIR)):
-        if (found := located(real)) is not None:
-            raise VolumeConfigError(
-                f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
-                "(nothing was changed)"
-            )
-        _refuse_no_volume(root)
+    if (
+        real not in fuse_mounts()
+        and not recorded_in(os.path.join(real, REGISTRY_DIR))
+        and (found := located(real)) is not None
+    ):
+        raise VolumeConfigError(
+            f"{root} is a directory inside the volume at {found.root}, not its root: give {found.root} "
+            "(nothing was changed)"
+        )
     return open_core(root)
-
-
-def _refuse_no_volume(root: str) -> None:
-    """The no-volume error for a ROOT that is a plain directory holding no registry directory (in no
-    volume: asked where that is known), said before opening it, which judges what is mounted below
-    it as if it were a volume's ("X/mnt, inside the volume at X, is a mount of ...": /tmp/s33cli 2)."""
-    real = os.path.realpath(root)
-    if os.path.isdir(real) and not os.path.lexists(os.path.join(real, REGISTRY_DIR)):
-        raise _no_volume(root)
-
-
-def _no_volume(root: str) -> RegistryError:
-    """The error for a ROOT that is a plain directory, in no volume, holding none (as the registry
-    says it when it is opened there)."""
-    return RegistryError(
-        f"no volume at {root!r} (no registry at {os.path.join(root, REGISTRY_DIR)!r}): create one with managed "
-        f"globs (`coherent-volume init {shlex.quote(root)} --managed GLOB`); a working copy of a volume kept in "
-        "PostgreSQL whose .coherent directory was removed joins it again with `coherent-volume init "
-        f"{shlex.quote(root)} --registry URL --volume NAME`"
-    )
 
 
 def _target(
@@ -1128,12 +1110,6 @@ def mount(
     """Mount the volume at ROOT on MOUNTPOINT; returns once the mount works."""
     from fusefs.mount import mount as do_mount
 
-    from .hook_paths import located
-    from .mounts import fuse_mounts
-
-    real = os.path.realpath(root)
-    if real not in fuse_mounts() and located(real) is None:  # (inside a volume: the mount says which)
-        _refuse_no_volume(root)
     do_mount(root, mountpoint, agent, foreground, allow_other, direct_dirs)
     if not foreground:  # the mount is up: its report never turns it into a failure (`_done`)
         lines = [f"mounted {shown(os.path.realpath(root))} on {shown(os.path.abspath(mountpoint))}"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from coherent_volume import CoherentVolume, StaleWriteError, VolumeConfigError
+from coherent_volume import CoherentVolume, RegistryError, StaleWriteError, VolumeConfigError
 
 from .harness.mounts import Mount
 
@@ -795,6 +795,8 @@ def test_a_plain_directory_holding_a_mount_of_a_volume_is_said_to_be_no_volume(r
             r = cv(*args)
             assert r.returncode == 1 and f"no volume at {str(plain)!r}" in r.stderr, (args, r.stderr)
             assert "inside the volume at" not in r.stderr and "Unmount" not in r.stderr, r.stderr
+        with pytest.raises(RegistryError, match="no volume at"):  # the API too: the core says it
+            CoherentVolume(plain)
         made = cv("init", str(plain), "-m", "*.md")
         assert made.returncode == 1 and f"{plain} contains {plain / 'mnt'}, where the volume at {root}" in made.stderr
         assert "inside the volume at" not in made.stderr and not (plain / ".coherent").exists()

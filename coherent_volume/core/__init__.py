@@ -237,7 +237,8 @@ def open_core(
     made = recorded_in(directory)
     if made or managed is not None or registry is not None:  # a volume's root, or one to be
         refuse_nesting(real, creating=not made)
-    refuse_bound_volumes(real)
+        refuse_bound_volumes(real)  # (at a plain directory the registry says there is no volume: a
+        # mount of another volume below it is no volume's business; /tmp/s33cli 2)
     if registry is not None or os.path.exists(os.path.join(directory, LOCATION_FILE)):
         from ..registry import postgresql  # (its modules load with a PostgreSQL volume only)
 
