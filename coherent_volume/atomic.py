@@ -405,6 +405,14 @@ def stage(target: str, data: bytes, mode: int = 0o666, *, root: str) -> Staged:
     return stage_written(target, content_hash(data), lambda write: write(data), data, mode, root=root)
 
 
+def _removed(directory: str) -> bool:
+    """Whether `directory` (a path, or a descriptor's `/proc/self/fd/N`) is gone: removed meanwhile."""
+    try:
+        return os.stat(directory).st_nlink == 0
+    except FileNotFoundError:
+        return True
+
+
 def _open_staged(target: str, mode: int, directory: str) -> tuple[int, str | None]:
     """A new file for content of `target`, in `directory` (its own, or the nearest one there is on
     its way), open for writing: unnamed (O_TMPFILE) where the file system can, else under a temp
@@ -412,6 +420,12 @@ def _open_staged(target: str, mode: int, directory: str) -> tuple[int, str | Non
     try:
         return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode), None
     except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EPERM) and _removed(directory):  # (EPERM said permissions)
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "the file's directory was removed while it was being written; nothing was written",
+                target,
+            ) from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
     tmp = os.path.join(directory, _temp_base(target))

@@ -374,3 +374,15 @@ def test_a_recorded_commit_whose_directory_a_program_made_a_symlink_before_recov
             os.unlink(root / "plans/n")
             assert bob.read_version("plans/n/a.md", 1) == b"A\n"  # kept in history
             assert not (root / "plans/n").exists()
+
+
+def test_a_write_whose_directory_is_removed_before_it_is_staged_says_so(missing) -> None:
+    """O_TMPFILE in a directory removed since the path was resolved failed a bare `PermissionError:
+    [Errno 1] Operation not permitted` (/tmp/s33r3 3), as if permissions were wrong."""
+    root, outside, vol = missing
+    (root / "plans/d").mkdir()
+    target = vol._core.paths.beneath(vol._core.resolve("plans/d/a.md"))  # anchored at plans/d
+    os.rmdir(root / "plans/d")
+    with pytest.raises(FileNotFoundError, match="directory was removed while it was being written"):
+        atomic.stage(target.abs, b"x\n", root=str(root))
+    _outside_untouched(outside)
