@@ -202,9 +202,21 @@ class Writes(Reads):
         )
 
     @staticmethod
-    def _refusal(tx: Transaction, target: Target, check: WriteCheck, reason: Reason, now: float) -> StaleWriteError:
-        """Log a refusal (every refusal is logged, so `why` can explain it) and build its error."""
-        record = check.current
+    def _refusal(
+        tx: Transaction,
+        target: Target,
+        check: WriteCheck,
+        reason: Reason,
+        now: float,
+        *,
+        record: FileRecord | None = None,
+        detail: str | None = None,
+        kinds: tuple[type[StaleWriteError], type[CasConflict]] = (StaleWriteError, CasConflict),
+    ) -> StaleWriteError:
+        """Log a refusal (every refusal is logged, so `why` can explain it) and build its error: of
+        `kinds` (plain, and where the write expected a version); `record`, `detail`: the current
+        record and the log's detail where the decision's (`check`) are not what refused it."""
+        record = check.current if record is None else record
         version = current_version(record)
         tx.log(
             "refusal",
@@ -214,7 +226,7 @@ class Writes(Reads):
             reason=reason,
             seen_version=check.seen,
             version=version,
-            detail=_detail(check, reason),
+            detail=detail or _detail(check, reason),
         )
         holder = check.holder if reason == "held" else None
         grant = tx.grant(target.rel) if holder is not None else None
@@ -222,8 +234,9 @@ class Writes(Reads):
         writer = record.writer if record else None
         facts = (target.rel, check.agent, reason, check.seen, version, writer)
         deleted = record is not None and not record.present
+        plain, cas = kinds
         if check.expected is not None:
-            return CasConflict(
+            return cas(
                 *facts,
                 holder=holder,
                 changed=check.changed_read_set,
@@ -231,7 +244,7 @@ class Writes(Reads):
                 deleted=deleted,
                 expected_version=check.expected,
             )
-        return StaleWriteError(*facts, holder=holder, changed=check.changed_read_set, held_until=until, deleted=deleted)
+        return plain(*facts, holder=holder, changed=check.changed_read_set, held_until=until, deleted=deleted)
 
     def _check(
         self,
@@ -457,7 +470,7 @@ class Writes(Reads):
                 return ours
 
             what = f"{target.rel} (version {version + 1})"
-            overtaken: list[DeletionOvertaken] = []
+            overtaken: list[StaleWriteError] = []
             if not self._settle(what, finish, (target.rel,)):
                 if overtaken:
                     raise overtaken[-1]
@@ -527,30 +540,21 @@ class Writes(Reads):
         entry = tx.version_entry(target.rel, version)
         return entry is not None and entry.writer == agent
 
-    @staticmethod
-    def _overtaken(tx: Transaction, target: Target, check: WriteCheck) -> DeletionOvertaken:
+    def _overtaken(self, tx: Transaction, target: Target, check: WriteCheck) -> StaleWriteError:
         """The refusal of a deletion that recovery abandoned, as the file was saved outside the
         volume after it was set aside (`CoreBase._recover_unrecorded`), logged so `why` explains
         it: the current version is the save's."""
-        record = tx.file(target.rel)
-        version, writer = current_version(record), record.writer if record is not None else None
-        deleted = record is not None and not record.present
-        stale: Reason = "stale"
-        facts = (target.rel, check.agent, stale, check.seen, version, writer)
-        tx.log(
-            "refusal",
-            target.rel,
-            check.agent,
+        return self._refusal(
+            tx,
+            target,
+            check,
+            "stale",
             time.time(),
-            reason="stale",
-            seen_version=check.seen,
-            version=version,
+            record=tx.file(target.rel),
             detail="a deletion a program's save overtook: saved outside the volume after the deletion set the file "
             "aside, so the deletion was abandoned, not recorded",
+            kinds=(DeletionOvertaken, DeletionOvertakenCas),
         )
-        if check.expected is not None:
-            return DeletionOvertakenCas(*facts, deleted=deleted, expected_version=check.expected)
-        return DeletionOvertaken(*facts, deleted=deleted)
 
     @staticmethod
     def _not_recorded(what: str, done: str, remedy: str) -> RegistryError:
