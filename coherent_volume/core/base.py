@@ -997,11 +997,7 @@ class CoreBase:
                 return False
             expected, expected_hash = placed, digest
             why = f"saved outside the volume while v{version}, which another program's save displaced, was put back"
-        version = current_version(tx.file(target.rel)) + 1
-        why += f", the {PUT_BACK_ROUNDS + 1}th save in a row the put back met"
-        self._record_displaced(
-            tx, target, name, version, why, "its bytes kept in history only (the file in place stays)"
-        )
+        self._record_last(tx, target, name, current_version(tx.file(target.rel)) + 1, why)
         return False
 
     def _put_step(
@@ -1020,16 +1016,41 @@ class CoreBase:
         of its own (`_RecoverFirst` from any other: nothing is recorded there). Whether `name`
         stays (with its intent) for the next step; False: its bytes are the current version's
         already, and it is removed."""
-        moves: list[tuple[str, Target]] | None = getattr(self._thread, "put_backs", None)
-        if moves is None:
-            raise _RecoverFirst()
+        moves = self._put_backs()
         version = current_version(tx.file(target.rel)) + 1
         if not self._record_displaced(tx, target, name, version, why, done, fingerprinted=True)[1]:
             return False
+        self._exchange_after(moves, name, target, expected)
+        return True
+
+    def _put_backs(self) -> list[tuple[str, Target]]:
+        """The exchanges this thread's recovery transaction of its own calls for (`_settle_alone`
+        makes them once it committed); `_RecoverFirst` from any other transaction."""
+        moves: list[tuple[str, Target]] | None = getattr(self._thread, "put_backs", None)
+        if moves is None:
+            raise _RecoverFirst()
+        return moves
+
+    def _exchange_after(
+        self,
+        moves: list[tuple[str, Target]],
+        name: str,
+        target: Target,
+        expected: tuple[Fingerprint | None, str | None],
+    ) -> None:
+        """Call for the exchange of the file at `name` into place at `target`, which is to bring back
+        the file `expected` (fingerprint, hash: `_putting_back` removes it)."""
         with self._lock:
             self._put_expected[name] = expected
         moves.append((name, target))
-        return True
+
+    def _record_last(self, tx: Transaction, target: Target, name: str, version: int, why: str) -> None:
+        """Record the file at `name` as `version` where a put back stops after PUT_BACK_ROUNDS saves
+        in a row: its bytes kept in history only, the file in place (an earlier save) stays."""
+        why += f", the {PUT_BACK_ROUNDS + 1}th save in a row the put back met"
+        self._record_displaced(
+            tx, target, name, version, why, "its bytes kept in history only (the file in place stays)"
+        )
 
     def _putting_back(
         self, tx: Transaction, intent: Intent, target: Target, record: FileRecord | None, staged: str
@@ -1060,10 +1081,8 @@ class CoreBase:
             return None
         fp = record.fingerprint
 
-        def holds(name: str) -> bool:
-            now = fingerprint_path(name)
-            same = now is not None and (now.ino, now.size, now.mtime_ns) == (fp.ino, fp.size, fp.mtime_ns)
-            return same and _hash_or_none(name) == record.hash
+        def holds(name: str) -> bool:  # the very file that step recorded
+            return fingerprint_path(name) is not None and _is_the_file(name, fp, record.hash)
 
         with self._lock:
             expected = self._put_expected.pop(staged, None)
@@ -1078,12 +1097,7 @@ class CoreBase:
                 os.path.dirname(target.abs)
             ):  # a directory made at its name, or its own directory removed: stopped (kept in history)
                 return False
-            moves: list[tuple[str, Target]] | None = getattr(self._thread, "put_backs", None)
-            if moves is None:
-                raise _RecoverFirst()
-            with self._lock:
-                self._put_expected[staged] = expected
-            moves.append((staged, target))
+            self._exchange_after(self._put_backs(), staged, target, expected)
             return True
         if fingerprint_path(staged) is None or _is_the_file(staged, *expected) or _hash_or_none(staged) == record.hash:
             return False
@@ -1093,10 +1107,7 @@ class CoreBase:
             self._record_displaced(tx, target, staged, record.version + 1, why, "its bytes kept in history only")
             return False
         if record.version - intent.version >= PUT_BACK_ROUNDS:
-            why += f", the {PUT_BACK_ROUNDS + 1}th save in a row the put back met"
-            self._record_displaced(
-                tx, target, staged, record.version + 1, why, "its bytes kept in history only (the file in place stays)"
-            )
+            self._record_last(tx, target, staged, record.version + 1, why)
             return False
         return self._put_step(tx, target, staged, why, (fp, record.hash))
 
